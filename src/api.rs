@@ -1,0 +1,322 @@
+//! HTTP surface: the router (`/ws` upgrade with the Origin check, `/healthz`, `/metrics`, the
+//! dev-only token endpoint) and the server-to-server API under `/api` guarded by the bearer
+//! key. JSON errors are `{"code","message"}` from [`crate::error::Error`]. Handlers validate
+//! input and call the store; they know nothing of sessions beyond handing a socket over.
+
+use crate::App;
+use crate::error::{Error, Result};
+use crate::protocol::{
+    PlatformRole, RoomId, RoomKind, RoomRole, SUBPROTOCOL, UserId, UserRef, Visibility, valid_room_id,
+};
+use crate::store::{QaSettings, Room, RoomPatch, WriteOp, WriteOutcome, now_ms};
+use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Largest HTTP request body the API accepts.
+const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Longest room title.
+const MAX_TITLE_CHARS: usize = 200;
+/// Most events one `GET /api/rooms/{id}/messages` returns.
+const MAX_API_PAGE: u32 = 1000;
+
+pub fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/rooms", post(create_room))
+        .route("/rooms/{id}", get(get_room).patch(patch_room).delete(archive_room))
+        .route("/rooms/{id}/members/{user}", put(put_member).delete(delete_member))
+        .route("/rooms/{id}/messages", get(list_messages).post(post_announcement))
+        .route("/openapi.json", get(openapi))
+        .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
+    let mut router = Router::new()
+        .route("/ws", get(ws_upgrade))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .nest("/api", api);
+    if app.config.dev {
+        router = router.route("/dev/token", post(dev_token));
+    }
+    router
+        .fallback(|| async { Error::NotFound("no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(app)
+}
+
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn room_id(id: String) -> Result<RoomId> {
+    if valid_room_id(&id) {
+        Ok(RoomId(id))
+    } else {
+        Err(Error::bad_request("room ids are 1..=64 characters of A-Z a-z 0-9 _ . -"))
+    }
+}
+
+fn user_id(id: String) -> Result<UserId> {
+    if id.is_empty() || id.chars().count() > 64 {
+        return Err(Error::bad_request("user ids are 1..=64 characters"));
+    }
+    Ok(UserId(id))
+}
+
+fn check_title(t: &str) -> Result<()> {
+    if t.trim().is_empty() || t.chars().count() > MAX_TITLE_CHARS {
+        return Err(Error::bad_request(format!("title must be 1..={MAX_TITLE_CHARS} characters")));
+    }
+    Ok(())
+}
+
+// -- WebSocket, health, metrics ---------------------------------------------------------------
+
+async fn ws_upgrade(State(app): State<Arc<App>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !app.config.allowed_origins.is_empty()
+    {
+        let allowed = origin
+            .to_str()
+            .is_ok_and(|o| app.config.allowed_origins.iter().any(|a| a == o));
+        if !allowed {
+            return (StatusCode::FORBIDDEN, Json(json!({"code":"forbidden","message":"origin not allowed"})))
+                .into_response();
+        }
+    }
+    if app.shutting_down.load(Relaxed) {
+        return Error::Unavailable("server is shutting down".into()).into_response();
+    }
+    let max = app.config.max_frame_bytes;
+    ws.protocols([SUBPROTOCOL])
+        // tungstenite preallocates its read buffer per connection (128 KiB by default): keep it
+        // small; coalesced writes are flushed explicitly, so a modest write target suffices.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(1024 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| crate::session::run(app, socket))
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    match tokio::time::timeout(std::time::Duration::from_secs(2), app.store.ping()).await {
+        Ok(Ok(())) => Json(json!({"status": "ok"})).into_response(),
+        _ => Error::Unavailable("store unreachable".into()).into_response(),
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let body = app.metrics.render(app.hub.active_rooms(), app.hub.sessions());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+// -- API key ---------------------------------------------------------------------------------
+
+async fn require_api_key(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if req.uri().path().ends_with("/openapi.json") {
+        return next.run(req).await;
+    }
+    let Some(key) = app.config.api_key.as_deref() else {
+        return Error::Unavailable("the HTTP API is disabled: set STUDYHALL_API_KEY".into()).into_response();
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => next.run(req).await,
+        _ => Error::Unauthorized("missing or wrong API key".into()).into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+}
+
+// -- rooms -----------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRoom {
+    id: String,
+    kind: RoomKind,
+    title: Option<String>,
+    #[serde(default)]
+    visibility: Option<Visibility>,
+    qa: Option<QaSettings>,
+    starts_at: Option<i64>,
+}
+
+async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Response> {
+    let new: NewRoom = parse_body(&body)?;
+    let id = room_id(new.id)?;
+    let title = new.title.unwrap_or_else(|| id.to_string());
+    check_title(&title)?;
+    let room = Room {
+        qa: new.qa.unwrap_or(QaSettings { enabled: new.kind == RoomKind::Live, moderated: false }),
+        id,
+        kind: new.kind,
+        title,
+        visibility: new.visibility.unwrap_or(Visibility::Open),
+        starts_at: new.starts_at,
+        archived: false,
+        last_seq: 0,
+        created_at: now_ms(),
+    };
+    let created = app.store.create_room(&room).await?;
+    tracing::info!(room = %created.id, kind = created.kind.as_str(), "room created");
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn get_room(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Room>> {
+    let id = room_id(id)?;
+    let room = app.store.room(&id).await?.ok_or_else(|| Error::NotFound(format!("room {id} not found")))?;
+    Ok(Json(room))
+}
+
+async fn patch_room(State(app): State<Arc<App>>, Path(id): Path<String>, body: Bytes) -> Result<Json<Room>> {
+    let id = room_id(id)?;
+    let patch: RoomPatch = parse_body(&body)?;
+    if let Some(t) = &patch.title {
+        check_title(t)?;
+    }
+    Ok(Json(app.store.update_room(&id, &patch).await?))
+}
+
+async fn archive_room(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Room>> {
+    let id = room_id(id)?;
+    let patch = RoomPatch { archived: Some(true), ..Default::default() };
+    let room = app.store.update_room(&id, &patch).await?;
+    tracing::info!(room = %id, "room archived");
+    Ok(Json(room))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberBody {
+    role: RoomRole,
+}
+
+async fn put_member(
+    State(app): State<Arc<App>>,
+    Path((id, user)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>> {
+    let id = room_id(id)?;
+    let user = user_id(user)?;
+    let MemberBody { role } = parse_body(&body)?;
+    app.store.set_member(&id, &user, role).await?;
+    Ok(Json(json!({"room": id, "user": user, "role": role})))
+}
+
+async fn delete_member(State(app): State<Arc<App>>, Path((id, user)): Path<(String, String)>) -> Result<StatusCode> {
+    let id = room_id(id)?;
+    let user = user_id(user)?;
+    if app.store.remove_member(&id, &user).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Error::NotFound(format!("{user} is not a member of {id}")))
+    }
+}
+
+async fn list_messages(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response> {
+    let id = room_id(id)?;
+    let num = |k: &str, default: i64| -> Result<i64> {
+        q.get(k).map_or(Ok(default), |v| v.parse().map_err(|_| Error::bad_request(format!("{k} must be an integer"))))
+    };
+    let after = num("after_seq", 0)?;
+    let limit = num("limit", 100)?;
+    if after < 0 || !(1..=i64::from(MAX_API_PAGE)).contains(&limit) {
+        return Err(Error::bad_request(format!("after_seq must be >= 0 and limit 1..={MAX_API_PAGE}")));
+    }
+    if app.store.room(&id).await?.is_none() {
+        return Err(Error::NotFound(format!("room {id} not found")));
+    }
+    let page = app.store.events_after(&id, after, limit as u32).await?;
+    let body = format!("{{{}}}", page.json_fields());
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Announcement {
+    text: String,
+    /// Shown as the sender's name; defaults to "Announcement".
+    name: Option<String>,
+    /// Idempotency key: a retried POST with the same key stores one message.
+    client_msg_id: Option<String>,
+}
+
+async fn post_announcement(State(app): State<Arc<App>>, Path(id): Path<String>, body: Bytes) -> Result<Response> {
+    let id = room_id(id)?;
+    let a: Announcement = parse_body(&body)?;
+    if a.text.trim().is_empty() || a.text.chars().count() > app.config.max_text_chars {
+        return Err(Error::bad_request(format!("text must be 1..={} characters", app.config.max_text_chars)));
+    }
+    let from = UserRef {
+        id: UserId("studyhall".into()),
+        name: a.name.unwrap_or_else(|| "Announcement".into()),
+        role: "system".into(),
+    };
+    if from.name.chars().count() > crate::auth::MAX_NAME_CHARS {
+        return Err(Error::bad_request("name is too long"));
+    }
+    let op = WriteOp::Send { room: id, from, text: a.text, client_msg_id: a.client_msg_id, reply_to: None };
+    match app.store.write(op).await? {
+        WriteOutcome::Sent { id, seq, ts, .. } => {
+            Ok((StatusCode::CREATED, Json(json!({"id": id, "seq": seq, "ts": ts}))).into_response())
+        }
+        other => Err(Error::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+// -- dev sign-in -----------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevTokenRequest {
+    user: String,
+    name: Option<String>,
+    #[serde(default)]
+    role: Option<PlatformRole>,
+    #[serde(default)]
+    rooms: HashMap<String, RoomRole>,
+    ttl: Option<String>,
+}
+
+async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<serde_json::Value>> {
+    let req: DevTokenRequest = parse_body(&body)?;
+    let user = user_id(req.user)?;
+    let name = req.name.unwrap_or_else(|| user.to_string());
+    if name.trim().is_empty() || name.chars().count() > crate::auth::MAX_NAME_CHARS {
+        return Err(Error::bad_request("name must be 1..=100 characters"));
+    }
+    for room in req.rooms.keys() {
+        room_id(room.clone())?;
+    }
+    let ttl = crate::auth::parse_ttl(req.ttl.as_deref().unwrap_or("12h")).map_err(Error::BadRequest)?;
+    let token = app
+        .tokens
+        .sign(user.as_str(), &name, req.role.unwrap_or(PlatformRole::Student), req.rooms, ttl)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(Json(json!({"token": token})))
+}

@@ -1,0 +1,259 @@
+//! Client identity: HS256 JWTs with the algorithm pinned, `exp`/`iat` required and checked
+//! with a small leeway, and the `rooms` claim turned into room-role grants. Also mints tokens
+//! for `studyhall token` and the dev sign-in endpoint. It never logs a token and knows nothing
+//! of rooms beyond the grant map.
+
+use crate::protocol::{PlatformRole, RoomId, RoomRole, UserId, UserRef};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Clock skew tolerated on `exp`, `iat` and `nbf`.
+pub const LEEWAY_S: u64 = 30;
+/// Longest display name accepted from a token, in characters.
+pub const MAX_NAME_CHARS: usize = 100;
+/// Most room grants one token may carry.
+pub const MAX_ROOM_GRANTS: usize = 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "default_role")]
+    pub role: PlatformRole,
+    pub exp: u64,
+    pub iat: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub rooms: HashMap<String, RoomRole>,
+}
+
+fn default_role() -> PlatformRole {
+    PlatformRole::Student
+}
+
+/// A verified identity.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: UserId,
+    pub name: String,
+    pub role: PlatformRole,
+    /// Room roles granted by the token itself.
+    pub grants: HashMap<RoomId, RoomRole>,
+}
+
+impl Identity {
+    /// The user as shown in `welcome` (platform role).
+    pub fn platform_ref(&self) -> UserRef {
+        UserRef {
+            id: self.user.clone(),
+            name: self.name.clone(),
+            role: self.role.as_str().to_owned(),
+        }
+    }
+
+    /// The user as shown in a room's events (room role).
+    pub fn room_ref(&self, role: RoomRole) -> UserRef {
+        UserRef { id: self.user.clone(), name: self.name.clone(), role: role.as_str().to_owned() }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("invalid token")]
+    Invalid,
+    #[error("token expired")]
+    Expired,
+    #[error("token issued in the future")]
+    FromTheFuture,
+    #[error("invalid claim: {0}")]
+    BadClaim(&'static str),
+    #[error("cannot sign token")]
+    Sign,
+}
+
+/// Signs and verifies tokens with one HS256 secret.
+#[derive(Clone)]
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens(<secret>)")
+    }
+}
+
+pub fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Tokens {
+    pub fn new(secret: &[u8]) -> Self {
+        // Pinned: a token whose header names any other algorithm (including "none") is refused.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_S;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "iat", "sub"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid,
+            })?;
+        let c = data.claims;
+        if c.iat > now_s() + LEEWAY_S {
+            return Err(AuthError::FromTheFuture);
+        }
+        if c.sub.is_empty() || c.sub.chars().count() > 64 {
+            return Err(AuthError::BadClaim("sub must be 1..=64 characters"));
+        }
+        let name = c.name.unwrap_or_else(|| c.sub.clone());
+        if name.chars().count() > MAX_NAME_CHARS || name.trim().is_empty() {
+            return Err(AuthError::BadClaim("name must be 1..=100 characters"));
+        }
+        if c.rooms.len() > MAX_ROOM_GRANTS {
+            return Err(AuthError::BadClaim("too many room grants"));
+        }
+        let mut grants = HashMap::with_capacity(c.rooms.len());
+        for (room, role) in c.rooms {
+            if !crate::protocol::valid_room_id(&room) {
+                return Err(AuthError::BadClaim("rooms has an invalid room id"));
+            }
+            grants.insert(RoomId(room), role);
+        }
+        Ok(Identity { user: UserId(c.sub), name, role: c.role, grants })
+    }
+
+    pub fn sign(
+        &self,
+        user: &str,
+        name: &str,
+        role: PlatformRole,
+        rooms: HashMap<String, RoomRole>,
+        ttl: Duration,
+    ) -> Result<String, AuthError> {
+        let iat = now_s();
+        let claims = Claims {
+            sub: user.to_owned(),
+            name: Some(name.to_owned()),
+            role,
+            exp: iat + ttl.as_secs(),
+            iat,
+            nbf: None,
+            rooms,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|_| AuthError::Sign)
+    }
+}
+
+/// Parses a TTL such as `90`, `45s`, `30m`, `1h` or `7d`.
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad ttl {s:?}: expected e.g. 30m, 1h, 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("bad ttl unit in {s:?}: use s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err("ttl must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// Parses `room=role,room2=role2` (role defaults to `member`).
+pub fn parse_room_grants(s: &str) -> Result<HashMap<String, RoomRole>, String> {
+    let mut out = HashMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (room, role) = part.split_once('=').unwrap_or((part, "member"));
+        if !crate::protocol::valid_room_id(room) {
+            return Err(format!("invalid room id {room:?}"));
+        }
+        let role = RoomRole::parse(role)
+            .ok_or_else(|| format!("invalid room role {role:?}: host, ta, member or viewer"))?;
+        out.insert(room.to_owned(), role);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(secret: &[u8], alg: Algorithm, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret))
+            .unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_grants() {
+        let t = Tokens::new(b"0123456789abcdef0123");
+        let rooms = parse_room_grants("algebra=host,physics").unwrap();
+        let tok = t
+            .sign("u1", "Ada", PlatformRole::Tutor, rooms, Duration::from_secs(60))
+            .unwrap();
+        let id = t.verify(&tok).unwrap();
+        assert_eq!(id.user.as_str(), "u1");
+        assert_eq!(id.role, PlatformRole::Tutor);
+        assert_eq!(id.grants[&RoomId::from("algebra")], RoomRole::Host);
+        assert_eq!(id.grants[&RoomId::from("physics")], RoomRole::Member);
+    }
+
+    #[test]
+    fn refuses_wrong_secret_alg_expiry_and_future() {
+        let secret = b"0123456789abcdef0123";
+        let t = Tokens::new(secret);
+        let now = now_s();
+        let good = serde_json::json!({"sub":"u","name":"U","role":"student","exp":now+60,"iat":now});
+        assert!(t.verify(&raw(secret, Algorithm::HS256, good.clone())).is_ok());
+        assert_eq!(
+            t.verify(&raw(b"another-secret-of-20", Algorithm::HS256, good.clone())).unwrap_err(),
+            AuthError::Invalid
+        );
+        assert!(t.verify(&raw(secret, Algorithm::HS384, good)).is_err(), "alg is pinned");
+        let expired = serde_json::json!({"sub":"u","exp":now-120,"iat":now-200});
+        assert_eq!(t.verify(&raw(secret, Algorithm::HS256, expired)).unwrap_err(), AuthError::Expired);
+        let future = serde_json::json!({"sub":"u","exp":now+600,"iat":now+300});
+        assert_eq!(
+            t.verify(&raw(secret, Algorithm::HS256, future)).unwrap_err(),
+            AuthError::FromTheFuture
+        );
+        let no_exp = serde_json::json!({"sub":"u","iat":now});
+        assert!(t.verify(&raw(secret, Algorithm::HS256, no_exp)).is_err());
+        let no_iat = serde_json::json!({"sub":"u","exp":now+60});
+        assert!(t.verify(&raw(secret, Algorithm::HS256, no_iat)).is_err());
+        let bad_room = serde_json::json!({"sub":"u","exp":now+60,"iat":now,"rooms":{"a b":"host"}});
+        assert!(t.verify(&raw(secret, Algorithm::HS256, bad_room)).is_err());
+        assert!(t.verify("not.a.token").is_err());
+    }
+
+    #[test]
+    fn ttl_and_grant_parsing() {
+        assert_eq!(parse_ttl("90").unwrap().as_secs(), 90);
+        assert_eq!(parse_ttl("30m").unwrap().as_secs(), 1800);
+        assert_eq!(parse_ttl("1h").unwrap().as_secs(), 3600);
+        assert_eq!(parse_ttl("7d").unwrap().as_secs(), 604_800);
+        assert!(parse_ttl("1y").is_err());
+        assert!(parse_ttl("0").is_err());
+        assert!(parse_room_grants("a=boss").is_err());
+        assert!(parse_room_grants("bad id=host").is_err());
+    }
+}

@@ -1,0 +1,358 @@
+//! Server configuration: every setting and every limit as a named value with a default, read
+//! from an optional TOML file, then `STUDYHALL_*` environment variables, then `serve` flags
+//! (flags beat env, env beats file). Tests build a [`Config`] directly. This module knows
+//! nothing of sockets or SQL; it only validates values.
+
+use clap::Args;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Everything `serve` needs. Field docs say why each limit exists; the README's configuration
+/// table lists the same names.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// `sqlite://PATH` (embedded default) or `postgres://...`.
+    pub database_url: String,
+    /// HS256 secret for client tokens. Unset: a random one is generated on first start and
+    /// kept in the database, so `studyhall token` on the same database signs valid tokens.
+    pub jwt_secret: Option<String>,
+    /// Bearer key of the server-to-server HTTP API. Unset: the API answers 503.
+    pub api_key: Option<String>,
+    /// Enables `POST /dev/token`. Never on without the `--dev` flag.
+    pub dev: bool,
+    /// Comma-separated Origin allowlist checked before the WebSocket upgrade; empty = any.
+    pub allowed_origins: Vec<String>,
+    /// NATS URL for multi-node fan-out (not implemented yet: setting it is refused at start).
+    pub nats_url: Option<String>,
+    /// Largest WebSocket frame/message a client may send, in bytes (close 1009 beyond it).
+    pub max_frame_bytes: usize,
+    /// Frames queued for one session before it counts as a slow consumer (close 4008).
+    pub outbox_frames: usize,
+    /// Frames the write loop coalesces into one flush.
+    pub write_batch_frames: usize,
+    /// Seconds between server pings; a client silent for twice this is closed.
+    pub heartbeat_s: u64,
+    /// Milliseconds a new connection has to send `hello` (close 4001 after).
+    pub hello_timeout_ms: u64,
+    /// Sustained commands per second one connection may send (token bucket refill rate).
+    pub rate_per_s: f64,
+    /// Burst size of the per-connection token bucket.
+    pub rate_burst: f64,
+    /// Refused (rate-limited or malformed) frames within 10 s after which the connection is
+    /// closed 4029.
+    pub abuse_strikes: u32,
+    /// Rooms one session may have joined at once.
+    pub max_rooms_per_session: usize,
+    /// Concurrent WebSocket sessions one user may hold.
+    pub max_sessions_per_user: usize,
+    /// Sessions one room may have joined at once.
+    pub max_room_sessions: usize,
+    /// Writes one session may have waiting for commit; it stops reading beyond this.
+    pub max_inflight_per_session: usize,
+    /// Most events `join {after_seq}` replays; beyond it the reply says `gap: true`.
+    pub replay_limit: u32,
+    /// Longest message text in characters.
+    pub max_text_chars: usize,
+    /// Longest reaction emoji in characters.
+    pub max_emoji_chars: usize,
+    /// Longest `client_msg_id` in characters.
+    pub max_client_msg_id_chars: usize,
+    /// Distinct emoji reactions one message may carry.
+    pub max_reactions_per_message: u32,
+    /// Most writes one group commit carries.
+    pub store_batch_max: usize,
+    /// Microseconds the writer lingers for more writes when the queue runs dry before a
+    /// commit; 0 = commit as soon as the queue is empty (batches still form while the previous
+    /// commit is in flight).
+    pub store_batch_linger_us: u64,
+    /// Writes queued for the group-commit writer before senders wait.
+    pub store_queue: usize,
+    /// Database connections in the pool.
+    pub db_pool_size: u32,
+    /// SQLite `synchronous` pragma: `full` (default: an ack survives power loss) or `normal`
+    /// (survives a process crash, not power loss).
+    pub sqlite_synchronous: String,
+    /// Milliseconds shutdown waits for sessions to say goodbye before flushing the store.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: "sqlite://studyhall.db".into(),
+            jwt_secret: None,
+            api_key: None,
+            dev: false,
+            allowed_origins: Vec::new(),
+            nats_url: None,
+            max_frame_bytes: 64 * 1024,
+            outbox_frames: 1024,
+            write_batch_frames: 64,
+            heartbeat_s: 25,
+            hello_timeout_ms: 10_000,
+            rate_per_s: 50.0,
+            rate_burst: 100.0,
+            abuse_strikes: 50,
+            max_rooms_per_session: 100,
+            max_sessions_per_user: 10,
+            max_room_sessions: 50_000,
+            max_inflight_per_session: 256,
+            replay_limit: 1000,
+            max_text_chars: 4000,
+            max_emoji_chars: 16,
+            max_client_msg_id_chars: 64,
+            max_reactions_per_message: 64,
+            store_batch_max: 512,
+            store_batch_linger_us: 0,
+            store_queue: 8192,
+            db_pool_size: 8,
+            sqlite_synchronous: "full".into(),
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("bad config file {path}: {source}")]
+    Parse { path: String, source: toml::de::Error },
+    #[error("invalid setting {name}: {why}")]
+    Invalid { name: &'static str, why: String },
+}
+
+/// `serve` flags. Each also reads its `STUDYHALL_*` variable (clap's `env`), so one struct
+/// carries "env, then flags"; the file is layered underneath in [`Config::load`].
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "STUDYHALL_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    #[arg(long, env = "STUDYHALL_ADDR")]
+    pub addr: Option<SocketAddr>,
+    #[arg(long, env = "STUDYHALL_DATABASE_URL")]
+    pub database_url: Option<String>,
+    #[arg(long, env = "STUDYHALL_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    #[arg(long, env = "STUDYHALL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Enable the dev-only token endpoint used by the web client's sign-in form.
+    #[arg(long)]
+    pub dev: bool,
+    #[arg(long, env = "STUDYHALL_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    #[arg(long, env = "STUDYHALL_NATS_URL")]
+    pub nats_url: Option<String>,
+    #[arg(long, env = "STUDYHALL_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    #[arg(long, env = "STUDYHALL_OUTBOX_FRAMES")]
+    pub outbox_frames: Option<usize>,
+    #[arg(long, env = "STUDYHALL_WRITE_BATCH_FRAMES")]
+    pub write_batch_frames: Option<usize>,
+    #[arg(long, env = "STUDYHALL_HEARTBEAT_S")]
+    pub heartbeat_s: Option<u64>,
+    #[arg(long, env = "STUDYHALL_HELLO_TIMEOUT_MS")]
+    pub hello_timeout_ms: Option<u64>,
+    #[arg(long, env = "STUDYHALL_RATE_PER_S")]
+    pub rate_per_s: Option<f64>,
+    #[arg(long, env = "STUDYHALL_RATE_BURST")]
+    pub rate_burst: Option<f64>,
+    #[arg(long, env = "STUDYHALL_ABUSE_STRIKES")]
+    pub abuse_strikes: Option<u32>,
+    #[arg(long, env = "STUDYHALL_MAX_ROOMS_PER_SESSION")]
+    pub max_rooms_per_session: Option<usize>,
+    #[arg(long, env = "STUDYHALL_MAX_SESSIONS_PER_USER")]
+    pub max_sessions_per_user: Option<usize>,
+    #[arg(long, env = "STUDYHALL_MAX_ROOM_SESSIONS")]
+    pub max_room_sessions: Option<usize>,
+    #[arg(long, env = "STUDYHALL_MAX_INFLIGHT_PER_SESSION")]
+    pub max_inflight_per_session: Option<usize>,
+    #[arg(long, env = "STUDYHALL_REPLAY_LIMIT")]
+    pub replay_limit: Option<u32>,
+    #[arg(long, env = "STUDYHALL_MAX_TEXT_CHARS")]
+    pub max_text_chars: Option<usize>,
+    #[arg(long, env = "STUDYHALL_STORE_BATCH_MAX")]
+    pub store_batch_max: Option<usize>,
+    #[arg(long, env = "STUDYHALL_STORE_BATCH_LINGER_US")]
+    pub store_batch_linger_us: Option<u64>,
+    #[arg(long, env = "STUDYHALL_STORE_QUEUE")]
+    pub store_queue: Option<usize>,
+    #[arg(long, env = "STUDYHALL_DB_POOL_SIZE")]
+    pub db_pool_size: Option<u32>,
+    #[arg(long, env = "STUDYHALL_SQLITE_SYNCHRONOUS")]
+    pub sqlite_synchronous: Option<String>,
+    #[arg(long, env = "STUDYHALL_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
+}
+
+macro_rules! overlay {
+    ($cfg:ident, $args:ident, $($field:ident),* $(,)?) => {
+        $( if let Some(v) = $args.$field.clone() { $cfg.$field = v; } )*
+    };
+}
+
+impl Config {
+    /// File (if any) < env < flags, then validation.
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let mut cfg = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        overlay!(
+            cfg,
+            args,
+            addr,
+            database_url,
+            allowed_origins,
+            max_frame_bytes,
+            outbox_frames,
+            write_batch_frames,
+            heartbeat_s,
+            hello_timeout_ms,
+            rate_per_s,
+            rate_burst,
+            abuse_strikes,
+            max_rooms_per_session,
+            max_sessions_per_user,
+            max_room_sessions,
+            max_inflight_per_session,
+            replay_limit,
+            max_text_chars,
+            store_batch_max,
+            store_batch_linger_us,
+            store_queue,
+            db_pool_size,
+            sqlite_synchronous,
+            shutdown_grace_ms,
+        );
+        if args.jwt_secret.is_some() {
+            cfg.jwt_secret = args.jwt_secret.clone();
+        }
+        if args.api_key.is_some() {
+            cfg.api_key = args.api_key.clone();
+        }
+        if args.nats_url.is_some() {
+            cfg.nats_url = args.nats_url.clone();
+        }
+        cfg.dev |= args.dev;
+        cfg.allowed_origins.retain(|o| !o.trim().is_empty());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: shown, source })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn positive(name: &'static str, v: u64) -> Result<(), ConfigError> {
+            if v == 0 {
+                return Err(ConfigError::Invalid { name, why: "must be at least 1".into() });
+            }
+            Ok(())
+        }
+        positive("max_frame_bytes", self.max_frame_bytes as u64)?;
+        positive("outbox_frames", self.outbox_frames as u64)?;
+        positive("write_batch_frames", self.write_batch_frames as u64)?;
+        positive("heartbeat_s", self.heartbeat_s)?;
+        positive("hello_timeout_ms", self.hello_timeout_ms)?;
+        positive("abuse_strikes", u64::from(self.abuse_strikes))?;
+        positive("max_rooms_per_session", self.max_rooms_per_session as u64)?;
+        positive("max_sessions_per_user", self.max_sessions_per_user as u64)?;
+        positive("max_room_sessions", self.max_room_sessions as u64)?;
+        positive("max_inflight_per_session", self.max_inflight_per_session as u64)?;
+        positive("replay_limit", u64::from(self.replay_limit))?;
+        positive("max_text_chars", self.max_text_chars as u64)?;
+        positive("store_batch_max", self.store_batch_max as u64)?;
+        positive("store_queue", self.store_queue as u64)?;
+        positive("db_pool_size", u64::from(self.db_pool_size))?;
+        if !(self.rate_per_s > 0.0 && self.rate_burst >= 1.0) {
+            return Err(ConfigError::Invalid {
+                name: "rate_per_s/rate_burst",
+                why: "rate must be > 0 and burst >= 1".into(),
+            });
+        }
+        if !matches!(self.sqlite_synchronous.as_str(), "full" | "normal" | "extra") {
+            return Err(ConfigError::Invalid {
+                name: "sqlite_synchronous",
+                why: "must be full, normal or extra".into(),
+            });
+        }
+        if !(self.database_url.starts_with("sqlite:")
+            || self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid {
+                name: "database_url",
+                why: "must start with sqlite:// or postgres://".into(),
+            });
+        }
+        if matches!(&self.jwt_secret, Some(s) if s.len() < 16) {
+            return Err(ConfigError::Invalid {
+                name: "jwt_secret",
+                why: "must be at least 16 bytes".into(),
+            });
+        }
+        if self.nats_url.is_some() {
+            return Err(ConfigError::Invalid {
+                name: "nats_url",
+                why: "cluster mode over NATS is not implemented yet; unset it to run one node"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "addr = \"127.0.0.1:9000\"\nreplay_limit = 5\nheartbeat_s = 7").unwrap();
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            replay_limit: Some(9),
+            ..Default::default()
+        };
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!(cfg.addr.port(), 9000, "file value used");
+        assert_eq!(cfg.replay_limit, 9, "flag beats file");
+        assert_eq!(cfg.heartbeat_s, 7);
+        assert_eq!(cfg.max_frame_bytes, 64 * 1024, "default kept");
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "no_such_key = 1").unwrap();
+        let args = ServeArgs { config: Some(file.path().to_owned()), ..Default::default() };
+        assert!(matches!(Config::load(&args), Err(ConfigError::Parse { .. })));
+
+        let args = ServeArgs { outbox_frames: Some(0), ..Default::default() };
+        assert!(matches!(Config::load(&args), Err(ConfigError::Invalid { .. })));
+        let args = ServeArgs { database_url: Some("mysql://x".into()), ..Default::default() };
+        assert!(Config::load(&args).is_err());
+        let args = ServeArgs { jwt_secret: Some("short".into()), ..Default::default() };
+        assert!(Config::load(&args).is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! The hub: which sessions are connected, which have joined which room, who is online where,
+//! and fan-out. An event is encoded once and the same bytes are `try_send`-ed into each
+//! member's bounded outbox; a full outbox marks that session for closing with 4008 and never
+//! slows the others. A session that joins with replay is "gated": live events are held for it
+//! until its replay from the store has been queued, then released without duplicates.
+//! The hub does no I/O and never awaits while holding a map guard. It knows nothing of SQL,
+//! tokens or sockets (only the frame type the sockets take).
+
+use crate::metrics::Metrics;
+use crate::protocol::{
+    self, PresenceState, RoomId, ServerMsg, SessionId, UserId, UserRef, close,
+};
+use crate::store::CommittedEvent;
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::sync::{mpsc, watch};
+
+/// One encoded text frame, shared by every outbox it is queued in.
+pub type Frame = Utf8Bytes;
+
+/// What the hub holds of a session: where to queue frames and how to close it.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub id: SessionId,
+    pub user: UserId,
+    outbox: mpsc::Sender<Frame>,
+    /// 0 while open; the close code once the session must end. Watched by its tasks.
+    close: watch::Sender<u16>,
+}
+
+impl SessionHandle {
+    pub fn new(
+        id: SessionId,
+        user: UserId,
+        outbox: mpsc::Sender<Frame>,
+    ) -> (Arc<Self>, watch::Receiver<u16>) {
+        let (close, rx) = watch::channel(0);
+        (Arc::new(Self { id, user, outbox, close }), rx)
+    }
+
+    /// Asks the session to close with `code`; the first code asked for wins.
+    pub fn close(&self, code: u16) {
+        self.close.send_if_modified(|c| {
+            if *c == 0 {
+                *c = code;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Queues a frame without waiting. A full outbox closes the session as a slow consumer.
+    fn offer(&self, frame: &Frame, metrics: &Metrics) -> bool {
+        match self.outbox.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if *self.close.borrow() == 0 {
+                    metrics.slow_consumer_closes.fetch_add(1, Relaxed);
+                    tracing::info!(session = %self.id, user = %self.user, "slow consumer, closing 4008");
+                }
+                self.close(close::SLOW_CONSUMER);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+struct Member {
+    handle: Arc<SessionHandle>,
+    user: UserRef,
+    /// `Some` while the session's replay is being queued: live frames wait here, with their
+    /// seq (unsequenced frames such as typing carry `None`).
+    gate: Option<Vec<(Option<i64>, Frame)>>,
+}
+
+#[derive(Default)]
+struct RoomState {
+    sessions: HashMap<SessionId, Member>,
+    /// Users online in the room and how many of their sessions have joined it.
+    online: HashMap<UserId, (UserRef, usize)>,
+}
+
+impl RoomState {
+    /// Queues `frame` to every joined session except `skip_user`'s.
+    fn fan_out(&mut self, frame: &Frame, seq: Option<i64>, skip_user: Option<&UserId>, gate_cap: usize, metrics: &Metrics) -> u64 {
+        let mut delivered = 0;
+        for m in self.sessions.values_mut() {
+            if skip_user == Some(&m.user.id) {
+                continue;
+            }
+            match &mut m.gate {
+                Some(held) => {
+                    if held.len() >= gate_cap {
+                        metrics.slow_consumer_closes.fetch_add(1, Relaxed);
+                        m.handle.close(close::SLOW_CONSUMER);
+                    } else {
+                        held.push((seq, frame.clone()));
+                    }
+                }
+                None => {
+                    if m.handle.offer(frame, metrics) {
+                        delivered += 1;
+                    }
+                }
+            }
+        }
+        delivered
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HubError {
+    #[error("this user already has the maximum of {0} sessions")]
+    TooManySessions(usize),
+    #[error("the room is full ({0} sessions)")]
+    RoomFull(usize),
+}
+
+/// The result of a join: who is online (the joiner included).
+pub struct Joined {
+    pub online: Vec<UserRef>,
+}
+
+pub struct Hub {
+    rooms: DashMap<RoomId, RoomState>,
+    users: DashMap<UserId, Vec<Arc<SessionHandle>>>,
+    metrics: Arc<Metrics>,
+    max_sessions_per_user: usize,
+    max_room_sessions: usize,
+    /// Most frames held for a gated session before it counts as a slow consumer.
+    gate_cap: usize,
+}
+
+impl Hub {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        max_sessions_per_user: usize,
+        max_room_sessions: usize,
+        gate_cap: usize,
+    ) -> Self {
+        Self {
+            rooms: DashMap::new(),
+            users: DashMap::new(),
+            metrics,
+            max_sessions_per_user,
+            max_room_sessions,
+            gate_cap,
+        }
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.users.iter().map(|u| u.len()).sum()
+    }
+
+    pub fn active_rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Admits a signed-in session, within the per-user session limit.
+    pub fn register(&self, handle: Arc<SessionHandle>) -> Result<(), HubError> {
+        let mut entry = self.users.entry(handle.user.clone()).or_default();
+        if entry.len() >= self.max_sessions_per_user {
+            return Err(HubError::TooManySessions(self.max_sessions_per_user));
+        }
+        entry.push(handle);
+        Ok(())
+    }
+
+    pub fn unregister(&self, handle: &SessionHandle) {
+        self.users.remove_if_mut(&handle.user, |_, sessions| {
+            sessions.retain(|s| s.id != handle.id);
+            sessions.is_empty()
+        });
+    }
+
+    /// Joins `handle` to `room`, gated: live events are held until [`Hub::open_gate`].
+    /// Re-joining a room the session is already in re-gates it (a resync).
+    pub fn join(&self, room: &RoomId, handle: &Arc<SessionHandle>, user: UserRef) -> Result<Joined, HubError> {
+        let mut state = self.rooms.entry(room.clone()).or_default();
+        let state = &mut *state;
+        if let Some(m) = state.sessions.get_mut(&handle.id) {
+            m.gate.get_or_insert_with(Vec::new);
+        } else {
+            if state.sessions.len() >= self.max_room_sessions {
+                return Err(HubError::RoomFull(self.max_room_sessions));
+            }
+            state.sessions.insert(
+                handle.id.clone(),
+                Member { handle: handle.clone(), user: user.clone(), gate: Some(Vec::new()) },
+            );
+            let first = match state.online.entry(user.id.clone()) {
+                Entry::Occupied(mut e) => {
+                    e.get_mut().1 += 1;
+                    false
+                }
+                Entry::Vacant(e) => {
+                    e.insert((user.clone(), 1));
+                    true
+                }
+            };
+            if first {
+                let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
+                    room,
+                    user: &user,
+                    state: PresenceState::Online,
+                }));
+                state.fan_out(&frame, None, Some(&user.id), self.gate_cap, &self.metrics);
+            }
+        }
+        let mut online: Vec<UserRef> = state.online.values().map(|(u, _)| u.clone()).collect();
+        online.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Joined { online })
+    }
+
+    /// Releases the frames held for a gated session: those with seq <= `delivered_seq` were
+    /// already sent by the replay and are dropped; the rest go out in order.
+    pub fn open_gate(&self, room: &RoomId, session: &SessionId, delivered_seq: i64) {
+        let Some(mut state) = self.rooms.get_mut(room) else { return };
+        let Some(m) = state.sessions.get_mut(session) else { return };
+        let Some(held) = m.gate.take() else { return };
+        for (seq, frame) in held {
+            if seq.is_some_and(|s| s <= delivered_seq) {
+                continue;
+            }
+            if !m.handle.offer(&frame, &self.metrics) {
+                break;
+            }
+        }
+    }
+
+    /// Removes a session from a room; the user's last session leaving announces `offline`.
+    pub fn leave(&self, room: &RoomId, session: &SessionId) -> bool {
+        let Some(mut state) = self.rooms.get_mut(room) else { return false };
+        let Some(member) = state.sessions.remove(session) else { return false };
+        let uid = member.user.id.clone();
+        let last = match state.online.get_mut(&uid) {
+            Some((_, n)) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                state.online.remove(&uid);
+                true
+            }
+            None => false,
+        };
+        if last {
+            let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
+                room,
+                user: &member.user,
+                state: PresenceState::Offline,
+            }));
+            state.fan_out(&frame, None, Some(&uid), self.gate_cap, &self.metrics);
+        }
+        let empty = state.sessions.is_empty();
+        drop(state);
+        if empty {
+            self.rooms.remove_if(room, |_, s| s.sessions.is_empty());
+        }
+        true
+    }
+
+    /// Fans a committed room event out to every session in the room.
+    pub fn publish(&self, ev: CommittedEvent) {
+        let frame = Frame::from(ev.json);
+        if let Some(mut state) = self.rooms.get_mut(&ev.room) {
+            let n = state.fan_out(&frame, Some(ev.seq), None, self.gate_cap, &self.metrics);
+            self.metrics.deliveries.fetch_add(n, Relaxed);
+        }
+        self.metrics.events_published.fetch_add(1, Relaxed);
+    }
+
+    /// Sends an unsequenced frame (typing) to the room's sessions of other users.
+    pub fn notify_others(&self, room: &RoomId, from: &UserId, frame: &Frame) {
+        if let Some(mut state) = self.rooms.get_mut(room) {
+            let n = state.fan_out(frame, None, Some(from), self.gate_cap, &self.metrics);
+            self.metrics.deliveries.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Asks every session to close with `code` (shutdown).
+    pub fn close_all(&self, code: u16) {
+        for user in self.users.iter() {
+            for s in user.iter() {
+                s.close(code);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(id: &str) -> UserRef {
+        UserRef { id: id.into(), name: id.to_uppercase(), role: "member".into() }
+    }
+
+    fn session(id: &str, uid: &str, cap: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Frame>, watch::Receiver<u16>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let (h, close) = SessionHandle::new(id.into(), uid.into(), tx);
+        (h, rx, close)
+    }
+
+    fn ev(room: &str, seq: i64) -> CommittedEvent {
+        CommittedEvent { room: room.into(), seq, json: format!("{{\"seq\":{seq}}}") }
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Frame>) -> Vec<String> {
+        let mut out = vec![];
+        while let Ok(f) = rx.try_recv() {
+            out.push(f.as_str().to_owned());
+        }
+        out
+    }
+
+    #[test]
+    fn gate_holds_live_events_and_drops_replayed_ones() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let (a, mut arx, _) = session("s1", "a", 16);
+        hub.join(&"r".into(), &a, user("a")).unwrap();
+        hub.publish(ev("r", 5));
+        hub.publish(ev("r", 6));
+        assert!(drain(&mut arx).is_empty(), "gated");
+        hub.open_gate(&"r".into(), &a.id, 5);
+        assert_eq!(drain(&mut arx), vec!["{\"seq\":6}"]);
+        hub.publish(ev("r", 7));
+        assert_eq!(drain(&mut arx), vec!["{\"seq\":7}"]);
+    }
+
+    #[test]
+    fn full_outbox_closes_only_that_session() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let (slow, _srx, slow_close) = session("s1", "a", 2);
+        let (fast, mut frx, fast_close) = session("s2", "b", 64);
+        for h in [&slow, &fast] {
+            hub.join(&"r".into(), h, user(h.user.as_str())).unwrap();
+            hub.open_gate(&"r".into(), &h.id, 0);
+        }
+        drain(&mut frx);
+        for seq in 1..=10 {
+            hub.publish(ev("r", seq));
+        }
+        assert_eq!(*slow_close.borrow(), close::SLOW_CONSUMER);
+        assert_eq!(*fast_close.borrow(), 0);
+        assert_eq!(drain(&mut frx).len(), 10);
+    }
+
+    #[test]
+    fn presence_once_per_user_and_session_limit() {
+        let hub = Hub::new(Arc::default(), 2, 100, 100);
+        let (watcher, mut wrx, _) = session("w", "w", 16);
+        hub.join(&"r".into(), &watcher, user("w")).unwrap();
+        hub.open_gate(&"r".into(), &watcher.id, 0);
+        let (p1, _r1, _) = session("p1", "a", 16);
+        let (p2, _r2, _) = session("p2", "a", 16);
+        let (p3, _r3, _) = session("p3", "a", 16);
+        hub.register(p1.clone()).unwrap();
+        hub.register(p2.clone()).unwrap();
+        assert_eq!(hub.register(p3), Err(HubError::TooManySessions(2)));
+        let joined = hub.join(&"r".into(), &p1, user("a")).unwrap();
+        assert_eq!(joined.online.len(), 2);
+        hub.join(&"r".into(), &p2, user("a")).unwrap();
+        assert_eq!(drain(&mut wrx).len(), 1, "one online for two sessions");
+        hub.leave(&"r".into(), &p1.id);
+        assert!(drain(&mut wrx).is_empty(), "still online on p2");
+        hub.leave(&"r".into(), &p2.id);
+        let frames = drain(&mut wrx);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("offline"));
+    }
+}

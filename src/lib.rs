@@ -1,0 +1,159 @@
+//! studyhall: a real-time chat and live-session server for online education.
+//!
+//! Layout (see ARCHITECTURE.md for the invariants):
+//! - `config`   settings and limits: file < env < flags
+//! - `protocol` the wire contract: every JSON shape, ids, error and close codes
+//! - `auth`     HS256 tokens, room grants
+//! - `store/`   the Store API over SQLite and PostgreSQL, group-commit writer; the only SQL
+//! - `hub`      room map, presence, fan-out of pre-encoded frames into bounded outboxes
+//! - `session`  one WebSocket: handshake, read loop, write loop, close codes
+//! - `rooms/`   room commands (join/replay, chat) with rights checks
+//! - `api`      HTTP router: `/ws`, `/healthz`, `/metrics`, `/api/...`, `/dev/token`
+//! - `metrics`  counters and histograms in Prometheus text
+//! - `error`    the one error type -> protocol code / HTTP status
+//!
+//! [`App::start`] opens the store and wires the hub to it; [`serve`] runs the listener until
+//! the shutdown future resolves, then says goodbye to every session and flushes the store.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+mod rooms;
+pub mod session;
+pub mod store;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError, StoreOptions};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+/// The settings key under which a generated token secret is kept.
+pub const JWT_SECRET_KEY: &str = "jwt_secret";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("server I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything a request or session needs, shared.
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub hub: Arc<Hub>,
+    pub tokens: auth::Tokens,
+    pub metrics: Arc<Metrics>,
+    pub(crate) shutting_down: AtomicBool,
+    live_sessions: AtomicUsize,
+    sessions_gone: Notify,
+}
+
+/// Counts a running connection task; dropping it lets shutdown know the task has finished.
+pub(crate) struct SessionGuard(Arc<App>);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.0.live_sessions.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.sessions_gone.notify_waiters();
+        }
+    }
+}
+
+/// A random 256-bit secret, hex-encoded.
+pub fn random_secret() -> String {
+    (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+}
+
+/// The token secret: the configured one, else the one kept in the store (created on first use).
+pub async fn token_secret(config: &Config, store: &Store) -> Result<String, StoreError> {
+    match &config.jwt_secret {
+        Some(s) => Ok(s.clone()),
+        None => store.setting_or_insert(JWT_SECRET_KEY, random_secret).await,
+    }
+}
+
+impl App {
+    /// Opens and migrates the store, resolves the token secret and wires fan-out.
+    pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
+        let metrics = Arc::new(Metrics::default());
+        let hub = Arc::new(Hub::new(
+            metrics.clone(),
+            config.max_sessions_per_user,
+            config.max_room_sessions,
+            config.outbox_frames,
+        ));
+        let publish_to = hub.clone();
+        let hook: store::CommitHook = Arc::new(move |ev| publish_to.publish(ev));
+        let store = Store::open(&StoreOptions::from_config(&config), metrics.clone(), Some(hook)).await?;
+        let secret = token_secret(&config, &store).await?;
+        Ok(Arc::new(Self {
+            tokens: auth::Tokens::new(secret.as_bytes()),
+            config,
+            store,
+            hub,
+            metrics,
+            shutting_down: AtomicBool::new(false),
+            live_sessions: AtomicUsize::new(0),
+            sessions_gone: Notify::new(),
+        }))
+    }
+
+    pub(crate) fn track_session(self: &Arc<Self>) -> SessionGuard {
+        self.live_sessions.fetch_add(1, Ordering::AcqRel);
+        SessionGuard(self.clone())
+    }
+
+    /// Tells every session to say `bye` and close 1001, and waits (bounded) for them to go.
+    async fn drain_sessions(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.hub.close_all(protocol::close::GOING_AWAY);
+        let wait = async {
+            loop {
+                let gone = self.sessions_gone.notified();
+                if self.live_sessions.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                // New connections upgraded during shutdown close themselves; re-ask anyway.
+                self.hub.close_all(protocol::close::GOING_AWAY);
+                let _ = tokio::time::timeout(Duration::from_millis(200), gone).await;
+            }
+        };
+        let grace = Duration::from_millis(self.config.shutdown_grace_ms) + Duration::from_secs(2);
+        if tokio::time::timeout(grace, wait).await.is_err() {
+            tracing::warn!("some sessions did not close within the shutdown grace");
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, says goodbye to
+/// every session (`bye`, close 1001), commits every accepted write and returns.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let router = api::router(app.clone());
+    let draining = app.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sessions");
+            draining.drain_sessions().await;
+        })
+        .await?;
+    app.store.close().await;
+    tracing::info!("store flushed, bye");
+    Ok(())
+}

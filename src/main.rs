@@ -1,0 +1,162 @@
+//! The `studyhall` binary: `serve`, `migrate` and `token` subcommands, logging set-up and
+//! signal handling. The only place `anyhow` is used; everything else is in the library.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use studyhall::config::{Config, ServeArgs};
+use studyhall::protocol::PlatformRole;
+use studyhall::store::{Store, StoreOptions};
+use studyhall::{App, auth};
+
+#[derive(Parser)]
+#[command(name = "studyhall", version, about = "Real-time chat and live sessions for online education")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Create or upgrade the database schema, then exit.
+    Migrate(DbArgs),
+    /// Print a signed client token (for development and scripts).
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct DbArgs {
+    #[arg(long, env = "STUDYHALL_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    #[arg(long, env = "STUDYHALL_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    #[arg(long, env = "STUDYHALL_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// User id (the token's `sub`).
+    #[arg(long)]
+    user: String,
+    /// Display name (defaults to the user id).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, value_enum, default_value = "student")]
+    role: RoleArg,
+    /// Room grants: `room=role,room2=role` (role defaults to member).
+    #[arg(long, default_value = "")]
+    rooms: String,
+    /// Lifetime: e.g. 30m, 1h, 7d.
+    #[arg(long, default_value = "1h")]
+    ttl: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Student,
+    Tutor,
+    Admin,
+}
+
+fn load(db: &DbArgs, jwt_secret: Option<String>) -> anyhow::Result<Config> {
+    let args = ServeArgs {
+        config: db.config.clone(),
+        database_url: db.database_url.clone(),
+        jwt_secret,
+        ..Default::default()
+    };
+    Ok(Config::load(&args)?)
+}
+
+async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    let metrics = std::sync::Arc::default();
+    Store::open(&StoreOptions::from_config(cfg), metrics, None)
+        .await
+        .with_context(|| "cannot open the database (is STUDYHALL_DATABASE_URL right?)")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STUDYHALL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Serve(args) => {
+            let config = Config::load(&args)?;
+            let addr = config.addr;
+            let app = App::start(config).await.context("cannot start")?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let local = listener.local_addr()?;
+            // A stable line on stdout for scripts and tests that start us on port 0.
+            println!("studyhall listening on http://{local}");
+            tracing::info!(%local, dev = app.config.dev, "listening");
+            studyhall::serve(app, listener, shutdown_signal()).await?;
+            Ok(())
+        }
+        Cmd::Migrate(db) => {
+            let cfg = load(&db, None)?;
+            open_store(&cfg).await?.close().await;
+            println!("migrations applied to {}", redact(&cfg.database_url));
+            Ok(())
+        }
+        Cmd::Token(t) => {
+            let cfg = load(&t.db, t.jwt_secret.clone())?;
+            let store = open_store(&cfg).await?;
+            let secret = studyhall::token_secret(&cfg, &store).await?;
+            store.close().await;
+            let rooms = auth::parse_room_grants(&t.rooms).map_err(anyhow::Error::msg)?;
+            let ttl = auth::parse_ttl(&t.ttl).map_err(anyhow::Error::msg)?;
+            if t.user.is_empty() || t.user.chars().count() > 64 {
+                anyhow::bail!("--user must be 1..=64 characters");
+            }
+            let role = match t.role {
+                RoleArg::Student => PlatformRole::Student,
+                RoleArg::Tutor => PlatformRole::Tutor,
+                RoleArg::Admin => PlatformRole::Admin,
+            };
+            let name = t.name.unwrap_or_else(|| t.user.clone());
+            let token = auth::Tokens::new(secret.as_bytes()).sign(&t.user, &name, role, rooms, ttl)?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+/// The database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,601 @@
+//! The wire contract (`studyhall.v1`): every JSON shape a client sends or receives, the typed
+//! ids, the error codes and the close codes. This is the only module that defines wire JSON;
+//! the store persists sequenced room events in exactly this encoding so that replay and
+//! history send the stored bytes unchanged. It knows nothing of sockets, the hub or SQL.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The WebSocket subprotocol a client may offer; the server selects it when offered.
+pub const SUBPROTOCOL: &str = "studyhall.v1";
+
+/// Largest `limit` a `history` command may ask for.
+pub const HISTORY_MAX_LIMIT: u32 = 100;
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A room id: 1..=64 characters of `[A-Za-z0-9_.-]` (see [`valid_room_id`]).
+    RoomId
+);
+string_id!(
+    /// A user id, the token's `sub`: 1..=64 characters.
+    UserId
+);
+string_id!(
+    /// One WebSocket connection; a user may hold several (phone and laptop).
+    SessionId
+);
+string_id!(
+    /// A chat message id, assigned by the server.
+    MessageId
+);
+
+/// Room ids are 1..=64 of `[A-Za-z0-9_.-]`.
+pub fn valid_room_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Platform role, from the token's `role` claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlatformRole {
+    Student,
+    Tutor,
+    Admin,
+}
+
+impl PlatformRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Student => "student",
+            Self::Tutor => "tutor",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// Role inside one room, ordered from least to most privileged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomRole {
+    Viewer,
+    Member,
+    Ta,
+    Host,
+}
+
+impl RoomRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Member => "member",
+            Self::Ta => "ta",
+            Self::Host => "host",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "viewer" => Some(Self::Viewer),
+            "member" => Some(Self::Member),
+            "ta" => Some(Self::Ta),
+            "host" => Some(Self::Host),
+            _ => None,
+        }
+    }
+
+    /// May write to the room (send, react, typing); viewers are read-only.
+    pub fn can_write(self) -> bool {
+        self >= Self::Member
+    }
+
+    /// May moderate (delete others' messages, and later mute/kick/ban).
+    pub fn can_moderate(self) -> bool {
+        self >= Self::Ta
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomKind {
+    Group,
+    Live,
+    Tutoring,
+    Class,
+}
+
+impl RoomKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Group => "group",
+            Self::Live => "live",
+            Self::Tutoring => "tutoring",
+            Self::Class => "class",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "group" => Some(Self::Group),
+            "live" => Some(Self::Live),
+            "tutoring" => Some(Self::Tutoring),
+            "class" => Some(Self::Class),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    Open,
+    Invite,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Invite => "invite",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "open" => Some(Self::Open),
+            "invite" => Some(Self::Invite),
+            _ => None,
+        }
+    }
+}
+
+/// A user as shown to others: in `welcome` `role` is the platform role, in room events it is
+/// the user's role in that room (so clients can badge the host and TAs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRef {
+    pub id: UserId,
+    pub name: String,
+    pub role: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client -> server
+
+/// One client frame: an optional `rid` plus the command.
+#[derive(Debug, Deserialize)]
+pub struct ClientFrame {
+    #[serde(default)]
+    pub rid: Option<i64>,
+    #[serde(flatten)]
+    pub msg: ClientMsg,
+}
+
+/// Every client command. Unknown fields are ignored (forward compatibility); unknown types and
+/// wrong field types are `bad_request`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    Hello {
+        token: String,
+    },
+    Ping,
+    Join {
+        room: RoomId,
+        #[serde(default)]
+        after_seq: Option<i64>,
+    },
+    Leave {
+        room: RoomId,
+    },
+    Send {
+        room: RoomId,
+        text: String,
+        client_msg_id: String,
+        #[serde(default)]
+        reply_to: Option<MessageId>,
+    },
+    Edit {
+        room: RoomId,
+        id: MessageId,
+        text: String,
+    },
+    Delete {
+        room: RoomId,
+        id: MessageId,
+    },
+    React {
+        room: RoomId,
+        id: MessageId,
+        emoji: String,
+    },
+    Unreact {
+        room: RoomId,
+        id: MessageId,
+        emoji: String,
+    },
+    History {
+        room: RoomId,
+        #[serde(default)]
+        before_seq: Option<i64>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    Typing {
+        room: RoomId,
+    },
+    Read {
+        room: RoomId,
+        seq: i64,
+    },
+    Rooms,
+}
+
+impl ClientMsg {
+    /// The command's `type`, for metrics and logs (never its body).
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            Self::Hello { .. } => CommandKind::Hello,
+            Self::Ping => CommandKind::Ping,
+            Self::Join { .. } => CommandKind::Join,
+            Self::Leave { .. } => CommandKind::Leave,
+            Self::Send { .. } => CommandKind::Send,
+            Self::Edit { .. } => CommandKind::Edit,
+            Self::Delete { .. } => CommandKind::Delete,
+            Self::React { .. } => CommandKind::React,
+            Self::Unreact { .. } => CommandKind::Unreact,
+            Self::History { .. } => CommandKind::History,
+            Self::Typing { .. } => CommandKind::Typing,
+            Self::Read { .. } => CommandKind::Read,
+            Self::Rooms => CommandKind::Rooms,
+        }
+    }
+}
+
+/// Command types as a closed set, so metrics can count them in a fixed array.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandKind {
+    Hello,
+    Ping,
+    Join,
+    Leave,
+    Send,
+    Edit,
+    Delete,
+    React,
+    Unreact,
+    History,
+    Typing,
+    Read,
+    Rooms,
+    Invalid,
+}
+
+impl CommandKind {
+    pub const ALL: [CommandKind; 14] = [
+        Self::Hello,
+        Self::Ping,
+        Self::Join,
+        Self::Leave,
+        Self::Send,
+        Self::Edit,
+        Self::Delete,
+        Self::React,
+        Self::Unreact,
+        Self::History,
+        Self::Typing,
+        Self::Read,
+        Self::Rooms,
+        Self::Invalid,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hello => "hello",
+            Self::Ping => "ping",
+            Self::Join => "join",
+            Self::Leave => "leave",
+            Self::Send => "send",
+            Self::Edit => "edit",
+            Self::Delete => "delete",
+            Self::React => "react",
+            Self::Unreact => "unreact",
+            Self::History => "history",
+            Self::Typing => "typing",
+            Self::Read => "read",
+            Self::Rooms => "rooms",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
+/// Best-effort read of a frame's `rid` when the frame as a whole did not parse, so the
+/// `bad_request` reply can still carry it.
+pub fn salvage_rid(text: &str) -> Option<i64> {
+    #[derive(Deserialize)]
+    struct RidOnly {
+        rid: Option<i64>,
+    }
+    serde_json::from_str::<RidOnly>(text).ok()?.rid
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server -> client: sequenced room events (persisted, replayed, paged by history)
+
+/// A persisted room event with its room and per-room `seq`, exactly as it goes on the wire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SequencedEvent {
+    pub room: RoomId,
+    pub seq: i64,
+    #[serde(flatten)]
+    pub event: RoomEvent,
+}
+
+/// The kinds of persisted room event. Each gets the room's next `seq` when committed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RoomEvent {
+    /// A chat message (or an announcement from the HTTP API, `from.role == "system"`). The
+    /// stored copy is kept current: `text`, `edited_ts`, `deleted` and `reactions` reflect later
+    /// edits, deletes and reactions, so history shows each message as it is now.
+    Message {
+        id: MessageId,
+        from: UserRef,
+        text: String,
+        reply_to: Option<MessageId>,
+        ts: i64,
+        client_msg_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        edited_ts: Option<i64>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        deleted: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        reactions: Vec<ReactionCount>,
+    },
+    MessageEdited {
+        id: MessageId,
+        text: String,
+        by: UserRef,
+        ts: i64,
+    },
+    MessageDeleted {
+        id: MessageId,
+        by: UserRef,
+        ts: i64,
+    },
+    Reaction {
+        id: MessageId,
+        emoji: String,
+        user: UserRef,
+        /// How many users now react with this emoji to this message.
+        count: i64,
+        /// `true` for `react`, `false` for `unreact`.
+        added: bool,
+        ts: i64,
+    },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReactionCount {
+    pub emoji: String,
+    pub count: i64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server -> client: everything else
+
+/// Frames that are not persisted room events and not replies.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg<'a> {
+    Welcome {
+        session: &'a SessionId,
+        user: &'a UserRef,
+        heartbeat_s: u64,
+    },
+    Pong,
+    Presence {
+        room: &'a RoomId,
+        user: &'a UserRef,
+        state: PresenceState,
+    },
+    Typing {
+        room: &'a RoomId,
+        user: &'a UserRef,
+    },
+    Bye {
+        reason: &'a str,
+    },
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rid: Option<i64>,
+        code: ErrorCode,
+        message: &'a str,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceState {
+    Online,
+    Offline,
+}
+
+/// Encodes `{"type":"ok","rid":N, ...fields of result}`. `result` must serialize to a JSON
+/// object (or unit, for an empty ok).
+pub fn encode_ok<T: Serialize>(rid: Option<i64>, result: &T) -> String {
+    let mut obj = match serde_json::to_value(result) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    obj.insert("type".into(), "ok".into());
+    if let Some(rid) = rid {
+        obj.insert("rid".into(), rid.into());
+    }
+    serde_json::Value::Object(obj).to_string()
+}
+
+/// Encodes a server frame. Serialization of these types cannot fail (no maps with non-string
+/// keys, no foreign `Serialize` impls), so a failure is a bug and is reported as an internal
+/// error frame rather than a panic.
+pub fn encode<T: Serialize>(msg: &T) -> String {
+    serde_json::to_string(msg).unwrap_or_else(|_| {
+        r#"{"type":"error","code":"internal","message":"encoding failed"}"#.to_owned()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and close codes
+
+/// Protocol error codes (section 4 of the contract).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    NotMember,
+    Muted,
+    RateLimited,
+    TooLarge,
+    Conflict,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::NotMember => "not_member",
+            Self::Muted => "muted",
+            Self::RateLimited => "rate_limited",
+            Self::TooLarge => "too_large",
+            Self::Conflict => "conflict",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// WebSocket close codes the server uses.
+pub mod close {
+    /// Normal closure (idle timeout: no frame for 2 x heartbeat).
+    pub const NORMAL: u16 = 1000;
+    /// Server shutdown or drain.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Frame larger than the configured limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// No valid `hello` in time, bad or expired token.
+    pub const UNAUTHORIZED: u16 = 4001;
+    /// Kicked or banned.
+    pub const KICKED: u16 = 4003;
+    /// Slow consumer: its outbox overflowed.
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// Flooding past the rate limit, or too many sessions for one user.
+    pub const RATE_LIMITED: u16 = 4029;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_ids() {
+        assert!(valid_room_id("algebra-101"));
+        assert!(valid_room_id("a.b_c-D9"));
+        assert!(valid_room_id(&"x".repeat(64)));
+        assert!(!valid_room_id(""));
+        assert!(!valid_room_id(&"x".repeat(65)));
+        assert!(!valid_room_id("has space"));
+        assert!(!valid_room_id("slash/no"));
+        assert!(!valid_room_id("émoji"));
+    }
+
+    #[test]
+    fn parses_commands_with_rid_and_ignores_unknown_fields() {
+        let f: ClientFrame =
+            serde_json::from_str(r#"{"type":"join","rid":7,"room":"r1","after_seq":3,"x":1}"#)
+                .unwrap();
+        assert_eq!(f.rid, Some(7));
+        assert!(matches!(f.msg, ClientMsg::Join { after_seq: Some(3), .. }));
+        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
+        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"join","room":5}"#).is_err());
+        assert_eq!(salvage_rid(r#"{"type":"nope","rid":9}"#), Some(9));
+    }
+
+    #[test]
+    fn sequenced_event_round_trips_with_flat_shape() {
+        let ev = SequencedEvent {
+            room: "r".into(),
+            seq: 4,
+            event: RoomEvent::Message {
+                id: "m1".into(),
+                from: UserRef { id: "u".into(), name: "U".into(), role: "member".into() },
+                text: "hi".into(),
+                reply_to: None,
+                ts: 1,
+                client_msg_id: Some("c1".into()),
+                edited_ts: None,
+                deleted: false,
+                reactions: vec![],
+            },
+        };
+        let json = serde_json::to_value(&ev).unwrap();
+        assert_eq!(json["type"], "message");
+        assert_eq!(json["seq"], 4);
+        assert_eq!(json["room"], "r");
+        assert_eq!(json["from"]["id"], "u");
+        assert!(json.get("deleted").is_none());
+        let back: SequencedEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn ok_reply_merges_result_fields() {
+        #[derive(Serialize)]
+        struct R {
+            seq: i64,
+        }
+        let v: serde_json::Value = serde_json::from_str(&encode_ok(Some(3), &R { seq: 9 })).unwrap();
+        assert_eq!(v["type"], "ok");
+        assert_eq!(v["rid"], 3);
+        assert_eq!(v["seq"], 9);
+    }
+}

@@ -1,0 +1,183 @@
+//! Room features as plain command logic over the session context: access (who may join a
+//! room and with what role), join/leave with gap-free replay, and dispatch of every command to
+//! its handler. Rights are checked here on every command; the store and hub do the work.
+//! Nothing here touches the socket or SQL directly.
+
+mod chat;
+
+use crate::error::{Error, Result};
+use crate::protocol::{
+    self, ClientMsg, PlatformRole, RoomId, RoomRole, ServerMsg, Visibility, valid_room_id,
+};
+use crate::session::{Ctx, Outcome};
+use crate::store::Room;
+use serde_json::json;
+
+pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
+    match msg {
+        ClientMsg::Hello { .. } => Err(Error::bad_request("already signed in")),
+        ClientMsg::Ping => {
+            let pong = match rid {
+                Some(rid) => format!("{{\"type\":\"pong\",\"rid\":{rid}}}"),
+                None => protocol::encode(&ServerMsg::Pong),
+            };
+            ctx.push(pong).await;
+            Ok(Outcome::Done)
+        }
+        ClientMsg::Join { room, after_seq } => join(ctx, rid, room, after_seq).await,
+        ClientMsg::Leave { room } => leave(ctx, room),
+        ClientMsg::Send { room, text, client_msg_id, reply_to } => {
+            chat::send(ctx, rid, room, text, client_msg_id, reply_to).await
+        }
+        ClientMsg::Edit { room, id, text } => chat::edit(ctx, rid, room, id, text).await,
+        ClientMsg::Delete { room, id } => chat::delete(ctx, rid, room, id).await,
+        ClientMsg::React { room, id, emoji } => chat::react(ctx, rid, room, id, emoji, true).await,
+        ClientMsg::Unreact { room, id, emoji } => {
+            chat::react(ctx, rid, room, id, emoji, false).await
+        }
+        ClientMsg::History { room, before_seq, limit } => {
+            chat::history(ctx, room, before_seq, limit).await
+        }
+        ClientMsg::Typing { room } => chat::typing(ctx, room),
+        ClientMsg::Read { room, seq } => chat::read(ctx, room, seq).await,
+        ClientMsg::Rooms => chat::rooms(ctx).await,
+    }
+}
+
+pub(crate) fn check_room_id(room: &RoomId) -> Result<()> {
+    if valid_room_id(room.as_str()) {
+        Ok(())
+    } else {
+        Err(Error::bad_request("room ids are 1..=64 characters of A-Z a-z 0-9 _ . -"))
+    }
+}
+
+/// The user's role in `room`: a platform admin is host everywhere; otherwise the higher of the
+/// token's grant and the stored membership; otherwise `member` of an open room.
+/// `Ok(None)` means the room is invite-only and the user was not invited.
+pub(crate) async fn resolve_role(ctx: &Ctx, room: &Room) -> Result<(Option<RoomRole>, bool)> {
+    if ctx.me.role == PlatformRole::Admin {
+        return Ok((Some(RoomRole::Host), true));
+    }
+    let granted = ctx.me.grants.get(&room.id).copied();
+    let stored = ctx.app.store.member_role(&room.id, &ctx.me.user).await?;
+    let best = granted.max(stored);
+    match (best, room.visibility) {
+        (Some(role), _) => Ok((Some(role), stored.is_some())),
+        (None, Visibility::Open) => Ok((Some(RoomRole::Member), false)),
+        (None, Visibility::Invite) => Ok((None, false)),
+    }
+}
+
+/// The role for a read-only command on a room the session may not have joined.
+pub(crate) async fn readable_role(ctx: &Ctx, room: &RoomId) -> Result<RoomRole> {
+    check_room_id(room)?;
+    if let Some(role) = ctx.joined.get(room) {
+        return Ok(*role);
+    }
+    let stored = ctx.app.store.room(room).await?.ok_or_else(|| Error::NotFound(format!("room {room} not found")))?;
+    match resolve_role(ctx, &stored).await? {
+        (Some(role), _) => Ok(role),
+        (None, _) => Err(Error::Forbidden("this room is invite-only".into())),
+    }
+}
+
+async fn join(ctx: &mut Ctx, rid: Option<i64>, room_id: RoomId, after_seq: Option<i64>) -> Result<Outcome> {
+    check_room_id(&room_id)?;
+    if matches!(after_seq, Some(s) if s < 0) {
+        return Err(Error::bad_request("after_seq must be >= 0"));
+    }
+    if !ctx.joined.contains_key(&room_id) && ctx.joined.len() >= ctx.app.config.max_rooms_per_session {
+        return Err(Error::Forbidden(format!(
+            "a session may join at most {} rooms",
+            ctx.app.config.max_rooms_per_session
+        )));
+    }
+    let room = ctx
+        .app
+        .store
+        .room(&room_id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("room {room_id} not found")))?;
+    let (role, stored) = resolve_role(ctx, &room).await?;
+    let role = role.ok_or_else(|| Error::Forbidden("this room is invite-only".into()))?;
+    if !stored && ctx.me.role != PlatformRole::Admin {
+        // Joining an open room (or via a token grant) makes it one of the user's rooms.
+        ctx.app.store.ensure_member(&room_id, &ctx.me.user, role).await?;
+    }
+
+    // Gate first, read the store second: anything committed after the gate is either in the
+    // read or held by the gate (or both, and then dropped by seq), never lost.
+    let joined = ctx
+        .app
+        .hub
+        .join(&room_id, &ctx.handle, ctx.me.room_ref(role))
+        .map_err(|e| Error::Forbidden(e.to_string()))?;
+    ctx.joined.insert(room_id.clone(), role);
+    let result = replay_and_reply(ctx, rid, &room, role, joined.online, after_seq).await;
+    if result.is_err() {
+        ctx.app.hub.leave(&room_id, &ctx.handle.id);
+        ctx.joined.remove(&room_id);
+    }
+    result
+}
+
+async fn replay_and_reply(
+    ctx: &mut Ctx,
+    rid: Option<i64>,
+    room: &Room,
+    role: RoomRole,
+    online: Vec<protocol::UserRef>,
+    after_seq: Option<i64>,
+) -> Result<Outcome> {
+    let last_seq = ctx.app.store.last_seq(&room.id).await?;
+    let (page, gap) = match after_seq {
+        Some(after) => {
+            let page = ctx.app.store.events_after(&room.id, after, ctx.app.config.replay_limit).await?;
+            if page.has_more { (None, true) } else { (Some(page), false) }
+        }
+        None => (None, false),
+    };
+    let mut reply = json!({
+        "room": {"id": room.id, "kind": room.kind, "title": room.title},
+        "role": role,
+        "last_seq": last_seq,
+        "online": online,
+    });
+    if after_seq.is_some() {
+        reply["gap"] = json!(gap);
+        reply["replayed"] = json!(page.as_ref().map_or(0, |p| p.events.len()));
+    }
+    if let Some(rid) = rid {
+        ctx.push(protocol::encode_ok(Some(rid), &reply)).await;
+    }
+    let mut delivered = last_seq;
+    if let Some(page) = page {
+        for body in page.events {
+            delivered = delivered.max(seq_of(&body).unwrap_or(0));
+            if !ctx.push(body).await {
+                break;
+            }
+        }
+    }
+    ctx.app.hub.open_gate(&room.id, &ctx.handle.id, delivered);
+    Ok(Outcome::Done)
+}
+
+/// The `seq` of a stored event body (written by us, so it is there).
+fn seq_of(body: &str) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Seq {
+        seq: i64,
+    }
+    serde_json::from_str::<Seq>(body).ok().map(|s| s.seq)
+}
+
+fn leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
+    check_room_id(&room)?;
+    if ctx.joined.remove(&room).is_none() {
+        return Err(Error::NotMember(format!("not in room {room}")));
+    }
+    ctx.app.hub.leave(&room, &ctx.handle.id);
+    Ok(Outcome::Ok(json!({})))
+}

@@ -1,0 +1,448 @@
+//! One WebSocket connection: the `hello` handshake and token check, the read loop that turns
+//! frames into commands (rate-limited, malformed input answered with `bad_request`), the write
+//! loop that drains the bounded outbox to the socket coalescing frames per flush, heartbeats,
+//! and the close codes. Room commands themselves live in `rooms/`. A session touches other
+//! sessions only through the hub.
+
+use crate::App;
+use crate::auth::Identity;
+use crate::error::Error;
+use crate::hub::{Frame, SessionHandle};
+use crate::protocol::{
+    self, ClientFrame, ClientMsg, CommandKind, RoomId, RoomRole, ServerMsg, SessionId, close,
+};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// A command's answer once its write has committed: the encoded reply frame, if any.
+pub(crate) type Deferred = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
+/// What a command handler produced.
+pub(crate) enum Outcome {
+    /// Reply `ok` with these fields (a JSON object).
+    Ok(serde_json::Value),
+    /// Reply `ok` with pre-encoded fields (`"a":1,"b":2`, no braces).
+    OkRaw(String),
+    /// The reply comes later, after a commit.
+    Deferred(Deferred),
+    /// The handler queued its own frames (join, ping).
+    Done,
+}
+
+/// Per-connection state shared by the command handlers.
+pub(crate) struct Ctx {
+    pub app: Arc<App>,
+    pub me: Identity,
+    pub handle: Arc<SessionHandle>,
+    pub outbox: mpsc::Sender<Frame>,
+    pub close: watch::Receiver<u16>,
+    /// Rooms this session has joined, with the user's role in each.
+    pub joined: HashMap<RoomId, RoomRole>,
+}
+
+impl Ctx {
+    /// Queues a frame on this session's own outbox, waiting for room if needed (it is our own
+    /// queue: the write loop drains it). Gives up if the session is closing.
+    pub async fn push(&mut self, frame: impl Into<Frame>) -> bool {
+        let frame = frame.into();
+        tokio::select! {
+            r = self.outbox.send(frame) => r.is_ok(),
+            _ = closing(&mut self.close, |c| c != 0) => false,
+        }
+    }
+
+    /// The role this session joined `room` with, or `not_member`.
+    pub fn joined_role(&self, room: &RoomId) -> Result<RoomRole, Error> {
+        self.joined
+            .get(room)
+            .copied()
+            .ok_or_else(|| Error::NotMember(format!("join room {room} first")))
+    }
+}
+
+/// Resolves once the session's close code satisfies `pred` (or its sender is gone).
+pub(crate) async fn closing(rx: &mut watch::Receiver<u16>, pred: impl Fn(u16) -> bool) {
+    let _ = rx.wait_for(|c| pred(*c)).await;
+}
+
+/// Token bucket: `rate` commands per second sustained, `burst` at once.
+struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        Self { tokens: burst, rate, burst, last: Instant::now() }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Refused frames (rate-limited or malformed) counted over a 10 s window.
+struct Strikes {
+    window_start: Instant,
+    count: u32,
+    limit: u32,
+}
+
+impl Strikes {
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    /// Records a strike; true when the connection has passed the limit.
+    fn hit(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window_start) > Self::WINDOW {
+            self.window_start = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count > self.limit
+    }
+}
+
+fn error_frame(rid: Option<i64>, err: &Error) -> String {
+    let message = err.public_message();
+    protocol::encode(&ServerMsg::Error { rid, code: err.code(), message: &message })
+}
+
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        close::GOING_AWAY => "server shutting down",
+        close::TOO_BIG => "frame too large",
+        close::UNAUTHORIZED => "unauthorized",
+        close::KICKED => "removed from the room",
+        close::SLOW_CONSUMER => "slow consumer: resume with join after_seq",
+        close::RATE_LIMITED => "rate limit exceeded",
+        _ => "idle timeout",
+    }
+}
+
+async fn close_with(sink: &mut SplitSink<WebSocket, Message>, code: u16, reason: &str) {
+    let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
+    let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+}
+
+/// Reads the `hello`; on any failure the connection is closed with the returned code.
+async fn handshake(app: &App, stream: &mut SplitStream<WebSocket>) -> Result<Identity, (u16, String)> {
+    let deadline = Duration::from_millis(app.config.hello_timeout_ms);
+    let unauthorized = |why: &str| (close::UNAUTHORIZED, why.to_owned());
+    let msg = match tokio::time::timeout(deadline, stream.next()).await {
+        Err(_) => return Err(unauthorized("no hello in time")),
+        Ok(None) => return Err(unauthorized("closed before hello")),
+        Ok(Some(Err(e))) => {
+            return Err(if is_too_big(&e) {
+                (close::TOO_BIG, "frame too large".into())
+            } else {
+                unauthorized("read error before hello")
+            });
+        }
+        Ok(Some(Ok(m))) => m,
+    };
+    let Message::Text(text) = msg else {
+        return Err(unauthorized("first frame must be a hello text frame"));
+    };
+    match serde_json::from_str::<ClientFrame>(text.as_str()) {
+        Ok(ClientFrame { msg: ClientMsg::Hello { token }, .. }) => app
+            .tokens
+            .verify(&token)
+            .map_err(|e| unauthorized(&e.to_string())),
+        _ => Err(unauthorized("first frame must be hello")),
+    }
+}
+
+fn is_too_big(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
+}
+
+/// Runs one connection to its end.
+pub async fn run(app: Arc<App>, socket: WebSocket) {
+    app.metrics.connections_open.fetch_add(1, Relaxed);
+    app.metrics.connections_total.fetch_add(1, Relaxed);
+    let _guard = app.track_session();
+    let (mut sink, mut stream) = socket.split();
+
+    let me = match handshake(&app, &mut stream).await {
+        Ok(me) => me,
+        Err((code, why)) => {
+            if code == close::UNAUTHORIZED {
+                app.metrics.auth_failures.fetch_add(1, Relaxed);
+                let err = Error::Unauthorized(why.clone());
+                let _ = sink.send(Message::Text(error_frame(None, &err).into())).await;
+            } else {
+                app.metrics.frames_too_large.fetch_add(1, Relaxed);
+            }
+            tracing::debug!(code, reason = %why, "connection refused at hello");
+            close_with(&mut sink, code, close_reason(code)).await;
+            app.metrics.connections_open.fetch_sub(1, Relaxed);
+            return;
+        }
+    };
+
+    let sid = SessionId(format!("s{:016x}", rand::random::<u64>()));
+    let (outbox, outbox_rx) = mpsc::channel(app.config.outbox_frames);
+    let (handle, close_rx) = SessionHandle::new(sid.clone(), me.user.clone(), outbox.clone());
+    if let Err(e) = app.hub.register(handle.clone()) {
+        let err = Error::RateLimited(e.to_string());
+        let _ = sink.send(Message::Text(error_frame(None, &err).into())).await;
+        close_with(&mut sink, close::RATE_LIMITED, "too many sessions for this user").await;
+        app.metrics.connections_open.fetch_sub(1, Relaxed);
+        return;
+    }
+    tracing::info!(session = %sid, user = %me.user, "session started");
+    let welcome = protocol::encode(&ServerMsg::Welcome {
+        session: &sid,
+        user: &me.platform_ref(),
+        heartbeat_s: app.config.heartbeat_s,
+    });
+    let writer = tokio::spawn(write_loop(
+        sink,
+        outbox_rx,
+        close_rx.clone(),
+        app.config.heartbeat(),
+        app.config.write_batch_frames,
+    ));
+    let mut ctx = Ctx { app: app.clone(), me, handle: handle.clone(), outbox, close: close_rx, joined: HashMap::new() };
+    if ctx.push(welcome).await {
+        read_loop(&mut ctx, &mut stream).await;
+    }
+
+    // Leave every room (announcing offline where this was the user's last session), then let
+    // the write loop drain and close with whatever code was asked for.
+    for room in std::mem::take(&mut ctx.joined).into_keys() {
+        app.hub.leave(&room, &sid);
+    }
+    app.hub.unregister(&handle);
+    let code = *ctx.close.borrow();
+    tracing::info!(session = %sid, user = %ctx.me.user, code, "session ended");
+    drop(ctx);
+    drop(handle);
+    let _ = writer.await;
+    app.metrics.connections_open.fetch_sub(1, Relaxed);
+}
+
+async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
+    let cfg = &ctx.app.config;
+    let idle = cfg.heartbeat() * 2;
+    let max_inflight = cfg.max_inflight_per_session;
+    let mut bucket = TokenBucket::new(cfg.rate_per_s, cfg.rate_burst);
+    let mut strikes = Strikes { window_start: Instant::now(), count: 0, limit: cfg.abuse_strikes };
+    let mut inflight: FuturesUnordered<Deferred> = FuturesUnordered::new();
+    let mut close = ctx.close.clone();
+    let mut deadline = tokio::time::Instant::now() + idle;
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = closing(&mut close, |c| c != 0) => break,
+            Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                if let Some(frame) = reply
+                    && !ctx.push(frame).await
+                {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::debug!(session = %ctx.handle.id, "idle timeout");
+                ctx.handle.close(close::NORMAL);
+                break;
+            }
+            msg = stream.next(), if inflight.len() < max_inflight => {
+                deadline = tokio::time::Instant::now() + idle;
+                let text = match msg {
+                    None => break,
+                    Some(Err(e)) => {
+                        if is_too_big(&e) {
+                            ctx.app.metrics.frames_too_large.fetch_add(1, Relaxed);
+                            ctx.handle.close(close::TOO_BIG);
+                        }
+                        break;
+                    }
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => {
+                        if strikes.hit() {
+                            ctx.handle.close(close::RATE_LIMITED);
+                            break;
+                        }
+                        let err = Error::bad_request("binary frames are not supported: send JSON text");
+                        if !ctx.push(error_frame(None, &err)).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(_)) => continue, // pings are answered by the socket; pongs only count as life
+                };
+                if !bucket.take() {
+                    ctx.app.metrics.rate_limited.fetch_add(1, Relaxed);
+                    if strikes.hit() {
+                        ctx.handle.close(close::RATE_LIMITED);
+                        break;
+                    }
+                    let err = Error::RateLimited("too many commands: slow down".into());
+                    if !ctx.push(error_frame(protocol::salvage_rid(text.as_str()), &err)).await {
+                        break;
+                    }
+                    continue;
+                }
+                let frame = match serde_json::from_str::<ClientFrame>(text.as_str()) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        ctx.app.metrics.command(CommandKind::Invalid);
+                        if strikes.hit() {
+                            ctx.handle.close(close::RATE_LIMITED);
+                            break;
+                        }
+                        let err = Error::bad_request(format!("malformed command: {e}"));
+                        if !ctx.push(error_frame(protocol::salvage_rid(text.as_str()), &err)).await {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let rid = frame.rid;
+                ctx.app.metrics.command(frame.msg.kind());
+                let reply = match crate::rooms::dispatch(ctx, rid, frame.msg).await {
+                    Ok(Outcome::Ok(v)) => rid.map(|rid| protocol::encode_ok(Some(rid), &v)),
+                    Ok(Outcome::OkRaw(fields)) => rid.map(|rid| ok_raw(rid, &fields)),
+                    Ok(Outcome::Deferred(fut)) => {
+                        inflight.push(fut);
+                        None
+                    }
+                    Ok(Outcome::Done) => None,
+                    Err(e) => Some(error_frame(rid, &e)),
+                };
+                if let Some(frame) = reply
+                    && !ctx.push(frame).await
+                {
+                    break;
+                }
+            }
+        }
+    }
+
+    // Writes already accepted are answered before the session goes (bounded by the grace).
+    let grace = Duration::from_millis(ctx.app.config.shutdown_grace_ms);
+    let _ = tokio::time::timeout(grace, async {
+        while let Some(reply) = inflight.next().await {
+            if let Some(frame) = reply {
+                let _ = ctx.outbox.try_send(frame.into());
+            }
+        }
+    })
+    .await;
+    if *ctx.close.borrow() == close::GOING_AWAY {
+        let _ = ctx.outbox.try_send(protocol::encode(&ServerMsg::Bye { reason: "shutdown" }).into());
+    }
+}
+
+/// `{"type":"ok","rid":N,<fields>}` from pre-encoded fields.
+pub(crate) fn ok_raw(rid: i64, fields: &str) -> String {
+    if fields.is_empty() {
+        format!("{{\"type\":\"ok\",\"rid\":{rid}}}")
+    } else {
+        format!("{{\"type\":\"ok\",\"rid\":{rid},{fields}}}")
+    }
+}
+
+/// Builds the deferred reply of a write: `ok` with `fields(outcome)` or an `error`, both
+/// carrying `rid`; without `rid` only errors are sent.
+pub(crate) fn deferred<T, F>(
+    rid: Option<i64>,
+    rx: tokio::sync::oneshot::Receiver<crate::store::Result<T>>,
+    fields: F,
+) -> Deferred
+where
+    T: Send + 'static,
+    F: FnOnce(T) -> serde_json::Value + Send + 'static,
+{
+    Box::pin(async move {
+        let result = match rx.await {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::Unavailable("server is shutting down".into())),
+        };
+        match result {
+            Ok(v) => rid.map(|rid| protocol::encode_ok(Some(rid), &fields(v))),
+            Err(e) => Some(error_frame(rid, &e)),
+        }
+    })
+}
+
+/// Drains the outbox to the socket, coalescing up to `batch` frames per flush, and pings.
+/// Ends when every sender is gone (draining first) or at once for a close code that means the
+/// client must go now.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut outbox: mpsc::Receiver<Frame>,
+    mut close: watch::Receiver<u16>,
+    heartbeat: Duration,
+    batch: usize,
+) {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let immediate = |c: u16| c != 0 && c != close::GOING_AWAY && c != close::NORMAL;
+    // Once the session's handle is gone the watch resolves at once: stop watching then, and
+    // let the drained outbox end the loop.
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            biased;
+            _ = closing(&mut close, immediate), if watching => {
+                if immediate(*close.borrow()) {
+                    break;
+                }
+                watching = false;
+            }
+            frame = outbox.recv() => {
+                let Some(frame) = frame else { break };
+                if sink.feed(Message::Text(frame)).await.is_err() {
+                    return;
+                }
+                for _ in 1..batch {
+                    match outbox.try_recv() {
+                        Ok(f) => {
+                            if sink.feed(Message::Text(f)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let code = match *close.borrow() {
+        0 => close::NORMAL,
+        c => c,
+    };
+    close_with(&mut sink, code, close_reason(code)).await;
+}

@@ -1,0 +1,578 @@
+//! The Store API: rooms, members, the per-room event log, messages, reactions, read markers
+//! and settings, over two backends (SQLite, the embedded default, and PostgreSQL) through one
+//! implementation on sqlx's `Any` driver. Only this module runs SQL. Sequenced writes go
+//! through the group-commit writer in `writer.rs`; the backend differences (connect options,
+//! migrations, how a write transaction begins) live in `sqlite.rs` and `postgres.rs`.
+//! The store knows nothing of WebSockets or the hub: committed events leave it through the
+//! hook given to [`Store::open`].
+
+mod postgres;
+mod sqlite;
+mod writer;
+
+pub use writer::{CommitHook, CommittedEvent, WriteOp, WriteOutcome};
+
+use crate::metrics::Metrics;
+use crate::protocol::{RoomId, RoomKind, RoomRole, UserId, Visibility};
+use serde::{Deserialize, Serialize};
+use sqlx::AnyPool;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store writer has shut down")]
+    Closed,
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// How to open the store; a subset of [`crate::config::Config`] so tests can build it alone.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub url: String,
+    pub pool_size: u32,
+    pub batch_max: usize,
+    pub batch_linger_us: u64,
+    pub queue: usize,
+    pub sqlite_synchronous: String,
+}
+
+impl StoreOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        let d = crate::config::Config::default();
+        Self {
+            url: url.into(),
+            pool_size: d.db_pool_size,
+            batch_max: d.store_batch_max,
+            batch_linger_us: d.store_batch_linger_us,
+            queue: d.store_queue,
+            sqlite_synchronous: d.sqlite_synchronous,
+        }
+    }
+
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self {
+            url: c.database_url.clone(),
+            pool_size: c.db_pool_size,
+            batch_max: c.store_batch_max,
+            batch_linger_us: c.store_batch_linger_us,
+            queue: c.store_queue,
+            sqlite_synchronous: c.sqlite_synchronous.clone(),
+        }
+    }
+}
+
+/// A room as the HTTP API returns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Room {
+    pub id: RoomId,
+    pub kind: RoomKind,
+    pub title: String,
+    pub visibility: Visibility,
+    pub qa: QaSettings,
+    pub starts_at: Option<i64>,
+    pub archived: bool,
+    pub last_seq: i64,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QaSettings {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub moderated: bool,
+}
+
+/// Changes to a room; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomPatch {
+    pub kind: Option<RoomKind>,
+    pub title: Option<String>,
+    pub visibility: Option<Visibility>,
+    pub qa: Option<QaSettings>,
+    /// `Some(None)` clears it.
+    #[serde(default, with = "double_option")]
+    pub starts_at: Option<Option<i64>>,
+    pub archived: Option<bool>,
+}
+
+mod double_option {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
+        Option::<i64>::deserialize(d).map(Some)
+    }
+}
+
+/// One row of the `rooms` command.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RoomSummary {
+    pub id: RoomId,
+    pub kind: RoomKind,
+    pub title: String,
+    pub role: RoomRole,
+    pub last_seq: i64,
+    pub unread: i64,
+}
+
+/// A page of the event log: wire JSON of each event, oldest first.
+#[derive(Clone, Debug, Default)]
+pub struct EventPage {
+    pub events: Vec<String>,
+    pub has_more: bool,
+}
+
+impl EventPage {
+    /// `"events":[...],"has_more":B` spliced from the stored bytes without re-encoding.
+    pub fn json_fields(&self) -> String {
+        let len: usize = self.events.iter().map(|e| e.len() + 1).sum();
+        let mut out = String::with_capacity(len + 32);
+        out.push_str("\"events\":[");
+        for (i, e) in self.events.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(e);
+        }
+        out.push_str("],\"has_more\":");
+        out.push_str(if self.has_more { "true" } else { "false" });
+        out
+    }
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: AnyPool,
+    backend: Backend,
+    writer: mpsc::Sender<writer::Request>,
+    writer_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const SELECT_ROOM: &str = "SELECT id, kind, title, visibility, qa_enabled, qa_moderated, \
+     starts_at, archived, last_seq, created_at FROM rooms WHERE id = $1";
+
+fn room_from_row(row: &AnyRow) -> Result<Room> {
+    let kind: String = row.try_get("kind")?;
+    let visibility: String = row.try_get("visibility")?;
+    Ok(Room {
+        id: RoomId(row.try_get("id")?),
+        kind: RoomKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("room kind {kind}")))?,
+        title: row.try_get("title")?,
+        visibility: Visibility::parse(&visibility)
+            .ok_or_else(|| StoreError::Corrupt(format!("room visibility {visibility}")))?,
+        qa: QaSettings {
+            enabled: row.try_get::<i64, _>("qa_enabled")? != 0,
+            moderated: row.try_get::<i64, _>("qa_moderated")? != 0,
+        },
+        starts_at: row.try_get("starts_at")?,
+        archived: row.try_get::<i64, _>("archived")? != 0,
+        last_seq: row.try_get("last_seq")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn parse_role(s: &str) -> Result<RoomRole> {
+    RoomRole::parse(s).ok_or_else(|| StoreError::Corrupt(format!("room role {s}")))
+}
+
+impl Store {
+    /// Connects, runs the backend's migrations and starts the group-commit writer. `hook` is
+    /// called once per committed event, in commit order, before the writer acknowledges it.
+    pub async fn open(
+        opts: &StoreOptions,
+        metrics: Arc<Metrics>,
+        hook: Option<CommitHook>,
+    ) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let (pool, backend) = if opts.url.starts_with("sqlite:") {
+            (sqlite::connect(opts).await?, Backend::Sqlite)
+        } else {
+            (postgres::connect(opts).await?, Backend::Postgres)
+        };
+        match backend {
+            Backend::Sqlite => sqlite::migrate(&pool).await?,
+            Backend::Postgres => postgres::migrate(&pool).await?,
+        }
+        let (tx, rx) = mpsc::channel(opts.queue);
+        let handle = tokio::spawn(writer::run(
+            pool.clone(),
+            backend,
+            rx,
+            hook,
+            metrics,
+            opts.batch_max,
+            std::time::Duration::from_micros(opts.batch_linger_us),
+        ));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                backend,
+                writer: tx,
+                writer_done: tokio::sync::Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    fn pool(&self) -> &AnyPool {
+        &self.inner.pool
+    }
+
+    /// Queues a sequenced write behind those already queued (so one session's writes commit in
+    /// the order it sent them) and returns the receiver of its outcome. Waits only while the
+    /// writer's queue is full.
+    pub async fn submit(&self, op: WriteOp) -> Result<oneshot::Receiver<Result<WriteOutcome>>> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(writer::Request::Op { op, reply: tx })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Submits a write and waits for its commit.
+    pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome> {
+        self.submit(op).await?.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stops taking writes, commits everything already queued and waits for the writer.
+    /// Every clone of the store must stop submitting first; later submits fail with `Closed`.
+    pub async fn close(&self) {
+        let handle = self.inner.writer_done.lock().await.take();
+        if let Some(handle) = handle {
+            // Closing is signalled by a sentinel so other clones' senders need not be dropped.
+            let _ = self.inner.writer.send(writer::Request::Shutdown).await;
+            let _ = handle.await;
+        }
+        self.inner.pool.close().await;
+    }
+
+    // -- rooms ---------------------------------------------------------------------------------
+
+    pub async fn create_room(&self, room: &Room) -> Result<Room> {
+        let res = sqlx::query(
+            "INSERT INTO rooms (id, kind, title, visibility, qa_enabled, qa_moderated, starts_at, \
+             archived, last_seq, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(room.id.as_str())
+        .bind(room.kind.as_str())
+        .bind(room.title.as_str())
+        .bind(room.visibility.as_str())
+        .bind(i64::from(room.qa.enabled))
+        .bind(i64::from(room.qa.moderated))
+        .bind(room.starts_at)
+        .bind(room.created_at)
+        .execute(self.pool())
+        .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!("room {} already exists", room.id)));
+        }
+        self.room(&room.id).await?.ok_or(StoreError::NotFound("room"))
+    }
+
+    pub async fn room(&self, id: &RoomId) -> Result<Option<Room>> {
+        let row = sqlx::query(SELECT_ROOM).bind(id.as_str()).fetch_optional(self.pool()).await?;
+        row.as_ref().map(room_from_row).transpose()
+    }
+
+    pub async fn update_room(&self, id: &RoomId, patch: &RoomPatch) -> Result<Room> {
+        let mut room = self.room(id).await?.ok_or(StoreError::NotFound("room"))?;
+        if let Some(k) = patch.kind {
+            room.kind = k;
+        }
+        if let Some(t) = &patch.title {
+            room.title = t.clone();
+        }
+        if let Some(v) = patch.visibility {
+            room.visibility = v;
+        }
+        if let Some(q) = patch.qa {
+            room.qa = q;
+        }
+        if let Some(s) = patch.starts_at {
+            room.starts_at = s;
+        }
+        if let Some(a) = patch.archived {
+            room.archived = a;
+        }
+        sqlx::query(
+            "UPDATE rooms SET kind = $1, title = $2, visibility = $3, qa_enabled = $4, \
+             qa_moderated = $5, starts_at = $6, archived = $7 WHERE id = $8",
+        )
+        .bind(room.kind.as_str())
+        .bind(room.title.as_str())
+        .bind(room.visibility.as_str())
+        .bind(i64::from(room.qa.enabled))
+        .bind(i64::from(room.qa.moderated))
+        .bind(room.starts_at)
+        .bind(i64::from(room.archived))
+        .bind(id.as_str())
+        .execute(self.pool())
+        .await?;
+        self.room(id).await?.ok_or(StoreError::NotFound("room"))
+    }
+
+    // -- members -------------------------------------------------------------------------------
+
+    pub async fn set_member(&self, room: &RoomId, user: &UserId, role: RoomRole) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO room_members (room_id, user_id, role, added_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room_id, user_id) DO UPDATE SET role = excluded.role",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(role.as_str())
+        .bind(now_ms())
+        .execute(self.pool())
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
+                StoreError::NotFound("room")
+            }
+            other => other.into(),
+        })?;
+        Ok(())
+    }
+
+    /// Records that a user joined an open room, keeping any role they already have.
+    pub async fn ensure_member(&self, room: &RoomId, user: &UserId, role: RoomRole) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO room_members (room_id, user_id, role, added_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room_id, user_id) DO NOTHING",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(role.as_str())
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn remove_member(&self, room: &RoomId, user: &UserId) -> Result<bool> {
+        let res = sqlx::query("DELETE FROM room_members WHERE room_id = $1 AND user_id = $2")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(self.pool())
+            .await?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    pub async fn member_role(&self, room: &RoomId, user: &UserId) -> Result<Option<RoomRole>> {
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .fetch_optional(self.pool())
+                .await?;
+        role.as_deref().map(parse_role).transpose()
+    }
+
+    pub async fn members(&self, room: &RoomId) -> Result<Vec<(UserId, RoomRole)>> {
+        let rows = sqlx::query(
+            "SELECT user_id, role FROM room_members WHERE room_id = $1 ORDER BY user_id",
+        )
+        .bind(room.as_str())
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| Ok((UserId(r.try_get("user_id")?), parse_role(&r.try_get::<String, _>("role")?)?)))
+            .collect()
+    }
+
+    /// The rooms a user belongs to (stored memberships plus `granted` rooms from the token),
+    /// archived rooms left out, with unread counts from the read markers.
+    pub async fn user_rooms(
+        &self,
+        user: &UserId,
+        granted: &[(RoomId, RoomRole)],
+    ) -> Result<Vec<RoomSummary>> {
+        let rows = sqlx::query(
+            "SELECT r.id, r.kind, r.title, r.last_seq, m.role FROM rooms r \
+             JOIN room_members m ON m.room_id = r.id \
+             WHERE m.user_id = $1 AND r.archived = 0 ORDER BY r.id",
+        )
+        .bind(user.as_str())
+        .fetch_all(self.pool())
+        .await?;
+        let mut out: Vec<RoomSummary> = Vec::with_capacity(rows.len() + granted.len());
+        for r in &rows {
+            let kind: String = r.try_get("kind")?;
+            out.push(RoomSummary {
+                id: RoomId(r.try_get("id")?),
+                kind: RoomKind::parse(&kind)
+                    .ok_or_else(|| StoreError::Corrupt(format!("room kind {kind}")))?,
+                title: r.try_get("title")?,
+                role: parse_role(&r.try_get::<String, _>("role")?)?,
+                last_seq: r.try_get("last_seq")?,
+                unread: 0,
+            });
+        }
+        for (room, role) in granted {
+            if let Some(existing) = out.iter_mut().find(|s| &s.id == room) {
+                existing.role = existing.role.max(*role);
+                continue;
+            }
+            if let Some(r) = self.room(room).await?
+                && !r.archived
+            {
+                out.push(RoomSummary {
+                    id: r.id,
+                    kind: r.kind,
+                    title: r.title,
+                    role: *role,
+                    last_seq: r.last_seq,
+                    unread: 0,
+                });
+            }
+        }
+        for s in &mut out {
+            s.unread = self.unread(&s.id, user).await?;
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Messages from others after the user's read marker that are not deleted.
+    pub async fn unread(&self, room: &RoomId, user: &UserId) -> Result<i64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM messages m WHERE m.room_id = $1 AND m.sender_id <> $2 \
+             AND m.deleted = 0 AND m.seq > COALESCE((SELECT seq FROM read_markers \
+             WHERE room_id = $1 AND user_id = $2), 0)",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n)
+    }
+
+    /// Moves the user's read marker forward (never back, so several devices agree).
+    pub async fn set_read_marker(&self, room: &RoomId, user: &UserId, seq: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO read_markers (room_id, user_id, seq) VALUES ($1, $2, $3) \
+             ON CONFLICT (room_id, user_id) DO UPDATE SET seq = \
+             CASE WHEN excluded.seq > read_markers.seq THEN excluded.seq ELSE read_markers.seq END",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(seq)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    // -- the event log -------------------------------------------------------------------------
+
+    pub async fn last_seq(&self, room: &RoomId) -> Result<i64> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM rooms WHERE id = $1")
+            .bind(room.as_str())
+            .fetch_optional(self.pool())
+            .await?;
+        seq.ok_or(StoreError::NotFound("room"))
+    }
+
+    /// Events with `seq > after_seq`, oldest first, at most `limit`; `has_more` when there are
+    /// more after the page.
+    pub async fn events_after(&self, room: &RoomId, after_seq: i64, limit: u32) -> Result<EventPage> {
+        let mut events: Vec<String> = sqlx::query_scalar(
+            "SELECT body FROM events WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(room.as_str())
+        .bind(after_seq)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(self.pool())
+        .await?;
+        let has_more = events.len() > limit as usize;
+        events.truncate(limit as usize);
+        Ok(EventPage { events, has_more })
+    }
+
+    /// Events with `seq < before_seq` (or the newest when `None`), the newest `limit` of them,
+    /// returned oldest first; `has_more` when older ones remain.
+    pub async fn events_before(
+        &self,
+        room: &RoomId,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<EventPage> {
+        let mut events: Vec<String> = sqlx::query_scalar(
+            "SELECT body FROM events WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+        )
+        .bind(room.as_str())
+        .bind(before_seq.unwrap_or(i64::MAX))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(self.pool())
+        .await?;
+        let has_more = events.len() > limit as usize;
+        events.truncate(limit as usize);
+        events.reverse();
+        Ok(EventPage { events, has_more })
+    }
+
+    // -- settings ------------------------------------------------------------------------------
+
+    /// Returns the stored value of `key`, storing `make()` first if there is none. Safe when
+    /// several processes race: the first insert wins and everyone reads it back.
+    pub async fn setting_or_insert(&self, key: &str, make: impl FnOnce() -> String) -> Result<String> {
+        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(make())
+            .execute(self.pool())
+            .await?;
+        let v: String = sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(v)
+    }
+
+    /// Cheap liveness probe for `/healthz`.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query_scalar::<_, i64>("SELECT 1").fetch_one(self.pool()).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,569 @@
+//! The group-commit writer: one task that takes sequenced writes from a bounded queue, applies
+//! a batch of them (up to `batch_max`, or whatever is queued, optionally lingering a little)
+//! in ONE transaction, assigns each room event the room's next `seq` inside that transaction,
+//! commits once, then hands the committed events to the hook in commit order and only then
+//! acknowledges each write. A batch that fails at the database level is retried write by write
+//! so one bad write cannot fail its neighbours. Knows the schema and the event encoding; knows
+//! nothing of sessions or the hub.
+
+use super::{Backend, Result, StoreError, now_ms, postgres, sqlite};
+use crate::metrics::Metrics;
+use crate::protocol::{
+    MessageId, ReactionCount, RoomEvent, RoomId, SequencedEvent, UserRef,
+};
+use sqlx::AnyPool;
+use sqlx::any::Any;
+use sqlx::{Row, Transaction};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Called with each committed event, in commit order, before the write is acknowledged.
+pub type CommitHook = Arc<dyn Fn(CommittedEvent) + Send + Sync>;
+
+/// An event that is durably committed: its room, seq and wire JSON.
+#[derive(Clone, Debug)]
+pub struct CommittedEvent {
+    pub room: RoomId,
+    pub seq: i64,
+    pub json: String,
+}
+
+/// A sequenced write. The writer checks what only the database can know (the message exists,
+/// its author, the room is not archived); the caller has already checked the user's rights.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Send {
+        room: RoomId,
+        from: UserRef,
+        text: String,
+        client_msg_id: Option<String>,
+        reply_to: Option<MessageId>,
+    },
+    Edit {
+        room: RoomId,
+        id: MessageId,
+        by: UserRef,
+        text: String,
+    },
+    Delete {
+        room: RoomId,
+        id: MessageId,
+        by: UserRef,
+        /// Host/TA may delete anyone's message; others only their own.
+        as_moderator: bool,
+    },
+    React {
+        room: RoomId,
+        id: MessageId,
+        user: UserRef,
+        emoji: String,
+        add: bool,
+        max_distinct: u32,
+    },
+}
+
+impl WriteOp {
+    fn room(&self) -> &RoomId {
+        match self {
+            Self::Send { room, .. }
+            | Self::Edit { room, .. }
+            | Self::Delete { room, .. }
+            | Self::React { room, .. } => room,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// A message was stored (or, `duplicate`, had been stored before under the same
+    /// `client_msg_id`: this is the first write's result and nothing new was published).
+    Sent { id: MessageId, seq: i64, ts: i64, duplicate: bool },
+    /// A new event with this seq was committed.
+    Changed { seq: i64 },
+    /// The write changed nothing (reacting twice, unreacting what was not there, deleting a
+    /// deleted message).
+    Unchanged,
+}
+
+pub(super) enum Request {
+    Op { op: WriteOp, reply: oneshot::Sender<Result<WriteOutcome>> },
+    /// Sent by `Store::close`: commit what is queued, then stop.
+    Shutdown,
+}
+
+struct Applied {
+    outcome: WriteOutcome,
+    event: Option<CommittedEvent>,
+}
+
+type Pending = (WriteOp, oneshot::Sender<Result<WriteOutcome>>);
+
+pub(super) async fn run(
+    pool: AnyPool,
+    backend: Backend,
+    mut rx: mpsc::Receiver<Request>,
+    hook: Option<CommitHook>,
+    metrics: Arc<Metrics>,
+    batch_max: usize,
+    linger: Duration,
+) {
+    let begin = match backend {
+        Backend::Sqlite => sqlite::BEGIN_WRITE,
+        Backend::Postgres => postgres::BEGIN_WRITE,
+    };
+    let w = Writer { pool, begin, hook, metrics };
+    let mut batch: Vec<Pending> = Vec::with_capacity(batch_max);
+    let mut stopping = false;
+    while let Some(first) = rx.recv().await {
+        match first {
+            Request::Op { op, reply } => batch.push((op, reply)),
+            Request::Shutdown => stopping = true,
+        }
+        let mut lingered = linger.is_zero();
+        while batch.len() < batch_max {
+            let next = match rx.try_recv() {
+                Ok(r) => Some(r),
+                Err(_) if !lingered && !stopping => {
+                    lingered = true;
+                    tokio::time::timeout(linger, rx.recv()).await.ok().flatten()
+                }
+                Err(_) => None,
+            };
+            match next {
+                Some(Request::Op { op, reply }) => batch.push((op, reply)),
+                Some(Request::Shutdown) => stopping = true,
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            w.commit(&mut batch).await;
+        }
+        if stopping {
+            // Refuse new writes, but commit every write that was already accepted.
+            rx.close();
+            while let Some(req) = rx.recv().await {
+                if let Request::Op { op, reply } = req {
+                    batch.push((op, reply));
+                    if batch.len() >= batch_max {
+                        w.commit(&mut batch).await;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                w.commit(&mut batch).await;
+            }
+            break;
+        }
+    }
+    tracing::debug!("store writer stopped");
+}
+
+struct Writer {
+    pool: AnyPool,
+    begin: &'static str,
+    hook: Option<CommitHook>,
+    metrics: Arc<Metrics>,
+}
+
+impl Writer {
+    async fn commit(&self, batch: &mut Vec<Pending>) {
+        let started = Instant::now();
+        // Every writer (in this process or another) takes room-row locks in room-id order, so
+        // two batches touching the same rooms cannot deadlock. The sort is stable: writes to
+        // one room keep their queue order.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by(|&a, &b| batch[a].0.room().cmp(batch[b].0.room()));
+        let ops: Vec<&WriteOp> = order.iter().map(|&i| &batch[i].0).collect();
+        let results = match self.transaction(&ops).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(error = %e, size = ops.len(), "batch failed, retrying writes one by one");
+                let mut results = Vec::with_capacity(ops.len());
+                for op in &ops {
+                    results.push(match self.transaction(std::slice::from_ref(op)).await {
+                        Ok(mut one) => one.pop().unwrap_or(Err(StoreError::Closed)),
+                        Err(e) => Err(StoreError::Db(e)),
+                    });
+                }
+                results
+            }
+        };
+        self.metrics.store_batch(ops.len(), started.elapsed());
+        drop(ops);
+        // Publish first, in commit order, then acknowledge: a writer's own session sees its
+        // event before its `ok`, and nobody can see an `ok` for an event not yet fanned out.
+        let mut replies: Vec<Option<oneshot::Sender<Result<WriteOutcome>>>> =
+            batch.drain(..).map(|(_, reply)| Some(reply)).collect();
+        for (idx, result) in order.into_iter().zip(results) {
+            let result = result.map(|applied| {
+                if let (Some(ev), Some(hook)) = (applied.event, &self.hook) {
+                    hook(ev);
+                }
+                applied.outcome
+            });
+            if let Some(reply) = replies[idx].take() {
+                // The submitter may have gone away (connection closed); the write stands.
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Applies `ops` in one transaction. A database error aborts (and rolls back) the whole
+    /// transaction; a refusal of one write (not found, forbidden) only fails that write.
+    async fn transaction(&self, ops: &[&WriteOp]) -> Result<Vec<Result<Applied>>, sqlx::Error> {
+        let mut tx = self.pool.begin_with(self.begin).await?;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            match apply(&mut tx, op).await {
+                Err(StoreError::Db(e)) => return Err(e),
+                other => out.push(other),
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+type Tx = Transaction<'static, Any>;
+
+fn new_message_id() -> MessageId {
+    MessageId(format!("m{:016x}", rand::random::<u64>()))
+}
+
+/// Gives the room its next seq. Must be the first write of each op: everything before it only
+/// reads, so a refusal leaves nothing behind and a rollback leaves no gap.
+async fn bump_seq(tx: &mut Tx, room: &RoomId) -> Result<i64> {
+    let seq: Option<i64> = sqlx::query_scalar(
+        "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 AND archived = 0 RETURNING last_seq",
+    )
+    .bind(room.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(seq) = seq {
+        return Ok(seq);
+    }
+    let exists: Option<i64> = sqlx::query_scalar("SELECT archived FROM rooms WHERE id = $1")
+        .bind(room.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+    match exists {
+        Some(_) => Err(StoreError::Forbidden("the room is archived".into())),
+        None => Err(StoreError::NotFound("room")),
+    }
+}
+
+async fn insert_event(
+    tx: &mut Tx,
+    room: &RoomId,
+    seq: i64,
+    ts: i64,
+    message_id: &MessageId,
+    event: RoomEvent,
+) -> Result<CommittedEvent> {
+    let kind = match &event {
+        RoomEvent::Message { .. } => "message",
+        RoomEvent::MessageEdited { .. } => "message_edited",
+        RoomEvent::MessageDeleted { .. } => "message_deleted",
+        RoomEvent::Reaction { .. } => "reaction",
+    };
+    let json = crate::protocol::encode(&SequencedEvent { room: room.clone(), seq, event });
+    sqlx::query(
+        "INSERT INTO events (room_id, seq, ts, kind, message_id, body) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(room.as_str())
+    .bind(seq)
+    .bind(ts)
+    .bind(kind)
+    .bind(message_id.as_str())
+    .bind(json.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(CommittedEvent { room: room.clone(), seq, json })
+}
+
+struct MessageRow {
+    sender: String,
+    seq: i64,
+    deleted: bool,
+}
+
+async fn load_message(tx: &mut Tx, room: &RoomId, id: &MessageId) -> Result<MessageRow> {
+    let row = sqlx::query("SELECT sender_id, seq, deleted FROM messages WHERE id = $1 AND room_id = $2")
+        .bind(id.as_str())
+        .bind(room.as_str())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(StoreError::NotFound("message"))?;
+    Ok(MessageRow {
+        sender: row.try_get("sender_id")?,
+        seq: row.try_get("seq")?,
+        deleted: row.try_get::<i64, _>("deleted")? != 0,
+    })
+}
+
+/// Rewrites the stored `message` event so history shows the message as it is now.
+async fn rewrite_message(
+    tx: &mut Tx,
+    room: &RoomId,
+    seq: i64,
+    change: impl FnOnce(&mut RoomEvent),
+) -> Result<()> {
+    let body: String = sqlx::query_scalar("SELECT body FROM events WHERE room_id = $1 AND seq = $2")
+        .bind(room.as_str())
+        .bind(seq)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("message event {room}/{seq} missing")))?;
+    let mut ev: SequencedEvent = serde_json::from_str(&body)
+        .map_err(|e| StoreError::Corrupt(format!("event {room}/{seq}: {e}")))?;
+    change(&mut ev.event);
+    sqlx::query("UPDATE events SET body = $1 WHERE room_id = $2 AND seq = $3")
+        .bind(crate::protocol::encode(&ev))
+        .bind(room.as_str())
+        .bind(seq)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Erases the text of a deleted message's earlier edit events too.
+async fn scrub_edits(tx: &mut Tx, room: &RoomId, id: &MessageId) -> Result<()> {
+    let rows = sqlx::query(
+        "SELECT seq, body FROM events WHERE room_id = $1 AND message_id = $2 AND kind = 'message_edited'",
+    )
+    .bind(room.as_str())
+    .bind(id.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in rows {
+        let seq: i64 = row.try_get("seq")?;
+        let body: String = row.try_get("body")?;
+        let mut ev: SequencedEvent = serde_json::from_str(&body)
+            .map_err(|e| StoreError::Corrupt(format!("event {room}/{seq}: {e}")))?;
+        if let RoomEvent::MessageEdited { text, .. } = &mut ev.event {
+            text.clear();
+        }
+        sqlx::query("UPDATE events SET body = $1 WHERE room_id = $2 AND seq = $3")
+            .bind(crate::protocol::encode(&ev))
+            .bind(room.as_str())
+            .bind(seq)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn reaction_counts(tx: &mut Tx, id: &MessageId) -> Result<Vec<ReactionCount>> {
+    let rows = sqlx::query(
+        "SELECT emoji, COUNT(*) AS n FROM reactions WHERE message_id = $1 \
+         GROUP BY emoji ORDER BY MIN(ts), emoji",
+    )
+    .bind(id.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.iter()
+        .map(|r| Ok(ReactionCount { emoji: r.try_get("emoji")?, count: r.try_get("n")? }))
+        .collect()
+}
+
+async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
+    match op {
+        WriteOp::Send { room, from, text, client_msg_id, reply_to } => {
+            if let Some(cid) = client_msg_id {
+                let prior = sqlx::query(
+                    "SELECT id, seq, ts FROM messages \
+                     WHERE room_id = $1 AND sender_id = $2 AND client_msg_id = $3",
+                )
+                .bind(room.as_str())
+                .bind(from.id.as_str())
+                .bind(cid.as_str())
+                .fetch_optional(&mut **tx)
+                .await?;
+                if let Some(row) = prior {
+                    return Ok(Applied {
+                        outcome: WriteOutcome::Sent {
+                            id: MessageId(row.try_get("id")?),
+                            seq: row.try_get("seq")?,
+                            ts: row.try_get("ts")?,
+                            duplicate: true,
+                        },
+                        event: None,
+                    });
+                }
+            }
+            if let Some(target) = reply_to {
+                let found = load_message(tx, room, target).await;
+                if matches!(found, Err(StoreError::NotFound(_))) {
+                    return Err(StoreError::BadRequest(
+                        "reply_to does not name a message in this room".into(),
+                    ));
+                }
+                found?;
+            }
+            let seq = bump_seq(tx, room).await?;
+            let ts = now_ms();
+            let id = new_message_id();
+            sqlx::query(
+                "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 0)",
+            )
+            .bind(id.as_str())
+            .bind(room.as_str())
+            .bind(seq)
+            .bind(from.id.as_str())
+            .bind(client_msg_id.as_deref())
+            .bind(ts)
+            .execute(&mut **tx)
+            .await?;
+            let event = RoomEvent::Message {
+                id: id.clone(),
+                from: from.clone(),
+                text: text.clone(),
+                reply_to: reply_to.clone(),
+                ts,
+                client_msg_id: client_msg_id.clone(),
+                edited_ts: None,
+                deleted: false,
+                reactions: Vec::new(),
+            };
+            let committed = insert_event(tx, room, seq, ts, &id, event).await?;
+            Ok(Applied {
+                outcome: WriteOutcome::Sent { id, seq, ts, duplicate: false },
+                event: Some(committed),
+            })
+        }
+        WriteOp::Edit { room, id, by, text } => {
+            let msg = load_message(tx, room, id).await?;
+            if msg.deleted {
+                return Err(StoreError::NotFound("message"));
+            }
+            if msg.sender != by.id.as_str() {
+                return Err(StoreError::Forbidden("only the author may edit a message".into()));
+            }
+            let seq = bump_seq(tx, room).await?;
+            let ts = now_ms();
+            rewrite_message(tx, room, msg.seq, |ev| {
+                if let RoomEvent::Message { text: t, edited_ts, .. } = ev {
+                    t.clone_from(text);
+                    *edited_ts = Some(ts);
+                }
+            })
+            .await?;
+            let event = RoomEvent::MessageEdited { id: id.clone(), text: text.clone(), by: by.clone(), ts };
+            let committed = insert_event(tx, room, seq, ts, id, event).await?;
+            Ok(Applied { outcome: WriteOutcome::Changed { seq }, event: Some(committed) })
+        }
+        WriteOp::Delete { room, id, by, as_moderator } => {
+            let msg = load_message(tx, room, id).await?;
+            if msg.sender != by.id.as_str() && !as_moderator {
+                return Err(StoreError::Forbidden(
+                    "only the author or a host/ta may delete a message".into(),
+                ));
+            }
+            if msg.deleted {
+                return Ok(Applied { outcome: WriteOutcome::Unchanged, event: None });
+            }
+            let seq = bump_seq(tx, room).await?;
+            let ts = now_ms();
+            sqlx::query("UPDATE messages SET deleted = 1 WHERE id = $1")
+                .bind(id.as_str())
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query("DELETE FROM reactions WHERE message_id = $1")
+                .bind(id.as_str())
+                .execute(&mut **tx)
+                .await?;
+            // The text is erased from the log, not only hidden.
+            rewrite_message(tx, room, msg.seq, |ev| {
+                if let RoomEvent::Message { text, deleted, reactions, edited_ts, .. } = ev {
+                    text.clear();
+                    *deleted = true;
+                    reactions.clear();
+                    *edited_ts = None;
+                }
+            })
+            .await?;
+            scrub_edits(tx, room, id).await?;
+            let event = RoomEvent::MessageDeleted { id: id.clone(), by: by.clone(), ts };
+            let committed = insert_event(tx, room, seq, ts, id, event).await?;
+            Ok(Applied { outcome: WriteOutcome::Changed { seq }, event: Some(committed) })
+        }
+        WriteOp::React { room, id, user, emoji, add, max_distinct } => {
+            let msg = load_message(tx, room, id).await?;
+            if msg.deleted {
+                return Err(StoreError::NotFound("message"));
+            }
+            let mine: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3",
+            )
+            .bind(id.as_str())
+            .bind(user.id.as_str())
+            .bind(emoji.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+            if mine.is_some() == *add {
+                return Ok(Applied { outcome: WriteOutcome::Unchanged, event: None });
+            }
+            if *add {
+                let others: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(DISTINCT emoji) FROM reactions WHERE message_id = $1 AND emoji <> $2",
+                )
+                .bind(id.as_str())
+                .bind(emoji.as_str())
+                .fetch_one(&mut **tx)
+                .await?;
+                let used: Option<i64> = sqlx::query_scalar(
+                    "SELECT 1 FROM reactions WHERE message_id = $1 AND emoji = $2 LIMIT 1",
+                )
+                .bind(id.as_str())
+                .bind(emoji.as_str())
+                .fetch_optional(&mut **tx)
+                .await?;
+                if used.is_none() && others >= i64::from(*max_distinct) {
+                    return Err(StoreError::TooLarge(format!(
+                        "a message carries at most {max_distinct} different reactions"
+                    )));
+                }
+            }
+            let seq = bump_seq(tx, room).await?;
+            let ts = now_ms();
+            if *add {
+                sqlx::query(
+                    "INSERT INTO reactions (message_id, user_id, emoji, ts) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(id.as_str())
+                .bind(user.id.as_str())
+                .bind(emoji.as_str())
+                .bind(ts)
+                .execute(&mut **tx)
+                .await?;
+            } else {
+                sqlx::query("DELETE FROM reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3")
+                    .bind(id.as_str())
+                    .bind(user.id.as_str())
+                    .bind(emoji.as_str())
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            let counts = reaction_counts(tx, id).await?;
+            let count = counts.iter().find(|c| &c.emoji == emoji).map_or(0, |c| c.count);
+            rewrite_message(tx, room, msg.seq, |ev| {
+                if let RoomEvent::Message { reactions, .. } = ev {
+                    *reactions = counts;
+                }
+            })
+            .await?;
+            let event = RoomEvent::Reaction {
+                id: id.clone(),
+                emoji: emoji.clone(),
+                user: user.clone(),
+                count,
+                added: *add,
+                ts,
+            };
+            let committed = insert_event(tx, room, seq, ts, id, event).await?;
+            Ok(Applied { outcome: WriteOutcome::Changed { seq }, event: Some(committed) })
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! Test harness: a real server on 127.0.0.1:0 (in-process, or the binary as a child process),
+//! real WebSocket clients speaking the protocol, a minimal HTTP client for the API, and
+//! PostgreSQL test databases. Every wait is bounded by a timeout.
+
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use studyhall::App;
+use studyhall::auth::Tokens;
+use studyhall::config::Config;
+use studyhall::protocol::{PlatformRole, RoomRole};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Upper bound for any single wait in a test.
+pub const T: Duration = Duration::from_secs(15);
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+pub const API_KEY: &str = "test-api-key";
+
+pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(T, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+pub fn base_config(database_url: String) -> Config {
+    Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        database_url,
+        jwt_secret: Some(SECRET.into()),
+        api_key: Some(API_KEY.into()),
+        rate_per_s: 10_000.0,
+        rate_burst: 10_000.0,
+        shutdown_grace_ms: 2_000,
+        ..Config::default()
+    }
+}
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub dir: Option<Arc<tempfile::TempDir>>,
+}
+
+impl Server {
+    /// A server on a fresh SQLite file, with `tweak` applied to the config.
+    pub async fn sqlite(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let mut cfg = base_config(url);
+        tweak(&mut cfg);
+        let mut s = Self::start(cfg).await;
+        s.dir = Some(dir);
+        s
+    }
+
+    pub async fn start(cfg: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(cfg, listener).await
+    }
+
+    /// A server whose accepted sockets have a small kernel send buffer (inherited from the
+    /// listener), so a client that stops reading backs up into its outbox quickly.
+    pub async fn sqlite_small_send_buffer(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let mut cfg = base_config(format!("sqlite://{}", dir.path().join("t.db").display()));
+        tweak(&mut cfg);
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_send_buffer_size(4096).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut s = Self::start_on(cfg, sock.listen(1024).unwrap()).await;
+        s.dir = Some(dir);
+        s
+    }
+
+    pub async fn start_on(cfg: Config, listener: tokio::net::TcpListener) -> Self {
+        let app = App::start(cfg).await.expect("server starts");
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(studyhall::serve(app.clone(), listener, async {
+            let _ = rx.await;
+        }))
+        .into_future_unit();
+        Self { addr, app, stop: Some(tx), task: Some(task), dir: None }
+    }
+
+    /// Graceful shutdown, as on SIGTERM.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            within("server shutdown", task).await.unwrap();
+        }
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        token(user, PlatformRole::Student, &[])
+    }
+
+    pub async fn client(&self, user: &str) -> Client {
+        Client::connect(self.addr, &self.token(user)).await
+    }
+
+    pub async fn room(&self, id: &str, visibility: &str) {
+        let (status, body) = http(
+            self.addr,
+            "POST",
+            "/api/rooms",
+            Some(API_KEY),
+            Some(json!({"id": id, "kind": "group", "title": id, "visibility": visibility})),
+        )
+        .await;
+        assert_eq!(status, 201, "create room: {body}");
+    }
+}
+
+trait IntoUnit {
+    fn into_future_unit(self) -> tokio::task::JoinHandle<()>;
+}
+
+impl IntoUnit for tokio::task::JoinHandle<Result<(), studyhall::StartError>> {
+    fn into_future_unit(self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            self.await.expect("serve task").expect("serve ok");
+        })
+    }
+}
+
+pub fn token(user: &str, role: PlatformRole, grants: &[(&str, RoomRole)]) -> String {
+    let rooms: HashMap<String, RoomRole> = grants.iter().map(|(r, g)| ((*r).to_owned(), *g)).collect();
+    Tokens::new(SECRET.as_bytes())
+        .sign(user, &user.to_uppercase(), role, rooms, Duration::from_secs(600))
+        .unwrap()
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub async fn raw_ws(addr: SocketAddr) -> Ws {
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "studyhall.v1".parse().unwrap());
+    let (ws, resp) = within("ws connect", tokio_tungstenite::connect_async(req)).await.expect("ws connect");
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_owned()),
+        Some("studyhall.v1".to_owned())
+    );
+    ws
+}
+
+/// Reads frames until the server closes; returns the close code (None if the socket just ended).
+pub async fn close_code<S>(ws: &mut WebSocketStream<S>) -> Option<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    within("close frame", async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+}
+
+pub struct Client {
+    pub ws: Ws,
+    next_rid: i64,
+    /// Frames read while waiting for something else, in arrival order.
+    pub pending: VecDeque<Value>,
+    pub session: String,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, token: &str) -> Self {
+        let mut ws = raw_ws(addr).await;
+        ws.send(Message::text(json!({"type": "hello", "token": token}).to_string())).await.unwrap();
+        let mut c = Self { ws, next_rid: 1, pending: VecDeque::new(), session: String::new() };
+        let welcome = c.read().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        c.session = welcome["session"].as_str().unwrap().to_owned();
+        c
+    }
+
+    async fn read(&mut self) -> Value {
+        within("next frame", async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+                    Some(Ok(Message::Close(f))) => panic!("closed by server: {f:?}"),
+                    Some(Ok(_)) => continue,
+                    other => panic!("socket ended: {other:?}"),
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    /// Sends `v` with a fresh rid without waiting; returns the rid.
+    pub async fn fire(&mut self, mut v: Value) -> i64 {
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        v["rid"] = json!(rid);
+        self.send(v).await;
+        rid
+    }
+
+    /// Waits for the reply to `rid`, keeping other frames for later.
+    pub async fn reply(&mut self, rid: i64) -> Value {
+        if let Some(pos) = self.pending.iter().position(|f| f["rid"] == rid) {
+            return self.pending.remove(pos).unwrap();
+        }
+        loop {
+            let f = self.read().await;
+            if f["rid"] == rid {
+                return f;
+            }
+            self.pending.push_back(f);
+        }
+    }
+
+    pub async fn request(&mut self, v: Value) -> Value {
+        let rid = self.fire(v).await;
+        self.reply(rid).await
+    }
+
+    pub async fn ok(&mut self, v: Value) -> Value {
+        let r = self.request(v.clone()).await;
+        assert_eq!(r["type"], "ok", "request {v} got {r}");
+        r
+    }
+
+    pub async fn err(&mut self, v: Value) -> String {
+        let r = self.request(v.clone()).await;
+        assert_eq!(r["type"], "error", "request {v} got {r}");
+        r["code"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.ok(json!({"type": "join", "room": room})).await
+    }
+
+    /// The next frame (pending ones first).
+    pub async fn next(&mut self) -> Value {
+        match self.pending.pop_front() {
+            Some(f) => f,
+            None => self.read().await,
+        }
+    }
+
+    /// The next frame of type `ty`, dropping others of the given ignorable types
+    /// (presence, typing) and failing on anything else.
+    pub async fn next_of(&mut self, ty: &str) -> Value {
+        loop {
+            let f = self.next().await;
+            if f["type"] == ty {
+                return f;
+            }
+            assert!(
+                matches!(f["type"].as_str(), Some("presence" | "typing" | "ok")),
+                "expected {ty}, got {f}"
+            );
+        }
+    }
+
+    /// Collects `n` room events of type `message`, ignoring presence/typing/ok.
+    pub async fn messages(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            out.push(self.next_of("message").await);
+        }
+        out
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns status and JSON body (or Null).
+pub async fn http(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    within("http request", async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await.unwrap();
+        let text = String::from_utf8_lossy(&resp);
+        let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+        let rest = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            dechunk(rest)
+        } else {
+            rest.to_owned()
+        };
+        (status, serde_json::from_str(&rest).unwrap_or(Value::Null))
+    })
+    .await
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// PostgreSQL for tests: `STUDYHALL_TEST_DATABASE_URL` (default the local `test` database).
+/// Never skips: an unreachable server fails the test.
+pub fn pg_base_url() -> String {
+    std::env::var("STUDYHALL_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh database on the test PostgreSQL server, dropped by [`PgDb::drop_db`].
+pub struct PgDb {
+    pub url: String,
+    name: String,
+}
+
+impl PgDb {
+    pub async fn create() -> Self {
+        sqlx::any::install_default_drivers();
+        let base = pg_base_url();
+        let name = format!("studyhall_t_{:016x}", rand::random::<u64>());
+        let admin = sqlx::AnyPool::connect(&base)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL test server unreachable at {base}: {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+        admin.close().await;
+        let url = match base.rfind('/') {
+            Some(i) => format!("{}/{name}", &base[..i]),
+            None => panic!("bad STUDYHALL_TEST_DATABASE_URL"),
+        };
+        Self { url, name }
+    }
+
+    pub async fn drop_db(self) {
+        let admin = sqlx::AnyPool::connect(&pg_base_url()).await.unwrap();
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+            .execute(&admin)
+            .await;
+        admin.close().await;
+    }
+}

@@ -1,0 +1,301 @@
+//! Bad input and limits: 4001 paths, malformed frames, 1009, rate limits and 4029, slow
+//! consumers and 4008, session limits, shutdown with bye and 1001.
+
+use crate::common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::time::Duration;
+use studyhall::auth::now_s;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn hello_then_close(s: &Server, first: Message) -> (Option<Value>, Option<u16>) {
+    let mut ws = raw_ws(s.addr).await;
+    ws.send(first).await.unwrap();
+    let mut error = None;
+    let code = within("close", async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Text(t)) => error = Some(serde_json::from_str::<Value>(&t).unwrap()),
+                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await;
+    (error, code)
+}
+
+fn signed(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn every_4001_path_closes_with_4001() {
+    let s = Server::sqlite(|c| c.hello_timeout_ms = 300).await;
+    // No hello in time.
+    let mut ws = raw_ws(s.addr).await;
+    assert_eq!(close_code(&mut ws).await, Some(4001));
+    let now = now_s();
+    let cases = [
+        ("garbage token", json!({"type":"hello","token":"nope"}).to_string()),
+        ("wrong secret", json!({"type":"hello","token": jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &json!({"sub":"u","exp":now+60,"iat":now}),
+            &jsonwebtoken::EncodingKey::from_secret(b"some-other-secret-value")).unwrap()}).to_string()),
+        ("expired", json!({"type":"hello","token": signed(json!({"sub":"u","exp":now-3600,"iat":now-7200}))}).to_string()),
+        ("future iat", json!({"type":"hello","token": signed(json!({"sub":"u","exp":now+7200,"iat":now+3600}))}).to_string()),
+        ("not hello", json!({"type":"join","room":"r"}).to_string()),
+        ("not json", "hello?".to_owned()),
+    ];
+    for (what, frame) in cases {
+        let (err, code) = hello_then_close(&s, Message::text(frame)).await;
+        assert_eq!(code, Some(4001), "{what}");
+        assert_eq!(err.map(|e| e["code"].clone()), Some(json!("unauthorized")), "{what}");
+    }
+    let (_, code) = hello_then_close(&s, Message::binary(vec![1, 2, 3])).await;
+    assert_eq!(code, Some(4001), "binary first frame");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_frames_get_bad_request_and_the_connection_stays_up() {
+    let s = Server::sqlite(|_| {}).await;
+    s.room("r", "open").await;
+    let mut c = s.client("alice").await;
+    for (frame, rid) in [
+        ("not json at all".to_owned(), None),
+        (json!({"no_type": 1, "rid": 4}).to_string(), Some(4)),
+        (json!({"type": "fly", "rid": 5}).to_string(), Some(5)),
+        (json!({"type": "join", "room": 7, "rid": 6}).to_string(), Some(6)),
+        (json!({"type": "send", "room": "r", "rid": 7}).to_string(), Some(7)),
+        ("[1,2,3]".to_owned(), None),
+    ] {
+        c.ws.send(Message::text(frame.clone())).await.unwrap();
+        let e = c.next().await;
+        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("bad_request")), "{frame}");
+        assert_eq!(e["rid"].as_i64(), rid, "{frame}");
+    }
+    c.join("r").await;
+    assert_eq!(c.err(json!({"type":"send","room":"r","text":"   ","client_msg_id":"1"})).await, "bad_request");
+    assert_eq!(c.err(json!({"type":"send","room":"r","text":"x","client_msg_id":""})).await, "bad_request");
+    assert_eq!(c.err(json!({"type":"send","room":"r","text":"x".repeat(4001),"client_msg_id":"2"})).await, "too_large");
+    assert_eq!(c.ok(json!({"type":"send","room":"r","text":"é".repeat(4000),"client_msg_id":"3"})).await["seq"], 1, "4000 chars, not bytes");
+    assert_eq!(c.err(json!({"type":"react","room":"r","id":"m1","emoji":"a b"})).await, "bad_request");
+    assert_eq!(c.err(json!({"type":"hello","token":"x"})).await, "bad_request");
+    let pong = c.request(json!({"type":"ping"})).await;
+    assert_eq!(pong["type"], "pong");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn sustained_garbage_is_closed_4029() {
+    let s = Server::sqlite(|c| c.abuse_strikes = 10).await;
+    let mut c = s.client("spammer").await;
+    for _ in 0..11 {
+        c.ws.send(Message::text("garbage")).await.unwrap();
+    }
+    assert_eq!(close_code(&mut c.ws).await, Some(4029));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limit_refuses_then_closes_4029_on_sustained_flooding() {
+    let s = Server::sqlite(|c| {
+        c.rate_per_s = 1.0;
+        c.rate_burst = 5.0;
+        c.abuse_strikes = 20;
+    })
+    .await;
+    let mut c = s.client("flood").await;
+    for i in 0..5 {
+        assert_eq!(c.request(json!({"type":"ping"})).await["type"], "pong", "burst {i}");
+    }
+    let refused = c.request(json!({"type":"ping"})).await;
+    assert_eq!((refused["type"].as_str(), refused["code"].as_str()), (Some("error"), Some("rate_limited")));
+    for _ in 0..30 {
+        if c.ws.send(Message::text(json!({"type":"ping"}).to_string())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut c.ws).await, Some(4029));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_frame_over_the_limit_is_closed_1009() {
+    let s = Server::sqlite(|c| c.max_frame_bytes = 64 * 1024).await;
+    let mut c = s.client("big").await;
+    let huge = json!({"type":"send","room":"r","text":"x".repeat(70 * 1024),"client_msg_id":"1"}).to_string();
+    let _ = c.ws.send(Message::text(huge)).await;
+    assert_eq!(close_code(&mut c.ws).await, Some(1009));
+    // The server is fine for everyone else.
+    let mut d = s.client("other").await;
+    assert_eq!(d.request(json!({"type":"ping"})).await["type"], "pong");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_sessions_for_one_user_are_refused_4029() {
+    let s = Server::sqlite(|c| c.max_sessions_per_user = 2).await;
+    let _a = s.client("u").await;
+    let _b = s.client("u").await;
+    let mut ws = raw_ws(s.addr).await;
+    ws.send(Message::text(json!({"type":"hello","token":s.token("u")}).to_string())).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(4029));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn silent_clients_are_closed_after_two_heartbeats() {
+    let s = Server::sqlite(|c| c.heartbeat_s = 1).await;
+    // A hand-rolled client that never answers the server's pings (a library client would).
+    let mut raw = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        s.addr
+    );
+    raw.write_all(req.as_bytes()).await.unwrap();
+    let hello = json!({"type":"hello","token":s.token("quiet")}).to_string();
+    let mut frame = vec![0x81u8];
+    let len = hello.len();
+    assert!(len >= 126 && len < 65536);
+    frame.push(0x80 | 126);
+    frame.extend_from_slice(&(len as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]); // zero mask: payload unchanged
+    frame.extend_from_slice(hello.as_bytes());
+    raw.write_all(&frame).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let code = within("idle close", async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = raw.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "socket ended without a close frame");
+            buf.extend_from_slice(&chunk[..n]);
+            // Skip the HTTP response, then walk the frames looking for a close (opcode 8).
+            let Some(start) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            let mut i = start + 4;
+            while i + 2 <= buf.len() {
+                let op = buf[i] & 0x0f;
+                let (len, hdr) = match buf[i + 1] & 0x7f {
+                    126 if i + 4 <= buf.len() => (u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize, 4),
+                    126 => break,
+                    l => (l as usize, 2),
+                };
+                if i + hdr + len > buf.len() {
+                    break;
+                }
+                if op == 8 {
+                    return u16::from_be_bytes([buf[i + hdr], buf[i + hdr + 1]]);
+                }
+                i += hdr + len;
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, 1000);
+    assert!(started.elapsed() >= Duration::from_millis(1500), "not before two heartbeats");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_4008_while_200_members_keep_receiving() {
+    const MEMBERS: usize = 200;
+    const MESSAGES: usize = 600;
+    let s = Server::sqlite_small_send_buffer(|c| {
+        c.outbox_frames = 256;
+        c.max_sessions_per_user = 1;
+    })
+    .await;
+    s.room("big", "open").await;
+
+    // The slow consumer: a tiny receive buffer and it never reads after joining.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(s.addr).await.unwrap();
+    let (mut slow, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", s.addr), stream).await.unwrap();
+    slow.send(Message::text(json!({"type":"hello","token":s.token("slow")}).to_string())).await.unwrap();
+    slow.send(Message::text(json!({"type":"join","room":"big","rid":1}).to_string())).await.unwrap();
+
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        let mut c = s.client(&format!("m{i}")).await;
+        c.join("big").await;
+        members.push(c);
+    }
+    let readers: Vec<_> = members
+        .into_iter()
+        .map(|mut c| tokio::spawn(async move { c.messages(MESSAGES).await.len() }))
+        .collect();
+    let mut sender = s.client("teacher").await;
+    sender.join("big").await;
+    let text = "x".repeat(2000);
+    // In windows, reading its own replies, so the sender itself is never a slow consumer.
+    for window in 0..MESSAGES / 50 {
+        let mut rids = Vec::new();
+        for i in window * 50..(window + 1) * 50 {
+            rids.push(sender.fire(json!({"type":"send","room":"big","text":text,"client_msg_id":format!("{i}")})).await);
+        }
+        for rid in rids {
+            assert_eq!(sender.reply(rid).await["type"], "ok");
+        }
+        sender.pending.clear();
+    }
+    for r in readers {
+        assert_eq!(within("member reads all", r).await.unwrap(), MESSAGES);
+    }
+    assert_eq!(close_code(&mut slow).await, Some(4008));
+    let closes = s.app.metrics.slow_consumer_closes.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(closes, 1, "only the slow one was closed");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_says_bye_and_closes_1001_after_committing_accepted_writes() {
+    let s = Server::sqlite(|_| {}).await;
+    s.room("r", "open").await;
+    let mut c = s.client("alice").await;
+    c.join("r").await;
+    let mut rids = Vec::new();
+    for i in 0..20 {
+        rids.push(c.fire(json!({"type":"send","room":"r","text":"x","client_msg_id":format!("{i}")})).await);
+    }
+    let stopping = tokio::spawn(s.stop());
+    let mut acked = 0;
+    let mut bye = false;
+    let code = within("bye and close", async {
+        while let Some(m) = c.ws.next().await {
+            match m {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == "ok" && rids.contains(&v["rid"].as_i64().unwrap_or(-1)) {
+                        acked += 1;
+                    }
+                    if v["type"] == "bye" {
+                        assert_eq!(v["reason"], "shutdown");
+                        bye = true;
+                    }
+                }
+                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await;
+    within("stop", stopping).await.unwrap();
+    assert!(bye, "bye before close");
+    assert_eq!(code, Some(1001));
+    // Whatever was acked is stored (the rest may have been refused as the server stopped).
+    assert!(acked <= 20);
+}

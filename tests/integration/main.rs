@@ -1,0 +1,9 @@
+//! Integration tests: the real server on 127.0.0.1:0 with real WebSocket clients, the binary
+//! spawned as a child for crash tests, and the store conformance suite on SQLite and
+//! PostgreSQL. One test binary so the suite links once.
+
+mod chat;
+mod common;
+mod durability;
+mod limits;
+mod store_conformance;

@@ -6,7 +6,8 @@
 use crate::App;
 use crate::error::{Error, Result};
 use crate::protocol::{
-    PlatformRole, RoomId, RoomKind, RoomRole, SUBPROTOCOL, UserId, UserRef, Visibility, valid_room_id,
+    PlatformRole, RoomId, RoomKind, RoomRole, SUBPROTOCOL, UserId, UserRef, Visibility,
+    valid_room_id,
 };
 use crate::store::{QaSettings, Room, RoomPatch, WriteOp, WriteOutcome, now_ms};
 use axum::body::Bytes;
@@ -34,9 +35,18 @@ const MAX_API_PAGE: u32 = 1000;
 pub fn router(app: Arc<App>) -> Router {
     let api = Router::new()
         .route("/rooms", post(create_room))
-        .route("/rooms/{id}", get(get_room).patch(patch_room).delete(archive_room))
-        .route("/rooms/{id}/members/{user}", put(put_member).delete(delete_member))
-        .route("/rooms/{id}/messages", get(list_messages).post(post_announcement))
+        .route(
+            "/rooms/{id}",
+            get(get_room).patch(patch_room).delete(archive_room),
+        )
+        .route(
+            "/rooms/{id}/members/{user}",
+            put(put_member).delete(delete_member),
+        )
+        .route(
+            "/rooms/{id}/messages",
+            get(list_messages).post(post_announcement),
+        )
         .route("/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     let mut router = Router::new()
@@ -61,7 +71,9 @@ fn room_id(id: String) -> Result<RoomId> {
     if valid_room_id(&id) {
         Ok(RoomId(id))
     } else {
-        Err(Error::bad_request("room ids are 1..=64 characters of A-Z a-z 0-9 _ . -"))
+        Err(Error::bad_request(
+            "room ids are 1..=64 characters of A-Z a-z 0-9 _ . -",
+        ))
     }
 }
 
@@ -74,14 +86,20 @@ fn user_id(id: String) -> Result<UserId> {
 
 fn check_title(t: &str) -> Result<()> {
     if t.trim().is_empty() || t.chars().count() > MAX_TITLE_CHARS {
-        return Err(Error::bad_request(format!("title must be 1..={MAX_TITLE_CHARS} characters")));
+        return Err(Error::bad_request(format!(
+            "title must be 1..={MAX_TITLE_CHARS} characters"
+        )));
     }
     Ok(())
 }
 
 // -- WebSocket, health, metrics ---------------------------------------------------------------
 
-async fn ws_upgrade(State(app): State<Arc<App>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+async fn ws_upgrade(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     if let Some(origin) = headers.get(header::ORIGIN)
         && !app.config.allowed_origins.is_empty()
     {
@@ -89,7 +107,10 @@ async fn ws_upgrade(State(app): State<Arc<App>>, headers: HeaderMap, ws: WebSock
             .to_str()
             .is_ok_and(|o| app.config.allowed_origins.iter().any(|a| a == o));
         if !allowed {
-            return (StatusCode::FORBIDDEN, Json(json!({"code":"forbidden","message":"origin not allowed"})))
+            return (
+                StatusCode::FORBIDDEN,
+                Json(json!({"code":"forbidden","message":"origin not allowed"})),
+            )
                 .into_response();
         }
     }
@@ -116,7 +137,9 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let body = app.metrics.render(app.hub.active_rooms(), app.hub.sessions());
+    let body = app
+        .metrics
+        .render(app.hub.active_rooms(), app.hub.sessions());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -127,7 +150,8 @@ async fn require_api_key(State(app): State<Arc<App>>, req: Request, next: Next) 
         return next.run(req).await;
     }
     let Some(key) = app.config.api_key.as_deref() else {
-        return Error::Unavailable("the HTTP API is disabled: set STUDYHALL_API_KEY".into()).into_response();
+        return Error::Unavailable("the HTTP API is disabled: set STUDYHALL_API_KEY".into())
+            .into_response();
     };
     let given = req
         .headers()
@@ -145,7 +169,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
 }
 
 // -- rooms -----------------------------------------------------------------------------------
@@ -168,7 +196,10 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
     let title = new.title.unwrap_or_else(|| id.to_string());
     check_title(&title)?;
     let room = Room {
-        qa: new.qa.unwrap_or(QaSettings { enabled: new.kind == RoomKind::Live, moderated: false }),
+        qa: new.qa.unwrap_or(QaSettings {
+            enabled: new.kind == RoomKind::Live,
+            moderated: false,
+        }),
         id,
         kind: new.kind,
         title,
@@ -185,11 +216,19 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
 
 async fn get_room(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Room>> {
     let id = room_id(id)?;
-    let room = app.store.room(&id).await?.ok_or_else(|| Error::NotFound(format!("room {id} not found")))?;
+    let room = app
+        .store
+        .room(&id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("room {id} not found")))?;
     Ok(Json(room))
 }
 
-async fn patch_room(State(app): State<Arc<App>>, Path(id): Path<String>, body: Bytes) -> Result<Json<Room>> {
+async fn patch_room(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Room>> {
     let id = room_id(id)?;
     let patch: RoomPatch = parse_body(&body)?;
     if let Some(t) = &patch.title {
@@ -200,7 +239,10 @@ async fn patch_room(State(app): State<Arc<App>>, Path(id): Path<String>, body: B
 
 async fn archive_room(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Room>> {
     let id = room_id(id)?;
-    let patch = RoomPatch { archived: Some(true), ..Default::default() };
+    let patch = RoomPatch {
+        archived: Some(true),
+        ..Default::default()
+    };
     let room = app.store.update_room(&id, &patch).await?;
     tracing::info!(room = %id, "room archived");
     Ok(Json(room))
@@ -224,7 +266,10 @@ async fn put_member(
     Ok(Json(json!({"room": id, "user": user, "role": role})))
 }
 
-async fn delete_member(State(app): State<Arc<App>>, Path((id, user)): Path<(String, String)>) -> Result<StatusCode> {
+async fn delete_member(
+    State(app): State<Arc<App>>,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<StatusCode> {
     let id = room_id(id)?;
     let user = user_id(user)?;
     if app.store.remove_member(&id, &user).await? {
@@ -241,12 +286,17 @@ async fn list_messages(
 ) -> Result<Response> {
     let id = room_id(id)?;
     let num = |k: &str, default: i64| -> Result<i64> {
-        q.get(k).map_or(Ok(default), |v| v.parse().map_err(|_| Error::bad_request(format!("{k} must be an integer"))))
+        q.get(k).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| Error::bad_request(format!("{k} must be an integer")))
+        })
     };
     let after = num("after_seq", 0)?;
     let limit = num("limit", 100)?;
     if after < 0 || !(1..=i64::from(MAX_API_PAGE)).contains(&limit) {
-        return Err(Error::bad_request(format!("after_seq must be >= 0 and limit 1..={MAX_API_PAGE}")));
+        return Err(Error::bad_request(format!(
+            "after_seq must be >= 0 and limit 1..={MAX_API_PAGE}"
+        )));
     }
     if app.store.room(&id).await?.is_none() {
         return Err(Error::NotFound(format!("room {id} not found")));
@@ -266,11 +316,18 @@ struct Announcement {
     client_msg_id: Option<String>,
 }
 
-async fn post_announcement(State(app): State<Arc<App>>, Path(id): Path<String>, body: Bytes) -> Result<Response> {
+async fn post_announcement(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
     let id = room_id(id)?;
     let a: Announcement = parse_body(&body)?;
     if a.text.trim().is_empty() || a.text.chars().count() > app.config.max_text_chars {
-        return Err(Error::bad_request(format!("text must be 1..={} characters", app.config.max_text_chars)));
+        return Err(Error::bad_request(format!(
+            "text must be 1..={} characters",
+            app.config.max_text_chars
+        )));
     }
     let from = UserRef {
         id: UserId("studyhall".into()),
@@ -280,11 +337,19 @@ async fn post_announcement(State(app): State<Arc<App>>, Path(id): Path<String>, 
     if from.name.chars().count() > crate::auth::MAX_NAME_CHARS {
         return Err(Error::bad_request("name is too long"));
     }
-    let op = WriteOp::Send { room: id, from, text: a.text, client_msg_id: a.client_msg_id, reply_to: None };
+    let op = WriteOp::Send {
+        room: id,
+        from,
+        text: a.text,
+        client_msg_id: a.client_msg_id,
+        reply_to: None,
+    };
     match app.store.write(op).await? {
-        WriteOutcome::Sent { id, seq, ts, .. } => {
-            Ok((StatusCode::CREATED, Json(json!({"id": id, "seq": seq, "ts": ts}))).into_response())
-        }
+        WriteOutcome::Sent { id, seq, ts, .. } => Ok((
+            StatusCode::CREATED,
+            Json(json!({"id": id, "seq": seq, "ts": ts})),
+        )
+            .into_response()),
         other => Err(Error::Internal(format!("unexpected outcome {other:?}"))),
     }
 }
@@ -313,10 +378,17 @@ async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<serd
     for room in req.rooms.keys() {
         room_id(room.clone())?;
     }
-    let ttl = crate::auth::parse_ttl(req.ttl.as_deref().unwrap_or("12h")).map_err(Error::BadRequest)?;
+    let ttl =
+        crate::auth::parse_ttl(req.ttl.as_deref().unwrap_or("12h")).map_err(Error::BadRequest)?;
     let token = app
         .tokens
-        .sign(user.as_str(), &name, req.role.unwrap_or(PlatformRole::Student), req.rooms, ttl)
+        .sign(
+            user.as_str(),
+            &name,
+            req.role.unwrap_or(PlatformRole::Student),
+            req.rooms,
+            ttl,
+        )
         .map_err(|e| Error::Internal(e.to_string()))?;
     Ok(Json(json!({"token": token})))
 }

@@ -57,7 +57,11 @@ impl Identity {
 
     /// The user as shown in a room's events (room role).
     pub fn room_ref(&self, role: RoomRole) -> UserRef {
-        UserRef { id: self.user.clone(), name: self.name.clone(), role: role.as_str().to_owned() }
+        UserRef {
+            id: self.user.clone(),
+            name: self.name.clone(),
+            role: role.as_str().to_owned(),
+        }
     }
 }
 
@@ -90,7 +94,10 @@ impl std::fmt::Debug for Tokens {
 }
 
 pub fn now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Tokens {
@@ -135,7 +142,12 @@ impl Tokens {
             }
             grants.insert(RoomId(room), role);
         }
-        Ok(Identity { user: UserId(c.sub), name, role: c.role, grants })
+        Ok(Identity {
+            user: UserId(c.sub),
+            name,
+            role: c.role,
+            grants,
+        })
     }
 
     pub fn sign(
@@ -165,7 +177,9 @@ impl Tokens {
 pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("bad ttl {s:?}: expected e.g. 30m, 1h, 7d"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad ttl {s:?}: expected e.g. 30m, 1h, 7d"))?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,
@@ -199,8 +213,12 @@ mod tests {
     use super::*;
 
     fn raw(secret: &[u8], alg: Algorithm, claims: serde_json::Value) -> String {
-        jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret))
-            .unwrap()
+        jsonwebtoken::encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -208,7 +226,13 @@ mod tests {
         let t = Tokens::new(b"0123456789abcdef0123");
         let rooms = parse_room_grants("algebra=host,physics").unwrap();
         let tok = t
-            .sign("u1", "Ada", PlatformRole::Tutor, rooms, Duration::from_secs(60))
+            .sign(
+                "u1",
+                "Ada",
+                PlatformRole::Tutor,
+                rooms,
+                Duration::from_secs(60),
+            )
             .unwrap();
         let id = t.verify(&tok).unwrap();
         assert_eq!(id.user.as_str(), "u1");
@@ -222,18 +246,35 @@ mod tests {
         let secret = b"0123456789abcdef0123";
         let t = Tokens::new(secret);
         let now = now_s();
-        let good = serde_json::json!({"sub":"u","name":"U","role":"student","exp":now+60,"iat":now});
-        assert!(t.verify(&raw(secret, Algorithm::HS256, good.clone())).is_ok());
+        let good =
+            serde_json::json!({"sub":"u","name":"U","role":"student","exp":now+60,"iat":now});
+        assert!(
+            t.verify(&raw(secret, Algorithm::HS256, good.clone()))
+                .is_ok()
+        );
         assert_eq!(
-            t.verify(&raw(b"another-secret-of-20", Algorithm::HS256, good.clone())).unwrap_err(),
+            t.verify(&raw(
+                b"another-secret-of-20",
+                Algorithm::HS256,
+                good.clone()
+            ))
+            .unwrap_err(),
             AuthError::Invalid
         );
-        assert!(t.verify(&raw(secret, Algorithm::HS384, good)).is_err(), "alg is pinned");
+        assert!(
+            t.verify(&raw(secret, Algorithm::HS384, good)).is_err(),
+            "alg is pinned"
+        );
         let expired = serde_json::json!({"sub":"u","exp":now-120,"iat":now-200});
-        assert_eq!(t.verify(&raw(secret, Algorithm::HS256, expired)).unwrap_err(), AuthError::Expired);
+        assert_eq!(
+            t.verify(&raw(secret, Algorithm::HS256, expired))
+                .unwrap_err(),
+            AuthError::Expired
+        );
         let future = serde_json::json!({"sub":"u","exp":now+600,"iat":now+300});
         assert_eq!(
-            t.verify(&raw(secret, Algorithm::HS256, future)).unwrap_err(),
+            t.verify(&raw(secret, Algorithm::HS256, future))
+                .unwrap_err(),
             AuthError::FromTheFuture
         );
         let no_exp = serde_json::json!({"sub":"u","iat":now});

@@ -121,9 +121,15 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("bad config file {path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
     #[error("invalid setting {name}: {why}")]
     Invalid { name: &'static str, why: String },
 }
@@ -253,13 +259,19 @@ impl Config {
             path: shown.clone(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: shown, source })
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: shown,
+            source,
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn positive(name: &'static str, v: u64) -> Result<(), ConfigError> {
             if v == 0 {
-                return Err(ConfigError::Invalid { name, why: "must be at least 1".into() });
+                return Err(ConfigError::Invalid {
+                    name,
+                    why: "must be at least 1".into(),
+                });
             }
             Ok(())
         }
@@ -272,7 +284,10 @@ impl Config {
         positive("max_rooms_per_session", self.max_rooms_per_session as u64)?;
         positive("max_sessions_per_user", self.max_sessions_per_user as u64)?;
         positive("max_room_sessions", self.max_room_sessions as u64)?;
-        positive("max_inflight_per_session", self.max_inflight_per_session as u64)?;
+        positive(
+            "max_inflight_per_session",
+            self.max_inflight_per_session as u64,
+        )?;
         positive("replay_limit", u64::from(self.replay_limit))?;
         positive("max_text_chars", self.max_text_chars as u64)?;
         positive("store_batch_max", self.store_batch_max as u64)?;
@@ -284,7 +299,10 @@ impl Config {
                 why: "rate must be > 0 and burst >= 1".into(),
             });
         }
-        if !matches!(self.sqlite_synchronous.as_str(), "full" | "normal" | "extra") {
+        if !matches!(
+            self.sqlite_synchronous.as_str(),
+            "full" | "normal" | "extra"
+        ) {
             return Err(ConfigError::Invalid {
                 name: "sqlite_synchronous",
                 why: "must be full, normal or extra".into(),
@@ -328,7 +346,11 @@ mod tests {
     #[test]
     fn flags_beat_file_and_file_beats_defaults() {
         let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(file, "addr = \"127.0.0.1:9000\"\nreplay_limit = 5\nheartbeat_s = 7").unwrap();
+        writeln!(
+            file,
+            "addr = \"127.0.0.1:9000\"\nreplay_limit = 5\nheartbeat_s = 7"
+        )
+        .unwrap();
         let args = ServeArgs {
             config: Some(file.path().to_owned()),
             replay_limit: Some(9),
@@ -345,14 +367,32 @@ mod tests {
     fn rejects_unknown_keys_and_bad_values() {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         writeln!(file, "no_such_key = 1").unwrap();
-        let args = ServeArgs { config: Some(file.path().to_owned()), ..Default::default() };
-        assert!(matches!(Config::load(&args), Err(ConfigError::Parse { .. })));
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::load(&args),
+            Err(ConfigError::Parse { .. })
+        ));
 
-        let args = ServeArgs { outbox_frames: Some(0), ..Default::default() };
-        assert!(matches!(Config::load(&args), Err(ConfigError::Invalid { .. })));
-        let args = ServeArgs { database_url: Some("mysql://x".into()), ..Default::default() };
+        let args = ServeArgs {
+            outbox_frames: Some(0),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::load(&args),
+            Err(ConfigError::Invalid { .. })
+        ));
+        let args = ServeArgs {
+            database_url: Some("mysql://x".into()),
+            ..Default::default()
+        };
         assert!(Config::load(&args).is_err());
-        let args = ServeArgs { jwt_secret: Some("short".into()), ..Default::default() };
+        let args = ServeArgs {
+            jwt_secret: Some("short".into()),
+            ..Default::default()
+        };
         assert!(Config::load(&args).is_err());
     }
 }

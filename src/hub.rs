@@ -7,9 +7,7 @@
 //! tokens or sockets (only the frame type the sockets take).
 
 use crate::metrics::Metrics;
-use crate::protocol::{
-    self, PresenceState, RoomId, ServerMsg, SessionId, UserId, UserRef, close,
-};
+use crate::protocol::{self, PresenceState, RoomId, ServerMsg, SessionId, UserId, UserRef, close};
 use crate::store::CommittedEvent;
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
@@ -39,7 +37,15 @@ impl SessionHandle {
         outbox: mpsc::Sender<Frame>,
     ) -> (Arc<Self>, watch::Receiver<u16>) {
         let (close, rx) = watch::channel(0);
-        (Arc::new(Self { id, user, outbox, close }), rx)
+        (
+            Arc::new(Self {
+                id,
+                user,
+                outbox,
+                close,
+            }),
+            rx,
+        )
     }
 
     /// Asks the session to close with `code`; the first code asked for wins.
@@ -88,7 +94,14 @@ struct RoomState {
 
 impl RoomState {
     /// Queues `frame` to every joined session except `skip_user`'s.
-    fn fan_out(&mut self, frame: &Frame, seq: Option<i64>, skip_user: Option<&UserId>, gate_cap: usize, metrics: &Metrics) -> u64 {
+    fn fan_out(
+        &mut self,
+        frame: &Frame,
+        seq: Option<i64>,
+        skip_user: Option<&UserId>,
+        gate_cap: usize,
+        metrics: &Metrics,
+    ) -> u64 {
         let mut delivered = 0;
         for m in self.sessions.values_mut() {
             if skip_user == Some(&m.user.id) {
@@ -181,7 +194,12 @@ impl Hub {
 
     /// Joins `handle` to `room`, gated: live events are held until [`Hub::open_gate`].
     /// Re-joining a room the session is already in re-gates it (a resync).
-    pub fn join(&self, room: &RoomId, handle: &Arc<SessionHandle>, user: UserRef) -> Result<Joined, HubError> {
+    pub fn join(
+        &self,
+        room: &RoomId,
+        handle: &Arc<SessionHandle>,
+        user: UserRef,
+    ) -> Result<Joined, HubError> {
         let mut state = self.rooms.entry(room.clone()).or_default();
         let state = &mut *state;
         if let Some(m) = state.sessions.get_mut(&handle.id) {
@@ -192,7 +210,11 @@ impl Hub {
             }
             state.sessions.insert(
                 handle.id.clone(),
-                Member { handle: handle.clone(), user: user.clone(), gate: Some(Vec::new()) },
+                Member {
+                    handle: handle.clone(),
+                    user: user.clone(),
+                    gate: Some(Vec::new()),
+                },
             );
             let first = match state.online.entry(user.id.clone()) {
                 Entry::Occupied(mut e) => {
@@ -221,8 +243,12 @@ impl Hub {
     /// Releases the frames held for a gated session: those with seq <= `delivered_seq` were
     /// already sent by the replay and are dropped; the rest go out in order.
     pub fn open_gate(&self, room: &RoomId, session: &SessionId, delivered_seq: i64) {
-        let Some(mut state) = self.rooms.get_mut(room) else { return };
-        let Some(m) = state.sessions.get_mut(session) else { return };
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let Some(m) = state.sessions.get_mut(session) else {
+            return;
+        };
         let Some(held) = m.gate.take() else { return };
         for (seq, frame) in held {
             if seq.is_some_and(|s| s <= delivered_seq) {
@@ -236,8 +262,12 @@ impl Hub {
 
     /// Removes a session from a room; the user's last session leaving announces `offline`.
     pub fn leave(&self, room: &RoomId, session: &SessionId) -> bool {
-        let Some(mut state) = self.rooms.get_mut(room) else { return false };
-        let Some(member) = state.sessions.remove(session) else { return false };
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        let Some(member) = state.sessions.remove(session) else {
+            return false;
+        };
         let uid = member.user.id.clone();
         let last = match state.online.get_mut(&uid) {
             Some((_, n)) if *n > 1 => {
@@ -299,17 +329,33 @@ mod tests {
     use super::*;
 
     fn user(id: &str) -> UserRef {
-        UserRef { id: id.into(), name: id.to_uppercase(), role: "member".into() }
+        UserRef {
+            id: id.into(),
+            name: id.to_uppercase(),
+            role: "member".into(),
+        }
     }
 
-    fn session(id: &str, uid: &str, cap: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Frame>, watch::Receiver<u16>) {
+    fn session(
+        id: &str,
+        uid: &str,
+        cap: usize,
+    ) -> (
+        Arc<SessionHandle>,
+        mpsc::Receiver<Frame>,
+        watch::Receiver<u16>,
+    ) {
         let (tx, rx) = mpsc::channel(cap);
         let (h, close) = SessionHandle::new(id.into(), uid.into(), tx);
         (h, rx, close)
     }
 
     fn ev(room: &str, seq: i64) -> CommittedEvent {
-        CommittedEvent { room: room.into(), seq, json: format!("{{\"seq\":{seq}}}") }
+        CommittedEvent {
+            room: room.into(),
+            seq,
+            json: format!("{{\"seq\":{seq}}}"),
+        }
     }
 
     fn drain(rx: &mut mpsc::Receiver<Frame>) -> Vec<String> {

@@ -73,7 +73,9 @@ impl Drop for SessionGuard {
 
 /// A random 256-bit secret, hex-encoded.
 pub fn random_secret() -> String {
-    (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+    (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
 }
 
 /// The token secret: the configured one, else the one kept in the store (created on first use).
@@ -96,7 +98,12 @@ impl App {
         ));
         let publish_to = hub.clone();
         let hook: store::CommitHook = Arc::new(move |ev| publish_to.publish(ev));
-        let store = Store::open(&StoreOptions::from_config(&config), metrics.clone(), Some(hook)).await?;
+        let store = Store::open(
+            &StoreOptions::from_config(&config),
+            metrics.clone(),
+            Some(hook),
+        )
+        .await?;
         let secret = token_secret(&config, &store).await?;
         Ok(Arc::new(Self {
             tokens: auth::Tokens::new(secret.as_bytes()),

@@ -9,7 +9,11 @@ use studyhall::store::{Store, StoreOptions};
 use studyhall::{App, auth};
 
 #[derive(Parser)]
-#[command(name = "studyhall", version, about = "Real-time chat and live sessions for online education")]
+#[command(
+    name = "studyhall",
+    version,
+    about = "Real-time chat and live sessions for online education"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -18,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create or upgrade the database schema, then exit.
     Migrate(DbArgs),
     /// Print a signed client token (for development and scripts).
@@ -146,7 +150,8 @@ async fn main() -> anyhow::Result<()> {
                 RoleArg::Admin => PlatformRole::Admin,
             };
             let name = t.name.unwrap_or_else(|| t.user.clone());
-            let token = auth::Tokens::new(secret.as_bytes()).sign(&t.user, &name, role, rooms, ttl)?;
+            let token =
+                auth::Tokens::new(secret.as_bytes()).sign(&t.user, &name, role, rooms, ttl)?;
             println!("{token}");
             Ok(())
         }

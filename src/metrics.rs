@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the commit-latency histogram buckets.
-const COMMIT_BUCKETS_S: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+const COMMIT_BUCKETS_S: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 /// Upper bounds of the batch-size histogram buckets.
 const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0];
 
@@ -50,7 +52,11 @@ impl<const N: usize> Histogram<N> {
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micro.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micro.load(Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count {count}");
     }
 }
@@ -105,20 +111,59 @@ impl Metrics {
         let mut gauge = |name: &str, help: &str, v: i64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
-        gauge("studyhall_connections", "Open WebSocket connections.", self.connections_open.load(Relaxed));
+        gauge(
+            "studyhall_connections",
+            "Open WebSocket connections.",
+            self.connections_open.load(Relaxed),
+        );
         gauge("studyhall_sessions", "Signed-in sessions.", sessions as i64);
-        gauge("studyhall_rooms_active", "Rooms with at least one joined session.", rooms as i64);
+        gauge(
+            "studyhall_rooms_active",
+            "Rooms with at least one joined session.",
+            rooms as i64,
+        );
         let counters: [(&str, &str, u64); 7] = [
-            ("studyhall_connections_total", "WebSocket connections accepted.", self.connections_total.load(Relaxed)),
-            ("studyhall_events_published_total", "Room events fanned out.", self.events_published.load(Relaxed)),
-            ("studyhall_deliveries_total", "Frames queued to sessions by fan-out.", self.deliveries.load(Relaxed)),
-            ("studyhall_slow_consumer_closes_total", "Sessions closed 4008 for a full outbox.", self.slow_consumer_closes.load(Relaxed)),
-            ("studyhall_rate_limited_total", "Commands refused by the rate limit.", self.rate_limited.load(Relaxed)),
-            ("studyhall_frames_too_large_total", "Connections closed 1009.", self.frames_too_large.load(Relaxed)),
-            ("studyhall_auth_failures_total", "Connections closed 4001.", self.auth_failures.load(Relaxed)),
+            (
+                "studyhall_connections_total",
+                "WebSocket connections accepted.",
+                self.connections_total.load(Relaxed),
+            ),
+            (
+                "studyhall_events_published_total",
+                "Room events fanned out.",
+                self.events_published.load(Relaxed),
+            ),
+            (
+                "studyhall_deliveries_total",
+                "Frames queued to sessions by fan-out.",
+                self.deliveries.load(Relaxed),
+            ),
+            (
+                "studyhall_slow_consumer_closes_total",
+                "Sessions closed 4008 for a full outbox.",
+                self.slow_consumer_closes.load(Relaxed),
+            ),
+            (
+                "studyhall_rate_limited_total",
+                "Commands refused by the rate limit.",
+                self.rate_limited.load(Relaxed),
+            ),
+            (
+                "studyhall_frames_too_large_total",
+                "Connections closed 1009.",
+                self.frames_too_large.load(Relaxed),
+            ),
+            (
+                "studyhall_auth_failures_total",
+                "Connections closed 4001.",
+                self.auth_failures.load(Relaxed),
+            ),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         }
         let _ = writeln!(
             out,
@@ -132,7 +177,11 @@ impl Metrics {
                 self.commands[i].load(Relaxed)
             );
         }
-        self.batch_size.render(&mut out, "studyhall_store_batch_rows", "Writes per group commit.");
+        self.batch_size.render(
+            &mut out,
+            "studyhall_store_batch_rows",
+            "Writes per group commit.",
+        );
         self.commit_latency.render(
             &mut out,
             "studyhall_store_commit_seconds",

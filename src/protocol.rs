@@ -554,7 +554,13 @@ mod tests {
             serde_json::from_str(r#"{"type":"join","rid":7,"room":"r1","after_seq":3,"x":1}"#)
                 .unwrap();
         assert_eq!(f.rid, Some(7));
-        assert!(matches!(f.msg, ClientMsg::Join { after_seq: Some(3), .. }));
+        assert!(matches!(
+            f.msg,
+            ClientMsg::Join {
+                after_seq: Some(3),
+                ..
+            }
+        ));
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"join","room":5}"#).is_err());
         assert_eq!(salvage_rid(r#"{"type":"nope","rid":9}"#), Some(9));
@@ -567,7 +573,11 @@ mod tests {
             seq: 4,
             event: RoomEvent::Message {
                 id: "m1".into(),
-                from: UserRef { id: "u".into(), name: "U".into(), role: "member".into() },
+                from: UserRef {
+                    id: "u".into(),
+                    name: "U".into(),
+                    role: "member".into(),
+                },
                 text: "hi".into(),
                 reply_to: None,
                 ts: 1,
@@ -593,7 +603,8 @@ mod tests {
         struct R {
             seq: i64,
         }
-        let v: serde_json::Value = serde_json::from_str(&encode_ok(Some(3), &R { seq: 9 })).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&encode_ok(Some(3), &R { seq: 9 })).unwrap();
         assert_eq!(v["type"], "ok");
         assert_eq!(v["rid"], 3);
         assert_eq!(v["seq"], 9);

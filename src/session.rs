@@ -83,12 +83,18 @@ struct TokenBucket {
 
 impl TokenBucket {
     fn new(rate: f64, burst: f64) -> Self {
-        Self { tokens: burst, rate, burst, last: Instant::now() }
+        Self {
+            tokens: burst,
+            rate,
+            burst,
+            last: Instant::now(),
+        }
     }
 
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -123,7 +129,11 @@ impl Strikes {
 
 fn error_frame(rid: Option<i64>, err: &Error) -> String {
     let message = err.public_message();
-    protocol::encode(&ServerMsg::Error { rid, code: err.code(), message: &message })
+    protocol::encode(&ServerMsg::Error {
+        rid,
+        code: err.code(),
+        message: &message,
+    })
 }
 
 fn close_reason(code: u16) -> &'static str {
@@ -139,13 +149,23 @@ fn close_reason(code: u16) -> &'static str {
 }
 
 async fn close_with(sink: &mut SplitSink<WebSocket, Message>, code: u16, reason: &str) {
-    let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
-    let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(Message::Close(Some(frame)))).await;
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        sink.send(Message::Close(Some(frame))),
+    )
+    .await;
     let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
 }
 
 /// Reads the `hello`; on any failure the connection is closed with the returned code.
-async fn handshake(app: &App, stream: &mut SplitStream<WebSocket>) -> Result<Identity, (u16, String)> {
+async fn handshake(
+    app: &App,
+    stream: &mut SplitStream<WebSocket>,
+) -> Result<Identity, (u16, String)> {
     let deadline = Duration::from_millis(app.config.hello_timeout_ms);
     let unauthorized = |why: &str| (close::UNAUTHORIZED, why.to_owned());
     let msg = match tokio::time::timeout(deadline, stream.next()).await {
@@ -164,7 +184,10 @@ async fn handshake(app: &App, stream: &mut SplitStream<WebSocket>) -> Result<Ide
         return Err(unauthorized("first frame must be a hello text frame"));
     };
     match serde_json::from_str::<ClientFrame>(text.as_str()) {
-        Ok(ClientFrame { msg: ClientMsg::Hello { token }, .. }) => app
+        Ok(ClientFrame {
+            msg: ClientMsg::Hello { token },
+            ..
+        }) => app
             .tokens
             .verify(&token)
             .map_err(|e| unauthorized(&e.to_string())),
@@ -190,7 +213,9 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
             if code == close::UNAUTHORIZED {
                 app.metrics.auth_failures.fetch_add(1, Relaxed);
                 let err = Error::Unauthorized(why.clone());
-                let _ = sink.send(Message::Text(error_frame(None, &err).into())).await;
+                let _ = sink
+                    .send(Message::Text(error_frame(None, &err).into()))
+                    .await;
             } else {
                 app.metrics.frames_too_large.fetch_add(1, Relaxed);
             }
@@ -206,8 +231,15 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
     let (handle, close_rx) = SessionHandle::new(sid.clone(), me.user.clone(), outbox.clone());
     if let Err(e) = app.hub.register(handle.clone()) {
         let err = Error::RateLimited(e.to_string());
-        let _ = sink.send(Message::Text(error_frame(None, &err).into())).await;
-        close_with(&mut sink, close::RATE_LIMITED, "too many sessions for this user").await;
+        let _ = sink
+            .send(Message::Text(error_frame(None, &err).into()))
+            .await;
+        close_with(
+            &mut sink,
+            close::RATE_LIMITED,
+            "too many sessions for this user",
+        )
+        .await;
         app.metrics.connections_open.fetch_sub(1, Relaxed);
         return;
     }
@@ -224,7 +256,14 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
         app.config.heartbeat(),
         app.config.write_batch_frames,
     ));
-    let mut ctx = Ctx { app: app.clone(), me, handle: handle.clone(), outbox, close: close_rx, joined: HashMap::new() };
+    let mut ctx = Ctx {
+        app: app.clone(),
+        me,
+        handle: handle.clone(),
+        outbox,
+        close: close_rx,
+        joined: HashMap::new(),
+    };
     if ctx.push(welcome).await {
         read_loop(&mut ctx, &mut stream).await;
     }
@@ -248,7 +287,11 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     let idle = cfg.heartbeat() * 2;
     let max_inflight = cfg.max_inflight_per_session;
     let mut bucket = TokenBucket::new(cfg.rate_per_s, cfg.rate_burst);
-    let mut strikes = Strikes { window_start: Instant::now(), count: 0, limit: cfg.abuse_strikes };
+    let mut strikes = Strikes {
+        window_start: Instant::now(),
+        count: 0,
+        limit: cfg.abuse_strikes,
+    };
     let mut inflight: FuturesUnordered<Deferred> = FuturesUnordered::new();
     let mut close = ctx.close.clone();
     let mut deadline = tokio::time::Instant::now() + idle;
@@ -354,7 +397,9 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     })
     .await;
     if *ctx.close.borrow() == close::GOING_AWAY {
-        let _ = ctx.outbox.try_send(protocol::encode(&ServerMsg::Bye { reason: "shutdown" }).into());
+        let _ = ctx
+            .outbox
+            .try_send(protocol::encode(&ServerMsg::Bye { reason: "shutdown" }).into());
     }
 }
 

@@ -14,7 +14,9 @@ fn writable(ctx: &Ctx, room: &RoomId) -> Result<protocol::RoomRole> {
     check_room_id(room)?;
     let role = ctx.joined_role(room)?;
     if !role.can_write() {
-        return Err(Error::Forbidden("viewers are read-only in this room".into()));
+        return Err(Error::Forbidden(
+            "viewers are read-only in this room".into(),
+        ));
     }
     Ok(role)
 }
@@ -25,7 +27,9 @@ fn check_text(ctx: &Ctx, text: &str) -> Result<()> {
     }
     let max = ctx.app.config.max_text_chars;
     if text.chars().count() > max {
-        return Err(Error::TooLarge(format!("text is longer than {max} characters")));
+        return Err(Error::TooLarge(format!(
+            "text is longer than {max} characters"
+        )));
     }
     Ok(())
 }
@@ -57,7 +61,9 @@ pub(super) async fn send(
     check_text(ctx, &text)?;
     let max_cid = ctx.app.config.max_client_msg_id_chars;
     if client_msg_id.is_empty() || client_msg_id.chars().count() > max_cid {
-        return Err(Error::bad_request(format!("client_msg_id must be 1..={max_cid} characters")));
+        return Err(Error::bad_request(format!(
+            "client_msg_id must be 1..={max_cid} characters"
+        )));
     }
     if let Some(r) = &reply_to {
         check_message_id(r)?;
@@ -73,19 +79,40 @@ pub(super) async fn send(
     Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
 }
 
-pub(super) async fn edit(ctx: &mut Ctx, rid: Option<i64>, room: RoomId, id: MessageId, text: String) -> Result<Outcome> {
+pub(super) async fn edit(
+    ctx: &mut Ctx,
+    rid: Option<i64>,
+    room: RoomId,
+    id: MessageId,
+    text: String,
+) -> Result<Outcome> {
     let role = writable(ctx, &room)?;
     check_message_id(&id)?;
     check_text(ctx, &text)?;
-    let op = WriteOp::Edit { room, id, by: ctx.me.room_ref(role), text };
+    let op = WriteOp::Edit {
+        room,
+        id,
+        by: ctx.me.room_ref(role),
+        text,
+    };
     let rx = ctx.app.store.submit(op).await?;
     Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
 }
 
-pub(super) async fn delete(ctx: &mut Ctx, rid: Option<i64>, room: RoomId, id: MessageId) -> Result<Outcome> {
+pub(super) async fn delete(
+    ctx: &mut Ctx,
+    rid: Option<i64>,
+    room: RoomId,
+    id: MessageId,
+) -> Result<Outcome> {
     let role = writable(ctx, &room)?;
     check_message_id(&id)?;
-    let op = WriteOp::Delete { room, id, by: ctx.me.room_ref(role), as_moderator: role.can_moderate() };
+    let op = WriteOp::Delete {
+        room,
+        id,
+        by: ctx.me.room_ref(role),
+        as_moderator: role.can_moderate(),
+    };
     let rx = ctx.app.store.submit(op).await?;
     Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
 }
@@ -103,7 +130,9 @@ pub(super) async fn react(
     let max = ctx.app.config.max_emoji_chars;
     let n = emoji.chars().count();
     if n == 0 || n > max || emoji.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::bad_request(format!("emoji must be 1..={max} characters without spaces")));
+        return Err(Error::bad_request(format!(
+            "emoji must be 1..={max} characters without spaces"
+        )));
     }
     let op = WriteOp::React {
         room,
@@ -117,22 +146,36 @@ pub(super) async fn react(
     Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
 }
 
-pub(super) async fn history(ctx: &mut Ctx, room: RoomId, before_seq: Option<i64>, limit: Option<u32>) -> Result<Outcome> {
+pub(super) async fn history(
+    ctx: &mut Ctx,
+    room: RoomId,
+    before_seq: Option<i64>,
+    limit: Option<u32>,
+) -> Result<Outcome> {
     readable_role(ctx, &room).await?;
     let limit = limit.unwrap_or(50);
     if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
-        return Err(Error::bad_request(format!("limit must be 1..={HISTORY_MAX_LIMIT}")));
+        return Err(Error::bad_request(format!(
+            "limit must be 1..={HISTORY_MAX_LIMIT}"
+        )));
     }
     if matches!(before_seq, Some(s) if s < 1) {
         return Err(Error::bad_request("before_seq must be >= 1"));
     }
-    let page = ctx.app.store.events_before(&room, before_seq, limit).await?;
+    let page = ctx
+        .app
+        .store
+        .events_before(&room, before_seq, limit)
+        .await?;
     Ok(Outcome::OkRaw(page.json_fields()))
 }
 
 pub(super) fn typing(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     let role = writable(ctx, &room)?;
-    let frame = Frame::from(protocol::encode(&ServerMsg::Typing { room: &room, user: &ctx.me.room_ref(role) }));
+    let frame = Frame::from(protocol::encode(&ServerMsg::Typing {
+        room: &room,
+        user: &ctx.me.room_ref(role),
+    }));
     ctx.app.hub.notify_others(&room, &ctx.me.user, &frame);
     Ok(Outcome::Ok(json!({})))
 }
@@ -142,12 +185,20 @@ pub(super) async fn read(ctx: &mut Ctx, room: RoomId, seq: i64) -> Result<Outcom
     if seq < 0 {
         return Err(Error::bad_request("seq must be >= 0"));
     }
-    ctx.app.store.set_read_marker(&room, &ctx.me.user, seq).await?;
+    ctx.app
+        .store
+        .set_read_marker(&room, &ctx.me.user, seq)
+        .await?;
     Ok(Outcome::Ok(json!({})))
 }
 
 pub(super) async fn rooms(ctx: &mut Ctx) -> Result<Outcome> {
-    let grants: Vec<_> = ctx.me.grants.iter().map(|(r, role)| (r.clone(), *role)).collect();
+    let grants: Vec<_> = ctx
+        .me
+        .grants
+        .iter()
+        .map(|(r, role)| (r.clone(), *role))
+        .collect();
     let rooms = ctx.app.store.user_rooms(&ctx.me.user, &grants).await?;
     Ok(Outcome::Ok(json!({ "rooms": rooms })))
 }

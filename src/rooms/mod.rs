@@ -26,18 +26,23 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         }
         ClientMsg::Join { room, after_seq } => join(ctx, rid, room, after_seq).await,
         ClientMsg::Leave { room } => leave(ctx, room),
-        ClientMsg::Send { room, text, client_msg_id, reply_to } => {
-            chat::send(ctx, rid, room, text, client_msg_id, reply_to).await
-        }
+        ClientMsg::Send {
+            room,
+            text,
+            client_msg_id,
+            reply_to,
+        } => chat::send(ctx, rid, room, text, client_msg_id, reply_to).await,
         ClientMsg::Edit { room, id, text } => chat::edit(ctx, rid, room, id, text).await,
         ClientMsg::Delete { room, id } => chat::delete(ctx, rid, room, id).await,
         ClientMsg::React { room, id, emoji } => chat::react(ctx, rid, room, id, emoji, true).await,
         ClientMsg::Unreact { room, id, emoji } => {
             chat::react(ctx, rid, room, id, emoji, false).await
         }
-        ClientMsg::History { room, before_seq, limit } => {
-            chat::history(ctx, room, before_seq, limit).await
-        }
+        ClientMsg::History {
+            room,
+            before_seq,
+            limit,
+        } => chat::history(ctx, room, before_seq, limit).await,
         ClientMsg::Typing { room } => chat::typing(ctx, room),
         ClientMsg::Read { room, seq } => chat::read(ctx, room, seq).await,
         ClientMsg::Rooms => chat::rooms(ctx).await,
@@ -48,7 +53,9 @@ pub(crate) fn check_room_id(room: &RoomId) -> Result<()> {
     if valid_room_id(room.as_str()) {
         Ok(())
     } else {
-        Err(Error::bad_request("room ids are 1..=64 characters of A-Z a-z 0-9 _ . -"))
+        Err(Error::bad_request(
+            "room ids are 1..=64 characters of A-Z a-z 0-9 _ . -",
+        ))
     }
 }
 
@@ -75,19 +82,31 @@ pub(crate) async fn readable_role(ctx: &Ctx, room: &RoomId) -> Result<RoomRole> 
     if let Some(role) = ctx.joined.get(room) {
         return Ok(*role);
     }
-    let stored = ctx.app.store.room(room).await?.ok_or_else(|| Error::NotFound(format!("room {room} not found")))?;
+    let stored = ctx
+        .app
+        .store
+        .room(room)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("room {room} not found")))?;
     match resolve_role(ctx, &stored).await? {
         (Some(role), _) => Ok(role),
         (None, _) => Err(Error::Forbidden("this room is invite-only".into())),
     }
 }
 
-async fn join(ctx: &mut Ctx, rid: Option<i64>, room_id: RoomId, after_seq: Option<i64>) -> Result<Outcome> {
+async fn join(
+    ctx: &mut Ctx,
+    rid: Option<i64>,
+    room_id: RoomId,
+    after_seq: Option<i64>,
+) -> Result<Outcome> {
     check_room_id(&room_id)?;
     if matches!(after_seq, Some(s) if s < 0) {
         return Err(Error::bad_request("after_seq must be >= 0"));
     }
-    if !ctx.joined.contains_key(&room_id) && ctx.joined.len() >= ctx.app.config.max_rooms_per_session {
+    if !ctx.joined.contains_key(&room_id)
+        && ctx.joined.len() >= ctx.app.config.max_rooms_per_session
+    {
         return Err(Error::Forbidden(format!(
             "a session may join at most {} rooms",
             ctx.app.config.max_rooms_per_session
@@ -103,7 +122,10 @@ async fn join(ctx: &mut Ctx, rid: Option<i64>, room_id: RoomId, after_seq: Optio
     let role = role.ok_or_else(|| Error::Forbidden("this room is invite-only".into()))?;
     if !stored && ctx.me.role != PlatformRole::Admin {
         // Joining an open room (or via a token grant) makes it one of the user's rooms.
-        ctx.app.store.ensure_member(&room_id, &ctx.me.user, role).await?;
+        ctx.app
+            .store
+            .ensure_member(&room_id, &ctx.me.user, role)
+            .await?;
     }
 
     // Gate first, read the store second: anything committed after the gate is either in the
@@ -133,8 +155,16 @@ async fn replay_and_reply(
     let last_seq = ctx.app.store.last_seq(&room.id).await?;
     let (page, gap) = match after_seq {
         Some(after) => {
-            let page = ctx.app.store.events_after(&room.id, after, ctx.app.config.replay_limit).await?;
-            if page.has_more { (None, true) } else { (Some(page), false) }
+            let page = ctx
+                .app
+                .store
+                .events_after(&room.id, after, ctx.app.config.replay_limit)
+                .await?;
+            if page.has_more {
+                (None, true)
+            } else {
+                (Some(page), false)
+            }
         }
         None => (None, false),
     };

@@ -16,8 +16,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{RoomId, RoomKind, RoomRole, UserId, Visibility};
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
-use sqlx::any::AnyRow;
 use sqlx::Row;
+use sqlx::any::AnyRow;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -194,7 +194,8 @@ fn room_from_row(row: &AnyRow) -> Result<Room> {
     let visibility: String = row.try_get("visibility")?;
     Ok(Room {
         id: RoomId(row.try_get("id")?),
-        kind: RoomKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("room kind {kind}")))?,
+        kind: RoomKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("room kind {kind}")))?,
         title: row.try_get("title")?,
         visibility: Visibility::parse(&visibility)
             .ok_or_else(|| StoreError::Corrupt(format!("room visibility {visibility}")))?,
@@ -274,7 +275,10 @@ impl Store {
 
     /// Submits a write and waits for its commit.
     pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome> {
-        self.submit(op).await?.await.map_err(|_| StoreError::Closed)?
+        self.submit(op)
+            .await?
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// Stops taking writes, commits everything already queued and waits for the writer.
@@ -308,13 +312,21 @@ impl Store {
         .execute(self.pool())
         .await?;
         if res.rows_affected() == 0 {
-            return Err(StoreError::Conflict(format!("room {} already exists", room.id)));
+            return Err(StoreError::Conflict(format!(
+                "room {} already exists",
+                room.id
+            )));
         }
-        self.room(&room.id).await?.ok_or(StoreError::NotFound("room"))
+        self.room(&room.id)
+            .await?
+            .ok_or(StoreError::NotFound("room"))
     }
 
     pub async fn room(&self, id: &RoomId) -> Result<Option<Room>> {
-        let row = sqlx::query(SELECT_ROOM).bind(id.as_str()).fetch_optional(self.pool()).await?;
+        let row = sqlx::query(SELECT_ROOM)
+            .bind(id.as_str())
+            .fetch_optional(self.pool())
+            .await?;
         row.as_ref().map(room_from_row).transpose()
     }
 
@@ -419,7 +431,12 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         rows.iter()
-            .map(|r| Ok((UserId(r.try_get("user_id")?), parse_role(&r.try_get::<String, _>("role")?)?)))
+            .map(|r| {
+                Ok((
+                    UserId(r.try_get("user_id")?),
+                    parse_role(&r.try_get::<String, _>("role")?)?,
+                ))
+            })
             .collect()
     }
 
@@ -517,7 +534,12 @@ impl Store {
 
     /// Events with `seq > after_seq`, oldest first, at most `limit`; `has_more` when there are
     /// more after the page.
-    pub async fn events_after(&self, room: &RoomId, after_seq: i64, limit: u32) -> Result<EventPage> {
+    pub async fn events_after(
+        &self,
+        room: &RoomId,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<EventPage> {
         let mut events: Vec<String> = sqlx::query_scalar(
             "SELECT body FROM events WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
@@ -557,12 +579,18 @@ impl Store {
 
     /// Returns the stored value of `key`, storing `make()` first if there is none. Safe when
     /// several processes race: the first insert wins and everyone reads it back.
-    pub async fn setting_or_insert(&self, key: &str, make: impl FnOnce() -> String) -> Result<String> {
-        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
-            .bind(key)
-            .bind(make())
-            .execute(self.pool())
-            .await?;
+    pub async fn setting_or_insert(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> String,
+    ) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(make())
+        .execute(self.pool())
+        .await?;
         let v: String = sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
             .bind(key)
             .fetch_one(self.pool())
@@ -572,7 +600,9 @@ impl Store {
 
     /// Cheap liveness probe for `/healthz`.
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query_scalar::<_, i64>("SELECT 1").fetch_one(self.pool()).await?;
+        sqlx::query_scalar::<_, i64>("SELECT 1")
+            .fetch_one(self.pool())
+            .await?;
         Ok(())
     }
 }

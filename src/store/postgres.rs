@@ -4,8 +4,8 @@
 
 use super::{Result, StoreOptions};
 use sqlx::AnyPool;
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::ConnectOptions;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use std::str::FromStr;
 
 /// How a batched write transaction begins on PostgreSQL (READ COMMITTED is enough: every

@@ -24,7 +24,9 @@ pub(super) async fn connect(opts: &StoreOptions) -> Result<AnyPool> {
         "extra" => "PRAGMA synchronous = EXTRA",
         "full" => "PRAGMA synchronous = FULL",
         other => {
-            return Err(StoreError::BadRequest(format!("sqlite_synchronous {other:?}")));
+            return Err(StoreError::BadRequest(format!(
+                "sqlite_synchronous {other:?}"
+            )));
         }
     };
     let pool = AnyPoolOptions::new()

@@ -8,9 +8,7 @@
 
 use super::{Backend, Result, StoreError, now_ms, postgres, sqlite};
 use crate::metrics::Metrics;
-use crate::protocol::{
-    MessageId, ReactionCount, RoomEvent, RoomId, SequencedEvent, UserRef,
-};
+use crate::protocol::{MessageId, ReactionCount, RoomEvent, RoomId, SequencedEvent, UserRef};
 use sqlx::AnyPool;
 use sqlx::any::Any;
 use sqlx::{Row, Transaction};
@@ -78,7 +76,12 @@ impl WriteOp {
 pub enum WriteOutcome {
     /// A message was stored (or, `duplicate`, had been stored before under the same
     /// `client_msg_id`: this is the first write's result and nothing new was published).
-    Sent { id: MessageId, seq: i64, ts: i64, duplicate: bool },
+    Sent {
+        id: MessageId,
+        seq: i64,
+        ts: i64,
+        duplicate: bool,
+    },
     /// A new event with this seq was committed.
     Changed { seq: i64 },
     /// The write changed nothing (reacting twice, unreacting what was not there, deleting a
@@ -87,7 +90,10 @@ pub enum WriteOutcome {
 }
 
 pub(super) enum Request {
-    Op { op: WriteOp, reply: oneshot::Sender<Result<WriteOutcome>> },
+    Op {
+        op: WriteOp,
+        reply: oneshot::Sender<Result<WriteOutcome>>,
+    },
     /// Sent by `Store::close`: commit what is queued, then stop.
     Shutdown,
 }
@@ -112,7 +118,12 @@ pub(super) async fn run(
         Backend::Sqlite => sqlite::BEGIN_WRITE,
         Backend::Postgres => postgres::BEGIN_WRITE,
     };
-    let w = Writer { pool, begin, hook, metrics };
+    let w = Writer {
+        pool,
+        begin,
+        hook,
+        metrics,
+    };
     let mut batch: Vec<Pending> = Vec::with_capacity(batch_max);
     let mut stopping = false;
     while let Some(first) = rx.recv().await {
@@ -267,7 +278,11 @@ async fn insert_event(
         RoomEvent::MessageDeleted { .. } => "message_deleted",
         RoomEvent::Reaction { .. } => "reaction",
     };
-    let json = crate::protocol::encode(&SequencedEvent { room: room.clone(), seq, event });
+    let json = crate::protocol::encode(&SequencedEvent {
+        room: room.clone(),
+        seq,
+        event,
+    });
     sqlx::query(
         "INSERT INTO events (room_id, seq, ts, kind, message_id, body) VALUES ($1, $2, $3, $4, $5, $6)",
     )
@@ -279,7 +294,11 @@ async fn insert_event(
     .bind(json.as_str())
     .execute(&mut **tx)
     .await?;
-    Ok(CommittedEvent { room: room.clone(), seq, json })
+    Ok(CommittedEvent {
+        room: room.clone(),
+        seq,
+        json,
+    })
 }
 
 struct MessageRow {
@@ -289,12 +308,13 @@ struct MessageRow {
 }
 
 async fn load_message(tx: &mut Tx, room: &RoomId, id: &MessageId) -> Result<MessageRow> {
-    let row = sqlx::query("SELECT sender_id, seq, deleted FROM messages WHERE id = $1 AND room_id = $2")
-        .bind(id.as_str())
-        .bind(room.as_str())
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or(StoreError::NotFound("message"))?;
+    let row =
+        sqlx::query("SELECT sender_id, seq, deleted FROM messages WHERE id = $1 AND room_id = $2")
+            .bind(id.as_str())
+            .bind(room.as_str())
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or(StoreError::NotFound("message"))?;
     Ok(MessageRow {
         sender: row.try_get("sender_id")?,
         seq: row.try_get("seq")?,
@@ -309,12 +329,13 @@ async fn rewrite_message(
     seq: i64,
     change: impl FnOnce(&mut RoomEvent),
 ) -> Result<()> {
-    let body: String = sqlx::query_scalar("SELECT body FROM events WHERE room_id = $1 AND seq = $2")
-        .bind(room.as_str())
-        .bind(seq)
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or_else(|| StoreError::Corrupt(format!("message event {room}/{seq} missing")))?;
+    let body: String =
+        sqlx::query_scalar("SELECT body FROM events WHERE room_id = $1 AND seq = $2")
+            .bind(room.as_str())
+            .bind(seq)
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("message event {room}/{seq} missing")))?;
     let mut ev: SequencedEvent = serde_json::from_str(&body)
         .map_err(|e| StoreError::Corrupt(format!("event {room}/{seq}: {e}")))?;
     change(&mut ev.event);
@@ -363,13 +384,24 @@ async fn reaction_counts(tx: &mut Tx, id: &MessageId) -> Result<Vec<ReactionCoun
     .fetch_all(&mut **tx)
     .await?;
     rows.iter()
-        .map(|r| Ok(ReactionCount { emoji: r.try_get("emoji")?, count: r.try_get("n")? }))
+        .map(|r| {
+            Ok(ReactionCount {
+                emoji: r.try_get("emoji")?,
+                count: r.try_get("n")?,
+            })
+        })
         .collect()
 }
 
 async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
     match op {
-        WriteOp::Send { room, from, text, client_msg_id, reply_to } => {
+        WriteOp::Send {
+            room,
+            from,
+            text,
+            client_msg_id,
+            reply_to,
+        } => {
             if let Some(cid) = client_msg_id {
                 let prior = sqlx::query(
                     "SELECT id, seq, ts FROM messages \
@@ -429,7 +461,12 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
             };
             let committed = insert_event(tx, room, seq, ts, &id, event).await?;
             Ok(Applied {
-                outcome: WriteOutcome::Sent { id, seq, ts, duplicate: false },
+                outcome: WriteOutcome::Sent {
+                    id,
+                    seq,
+                    ts,
+                    duplicate: false,
+                },
                 event: Some(committed),
             })
         }
@@ -439,22 +476,40 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 return Err(StoreError::NotFound("message"));
             }
             if msg.sender != by.id.as_str() {
-                return Err(StoreError::Forbidden("only the author may edit a message".into()));
+                return Err(StoreError::Forbidden(
+                    "only the author may edit a message".into(),
+                ));
             }
             let seq = bump_seq(tx, room).await?;
             let ts = now_ms();
             rewrite_message(tx, room, msg.seq, |ev| {
-                if let RoomEvent::Message { text: t, edited_ts, .. } = ev {
+                if let RoomEvent::Message {
+                    text: t, edited_ts, ..
+                } = ev
+                {
                     t.clone_from(text);
                     *edited_ts = Some(ts);
                 }
             })
             .await?;
-            let event = RoomEvent::MessageEdited { id: id.clone(), text: text.clone(), by: by.clone(), ts };
+            let event = RoomEvent::MessageEdited {
+                id: id.clone(),
+                text: text.clone(),
+                by: by.clone(),
+                ts,
+            };
             let committed = insert_event(tx, room, seq, ts, id, event).await?;
-            Ok(Applied { outcome: WriteOutcome::Changed { seq }, event: Some(committed) })
+            Ok(Applied {
+                outcome: WriteOutcome::Changed { seq },
+                event: Some(committed),
+            })
         }
-        WriteOp::Delete { room, id, by, as_moderator } => {
+        WriteOp::Delete {
+            room,
+            id,
+            by,
+            as_moderator,
+        } => {
             let msg = load_message(tx, room, id).await?;
             if msg.sender != by.id.as_str() && !as_moderator {
                 return Err(StoreError::Forbidden(
@@ -462,7 +517,10 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 ));
             }
             if msg.deleted {
-                return Ok(Applied { outcome: WriteOutcome::Unchanged, event: None });
+                return Ok(Applied {
+                    outcome: WriteOutcome::Unchanged,
+                    event: None,
+                });
             }
             let seq = bump_seq(tx, room).await?;
             let ts = now_ms();
@@ -476,7 +534,14 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 .await?;
             // The text is erased from the log, not only hidden.
             rewrite_message(tx, room, msg.seq, |ev| {
-                if let RoomEvent::Message { text, deleted, reactions, edited_ts, .. } = ev {
+                if let RoomEvent::Message {
+                    text,
+                    deleted,
+                    reactions,
+                    edited_ts,
+                    ..
+                } = ev
+                {
                     text.clear();
                     *deleted = true;
                     reactions.clear();
@@ -485,11 +550,25 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
             })
             .await?;
             scrub_edits(tx, room, id).await?;
-            let event = RoomEvent::MessageDeleted { id: id.clone(), by: by.clone(), ts };
+            let event = RoomEvent::MessageDeleted {
+                id: id.clone(),
+                by: by.clone(),
+                ts,
+            };
             let committed = insert_event(tx, room, seq, ts, id, event).await?;
-            Ok(Applied { outcome: WriteOutcome::Changed { seq }, event: Some(committed) })
+            Ok(Applied {
+                outcome: WriteOutcome::Changed { seq },
+                event: Some(committed),
+            })
         }
-        WriteOp::React { room, id, user, emoji, add, max_distinct } => {
+        WriteOp::React {
+            room,
+            id,
+            user,
+            emoji,
+            add,
+            max_distinct,
+        } => {
             let msg = load_message(tx, room, id).await?;
             if msg.deleted {
                 return Err(StoreError::NotFound("message"));
@@ -503,7 +582,10 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
             .fetch_optional(&mut **tx)
             .await?;
             if mine.is_some() == *add {
-                return Ok(Applied { outcome: WriteOutcome::Unchanged, event: None });
+                return Ok(Applied {
+                    outcome: WriteOutcome::Unchanged,
+                    event: None,
+                });
             }
             if *add {
                 let others: i64 = sqlx::query_scalar(
@@ -539,15 +621,20 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 .execute(&mut **tx)
                 .await?;
             } else {
-                sqlx::query("DELETE FROM reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3")
-                    .bind(id.as_str())
-                    .bind(user.id.as_str())
-                    .bind(emoji.as_str())
-                    .execute(&mut **tx)
-                    .await?;
+                sqlx::query(
+                    "DELETE FROM reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3",
+                )
+                .bind(id.as_str())
+                .bind(user.id.as_str())
+                .bind(emoji.as_str())
+                .execute(&mut **tx)
+                .await?;
             }
             let counts = reaction_counts(tx, id).await?;
-            let count = counts.iter().find(|c| &c.emoji == emoji).map_or(0, |c| c.count);
+            let count = counts
+                .iter()
+                .find(|c| &c.emoji == emoji)
+                .map_or(0, |c| c.count);
             rewrite_message(tx, room, msg.seq, |ev| {
                 if let RoomEvent::Message { reactions, .. } = ev {
                     *reactions = counts;
@@ -563,7 +650,10 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 ts,
             };
             let committed = insert_event(tx, room, seq, ts, id, event).await?;
-            Ok(Applied { outcome: WriteOutcome::Changed { seq }, event: Some(committed) })
+            Ok(Applied {
+                outcome: WriteOutcome::Changed { seq },
+                event: Some(committed),
+            })
         }
     }
 }

@@ -18,7 +18,10 @@ async fn fan_out_reaches_every_session_of_every_member() {
     let ok = bob
         .ok(json!({"type":"send","room":"algebra","text":"hello all","client_msg_id":"c1"}))
         .await;
-    assert!(ok["id"].is_string() && ok["seq"] == 1 && ok["ts"].is_i64(), "{ok}");
+    assert!(
+        ok["id"].is_string() && ok["seq"] == 1 && ok["ts"].is_i64(),
+        "{ok}"
+    );
     for c in [&mut alice_phone, &mut alice_laptop, &mut bob] {
         let m = c.next_of("message").await;
         assert_eq!(m["seq"], 1);
@@ -41,23 +44,37 @@ async fn presence_and_typing_reach_others() {
     a.join("r").await;
     let mut b = s.client("bob").await;
     let joined = b.join("r").await;
-    let online: Vec<_> = joined["online"].as_array().unwrap().iter().map(|u| u["id"].clone()).collect();
+    let online: Vec<_> = joined["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].clone())
+        .collect();
     assert_eq!(online, vec![json!("alice"), json!("bob")]);
     let p = a.next_of("presence").await;
-    assert_eq!((p["user"]["id"].as_str(), p["state"].as_str()), (Some("bob"), Some("online")));
+    assert_eq!(
+        (p["user"]["id"].as_str(), p["state"].as_str()),
+        (Some("bob"), Some("online"))
+    );
     b.ok(json!({"type":"typing","room":"r"})).await;
     let t = a.next_of("typing").await;
     assert_eq!(t["user"]["id"], "bob");
     b.ok(json!({"type":"leave","room":"r"})).await;
     let p = a.next_of("presence").await;
-    assert_eq!((p["user"]["id"].as_str(), p["state"].as_str()), (Some("bob"), Some("offline")));
+    assert_eq!(
+        (p["user"]["id"].as_str(), p["state"].as_str()),
+        (Some("bob"), Some("offline"))
+    );
     // Disconnecting also announces offline.
     let mut c = s.client("carol").await;
     c.join("r").await;
     assert_eq!(a.next_of("presence").await["state"], "online");
     drop(c);
     let p = a.next_of("presence").await;
-    assert_eq!((p["user"]["id"].as_str(), p["state"].as_str()), (Some("carol"), Some("offline")));
+    assert_eq!(
+        (p["user"]["id"].as_str(), p["state"].as_str()),
+        (Some("carol"), Some("offline"))
+    );
     s.stop().await;
 }
 
@@ -104,7 +121,11 @@ async fn three_concurrent_senders_one_gap_free_order_for_everyone() {
     let reference: Vec<_> = views[0].iter().map(|m| m["id"].clone()).collect();
     for view in &views {
         let seqs: Vec<i64> = view.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
-        assert_eq!(seqs, (1..=(3 * EACH) as i64).collect::<Vec<_>>(), "gap-free, in order");
+        assert_eq!(
+            seqs,
+            (1..=(3 * EACH) as i64).collect::<Vec<_>>(),
+            "gap-free, in order"
+        );
         let ids: Vec<_> = view.iter().map(|m| m["id"].clone()).collect();
         assert_eq!(ids, reference, "everyone sees the same order");
     }
@@ -122,14 +143,19 @@ async fn resending_a_client_msg_id_returns_the_first_ok_and_delivers_nothing() {
     let send = json!({"type":"send","room":"r","text":"once","client_msg_id":"same"});
     let first = a.ok(send.clone()).await;
     let again = a.ok(send.clone()).await;
-    assert_eq!((&first["id"], &first["seq"], &first["ts"]), (&again["id"], &again["seq"], &again["ts"]));
+    assert_eq!(
+        (&first["id"], &first["seq"], &first["ts"]),
+        (&again["id"], &again["seq"], &again["ts"])
+    );
     // From another session of the same user too.
     let mut a2 = s.client("alice").await;
     a2.join("r").await;
     let third = a2.ok(send).await;
     assert_eq!(third["id"], first["id"]);
     // Another user may use the same client_msg_id.
-    let other = w.ok(json!({"type":"send","room":"r","text":"mine","client_msg_id":"same"})).await;
+    let other = w
+        .ok(json!({"type":"send","room":"r","text":"mine","client_msg_id":"same"}))
+        .await;
     assert_eq!(other["seq"], 2);
     let got = w.messages(2).await;
     assert_eq!(got[0]["text"], "once");
@@ -158,7 +184,9 @@ async fn resume_with_after_seq_during_concurrent_sends_has_no_gap_or_duplicate()
     });
     let mut seen: Vec<i64> = Vec::new();
     let mut reader = s.client("student").await;
-    reader.ok(json!({"type":"join","room":"live","after_seq":0})).await;
+    reader
+        .ok(json!({"type":"join","room":"live","after_seq":0}))
+        .await;
     for round in 0..4 {
         // Read a few, drop the connection, resume from the last seq seen.
         for _ in 0..25 {
@@ -171,7 +199,9 @@ async fn resume_with_after_seq_during_concurrent_sends_has_no_gap_or_duplicate()
         drop(reader);
         reader = s.client("student").await;
         let after = seen.last().copied().unwrap_or(0);
-        let ok = reader.ok(json!({"type":"join","room":"live","after_seq":after})).await;
+        let ok = reader
+            .ok(json!({"type":"join","room":"live","after_seq":after}))
+            .await;
         assert_eq!(ok["gap"], false, "round {round}: {ok}");
     }
     while seen.last() != Some(&TOTAL) {
@@ -190,20 +220,31 @@ async fn resume_beyond_the_replay_limit_says_gap_and_replays_nothing() {
     let mut a = s.client("alice").await;
     a.join("r").await;
     for i in 0..8 {
-        a.ok(json!({"type":"send","room":"r","text":"x","client_msg_id":format!("{i}")})).await;
+        a.ok(json!({"type":"send","room":"r","text":"x","client_msg_id":format!("{i}")}))
+            .await;
     }
     let mut b = s.client("bob").await;
     let ok = b.ok(json!({"type":"join","room":"r","after_seq":1})).await;
     assert_eq!(ok["gap"], true);
     assert_eq!(ok["last_seq"], 8);
-    a.ok(json!({"type":"send","room":"r","text":"live","client_msg_id":"live"})).await;
+    a.ok(json!({"type":"send","room":"r","text":"live","client_msg_id":"live"}))
+        .await;
     let m = b.next_of("message").await;
-    assert_eq!((m["seq"].as_i64(), m["text"].as_str()), (Some(9), Some("live")), "nothing partial, then live");
+    assert_eq!(
+        (m["seq"].as_i64(), m["text"].as_str()),
+        (Some(9), Some("live")),
+        "nothing partial, then live"
+    );
     // Within the limit the replay comes in order after the ok.
     let mut c = s.client("carol").await;
     let ok = c.ok(json!({"type":"join","room":"r","after_seq":5})).await;
     assert_eq!(ok["gap"], false);
-    let seqs: Vec<_> = c.messages(4).await.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    let seqs: Vec<_> = c
+        .messages(4)
+        .await
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
     assert_eq!(seqs, vec![6, 7, 8, 9]);
     s.stop().await;
 }
@@ -215,22 +256,41 @@ async fn history_pages_backwards_oldest_first() {
     let mut a = s.client("alice").await;
     a.join("r").await;
     for i in 1..=25 {
-        a.ok(json!({"type":"send","room":"r","text":format!("t{i}"),"client_msg_id":format!("{i}")})).await;
+        a.ok(
+            json!({"type":"send","room":"r","text":format!("t{i}"),"client_msg_id":format!("{i}")}),
+        )
+        .await;
     }
     let seqs = |v: &serde_json::Value| -> Vec<i64> {
-        v["events"].as_array().unwrap().iter().map(|e| e["seq"].as_i64().unwrap()).collect()
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_i64().unwrap())
+            .collect()
     };
     let p1 = a.ok(json!({"type":"history","room":"r","limit":10})).await;
     assert_eq!(seqs(&p1), (16..=25).collect::<Vec<_>>());
     assert_eq!(p1["has_more"], true);
-    let p2 = a.ok(json!({"type":"history","room":"r","before_seq":16,"limit":10})).await;
+    let p2 = a
+        .ok(json!({"type":"history","room":"r","before_seq":16,"limit":10}))
+        .await;
     assert_eq!(seqs(&p2), (6..=15).collect::<Vec<_>>());
-    let p3 = a.ok(json!({"type":"history","room":"r","before_seq":6,"limit":10})).await;
+    let p3 = a
+        .ok(json!({"type":"history","room":"r","before_seq":6,"limit":10}))
+        .await;
     assert_eq!(seqs(&p3), (1..=5).collect::<Vec<_>>());
     assert_eq!(p3["has_more"], false);
     assert_eq!(p3["events"][0]["text"], "t1");
-    assert_eq!(a.err(json!({"type":"history","room":"r","limit":101})).await, "bad_request");
-    assert_eq!(a.err(json!({"type":"history","room":"r","limit":0})).await, "bad_request");
+    assert_eq!(
+        a.err(json!({"type":"history","room":"r","limit":101}))
+            .await,
+        "bad_request"
+    );
+    assert_eq!(
+        a.err(json!({"type":"history","room":"r","limit":0})).await,
+        "bad_request"
+    );
     s.stop().await;
 }
 
@@ -242,36 +302,86 @@ async fn edit_delete_react_are_sequenced_and_kept_current_in_history() {
     let mut b = s.client("bob").await;
     a.join("r").await;
     b.join("r").await;
-    let sent = a.ok(json!({"type":"send","room":"r","text":"draft","client_msg_id":"1"})).await;
+    let sent = a
+        .ok(json!({"type":"send","room":"r","text":"draft","client_msg_id":"1"}))
+        .await;
     let id = sent["id"].clone();
-    assert_eq!(b.err(json!({"type":"edit","room":"r","id":id,"text":"hijack"})).await, "forbidden");
-    assert_eq!(a.ok(json!({"type":"edit","room":"r","id":id,"text":"final"})).await["seq"], 2);
-    assert_eq!(b.ok(json!({"type":"react","room":"r","id":id,"emoji":"👍"})).await["seq"], 3);
-    let again = b.ok(json!({"type":"react","room":"r","id":id,"emoji":"👍"})).await;
-    assert_eq!(again["seq"], serde_json::Value::Null, "reacting twice changes nothing");
-    let reply = b.ok(json!({"type":"send","room":"r","text":"re","client_msg_id":"2","reply_to":id})).await;
+    assert_eq!(
+        b.err(json!({"type":"edit","room":"r","id":id,"text":"hijack"}))
+            .await,
+        "forbidden"
+    );
+    assert_eq!(
+        a.ok(json!({"type":"edit","room":"r","id":id,"text":"final"}))
+            .await["seq"],
+        2
+    );
+    assert_eq!(
+        b.ok(json!({"type":"react","room":"r","id":id,"emoji":"👍"}))
+            .await["seq"],
+        3
+    );
+    let again = b
+        .ok(json!({"type":"react","room":"r","id":id,"emoji":"👍"}))
+        .await;
+    assert_eq!(
+        again["seq"],
+        serde_json::Value::Null,
+        "reacting twice changes nothing"
+    );
+    let reply = b
+        .ok(json!({"type":"send","room":"r","text":"re","client_msg_id":"2","reply_to":id}))
+        .await;
     assert_eq!(reply["seq"], 4);
-    assert_eq!(b.err(json!({"type":"send","room":"r","text":"re","client_msg_id":"3","reply_to":"nope"})).await, "bad_request");
+    assert_eq!(
+        b.err(json!({"type":"send","room":"r","text":"re","client_msg_id":"3","reply_to":"nope"}))
+            .await,
+        "bad_request"
+    );
     let m = b.messages(1).await;
     assert_eq!(m[0]["text"], "draft");
     let edited = b.next_of("message_edited").await;
-    assert_eq!((edited["seq"].as_i64(), edited["text"].as_str()), (Some(2), Some("final")));
+    assert_eq!(
+        (edited["seq"].as_i64(), edited["text"].as_str()),
+        (Some(2), Some("final"))
+    );
     let r = b.next_of("reaction").await;
-    assert_eq!((r["seq"].as_i64(), r["count"].as_i64(), r["added"].as_bool()), (Some(3), Some(1), Some(true)));
+    assert_eq!(
+        (r["seq"].as_i64(), r["count"].as_i64(), r["added"].as_bool()),
+        (Some(3), Some(1), Some(true))
+    );
     assert_eq!(r["user"]["id"], "bob");
     let h = a.ok(json!({"type":"history","room":"r"})).await;
     let first = &h["events"][0];
     assert_eq!(first["text"], "final");
     assert!(first["edited_ts"].is_i64());
     assert_eq!(first["reactions"], json!([{"emoji":"👍","count":1}]));
-    assert_eq!(b.ok(json!({"type":"unreact","room":"r","id":id,"emoji":"👍"})).await["seq"], 5);
-    assert_eq!(b.err(json!({"type":"delete","room":"r","id":id})).await, "forbidden");
-    assert_eq!(a.ok(json!({"type":"delete","room":"r","id":id})).await["seq"], 6);
+    assert_eq!(
+        b.ok(json!({"type":"unreact","room":"r","id":id,"emoji":"👍"}))
+            .await["seq"],
+        5
+    );
+    assert_eq!(
+        b.err(json!({"type":"delete","room":"r","id":id})).await,
+        "forbidden"
+    );
+    assert_eq!(
+        a.ok(json!({"type":"delete","room":"r","id":id})).await["seq"],
+        6
+    );
     let h = a.ok(json!({"type":"history","room":"r"})).await;
     let first = &h["events"][0];
-    assert_eq!((first["text"].as_str(), first["deleted"].as_bool()), (Some(""), Some(true)), "text erased");
+    assert_eq!(
+        (first["text"].as_str(), first["deleted"].as_bool()),
+        (Some(""), Some(true)),
+        "text erased"
+    );
     assert_eq!(h["events"][1]["text"], "", "earlier edits erased too");
-    assert_eq!(a.err(json!({"type":"edit","room":"r","id":id,"text":"zombie"})).await, "not_found");
+    assert_eq!(
+        a.err(json!({"type":"edit","room":"r","id":id,"text":"zombie"}))
+            .await,
+        "not_found"
+    );
     s.stop().await;
 }
 
@@ -287,12 +397,20 @@ async fn rooms_lists_unread_counts_from_read_markers() {
         b.join(r).await;
     }
     for i in 0..3 {
-        a.ok(json!({"type":"send","room":"r1","text":"x","client_msg_id":format!("{i}")})).await;
+        a.ok(json!({"type":"send","room":"r1","text":"x","client_msg_id":format!("{i}")}))
+            .await;
     }
     let rooms = b.ok(json!({"type":"rooms"})).await;
     let list = rooms["rooms"].as_array().unwrap();
     assert_eq!(list.len(), 2);
-    assert_eq!((list[0]["id"].as_str(), list[0]["unread"].as_i64(), list[0]["last_seq"].as_i64()), (Some("r1"), Some(3), Some(3)));
+    assert_eq!(
+        (
+            list[0]["id"].as_str(),
+            list[0]["unread"].as_i64(),
+            list[0]["last_seq"].as_i64()
+        ),
+        (Some("r1"), Some(3), Some(3))
+    );
     assert_eq!(list[0]["role"], "member");
     assert_eq!(list[1]["unread"], 0);
     b.ok(json!({"type":"read","room":"r1","seq":2})).await;
@@ -308,31 +426,69 @@ async fn invite_only_rooms_refuse_strangers_and_admit_members_and_grants() {
     let s = Server::sqlite(|_| {}).await;
     s.room("secret", "invite").await;
     let mut carol = s.client("carol").await;
-    assert_eq!(carol.err(json!({"type":"join","room":"secret"})).await, "forbidden");
-    assert_eq!(carol.err(json!({"type":"history","room":"secret"})).await, "forbidden");
     assert_eq!(
-        carol.err(json!({"type":"send","room":"secret","text":"hi","client_msg_id":"1"})).await,
+        carol.err(json!({"type":"join","room":"secret"})).await,
+        "forbidden"
+    );
+    assert_eq!(
+        carol.err(json!({"type":"history","room":"secret"})).await,
+        "forbidden"
+    );
+    assert_eq!(
+        carol
+            .err(json!({"type":"send","room":"secret","text":"hi","client_msg_id":"1"}))
+            .await,
         "not_member"
     );
-    assert_eq!(carol.err(json!({"type":"join","room":"nosuch"})).await, "not_found");
-    assert_eq!(carol.err(json!({"type":"join","room":"bad id!"})).await, "bad_request");
-    let (st, _) = http(s.addr, "PUT", "/api/rooms/secret/members/carol", Some(API_KEY), Some(json!({"role":"member"}))).await;
+    assert_eq!(
+        carol.err(json!({"type":"join","room":"nosuch"})).await,
+        "not_found"
+    );
+    assert_eq!(
+        carol.err(json!({"type":"join","room":"bad id!"})).await,
+        "bad_request"
+    );
+    let (st, _) = http(
+        s.addr,
+        "PUT",
+        "/api/rooms/secret/members/carol",
+        Some(API_KEY),
+        Some(json!({"role":"member"})),
+    )
+    .await;
     assert_eq!(st, 200);
     assert_eq!(carol.join("secret").await["role"], "member");
-    let mut dave = Client::connect(s.addr, &token("dave", PlatformRole::Student, &[("secret", RoomRole::Ta)])).await;
+    let mut dave = Client::connect(
+        s.addr,
+        &token("dave", PlatformRole::Student, &[("secret", RoomRole::Ta)]),
+    )
+    .await;
     assert_eq!(dave.join("secret").await["role"], "ta");
     let mut admin = Client::connect(s.addr, &token("root", PlatformRole::Admin, &[])).await;
     assert_eq!(admin.join("secret").await["role"], "host");
-    let mut viewer = Client::connect(s.addr, &token("vic", PlatformRole::Student, &[("secret", RoomRole::Viewer)])).await;
+    let mut viewer = Client::connect(
+        s.addr,
+        &token(
+            "vic",
+            PlatformRole::Student,
+            &[("secret", RoomRole::Viewer)],
+        ),
+    )
+    .await;
     viewer.join("secret").await;
     assert_eq!(
-        viewer.err(json!({"type":"send","room":"secret","text":"hi","client_msg_id":"1"})).await,
+        viewer
+            .err(json!({"type":"send","room":"secret","text":"hi","client_msg_id":"1"}))
+            .await,
         "forbidden",
         "viewers are read-only"
     );
     // A host/ta may delete anyone's message.
-    let sent = carol.ok(json!({"type":"send","room":"secret","text":"oops","client_msg_id":"1"})).await;
-    dave.ok(json!({"type":"delete","room":"secret","id":sent["id"]})).await;
+    let sent = carol
+        .ok(json!({"type":"send","room":"secret","text":"oops","client_msg_id":"1"}))
+        .await;
+    dave.ok(json!({"type":"delete","room":"secret","id":sent["id"]}))
+        .await;
     s.stop().await;
 }
 
@@ -340,23 +496,107 @@ async fn invite_only_rooms_refuse_strangers_and_admit_members_and_grants() {
 async fn http_api_manages_rooms_with_the_bearer_key() {
     let s = Server::sqlite(|_| {}).await;
     let room = json!({"id":"bio-1","kind":"live","title":"Biology","visibility":"open","qa":{"enabled":true,"moderated":true},"starts_at":1_900_000_000_000i64});
-    let (st, body) = http(s.addr, "POST", "/api/rooms", Some(API_KEY), Some(room.clone())).await;
+    let (st, body) = http(
+        s.addr,
+        "POST",
+        "/api/rooms",
+        Some(API_KEY),
+        Some(room.clone()),
+    )
+    .await;
     assert_eq!(st, 201, "{body}");
-    assert_eq!((body["kind"].as_str(), body["qa"]["moderated"].as_bool()), (Some("live"), Some(true)));
-    assert_eq!(http(s.addr, "POST", "/api/rooms", Some(API_KEY), Some(room)).await.0, 409);
-    assert_eq!(http(s.addr, "POST", "/api/rooms", None, Some(json!({"id":"x","kind":"group"}))).await.0, 401);
-    assert_eq!(http(s.addr, "POST", "/api/rooms", Some("wrong"), Some(json!({"id":"x","kind":"group"}))).await.0, 401);
-    let (st, e) = http(s.addr, "POST", "/api/rooms", Some(API_KEY), Some(json!({"id":"bad id","kind":"group"}))).await;
+    assert_eq!(
+        (body["kind"].as_str(), body["qa"]["moderated"].as_bool()),
+        (Some("live"), Some(true))
+    );
+    assert_eq!(
+        http(s.addr, "POST", "/api/rooms", Some(API_KEY), Some(room))
+            .await
+            .0,
+        409
+    );
+    assert_eq!(
+        http(
+            s.addr,
+            "POST",
+            "/api/rooms",
+            None,
+            Some(json!({"id":"x","kind":"group"}))
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(
+        http(
+            s.addr,
+            "POST",
+            "/api/rooms",
+            Some("wrong"),
+            Some(json!({"id":"x","kind":"group"}))
+        )
+        .await
+        .0,
+        401
+    );
+    let (st, e) = http(
+        s.addr,
+        "POST",
+        "/api/rooms",
+        Some(API_KEY),
+        Some(json!({"id":"bad id","kind":"group"})),
+    )
+    .await;
     assert_eq!((st, e["code"].as_str()), (400, Some("bad_request")));
-    assert_eq!(http(s.addr, "POST", "/api/rooms", Some(API_KEY), Some(json!({"id":"x","kind":"party"}))).await.0, 400);
+    assert_eq!(
+        http(
+            s.addr,
+            "POST",
+            "/api/rooms",
+            Some(API_KEY),
+            Some(json!({"id":"x","kind":"party"}))
+        )
+        .await
+        .0,
+        400
+    );
     let (st, got) = http(s.addr, "GET", "/api/rooms/bio-1", Some(API_KEY), None).await;
     assert_eq!((st, got["title"].as_str()), (200, Some("Biology")));
-    assert_eq!(http(s.addr, "GET", "/api/rooms/none", Some(API_KEY), None).await.0, 404);
-    let (st, got) = http(s.addr, "PATCH", "/api/rooms/bio-1", Some(API_KEY), Some(json!({"title":"Bio","starts_at":null}))).await;
-    assert_eq!((st, got["title"].as_str(), got["starts_at"].is_null()), (200, Some("Bio"), true));
-    let (st, ann) = http(s.addr, "POST", "/api/rooms/bio-1/messages", Some(API_KEY), Some(json!({"text":"Exam moved"}))).await;
+    assert_eq!(
+        http(s.addr, "GET", "/api/rooms/none", Some(API_KEY), None)
+            .await
+            .0,
+        404
+    );
+    let (st, got) = http(
+        s.addr,
+        "PATCH",
+        "/api/rooms/bio-1",
+        Some(API_KEY),
+        Some(json!({"title":"Bio","starts_at":null})),
+    )
+    .await;
+    assert_eq!(
+        (st, got["title"].as_str(), got["starts_at"].is_null()),
+        (200, Some("Bio"), true)
+    );
+    let (st, ann) = http(
+        s.addr,
+        "POST",
+        "/api/rooms/bio-1/messages",
+        Some(API_KEY),
+        Some(json!({"text":"Exam moved"})),
+    )
+    .await;
     assert_eq!((st, ann["seq"].as_i64()), (201, Some(1)));
-    let (st, page) = http(s.addr, "GET", "/api/rooms/bio-1/messages?after_seq=0&limit=10", Some(API_KEY), None).await;
+    let (st, page) = http(
+        s.addr,
+        "GET",
+        "/api/rooms/bio-1/messages?after_seq=0&limit=10",
+        Some(API_KEY),
+        None,
+    )
+    .await;
     assert_eq!(st, 200);
     assert_eq!(page["events"][0]["from"]["role"], "system");
     assert_eq!(page["has_more"], false);
@@ -364,8 +604,23 @@ async fn http_api_manages_rooms_with_the_bearer_key() {
     assert_eq!((st, archived["archived"].as_bool()), (200, Some(true)));
     let mut a = s.client("alice").await;
     a.join("bio-1").await;
-    assert_eq!(a.err(json!({"type":"send","room":"bio-1","text":"x","client_msg_id":"1"})).await, "forbidden");
-    assert_eq!(http(s.addr, "DELETE", "/api/rooms/bio-1/members/nobody", Some(API_KEY), None).await.0, 404);
+    assert_eq!(
+        a.err(json!({"type":"send","room":"bio-1","text":"x","client_msg_id":"1"}))
+            .await,
+        "forbidden"
+    );
+    assert_eq!(
+        http(
+            s.addr,
+            "DELETE",
+            "/api/rooms/bio-1/members/nobody",
+            Some(API_KEY),
+            None
+        )
+        .await
+        .0,
+        404
+    );
     let (st, doc) = http(s.addr, "GET", "/api/openapi.json", None, None).await;
     assert_eq!((st, doc["openapi"].as_str()), (200, Some("3.1.0")));
     let (st, h) = http(s.addr, "GET", "/healthz", None, None).await;
@@ -376,10 +631,28 @@ async fn http_api_manages_rooms_with_the_bearer_key() {
 #[tokio::test]
 async fn dev_token_endpoint_exists_only_in_dev_mode() {
     let s = Server::sqlite(|_| {}).await;
-    assert_eq!(http(s.addr, "POST", "/dev/token", None, Some(json!({"user":"a"}))).await.0, 404);
+    assert_eq!(
+        http(
+            s.addr,
+            "POST",
+            "/dev/token",
+            None,
+            Some(json!({"user":"a"}))
+        )
+        .await
+        .0,
+        404
+    );
     s.stop().await;
     let s = Server::sqlite(|c| c.dev = true).await;
-    let (st, body) = http(s.addr, "POST", "/dev/token", None, Some(json!({"user":"ann","name":"Ann","role":"tutor"}))).await;
+    let (st, body) = http(
+        s.addr,
+        "POST",
+        "/dev/token",
+        None,
+        Some(json!({"user":"ann","name":"Ann","role":"tutor"})),
+    )
+    .await;
     assert_eq!(st, 200);
     let mut c = Client::connect(s.addr, body["token"].as_str().unwrap()).await;
     assert_eq!(c.ok(json!({"type":"rooms"})).await["rooms"], json!([]));
@@ -392,11 +665,14 @@ async fn metrics_report_commands_deliveries_and_batches() {
     s.room("r", "open").await;
     let mut a = s.client("alice").await;
     a.join("r").await;
-    a.ok(json!({"type":"send","room":"r","text":"x","client_msg_id":"1"})).await;
+    a.ok(json!({"type":"send","room":"r","text":"x","client_msg_id":"1"}))
+        .await;
     let text = within("metrics", async {
         let mut st = tokio::net::TcpStream::connect(s.addr).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        st.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        st.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
         let mut out = String::new();
         st.read_to_string(&mut out).await.unwrap();
         out

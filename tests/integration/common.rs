@@ -27,7 +27,9 @@ pub const SECRET: &str = "test-secret-0123456789abcdef";
 pub const API_KEY: &str = "test-api-key";
 
 pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
-    tokio::time::timeout(T, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+    tokio::time::timeout(T, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
 pub fn base_config(database_url: String) -> Config {
@@ -90,7 +92,13 @@ impl Server {
             let _ = rx.await;
         }))
         .into_future_unit();
-        Self { addr, app, stop: Some(tx), task: Some(task), dir: None }
+        Self {
+            addr,
+            app,
+            stop: Some(tx),
+            task: Some(task),
+            dir: None,
+        }
     }
 
     /// Graceful shutdown, as on SIGTERM.
@@ -137,9 +145,16 @@ impl IntoUnit for tokio::task::JoinHandle<Result<(), studyhall::StartError>> {
 }
 
 pub fn token(user: &str, role: PlatformRole, grants: &[(&str, RoomRole)]) -> String {
-    let rooms: HashMap<String, RoomRole> = grants.iter().map(|(r, g)| ((*r).to_owned(), *g)).collect();
+    let rooms: HashMap<String, RoomRole> =
+        grants.iter().map(|(r, g)| ((*r).to_owned(), *g)).collect();
     Tokens::new(SECRET.as_bytes())
-        .sign(user, &user.to_uppercase(), role, rooms, Duration::from_secs(600))
+        .sign(
+            user,
+            &user.to_uppercase(),
+            role,
+            rooms,
+            Duration::from_secs(600),
+        )
         .unwrap()
 }
 
@@ -147,10 +162,15 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub async fn raw_ws(addr: SocketAddr) -> Ws {
     let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
-    req.headers_mut().insert("Sec-WebSocket-Protocol", "studyhall.v1".parse().unwrap());
-    let (ws, resp) = within("ws connect", tokio_tungstenite::connect_async(req)).await.expect("ws connect");
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "studyhall.v1".parse().unwrap());
+    let (ws, resp) = within("ws connect", tokio_tungstenite::connect_async(req))
+        .await
+        .expect("ws connect");
     assert_eq!(
-        resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_owned()),
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap().to_owned()),
         Some("studyhall.v1".to_owned())
     );
     ws
@@ -185,8 +205,17 @@ pub struct Client {
 impl Client {
     pub async fn connect(addr: SocketAddr, token: &str) -> Self {
         let mut ws = raw_ws(addr).await;
-        ws.send(Message::text(json!({"type": "hello", "token": token}).to_string())).await.unwrap();
-        let mut c = Self { ws, next_rid: 1, pending: VecDeque::new(), session: String::new() };
+        ws.send(Message::text(
+            json!({"type": "hello", "token": token}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let mut c = Self {
+            ws,
+            next_rid: 1,
+            pending: VecDeque::new(),
+            session: String::new(),
+        };
         let welcome = c.read().await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         c.session = welcome["session"].as_str().unwrap().to_owned();
@@ -289,7 +318,13 @@ impl Client {
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns status and JSON body (or Null).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value) {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
     within("http request", async {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -330,7 +365,8 @@ fn dechunk(mut s: &str) -> String {
 /// PostgreSQL for tests: `STUDYHALL_TEST_DATABASE_URL` (default the local `test` database).
 /// Never skips: an unreachable server fails the test.
 pub fn pg_base_url() -> String {
-    std::env::var("STUDYHALL_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("STUDYHALL_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// A fresh database on the test PostgreSQL server, dropped by [`PgDb::drop_db`].
@@ -347,7 +383,10 @@ impl PgDb {
         let admin = sqlx::AnyPool::connect(&base)
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL test server unreachable at {base}: {e}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
         admin.close().await;
         let url = match base.rfind('/') {
             Some(i) => format!("{}/{name}", &base[..i]),
@@ -358,9 +397,12 @@ impl PgDb {
 
     pub async fn drop_db(self) {
         let admin = sqlx::AnyPool::connect(&pg_base_url()).await.unwrap();
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
-            .execute(&admin)
-            .await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&admin)
+        .await;
         admin.close().await;
     }
 }

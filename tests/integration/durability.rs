@@ -16,7 +16,10 @@ async fn restart_keeps_history_and_continues_seq() {
     let mut a = s.client("alice").await;
     a.join("r").await;
     for i in 1..=5 {
-        a.ok(json!({"type":"send","room":"r","text":format!("t{i}"),"client_msg_id":format!("{i}")})).await;
+        a.ok(
+            json!({"type":"send","room":"r","text":format!("t{i}"),"client_msg_id":format!("{i}")}),
+        )
+        .await;
     }
     drop(a);
     s.stop().await;
@@ -26,12 +29,21 @@ async fn restart_keeps_history_and_continues_seq() {
     let joined = a.join("r").await;
     assert_eq!(joined["last_seq"], 5);
     let h = a.ok(json!({"type":"history","room":"r"})).await;
-    let texts: Vec<_> = h["events"].as_array().unwrap().iter().map(|e| e["text"].as_str().unwrap().to_owned()).collect();
+    let texts: Vec<_> = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["text"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(texts, ["t1", "t2", "t3", "t4", "t5"]);
-    let ok = a.ok(json!({"type":"send","room":"r","text":"t6","client_msg_id":"6"})).await;
+    let ok = a
+        .ok(json!({"type":"send","room":"r","text":"t6","client_msg_id":"6"}))
+        .await;
     assert_eq!(ok["seq"], 6);
     // The idempotency key survives the restart too.
-    let again = a.ok(json!({"type":"send","room":"r","text":"t1","client_msg_id":"1"})).await;
+    let again = a
+        .ok(json!({"type":"send","room":"r","text":"t1","client_msg_id":"1"}))
+        .await;
     assert_eq!(again["seq"], 1);
     s.stop().await;
 }
@@ -75,9 +87,20 @@ async fn sigkill_right_after_acks_loses_none_of_them() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("crash.db").display());
     let mut p = spawn_binary(&url).await;
-    let (st, _) = http(p.addr, "POST", "/api/rooms", Some(API_KEY), Some(json!({"id":"r","kind":"group"}))).await;
+    let (st, _) = http(
+        p.addr,
+        "POST",
+        "/api/rooms",
+        Some(API_KEY),
+        Some(json!({"id":"r","kind":"group"})),
+    )
+    .await;
     assert_eq!(st, 201);
-    let mut c = Client::connect(p.addr, &token("alice", studyhall::protocol::PlatformRole::Student, &[])).await;
+    let mut c = Client::connect(
+        p.addr,
+        &token("alice", studyhall::protocol::PlatformRole::Student, &[]),
+    )
+    .await;
     c.join("r").await;
     const N: usize = 200;
     let mut rids = Vec::new();
@@ -88,25 +111,44 @@ async fn sigkill_right_after_acks_loses_none_of_them() {
     for rid in rids {
         let ok = c.reply(rid).await;
         assert_eq!(ok["type"], "ok");
-        acked.push((ok["id"].as_str().unwrap().to_owned(), ok["seq"].as_i64().unwrap()));
+        acked.push((
+            ok["id"].as_str().unwrap().to_owned(),
+            ok["seq"].as_i64().unwrap(),
+        ));
     }
     // Kill at once: no shutdown path runs.
     p.child.start_kill().unwrap();
     within("killed", p.child.wait()).await.unwrap();
 
     let p = spawn_binary(&url).await;
-    let (st, page) = http(p.addr, "GET", "/api/rooms/r/messages?after_seq=0&limit=1000", Some(API_KEY), None).await;
+    let (st, page) = http(
+        p.addr,
+        "GET",
+        "/api/rooms/r/messages?after_seq=0&limit=1000",
+        Some(API_KEY),
+        None,
+    )
+    .await;
     assert_eq!(st, 200);
     let stored: Vec<(String, i64)> = page["events"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["id"].as_str().unwrap().to_owned(), e["seq"].as_i64().unwrap()))
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_owned(),
+                e["seq"].as_i64().unwrap(),
+            )
+        })
         .collect();
     for a in &acked {
         assert!(stored.contains(a), "acked {a:?} lost");
     }
     let seqs: Vec<i64> = stored.iter().map(|s| s.1).collect();
-    assert_eq!(seqs, (1..=stored.len() as i64).collect::<Vec<_>>(), "gap-free after the crash");
+    assert_eq!(
+        seqs,
+        (1..=stored.len() as i64).collect::<Vec<_>>(),
+        "gap-free after the crash"
+    );
     drop(p);
 }

@@ -57,7 +57,11 @@ async fn every_4001_path_closes_with_4001() {
     for (what, frame) in cases {
         let (err, code) = hello_then_close(&s, Message::text(frame)).await;
         assert_eq!(code, Some(4001), "{what}");
-        assert_eq!(err.map(|e| e["code"].clone()), Some(json!("unauthorized")), "{what}");
+        assert_eq!(
+            err.map(|e| e["code"].clone()),
+            Some(json!("unauthorized")),
+            "{what}"
+        );
     }
     let (_, code) = hello_then_close(&s, Message::binary(vec![1, 2, 3])).await;
     assert_eq!(code, Some(4001), "binary first frame");
@@ -73,22 +77,56 @@ async fn malformed_frames_get_bad_request_and_the_connection_stays_up() {
         ("not json at all".to_owned(), None),
         (json!({"no_type": 1, "rid": 4}).to_string(), Some(4)),
         (json!({"type": "fly", "rid": 5}).to_string(), Some(5)),
-        (json!({"type": "join", "room": 7, "rid": 6}).to_string(), Some(6)),
-        (json!({"type": "send", "room": "r", "rid": 7}).to_string(), Some(7)),
+        (
+            json!({"type": "join", "room": 7, "rid": 6}).to_string(),
+            Some(6),
+        ),
+        (
+            json!({"type": "send", "room": "r", "rid": 7}).to_string(),
+            Some(7),
+        ),
         ("[1,2,3]".to_owned(), None),
     ] {
         c.ws.send(Message::text(frame.clone())).await.unwrap();
         let e = c.next().await;
-        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("bad_request")), "{frame}");
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some("bad_request")),
+            "{frame}"
+        );
         assert_eq!(e["rid"].as_i64(), rid, "{frame}");
     }
     c.join("r").await;
-    assert_eq!(c.err(json!({"type":"send","room":"r","text":"   ","client_msg_id":"1"})).await, "bad_request");
-    assert_eq!(c.err(json!({"type":"send","room":"r","text":"x","client_msg_id":""})).await, "bad_request");
-    assert_eq!(c.err(json!({"type":"send","room":"r","text":"x".repeat(4001),"client_msg_id":"2"})).await, "too_large");
-    assert_eq!(c.ok(json!({"type":"send","room":"r","text":"é".repeat(4000),"client_msg_id":"3"})).await["seq"], 1, "4000 chars, not bytes");
-    assert_eq!(c.err(json!({"type":"react","room":"r","id":"m1","emoji":"a b"})).await, "bad_request");
-    assert_eq!(c.err(json!({"type":"hello","token":"x"})).await, "bad_request");
+    assert_eq!(
+        c.err(json!({"type":"send","room":"r","text":"   ","client_msg_id":"1"}))
+            .await,
+        "bad_request"
+    );
+    assert_eq!(
+        c.err(json!({"type":"send","room":"r","text":"x","client_msg_id":""}))
+            .await,
+        "bad_request"
+    );
+    assert_eq!(
+        c.err(json!({"type":"send","room":"r","text":"x".repeat(4001),"client_msg_id":"2"}))
+            .await,
+        "too_large"
+    );
+    assert_eq!(
+        c.ok(json!({"type":"send","room":"r","text":"é".repeat(4000),"client_msg_id":"3"}))
+            .await["seq"],
+        1,
+        "4000 chars, not bytes"
+    );
+    assert_eq!(
+        c.err(json!({"type":"react","room":"r","id":"m1","emoji":"a b"}))
+            .await,
+        "bad_request"
+    );
+    assert_eq!(
+        c.err(json!({"type":"hello","token":"x"})).await,
+        "bad_request"
+    );
     let pong = c.request(json!({"type":"ping"})).await;
     assert_eq!(pong["type"], "pong");
     s.stop().await;
@@ -115,12 +153,23 @@ async fn rate_limit_refuses_then_closes_4029_on_sustained_flooding() {
     .await;
     let mut c = s.client("flood").await;
     for i in 0..5 {
-        assert_eq!(c.request(json!({"type":"ping"})).await["type"], "pong", "burst {i}");
+        assert_eq!(
+            c.request(json!({"type":"ping"})).await["type"],
+            "pong",
+            "burst {i}"
+        );
     }
     let refused = c.request(json!({"type":"ping"})).await;
-    assert_eq!((refused["type"].as_str(), refused["code"].as_str()), (Some("error"), Some("rate_limited")));
+    assert_eq!(
+        (refused["type"].as_str(), refused["code"].as_str()),
+        (Some("error"), Some("rate_limited"))
+    );
     for _ in 0..30 {
-        if c.ws.send(Message::text(json!({"type":"ping"}).to_string())).await.is_err() {
+        if c.ws
+            .send(Message::text(json!({"type":"ping"}).to_string()))
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -132,7 +181,8 @@ async fn rate_limit_refuses_then_closes_4029_on_sustained_flooding() {
 async fn a_frame_over_the_limit_is_closed_1009() {
     let s = Server::sqlite(|c| c.max_frame_bytes = 64 * 1024).await;
     let mut c = s.client("big").await;
-    let huge = json!({"type":"send","room":"r","text":"x".repeat(70 * 1024),"client_msg_id":"1"}).to_string();
+    let huge = json!({"type":"send","room":"r","text":"x".repeat(70 * 1024),"client_msg_id":"1"})
+        .to_string();
     let _ = c.ws.send(Message::text(huge)).await;
     assert_eq!(close_code(&mut c.ws).await, Some(1009));
     // The server is fine for everyone else.
@@ -147,7 +197,11 @@ async fn too_many_sessions_for_one_user_are_refused_4029() {
     let _a = s.client("u").await;
     let _b = s.client("u").await;
     let mut ws = raw_ws(s.addr).await;
-    ws.send(Message::text(json!({"type":"hello","token":s.token("u")}).to_string())).await.unwrap();
+    ws.send(Message::text(
+        json!({"type":"hello","token":s.token("u")}).to_string(),
+    ))
+    .await
+    .unwrap();
     assert_eq!(close_code(&mut ws).await, Some(4029));
     s.stop().await;
 }
@@ -167,7 +221,7 @@ async fn silent_clients_are_closed_after_two_heartbeats() {
     let hello = json!({"type":"hello","token":s.token("quiet")}).to_string();
     let mut frame = vec![0x81u8];
     let len = hello.len();
-    assert!(len >= 126 && len < 65536);
+    assert!((126..65536).contains(&len));
     frame.push(0x80 | 126);
     frame.extend_from_slice(&(len as u16).to_be_bytes());
     frame.extend_from_slice(&[0, 0, 0, 0]); // zero mask: payload unchanged
@@ -182,12 +236,16 @@ async fn silent_clients_are_closed_after_two_heartbeats() {
             assert!(n > 0, "socket ended without a close frame");
             buf.extend_from_slice(&chunk[..n]);
             // Skip the HTTP response, then walk the frames looking for a close (opcode 8).
-            let Some(start) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            let Some(start) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
             let mut i = start + 4;
             while i + 2 <= buf.len() {
                 let op = buf[i] & 0x0f;
                 let (len, hdr) = match buf[i + 1] & 0x7f {
-                    126 if i + 4 <= buf.len() => (u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize, 4),
+                    126 if i + 4 <= buf.len() => {
+                        (u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize, 4)
+                    }
                     126 => break,
                     l => (l as usize, 2),
                 };
@@ -203,7 +261,10 @@ async fn silent_clients_are_closed_after_two_heartbeats() {
     })
     .await;
     assert_eq!(code, 1000);
-    assert!(started.elapsed() >= Duration::from_millis(1500), "not before two heartbeats");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "not before two heartbeats"
+    );
     s.stop().await;
 }
 
@@ -222,9 +283,19 @@ async fn a_slow_consumer_is_closed_4008_while_200_members_keep_receiving() {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let stream = sock.connect(s.addr).await.unwrap();
-    let (mut slow, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", s.addr), stream).await.unwrap();
-    slow.send(Message::text(json!({"type":"hello","token":s.token("slow")}).to_string())).await.unwrap();
-    slow.send(Message::text(json!({"type":"join","room":"big","rid":1}).to_string())).await.unwrap();
+    let (mut slow, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", s.addr), stream)
+        .await
+        .unwrap();
+    slow.send(Message::text(
+        json!({"type":"hello","token":s.token("slow")}).to_string(),
+    ))
+    .await
+    .unwrap();
+    slow.send(Message::text(
+        json!({"type":"join","room":"big","rid":1}).to_string(),
+    ))
+    .await
+    .unwrap();
 
     let mut members = Vec::new();
     for i in 0..MEMBERS {
@@ -254,7 +325,11 @@ async fn a_slow_consumer_is_closed_4008_while_200_members_keep_receiving() {
         assert_eq!(within("member reads all", r).await.unwrap(), MESSAGES);
     }
     assert_eq!(close_code(&mut slow).await, Some(4008));
-    let closes = s.app.metrics.slow_consumer_closes.load(std::sync::atomic::Ordering::Relaxed);
+    let closes = s
+        .app
+        .metrics
+        .slow_consumer_closes
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(closes, 1, "only the slow one was closed");
     s.stop().await;
 }
@@ -267,7 +342,10 @@ async fn shutdown_says_bye_and_closes_1001_after_committing_accepted_writes() {
     c.join("r").await;
     let mut rids = Vec::new();
     for i in 0..20 {
-        rids.push(c.fire(json!({"type":"send","room":"r","text":"x","client_msg_id":format!("{i}")})).await);
+        rids.push(
+            c.fire(json!({"type":"send","room":"r","text":"x","client_msg_id":format!("{i}")}))
+                .await,
+        );
     }
     let stopping = tokio::spawn(s.stop());
     let mut acked = 0;

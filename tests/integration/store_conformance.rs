@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use studyhall::metrics::Metrics;
 use studyhall::protocol::{MessageId, RoomId, RoomKind, RoomRole, UserId, UserRef, Visibility};
 use studyhall::store::{
-    CommitHook, CommittedEvent, QaSettings, Room, RoomPatch, Store, StoreError, StoreOptions, WriteOp, WriteOutcome,
+    CommitHook, CommittedEvent, QaSettings, Room, RoomPatch, Store, StoreError, StoreOptions,
+    WriteOp, WriteOutcome,
 };
 
 /// A store plus what its commit hook saw.
@@ -21,10 +22,21 @@ async fn open(url: &str) -> Fixture {
     let published = Arc::new(Mutex::new(Vec::new()));
     let sink = published.clone();
     let hook: CommitHook = Arc::new(move |ev| sink.lock().unwrap().push(ev));
-    let store = within("open store", Store::open(&StoreOptions::new(url), Arc::new(Metrics::default()), Some(hook)))
-        .await
-        .expect("open store");
-    Fixture { store, published, url: url.to_owned() }
+    let store = within(
+        "open store",
+        Store::open(
+            &StoreOptions::new(url),
+            Arc::new(Metrics::default()),
+            Some(hook),
+        ),
+    )
+    .await
+    .expect("open store");
+    Fixture {
+        store,
+        published,
+        url: url.to_owned(),
+    }
 }
 
 fn room(id: &str, visibility: Visibility) -> Room {
@@ -42,7 +54,11 @@ fn room(id: &str, visibility: Visibility) -> Room {
 }
 
 fn user(id: &str) -> UserRef {
-    UserRef { id: UserId::from(id), name: id.to_uppercase(), role: "member".into() }
+    UserRef {
+        id: UserId::from(id),
+        name: id.to_uppercase(),
+        role: "member".into(),
+    }
 }
 
 fn send(room: &str, from: &str, text: &str, cid: &str) -> WriteOp {
@@ -64,22 +80,49 @@ fn sent(o: WriteOutcome) -> (MessageId, i64) {
 
 async fn rooms_crud(f: Fixture) {
     let s = &f.store;
-    let created = s.create_room(&room("r1", Visibility::Invite)).await.unwrap();
+    let created = s
+        .create_room(&room("r1", Visibility::Invite))
+        .await
+        .unwrap();
     assert_eq!((created.last_seq, created.archived), (0, false));
-    assert!(matches!(s.create_room(&room("r1", Visibility::Open)).await, Err(StoreError::Conflict(_))));
-    assert_eq!(s.room(&"r1".into()).await.unwrap().unwrap().title, "Room r1");
+    assert!(matches!(
+        s.create_room(&room("r1", Visibility::Open)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        s.room(&"r1".into()).await.unwrap().unwrap().title,
+        "Room r1"
+    );
     assert!(s.room(&"none".into()).await.unwrap().is_none());
     let patch = RoomPatch {
         title: Some("New".into()),
-        qa: Some(QaSettings { enabled: true, moderated: true }),
+        qa: Some(QaSettings {
+            enabled: true,
+            moderated: true,
+        }),
         starts_at: Some(Some(42)),
         ..Default::default()
     };
     let r = s.update_room(&"r1".into(), &patch).await.unwrap();
-    assert_eq!((r.title.as_str(), r.qa.moderated, r.starts_at), ("New", true, Some(42)));
-    let r = s.update_room(&"r1".into(), &RoomPatch { starts_at: Some(None), ..Default::default() }).await.unwrap();
+    assert_eq!(
+        (r.title.as_str(), r.qa.moderated, r.starts_at),
+        ("New", true, Some(42))
+    );
+    let r = s
+        .update_room(
+            &"r1".into(),
+            &RoomPatch {
+                starts_at: Some(None),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(r.starts_at, None);
-    assert!(matches!(s.update_room(&"zz".into(), &patch).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        s.update_room(&"zz".into(), &patch).await,
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 async fn members_and_roles(f: Fixture) {
@@ -90,12 +133,22 @@ async fn members_and_roles(f: Fixture) {
     s.set_member(&r, &u, RoomRole::Ta).await.unwrap();
     assert_eq!(s.member_role(&r, &u).await.unwrap(), Some(RoomRole::Ta));
     s.ensure_member(&r, &u, RoomRole::Member).await.unwrap();
-    assert_eq!(s.member_role(&r, &u).await.unwrap(), Some(RoomRole::Ta), "ensure keeps the role");
+    assert_eq!(
+        s.member_role(&r, &u).await.unwrap(),
+        Some(RoomRole::Ta),
+        "ensure keeps the role"
+    );
     s.set_member(&r, &u, RoomRole::Viewer).await.unwrap();
-    assert_eq!(s.members(&r).await.unwrap(), vec![(u.clone(), RoomRole::Viewer)]);
+    assert_eq!(
+        s.members(&r).await.unwrap(),
+        vec![(u.clone(), RoomRole::Viewer)]
+    );
     assert!(s.remove_member(&r, &u).await.unwrap());
     assert!(!s.remove_member(&r, &u).await.unwrap());
-    assert!(matches!(s.set_member(&"nope".into(), &u, RoomRole::Member).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        s.set_member(&"nope".into(), &u, RoomRole::Member).await,
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 async fn seq_is_gap_free_and_events_page_both_ways(f: Fixture) {
@@ -105,7 +158,11 @@ async fn seq_is_gap_free_and_events_page_both_ways(f: Fixture) {
     let mut pending = Vec::new();
     for i in 0..30 {
         let r = if i % 3 == 0 { "q" } else { "r" };
-        pending.push(s.submit(send(r, "a", &format!("t{i}"), &format!("c{i}"))).await.unwrap());
+        pending.push(
+            s.submit(send(r, "a", &format!("t{i}"), &format!("c{i}")))
+                .await
+                .unwrap(),
+        );
     }
     for p in pending {
         p.await.unwrap().unwrap();
@@ -113,22 +170,56 @@ async fn seq_is_gap_free_and_events_page_both_ways(f: Fixture) {
     assert_eq!(s.last_seq(&"r".into()).await.unwrap(), 20);
     assert_eq!(s.last_seq(&"q".into()).await.unwrap(), 10);
     let published = f.published.lock().unwrap().clone();
-    let r_seqs: Vec<i64> = published.iter().filter(|e| e.room.as_str() == "r").map(|e| e.seq).collect();
-    assert_eq!(r_seqs, (1..=20).collect::<Vec<_>>(), "hook sees commit order");
+    let r_seqs: Vec<i64> = published
+        .iter()
+        .filter(|e| e.room.as_str() == "r")
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        r_seqs,
+        (1..=20).collect::<Vec<_>>(),
+        "hook sees commit order"
+    );
     let page = s.events_after(&"r".into(), 5, 10).await.unwrap();
     assert_eq!(page.events.len(), 10);
     assert!(page.has_more);
     let first: serde_json::Value = serde_json::from_str(&page.events[0]).unwrap();
-    assert_eq!((first["seq"].as_i64(), first["type"].as_str(), first["room"].as_str()), (Some(6), Some("message"), Some("r")));
-    assert_eq!(page.events[0], published.iter().find(|e| e.room.as_str() == "r" && e.seq == 6).unwrap().json, "stored bytes = published bytes");
+    assert_eq!(
+        (
+            first["seq"].as_i64(),
+            first["type"].as_str(),
+            first["room"].as_str()
+        ),
+        (Some(6), Some("message"), Some("r"))
+    );
+    assert_eq!(
+        page.events[0],
+        published
+            .iter()
+            .find(|e| e.room.as_str() == "r" && e.seq == 6)
+            .unwrap()
+            .json,
+        "stored bytes = published bytes"
+    );
     let tail = s.events_after(&"r".into(), 15, 10).await.unwrap();
     assert_eq!((tail.events.len(), tail.has_more), (5, false));
     let back = s.events_before(&"r".into(), None, 4).await.unwrap();
-    let seqs: Vec<i64> = back.events.iter().map(|e| serde_json::from_str::<serde_json::Value>(e).unwrap()["seq"].as_i64().unwrap()).collect();
+    let seqs: Vec<i64> = back
+        .events
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(e).unwrap()["seq"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
     assert_eq!((seqs, back.has_more), (vec![17, 18, 19, 20], true));
     let oldest = s.events_before(&"r".into(), Some(3), 10).await.unwrap();
     assert_eq!((oldest.events.len(), oldest.has_more), (2, false));
-    assert!(matches!(s.last_seq(&"none".into()).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        s.last_seq(&"none".into()).await,
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 async fn idempotent_send_and_refusals(f: Fixture) {
@@ -136,15 +227,27 @@ async fn idempotent_send_and_refusals(f: Fixture) {
     s.create_room(&room("r", Visibility::Open)).await.unwrap();
     let (id, seq) = sent(s.write(send("r", "a", "hi", "k")).await.unwrap());
     match s.write(send("r", "a", "hi again", "k")).await.unwrap() {
-        WriteOutcome::Sent { id: id2, seq: seq2, duplicate, .. } => {
+        WriteOutcome::Sent {
+            id: id2,
+            seq: seq2,
+            duplicate,
+            ..
+        } => {
             assert_eq!((id2, seq2, duplicate), (id.clone(), seq, true));
         }
         other => panic!("{other:?}"),
     }
     let (_, seq_b) = sent(s.write(send("r", "b", "other user", "k")).await.unwrap());
     assert_eq!(seq_b, 2);
-    assert_eq!(f.published.lock().unwrap().len(), 2, "the duplicate published nothing");
-    assert!(matches!(s.write(send("nope", "a", "x", "z")).await, Err(StoreError::NotFound(_))));
+    assert_eq!(
+        f.published.lock().unwrap().len(),
+        2,
+        "the duplicate published nothing"
+    );
+    assert!(matches!(
+        s.write(send("nope", "a", "x", "z")).await,
+        Err(StoreError::NotFound(_))
+    ));
     let bad_reply = WriteOp::Send {
         room: "r".into(),
         from: user("a"),
@@ -152,10 +255,28 @@ async fn idempotent_send_and_refusals(f: Fixture) {
         client_msg_id: Some("z".into()),
         reply_to: Some(MessageId::from("missing")),
     };
-    assert!(matches!(s.write(bad_reply).await, Err(StoreError::BadRequest(_))));
-    s.update_room(&"r".into(), &RoomPatch { archived: Some(true), ..Default::default() }).await.unwrap();
-    assert!(matches!(s.write(send("r", "a", "late", "late")).await, Err(StoreError::Forbidden(_))));
-    assert_eq!(s.last_seq(&"r".into()).await.unwrap(), 2, "refusals leave no gap");
+    assert!(matches!(
+        s.write(bad_reply).await,
+        Err(StoreError::BadRequest(_))
+    ));
+    s.update_room(
+        &"r".into(),
+        &RoomPatch {
+            archived: Some(true),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        s.write(send("r", "a", "late", "late")).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    assert_eq!(
+        s.last_seq(&"r".into()).await.unwrap(),
+        2,
+        "refusals leave no gap"
+    );
 }
 
 async fn edit_delete_react(f: Fixture) {
@@ -163,9 +284,20 @@ async fn edit_delete_react(f: Fixture) {
     let r = RoomId::from("r");
     s.create_room(&room("r", Visibility::Open)).await.unwrap();
     let (id, _) = sent(s.write(send("r", "a", "hello", "1")).await.unwrap());
-    let edit = |by: &str, text: &str| WriteOp::Edit { room: r.clone(), id: id.clone(), by: user(by), text: text.into() };
-    assert!(matches!(s.write(edit("b", "x")).await, Err(StoreError::Forbidden(_))));
-    assert_eq!(s.write(edit("a", "hello!")).await.unwrap(), WriteOutcome::Changed { seq: 2 });
+    let edit = |by: &str, text: &str| WriteOp::Edit {
+        room: r.clone(),
+        id: id.clone(),
+        by: user(by),
+        text: text.into(),
+    };
+    assert!(matches!(
+        s.write(edit("b", "x")).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    assert_eq!(
+        s.write(edit("a", "hello!")).await.unwrap(),
+        WriteOutcome::Changed { seq: 2 }
+    );
     let react = |who: &str, emoji: &str, add: bool| WriteOp::React {
         room: r.clone(),
         id: id.clone(),
@@ -174,28 +306,82 @@ async fn edit_delete_react(f: Fixture) {
         add,
         max_distinct: 2,
     };
-    assert_eq!(s.write(react("b", "👍", true)).await.unwrap(), WriteOutcome::Changed { seq: 3 });
-    assert_eq!(s.write(react("b", "👍", true)).await.unwrap(), WriteOutcome::Unchanged);
-    assert_eq!(s.write(react("c", "👍", true)).await.unwrap(), WriteOutcome::Changed { seq: 4 });
-    assert_eq!(s.write(react("c", "🎉", true)).await.unwrap(), WriteOutcome::Changed { seq: 5 });
-    assert!(matches!(s.write(react("c", "🔥", true)).await, Err(StoreError::TooLarge(_))), "max distinct");
-    assert_eq!(s.write(react("c", "🎉", false)).await.unwrap(), WriteOutcome::Changed { seq: 6 });
-    assert_eq!(s.write(react("c", "🎉", false)).await.unwrap(), WriteOutcome::Unchanged);
+    assert_eq!(
+        s.write(react("b", "👍", true)).await.unwrap(),
+        WriteOutcome::Changed { seq: 3 }
+    );
+    assert_eq!(
+        s.write(react("b", "👍", true)).await.unwrap(),
+        WriteOutcome::Unchanged
+    );
+    assert_eq!(
+        s.write(react("c", "👍", true)).await.unwrap(),
+        WriteOutcome::Changed { seq: 4 }
+    );
+    assert_eq!(
+        s.write(react("c", "🎉", true)).await.unwrap(),
+        WriteOutcome::Changed { seq: 5 }
+    );
+    assert!(
+        matches!(
+            s.write(react("c", "🔥", true)).await,
+            Err(StoreError::TooLarge(_))
+        ),
+        "max distinct"
+    );
+    assert_eq!(
+        s.write(react("c", "🎉", false)).await.unwrap(),
+        WriteOutcome::Changed { seq: 6 }
+    );
+    assert_eq!(
+        s.write(react("c", "🎉", false)).await.unwrap(),
+        WriteOutcome::Unchanged
+    );
     let last = f.published.lock().unwrap().last().unwrap().json.clone();
     let v: serde_json::Value = serde_json::from_str(&last).unwrap();
-    assert_eq!((v["type"].as_str(), v["count"].as_i64(), v["added"].as_bool()), (Some("reaction"), Some(0), Some(false)));
+    assert_eq!(
+        (
+            v["type"].as_str(),
+            v["count"].as_i64(),
+            v["added"].as_bool()
+        ),
+        (Some("reaction"), Some(0), Some(false))
+    );
     let page = s.events_after(&r, 0, 100).await.unwrap();
     let msg: serde_json::Value = serde_json::from_str(&page.events[0]).unwrap();
     assert_eq!(msg["text"], "hello!");
-    assert_eq!(msg["reactions"], serde_json::json!([{"emoji":"👍","count":2}]));
-    let del = |by: &str, m: bool| WriteOp::Delete { room: r.clone(), id: id.clone(), by: user(by), as_moderator: m };
-    assert!(matches!(s.write(del("b", false)).await, Err(StoreError::Forbidden(_))));
-    assert_eq!(s.write(del("b", true)).await.unwrap(), WriteOutcome::Changed { seq: 7 });
-    assert_eq!(s.write(del("a", false)).await.unwrap(), WriteOutcome::Unchanged);
-    assert!(matches!(s.write(edit("a", "back")).await, Err(StoreError::NotFound(_))));
+    assert_eq!(
+        msg["reactions"],
+        serde_json::json!([{"emoji":"👍","count":2}])
+    );
+    let del = |by: &str, m: bool| WriteOp::Delete {
+        room: r.clone(),
+        id: id.clone(),
+        by: user(by),
+        as_moderator: m,
+    };
+    assert!(matches!(
+        s.write(del("b", false)).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    assert_eq!(
+        s.write(del("b", true)).await.unwrap(),
+        WriteOutcome::Changed { seq: 7 }
+    );
+    assert_eq!(
+        s.write(del("a", false)).await.unwrap(),
+        WriteOutcome::Unchanged
+    );
+    assert!(matches!(
+        s.write(edit("a", "back")).await,
+        Err(StoreError::NotFound(_))
+    ));
     let page = s.events_after(&r, 0, 100).await.unwrap();
     for body in &page.events {
-        assert!(!body.contains("hello"), "deleted text erased everywhere: {body}");
+        assert!(
+            !body.contains("hello"),
+            "deleted text erased everywhere: {body}"
+        );
     }
 }
 
@@ -213,27 +399,58 @@ async fn read_markers_and_unread(f: Fixture) {
     s.set_read_marker(&r, &b, 3).await.unwrap();
     assert_eq!(s.unread(&r, &b).await.unwrap(), 1);
     s.set_read_marker(&r, &b, 1).await.unwrap();
-    assert_eq!(s.unread(&r, &b).await.unwrap(), 1, "markers only move forward");
-    let list = s.user_rooms(&b, &[(RoomId::from("g"), RoomRole::Ta)]).await.unwrap();
-    let ids: Vec<_> = list.iter().map(|x| (x.id.as_str(), x.role, x.unread, x.last_seq)).collect();
-    assert_eq!(ids, vec![("g", RoomRole::Ta, 0, 0), ("r", RoomRole::Member, 1, 5)]);
+    assert_eq!(
+        s.unread(&r, &b).await.unwrap(),
+        1,
+        "markers only move forward"
+    );
+    let list = s
+        .user_rooms(&b, &[(RoomId::from("g"), RoomRole::Ta)])
+        .await
+        .unwrap();
+    let ids: Vec<_> = list
+        .iter()
+        .map(|x| (x.id.as_str(), x.role, x.unread, x.last_seq))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![("g", RoomRole::Ta, 0, 0), ("r", RoomRole::Member, 1, 5)]
+    );
 }
 
 async fn settings_keep_the_first_value(f: Fixture) {
     let s = &f.store;
-    assert_eq!(s.setting_or_insert("k", || "one".into()).await.unwrap(), "one");
-    assert_eq!(s.setting_or_insert("k", || "two".into()).await.unwrap(), "one");
+    assert_eq!(
+        s.setting_or_insert("k", || "one".into()).await.unwrap(),
+        "one"
+    );
+    assert_eq!(
+        s.setting_or_insert("k", || "two".into()).await.unwrap(),
+        "one"
+    );
 }
 
 /// Two store instances on one database, as two server processes: writes to one room from both
 /// interleave into one gap-free sequence.
 async fn two_writers_share_one_gap_free_sequence(f: Fixture) {
-    f.store.create_room(&room("r", Visibility::Open)).await.unwrap();
+    f.store
+        .create_room(&room("r", Visibility::Open))
+        .await
+        .unwrap();
     let other = open(&f.url).await;
     let mut pending = Vec::new();
     for i in 0..60 {
-        let (store, who) = if i % 2 == 0 { (&f.store, "a") } else { (&other.store, "b") };
-        pending.push(store.submit(send("r", who, "x", &i.to_string())).await.unwrap());
+        let (store, who) = if i % 2 == 0 {
+            (&f.store, "a")
+        } else {
+            (&other.store, "b")
+        };
+        pending.push(
+            store
+                .submit(send("r", who, "x", &i.to_string()))
+                .await
+                .unwrap(),
+        );
     }
     let mut seqs = Vec::new();
     for p in pending {
@@ -259,7 +476,10 @@ async fn close_commits_everything_queued(f: Fixture) {
     }
     let reopened = open(&f.url).await;
     assert_eq!(reopened.store.last_seq(&"r".into()).await.unwrap(), 50);
-    assert!(matches!(s.write(send("r", "a", "x", "after")).await, Err(StoreError::Closed)));
+    assert!(matches!(
+        s.write(send("r", "a", "x", "after")).await,
+        Err(StoreError::Closed)
+    ));
     reopened.store.close().await;
 }
 

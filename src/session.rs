@@ -195,9 +195,11 @@ async fn handshake(
     }
 }
 
+/// Whether a read failed because the client's frame or message passed the size limit.
 fn is_too_big(e: &axum::Error) -> bool {
-    let text = e.to_string();
-    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
+    std::error::Error::source(e)
+        .and_then(|src| src.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|te| matches!(te, tungstenite::Error::Capacity(_)))
 }
 
 /// Runs one connection to its end.

@@ -54,11 +54,19 @@ struct Proc {
 }
 
 async fn spawn_binary(db_url: &str) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_studyhall"))
+    spawn_binary_with(db_url, Some(SECRET)).await
+}
+
+async fn spawn_binary_with(db_url: &str, secret: Option<&str>) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_studyhall"));
+    cmd.env_remove("STUDYHALL_JWT_SECRET");
+    if let Some(secret) = secret {
+        cmd.env("STUDYHALL_JWT_SECRET", secret);
+    }
+    let mut child = cmd
         .arg("serve")
         .env("STUDYHALL_ADDR", "127.0.0.1:0")
         .env("STUDYHALL_DATABASE_URL", db_url)
-        .env("STUDYHALL_JWT_SECRET", SECRET)
         .env("STUDYHALL_API_KEY", API_KEY)
         .env("STUDYHALL_RATE_PER_S", "100000")
         .env("STUDYHALL_RATE_BURST", "100000")
@@ -151,4 +159,88 @@ async fn sigkill_right_after_acks_loses_none_of_them() {
         "gap-free after the crash"
     );
     drop(p);
+}
+
+#[tokio::test]
+async fn sigterm_says_bye_closes_1001_and_exits_zero() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("term.db").display());
+    let mut p = spawn_binary(&url).await;
+    let mut c = Client::connect(
+        p.addr,
+        &token("alice", studyhall::protocol::PlatformRole::Student, &[]),
+    )
+    .await;
+    let pid = p.child.id().unwrap().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let mut bye = false;
+    let code = within("bye", async {
+        while let Some(Ok(m)) = c.ws.next().await {
+            match m {
+                tokio_tungstenite::tungstenite::Message::Text(t) => bye |= t.contains("\"bye\""),
+                tokio_tungstenite::tungstenite::Message::Close(f) => {
+                    return f.map(|f| u16::from(f.code));
+                }
+                _ => {}
+            }
+        }
+        None
+    })
+    .await;
+    assert!(bye);
+    assert_eq!(code, Some(1001));
+    let exit = within("exit", p.child.wait()).await.unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test]
+async fn token_subcommand_signs_with_the_secret_kept_in_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("secret.db").display());
+    let p = spawn_binary_with(&url, None).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_studyhall"))
+        .args([
+            "token", "--user", "alice", "--name", "Alice", "--role", "tutor", "--rooms", "r1=host",
+            "--ttl", "10m",
+        ])
+        .env_remove("STUDYHALL_JWT_SECRET")
+        .env("STUDYHALL_DATABASE_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let mut c = Client::connect(p.addr, &token).await;
+    let rooms = c.ok(json!({"type":"rooms"})).await;
+    assert_eq!(rooms["rooms"], json!([]));
+    // A token signed with any other secret is refused.
+    let mut ws = raw_ws(p.addr).await;
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        json!({"type":"hello","token":token_signed_elsewhere()}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(4001));
+    let bad = Command::new(env!("CARGO_BIN_EXE_studyhall"))
+        .args(["token", "--user", "a", "--rooms", "bad id=host"])
+        .env("STUDYHALL_DATABASE_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success(), "bad --rooms is refused");
+}
+
+fn token_signed_elsewhere() -> String {
+    token("alice", studyhall::protocol::PlatformRole::Student, &[])
 }

@@ -377,3 +377,40 @@ async fn shutdown_says_bye_and_closes_1001_after_committing_accepted_writes() {
     // Whatever was acked is stored (the rest may have been refused as the server stopped).
     assert!(acked <= 20);
 }
+
+#[tokio::test]
+async fn origin_allowlist_is_checked_before_the_upgrade() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let s = Server::sqlite(|c| c.allowed_origins = vec!["https://school.example".into()]).await;
+    let attempt = |origin: &'static str| {
+        let addr = s.addr;
+        async move {
+            let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+            req.headers_mut().insert("Origin", origin.parse().unwrap());
+            match tokio_tungstenite::connect_async(req).await {
+                Ok(_) => 101,
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    assert_eq!(within("evil", attempt("https://evil.example")).await, 403);
+    assert_eq!(within("good", attempt("https://school.example")).await, 101);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_joins_at_most_max_rooms_per_session() {
+    let s = Server::sqlite(|c| c.max_rooms_per_session = 2).await;
+    for r in ["a", "b", "c"] {
+        s.room(r, "open").await;
+    }
+    let mut c = s.client("u").await;
+    c.join("a").await;
+    c.join("b").await;
+    c.join("a").await; // re-joining is a resync, not a new room
+    assert_eq!(c.err(json!({"type":"join","room":"c"})).await, "forbidden");
+    c.ok(json!({"type":"leave","room":"a"})).await;
+    c.join("c").await;
+    s.stop().await;
+}

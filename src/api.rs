@@ -5,11 +5,15 @@
 
 use crate::App;
 use crate::error::{Error, Result};
+use crate::protocol::QuestionStatus;
 use crate::protocol::{
     PlatformRole, RoomId, RoomKind, RoomRole, SUBPROTOCOL, UserId, UserRef, Visibility,
     valid_room_id,
 };
-use crate::store::{QaSettings, Room, RoomPatch, WriteOp, WriteOutcome, now_ms};
+use crate::store::{
+    DEFAULT_ANSWER_SLA_S, QaSettings, QuestionFilter, QuestionSort, Room, RoomPatch, RoomRules,
+    View, WriteOp, WriteOutcome, now_ms,
+};
 use axum::body::Bytes;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -47,6 +51,11 @@ pub fn router(app: Arc<App>) -> Router {
             "/rooms/{id}/messages",
             get(list_messages).post(post_announcement),
         )
+        .route("/rooms/{id}/questions", get(list_questions))
+        .route("/rooms/{id}/faq", get(faq))
+        .route("/rooms/{id}/reports", get(list_reports))
+        .route("/rooms/{id}/reports/{report}/resolve", post(resolve_report))
+        .route("/rooms/{id}/audit", get(audit_log))
         .route("/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     let mut router = Router::new()
@@ -82,6 +91,36 @@ fn user_id(id: String) -> Result<UserId> {
         return Err(Error::bad_request("user ids are 1..=64 characters"));
     }
     Ok(UserId(id))
+}
+
+/// Most blocked words / allowed link domains one room may list.
+const MAX_RULE_ENTRIES: usize = 500;
+
+fn check_settings(sla: Option<i64>, slow: Option<i64>, rules: Option<&RoomRules>) -> Result<()> {
+    if sla.is_some_and(|s| !(60..=30 * 86_400).contains(&s)) {
+        return Err(Error::bad_request("answer_sla_s must be 60..=2592000"));
+    }
+    if slow.is_some_and(|s| !(0..=3600).contains(&s)) {
+        return Err(Error::bad_request("slow_mode_s must be 0..=3600"));
+    }
+    if let Some(r) = rules {
+        let domains = match &r.links {
+            crate::store::LinkPolicy::Domains { domains } => domains.len(),
+            _ => 0,
+        };
+        if r.blocked_words.len() > MAX_RULE_ENTRIES || domains > MAX_RULE_ENTRIES {
+            return Err(Error::bad_request(format!(
+                "at most {MAX_RULE_ENTRIES} blocked words and {MAX_RULE_ENTRIES} domains"
+            )));
+        }
+        if r.blocked_words
+            .iter()
+            .any(|w| w.trim().is_empty() || w.chars().count() > 100)
+        {
+            return Err(Error::bad_request("blocked words are 1..=100 characters"));
+        }
+    }
+    Ok(())
 }
 
 fn check_title(t: &str) -> Result<()> {
@@ -188,6 +227,8 @@ struct NewRoom {
     visibility: Option<Visibility>,
     qa: Option<QaSettings>,
     starts_at: Option<i64>,
+    answer_sla_s: Option<i64>,
+    rules: Option<RoomRules>,
 }
 
 async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Response> {
@@ -195,10 +236,15 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
     let id = room_id(new.id)?;
     let title = new.title.unwrap_or_else(|| id.to_string());
     check_title(&title)?;
+    check_settings(new.answer_sla_s, None, new.rules.as_ref())?;
     let room = Room {
+        answer_sla_s: new.answer_sla_s.unwrap_or(DEFAULT_ANSWER_SLA_S),
+        slow_mode_s: 0,
+        rules: new.rules.unwrap_or_default(),
         qa: new.qa.unwrap_or(QaSettings {
             enabled: new.kind == RoomKind::Live,
             moderated: false,
+            peer_answers: false,
         }),
         id,
         kind: new.kind,
@@ -234,7 +280,10 @@ async fn patch_room(
     if let Some(t) = &patch.title {
         check_title(t)?;
     }
-    Ok(Json(app.store.update_room(&id, &patch).await?))
+    check_settings(patch.answer_sla_s, patch.slow_mode_s, patch.rules.as_ref())?;
+    let room = app.store.update_room(&id, &patch).await?;
+    app.policies.room_changed(room.clone());
+    Ok(Json(room))
 }
 
 async fn archive_room(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Room>> {
@@ -244,6 +293,7 @@ async fn archive_room(State(app): State<Arc<App>>, Path(id): Path<String>) -> Re
         ..Default::default()
     };
     let room = app.store.update_room(&id, &patch).await?;
+    app.policies.room_changed(room.clone());
     tracing::info!(room = %id, "room archived");
     Ok(Json(room))
 }
@@ -301,7 +351,10 @@ async fn list_messages(
     if app.store.room(&id).await?.is_none() {
         return Err(Error::NotFound(format!("room {id} not found")));
     }
-    let page = app.store.events_after(&id, after, limit as u32).await?;
+    let page = app
+        .store
+        .events_after(&id, after, limit as u32, crate::store::View::Moderator)
+        .await?;
     let body = format!("{{{}}}", page.json_fields());
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
@@ -391,4 +444,164 @@ async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<serd
         )
         .map_err(|e| Error::Internal(e.to_string()))?;
     Ok(Json(json!({"token": token})))
+}
+
+// -- Q&A, reports, audit ----------------------------------------------------------------------
+
+async fn existing_room(app: &App, id: String) -> Result<Room> {
+    let id = room_id(id)?;
+    app.store
+        .room(&id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("room {id} not found")))
+}
+
+async fn list_questions(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>> {
+    let room = existing_room(&app, id).await?;
+    let sort = match q.get("sort").map(String::as_str) {
+        None | Some("top") => QuestionSort::Top,
+        Some("recent") => QuestionSort::Recent,
+        Some(_) => return Err(Error::bad_request("sort must be top or recent")),
+    };
+    let filter = QuestionFilter {
+        status: match q.get("status") {
+            Some(s) => {
+                Some(QuestionStatus::parse(s).ok_or_else(|| Error::bad_request("unknown status"))?)
+            }
+            None => None,
+        },
+        overdue_only: q.get("overdue").is_some_and(|v| v == "true" || v == "1"),
+    };
+    let questions = app
+        .store
+        .questions(
+            &room.id,
+            &filter,
+            sort,
+            View::Moderator,
+            room.answer_sla_s,
+            now_ms(),
+        )
+        .await?;
+    Ok(Json(json!({ "questions": questions })))
+}
+
+/// Answered questions with their answers, most voted first: JSON, or Markdown when the client
+/// asks for `text/markdown`.
+async fn faq(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let room = existing_room(&app, id).await?;
+    let filter = QuestionFilter {
+        status: Some(QuestionStatus::Answered),
+        overdue_only: false,
+    };
+    let questions = app
+        .store
+        .questions(
+            &room.id,
+            &filter,
+            QuestionSort::Top,
+            View::Member,
+            room.answer_sla_s,
+            now_ms(),
+        )
+        .await?;
+    let markdown = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/markdown"));
+    if !markdown {
+        return Ok(
+            Json(json!({"room": room.id, "title": room.title, "questions": questions}))
+                .into_response(),
+        );
+    }
+    let mut md = format!("# {} — FAQ\n\n", room.title);
+    for q in &questions {
+        md.push_str(&format!("## {}\n\n", q.text.replace('\n', " ")));
+        md.push_str(&format!("_{} votes_\n\n", q.votes));
+        for a in &q.answers {
+            md.push_str(&format!("{}\n\n— {}\n\n", a.text, a.author.name));
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "text/markdown; charset=utf-8")], md).into_response())
+}
+
+async fn list_reports(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>> {
+    let room = existing_room(&app, id).await?;
+    let all = q.get("all").is_some_and(|v| v == "true" || v == "1");
+    Ok(Json(
+        json!({ "reports": app.store.reports(&room.id, all).await? }),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Resolution {
+    /// Who resolved it (a moderator's user id on the platform); default "api".
+    by: Option<String>,
+    /// What was done, e.g. "deleted", "dismissed".
+    resolution: Option<String>,
+}
+
+async fn resolve_report(
+    State(app): State<Arc<App>>,
+    Path((id, report)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<crate::store::Report>> {
+    let room = existing_room(&app, id).await?;
+    let r: Resolution = if body.is_empty() {
+        Resolution::default()
+    } else {
+        parse_body(&body)?
+    };
+    let by = r.by.unwrap_or_else(|| "api".into());
+    let resolution = r.resolution.unwrap_or_else(|| "resolved".into());
+    if by.chars().count() > 64 || resolution.chars().count() > 200 {
+        return Err(Error::bad_request(
+            "by is at most 64 and resolution at most 200 characters",
+        ));
+    }
+    let done = app
+        .store
+        .resolve_report(&room.id, &report, &by, &resolution)
+        .await?;
+    app.store
+        .audit(
+            &room.id,
+            &by,
+            "resolve_report",
+            Some(&report),
+            Some(&resolution),
+        )
+        .await?;
+    Ok(Json(done))
+}
+
+async fn audit_log(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>> {
+    let room = existing_room(&app, id).await?;
+    let after = match q.get("after_id") {
+        Some(v) => v
+            .parse()
+            .map_err(|_| Error::bad_request("after_id must be an integer"))?,
+        None => 0,
+    };
+    Ok(Json(
+        json!({ "entries": app.store.audit_log(&room.id, after).await? }),
+    ))
 }

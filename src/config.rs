@@ -56,8 +56,14 @@ pub struct Config {
     pub max_inflight_per_session: usize,
     /// Most events `join {after_seq}` replays; beyond it the reply says `gap: true`.
     pub replay_limit: u32,
-    /// Longest message text in characters.
+    /// Longest message text (and answer) in characters.
     pub max_text_chars: usize,
+    /// Longest question in characters.
+    pub max_question_chars: usize,
+    /// People on stage at once in one room.
+    pub max_on_stage: usize,
+    /// Milliseconds between scans for questions past their room's answer SLA.
+    pub sla_check_interval_ms: u64,
     /// Longest reaction emoji in characters.
     pub max_emoji_chars: usize,
     /// Longest `client_msg_id` in characters.
@@ -105,6 +111,9 @@ impl Default for Config {
             max_inflight_per_session: 256,
             replay_limit: 1000,
             max_text_chars: 4000,
+            max_question_chars: 1000,
+            max_on_stage: 10,
+            sla_check_interval_ms: 10_000,
             max_emoji_chars: 16,
             max_client_msg_id_chars: 64,
             max_reactions_per_message: 64,
@@ -184,6 +193,12 @@ pub struct ServeArgs {
     pub replay_limit: Option<u32>,
     #[arg(long, env = "STUDYHALL_MAX_TEXT_CHARS")]
     pub max_text_chars: Option<usize>,
+    #[arg(long, env = "STUDYHALL_MAX_QUESTION_CHARS")]
+    pub max_question_chars: Option<usize>,
+    #[arg(long, env = "STUDYHALL_MAX_ON_STAGE")]
+    pub max_on_stage: Option<usize>,
+    #[arg(long, env = "STUDYHALL_SLA_CHECK_INTERVAL_MS")]
+    pub sla_check_interval_ms: Option<u64>,
     #[arg(long, env = "STUDYHALL_STORE_BATCH_MAX")]
     pub store_batch_max: Option<usize>,
     #[arg(long, env = "STUDYHALL_STORE_BATCH_LINGER_US")]
@@ -231,6 +246,9 @@ impl Config {
             max_inflight_per_session,
             replay_limit,
             max_text_chars,
+            max_question_chars,
+            max_on_stage,
+            sla_check_interval_ms,
             store_batch_max,
             store_batch_linger_us,
             store_queue,
@@ -290,6 +308,9 @@ impl Config {
         )?;
         positive("replay_limit", u64::from(self.replay_limit))?;
         positive("max_text_chars", self.max_text_chars as u64)?;
+        positive("max_question_chars", self.max_question_chars as u64)?;
+        positive("max_on_stage", self.max_on_stage as u64)?;
+        positive("sla_check_interval_ms", self.sla_check_interval_ms)?;
         positive("store_batch_max", self.store_batch_max as u64)?;
         positive("store_queue", self.store_queue as u64)?;
         positive("db_pool_size", u64::from(self.db_pool_size))?;

@@ -20,6 +20,8 @@ pub enum Error {
     #[error("{0}")]
     NotMember(String),
     #[error("{0}")]
+    Muted(String),
+    #[error("{0}")]
     RateLimited(String),
     #[error("{0}")]
     TooLarge(String),
@@ -42,6 +44,7 @@ impl Error {
             Self::Forbidden(_) => ErrorCode::Forbidden,
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::NotMember(_) => ErrorCode::NotMember,
+            Self::Muted(_) => ErrorCode::Muted,
             Self::RateLimited(_) => ErrorCode::RateLimited,
             Self::TooLarge(_) => ErrorCode::TooLarge,
             Self::Conflict(_) => ErrorCode::Conflict,
@@ -62,7 +65,7 @@ impl Error {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) | Self::NotMember(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::NotMember(_) | Self::Muted(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

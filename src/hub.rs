@@ -80,6 +80,8 @@ impl SessionHandle {
 struct Member {
     handle: Arc<SessionHandle>,
     user: UserRef,
+    /// Host or TA in this room: receives the full rendering of restricted events.
+    moderator: bool,
     /// `Some` while the session's replay is being queued: live frames wait here, with their
     /// seq (unsequenced frames such as typing carry `None`).
     gate: Option<Vec<(Option<i64>, Frame)>>,
@@ -90,23 +92,53 @@ struct RoomState {
     sessions: HashMap<SessionId, Member>,
     /// Users online in the room and how many of their sessions have joined it.
     online: HashMap<UserId, (UserRef, usize)>,
+    /// Raised hands in raise order, with when they went up (ms).
+    hands: Vec<(UserRef, i64)>,
+    /// Users allowed to publish audio/video, in the order they went on stage.
+    stage: Vec<UserRef>,
+}
+
+/// Which sessions of a room a frame is for.
+#[derive(Clone, Copy)]
+enum Audience<'a> {
+    Everyone,
+    Others(&'a UserId),
+    /// Host/TA sessions, plus every session of this user if given.
+    Moderators(Option<&'a UserId>),
+    User(&'a UserId),
+}
+
+impl Audience<'_> {
+    fn includes(&self, m: &Member) -> bool {
+        match self {
+            Self::Everyone => true,
+            Self::Others(u) => &m.user.id != *u,
+            Self::Moderators(u) => m.moderator || u.is_some_and(|u| &m.user.id == u),
+            Self::User(u) => &m.user.id == *u,
+        }
+    }
 }
 
 impl RoomState {
-    /// Queues `frame` to every joined session except `skip_user`'s.
+    /// Queues `frame` to the sessions in `to`; host/ta get `frame`, others `public` if given.
     fn fan_out(
         &mut self,
         frame: &Frame,
+        public: Option<&Frame>,
         seq: Option<i64>,
-        skip_user: Option<&UserId>,
+        to: Audience<'_>,
         gate_cap: usize,
         metrics: &Metrics,
     ) -> u64 {
         let mut delivered = 0;
         for m in self.sessions.values_mut() {
-            if skip_user == Some(&m.user.id) {
+            if !to.includes(m) {
                 continue;
             }
+            let frame = match public {
+                Some(p) if !m.moderator => p,
+                _ => frame,
+            };
             match &mut m.gate {
                 Some(held) => {
                     if held.len() >= gate_cap {
@@ -135,9 +167,20 @@ pub enum HubError {
     RoomFull(usize),
 }
 
-/// The result of a join: who is online (the joiner included).
+/// The result of a join: who is online (the joiner included), who is on stage, and (for
+/// host/ta) the raised hands.
 pub struct Joined {
     pub online: Vec<UserRef>,
+    pub stage: Vec<UserRef>,
+    pub hands: Vec<(UserRef, i64)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StageError {
+    #[error("that user is not in the room")]
+    NotInRoom,
+    #[error("the stage is full ({0} people)")]
+    Full(usize),
 }
 
 pub struct Hub {
@@ -199,6 +242,7 @@ impl Hub {
         room: &RoomId,
         handle: &Arc<SessionHandle>,
         user: UserRef,
+        moderator: bool,
     ) -> Result<Joined, HubError> {
         let mut state = self.rooms.entry(room.clone()).or_default();
         let state = &mut *state;
@@ -213,6 +257,7 @@ impl Hub {
                 Member {
                     handle: handle.clone(),
                     user: user.clone(),
+                    moderator,
                     gate: Some(Vec::new()),
                 },
             );
@@ -232,12 +277,28 @@ impl Hub {
                     user: &user,
                     state: PresenceState::Online,
                 }));
-                state.fan_out(&frame, None, Some(&user.id), self.gate_cap, &self.metrics);
+                state.fan_out(
+                    &frame,
+                    None,
+                    None,
+                    Audience::Others(&user.id),
+                    self.gate_cap,
+                    &self.metrics,
+                );
             }
         }
         let mut online: Vec<UserRef> = state.online.values().map(|(u, _)| u.clone()).collect();
         online.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(Joined { online })
+        let hands = if moderator {
+            state.hands.clone()
+        } else {
+            Vec::new()
+        };
+        Ok(Joined {
+            online,
+            stage: state.stage.clone(),
+            hands,
+        })
     }
 
     /// Releases the frames held for a gated session: those with seq <= `delivered_seq` were
@@ -286,7 +347,47 @@ impl Hub {
                 user: &member.user,
                 state: PresenceState::Offline,
             }));
-            state.fan_out(&frame, None, Some(&uid), self.gate_cap, &self.metrics);
+            state.fan_out(
+                &frame,
+                None,
+                None,
+                Audience::Others(&uid),
+                self.gate_cap,
+                &self.metrics,
+            );
+            // Hands and stage belong to people who are here.
+            if let Some(pos) = state.hands.iter().position(|(u, _)| u.id == uid) {
+                state.hands.remove(pos);
+                let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
+                    room,
+                    user: &member.user,
+                    raised: false,
+                }));
+                state.fan_out(
+                    &frame,
+                    None,
+                    None,
+                    Audience::Moderators(None),
+                    self.gate_cap,
+                    &self.metrics,
+                );
+            }
+            if let Some(pos) = state.stage.iter().position(|u| u.id == uid) {
+                state.stage.remove(pos);
+                let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
+                    room,
+                    user: &member.user,
+                    on: false,
+                }));
+                state.fan_out(
+                    &frame,
+                    None,
+                    None,
+                    Audience::Everyone,
+                    self.gate_cap,
+                    &self.metrics,
+                );
+            }
         }
         let empty = state.sessions.is_empty();
         drop(state);
@@ -296,22 +397,198 @@ impl Hub {
         true
     }
 
-    /// Fans a committed room event out to every session in the room.
+    /// Fans a committed room event out to every session in the room (host/ta get the full
+    /// rendering, others the public one when it differs).
     pub fn publish(&self, ev: CommittedEvent) {
         let frame = Frame::from(ev.json);
+        let public = ev.public_json.map(Frame::from);
         if let Some(mut state) = self.rooms.get_mut(&ev.room) {
-            let n = state.fan_out(&frame, Some(ev.seq), None, self.gate_cap, &self.metrics);
+            let n = state.fan_out(
+                &frame,
+                public.as_ref(),
+                Some(ev.seq),
+                Audience::Everyone,
+                self.gate_cap,
+                &self.metrics,
+            );
             self.metrics.deliveries.fetch_add(n, Relaxed);
         }
         self.metrics.events_published.fetch_add(1, Relaxed);
     }
 
+    fn send(&self, room: &RoomId, frame: &Frame, to: Audience<'_>) -> u64 {
+        let n = match self.rooms.get_mut(room) {
+            Some(mut state) => state.fan_out(frame, None, None, to, self.gate_cap, &self.metrics),
+            None => 0,
+        };
+        self.metrics.deliveries.fetch_add(n, Relaxed);
+        n
+    }
+
     /// Sends an unsequenced frame (typing) to the room's sessions of other users.
     pub fn notify_others(&self, room: &RoomId, from: &UserId, frame: &Frame) {
+        self.send(room, frame, Audience::Others(from));
+    }
+
+    /// Sends an unsequenced frame to everyone in the room.
+    pub fn notify_all(&self, room: &RoomId, frame: &Frame) {
+        self.send(room, frame, Audience::Everyone);
+    }
+
+    /// Sends an unsequenced frame to the room's host/ta sessions (and `also`'s sessions).
+    pub fn notify_moderators(&self, room: &RoomId, also: Option<&UserId>, frame: &Frame) {
+        self.send(room, frame, Audience::Moderators(also));
+    }
+
+    /// The room role a user holds in the room right now, if online there.
+    pub fn online_role(&self, room: &RoomId, user: &UserId) -> Option<String> {
+        let state = self.rooms.get(room)?;
+        state.online.get(user).map(|(u, _)| u.role.clone())
+    }
+
+    /// Sends `kicked` to every session of `user` in the room and closes them 4003.
+    pub fn kick(&self, room: &RoomId, user: &UserId, reason: &str) -> usize {
+        let frame = Frame::from(protocol::encode(&ServerMsg::Kicked { room, reason }));
+        let mut kicked = 0;
         if let Some(mut state) = self.rooms.get_mut(room) {
-            let n = state.fan_out(frame, None, Some(from), self.gate_cap, &self.metrics);
-            self.metrics.deliveries.fetch_add(n, Relaxed);
+            for m in state.sessions.values_mut().filter(|m| &m.user.id == user) {
+                m.gate = None;
+                m.handle.offer(&frame, &self.metrics);
+                m.handle.close(close::KICKED);
+                kicked += 1;
+            }
         }
+        kicked
+    }
+
+    /// Puts a hand up (raise order is kept); returns its 1-based position.
+    pub fn raise_hand(&self, room: &RoomId, user: &UserRef, now_ms: i64) -> usize {
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return 0;
+        };
+        if let Some(pos) = state.hands.iter().position(|(u, _)| u.id == user.id) {
+            return pos + 1;
+        }
+        state.hands.push((user.clone(), now_ms));
+        let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
+            room,
+            user,
+            raised: true,
+        }));
+        state.fan_out(
+            &frame,
+            None,
+            None,
+            Audience::Moderators(Some(&user.id)),
+            self.gate_cap,
+            &self.metrics,
+        );
+        state.hands.len()
+    }
+
+    /// Lowers a hand; false if it was not up.
+    pub fn lower_hand(&self, room: &RoomId, user: &UserId) -> bool {
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        let Some(pos) = state.hands.iter().position(|(u, _)| &u.id == user) else {
+            return false;
+        };
+        let (who, _) = state.hands.remove(pos);
+        let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
+            room,
+            user: &who,
+            raised: false,
+        }));
+        state.fan_out(
+            &frame,
+            None,
+            None,
+            Audience::Moderators(Some(user)),
+            self.gate_cap,
+            &self.metrics,
+        );
+        true
+    }
+
+    pub fn hands(&self, room: &RoomId) -> Vec<(UserRef, i64)> {
+        self.rooms
+            .get(room)
+            .map(|s| s.hands.clone())
+            .unwrap_or_default()
+    }
+
+    /// Puts a user (who must be in the room) on or off stage, within `max` on stage; going on
+    /// stage lowers their hand. Returns the stage after the change.
+    pub fn set_stage(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        on: bool,
+        max: usize,
+    ) -> Result<Vec<UserRef>, StageError> {
+        let mut state = self.rooms.get_mut(room).ok_or(StageError::NotInRoom)?;
+        let state = &mut *state;
+        let who = state
+            .online
+            .get(user)
+            .map(|(u, _)| u.clone())
+            .ok_or(StageError::NotInRoom)?;
+        let present = state.stage.iter().position(|u| &u.id == user);
+        match (on, present) {
+            (true, None) => {
+                if state.stage.len() >= max {
+                    return Err(StageError::Full(max));
+                }
+                state.stage.push(who.clone());
+                if let Some(pos) = state.hands.iter().position(|(u, _)| &u.id == user) {
+                    state.hands.remove(pos);
+                    let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
+                        room,
+                        user: &who,
+                        raised: false,
+                    }));
+                    state.fan_out(
+                        &frame,
+                        None,
+                        None,
+                        Audience::Moderators(Some(user)),
+                        self.gate_cap,
+                        &self.metrics,
+                    );
+                }
+            }
+            (false, Some(pos)) => {
+                state.stage.remove(pos);
+            }
+            _ => return Ok(state.stage.clone()),
+        }
+        let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
+            room,
+            user: &who,
+            on,
+        }));
+        state.fan_out(
+            &frame,
+            None,
+            None,
+            Audience::Everyone,
+            self.gate_cap,
+            &self.metrics,
+        );
+        Ok(state.stage.clone())
+    }
+
+    /// Whether the user is on stage (may publish audio/video in a live room).
+    pub fn on_stage(&self, room: &RoomId, user: &UserId) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|s| s.stage.iter().any(|u| &u.id == user))
+    }
+
+    /// Sends a frame to every session of `user` in the room.
+    pub fn notify_user(&self, room: &RoomId, user: &UserId, frame: &Frame) {
+        self.send(room, frame, Audience::User(user));
     }
 
     /// Asks every session to close with `code` (shutdown).
@@ -355,6 +632,7 @@ mod tests {
             room: room.into(),
             seq,
             json: format!("{{\"seq\":{seq}}}"),
+            public_json: None,
         }
     }
 
@@ -370,7 +648,7 @@ mod tests {
     fn gate_holds_live_events_and_drops_replayed_ones() {
         let hub = Hub::new(Arc::default(), 10, 100, 100);
         let (a, mut arx, _) = session("s1", "a", 16);
-        hub.join(&"r".into(), &a, user("a")).unwrap();
+        hub.join(&"r".into(), &a, user("a"), false).unwrap();
         hub.publish(ev("r", 5));
         hub.publish(ev("r", 6));
         assert!(drain(&mut arx).is_empty(), "gated");
@@ -386,7 +664,8 @@ mod tests {
         let (slow, _srx, slow_close) = session("s1", "a", 2);
         let (fast, mut frx, fast_close) = session("s2", "b", 64);
         for h in [&slow, &fast] {
-            hub.join(&"r".into(), h, user(h.user.as_str())).unwrap();
+            hub.join(&"r".into(), h, user(h.user.as_str()), false)
+                .unwrap();
             hub.open_gate(&"r".into(), &h.id, 0);
         }
         drain(&mut frx);
@@ -402,7 +681,7 @@ mod tests {
     fn presence_once_per_user_and_session_limit() {
         let hub = Hub::new(Arc::default(), 2, 100, 100);
         let (watcher, mut wrx, _) = session("w", "w", 16);
-        hub.join(&"r".into(), &watcher, user("w")).unwrap();
+        hub.join(&"r".into(), &watcher, user("w"), false).unwrap();
         hub.open_gate(&"r".into(), &watcher.id, 0);
         let (p1, _r1, _) = session("p1", "a", 16);
         let (p2, _r2, _) = session("p2", "a", 16);
@@ -410,9 +689,9 @@ mod tests {
         hub.register(p1.clone()).unwrap();
         hub.register(p2.clone()).unwrap();
         assert_eq!(hub.register(p3), Err(HubError::TooManySessions(2)));
-        let joined = hub.join(&"r".into(), &p1, user("a")).unwrap();
+        let joined = hub.join(&"r".into(), &p1, user("a"), false).unwrap();
         assert_eq!(joined.online.len(), 2);
-        hub.join(&"r".into(), &p2, user("a")).unwrap();
+        hub.join(&"r".into(), &p2, user("a"), false).unwrap();
         assert_eq!(drain(&mut wrx).len(), 1, "one online for two sessions");
         hub.leave(&"r".into(), &p1.id);
         assert!(drain(&mut wrx).is_empty(), "still online on p2");

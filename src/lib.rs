@@ -22,7 +22,7 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
-mod rooms;
+pub mod rooms;
 pub mod session;
 pub mod store;
 
@@ -55,6 +55,8 @@ pub struct App {
     pub hub: Arc<Hub>,
     pub tokens: auth::Tokens,
     pub metrics: Arc<Metrics>,
+    /// Room settings, mutes and slow-mode clocks as sessions check them on every write.
+    pub policies: rooms::policy::Policies,
     pub(crate) shutting_down: AtomicBool,
     live_sessions: AtomicUsize,
     sessions_gone: Notify,
@@ -111,6 +113,7 @@ impl App {
             store,
             hub,
             metrics,
+            policies: rooms::policy::Policies::default(),
             shutting_down: AtomicBool::new(false),
             live_sessions: AtomicUsize::new(0),
             sessions_gone: Notify::new(),
@@ -152,6 +155,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let router = api::router(app.clone());
+    let sla = tokio::spawn(announce_overdue(app.clone()));
     let draining = app.clone();
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
@@ -160,7 +164,31 @@ pub async fn serve(
             draining.drain_sessions().await;
         })
         .await?;
+    sla.abort();
     app.store.close().await;
     tracing::info!("store flushed, bye");
     Ok(())
+}
+
+/// Tells host/ta sessions, once per question, when a question passes its room's answer SLA.
+async fn announce_overdue(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(app.config.sla_check_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match app.store.claim_overdue(store::now_ms()).await {
+            Ok(due) => {
+                for (room, id) in due {
+                    let frame =
+                        hub::Frame::from(protocol::encode(&protocol::ServerMsg::QuestionOverdue {
+                            room: &room,
+                            id: &id,
+                            ts: store::now_ms(),
+                        }));
+                    app.hub.notify_moderators(&room, None, &frame);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "answer SLA scan failed"),
+        }
+    }
 }

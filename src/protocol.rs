@@ -55,6 +55,10 @@ string_id!(
     /// A chat message id, assigned by the server.
     MessageId
 );
+string_id!(
+    /// A Q&A question id, assigned by the server.
+    QuestionId
+);
 
 /// Room ids are 1..=64 of `[A-Za-z0-9_.-]`.
 pub fn valid_room_id(id: &str) -> bool {
@@ -257,6 +261,89 @@ pub enum ClientMsg {
         seq: i64,
     },
     Rooms,
+    Ask {
+        room: RoomId,
+        text: String,
+        #[serde(default)]
+        anonymous: bool,
+    },
+    Vote {
+        room: RoomId,
+        question: QuestionId,
+        up: bool,
+    },
+    Answer {
+        room: RoomId,
+        question: QuestionId,
+        text: String,
+    },
+    QuestionStatus {
+        room: RoomId,
+        question: QuestionId,
+        status: String,
+    },
+    Questions {
+        room: RoomId,
+        #[serde(default)]
+        sort: Option<String>,
+        #[serde(default)]
+        status: Option<String>,
+    },
+    RaiseHand {
+        room: RoomId,
+    },
+    LowerHand {
+        room: RoomId,
+        /// Host/TA may lower someone else's hand; default: one's own.
+        #[serde(default)]
+        user: Option<UserId>,
+    },
+    Hands {
+        room: RoomId,
+    },
+    Stage {
+        room: RoomId,
+        user: UserId,
+        on: bool,
+    },
+    Mute {
+        room: RoomId,
+        user: UserId,
+        seconds: u64,
+    },
+    Unmute {
+        room: RoomId,
+        user: UserId,
+    },
+    Kick {
+        room: RoomId,
+        user: UserId,
+    },
+    Ban {
+        room: RoomId,
+        user: UserId,
+    },
+    Unban {
+        room: RoomId,
+        user: UserId,
+    },
+    SlowMode {
+        room: RoomId,
+        seconds: u64,
+    },
+    Report {
+        room: RoomId,
+        id: String,
+        reason: String,
+    },
+    Search {
+        room: RoomId,
+        q: String,
+        #[serde(default)]
+        limit: Option<u32>,
+        #[serde(default)]
+        offset: Option<u32>,
+    },
 }
 
 impl ClientMsg {
@@ -276,6 +363,23 @@ impl ClientMsg {
             Self::Typing { .. } => CommandKind::Typing,
             Self::Read { .. } => CommandKind::Read,
             Self::Rooms => CommandKind::Rooms,
+            Self::Ask { .. } => CommandKind::Ask,
+            Self::Vote { .. } => CommandKind::Vote,
+            Self::Answer { .. } => CommandKind::Answer,
+            Self::QuestionStatus { .. } => CommandKind::QuestionStatus,
+            Self::Questions { .. } => CommandKind::Questions,
+            Self::RaiseHand { .. } | Self::LowerHand { .. } | Self::Hands { .. } => {
+                CommandKind::Hand
+            }
+            Self::Stage { .. } => CommandKind::Stage,
+            Self::Mute { .. }
+            | Self::Unmute { .. }
+            | Self::Kick { .. }
+            | Self::Ban { .. }
+            | Self::Unban { .. }
+            | Self::SlowMode { .. } => CommandKind::Moderate,
+            Self::Report { .. } => CommandKind::Report,
+            Self::Search { .. } => CommandKind::Search,
         }
     }
 }
@@ -296,11 +400,21 @@ pub enum CommandKind {
     Typing,
     Read,
     Rooms,
+    Ask,
+    Vote,
+    Answer,
+    QuestionStatus,
+    Questions,
+    Hand,
+    Stage,
+    Moderate,
+    Report,
+    Search,
     Invalid,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 14] = [
+    pub const ALL: [CommandKind; 24] = [
         Self::Hello,
         Self::Ping,
         Self::Join,
@@ -314,6 +428,16 @@ impl CommandKind {
         Self::Typing,
         Self::Read,
         Self::Rooms,
+        Self::Ask,
+        Self::Vote,
+        Self::Answer,
+        Self::QuestionStatus,
+        Self::Questions,
+        Self::Hand,
+        Self::Stage,
+        Self::Moderate,
+        Self::Report,
+        Self::Search,
         Self::Invalid,
     ];
 
@@ -332,6 +456,16 @@ impl CommandKind {
             Self::Typing => "typing",
             Self::Read => "read",
             Self::Rooms => "rooms",
+            Self::Ask => "ask",
+            Self::Vote => "vote",
+            Self::Answer => "answer",
+            Self::QuestionStatus => "question_status",
+            Self::Questions => "questions",
+            Self::Hand => "hand",
+            Self::Stage => "stage",
+            Self::Moderate => "moderate",
+            Self::Report => "report",
+            Self::Search => "search",
             Self::Invalid => "invalid",
         }
     }
@@ -401,6 +535,86 @@ pub enum RoomEvent {
         added: bool,
         ts: i64,
     },
+    /// A new question (members see `hidden` instead while it is pending).
+    Question(QuestionView),
+    /// A question changed: the whole question as it is now, and what changed.
+    QuestionUpdated(QuestionUpdate),
+    /// What members see of an event meant only for host/ta (a pending question's events): the
+    /// seq is used, so the order stays gap-free, but there is nothing to show.
+    Hidden {},
+}
+
+/// A question as shown to one audience: `author` is `null` for an anonymous question except
+/// to host/ta.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuestionView {
+    pub id: QuestionId,
+    pub text: String,
+    pub author: Option<UserRef>,
+    pub anonymous: bool,
+    pub votes: i64,
+    pub status: QuestionStatus,
+    pub ts: i64,
+    pub answers: Vec<AnswerView>,
+    /// When the first answer was given.
+    pub answered_at: Option<i64>,
+    /// Unanswered past the room's answer SLA.
+    #[serde(default)]
+    pub overdue: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuestionUpdate {
+    #[serde(flatten)]
+    pub question: QuestionView,
+    /// `vote`, `answer` or `status`.
+    pub change: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnswerView {
+    pub id: String,
+    pub text: String,
+    pub author: UserRef,
+    pub ts: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuestionStatus {
+    Pending,
+    Open,
+    Pinned,
+    Answered,
+    Dismissed,
+}
+
+impl QuestionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Open => "open",
+            Self::Pinned => "pinned",
+            Self::Answered => "answered",
+            Self::Dismissed => "dismissed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(Self::Pending),
+            "open" => Some(Self::Open),
+            "pinned" => Some(Self::Pinned),
+            "answered" => Some(Self::Answered),
+            "dismissed" => Some(Self::Dismissed),
+            _ => None,
+        }
+    }
+
+    /// Still waiting for an answer (counts toward the answer SLA).
+    pub fn is_unanswered(self) -> bool {
+        matches!(self, Self::Pending | Self::Open | Self::Pinned)
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -437,6 +651,45 @@ pub enum ServerMsg<'a> {
     },
     Bye {
         reason: &'a str,
+    },
+    /// To host/ta (and the user's own sessions): a hand went up or down.
+    Hand {
+        room: &'a RoomId,
+        user: &'a UserRef,
+        raised: bool,
+    },
+    /// To everyone in the room: someone went on or off stage.
+    Stage {
+        room: &'a RoomId,
+        user: &'a UserRef,
+        on: bool,
+    },
+    /// To the removed sessions, just before they are closed 4003.
+    Kicked {
+        room: &'a RoomId,
+        reason: &'a str,
+    },
+    /// To the muted user's sessions and host/ta: `until` is 0 when unmuted.
+    Muted {
+        room: &'a RoomId,
+        user: &'a UserId,
+        until: i64,
+    },
+    /// To everyone in the room: slow mode changed (0 = off).
+    SlowMode {
+        room: &'a RoomId,
+        seconds: u64,
+    },
+    /// To host/ta: a new report in the room's moderation queue.
+    Report {
+        room: &'a RoomId,
+        report: &'a serde_json::Value,
+    },
+    /// To host/ta, once per question: it passed the room's answer SLA unanswered.
+    QuestionOverdue {
+        room: &'a RoomId,
+        id: &'a QuestionId,
+        ts: i64,
     },
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -448,7 +448,8 @@ async fn write_loop(
     batch: usize,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    let immediate = |c: u16| c != 0 && c != close::GOING_AWAY && c != close::NORMAL;
+    // Shutdown, idle and kick closes let queued frames (the `bye`, the `kicked`) go out first.
+    let immediate = |c: u16| !matches!(c, 0 | close::GOING_AWAY | close::NORMAL | close::KICKED);
     // Once the session's handle is gone the watch resolves at once: stop watching then, and
     // let the drained outbox end the loop.
     let mut watching = true;

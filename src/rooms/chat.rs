@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::hub::Frame;
 use crate::protocol::{self, HISTORY_MAX_LIMIT, MessageId, RoomId, ServerMsg};
 use crate::session::{Ctx, Outcome, deferred};
+use crate::store::View;
 use crate::store::{WriteOp, WriteOutcome};
 use serde_json::json;
 
@@ -45,6 +46,12 @@ fn outcome_fields(o: WriteOutcome) -> serde_json::Value {
     match o {
         WriteOutcome::Sent { id, seq, ts, .. } => json!({"id": id, "seq": seq, "ts": ts}),
         WriteOutcome::Changed { seq } => json!({"seq": seq}),
+        WriteOutcome::Asked {
+            id,
+            seq,
+            ts,
+            status,
+        } => json!({"id": id, "seq": seq, "ts": ts, "status": status}),
         WriteOutcome::Unchanged => json!({"seq": null}),
     }
 }
@@ -68,6 +75,10 @@ pub(super) async fn send(
     if let Some(r) = &reply_to {
         check_message_id(r)?;
     }
+    let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
+    policy.check_muted(&ctx.me.user)?;
+    policy.check_text(&text, role)?;
+    policy.check_slow_mode(&ctx.me.user, role)?;
     let op = WriteOp::Send {
         room,
         from: ctx.me.room_ref(role),
@@ -89,6 +100,9 @@ pub(super) async fn edit(
     let role = writable(ctx, &room)?;
     check_message_id(&id)?;
     check_text(ctx, &text)?;
+    let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
+    policy.check_muted(&ctx.me.user)?;
+    policy.check_text(&text, role)?;
     let op = WriteOp::Edit {
         room,
         id,
@@ -152,7 +166,7 @@ pub(super) async fn history(
     before_seq: Option<i64>,
     limit: Option<u32>,
 ) -> Result<Outcome> {
-    readable_role(ctx, &room).await?;
+    let role = readable_role(ctx, &room).await?;
     let limit = limit.unwrap_or(50);
     if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
         return Err(Error::bad_request(format!(
@@ -165,7 +179,7 @@ pub(super) async fn history(
     let page = ctx
         .app
         .store
-        .events_before(&room, before_seq, limit)
+        .events_before(&room, before_seq, limit, crate::store::View::of(role))
         .await?;
     Ok(Outcome::OkRaw(page.json_fields()))
 }
@@ -201,4 +215,35 @@ pub(super) async fn rooms(ctx: &mut Ctx) -> Result<Outcome> {
         .collect();
     let rooms = ctx.app.store.user_rooms(&ctx.me.user, &grants).await?;
     Ok(Outcome::Ok(json!({ "rooms": rooms })))
+}
+
+/// Most search results one page returns.
+const MAX_SEARCH_PAGE: u32 = 50;
+
+pub(super) async fn search(
+    ctx: &mut Ctx,
+    room: RoomId,
+    q: String,
+    limit: Option<u32>,
+    offset: Option<u32>,
+) -> Result<Outcome> {
+    let role = readable_role(ctx, &room).await?;
+    if q.chars().count() > 200 {
+        return Err(Error::bad_request("q is longer than 200 characters"));
+    }
+    let limit = limit.unwrap_or(20);
+    if !(1..=MAX_SEARCH_PAGE).contains(&limit) {
+        return Err(Error::bad_request(format!(
+            "limit must be 1..={MAX_SEARCH_PAGE}"
+        )));
+    }
+    let offset = offset.unwrap_or(0).min(10_000);
+    let (results, has_more) = ctx
+        .app
+        .store
+        .search(&room, &q, View::of(role) == View::Moderator, limit, offset)
+        .await?;
+    Ok(Outcome::Ok(
+        json!({ "results": results, "has_more": has_more }),
+    ))
 }

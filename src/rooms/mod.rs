@@ -4,6 +4,10 @@
 //! Nothing here touches the socket or SQL directly.
 
 mod chat;
+mod moderation;
+pub mod policy;
+mod qa;
+mod stage;
 
 use crate::error::{Error, Result};
 use crate::protocol::{
@@ -46,6 +50,44 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         ClientMsg::Typing { room } => chat::typing(ctx, room),
         ClientMsg::Read { room, seq } => chat::read(ctx, room, seq).await,
         ClientMsg::Rooms => chat::rooms(ctx).await,
+        ClientMsg::Ask {
+            room,
+            text,
+            anonymous,
+        } => qa::ask(ctx, rid, room, text, anonymous).await,
+        ClientMsg::Vote { room, question, up } => qa::vote(ctx, rid, room, question, up).await,
+        ClientMsg::Answer {
+            room,
+            question,
+            text,
+        } => qa::answer(ctx, rid, room, question, text).await,
+        ClientMsg::QuestionStatus {
+            room,
+            question,
+            status,
+        } => qa::set_status(ctx, rid, room, question, status).await,
+        ClientMsg::Questions { room, sort, status } => qa::list(ctx, room, sort, status).await,
+        ClientMsg::RaiseHand { room } => stage::raise(ctx, room),
+        ClientMsg::LowerHand { room, user } => stage::lower(ctx, room, user),
+        ClientMsg::Hands { room } => stage::hands(ctx, room),
+        ClientMsg::Stage { room, user, on } => stage::stage(ctx, room, user, on),
+        ClientMsg::Mute {
+            room,
+            user,
+            seconds,
+        } => moderation::mute(ctx, room, user, seconds).await,
+        ClientMsg::Unmute { room, user } => moderation::unmute(ctx, room, user).await,
+        ClientMsg::Kick { room, user } => moderation::kick(ctx, room, user).await,
+        ClientMsg::Ban { room, user } => moderation::ban(ctx, room, user).await,
+        ClientMsg::Unban { room, user } => moderation::unban(ctx, room, user).await,
+        ClientMsg::SlowMode { room, seconds } => moderation::slow_mode(ctx, room, seconds).await,
+        ClientMsg::Report { room, id, reason } => moderation::report(ctx, room, id, reason).await,
+        ClientMsg::Search {
+            room,
+            q,
+            limit,
+            offset,
+        } => chat::search(ctx, room, q, limit, offset).await,
     }
 }
 
@@ -65,6 +107,9 @@ pub(crate) fn check_room_id(room: &RoomId) -> Result<()> {
 pub(crate) async fn resolve_role(ctx: &Ctx, room: &Room) -> Result<(Option<RoomRole>, bool)> {
     if ctx.me.role == PlatformRole::Admin {
         return Ok((Some(RoomRole::Host), true));
+    }
+    if ctx.app.store.is_banned(&room.id, &ctx.me.user).await? {
+        return Err(Error::Forbidden("you are banned from this room".into()));
     }
     let granted = ctx.me.grants.get(&room.id).copied();
     let stored = ctx.app.store.member_role(&room.id, &ctx.me.user).await?;
@@ -133,10 +178,15 @@ async fn join(
     let joined = ctx
         .app
         .hub
-        .join(&room_id, &ctx.handle, ctx.me.room_ref(role))
+        .join(
+            &room_id,
+            &ctx.handle,
+            ctx.me.room_ref(role),
+            role.can_moderate(),
+        )
         .map_err(|e| Error::Forbidden(e.to_string()))?;
     ctx.joined.insert(room_id.clone(), role);
-    let result = replay_and_reply(ctx, rid, &room, role, joined.online, after_seq).await;
+    let result = replay_and_reply(ctx, rid, &room, role, joined, after_seq).await;
     if result.is_err() {
         ctx.app.hub.leave(&room_id, &ctx.handle.id);
         ctx.joined.remove(&room_id);
@@ -149,16 +199,17 @@ async fn replay_and_reply(
     rid: Option<i64>,
     room: &Room,
     role: RoomRole,
-    online: Vec<protocol::UserRef>,
+    joined: crate::hub::Joined,
     after_seq: Option<i64>,
 ) -> Result<Outcome> {
+    let view = crate::store::View::of(role);
     let last_seq = ctx.app.store.last_seq(&room.id).await?;
     let (page, gap) = match after_seq {
         Some(after) => {
             let page = ctx
                 .app
                 .store
-                .events_after(&room.id, after, ctx.app.config.replay_limit)
+                .events_after(&room.id, after, ctx.app.config.replay_limit, view)
                 .await?;
             if page.has_more {
                 (None, true)
@@ -172,8 +223,17 @@ async fn replay_and_reply(
         "room": {"id": room.id, "kind": room.kind, "title": room.title},
         "role": role,
         "last_seq": last_seq,
-        "online": online,
+        "online": joined.online,
+        "stage": joined.stage,
     });
+    if role.can_moderate() {
+        reply["hands"] = joined
+            .hands
+            .iter()
+            .map(|(user, ts)| json!({"user": user, "ts": ts}))
+            .collect::<Vec<_>>()
+            .into();
+    }
     if after_seq.is_some() {
         reply["gap"] = json!(gap);
         reply["replayed"] = json!(page.as_ref().map_or(0, |p| p.events.len()));

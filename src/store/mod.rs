@@ -6,10 +6,16 @@
 //! The store knows nothing of WebSockets or the hub: committed events leave it through the
 //! hook given to [`Store::open`].
 
+mod moderation;
 mod postgres;
+mod qa;
+mod search;
 mod sqlite;
 mod writer;
 
+pub use moderation::{AuditEntry, MAX_REASON_CHARS, Report};
+pub use qa::{QuestionFilter, QuestionRecord, QuestionSort};
+pub use search::SearchHit;
 pub use writer::{CommitHook, CommittedEvent, WriteOp, WriteOutcome};
 
 use crate::metrics::Metrics;
@@ -99,7 +105,15 @@ pub struct Room {
     pub archived: bool,
     pub last_seq: i64,
     pub created_at: i64,
+    /// Seconds a question may wait for an answer before it is `overdue`.
+    pub answer_sla_s: i64,
+    /// At most one message per user per this many seconds (0 = off); host/ta are exempt.
+    pub slow_mode_s: i64,
+    pub rules: RoomRules,
 }
+
+/// Default answer SLA: 4 hours.
+pub const DEFAULT_ANSWER_SLA_S: i64 = 4 * 3600;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QaSettings {
@@ -107,7 +121,56 @@ pub struct QaSettings {
     pub enabled: bool,
     #[serde(default)]
     pub moderated: bool,
+    /// Members may answer questions too (study groups), not only host/ta.
+    #[serde(default)]
+    pub peer_answers: bool,
 }
+
+/// Content rules the server enforces on messages, questions and answers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomRules {
+    /// Words or phrases refused anywhere in a text (case-insensitive).
+    #[serde(default)]
+    pub blocked_words: Vec<String>,
+    #[serde(default)]
+    pub links: LinkPolicy,
+}
+
+/// Which links members may post: any, none, or only to these domains (and their subdomains).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LinkPolicy {
+    #[default]
+    #[serde(with = "allow_tag")]
+    Allow,
+    #[serde(with = "deny_tag")]
+    Deny,
+    Domains {
+        domains: Vec<String>,
+    },
+}
+
+macro_rules! unit_tag {
+    ($module:ident, $tag:literal) => {
+        mod $module {
+            use serde::{Deserialize, Deserializer, Serializer, de::Error};
+            pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str($tag)
+            }
+            pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+                let v = String::deserialize(d)?;
+                if v == $tag {
+                    Ok(())
+                } else {
+                    Err(D::Error::custom(concat!("expected ", $tag)))
+                }
+            }
+        }
+    };
+}
+unit_tag!(allow_tag, "allow");
+unit_tag!(deny_tag, "deny");
 
 /// Changes to a room; `None` leaves a field as it is.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -121,6 +184,9 @@ pub struct RoomPatch {
     #[serde(default, with = "double_option")]
     pub starts_at: Option<Option<i64>>,
     pub archived: Option<bool>,
+    pub answer_sla_s: Option<i64>,
+    pub slow_mode_s: Option<i64>,
+    pub rules: Option<RoomRules>,
 }
 
 mod double_option {
@@ -139,6 +205,28 @@ pub struct RoomSummary {
     pub role: RoomRole,
     pub last_seq: i64,
     pub unread: i64,
+}
+
+/// Which rendering of the event log a reader gets: host/ta (and the HTTP API) see everything;
+/// members see anonymous authors removed and pending questions as `hidden`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    Moderator,
+    Member,
+}
+
+impl View {
+    pub fn of(role: RoomRole) -> Self {
+        if role.can_moderate() {
+            Self::Moderator
+        } else {
+            Self::Member
+        }
+    }
+
+    fn flag(self) -> i64 {
+        i64::from(self == Self::Moderator)
+    }
 }
 
 /// A page of the event log: wire JSON of each event, oldest first.
@@ -187,7 +275,8 @@ pub fn now_ms() -> i64 {
 }
 
 const SELECT_ROOM: &str = "SELECT id, kind, title, visibility, qa_enabled, qa_moderated, \
-     starts_at, archived, last_seq, created_at FROM rooms WHERE id = $1";
+     qa_peer_answers, starts_at, archived, last_seq, created_at, answer_sla_s, slow_mode_s, rules \
+     FROM rooms WHERE id = $1";
 
 fn room_from_row(row: &AnyRow) -> Result<Room> {
     let kind: String = row.try_get("kind")?;
@@ -202,12 +291,21 @@ fn room_from_row(row: &AnyRow) -> Result<Room> {
         qa: QaSettings {
             enabled: row.try_get::<i64, _>("qa_enabled")? != 0,
             moderated: row.try_get::<i64, _>("qa_moderated")? != 0,
+            peer_answers: row.try_get::<i64, _>("qa_peer_answers")? != 0,
         },
         starts_at: row.try_get("starts_at")?,
         archived: row.try_get::<i64, _>("archived")? != 0,
         last_seq: row.try_get("last_seq")?,
         created_at: row.try_get("created_at")?,
+        answer_sla_s: row.try_get("answer_sla_s")?,
+        slow_mode_s: row.try_get("slow_mode_s")?,
+        rules: serde_json::from_str(&row.try_get::<String, _>("rules")?)
+            .map_err(|e| StoreError::Corrupt(format!("room rules: {e}")))?,
     })
+}
+
+fn rules_json(r: &RoomRules) -> String {
+    serde_json::to_string(r).unwrap_or_else(|_| "{}".into())
 }
 
 fn parse_role(s: &str) -> Result<RoomRole> {
@@ -298,7 +396,8 @@ impl Store {
     pub async fn create_room(&self, room: &Room) -> Result<Room> {
         let res = sqlx::query(
             "INSERT INTO rooms (id, kind, title, visibility, qa_enabled, qa_moderated, starts_at, \
-             archived, last_seq, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8) \
+             archived, last_seq, created_at, qa_peer_answers, answer_sla_s, slow_mode_s, rules) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11, $12) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(room.id.as_str())
@@ -309,6 +408,10 @@ impl Store {
         .bind(i64::from(room.qa.moderated))
         .bind(room.starts_at)
         .bind(room.created_at)
+        .bind(i64::from(room.qa.peer_answers))
+        .bind(room.answer_sla_s)
+        .bind(room.slow_mode_s)
+        .bind(rules_json(&room.rules))
         .execute(self.pool())
         .await?;
         if res.rows_affected() == 0 {
@@ -350,9 +453,19 @@ impl Store {
         if let Some(a) = patch.archived {
             room.archived = a;
         }
+        if let Some(v) = patch.answer_sla_s {
+            room.answer_sla_s = v;
+        }
+        if let Some(v) = patch.slow_mode_s {
+            room.slow_mode_s = v;
+        }
+        if let Some(r) = &patch.rules {
+            room.rules = r.clone();
+        }
         sqlx::query(
             "UPDATE rooms SET kind = $1, title = $2, visibility = $3, qa_enabled = $4, \
-             qa_moderated = $5, starts_at = $6, archived = $7 WHERE id = $8",
+             qa_moderated = $5, starts_at = $6, archived = $7, qa_peer_answers = $8, \
+             answer_sla_s = $9, slow_mode_s = $10, rules = $11 WHERE id = $12",
         )
         .bind(room.kind.as_str())
         .bind(room.title.as_str())
@@ -361,6 +474,10 @@ impl Store {
         .bind(i64::from(room.qa.moderated))
         .bind(room.starts_at)
         .bind(i64::from(room.archived))
+        .bind(i64::from(room.qa.peer_answers))
+        .bind(room.answer_sla_s)
+        .bind(room.slow_mode_s)
+        .bind(rules_json(&room.rules))
         .bind(id.as_str())
         .execute(self.pool())
         .await?;
@@ -539,12 +656,15 @@ impl Store {
         room: &RoomId,
         after_seq: i64,
         limit: u32,
+        view: View,
     ) -> Result<EventPage> {
         let mut events: Vec<String> = sqlx::query_scalar(
-            "SELECT body FROM events WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END FROM events \
+             WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $4",
         )
         .bind(room.as_str())
         .bind(after_seq)
+        .bind(view.flag())
         .bind(i64::from(limit) + 1)
         .fetch_all(self.pool())
         .await?;
@@ -560,12 +680,15 @@ impl Store {
         room: &RoomId,
         before_seq: Option<i64>,
         limit: u32,
+        view: View,
     ) -> Result<EventPage> {
         let mut events: Vec<String> = sqlx::query_scalar(
-            "SELECT body FROM events WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+            "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END FROM events \
+             WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $4",
         )
         .bind(room.as_str())
         .bind(before_seq.unwrap_or(i64::MAX))
+        .bind(view.flag())
         .bind(i64::from(limit) + 1)
         .fetch_all(self.pool())
         .await?;

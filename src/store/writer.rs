@@ -8,7 +8,10 @@
 
 use super::{Backend, Result, StoreError, now_ms, postgres, sqlite};
 use crate::metrics::Metrics;
-use crate::protocol::{MessageId, ReactionCount, RoomEvent, RoomId, SequencedEvent, UserRef};
+use crate::protocol::{
+    MessageId, QuestionId, QuestionStatus, ReactionCount, RoomEvent, RoomId, SequencedEvent,
+    UserId, UserRef,
+};
 use sqlx::AnyPool;
 use sqlx::any::Any;
 use sqlx::{Row, Transaction};
@@ -19,12 +22,14 @@ use tokio::sync::{mpsc, oneshot};
 /// Called with each committed event, in commit order, before the write is acknowledged.
 pub type CommitHook = Arc<dyn Fn(CommittedEvent) + Send + Sync>;
 
-/// An event that is durably committed: its room, seq and wire JSON.
+/// An event that is durably committed: its room, seq and wire JSON (as host/ta see it), and
+/// what everyone else sees when that differs.
 #[derive(Clone, Debug)]
 pub struct CommittedEvent {
     pub room: RoomId,
     pub seq: i64,
     pub json: String,
+    pub public_json: Option<String>,
 }
 
 /// A sequenced write. The writer checks what only the database can know (the message exists,
@@ -59,6 +64,31 @@ pub enum WriteOp {
         add: bool,
         max_distinct: u32,
     },
+    Ask {
+        room: RoomId,
+        author: UserRef,
+        text: String,
+        anonymous: bool,
+        /// The room is moderated: the question waits for approval, visible to host/ta only.
+        pending: bool,
+    },
+    Vote {
+        room: RoomId,
+        question: QuestionId,
+        user: UserId,
+        up: bool,
+    },
+    Answer {
+        room: RoomId,
+        question: QuestionId,
+        author: UserRef,
+        text: String,
+    },
+    SetQuestionStatus {
+        room: RoomId,
+        question: QuestionId,
+        status: QuestionStatus,
+    },
 }
 
 impl WriteOp {
@@ -67,7 +97,11 @@ impl WriteOp {
             Self::Send { room, .. }
             | Self::Edit { room, .. }
             | Self::Delete { room, .. }
-            | Self::React { room, .. } => room,
+            | Self::React { room, .. }
+            | Self::Ask { room, .. }
+            | Self::Vote { room, .. }
+            | Self::Answer { room, .. }
+            | Self::SetQuestionStatus { room, .. } => room,
         }
     }
 }
@@ -84,6 +118,13 @@ pub enum WriteOutcome {
     },
     /// A new event with this seq was committed.
     Changed { seq: i64 },
+    /// A question was asked.
+    Asked {
+        id: QuestionId,
+        seq: i64,
+        ts: i64,
+        status: QuestionStatus,
+    },
     /// The write changed nothing (reacting twice, unreacting what was not there, deleting a
     /// deleted message).
     Unchanged,
@@ -98,9 +139,9 @@ pub(super) enum Request {
     Shutdown,
 }
 
-struct Applied {
-    outcome: WriteOutcome,
-    event: Option<CommittedEvent>,
+pub(super) struct Applied {
+    pub outcome: WriteOutcome,
+    pub event: Option<CommittedEvent>,
 }
 
 type Pending = (WriteOp, oneshot::Sender<Result<WriteOutcome>>);
@@ -236,15 +277,20 @@ impl Writer {
     }
 }
 
-type Tx = Transaction<'static, Any>;
+pub(super) type Tx = Transaction<'static, Any>;
 
 fn new_message_id() -> MessageId {
     MessageId(format!("m{:016x}", rand::random::<u64>()))
 }
 
+/// A fresh random id with a one-letter prefix saying what it names.
+pub(super) fn new_id(prefix: char) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
 /// Gives the room its next seq. Must be the first write of each op: everything before it only
 /// reads, so a refusal leaves nothing behind and a rollback leaves no gap.
-async fn bump_seq(tx: &mut Tx, room: &RoomId) -> Result<i64> {
+pub(super) async fn bump_seq(tx: &mut Tx, room: &RoomId) -> Result<i64> {
     let seq: Option<i64> = sqlx::query_scalar(
         "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 AND archived = 0 RETURNING last_seq",
     )
@@ -264,40 +310,56 @@ async fn bump_seq(tx: &mut Tx, room: &RoomId) -> Result<i64> {
     }
 }
 
-async fn insert_event(
+/// Stores a sequenced event. `ref_id` is the message or question it is about; `public` is
+/// what members see when it differs from what host/ta see.
+pub(super) async fn insert_event(
     tx: &mut Tx,
     room: &RoomId,
     seq: i64,
     ts: i64,
-    message_id: &MessageId,
+    ref_id: &str,
     event: RoomEvent,
+    public: Option<RoomEvent>,
 ) -> Result<CommittedEvent> {
     let kind = match &event {
         RoomEvent::Message { .. } => "message",
         RoomEvent::MessageEdited { .. } => "message_edited",
         RoomEvent::MessageDeleted { .. } => "message_deleted",
         RoomEvent::Reaction { .. } => "reaction",
+        RoomEvent::Question(_) => "question",
+        RoomEvent::QuestionUpdated(_) => "question_updated",
+        RoomEvent::Hidden {} => "hidden",
     };
     let json = crate::protocol::encode(&SequencedEvent {
         room: room.clone(),
         seq,
         event,
     });
+    let public_json = public.map(|event| {
+        crate::protocol::encode(&SequencedEvent {
+            room: room.clone(),
+            seq,
+            event,
+        })
+    });
     sqlx::query(
-        "INSERT INTO events (room_id, seq, ts, kind, message_id, body) VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(room.as_str())
     .bind(seq)
     .bind(ts)
     .bind(kind)
-    .bind(message_id.as_str())
+    .bind(ref_id)
     .bind(json.as_str())
+    .bind(public_json.as_deref())
     .execute(&mut **tx)
     .await?;
     Ok(CommittedEvent {
         room: room.clone(),
         seq,
         json,
+        public_json,
     })
 }
 
@@ -395,6 +457,30 @@ async fn reaction_counts(tx: &mut Tx, id: &MessageId) -> Result<Vec<ReactionCoun
 
 async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
     match op {
+        WriteOp::Ask {
+            room,
+            author,
+            text,
+            anonymous,
+            pending,
+        } => super::qa::ask(tx, room, author, text, *anonymous, *pending).await,
+        WriteOp::Vote {
+            room,
+            question,
+            user,
+            up,
+        } => super::qa::vote(tx, room, question, user, *up).await,
+        WriteOp::Answer {
+            room,
+            question,
+            author,
+            text,
+        } => super::qa::answer(tx, room, question, author, text).await,
+        WriteOp::SetQuestionStatus {
+            room,
+            question,
+            status,
+        } => super::qa::set_status(tx, room, question, *status).await,
         WriteOp::Send {
             room,
             from,
@@ -448,6 +534,7 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
             .bind(ts)
             .execute(&mut **tx)
             .await?;
+            super::search::index(tx, room, "message", id.as_str(), seq, ts, text, false).await?;
             let event = RoomEvent::Message {
                 id: id.clone(),
                 from: from.clone(),
@@ -459,7 +546,7 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 deleted: false,
                 reactions: Vec::new(),
             };
-            let committed = insert_event(tx, room, seq, ts, &id, event).await?;
+            let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
             Ok(Applied {
                 outcome: WriteOutcome::Sent {
                     id,
@@ -492,13 +579,14 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 }
             })
             .await?;
+            super::search::reindex(tx, "message", id.as_str(), text).await?;
             let event = RoomEvent::MessageEdited {
                 id: id.clone(),
                 text: text.clone(),
                 by: by.clone(),
                 ts,
             };
-            let committed = insert_event(tx, room, seq, ts, id, event).await?;
+            let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
             Ok(Applied {
                 outcome: WriteOutcome::Changed { seq },
                 event: Some(committed),
@@ -550,12 +638,13 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
             })
             .await?;
             scrub_edits(tx, room, id).await?;
+            super::search::unindex(tx, "message", id.as_str()).await?;
             let event = RoomEvent::MessageDeleted {
                 id: id.clone(),
                 by: by.clone(),
                 ts,
             };
-            let committed = insert_event(tx, room, seq, ts, id, event).await?;
+            let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
             Ok(Applied {
                 outcome: WriteOutcome::Changed { seq },
                 event: Some(committed),
@@ -649,7 +738,7 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 added: *add,
                 ts,
             };
-            let committed = insert_event(tx, room, seq, ts, id, event).await?;
+            let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
             Ok(Applied {
                 outcome: WriteOutcome::Changed { seq },
                 event: Some(committed),

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use studyhall::metrics::Metrics;
 use studyhall::protocol::{MessageId, RoomId, RoomKind, RoomRole, UserId, UserRef, Visibility};
 use studyhall::store::{
-    CommitHook, CommittedEvent, QaSettings, Room, RoomPatch, Store, StoreError, StoreOptions,
+    CommitHook, CommittedEvent, QaSettings, Room, RoomPatch, Store, StoreError, StoreOptions, View,
     WriteOp, WriteOutcome,
 };
 
@@ -50,6 +50,9 @@ fn room(id: &str, visibility: Visibility) -> Room {
         archived: false,
         last_seq: 0,
         created_at: 1,
+        answer_sla_s: studyhall::store::DEFAULT_ANSWER_SLA_S,
+        slow_mode_s: 0,
+        rules: Default::default(),
     }
 }
 
@@ -99,6 +102,7 @@ async fn rooms_crud(f: Fixture) {
         qa: Some(QaSettings {
             enabled: true,
             moderated: true,
+            peer_answers: false,
         }),
         starts_at: Some(Some(42)),
         ..Default::default()
@@ -180,7 +184,10 @@ async fn seq_is_gap_free_and_events_page_both_ways(f: Fixture) {
         (1..=20).collect::<Vec<_>>(),
         "hook sees commit order"
     );
-    let page = s.events_after(&"r".into(), 5, 10).await.unwrap();
+    let page = s
+        .events_after(&"r".into(), 5, 10, View::Moderator)
+        .await
+        .unwrap();
     assert_eq!(page.events.len(), 10);
     assert!(page.has_more);
     let first: serde_json::Value = serde_json::from_str(&page.events[0]).unwrap();
@@ -201,9 +208,15 @@ async fn seq_is_gap_free_and_events_page_both_ways(f: Fixture) {
             .json,
         "stored bytes = published bytes"
     );
-    let tail = s.events_after(&"r".into(), 15, 10).await.unwrap();
+    let tail = s
+        .events_after(&"r".into(), 15, 10, View::Moderator)
+        .await
+        .unwrap();
     assert_eq!((tail.events.len(), tail.has_more), (5, false));
-    let back = s.events_before(&"r".into(), None, 4).await.unwrap();
+    let back = s
+        .events_before(&"r".into(), None, 4, View::Moderator)
+        .await
+        .unwrap();
     let seqs: Vec<i64> = back
         .events
         .iter()
@@ -214,7 +227,10 @@ async fn seq_is_gap_free_and_events_page_both_ways(f: Fixture) {
         })
         .collect();
     assert_eq!((seqs, back.has_more), (vec![17, 18, 19, 20], true));
-    let oldest = s.events_before(&"r".into(), Some(3), 10).await.unwrap();
+    let oldest = s
+        .events_before(&"r".into(), Some(3), 10, View::Moderator)
+        .await
+        .unwrap();
     assert_eq!((oldest.events.len(), oldest.has_more), (2, false));
     assert!(matches!(
         s.last_seq(&"none".into()).await,
@@ -347,7 +363,7 @@ async fn edit_delete_react(f: Fixture) {
         ),
         (Some("reaction"), Some(0), Some(false))
     );
-    let page = s.events_after(&r, 0, 100).await.unwrap();
+    let page = s.events_after(&r, 0, 100, View::Moderator).await.unwrap();
     let msg: serde_json::Value = serde_json::from_str(&page.events[0]).unwrap();
     assert_eq!(msg["text"], "hello!");
     assert_eq!(
@@ -376,7 +392,7 @@ async fn edit_delete_react(f: Fixture) {
         s.write(edit("a", "back")).await,
         Err(StoreError::NotFound(_))
     ));
-    let page = s.events_after(&r, 0, 100).await.unwrap();
+    let page = s.events_after(&r, 0, 100, View::Moderator).await.unwrap();
     for body in &page.events {
         assert!(
             !body.contains("hello"),
@@ -458,7 +474,11 @@ async fn two_writers_share_one_gap_free_sequence(f: Fixture) {
     }
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=60).collect::<Vec<_>>());
-    let page = f.store.events_after(&"r".into(), 0, 100).await.unwrap();
+    let page = f
+        .store
+        .events_after(&"r".into(), 0, 100, View::Moderator)
+        .await
+        .unwrap();
     assert_eq!(page.events.len(), 60);
     other.store.close().await;
 }

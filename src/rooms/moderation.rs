@@ -1,0 +1,199 @@
+//! Moderation commands for host/ta: mute/unmute, kick, ban/unban, slow mode; and `report`
+//! for members. Mutes and bans are persisted (they survive restarts); every action lands in
+//! the room's audit log. Host and TA cannot be moderated by these commands.
+
+use super::check_room_id;
+use crate::error::{Error, Result};
+use crate::hub::Frame;
+use crate::protocol::{self, RoomId, RoomRole, ServerMsg, UserId};
+use crate::session::{Ctx, Outcome};
+use crate::store::{RoomPatch, now_ms};
+use serde_json::json;
+
+/// Longest mute: 30 days.
+const MAX_MUTE_S: u64 = 30 * 86_400;
+/// Longest slow-mode interval: 1 hour.
+const MAX_SLOW_MODE_S: u64 = 3600;
+
+fn moderator(ctx: &Ctx, room: &RoomId) -> Result<RoomRole> {
+    check_room_id(room)?;
+    let role = ctx.joined_role(room)?;
+    if !role.can_moderate() {
+        return Err(Error::Forbidden("only host/ta moderate this room".into()));
+    }
+    Ok(role)
+}
+
+/// Refuses actions against host/ta (as they are online in the room, or stored members).
+async fn check_target(ctx: &Ctx, room: &RoomId, user: &UserId) -> Result<()> {
+    if user.as_str().is_empty() || user.as_str().chars().count() > 64 {
+        return Err(Error::bad_request("user ids are 1..=64 characters"));
+    }
+    if user == &ctx.me.user {
+        return Err(Error::bad_request("you cannot moderate yourself"));
+    }
+    let online = ctx
+        .app
+        .hub
+        .online_role(room, user)
+        .and_then(|r| RoomRole::parse(&r));
+    let stored = ctx.app.store.member_role(room, user).await?;
+    if online.max(stored).is_some_and(RoomRole::can_moderate) {
+        return Err(Error::Forbidden("host and ta cannot be moderated".into()));
+    }
+    Ok(())
+}
+
+async fn audit(
+    ctx: &Ctx,
+    room: &RoomId,
+    action: &str,
+    target: &UserId,
+    detail: Option<String>,
+) -> Result<()> {
+    tracing::info!(room = %room, actor = %ctx.me.user, action, target = %target, "moderation");
+    ctx.app
+        .store
+        .audit(
+            room,
+            ctx.me.user.as_str(),
+            action,
+            Some(target.as_str()),
+            detail.as_deref(),
+        )
+        .await?;
+    Ok(())
+}
+
+fn muted_frame(room: &RoomId, user: &UserId, until: i64) -> Frame {
+    Frame::from(protocol::encode(&ServerMsg::Muted { room, user, until }))
+}
+
+pub(super) async fn mute(
+    ctx: &mut Ctx,
+    room: RoomId,
+    user: UserId,
+    seconds: u64,
+) -> Result<Outcome> {
+    moderator(ctx, &room)?;
+    if !(1..=MAX_MUTE_S).contains(&seconds) {
+        return Err(Error::bad_request(format!(
+            "seconds must be 1..={MAX_MUTE_S}"
+        )));
+    }
+    check_target(ctx, &room, &user).await?;
+    let until = now_ms() + (seconds as i64) * 1000;
+    ctx.app.store.set_mute(&room, &user, until).await?;
+    ctx.app.policies.set_mute(&room, &user, Some(until));
+    ctx.app
+        .hub
+        .notify_moderators(&room, Some(&user), &muted_frame(&room, &user, until));
+    audit(ctx, &room, "mute", &user, Some(format!("{seconds}s"))).await?;
+    Ok(Outcome::Ok(json!({ "until": until })))
+}
+
+pub(super) async fn unmute(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Outcome> {
+    moderator(ctx, &room)?;
+    check_target(ctx, &room, &user).await?;
+    let was = ctx.app.store.clear_mute(&room, &user).await?;
+    ctx.app.policies.set_mute(&room, &user, None);
+    ctx.app
+        .hub
+        .notify_moderators(&room, Some(&user), &muted_frame(&room, &user, 0));
+    audit(ctx, &room, "unmute", &user, None).await?;
+    Ok(Outcome::Ok(json!({ "was_muted": was })))
+}
+
+pub(super) async fn kick(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Outcome> {
+    moderator(ctx, &room)?;
+    check_target(ctx, &room, &user).await?;
+    let sessions = ctx.app.hub.kick(&room, &user, "kicked");
+    audit(ctx, &room, "kick", &user, None).await?;
+    Ok(Outcome::Ok(json!({ "sessions": sessions })))
+}
+
+pub(super) async fn ban(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Outcome> {
+    moderator(ctx, &room)?;
+    check_target(ctx, &room, &user).await?;
+    ctx.app.store.ban(&room, &user, &ctx.me.user).await?;
+    let sessions = ctx.app.hub.kick(&room, &user, "banned");
+    audit(ctx, &room, "ban", &user, None).await?;
+    Ok(Outcome::Ok(json!({ "sessions": sessions })))
+}
+
+pub(super) async fn unban(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Outcome> {
+    moderator(ctx, &room)?;
+    if !ctx.app.store.unban(&room, &user).await? {
+        return Err(Error::NotFound(format!("{user} is not banned here")));
+    }
+    audit(ctx, &room, "unban", &user, None).await?;
+    Ok(Outcome::Ok(json!({})))
+}
+
+pub(super) async fn slow_mode(ctx: &mut Ctx, room: RoomId, seconds: u64) -> Result<Outcome> {
+    moderator(ctx, &room)?;
+    if seconds > MAX_SLOW_MODE_S {
+        return Err(Error::bad_request(format!(
+            "seconds must be 0..={MAX_SLOW_MODE_S}"
+        )));
+    }
+    let patch = RoomPatch {
+        slow_mode_s: Some(seconds as i64),
+        ..Default::default()
+    };
+    let updated = ctx.app.store.update_room(&room, &patch).await?;
+    ctx.app.policies.room_changed(updated);
+    ctx.app.hub.notify_all(
+        &room,
+        &Frame::from(protocol::encode(&ServerMsg::SlowMode {
+            room: &room,
+            seconds,
+        })),
+    );
+    tracing::info!(room = %room, actor = %ctx.me.user, seconds, "slow mode");
+    ctx.app
+        .store
+        .audit(
+            &room,
+            ctx.me.user.as_str(),
+            "slow_mode",
+            None,
+            Some(&format!("{seconds}s")),
+        )
+        .await?;
+    Ok(Outcome::Ok(json!({ "seconds": seconds })))
+}
+
+pub(super) async fn report(
+    ctx: &mut Ctx,
+    room: RoomId,
+    id: String,
+    reason: String,
+) -> Result<Outcome> {
+    check_room_id(&room)?;
+    ctx.joined_role(&room)?;
+    let max = crate::store::MAX_REASON_CHARS;
+    if reason.trim().is_empty() || reason.chars().count() > max {
+        return Err(Error::bad_request(format!(
+            "reason must be 1..={max} characters"
+        )));
+    }
+    if id.is_empty() || id.len() > 64 {
+        return Err(Error::bad_request("id must name a message or question"));
+    }
+    let report = ctx
+        .app
+        .store
+        .add_report(&room, &id, &ctx.me.user, &reason)
+        .await?;
+    let value = serde_json::to_value(&report).map_err(|e| Error::Internal(e.to_string()))?;
+    ctx.app.hub.notify_moderators(
+        &room,
+        None,
+        &Frame::from(protocol::encode(&ServerMsg::Report {
+            room: &room,
+            report: &value,
+        })),
+    );
+    Ok(Outcome::Ok(json!({ "id": report.id })))
+}

@@ -1,0 +1,302 @@
+//! Per-room policy as the session checks it on every write: the room's settings (Q&A, slow
+//! mode, content rules), active mutes and each user's last message time, cached in memory and
+//! loaded from the store on first use. Local changes (commands and the HTTP API) update the
+//! cache in place. Also the content rules themselves: blocked words and the link policy.
+
+use crate::error::{Error, Result};
+use crate::protocol::{RoomId, RoomRole, UserId};
+use crate::store::{LinkPolicy, Room, RoomRules, Store, now_ms};
+use dashmap::DashMap;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Rooms whose policy is cached before the cache is emptied and refilled on demand.
+const MAX_CACHED_ROOMS: usize = 100_000;
+
+pub struct Policy {
+    pub room: Room,
+    /// user -> muted until (ms).
+    mutes: Mutex<HashMap<UserId, i64>>,
+    /// user -> last accepted message (ms), for slow mode.
+    last_sent: Mutex<HashMap<UserId, i64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked mid-update of plain maps; the data
+    // is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Policy {
+    pub fn qa_enabled(&self) -> bool {
+        self.room.qa.enabled || self.room.kind == crate::protocol::RoomKind::Live
+    }
+
+    /// Refuses a write from a muted user.
+    pub fn check_muted(&self, user: &UserId) -> Result<()> {
+        let now = now_ms();
+        if let Some(until) = lock(&self.mutes).get(user).copied()
+            && until > now
+        {
+            return Err(Error::Muted(format!(
+                "you are muted in this room for {} more seconds",
+                (until - now + 999) / 1000
+            )));
+        }
+        Ok(())
+    }
+
+    /// The room's content rules: blocked words for everyone, links for members and viewers.
+    pub fn check_text(&self, text: &str, role: RoomRole) -> Result<()> {
+        check_rules(&self.room.rules, text, role.can_moderate())
+    }
+
+    /// Slow mode for members (host/ta are exempt); records the accepted message time.
+    pub fn check_slow_mode(&self, user: &UserId, role: RoomRole) -> Result<()> {
+        let slow = self.room.slow_mode_s;
+        if slow <= 0 || role.can_moderate() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut last = lock(&self.last_sent);
+        if let Some(prev) = last.get(user).copied() {
+            let next = prev + slow * 1000;
+            if now < next {
+                return Err(Error::RateLimited(format!(
+                    "slow mode: one message every {slow} s; wait {} s (room rule: slow_mode)",
+                    (next - now + 999) / 1000
+                )));
+            }
+        }
+        last.insert(user.clone(), now);
+        Ok(())
+    }
+}
+
+/// Checks `text` against `rules`; `trusted` (host/ta) may post links.
+pub fn check_rules(rules: &RoomRules, text: &str, trusted: bool) -> Result<()> {
+    let lower = text.to_lowercase();
+    for word in &rules.blocked_words {
+        let w = word.trim().to_lowercase();
+        if !w.is_empty() && contains_word(&lower, &w) {
+            return Err(Error::Forbidden(
+                "the text contains a blocked word (room rule: blocked_words)".into(),
+            ));
+        }
+    }
+    if trusted {
+        return Ok(());
+    }
+    match &rules.links {
+        LinkPolicy::Allow => Ok(()),
+        LinkPolicy::Deny => match links(&lower).next() {
+            Some(_) => Err(Error::Forbidden(
+                "links are not allowed in this room (room rule: links)".into(),
+            )),
+            None => Ok(()),
+        },
+        LinkPolicy::Domains { domains } => {
+            for host in links(&lower) {
+                let ok = domains.iter().any(|d| {
+                    let d = d.trim().trim_start_matches('.').to_lowercase();
+                    host == d || host.ends_with(&format!(".{d}"))
+                });
+                if !ok {
+                    return Err(Error::Forbidden(format!(
+                        "links to {host} are not allowed in this room (room rule: links)"
+                    )));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Whole-word (or whole-phrase) match: the match may not be glued to letters or digits.
+fn contains_word(hay: &str, word: &str) -> bool {
+    let mut from = 0;
+    while let Some(i) = hay[from..].find(word) {
+        let start = from + i;
+        let end = start + word.len();
+        let before = hay[..start]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_alphanumeric());
+        let after = hay[end..]
+            .chars()
+            .next()
+            .is_none_or(|c| !c.is_alphanumeric());
+        if before && after {
+            return true;
+        }
+        from = start + word.len().max(1);
+        while !hay.is_char_boundary(from) {
+            from += 1;
+        }
+    }
+    false
+}
+
+/// Top-level domains that make a bare `name.tld` count as a link (with a scheme or `www.`
+/// any host counts). A heuristic: "end of sentence.Next" is not a link, "cheap.biz" is.
+const COMMON_TLDS: &[&str] = &[
+    "com", "org", "net", "edu", "gov", "io", "co", "info", "biz", "me", "app", "dev", "ly", "gg",
+    "xyz", "ru", "de", "uk", "us", "ca", "fr", "in", "cn", "jp", "br", "au", "tv", "online",
+    "site", "club", "shop", "top", "ai", "link", "click", "live", "store", "es", "it", "nl", "pl",
+    "eu",
+];
+
+/// Host names of the links in a (lowercased) text: `scheme://host...`, `www.host...`, or a
+/// bare `name.tld/...` with a common TLD.
+fn links(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| c.is_whitespace() || matches!(c, '<' | '>' | '"' | '(' | ')' | '[' | ']'))
+        .filter_map(|token| {
+            let token =
+                token.trim_matches(|c: char| matches!(c, '.' | ',' | ';' | ':' | '!' | '?' | '\''));
+            let rest = match token.find("://") {
+                Some(i) => &token[i + 3..],
+                None => token,
+            };
+            let host = rest.split(['/', '?', '#']).next()?.rsplit('@').next()?;
+            let host = host.split(':').next()?;
+            let looks_like_link = token.contains("://") || token.starts_with("www.") || {
+                let tld = host.rsplit('.').next().unwrap_or("");
+                host.contains('.')
+                    && host.split('.').all(|p| !p.is_empty())
+                    && COMMON_TLDS.contains(&tld)
+            };
+            (looks_like_link && !host.is_empty()).then(|| host.to_owned())
+        })
+}
+
+/// The cache of room policies.
+#[derive(Default)]
+pub struct Policies {
+    map: DashMap<RoomId, Arc<Policy>>,
+}
+
+impl Policies {
+    /// The room's policy, loaded from the store on first use.
+    pub async fn get(&self, store: &Store, room: &RoomId) -> Result<Arc<Policy>> {
+        if let Some(p) = self.map.get(room) {
+            return Ok(p.clone());
+        }
+        let stored = store
+            .room(room)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("room {room} not found")))?;
+        let mutes = store.active_mutes(room, now_ms()).await?;
+        if self.map.len() >= MAX_CACHED_ROOMS {
+            self.map.clear();
+        }
+        let policy = Arc::new(Policy {
+            room: stored,
+            mutes: Mutex::new(mutes),
+            last_sent: Mutex::new(HashMap::new()),
+        });
+        Ok(self.map.entry(room.clone()).or_insert(policy).clone())
+    }
+
+    /// The room's settings changed: keep mutes and slow-mode clocks, replace the rest.
+    pub fn room_changed(&self, room: Room) {
+        if let Some(mut entry) = self.map.get_mut(&room.id) {
+            let old = entry.clone();
+            *entry = Arc::new(Policy {
+                room,
+                mutes: Mutex::new(lock(&old.mutes).clone()),
+                last_sent: Mutex::new(lock(&old.last_sent).clone()),
+            });
+        }
+    }
+
+    pub fn set_mute(&self, room: &RoomId, user: &UserId, until: Option<i64>) {
+        if let Some(p) = self.map.get(room) {
+            let mut mutes = lock(&p.mutes);
+            match until {
+                Some(t) => mutes.insert(user.clone(), t),
+                None => mutes.remove(user),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(words: &[&str], links: LinkPolicy) -> RoomRules {
+        RoomRules {
+            blocked_words: words.iter().map(|w| (*w).to_owned()).collect(),
+            links,
+        }
+    }
+
+    #[test]
+    fn blocked_words_match_whole_words_case_insensitively() {
+        let r = rules(&["spam", "buy now"], LinkPolicy::Allow);
+        assert!(check_rules(&r, "This is SPAM!", false).is_err());
+        assert!(check_rules(&r, "please Buy Now", false).is_err());
+        assert!(check_rules(&r, "spammy but fine", false).is_ok());
+        assert!(check_rules(&r, "a spa maybe", false).is_ok());
+        assert!(
+            check_rules(&r, "spam", true).is_err(),
+            "blocked words bind host/ta too"
+        );
+    }
+
+    #[test]
+    fn link_policies() {
+        let deny = rules(&[], LinkPolicy::Deny);
+        for text in [
+            "see https://ads.example.com/x",
+            "www.casino.io",
+            "visit cheap.biz/now",
+            "(http://a.b)",
+        ] {
+            assert!(check_rules(&deny, text, false).is_err(), "{text}");
+        }
+        for text in [
+            "version 1.2 is out",
+            "e.g. this",
+            "3.14159",
+            "end of sentence.Next",
+        ] {
+            assert!(check_rules(&deny, text, false).is_ok(), "{text}");
+        }
+        assert!(
+            check_rules(&deny, "https://x.com", true).is_ok(),
+            "host/ta may link"
+        );
+        let some = rules(
+            &[],
+            LinkPolicy::Domains {
+                domains: vec!["wikipedia.org".into()],
+            },
+        );
+        assert!(check_rules(&some, "read https://en.wikipedia.org/wiki/Algebra", false).is_ok());
+        assert!(check_rules(&some, "read wikipedia.org", false).is_ok());
+        let err = check_rules(&some, "read https://evil.com", false).unwrap_err();
+        assert!(
+            err.to_string().contains("evil.com") && err.to_string().contains("room rule: links")
+        );
+    }
+
+    #[test]
+    fn link_policy_json_forms() {
+        let r: RoomRules =
+            serde_json::from_str(r#"{"blocked_words":["x"],"links":"deny"}"#).unwrap();
+        assert_eq!(r.links, LinkPolicy::Deny);
+        let r: RoomRules = serde_json::from_str(r#"{"links":{"domains":["a.org"]}}"#).unwrap();
+        assert_eq!(
+            r.links,
+            LinkPolicy::Domains {
+                domains: vec!["a.org".into()]
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&LinkPolicy::Allow).unwrap(),
+            "\"allow\""
+        );
+        assert!(serde_json::from_str::<RoomRules>(r#"{"links":"maybe"}"#).is_err());
+    }
+}

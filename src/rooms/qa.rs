@@ -1,0 +1,210 @@
+//! Live Q&A commands: ask (optionally anonymous; pending in moderated rooms), vote, answer,
+//! question_status and the questions listing. Rights: members ask and vote; host/ta answer
+//! (members too when the room allows peer answers) and change status; viewers only read.
+
+use super::{check_room_id, readable_role};
+use crate::error::{Error, Result};
+use crate::protocol::{QuestionId, QuestionStatus, RoomId};
+use crate::session::{Ctx, Outcome, deferred};
+use crate::store::{QuestionFilter, QuestionSort, View, WriteOp, WriteOutcome, now_ms};
+use serde_json::json;
+
+fn check_question_id(id: &QuestionId) -> Result<()> {
+    if id.as_str().is_empty() || id.as_str().len() > 64 {
+        return Err(Error::bad_request("question id must be 1..=64 characters"));
+    }
+    Ok(())
+}
+
+fn check_len(text: &str, max: usize, what: &str) -> Result<()> {
+    if text.trim().is_empty() {
+        return Err(Error::bad_request(format!("{what} must not be empty")));
+    }
+    if text.chars().count() > max {
+        return Err(Error::TooLarge(format!(
+            "{what} is longer than {max} characters"
+        )));
+    }
+    Ok(())
+}
+
+fn outcome_fields(o: WriteOutcome) -> serde_json::Value {
+    match o {
+        WriteOutcome::Asked {
+            id,
+            seq,
+            ts,
+            status,
+        } => json!({"id": id, "seq": seq, "ts": ts, "status": status}),
+        WriteOutcome::Changed { seq } => json!({"seq": seq}),
+        WriteOutcome::Sent { id, seq, ts, .. } => json!({"id": id, "seq": seq, "ts": ts}),
+        WriteOutcome::Unchanged => json!({"seq": null}),
+    }
+}
+
+pub(super) async fn ask(
+    ctx: &mut Ctx,
+    rid: Option<i64>,
+    room: RoomId,
+    text: String,
+    anonymous: bool,
+) -> Result<Outcome> {
+    check_room_id(&room)?;
+    let role = ctx.joined_role(&room)?;
+    if !role.can_write() {
+        return Err(Error::Forbidden(
+            "viewers are read-only in this room".into(),
+        ));
+    }
+    check_len(&text, ctx.app.config.max_question_chars, "question")?;
+    let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
+    if !policy.qa_enabled() {
+        return Err(Error::Forbidden("Q&A is not enabled in this room".into()));
+    }
+    policy.check_muted(&ctx.me.user)?;
+    policy.check_text(&text, role)?;
+    let pending = policy.room.qa.moderated && !role.can_moderate();
+    let op = WriteOp::Ask {
+        room,
+        author: ctx.me.room_ref(role),
+        text,
+        anonymous,
+        pending,
+    };
+    let rx = ctx.app.store.submit(op).await?;
+    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+}
+
+pub(super) async fn vote(
+    ctx: &mut Ctx,
+    rid: Option<i64>,
+    room: RoomId,
+    question: QuestionId,
+    up: bool,
+) -> Result<Outcome> {
+    check_room_id(&room)?;
+    check_question_id(&question)?;
+    let role = ctx.joined_role(&room)?;
+    if !role.can_write() {
+        return Err(Error::Forbidden(
+            "viewers are read-only in this room".into(),
+        ));
+    }
+    let op = WriteOp::Vote {
+        room,
+        question,
+        user: ctx.me.user.clone(),
+        up,
+    };
+    let rx = ctx.app.store.submit(op).await?;
+    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+}
+
+pub(super) async fn answer(
+    ctx: &mut Ctx,
+    rid: Option<i64>,
+    room: RoomId,
+    question: QuestionId,
+    text: String,
+) -> Result<Outcome> {
+    check_room_id(&room)?;
+    check_question_id(&question)?;
+    let role = ctx.joined_role(&room)?;
+    check_len(&text, ctx.app.config.max_text_chars, "answer")?;
+    let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
+    if !(role.can_moderate() || (policy.room.qa.peer_answers && role.can_write())) {
+        return Err(Error::Forbidden(
+            "only host/ta answer questions in this room".into(),
+        ));
+    }
+    policy.check_muted(&ctx.me.user)?;
+    policy.check_text(&text, role)?;
+    let op = WriteOp::Answer {
+        room,
+        question,
+        author: ctx.me.room_ref(role),
+        text,
+    };
+    let rx = ctx.app.store.submit(op).await?;
+    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+}
+
+/// `approved`/`approve`/`open`/`reopen` -> open; `pinned`/`pin`; `answered`; `dismissed`/`dismiss`.
+fn parse_target_status(s: &str) -> Result<QuestionStatus> {
+    match s {
+        "approved" | "approve" | "open" | "reopen" => Ok(QuestionStatus::Open),
+        "pinned" | "pin" => Ok(QuestionStatus::Pinned),
+        "answered" => Ok(QuestionStatus::Answered),
+        "dismissed" | "dismiss" => Ok(QuestionStatus::Dismissed),
+        _ => Err(Error::bad_request(
+            "status must be approved, open, reopen, pinned, answered or dismissed",
+        )),
+    }
+}
+
+pub(super) async fn set_status(
+    ctx: &mut Ctx,
+    rid: Option<i64>,
+    room: RoomId,
+    question: QuestionId,
+    status: String,
+) -> Result<Outcome> {
+    check_room_id(&room)?;
+    check_question_id(&question)?;
+    let role = ctx.joined_role(&room)?;
+    if !role.can_moderate() {
+        return Err(Error::Forbidden(
+            "only host/ta change a question's status".into(),
+        ));
+    }
+    let status = parse_target_status(&status)?;
+    let rx = ctx
+        .app
+        .store
+        .submit(WriteOp::SetQuestionStatus {
+            room,
+            question,
+            status,
+        })
+        .await?;
+    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+}
+
+pub(super) async fn list(
+    ctx: &mut Ctx,
+    room: RoomId,
+    sort: Option<String>,
+    status: Option<String>,
+) -> Result<Outcome> {
+    let role = readable_role(ctx, &room).await?;
+    let sort = match sort.as_deref() {
+        None | Some("top") => QuestionSort::Top,
+        Some("recent") => QuestionSort::Recent,
+        Some(_) => return Err(Error::bad_request("sort must be top or recent")),
+    };
+    let mut filter = QuestionFilter::default();
+    match status.as_deref() {
+        None => {}
+        Some("overdue") => filter.overdue_only = true,
+        Some(s) => {
+            filter.status = Some(
+                QuestionStatus::parse(s)
+                    .ok_or_else(|| Error::bad_request("unknown status filter"))?,
+            );
+        }
+    }
+    let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
+    let questions = ctx
+        .app
+        .store
+        .questions(
+            &room,
+            &filter,
+            sort,
+            View::of(role),
+            policy.room.answer_sla_s,
+            now_ms(),
+        )
+        .await?;
+    Ok(Outcome::Ok(json!({ "questions": questions })))
+}

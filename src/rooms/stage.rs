@@ -1,0 +1,67 @@
+//! Raise hand and stage: a per-room queue of raised hands in raise order (shown to host/ta)
+//! and the list of people allowed to publish audio/video, both held by the hub in memory and
+//! cleared for a user whose last session leaves the room.
+
+use super::check_room_id;
+use crate::error::{Error, Result};
+use crate::hub::StageError;
+use crate::protocol::{RoomId, UserId};
+use crate::session::{Ctx, Outcome};
+use crate::store::now_ms;
+use serde_json::json;
+
+pub(super) fn raise(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
+    check_room_id(&room)?;
+    let role = ctx.joined_role(&room)?;
+    if !role.can_write() {
+        return Err(Error::Forbidden(
+            "viewers are read-only in this room".into(),
+        ));
+    }
+    let position = ctx
+        .app
+        .hub
+        .raise_hand(&room, &ctx.me.room_ref(role), now_ms());
+    Ok(Outcome::Ok(json!({ "position": position })))
+}
+
+pub(super) fn lower(ctx: &mut Ctx, room: RoomId, user: Option<UserId>) -> Result<Outcome> {
+    check_room_id(&room)?;
+    let role = ctx.joined_role(&room)?;
+    let target = user.unwrap_or_else(|| ctx.me.user.clone());
+    if target != ctx.me.user && !role.can_moderate() {
+        return Err(Error::Forbidden(
+            "only host/ta lower someone else's hand".into(),
+        ));
+    }
+    let lowered = ctx.app.hub.lower_hand(&room, &target);
+    Ok(Outcome::Ok(json!({ "lowered": lowered })))
+}
+
+pub(super) fn hands(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
+    check_room_id(&room)?;
+    if !ctx.joined_role(&room)?.can_moderate() {
+        return Err(Error::Forbidden("only host/ta see the hand queue".into()));
+    }
+    let hands: Vec<_> = ctx
+        .app
+        .hub
+        .hands(&room)
+        .into_iter()
+        .map(|(user, ts)| json!({"user": user, "ts": ts}))
+        .collect();
+    Ok(Outcome::Ok(json!({ "hands": hands })))
+}
+
+pub(super) fn stage(ctx: &mut Ctx, room: RoomId, user: UserId, on: bool) -> Result<Outcome> {
+    check_room_id(&room)?;
+    if !ctx.joined_role(&room)?.can_moderate() {
+        return Err(Error::Forbidden("only host/ta put people on stage".into()));
+    }
+    let max = ctx.app.config.max_on_stage;
+    match ctx.app.hub.set_stage(&room, &user, on, max) {
+        Ok(stage) => Ok(Outcome::Ok(json!({ "stage": stage }))),
+        Err(StageError::NotInRoom) => Err(Error::NotFound(format!("{user} is not in the room"))),
+        Err(e @ StageError::Full(_)) => Err(Error::Conflict(e.to_string())),
+    }
+}

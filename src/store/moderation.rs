@@ -1,0 +1,277 @@
+//! Moderation state in the store: mutes and bans (persisted, so they survive restarts),
+//! the per-room report queue, and the audit log of every moderation action. Plain reads and
+//! writes; rights are checked by the callers.
+
+use super::{Result, Store, StoreError, now_ms, writer::new_id};
+use crate::protocol::{RoomId, UserId};
+use serde::Serialize;
+use sqlx::Row;
+use std::collections::HashMap;
+
+/// Longest report reason, in characters.
+pub const MAX_REASON_CHARS: usize = 500;
+/// Most audit entries one page returns.
+const MAX_AUDIT_PAGE: i64 = 500;
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Report {
+    pub id: String,
+    pub room: RoomId,
+    /// `message` or `question`.
+    pub target_kind: String,
+    pub target_id: String,
+    pub reporter: UserId,
+    pub reason: String,
+    pub ts: i64,
+    pub resolved_at: Option<i64>,
+    pub resolved_by: Option<String>,
+    pub resolution: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub room: RoomId,
+    pub actor: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub detail: Option<String>,
+    pub ts: i64,
+}
+
+fn report_from_row(r: &sqlx::any::AnyRow) -> Result<Report> {
+    Ok(Report {
+        id: r.try_get("id")?,
+        room: RoomId(r.try_get("room_id")?),
+        target_kind: r.try_get("target_kind")?,
+        target_id: r.try_get("target_id")?,
+        reporter: UserId(r.try_get("reporter_id")?),
+        reason: r.try_get("reason")?,
+        ts: r.try_get("ts")?,
+        resolved_at: r.try_get("resolved_at")?,
+        resolved_by: r.try_get("resolved_by")?,
+        resolution: r.try_get("resolution")?,
+    })
+}
+
+impl Store {
+    pub async fn set_mute(&self, room: &RoomId, user: &UserId, until: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO mutes (room_id, user_id, until) VALUES ($1, $2, $3) \
+             ON CONFLICT (room_id, user_id) DO UPDATE SET until = excluded.until",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(until)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn clear_mute(&self, room: &RoomId, user: &UserId) -> Result<bool> {
+        let res = sqlx::query("DELETE FROM mutes WHERE room_id = $1 AND user_id = $2")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(self.pool())
+            .await?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    /// Mutes of a room still in force at `now` (ms): user -> until.
+    pub async fn active_mutes(&self, room: &RoomId, now: i64) -> Result<HashMap<UserId, i64>> {
+        let rows =
+            sqlx::query("SELECT user_id, until FROM mutes WHERE room_id = $1 AND until > $2")
+                .bind(room.as_str())
+                .bind(now)
+                .fetch_all(self.pool())
+                .await?;
+        rows.iter()
+            .map(|r| Ok((UserId(r.try_get("user_id")?), r.try_get("until")?)))
+            .collect()
+    }
+
+    pub async fn ban(&self, room: &RoomId, user: &UserId, by: &UserId) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO bans (room_id, user_id, by_id, ts) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room_id, user_id) DO NOTHING",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(by.as_str())
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn unban(&self, room: &RoomId, user: &UserId) -> Result<bool> {
+        let res = sqlx::query("DELETE FROM bans WHERE room_id = $1 AND user_id = $2")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(self.pool())
+            .await?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    pub async fn is_banned(&self, room: &RoomId, user: &UserId) -> Result<bool> {
+        let hit: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM bans WHERE room_id = $1 AND user_id = $2")
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(hit.is_some())
+    }
+
+    /// Files a report on a message or question of the room.
+    pub async fn add_report(
+        &self,
+        room: &RoomId,
+        target_id: &str,
+        reporter: &UserId,
+        reason: &str,
+    ) -> Result<Report> {
+        let is_message: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM messages WHERE id = $1 AND room_id = $2 AND deleted = 0",
+        )
+        .bind(target_id)
+        .bind(room.as_str())
+        .fetch_optional(self.pool())
+        .await?;
+        let kind = if is_message.is_some() {
+            "message"
+        } else {
+            let is_question: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM questions WHERE id = $1 AND room_id = $2")
+                    .bind(target_id)
+                    .bind(room.as_str())
+                    .fetch_optional(self.pool())
+                    .await?;
+            if is_question.is_none() {
+                return Err(StoreError::NotFound("message or question"));
+            }
+            "question"
+        };
+        let report = Report {
+            id: new_id('r'),
+            room: room.clone(),
+            target_kind: kind.into(),
+            target_id: target_id.into(),
+            reporter: reporter.clone(),
+            reason: reason.into(),
+            ts: now_ms(),
+            resolved_at: None,
+            resolved_by: None,
+            resolution: None,
+        };
+        sqlx::query(
+            "INSERT INTO reports (id, room_id, target_kind, target_id, reporter_id, reason, ts) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(report.id.as_str())
+        .bind(room.as_str())
+        .bind(kind)
+        .bind(target_id)
+        .bind(reporter.as_str())
+        .bind(reason)
+        .bind(report.ts)
+        .execute(self.pool())
+        .await?;
+        Ok(report)
+    }
+
+    /// The room's reports, oldest first; only open ones unless `all`.
+    pub async fn reports(&self, room: &RoomId, all: bool) -> Result<Vec<Report>> {
+        let rows = sqlx::query(
+            "SELECT id, room_id, target_kind, target_id, reporter_id, reason, ts, resolved_at, resolved_by, \
+             resolution FROM reports WHERE room_id = $1 AND ($2 = 1 OR resolved_at IS NULL) ORDER BY ts, id",
+        )
+        .bind(room.as_str())
+        .bind(i64::from(all))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(report_from_row).collect()
+    }
+
+    pub async fn resolve_report(
+        &self,
+        room: &RoomId,
+        id: &str,
+        by: &str,
+        resolution: &str,
+    ) -> Result<Report> {
+        let res = sqlx::query(
+            "UPDATE reports SET resolved_at = $1, resolved_by = $2, resolution = $3 \
+             WHERE room_id = $4 AND id = $5 AND resolved_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(by)
+        .bind(resolution)
+        .bind(room.as_str())
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        let row = sqlx::query(
+            "SELECT id, room_id, target_kind, target_id, reporter_id, reason, ts, resolved_at, resolved_by, \
+             resolution FROM reports WHERE room_id = $1 AND id = $2",
+        )
+        .bind(room.as_str())
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?
+        .ok_or(StoreError::NotFound("report"))?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::Conflict(
+                "the report is already resolved".into(),
+            ));
+        }
+        report_from_row(&row)
+    }
+
+    /// Records a moderation action.
+    pub async fn audit(
+        &self,
+        room: &RoomId,
+        actor: &str,
+        action: &str,
+        target: Option<&str>,
+        detail: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO audit (room_id, actor_id, action, target, detail, ts) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(room.as_str())
+            .bind(actor)
+            .bind(action)
+            .bind(target)
+            .bind(detail)
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// The room's audit log, oldest first, after entry `after_id`.
+    pub async fn audit_log(&self, room: &RoomId, after_id: i64) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, room_id, actor_id, action, target, detail, ts FROM audit \
+             WHERE room_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(room.as_str())
+        .bind(after_id)
+        .bind(MAX_AUDIT_PAGE)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get("id")?,
+                    room: RoomId(r.try_get("room_id")?),
+                    actor: r.try_get("actor_id")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    detail: r.try_get("detail")?,
+                    ts: r.try_get("ts")?,
+                })
+            })
+            .collect()
+    }
+}

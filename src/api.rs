@@ -97,8 +97,8 @@ fn user_id(id: String) -> Result<UserId> {
 const MAX_RULE_ENTRIES: usize = 500;
 
 fn check_settings(sla: Option<i64>, slow: Option<i64>, rules: Option<&RoomRules>) -> Result<()> {
-    if sla.is_some_and(|s| !(60..=30 * 86_400).contains(&s)) {
-        return Err(Error::bad_request("answer_sla_s must be 60..=2592000"));
+    if sla.is_some_and(|s| !(1..=30 * 86_400).contains(&s)) {
+        return Err(Error::bad_request("answer_sla_s must be 1..=2592000"));
     }
     if slow.is_some_and(|s| !(0..=3600).contains(&s)) {
         return Err(Error::bad_request("slow_mode_s must be 0..=3600"));

@@ -236,14 +236,15 @@ pub(super) async fn vote(
     up: bool,
 ) -> Result<Applied> {
     let mut q = load(tx, room, id).await?;
-    if matches!(
-        q.status,
-        QuestionStatus::Pending | QuestionStatus::Dismissed
-    ) {
-        return Err(StoreError::BadRequest(format!(
-            "a {} question takes no votes",
-            q.status.as_str()
-        )));
+    match q.status {
+        // Members must not learn that a pending question exists.
+        QuestionStatus::Pending => return Err(StoreError::NotFound("question")),
+        QuestionStatus::Dismissed => {
+            return Err(StoreError::BadRequest(
+                "a dismissed question takes no votes".into(),
+            ));
+        }
+        _ => {}
     }
     let mine: Option<i64> =
         sqlx::query_scalar("SELECT 1 FROM question_votes WHERE question_id = $1 AND user_id = $2")

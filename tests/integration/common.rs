@@ -307,6 +307,16 @@ impl Client {
         }
     }
 
+    /// The next frame of type `ty`, skipping any others.
+    pub async fn until(&mut self, ty: &str) -> Value {
+        loop {
+            let f = self.next().await;
+            if f["type"] == ty {
+                return f;
+            }
+        }
+    }
+
     /// Collects `n` room events of type `message`, ignoring presence/typing/ok.
     pub async fn messages(&mut self, n: usize) -> Vec<Value> {
         let mut out = Vec::with_capacity(n);

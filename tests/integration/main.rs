@@ -6,4 +6,6 @@ mod chat;
 mod common;
 mod durability;
 mod limits;
+mod moderation;
+mod qa;
 mod store_conformance;

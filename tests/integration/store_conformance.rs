@@ -5,11 +5,14 @@ use crate::common::*;
 use std::sync::Arc;
 use std::sync::Mutex;
 use studyhall::metrics::Metrics;
-use studyhall::protocol::{MessageId, RoomId, RoomKind, RoomRole, UserId, UserRef, Visibility};
+use studyhall::protocol::{
+    MessageId, QuestionId, QuestionStatus, RoomId, RoomKind, RoomRole, UserId, UserRef, Visibility,
+};
 use studyhall::store::{
     CommitHook, CommittedEvent, QaSettings, Room, RoomPatch, Store, StoreError, StoreOptions, View,
     WriteOp, WriteOutcome,
 };
+use studyhall::store::{QuestionFilter, QuestionSort, now_ms};
 
 /// A store plus what its commit hook saw.
 struct Fixture {
@@ -503,6 +506,296 @@ async fn close_commits_everything_queued(f: Fixture) {
     reopened.store.close().await;
 }
 
+fn ask(room: &str, who: &str, text: &str, anonymous: bool, pending: bool) -> WriteOp {
+    WriteOp::Ask {
+        room: RoomId::from(room),
+        author: user(who),
+        text: text.into(),
+        anonymous,
+        pending,
+    }
+}
+
+fn asked(o: WriteOutcome) -> QuestionId {
+    match o {
+        WriteOutcome::Asked { id, .. } => id,
+        other => panic!("expected Asked, got {other:?}"),
+    }
+}
+
+async fn questions_votes_answers_and_renderings(f: Fixture) {
+    let s = &f.store;
+    let r = RoomId::from("r");
+    s.create_room(&room("r", Visibility::Open)).await.unwrap();
+    let q1 = asked(s.write(ask("r", "a", "anon?", true, false)).await.unwrap());
+    let q2 = asked(
+        s.write(ask("r", "b", "pending?", false, true))
+            .await
+            .unwrap(),
+    );
+    {
+        let published = f.published.lock().unwrap();
+        let anon: serde_json::Value = serde_json::from_str(&published[0].json).unwrap();
+        assert_eq!(
+            anon["author"]["id"], "a",
+            "host/ta rendering has the author"
+        );
+        let public: serde_json::Value =
+            serde_json::from_str(published[0].public_json.as_ref().unwrap()).unwrap();
+        assert_eq!(public["author"], serde_json::Value::Null);
+        let hidden: serde_json::Value =
+            serde_json::from_str(published[1].public_json.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            (hidden["type"].as_str(), hidden["seq"].as_i64()),
+            (Some("hidden"), Some(2))
+        );
+    }
+    let member_view = s.events_after(&r, 0, 10, View::Member).await.unwrap();
+    assert!(member_view.events[1].contains("\"hidden\""));
+    let vote = |who: &str, q: &QuestionId, up: bool| WriteOp::Vote {
+        room: r.clone(),
+        question: q.clone(),
+        user: UserId::from(who),
+        up,
+    };
+    let mut pending_votes = Vec::new();
+    for i in 0..20 {
+        pending_votes.push(s.submit(vote(&format!("v{i}"), &q1, true)).await.unwrap());
+    }
+    for p in pending_votes {
+        p.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        s.write(vote("v0", &q1, true)).await.unwrap(),
+        WriteOutcome::Unchanged
+    );
+    assert!(
+        matches!(
+            s.write(vote("v0", &q2, true)).await,
+            Err(StoreError::NotFound(_))
+        ),
+        "pending takes no votes"
+    );
+    s.write(vote("v0", &q1, false)).await.unwrap();
+    let answer = WriteOp::Answer {
+        room: r.clone(),
+        question: q1.clone(),
+        author: user("t"),
+        text: "because".into(),
+    };
+    s.write(answer).await.unwrap();
+    assert!(matches!(
+        s.write(WriteOp::Answer {
+            room: r.clone(),
+            question: q2.clone(),
+            author: user("t"),
+            text: "x".into()
+        })
+        .await,
+        Err(StoreError::BadRequest(_))
+    ));
+    let q = s.question(&r, &q1).await.unwrap();
+    assert_eq!(
+        (q.votes, q.status, q.answers.len()),
+        (19, QuestionStatus::Answered, 1)
+    );
+    assert!(q.first_answer_at.is_some());
+    let members = s
+        .questions(
+            &r,
+            &QuestionFilter::default(),
+            QuestionSort::Top,
+            View::Member,
+            3600,
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 1, "pending hidden from members");
+    assert_eq!(members[0].author, None);
+    let hosts = s
+        .questions(
+            &r,
+            &QuestionFilter::default(),
+            QuestionSort::Recent,
+            View::Moderator,
+            3600,
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        hosts.iter().map(|q| q.id.clone()).collect::<Vec<_>>(),
+        vec![q2.clone(), q1.clone()]
+    );
+    let set = |q: &QuestionId, st: QuestionStatus| WriteOp::SetQuestionStatus {
+        room: r.clone(),
+        question: q.clone(),
+        status: st,
+    };
+    assert!(matches!(
+        s.write(set(&q2, QuestionStatus::Open)).await.unwrap(),
+        WriteOutcome::Changed { .. }
+    ));
+    assert_eq!(
+        s.write(set(&q2, QuestionStatus::Open)).await.unwrap(),
+        WriteOutcome::Unchanged
+    );
+    let last = f.published.lock().unwrap().last().unwrap().clone();
+    assert!(
+        last.public_json.is_none(),
+        "approved and not anonymous: one rendering"
+    );
+    // Overdue: q2 is unanswered; with a 1 s SLA it is overdue 2 s after it was asked.
+    s.update_room(
+        &r,
+        &RoomPatch {
+            answer_sla_s: Some(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let later = now_ms() + 2_000;
+    let overdue = QuestionFilter {
+        overdue_only: true,
+        ..Default::default()
+    };
+    let due = s
+        .questions(&r, &overdue, QuestionSort::Top, View::Moderator, 1, later)
+        .await
+        .unwrap();
+    assert_eq!(
+        due.iter().map(|q| q.id.clone()).collect::<Vec<_>>(),
+        vec![q2.clone()]
+    );
+    assert_eq!(
+        s.claim_overdue(later).await.unwrap(),
+        vec![(r.clone(), q2.clone())]
+    );
+    assert_eq!(
+        s.claim_overdue(later).await.unwrap(),
+        vec![],
+        "claimed once"
+    );
+}
+
+async fn search_ranks_and_respects_pending(f: Fixture) {
+    let s = &f.store;
+    let r = RoomId::from("r");
+    s.create_room(&room("r", Visibility::Open)).await.unwrap();
+    s.create_room(&room("other", Visibility::Open))
+        .await
+        .unwrap();
+    let (m1, _) = sent(
+        s.write(send("r", "a", "photosynthesis in plants", "1"))
+            .await
+            .unwrap(),
+    );
+    s.write(send(
+        "r",
+        "a",
+        "photosynthesis photosynthesis photosynthesis",
+        "2",
+    ))
+    .await
+    .unwrap();
+    s.write(send("other", "a", "photosynthesis elsewhere", "3"))
+        .await
+        .unwrap();
+    let pq = asked(
+        s.write(ask("r", "b", "is photosynthesis pending", false, true))
+            .await
+            .unwrap(),
+    );
+    let (hits, more) = s.search(&r, "Photosynthesis", false, 10, 0).await.unwrap();
+    assert_eq!((hits.len(), more), (2, false), "{hits:?}");
+    assert!(hits.iter().all(|h| h.kind == "message"));
+    let (hits, _) = s.search(&r, "photosynthesis", true, 10, 0).await.unwrap();
+    assert!(
+        hits.iter().any(|h| h.id == pq.as_str()),
+        "host/ta find pending questions"
+    );
+    let (hits, _) = s
+        .search(&r, "photosynthesis plants", false, 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        hits.iter().map(|h| h.id.clone()).collect::<Vec<_>>(),
+        vec![m1.as_str().to_owned()]
+    );
+    let (page, more) = s.search(&r, "photosynthesis", false, 1, 0).await.unwrap();
+    assert_eq!((page.len(), more), (1, true));
+    let (page2, _) = s.search(&r, "photosynthesis", false, 1, 1).await.unwrap();
+    assert_ne!(page[0].id, page2[0].id);
+    assert!(matches!(
+        s.search(&r, " ** ", false, 10, 0).await,
+        Err(StoreError::BadRequest(_))
+    ));
+    s.write(WriteOp::Delete {
+        room: r.clone(),
+        id: m1.clone(),
+        by: user("a"),
+        as_moderator: false,
+    })
+    .await
+    .unwrap();
+    let (hits, _) = s.search(&r, "plants", false, 10, 0).await.unwrap();
+    assert!(hits.is_empty());
+}
+
+async fn mutes_bans_reports_and_audit(f: Fixture) {
+    let s = &f.store;
+    let (r, u) = (RoomId::from("r"), UserId::from("u"));
+    s.create_room(&room("r", Visibility::Open)).await.unwrap();
+    let now = now_ms();
+    s.set_mute(&r, &u, now + 60_000).await.unwrap();
+    s.set_mute(&r, &UserId::from("old"), now - 1).await.unwrap();
+    let mutes = s.active_mutes(&r, now).await.unwrap();
+    assert_eq!(mutes.len(), 1);
+    assert!(s.clear_mute(&r, &u).await.unwrap());
+    assert!(!s.is_banned(&r, &u).await.unwrap());
+    s.ban(&r, &u, &UserId::from("t")).await.unwrap();
+    s.ban(&r, &u, &UserId::from("t")).await.unwrap();
+    assert!(s.is_banned(&r, &u).await.unwrap());
+    assert!(s.unban(&r, &u).await.unwrap());
+    assert!(!s.unban(&r, &u).await.unwrap());
+    let (m, _) = sent(s.write(send("r", "a", "bad", "1")).await.unwrap());
+    let q = asked(s.write(ask("r", "a", "bad?", false, false)).await.unwrap());
+    let rep = s.add_report(&r, m.as_str(), &u, "spam").await.unwrap();
+    assert_eq!(rep.target_kind, "message");
+    assert_eq!(
+        s.add_report(&r, q.as_str(), &u, "off-topic")
+            .await
+            .unwrap()
+            .target_kind,
+        "question"
+    );
+    assert!(matches!(
+        s.add_report(&r, "nope", &u, "x").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(s.reports(&r, false).await.unwrap().len(), 2);
+    let done = s.resolve_report(&r, &rep.id, "t", "deleted").await.unwrap();
+    assert_eq!(done.resolution.as_deref(), Some("deleted"));
+    assert!(matches!(
+        s.resolve_report(&r, &rep.id, "t", "again").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.reports(&r, false).await.unwrap().len(), 1);
+    assert_eq!(s.reports(&r, true).await.unwrap().len(), 2);
+    s.audit(&r, "t", "mute", Some("u"), Some("60s"))
+        .await
+        .unwrap();
+    s.audit(&r, "t", "ban", Some("u"), None).await.unwrap();
+    let log = s.audit_log(&r, 0).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["mute", "ban"]
+    );
+    assert_eq!(s.audit_log(&r, log[0].id).await.unwrap().len(), 1);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -544,4 +837,7 @@ conformance!(
     settings_keep_the_first_value,
     two_writers_share_one_gap_free_sequence,
     close_commits_everything_queued,
+    questions_votes_answers_and_renderings,
+    search_ranks_and_respects_pending,
+    mutes_bans_reports_and_audit,
 );

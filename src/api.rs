@@ -323,6 +323,15 @@ async fn delete_member(
     let id = room_id(id)?;
     let user = user_id(user)?;
     if app.store.remove_member(&id, &user).await? {
+        // In an invite-only room membership is what lets them in: end their live sessions.
+        if app
+            .store
+            .room(&id)
+            .await?
+            .is_some_and(|r| r.visibility == Visibility::Invite)
+        {
+            app.hub.kick(&id, &user, "removed");
+        }
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Error::NotFound(format!("{user} is not a member of {id}")))

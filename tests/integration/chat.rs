@@ -489,6 +489,23 @@ async fn invite_only_rooms_refuse_strangers_and_admit_members_and_grants() {
         .await;
     dave.ok(json!({"type":"delete","room":"secret","id":sent["id"]}))
         .await;
+    // Removing a member of an invite-only room ends their live sessions there.
+    let (st, _) = http(
+        s.addr,
+        "DELETE",
+        "/api/rooms/secret/members/carol",
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(st, 204);
+    assert_eq!(carol.until("kicked").await["reason"], "removed");
+    assert_eq!(close_code(&mut carol.ws).await, Some(4003));
+    let mut carol = s.client("carol").await;
+    assert_eq!(
+        carol.err(json!({"type":"join","room":"secret"})).await,
+        "forbidden"
+    );
     s.stop().await;
 }
 

@@ -421,6 +421,7 @@ async fn post_announcement(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DevTokenRequest {
+    #[serde(alias = "sub", alias = "id", alias = "user_id")]
     user: String,
     name: Option<String>,
     #[serde(default)]

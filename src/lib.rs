@@ -73,6 +73,34 @@ impl Drop for SessionGuard {
     }
 }
 
+/// The open room every dev-mode user can join at once (`serve --dev` only).
+pub const DEV_LOBBY: &str = "lobby";
+
+async fn ensure_dev_lobby(store: &Store) -> Result<(), StoreError> {
+    let lobby = store::Room {
+        id: protocol::RoomId::from(DEV_LOBBY),
+        kind: protocol::RoomKind::Group,
+        title: "Lobby".into(),
+        visibility: protocol::Visibility::Open,
+        qa: store::QaSettings {
+            enabled: true,
+            moderated: false,
+            peer_answers: true,
+        },
+        starts_at: None,
+        archived: false,
+        last_seq: 0,
+        created_at: store::now_ms(),
+        answer_sla_s: store::DEFAULT_ANSWER_SLA_S,
+        slow_mode_s: 0,
+        rules: store::RoomRules::default(),
+    };
+    match store.create_room(&lobby).await {
+        Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// A random 256-bit secret, hex-encoded.
 pub fn random_secret() -> String {
     (0..32)
@@ -107,6 +135,9 @@ impl App {
         )
         .await?;
         let secret = token_secret(&config, &store).await?;
+        if config.dev {
+            ensure_dev_lobby(&store).await?;
+        }
         Ok(Arc::new(Self {
             tokens: auth::Tokens::new(secret.as_bytes()),
             config,

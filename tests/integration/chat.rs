@@ -673,6 +673,8 @@ async fn dev_token_endpoint_exists_only_in_dev_mode() {
     assert_eq!(st, 200);
     let mut c = Client::connect(s.addr, body["token"].as_str().unwrap()).await;
     assert_eq!(c.ok(json!({"type":"rooms"})).await["rooms"], json!([]));
+    // Dev mode has an open lobby to chat in at once.
+    assert_eq!(c.join("lobby").await["room"]["title"], "Lobby");
     s.stop().await;
 }
 

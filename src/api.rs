@@ -68,6 +68,12 @@ pub fn router(app: Arc<App>) -> Router {
     }
     router
         .fallback(|| async { Error::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(json!({"code":"bad_request","message":"method not allowed"})),
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }
@@ -185,7 +191,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 // -- API key ---------------------------------------------------------------------------------
 
 async fn require_api_key(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    if req.uri().path().ends_with("/openapi.json") {
+    if matches!(req.uri().path(), "/openapi.json" | "/api/openapi.json") {
         return next.run(req).await;
     }
     let Some(key) = app.config.api_key.as_deref() else {
@@ -283,6 +289,13 @@ async fn patch_room(
     check_settings(patch.answer_sla_s, patch.slow_mode_s, patch.rules.as_ref())?;
     let room = app.store.update_room(&id, &patch).await?;
     app.policies.room_changed(room.clone());
+    if let Some(seconds) = patch.slow_mode_s {
+        let frame = crate::protocol::encode(&crate::protocol::ServerMsg::SlowMode {
+            room: &id,
+            seconds: seconds as u64,
+        });
+        app.hub.notify_all(&id, &crate::hub::Frame::from(frame));
+    }
     Ok(Json(room))
 }
 
@@ -385,20 +398,34 @@ async fn post_announcement(
 ) -> Result<Response> {
     let id = room_id(id)?;
     let a: Announcement = parse_body(&body)?;
-    if a.text.trim().is_empty() || a.text.chars().count() > app.config.max_text_chars {
-        return Err(Error::bad_request(format!(
-            "text must be 1..={} characters",
+    if a.text.trim().is_empty() {
+        return Err(Error::bad_request("text must not be empty"));
+    }
+    if a.text.chars().count() > app.config.max_text_chars {
+        return Err(Error::TooLarge(format!(
+            "text is longer than {} characters",
             app.config.max_text_chars
         )));
     }
+    let max_cid = app.config.max_client_msg_id_chars;
+    if a.client_msg_id
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c.chars().count() > max_cid)
+    {
+        return Err(Error::bad_request(format!(
+            "client_msg_id must be 1..={max_cid} characters"
+        )));
+    }
+    let name = a.name.unwrap_or_else(|| "Announcement".into());
+    if name.trim().is_empty() || name.chars().count() > crate::auth::MAX_NAME_CHARS {
+        return Err(Error::bad_request("name must be 1..=100 characters"));
+    }
+    // The system sender id is reserved: no token may carry it (auth refuses it).
     let from = UserRef {
-        id: UserId("studyhall".into()),
-        name: a.name.unwrap_or_else(|| "Announcement".into()),
+        id: UserId(crate::auth::SYSTEM_USER.into()),
+        name,
         role: "system".into(),
     };
-    if from.name.chars().count() > crate::auth::MAX_NAME_CHARS {
-        return Err(Error::bad_request("name is too long"));
-    }
     let op = WriteOp::Send {
         room: id,
         from,

@@ -13,6 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const LEEWAY_S: u64 = 30;
 /// Longest display name accepted from a token, in characters.
 pub const MAX_NAME_CHARS: usize = 100;
+/// Longest token lifetime `studyhall token` and `/dev/token` sign: one year.
+pub const MAX_TTL_S: u64 = 365 * 86_400;
+/// The sender id of HTTP API announcements; no token may use it.
+pub const SYSTEM_USER: &str = "studyhall";
 /// Most room grants one token may carry.
 pub const MAX_ROOM_GRANTS: usize = 1000;
 
@@ -128,6 +132,9 @@ impl Tokens {
         if c.sub.is_empty() || c.sub.chars().count() > 64 {
             return Err(AuthError::BadClaim("sub must be 1..=64 characters"));
         }
+        if c.sub == SYSTEM_USER {
+            return Err(AuthError::BadClaim("sub is reserved"));
+        }
         let name = c.name.unwrap_or_else(|| c.sub.clone());
         if name.chars().count() > MAX_NAME_CHARS || name.trim().is_empty() {
             return Err(AuthError::BadClaim("name must be 1..=100 characters"));
@@ -163,7 +170,7 @@ impl Tokens {
             sub: user.to_owned(),
             name: Some(name.to_owned()),
             role,
-            exp: iat + ttl.as_secs(),
+            exp: iat.saturating_add(ttl.as_secs()),
             iat,
             nbf: None,
             rooms,
@@ -181,15 +188,15 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("bad ttl {s:?}: expected e.g. 30m, 1h, 7d"))?;
     let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+        "" | "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
         _ => return Err(format!("bad ttl unit in {s:?}: use s, m, h or d")),
     };
-    if secs == 0 {
-        return Err("ttl must be positive".into());
-    }
+    let secs = secs
+        .filter(|s| (1..=MAX_TTL_S).contains(s))
+        .ok_or_else(|| format!("ttl must be 1s..={}d", MAX_TTL_S / 86_400))?;
     Ok(Duration::from_secs(secs))
 }
 
@@ -294,6 +301,11 @@ mod tests {
         assert_eq!(parse_ttl("7d").unwrap().as_secs(), 604_800);
         assert!(parse_ttl("1y").is_err());
         assert!(parse_ttl("0").is_err());
+        assert!(
+            parse_ttl("99999999999999999d").is_err(),
+            "overflow is an error"
+        );
+        assert!(parse_ttl("366d").is_err());
         assert!(parse_room_grants("a=boss").is_err());
         assert!(parse_room_grants("bad id=host").is_err());
     }

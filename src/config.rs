@@ -23,7 +23,8 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     /// Bearer key of the server-to-server HTTP API. Unset: the API answers 503.
     pub api_key: Option<String>,
-    /// Enables `POST /dev/token`. Never on without the `--dev` flag.
+    /// Enables `POST /dev/token`. Never on without the `--dev` flag (not a file key).
+    #[serde(skip)]
     pub dev: bool,
     /// Comma-separated Origin allowlist checked before the WebSocket upgrade; empty = any.
     pub allowed_origins: Vec<String>,
@@ -193,6 +194,12 @@ pub struct ServeArgs {
     pub replay_limit: Option<u32>,
     #[arg(long, env = "STUDYHALL_MAX_TEXT_CHARS")]
     pub max_text_chars: Option<usize>,
+    #[arg(long, env = "STUDYHALL_MAX_EMOJI_CHARS")]
+    pub max_emoji_chars: Option<usize>,
+    #[arg(long, env = "STUDYHALL_MAX_CLIENT_MSG_ID_CHARS")]
+    pub max_client_msg_id_chars: Option<usize>,
+    #[arg(long, env = "STUDYHALL_MAX_REACTIONS_PER_MESSAGE")]
+    pub max_reactions_per_message: Option<u32>,
     #[arg(long, env = "STUDYHALL_MAX_QUESTION_CHARS")]
     pub max_question_chars: Option<usize>,
     #[arg(long, env = "STUDYHALL_MAX_ON_STAGE")]
@@ -246,6 +253,9 @@ impl Config {
             max_inflight_per_session,
             replay_limit,
             max_text_chars,
+            max_emoji_chars,
+            max_client_msg_id_chars,
+            max_reactions_per_message,
             max_question_chars,
             max_on_stage,
             sla_check_interval_ms,
@@ -309,6 +319,15 @@ impl Config {
         positive("replay_limit", u64::from(self.replay_limit))?;
         positive("max_text_chars", self.max_text_chars as u64)?;
         positive("max_question_chars", self.max_question_chars as u64)?;
+        positive("max_emoji_chars", self.max_emoji_chars as u64)?;
+        positive(
+            "max_client_msg_id_chars",
+            self.max_client_msg_id_chars as u64,
+        )?;
+        positive(
+            "max_reactions_per_message",
+            u64::from(self.max_reactions_per_message),
+        )?;
         positive("max_on_stage", self.max_on_stage as u64)?;
         positive("sla_check_interval_ms", self.sla_check_interval_ms)?;
         positive("store_batch_max", self.store_batch_max as u64)?;

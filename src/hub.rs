@@ -142,7 +142,9 @@ impl RoomState {
             match &mut m.gate {
                 Some(held) => {
                     if held.len() >= gate_cap {
-                        metrics.slow_consumer_closes.fetch_add(1, Relaxed);
+                        if *m.handle.close.borrow() == 0 {
+                            metrics.slow_consumer_closes.fetch_add(1, Relaxed);
+                        }
                         m.handle.close(close::SLOW_CONSUMER);
                     } else {
                         held.push((seq, frame.clone()));
@@ -247,7 +249,13 @@ impl Hub {
         let mut state = self.rooms.entry(room.clone()).or_default();
         let state = &mut *state;
         if let Some(m) = state.sessions.get_mut(&handle.id) {
+            // A resync: the role may have changed since the first join.
             m.gate.get_or_insert_with(Vec::new);
+            m.moderator = moderator;
+            m.user = user.clone();
+            if let Some(entry) = state.online.get_mut(&user.id) {
+                entry.0 = user.clone();
+            }
         } else {
             if state.sessions.len() >= self.max_room_sessions {
                 return Err(HubError::RoomFull(self.max_room_sessions));

@@ -191,10 +191,13 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown.await;
+            // Resolving here stops the listener at once; sessions are told to go meanwhile.
             tracing::info!("shutting down: closing sessions");
-            draining.drain_sessions().await;
+            draining.shutting_down.store(true, Ordering::Release);
+            draining.hub.close_all(protocol::close::GOING_AWAY);
         })
         .await?;
+    app.drain_sessions().await;
     sla.abort();
     app.store.close().await;
     tracing::info!("store flushed, bye");

@@ -720,6 +720,24 @@ pub fn encode_ok<T: Serialize>(rid: Option<i64>, result: &T) -> String {
     serde_json::Value::Object(obj).to_string()
 }
 
+/// `{"type":"ok","rid":N,<fields>}` from pre-encoded fields (`"a":1,"b":2`, no braces), so a
+/// page of stored events is spliced in without re-encoding.
+pub fn encode_ok_raw(rid: i64, fields: &str) -> String {
+    if fields.is_empty() {
+        format!("{{\"type\":\"ok\",\"rid\":{rid}}}")
+    } else {
+        format!("{{\"type\":\"ok\",\"rid\":{rid},{fields}}}")
+    }
+}
+
+/// `pong`, carrying the ping's `rid` when it had one.
+pub fn encode_pong(rid: Option<i64>) -> String {
+    match rid {
+        Some(rid) => format!("{{\"type\":\"pong\",\"rid\":{rid}}}"),
+        None => encode(&ServerMsg::Pong),
+    }
+}
+
 /// Encodes a server frame. Serialization of these types cannot fail (no maps with non-string
 /// keys, no foreign `Serialize` impls), so a failure is a bug and is reported as an internal
 /// error frame rather than a panic.

@@ -303,6 +303,9 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
             biased;
             _ = closing(&mut close, |c| c != 0) => break,
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                // While writes are in flight the socket may go unread (the in-flight limit):
+                // a slow store must not make a live client look idle.
+                deadline = tokio::time::Instant::now() + idle;
                 if let Some(frame) = reply
                     && !ctx.push(frame).await
                 {
@@ -371,7 +374,7 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
                 ctx.app.metrics.command(frame.msg.kind());
                 let reply = match crate::rooms::dispatch(ctx, rid, frame.msg).await {
                     Ok(Outcome::Ok(v)) => rid.map(|rid| protocol::encode_ok(Some(rid), &v)),
-                    Ok(Outcome::OkRaw(fields)) => rid.map(|rid| ok_raw(rid, &fields)),
+                    Ok(Outcome::OkRaw(fields)) => rid.map(|rid| protocol::encode_ok_raw(rid, &fields)),
                     Ok(Outcome::Deferred(fut)) => {
                         inflight.push(fut);
                         None
@@ -402,15 +405,6 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
         let _ = ctx
             .outbox
             .try_send(protocol::encode(&ServerMsg::Bye { reason: "shutdown" }).into());
-    }
-}
-
-/// `{"type":"ok","rid":N,<fields>}` from pre-encoded fields.
-pub(crate) fn ok_raw(rid: i64, fields: &str) -> String {
-    if fields.is_empty() {
-        format!("{{\"type\":\"ok\",\"rid\":{rid}}}")
-    } else {
-        format!("{{\"type\":\"ok\",\"rid\":{rid},{fields}}}")
     }
 }
 

@@ -1,4 +1,4 @@
--- Live Q&A, moderation and search (SQLite). Keep in step with the SQLite file of the same
+-- Live Q&A, moderation and search (SQLite). Keep in step with the PostgreSQL file of the same
 -- version: same tables and columns; only the search index differs (FTS5 here, tsvector there).
 ALTER TABLE rooms ADD COLUMN qa_peer_answers INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE rooms ADD COLUMN answer_sla_s INTEGER NOT NULL DEFAULT 14400;

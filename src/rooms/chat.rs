@@ -78,7 +78,7 @@ pub(super) async fn send(
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
     policy.check_muted(&ctx.me.user)?;
     policy.check_text(&text, role)?;
-    policy.check_slow_mode(&ctx.me.user, role)?;
+    policy.check_slow_mode(&ctx.me.user, role, &client_msg_id)?;
     let op = WriteOp::Send {
         room,
         from: ctx.me.room_ref(role),
@@ -199,11 +199,13 @@ pub(super) async fn read(ctx: &mut Ctx, room: RoomId, seq: i64) -> Result<Outcom
     if seq < 0 {
         return Err(Error::bad_request("seq must be >= 0"));
     }
+    // A marker past the end would hide later messages from the unread count.
+    let seq = seq.min(ctx.app.store.last_seq(&room).await?);
     ctx.app
         .store
         .set_read_marker(&room, &ctx.me.user, seq)
         .await?;
-    Ok(Outcome::Ok(json!({})))
+    Ok(Outcome::Ok(json!({ "seq": seq })))
 }
 
 pub(super) async fn rooms(ctx: &mut Ctx) -> Result<Outcome> {

@@ -10,9 +10,7 @@ mod qa;
 mod stage;
 
 use crate::error::{Error, Result};
-use crate::protocol::{
-    self, ClientMsg, PlatformRole, RoomId, RoomRole, ServerMsg, Visibility, valid_room_id,
-};
+use crate::protocol::{self, ClientMsg, PlatformRole, RoomId, RoomRole, Visibility, valid_room_id};
 use crate::session::{Ctx, Outcome};
 use crate::store::Room;
 use serde_json::json;
@@ -21,10 +19,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
     match msg {
         ClientMsg::Hello { .. } => Err(Error::bad_request("already signed in")),
         ClientMsg::Ping => {
-            let pong = match rid {
-                Some(rid) => format!("{{\"type\":\"pong\",\"rid\":{rid}}}"),
-                None => protocol::encode(&ServerMsg::Pong),
-            };
+            let pong = protocol::encode_pong(rid);
             ctx.push(pong).await;
             Ok(Outcome::Done)
         }

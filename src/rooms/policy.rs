@@ -17,8 +17,8 @@ pub struct Policy {
     pub room: Room,
     /// user -> muted until (ms).
     mutes: Mutex<HashMap<UserId, i64>>,
-    /// user -> last accepted message (ms), for slow mode.
-    last_sent: Mutex<HashMap<UserId, i64>>,
+    /// user -> last accepted message (ms) and its `client_msg_id`, for slow mode.
+    last_sent: Mutex<HashMap<UserId, (i64, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -51,15 +51,24 @@ impl Policy {
         check_rules(&self.room.rules, text, role.can_moderate())
     }
 
-    /// Slow mode for members (host/ta are exempt); records the accepted message time.
-    pub fn check_slow_mode(&self, user: &UserId, role: RoomRole) -> Result<()> {
+    /// Slow mode for members (host/ta are exempt); records the accepted message time. A
+    /// resend of the last accepted `client_msg_id` passes, so its idempotent `ok` comes back.
+    pub fn check_slow_mode(
+        &self,
+        user: &UserId,
+        role: RoomRole,
+        client_msg_id: &str,
+    ) -> Result<()> {
         let slow = self.room.slow_mode_s;
         if slow <= 0 || role.can_moderate() {
             return Ok(());
         }
         let now = now_ms();
         let mut last = lock(&self.last_sent);
-        if let Some(prev) = last.get(user).copied() {
+        if let Some((prev, cid)) = last.get(user) {
+            if cid == client_msg_id {
+                return Ok(());
+            }
             let next = prev + slow * 1000;
             if now < next {
                 return Err(Error::RateLimited(format!(
@@ -68,7 +77,7 @@ impl Policy {
                 )));
             }
         }
-        last.insert(user.clone(), now);
+        last.insert(user.clone(), (now, client_msg_id.to_owned()));
         Ok(())
     }
 }

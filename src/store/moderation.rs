@@ -141,12 +141,13 @@ impl Store {
         let kind = if is_message.is_some() {
             "message"
         } else {
-            let is_question: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM questions WHERE id = $1 AND room_id = $2")
-                    .bind(target_id)
-                    .bind(room.as_str())
-                    .fetch_optional(self.pool())
-                    .await?;
+            let is_question: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM questions WHERE id = $1 AND room_id = $2 AND status <> 'pending'",
+            )
+            .bind(target_id)
+            .bind(room.as_str())
+            .fetch_optional(self.pool())
+            .await?;
             if is_question.is_none() {
                 return Err(StoreError::NotFound("message or question"));
             }

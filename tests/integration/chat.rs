@@ -416,6 +416,14 @@ async fn rooms_lists_unread_counts_from_read_markers() {
     b.ok(json!({"type":"read","room":"r1","seq":2})).await;
     let rooms = b.ok(json!({"type":"rooms"})).await;
     assert_eq!(rooms["rooms"][0]["unread"], 1);
+    // A marker past the end is clamped, so later messages still count as unread.
+    assert_eq!(
+        b.ok(json!({"type":"read","room":"r1","seq":999})).await["seq"],
+        3
+    );
+    a.ok(json!({"type":"send","room":"r1","text":"new","client_msg_id":"later"}))
+        .await;
+    assert_eq!(b.ok(json!({"type":"rooms"})).await["rooms"][0]["unread"], 1);
     let mine = a.ok(json!({"type":"rooms"})).await;
     assert_eq!(mine["rooms"][0]["unread"], 0, "own messages are not unread");
     s.stop().await;
@@ -637,6 +645,13 @@ async fn http_api_manages_rooms_with_the_bearer_key() {
         .await
         .0,
         404
+    );
+    assert_eq!(
+        http(s.addr, "GET", "/api/rooms/openapi.json", None, None)
+            .await
+            .0,
+        401,
+        "only the document is public"
     );
     let (st, doc) = http(s.addr, "GET", "/api/openapi.json", None, None).await;
     assert_eq!((st, doc["openapi"].as_str()), (200, Some("3.1.0")));

@@ -376,7 +376,7 @@ fn dechunk(mut s: &str) -> String {
 /// Never skips: an unreachable server fails the test.
 pub fn pg_base_url() -> String {
     std::env::var("STUDYHALL_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/test".into())
 }
 
 /// A fresh database on the test PostgreSQL server, dropped by [`PgDb::drop_db`].

@@ -51,6 +51,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/rooms/{id}/messages",
             get(list_messages).post(post_announcement),
         )
+        .route("/calls", get(list_calls))
         .route("/rooms/{id}/questions", get(list_questions))
         .route("/rooms/{id}/faq", get(faq))
         .route("/rooms/{id}/reports", get(list_reports))
@@ -641,4 +642,18 @@ async fn audit_log(
     Ok(Json(
         json!({ "entries": app.store.audit_log(&room.id, after).await? }),
     ))
+}
+
+// -- calls -------------------------------------------------------------------------------------
+
+async fn list_calls(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>> {
+    let user = q
+        .get("user")
+        .cloned()
+        .ok_or_else(|| Error::bad_request("user is required"))?;
+    let user = user_id(user)?;
+    Ok(Json(json!({ "calls": app.store.calls_of(&user).await? })))
 }

@@ -65,6 +65,22 @@ pub struct Config {
     pub max_on_stage: usize,
     /// Milliseconds between scans for questions past their room's answer SLA.
     pub sla_check_interval_ms: u64,
+    /// Seconds a call rings before it is missed.
+    pub ring_timeout_s: u64,
+    /// Seconds a call party whose connection dropped has to resume the call.
+    pub call_grace_s: u64,
+    /// Most participants in one room's A/V mesh.
+    pub av_mesh_max: usize,
+    /// STUN URLs handed to clients (comma-separated in env), e.g. `stun:stun.example.org:3478`.
+    pub stun_urls: Vec<String>,
+    /// TURN URLs handed to clients with time-limited credentials, e.g. `turn:turn.example.org:3478`.
+    pub turn_urls: Vec<String>,
+    /// The TURN server's shared secret (coturn `static-auth-secret`); TURN is offered only with it.
+    pub turn_secret: Option<String>,
+    /// Lifetime of TURN credentials in seconds.
+    pub turn_ttl_s: u64,
+    /// Milliseconds between call timer checks (ring timeout, grace period).
+    pub call_tick_ms: u64,
     /// Longest reaction emoji in characters.
     pub max_emoji_chars: usize,
     /// Longest `client_msg_id` in characters.
@@ -115,6 +131,14 @@ impl Default for Config {
             max_question_chars: 1000,
             max_on_stage: 10,
             sla_check_interval_ms: 10_000,
+            ring_timeout_s: 30,
+            call_grace_s: 15,
+            av_mesh_max: 6,
+            stun_urls: Vec::new(),
+            turn_urls: Vec::new(),
+            turn_secret: None,
+            turn_ttl_s: 3600,
+            call_tick_ms: 250,
             max_emoji_chars: 16,
             max_client_msg_id_chars: 64,
             max_reactions_per_message: 64,
@@ -206,6 +230,22 @@ pub struct ServeArgs {
     pub max_on_stage: Option<usize>,
     #[arg(long, env = "STUDYHALL_SLA_CHECK_INTERVAL_MS")]
     pub sla_check_interval_ms: Option<u64>,
+    #[arg(long, env = "STUDYHALL_RING_TIMEOUT_S")]
+    pub ring_timeout_s: Option<u64>,
+    #[arg(long, env = "STUDYHALL_CALL_GRACE_S")]
+    pub call_grace_s: Option<u64>,
+    #[arg(long, env = "STUDYHALL_AV_MESH_MAX")]
+    pub av_mesh_max: Option<usize>,
+    #[arg(long, env = "STUDYHALL_STUN_URLS", value_delimiter = ',')]
+    pub stun_urls: Option<Vec<String>>,
+    #[arg(long, env = "STUDYHALL_TURN_URLS", value_delimiter = ',')]
+    pub turn_urls: Option<Vec<String>>,
+    #[arg(long, env = "STUDYHALL_TURN_SECRET", hide_env_values = true)]
+    pub turn_secret: Option<String>,
+    #[arg(long, env = "STUDYHALL_TURN_TTL_S")]
+    pub turn_ttl_s: Option<u64>,
+    #[arg(long, env = "STUDYHALL_CALL_TICK_MS")]
+    pub call_tick_ms: Option<u64>,
     #[arg(long, env = "STUDYHALL_STORE_BATCH_MAX")]
     pub store_batch_max: Option<usize>,
     #[arg(long, env = "STUDYHALL_STORE_BATCH_LINGER_US")]
@@ -259,6 +299,13 @@ impl Config {
             max_question_chars,
             max_on_stage,
             sla_check_interval_ms,
+            ring_timeout_s,
+            call_grace_s,
+            av_mesh_max,
+            stun_urls,
+            turn_urls,
+            turn_ttl_s,
+            call_tick_ms,
             store_batch_max,
             store_batch_linger_us,
             store_queue,
@@ -272,6 +319,11 @@ impl Config {
         if args.api_key.is_some() {
             cfg.api_key = args.api_key.clone();
         }
+        if args.turn_secret.is_some() {
+            cfg.turn_secret = args.turn_secret.clone();
+        }
+        cfg.stun_urls.retain(|u| !u.trim().is_empty());
+        cfg.turn_urls.retain(|u| !u.trim().is_empty());
         if args.nats_url.is_some() {
             cfg.nats_url = args.nats_url.clone();
         }
@@ -330,6 +382,28 @@ impl Config {
         )?;
         positive("max_on_stage", self.max_on_stage as u64)?;
         positive("sla_check_interval_ms", self.sla_check_interval_ms)?;
+        positive("ring_timeout_s", self.ring_timeout_s)?;
+        positive("av_mesh_max", self.av_mesh_max as u64)?;
+        positive("turn_ttl_s", self.turn_ttl_s)?;
+        positive("call_tick_ms", self.call_tick_ms)?;
+        for url in self.stun_urls.iter().chain(&self.turn_urls) {
+            if !(url.starts_with("stun:")
+                || url.starts_with("stuns:")
+                || url.starts_with("turn:")
+                || url.starts_with("turns:"))
+            {
+                return Err(ConfigError::Invalid {
+                    name: "stun_urls/turn_urls",
+                    why: format!("{url:?} is not a stun:/turn: URL"),
+                });
+            }
+        }
+        if !self.turn_urls.is_empty() && self.turn_secret.is_none() {
+            return Err(ConfigError::Invalid {
+                name: "turn_secret",
+                why: "turn_urls need turn_secret".into(),
+            });
+        }
         positive("store_batch_max", self.store_batch_max as u64)?;
         positive("store_queue", self.store_queue as u64)?;
         positive("db_pool_size", u64::from(self.db_pool_size))?;

@@ -25,6 +25,8 @@ pub type Frame = Utf8Bytes;
 pub struct SessionHandle {
     pub id: SessionId,
     pub user: UserId,
+    /// This device takes a second call while in one (call waiting).
+    pub call_waiting: bool,
     outbox: mpsc::Sender<Frame>,
     /// 0 while open; the close code once the session must end. Watched by its tasks.
     close: watch::Sender<u16>,
@@ -36,11 +38,21 @@ impl SessionHandle {
         user: UserId,
         outbox: mpsc::Sender<Frame>,
     ) -> (Arc<Self>, watch::Receiver<u16>) {
+        Self::with_call_waiting(id, user, outbox, false)
+    }
+
+    pub fn with_call_waiting(
+        id: SessionId,
+        user: UserId,
+        outbox: mpsc::Sender<Frame>,
+        call_waiting: bool,
+    ) -> (Arc<Self>, watch::Receiver<u16>) {
         let (close, rx) = watch::channel(0);
         (
             Arc::new(Self {
                 id,
                 user,
+                call_waiting,
                 outbox,
                 close,
             }),
@@ -188,6 +200,8 @@ pub enum StageError {
 pub struct Hub {
     rooms: DashMap<RoomId, RoomState>,
     users: DashMap<UserId, Vec<Arc<SessionHandle>>>,
+    /// Every signed-in session, for directed delivery (calls and signals).
+    sessions: DashMap<SessionId, Arc<SessionHandle>>,
     metrics: Arc<Metrics>,
     max_sessions_per_user: usize,
     max_room_sessions: usize,
@@ -205,6 +219,7 @@ impl Hub {
         Self {
             rooms: DashMap::new(),
             users: DashMap::new(),
+            sessions: DashMap::new(),
             metrics,
             max_sessions_per_user,
             max_room_sessions,
@@ -226,11 +241,13 @@ impl Hub {
         if entry.len() >= self.max_sessions_per_user {
             return Err(HubError::TooManySessions(self.max_sessions_per_user));
         }
+        self.sessions.insert(handle.id.clone(), handle.clone());
         entry.push(handle);
         Ok(())
     }
 
     pub fn unregister(&self, handle: &SessionHandle) {
+        self.sessions.remove(&handle.id);
         self.users.remove_if_mut(&handle.user, |_, sessions| {
             sessions.retain(|s| s.id != handle.id);
             sessions.is_empty()
@@ -592,6 +609,33 @@ impl Hub {
         self.rooms
             .get(room)
             .is_some_and(|s| s.stage.iter().any(|u| &u.id == user))
+    }
+
+    /// Queues a frame to one session (directed traffic: calls, signals). False if it is gone.
+    pub fn send_to_session(&self, session: &str, frame: &Frame) -> bool {
+        let Some(handle) = self.sessions.get(session).map(|h| h.clone()) else {
+            return false;
+        };
+        let ok = handle.offer(frame, &self.metrics);
+        if ok {
+            self.metrics.deliveries.fetch_add(1, Relaxed);
+        }
+        ok
+    }
+
+    /// Whether any of the user's sessions takes call waiting.
+    pub fn call_waiting(&self, user: &UserId) -> bool {
+        self.users
+            .get(user)
+            .is_some_and(|s| s.iter().any(|h| h.call_waiting))
+    }
+
+    /// The ids of a user's signed-in sessions.
+    pub fn session_ids(&self, user: &UserId) -> Vec<String> {
+        self.users
+            .get(user)
+            .map(|s| s.iter().map(|h| h.id.0.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Sends a frame to every session of `user` in the room.

@@ -23,6 +23,7 @@ pub mod hub;
 pub mod metrics;
 pub mod protocol;
 pub mod rooms;
+pub mod rtc;
 pub mod session;
 pub mod store;
 
@@ -57,6 +58,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Room settings, mutes and slow-mode clocks as sessions check them on every write.
     pub policies: rooms::policy::Policies,
+    /// Calls and A/V rooms on this node.
+    pub rtc: rtc::Rtc,
     pub(crate) shutting_down: AtomicBool,
     live_sessions: AtomicUsize,
     sessions_gone: Notify,
@@ -135,6 +138,7 @@ impl App {
         )
         .await?;
         let secret = token_secret(&config, &store).await?;
+        let rtc = rtc::Rtc::new(&config);
         if config.dev {
             ensure_dev_lobby(&store).await?;
         }
@@ -145,6 +149,7 @@ impl App {
             hub,
             metrics,
             policies: rooms::policy::Policies::default(),
+            rtc,
             shutting_down: AtomicBool::new(false),
             live_sessions: AtomicUsize::new(0),
             sessions_gone: Notify::new(),
@@ -187,6 +192,7 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let router = api::router(app.clone());
     let sla = tokio::spawn(announce_overdue(app.clone()));
+    let call_timers = tokio::spawn(rtc::run_timers(app.clone()));
     let draining = app.clone();
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
@@ -199,6 +205,7 @@ pub async fn serve(
         .await?;
     app.drain_sessions().await;
     sla.abort();
+    call_timers.abort();
     app.store.close().await;
     tracing::info!("store flushed, bye");
     Ok(())

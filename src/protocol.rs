@@ -31,6 +31,12 @@ macro_rules! string_id {
             }
         }
 
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl From<&str> for $name {
             fn from(s: &str) -> Self {
                 Self(s.to_owned())
@@ -210,6 +216,9 @@ pub struct ClientFrame {
 pub enum ClientMsg {
     Hello {
         token: String,
+        /// Take a second call while in one (call waiting) instead of answering `busy`.
+        #[serde(default)]
+        call_waiting: bool,
     },
     Ping,
     Join {
@@ -344,6 +353,52 @@ pub enum ClientMsg {
         #[serde(default)]
         offset: Option<u32>,
     },
+    Call {
+        to: UserId,
+        #[serde(default = "default_media")]
+        media: Media,
+        /// A room both parties belong to (e.g. their `tutoring` room), recorded with the call.
+        #[serde(default)]
+        room: Option<RoomId>,
+    },
+    CallAccept {
+        call_id: String,
+    },
+    CallReject {
+        call_id: String,
+    },
+    CallHangup {
+        call_id: String,
+    },
+    /// Take a call back after a dropped connection (or move it to this device).
+    CallResume {
+        call_id: String,
+    },
+    AvJoin {
+        room: RoomId,
+    },
+    AvLeave {
+        room: RoomId,
+    },
+    Signal {
+        #[serde(default)]
+        call_id: Option<String>,
+        #[serde(default)]
+        room: Option<RoomId>,
+        /// The target session, for A/V rooms.
+        #[serde(default)]
+        to: Option<String>,
+        data: serde_json::Value,
+    },
+}
+
+pub use studyhall_signaling::Media;
+
+fn default_media() -> Media {
+    Media {
+        audio: true,
+        video: true,
+    }
 }
 
 impl ClientMsg {
@@ -380,6 +435,13 @@ impl ClientMsg {
             | Self::SlowMode { .. } => CommandKind::Moderate,
             Self::Report { .. } => CommandKind::Report,
             Self::Search { .. } => CommandKind::Search,
+            Self::Call { .. }
+            | Self::CallAccept { .. }
+            | Self::CallReject { .. }
+            | Self::CallHangup { .. }
+            | Self::CallResume { .. } => CommandKind::Call,
+            Self::AvJoin { .. } | Self::AvLeave { .. } => CommandKind::Av,
+            Self::Signal { .. } => CommandKind::Signal,
         }
     }
 }
@@ -410,11 +472,14 @@ pub enum CommandKind {
     Moderate,
     Report,
     Search,
+    Call,
+    Av,
+    Signal,
     Invalid,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 24] = [
+    pub const ALL: [CommandKind; 27] = [
         Self::Hello,
         Self::Ping,
         Self::Join,
@@ -438,6 +503,9 @@ impl CommandKind {
         Self::Moderate,
         Self::Report,
         Self::Search,
+        Self::Call,
+        Self::Av,
+        Self::Signal,
         Self::Invalid,
     ];
 
@@ -466,6 +534,9 @@ impl CommandKind {
             Self::Moderate => "moderate",
             Self::Report => "report",
             Self::Search => "search",
+            Self::Call => "call",
+            Self::Av => "av",
+            Self::Signal => "signal",
             Self::Invalid => "invalid",
         }
     }
@@ -685,6 +756,41 @@ pub enum ServerMsg<'a> {
         room: &'a RoomId,
         report: &'a serde_json::Value,
     },
+    /// To each session of the callee: a call is ringing.
+    CallIncoming {
+        call_id: &'a str,
+        from: CallParty<'a>,
+        media: Media,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a RoomId>,
+    },
+    /// To the parties: the call's state changed.
+    CallState {
+        call_id: &'a str,
+        state: studyhall_signaling::calls::CallState,
+    },
+    /// To both parties once the call is over.
+    CallEnded {
+        call_id: &'a str,
+        reason: studyhall_signaling::calls::EndReason,
+        duration_ms: u64,
+    },
+    /// A relayed WebRTC signal (`call_id` for 1v1 calls, `room` for A/V rooms).
+    Signal {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        call_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+        from: CallParty<'a>,
+        data: &'a serde_json::Value,
+    },
+    /// To the A/V peers of a room: a session joined or left.
+    AvPeer {
+        room: &'a str,
+        session: &'a str,
+        user: &'a str,
+        joined: bool,
+    },
     /// To host/ta, once per question: it passed the room's answer SLA unanswered.
     QuestionOverdue {
         room: &'a RoomId,
@@ -704,6 +810,15 @@ pub enum ServerMsg<'a> {
 pub enum PresenceState {
     Online,
     Offline,
+}
+
+/// Who a call or signal comes from.
+#[derive(Debug, Serialize)]
+pub struct CallParty<'a> {
+    pub user: &'a str,
+    pub session: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
 }
 
 /// Encodes `{"type":"ok","rid":N, ...fields of result}`. `result` must serialize to a JSON

@@ -165,7 +165,7 @@ async fn close_with(sink: &mut SplitSink<WebSocket, Message>, code: u16, reason:
 async fn handshake(
     app: &App,
     stream: &mut SplitStream<WebSocket>,
-) -> Result<Identity, (u16, String)> {
+) -> Result<(Identity, bool), (u16, String)> {
     let deadline = Duration::from_millis(app.config.hello_timeout_ms);
     let unauthorized = |why: &str| (close::UNAUTHORIZED, why.to_owned());
     let msg = match tokio::time::timeout(deadline, stream.next()).await {
@@ -185,11 +185,16 @@ async fn handshake(
     };
     match serde_json::from_str::<ClientFrame>(text.as_str()) {
         Ok(ClientFrame {
-            msg: ClientMsg::Hello { token },
+            msg:
+                ClientMsg::Hello {
+                    token,
+                    call_waiting,
+                },
             ..
         }) => app
             .tokens
             .verify(&token)
+            .map(|id| (id, call_waiting))
             .map_err(|e| unauthorized(&e.to_string())),
         _ => Err(unauthorized("first frame must be hello")),
     }
@@ -209,8 +214,8 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
     let _guard = app.track_session();
     let (mut sink, mut stream) = socket.split();
 
-    let me = match handshake(&app, &mut stream).await {
-        Ok(me) => me,
+    let (me, call_waiting) = match handshake(&app, &mut stream).await {
+        Ok(ok) => ok,
         Err((code, why)) => {
             if code == close::UNAUTHORIZED {
                 app.metrics.auth_failures.fetch_add(1, Relaxed);
@@ -230,7 +235,12 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
 
     let sid = SessionId(format!("s{:016x}", rand::random::<u64>()));
     let (outbox, outbox_rx) = mpsc::channel(app.config.outbox_frames);
-    let (handle, close_rx) = SessionHandle::new(sid.clone(), me.user.clone(), outbox.clone());
+    let (handle, close_rx) = SessionHandle::with_call_waiting(
+        sid.clone(),
+        me.user.clone(),
+        outbox.clone(),
+        call_waiting,
+    );
     if let Err(e) = app.hub.register(handle.clone()) {
         let err = Error::RateLimited(e.to_string());
         let _ = sink
@@ -276,6 +286,7 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
         app.hub.leave(&room, &sid);
     }
     app.hub.unregister(&handle);
+    crate::rtc::session_closed(&app, &ctx.me.user, sid.as_str());
     let code = *ctx.close.borrow();
     tracing::info!(session = %sid, user = %ctx.me.user, code, "session ended");
     drop(ctx);

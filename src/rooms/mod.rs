@@ -15,6 +15,8 @@ use crate::session::{Ctx, Outcome};
 use crate::store::Room;
 use serde_json::json;
 
+use crate::rtc::{self, CallAction};
+
 pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
     match msg {
         ClientMsg::Hello { .. } => Err(Error::bad_request("already signed in")),
@@ -83,6 +85,19 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             limit,
             offset,
         } => chat::search(ctx, room, q, limit, offset).await,
+        ClientMsg::Call { to, media, room } => rtc::call(ctx, to, media, room).await,
+        ClientMsg::CallAccept { call_id } => rtc::call_action(ctx, CallAction::Accept, call_id),
+        ClientMsg::CallReject { call_id } => rtc::call_action(ctx, CallAction::Reject, call_id),
+        ClientMsg::CallHangup { call_id } => rtc::call_action(ctx, CallAction::Hangup, call_id),
+        ClientMsg::CallResume { call_id } => rtc::call_action(ctx, CallAction::Resume, call_id),
+        ClientMsg::AvJoin { room } => rtc::av_join(ctx, room).await,
+        ClientMsg::AvLeave { room } => rtc::av_leave(ctx, room),
+        ClientMsg::Signal {
+            call_id,
+            room,
+            to,
+            data,
+        } => rtc::signal(ctx, call_id, room, to, data),
     }
 }
 

@@ -60,7 +60,10 @@ pub(super) fn stage(ctx: &mut Ctx, room: RoomId, user: UserId, on: bool) -> Resu
     }
     let max = ctx.app.config.max_on_stage;
     match ctx.app.hub.set_stage(&room, &user, on, max) {
-        Ok(stage) => Ok(Outcome::Ok(json!({ "stage": stage }))),
+        Ok(stage) => {
+            crate::rtc::stage_changed(&ctx.app, &room, &user, on);
+            Ok(Outcome::Ok(json!({ "stage": stage })))
+        }
         Err(StageError::NotInRoom) => Err(Error::NotFound(format!("{user} is not in the room"))),
         Err(e @ StageError::Full(_)) => Err(Error::Conflict(e.to_string())),
     }

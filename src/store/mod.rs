@@ -6,6 +6,7 @@
 //! The store knows nothing of WebSockets or the hub: committed events leave it through the
 //! hook given to [`Store::open`].
 
+mod calls;
 mod moderation;
 mod postgres;
 mod qa;
@@ -13,6 +14,7 @@ mod search;
 mod sqlite;
 mod writer;
 
+pub use calls::CallLogEntry;
 pub use moderation::{AuditEntry, MAX_REASON_CHARS, Report};
 pub use qa::{QuestionFilter, QuestionRecord, QuestionSort};
 pub use search::SearchHit;

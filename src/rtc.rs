@@ -1,0 +1,369 @@
+//! Calls and audio/video, wired into sessions: the commands `call`, `call_accept`,
+//! `call_reject`, `call_hangup`, `call_resume`, `av_join`, `av_leave` and `signal` drive the
+//! sans-I/O machines of `studyhall-signaling` under one short mutex (never held across an
+//! await), and what they ask to send goes out as directed frames through the hub's bounded
+//! outboxes. A ticker ends missed and abandoned calls; finished calls go to the call log.
+
+use crate::App;
+use crate::error::{Error, Result};
+use crate::hub::Frame;
+use crate::protocol::{self, CallParty, Media, RoomId, RoomKind, RoomRole, ServerMsg, UserId};
+use crate::session::{Ctx, Outcome};
+use crate::store::{CallLogEntry, now_ms};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use studyhall_signaling::av::{AvKind, AvRooms};
+use studyhall_signaling::calls::{CallConfig, CallRequest, Calls};
+use studyhall_signaling::turn::IceConfig;
+use studyhall_signaling::{Msg, Out, Peer, SignalError};
+
+struct State {
+    calls: Calls,
+    av: AvRooms,
+    /// call id -> the room it was placed in, for the call log.
+    call_rooms: HashMap<String, RoomId>,
+}
+
+/// The node's call and A/V state.
+pub struct Rtc {
+    state: Mutex<State>,
+    ice: IceConfig,
+}
+
+impl From<SignalError> for Error {
+    fn from(e: SignalError) -> Self {
+        match e {
+            SignalError::BadRequest(m) => Error::BadRequest(m),
+            SignalError::Forbidden(m) => Error::Forbidden(m),
+            SignalError::NotFound(m) => Error::NotFound(m),
+            SignalError::Conflict(m) => Error::Conflict(m),
+            SignalError::Unavailable(m) => Error::Unavailable(m),
+        }
+    }
+}
+
+impl Rtc {
+    pub fn new(cfg: &crate::config::Config) -> Self {
+        Self {
+            state: Mutex::new(State {
+                calls: Calls::new(CallConfig {
+                    ring_timeout_ms: cfg.ring_timeout_s * 1000,
+                    grace_ms: cfg.call_grace_s * 1000,
+                }),
+                av: AvRooms::new(cfg.av_mesh_max),
+                call_rooms: HashMap::new(),
+            }),
+            ice: IceConfig {
+                stun_urls: cfg.stun_urls.clone(),
+                turn_urls: cfg.turn_urls.clone(),
+                turn_secret: cfg.turn_secret.clone(),
+                turn_ttl_s: cfg.turn_ttl_s,
+            },
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is plain maps updated without awaiting; a panic elsewhere leaves it usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ice_servers(&self, user: &UserId) -> Value {
+        json!(self.ice.servers_for(user.as_str(), crate::auth::now_s()))
+    }
+
+    /// Live calls on this node (for metrics and the leak test).
+    pub fn live_calls(&self) -> usize {
+        self.lock().calls.live_calls()
+    }
+}
+
+fn peer(ctx: &Ctx) -> Peer {
+    Peer::new(ctx.me.user.as_str(), ctx.handle.id.as_str())
+}
+
+/// Encodes and queues what the machines asked to send. `caller_name` names the caller in
+/// `call_incoming`.
+fn deliver(app: &App, outs: Vec<Out>, caller_name: Option<&str>, room: Option<&RoomId>) {
+    for o in outs {
+        let frame = match &o.msg {
+            Msg::CallIncoming {
+                call_id,
+                from,
+                media,
+            } => protocol::encode(&ServerMsg::CallIncoming {
+                call_id,
+                from: CallParty {
+                    user: &from.user,
+                    session: &from.session,
+                    name: caller_name,
+                },
+                media: *media,
+                room,
+            }),
+            Msg::CallState { call_id, state } => protocol::encode(&ServerMsg::CallState {
+                call_id,
+                state: *state,
+            }),
+            Msg::CallEnded {
+                call_id,
+                reason,
+                duration_ms,
+            } => protocol::encode(&ServerMsg::CallEnded {
+                call_id,
+                reason: *reason,
+                duration_ms: *duration_ms,
+            }),
+            Msg::Signal {
+                call_id,
+                room,
+                from,
+                data,
+            } => protocol::encode(&ServerMsg::Signal {
+                call_id: call_id.as_deref(),
+                room: room.as_deref(),
+                from: CallParty {
+                    user: &from.user,
+                    session: &from.session,
+                    name: None,
+                },
+                data,
+            }),
+            Msg::AvPeer { room, peer, joined } => protocol::encode(&ServerMsg::AvPeer {
+                room,
+                session: &peer.session,
+                user: &peer.user,
+                joined: *joined,
+            }),
+        };
+        app.hub.send_to_session(&o.to, &Frame::from(frame));
+    }
+}
+
+/// Writes finished calls to the call log (in the background: the log is not on the
+/// signaling path).
+fn log_finished(app: &Arc<App>, state: &mut State) {
+    let done = state.calls.take_finished();
+    if done.is_empty() {
+        return;
+    }
+    let entries: Vec<CallLogEntry> = done
+        .into_iter()
+        .map(|r| CallLogEntry {
+            room: state.call_rooms.remove(&r.id),
+            id: r.id,
+            caller: UserId(r.caller),
+            callee: UserId(r.callee),
+            media: r.media,
+            created_at: r.created_ms as i64,
+            answered_at: r.answered_ms.map(|a| a as i64),
+            ended_at: r.ended_ms as i64,
+            end_reason: r.reason.as_str().to_owned(),
+            duration_ms: r.duration_ms as i64,
+        })
+        .collect();
+    let store = app.store.clone();
+    tokio::spawn(async move {
+        for e in entries {
+            tracing::info!(call = %e.id, reason = %e.end_reason, duration_ms = e.duration_ms, "call ended");
+            if let Err(err) = store.insert_call(&e).await {
+                tracing::warn!(error = %err, call = %e.id, "could not log call");
+            }
+        }
+    });
+}
+
+fn now() -> u64 {
+    now_ms().max(0) as u64
+}
+
+pub(crate) async fn call(
+    ctx: &mut Ctx,
+    to: UserId,
+    media: Media,
+    room: Option<RoomId>,
+) -> Result<Outcome> {
+    if to.as_str().is_empty() || to.as_str().chars().count() > 64 {
+        return Err(Error::bad_request(
+            "to must be a user id of 1..=64 characters",
+        ));
+    }
+    if let Some(room) = &room {
+        crate::rooms::check_room_id(room)?;
+        if !ctx.joined_role(room)?.can_write() {
+            return Err(Error::Forbidden(
+                "viewers cannot place calls from this room".into(),
+            ));
+        }
+        let callee = ctx.app.store.member_role(room, &to).await?;
+        if callee.is_none() && ctx.app.hub.online_role(room, &to).is_none() {
+            return Err(Error::Forbidden(format!("{to} is not a member of {room}")));
+        }
+    }
+    let callee_sessions = ctx.app.hub.session_ids(&to);
+    let waiting = ctx.app.hub.call_waiting(&to);
+    let app = ctx.app.clone();
+    let id = format!("c{:016x}", rand::random::<u64>());
+    let (call_id, outs) = {
+        let mut st = app.rtc.lock();
+        let (call_id, outs) = st.calls.call(
+            now(),
+            CallRequest {
+                id,
+                from: peer(ctx),
+                to: to.as_str(),
+                media,
+                callee_sessions: &callee_sessions,
+                callee_accepts_waiting: waiting,
+            },
+        )?;
+        if let Some(room) = &room {
+            st.call_rooms.insert(call_id.clone(), room.clone());
+        }
+        log_finished(&app, &mut st);
+        (call_id, outs)
+    };
+    deliver(&app, outs, Some(&ctx.me.name), room.as_ref());
+    Ok(Outcome::Ok(
+        json!({ "call_id": call_id, "ice_servers": app.rtc.ice_servers(&ctx.me.user) }),
+    ))
+}
+
+/// `call_accept`, `call_reject`, `call_hangup`, `call_resume`.
+pub(crate) enum CallAction {
+    Accept,
+    Reject,
+    Hangup,
+    Resume,
+}
+
+pub(crate) fn call_action(ctx: &mut Ctx, action: CallAction, call_id: String) -> Result<Outcome> {
+    if call_id.is_empty() || call_id.len() > 64 {
+        return Err(Error::bad_request("call_id must be 1..=64 characters"));
+    }
+    let app = ctx.app.clone();
+    let me = peer(ctx);
+    let outs = {
+        let mut st = app.rtc.lock();
+        let outs = match action {
+            CallAction::Accept => st.calls.accept(now(), &me, &call_id)?,
+            CallAction::Reject => st.calls.reject(now(), &me, &call_id)?,
+            CallAction::Hangup => st.calls.hangup(now(), &me, &call_id)?,
+            CallAction::Resume => st.calls.resume(&me, &call_id)?,
+        };
+        log_finished(&app, &mut st);
+        outs
+    };
+    deliver(&app, outs, None, None);
+    let mut reply = json!({ "call_id": call_id });
+    if matches!(action, CallAction::Accept | CallAction::Resume) {
+        reply["ice_servers"] = app.rtc.ice_servers(&ctx.me.user);
+    }
+    Ok(Outcome::Ok(reply))
+}
+
+pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
+    crate::rooms::check_room_id(&room)?;
+    let role = ctx.joined_role(&room)?;
+    let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
+    let kind = match policy.room.kind {
+        RoomKind::Class => AvKind::Class,
+        RoomKind::Live => AvKind::Live,
+        _ => {
+            return Err(Error::bad_request(
+                "audio/video rooms are class and live rooms; use call for 1v1",
+            ));
+        }
+    };
+    let can_publish = match kind {
+        AvKind::Class => role.can_write(),
+        AvKind::Live => role == RoomRole::Host || ctx.app.hub.on_stage(&room, &ctx.me.user),
+    };
+    let app = ctx.app.clone();
+    let (peers, outs) = app
+        .rtc
+        .lock()
+        .av
+        .join(room.as_str(), kind, peer(ctx), can_publish)?;
+    deliver(&app, outs, None, None);
+    let peers: Vec<Value> = peers
+        .iter()
+        .map(|p| json!({"session": p.session, "user": p.user}))
+        .collect();
+    Ok(Outcome::Ok(json!({
+        "peers": peers,
+        "ice_servers": app.rtc.ice_servers(&ctx.me.user),
+        "mode": "mesh",
+        "publish": can_publish,
+    })))
+}
+
+pub(crate) fn av_leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
+    crate::rooms::check_room_id(&room)?;
+    let app = ctx.app.clone();
+    let outs = app
+        .rtc
+        .lock()
+        .av
+        .leave(room.as_str(), ctx.handle.id.as_str());
+    deliver(&app, outs, None, None);
+    Ok(Outcome::Ok(json!({})))
+}
+
+/// Stage changes grant or withdraw publishing in the room's A/V.
+pub(crate) fn stage_changed(app: &App, room: &RoomId, user: &UserId, on: bool) {
+    app.rtc
+        .lock()
+        .av
+        .set_publisher(room.as_str(), user.as_str(), on);
+}
+
+pub(crate) fn signal(
+    ctx: &mut Ctx,
+    call_id: Option<String>,
+    room: Option<RoomId>,
+    to: Option<String>,
+    data: Value,
+) -> Result<Outcome> {
+    let me = peer(ctx);
+    let app = ctx.app.clone();
+    let out = {
+        let st = app.rtc.lock();
+        match (call_id, room, to) {
+            (Some(call_id), None, None) => st.calls.relay(&me, &call_id, &data)?,
+            (None, Some(room), Some(to)) => st.av.relay(room.as_str(), &me, &to, &data)?,
+            _ => return Err(Error::bad_request("signal takes call_id, or room and to")),
+        }
+    };
+    deliver(&app, vec![out], None, None);
+    Ok(Outcome::Ok(json!({})))
+}
+
+/// A session ended: its calls get the grace period, its A/V rooms hear it left.
+pub(crate) fn session_closed(app: &Arc<App>, user: &UserId, session: &str) {
+    let outs = {
+        let mut st = app.rtc.lock();
+        let mut outs = st
+            .calls
+            .session_closed(now(), &Peer::new(user.as_str(), session));
+        outs.extend(st.av.session_closed(session));
+        outs
+    };
+    deliver(app, outs, None, None);
+}
+
+/// Ends missed and abandoned calls on time.
+pub(crate) async fn run_timers(app: Arc<App>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(app.config.call_tick_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let outs = {
+            let mut st = app.rtc.lock();
+            let outs = st.calls.tick(now());
+            log_finished(&app, &mut st);
+            outs
+        };
+        deliver(&app, outs, None, None);
+    }
+}

@@ -158,10 +158,7 @@ async fn missed_busy_rejected_and_offline() {
     let mut c = s.client("c").await;
     let id = a.ok(json!({"type":"call","to":"b"})).await["call_id"].clone();
     b.until("call_incoming").await;
-    assert_eq!(
-        c.ok(json!({"type":"call","to":"b"})).await["call_id"].is_string(),
-        true
-    );
+    assert!(c.ok(json!({"type":"call","to":"b"})).await["call_id"].is_string());
     assert_eq!(c.until("call_state").await["state"], "busy");
     assert_eq!(c.until("call_ended").await["reason"], "busy");
     let missed = a.until("call_ended").await;

@@ -1,0 +1,340 @@
+//! Two real WebRTC stacks (webrtc-rs 0.21) call each other through the running server: the
+//! tutor `call`s, the student `call_accept`s, the offer, answer and trickled ICE candidates go
+//! only through `signal` relays, both peers reach `connected`, a data-channel message goes each
+//! way and RTP packets of an Opus track flow in both directions.
+
+#[path = "integration/common.rs"]
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use rtc::media::Sample;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio_tungstenite::tungstenite::Message;
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::Track;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::*;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Debug)]
+enum Ev {
+    Connected,
+    Rtp,
+    Msg(String),
+}
+
+/// Handler methods run on the connection's driver task: they only forward.
+struct Handler {
+    /// Outgoing `data` objects for `signal`.
+    out: UnboundedSender<Value>,
+    ev: UnboundedSender<Ev>,
+    echo: Option<&'static str>,
+}
+
+fn pump(
+    dc: Arc<dyn DataChannel>,
+    ev: UnboundedSender<Ev>,
+    greet: Option<&'static str>,
+    echo: Option<&'static str>,
+) {
+    tokio::spawn(async move {
+        while let Some(e) = dc.poll().await {
+            match e {
+                DataChannelEvent::OnOpen => {
+                    if let Some(g) = greet {
+                        let _ = dc.send_text(g).await;
+                    }
+                }
+                DataChannelEvent::OnMessage(m) => {
+                    let _ = ev.send(Ev::Msg(String::from_utf8_lossy(&m.data).into()));
+                    if let Some(r) = echo {
+                        let _ = dc.send_text(r).await;
+                    }
+                }
+                DataChannelEvent::OnClose => break,
+                _ => {}
+            }
+        }
+    });
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, e: RTCPeerConnectionIceEvent) {
+        if let Ok(c) = e.candidate.to_json() {
+            let _ = self.out.send(json!({ "candidate": c }));
+        }
+    }
+    async fn on_connection_state_change(&self, s: RTCPeerConnectionState) {
+        if s == RTCPeerConnectionState::Connected {
+            let _ = self.ev.send(Ev::Connected);
+        }
+    }
+    async fn on_data_channel(&self, dc: Arc<dyn DataChannel>) {
+        pump(dc, self.ev.clone(), None, self.echo);
+    }
+    async fn on_track(&self, t: Arc<dyn TrackRemote>) {
+        let ev = self.ev.clone();
+        tokio::spawn(async move {
+            while let Some(e) = t.poll().await {
+                if let TrackRemoteEvent::OnRtpPacket(_) = e {
+                    let _ = ev.send(Ev::Rtp);
+                }
+            }
+        });
+    }
+}
+
+async fn peer(h: Handler) -> Res<Arc<dyn PeerConnection>> {
+    let mut media = MediaEngine::default();
+    media.register_default_codecs()?;
+    let settings = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_ice_connection_attempts(Some(Duration::from_millis(20)), None)
+        .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
+        .build();
+    Ok(Arc::new(
+        PeerConnectionBuilder::new()
+            .with_media_engine(media)
+            .with_setting_engine(settings)
+            .with_handler(Arc::new(h))
+            .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+            .build()
+            .await?,
+    ))
+}
+
+async fn opus_track(pc: &Arc<dyn PeerConnection>, ssrc: u32) -> Res<Arc<TrackLocalStaticSample>> {
+    let codec = RTCRtpCodec {
+        mime_type: "audio/opus".into(),
+        clock_rate: 48000,
+        channels: 2,
+        ..Default::default()
+    };
+    let enc = RTCRtpEncodingParameters {
+        codec,
+        rtp_coding_parameters: RTCRtpCodingParameters {
+            ssrc: Some(ssrc),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let track = Arc::new(TrackLocalStaticSample::new(
+        Instant::now(),
+        MediaStreamTrack::new(
+            format!("s{ssrc}"),
+            "audio".into(),
+            "audio".into(),
+            RtpCodecKind::Audio,
+            vec![enc],
+        ),
+    )?);
+    // The payload type is known once negotiated: `send_samples` reads it from the sender.
+    pc.add_track(track.clone() as Arc<dyn TrackLocal>).await?;
+    Ok(track)
+}
+
+/// Applies relayed `data` objects to the peer connection, answering offers; candidates that
+/// arrive before the remote description wait.
+async fn apply_signals(
+    pc: Arc<dyn PeerConnection>,
+    mut rx: UnboundedReceiver<Value>,
+    out: UnboundedSender<Value>,
+) -> Res<()> {
+    let mut early = Vec::new();
+    while let Some(v) = rx.recv().await {
+        if let Some(sdp) = v.get("sdp") {
+            let d: RTCSessionDescription = serde_json::from_value(sdp.clone())?;
+            let offer = d.sdp_type == RTCSdpType::Offer;
+            pc.set_remote_description(d).await?;
+            if offer {
+                let answer = pc.create_answer(None).await?;
+                pc.set_local_description(answer.clone()).await?;
+                out.send(json!({ "sdp": answer }))?;
+            }
+            for c in early.drain(..) {
+                pc.add_ice_candidate(c).await?;
+            }
+        } else if let Some(c) = v.get("candidate") {
+            if c.is_null() {
+                continue;
+            }
+            let c: RTCIceCandidateInit = serde_json::from_value(c.clone())?;
+            if pc.remote_description().await.is_some() {
+                pc.add_ice_candidate(c).await?
+            } else {
+                early.push(c)
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves `signal` frames between a WebSocket and the peer: outgoing `data` from `out_rx`
+/// becomes `signal {call_id, data}`; incoming `signal` frames go to `in_tx`.
+fn bridge(
+    ws: Ws,
+    call_id: String,
+    mut out_rx: UnboundedReceiver<Value>,
+    in_tx: UnboundedSender<Value>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (mut sink, mut stream) = ws.split();
+        loop {
+            tokio::select! {
+                data = out_rx.recv() => {
+                    let Some(data) = data else { break };
+                    let frame = json!({"type": "signal", "call_id": call_id, "data": data});
+                    if sink.send(Message::text(frame.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+                msg = stream.next() => {
+                    let Some(Ok(msg)) = msg else { break };
+                    if let Message::Text(t) = msg {
+                        let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                        assert_ne!(v["type"], "error", "the server refused a signal: {v}");
+                        if v["type"] == "signal" {
+                            assert_eq!(v["call_id"].as_str(), Some(call_id.as_str()));
+                            let _ = in_tx.send(v["data"].clone());
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn next<T>(rx: &mut UnboundedReceiver<Ev>, f: impl Fn(Ev) -> Option<T>) -> T {
+    within("peer event", async {
+        loop {
+            if let Some(t) = f(rx.recv().await.expect("event channel open")) {
+                return t;
+            }
+        }
+    })
+    .await
+}
+
+async fn send_samples(
+    track: &Arc<TrackLocalStaticSample>,
+    pc: &Arc<dyn PeerConnection>,
+) -> Res<()> {
+    let senders = pc.get_senders().await;
+    let sender = senders.first().ok_or("no sender")?;
+    let pt = sender.get_parameters().await?.rtp_parameters.codecs[0].payload_type;
+    let ssrc = track.ssrcs().await[0];
+    for _ in 0..10 {
+        let s = Sample {
+            data: bytes::Bytes::from_static(&[0xf8, 0xff, 0xfe]),
+            duration: Duration::from_millis(20),
+            ..Sample::new(Instant::now())
+        };
+        track.sample_writer(ssrc, pt).write_sample(&s).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_webrtc_peers_connect_through_the_server_with_data_and_audio_both_ways() {
+    let s = Server::sqlite(|_| {}).await;
+    let mut tutor = s.client("tutor").await;
+    let mut kid = s.client("kid").await;
+    let call_id = tutor
+        .ok(json!({"type":"call","to":"kid","media":{"audio":true,"video":false}}))
+        .await["call_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    kid.until("call_incoming").await;
+    kid.ok(json!({"type":"call_accept","call_id":call_id}))
+        .await;
+    assert_eq!(tutor.until("call_state").await["state"], "accepted");
+
+    let (a_out, a_out_rx) = unbounded_channel();
+    let (b_out, b_out_rx) = unbounded_channel();
+    let (a_in, a_in_rx) = unbounded_channel();
+    let (b_in, b_in_rx) = unbounded_channel();
+    let (a_ev_tx, mut a_ev) = unbounded_channel();
+    let (b_ev_tx, mut b_ev) = unbounded_channel();
+    let a = peer(Handler {
+        out: a_out.clone(),
+        ev: a_ev_tx.clone(),
+        echo: None,
+    })
+    .await
+    .unwrap();
+    let b = peer(Handler {
+        out: b_out.clone(),
+        ev: b_ev_tx.clone(),
+        echo: Some("pong"),
+    })
+    .await
+    .unwrap();
+    let a_track = opus_track(&a, 1111).await.unwrap();
+    let b_track = opus_track(&b, 2222).await.unwrap();
+    let dc = a.create_data_channel("chat", None).await.unwrap();
+    pump(dc.clone(), a_ev_tx.clone(), Some("ping"), None);
+
+    let bridges = [
+        bridge(tutor.ws, call_id.clone(), a_out_rx, a_in),
+        bridge(kid.ws, call_id.clone(), b_out_rx, b_in),
+    ];
+    let appliers = [
+        tokio::spawn(apply_signals(a.clone(), a_in_rx, a_out.clone())),
+        tokio::spawn(apply_signals(b.clone(), b_in_rx, b_out.clone())),
+    ];
+    let offer = a.create_offer(None).await.unwrap();
+    a.set_local_description(offer.clone()).await.unwrap();
+    a_out.send(json!({ "sdp": offer })).unwrap();
+
+    next(&mut a_ev, |e| matches!(e, Ev::Connected).then_some(())).await;
+    next(&mut b_ev, |e| matches!(e, Ev::Connected).then_some(())).await;
+    let at_b = next(
+        &mut b_ev,
+        |e| if let Ev::Msg(m) = e { Some(m) } else { None },
+    )
+    .await;
+    let at_a = next(
+        &mut a_ev,
+        |e| if let Ev::Msg(m) = e { Some(m) } else { None },
+    )
+    .await;
+    assert_eq!(
+        (at_b.as_str(), at_a.as_str()),
+        ("ping", "pong"),
+        "data channel both ways"
+    );
+
+    send_samples(&a_track, &a).await.unwrap();
+    for _ in 0..3 {
+        next(&mut b_ev, |e| matches!(e, Ev::Rtp).then_some(())).await;
+    }
+    send_samples(&b_track, &b).await.unwrap();
+    for _ in 0..3 {
+        next(&mut a_ev, |e| matches!(e, Ev::Rtp).then_some(())).await;
+    }
+
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    // The bridges and appliers hold socket halves and peer clones: stop them.
+    for t in bridges {
+        t.abort();
+    }
+    for t in appliers {
+        t.abort();
+    }
+    s.stop().await;
+}

@@ -97,6 +97,10 @@ struct Member {
     /// `Some` while the session's replay is being queued: live frames wait here, with their
     /// seq (unsequenced frames such as typing carry `None`).
     gate: Option<Vec<(Option<i64>, Frame)>>,
+    /// The highest room seq queued to this session. A sequenced frame at or below it is a
+    /// duplicate and is dropped: an event can be committed, read by a joining session's
+    /// replay, and only then published.
+    last_seq: i64,
 }
 
 #[derive(Default)]
@@ -163,6 +167,12 @@ impl RoomState {
                     }
                 }
                 None => {
+                    if let Some(s) = seq {
+                        if s <= m.last_seq {
+                            continue;
+                        }
+                        m.last_seq = s;
+                    }
                     if m.handle.offer(frame, metrics) {
                         delivered += 1;
                     }
@@ -284,6 +294,7 @@ impl Hub {
                     user: user.clone(),
                     moderator,
                     gate: Some(Vec::new()),
+                    last_seq: 0,
                 },
             );
             let first = match state.online.entry(user.id.clone()) {
@@ -336,9 +347,13 @@ impl Hub {
             return;
         };
         let Some(held) = m.gate.take() else { return };
+        m.last_seq = m.last_seq.max(delivered_seq);
         for (seq, frame) in held {
-            if seq.is_some_and(|s| s <= delivered_seq) {
-                continue;
+            if let Some(s) = seq {
+                if s <= m.last_seq {
+                    continue;
+                }
+                m.last_seq = s;
             }
             if !m.handle.offer(&frame, &self.metrics) {
                 break;
@@ -706,6 +721,20 @@ mod tests {
         assert!(drain(&mut arx).is_empty(), "gated");
         hub.open_gate(&"r".into(), &a.id, 5);
         assert_eq!(drain(&mut arx), vec!["{\"seq\":6}"]);
+        hub.publish(ev("r", 7));
+        assert_eq!(drain(&mut arx), vec!["{\"seq\":7}"]);
+    }
+
+    #[test]
+    fn an_event_replayed_before_it_is_published_is_not_sent_twice() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let (a, mut arx, _) = session("s1", "a", 16);
+        hub.join(&"r".into(), &a, user("a"), false).unwrap();
+        // Seq 6 is committed and the joiner's replay read it (delivered 6) before the writer
+        // got to publish it.
+        hub.open_gate(&"r".into(), &a.id, 6);
+        hub.publish(ev("r", 6));
+        hub.publish(ev("r", 7));
         hub.publish(ev("r", 7));
         assert_eq!(drain(&mut arx), vec!["{\"seq\":7}"]);
     }

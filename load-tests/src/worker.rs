@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -307,6 +307,26 @@ async fn run() -> Result<()> {
     Ok(())
 }
 
+/// A client's handshake slot: holds one of the worker's concurrency permits until the client
+/// reports itself joined (or failed), and times the handshake.
+struct Gate {
+    tx: mpsc::UnboundedSender<Result<u64, String>>,
+    permit: Option<OwnedSemaphorePermit>,
+    t0: Instant,
+}
+
+impl Gate {
+    fn joined(&mut self) {
+        let _ = self.tx.send(Ok(self.t0.elapsed().as_micros() as u64));
+        self.permit = None;
+    }
+
+    fn failed(&mut self, e: &anyhow::Error) {
+        let _ = self.tx.send(Err(short(e)));
+        self.permit = None;
+    }
+}
+
 /// One client: connect (bounded concurrency), report ready, then run until stop.
 async fn client(
     sh: Arc<Shared>,
@@ -318,14 +338,17 @@ async fn client(
     let job = &sh.job;
     let spec = &job.conns[i];
     let src = src_ip(job.src_base, job.src_count, i);
-    let permit = sem.acquire().await;
-    let t0 = Instant::now();
-    let res = match job.proto {
-        Proto::Studyhall => studyhall_client(&sh, spec, src, &token, t0, &ready).await,
-        Proto::Nats => nats_client(&sh, spec, src, t0, &ready).await,
-        Proto::Socketio => socketio_client(&sh, spec, src, t0, &ready).await,
+    let permit = sem.acquire_owned().await.ok();
+    let mut gate = Gate {
+        tx: ready,
+        permit,
+        t0: Instant::now(),
     };
-    drop(permit);
+    let res = match job.proto {
+        Proto::Studyhall => studyhall_client(&sh, spec, src, &token, &mut gate).await,
+        Proto::Nats => nats_client(&sh, spec, src, &mut gate).await,
+        Proto::Socketio => socketio_client(&sh, spec, src, &mut gate).await,
+    };
     if let Err(e) = res {
         sh.closed(short(&e));
     }
@@ -377,18 +400,17 @@ async fn studyhall_client(
     spec: &ConnSpec,
     src: std::net::Ipv4Addr,
     token: &str,
-    t0: Instant,
-    ready: &mpsc::UnboundedSender<Result<u64, String>>,
+    gate: &mut Gate,
 ) -> Result<()> {
     let job = &sh.job;
     let first = studyhall_session(job.target, src, token, &spec.room, None, |_| {}).await;
     let (mut ws, joined) = match first {
         Ok(x) => {
-            let _ = ready.send(Ok(t0.elapsed().as_micros() as u64));
+            gate.joined();
             x
         }
         Err(e) => {
-            let _ = ready.send(Err(short(&e)));
+            gate.failed(&e);
             return Ok(());
         }
     };
@@ -543,8 +565,7 @@ async fn nats_client(
     sh: &Shared,
     spec: &ConnSpec,
     src: std::net::Ipv4Addr,
-    t0: Instant,
-    ready: &mpsc::UnboundedSender<Result<u64, String>>,
+    gate: &mut Gate,
 ) -> Result<()> {
     let mut parser = NatsParser::default();
     let setup = async {
@@ -572,11 +593,11 @@ async fn nats_client(
     };
     let mut ws = match setup.await {
         Ok(ws) => {
-            let _ = ready.send(Ok(t0.elapsed().as_micros() as u64));
+            gate.joined();
             ws
         }
         Err(e) => {
-            let _ = ready.send(Err(short(&e)));
+            gate.failed(&e);
             return Ok(());
         }
     };
@@ -619,8 +640,7 @@ async fn socketio_client(
     sh: &Shared,
     spec: &ConnSpec,
     src: std::net::Ipv4Addr,
-    t0: Instant,
-    ready: &mpsc::UnboundedSender<Result<u64, String>>,
+    gate: &mut Gate,
 ) -> Result<()> {
     let setup = async {
         let mut ws = socketio_connect(sh.job.target, src).await?;
@@ -640,11 +660,11 @@ async fn socketio_client(
     };
     let mut ws = match setup.await {
         Ok(ws) => {
-            let _ = ready.send(Ok(t0.elapsed().as_micros() as u64));
+            gate.joined();
             ws
         }
         Err(e) => {
-            let _ = ready.send(Err(short(&e)));
+            gate.failed(&e);
             return Ok(());
         }
     };

@@ -1,0 +1,343 @@
+//! The processes a run starts and talks to: the studyhall server binary (its address from
+//! the `studyhall listening on` line, its pid for /proc), a throw-away PostgreSQL database,
+//! the nats-server and Socket.IO peers, and a minimal HTTP/1.1 client for the server's API
+//! (room creation). Every child is killed when its handle drops; every wait is bounded.
+//! Nothing here ever targets a non-loopback address.
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+pub const JWT_SECRET: &str = "load-test-secret-0123456789abcdef";
+pub const API_KEY: &str = "load-test-api-key";
+
+/// Refuses any target outside 127.0.0.0/8 (load traffic stays on loopback).
+pub fn ensure_loopback(addr: SocketAddr) -> Result<()> {
+    ensure!(
+        addr.ip().is_loopback(),
+        "refusing to send load to {addr}: only 127.0.0.0/8 targets are allowed"
+    );
+    Ok(())
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Path of the `studyhall` server binary: `--server-bin`, else `STUDYHALL_BIN`, else next
+/// to this executable (both land in the same cargo target directory).
+pub fn server_bin(flag: Option<PathBuf>) -> Result<PathBuf> {
+    let p = match flag.or_else(|| std::env::var_os("STUDYHALL_BIN").map(PathBuf::from)) {
+        Some(p) => p,
+        None => std::env::current_exe()?
+            .parent()
+            .context("executable has no directory")?
+            .join("studyhall"),
+    };
+    ensure!(
+        p.exists(),
+        "server binary {} not found: build it with `cargo build --release -p studyhall` or pass --server-bin",
+        p.display()
+    );
+    Ok(p)
+}
+
+async fn wait_line(child: &mut Child, prefix: &str, what: &str) -> Result<String> {
+    let out = child.stdout.take().context("child stdout")?;
+    let mut lines = BufReader::new(out).lines();
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(l) = lines.next_line().await? {
+            if let Some(rest) = l.strip_prefix(prefix) {
+                return Ok::<_, anyhow::Error>(Some(rest.trim().to_owned()));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .with_context(|| format!("{what} did not start within 60 s"))??;
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    found.with_context(|| format!("{what} exited before printing its address"))
+}
+
+/// Database for a server under test.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+/// A running studyhall server (killed on drop).
+pub struct Server {
+    pub addr: SocketAddr,
+    pub pid: u32,
+    child: Child,
+    pg: Option<PgDb>,
+}
+
+/// Server settings a load run needs: rate limits far above the load, many sessions per user,
+/// quiet logs. `extra` overrides any of them.
+pub fn load_env() -> Vec<(String, String)> {
+    [
+        ("STUDYHALL_RATE_PER_S", "1000000"),
+        ("STUDYHALL_RATE_BURST", "1000000"),
+        ("STUDYHALL_MAX_SESSIONS_PER_USER", "100000"),
+        ("STUDYHALL_HEARTBEAT_S", "60"),
+        ("STUDYHALL_LOG", "warn"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect()
+}
+
+impl Server {
+    pub async fn start(
+        bin: &Path,
+        db: Db,
+        extra: &[(String, String)],
+        log_dir: &Path,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(log_dir)?;
+        let (url, pg) = match db {
+            Db::Sqlite(p) => (format!("sqlite://{}", p.display()), None),
+            Db::Postgres(base) => {
+                let pg = PgDb::create(&base).await?;
+                (pg.url.clone(), Some(pg))
+            }
+        };
+        let log = std::fs::File::create(log_dir.join("server.log"))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
+            .env("STUDYHALL_ADDR", "127.0.0.1:0")
+            .env("STUDYHALL_DATABASE_URL", &url)
+            .env("STUDYHALL_JWT_SECRET", JWT_SECRET)
+            .env("STUDYHALL_API_KEY", API_KEY)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        for (k, v) in load_env().iter().chain(extra) {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let pid = child.id().context("server pid")?;
+        let addr = wait_line(&mut child, "studyhall listening on http://", "studyhall").await?;
+        let addr: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("bad address {addr}"))?;
+        ensure_loopback(addr)?;
+        Ok(Self {
+            addr,
+            pid,
+            child,
+            pg,
+        })
+    }
+
+    pub async fn create_room(&self, id: &str, kind: &str) -> Result<()> {
+        let (status, body) = http(
+            self.addr,
+            "POST",
+            "/api/rooms",
+            Some(API_KEY),
+            Some(json!({"id": id, "kind": kind, "title": id, "visibility": "open"})),
+        )
+        .await?;
+        ensure!(
+            status == 201 || status == 409,
+            "create room {id}: {status} {body}"
+        );
+        Ok(())
+    }
+
+    /// SIGTERM, then wait (bounded), then drop the PostgreSQL database if we made one.
+    pub async fn stop(mut self) -> Result<()> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+        if let Some(pg) = self.pg.take() {
+            pg.drop_db().await;
+        }
+        Ok(())
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns status and JSON body (or Null).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, Value)> {
+    ensure_loopback(addr)?;
+    tokio::time::timeout(Duration::from_secs(15), async {
+        let mut s = TcpStream::connect(addr).await?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let auth = key
+            .map(|k| format!("Authorization: Bearer {k}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await?;
+        let text = String::from_utf8_lossy(&resp);
+        let status: u16 = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("bad HTTP status line")?;
+        let rest = text.split_once("\r\n\r\n").map(|(_, r)| r).unwrap_or("");
+        Ok((status, serde_json::from_str(rest).unwrap_or(Value::Null)))
+    })
+    .await
+    .context("HTTP request timed out")?
+}
+
+/// A fresh database on the local PostgreSQL (trust auth), made and dropped with `psql`.
+pub struct PgDb {
+    pub url: String,
+    name: String,
+    base: String,
+}
+
+fn psql(base: &str, sql: &str) -> Result<()> {
+    let out = std::process::Command::new("psql")
+        .args([base, "-v", "ON_ERROR_STOP=1", "-qc", sql])
+        .output()
+        .context("run psql")?;
+    if !out.status.success() {
+        bail!("psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl PgDb {
+    /// `base` is a URL of an existing database, e.g. postgres://postgres@127.0.0.1:5432/postgres.
+    pub async fn create(base: &str) -> Result<Self> {
+        let name = format!("studyhall_load_{:08x}", rand::random::<u32>());
+        psql(base, &format!("CREATE DATABASE {name}"))?;
+        let url = match base.rfind('/') {
+            Some(i) => format!("{}/{name}", &base[..i]),
+            None => bail!("bad PostgreSQL URL {base}"),
+        };
+        Ok(Self {
+            url,
+            name,
+            base: base.to_owned(),
+        })
+    }
+
+    pub async fn drop_db(self) {
+        let _ = psql(
+            &self.base,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+/// A peer server process (killed on drop).
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub pid: u32,
+    _child: Child,
+    _dir: Option<PathBuf>,
+}
+
+async fn wait_port(addr: SocketAddr) -> Result<()> {
+    for _ in 0..100 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("nothing listening on {addr} after 10 s")
+}
+
+impl Peer {
+    /// nats-server with a plain (no TLS) WebSocket listener on a free loopback port.
+    pub async fn nats(bin: &str, work: &Path) -> Result<Self> {
+        std::fs::create_dir_all(work)?;
+        let ws_port = free_port()?;
+        let conf = work.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:-1\nhttp: -1\nmax_payload: 65536\nmax_pending: 268435456\nwrite_deadline: \"10s\"\nwebsocket {{\n  host: 127.0.0.1\n  port: {ws_port}\n  no_tls: true\n  compression: false\n}}\n"
+            ),
+        )?;
+        let log = std::fs::File::create(work.join("nats.log"))?;
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {bin}"))?;
+        let pid = child.id().context("nats pid")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], ws_port));
+        wait_port(addr).await?;
+        Ok(Self {
+            addr,
+            pid,
+            _child: child,
+            _dir: Some(work.to_owned()),
+        })
+    }
+
+    /// The Socket.IO 4.x room-broadcast server in `peers/socketio` (npm install on first use).
+    pub async fn socketio(work: &Path) -> Result<Self> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/socketio");
+        ensure!(dir.join("server.js").exists(), "{} missing", dir.display());
+        if !dir.join("node_modules/socket.io").exists() {
+            eprintln!("peers/socketio: npm install (first use)");
+            let st = std::process::Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dir)
+                .status()
+                .context("run npm install")?;
+            ensure!(st.success(), "npm install failed in {}", dir.display());
+        }
+        std::fs::create_dir_all(work)?;
+        let log = std::fs::File::create(work.join("socketio.log"))?;
+        let mut child = Command::new("node")
+            .arg(dir.join("server.js"))
+            .env("PORT", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn node")?;
+        let pid = child.id().context("node pid")?;
+        let port = wait_line(&mut child, "socketio listening on ", "socket.io server").await?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port.parse::<u16>()?));
+        Ok(Self {
+            addr,
+            pid,
+            _child: child,
+            _dir: None,
+        })
+    }
+}

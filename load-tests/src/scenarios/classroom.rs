@@ -1,0 +1,205 @@
+//! `classroom`: the realistic mix. R rooms of M members where every member sends a message
+//! every P seconds (course chats), plus one live room of L members whose host sends at a
+//! fixed rate (a lecture's Q&A stream). Reports delivery latency per traffic class, send-to-ack
+//! latency, deliveries/s and the server's CPU (from /proc/PID/stat) and RSS. studyhall only:
+//! the peers have no acknowledged, persisted sends to compare.
+
+use super::Common;
+use crate::coord::{Plan, Workers, worker_count};
+use crate::hist::Histogram;
+use crate::report::{Report, Table, histogram_svg, human, ms};
+use crate::sys::{CpuMeter, rss_kib};
+use crate::worker::{ConnSpec, Down, Proto};
+use anyhow::Result;
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Course-chat rooms.
+    #[arg(long, default_value_t = 200)]
+    pub rooms: u32,
+    /// Members per course-chat room.
+    #[arg(long, default_value_t = 50)]
+    pub members: u32,
+    /// Seconds between one member's messages.
+    #[arg(long, default_value_t = 10.0)]
+    pub every_s: f64,
+    /// Members of the live room (0 = no live room).
+    #[arg(long, default_value_t = 2000)]
+    pub live_members: u32,
+    /// Messages per second in the live room.
+    #[arg(long, default_value_t = 5.0)]
+    pub live_rate: f64,
+    /// Seconds of traffic.
+    #[arg(long, default_value_t = 20)]
+    pub duration_s: u64,
+}
+
+pub async fn run(common: Common, args: Args) -> Result<bool> {
+    let mut report = Report::new(
+        "classroom",
+        json!({
+            "rooms": args.rooms, "members": args.members, "every_s": args.every_s,
+            "live_members": args.live_members, "live_rate": args.live_rate,
+            "duration_s": args.duration_s,
+        }),
+    );
+    let server = common.server("classroom", false).await?;
+    let rooms: Vec<String> = (0..args.rooms).map(|r| format!("course-{r}")).collect();
+    for r in &rooms {
+        server.create_room(r, "group").await?;
+    }
+    server.create_room("lecture", "live").await?;
+    let mut conns = Vec::new();
+    let every_ms = (args.every_s * 1000.0).round().max(1.0) as u64;
+    for (r, room) in rooms.iter().enumerate() {
+        for m in 0..args.members {
+            let id = r as u32 * args.members + m;
+            conns.push(ConnSpec {
+                id,
+                user: id,
+                room: room.clone(),
+                every_ms,
+                count: 0,
+                class: 0,
+            });
+        }
+    }
+    let base = args.rooms * args.members;
+    for i in 0..args.live_members {
+        let host = i == 0 && args.live_rate > 0.0;
+        conns.push(ConnSpec {
+            id: base + i,
+            user: base + i,
+            room: "lecture".into(),
+            every_ms: if host {
+                (1000.0 / args.live_rate).round().max(1.0) as u64
+            } else {
+                0
+            },
+            count: 0,
+            class: 1,
+        });
+    }
+    let n = conns.len();
+    let rss0 = rss_kib(server.pid).unwrap_or(0);
+    let plan = Plan {
+        proto: Proto::Studyhall,
+        target: server.addr,
+        conns,
+        workers: worker_count(n, common.workers, common.per_worker),
+        concurrency: common.concurrency,
+        pad: 80,
+        track_ids: false,
+        reconnect: None,
+    };
+    let t = std::time::Instant::now();
+    let (mut workers, ready) = Workers::start(plan, Duration::from_secs(180)).await?;
+    report.note(format!(
+        "{} clients joined in {:.1} s ({} failed)",
+        ready.ok,
+        t.elapsed().as_secs_f64(),
+        ready.failed
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss1 = rss_kib(server.pid).unwrap_or(0);
+    let cpu = CpuMeter::start(server.pid);
+    workers.send_all(&Down::Go).await?;
+    tokio::time::sleep(Duration::from_secs(args.duration_s)).await;
+    let cpu_pct = cpu.percent();
+    let rss2 = rss_kib(server.pid).unwrap_or(0);
+    let total = workers.stop().await?;
+    server.stop().await?;
+    let f = &total.f;
+    let group = total.classes.get(&0).cloned().unwrap_or_default();
+    let live = total.classes.get(&1).cloned().unwrap_or_default();
+    let dur = args.duration_s as f64;
+    let mut table = Table::new(
+        "classroom mix",
+        &[
+            "traffic",
+            "deliveries",
+            "deliveries/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+        ],
+    );
+    let row = |name: &str, h: &Histogram| {
+        let s = h.summary();
+        vec![
+            name.to_owned(),
+            s.count.to_string(),
+            human(s.count as f64 / dur),
+            ms(s.p50_ms),
+            ms(s.p99_ms),
+            ms(s.p999_ms),
+            ms(s.max_ms),
+        ]
+    };
+    table.row(row(
+        &format!(
+            "{} rooms x {} (every {} s)",
+            args.rooms, args.members, args.every_s
+        ),
+        &group,
+    ));
+    table.row(row(
+        &format!("live room x {} ({}/s)", args.live_members, args.live_rate),
+        &live,
+    ));
+    table.row(row("send -> ok (ack)", &total.ack));
+    report.tables.push(table);
+    let mut srv = Table::new(
+        "server",
+        &[
+            "clients",
+            "msgs sent",
+            "acked",
+            "errors",
+            "CPU % (100 = 1 core)",
+            "RSS idle MiB",
+            "RSS joined MiB",
+            "RSS end MiB",
+        ],
+    );
+    srv.row(vec![
+        ready.ok.to_string(),
+        f.sent.to_string(),
+        f.acked.to_string(),
+        f.send_errors.to_string(),
+        format!("{cpu_pct:.0}"),
+        format!("{:.1}", rss0 as f64 / 1024.0),
+        format!("{:.1}", rss1 as f64 / 1024.0),
+        format!("{:.1}", rss2 as f64 / 1024.0),
+    ]);
+    report.tables.push(srv);
+    if f.seq_dups + f.seq_gaps > 0 || !f.closes.is_empty() {
+        report.note(format!(
+            "correctness: {} duplicate seqs, {} seq gaps, clients lost {:?}",
+            f.seq_dups, f.seq_gaps, f.closes
+        ));
+    }
+    report.svg(
+        "latency",
+        histogram_svg(
+            "classroom: end-to-end delivery latency",
+            &[
+                ("course rooms", &group),
+                ("live room", &live),
+                ("ack", &total.ack),
+            ],
+        ),
+    );
+    report.results = json!({
+        "clients": ready.ok, "failed": ready.failed, "sent": f.sent, "acked": f.acked,
+        "send_errors": f.send_errors, "server_cpu_pct": cpu_pct,
+        "rss_kib": [rss0, rss1, rss2], "group": group.summary(), "live": live.summary(),
+        "ack": total.ack.summary(), "seq_dups": f.seq_dups, "seq_gaps": f.seq_gaps,
+        "closes": f.closes,
+    });
+    report.write(&common.out)?;
+    Ok(true)
+}

@@ -1,0 +1,154 @@
+//! `durable`: how many messages per second the server acknowledges (an ok is sent only after
+//! the message is committed) and the send-to-ok latency, with C connections each keeping W
+//! sends in flight in its own room, on SQLite (synchronous=full unless overridden) and on
+//! PostgreSQL. The peers have no durable send, so this compares the two stores.
+
+use super::{Common, pub_src};
+use crate::coord::Publisher;
+use crate::frames::{Stamp, now_us};
+use crate::hist::Histogram;
+use crate::report::{Report, Table, histogram_svg, human, ms, ratio};
+use crate::sys::CpuMeter;
+use crate::worker::Proto;
+use anyhow::Result;
+use serde_json::json;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Sending connections (each in its own room).
+    #[arg(long, default_value_t = 32)]
+    pub conns: usize,
+    /// Sends in flight per connection.
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
+    /// Seconds per store.
+    #[arg(long, default_value_t = 8)]
+    pub duration_s: u64,
+    /// Stores to run: sqlite, postgres.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    pub stores: Vec<String>,
+}
+
+pub async fn run(common: Common, args: Args) -> Result<bool> {
+    let mut report = Report::new(
+        "durable",
+        json!({
+            "conns": args.conns, "window": args.window, "duration_s": args.duration_s,
+            "stores": args.stores,
+        }),
+    );
+    let mut table = Table::new(
+        "acknowledged (committed) sends",
+        &[
+            "store",
+            "acked msgs/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "errors",
+            "server CPU %",
+        ],
+    );
+    let mut hists = Vec::new();
+    let mut results = Vec::new();
+    let mut rates = Vec::new();
+    for store in &args.stores {
+        let pg = store == "postgres";
+        let server = match common.server(&format!("durable-{store}"), pg).await {
+            Ok(s) => s,
+            Err(e) => {
+                report.note(format!("{store}: could not start: {e:#}"));
+                continue;
+            }
+        };
+        let mut pubs = Vec::new();
+        for i in 0..args.conns {
+            let room = format!("durable-{i}");
+            server.create_room(&room, "group").await?;
+            pubs.push((
+                room.clone(),
+                Publisher::connect(
+                    Proto::Studyhall,
+                    server.addr,
+                    pub_src(i),
+                    500_000 + i as u32,
+                    &room,
+                )
+                .await?,
+            ));
+        }
+        let cpu = CpuMeter::start(server.pid);
+        let t0 = Instant::now();
+        let dur = Duration::from_secs(args.duration_s);
+        let mut tasks = Vec::new();
+        for (i, (room, mut p)) in pubs.into_iter().enumerate() {
+            let window = args.window.max(1);
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0;
+                while t0.elapsed() < dur {
+                    if p.unacked() >= window {
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                        continue;
+                    }
+                    n += 1;
+                    let stamp = Stamp {
+                        step: 0,
+                        t_us: now_us(),
+                        sender: i as u32,
+                        n,
+                    };
+                    if p.publish(&room, stamp, 64).await.is_err() {
+                        break;
+                    }
+                }
+                p.wait_acks(Duration::from_secs(10)).await;
+                p
+            }));
+        }
+        let mut hist = Histogram::new();
+        let (mut acked, mut errors) = (0, 0);
+        for t in tasks {
+            let p = t.await?;
+            hist.merge(&p.ack.lock().unwrap_or_else(|e| e.into_inner()));
+            acked += p.acked.load(Relaxed);
+            errors += p.errors.load(Relaxed);
+        }
+        let cpu_pct = cpu.percent();
+        let wall = t0.elapsed().as_secs_f64();
+        let rate = acked as f64 / wall;
+        let s = hist.summary();
+        table.row(vec![
+            store.clone(),
+            human(rate),
+            ms(s.p50_ms),
+            ms(s.p99_ms),
+            ms(s.p999_ms),
+            errors.to_string(),
+            format!("{cpu_pct:.0}"),
+        ]);
+        results.push(json!({"store": store, "acked": acked, "wall_s": wall,
+            "acked_per_s": rate, "errors": errors, "ack": s, "server_cpu_pct": cpu_pct}));
+        rates.push((store.clone(), rate));
+        hists.push((store.clone(), hist));
+        server.stop().await?;
+    }
+    report.tables.push(table);
+    if rates.len() == 2 {
+        report.note(format!(
+            "{} / {} acked throughput: {}",
+            rates[0].0,
+            rates[1].0,
+            ratio(Some(rates[0].1), Some(rates[1].1))
+        ));
+    }
+    let series: Vec<(&str, &Histogram)> = hists.iter().map(|(n, h)| (n.as_str(), h)).collect();
+    report.svg(
+        "ack-latency",
+        histogram_svg("send -> ok (committed) latency", &series),
+    );
+    report.results = json!(results);
+    report.write(&common.out)?;
+    Ok(true)
+}

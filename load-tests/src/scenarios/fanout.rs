@@ -1,0 +1,325 @@
+//! `fanout`: one room of M members (spread over worker processes) and a publisher in the
+//! coordinator. The publish rate steps up (each step a fixed number of seconds) until the
+//! step's p99 end-to-end latency passes the limit (or deliveries go missing); each step
+//! reports deliveries/s and p50/p99/p99.9 from the send timestamp inside the message text to
+//! its receipt. Same room shape for studyhall, NATS (subject = room) and Socket.IO (room).
+
+use super::{Common, Sut, pub_src};
+use crate::coord::{Plan, Publisher, Workers, pace, worker_count};
+use crate::hist::Histogram;
+use crate::report::{Report, Table, histogram_svg, human, line_svg, ms, ratio};
+use crate::sys::CpuMeter;
+use crate::worker::{ConnSpec, Proto};
+use anyhow::Result;
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Room sizes to run (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    pub members: Vec<usize>,
+    /// Publish rates to step through, messages/s.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10,50,100,200,500,1000,2000,5000"
+    )]
+    pub rates: Vec<f64>,
+    /// Seconds per step.
+    #[arg(long, default_value_t = 3)]
+    pub step_s: u64,
+    /// Stop stepping once p99 passes this many ms.
+    #[arg(long, default_value_t = 50.0)]
+    pub p99_limit_ms: f64,
+    /// Message text length in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub pad: usize,
+    /// Publishing connections.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Sessions per user in the room (studyhall only; 1 = every member a distinct user).
+    /// Presence and the join reply's `online` list grow with distinct users, so very large
+    /// rooms may share users to keep joining tractable; the report says so.
+    #[arg(long, default_value_t = 1)]
+    pub sessions_per_user: u32,
+}
+
+struct StepRow {
+    target: &'static str,
+    members: usize,
+    rate: f64,
+    achieved: f64,
+    delivered: u64,
+    expected: u64,
+    del_per_s: f64,
+    cpu: f64,
+    hist: Histogram,
+}
+
+pub async fn run(common: Common, args: Args) -> Result<bool> {
+    let mut report = Report::new(
+        "fanout",
+        json!({"members": args.members, "rates": args.rates, "step_s": args.step_s,
+            "p99_limit_ms": args.p99_limit_ms, "pad": args.pad, "publishers": args.publishers,
+            "sessions_per_user": args.sessions_per_user}),
+    );
+    let mut rows: Vec<StepRow> = Vec::new();
+    let mut notes = Vec::new();
+    for &m in &args.members {
+        for proto in common.targets() {
+            let name = proto.name();
+            match one(&common, &args, proto, m, &mut rows).await {
+                Ok(n) => notes.extend(n),
+                Err(e) => notes.push(format!("{name} M={m}: aborted: {e:#}")),
+            }
+        }
+    }
+    let mut steps = Table::new(
+        "every step",
+        &[
+            "target",
+            "members",
+            "rate asked",
+            "rate sent",
+            "deliveries/s",
+            "delivered",
+            "lost",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "server CPU %",
+        ],
+    );
+    for r in &rows {
+        let s = r.hist.summary();
+        steps.row(vec![
+            r.target.into(),
+            r.members.to_string(),
+            human(r.rate),
+            human(r.achieved),
+            human(r.del_per_s),
+            r.delivered.to_string(),
+            r.expected.saturating_sub(r.delivered).to_string(),
+            ms(s.p50_ms),
+            ms(s.p99_ms),
+            ms(s.p999_ms),
+            format!("{:.0}", r.cpu),
+        ]);
+    }
+    // Best step within the limit, per target and size.
+    let ok = |r: &&StepRow| {
+        r.hist.summary().p99_ms <= args.p99_limit_ms && r.delivered >= r.expected * 99 / 100
+    };
+    let mut best = Table::new(
+        &format!("max sustained fan-out with p99 <= {} ms", args.p99_limit_ms),
+        &[
+            "members",
+            "target",
+            "deliveries/s",
+            "msgs/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "studyhall/peer",
+        ],
+    );
+    for &m in &args.members {
+        let pick = |t: &str| {
+            rows.iter()
+                .filter(|r| r.members == m && r.target == t)
+                .filter(ok)
+                .max_by(|a, b| a.del_per_s.total_cmp(&b.del_per_s))
+        };
+        let sh = pick("studyhall").map(|r| r.del_per_s);
+        for proto in common.targets() {
+            let Some(r) = pick(proto.name()) else {
+                best.row(vec![
+                    m.to_string(),
+                    proto.name().into(),
+                    "none within limit".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ]);
+                continue;
+            };
+            let s = r.hist.summary();
+            best.row(vec![
+                m.to_string(),
+                r.target.into(),
+                human(r.del_per_s),
+                human(r.achieved),
+                ms(s.p50_ms),
+                ms(s.p99_ms),
+                ms(s.p999_ms),
+                if r.target == "studyhall" {
+                    "-".into()
+                } else {
+                    ratio(sh, Some(r.del_per_s))
+                },
+            ]);
+        }
+        // Plots per size: p99 against publish rate, and the best steps' histograms.
+        let series: Vec<(String, Vec<(f64, f64)>)> = common
+            .targets()
+            .iter()
+            .map(|p| {
+                (
+                    format!("{} p99", p.name()),
+                    rows.iter()
+                        .filter(|r| r.members == m && r.target == p.name())
+                        .map(|r| (r.achieved.max(0.1), r.hist.summary().p99_ms.max(0.001)))
+                        .collect(),
+                )
+            })
+            .collect();
+        report.svg(
+            &format!("p99-m{m}"),
+            line_svg(
+                &format!("fan-out to {m} members: p99 latency per publish-rate step"),
+                "messages/s published (log)",
+                "p99 ms (log)",
+                true,
+                true,
+                &series,
+            ),
+        );
+        let bests: Vec<(&str, &Histogram)> = common
+            .targets()
+            .iter()
+            .filter_map(|p| pick(p.name()).map(|r| (p.name(), &r.hist)))
+            .collect();
+        report.svg(
+            &format!("hist-m{m}"),
+            histogram_svg(
+                &format!("fan-out to {m} members: latency at the best step within limit"),
+                &bests,
+            ),
+        );
+    }
+    report.tables.push(best);
+    report.tables.push(steps);
+    for n in notes {
+        report.note(n);
+    }
+    report.results =
+        json!(rows.iter().map(|r| json!({
+        "target": r.target, "members": r.members, "rate": r.rate, "achieved": r.achieved,
+        "delivered": r.delivered, "expected": r.expected, "deliveries_per_s": r.del_per_s,
+        "server_cpu_pct": r.cpu, "latency": r.hist.summary(),
+    })).collect::<Vec<_>>());
+    report.write(&common.out)?;
+    Ok(true)
+}
+
+/// One target at one room size: returns notes.
+async fn one(
+    common: &Common,
+    args: &Args,
+    proto: Proto,
+    m: usize,
+    rows: &mut Vec<StepRow>,
+) -> Result<Vec<String>> {
+    let name = proto.name();
+    let mut notes = Vec::new();
+    let sut = Sut::start(common, proto, &format!("fanout-{name}-{m}")).await?;
+    let room = "fanout".to_owned();
+    sut.rooms(std::slice::from_ref(&room), "live").await?;
+    let spu = if proto == Proto::Studyhall {
+        args.sessions_per_user.max(1)
+    } else {
+        1
+    };
+    let conns = (0..m as u32)
+        .map(|i| ConnSpec {
+            id: i,
+            user: i / spu,
+            room: room.clone(),
+            every_ms: 0,
+            count: 0,
+            class: 0,
+        })
+        .collect();
+    let plan = Plan {
+        proto,
+        target: sut.addr(),
+        conns,
+        workers: worker_count(m, common.workers, common.per_worker),
+        concurrency: common.concurrency,
+        pad: args.pad,
+        track_ids: false,
+        reconnect: None,
+    };
+    let t = std::time::Instant::now();
+    let (mut workers, ready) = Workers::start(plan, Duration::from_secs(120)).await?;
+    notes.push(format!(
+        "{name} M={m}: {} members joined in {:.1} s ({} failed){}",
+        ready.ok,
+        t.elapsed().as_secs_f64(),
+        ready.failed,
+        if spu > 1 {
+            format!(", {spu} sessions per user")
+        } else {
+            String::new()
+        }
+    ));
+    let mut pubs = Vec::new();
+    for i in 0..args.publishers.max(1) {
+        pubs.push(
+            Publisher::connect(proto, sut.addr(), pub_src(i), 900_000 + i as u32, &room).await?,
+        );
+    }
+    // Let join-time traffic (presence) drain before measuring.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let members = ready.ok;
+    let mut counter = 0;
+    for (k, &rate) in args.rates.iter().enumerate() {
+        let step = k as u32 + 1;
+        let cpu = CpuMeter::start(sut.pid());
+        let dur = Duration::from_secs(args.step_s);
+        let (sent, achieved) =
+            pace(&mut pubs, &room, rate, dur, step, args.pad, &mut counter).await?;
+        let cpu_pct = cpu.percent();
+        let expected = sent * members;
+        let delivered = workers
+            .drain(step, expected, Duration::from_secs(3))
+            .await?;
+        let hist = workers.collect(step).await?;
+        let s = hist.summary();
+        eprintln!(
+            "{name} M={m} rate {rate}: sent {sent} ({achieved:.0}/s) delivered {delivered}/{expected} p50 {:.2} p99 {:.2} p99.9 {:.2} ms cpu {cpu_pct:.0}%",
+            s.p50_ms, s.p99_ms, s.p999_ms
+        );
+        let over = s.p99_ms > args.p99_limit_ms || delivered < expected * 99 / 100;
+        rows.push(StepRow {
+            target: name,
+            members: m,
+            rate,
+            achieved,
+            delivered,
+            expected,
+            del_per_s: delivered as f64 / dur.as_secs_f64(),
+            cpu: cpu_pct,
+            hist,
+        });
+        if over {
+            break;
+        }
+    }
+    drop(pubs);
+    let total = workers.stop().await?;
+    if total.f.seq_dups + total.f.seq_gaps > 0 {
+        notes.push(format!(
+            "{name} M={m}: seq check: {} duplicates, {} gaps",
+            total.f.seq_dups, total.f.seq_gaps
+        ));
+    }
+    if !total.f.closes.is_empty() {
+        notes.push(format!("{name} M={m}: members lost: {:?}", total.f.closes));
+    }
+    sut.stop().await?;
+    Ok(notes)
+}

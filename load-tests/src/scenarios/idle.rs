@@ -1,0 +1,159 @@
+//! `idle`: N clients connect, sign in and join rooms, then sit idle. Measures the server's
+//! resident memory per connection (VmRSS from /proc/PID/status before the clients and after
+//! they settle; user-space memory only, kernel socket buffers are not in it) and handshakes
+//! per second (TCP connect + WebSocket upgrade + hello/welcome + join/ok), for studyhall and
+//! for each peer holding the same number of subscribed WebSocket clients.
+
+use super::{Common, Sut};
+use crate::coord::{Plan, Workers, worker_count};
+use crate::report::{Report, Table, human, ms, ratio};
+use crate::sys::rss_kib;
+use crate::worker::ConnSpec;
+use anyhow::Result;
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Idle clients (the server process itself may hold at most ~19,900 sockets here).
+    #[arg(long, default_value_t = 10_000)]
+    pub conns: usize,
+    /// Rooms the clients are spread over.
+    #[arg(long, default_value_t = 100)]
+    pub rooms: usize,
+    /// Seconds to let the server settle before reading its RSS.
+    #[arg(long, default_value_t = 3)]
+    pub settle_s: u64,
+}
+
+/// Goal from issue 6: at most 5 KB of user-space RSS per idle connection.
+const GOAL_BYTES: f64 = 5_000.0;
+
+pub async fn run(common: Common, args: Args) -> Result<bool> {
+    let mut report = Report::new("idle", json!({"conns": args.conns, "rooms": args.rooms}));
+    let mut table = Table::new(
+        "idle connections",
+        &[
+            "target",
+            "clients ok",
+            "failed",
+            "RSS before MiB",
+            "RSS after MiB",
+            "bytes/conn",
+            "handshakes/s",
+            "handshake p50 ms",
+            "handshake p99 ms",
+        ],
+    );
+    let mut per_conn = Vec::new();
+    let mut hs = Vec::new();
+    let mut results = Vec::new();
+    for proto in common.targets() {
+        let name = proto.name();
+        let sut = match Sut::start(&common, proto, &format!("idle-{name}")).await {
+            Ok(s) => s,
+            Err(e) => {
+                report.note(format!("{name}: could not start: {e:#}"));
+                continue;
+            }
+        };
+        let rooms: Vec<String> = (0..args.rooms).map(|r| format!("idle-{r}")).collect();
+        sut.rooms(&rooms, "group").await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = rss_kib(sut.pid()).unwrap_or(0);
+        let conns = (0..args.conns as u32)
+            .map(|i| ConnSpec {
+                id: i,
+                user: i,
+                room: rooms[i as usize % rooms.len()].clone(),
+                every_ms: 0,
+                count: 0,
+                class: 0,
+            })
+            .collect();
+        let plan = Plan {
+            proto,
+            target: sut.addr(),
+            conns,
+            workers: worker_count(args.conns, common.workers, common.per_worker),
+            concurrency: common.concurrency,
+            pad: 0,
+            track_ids: false,
+            reconnect: None,
+        };
+        let (workers, ready) = Workers::start(plan, Duration::from_secs(120)).await?;
+        tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
+        let after = rss_kib(sut.pid()).unwrap_or(0);
+        let bytes = (after.saturating_sub(before) as f64 * 1024.0) / ready.ok.max(1) as f64;
+        let rate = ready.ok as f64 / ready.window_s.max(1e-6);
+        let c = ready.connect.summary();
+        table.row(vec![
+            name.into(),
+            ready.ok.to_string(),
+            ready.failed.to_string(),
+            format!("{:.1}", before as f64 / 1024.0),
+            format!("{:.1}", after as f64 / 1024.0),
+            format!("{bytes:.0}"),
+            human(rate),
+            ms(c.p50_ms),
+            ms(c.p99_ms),
+        ]);
+        if !ready.errors.is_empty() {
+            report.note(format!("{name}: connect errors {:?}", ready.errors));
+        }
+        per_conn.push((name, bytes));
+        hs.push((name, rate));
+        results.push(
+            json!({"target": name, "ok": ready.ok, "failed": ready.failed,
+            "rss_before_kib": before, "rss_after_kib": after, "bytes_per_conn": bytes,
+            "handshakes_per_s": rate, "window_s": ready.window_s, "handshake": c}),
+        );
+        let total = workers.stop().await?;
+        if !total.f.closes.is_empty() {
+            report.note(format!(
+                "{name}: clients lost while idle: {:?}",
+                total.f.closes
+            ));
+        }
+        sut.stop().await?;
+    }
+    report.tables.push(table);
+    let mut cmp = Table::new(
+        "studyhall vs peers",
+        &[
+            "metric",
+            "peer",
+            "studyhall",
+            "peer value",
+            "ratio studyhall/peer",
+        ],
+    );
+    let sh_b = per_conn.iter().find(|p| p.0 == "studyhall").map(|p| p.1);
+    let sh_h = hs.iter().find(|p| p.0 == "studyhall").map(|p| p.1);
+    for ((peer, b), (_, h)) in per_conn.iter().zip(&hs).filter(|p| p.0.0 != "studyhall") {
+        cmp.row(vec![
+            "bytes/conn".into(),
+            (*peer).into(),
+            format!("{:.0}", sh_b.unwrap_or(0.0)),
+            format!("{b:.0}"),
+            ratio(sh_b, Some(*b)),
+        ]);
+        cmp.row(vec![
+            "handshakes/s".into(),
+            (*peer).into(),
+            human(sh_h.unwrap_or(0.0)),
+            human(*h),
+            ratio(sh_h, Some(*h)),
+        ]);
+    }
+    report.tables.push(cmp);
+    let pass = sh_b.is_some_and(|b| b <= GOAL_BYTES);
+    report.note(format!(
+        "goal <= {GOAL_BYTES:.0} bytes user-space RSS per connection: studyhall {} ({})",
+        sh_b.map_or("n/a".into(), |b| format!("{b:.0} bytes")),
+        if pass { "met" } else { "NOT met" }
+    ));
+    report.results = json!(results);
+    report.write(&common.out)?;
+    Ok(true)
+}

@@ -1,0 +1,143 @@
+//! Scenario plumbing shared by every subcommand: the common flags (report directory, server
+//! binary, worker sizing, peers), starting a fresh studyhall server on a throw-away database,
+//! and the list of targets (studyhall plus the requested peers) a comparison runs against.
+
+pub mod classroom;
+pub mod durable;
+pub mod fanout;
+pub mod idle;
+pub mod reconnect;
+pub mod smoke;
+
+use crate::procs::{Db, Peer, Server};
+use crate::worker::Proto;
+use anyhow::Result;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Common {
+    /// Report directory (JSON, Markdown and SVG files; logs under it).
+    #[arg(long, default_value = "load-report")]
+    pub out: PathBuf,
+    /// The studyhall server binary (default: `studyhall` next to this executable).
+    #[arg(long, env = "STUDYHALL_BIN")]
+    pub server_bin: Option<PathBuf>,
+    /// Worker processes (0 = enough for --per-worker clients each, at least 2).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Clients per worker process when --workers is 0 (capped at 15,000).
+    #[arg(long, default_value_t = 5000)]
+    pub per_worker: usize,
+    /// Handshakes in flight per worker.
+    #[arg(long, default_value_t = 128)]
+    pub concurrency: usize,
+    /// Peers to compare against: nats, socketio (comma-separated; "none" for none).
+    #[arg(long, value_delimiter = ',', default_value = "nats,socketio")]
+    pub peers: Vec<String>,
+    /// nats-server binary (2.9+, WebSocket support).
+    #[arg(long, default_value = "/usr/sbin/nats-server")]
+    pub nats_bin: String,
+    /// An existing PostgreSQL database to create throw-away databases from (trust auth).
+    #[arg(
+        long,
+        env = "STUDYHALL_LOAD_PG",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub pg_url: String,
+    /// Extra server settings, KEY=VALUE (e.g. STUDYHALL_OUTBOX_FRAMES=4096); repeatable.
+    #[arg(long = "server-env")]
+    pub server_env: Vec<String>,
+}
+
+impl Common {
+    pub fn extra_env(&self) -> Vec<(String, String)> {
+        self.server_env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    /// A fresh server on a new SQLite file (under the report directory) or PostgreSQL db.
+    pub async fn server(&self, tag: &str, postgres: bool) -> Result<Server> {
+        let bin = crate::procs::server_bin(self.server_bin.clone())?;
+        let dir = self.out.join("run").join(tag);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let db = if postgres {
+            Db::Postgres(self.pg_url.clone())
+        } else {
+            Db::Sqlite(std::fs::canonicalize(&dir)?.join("load.db"))
+        };
+        Server::start(&bin, db, &self.extra_env(), &dir).await
+    }
+
+    pub fn targets(&self) -> Vec<Proto> {
+        let mut t = vec![Proto::Studyhall];
+        for p in &self.peers {
+            match p.trim() {
+                "nats" => t.push(Proto::Nats),
+                "socketio" | "socket.io" => t.push(Proto::Socketio),
+                _ => {}
+            }
+        }
+        t
+    }
+}
+
+/// The system under test for one target: a studyhall server or a peer process.
+pub enum Sut {
+    Studyhall(Server),
+    Peer(Peer),
+}
+
+impl Sut {
+    pub async fn start(common: &Common, proto: Proto, tag: &str) -> Result<Self> {
+        let work = common.out.join("run").join(tag);
+        Ok(match proto {
+            Proto::Studyhall => Sut::Studyhall(common.server(tag, false).await?),
+            Proto::Nats => Sut::Peer(Peer::nats(&common.nats_bin, &work).await?),
+            Proto::Socketio => Sut::Peer(Peer::socketio(&work).await?),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Sut::Studyhall(s) => s.addr,
+            Sut::Peer(p) => p.addr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        match self {
+            Sut::Studyhall(s) => s.pid,
+            Sut::Peer(p) => p.pid,
+        }
+    }
+
+    /// Rooms must exist before studyhall clients join them; peers make rooms on demand.
+    pub async fn rooms(&self, ids: &[String], kind: &str) -> Result<()> {
+        if let Sut::Studyhall(s) = self {
+            for id in ids {
+                s.create_room(id, kind).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        match self {
+            Sut::Studyhall(s) => s.stop().await,
+            Sut::Peer(p) => {
+                drop(p);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Source address for coordinator-side publishers: 127.0.0.2..
+pub fn pub_src(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 6) as u8)
+}

@@ -53,6 +53,9 @@ pub struct Config {
     pub max_sessions_per_user: usize,
     /// Sessions one room may have joined at once.
     pub max_room_sessions: usize,
+    /// Online users above which a room sends no per-user presence or typing events (the join
+    /// reply still has `online_count` and the first this-many users).
+    pub presence_limit: usize,
     /// Writes one session may have waiting for commit; it stops reading beyond this.
     pub max_inflight_per_session: usize,
     /// Most events `join {after_seq}` replays; beyond it the reply says `gap: true`.
@@ -125,6 +128,7 @@ impl Default for Config {
             max_rooms_per_session: 100,
             max_sessions_per_user: 10,
             max_room_sessions: 50_000,
+            presence_limit: 1000,
             max_inflight_per_session: 256,
             replay_limit: 1000,
             max_text_chars: 4000,
@@ -212,6 +216,8 @@ pub struct ServeArgs {
     pub max_sessions_per_user: Option<usize>,
     #[arg(long, env = "STUDYHALL_MAX_ROOM_SESSIONS")]
     pub max_room_sessions: Option<usize>,
+    #[arg(long, env = "STUDYHALL_PRESENCE_LIMIT")]
+    pub presence_limit: Option<usize>,
     #[arg(long, env = "STUDYHALL_MAX_INFLIGHT_PER_SESSION")]
     pub max_inflight_per_session: Option<usize>,
     #[arg(long, env = "STUDYHALL_REPLAY_LIMIT")]
@@ -290,6 +296,7 @@ impl Config {
             max_rooms_per_session,
             max_sessions_per_user,
             max_room_sessions,
+            presence_limit,
             max_inflight_per_session,
             replay_limit,
             max_text_chars,
@@ -364,6 +371,7 @@ impl Config {
         positive("max_rooms_per_session", self.max_rooms_per_session as u64)?;
         positive("max_sessions_per_user", self.max_sessions_per_user as u64)?;
         positive("max_room_sessions", self.max_room_sessions as u64)?;
+        positive("presence_limit", self.presence_limit as u64)?;
         positive(
             "max_inflight_per_session",
             self.max_inflight_per_session as u64,

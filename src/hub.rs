@@ -194,7 +194,9 @@ pub enum HubError {
 /// The result of a join: who is online (the joiner included), who is on stage, and (for
 /// host/ta) the raised hands.
 pub struct Joined {
+    /// Online users, sorted by id, at most the presence limit.
     pub online: Vec<UserRef>,
+    pub online_count: usize,
     pub stage: Vec<UserRef>,
     pub hands: Vec<(UserRef, i64)>,
 }
@@ -215,6 +217,9 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     max_sessions_per_user: usize,
     max_room_sessions: usize,
+    /// Above this many online users a room stops sending per-user presence and typing (the
+    /// join reply still counts them): otherwise a big live room costs O(n^2) frames to fill.
+    presence_limit: usize,
     /// Most frames held for a gated session before it counts as a slow consumer.
     gate_cap: usize,
 }
@@ -233,8 +238,15 @@ impl Hub {
             metrics,
             max_sessions_per_user,
             max_room_sessions,
+            presence_limit: usize::MAX,
             gate_cap,
         }
+    }
+
+    /// Sets the room size above which presence and typing are not broadcast.
+    pub fn with_presence_limit(mut self, limit: usize) -> Self {
+        self.presence_limit = limit;
+        self
     }
 
     pub fn sessions(&self) -> usize {
@@ -307,7 +319,7 @@ impl Hub {
                     true
                 }
             };
-            if first {
+            if first && state.online.len() <= self.presence_limit {
                 let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
                     room,
                     user: &user,
@@ -323,8 +335,10 @@ impl Hub {
                 );
             }
         }
+        let online_count = state.online.len();
         let mut online: Vec<UserRef> = state.online.values().map(|(u, _)| u.clone()).collect();
         online.sort_by(|a, b| a.id.cmp(&b.id));
+        online.truncate(self.presence_limit);
         let hands = if moderator {
             state.hands.clone()
         } else {
@@ -332,6 +346,7 @@ impl Hub {
         };
         Ok(Joined {
             online,
+            online_count,
             stage: state.stage.clone(),
             hands,
         })
@@ -382,19 +397,21 @@ impl Hub {
             None => false,
         };
         if last {
-            let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
-                room,
-                user: &member.user,
-                state: PresenceState::Offline,
-            }));
-            state.fan_out(
-                &frame,
-                None,
-                None,
-                Audience::Others(&uid),
-                self.gate_cap,
-                &self.metrics,
-            );
+            if state.online.len() < self.presence_limit {
+                let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
+                    room,
+                    user: &member.user,
+                    state: PresenceState::Offline,
+                }));
+                state.fan_out(
+                    &frame,
+                    None,
+                    None,
+                    Audience::Others(&uid),
+                    self.gate_cap,
+                    &self.metrics,
+                );
+            }
             // Hands and stage belong to people who are here.
             if let Some(pos) = state.hands.iter().position(|(u, _)| u.id == uid) {
                 state.hands.remove(pos);
@@ -467,6 +484,13 @@ impl Hub {
 
     /// Sends an unsequenced frame (typing) to the room's sessions of other users.
     pub fn notify_others(&self, room: &RoomId, from: &UserId, frame: &Frame) {
+        if self
+            .rooms
+            .get(room)
+            .is_some_and(|st| st.online.len() > self.presence_limit)
+        {
+            return;
+        }
         self.send(room, frame, Audience::Others(from));
     }
 
@@ -737,6 +761,23 @@ mod tests {
         hub.publish(ev("r", 7));
         hub.publish(ev("r", 7));
         assert_eq!(drain(&mut arx), vec!["{\"seq\":7}"]);
+    }
+
+    #[test]
+    fn big_rooms_stop_broadcasting_presence_and_typing_but_count_everyone() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100).with_presence_limit(2);
+        let (w, mut wrx, _) = session("w", "w", 16);
+        hub.join(&"r".into(), &w, user("w"), false).unwrap();
+        hub.open_gate(&"r".into(), &w.id, 0);
+        let (a, _ar, _) = session("a", "a", 16);
+        hub.join(&"r".into(), &a, user("a"), false).unwrap();
+        assert_eq!(drain(&mut wrx).len(), 1, "second user: presence still sent");
+        let (b, _br, _) = session("b", "b", 16);
+        let joined = hub.join(&"r".into(), &b, user("b"), false).unwrap();
+        assert!(drain(&mut wrx).is_empty(), "third user: over the limit");
+        assert_eq!((joined.online.len(), joined.online_count), (2, 3));
+        hub.notify_others(&"r".into(), &"a".into(), &Frame::from("typing"));
+        assert!(drain(&mut wrx).is_empty(), "no typing in a big room");
     }
 
     #[test]

@@ -123,12 +123,15 @@ impl App {
     /// Opens and migrates the store, resolves the token secret and wires fan-out.
     pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::default());
-        let hub = Arc::new(Hub::new(
-            metrics.clone(),
-            config.max_sessions_per_user,
-            config.max_room_sessions,
-            config.outbox_frames,
-        ));
+        let hub = Arc::new(
+            Hub::new(
+                metrics.clone(),
+                config.max_sessions_per_user,
+                config.max_room_sessions,
+                config.outbox_frames,
+            )
+            .with_presence_limit(config.presence_limit),
+        );
         let publish_to = hub.clone();
         let hook: store::CommitHook = Arc::new(move |ev| publish_to.publish(ev));
         let store = Store::open(

@@ -234,6 +234,7 @@ async fn replay_and_reply(
         "role": role,
         "last_seq": last_seq,
         "online": joined.online,
+        "online_count": joined.online_count,
         "stage": joined.stage,
     });
     if role.can_moderate() {

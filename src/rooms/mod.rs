@@ -179,7 +179,11 @@ async fn join(
         // Joining an open room (or via a token grant) makes it one of the user's rooms.
         ctx.app
             .store
-            .ensure_member(&room_id, &ctx.me.user, role)
+            .write(crate::store::WriteOp::EnsureMember {
+                room: room_id.clone(),
+                user: ctx.me.user.clone(),
+                role,
+            })
             .await?;
     }
 

@@ -89,6 +89,13 @@ pub enum WriteOp {
         question: QuestionId,
         status: QuestionStatus,
     },
+    /// Records that a user belongs to a room (first join of an open room), keeping any role
+    /// they already have. Not sequenced; batched so a burst of joins shares commits.
+    EnsureMember {
+        room: RoomId,
+        user: UserId,
+        role: crate::protocol::RoomRole,
+    },
 }
 
 impl WriteOp {
@@ -101,7 +108,8 @@ impl WriteOp {
             | Self::Ask { room, .. }
             | Self::Vote { room, .. }
             | Self::Answer { room, .. }
-            | Self::SetQuestionStatus { room, .. } => room,
+            | Self::SetQuestionStatus { room, .. }
+            | Self::EnsureMember { room, .. } => room,
         }
     }
 }
@@ -457,6 +465,22 @@ async fn reaction_counts(tx: &mut Tx, id: &MessageId) -> Result<Vec<ReactionCoun
 
 async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
     match op {
+        WriteOp::EnsureMember { room, user, role } => {
+            sqlx::query(
+                "INSERT INTO room_members (room_id, user_id, role, added_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (room_id, user_id) DO NOTHING",
+            )
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .bind(role.as_str())
+            .bind(now_ms())
+            .execute(&mut **tx)
+            .await?;
+            Ok(Applied {
+                outcome: WriteOutcome::Unchanged,
+                event: None,
+            })
+        }
         WriteOp::Ask {
             room,
             author,

@@ -7,6 +7,7 @@
 //! hook given to [`Store::open`].
 
 mod calls;
+mod fast;
 mod moderation;
 mod postgres;
 mod qa;
@@ -49,6 +50,22 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store writer has shut down")]
     Closed,
+}
+
+impl StoreError {
+    /// The same refusal again, for each write of a batch it applies to (database errors are
+    /// never duplicated: they abort the batch instead).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Self::NotFound(w) => Self::NotFound(w),
+            Self::Conflict(m) => Self::Conflict(m.clone()),
+            Self::Forbidden(m) => Self::Forbidden(m.clone()),
+            Self::BadRequest(m) => Self::BadRequest(m.clone()),
+            Self::TooLarge(m) => Self::TooLarge(m.clone()),
+            Self::Corrupt(m) => Self::Corrupt(m.clone()),
+            Self::Db(_) | Self::Migrate(_) | Self::Closed => Self::Closed,
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -274,14 +274,46 @@ impl Writer {
     async fn transaction(&self, ops: &[&WriteOp]) -> Result<Vec<Result<Applied>>, sqlx::Error> {
         let mut tx = self.pool.begin_with(self.begin).await?;
         let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
-            match apply(&mut tx, op).await {
+        let mut i = 0;
+        while i < ops.len() {
+            // Consecutive plain sends to one room (the hot path) share their statements.
+            let run = ops[i..]
+                .iter()
+                .take_while(|op| {
+                    plain_send_room(op).is_some_and(|r| Some(r) == plain_send_room(ops[i]))
+                })
+                .count();
+            if run >= 2 {
+                match super::fast::send_run(&mut tx, &ops[i..i + run]).await {
+                    Err(StoreError::Db(e)) => return Err(e),
+                    Err(refusal) => {
+                        out.extend(ops[i..i + run].iter().map(|_| Err(refusal.duplicate())))
+                    }
+                    Ok(results) => out.extend(results.into_iter().map(Ok)),
+                }
+                i += run;
+                continue;
+            }
+            match apply(&mut tx, ops[i]).await {
                 Err(StoreError::Db(e)) => return Err(e),
                 other => out.push(other),
             }
+            i += 1;
         }
         tx.commit().await?;
         Ok(out)
+    }
+}
+
+/// The room of a send without `reply_to` (which needs a per-message check).
+fn plain_send_room(op: &WriteOp) -> Option<&RoomId> {
+    match op {
+        WriteOp::Send {
+            room,
+            reply_to: None,
+            ..
+        } => Some(room),
+        _ => None,
     }
 }
 
@@ -292,6 +324,10 @@ fn new_message_id() -> MessageId {
 }
 
 /// A fresh random id with a one-letter prefix saying what it names.
+pub(super) fn new_message_id_for_batch() -> MessageId {
+    new_message_id()
+}
+
 pub(super) fn new_id(prefix: char) -> String {
     format!("{prefix}{:016x}", rand::random::<u64>())
 }

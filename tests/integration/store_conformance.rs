@@ -796,6 +796,119 @@ async fn mutes_bans_reports_and_audit(f: Fixture) {
     assert_eq!(s.audit_log(&r, log[0].id).await.unwrap().len(), 1);
 }
 
+/// Many sends queued at once take the batched path: the same outcomes as one by one,
+/// including duplicates of stored messages and of messages earlier in the same batch.
+async fn batched_sends_match_single_sends(f: Fixture) {
+    let s = &f.store;
+    let r = RoomId::from("r");
+    s.create_room(&room("r", Visibility::Open)).await.unwrap();
+    let (first_id, first_seq) = sent(s.write(send("r", "a", "stored", "k0")).await.unwrap());
+    let mut pending = Vec::new();
+    for i in 0..50 {
+        pending.push(
+            s.submit(send("r", "a", &format!("n{i}"), &format!("k{}", i % 40)))
+                .await
+                .unwrap(),
+        );
+    }
+    let reply = WriteOp::Send {
+        room: r.clone(),
+        from: user("b"),
+        text: "a reply".into(),
+        client_msg_id: Some("reply".into()),
+        reply_to: Some(first_id.clone()),
+    };
+    pending.push(s.submit(reply).await.unwrap());
+    let mut outcomes = Vec::new();
+    for p in pending {
+        outcomes.push(p.await.unwrap().unwrap());
+    }
+    // k0 was stored before: the first of the batch is a duplicate of it.
+    assert_eq!(
+        outcomes[0],
+        WriteOutcome::Sent {
+            id: first_id.clone(),
+            seq: first_seq,
+            ts: match &outcomes[0] {
+                WriteOutcome::Sent { ts, .. } => *ts,
+                _ => 0,
+            },
+            duplicate: true
+        }
+    );
+    let mut seqs = Vec::new();
+    let mut by_key: std::collections::HashMap<String, (MessageId, i64)> = Default::default();
+    for (i, o) in outcomes.iter().take(50).enumerate() {
+        let WriteOutcome::Sent {
+            id, seq, duplicate, ..
+        } = o
+        else {
+            panic!("{o:?}")
+        };
+        let key = format!("k{}", i % 40);
+        if i >= 40 || i == 0 {
+            assert!(*duplicate, "send {i} repeats {key}");
+            if i >= 40 && i % 40 != 0 {
+                assert_eq!(
+                    by_key[&key],
+                    (id.clone(), *seq),
+                    "duplicate of an earlier send in the batch"
+                );
+            }
+        } else {
+            assert!(!duplicate);
+            seqs.push(*seq);
+            by_key.insert(key, (id.clone(), *seq));
+        }
+    }
+    assert_eq!(
+        seqs,
+        (2..=40).collect::<Vec<_>>(),
+        "new sends get consecutive seqs in queue order"
+    );
+    assert!(matches!(
+        outcomes[50],
+        WriteOutcome::Sent {
+            seq: 41,
+            duplicate: false,
+            ..
+        }
+    ));
+    assert_eq!(s.last_seq(&r).await.unwrap(), 41);
+    let page = s.events_after(&r, 0, 100, View::Moderator).await.unwrap();
+    assert_eq!(page.events.len(), 41, "one event per new message");
+    let published: Vec<i64> = f.published.lock().unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(
+        published,
+        (1..=41).collect::<Vec<_>>(),
+        "published once each, in order"
+    );
+    let (hits, _) = s.search(&r, "n7", false, 10, 0).await.unwrap();
+    assert_eq!(hits.len(), 1, "batched messages are searchable");
+    // A batch into an archived room is refused as a whole, leaving no gap.
+    s.update_room(
+        &r,
+        &RoomPatch {
+            archived: Some(true),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut pending = Vec::new();
+    for i in 0..5 {
+        pending.push(
+            s.submit(send("r", "a", "late", &format!("late{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    for p in pending {
+        assert!(matches!(p.await.unwrap(), Err(StoreError::Forbidden(_))));
+    }
+    assert_eq!(s.last_seq(&r).await.unwrap(), 41);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -840,4 +953,5 @@ conformance!(
     questions_votes_answers_and_renderings,
     search_ranks_and_respects_pending,
     mutes_bans_reports_and_audit,
+    batched_sends_match_single_sends,
 );

@@ -310,6 +310,25 @@ pub(crate) fn av_leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     Ok(Outcome::Ok(json!({})))
 }
 
+/// A session left a room: it leaves the room's A/V, and if that took the user off stage,
+/// publishing ends for their other sessions there too.
+pub(crate) fn left_room(
+    app: &App,
+    room: &RoomId,
+    user: &UserId,
+    session: &str,
+    was_on_stage: bool,
+) {
+    let outs = {
+        let mut st = app.rtc.lock();
+        if was_on_stage && !app.hub.on_stage(room, user) {
+            st.av.set_publisher(room.as_str(), user.as_str(), false);
+        }
+        st.av.leave(room.as_str(), session)
+    };
+    deliver(app, outs, None, None);
+}
+
 /// Stage changes grant or withdraw publishing in the room's A/V.
 pub(crate) fn stage_changed(app: &App, room: &RoomId, user: &UserId, on: bool) {
     app.rtc
@@ -325,6 +344,11 @@ pub(crate) fn signal(
     to: Option<String>,
     data: Value,
 ) -> Result<Outcome> {
+    if let Some(room) = &room {
+        // A/V signals need the sender to still be in the room (not only in its A/V).
+        crate::rooms::check_room_id(room)?;
+        ctx.joined_role(room)?;
+    }
     let me = peer(ctx);
     let app = ctx.app.clone();
     let out = {

@@ -283,6 +283,16 @@ fn leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     if ctx.joined.remove(&room).is_none() {
         return Err(Error::NotMember(format!("not in room {room}")));
     }
+    let was_on_stage = ctx.app.hub.on_stage(&room, &ctx.me.user);
     ctx.app.hub.leave(&room, &ctx.handle.id);
+    // Leaving the room leaves its A/V too, and a stage spot given up here ends the right to
+    // publish for the user's other sessions as well.
+    rtc::left_room(
+        &ctx.app,
+        &room,
+        &ctx.me.user,
+        ctx.handle.id.as_str(),
+        was_on_stage,
+    );
     Ok(Outcome::Ok(json!({})))
 }

@@ -328,6 +328,31 @@ async fn av_rooms_relay_between_peers_and_enforce_live_publishing() {
         .await;
     kid.ok(json!({"type":"signal","room":"lv","to":host.session,"data":send}))
         .await;
+    // Leaving the room leaves its A/V and gives up the stage: no more publishing.
+    kid.ok(json!({"type":"leave","room":"lv"})).await;
+    let send = json!({"sdp":{"type":"offer","sdp":OFFER}});
+    assert_eq!(
+        kid.err(json!({"type":"signal","room":"lv","to":host.session,"data":send}))
+            .await,
+        "not_member"
+    );
+    kid.join("lv").await;
+    assert_eq!(
+        kid.err(json!({"type":"signal","room":"lv","to":host.session,"data":send}))
+            .await,
+        "forbidden",
+        "not in the A/V any more"
+    );
+    assert_eq!(
+        kid.ok(json!({"type":"av_join","room":"lv"})).await["publish"],
+        false,
+        "off stage after leaving"
+    );
+    assert_eq!(
+        kid.err(json!({"type":"signal","room":"lv","to":host.session,"data":send}))
+            .await,
+        "forbidden"
+    );
     assert_eq!(
         kid.err(json!({"type":"av_join","room":"nope-room"})).await,
         "not_member"

@@ -1,7 +1,8 @@
 // Publishing rights in a `live` room with real browsers: a student who is not on stage gets
 // `forbidden` when relaying an offer that would send audio/video to the host, while the
 // student's recvonly answer to the host's offer is relayed, the pair connects and the student
-// receives the host's media. Once the host puts the student on stage, a sending offer passes.
+// receives the host's media. Once the host puts the student on stage, a sending offer passes;
+// once the student is off stage again because they left the room, it is refused again.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -85,6 +86,47 @@ test('live room: only publishers may send media; a recvonly answer is relayed', 
     assert.equal(passed.type, 'ok', 'on stage the student may publish: ' + JSON.stringify(passed));
   } catch (e) {
     dumpLogs(clients);
+    throw e;
+  }
+});
+
+test('live room: leaving the room ends the right to publish that the stage gave', { timeout: 60000 }, async () => {
+  await server.room('live-2', 'live');
+  const host = await openClient(browser, page.url, server.wsUrl,
+    await server.token('host2', { role: 'tutor', rooms: { 'live-2': 'host' } }), 'host2');
+  const kid = await openClient(browser, page.url, server.wsUrl, await server.token('kid2'), 'kid2');
+  clients.push(host, kid);
+  try {
+    for (const c of [host, kid]) {
+      const j = await c.eval(() => window.sh.request({ type: 'join', room: 'live-2' }));
+      assert.equal(j.type, 'ok', JSON.stringify(j));
+    }
+    await kid.eval(() => window.sh.media({ video: { width: 160, height: 120, frameRate: 10 }, audio: true }));
+    assert.equal((await host.eval(() => window.sh.request({ type: 'av_join', room: 'live-2' }))).type, 'ok');
+    const kj = await kid.eval(() => window.sh.request({ type: 'av_join', room: 'live-2' }));
+    assert.equal(kj.publish, false);
+    const offer = () => kid.eval(async (to) => {
+      const sdp = await window.sh.makeOffer();
+      return window.sh.request({ type: 'signal', room: 'live-2', to, data: { sdp } });
+    }, host.session);
+
+    const staged = await host.eval(() => window.sh.request({ type: 'stage', room: 'live-2', user: 'kid2', on: true }));
+    assert.equal(staged.type, 'ok', JSON.stringify(staged));
+    assert.equal((await offer()).type, 'ok', 'on stage the student may publish');
+
+    // Leaving the room takes the student off stage (everyone is told)...
+    assert.equal((await kid.eval(() => window.sh.request({ type: 'leave', room: 'live-2' }))).type, 'ok');
+    await host.eval(() => window.sh.waitEvent({ type: 'stage', room: 'live-2', on: false }));
+    // ...and back in the room the student is not on stage,
+    const back = await kid.eval(() => window.sh.request({ type: 'join', room: 'live-2' }));
+    assert.equal(back.type, 'ok', JSON.stringify(back));
+    assert.ok(!back.stage.some((u) => u.id === 'kid2'), 'not on stage after leaving: ' + JSON.stringify(back.stage));
+    // so an offer that sends media must be refused again.
+    const after = await offer();
+    assert.equal(after.type, 'error', 'off stage after leaving, the student still publishes: ' + JSON.stringify(after));
+    assert.equal(after.code, 'forbidden');
+  } catch (e) {
+    dumpLogs([host, kid]);
     throw e;
   }
 });

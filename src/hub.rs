@@ -136,6 +136,30 @@ impl Audience<'_> {
 }
 
 impl RoomState {
+    /// Takes `user`'s hand down, if raised, and tells host/ta (and `user`'s own sessions when
+    /// they are still here). True if it was up.
+    fn lower_hand(
+        &mut self,
+        room: &RoomId,
+        user: &UserId,
+        tell_user: bool,
+        gate_cap: usize,
+        metrics: &Metrics,
+    ) -> bool {
+        let Some(pos) = self.hands.iter().position(|(u, _)| &u.id == user) else {
+            return false;
+        };
+        let (who, _) = self.hands.remove(pos);
+        let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
+            room,
+            user: &who,
+            raised: false,
+        }));
+        let to = Audience::Moderators(tell_user.then_some(user));
+        self.fan_out(&frame, None, None, to, gate_cap, metrics);
+        true
+    }
+
     /// Queues `frame` to the sessions in `to`; host/ta get `frame`, others `public` if given.
     fn fan_out(
         &mut self,
@@ -413,22 +437,7 @@ impl Hub {
                 );
             }
             // Hands and stage belong to people who are here.
-            if let Some(pos) = state.hands.iter().position(|(u, _)| u.id == uid) {
-                state.hands.remove(pos);
-                let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
-                    room,
-                    user: &member.user,
-                    raised: false,
-                }));
-                state.fan_out(
-                    &frame,
-                    None,
-                    None,
-                    Audience::Moderators(None),
-                    self.gate_cap,
-                    &self.metrics,
-                );
-            }
+            state.lower_hand(room, &uid, false, self.gate_cap, &self.metrics);
             if let Some(pos) = state.stage.iter().position(|u| u.id == uid) {
                 state.stage.remove(pos);
                 let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
@@ -555,24 +564,7 @@ impl Hub {
         let Some(mut state) = self.rooms.get_mut(room) else {
             return false;
         };
-        let Some(pos) = state.hands.iter().position(|(u, _)| &u.id == user) else {
-            return false;
-        };
-        let (who, _) = state.hands.remove(pos);
-        let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
-            room,
-            user: &who,
-            raised: false,
-        }));
-        state.fan_out(
-            &frame,
-            None,
-            None,
-            Audience::Moderators(Some(user)),
-            self.gate_cap,
-            &self.metrics,
-        );
-        true
+        state.lower_hand(room, user, true, self.gate_cap, &self.metrics)
     }
 
     pub fn hands(&self, room: &RoomId) -> Vec<(UserRef, i64)> {
@@ -605,22 +597,7 @@ impl Hub {
                     return Err(StageError::Full(max));
                 }
                 state.stage.push(who.clone());
-                if let Some(pos) = state.hands.iter().position(|(u, _)| &u.id == user) {
-                    state.hands.remove(pos);
-                    let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
-                        room,
-                        user: &who,
-                        raised: false,
-                    }));
-                    state.fan_out(
-                        &frame,
-                        None,
-                        None,
-                        Audience::Moderators(Some(user)),
-                        self.gate_cap,
-                        &self.metrics,
-                    );
-                }
+                state.lower_hand(room, user, true, self.gate_cap, &self.metrics);
             }
             (false, Some(pos)) => {
                 state.stage.remove(pos);

@@ -42,7 +42,8 @@ fn check_message_id(id: &MessageId) -> Result<()> {
     Ok(())
 }
 
-fn outcome_fields(o: WriteOutcome) -> serde_json::Value {
+/// The `ok` fields of a committed write.
+pub(super) fn outcome_fields(o: WriteOutcome) -> serde_json::Value {
     match o {
         WriteOutcome::Sent { id, seq, ts, .. } => json!({"id": id, "seq": seq, "ts": ts}),
         WriteOutcome::Changed { seq } => json!({"seq": seq}),

@@ -2,11 +2,12 @@
 //! question_status and the questions listing. Rights: members ask and vote; host/ta answer
 //! (members too when the room allows peer answers) and change status; viewers only read.
 
+use super::chat::outcome_fields;
 use super::{check_room_id, readable_role};
 use crate::error::{Error, Result};
 use crate::protocol::{QuestionId, QuestionStatus, RoomId};
 use crate::session::{Ctx, Outcome, deferred};
-use crate::store::{QuestionFilter, QuestionSort, View, WriteOp, WriteOutcome, now_ms};
+use crate::store::{QuestionFilter, QuestionSort, View, WriteOp, now_ms};
 use serde_json::json;
 
 fn check_question_id(id: &QuestionId) -> Result<()> {
@@ -26,20 +27,6 @@ fn check_len(text: &str, max: usize, what: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn outcome_fields(o: WriteOutcome) -> serde_json::Value {
-    match o {
-        WriteOutcome::Asked {
-            id,
-            seq,
-            ts,
-            status,
-        } => json!({"id": id, "seq": seq, "ts": ts, "status": status}),
-        WriteOutcome::Changed { seq } => json!({"seq": seq}),
-        WriteOutcome::Sent { id, seq, ts, .. } => json!({"id": id, "seq": seq, "ts": ts}),
-        WriteOutcome::Unchanged => json!({"seq": null}),
-    }
 }
 
 pub(super) async fn ask(

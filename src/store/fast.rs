@@ -1,17 +1,20 @@
-//! The batched path for the hot write: a run of plain `send`s to one room inside a group
-//! commit. One query finds earlier copies (idempotency), one `UPDATE ... RETURNING` reserves
-//! the run's seqs, and multi-row INSERTs store messages, events and search rows, instead of
-//! four round trips per message. Same results, in the same order, as applying the sends one by
-//! one; the conformance suite runs both paths on both backends.
+//! The batched path for the hot write: plain `send`s (no `reply_to`) inside a group commit.
+//! Across every room of the batch, one query finds earlier copies (idempotency); each room
+//! reserves its run of seqs with one `UPDATE ... RETURNING` (taken in room order, like every
+//! other write, so writers never deadlock); and multi-row INSERTs store all the messages,
+//! events and search rows at the end of the transaction. Same results, in the same order, as
+//! applying the sends one by one; the conformance suite runs it on both backends.
 
 use super::writer::{Applied, CommittedEvent, Tx, WriteOp, WriteOutcome, new_message_id_for_batch};
 use super::{Result, StoreError, now_ms};
-use crate::protocol::{MessageId, RoomEvent, RoomId, SequencedEvent};
+use crate::protocol::{MessageId, RoomEvent, RoomId, SequencedEvent, UserRef};
 use sqlx::{AssertSqlSafe, Row};
 use std::collections::HashMap;
 
 /// Rows per multi-row statement (7 parameters each, well under both backends' limits).
 const CHUNK: usize = 400;
+
+type Key = (String, String, String);
 
 /// `($1, $2, ..), ($k, ..)`: `rows` tuples of `cols` numbered placeholders from `$first`.
 fn placeholders(rows: usize, cols: usize, first: usize) -> String {
@@ -35,55 +38,50 @@ fn placeholders(rows: usize, cols: usize, first: usize) -> String {
     out
 }
 
-struct NewMessage<'a> {
-    id: MessageId,
-    seq: i64,
-    sender: &'a str,
-    client_msg_id: Option<&'a str>,
-    text: &'a str,
-    json: String,
+/// A plain send's parts, or `None` for any other write.
+pub(super) fn plain_send(op: &WriteOp) -> Option<(&RoomId, &UserRef, &String, &Option<String>)> {
+    match op {
+        WriteOp::Send {
+            room,
+            from,
+            text,
+            client_msg_id,
+            reply_to: None,
+        } => Some((room, from, text, client_msg_id)),
+        _ => None,
+    }
 }
 
-/// Applies `ops` (all `WriteOp::Send` to one room, no `reply_to`) in order.
-pub(super) async fn send_run(tx: &mut Tx, ops: &[&WriteOp]) -> Result<Vec<Applied>> {
-    let mut sends = Vec::with_capacity(ops.len());
-    for op in ops {
-        match op {
-            WriteOp::Send {
-                room,
-                from,
-                text,
-                client_msg_id,
-                reply_to: None,
-            } => sends.push((room, from, text, client_msg_id)),
-            _ => {
-                return Err(StoreError::Corrupt(
-                    "send_run takes plain sends only".into(),
-                ));
-            }
-        }
-    }
-    let room: &RoomId = sends[0].0;
-
-    // Earlier copies of these (sender, client_msg_id) keys.
-    let keys: Vec<(&str, &str)> = sends
+/// Messages already stored under these (room, sender, client_msg_id) keys: key -> (id, seq, ts).
+pub(super) async fn prior_sends(
+    tx: &mut Tx,
+    ops: &[&WriteOp],
+) -> Result<HashMap<Key, (MessageId, i64, i64)>> {
+    let keys: Vec<(&str, &str, &str)> = ops
         .iter()
-        .filter_map(|(_, from, _, cid)| cid.as_deref().map(|c| (from.id.as_str(), c)))
+        .filter_map(|op| plain_send(op))
+        .filter_map(|(room, from, _, cid)| {
+            cid.as_deref().map(|c| (room.as_str(), from.id.as_str(), c))
+        })
         .collect();
-    let mut prior: HashMap<(String, String), (MessageId, i64, i64)> = HashMap::new();
+    let mut prior = HashMap::new();
     for chunk in keys.chunks(CHUNK) {
         let sql = format!(
-            "SELECT sender_id, client_msg_id, id, seq, ts FROM messages WHERE room_id = $1 \
-             AND (sender_id, client_msg_id) IN (VALUES {})",
-            placeholders(chunk.len(), 2, 2)
+            "SELECT room_id, sender_id, client_msg_id, id, seq, ts FROM messages \
+             WHERE (room_id, sender_id, client_msg_id) IN (VALUES {})",
+            placeholders(chunk.len(), 3, 1)
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(room.as_str());
-        for (sender, cid) in chunk {
-            q = q.bind(*sender).bind(*cid);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (room, sender, cid) in chunk {
+            q = q.bind(*room).bind(*sender).bind(*cid);
         }
         for row in q.fetch_all(&mut **tx).await? {
             prior.insert(
-                (row.try_get("sender_id")?, row.try_get("client_msg_id")?),
+                (
+                    row.try_get("room_id")?,
+                    row.try_get("sender_id")?,
+                    row.try_get("client_msg_id")?,
+                ),
                 (
                     MessageId(row.try_get("id")?),
                     row.try_get("seq")?,
@@ -92,30 +90,61 @@ pub(super) async fn send_run(tx: &mut Tx, ops: &[&WriteOp]) -> Result<Vec<Applie
             );
         }
     }
+    Ok(prior)
+}
 
-    // Which sends are new: not stored before, and not repeated earlier in this run.
-    let mut fresh_keys: HashMap<(String, String), usize> = HashMap::new();
-    let mut plan: Vec<Result<usize, (String, String)>> = Vec::with_capacity(sends.len());
+/// A message to insert once the whole batch is planned.
+pub(super) struct Staged {
+    room: RoomId,
+    id: MessageId,
+    seq: i64,
+    sender: String,
+    client_msg_id: Option<String>,
+    text: String,
+    ts: i64,
+    json: String,
+}
+
+/// Plans a run of plain sends to one room (in queue order): duplicates get the first send's
+/// outcome, new ones get consecutive seqs reserved here; their rows go to `staged`.
+pub(super) async fn plan_room(
+    tx: &mut Tx,
+    ops: &[&WriteOp],
+    prior: &HashMap<Key, (MessageId, i64, i64)>,
+    staged: &mut Vec<Staged>,
+) -> Result<Vec<Applied>> {
+    let mut sends = Vec::with_capacity(ops.len());
+    for op in ops {
+        sends.push(
+            plain_send(op)
+                .ok_or_else(|| StoreError::Corrupt("plan_room takes plain sends only".into()))?,
+        );
+    }
+    let room = sends[0].0;
+    let key_of = |from: &UserRef, cid: &Option<String>| {
+        cid.as_ref()
+            .map(|c| (room.0.clone(), from.id.0.clone(), c.clone()))
+    };
+    // Which sends are new: not stored before and not repeated earlier in this run.
+    let mut seen: HashMap<Key, usize> = HashMap::new();
     let mut fresh = 0usize;
+    let mut slot: Vec<Option<usize>> = Vec::with_capacity(sends.len());
     for (_, from, _, cid) in &sends {
-        let key = cid.as_ref().map(|c| (from.id.0.clone(), c.clone()));
-        match key {
-            Some(k) if prior.contains_key(&k) || fresh_keys.contains_key(&k) => plan.push(Err(k)),
+        match key_of(from, cid) {
+            Some(k) if prior.contains_key(&k) || seen.contains_key(&k) => slot.push(None),
             Some(k) => {
-                fresh_keys.insert(k, fresh);
-                plan.push(Ok(fresh));
+                seen.insert(k, fresh);
+                slot.push(Some(fresh));
                 fresh += 1;
             }
             None => {
-                plan.push(Ok(fresh));
+                slot.push(Some(fresh));
                 fresh += 1;
             }
         }
     }
-
-    let mut results: Vec<Applied> = Vec::with_capacity(sends.len());
     let ts = now_ms();
-    let mut rows: Vec<NewMessage<'_>> = Vec::with_capacity(fresh);
+    let mut first = 0;
     if fresh > 0 {
         let last: Option<i64> = sqlx::query_scalar(
             "UPDATE rooms SET last_seq = last_seq + $2 WHERE id = $1 AND archived = 0 RETURNING last_seq",
@@ -135,119 +164,67 @@ pub(super) async fn send_run(tx: &mut Tx, ops: &[&WriteOp]) -> Result<Vec<Applie
                 None => StoreError::NotFound("room"),
             });
         };
-        let first = last - fresh as i64 + 1;
-        for ((_, from, text, cid), step) in sends.iter().zip(&plan) {
-            let Ok(n) = step else { continue };
-            let seq = first + *n as i64;
-            let id = new_message_id_for_batch();
-            let event = RoomEvent::Message {
-                id: id.clone(),
-                from: (*from).clone(),
-                text: (*text).clone(),
-                reply_to: None,
-                ts,
-                client_msg_id: (*cid).clone(),
-                edited_ts: None,
-                deleted: false,
-                reactions: Vec::new(),
-            };
-            let json = crate::protocol::encode(&SequencedEvent {
-                room: room.clone(),
-                seq,
-                event,
-            });
-            rows.push(NewMessage {
-                id,
-                seq,
-                sender: from.id.as_str(),
-                client_msg_id: cid.as_deref(),
-                text,
-                json,
-            });
-        }
-        for chunk in rows.chunks(CHUNK) {
-            let sql = format!(
-                "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) VALUES {}",
-                placeholders(chunk.len(), 7, 1)
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for m in chunk {
-                q = q
-                    .bind(m.id.as_str())
-                    .bind(room.as_str())
-                    .bind(m.seq)
-                    .bind(m.sender)
-                    .bind(m.client_msg_id)
-                    .bind(ts)
-                    .bind(0i64);
-            }
-            q.execute(&mut **tx).await?;
-            let sql = format!(
-                "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) VALUES {}",
-                placeholders(chunk.len(), 7, 1)
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for m in chunk {
-                q = q
-                    .bind(room.as_str())
-                    .bind(m.seq)
-                    .bind(ts)
-                    .bind("message")
-                    .bind(m.id.as_str())
-                    .bind(m.json.as_str())
-                    .bind(None::<String>);
-            }
-            q.execute(&mut **tx).await?;
-            let sql = format!(
-                "INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) VALUES {}",
-                placeholders(chunk.len(), 7, 1)
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for m in chunk {
-                q = q
-                    .bind(room.as_str())
-                    .bind("message")
-                    .bind(m.id.as_str())
-                    .bind(m.seq)
-                    .bind(ts)
-                    .bind(0i64)
-                    .bind(m.text);
-            }
-            q.execute(&mut **tx).await?;
-        }
+        first = last - fresh as i64 + 1;
     }
-
-    let mut made = rows.into_iter();
-    let mut assigned: HashMap<(String, String), (MessageId, i64)> = HashMap::new();
-    for ((_, from, _, cid), step) in sends.iter().zip(plan) {
-        match step {
-            Ok(_) => {
-                let m = made
-                    .next()
-                    .ok_or_else(|| StoreError::Corrupt("send_run lost a row".into()))?;
-                if let Some(c) = cid {
-                    assigned.insert((from.id.0.clone(), c.clone()), (m.id.clone(), m.seq));
+    let mut made: HashMap<Key, (MessageId, i64)> = HashMap::new();
+    let mut results = Vec::with_capacity(sends.len());
+    for ((_, from, text, cid), slot) in sends.iter().zip(slot) {
+        let key = key_of(from, cid);
+        match slot {
+            Some(n) => {
+                let seq = first + n as i64;
+                let id = new_message_id_for_batch();
+                let event = RoomEvent::Message {
+                    id: id.clone(),
+                    from: (*from).clone(),
+                    text: (*text).clone(),
+                    reply_to: None,
+                    ts,
+                    client_msg_id: (*cid).clone(),
+                    edited_ts: None,
+                    deleted: false,
+                    reactions: Vec::new(),
+                };
+                let json = crate::protocol::encode(&SequencedEvent {
+                    room: room.clone(),
+                    seq,
+                    event,
+                });
+                if let Some(k) = key {
+                    made.insert(k, (id.clone(), seq));
                 }
+                staged.push(Staged {
+                    room: room.clone(),
+                    id: id.clone(),
+                    seq,
+                    sender: from.id.0.clone(),
+                    client_msg_id: (*cid).clone(),
+                    text: (*text).clone(),
+                    ts,
+                    json: json.clone(),
+                });
                 results.push(Applied {
                     outcome: WriteOutcome::Sent {
-                        id: m.id,
-                        seq: m.seq,
+                        id,
+                        seq,
                         ts,
                         duplicate: false,
                     },
                     event: Some(CommittedEvent {
                         room: room.clone(),
-                        seq: m.seq,
-                        json: m.json,
+                        seq,
+                        json,
                         public_json: None,
                     }),
                 });
             }
-            Err(key) => {
-                let (id, seq, at) = match prior.get(&key) {
+            None => {
+                let k =
+                    key.ok_or_else(|| StoreError::Corrupt("a duplicate without a key".into()))?;
+                let (id, seq, at) = match prior.get(&k) {
                     Some((id, seq, at)) => (id.clone(), *seq, *at),
                     None => {
-                        let (id, seq) = assigned.get(&key).cloned().ok_or_else(|| {
+                        let (id, seq) = made.get(&k).cloned().ok_or_else(|| {
                             StoreError::Corrupt("duplicate without original".into())
                         })?;
                         (id, seq, ts)
@@ -266,6 +243,61 @@ pub(super) async fn send_run(tx: &mut Tx, ops: &[&WriteOp]) -> Result<Vec<Applie
         }
     }
     Ok(results)
+}
+
+/// Inserts every staged message: messages, events and search rows, a few statements in all.
+pub(super) async fn insert_staged(tx: &mut Tx, staged: &[Staged]) -> Result<()> {
+    for chunk in staged.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) VALUES {}",
+            placeholders(chunk.len(), 7, 1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for m in chunk {
+            q = q
+                .bind(m.id.as_str())
+                .bind(m.room.as_str())
+                .bind(m.seq)
+                .bind(m.sender.as_str())
+                .bind(m.client_msg_id.as_deref())
+                .bind(m.ts)
+                .bind(0i64);
+        }
+        q.execute(&mut **tx).await?;
+        let sql = format!(
+            "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) VALUES {}",
+            placeholders(chunk.len(), 7, 1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for m in chunk {
+            q = q
+                .bind(m.room.as_str())
+                .bind(m.seq)
+                .bind(m.ts)
+                .bind("message")
+                .bind(m.id.as_str())
+                .bind(m.json.as_str())
+                .bind(None::<String>);
+        }
+        q.execute(&mut **tx).await?;
+        let sql = format!(
+            "INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) VALUES {}",
+            placeholders(chunk.len(), 7, 1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for m in chunk {
+            q = q
+                .bind(m.room.as_str())
+                .bind("message")
+                .bind(m.id.as_str())
+                .bind(m.seq)
+                .bind(m.ts)
+                .bind(0i64)
+                .bind(m.text.as_str());
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

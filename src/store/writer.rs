@@ -99,7 +99,7 @@ pub enum WriteOp {
 }
 
 impl WriteOp {
-    fn room(&self) -> &RoomId {
+    pub(super) fn room(&self) -> &RoomId {
         match self {
             Self::Send { room, .. }
             | Self::Edit { room, .. }
@@ -272,48 +272,74 @@ impl Writer {
     /// Applies `ops` in one transaction. A database error aborts (and rolls back) the whole
     /// transaction; a refusal of one write (not found, forbidden) only fails that write.
     async fn transaction(&self, ops: &[&WriteOp]) -> Result<Vec<Result<Applied>>, sqlx::Error> {
+        let db = |e: StoreError| match e {
+            StoreError::Db(e) => Err(e),
+            other => Ok(other),
+        };
         let mut tx = self.pool.begin_with(self.begin).await?;
-        let mut out = Vec::with_capacity(ops.len());
-        let mut i = 0;
-        while i < ops.len() {
-            // Consecutive plain sends to one room (the hot path) share their statements.
-            let run = ops[i..]
-                .iter()
-                .take_while(|op| {
-                    plain_send_room(op).is_some_and(|r| Some(r) == plain_send_room(ops[i]))
-                })
-                .count();
-            if run >= 2 {
-                match super::fast::send_run(&mut tx, &ops[i..i + run]).await {
-                    Err(StoreError::Db(e)) => return Err(e),
-                    Err(refusal) => {
-                        out.extend(ops[i..i + run].iter().map(|_| Err(refusal.duplicate())))
-                    }
+        // `ops` is sorted by room: split it into one segment per room. A segment of plain sends
+        // only (the hot path) is planned in bulk; anything else is applied write by write.
+        let mut segments = Vec::new();
+        let mut start = 0;
+        for i in 1..=ops.len() {
+            if i == ops.len() || ops[i].room() != ops[start].room() {
+                segments.push(start..i);
+                start = i;
+            }
+        }
+        let bulk: Vec<bool> = segments
+            .iter()
+            .map(|r| {
+                ops[r.clone()]
+                    .iter()
+                    .all(|op| super::fast::plain_send(op).is_some())
+            })
+            .collect();
+        let bulk_ops: Vec<&WriteOp> = segments
+            .iter()
+            .zip(&bulk)
+            .filter(|(_, b)| **b)
+            .flat_map(|(r, _)| ops[r.clone()].iter().copied())
+            .collect();
+        let prior = match super::fast::prior_sends(&mut tx, &bulk_ops).await {
+            Ok(p) => p,
+            Err(e) => return Err(abort_batch(e)),
+        };
+        let mut staged = Vec::new();
+        let mut out: Vec<Result<Applied>> = Vec::with_capacity(ops.len());
+        for (range, is_bulk) in segments.into_iter().zip(bulk) {
+            if is_bulk {
+                match super::fast::plan_room(&mut tx, &ops[range.clone()], &prior, &mut staged)
+                    .await
+                {
                     Ok(results) => out.extend(results.into_iter().map(Ok)),
+                    Err(e) => {
+                        let refusal = db(e)?;
+                        out.extend(range.map(|_| Err(refusal.duplicate())));
+                    }
                 }
-                i += run;
                 continue;
             }
-            match apply(&mut tx, ops[i]).await {
-                Err(StoreError::Db(e)) => return Err(e),
-                other => out.push(other),
+            for op in &ops[range] {
+                match apply(&mut tx, op).await {
+                    Err(StoreError::Db(e)) => return Err(e),
+                    other => out.push(other),
+                }
             }
-            i += 1;
+        }
+        if let Err(e) = super::fast::insert_staged(&mut tx, &staged).await {
+            return Err(abort_batch(e));
         }
         tx.commit().await?;
         Ok(out)
     }
 }
 
-/// The room of a send without `reply_to` (which needs a per-message check).
-fn plain_send_room(op: &WriteOp) -> Option<&RoomId> {
-    match op {
-        WriteOp::Send {
-            room,
-            reply_to: None,
-            ..
-        } => Some(room),
-        _ => None,
+/// Turns any failure of a bulk step into one that aborts (and so retries) the batch.
+fn abort_batch(e: StoreError) -> sqlx::Error {
+    match e {
+        StoreError::Db(e) => e,
+        other => sqlx::Error::Protocol(other.to_string()),
     }
 }
 

@@ -448,7 +448,7 @@ where
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut outbox: mpsc::Receiver<Frame>,
-    mut close: watch::Receiver<u16>,
+    close: watch::Receiver<u16>,
     heartbeat: Duration,
     batch: usize,
 ) {
@@ -458,10 +458,15 @@ async fn write_loop(
     // Once the session's handle is gone the watch resolves at once: stop watching then, and
     // let the drained outbox end the loop.
     let mut watching = true;
+    // One long-lived close watcher, polled by reference: re-creating it on every wake-up
+    // registered a fresh watch waiter per delivered frame (seen in the fan-out profile).
+    let mut watcher = close.clone();
+    let closed = closing(&mut watcher, immediate);
+    tokio::pin!(closed);
     loop {
         tokio::select! {
             biased;
-            _ = closing(&mut close, immediate), if watching => {
+            _ = &mut closed, if watching => {
                 if immediate(*close.borrow()) {
                     break;
                 }

@@ -82,6 +82,14 @@ async fn a_1v1_call_rings_every_device_relays_only_between_the_two_and_is_logged
         tutor.until("signal").await["data"]["candidate"]["sdpMid"],
         "0"
     );
+    // An ICE restart is a new offer mid-call: relayed like the first.
+    tutor
+        .ok(json!({"type":"signal","call_id":call_id,"data":offer()}))
+        .await;
+    assert_eq!(
+        kid_laptop.until("signal").await["data"]["sdp"]["type"],
+        "offer"
+    );
     assert_eq!(
         eve.err(json!({"type":"signal","call_id":call_id,"data":offer()}))
             .await,

@@ -46,6 +46,8 @@ pub(crate) struct Ctx {
     pub close: watch::Receiver<u16>,
     /// Rooms this session has joined, with the user's role in each.
     pub joined: HashMap<RoomId, RoomRole>,
+    /// When this session last broadcast `typing`, per room (throttled).
+    pub last_typing: HashMap<RoomId, Instant>,
 }
 
 impl Ctx {
@@ -275,6 +277,7 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
         outbox,
         close: close_rx,
         joined: HashMap::new(),
+        last_typing: HashMap::new(),
     };
     if ctx.push(welcome).await {
         read_loop(&mut ctx, &mut stream).await;
@@ -442,6 +445,11 @@ where
     })
 }
 
+/// Runs a socket write with a time limit; false if it failed or took too long.
+async fn within<E>(limit: Duration, write: impl Future<Output = Result<(), E>>) -> bool {
+    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
+}
+
 /// Drains the outbox to the socket, coalescing up to `batch` frames per flush, and pings.
 /// Ends when every sender is gone (draining first) or at once for a close code that means the
 /// client must go now.
@@ -453,6 +461,9 @@ async fn write_loop(
     batch: usize,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    // A client that stops reading (a zero TCP window) must not pin this task or its socket:
+    // every write gets a heartbeat to finish.
+    let limit = heartbeat;
     // Shutdown, idle and kick closes let queued frames (the `bye`, the `kicked`) go out first.
     let immediate = |c: u16| !matches!(c, 0 | close::GOING_AWAY | close::NORMAL | close::KICKED);
     // Once the session's handle is gone the watch resolves at once: stop watching then, and
@@ -474,25 +485,25 @@ async fn write_loop(
             }
             frame = outbox.recv() => {
                 let Some(frame) = frame else { break };
-                if sink.feed(Message::Text(frame)).await.is_err() {
+                if !within(limit, sink.feed(Message::Text(frame))).await {
                     return;
                 }
                 for _ in 1..batch {
                     match outbox.try_recv() {
                         Ok(f) => {
-                            if sink.feed(Message::Text(f)).await.is_err() {
+                            if !within(limit, sink.feed(Message::Text(f))).await {
                                 return;
                             }
                         }
                         Err(_) => break,
                     }
                 }
-                if sink.flush().await.is_err() {
+                if !within(limit, sink.flush()).await {
                     return;
                 }
             }
             _ = ping.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                if !within(limit, sink.send(Message::Ping(Default::default()))).await {
                     return;
                 }
             }

@@ -185,12 +185,25 @@ pub(super) async fn history(
     Ok(Outcome::OkRaw(page.json_fields()))
 }
 
+/// Shortest interval between two `typing` broadcasts of one session in one room.
+const TYPING_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(super) fn typing(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     let role = writable(ctx, &room)?;
     let frame = Frame::from(protocol::encode(&ServerMsg::Typing {
         room: &room,
         user: &ctx.me.room_ref(role),
     }));
+    // At most one broadcast per room every TYPING_EVERY: a held key must not flood a big room.
+    let now = std::time::Instant::now();
+    if ctx
+        .last_typing
+        .get(&room)
+        .is_some_and(|t| now.duration_since(*t) < TYPING_EVERY)
+    {
+        return Ok(Outcome::Ok(json!({})));
+    }
+    ctx.last_typing.insert(room.clone(), now);
     ctx.app.hub.notify_others(&room, &ctx.me.user, &frame);
     Ok(Outcome::Ok(json!({})))
 }

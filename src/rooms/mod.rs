@@ -113,10 +113,13 @@ pub(crate) fn check_room_id(room: &RoomId) -> Result<()> {
 
 /// The user's role in `room`: a platform admin is host everywhere; otherwise the higher of the
 /// token's grant and the stored membership; otherwise `member` of an open room.
-/// `Ok(None)` means the room is invite-only and the user was not invited.
+/// `Ok(None)` means the room is invite-only and the user was not invited. The flag says the
+/// role comes only from the room being open (nothing stored, no grant): the one case a join
+/// records as a membership. A token's grant is never stored, so a later token without it
+/// takes it away.
 pub(crate) async fn resolve_role(ctx: &Ctx, room: &Room) -> Result<(Option<RoomRole>, bool)> {
     if ctx.me.role == PlatformRole::Admin {
-        return Ok((Some(RoomRole::Host), true));
+        return Ok((Some(RoomRole::Host), false));
     }
     if ctx.app.store.is_banned(&room.id, &ctx.me.user).await? {
         return Err(Error::Forbidden("you are banned from this room".into()));
@@ -125,8 +128,8 @@ pub(crate) async fn resolve_role(ctx: &Ctx, room: &Room) -> Result<(Option<RoomR
     let stored = ctx.app.store.member_role(&room.id, &ctx.me.user).await?;
     let best = granted.max(stored);
     match (best, room.visibility) {
-        (Some(role), _) => Ok((Some(role), stored.is_some())),
-        (None, Visibility::Open) => Ok((Some(RoomRole::Member), false)),
+        (Some(role), _) => Ok((Some(role), false)),
+        (None, Visibility::Open) => Ok((Some(RoomRole::Member), true)),
         (None, Visibility::Invite) => Ok((None, false)),
     }
 }
@@ -173,10 +176,10 @@ async fn join(
         .room(&room_id)
         .await?
         .ok_or_else(|| Error::NotFound(format!("room {room_id} not found")))?;
-    let (role, stored) = resolve_role(ctx, &room).await?;
+    let (role, open_only) = resolve_role(ctx, &room).await?;
     let role = role.ok_or_else(|| Error::Forbidden("this room is invite-only".into()))?;
-    if !stored && ctx.me.role != PlatformRole::Admin {
-        // Joining an open room (or via a token grant) makes it one of the user's rooms.
+    if open_only {
+        // Joining an open room makes it one of the user's rooms (as a plain member).
         ctx.app
             .store
             .write(crate::store::WriteOp::EnsureMember {
@@ -200,7 +203,17 @@ async fn join(
         )
         .map_err(|e| Error::Forbidden(e.to_string()))?;
     ctx.joined.insert(room_id.clone(), role);
-    let result = replay_and_reply(ctx, rid, &room, role, joined, after_seq).await;
+    // A ban or a removal that landed while this join was on its way missed the session (kick
+    // only sees sessions already in the room): look again now that it is in.
+    let recheck = match resolve_role(ctx, &room).await {
+        Ok((Some(_), _)) => Ok(()),
+        Ok((None, _)) => Err(Error::Forbidden("this room is invite-only".into())),
+        Err(e) => Err(e),
+    };
+    let result = match recheck {
+        Ok(()) => replay_and_reply(ctx, rid, &room, role, joined, after_seq).await,
+        Err(e) => Err(e),
+    };
     if result.is_err() {
         ctx.app.hub.leave(&room_id, &ctx.handle.id);
         ctx.joined.remove(&room_id);

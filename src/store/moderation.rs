@@ -142,7 +142,7 @@ impl Store {
             "message"
         } else {
             let is_question: Option<i64> = sqlx::query_scalar(
-                "SELECT 1 FROM questions WHERE id = $1 AND room_id = $2 AND status <> 'pending'",
+                "SELECT 1 FROM questions WHERE id = $1 AND room_id = $2 AND status <> 'pending' AND approved = 1",
             )
             .bind(target_id)
             .bind(room.as_str())
@@ -165,9 +165,9 @@ impl Store {
             resolved_by: None,
             resolution: None,
         };
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO reports (id, room_id, target_kind, target_id, reporter_id, reason, ts) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (room_id, target_id, reporter_id) DO NOTHING",
         )
         .bind(report.id.as_str())
         .bind(room.as_str())
@@ -178,6 +178,9 @@ impl Store {
         .bind(report.ts)
         .execute(self.pool())
         .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict("you already reported this".into()));
+        }
         Ok(report)
     }
 
@@ -185,7 +188,7 @@ impl Store {
     pub async fn reports(&self, room: &RoomId, all: bool) -> Result<Vec<Report>> {
         let rows = sqlx::query(
             "SELECT id, room_id, target_kind, target_id, reporter_id, reason, ts, resolved_at, resolved_by, \
-             resolution FROM reports WHERE room_id = $1 AND ($2 = 1 OR resolved_at IS NULL) ORDER BY ts, id",
+             resolution FROM reports WHERE room_id = $1 AND ($2 = 1 OR resolved_at IS NULL) ORDER BY ts, id LIMIT 1000",
         )
         .bind(room.as_str())
         .bind(i64::from(all))

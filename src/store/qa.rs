@@ -31,6 +31,9 @@ pub struct QuestionRecord {
     pub ts: i64,
     pub first_answer_at: Option<i64>,
     pub answers: Vec<AnswerView>,
+    /// Approved by host/ta (or never needed approval). An unapproved question stays hidden
+    /// from members even when it is dismissed.
+    pub approved: bool,
 }
 
 impl QuestionRecord {
@@ -52,7 +55,7 @@ impl QuestionRecord {
 
     /// What members see of an event about this question, when it differs from host/ta's.
     fn public(&self, make: impl FnOnce(QuestionView) -> RoomEvent) -> Option<RoomEvent> {
-        if self.status == QuestionStatus::Pending {
+        if self.status == QuestionStatus::Pending || !self.approved {
             Some(RoomEvent::Hidden {})
         } else if self.anonymous {
             Some(make(self.view(View::Member, i64::MAX / 2000, 0)))
@@ -105,6 +108,7 @@ fn question_from_row(row: &sqlx::any::AnyRow) -> Result<QuestionRecord> {
         ts: row.try_get("ts")?,
         first_answer_at: row.try_get("first_answer_at")?,
         answers: Vec::new(),
+        approved: row.try_get::<i64, _>("approved")? != 0,
     })
 }
 
@@ -121,7 +125,7 @@ fn answer_from_row(row: &sqlx::any::AnyRow) -> Result<AnswerView> {
 async fn load(conn: &mut AnyConnection, room: &RoomId, id: &QuestionId) -> Result<QuestionRecord> {
     let row = sqlx::query(
         "SELECT id, room_id, seq, author_id, author_name, author_role, anonymous, text, status, \
-         votes, ts, first_answer_at FROM questions WHERE id = $1 AND room_id = $2",
+         votes, ts, first_answer_at, approved FROM questions WHERE id = $1 AND room_id = $2",
     )
     .bind(id.as_str())
     .bind(room.as_str())
@@ -179,7 +183,7 @@ pub(super) async fn ask(
     };
     sqlx::query(
         "INSERT INTO questions (id, room_id, seq, author_id, author_name, author_role, anonymous, \
-         text, status, votes, ts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10)",
+         text, status, votes, ts, approved) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11)",
     )
     .bind(id.as_str())
     .bind(room.as_str())
@@ -191,6 +195,7 @@ pub(super) async fn ask(
     .bind(text)
     .bind(status.as_str())
     .bind(ts)
+    .bind(i64::from(!pending))
     .execute(&mut **tx)
     .await?;
     search::index(tx, room, "question", id.as_str(), seq, ts, text, pending).await?;
@@ -206,6 +211,7 @@ pub(super) async fn ask(
         ts,
         first_answer_at: None,
         answers: Vec::new(),
+        approved: !pending,
     };
     let committed = insert_event(
         tx,
@@ -239,6 +245,7 @@ pub(super) async fn vote(
     match q.status {
         // Members must not learn that a pending question exists.
         QuestionStatus::Pending => return Err(StoreError::NotFound("question")),
+        _ if !q.approved => return Err(StoreError::NotFound("question")),
         QuestionStatus::Dismissed => {
             return Err(StoreError::BadRequest(
                 "a dismissed question takes no votes".into(),
@@ -347,12 +354,16 @@ pub(super) async fn set_status(
     }
     let seq = bump_seq(tx, room).await?;
     let ts = super::now_ms();
-    if q.status == QuestionStatus::Pending {
+    // Leaving `pending` for anything but `dismissed` approves the question; dismissing it
+    // unapproved keeps it hidden from members (and out of their search).
+    if !q.approved && status != QuestionStatus::Dismissed {
+        q.approved = true;
         search::set_pending(tx, "question", id.as_str(), false).await?;
     }
     q.status = status;
-    sqlx::query("UPDATE questions SET status = $1 WHERE id = $2")
+    sqlx::query("UPDATE questions SET status = $1, approved = $2 WHERE id = $3")
         .bind(status.as_str())
+        .bind(i64::from(q.approved))
         .bind(id.as_str())
         .execute(&mut **tx)
         .await?;
@@ -373,14 +384,14 @@ impl Store {
         let sql = match sort {
             QuestionSort::Top => {
                 "SELECT id, room_id, seq, author_id, author_name, author_role, anonymous, text, status, \
-                 votes, ts, first_answer_at FROM questions WHERE room_id = $1 \
-                 AND ($2 = '' OR status = $2) AND ($3 = 1 OR status <> 'pending') \
+                 votes, ts, first_answer_at, approved FROM questions WHERE room_id = $1 \
+                 AND ($2 = '' OR status = $2) AND ($3 = 1 OR (status <> 'pending' AND approved = 1)) \
                  ORDER BY votes DESC, ts ASC, id LIMIT $4"
             }
             QuestionSort::Recent => {
                 "SELECT id, room_id, seq, author_id, author_name, author_role, anonymous, text, status, \
-                 votes, ts, first_answer_at FROM questions WHERE room_id = $1 \
-                 AND ($2 = '' OR status = $2) AND ($3 = 1 OR status <> 'pending') \
+                 votes, ts, first_answer_at, approved FROM questions WHERE room_id = $1 \
+                 AND ($2 = '' OR status = $2) AND ($3 = 1 OR (status <> 'pending' AND approved = 1)) \
                  ORDER BY ts DESC, id DESC LIMIT $4"
             }
         };

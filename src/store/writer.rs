@@ -323,6 +323,9 @@ impl Writer {
             for op in &ops[range] {
                 match apply(&mut tx, op).await {
                     Err(StoreError::Db(e)) => return Err(e),
+                    // Corrupt data can surface after a seq was taken: roll back, never commit
+                    // a seq without its event.
+                    Err(e @ StoreError::Corrupt(_)) => return Err(abort_batch(e)),
                     other => out.push(other),
                 }
             }

@@ -472,6 +472,19 @@ async fn invite_only_rooms_refuse_strangers_and_admit_members_and_grants() {
     )
     .await;
     assert_eq!(dave.join("secret").await["role"], "ta");
+    // A grant is not stored: the same user with a token without it is a stranger again.
+    drop(dave);
+    let mut dave_later = s.client("dave").await;
+    assert_eq!(
+        dave_later.err(json!({"type":"join","room":"secret"})).await,
+        "forbidden"
+    );
+    let mut dave = Client::connect(
+        s.addr,
+        &token("dave", PlatformRole::Student, &[("secret", RoomRole::Ta)]),
+    )
+    .await;
+    dave.join("secret").await;
     let mut admin = Client::connect(s.addr, &token("root", PlatformRole::Admin, &[])).await;
     assert_eq!(admin.join("secret").await["role"], "host");
     let mut viewer = Client::connect(

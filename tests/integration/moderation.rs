@@ -241,6 +241,12 @@ async fn reports_go_to_a_queue_and_to_host_sessions() {
         "members do not see reports"
     );
     assert_eq!(
+        b.err(json!({"type":"report","room":"r","id":m["id"],"reason":"again"}))
+            .await,
+        "conflict",
+        "one report per target"
+    );
+    assert_eq!(
         b.err(json!({"type":"report","room":"r","id":"nope","reason":"x"}))
             .await,
         "not_found"

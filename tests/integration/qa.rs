@@ -298,6 +298,60 @@ async fn pending_questions_are_invisible_to_members_until_approved_and_seq_stays
     );
     b.ok(json!({"type":"vote","room":"mod","question":qid,"up":true}))
         .await;
+    // Dismissing a question that was never approved keeps it hidden from members.
+    let spam = a
+        .ok(json!({"type":"ask","room":"mod","text":"buy followers now"}))
+        .await["id"]
+        .clone();
+    t.ok(json!({"type":"question_status","room":"mod","question":spam,"status":"dismissed"}))
+        .await;
+    let listed = b.ok(json!({"type":"questions","room":"mod"})).await;
+    assert!(
+        listed["questions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|q| q["id"] != spam)
+    );
+    assert_eq!(
+        b.ok(json!({"type":"search","room":"mod","q":"followers"}))
+            .await["results"],
+        json!([])
+    );
+    assert_eq!(
+        b.err(json!({"type":"vote","room":"mod","question":spam,"up":true}))
+            .await,
+        "not_found"
+    );
+    assert_eq!(
+        b.err(json!({"type":"report","room":"mod","id":spam,"reason":"spam"}))
+            .await,
+        "not_found"
+    );
+    let (_, page) = http(
+        s.addr,
+        "GET",
+        "/api/rooms/mod/messages?after_seq=0",
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    let spam_events = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["id"] == spam)
+        .count();
+    assert_eq!(spam_events, 2, "host/ta and the API still see it");
+    let h = b.ok(json!({"type":"history","room":"mod"})).await;
+    assert!(
+        h["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["id"] != spam),
+        "members' history hides it"
+    );
     // Resume covers Q&A: a member replaying from 0 sees hidden, question, question_updated...
     let mut late = s.client("late").await;
     late.ok(json!({"type":"join","room":"mod","after_seq":0}))

@@ -1,0 +1,226 @@
+// The web client (web/, embedded in the binary at `/`) driven as two users in two browser
+// contexts, alice on a desktop (1280x800) and bob on a phone (375x812): dev sign-in, chat both
+// ways, typing and presence; the XSS string shown as text with no dialog; a reload shows the
+// history with no duplicate; a server crash (SIGKILL) and restart on the same database shows
+// "reconnecting", then resumes with no duplicate and no loss (a message typed while down and
+// announcements posted before the pages come back); Q&A (ask, upvote, host marks answered);
+// a 1v1 call with fake media reaching `connected` with video frames decoded. Screenshots of
+// the main screens go to the artifacts folder.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { startServer, launchBrowser, artifactDir, within, sleep, API_KEY } from './lib/harness.mjs';
+
+const XSS = '<img src=x onerror=alert(1)>';
+const T = 15000;
+let server, browser;
+const pages = [];
+const dialogs = [];
+
+before(async () => {
+  server = await startServer();
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  for (const p of pages) await p.context().close().catch(() => {});
+  if (browser) await browser.close();
+  if (server) await server.stop();
+});
+
+async function openPage(name, viewport) {
+  const context = await browser.newContext({ viewport, permissions: ['camera', 'microphone'] });
+  const page = await context.newPage();
+  page.lines = [];
+  page.on('console', (m) => page.lines.push(m.text()));
+  page.on('pageerror', (e) => page.lines.push('pageerror: ' + e.message));
+  page.on('dialog', (d) => {
+    dialogs.push(name + ': ' + d.message());
+    d.dismiss().catch(() => {});
+  });
+  pages.push(page);
+  return page;
+}
+
+async function signIn(page, user, role, grants = '') {
+  await page.goto(server.base + '/');
+  await page.locator('#dev-form').waitFor({ timeout: T });
+  await page.fill('#dev-user', user);
+  await page.fill('#dev-name', user[0].toUpperCase() + user.slice(1));
+  await page.selectOption('#dev-role', role);
+  if (grants) await page.fill('#dev-rooms', grants);
+  await page.click('#dev-submit');
+  await connected(page);
+  await page.locator('#room-title', { hasText: 'Lobby' }).waitFor({ timeout: T });
+}
+
+const connected = (page) => page.locator('#conn[data-state="open"]').waitFor({ timeout: T });
+
+async function say(page, text) {
+  await page.fill('#composer-text', text);
+  await page.press('#composer-text', 'Enter');
+}
+
+function seeText(page, text) {
+  return page.locator('#msg-list .msg .text').filter({ hasText: text }).first().waitFor({ timeout: T });
+}
+
+/// Every message on screen: [{seq, id, text}], and whether seqs and ids are unique.
+async function onScreen(page) {
+  const rows = await page.$$eval('#msg-list .msg', (els) =>
+    els.map((e) => ({ seq: Number(e.dataset.seq), id: e.dataset.id, text: e.querySelector('.text').textContent })));
+  const seqs = new Set(rows.map((r) => r.seq));
+  const ids = new Set(rows.map((r) => r.id));
+  return { rows, unique: seqs.size === rows.length && ids.size === rows.length };
+}
+
+function countText(rows, text) {
+  return rows.filter((r) => r.text === text).length;
+}
+
+async function shot(page, name) {
+  await page.screenshot({ path: path.join(artifactDir(), name) });
+}
+
+let alice, bob;
+
+test('chat: sign-in, both ways, typing, presence, XSS as text, reload, server restart', { timeout: 90000 }, async () => {
+  alice = await openPage('alice', { width: 1280, height: 800 });
+  bob = await openPage('bob', { width: 375, height: 812 });
+  await alice.goto(server.base + '/');
+  await alice.locator('#dev-form').waitFor({ timeout: T });
+  await shot(alice, 'web-desktop-signin.png');
+  await signIn(alice, 'alice', 'tutor', 'lobby:host');
+  await signIn(bob, 'bob', 'student');
+  assert.equal(await alice.textContent('#room-role'), 'host');
+
+  // Presence: each sees the other online.
+  await alice.locator('#people-list li[data-user="bob"]').waitFor({ state: 'attached', timeout: T });
+  await bob.locator('#people-list li[data-user="alice"]').waitFor({ state: 'attached', timeout: T });
+
+  // Chat both ways, with typing first.
+  await bob.fill('#composer-text', 'hel');
+  await alice.locator('#typing', { hasText: 'Bob is typing' }).waitFor({ timeout: T });
+  await say(bob, 'hello alice');
+  await seeText(alice, 'hello alice');
+  await say(alice, 'hi bob');
+  await seeText(bob, 'hi bob');
+  await say(alice, XSS);
+  await seeText(bob, XSS);
+  for (const p of [alice, bob]) {
+    const { rows } = await onScreen(p);
+    assert.equal(countText(rows, XSS), 1, 'the XSS string is shown once, as text');
+    assert.equal(await p.locator('#msg-list img').count(), 0, 'no <img> was created');
+  }
+  // A reply and a reaction.
+  const first = bob.locator('#msg-list .msg', { hasText: 'hi bob' });
+  await first.locator('.actions button', { hasText: 'Reply' }).click();
+  await say(bob, 'a reply');
+  await alice.locator('#msg-list .msg', { hasText: 'a reply' }).locator('.reply-ref', { hasText: 'hi bob' }).waitFor({ timeout: T });
+  await alice.locator('#msg-list .msg', { hasText: 'hello alice' }).hover();
+  await alice.locator('#msg-list .msg', { hasText: 'hello alice' }).locator('button.react').first().click();
+  await bob.locator('#msg-list .msg', { hasText: 'hello alice' }).locator('.chip', { hasText: '👍 1' }).waitFor({ timeout: T });
+  await shot(alice, 'web-desktop-chat.png');
+  await shot(bob, 'web-phone-chat.png');
+
+  // Reload: the history comes back, each message once.
+  await bob.reload();
+  await connected(bob);
+  await seeText(bob, 'a reply');
+  {
+    const { rows, unique } = await onScreen(bob);
+    assert.ok(unique, 'no duplicate after reload: ' + JSON.stringify(rows));
+    for (const t of ['hello alice', 'hi bob', XSS, 'a reply']) assert.equal(countText(rows, t), 1, t);
+    await bob.locator('#msg-list .msg', { hasText: 'hello alice' }).locator('.chip', { hasText: '👍 1' }).waitFor({ timeout: T });
+  }
+
+  // Crash and restart the server (same address, same database).
+  const restarting = server.restart(2500);
+  await Promise.all([alice, bob].map((p) => p.locator('#conn[data-state="reconnecting"]', { hasText: 'reconnecting' }).waitFor({ timeout: T })));
+  await say(alice, 'typed while down');
+  await alice.locator('#outbox-list .msg', { hasText: 'typed while down' }).waitFor({ timeout: T });
+  await shot(alice, 'web-desktop-reconnecting.png');
+  await restarting;
+  // Announcements committed before the pages are back: they must come by replay.
+  for (let i = 1; i <= 3; i++) {
+    const r = await fetch(server.base + '/api/rooms/lobby/messages', {
+      method: 'POST',
+      headers: { authorization: 'Bearer ' + API_KEY, 'content-type': 'application/json' },
+      body: JSON.stringify({ text: 'announcement ' + i }),
+    });
+    assert.equal(r.status, 201);
+  }
+  await Promise.all([connected(alice), connected(bob)]);
+  await say(bob, 'after restart');
+  for (const p of [alice, bob]) {
+    for (const t of ['typed while down', 'announcement 1', 'announcement 2', 'announcement 3', 'after restart']) {
+      await seeText(p, t);
+    }
+  }
+  await sleep(300);
+  for (const p of [alice, bob]) {
+    const { rows, unique } = await onScreen(p);
+    assert.ok(unique, 'no duplicate after the restart: ' + JSON.stringify(rows));
+    for (const t of ['hello alice', 'hi bob', XSS, 'a reply', 'typed while down', 'announcement 1', 'announcement 2',
+      'announcement 3', 'after restart']) {
+      assert.equal(countText(rows, t), 1, t + ' shown exactly once');
+    }
+    // Seqs on screen are increasing and gap-free from the first message on.
+    const seqs = rows.map((r) => r.seq);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
+    assert.equal(await p.locator('#outbox-list .msg').count(), 0, 'nothing left unsent');
+  }
+  assert.deepEqual(dialogs, [], 'no dialog fired');
+});
+
+test('Q&A: bob asks, alice upvotes, the host marks it answered', { timeout: 60000 }, async () => {
+  await alice.click('.tabs button[data-tab="qa"]');
+  await bob.click('#mobile-nav button[data-view="side"]');
+  await bob.click('.tabs button[data-tab="qa"]');
+  await bob.fill('#ask-text', 'What is a group?');
+  await bob.click('#ask-form button[type="submit"]');
+  const q = alice.locator('#question-list .question', { hasText: 'What is a group?' });
+  await q.waitFor({ timeout: T });
+  await q.locator('button.vote').click();
+  await bob.locator('#question-list .question', { hasText: 'What is a group?' }).locator('button.vote', { hasText: '▲ 1' }).waitFor({ timeout: T });
+  await q.locator('button.mark-answered').click();
+  await bob.locator('#question-list .question.status-answered', { hasText: 'What is a group?' }).waitFor({ timeout: T });
+  await shot(alice, 'web-desktop-qa.png');
+  await shot(bob, 'web-phone-qa.png');
+  await bob.click('#mobile-nav button[data-view="chat"]');
+});
+
+test('1v1 call: alice calls bob, fake media connects and video frames are decoded', { timeout: 60000 }, async () => {
+  await alice.click('.tabs button[data-tab="people"]');
+  await alice.locator('#people-list li[data-user="bob"] button.call-btn').click();
+  await bob.locator('#incoming').waitFor({ timeout: T });
+  await bob.locator('#incoming-text', { hasText: 'Alice is calling' }).waitFor({ timeout: T });
+  await shot(bob, 'web-phone-incoming.png');
+  await bob.click('#incoming-accept');
+  await within(30000, 'both connected', Promise.all([alice, bob].map((p) =>
+    p.locator('#call-card[data-state="connected"]').waitFor({ timeout: 30000 }))));
+  const frames = (p) => p.evaluate(async () => {
+    const pc = window.studyhall.calls.call.peer.pc;
+    let n = 0;
+    (await pc.getStats()).forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') n += s.framesDecoded || 0;
+    });
+    return n;
+  });
+  const a0 = await frames(alice);
+  const b0 = await frames(bob);
+  await sleep(1500);
+  const a1 = await frames(alice);
+  const b1 = await frames(bob);
+  assert.ok(a1 > a0, 'alice decodes video frames: ' + a0 + ' -> ' + a1);
+  assert.ok(b1 > b0, 'bob decodes video frames: ' + b0 + ' -> ' + b1);
+  await alice.click('#call-mic');
+  assert.equal(await alice.evaluate(() => window.studyhall.calls.local.getAudioTracks()[0].enabled), false);
+  await alice.locator('#call-timer', { hasText: /0:0[1-9]/ }).waitFor({ timeout: T });
+  await shot(alice, 'web-desktop-call.png');
+  await shot(bob, 'web-phone-call.png');
+  await bob.click('#call-hangup');
+  await Promise.all([alice, bob].map((p) => p.locator('#call-card').waitFor({ state: 'hidden', timeout: T })));
+  assert.deepEqual(dialogs, [], 'no dialog fired');
+});

@@ -60,6 +60,7 @@ export class Client {
     this.outbox = new Map(); // client_msg_id -> {room, text, reply_to} unacknowledged sends
     this.openWaiters = [];
     this.stopped = false;
+    this.gapsFilled = 0; // resumes that had to page history (join answered gap:true)
   }
 
   // -- events ------------------------------------------------------------------------------
@@ -295,6 +296,7 @@ export class Client {
   }
 
   async fillGap(room, had, last) {
+    this.gapsFilled++;
     room.high = Math.max(room.high, last);
     let before = last + 1;
     const pages = [];

@@ -19,7 +19,8 @@ const pages = [];
 const dialogs = [];
 
 before(async () => {
-  server = await startServer();
+  // A small replay limit, so that a resume after a longer outage takes the gap path.
+  server = await startServer({ STUDYHALL_REPLAY_LIMIT: '5' });
   browser = await launchBrowser();
 });
 
@@ -77,6 +78,15 @@ async function onScreen(page) {
 
 function countText(rows, text) {
   return rows.filter((r) => r.text === text).length;
+}
+
+async function announce(text) {
+  const r = await fetch(server.base + '/api/rooms/lobby/messages', {
+    method: 'POST',
+    headers: { authorization: 'Bearer ' + API_KEY, 'content-type': 'application/json' },
+    body: JSON.stringify({ text }),
+  });
+  assert.equal(r.status, 201);
 }
 
 async function shot(page, name) {
@@ -143,14 +153,7 @@ test('chat: sign-in, both ways, typing, presence, XSS as text, reload, server re
   await shot(alice, 'web-desktop-reconnecting.png');
   await restarting;
   // Announcements committed before the pages are back: they must come by replay.
-  for (let i = 1; i <= 3; i++) {
-    const r = await fetch(server.base + '/api/rooms/lobby/messages', {
-      method: 'POST',
-      headers: { authorization: 'Bearer ' + API_KEY, 'content-type': 'application/json' },
-      body: JSON.stringify({ text: 'announcement ' + i }),
-    });
-    assert.equal(r.status, 201);
-  }
+  for (let i = 1; i <= 3; i++) await announce('announcement ' + i);
   await Promise.all([connected(alice), connected(bob)]);
   await say(bob, 'after restart');
   for (const p of [alice, bob]) {
@@ -222,5 +225,78 @@ test('1v1 call: alice calls bob, fake media connects and video frames are decode
   await shot(bob, 'web-phone-call.png');
   await bob.click('#call-hangup');
   await Promise.all([alice, bob].map((p) => p.locator('#call-card').waitFor({ state: 'hidden', timeout: T })));
+  assert.deepEqual(dialogs, [], 'no dialog fired');
+});
+
+test('resume over a gap, infinite scroll, edit, delete, report and moderation', { timeout: 60000 }, async () => {
+  // More missed than the replay limit (5): the join answers gap:true and the page fills the
+  // range with history.
+  await server.restart(300);
+  for (let i = 1; i <= 12; i++) await announce('gap ' + i);
+  await Promise.all([connected(alice), connected(bob)]);
+  for (const p of [alice, bob]) {
+    await seeText(p, 'gap 12');
+    await seeText(p, 'gap 1');
+    assert.ok((await p.evaluate(() => window.studyhall.client.gapsFilled)) >= 1, 'the resume took the gap path');
+    const { rows, unique } = await onScreen(p);
+    assert.ok(unique, 'no duplicate after a gap: ' + JSON.stringify(rows.map((r) => r.seq)));
+    for (let i = 1; i <= 12; i++) assert.equal(countText(rows, 'gap ' + i), 1, 'gap ' + i);
+  }
+
+  // Infinite scroll: 60 more messages, a reload shows the newest 50, scrolling up the rest.
+  for (let i = 1; i <= 60; i++) await announce('bulk ' + i);
+  await bob.reload();
+  await connected(bob);
+  await seeText(bob, 'bulk 60');
+  assert.equal(await bob.locator('#msg-list .msg', { hasText: 'hello alice' }).count(), 0, 'old messages not loaded yet');
+  for (let i = 0; i < 10 && (await bob.locator('#msg-list .msg', { hasText: 'hello alice' }).count()) === 0; i++) {
+    await bob.evaluate(() => {
+      const m = document.getElementById('messages');
+      m.scrollTop = 0;
+      m.dispatchEvent(new Event('scroll'));
+    });
+    await sleep(300);
+  }
+  await seeText(bob, 'hello alice');
+  {
+    const { rows, unique } = await onScreen(bob);
+    assert.ok(unique, 'no duplicate after paging back');
+    for (let i = 1; i <= 60; i++) assert.equal(countText(rows, 'bulk ' + i), 1, 'bulk ' + i);
+  }
+
+  // Edit and delete of one's own message.
+  await say(bob, 'tpyo here');
+  const own = bob.locator('#msg-list .msg', { hasText: 'tpyo here' });
+  await own.waitFor({ timeout: T });
+  await own.locator('button.edit').click();
+  await own.locator('.inline-form input').fill('typo fixed');
+  await own.locator('.inline-form button[type="submit"]').click();
+  await alice.locator('#msg-list .msg', { hasText: 'typo fixed' }).locator('.meta', { hasText: '(edited)' }).waitFor({ timeout: T });
+  await bob.locator('#msg-list .msg', { hasText: 'typo fixed' }).locator('button.delete').click();
+  await alice.locator('#msg-list .msg.deleted', { hasText: 'message deleted' }).waitFor({ timeout: T });
+
+  // Report: bob reports alice's message; the host sees it in the moderation tab.
+  const target = bob.locator('#msg-list .msg', { hasText: 'hi bob' });
+  await target.locator('button.report').click();
+  await target.locator('.inline-form input').fill('rude <b>greeting</b>');
+  await target.locator('.inline-form button[type="submit"]').click();
+  await alice.click('.tabs button[data-tab="mod"]');
+  await alice.locator('#report-list li', { hasText: 'rude <b>greeting</b>' }).waitFor({ timeout: T });
+  await shot(alice, 'web-desktop-moderation.png');
+
+  // Mute: bob's next message is refused with `muted`, shown to him, and not retried.
+  await alice.click('.tabs button[data-tab="people"]');
+  await alice.selectOption('#people-list li[data-user="bob"] select.mod-menu', 'mute');
+  await bob.locator('#toast', { hasText: 'You are muted' }).waitFor({ timeout: T });
+  await say(bob, 'let me talk');
+  await bob.locator('#toast', { hasText: 'muted' }).waitFor({ timeout: T });
+  await sleep(300);
+  assert.equal(await alice.locator('#msg-list .msg', { hasText: 'let me talk' }).count(), 0);
+  assert.equal(await bob.locator('#outbox-list .msg').count(), 0);
+
+  // Kick: bob is removed from the room and leaves alice's online list.
+  await alice.selectOption('#people-list li[data-user="bob"] select.mod-menu', 'kick');
+  await bob.locator('#toast', { hasText: 'removed from lobby' }).waitFor({ timeout: T });
+  await alice.locator('#people-list li[data-user="bob"]').waitFor({ state: 'detached', timeout: T });
   assert.deepEqual(dialogs, [], 'no dialog fired');
 });

@@ -62,6 +62,9 @@ async function devMode() {
   }
 }
 
+// `#room=<id>` opens that room first; read before the fragment is cleared.
+const fragmentRoom = (/(?:^|[#&])room=([A-Za-z0-9_.-]+)/.exec(location.hash) || [])[1] || null;
+
 function tokenFromFragment() {
   const m = /(?:^|[#&])token=([^&]+)/.exec(location.hash);
   if (!m) return null;
@@ -147,8 +150,7 @@ async function start(token) {
   $('signout').hidden = false;
   $('me').textContent = client.me.user.name + ' (' + client.me.user.role + ')';
   await refreshRooms();
-  const wanted = /(?:^|[#&])room=([A-Za-z0-9_.-]+)/.exec(location.hash);
-  const first = (wanted && wanted[1]) || sessionStorage.getItem('studyhall.room') ||
+  const first = fragmentRoom || sessionStorage.getItem('studyhall.room') ||
     (roomsList[0] && roomsList[0].id) || 'lobby';
   await openRoom(first);
 }

@@ -300,3 +300,22 @@ test('resume over a gap, infinite scroll, edit, delete, report and moderation', 
   await alice.locator('#people-list li[data-user="bob"]').waitFor({ state: 'detached', timeout: T });
   assert.deepEqual(dialogs, [], 'no dialog fired');
 });
+
+test('platform sign-in: a token in the URL fragment, then taken out of the address bar', { timeout: 30000 }, async () => {
+  const carol = await openPage('carol', { width: 1280, height: 800 });
+  const token = await server.token('carol');
+  await carol.goto(server.base + '/#token=' + encodeURIComponent(token) + '&room=lobby');
+  await connected(carol);
+  await carol.locator('#room-title', { hasText: 'Lobby' }).waitFor({ timeout: T });
+  assert.ok(!carol.url().includes('token='), 'token removed from the URL: ' + carol.url());
+  assert.equal(await carol.locator('#dev-form').isVisible(), false);
+  await seeText(carol, 'bulk 60');
+  // Not the dev form: the page served by the binary has the right headers.
+  for (const [p, type] of [['/', 'text/html'], ['/web/app.js', 'text/javascript'], ['/web/style.css', 'text/css']]) {
+    const r = await fetch(server.base + p);
+    assert.equal(r.status, 200, p);
+    assert.ok(r.headers.get('content-type').startsWith(type), p + ': ' + r.headers.get('content-type'));
+    assert.equal(r.headers.get('cache-control'), 'no-cache', p);
+  }
+  assert.equal((await fetch(server.base + '/web/nope.js')).status, 404);
+});

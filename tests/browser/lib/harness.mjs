@@ -3,7 +3,8 @@
 // tokens through `POST /dev/token`, serves tests/browser/page/ over http://127.0.0.1:PORT,
 // launches Debian's headless Chromium through playwright-core (fake camera and microphone),
 // starts coturn in the foreground in a test-owned directory, and computes TURN REST
-// credentials. Every wait is bounded; every process started here is stopped by its handle.
+// credentials; restarts the server (SIGKILL, then the same address and database) for the
+// reconnect tests. Every wait is bounded; every process started here is stopped by its handle.
 
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';

@@ -63,7 +63,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws", get(ws_upgrade))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .nest("/api", api);
+        .nest("/api", api)
+        .merge(crate::web::routes());
     if app.config.dev {
         router = router.route("/dev/token", post(dev_token));
     }

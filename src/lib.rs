@@ -26,6 +26,7 @@ pub mod rooms;
 pub mod rtc;
 pub mod session;
 pub mod store;
+pub mod web;
 
 use crate::config::Config;
 use crate::hub::Hub;

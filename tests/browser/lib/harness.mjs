@@ -3,7 +3,8 @@
 // tokens through `POST /dev/token`, serves tests/browser/page/ over http://127.0.0.1:PORT,
 // launches Debian's headless Chromium through playwright-core (fake camera and microphone),
 // starts coturn in the foreground in a test-owned directory, and computes TURN REST
-// credentials. Every wait is bounded; every process started here is stopped by its handle.
+// credentials; restarts the server (SIGKILL, then the same address and database) for the
+// reconnect tests. Every wait is bounded; every process started here is stopped by its handle.
 
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
@@ -47,35 +48,41 @@ export async function startServer(env = {}) {
   const bin = process.env.STUDYHALL_BIN;
   if (!bin) throw new Error('STUDYHALL_BIN must name the studyhall binary (cargo build --bin studyhall)');
   const dir = mkdtempSync(path.join(tmpdir(), 'studyhall-browser-'));
-  const child = spawn(bin, ['serve', '--dev'], {
-    env: {
-      ...process.env,
-      STUDYHALL_ADDR: '127.0.0.1:0',
-      STUDYHALL_DATABASE_URL: 'sqlite://' + path.join(dir, 'x.db'),
-      STUDYHALL_JWT_SECRET: JWT_SECRET,
-      STUDYHALL_API_KEY: API_KEY,
-      STUDYHALL_LOG: process.env.STUDYHALL_LOG || 'warn',
-      ...env,
-    },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  let child;
   let stderr = '';
-  child.stderr.on('data', (d) => {
-    stderr += d;
-  });
-  const addr = await within(
-    20000,
-    'studyhall listening line',
-    new Promise((resolve, reject) => {
-      let out = '';
-      child.stdout.on('data', (d) => {
-        out += d;
-        const m = out.match(/studyhall listening on http:\/\/(\S+)/);
-        if (m) resolve(m[1]);
-      });
-      child.once('exit', (code) => reject(new Error('studyhall exited ' + code + ': ' + stderr)));
-    }),
-  );
+  // Starts the binary on `listen` with the same database every time; resolves its address.
+  const launch = async (listen) => {
+    child = spawn(bin, ['serve', '--dev'], {
+      env: {
+        ...process.env,
+        STUDYHALL_ADDR: listen,
+        STUDYHALL_DATABASE_URL: 'sqlite://' + path.join(dir, 'x.db'),
+        STUDYHALL_JWT_SECRET: JWT_SECRET,
+        STUDYHALL_API_KEY: API_KEY,
+        STUDYHALL_LOG: process.env.STUDYHALL_LOG || 'warn',
+        ...env,
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const c = child;
+    c.stderr.on('data', (d) => {
+      stderr += d;
+    });
+    return within(
+      20000,
+      'studyhall listening line',
+      new Promise((resolve, reject) => {
+        let out = '';
+        c.stdout.on('data', (d) => {
+          out += d;
+          const m = out.match(/studyhall listening on http:\/\/(\S+)/);
+          if (m) resolve(m[1]);
+        });
+        c.once('exit', (code) => reject(new Error('studyhall exited ' + code + ': ' + stderr)));
+      }),
+    );
+  };
+  const addr = await launch('127.0.0.1:0');
   const base = 'http://' + addr;
   return {
     base,
@@ -97,6 +104,16 @@ export async function startServer(env = {}) {
       });
       if (r.status !== 200) throw new Error('dev token: ' + r.status + ' ' + (await r.text()));
       return (await r.json()).token;
+    },
+    /// Kills the server with SIGKILL (a crash: no `bye`), waits `downMs`, and starts it
+    /// again on the same address with the same database.
+    async restart(downMs = 1500) {
+      const c = child;
+      c.kill('SIGKILL');
+      await within(5000, 'server exit', new Promise((r) => (c.exitCode !== null || c.signalCode !== null ? r() : c.once('exit', r))));
+      await sleep(downMs);
+      const again = await launch(addr);
+      if (again !== addr) throw new Error('restarted on ' + again + ', not ' + addr);
     },
     async stop() {
       await killChild(child);

@@ -1,0 +1,72 @@
+//! The web client's assets (`web/`), embedded in the binary with `include_str!` and served at
+//! `/` (the page) and `/web/{file}` (its scripts and style sheet), each with its Content-Type
+//! and `Cache-Control: no-cache`. There is no build step: the files are plain ES modules and
+//! CSS, so what is in `web/` is exactly what the browser runs.
+
+use axum::Router;
+use axum::extract::Path;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+const HTML: &str = "text/html; charset=utf-8";
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
+/// Every asset: its name under `/web/`, its Content-Type and its bytes.
+const FILES: &[(&str, &str, &str)] = &[
+    ("index.html", HTML, include_str!("../web/index.html")),
+    ("app.js", JS, include_str!("../web/app.js")),
+    ("studyhall.js", JS, include_str!("../web/studyhall.js")),
+    ("calls.js", JS, include_str!("../web/calls.js")),
+    ("style.css", CSS, include_str!("../web/style.css")),
+];
+
+fn asset(name: &str) -> Response {
+    match FILES.iter().find(|(n, _, _)| *n == name) {
+        Some((_, ctype, body)) => (
+            [
+                (header::CONTENT_TYPE, *ctype),
+                (header::CACHE_CONTROL, "no-cache"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            *body,
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"code":"not_found","message":"no such endpoint"}"#,
+        )
+            .into_response(),
+    }
+}
+
+/// The web client's routes: `/` and `/index.html` serve the page, `/web/{file}` the assets.
+pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
+        .route("/", get(|| async { asset("index.html") }))
+        .route("/index.html", get(|| async { asset("index.html") }))
+        .route(
+            "/web/{file}",
+            get(|Path(file): Path<String>| async move { asset(&file) }),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_asset_is_found_and_typed() {
+        for (name, ctype, body) in FILES {
+            let r = asset(name);
+            assert_eq!(r.status(), StatusCode::OK, "{name}");
+            assert_eq!(r.headers()[header::CONTENT_TYPE], *ctype);
+            assert_eq!(r.headers()[header::CACHE_CONTROL], "no-cache");
+            assert!(!body.is_empty());
+        }
+        assert_eq!(asset("../Cargo.toml").status(), StatusCode::NOT_FOUND);
+        assert_eq!(asset("nope.js").status(), StatusCode::NOT_FOUND);
+    }
+}

@@ -415,6 +415,13 @@ impl Config {
         positive("store_batch_max", self.store_batch_max as u64)?;
         positive("store_queue", self.store_queue as u64)?;
         positive("db_pool_size", u64::from(self.db_pool_size))?;
+        if self.replay_limit as usize >= self.outbox_frames {
+            // A replay shares the session's outbox with live traffic: it must fit with room.
+            return Err(ConfigError::Invalid {
+                name: "replay_limit",
+                why: format!("must be below outbox_frames ({})", self.outbox_frames),
+            });
+        }
         if !(self.rate_per_s > 0.0 && self.rate_burst >= 1.0) {
             return Err(ConfigError::Invalid {
                 name: "rate_per_s/rate_burst",
@@ -511,6 +518,11 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(&args).is_err());
+        let args = ServeArgs {
+            replay_limit: Some(5000),
+            ..Default::default()
+        };
+        assert!(Config::load(&args).is_err(), "a replay must fit the outbox");
         let args = ServeArgs {
             jwt_secret: Some("short".into()),
             ..Default::default()

@@ -182,11 +182,7 @@ async fn join(
         // Joining an open room makes it one of the user's rooms (as a plain member).
         ctx.app
             .store
-            .write(crate::store::WriteOp::EnsureMember {
-                room: room_id.clone(),
-                user: ctx.me.user.clone(),
-                role,
-            })
+            .ensure_member(&room_id, &ctx.me.user, role)
             .await?;
     }
 

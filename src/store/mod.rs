@@ -525,17 +525,14 @@ impl Store {
         Ok(())
     }
 
-    /// Records that a user joined an open room, keeping any role they already have.
+    /// Records that a user joined an open room, keeping any role they already have. Goes
+    /// through the group-commit writer, so a burst of first joins shares commits.
     pub async fn ensure_member(&self, room: &RoomId, user: &UserId, role: RoomRole) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO room_members (room_id, user_id, role, added_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (room_id, user_id) DO NOTHING",
-        )
-        .bind(room.as_str())
-        .bind(user.as_str())
-        .bind(role.as_str())
-        .bind(now_ms())
-        .execute(self.pool())
+        self.write(WriteOp::EnsureMember {
+            room: room.clone(),
+            user: user.clone(),
+            role,
+        })
         .await?;
         Ok(())
     }

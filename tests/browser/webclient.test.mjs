@@ -319,3 +319,25 @@ test('platform sign-in: a token in the URL fragment, then taken out of the addre
   }
   assert.equal((await fetch(server.base + '/web/nope.js')).status, 404);
 });
+
+test('class grid: two users join a class room\'s A/V and see each other (mesh)', { timeout: 60000 }, async () => {
+  await server.room('class-1', 'class');
+  for (const p of [alice, bob]) {
+    if (p === bob) await bob.click('#mobile-nav button[data-view="rooms"]');
+    await p.fill('#join-room', 'class-1');
+    await p.click('#join-form button[type="submit"]');
+    await p.locator('#room-title', { hasText: 'class-1' }).waitFor({ timeout: T });
+    if (p === bob) await bob.click('#mobile-nav button[data-view="side"]');
+    await p.click('.tabs button[data-tab="av"]');
+  }
+  await alice.click('#av-join');
+  await alice.locator('#av-leave').waitFor({ timeout: T });
+  await bob.click('#av-join');
+  await Promise.all([[alice, 'bob'], [bob, 'alice']].map(([p, other]) =>
+    p.locator('#av-grid figcaption', { hasText: other + ' · connected' }).waitFor({ timeout: 30000 })));
+  await shot(alice, 'web-desktop-class.png');
+  await shot(bob, 'web-phone-class.png');
+  await bob.click('#av-leave');
+  await alice.locator('#av-grid figcaption', { hasText: 'bob' }).waitFor({ state: 'detached', timeout: T });
+  await alice.click('#av-leave');
+});

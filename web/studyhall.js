@@ -114,8 +114,24 @@ export class Client {
     this.setState('closed');
   }
 
+  /// Goes offline on purpose (closes the socket, no reconnect) until `resume()`: for a
+  /// "work offline" switch, and for tests of the resume path.
+  pause() {
+    this.paused = true;
+    clearTimeout(this.retryTimer);
+    if (this.ws) this.ws.close(1000, 'paused');
+  }
+
+  resume() {
+    if (!this.paused) return;
+    this.paused = false;
+    this.attempt = 0;
+    this.connect();
+  }
+
   connect() {
     clearTimeout(this.retryTimer);
+    if (this.paused) return;
     this.setState(this.attempt === 0 && !this.me ? 'connecting' : 'reconnecting');
     let ws;
     try {
@@ -165,6 +181,10 @@ export class Client {
         return;
       }
       if (this.stopped) return;
+      if (this.paused) {
+        this.setState('reconnecting', { paused: true });
+        return;
+      }
       this.scheduleReconnect(e.code === 4029 ? 5000 : 0);
     };
   }

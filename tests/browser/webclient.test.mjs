@@ -119,7 +119,7 @@ test('chat: sign-in, both ways, typing, presence, XSS as text, reload, server re
   await say(alice, XSS);
   await seeText(bob, XSS);
   for (const p of [alice, bob]) {
-    await seeText(p, XSS); // the sender's own copy arrives as the event, maybe after bob's
+    await seeText(p, XSS);
     const { rows } = await onScreen(p);
     assert.equal(countText(rows, XSS), 1, 'the XSS string is shown once, as text');
     assert.equal(await p.locator('#msg-list img').count(), 0, 'no <img> was created');
@@ -153,7 +153,8 @@ test('chat: sign-in, both ways, typing, presence, XSS as text, reload, server re
   await alice.locator('#outbox-list .msg', { hasText: 'typed while down' }).waitFor({ timeout: T });
   await shot(alice, 'web-desktop-reconnecting.png');
   await restarting;
-  // Announcements committed before the pages are back: they must come by replay.
+  // Announcements committed right after the restart: they come by replay (join after_seq)
+  // or live, depending on when each page's backoff fires; either way exactly once.
   for (let i = 1; i <= 3; i++) await announce('announcement ' + i);
   await Promise.all([connected(alice), connected(bob)]);
   await say(bob, 'after restart');
@@ -230,14 +231,13 @@ test('1v1 call: alice calls bob, fake media connects and video frames are decode
 });
 
 test('resume over a gap, infinite scroll, edit, delete, report and moderation', { timeout: 60000 }, async () => {
-  // More missed than the replay limit (5): the join answers gap:true and the page fills the
+  // More missed than the replay limit (5): both pages go offline (the client's pause), 12
+  // announcements are posted, and on resume the join answers gap:true and the page fills the
   // range with history.
-  // The pages stay offline until all 12 are in, so the gap does not depend on who is faster
-  // (on a loaded machine the pages used to reconnect before the announcements were posted).
-  for (const p of [alice, bob]) await p.context().setOffline(true);
-  await server.restart(300);
+  for (const p of [alice, bob]) await p.evaluate(() => window.studyhall.client.pause());
+  await Promise.all([alice, bob].map((p) => p.locator('#conn[data-state="reconnecting"]').waitFor({ timeout: T })));
   for (let i = 1; i <= 12; i++) await announce('gap ' + i);
-  for (const p of [alice, bob]) await p.context().setOffline(false);
+  for (const p of [alice, bob]) await p.evaluate(() => window.studyhall.client.resume());
   await Promise.all([connected(alice), connected(bob)]);
   for (const p of [alice, bob]) {
     await seeText(p, 'gap 12');
@@ -323,4 +323,26 @@ test('platform sign-in: a token in the URL fragment, then taken out of the addre
     assert.equal(r.headers.get('cache-control'), 'no-cache', p);
   }
   assert.equal((await fetch(server.base + '/web/nope.js')).status, 404);
+});
+
+test('class grid: two users join a class room\'s A/V and see each other (mesh)', { timeout: 60000 }, async () => {
+  await server.room('class-1', 'class');
+  for (const p of [alice, bob]) {
+    if (p === bob) await bob.click('#mobile-nav button[data-view="rooms"]');
+    await p.fill('#join-room', 'class-1');
+    await p.click('#join-form button[type="submit"]');
+    await p.locator('#room-title', { hasText: 'class-1' }).waitFor({ timeout: T });
+    if (p === bob) await bob.click('#mobile-nav button[data-view="side"]');
+    await p.click('.tabs button[data-tab="av"]');
+  }
+  await alice.click('#av-join');
+  await alice.locator('#av-leave').waitFor({ timeout: T });
+  await bob.click('#av-join');
+  await Promise.all([[alice, 'bob'], [bob, 'alice']].map(([p, other]) =>
+    p.locator('#av-grid figcaption', { hasText: other + ' · connected' }).waitFor({ timeout: 30000 })));
+  await shot(alice, 'web-desktop-class.png');
+  await shot(bob, 'web-phone-class.png');
+  await bob.click('#av-leave');
+  await alice.locator('#av-grid figcaption', { hasText: 'bob' }).waitFor({ state: 'detached', timeout: T });
+  await alice.click('#av-leave');
 });

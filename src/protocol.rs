@@ -821,11 +821,11 @@ pub struct CallParty<'a> {
     pub name: Option<&'a str>,
 }
 
-/// Encodes `{"type":"ok","rid":N, ...fields of result}`. `result` must serialize to a JSON
-/// object (or unit, for an empty ok).
-pub fn encode_ok<T: Serialize>(rid: Option<i64>, result: &T) -> String {
-    let mut obj = match serde_json::to_value(result) {
-        Ok(serde_json::Value::Object(map)) => map,
+/// Encodes `{"type":"ok","rid":N, ...fields of result}`. `result` is a JSON object (any other
+/// value gives an empty ok); it is consumed, not copied.
+pub fn encode_ok(rid: Option<i64>, result: serde_json::Value) -> String {
+    let mut obj = match result {
+        serde_json::Value::Object(map) => map,
         _ => serde_json::Map::new(),
     };
     obj.insert("type".into(), "ok".into());
@@ -989,8 +989,11 @@ mod tests {
         struct R {
             seq: i64,
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&encode_ok(Some(3), &R { seq: 9 })).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&encode_ok(
+            Some(3),
+            serde_json::to_value(R { seq: 9 }).unwrap(),
+        ))
+        .unwrap();
         assert_eq!(v["type"], "ok");
         assert_eq!(v["rid"], 3);
         assert_eq!(v["seq"], 9);

@@ -309,30 +309,35 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
         limit: cfg.abuse_strikes,
     };
     let mut inflight: FuturesUnordered<Deferred> = FuturesUnordered::new();
+    // One close watcher and one idle timer for the whole loop, polled by reference and reset:
+    // building them per frame registered a new waiter and timer entry for every command.
     let mut close = ctx.close.clone();
-    let mut deadline = tokio::time::Instant::now() + idle;
+    let closed = closing(&mut close, |c| c != 0);
+    tokio::pin!(closed);
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
 
     loop {
         tokio::select! {
             biased;
-            _ = closing(&mut close, |c| c != 0) => break,
+            _ = &mut closed => break,
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
                 // While writes are in flight the socket may go unread (the in-flight limit):
                 // a slow store must not make a live client look idle.
-                deadline = tokio::time::Instant::now() + idle;
+                idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
                 if let Some(frame) = reply
                     && !ctx.push(frame).await
                 {
                     break;
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = &mut idle_timer => {
                 tracing::debug!(session = %ctx.handle.id, "idle timeout");
                 ctx.handle.close(close::NORMAL);
                 break;
             }
             msg = stream.next(), if inflight.len() < max_inflight => {
-                deadline = tokio::time::Instant::now() + idle;
+                idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
                 let text = match msg {
                     None => break,
                     Some(Err(e)) => {
@@ -387,7 +392,7 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
                 let rid = frame.rid;
                 ctx.app.metrics.command(frame.msg.kind());
                 let reply = match crate::rooms::dispatch(ctx, rid, frame.msg).await {
-                    Ok(Outcome::Ok(v)) => rid.map(|rid| protocol::encode_ok(Some(rid), &v)),
+                    Ok(Outcome::Ok(v)) => rid.map(|rid| protocol::encode_ok(Some(rid), v)),
                     Ok(Outcome::OkRaw(fields)) => rid.map(|rid| protocol::encode_ok_raw(rid, &fields)),
                     Ok(Outcome::Deferred(fut)) => {
                         inflight.push(fut);
@@ -439,7 +444,7 @@ where
             Err(_) => Err(Error::Unavailable("server is shutting down".into())),
         };
         match result {
-            Ok(v) => rid.map(|rid| protocol::encode_ok(Some(rid), &fields(v))),
+            Ok(v) => rid.map(|rid| protocol::encode_ok(Some(rid), fields(v))),
             Err(e) => Some(error_frame(rid, &e)),
         }
     })

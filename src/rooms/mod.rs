@@ -263,7 +263,7 @@ async fn replay_and_reply(
         reply["replayed"] = json!(page.as_ref().map_or(0, |p| p.events.len()));
     }
     if let Some(rid) = rid {
-        ctx.push(protocol::encode_ok(Some(rid), &reply)).await;
+        ctx.push(protocol::encode_ok(Some(rid), reply)).await;
     }
     let mut delivered = last_seq;
     if let Some(page) = page {

@@ -5,7 +5,7 @@
 //! events and search rows at the end of the transaction. Same results, in the same order, as
 //! applying the sends one by one; the conformance suite runs it on both backends.
 
-use super::writer::{Applied, CommittedEvent, Tx, WriteOp, WriteOutcome, new_message_id_for_batch};
+use super::writer::{Applied, CommittedEvent, Tx, WriteOp, WriteOutcome, new_message_id};
 use super::{Result, StoreError, now_ms};
 use crate::protocol::{MessageId, RoomEvent, RoomId, SequencedEvent, UserRef};
 use sqlx::{AssertSqlSafe, Row};
@@ -173,7 +173,7 @@ pub(super) async fn plan_room(
         match slot {
             Some(n) => {
                 let seq = first + n as i64;
-                let id = new_message_id_for_batch();
+                let id = new_message_id();
                 let event = RoomEvent::Message {
                     id: id.clone(),
                     from: (*from).clone(),

@@ -4,7 +4,7 @@
 //! host/ta see everything, members see anonymous authors removed and pending questions as
 //! `hidden`.
 
-use super::writer::{Applied, Tx, WriteOutcome, bump_seq, insert_event, new_id};
+use super::writer::{Applied, Tx, WriteOutcome, bump_seq, insert_event, new_id, record_change};
 use super::{Result, Store, StoreError, View, search};
 use crate::protocol::{
     AnswerView, QuestionId, QuestionStatus, QuestionUpdate, QuestionView, RoomEvent, RoomId,
@@ -158,11 +158,7 @@ async fn emit_update(
         })
     };
     let (full, public) = (make(q.full()), q.public(make));
-    let committed = insert_event(tx, &q.room, seq, ts, q.id.as_str(), full, public).await?;
-    Ok(Applied {
-        outcome: WriteOutcome::Changed { seq },
-        event: Some(committed),
-    })
+    record_change(tx, &q.room, seq, ts, q.id.as_str(), full, public).await
 }
 
 pub(super) async fn ask(

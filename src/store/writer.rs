@@ -348,15 +348,11 @@ fn abort_batch(e: StoreError) -> sqlx::Error {
 
 pub(super) type Tx = Transaction<'static, Any>;
 
-fn new_message_id() -> MessageId {
+pub(super) fn new_message_id() -> MessageId {
     MessageId(format!("m{:016x}", rand::random::<u64>()))
 }
 
 /// A fresh random id with a one-letter prefix saying what it names.
-pub(super) fn new_message_id_for_batch() -> MessageId {
-    new_message_id()
-}
-
 pub(super) fn new_id(prefix: char) -> String {
     format!("{prefix}{:016x}", rand::random::<u64>())
 }
@@ -381,6 +377,23 @@ pub(super) async fn bump_seq(tx: &mut Tx, room: &RoomId) -> Result<i64> {
         Some(_) => Err(StoreError::Forbidden("the room is archived".into())),
         None => Err(StoreError::NotFound("room")),
     }
+}
+
+/// Stores the event of a write that changed something and reports it as `Changed`.
+pub(super) async fn record_change(
+    tx: &mut Tx,
+    room: &RoomId,
+    seq: i64,
+    ts: i64,
+    ref_id: &str,
+    event: RoomEvent,
+    public: Option<RoomEvent>,
+) -> Result<Applied> {
+    let committed = insert_event(tx, room, seq, ts, ref_id, event, public).await?;
+    Ok(Applied {
+        outcome: WriteOutcome::Changed { seq },
+        event: Some(committed),
+    })
 }
 
 /// Stores a sequenced event. `ref_id` is the message or question it is about; `public` is
@@ -675,11 +688,7 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 by: by.clone(),
                 ts,
             };
-            let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
-            Ok(Applied {
-                outcome: WriteOutcome::Changed { seq },
-                event: Some(committed),
-            })
+            record_change(tx, room, seq, ts, id.as_str(), event, None).await
         }
         WriteOp::Delete {
             room,
@@ -733,11 +742,7 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 by: by.clone(),
                 ts,
             };
-            let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
-            Ok(Applied {
-                outcome: WriteOutcome::Changed { seq },
-                event: Some(committed),
-            })
+            record_change(tx, room, seq, ts, id.as_str(), event, None).await
         }
         WriteOp::React {
             room,
@@ -827,11 +832,7 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 added: *add,
                 ts,
             };
-            let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
-            Ok(Applied {
-                outcome: WriteOutcome::Changed { seq },
-                event: Some(committed),
-            })
+            record_change(tx, room, seq, ts, id.as_str(), event, None).await
         }
     }
 }

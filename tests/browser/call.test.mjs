@@ -8,24 +8,21 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import {
-  startServer, servePage, launchBrowser, openClient, mediaGrowth, dumpLogs, artifactDir, within,
+  startRig, openClient, mediaGrowth, dumpLogs, artifactDir, within,
 } from './lib/harness.mjs';
 
-let server, page, browser;
-const clients = [];
+let rig, server, page, browser, clients;
 
 before(async () => {
-  server = await startServer();
-  page = await servePage();
-  browser = await launchBrowser();
+  rig = await startRig();
+  ({ server, page, browser, clients } = rig);
 });
 
+
 after(async () => {
-  for (const c of clients) await c.close().catch(() => {});
-  if (browser) await browser.close();
-  if (page) await page.close();
-  if (server) await server.stop();
+  if (rig) await rig.stop();
 });
+
 
 test('1v1 call: browsers connect through signal and media flows both ways', { timeout: 90000 }, async () => {
   const tutor = await openClient(browser, page.url, server.wsUrl, await server.token('tutor', { role: 'tutor' }), 'tutor');

@@ -5,24 +5,21 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, servePage, launchBrowser, openClient, growth, dumpLogs, within, sleep } from './lib/harness.mjs';
+import { startRig, openClient, growth, dumpLogs, within, sleep } from './lib/harness.mjs';
 
-let server, page, browser;
-const clients = [];
+let rig, server, page, browser, clients;
 
 before(async () => {
-  server = await startServer();
+  rig = await startRig();
+  ({ server, page, browser, clients } = rig);
   await server.room('class-1', 'class');
-  page = await servePage();
-  browser = await launchBrowser();
 });
 
+
 after(async () => {
-  for (const c of clients) await c.close().catch(() => {});
-  if (browser) await browser.close();
-  if (page) await page.close();
-  if (server) await server.stop();
+  if (rig) await rig.stop();
 });
+
 
 test('class mesh: four browsers connect pairwise through signal {room, to}', { timeout: 120000 }, async () => {
   const users = ['tutor', 'ann', 'ben', 'cat'];

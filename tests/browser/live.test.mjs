@@ -6,24 +6,21 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, servePage, launchBrowser, openClient, mediaGrowth, dumpLogs, within } from './lib/harness.mjs';
+import { startRig, openClient, mediaGrowth, dumpLogs, within } from './lib/harness.mjs';
 
-let server, page, browser;
-const clients = [];
+let rig, server, page, browser, clients;
 
 before(async () => {
-  server = await startServer();
+  rig = await startRig();
+  ({ server, page, browser, clients } = rig);
   await server.room('live-1', 'live');
-  page = await servePage();
-  browser = await launchBrowser();
 });
 
+
 after(async () => {
-  for (const c of clients) await c.close().catch(() => {});
-  if (browser) await browser.close();
-  if (page) await page.close();
-  if (server) await server.stop();
+  if (rig) await rig.stop();
 });
+
 
 test('live room: only publishers may send media; a recvonly answer is relayed', { timeout: 90000 }, async () => {
   const host = await openClient(browser, page.url, server.wsUrl,

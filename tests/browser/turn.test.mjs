@@ -7,32 +7,29 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, servePage, launchBrowser, openClient, mediaGrowth, dumpLogs, within, sleep,
+  startRig, openClient, mediaGrowth, dumpLogs, within, sleep,
   startCoturn, turnCredential,
 } from './lib/harness.mjs';
 
 const SECRET = 'browser-test-turn-secret';
-let turn, server, page, browser;
-const clients = [];
+let turn, rig, server, page, browser, clients;
 
 before(async () => {
   turn = await startCoturn(SECRET);
-  server = await startServer({
+  rig = await startRig({
     STUDYHALL_TURN_URLS: turn.url,
     STUDYHALL_TURN_SECRET: SECRET,
     STUDYHALL_TURN_TTL_S: '600',
   });
-  page = await servePage();
-  browser = await launchBrowser();
+  ({ server, page, browser, clients } = rig);
 });
 
+
 after(async () => {
-  for (const c of clients) await c.close().catch(() => {});
-  if (browser) await browser.close();
-  if (page) await page.close();
-  if (server) await server.stop();
+  if (rig) await rig.stop();
   if (turn) await turn.stop();
 });
+
 
 /// Two fresh browsers, tutor calls student; `iceServers` overrides the server's list on both
 /// sides (else they use `ice_servers` from the replies). Returns the pair and the call id.

@@ -122,6 +122,28 @@ export async function startServer(env = {}) {
   };
 }
 
+/// What every WebRTC test file sets up: a server (with `env`), the test page and a browser.
+/// Push opened clients to `clients`; `stop()` closes them and everything else, in order, and
+/// also cleans up after a start that failed half-way.
+export async function startRig(env = {}) {
+  const rig = { server: null, page: null, browser: null, clients: [] };
+  rig.stop = async () => {
+    for (const c of rig.clients) await c.close().catch(() => {});
+    if (rig.browser) await rig.browser.close();
+    if (rig.page) await rig.page.close();
+    if (rig.server) await rig.server.stop();
+  };
+  try {
+    rig.server = await startServer(env);
+    rig.page = await servePage();
+    rig.browser = await launchBrowser();
+  } catch (e) {
+    await rig.stop();
+    throw e;
+  }
+  return rig;
+}
+
 /// tests/browser/page/ over HTTP on 127.0.0.1 (a secure context for getUserMedia).
 export async function servePage() {
   const types = { '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8' };

@@ -19,6 +19,8 @@ const FILES: &[(&str, &str, &str)] = &[
     ("app.js", JS, include_str!("../web/app.js")),
     ("studyhall.js", JS, include_str!("../web/studyhall.js")),
     ("calls.js", JS, include_str!("../web/calls.js")),
+    ("engagement.js", JS, include_str!("../web/engagement.js")),
+    ("charts.js", JS, include_str!("../web/charts.js")),
     ("style.css", CSS, include_str!("../web/style.css")),
 ];
 

@@ -1,12 +1,14 @@
 // app.js owns the web client's UI: sign-in (the dev form or `#token=`), the rooms list with
 // unread counts, the chat (infinite scroll back through history, replies, reactions, edit and
 // delete, typing, presence), the Q&A board, hands and stage, the call card and the class grid,
-// and the host/ta moderation controls. Every piece of user content goes into the page as text
+// and the host/ta moderation controls. The Progress tab and the teacher dashboard are in
+// engagement.js. Every piece of user content goes into the page as text
 // (textContent / value), never as HTML. Protocol state lives in studyhall.js, WebRTC in
 // calls.js.
 
 import { Client } from './studyhall.js';
 import { Calls } from './calls.js';
+import { setupEngagement } from './engagement.js';
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'studyhall.token';
@@ -118,6 +120,7 @@ $('signout').addEventListener('click', () => {
 
 let client = null;
 let calls = null;
+let engagement = null;
 let active = null; // the room id on screen
 let roomsList = []; // the `rooms` reply
 let replyTo = null;
@@ -136,6 +139,11 @@ async function start(token) {
   window.studyhall = { get client() { return client; }, get calls() { return calls; } };
   client.on('state', renderConn);
   calls = new Calls(client, { onCall: renderCall, onAv: renderAv });
+  engagement = setupEngagement({
+    client, el, $, toast, fail,
+    active: () => active,
+    role: () => (client.rooms.get(active) || {}).role,
+  });
   wireClient();
   try {
     await client.start();
@@ -296,6 +304,8 @@ function renderRoomHead() {
   $('room-role').textContent = room.role || '';
   $('mod-tab').hidden = !isMod(room.role);
   $('hands-box').hidden = !isMod(room.role);
+  engagement.roomChanged();
+  if (!$('tab-progress').hidden) engagement.showProgress();
   const av = room.info && (room.info.kind === 'class' || room.info.kind === 'live');
   $('av-join').disabled = !av;
   $('av-hint').textContent = av ? 'Small-class video grid (mesh, up to 6).' : 'Class A/V is for class and live rooms.';
@@ -821,6 +831,7 @@ for (const b of document.querySelectorAll('.tabs button')) {
     for (const o of document.querySelectorAll('.tabs button')) o.classList.toggle('active', o === b);
     for (const t of document.querySelectorAll('.tab')) t.hidden = t.id !== 'tab-' + b.dataset.tab;
     if (b.dataset.tab === 'qa') loadQuestions();
+    if (b.dataset.tab === 'progress' && engagement) engagement.showProgress();
   });
 }
 for (const b of document.querySelectorAll('#mobile-nav button')) {

@@ -10,7 +10,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { startServer, launchBrowser, artifactDir, within, sleep, API_KEY } from './lib/harness.mjs';
+import { startServer, launchBrowser, artifactDir, within, sleep, devSignIn, API_KEY } from './lib/harness.mjs';
 
 const XSS = '<img src=x onerror=alert(1)>';
 const T = 15000;
@@ -44,17 +44,7 @@ async function openPage(name, viewport) {
   return page;
 }
 
-async function signIn(page, user, role, grants = '') {
-  await page.goto(server.base + '/');
-  await page.locator('#dev-form').waitFor({ timeout: T });
-  await page.fill('#dev-user', user);
-  await page.fill('#dev-name', user[0].toUpperCase() + user.slice(1));
-  await page.selectOption('#dev-role', role);
-  if (grants) await page.fill('#dev-rooms', grants);
-  await page.click('#dev-submit');
-  await connected(page);
-  await page.locator('#room-title', { hasText: 'Lobby' }).waitFor({ timeout: T });
-}
+const signIn = (page, user, role, grants = '') => devSignIn(page, server.base, user, role, grants, T);
 
 const connected = (page) => page.locator('#conn[data-state="open"]').waitFor({ timeout: T });
 

@@ -122,6 +122,20 @@ export async function startServer(env = {}) {
   };
 }
 
+/// Signs `user` in through the web client's dev form at `base` (a `serve --dev` server) and
+/// waits until the page is connected and shows the lobby.
+export async function devSignIn(page, base, user, role, grants = '', ms = 15000) {
+  await page.goto(base + '/');
+  await page.locator('#dev-form').waitFor({ timeout: ms });
+  await page.fill('#dev-user', user);
+  await page.fill('#dev-name', user[0].toUpperCase() + user.slice(1));
+  await page.selectOption('#dev-role', role);
+  if (grants) await page.fill('#dev-rooms', grants);
+  await page.click('#dev-submit');
+  await page.locator('#conn[data-state="open"]').waitFor({ timeout: ms });
+  await page.locator('#room-title', { hasText: 'Lobby' }).waitFor({ timeout: ms });
+}
+
 /// What every WebRTC test file sets up: a server (with `env`), the test page and a browser.
 /// Push opened clients to `clients`; `stop()` closes them and everything else, in order, and
 /// also cleans up after a start that failed half-way.

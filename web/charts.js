@@ -89,7 +89,8 @@ export function bandChart({ ratio, low, high, width = 640, height = 64, label = 
   m.append(svgEl('title', {}, `${(ratio * 100).toFixed(1)} % (${state})`));
   svg.append(m);
   for (const v of [0, low, high, top]) {
-    svg.append(svgEl('text', { x: x(v), y: height - 6, 'text-anchor': 'middle', class: 'axis' }, Math.round(v * 100) + '%'));
+    const anchor = v === 0 ? 'start' : v === top ? 'end' : 'middle';
+    svg.append(svgEl('text', { x: x(v), y: height - 6, 'text-anchor': anchor, class: 'axis' }, Math.round(v * 100) + '%'));
   }
   return svg;
 }

@@ -157,10 +157,10 @@ export function setupEngagement(ctx) {
     $('dash-series').replaceChildren(seriesChart({
       labels,
       bars: [
-        { name: 'messages', values: s.series.map((b) => b.messages), cls: 'messages' },
-        { name: 'questions', values: s.series.map((b) => b.questions), cls: 'questions' },
+        { name: 'messages', values: s.series.map((b) => b.messages), cls: 's-messages' },
+        { name: 'questions', values: s.series.map((b) => b.questions), cls: 's-questions' },
       ],
-      line: { name: 'active members', values: s.series.map((b) => b.active_members), cls: 'active' },
+      line: { name: 'active members', values: s.series.map((b) => b.active_members), cls: 's-active' },
       label: 'messages, questions and active members per ' + s.bucket,
     }));
     const band = s.healthy_band || { low: 0.15, high: 0.3 };

@@ -235,6 +235,14 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
         }
     };
 
+    // The token's zone is kept for the user's local day in engagement caps (their sends are
+    // committed by the writer, which has no session to ask).
+    if let Some(tz) = &me.tz
+        && let Err(e) = app.store.remember_zone(&me.user, tz).await
+    {
+        tracing::warn!(error = %e, "could not keep the user's time zone");
+    }
+
     let sid = SessionId(format!("s{:016x}", rand::random::<u64>()));
     let (outbox, outbox_rx) = mpsc::channel(app.config.outbox_frames);
     let (handle, close_rx) = SessionHandle::with_call_waiting(

@@ -228,7 +228,10 @@ impl EngagementConfig {
         let mut ids = std::collections::HashSet::new();
         for b in &self.badges {
             if b.id.is_empty() || b.id.len() > 64 || !ids.insert(b.id.as_str()) {
-                return Err(format!("badge id {:?} is empty, too long or repeated", b.id));
+                return Err(format!(
+                    "badge id {:?} is empty, too long or repeated",
+                    b.id
+                ));
             }
             if b.threshold < 1 {
                 return Err(format!("badge {} needs a threshold >= 1", b.id));
@@ -239,7 +242,11 @@ impl EngagementConfig {
 
     /// The level of a point total (1 for anything below the second threshold).
     pub fn level(&self, points: i64) -> i64 {
-        self.levels.iter().take_while(|t| **t <= points).count().max(1) as i64
+        self.levels
+            .iter()
+            .take_while(|t| **t <= points)
+            .count()
+            .max(1) as i64
     }
 
     /// Points at which the next level starts, or `None` at the top level.
@@ -498,15 +505,36 @@ mod tests {
     fn streaks_extend_reset_and_repeat() {
         let s0 = Streak::default();
         let (s1, already) = check_in(None, s0, date(2026, 1, 1));
-        assert_eq!((s1, already), (Streak { current: 1, longest: 1 }, false));
+        assert_eq!(
+            (s1, already),
+            (
+                Streak {
+                    current: 1,
+                    longest: 1
+                },
+                false
+            )
+        );
         let (s2, _) = check_in(Some(date(2026, 1, 1)), s1, date(2026, 1, 2));
-        assert_eq!(s2, Streak { current: 2, longest: 2 });
+        assert_eq!(
+            s2,
+            Streak {
+                current: 2,
+                longest: 2
+            }
+        );
         let (same, already) = check_in(Some(date(2026, 1, 2)), s2, date(2026, 1, 2));
         assert!(already);
         assert_eq!(same, s2);
         // A missed day (Jan 3) resets the current streak, the longest stays.
         let (s3, _) = check_in(Some(date(2026, 1, 2)), s2, date(2026, 1, 4));
-        assert_eq!(s3, Streak { current: 1, longest: 2 });
+        assert_eq!(
+            s3,
+            Streak {
+                current: 1,
+                longest: 2
+            }
+        );
         // Across a month and a year boundary.
         let (s4, _) = check_in(Some(date(2025, 12, 31)), s1, date(2026, 1, 1));
         assert_eq!(s4.current, 2);
@@ -516,7 +544,10 @@ mod tests {
         assert_eq!(streak_on(Some(date(2026, 1, 2)), s2, date(2026, 1, 3)), s2);
         assert_eq!(
             streak_on(Some(date(2026, 1, 2)), s2, date(2026, 1, 4)),
-            Streak { current: 0, longest: 2 }
+            Streak {
+                current: 0,
+                longest: 2
+            }
         );
     }
 
@@ -544,8 +575,20 @@ mod tests {
         // they are one hour apart; in UTC the same instants are one day.
         let ny = zone("America/New_York").unwrap();
         let r = run(&ny, &["2026-01-06T04:30:00Z", "2026-01-06T05:30:00Z"]);
-        assert_eq!(r[1], (Streak { current: 2, longest: 2 }, false));
-        let r = run(&TimeZone::UTC, &["2026-01-06T04:30:00Z", "2026-01-06T05:30:00Z"]);
+        assert_eq!(
+            r[1],
+            (
+                Streak {
+                    current: 2,
+                    longest: 2
+                },
+                false
+            )
+        );
+        let r = run(
+            &TimeZone::UTC,
+            &["2026-01-06T04:30:00Z", "2026-01-06T05:30:00Z"],
+        );
         assert!(r[1].1, "same UTC day: already checked in");
         // Across the spring-forward night (2026-03-08, 23 hours) and the fall-back night
         // (2026-11-01, 25 hours): one check-in per local day keeps the streak going.
@@ -568,18 +611,33 @@ mod tests {
             ],
         );
         let currents: Vec<(i64, bool)> = r.iter().map(|(s, a)| (s.current, *a)).collect();
-        assert_eq!(currents, vec![(1, false), (2, false), (2, true), (3, false)]);
+        assert_eq!(
+            currents,
+            vec![(1, false), (2, false), (2, true), (3, false)]
+        );
         // Kolkata (+05:30) and Kathmandu (+05:45): half and quarter hour offsets.
         let kol = zone("Asia/Kolkata").unwrap();
-        assert_eq!(local_day(ms("2026-01-01T18:29:59Z"), &kol), date(2026, 1, 1));
-        assert_eq!(local_day(ms("2026-01-01T18:30:00Z"), &kol), date(2026, 1, 2));
+        assert_eq!(
+            local_day(ms("2026-01-01T18:29:59Z"), &kol),
+            date(2026, 1, 1)
+        );
+        assert_eq!(
+            local_day(ms("2026-01-01T18:30:00Z"), &kol),
+            date(2026, 1, 2)
+        );
         let ktm = zone("Asia/Kathmandu").unwrap();
-        assert_eq!(local_day(ms("2026-01-01T18:15:00Z"), &ktm), date(2026, 1, 2));
+        assert_eq!(
+            local_day(ms("2026-01-01T18:15:00Z"), &ktm),
+            date(2026, 1, 2)
+        );
         // A skipped day in Samoa's 2011 date line jump (Dec 30 never happened) still counts
         // as a missed calendar day: the arithmetic is on dates, not on 24-hour spans.
         let apia = zone("Pacific/Apia").unwrap();
         let r = run(&apia, &["2011-12-29T12:00:00Z", "2011-12-30T12:00:00Z"]);
-        assert_eq!(local_day(ms("2011-12-30T12:00:00Z"), &apia), date(2011, 12, 31));
+        assert_eq!(
+            local_day(ms("2011-12-30T12:00:00Z"), &apia),
+            date(2011, 12, 31)
+        );
         assert_eq!(r[1].0.current, 1);
     }
 
@@ -651,14 +709,20 @@ mod tests {
         assert_eq!(c.crossed(Metric::Helpful, 9, 10).count(), 1);
         assert_eq!(c.crossed(Metric::Questions, 0, 1).count(), 1);
         assert_eq!(c.crossed(Metric::Answers, 0, 1).count(), 1);
-        assert_eq!(c.crossed(Metric::Streak, 29, 30).next().unwrap().id, "streak_30");
+        assert_eq!(
+            c.crossed(Metric::Streak, 29, 30).next().unwrap().id,
+            "streak_30"
+        );
         let mut bad = c.clone();
         bad.levels = vec![0, 10, 10];
         assert!(bad.check().is_err());
         let mut bad = c.clone();
         bad.badges.push(bad.badges[0].clone());
         assert!(bad.check().is_err());
-        assert_eq!(competition_ranks(&[9, 7, 7, 5, 5, 5, 1]), vec![1, 2, 2, 4, 4, 4, 7]);
+        assert_eq!(
+            competition_ranks(&[9, 7, 7, 5, 5, 5, 1]),
+            vec![1, 2, 2, 4, 4, 4, 7]
+        );
         assert_eq!(competition_ranks(&[]), Vec::<i64>::new());
         assert_eq!(median_p90(vec![]), (None, None));
         assert_eq!(

@@ -661,12 +661,14 @@ impl Hub {
 
     /// Tells every session of the user (in any room or none) that they earned a badge.
     pub fn badge_earned(&self, b: &crate::store::EarnedBadge) {
-        let frame = Frame::from(crate::protocol::encode(&crate::protocol::ServerMsg::Badge {
-            room: &b.room,
-            badge: &b.badge,
-            user: &b.user,
-            ts: b.ts,
-        }));
+        let frame = Frame::from(crate::protocol::encode(
+            &crate::protocol::ServerMsg::Badge {
+                room: &b.room,
+                badge: &b.badge,
+                user: &b.user,
+                ts: b.ts,
+            },
+        ));
         let sessions: Vec<Arc<SessionHandle>> = self
             .users
             .get(&b.user.id)

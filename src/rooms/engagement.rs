@@ -187,11 +187,15 @@ pub(crate) async fn stats_json(
     let to = to.unwrap_or(now);
     let from = from.unwrap_or(to.saturating_sub(30 * DAY_MS));
     if from < 0 || to <= from {
-        return Err(Error::bad_request("from and to must satisfy 0 <= from < to"));
+        return Err(Error::bad_request(
+            "from and to must satisfy 0 <= from < to",
+        ));
     }
     let bucket = match bucket {
         None => Bucket::Day,
-        Some(b) => Bucket::parse(b).ok_or_else(|| Error::bad_request("bucket must be day or week"))?,
+        Some(b) => {
+            Bucket::parse(b).ok_or_else(|| Error::bad_request("bucket must be day or week"))?
+        }
     };
     let tz = eng::zone_or_utc(&room.engagement.timezone);
     let max = app.config.stats_max_buckets;
@@ -254,7 +258,10 @@ pub(super) async fn helpful(
     if question.as_str().is_empty() || question.as_str().len() > 64 {
         return Err(Error::bad_request("question id must be 1..=64 characters"));
     }
-    if answer.as_ref().is_some_and(|a| a.is_empty() || a.len() > 64) {
+    if answer
+        .as_ref()
+        .is_some_and(|a| a.is_empty() || a.len() > 64)
+    {
         return Err(Error::bad_request("answer id must be 1..=64 characters"));
     }
     let role = readable_role(ctx, &room).await?;

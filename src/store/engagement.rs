@@ -272,7 +272,11 @@ async fn awards_today(tx: &mut Tx, keys: &[CapKey]) -> Result<HashMap<CapKey, i6
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for (r, u, a, d) in chunk {
-            q = q.bind(r.as_str()).bind(u.as_str()).bind(*a).bind(d.as_str());
+            q = q
+                .bind(r.as_str())
+                .bind(u.as_str())
+                .bind(*a)
+                .bind(d.as_str());
         }
         for row in q.fetch_all(&mut **tx).await? {
             let action: String = row.try_get("action")?;
@@ -475,10 +479,7 @@ pub(super) async fn contribute(
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for ((room, bucket, user), d) in chunk {
-            q = q
-                .bind(room.as_str())
-                .bind(*bucket)
-                .bind(user.as_str());
+            q = q.bind(room.as_str()).bind(*bucket).bind(user.as_str());
             for n in d.counts {
                 q = q.bind(n);
             }
@@ -527,7 +528,10 @@ pub(super) async fn contribute(
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for ((room, user), t) in chunk {
-            q = q.bind(room.as_str()).bind(user.as_str()).bind(t.name.as_str());
+            q = q
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .bind(t.name.as_str());
             for n in t.counts {
                 q = q.bind(n);
             }
@@ -553,7 +557,10 @@ pub(super) async fn contribute(
             }
             if delta.points != 0 {
                 let new: i64 = row.try_get("points")?;
-                earned.extend(cfg.crossed(Metric::Points, new - delta.points, new).cloned());
+                earned.extend(
+                    cfg.crossed(Metric::Points, new - delta.points, new)
+                        .cloned(),
+                );
             }
             if earned.is_empty() {
                 continue;
@@ -813,7 +820,11 @@ pub(super) async fn checkin(
         .execute(&mut **tx)
         .await?;
         let earned: Vec<BadgeRule> = cfg
-            .crossed(Metric::Streak, before.current.min(streak.current - 1), streak.current)
+            .crossed(
+                Metric::Streak,
+                before.current.min(streak.current - 1),
+                streak.current,
+            )
             .cloned()
             .collect();
         if !earned.is_empty() {
@@ -821,16 +832,7 @@ pub(super) async fn checkin(
                 id: user.id.clone(),
                 name: user.name.clone(),
             };
-            earn(
-                tx,
-                room,
-                &brief,
-                &earned,
-                now,
-                settings.announce_badges,
-                fx,
-            )
-            .await?;
+            earn(tx, room, &brief, &earned, now, settings.announce_badges, fx).await?;
         }
     }
     Ok(Applied {

@@ -21,10 +21,10 @@ pub use calls::CallLogEntry;
 pub use engagement::{
     BadgeHook, BadgeView, EarnedBadge, EngagementSettings, LeaderRow, MemberEngagement, UserBrief,
 };
-pub use stats::{RoomStats, StatsQuery};
 pub use moderation::{AuditEntry, MAX_REASON_CHARS, Report};
 pub use qa::{QuestionFilter, QuestionRecord, QuestionSort};
 pub use search::SearchHit;
+pub use stats::{RoomStats, StatsQuery};
 pub use writer::{CommitHook, CommittedEvent, WriteOp, WriteOutcome};
 
 use crate::metrics::Metrics;

@@ -123,7 +123,11 @@ fn answer_from_row(row: &sqlx::any::AnyRow) -> Result<AnswerView> {
 }
 
 /// Loads a question of `room` with its answers.
-pub(super) async fn load(conn: &mut AnyConnection, room: &RoomId, id: &QuestionId) -> Result<QuestionRecord> {
+pub(super) async fn load(
+    conn: &mut AnyConnection,
+    room: &RoomId,
+    id: &QuestionId,
+) -> Result<QuestionRecord> {
     let row = sqlx::query(
         "SELECT id, room_id, seq, author_id, author_name, author_role, anonymous, text, status, \
          votes, ts, first_answer_at, approved FROM questions WHERE id = $1 AND room_id = $2",

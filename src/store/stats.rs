@@ -252,10 +252,16 @@ impl Store {
         top.sort_by(|a, b| b.1[0].cmp(&a.1[0]).then(a.0.cmp(b.0)));
         top.truncate(q.top_n);
 
-        let mut wanted: Vec<&str> = listed.iter().chain(top.iter().map(|(u, _)| u)).copied().collect();
+        let mut wanted: Vec<&str> = listed
+            .iter()
+            .chain(top.iter().map(|(u, _)| u))
+            .copied()
+            .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        let (names, last_active) = self.names_and_last_active(id, &wanted, &listed, q.to).await?;
+        let (names, last_active) = self
+            .names_and_last_active(id, &wanted, &listed, q.to)
+            .await?;
         let name_of = |u: &str| names.get(u).cloned().unwrap_or_else(|| u.to_owned());
 
         let questions = self.question_stats(room, q).await?;
@@ -385,8 +391,8 @@ impl Store {
             if let Some(f) = first {
                 waits.push((f - ts).max(0));
             }
-            let unanswered = crate::protocol::QuestionStatus::parse(&status)
-                .is_some_and(|s| s.is_unanswered());
+            let unanswered =
+                crate::protocol::QuestionStatus::parse(&status).is_some_and(|s| s.is_unanswered());
             if unanswered && ts.saturating_add(sla_ms) < q.now {
                 overdue += 1;
             }

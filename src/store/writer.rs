@@ -372,11 +372,9 @@ impl Writer {
                 match super::fast::plan_room(&mut tx, &ops[range.clone()], &prior, &mut staged)
                     .await
                 {
-                    Ok(results) => out.extend(
-                        results
-                            .into_iter()
-                            .map(|a| Ok((a, Effects::default()))),
-                    ),
+                    Ok(results) => {
+                        out.extend(results.into_iter().map(|a| Ok((a, Effects::default()))))
+                    }
                     Err(e) => {
                         let refusal = db(e)?;
                         out.extend(range.map(|_| Err(refusal.duplicate())));
@@ -401,7 +399,8 @@ impl Writer {
         // Points and counters of the batched sends: a few multi-row statements for all.
         let mut batch_fx = Effects::default();
         let sends = super::fast::contributions(&staged);
-        if let Err(e) = engagement::contribute(&mut tx, &self.engagement, &sends, &mut batch_fx).await
+        if let Err(e) =
+            engagement::contribute(&mut tx, &self.engagement, &sends, &mut batch_fx).await
         {
             return Err(abort_batch(e));
         }

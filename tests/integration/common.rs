@@ -301,7 +301,10 @@ impl Client {
                 return f;
             }
             assert!(
-                matches!(f["type"].as_str(), Some("presence" | "typing" | "ok")),
+                matches!(
+                    f["type"].as_str(),
+                    Some("presence" | "typing" | "ok" | "badge")
+                ),
                 "expected {ty}, got {f}"
             );
         }

@@ -72,7 +72,39 @@ impl PointTable {
         }
     }
 
-    fn default_caps() -> Self {
+    fn values(&self) -> [i64; 6] {
+        [
+            self.message,
+            self.question,
+            self.answer,
+            self.helpful,
+            self.reaction_received,
+            self.checkin,
+        ]
+    }
+}
+
+impl Default for PointTable {
+    fn default() -> Self {
+        Self::default_points()
+    }
+}
+
+/// Awards per user, room, action and local day (same keys as the point table; a key left out
+/// of the file keeps its default cap, not its default points).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DailyCaps {
+    pub message: i64,
+    pub question: i64,
+    pub answer: i64,
+    pub helpful: i64,
+    pub reaction_received: i64,
+    pub checkin: i64,
+}
+
+impl Default for DailyCaps {
+    fn default() -> Self {
         Self {
             message: 50,
             question: 10,
@@ -84,9 +116,20 @@ impl PointTable {
     }
 }
 
-impl Default for PointTable {
-    fn default() -> Self {
-        Self::default_points()
+impl DailyCaps {
+    pub fn get(&self, a: Action) -> i64 {
+        self.as_table().get(a)
+    }
+
+    fn as_table(&self) -> PointTable {
+        PointTable {
+            message: self.message,
+            question: self.question,
+            answer: self.answer,
+            helpful: self.helpful,
+            reaction_received: self.reaction_received,
+            checkin: self.checkin,
+        }
     }
 }
 
@@ -185,7 +228,7 @@ pub struct EngagementConfig {
     pub points: PointTable,
     /// How many times per local day (the user's zone) an action earns points; past it the
     /// action still counts as activity but earns nothing.
-    pub daily_caps: PointTable,
+    pub daily_caps: DailyCaps,
     /// Ascending point thresholds: reaching `levels[i]` gives level `i + 1`.
     pub levels: Vec<i64>,
     pub badges: Vec<BadgeRule>,
@@ -195,7 +238,7 @@ impl Default for EngagementConfig {
     fn default() -> Self {
         Self {
             points: PointTable::default_points(),
-            daily_caps: PointTable::default_caps(),
+            daily_caps: DailyCaps::default(),
             levels: vec![0, 50, 150, 400, 1000, 2500, 5000, 10_000],
             badges: default_badges(),
         }
@@ -211,18 +254,8 @@ impl EngagementConfig {
         if self.levels.windows(2).any(|w| w[0] >= w[1]) {
             return Err("levels must be strictly ascending".into());
         }
-        let all = |t: &PointTable| {
-            [
-                t.message,
-                t.question,
-                t.answer,
-                t.helpful,
-                t.reaction_received,
-                t.checkin,
-            ]
-        };
-        if all(&self.points).iter().any(|p| *p < 0) || all(&self.daily_caps).iter().any(|c| *c < 0)
-        {
+        let caps = self.daily_caps.as_table();
+        if self.points.values().iter().any(|p| *p < 0) || caps.values().iter().any(|c| *c < 0) {
             return Err("points and daily caps must be >= 0".into());
         }
         let mut ids = std::collections::HashSet::new();
@@ -713,6 +746,18 @@ mod tests {
             c.crossed(Metric::Streak, 29, 30).next().unwrap().id,
             "streak_30"
         );
+        // A partial table from a file keeps the other defaults of its own kind.
+        let part: EngagementConfig =
+            toml::from_str("[daily_caps]\nmessage = 5\n[points]\nanswer = 7\n").unwrap();
+        assert_eq!(part.daily_caps.message, 5);
+        assert_eq!(
+            part.daily_caps.question, 10,
+            "a cap default, not a points default"
+        );
+        assert_eq!(part.points.answer, 7);
+        assert_eq!(part.points.message, 1);
+        assert_eq!(part.badges.len(), 6);
+        assert!(toml::from_str::<EngagementConfig>("[points]\nlikes = 1\n").is_err());
         let mut bad = c.clone();
         bad.levels = vec![0, 10, 10];
         assert!(bad.check().is_err());

@@ -724,7 +724,16 @@ async fn seed_synthetic(url: &str, d: i64) {
             .unwrap();
     }
     // (day, user, messages, questions, answers, points, first, last)
-    type Row = (i64, &'static str, i64, i64, i64, i64, Option<i64>, Option<i64>);
+    type Row = (
+        i64,
+        &'static str,
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<i64>,
+        Option<i64>,
+    );
     let days: [Row; 8] = [
         (0, "u1", 3, 0, 0, 3, Some(HOUR), Some(5 * HOUR)),
         (13, "u1", 1, 0, 0, 1, Some(2 * HOUR), Some(2 * HOUR)),

@@ -84,4 +84,5 @@ CREATE TABLE engagement_badges (
 
 -- Room statistics read members by join time and questions by time asked.
 CREATE INDEX room_members_added ON room_members (room_id, added_at);
-CREATE INDEX questions_room_ts ON questions (room_id, ts);
+-- (covering: the statistics read only these columns)
+CREATE INDEX questions_room_ts ON questions (room_id, ts, first_answer_at, status);

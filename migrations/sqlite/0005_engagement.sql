@@ -50,7 +50,7 @@ CREATE TABLE engagement_daily (
     first_ts  INTEGER,
     last_ts   INTEGER,
     PRIMARY KEY (room_id, day_start, user_id)
-);
+) WITHOUT ROWID; -- clustered by (room, day): range scans read contiguous rows
 CREATE INDEX engagement_daily_user ON engagement_daily (room_id, user_id, day_start);
 
 -- Running totals per room and user: points, the badge metrics and the check-in streak.
@@ -84,4 +84,5 @@ CREATE TABLE engagement_badges (
 
 -- Room statistics read members by join time and questions by time asked.
 CREATE INDEX room_members_added ON room_members (room_id, added_at);
-CREATE INDEX questions_room_ts ON questions (room_id, ts);
+-- (covering: the statistics read only these columns)
+CREATE INDEX questions_room_ts ON questions (room_id, ts, first_answer_at, status);

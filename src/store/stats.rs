@@ -10,7 +10,7 @@ use crate::engagement::{self as eng, Bucket};
 use crate::protocol::UserId;
 use serde::Serialize;
 use sqlx::Row;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -105,27 +105,6 @@ pub struct RoomStats {
     pub top_contributors: Vec<Contributor>,
 }
 
-struct DayRow {
-    day_start: i64,
-    user: String,
-    messages: i64,
-    questions: i64,
-    answers: i64,
-    points: i64,
-    first_ts: Option<i64>,
-    last_ts: Option<i64>,
-}
-
-impl DayRow {
-    /// Some contribution of this row falls in `[a, b)`. Exact for windows longer than a day:
-    /// a row spans one local day, so if neither its first nor its last contribution is in the
-    /// window, none between them can be either.
-    fn active_in(&self, a: i64, b: i64) -> bool {
-        let inside = |t: Option<i64>| t.is_some_and(|t| a <= t && t < b);
-        inside(self.first_ts) || inside(self.last_ts)
-    }
-}
-
 fn in_list(n: usize, first: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))
@@ -133,53 +112,32 @@ fn in_list(n: usize, first: usize) -> String {
         .join(", ")
 }
 
+/// `(VALUES ($k, $k+1), ...)`: the buckets as (start, end) rows, columns `column1`, `column2`
+/// on both backends.
+fn bucket_values(n: usize, first: usize) -> String {
+    let rows: Vec<String> = (0..n)
+        .map(|i| format!("(${}, ${})", first + 2 * i, first + 2 * i + 1))
+        .collect();
+    format!("(VALUES {}) b", rows.join(", "))
+}
+
+/// A day row holds a contribution in `[$a, $b)`: its first or its last one is in there. Exact
+/// for windows of a day or more (a row spans one local day).
+const ACTIVE_IN: &str =
+    "((d.first_ts >= $2 AND d.first_ts < $3) OR (d.last_ts >= $2 AND d.last_ts < $3))";
+
 impl Store {
     pub async fn room_stats(&self, room: &Room, q: &StatsQuery) -> Result<RoomStats> {
         let id = room.id.as_str();
-        let members: Vec<(String, i64)> = sqlx::query(
-            "SELECT user_id, added_at FROM room_members WHERE room_id = $1 ORDER BY user_id",
-        )
-        .bind(id)
-        .fetch_all(self.pool())
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get("user_id")?, r.try_get("added_at")?)))
-        .collect::<Result<_>>()?;
-
-        let inactive_ms = i64::from(q.inactive_days) * DAY_MS;
-        // A day row may start up to a day before the earliest instant it is read for.
-        let lo = q
+        let pool = self.pool();
+        let bounds: Vec<(i64, i64)> = q
             .starts
-            .first()
-            .copied()
-            .unwrap_or(q.from)
-            .min(q.to - inactive_ms.max(7 * DAY_MS) - DAY_MS);
-        let hi = q.end.max(q.to);
-        let rows: Vec<DayRow> = sqlx::query(
-            "SELECT day_start, user_id, messages, questions, answers, points, first_ts, last_ts \
-             FROM engagement_daily WHERE room_id = $1 AND day_start >= $2 AND day_start < $3",
-        )
-        .bind(id)
-        .bind(lo)
-        .bind(hi)
-        .fetch_all(self.pool())
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(DayRow {
-                day_start: r.try_get("day_start")?,
-                user: r.try_get("user_id")?,
-                messages: r.try_get("messages")?,
-                questions: r.try_get("questions")?,
-                answers: r.try_get("answers")?,
-                points: r.try_get("points")?,
-                first_ts: r.try_get("first_ts")?,
-                last_ts: r.try_get("last_ts")?,
-            })
-        })
-        .collect::<Result<_>>()?;
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, q.starts.get(i + 1).copied().unwrap_or(q.end)))
+            .collect();
 
-        // The series, one point per bucket, zeros included.
+        // The series: day rows and memberships grouped by bucket, in SQL.
         let mut series: Vec<SeriesPoint> = q
             .starts
             .iter()
@@ -188,74 +146,132 @@ impl Store {
                 ..Default::default()
             })
             .collect();
-        let mut active_sets: Vec<HashSet<&str>> = vec![HashSet::new(); series.len()];
-        for r in &rows {
-            if let Some(i) = eng::bucket_of(&q.starts, q.end, r.day_start) {
-                series[i].messages += r.messages;
-                series[i].questions += r.questions;
-                series[i].answers += r.answers;
-                if r.first_ts.is_some() {
-                    active_sets[i].insert(r.user.as_str());
+        let index: HashMap<i64, usize> =
+            q.starts.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+        for chunk in bounds.chunks(400) {
+            let sql = format!(
+                "SELECT b.column1 AS start, CAST(SUM(d.messages) AS BIGINT) AS messages, \
+                 CAST(SUM(d.questions) AS BIGINT) AS questions, \
+                 CAST(SUM(d.answers) AS BIGINT) AS answers, \
+                 COUNT(DISTINCT CASE WHEN d.first_ts IS NOT NULL THEN d.user_id END) AS active \
+                 FROM {} JOIN engagement_daily d ON d.room_id = $1 \
+                 AND d.day_start >= b.column1 AND d.day_start < b.column2 GROUP BY b.column1",
+                bucket_values(chunk.len(), 2)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id);
+            for (a, b) in chunk {
+                query = query.bind(*a).bind(*b);
+            }
+            for r in query.fetch_all(pool).await? {
+                if let Some(&i) = index.get(&r.try_get::<i64, _>("start")?) {
+                    series[i].messages = r.try_get("messages")?;
+                    series[i].questions = r.try_get("questions")?;
+                    series[i].answers = r.try_get("answers")?;
+                    series[i].active_members = r.try_get("active")?;
+                }
+            }
+            let sql = format!(
+                "SELECT b.column1 AS start, COUNT(*) AS n FROM {} JOIN room_members m \
+                 ON m.room_id = $1 AND m.added_at >= b.column1 AND m.added_at < b.column2 \
+                 GROUP BY b.column1",
+                bucket_values(chunk.len(), 2)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id);
+            for (a, b) in chunk {
+                query = query.bind(*a).bind(*b);
+            }
+            for r in query.fetch_all(pool).await? {
+                if let Some(&i) = index.get(&r.try_get::<i64, _>("start")?) {
+                    series[i].new_members = r.try_get("n")?;
                 }
             }
         }
-        for (p, set) in series.iter_mut().zip(&active_sets) {
-            p.active_members = set.len() as i64;
-        }
-        let mut new_members = 0;
-        for (_, added) in &members {
-            if (q.from..q.to).contains(added) {
-                new_members += 1;
-            }
-            if let Some(i) = eng::bucket_of(&q.starts, q.end, *added) {
-                series[i].new_members += 1;
-            }
-        }
 
-        // Weekly active members and churn risk, over stored members only.
-        let member_set: HashSet<&str> = members.iter().map(|(u, _)| u.as_str()).collect();
-        let week: HashSet<&str> = rows
+        let members: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM room_members WHERE room_id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await?;
+        let new_members: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM room_members WHERE room_id = $1 AND added_at >= $2 AND added_at < $3",
+        )
+        .bind(id)
+        .bind(q.from)
+        .bind(q.to)
+        .fetch_one(pool)
+        .await?;
+
+        // Weekly active stored members: day rows of the last 7 days (and the day before, which
+        // may still hold a contribution inside the window).
+        let week_from = q.to - 7 * DAY_MS;
+        let sql = format!(
+            "SELECT COUNT(DISTINCT d.user_id) FROM engagement_daily d JOIN room_members m \
+             ON m.room_id = d.room_id AND m.user_id = d.user_id \
+             WHERE d.room_id = $1 AND d.day_start >= $4 AND d.day_start < $3 AND {ACTIVE_IN}"
+        );
+        let weekly: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(week_from)
+            .bind(q.to)
+            .bind(week_from - DAY_MS)
+            .fetch_one(pool)
+            .await?;
+
+        // Churn risk: members from before the inactivity window with no contribution in it.
+        let inactive_ms = i64::from(q.inactive_days) * DAY_MS;
+        let churn_from = q.to - inactive_ms;
+        let sql = format!(
+            "SELECT m.user_id FROM room_members m WHERE m.room_id = $1 AND m.added_at < $2 \
+             AND NOT EXISTS (SELECT 1 FROM engagement_daily d WHERE d.room_id = m.room_id \
+             AND d.user_id = m.user_id AND d.day_start >= $4 AND d.day_start < $3 AND {ACTIVE_IN}) \
+             ORDER BY m.user_id"
+        );
+        let at_risk: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(churn_from)
+            .bind(q.to)
+            .bind(churn_from - DAY_MS)
+            .fetch_all(pool)
+            .await?;
+        let listed: Vec<&str> = at_risk
             .iter()
-            .filter(|r| r.active_in(q.to - 7 * DAY_MS, q.to))
-            .map(|r| r.user.as_str())
-            .filter(|u| member_set.contains(u))
+            .take(q.churn_list_max)
+            .map(String::as_str)
             .collect();
-        let recent: HashSet<&str> = rows
-            .iter()
-            .filter(|r| r.active_in(q.to - inactive_ms, q.to))
-            .map(|r| r.user.as_str())
-            .collect();
-        let at_risk: Vec<&str> = members
-            .iter()
-            .filter(|(u, added)| *added < q.to - inactive_ms && !recent.contains(u.as_str()))
-            .map(|(u, _)| u.as_str())
-            .collect();
-        let listed: Vec<&str> = at_risk.iter().take(q.churn_list_max).copied().collect();
 
         // Top contributors by points in the window's days.
         let first_day = eng::day_start_of(q.from, &eng::zone_or_utc(&room.engagement.timezone));
-        let mut per_user: BTreeMap<&str, [i64; 4]> = BTreeMap::new();
-        for r in rows
-            .iter()
-            .filter(|r| r.day_start >= first_day && r.day_start < q.to)
-        {
-            let t = per_user.entry(r.user.as_str()).or_default();
-            t[0] += r.points;
-            t[1] += r.messages;
-            t[2] += r.questions;
-            t[3] += r.answers;
+        let rows = sqlx::query(
+            "SELECT user_id, CAST(SUM(points) AS BIGINT) AS points, \
+             CAST(SUM(messages) AS BIGINT) AS messages, CAST(SUM(questions) AS BIGINT) AS questions, \
+             CAST(SUM(answers) AS BIGINT) AS answers FROM engagement_daily \
+             WHERE room_id = $1 AND day_start >= $2 AND day_start < $3 GROUP BY user_id \
+             HAVING SUM(points) > 0 OR SUM(messages) + SUM(questions) + SUM(answers) > 0 \
+             ORDER BY 2 DESC, user_id LIMIT $4",
+        )
+        .bind(id)
+        .bind(first_day)
+        .bind(q.to)
+        .bind(q.top_n as i64)
+        .fetch_all(pool)
+        .await?;
+        let mut top: Vec<(String, [i64; 4])> = Vec::with_capacity(rows.len());
+        for r in &rows {
+            top.push((
+                r.try_get("user_id")?,
+                [
+                    r.try_get("points")?,
+                    r.try_get("messages")?,
+                    r.try_get("questions")?,
+                    r.try_get("answers")?,
+                ],
+            ));
         }
-        let mut top: Vec<(&str, [i64; 4])> = per_user
-            .into_iter()
-            .filter(|(_, t)| t[0] > 0 || t[1] + t[2] + t[3] > 0)
-            .collect();
-        top.sort_by(|a, b| b.1[0].cmp(&a.1[0]).then(a.0.cmp(b.0)));
-        top.truncate(q.top_n);
 
         let mut wanted: Vec<&str> = listed
             .iter()
-            .chain(top.iter().map(|(u, _)| u))
             .copied()
+            .chain(top.iter().map(|(u, _)| u.as_str()))
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
@@ -265,19 +281,17 @@ impl Store {
         let name_of = |u: &str| names.get(u).cloned().unwrap_or_else(|| u.to_owned());
 
         let questions = self.question_stats(room, q).await?;
-        let members_n = members.len() as i64;
-        let weekly = week.len() as i64;
-        let ratio = if members_n == 0 {
+        let ratio = if members == 0 {
             0.0
         } else {
-            weekly as f64 / members_n as f64
+            weekly as f64 / members as f64
         };
         Ok(RoomStats {
             room: room.id.clone(),
             from: q.from,
             to: q.to,
             bucket: q.bucket,
-            members: members_n,
+            members,
             new_members,
             weekly_active_members: weekly,
             weekly_active_ratio: ratio,
@@ -301,10 +315,10 @@ impl Store {
                     .collect(),
             },
             top_contributors: top
-                .into_iter()
+                .iter()
                 .map(|(u, t)| Contributor {
                     user: super::UserBrief {
-                        id: UserId(u.to_owned()),
+                        id: UserId(u.clone()),
                         name: name_of(u),
                     },
                     points: t[0],
@@ -368,36 +382,45 @@ impl Store {
     }
 
     async fn question_stats(&self, room: &Room, q: &StatsQuery) -> Result<QuestionStats> {
-        let rows = sqlx::query(
-            "SELECT ts, first_answer_at, status FROM questions \
-             WHERE room_id = $1 AND ts >= $2 AND ts < $3",
+        let pool = self.pool();
+        let sla_ms = room.answer_sla_s.saturating_mul(1000);
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS asked, \
+             COUNT(CASE WHEN first_answer_at IS NOT NULL OR status = 'answered' THEN 1 END) AS answered, \
+             COUNT(first_answer_at) AS timed, \
+             COUNT(CASE WHEN status IN ('pending', 'open', 'pinned') AND ts < $4 THEN 1 END) AS overdue \
+             FROM questions WHERE room_id = $1 AND ts >= $2 AND ts < $3",
         )
         .bind(room.id.as_str())
         .bind(q.from)
         .bind(q.to)
-        .fetch_all(self.pool())
+        .bind(q.now.saturating_sub(sla_ms))
+        .fetch_one(pool)
         .await?;
-        let sla_ms = room.answer_sla_s.saturating_mul(1000);
-        let (mut asked, mut answered, mut overdue) = (0i64, 0i64, 0i64);
-        let mut waits = Vec::new();
-        for r in &rows {
-            let ts: i64 = r.try_get("ts")?;
-            let first: Option<i64> = r.try_get("first_answer_at")?;
-            let status: String = r.try_get("status")?;
-            asked += 1;
-            if first.is_some() || status == "answered" {
-                answered += 1;
+        let asked: i64 = row.try_get("asked")?;
+        let answered: i64 = row.try_get("answered")?;
+        let timed: i64 = row.try_get("timed")?;
+        let overdue: i64 = row.try_get("overdue")?;
+        // Nearest-rank percentiles, read by offset from the sorted waits.
+        let nth = |p: f64| ((p * timed as f64).ceil() as i64).clamp(1, timed.max(1)) - 1;
+        let mut at = Vec::new();
+        for k in [nth(0.5), nth(0.9)] {
+            if timed == 0 {
+                at.push(None);
+                continue;
             }
-            if let Some(f) = first {
-                waits.push((f - ts).max(0));
-            }
-            let unanswered =
-                crate::protocol::QuestionStatus::parse(&status).is_some_and(|s| s.is_unanswered());
-            if unanswered && ts.saturating_add(sla_ms) < q.now {
-                overdue += 1;
-            }
+            let w: Option<i64> = sqlx::query_scalar(
+                "SELECT first_answer_at - ts AS w FROM questions WHERE room_id = $1 AND ts >= $2 \
+                 AND ts < $3 AND first_answer_at IS NOT NULL ORDER BY w LIMIT 1 OFFSET $4",
+            )
+            .bind(room.id.as_str())
+            .bind(q.from)
+            .bind(q.to)
+            .bind(k)
+            .fetch_optional(pool)
+            .await?;
+            at.push(w.map(|w| w.max(0)));
         }
-        let (median, p90) = eng::median_p90(waits);
         Ok(QuestionStats {
             asked,
             answered,
@@ -406,7 +429,10 @@ impl Store {
             } else {
                 answered as f64 / asked as f64
             },
-            first_answer_ms: FirstAnswer { median, p90 },
+            first_answer_ms: FirstAnswer {
+                median: at[0],
+                p90: at[1],
+            },
             overdue,
         })
     }

@@ -13,7 +13,7 @@ CREATE TABLE user_zones (
 );
 
 -- Every point award and reversal. An award is reversed at most once (reversed = 1) by a
--- row of kind 'reversal' with the negated points. Caps count the awards of a user's local day.
+-- row of kind 'reversal' with the negated points.
 CREATE TABLE points_ledger (
     id       INTEGER PRIMARY KEY,
     room_id  TEXT    NOT NULL,
@@ -32,7 +32,16 @@ CREATE TABLE points_ledger (
     ts       INTEGER NOT NULL,
     reversed INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX points_ledger_cap ON points_ledger (room_id, user_id, action, day);
+-- Daily caps: how many times an action tried to earn points per user, room and local day
+-- (the i-th attempt earns if i <= the cap), one primary-key upsert per batch and key.
+CREATE TABLE points_caps (
+    room_id TEXT    NOT NULL,
+    user_id TEXT    NOT NULL,
+    action  TEXT    NOT NULL,
+    day     TEXT    NOT NULL,
+    n       INTEGER NOT NULL,
+    PRIMARY KEY (room_id, user_id, action, day)
+);
 CREATE INDEX points_ledger_ref ON points_ledger (room_id, ref_id);
 
 -- Incremental counters per room, room-local day and user: contributions, points, and the

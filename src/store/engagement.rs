@@ -260,23 +260,28 @@ async fn user_zones(tx: &mut Tx, users: &[&UserId]) -> Result<HashMap<String, St
 
 type CapKey = (String, String, &'static str, String);
 
-/// Awards already made today per (room, user, action, local day).
-async fn awards_today(tx: &mut Tx, keys: &[CapKey]) -> Result<HashMap<CapKey, i64>> {
+/// Adds this batch's attempts to the day counters; returns each key's new total.
+async fn count_attempts(
+    tx: &mut Tx,
+    attempts: &BTreeMap<CapKey, i64>,
+) -> Result<HashMap<CapKey, i64>> {
+    let rows: Vec<(&CapKey, &i64)> = attempts.iter().collect();
     let mut out = HashMap::new();
-    for chunk in keys.chunks(CHUNK) {
+    for chunk in rows.chunks(CHUNK) {
         let sql = format!(
-            "SELECT room_id, user_id, action, day, COUNT(*) AS n FROM points_ledger \
-             WHERE kind = 'award' AND (room_id, user_id, action, day) IN (VALUES {}) \
-             GROUP BY room_id, user_id, action, day",
-            placeholders(chunk.len(), 4, 1)
+            "INSERT INTO points_caps (room_id, user_id, action, day, n) VALUES {} \
+             ON CONFLICT (room_id, user_id, action, day) DO UPDATE SET n = points_caps.n + excluded.n \
+             RETURNING room_id, user_id, action, day, n",
+            placeholders(chunk.len(), 5, 1)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (r, u, a, d) in chunk {
+        for ((r, u, a, d), n) in chunk {
             q = q
                 .bind(r.as_str())
                 .bind(u.as_str())
                 .bind(*a)
-                .bind(d.as_str());
+                .bind(d.as_str())
+                .bind(**n);
         }
         for row in q.fetch_all(&mut **tx).await? {
             let action: String = row.try_get("action")?;
@@ -346,7 +351,7 @@ pub(super) async fn contribute(
         day: String,
         cap: Option<CapKey>,
     }
-    let mut placed = Vec::with_capacity(items.len());
+    let mut placed: Vec<Placed> = Vec::with_capacity(items.len());
     for c in &items {
         let rtz = &room_tz[c.room.as_str()];
         let bucket = eng::day_start_of(c.ts, rtz);
@@ -369,23 +374,10 @@ pub(super) async fn contribute(
             });
         placed.push(Placed { bucket, day, cap });
     }
-    let mut keys: Vec<CapKey> = placed.iter().filter_map(|p| p.cap.clone()).collect();
-    keys.sort();
-    keys.dedup();
-    let mut used = awards_today(tx, &keys).await?;
-
-    // Answers earn once per question and answerer.
-    let mut points = Vec::with_capacity(items.len());
-    for (c, p) in items.iter().zip(&placed) {
-        let Some(key) = &p.cap else {
-            points.push(0);
-            continue;
-        };
-        let Some(action) = c.kind.action() else {
-            points.push(0);
-            continue;
-        };
-        if c.kind == Kind::Answer {
+    // Answers earn once per question and answerer: an answer after an earlier award is no
+    // attempt at all.
+    for (c, p) in items.iter().zip(placed.iter_mut()) {
+        if c.kind == Kind::Answer && p.cap.is_some() {
             let before: Option<i64> = sqlx::query_scalar(
                 "SELECT 1 FROM points_ledger WHERE room_id = $1 AND user_id = $2 \
                  AND action = 'answer' AND ref_id = $3 AND kind = 'award' LIMIT 1",
@@ -396,17 +388,35 @@ pub(super) async fn contribute(
             .fetch_optional(&mut **tx)
             .await?;
             if before.is_some() {
-                points.push(0);
-                continue;
+                p.cap = None;
             }
         }
-        let n = used.entry(key.clone()).or_insert(0);
-        if *n >= cfg.daily_caps.get(action) {
+    }
+    // Attempts per (room, user, action, local day), counted in `points_caps`: the i-th attempt
+    // of a day earns its points if i <= the cap, so awards = min(attempts, cap).
+    let mut attempts: BTreeMap<CapKey, i64> = BTreeMap::new();
+    for p in &placed {
+        if let Some(k) = &p.cap {
+            *attempts.entry(k.clone()).or_default() += 1;
+        }
+    }
+    let totals = count_attempts(tx, &attempts).await?;
+    let mut seen: HashMap<CapKey, i64> = HashMap::new();
+    let mut points = Vec::with_capacity(items.len());
+    for (c, p) in items.iter().zip(&placed) {
+        let (Some(key), Some(action)) = (&p.cap, c.kind.action()) else {
             points.push(0);
             continue;
-        }
-        *n += 1;
-        points.push(cfg.points.get(action));
+        };
+        let k = attempts.get(key).copied().unwrap_or(0);
+        let before = totals.get(key).copied().unwrap_or(k) - k;
+        let i = seen.entry(key.clone()).or_insert(0);
+        *i += 1;
+        points.push(if before + *i <= cfg.daily_caps.get(action) {
+            cfg.points.get(action)
+        } else {
+            0
+        });
     }
 
     // The ledger.

@@ -584,4 +584,47 @@ mod tests {
         };
         assert!(Config::load(&args).is_err());
     }
+
+    #[test]
+    fn engagement_table_and_stats_knobs() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "churn_inactive_days = 21\n[engagement]\nlevels = [0, 10]\n\
+             [engagement.daily_caps]\nmessage = 5\n\
+             [[engagement.badges]]\nid = \"chatty\"\nname = \"Chatty\"\n\
+             metric = \"messages\"\nthreshold = 3"
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            health_band_high: Some(0.4),
+            ..Default::default()
+        };
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!(cfg.churn_inactive_days, 21);
+        assert_eq!(cfg.health_band_high, 0.4, "flag");
+        assert_eq!(cfg.health_band_low, 0.15, "default");
+        assert_eq!(cfg.engagement.levels, vec![0, 10]);
+        assert_eq!(cfg.engagement.daily_caps.message, 5);
+        assert_eq!(cfg.engagement.daily_caps.checkin, 1);
+        assert_eq!(
+            cfg.engagement.badges.len(),
+            1,
+            "a listed table replaces the defaults"
+        );
+        let args = ServeArgs {
+            health_band_low: Some(0.5),
+            health_band_high: Some(0.2),
+            ..Default::default()
+        };
+        assert!(Config::load(&args).is_err(), "low above high");
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[engagement]\nlevels = [5, 10]").unwrap();
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            ..Default::default()
+        };
+        assert!(Config::load(&args).is_err(), "levels must start at 0");
+    }
 }

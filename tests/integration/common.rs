@@ -293,7 +293,7 @@ impl Client {
     }
 
     /// The next frame of type `ty`, dropping others of the given ignorable types
-    /// (presence, typing) and failing on anything else.
+    /// (presence, typing, badge notices) and failing on anything else.
     pub async fn next_of(&mut self, ty: &str) -> Value {
         loop {
             let f = self.next().await;

@@ -961,13 +961,9 @@ async fn apply(
                     ts,
                 )];
                 if for_author {
-                    let mut c = Contribution::new(
-                        room,
-                        &user.clone(),
-                        Kind::ReactionReceived,
-                        id.as_str(),
-                        ts,
-                    );
+                    // Points to the message's author, whose name this write does not know.
+                    let mut c =
+                        Contribution::new(room, user, Kind::ReactionReceived, id.as_str(), ts);
                     c.user = UserId(msg.sender.clone());
                     c.name = String::new();
                     c.detail = detail;

@@ -529,6 +529,63 @@ async fn leaderboard_order_ties_periods_and_http() {
     )
     .await;
     assert_eq!(status, 404);
+
+    // Points from before this week count for `all` only (and for `month` when the day is in
+    // this month): a day row three days before the week began.
+    let utc = studyhall::engagement::zone("UTC").unwrap();
+    let now = studyhall::store::now_ms();
+    let week = studyhall::engagement::week_start(now, &utc);
+    let old_day = week - 3 * 86_400_000;
+    let url = format!(
+        "sqlite://{}",
+        s.dir.as_ref().unwrap().path().join("t.db").display()
+    );
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO engagement_daily (room_id, day_start, user_id, messages, points, first_ts, \
+         last_ts) VALUES ('g', $1, 'e', 50, 50, $1, $1)",
+    )
+    .bind(old_day)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO engagement_members (room_id, user_id, name, messages, points) \
+         VALUES ('g', 'e', 'Eve', 50, 50)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let top = |lb: &Value| lb["entries"][0]["user"]["id"].as_str().unwrap().to_owned();
+    let wk = v.ok(json!({"type": "leaderboard", "room": "g"})).await;
+    assert_eq!(wk["since"], week);
+    assert_eq!(top(&wk), "a");
+    assert_eq!(wk["entries"].as_array().unwrap().len(), 4);
+    let all = v
+        .ok(json!({"type": "leaderboard", "room": "g", "period": "all"}))
+        .await;
+    assert_eq!(
+        all["entries"][0],
+        json!({"rank": 1, "user": {"id": "e", "name": "Eve"}, "points": 50, "level": 2})
+    );
+    let month = v
+        .ok(json!({"type": "leaderboard", "room": "g", "period": "month"}))
+        .await;
+    let month_start = studyhall::engagement::month_start(now, &utc);
+    assert_eq!(month["since"], month_start);
+    assert_eq!(top(&month) == "e", old_day >= month_start);
+
+    // Periods start in the room's zone.
+    make_room(
+        &s,
+        json!({"id": "tokyo", "kind": "group", "engagement": {"timezone": "Asia/Tokyo"}}),
+    )
+    .await;
+    let lb = v.ok(json!({"type": "leaderboard", "room": "tokyo"})).await;
+    let tokyo = studyhall::engagement::zone("Asia/Tokyo").unwrap();
+    assert_eq!(lb["since"], studyhall::engagement::week_start(now, &tokyo));
+    assert_eq!(lb["entries"], json!([]));
     s.stop().await;
 }
 

@@ -750,6 +750,39 @@ async fn stats_rights_bad_input_and_live_counts() {
     )
     .await;
     assert_eq!(status, 400);
+
+    // Buckets follow the room's zone: New York days and Monday weeks.
+    make_room(
+        &s,
+        json!({"id": "ny", "kind": "group", "engagement": {"timezone": "America/New_York"}}),
+    )
+    .await;
+    let ny = studyhall::engagement::zone("America/New_York").unwrap();
+    let (from, to) = (now - 20 * DAY, now);
+    for (bucket, first) in [
+        ("day", studyhall::engagement::day_start_of(from, &ny)),
+        ("week", studyhall::engagement::week_start(from, &ny)),
+    ] {
+        let path = format!("/api/rooms/ny/stats?from={from}&to={to}&bucket={bucket}");
+        let (status, st) = http(s.addr, "GET", &path, Some(API_KEY), None).await;
+        assert_eq!(status, 200, "{st}");
+        let series = st["series"].as_array().unwrap();
+        assert_eq!(series[0]["start"], first, "{bucket}");
+        let last = series.last().unwrap()["start"].as_i64().unwrap();
+        assert!(
+            last < to
+                && last
+                    >= to
+                        - if bucket == "day" {
+                            25 * HOUR
+                        } else {
+                            7 * DAY + HOUR
+                        }
+        );
+        assert_eq!(st["members"], 0);
+        assert_eq!(st["weekly_active_ratio"], 0.0);
+        assert_eq!(st["health"], "low");
+    }
     s.stop().await;
 }
 

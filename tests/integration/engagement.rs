@@ -1067,3 +1067,44 @@ async fn engagement_counts_on_postgres_too() {
     s.stop().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn daily_caps_count_in_the_earners_zone() {
+    // Kiritimati (UTC+14) and Pago Pago (UTC-11) are 25 hours apart: their dates always
+    // differ, so which zone a cap day is taken in is visible at any time of day.
+    let s = Server::sqlite(|c| c.engagement.daily_caps.message = 2).await;
+    make_room(
+        &s,
+        json!({"id": "g", "kind": "group", "engagement": {"timezone": "Pacific/Pago_Pago"}}),
+    )
+    .await;
+    let mut k = Client::connect(s.addr, &tz_token("kiri", Some("Pacific/Kiritimati"), &[])).await;
+    k.join("g").await;
+    let url = format!(
+        "sqlite://{}",
+        s.dir.as_ref().unwrap().path().join("t.db").display()
+    );
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    // The cap is used up on the room's day: the user's own day is untouched.
+    sqlx::query(
+        "INSERT INTO points_caps (room_id, user_id, action, day, n) VALUES ('g', 'kiri', 'message', $1, 2)",
+    )
+    .bind(today_in("Pacific/Pago_Pago"))
+    .execute(&pool)
+    .await
+    .unwrap();
+    send(&mut k, "g", "a", "c1").await;
+    assert_eq!(points_in(&mut k, "g").await, 1, "counted in the user's day");
+    // Used up on the user's day: nothing more today.
+    sqlx::query(
+        "UPDATE points_caps SET n = 2 WHERE room_id = 'g' AND user_id = 'kiri' AND day = $1",
+    )
+    .bind(today_in("Pacific/Kiritimati"))
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    send(&mut k, "g", "b", "c2").await;
+    assert_eq!(points_in(&mut k, "g").await, 1, "capped in the user's day");
+    s.stop().await;
+}

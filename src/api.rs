@@ -57,6 +57,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/rooms/{id}/reports", get(list_reports))
         .route("/rooms/{id}/reports/{report}/resolve", post(resolve_report))
         .route("/rooms/{id}/audit", get(audit_log))
+        // engagement and room health (issue 7)
+        .route("/rooms/{id}/leaderboard", get(leaderboard))
+        .route("/rooms/{id}/stats", get(room_stats))
         .route("/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     let mut router = Router::new()
@@ -127,6 +130,17 @@ fn check_settings(sla: Option<i64>, slow: Option<i64>, rules: Option<&RoomRules>
         {
             return Err(Error::bad_request("blocked words are 1..=100 characters"));
         }
+    }
+    Ok(())
+}
+
+fn check_engagement(e: Option<&crate::store::EngagementSettings>) -> Result<()> {
+    if let Some(e) = e
+        && crate::engagement::zone(&e.timezone).is_none()
+    {
+        return Err(Error::bad_request(
+            "engagement.timezone must be an IANA time zone name such as Europe/Berlin",
+        ));
     }
     Ok(())
 }
@@ -237,6 +251,7 @@ struct NewRoom {
     starts_at: Option<i64>,
     answer_sla_s: Option<i64>,
     rules: Option<RoomRules>,
+    engagement: Option<crate::store::EngagementSettings>,
 }
 
 async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Response> {
@@ -245,7 +260,9 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
     let title = new.title.unwrap_or_else(|| id.to_string());
     check_title(&title)?;
     check_settings(new.answer_sla_s, None, new.rules.as_ref())?;
+    check_engagement(new.engagement.as_ref())?;
     let room = Room {
+        engagement: new.engagement.unwrap_or_default(),
         answer_sla_s: new.answer_sla_s.unwrap_or(DEFAULT_ANSWER_SLA_S),
         slow_mode_s: 0,
         rules: new.rules.unwrap_or_default(),
@@ -289,6 +306,7 @@ async fn patch_room(
         check_title(t)?;
     }
     check_settings(patch.answer_sla_s, patch.slow_mode_s, patch.rules.as_ref())?;
+    check_engagement(patch.engagement.as_ref())?;
     let room = app.store.update_room(&id, &patch).await?;
     app.policies.room_changed(room.clone());
     if let Some(seconds) = patch.slow_mode_s {
@@ -657,4 +675,51 @@ async fn list_calls(
         .ok_or_else(|| Error::bad_request("user is required"))?;
     let user = user_id(user)?;
     Ok(Json(json!({ "calls": app.store.calls_of(&user).await? })))
+}
+
+// -- engagement and room health (issue 7) -------------------------------------------------------
+
+fn query_i64(q: &HashMap<String, String>, k: &str) -> Result<Option<i64>> {
+    q.get(k)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| Error::bad_request(format!("{k} must be an integer")))
+        })
+        .transpose()
+}
+
+async fn leaderboard(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>> {
+    let room = existing_room(&app, id).await?;
+    let limit = query_i64(&q, "limit")?
+        .map(|l| u32::try_from(l).map_err(|_| Error::bad_request("limit must be 1..=100")))
+        .transpose()?;
+    let v = crate::rooms::engagement::leaderboard_json(
+        &app,
+        &room,
+        q.get("period").map(String::as_str),
+        limit,
+    )
+    .await?;
+    Ok(Json(v))
+}
+
+async fn room_stats(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>> {
+    let room = existing_room(&app, id).await?;
+    let v = crate::rooms::engagement::stats_json(
+        &app,
+        &room,
+        query_i64(&q, "from")?,
+        query_i64(&q, "to")?,
+        q.get("bucket").map(String::as_str),
+    )
+    .await?;
+    Ok(Json(v))
 }

@@ -33,6 +33,9 @@ pub struct Claims {
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "HashMap::is_empty")]
     pub rooms: HashMap<String, RoomRole>,
+    /// IANA time zone of the user (engagement: local days for check-ins and caps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tz: Option<String>,
 }
 
 fn default_role() -> PlatformRole {
@@ -47,6 +50,8 @@ pub struct Identity {
     pub role: PlatformRole,
     /// Room roles granted by the token itself.
     pub grants: HashMap<RoomId, RoomRole>,
+    /// The token's `tz` claim when it names a known IANA zone (an unknown one is ignored).
+    pub tz: Option<String>,
 }
 
 impl Identity {
@@ -151,12 +156,22 @@ impl Tokens {
             }
             grants.insert(RoomId(room), role);
         }
+        // An unknown zone does not make the token invalid: the user's days fall back to the
+        // room's zone.
+        let tz = c.tz.filter(|z| crate::engagement::zone(z).is_some());
         Ok(Identity {
             user: UserId(c.sub),
             name,
             role: c.role,
             grants,
+            tz,
         })
+    }
+
+    /// Signs exactly these claims (tests and platforms that add `tz`).
+    pub fn sign_claims(&self, claims: &Claims) -> Result<String, AuthError> {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .map_err(|_| AuthError::Sign)
     }
 
     pub fn sign(
@@ -176,6 +191,7 @@ impl Tokens {
             iat,
             nbf: None,
             rooms,
+            tz: None,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|_| AuthError::Sign)

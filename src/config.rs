@@ -105,6 +105,20 @@ pub struct Config {
     pub sqlite_synchronous: String,
     /// Milliseconds shutdown waits for sessions to say goodbye before flushing the store.
     pub shutdown_grace_ms: u64,
+    // -- engagement and room health (issue 7) --
+    /// Point table, daily caps, levels and badge rules: the `[engagement]` table of the file
+    /// (file only: nested tables have no sensible flag form).
+    pub engagement: crate::engagement::EngagementConfig,
+    /// Weekly active ratio below this is flagged `low`.
+    pub health_band_low: f64,
+    /// Weekly active ratio above this is flagged `high`.
+    pub health_band_high: f64,
+    /// Members with no contribution for this many days before `to` are a churn risk.
+    pub churn_inactive_days: u32,
+    /// Most churn-risk users a stats answer lists (the count is always exact).
+    pub churn_list_max: usize,
+    /// Most buckets one stats query may span (bad_request beyond).
+    pub stats_max_buckets: usize,
 }
 
 impl Default for Config {
@@ -152,6 +166,12 @@ impl Default for Config {
             db_pool_size: 8,
             sqlite_synchronous: "full".into(),
             shutdown_grace_ms: 5_000,
+            engagement: crate::engagement::EngagementConfig::default(),
+            health_band_low: 0.15,
+            health_band_high: 0.30,
+            churn_inactive_days: 14,
+            churn_list_max: 50,
+            stats_max_buckets: 366,
         }
     }
 }
@@ -264,6 +284,17 @@ pub struct ServeArgs {
     pub sqlite_synchronous: Option<String>,
     #[arg(long, env = "STUDYHALL_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
+    // -- engagement and room health (issue 7) --
+    #[arg(long, env = "STUDYHALL_HEALTH_BAND_LOW")]
+    pub health_band_low: Option<f64>,
+    #[arg(long, env = "STUDYHALL_HEALTH_BAND_HIGH")]
+    pub health_band_high: Option<f64>,
+    #[arg(long, env = "STUDYHALL_CHURN_INACTIVE_DAYS")]
+    pub churn_inactive_days: Option<u32>,
+    #[arg(long, env = "STUDYHALL_CHURN_LIST_MAX")]
+    pub churn_list_max: Option<usize>,
+    #[arg(long, env = "STUDYHALL_STATS_MAX_BUCKETS")]
+    pub stats_max_buckets: Option<usize>,
 }
 
 macro_rules! overlay {
@@ -319,6 +350,12 @@ impl Config {
             db_pool_size,
             sqlite_synchronous,
             shutdown_grace_ms,
+            // engagement (issue 7)
+            health_band_low,
+            health_band_high,
+            churn_inactive_days,
+            churn_list_max,
+            stats_max_buckets,
         );
         if args.jwt_secret.is_some() {
             cfg.jwt_secret = args.jwt_secret.clone();
@@ -459,6 +496,24 @@ impl Config {
                     .into(),
             });
         }
+        // -- engagement (issue 7) --
+        self.engagement
+            .check()
+            .map_err(|why| ConfigError::Invalid {
+                name: "engagement",
+                why,
+            })?;
+        if !(0.0..=1.0).contains(&self.health_band_low)
+            || !(0.0..=1.0).contains(&self.health_band_high)
+            || self.health_band_low > self.health_band_high
+        {
+            return Err(ConfigError::Invalid {
+                name: "health_band_low/health_band_high",
+                why: "must be within 0..=1 and low <= high".into(),
+            });
+        }
+        positive("churn_inactive_days", u64::from(self.churn_inactive_days))?;
+        positive("stats_max_buckets", self.stats_max_buckets as u64)?;
         Ok(())
     }
 
@@ -528,5 +583,48 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(&args).is_err());
+    }
+
+    #[test]
+    fn engagement_table_and_stats_knobs() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "churn_inactive_days = 21\n[engagement]\nlevels = [0, 10]\n\
+             [engagement.daily_caps]\nmessage = 5\n\
+             [[engagement.badges]]\nid = \"chatty\"\nname = \"Chatty\"\n\
+             metric = \"messages\"\nthreshold = 3"
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            health_band_high: Some(0.4),
+            ..Default::default()
+        };
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!(cfg.churn_inactive_days, 21);
+        assert_eq!(cfg.health_band_high, 0.4, "flag");
+        assert_eq!(cfg.health_band_low, 0.15, "default");
+        assert_eq!(cfg.engagement.levels, vec![0, 10]);
+        assert_eq!(cfg.engagement.daily_caps.message, 5);
+        assert_eq!(cfg.engagement.daily_caps.checkin, 1);
+        assert_eq!(
+            cfg.engagement.badges.len(),
+            1,
+            "a listed table replaces the defaults"
+        );
+        let args = ServeArgs {
+            health_band_low: Some(0.5),
+            health_band_high: Some(0.2),
+            ..Default::default()
+        };
+        assert!(Config::load(&args).is_err(), "low above high");
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[engagement]\nlevels = [5, 10]").unwrap();
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            ..Default::default()
+        };
+        assert!(Config::load(&args).is_err(), "levels must start at 0");
     }
 }

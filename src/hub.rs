@@ -659,6 +659,28 @@ impl Hub {
         self.send(room, frame, Audience::User(user));
     }
 
+    /// Tells every session of the user (in any room or none) that they earned a badge.
+    pub fn badge_earned(&self, b: &crate::store::EarnedBadge) {
+        let frame = Frame::from(crate::protocol::encode(
+            &crate::protocol::ServerMsg::Badge {
+                room: &b.room,
+                badge: &b.badge,
+                user: &b.user,
+                ts: b.ts,
+            },
+        ));
+        let sessions: Vec<Arc<SessionHandle>> = self
+            .users
+            .get(&b.user.id)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for h in sessions {
+            if h.offer(&frame, &self.metrics) {
+                self.metrics.deliveries.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
     /// Asks every session to close with `code` (shutdown).
     pub fn close_all(&self, code: u16) {
         for user in self.users.iter() {

@@ -18,6 +18,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod engagement;
 pub mod error;
 pub mod hub;
 pub mod metrics;
@@ -98,6 +99,7 @@ async fn ensure_dev_lobby(store: &Store) -> Result<(), StoreError> {
         answer_sla_s: store::DEFAULT_ANSWER_SLA_S,
         slow_mode_s: 0,
         rules: store::RoomRules::default(),
+        engagement: store::EngagementSettings::default(),
     };
     match store.create_room(&lobby).await {
         Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
@@ -141,6 +143,8 @@ impl App {
             Some(hook),
         )
         .await?;
+        let badges_to = hub.clone();
+        store.on_badge(Arc::new(move |b| badges_to.badge_earned(&b)));
         let secret = token_secret(&config, &store).await?;
         let rtc = rtc::Rtc::new(&config);
         if config.dev {

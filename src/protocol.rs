@@ -390,6 +390,49 @@ pub enum ClientMsg {
         to: Option<String>,
         data: serde_json::Value,
     },
+    // -- engagement and room health (issue 7) --
+    /// Once per local day: the current and longest streak.
+    Checkin {
+        room: RoomId,
+    },
+    /// `period`: `week` (default), `month` or `all`.
+    Leaderboard {
+        room: RoomId,
+        #[serde(default)]
+        period: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// Points, level, badges and streaks per room (`user` defaults to oneself).
+    Profile {
+        #[serde(default)]
+        user: Option<UserId>,
+        #[serde(default)]
+        room: Option<RoomId>,
+    },
+    /// Room health for host/ta.
+    Stats {
+        room: RoomId,
+        #[serde(default)]
+        from: Option<i64>,
+        #[serde(default)]
+        to: Option<i64>,
+        #[serde(default)]
+        bucket: Option<String>,
+    },
+    /// Marks an answer helpful (`on: false` takes the mark back); host/ta or the asker.
+    Helpful {
+        room: RoomId,
+        question: QuestionId,
+        #[serde(default)]
+        answer: Option<String>,
+        #[serde(default = "default_true")]
+        on: bool,
+    },
+}
+
+fn default_true() -> bool {
+    true
 }
 
 pub use studyhall_signaling::Media;
@@ -442,6 +485,11 @@ impl ClientMsg {
             | Self::CallResume { .. } => CommandKind::Call,
             Self::AvJoin { .. } | Self::AvLeave { .. } => CommandKind::Av,
             Self::Signal { .. } => CommandKind::Signal,
+            Self::Checkin { .. }
+            | Self::Leaderboard { .. }
+            | Self::Profile { .. }
+            | Self::Stats { .. }
+            | Self::Helpful { .. } => CommandKind::Engagement,
         }
     }
 }
@@ -476,10 +524,11 @@ pub enum CommandKind {
     Av,
     Signal,
     Invalid,
+    Engagement,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 27] = [
+    pub const ALL: [CommandKind; 28] = [
         Self::Hello,
         Self::Ping,
         Self::Join,
@@ -507,6 +556,7 @@ impl CommandKind {
         Self::Av,
         Self::Signal,
         Self::Invalid,
+        Self::Engagement,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -538,6 +588,7 @@ impl CommandKind {
             Self::Av => "av",
             Self::Signal => "signal",
             Self::Invalid => "invalid",
+            Self::Engagement => "engagement",
         }
     }
 }
@@ -648,6 +699,9 @@ pub struct AnswerView {
     pub text: String,
     pub author: UserRef,
     pub ts: i64,
+    /// Marked helpful by host/ta or the asker (`helpful` command).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub helpful: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -802,6 +856,14 @@ pub enum ServerMsg<'a> {
         rid: Option<i64>,
         code: ErrorCode,
         message: &'a str,
+    },
+    // -- engagement (issue 7) --
+    /// To every session of the user who earned it.
+    Badge {
+        room: &'a RoomId,
+        badge: &'a crate::store::BadgeView,
+        user: &'a crate::store::UserBrief,
+        ts: i64,
     },
 }
 

@@ -235,6 +235,18 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
         }
     };
 
+    // The token's zone is kept for the user's local day in engagement caps (their sends are
+    // committed by the writer, which has no session to ask).
+    // Read first: most hellos name the zone already kept, and need no write.
+    if let Some(tz) = &me.tz {
+        let kept = app.store.user_zone(&me.user).await.ok().flatten();
+        if kept.as_deref() != Some(tz.as_str())
+            && let Err(e) = app.store.remember_zone(&me.user, tz).await
+        {
+            tracing::warn!(error = %e, "could not keep the user's time zone");
+        }
+    }
+
     let sid = SessionId(format!("s{:016x}", rand::random::<u64>()));
     let (outbox, outbox_rx) = mpsc::channel(app.config.outbox_frames);
     let (handle, close_rx) = SessionHandle::with_call_waiting(

@@ -1,6 +1,6 @@
 //! `studyhall-load`: the load generator for the studyhall server (issue 6). This file owns
 //! the command line: one subcommand per scenario (`smoke`, `idle`, `fanout`, `classroom`,
-//! `durable`, `reconnect`), the shared flags, and the hidden `worker` subcommand through which
+//! `durable`, `reconnect`, `stats-bench`), the shared flags, and the hidden `worker` subcommand through which
 //! the binary re-executes itself to hold client sockets in several processes.
 
 mod client;
@@ -70,6 +70,12 @@ enum Cmd {
         #[command(flatten)]
         args: scenarios::reconnect::Args,
     },
+    /// Room statistics and leaderboards on a room with a 1,000,000-event log (SQLite and
+    /// PostgreSQL), timed through the store; fails if a median passes 1 s.
+    StatsBench {
+        #[command(flatten)]
+        args: scenarios::stats_bench::Args,
+    },
     /// Internal: hold a slice of a run's clients (driven over stdin/stdout).
     #[command(hide = true)]
     Worker,
@@ -92,6 +98,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Classroom { common, args } => scenarios::classroom::run(common, args).await,
             Cmd::Durable { common, args } => scenarios::durable::run(common, args).await,
             Cmd::Reconnect { common, args } => scenarios::reconnect::run(common, args).await,
+            Cmd::StatsBench { args } => scenarios::stats_bench::run(args).await,
             Cmd::Worker => unreachable!(),
         }
     })?;

@@ -54,6 +54,13 @@ pub(super) fn outcome_fields(o: WriteOutcome) -> serde_json::Value {
             status,
         } => json!({"id": id, "seq": seq, "ts": ts, "status": status}),
         WriteOutcome::Unchanged => json!({"seq": null}),
+        WriteOutcome::CheckedIn {
+            day,
+            tz,
+            already,
+            streak,
+            points,
+        } => json!({"day": day, "tz": tz, "already": already, "streak": streak, "points": points}),
     }
 }
 

@@ -4,6 +4,7 @@
 //! Nothing here touches the socket or SQL directly.
 
 mod chat;
+pub(crate) mod engagement;
 mod moderation;
 pub mod policy;
 mod qa;
@@ -98,6 +99,26 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             to,
             data,
         } => rtc::signal(ctx, call_id, room, to, data),
+        // -- engagement and room health (issue 7) --
+        ClientMsg::Checkin { room } => engagement::checkin(ctx, rid, room).await,
+        ClientMsg::Leaderboard {
+            room,
+            period,
+            limit,
+        } => engagement::leaderboard(ctx, room, period, limit).await,
+        ClientMsg::Profile { user, room } => engagement::profile(ctx, user, room).await,
+        ClientMsg::Stats {
+            room,
+            from,
+            to,
+            bucket,
+        } => engagement::stats(ctx, room, from, to, bucket).await,
+        ClientMsg::Helpful {
+            room,
+            question,
+            answer,
+            on,
+        } => engagement::helpful(ctx, rid, room, question, answer, on).await,
     }
 }
 

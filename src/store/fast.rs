@@ -17,7 +17,7 @@ const CHUNK: usize = 400;
 type Key = (String, String, String);
 
 /// `($1, $2, ..), ($k, ..)`: `rows` tuples of `cols` numbered placeholders from `$first`.
-fn placeholders(rows: usize, cols: usize, first: usize) -> String {
+pub(super) fn placeholders(rows: usize, cols: usize, first: usize) -> String {
     let mut out = String::with_capacity(rows * cols * 5);
     let mut n = first;
     for r in 0..rows {
@@ -99,6 +99,8 @@ pub(super) struct Staged {
     id: MessageId,
     seq: i64,
     sender: String,
+    /// The sender's display name (kept for leaderboards).
+    name: String,
     client_msg_id: Option<String>,
     text: String,
     ts: i64,
@@ -198,6 +200,7 @@ pub(super) async fn plan_room(
                     id: id.clone(),
                     seq,
                     sender: from.id.0.clone(),
+                    name: from.name.clone(),
                     client_msg_id: (*cid).clone(),
                     text: (*text).clone(),
                     ts,
@@ -298,6 +301,23 @@ pub(super) async fn insert_staged(tx: &mut Tx, staged: &[Staged]) -> Result<()> 
         q.execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+/// The staged sends as contributions (points and counters for their senders).
+pub(super) fn contributions(staged: &[Staged]) -> Vec<super::engagement::Contribution> {
+    staged
+        .iter()
+        .map(|m| super::engagement::Contribution {
+            room: m.room.clone(),
+            user: crate::protocol::UserId(m.sender.clone()),
+            name: m.name.clone(),
+            kind: super::engagement::Kind::Message,
+            ref_id: m.id.0.clone(),
+            detail: String::new(),
+            ts: m.ts,
+            no_points: false,
+        })
+        .collect()
 }
 
 #[cfg(test)]

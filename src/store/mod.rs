@@ -7,18 +7,24 @@
 //! hook given to [`Store::open`].
 
 mod calls;
+mod engagement;
 mod fast;
 mod moderation;
 mod postgres;
 mod qa;
 mod search;
 mod sqlite;
+mod stats;
 mod writer;
 
 pub use calls::CallLogEntry;
+pub use engagement::{
+    BadgeHook, BadgeView, EarnedBadge, EngagementSettings, LeaderRow, MemberEngagement, UserBrief,
+};
 pub use moderation::{AuditEntry, MAX_REASON_CHARS, Report};
 pub use qa::{QuestionFilter, QuestionRecord, QuestionSort};
 pub use search::SearchHit;
+pub use stats::{RoomStats, StatsQuery};
 pub use writer::{CommitHook, CommittedEvent, WriteOp, WriteOutcome};
 
 use crate::metrics::Metrics;
@@ -85,6 +91,8 @@ pub struct StoreOptions {
     pub batch_linger_us: u64,
     pub queue: usize,
     pub sqlite_synchronous: String,
+    /// Points, caps and badge rules the writer applies to contributions.
+    pub engagement: Arc<crate::engagement::EngagementConfig>,
 }
 
 impl StoreOptions {
@@ -97,6 +105,7 @@ impl StoreOptions {
             batch_linger_us: d.store_batch_linger_us,
             queue: d.store_queue,
             sqlite_synchronous: d.sqlite_synchronous,
+            engagement: Arc::new(d.engagement),
         }
     }
 
@@ -108,6 +117,7 @@ impl StoreOptions {
             batch_linger_us: c.store_batch_linger_us,
             queue: c.store_queue,
             sqlite_synchronous: c.sqlite_synchronous.clone(),
+            engagement: Arc::new(c.engagement.clone()),
         }
     }
 }
@@ -129,6 +139,9 @@ pub struct Room {
     /// At most one message per user per this many seconds (0 = off); host/ta are exempt.
     pub slow_mode_s: i64,
     pub rules: RoomRules,
+    /// Badge announcements and the room's time zone.
+    #[serde(default)]
+    pub engagement: EngagementSettings,
 }
 
 /// Default answer SLA: 4 hours.
@@ -206,6 +219,7 @@ pub struct RoomPatch {
     pub answer_sla_s: Option<i64>,
     pub slow_mode_s: Option<i64>,
     pub rules: Option<RoomRules>,
+    pub engagement: Option<EngagementSettings>,
 }
 
 mod double_option {
@@ -284,6 +298,7 @@ struct Inner {
     backend: Backend,
     writer: mpsc::Sender<writer::Request>,
     writer_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    badge_hook: engagement::BadgeHookSlot,
 }
 
 pub fn now_ms() -> i64 {
@@ -294,8 +309,8 @@ pub fn now_ms() -> i64 {
 }
 
 const SELECT_ROOM: &str = "SELECT id, kind, title, visibility, qa_enabled, qa_moderated, \
-     qa_peer_answers, starts_at, archived, last_seq, created_at, answer_sla_s, slow_mode_s, rules \
-     FROM rooms WHERE id = $1";
+     qa_peer_answers, starts_at, archived, last_seq, created_at, answer_sla_s, slow_mode_s, rules, \
+     engagement FROM rooms WHERE id = $1";
 
 fn room_from_row(row: &AnyRow) -> Result<Room> {
     let kind: String = row.try_get("kind")?;
@@ -320,6 +335,7 @@ fn room_from_row(row: &AnyRow) -> Result<Room> {
         slow_mode_s: row.try_get("slow_mode_s")?,
         rules: serde_json::from_str(&row.try_get::<String, _>("rules")?)
             .map_err(|e| StoreError::Corrupt(format!("room rules: {e}")))?,
+        engagement: EngagementSettings::parse(&row.try_get::<String, _>("engagement")?),
     })
 }
 
@@ -350,6 +366,7 @@ impl Store {
             Backend::Postgres => postgres::migrate(&pool).await?,
         }
         let (tx, rx) = mpsc::channel(opts.queue);
+        let badge_hook = engagement::BadgeHookSlot::default();
         let handle = tokio::spawn(writer::run(
             pool.clone(),
             backend,
@@ -358,6 +375,8 @@ impl Store {
             metrics,
             opts.batch_max,
             std::time::Duration::from_micros(opts.batch_linger_us),
+            opts.engagement.clone(),
+            badge_hook.clone(),
         ));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -365,6 +384,7 @@ impl Store {
                 backend,
                 writer: tx,
                 writer_done: tokio::sync::Mutex::new(Some(handle)),
+                badge_hook,
             }),
         })
     }
@@ -415,8 +435,8 @@ impl Store {
     pub async fn create_room(&self, room: &Room) -> Result<Room> {
         let res = sqlx::query(
             "INSERT INTO rooms (id, kind, title, visibility, qa_enabled, qa_moderated, starts_at, \
-             archived, last_seq, created_at, qa_peer_answers, answer_sla_s, slow_mode_s, rules) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11, $12) \
+             archived, last_seq, created_at, qa_peer_answers, answer_sla_s, slow_mode_s, rules, \
+             engagement) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11, $12, $13) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(room.id.as_str())
@@ -431,6 +451,7 @@ impl Store {
         .bind(room.answer_sla_s)
         .bind(room.slow_mode_s)
         .bind(rules_json(&room.rules))
+        .bind(room.engagement.json())
         .execute(self.pool())
         .await?;
         if res.rows_affected() == 0 {
@@ -481,10 +502,13 @@ impl Store {
         if let Some(r) = &patch.rules {
             room.rules = r.clone();
         }
+        if let Some(e) = &patch.engagement {
+            room.engagement = e.clone();
+        }
         sqlx::query(
             "UPDATE rooms SET kind = $1, title = $2, visibility = $3, qa_enabled = $4, \
              qa_moderated = $5, starts_at = $6, archived = $7, qa_peer_answers = $8, \
-             answer_sla_s = $9, slow_mode_s = $10, rules = $11 WHERE id = $12",
+             answer_sla_s = $9, slow_mode_s = $10, rules = $11, engagement = $13 WHERE id = $12",
         )
         .bind(room.kind.as_str())
         .bind(room.title.as_str())
@@ -498,6 +522,7 @@ impl Store {
         .bind(room.slow_mode_s)
         .bind(rules_json(&room.rules))
         .bind(id.as_str())
+        .bind(room.engagement.json())
         .execute(self.pool())
         .await?;
         self.room(id).await?.ok_or(StoreError::NotFound("room"))

@@ -118,11 +118,16 @@ fn answer_from_row(row: &sqlx::any::AnyRow) -> Result<AnswerView> {
         text: row.try_get("text")?,
         author: author_of(row, "author")?,
         ts: row.try_get("ts")?,
+        helpful: row.try_get::<i64, _>("helpful")? != 0,
     })
 }
 
 /// Loads a question of `room` with its answers.
-async fn load(conn: &mut AnyConnection, room: &RoomId, id: &QuestionId) -> Result<QuestionRecord> {
+pub(super) async fn load(
+    conn: &mut AnyConnection,
+    room: &RoomId,
+    id: &QuestionId,
+) -> Result<QuestionRecord> {
     let row = sqlx::query(
         "SELECT id, room_id, seq, author_id, author_name, author_role, anonymous, text, status, \
          votes, ts, first_answer_at, approved FROM questions WHERE id = $1 AND room_id = $2",
@@ -134,7 +139,7 @@ async fn load(conn: &mut AnyConnection, room: &RoomId, id: &QuestionId) -> Resul
     .ok_or(StoreError::NotFound("question"))?;
     let mut q = question_from_row(&row)?;
     let answers = sqlx::query(
-        "SELECT id, text, author_id, author_name, author_role, ts FROM answers \
+        "SELECT id, text, author_id, author_name, author_role, ts, helpful FROM answers \
          WHERE question_id = $1 ORDER BY ts, id",
     )
     .bind(id.as_str())
@@ -144,7 +149,7 @@ async fn load(conn: &mut AnyConnection, room: &RoomId, id: &QuestionId) -> Resul
     Ok(q)
 }
 
-async fn emit_update(
+pub(super) async fn emit_update(
     tx: &mut Tx,
     q: &QuestionRecord,
     change: &str,
@@ -309,6 +314,7 @@ pub(super) async fn answer(
         text: text.to_owned(),
         author: author.clone(),
         ts,
+        helpful: false,
     };
     sqlx::query(
         "INSERT INTO answers (id, question_id, room_id, author_id, author_name, author_role, text, ts) \
@@ -401,7 +407,7 @@ impl Store {
         let mut list: Vec<QuestionRecord> =
             rows.iter().map(question_from_row).collect::<Result<_>>()?;
         let answers = sqlx::query(
-            "SELECT question_id, id, text, author_id, author_name, author_role, ts FROM answers \
+            "SELECT question_id, id, text, author_id, author_name, author_role, ts, helpful FROM answers \
              WHERE room_id = $1 ORDER BY ts, id",
         )
         .bind(room.as_str())

@@ -6,7 +6,9 @@
 //! so one bad write cannot fail its neighbours. Knows the schema and the event encoding; knows
 //! nothing of sessions or the hub.
 
+use super::engagement::{self, BadgeHookSlot, Contribution, Effects, Kind};
 use super::{Backend, Result, StoreError, now_ms, postgres, sqlite};
+use crate::engagement::EngagementConfig;
 use crate::metrics::Metrics;
 use crate::protocol::{
     MessageId, QuestionId, QuestionStatus, ReactionCount, RoomEvent, RoomId, SequencedEvent,
@@ -96,6 +98,24 @@ pub enum WriteOp {
         user: UserId,
         role: crate::protocol::RoomRole,
     },
+    // -- engagement (issue 7) --
+    /// Once per user, room and local day (in `tz`, the token's zone, else the room's).
+    /// Not sequenced.
+    Checkin {
+        room: RoomId,
+        user: UserRef,
+        tz: Option<String>,
+    },
+    /// Marks (`on`) or unmarks an answer helpful; `answer` defaults to the first answer.
+    Helpful {
+        room: RoomId,
+        question: QuestionId,
+        answer: Option<String>,
+        by: UserRef,
+        /// Host/TA may mark any question's answer; others only answers to their own question.
+        as_moderator: bool,
+        on: bool,
+    },
 }
 
 impl WriteOp {
@@ -109,7 +129,9 @@ impl WriteOp {
             | Self::Vote { room, .. }
             | Self::Answer { room, .. }
             | Self::SetQuestionStatus { room, .. }
-            | Self::EnsureMember { room, .. } => room,
+            | Self::EnsureMember { room, .. }
+            | Self::Checkin { room, .. }
+            | Self::Helpful { room, .. } => room,
         }
     }
 }
@@ -136,6 +158,14 @@ pub enum WriteOutcome {
     /// The write changed nothing (reacting twice, unreacting what was not there, deleting a
     /// deleted message).
     Unchanged,
+    /// A check-in (`already` when the user had checked in on this local day).
+    CheckedIn {
+        day: String,
+        tz: String,
+        already: bool,
+        streak: crate::engagement::Streak,
+        points: i64,
+    },
 }
 
 pub(super) enum Request {
@@ -154,6 +184,7 @@ pub(super) struct Applied {
 
 type Pending = (WriteOp, oneshot::Sender<Result<WriteOutcome>>);
 
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     pool: AnyPool,
     backend: Backend,
@@ -162,6 +193,8 @@ pub(super) async fn run(
     metrics: Arc<Metrics>,
     batch_max: usize,
     linger: Duration,
+    engagement: Arc<EngagementConfig>,
+    badge_hook: BadgeHookSlot,
 ) {
     let begin = match backend {
         Backend::Sqlite => sqlite::BEGIN_WRITE,
@@ -172,6 +205,8 @@ pub(super) async fn run(
         begin,
         hook,
         metrics,
+        engagement,
+        badge_hook,
     };
     let mut batch: Vec<Pending> = Vec::with_capacity(batch_max);
     let mut stopping = false;
@@ -224,7 +259,11 @@ struct Writer {
     begin: &'static str,
     hook: Option<CommitHook>,
     metrics: Arc<Metrics>,
+    engagement: Arc<EngagementConfig>,
+    badge_hook: BadgeHookSlot,
 }
+
+type Results = (Vec<Result<(Applied, Effects)>>, Effects);
 
 impl Writer {
     async fn commit(&self, batch: &mut Vec<Pending>) {
@@ -235,18 +274,23 @@ impl Writer {
         let mut order: Vec<usize> = (0..batch.len()).collect();
         order.sort_by(|&a, &b| batch[a].0.room().cmp(batch[b].0.room()));
         let ops: Vec<&WriteOp> = order.iter().map(|&i| &batch[i].0).collect();
-        let results = match self.transaction(&ops).await {
+        let (results, batch_fx) = match self.transaction(&ops).await {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, size = ops.len(), "batch failed, retrying writes one by one");
                 let mut results = Vec::with_capacity(ops.len());
+                let mut batch_fx = Effects::default();
                 for op in &ops {
                     results.push(match self.transaction(std::slice::from_ref(op)).await {
-                        Ok(mut one) => one.pop().unwrap_or(Err(StoreError::Closed)),
+                        Ok((mut one, fx)) => {
+                            batch_fx.events.extend(fx.events);
+                            batch_fx.badges.extend(fx.badges);
+                            one.pop().unwrap_or(Err(StoreError::Closed))
+                        }
                         Err(e) => Err(StoreError::Db(e)),
                     });
                 }
-                results
+                (results, batch_fx)
             }
         };
         self.metrics.store_batch(ops.len(), started.elapsed());
@@ -255,11 +299,25 @@ impl Writer {
         // event before its `ok`, and nobody can see an `ok` for an event not yet fanned out.
         let mut replies: Vec<Option<oneshot::Sender<Result<WriteOutcome>>>> =
             batch.drain(..).map(|(_, reply)| Some(reply)).collect();
+        let badge_hook = self.badge_hook.get();
+        let tell = |fx: Effects| {
+            if let Some(hook) = &self.hook {
+                for ev in fx.events {
+                    hook(ev);
+                }
+            }
+            if let Some(hook) = badge_hook {
+                for b in fx.badges {
+                    hook(b);
+                }
+            }
+        };
         for (idx, result) in order.into_iter().zip(results) {
-            let result = result.map(|applied| {
+            let result = result.map(|(applied, fx)| {
                 if let (Some(ev), Some(hook)) = (applied.event, &self.hook) {
                     hook(ev);
                 }
+                tell(fx);
                 applied.outcome
             });
             if let Some(reply) = replies[idx].take() {
@@ -267,11 +325,13 @@ impl Writer {
                 let _ = reply.send(result);
             }
         }
+        // What the batched sends earned (announcements come after their room's messages).
+        tell(batch_fx);
     }
 
     /// Applies `ops` in one transaction. A database error aborts (and rolls back) the whole
     /// transaction; a refusal of one write (not found, forbidden) only fails that write.
-    async fn transaction(&self, ops: &[&WriteOp]) -> Result<Vec<Result<Applied>>, sqlx::Error> {
+    async fn transaction(&self, ops: &[&WriteOp]) -> Result<Results, sqlx::Error> {
         let db = |e: StoreError| match e {
             StoreError::Db(e) => Err(e),
             other => Ok(other),
@@ -306,13 +366,15 @@ impl Writer {
             Err(e) => return Err(abort_batch(e)),
         };
         let mut staged = Vec::new();
-        let mut out: Vec<Result<Applied>> = Vec::with_capacity(ops.len());
+        let mut out: Vec<Result<(Applied, Effects)>> = Vec::with_capacity(ops.len());
         for (range, is_bulk) in segments.into_iter().zip(bulk) {
             if is_bulk {
                 match super::fast::plan_room(&mut tx, &ops[range.clone()], &prior, &mut staged)
                     .await
                 {
-                    Ok(results) => out.extend(results.into_iter().map(Ok)),
+                    Ok(results) => {
+                        out.extend(results.into_iter().map(|a| Ok((a, Effects::default()))))
+                    }
                     Err(e) => {
                         let refusal = db(e)?;
                         out.extend(range.map(|_| Err(refusal.duplicate())));
@@ -321,20 +383,29 @@ impl Writer {
                 continue;
             }
             for op in &ops[range] {
-                match apply(&mut tx, op).await {
+                let mut fx = Effects::default();
+                match apply(&mut tx, &self.engagement, op, &mut fx).await {
                     Err(StoreError::Db(e)) => return Err(e),
                     // Corrupt data can surface after a seq was taken: roll back, never commit
                     // a seq without its event.
                     Err(e @ StoreError::Corrupt(_)) => return Err(abort_batch(e)),
-                    other => out.push(other),
+                    other => out.push(other.map(|a| (a, fx))),
                 }
             }
         }
         if let Err(e) = super::fast::insert_staged(&mut tx, &staged).await {
             return Err(abort_batch(e));
         }
+        // Points and counters of the batched sends: a few multi-row statements for all.
+        let mut batch_fx = Effects::default();
+        let sends = super::fast::contributions(&staged);
+        if let Err(e) =
+            engagement::contribute(&mut tx, &self.engagement, &sends, &mut batch_fx).await
+        {
+            return Err(abort_batch(e));
+        }
         tx.commit().await?;
-        Ok(out)
+        Ok((out, batch_fx))
     }
 }
 
@@ -541,8 +612,37 @@ async fn reaction_counts(tx: &mut Tx, id: &MessageId) -> Result<Vec<ReactionCoun
         .collect()
 }
 
-async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
+async fn apply(
+    tx: &mut Tx,
+    cfg: &EngagementConfig,
+    op: &WriteOp,
+    fx: &mut Effects,
+) -> Result<Applied> {
     match op {
+        WriteOp::Checkin { room, user, tz } => {
+            engagement::checkin(tx, cfg, room, user, tz.as_deref(), fx).await
+        }
+        WriteOp::Helpful {
+            room,
+            question,
+            answer,
+            by,
+            as_moderator,
+            on,
+        } => {
+            engagement::helpful(
+                tx,
+                cfg,
+                room,
+                question,
+                answer.as_deref(),
+                by,
+                *as_moderator,
+                *on,
+                fx,
+            )
+            .await
+        }
         WriteOp::EnsureMember { room, user, role } => {
             sqlx::query(
                 "INSERT INTO room_members (room_id, user_id, role, added_at) VALUES ($1, $2, $3, $4) \
@@ -565,7 +665,16 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
             text,
             anonymous,
             pending,
-        } => super::qa::ask(tx, room, author, text, *anonymous, *pending).await,
+        } => {
+            let applied = super::qa::ask(tx, room, author, text, *anonymous, *pending).await?;
+            if let WriteOutcome::Asked { id, ts, .. } = &applied.outcome {
+                let c = Contribution::new(room, author, Kind::Question, id.as_str(), *ts);
+                engagement::contribute(tx, cfg, &[c], fx)
+                    .await
+                    .map_err(engagement::abort)?;
+            }
+            Ok(applied)
+        }
         WriteOp::Vote {
             room,
             question,
@@ -577,7 +686,14 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
             question,
             author,
             text,
-        } => super::qa::answer(tx, room, question, author, text).await,
+        } => {
+            let applied = super::qa::answer(tx, room, question, author, text).await?;
+            let c = Contribution::new(room, author, Kind::Answer, question.as_str(), now_ms());
+            engagement::contribute(tx, cfg, &[c], fx)
+                .await
+                .map_err(engagement::abort)?;
+            Ok(applied)
+        }
         WriteOp::SetQuestionStatus {
             room,
             question,
@@ -649,6 +765,10 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 reactions: Vec::new(),
             };
             let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
+            let c = Contribution::new(room, from, Kind::Message, id.as_str(), ts);
+            engagement::contribute(tx, cfg, &[c], fx)
+                .await
+                .map_err(engagement::abort)?;
             Ok(Applied {
                 outcome: WriteOutcome::Sent {
                     id,
@@ -737,6 +857,12 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
             .await?;
             scrub_edits(tx, room, id).await?;
             super::search::unindex(tx, "message", id.as_str()).await?;
+            if msg.sender != by.id.as_str() {
+                // Deleted by moderation: the message earns nothing, nor its reactions.
+                engagement::reverse(tx, room, id.as_str(), None)
+                    .await
+                    .map_err(engagement::abort)?;
+            }
             let event = RoomEvent::MessageDeleted {
                 id: id.clone(),
                 by: by.clone(),
@@ -824,6 +950,41 @@ async fn apply(tx: &mut Tx, op: &WriteOp) -> Result<Applied> {
                 }
             })
             .await?;
+            let detail = format!("{} {emoji}", user.id);
+            let for_author = msg.sender != user.id.as_str();
+            if *add {
+                let mut items = vec![Contribution::new(
+                    room,
+                    user,
+                    Kind::ReactionGiven,
+                    id.as_str(),
+                    ts,
+                )];
+                if for_author {
+                    // Points to the message's author, whose name this write does not know.
+                    let mut c =
+                        Contribution::new(room, user, Kind::ReactionReceived, id.as_str(), ts);
+                    c.user = UserId(msg.sender.clone());
+                    c.name = String::new();
+                    c.detail = detail;
+                    items.push(c);
+                }
+                engagement::contribute(tx, cfg, &items, fx)
+                    .await
+                    .map_err(engagement::abort)?;
+            } else if for_author {
+                engagement::reverse(
+                    tx,
+                    room,
+                    id.as_str(),
+                    Some((crate::engagement::Action::ReactionReceived, &detail)),
+                )
+                .await
+                .map_err(engagement::abort)?;
+                engagement::uncount(tx, room, &msg.sender, Kind::ReactionReceived)
+                    .await
+                    .map_err(engagement::abort)?;
+            }
             let event = RoomEvent::Reaction {
                 id: id.clone(),
                 emoji: emoji.clone(),

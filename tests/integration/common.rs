@@ -293,7 +293,7 @@ impl Client {
     }
 
     /// The next frame of type `ty`, dropping others of the given ignorable types
-    /// (presence, typing) and failing on anything else.
+    /// (presence, typing, badge notices) and failing on anything else.
     pub async fn next_of(&mut self, ty: &str) -> Value {
         loop {
             let f = self.next().await;
@@ -301,7 +301,10 @@ impl Client {
                 return f;
             }
             assert!(
-                matches!(f["type"].as_str(), Some("presence" | "typing" | "ok")),
+                matches!(
+                    f["type"].as_str(),
+                    Some("presence" | "typing" | "ok" | "badge")
+                ),
                 "expected {ty}, got {f}"
             );
         }

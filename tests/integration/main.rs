@@ -6,6 +6,7 @@ mod calls;
 mod chat;
 mod common;
 mod durability;
+mod engagement;
 mod limits;
 mod moderation;
 mod qa;

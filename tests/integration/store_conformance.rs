@@ -56,6 +56,7 @@ fn room(id: &str, visibility: Visibility) -> Room {
         answer_sla_s: studyhall::store::DEFAULT_ANSWER_SLA_S,
         slow_mode_s: 0,
         rules: Default::default(),
+        engagement: Default::default(),
     }
 }
 

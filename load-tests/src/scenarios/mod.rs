@@ -8,6 +8,7 @@ pub mod fanout;
 pub mod idle;
 pub mod reconnect;
 pub mod smoke;
+pub mod stats_bench;
 
 use crate::procs::{Db, Peer, Server};
 use crate::worker::Proto;

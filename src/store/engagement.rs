@@ -1,0 +1,1073 @@
+//! Engagement in the store: the points ledger (awards, daily caps, reversals), the
+//! incremental counters (per room, room-local day and user; running totals per room and
+//! user), badges, check-ins and `helpful` marks, all applied inside the group-commit
+//! transaction that commits the contribution, so nothing is counted for a write that did not
+//! commit and an idempotent resend (which commits nothing) counts nothing. Batches of
+//! contributions cost a fixed number of multi-row statements. Also the reads behind
+//! leaderboards and profiles. The rules themselves (points, caps, levels, badges, calendar)
+//! come from [`crate::engagement`]; this file knows nothing of sessions or the hub.
+
+use super::fast::placeholders;
+use super::writer::{Applied, CommittedEvent, Tx, WriteOutcome, bump_seq, insert_event};
+use super::{Result, Store, StoreError, now_ms};
+use crate::engagement::{self as eng, Action, BadgeRule, EngagementConfig, Metric, Streak};
+use crate::protocol::{QuestionId, RoomEvent, RoomId, UserId, UserRef};
+use serde::{Deserialize, Serialize};
+use sqlx::{AssertSqlSafe, Row};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+
+/// Rows per multi-row statement (at most 11 parameters each).
+const CHUNK: usize = 400;
+
+/// A room's engagement settings (`engagement` in the room JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngagementSettings {
+    /// Announce earned badges in the room as a system message.
+    pub announce_badges: bool,
+    /// IANA zone of the room: its days for statistics and leaderboard periods, and the
+    /// check-in day of users whose token names no zone.
+    pub timezone: String,
+}
+
+impl Default for EngagementSettings {
+    fn default() -> Self {
+        Self {
+            announce_badges: false,
+            timezone: "UTC".into(),
+        }
+    }
+}
+
+impl EngagementSettings {
+    pub(super) fn parse(json: &str) -> Self {
+        serde_json::from_str(json).unwrap_or_default()
+    }
+
+    pub(super) fn json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// A user as leaderboards and badges show them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UserBrief {
+    pub id: UserId,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BadgeView {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+}
+
+impl BadgeView {
+    pub fn of(rule: &BadgeRule) -> Self {
+        Self {
+            id: rule.id.clone(),
+            name: rule.name.clone(),
+            description: rule.description.clone(),
+        }
+    }
+}
+
+/// A badge just earned, told to the user's sessions once its transaction committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EarnedBadge {
+    pub room: RoomId,
+    pub user: UserBrief,
+    pub badge: BadgeView,
+    pub ts: i64,
+}
+
+/// Called once per earned badge, after the commit, in commit order.
+pub type BadgeHook = Arc<dyn Fn(EarnedBadge) + Send + Sync>;
+pub(super) type BadgeHookSlot = Arc<OnceLock<BadgeHook>>;
+
+/// What engagement added to a write: announcement events (sequenced, published after the
+/// write's own event) and earned badges.
+#[derive(Default)]
+pub(super) struct Effects {
+    pub events: Vec<CommittedEvent>,
+    pub badges: Vec<EarnedBadge>,
+}
+
+/// What a contribution counts as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Message,
+    Question,
+    /// Earns points once per question and answerer (`ref_id` is the question).
+    Answer,
+    /// Activity of the reacting user; earns nothing.
+    ReactionGiven,
+    /// Points to a message's author; not the author's activity.
+    ReactionReceived,
+    /// Points to an answer's author; not the author's activity.
+    Helpful,
+    Checkin,
+}
+
+impl Kind {
+    fn action(self) -> Option<Action> {
+        match self {
+            Self::Message => Some(Action::Message),
+            Self::Question => Some(Action::Question),
+            Self::Answer => Some(Action::Answer),
+            Self::ReactionGiven => None,
+            Self::ReactionReceived => Some(Action::ReactionReceived),
+            Self::Helpful => Some(Action::Helpful),
+            Self::Checkin => Some(Action::Checkin),
+        }
+    }
+
+    fn active(self) -> bool {
+        !matches!(self, Self::ReactionReceived | Self::Helpful)
+    }
+
+    /// Index into [`Daily::counts`].
+    fn daily_col(self) -> Option<usize> {
+        match self {
+            Self::Message => Some(0),
+            Self::Question => Some(1),
+            Self::Answer => Some(2),
+            Self::ReactionGiven => Some(3),
+            Self::Checkin => Some(4),
+            Self::ReactionReceived | Self::Helpful => None,
+        }
+    }
+
+    /// Index into [`MEMBER_METRICS`].
+    fn member_col(self) -> Option<usize> {
+        match self {
+            Self::Message => Some(0),
+            Self::Question => Some(1),
+            Self::Answer => Some(2),
+            Self::ReactionReceived => Some(3),
+            Self::Helpful => Some(4),
+            Self::Checkin => Some(5),
+            Self::ReactionGiven => None,
+        }
+    }
+}
+
+/// The counted columns of `engagement_members`, in [`Kind::member_col`] order.
+const MEMBER_METRICS: [(&str, Metric); 6] = [
+    ("messages", Metric::Messages),
+    ("questions", Metric::Questions),
+    ("answers", Metric::Answers),
+    ("reactions_received", Metric::ReactionsReceived),
+    ("helpful", Metric::Helpful),
+    ("checkins", Metric::Checkins),
+];
+
+/// One contribution to count (and maybe reward) inside a write transaction.
+#[derive(Clone, Debug)]
+pub(super) struct Contribution {
+    pub room: RoomId,
+    pub user: UserId,
+    /// Display name to keep for leaderboards; empty when unknown (points received).
+    pub name: String,
+    pub kind: Kind,
+    pub ref_id: String,
+    pub detail: String,
+    pub ts: i64,
+    /// Counts, but earns nothing (marking one's own answer helpful).
+    pub no_points: bool,
+}
+
+impl Contribution {
+    pub fn new(room: &RoomId, user: &UserRef, kind: Kind, ref_id: &str, ts: i64) -> Self {
+        Self {
+            room: room.clone(),
+            user: user.id.clone(),
+            name: user.name.clone(),
+            kind,
+            ref_id: ref_id.to_owned(),
+            detail: String::new(),
+            ts,
+            no_points: false,
+        }
+    }
+}
+
+/// The sender of badge announcements.
+fn badge_sender() -> UserRef {
+    UserRef {
+        id: UserId(crate::auth::SYSTEM_USER.into()),
+        name: "Badges".into(),
+        role: "system".into(),
+    }
+}
+
+/// True for the system sender: announcements earn nothing and count as nobody's activity.
+pub(super) fn is_system(user: &UserId) -> bool {
+    user.as_str() == crate::auth::SYSTEM_USER
+}
+
+fn in_list(n: usize, first: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Zones and badge-announcement flags of rooms, by id.
+async fn room_settings(
+    tx: &mut Tx,
+    rooms: &[&RoomId],
+) -> Result<HashMap<String, EngagementSettings>> {
+    let mut out = HashMap::new();
+    for chunk in rooms.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT id, engagement FROM rooms WHERE id IN ({})",
+            in_list(chunk.len(), 1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for r in chunk {
+            q = q.bind(r.as_str());
+        }
+        for row in q.fetch_all(&mut **tx).await? {
+            out.insert(
+                row.try_get::<String, _>("id")?,
+                EngagementSettings::parse(&row.try_get::<String, _>("engagement")?),
+            );
+        }
+    }
+    Ok(out)
+}
+
+async fn user_zones(tx: &mut Tx, users: &[&UserId]) -> Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for chunk in users.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT user_id, tz FROM user_zones WHERE user_id IN ({})",
+            in_list(chunk.len(), 1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for u in chunk {
+            q = q.bind(u.as_str());
+        }
+        for row in q.fetch_all(&mut **tx).await? {
+            out.insert(row.try_get("user_id")?, row.try_get("tz")?);
+        }
+    }
+    Ok(out)
+}
+
+type CapKey = (String, String, &'static str, String);
+
+/// Adds this batch's attempts to the day counters; returns each key's new total.
+async fn count_attempts(
+    tx: &mut Tx,
+    attempts: &BTreeMap<CapKey, i64>,
+) -> Result<HashMap<CapKey, i64>> {
+    let rows: Vec<(&CapKey, &i64)> = attempts.iter().collect();
+    let mut out = HashMap::new();
+    for chunk in rows.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO points_caps (room_id, user_id, action, day, n) VALUES {} \
+             ON CONFLICT (room_id, user_id, action, day) DO UPDATE SET n = points_caps.n + excluded.n \
+             RETURNING room_id, user_id, action, day, n",
+            placeholders(chunk.len(), 5, 1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for ((r, u, a, d), n) in chunk {
+            q = q
+                .bind(r.as_str())
+                .bind(u.as_str())
+                .bind(*a)
+                .bind(d.as_str())
+                .bind(**n);
+        }
+        for row in q.fetch_all(&mut **tx).await? {
+            let action: String = row.try_get("action")?;
+            let Some(a) = ACTIONS.iter().find(|a| **a == action) else {
+                continue;
+            };
+            out.insert(
+                (
+                    row.try_get("room_id")?,
+                    row.try_get("user_id")?,
+                    *a,
+                    row.try_get("day")?,
+                ),
+                row.try_get("n")?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+const ACTIONS: [&str; 6] = [
+    "message",
+    "question",
+    "answer",
+    "helpful",
+    "reaction_received",
+    "checkin",
+];
+
+fn action_str(a: Action) -> &'static str {
+    // Same strings as `ACTIONS`, as 'static for the cap keys.
+    a.as_str()
+}
+
+/// Counts `items` (in order) and awards their points within the daily caps: ledger rows,
+/// the day counters and the running totals, a fixed number of statements for any number of
+/// items. Badges whose thresholds are crossed are earned (and announced) into `fx`. Returns
+/// the points each item earned.
+pub(super) async fn contribute(
+    tx: &mut Tx,
+    cfg: &EngagementConfig,
+    items: &[Contribution],
+    fx: &mut Effects,
+) -> Result<Vec<i64>> {
+    let items: Vec<&Contribution> = items.iter().filter(|c| !is_system(&c.user)).collect();
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut rooms: Vec<&RoomId> = items.iter().map(|c| &c.room).collect();
+    rooms.sort();
+    rooms.dedup();
+    let settings = room_settings(tx, &rooms).await?;
+    let mut users: Vec<&UserId> = items.iter().map(|c| &c.user).collect();
+    users.sort();
+    users.dedup();
+    let zones = user_zones(tx, &users).await?;
+    let default_settings = EngagementSettings::default();
+    let mut room_tz = HashMap::new();
+    for r in &rooms {
+        let s = settings.get(r.as_str()).unwrap_or(&default_settings);
+        room_tz.insert(r.as_str(), eng::zone_or_utc(&s.timezone));
+    }
+
+    // Where each item counts: its room-local day, and the earner's local day for caps.
+    struct Placed {
+        bucket: i64,
+        day: String,
+        cap: Option<CapKey>,
+    }
+    let mut placed: Vec<Placed> = Vec::with_capacity(items.len());
+    for c in &items {
+        let rtz = &room_tz[c.room.as_str()];
+        let bucket = eng::day_start_of(c.ts, rtz);
+        let day = match zones.get(c.user.as_str()) {
+            Some(z) => eng::local_day(c.ts, &eng::zone_or_utc(z)),
+            None => eng::local_day(c.ts, rtz),
+        }
+        .to_string();
+        let cap = c
+            .kind
+            .action()
+            .filter(|a| !c.no_points && cfg.points.get(*a) > 0)
+            .map(|a| {
+                (
+                    c.room.0.clone(),
+                    c.user.0.clone(),
+                    action_str(a),
+                    day.clone(),
+                )
+            });
+        placed.push(Placed { bucket, day, cap });
+    }
+    // Answers earn once per question and answerer: an answer after an earlier award is no
+    // attempt at all.
+    for (c, p) in items.iter().zip(placed.iter_mut()) {
+        if c.kind == Kind::Answer && p.cap.is_some() {
+            let before: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM points_ledger WHERE room_id = $1 AND user_id = $2 \
+                 AND action = 'answer' AND ref_id = $3 AND kind = 'award' LIMIT 1",
+            )
+            .bind(c.room.as_str())
+            .bind(c.user.as_str())
+            .bind(c.ref_id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+            if before.is_some() {
+                p.cap = None;
+            }
+        }
+    }
+    // Attempts per (room, user, action, local day), counted in `points_caps`: the i-th attempt
+    // of a day earns its points if i <= the cap, so awards = min(attempts, cap).
+    let mut attempts: BTreeMap<CapKey, i64> = BTreeMap::new();
+    for p in &placed {
+        if let Some(k) = &p.cap {
+            *attempts.entry(k.clone()).or_default() += 1;
+        }
+    }
+    let totals = count_attempts(tx, &attempts).await?;
+    let mut seen: HashMap<CapKey, i64> = HashMap::new();
+    let mut points = Vec::with_capacity(items.len());
+    for (c, p) in items.iter().zip(&placed) {
+        let (Some(key), Some(action)) = (&p.cap, c.kind.action()) else {
+            points.push(0);
+            continue;
+        };
+        let k = attempts.get(key).copied().unwrap_or(0);
+        let before = totals.get(key).copied().unwrap_or(k) - k;
+        let i = seen.entry(key.clone()).or_insert(0);
+        *i += 1;
+        points.push(if before + *i <= cfg.daily_caps.get(action) {
+            cfg.points.get(action)
+        } else {
+            0
+        });
+    }
+
+    // The ledger.
+    let awards: Vec<usize> = (0..items.len()).filter(|i| points[*i] > 0).collect();
+    for chunk in awards.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO points_ledger (room_id, user_id, action, kind, ref_id, detail, day, \
+             bucket, points, ts) VALUES {}",
+            placeholders(chunk.len(), 10, 1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for &i in chunk {
+            let (c, p) = (items[i], &placed[i]);
+            q = q
+                .bind(c.room.as_str())
+                .bind(c.user.as_str())
+                .bind(c.kind.action().map_or("", Action::as_str))
+                .bind("award")
+                .bind(c.ref_id.as_str())
+                .bind(c.detail.as_str())
+                .bind(p.day.as_str())
+                .bind(p.bucket)
+                .bind(points[i])
+                .bind(c.ts);
+        }
+        q.execute(&mut **tx).await?;
+    }
+
+    // Day counters, one row per (room, day, user).
+    #[derive(Default)]
+    struct Daily {
+        counts: [i64; 5],
+        points: i64,
+        first: Option<i64>,
+        last: Option<i64>,
+    }
+    let mut daily: BTreeMap<(String, i64, String), Daily> = BTreeMap::new();
+    for (i, (c, p)) in items.iter().zip(&placed).enumerate() {
+        let d = daily
+            .entry((c.room.0.clone(), p.bucket, c.user.0.clone()))
+            .or_default();
+        if let Some(col) = c.kind.daily_col() {
+            d.counts[col] += 1;
+        }
+        d.points += points[i];
+        if c.kind.active() {
+            d.first = Some(d.first.map_or(c.ts, |f| f.min(c.ts)));
+            d.last = Some(d.last.map_or(c.ts, |l| l.max(c.ts)));
+        }
+    }
+    let rows: Vec<_> = daily.into_iter().collect();
+    for chunk in rows.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO engagement_daily (room_id, day_start, user_id, messages, questions, \
+             answers, reactions, checkins, points, first_ts, last_ts) VALUES {} \
+             ON CONFLICT (room_id, day_start, user_id) DO UPDATE SET \
+             messages = engagement_daily.messages + excluded.messages, \
+             questions = engagement_daily.questions + excluded.questions, \
+             answers = engagement_daily.answers + excluded.answers, \
+             reactions = engagement_daily.reactions + excluded.reactions, \
+             checkins = engagement_daily.checkins + excluded.checkins, \
+             points = engagement_daily.points + excluded.points, \
+             first_ts = CASE WHEN excluded.first_ts IS NULL THEN engagement_daily.first_ts \
+               WHEN engagement_daily.first_ts IS NULL OR excluded.first_ts < engagement_daily.first_ts \
+               THEN excluded.first_ts ELSE engagement_daily.first_ts END, \
+             last_ts = CASE WHEN excluded.last_ts IS NULL THEN engagement_daily.last_ts \
+               WHEN engagement_daily.last_ts IS NULL OR excluded.last_ts > engagement_daily.last_ts \
+               THEN excluded.last_ts ELSE engagement_daily.last_ts END",
+            placeholders(chunk.len(), 11, 1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for ((room, bucket, user), d) in chunk {
+            q = q.bind(room.as_str()).bind(*bucket).bind(user.as_str());
+            for n in d.counts {
+                q = q.bind(n);
+            }
+            q = q.bind(d.points).bind(d.first).bind(d.last);
+        }
+        q.execute(&mut **tx).await?;
+    }
+
+    // Running totals, one row per (room, user); the new totals come back for the badges.
+    #[derive(Default)]
+    struct Total {
+        name: String,
+        counts: [i64; 6],
+        points: i64,
+    }
+    let mut totals: BTreeMap<(String, String), Total> = BTreeMap::new();
+    for (i, c) in items.iter().enumerate() {
+        let t = totals
+            .entry((c.room.0.clone(), c.user.0.clone()))
+            .or_default();
+        if !c.name.is_empty() {
+            t.name.clone_from(&c.name);
+        }
+        if let Some(col) = c.kind.member_col() {
+            t.counts[col] += 1;
+        }
+        t.points += points[i];
+    }
+    let rows: Vec<_> = totals.into_iter().collect();
+    for chunk in rows.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO engagement_members (room_id, user_id, name, messages, questions, \
+             answers, reactions_received, helpful, checkins, points) VALUES {} \
+             ON CONFLICT (room_id, user_id) DO UPDATE SET \
+             name = CASE WHEN excluded.name = '' THEN engagement_members.name ELSE excluded.name END, \
+             messages = engagement_members.messages + excluded.messages, \
+             questions = engagement_members.questions + excluded.questions, \
+             answers = engagement_members.answers + excluded.answers, \
+             reactions_received = engagement_members.reactions_received + excluded.reactions_received, \
+             helpful = engagement_members.helpful + excluded.helpful, \
+             checkins = engagement_members.checkins + excluded.checkins, \
+             points = engagement_members.points + excluded.points \
+             RETURNING room_id, user_id, name, messages, questions, answers, reactions_received, \
+             helpful, checkins, points",
+            placeholders(chunk.len(), 10, 1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for ((room, user), t) in chunk {
+            q = q
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .bind(t.name.as_str());
+            for n in t.counts {
+                q = q.bind(n);
+            }
+            q = q.bind(t.points);
+        }
+        let returned = q.fetch_all(&mut **tx).await?;
+        let deltas: HashMap<(&str, &str), &Total> = chunk
+            .iter()
+            .map(|((r, u), t)| ((r.as_str(), u.as_str()), t))
+            .collect();
+        for row in returned {
+            let room: String = row.try_get("room_id")?;
+            let user: String = row.try_get("user_id")?;
+            let Some(delta) = deltas.get(&(room.as_str(), user.as_str())) else {
+                continue;
+            };
+            let mut earned: Vec<BadgeRule> = Vec::new();
+            for (col, (name, metric)) in MEMBER_METRICS.iter().enumerate() {
+                if delta.counts[col] != 0 {
+                    let new: i64 = row.try_get(*name)?;
+                    earned.extend(cfg.crossed(*metric, new - delta.counts[col], new).cloned());
+                }
+            }
+            if delta.points != 0 {
+                let new: i64 = row.try_get("points")?;
+                earned.extend(
+                    cfg.crossed(Metric::Points, new - delta.points, new)
+                        .cloned(),
+                );
+            }
+            if earned.is_empty() {
+                continue;
+            }
+            let name: String = row.try_get("name")?;
+            let room = RoomId(room);
+            let ts = items
+                .iter()
+                .filter(|c| c.room == room && c.user.as_str() == user)
+                .map(|c| c.ts)
+                .max()
+                .unwrap_or_else(now_ms);
+            let announce = settings
+                .get(room.as_str())
+                .is_some_and(|s| s.announce_badges);
+            let user = UserBrief {
+                name: if name.is_empty() { user.clone() } else { name },
+                id: UserId(user),
+            };
+            earn(tx, &room, &user, &earned, ts, announce, fx).await?;
+        }
+    }
+    Ok(points)
+}
+
+/// Records badges (each once per user and room), and announces the new ones if asked.
+pub(super) async fn earn(
+    tx: &mut Tx,
+    room: &RoomId,
+    user: &UserBrief,
+    rules: &[BadgeRule],
+    ts: i64,
+    announce: bool,
+    fx: &mut Effects,
+) -> Result<()> {
+    for rule in rules {
+        let res = sqlx::query(
+            "INSERT INTO engagement_badges (room_id, user_id, badge_id, ts) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room_id, user_id, badge_id) DO NOTHING",
+        )
+        .bind(room.as_str())
+        .bind(user.id.as_str())
+        .bind(rule.id.as_str())
+        .bind(ts)
+        .execute(&mut **tx)
+        .await?;
+        if res.rows_affected() == 0 {
+            continue;
+        }
+        fx.badges.push(EarnedBadge {
+            room: room.clone(),
+            user: user.clone(),
+            badge: BadgeView::of(rule),
+            ts,
+        });
+        if announce {
+            let text = format!("{} earned the badge “{}”", user.name, rule.name);
+            fx.events.push(announcement(tx, room, &text, ts).await?);
+        }
+    }
+    Ok(())
+}
+
+/// A system message in the room, stored and sequenced like an HTTP API announcement.
+async fn announcement(tx: &mut Tx, room: &RoomId, text: &str, ts: i64) -> Result<CommittedEvent> {
+    let seq = bump_seq(tx, room).await?;
+    let id = super::writer::new_message_id();
+    let from = badge_sender();
+    sqlx::query(
+        "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
+         VALUES ($1, $2, $3, $4, NULL, $5, 0)",
+    )
+    .bind(id.as_str())
+    .bind(room.as_str())
+    .bind(seq)
+    .bind(from.id.as_str())
+    .bind(ts)
+    .execute(&mut **tx)
+    .await?;
+    super::search::index(tx, room, "message", id.as_str(), seq, ts, text, false).await?;
+    let event = RoomEvent::Message {
+        id: id.clone(),
+        from,
+        text: text.to_owned(),
+        reply_to: None,
+        ts,
+        client_msg_id: None,
+        edited_ts: None,
+        deleted: false,
+        reactions: Vec::new(),
+    };
+    insert_event(tx, room, seq, ts, id.as_str(), event, None).await
+}
+
+/// Reverses the standing awards for `ref_id` in `room` (all of them, or only those of one
+/// action and detail): each gets a negative ledger row and its points leave the counters.
+pub(super) async fn reverse(
+    tx: &mut Tx,
+    room: &RoomId,
+    ref_id: &str,
+    only: Option<(Action, &str)>,
+) -> Result<()> {
+    let (action, detail) = only.map_or(("", ""), |(a, d)| (a.as_str(), d));
+    let rows = sqlx::query(
+        "SELECT id, user_id, action, detail, day, bucket, points FROM points_ledger \
+         WHERE room_id = $1 AND ref_id = $2 AND kind = 'award' AND reversed = 0 \
+         AND ($3 = '' OR (action = $3 AND detail = $4))",
+    )
+    .bind(room.as_str())
+    .bind(ref_id)
+    .bind(action)
+    .bind(detail)
+    .fetch_all(&mut **tx)
+    .await?;
+    let ts = now_ms();
+    for row in rows {
+        let id: i64 = row.try_get("id")?;
+        let user: String = row.try_get("user_id")?;
+        let bucket: i64 = row.try_get("bucket")?;
+        let points: i64 = row.try_get("points")?;
+        sqlx::query("UPDATE points_ledger SET reversed = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO points_ledger (room_id, user_id, action, kind, ref_id, detail, day, \
+             bucket, points, ts) VALUES ($1, $2, $3, 'reversal', $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(row.try_get::<String, _>("action")?)
+        .bind(ref_id)
+        .bind(row.try_get::<String, _>("detail")?)
+        .bind(row.try_get::<String, _>("day")?)
+        .bind(bucket)
+        .bind(-points)
+        .bind(ts)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "UPDATE engagement_daily SET points = points - $1 \
+             WHERE room_id = $2 AND day_start = $3 AND user_id = $4",
+        )
+        .bind(points)
+        .bind(room.as_str())
+        .bind(bucket)
+        .bind(user.as_str())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "UPDATE engagement_members SET points = points - $1 WHERE room_id = $2 AND user_id = $3",
+        )
+        .bind(points)
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Takes one from a running total (a reaction withdrawn, a helpful mark removed).
+pub(super) async fn uncount(tx: &mut Tx, room: &RoomId, user: &str, kind: Kind) -> Result<()> {
+    let sql = match kind {
+        Kind::ReactionReceived => {
+            "UPDATE engagement_members SET reactions_received = reactions_received - 1 \
+             WHERE room_id = $1 AND user_id = $2 AND reactions_received > 0"
+        }
+        Kind::Helpful => {
+            "UPDATE engagement_members SET helpful = helpful - 1 \
+             WHERE room_id = $1 AND user_id = $2 AND helpful > 0"
+        }
+        _ => return Ok(()),
+    };
+    sqlx::query(sql)
+        .bind(room.as_str())
+        .bind(user)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Any failure of engagement bookkeeping inside a write aborts (and so retries) the batch:
+/// the write has already taken its seq.
+pub(super) fn abort(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Db(_) | StoreError::Corrupt(_) => e,
+        other => StoreError::Corrupt(format!("engagement: {other}")),
+    }
+}
+
+/// `checkin`: once per user, room and local day; extends or restarts the streak.
+pub(super) async fn checkin(
+    tx: &mut Tx,
+    cfg: &EngagementConfig,
+    room: &RoomId,
+    user: &UserRef,
+    tz: Option<&str>,
+    fx: &mut Effects,
+) -> Result<Applied> {
+    let row = sqlx::query("SELECT archived, engagement FROM rooms WHERE id = $1")
+        .bind(room.as_str())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(StoreError::NotFound("room"))?;
+    if row.try_get::<i64, _>("archived")? != 0 {
+        return Err(StoreError::Forbidden("the room is archived".into()));
+    }
+    let settings = EngagementSettings::parse(&row.try_get::<String, _>("engagement")?);
+    let tz_name = tz
+        .filter(|z| eng::zone(z).is_some())
+        .unwrap_or(settings.timezone.as_str())
+        .to_owned();
+    let zone = eng::zone_or_utc(&tz_name);
+    let now = now_ms();
+    let today = eng::local_day(now, &zone);
+    let stored = sqlx::query(
+        "SELECT streak_current, streak_longest, last_checkin_day FROM engagement_members \
+         WHERE room_id = $1 AND user_id = $2",
+    )
+    .bind(room.as_str())
+    .bind(user.id.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let (before, last) = match &stored {
+        Some(r) => (
+            Streak {
+                current: r.try_get("streak_current")?,
+                longest: r.try_get("streak_longest")?,
+            },
+            r.try_get::<Option<String>, _>("last_checkin_day")?
+                .and_then(|d| d.parse::<jiff::civil::Date>().ok()),
+        ),
+        None => (Streak::default(), None),
+    };
+    let (streak, already) = eng::check_in(last, before, today);
+    let mut points = 0;
+    if !already {
+        let day = today.to_string();
+        let mut c = Contribution::new(room, user, Kind::Checkin, &day, now);
+        c.detail = tz_name.clone();
+        points = contribute(tx, cfg, &[c], fx)
+            .await
+            .map_err(abort)?
+            .first()
+            .copied()
+            .unwrap_or(0);
+        sqlx::query(
+            "UPDATE engagement_members SET streak_current = $1, streak_longest = $2, \
+             last_checkin_day = $3 WHERE room_id = $4 AND user_id = $5",
+        )
+        .bind(streak.current)
+        .bind(streak.longest)
+        .bind(day.as_str())
+        .bind(room.as_str())
+        .bind(user.id.as_str())
+        .execute(&mut **tx)
+        .await?;
+        let earned: Vec<BadgeRule> = cfg
+            .crossed(
+                Metric::Streak,
+                before.current.min(streak.current - 1),
+                streak.current,
+            )
+            .cloned()
+            .collect();
+        if !earned.is_empty() {
+            let brief = UserBrief {
+                id: user.id.clone(),
+                name: user.name.clone(),
+            };
+            earn(tx, room, &brief, &earned, now, settings.announce_badges, fx).await?;
+        }
+    }
+    Ok(Applied {
+        outcome: WriteOutcome::CheckedIn {
+            day: today.to_string(),
+            tz: tz_name,
+            already,
+            streak: if already { before } else { streak },
+            points,
+        },
+        event: None,
+    })
+}
+
+/// `helpful`: marks (or unmarks) an answer of a question helpful; the answer's author gets
+/// the points unless they marked it themselves.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn helpful(
+    tx: &mut Tx,
+    cfg: &EngagementConfig,
+    room: &RoomId,
+    question: &QuestionId,
+    answer: Option<&str>,
+    by: &UserRef,
+    as_moderator: bool,
+    on: bool,
+    fx: &mut Effects,
+) -> Result<Applied> {
+    let mut conn_q = super::qa::load(tx, room, question).await?;
+    if !as_moderator && conn_q.author.id != by.id {
+        return Err(StoreError::Forbidden(
+            "only host/ta or the asker mark an answer helpful".into(),
+        ));
+    }
+    let idx = match answer {
+        Some(a) => conn_q
+            .answers
+            .iter()
+            .position(|x| x.id == a)
+            .ok_or(StoreError::NotFound("answer"))?,
+        None if conn_q.answers.is_empty() => {
+            return Err(StoreError::BadRequest(
+                "the question has no answer yet".into(),
+            ));
+        }
+        None => 0,
+    };
+    if conn_q.answers[idx].helpful == on {
+        return Ok(Applied {
+            outcome: WriteOutcome::Unchanged,
+            event: None,
+        });
+    }
+    let seq = bump_seq(tx, room).await?;
+    let ts = now_ms();
+    let answer_id = conn_q.answers[idx].id.clone();
+    sqlx::query("UPDATE answers SET helpful = $1 WHERE id = $2")
+        .bind(i64::from(on))
+        .bind(answer_id.as_str())
+        .execute(&mut **tx)
+        .await?;
+    conn_q.answers[idx].helpful = on;
+    let author = conn_q.answers[idx].author.clone();
+    if on {
+        let mut c = Contribution::new(room, &author, Kind::Helpful, &answer_id, ts);
+        c.no_points = author.id == by.id;
+        contribute(tx, cfg, &[c], fx).await.map_err(abort)?;
+    } else {
+        reverse(tx, room, &answer_id, Some((Action::Helpful, "")))
+            .await
+            .map_err(abort)?;
+        uncount(tx, room, author.id.as_str(), Kind::Helpful)
+            .await
+            .map_err(abort)?;
+    }
+    super::qa::emit_update(tx, &conn_q, "helpful", seq, ts).await
+}
+
+// -- reads -------------------------------------------------------------------------------------
+
+/// One user's engagement in one room, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberEngagement {
+    pub room: RoomId,
+    pub name: String,
+    pub points: i64,
+    pub streak: Streak,
+    pub last_checkin_day: Option<String>,
+    /// Badge ids with when they were earned, oldest first.
+    pub badges: Vec<(String, i64)>,
+}
+
+/// One leaderboard row before ranking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderRow {
+    pub user: UserBrief,
+    /// Points in the period.
+    pub points: i64,
+    /// All-time points in the room (for the level).
+    pub total: i64,
+}
+
+impl Store {
+    /// Keeps the zone a user's token names, for their local day in caps.
+    pub async fn remember_zone(&self, user: &UserId, tz: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO user_zones (user_id, tz) VALUES ($1, $2) \
+             ON CONFLICT (user_id) DO UPDATE SET tz = excluded.tz",
+        )
+        .bind(user.as_str())
+        .bind(tz)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn user_zone(&self, user: &UserId) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT tz FROM user_zones WHERE user_id = $1")
+                .bind(user.as_str())
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// Installs the hook told about earned badges (set once, at start).
+    pub fn on_badge(&self, hook: BadgeHook) {
+        let _ = self.inner.badge_hook.set(hook);
+    }
+
+    /// Users with points in `room` since `since` (all time when `None`), most first, ties by
+    /// user id; at most `limit`.
+    pub async fn leaderboard(
+        &self,
+        room: &RoomId,
+        since: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LeaderRow>> {
+        let rows = match since {
+            None => {
+                sqlx::query(
+                    "SELECT user_id, name, points, points AS total FROM engagement_members \
+                     WHERE room_id = $1 AND points > 0 ORDER BY points DESC, user_id LIMIT $2",
+                )
+                .bind(room.as_str())
+                .bind(i64::from(limit))
+                .fetch_all(self.pool())
+                .await?
+            }
+            Some(since) => {
+                sqlx::query(
+                    "SELECT d.user_id, m.name, d.points, m.points AS total FROM \
+                     (SELECT user_id, CAST(SUM(points) AS BIGINT) AS points FROM engagement_daily \
+                      WHERE room_id = $1 AND day_start >= $2 GROUP BY user_id) d \
+                     JOIN engagement_members m ON m.room_id = $1 AND m.user_id = d.user_id \
+                     WHERE d.points > 0 ORDER BY d.points DESC, d.user_id LIMIT $3",
+                )
+                .bind(room.as_str())
+                .bind(since)
+                .bind(i64::from(limit))
+                .fetch_all(self.pool())
+                .await?
+            }
+        };
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("user_id")?;
+                let name: String = r.try_get("name")?;
+                Ok(LeaderRow {
+                    user: UserBrief {
+                        name: if name.is_empty() { id.clone() } else { name },
+                        id: UserId(id),
+                    },
+                    points: r.try_get("points")?,
+                    total: r.try_get("total")?,
+                })
+            })
+            .collect()
+    }
+
+    /// A user's engagement per room (`room` = only that one), rooms in id order.
+    pub async fn engagement_of(
+        &self,
+        user: &UserId,
+        room: Option<&RoomId>,
+    ) -> Result<Vec<MemberEngagement>> {
+        let rows = sqlx::query(
+            "SELECT room_id, name, points, streak_current, streak_longest, last_checkin_day \
+             FROM engagement_members WHERE user_id = $1 AND ($2 = '' OR room_id = $2) \
+             ORDER BY room_id",
+        )
+        .bind(user.as_str())
+        .bind(room.map_or("", RoomId::as_str))
+        .fetch_all(self.pool())
+        .await?;
+        let badges = sqlx::query(
+            "SELECT room_id, badge_id, ts FROM engagement_badges WHERE user_id = $1 \
+             AND ($2 = '' OR room_id = $2) ORDER BY ts, badge_id",
+        )
+        .bind(user.as_str())
+        .bind(room.map_or("", RoomId::as_str))
+        .fetch_all(self.pool())
+        .await?;
+        let mut out: Vec<MemberEngagement> = rows
+            .iter()
+            .map(|r| {
+                Ok(MemberEngagement {
+                    room: RoomId(r.try_get("room_id")?),
+                    name: r.try_get("name")?,
+                    points: r.try_get("points")?,
+                    streak: Streak {
+                        current: r.try_get("streak_current")?,
+                        longest: r.try_get("streak_longest")?,
+                    },
+                    last_checkin_day: r.try_get("last_checkin_day")?,
+                    badges: Vec::new(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        for b in &badges {
+            let room: String = b.try_get("room_id")?;
+            if let Some(m) = out.iter_mut().find(|m| m.room.as_str() == room) {
+                m.badges.push((b.try_get("badge_id")?, b.try_get("ts")?));
+            }
+        }
+        Ok(out)
+    }
+}

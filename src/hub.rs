@@ -13,9 +13,9 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use tokio::sync::{mpsc, watch};
+use std::sync::{Arc, OnceLock};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// One encoded text frame, shared by every outbox it is queued in.
 pub type Frame = Utf8Bytes;
@@ -123,6 +123,45 @@ enum Audience<'a> {
     Moderators(Option<&'a UserId>),
     User(&'a UserId),
 }
+
+/// Who a room notice is for, owned: how notices travel to other nodes (cluster mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoticeTo {
+    Everyone,
+    Others(UserId),
+    Moderators(Option<UserId>),
+    User(UserId),
+}
+
+impl NoticeTo {
+    fn audience(&self) -> Audience<'_> {
+        match self {
+            Self::Everyone => Audience::Everyone,
+            Self::Others(u) => Audience::Others(u),
+            Self::Moderators(u) => Audience::Moderators(u.as_ref()),
+            Self::User(u) => Audience::User(u),
+        }
+    }
+}
+
+/// What the hub did locally that other nodes must repeat for their sessions (cluster mode).
+pub enum Relayed<'a> {
+    /// An unsequenced room frame (typing, muted, slow_mode, report, question_overdue).
+    Notice {
+        room: &'a RoomId,
+        frame: &'a Frame,
+        to: NoticeTo,
+    },
+    /// `kicked` then close 4003 for the user's sessions in the room.
+    Kick {
+        room: &'a RoomId,
+        user: &'a UserId,
+        reason: &'a str,
+    },
+}
+
+/// The function that carries [`Relayed`] actions to the other nodes.
+pub type Relay = Box<dyn Fn(Relayed<'_>) + Send + Sync>;
 
 impl Audience<'_> {
     fn includes(&self, m: &Member) -> bool {
@@ -246,6 +285,15 @@ pub struct Hub {
     presence_limit: usize,
     /// Most frames held for a gated session before it counts as a slow consumer.
     gate_cap: usize,
+    // -- cluster mode: set and fed by `bus.rs`; empty on a single node --
+    /// Carries notices and kicks to the other nodes.
+    relay: OnceLock<Relay>,
+    /// Users online in a room on other nodes (the union over the other nodes' heartbeats).
+    remote_online: DashMap<RoomId, HashMap<UserId, UserRef>>,
+    /// Sessions of a user on other nodes, with their call-waiting flag.
+    remote_sessions: DashMap<UserId, Vec<(String, bool)>>,
+    /// Woken when local presence changes, so the bus sends a heartbeat soon.
+    pub presence_changed: Notify,
 }
 
 impl Hub {
@@ -264,6 +312,10 @@ impl Hub {
             max_room_sessions,
             presence_limit: usize::MAX,
             gate_cap,
+            relay: OnceLock::new(),
+            remote_online: DashMap::new(),
+            remote_sessions: DashMap::new(),
+            presence_changed: Notify::new(),
         }
     }
 
@@ -283,12 +335,18 @@ impl Hub {
 
     /// Admits a signed-in session, within the per-user session limit.
     pub fn register(&self, handle: Arc<SessionHandle>) -> Result<(), HubError> {
+        let remote = self
+            .remote_sessions
+            .get(&handle.user)
+            .map_or(0, |s| s.len());
         let mut entry = self.users.entry(handle.user.clone()).or_default();
-        if entry.len() >= self.max_sessions_per_user {
+        if entry.len() + remote >= self.max_sessions_per_user {
             return Err(HubError::TooManySessions(self.max_sessions_per_user));
         }
         self.sessions.insert(handle.id.clone(), handle.clone());
         entry.push(handle);
+        drop(entry);
+        self.presence_changed.notify_one();
         Ok(())
     }
 
@@ -298,6 +356,7 @@ impl Hub {
             sessions.retain(|s| s.id != handle.id);
             sessions.is_empty()
         });
+        self.presence_changed.notify_one();
     }
 
     /// Joins `handle` to `room`, gated: live events are held until [`Hub::open_gate`].
@@ -343,7 +402,11 @@ impl Hub {
                     true
                 }
             };
-            if first && state.online.len() <= self.presence_limit {
+            let elsewhere = self.online_elsewhere(room, &user.id);
+            if first {
+                self.presence_changed.notify_one();
+            }
+            if first && !elsewhere && state.online.len() <= self.presence_limit {
                 let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
                     room,
                     user: &user,
@@ -359,8 +422,16 @@ impl Hub {
                 );
             }
         }
-        let online_count = state.online.len();
         let mut online: Vec<UserRef> = state.online.values().map(|(u, _)| u.clone()).collect();
+        if let Some(remote) = self.remote_online.get(room) {
+            online.extend(
+                remote
+                    .values()
+                    .filter(|u| !state.online.contains_key(&u.id))
+                    .cloned(),
+            );
+        }
+        let online_count = online.len();
         online.sort_by(|a, b| a.id.cmp(&b.id));
         online.truncate(self.presence_limit);
         let hands = if moderator {
@@ -421,7 +492,10 @@ impl Hub {
             None => false,
         };
         if last {
-            if state.online.len() < self.presence_limit {
+            self.presence_changed.notify_one();
+        }
+        if last {
+            if state.online.len() < self.presence_limit && !self.online_elsewhere(room, &uid) {
                 let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
                     room,
                     user: &member.user,
@@ -501,16 +575,29 @@ impl Hub {
             return;
         }
         self.send(room, frame, Audience::Others(from));
+        self.relay_notice(room, frame, || NoticeTo::Others(from.clone()));
     }
 
     /// Sends an unsequenced frame to everyone in the room.
     pub fn notify_all(&self, room: &RoomId, frame: &Frame) {
         self.send(room, frame, Audience::Everyone);
+        self.relay_notice(room, frame, || NoticeTo::Everyone);
     }
 
     /// Sends an unsequenced frame to the room's host/ta sessions (and `also`'s sessions).
     pub fn notify_moderators(&self, room: &RoomId, also: Option<&UserId>, frame: &Frame) {
         self.send(room, frame, Audience::Moderators(also));
+        self.relay_notice(room, frame, || NoticeTo::Moderators(also.cloned()));
+    }
+
+    fn relay_notice(&self, room: &RoomId, frame: &Frame, to: impl FnOnce() -> NoticeTo) {
+        if let Some(relay) = self.relay.get() {
+            relay(Relayed::Notice {
+                room,
+                frame,
+                to: to(),
+            });
+        }
     }
 
     /// The room role a user holds in the room right now, if online there.
@@ -519,8 +606,17 @@ impl Hub {
         state.online.get(user).map(|(u, _)| u.role.clone())
     }
 
-    /// Sends `kicked` to every session of `user` in the room and closes them 4003.
+    /// Sends `kicked` to every session of `user` in the room and closes them 4003 (on every
+    /// node in cluster mode; the count is this node's).
     pub fn kick(&self, room: &RoomId, user: &UserId, reason: &str) -> usize {
+        if let Some(relay) = self.relay.get() {
+            relay(Relayed::Kick { room, user, reason });
+        }
+        self.kick_local(room, user, reason)
+    }
+
+    /// [`Hub::kick`] for this node's sessions only (a kick relayed from another node).
+    pub fn kick_local(&self, room: &RoomId, user: &UserId, reason: &str) -> usize {
         let frame = Frame::from(protocol::encode(&ServerMsg::Kicked { room, reason }));
         let mut kicked = 0;
         if let Some(mut state) = self.rooms.get_mut(room) {
@@ -644,19 +740,29 @@ impl Hub {
         self.users
             .get(user)
             .is_some_and(|s| s.iter().any(|h| h.call_waiting))
+            || self
+                .remote_sessions
+                .get(user)
+                .is_some_and(|s| s.iter().any(|(_, w)| *w))
     }
 
-    /// The ids of a user's signed-in sessions.
+    /// The ids of a user's signed-in sessions (on every node in cluster mode).
     pub fn session_ids(&self, user: &UserId) -> Vec<String> {
-        self.users
+        let mut ids: Vec<String> = self
+            .users
             .get(user)
             .map(|s| s.iter().map(|h| h.id.0.clone()).collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(remote) = self.remote_sessions.get(user) {
+            ids.extend(remote.iter().map(|(id, _)| id.clone()));
+        }
+        ids
     }
 
     /// Sends a frame to every session of `user` in the room.
     pub fn notify_user(&self, room: &RoomId, user: &UserId, frame: &Frame) {
         self.send(room, frame, Audience::User(user));
+        self.relay_notice(room, frame, || NoticeTo::User(user.clone()));
     }
 
     /// Asks every session to close with `code` (shutdown).
@@ -666,6 +772,125 @@ impl Hub {
                 s.close(code);
             }
         }
+    }
+}
+
+/// Cluster mode: what `bus.rs` feeds in and reads out. Plain map updates, no I/O.
+impl Hub {
+    /// Installs the function that carries notices and kicks to the other nodes (once).
+    pub fn set_relay(&self, relay: Relay) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// Whether other nodes report the user online in the room.
+    fn online_elsewhere(&self, room: &RoomId, user: &UserId) -> bool {
+        self.remote_online
+            .get(room)
+            .is_some_and(|m| m.contains_key(user))
+    }
+
+    /// A notice relayed from another node, for this node's sessions.
+    pub fn apply_notice(&self, room: &RoomId, frame: &Frame, to: &NoticeTo) {
+        self.send(room, frame, to.audience());
+    }
+
+    /// Whether any session of this node has joined the room.
+    pub fn has_room(&self, room: &RoomId) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    /// Another node's users went online (`Some`) or offline in a room: record it, and tell
+    /// this node's sessions when the union over nodes changed (the user is not online here).
+    pub fn remote_presence(&self, room: &RoomId, user: &UserRef, online: bool) {
+        let changed = if online {
+            self.remote_online
+                .entry(room.clone())
+                .or_default()
+                .insert(user.id.clone(), user.clone())
+                .is_none()
+        } else {
+            let mut removed = false;
+            self.remote_online.remove_if_mut(room, |_, m| {
+                removed = m.remove(&user.id).is_some();
+                m.is_empty()
+            });
+            removed
+        };
+        if !changed {
+            return;
+        }
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if state.online.contains_key(&user.id) || state.online.len() >= self.presence_limit {
+            return;
+        }
+        let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
+            room,
+            user,
+            state: if online {
+                PresenceState::Online
+            } else {
+                PresenceState::Offline
+            },
+        }));
+        let n = state.fan_out(
+            &frame,
+            None,
+            None,
+            Audience::Everyone,
+            self.gate_cap,
+            &self.metrics,
+        );
+        self.metrics.deliveries.fetch_add(n, Relaxed);
+    }
+
+    /// Replaces the directory of other nodes' sessions (user -> (session id, call waiting)).
+    pub fn set_remote_sessions(&self, all: HashMap<UserId, Vec<(String, bool)>>) {
+        self.remote_sessions.retain(|u, _| all.contains_key(u));
+        for (user, sessions) in all {
+            self.remote_sessions.insert(user, sessions);
+        }
+    }
+
+    /// This node's online users per room, for its heartbeat.
+    pub fn presence_snapshot(&self) -> Vec<(RoomId, Vec<UserRef>)> {
+        self.rooms
+            .iter()
+            .map(|r| {
+                let users = r.online.values().map(|(u, _)| u.clone()).collect();
+                (r.key().clone(), users)
+            })
+            .collect()
+    }
+
+    /// This node's sessions per user with their call-waiting flag, for its heartbeat.
+    pub fn sessions_snapshot(&self) -> Vec<(UserId, Vec<(String, bool)>)> {
+        self.users
+            .iter()
+            .map(|u| {
+                let s = u.iter().map(|h| (h.id.0.clone(), h.call_waiting)).collect();
+                (u.key().clone(), s)
+            })
+            .collect()
+    }
+
+    /// Asks up to `n` sessions that are still open to close with `code`; returns how many it
+    /// asked (a drain in batches).
+    pub fn close_some(&self, code: u16, n: usize) -> usize {
+        let mut asked = 0;
+        for user in self.users.iter() {
+            for s in user.iter() {
+                if asked >= n {
+                    return asked;
+                }
+                if *s.close.borrow() == 0 {
+                    s.close(code);
+                    asked += 1;
+                }
+            }
+        }
+        asked
     }
 }
 

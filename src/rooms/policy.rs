@@ -8,7 +8,7 @@ use crate::protocol::{RoomId, RoomRole, UserId};
 use crate::store::{LinkPolicy, Room, RoomRules, Store, now_ms};
 use dashmap::DashMap;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Rooms whose policy is cached before the cache is emptied and refilled on demand.
 const MAX_CACHED_ROOMS: usize = 100_000;
@@ -178,10 +178,16 @@ fn links(text: &str) -> impl Iterator<Item = String> + '_ {
         })
 }
 
+/// Announces a room's policy change to the other nodes (cluster mode).
+pub type ChangeHook = Box<dyn Fn(&RoomId) + Send + Sync>;
+
 /// The cache of room policies.
 #[derive(Default)]
 pub struct Policies {
     map: DashMap<RoomId, Arc<Policy>>,
+    /// Cluster mode: tells the other nodes that a room's settings or mutes changed, so they
+    /// drop their cached copy (set by `bus.rs`; unset on a single node).
+    on_change: OnceLock<ChangeHook>,
 }
 
 impl Policies {
@@ -206,8 +212,25 @@ impl Policies {
         Ok(self.map.entry(room.clone()).or_insert(policy).clone())
     }
 
+    /// Installs the cluster's change announcer (once).
+    pub fn set_on_change(&self, f: ChangeHook) {
+        let _ = self.on_change.set(f);
+    }
+
+    /// Drops a room's cached policy (another node changed it); the next use reloads it.
+    pub fn invalidate(&self, room: &RoomId) {
+        self.map.remove(room);
+    }
+
+    fn changed(&self, room: &RoomId) {
+        if let Some(f) = self.on_change.get() {
+            f(room);
+        }
+    }
+
     /// The room's settings changed: keep mutes and slow-mode clocks, replace the rest.
     pub fn room_changed(&self, room: Room) {
+        self.changed(&room.id);
         if let Some(mut entry) = self.map.get_mut(&room.id) {
             let old = entry.clone();
             *entry = Arc::new(Policy {
@@ -219,6 +242,7 @@ impl Policies {
     }
 
     pub fn set_mute(&self, room: &RoomId, user: &UserId, until: Option<i64>) {
+        self.changed(room);
         if let Some(p) = self.map.get(room) {
             let mut mutes = lock(&p.mutes);
             match until {

@@ -314,6 +314,8 @@ pub struct Bus {
     ttl: Duration,
     request_timeout: Duration,
     nodes: Mutex<HashMap<String, NodeView>>,
+    /// The app, for what remote events change outside the hub (slow-mode clocks).
+    app: OnceLock<Weak<App>>,
     epoch: u64,
     version: AtomicU64,
     leaving: AtomicBool,
@@ -383,6 +385,7 @@ impl Bus {
             ttl: Duration::from_millis(cfg.presence_ttl_ms),
             request_timeout: Duration::from_millis(cfg.bus_request_timeout_ms),
             nodes: Mutex::new(HashMap::new()),
+            app: OnceLock::new(),
             epoch: rand::random(),
             version: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
@@ -528,6 +531,9 @@ impl Bus {
                         continue;
                     };
                     self.metrics.bus_received.fetch_add(1, Relaxed);
+                    if let Some(app) = self.app.get().and_then(Weak::upgrade) {
+                        app.policies.remote_event(&room, &ev.json);
+                    }
                     self.metrics
                         .bus_latency(Duration::from_micros(now_us().saturating_sub(ts)));
                     self.offer(&entry, ev, false);
@@ -821,13 +827,14 @@ impl Bus {
     }
 
     /// Sends this node's heartbeat every `presence_heartbeat_ms`, and soon after a local
-    /// presence change (at most every 50 ms); expires silent nodes.
+    /// presence change (a quarter heartbeat later, at least 50 ms); expires silent nodes.
     async fn heartbeat_task(self: Arc<Self>) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.heartbeat) => {}
                 _ = self.hub.presence_changed.notified() => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Coalesce a burst of joins into one heartbeat.
+                    tokio::time::sleep((self.heartbeat / 4).max(Duration::from_millis(50))).await;
                 }
             }
             if self.leaving.load(Relaxed) {
@@ -968,6 +975,7 @@ impl Bus {
 
     /// Starts the bus tasks; returns them so `serve` can stop them at the end.
     pub async fn start(self: &Arc<Self>, app: Arc<App>) -> Vec<JoinHandle<()>> {
+        let _ = self.app.set(Arc::downgrade(&app));
         let mut tasks = Vec::new();
         if let Some(rx) = lock(&self.out_rx).take() {
             tasks.push(tokio::spawn(self.clone().publisher_task(rx)));

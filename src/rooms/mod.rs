@@ -199,6 +199,12 @@ async fn join(
     let first_join = !ctx.joined.contains_key(&room_id);
     if first_join && let Some(bus) = &ctx.app.bus {
         bus.enter_room(&room_id).await?;
+        // Cached while members are here, so events from other nodes keep its slow-mode
+        // clocks current.
+        if let Err(e) = ctx.app.policies.get(&ctx.app.store, &room_id).await {
+            bus.leave_room(&room_id);
+            return Err(e);
+        }
     }
     // Gate first, read the store second: anything committed after the gate is either in the
     // read or held by the gate (or both, and then dropped by seq), never lost.

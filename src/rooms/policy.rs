@@ -188,6 +188,9 @@ pub struct Policies {
     /// Cluster mode: tells the other nodes that a room's settings or mutes changed, so they
     /// drop their cached copy (set by `bus.rs`; unset on a single node).
     on_change: OnceLock<ChangeHook>,
+    /// Slow-mode clocks of policies dropped by [`Policies::invalidate`], taken over by the
+    /// reload (a remote settings change must not reset who sent when).
+    carried: DashMap<RoomId, HashMap<UserId, (i64, String)>>,
 }
 
 impl Policies {
@@ -207,7 +210,12 @@ impl Policies {
         let policy = Arc::new(Policy {
             room: stored,
             mutes: Mutex::new(mutes),
-            last_sent: Mutex::new(HashMap::new()),
+            last_sent: Mutex::new(
+                self.carried
+                    .remove(room)
+                    .map(|(_, clocks)| clocks)
+                    .unwrap_or_default(),
+            ),
         });
         Ok(self.map.entry(room.clone()).or_insert(policy).clone())
     }
@@ -219,7 +227,12 @@ impl Policies {
 
     /// Drops a room's cached policy (another node changed it); the next use reloads it.
     pub fn invalidate(&self, room: &RoomId) {
-        self.map.remove(room);
+        if let Some((_, old)) = self.map.remove(room) {
+            let clocks = lock(&old.last_sent).clone();
+            if !clocks.is_empty() && self.carried.len() < MAX_CACHED_ROOMS {
+                self.carried.insert(room.clone(), clocks);
+            }
+        }
     }
 
     fn changed(&self, room: &RoomId) {
@@ -238,6 +251,45 @@ impl Policies {
                 mutes: Mutex::new(lock(&old.mutes).clone()),
                 last_sent: Mutex::new(lock(&old.last_sent).clone()),
             });
+        }
+    }
+
+    /// Cluster mode: a message committed on another node, in a room whose policy is cached
+    /// here with slow mode on, starts the sender's slow-mode clock here too (so sessions on
+    /// several nodes do not multiply the allowance). `json` is the event as stored.
+    pub fn remote_event(&self, room: &RoomId, json: &str) {
+        let Some(p) = self.map.get(room).map(|p| p.clone()) else {
+            return;
+        };
+        if p.room.slow_mode_s <= 0 {
+            return;
+        }
+        #[derive(serde::Deserialize)]
+        struct From {
+            id: UserId,
+        }
+        #[derive(serde::Deserialize)]
+        struct Sent {
+            #[serde(rename = "type")]
+            kind: String,
+            from: From,
+            ts: i64,
+            #[serde(default)]
+            client_msg_id: Option<String>,
+        }
+        let Ok(sent) = serde_json::from_str::<Sent>(json) else {
+            return;
+        };
+        if sent.kind != "message" {
+            return;
+        }
+        let mut last = lock(&p.last_sent);
+        let newer = last.get(&sent.from.id).is_none_or(|(t, _)| *t < sent.ts);
+        if newer {
+            last.insert(
+                sent.from.id,
+                (sent.ts, sent.client_msg_id.unwrap_or_default()),
+            );
         }
     }
 

@@ -577,9 +577,9 @@ async fn a_call_between_nodes_rings_connects_relays_signals_and_ends() {
             .ok(json!({"type":"call_accept","call_id":call_id}))
             .await;
         assert!(acc["ice_servers"].is_array());
-        let st = tutor.until("call_state").await;
+        let st = of_call(&mut tutor, "call_state", &call_id).await;
         assert_eq!(st["state"], "accepted");
-        let other = kid_b.until("call_state").await;
+        let other = of_call(&mut kid_b, "call_state", &call_id).await;
         assert_eq!(other["state"], "answered_elsewhere");
         // Signals cross in both directions, only between the two answering sessions.
         let offer = json!({"sdp": {"type": "offer", "sdp": OFFER}});
@@ -603,8 +603,7 @@ async fn a_call_between_nodes_rings_connects_relays_signals_and_ends() {
             .ok(json!({"type":"call_hangup","call_id":call_id}))
             .await;
         for c in [&mut tutor, &mut kid_a] {
-            let end = c.until("call_ended").await;
-            assert_eq!(end["call_id"], call_id.as_str());
+            of_call(c, "call_ended", &call_id).await;
         }
         c.stop().await;
     })
@@ -649,6 +648,22 @@ async fn kicks_typing_and_mutes_reach_other_nodes() {
             }
         })
         .await;
+        // Slow mode counts a user's messages on every node: a message sent on node 1 starts
+        // the clock on node 0 too (once node 0 has it).
+        host.ok(json!({"type":"slow_mode","room":room,"seconds":60}))
+            .await;
+        let mut other = Client::connect(c.addr(0), &student("pal")).await;
+        other.join(room).await;
+        let mut pal = Client::connect(c.addr(1), &student("pal")).await;
+        pal.join(room).await;
+        pal.ok(json!({"type":"send","room":room,"text":"one","client_msg_id":"p1"}))
+            .await;
+        let seen = other.until("message").await;
+        assert_eq!(seen["client_msg_id"], "p1");
+        let code = other
+            .err(json!({"type":"send","room":room,"text":"two","client_msg_id":"p2"}))
+            .await;
+        assert_eq!(code, "rate_limited");
         host.ok(json!({"type":"kick","room":room,"user":"kid"})).await;
         let kicked = kid.until("kicked").await;
         assert_eq!(kicked["room"], room);
@@ -679,8 +694,13 @@ async fn a_nats_url_with_sqlite_is_refused_at_start() {
 
 /// Skips frames until the `call_incoming` of `call_id`.
 async fn ring(c: &mut Client, call_id: &str) -> Value {
+    of_call(c, "call_incoming", call_id).await
+}
+
+/// Skips frames until one of type `ty` about `call_id` (earlier attempts' frames included).
+async fn of_call(c: &mut Client, ty: &str, call_id: &str) -> Value {
     loop {
-        let f = c.until("call_incoming").await;
+        let f = c.until(ty).await;
         if f["call_id"] == call_id {
             return f;
         }

@@ -1002,6 +1002,69 @@ mod tests {
     }
 
     #[test]
+    fn presence_is_the_union_with_other_nodes() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let r = RoomId::from("r");
+        let (w, mut wrx, _) = session("w", "w", 16);
+        hub.join(&r, &w, user("w"), false).unwrap();
+        hub.open_gate(&r, &w.id, 0);
+        // Another node has "a" online: this node's sessions hear it once.
+        hub.remote_presence(&r, &user("a"), true);
+        hub.remote_presence(&r, &user("a"), true);
+        let frames = drain(&mut wrx);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("online"));
+        // "a" also joins here: already online in the union, so no second announcement; the
+        // join reply lists everyone once.
+        let (a, _arx, _) = session("a1", "a", 16);
+        let joined = hub.join(&r, &a, user("a"), false).unwrap();
+        assert!(drain(&mut wrx).is_empty());
+        assert_eq!(joined.online_count, 2);
+        // Leaving here while still online elsewhere: no offline.
+        hub.leave(&r, &a.id);
+        assert!(drain(&mut wrx).is_empty());
+        // The other node drops "a": now it is offline everywhere.
+        hub.remote_presence(&r, &user("a"), false);
+        let frames = drain(&mut wrx);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("offline"));
+    }
+
+    #[test]
+    fn sessions_on_other_nodes_count_for_the_limit_and_ring() {
+        let hub = Hub::new(Arc::default(), 2, 100, 100);
+        hub.set_remote_sessions(HashMap::from([(
+            UserId::from("a"),
+            vec![("s9.n2".to_owned(), true)],
+        )]));
+        let (p1, _r1, _) = session("p1", "a", 16);
+        let (p2, _r2, _) = session("p2", "a", 16);
+        hub.register(p1).unwrap();
+        assert_eq!(hub.register(p2), Err(HubError::TooManySessions(2)));
+        assert_eq!(hub.session_ids(&"a".into()), vec!["p1", "s9.n2"]);
+        assert!(hub.call_waiting(&"a".into()));
+    }
+
+    #[test]
+    fn a_drain_closes_sessions_a_batch_at_a_time() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let mut closes = Vec::new();
+        let mut keep = Vec::new();
+        for i in 0..5 {
+            let (h, rx, c) = session(&format!("s{i}"), &format!("u{i}"), 4);
+            hub.register(h).unwrap();
+            closes.push(c);
+            keep.push(rx);
+        }
+        assert_eq!(hub.close_some(close::GOING_AWAY, 2), 2);
+        assert_eq!(closes.iter().filter(|c| *c.borrow() != 0).count(), 2);
+        assert_eq!(hub.close_some(close::GOING_AWAY, 2), 2);
+        assert_eq!(hub.close_some(close::GOING_AWAY, 2), 1);
+        assert_eq!(hub.close_some(close::GOING_AWAY, 2), 0);
+        assert!(closes.iter().all(|c| *c.borrow() == close::GOING_AWAY));
+    }
+
+    #[test]
     fn presence_once_per_user_and_session_limit() {
         let hub = Hub::new(Arc::default(), 2, 100, 100);
         let (watcher, mut wrx, _) = session("w", "w", 16);

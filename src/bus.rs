@@ -153,6 +153,8 @@ impl<'a> Reader<'a> {
 const TAG_EVENT: u8 = b'E';
 const TAG_NOTICE: u8 = b'N';
 const TAG_KICK: u8 = b'K';
+const TAG_HAND: u8 = b'H';
+const TAG_STAGE: u8 = b'T';
 const TAG_SESSION_FRAME: u8 = b'S';
 const TAG_CALL: u8 = b'R';
 const TAG_INVALIDATE: u8 = b'I';
@@ -549,6 +551,27 @@ impl Bus {
                         self.hub.kick_local(&room, &UserId::from(user), reason);
                     }
                 }
+                Some(&TAG_HAND) => {
+                    let mut r = Reader(&msg.payload[1..]);
+                    let (Some(raised), Some(ts)) = (r.u8(), r.u64()) else {
+                        continue;
+                    };
+                    if let Ok(user) = serde_json::from_slice::<UserRef>(r.0) {
+                        self.hub.apply_hand(&room, &user, raised == 1, ts as i64);
+                    }
+                }
+                Some(&TAG_STAGE) => {
+                    let mut r = Reader(&msg.payload[1..]);
+                    let Some(on) = r.u8() else { continue };
+                    let Ok(user) = serde_json::from_slice::<UserRef>(r.0) else {
+                        continue;
+                    };
+                    if self.hub.apply_stage(&room, &user, on == 1)
+                        && let Some(app) = self.app.get().and_then(Weak::upgrade)
+                    {
+                        crate::rtc::stage_changed(&app, &room, &user.id, on == 1);
+                    }
+                }
                 _ => {}
             }
         }
@@ -766,6 +789,26 @@ impl Bus {
                     .str16(user.as_str())
                     .rest(reason.as_bytes());
                 self.enqueue(room_subject(room), payload);
+            }
+            Relayed::Hand {
+                room,
+                user,
+                raised,
+                ts,
+            } => {
+                if let Ok(json) = serde_json::to_vec(user) {
+                    let mut w = Writer::new(TAG_HAND, json.len() + 9);
+                    w.0.put_u8(u8::from(raised));
+                    w.0.put_u64(ts.max(0) as u64);
+                    self.enqueue(room_subject(room), w.rest(&json));
+                }
+            }
+            Relayed::Stage { room, user, on } => {
+                if let Ok(json) = serde_json::to_vec(user) {
+                    let mut w = Writer::new(TAG_STAGE, json.len() + 1);
+                    w.0.put_u8(u8::from(on));
+                    self.enqueue(room_subject(room), w.rest(&json));
+                }
             }
         }
     }

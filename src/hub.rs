@@ -158,6 +158,19 @@ pub enum Relayed<'a> {
         user: &'a UserId,
         reason: &'a str,
     },
+    /// A hand went up (with when) or down.
+    Hand {
+        room: &'a RoomId,
+        user: &'a UserRef,
+        raised: bool,
+        ts: i64,
+    },
+    /// A user went on or off stage.
+    Stage {
+        room: &'a RoomId,
+        user: &'a UserRef,
+        on: bool,
+    },
 }
 
 /// The function that carries [`Relayed`] actions to the other nodes.
@@ -176,7 +189,7 @@ impl Audience<'_> {
 
 impl RoomState {
     /// Takes `user`'s hand down, if raised, and tells host/ta (and `user`'s own sessions when
-    /// they are still here). True if it was up.
+    /// they are still here). The user, if the hand was up.
     fn lower_hand(
         &mut self,
         room: &RoomId,
@@ -184,10 +197,8 @@ impl RoomState {
         tell_user: bool,
         gate_cap: usize,
         metrics: &Metrics,
-    ) -> bool {
-        let Some(pos) = self.hands.iter().position(|(u, _)| &u.id == user) else {
-            return false;
-        };
+    ) -> Option<UserRef> {
+        let pos = self.hands.iter().position(|(u, _)| &u.id == user)?;
         let (who, _) = self.hands.remove(pos);
         let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
             room,
@@ -196,7 +207,7 @@ impl RoomState {
         }));
         let to = Audience::Moderators(tell_user.then_some(user));
         self.fan_out(&frame, None, None, to, gate_cap, metrics);
-        true
+        Some(who)
     }
 
     /// Queues `frame` to the sessions in `to`; host/ta get `frame`, others `public` if given.
@@ -510,23 +521,38 @@ impl Hub {
                     &self.metrics,
                 );
             }
-            // Hands and stage belong to people who are here.
-            state.lower_hand(room, &uid, false, self.gate_cap, &self.metrics);
-            if let Some(pos) = state.stage.iter().position(|u| u.id == uid) {
-                state.stage.remove(pos);
-                let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
-                    room,
-                    user: &member.user,
-                    on: false,
-                }));
-                state.fan_out(
-                    &frame,
-                    None,
-                    None,
-                    Audience::Everyone,
-                    self.gate_cap,
-                    &self.metrics,
-                );
+            // Hands and stage belong to people who are here (on any node).
+            if !self.online_elsewhere(room, &uid) {
+                if let Some(who) = state.lower_hand(room, &uid, false, self.gate_cap, &self.metrics)
+                {
+                    self.relay_with(Relayed::Hand {
+                        room,
+                        user: &who,
+                        raised: false,
+                        ts: 0,
+                    });
+                }
+                if let Some(pos) = state.stage.iter().position(|u| u.id == uid) {
+                    state.stage.remove(pos);
+                    self.relay_with(Relayed::Stage {
+                        room,
+                        user: &member.user,
+                        on: false,
+                    });
+                    let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
+                        room,
+                        user: &member.user,
+                        on: false,
+                    }));
+                    state.fan_out(
+                        &frame,
+                        None,
+                        None,
+                        Audience::Everyone,
+                        self.gate_cap,
+                        &self.metrics,
+                    );
+                }
             }
         }
         let empty = state.sessions.is_empty();
@@ -652,7 +678,15 @@ impl Hub {
             self.gate_cap,
             &self.metrics,
         );
-        state.hands.len()
+        let position = state.hands.len();
+        drop(state);
+        self.relay_with(Relayed::Hand {
+            room,
+            user,
+            raised: true,
+            ts: now_ms,
+        });
+        position
     }
 
     /// Lowers a hand; false if it was not up.
@@ -660,7 +694,20 @@ impl Hub {
         let Some(mut state) = self.rooms.get_mut(room) else {
             return false;
         };
-        state.lower_hand(room, user, true, self.gate_cap, &self.metrics)
+        let lowered = state.lower_hand(room, user, true, self.gate_cap, &self.metrics);
+        drop(state);
+        match lowered {
+            Some(who) => {
+                self.relay_with(Relayed::Hand {
+                    room,
+                    user: &who,
+                    raised: false,
+                    ts: 0,
+                });
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn hands(&self, room: &RoomId) -> Vec<(UserRef, i64)> {
@@ -685,6 +732,11 @@ impl Hub {
             .online
             .get(user)
             .map(|(u, _)| u.clone())
+            .or_else(|| {
+                self.remote_online
+                    .get(room)
+                    .and_then(|m| m.get(user).cloned())
+            })
             .ok_or(StageError::NotInRoom)?;
         let present = state.stage.iter().position(|u| &u.id == user);
         match (on, present) {
@@ -713,6 +765,12 @@ impl Hub {
             self.gate_cap,
             &self.metrics,
         );
+        // Never touches the hub: safe under the room's guard.
+        self.relay_with(Relayed::Stage {
+            room,
+            user: &who,
+            on,
+        });
         Ok(state.stage.clone())
     }
 
@@ -782,6 +840,71 @@ impl Hub {
         let _ = self.relay.set(relay);
     }
 
+    fn relay_with(&self, what: Relayed<'_>) {
+        if let Some(relay) = self.relay.get() {
+            relay(what);
+        }
+    }
+
+    /// A hand raised or lowered on another node: this node's queue follows (kept in raise
+    /// order), and its host/ta (and the user's sessions here) hear it.
+    pub fn apply_hand(&self, room: &RoomId, user: &UserRef, raised: bool, ts: i64) {
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if !raised {
+            state.lower_hand(room, &user.id, true, self.gate_cap, &self.metrics);
+            return;
+        }
+        if state.hands.iter().any(|(u, _)| u.id == user.id) {
+            return;
+        }
+        let at = state.hands.partition_point(|(_, t)| *t <= ts);
+        state.hands.insert(at, (user.clone(), ts));
+        let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
+            room,
+            user,
+            raised: true,
+        }));
+        state.fan_out(
+            &frame,
+            None,
+            None,
+            Audience::Moderators(Some(&user.id)),
+            self.gate_cap,
+            &self.metrics,
+        );
+    }
+
+    /// A stage change made on another node; true if this node's stage changed.
+    pub fn apply_stage(&self, room: &RoomId, user: &UserRef, on: bool) -> bool {
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        let state = &mut *state;
+        let present = state.stage.iter().position(|u| u.id == user.id);
+        match (on, present) {
+            (true, None) => {
+                state.stage.push(user.clone());
+                state.lower_hand(room, &user.id, true, self.gate_cap, &self.metrics);
+            }
+            (false, Some(pos)) => {
+                state.stage.remove(pos);
+            }
+            _ => return false,
+        }
+        let frame = Frame::from(protocol::encode(&ServerMsg::Stage { room, user, on }));
+        state.fan_out(
+            &frame,
+            None,
+            None,
+            Audience::Everyone,
+            self.gate_cap,
+            &self.metrics,
+        );
+        true
+    }
+
     /// Whether other nodes report the user online in the room.
     fn online_elsewhere(&self, room: &RoomId, user: &UserId) -> bool {
         self.remote_online
@@ -822,7 +945,30 @@ impl Hub {
         let Some(mut state) = self.rooms.get_mut(room) else {
             return;
         };
-        if state.online.contains_key(&user.id) || state.online.len() >= self.presence_limit {
+        if state.online.contains_key(&user.id) {
+            return;
+        }
+        if !online {
+            // Gone from every node (a node died, say): hands and stage belong to people here.
+            state.lower_hand(room, &user.id, false, self.gate_cap, &self.metrics);
+            if let Some(pos) = state.stage.iter().position(|u| u.id == user.id) {
+                state.stage.remove(pos);
+                let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
+                    room,
+                    user,
+                    on: false,
+                }));
+                state.fan_out(
+                    &frame,
+                    None,
+                    None,
+                    Audience::Everyone,
+                    self.gate_cap,
+                    &self.metrics,
+                );
+            }
+        }
+        if state.online.len() >= self.presence_limit {
             return;
         }
         let frame = Frame::from(protocol::encode(&ServerMsg::Presence {

@@ -640,6 +640,35 @@ async fn kicks_typing_and_mutes_reach_other_nodes() {
         host.join(room).await;
         let mut kid = Client::connect(c.addr(1), &student("kid")).await;
         kid.join(room).await;
+        // Hands and stage cross: a hand raised on node 1 is in node 0's queue, and the host
+        // on node 0 can put the kid (online only on node 1) on stage.
+        kid.ok(json!({"type":"raise_hand","room":room})).await;
+        let hand = host.until("hand").await;
+        assert_eq!((hand["user"]["id"].as_str(), hand["raised"].as_bool()), (Some("kid"), Some(true)));
+        let hands = host.ok(json!({"type":"hands","room":room})).await;
+        assert_eq!(hands["hands"][0]["user"]["id"], "kid", "{hands}");
+        let st = within("kid online on node 0", async {
+            loop {
+                let r = host
+                    .request(json!({"type":"stage","room":room,"user":"kid","on":true}))
+                    .await;
+                if r["type"] == "ok" {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(st["stage"][0]["id"], "kid", "{st}");
+        // Going on stage lowers the hand first, as on one node.
+        loop {
+            // (The kid's own copy of the raise comes first.)
+            if kid.until("hand").await["raised"] == false {
+                break;
+            }
+        }
+        let on = kid.until("stage").await;
+        assert_eq!((on["user"]["id"].as_str(), on["on"].as_bool()), (Some("kid"), Some(true)));
         // Typing crosses (once the kid's node relays it).
         kid.send(json!({"type":"typing","room":room})).await;
         let t = host.until("typing").await;

@@ -1,7 +1,8 @@
 //! Cluster mode with real processes: several `studyhall` binaries on one fresh PostgreSQL
 //! database and a `nats-server` of the test's own (on a free loopback port, so restarting it
 //! disturbs nothing else; a missing `nats-server` fails the test). Members of one room spread
-//! over the nodes must all see one gap-free order; calls, kicks and presence cross nodes; the
+//! over the nodes must all see one gap-free order; calls, kicks, mutes, slow mode, hands,
+//! stage and presence cross nodes; the
 //! bus may lose messages (NATS restarted), a node may die (SIGKILL) or drain (SIGTERM), and
 //! still nothing acknowledged is lost or doubled.
 

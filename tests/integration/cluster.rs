@@ -2,9 +2,9 @@
 //! database and a `nats-server` of the test's own (on a free loopback port, so restarting it
 //! disturbs nothing else; a missing `nats-server` fails the test). Members of one room spread
 //! over the nodes must all see one gap-free order; calls, kicks, mutes, slow mode, hands,
-//! stage and presence cross nodes; the
-//! bus may lose messages (NATS restarted), a node may die (SIGKILL) or drain (SIGTERM), and
-//! still nothing acknowledged is lost or doubled.
+//! stage and presence cross nodes; the bus may lose messages (NATS killed and restarted), a
+//! node may die (SIGKILL) or drain (SIGTERM), and still nothing acknowledged is lost or
+//! doubled.
 
 use crate::calls::OFFER;
 use crate::common::*;

@@ -28,7 +28,7 @@ pub struct Config {
     pub dev: bool,
     /// Comma-separated Origin allowlist checked before the WebSocket upgrade; empty = any.
     pub allowed_origins: Vec<String>,
-    /// NATS URL for multi-node fan-out (not implemented yet: setting it is refused at start).
+    /// NATS URL for multi-node fan-out (cluster mode; needs PostgreSQL). Unset: one node.
     pub nats_url: Option<String>,
     /// Largest WebSocket frame/message a client may send, in bytes (close 1009 beyond it).
     pub max_frame_bytes: usize,
@@ -119,6 +119,26 @@ pub struct Config {
     pub churn_list_max: usize,
     /// Most buckets one stats query may span (bad_request beyond).
     pub stats_max_buckets: usize,
+    // -- cluster mode (issue 8: several nodes on NATS); used only with `nats_url` --
+    /// This node's name in the cluster: 1..=32 of `[A-Za-z0-9_-]`, unique per node. Unset: a
+    /// random `n` + 8 hex digits at each start. Session and call ids carry it.
+    pub node_id: Option<String>,
+    /// Milliseconds a node holds back a room event whose predecessor has not arrived over
+    /// NATS before it refills the missing seqs from the store.
+    pub bus_gap_ms: u64,
+    /// Milliseconds between checks of every subscribed room's `last_seq` in the store, which
+    /// catch an event lost at the end of a burst (no later event shows the gap).
+    pub bus_sweep_ms: u64,
+    /// Milliseconds between a node's presence heartbeats (its online users and sessions).
+    pub presence_heartbeat_ms: u64,
+    /// Milliseconds after a node's last heartbeat that its users stop counting as online.
+    pub presence_ttl_ms: u64,
+    /// Sessions a draining node (SIGTERM in cluster mode) closes with 1001 per batch.
+    pub drain_batch: usize,
+    /// Milliseconds between two drain batches.
+    pub drain_interval_ms: u64,
+    /// Milliseconds a node waits for another node to answer a forwarded call command.
+    pub bus_request_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -172,6 +192,14 @@ impl Default for Config {
             churn_inactive_days: 14,
             churn_list_max: 50,
             stats_max_buckets: 366,
+            node_id: None,
+            bus_gap_ms: 100,
+            bus_sweep_ms: 1_000,
+            presence_heartbeat_ms: 1_000,
+            presence_ttl_ms: 3_500,
+            drain_batch: 100,
+            drain_interval_ms: 100,
+            bus_request_timeout_ms: 2_000,
         }
     }
 }
@@ -295,6 +323,23 @@ pub struct ServeArgs {
     pub churn_list_max: Option<usize>,
     #[arg(long, env = "STUDYHALL_STATS_MAX_BUCKETS")]
     pub stats_max_buckets: Option<usize>,
+    // -- cluster mode --
+    #[arg(long, env = "STUDYHALL_NODE_ID")]
+    pub node_id: Option<String>,
+    #[arg(long, env = "STUDYHALL_BUS_GAP_MS")]
+    pub bus_gap_ms: Option<u64>,
+    #[arg(long, env = "STUDYHALL_BUS_SWEEP_MS")]
+    pub bus_sweep_ms: Option<u64>,
+    #[arg(long, env = "STUDYHALL_PRESENCE_HEARTBEAT_MS")]
+    pub presence_heartbeat_ms: Option<u64>,
+    #[arg(long, env = "STUDYHALL_PRESENCE_TTL_MS")]
+    pub presence_ttl_ms: Option<u64>,
+    #[arg(long, env = "STUDYHALL_DRAIN_BATCH")]
+    pub drain_batch: Option<usize>,
+    #[arg(long, env = "STUDYHALL_DRAIN_INTERVAL_MS")]
+    pub drain_interval_ms: Option<u64>,
+    #[arg(long, env = "STUDYHALL_BUS_REQUEST_TIMEOUT_MS")]
+    pub bus_request_timeout_ms: Option<u64>,
 }
 
 macro_rules! overlay {
@@ -356,7 +401,17 @@ impl Config {
             churn_inactive_days,
             churn_list_max,
             stats_max_buckets,
+            bus_gap_ms,
+            bus_sweep_ms,
+            presence_heartbeat_ms,
+            presence_ttl_ms,
+            drain_batch,
+            drain_interval_ms,
+            bus_request_timeout_ms,
         );
+        if args.node_id.is_some() {
+            cfg.node_id = args.node_id.clone();
+        }
         if args.jwt_secret.is_some() {
             cfg.jwt_secret = args.jwt_secret.clone();
         }
@@ -489,13 +544,6 @@ impl Config {
                 why: "must be at least 16 bytes".into(),
             });
         }
-        if self.nats_url.is_some() {
-            return Err(ConfigError::Invalid {
-                name: "nats_url",
-                why: "cluster mode over NATS is not implemented yet; unset it to run one node"
-                    .into(),
-            });
-        }
         // -- engagement (issue 7) --
         self.engagement
             .check()
@@ -514,7 +562,64 @@ impl Config {
         }
         positive("churn_inactive_days", u64::from(self.churn_inactive_days))?;
         positive("stats_max_buckets", self.stats_max_buckets as u64)?;
+        self.validate_cluster()
+    }
+
+    /// Cluster settings: PostgreSQL is the one source of truth the nodes share, so a NATS URL
+    /// with SQLite is refused (each node would have its own database and its own seqs).
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.nats_url {
+            if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+                return Err(ConfigError::Invalid {
+                    name: "nats_url",
+                    why: format!("{url:?} is not a nats:// or tls:// URL"),
+                });
+            }
+            if !self.is_postgres() {
+                return Err(ConfigError::Invalid {
+                    name: "nats_url",
+                    why: "cluster mode needs PostgreSQL as the shared source of truth: set \
+                          database_url to postgres://... on every node (SQLite is single-node \
+                          only), or unset nats_url to run one node"
+                        .into(),
+                });
+            }
+        }
+        if let Some(id) = &self.node_id
+            && !crate::protocol::valid_node_id(id)
+        {
+            return Err(ConfigError::Invalid {
+                name: "node_id",
+                why: "must be 1..=32 characters of A-Z a-z 0-9 _ -".into(),
+            });
+        }
+        for (name, v) in [
+            ("bus_gap_ms", self.bus_gap_ms),
+            ("bus_sweep_ms", self.bus_sweep_ms),
+            ("presence_heartbeat_ms", self.presence_heartbeat_ms),
+            ("drain_batch", self.drain_batch as u64),
+            ("drain_interval_ms", self.drain_interval_ms),
+            ("bus_request_timeout_ms", self.bus_request_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    name,
+                    why: "must be at least 1".into(),
+                });
+            }
+        }
+        if self.presence_ttl_ms <= self.presence_heartbeat_ms {
+            return Err(ConfigError::Invalid {
+                name: "presence_ttl_ms",
+                why: "must be above presence_heartbeat_ms".into(),
+            });
+        }
         Ok(())
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://")
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -626,5 +731,30 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(&args).is_err(), "levels must start at 0");
+    }
+
+    #[test]
+    fn cluster_mode_needs_postgres_and_a_sane_node_id() {
+        let args = ServeArgs {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            ..Default::default()
+        };
+        let err = Config::load(&args).unwrap_err().to_string();
+        assert!(err.contains("PostgreSQL"), "{err}");
+        let args = ServeArgs {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            database_url: Some("postgres://u@127.0.0.1/db".into()),
+            node_id: Some("node-1".into()),
+            ..Default::default()
+        };
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!(cfg.node_id.as_deref(), Some("node-1"));
+        let args = ServeArgs {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            database_url: Some("postgres://u@127.0.0.1/db".into()),
+            node_id: Some("a.b".into()),
+            ..Default::default()
+        };
+        assert!(Config::load(&args).is_err(), "a dot would split subjects");
     }
 }

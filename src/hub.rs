@@ -13,9 +13,9 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use tokio::sync::{mpsc, watch};
+use std::sync::{Arc, OnceLock};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// One encoded text frame, shared by every outbox it is queued in.
 pub type Frame = Utf8Bytes;
@@ -124,6 +124,58 @@ enum Audience<'a> {
     User(&'a UserId),
 }
 
+/// Who a room notice is for, owned: how notices travel to other nodes (cluster mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoticeTo {
+    Everyone,
+    Others(UserId),
+    Moderators(Option<UserId>),
+    User(UserId),
+}
+
+impl NoticeTo {
+    fn audience(&self) -> Audience<'_> {
+        match self {
+            Self::Everyone => Audience::Everyone,
+            Self::Others(u) => Audience::Others(u),
+            Self::Moderators(u) => Audience::Moderators(u.as_ref()),
+            Self::User(u) => Audience::User(u),
+        }
+    }
+}
+
+/// What the hub did locally that other nodes must repeat for their sessions (cluster mode).
+pub enum Relayed<'a> {
+    /// An unsequenced room frame (typing, muted, slow_mode, report, question_overdue).
+    Notice {
+        room: &'a RoomId,
+        frame: &'a Frame,
+        to: NoticeTo,
+    },
+    /// `kicked` then close 4003 for the user's sessions in the room.
+    Kick {
+        room: &'a RoomId,
+        user: &'a UserId,
+        reason: &'a str,
+    },
+    /// A hand went up (with when) or down.
+    Hand {
+        room: &'a RoomId,
+        user: &'a UserRef,
+        raised: bool,
+        ts: i64,
+    },
+    /// A user went on or off stage.
+    Stage {
+        room: &'a RoomId,
+        user: &'a UserRef,
+        on: bool,
+    },
+}
+
+/// The function that carries [`Relayed`] actions to the other nodes.
+pub type Relay = Box<dyn Fn(Relayed<'_>) + Send + Sync>;
+
 impl Audience<'_> {
     fn includes(&self, m: &Member) -> bool {
         match self {
@@ -137,7 +189,7 @@ impl Audience<'_> {
 
 impl RoomState {
     /// Takes `user`'s hand down, if raised, and tells host/ta (and `user`'s own sessions when
-    /// they are still here). True if it was up.
+    /// they are still here). The user, if the hand was up.
     fn lower_hand(
         &mut self,
         room: &RoomId,
@@ -145,10 +197,8 @@ impl RoomState {
         tell_user: bool,
         gate_cap: usize,
         metrics: &Metrics,
-    ) -> bool {
-        let Some(pos) = self.hands.iter().position(|(u, _)| &u.id == user) else {
-            return false;
-        };
+    ) -> Option<UserRef> {
+        let pos = self.hands.iter().position(|(u, _)| &u.id == user)?;
         let (who, _) = self.hands.remove(pos);
         let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
             room,
@@ -157,7 +207,7 @@ impl RoomState {
         }));
         let to = Audience::Moderators(tell_user.then_some(user));
         self.fan_out(&frame, None, None, to, gate_cap, metrics);
-        true
+        Some(who)
     }
 
     /// Queues `frame` to the sessions in `to`; host/ta get `frame`, others `public` if given.
@@ -246,6 +296,15 @@ pub struct Hub {
     presence_limit: usize,
     /// Most frames held for a gated session before it counts as a slow consumer.
     gate_cap: usize,
+    // -- cluster mode: set and fed by `bus.rs`; empty on a single node --
+    /// Carries notices and kicks to the other nodes.
+    relay: OnceLock<Relay>,
+    /// Users online in a room on other nodes (the union over the other nodes' heartbeats).
+    remote_online: DashMap<RoomId, HashMap<UserId, UserRef>>,
+    /// Sessions of a user on other nodes, with their call-waiting flag.
+    remote_sessions: DashMap<UserId, Vec<(String, bool)>>,
+    /// Woken when local presence changes, so the bus sends a heartbeat soon.
+    pub presence_changed: Notify,
 }
 
 impl Hub {
@@ -264,6 +323,10 @@ impl Hub {
             max_room_sessions,
             presence_limit: usize::MAX,
             gate_cap,
+            relay: OnceLock::new(),
+            remote_online: DashMap::new(),
+            remote_sessions: DashMap::new(),
+            presence_changed: Notify::new(),
         }
     }
 
@@ -283,12 +346,18 @@ impl Hub {
 
     /// Admits a signed-in session, within the per-user session limit.
     pub fn register(&self, handle: Arc<SessionHandle>) -> Result<(), HubError> {
+        let remote = self
+            .remote_sessions
+            .get(&handle.user)
+            .map_or(0, |s| s.len());
         let mut entry = self.users.entry(handle.user.clone()).or_default();
-        if entry.len() >= self.max_sessions_per_user {
+        if entry.len() + remote >= self.max_sessions_per_user {
             return Err(HubError::TooManySessions(self.max_sessions_per_user));
         }
         self.sessions.insert(handle.id.clone(), handle.clone());
         entry.push(handle);
+        drop(entry);
+        self.presence_changed.notify_one();
         Ok(())
     }
 
@@ -298,6 +367,7 @@ impl Hub {
             sessions.retain(|s| s.id != handle.id);
             sessions.is_empty()
         });
+        self.presence_changed.notify_one();
     }
 
     /// Joins `handle` to `room`, gated: live events are held until [`Hub::open_gate`].
@@ -343,7 +413,11 @@ impl Hub {
                     true
                 }
             };
-            if first && state.online.len() <= self.presence_limit {
+            let elsewhere = self.online_elsewhere(room, &user.id);
+            if first {
+                self.presence_changed.notify_one();
+            }
+            if first && !elsewhere && state.online.len() <= self.presence_limit {
                 let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
                     room,
                     user: &user,
@@ -359,8 +433,16 @@ impl Hub {
                 );
             }
         }
-        let online_count = state.online.len();
         let mut online: Vec<UserRef> = state.online.values().map(|(u, _)| u.clone()).collect();
+        if let Some(remote) = self.remote_online.get(room) {
+            online.extend(
+                remote
+                    .values()
+                    .filter(|u| !state.online.contains_key(&u.id))
+                    .cloned(),
+            );
+        }
+        let online_count = online.len();
         online.sort_by(|a, b| a.id.cmp(&b.id));
         online.truncate(self.presence_limit);
         let hands = if moderator {
@@ -421,7 +503,10 @@ impl Hub {
             None => false,
         };
         if last {
-            if state.online.len() < self.presence_limit {
+            self.presence_changed.notify_one();
+        }
+        if last {
+            if state.online.len() < self.presence_limit && !self.online_elsewhere(room, &uid) {
                 let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
                     room,
                     user: &member.user,
@@ -436,23 +521,38 @@ impl Hub {
                     &self.metrics,
                 );
             }
-            // Hands and stage belong to people who are here.
-            state.lower_hand(room, &uid, false, self.gate_cap, &self.metrics);
-            if let Some(pos) = state.stage.iter().position(|u| u.id == uid) {
-                state.stage.remove(pos);
-                let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
-                    room,
-                    user: &member.user,
-                    on: false,
-                }));
-                state.fan_out(
-                    &frame,
-                    None,
-                    None,
-                    Audience::Everyone,
-                    self.gate_cap,
-                    &self.metrics,
-                );
+            // Hands and stage belong to people who are here (on any node).
+            if !self.online_elsewhere(room, &uid) {
+                if let Some(who) = state.lower_hand(room, &uid, false, self.gate_cap, &self.metrics)
+                {
+                    self.relay_with(Relayed::Hand {
+                        room,
+                        user: &who,
+                        raised: false,
+                        ts: 0,
+                    });
+                }
+                if let Some(pos) = state.stage.iter().position(|u| u.id == uid) {
+                    state.stage.remove(pos);
+                    self.relay_with(Relayed::Stage {
+                        room,
+                        user: &member.user,
+                        on: false,
+                    });
+                    let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
+                        room,
+                        user: &member.user,
+                        on: false,
+                    }));
+                    state.fan_out(
+                        &frame,
+                        None,
+                        None,
+                        Audience::Everyone,
+                        self.gate_cap,
+                        &self.metrics,
+                    );
+                }
             }
         }
         let empty = state.sessions.is_empty();
@@ -501,16 +601,29 @@ impl Hub {
             return;
         }
         self.send(room, frame, Audience::Others(from));
+        self.relay_notice(room, frame, || NoticeTo::Others(from.clone()));
     }
 
     /// Sends an unsequenced frame to everyone in the room.
     pub fn notify_all(&self, room: &RoomId, frame: &Frame) {
         self.send(room, frame, Audience::Everyone);
+        self.relay_notice(room, frame, || NoticeTo::Everyone);
     }
 
     /// Sends an unsequenced frame to the room's host/ta sessions (and `also`'s sessions).
     pub fn notify_moderators(&self, room: &RoomId, also: Option<&UserId>, frame: &Frame) {
         self.send(room, frame, Audience::Moderators(also));
+        self.relay_notice(room, frame, || NoticeTo::Moderators(also.cloned()));
+    }
+
+    fn relay_notice(&self, room: &RoomId, frame: &Frame, to: impl FnOnce() -> NoticeTo) {
+        if let Some(relay) = self.relay.get() {
+            relay(Relayed::Notice {
+                room,
+                frame,
+                to: to(),
+            });
+        }
     }
 
     /// The room role a user holds in the room right now, if online there.
@@ -519,8 +632,17 @@ impl Hub {
         state.online.get(user).map(|(u, _)| u.role.clone())
     }
 
-    /// Sends `kicked` to every session of `user` in the room and closes them 4003.
+    /// Sends `kicked` to every session of `user` in the room and closes them 4003 (on every
+    /// node in cluster mode; the count is this node's).
     pub fn kick(&self, room: &RoomId, user: &UserId, reason: &str) -> usize {
+        if let Some(relay) = self.relay.get() {
+            relay(Relayed::Kick { room, user, reason });
+        }
+        self.kick_local(room, user, reason)
+    }
+
+    /// [`Hub::kick`] for this node's sessions only (a kick relayed from another node).
+    pub fn kick_local(&self, room: &RoomId, user: &UserId, reason: &str) -> usize {
         let frame = Frame::from(protocol::encode(&ServerMsg::Kicked { room, reason }));
         let mut kicked = 0;
         if let Some(mut state) = self.rooms.get_mut(room) {
@@ -556,7 +678,15 @@ impl Hub {
             self.gate_cap,
             &self.metrics,
         );
-        state.hands.len()
+        let position = state.hands.len();
+        drop(state);
+        self.relay_with(Relayed::Hand {
+            room,
+            user,
+            raised: true,
+            ts: now_ms,
+        });
+        position
     }
 
     /// Lowers a hand; false if it was not up.
@@ -564,7 +694,20 @@ impl Hub {
         let Some(mut state) = self.rooms.get_mut(room) else {
             return false;
         };
-        state.lower_hand(room, user, true, self.gate_cap, &self.metrics)
+        let lowered = state.lower_hand(room, user, true, self.gate_cap, &self.metrics);
+        drop(state);
+        match lowered {
+            Some(who) => {
+                self.relay_with(Relayed::Hand {
+                    room,
+                    user: &who,
+                    raised: false,
+                    ts: 0,
+                });
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn hands(&self, room: &RoomId) -> Vec<(UserRef, i64)> {
@@ -589,6 +732,11 @@ impl Hub {
             .online
             .get(user)
             .map(|(u, _)| u.clone())
+            .or_else(|| {
+                self.remote_online
+                    .get(room)
+                    .and_then(|m| m.get(user).cloned())
+            })
             .ok_or(StageError::NotInRoom)?;
         let present = state.stage.iter().position(|u| &u.id == user);
         match (on, present) {
@@ -617,6 +765,12 @@ impl Hub {
             self.gate_cap,
             &self.metrics,
         );
+        // Never touches the hub: safe under the room's guard.
+        self.relay_with(Relayed::Stage {
+            room,
+            user: &who,
+            on,
+        });
         Ok(state.stage.clone())
     }
 
@@ -644,23 +798,33 @@ impl Hub {
         self.users
             .get(user)
             .is_some_and(|s| s.iter().any(|h| h.call_waiting))
+            || self
+                .remote_sessions
+                .get(user)
+                .is_some_and(|s| s.iter().any(|(_, w)| *w))
     }
 
-    /// The ids of a user's signed-in sessions.
+    /// The ids of a user's signed-in sessions (on every node in cluster mode).
     pub fn session_ids(&self, user: &UserId) -> Vec<String> {
-        self.users
+        let mut ids: Vec<String> = self
+            .users
             .get(user)
             .map(|s| s.iter().map(|h| h.id.0.clone()).collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        ids.extend(self.remote_session_ids(user));
+        ids
     }
 
     /// Sends a frame to every session of `user` in the room.
     pub fn notify_user(&self, room: &RoomId, user: &UserId, frame: &Frame) {
         self.send(room, frame, Audience::User(user));
+        self.relay_notice(room, frame, || NoticeTo::User(user.clone()));
     }
 
-    /// Tells every session of the user (in any room or none) that they earned a badge.
-    pub fn badge_earned(&self, b: &crate::store::EarnedBadge) {
+    /// Tells every session of the user on this node (in any room or none) that they earned a
+    /// badge, and returns the frame so that cluster mode can send it to the user's sessions on
+    /// other nodes ([`Hub::remote_session_ids`]).
+    pub fn badge_earned(&self, b: &crate::store::EarnedBadge) -> Frame {
         let frame = Frame::from(crate::protocol::encode(
             &crate::protocol::ServerMsg::Badge {
                 room: &b.room,
@@ -679,6 +843,16 @@ impl Hub {
                 self.metrics.deliveries.fetch_add(1, Relaxed);
             }
         }
+        frame
+    }
+
+    /// The ids of a user's sessions on other nodes, as the last heartbeats listed them (none
+    /// on a single node).
+    pub fn remote_session_ids(&self, user: &UserId) -> Vec<String> {
+        self.remote_sessions
+            .get(user)
+            .map(|s| s.iter().map(|(id, _)| id.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Asks every session to close with `code` (shutdown).
@@ -688,6 +862,213 @@ impl Hub {
                 s.close(code);
             }
         }
+    }
+}
+
+/// Cluster mode: what `bus.rs` feeds in and reads out. Plain map updates, no I/O.
+impl Hub {
+    /// Installs the function that carries notices and kicks to the other nodes (once).
+    pub fn set_relay(&self, relay: Relay) {
+        let _ = self.relay.set(relay);
+    }
+
+    fn relay_with(&self, what: Relayed<'_>) {
+        if let Some(relay) = self.relay.get() {
+            relay(what);
+        }
+    }
+
+    /// A hand raised or lowered on another node: this node's queue follows (kept in raise
+    /// order), and its host/ta (and the user's sessions here) hear it.
+    pub fn apply_hand(&self, room: &RoomId, user: &UserRef, raised: bool, ts: i64) {
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if !raised {
+            state.lower_hand(room, &user.id, true, self.gate_cap, &self.metrics);
+            return;
+        }
+        if state.hands.iter().any(|(u, _)| u.id == user.id) {
+            return;
+        }
+        let at = state.hands.partition_point(|(_, t)| *t <= ts);
+        state.hands.insert(at, (user.clone(), ts));
+        let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
+            room,
+            user,
+            raised: true,
+        }));
+        state.fan_out(
+            &frame,
+            None,
+            None,
+            Audience::Moderators(Some(&user.id)),
+            self.gate_cap,
+            &self.metrics,
+        );
+    }
+
+    /// A stage change made on another node; true if this node's stage changed.
+    pub fn apply_stage(&self, room: &RoomId, user: &UserRef, on: bool) -> bool {
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        let state = &mut *state;
+        let present = state.stage.iter().position(|u| u.id == user.id);
+        match (on, present) {
+            (true, None) => {
+                state.stage.push(user.clone());
+                state.lower_hand(room, &user.id, true, self.gate_cap, &self.metrics);
+            }
+            (false, Some(pos)) => {
+                state.stage.remove(pos);
+            }
+            _ => return false,
+        }
+        let frame = Frame::from(protocol::encode(&ServerMsg::Stage { room, user, on }));
+        state.fan_out(
+            &frame,
+            None,
+            None,
+            Audience::Everyone,
+            self.gate_cap,
+            &self.metrics,
+        );
+        true
+    }
+
+    /// Whether other nodes report the user online in the room.
+    fn online_elsewhere(&self, room: &RoomId, user: &UserId) -> bool {
+        self.remote_online
+            .get(room)
+            .is_some_and(|m| m.contains_key(user))
+    }
+
+    /// A notice relayed from another node, for this node's sessions.
+    pub fn apply_notice(&self, room: &RoomId, frame: &Frame, to: &NoticeTo) {
+        self.send(room, frame, to.audience());
+    }
+
+    /// Whether any session of this node has joined the room.
+    pub fn has_room(&self, room: &RoomId) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    /// Another node's users went online (`Some`) or offline in a room: record it, and tell
+    /// this node's sessions when the union over nodes changed (the user is not online here).
+    pub fn remote_presence(&self, room: &RoomId, user: &UserRef, online: bool) {
+        let changed = if online {
+            self.remote_online
+                .entry(room.clone())
+                .or_default()
+                .insert(user.id.clone(), user.clone())
+                .is_none()
+        } else {
+            let mut removed = false;
+            self.remote_online.remove_if_mut(room, |_, m| {
+                removed = m.remove(&user.id).is_some();
+                m.is_empty()
+            });
+            removed
+        };
+        if !changed {
+            return;
+        }
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if state.online.contains_key(&user.id) {
+            return;
+        }
+        if !online {
+            // Gone from every node (a node died, say): hands and stage belong to people here.
+            state.lower_hand(room, &user.id, false, self.gate_cap, &self.metrics);
+            if let Some(pos) = state.stage.iter().position(|u| u.id == user.id) {
+                state.stage.remove(pos);
+                let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
+                    room,
+                    user,
+                    on: false,
+                }));
+                state.fan_out(
+                    &frame,
+                    None,
+                    None,
+                    Audience::Everyone,
+                    self.gate_cap,
+                    &self.metrics,
+                );
+            }
+        }
+        if state.online.len() >= self.presence_limit {
+            return;
+        }
+        let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
+            room,
+            user,
+            state: if online {
+                PresenceState::Online
+            } else {
+                PresenceState::Offline
+            },
+        }));
+        let n = state.fan_out(
+            &frame,
+            None,
+            None,
+            Audience::Everyone,
+            self.gate_cap,
+            &self.metrics,
+        );
+        self.metrics.deliveries.fetch_add(n, Relaxed);
+    }
+
+    /// Replaces the directory of other nodes' sessions (user -> (session id, call waiting)).
+    pub fn set_remote_sessions(&self, all: HashMap<UserId, Vec<(String, bool)>>) {
+        self.remote_sessions.retain(|u, _| all.contains_key(u));
+        for (user, sessions) in all {
+            self.remote_sessions.insert(user, sessions);
+        }
+    }
+
+    /// This node's online users per room, for its heartbeat.
+    pub fn presence_snapshot(&self) -> Vec<(RoomId, Vec<UserRef>)> {
+        self.rooms
+            .iter()
+            .map(|r| {
+                let users = r.online.values().map(|(u, _)| u.clone()).collect();
+                (r.key().clone(), users)
+            })
+            .collect()
+    }
+
+    /// This node's sessions per user with their call-waiting flag, for its heartbeat.
+    pub fn sessions_snapshot(&self) -> Vec<(UserId, Vec<(String, bool)>)> {
+        self.users
+            .iter()
+            .map(|u| {
+                let s = u.iter().map(|h| (h.id.0.clone(), h.call_waiting)).collect();
+                (u.key().clone(), s)
+            })
+            .collect()
+    }
+
+    /// Asks up to `n` sessions that are still open to close with `code`; returns how many it
+    /// asked (a drain in batches).
+    pub fn close_some(&self, code: u16, n: usize) -> usize {
+        let mut asked = 0;
+        for user in self.users.iter() {
+            for s in user.iter() {
+                if asked >= n {
+                    return asked;
+                }
+                if *s.close.borrow() == 0 {
+                    s.close(code);
+                    asked += 1;
+                }
+            }
+        }
+        asked
     }
 }
 
@@ -796,6 +1177,69 @@ mod tests {
         assert_eq!(*slow_close.borrow(), close::SLOW_CONSUMER);
         assert_eq!(*fast_close.borrow(), 0);
         assert_eq!(drain(&mut frx).len(), 10);
+    }
+
+    #[test]
+    fn presence_is_the_union_with_other_nodes() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let r = RoomId::from("r");
+        let (w, mut wrx, _) = session("w", "w", 16);
+        hub.join(&r, &w, user("w"), false).unwrap();
+        hub.open_gate(&r, &w.id, 0);
+        // Another node has "a" online: this node's sessions hear it once.
+        hub.remote_presence(&r, &user("a"), true);
+        hub.remote_presence(&r, &user("a"), true);
+        let frames = drain(&mut wrx);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("online"));
+        // "a" also joins here: already online in the union, so no second announcement; the
+        // join reply lists everyone once.
+        let (a, _arx, _) = session("a1", "a", 16);
+        let joined = hub.join(&r, &a, user("a"), false).unwrap();
+        assert!(drain(&mut wrx).is_empty());
+        assert_eq!(joined.online_count, 2);
+        // Leaving here while still online elsewhere: no offline.
+        hub.leave(&r, &a.id);
+        assert!(drain(&mut wrx).is_empty());
+        // The other node drops "a": now it is offline everywhere.
+        hub.remote_presence(&r, &user("a"), false);
+        let frames = drain(&mut wrx);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("offline"));
+    }
+
+    #[test]
+    fn sessions_on_other_nodes_count_for_the_limit_and_ring() {
+        let hub = Hub::new(Arc::default(), 2, 100, 100);
+        hub.set_remote_sessions(HashMap::from([(
+            UserId::from("a"),
+            vec![("s9.n2".to_owned(), true)],
+        )]));
+        let (p1, _r1, _) = session("p1", "a", 16);
+        let (p2, _r2, _) = session("p2", "a", 16);
+        hub.register(p1).unwrap();
+        assert_eq!(hub.register(p2), Err(HubError::TooManySessions(2)));
+        assert_eq!(hub.session_ids(&"a".into()), vec!["p1", "s9.n2"]);
+        assert!(hub.call_waiting(&"a".into()));
+    }
+
+    #[test]
+    fn a_drain_closes_sessions_a_batch_at_a_time() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let mut closes = Vec::new();
+        let mut keep = Vec::new();
+        for i in 0..5 {
+            let (h, rx, c) = session(&format!("s{i}"), &format!("u{i}"), 4);
+            hub.register(h).unwrap();
+            closes.push(c);
+            keep.push(rx);
+        }
+        assert_eq!(hub.close_some(close::GOING_AWAY, 2), 2);
+        assert_eq!(closes.iter().filter(|c| *c.borrow() != 0).count(), 2);
+        assert_eq!(hub.close_some(close::GOING_AWAY, 2), 2);
+        assert_eq!(hub.close_some(close::GOING_AWAY, 2), 1);
+        assert_eq!(hub.close_some(close::GOING_AWAY, 2), 0);
+        assert!(closes.iter().all(|c| *c.borrow() == close::GOING_AWAY));
     }
 
     #[test]

@@ -11,12 +11,15 @@
 //! - `api`      HTTP router: `/ws`, `/healthz`, `/metrics`, `/api/...`, `/dev/token`
 //! - `metrics`  counters and histograms in Prometheus text
 //! - `error`    the one error type -> protocol code / HTTP status
+//! - `bus`      cluster mode: NATS between nodes (room events, notices, directed frames,
+//!   presence heartbeats), with `sequencer` keeping each room's events in seq order
 //!
 //! [`App::start`] opens the store and wires the hub to it; [`serve`] runs the listener until
 //! the shutdown future resolves, then says goodbye to every session and flushes the store.
 
 pub mod api;
 pub mod auth;
+pub mod bus;
 pub mod config;
 pub mod engagement;
 pub mod error;
@@ -25,6 +28,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod rooms;
 pub mod rtc;
+pub mod sequencer;
 pub mod session;
 pub mod store;
 pub mod web;
@@ -49,6 +53,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("server I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
 }
 
 /// Everything a request or session needs, shared.
@@ -65,6 +71,8 @@ pub struct App {
     pub(crate) shutting_down: AtomicBool,
     live_sessions: AtomicUsize,
     sessions_gone: Notify,
+    /// Cluster mode (`nats_url` set): the NATS bus to the other nodes. `None` on one node.
+    pub bus: Option<Arc<bus::Bus>>,
 }
 
 /// Counts a running connection task; dropping it lets shutdown know the task has finished.
@@ -135,20 +143,50 @@ impl App {
             )
             .with_presence_limit(config.presence_limit),
         );
-        let publish_to = hub.clone();
-        let hook: store::CommitHook = Arc::new(move |ev| publish_to.publish(ev));
+        let bus = match &config.nats_url {
+            Some(url) => Some(bus::Bus::connect(&config, url, hub.clone(), metrics.clone()).await?),
+            None => None,
+        };
+        let hook: store::CommitHook = match &bus {
+            // Cluster mode: publish on the bus, and reach this node's hub through the room's
+            // sequencer (remote events must interleave in seq order).
+            Some(bus) => {
+                let bus = bus.clone();
+                Arc::new(move |ev| bus.committed(ev))
+            }
+            None => {
+                let publish_to = hub.clone();
+                Arc::new(move |ev| publish_to.publish(ev))
+            }
+        };
         let store = Store::open(
             &StoreOptions::from_config(&config),
             metrics.clone(),
             Some(hook),
         )
         .await?;
-        let badges_to = hub.clone();
-        store.on_badge(Arc::new(move |b| badges_to.badge_earned(&b)));
+        // A badge goes to every session of the user: this node's, and in cluster mode those on
+        // other nodes too (the earner is not always the one whose write committed it here:
+        // reactions received, helpful marks).
+        let (badges_to, badges_bus) = (hub.clone(), bus.clone());
+        store.on_badge(Arc::new(move |b| {
+            let frame = badges_to.badge_earned(&b);
+            if let Some(bus) = &badges_bus {
+                for sid in badges_to.remote_session_ids(&b.user.id) {
+                    bus.send_to_session(&sid, &frame);
+                }
+            }
+        }));
         let secret = token_secret(&config, &store).await?;
         let rtc = rtc::Rtc::new(&config);
         if config.dev {
             ensure_dev_lobby(&store).await?;
+        }
+        let policies = rooms::policy::Policies::default();
+        if let Some(bus) = &bus {
+            bus.set_store(store.clone());
+            hub.set_relay(bus::hub_relay(bus));
+            policies.set_on_change(bus::policy_announcer(bus));
         }
         Ok(Arc::new(Self {
             tokens: auth::Tokens::new(secret.as_bytes()),
@@ -156,12 +194,39 @@ impl App {
             store,
             hub,
             metrics,
-            policies: rooms::policy::Policies::default(),
+            policies,
             rtc,
             shutting_down: AtomicBool::new(false),
             live_sessions: AtomicUsize::new(0),
             sessions_gone: Notify::new(),
+            bus,
         }))
+    }
+
+    /// A new session id; in cluster mode it ends in `.NODE`, so any node can route to it.
+    pub fn new_session_id(&self) -> protocol::SessionId {
+        protocol::SessionId(self.node_scoped('s'))
+    }
+
+    /// A new call id, naming the node that owns the call in cluster mode.
+    pub fn new_call_id(&self) -> String {
+        self.node_scoped('c')
+    }
+
+    fn node_scoped(&self, kind: char) -> String {
+        let r = rand::random::<u64>();
+        match &self.bus {
+            Some(bus) => format!("{kind}{r:016x}.{}", bus.node),
+            None => format!("{kind}{r:016x}"),
+        }
+    }
+
+    /// Queues a directed frame to a session wherever it is connected.
+    pub fn send_to_session(&self, session: &str, frame: &hub::Frame) -> bool {
+        match &self.bus {
+            Some(bus) => bus.send_to_session(session, frame),
+            None => self.hub.send_to_session(session, frame),
+        }
     }
 
     pub(crate) fn track_session(self: &Arc<Self>) -> SessionGuard {
@@ -172,6 +237,9 @@ impl App {
     /// Tells every session to say `bye` and close 1001, and waits (bounded) for them to go.
     async fn drain_sessions(&self) {
         self.shutting_down.store(true, Ordering::Release);
+        if self.bus.is_some() {
+            self.drain_in_batches().await;
+        }
         self.hub.close_all(protocol::close::GOING_AWAY);
         let wait = async {
             loop {
@@ -191,6 +259,30 @@ impl App {
     }
 }
 
+impl App {
+    /// Cluster drain: close sessions with 1001 a batch at a time, so their clients reconnect
+    /// to the other nodes spread out rather than all at once. Bounded by the shutdown grace.
+    async fn drain_in_batches(&self) {
+        let cfg = &self.config;
+        let interval = Duration::from_millis(cfg.drain_interval_ms);
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(cfg.shutdown_grace_ms)
+            + Duration::from_secs(2);
+        let mut batches = 0u64;
+        while tokio::time::Instant::now() < deadline {
+            let asked = self
+                .hub
+                .close_some(protocol::close::GOING_AWAY, cfg.drain_batch);
+            if asked == 0 {
+                break;
+            }
+            batches += 1;
+            tokio::time::sleep(interval).await;
+        }
+        tracing::info!(batches, "drain: every session asked to reconnect elsewhere");
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, says goodbye to
 /// every session (`bye`, close 1001), commits every accepted write and returns.
 pub async fn serve(
@@ -201,6 +293,10 @@ pub async fn serve(
     let router = api::router(app.clone());
     let sla = tokio::spawn(announce_overdue(app.clone()));
     let call_timers = tokio::spawn(rtc::run_timers(app.clone()));
+    let bus_tasks = match &app.bus {
+        Some(bus) => bus.start(app.clone()).await,
+        None => Vec::new(),
+    };
     let draining = app.clone();
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
@@ -208,13 +304,21 @@ pub async fn serve(
             // Resolving here stops the listener at once; sessions are told to go meanwhile.
             tracing::info!("shutting down: closing sessions");
             draining.shutting_down.store(true, Ordering::Release);
-            draining.hub.close_all(protocol::close::GOING_AWAY);
+            if draining.bus.is_none() {
+                draining.hub.close_all(protocol::close::GOING_AWAY);
+            }
         })
         .await?;
     app.drain_sessions().await;
     sla.abort();
     call_timers.abort();
     app.store.close().await;
+    if let Some(bus) = &app.bus {
+        bus.leave().await;
+        for t in bus_tasks {
+            t.abort();
+        }
+    }
     tracing::info!("store flushed, bye");
     Ok(())
 }

@@ -73,6 +73,21 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     commit_latency: Histogram<10>,
     batch_size: Histogram<8>,
+    // -- cluster mode (bus.rs) --
+    /// Room events this node published on the bus (once each, after commit).
+    pub bus_published: AtomicU64,
+    /// Room events received from other nodes.
+    pub bus_received: AtomicU64,
+    /// Refills from the store (a gap that NATS did not fill in time, or a sweep).
+    pub bus_gap_refills: AtomicU64,
+    /// Events delivered from a refill rather than from the bus.
+    pub bus_refilled_events: AtomicU64,
+    /// Bus copies dropped because the seq was already delivered (a refill got there first).
+    pub bus_duplicates: AtomicU64,
+    /// Directed frames (calls, signals) sent to sessions on other nodes.
+    pub bus_directed: AtomicU64,
+    /// Publish-to-receipt time of room events between nodes.
+    bus_latency: Histogram<10>,
 }
 
 impl Default for Metrics {
@@ -89,6 +104,13 @@ impl Default for Metrics {
             auth_failures: AtomicU64::new(0),
             commit_latency: Histogram::new(COMMIT_BUCKETS_S),
             batch_size: Histogram::new(BATCH_BUCKETS),
+            bus_published: AtomicU64::new(0),
+            bus_received: AtomicU64::new(0),
+            bus_gap_refills: AtomicU64::new(0),
+            bus_refilled_events: AtomicU64::new(0),
+            bus_duplicates: AtomicU64::new(0),
+            bus_directed: AtomicU64::new(0),
+            bus_latency: Histogram::new(COMMIT_BUCKETS_S),
         }
     }
 }
@@ -103,6 +125,11 @@ impl Metrics {
     pub fn store_batch(&self, rows: usize, took: Duration) {
         self.batch_size.observe(rows as f64);
         self.commit_latency.observe(took.as_secs_f64());
+    }
+
+    /// One room event's trip from the publishing node to this one.
+    pub fn bus_latency(&self, took: Duration) {
+        self.bus_latency.observe(took.as_secs_f64());
     }
 
     /// Prometheus text exposition; `rooms` and `sessions` are gauges read from the hub.
@@ -187,7 +214,54 @@ impl Metrics {
             "studyhall_store_commit_seconds",
             "Time to apply and commit one group commit.",
         );
+        self.render_bus(&mut out);
         out
+    }
+
+    fn render_bus(&self, out: &mut String) {
+        let counters: [(&str, &str, u64); 6] = [
+            (
+                "studyhall_bus_published_total",
+                "Room events this node published on the cluster bus.",
+                self.bus_published.load(Relaxed),
+            ),
+            (
+                "studyhall_bus_received_total",
+                "Room events received from other nodes.",
+                self.bus_received.load(Relaxed),
+            ),
+            (
+                "studyhall_bus_gap_refills_total",
+                "Refills of missing seqs from the store.",
+                self.bus_gap_refills.load(Relaxed),
+            ),
+            (
+                "studyhall_bus_refilled_events_total",
+                "Room events delivered from a store refill instead of the bus.",
+                self.bus_refilled_events.load(Relaxed),
+            ),
+            (
+                "studyhall_bus_duplicates_total",
+                "Bus copies dropped as already delivered.",
+                self.bus_duplicates.load(Relaxed),
+            ),
+            (
+                "studyhall_bus_directed_total",
+                "Directed frames sent to sessions on other nodes.",
+                self.bus_directed.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
+        self.bus_latency.render(
+            out,
+            "studyhall_bus_latency_seconds",
+            "Cross-node latency: commit-side publish to receipt on this node.",
+        );
     }
 }
 

@@ -74,6 +74,15 @@ pub fn valid_room_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// Cluster node names: 1..=32 of `[A-Za-z0-9_-]`. No `.`, so a node name is one NATS subject
+/// token and the part after the last `.` of a session or call id.
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
 /// Platform role, from the token's `role` claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

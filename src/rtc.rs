@@ -136,7 +136,7 @@ fn deliver(app: &App, outs: Vec<Out>, caller_name: Option<&str>, room: Option<&R
                 joined: *joined,
             }),
         };
-        app.hub.send_to_session(&o.to, &Frame::from(frame));
+        app.send_to_session(&o.to, &Frame::from(frame));
     }
 }
 
@@ -203,7 +203,7 @@ pub(crate) async fn call(
     let callee_sessions = ctx.app.hub.session_ids(&to);
     let waiting = ctx.app.hub.call_waiting(&to);
     let app = ctx.app.clone();
-    let id = format!("c{:016x}", rand::random::<u64>());
+    let id = app.new_call_id();
     let (call_id, outs) = {
         let mut st = app.rtc.lock();
         let (call_id, outs) = st.calls.call(
@@ -237,29 +237,114 @@ pub(crate) enum CallAction {
     Resume,
 }
 
-pub(crate) fn call_action(ctx: &mut Ctx, action: CallAction, call_id: String) -> Result<Outcome> {
+impl CallAction {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Self::Accept => "accept",
+            Self::Reject => "reject",
+            Self::Hangup => "hangup",
+            Self::Resume => "resume",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "accept" => Self::Accept,
+            "reject" => Self::Reject,
+            "hangup" => Self::Hangup,
+            "resume" => Self::Resume,
+            _ => return None,
+        })
+    }
+}
+
+/// Runs a call command on this node's machine and delivers what it asks to send.
+fn apply_call_action(app: &Arc<App>, me: &Peer, action: &CallAction, call_id: &str) -> Result<()> {
+    let outs = {
+        let mut st = app.rtc.lock();
+        let outs = match action {
+            CallAction::Accept => st.calls.accept(now(), me, call_id)?,
+            CallAction::Reject => st.calls.reject(now(), me, call_id)?,
+            CallAction::Hangup => st.calls.hangup(now(), me, call_id)?,
+            CallAction::Resume => st.calls.resume(me, call_id)?,
+        };
+        log_finished(app, &mut st);
+        outs
+    };
+    deliver(app, outs, None, None);
+    Ok(())
+}
+
+pub(crate) fn call_action(
+    ctx: &mut Ctx,
+    rid: Option<i64>,
+    action: CallAction,
+    call_id: String,
+) -> Result<Outcome> {
     if call_id.is_empty() || call_id.len() > 64 {
         return Err(Error::bad_request("call_id must be 1..=64 characters"));
     }
     let app = ctx.app.clone();
     let me = peer(ctx);
-    let outs = {
-        let mut st = app.rtc.lock();
-        let outs = match action {
-            CallAction::Accept => st.calls.accept(now(), &me, &call_id)?,
-            CallAction::Reject => st.calls.reject(now(), &me, &call_id)?,
-            CallAction::Hangup => st.calls.hangup(now(), &me, &call_id)?,
-            CallAction::Resume => st.calls.resume(&me, &call_id)?,
-        };
-        log_finished(&app, &mut st);
-        outs
-    };
-    deliver(&app, outs, None, None);
     let mut reply = json!({ "call_id": call_id });
     if matches!(action, CallAction::Accept | CallAction::Resume) {
         reply["ice_servers"] = app.rtc.ice_servers(&ctx.me.user);
     }
+    if let Some(bus) = &app.bus
+        && let Some(node) = bus.remote_owner(&call_id)
+    {
+        // Another node owns this call: its machine decides, and we relay the answer.
+        let cmd = crate::bus::CallCommand {
+            action: action.as_str().to_owned(),
+            call_id: call_id.clone(),
+            user: ctx.me.user.0.clone(),
+            session: ctx.handle.id.0.clone(),
+            data: None,
+        };
+        return Ok(forwarded(bus.clone(), node.to_owned(), cmd, rid, reply));
+    }
+    apply_call_action(&app, &me, &action, &call_id)?;
     Ok(Outcome::Ok(reply))
+}
+
+/// The reply to a call command forwarded to the node that owns the call.
+fn forwarded(
+    bus: Arc<crate::bus::Bus>,
+    node: String,
+    cmd: crate::bus::CallCommand,
+    rid: Option<i64>,
+    reply: Value,
+) -> Outcome {
+    Outcome::Deferred(Box::pin(async move {
+        match bus.forward_call(&node, &cmd).await {
+            Ok(()) => rid.map(|rid| protocol::encode_ok(Some(rid), reply)),
+            Err(e) => Some(crate::session::error_frame(rid, &e)),
+        }
+    }))
+}
+
+/// A call command forwarded by another node for a call this node owns.
+pub(crate) fn remote_call(app: &Arc<App>, cmd: crate::bus::CallCommand) -> Result<()> {
+    let me = Peer::new(&cmd.user, &cmd.session);
+    if cmd.action == "signal" {
+        let data = cmd.data.unwrap_or(Value::Null);
+        let out = app.rtc.lock().calls.relay(&me, &cmd.call_id, &data)?;
+        deliver(app, vec![out], None, None);
+        return Ok(());
+    }
+    let action = CallAction::parse(&cmd.action)
+        .ok_or_else(|| Error::bad_request("unknown forwarded call action"))?;
+    apply_call_action(app, &me, &action, &cmd.call_id)
+}
+
+/// A session on another node ended: calls here give it the grace period.
+pub(crate) fn remote_session_closed(app: &Arc<App>, user: &UserId, session: &str) {
+    let outs = app
+        .rtc
+        .lock()
+        .calls
+        .session_closed(now(), &Peer::new(user.as_str(), session));
+    deliver(app, outs, None, None);
 }
 
 pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
@@ -339,6 +424,7 @@ pub(crate) fn stage_changed(app: &App, room: &RoomId, user: &UserId, on: bool) {
 
 pub(crate) fn signal(
     ctx: &mut Ctx,
+    rid: Option<i64>,
     call_id: Option<String>,
     room: Option<RoomId>,
     to: Option<String>,
@@ -351,6 +437,21 @@ pub(crate) fn signal(
     }
     let me = peer(ctx);
     let app = ctx.app.clone();
+    if let (Some(bus), Some(id), None) = (&app.bus, &call_id, &room)
+        && let Some(node) = bus.remote_owner(id)
+    {
+        if id.len() > 64 {
+            return Err(Error::bad_request("call_id must be 1..=64 characters"));
+        }
+        let cmd = crate::bus::CallCommand {
+            action: "signal".into(),
+            call_id: id.clone(),
+            user: me.user.clone(),
+            session: me.session.clone(),
+            data: Some(data),
+        };
+        return Ok(forwarded(bus.clone(), node.to_owned(), cmd, rid, json!({})));
+    }
     let out = {
         let st = app.rtc.lock();
         match (call_id, room, to) {

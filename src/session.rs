@@ -9,7 +9,7 @@ use crate::auth::Identity;
 use crate::error::Error;
 use crate::hub::{Frame, SessionHandle};
 use crate::protocol::{
-    self, ClientFrame, ClientMsg, CommandKind, RoomId, RoomRole, ServerMsg, SessionId, close,
+    self, ClientFrame, ClientMsg, CommandKind, RoomId, RoomRole, ServerMsg, close,
 };
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
@@ -129,7 +129,7 @@ impl Strikes {
     }
 }
 
-fn error_frame(rid: Option<i64>, err: &Error) -> String {
+pub(crate) fn error_frame(rid: Option<i64>, err: &Error) -> String {
     let message = err.public_message();
     protocol::encode(&ServerMsg::Error {
         rid,
@@ -247,7 +247,7 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
         }
     }
 
-    let sid = SessionId(format!("s{:016x}", rand::random::<u64>()));
+    let sid = app.new_session_id();
     let (outbox, outbox_rx) = mpsc::channel(app.config.outbox_frames);
     let (handle, close_rx) = SessionHandle::with_call_waiting(
         sid.clone(),
@@ -299,9 +299,15 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
     // the write loop drain and close with whatever code was asked for.
     for room in std::mem::take(&mut ctx.joined).into_keys() {
         app.hub.leave(&room, &sid);
+        if let Some(bus) = &app.bus {
+            bus.leave_room(&room);
+        }
     }
     app.hub.unregister(&handle);
     crate::rtc::session_closed(&app, &ctx.me.user, sid.as_str());
+    if let Some(bus) = &app.bus {
+        bus.session_closed(&ctx.me.user, sid.as_str());
+    }
     let code = *ctx.close.borrow();
     tracing::info!(session = %sid, user = %ctx.me.user, code, "session ended");
     drop(ctx);

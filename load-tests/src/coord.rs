@@ -46,6 +46,9 @@ pub fn worker_count(clients: usize, requested: usize, per_worker: usize) -> usiz
 pub struct Plan {
     pub proto: Proto,
     pub target: SocketAddr,
+    /// Cluster runs: the nodes; worker `w` connects all its clients to node `w % len`
+    /// (empty: every worker uses `target`).
+    pub targets: Vec<SocketAddr>,
     pub conns: Vec<ConnSpec>,
     pub workers: usize,
     pub concurrency: usize,
@@ -85,7 +88,11 @@ impl Workers {
             let job = Job {
                 worker: w,
                 proto: plan.proto,
-                target: plan.target,
+                target: if plan.targets.is_empty() {
+                    plan.target
+                } else {
+                    plan.targets[w % plan.targets.len()]
+                },
                 secret: crate::procs::JWT_SECRET.into(),
                 // Worker w uses 127.0.0.(10 + 8w) .. +8.
                 src_base: 10u8.wrapping_add((8 * w) as u8),
@@ -195,15 +202,16 @@ impl Workers {
         }
     }
 
-    pub async fn collect(&mut self, step: u32) -> Result<Histogram> {
+    /// The delivery histogram of tag `step`, one per worker (worker order).
+    pub async fn collect_each(&mut self, step: u32) -> Result<Vec<Histogram>> {
         self.send_all(&Down::Collect { step }).await?;
-        let mut h = Histogram::new();
+        let mut out = Vec::new();
         for up in self.recv_all(Duration::from_secs(30)).await? {
             if let Up::Step { hist, .. } = up {
-                h.merge(&Histogram::from_sparse(&hist));
+                out.push(Histogram::from_sparse(&hist));
             }
         }
-        Ok(h)
+        Ok(out)
     }
 
     /// Stops every worker and sums their final reports.

@@ -73,6 +73,8 @@ async fn wait_line(child: &mut Child, prefix: &str, what: &str) -> Result<String
 pub enum Db {
     Sqlite(PathBuf),
     Postgres(String),
+    /// An existing database that others share (a cluster's nodes); not dropped by the server.
+    Shared(String),
 }
 
 /// A running studyhall server (killed on drop).
@@ -112,6 +114,7 @@ impl Server {
                 let pg = PgDb::create(&base).await?;
                 (pg.url.clone(), Some(pg))
             }
+            Db::Shared(url) => (url, None),
         };
         let log = std::fs::File::create(log_dir.join("server.log"))?;
         let mut cmd = Command::new(bin);
@@ -176,6 +179,116 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Several studyhall nodes (cluster mode) on one throw-away PostgreSQL database and a NATS.
+pub struct Cluster {
+    pub nodes: Vec<Server>,
+    pg: Option<PgDb>,
+}
+
+impl Cluster {
+    pub async fn start(
+        bin: &Path,
+        pg_base: &str,
+        bus_url: &str,
+        n: usize,
+        extra: &[(String, String)],
+        log_dir: &Path,
+    ) -> Result<Self> {
+        ensure!(
+            bus_url.starts_with("nats://127.") || bus_url.starts_with("nats://localhost"),
+            "the bus must be on loopback: {bus_url}"
+        );
+        let pg = PgDb::create(pg_base).await?;
+        let mut nodes = Vec::new();
+        for i in 0..n.max(1) {
+            let mut env: Vec<(String, String)> = vec![
+                ("STUDYHALL_NATS_URL".into(), bus_url.into()),
+                ("STUDYHALL_NODE_ID".into(), format!("n{i}")),
+            ];
+            env.extend(extra.iter().cloned());
+            // The first node migrates; the others find the schema in place.
+            nodes.push(
+                Server::start(
+                    bin,
+                    Db::Shared(pg.url.clone()),
+                    &env,
+                    &log_dir.join(format!("n{i}")),
+                )
+                .await?,
+            );
+        }
+        Ok(Self {
+            nodes,
+            pg: Some(pg),
+        })
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|s| s.addr).collect()
+    }
+
+    pub async fn stop(mut self) -> Result<()> {
+        for s in self.nodes.drain(..) {
+            s.stop().await?;
+        }
+        if let Some(pg) = self.pg.take() {
+            pg.drop_db().await;
+        }
+        Ok(())
+    }
+}
+
+/// `GET /metrics` of a node: the cross-node latency histogram's (upper bound s, cumulative
+/// count) buckets.
+pub async fn bus_latency_buckets(addr: SocketAddr) -> Result<Vec<(f64, u64)>> {
+    ensure_loopback(addr)?;
+    let mut s = TcpStream::connect(addr).await?;
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
+        .await
+        .context("metrics timed out")??;
+    let text = String::from_utf8_lossy(&resp);
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("studyhall_bus_latency_seconds_bucket{le=\"") else {
+            continue;
+        };
+        let Some((le, n)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::INFINITY)
+        };
+        out.push((le, n.trim().parse().unwrap_or(0)));
+    }
+    Ok(out)
+}
+
+/// The bucket bound (ms) under which `q` of the observations fall, summed over nodes.
+pub fn bucket_quantile_ms(nodes: &[Vec<(f64, u64)>], q: f64) -> Option<f64> {
+    let mut sum: Vec<(f64, u64)> = Vec::new();
+    for buckets in nodes {
+        for (i, (le, n)) in buckets.iter().enumerate() {
+            if sum.len() <= i {
+                sum.push((*le, 0));
+            }
+            sum[i].1 += n;
+        }
+    }
+    let total = sum.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let want = (total as f64 * q).ceil() as u64;
+    sum.iter()
+        .find(|(_, n)| *n >= want)
+        .map(|(le, _)| le * 1000.0)
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns status and JSON body (or Null).

@@ -87,10 +87,18 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             offset,
         } => chat::search(ctx, room, q, limit, offset).await,
         ClientMsg::Call { to, media, room } => rtc::call(ctx, to, media, room).await,
-        ClientMsg::CallAccept { call_id } => rtc::call_action(ctx, CallAction::Accept, call_id),
-        ClientMsg::CallReject { call_id } => rtc::call_action(ctx, CallAction::Reject, call_id),
-        ClientMsg::CallHangup { call_id } => rtc::call_action(ctx, CallAction::Hangup, call_id),
-        ClientMsg::CallResume { call_id } => rtc::call_action(ctx, CallAction::Resume, call_id),
+        ClientMsg::CallAccept { call_id } => {
+            rtc::call_action(ctx, rid, CallAction::Accept, call_id)
+        }
+        ClientMsg::CallReject { call_id } => {
+            rtc::call_action(ctx, rid, CallAction::Reject, call_id)
+        }
+        ClientMsg::CallHangup { call_id } => {
+            rtc::call_action(ctx, rid, CallAction::Hangup, call_id)
+        }
+        ClientMsg::CallResume { call_id } => {
+            rtc::call_action(ctx, rid, CallAction::Resume, call_id)
+        }
         ClientMsg::AvJoin { room } => rtc::av_join(ctx, room).await,
         ClientMsg::AvLeave { room } => rtc::av_leave(ctx, room),
         ClientMsg::Signal {
@@ -98,7 +106,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             room,
             to,
             data,
-        } => rtc::signal(ctx, call_id, room, to, data),
+        } => rtc::signal(ctx, rid, call_id, room, to, data),
         // -- engagement and room health (issue 7) --
         ClientMsg::Checkin { room } => engagement::checkin(ctx, rid, room).await,
         ClientMsg::Leaderboard {
@@ -207,18 +215,34 @@ async fn join(
             .await?;
     }
 
+    // Cluster mode: subscribed to the room and its sequencer started before the gate is set,
+    // so every event after this join's replay reaches the hub, in order.
+    let first_join = !ctx.joined.contains_key(&room_id);
+    if first_join && let Some(bus) = &ctx.app.bus {
+        bus.enter_room(&room_id).await?;
+        // Cached while members are here, so events from other nodes keep its slow-mode
+        // clocks current.
+        if let Err(e) = ctx.app.policies.get(&ctx.app.store, &room_id).await {
+            bus.leave_room(&room_id);
+            return Err(e);
+        }
+    }
     // Gate first, read the store second: anything committed after the gate is either in the
     // read or held by the gate (or both, and then dropped by seq), never lost.
-    let joined = ctx
-        .app
-        .hub
-        .join(
-            &room_id,
-            &ctx.handle,
-            ctx.me.room_ref(role),
-            role.can_moderate(),
-        )
-        .map_err(|e| Error::Forbidden(e.to_string()))?;
+    let joined = match ctx.app.hub.join(
+        &room_id,
+        &ctx.handle,
+        ctx.me.room_ref(role),
+        role.can_moderate(),
+    ) {
+        Ok(j) => j,
+        Err(e) => {
+            if first_join && let Some(bus) = &ctx.app.bus {
+                bus.leave_room(&room_id);
+            }
+            return Err(Error::Forbidden(e.to_string()));
+        }
+    };
     ctx.joined.insert(room_id.clone(), role);
     // A ban or a removal that landed while this join was on its way missed the session (kick
     // only sees sessions already in the room): look again now that it is in.
@@ -234,6 +258,9 @@ async fn join(
     if result.is_err() {
         ctx.app.hub.leave(&room_id, &ctx.handle.id);
         ctx.joined.remove(&room_id);
+        if let Some(bus) = &ctx.app.bus {
+            bus.leave_room(&room_id);
+        }
     }
     result
 }
@@ -315,6 +342,9 @@ fn leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     }
     let was_on_stage = ctx.app.hub.on_stage(&room, &ctx.me.user);
     ctx.app.hub.leave(&room, &ctx.handle.id);
+    if let Some(bus) = &ctx.app.bus {
+        bus.leave_room(&room);
+    }
     // Leaving the room leaves its A/V too, and a stage spot given up here ends the right to
     // publish for the user's other sessions as well.
     rtc::left_room(

@@ -8,7 +8,7 @@ use crate::protocol::{RoomId, RoomRole, UserId};
 use crate::store::{LinkPolicy, Room, RoomRules, Store, now_ms};
 use dashmap::DashMap;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Rooms whose policy is cached before the cache is emptied and refilled on demand.
 const MAX_CACHED_ROOMS: usize = 100_000;
@@ -178,10 +178,19 @@ fn links(text: &str) -> impl Iterator<Item = String> + '_ {
         })
 }
 
+/// Announces a room's policy change to the other nodes (cluster mode).
+pub type ChangeHook = Box<dyn Fn(&RoomId) + Send + Sync>;
+
 /// The cache of room policies.
 #[derive(Default)]
 pub struct Policies {
     map: DashMap<RoomId, Arc<Policy>>,
+    /// Cluster mode: tells the other nodes that a room's settings or mutes changed, so they
+    /// drop their cached copy (set by `bus.rs`; unset on a single node).
+    on_change: OnceLock<ChangeHook>,
+    /// Slow-mode clocks of policies dropped by [`Policies::invalidate`], taken over by the
+    /// reload (a remote settings change must not reset who sent when).
+    carried: DashMap<RoomId, HashMap<UserId, (i64, String)>>,
 }
 
 impl Policies {
@@ -201,13 +210,40 @@ impl Policies {
         let policy = Arc::new(Policy {
             room: stored,
             mutes: Mutex::new(mutes),
-            last_sent: Mutex::new(HashMap::new()),
+            last_sent: Mutex::new(
+                self.carried
+                    .remove(room)
+                    .map(|(_, clocks)| clocks)
+                    .unwrap_or_default(),
+            ),
         });
         Ok(self.map.entry(room.clone()).or_insert(policy).clone())
     }
 
+    /// Installs the cluster's change announcer (once).
+    pub fn set_on_change(&self, f: ChangeHook) {
+        let _ = self.on_change.set(f);
+    }
+
+    /// Drops a room's cached policy (another node changed it); the next use reloads it.
+    pub fn invalidate(&self, room: &RoomId) {
+        if let Some((_, old)) = self.map.remove(room) {
+            let clocks = lock(&old.last_sent).clone();
+            if !clocks.is_empty() && self.carried.len() < MAX_CACHED_ROOMS {
+                self.carried.insert(room.clone(), clocks);
+            }
+        }
+    }
+
+    fn changed(&self, room: &RoomId) {
+        if let Some(f) = self.on_change.get() {
+            f(room);
+        }
+    }
+
     /// The room's settings changed: keep mutes and slow-mode clocks, replace the rest.
     pub fn room_changed(&self, room: Room) {
+        self.changed(&room.id);
         if let Some(mut entry) = self.map.get_mut(&room.id) {
             let old = entry.clone();
             *entry = Arc::new(Policy {
@@ -218,7 +254,47 @@ impl Policies {
         }
     }
 
+    /// Cluster mode: a message committed on another node, in a room whose policy is cached
+    /// here with slow mode on, starts the sender's slow-mode clock here too (so sessions on
+    /// several nodes do not multiply the allowance). `json` is the event as stored.
+    pub fn remote_event(&self, room: &RoomId, json: &str) {
+        let Some(p) = self.map.get(room).map(|p| p.clone()) else {
+            return;
+        };
+        if p.room.slow_mode_s <= 0 {
+            return;
+        }
+        #[derive(serde::Deserialize)]
+        struct From {
+            id: UserId,
+        }
+        #[derive(serde::Deserialize)]
+        struct Sent {
+            #[serde(rename = "type")]
+            kind: String,
+            from: From,
+            ts: i64,
+            #[serde(default)]
+            client_msg_id: Option<String>,
+        }
+        let Ok(sent) = serde_json::from_str::<Sent>(json) else {
+            return;
+        };
+        if sent.kind != "message" {
+            return;
+        }
+        let mut last = lock(&p.last_sent);
+        let newer = last.get(&sent.from.id).is_none_or(|(t, _)| *t < sent.ts);
+        if newer {
+            last.insert(
+                sent.from.id,
+                (sent.ts, sent.client_msg_id.unwrap_or_default()),
+            );
+        }
+    }
+
     pub fn set_mute(&self, room: &RoomId, user: &UserId, until: Option<i64>) {
+        self.changed(room);
         if let Some(p) = self.map.get(room) {
             let mut mutes = lock(&p.mutes);
             match until {

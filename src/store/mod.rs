@@ -714,6 +714,34 @@ impl Store {
         Ok(EventPage { events, has_more })
     }
 
+    /// Committed events with `seq > after_seq`, oldest first, at most `limit`, in both
+    /// renderings: how a cluster node refills seqs that the bus lost.
+    pub async fn committed_after(
+        &self,
+        room: &RoomId,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<CommittedEvent>> {
+        let rows: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT seq, body, public_body FROM events WHERE room_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3",
+        )
+        .bind(room.as_str())
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, json, public_json)| CommittedEvent {
+                room: room.clone(),
+                seq,
+                json,
+                public_json,
+            })
+            .collect())
+    }
+
     /// Events with `seq < before_seq` (or the newest when `None`), the newest `limit` of them,
     /// returned oldest first; `has_more` when older ones remain.
     pub async fn events_before(

@@ -4,6 +4,7 @@
 
 mod calls;
 mod chat;
+mod cluster;
 mod common;
 mod durability;
 mod engagement;

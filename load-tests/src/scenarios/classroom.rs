@@ -42,15 +42,15 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         json!({
             "rooms": args.rooms, "members": args.members, "every_s": args.every_s,
             "live_members": args.live_members, "live_rate": args.live_rate,
-            "duration_s": args.duration_s,
+            "duration_s": args.duration_s, "nodes": common.nodes,
         }),
     );
-    let server = common.server("classroom", false).await?;
+    let sut = super::Sut::start(&common, Proto::Studyhall, "classroom").await?;
     let rooms: Vec<String> = (0..args.rooms).map(|r| format!("course-{r}")).collect();
-    for r in &rooms {
-        server.create_room(r, "group").await?;
-    }
-    server.create_room("lecture", "live").await?;
+    sut.rooms(&rooms, "group").await?;
+    sut.rooms(&["lecture".to_owned()], "live").await?;
+    let pids = sut.pids();
+    let rss_all = |pids: &[u32]| pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).sum::<u64>();
     let mut conns = Vec::new();
     let every_ms = (args.every_s * 1000.0).round().max(1.0) as u64;
     for (r, room) in rooms.iter().enumerate() {
@@ -83,12 +83,15 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         });
     }
     let n = conns.len();
-    let rss0 = rss_kib(server.pid).unwrap_or(0);
+    let rss0 = rss_all(&pids);
+    let targets = sut.addrs();
+    let nodes = targets.len().max(1);
     let plan = Plan {
         proto: Proto::Studyhall,
-        target: server.addr,
+        target: sut.addr(),
+        targets: targets.clone(),
         conns,
-        workers: worker_count(n, common.workers, common.per_worker),
+        workers: worker_count(n, common.workers, common.per_worker).max(nodes),
         concurrency: common.concurrency,
         pad: 80,
         track_ids: false,
@@ -103,14 +106,33 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         ready.failed
     ));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss1 = rss_kib(server.pid).unwrap_or(0);
-    let cpu = CpuMeter::start(server.pid);
+    let rss1 = rss_all(&pids);
+    let cpus: Vec<CpuMeter> = pids.iter().copied().map(CpuMeter::start).collect();
     workers.send_all(&Down::Go).await?;
     tokio::time::sleep(Duration::from_secs(args.duration_s)).await;
-    let cpu_pct = cpu.percent();
-    let rss2 = rss_kib(server.pid).unwrap_or(0);
+    let cpu_pct: f64 = cpus.iter().map(CpuMeter::percent).sum();
+    let rss2 = rss_all(&pids);
     let total = workers.stop().await?;
-    server.stop().await?;
+    // Cluster runs: the bus hop (commit-side publish to receipt on another node), from each
+    // node's /metrics histogram (bucket bounds, so coarse).
+    let mut bus = Vec::new();
+    for a in &targets {
+        bus.push(
+            crate::procs::bus_latency_buckets(*a)
+                .await
+                .unwrap_or_default(),
+        );
+    }
+    let bus_p50 = crate::procs::bucket_quantile_ms(&bus, 0.5);
+    let bus_p99 = crate::procs::bucket_quantile_ms(&bus, 0.99);
+    sut.stop().await?;
+    if nodes > 1 {
+        report.note(format!(
+            "{nodes} nodes; cross-node bus hop (from /metrics buckets): p50 <= {} ms, p99 <= {} ms",
+            bus_p50.map_or("-".into(), |v| format!("{v}")),
+            bus_p99.map_or("-".into(), |v| format!("{v}")),
+        ));
+    }
     let f = &total.f;
     let group = total.classes.get(&0).cloned().unwrap_or_default();
     let live = total.classes.get(&1).cloned().unwrap_or_default();
@@ -198,7 +220,8 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         "send_errors": f.send_errors, "server_cpu_pct": cpu_pct,
         "rss_kib": [rss0, rss1, rss2], "group": group.summary(), "live": live.summary(),
         "ack": total.ack.summary(), "seq_dups": f.seq_dups, "seq_gaps": f.seq_gaps,
-        "closes": f.closes,
+        "closes": f.closes, "nodes": nodes,
+        "bus_hop_p50_ms_bucket": bus_p50, "bus_hop_p99_ms_bucket": bus_p99,
     });
     report.write(&common.out)?;
     Ok(true)

@@ -55,6 +55,8 @@ struct StepRow {
     del_per_s: f64,
     cpu: f64,
     hist: Histogram,
+    /// Cluster runs: deliveries to members on other nodes than the publisher's.
+    cross: Option<Histogram>,
 }
 
 pub async fn run(common: Common, args: Args) -> Result<bool> {
@@ -62,7 +64,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         "fanout",
         json!({"members": args.members, "rates": args.rates, "step_s": args.step_s,
             "p99_limit_ms": args.p99_limit_ms, "pad": args.pad, "publishers": args.publishers,
-            "sessions_per_user": args.sessions_per_user}),
+            "sessions_per_user": args.sessions_per_user, "nodes": common.nodes}),
     );
     let mut rows: Vec<StepRow> = Vec::new();
     let mut notes = Vec::new();
@@ -88,11 +90,14 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             "p50 ms",
             "p99 ms",
             "p99.9 ms",
+            "cross-node p50 ms",
+            "cross-node p99 ms",
             "server CPU %",
         ],
     );
     for r in &rows {
         let s = r.hist.summary();
+        let cross = r.cross.as_ref().map(|h| h.summary());
         steps.row(vec![
             r.target.into(),
             r.members.to_string(),
@@ -104,6 +109,8 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             ms(s.p50_ms),
             ms(s.p99_ms),
             ms(s.p999_ms),
+            cross.as_ref().map_or("-".into(), |c| ms(c.p50_ms)),
+            cross.as_ref().map_or("-".into(), |c| ms(c.p99_ms)),
             format!("{:.0}", r.cpu),
         ]);
     }
@@ -210,6 +217,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         "target": r.target, "members": r.members, "rate": r.rate, "achieved": r.achieved,
         "delivered": r.delivered, "expected": r.expected, "deliveries_per_s": r.del_per_s,
         "server_cpu_pct": r.cpu, "latency": r.hist.summary(),
+        "cross_node_latency": r.cross.as_ref().map(|h| h.summary()),
     })).collect::<Vec<_>>());
     report.write(&common.out)?;
     Ok(true)
@@ -243,11 +251,14 @@ async fn one(
             class: 0,
         })
         .collect();
+    let targets = sut.addrs();
+    let nodes = targets.len().max(1);
     let plan = Plan {
         proto,
         target: sut.addr(),
+        targets,
         conns,
-        workers: worker_count(m, common.workers, common.per_worker),
+        workers: worker_count(m, common.workers, common.per_worker).max(nodes),
         concurrency: common.concurrency,
         pad: args.pad,
         track_ids: false,
@@ -278,17 +289,34 @@ async fn one(
     let mut counter = 0;
     for (k, &rate) in args.rates.iter().enumerate() {
         let step = k as u32 + 1;
-        let cpu = CpuMeter::start(sut.pid());
+        let cpus: Vec<CpuMeter> = sut.pids().into_iter().map(CpuMeter::start).collect();
         let dur = Duration::from_secs(args.step_s);
         let (sent, achieved) =
             pace(&mut pubs, &room, rate, dur, step, args.pad, &mut counter).await?;
-        let cpu_pct = cpu.percent();
+        let cpu_pct: f64 = cpus.iter().map(CpuMeter::percent).sum();
         let expected = sent * members;
         let delivered = workers
             .drain(step, expected, Duration::from_secs(3))
             .await?;
-        let hist = workers.collect(step).await?;
+        // Publishers are on node 0; worker w's members on node w % nodes.
+        let each = workers.collect_each(step).await?;
+        let mut hist = Histogram::new();
+        let mut cross = Histogram::new();
+        for (w, h) in each.iter().enumerate() {
+            hist.merge(h);
+            if w % nodes != 0 {
+                cross.merge(h);
+            }
+        }
+        let cross = (nodes > 1).then_some(cross);
         let s = hist.summary();
+        if let Some(c) = &cross {
+            let c = c.summary();
+            eprintln!(
+                "{name} M={m} rate {rate}: cross-node p50 {:.2} p99 {:.2} ms",
+                c.p50_ms, c.p99_ms
+            );
+        }
         eprintln!(
             "{name} M={m} rate {rate}: sent {sent} ({achieved:.0}/s) delivered {delivered}/{expected} p50 {:.2} p99 {:.2} p99.9 {:.2} ms cpu {cpu_pct:.0}%",
             s.p50_ms, s.p99_ms, s.p999_ms
@@ -304,6 +332,7 @@ async fn one(
             del_per_s: delivered as f64 / dur.as_secs_f64(),
             cpu: cpu_pct,
             hist,
+            cross,
         });
         if over {
             break;

@@ -74,6 +74,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         let plan = Plan {
             proto,
             target: sut.addr(),
+            targets: Vec::new(),
             conns,
             workers: worker_count(args.conns, common.workers, common.per_worker),
             concurrency: common.concurrency,

@@ -10,7 +10,7 @@ pub mod reconnect;
 pub mod smoke;
 pub mod stats_bench;
 
-use crate::procs::{Db, Peer, Server};
+use crate::procs::{Cluster, Db, Peer, Server};
 use crate::worker::Proto;
 use anyhow::Result;
 use std::net::SocketAddr;
@@ -49,6 +49,14 @@ pub struct Common {
     /// Extra server settings, KEY=VALUE (e.g. STUDYHALL_OUTBOX_FRAMES=4096); repeatable.
     #[arg(long = "server-env")]
     pub server_env: Vec<String>,
+    /// Cluster mode (fanout, classroom): start this many studyhall nodes on one PostgreSQL
+    /// database and the NATS at --bus-url, and spread the clients over them (worker w on node
+    /// w % N). Unset: one node on SQLite, as before.
+    #[arg(long)]
+    pub nodes: Option<usize>,
+    /// The NATS the nodes share (loopback only).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub bus_url: String,
 }
 
 impl Common {
@@ -74,6 +82,23 @@ impl Common {
         Server::start(&bin, db, &self.extra_env(), &dir).await
     }
 
+    /// `--nodes N`: a fresh cluster of N nodes on one new PostgreSQL database.
+    pub async fn cluster(&self, tag: &str, n: usize) -> Result<Cluster> {
+        let bin = crate::procs::server_bin(self.server_bin.clone())?;
+        let dir = self.out.join("run").join(tag);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Cluster::start(
+            &bin,
+            &self.pg_url,
+            &self.bus_url,
+            n,
+            &self.extra_env(),
+            &dir,
+        )
+        .await
+    }
+
     pub fn targets(&self) -> Vec<Proto> {
         let mut t = vec![Proto::Studyhall];
         for p in &self.peers {
@@ -90,6 +115,7 @@ impl Common {
 /// The system under test for one target: a studyhall server or a peer process.
 pub enum Sut {
     Studyhall(Server),
+    Cluster(Cluster),
     Peer(Peer),
 }
 
@@ -97,7 +123,10 @@ impl Sut {
     pub async fn start(common: &Common, proto: Proto, tag: &str) -> Result<Self> {
         let work = common.out.join("run").join(tag);
         Ok(match proto {
-            Proto::Studyhall => Sut::Studyhall(common.server(tag, false).await?),
+            Proto::Studyhall => match common.nodes {
+                Some(n) => Sut::Cluster(common.cluster(tag, n).await?),
+                None => Sut::Studyhall(common.server(tag, false).await?),
+            },
             Proto::Nats => Sut::Peer(Peer::nats(&common.nats_bin, &work).await?),
             Proto::Socketio => Sut::Peer(Peer::socketio(&work).await?),
         })
@@ -106,23 +135,41 @@ impl Sut {
     pub fn addr(&self) -> SocketAddr {
         match self {
             Sut::Studyhall(s) => s.addr,
+            Sut::Cluster(c) => c.nodes[0].addr,
             Sut::Peer(p) => p.addr,
         }
     }
 
-    pub fn pid(&self) -> u32 {
+    /// Every node of a cluster (empty for one process: workers then use `addr`).
+    pub fn addrs(&self) -> Vec<SocketAddr> {
         match self {
-            Sut::Studyhall(s) => s.pid,
-            Sut::Peer(p) => p.pid,
+            Sut::Cluster(c) => c.addrs(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pids()[0]
+    }
+
+    /// The server processes (all nodes of a cluster).
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Sut::Studyhall(s) => vec![s.pid],
+            Sut::Cluster(c) => c.nodes.iter().map(|s| s.pid).collect(),
+            Sut::Peer(p) => vec![p.pid],
         }
     }
 
     /// Rooms must exist before studyhall clients join them; peers make rooms on demand.
     pub async fn rooms(&self, ids: &[String], kind: &str) -> Result<()> {
-        if let Sut::Studyhall(s) = self {
-            for id in ids {
-                s.create_room(id, kind).await?;
-            }
+        let first = match self {
+            Sut::Studyhall(s) => s,
+            Sut::Cluster(c) => &c.nodes[0],
+            Sut::Peer(_) => return Ok(()),
+        };
+        for id in ids {
+            first.create_room(id, kind).await?;
         }
         Ok(())
     }
@@ -130,6 +177,7 @@ impl Sut {
     pub async fn stop(self) -> Result<()> {
         match self {
             Sut::Studyhall(s) => s.stop().await,
+            Sut::Cluster(c) => c.stop().await,
             Sut::Peer(p) => {
                 drop(p);
                 Ok(())

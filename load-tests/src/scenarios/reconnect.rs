@@ -98,6 +98,7 @@ pub async fn phase(common: &Common, server: &Server, p: &Params) -> Result<Outco
     let plan = Plan {
         proto: Proto::Studyhall,
         target: server.addr,
+        targets: Vec::new(),
         conns,
         workers: p.workers,
         concurrency: common.concurrency,

@@ -45,6 +45,7 @@ pub async fn run(common: Common) -> Result<bool> {
     let plan = Plan {
         proto: Proto::Studyhall,
         target: server.addr,
+        targets: Vec::new(),
         conns,
         workers: 2,
         concurrency: common.concurrency,

@@ -1,0 +1,1151 @@
+//! Cluster mode: several studyhall nodes on one PostgreSQL, joined by NATS. It owns the NATS
+//! connection and everything that crosses nodes:
+//!
+//! - **Room events.** After commit, the committing node publishes each event once on the
+//!   room's subject; every node with local members of the room is subscribed (from its first
+//!   local member to its last) and hands the events to its hub through a per-room
+//!   [`RoomSequencer`], in seq order, refilling from the store what NATS lost (a gap that
+//!   stays open past `bus_gap_ms`, or a `last_seq` sweep). The bus is a lossy hint; the store
+//!   is the truth.
+//! - **Room notices and kicks** (typing, muted, slow_mode, report, overdue) on the same subject.
+//! - **Directed frames** (calls, signals) on the owning node's subject: session and call ids
+//!   end in `.NODE`. Call commands for a call another node owns are forwarded there as a
+//!   request and answered.
+//! - **Presence**: each node's heartbeat lists its online users per room and its sessions;
+//!   the union over live nodes is who is online, and a node silent past `presence_ttl_ms`
+//!   drops out.
+//! - **Control**: policy-cache invalidation and closed sessions, to every node.
+//!
+//! It knows nothing of sockets or SQL: it calls the hub, the store API and `rtc`.
+
+use crate::App;
+use crate::config::Config;
+use crate::error::Error;
+use crate::hub::{Frame, Hub, NoticeTo, Relayed};
+use crate::metrics::Metrics;
+use crate::protocol::{RoomId, UserId, UserRef};
+use crate::sequencer::{Offered, RoomSequencer};
+use crate::store::{CommittedEvent, Store, StoreError};
+use async_nats::{Client, ConnectOptions, Event, Message, Subscriber};
+use bytes::{BufMut, Bytes, BytesMut};
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// Subject prefix of every studyhall subject.
+const PREFIX: &str = "studyhall";
+/// Every node's heartbeat.
+const PRESENCE_SUBJECT: &str = "studyhall.presence";
+/// Cluster-wide control (policy invalidation, closed sessions).
+const CTL_SUBJECT: &str = "studyhall.ctl";
+/// Events read from the store per refill query.
+const REFILL_PAGE: u32 = 1000;
+/// Messages queued for the publisher task; past it a publish is dropped (and refilled by the
+/// receivers, like any NATS loss).
+const OUT_QUEUE: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {why}")]
+    Connect { url: String, why: String },
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain maps updated without awaiting: usable after a panic elsewhere.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A subject token for an id: bytes outside `[A-Za-z0-9_-]` (the `.` of room ids above all)
+/// become `~XX`, so the encoding is one token and one-to-one.
+pub fn subject_token(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("~{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn room_subject(room: &RoomId) -> String {
+    format!("{PREFIX}.room.{}", subject_token(room.as_str()))
+}
+
+pub fn node_subject(node: &str) -> String {
+    format!("{PREFIX}.node.{node}")
+}
+
+/// The node named at the end of a cluster session or call id (`s….NODE`, `c….NODE`).
+pub fn node_of(id: &str) -> Option<&str> {
+    id.rsplit_once('.').map(|(_, n)| n)
+}
+
+// -- the bus's own message encoding (between nodes only; never seen by clients) --------------
+
+struct Writer(BytesMut);
+
+impl Writer {
+    fn new(tag: u8, cap: usize) -> Self {
+        let mut b = BytesMut::with_capacity(cap + 1);
+        b.put_u8(tag);
+        Self(b)
+    }
+    fn str16(mut self, s: &str) -> Self {
+        let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        self.0.put_u16(bytes.len() as u16);
+        self.0.put_slice(bytes);
+        self
+    }
+    fn rest(mut self, s: &[u8]) -> Bytes {
+        self.0.put_slice(s);
+        self.0.freeze()
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn u8(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
+    }
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn str16(&mut self) -> Option<&'a str> {
+        let n = u16::from_be_bytes(self.take(2)?.try_into().ok()?) as usize;
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+    fn rest_str(&mut self) -> Option<&'a str> {
+        let s = std::str::from_utf8(self.0).ok();
+        self.0 = &[];
+        s
+    }
+}
+
+const TAG_EVENT: u8 = b'E';
+const TAG_NOTICE: u8 = b'N';
+const TAG_KICK: u8 = b'K';
+const TAG_HAND: u8 = b'H';
+const TAG_STAGE: u8 = b'T';
+const TAG_SESSION_FRAME: u8 = b'S';
+const TAG_CALL: u8 = b'R';
+const TAG_INVALIDATE: u8 = b'I';
+const TAG_SESSION_CLOSED: u8 = b'X';
+
+fn encode_event(ev: &CommittedEvent) -> Bytes {
+    let public = ev.public_json.as_deref().unwrap_or("");
+    let mut b = BytesMut::with_capacity(ev.json.len() + public.len() + 26);
+    b.put_u8(TAG_EVENT);
+    b.put_i64(ev.seq);
+    b.put_u64(now_us());
+    b.put_u32(ev.json.len() as u32);
+    b.put_slice(ev.json.as_bytes());
+    b.put_u8(u8::from(ev.public_json.is_some()));
+    b.put_slice(public.as_bytes());
+    b.freeze()
+}
+
+/// An event and when it was published (µs since the epoch).
+fn decode_event(room: &RoomId, payload: &[u8]) -> Option<(CommittedEvent, u64)> {
+    let mut r = Reader(payload.get(1..)?);
+    let seq = r.u64()? as i64;
+    let ts = r.u64()?;
+    let n = r.u32()? as usize;
+    let json = std::str::from_utf8(r.take(n)?).ok()?.to_owned();
+    let has_public = r.u8()? == 1;
+    let rest = r.rest_str()?;
+    let public_json = has_public.then(|| rest.to_owned());
+    Some((
+        CommittedEvent {
+            room: room.clone(),
+            seq,
+            json,
+            public_json,
+        },
+        ts,
+    ))
+}
+
+fn encode_notice(frame: &Frame, to: &NoticeTo) -> Bytes {
+    let (tag, user) = match to {
+        NoticeTo::Everyone => (0u8, ""),
+        NoticeTo::Others(u) => (1, u.as_str()),
+        NoticeTo::Moderators(None) => (2, ""),
+        NoticeTo::Moderators(Some(u)) => (3, u.as_str()),
+        NoticeTo::User(u) => (4, u.as_str()),
+    };
+    let mut w = Writer::new(TAG_NOTICE, frame.len() + user.len() + 3);
+    w.0.put_u8(tag);
+    w.str16(user).rest(frame.as_str().as_bytes())
+}
+
+fn decode_notice(payload: &[u8]) -> Option<(Frame, NoticeTo)> {
+    let mut r = Reader(payload.get(1..)?);
+    let tag = r.u8()?;
+    let user = UserId::from(r.str16()?);
+    let to = match tag {
+        0 => NoticeTo::Everyone,
+        1 => NoticeTo::Others(user),
+        2 => NoticeTo::Moderators(None),
+        3 => NoticeTo::Moderators(Some(user)),
+        4 => NoticeTo::User(user),
+        _ => return None,
+    };
+    Some((Frame::from(r.rest_str()?.to_owned()), to))
+}
+
+/// A call command forwarded to the node that owns the call.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CallCommand {
+    /// `accept`, `reject`, `hangup`, `resume` or `signal`.
+    pub action: String,
+    pub call_id: String,
+    pub user: String,
+    pub session: String,
+    #[serde(default)]
+    pub data: Option<serde_json::Value>,
+}
+
+/// The owning node's answer: `code` is `None` for success.
+#[derive(Debug, Serialize, Deserialize)]
+struct CallAnswer {
+    code: Option<String>,
+    message: String,
+}
+
+fn error_from(code: &str, message: String) -> Error {
+    match code {
+        "bad_request" => Error::BadRequest(message),
+        "forbidden" => Error::Forbidden(message),
+        "not_found" => Error::NotFound(message),
+        "conflict" => Error::Conflict(message),
+        "not_member" => Error::NotMember(message),
+        "unavailable" => Error::Unavailable(message),
+        _ => Error::Internal(message),
+    }
+}
+
+/// One node's heartbeat: who is online where on it, and its sessions.
+#[derive(Debug, Serialize, Deserialize)]
+struct Heartbeat {
+    node: String,
+    /// Random per process start: a restarted node with the same name starts afresh.
+    epoch: u64,
+    version: u64,
+    /// The node is going away: drop it now rather than at expiry.
+    leaving: bool,
+    rooms: Vec<(RoomId, Vec<UserRef>)>,
+    sessions: Vec<(UserId, Vec<(String, bool)>)>,
+}
+
+struct NodeView {
+    epoch: u64,
+    version: u64,
+    seen: Instant,
+    rooms: HashMap<RoomId, HashMap<UserId, UserRef>>,
+    sessions: Vec<(UserId, Vec<(String, bool)>)>,
+}
+
+/// Ready state of a room's subscription.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sub {
+    Pending,
+    Subscribed,
+}
+
+struct RoomEntry {
+    seq: Mutex<RoomSequencer>,
+    subscribed: watch::Sender<Sub>,
+    /// Set (under `seq`) when the last local member left: nothing more goes to the hub.
+    dead: AtomicBool,
+    refilling: AtomicBool,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct RoomSlot {
+    /// Local sessions that have joined the room.
+    refs: usize,
+    /// The first joiner subscribes.
+    fresh: bool,
+    entry: Arc<RoomEntry>,
+}
+
+/// The node's side of the cluster.
+pub struct Bus {
+    pub node: String,
+    client: Client,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    store: OnceLock<Store>,
+    rooms: DashMap<RoomId, RoomSlot>,
+    out: mpsc::Sender<(String, Bytes)>,
+    out_rx: Mutex<Option<mpsc::Receiver<(String, Bytes)>>>,
+    /// Woken by NATS reconnects and slow-consumer events: check every room against the store.
+    sweep_now: Arc<Notify>,
+    gap: Duration,
+    sweep: Duration,
+    heartbeat: Duration,
+    ttl: Duration,
+    request_timeout: Duration,
+    nodes: Mutex<HashMap<String, NodeView>>,
+    /// The app, for what remote events change outside the hub (slow-mode clocks).
+    app: OnceLock<Weak<App>>,
+    epoch: u64,
+    version: AtomicU64,
+    leaving: AtomicBool,
+}
+
+impl Bus {
+    /// Connects to NATS (failing at once if it cannot: a misconfigured cluster must say so at
+    /// start).
+    pub async fn connect(
+        cfg: &Config,
+        url: &str,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, BusError> {
+        let node = cfg
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("n{:08x}", rand::random::<u32>()));
+        let sweep_now = Arc::new(Notify::new());
+        let events = sweep_now.clone();
+        let event_node = node.clone();
+        let client = ConnectOptions::new()
+            .name(format!("studyhall-{node}"))
+            .no_echo()
+            .request_timeout(Some(Duration::from_millis(cfg.bus_request_timeout_ms)))
+            .event_callback(move |ev| {
+                let events = events.clone();
+                let node = event_node.clone();
+                async move {
+                    match ev {
+                        Event::Connected => {
+                            tracing::info!(node = %node, "NATS connected: checking rooms for gaps");
+                            events.notify_one();
+                        }
+                        Event::SlowConsumer(sid) => {
+                            tracing::warn!(node = %node, sid, "NATS slow consumer: refilling from the store");
+                            events.notify_one();
+                        }
+                        Event::Disconnected => {
+                            tracing::warn!(node = %node, "NATS disconnected")
+                        }
+                        other => tracing::info!(node = %node, event = %other, "NATS event"),
+                    }
+                }
+            })
+            .connect(url)
+            .await
+            .map_err(|e| BusError::Connect {
+                url: url.to_owned(),
+                why: e.to_string(),
+            })?;
+        let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+        tracing::info!(node = %node, "joined the cluster bus");
+        Ok(Arc::new(Self {
+            node,
+            client,
+            hub,
+            metrics,
+            store: OnceLock::new(),
+            rooms: DashMap::new(),
+            out,
+            out_rx: Mutex::new(Some(out_rx)),
+            sweep_now,
+            gap: Duration::from_millis(cfg.bus_gap_ms),
+            sweep: Duration::from_millis(cfg.bus_sweep_ms),
+            heartbeat: Duration::from_millis(cfg.presence_heartbeat_ms),
+            ttl: Duration::from_millis(cfg.presence_ttl_ms),
+            request_timeout: Duration::from_millis(cfg.bus_request_timeout_ms),
+            nodes: Mutex::new(HashMap::new()),
+            app: OnceLock::new(),
+            epoch: rand::random(),
+            version: AtomicU64::new(0),
+            leaving: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn set_store(&self, store: Store) {
+        let _ = self.store.set(store);
+    }
+
+    fn store(&self) -> Result<&Store, StoreError> {
+        self.store.get().ok_or(StoreError::Closed)
+    }
+
+    /// Queues a message for the publisher task without waiting; false if the queue is full.
+    fn enqueue(&self, subject: String, payload: Bytes) -> bool {
+        self.out.try_send((subject, payload)).is_ok()
+    }
+
+    /// The commit hook in cluster mode (runs in commit order on the committing node): publish
+    /// once on the room's subject, and hand the event to this node's sequencer.
+    pub fn committed(&self, ev: CommittedEvent) {
+        if self.enqueue(room_subject(&ev.room), encode_event(&ev)) {
+            self.metrics.bus_published.fetch_add(1, Relaxed);
+        }
+        let entry = self.rooms.get(&ev.room).map(|s| s.entry.clone());
+        if let Some(entry) = entry {
+            self.offer(&entry, ev, false);
+        }
+    }
+
+    /// Hands an event to the room's sequencer; what follows in order goes to the hub, under
+    /// the room's lock so that the hub sees seq order.
+    fn offer(&self, entry: &RoomEntry, ev: CommittedEvent, refill: bool) {
+        let mut seq = lock(&entry.seq);
+        if entry.dead.load(Relaxed) {
+            return;
+        }
+        let hub = &self.hub;
+        match seq.offer(ev, Instant::now(), &mut |e| hub.publish(e)) {
+            Offered::Delivered if refill => {
+                self.metrics.bus_refilled_events.fetch_add(1, Relaxed);
+            }
+            Offered::Duplicate if !refill => {
+                self.metrics.bus_duplicates.fetch_add(1, Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// A local session is joining `room`: make sure this node is subscribed to it and knows
+    /// where its sequence stands, BEFORE the session's gate is set and its replay read, so
+    /// every event after the replay reaches the hub in order. Balanced by [`Bus::leave_room`]
+    /// (also when this fails).
+    pub async fn enter_room(self: &Arc<Self>, room: &RoomId) -> Result<(), StoreError> {
+        let (entry, fresh) = {
+            let mut slot = self.rooms.entry(room.clone()).or_insert_with(|| RoomSlot {
+                refs: 0,
+                fresh: true,
+                entry: Arc::new(RoomEntry {
+                    seq: Mutex::new(RoomSequencer::new()),
+                    subscribed: watch::channel(Sub::Pending).0,
+                    dead: AtomicBool::new(false),
+                    refilling: AtomicBool::new(false),
+                    task: Mutex::new(None),
+                }),
+            });
+            slot.refs += 1;
+            (slot.entry.clone(), std::mem::take(&mut slot.fresh))
+        };
+        if fresh {
+            match self.client.subscribe(room_subject(room)).await {
+                Ok(sub) => {
+                    let task =
+                        tokio::spawn(self.clone().room_task(room.clone(), entry.clone(), sub));
+                    *lock(&entry.task) = Some(task);
+                    if entry.dead.load(Relaxed) {
+                        // The last member left while this was subscribing.
+                        if let Some(t) = lock(&entry.task).take() {
+                            t.abort();
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(room = %room, error = %e, "NATS subscribe failed; the sweep refills this room")
+                }
+            }
+            // The server has the subscription once a round trip has come back.
+            let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
+            entry.subscribed.send_replace(Sub::Subscribed);
+        } else {
+            let mut rx = entry.subscribed.subscribe();
+            let _ = rx.wait_for(|s| *s == Sub::Subscribed).await;
+        }
+        if lock(&entry.seq).next().is_none() {
+            let last = match self.store() {
+                Ok(store) => store.last_seq(room).await,
+                Err(e) => Err(e),
+            };
+            match last {
+                Ok(last) => {
+                    let mut seq = lock(&entry.seq);
+                    let hub = &self.hub;
+                    if !entry.dead.load(Relaxed) {
+                        seq.start(last, Instant::now(), &mut |e| hub.publish(e));
+                    }
+                }
+                Err(e) => {
+                    self.leave_room(room);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A local session left `room` (or failed to join it): after the last one, unsubscribe.
+    pub fn leave_room(&self, room: &RoomId) {
+        let removed = self.rooms.remove_if_mut(room, |_, slot| {
+            slot.refs = slot.refs.saturating_sub(1);
+            slot.refs == 0
+        });
+        if let Some((_, slot)) = removed {
+            let _seq = lock(&slot.entry.seq);
+            slot.entry.dead.store(true, Relaxed);
+            if let Some(task) = lock(&slot.entry.task).take() {
+                // Dropping the subscriber unsubscribes.
+                task.abort();
+            }
+        }
+    }
+
+    /// Rooms this node is subscribed to.
+    pub fn subscribed_rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
+    async fn room_task(self: Arc<Self>, room: RoomId, entry: Arc<RoomEntry>, mut sub: Subscriber) {
+        while let Some(msg) = sub.next().await {
+            match msg.payload.first() {
+                Some(&TAG_EVENT) => {
+                    let Some((ev, ts)) = decode_event(&room, &msg.payload) else {
+                        continue;
+                    };
+                    self.metrics.bus_received.fetch_add(1, Relaxed);
+                    if let Some(app) = self.app.get().and_then(Weak::upgrade) {
+                        app.policies.remote_event(&room, &ev.json);
+                    }
+                    self.metrics
+                        .bus_latency(Duration::from_micros(now_us().saturating_sub(ts)));
+                    self.offer(&entry, ev, false);
+                }
+                Some(&TAG_NOTICE) => {
+                    if let Some((frame, to)) = decode_notice(&msg.payload) {
+                        self.hub.apply_notice(&room, &frame, &to);
+                    }
+                }
+                Some(&TAG_KICK) => {
+                    let mut r = Reader(&msg.payload[1..]);
+                    if let (Some(user), Some(reason)) = (r.str16(), r.rest_str()) {
+                        self.hub.kick_local(&room, &UserId::from(user), reason);
+                    }
+                }
+                Some(&TAG_HAND) => {
+                    let mut r = Reader(&msg.payload[1..]);
+                    let (Some(raised), Some(ts)) = (r.u8(), r.u64()) else {
+                        continue;
+                    };
+                    if let Ok(user) = serde_json::from_slice::<UserRef>(r.0) {
+                        self.hub.apply_hand(&room, &user, raised == 1, ts as i64);
+                    }
+                }
+                Some(&TAG_STAGE) => {
+                    let mut r = Reader(&msg.payload[1..]);
+                    let Some(on) = r.u8() else { continue };
+                    let Ok(user) = serde_json::from_slice::<UserRef>(r.0) else {
+                        continue;
+                    };
+                    if self.hub.apply_stage(&room, &user, on == 1)
+                        && let Some(app) = self.app.get().and_then(Weak::upgrade)
+                    {
+                        crate::rtc::stage_changed(&app, &room, &user.id, on == 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads the seqs after the last one handed on from the store and offers them.
+    async fn refill(self: Arc<Self>, room: RoomId, entry: Arc<RoomEntry>) {
+        if entry.refilling.swap(true, AcqRel) {
+            return;
+        }
+        self.metrics.bus_gap_refills.fetch_add(1, Relaxed);
+        loop {
+            let Some(after) = lock(&entry.seq).next().map(|n| n - 1) else {
+                break;
+            };
+            let page = match self.store() {
+                Ok(store) => store.committed_after(&room, after, REFILL_PAGE).await,
+                Err(e) => Err(e),
+            };
+            match page {
+                Ok(events) => {
+                    let n = events.len();
+                    for ev in events {
+                        self.offer(&entry, ev, true);
+                    }
+                    if n < REFILL_PAGE as usize || entry.dead.load(Relaxed) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(room = %room, error = %e, "gap refill failed; retrying at the next check");
+                    break;
+                }
+            }
+        }
+        entry.refilling.store(false, Relaxed);
+    }
+
+    /// Refills rooms whose gap has been open past the bound.
+    async fn gap_task(self: Arc<Self>) {
+        let mut tick = tokio::time::interval((self.gap / 2).max(Duration::from_millis(5)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let due: Vec<(RoomId, Arc<RoomEntry>)> = self
+                .rooms
+                .iter()
+                .filter(|s| lock(&s.entry.seq).refill_due(now, self.gap).is_some())
+                .map(|s| (s.key().clone(), s.entry.clone()))
+                .collect();
+            for (room, entry) in due {
+                tokio::spawn(self.clone().refill(room, entry));
+            }
+        }
+    }
+
+    /// Compares every subscribed room's `last_seq` in the store with what was handed on: an
+    /// event lost at the end of a burst shows no gap until this looks.
+    async fn sweep_task(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.sweep) => {}
+                _ = self.sweep_now.notified() => {}
+            }
+            let rooms: Vec<(RoomId, Arc<RoomEntry>)> = self
+                .rooms
+                .iter()
+                .map(|s| (s.key().clone(), s.entry.clone()))
+                .collect();
+            let Ok(store) = self.store() else { continue };
+            for (room, entry) in rooms {
+                let Some(next) = lock(&entry.seq).next() else {
+                    continue;
+                };
+                match store.last_seq(&room).await {
+                    Ok(last) if last >= next => {
+                        tokio::spawn(self.clone().refill(room, entry));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(room = %room, error = %e, "sweep: last_seq failed"),
+                }
+            }
+        }
+    }
+
+    async fn publisher_task(self: Arc<Self>, mut rx: mpsc::Receiver<(String, Bytes)>) {
+        let mut failures = 0u64;
+        while let Some((subject, payload)) = rx.recv().await {
+            if let Err(e) = self.client.publish(subject, payload).await {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(error = %e, failures, "NATS publish failed (receivers refill from the store)");
+                }
+            }
+        }
+    }
+
+    // -- directed traffic ---------------------------------------------------------------------
+
+    /// Queues a frame to a session on whichever node holds it. False if it is a local session
+    /// that is gone (a remote one is sent and assumed there).
+    pub fn send_to_session(&self, session: &str, frame: &Frame) -> bool {
+        match node_of(session) {
+            Some(node) if node != self.node => {
+                let payload = Writer::new(TAG_SESSION_FRAME, session.len() + frame.len() + 2)
+                    .str16(session)
+                    .rest(frame.as_str().as_bytes());
+                self.metrics.bus_directed.fetch_add(1, Relaxed);
+                self.enqueue(node_subject(node), payload)
+            }
+            _ => self.hub.send_to_session(session, frame),
+        }
+    }
+
+    /// The node that owns a call id, when it is not this one.
+    pub fn remote_owner<'a>(&self, call_id: &'a str) -> Option<&'a str> {
+        node_of(call_id).filter(|n| *n != self.node)
+    }
+
+    /// Forwards a call command to the node that owns the call and waits for its answer.
+    pub async fn forward_call(&self, node: &str, cmd: &CallCommand) -> Result<(), Error> {
+        let body = serde_json::to_vec(cmd).map_err(|e| Error::Internal(e.to_string()))?;
+        let payload = Writer::new(TAG_CALL, body.len()).rest(&body);
+        let answer = tokio::time::timeout(
+            self.request_timeout,
+            self.client.request(node_subject(node), payload),
+        )
+        .await;
+        let msg = match answer {
+            Ok(Ok(msg)) => msg,
+            _ => {
+                return Err(Error::Unavailable(
+                    "the node holding this call did not answer".into(),
+                ));
+            }
+        };
+        let answer: CallAnswer = serde_json::from_slice(&msg.payload)
+            .map_err(|e| Error::Internal(format!("bad call answer: {e}")))?;
+        match answer.code {
+            None => Ok(()),
+            Some(code) => Err(error_from(&code, answer.message)),
+        }
+    }
+
+    async fn node_task(self: Arc<Self>, app: Arc<App>, mut sub: Subscriber) {
+        while let Some(msg) = sub.next().await {
+            match msg.payload.first() {
+                Some(&TAG_SESSION_FRAME) => {
+                    let mut r = Reader(&msg.payload[1..]);
+                    if let (Some(sid), Some(frame)) = (r.str16(), r.rest_str()) {
+                        self.hub
+                            .send_to_session(sid, &Frame::from(frame.to_owned()));
+                    }
+                }
+                Some(&TAG_CALL) => self.answer_call(&app, msg).await,
+                _ => {}
+            }
+        }
+    }
+
+    async fn answer_call(&self, app: &Arc<App>, msg: Message) {
+        let Some(reply) = msg.reply else { return };
+        let answer = match serde_json::from_slice::<CallCommand>(&msg.payload[1..]) {
+            Ok(cmd) => match crate::rtc::remote_call(app, cmd) {
+                Ok(()) => CallAnswer {
+                    code: None,
+                    message: String::new(),
+                },
+                Err(e) => CallAnswer {
+                    code: Some(e.code().as_str().to_owned()),
+                    message: e.public_message(),
+                },
+            },
+            Err(e) => CallAnswer {
+                code: Some("bad_request".into()),
+                message: format!("bad call command: {e}"),
+            },
+        };
+        if let Ok(body) = serde_json::to_vec(&answer)
+            && let Err(e) = self.client.publish(reply, Bytes::from(body)).await
+        {
+            tracing::warn!(error = %e, "could not answer a forwarded call command");
+        }
+    }
+
+    // -- control --------------------------------------------------------------------------------
+
+    /// A room's settings or mutes changed here: other nodes drop their cached policy.
+    pub fn policy_changed(&self, room: &RoomId) {
+        self.enqueue(
+            CTL_SUBJECT.into(),
+            Writer::new(TAG_INVALIDATE, room.as_str().len()).rest(room.as_str().as_bytes()),
+        );
+    }
+
+    /// A local session ended: calls on other nodes give it the grace period.
+    pub fn session_closed(&self, user: &UserId, session: &str) {
+        self.enqueue(
+            CTL_SUBJECT.into(),
+            Writer::new(TAG_SESSION_CLOSED, user.as_str().len() + session.len() + 2)
+                .str16(user.as_str())
+                .rest(session.as_bytes()),
+        );
+    }
+
+    /// Carries the hub's notices and kicks to the nodes subscribed to the room.
+    pub fn relay(&self, what: Relayed<'_>) {
+        match what {
+            Relayed::Notice { room, frame, to } => {
+                self.enqueue(room_subject(room), encode_notice(frame, &to));
+            }
+            Relayed::Kick { room, user, reason } => {
+                let payload = Writer::new(TAG_KICK, user.as_str().len() + reason.len() + 2)
+                    .str16(user.as_str())
+                    .rest(reason.as_bytes());
+                self.enqueue(room_subject(room), payload);
+            }
+            Relayed::Hand {
+                room,
+                user,
+                raised,
+                ts,
+            } => {
+                if let Ok(json) = serde_json::to_vec(user) {
+                    let mut w = Writer::new(TAG_HAND, json.len() + 9);
+                    w.0.put_u8(u8::from(raised));
+                    w.0.put_u64(ts.max(0) as u64);
+                    self.enqueue(room_subject(room), w.rest(&json));
+                }
+            }
+            Relayed::Stage { room, user, on } => {
+                if let Ok(json) = serde_json::to_vec(user) {
+                    let mut w = Writer::new(TAG_STAGE, json.len() + 1);
+                    w.0.put_u8(u8::from(on));
+                    self.enqueue(room_subject(room), w.rest(&json));
+                }
+            }
+        }
+    }
+
+    async fn ctl_task(self: Arc<Self>, app: Arc<App>, mut sub: Subscriber) {
+        while let Some(msg) = sub.next().await {
+            let mut r = Reader(&msg.payload[..]);
+            match r.u8() {
+                Some(TAG_INVALIDATE) => {
+                    if let Some(room) = r.rest_str() {
+                        app.policies.invalidate(&RoomId::from(room));
+                    }
+                }
+                Some(TAG_SESSION_CLOSED) => {
+                    if let (Some(user), Some(sid)) = (r.str16(), r.rest_str()) {
+                        crate::rtc::remote_session_closed(&app, &UserId::from(user), sid);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    // -- presence -------------------------------------------------------------------------------
+
+    fn heartbeat_now(&self, leaving: bool) -> Heartbeat {
+        Heartbeat {
+            node: self.node.clone(),
+            epoch: self.epoch,
+            version: self.version.fetch_add(1, Relaxed) + 1,
+            leaving,
+            rooms: if leaving {
+                Vec::new()
+            } else {
+                self.hub.presence_snapshot()
+            },
+            sessions: if leaving {
+                Vec::new()
+            } else {
+                self.hub.sessions_snapshot()
+            },
+        }
+    }
+
+    async fn publish_heartbeat(&self, leaving: bool) {
+        let hb = self.heartbeat_now(leaving);
+        match serde_json::to_vec(&hb) {
+            Ok(body) => {
+                if let Err(e) = self
+                    .client
+                    .publish(PRESENCE_SUBJECT, Bytes::from(body))
+                    .await
+                {
+                    tracing::debug!(error = %e, "heartbeat not sent");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat not encoded"),
+        }
+    }
+
+    /// Sends this node's heartbeat every `presence_heartbeat_ms`, and soon after a local
+    /// presence change (a quarter heartbeat later, at least 50 ms); expires silent nodes.
+    async fn heartbeat_task(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.heartbeat) => {}
+                _ = self.hub.presence_changed.notified() => {
+                    // Coalesce a burst of joins into one heartbeat.
+                    tokio::time::sleep((self.heartbeat / 4).max(Duration::from_millis(50))).await;
+                }
+            }
+            if self.leaving.load(Relaxed) {
+                continue;
+            }
+            self.publish_heartbeat(false).await;
+            self.expire(Instant::now());
+        }
+    }
+
+    async fn presence_task(self: Arc<Self>, mut sub: Subscriber) {
+        while let Some(msg) = sub.next().await {
+            match serde_json::from_slice::<Heartbeat>(&msg.payload) {
+                Ok(hb) if hb.node != self.node => self.apply_heartbeat(hb),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "bad heartbeat"),
+            }
+        }
+    }
+
+    fn apply_heartbeat(&self, hb: Heartbeat) {
+        let mut nodes = lock(&self.nodes);
+        if let Some(old) = nodes.get_mut(&hb.node)
+            && old.epoch == hb.epoch
+        {
+            if hb.version <= old.version {
+                return;
+            }
+            if !hb.leaving && same_rooms(&old.rooms, &hb.rooms) {
+                // The common case: nothing changed but the time.
+                old.seen = Instant::now();
+                old.version = hb.version;
+                let sessions_same = old.sessions == hb.sessions;
+                old.sessions = hb.sessions;
+                if !sessions_same {
+                    self.publish_directory(&nodes);
+                }
+                return;
+            }
+        }
+        let old = nodes.remove(&hb.node).map(|n| n.rooms).unwrap_or_default();
+        let new: HashMap<RoomId, HashMap<UserId, UserRef>> = if hb.leaving {
+            HashMap::new()
+        } else {
+            hb.rooms
+                .into_iter()
+                .map(|(room, users)| {
+                    let users = users.into_iter().map(|u| (u.id.clone(), u)).collect();
+                    (room, users)
+                })
+                .collect()
+        };
+        self.transitions(&nodes, &old, &new);
+        if !hb.leaving {
+            nodes.insert(
+                hb.node,
+                NodeView {
+                    epoch: hb.epoch,
+                    version: hb.version,
+                    seen: Instant::now(),
+                    rooms: new,
+                    sessions: hb.sessions,
+                },
+            );
+        }
+        self.publish_directory(&nodes);
+    }
+
+    /// Presence changes of one node going from `old` to `new`, given the other nodes.
+    fn transitions(
+        &self,
+        others: &HashMap<String, NodeView>,
+        old: &HashMap<RoomId, HashMap<UserId, UserRef>>,
+        new: &HashMap<RoomId, HashMap<UserId, UserRef>>,
+    ) {
+        let elsewhere = |room: &RoomId, user: &UserId| {
+            others
+                .values()
+                .any(|n| n.rooms.get(room).is_some_and(|m| m.contains_key(user)))
+        };
+        for (room, users) in old {
+            for (id, user) in users {
+                let still = new.get(room).is_some_and(|m| m.contains_key(id));
+                if !still && !elsewhere(room, id) {
+                    self.hub.remote_presence(room, user, false);
+                }
+            }
+        }
+        for (room, users) in new {
+            for (id, user) in users {
+                let before = old.get(room).is_some_and(|m| m.contains_key(id));
+                if !before && !elsewhere(room, id) {
+                    self.hub.remote_presence(room, user, true);
+                }
+            }
+        }
+    }
+
+    /// Tells the hub the other nodes' sessions (for ringing calls and the per-user limit).
+    fn publish_directory(&self, nodes: &HashMap<String, NodeView>) {
+        let mut all: HashMap<UserId, Vec<(String, bool)>> = HashMap::new();
+        for n in nodes.values() {
+            for (user, sessions) in &n.sessions {
+                all.entry(user.clone())
+                    .or_default()
+                    .extend(sessions.iter().cloned());
+            }
+        }
+        self.hub.set_remote_sessions(all);
+    }
+
+    /// Drops the nodes whose last heartbeat is older than the TTL.
+    fn expire(&self, now: Instant) {
+        let mut nodes = lock(&self.nodes);
+        let dead: Vec<String> = nodes
+            .iter()
+            .filter(|(_, n)| now.duration_since(n.seen) > self.ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        for node in dead {
+            tracing::warn!(node = %node, "node silent past the presence TTL: its users go offline");
+            if let Some(view) = nodes.remove(&node) {
+                self.transitions(&nodes, &view.rooms, &HashMap::new());
+            }
+        }
+        self.publish_directory(&nodes);
+    }
+
+    /// Nodes this node currently hears from (itself excluded).
+    pub fn live_nodes(&self) -> Vec<String> {
+        lock(&self.nodes).keys().cloned().collect()
+    }
+
+    // -- life cycle -----------------------------------------------------------------------------
+
+    /// Starts the bus tasks; returns them so `serve` can stop them at the end.
+    pub async fn start(self: &Arc<Self>, app: Arc<App>) -> Vec<JoinHandle<()>> {
+        let _ = self.app.set(Arc::downgrade(&app));
+        let mut tasks = Vec::new();
+        if let Some(rx) = lock(&self.out_rx).take() {
+            tasks.push(tokio::spawn(self.clone().publisher_task(rx)));
+        }
+        for (subject, kind) in [
+            (node_subject(&self.node), 0),
+            (CTL_SUBJECT.to_owned(), 1),
+            (PRESENCE_SUBJECT.to_owned(), 2),
+        ] {
+            match self.client.subscribe(subject.clone()).await {
+                Ok(sub) => tasks.push(match kind {
+                    0 => tokio::spawn(self.clone().node_task(app.clone(), sub)),
+                    1 => tokio::spawn(self.clone().ctl_task(app.clone(), sub)),
+                    _ => tokio::spawn(self.clone().presence_task(sub)),
+                }),
+                Err(e) => tracing::error!(subject, error = %e, "NATS subscribe failed"),
+            }
+        }
+        tasks.push(tokio::spawn(self.clone().gap_task()));
+        tasks.push(tokio::spawn(self.clone().sweep_task()));
+        tasks.push(tokio::spawn(self.clone().heartbeat_task()));
+        let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
+        self.publish_heartbeat(false).await;
+        tasks
+    }
+
+    /// Leaves the cluster: a last heartbeat that says so (other nodes drop this node's users
+    /// at once), then everything queued is flushed to NATS.
+    pub async fn leave(&self) {
+        self.leaving.store(true, Relaxed);
+        self.publish_heartbeat(true).await;
+        // Let the publisher task empty its queue, then make sure NATS has it all.
+        let deadline = Instant::now() + self.request_timeout;
+        while self.out.capacity() < self.out.max_capacity() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
+        tracing::info!(node = %self.node, "left the cluster bus");
+    }
+}
+
+fn same_rooms(
+    old: &HashMap<RoomId, HashMap<UserId, UserRef>>,
+    new: &[(RoomId, Vec<UserRef>)],
+) -> bool {
+    old.len() == new.len()
+        && new.iter().all(|(room, users)| {
+            old.get(room).is_some_and(|m| {
+                m.len() == users.len() && users.iter().all(|u| m.get(&u.id) == Some(u))
+            })
+        })
+}
+
+/// The hub's relay in cluster mode, holding the bus weakly (the bus holds the hub).
+pub fn hub_relay(bus: &Arc<Bus>) -> crate::hub::Relay {
+    let weak: Weak<Bus> = Arc::downgrade(bus);
+    Box::new(move |what| {
+        if let Some(bus) = weak.upgrade() {
+            bus.relay(what);
+        }
+    })
+}
+
+/// The policy cache's change announcer in cluster mode.
+pub fn policy_announcer(bus: &Arc<Bus>) -> crate::rooms::policy::ChangeHook {
+    let weak: Weak<Bus> = Arc::downgrade(bus);
+    Box::new(move |room| {
+        if let Some(bus) = weak.upgrade() {
+            bus.policy_changed(room);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_tokens_are_one_token_and_one_to_one() {
+        assert_eq!(subject_token("algebra-101"), "algebra-101");
+        assert_eq!(subject_token("a.b"), "a~2Eb");
+        assert_ne!(subject_token("a.b"), subject_token("a~2Eb"));
+        assert!(!room_subject(&RoomId::from("x.y.z"))[15..].contains('.'));
+        assert_eq!(node_of("s0123.n1"), Some("n1"));
+        assert_eq!(node_of("s0123"), None);
+    }
+
+    #[test]
+    fn events_and_notices_round_trip() {
+        let ev = CommittedEvent {
+            room: "r.1".into(),
+            seq: 42,
+            json: "{\"a\":1}".into(),
+            public_json: Some("{\"type\":\"hidden\"}".into()),
+        };
+        let (back, _) = decode_event(&"r.1".into(), &encode_event(&ev)).unwrap();
+        assert_eq!(
+            (back.seq, back.json.as_str(), back.public_json.as_deref()),
+            (42, "{\"a\":1}", Some("{\"type\":\"hidden\"}"))
+        );
+        let plain = CommittedEvent {
+            public_json: None,
+            ..ev
+        };
+        let (back, _) = decode_event(&"r".into(), &encode_event(&plain)).unwrap();
+        assert_eq!(back.public_json, None);
+        let frame = Frame::from("{\"type\":\"typing\"}");
+        let to = NoticeTo::Others(UserId::from("u1"));
+        let (f, t) = decode_notice(&encode_notice(&frame, &to)).unwrap();
+        assert_eq!((f.as_str(), t), (frame.as_str(), to));
+        assert!(decode_event(&"r".into(), b"E\x00").is_none(), "short input");
+    }
+
+    #[test]
+    fn same_rooms_compares_users() {
+        let u = UserRef {
+            id: "a".into(),
+            name: "A".into(),
+            role: "member".into(),
+        };
+        let mut old = HashMap::new();
+        old.insert(
+            RoomId::from("r"),
+            HashMap::from([(u.id.clone(), u.clone())]),
+        );
+        assert!(same_rooms(&old, &[(RoomId::from("r"), vec![u.clone()])]));
+        assert!(!same_rooms(&old, &[(RoomId::from("r"), vec![])]));
+        assert!(!same_rooms(&old, &[]));
+    }
+}

@@ -1,0 +1,832 @@
+//! Cluster mode with real processes: several `studyhall` binaries on one fresh PostgreSQL
+//! database and a `nats-server` of the test's own (on a free loopback port, so restarting it
+//! disturbs nothing else; a missing `nats-server` fails the test). Members of one room spread
+//! over the nodes must all see one gap-free order; calls, kicks, mutes, slow mode, hands,
+//! stage and presence cross nodes; the bus may lose messages (NATS killed and restarted), a
+//! node may die (SIGKILL) or drain (SIGTERM), and still nothing acknowledged is lost or
+//! doubled.
+
+use crate::calls::OFFER;
+use crate::common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+use studyhall::protocol::{PlatformRole, RoomRole};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A nats-server of the test's own on a free loopback port.
+struct Nats {
+    child: Child,
+    port: u16,
+}
+
+impl Nats {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port).await
+    }
+
+    async fn start_on(port: u16) -> Self {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server must be installed (Debian package nats-server)");
+        within("nats-server listening", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        Self { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn kill(&mut self) {
+        self.child.kill().await.unwrap();
+        let _ = self.child.wait().await;
+    }
+
+    /// Starts a new server on the same port (after [`Nats::kill`]).
+    async fn restart(&mut self) {
+        self.kill().await;
+        *self = Self::start_on(self.port).await;
+    }
+}
+
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Node {
+    async fn spawn(db_url: &str, nats_url: &str, id: &str, extra: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_studyhall"))
+            .arg("serve")
+            .envs(extra.iter().copied())
+            .env("STUDYHALL_ADDR", "127.0.0.1:0")
+            .env("STUDYHALL_DATABASE_URL", db_url)
+            .env("STUDYHALL_JWT_SECRET", SECRET)
+            .env("STUDYHALL_API_KEY", API_KEY)
+            .env("STUDYHALL_NATS_URL", nats_url)
+            .env("STUDYHALL_NODE_ID", id)
+            .env("STUDYHALL_RATE_PER_S", "100000")
+            .env("STUDYHALL_RATE_BURST", "100000")
+            .env("STUDYHALL_BUS_GAP_MS", "50")
+            .env("STUDYHALL_BUS_SWEEP_MS", "250")
+            .env("STUDYHALL_PRESENCE_HEARTBEAT_MS", "200")
+            .env("STUDYHALL_PRESENCE_TTL_MS", "1000")
+            .env("STUDYHALL_DRAIN_BATCH", "2")
+            .env("STUDYHALL_DRAIN_INTERVAL_MS", "50")
+            .env("STUDYHALL_SHUTDOWN_GRACE_MS", "2000")
+            .env("STUDYHALL_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn studyhall");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = within("node listening", async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(rest) = line.strip_prefix("studyhall listening on http://") {
+                    return rest.trim().parse().unwrap();
+                }
+            }
+            panic!("node {id} exited before listening");
+        })
+        .await;
+        Self { child, addr }
+    }
+
+    async fn signal(&mut self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+struct Cluster {
+    db: Option<PgDb>,
+    nats: Nats,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Self {
+        Self::start_with(n, &[]).await
+    }
+
+    /// `n` nodes, each with the settings `extra` on top of the tests' own.
+    async fn start_with(n: usize, extra: &[(&str, &str)]) -> Self {
+        let db = PgDb::create().await;
+        let nats = Nats::start().await;
+        // The first node migrates the database; the others start on it together.
+        let mut nodes = vec![Node::spawn(&db.url, &nats.url(), "n0", extra).await];
+        let (url, bus) = (db.url.clone(), nats.url());
+        let rest = (1..n).map(|i| {
+            let (url, bus) = (url.clone(), bus.clone());
+            async move { Node::spawn(&url, &bus, &format!("n{i}"), extra).await }
+        });
+        nodes.extend(futures_util::future::join_all(rest).await);
+        Self {
+            db: Some(db),
+            nats,
+            nodes,
+        }
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.nodes[i].addr
+    }
+
+    async fn room(&self, id: &str, kind: &str) {
+        let (status, body) = http(
+            self.addr(0),
+            "POST",
+            "/api/rooms",
+            Some(API_KEY),
+            Some(json!({"id": id, "kind": kind, "title": id})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    async fn stop(mut self) {
+        for n in &mut self.nodes {
+            let _ = n.child.kill().await;
+        }
+        if let Some(db) = self.db.take() {
+            db.drop_db().await;
+        }
+    }
+}
+
+fn student(user: &str) -> String {
+    token(user, PlatformRole::Student, &[])
+}
+
+/// The next text frame, or `None` once the socket closed (with its close code noted).
+async fn next_frame(c: &mut Client, closed: &mut Option<u16>) -> Option<Value> {
+    if let Some(f) = c.pending.pop_front() {
+        return Some(f);
+    }
+    loop {
+        match within("next frame", c.ws.next()).await {
+            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(f))) => {
+                *closed = f.map(|f| u16::from(f.code));
+                return None;
+            }
+            Some(Ok(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// A room member that records every sequenced event it gets, and on a lost connection
+/// reconnects to another node and resumes with `join {after_seq}`.
+struct Member {
+    user: String,
+    room: String,
+    client: Client,
+    /// (seq, message id) of every `message` event, in arrival order.
+    seen: Vec<(i64, String)>,
+    last_seq: i64,
+    closes: Vec<Option<u16>>,
+    /// Replies read while collecting events.
+    oks: Vec<Value>,
+}
+
+impl Member {
+    async fn join(addr: SocketAddr, user: &str, room: &str) -> Self {
+        let mut client = Client::connect(addr, &student(user)).await;
+        let ok = client.join(room).await;
+        Self {
+            user: user.into(),
+            room: room.into(),
+            client,
+            seen: Vec::new(),
+            last_seq: ok["last_seq"].as_i64().unwrap(),
+            closes: Vec::new(),
+            oks: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, f: Value) {
+        if f.get("rid").is_some() {
+            self.oks.push(f);
+            return;
+        }
+        if let Some(seq) = f["seq"].as_i64() {
+            assert!(
+                seq > self.last_seq,
+                "{}: seq {seq} after {} (duplicate or reordered): {f}",
+                self.user,
+                self.last_seq
+            );
+            assert_eq!(
+                seq,
+                self.last_seq + 1,
+                "{}: gap before seq {seq}: {f}",
+                self.user
+            );
+            self.last_seq = seq;
+            if f["type"] == "message" {
+                self.seen
+                    .push((seq, f["id"].as_str().unwrap_or_default().to_owned()));
+            }
+        }
+    }
+
+    /// Reads until `n` messages have been seen; on a closed socket, resumes on `fallback`.
+    async fn collect(&mut self, n: usize, fallback: &[SocketAddr]) {
+        let mut next_node = 0;
+        while self.seen.len() < n {
+            let mut closed = None;
+            match next_frame(&mut self.client, &mut closed).await {
+                Some(f) => self.record(f),
+                None => {
+                    self.closes.push(closed);
+                    let addr = fallback[next_node % fallback.len()];
+                    next_node += 1;
+                    self.resume(addr).await;
+                }
+            }
+        }
+    }
+
+    /// Reconnects to `addr` and re-joins with `after_seq`; the replay is recorded.
+    async fn resume(&mut self, addr: SocketAddr) {
+        let mut client = Client::connect(addr, &student(&self.user)).await;
+        let ok = client
+            .ok(json!({"type": "join", "room": self.room, "after_seq": self.last_seq}))
+            .await;
+        assert_eq!(ok["gap"], false, "{ok}");
+        self.client = client;
+    }
+}
+
+/// Sends `n` messages on `c`, waits for every ok, returns the acked seqs.
+async fn send_all(c: &mut Client, room: &str, tag: &str, n: usize) -> Vec<i64> {
+    let mut rids = Vec::with_capacity(n);
+    for i in 0..n {
+        let rid = c
+            .fire(json!({"type":"send","room":room,"text":format!("{tag} {i}"),"client_msg_id":format!("{tag}-{i}")}))
+            .await;
+        rids.push(rid);
+    }
+    let mut seqs = Vec::new();
+    for rid in rids {
+        let ok = c.reply(rid).await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+        seqs.push(ok["seq"].as_i64().unwrap());
+    }
+    seqs
+}
+
+#[tokio::test]
+async fn three_nodes_one_room_every_member_sees_the_same_gap_free_order() {
+    within("three-node order", async {
+        let c = Cluster::start(3).await;
+        // A dot in the id: the subject encoding must keep it one token.
+        let room = "algebra.101";
+        c.room(room, "group").await;
+        let mut members = Vec::new();
+        for i in 0..6 {
+            members.push(Member::join(c.addr(i % 3), &format!("u{i}"), room).await);
+        }
+        const EACH: usize = 40;
+        let total = EACH * members.len();
+        let mut tasks = Vec::new();
+        for (i, mut m) in members.into_iter().enumerate() {
+            tasks.push(tokio::spawn(async move {
+                // Each member sends while the others do; its own oks are interleaved.
+                let rids: Vec<i64> = {
+                    let mut rids = Vec::new();
+                    for k in 0..EACH {
+                        rids.push(
+                            m.client
+                                .fire(json!({"type":"send","room":m.room,"text":format!("m{i}-{k}"),"client_msg_id":format!("{i}-{k}")}))
+                                .await,
+                        );
+                    }
+                    rids
+                };
+                m.collect(total, &[]).await;
+                while m.oks.len() < rids.len() {
+                    let ok = m.client.next().await;
+                    m.oks.push(ok);
+                }
+                for ok in &m.oks {
+                    assert_eq!(ok["type"], "ok", "{ok}");
+                }
+                m.seen
+            }));
+        }
+        let mut orders = Vec::new();
+        for t in tasks {
+            orders.push(t.await.unwrap());
+        }
+        assert_eq!(orders[0].len(), total);
+        let ids: HashSet<&String> = orders[0].iter().map(|(_, id)| id).collect();
+        assert_eq!(ids.len(), total, "no duplicate message");
+        for o in &orders[1..] {
+            assert_eq!(o, &orders[0], "every member sees the same order");
+        }
+        // The bus carried them: every node counts publishes and receipts.
+        for i in 0..3 {
+            let (status, body) = http_text(c.addr(i), "/metrics").await;
+            assert_eq!(status, 200);
+            assert!(metric(&body, "studyhall_bus_published_total") > 0.0, "node {i}");
+            assert!(metric(&body, "studyhall_bus_received_total") > 0.0, "node {i}");
+            assert!(body.contains("studyhall_bus_latency_seconds_count"));
+        }
+        c.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn nats_restarted_mid_stream_every_member_gets_every_message_exactly_once() {
+    within("bus loss", async {
+        let mut c = Cluster::start(2).await;
+        let room = "bus-loss";
+        c.room(room, "group").await;
+        let mut sender = Client::connect(c.addr(0), &student("sender")).await;
+        sender.join(room).await;
+        let mut far = Member::join(c.addr(1), "far", room).await;
+        let mut near = Member::join(c.addr(0), "near", room).await;
+        // Messages flow the whole time, paced, from node 0; from the 50th on only once NATS
+        // is down, so some surely commit during the outage.
+        let (killed_tx, killed_rx) = tokio::sync::oneshot::channel::<()>();
+        let sending = tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            let mut killed = Some(killed_rx);
+            for k in 0..30 {
+                if k == 10
+                    && let Some(rx) = killed.take()
+                {
+                    rx.await.unwrap();
+                }
+                seqs.extend(send_all(&mut sender, room, &format!("m{k}"), 5).await);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seqs
+        });
+        far.collect(30, &[]).await;
+        // NATS dies mid-stream. What commits meanwhile can only reach the far node from the
+        // store (its sweep sees last_seq move on, or a gap it holds times out).
+        c.nats.kill().await;
+        killed_tx.send(()).unwrap();
+        far.collect(80, &[]).await;
+        let (_, body) = http_text(c.addr(1), "/metrics").await;
+        assert!(
+            metric(&body, "studyhall_bus_refilled_events_total") >= 1.0,
+            "the far node refilled from the store"
+        );
+        // NATS comes back (clients reconnect and resubscribe; publishes buffered meanwhile
+        // arrive late and are dropped as duplicates) and carries the rest.
+        c.nats.restart().await;
+        let acked = sending.await.unwrap();
+        assert_eq!(acked.len(), 150);
+        far.collect(150, &[]).await;
+        near.collect(150, &[]).await;
+        for m in [&far, &near] {
+            let seqs: Vec<i64> = m.seen.iter().map(|(s, _)| *s).collect();
+            assert_eq!(
+                seqs, acked,
+                "{} got every acked message once, in order",
+                m.user
+            );
+        }
+        c.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_node_loses_no_acked_message_and_its_users_go_offline() {
+    within("node loss", async {
+        let mut c = Cluster::start(3).await;
+        let room = "node-loss";
+        c.room(room, "group").await;
+        let mut watcher = Client::connect(c.addr(0), &student("watcher")).await;
+        watcher.join(room).await;
+        // A user only on the doomed node, who will not come back.
+        let mut gone = Client::connect(c.addr(2), &student("gone")).await;
+        gone.join(room).await;
+        within("gone online on node 0", async {
+            loop {
+                let f = watcher.until("presence").await;
+                if f["user"]["id"] == "gone" && f["state"] == "online" {
+                    break;
+                }
+            }
+        })
+        .await;
+        let mut movers = Vec::new();
+        for i in 0..3 {
+            movers.push(Member::join(c.addr(2), &format!("mover{i}"), room).await);
+        }
+        let mut sender = Client::connect(c.addr(1), &student("sender")).await;
+        sender.join(room).await;
+        let first = send_all(&mut sender, room, "a", 30).await;
+        c.nodes[2].signal("-KILL").await;
+        let second = send_all(&mut sender, room, "b", 30).await;
+        let acked: Vec<i64> = first.into_iter().chain(second).collect();
+        let fallback = [c.addr(0), c.addr(1)];
+        for m in &mut movers {
+            m.collect(60, &fallback).await;
+            let seqs: Vec<i64> = m.seen.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, acked, "{} lost nothing acked", m.user);
+            assert!(!m.closes.is_empty(), "{} was moved", m.user);
+        }
+        // The dead node's user drops out of presence once its heartbeats stop.
+        within("gone offline", async {
+            loop {
+                let f = watcher.until("presence").await;
+                if f["user"]["id"] == "gone" && f["state"] == "offline" {
+                    break;
+                }
+            }
+        })
+        .await;
+        // Node 1 expires node 2 on its own clock: its join reply drops "gone" within the TTL.
+        let mut late = Client::connect(c.addr(1), &student("late")).await;
+        let online = within("gone out of node 1's online list", async {
+            loop {
+                let ok = late.join(room).await;
+                let online: Vec<String> = ok["online"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|u| u["id"].as_str().map(str::to_owned))
+                    .collect();
+                if !online.iter().any(|u| u == "gone") {
+                    return online;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        for u in ["watcher", "mover0", "sender"] {
+            assert!(online.iter().any(|o| o == u), "{u} in {online:?}");
+        }
+        drop(gone);
+        c.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_node_onto_the_others_without_losing_a_message() {
+    within("drain", async {
+        let mut c = Cluster::start(2).await;
+        let room = "drain";
+        c.room(room, "group").await;
+        let mut movers = Vec::new();
+        for i in 0..5 {
+            movers.push(Member::join(c.addr(1), &format!("d{i}"), room).await);
+        }
+        let mut sender = Client::connect(c.addr(0), &student("sender")).await;
+        sender.join(room).await;
+        let first = send_all(&mut sender, room, "a", 20).await;
+        c.nodes[1].signal("-TERM").await;
+        // Messages keep coming while the node drains its sessions in batches.
+        let sending = tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for k in 0..10 {
+                seqs.extend(send_all(&mut sender, room, &format!("b{k}"), 4).await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seqs
+        });
+        let fallback = [c.addr(0)];
+        for m in &mut movers {
+            // Every mover is moved: read to the close, then resume on node 0.
+            while m.closes.is_empty() {
+                let mut closed = None;
+                match next_frame(&mut m.client, &mut closed).await {
+                    Some(f) => m.record(f),
+                    None => {
+                        m.closes.push(closed);
+                        m.resume(c.addr(0)).await;
+                    }
+                }
+            }
+        }
+        let second = sending.await.unwrap();
+        let acked: Vec<i64> = first.into_iter().chain(second).collect();
+        for m in &mut movers {
+            m.collect(60, &fallback).await;
+            let seqs: Vec<i64> = m.seen.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, acked, "{} lost nothing", m.user);
+            assert_eq!(
+                m.closes,
+                vec![Some(1001)],
+                "{} was drained with 1001",
+                m.user
+            );
+        }
+        let exit = within("drained node exits", c.nodes[1].child.wait())
+            .await
+            .unwrap();
+        assert_eq!(exit.code(), Some(0));
+        c.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_call_between_nodes_rings_connects_relays_signals_and_ends() {
+    within("cross-node call", async {
+        let c = Cluster::start(3).await;
+        let mut tutor = Client::connect(c.addr(0), &token("tutor", PlatformRole::Tutor, &[])).await;
+        let mut kid_a = Client::connect(c.addr(1), &student("kid")).await;
+        let mut kid_b = Client::connect(c.addr(2), &student("kid")).await;
+        // The tutor's node learns of the kid's sessions from the other nodes' heartbeats,
+        // each on its own clock: place the call until it rings on both devices.
+        let media = json!({"audio": true, "video": false});
+        let tutor_session = tutor.session.clone();
+        let call_id = within("both devices ring", async {
+            loop {
+                let r = tutor
+                    .request(json!({"type":"call","to":"kid","media":media}))
+                    .await;
+                if r["type"] != "ok" {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let id = r["call_id"].as_str().unwrap().to_owned();
+                let mut rang = 0;
+                for k in [&mut kid_a, &mut kid_b] {
+                    if let Ok(f) = tokio::time::timeout(Duration::from_secs(1), ring(k, &id)).await
+                    {
+                        assert_eq!(f["from"]["session"], tutor_session.as_str());
+                        rang += 1;
+                    }
+                }
+                if rang == 2 {
+                    return id;
+                }
+                tutor.ok(json!({"type":"call_hangup","call_id":id})).await;
+            }
+        })
+        .await;
+        assert!(call_id.ends_with(".n0"), "{call_id}");
+        let acc = kid_a
+            .ok(json!({"type":"call_accept","call_id":call_id}))
+            .await;
+        assert!(acc["ice_servers"].is_array());
+        let st = of_call(&mut tutor, "call_state", &call_id).await;
+        assert_eq!(st["state"], "accepted");
+        let other = of_call(&mut kid_b, "call_state", &call_id).await;
+        assert_eq!(other["state"], "answered_elsewhere");
+        // Signals cross in both directions, only between the two answering sessions.
+        let offer = json!({"sdp": {"type": "offer", "sdp": OFFER}});
+        tutor
+            .ok(json!({"type":"signal","call_id":call_id,"data":offer}))
+            .await;
+        let got = kid_a.until("signal").await;
+        assert_eq!(got["data"], offer);
+        assert_eq!(got["from"]["session"], tutor.session.as_str());
+        let cand = json!({"candidate": null});
+        kid_a
+            .ok(json!({"type":"signal","call_id":call_id,"data":cand}))
+            .await;
+        let got = tutor.until("signal").await;
+        assert_eq!(got["from"]["session"], kid_a.session.as_str());
+        let refused = kid_b
+            .request(json!({"type":"signal","call_id":call_id,"data":cand}))
+            .await;
+        assert_eq!(refused["code"], "forbidden", "{refused}");
+        kid_a
+            .ok(json!({"type":"call_hangup","call_id":call_id}))
+            .await;
+        for c in [&mut tutor, &mut kid_a] {
+            of_call(c, "call_ended", &call_id).await;
+        }
+        c.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kicks_typing_and_mutes_reach_other_nodes() {
+    within("cross-node moderation", async {
+        let c = Cluster::start(2).await;
+        let room = "mod.room";
+        c.room(room, "group").await;
+        let mut host = Client::connect(
+            c.addr(0),
+            &token("host", PlatformRole::Student, &[(room, RoomRole::Host)]),
+        )
+        .await;
+        host.join(room).await;
+        let mut kid = Client::connect(c.addr(1), &student("kid")).await;
+        kid.join(room).await;
+        // Hands and stage cross: a hand raised on node 1 is in node 0's queue, and the host
+        // on node 0 can put the kid (online only on node 1) on stage.
+        kid.ok(json!({"type":"raise_hand","room":room})).await;
+        let hand = host.until("hand").await;
+        assert_eq!((hand["user"]["id"].as_str(), hand["raised"].as_bool()), (Some("kid"), Some(true)));
+        let hands = host.ok(json!({"type":"hands","room":room})).await;
+        assert_eq!(hands["hands"][0]["user"]["id"], "kid", "{hands}");
+        let st = within("kid online on node 0", async {
+            loop {
+                let r = host
+                    .request(json!({"type":"stage","room":room,"user":"kid","on":true}))
+                    .await;
+                if r["type"] == "ok" {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(st["stage"][0]["id"], "kid", "{st}");
+        // Going on stage lowers the hand first, as on one node.
+        loop {
+            // (The kid's own copy of the raise comes first.)
+            if kid.until("hand").await["raised"] == false {
+                break;
+            }
+        }
+        let on = kid.until("stage").await;
+        assert_eq!((on["user"]["id"].as_str(), on["on"].as_bool()), (Some("kid"), Some(true)));
+        // Typing crosses (once the kid's node relays it).
+        kid.send(json!({"type":"typing","room":room})).await;
+        let t = host.until("typing").await;
+        assert_eq!(t["user"]["id"], "kid");
+        // A mute set on node 0 holds on node 1 (its cached policy is dropped).
+        kid.ok(json!({"type":"send","room":room,"text":"hi","client_msg_id":"k1"}))
+            .await;
+        host.ok(json!({"type":"mute","room":room,"user":"kid","seconds":60}))
+            .await;
+        let muted = kid.until("muted").await;
+        assert_eq!(muted["user"], "kid");
+        // The cache drop travels on the control subject, beside the notice: poll briefly.
+        within("mute holds on node 1", async {
+            for k in 0.. {
+                let r = kid
+                    .request(json!({"type":"send","room":room,"text":"hi","client_msg_id":format!("k2-{k}")}))
+                    .await;
+                if r["code"] == "muted" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        // Slow mode counts a user's messages on every node: a message sent on node 1 starts
+        // the clock on node 0 too (once node 0 has it).
+        host.ok(json!({"type":"slow_mode","room":room,"seconds":60}))
+            .await;
+        let mut other = Client::connect(c.addr(0), &student("pal")).await;
+        other.join(room).await;
+        let mut pal = Client::connect(c.addr(1), &student("pal")).await;
+        pal.join(room).await;
+        pal.ok(json!({"type":"send","room":room,"text":"one","client_msg_id":"p1"}))
+            .await;
+        let seen = other.until("message").await;
+        assert_eq!(seen["client_msg_id"], "p1");
+        let code = other
+            .err(json!({"type":"send","room":room,"text":"two","client_msg_id":"p2"}))
+            .await;
+        assert_eq!(code, "rate_limited");
+        host.ok(json!({"type":"kick","room":room,"user":"kid"})).await;
+        let kicked = kid.until("kicked").await;
+        assert_eq!(kicked["room"], room);
+        assert_eq!(close_code(&mut kid.ws).await, Some(4003));
+        c.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_badge_earned_through_another_node_reaches_the_earner() {
+    within("cross-node badge", async {
+        // One badge rule, for the first reaction received: the reactor's node commits the
+        // reaction, and the author, connected to the other node, earns the badge.
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut file,
+            b"[[engagement.badges]]\nid = \"liked\"\nname = \"Liked\"\n\
+              description = \"A first reaction from someone else\"\n\
+              metric = \"reactions_received\"\nthreshold = 1\n",
+        )
+        .unwrap();
+        let path = file.path().to_str().unwrap().to_owned();
+        let c = Cluster::start_with(2, &[("STUDYHALL_CONFIG", &path)]).await;
+        let room = "badge.room";
+        c.room(room, "group").await;
+        let mut author = Client::connect(c.addr(1), &student("author")).await;
+        author.join(room).await;
+        let sent = author
+            .ok(json!({"type":"send","room":room,"text":"a fine answer","client_msg_id":"m1"}))
+            .await;
+        let mut fan = Client::connect(c.addr(0), &student("fan")).await;
+        let joined = fan.join(room).await;
+        // Node 0 routes the badge by its directory of the author's sessions, which comes with
+        // node 1's heartbeat, the same one that shows the author online there.
+        let online = |v: &Value| {
+            v["online"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|u| u["id"] == "author"))
+        };
+        if !online(&joined) {
+            loop {
+                let p = fan.until("presence").await;
+                if p["user"]["id"] == "author" && p["state"] == "online" {
+                    break;
+                }
+            }
+        }
+        fan.ok(json!({"type":"react","room":room,"id":sent["id"],"emoji":"👍"}))
+            .await;
+        let badge = author.until("badge").await;
+        assert_eq!(badge["badge"]["id"], "liked", "{badge}");
+        assert_eq!(badge["user"]["id"], "author", "{badge}");
+        assert_eq!(badge["room"], room, "{badge}");
+        c.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_nats_url_with_sqlite_is_refused_at_start() {
+    let out = within(
+        "refusal",
+        Command::new(env!("CARGO_BIN_EXE_studyhall"))
+            .arg("serve")
+            .env("STUDYHALL_ADDR", "127.0.0.1:0")
+            .env("STUDYHALL_DATABASE_URL", "sqlite://never-created.db")
+            .env("STUDYHALL_NATS_URL", "nats://127.0.0.1:1")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("PostgreSQL"), "{err}");
+    assert!(!std::path::Path::new("never-created.db").exists());
+}
+
+/// Skips frames until the `call_incoming` of `call_id`.
+async fn ring(c: &mut Client, call_id: &str) -> Value {
+    of_call(c, "call_incoming", call_id).await
+}
+
+/// Skips frames until one of type `ty` about `call_id` (earlier attempts' frames included).
+async fn of_call(c: &mut Client, ty: &str, call_id: &str) -> Value {
+    loop {
+        let f = c.until(ty).await;
+        if f["call_id"] == call_id {
+            return f;
+        }
+    }
+}
+
+/// GET a text endpoint (`/metrics`).
+async fn http_text(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within("http get", async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await.unwrap();
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, text)
+    })
+    .await
+}
+
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

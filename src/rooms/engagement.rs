@@ -227,7 +227,10 @@ pub(crate) async fn stats_json(
         now,
     };
     let stats = app.store.room_stats(room, &q).await?;
-    serde_json::to_value(stats).map_err(|e| Error::Internal(e.to_string()))
+    let mut v = serde_json::to_value(stats).map_err(|e| Error::Internal(e.to_string()))?;
+    // The zone the buckets are aligned to, so a client labels them with the room's dates.
+    v["tz"] = Value::from(tz.iana_name().unwrap_or("UTC"));
+    Ok(v)
 }
 
 pub(super) async fn stats(

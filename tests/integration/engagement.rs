@@ -779,6 +779,10 @@ async fn stats_rights_bad_input_and_live_counts() {
                             7 * DAY + HOUR
                         }
         );
+        assert_eq!(
+            st["tz"], "America/New_York",
+            "the zone the buckets align to"
+        );
         assert_eq!(st["members"], 0);
         assert_eq!(st["weekly_active_ratio"], 0.0);
         assert_eq!(st["health"], "low");

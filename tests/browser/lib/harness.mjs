@@ -11,6 +11,7 @@ import { createHmac } from 'node:crypto';
 import dgram from 'node:dgram';
 import { mkdtempSync, rmSync, readFileSync, mkdirSync } from 'node:fs';
 import http from 'node:http';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -236,6 +237,25 @@ function freeUdpPort() {
   });
 }
 
+/// Whether TCP 127.0.0.1:port can be bound right now.
+function tcpFree(port) {
+  return new Promise((resolve) => {
+    const srv = net.createServer();
+    srv.once('error', () => resolve(false));
+    srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
+  });
+}
+
+/// A port of 127.0.0.1 free for both UDP and TCP (coturn listens on both): the ephemeral
+/// range is shared with every other test's outgoing TCP connections.
+async function freeTurnPort() {
+  for (let i = 0; i < 50; i++) {
+    const port = await freeUdpPort();
+    if (await tcpFree(port)) return port;
+  }
+  throw new Error('no port free for both UDP and TCP');
+}
+
 /// One STUN Binding request to 127.0.0.1:port; true if a Binding success response came back.
 function stunPing(port) {
   return new Promise((resolve) => {
@@ -258,9 +278,24 @@ function stunPing(port) {
 }
 
 /// coturn in the foreground with the TURN REST secret `secret`, on a free port of 127.0.0.1.
+/// A port can still be taken between the check and coturn's bind (another test's outgoing
+/// connection): coturn then says "Address already in use", and it is started again on
+/// another port, three tries at most.
 export async function startCoturn(secret) {
+  let last;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      return await startCoturnOn(secret, await freeTurnPort());
+    } catch (e) {
+      last = e;
+      if (!e.portTaken) throw e;
+    }
+  }
+  throw last;
+}
+
+async function startCoturnOn(secret, port) {
   const dir = mkdtempSync(path.join(tmpdir(), 'studyhall-turn-'));
-  const port = await freeUdpPort();
   const child = spawn(
     process.env.TURNSERVER || 'turnserver',
     [
@@ -291,9 +326,13 @@ export async function startCoturn(secret) {
   for (;;) {
     if (child.exitCode !== null) throw new Error('turnserver exited ' + child.exitCode + ':\n' + out);
     if (await stunPing(port)) break;
-    if (Date.now() > deadline) {
+    const taken = out.includes('Address already in use');
+    if (taken || Date.now() > deadline) {
       await killChild(child);
-      throw new Error('turnserver did not answer STUN on ' + port + ':\n' + out);
+      rmSync(dir, { recursive: true, force: true });
+      const e = new Error('turnserver did not answer STUN on ' + port + ':\n' + out);
+      e.portTaken = taken;
+      throw e;
     }
     await sleep(100);
   }

@@ -263,8 +263,11 @@ struct NodeView {
     version: u64,
     seen: Instant,
     rooms: HashMap<RoomId, HashMap<UserId, UserRef>>,
-    sessions: Vec<(UserId, Vec<(String, bool)>)>,
+    sessions: SessionMap,
 }
+
+/// A node's sessions per user: (session id, call waiting).
+type SessionMap = HashMap<UserId, Vec<(String, bool)>>;
 
 /// Ready state of a room's subscription.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -942,15 +945,23 @@ impl Bus {
                 // The common case: nothing changed but the time.
                 old.seen = Instant::now();
                 old.version = hb.version;
-                let sessions_same = old.sessions == hb.sessions;
-                old.sessions = hb.sessions;
-                if !sessions_same {
-                    self.publish_directory(nodes);
-                }
+                let new: SessionMap = hb.sessions.into_iter().collect();
+                let changed = changed_users(&old.sessions, &new);
+                old.sessions = new;
+                self.update_directory(nodes, changed);
                 return;
             }
         }
-        let old = nodes.remove(&hb.node).map(|n| n.rooms).unwrap_or_default();
+        let (old, old_sessions) = nodes
+            .remove(&hb.node)
+            .map(|n| (n.rooms, n.sessions))
+            .unwrap_or_default();
+        let new_sessions: SessionMap = if hb.leaving {
+            HashMap::new()
+        } else {
+            hb.sessions.into_iter().collect()
+        };
+        let changed = changed_users(&old_sessions, &new_sessions);
         let new: HashMap<RoomId, HashMap<UserId, UserRef>> = if hb.leaving {
             HashMap::new()
         } else {
@@ -971,11 +982,11 @@ impl Bus {
                     version: hb.version,
                     seen: Instant::now(),
                     rooms: new,
-                    sessions: hb.sessions,
+                    sessions: new_sessions,
                 },
             );
         }
-        self.publish_directory(nodes);
+        self.update_directory(nodes, changed);
     }
 
     /// Presence changes of one node going from `old` to `new`, given the other nodes.
@@ -1008,17 +1019,26 @@ impl Bus {
         }
     }
 
-    /// Tells the hub the other nodes' sessions (for ringing calls and the per-user limit).
-    fn publish_directory(&self, nodes: &HashMap<String, NodeView>) {
-        let mut all: HashMap<UserId, Vec<(String, bool)>> = HashMap::new();
-        for n in nodes.values() {
-            for (user, sessions) in &n.sessions {
-                all.entry(user.clone())
-                    .or_default()
-                    .extend(sessions.iter().cloned());
-            }
+    /// Tells the hub the other nodes' sessions of the users whose sessions changed on some
+    /// node (for ringing calls and the per-user limit): each one's entry is put together
+    /// again from every node, so the work follows the change, not the cluster's size.
+    fn update_directory(&self, nodes: &HashMap<String, NodeView>, users: Vec<UserId>) {
+        if users.is_empty() {
+            return;
         }
-        self.hub.set_remote_sessions(all);
+        let changes = users
+            .into_iter()
+            .map(|user| {
+                let all: Vec<(String, bool)> = nodes
+                    .values()
+                    .filter_map(|n| n.sessions.get(&user))
+                    .flatten()
+                    .cloned()
+                    .collect();
+                (user, all)
+            })
+            .collect();
+        self.hub.update_remote_sessions(changes);
     }
 
     /// Drops the nodes whose last heartbeat is older than the TTL.
@@ -1040,9 +1060,10 @@ impl Bus {
             lock(&self.assembly).forget(&node);
             if let Some(view) = nodes.remove(&node) {
                 self.transitions(&nodes, &view.rooms, &HashMap::new());
+                let gone = view.sessions.into_keys().collect();
+                self.update_directory(&nodes, gone);
             }
         }
-        self.publish_directory(&nodes);
     }
 
     /// Nodes this node currently hears from (itself excluded).
@@ -1094,6 +1115,17 @@ impl Bus {
         let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
         tracing::info!(node = %self.node, "left the cluster bus");
     }
+}
+
+/// The users whose sessions differ between a node's `old` and `new` lists.
+fn changed_users(old: &SessionMap, new: &SessionMap) -> Vec<UserId> {
+    let mut changed: Vec<UserId> = new
+        .iter()
+        .filter(|(user, sessions)| old.get(*user) != Some(*sessions))
+        .map(|(user, _)| user.clone())
+        .collect();
+    changed.extend(old.keys().filter(|u| !new.contains_key(*u)).cloned());
+    changed
 }
 
 fn same_rooms(
@@ -1166,6 +1198,28 @@ mod tests {
         let (f, t) = decode_notice(&encode_notice(&frame, &to)).unwrap();
         assert_eq!((f.as_str(), t), (frame.as_str(), to));
         assert!(decode_event(&"r".into(), b"E\x00").is_none(), "short input");
+    }
+
+    #[test]
+    fn changed_users_are_the_added_removed_and_altered_ones() {
+        let s = |id: &str, waiting: bool| vec![(id.to_owned(), waiting)];
+        let old: SessionMap = HashMap::from([
+            (UserId::from("same"), s("s1", false)),
+            (UserId::from("gone"), s("s2", false)),
+            (UserId::from("ringing"), s("s3", false)),
+        ]);
+        let new: SessionMap = HashMap::from([
+            (UserId::from("same"), s("s1", false)),
+            (UserId::from("ringing"), s("s3", true)),
+            (UserId::from("fresh"), s("s4", false)),
+        ]);
+        let mut changed: Vec<String> = changed_users(&old, &new)
+            .iter()
+            .map(|u| u.as_str().to_owned())
+            .collect();
+        changed.sort();
+        assert_eq!(changed, ["fresh", "gone", "ringing"]);
+        assert!(changed_users(&new, &new).is_empty());
     }
 
     #[test]

@@ -11,9 +11,10 @@
 //! - **Directed frames** (calls, signals) on the owning node's subject: session and call ids
 //!   end in `.NODE`. Call commands for a call another node owns are forwarded there as a
 //!   request and answered.
-//! - **Presence**: each node's heartbeat lists its online users per room and its sessions;
-//!   the union over live nodes is who is online, and a node silent past `presence_ttl_ms`
-//!   drops out.
+//! - **Presence**: each node's heartbeat lists its online users per room and its sessions,
+//!   in parts that fit NATS's `max_payload` (split and reassembled by `presence_parts`); the
+//!   union over live nodes is who is online, and a node silent past `presence_ttl_ms` drops
+//!   out.
 //! - **Control**: policy-cache invalidation and closed sessions, to every node.
 //!
 //! It knows nothing of sockets or SQL: it calls the hub, the store API and `rtc`.
@@ -23,6 +24,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::hub::{Frame, Hub, NoticeTo, Relayed};
 use crate::metrics::Metrics;
+use crate::presence_parts::{Assembled, Assembler, Part, Snapshot};
 use crate::protocol::{RoomId, UserId, UserRef};
 use crate::sequencer::{Offered, RoomSequencer};
 use crate::store::{CommittedEvent, Store, StoreError};
@@ -50,6 +52,9 @@ const REFILL_PAGE: u32 = 1000;
 /// Messages queued for the publisher task; past it a publish is dropped (and refilled by the
 /// receivers, like any NATS loss).
 const OUT_QUEUE: usize = 65_536;
+/// Bytes per heartbeat part when the server did not say its `max_payload` (half NATS's
+/// default).
+const DEFAULT_PART_BUDGET: usize = 512 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -253,26 +258,16 @@ fn error_from(code: &str, message: String) -> Error {
     }
 }
 
-/// One node's heartbeat: who is online where on it, and its sessions.
-#[derive(Debug, Serialize, Deserialize)]
-struct Heartbeat {
-    node: String,
-    /// Random per process start: a restarted node with the same name starts afresh.
-    epoch: u64,
-    version: u64,
-    /// The node is going away: drop it now rather than at expiry.
-    leaving: bool,
-    rooms: Vec<(RoomId, Vec<UserRef>)>,
-    sessions: Vec<(UserId, Vec<(String, bool)>)>,
-}
-
 struct NodeView {
     epoch: u64,
     version: u64,
     seen: Instant,
     rooms: HashMap<RoomId, HashMap<UserId, UserRef>>,
-    sessions: Vec<(UserId, Vec<(String, bool)>)>,
+    sessions: SessionMap,
 }
+
+/// A node's sessions per user: (session id, call waiting).
+type SessionMap = HashMap<UserId, Vec<(String, bool)>>;
 
 /// Ready state of a room's subscription.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -316,6 +311,8 @@ pub struct Bus {
     ttl: Duration,
     request_timeout: Duration,
     nodes: Mutex<HashMap<String, NodeView>>,
+    /// Other nodes' heartbeats whose parts have not all arrived (locked after `nodes`).
+    assembly: Mutex<Assembler>,
     /// The app, for what remote events change outside the hub (slow-mode clocks).
     app: OnceLock<Weak<App>>,
     epoch: u64,
@@ -387,6 +384,7 @@ impl Bus {
             ttl: Duration::from_millis(cfg.presence_ttl_ms),
             request_timeout: Duration::from_millis(cfg.bus_request_timeout_ms),
             nodes: Mutex::new(HashMap::new()),
+            assembly: Mutex::new(Assembler::default()),
             app: OnceLock::new(),
             epoch: rand::random(),
             version: AtomicU64::new(0),
@@ -834,8 +832,8 @@ impl Bus {
 
     // -- presence -------------------------------------------------------------------------------
 
-    fn heartbeat_now(&self, leaving: bool) -> Heartbeat {
-        Heartbeat {
+    fn heartbeat_now(&self, leaving: bool) -> Snapshot {
+        Snapshot {
             node: self.node.clone(),
             epoch: self.epoch,
             version: self.version.fetch_add(1, Relaxed) + 1,
@@ -853,19 +851,35 @@ impl Bus {
         }
     }
 
+    /// Publishes this node's presence snapshot, in parts of at most half the server's
+    /// `max_payload` each (so any node size fits; a receiver applies it once it has every part).
     async fn publish_heartbeat(&self, leaving: bool) {
         let hb = self.heartbeat_now(leaving);
-        match serde_json::to_vec(&hb) {
-            Ok(body) => {
-                if let Err(e) = self
-                    .client
-                    .publish(PRESENCE_SUBJECT, Bytes::from(body))
-                    .await
-                {
-                    tracing::debug!(error = %e, "heartbeat not sent");
-                }
+        let max_payload = self.client.server_info().max_payload;
+        let budget = if max_payload == 0 {
+            DEFAULT_PART_BUDGET
+        } else {
+            max_payload / 2
+        };
+        let parts = match crate::presence_parts::split(&hb, budget) {
+            Ok(parts) => parts,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat not encoded");
+                return;
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat not encoded"),
+        };
+        self.metrics.bus_heartbeats.fetch_add(1, Relaxed);
+        self.metrics
+            .bus_heartbeat_parts
+            .fetch_add(parts.len() as u64, Relaxed);
+        for part in parts {
+            if let Err(e) = self
+                .client
+                .publish(PRESENCE_SUBJECT, Bytes::from(part))
+                .await
+            {
+                tracing::debug!(error = %e, "heartbeat part not sent");
+            }
         }
     }
 
@@ -890,16 +904,37 @@ impl Bus {
 
     async fn presence_task(self: Arc<Self>, mut sub: Subscriber) {
         while let Some(msg) = sub.next().await {
-            match serde_json::from_slice::<Heartbeat>(&msg.payload) {
-                Ok(hb) if hb.node != self.node => self.apply_heartbeat(hb),
+            match serde_json::from_slice::<Part>(&msg.payload) {
+                Ok(part) if part.node != self.node => self.heartbeat_part(part),
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "bad heartbeat"),
             }
         }
     }
 
-    fn apply_heartbeat(&self, hb: Heartbeat) {
+    /// One part of another node's heartbeat: any part of the node's current epoch shows it is
+    /// alive; the snapshot is applied once all its parts are here (until then the node keeps
+    /// its previous view).
+    fn heartbeat_part(&self, part: Part) {
+        let now = Instant::now();
         let mut nodes = lock(&self.nodes);
+        let view = nodes.get_mut(&part.node);
+        let applied = view.map(|v| {
+            if v.epoch == part.epoch {
+                v.seen = now;
+            }
+            (v.epoch, v.version)
+        });
+        let node = part.node.clone();
+        let assembled = lock(&self.assembly).offer(part, applied, now);
+        match assembled {
+            Assembled::Complete(hb) => self.apply_heartbeat(&mut nodes, hb),
+            Assembled::Partial | Assembled::Stale => {}
+            Assembled::Invalid => tracing::debug!(node = %node, "bad heartbeat part"),
+        }
+    }
+
+    fn apply_heartbeat(&self, nodes: &mut HashMap<String, NodeView>, hb: Snapshot) {
         if let Some(old) = nodes.get_mut(&hb.node)
             && old.epoch == hb.epoch
         {
@@ -910,15 +945,23 @@ impl Bus {
                 // The common case: nothing changed but the time.
                 old.seen = Instant::now();
                 old.version = hb.version;
-                let sessions_same = old.sessions == hb.sessions;
-                old.sessions = hb.sessions;
-                if !sessions_same {
-                    self.publish_directory(&nodes);
-                }
+                let new: SessionMap = hb.sessions.into_iter().collect();
+                let changed = changed_users(&old.sessions, &new);
+                old.sessions = new;
+                self.update_directory(nodes, changed);
                 return;
             }
         }
-        let old = nodes.remove(&hb.node).map(|n| n.rooms).unwrap_or_default();
+        let (old, old_sessions) = nodes
+            .remove(&hb.node)
+            .map(|n| (n.rooms, n.sessions))
+            .unwrap_or_default();
+        let new_sessions: SessionMap = if hb.leaving {
+            HashMap::new()
+        } else {
+            hb.sessions.into_iter().collect()
+        };
+        let changed = changed_users(&old_sessions, &new_sessions);
         let new: HashMap<RoomId, HashMap<UserId, UserRef>> = if hb.leaving {
             HashMap::new()
         } else {
@@ -930,7 +973,7 @@ impl Bus {
                 })
                 .collect()
         };
-        self.transitions(&nodes, &old, &new);
+        self.transitions(nodes, &old, &new);
         if !hb.leaving {
             nodes.insert(
                 hb.node,
@@ -939,11 +982,11 @@ impl Bus {
                     version: hb.version,
                     seen: Instant::now(),
                     rooms: new,
-                    sessions: hb.sessions,
+                    sessions: new_sessions,
                 },
             );
         }
-        self.publish_directory(&nodes);
+        self.update_directory(nodes, changed);
     }
 
     /// Presence changes of one node going from `old` to `new`, given the other nodes.
@@ -976,22 +1019,34 @@ impl Bus {
         }
     }
 
-    /// Tells the hub the other nodes' sessions (for ringing calls and the per-user limit).
-    fn publish_directory(&self, nodes: &HashMap<String, NodeView>) {
-        let mut all: HashMap<UserId, Vec<(String, bool)>> = HashMap::new();
-        for n in nodes.values() {
-            for (user, sessions) in &n.sessions {
-                all.entry(user.clone())
-                    .or_default()
-                    .extend(sessions.iter().cloned());
-            }
+    /// Tells the hub the other nodes' sessions of the users whose sessions changed on some
+    /// node (for ringing calls and the per-user limit): each one's entry is put together
+    /// again from every node, so the work follows the change, not the cluster's size.
+    fn update_directory(&self, nodes: &HashMap<String, NodeView>, users: Vec<UserId>) {
+        if users.is_empty() {
+            return;
         }
-        self.hub.set_remote_sessions(all);
+        let changes = users
+            .into_iter()
+            .map(|user| {
+                let all: Vec<(String, bool)> = nodes
+                    .values()
+                    .filter_map(|n| n.sessions.get(&user))
+                    .flatten()
+                    .cloned()
+                    .collect();
+                (user, all)
+            })
+            .collect();
+        self.hub.update_remote_sessions(changes);
     }
 
     /// Drops the nodes whose last heartbeat is older than the TTL.
     fn expire(&self, now: Instant) {
         let mut nodes = lock(&self.nodes);
+        if let Some(cutoff) = now.checked_sub(self.ttl) {
+            lock(&self.assembly).discard_before(cutoff);
+        }
         let dead: Vec<String> = nodes
             .iter()
             .filter(|(_, n)| now.duration_since(n.seen) > self.ttl)
@@ -1002,11 +1057,13 @@ impl Bus {
         }
         for node in dead {
             tracing::warn!(node = %node, "node silent past the presence TTL: its users go offline");
+            lock(&self.assembly).forget(&node);
             if let Some(view) = nodes.remove(&node) {
                 self.transitions(&nodes, &view.rooms, &HashMap::new());
+                let gone = view.sessions.into_keys().collect();
+                self.update_directory(&nodes, gone);
             }
         }
-        self.publish_directory(&nodes);
     }
 
     /// Nodes this node currently hears from (itself excluded).
@@ -1058,6 +1115,17 @@ impl Bus {
         let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
         tracing::info!(node = %self.node, "left the cluster bus");
     }
+}
+
+/// The users whose sessions differ between a node's `old` and `new` lists.
+fn changed_users(old: &SessionMap, new: &SessionMap) -> Vec<UserId> {
+    let mut changed: Vec<UserId> = new
+        .iter()
+        .filter(|(user, sessions)| old.get(*user) != Some(*sessions))
+        .map(|(user, _)| user.clone())
+        .collect();
+    changed.extend(old.keys().filter(|u| !new.contains_key(*u)).cloned());
+    changed
 }
 
 fn same_rooms(
@@ -1130,6 +1198,28 @@ mod tests {
         let (f, t) = decode_notice(&encode_notice(&frame, &to)).unwrap();
         assert_eq!((f.as_str(), t), (frame.as_str(), to));
         assert!(decode_event(&"r".into(), b"E\x00").is_none(), "short input");
+    }
+
+    #[test]
+    fn changed_users_are_the_added_removed_and_altered_ones() {
+        let s = |id: &str, waiting: bool| vec![(id.to_owned(), waiting)];
+        let old: SessionMap = HashMap::from([
+            (UserId::from("same"), s("s1", false)),
+            (UserId::from("gone"), s("s2", false)),
+            (UserId::from("ringing"), s("s3", false)),
+        ]);
+        let new: SessionMap = HashMap::from([
+            (UserId::from("same"), s("s1", false)),
+            (UserId::from("ringing"), s("s3", true)),
+            (UserId::from("fresh"), s("s4", false)),
+        ]);
+        let mut changed: Vec<String> = changed_users(&old, &new)
+            .iter()
+            .map(|u| u.as_str().to_owned())
+            .collect();
+        changed.sort();
+        assert_eq!(changed, ["fresh", "gone", "ringing"]);
+        assert!(changed_users(&new, &new).is_empty());
     }
 
     #[test]

@@ -1031,6 +1031,17 @@ impl Hub {
         }
     }
 
+    /// Replaces the other nodes' sessions of some users (an empty list: they have none left).
+    pub fn update_remote_sessions(&self, changes: Vec<(UserId, Vec<(String, bool)>)>) {
+        for (user, sessions) in changes {
+            if sessions.is_empty() {
+                self.remote_sessions.remove(&user);
+            } else {
+                self.remote_sessions.insert(user, sessions);
+            }
+        }
+    }
+
     /// This node's online users per room, for its heartbeat.
     pub fn presence_snapshot(&self) -> Vec<(RoomId, Vec<UserRef>)> {
         self.rooms
@@ -1221,6 +1232,12 @@ mod tests {
         assert_eq!(hub.register(p2), Err(HubError::TooManySessions(2)));
         assert_eq!(hub.session_ids(&"a".into()), vec!["p1", "s9.n2"]);
         assert!(hub.call_waiting(&"a".into()));
+        // The bus updates one user at a time; an empty list drops the user's remote sessions.
+        hub.update_remote_sessions(vec![(UserId::from("a"), vec![("s8.n3".to_owned(), false)])]);
+        assert_eq!(hub.session_ids(&"a".into()), vec!["p1", "s8.n3"]);
+        assert!(!hub.call_waiting(&"a".into()));
+        hub.update_remote_sessions(vec![(UserId::from("a"), Vec::new())]);
+        assert_eq!(hub.session_ids(&"a".into()), vec!["p1"]);
     }
 
     #[test]

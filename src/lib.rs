@@ -25,6 +25,7 @@ pub mod engagement;
 pub mod error;
 pub mod hub;
 pub mod metrics;
+pub mod presence_parts;
 pub mod protocol;
 pub mod rooms;
 pub mod rtc;

@@ -86,6 +86,9 @@ pub struct Metrics {
     pub bus_duplicates: AtomicU64,
     /// Directed frames (calls, signals) sent to sessions on other nodes.
     pub bus_directed: AtomicU64,
+    /// Presence heartbeats sent, and the NATS messages (parts) they took.
+    pub bus_heartbeats: AtomicU64,
+    pub bus_heartbeat_parts: AtomicU64,
     /// Publish-to-receipt time of room events between nodes.
     bus_latency: Histogram<10>,
 }
@@ -110,6 +113,8 @@ impl Default for Metrics {
             bus_refilled_events: AtomicU64::new(0),
             bus_duplicates: AtomicU64::new(0),
             bus_directed: AtomicU64::new(0),
+            bus_heartbeats: AtomicU64::new(0),
+            bus_heartbeat_parts: AtomicU64::new(0),
             bus_latency: Histogram::new(COMMIT_BUCKETS_S),
         }
     }
@@ -219,7 +224,7 @@ impl Metrics {
     }
 
     fn render_bus(&self, out: &mut String) {
-        let counters: [(&str, &str, u64); 6] = [
+        let counters: [(&str, &str, u64); 8] = [
             (
                 "studyhall_bus_published_total",
                 "Room events this node published on the cluster bus.",
@@ -249,6 +254,16 @@ impl Metrics {
                 "studyhall_bus_directed_total",
                 "Directed frames sent to sessions on other nodes.",
                 self.bus_directed.load(Relaxed),
+            ),
+            (
+                "studyhall_bus_heartbeats_total",
+                "Presence heartbeats this node sent.",
+                self.bus_heartbeats.load(Relaxed),
+            ),
+            (
+                "studyhall_bus_heartbeat_parts_total",
+                "NATS messages those heartbeats took (a big node's heartbeat is split).",
+                self.bus_heartbeat_parts.load(Relaxed),
             ),
         ];
         for (name, help, v) in counters {

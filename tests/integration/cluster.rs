@@ -36,7 +36,26 @@ impl Nats {
     }
 
     async fn start_on(port: u16) -> Self {
+        Self::start_with(port, &[]).await
+    }
+
+    /// A server whose `max_payload` is `bytes` (set in a config file: nats-server has no
+    /// flag for it).
+    async fn start_with_max_payload(bytes: usize) -> (Self, tempfile::NamedTempFile) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, format!("max_payload: {bytes}\n").as_bytes()).unwrap();
+        let path = file.path().to_str().unwrap().to_owned();
+        (Self::start_with(port, &["-c", &path]).await, file)
+    }
+
+    async fn start_with(port: u16, extra: &[&str]) -> Self {
         let child = Command::new("nats-server")
+            .args(extra)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -140,8 +159,12 @@ impl Cluster {
 
     /// `n` nodes, each with the settings `extra` on top of the tests' own.
     async fn start_with(n: usize, extra: &[(&str, &str)]) -> Self {
+        Self::start_on(Nats::start().await, n, extra).await
+    }
+
+    /// `n` nodes on the given NATS server.
+    async fn start_on(nats: Nats, n: usize, extra: &[(&str, &str)]) -> Self {
         let db = PgDb::create().await;
-        let nats = Nats::start().await;
         // The first node migrates the database; the others start on it together.
         let mut nodes = vec![Node::spawn(&db.url, &nats.url(), "n0", extra).await];
         let (url, bus) = (db.url.clone(), nats.url());
@@ -770,6 +793,70 @@ async fn a_badge_earned_through_another_node_reaches_the_earner() {
         assert_eq!(badge["badge"]["id"], "liked", "{badge}");
         assert_eq!(badge["user"]["id"], "author", "{badge}");
         assert_eq!(badge["room"], room, "{badge}");
+        c.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_whose_presence_outgrows_one_nats_message_still_shows_its_users() {
+    within("heartbeat in parts", async {
+        // A 4 KiB max_payload: 150 users in three rooms on node 0 make a presence snapshot of
+        // about 15 KB (users per room plus sessions), which no single message can carry.
+        let (nats, _conf) = Nats::start_with_max_payload(4096).await;
+        let c = Cluster::start_on(nats, 2, &[]).await;
+        const ROOMS: usize = 3;
+        const USERS: usize = 150;
+        for r in 0..ROOMS {
+            c.room(&format!("big.{r}"), "group").await;
+        }
+        let mut far = Vec::new();
+        for i in 0..USERS {
+            let mut u = Client::connect(c.addr(0), &student(&format!("pupil-{i:03}"))).await;
+            u.join(&format!("big.{}", i % ROOMS)).await;
+            far.push(u);
+        }
+        // Node 1 sees every one of them online: the join reply's list, then presence events
+        // until the whole set is there.
+        for r in 0..ROOMS {
+            let room = format!("big.{r}");
+            let want: HashSet<String> = (0..USERS)
+                .filter(|i| i % ROOMS == r)
+                .map(|i| format!("pupil-{i:03}"))
+                .collect();
+            let mut watcher = Client::connect(c.addr(1), &student(&format!("watch-{r}"))).await;
+            let ok = watcher.join(&room).await;
+            let mut seen: HashSet<String> = ok["online"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|u| u["id"].as_str().map(str::to_owned))
+                .collect();
+            within("every user of the room online on node 1", async {
+                while !want.is_subset(&seen) {
+                    let p = watcher.until("presence").await;
+                    if p["state"] == "online" {
+                        seen.insert(p["user"]["id"].as_str().unwrap().to_owned());
+                    }
+                }
+            })
+            .await;
+        }
+        // The snapshot did travel in parts.
+        let (_, body) = http_text(c.addr(0), "/metrics").await;
+        let (beats, parts) = (
+            metric(&body, "studyhall_bus_heartbeats_total"),
+            metric(&body, "studyhall_bus_heartbeat_parts_total"),
+        );
+        assert!(parts >= beats + 3.0, "{parts} parts for {beats} heartbeats");
+        // Node 1 knows the sessions too: a call placed there rings a user on node 0.
+        let mut tutor = Client::connect(c.addr(1), &token("tutor", PlatformRole::Tutor, &[])).await;
+        let r = tutor
+            .ok(json!({"type":"call","to":"pupil-077","media":{"audio":true,"video":false}}))
+            .await;
+        let id = r["call_id"].as_str().unwrap().to_owned();
+        let rang = ring(&mut far[77], &id).await;
+        assert_eq!(rang["from"]["session"], tutor.session.as_str());
         c.stop().await;
     })
     .await;

@@ -305,6 +305,9 @@ pub struct Bus {
     out_rx: Mutex<Option<mpsc::Receiver<(String, Bytes)>>>,
     /// Woken by NATS reconnects and slow-consumer events: check every room against the store.
     sweep_now: Arc<Notify>,
+    /// Set by a NATS (re)connect or slow-consumer event: policy invalidations may have been
+    /// lost, so the sweep drops every cached room policy (they reload from the store).
+    disrupted: Arc<AtomicBool>,
     gap: Duration,
     sweep: Duration,
     heartbeat: Duration,
@@ -335,6 +338,8 @@ impl Bus {
             .unwrap_or_else(|| format!("n{:08x}", rand::random::<u32>()));
         let sweep_now = Arc::new(Notify::new());
         let events = sweep_now.clone();
+        let disrupted = Arc::new(AtomicBool::new(false));
+        let disrupted_ev = disrupted.clone();
         let event_node = node.clone();
         let client = ConnectOptions::new()
             .name(format!("studyhall-{node}"))
@@ -343,14 +348,17 @@ impl Bus {
             .event_callback(move |ev| {
                 let events = events.clone();
                 let node = event_node.clone();
+                let disrupted = disrupted_ev.clone();
                 async move {
                     match ev {
                         Event::Connected => {
                             tracing::info!(node = %node, "NATS connected: checking rooms for gaps");
+                            disrupted.store(true, Relaxed);
                             events.notify_one();
                         }
                         Event::SlowConsumer(sid) => {
                             tracing::warn!(node = %node, sid, "NATS slow consumer: refilling from the store");
+                            disrupted.store(true, Relaxed);
                             events.notify_one();
                         }
                         Event::Disconnected => {
@@ -363,7 +371,7 @@ impl Bus {
             .connect(url)
             .await
             .map_err(|e| BusError::Connect {
-                url: url.to_owned(),
+                url: crate::config::redact_url(url),
                 why: e.to_string(),
             })?;
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
@@ -378,6 +386,7 @@ impl Bus {
             out,
             out_rx: Mutex::new(Some(out_rx)),
             sweep_now,
+            disrupted,
             gap: Duration::from_millis(cfg.bus_gap_ms),
             sweep: Duration::from_millis(cfg.bus_sweep_ms),
             heartbeat: Duration::from_millis(cfg.presence_heartbeat_ms),
@@ -546,7 +555,14 @@ impl Bus {
                 Some(&TAG_KICK) => {
                     let mut r = Reader(&msg.payload[1..]);
                     if let (Some(user), Some(reason)) = (r.str16(), r.rest_str()) {
-                        self.hub.kick_local(&room, &UserId::from(user), reason);
+                        // A removal over the HTTP API ("removed") is the platform's word and takes
+                        // host/ta too; a kick or ban from a session's command spares them.
+                        self.hub.kick_local(
+                            &room,
+                            &UserId::from(user),
+                            reason,
+                            reason != "removed",
+                        );
                     }
                 }
                 Some(&TAG_HAND) => {
@@ -634,6 +650,11 @@ impl Bus {
             tokio::select! {
                 _ = tokio::time::sleep(self.sweep) => {}
                 _ = self.sweep_now.notified() => {}
+            }
+            if self.disrupted.swap(false, AcqRel)
+                && let Some(app) = self.app.get().and_then(Weak::upgrade)
+            {
+                app.policies.invalidate_all();
             }
             let rooms: Vec<(RoomId, Arc<RoomEntry>)> = self
                 .rooms

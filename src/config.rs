@@ -627,6 +627,15 @@ impl Config {
     }
 }
 
+/// A URL without its credentials (`scheme://***@host...`), for logs and messages: database
+/// and NATS URLs may carry a user and password.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,6 +740,16 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(&args).is_err(), "levels must start at 0");
+    }
+
+    #[test]
+    fn urls_lose_their_credentials_in_messages() {
+        assert_eq!(
+            redact_url("nats://user:secret@127.0.0.1:4222"),
+            "nats://***@127.0.0.1:4222"
+        );
+        assert_eq!(redact_url("postgres://u:p@h/db"), "postgres://***@h/db");
+        assert_eq!(redact_url("sqlite://studyhall.db"), "sqlite://studyhall.db");
     }
 
     #[test]

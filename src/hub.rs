@@ -626,10 +626,21 @@ impl Hub {
         }
     }
 
-    /// The room role a user holds in the room right now, if online there.
+    /// The room role a user holds in the room right now, if online there: on this node, else
+    /// on another node (cluster mode, as its last heartbeat said).
     pub fn online_role(&self, room: &RoomId, user: &UserId) -> Option<String> {
-        let state = self.rooms.get(room)?;
-        state.online.get(user).map(|(u, _)| u.role.clone())
+        let local = self
+            .rooms
+            .get(room)
+            .and_then(|state| state.online.get(user).map(|(u, _)| u.role.clone()));
+        local.or_else(|| self.remote_role(room, user))
+    }
+
+    /// The room role another node says the user is online with (cluster mode).
+    pub fn remote_role(&self, room: &RoomId, user: &UserId) -> Option<String> {
+        self.remote_online
+            .get(room)
+            .and_then(|m| m.get(user).map(|u| u.role.clone()))
     }
 
     /// Sends `kicked` to every session of `user` in the room and closes them 4003 (on every
@@ -638,15 +649,29 @@ impl Hub {
         if let Some(relay) = self.relay.get() {
             relay(Relayed::Kick { room, user, reason });
         }
-        self.kick_local(room, user, reason)
+        self.kick_local(room, user, reason, false)
     }
 
     /// [`Hub::kick`] for this node's sessions only (a kick relayed from another node).
-    pub fn kick_local(&self, room: &RoomId, user: &UserId, reason: &str) -> usize {
+    ///
+    /// `spare_moderators`: leave the user's host/ta sessions alone (a kick or ban relayed
+    /// from another node, whose check could not see this node's sessions; host and ta cannot
+    /// be moderated).
+    pub fn kick_local(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        reason: &str,
+        spare_moderators: bool,
+    ) -> usize {
         let frame = Frame::from(protocol::encode(&ServerMsg::Kicked { room, reason }));
         let mut kicked = 0;
         if let Some(mut state) = self.rooms.get_mut(room) {
-            for m in state.sessions.values_mut().filter(|m| &m.user.id == user) {
+            for m in state
+                .sessions
+                .values_mut()
+                .filter(|m| &m.user.id == user && !(spare_moderators && m.moderator))
+            {
                 m.gate = None;
                 m.handle.offer(&frame, &self.metrics);
                 m.handle.close(close::KICKED);

@@ -131,7 +131,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Migrate(db) => {
             let cfg = load(&db, None)?;
             open_store(&cfg).await?.close().await;
-            println!("migrations applied to {}", redact(&cfg.database_url));
+            println!(
+                "migrations applied to {}",
+                studyhall::config::redact_url(&cfg.database_url)
+            );
             Ok(())
         }
         Cmd::Token(t) => {
@@ -155,13 +158,5 @@ async fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-    }
-}
-
-/// The database URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
-        _ => url.to_owned(),
     }
 }

@@ -150,10 +150,14 @@ pub(crate) async fn resolve_role(ctx: &Ctx, room: &Room) -> Result<(Option<RoomR
     if ctx.me.role == PlatformRole::Admin {
         return Ok((Some(RoomRole::Host), false));
     }
-    if ctx.app.store.is_banned(&room.id, &ctx.me.user).await? {
+    let granted = ctx.me.grants.get(&room.id).copied();
+    // The platform's grant of host/ta outranks a ban: host and ta cannot be moderated, and a
+    // ta's ban of a host who was offline (so not known to be one) must not lock them out.
+    if !granted.is_some_and(RoomRole::can_moderate)
+        && ctx.app.store.is_banned(&room.id, &ctx.me.user).await?
+    {
         return Err(Error::Forbidden("you are banned from this room".into()));
     }
-    let granted = ctx.me.grants.get(&room.id).copied();
     let stored = ctx.app.store.member_role(&room.id, &ctx.me.user).await?;
     let best = granted.max(stored);
     match (best, room.visibility) {

@@ -32,13 +32,21 @@ async fn check_target(ctx: &Ctx, room: &RoomId, user: &UserId) -> Result<()> {
     if user == &ctx.me.user {
         return Err(Error::bad_request("you cannot moderate yourself"));
     }
-    let online = ctx
-        .app
-        .hub
+    // Online here or, in cluster mode, on another node (a token-granted host connected
+    // elsewhere is known here only from that node's heartbeat).
+    let hub = &ctx.app.hub;
+    let local = hub
         .online_role(room, user)
         .and_then(|r| RoomRole::parse(&r));
+    let remote = hub
+        .remote_role(room, user)
+        .and_then(|r| RoomRole::parse(&r));
     let stored = ctx.app.store.member_role(room, user).await?;
-    if online.max(stored).is_some_and(RoomRole::can_moderate) {
+    if local
+        .max(remote)
+        .max(stored)
+        .is_some_and(RoomRole::can_moderate)
+    {
         return Err(Error::Forbidden("host and ta cannot be moderated".into()));
     }
     Ok(())

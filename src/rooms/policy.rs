@@ -191,14 +191,19 @@ pub struct Policies {
     /// Slow-mode clocks of policies dropped by [`Policies::invalidate`], taken over by the
     /// reload (a remote settings change must not reset who sent when).
     carried: DashMap<RoomId, HashMap<UserId, (i64, String)>>,
+    /// Bumped by every invalidation: a load that saw another value when it started may hold
+    /// what the invalidation was about, and is used once but not cached.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Policies {
     /// The room's policy, loaded from the store on first use.
     pub async fn get(&self, store: &Store, room: &RoomId) -> Result<Arc<Policy>> {
+        use std::sync::atomic::Ordering::Acquire;
         if let Some(p) = self.map.get(room) {
             return Ok(p.clone());
         }
+        let generation = self.generation.load(Acquire);
         let stored = store
             .room(room)
             .await?
@@ -217,6 +222,11 @@ impl Policies {
                     .unwrap_or_default(),
             ),
         });
+        if self.generation.load(Acquire) != generation {
+            // An invalidation (another node's mute or settings change, or a bus outage) came
+            // while this was loading: what was read may predate it.
+            return Ok(policy);
+        }
         Ok(self.map.entry(room.clone()).or_insert(policy).clone())
     }
 
@@ -227,12 +237,25 @@ impl Policies {
 
     /// Drops a room's cached policy (another node changed it); the next use reloads it.
     pub fn invalidate(&self, room: &RoomId) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if let Some((_, old)) = self.map.remove(room) {
             let clocks = lock(&old.last_sent).clone();
             if !clocks.is_empty() && self.carried.len() < MAX_CACHED_ROOMS {
                 self.carried.insert(room.clone(), clocks);
             }
         }
+    }
+
+    /// Drops every cached policy (cluster mode, after the bus was disrupted: invalidations
+    /// may have been lost with it); slow-mode clocks are carried over as by `invalidate`.
+    pub fn invalidate_all(&self) {
+        let rooms: Vec<RoomId> = self.map.iter().map(|e| e.key().clone()).collect();
+        for room in rooms {
+            self.invalidate(&room);
+        }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn changed(&self, room: &RoomId) {

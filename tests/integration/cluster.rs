@@ -774,19 +774,7 @@ async fn a_badge_earned_through_another_node_reaches_the_earner() {
         let joined = fan.join(room).await;
         // Node 0 routes the badge by its directory of the author's sessions, which comes with
         // node 1's heartbeat, the same one that shows the author online there.
-        let online = |v: &Value| {
-            v["online"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|u| u["id"] == "author"))
-        };
-        if !online(&joined) {
-            loop {
-                let p = fan.until("presence").await;
-                if p["user"]["id"] == "author" && p["state"] == "online" {
-                    break;
-                }
-            }
-        }
+        seen_online(&mut fan, &joined, "author").await;
         fan.ok(json!({"type":"react","room":room,"id":sent["id"],"emoji":"👍"}))
             .await;
         let badge = author.until("badge").await;
@@ -857,6 +845,56 @@ async fn a_node_whose_presence_outgrows_one_nats_message_still_shows_its_users()
         let id = r["call_id"].as_str().unwrap().to_owned();
         let rang = ring(&mut far[77], &id).await;
         assert_eq!(rang["from"]["session"], tutor.session.as_str());
+        c.stop().await;
+    })
+    .await;
+}
+
+/// Waits until `user` is online for `c`, which joined with the reply `joined`: in its
+/// `online` list, else by a later `presence` event (another node's heartbeat).
+async fn seen_online(c: &mut Client, joined: &Value, user: &str) {
+    let listed = joined["online"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|u| u["id"] == user));
+    while !listed {
+        let p = c.until("presence").await;
+        if p["user"]["id"] == user && p["state"] == "online" {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_ta_cannot_moderate_a_host_connected_to_another_node() {
+    within("host on another node", async {
+        let c = Cluster::start(2).await;
+        let room = "ta.room";
+        c.room(room, "group").await;
+        // The host's role is the token's grant (never stored): only node 1 saw it, and node 0
+        // knows it from node 1's heartbeat.
+        let mut host = Client::connect(
+            c.addr(1),
+            &token("boss", PlatformRole::Tutor, &[(room, RoomRole::Host)]),
+        )
+        .await;
+        host.join(room).await;
+        let mut ta = Client::connect(
+            c.addr(0),
+            &token("helper", PlatformRole::Student, &[(room, RoomRole::Ta)]),
+        )
+        .await;
+        let joined = ta.join(room).await;
+        seen_online(&mut ta, &joined, "boss").await;
+        for cmd in [
+            json!({"type":"kick","room":room,"user":"boss"}),
+            json!({"type":"ban","room":room,"user":"boss"}),
+            json!({"type":"mute","room":room,"user":"boss","seconds":60}),
+        ] {
+            assert_eq!(ta.err(cmd.clone()).await, "forbidden", "{cmd}");
+        }
+        // The host is still in the room and may speak.
+        host.ok(json!({"type":"send","room":room,"text":"still here","client_msg_id":"h1"}))
+            .await;
         c.stop().await;
     })
     .await;

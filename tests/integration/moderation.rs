@@ -384,3 +384,38 @@ async fn hands_queue_and_stage_with_a_limit_cleared_on_leave() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_ban_does_not_lock_out_a_host_the_token_grants() {
+    // The ta cannot know an offline user's token grants, so banning them is accepted; the
+    // grant still outranks the ban when the host comes (host and ta cannot be moderated).
+    let s = Server::sqlite(|_| {}).await;
+    s.room("r", "open").await;
+    let mut ta = Client::connect(
+        s.addr,
+        &token("helper", PlatformRole::Student, &[("r", RoomRole::Ta)]),
+    )
+    .await;
+    ta.join("r").await;
+    ta.ok(json!({"type":"ban","room":"r","user":"boss"})).await;
+    ta.ok(json!({"type":"ban","room":"r","user":"ann"})).await;
+    let mut ann = s.client("ann").await;
+    assert_eq!(
+        ann.err(json!({"type":"join","room":"r"})).await,
+        "forbidden"
+    );
+    let mut boss = Client::connect(
+        s.addr,
+        &token("boss", PlatformRole::Tutor, &[("r", RoomRole::Host)]),
+    )
+    .await;
+    let ok = boss.join("r").await;
+    assert_eq!(ok["role"], "host", "{ok}");
+    // And now that the host is online, the ta cannot kick them.
+    assert_eq!(
+        ta.err(json!({"type":"kick","room":"r","user":"boss"}))
+            .await,
+        "forbidden"
+    );
+    s.stop().await;
+}

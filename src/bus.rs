@@ -662,16 +662,21 @@ impl Bus {
                 .map(|s| (s.key().clone(), s.entry.clone()))
                 .collect();
             let Ok(store) = self.store() else { continue };
+            // One query per few hundred rooms, not one per room.
+            let ids: Vec<RoomId> = rooms.iter().map(|(r, _)| r.clone()).collect();
+            let lasts = match store.last_seqs(&ids).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(error = %e, "sweep: last_seq failed");
+                    continue;
+                }
+            };
             for (room, entry) in rooms {
                 let Some(next) = lock(&entry.seq).next() else {
                     continue;
                 };
-                match store.last_seq(&room).await {
-                    Ok(last) if last >= next => {
-                        tokio::spawn(self.clone().refill(room, entry));
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(room = %room, error = %e, "sweep: last_seq failed"),
+                if lasts.get(&room).is_some_and(|last| *last >= next) {
+                    tokio::spawn(self.clone().refill(room, entry));
                 }
             }
         }

@@ -347,6 +347,17 @@ fn parse_role(s: &str) -> Result<RoomRole> {
     RoomRole::parse(s).ok_or_else(|| StoreError::Corrupt(format!("room role {s}")))
 }
 
+/// Most ids bound in one `IN (...)` list (well under both backends' parameter limits).
+pub(crate) const ROOMS_PER_QUERY: usize = 500;
+
+/// `$first, $first+1, ...`: `n` bind placeholders for an `IN (...)` list.
+pub(crate) fn placeholders(n: usize, first: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Store {
     /// Connects, runs the backend's migrations and starts the group-commit writer. `hook` is
     /// called once per committed event, in commit order, before the writer acknowledges it.
@@ -688,6 +699,30 @@ impl Store {
             .fetch_optional(self.pool())
             .await?;
         seq.ok_or(StoreError::NotFound("room"))
+    }
+
+    /// `last_seq` of many rooms at once (the cluster's sweep), in queries of at most
+    /// [`ROOMS_PER_QUERY`] ids; rooms that do not exist are left out.
+    pub async fn last_seqs(
+        &self,
+        rooms: &[RoomId],
+    ) -> Result<std::collections::HashMap<RoomId, i64>> {
+        let mut out = std::collections::HashMap::with_capacity(rooms.len());
+        for chunk in rooms.chunks(ROOMS_PER_QUERY) {
+            let sql = format!(
+                "SELECT id, last_seq FROM rooms WHERE id IN ({})",
+                placeholders(chunk.len(), 1)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for room in chunk {
+                q = q.bind(room.as_str());
+            }
+            for row in q.fetch_all(self.pool()).await? {
+                let id: String = row.try_get(0)?;
+                out.insert(RoomId::from(id.as_str()), row.try_get::<i64, _>(1)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Events with `seq > after_seq`, oldest first, at most `limit`; `has_more` when there are

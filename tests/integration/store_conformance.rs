@@ -177,6 +177,16 @@ async fn seq_is_gap_free_and_events_page_both_ways(f: Fixture) {
     }
     assert_eq!(s.last_seq(&"r".into()).await.unwrap(), 20);
     assert_eq!(s.last_seq(&"q".into()).await.unwrap(), 10);
+    // Many rooms at once, across more than one query; missing rooms are left out.
+    let mut ids: Vec<studyhall::protocol::RoomId> = (0..600)
+        .map(|i| format!("none{i}").as_str().into())
+        .collect();
+    ids.insert(300, "q".into());
+    ids.push("r".into());
+    let lasts = s.last_seqs(&ids).await.unwrap();
+    assert_eq!(lasts.len(), 2, "{lasts:?}");
+    assert_eq!(lasts[&studyhall::protocol::RoomId::from("r")], 20);
+    assert_eq!(lasts[&studyhall::protocol::RoomId::from("q")], 10);
     let published = f.published.lock().unwrap().clone();
     let r_seqs: Vec<i64> = published
         .iter()

@@ -49,9 +49,6 @@ const PRESENCE_SUBJECT: &str = "studyhall.presence";
 const CTL_SUBJECT: &str = "studyhall.ctl";
 /// Events read from the store per refill query.
 const REFILL_PAGE: u32 = 1000;
-/// Messages queued for the publisher task; past it a publish is dropped (and refilled by the
-/// receivers, like any NATS loss).
-const OUT_QUEUE: usize = 65_536;
 /// Bytes per heartbeat part when the server did not say its `max_payload` (half NATS's
 /// default).
 const DEFAULT_PART_BUDGET: usize = 512 * 1024;
@@ -308,6 +305,10 @@ pub struct Bus {
     /// Set by a NATS (re)connect or slow-consumer event: policy invalidations may have been
     /// lost, so the sweep drops every cached room policy (they reload from the store).
     disrupted: Arc<AtomicBool>,
+    /// Payload bytes in the publish queue (`out`).
+    out_bytes: std::sync::atomic::AtomicUsize,
+    /// `bus_queue_bytes`.
+    out_bytes_max: usize,
     gap: Duration,
     sweep: Duration,
     heartbeat: Duration,
@@ -374,7 +375,7 @@ impl Bus {
                 url: crate::config::redact_url(url),
                 why: e.to_string(),
             })?;
-        let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+        let (out, out_rx) = mpsc::channel(cfg.bus_queue_max);
         tracing::info!(node = %node, "joined the cluster bus");
         Ok(Arc::new(Self {
             node,
@@ -387,6 +388,8 @@ impl Bus {
             out_rx: Mutex::new(Some(out_rx)),
             sweep_now,
             disrupted,
+            out_bytes: std::sync::atomic::AtomicUsize::new(0),
+            out_bytes_max: cfg.bus_queue_bytes,
             gap: Duration::from_millis(cfg.bus_gap_ms),
             sweep: Duration::from_millis(cfg.bus_sweep_ms),
             heartbeat: Duration::from_millis(cfg.presence_heartbeat_ms),
@@ -411,7 +414,18 @@ impl Bus {
 
     /// Queues a message for the publisher task without waiting; false if the queue is full.
     fn enqueue(&self, subject: String, payload: Bytes) -> bool {
-        self.out.try_send((subject, payload)).is_ok()
+        // Bounded in bytes as well as in messages: while NATS stalls, 65,536 large events
+        // must not pile up into gigabytes. A dropped publish is refilled like any NATS loss.
+        let len = payload.len();
+        if self.out_bytes.fetch_add(len, AcqRel) + len > self.out_bytes_max {
+            self.out_bytes.fetch_sub(len, AcqRel);
+            return false;
+        }
+        if self.out.try_send((subject, payload)).is_err() {
+            self.out_bytes.fetch_sub(len, AcqRel);
+            return false;
+        }
+        true
     }
 
     /// The commit hook in cluster mode (runs in commit order on the committing node): publish
@@ -685,6 +699,7 @@ impl Bus {
     async fn publisher_task(self: Arc<Self>, mut rx: mpsc::Receiver<(String, Bytes)>) {
         let mut failures = 0u64;
         while let Some((subject, payload)) = rx.recv().await {
+            self.out_bytes.fetch_sub(payload.len(), AcqRel);
             if let Err(e) = self.client.publish(subject, payload).await {
                 failures += 1;
                 if failures.is_power_of_two() {

@@ -139,6 +139,11 @@ pub struct Config {
     pub drain_interval_ms: u64,
     /// Milliseconds a node waits for another node to answer a forwarded call command.
     pub bus_request_timeout_ms: u64,
+    /// Messages waiting for the NATS publisher at most; past it a publish is dropped (the
+    /// receivers refill room events from the store).
+    pub bus_queue_max: usize,
+    /// Payload bytes waiting for the NATS publisher at most (same as above, in bytes).
+    pub bus_queue_bytes: usize,
 }
 
 impl Default for Config {
@@ -200,6 +205,8 @@ impl Default for Config {
             drain_batch: 100,
             drain_interval_ms: 100,
             bus_request_timeout_ms: 2_000,
+            bus_queue_max: 65_536,
+            bus_queue_bytes: 64 << 20,
         }
     }
 }
@@ -340,6 +347,10 @@ pub struct ServeArgs {
     pub drain_interval_ms: Option<u64>,
     #[arg(long, env = "STUDYHALL_BUS_REQUEST_TIMEOUT_MS")]
     pub bus_request_timeout_ms: Option<u64>,
+    #[arg(long, env = "STUDYHALL_BUS_QUEUE_MAX")]
+    pub bus_queue_max: Option<usize>,
+    #[arg(long, env = "STUDYHALL_BUS_QUEUE_BYTES")]
+    pub bus_queue_bytes: Option<usize>,
 }
 
 macro_rules! overlay {
@@ -408,6 +419,8 @@ impl Config {
             drain_batch,
             drain_interval_ms,
             bus_request_timeout_ms,
+            bus_queue_max,
+            bus_queue_bytes,
         );
         if args.node_id.is_some() {
             cfg.node_id = args.node_id.clone();
@@ -600,6 +613,8 @@ impl Config {
             ("drain_batch", self.drain_batch as u64),
             ("drain_interval_ms", self.drain_interval_ms),
             ("bus_request_timeout_ms", self.bus_request_timeout_ms),
+            ("bus_queue_max", self.bus_queue_max as u64),
+            ("bus_queue_bytes", self.bus_queue_bytes as u64),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid {

@@ -856,10 +856,13 @@ async fn seen_online(c: &mut Client, joined: &Value, user: &str) {
     let listed = joined["online"]
         .as_array()
         .is_some_and(|a| a.iter().any(|u| u["id"] == user));
-    while !listed {
+    if listed {
+        return;
+    }
+    loop {
         let p = c.until("presence").await;
         if p["user"]["id"] == user && p["state"] == "online" {
-            break;
+            return;
         }
     }
 }

@@ -692,7 +692,11 @@ async fn apply(
         } => {
             let applied = super::qa::ask(tx, room, author, text, *anonymous, *pending).await?;
             if let WriteOutcome::Asked { id, ts, .. } = &applied.outcome {
-                let c = Contribution::new(room, author, Kind::Question, id.as_str(), *ts);
+                let mut c = Contribution::new(room, author, Kind::Question, id.as_str(), *ts);
+                // The room saw this question without its author: announcing the badge it
+                // earns (at the next seq) would name them. Approving it later announces
+                // nothing either.
+                c.quiet = *anonymous || *pending;
                 engagement::contribute(tx, cfg, &[c], fx)
                     .await
                     .map_err(engagement::abort)?;
@@ -858,6 +862,14 @@ async fn apply(
                 .bind(id.as_str())
                 .execute(&mut **tx)
                 .await?;
+            // Reactions by others standing on it, counted in the author's `reactions_received`.
+            let standing: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM reactions WHERE message_id = $1 AND user_id <> $2",
+            )
+            .bind(id.as_str())
+            .bind(msg.sender.as_str())
+            .fetch_one(&mut **tx)
+            .await?;
             sqlx::query("DELETE FROM reactions WHERE message_id = $1")
                 .bind(id.as_str())
                 .execute(&mut **tx)
@@ -884,6 +896,9 @@ async fn apply(
             if msg.sender != by.id.as_str() {
                 // Deleted by moderation: the message earns nothing, nor its reactions.
                 engagement::reverse(tx, room, id.as_str(), None)
+                    .await
+                    .map_err(engagement::abort)?;
+                engagement::uncount_reactions(tx, room, &msg.sender, standing)
                     .await
                     .map_err(engagement::abort)?;
             }
@@ -997,7 +1012,7 @@ async fn apply(
                     .await
                     .map_err(engagement::abort)?;
             } else if for_author {
-                engagement::reverse(
+                let reversed = engagement::reverse(
                     tx,
                     room,
                     id.as_str(),
@@ -1005,6 +1020,9 @@ async fn apply(
                 )
                 .await
                 .map_err(engagement::abort)?;
+                engagement::refund(tx, room, &reversed)
+                    .await
+                    .map_err(engagement::abort)?;
                 engagement::uncount(tx, room, &msg.sender, Kind::ReactionReceived)
                     .await
                     .map_err(engagement::abort)?;

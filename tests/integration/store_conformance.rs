@@ -910,6 +910,36 @@ async fn batched_sends_match_single_sends(f: Fixture) {
     assert_eq!(s.last_seq(&r).await.unwrap(), 41);
 }
 
+/// Two writers (two nodes) checking the same users in at the same moment: each user's
+/// check-in counts once (the check-in locks the room row before reading the member's last
+/// day).
+async fn simultaneous_checkins_count_once(f: Fixture) {
+    f.store
+        .create_room(&room("r", Visibility::Open))
+        .await
+        .unwrap();
+    let other = open(&f.url).await;
+    let checkin = |i: usize| WriteOp::Checkin {
+        room: RoomId::from("r"),
+        user: user(&format!("u{i}")),
+        tz: None,
+    };
+    let mut pending = Vec::new();
+    for i in 0..30 {
+        pending.push((i, f.store.submit(checkin(i)).await.unwrap()));
+        pending.push((i, other.store.submit(checkin(i)).await.unwrap()));
+    }
+    let mut new_days = vec![0; 30];
+    for (i, p) in pending {
+        match within("checkin", p).await.unwrap().unwrap() {
+            WriteOutcome::CheckedIn { already, .. } => new_days[i] += usize::from(!already),
+            o => panic!("{o:?}"),
+        }
+    }
+    assert_eq!(new_days, vec![1; 30]);
+    other.store.close().await;
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -955,6 +985,7 @@ conformance!(
     search_ranks_and_respects_pending,
     mutes_bans_reports_and_audit,
     batched_sends_match_single_sends,
+    simultaneous_checkins_count_once,
 );
 
 /// A batch that fails is retried write by write; what a retried send earned (a badge

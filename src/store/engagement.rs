@@ -175,8 +175,14 @@ pub(super) struct Contribution {
     pub ref_id: String,
     pub detail: String,
     pub ts: i64,
-    /// Counts, but earns nothing (marking one's own answer helpful).
+    /// Earns nothing and counts toward no badge metric (marking one's own answer helpful).
     pub no_points: bool,
+    /// Badges this crosses are never announced in the room: the contribution does not show
+    /// its author to the room (an anonymous or pending question).
+    pub quiet: bool,
+    /// The zone of the earner's local day for the cap, when this write names one (a
+    /// check-in's own zone); else the zone the user's token named, else the room's.
+    pub zone: Option<String>,
 }
 
 impl Contribution {
@@ -190,6 +196,8 @@ impl Contribution {
             detail: String::new(),
             ts,
             no_points: false,
+            quiet: false,
+            zone: None,
         }
     }
 }
@@ -355,7 +363,7 @@ pub(super) async fn contribute(
     for c in &items {
         let rtz = &room_tz[c.room.as_str()];
         let bucket = eng::day_start_of(c.ts, rtz);
-        let day = match zones.get(c.user.as_str()) {
+        let day = match c.zone.as_ref().or_else(|| zones.get(c.user.as_str())) {
             Some(z) => eng::local_day(c.ts, &eng::zone_or_utc(z)),
             None => eng::local_day(c.ts, rtz),
         }
@@ -513,7 +521,8 @@ pub(super) async fn contribute(
         if !c.name.is_empty() {
             t.name.clone_from(&c.name);
         }
-        if let Some(col) = c.kind.member_col() {
+        // A mark of one's own answer counts toward no metric (`helpful` is marks by others).
+        if let Some(col) = c.kind.member_col().filter(|_| !c.no_points) {
             t.counts[col] += 1;
         }
         t.points += points[i];
@@ -583,9 +592,15 @@ pub(super) async fn contribute(
                 .map(|c| c.ts)
                 .max()
                 .unwrap_or_else(now_ms);
-            let announce = settings
-                .get(room.as_str())
-                .is_some_and(|s| s.announce_badges);
+            // Never announce what an anonymous or pending contribution crossed: the
+            // announcement, next to it in the log, would name its author.
+            let quiet = items
+                .iter()
+                .any(|c| c.quiet && c.room == room && c.user.as_str() == user);
+            let announce = !quiet
+                && settings
+                    .get(room.as_str())
+                    .is_some_and(|s| s.announce_badges);
             let user = UserBrief {
                 name: if name.is_empty() { user.clone() } else { name },
                 id: UserId(user),
@@ -665,14 +680,22 @@ async fn announcement(tx: &mut Tx, room: &RoomId, text: &str, ts: i64) -> Result
     insert_event(tx, room, seq, ts, id.as_str(), event, None).await
 }
 
+/// An award just reversed: whose, for what and on which of the earner's cap days.
+pub(super) struct Reversed {
+    pub user: String,
+    pub action: String,
+    pub day: String,
+}
+
 /// Reverses the standing awards for `ref_id` in `room` (all of them, or only those of one
 /// action and detail): each gets a negative ledger row and its points leave the counters.
+/// Returns the awards reversed.
 pub(super) async fn reverse(
     tx: &mut Tx,
     room: &RoomId,
     ref_id: &str,
     only: Option<(Action, &str)>,
-) -> Result<()> {
+) -> Result<Vec<Reversed>> {
     let (action, detail) = only.map_or(("", ""), |(a, d)| (a.as_str(), d));
     let rows = sqlx::query(
         "SELECT id, user_id, action, detail, day, bucket, points FROM points_ledger \
@@ -686,6 +709,7 @@ pub(super) async fn reverse(
     .fetch_all(&mut **tx)
     .await?;
     let ts = now_ms();
+    let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let id: i64 = row.try_get("id")?;
         let user: String = row.try_get("user_id")?;
@@ -728,7 +752,54 @@ pub(super) async fn reverse(
         .bind(user.as_str())
         .execute(&mut **tx)
         .await?;
+        out.push(Reversed {
+            user,
+            action: row.try_get("action")?,
+            day: row.try_get("day")?,
+        });
     }
+    Ok(out)
+}
+
+/// Gives withdrawn awards their places under the earner's daily cap back (a reaction or
+/// helpful mark taken back), so that someone else cannot use up a user's cap by adding and
+/// withdrawing the same thing over and over.
+pub(super) async fn refund(tx: &mut Tx, room: &RoomId, reversed: &[Reversed]) -> Result<()> {
+    for r in reversed {
+        sqlx::query(
+            "UPDATE points_caps SET n = n - 1 WHERE room_id = $1 AND user_id = $2 \
+             AND action = $3 AND day = $4 AND n > 0",
+        )
+        .bind(room.as_str())
+        .bind(r.user.as_str())
+        .bind(r.action.as_str())
+        .bind(r.day.as_str())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Takes `n` standing reactions from a user's running total (their message deleted by
+/// moderation: `reactions_received` counts reactions still standing).
+pub(super) async fn uncount_reactions(
+    tx: &mut Tx,
+    room: &RoomId,
+    user: &str,
+    n: i64,
+) -> Result<()> {
+    if n <= 0 {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE engagement_members SET reactions_received = CASE WHEN reactions_received > $1 \
+         THEN reactions_received - $1 ELSE 0 END WHERE room_id = $2 AND user_id = $3",
+    )
+    .bind(n)
+    .bind(room.as_str())
+    .bind(user)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -771,11 +842,17 @@ pub(super) async fn checkin(
     tz: Option<&str>,
     fx: &mut Effects,
 ) -> Result<Applied> {
-    let row = sqlx::query("SELECT archived, engagement FROM rooms WHERE id = $1")
-        .bind(room.as_str())
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or(StoreError::NotFound("room"))?;
+    // Lock the room row first, as every write does (bump_seq): the room-ordered lock order
+    // holds, and two check-ins of one user on two nodes (PostgreSQL) run one after the other,
+    // the second reading the member row the first committed. A no-op write locks on both
+    // backends.
+    let row = sqlx::query(
+        "UPDATE rooms SET last_seq = last_seq WHERE id = $1 RETURNING archived, engagement",
+    )
+    .bind(room.as_str())
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or(StoreError::NotFound("room"))?;
     if row.try_get::<i64, _>("archived")? != 0 {
         return Err(StoreError::Forbidden("the room is archived".into()));
     }
@@ -812,6 +889,8 @@ pub(super) async fn checkin(
         let day = today.to_string();
         let mut c = Contribution::new(room, user, Kind::Checkin, &day, now);
         c.detail = tz_name.clone();
+        // The cap day is the check-in's own day, in the zone it was made in.
+        c.zone = Some(tz_name.clone());
         points = contribute(tx, cfg, &[c], fx)
             .await
             .map_err(abort)?
@@ -911,12 +990,18 @@ pub(super) async fn helpful(
         c.no_points = author.id == by.id;
         contribute(tx, cfg, &[c], fx).await.map_err(abort)?;
     } else {
-        reverse(tx, room, &answer_id, Some((Action::Helpful, "")))
+        let reversed = reverse(tx, room, &answer_id, Some((Action::Helpful, "")))
             .await
             .map_err(abort)?;
-        uncount(tx, room, author.id.as_str(), Kind::Helpful)
-            .await
-            .map_err(abort)?;
+        refund(tx, room, &reversed).await.map_err(abort)?;
+        // A self-mark counted nothing: uncount only a mark that earned points or was made by
+        // someone else (the marker is not stored; an unmark by the author is taken as
+        // undoing their own mark).
+        if !reversed.is_empty() || author.id != by.id {
+            uncount(tx, room, author.id.as_str(), Kind::Helpful)
+                .await
+                .map_err(abort)?;
+        }
     }
     super::qa::emit_update(tx, &conn_q, "helpful", seq, ts).await
 }

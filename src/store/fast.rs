@@ -316,6 +316,8 @@ pub(super) fn contributions(staged: &[Staged]) -> Vec<super::engagement::Contrib
             detail: String::new(),
             ts: m.ts,
             no_points: false,
+            quiet: false,
+            zone: None,
         })
         .collect()
 }

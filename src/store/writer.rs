@@ -274,23 +274,27 @@ impl Writer {
         let mut order: Vec<usize> = (0..batch.len()).collect();
         order.sort_by(|&a, &b| batch[a].0.room().cmp(batch[b].0.room()));
         let ops: Vec<&WriteOp> = order.iter().map(|&i| &batch[i].0).collect();
+        // Each result comes with effects to publish right after it: on the retry path, what
+        // the op's own transaction added at its end (announcements of a retried send), so a
+        // room's seqs still reach the hook in increasing order.
         let (results, batch_fx) = match self.transaction(&ops).await {
-            Ok(results) => results,
+            Ok((results, fx)) => (
+                results
+                    .into_iter()
+                    .map(|r| (r, Effects::default()))
+                    .collect::<Vec<_>>(),
+                fx,
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, size = ops.len(), "batch failed, retrying writes one by one");
                 let mut results = Vec::with_capacity(ops.len());
-                let mut batch_fx = Effects::default();
                 for op in &ops {
                     results.push(match self.transaction(std::slice::from_ref(op)).await {
-                        Ok((mut one, fx)) => {
-                            batch_fx.events.extend(fx.events);
-                            batch_fx.badges.extend(fx.badges);
-                            one.pop().unwrap_or(Err(StoreError::Closed))
-                        }
-                        Err(e) => Err(StoreError::Db(e)),
+                        Ok((mut one, fx)) => (one.pop().unwrap_or(Err(StoreError::Closed)), fx),
+                        Err(e) => (Err(StoreError::Db(e)), Effects::default()),
                     });
                 }
-                (results, batch_fx)
+                (results, Effects::default())
             }
         };
         self.metrics.store_batch(ops.len(), started.elapsed());
@@ -300,11 +304,30 @@ impl Writer {
         let mut replies: Vec<Option<oneshot::Sender<Result<WriteOutcome>>>> =
             batch.drain(..).map(|(_, reply)| Some(reply)).collect();
         let badge_hook = self.badge_hook.get();
-        let tell = |fx: Effects| {
+        // Debug builds check the order the hub relies on: within one commit, each room's
+        // seqs reach the hook strictly increasing (its per-member high-water mark would drop
+        // a lower one as already seen).
+        #[cfg(debug_assertions)]
+        let last_seq = std::cell::RefCell::new(std::collections::HashMap::<RoomId, i64>::new());
+        let publish = |ev: CommittedEvent| {
+            #[cfg(debug_assertions)]
+            {
+                let mut last = last_seq.borrow_mut();
+                let prev = last.insert(ev.room.clone(), ev.seq);
+                debug_assert!(
+                    prev.is_none_or(|p| p < ev.seq),
+                    "room {} seq {} published after seq {prev:?}",
+                    ev.room,
+                    ev.seq
+                );
+            }
             if let Some(hook) = &self.hook {
-                for ev in fx.events {
-                    hook(ev);
-                }
+                hook(ev);
+            }
+        };
+        let tell = |fx: Effects| {
+            for ev in fx.events {
+                publish(ev);
             }
             if let Some(hook) = badge_hook {
                 for b in fx.badges {
@@ -312,14 +335,15 @@ impl Writer {
                 }
             }
         };
-        for (idx, result) in order.into_iter().zip(results) {
+        for (idx, (result, after)) in order.into_iter().zip(results) {
             let result = result.map(|(applied, fx)| {
-                if let (Some(ev), Some(hook)) = (applied.event, &self.hook) {
-                    hook(ev);
+                if let Some(ev) = applied.event {
+                    publish(ev);
                 }
                 tell(fx);
                 applied.outcome
             });
+            tell(after);
             if let Some(reply) = replies[idx].take() {
                 // The submitter may have gone away (connection closed); the write stands.
                 let _ = reply.send(result);
@@ -668,7 +692,11 @@ async fn apply(
         } => {
             let applied = super::qa::ask(tx, room, author, text, *anonymous, *pending).await?;
             if let WriteOutcome::Asked { id, ts, .. } = &applied.outcome {
-                let c = Contribution::new(room, author, Kind::Question, id.as_str(), *ts);
+                let mut c = Contribution::new(room, author, Kind::Question, id.as_str(), *ts);
+                // The room saw this question without its author: announcing the badge it
+                // earns (at the next seq) would name them. Approving it later announces
+                // nothing either.
+                c.quiet = *anonymous || *pending;
                 engagement::contribute(tx, cfg, &[c], fx)
                     .await
                     .map_err(engagement::abort)?;
@@ -834,6 +862,14 @@ async fn apply(
                 .bind(id.as_str())
                 .execute(&mut **tx)
                 .await?;
+            // Reactions by others standing on it, counted in the author's `reactions_received`.
+            let standing: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM reactions WHERE message_id = $1 AND user_id <> $2",
+            )
+            .bind(id.as_str())
+            .bind(msg.sender.as_str())
+            .fetch_one(&mut **tx)
+            .await?;
             sqlx::query("DELETE FROM reactions WHERE message_id = $1")
                 .bind(id.as_str())
                 .execute(&mut **tx)
@@ -860,6 +896,9 @@ async fn apply(
             if msg.sender != by.id.as_str() {
                 // Deleted by moderation: the message earns nothing, nor its reactions.
                 engagement::reverse(tx, room, id.as_str(), None)
+                    .await
+                    .map_err(engagement::abort)?;
+                engagement::uncount_reactions(tx, room, &msg.sender, standing)
                     .await
                     .map_err(engagement::abort)?;
             }
@@ -973,7 +1012,7 @@ async fn apply(
                     .await
                     .map_err(engagement::abort)?;
             } else if for_author {
-                engagement::reverse(
+                let reversed = engagement::reverse(
                     tx,
                     room,
                     id.as_str(),
@@ -981,6 +1020,9 @@ async fn apply(
                 )
                 .await
                 .map_err(engagement::abort)?;
+                engagement::refund(tx, room, &reversed)
+                    .await
+                    .map_err(engagement::abort)?;
                 engagement::uncount(tx, room, &msg.sender, Kind::ReactionReceived)
                     .await
                     .map_err(engagement::abort)?;

@@ -1112,3 +1112,177 @@ async fn daily_caps_count_in_the_earners_zone() {
     assert_eq!(points_in(&mut k, "g").await, 1, "capped in the user's day");
     s.stop().await;
 }
+
+/// The engagement counters of one user in room `g`, read from the database.
+async fn counters(s: &Server, user: &str) -> (i64, i64) {
+    let url = format!(
+        "sqlite://{}",
+        s.dir.as_ref().unwrap().path().join("t.db").display()
+    );
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let row: (i64, i64) = sqlx::query_as(
+        "SELECT reactions_received, helpful FROM engagement_members \
+         WHERE room_id = 'g' AND user_id = $1",
+    )
+    .bind(user)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    row
+}
+
+#[tokio::test]
+async fn badges_of_anonymous_or_pending_questions_are_not_announced() {
+    let s = Server::sqlite(|_| {}).await;
+    make_room(
+        &s,
+        json!({"id": "g", "kind": "group", "qa": {"enabled": true},
+               "engagement": {"announce_badges": true}}),
+    )
+    .await;
+    make_room(
+        &s,
+        json!({"id": "mod", "kind": "group", "qa": {"enabled": true, "moderated": true},
+               "engagement": {"announce_badges": true}}),
+    )
+    .await;
+    let mut ann = s.client("ann").await;
+    let mut carl = s.client("carl").await;
+    let mut ben = s.client("ben").await;
+    for c in [&mut ann, &mut carl, &mut ben] {
+        c.join("g").await;
+        c.join("mod").await;
+    }
+
+    // Anonymous: the asker is told privately, the room sees no announcement naming them.
+    ann.ok(json!({"type": "ask", "room": "g", "text": "q", "anonymous": true}))
+        .await;
+    assert_eq!(badge(&mut ann).await["badge"]["id"], "first_question");
+    send(&mut ann, "g", "after the anonymous question", "a1").await;
+    let m = ben.until("message").await;
+    assert_eq!(m["text"], "after the anonymous question", "{m}");
+
+    // Pending in a moderated room: the same.
+    carl.ok(json!({"type": "ask", "room": "mod", "text": "q"}))
+        .await;
+    assert_eq!(badge(&mut carl).await["badge"]["id"], "first_question");
+    send(&mut carl, "mod", "after the pending question", "c1").await;
+    let m = ben.until("message").await;
+    assert_eq!(m["text"], "after the pending question", "{m}");
+
+    // A question asked openly is still announced.
+    carl.ok(json!({"type": "ask", "room": "g", "text": "q"}))
+        .await;
+    assert_eq!(badge(&mut carl).await["badge"]["id"], "first_question");
+    let m = ben.until("message").await;
+    assert_eq!(m["from"]["role"], "system", "{m}");
+    assert!(m["text"].as_str().unwrap().contains("CARL"), "{m}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn reacting_and_unreacting_uses_up_nobodys_cap() {
+    let s = Server::sqlite(|c| c.engagement.daily_caps.reaction_received = 2).await;
+    make_room(&s, json!({"id": "g", "kind": "group"})).await;
+    let mut alice = s.client("alice").await;
+    let mut bob = s.client("bob").await;
+    let mut carl = s.client("carl").await;
+    for c in [&mut alice, &mut bob, &mut carl] {
+        c.join("g").await;
+    }
+    let id = send(&mut alice, "g", "hello", "h").await["id"].clone();
+    let base = points_in(&mut alice, "g").await;
+    let react = |e: &str, add: bool| json!({"type": if add {"react"} else {"unreact"}, "room": "g", "id": id, "emoji": e});
+    for _ in 0..3 {
+        bob.ok(react("👍", true)).await;
+        bob.ok(react("👍", false)).await;
+    }
+    assert_eq!(points_in(&mut alice, "g").await, base);
+    // Someone else's reaction still earns: the withdrawn ones gave their places back.
+    carl.ok(react("🎉", true)).await;
+    assert_eq!(points_in(&mut alice, "g").await, base + 2);
+    bob.ok(react("👍", true)).await;
+    assert_eq!(points_in(&mut alice, "g").await, base + 4);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn badge_counters_follow_points_on_moderation_and_self_marks() {
+    let s = Server::sqlite(|_| {}).await;
+    make_room(
+        &s,
+        json!({"id": "g", "kind": "group", "qa": {"enabled": true, "peer_answers": true}}),
+    )
+    .await;
+    put_member(&s, "g", "host", "host").await;
+    let mut ann = s.client("ann").await;
+    let mut ben = s.client("ben").await;
+    let mut host = s.client("host").await;
+    for c in [&mut ann, &mut ben, &mut host] {
+        c.join("g").await;
+    }
+    // reactions_received counts reactions still standing: a moderation delete takes its
+    // message's reactions away.
+    let m1 = send(&mut ann, "g", "one", "1").await["id"].clone();
+    let m2 = send(&mut ann, "g", "two", "2").await["id"].clone();
+    for (id, e) in [(&m1, "a"), (&m1, "b"), (&m2, "c")] {
+        ben.ok(json!({"type": "react", "room": "g", "id": id, "emoji": e}))
+            .await;
+    }
+    ann.ok(json!({"type": "react", "room": "g", "id": m1, "emoji": "self"}))
+        .await;
+    assert_eq!(counters(&s, "ann").await.0, 3);
+    host.ok(json!({"type": "delete", "room": "g", "id": m1}))
+        .await;
+    assert_eq!(
+        counters(&s, "ann").await.0,
+        1,
+        "m1's two reactions are gone"
+    );
+
+    // helpful counts marks by others: marking one's own answer counts nothing, nor does
+    // taking that mark back.
+    let q = ann
+        .ok(json!({"type": "ask", "room": "g", "text": "q"}))
+        .await["id"]
+        .clone();
+    ann.ok(json!({"type": "answer", "room": "g", "question": q, "text": "mine"}))
+        .await;
+    ann.ok(json!({"type": "helpful", "room": "g", "question": q}))
+        .await;
+    assert_eq!(counters(&s, "ann").await.1, 0, "a self-mark counts nothing");
+    let q2 = ann
+        .ok(json!({"type": "ask", "room": "g", "text": "q2"}))
+        .await["id"]
+        .clone();
+    ben.ok(json!({"type": "answer", "room": "g", "question": q2, "text": "a"}))
+        .await;
+    ann.ok(json!({"type": "helpful", "room": "g", "question": q2}))
+        .await;
+    assert_eq!(counters(&s, "ben").await.1, 1);
+    ann.ok(json!({"type": "helpful", "room": "g", "question": q, "on": false}))
+        .await;
+    assert_eq!(counters(&s, "ann").await.1, 0);
+    ann.ok(json!({"type": "helpful", "room": "g", "question": q2, "on": false}))
+        .await;
+    assert_eq!(counters(&s, "ben").await.1, 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_checkins_cap_day_is_its_own_day() {
+    // The token of one session names Kiritimati, a later one's Pago Pago (now the zone kept
+    // for the user). Their dates always differ: Kiritimati's is later.
+    let s = Server::sqlite(|_| {}).await;
+    make_room(&s, json!({"id": "g", "kind": "group"})).await;
+    let mut k = Client::connect(s.addr, &tz_token("u", Some("Pacific/Kiritimati"), &[])).await;
+    let mut p = Client::connect(s.addr, &tz_token("u", Some("Pacific/Pago_Pago"), &[])).await;
+    let r = p.ok(json!({"type": "checkin", "room": "g"})).await;
+    assert_eq!(r["points"], 3, "{r}");
+    // A new day in Kiritimati: its own cap day, not Pago Pago's (already used).
+    let r = k.ok(json!({"type": "checkin", "room": "g"})).await;
+    assert_eq!(r["already"], false, "{r}");
+    assert_eq!(r["points"], 3, "{r}");
+    s.stop().await;
+}

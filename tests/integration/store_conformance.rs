@@ -920,6 +920,36 @@ async fn batched_sends_match_single_sends(f: Fixture) {
     assert_eq!(s.last_seq(&r).await.unwrap(), 41);
 }
 
+/// Two writers (two nodes) checking the same users in at the same moment: each user's
+/// check-in counts once (the check-in locks the room row before reading the member's last
+/// day).
+async fn simultaneous_checkins_count_once(f: Fixture) {
+    f.store
+        .create_room(&room("r", Visibility::Open))
+        .await
+        .unwrap();
+    let other = open(&f.url).await;
+    let checkin = |i: usize| WriteOp::Checkin {
+        room: RoomId::from("r"),
+        user: user(&format!("u{i}")),
+        tz: None,
+    };
+    let mut pending = Vec::new();
+    for i in 0..30 {
+        pending.push((i, f.store.submit(checkin(i)).await.unwrap()));
+        pending.push((i, other.store.submit(checkin(i)).await.unwrap()));
+    }
+    let mut new_days = vec![0; 30];
+    for (i, p) in pending {
+        match within("checkin", p).await.unwrap().unwrap() {
+            WriteOutcome::CheckedIn { already, .. } => new_days[i] += usize::from(!already),
+            o => panic!("{o:?}"),
+        }
+    }
+    assert_eq!(new_days, vec![1; 30]);
+    other.store.close().await;
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -965,4 +995,88 @@ conformance!(
     search_ranks_and_respects_pending,
     mutes_bans_reports_and_audit,
     batched_sends_match_single_sends,
+    simultaneous_checkins_count_once,
 );
+
+/// A batch that fails is retried write by write; what a retried send earned (a badge
+/// announcement, sequenced in that send's own transaction) reaches the commit hook right
+/// after the send, so each room's seqs reach the hook in increasing order (the hub drops a
+/// seq lower than one it has already seen).
+#[tokio::test(flavor = "current_thread")]
+async fn retried_batch_publishes_each_rooms_seqs_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("c.db").display());
+    let published = Arc::new(Mutex::new(Vec::new()));
+    let sink = published.clone();
+    let hook: CommitHook = Arc::new(move |ev: CommittedEvent| sink.lock().unwrap().push(ev));
+    let mut opts = StoreOptions::new(url.as_str());
+    // Queued writes wait for each other: the three below commit as one batch.
+    opts.batch_linger_us = 200_000;
+    let eng = studyhall::engagement::EngagementConfig {
+        badges: vec![studyhall::engagement::BadgeRule {
+            id: "first_message".into(),
+            name: "First message".into(),
+            description: "1 message".into(),
+            metric: studyhall::engagement::Metric::Messages,
+            threshold: 1,
+        }],
+        ..Default::default()
+    };
+    opts.engagement = Arc::new(eng);
+    let s = within(
+        "open store",
+        Store::open(&opts, Arc::new(Metrics::default()), Some(hook)),
+    )
+    .await
+    .unwrap();
+    let mut a = room("a", Visibility::Open);
+    a.engagement.announce_badges = true;
+    s.create_room(&a).await.unwrap();
+    s.create_room(&room("z", Visibility::Open)).await.unwrap();
+    // A message in "z" whose edit event is corrupt: deleting it fails the batch.
+    let (bad, _) = sent(s.write(send("z", "x", "bad", "b")).await.unwrap());
+    s.write(WriteOp::Edit {
+        room: RoomId::from("z"),
+        id: bad.clone(),
+        by: user("x"),
+        text: "edited".into(),
+    })
+    .await
+    .unwrap();
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE events SET body = 'not json' WHERE kind = 'message_edited'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    published.lock().unwrap().clear();
+
+    let first = s.submit(send("a", "u", "one", "1")).await.unwrap();
+    let second = s.submit(send("a", "v", "two", "2")).await.unwrap();
+    let failing = s
+        .submit(WriteOp::Delete {
+            room: RoomId::from("z"),
+            id: bad,
+            by: user("x"),
+            as_moderator: false,
+        })
+        .await
+        .unwrap();
+    within("batch", async {
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        assert!(failing.await.unwrap().is_err());
+    })
+    .await;
+    let seqs: Vec<i64> = published
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.room.as_str() == "a")
+        .map(|e| e.seq)
+        .collect();
+    // Two sends and each sender's announcement, in order.
+    assert_eq!(seqs.len(), 4, "{seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    s.close().await;
+}

@@ -210,6 +210,17 @@ impl RoomState {
         Some(who)
     }
 
+    /// Tells host/ta (and the user) that the user's hand went up.
+    fn hand_raised(&mut self, room: &RoomId, user: &UserRef, gate_cap: usize, metrics: &Metrics) {
+        let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
+            room,
+            user,
+            raised: true,
+        }));
+        let to = Audience::Moderators(Some(&user.id));
+        self.fan_out(&frame, None, None, to, gate_cap, metrics);
+    }
+
     /// Queues `frame` to the sessions in `to`; host/ta get `frame`, others `public` if given.
     fn fan_out(
         &mut self,
@@ -690,19 +701,7 @@ impl Hub {
             return pos + 1;
         }
         state.hands.push((user.clone(), now_ms));
-        let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
-            room,
-            user,
-            raised: true,
-        }));
-        state.fan_out(
-            &frame,
-            None,
-            None,
-            Audience::Moderators(Some(&user.id)),
-            self.gate_cap,
-            &self.metrics,
-        );
+        state.hand_raised(room, user, self.gate_cap, &self.metrics);
         let position = state.hands.len();
         drop(state);
         self.relay_with(Relayed::Hand {
@@ -918,19 +917,7 @@ impl Hub {
         }
         let at = state.hands.partition_point(|(_, t)| *t <= ts);
         state.hands.insert(at, (user.clone(), ts));
-        let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
-            room,
-            user,
-            raised: true,
-        }));
-        state.fan_out(
-            &frame,
-            None,
-            None,
-            Audience::Moderators(Some(&user.id)),
-            self.gate_cap,
-            &self.metrics,
-        );
+        state.hand_raised(room, user, self.gate_cap, &self.metrics);
     }
 
     /// A stage change made on another node; true if this node's stage changed.

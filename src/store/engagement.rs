@@ -216,13 +216,6 @@ pub(super) fn is_system(user: &UserId) -> bool {
     user.as_str() == crate::auth::SYSTEM_USER
 }
 
-fn in_list(n: usize, first: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Zones and badge-announcement flags of rooms, by id.
 async fn room_settings(
     tx: &mut Tx,
@@ -232,7 +225,7 @@ async fn room_settings(
     for chunk in rooms.chunks(CHUNK) {
         let sql = format!(
             "SELECT id, engagement FROM rooms WHERE id IN ({})",
-            in_list(chunk.len(), 1)
+            super::placeholders(chunk.len(), 1)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for r in chunk {
@@ -253,7 +246,7 @@ async fn user_zones(tx: &mut Tx, users: &[&UserId]) -> Result<HashMap<String, St
     for chunk in users.chunks(CHUNK) {
         let sql = format!(
             "SELECT user_id, tz FROM user_zones WHERE user_id IN ({})",
-            in_list(chunk.len(), 1)
+            super::placeholders(chunk.len(), 1)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for u in chunk {

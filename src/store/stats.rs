@@ -105,13 +105,6 @@ pub struct RoomStats {
     pub top_contributors: Vec<Contributor>,
 }
 
-fn in_list(n: usize, first: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// `(VALUES ($k, $k+1), ...)`: the buckets as (start, end) rows, columns `column1`, `column2`
 /// on both backends.
 fn bucket_values(n: usize, first: usize) -> String {
@@ -342,7 +335,7 @@ impl Store {
         if !users.is_empty() {
             let sql = format!(
                 "SELECT user_id, name FROM engagement_members WHERE room_id = $1 AND user_id IN ({})",
-                in_list(users.len(), 2)
+                super::placeholders(users.len(), 2)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(room);
             for u in users {
@@ -365,7 +358,7 @@ impl Store {
                  AND day_start = (SELECT MAX(day_start) FROM engagement_daily e \
                    WHERE e.room_id = d.room_id AND e.user_id = d.user_id \
                    AND e.first_ts IS NOT NULL AND e.first_ts < $2)",
-                in_list(churned.len(), 3)
+                super::placeholders(churned.len(), 3)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(room).bind(to);
             for u in churned {

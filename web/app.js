@@ -684,8 +684,19 @@ function renderQuestions() {
       el('span', { class: 'status badge', text: q.status }),
       ' ', q.author ? q.author.name : 'Anonymous', q.anonymous && q.author ? ' (anonymous)' : '',
       ' · ', time(q.ts), q.overdue ? ' · overdue' : ''));
+    // Host/ta and the asker may mark an answer helpful (the `helpful` command).
+    const mayMark = room.role !== 'viewer' && (mod || (q.author && q.author.id === client.me.user.id));
     for (const a of q.answers || []) {
-      li.append(el('div', { class: 'answer' }, el('b', { text: (a.author ? a.author.name : '') + ': ' }), el('span', { text: a.text })));
+      const row = el('div', { class: 'answer' + (a.helpful ? ' helpful' : ''), dataset: { answer: a.id } },
+        el('b', { text: (a.author ? a.author.name : '') + ': ' }), el('span', { text: a.text }),
+        a.helpful ? el('span', { class: 'helpful-mark badge', text: '✓ helpful' }) : null);
+      if (mayMark) {
+        row.append(el('button', {
+          type: 'button', class: 'helpful-btn', 'aria-pressed': String(!!a.helpful),
+          onclick: () => client.request({ type: 'helpful', room: room.id, question: q.id, answer: a.id, on: !a.helpful }).catch(fail),
+        }, a.helpful ? 'Not helpful' : 'Helpful'));
+      }
+      li.append(row);
     }
     const controls = el('div', { class: 'row q-controls' });
     if (room.role !== 'viewer') {

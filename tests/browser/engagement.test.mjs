@@ -1,9 +1,10 @@
 // The web client's engagement screens and the teacher dashboard, driven in headless Chromium
 // against the real server: bob (student) chats and asks in the lobby, checks in from the
 // Progress tab (streak shown, a second check-in says "already"), earns the first-question
-// badge (toast and badge list), and appears on the leaderboard; alice (host) answers, then
-// opens the room-health dashboard, whose charts are drawn from the `stats` command with
-// non-empty bars, a line and the active-ratio band marker. A student sees no dashboard and
+// badge (toast and badge list), marks alice's answer helpful, and appears on the leaderboard;
+// alice (host) answers, sees the helpful mark, then opens the room-health dashboard, whose
+// charts are drawn from the `stats` command with non-empty bars, a line and the active-ratio
+// band marker. A student sees no dashboard and
 // the server refuses them `stats`. Screenshots go to the artifacts folder.
 
 import { test, before, after } from 'node:test';
@@ -71,7 +72,11 @@ test('progress tab, badges, leaderboard and the teacher dashboard', { timeout: 9
     await q.locator('button.answer-btn').click();
     await q.locator('.inline-form input').fill('A set with an associative operation and an identity.');
     await q.locator('.inline-form input').press('Enter');
-    await bob.locator('#question-list .question.status-answered', { hasText: 'What is a monoid?' }).waitFor({ timeout: T });
+    const bq = bob.locator('#question-list .question.status-answered', { hasText: 'What is a monoid?' });
+    await bq.waitFor({ timeout: T });
+    // The asker marks the answer helpful; the host sees the mark (a sequenced update).
+    await bq.locator('.answer button.helpful-btn').click();
+    await q.locator('.answer.helpful .helpful-mark').waitFor({ timeout: T });
 
     // Check-in from the Progress tab: a streak of 1, then "already" the second time.
     await tab(bob, 'progress');

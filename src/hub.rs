@@ -210,6 +210,19 @@ impl RoomState {
         Some(who)
     }
 
+    /// Tells everyone in the room that the user went on or off stage.
+    fn stage_changed(
+        &mut self,
+        room: &RoomId,
+        user: &UserRef,
+        on: bool,
+        gate_cap: usize,
+        metrics: &Metrics,
+    ) {
+        let frame = Frame::from(protocol::encode(&ServerMsg::Stage { room, user, on }));
+        self.fan_out(&frame, None, None, Audience::Everyone, gate_cap, metrics);
+    }
+
     /// Tells host/ta (and the user) that the user's hand went up.
     fn hand_raised(&mut self, room: &RoomId, user: &UserRef, gate_cap: usize, metrics: &Metrics) {
         let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
@@ -550,19 +563,7 @@ impl Hub {
                         user: &member.user,
                         on: false,
                     });
-                    let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
-                        room,
-                        user: &member.user,
-                        on: false,
-                    }));
-                    state.fan_out(
-                        &frame,
-                        None,
-                        None,
-                        Audience::Everyone,
-                        self.gate_cap,
-                        &self.metrics,
-                    );
+                    state.stage_changed(room, &member.user, false, self.gate_cap, &self.metrics);
                 }
             }
         }
@@ -776,19 +777,7 @@ impl Hub {
             }
             _ => return Ok(state.stage.clone()),
         }
-        let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
-            room,
-            user: &who,
-            on,
-        }));
-        state.fan_out(
-            &frame,
-            None,
-            None,
-            Audience::Everyone,
-            self.gate_cap,
-            &self.metrics,
-        );
+        state.stage_changed(room, &who, on, self.gate_cap, &self.metrics);
         // Never touches the hub: safe under the room's guard.
         self.relay_with(Relayed::Stage {
             room,
@@ -937,15 +926,7 @@ impl Hub {
             }
             _ => return false,
         }
-        let frame = Frame::from(protocol::encode(&ServerMsg::Stage { room, user, on }));
-        state.fan_out(
-            &frame,
-            None,
-            None,
-            Audience::Everyone,
-            self.gate_cap,
-            &self.metrics,
-        );
+        state.stage_changed(room, user, on, self.gate_cap, &self.metrics);
         true
     }
 
@@ -997,19 +978,7 @@ impl Hub {
             state.lower_hand(room, &user.id, false, self.gate_cap, &self.metrics);
             if let Some(pos) = state.stage.iter().position(|u| u.id == user.id) {
                 state.stage.remove(pos);
-                let frame = Frame::from(protocol::encode(&ServerMsg::Stage {
-                    room,
-                    user,
-                    on: false,
-                }));
-                state.fan_out(
-                    &frame,
-                    None,
-                    None,
-                    Audience::Everyone,
-                    self.gate_cap,
-                    &self.metrics,
-                );
+                state.stage_changed(room, user, false, self.gate_cap, &self.metrics);
             }
         }
         if state.online.len() >= self.presence_limit {

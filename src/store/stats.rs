@@ -105,13 +105,23 @@ pub struct RoomStats {
     pub top_contributors: Vec<Contributor>,
 }
 
-/// `(VALUES ($k, $k+1), ...)`: the buckets as (start, end) rows, columns `column1`, `column2`
-/// on both backends.
-fn bucket_values(n: usize, first: usize) -> String {
-    let rows: Vec<String> = (0..n)
-        .map(|i| format!("(${}, ${})", first + 2 * i, first + 2 * i + 1))
+/// `sql` with the buckets as a `(VALUES ($2, $3), ...) b` table (columns `column1`, `column2`
+/// on both backends) in place of `{buckets}`, bound to the room id (`$1`) and the buckets'
+/// (start, end) pairs.
+fn per_bucket(
+    sql: &str,
+    room: &str,
+    buckets: &[(i64, i64)],
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    let rows: Vec<String> = (0..buckets.len())
+        .map(|i| format!("(${}, ${})", 2 + 2 * i, 3 + 2 * i))
         .collect();
-    format!("(VALUES {}) b", rows.join(", "))
+    let sql = sql.replace("{buckets}", &format!("(VALUES {}) b", rows.join(", ")));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(room.to_owned());
+    for (a, b) in buckets {
+        query = query.bind(*a).bind(*b);
+    }
+    query
 }
 
 /// A day row holds a contribution in `[$a, $b)`: its first or its last one is in there. Exact
@@ -142,19 +152,16 @@ impl Store {
         let index: HashMap<i64, usize> =
             q.starts.iter().enumerate().map(|(i, s)| (*s, i)).collect();
         for chunk in bounds.chunks(400) {
-            let sql = format!(
+            let query = per_bucket(
                 "SELECT b.column1 AS start, CAST(SUM(d.messages) AS BIGINT) AS messages, \
                  CAST(SUM(d.questions) AS BIGINT) AS questions, \
                  CAST(SUM(d.answers) AS BIGINT) AS answers, \
                  COUNT(DISTINCT CASE WHEN d.first_ts IS NOT NULL THEN d.user_id END) AS active \
-                 FROM {} JOIN engagement_daily d ON d.room_id = $1 \
+                 FROM {buckets} JOIN engagement_daily d ON d.room_id = $1 \
                  AND d.day_start >= b.column1 AND d.day_start < b.column2 GROUP BY b.column1",
-                bucket_values(chunk.len(), 2)
+                id,
+                chunk,
             );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id);
-            for (a, b) in chunk {
-                query = query.bind(*a).bind(*b);
-            }
             for r in query.fetch_all(pool).await? {
                 if let Some(&i) = index.get(&r.try_get::<i64, _>("start")?) {
                     series[i].messages = r.try_get("messages")?;
@@ -163,16 +170,13 @@ impl Store {
                     series[i].active_members = r.try_get("active")?;
                 }
             }
-            let sql = format!(
-                "SELECT b.column1 AS start, COUNT(*) AS n FROM {} JOIN room_members m \
+            let query = per_bucket(
+                "SELECT b.column1 AS start, COUNT(*) AS n FROM {buckets} JOIN room_members m \
                  ON m.room_id = $1 AND m.added_at >= b.column1 AND m.added_at < b.column2 \
                  GROUP BY b.column1",
-                bucket_values(chunk.len(), 2)
+                id,
+                chunk,
             );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id);
-            for (a, b) in chunk {
-                query = query.bind(*a).bind(*b);
-            }
             for r in query.fetch_all(pool).await? {
                 if let Some(&i) = index.get(&r.try_get::<i64, _>("start")?) {
                     series[i].new_members = r.try_get("n")?;

@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 use studyhall::protocol::{PlatformRole, RoomRole};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -97,41 +96,19 @@ struct Node {
 
 impl Node {
     async fn spawn(db_url: &str, nats_url: &str, id: &str, extra: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_studyhall"))
-            .arg("serve")
-            .envs(extra.iter().copied())
-            .env("STUDYHALL_ADDR", "127.0.0.1:0")
-            .env("STUDYHALL_DATABASE_URL", db_url)
+        let mut cmd = studyhall_serve(db_url);
+        cmd.envs(extra.iter().copied())
             .env("STUDYHALL_JWT_SECRET", SECRET)
-            .env("STUDYHALL_API_KEY", API_KEY)
             .env("STUDYHALL_NATS_URL", nats_url)
             .env("STUDYHALL_NODE_ID", id)
-            .env("STUDYHALL_RATE_PER_S", "100000")
-            .env("STUDYHALL_RATE_BURST", "100000")
             .env("STUDYHALL_BUS_GAP_MS", "50")
             .env("STUDYHALL_BUS_SWEEP_MS", "250")
             .env("STUDYHALL_PRESENCE_HEARTBEAT_MS", "200")
             .env("STUDYHALL_PRESENCE_TTL_MS", "1000")
             .env("STUDYHALL_DRAIN_BATCH", "2")
             .env("STUDYHALL_DRAIN_INTERVAL_MS", "50")
-            .env("STUDYHALL_SHUTDOWN_GRACE_MS", "2000")
-            .env("STUDYHALL_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn studyhall");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = within("node listening", async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(rest) = line.strip_prefix("studyhall listening on http://") {
-                    return rest.trim().parse().unwrap();
-                }
-            }
-            panic!("node {id} exited before listening");
-        })
-        .await;
+            .env("STUDYHALL_SHUTDOWN_GRACE_MS", "2000");
+        let (child, addr) = spawn_listening(cmd, &format!("node {id} listening")).await;
         Self { child, addr }
     }
 

@@ -419,3 +419,42 @@ impl PgDb {
         admin.close().await;
     }
 }
+
+/// The `studyhall serve` binary on `127.0.0.1:0` with the tests' API key, generous rate
+/// limits and quiet logs, for tests that need a real process (crashes, signals, clusters).
+/// Callers add their own settings, then [`spawn_listening`].
+pub fn studyhall_serve(db_url: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_studyhall"));
+    cmd.arg("serve")
+        .env("STUDYHALL_ADDR", "127.0.0.1:0")
+        .env("STUDYHALL_DATABASE_URL", db_url)
+        .env("STUDYHALL_API_KEY", API_KEY)
+        .env("STUDYHALL_RATE_PER_S", "100000")
+        .env("STUDYHALL_RATE_BURST", "100000")
+        .env("STUDYHALL_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Starts `cmd` and waits for its "studyhall listening on" line; the child and its address.
+pub async fn spawn_listening(
+    mut cmd: tokio::process::Command,
+    what: &str,
+) -> (tokio::process::Child, SocketAddr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = cmd.spawn().expect("spawn studyhall");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let addr = within(what, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(rest) = line.strip_prefix("studyhall listening on http://") {
+                return rest.trim().parse().expect("listening address");
+            }
+        }
+        panic!("{what}: exited before listening");
+    })
+    .await;
+    (child, addr)
+}

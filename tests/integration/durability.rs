@@ -3,8 +3,6 @@
 
 use crate::common::*;
 use serde_json::json;
-use std::process::Stdio;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 #[tokio::test]
@@ -58,35 +56,12 @@ async fn spawn_binary(db_url: &str) -> Proc {
 }
 
 async fn spawn_binary_with(db_url: &str, secret: Option<&str>) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_studyhall"));
+    let mut cmd = studyhall_serve(db_url);
     cmd.env_remove("STUDYHALL_JWT_SECRET");
     if let Some(secret) = secret {
         cmd.env("STUDYHALL_JWT_SECRET", secret);
     }
-    let mut child = cmd
-        .arg("serve")
-        .env("STUDYHALL_ADDR", "127.0.0.1:0")
-        .env("STUDYHALL_DATABASE_URL", db_url)
-        .env("STUDYHALL_API_KEY", API_KEY)
-        .env("STUDYHALL_RATE_PER_S", "100000")
-        .env("STUDYHALL_RATE_BURST", "100000")
-        .env("STUDYHALL_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn studyhall");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = within("binary listening", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("studyhall listening on http://") {
-                return rest.trim().parse().unwrap();
-            }
-        }
-        panic!("binary exited before listening");
-    })
-    .await;
+    let (child, addr) = spawn_listening(cmd, "binary listening").await;
     Proc { child, addr }
 }
 

@@ -161,6 +161,7 @@ const TAG_SESSION_FRAME: u8 = b'S';
 const TAG_CALL: u8 = b'R';
 const TAG_INVALIDATE: u8 = b'I';
 const TAG_SESSION_CLOSED: u8 = b'X';
+const TAG_AV: u8 = b'A';
 
 fn encode_event(ev: &CommittedEvent) -> Bytes {
     let public = ev.public_json.as_deref().unwrap_or("");
@@ -322,6 +323,8 @@ pub struct Bus {
     epoch: u64,
     version: AtomicU64,
     leaving: AtomicBool,
+    /// When [`Bus::start`] ran.
+    started: OnceLock<Instant>,
 }
 
 impl Bus {
@@ -401,6 +404,7 @@ impl Bus {
             epoch: rand::random(),
             version: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
+            started: OnceLock::new(),
         }))
     }
 
@@ -586,6 +590,20 @@ impl Bus {
                     };
                     if let Ok(user) = serde_json::from_slice::<UserRef>(r.0) {
                         self.hub.apply_hand(&room, &user, raised == 1, ts as i64);
+                    }
+                }
+                Some(&TAG_AV) => {
+                    let mut r = Reader(&msg.payload[1..]);
+                    let (Some(joined), Some(session), Some(user)) =
+                        (r.u8(), r.str16(), r.rest_str())
+                    else {
+                        continue;
+                    };
+                    // Our own relays come back on the room subject too.
+                    if node_of(session) != Some(self.node.as_str())
+                        && let Some(app) = self.app.get().and_then(Weak::upgrade)
+                    {
+                        crate::rtc::remote_av(&app, &room, session, user, joined == 1);
                     }
                 }
                 Some(&TAG_STAGE) => {
@@ -852,6 +870,15 @@ impl Bus {
         }
     }
 
+    /// A local session joined or left a room's A/V: the other nodes with members of the room
+    /// tell their A/V members (`av_peer`) and can relay signals to it.
+    pub fn av_changed(&self, room: &RoomId, session: &str, user: &UserId, joined: bool) {
+        let mut w = Writer::new(TAG_AV, session.len() + user.as_str().len() + 3);
+        w.0.put_u8(u8::from(joined));
+        let payload = w.str16(session).rest(user.as_str().as_bytes());
+        self.enqueue(room_subject(room), payload);
+    }
+
     async fn ctl_task(self: Arc<Self>, app: Arc<App>, mut sub: Subscriber) {
         while let Some(msg) = sub.next().await {
             let mut r = Reader(&msg.payload[..]);
@@ -993,6 +1020,9 @@ impl Bus {
                 return;
             }
         }
+        if hb.leaving {
+            self.node_gone(&hb.node);
+        }
         let (old, old_sessions) = nodes
             .remove(&hb.node)
             .map(|n| (n.rooms, n.sessions))
@@ -1099,12 +1129,28 @@ impl Bus {
         for node in dead {
             tracing::warn!(node = %node, "node silent past the presence TTL: its users go offline");
             lock(&self.assembly).forget(&node);
+            self.node_gone(&node);
             if let Some(view) = nodes.remove(&node) {
                 self.transitions(&nodes, &view.rooms, &HashMap::new());
                 let gone = view.sessions.into_keys().collect();
                 self.update_directory(&nodes, gone);
             }
         }
+    }
+
+    /// A node left or died: its sessions leave the A/V rooms known here.
+    fn node_gone(&self, node: &str) {
+        if let Some(app) = self.app.get().and_then(Weak::upgrade) {
+            crate::rtc::remote_node_gone(&app, node);
+        }
+    }
+
+    /// Whether this node has heard every live node's heartbeat: it has been on the bus for
+    /// longer than the presence TTL.
+    pub fn knows_every_node(&self) -> bool {
+        self.started
+            .get()
+            .is_some_and(|t| t.elapsed() > self.ttl + self.heartbeat)
     }
 
     /// Nodes this node currently hears from (itself excluded).
@@ -1117,6 +1163,13 @@ impl Bus {
     /// Starts the bus tasks; returns them so `serve` can stop them at the end.
     pub async fn start(self: &Arc<Self>, app: Arc<App>) -> Vec<JoinHandle<()>> {
         let _ = self.app.set(Arc::downgrade(&app));
+        let _ = self.started.set(Instant::now());
+        // A/V memberships left by an earlier run under this node's name are stale.
+        if let Ok(store) = self.store()
+            && let Err(e) = store.av_forget_node(&self.node).await
+        {
+            tracing::warn!(error = %e, "could not forget this node's earlier A/V members");
+        }
         let mut tasks = Vec::new();
         if let Some(rx) = lock(&self.out_rx).take() {
             tasks.push(tokio::spawn(self.clone().publisher_task(rx)));

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::hub::Frame;
 use crate::protocol::{self, CallParty, Media, RoomId, RoomKind, RoomRole, ServerMsg, UserId};
 use crate::session::{Ctx, Outcome};
-use crate::store::{CallLogEntry, now_ms};
+use crate::store::{AvJoin, CallLogEntry, now_ms};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -365,11 +365,50 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
         AvKind::Live => role == RoomRole::Host || ctx.app.hub.on_stage(&room, &ctx.me.user),
     };
     let app = ctx.app.clone();
-    let (peers, outs) = app
-        .rtc
-        .lock()
-        .av
-        .join(room.as_str(), kind, peer(ctx), can_publish)?;
+    let me = peer(ctx);
+    let (peers, outs) = match &app.bus {
+        None => app
+            .rtc
+            .lock()
+            .av
+            .join(room.as_str(), kind, me, can_publish)?,
+        Some(bus) => {
+            // The store admits the join cluster-wide (mesh limit, join order); meanwhile peers
+            // joining on other nodes are remembered, so none is missed.
+            app.rtc.lock().av.begin_join(room.as_str(), kind);
+            let live = bus.knows_every_node().then(|| bus.live_nodes());
+            let admitted = app
+                .store
+                .av_join(&AvJoin {
+                    room: &room,
+                    session: &me.session,
+                    user: &ctx.me.user,
+                    node: &bus.node,
+                    mesh_max: app.config.av_mesh_max,
+                    live_nodes: live.as_deref(),
+                    now_ms: now_ms(),
+                })
+                .await;
+            let before = match admitted {
+                Ok(before) => before,
+                Err(e) => {
+                    app.rtc.lock().av.abort_join(room.as_str());
+                    return Err(e.into());
+                }
+            };
+            let before = before
+                .into_iter()
+                .map(|m| Peer::new(m.user.0, m.session))
+                .collect();
+            let joined =
+                app.rtc
+                    .lock()
+                    .av
+                    .finish_join(room.as_str(), kind, me.clone(), can_publish, before);
+            bus.av_changed(&room, &me.session, &ctx.me.user, true);
+            joined
+        }
+    };
     deliver(&app, outs, None, None);
     let peers: Vec<Value> = peers
         .iter()
@@ -386,13 +425,85 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
 pub(crate) fn av_leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     crate::rooms::check_room_id(&room)?;
     let app = ctx.app.clone();
+    av_left(&app, &room, &ctx.me.user, ctx.handle.id.as_str(), false);
+    Ok(Outcome::Ok(json!({})))
+}
+
+/// A local session leaves a room's A/V (if it was in it): its local peers hear it here, and in
+/// cluster mode the store forgets it and then the other nodes are told.
+fn av_left(app: &App, room: &RoomId, user: &UserId, session: &str, was_on_stage: bool) {
+    let (was_member, outs) = {
+        let mut st = app.rtc.lock();
+        if was_on_stage && !app.hub.on_stage(room, user) {
+            st.av.set_publisher(room.as_str(), user.as_str(), false);
+        }
+        let was_member = st.av.knows(room.as_str(), session);
+        (was_member, st.av.leave(room.as_str(), session))
+    };
+    deliver(app, outs, None, None);
+    if was_member && let Some(bus) = &app.bus {
+        cluster_av_left(
+            app.store.clone(),
+            bus.clone(),
+            room.clone(),
+            user.clone(),
+            session,
+        );
+    }
+}
+
+/// Deletes the stored membership, then tells the other nodes (in that order, so a join that
+/// reads the store after the notice never lists the session).
+fn cluster_av_left(
+    store: crate::store::Store,
+    bus: Arc<crate::bus::Bus>,
+    room: RoomId,
+    user: UserId,
+    session: &str,
+) {
+    let session = session.to_owned();
+    tokio::spawn(async move {
+        if let Err(e) = store.av_leave(&room, &session).await {
+            tracing::warn!(error = %e, room = %room, "could not forget an A/V member");
+        }
+        bus.av_changed(&room, &session, &user, false);
+    });
+}
+
+/// Cluster mode: a session on another node joined or left a room's A/V.
+pub(crate) fn remote_av(app: &App, room: &RoomId, session: &str, user: &str, joined: bool) {
+    let outs = {
+        let mut st = app.rtc.lock();
+        if joined {
+            st.av.remote_joined(room.as_str(), Peer::new(user, session))
+        } else {
+            st.av.leave(room.as_str(), session)
+        }
+    };
+    deliver(app, outs, None, None);
+}
+
+/// Cluster mode: a node left or died; its sessions leave every A/V room known here, and the
+/// store forgets them (every surviving node tries; the delete is idempotent).
+pub(crate) fn remote_node_gone(app: &App, node: &str) {
     let outs = app
         .rtc
         .lock()
         .av
-        .leave(room.as_str(), ctx.handle.id.as_str());
-    deliver(&app, outs, None, None);
-    Ok(Outcome::Ok(json!({})))
+        .remote_gone(|session| crate::bus::node_of(session) == Some(node));
+    deliver(app, outs, None, None);
+    let (store, node) = (app.store.clone(), node.to_owned());
+    tokio::spawn(async move {
+        match store.av_forget_node(&node).await {
+            Ok(n) if n > 0 => {
+                tracing::info!(node = %node, members = n, "forgot a gone node's A/V members")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, node = %node, "could not forget a gone node's A/V members")
+            }
+        }
+    });
 }
 
 /// A session left a room: it leaves the room's A/V, and if that took the user off stage,
@@ -404,14 +515,7 @@ pub(crate) fn left_room(
     session: &str,
     was_on_stage: bool,
 ) {
-    let outs = {
-        let mut st = app.rtc.lock();
-        if was_on_stage && !app.hub.on_stage(room, user) {
-            st.av.set_publisher(room.as_str(), user.as_str(), false);
-        }
-        st.av.leave(room.as_str(), session)
-    };
-    deliver(app, outs, None, None);
+    av_left(app, room, user, session, was_on_stage);
 }
 
 /// Stage changes grant or withdraw publishing in the room's A/V.
@@ -452,6 +556,20 @@ pub(crate) fn signal(
         };
         return Ok(forwarded(bus.clone(), node.to_owned(), cmd, rid, json!({})));
     }
+    if let (Some(bus), None, Some(room), Some(to)) = (&app.bus, &call_id, &room, &to)
+        && crate::bus::node_of(to).is_some_and(|n| n != bus.node)
+        && !app.rtc.lock().av.knows(room.as_str(), to)
+    {
+        // A peer on another node whose join has not reached this node yet: the store knows.
+        return Ok(relay_to_unheard(
+            app,
+            rid,
+            me,
+            room.clone(),
+            to.clone(),
+            data,
+        ));
+    }
     let out = {
         let st = app.rtc.lock();
         match (call_id, room, to) {
@@ -464,17 +582,62 @@ pub(crate) fn signal(
     Ok(Outcome::Ok(json!({})))
 }
 
+/// Cluster mode: relays an A/V signal to a session that joined on another node but whose
+/// join has not reached this node yet, once the store confirms it is a member.
+fn relay_to_unheard(
+    app: Arc<App>,
+    rid: Option<i64>,
+    me: Peer,
+    room: RoomId,
+    to: String,
+    data: Value,
+) -> Outcome {
+    Outcome::Deferred(Box::pin(async move {
+        let relayed = async {
+            let user = app.store.av_member(&room, &to).await?.ok_or_else(|| {
+                Error::Forbidden("that session is not a peer in this room".into())
+            })?;
+            let (out, outs) = {
+                let mut st = app.rtc.lock();
+                let outs = st
+                    .av
+                    .remote_joined(room.as_str(), Peer::new(user.0, to.as_str()));
+                (st.av.relay(room.as_str(), &me, &to, &data)?, outs)
+            };
+            deliver(&app, outs, None, None);
+            deliver(&app, vec![out], None, None);
+            Ok::<_, Error>(())
+        };
+        match relayed.await {
+            Ok(()) => rid.map(|rid| protocol::encode_ok(Some(rid), json!({}))),
+            Err(e) => Some(crate::session::error_frame(rid, &e)),
+        }
+    }))
+}
+
 /// A session ended: its calls get the grace period, its A/V rooms hear it left.
 pub(crate) fn session_closed(app: &Arc<App>, user: &UserId, session: &str) {
-    let outs = {
+    let (rooms, outs) = {
         let mut st = app.rtc.lock();
         let mut outs = st
             .calls
             .session_closed(now(), &Peer::new(user.as_str(), session));
+        let rooms = st.av.rooms_of(session);
         outs.extend(st.av.session_closed(session));
-        outs
+        (rooms, outs)
     };
     deliver(app, outs, None, None);
+    if let Some(bus) = &app.bus {
+        for room in rooms {
+            cluster_av_left(
+                app.store.clone(),
+                bus.clone(),
+                RoomId(room),
+                user.clone(),
+                session,
+            );
+        }
+    }
 }
 
 /// Ends missed and abandoned calls on time.

@@ -17,13 +17,50 @@ pub enum AvKind {
 }
 
 #[derive(Debug)]
-struct AvRoom {
-    kind: AvKind,
-    /// session -> (peer, may publish)
-    peers: BTreeMap<String, (Peer, bool)>,
+struct Member {
+    peer: Peer,
+    /// May send audio/video (checked on this node's own sessions only).
+    can_publish: bool,
+    /// A session of this node; the others are on other cluster nodes, known so that signals
+    /// can reach them. Notices go only to local members: each node tells its own.
+    local: bool,
 }
 
-/// Every A/V room of a node.
+#[derive(Debug)]
+struct AvRoom {
+    kind: AvKind,
+    /// session -> member
+    peers: BTreeMap<String, Member>,
+    /// Local joins whose cluster-wide admission is in flight: the room is kept, and peers
+    /// joining on other nodes meanwhile are remembered (see [`AvRooms::begin_join`]).
+    pending: usize,
+}
+
+impl AvRoom {
+    fn local_count(&self) -> usize {
+        self.peers.values().filter(|m| m.local).count()
+    }
+
+    /// `av_peer` notices about `peer` for every local member but `peer` itself.
+    fn notices(&self, room: &str, peer: &Peer, joined: bool) -> Vec<Out> {
+        self.peers
+            .values()
+            .filter(|m| m.local && m.peer.session != peer.session)
+            .map(|m| Out {
+                to: m.peer.session.clone(),
+                msg: Msg::AvPeer {
+                    room: room.to_owned(),
+                    peer: peer.clone(),
+                    joined,
+                },
+            })
+            .collect()
+    }
+}
+
+/// Every A/V room of a node. On a single node every member is local. In a cluster each node
+/// also knows the members on other nodes (from the store when one of its sessions joins, and
+/// from the bus as others join and leave), and a room is kept while it has local members.
 #[derive(Debug)]
 pub struct AvRooms {
     mesh_max: usize,
@@ -39,8 +76,27 @@ impl AvRooms {
         }
     }
 
+    fn room_mut(&mut self, room: &str, kind: AvKind) -> &mut AvRoom {
+        self.rooms.entry(room.to_owned()).or_insert_with(|| AvRoom {
+            kind,
+            peers: BTreeMap::new(),
+            pending: 0,
+        })
+    }
+
+    /// Drops a room that has neither local members nor a join in flight.
+    fn tidy(&mut self, room: &str) {
+        if self
+            .rooms
+            .get(room)
+            .is_some_and(|r| r.pending == 0 && r.local_count() == 0)
+        {
+            self.rooms.remove(room);
+        }
+    }
+
     /// Joins `peer` to the room's A/V; returns the peers already there and the `av_peer`
-    /// notices for them. Joining again is harmless.
+    /// notices for them. Joining again is harmless. The mesh limit is checked here (one node).
     pub fn join(
         &mut self,
         room: &str,
@@ -48,85 +104,195 @@ impl AvRooms {
         peer: Peer,
         can_publish: bool,
     ) -> Result<(Vec<Peer>, Vec<Out>), SignalError> {
-        let state = self.rooms.entry(room.to_owned()).or_insert_with(|| AvRoom {
-            kind,
-            peers: BTreeMap::new(),
-        });
+        let mesh_max = self.mesh_max;
+        let state = self.room_mut(room, kind);
+        if !state.peers.contains_key(&peer.session) && state.peers.len() >= mesh_max {
+            let err =
+                SignalError::Conflict(format!("A/V is full: a mesh holds {mesh_max} participants"));
+            self.tidy(room);
+            return Err(err);
+        }
+        Ok(self.insert_local(room, kind, peer, can_publish))
+    }
+
+    fn insert_local(
+        &mut self,
+        room: &str,
+        kind: AvKind,
+        peer: Peer,
+        can_publish: bool,
+    ) -> (Vec<Peer>, Vec<Out>) {
+        let state = self.room_mut(room, kind);
         let others: Vec<Peer> = state
             .peers
             .values()
-            .filter(|(p, _)| p.session != peer.session)
-            .map(|(p, _)| p.clone())
+            .filter(|m| m.peer.session != peer.session)
+            .map(|m| m.peer.clone())
             .collect();
         if state.peers.contains_key(&peer.session) {
-            return Ok((others, Vec::new()));
+            return (others, Vec::new());
         }
-        if state.peers.len() >= self.mesh_max {
-            return Err(SignalError::Conflict(format!(
-                "A/V is full: a mesh holds {} participants",
-                self.mesh_max
-            )));
-        }
-        let outs = others
-            .iter()
-            .map(|o| Out {
-                to: o.session.clone(),
-                msg: Msg::AvPeer {
-                    room: room.to_owned(),
-                    peer: peer.clone(),
-                    joined: true,
-                },
-            })
-            .collect();
-        state
-            .peers
-            .insert(peer.session.clone(), (peer, can_publish));
-        Ok((others, outs))
+        let outs = state.notices(room, &peer, true);
+        state.peers.insert(
+            peer.session.clone(),
+            Member {
+                peer,
+                can_publish,
+                local: true,
+            },
+        );
+        (others, outs)
     }
 
-    /// Removes a session from a room's A/V and tells the others.
+    /// Cluster mode: a local join is being admitted cluster-wide (by the store, which checks
+    /// the mesh limit and lists the peers in join order). Until [`AvRooms::finish_join`] or
+    /// [`AvRooms::abort_join`], peers that join on other nodes are remembered here.
+    pub fn begin_join(&mut self, room: &str, kind: AvKind) {
+        self.room_mut(room, kind).pending += 1;
+    }
+
+    /// The cluster admitted `peer`; `before` are the peers that joined before it (the store's
+    /// order), and are what its `av_join` reply lists: the newcomer offers to them. Peers that
+    /// joined after it on other nodes and are already known here get an `av_peer` notice to
+    /// the newcomer instead (they offer to it). Local members hear of the newcomer.
+    pub fn finish_join(
+        &mut self,
+        room: &str,
+        kind: AvKind,
+        peer: Peer,
+        can_publish: bool,
+        before: Vec<Peer>,
+    ) -> (Vec<Peer>, Vec<Out>) {
+        let state = self.room_mut(room, kind);
+        state.pending = state.pending.saturating_sub(1);
+        for p in &before {
+            state
+                .peers
+                .entry(p.session.clone())
+                .or_insert_with(|| Member {
+                    peer: p.clone(),
+                    can_publish: false,
+                    local: false,
+                });
+        }
+        let rejoin = state.peers.contains_key(&peer.session);
+        let later: Vec<Out> = if rejoin {
+            Vec::new()
+        } else {
+            state
+                .peers
+                .values()
+                .filter(|m| {
+                    m.peer.session != peer.session
+                        && !before.iter().any(|b| b.session == m.peer.session)
+                })
+                .map(|m| Out {
+                    to: peer.session.clone(),
+                    msg: Msg::AvPeer {
+                        room: room.to_owned(),
+                        peer: m.peer.clone(),
+                        joined: true,
+                    },
+                })
+                .collect()
+        };
+        let (known, mut outs) = self.insert_local(room, kind, peer, can_publish);
+        outs.extend(later);
+        // A re-join replies with what is known; a first join with the store's order.
+        (if rejoin { known } else { before }, outs)
+    }
+
+    /// Cluster mode: the admission failed; forget the pending join.
+    pub fn abort_join(&mut self, room: &str) {
+        if let Some(state) = self.rooms.get_mut(room) {
+            state.pending = state.pending.saturating_sub(1);
+        }
+        self.tidy(room);
+    }
+
+    /// Cluster mode: `peer` joined the room's A/V on another node. Known only where this node
+    /// has local members (or a join in flight); they get `av_peer`. Repeats are harmless.
+    pub fn remote_joined(&mut self, room: &str, peer: Peer) -> Vec<Out> {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return Vec::new();
+        };
+        if state.peers.contains_key(&peer.session) {
+            return Vec::new();
+        }
+        let outs = state.notices(room, &peer, true);
+        state.peers.insert(
+            peer.session.clone(),
+            Member {
+                peer,
+                can_publish: false,
+                local: false,
+            },
+        );
+        outs
+    }
+
+    /// Whether `session` is known as a member of the room's A/V here.
+    pub fn knows(&self, room: &str, session: &str) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|r| r.peers.contains_key(session))
+    }
+
+    /// Removes a session from a room's A/V and tells the local members.
     pub fn leave(&mut self, room: &str, session: &str) -> Vec<Out> {
         let Some(state) = self.rooms.get_mut(room) else {
             return Vec::new();
         };
-        let Some((peer, _)) = state.peers.remove(session) else {
+        let Some(gone) = state.peers.remove(session) else {
             return Vec::new();
         };
-        let outs = state
-            .peers
-            .values()
-            .map(|(o, _)| Out {
-                to: o.session.clone(),
-                msg: Msg::AvPeer {
-                    room: room.to_owned(),
-                    peer: peer.clone(),
-                    joined: false,
-                },
-            })
-            .collect();
-        if state.peers.is_empty() {
-            self.rooms.remove(room);
-        }
+        let outs = state.notices(room, &gone.peer, false);
+        self.tidy(room);
         outs
     }
 
     /// A session is gone: leave every room it was in.
     pub fn session_closed(&mut self, session: &str) -> Vec<Out> {
-        let rooms: Vec<String> = self
+        self.rooms_of(session)
+            .iter()
+            .flat_map(|r| self.leave(r, session))
+            .collect()
+    }
+
+    /// Cluster mode: removes every remote member whose session `gone` picks (a node that
+    /// died); local members hear they left.
+    pub fn remote_gone(&mut self, gone: impl Fn(&str) -> bool) -> Vec<Out> {
+        let doomed: Vec<(String, String)> = self
             .rooms
+            .iter()
+            .flat_map(|(id, r)| {
+                r.peers
+                    .values()
+                    .filter(|m| !m.local && gone(&m.peer.session))
+                    .map(move |m| (id.clone(), m.peer.session.clone()))
+            })
+            .collect();
+        doomed
+            .into_iter()
+            .flat_map(|(room, session)| self.leave(&room, &session))
+            .collect()
+    }
+
+    /// The rooms whose A/V `session` is in.
+    pub fn rooms_of(&self, session: &str) -> Vec<String> {
+        self.rooms
             .iter()
             .filter(|(_, r)| r.peers.contains_key(session))
             .map(|(id, _)| id.clone())
-            .collect();
-        rooms.iter().flat_map(|r| self.leave(r, session)).collect()
+            .collect()
     }
 
     /// Grants or withdraws publishing for every session of `user` in the room (stage changes).
     pub fn set_publisher(&mut self, room: &str, user: &str, can_publish: bool) {
         if let Some(state) = self.rooms.get_mut(room) {
-            for (peer, can) in state.peers.values_mut() {
-                if peer.user == user {
-                    *can = can_publish;
+            for m in state.peers.values_mut() {
+                if m.peer.user == user {
+                    m.can_publish = can_publish;
                 }
             }
         }
@@ -148,9 +314,11 @@ impl AvRooms {
             .rooms
             .get(room)
             .ok_or_else(|| SignalError::Forbidden("join the room's A/V first".into()))?;
-        let (_, can_publish) = state
+        let can_publish = state
             .peers
             .get(&from.session)
+            .filter(|m| m.local)
+            .map(|m| m.can_publish)
             .ok_or_else(|| SignalError::Forbidden("join the room's A/V first".into()))?;
         if to == from.session || !state.peers.contains_key(to) {
             return Err(SignalError::Forbidden(
@@ -159,7 +327,7 @@ impl AvRooms {
         }
         let payload = sdp::parse_payload(data)?;
         if let (AvKind::Live, false, Payload::Offer(info) | Payload::Answer(info)) =
-            (state.kind, *can_publish, &payload)
+            (state.kind, can_publish, &payload)
             && info.sends_media
         {
             return Err(SignalError::Forbidden(
@@ -261,5 +429,75 @@ mod tests {
             av.relay("live", &p("host", "h1"), "k1", &json!({"sdp": 1})),
             Err(SignalError::BadRequest(_))
         ));
+    }
+
+    #[test]
+    fn cluster_join_order_remote_members_and_node_loss() {
+        let mut av = AvRooms::new(6);
+        // A remote join with no local member or join in flight is not kept.
+        assert!(av.remote_joined("r", p("x", "x1.n2")).is_empty());
+        assert!(!av.knows("r", "x1.n2"));
+        // a joins here while b (n1) joined before it and c (n2) joins during its admission.
+        av.begin_join("r", AvKind::Class);
+        assert!(
+            av.remote_joined("r", p("c", "c1.n2")).is_empty(),
+            "no local member yet"
+        );
+        let (reply, outs) = av.finish_join(
+            "r",
+            AvKind::Class,
+            p("a", "a1.n0"),
+            true,
+            vec![p("b", "b1.n1")],
+        );
+        // a offers to b (listed), and hears of c, which joined after it (c offers to a).
+        assert_eq!(reply, vec![p("b", "b1.n1")]);
+        assert_eq!(outs.len(), 1);
+        assert_eq!(outs[0].to, "a1.n0");
+        assert!(
+            matches!(&outs[0].msg, Msg::AvPeer { peer, joined: true, .. } if peer.session == "c1.n2")
+        );
+        // Signals reach remote members; repeats of a remote join are silent.
+        let cand = json!({"candidate": null});
+        assert_eq!(
+            av.relay("r", &p("a", "a1.n0"), "c1.n2", &cand).unwrap().to,
+            "c1.n2"
+        );
+        assert!(av.remote_joined("r", p("c", "c1.n2")).is_empty());
+        // A remote member cannot be the sender of a relay here.
+        assert!(matches!(
+            av.relay("r", &p("b", "b1.n1"), "a1.n0", &cand),
+            Err(SignalError::Forbidden(_))
+        ));
+        // A second local member: the local one and the remote join notices go to locals only.
+        let (reply, outs) = av.finish_join(
+            "r",
+            AvKind::Class,
+            p("d", "d1.n0"),
+            true,
+            vec![p("b", "b1.n1"), p("a", "a1.n0"), p("c", "c1.n2")],
+        );
+        assert_eq!(reply.len(), 3);
+        assert_eq!(
+            outs.iter().map(|o| o.to.as_str()).collect::<Vec<_>>(),
+            vec!["a1.n0"]
+        );
+        let outs = av.remote_joined("r", p("e", "e1.n1"));
+        let mut to: Vec<&str> = outs.iter().map(|o| o.to.as_str()).collect();
+        to.sort();
+        assert_eq!(to, vec!["a1.n0", "d1.n0"]);
+        // Node n1 dies: its members leave, and the locals hear it.
+        let outs = av.remote_gone(|s| s.ends_with(".n1"));
+        assert_eq!(outs.len(), 4, "b and e, told to a and d");
+        assert!(!av.knows("r", "b1.n1") && !av.knows("r", "e1.n1"));
+        // The last local member leaves: the room goes, remote members with it.
+        av.leave("r", "a1.n0");
+        av.session_closed("d1.n0");
+        assert!(!av.knows("r", "c1.n2"));
+        assert_eq!(av.peers("r"), 0);
+        // A failed admission leaves nothing behind.
+        av.begin_join("q", AvKind::Live);
+        av.abort_join("q");
+        assert!(av.rooms.is_empty());
     }
 }

@@ -6,6 +6,7 @@
 //! The store knows nothing of WebSockets or the hub: committed events leave it through the
 //! hook given to [`Store::open`].
 
+mod av;
 mod calls;
 mod engagement;
 mod fast;
@@ -17,6 +18,7 @@ mod sqlite;
 mod stats;
 mod writer;
 
+pub use av::{AvJoin, AvMember};
 pub use calls::CallLogEntry;
 pub use engagement::{
     BadgeHook, BadgeView, EarnedBadge, EngagementSettings, LeaderRow, MemberEngagement, UserBrief,

@@ -939,3 +939,144 @@ fn metric(body: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The next `av_peer` notice: (session, joined).
+async fn av_peer(c: &mut Client) -> (String, bool) {
+    let f = c.until("av_peer").await;
+    (
+        f["session"].as_str().unwrap().to_owned(),
+        f["joined"].as_bool().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_class_mesh_spans_nodes_in_one_join_order() {
+    within("cross-node A/V", async {
+        let mut c = Cluster::start_with(3, &[("STUDYHALL_AV_MESH_MAX", "4")]).await;
+        let room = "class.av";
+        c.room(room, "class").await;
+        let mut peers = Vec::new();
+        for i in 0..4 {
+            let mut p = Client::connect(c.addr(i % 3), &student(&format!("p{i}"))).await;
+            p.join(room).await;
+            peers.push(p);
+        }
+        // All four join the A/V at once, from three nodes.
+        let mut rids = Vec::new();
+        for p in &mut peers {
+            rids.push(p.fire(json!({"type":"av_join","room":room})).await);
+        }
+        let mut listed: Vec<HashSet<String>> = Vec::new();
+        for (p, rid) in peers.iter_mut().zip(rids) {
+            let ok = p.reply(rid).await;
+            assert_eq!(ok["type"], "ok", "{ok}");
+            assert_eq!(ok["mode"], "mesh");
+            listed.push(
+                ok["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x["session"].as_str().unwrap().to_owned())
+                    .collect(),
+            );
+        }
+        let sessions: Vec<String> = peers.iter().map(|p| p.session.clone()).collect();
+        // One join order for the whole cluster: of every two peers exactly one lists the other
+        // (it joined later, and offers); the other hears of it through av_peer instead.
+        for i in 0..4 {
+            for j in i + 1..4 {
+                let (a, b) = (
+                    listed[i].contains(&sessions[j]),
+                    listed[j].contains(&sessions[i]),
+                );
+                assert!(a ^ b, "p{i} lists p{j}: {a}, p{j} lists p{i}: {b}");
+            }
+        }
+        for (i, p) in peers.iter_mut().enumerate() {
+            let mut expected: HashSet<String> = sessions
+                .iter()
+                .filter(|s| **s != sessions[i] && !listed[i].contains(*s))
+                .cloned()
+                .collect();
+            while !expected.is_empty() {
+                let (s, joined) = av_peer(p).await;
+                assert!(
+                    joined && expected.remove(&s),
+                    "p{i}: unexpected av_peer {s} {joined}"
+                );
+            }
+        }
+        // The mesh limit holds across nodes.
+        let mut late = Client::connect(c.addr(1), &student("late")).await;
+        late.join(room).await;
+        assert_eq!(
+            late.err(json!({"type":"av_join","room":room})).await,
+            "conflict"
+        );
+        // Signals cross nodes between peers: the later of p0/p1 offers to the earlier.
+        let (later, earlier) = if listed[1].contains(&sessions[0]) {
+            (1, 0)
+        } else {
+            (0, 1)
+        };
+        let offer = json!({"sdp": {"type": "offer", "sdp": OFFER}});
+        peers[later]
+            .ok(json!({"type":"signal","room":room,"to":sessions[earlier],"data":offer}))
+            .await;
+        let got = peers[earlier].until("signal").await;
+        assert_eq!(got["data"], offer);
+        assert_eq!(got["room"], room);
+        assert_eq!(got["from"]["session"], sessions[later].as_str());
+        let cand = json!({"candidate": null});
+        peers[earlier]
+            .ok(json!({"type":"signal","room":room,"to":sessions[later],"data":cand}))
+            .await;
+        let got = peers[later].until("signal").await;
+        assert_eq!(got["from"]["session"], sessions[earlier].as_str());
+        // Nobody outside the A/V is reachable, on any node.
+        assert_eq!(
+            peers[0]
+                .err(json!({"type":"signal","room":room,"to":late.session,"data":cand}))
+                .await,
+            "forbidden"
+        );
+        assert_eq!(
+            late.err(json!({"type":"signal","room":room,"to":sessions[0],"data":cand}))
+                .await,
+            "forbidden"
+        );
+        // p3 (node 0) leaves: everyone hears it, and there is room for one more.
+        peers[3].ok(json!({"type":"av_leave","room":room})).await;
+        for p in &mut peers[..3] {
+            assert_eq!(av_peer(p).await, (sessions[3].clone(), false));
+        }
+        let ok = late.ok(json!({"type":"av_join","room":room})).await;
+        assert_eq!(ok["peers"].as_array().unwrap().len(), 3, "{ok}");
+        for p in &mut peers[..3] {
+            assert_eq!(av_peer(p).await, (late.session.clone(), true));
+        }
+        // Node 2 (p2) dies: the survivors hear p2 left once its heartbeats stop, and its
+        // place in the mesh is free again.
+        c.nodes[2].signal("-KILL").await;
+        let (p0, rest) = peers.split_at_mut(1);
+        for p in [&mut p0[0], &mut rest[0], &mut late] {
+            assert_eq!(av_peer(p).await, (sessions[2].clone(), false));
+        }
+        // (The survivors forget node 2's members in the store right after they notice.)
+        let ok = within("p3 back in the mesh", async {
+            loop {
+                let r = peers[3]
+                    .request(json!({"type":"av_join","room":room}))
+                    .await;
+                if r["type"] == "ok" {
+                    return r;
+                }
+                assert_eq!(r["code"], "conflict", "{r}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(ok["peers"].as_array().unwrap().len(), 3, "{ok}");
+        c.stop().await;
+    })
+    .await;
+}

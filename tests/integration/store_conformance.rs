@@ -8,11 +8,11 @@ use studyhall::metrics::Metrics;
 use studyhall::protocol::{
     MessageId, QuestionId, QuestionStatus, RoomId, RoomKind, RoomRole, UserId, UserRef, Visibility,
 };
+use studyhall::store::{AvJoin, QuestionFilter, QuestionSort, now_ms};
 use studyhall::store::{
     CommitHook, CommittedEvent, QaSettings, Room, RoomPatch, Store, StoreError, StoreOptions, View,
     WriteOp, WriteOutcome,
 };
-use studyhall::store::{QuestionFilter, QuestionSort, now_ms};
 
 /// A store plus what its commit hook saw.
 struct Fixture {
@@ -950,6 +950,88 @@ async fn simultaneous_checkins_count_once(f: Fixture) {
     other.store.close().await;
 }
 
+/// Cluster A/V admission: two store instances (two nodes) admit concurrent joins of one room
+/// in one order (the later lists the earlier), under the mesh limit; re-joins, leaves, a gone
+/// node and stale rows of nodes not alive.
+async fn av_members_in_one_join_order(f: Fixture) {
+    let r = RoomId::from("cls");
+    let other = open(&f.url).await;
+    let join = |i: usize, node: &'static str| {
+        let stores = [f.store.clone(), other.store.clone()];
+        let r = r.clone();
+        async move {
+            let (s, u) = (format!("s{i}.{node}"), UserId(format!("u{i}")));
+            let j = AvJoin {
+                room: &r,
+                session: &s,
+                user: &u,
+                node,
+                mesh_max: 6,
+                live_nodes: None,
+                now_ms: 1,
+            };
+            let store = &stores[usize::from(node == "n1")];
+            (s.clone(), store.av_join(&j).await)
+        }
+    };
+    let joined = futures_util::future::join_all(
+        (0..6).map(|i| join(i, if i % 2 == 0 { "n0" } else { "n1" })),
+    )
+    .await;
+    let lists: Vec<(String, Vec<String>)> = joined
+        .into_iter()
+        .map(|(s, r)| (s, r.unwrap().into_iter().map(|m| m.session).collect()))
+        .collect();
+    // One order: the k-th admitted lists exactly the k before it.
+    let mut sizes: Vec<usize> = lists.iter().map(|(_, l)| l.len()).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![0, 1, 2, 3, 4, 5]);
+    for (a, la) in &lists {
+        for (b, lb) in &lists {
+            if a != b {
+                assert!(la.contains(b) ^ lb.contains(a), "{a} and {b}");
+            }
+        }
+    }
+    // Full: a seventh is refused; a re-join lists the other five and takes no place.
+    assert!(matches!(
+        join(6, "n0").await.1,
+        Err(StoreError::Conflict(_))
+    ));
+    let again = join(0, "n0").await.1.unwrap();
+    assert_eq!(again.len(), 5);
+    assert_eq!(
+        f.store.av_member(&r, "s1.n1").await.unwrap(),
+        Some(UserId::from("u1"))
+    );
+    // A leave frees a place; a gone node's rows go at once.
+    f.store.av_leave(&r, "s0.n0").await.unwrap();
+    assert_eq!(f.store.av_member(&r, "s0.n0").await.unwrap(), None);
+    assert_eq!(join(6, "n0").await.1.unwrap().len(), 5);
+    assert_eq!(other.store.av_forget_node("n1").await.unwrap(), 3);
+    // Rows of a node not among the live ones are stale once the joiner knows every node.
+    assert_eq!(join(7, "n3").await.1.unwrap().len(), 3);
+    let (s, u) = ("s9.n2".to_owned(), UserId::from("u9"));
+    let live = vec!["n0".to_owned()];
+    let listed = f
+        .store
+        .av_join(&AvJoin {
+            room: &r,
+            session: &s,
+            user: &u,
+            node: "n2",
+            mesh_max: 6,
+            live_nodes: Some(&live),
+            now_ms: 2,
+        })
+        .await
+        .unwrap();
+    let listed: Vec<String> = listed.into_iter().map(|m| m.session).collect();
+    assert_eq!(listed, vec!["s2.n0", "s4.n0", "s6.n0"]);
+    assert_eq!(f.store.av_member(&r, "s7.n3").await.unwrap(), None);
+    other.store.close().await;
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -996,6 +1078,7 @@ conformance!(
     mutes_bans_reports_and_audit,
     batched_sends_match_single_sends,
     simultaneous_checkins_count_once,
+    av_members_in_one_join_order,
 );
 
 /// A batch that fails is retried write by write; what a retried send earned (a badge

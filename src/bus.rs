@@ -323,8 +323,11 @@ pub struct Bus {
     epoch: u64,
     version: AtomicU64,
     leaving: AtomicBool,
-    /// When [`Bus::start`] ran.
-    started: OnceLock<Instant>,
+    /// Since when the NATS connection has been up without losses (`None` while it is down).
+    healthy_since: Arc<Mutex<Option<Instant>>>,
+    /// Node runs that went silent while this node could not tell a dead node from its own
+    /// bad connection: their A/V members go once it can (see [`Bus::expire`]).
+    silent_unsure: Mutex<Vec<(String, u64)>>,
 }
 
 impl Bus {
@@ -344,6 +347,8 @@ impl Bus {
         let events = sweep_now.clone();
         let disrupted = Arc::new(AtomicBool::new(false));
         let disrupted_ev = disrupted.clone();
+        let healthy_since = Arc::new(Mutex::new(Some(Instant::now())));
+        let healthy_ev = healthy_since.clone();
         let event_node = node.clone();
         let client = ConnectOptions::new()
             .name(format!("studyhall-{node}"))
@@ -353,19 +358,23 @@ impl Bus {
                 let events = events.clone();
                 let node = event_node.clone();
                 let disrupted = disrupted_ev.clone();
+                let healthy = healthy_ev.clone();
                 async move {
                     match ev {
                         Event::Connected => {
                             tracing::info!(node = %node, "NATS connected: checking rooms for gaps");
+                            *lock(&healthy) = Some(Instant::now());
                             disrupted.store(true, Relaxed);
                             events.notify_one();
                         }
                         Event::SlowConsumer(sid) => {
                             tracing::warn!(node = %node, sid, "NATS slow consumer: refilling from the store");
+                            *lock(&healthy) = Some(Instant::now());
                             disrupted.store(true, Relaxed);
                             events.notify_one();
                         }
                         Event::Disconnected => {
+                            *lock(&healthy) = None;
                             tracing::warn!(node = %node, "NATS disconnected")
                         }
                         other => tracing::info!(node = %node, event = %other, "NATS event"),
@@ -404,7 +413,8 @@ impl Bus {
             epoch: rand::random(),
             version: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
-            started: OnceLock::new(),
+            healthy_since,
+            silent_unsure: Mutex::new(Vec::new()),
         }))
     }
 
@@ -594,8 +604,8 @@ impl Bus {
                 }
                 Some(&TAG_AV) => {
                     let mut r = Reader(&msg.payload[1..]);
-                    let (Some(joined), Some(session), Some(user)) =
-                        (r.u8(), r.str16(), r.rest_str())
+                    let (Some(joined), Some(generation), Some(session), Some(user)) =
+                        (r.u8(), r.u64(), r.str16(), r.rest_str())
                     else {
                         continue;
                     };
@@ -603,7 +613,13 @@ impl Bus {
                     if node_of(session) != Some(self.node.as_str())
                         && let Some(app) = self.app.get().and_then(Weak::upgrade)
                     {
-                        crate::rtc::remote_av(&app, &room, session, user, joined == 1);
+                        let change = crate::rtc::AvChange {
+                            session,
+                            user,
+                            generation,
+                            joined: joined == 1,
+                        };
+                        crate::rtc::remote_av(&app, &room, change);
                     }
                 }
                 Some(&TAG_STAGE) => {
@@ -872,11 +888,17 @@ impl Bus {
 
     /// A local session joined or left a room's A/V: the other nodes with members of the room
     /// tell their A/V members (`av_peer`) and can relay signals to it.
-    pub fn av_changed(&self, room: &RoomId, session: &str, user: &UserId, joined: bool) {
-        let mut w = Writer::new(TAG_AV, session.len() + user.as_str().len() + 3);
-        w.0.put_u8(u8::from(joined));
-        let payload = w.str16(session).rest(user.as_str().as_bytes());
+    pub(crate) fn av_changed(&self, room: &RoomId, change: crate::rtc::AvChange<'_>) {
+        let mut w = Writer::new(TAG_AV, change.session.len() + change.user.len() + 11);
+        w.0.put_u8(u8::from(change.joined));
+        w.0.put_u64(change.generation);
+        let payload = w.str16(change.session).rest(change.user.as_bytes());
         self.enqueue(room_subject(room), payload);
+    }
+
+    /// This run's epoch (random at each start).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     async fn ctl_task(self: Arc<Self>, app: Arc<App>, mut sub: Subscriber) {
@@ -1021,7 +1043,13 @@ impl Bus {
             }
         }
         if hb.leaving {
-            self.node_gone(&hb.node);
+            self.node_gone(&hb.node, hb.epoch);
+        }
+        if let Some(old) = nodes.get(&hb.node)
+            && old.epoch != hb.epoch
+        {
+            // The node started again under its name: its earlier run is gone.
+            self.node_gone(&hb.node, old.epoch);
         }
         let (old, old_sessions) = nodes
             .remove(&hb.node)
@@ -1123,34 +1151,41 @@ impl Bus {
             .filter(|(_, n)| now.duration_since(n.seen) > self.ttl)
             .map(|(k, _)| k.clone())
             .collect();
-        if dead.is_empty() {
-            return;
-        }
         for node in dead {
             tracing::warn!(node = %node, "node silent past the presence TTL: its users go offline");
             lock(&self.assembly).forget(&node);
-            self.node_gone(&node);
             if let Some(view) = nodes.remove(&node) {
+                lock(&self.silent_unsure).push((node, view.epoch));
                 self.transitions(&nodes, &view.rooms, &HashMap::new());
                 let gone = view.sessions.into_keys().collect();
                 self.update_directory(&nodes, gone);
             }
         }
-    }
-
-    /// A node left or died: its sessions leave the A/V rooms known here.
-    fn node_gone(&self, node: &str) {
-        if let Some(app) = self.app.get().and_then(Weak::upgrade) {
-            crate::rtc::remote_node_gone(&app, node);
+        // A/V members of silent nodes go only when the silence is theirs, not this node's
+        // (NATS down here, or messages lost): calls between peers outlive a bus hiccup.
+        if self.knows_every_node() {
+            let silent = std::mem::take(&mut *lock(&self.silent_unsure));
+            for (node, epoch) in silent {
+                if nodes.get(&node).is_none_or(|v| v.epoch != epoch) {
+                    self.node_gone(&node, epoch);
+                }
+            }
         }
     }
 
-    /// Whether this node has heard every live node's heartbeat: it has been on the bus for
-    /// longer than the presence TTL.
+    /// A run of a node left or died: its sessions leave the A/V rooms known here, and its
+    /// stored memberships go.
+    fn node_gone(&self, node: &str, epoch: u64) {
+        if let Some(app) = self.app.get().and_then(Weak::upgrade) {
+            crate::rtc::remote_node_gone(&app, node, epoch);
+        }
+    }
+
+    /// Whether a silence here means a dead node: this node has been connected to NATS, with
+    /// no slow-consumer loss, for longer than the presence TTL (so it would have heard every
+    /// live node's heartbeat).
     pub fn knows_every_node(&self) -> bool {
-        self.started
-            .get()
-            .is_some_and(|t| t.elapsed() > self.ttl + self.heartbeat)
+        lock(&self.healthy_since).is_some_and(|t| t.elapsed() > self.ttl + self.heartbeat)
     }
 
     /// Nodes this node currently hears from (itself excluded).
@@ -1163,10 +1198,10 @@ impl Bus {
     /// Starts the bus tasks; returns them so `serve` can stop them at the end.
     pub async fn start(self: &Arc<Self>, app: Arc<App>) -> Vec<JoinHandle<()>> {
         let _ = self.app.set(Arc::downgrade(&app));
-        let _ = self.started.set(Instant::now());
+        *lock(&self.healthy_since) = Some(Instant::now());
         // A/V memberships left by an earlier run under this node's name are stale.
         if let Ok(store) = self.store()
-            && let Err(e) = store.av_forget_node(&self.node).await
+            && let Err(e) = store.av_forget_node(&self.node, None).await
         {
             tracing::warn!(error = %e, "could not forget this node's earlier A/V members");
         }

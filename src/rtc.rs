@@ -372,42 +372,7 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
             .lock()
             .av
             .join(room.as_str(), kind, me, can_publish)?,
-        Some(bus) => {
-            // The store admits the join cluster-wide (mesh limit, join order); meanwhile peers
-            // joining on other nodes are remembered, so none is missed.
-            app.rtc.lock().av.begin_join(room.as_str(), kind);
-            let live = bus.knows_every_node().then(|| bus.live_nodes());
-            let admitted = app
-                .store
-                .av_join(&AvJoin {
-                    room: &room,
-                    session: &me.session,
-                    user: &ctx.me.user,
-                    node: &bus.node,
-                    mesh_max: app.config.av_mesh_max,
-                    live_nodes: live.as_deref(),
-                    now_ms: now_ms(),
-                })
-                .await;
-            let before = match admitted {
-                Ok(before) => before,
-                Err(e) => {
-                    app.rtc.lock().av.abort_join(room.as_str());
-                    return Err(e.into());
-                }
-            };
-            let before = before
-                .into_iter()
-                .map(|m| Peer::new(m.user.0, m.session))
-                .collect();
-            let joined =
-                app.rtc
-                    .lock()
-                    .av
-                    .finish_join(room.as_str(), kind, me.clone(), can_publish, before);
-            bus.av_changed(&room, &me.session, &ctx.me.user, true);
-            joined
-        }
+        Some(bus) => cluster_av_join(&app, bus, &room, kind, me, can_publish).await?,
     };
     deliver(&app, outs, None, None);
     let peers: Vec<Value> = peers
@@ -422,70 +387,163 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     })))
 }
 
-pub(crate) fn av_leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
+/// Cluster mode's `av_join`: the store admits the join cluster-wide (mesh limit, one join
+/// order); meanwhile peers joining on other nodes are remembered here, so none is missed.
+async fn cluster_av_join(
+    app: &Arc<App>,
+    bus: &Arc<crate::bus::Bus>,
+    room: &RoomId,
+    kind: AvKind,
+    me: Peer,
+    can_publish: bool,
+) -> Result<(Vec<Peer>, Vec<Out>)> {
+    app.rtc
+        .lock()
+        .av
+        .begin_join(room.as_str(), kind, &me.session);
+    let live = bus.knows_every_node().then(|| bus.live_nodes());
+    let user = UserId(me.user.clone());
+    let admitted = app
+        .store
+        .av_join(&AvJoin {
+            room,
+            session: &me.session,
+            user: &user,
+            node: &bus.node,
+            epoch: bus.epoch() as i64,
+            mesh_max: app.config.av_mesh_max,
+            live_nodes: live.as_deref(),
+            now_ms: now_ms(),
+        })
+        .await;
+    let admitted = match admitted {
+        Ok(a) => a,
+        Err(e) => {
+            app.rtc.lock().av.abort_join(room.as_str(), &me.session);
+            return Err(e.into());
+        }
+    };
+    let generation = admitted.generation.max(0) as u64;
+    let before = admitted
+        .before
+        .into_iter()
+        .map(|m| (Peer::new(m.user.0, m.session), m.generation.max(0) as u64))
+        .collect();
+    let joined = app.rtc.lock().av.finish_join(
+        room.as_str(),
+        kind,
+        me.clone(),
+        can_publish,
+        generation,
+        before,
+    );
+    bus.av_changed(
+        room,
+        AvChange {
+            session: &me.session,
+            user: &me.user,
+            generation,
+            joined: true,
+        },
+    );
+    Ok(joined)
+}
+
+pub(crate) async fn av_leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     crate::rooms::check_room_id(&room)?;
     let app = ctx.app.clone();
-    av_left(&app, &room, &ctx.me.user, ctx.handle.id.as_str(), false);
+    if let Some(left) = av_left(&app, &room, &ctx.me.user, ctx.handle.id.as_str(), false) {
+        // Awaited: a re-join right after must find the store without this membership.
+        left.await;
+    }
     Ok(Outcome::Ok(json!({})))
 }
 
-/// A local session leaves a room's A/V (if it was in it): its local peers hear it here, and in
-/// cluster mode the store forgets it and then the other nodes are told.
-fn av_left(app: &App, room: &RoomId, user: &UserId, session: &str, was_on_stage: bool) {
-    let (was_member, outs) = {
+/// A local session leaves a room's A/V (if it was in it): its local peers hear it here. In
+/// cluster mode the returned future makes the store forget the membership and then tells the
+/// other nodes.
+fn av_left(
+    app: &App,
+    room: &RoomId,
+    user: &UserId,
+    session: &str,
+    was_on_stage: bool,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let (generation, outs) = {
         let mut st = app.rtc.lock();
         if was_on_stage && !app.hub.on_stage(room, user) {
             st.av.set_publisher(room.as_str(), user.as_str(), false);
         }
-        let was_member = st.av.knows(room.as_str(), session);
-        (was_member, st.av.leave(room.as_str(), session))
+        let generation = st.av.local_generation(room.as_str(), session);
+        (generation, st.av.leave(room.as_str(), session))
     };
     deliver(app, outs, None, None);
-    if was_member && let Some(bus) = &app.bus {
-        cluster_av_left(
-            app.store.clone(),
-            bus.clone(),
-            room.clone(),
-            user.clone(),
-            session,
-        );
-    }
+    let bus = app.bus.clone()?;
+    Some(cluster_av_left(
+        app.store.clone(),
+        bus,
+        room.clone(),
+        user.clone(),
+        session.to_owned(),
+        generation?,
+    ))
 }
 
 /// Deletes the stored membership, then tells the other nodes (in that order, so a join that
-/// reads the store after the notice never lists the session).
-fn cluster_av_left(
+/// reads the store after the notice never lists it).
+async fn cluster_av_left(
     store: crate::store::Store,
     bus: Arc<crate::bus::Bus>,
     room: RoomId,
     user: UserId,
-    session: &str,
+    session: String,
+    generation: u64,
 ) {
-    let session = session.to_owned();
-    tokio::spawn(async move {
-        if let Err(e) = store.av_leave(&room, &session).await {
-            tracing::warn!(error = %e, room = %room, "could not forget an A/V member");
-        }
-        bus.av_changed(&room, &session, &user, false);
-    });
+    if let Err(e) = store.av_leave(&room, &session, generation as i64).await {
+        tracing::warn!(error = %e, room = %room, "could not forget an A/V member");
+    }
+    bus.av_changed(
+        &room,
+        AvChange {
+            session: &session,
+            user: user.as_str(),
+            generation,
+            joined: false,
+        },
+    );
+}
+
+/// A membership change of a room's A/V, as it crosses the bus.
+pub(crate) struct AvChange<'a> {
+    pub session: &'a str,
+    pub user: &'a str,
+    /// The membership's generation (its place in the room's join order).
+    pub generation: u64,
+    pub joined: bool,
 }
 
 /// Cluster mode: a session on another node joined or left a room's A/V.
-pub(crate) fn remote_av(app: &App, room: &RoomId, session: &str, user: &str, joined: bool) {
+pub(crate) fn remote_av(app: &App, room: &RoomId, change: AvChange<'_>) {
     let outs = {
         let mut st = app.rtc.lock();
-        if joined {
-            st.av.remote_joined(room.as_str(), Peer::new(user, session))
+        if change.joined {
+            st.av.remote_joined(
+                room.as_str(),
+                Peer::new(change.user, change.session),
+                change.generation,
+            )
         } else {
-            st.av.leave(room.as_str(), session)
+            st.av
+                .remote_left(room.as_str(), change.session, change.generation)
         }
     };
     deliver(app, outs, None, None);
 }
 
-/// Cluster mode: a node left or died; its sessions leave every A/V room known here, and the
-/// store forgets them (every surviving node tries; the delete is idempotent).
-pub(crate) fn remote_node_gone(app: &App, node: &str) {
+/// Cluster mode: a run of a node left or died; its sessions leave every A/V room known here,
+/// and the store forgets them (every surviving node tries; the delete is idempotent, and
+/// spares a later run of the same node).
+pub(crate) fn remote_node_gone(app: &App, node: &str, epoch: u64) {
     let outs = app
         .rtc
         .lock()
@@ -494,7 +552,7 @@ pub(crate) fn remote_node_gone(app: &App, node: &str) {
     deliver(app, outs, None, None);
     let (store, node) = (app.store.clone(), node.to_owned());
     tokio::spawn(async move {
-        match store.av_forget_node(&node).await {
+        match store.av_forget_node(&node, Some(epoch as i64)).await {
             Ok(n) if n > 0 => {
                 tracing::info!(node = %node, members = n, "forgot a gone node's A/V members")
             }
@@ -515,7 +573,9 @@ pub(crate) fn left_room(
     session: &str,
     was_on_stage: bool,
 ) {
-    av_left(app, room, user, session, was_on_stage);
+    if let Some(left) = av_left(app, room, user, session, was_on_stage) {
+        tokio::spawn(left);
+    }
 }
 
 /// Stage changes grant or withdraw publishing in the room's A/V.
@@ -526,7 +586,7 @@ pub(crate) fn stage_changed(app: &App, room: &RoomId, user: &UserId, on: bool) {
         .set_publisher(room.as_str(), user.as_str(), on);
 }
 
-pub(crate) fn signal(
+pub(crate) async fn signal(
     ctx: &mut Ctx,
     rid: Option<i64>,
     call_id: Option<String>,
@@ -558,17 +618,8 @@ pub(crate) fn signal(
     }
     if let (Some(bus), None, Some(room), Some(to)) = (&app.bus, &call_id, &room, &to)
         && crate::bus::node_of(to).is_some_and(|n| n != bus.node)
-        && !app.rtc.lock().av.knows(room.as_str(), to)
     {
-        // A peer on another node whose join has not reached this node yet: the store knows.
-        return Ok(relay_to_unheard(
-            app,
-            rid,
-            me,
-            room.clone(),
-            to.clone(),
-            data,
-        ));
+        learn_remote_peer(&app, room, &me, to).await?;
     }
     let out = {
         let st = app.rtc.lock();
@@ -582,60 +633,67 @@ pub(crate) fn signal(
     Ok(Outcome::Ok(json!({})))
 }
 
-/// Cluster mode: relays an A/V signal to a session that joined on another node but whose
-/// join has not reached this node yet, once the store confirms it is a member.
-fn relay_to_unheard(
-    app: Arc<App>,
-    rid: Option<i64>,
-    me: Peer,
-    room: RoomId,
-    to: String,
-    data: Value,
-) -> Outcome {
-    Outcome::Deferred(Box::pin(async move {
-        let relayed = async {
-            let user = app.store.av_member(&room, &to).await?.ok_or_else(|| {
-                Error::Forbidden("that session is not a peer in this room".into())
-            })?;
-            let (out, outs) = {
-                let mut st = app.rtc.lock();
-                let outs = st
-                    .av
-                    .remote_joined(room.as_str(), Peer::new(user.0, to.as_str()));
-                (st.av.relay(room.as_str(), &me, &to, &data)?, outs)
-            };
-            deliver(&app, outs, None, None);
-            deliver(&app, vec![out], None, None);
-            Ok::<_, Error>(())
-        };
-        match relayed.await {
-            Ok(()) => rid.map(|rid| protocol::encode_ok(Some(rid), json!({}))),
-            Err(e) => Some(crate::session::error_frame(rid, &e)),
+/// Cluster mode: before a signal to `to`, a session on another node, that this node has not
+/// heard joined the room's A/V (its join is still crossing the bus), asks the store. Awaited
+/// in the command's turn, so the session's signals keep their order.
+async fn learn_remote_peer(app: &App, room: &RoomId, me: &Peer, to: &str) -> Result<()> {
+    {
+        let st = app.rtc.lock();
+        if st.av.knows(room.as_str(), to) {
+            return Ok(());
         }
-    }))
+        // Only a member of the A/V may make a signal cost a store read.
+        if st.av.local_generation(room.as_str(), &me.session).is_none() {
+            return Err(Error::Forbidden("join the room's A/V first".into()));
+        }
+    }
+    if to.len() > 128 {
+        return Err(Error::bad_request("to must be a session id"));
+    }
+    let Some(m) = app.store.av_member(room, to).await? else {
+        return Ok(()); // `relay` refuses it
+    };
+    let outs = app.rtc.lock().av.remote_joined(
+        room.as_str(),
+        Peer::new(m.user.0, m.session),
+        m.generation.max(0) as u64,
+    );
+    deliver(app, outs, None, None);
+    Ok(())
 }
 
 /// A session ended: its calls get the grace period, its A/V rooms hear it left.
 pub(crate) fn session_closed(app: &Arc<App>, user: &UserId, session: &str) {
-    let (rooms, outs) = {
+    let (left, outs) = {
         let mut st = app.rtc.lock();
         let mut outs = st
             .calls
             .session_closed(now(), &Peer::new(user.as_str(), session));
-        let rooms = st.av.rooms_of(session);
+        let left: Vec<(String, Option<u64>)> = st
+            .av
+            .rooms_of(session)
+            .into_iter()
+            .map(|r| {
+                let g = st.av.local_generation(&r, session);
+                (r, g)
+            })
+            .collect();
         outs.extend(st.av.session_closed(session));
-        (rooms, outs)
+        (left, outs)
     };
     deliver(app, outs, None, None);
     if let Some(bus) = &app.bus {
-        for room in rooms {
-            cluster_av_left(
-                app.store.clone(),
-                bus.clone(),
-                RoomId(room),
-                user.clone(),
-                session,
-            );
+        for (room, generation) in left {
+            if let Some(generation) = generation {
+                tokio::spawn(cluster_av_left(
+                    app.store.clone(),
+                    bus.clone(),
+                    RoomId(room),
+                    user.clone(),
+                    session.to_owned(),
+                    generation,
+                ));
+            }
         }
     }
 }

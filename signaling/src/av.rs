@@ -6,7 +6,7 @@
 use crate::sdp::{self, Payload};
 use crate::{Msg, Out, Peer, SignalError};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AvKind {
@@ -16,6 +16,9 @@ pub enum AvKind {
     Live,
 }
 
+/// Most departures a room remembers (see `AvRoom::left`); past that the memory starts over.
+const LEFT_MAX: usize = 1024;
+
 #[derive(Debug)]
 struct Member {
     peer: Peer,
@@ -24,6 +27,9 @@ struct Member {
     /// A session of this node; the others are on other cluster nodes, known so that signals
     /// can reach them. Notices go only to local members: each node tells its own.
     local: bool,
+    /// The membership's generation: its place in the room's join order (cluster mode; 0 on
+    /// one node). A leave or a re-join names it, so old news never undoes newer.
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -31,9 +37,12 @@ struct AvRoom {
     kind: AvKind,
     /// session -> member
     peers: BTreeMap<String, Member>,
-    /// Local joins whose cluster-wide admission is in flight: the room is kept, and peers
+    /// Local sessions whose cluster-wide admission is in flight: the room is kept, and peers
     /// joining on other nodes meanwhile are remembered (see [`AvRooms::begin_join`]).
-    pending: usize,
+    joining: HashSet<String>,
+    /// Sessions that left, with the generation they left: a store listing or a bus notice
+    /// that still names that membership (or an older one) does not bring it back.
+    left: HashMap<String, u64>,
 }
 
 impl AvRoom {
@@ -55,6 +64,19 @@ impl AvRoom {
                 },
             })
             .collect()
+    }
+
+    /// Whether the membership `generation` of `session` has already left.
+    fn has_left(&self, session: &str, generation: u64) -> bool {
+        self.left.get(session).is_some_and(|g| *g >= generation)
+    }
+
+    fn remember_left(&mut self, session: &str, generation: u64) {
+        if self.left.len() >= LEFT_MAX {
+            self.left.clear();
+        }
+        let g = self.left.entry(session.to_owned()).or_insert(generation);
+        *g = (*g).max(generation);
     }
 }
 
@@ -80,7 +102,8 @@ impl AvRooms {
         self.rooms.entry(room.to_owned()).or_insert_with(|| AvRoom {
             kind,
             peers: BTreeMap::new(),
-            pending: 0,
+            joining: HashSet::new(),
+            left: HashMap::new(),
         })
     }
 
@@ -89,7 +112,7 @@ impl AvRooms {
         if self
             .rooms
             .get(room)
-            .is_some_and(|r| r.pending == 0 && r.local_count() == 0)
+            .is_some_and(|r| r.joining.is_empty() && r.local_count() == 0)
         {
             self.rooms.remove(room);
         }
@@ -112,7 +135,7 @@ impl AvRooms {
             self.tidy(room);
             return Err(err);
         }
-        Ok(self.insert_local(room, kind, peer, can_publish))
+        Ok(self.insert_local(room, kind, peer, can_publish, 0))
     }
 
     fn insert_local(
@@ -121,6 +144,7 @@ impl AvRooms {
         kind: AvKind,
         peer: Peer,
         can_publish: bool,
+        generation: u64,
     ) -> (Vec<Peer>, Vec<Out>) {
         let state = self.room_mut(room, kind);
         let others: Vec<Peer> = state
@@ -129,7 +153,10 @@ impl AvRooms {
             .filter(|m| m.peer.session != peer.session)
             .map(|m| m.peer.clone())
             .collect();
-        if state.peers.contains_key(&peer.session) {
+        if let Some(m) = state.peers.get_mut(&peer.session)
+            && m.local
+        {
+            m.generation = m.generation.max(generation);
             return (others, Vec::new());
         }
         let outs = state.notices(room, &peer, true);
@@ -139,43 +166,55 @@ impl AvRooms {
                 peer,
                 can_publish,
                 local: true,
+                generation,
             },
         );
         (others, outs)
     }
 
-    /// Cluster mode: a local join is being admitted cluster-wide (by the store, which checks
-    /// the mesh limit and lists the peers in join order). Until [`AvRooms::finish_join`] or
-    /// [`AvRooms::abort_join`], peers that join on other nodes are remembered here.
-    pub fn begin_join(&mut self, room: &str, kind: AvKind) {
-        self.room_mut(room, kind).pending += 1;
+    /// Cluster mode: the local session `session` is being admitted to the room's A/V by the
+    /// store (which checks the mesh limit and puts joins in one order). Until
+    /// [`AvRooms::finish_join`] or [`AvRooms::abort_join`], peers that join on other nodes
+    /// are remembered here.
+    pub fn begin_join(&mut self, room: &str, kind: AvKind, session: &str) {
+        self.room_mut(room, kind).joining.insert(session.to_owned());
     }
 
-    /// The cluster admitted `peer`; `before` are the peers that joined before it (the store's
-    /// order), and are what its `av_join` reply lists: the newcomer offers to them. Peers that
-    /// joined after it on other nodes and are already known here get an `av_peer` notice to
-    /// the newcomer instead (they offer to it). Local members hear of the newcomer.
+    /// The store admitted `peer` as membership `generation`; `before` are the members
+    /// admitted before it, with theirs. They are what its `av_join` reply lists: the newcomer
+    /// offers to them (a member already known to have left is left out). Peers admitted after
+    /// it that this node already knows reach the newcomer as `av_peer` instead (they offer to
+    /// it), and local members hear of the newcomer. A re-join replies with every member known.
     pub fn finish_join(
         &mut self,
         room: &str,
         kind: AvKind,
         peer: Peer,
         can_publish: bool,
-        before: Vec<Peer>,
+        generation: u64,
+        before: Vec<(Peer, u64)>,
     ) -> (Vec<Peer>, Vec<Out>) {
         let state = self.room_mut(room, kind);
-        state.pending = state.pending.saturating_sub(1);
-        for p in &before {
-            state
+        state.joining.remove(&peer.session);
+        let mut before = before;
+        before.retain(|(p, g)| !state.has_left(&p.session, *g));
+        for (p, g) in &before {
+            // A local session still being admitted is added by its own `finish_join`.
+            if state.joining.contains(&p.session) {
+                continue;
+            }
+            let m = state
                 .peers
                 .entry(p.session.clone())
                 .or_insert_with(|| Member {
                     peer: p.clone(),
                     can_publish: false,
                     local: false,
+                    generation: *g,
                 });
+            m.generation = m.generation.max(*g);
         }
-        let rejoin = state.peers.contains_key(&peer.session);
+        let rejoin = state.peers.get(&peer.session).is_some_and(|m| m.local);
         let later: Vec<Out> = if rejoin {
             Vec::new()
         } else {
@@ -184,7 +223,7 @@ impl AvRooms {
                 .values()
                 .filter(|m| {
                     m.peer.session != peer.session
-                        && !before.iter().any(|b| b.session == m.peer.session)
+                        && !before.iter().any(|(b, _)| b.session == m.peer.session)
                 })
                 .map(|m| Out {
                     to: peer.session.clone(),
@@ -196,27 +235,36 @@ impl AvRooms {
                 })
                 .collect()
         };
-        let (known, mut outs) = self.insert_local(room, kind, peer, can_publish);
+        let (known, mut outs) = self.insert_local(room, kind, peer, can_publish, generation);
         outs.extend(later);
-        // A re-join replies with what is known; a first join with the store's order.
-        (if rejoin { known } else { before }, outs)
+        let listed = if rejoin {
+            known
+        } else {
+            before.into_iter().map(|(p, _)| p).collect()
+        };
+        (listed, outs)
     }
 
-    /// Cluster mode: the admission failed; forget the pending join.
-    pub fn abort_join(&mut self, room: &str) {
+    /// Cluster mode: the admission of `session` failed; forget it.
+    pub fn abort_join(&mut self, room: &str, session: &str) {
         if let Some(state) = self.rooms.get_mut(room) {
-            state.pending = state.pending.saturating_sub(1);
+            state.joining.remove(session);
         }
         self.tidy(room);
     }
 
-    /// Cluster mode: `peer` joined the room's A/V on another node. Known only where this node
-    /// has local members (or a join in flight); they get `av_peer`. Repeats are harmless.
-    pub fn remote_joined(&mut self, room: &str, peer: Peer) -> Vec<Out> {
+    /// Cluster mode: `peer` joined the room's A/V on another node as membership
+    /// `generation`. Known only where this node has local members (or a join in flight);
+    /// they get `av_peer`. Repeats, and news of a membership that has left, change nothing.
+    pub fn remote_joined(&mut self, room: &str, peer: Peer, generation: u64) -> Vec<Out> {
         let Some(state) = self.rooms.get_mut(room) else {
             return Vec::new();
         };
-        if state.peers.contains_key(&peer.session) {
+        if state.has_left(&peer.session, generation) {
+            return Vec::new();
+        }
+        if let Some(m) = state.peers.get_mut(&peer.session) {
+            m.generation = m.generation.max(generation);
             return Vec::new();
         }
         let outs = state.notices(room, &peer, true);
@@ -226,9 +274,23 @@ impl AvRooms {
                 peer,
                 can_publish: false,
                 local: false,
+                generation,
             },
         );
         outs
+    }
+
+    /// Cluster mode: membership `generation` of a session on another node left (a later
+    /// membership of the same session stays).
+    pub fn remote_left(&mut self, room: &str, session: &str, generation: u64) -> Vec<Out> {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return Vec::new();
+        };
+        state.remember_left(session, generation);
+        match state.peers.get(session) {
+            Some(m) if !m.local && m.generation <= generation => self.leave(room, session),
+            _ => Vec::new(),
+        }
     }
 
     /// Whether `session` is known as a member of the room's A/V here.
@@ -236,6 +298,15 @@ impl AvRooms {
         self.rooms
             .get(room)
             .is_some_and(|r| r.peers.contains_key(session))
+    }
+
+    /// The membership generation of a local member.
+    pub fn local_generation(&self, room: &str, session: &str) -> Option<u64> {
+        self.rooms
+            .get(room)
+            .and_then(|r| r.peers.get(session))
+            .filter(|m| m.local)
+            .map(|m| m.generation)
     }
 
     /// Removes a session from a room's A/V and tells the local members.
@@ -246,6 +317,7 @@ impl AvRooms {
         let Some(gone) = state.peers.remove(session) else {
             return Vec::new();
         };
+        state.remember_left(session, gone.generation);
         let outs = state.notices(room, &gone.peer, false);
         self.tidy(room);
         outs
@@ -435,12 +507,12 @@ mod tests {
     fn cluster_join_order_remote_members_and_node_loss() {
         let mut av = AvRooms::new(6);
         // A remote join with no local member or join in flight is not kept.
-        assert!(av.remote_joined("r", p("x", "x1.n2")).is_empty());
+        assert!(av.remote_joined("r", p("x", "x1.n2"), 1).is_empty());
         assert!(!av.knows("r", "x1.n2"));
-        // a joins here while b (n1) joined before it and c (n2) joins during its admission.
-        av.begin_join("r", AvKind::Class);
+        // a joins here (generation 2) after b (n1, 1); c (n2, 3) joins during its admission.
+        av.begin_join("r", AvKind::Class, "a1.n0");
         assert!(
-            av.remote_joined("r", p("c", "c1.n2")).is_empty(),
+            av.remote_joined("r", p("c", "c1.n2"), 3).is_empty(),
             "no local member yet"
         );
         let (reply, outs) = av.finish_join(
@@ -448,7 +520,8 @@ mod tests {
             AvKind::Class,
             p("a", "a1.n0"),
             true,
-            vec![p("b", "b1.n1")],
+            2,
+            vec![(p("b", "b1.n1"), 1)],
         );
         // a offers to b (listed), and hears of c, which joined after it (c offers to a).
         assert_eq!(reply, vec![p("b", "b1.n1")]);
@@ -457,13 +530,14 @@ mod tests {
         assert!(
             matches!(&outs[0].msg, Msg::AvPeer { peer, joined: true, .. } if peer.session == "c1.n2")
         );
+        assert_eq!(av.local_generation("r", "a1.n0"), Some(2));
         // Signals reach remote members; repeats of a remote join are silent.
         let cand = json!({"candidate": null});
         assert_eq!(
             av.relay("r", &p("a", "a1.n0"), "c1.n2", &cand).unwrap().to,
             "c1.n2"
         );
-        assert!(av.remote_joined("r", p("c", "c1.n2")).is_empty());
+        assert!(av.remote_joined("r", p("c", "c1.n2"), 3).is_empty());
         // A remote member cannot be the sender of a relay here.
         assert!(matches!(
             av.relay("r", &p("b", "b1.n1"), "a1.n0", &cand),
@@ -475,14 +549,19 @@ mod tests {
             AvKind::Class,
             p("d", "d1.n0"),
             true,
-            vec![p("b", "b1.n1"), p("a", "a1.n0"), p("c", "c1.n2")],
+            4,
+            vec![
+                (p("b", "b1.n1"), 1),
+                (p("a", "a1.n0"), 2),
+                (p("c", "c1.n2"), 3),
+            ],
         );
         assert_eq!(reply.len(), 3);
         assert_eq!(
             outs.iter().map(|o| o.to.as_str()).collect::<Vec<_>>(),
             vec!["a1.n0"]
         );
-        let outs = av.remote_joined("r", p("e", "e1.n1"));
+        let outs = av.remote_joined("r", p("e", "e1.n1"), 5);
         let mut to: Vec<&str> = outs.iter().map(|o| o.to.as_str()).collect();
         to.sort();
         assert_eq!(to, vec!["a1.n0", "d1.n0"]);
@@ -496,8 +575,79 @@ mod tests {
         assert!(!av.knows("r", "c1.n2"));
         assert_eq!(av.peers("r"), 0);
         // A failed admission leaves nothing behind.
-        av.begin_join("q", AvKind::Live);
-        av.abort_join("q");
+        av.begin_join("q", AvKind::Live, "q1.n0");
+        av.abort_join("q", "q1.n0");
         assert!(av.rooms.is_empty());
+    }
+
+    #[test]
+    fn cluster_generations_keep_old_news_from_undoing_newer() {
+        let mut av = AvRooms::new(6);
+        av.join("s", AvKind::Class, p("a", "a1.n0"), true).unwrap();
+        // b joins (1); its leave (1) is overtaken by its re-join (2): b stays.
+        av.remote_joined("s", p("b", "b1.n1"), 1);
+        av.remote_joined("s", p("b", "b1.n1"), 2);
+        assert!(av.remote_left("s", "b1.n1", 1).is_empty());
+        assert!(av.knows("s", "b1.n1"));
+        // c's leave (3) comes before the news of its join (3): c never appears.
+        av.remote_left("s", "c1.n2", 3);
+        assert!(av.remote_joined("s", p("c", "c1.n2"), 3).is_empty());
+        assert!(!av.knows("s", "c1.n2"));
+        // A store listing read before b left (2) does not bring b back.
+        assert_eq!(av.remote_left("s", "b1.n1", 2).len(), 1, "a hears b left");
+        av.begin_join("s", AvKind::Class, "d1.n0");
+        let (reply, _) = av.finish_join(
+            "s",
+            AvKind::Class,
+            p("d", "d1.n0"),
+            true,
+            4,
+            vec![
+                (p("a", "a1.n0"), 0),
+                (p("b", "b1.n1"), 2),
+                (p("c", "c1.n2"), 3),
+            ],
+        );
+        assert_eq!(reply, vec![p("a", "a1.n0")]);
+        assert!(!av.knows("s", "b1.n1") && !av.knows("s", "c1.n2"));
+        // Two local joins admitted in one order, finished in the other: both stay local.
+        av.begin_join("s", AvKind::Class, "e1.n0");
+        av.begin_join("s", AvKind::Class, "f1.n0");
+        let (reply_f, outs_f) = av.finish_join(
+            "s",
+            AvKind::Class,
+            p("f", "f1.n0"),
+            true,
+            6,
+            vec![
+                (p("a", "a1.n0"), 0),
+                (p("d", "d1.n0"), 4),
+                (p("e", "e1.n0"), 5),
+            ],
+        );
+        assert_eq!(reply_f.len(), 3, "f lists e and offers to it");
+        assert!(
+            outs_f.iter().all(|o| o.to != "e1.n0"),
+            "e is not a member yet"
+        );
+        let (reply_e, outs_e) = av.finish_join(
+            "s",
+            AvKind::Class,
+            p("e", "e1.n0"),
+            true,
+            5,
+            vec![(p("a", "a1.n0"), 0), (p("d", "d1.n0"), 4)],
+        );
+        assert_eq!(reply_e.len(), 2, "e does not list f");
+        assert!(
+            outs_e.iter().any(|o| o.to == "e1.n0"
+                && matches!(&o.msg, Msg::AvPeer { peer, .. } if peer.session == "f1.n0")),
+            "e hears of f"
+        );
+        assert_eq!(av.local_generation("s", "e1.n0"), Some(5));
+        assert!(
+            av.relay("s", &p("e", "e1.n0"), "f1.n0", &json!({"candidate": null}))
+                .is_ok()
+        );
     }
 }

@@ -100,13 +100,13 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             rtc::call_action(ctx, rid, CallAction::Resume, call_id)
         }
         ClientMsg::AvJoin { room } => rtc::av_join(ctx, room).await,
-        ClientMsg::AvLeave { room } => rtc::av_leave(ctx, room),
+        ClientMsg::AvLeave { room } => rtc::av_leave(ctx, room).await,
         ClientMsg::Signal {
             call_id,
             room,
             to,
             data,
-        } => rtc::signal(ctx, rid, call_id, room, to, data),
+        } => rtc::signal(ctx, rid, call_id, room, to, data).await,
         // -- engagement and room health (issue 7) --
         ClientMsg::Checkin { room } => engagement::checkin(ctx, rid, room).await,
         ClientMsg::Leaderboard {

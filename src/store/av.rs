@@ -1,7 +1,10 @@
-//! Room A/V membership shared by cluster nodes: who is in a room's A/V mesh and on which node.
-//! A join takes the room's `av_rooms` row lock, so the mesh limit holds cluster-wide and any
-//! two joins of one room are ordered: the later one lists the earlier one. Single-node servers
-//! never call this (their A/V lives in memory). It knows nothing of signaling or the bus.
+//! Room A/V membership shared by cluster nodes: who is in a room's A/V mesh, on which node
+//! (and which run of it), and in what order they joined. A join takes the room's `av_rooms`
+//! row lock, so the mesh limit holds cluster-wide and any two joins of one room are ordered:
+//! the later one lists the earlier one. Each membership gets a generation (the room's join
+//! count), so a late delete or notice of an old membership never undoes a newer one.
+//! Single-node servers never call this (their A/V lives in memory). It knows nothing of
+//! signaling or the bus.
 
 use super::{Result, Store, StoreError};
 use crate::protocol::{RoomId, UserId};
@@ -12,6 +15,8 @@ use sqlx::{AssertSqlSafe, Row};
 pub struct AvMember {
     pub session: String,
     pub user: UserId,
+    /// The membership's place in the room's join order.
+    pub generation: i64,
 }
 
 /// What a cluster A/V join asks of the store.
@@ -20,29 +25,44 @@ pub struct AvJoin<'a> {
     pub session: &'a str,
     pub user: &'a UserId,
     pub node: &'a str,
+    /// The node's run (its bus epoch), so a dead run's rows can go without touching the next.
+    pub epoch: i64,
     /// `av_mesh_max`.
     pub mesh_max: usize,
     /// When set, the nodes known to be alive: rows of any other node are stale (it died
-    /// unseen) and are deleted first. `None` while this node cannot know yet.
+    /// unseen) and are deleted first. `None` while this node cannot be sure.
     pub live_nodes: Option<&'a [String]>,
     pub now_ms: i64,
 }
 
+/// An admitted join.
+#[derive(Debug)]
+pub struct AvAdmitted {
+    /// This membership's generation (the existing one for a re-join).
+    pub generation: i64,
+    /// The members admitted before it, in join order (every other member for a re-join).
+    pub before: Vec<AvMember>,
+}
+
 impl Store {
-    /// Admits a session to a room's A/V, in join order: returns the members that joined
-    /// before it (all of them, when it is already a member), or `Conflict` when the mesh is
-    /// full.
-    pub async fn av_join(&self, j: &AvJoin<'_>) -> Result<Vec<AvMember>> {
+    /// Admits a session to a room's A/V, in join order, or refuses with `Conflict` when the
+    /// mesh is full.
+    pub async fn av_join(&self, j: &AvJoin<'_>) -> Result<AvAdmitted> {
         let mut tx = self.pool().begin().await?;
-        sqlx::query("INSERT INTO av_rooms (room_id, version) VALUES ($1, 0) ON CONFLICT (room_id) DO NOTHING")
-            .bind(j.room.as_str())
-            .execute(&mut *tx)
-            .await?;
-        // The lock that orders joins of this room (held to commit).
-        sqlx::query("UPDATE av_rooms SET version = version + 1 WHERE room_id = $1")
-            .bind(j.room.as_str())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO av_rooms (room_id, version) VALUES ($1, 0) ON CONFLICT (room_id) DO NOTHING",
+        )
+        .bind(j.room.as_str())
+        .execute(&mut *tx)
+        .await?;
+        // The lock that orders joins of this room (held to commit), and the next generation.
+        let generation: i64 = sqlx::query(
+            "UPDATE av_rooms SET version = version + 1 WHERE room_id = $1 RETURNING version",
+        )
+        .bind(j.room.as_str())
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("version")?;
         if let Some(live) = j.live_nodes {
             let sql = format!(
                 "DELETE FROM av_peers WHERE room_id = $1 AND node NOT IN ({})",
@@ -58,74 +78,106 @@ impl Store {
             q.execute(&mut *tx).await?;
         }
         let rows = sqlx::query(
-            "SELECT session_id, user_id FROM av_peers WHERE room_id = $1 ORDER BY joined_at, session_id",
+            "SELECT session_id, user_id, generation FROM av_peers WHERE room_id = $1 \
+             ORDER BY generation",
         )
         .bind(j.room.as_str())
         .fetch_all(&mut *tx)
         .await?;
         let mut before = Vec::with_capacity(rows.len());
-        let mut rejoin = false;
+        let mut existing = None;
         for r in &rows {
             let session: String = r.try_get("session_id")?;
+            let g: i64 = r.try_get("generation")?;
             if session == j.session {
-                rejoin = true;
+                existing = Some(g);
                 continue;
             }
             before.push(AvMember {
                 session,
                 user: UserId(r.try_get("user_id")?),
+                generation: g,
             });
         }
-        if !rejoin {
-            if before.len() >= j.mesh_max {
-                return Err(StoreError::Conflict(format!(
-                    "A/V is full: a mesh holds {} participants",
-                    j.mesh_max
-                )));
+        let generation = match existing {
+            Some(g) => g,
+            None => {
+                if before.len() >= j.mesh_max {
+                    return Err(StoreError::Conflict(format!(
+                        "A/V is full: a mesh holds {} participants",
+                        j.mesh_max
+                    )));
+                }
+                sqlx::query(
+                    "INSERT INTO av_peers (room_id, session_id, user_id, node, epoch, generation, \
+                     joined_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(j.room.as_str())
+                .bind(j.session)
+                .bind(j.user.as_str())
+                .bind(j.node)
+                .bind(j.epoch)
+                .bind(generation)
+                .bind(j.now_ms)
+                .execute(&mut *tx)
+                .await?;
+                generation
             }
-            sqlx::query(
-                "INSERT INTO av_peers (room_id, session_id, user_id, node, joined_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(j.room.as_str())
-            .bind(j.session)
-            .bind(j.user.as_str())
-            .bind(j.node)
-            .bind(j.now_ms)
-            .execute(&mut *tx)
-            .await?;
-        }
+        };
         tx.commit().await?;
-        Ok(before)
+        Ok(AvAdmitted { generation, before })
     }
 
-    /// A session left a room's A/V.
-    pub async fn av_leave(&self, room: &RoomId, session: &str) -> Result<()> {
-        sqlx::query("DELETE FROM av_peers WHERE room_id = $1 AND session_id = $2")
-            .bind(room.as_str())
-            .bind(session)
-            .execute(self.pool())
-            .await?;
+    /// Membership `generation` of a session left a room's A/V (a newer one stays).
+    pub async fn av_leave(&self, room: &RoomId, session: &str, generation: i64) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM av_peers WHERE room_id = $1 AND session_id = $2 AND generation <= $3",
+        )
+        .bind(room.as_str())
+        .bind(session)
+        .bind(generation)
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 
-    /// The user of a session in a room's A/V, if it is a member.
-    pub async fn av_member(&self, room: &RoomId, session: &str) -> Result<Option<UserId>> {
-        let row =
-            sqlx::query("SELECT user_id FROM av_peers WHERE room_id = $1 AND session_id = $2")
-                .bind(room.as_str())
-                .bind(session)
-                .fetch_optional(self.pool())
-                .await?;
-        row.map(|r| Ok(UserId(r.try_get("user_id")?))).transpose()
+    /// A session's membership of a room's A/V, if it has one.
+    pub async fn av_member(&self, room: &RoomId, session: &str) -> Result<Option<AvMember>> {
+        let row = sqlx::query(
+            "SELECT user_id, generation FROM av_peers WHERE room_id = $1 AND session_id = $2",
+        )
+        .bind(room.as_str())
+        .bind(session)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|r| {
+            Ok(AvMember {
+                session: session.to_owned(),
+                user: UserId(r.try_get("user_id")?),
+                generation: r.try_get("generation")?,
+            })
+        })
+        .transpose()
     }
 
-    /// Forgets every A/V membership of a node (it died, or it starts again under its name).
-    pub async fn av_forget_node(&self, node: &str) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM av_peers WHERE node = $1")
-            .bind(node)
-            .execute(self.pool())
-            .await?;
+    /// Forgets the A/V memberships of a node: of one run of it (it died, or left), or of
+    /// every run (`None`: it starts again under its name).
+    pub async fn av_forget_node(&self, node: &str, epoch: Option<i64>) -> Result<u64> {
+        let done = match epoch {
+            Some(e) => {
+                sqlx::query("DELETE FROM av_peers WHERE node = $1 AND epoch = $2")
+                    .bind(node)
+                    .bind(e)
+                    .execute(self.pool())
+                    .await?
+            }
+            None => {
+                sqlx::query("DELETE FROM av_peers WHERE node = $1")
+                    .bind(node)
+                    .execute(self.pool())
+                    .await?
+            }
+        };
         Ok(done.rows_affected())
     }
 }

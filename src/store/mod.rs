@@ -18,7 +18,7 @@ mod sqlite;
 mod stats;
 mod writer;
 
-pub use av::{AvJoin, AvMember};
+pub use av::{AvAdmitted, AvJoin, AvMember};
 pub use calls::CallLogEntry;
 pub use engagement::{
     BadgeHook, BadgeView, EarnedBadge, EngagementSettings, LeaderRow, MemberEngagement, UserBrief,

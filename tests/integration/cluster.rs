@@ -1044,6 +1044,27 @@ async fn a_class_mesh_spans_nodes_in_one_join_order() {
                 .await,
             "forbidden"
         );
+        // The earlier one leaves and at once joins again: it is the newest member now, lists
+        // everyone (and offers to them), and the others hear it leave and come back, in that
+        // order, and can still reach it.
+        peers[earlier]
+            .ok(json!({"type":"av_leave","room":room}))
+            .await;
+        let ok = peers[earlier]
+            .ok(json!({"type":"av_join","room":room}))
+            .await;
+        assert_eq!(ok["peers"].as_array().unwrap().len(), 3, "{ok}");
+        for (i, p) in peers.iter_mut().enumerate() {
+            if i != earlier {
+                assert_eq!(av_peer(p).await, (sessions[earlier].clone(), false));
+                assert_eq!(av_peer(p).await, (sessions[earlier].clone(), true));
+            }
+        }
+        peers[later]
+            .ok(json!({"type":"signal","room":room,"to":sessions[earlier],"data":cand}))
+            .await;
+        let got = peers[earlier].until("signal").await;
+        assert_eq!(got["from"]["session"], sessions[later].as_str());
         // p3 (node 0) leaves: everyone hears it, and there is room for one more.
         peers[3].ok(json!({"type":"av_leave","room":room})).await;
         for p in &mut peers[..3] {

@@ -951,8 +951,9 @@ async fn simultaneous_checkins_count_once(f: Fixture) {
 }
 
 /// Cluster A/V admission: two store instances (two nodes) admit concurrent joins of one room
-/// in one order (the later lists the earlier), under the mesh limit; re-joins, leaves, a gone
-/// node and stale rows of nodes not alive.
+/// in one order (the later lists the earlier, generations count up), under the mesh limit;
+/// re-joins, leaves of old and current generations, a gone node's run, and stale rows of
+/// nodes not alive.
 async fn av_members_in_one_join_order(f: Fixture) {
     let r = RoomId::from("cls");
     let other = open(&f.url).await;
@@ -966,6 +967,7 @@ async fn av_members_in_one_join_order(f: Fixture) {
                 session: &s,
                 user: &u,
                 node,
+                epoch: 7,
                 mesh_max: 6,
                 live_nodes: None,
                 now_ms: 1,
@@ -978,39 +980,46 @@ async fn av_members_in_one_join_order(f: Fixture) {
         (0..6).map(|i| join(i, if i % 2 == 0 { "n0" } else { "n1" })),
     )
     .await;
-    let lists: Vec<(String, Vec<String>)> = joined
+    let mut admitted: Vec<(String, i64, Vec<String>)> = joined
         .into_iter()
-        .map(|(s, r)| (s, r.unwrap().into_iter().map(|m| m.session).collect()))
+        .map(|(s, r)| {
+            let a = r.unwrap();
+            (
+                s,
+                a.generation,
+                a.before.into_iter().map(|m| m.session).collect(),
+            )
+        })
         .collect();
-    // One order: the k-th admitted lists exactly the k before it.
-    let mut sizes: Vec<usize> = lists.iter().map(|(_, l)| l.len()).collect();
-    sizes.sort();
-    assert_eq!(sizes, vec![0, 1, 2, 3, 4, 5]);
-    for (a, la) in &lists {
-        for (b, lb) in &lists {
-            if a != b {
-                assert!(la.contains(b) ^ lb.contains(a), "{a} and {b}");
-            }
-        }
+    // One order: the k-th admitted (generation k) lists exactly the k - 1 before it, in order.
+    admitted.sort_by_key(|(_, g, _)| *g);
+    for (k, (_, g, before)) in admitted.iter().enumerate() {
+        assert_eq!(*g, k as i64 + 1);
+        let expected: Vec<String> = admitted[..k].iter().map(|(s, _, _)| s.clone()).collect();
+        assert_eq!(before, &expected);
     }
-    // Full: a seventh is refused; a re-join lists the other five and takes no place.
+    // Full: a seventh is refused; a re-join keeps its generation and takes no place.
     assert!(matches!(
         join(6, "n0").await.1,
         Err(StoreError::Conflict(_))
     ));
     let again = join(0, "n0").await.1.unwrap();
-    assert_eq!(again.len(), 5);
-    assert_eq!(
-        f.store.av_member(&r, "s1.n1").await.unwrap(),
-        Some(UserId::from("u1"))
-    );
-    // A leave frees a place; a gone node's rows go at once.
-    f.store.av_leave(&r, "s0.n0").await.unwrap();
+    assert_eq!(again.before.len(), 5);
+    let g0 = admitted.iter().find(|(s, _, _)| s == "s0.n0").unwrap().1;
+    assert_eq!(again.generation, g0);
+    let m = f.store.av_member(&r, "s1.n1").await.unwrap().unwrap();
+    assert_eq!(m.user, UserId::from("u1"));
+    // A leave of an older generation spares the current membership; the current one goes.
+    f.store.av_leave(&r, "s0.n0", g0 - 1).await.unwrap();
+    assert!(f.store.av_member(&r, "s0.n0").await.unwrap().is_some());
+    f.store.av_leave(&r, "s0.n0", g0).await.unwrap();
     assert_eq!(f.store.av_member(&r, "s0.n0").await.unwrap(), None);
-    assert_eq!(join(6, "n0").await.1.unwrap().len(), 5);
-    assert_eq!(other.store.av_forget_node("n1").await.unwrap(), 3);
+    assert_eq!(join(6, "n0").await.1.unwrap().before.len(), 5);
+    // A gone run of a node loses its rows; another run's stay.
+    assert_eq!(other.store.av_forget_node("n1", Some(8)).await.unwrap(), 0);
+    assert_eq!(other.store.av_forget_node("n1", Some(7)).await.unwrap(), 3);
     // Rows of a node not among the live ones are stale once the joiner knows every node.
-    assert_eq!(join(7, "n3").await.1.unwrap().len(), 3);
+    assert_eq!(join(7, "n3").await.1.unwrap().before.len(), 3);
     let (s, u) = ("s9.n2".to_owned(), UserId::from("u9"));
     let live = vec!["n0".to_owned()];
     let listed = f
@@ -1020,15 +1029,18 @@ async fn av_members_in_one_join_order(f: Fixture) {
             session: &s,
             user: &u,
             node: "n2",
+            epoch: 1,
             mesh_max: 6,
             live_nodes: Some(&live),
             now_ms: 2,
         })
         .await
         .unwrap();
-    let listed: Vec<String> = listed.into_iter().map(|m| m.session).collect();
+    let listed: Vec<String> = listed.before.into_iter().map(|m| m.session).collect();
     assert_eq!(listed, vec!["s2.n0", "s4.n0", "s6.n0"]);
     assert_eq!(f.store.av_member(&r, "s7.n3").await.unwrap(), None);
+    // Every run of a node, when it starts again under its name.
+    assert_eq!(f.store.av_forget_node("n0", None).await.unwrap(), 3);
     other.store.close().await;
 }
 

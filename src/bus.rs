@@ -604,8 +604,8 @@ impl Bus {
                 }
                 Some(&TAG_AV) => {
                     let mut r = Reader(&msg.payload[1..]);
-                    let (Some(joined), Some(generation), Some(session), Some(user)) =
-                        (r.u8(), r.u64(), r.str16(), r.rest_str())
+                    let (Some(joined), Some(generation), Some(run), Some(session), Some(user)) =
+                        (r.u8(), r.u64(), r.u64(), r.str16(), r.rest_str())
                     else {
                         continue;
                     };
@@ -617,6 +617,7 @@ impl Bus {
                             session,
                             user,
                             generation,
+                            run,
                             joined: joined == 1,
                         };
                         crate::rtc::remote_av(&app, &room, change);
@@ -889,9 +890,10 @@ impl Bus {
     /// A local session joined or left a room's A/V: the other nodes with members of the room
     /// tell their A/V members (`av_peer`) and can relay signals to it.
     pub(crate) fn av_changed(&self, room: &RoomId, change: crate::rtc::AvChange<'_>) {
-        let mut w = Writer::new(TAG_AV, change.session.len() + change.user.len() + 11);
+        let mut w = Writer::new(TAG_AV, change.session.len() + change.user.len() + 19);
         w.0.put_u8(u8::from(change.joined));
         w.0.put_u64(change.generation);
+        w.0.put_u64(change.run);
         let payload = w.str16(change.session).rest(change.user.as_bytes());
         self.enqueue(room_subject(room), payload);
     }

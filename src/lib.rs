@@ -295,7 +295,11 @@ pub async fn serve(
     let sla = tokio::spawn(announce_overdue(app.clone()));
     let call_timers = tokio::spawn(rtc::run_timers(app.clone()));
     let bus_tasks = match &app.bus {
-        Some(bus) => bus.start(app.clone()).await,
+        Some(bus) => {
+            let mut tasks = bus.start(app.clone()).await;
+            tasks.push(tokio::spawn(rtc::run_av_sweep(app.clone(), bus.clone())));
+            tasks
+        }
         None => Vec::new(),
     };
     let draining = app.clone();

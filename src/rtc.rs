@@ -13,7 +13,7 @@ use crate::store::{AvJoin, CallLogEntry, now_ms};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use studyhall_signaling::av::{AvKind, AvRooms};
+use studyhall_signaling::av::{AvKind, AvRooms, Membership};
 use studyhall_signaling::calls::{CallConfig, CallRequest, Calls};
 use studyhall_signaling::turn::IceConfig;
 use studyhall_signaling::{Msg, Out, Peer, SignalError};
@@ -424,11 +424,7 @@ async fn cluster_av_join(
         }
     };
     let generation = admitted.generation.max(0) as u64;
-    let before = admitted
-        .before
-        .into_iter()
-        .map(|m| (Peer::new(m.user.0, m.session), m.generation.max(0) as u64))
-        .collect();
+    let before = admitted.before.into_iter().map(membership).collect();
     let joined = app.rtc.lock().av.finish_join(
         room.as_str(),
         kind,
@@ -443,10 +439,20 @@ async fn cluster_av_join(
             session: &me.session,
             user: &me.user,
             generation,
+            run: bus.epoch(),
             joined: true,
         },
     );
     Ok(joined)
+}
+
+/// A stored membership as the A/V machine takes it.
+fn membership(m: crate::store::AvMember) -> Membership {
+    Membership {
+        peer: Peer::new(m.user.0, m.session),
+        generation: m.generation.max(0) as u64,
+        run: m.epoch as u64,
+    }
 }
 
 pub(crate) async fn av_leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
@@ -508,6 +514,7 @@ async fn cluster_av_left(
             session: &session,
             user: user.as_str(),
             generation,
+            run: bus.epoch(),
             joined: false,
         },
     );
@@ -519,6 +526,8 @@ pub(crate) struct AvChange<'a> {
     pub user: &'a str,
     /// The membership's generation (its place in the room's join order).
     pub generation: u64,
+    /// The run (epoch) of the node holding the session.
+    pub run: u64,
     pub joined: bool,
 }
 
@@ -529,8 +538,11 @@ pub(crate) fn remote_av(app: &App, room: &RoomId, change: AvChange<'_>) {
         if change.joined {
             st.av.remote_joined(
                 room.as_str(),
-                Peer::new(change.user, change.session),
-                change.generation,
+                &Membership {
+                    peer: Peer::new(change.user, change.session),
+                    generation: change.generation,
+                    run: change.run,
+                },
             )
         } else {
             st.av
@@ -548,7 +560,7 @@ pub(crate) fn remote_node_gone(app: &App, node: &str, epoch: u64) {
         .rtc
         .lock()
         .av
-        .remote_gone(|session| crate::bus::node_of(session) == Some(node));
+        .remote_gone(|session, run| run == epoch && crate::bus::node_of(session) == Some(node));
     deliver(app, outs, None, None);
     let (store, node) = (app.store.clone(), node.to_owned());
     tokio::spawn(async move {
@@ -653,11 +665,11 @@ async fn learn_remote_peer(app: &App, room: &RoomId, me: &Peer, to: &str) -> Res
     let Some(m) = app.store.av_member(room, to).await? else {
         return Ok(()); // `relay` refuses it
     };
-    let outs = app.rtc.lock().av.remote_joined(
-        room.as_str(),
-        Peer::new(m.user.0, m.session),
-        m.generation.max(0) as u64,
-    );
+    let outs = app
+        .rtc
+        .lock()
+        .av
+        .remote_joined(room.as_str(), &membership(m));
     deliver(app, outs, None, None);
     Ok(())
 }
@@ -696,6 +708,108 @@ pub(crate) fn session_closed(app: &Arc<App>, user: &UserId, session: &str) {
             }
         }
     }
+}
+
+/// Cluster mode: every `bus_sweep_ms`, brings this node's A/V rooms in line with the store,
+/// which repairs what the bus lost (a join or leave notice), drops members of node runs that
+/// died unseen, and admits again a local member whose row was deleted while this node was
+/// taken for dead.
+pub(crate) async fn run_av_sweep(app: Arc<App>, bus: Arc<crate::bus::Bus>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(app.config.bus_sweep_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = av_sweep(&app, &bus).await {
+            tracing::warn!(error = %e, "A/V sweep failed");
+        }
+    }
+}
+
+async fn av_sweep(app: &Arc<App>, bus: &Arc<crate::bus::Bus>) -> Result<()> {
+    let rooms: Vec<RoomId> = app
+        .rtc
+        .lock()
+        .av
+        .local_rooms()
+        .into_iter()
+        .map(RoomId)
+        .collect();
+    if rooms.is_empty() {
+        return Ok(());
+    }
+    if bus.knows_every_node() {
+        let n = app
+            .store
+            .av_forget_other_nodes(&bus.node, &bus.live_nodes())
+            .await?;
+        if n > 0 {
+            tracing::info!(members = n, "forgot A/V members of nodes that are gone");
+        }
+    }
+    for (room, version, members) in app.store.av_snapshot(&rooms).await? {
+        let stored: Vec<Membership> = members.into_iter().map(membership).collect();
+        let (outs, lost) =
+            app.rtc
+                .lock()
+                .av
+                .reconcile(room.as_str(), version.max(0) as u64, &stored);
+        deliver(app, outs, None, None);
+        for peer in lost {
+            readmit(app, bus, &room, peer).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Admits a local member again whose stored membership was deleted (by nodes that took this
+/// one for dead), as the newest member, and tells the other nodes.
+async fn readmit(
+    app: &Arc<App>,
+    bus: &Arc<crate::bus::Bus>,
+    room: &RoomId,
+    peer: Peer,
+) -> Result<()> {
+    let user = UserId(peer.user.clone());
+    let admitted = app
+        .store
+        .av_join(&AvJoin {
+            room,
+            session: &peer.session,
+            user: &user,
+            node: &bus.node,
+            epoch: bus.epoch() as i64,
+            mesh_max: usize::MAX,
+            live_nodes: None,
+            now_ms: now_ms(),
+        })
+        .await?;
+    let generation = admitted.generation.max(0) as u64;
+    let still = {
+        let mut st = app.rtc.lock();
+        st.av.readmitted(room.as_str(), &peer.session, generation);
+        st.av
+            .local_generation(room.as_str(), &peer.session)
+            .is_some()
+    };
+    if !still {
+        // It left meanwhile.
+        app.store
+            .av_leave(room, &peer.session, generation as i64)
+            .await?;
+        return Ok(());
+    }
+    tracing::info!(room = %room, "A/V member admitted again after the store lost it");
+    bus.av_changed(
+        room,
+        AvChange {
+            session: &peer.session,
+            user: &peer.user,
+            generation,
+            run: bus.epoch(),
+            joined: true,
+        },
+    );
+    Ok(())
 }
 
 /// Ends missed and abandoned calls on time.

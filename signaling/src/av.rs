@@ -19,6 +19,16 @@ pub enum AvKind {
 /// Most departures a room remembers (see `AvRoom::left`); past that the memory starts over.
 const LEFT_MAX: usize = 1024;
 
+/// A membership of a room's A/V held by another cluster node, as the store or the bus tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub peer: Peer,
+    /// Its place in the room's join order.
+    pub generation: u64,
+    /// The run (epoch) of the node that holds the session.
+    pub run: u64,
+}
+
 #[derive(Debug)]
 struct Member {
     peer: Peer,
@@ -30,6 +40,8 @@ struct Member {
     /// The membership's generation: its place in the room's join order (cluster mode; 0 on
     /// one node). A leave or a re-join names it, so old news never undoes newer.
     generation: u64,
+    /// The run (epoch) of the node holding a remote member (0 for local ones).
+    run: u64,
 }
 
 #[derive(Debug)]
@@ -50,11 +62,17 @@ impl AvRoom {
         self.peers.values().filter(|m| m.local).count()
     }
 
-    /// `av_peer` notices about `peer` for every local member but `peer` itself.
-    fn notices(&self, room: &str, peer: &Peer, joined: bool) -> Vec<Out> {
+    /// `av_peer` notices about `peer` for the local members `to` picks, but `peer` itself.
+    fn notices(
+        &self,
+        room: &str,
+        peer: &Peer,
+        joined: bool,
+        to: impl Fn(&Member) -> bool,
+    ) -> Vec<Out> {
         self.peers
             .values()
-            .filter(|m| m.local && m.peer.session != peer.session)
+            .filter(|m| m.local && m.peer.session != peer.session && to(m))
             .map(|m| Out {
                 to: m.peer.session.clone(),
                 msg: Msg::AvPeer {
@@ -77,6 +95,34 @@ impl AvRoom {
         }
         let g = self.left.entry(session.to_owned()).or_insert(generation);
         *g = (*g).max(generation);
+    }
+
+    /// Learns of a remote membership (unless it already left, or is a local session); the
+    /// local members that `tell` picks hear of it. A newer generation of a known member
+    /// replaces the older one quietly.
+    fn learn(&mut self, room: &str, m: &Membership, tell: impl Fn(&Member) -> bool) -> Vec<Out> {
+        if self.has_left(&m.peer.session, m.generation) || self.joining.contains(&m.peer.session) {
+            return Vec::new();
+        }
+        if let Some(known) = self.peers.get_mut(&m.peer.session) {
+            if !known.local && m.generation >= known.generation {
+                known.generation = m.generation;
+                known.run = m.run;
+            }
+            return Vec::new();
+        }
+        let outs = self.notices(room, &m.peer, true, tell);
+        self.peers.insert(
+            m.peer.session.clone(),
+            Member {
+                peer: m.peer.clone(),
+                can_publish: false,
+                local: false,
+                generation: m.generation,
+                run: m.run,
+            },
+        );
+        outs
     }
 }
 
@@ -138,6 +184,8 @@ impl AvRooms {
         Ok(self.insert_local(room, kind, peer, can_publish, 0))
     }
 
+    /// Adds a local member; the local members that joined before it (every one on a single
+    /// node, where all generations are 0) hear of it.
     fn insert_local(
         &mut self,
         room: &str,
@@ -159,7 +207,9 @@ impl AvRooms {
             m.generation = m.generation.max(generation);
             return (others, Vec::new());
         }
-        let outs = state.notices(room, &peer, true);
+        let outs = state.notices(room, &peer, true, |m| {
+            generation == 0 || m.generation < generation
+        });
         state.peers.insert(
             peer.session.clone(),
             Member {
@@ -167,6 +217,7 @@ impl AvRooms {
                 can_publish,
                 local: true,
                 generation,
+                run: 0,
             },
         );
         (others, outs)
@@ -180,11 +231,12 @@ impl AvRooms {
         self.room_mut(room, kind).joining.insert(session.to_owned());
     }
 
-    /// The store admitted `peer` as membership `generation`; `before` are the members
-    /// admitted before it, with theirs. They are what its `av_join` reply lists: the newcomer
-    /// offers to them (a member already known to have left is left out). Peers admitted after
-    /// it that this node already knows reach the newcomer as `av_peer` instead (they offer to
-    /// it), and local members hear of the newcomer. A re-join replies with every member known.
+    /// The store admitted `peer` as membership `generation`; `before` are the memberships
+    /// admitted before it. They are what its `av_join` reply lists: the newcomer offers to
+    /// them (one known to have left is left out). Peers admitted after it that this node
+    /// already knows reach the newcomer as `av_peer` instead (they offer to it), and the local
+    /// members admitted before it hear of the newcomer. A re-join replies with every member
+    /// known.
     pub fn finish_join(
         &mut self,
         room: &str,
@@ -192,27 +244,16 @@ impl AvRooms {
         peer: Peer,
         can_publish: bool,
         generation: u64,
-        before: Vec<(Peer, u64)>,
+        before: Vec<Membership>,
     ) -> (Vec<Peer>, Vec<Out>) {
         let state = self.room_mut(room, kind);
         state.joining.remove(&peer.session);
         let mut before = before;
-        before.retain(|(p, g)| !state.has_left(&p.session, *g));
-        for (p, g) in &before {
-            // A local session still being admitted is added by its own `finish_join`.
-            if state.joining.contains(&p.session) {
-                continue;
-            }
-            let m = state
-                .peers
-                .entry(p.session.clone())
-                .or_insert_with(|| Member {
-                    peer: p.clone(),
-                    can_publish: false,
-                    local: false,
-                    generation: *g,
-                });
-            m.generation = m.generation.max(*g);
+        before.retain(|m| !state.has_left(&m.peer.session, m.generation));
+        for m in &before {
+            // A local session still being admitted is added by its own `finish_join`; a local
+            // member is already here.
+            let _ = state.learn(room, m, |_| false);
         }
         let rejoin = state.peers.get(&peer.session).is_some_and(|m| m.local);
         let later: Vec<Out> = if rejoin {
@@ -223,7 +264,7 @@ impl AvRooms {
                 .values()
                 .filter(|m| {
                     m.peer.session != peer.session
-                        && !before.iter().any(|(b, _)| b.session == m.peer.session)
+                        && !before.iter().any(|b| b.peer.session == m.peer.session)
                 })
                 .map(|m| Out {
                     to: peer.session.clone(),
@@ -240,7 +281,7 @@ impl AvRooms {
         let listed = if rejoin {
             known
         } else {
-            before.into_iter().map(|(p, _)| p).collect()
+            before.into_iter().map(|m| m.peer).collect()
         };
         (listed, outs)
     }
@@ -253,31 +294,14 @@ impl AvRooms {
         self.tidy(room);
     }
 
-    /// Cluster mode: `peer` joined the room's A/V on another node as membership
-    /// `generation`. Known only where this node has local members (or a join in flight);
-    /// they get `av_peer`. Repeats, and news of a membership that has left, change nothing.
-    pub fn remote_joined(&mut self, room: &str, peer: Peer, generation: u64) -> Vec<Out> {
-        let Some(state) = self.rooms.get_mut(room) else {
-            return Vec::new();
-        };
-        if state.has_left(&peer.session, generation) {
-            return Vec::new();
+    /// Cluster mode: a membership on another node joined the room's A/V. Known only where
+    /// this node has local members (or a join in flight); they get `av_peer`. Repeats, and
+    /// news of a membership that has left, change nothing.
+    pub fn remote_joined(&mut self, room: &str, m: &Membership) -> Vec<Out> {
+        match self.rooms.get_mut(room) {
+            Some(state) => state.learn(room, m, |_| true),
+            None => Vec::new(),
         }
-        if let Some(m) = state.peers.get_mut(&peer.session) {
-            m.generation = m.generation.max(generation);
-            return Vec::new();
-        }
-        let outs = state.notices(room, &peer, true);
-        state.peers.insert(
-            peer.session.clone(),
-            Member {
-                peer,
-                can_publish: false,
-                local: false,
-                generation,
-            },
-        );
-        outs
     }
 
     /// Cluster mode: membership `generation` of a session on another node left (a later
@@ -290,6 +314,58 @@ impl AvRooms {
         match state.peers.get(session) {
             Some(m) if !m.local && m.generation <= generation => self.leave(room, session),
             _ => Vec::new(),
+        }
+    }
+
+    /// Cluster mode: brings a room's members in line with the store's. `version` is the
+    /// room's join count in the same read as `stored` (so every membership up to it that is
+    /// not in `stored` has left); later ones are news the store read did not cover. Returns the
+    /// notices, and the local members the store has lost (to be admitted again).
+    pub fn reconcile(
+        &mut self,
+        room: &str,
+        version: u64,
+        stored: &[Membership],
+    ) -> (Vec<Out>, Vec<Peer>) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut outs = Vec::new();
+        for m in stored {
+            outs.extend(state.learn(room, m, |_| true));
+        }
+        let mut gone = Vec::new();
+        let mut lost = Vec::new();
+        for m in state.peers.values() {
+            if m.generation == 0 || m.generation > version {
+                continue;
+            }
+            let kept = stored
+                .iter()
+                .any(|s| s.peer.session == m.peer.session && s.generation >= m.generation);
+            if !kept {
+                if m.local {
+                    lost.push(m.peer.clone());
+                } else {
+                    gone.push((m.peer.session.clone(), m.generation));
+                }
+            }
+        }
+        for (session, generation) in gone {
+            outs.extend(self.remote_left(room, &session, generation));
+        }
+        (outs, lost)
+    }
+
+    /// Cluster mode: a local member was admitted again (the store had lost it).
+    pub fn readmitted(&mut self, room: &str, session: &str, generation: u64) {
+        if let Some(m) = self
+            .rooms
+            .get_mut(room)
+            .and_then(|r| r.peers.get_mut(session))
+            .filter(|m| m.local)
+        {
+            m.generation = m.generation.max(generation);
         }
     }
 
@@ -318,7 +394,7 @@ impl AvRooms {
             return Vec::new();
         };
         state.remember_left(session, gone.generation);
-        let outs = state.notices(room, &gone.peer, false);
+        let outs = state.notices(room, &gone.peer, false, |_| true);
         self.tidy(room);
         outs
     }
@@ -331,16 +407,16 @@ impl AvRooms {
             .collect()
     }
 
-    /// Cluster mode: removes every remote member whose session `gone` picks (a node that
-    /// died); local members hear they left.
-    pub fn remote_gone(&mut self, gone: impl Fn(&str) -> bool) -> Vec<Out> {
+    /// Cluster mode: removes every remote member that `gone` picks by session and node run
+    /// (a node run that died or left); local members hear they left.
+    pub fn remote_gone(&mut self, gone: impl Fn(&str, u64) -> bool) -> Vec<Out> {
         let doomed: Vec<(String, String)> = self
             .rooms
             .iter()
             .flat_map(|(id, r)| {
                 r.peers
                     .values()
-                    .filter(|m| !m.local && gone(&m.peer.session))
+                    .filter(|m| !m.local && gone(&m.peer.session, m.run))
                     .map(move |m| (id.clone(), m.peer.session.clone()))
             })
             .collect();
@@ -355,6 +431,15 @@ impl AvRooms {
         self.rooms
             .iter()
             .filter(|(_, r)| r.peers.contains_key(session))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Rooms with local members (cluster mode's sweep checks them against the store).
+    pub fn local_rooms(&self) -> Vec<String> {
+        self.rooms
+            .iter()
+            .filter(|(_, r)| r.local_count() > 0)
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -392,7 +477,8 @@ impl AvRooms {
             .filter(|m| m.local)
             .map(|m| m.can_publish)
             .ok_or_else(|| SignalError::Forbidden("join the room's A/V first".into()))?;
-        if to == from.session || !state.peers.contains_key(to) {
+        // A local session whose admission is in flight may already be listed to others.
+        if to == from.session || !(state.peers.contains_key(to) || state.joining.contains(to)) {
             return Err(SignalError::Forbidden(
                 "that session is not a peer in this room".into(),
             ));
@@ -503,16 +589,24 @@ mod tests {
         ));
     }
 
+    fn mb(u: &str, s: &str, generation: u64) -> Membership {
+        Membership {
+            peer: p(u, s),
+            generation,
+            run: 7,
+        }
+    }
+
     #[test]
     fn cluster_join_order_remote_members_and_node_loss() {
         let mut av = AvRooms::new(6);
         // A remote join with no local member or join in flight is not kept.
-        assert!(av.remote_joined("r", p("x", "x1.n2"), 1).is_empty());
+        assert!(av.remote_joined("r", &mb("x", "x1.n2", 1)).is_empty());
         assert!(!av.knows("r", "x1.n2"));
         // a joins here (generation 2) after b (n1, 1); c (n2, 3) joins during its admission.
         av.begin_join("r", AvKind::Class, "a1.n0");
         assert!(
-            av.remote_joined("r", p("c", "c1.n2"), 3).is_empty(),
+            av.remote_joined("r", &mb("c", "c1.n2", 3)).is_empty(),
             "no local member yet"
         );
         let (reply, outs) = av.finish_join(
@@ -521,7 +615,7 @@ mod tests {
             p("a", "a1.n0"),
             true,
             2,
-            vec![(p("b", "b1.n1"), 1)],
+            vec![mb("b", "b1.n1", 1)],
         );
         // a offers to b (listed), and hears of c, which joined after it (c offers to a).
         assert_eq!(reply, vec![p("b", "b1.n1")]);
@@ -537,7 +631,7 @@ mod tests {
             av.relay("r", &p("a", "a1.n0"), "c1.n2", &cand).unwrap().to,
             "c1.n2"
         );
-        assert!(av.remote_joined("r", p("c", "c1.n2"), 3).is_empty());
+        assert!(av.remote_joined("r", &mb("c", "c1.n2", 3)).is_empty());
         // A remote member cannot be the sender of a relay here.
         assert!(matches!(
             av.relay("r", &p("b", "b1.n1"), "a1.n0", &cand),
@@ -551,9 +645,9 @@ mod tests {
             true,
             4,
             vec![
-                (p("b", "b1.n1"), 1),
-                (p("a", "a1.n0"), 2),
-                (p("c", "c1.n2"), 3),
+                mb("b", "b1.n1", 1),
+                mb("a", "a1.n0", 2),
+                mb("c", "c1.n2", 3),
             ],
         );
         assert_eq!(reply.len(), 3);
@@ -561,12 +655,16 @@ mod tests {
             outs.iter().map(|o| o.to.as_str()).collect::<Vec<_>>(),
             vec!["a1.n0"]
         );
-        let outs = av.remote_joined("r", p("e", "e1.n1"), 5);
+        let outs = av.remote_joined("r", &mb("e", "e1.n1", 5));
         let mut to: Vec<&str> = outs.iter().map(|o| o.to.as_str()).collect();
         to.sort();
         assert_eq!(to, vec!["a1.n0", "d1.n0"]);
-        // Node n1 dies: its members leave, and the locals hear it.
-        let outs = av.remote_gone(|s| s.ends_with(".n1"));
+        // Run 8 of node n1 is gone: nothing of run 7 goes. Run 7 is gone: b and e go.
+        assert!(
+            av.remote_gone(|s, run| s.ends_with(".n1") && run == 8)
+                .is_empty()
+        );
+        let outs = av.remote_gone(|s, run| s.ends_with(".n1") && run == 7);
         assert_eq!(outs.len(), 4, "b and e, told to a and d");
         assert!(!av.knows("r", "b1.n1") && !av.knows("r", "e1.n1"));
         // The last local member leaves: the room goes, remote members with it.
@@ -583,34 +681,35 @@ mod tests {
     #[test]
     fn cluster_generations_keep_old_news_from_undoing_newer() {
         let mut av = AvRooms::new(6);
-        av.join("s", AvKind::Class, p("a", "a1.n0"), true).unwrap();
-        // b joins (1); its leave (1) is overtaken by its re-join (2): b stays.
-        av.remote_joined("s", p("b", "b1.n1"), 1);
-        av.remote_joined("s", p("b", "b1.n1"), 2);
-        assert!(av.remote_left("s", "b1.n1", 1).is_empty());
+        av.begin_join("s", AvKind::Class, "a1.n0");
+        av.finish_join("s", AvKind::Class, p("a", "a1.n0"), true, 1, vec![]);
+        // b joins (2); its leave (2) is overtaken by its re-join (3): b stays.
+        av.remote_joined("s", &mb("b", "b1.n1", 2));
+        av.remote_joined("s", &mb("b", "b1.n1", 3));
+        assert!(av.remote_left("s", "b1.n1", 2).is_empty());
         assert!(av.knows("s", "b1.n1"));
-        // c's leave (3) comes before the news of its join (3): c never appears.
-        av.remote_left("s", "c1.n2", 3);
-        assert!(av.remote_joined("s", p("c", "c1.n2"), 3).is_empty());
+        // c's leave (4) comes before the news of its join (4): c never appears.
+        av.remote_left("s", "c1.n2", 4);
+        assert!(av.remote_joined("s", &mb("c", "c1.n2", 4)).is_empty());
         assert!(!av.knows("s", "c1.n2"));
-        // A store listing read before b left (2) does not bring b back.
-        assert_eq!(av.remote_left("s", "b1.n1", 2).len(), 1, "a hears b left");
+        // A store listing read before b left (3) does not bring b back.
+        assert_eq!(av.remote_left("s", "b1.n1", 3).len(), 1, "a hears b left");
         av.begin_join("s", AvKind::Class, "d1.n0");
         let (reply, _) = av.finish_join(
             "s",
             AvKind::Class,
             p("d", "d1.n0"),
             true,
-            4,
+            5,
             vec![
-                (p("a", "a1.n0"), 0),
-                (p("b", "b1.n1"), 2),
-                (p("c", "c1.n2"), 3),
+                mb("a", "a1.n0", 1),
+                mb("b", "b1.n1", 3),
+                mb("c", "c1.n2", 4),
             ],
         );
         assert_eq!(reply, vec![p("a", "a1.n0")]);
         assert!(!av.knows("s", "b1.n1") && !av.knows("s", "c1.n2"));
-        // Two local joins admitted in one order, finished in the other: both stay local.
+        // Two local joins admitted in one order (e 6, f 7), finished in the other.
         av.begin_join("s", AvKind::Class, "e1.n0");
         av.begin_join("s", AvKind::Class, "f1.n0");
         let (reply_f, outs_f) = av.finish_join(
@@ -618,11 +717,11 @@ mod tests {
             AvKind::Class,
             p("f", "f1.n0"),
             true,
-            6,
+            7,
             vec![
-                (p("a", "a1.n0"), 0),
-                (p("d", "d1.n0"), 4),
-                (p("e", "e1.n0"), 5),
+                mb("a", "a1.n0", 1),
+                mb("d", "d1.n0", 5),
+                mb("e", "e1.n0", 6),
             ],
         );
         assert_eq!(reply_f.len(), 3, "f lists e and offers to it");
@@ -630,13 +729,19 @@ mod tests {
             outs_f.iter().all(|o| o.to != "e1.n0"),
             "e is not a member yet"
         );
+        // f's offer reaches e, whose admission is still in flight.
+        let cand = json!({"candidate": null});
+        assert_eq!(
+            av.relay("s", &p("f", "f1.n0"), "e1.n0", &cand).unwrap().to,
+            "e1.n0"
+        );
         let (reply_e, outs_e) = av.finish_join(
             "s",
             AvKind::Class,
             p("e", "e1.n0"),
             true,
-            5,
-            vec![(p("a", "a1.n0"), 0), (p("d", "d1.n0"), 4)],
+            6,
+            vec![mb("a", "a1.n0", 1), mb("d", "d1.n0", 5)],
         );
         assert_eq!(reply_e.len(), 2, "e does not list f");
         assert!(
@@ -644,10 +749,55 @@ mod tests {
                 && matches!(&o.msg, Msg::AvPeer { peer, .. } if peer.session == "f1.n0")),
             "e hears of f"
         );
-        assert_eq!(av.local_generation("s", "e1.n0"), Some(5));
         assert!(
-            av.relay("s", &p("e", "e1.n0"), "f1.n0", &json!({"candidate": null}))
-                .is_ok()
+            outs_e.iter().all(|o| o.to != "f1.n0"),
+            "f listed e already: no av_peer about e for f"
         );
+        assert_eq!(av.local_generation("s", "e1.n0"), Some(6));
+        assert!(av.relay("s", &p("e", "e1.n0"), "f1.n0", &cand).is_ok());
+    }
+
+    #[test]
+    fn cluster_reconcile_with_the_store() {
+        let mut av = AvRooms::new(6);
+        av.begin_join("r", AvKind::Class, "a1.n0");
+        av.finish_join(
+            "r",
+            AvKind::Class,
+            p("a", "a1.n0"),
+            true,
+            2,
+            vec![mb("b", "b1.n1", 1)],
+        );
+        av.remote_joined("r", &mb("c", "c1.n2", 3));
+        av.remote_joined("r", &mb("late", "l1.n2", 9));
+        // The store (read at version 8) lists a and c and d: b's leave notice was lost, d's
+        // join notice too, and "late" joined after the read.
+        let stored = [
+            mb("a", "a1.n0", 2),
+            mb("c", "c1.n2", 3),
+            mb("d", "d1.n1", 6),
+        ];
+        let (outs, lost) = av.reconcile("r", 8, &stored);
+        assert!(lost.is_empty());
+        let mut news: Vec<(String, bool)> = outs
+            .iter()
+            .map(|o| match &o.msg {
+                Msg::AvPeer { peer, joined, .. } => (peer.session.clone(), *joined),
+                m => panic!("{m:?}"),
+            })
+            .collect();
+        news.sort();
+        assert_eq!(
+            news,
+            vec![("b1.n1".to_owned(), false), ("d1.n1".to_owned(), true)]
+        );
+        assert!(av.knows("r", "l1.n2"), "newer than the read: kept");
+        // The store lost a (its node was taken for dead): a is to be admitted again.
+        let (_, lost) = av.reconcile("r", 9, &[mb("c", "c1.n2", 3), mb("d", "d1.n1", 6)]);
+        assert_eq!(lost, vec![p("a", "a1.n0")]);
+        av.readmitted("r", "a1.n0", 10);
+        assert_eq!(av.local_generation("r", "a1.n0"), Some(10));
+        assert_eq!(av.local_rooms(), vec!["r".to_owned()]);
     }
 }

@@ -10,6 +10,9 @@ use super::{Result, Store, StoreError};
 use crate::protocol::{RoomId, UserId};
 use sqlx::{AssertSqlSafe, Row};
 
+/// Rooms per snapshot query.
+const SNAPSHOT_ROOMS: usize = 500;
+
 /// A member of a room's A/V as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AvMember {
@@ -17,6 +20,21 @@ pub struct AvMember {
     pub user: UserId,
     /// The membership's place in the room's join order.
     pub generation: i64,
+    /// The node holding the session, and its run.
+    pub node: String,
+    pub epoch: i64,
+}
+
+impl AvMember {
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self> {
+        Ok(Self {
+            session: r.try_get("session_id")?,
+            user: UserId(r.try_get("user_id")?),
+            generation: r.try_get("generation")?,
+            node: r.try_get("node")?,
+            epoch: r.try_get("epoch")?,
+        })
+    }
 }
 
 /// What a cluster A/V join asks of the store.
@@ -38,7 +56,8 @@ pub struct AvJoin<'a> {
 /// An admitted join.
 #[derive(Debug)]
 pub struct AvAdmitted {
-    /// This membership's generation (the existing one for a re-join).
+    /// This membership's generation (a re-join gets a new one too, so that a late leave of the
+    /// old membership cannot remove it).
     pub generation: i64,
     /// The members admitted before it, in join order (every other member for a re-join).
     pub before: Vec<AvMember>,
@@ -78,52 +97,55 @@ impl Store {
             q.execute(&mut *tx).await?;
         }
         let rows = sqlx::query(
-            "SELECT session_id, user_id, generation FROM av_peers WHERE room_id = $1 \
-             ORDER BY generation",
+            "SELECT session_id, user_id, generation, node, epoch FROM av_peers \
+             WHERE room_id = $1 ORDER BY generation",
         )
         .bind(j.room.as_str())
         .fetch_all(&mut *tx)
         .await?;
         let mut before = Vec::with_capacity(rows.len());
-        let mut existing = None;
+        let mut rejoin = false;
         for r in &rows {
-            let session: String = r.try_get("session_id")?;
-            let g: i64 = r.try_get("generation")?;
-            if session == j.session {
-                existing = Some(g);
-                continue;
+            let m = AvMember::from_row(r)?;
+            if m.session == j.session {
+                rejoin = true;
+            } else {
+                before.push(m);
             }
-            before.push(AvMember {
-                session,
-                user: UserId(r.try_get("user_id")?),
-                generation: g,
-            });
         }
-        let generation = match existing {
-            Some(g) => g,
-            None => {
-                if before.len() >= j.mesh_max {
-                    return Err(StoreError::Conflict(format!(
-                        "A/V is full: a mesh holds {} participants",
-                        j.mesh_max
-                    )));
-                }
-                sqlx::query(
-                    "INSERT INTO av_peers (room_id, session_id, user_id, node, epoch, generation, \
-                     joined_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(j.room.as_str())
-                .bind(j.session)
-                .bind(j.user.as_str())
-                .bind(j.node)
-                .bind(j.epoch)
-                .bind(generation)
-                .bind(j.now_ms)
-                .execute(&mut *tx)
-                .await?;
-                generation
+        if rejoin {
+            sqlx::query(
+                "UPDATE av_peers SET generation = $3, node = $4, epoch = $5 \
+                 WHERE room_id = $1 AND session_id = $2",
+            )
+            .bind(j.room.as_str())
+            .bind(j.session)
+            .bind(generation)
+            .bind(j.node)
+            .bind(j.epoch)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            if before.len() >= j.mesh_max {
+                return Err(StoreError::Conflict(format!(
+                    "A/V is full: a mesh holds {} participants",
+                    j.mesh_max
+                )));
             }
-        };
+            sqlx::query(
+                "INSERT INTO av_peers (room_id, session_id, user_id, node, epoch, generation, \
+                 joined_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(j.room.as_str())
+            .bind(j.session)
+            .bind(j.user.as_str())
+            .bind(j.node)
+            .bind(j.epoch)
+            .bind(generation)
+            .bind(j.now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(AvAdmitted { generation, before })
     }
@@ -144,20 +166,62 @@ impl Store {
     /// A session's membership of a room's A/V, if it has one.
     pub async fn av_member(&self, room: &RoomId, session: &str) -> Result<Option<AvMember>> {
         let row = sqlx::query(
-            "SELECT user_id, generation FROM av_peers WHERE room_id = $1 AND session_id = $2",
+            "SELECT session_id, user_id, generation, node, epoch FROM av_peers \
+             WHERE room_id = $1 AND session_id = $2",
         )
         .bind(room.as_str())
         .bind(session)
         .fetch_optional(self.pool())
         .await?;
-        row.map(|r| {
-            Ok(AvMember {
-                session: session.to_owned(),
-                user: UserId(r.try_get("user_id")?),
-                generation: r.try_get("generation")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(AvMember::from_row).transpose()
+    }
+
+    /// Each room's join count and members, in one read (so every membership up to the count
+    /// that is not listed has left). Rooms never joined are left out.
+    pub async fn av_snapshot(&self, rooms: &[RoomId]) -> Result<Vec<(RoomId, i64, Vec<AvMember>)>> {
+        let mut out: Vec<(RoomId, i64, Vec<AvMember>)> = Vec::new();
+        for chunk in rooms.chunks(SNAPSHOT_ROOMS) {
+            let sql = format!(
+                "SELECT r.room_id AS room, r.version AS version, p.session_id, p.user_id, \
+                 p.generation, p.node, p.epoch FROM av_rooms r \
+                 LEFT JOIN av_peers p ON p.room_id = r.room_id \
+                 WHERE r.room_id IN ({}) ORDER BY r.room_id, p.generation",
+                super::placeholders(chunk.len(), 1)
+            );
+            // Only numbered placeholders are formatted in; every value is bound.
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for r in chunk {
+                q = q.bind(r.as_str());
+            }
+            for row in q.fetch_all(self.pool()).await? {
+                let room: String = row.try_get("room")?;
+                let version: i64 = row.try_get("version")?;
+                if out.last().is_none_or(|(r, _, _)| r.as_str() != room) {
+                    out.push((RoomId(room), version, Vec::new()));
+                }
+                if row.try_get::<Option<String>, _>("session_id")?.is_some()
+                    && let Some((_, _, members)) = out.last_mut()
+                {
+                    members.push(AvMember::from_row(&row)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the A/V memberships of every node but `node` and `live` (nodes that died
+    /// unseen); returns how many went.
+    pub async fn av_forget_other_nodes(&self, node: &str, live: &[String]) -> Result<u64> {
+        let sql = format!(
+            "DELETE FROM av_peers WHERE node NOT IN ({})",
+            super::placeholders(live.len() + 1, 1)
+        );
+        // Only numbered placeholders are formatted in; every value is bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(node);
+        for n in live {
+            q = q.bind(n.as_str());
+        }
+        Ok(q.execute(self.pool()).await?.rows_affected())
     }
 
     /// Forgets the A/V memberships of a node: of one run of it (it died, or left), or of

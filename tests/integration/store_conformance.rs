@@ -998,17 +998,32 @@ async fn av_members_in_one_join_order(f: Fixture) {
         let expected: Vec<String> = admitted[..k].iter().map(|(s, _, _)| s.clone()).collect();
         assert_eq!(before, &expected);
     }
-    // Full: a seventh is refused; a re-join keeps its generation and takes no place.
+    // Full: a seventh is refused (and takes no generation); a re-join takes no place and
+    // gets a new generation, so a late leave of its old membership cannot remove it.
     assert!(matches!(
         join(6, "n0").await.1,
         Err(StoreError::Conflict(_))
     ));
     let again = join(0, "n0").await.1.unwrap();
     assert_eq!(again.before.len(), 5);
-    let g0 = admitted.iter().find(|(s, _, _)| s == "s0.n0").unwrap().1;
-    assert_eq!(again.generation, g0);
+    let g0 = again.generation;
+    assert_eq!(g0, 7);
     let m = f.store.av_member(&r, "s1.n1").await.unwrap().unwrap();
-    assert_eq!(m.user, UserId::from("u1"));
+    assert_eq!(
+        (m.user, m.node.as_str(), m.epoch),
+        (UserId::from("u1"), "n1", 7)
+    );
+    // One read gives the join count and the members in join order.
+    let snap = f
+        .store
+        .av_snapshot(&[r.clone(), RoomId::from("never")])
+        .await
+        .unwrap();
+    assert_eq!(snap.len(), 1);
+    assert_eq!(snap[0].1, 7);
+    let order: Vec<&str> = snap[0].2.iter().map(|m| m.session.as_str()).collect();
+    assert_eq!(order.len(), 6);
+    assert_eq!(order[5], "s0.n0", "the re-join is the newest");
     // A leave of an older generation spares the current membership; the current one goes.
     f.store.av_leave(&r, "s0.n0", g0 - 1).await.unwrap();
     assert!(f.store.av_member(&r, "s0.n0").await.unwrap().is_some());
@@ -1039,7 +1054,12 @@ async fn av_members_in_one_join_order(f: Fixture) {
     let listed: Vec<String> = listed.before.into_iter().map(|m| m.session).collect();
     assert_eq!(listed, vec!["s2.n0", "s4.n0", "s6.n0"]);
     assert_eq!(f.store.av_member(&r, "s7.n3").await.unwrap(), None);
-    // Every run of a node, when it starts again under its name.
+    // Nodes that died unseen; then every run of a node, when it starts again under its name.
+    assert_eq!(
+        f.store.av_forget_other_nodes("n0", &[]).await.unwrap(),
+        1,
+        "s9.n2"
+    );
     assert_eq!(f.store.av_forget_node("n0", None).await.unwrap(), 3);
     other.store.close().await;
 }

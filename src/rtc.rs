@@ -402,20 +402,7 @@ async fn cluster_av_join(
         .av
         .begin_join(room.as_str(), kind, &me.session);
     let live = bus.knows_every_node().then(|| bus.live_nodes());
-    let user = UserId(me.user.clone());
-    let admitted = app
-        .store
-        .av_join(&AvJoin {
-            room,
-            session: &me.session,
-            user: &user,
-            node: &bus.node,
-            epoch: bus.epoch() as i64,
-            mesh_max: app.config.av_mesh_max,
-            live_nodes: live.as_deref(),
-            now_ms: now_ms(),
-        })
-        .await;
+    let admitted = admit(app, bus, room, &me, app.config.av_mesh_max, live.as_deref()).await;
     let admitted = match admitted {
         Ok(a) => a,
         Err(e) => {
@@ -433,17 +420,46 @@ async fn cluster_av_join(
         generation,
         before,
     );
+    announce(bus, room, &me, generation, true);
+    Ok(joined)
+}
+
+/// Asks the store to admit this node's session `peer` to the room's A/V.
+async fn admit(
+    app: &App,
+    bus: &crate::bus::Bus,
+    room: &RoomId,
+    peer: &Peer,
+    mesh_max: usize,
+    live_nodes: Option<&[String]>,
+) -> std::result::Result<crate::store::AvAdmitted, crate::store::StoreError> {
+    let user = UserId(peer.user.clone());
+    app.store
+        .av_join(&AvJoin {
+            room,
+            session: &peer.session,
+            user: &user,
+            node: &bus.node,
+            epoch: bus.epoch() as i64,
+            mesh_max,
+            live_nodes,
+            now_ms: now_ms(),
+        })
+        .await
+}
+
+/// Tells the other nodes that this node's session `peer` joined or left the room's A/V.
+fn announce(bus: &crate::bus::Bus, room: &RoomId, peer: &Peer, generation: u64, joined: bool) {
     bus.av_changed(
         room,
         AvChange {
-            session: &me.session,
-            user: &me.user,
+            session: &peer.session,
+            user: &peer.user,
             generation,
             run: bus.epoch(),
-            joined: true,
+            joined,
         },
     );
-    Ok(joined)
 }
 
 /// A stored membership as the A/V machine takes it.
@@ -508,16 +524,7 @@ async fn cluster_av_left(
     if let Err(e) = store.av_leave(&room, &session, generation as i64).await {
         tracing::warn!(error = %e, room = %room, "could not forget an A/V member");
     }
-    bus.av_changed(
-        &room,
-        AvChange {
-            session: &session,
-            user: user.as_str(),
-            generation,
-            run: bus.epoch(),
-            joined: false,
-        },
-    );
+    announce(&bus, &room, &Peer::new(user.0, session), generation, false);
 }
 
 /// A membership change of a room's A/V, as it crosses the bus.
@@ -769,20 +776,7 @@ async fn readmit(
     room: &RoomId,
     peer: Peer,
 ) -> Result<()> {
-    let user = UserId(peer.user.clone());
-    let admitted = app
-        .store
-        .av_join(&AvJoin {
-            room,
-            session: &peer.session,
-            user: &user,
-            node: &bus.node,
-            epoch: bus.epoch() as i64,
-            mesh_max: usize::MAX,
-            live_nodes: None,
-            now_ms: now_ms(),
-        })
-        .await?;
+    let admitted = admit(app, bus, room, &peer, usize::MAX, None).await?;
     let generation = admitted.generation.max(0) as u64;
     let still = {
         let mut st = app.rtc.lock();
@@ -799,16 +793,7 @@ async fn readmit(
         return Ok(());
     }
     tracing::info!(room = %room, "A/V member admitted again after the store lost it");
-    bus.av_changed(
-        room,
-        AvChange {
-            session: &peer.session,
-            user: &peer.user,
-            generation,
-            run: bus.epoch(),
-            joined: true,
-        },
-    );
+    announce(bus, room, &peer, generation, true);
     Ok(())
 }
 

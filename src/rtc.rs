@@ -411,15 +411,18 @@ async fn cluster_av_join(
         }
     };
     let generation = admitted.generation.max(0) as u64;
-    let before = admitted.before.into_iter().map(membership).collect();
-    let joined = app.rtc.lock().av.finish_join(
-        room.as_str(),
-        kind,
-        me.clone(),
-        can_publish,
-        generation,
-        before,
-    );
+    let joined = {
+        let mut st = app.rtc.lock();
+        let before = own_rows_held(&st.av, &bus.node, room, admitted.before);
+        st.av.finish_join(
+            room.as_str(),
+            kind,
+            me.clone(),
+            can_publish,
+            generation,
+            before,
+        )
+    };
     announce(bus, room, &me, generation, true);
     Ok(joined)
 }
@@ -733,6 +736,21 @@ pub(crate) async fn run_av_sweep(app: Arc<App>, bus: Arc<crate::bus::Bus>) {
 }
 
 async fn av_sweep(app: &Arc<App>, bus: &Arc<crate::bus::Bus>) -> Result<()> {
+    // This run's rows whose session is no longer a member here (a delete that failed).
+    for (room, session, generation) in app
+        .store
+        .av_rows_of_run(&bus.node, bus.epoch() as i64)
+        .await?
+    {
+        let held = {
+            let st = app.rtc.lock();
+            st.av.local_generation(room.as_str(), &session).is_some()
+                || st.av.is_joining(room.as_str(), &session)
+        };
+        if !held {
+            app.store.av_leave(&room, &session, generation).await?;
+        }
+    }
     let rooms: Vec<RoomId> = app
         .rtc
         .lock()
@@ -744,28 +762,57 @@ async fn av_sweep(app: &Arc<App>, bus: &Arc<crate::bus::Bus>) -> Result<()> {
     if rooms.is_empty() {
         return Ok(());
     }
-    if bus.knows_every_node() {
-        let n = app
-            .store
-            .av_forget_other_nodes(&bus.node, &bus.live_nodes())
-            .await?;
-        if n > 0 {
-            tracing::info!(members = n, "forgot A/V members of nodes that are gone");
+    // Only a node that hears the cluster may judge others dead, or itself lost.
+    let healthy = bus.knows_every_node();
+    if healthy {
+        let live = bus.live_nodes();
+        for room in &rooms {
+            let n = app
+                .store
+                .av_forget_other_nodes(room, &bus.node, &live)
+                .await?;
+            if n > 0 {
+                tracing::info!(room = %room, members = n, "forgot A/V members of nodes that are gone");
+            }
         }
     }
     for (room, version, members) in app.store.av_snapshot(&rooms).await? {
-        let stored: Vec<Membership> = members.into_iter().map(membership).collect();
-        let (outs, lost) =
-            app.rtc
-                .lock()
-                .av
-                .reconcile(room.as_str(), version.max(0) as u64, &stored);
+        let (outs, lost) = {
+            let mut st = app.rtc.lock();
+            let stored = own_rows_held(&st.av, &bus.node, &room, members);
+            st.av
+                .reconcile(room.as_str(), version.max(0) as u64, &stored)
+        };
         deliver(app, outs, None, None);
+        if !healthy {
+            continue;
+        }
         for peer in lost {
-            readmit(app, bus, &room, peer).await?;
+            if let Err(e) = readmit(app, bus, &room, peer).await {
+                tracing::warn!(error = %e, room = %room, "could not admit an A/V member again");
+            }
         }
     }
     Ok(())
+}
+
+/// Stored memberships as the A/V machine takes them, less this node's rows whose session is
+/// no longer a member here (leftovers the sweep deletes: never a remote member).
+fn own_rows_held(
+    av: &AvRooms,
+    node: &str,
+    room: &RoomId,
+    members: Vec<crate::store::AvMember>,
+) -> Vec<Membership> {
+    members
+        .into_iter()
+        .filter(|m| {
+            m.node != node
+                || av.local_generation(room.as_str(), &m.session).is_some()
+                || av.is_joining(room.as_str(), &m.session)
+        })
+        .map(membership)
+        .collect()
 }
 
 /// Admits a local member again whose stored membership was deleted (by nodes that took this

@@ -256,6 +256,23 @@ impl AvRooms {
             let _ = state.learn(room, m, |_| false);
         }
         let rejoin = state.peers.get(&peer.session).is_some_and(|m| m.local);
+        // A remote member admitted before this join but missing from its list has left (the
+        // store's list is complete up to this generation): its leave notice is still on the way.
+        let departed: Vec<(String, u64)> = state
+            .peers
+            .values()
+            .filter(|m| {
+                !m.local
+                    && m.generation < generation
+                    && !before.iter().any(|b| b.peer.session == m.peer.session)
+            })
+            .map(|m| (m.peer.session.clone(), m.generation))
+            .collect();
+        let mut outs = Vec::new();
+        for (session, g) in departed {
+            outs.extend(self.remote_left(room, &session, g));
+        }
+        let state = self.room_mut(room, kind);
         let later: Vec<Out> = if rejoin {
             Vec::new()
         } else {
@@ -276,7 +293,8 @@ impl AvRooms {
                 })
                 .collect()
         };
-        let (known, mut outs) = self.insert_local(room, kind, peer, can_publish, generation);
+        let (known, joined) = self.insert_local(room, kind, peer, can_publish, generation);
+        outs.extend(joined);
         outs.extend(later);
         let listed = if rejoin {
             known
@@ -367,6 +385,13 @@ impl AvRooms {
         {
             m.generation = m.generation.max(generation);
         }
+    }
+
+    /// Whether the local session `session` is being admitted to the room's A/V.
+    pub fn is_joining(&self, room: &str, session: &str) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|r| r.joining.contains(session))
     }
 
     /// Whether `session` is known as a member of the room's A/V here.
@@ -754,6 +779,30 @@ mod tests {
             "f listed e already: no av_peer about e for f"
         );
         assert_eq!(av.local_generation("s", "e1.n0"), Some(6));
+        // A remote member admitted before a join but missing from its list has left.
+        av.remote_joined("s", &mb("g", "g1.n1", 8));
+        av.begin_join("s", AvKind::Class, "h1.n0");
+        let (reply_h, outs_h) = av.finish_join(
+            "s",
+            AvKind::Class,
+            p("h", "h1.n0"),
+            true,
+            9,
+            vec![
+                mb("a", "a1.n0", 1),
+                mb("d", "d1.n0", 5),
+                mb("e", "e1.n0", 6),
+                mb("f", "f1.n0", 7),
+            ],
+        );
+        assert_eq!(reply_h.len(), 4);
+        assert!(!av.knows("s", "g1.n1"));
+        assert!(
+            outs_h
+                .iter()
+                .all(|o| !matches!(&o.msg, Msg::AvPeer { peer, joined: true, .. } if peer.session == "g1.n1")),
+            "h is not told of g"
+        );
         assert!(av.relay("s", &p("e", "e1.n0"), "f1.n0", &cand).is_ok());
     }
 

@@ -209,19 +209,58 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes the A/V memberships of every node but `node` and `live` (nodes that died
-    /// unseen); returns how many went.
-    pub async fn av_forget_other_nodes(&self, node: &str, live: &[String]) -> Result<u64> {
+    /// Deletes a room's A/V memberships of every node but `node` and `live` (nodes that died
+    /// unseen), under the room's lock like a join (so the two never deadlock); returns how
+    /// many went.
+    pub async fn av_forget_other_nodes(
+        &self,
+        room: &RoomId,
+        node: &str,
+        live: &[String],
+    ) -> Result<u64> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("UPDATE av_rooms SET version = version WHERE room_id = $1")
+            .bind(room.as_str())
+            .execute(&mut *tx)
+            .await?;
         let sql = format!(
-            "DELETE FROM av_peers WHERE node NOT IN ({})",
-            super::placeholders(live.len() + 1, 1)
+            "DELETE FROM av_peers WHERE room_id = $1 AND node NOT IN ({})",
+            super::placeholders(live.len() + 1, 2)
         );
         // Only numbered placeholders are formatted in; every value is bound.
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(node);
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(room.as_str())
+            .bind(node);
         for n in live {
             q = q.bind(n.as_str());
         }
-        Ok(q.execute(self.pool()).await?.rows_affected())
+        let n = q.execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// The memberships stored for one run of a node: (room, session, generation).
+    pub async fn av_rows_of_run(
+        &self,
+        node: &str,
+        epoch: i64,
+    ) -> Result<Vec<(RoomId, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT room_id, session_id, generation FROM av_peers WHERE node = $1 AND epoch = $2",
+        )
+        .bind(node)
+        .bind(epoch)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    RoomId(r.try_get("room_id")?),
+                    r.try_get("session_id")?,
+                    r.try_get("generation")?,
+                ))
+            })
+            .collect()
     }
 
     /// Forgets the A/V memberships of a node: of one run of it (it died, or left), or of

@@ -1058,10 +1058,15 @@ async fn av_members_in_one_join_order(f: Fixture) {
     assert_eq!(f.store.av_member(&r, "s7.n3").await.unwrap(), None);
     // Nodes that died unseen; then every run of a node, when it starts again under its name.
     assert_eq!(
-        f.store.av_forget_other_nodes("n0", &[]).await.unwrap(),
+        f.store.av_forget_other_nodes(&r, "n0", &[]).await.unwrap(),
         1,
         "s9.n2"
     );
+    let mut rows = f.store.av_rows_of_run("n0", 7).await.unwrap();
+    rows.sort();
+    let sessions: Vec<&str> = rows.iter().map(|(_, s, _)| s.as_str()).collect();
+    assert_eq!(sessions, vec!["s2.n0", "s4.n0", "s6.n0"]);
+    assert!(rows.iter().all(|(room, _, g)| room == &r && *g > 0));
     assert_eq!(f.store.av_forget_node("n0", None).await.unwrap(), 3);
     other.store.close().await;
 }

@@ -29,6 +29,9 @@ struct State {
 pub struct Rtc {
     state: Mutex<State>,
     ice: IceConfig,
+    /// Cluster mode: ended A/V memberships (room, session, generation) whose store delete
+    /// failed; the A/V sweep tries them again.
+    unforgotten: Arc<Mutex<Vec<(RoomId, String, u64)>>>,
 }
 
 impl From<SignalError> for Error {
@@ -54,6 +57,7 @@ impl Rtc {
                 av: AvRooms::new(cfg.av_mesh_max),
                 call_rooms: HashMap::new(),
             }),
+            unforgotten: Arc::default(),
             ice: IceConfig {
                 stun_urls: cfg.stun_urls.clone(),
                 turn_urls: cfg.turn_urls.clone(),
@@ -499,35 +503,41 @@ fn av_left(
         if was_on_stage && !app.hub.on_stage(room, user) {
             st.av.set_publisher(room.as_str(), user.as_str(), false);
         }
-        let generation = st.av.local_generation(room.as_str(), session);
-        (generation, st.av.leave(room.as_str(), session))
+        st.av.leave_local(room.as_str(), session)
     };
     deliver(app, outs, None, None);
-    let bus = app.bus.clone()?;
-    Some(cluster_av_left(
-        app.store.clone(),
-        bus,
+    cluster_av_left(
+        app,
         room.clone(),
         user.clone(),
         session.to_owned(),
         generation?,
-    ))
+    )
 }
 
-/// Deletes the stored membership, then tells the other nodes (in that order, so a join that
-/// reads the store after the notice never lists it).
-async fn cluster_av_left(
-    store: crate::store::Store,
-    bus: Arc<crate::bus::Bus>,
+/// Cluster mode (`None` on one node): deletes the stored membership, then tells the other
+/// nodes (in that order, so a join that reads the store after the notice never lists it). A
+/// delete that fails is left to the A/V sweep to try again.
+fn cluster_av_left(
+    app: &App,
     room: RoomId,
     user: UserId,
     session: String,
     generation: u64,
-) {
-    if let Err(e) = store.av_leave(&room, &session, generation as i64).await {
-        tracing::warn!(error = %e, room = %room, "could not forget an A/V member");
-    }
-    announce(&bus, &room, &Peer::new(user.0, session), generation, false);
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let (store, bus) = (app.store.clone(), app.bus.clone()?);
+    let unforgotten = app.rtc.unforgotten.clone();
+    Some(async move {
+        if let Err(e) = store.av_leave(&room, &session, generation as i64).await {
+            tracing::warn!(error = %e, room = %room, "could not forget an A/V member: will retry");
+            lock_list(&unforgotten).push((room.clone(), session.clone(), generation));
+        }
+        announce(&bus, &room, &Peer::new(user.0, session), generation, false);
+    })
+}
+
+fn lock_list<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A membership change of a room's A/V, as it crosses the bus.
@@ -686,36 +696,25 @@ async fn learn_remote_peer(app: &App, room: &RoomId, me: &Peer, to: &str) -> Res
 
 /// A session ended: its calls get the grace period, its A/V rooms hear it left.
 pub(crate) fn session_closed(app: &Arc<App>, user: &UserId, session: &str) {
-    let (left, outs) = {
+    let (ended, outs) = {
         let mut st = app.rtc.lock();
         let mut outs = st
             .calls
             .session_closed(now(), &Peer::new(user.as_str(), session));
-        let left: Vec<(String, Option<u64>)> = st
-            .av
-            .rooms_of(session)
-            .into_iter()
-            .map(|r| {
-                let g = st.av.local_generation(&r, session);
-                (r, g)
-            })
-            .collect();
-        outs.extend(st.av.session_closed(session));
-        (left, outs)
+        let (ended, av_outs) = st.av.session_closed(session);
+        outs.extend(av_outs);
+        (ended, outs)
     };
     deliver(app, outs, None, None);
-    if let Some(bus) = &app.bus {
-        for (room, generation) in left {
-            if let Some(generation) = generation {
-                tokio::spawn(cluster_av_left(
-                    app.store.clone(),
-                    bus.clone(),
-                    RoomId(room),
-                    user.clone(),
-                    session.to_owned(),
-                    generation,
-                ));
-            }
+    for (room, generation) in ended {
+        if let Some(left) = cluster_av_left(
+            app,
+            RoomId(room),
+            user.clone(),
+            session.to_owned(),
+            generation,
+        ) {
+            tokio::spawn(left);
         }
     }
 }
@@ -736,19 +735,12 @@ pub(crate) async fn run_av_sweep(app: Arc<App>, bus: Arc<crate::bus::Bus>) {
 }
 
 async fn av_sweep(app: &Arc<App>, bus: &Arc<crate::bus::Bus>) -> Result<()> {
-    // This run's rows whose session is no longer a member here (a delete that failed).
-    for (room, session, generation) in app
-        .store
-        .av_rows_of_run(&bus.node, bus.epoch() as i64)
-        .await?
-    {
-        let held = {
-            let st = app.rtc.lock();
-            st.av.local_generation(room.as_str(), &session).is_some()
-                || st.av.is_joining(room.as_str(), &session)
-        };
-        if !held {
-            app.store.av_leave(&room, &session, generation).await?;
+    // Ended memberships whose delete failed.
+    let retry = std::mem::take(&mut *lock_list(&app.rtc.unforgotten));
+    for (i, (room, session, generation)) in retry.iter().enumerate() {
+        if let Err(e) = app.store.av_leave(room, session, *generation as i64).await {
+            lock_list(&app.rtc.unforgotten).extend(retry[i..].iter().cloned());
+            return Err(e.into());
         }
     }
     let rooms: Vec<RoomId> = app
@@ -763,20 +755,21 @@ async fn av_sweep(app: &Arc<App>, bus: &Arc<crate::bus::Bus>) -> Result<()> {
         return Ok(());
     }
     // Only a node that hears the cluster may judge others dead, or itself lost.
-    let healthy = bus.knows_every_node();
-    if healthy {
-        let live = bus.live_nodes();
-        for room in &rooms {
-            let n = app
-                .store
-                .av_forget_other_nodes(room, &bus.node, &live)
-                .await?;
-            if n > 0 {
+    let live = bus.knows_every_node().then(|| bus.live_nodes());
+    for (room, version, mut members) in app.store.av_snapshot(&rooms).await? {
+        if let Some(live) = &live {
+            // Rows of nodes not heard (they died unseen) go from the store and from here.
+            let unheard =
+                |m: &crate::store::AvMember| m.node != bus.node && !live.contains(&m.node);
+            if members.iter().any(unheard) {
+                let n = app
+                    .store
+                    .av_forget_other_nodes(&room, &bus.node, live)
+                    .await?;
                 tracing::info!(room = %room, members = n, "forgot A/V members of nodes that are gone");
+                members.retain(|m| !unheard(m));
             }
         }
-    }
-    for (room, version, members) in app.store.av_snapshot(&rooms).await? {
         let (outs, lost) = {
             let mut st = app.rtc.lock();
             let stored = own_rows_held(&st.av, &bus.node, &room, members);
@@ -784,7 +777,7 @@ async fn av_sweep(app: &Arc<App>, bus: &Arc<crate::bus::Bus>) -> Result<()> {
                 .reconcile(room.as_str(), version.max(0) as u64, &stored)
         };
         deliver(app, outs, None, None);
-        if !healthy {
+        if live.is_none() {
             continue;
         }
         for peer in lost {

@@ -412,24 +412,37 @@ impl AvRooms {
 
     /// Removes a session from a room's A/V and tells the local members.
     pub fn leave(&mut self, room: &str, session: &str) -> Vec<Out> {
+        self.leave_local(room, session).1
+    }
+
+    /// [`AvRooms::leave`], also saying which membership of a local session ended (its
+    /// generation), so that a cluster node can forget it in the store.
+    pub fn leave_local(&mut self, room: &str, session: &str) -> (Option<u64>, Vec<Out>) {
         let Some(state) = self.rooms.get_mut(room) else {
-            return Vec::new();
+            return (None, Vec::new());
         };
         let Some(gone) = state.peers.remove(session) else {
-            return Vec::new();
+            return (None, Vec::new());
         };
         state.remember_left(session, gone.generation);
         let outs = state.notices(room, &gone.peer, false, |_| true);
         self.tidy(room);
-        outs
+        (gone.local.then_some(gone.generation), outs)
     }
 
-    /// A session is gone: leave every room it was in.
-    pub fn session_closed(&mut self, session: &str) -> Vec<Out> {
-        self.rooms_of(session)
-            .iter()
-            .flat_map(|r| self.leave(r, session))
-            .collect()
+    /// A session is gone: leave every room it was in. Returns the local memberships that
+    /// ended (room, generation) and the notices.
+    pub fn session_closed(&mut self, session: &str) -> (Vec<(String, u64)>, Vec<Out>) {
+        let mut ended = Vec::new();
+        let mut outs = Vec::new();
+        for room in self.rooms_of(session) {
+            let (generation, o) = self.leave_local(&room, session);
+            outs.extend(o);
+            if let Some(g) = generation {
+                ended.push((room, g));
+            }
+        }
+        (ended, outs)
     }
 
     /// Cluster mode: removes every remote member that `gone` picks by session and node run
@@ -561,7 +574,8 @@ mod tests {
             2,
             "re-join is harmless"
         );
-        let outs = av.session_closed("b1");
+        let (ended, outs) = av.session_closed("b1");
+        assert_eq!(ended, vec![("r".to_owned(), 0)]);
         assert_eq!(outs.len(), 2);
         assert!(
             outs.iter()
@@ -614,6 +628,17 @@ mod tests {
         ));
     }
 
+    /// Finishes the admission of a class-room member who may publish.
+    fn admitted(
+        av: &mut AvRooms,
+        room: &str,
+        peer: Peer,
+        generation: u64,
+        before: Vec<Membership>,
+    ) -> (Vec<Peer>, Vec<Out>) {
+        av.finish_join(room, AvKind::Class, peer, true, generation, before)
+    }
+
     fn mb(u: &str, s: &str, generation: u64) -> Membership {
         Membership {
             peer: p(u, s),
@@ -634,14 +659,7 @@ mod tests {
             av.remote_joined("r", &mb("c", "c1.n2", 3)).is_empty(),
             "no local member yet"
         );
-        let (reply, outs) = av.finish_join(
-            "r",
-            AvKind::Class,
-            p("a", "a1.n0"),
-            true,
-            2,
-            vec![mb("b", "b1.n1", 1)],
-        );
+        let (reply, outs) = admitted(&mut av, "r", p("a", "a1.n0"), 2, vec![mb("b", "b1.n1", 1)]);
         // a offers to b (listed), and hears of c, which joined after it (c offers to a).
         assert_eq!(reply, vec![p("b", "b1.n1")]);
         assert_eq!(outs.len(), 1);
@@ -663,11 +681,10 @@ mod tests {
             Err(SignalError::Forbidden(_))
         ));
         // A second local member: the local one and the remote join notices go to locals only.
-        let (reply, outs) = av.finish_join(
+        let (reply, outs) = admitted(
+            &mut av,
             "r",
-            AvKind::Class,
             p("d", "d1.n0"),
-            true,
             4,
             vec![
                 mb("b", "b1.n1", 1),
@@ -707,7 +724,7 @@ mod tests {
     fn cluster_generations_keep_old_news_from_undoing_newer() {
         let mut av = AvRooms::new(6);
         av.begin_join("s", AvKind::Class, "a1.n0");
-        av.finish_join("s", AvKind::Class, p("a", "a1.n0"), true, 1, vec![]);
+        admitted(&mut av, "s", p("a", "a1.n0"), 1, vec![]);
         // b joins (2); its leave (2) is overtaken by its re-join (3): b stays.
         av.remote_joined("s", &mb("b", "b1.n1", 2));
         av.remote_joined("s", &mb("b", "b1.n1", 3));
@@ -720,11 +737,10 @@ mod tests {
         // A store listing read before b left (3) does not bring b back.
         assert_eq!(av.remote_left("s", "b1.n1", 3).len(), 1, "a hears b left");
         av.begin_join("s", AvKind::Class, "d1.n0");
-        let (reply, _) = av.finish_join(
+        let (reply, _) = admitted(
+            &mut av,
             "s",
-            AvKind::Class,
             p("d", "d1.n0"),
-            true,
             5,
             vec![
                 mb("a", "a1.n0", 1),
@@ -737,11 +753,10 @@ mod tests {
         // Two local joins admitted in one order (e 6, f 7), finished in the other.
         av.begin_join("s", AvKind::Class, "e1.n0");
         av.begin_join("s", AvKind::Class, "f1.n0");
-        let (reply_f, outs_f) = av.finish_join(
+        let (reply_f, outs_f) = admitted(
+            &mut av,
             "s",
-            AvKind::Class,
             p("f", "f1.n0"),
-            true,
             7,
             vec![
                 mb("a", "a1.n0", 1),
@@ -760,11 +775,10 @@ mod tests {
             av.relay("s", &p("f", "f1.n0"), "e1.n0", &cand).unwrap().to,
             "e1.n0"
         );
-        let (reply_e, outs_e) = av.finish_join(
+        let (reply_e, outs_e) = admitted(
+            &mut av,
             "s",
-            AvKind::Class,
             p("e", "e1.n0"),
-            true,
             6,
             vec![mb("a", "a1.n0", 1), mb("d", "d1.n0", 5)],
         );
@@ -782,11 +796,10 @@ mod tests {
         // A remote member admitted before a join but missing from its list has left.
         av.remote_joined("s", &mb("g", "g1.n1", 8));
         av.begin_join("s", AvKind::Class, "h1.n0");
-        let (reply_h, outs_h) = av.finish_join(
+        let (reply_h, outs_h) = admitted(
+            &mut av,
             "s",
-            AvKind::Class,
             p("h", "h1.n0"),
-            true,
             9,
             vec![
                 mb("a", "a1.n0", 1),
@@ -810,14 +823,7 @@ mod tests {
     fn cluster_reconcile_with_the_store() {
         let mut av = AvRooms::new(6);
         av.begin_join("r", AvKind::Class, "a1.n0");
-        av.finish_join(
-            "r",
-            AvKind::Class,
-            p("a", "a1.n0"),
-            true,
-            2,
-            vec![mb("b", "b1.n1", 1)],
-        );
+        admitted(&mut av, "r", p("a", "a1.n0"), 2, vec![mb("b", "b1.n1", 1)]);
         av.remote_joined("r", &mb("c", "c1.n2", 3));
         av.remote_joined("r", &mb("late", "l1.n2", 9));
         // The store (read at version 8) lists a and c and d: b's leave notice was lost, d's

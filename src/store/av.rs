@@ -83,18 +83,7 @@ impl Store {
         .await?
         .try_get("version")?;
         if let Some(live) = j.live_nodes {
-            let sql = format!(
-                "DELETE FROM av_peers WHERE room_id = $1 AND node NOT IN ({})",
-                super::placeholders(live.len() + 1, 2)
-            );
-            // Only numbered placeholders are formatted in; every value is bound.
-            let mut q = sqlx::query(AssertSqlSafe(sql))
-                .bind(j.room.as_str())
-                .bind(j.node);
-            for n in live {
-                q = q.bind(n.as_str());
-            }
-            q.execute(&mut *tx).await?;
+            delete_other_nodes(&mut tx, j.room, j.node, live).await?;
         }
         let rows = sqlx::query(
             "SELECT session_id, user_id, generation, node, epoch FROM av_peers \
@@ -223,44 +212,9 @@ impl Store {
             .bind(room.as_str())
             .execute(&mut *tx)
             .await?;
-        let sql = format!(
-            "DELETE FROM av_peers WHERE room_id = $1 AND node NOT IN ({})",
-            super::placeholders(live.len() + 1, 2)
-        );
-        // Only numbered placeholders are formatted in; every value is bound.
-        let mut q = sqlx::query(AssertSqlSafe(sql))
-            .bind(room.as_str())
-            .bind(node);
-        for n in live {
-            q = q.bind(n.as_str());
-        }
-        let n = q.execute(&mut *tx).await?.rows_affected();
+        let n = delete_other_nodes(&mut tx, room, node, live).await?;
         tx.commit().await?;
         Ok(n)
-    }
-
-    /// The memberships stored for one run of a node: (room, session, generation).
-    pub async fn av_rows_of_run(
-        &self,
-        node: &str,
-        epoch: i64,
-    ) -> Result<Vec<(RoomId, String, i64)>> {
-        let rows = sqlx::query(
-            "SELECT room_id, session_id, generation FROM av_peers WHERE node = $1 AND epoch = $2",
-        )
-        .bind(node)
-        .bind(epoch)
-        .fetch_all(self.pool())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    RoomId(r.try_get("room_id")?),
-                    r.try_get("session_id")?,
-                    r.try_get("generation")?,
-                ))
-            })
-            .collect()
     }
 
     /// Forgets the A/V memberships of a node: of one run of it (it died, or left), or of
@@ -283,4 +237,26 @@ impl Store {
         };
         Ok(done.rows_affected())
     }
+}
+
+/// Deletes a room's rows of every node but `node` and `live`, in the caller's transaction
+/// (which holds the room's `av_rooms` lock).
+async fn delete_other_nodes(
+    conn: &mut sqlx::AnyConnection,
+    room: &RoomId,
+    node: &str,
+    live: &[String],
+) -> Result<u64> {
+    let sql = format!(
+        "DELETE FROM av_peers WHERE room_id = $1 AND node NOT IN ({})",
+        super::placeholders(live.len() + 1, 2)
+    );
+    // Only numbered placeholders are formatted in; every value is bound.
+    let mut q = sqlx::query(AssertSqlSafe(sql))
+        .bind(room.as_str())
+        .bind(node);
+    for n in live {
+        q = q.bind(n.as_str());
+    }
+    Ok(q.execute(conn).await?.rows_affected())
 }

@@ -76,6 +76,12 @@ enum Cmd {
         #[command(flatten)]
         args: scenarios::stats_bench::Args,
     },
+    /// The store's commit path alone: plain sends submitted straight to the group-commit
+    /// writer (no sockets), acknowledged writes/s and latency on SQLite and PostgreSQL.
+    CommitBench {
+        #[command(flatten)]
+        args: scenarios::commit_bench::Args,
+    },
     /// Internal: hold a slice of a run's clients (driven over stdin/stdout).
     #[command(hide = true)]
     Worker,
@@ -99,6 +105,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Durable { common, args } => scenarios::durable::run(common, args).await,
             Cmd::Reconnect { common, args } => scenarios::reconnect::run(common, args).await,
             Cmd::StatsBench { args } => scenarios::stats_bench::run(args).await,
+            Cmd::CommitBench { args } => scenarios::commit_bench::run(args).await,
             Cmd::Worker => unreachable!(),
         }
     })?;

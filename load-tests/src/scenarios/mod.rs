@@ -3,6 +3,7 @@
 //! and the list of targets (studyhall plus the requested peers) a comparison runs against.
 
 pub mod classroom;
+pub mod commit_bench;
 pub mod durable;
 pub mod fanout;
 pub mod idle;

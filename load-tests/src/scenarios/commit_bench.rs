@@ -1,0 +1,212 @@
+//! `commit-bench`: the commit path alone. Senders submit plain `send` writes straight to the
+//! store's group-commit writer (no sockets, no hub), each keeping a window of writes in flight,
+//! and the run counts acknowledged (committed) writes per second and the submit-to-ack latency
+//! on SQLite and PostgreSQL. It separates what the store costs from what `durable` measures
+//! end to end through WebSockets.
+
+use crate::hist::Histogram;
+use crate::report::{Report, Table, histogram_svg, human, ms};
+use anyhow::Result;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use studyhall::protocol::{RoomId, RoomKind, UserId, UserRef, Visibility};
+use studyhall::store::{Room, Store, StoreOptions, WriteOp};
+use tokio::sync::Mutex;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Rooms written to (one sender per room).
+    #[arg(long, default_value_t = 32)]
+    pub rooms: usize,
+    /// Writes in flight per sender.
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
+    /// Seconds per store.
+    #[arg(long, default_value_t = 8)]
+    pub duration_s: u64,
+    /// Stores to run: sqlite, postgres.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    pub stores: Vec<String>,
+    #[arg(
+        long,
+        env = "STUDYHALL_LOAD_PG",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub pg_url: String,
+    /// Report directory.
+    #[arg(long, default_value = "load-report")]
+    pub out: std::path::PathBuf,
+}
+
+fn room(id: &str) -> Room {
+    Room {
+        id: RoomId::from(id),
+        kind: RoomKind::Group,
+        title: id.to_owned(),
+        visibility: Visibility::Open,
+        qa: Default::default(),
+        starts_at: None,
+        archived: false,
+        last_seq: 0,
+        created_at: studyhall::store::now_ms(),
+        answer_sla_s: studyhall::store::DEFAULT_ANSWER_SLA_S,
+        slow_mode_s: 0,
+        rules: Default::default(),
+        engagement: Default::default(),
+    }
+}
+
+/// What one store did: acked writes/s, the latency histogram, acked writes, and the writer's
+/// group commits (count, mean writes per commit, mean ms per commit) from its metrics.
+struct Run {
+    rate: f64,
+    hist: Histogram,
+    acked: u64,
+    commits: f64,
+    mean_batch: f64,
+    mean_commit_ms: f64,
+}
+
+/// `NAME_sum` and `NAME_count` of a histogram in Prometheus text.
+fn sum_count(text: &str, name: &str) -> (f64, f64) {
+    let get = |suffix: &str| {
+        let key = format!("{name}_{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (get("sum"), get("count"))
+}
+
+async fn bench_one(url: &str, a: &Args) -> Result<Run> {
+    let metrics = Arc::new(studyhall::metrics::Metrics::default());
+    let store = Store::open(&StoreOptions::new(url), metrics.clone(), None).await?;
+    for i in 0..a.rooms {
+        store.create_room(&room(&format!("r{i}"))).await?;
+    }
+    let t0 = Instant::now();
+    let dur = Duration::from_secs(a.duration_s);
+    let hist = Arc::new(Mutex::new(Histogram::new()));
+    let mut tasks = Vec::new();
+    for i in 0..a.rooms {
+        let (store, hist, window) = (store.clone(), hist.clone(), a.window.max(1));
+        tasks.push(tokio::spawn(async move {
+            let user = UserRef {
+                id: UserId(format!("u{i}")),
+                name: format!("User {i}"),
+                role: "member".into(),
+            };
+            let room = RoomId(format!("r{i}"));
+            let mut inflight = futures_util::stream::FuturesUnordered::new();
+            let (mut n, mut acked, mut local) = (0u64, 0u64, Histogram::new());
+            loop {
+                while inflight.len() < window && t0.elapsed() < dur {
+                    n += 1;
+                    let op = WriteOp::Send {
+                        room: room.clone(),
+                        from: user.clone(),
+                        text: format!("message {n} from {i}: some ordinary chat text"),
+                        client_msg_id: Some(format!("c{n}")),
+                        reply_to: None,
+                    };
+                    let sent = Instant::now();
+                    let rx = store.submit(op).await?;
+                    inflight.push(async move { (rx.await, sent) });
+                }
+                use futures_util::StreamExt;
+                match inflight.next().await {
+                    Some((Ok(Ok(_)), sent)) => {
+                        acked += 1;
+                        local.record(sent.elapsed().as_micros() as u64);
+                    }
+                    Some((r, _)) => anyhow::bail!("write failed: {r:?}"),
+                    None => break,
+                }
+            }
+            hist.lock().await.merge(&local);
+            Ok::<u64, anyhow::Error>(acked)
+        }));
+    }
+    let mut acked = 0;
+    for t in tasks {
+        acked += t.await??;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    store.close().await;
+    let hist = hist.lock().await.clone();
+    let text = metrics.render(0, 0);
+    let (rows, commits) = sum_count(&text, "studyhall_store_batch_rows");
+    let (secs, _) = sum_count(&text, "studyhall_store_commit_seconds");
+    Ok(Run {
+        rate: acked as f64 / wall,
+        hist,
+        acked,
+        commits,
+        mean_batch: rows / commits.max(1.0),
+        mean_commit_ms: secs * 1000.0 / commits.max(1.0),
+    })
+}
+
+pub async fn run(a: Args) -> Result<bool> {
+    let mut report = Report::new(
+        "commit-bench",
+        json!({"rooms": a.rooms, "window": a.window, "duration_s": a.duration_s}),
+    );
+    let mut table = Table::new(
+        "store writer alone: plain sends, submit -> committed",
+        &[
+            "store",
+            "acked writes/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "commits",
+            "writes/commit",
+            "ms/commit",
+        ],
+    );
+    let mut results = Vec::new();
+    let mut hists = Vec::new();
+    for store in &a.stores {
+        let dir = tempfile_dir(&a.out, store)?;
+        let run = match store.as_str() {
+            "postgres" => {
+                let db = crate::procs::PgDb::create(&a.pg_url).await?;
+                let r = bench_one(&db.url, &a).await;
+                db.drop_db().await;
+                r?
+            }
+            _ => bench_one(&format!("sqlite://{}", dir.join("bench.db").display()), &a).await?,
+        };
+        let s = run.hist.summary();
+        table.row(vec![
+            store.clone(),
+            human(run.rate),
+            ms(s.p50_ms),
+            ms(s.p99_ms),
+            ms(s.p999_ms),
+            format!("{:.0}", run.commits),
+            format!("{:.1}", run.mean_batch),
+            format!("{:.2}", run.mean_commit_ms),
+        ]);
+        results.push(json!({"store": store, "acked": run.acked, "acked_per_s": run.rate,
+            "ack": s, "commits": run.commits, "writes_per_commit": run.mean_batch,
+            "ms_per_commit": run.mean_commit_ms}));
+        hists.push((store.clone(), run.hist));
+    }
+    report.tables.push(table);
+    let series: Vec<(&str, &Histogram)> = hists.iter().map(|(n, h)| (n.as_str(), h)).collect();
+    report.svg("ack-latency", histogram_svg("submit -> committed", &series));
+    report.results = json!(results);
+    report.write(&a.out)?;
+    Ok(true)
+}
+
+fn tempfile_dir(out: &std::path::Path, tag: &str) -> Result<std::path::PathBuf> {
+    let dir = out.join("run").join(format!("commit-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(std::fs::canonicalize(dir)?)
+}

@@ -303,6 +303,13 @@ pub async fn serve(
         None => Vec::new(),
     };
     let draining = app.clone();
+    // Frames go out as soon as the write loop flushes them: with Nagle's algorithm on, a flush
+    // behind an unacknowledged one waits for the client's delayed ACK (up to 40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown.await;

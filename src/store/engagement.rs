@@ -7,18 +7,17 @@
 //! leaderboards and profiles. The rules themselves (points, caps, levels, badges, calendar)
 //! come from [`crate::engagement`]; this file knows nothing of sessions or the hub.
 
-use super::fast::placeholders;
-use super::writer::{Applied, CommittedEvent, Tx, WriteOutcome, bump_seq, insert_event};
+use super::rows::{self, Sql};
+use super::writer::{
+    Applied, CommittedEvent, Tx, WriteOutcome, backend_of, bump_seq, insert_event,
+};
 use super::{Result, Store, StoreError, now_ms};
 use crate::engagement::{self as eng, Action, BadgeRule, EngagementConfig, Metric, Streak};
 use crate::protocol::{QuestionId, RoomEvent, RoomId, UserId, UserRef};
 use serde::{Deserialize, Serialize};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
-
-/// Rows per multi-row statement (at most 11 parameters each).
-const CHUNK: usize = 400;
 
 /// A room's engagement settings (`engagement` in the room JSON).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,45 +215,150 @@ pub(super) fn is_system(user: &UserId) -> bool {
     user.as_str() == crate::auth::SYSTEM_USER
 }
 
+const ROOM_SETTINGS: Sql = Sql {
+    sqlite: "SELECT id, engagement FROM rooms WHERE id IN (SELECT value FROM json_each($1))",
+    postgres: "SELECT id, engagement FROM rooms \
+               WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))",
+};
+
+const USER_ZONES: Sql = Sql {
+    sqlite: "SELECT user_id, tz FROM user_zones \
+             WHERE user_id IN (SELECT value FROM json_each($1))",
+    postgres: "SELECT user_id, tz FROM user_zones \
+               WHERE user_id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))",
+};
+
+/// Adds attempts to the day counters and returns each key's new total. (SQLite needs the
+/// `WHERE true` to read `ON CONFLICT` as the upsert, not as a join constraint.)
+const COUNT_ATTEMPTS: Sql = Sql {
+    sqlite: "INSERT INTO points_caps (room_id, user_id, action, day, n) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 \
+             FROM json_each($1) WHERE true \
+             ON CONFLICT (room_id, user_id, action, day) DO UPDATE SET n = points_caps.n + excluded.n \
+             RETURNING room_id, user_id, action, day, n",
+    postgres: "INSERT INTO points_caps (room_id, user_id, action, day, n) \
+               SELECT v ->> 0, v ->> 1, v ->> 2, v ->> 3, (v ->> 4)::bigint \
+               FROM jsonb_array_elements($1::jsonb) AS v \
+               ON CONFLICT (room_id, user_id, action, day) DO UPDATE SET n = points_caps.n + excluded.n \
+               RETURNING room_id, user_id, action, day, n",
+};
+
+const INSERT_AWARDS: Sql = Sql {
+    sqlite: "INSERT INTO points_ledger (room_id, user_id, action, kind, ref_id, detail, day, \
+             bucket, points, ts) SELECT value ->> 0, value ->> 1, value ->> 2, 'award', \
+             value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8 \
+             FROM json_each($1)",
+    postgres: "INSERT INTO points_ledger (room_id, user_id, action, kind, ref_id, detail, day, \
+               bucket, points, ts) SELECT v ->> 0, v ->> 1, v ->> 2, 'award', v ->> 3, v ->> 4, \
+               v ->> 5, (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint \
+               FROM jsonb_array_elements($1::jsonb) AS v",
+};
+
+/// Adds to the day rows (one per room, room-local day and user).
+const ADD_DAILY: Sql = Sql {
+    sqlite: "INSERT INTO engagement_daily (room_id, day_start, user_id, messages, questions, \
+             answers, reactions, checkins, points, first_ts, last_ts) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+             value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
+             FROM json_each($1) WHERE true \
+             ON CONFLICT (room_id, day_start, user_id) DO UPDATE SET \
+             messages = engagement_daily.messages + excluded.messages, \
+             questions = engagement_daily.questions + excluded.questions, \
+             answers = engagement_daily.answers + excluded.answers, \
+             reactions = engagement_daily.reactions + excluded.reactions, \
+             checkins = engagement_daily.checkins + excluded.checkins, \
+             points = engagement_daily.points + excluded.points, \
+             first_ts = CASE WHEN excluded.first_ts IS NULL THEN engagement_daily.first_ts \
+               WHEN engagement_daily.first_ts IS NULL OR excluded.first_ts < engagement_daily.first_ts \
+               THEN excluded.first_ts ELSE engagement_daily.first_ts END, \
+             last_ts = CASE WHEN excluded.last_ts IS NULL THEN engagement_daily.last_ts \
+               WHEN engagement_daily.last_ts IS NULL OR excluded.last_ts > engagement_daily.last_ts \
+               THEN excluded.last_ts ELSE engagement_daily.last_ts END",
+    postgres: "INSERT INTO engagement_daily (room_id, day_start, user_id, messages, questions, \
+               answers, reactions, checkins, points, first_ts, last_ts) \
+               SELECT v ->> 0, (v ->> 1)::bigint, v ->> 2, (v ->> 3)::bigint, (v ->> 4)::bigint, \
+               (v ->> 5)::bigint, (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint, \
+               (v ->> 9)::bigint, (v ->> 10)::bigint FROM jsonb_array_elements($1::jsonb) AS v \
+               ON CONFLICT (room_id, day_start, user_id) DO UPDATE SET \
+               messages = engagement_daily.messages + excluded.messages, \
+               questions = engagement_daily.questions + excluded.questions, \
+               answers = engagement_daily.answers + excluded.answers, \
+               reactions = engagement_daily.reactions + excluded.reactions, \
+               checkins = engagement_daily.checkins + excluded.checkins, \
+               points = engagement_daily.points + excluded.points, \
+               first_ts = CASE WHEN excluded.first_ts IS NULL THEN engagement_daily.first_ts \
+                 WHEN engagement_daily.first_ts IS NULL OR excluded.first_ts < engagement_daily.first_ts \
+                 THEN excluded.first_ts ELSE engagement_daily.first_ts END, \
+               last_ts = CASE WHEN excluded.last_ts IS NULL THEN engagement_daily.last_ts \
+                 WHEN engagement_daily.last_ts IS NULL OR excluded.last_ts > engagement_daily.last_ts \
+                 THEN excluded.last_ts ELSE engagement_daily.last_ts END",
+};
+
+/// Adds to the running totals (one row per room and user) and returns the new totals.
+const ADD_TOTALS: Sql = Sql {
+    sqlite: "INSERT INTO engagement_members (room_id, user_id, name, messages, questions, \
+             answers, reactions_received, helpful, checkins, points) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+             value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9 \
+             FROM json_each($1) WHERE true \
+             ON CONFLICT (room_id, user_id) DO UPDATE SET \
+             name = CASE WHEN excluded.name = '' THEN engagement_members.name ELSE excluded.name END, \
+             messages = engagement_members.messages + excluded.messages, \
+             questions = engagement_members.questions + excluded.questions, \
+             answers = engagement_members.answers + excluded.answers, \
+             reactions_received = engagement_members.reactions_received + excluded.reactions_received, \
+             helpful = engagement_members.helpful + excluded.helpful, \
+             checkins = engagement_members.checkins + excluded.checkins, \
+             points = engagement_members.points + excluded.points \
+             RETURNING room_id, user_id, name, messages, questions, answers, reactions_received, \
+             helpful, checkins, points",
+    postgres: "INSERT INTO engagement_members (room_id, user_id, name, messages, questions, \
+               answers, reactions_received, helpful, checkins, points) \
+               SELECT v ->> 0, v ->> 1, v ->> 2, (v ->> 3)::bigint, (v ->> 4)::bigint, \
+               (v ->> 5)::bigint, (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint, \
+               (v ->> 9)::bigint FROM jsonb_array_elements($1::jsonb) AS v \
+               ON CONFLICT (room_id, user_id) DO UPDATE SET \
+               name = CASE WHEN excluded.name = '' THEN engagement_members.name ELSE excluded.name END, \
+               messages = engagement_members.messages + excluded.messages, \
+               questions = engagement_members.questions + excluded.questions, \
+               answers = engagement_members.answers + excluded.answers, \
+               reactions_received = engagement_members.reactions_received + excluded.reactions_received, \
+               helpful = engagement_members.helpful + excluded.helpful, \
+               checkins = engagement_members.checkins + excluded.checkins, \
+               points = engagement_members.points + excluded.points \
+               RETURNING room_id, user_id, name, messages, questions, answers, reactions_received, \
+               helpful, checkins, points",
+};
+
 /// Zones and badge-announcement flags of rooms, by id.
 async fn room_settings(
     tx: &mut Tx,
     rooms: &[&RoomId],
 ) -> Result<HashMap<String, EngagementSettings>> {
-    let mut out = HashMap::new();
-    for chunk in rooms.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT id, engagement FROM rooms WHERE id IN ({})",
-            super::placeholders(chunk.len(), 1)
+    let ids: Vec<&str> = rooms.iter().map(|r| r.as_str()).collect();
+    let rows = sqlx::query(ROOM_SETTINGS.get(backend_of(tx)))
+        .bind(rows::json(&ids))
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        out.insert(
+            row.try_get::<String, _>("id")?,
+            EngagementSettings::parse(&row.try_get::<String, _>("engagement")?),
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for r in chunk {
-            q = q.bind(r.as_str());
-        }
-        for row in q.fetch_all(&mut **tx).await? {
-            out.insert(
-                row.try_get::<String, _>("id")?,
-                EngagementSettings::parse(&row.try_get::<String, _>("engagement")?),
-            );
-        }
     }
     Ok(out)
 }
 
 async fn user_zones(tx: &mut Tx, users: &[&UserId]) -> Result<HashMap<String, String>> {
-    let mut out = HashMap::new();
-    for chunk in users.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT user_id, tz FROM user_zones WHERE user_id IN ({})",
-            super::placeholders(chunk.len(), 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for u in chunk {
-            q = q.bind(u.as_str());
-        }
-        for row in q.fetch_all(&mut **tx).await? {
-            out.insert(row.try_get("user_id")?, row.try_get("tz")?);
-        }
+    let ids: Vec<&str> = users.iter().map(|u| u.as_str()).collect();
+    let rows = sqlx::query(USER_ZONES.get(backend_of(tx)))
+        .bind(rows::json(&ids))
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        out.insert(row.try_get("user_id")?, row.try_get("tz")?);
     }
     Ok(out)
 }
@@ -266,39 +370,32 @@ async fn count_attempts(
     tx: &mut Tx,
     attempts: &BTreeMap<CapKey, i64>,
 ) -> Result<HashMap<CapKey, i64>> {
-    let rows: Vec<(&CapKey, &i64)> = attempts.iter().collect();
     let mut out = HashMap::new();
-    for chunk in rows.chunks(CHUNK) {
-        let sql = format!(
-            "INSERT INTO points_caps (room_id, user_id, action, day, n) VALUES {} \
-             ON CONFLICT (room_id, user_id, action, day) DO UPDATE SET n = points_caps.n + excluded.n \
-             RETURNING room_id, user_id, action, day, n",
-            placeholders(chunk.len(), 5, 1)
+    if attempts.is_empty() {
+        return Ok(out);
+    }
+    let rows: Vec<_> = attempts
+        .iter()
+        .map(|((r, u, a, d), n)| (r, u, a, d, n))
+        .collect();
+    let returned = sqlx::query(COUNT_ATTEMPTS.get(backend_of(tx)))
+        .bind(rows::json(&rows))
+        .fetch_all(&mut **tx)
+        .await?;
+    for row in returned {
+        let action: String = row.try_get("action")?;
+        let Some(a) = ACTIONS.iter().find(|a| **a == action) else {
+            continue;
+        };
+        out.insert(
+            (
+                row.try_get("room_id")?,
+                row.try_get("user_id")?,
+                *a,
+                row.try_get("day")?,
+            ),
+            row.try_get("n")?,
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for ((r, u, a, d), n) in chunk {
-            q = q
-                .bind(r.as_str())
-                .bind(u.as_str())
-                .bind(*a)
-                .bind(d.as_str())
-                .bind(**n);
-        }
-        for row in q.fetch_all(&mut **tx).await? {
-            let action: String = row.try_get("action")?;
-            let Some(a) = ACTIONS.iter().find(|a| **a == action) else {
-                continue;
-            };
-            out.insert(
-                (
-                    row.try_get("room_id")?,
-                    row.try_get("user_id")?,
-                    *a,
-                    row.try_get("day")?,
-                ),
-                row.try_get("n")?,
-            );
-        }
     }
     Ok(out)
 }
@@ -421,29 +518,29 @@ pub(super) async fn contribute(
     }
 
     // The ledger.
-    let awards: Vec<usize> = (0..items.len()).filter(|i| points[*i] > 0).collect();
-    for chunk in awards.chunks(CHUNK) {
-        let sql = format!(
-            "INSERT INTO points_ledger (room_id, user_id, action, kind, ref_id, detail, day, \
-             bucket, points, ts) VALUES {}",
-            placeholders(chunk.len(), 10, 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for &i in chunk {
+    let backend = backend_of(tx);
+    let awards: Vec<_> = (0..items.len())
+        .filter(|i| points[*i] > 0)
+        .map(|i| {
             let (c, p) = (items[i], &placed[i]);
-            q = q
-                .bind(c.room.as_str())
-                .bind(c.user.as_str())
-                .bind(c.kind.action().map_or("", Action::as_str))
-                .bind("award")
-                .bind(c.ref_id.as_str())
-                .bind(c.detail.as_str())
-                .bind(p.day.as_str())
-                .bind(p.bucket)
-                .bind(points[i])
-                .bind(c.ts);
-        }
-        q.execute(&mut **tx).await?;
+            (
+                c.room.as_str(),
+                c.user.as_str(),
+                c.kind.action().map_or("", Action::as_str),
+                c.ref_id.as_str(),
+                c.detail.as_str(),
+                p.day.as_str(),
+                p.bucket,
+                points[i],
+                c.ts,
+            )
+        })
+        .collect();
+    if !awards.is_empty() {
+        sqlx::query(INSERT_AWARDS.get(backend))
+            .bind(rows::json(&awards))
+            .execute(&mut **tx)
+            .await?;
     }
 
     // Day counters, one row per (room, day, user).
@@ -468,36 +565,17 @@ pub(super) async fn contribute(
             d.last = Some(d.last.map_or(c.ts, |l| l.max(c.ts)));
         }
     }
-    let rows: Vec<_> = daily.into_iter().collect();
-    for chunk in rows.chunks(CHUNK) {
-        let sql = format!(
-            "INSERT INTO engagement_daily (room_id, day_start, user_id, messages, questions, \
-             answers, reactions, checkins, points, first_ts, last_ts) VALUES {} \
-             ON CONFLICT (room_id, day_start, user_id) DO UPDATE SET \
-             messages = engagement_daily.messages + excluded.messages, \
-             questions = engagement_daily.questions + excluded.questions, \
-             answers = engagement_daily.answers + excluded.answers, \
-             reactions = engagement_daily.reactions + excluded.reactions, \
-             checkins = engagement_daily.checkins + excluded.checkins, \
-             points = engagement_daily.points + excluded.points, \
-             first_ts = CASE WHEN excluded.first_ts IS NULL THEN engagement_daily.first_ts \
-               WHEN engagement_daily.first_ts IS NULL OR excluded.first_ts < engagement_daily.first_ts \
-               THEN excluded.first_ts ELSE engagement_daily.first_ts END, \
-             last_ts = CASE WHEN excluded.last_ts IS NULL THEN engagement_daily.last_ts \
-               WHEN engagement_daily.last_ts IS NULL OR excluded.last_ts > engagement_daily.last_ts \
-               THEN excluded.last_ts ELSE engagement_daily.last_ts END",
-            placeholders(chunk.len(), 11, 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for ((room, bucket, user), d) in chunk {
-            q = q.bind(room.as_str()).bind(*bucket).bind(user.as_str());
-            for n in d.counts {
-                q = q.bind(n);
-            }
-            q = q.bind(d.points).bind(d.first).bind(d.last);
-        }
-        q.execute(&mut **tx).await?;
-    }
+    let rows: Vec<_> = daily
+        .iter()
+        .map(|((room, bucket, user), d)| {
+            let [m, q, a, r, c] = d.counts;
+            (room, bucket, user, m, q, a, r, c, d.points, d.first, d.last)
+        })
+        .collect();
+    sqlx::query(ADD_DAILY.get(backend))
+        .bind(rows::json(&rows))
+        .execute(&mut **tx)
+        .await?;
 
     // Running totals, one row per (room, user); the new totals come back for the badges.
     #[derive(Default)]
@@ -520,37 +598,19 @@ pub(super) async fn contribute(
         }
         t.points += points[i];
     }
-    let rows: Vec<_> = totals.into_iter().collect();
-    for chunk in rows.chunks(CHUNK) {
-        let sql = format!(
-            "INSERT INTO engagement_members (room_id, user_id, name, messages, questions, \
-             answers, reactions_received, helpful, checkins, points) VALUES {} \
-             ON CONFLICT (room_id, user_id) DO UPDATE SET \
-             name = CASE WHEN excluded.name = '' THEN engagement_members.name ELSE excluded.name END, \
-             messages = engagement_members.messages + excluded.messages, \
-             questions = engagement_members.questions + excluded.questions, \
-             answers = engagement_members.answers + excluded.answers, \
-             reactions_received = engagement_members.reactions_received + excluded.reactions_received, \
-             helpful = engagement_members.helpful + excluded.helpful, \
-             checkins = engagement_members.checkins + excluded.checkins, \
-             points = engagement_members.points + excluded.points \
-             RETURNING room_id, user_id, name, messages, questions, answers, reactions_received, \
-             helpful, checkins, points",
-            placeholders(chunk.len(), 10, 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for ((room, user), t) in chunk {
-            q = q
-                .bind(room.as_str())
-                .bind(user.as_str())
-                .bind(t.name.as_str());
-            for n in t.counts {
-                q = q.bind(n);
-            }
-            q = q.bind(t.points);
-        }
-        let returned = q.fetch_all(&mut **tx).await?;
-        let deltas: HashMap<(&str, &str), &Total> = chunk
+    {
+        let rows: Vec<_> = totals
+            .iter()
+            .map(|((room, user), t)| {
+                let [m, q, a, rr, h, c] = t.counts;
+                (room, user, &t.name, m, q, a, rr, h, c, t.points)
+            })
+            .collect();
+        let returned = sqlx::query(ADD_TOTALS.get(backend))
+            .bind(rows::json(&rows))
+            .fetch_all(&mut **tx)
+            .await?;
+        let deltas: HashMap<(&str, &str), &Total> = totals
             .iter()
             .map(|((r, u), t)| ((r.as_str(), u.as_str()), t))
             .collect();
@@ -645,7 +705,7 @@ pub(super) async fn earn(
 /// A system message in the room, stored and sequenced like an HTTP API announcement.
 async fn announcement(tx: &mut Tx, room: &RoomId, text: &str, ts: i64) -> Result<CommittedEvent> {
     let seq = bump_seq(tx, room).await?;
-    let id = super::writer::new_message_id();
+    let id = super::writer::new_message_id(ts);
     let from = badge_sender();
     sqlx::query(
         "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \

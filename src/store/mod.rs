@@ -9,11 +9,12 @@
 mod av;
 mod calls;
 mod engagement;
-mod fast;
 mod moderation;
 mod postgres;
 mod qa;
+mod rows;
 mod search;
+mod sends;
 mod sqlite;
 mod stats;
 mod writer;

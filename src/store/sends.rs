@@ -1,42 +1,18 @@
-//! The batched path for the hot write: plain `send`s (no `reply_to`) inside a group commit.
-//! Across every room of the batch, one query finds earlier copies (idempotency); each room
-//! reserves its run of seqs with one `UPDATE ... RETURNING` (taken in room order, like every
-//! other write, so writers never deadlock); and multi-row INSERTs store all the messages,
-//! events and search rows at the end of the transaction. Same results, in the same order, as
-//! applying the sends one by one; the conformance suite runs it on both backends.
+//! The batched path for the hot write: plain `send`s (no `reply_to`) inside a group commit,
+//! at a fixed number of statements for any number of sends over any number of rooms. One
+//! statement finds earlier copies (idempotency), one reserves every room's run of seqs, and
+//! three store the messages, events and search rows (rows travel as one JSON parameter, see
+//! `rows.rs`). Same results, in the same order, as applying the sends one by one; the
+//! conformance suite runs it on both backends.
 
+use super::rows::{self, Sql};
 use super::writer::{Applied, CommittedEvent, Tx, WriteOp, WriteOutcome, new_message_id};
-use super::{Result, StoreError, now_ms};
+use super::{Backend, Result, StoreError, now_ms};
 use crate::protocol::{MessageId, RoomEvent, RoomId, SequencedEvent, UserRef};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::Row;
 use std::collections::HashMap;
 
-/// Rows per multi-row statement (7 parameters each, well under both backends' limits).
-const CHUNK: usize = 400;
-
 type Key = (String, String, String);
-
-/// `($1, $2, ..), ($k, ..)`: `rows` tuples of `cols` numbered placeholders from `$first`.
-pub(super) fn placeholders(rows: usize, cols: usize, first: usize) -> String {
-    let mut out = String::with_capacity(rows * cols * 5);
-    let mut n = first;
-    for r in 0..rows {
-        if r > 0 {
-            out.push_str(", ");
-        }
-        out.push('(');
-        for c in 0..cols {
-            if c > 0 {
-                out.push_str(", ");
-            }
-            out.push('$');
-            out.push_str(&n.to_string());
-            n += 1;
-        }
-        out.push(')');
-    }
-    out
-}
 
 /// A plain send's parts, or `None` for any other write.
 pub(super) fn plain_send(op: &WriteOp) -> Option<(&RoomId, &UserRef, &String, &Option<String>)> {
@@ -52,45 +28,136 @@ pub(super) fn plain_send(op: &WriteOp) -> Option<(&RoomId, &UserRef, &String, &O
     }
 }
 
+const PRIOR: Sql = Sql {
+    sqlite: "SELECT m.room_id, m.sender_id, m.client_msg_id, m.id, m.seq, m.ts \
+             FROM json_each($1) AS k JOIN messages m ON m.room_id = k.value ->> 0 \
+             AND m.sender_id = k.value ->> 1 AND m.client_msg_id = k.value ->> 2",
+    // LATERAL ... LIMIT 1 keeps it one index probe per key: as a plain join, a planner that
+    // has not analysed the table yet hashes the whole `messages` table instead.
+    postgres: "SELECT m.room_id, m.sender_id, m.client_msg_id, m.id, m.seq, m.ts \
+               FROM jsonb_array_elements($1::jsonb) AS k(v), LATERAL (SELECT * FROM messages \
+               WHERE room_id = k.v ->> 0 AND sender_id = k.v ->> 1 \
+               AND client_msg_id = k.v ->> 2 LIMIT 1) AS m",
+};
+
+/// Adds `n` to each listed room's `last_seq` (unless archived) and returns the new values.
+const RESERVE: Sql = Sql {
+    sqlite: "UPDATE rooms SET last_seq = rooms.last_seq + r.n \
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS n FROM json_each($1)) AS r \
+             WHERE rooms.id = r.id AND rooms.archived = 0 RETURNING id, last_seq",
+    // `= ANY(ARRAY(...))` finds the rows through the primary key whatever the planner knows.
+    postgres: "UPDATE rooms SET last_seq = rooms.last_seq + r.n \
+               FROM (SELECT v ->> 0 AS id, (v ->> 1)::bigint AS n \
+               FROM jsonb_array_elements($1::jsonb) AS v) AS r \
+               WHERE rooms.id = r.id AND rooms.archived = 0 AND rooms.id = ANY(ARRAY( \
+               SELECT v ->> 0 FROM jsonb_array_elements($1::jsonb) AS v)) \
+               RETURNING rooms.id, rooms.last_seq",
+};
+
+/// Whether listed rooms exist and are archived (only asked when a reservation missed one).
+const ROOM_STATE: Sql = Sql {
+    sqlite: "SELECT id, archived FROM rooms WHERE id IN (SELECT value FROM json_each($1))",
+    postgres: "SELECT id, archived FROM rooms \
+               WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))",
+};
+
+const INSERT_MESSAGES: Sql = Sql {
+    sqlite: "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+             value ->> 5, 0 FROM json_each($1)",
+    postgres: "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
+               SELECT v ->> 0, v ->> 1, (v ->> 2)::bigint, v ->> 3, v ->> 4, \
+               (v ->> 5)::bigint, 0 FROM jsonb_array_elements($1::jsonb) AS v",
+};
+
+const INSERT_EVENTS: Sql = Sql {
+    sqlite: "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, 'message', value ->> 3, \
+             value ->> 4, NULL FROM json_each($1)",
+    postgres: "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) \
+               SELECT v ->> 0, (v ->> 1)::bigint, (v ->> 2)::bigint, 'message', v ->> 3, \
+               v ->> 4, NULL FROM jsonb_array_elements($1::jsonb) AS v",
+};
+
+const INSERT_SEARCH: Sql = Sql {
+    sqlite: "INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) \
+             SELECT value ->> 0, 'message', value ->> 1, value ->> 2, value ->> 3, 0, \
+             value ->> 4 FROM json_each($1)",
+    postgres: "INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) \
+               SELECT v ->> 0, 'message', v ->> 1, (v ->> 2)::bigint, (v ->> 3)::bigint, 0, \
+               v ->> 4 FROM jsonb_array_elements($1::jsonb) AS v",
+};
+
 /// Messages already stored under these (room, sender, client_msg_id) keys: key -> (id, seq, ts).
-pub(super) async fn prior_sends(
+async fn prior_sends(
     tx: &mut Tx,
-    ops: &[&WriteOp],
+    backend: Backend,
+    keys: &[(&str, &str, &str)],
 ) -> Result<HashMap<Key, (MessageId, i64, i64)>> {
-    let keys: Vec<(&str, &str, &str)> = ops
-        .iter()
-        .filter_map(|op| plain_send(op))
-        .filter_map(|(room, from, _, cid)| {
-            cid.as_deref().map(|c| (room.as_str(), from.id.as_str(), c))
-        })
-        .collect();
     let mut prior = HashMap::new();
-    for chunk in keys.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT room_id, sender_id, client_msg_id, id, seq, ts FROM messages \
-             WHERE (room_id, sender_id, client_msg_id) IN (VALUES {})",
-            placeholders(chunk.len(), 3, 1)
+    if keys.is_empty() {
+        return Ok(prior);
+    }
+    let rows = sqlx::query(PRIOR.get(backend))
+        .bind(rows::json(keys))
+        .fetch_all(&mut **tx)
+        .await?;
+    for row in rows {
+        prior.insert(
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?),
+            (MessageId(row.try_get(3)?), row.try_get(4)?, row.try_get(5)?),
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (room, sender, cid) in chunk {
-            q = q.bind(*room).bind(*sender).bind(*cid);
-        }
-        for row in q.fetch_all(&mut **tx).await? {
-            prior.insert(
-                (
-                    row.try_get("room_id")?,
-                    row.try_get("sender_id")?,
-                    row.try_get("client_msg_id")?,
-                ),
-                (
-                    MessageId(row.try_get("id")?),
-                    row.try_get("seq")?,
-                    row.try_get("ts")?,
-                ),
-            );
-        }
     }
     Ok(prior)
+}
+
+/// Reserves `n` seqs in each room: room -> the first of its run. A room that is missing or
+/// archived is left out of the map and reported in the second value.
+async fn reserve(
+    tx: &mut Tx,
+    backend: Backend,
+    wanted: &[(&str, i64)],
+) -> Result<(HashMap<String, i64>, HashMap<String, StoreError>)> {
+    let mut first = HashMap::with_capacity(wanted.len());
+    let mut refused = HashMap::new();
+    if wanted.is_empty() {
+        return Ok((first, refused));
+    }
+    let rows = sqlx::query(RESERVE.get(backend))
+        .bind(rows::json(wanted))
+        .fetch_all(&mut **tx)
+        .await?;
+    let want: HashMap<&str, i64> = wanted.iter().copied().collect();
+    for row in rows {
+        let (id, last): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let n = want.get(id.as_str()).copied().unwrap_or(0);
+        first.insert(id, last - n + 1);
+    }
+    if first.len() < wanted.len() {
+        let missed: Vec<&str> = wanted
+            .iter()
+            .map(|(r, _)| *r)
+            .filter(|r| !first.contains_key(*r))
+            .collect();
+        let rows = sqlx::query(ROOM_STATE.get(backend))
+            .bind(rows::json(&missed))
+            .fetch_all(&mut **tx)
+            .await?;
+        let existing: Vec<String> = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<std::result::Result<_, _>>()?;
+        for room in missed {
+            // It exists, so the reservation skipped it for being archived.
+            let why = if existing.iter().any(|a| a == room) {
+                StoreError::Forbidden("the room is archived".into())
+            } else {
+                StoreError::NotFound("room")
+            };
+            refused.insert(room.to_owned(), why);
+        }
+    }
+    Ok((first, refused))
 }
 
 /// A message to insert once the whole batch is planned.
@@ -107,199 +174,188 @@ pub(super) struct Staged {
     json: String,
 }
 
-/// Plans a run of plain sends to one room (in queue order): duplicates get the first send's
-/// outcome, new ones get consecutive seqs reserved here; their rows go to `staged`.
-pub(super) async fn plan_room(
-    tx: &mut Tx,
-    ops: &[&WriteOp],
-    prior: &HashMap<Key, (MessageId, i64, i64)>,
-    staged: &mut Vec<Staged>,
-) -> Result<Vec<Applied>> {
+/// What a run of sends came to: each send's result (in the order given) and the rows to
+/// insert at the end of the transaction.
+pub(super) struct Planned {
+    pub results: Vec<Result<Applied>>,
+    pub staged: Vec<Staged>,
+}
+
+/// Plans plain sends (grouped by room, each room's in queue order): duplicates get the first
+/// send's outcome, new ones consecutive seqs of their room. Reads and reserves with a fixed
+/// number of statements; nothing is inserted yet (see [`insert_staged`]).
+pub(super) async fn plan(tx: &mut Tx, backend: Backend, ops: &[&WriteOp]) -> Result<Planned> {
     let mut sends = Vec::with_capacity(ops.len());
     for op in ops {
         sends.push(
             plain_send(op)
-                .ok_or_else(|| StoreError::Corrupt("plan_room takes plain sends only".into()))?,
+                .ok_or_else(|| StoreError::Corrupt("plan takes plain sends only".into()))?,
         );
     }
-    let room = sends[0].0;
-    let key_of = |from: &UserRef, cid: &Option<String>| {
+    let keys: Vec<(&str, &str, &str)> = sends
+        .iter()
+        .filter_map(|(room, from, _, cid)| {
+            cid.as_deref().map(|c| (room.as_str(), from.id.as_str(), c))
+        })
+        .collect();
+    let prior = prior_sends(tx, backend, &keys).await?;
+    let key_of = |room: &RoomId, from: &UserRef, cid: &Option<String>| {
         cid.as_ref()
             .map(|c| (room.0.clone(), from.id.0.clone(), c.clone()))
     };
-    // Which sends are new: not stored before and not repeated earlier in this run.
-    let mut seen: HashMap<Key, usize> = HashMap::new();
-    let mut fresh = 0usize;
-    let mut slot: Vec<Option<usize>> = Vec::with_capacity(sends.len());
-    for (_, from, _, cid) in &sends {
-        match key_of(from, cid) {
-            Some(k) if prior.contains_key(&k) || seen.contains_key(&k) => slot.push(None),
+    // Which sends are new: not stored before and not repeated earlier in this batch. A new
+    // send's slot is its index among its room's new sends.
+    let mut seen: HashMap<Key, ()> = HashMap::new();
+    let mut fresh: Vec<(&str, i64)> = Vec::new();
+    let mut slot: Vec<Option<i64>> = Vec::with_capacity(sends.len());
+    for (room, from, _, cid) in &sends {
+        let new = match key_of(room, from, cid) {
+            Some(k) if prior.contains_key(&k) || seen.contains_key(&k) => false,
             Some(k) => {
-                seen.insert(k, fresh);
-                slot.push(Some(fresh));
-                fresh += 1;
+                seen.insert(k, ());
+                true
             }
-            None => {
-                slot.push(Some(fresh));
-                fresh += 1;
+            None => true,
+        };
+        if !new {
+            slot.push(None);
+            continue;
+        }
+        match fresh.last_mut() {
+            Some((r, n)) if *r == room.as_str() => {
+                slot.push(Some(*n));
+                *n += 1;
+            }
+            _ => {
+                slot.push(Some(0));
+                fresh.push((room.as_str(), 1));
             }
         }
     }
+    let (first, refused) = reserve(tx, backend, &fresh).await?;
     let ts = now_ms();
-    let mut first = 0;
-    if fresh > 0 {
-        let last: Option<i64> = sqlx::query_scalar(
-            "UPDATE rooms SET last_seq = last_seq + $2 WHERE id = $1 AND archived = 0 RETURNING last_seq",
-        )
-        .bind(room.as_str())
-        .bind(fresh as i64)
-        .fetch_optional(&mut **tx)
-        .await?;
-        let Some(last) = last else {
-            let exists: Option<i64> =
-                sqlx::query_scalar("SELECT archived FROM rooms WHERE id = $1")
-                    .bind(room.as_str())
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            return Err(match exists {
-                Some(_) => StoreError::Forbidden("the room is archived".into()),
-                None => StoreError::NotFound("room"),
-            });
-        };
-        first = last - fresh as i64 + 1;
-    }
     let mut made: HashMap<Key, (MessageId, i64)> = HashMap::new();
     let mut results = Vec::with_capacity(sends.len());
-    for ((_, from, text, cid), slot) in sends.iter().zip(slot) {
-        let key = key_of(from, cid);
-        match slot {
-            Some(n) => {
-                let seq = first + n as i64;
-                let id = new_message_id();
-                let event = RoomEvent::Message {
-                    id: id.clone(),
-                    from: (*from).clone(),
-                    text: (*text).clone(),
-                    reply_to: None,
-                    ts,
-                    client_msg_id: (*cid).clone(),
-                    edited_ts: None,
-                    deleted: false,
-                    reactions: Vec::new(),
-                };
-                let json = crate::protocol::encode(&SequencedEvent {
-                    room: room.clone(),
-                    seq,
-                    event,
-                });
-                if let Some(k) = key {
-                    made.insert(k, (id.clone(), seq));
-                }
-                staged.push(Staged {
-                    room: room.clone(),
-                    id: id.clone(),
-                    seq,
-                    sender: from.id.0.clone(),
-                    name: from.name.clone(),
-                    client_msg_id: (*cid).clone(),
-                    text: (*text).clone(),
-                    ts,
-                    json: json.clone(),
-                });
-                results.push(Applied {
-                    outcome: WriteOutcome::Sent {
-                        id,
-                        seq,
-                        ts,
-                        duplicate: false,
-                    },
-                    event: Some(CommittedEvent {
-                        room: room.clone(),
-                        seq,
-                        json,
-                        public_json: None,
-                    }),
-                });
-            }
-            None => {
-                let k =
-                    key.ok_or_else(|| StoreError::Corrupt("a duplicate without a key".into()))?;
-                let (id, seq, at) = match prior.get(&k) {
-                    Some((id, seq, at)) => (id.clone(), *seq, *at),
-                    None => {
-                        let (id, seq) = made.get(&k).cloned().ok_or_else(|| {
-                            StoreError::Corrupt("duplicate without original".into())
-                        })?;
-                        (id, seq, ts)
-                    }
-                };
-                results.push(Applied {
-                    outcome: WriteOutcome::Sent {
-                        id,
-                        seq,
-                        ts: at,
-                        duplicate: true,
-                    },
-                    event: None,
-                });
-            }
+    let mut staged = Vec::with_capacity(sends.len());
+    for ((room, from, text, cid), slot) in sends.iter().zip(slot) {
+        if let Some(why) = refused.get(room.as_str()) {
+            results.push(Err(why.duplicate()));
+            continue;
         }
+        let key = key_of(room, from, cid);
+        let Some(n) = slot else {
+            let k = key.ok_or_else(|| StoreError::Corrupt("a duplicate without a key".into()))?;
+            let (id, seq, at) = match prior.get(&k) {
+                Some((id, seq, at)) => (id.clone(), *seq, *at),
+                None => {
+                    let (id, seq) = made
+                        .get(&k)
+                        .cloned()
+                        .ok_or_else(|| StoreError::Corrupt("duplicate without original".into()))?;
+                    (id, seq, ts)
+                }
+            };
+            results.push(Ok(Applied {
+                outcome: WriteOutcome::Sent {
+                    id,
+                    seq,
+                    ts: at,
+                    duplicate: true,
+                },
+                event: None,
+            }));
+            continue;
+        };
+        let seq = first
+            .get(room.as_str())
+            .ok_or_else(|| StoreError::Corrupt(format!("no seqs reserved in {room}")))?
+            + n;
+        let id = new_message_id(ts);
+        let json = crate::protocol::encode(&SequencedEvent {
+            room: (*room).clone(),
+            seq,
+            event: RoomEvent::Message {
+                id: id.clone(),
+                from: (*from).clone(),
+                text: (*text).clone(),
+                reply_to: None,
+                ts,
+                client_msg_id: (*cid).clone(),
+                edited_ts: None,
+                deleted: false,
+                reactions: Vec::new(),
+            },
+        });
+        if let Some(k) = key {
+            made.insert(k, (id.clone(), seq));
+        }
+        results.push(Ok(Applied {
+            outcome: WriteOutcome::Sent {
+                id: id.clone(),
+                seq,
+                ts,
+                duplicate: false,
+            },
+            event: Some(CommittedEvent {
+                room: (*room).clone(),
+                seq,
+                json: json.clone(),
+                public_json: None,
+            }),
+        }));
+        staged.push(Staged {
+            room: (*room).clone(),
+            id,
+            seq,
+            sender: from.id.0.clone(),
+            name: from.name.clone(),
+            client_msg_id: (*cid).clone(),
+            text: (*text).clone(),
+            ts,
+            json,
+        });
     }
-    Ok(results)
+    Ok(Planned { results, staged })
 }
 
-/// Inserts every staged message: messages, events and search rows, a few statements in all.
-pub(super) async fn insert_staged(tx: &mut Tx, staged: &[Staged]) -> Result<()> {
-    for chunk in staged.chunks(CHUNK) {
-        let sql = format!(
-            "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) VALUES {}",
-            placeholders(chunk.len(), 7, 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for m in chunk {
-            q = q
-                .bind(m.id.as_str())
-                .bind(m.room.as_str())
-                .bind(m.seq)
-                .bind(m.sender.as_str())
-                .bind(m.client_msg_id.as_deref())
-                .bind(m.ts)
-                .bind(0i64);
-        }
-        q.execute(&mut **tx).await?;
-        let sql = format!(
-            "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) VALUES {}",
-            placeholders(chunk.len(), 7, 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for m in chunk {
-            q = q
-                .bind(m.room.as_str())
-                .bind(m.seq)
-                .bind(m.ts)
-                .bind("message")
-                .bind(m.id.as_str())
-                .bind(m.json.as_str())
-                .bind(None::<String>);
-        }
-        q.execute(&mut **tx).await?;
-        let sql = format!(
-            "INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) VALUES {}",
-            placeholders(chunk.len(), 7, 1)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for m in chunk {
-            q = q
-                .bind(m.room.as_str())
-                .bind("message")
-                .bind(m.id.as_str())
-                .bind(m.seq)
-                .bind(m.ts)
-                .bind(0i64)
-                .bind(m.text.as_str());
-        }
-        q.execute(&mut **tx).await?;
+/// Inserts every staged message: messages, events and search rows, three statements in all.
+pub(super) async fn insert_staged(tx: &mut Tx, backend: Backend, staged: &[Staged]) -> Result<()> {
+    if staged.is_empty() {
+        return Ok(());
     }
+    let messages: Vec<_> = staged
+        .iter()
+        .map(|m| {
+            (
+                m.id.as_str(),
+                m.room.as_str(),
+                m.seq,
+                m.sender.as_str(),
+                m.client_msg_id.as_deref(),
+                m.ts,
+            )
+        })
+        .collect();
+    sqlx::query(INSERT_MESSAGES.get(backend))
+        .bind(rows::json(&messages))
+        .execute(&mut **tx)
+        .await?;
+    let events: Vec<_> = staged
+        .iter()
+        .map(|m| (m.room.as_str(), m.seq, m.ts, m.id.as_str(), m.json.as_str()))
+        .collect();
+    sqlx::query(INSERT_EVENTS.get(backend))
+        .bind(rows::json(&events))
+        .execute(&mut **tx)
+        .await?;
+    let docs: Vec<_> = staged
+        .iter()
+        .map(|m| (m.room.as_str(), m.id.as_str(), m.seq, m.ts, m.text.as_str()))
+        .collect();
+    sqlx::query(INSERT_SEARCH.get(backend))
+        .bind(rows::json(&docs))
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -320,12 +376,4 @@ pub(super) fn contributions(staged: &[Staged]) -> Vec<super::engagement::Contrib
             zone: None,
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn numbered_placeholders() {
-        assert_eq!(super::placeholders(2, 3, 2), "($2, $3, $4), ($5, $6, $7)");
-    }
 }

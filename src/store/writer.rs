@@ -202,6 +202,7 @@ pub(super) async fn run(
     };
     let w = Writer {
         pool,
+        backend,
         begin,
         hook,
         metrics,
@@ -256,6 +257,7 @@ pub(super) async fn run(
 
 struct Writer {
     pool: AnyPool,
+    backend: Backend,
     begin: &'static str,
     hook: Option<CommitHook>,
     metrics: Arc<Metrics>,
@@ -353,84 +355,85 @@ impl Writer {
         tell(batch_fx);
     }
 
-    /// Applies `ops` in one transaction. A database error aborts (and rolls back) the whole
-    /// transaction; a refusal of one write (not found, forbidden) only fails that write.
+    /// Applies `ops` (sorted by room) in one transaction. A database error aborts (and rolls
+    /// back) the whole transaction; a refusal of one write (not found, forbidden) only fails
+    /// that write. Rooms whose writes are all plain sends (the hot path) go through
+    /// `sends.rs` together, at a fixed number of statements; other writes apply one by one.
     async fn transaction(&self, ops: &[&WriteOp]) -> Result<Results, sqlx::Error> {
-        let db = |e: StoreError| match e {
-            StoreError::Db(e) => Err(e),
-            other => Ok(other),
-        };
         let mut tx = self.pool.begin_with(self.begin).await?;
-        // `ops` is sorted by room: split it into one segment per room. A segment of plain sends
-        // only (the hot path) is planned in bulk; anything else is applied write by write.
-        let mut segments = Vec::new();
+        if self.backend == Backend::Postgres {
+            lock_rooms(&mut tx, ops).await?;
+        }
+        // A room goes the bulk way only if every write to it in this batch is a plain send,
+        // so each room's seqs follow its queue order on either path.
+        let mut bulk = vec![true; ops.len()];
         let mut start = 0;
         for i in 1..=ops.len() {
             if i == ops.len() || ops[i].room() != ops[start].room() {
-                segments.push(start..i);
+                let all = ops[start..i]
+                    .iter()
+                    .all(|op| super::sends::plain_send(op).is_some());
+                bulk[start..i].fill(all);
                 start = i;
             }
         }
-        let bulk: Vec<bool> = segments
-            .iter()
-            .map(|r| {
-                ops[r.clone()]
-                    .iter()
-                    .all(|op| super::fast::plain_send(op).is_some())
-            })
-            .collect();
-        let bulk_ops: Vec<&WriteOp> = segments
+        let bulk_ops: Vec<&WriteOp> = ops
             .iter()
             .zip(&bulk)
             .filter(|(_, b)| **b)
-            .flat_map(|(r, _)| ops[r.clone()].iter().copied())
+            .map(|(op, _)| *op)
             .collect();
-        let prior = match super::fast::prior_sends(&mut tx, &bulk_ops).await {
-            Ok(p) => p,
-            Err(e) => return Err(abort_batch(e)),
-        };
-        let mut staged = Vec::new();
+        let planned = super::sends::plan(&mut tx, self.backend, &bulk_ops)
+            .await
+            .map_err(abort_batch)?;
+        let mut planned_results = planned.results.into_iter();
         let mut out: Vec<Result<(Applied, Effects)>> = Vec::with_capacity(ops.len());
-        for (range, is_bulk) in segments.into_iter().zip(bulk) {
+        for (op, is_bulk) in ops.iter().zip(bulk) {
             if is_bulk {
-                match super::fast::plan_room(&mut tx, &ops[range.clone()], &prior, &mut staged)
-                    .await
-                {
-                    Ok(results) => {
-                        out.extend(results.into_iter().map(|a| Ok((a, Effects::default()))))
-                    }
-                    Err(e) => {
-                        let refusal = db(e)?;
-                        out.extend(range.map(|_| Err(refusal.duplicate())));
-                    }
-                }
+                let r = planned_results
+                    .next()
+                    .unwrap_or_else(|| Err(StoreError::Corrupt("a send was not planned".into())));
+                out.push(r.map(|a| (a, Effects::default())));
                 continue;
             }
-            for op in &ops[range] {
-                let mut fx = Effects::default();
-                match apply(&mut tx, &self.engagement, op, &mut fx).await {
-                    Err(StoreError::Db(e)) => return Err(e),
-                    // Corrupt data can surface after a seq was taken: roll back, never commit
-                    // a seq without its event.
-                    Err(e @ StoreError::Corrupt(_)) => return Err(abort_batch(e)),
-                    other => out.push(other.map(|a| (a, fx))),
-                }
+            let mut fx = Effects::default();
+            match apply(&mut tx, &self.engagement, op, &mut fx).await {
+                Err(StoreError::Db(e)) => return Err(e),
+                // Corrupt data can surface after a seq was taken: roll back, never commit a
+                // seq without its event.
+                Err(e @ StoreError::Corrupt(_)) => return Err(abort_batch(e)),
+                other => out.push(other.map(|a| (a, fx))),
             }
         }
-        if let Err(e) = super::fast::insert_staged(&mut tx, &staged).await {
-            return Err(abort_batch(e));
-        }
-        // Points and counters of the batched sends: a few multi-row statements for all.
+        super::sends::insert_staged(&mut tx, self.backend, &planned.staged)
+            .await
+            .map_err(abort_batch)?;
+        // Points and counters of the batched sends: a fixed number of statements for all.
         let mut batch_fx = Effects::default();
-        let sends = super::fast::contributions(&staged);
-        if let Err(e) =
-            engagement::contribute(&mut tx, &self.engagement, &sends, &mut batch_fx).await
-        {
-            return Err(abort_batch(e));
-        }
+        let sends = super::sends::contributions(&planned.staged);
+        engagement::contribute(&mut tx, &self.engagement, &sends, &mut batch_fx)
+            .await
+            .map_err(abort_batch)?;
         tx.commit().await?;
         Ok((out, batch_fx))
     }
+}
+
+/// Locks the row of every room the batch writes to, in byte order of the id, before anything
+/// else (PostgreSQL). Every writer, on every node, takes its rooms in that one order, so two
+/// batches touching the same rooms wait for each other instead of deadlocking; the seq
+/// reservations and counter upserts that follow find their room already held.
+async fn lock_rooms(tx: &mut Tx, ops: &[&WriteOp]) -> Result<(), sqlx::Error> {
+    let mut rooms: Vec<&str> = ops.iter().map(|op| op.room().as_str()).collect();
+    rooms.dedup();
+    sqlx::query(
+        "SELECT id FROM rooms WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb))) \
+         ORDER BY id COLLATE \"C\" FOR UPDATE",
+    )
+    .bind(super::rows::json(&rooms))
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Turns any failure of a bulk step into one that aborts (and so retries) the batch.
@@ -443,13 +446,35 @@ fn abort_batch(e: StoreError) -> sqlx::Error {
 
 pub(super) type Tx = Transaction<'static, Any>;
 
-pub(super) fn new_message_id() -> MessageId {
-    MessageId(format!("m{:016x}", rand::random::<u64>()))
+/// Which backend a transaction runs on (for the few statements written per dialect).
+pub(super) fn backend_of(tx: &Tx) -> Backend {
+    if tx.backend_name().eq_ignore_ascii_case("postgresql") {
+        Backend::Postgres
+    } else {
+        Backend::Sqlite
+    }
 }
 
-/// A fresh random id with a one-letter prefix saying what it names.
+/// A new message id for a message stored at `ts` (see [`new_id`]).
+pub(super) fn new_message_id(ts: i64) -> MessageId {
+    MessageId(time_ordered_id('m', ts))
+}
+
+/// A fresh id with a one-letter prefix saying what it names (see [`time_ordered_id`]).
 pub(super) fn new_id(prefix: char) -> String {
-    format!("{prefix}{:016x}", rand::random::<u64>())
+    time_ordered_id(prefix, now_ms())
+}
+
+/// `prefix`, the time in ms as 12 hex digits, then 40 random bits. Ids made later sort later,
+/// so the indexes keyed by them (messages, the event log's message index, search rows, the
+/// points ledger) take new rows at their right edge instead of dirtying a random page per row;
+/// the random part keeps ids made in the same millisecond (on any node) apart.
+fn time_ordered_id(prefix: char, ts: i64) -> String {
+    format!(
+        "{prefix}{:012x}{:010x}",
+        ts.clamp(0, 0xffff_ffff_ffff),
+        rand::random::<u64>() >> 24
+    )
 }
 
 /// Gives the room its next seq. Must be the first write of each op: everything before it only
@@ -767,7 +792,7 @@ async fn apply(
             }
             let seq = bump_seq(tx, room).await?;
             let ts = now_ms();
-            let id = new_message_id();
+            let id = new_message_id(ts);
             sqlx::query(
                 "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
                  VALUES ($1, $2, $3, $4, $5, $6, 0)",

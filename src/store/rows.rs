@@ -1,0 +1,41 @@
+//! Any number of rows in one bound parameter: a statement reads its rows from a JSON array of
+//! arrays (`json_each` on SQLite, `json_array_elements` on PostgreSQL), so its text is the
+//! same for 1 row or 1,000. Both backends then parse and plan it once per connection and
+//! keep it in the statement cache, and binding costs one parameter instead of one per value
+//! (SQLite resolves each numbered parameter by name, so thousands of them cost O(n^2)).
+//! This file owns the encoding and the statement pairs' type; the statements live beside the
+//! code that runs them.
+
+use super::Backend;
+use serde::Serialize;
+
+/// One statement in the two dialects.
+#[derive(Clone, Copy)]
+pub(super) struct Sql {
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+impl Sql {
+    pub fn get(&self, backend: Backend) -> &'static str {
+        match backend {
+            Backend::Sqlite => self.sqlite,
+            Backend::Postgres => self.postgres,
+        }
+    }
+}
+
+/// The rows as one JSON parameter: each row a JSON array (tuples serialise as arrays).
+pub(super) fn json<T: Serialize>(rows: &[T]) -> String {
+    // Only strings, integers and nulls go in: serialising them cannot fail.
+    serde_json::to_string(rows).unwrap_or_else(|_| "[]".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tuples_become_arrays() {
+        let rows = [("a\"b", 1i64, None::<&str>), ("c", 2, Some("d"))];
+        assert_eq!(super::json(&rows), r#"[["a\"b",1,null],["c",2,"d"]]"#);
+    }
+}

@@ -240,9 +240,8 @@ impl Cluster {
     }
 }
 
-/// `GET /metrics` of a node: the cross-node latency histogram's (upper bound s, cumulative
-/// count) buckets.
-pub async fn bus_latency_buckets(addr: SocketAddr) -> Result<Vec<(f64, u64)>> {
+/// `GET /metrics` of a node, as text.
+pub async fn metrics_text(addr: SocketAddr) -> Result<String> {
     ensure_loopback(addr)?;
     let mut s = TcpStream::connect(addr).await?;
     let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -251,7 +250,13 @@ pub async fn bus_latency_buckets(addr: SocketAddr) -> Result<Vec<(f64, u64)>> {
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
         .await
         .context("metrics timed out")??;
-    let text = String::from_utf8_lossy(&resp);
+    Ok(String::from_utf8_lossy(&resp).into_owned())
+}
+
+/// `GET /metrics` of a node: the cross-node latency histogram's (upper bound s, cumulative
+/// count) buckets.
+pub async fn bus_latency_buckets(addr: SocketAddr) -> Result<Vec<(f64, u64)>> {
+    let text = metrics_text(addr).await?;
     let mut out = Vec::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("studyhall_bus_latency_seconds_bucket{le=\"") else {
@@ -268,6 +273,42 @@ pub async fn bus_latency_buckets(addr: SocketAddr) -> Result<Vec<(f64, u64)>> {
         out.push((le, n.trim().parse().unwrap_or(0)));
     }
     Ok(out)
+}
+
+/// `NAME_sum` and `NAME_count` of a histogram in Prometheus text (0 when absent).
+pub fn sum_count(text: &str, name: &str) -> (f64, f64) {
+    let get = |suffix: &str| {
+        let key = format!("{name}_{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (get("sum"), get("count"))
+}
+
+/// The server's group commits from its metrics: (commits, mean writes per commit, mean ms).
+pub fn commit_summary(text: &str) -> (f64, f64, f64) {
+    let (rows, commits) = sum_count(text, "studyhall_store_batch_rows");
+    let (secs, _) = sum_count(text, "studyhall_store_commit_seconds");
+    (
+        commits,
+        rows / commits.max(1.0),
+        secs * 1000.0 / commits.max(1.0),
+    )
+}
+
+/// A report line for [`commit_summary`].
+pub async fn commit_note(addr: SocketAddr) -> String {
+    match metrics_text(addr).await {
+        Ok(text) => {
+            let (n, rows, ms) = commit_summary(&text);
+            format!(
+                "server group commits: {n:.0}, {rows:.1} writes and {ms:.2} ms per commit (mean)"
+            )
+        }
+        Err(e) => format!("server metrics unavailable: {e:#}"),
+    }
 }
 
 /// The bucket bound (ms) under which `q` of the observations fall, summed over nodes.

@@ -113,6 +113,14 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
     let cpu_pct: f64 = cpus.iter().map(CpuMeter::percent).sum();
     let rss2 = rss_all(&pids);
     let total = workers.stop().await?;
+    let nodes_addrs = if targets.is_empty() {
+        vec![sut.addr()]
+    } else {
+        targets.clone()
+    };
+    for a in &nodes_addrs {
+        report.note(crate::procs::commit_note(*a).await);
+    }
     // Cluster runs: the bus hop (commit-side publish to receipt on another node), from each
     // node's /metrics histogram (bucket bounds, so coarse).
     let mut bus = Vec::new();

@@ -68,18 +68,6 @@ struct Run {
     mean_commit_ms: f64,
 }
 
-/// `NAME_sum` and `NAME_count` of a histogram in Prometheus text.
-fn sum_count(text: &str, name: &str) -> (f64, f64) {
-    let get = |suffix: &str| {
-        let key = format!("{name}_{suffix} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(key.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
-    (get("sum"), get("count"))
-}
-
 async fn bench_one(url: &str, a: &Args) -> Result<Run> {
     let metrics = Arc::new(studyhall::metrics::Metrics::default());
     let store = Store::open(&StoreOptions::new(url), metrics.clone(), None).await?;
@@ -136,16 +124,14 @@ async fn bench_one(url: &str, a: &Args) -> Result<Run> {
     let wall = t0.elapsed().as_secs_f64();
     store.close().await;
     let hist = hist.lock().await.clone();
-    let text = metrics.render(0, 0);
-    let (rows, commits) = sum_count(&text, "studyhall_store_batch_rows");
-    let (secs, _) = sum_count(&text, "studyhall_store_commit_seconds");
+    let (commits, mean_batch, mean_commit_ms) = crate::procs::commit_summary(&metrics.render(0, 0));
     Ok(Run {
         rate: acked as f64 / wall,
         hist,
         acked,
         commits,
-        mean_batch: rows / commits.max(1.0),
-        mean_commit_ms: secs * 1000.0 / commits.max(1.0),
+        mean_batch,
+        mean_commit_ms,
     })
 }
 
@@ -191,9 +177,11 @@ pub async fn run(a: Args) -> Result<bool> {
             format!("{:.1}", run.mean_batch),
             format!("{:.2}", run.mean_commit_ms),
         ]);
-        results.push(json!({"store": store, "acked": run.acked, "acked_per_s": run.rate,
+        results.push(
+            json!({"store": store, "acked": run.acked, "acked_per_s": run.rate,
             "ack": s, "commits": run.commits, "writes_per_commit": run.mean_batch,
-            "ms_per_commit": run.mean_commit_ms}));
+            "ms_per_commit": run.mean_commit_ms}),
+        );
         hists.push((store.clone(), run.hist));
     }
     report.tables.push(table);

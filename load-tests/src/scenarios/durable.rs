@@ -132,6 +132,10 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             "acked_per_s": rate, "errors": errors, "ack": s, "server_cpu_pct": cpu_pct}));
         rates.push((store.clone(), rate));
         hists.push((store.clone(), hist));
+        report.note(format!(
+            "{store}: {}",
+            crate::procs::commit_note(server.addr).await
+        ));
         server.stop().await?;
     }
     report.tables.push(table);

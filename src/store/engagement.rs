@@ -332,7 +332,7 @@ const ADD_TOTALS: Sql = Sql {
 
 /// Zones and badge-announcement flags of rooms, by id.
 async fn room_settings(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     rooms: &[&RoomId],
 ) -> Result<HashMap<String, EngagementSettings>> {
     let ids: Vec<&str> = rooms.iter().map(|r| r.as_str()).collect();
@@ -350,7 +350,7 @@ async fn room_settings(
     Ok(out)
 }
 
-async fn user_zones(tx: &mut Tx, users: &[&UserId]) -> Result<HashMap<String, String>> {
+async fn user_zones(tx: &mut Tx<'_>, users: &[&UserId]) -> Result<HashMap<String, String>> {
     let ids: Vec<&str> = users.iter().map(|u| u.as_str()).collect();
     let rows = sqlx::query(USER_ZONES.get(backend_of(tx)))
         .bind(rows::json(&ids))
@@ -367,7 +367,7 @@ type CapKey = (String, String, &'static str, String);
 
 /// Adds this batch's attempts to the day counters; returns each key's new total.
 async fn count_attempts(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     attempts: &BTreeMap<CapKey, i64>,
 ) -> Result<HashMap<CapKey, i64>> {
     let mut out = HashMap::new();
@@ -419,7 +419,7 @@ fn action_str(a: Action) -> &'static str {
 /// items. Badges whose thresholds are crossed are earned (and announced) into `fx`. Returns
 /// the points each item earned.
 pub(super) async fn contribute(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     cfg: &EngagementConfig,
     items: &[Contribution],
     fx: &mut Effects,
@@ -666,7 +666,7 @@ pub(super) async fn contribute(
 
 /// Records badges (each once per user and room), and announces the new ones if asked.
 pub(super) async fn earn(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     user: &UserBrief,
     rules: &[BadgeRule],
@@ -703,7 +703,12 @@ pub(super) async fn earn(
 }
 
 /// A system message in the room, stored and sequenced like an HTTP API announcement.
-async fn announcement(tx: &mut Tx, room: &RoomId, text: &str, ts: i64) -> Result<CommittedEvent> {
+async fn announcement(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    text: &str,
+    ts: i64,
+) -> Result<CommittedEvent> {
     let seq = bump_seq(tx, room).await?;
     let id = super::writer::new_message_id(ts);
     let from = badge_sender();
@@ -744,7 +749,7 @@ pub(super) struct Reversed {
 /// action and detail): each gets a negative ledger row and its points leave the counters.
 /// Returns the awards reversed.
 pub(super) async fn reverse(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     ref_id: &str,
     only: Option<(Action, &str)>,
@@ -817,7 +822,7 @@ pub(super) async fn reverse(
 /// Gives withdrawn awards their places under the earner's daily cap back (a reaction or
 /// helpful mark taken back), so that someone else cannot use up a user's cap by adding and
 /// withdrawing the same thing over and over.
-pub(super) async fn refund(tx: &mut Tx, room: &RoomId, reversed: &[Reversed]) -> Result<()> {
+pub(super) async fn refund(tx: &mut Tx<'_>, room: &RoomId, reversed: &[Reversed]) -> Result<()> {
     for r in reversed {
         sqlx::query(
             "UPDATE points_caps SET n = n - 1 WHERE room_id = $1 AND user_id = $2 \
@@ -836,7 +841,7 @@ pub(super) async fn refund(tx: &mut Tx, room: &RoomId, reversed: &[Reversed]) ->
 /// Takes `n` standing reactions from a user's running total (their message deleted by
 /// moderation: `reactions_received` counts reactions still standing).
 pub(super) async fn uncount_reactions(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     user: &str,
     n: i64,
@@ -857,7 +862,7 @@ pub(super) async fn uncount_reactions(
 }
 
 /// Takes one from a running total (a reaction withdrawn, a helpful mark removed).
-pub(super) async fn uncount(tx: &mut Tx, room: &RoomId, user: &str, kind: Kind) -> Result<()> {
+pub(super) async fn uncount(tx: &mut Tx<'_>, room: &RoomId, user: &str, kind: Kind) -> Result<()> {
     let sql = match kind {
         Kind::ReactionReceived => {
             "UPDATE engagement_members SET reactions_received = reactions_received - 1 \
@@ -888,7 +893,7 @@ pub(super) fn abort(e: StoreError) -> StoreError {
 
 /// `checkin`: once per user, room and local day; extends or restarts the streak.
 pub(super) async fn checkin(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     cfg: &EngagementConfig,
     room: &RoomId,
     user: &UserRef,
@@ -993,7 +998,7 @@ pub(super) async fn checkin(
 /// the points unless they marked it themselves.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn helpful(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     cfg: &EngagementConfig,
     room: &RoomId,
     question: &QuestionId,

@@ -300,7 +300,7 @@ struct Inner {
     pool: AnyPool,
     backend: Backend,
     writer: mpsc::Sender<writer::Request>,
-    writer_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    writer_done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
     badge_hook: engagement::BadgeHookSlot,
 }
 
@@ -381,7 +381,7 @@ impl Store {
         }
         let (tx, rx) = mpsc::channel(opts.queue);
         let badge_hook = engagement::BadgeHookSlot::default();
-        let handle = tokio::spawn(writer::run(
+        let run = writer::run(
             pool.clone(),
             backend,
             rx,
@@ -391,7 +391,22 @@ impl Store {
             std::time::Duration::from_micros(opts.batch_linger_us),
             opts.engagement.clone(),
             badge_hook.clone(),
-        ));
+        );
+        // The writer runs on a thread of its own: a batch takes a dozen or so round trips to
+        // the database, and on the shared runtime each one would wait behind every task the
+        // fan-out has just woken.
+        let (done_tx, handle) = oneshot::channel();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Corrupt(format!("store writer runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("studyhall-writer".into())
+            .spawn(move || {
+                rt.block_on(run);
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| StoreError::Corrupt(format!("store writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,

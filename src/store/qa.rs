@@ -150,7 +150,7 @@ pub(super) async fn load(
 }
 
 pub(super) async fn emit_update(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     q: &QuestionRecord,
     change: &str,
     seq: i64,
@@ -167,7 +167,7 @@ pub(super) async fn emit_update(
 }
 
 pub(super) async fn ask(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     author: &UserRef,
     text: &str,
@@ -236,7 +236,7 @@ pub(super) async fn ask(
 }
 
 pub(super) async fn vote(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     id: &QuestionId,
     user: &UserId,
@@ -295,7 +295,7 @@ pub(super) async fn vote(
 }
 
 pub(super) async fn answer(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     id: &QuestionId,
     author: &UserRef,
@@ -342,7 +342,7 @@ pub(super) async fn answer(
 }
 
 pub(super) async fn set_status(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     id: &QuestionId,
     status: QuestionStatus,

@@ -21,7 +21,7 @@ pub struct SearchHit {
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn index(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     kind: &str,
     id: &str,
@@ -45,7 +45,7 @@ pub(super) async fn index(
     Ok(())
 }
 
-pub(super) async fn reindex(tx: &mut Tx, kind: &str, id: &str, text: &str) -> Result<()> {
+pub(super) async fn reindex(tx: &mut Tx<'_>, kind: &str, id: &str, text: &str) -> Result<()> {
     sqlx::query("UPDATE search_docs SET text = $1 WHERE kind = $2 AND ref_id = $3")
         .bind(text)
         .bind(kind)
@@ -55,7 +55,7 @@ pub(super) async fn reindex(tx: &mut Tx, kind: &str, id: &str, text: &str) -> Re
     Ok(())
 }
 
-pub(super) async fn unindex(tx: &mut Tx, kind: &str, id: &str) -> Result<()> {
+pub(super) async fn unindex(tx: &mut Tx<'_>, kind: &str, id: &str) -> Result<()> {
     sqlx::query("DELETE FROM search_docs WHERE kind = $1 AND ref_id = $2")
         .bind(kind)
         .bind(id)
@@ -64,7 +64,12 @@ pub(super) async fn unindex(tx: &mut Tx, kind: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-pub(super) async fn set_pending(tx: &mut Tx, kind: &str, id: &str, pending: bool) -> Result<()> {
+pub(super) async fn set_pending(
+    tx: &mut Tx<'_>,
+    kind: &str,
+    id: &str,
+    pending: bool,
+) -> Result<()> {
     sqlx::query("UPDATE search_docs SET pending = $1 WHERE kind = $2 AND ref_id = $3")
         .bind(i64::from(pending))
         .bind(kind)

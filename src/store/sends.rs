@@ -90,7 +90,7 @@ const INSERT_SEARCH: Sql = Sql {
 
 /// Messages already stored under these (room, sender, client_msg_id) keys: key -> (id, seq, ts).
 async fn prior_sends(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     backend: Backend,
     keys: &[(&str, &str, &str)],
 ) -> Result<HashMap<Key, (MessageId, i64, i64)>> {
@@ -114,7 +114,7 @@ async fn prior_sends(
 /// Reserves `n` seqs in each room: room -> the first of its run. A room that is missing or
 /// archived is left out of the map and reported in the second value.
 async fn reserve(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     backend: Backend,
     wanted: &[(&str, i64)],
 ) -> Result<(HashMap<String, i64>, HashMap<String, StoreError>)> {
@@ -184,7 +184,7 @@ pub(super) struct Planned {
 /// Plans plain sends (grouped by room, each room's in queue order): duplicates get the first
 /// send's outcome, new ones consecutive seqs of their room. Reads and reserves with a fixed
 /// number of statements; nothing is inserted yet (see [`insert_staged`]).
-pub(super) async fn plan(tx: &mut Tx, backend: Backend, ops: &[&WriteOp]) -> Result<Planned> {
+pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) -> Result<Planned> {
     let mut sends = Vec::with_capacity(ops.len());
     for op in ops {
         sends.push(
@@ -319,7 +319,11 @@ pub(super) async fn plan(tx: &mut Tx, backend: Backend, ops: &[&WriteOp]) -> Res
 }
 
 /// Inserts every staged message: messages, events and search rows, three statements in all.
-pub(super) async fn insert_staged(tx: &mut Tx, backend: Backend, staged: &[Staged]) -> Result<()> {
+pub(super) async fn insert_staged(
+    tx: &mut Tx<'_>,
+    backend: Backend,
+    staged: &[Staged],
+) -> Result<()> {
     if staged.is_empty() {
         return Ok(());
     }

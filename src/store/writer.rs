@@ -14,8 +14,9 @@ use crate::protocol::{
     MessageId, QuestionId, QuestionStatus, ReactionCount, RoomEvent, RoomId, SequencedEvent,
     UserId, UserRef,
 };
-use sqlx::AnyPool;
+use sqlx::AnyConnection;
 use sqlx::any::Any;
+use sqlx::{AnyPool, Connection};
 use sqlx::{Row, Transaction};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -200,8 +201,9 @@ pub(super) async fn run(
         Backend::Sqlite => sqlite::BEGIN_WRITE,
         Backend::Postgres => postgres::BEGIN_WRITE,
     };
-    let w = Writer {
+    let mut w = Writer {
         pool,
+        conn: None,
         backend,
         begin,
         hook,
@@ -257,6 +259,9 @@ pub(super) async fn run(
 
 struct Writer {
     pool: AnyPool,
+    /// The writer's own connection, taken out of the pool: no pool hand-over or liveness
+    /// ping per batch. Dropped after a failed transaction and taken anew for the next.
+    conn: Option<AnyConnection>,
     backend: Backend,
     begin: &'static str,
     hook: Option<CommitHook>,
@@ -268,7 +273,7 @@ struct Writer {
 type Results = (Vec<Result<(Applied, Effects)>>, Effects);
 
 impl Writer {
-    async fn commit(&self, batch: &mut Vec<Pending>) {
+    async fn commit(&mut self, batch: &mut Vec<Pending>) {
         let started = Instant::now();
         // Every writer (in this process or another) takes room-row locks in room-id order, so
         // two batches touching the same rooms cannot deadlock. The sort is stable: writes to
@@ -359,8 +364,21 @@ impl Writer {
     /// back) the whole transaction; a refusal of one write (not found, forbidden) only fails
     /// that write. Rooms whose writes are all plain sends (the hot path) go through
     /// `sends.rs` together, at a fixed number of statements; other writes apply one by one.
-    async fn transaction(&self, ops: &[&WriteOp]) -> Result<Results, sqlx::Error> {
-        let mut tx = self.pool.begin_with(self.begin).await?;
+    async fn transaction(&mut self, ops: &[&WriteOp]) -> Result<Results, sqlx::Error> {
+        let result = self.try_transaction(ops).await;
+        if result.is_err() {
+            // Whatever broke (the server went away, say), the next batch starts afresh.
+            self.conn = None;
+        }
+        result
+    }
+
+    async fn try_transaction(&mut self, ops: &[&WriteOp]) -> Result<Results, sqlx::Error> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            slot => slot.insert(self.pool.acquire().await?.detach()),
+        };
+        let mut tx = conn.begin_with(self.begin).await?;
         if self.backend == Backend::Postgres {
             lock_rooms(&mut tx, ops).await?;
         }
@@ -423,7 +441,7 @@ impl Writer {
 /// else (PostgreSQL). Every writer, on every node, takes its rooms in that one order, so two
 /// batches touching the same rooms wait for each other instead of deadlocking; the seq
 /// reservations and counter upserts that follow find their room already held.
-async fn lock_rooms(tx: &mut Tx, ops: &[&WriteOp]) -> Result<(), sqlx::Error> {
+async fn lock_rooms(tx: &mut Tx<'_>, ops: &[&WriteOp]) -> Result<(), sqlx::Error> {
     let mut rooms: Vec<&str> = ops.iter().map(|op| op.room().as_str()).collect();
     rooms.dedup();
     sqlx::query(
@@ -444,7 +462,7 @@ fn abort_batch(e: StoreError) -> sqlx::Error {
     }
 }
 
-pub(super) type Tx = Transaction<'static, Any>;
+pub(super) type Tx<'c> = Transaction<'c, Any>;
 
 /// Which backend a transaction runs on (for the few statements written per dialect).
 pub(super) fn backend_of(tx: &Tx) -> Backend {
@@ -479,7 +497,7 @@ fn time_ordered_id(prefix: char, ts: i64) -> String {
 
 /// Gives the room its next seq. Must be the first write of each op: everything before it only
 /// reads, so a refusal leaves nothing behind and a rollback leaves no gap.
-pub(super) async fn bump_seq(tx: &mut Tx, room: &RoomId) -> Result<i64> {
+pub(super) async fn bump_seq(tx: &mut Tx<'_>, room: &RoomId) -> Result<i64> {
     let seq: Option<i64> = sqlx::query_scalar(
         "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 AND archived = 0 RETURNING last_seq",
     )
@@ -501,7 +519,7 @@ pub(super) async fn bump_seq(tx: &mut Tx, room: &RoomId) -> Result<i64> {
 
 /// Stores the event of a write that changed something and reports it as `Changed`.
 pub(super) async fn record_change(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     seq: i64,
     ts: i64,
@@ -519,7 +537,7 @@ pub(super) async fn record_change(
 /// Stores a sequenced event. `ref_id` is the message or question it is about; `public` is
 /// what members see when it differs from what host/ta see.
 pub(super) async fn insert_event(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     seq: i64,
     ts: i64,
@@ -575,7 +593,7 @@ struct MessageRow {
     deleted: bool,
 }
 
-async fn load_message(tx: &mut Tx, room: &RoomId, id: &MessageId) -> Result<MessageRow> {
+async fn load_message(tx: &mut Tx<'_>, room: &RoomId, id: &MessageId) -> Result<MessageRow> {
     let row =
         sqlx::query("SELECT sender_id, seq, deleted FROM messages WHERE id = $1 AND room_id = $2")
             .bind(id.as_str())
@@ -592,7 +610,7 @@ async fn load_message(tx: &mut Tx, room: &RoomId, id: &MessageId) -> Result<Mess
 
 /// Rewrites the stored `message` event so history shows the message as it is now.
 async fn rewrite_message(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     room: &RoomId,
     seq: i64,
     change: impl FnOnce(&mut RoomEvent),
@@ -617,7 +635,7 @@ async fn rewrite_message(
 }
 
 /// Erases the text of a deleted message's earlier edit events too.
-async fn scrub_edits(tx: &mut Tx, room: &RoomId, id: &MessageId) -> Result<()> {
+async fn scrub_edits(tx: &mut Tx<'_>, room: &RoomId, id: &MessageId) -> Result<()> {
     let rows = sqlx::query(
         "SELECT seq, body FROM events WHERE room_id = $1 AND message_id = $2 AND kind = 'message_edited'",
     )
@@ -643,7 +661,7 @@ async fn scrub_edits(tx: &mut Tx, room: &RoomId, id: &MessageId) -> Result<()> {
     Ok(())
 }
 
-async fn reaction_counts(tx: &mut Tx, id: &MessageId) -> Result<Vec<ReactionCount>> {
+async fn reaction_counts(tx: &mut Tx<'_>, id: &MessageId) -> Result<Vec<ReactionCount>> {
     let rows = sqlx::query(
         "SELECT emoji, COUNT(*) AS n FROM reactions WHERE message_id = $1 \
          GROUP BY emoji ORDER BY MIN(ts), emoji",
@@ -662,7 +680,7 @@ async fn reaction_counts(tx: &mut Tx, id: &MessageId) -> Result<Vec<ReactionCoun
 }
 
 async fn apply(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     cfg: &EngagementConfig,
     op: &WriteOp,
     fx: &mut Effects,

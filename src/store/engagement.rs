@@ -233,7 +233,7 @@ const USER_ZONES: Sql = Sql {
 const COUNT_ATTEMPTS: Sql = Sql {
     sqlite: "INSERT INTO points_caps (room_id, user_id, action, day, n) \
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 \
-             FROM json_each($1) WHERE true \
+             FROM jsonb_each($1) WHERE true \
              ON CONFLICT (room_id, user_id, action, day) DO UPDATE SET n = points_caps.n + excluded.n \
              RETURNING room_id, user_id, action, day, n",
     postgres: "INSERT INTO points_caps (room_id, user_id, action, day, n) \
@@ -247,7 +247,7 @@ const INSERT_AWARDS: Sql = Sql {
     sqlite: "INSERT INTO points_ledger (room_id, user_id, action, kind, ref_id, detail, day, \
              bucket, points, ts) SELECT value ->> 0, value ->> 1, value ->> 2, 'award', \
              value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8 \
-             FROM json_each($1)",
+             FROM jsonb_each($1)",
     postgres: "INSERT INTO points_ledger (room_id, user_id, action, kind, ref_id, detail, day, \
                bucket, points, ts) SELECT v ->> 0, v ->> 1, v ->> 2, 'award', v ->> 3, v ->> 4, \
                v ->> 5, (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint \
@@ -260,7 +260,7 @@ const ADD_DAILY: Sql = Sql {
              answers, reactions, checkins, points, first_ts, last_ts) \
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
              value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
-             FROM json_each($1) WHERE true \
+             FROM jsonb_each($1) WHERE true \
              ON CONFLICT (room_id, day_start, user_id) DO UPDATE SET \
              messages = engagement_daily.messages + excluded.messages, \
              questions = engagement_daily.questions + excluded.questions, \
@@ -300,7 +300,7 @@ const ADD_TOTALS: Sql = Sql {
              answers, reactions_received, helpful, checkins, points) \
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
              value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9 \
-             FROM json_each($1) WHERE true \
+             FROM jsonb_each($1) WHERE true \
              ON CONFLICT (room_id, user_id) DO UPDATE SET \
              name = CASE WHEN excluded.name = '' THEN engagement_members.name ELSE excluded.name END, \
              messages = engagement_members.messages + excluded.messages, \

@@ -1,5 +1,6 @@
 //! Any number of rows in one bound parameter: a statement reads its rows from a JSON array of
-//! arrays (`json_each` on SQLite, `json_array_elements` on PostgreSQL), so its text is the
+//! arrays (`jsonb_each` on SQLite, `jsonb_array_elements` on PostgreSQL: each row is parsed
+//! once into the binary form, and `->> N` reads a column without parsing again), so its text is the
 //! same for 1 row or 1,000. Both backends then parse and plan it once per connection and
 //! keep it in the statement cache, and binding costs one parameter instead of one per value
 //! (SQLite resolves each numbered parameter by name, so thousands of them cost O(n^2)).

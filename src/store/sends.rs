@@ -30,7 +30,7 @@ pub(super) fn plain_send(op: &WriteOp) -> Option<(&RoomId, &UserRef, &String, &O
 
 const PRIOR: Sql = Sql {
     sqlite: "SELECT m.room_id, m.sender_id, m.client_msg_id, m.id, m.seq, m.ts \
-             FROM json_each($1) AS k JOIN messages m ON m.room_id = k.value ->> 0 \
+             FROM jsonb_each($1) AS k JOIN messages m ON m.room_id = k.value ->> 0 \
              AND m.sender_id = k.value ->> 1 AND m.client_msg_id = k.value ->> 2",
     // LATERAL ... LIMIT 1 keeps it one index probe per key: as a plain join, a planner that
     // has not analysed the table yet hashes the whole `messages` table instead.
@@ -43,7 +43,7 @@ const PRIOR: Sql = Sql {
 /// Adds `n` to each listed room's `last_seq` (unless archived) and returns the new values.
 const RESERVE: Sql = Sql {
     sqlite: "UPDATE rooms SET last_seq = rooms.last_seq + r.n \
-             FROM (SELECT value ->> 0 AS id, value ->> 1 AS n FROM json_each($1)) AS r \
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS n FROM jsonb_each($1)) AS r \
              WHERE rooms.id = r.id AND rooms.archived = 0 RETURNING id, last_seq",
     // `= ANY(ARRAY(...))` finds the rows through the primary key whatever the planner knows.
     postgres: "UPDATE rooms SET last_seq = rooms.last_seq + r.n \
@@ -64,7 +64,7 @@ const ROOM_STATE: Sql = Sql {
 const INSERT_MESSAGES: Sql = Sql {
     sqlite: "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
-             value ->> 5, 0 FROM json_each($1)",
+             value ->> 5, 0 FROM jsonb_each($1)",
     postgres: "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
                SELECT v ->> 0, v ->> 1, (v ->> 2)::bigint, v ->> 3, v ->> 4, \
                (v ->> 5)::bigint, 0 FROM jsonb_array_elements($1::jsonb) AS v",
@@ -73,7 +73,7 @@ const INSERT_MESSAGES: Sql = Sql {
 const INSERT_EVENTS: Sql = Sql {
     sqlite: "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) \
              SELECT value ->> 0, value ->> 1, value ->> 2, 'message', value ->> 3, \
-             value ->> 4, NULL FROM json_each($1)",
+             value ->> 4, NULL FROM jsonb_each($1)",
     postgres: "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) \
                SELECT v ->> 0, (v ->> 1)::bigint, (v ->> 2)::bigint, 'message', v ->> 3, \
                v ->> 4, NULL FROM jsonb_array_elements($1::jsonb) AS v",
@@ -82,7 +82,7 @@ const INSERT_EVENTS: Sql = Sql {
 const INSERT_SEARCH: Sql = Sql {
     sqlite: "INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) \
              SELECT value ->> 0, 'message', value ->> 1, value ->> 2, value ->> 3, 0, \
-             value ->> 4 FROM json_each($1)",
+             value ->> 4 FROM jsonb_each($1)",
     postgres: "INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) \
                SELECT v ->> 0, 'message', v ->> 1, (v ->> 2)::bigint, (v ->> 3)::bigint, 0, \
                v ->> 4 FROM jsonb_array_elements($1::jsonb) AS v",

@@ -288,6 +288,8 @@ pub struct Publisher {
     pub errors: Arc<AtomicU64>,
     /// Highest seq acknowledged (studyhall only).
     pub last_seq: Arc<AtomicU64>,
+    /// Signalled on every reply, so a sender at its window waits without polling a timer.
+    replied: Arc<tokio::sync::Notify>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -336,14 +338,16 @@ impl Publisher {
         let acked: Arc<AtomicU64> = Arc::default();
         let errors: Arc<AtomicU64> = Arc::default();
         let last_seq: Arc<AtomicU64> = Arc::default();
+        let replied: Arc<tokio::sync::Notify> = Arc::default();
         let reader = {
-            let (sink, pending, ack, acked, errors, last_seq) = (
+            let (sink, pending, ack, acked, errors, last_seq, replied) = (
                 sink.clone(),
                 pending.clone(),
                 ack.clone(),
                 acked.clone(),
                 errors.clone(),
                 last_seq.clone(),
+                replied.clone(),
             );
             tokio::spawn(async move {
                 while let Some(Ok(msg)) = stream.next().await {
@@ -366,6 +370,7 @@ impl Publisher {
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .remove(&rid);
+                            replied.notify_one();
                             if f.ty == "error" {
                                 errors.fetch_add(1, Relaxed);
                                 eprintln!("publisher: {text}");
@@ -406,6 +411,7 @@ impl Publisher {
             acked,
             errors,
             last_seq,
+            replied,
             reader,
         })
     }
@@ -437,6 +443,20 @@ impl Publisher {
     /// Sends not yet acknowledged (always 0 for the fire-and-forget peers).
     pub fn unacked(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Waits until fewer than `window` sends are unacknowledged (or `max` passes).
+    pub async fn below(&self, window: usize, max: Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let replied = self.replied.notified();
+            if self.unacked() < window {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, replied).await.is_err() {
+                return;
+            }
+        }
     }
 
     pub async fn wait_acks(&self, max: Duration) {

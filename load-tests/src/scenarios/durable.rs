@@ -89,7 +89,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
                 let mut n = 0;
                 while t0.elapsed() < dur {
                     if p.unacked() >= window {
-                        tokio::time::sleep(Duration::from_micros(200)).await;
+                        p.below(window, dur.saturating_sub(t0.elapsed())).await;
                         continue;
                     }
                     n += 1;

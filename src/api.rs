@@ -346,6 +346,7 @@ async fn put_member(
     let user = user_id(user)?;
     let MemberBody { role } = parse_body(&body)?;
     app.store.set_member(&id, &user, role).await?;
+    app.policies.member_changed(&id, &user, Some(role));
     Ok(Json(json!({"room": id, "user": user, "role": role})))
 }
 
@@ -356,6 +357,7 @@ async fn delete_member(
     let id = room_id(id)?;
     let user = user_id(user)?;
     if app.store.remove_member(&id, &user).await? {
+        app.policies.member_changed(&id, &user, None);
         // In an invite-only room membership is what lets them in: end their live sessions.
         if app
             .store

@@ -112,6 +112,9 @@ struct RoomState {
     hands: Vec<(UserRef, i64)>,
     /// Users allowed to publish audio/video, in the order they went on stage.
     stage: Vec<UserRef>,
+    /// The highest seq fanned out to the room, once known: from the store at the room's first
+    /// join here, then from every event published (in seq order).
+    published: Option<i64>,
 }
 
 /// Which sessions of a room a frame is for.
@@ -581,6 +584,7 @@ impl Hub {
         let frame = Frame::from(ev.json);
         let public = ev.public_json.map(Frame::from);
         if let Some(mut state) = self.rooms.get_mut(&ev.room) {
+            state.published = state.published.max(Some(ev.seq));
             let n = state.fan_out(
                 &frame,
                 public.as_ref(),
@@ -592,6 +596,20 @@ impl Hub {
             self.metrics.deliveries.fetch_add(n, Relaxed);
         }
         self.metrics.events_published.fetch_add(1, Relaxed);
+    }
+
+    /// The highest seq fanned out to the room on this node, if known (see
+    /// [`Hub::note_published_seq`]).
+    pub fn published_seq(&self, room: &RoomId) -> Option<i64> {
+        self.rooms.get(room).and_then(|s| s.published)
+    }
+
+    /// Records the room's last seq as read from the store by a join (while the room has
+    /// sessions here, publishing keeps it current).
+    pub fn note_published_seq(&self, room: &RoomId, seq: i64) {
+        if let Some(mut state) = self.rooms.get_mut(room) {
+            state.published = state.published.max(Some(seq));
+        }
     }
 
     fn send(&self, room: &RoomId, frame: &Frame, to: Audience<'_>) -> u64 {

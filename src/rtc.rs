@@ -199,7 +199,12 @@ pub(crate) async fn call(
                 "viewers cannot place calls from this room".into(),
             ));
         }
-        let callee = ctx.app.store.member_role(room, &to).await?;
+        let callee = ctx
+            .app
+            .policies
+            .get(&ctx.app.store, room)
+            .await?
+            .stored_role(&to);
         if callee.is_none() && ctx.app.hub.online_role(room, &to).is_none() {
             return Err(Error::Forbidden(format!("{to} is not a member of {room}")));
         }

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::protocol::{self, ClientMsg, PlatformRole, RoomId, RoomRole, Visibility, valid_room_id};
 use crate::session::{Ctx, Outcome};
 use crate::store::Room;
+use policy::Policy;
 use serde_json::json;
 
 use crate::rtc::{self, CallAction};
@@ -140,26 +141,24 @@ pub(crate) fn check_room_id(room: &RoomId) -> Result<()> {
     }
 }
 
-/// The user's role in `room`: a platform admin is host everywhere; otherwise the higher of the
-/// token's grant and the stored membership; otherwise `member` of an open room.
+/// The user's role in a room: a platform admin is host everywhere; otherwise the higher of
+/// the token's grant and the stored membership; otherwise `member` of an open room.
 /// `Ok(None)` means the room is invite-only and the user was not invited. The flag says the
 /// role comes only from the room being open (nothing stored, no grant): the one case a join
 /// records as a membership. A token's grant is never stored, so a later token without it
-/// takes it away.
-pub(crate) async fn resolve_role(ctx: &Ctx, room: &Room) -> Result<(Option<RoomRole>, bool)> {
+/// takes it away. Reads the cached policy only: no database round trip.
+pub(crate) fn resolve_role(ctx: &Ctx, policy: &Policy) -> Result<(Option<RoomRole>, bool)> {
+    let room = &policy.room;
     if ctx.me.role == PlatformRole::Admin {
         return Ok((Some(RoomRole::Host), false));
     }
     let granted = ctx.me.grants.get(&room.id).copied();
     // The platform's grant of host/ta outranks a ban: host and ta cannot be moderated, and a
     // ta's ban of a host who was offline (so not known to be one) must not lock them out.
-    if !granted.is_some_and(RoomRole::can_moderate)
-        && ctx.app.store.is_banned(&room.id, &ctx.me.user).await?
-    {
+    if !granted.is_some_and(RoomRole::can_moderate) && policy.is_banned(&ctx.me.user) {
         return Err(Error::Forbidden("you are banned from this room".into()));
     }
-    let stored = ctx.app.store.member_role(&room.id, &ctx.me.user).await?;
-    let best = granted.max(stored);
+    let best = granted.max(policy.stored_role(&ctx.me.user));
     match (best, room.visibility) {
         (Some(role), _) => Ok((Some(role), false)),
         (None, Visibility::Open) => Ok((Some(RoomRole::Member), true)),
@@ -173,13 +172,8 @@ pub(crate) async fn readable_role(ctx: &Ctx, room: &RoomId) -> Result<RoomRole> 
     if let Some(role) = ctx.joined.get(room) {
         return Ok(*role);
     }
-    let stored = ctx
-        .app
-        .store
-        .room(room)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("room {room} not found")))?;
-    match resolve_role(ctx, &stored).await? {
+    let policy = ctx.app.policies.get(&ctx.app.store, room).await?;
+    match resolve_role(ctx, &policy)? {
         (Some(role), _) => Ok(role),
         (None, _) => Err(Error::Forbidden("this room is invite-only".into())),
     }
@@ -203,13 +197,8 @@ async fn join(
             ctx.app.config.max_rooms_per_session
         )));
     }
-    let room = ctx
-        .app
-        .store
-        .room(&room_id)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("room {room_id} not found")))?;
-    let (role, open_only) = resolve_role(ctx, &room).await?;
+    let policy = ctx.app.policies.get(&ctx.app.store, &room_id).await?;
+    let (role, open_only) = resolve_role(ctx, &policy)?;
     let role = role.ok_or_else(|| Error::Forbidden("this room is invite-only".into()))?;
     if open_only {
         // Joining an open room makes it one of the user's rooms (as a plain member).
@@ -217,7 +206,11 @@ async fn join(
             .store
             .ensure_member(&room_id, &ctx.me.user, role)
             .await?;
+        ctx.app
+            .policies
+            .member_recorded(&room_id, &ctx.me.user, role);
     }
+    let room = policy.room.clone();
 
     // Cluster mode: subscribed to the room and its sequencer started before the gate is set,
     // so every event after this join's replay reaches the hub, in order.
@@ -250,7 +243,13 @@ async fn join(
     ctx.joined.insert(room_id.clone(), role);
     // A ban or a removal that landed while this join was on its way missed the session (kick
     // only sees sessions already in the room): look again now that it is in.
-    let recheck = match resolve_role(ctx, &room).await {
+    let recheck = match ctx
+        .app
+        .policies
+        .get(&ctx.app.store, &room_id)
+        .await
+        .and_then(|p| resolve_role(ctx, &p))
+    {
         Ok((Some(_), _)) => Ok(()),
         Ok((None, _)) => Err(Error::Forbidden("this room is invite-only".into())),
         Err(e) => Err(e),
@@ -278,7 +277,16 @@ async fn replay_and_reply(
     after_seq: Option<i64>,
 ) -> Result<Outcome> {
     let view = crate::store::View::of(role);
-    let last_seq = ctx.app.store.last_seq(&room.id).await?;
+    // The last seq fanned out to the room here (read from the store once, when the room has
+    // no session on this node yet): everything after it reaches the gate.
+    let last_seq = match ctx.app.hub.published_seq(&room.id) {
+        Some(seq) => seq,
+        None => {
+            let seq = ctx.app.store.last_seq(&room.id).await?;
+            ctx.app.hub.note_published_seq(&room.id, seq);
+            seq
+        }
+    };
     let (page, gap) = match after_seq {
         Some(after) => {
             let page = ctx

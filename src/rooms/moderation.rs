@@ -41,7 +41,12 @@ async fn check_target(ctx: &Ctx, room: &RoomId, user: &UserId) -> Result<()> {
     let remote = hub
         .remote_role(room, user)
         .and_then(|r| RoomRole::parse(&r));
-    let stored = ctx.app.store.member_role(room, user).await?;
+    let stored = ctx
+        .app
+        .policies
+        .get(&ctx.app.store, room)
+        .await?
+        .stored_role(user);
     if local
         .max(remote)
         .max(stored)
@@ -124,6 +129,7 @@ pub(super) async fn ban(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Out
     moderator(ctx, &room)?;
     check_target(ctx, &room, &user).await?;
     ctx.app.store.ban(&room, &user, &ctx.me.user).await?;
+    ctx.app.policies.ban_changed(&room, &user, true);
     let sessions = ctx.app.hub.kick(&room, &user, "banned");
     audit(ctx, &room, "ban", &user, None).await?;
     Ok(Outcome::Ok(json!({ "sessions": sessions })))
@@ -134,6 +140,7 @@ pub(super) async fn unban(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<O
     if !ctx.app.store.unban(&room, &user).await? {
         return Err(Error::NotFound(format!("{user} is not banned here")));
     }
+    ctx.app.policies.ban_changed(&room, &user, false);
     audit(ctx, &room, "unban", &user, None).await?;
     Ok(Outcome::Ok(json!({})))
 }

@@ -1,14 +1,16 @@
-//! Per-room policy as the session checks it on every write: the room's settings (Q&A, slow
-//! mode, content rules), active mutes and each user's last message time, cached in memory and
-//! loaded from the store on first use. Local changes (commands and the HTTP API) update the
-//! cache in place. Also the content rules themselves: blocked words and the link policy.
+//! Per-room policy as sessions check it on every join and write: the room's settings (Q&A,
+//! slow mode, content rules), its stored memberships and bans, active mutes and each user's
+//! last message time, cached in memory and loaded from the store on first use, so a join or
+//! a send to a room in use costs no database read. Local changes (commands and the HTTP API)
+//! update the cache in place; other nodes' changes drop the cached copy. Also the content
+//! rules themselves: blocked words and the link policy.
 
 use crate::error::{Error, Result};
 use crate::protocol::{RoomId, RoomRole, UserId};
 use crate::store::{LinkPolicy, Room, RoomRules, Store, now_ms};
 use dashmap::DashMap;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 /// Rooms whose policy is cached before the cache is emptied and refilled on demand.
 const MAX_CACHED_ROOMS: usize = 100_000;
@@ -19,6 +21,17 @@ pub struct Policy {
     mutes: Mutex<HashMap<UserId, i64>>,
     /// user -> last accepted message (ms) and its `client_msg_id`, for slow mode.
     last_sent: Mutex<HashMap<UserId, (i64, String)>>,
+    /// The stored memberships and bans, complete as loaded and kept in step with every change
+    /// made through this node (shared with the copy a settings change replaces this with).
+    access: Arc<RwLock<Access>>,
+}
+
+/// Who the store lets into a room beyond its visibility.
+#[derive(Default)]
+struct Access {
+    /// user -> stored room role.
+    members: HashMap<UserId, RoomRole>,
+    banned: HashSet<UserId>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -27,7 +40,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Policy {
+    /// The user's stored membership role in the room, if any.
+    pub fn stored_role(&self, user: &UserId) -> Option<RoomRole> {
+        read(&self.access).members.get(user).copied()
+    }
+
+    pub fn is_banned(&self, user: &UserId) -> bool {
+        read(&self.access).banned.contains(user)
+    }
+
     pub fn qa_enabled(&self) -> bool {
         self.room.qa.enabled || self.room.kind == crate::protocol::RoomKind::Live
     }
@@ -209,6 +239,10 @@ impl Policies {
             .await?
             .ok_or_else(|| Error::NotFound(format!("room {room} not found")))?;
         let mutes = store.active_mutes(room, now_ms()).await?;
+        let access = Access {
+            members: store.members(room).await?.into_iter().collect(),
+            banned: store.banned_users(room).await?.into_iter().collect(),
+        };
         if self.map.len() >= MAX_CACHED_ROOMS {
             self.map.clear();
         }
@@ -221,10 +255,11 @@ impl Policies {
                     .map(|(_, clocks)| clocks)
                     .unwrap_or_default(),
             ),
+            access: Arc::new(RwLock::new(access)),
         });
         if self.generation.load(Acquire) != generation {
-            // An invalidation (another node's mute or settings change, or a bus outage) came
-            // while this was loading: what was read may predate it.
+            // A change (here or on another node) or a bus outage came while this was
+            // loading: what was read may predate it.
             return Ok(policy);
         }
         Ok(self.map.entry(room.clone()).or_insert(policy).clone())
@@ -258,9 +293,47 @@ impl Policies {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
+    /// A change made through this node: loads in progress must not cache what they read
+    /// before it, and the other nodes drop their copies.
     fn changed(&self, room: &RoomId) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if let Some(f) = self.on_change.get() {
             f(room);
+        }
+    }
+
+    /// A stored membership was set (`Some`) or removed (`None`) through this node.
+    pub fn member_changed(&self, room: &RoomId, user: &UserId, role: Option<RoomRole>) {
+        self.changed(room);
+        if let Some(p) = self.map.get(room) {
+            let mut access = write(&p.access);
+            match role {
+                Some(r) => access.members.insert(user.clone(), r),
+                None => access.members.remove(user),
+            };
+        }
+    }
+
+    /// A join recorded the user as a plain member of an open room (keeping any role they
+    /// already had). Not announced to other nodes: a node that does not know it sees an open
+    /// room and records the same membership again, which changes nothing.
+    pub fn member_recorded(&self, room: &RoomId, user: &UserId, role: RoomRole) {
+        if let Some(p) = self.map.get(room) {
+            write(&p.access).members.entry(user.clone()).or_insert(role);
+        }
+    }
+
+    /// A ban was added or lifted through this node.
+    pub fn ban_changed(&self, room: &RoomId, user: &UserId, banned: bool) {
+        self.changed(room);
+        if let Some(p) = self.map.get(room) {
+            let mut access = write(&p.access);
+            if banned {
+                access.banned.insert(user.clone());
+            } else {
+                access.banned.remove(user);
+            }
         }
     }
 
@@ -273,6 +346,7 @@ impl Policies {
                 room,
                 mutes: Mutex::new(lock(&old.mutes).clone()),
                 last_sent: Mutex::new(lock(&old.last_sent).clone()),
+                access: old.access.clone(),
             });
         }
     }

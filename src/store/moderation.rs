@@ -113,6 +113,15 @@ impl Store {
         Ok(res.rows_affected() > 0)
     }
 
+    /// Everyone banned from the room.
+    pub async fn banned_users(&self, room: &RoomId) -> Result<Vec<UserId>> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT user_id FROM bans WHERE room_id = $1")
+            .bind(room.as_str())
+            .fetch_all(self.pool())
+            .await?;
+        Ok(ids.into_iter().map(UserId).collect())
+    }
+
     pub async fn is_banned(&self, room: &RoomId, user: &UserId) -> Result<bool> {
         let hit: Option<i64> =
             sqlx::query_scalar("SELECT 1 FROM bans WHERE room_id = $1 AND user_id = $2")

@@ -382,37 +382,48 @@ impl Writer {
         if self.backend == Backend::Postgres {
             lock_rooms(&mut tx, ops).await?;
         }
-        // A room goes the bulk way only if every write to it in this batch is a plain send,
-        // so each room's seqs follow its queue order on either path.
-        let mut bulk = vec![true; ops.len()];
-        let mut start = 0;
-        for i in 1..=ops.len() {
-            if i == ops.len() || ops[i].room() != ops[start].room() {
-                let all = ops[start..i]
-                    .iter()
-                    .all(|op| super::sends::plain_send(op).is_some());
-                bulk[start..i].fill(all);
-                start = i;
-            }
-        }
+        let paths = paths(ops);
         let bulk_ops: Vec<&WriteOp> = ops
             .iter()
-            .zip(&bulk)
-            .filter(|(_, b)| **b)
+            .zip(&paths)
+            .filter(|(_, p)| **p == Path::Send)
             .map(|(op, _)| *op)
             .collect();
         let planned = super::sends::plan(&mut tx, self.backend, &bulk_ops)
             .await
             .map_err(abort_batch)?;
+        let members: Vec<_> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::EnsureMember { room, user, role } => {
+                    Some((room.as_str(), user.as_str(), role.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        record_members(&mut tx, self.backend, &members).await?;
         let mut planned_results = planned.results.into_iter();
         let mut out: Vec<Result<(Applied, Effects)>> = Vec::with_capacity(ops.len());
-        for (op, is_bulk) in ops.iter().zip(bulk) {
-            if is_bulk {
-                let r = planned_results
-                    .next()
-                    .unwrap_or_else(|| Err(StoreError::Corrupt("a send was not planned".into())));
-                out.push(r.map(|a| (a, Effects::default())));
-                continue;
+        for (op, path) in ops.iter().zip(paths) {
+            match path {
+                Path::Send => {
+                    let r = planned_results.next().unwrap_or_else(|| {
+                        Err(StoreError::Corrupt("a send was not planned".into()))
+                    });
+                    out.push(r.map(|a| (a, Effects::default())));
+                    continue;
+                }
+                Path::Member => {
+                    out.push(Ok((
+                        Applied {
+                            outcome: WriteOutcome::Unchanged,
+                            event: None,
+                        },
+                        Effects::default(),
+                    )));
+                    continue;
+                }
+                Path::One => {}
             }
             let mut fx = Effects::default();
             match apply(&mut tx, &self.engagement, op, &mut fx).await {
@@ -435,6 +446,70 @@ impl Writer {
         tx.commit().await?;
         Ok((out, batch_fx))
     }
+}
+
+/// How a write of a batch is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// With every plain send of the batch (`sends.rs`), at a fixed number of statements.
+    Send,
+    /// With every membership record of the batch, in one statement.
+    Member,
+    /// On its own, in queue order.
+    One,
+}
+
+/// The path of each write of `ops` (sorted by room). A room's plain sends go the bulk way
+/// only if no write to that room takes its own path, so each room's seqs follow its queue
+/// order either way; membership records never take a seq.
+fn paths(ops: &[&WriteOp]) -> Vec<Path> {
+    let mut out: Vec<Path> = ops
+        .iter()
+        .map(|op| match op {
+            WriteOp::EnsureMember { .. } => Path::Member,
+            op if super::sends::plain_send(op).is_some() => Path::Send,
+            _ => Path::One,
+        })
+        .collect();
+    let mut start = 0;
+    for i in 1..=ops.len() {
+        if i == ops.len() || ops[i].room() != ops[start].room() {
+            if out[start..i].contains(&Path::One) {
+                for p in &mut out[start..i] {
+                    if *p == Path::Send {
+                        *p = Path::One;
+                    }
+                }
+            }
+            start = i;
+        }
+    }
+    out
+}
+
+/// Records first joins of open rooms (room, user, role), keeping any role already stored.
+async fn record_members(
+    tx: &mut Tx<'_>,
+    backend: Backend,
+    rows: &[(&str, &str, &str)],
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    const SQL: super::rows::Sql = super::rows::Sql {
+        sqlite: "INSERT INTO room_members (room_id, user_id, role, added_at) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2, $2 FROM jsonb_each($1) WHERE true \
+                 ON CONFLICT (room_id, user_id) DO NOTHING",
+        postgres: "INSERT INTO room_members (room_id, user_id, role, added_at) \
+                   SELECT v ->> 0, v ->> 1, v ->> 2, $2 FROM jsonb_array_elements($1::jsonb) AS v \
+                   ON CONFLICT (room_id, user_id) DO NOTHING",
+    };
+    sqlx::query(SQL.get(backend))
+        .bind(super::rows::json(rows))
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Locks the row of every room the batch writes to, in byte order of the id, before anything
@@ -710,22 +785,11 @@ async fn apply(
             )
             .await
         }
-        WriteOp::EnsureMember { room, user, role } => {
-            sqlx::query(
-                "INSERT INTO room_members (room_id, user_id, role, added_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (room_id, user_id) DO NOTHING",
-            )
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .bind(role.as_str())
-            .bind(now_ms())
-            .execute(&mut **tx)
-            .await?;
-            Ok(Applied {
-                outcome: WriteOutcome::Unchanged,
-                event: None,
-            })
-        }
+        // Recorded in bulk by the batch (see `record_members`).
+        WriteOp::EnsureMember { .. } => Ok(Applied {
+            outcome: WriteOutcome::Unchanged,
+            event: None,
+        }),
         WriteOp::Ask {
             room,
             author,

@@ -56,6 +56,12 @@ pub struct Config {
     /// Online users above which a room sends no per-user presence or typing events (the join
     /// reply still has `online_count` and the first this-many users).
     pub presence_limit: usize,
+    /// Milliseconds a presence, typing or online-count frame may wait to leave in the same
+    /// write as the frames after it (a join storm costs each session one write per this).
+    pub presence_flush_ms: u64,
+    /// Milliseconds between `online_count` events to rooms whose count changed (a live room's
+    /// audience, and rooms past `presence_limit`, follow presence by count).
+    pub online_count_ms: u64,
     /// Writes one session may have waiting for commit; it stops reading beyond this.
     pub max_inflight_per_session: usize,
     /// Most events `join {after_seq}` replays; beyond it the reply says `gap: true`.
@@ -168,6 +174,8 @@ impl Default for Config {
             max_sessions_per_user: 10,
             max_room_sessions: 50_000,
             presence_limit: 1000,
+            presence_flush_ms: 50,
+            online_count_ms: 1000,
             max_inflight_per_session: 256,
             replay_limit: 1000,
             max_text_chars: 4000,
@@ -273,6 +281,10 @@ pub struct ServeArgs {
     pub max_room_sessions: Option<usize>,
     #[arg(long, env = "STUDYHALL_PRESENCE_LIMIT")]
     pub presence_limit: Option<usize>,
+    #[arg(long, env = "STUDYHALL_PRESENCE_FLUSH_MS")]
+    pub presence_flush_ms: Option<u64>,
+    #[arg(long, env = "STUDYHALL_ONLINE_COUNT_MS")]
+    pub online_count_ms: Option<u64>,
     #[arg(long, env = "STUDYHALL_MAX_INFLIGHT_PER_SESSION")]
     pub max_inflight_per_session: Option<usize>,
     #[arg(long, env = "STUDYHALL_REPLAY_LIMIT")]
@@ -384,6 +396,8 @@ impl Config {
             max_sessions_per_user,
             max_room_sessions,
             presence_limit,
+            presence_flush_ms,
+            online_count_ms,
             max_inflight_per_session,
             replay_limit,
             max_text_chars,
@@ -477,6 +491,7 @@ impl Config {
         positive("max_sessions_per_user", self.max_sessions_per_user as u64)?;
         positive("max_room_sessions", self.max_room_sessions as u64)?;
         positive("presence_limit", self.presence_limit as u64)?;
+        positive("online_count_ms", self.online_count_ms)?;
         positive(
             "max_inflight_per_session",
             self.max_inflight_per_session as u64,

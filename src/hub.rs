@@ -7,18 +7,42 @@
 //! tokens or sockets (only the frame type the sockets take).
 
 use crate::metrics::Metrics;
-use crate::protocol::{self, PresenceState, RoomId, ServerMsg, SessionId, UserId, UserRef, close};
+use crate::protocol::{
+    self, PresenceState, RoomId, RoomRole, ServerMsg, SessionId, UserId, UserRef, close,
+};
 use crate::store::CommittedEvent;
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::{Notify, mpsc, watch};
 
 /// One encoded text frame, shared by every outbox it is queued in.
 pub type Frame = Utf8Bytes;
+
+/// A frame queued for one session. A `lazy` frame (presence, typing, an online count) may
+/// wait a little (`presence_flush_ms`) to leave in the same write as what follows it, so a
+/// join storm costs each session one write per flush instead of one per joiner.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub frame: Frame,
+    pub lazy: bool,
+}
+
+impl From<Frame> for Outgoing {
+    fn from(frame: Frame) -> Self {
+        Self { frame, lazy: false }
+    }
+}
+
+impl From<String> for Outgoing {
+    fn from(frame: String) -> Self {
+        Frame::from(frame).into()
+    }
+}
 
 /// What the hub holds of a session: where to queue frames and how to close it.
 #[derive(Debug)]
@@ -27,7 +51,7 @@ pub struct SessionHandle {
     pub user: UserId,
     /// This device takes a second call while in one (call waiting).
     pub call_waiting: bool,
-    outbox: mpsc::Sender<Frame>,
+    outbox: mpsc::Sender<Outgoing>,
     /// 0 while open; the close code once the session must end. Watched by its tasks.
     close: watch::Sender<u16>,
 }
@@ -36,7 +60,7 @@ impl SessionHandle {
     pub fn new(
         id: SessionId,
         user: UserId,
-        outbox: mpsc::Sender<Frame>,
+        outbox: mpsc::Sender<Outgoing>,
     ) -> (Arc<Self>, watch::Receiver<u16>) {
         Self::with_call_waiting(id, user, outbox, false)
     }
@@ -44,7 +68,7 @@ impl SessionHandle {
     pub fn with_call_waiting(
         id: SessionId,
         user: UserId,
-        outbox: mpsc::Sender<Frame>,
+        outbox: mpsc::Sender<Outgoing>,
         call_waiting: bool,
     ) -> (Arc<Self>, watch::Receiver<u16>) {
         let (close, rx) = watch::channel(0);
@@ -74,7 +98,15 @@ impl SessionHandle {
 
     /// Queues a frame without waiting. A full outbox closes the session as a slow consumer.
     fn offer(&self, frame: &Frame, metrics: &Metrics) -> bool {
-        match self.outbox.try_send(frame.clone()) {
+        self.offer_as(frame, false, metrics)
+    }
+
+    fn offer_as(&self, frame: &Frame, lazy: bool, metrics: &Metrics) -> bool {
+        let out = Outgoing {
+            frame: frame.clone(),
+            lazy,
+        };
+        match self.outbox.try_send(out) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if *self.close.borrow() == 0 {
@@ -96,7 +128,7 @@ struct Member {
     moderator: bool,
     /// `Some` while the session's replay is being queued: live frames wait here, with their
     /// seq (unsequenced frames such as typing carry `None`).
-    gate: Option<Vec<(Option<i64>, Frame)>>,
+    gate: Option<Vec<(Option<i64>, Outgoing)>>,
     /// The highest room seq queued to this session. A sequenced frame at or below it is a
     /// duplicate and is dropped: an event can be committed, read by a joining session's
     /// replay, and only then published.
@@ -106,8 +138,13 @@ struct Member {
 #[derive(Default)]
 struct RoomState {
     sessions: HashMap<SessionId, Member>,
-    /// Users online in the room and how many of their sessions have joined it.
-    online: HashMap<UserId, (UserRef, usize)>,
+    /// Users online in the room (by id, so a join reply lists the first ones cheaply) and how
+    /// many of their sessions have joined it.
+    online: BTreeMap<UserId, (UserRef, usize)>,
+    /// A `live` room: its audience hears who is online as a count, not user by user.
+    live: bool,
+    /// The last `online_count` sent to the room.
+    count_sent: Option<usize>,
     /// Raised hands in raise order, with when they went up (ms).
     hands: Vec<(UserRef, i64)>,
     /// Users allowed to publish audio/video, in the order they went on stage.
@@ -122,6 +159,8 @@ struct RoomState {
 enum Audience<'a> {
     Everyone,
     Others(&'a UserId),
+    /// Host/TA sessions of users other than this one.
+    OtherModerators(&'a UserId),
     /// Host/TA sessions, plus every session of this user if given.
     Moderators(Option<&'a UserId>),
     User(&'a UserId),
@@ -184,6 +223,7 @@ impl Audience<'_> {
         match self {
             Self::Everyone => true,
             Self::Others(u) => &m.user.id != *u,
+            Self::OtherModerators(u) => m.moderator && &m.user.id != *u,
             Self::Moderators(u) => m.moderator || u.is_some_and(|u| &m.user.id == u),
             Self::User(u) => &m.user.id == *u,
         }
@@ -198,8 +238,7 @@ impl RoomState {
         room: &RoomId,
         user: &UserId,
         tell_user: bool,
-        gate_cap: usize,
-        metrics: &Metrics,
+        out: Out<'_>,
     ) -> Option<UserRef> {
         let pos = self.hands.iter().position(|(u, _)| &u.id == user)?;
         let (who, _) = self.hands.remove(pos);
@@ -209,7 +248,7 @@ impl RoomState {
             raised: false,
         }));
         let to = Audience::Moderators(tell_user.then_some(user));
-        self.fan_out(&frame, None, None, to, gate_cap, metrics);
+        self.fan_out(&frame, None, None, to, out);
         Some(who)
     }
 
@@ -219,22 +258,71 @@ impl RoomState {
         room: &RoomId,
         user: &UserRef,
         on: bool,
-        gate_cap: usize,
-        metrics: &Metrics,
+        out: Out<'_>,
     ) {
         let frame = Frame::from(protocol::encode(&ServerMsg::Stage { room, user, on }));
-        self.fan_out(&frame, None, None, Audience::Everyone, gate_cap, metrics);
+        self.fan_out(&frame, None, None, Audience::Everyone, out);
     }
 
     /// Tells host/ta (and the user) that the user's hand went up.
-    fn hand_raised(&mut self, room: &RoomId, user: &UserRef, gate_cap: usize, metrics: &Metrics) {
+    fn hand_raised(&mut self, room: &RoomId, user: &UserRef, out: Out<'_>) {
         let frame = Frame::from(protocol::encode(&ServerMsg::Hand {
             room,
             user,
             raised: true,
         }));
         let to = Audience::Moderators(Some(&user.id));
-        self.fan_out(&frame, None, None, to, gate_cap, metrics);
+        self.fan_out(&frame, None, None, to, out);
+    }
+
+    /// Who hears that `user` came or went: host/ta of a live room; in other rooms everyone
+    /// else while no more than `limit` users are online here. `None`: nobody (the sessions
+    /// that do not hear it learn the change from the next `online_count`).
+    fn presence_audience<'u>(&self, user: &'u UserId, limit: usize) -> Option<Audience<'u>> {
+        if self.live {
+            Some(Audience::OtherModerators(user))
+        } else if self.online.len() <= limit {
+            Some(Audience::Others(user))
+        } else {
+            None
+        }
+    }
+
+    /// Whether some of the room's sessions follow its online users by `online_count`.
+    fn counts_online(&self, limit: usize) -> bool {
+        self.live || self.online.len() > limit
+    }
+
+    /// Tells the room's presence audience that `user` came or went.
+    fn announce_presence(
+        &mut self,
+        room: &RoomId,
+        user: &UserRef,
+        online: bool,
+        limit: usize,
+        out: Out<'_>,
+    ) -> u64 {
+        let Some(to) = self.presence_audience(&user.id, limit) else {
+            return 0;
+        };
+        let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
+            room,
+            user,
+            state: if online {
+                PresenceState::Online
+            } else {
+                PresenceState::Offline
+            },
+        }));
+        self.fan_out_lazy(&frame, to, out)
+    }
+
+    /// Online users here and on other nodes (`remote`), counted once each.
+    fn online_count(&self, remote: Option<&HashMap<UserId, UserRef>>) -> usize {
+        let elsewhere = remote.map_or(0, |r| {
+            r.keys().filter(|u| !self.online.contains_key(*u)).count()
+        });
+        self.online.len() + elsewhere
     }
 
     /// Queues `frame` to the sessions in `to`; host/ta get `frame`, others `public` if given.
@@ -244,8 +332,25 @@ impl RoomState {
         public: Option<&Frame>,
         seq: Option<i64>,
         to: Audience<'_>,
-        gate_cap: usize,
-        metrics: &Metrics,
+        out: Out<'_>,
+    ) -> u64 {
+        self.queue(frame, public, seq, to, false, out)
+    }
+
+    /// Queues an unsequenced frame that may wait for the session's next write (presence,
+    /// online counts, typing).
+    fn fan_out_lazy(&mut self, frame: &Frame, to: Audience<'_>, out: Out<'_>) -> u64 {
+        self.queue(frame, None, None, to, true, out)
+    }
+
+    fn queue(
+        &mut self,
+        frame: &Frame,
+        public: Option<&Frame>,
+        seq: Option<i64>,
+        to: Audience<'_>,
+        lazy: bool,
+        out: Out<'_>,
     ) -> u64 {
         let mut delivered = 0;
         for m in self.sessions.values_mut() {
@@ -258,13 +363,14 @@ impl RoomState {
             };
             match &mut m.gate {
                 Some(held) => {
-                    if held.len() >= gate_cap {
+                    if held.len() >= out.gate_cap {
                         if *m.handle.close.borrow() == 0 {
-                            metrics.slow_consumer_closes.fetch_add(1, Relaxed);
+                            out.metrics.slow_consumer_closes.fetch_add(1, Relaxed);
                         }
                         m.handle.close(close::SLOW_CONSUMER);
                     } else {
-                        held.push((seq, frame.clone()));
+                        let frame = frame.clone();
+                        held.push((seq, Outgoing { frame, lazy }));
                     }
                 }
                 None => {
@@ -274,7 +380,7 @@ impl RoomState {
                         }
                         m.last_seq = s;
                     }
-                    if m.handle.offer(frame, metrics) {
+                    if m.handle.offer_as(frame, lazy, out.metrics) {
                         delivered += 1;
                     }
                 }
@@ -282,6 +388,13 @@ impl RoomState {
         }
         delivered
     }
+}
+
+/// What fan-out needs from the hub: the gate's limit and the counters.
+#[derive(Clone, Copy)]
+struct Out<'a> {
+    gate_cap: usize,
+    metrics: &'a Metrics,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -332,6 +445,8 @@ pub struct Hub {
     remote_sessions: DashMap<UserId, Vec<(String, bool)>>,
     /// Woken when local presence changes, so the bus sends a heartbeat soon.
     pub presence_changed: Notify,
+    /// Rooms whose online count changed since the last `online_count` round.
+    counts_due: std::sync::Mutex<HashSet<RoomId>>,
 }
 
 impl Hub {
@@ -354,6 +469,14 @@ impl Hub {
             remote_online: DashMap::new(),
             remote_sessions: DashMap::new(),
             presence_changed: Notify::new(),
+            counts_due: std::sync::Mutex::default(),
+        }
+    }
+
+    fn out(&self) -> Out<'_> {
+        Out {
+            gate_cap: self.gate_cap,
+            metrics: &self.metrics,
         }
     }
 
@@ -398,16 +521,19 @@ impl Hub {
     }
 
     /// Joins `handle` to `room`, gated: live events are held until [`Hub::open_gate`].
-    /// Re-joining a room the session is already in re-gates it (a resync).
+    /// Re-joining a room the session is already in re-gates it (a resync). `live`: the room
+    /// is of kind `live` (its audience follows presence by count).
     pub fn join(
         &self,
         room: &RoomId,
         handle: &Arc<SessionHandle>,
         user: UserRef,
         moderator: bool,
+        live: bool,
     ) -> Result<Joined, HubError> {
         let mut state = self.rooms.entry(room.clone()).or_default();
         let state = &mut *state;
+        state.live = live;
         if let Some(m) = state.sessions.get_mut(&handle.id) {
             // A resync: the role may have changed since the first join.
             m.gate.get_or_insert_with(Vec::new);
@@ -440,38 +566,58 @@ impl Hub {
                     true
                 }
             };
-            let elsewhere = self.online_elsewhere(room, &user.id);
             if first {
                 self.presence_changed.notify_one();
+                if !self.online_elsewhere(room, &user.id) {
+                    let n = state.announce_presence(room, &user, true, self.presence_limit, self.out());
+                    self.metrics.deliveries.fetch_add(n, Relaxed);
+                    if state.counts_online(self.presence_limit) {
+                        self.count_due(room);
+                    }
+                }
             }
-            if first && !elsewhere && state.online.len() <= self.presence_limit {
-                let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
-                    room,
-                    user: &user,
-                    state: PresenceState::Online,
-                }));
-                state.fan_out(
-                    &frame,
-                    None,
-                    None,
-                    Audience::Others(&user.id),
-                    self.gate_cap,
-                    &self.metrics,
+        }
+        let remote = self.remote_online.get(room);
+        let online_count = state.online_count(remote.as_deref());
+        let online = if live && !moderator {
+            // The audience of a live room sees who runs it and who is on stage; the rest
+            // is a count.
+            let visible = |u: &UserRef| {
+                RoomRole::parse(&u.role).is_some_and(RoomRole::can_moderate)
+                    || state.stage.iter().any(|s| s.id == u.id)
+            };
+            let mut list: Vec<UserRef> = state
+                .online
+                .values()
+                .map(|(u, _)| u)
+                .chain(remote.iter().flat_map(|r| r.values()))
+                .filter(|u| visible(u))
+                .cloned()
+                .collect();
+            list.sort_by(|a, b| a.id.cmp(&b.id));
+            list.dedup_by(|a, b| a.id == b.id);
+            list.truncate(self.presence_limit);
+            list
+        } else {
+            // The first `presence_limit` users by id, here and on other nodes.
+            let mut list: Vec<UserRef> = state
+                .online
+                .values()
+                .take(self.presence_limit)
+                .map(|(u, _)| u.clone())
+                .collect();
+            if let Some(r) = &remote {
+                list.extend(
+                    r.values()
+                        .filter(|u| !state.online.contains_key(&u.id))
+                        .cloned(),
                 );
+                list.sort_by(|a, b| a.id.cmp(&b.id));
+                list.truncate(self.presence_limit);
             }
-        }
-        let mut online: Vec<UserRef> = state.online.values().map(|(u, _)| u.clone()).collect();
-        if let Some(remote) = self.remote_online.get(room) {
-            online.extend(
-                remote
-                    .values()
-                    .filter(|u| !state.online.contains_key(&u.id))
-                    .cloned(),
-            );
-        }
-        let online_count = online.len();
-        online.sort_by(|a, b| a.id.cmp(&b.id));
-        online.truncate(self.presence_limit);
+            list
+        };
+        drop(remote);
         let hands = if moderator {
             state.hands.clone()
         } else {
@@ -496,14 +642,14 @@ impl Hub {
         };
         let Some(held) = m.gate.take() else { return };
         m.last_seq = m.last_seq.max(delivered_seq);
-        for (seq, frame) in held {
+        for (seq, queued) in held {
             if let Some(s) = seq {
                 if s <= m.last_seq {
                     continue;
                 }
                 m.last_seq = s;
             }
-            if !m.handle.offer(&frame, &self.metrics) {
+            if !m.handle.offer_as(&queued.frame, queued.lazy, &self.metrics) {
                 break;
             }
         }
@@ -531,26 +677,18 @@ impl Hub {
         };
         if last {
             self.presence_changed.notify_one();
-        }
-        if last {
-            if state.online.len() < self.presence_limit && !self.online_elsewhere(room, &uid) {
-                let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
-                    room,
-                    user: &member.user,
-                    state: PresenceState::Offline,
-                }));
-                state.fan_out(
-                    &frame,
-                    None,
-                    None,
-                    Audience::Others(&uid),
-                    self.gate_cap,
-                    &self.metrics,
-                );
+            if !self.online_elsewhere(room, &uid) {
+                // Measured as before the user left, as their join was.
+                let limit = self.presence_limit.saturating_sub(1);
+                let n = state.announce_presence(room, &member.user, false, limit, self.out());
+                self.metrics.deliveries.fetch_add(n, Relaxed);
+                if state.counts_online(limit) {
+                    self.count_due(room);
+                }
             }
             // Hands and stage belong to people who are here (on any node).
             if !self.online_elsewhere(room, &uid) {
-                if let Some(who) = state.lower_hand(room, &uid, false, self.gate_cap, &self.metrics)
+                if let Some(who) = state.lower_hand(room, &uid, false, self.out())
                 {
                     self.relay_with(Relayed::Hand {
                         room,
@@ -566,7 +704,7 @@ impl Hub {
                         user: &member.user,
                         on: false,
                     });
-                    state.stage_changed(room, &member.user, false, self.gate_cap, &self.metrics);
+                    state.stage_changed(room, &member.user, false, self.out());
                 }
             }
         }
@@ -585,17 +723,42 @@ impl Hub {
         let public = ev.public_json.map(Frame::from);
         if let Some(mut state) = self.rooms.get_mut(&ev.room) {
             state.published = state.published.max(Some(ev.seq));
-            let n = state.fan_out(
-                &frame,
-                public.as_ref(),
-                Some(ev.seq),
-                Audience::Everyone,
-                self.gate_cap,
-                &self.metrics,
-            );
+            let out = self.out();
+            let n = state.fan_out(&frame, public.as_ref(), Some(ev.seq), Audience::Everyone, out);
             self.metrics.deliveries.fetch_add(n, Relaxed);
         }
         self.metrics.events_published.fetch_add(1, Relaxed);
+    }
+
+    /// Notes that the room's online count changed, for the next [`Hub::send_online_counts`].
+    fn count_due(&self, room: &RoomId) {
+        self.counts_due
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(room.clone());
+    }
+
+    /// Sends `online_count` to every room whose count changed since the last call (and since
+    /// it was last sent), for the sessions that follow it by count. Called every
+    /// `online_count_ms`.
+    pub fn send_online_counts(&self) {
+        let due = std::mem::take(&mut *self.counts_due.lock().unwrap_or_else(|p| p.into_inner()));
+        for room in due {
+            let Some(mut state) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            let count = state.online_count(self.remote_online.get(&room).as_deref());
+            if state.count_sent == Some(count) {
+                continue;
+            }
+            state.count_sent = Some(count);
+            let frame = Frame::from(protocol::encode(&ServerMsg::OnlineCount {
+                room: &room,
+                count,
+            }));
+            let n = state.fan_out_lazy(&frame, Audience::Everyone, self.out());
+            self.metrics.deliveries.fetch_add(n, Relaxed);
+        }
     }
 
     /// The highest seq fanned out to the room on this node, if known (see
@@ -614,7 +777,7 @@ impl Hub {
 
     fn send(&self, room: &RoomId, frame: &Frame, to: Audience<'_>) -> u64 {
         let n = match self.rooms.get_mut(room) {
-            Some(mut state) => state.fan_out(frame, None, None, to, self.gate_cap, &self.metrics),
+            Some(mut state) => state.fan_out(frame, None, None, to, self.out()),
             None => 0,
         };
         self.metrics.deliveries.fetch_add(n, Relaxed);
@@ -623,15 +786,20 @@ impl Hub {
 
     /// Sends an unsequenced frame (typing) to the room's sessions of other users.
     pub fn notify_others(&self, room: &RoomId, from: &UserId, frame: &Frame) {
-        if self
-            .rooms
-            .get(room)
-            .is_some_and(|st| st.online.len() > self.presence_limit)
-        {
-            return;
-        }
-        self.send(room, frame, Audience::Others(from));
+        self.typing_local(room, from, frame);
         self.relay_notice(room, frame, || NoticeTo::Others(from.clone()));
+    }
+
+    /// Typing goes where presence goes (see `RoomState::presence_audience`): host/ta of a
+    /// live room, everyone else in a room under the presence limit.
+    fn typing_local(&self, room: &RoomId, from: &UserId, frame: &Frame) {
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if let Some(to) = state.presence_audience(from, self.presence_limit) {
+            let n = state.fan_out_lazy(frame, to, self.out());
+            self.metrics.deliveries.fetch_add(n, Relaxed);
+        }
     }
 
     /// Sends an unsequenced frame to everyone in the room.
@@ -720,7 +888,7 @@ impl Hub {
             return pos + 1;
         }
         state.hands.push((user.clone(), now_ms));
-        state.hand_raised(room, user, self.gate_cap, &self.metrics);
+        state.hand_raised(room, user, self.out());
         let position = state.hands.len();
         drop(state);
         self.relay_with(Relayed::Hand {
@@ -737,7 +905,7 @@ impl Hub {
         let Some(mut state) = self.rooms.get_mut(room) else {
             return false;
         };
-        let lowered = state.lower_hand(room, user, true, self.gate_cap, &self.metrics);
+        let lowered = state.lower_hand(room, user, true, self.out());
         drop(state);
         match lowered {
             Some(who) => {
@@ -788,14 +956,14 @@ impl Hub {
                     return Err(StageError::Full(max));
                 }
                 state.stage.push(who.clone());
-                state.lower_hand(room, user, true, self.gate_cap, &self.metrics);
+                state.lower_hand(room, user, true, self.out());
             }
             (false, Some(pos)) => {
                 state.stage.remove(pos);
             }
             _ => return Ok(state.stage.clone()),
         }
-        state.stage_changed(room, &who, on, self.gate_cap, &self.metrics);
+        state.stage_changed(room, &who, on, self.out());
         // Never touches the hub: safe under the room's guard.
         self.relay_with(Relayed::Stage {
             room,
@@ -916,7 +1084,7 @@ impl Hub {
             return;
         };
         if !raised {
-            state.lower_hand(room, &user.id, true, self.gate_cap, &self.metrics);
+            state.lower_hand(room, &user.id, true, self.out());
             return;
         }
         if state.hands.iter().any(|(u, _)| u.id == user.id) {
@@ -924,7 +1092,7 @@ impl Hub {
         }
         let at = state.hands.partition_point(|(_, t)| *t <= ts);
         state.hands.insert(at, (user.clone(), ts));
-        state.hand_raised(room, user, self.gate_cap, &self.metrics);
+        state.hand_raised(room, user, self.out());
     }
 
     /// A stage change made on another node; true if this node's stage changed.
@@ -937,14 +1105,14 @@ impl Hub {
         match (on, present) {
             (true, None) => {
                 state.stage.push(user.clone());
-                state.lower_hand(room, &user.id, true, self.gate_cap, &self.metrics);
+                state.lower_hand(room, &user.id, true, self.out());
             }
             (false, Some(pos)) => {
                 state.stage.remove(pos);
             }
             _ => return false,
         }
-        state.stage_changed(room, user, on, self.gate_cap, &self.metrics);
+        state.stage_changed(room, user, on, self.out());
         true
     }
 
@@ -957,7 +1125,13 @@ impl Hub {
 
     /// A notice relayed from another node, for this node's sessions.
     pub fn apply_notice(&self, room: &RoomId, frame: &Frame, to: &NoticeTo) {
-        self.send(room, frame, to.audience());
+        match to {
+            // Typing, the only notice to "others": this node's rules for who hears it.
+            NoticeTo::Others(from) => self.typing_local(room, from, frame),
+            to => {
+                self.send(room, frame, to.audience());
+            }
+        }
     }
 
     /// Whether any session of this node has joined the room.
@@ -993,33 +1167,19 @@ impl Hub {
         }
         if !online {
             // Gone from every node (a node died, say): hands and stage belong to people here.
-            state.lower_hand(room, &user.id, false, self.gate_cap, &self.metrics);
+            state.lower_hand(room, &user.id, false, self.out());
             if let Some(pos) = state.stage.iter().position(|u| u.id == user.id) {
                 state.stage.remove(pos);
-                state.stage_changed(room, user, false, self.gate_cap, &self.metrics);
+                state.stage_changed(room, user, false, self.out());
             }
         }
-        if state.online.len() >= self.presence_limit {
-            return;
-        }
-        let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
-            room,
-            user,
-            state: if online {
-                PresenceState::Online
-            } else {
-                PresenceState::Offline
-            },
-        }));
-        let n = state.fan_out(
-            &frame,
-            None,
-            None,
-            Audience::Everyone,
-            self.gate_cap,
-            &self.metrics,
-        );
+        // Measured as for a local join or leave (see `Hub::leave`).
+        let limit = self.presence_limit.saturating_sub(1);
+        let n = state.announce_presence(room, user, online, limit, self.out());
         self.metrics.deliveries.fetch_add(n, Relaxed);
+        if state.counts_online(limit) {
+            self.count_due(room);
+        }
     }
 
     /// Replaces the directory of other nodes' sessions (user -> (session id, call waiting)).
@@ -1100,7 +1260,7 @@ mod tests {
         cap: usize,
     ) -> (
         Arc<SessionHandle>,
-        mpsc::Receiver<Frame>,
+        mpsc::Receiver<Outgoing>,
         watch::Receiver<u16>,
     ) {
         let (tx, rx) = mpsc::channel(cap);
@@ -1117,10 +1277,10 @@ mod tests {
         }
     }
 
-    fn drain(rx: &mut mpsc::Receiver<Frame>) -> Vec<String> {
+    fn drain(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<String> {
         let mut out = vec![];
-        while let Ok(f) = rx.try_recv() {
-            out.push(f.as_str().to_owned());
+        while let Ok(q) = rx.try_recv() {
+            out.push(q.frame.as_str().to_owned());
         }
         out
     }
@@ -1129,7 +1289,7 @@ mod tests {
     fn gate_holds_live_events_and_drops_replayed_ones() {
         let hub = Hub::new(Arc::default(), 10, 100, 100);
         let (a, mut arx, _) = session("s1", "a", 16);
-        hub.join(&"r".into(), &a, user("a"), false).unwrap();
+        hub.join(&"r".into(), &a, user("a"), false, false).unwrap();
         hub.publish(ev("r", 5));
         hub.publish(ev("r", 6));
         assert!(drain(&mut arx).is_empty(), "gated");
@@ -1143,7 +1303,7 @@ mod tests {
     fn an_event_replayed_before_it_is_published_is_not_sent_twice() {
         let hub = Hub::new(Arc::default(), 10, 100, 100);
         let (a, mut arx, _) = session("s1", "a", 16);
-        hub.join(&"r".into(), &a, user("a"), false).unwrap();
+        hub.join(&"r".into(), &a, user("a"), false, false).unwrap();
         // Seq 6 is committed and the joiner's replay read it (delivered 6) before the writer
         // got to publish it.
         hub.open_gate(&"r".into(), &a.id, 6);
@@ -1157,17 +1317,65 @@ mod tests {
     fn big_rooms_stop_broadcasting_presence_and_typing_but_count_everyone() {
         let hub = Hub::new(Arc::default(), 10, 100, 100).with_presence_limit(2);
         let (w, mut wrx, _) = session("w", "w", 16);
-        hub.join(&"r".into(), &w, user("w"), false).unwrap();
+        hub.join(&"r".into(), &w, user("w"), false, false).unwrap();
         hub.open_gate(&"r".into(), &w.id, 0);
         let (a, _ar, _) = session("a", "a", 16);
-        hub.join(&"r".into(), &a, user("a"), false).unwrap();
+        hub.join(&"r".into(), &a, user("a"), false, false).unwrap();
         assert_eq!(drain(&mut wrx).len(), 1, "second user: presence still sent");
         let (b, _br, _) = session("b", "b", 16);
-        let joined = hub.join(&"r".into(), &b, user("b"), false).unwrap();
+        let joined = hub.join(&"r".into(), &b, user("b"), false, false).unwrap();
         assert!(drain(&mut wrx).is_empty(), "third user: over the limit");
         assert_eq!((joined.online.len(), joined.online_count), (2, 3));
         hub.notify_others(&"r".into(), &"a".into(), &Frame::from("typing"));
         assert!(drain(&mut wrx).is_empty(), "no typing in a big room");
+    }
+
+    #[test]
+    fn a_live_audience_follows_presence_by_count() {
+        let hub = Hub::new(Arc::default(), 10, 10_000, 100);
+        let r = RoomId::from("lecture");
+        let mut host = user("h");
+        host.role = "host".into();
+        let (h, mut hrx, _) = session("h1", "h", 4096);
+        hub.join(&r, &h, host, true, true).unwrap();
+        hub.open_gate(&r, &h.id, 0);
+        let mut audience = Vec::new();
+        for i in 0..50 {
+            let id = format!("u{i}");
+            let (s, rx, _) = session(&id, &id, 64);
+            let joined = hub.join(&r, &s, user(&id), false, true).unwrap();
+            hub.open_gate(&r, &s.id, 0);
+            assert_eq!(joined.online_count, i + 2);
+            assert_eq!(
+                joined.online.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+                vec!["h"],
+                "the audience sees who runs the room, not each other"
+            );
+            audience.push((s, rx));
+        }
+        // The host heard every arrival, lazily (presence may wait for the next write).
+        let mut presence = 0;
+        while let Ok(q) = hrx.try_recv() {
+            assert!(q.lazy && q.frame.as_str().contains("\"presence\""));
+            presence += 1;
+        }
+        assert_eq!(presence, 50);
+        // The audience heard nobody arrive: O(N) frames for the room, not O(N^2).
+        for (_, rx) in &mut audience {
+            assert!(drain(rx).is_empty());
+        }
+        // One count for everyone, and none again while it stays the same.
+        hub.send_online_counts();
+        for (_, rx) in &mut audience {
+            assert_eq!(drain(rx), vec![r#"{"type":"online_count","room":"lecture","count":51}"#]);
+        }
+        assert_eq!(drain(&mut hrx).len(), 1);
+        hub.send_online_counts();
+        assert!(drain(&mut audience[0].1).is_empty());
+        let (gone, _) = audience.pop().unwrap();
+        hub.leave(&r, &gone.id);
+        hub.send_online_counts();
+        assert!(drain(&mut audience[0].1)[0].contains("\"count\":50"));
     }
 
     #[test]
@@ -1176,7 +1384,7 @@ mod tests {
         let (slow, _srx, slow_close) = session("s1", "a", 2);
         let (fast, mut frx, fast_close) = session("s2", "b", 64);
         for h in [&slow, &fast] {
-            hub.join(&"r".into(), h, user(h.user.as_str()), false)
+            hub.join(&"r".into(), h, user(h.user.as_str()), false, false)
                 .unwrap();
             hub.open_gate(&"r".into(), &h.id, 0);
         }
@@ -1194,7 +1402,7 @@ mod tests {
         let hub = Hub::new(Arc::default(), 10, 100, 100);
         let r = RoomId::from("r");
         let (w, mut wrx, _) = session("w", "w", 16);
-        hub.join(&r, &w, user("w"), false).unwrap();
+        hub.join(&r, &w, user("w"), false, false).unwrap();
         hub.open_gate(&r, &w.id, 0);
         // Another node has "a" online: this node's sessions hear it once.
         hub.remote_presence(&r, &user("a"), true);
@@ -1205,7 +1413,7 @@ mod tests {
         // "a" also joins here: already online in the union, so no second announcement; the
         // join reply lists everyone once.
         let (a, _arx, _) = session("a1", "a", 16);
-        let joined = hub.join(&r, &a, user("a"), false).unwrap();
+        let joined = hub.join(&r, &a, user("a"), false, false).unwrap();
         assert!(drain(&mut wrx).is_empty());
         assert_eq!(joined.online_count, 2);
         // Leaving here while still online elsewhere: no offline.
@@ -1262,7 +1470,7 @@ mod tests {
     fn presence_once_per_user_and_session_limit() {
         let hub = Hub::new(Arc::default(), 2, 100, 100);
         let (watcher, mut wrx, _) = session("w", "w", 16);
-        hub.join(&"r".into(), &watcher, user("w"), false).unwrap();
+        hub.join(&"r".into(), &watcher, user("w"), false, false).unwrap();
         hub.open_gate(&"r".into(), &watcher.id, 0);
         let (p1, _r1, _) = session("p1", "a", 16);
         let (p2, _r2, _) = session("p2", "a", 16);
@@ -1270,9 +1478,9 @@ mod tests {
         hub.register(p1.clone()).unwrap();
         hub.register(p2.clone()).unwrap();
         assert_eq!(hub.register(p3), Err(HubError::TooManySessions(2)));
-        let joined = hub.join(&"r".into(), &p1, user("a"), false).unwrap();
+        let joined = hub.join(&"r".into(), &p1, user("a"), false, false).unwrap();
         assert_eq!(joined.online.len(), 2);
-        hub.join(&"r".into(), &p2, user("a"), false).unwrap();
+        hub.join(&"r".into(), &p2, user("a"), false, false).unwrap();
         assert_eq!(drain(&mut wrx).len(), 1, "one online for two sessions");
         hub.leave(&"r".into(), &p1.id);
         assert!(drain(&mut wrx).is_empty(), "still online on p2");

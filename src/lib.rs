@@ -294,6 +294,7 @@ pub async fn serve(
     let router = api::router(app.clone());
     let sla = tokio::spawn(announce_overdue(app.clone()));
     let call_timers = tokio::spawn(rtc::run_timers(app.clone()));
+    let counts = tokio::spawn(send_online_counts(app.clone()));
     let bus_tasks = match &app.bus {
         Some(bus) => {
             let mut tasks = bus.start(app.clone()).await;
@@ -324,6 +325,7 @@ pub async fn serve(
     app.drain_sessions().await;
     sla.abort();
     call_timers.abort();
+    counts.abort();
     app.store.close().await;
     if let Some(bus) = &app.bus {
         bus.leave().await;
@@ -333,6 +335,16 @@ pub async fn serve(
     }
     tracing::info!("store flushed, bye");
     Ok(())
+}
+
+/// Sends the coalesced `online_count` events (see [`hub::Hub::send_online_counts`]).
+async fn send_online_counts(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(app.config.online_count_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        app.hub.send_online_counts();
+    }
 }
 
 /// Tells host/ta sessions, once per question, when a question passes its room's answer SLA.

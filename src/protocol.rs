@@ -779,6 +779,13 @@ pub enum ServerMsg<'a> {
         user: &'a UserRef,
         state: PresenceState,
     },
+    /// How many users are online in a room, for the sessions that get no per-user presence
+    /// (a live room's audience, any room past the presence limit); at most once per
+    /// `online_count_ms`, and only when it changed.
+    OnlineCount {
+        room: &'a RoomId,
+        count: usize,
+    },
     Typing {
         room: &'a RoomId,
         user: &'a UserRef,

@@ -7,7 +7,7 @@
 use crate::App;
 use crate::auth::Identity;
 use crate::error::Error;
-use crate::hub::{Frame, SessionHandle};
+use crate::hub::{Outgoing, SessionHandle};
 use crate::protocol::{
     self, ClientFrame, ClientMsg, CommandKind, RoomId, RoomRole, ServerMsg, close,
 };
@@ -42,7 +42,7 @@ pub(crate) struct Ctx {
     pub app: Arc<App>,
     pub me: Identity,
     pub handle: Arc<SessionHandle>,
-    pub outbox: mpsc::Sender<Frame>,
+    pub outbox: mpsc::Sender<Outgoing>,
     pub close: watch::Receiver<u16>,
     /// Rooms this session has joined, with the user's role in each.
     pub joined: HashMap<RoomId, RoomRole>,
@@ -53,7 +53,7 @@ pub(crate) struct Ctx {
 impl Ctx {
     /// Queues a frame on this session's own outbox, waiting for room if needed (it is our own
     /// queue: the write loop drains it). Gives up if the session is closing.
-    pub async fn push(&mut self, frame: impl Into<Frame>) -> bool {
+    pub async fn push(&mut self, frame: impl Into<Outgoing>) -> bool {
         let frame = frame.into();
         tokio::select! {
             r = self.outbox.send(frame) => r.is_ok(),
@@ -279,8 +279,11 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
         sink,
         outbox_rx,
         close_rx.clone(),
-        app.config.heartbeat(),
-        app.config.write_batch_frames,
+        WriteTiming {
+            heartbeat: app.config.heartbeat(),
+            batch: app.config.write_batch_frames,
+            lazy: Duration::from_millis(app.config.presence_flush_ms),
+        },
     ));
     let mut ctx = Ctx {
         app: app.clone(),
@@ -473,16 +476,27 @@ async fn within<E>(limit: Duration, write: impl Future<Output = Result<(), E>>) 
     matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
 }
 
-/// Drains the outbox to the socket, coalescing up to `batch` frames per flush, and pings.
-/// Ends when every sender is gone (draining first) or at once for a close code that means the
-/// client must go now.
+/// How the write loop paces the socket.
+struct WriteTiming {
+    /// Between pings; also how long one socket write may take.
+    heartbeat: Duration,
+    /// Most frames written per flush.
+    batch: usize,
+    /// How long lazy frames (presence, typing, counts) may wait for the next flush.
+    lazy: Duration,
+}
+
+/// Drains the outbox to the socket, coalescing up to `batch` frames per flush, and pings. A
+/// flush happens as soon as a frame that is not lazy is queued; lazy frames wait up to
+/// `lazy` to leave with whatever follows. Ends when every sender is gone (draining first) or
+/// at once for a close code that means the client must go now.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut outbox: mpsc::Receiver<Frame>,
+    mut outbox: mpsc::Receiver<Outgoing>,
     close: watch::Receiver<u16>,
-    heartbeat: Duration,
-    batch: usize,
+    timing: WriteTiming,
 ) {
+    let heartbeat = timing.heartbeat;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     // A client that stops reading (a zero TCP window) must not pin this task or its socket:
     // every write gets a heartbeat to finish.
@@ -493,10 +507,14 @@ async fn write_loop(
     // let the drained outbox end the loop.
     let mut watching = true;
     // One long-lived close watcher, polled by reference: re-creating it on every wake-up
-    // registered a fresh watch waiter per delivered frame (seen in the fan-out profile).
+    // registered a fresh watch waiter per delivered frame.
     let mut watcher = close.clone();
     let closed = closing(&mut watcher, immediate);
     tokio::pin!(closed);
+    // When buffered lazy frames must be flushed at the latest (armed while some wait).
+    let lazy_due = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(lazy_due);
+    let mut lazy_waiting = false;
     loop {
         tokio::select! {
             biased;
@@ -506,21 +524,35 @@ async fn write_loop(
                 }
                 watching = false;
             }
-            frame = outbox.recv() => {
-                let Some(frame) = frame else { break };
-                if !within(limit, sink.feed(Message::Text(frame))).await {
+            queued = outbox.recv() => {
+                let Some(queued) = queued else { break };
+                let mut urgent = !queued.lazy;
+                if !within(limit, sink.feed(Message::Text(queued.frame))).await {
                     return;
                 }
-                for _ in 1..batch {
+                for _ in 1..timing.batch {
                     match outbox.try_recv() {
-                        Ok(f) => {
-                            if !within(limit, sink.feed(Message::Text(f))).await {
+                        Ok(q) => {
+                            urgent |= !q.lazy;
+                            if !within(limit, sink.feed(Message::Text(q.frame))).await {
                                 return;
                             }
                         }
                         Err(_) => break,
                     }
                 }
+                if urgent {
+                    if !within(limit, sink.flush()).await {
+                        return;
+                    }
+                    lazy_waiting = false;
+                } else if !lazy_waiting {
+                    lazy_due.as_mut().reset(tokio::time::Instant::now() + timing.lazy);
+                    lazy_waiting = true;
+                }
+            }
+            _ = &mut lazy_due, if lazy_waiting => {
+                lazy_waiting = false;
                 if !within(limit, sink.flush()).await {
                     return;
                 }
@@ -529,6 +561,7 @@ async fn write_loop(
                 if !within(limit, sink.send(Message::Ping(Default::default()))).await {
                     return;
                 }
+                lazy_waiting = false;
             }
         }
     }

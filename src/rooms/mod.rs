@@ -231,6 +231,7 @@ async fn join(
         &ctx.handle,
         ctx.me.room_ref(role),
         role.can_moderate(),
+        room.kind == protocol::RoomKind::Live,
     ) {
         Ok(j) => j,
         Err(e) => {

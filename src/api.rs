@@ -180,9 +180,11 @@ async fn ws_upgrade(
     }
     let max = app.config.max_frame_bytes;
     ws.protocols([SUBPROTOCOL])
-        // tungstenite preallocates its read buffer per connection (128 KiB by default): keep it
-        // small; coalesced writes are flushed explicitly, so a modest write target suffices.
-        .read_buffer_size(4 * 1024)
+        // tungstenite preallocates its read buffer per connection (128 KiB by default) and reads
+        // at most that much per call: most commands are a few hundred bytes, and a larger
+        // frame grows the buffer to its own size. Coalesced writes are flushed explicitly, so
+        // a modest write target suffices.
+        .read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(max)

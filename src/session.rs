@@ -210,13 +210,27 @@ fn is_too_big(e: &axum::Error) -> bool {
 }
 
 /// Runs one connection to its end.
-pub async fn run(app: Arc<App>, socket: WebSocket) {
+///
+/// Not an `async fn`: the socket is split before the connection's future is built, so the
+/// future holds the two small halves rather than keeping the whole socket value (an async
+/// fn's arguments live as long as it does).
+pub fn run(app: Arc<App>, socket: WebSocket) -> impl Future<Output = ()> + Send {
+    let (sink, stream) = socket.split();
+    serve(app, sink, stream)
+}
+
+async fn serve(
+    app: Arc<App>,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+) {
     app.metrics.connections_open.fetch_add(1, Relaxed);
     app.metrics.connections_total.fetch_add(1, Relaxed);
     let _guard = app.track_session();
-    let (mut sink, mut stream) = socket.split();
 
-    let (me, call_waiting) = match handshake(&app, &mut stream).await {
+    // Awaits that finish before the session settles in are boxed: a future is as large as its
+    // largest await, and the connection's task keeps that size for as long as it lives.
+    let (me, call_waiting) = match Box::pin(handshake(&app, &mut stream)).await {
         Ok(ok) => ok,
         Err((code, why)) => {
             if code == close::UNAUTHORIZED {
@@ -229,7 +243,7 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
                 app.metrics.frames_too_large.fetch_add(1, Relaxed);
             }
             tracing::debug!(code, reason = %why, "connection refused at hello");
-            close_with(&mut sink, code, close_reason(code)).await;
+            Box::pin(close_with(&mut sink, code, close_reason(code))).await;
             app.metrics.connections_open.fetch_sub(1, Relaxed);
             return;
         }
@@ -239,12 +253,15 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
     // committed by the writer, which has no session to ask).
     // Read first: most hellos name the zone already kept, and need no write.
     if let Some(tz) = &me.tz {
-        let kept = app.store.user_zone(&me.user).await.ok().flatten();
-        if kept.as_deref() != Some(tz.as_str())
-            && let Err(e) = app.store.remember_zone(&me.user, tz).await
-        {
-            tracing::warn!(error = %e, "could not keep the user's time zone");
-        }
+        Box::pin(async {
+            let kept = app.store.user_zone(&me.user).await.ok().flatten();
+            if kept.as_deref() != Some(tz.as_str())
+                && let Err(e) = app.store.remember_zone(&me.user, tz).await
+            {
+                tracing::warn!(error = %e, "could not keep the user's time zone");
+            }
+        })
+        .await;
     }
 
     let sid = app.new_session_id();
@@ -260,11 +277,11 @@ pub async fn run(app: Arc<App>, socket: WebSocket) {
         let _ = sink
             .send(Message::Text(error_frame(None, &err).into()))
             .await;
-        close_with(
+        Box::pin(close_with(
             &mut sink,
             close::RATE_LIMITED,
             "too many sessions for this user",
-        )
+        ))
         .await;
         app.metrics.connections_open.fetch_sub(1, Relaxed);
         return;
@@ -412,7 +429,9 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
                 };
                 let rid = frame.rid;
                 ctx.app.metrics.command(frame.msg.kind());
-                let reply = match crate::rooms::dispatch(ctx, rid, frame.msg).await {
+                // Boxed: the largest command's state would otherwise sit inside every idle
+                // session's read loop (a few KB per connection).
+                let reply = match Box::pin(crate::rooms::dispatch(ctx, rid, frame.msg)).await {
                     Ok(Outcome::Ok(v)) => rid.map(|rid| protocol::encode_ok(Some(rid), v)),
                     Ok(Outcome::OkRaw(fields)) => rid.map(|rid| protocol::encode_ok_raw(rid, &fields)),
                     Ok(Outcome::Deferred(fut)) => {
@@ -569,5 +588,5 @@ async fn write_loop(
         0 => close::NORMAL,
         c => c,
     };
-    close_with(&mut sink, code, close_reason(code)).await;
+    Box::pin(close_with(&mut sink, code, close_reason(code))).await;
 }

@@ -8,6 +8,14 @@ use studyhall::protocol::PlatformRole;
 use studyhall::store::{Store, StoreOptions};
 use studyhall::{App, auth};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "studyhall",

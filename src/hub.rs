@@ -18,7 +18,8 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
-use tokio::sync::{Notify, mpsc, watch};
+use crate::outbox::{Outbox, Refused};
+use tokio::sync::{Notify, watch};
 
 /// One encoded text frame, shared by every outbox it is queued in.
 pub type Frame = Utf8Bytes;
@@ -51,7 +52,7 @@ pub struct SessionHandle {
     pub user: UserId,
     /// This device takes a second call while in one (call waiting).
     pub call_waiting: bool,
-    outbox: mpsc::Sender<Outgoing>,
+    outbox: Outbox,
     /// 0 while open; the close code once the session must end. Watched by its tasks.
     close: watch::Sender<u16>,
 }
@@ -60,7 +61,7 @@ impl SessionHandle {
     pub fn new(
         id: SessionId,
         user: UserId,
-        outbox: mpsc::Sender<Outgoing>,
+        outbox: Outbox,
     ) -> (Arc<Self>, watch::Receiver<u16>) {
         Self::with_call_waiting(id, user, outbox, false)
     }
@@ -68,7 +69,7 @@ impl SessionHandle {
     pub fn with_call_waiting(
         id: SessionId,
         user: UserId,
-        outbox: mpsc::Sender<Outgoing>,
+        outbox: Outbox,
         call_waiting: bool,
     ) -> (Arc<Self>, watch::Receiver<u16>) {
         let (close, rx) = watch::channel(0);
@@ -108,7 +109,7 @@ impl SessionHandle {
         };
         match self.outbox.try_send(out) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 if *self.close.borrow() == 0 {
                     metrics.slow_consumer_closes.fetch_add(1, Relaxed);
                     tracing::info!(session = %self.id, user = %self.user, "slow consumer, closing 4008");
@@ -116,7 +117,7 @@ impl SessionHandle {
                 self.close(close::SLOW_CONSUMER);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(Refused::Closed) => false,
         }
     }
 }
@@ -1260,10 +1261,10 @@ mod tests {
         cap: usize,
     ) -> (
         Arc<SessionHandle>,
-        mpsc::Receiver<Outgoing>,
+        crate::outbox::OutboxReader,
         watch::Receiver<u16>,
     ) {
-        let (tx, rx) = mpsc::channel(cap);
+        let (tx, rx) = crate::outbox::outbox(cap);
         let (h, close) = SessionHandle::new(id.into(), uid.into(), tx);
         (h, rx, close)
     }
@@ -1277,9 +1278,9 @@ mod tests {
         }
     }
 
-    fn drain(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<String> {
+    fn drain(rx: &mut crate::outbox::OutboxReader) -> Vec<String> {
         let mut out = vec![];
-        while let Ok(q) = rx.try_recv() {
+        while let Some(q) = rx.try_recv() {
             out.push(q.frame.as_str().to_owned());
         }
         out
@@ -1355,7 +1356,7 @@ mod tests {
         }
         // The host heard every arrival, lazily (presence may wait for the next write).
         let mut presence = 0;
-        while let Ok(q) = hrx.try_recv() {
+        while let Some(q) = hrx.try_recv() {
             assert!(q.lazy && q.frame.as_str().contains("\"presence\""));
             presence += 1;
         }

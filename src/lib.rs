@@ -6,6 +6,7 @@
 //! - `auth`     HS256 tokens, room grants
 //! - `store/`   the Store API over SQLite and PostgreSQL, group-commit writer; the only SQL
 //! - `hub`      room map, presence, fan-out of pre-encoded frames into bounded outboxes
+//! - `outbox`   a session's bounded queue of frames, allocated only while frames wait
 //! - `session`  one WebSocket: handshake, read loop, write loop, close codes
 //! - `rooms/`   room commands (join/replay, chat) with rights checks
 //! - `api`      HTTP router: `/ws`, `/healthz`, `/metrics`, `/api/...`, `/dev/token`
@@ -25,6 +26,7 @@ pub mod engagement;
 pub mod error;
 pub mod hub;
 pub mod metrics;
+pub mod outbox;
 pub mod presence_parts;
 pub mod protocol;
 pub mod rooms;

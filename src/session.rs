@@ -8,6 +8,7 @@ use crate::App;
 use crate::auth::Identity;
 use crate::error::Error;
 use crate::hub::{Outgoing, SessionHandle};
+use crate::outbox::{Outbox, OutboxReader, Refused};
 use crate::protocol::{
     self, ClientFrame, ClientMsg, CommandKind, RoomId, RoomRole, ServerMsg, close,
 };
@@ -20,7 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// A command's answer once its write has committed: the encoded reply frame, if any.
 pub(crate) type Deferred = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
@@ -42,7 +43,7 @@ pub(crate) struct Ctx {
     pub app: Arc<App>,
     pub me: Identity,
     pub handle: Arc<SessionHandle>,
-    pub outbox: mpsc::Sender<Outgoing>,
+    pub outbox: Outbox,
     pub close: watch::Receiver<u16>,
     /// Rooms this session has joined, with the user's role in each.
     pub joined: HashMap<RoomId, RoomRole>,
@@ -51,13 +52,24 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    /// Queues a frame on this session's own outbox, waiting for room if needed (it is our own
-    /// queue: the write loop drains it). Gives up if the session is closing.
+    /// Queues a frame on this session's own outbox. False if the session is closing, or if
+    /// the client has let `outbox_frames` frames pile up unread: then, as for any frame the
+    /// hub could not queue, the session closes as a slow consumer (4008).
     pub async fn push(&mut self, frame: impl Into<Outgoing>) -> bool {
-        let frame = frame.into();
-        tokio::select! {
-            r = self.outbox.send(frame) => r.is_ok(),
-            _ = closing(&mut self.close, |c| c != 0) => false,
+        if *self.close.borrow() != 0 {
+            return false;
+        }
+        match self.outbox.try_send(frame) {
+            Ok(()) => true,
+            Err(Refused::Full) => {
+                self.app
+                    .metrics
+                    .slow_consumer_closes
+                    .fetch_add(1, Relaxed);
+                self.handle.close(close::SLOW_CONSUMER);
+                false
+            }
+            Err(Refused::Closed) => false,
         }
     }
 
@@ -265,7 +277,7 @@ async fn serve(
     }
 
     let sid = app.new_session_id();
-    let (outbox, outbox_rx) = mpsc::channel(app.config.outbox_frames);
+    let (outbox, outbox_rx) = crate::outbox::outbox(app.config.outbox_frames);
     let (handle, close_rx) = SessionHandle::with_call_waiting(
         sid.clone(),
         me.user.clone(),
@@ -455,7 +467,7 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     let _ = tokio::time::timeout(grace, async {
         while let Some(reply) = inflight.next().await {
             if let Some(frame) = reply {
-                let _ = ctx.outbox.try_send(frame.into());
+                let _ = ctx.outbox.try_send(frame);
             }
         }
     })
@@ -463,7 +475,7 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     if *ctx.close.borrow() == close::GOING_AWAY {
         let _ = ctx
             .outbox
-            .try_send(protocol::encode(&ServerMsg::Bye { reason: "shutdown" }).into());
+            .try_send(protocol::encode(&ServerMsg::Bye { reason: "shutdown" }));
     }
 }
 
@@ -511,7 +523,7 @@ struct WriteTiming {
 /// at once for a close code that means the client must go now.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut outbox: mpsc::Receiver<Outgoing>,
+    mut outbox: OutboxReader,
     close: watch::Receiver<u16>,
     timing: WriteTiming,
 ) {
@@ -551,13 +563,13 @@ async fn write_loop(
                 }
                 for _ in 1..timing.batch {
                     match outbox.try_recv() {
-                        Ok(q) => {
+                        Some(q) => {
                             urgent |= !q.lazy;
                             if !within(limit, sink.feed(Message::Text(q.frame))).await {
                                 return;
                             }
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 if urgent {

@@ -1,0 +1,211 @@
+//! A session's outbox: the bounded queue of frames between their producers (the hub's fan-out,
+//! directed frames, the session's own replies) and the session's write loop. It allocates
+//! nothing until a frame is queued, grows with a burst and gives the memory back once the
+//! write loop has drained it, so an idle connection pays a few dozen bytes for it instead of
+//! a channel's preallocated block. Producers never wait: a full outbox is refused and the
+//! caller decides (the hub closes the session as a slow consumer). Knows nothing of sockets,
+//! rooms or the wire.
+
+use crate::hub::Outgoing;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
+
+/// Capacity kept when the queue drains empty; a larger one is released.
+const KEEP: usize = 4;
+
+struct Queue {
+    frames: VecDeque<Outgoing>,
+    /// Live [`Outbox`] handles; at zero the reader ends once it has drained the queue.
+    senders: usize,
+    /// The reader was dropped: nothing queued from now on would be read.
+    reader_gone: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Woken when a frame is queued or the last sender goes.
+    ready: Notify,
+    cap: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding this lock cannot leave the queue half-updated.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// `cap` frames are already waiting.
+    Full,
+    /// The reader is gone.
+    Closed,
+}
+
+/// The producing side; clones share the queue.
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+/// The write loop's side.
+pub struct OutboxReader {
+    shared: Arc<Shared>,
+}
+
+/// A new outbox of at most `cap` waiting frames.
+pub fn outbox(cap: usize) -> (Outbox, OutboxReader) {
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue {
+            frames: VecDeque::new(),
+            senders: 1,
+            reader_gone: false,
+        }),
+        ready: Notify::new(),
+        cap,
+    });
+    (
+        Outbox {
+            shared: shared.clone(),
+        },
+        OutboxReader { shared },
+    )
+}
+
+impl Outbox {
+    /// Queues a frame without waiting.
+    pub fn try_send(&self, frame: impl Into<Outgoing>) -> Result<(), Refused> {
+        let mut q = self.shared.lock();
+        if q.reader_gone {
+            return Err(Refused::Closed);
+        }
+        if q.frames.len() >= self.shared.cap {
+            return Err(Refused::Full);
+        }
+        q.frames.push_back(frame.into());
+        drop(q);
+        self.shared.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.lock().senders += 1;
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let last = {
+            let mut q = self.shared.lock();
+            q.senders -= 1;
+            q.senders == 0
+        };
+        if last {
+            self.shared.ready.notify_one();
+        }
+    }
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Outbox")
+    }
+}
+
+impl OutboxReader {
+    /// The next frame; `None` once every sender is gone and the queue is drained.
+    pub async fn recv(&mut self) -> Option<Outgoing> {
+        loop {
+            let ready = self.shared.ready.notified();
+            {
+                let mut q = self.shared.lock();
+                if let Some(frame) = pop(&mut q) {
+                    return Some(frame);
+                }
+                if q.senders == 0 {
+                    return None;
+                }
+            }
+            ready.await;
+        }
+    }
+
+    /// The next frame if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
+        pop(&mut self.shared.lock())
+    }
+}
+
+impl Drop for OutboxReader {
+    fn drop(&mut self) {
+        let mut q = self.shared.lock();
+        q.reader_gone = true;
+        q.frames = VecDeque::new();
+    }
+}
+
+fn pop(q: &mut Queue) -> Option<Outgoing> {
+    let frame = q.frames.pop_front()?;
+    if q.frames.is_empty() && q.frames.capacity() > KEEP {
+        // A burst is over: give its memory back.
+        q.frames = VecDeque::new();
+    }
+    Some(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Frame;
+
+    fn text(q: Option<Outgoing>) -> Option<String> {
+        q.map(|o| o.frame.as_str().to_owned())
+    }
+
+    #[tokio::test]
+    async fn bounded_in_order_and_ends_when_the_senders_go() {
+        let (tx, mut rx) = outbox(2);
+        let tx2 = tx.clone();
+        tx.try_send(Frame::from("a")).unwrap();
+        tx2.try_send(Frame::from("b")).unwrap();
+        assert_eq!(tx.try_send(Frame::from("c")), Err(Refused::Full));
+        assert_eq!(text(rx.recv().await).as_deref(), Some("a"));
+        tx.try_send(Frame::from("c")).unwrap();
+        drop(tx);
+        drop(tx2);
+        assert_eq!(text(rx.recv().await).as_deref(), Some("b"));
+        assert_eq!(text(rx.try_recv()).as_deref(), Some("c"));
+        assert!(rx.recv().await.is_none(), "drained and no sender left");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_reader_is_woken_and_a_burst_is_given_back() {
+        let (tx, mut rx) = outbox(1000);
+        let reader = tokio::spawn(async move {
+            let first = rx.recv().await;
+            (first, rx)
+        });
+        tokio::task::yield_now().await;
+        for i in 0..500 {
+            tx.try_send(Frame::from(format!("{i}"))).unwrap();
+        }
+        let (first, mut rx) = reader.await.unwrap();
+        assert_eq!(text(first).as_deref(), Some("0"));
+        while rx.try_recv().is_some() {}
+        assert!(rx.shared.lock().frames.capacity() <= KEEP);
+    }
+
+    #[test]
+    fn refuses_once_the_reader_is_gone() {
+        let (tx, rx) = outbox(4);
+        drop(rx);
+        assert_eq!(tx.try_send(Frame::from("x")), Err(Refused::Closed));
+    }
+}

@@ -55,6 +55,8 @@ pub struct SessionHandle {
     outbox: Outbox,
     /// 0 while open; the close code once the session must end. Watched by its tasks.
     close: watch::Sender<u16>,
+    /// When the client was last heard from (ms), for the heartbeat round's idle check.
+    last_heard: std::sync::atomic::AtomicI64,
 }
 
 impl SessionHandle {
@@ -80,9 +82,15 @@ impl SessionHandle {
                 call_waiting,
                 outbox,
                 close,
+                last_heard: std::sync::atomic::AtomicI64::new(crate::store::now_ms()),
             }),
             rx,
         )
+    }
+
+    /// Notes that the client was heard from (a frame read, or a reply it waited for).
+    pub fn heard(&self, now_ms: i64) {
+        self.last_heard.store(now_ms, Relaxed);
     }
 
     /// Asks the session to close with `code`; the first code asked for wins.
@@ -1053,6 +1061,20 @@ impl Hub {
             .get(user)
             .map(|s| s.iter().map(|(id, _)| id.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// The heartbeat round, every `heartbeat_s`: closes sessions not heard from for `idle_ms`
+    /// (close 1000, "idle timeout") and asks every other one to ping its client. One pass
+    /// over the sessions instead of two timers in each.
+    pub fn heartbeat(&self, now_ms: i64, idle_ms: i64) {
+        for s in self.sessions.iter() {
+            if now_ms - s.last_heard.load(Relaxed) > idle_ms {
+                tracing::debug!(session = %s.id, "idle timeout");
+                s.close(close::NORMAL);
+            } else {
+                s.outbox.ping();
+            }
+        }
     }
 
     /// Asks every session to close with `code` (shutdown).

@@ -297,6 +297,7 @@ pub async fn serve(
     let sla = tokio::spawn(announce_overdue(app.clone()));
     let call_timers = tokio::spawn(rtc::run_timers(app.clone()));
     let counts = tokio::spawn(send_online_counts(app.clone()));
+    let heartbeats = tokio::spawn(heartbeats(app.clone()));
     let bus_tasks = match &app.bus {
         Some(bus) => {
             let mut tasks = bus.start(app.clone()).await;
@@ -328,6 +329,7 @@ pub async fn serve(
     sla.abort();
     call_timers.abort();
     counts.abort();
+    heartbeats.abort();
     app.store.close().await;
     if let Some(bus) = &app.bus {
         bus.leave().await;
@@ -337,6 +339,19 @@ pub async fn serve(
     }
     tracing::info!("store flushed, bye");
     Ok(())
+}
+
+/// The heartbeat round (see [`hub::Hub::heartbeat`]): a client silent for two heartbeats is
+/// closed, every other one pinged.
+async fn heartbeats(app: Arc<App>) {
+    let every = app.config.heartbeat();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let idle_ms = i64::try_from((every * 2).as_millis()).unwrap_or(i64::MAX);
+    loop {
+        tick.tick().await;
+        app.hub.heartbeat(store::now_ms(), idle_ms);
+    }
 }
 
 /// Sends the coalesced `online_count` events (see [`hub::Hub::send_online_counts`]).

@@ -20,6 +20,8 @@ struct Queue {
     senders: usize,
     /// The reader was dropped: nothing queued from now on would be read.
     reader_gone: bool,
+    /// A heartbeat ping is due (asked for once however often it is asked).
+    ping: bool,
 }
 
 struct Shared {
@@ -62,6 +64,7 @@ pub fn outbox(cap: usize) -> (Outbox, OutboxReader) {
             frames: VecDeque::new(),
             senders: 1,
             reader_gone: false,
+            ping: false,
         }),
         ready: Notify::new(),
         cap,
@@ -88,6 +91,14 @@ impl Outbox {
         drop(q);
         self.shared.ready.notify_one();
         Ok(())
+    }
+}
+
+impl Outbox {
+    /// Asks the write loop to send a WebSocket ping (before any frame queued after this).
+    pub fn ping(&self) {
+        self.shared.lock().ping = true;
+        self.shared.ready.notify_one();
     }
 }
 
@@ -119,15 +130,24 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
+/// What the write loop is to do next.
+pub enum Next {
+    Frame(Outgoing),
+    Ping,
+}
+
 impl OutboxReader {
-    /// The next frame; `None` once every sender is gone and the queue is drained.
-    pub async fn recv(&mut self) -> Option<Outgoing> {
+    /// The next frame or ping; `None` once every sender is gone and the queue is drained.
+    pub async fn recv(&mut self) -> Option<Next> {
         loop {
             let ready = self.shared.ready.notified();
             {
                 let mut q = self.shared.lock();
+                if std::mem::take(&mut q.ping) {
+                    return Some(Next::Ping);
+                }
                 if let Some(frame) = pop(&mut q) {
-                    return Some(frame);
+                    return Some(Next::Frame(frame));
                 }
                 if q.senders == 0 {
                     return None;
@@ -169,6 +189,13 @@ mod tests {
         q.map(|o| o.frame.as_str().to_owned())
     }
 
+    fn frame(n: Option<Next>) -> Option<Outgoing> {
+        match n? {
+            Next::Frame(f) => Some(f),
+            Next::Ping => panic!("a ping where a frame was expected"),
+        }
+    }
+
     #[tokio::test]
     async fn bounded_in_order_and_ends_when_the_senders_go() {
         let (tx, mut rx) = outbox(2);
@@ -176,11 +203,14 @@ mod tests {
         tx.try_send(Frame::from("a")).unwrap();
         tx2.try_send(Frame::from("b")).unwrap();
         assert_eq!(tx.try_send(Frame::from("c")), Err(Refused::Full));
-        assert_eq!(text(rx.recv().await).as_deref(), Some("a"));
+        assert_eq!(text(frame(rx.recv().await)).as_deref(), Some("a"));
         tx.try_send(Frame::from("c")).unwrap();
+        tx.ping();
+        tx.ping();
+        assert!(matches!(rx.recv().await, Some(Next::Ping)), "one ping, first");
         drop(tx);
         drop(tx2);
-        assert_eq!(text(rx.recv().await).as_deref(), Some("b"));
+        assert_eq!(text(frame(rx.recv().await)).as_deref(), Some("b"));
         assert_eq!(text(rx.try_recv()).as_deref(), Some("c"));
         assert!(rx.recv().await.is_none(), "drained and no sender left");
     }
@@ -197,7 +227,7 @@ mod tests {
             tx.try_send(Frame::from(format!("{i}"))).unwrap();
         }
         let (first, mut rx) = reader.await.unwrap();
-        assert_eq!(text(first).as_deref(), Some("0"));
+        assert_eq!(text(frame(first)).as_deref(), Some("0"));
         while rx.try_recv().is_some() {}
         assert!(rx.shared.lock().frames.capacity() <= KEEP);
     }

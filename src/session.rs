@@ -8,7 +8,7 @@ use crate::App;
 use crate::auth::Identity;
 use crate::error::Error;
 use crate::hub::{Outgoing, SessionHandle};
-use crate::outbox::{Outbox, OutboxReader, Refused};
+use crate::outbox::{Next, Outbox, OutboxReader, Refused};
 use crate::protocol::{
     self, ClientFrame, ClientMsg, CommandKind, RoomId, RoomRole, ServerMsg, close,
 };
@@ -350,7 +350,6 @@ async fn serve(
 
 async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     let cfg = &ctx.app.config;
-    let idle = cfg.heartbeat() * 2;
     let max_inflight = cfg.max_inflight_per_session;
     let mut bucket = TokenBucket::new(cfg.rate_per_s, cfg.rate_burst);
     let mut strikes = Strikes {
@@ -359,13 +358,12 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
         limit: cfg.abuse_strikes,
     };
     let mut inflight: FuturesUnordered<Deferred> = FuturesUnordered::new();
-    // One close watcher and one idle timer for the whole loop, polled by reference and reset:
-    // building them per frame registered a new waiter and timer entry for every command.
+    // One close watcher for the whole loop, polled by reference: building one per frame
+    // registered a new waiter for every command. Idleness is the hub's heartbeat round's to
+    // judge (see `Hub::heartbeat`), from when the client was last heard.
     let mut close = ctx.close.clone();
     let closed = closing(&mut close, |c| c != 0);
     tokio::pin!(closed);
-    let idle_timer = tokio::time::sleep(idle);
-    tokio::pin!(idle_timer);
 
     loop {
         tokio::select! {
@@ -374,20 +372,15 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
                 // While writes are in flight the socket may go unread (the in-flight limit):
                 // a slow store must not make a live client look idle.
-                idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                ctx.handle.heard(crate::store::now_ms());
                 if let Some(frame) = reply
                     && !ctx.push(frame).await
                 {
                     break;
                 }
             }
-            _ = &mut idle_timer => {
-                tracing::debug!(session = %ctx.handle.id, "idle timeout");
-                ctx.handle.close(close::NORMAL);
-                break;
-            }
             msg = stream.next(), if inflight.len() < max_inflight => {
-                idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                ctx.handle.heard(crate::store::now_ms());
                 let text = match msg {
                     None => break,
                     Some(Err(e)) => {
@@ -509,7 +502,7 @@ async fn within<E>(limit: Duration, write: impl Future<Output = Result<(), E>>) 
 
 /// How the write loop paces the socket.
 struct WriteTiming {
-    /// Between pings; also how long one socket write may take.
+    /// How long one socket write may take.
     heartbeat: Duration,
     /// Most frames written per flush.
     batch: usize,
@@ -517,21 +510,28 @@ struct WriteTiming {
     lazy: Duration,
 }
 
-/// Drains the outbox to the socket, coalescing up to `batch` frames per flush, and pings. A
-/// flush happens as soon as a frame that is not lazy is queued; lazy frames wait up to
-/// `lazy` to leave with whatever follows. Ends when every sender is gone (draining first) or
-/// at once for a close code that means the client must go now.
+/// Resolves when the armed deadline passes; never when none is armed.
+async fn deadline(due: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match due {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Drains the outbox to the socket, coalescing up to `batch` frames per flush, and sends the
+/// pings the heartbeat round asks for. A flush happens as soon as a frame that is not lazy is
+/// queued; lazy frames wait up to `lazy` to leave with whatever follows (the timer exists only
+/// while some wait). Ends when every sender is gone (draining first) or at once for a close
+/// code that means the client must go now.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut outbox: OutboxReader,
     close: watch::Receiver<u16>,
     timing: WriteTiming,
 ) {
-    let heartbeat = timing.heartbeat;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     // A client that stops reading (a zero TCP window) must not pin this task or its socket:
     // every write gets a heartbeat to finish.
-    let limit = heartbeat;
+    let limit = timing.heartbeat;
     // Shutdown, idle and kick closes let queued frames (the `bye`, the `kicked`) go out first.
     let immediate = |c: u16| !matches!(c, 0 | close::GOING_AWAY | close::NORMAL | close::KICKED);
     // Once the session's handle is gone the watch resolves at once: stop watching then, and
@@ -542,10 +542,8 @@ async fn write_loop(
     let mut watcher = close.clone();
     let closed = closing(&mut watcher, immediate);
     tokio::pin!(closed);
-    // When buffered lazy frames must be flushed at the latest (armed while some wait).
-    let lazy_due = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(lazy_due);
-    let mut lazy_waiting = false;
+    // When buffered lazy frames must be flushed at the latest.
+    let mut lazy_due: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
             biased;
@@ -555,8 +553,18 @@ async fn write_loop(
                 }
                 watching = false;
             }
-            queued = outbox.recv() => {
-                let Some(queued) = queued else { break };
+            next = outbox.recv() => {
+                let queued = match next {
+                    None => break,
+                    Some(Next::Ping) => {
+                        if !within(limit, sink.send(Message::Ping(Default::default()))).await {
+                            return;
+                        }
+                        lazy_due = None;
+                        continue;
+                    }
+                    Some(Next::Frame(queued)) => queued,
+                };
                 let mut urgent = !queued.lazy;
                 if !within(limit, sink.feed(Message::Text(queued.frame))).await {
                     return;
@@ -576,23 +584,16 @@ async fn write_loop(
                     if !within(limit, sink.flush()).await {
                         return;
                     }
-                    lazy_waiting = false;
-                } else if !lazy_waiting {
-                    lazy_due.as_mut().reset(tokio::time::Instant::now() + timing.lazy);
-                    lazy_waiting = true;
+                    lazy_due = None;
+                } else if lazy_due.is_none() {
+                    lazy_due = Some(Box::pin(tokio::time::sleep(timing.lazy)));
                 }
             }
-            _ = &mut lazy_due, if lazy_waiting => {
-                lazy_waiting = false;
+            _ = deadline(&mut lazy_due), if lazy_due.is_some() => {
+                lazy_due = None;
                 if !within(limit, sink.flush()).await {
                     return;
                 }
-            }
-            _ = ping.tick() => {
-                if !within(limit, sink.send(Message::Ping(Default::default()))).await {
-                    return;
-                }
-                lazy_waiting = false;
             }
         }
     }

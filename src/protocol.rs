@@ -913,6 +913,60 @@ pub fn encode_ok(rid: Option<i64>, result: serde_json::Value) -> String {
     serde_json::Value::Object(obj).to_string()
 }
 
+/// Encodes `{"type":"ok","rid":N, ...fields of result}` from a typed result (a struct that
+/// serialises as a JSON object), without building a `serde_json::Value` first.
+pub fn encode_ok_as<T: Serialize>(rid: i64, result: &T) -> String {
+    #[derive(Serialize)]
+    struct Ok<'a, T> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        rid: i64,
+        #[serde(flatten)]
+        result: &'a T,
+    }
+    encode(&Ok {
+        ty: "ok",
+        rid,
+        result,
+    })
+}
+
+/// The room in a join reply.
+#[derive(Debug, Serialize)]
+pub struct RoomBrief<'a> {
+    pub id: &'a RoomId,
+    pub kind: RoomKind,
+    pub title: &'a str,
+}
+
+/// A raised hand in a join reply (host/ta only).
+#[derive(Debug, Serialize)]
+pub struct HandView<'a> {
+    pub user: &'a UserRef,
+    pub ts: i64,
+}
+
+/// The `ok` of `join`.
+#[derive(Debug, Serialize)]
+pub struct JoinOk<'a> {
+    pub room: RoomBrief<'a>,
+    pub role: RoomRole,
+    pub last_seq: i64,
+    /// Who is online (capped; `online_count` counts everyone).
+    pub online: &'a [UserRef],
+    pub online_count: usize,
+    pub stage: &'a [UserRef],
+    /// Raised hands in raise order, for host/ta.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hands: Option<Vec<HandView<'a>>>,
+    /// With `after_seq`: whether more was missed than the replay limit (page with `history`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap: Option<bool>,
+    /// With `after_seq`: how many events follow this reply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replayed: Option<usize>,
+}
+
 /// `{"type":"ok","rid":N,<fields>}` from pre-encoded fields (`"a":1,"b":2`, no braces), so a
 /// page of stored events is spliced in without re-encoding.
 pub fn encode_ok_raw(rid: i64, fields: &str) -> String {

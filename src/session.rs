@@ -231,18 +231,33 @@ pub fn run(app: Arc<App>, socket: WebSocket) -> impl Future<Output = ()> + Send 
     serve(app, sink, stream)
 }
 
-async fn serve(
-    app: Arc<App>,
-    mut sink: SplitSink<WebSocket, Message>,
-    mut stream: SplitStream<WebSocket>,
-) {
+/// A signed-in session, ready to read commands.
+struct Open {
+    ctx: Ctx,
+    stream: SplitStream<WebSocket>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+async fn serve(app: Arc<App>, sink: SplitSink<WebSocket, Message>, stream: SplitStream<WebSocket>) {
     app.metrics.connections_open.fetch_add(1, Relaxed);
     app.metrics.connections_total.fetch_add(1, Relaxed);
     let _guard = app.track_session();
+    // The handshake is boxed and over before the session settles in: a future is as large as
+    // its largest await, and the connection's task keeps that size for as long as it lives.
+    if let Some(open) = Box::pin(open(&app, sink, stream)).await {
+        live(open).await;
+    }
+    app.metrics.connections_open.fetch_sub(1, Relaxed);
+}
 
-    // Awaits that finish before the session settles in are boxed: a future is as large as its
-    // largest await, and the connection's task keeps that size for as long as it lives.
-    let (me, call_waiting) = match Box::pin(handshake(&app, &mut stream)).await {
+/// The `hello` handshake, registration with the hub and the write loop; `None` when the
+/// connection was refused (and closed).
+async fn open(
+    app: &Arc<App>,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+) -> Option<Open> {
+    let (me, call_waiting) = match handshake(app, &mut stream).await {
         Ok(ok) => ok,
         Err((code, why)) => {
             if code == close::UNAUTHORIZED {
@@ -255,9 +270,8 @@ async fn serve(
                 app.metrics.frames_too_large.fetch_add(1, Relaxed);
             }
             tracing::debug!(code, reason = %why, "connection refused at hello");
-            Box::pin(close_with(&mut sink, code, close_reason(code))).await;
-            app.metrics.connections_open.fetch_sub(1, Relaxed);
-            return;
+            close_with(&mut sink, code, close_reason(code)).await;
+            return None;
         }
     };
 
@@ -265,15 +279,12 @@ async fn serve(
     // committed by the writer, which has no session to ask).
     // Read first: most hellos name the zone already kept, and need no write.
     if let Some(tz) = &me.tz {
-        Box::pin(async {
-            let kept = app.store.user_zone(&me.user).await.ok().flatten();
-            if kept.as_deref() != Some(tz.as_str())
-                && let Err(e) = app.store.remember_zone(&me.user, tz).await
-            {
-                tracing::warn!(error = %e, "could not keep the user's time zone");
-            }
-        })
-        .await;
+        let kept = app.store.user_zone(&me.user).await.ok().flatten();
+        if kept.as_deref() != Some(tz.as_str())
+            && let Err(e) = app.store.remember_zone(&me.user, tz).await
+        {
+            tracing::warn!(error = %e, "could not keep the user's time zone");
+        }
     }
 
     let sid = app.new_session_id();
@@ -289,14 +300,13 @@ async fn serve(
         let _ = sink
             .send(Message::Text(error_frame(None, &err).into()))
             .await;
-        Box::pin(close_with(
+        close_with(
             &mut sink,
             close::RATE_LIMITED,
             "too many sessions for this user",
-        ))
+        )
         .await;
-        app.metrics.connections_open.fetch_sub(1, Relaxed);
-        return;
+        return None;
     }
     tracing::info!(session = %sid, user = %me.user, "session started");
     let welcome = protocol::encode(&ServerMsg::Welcome {
@@ -317,25 +327,39 @@ async fn serve(
     let mut ctx = Ctx {
         app: app.clone(),
         me,
-        handle: handle.clone(),
+        handle,
         outbox,
         close: close_rx,
         joined: HashMap::new(),
         last_typing: HashMap::new(),
     };
-    if ctx.push(welcome).await {
-        read_loop(&mut ctx, &mut stream).await;
-    }
+    ctx.push(welcome).await;
+    Some(Open {
+        ctx,
+        stream,
+        writer,
+    })
+}
 
-    // Leave every room (announcing offline where this was the user's last session), then let
-    // the write loop drain and close with whatever code was asked for.
+/// Reads commands until the session ends, then leaves its rooms and lets the write loop drain
+/// and close with whatever code was asked for.
+async fn live(open: Open) {
+    let Open {
+        mut ctx,
+        mut stream,
+        writer,
+    } = open;
+    read_loop(&mut ctx, &mut stream).await;
+    let app = ctx.app.clone();
+    let sid = ctx.handle.id.clone();
+    // Leave every room (announcing offline where this was the user's last session).
     for room in std::mem::take(&mut ctx.joined).into_keys() {
         app.hub.leave(&room, &sid);
         if let Some(bus) = &app.bus {
             bus.leave_room(&room);
         }
     }
-    app.hub.unregister(&handle);
+    app.hub.unregister(&ctx.handle);
     crate::rtc::session_closed(&app, &ctx.me.user, sid.as_str());
     if let Some(bus) = &app.bus {
         bus.session_closed(&ctx.me.user, sid.as_str());
@@ -343,9 +367,8 @@ async fn serve(
     let code = *ctx.close.borrow();
     tracing::info!(session = %sid, user = %ctx.me.user, code, "session ended");
     drop(ctx);
-    drop(handle);
+    drop(stream);
     let _ = writer.await;
-    app.metrics.connections_open.fetch_sub(1, Relaxed);
 }
 
 async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {

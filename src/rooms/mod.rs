@@ -303,28 +303,29 @@ async fn replay_and_reply(
         }
         None => (None, false),
     };
-    let mut reply = json!({
-        "room": {"id": room.id, "kind": room.kind, "title": room.title},
-        "role": role,
-        "last_seq": last_seq,
-        "online": joined.online,
-        "online_count": joined.online_count,
-        "stage": joined.stage,
-    });
-    if role.can_moderate() {
-        reply["hands"] = joined
-            .hands
-            .iter()
-            .map(|(user, ts)| json!({"user": user, "ts": ts}))
-            .collect::<Vec<_>>()
-            .into();
-    }
-    if after_seq.is_some() {
-        reply["gap"] = json!(gap);
-        reply["replayed"] = json!(page.as_ref().map_or(0, |p| p.events.len()));
-    }
     if let Some(rid) = rid {
-        ctx.push(protocol::encode_ok(Some(rid), reply)).await;
+        let reply = protocol::JoinOk {
+            room: protocol::RoomBrief {
+                id: &room.id,
+                kind: room.kind,
+                title: &room.title,
+            },
+            role,
+            last_seq,
+            online: &joined.online,
+            online_count: joined.online_count,
+            stage: &joined.stage,
+            hands: role.can_moderate().then(|| {
+                joined
+                    .hands
+                    .iter()
+                    .map(|(user, ts)| protocol::HandView { user, ts: *ts })
+                    .collect()
+            }),
+            gap: after_seq.map(|_| gap),
+            replayed: after_seq.map(|_| page.as_ref().map_or(0, |p| p.events.len())),
+        };
+        ctx.push(protocol::encode_ok_as(rid, &reply)).await;
     }
     let mut delivered = last_seq;
     if let Some(page) = page {

@@ -57,8 +57,12 @@ pub struct Config {
     /// reply still has `online_count` and the first this-many users).
     pub presence_limit: usize,
     /// Milliseconds a presence, typing or online-count frame may wait to leave in the same
-    /// write as the frames after it (a join storm costs each session one write per this).
+    /// write as the frames after it.
     pub presence_flush_ms: u64,
+    /// Milliseconds over which presence changes are gathered: each room announces the net
+    /// change once per period, so someone who drops and resumes within it is never announced
+    /// gone, and a reconnect storm costs each session one frame per changed user per period.
+    pub presence_interval_ms: u64,
     /// Milliseconds between `online_count` events to rooms whose count changed (a live room's
     /// audience, and rooms past `presence_limit`, follow presence by count).
     pub online_count_ms: u64,
@@ -175,6 +179,7 @@ impl Default for Config {
             max_room_sessions: 50_000,
             presence_limit: 1000,
             presence_flush_ms: 50,
+            presence_interval_ms: 1000,
             online_count_ms: 1000,
             max_inflight_per_session: 256,
             replay_limit: 1000,
@@ -283,6 +288,8 @@ pub struct ServeArgs {
     pub presence_limit: Option<usize>,
     #[arg(long, env = "STUDYHALL_PRESENCE_FLUSH_MS")]
     pub presence_flush_ms: Option<u64>,
+    #[arg(long, env = "STUDYHALL_PRESENCE_INTERVAL_MS")]
+    pub presence_interval_ms: Option<u64>,
     #[arg(long, env = "STUDYHALL_ONLINE_COUNT_MS")]
     pub online_count_ms: Option<u64>,
     #[arg(long, env = "STUDYHALL_MAX_INFLIGHT_PER_SESSION")]
@@ -397,6 +404,7 @@ impl Config {
             max_room_sessions,
             presence_limit,
             presence_flush_ms,
+            presence_interval_ms,
             online_count_ms,
             max_inflight_per_session,
             replay_limit,
@@ -492,6 +500,7 @@ impl Config {
         positive("max_room_sessions", self.max_room_sessions as u64)?;
         positive("presence_limit", self.presence_limit as u64)?;
         positive("online_count_ms", self.online_count_ms)?;
+        positive("presence_interval_ms", self.presence_interval_ms)?;
         positive(
             "max_inflight_per_session",
             self.max_inflight_per_session as u64,

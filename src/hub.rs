@@ -7,6 +7,7 @@
 //! tokens or sockets (only the frame type the sockets take).
 
 use crate::metrics::Metrics;
+use crate::outbox::{Outbox, Refused};
 use crate::protocol::{
     self, PresenceState, RoomId, RoomRole, ServerMsg, SessionId, UserId, UserRef, close,
 };
@@ -18,7 +19,6 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
-use crate::outbox::{Outbox, Refused};
 use tokio::sync::{Notify, watch};
 
 /// One encoded text frame, shared by every outbox it is queued in.
@@ -60,11 +60,7 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    pub fn new(
-        id: SessionId,
-        user: UserId,
-        outbox: Outbox,
-    ) -> (Arc<Self>, watch::Receiver<u16>) {
+    pub fn new(id: SessionId, user: UserId, outbox: Outbox) -> (Arc<Self>, watch::Receiver<u16>) {
         Self::with_call_waiting(id, user, outbox, false)
     }
 
@@ -142,6 +138,19 @@ struct Member {
     /// duplicate and is dropped: an event can be committed, read by a joining session's
     /// replay, and only then published.
     last_seq: i64,
+    /// The room's presence clock when this session joined: its join reply listed who was
+    /// online then, so only presence changes after it are news to it.
+    presence_seen: u64,
+}
+
+/// A user whose presence changed since the room last heard of them.
+struct PendingPresence {
+    user: UserRef,
+    /// What the room last heard: online or not.
+    announced: bool,
+    online: bool,
+    /// The room's presence clock at the last change.
+    at: u64,
 }
 
 #[derive(Default)]
@@ -154,6 +163,12 @@ struct RoomState {
     live: bool,
     /// The last `online_count` sent to the room.
     count_sent: Option<usize>,
+    /// Presence changes not yet announced, by user: gathered for `presence_interval_ms` so each
+    /// period announces only the net change (someone who drops and resumes within it is never
+    /// announced gone).
+    presence_pending: HashMap<UserId, PendingPresence>,
+    /// Counts presence changes (see `Member::presence_seen`).
+    presence_clock: u64,
     /// Raised hands in raise order, with when they went up (ms).
     hands: Vec<(UserRef, i64)>,
     /// Users allowed to publish audio/video, in the order they went on stage.
@@ -262,13 +277,7 @@ impl RoomState {
     }
 
     /// Tells everyone in the room that the user went on or off stage.
-    fn stage_changed(
-        &mut self,
-        room: &RoomId,
-        user: &UserRef,
-        on: bool,
-        out: Out<'_>,
-    ) {
+    fn stage_changed(&mut self, room: &RoomId, user: &UserRef, on: bool, out: Out<'_>) {
         let frame = Frame::from(protocol::encode(&ServerMsg::Stage { room, user, on }));
         self.fan_out(&frame, None, None, Audience::Everyone, out);
     }
@@ -302,28 +311,62 @@ impl RoomState {
         self.live || self.online.len() > limit
     }
 
-    /// Tells the room's presence audience that `user` came or went.
+    /// Tells the room's presence audience that `p.user` came or went, except sessions that
+    /// joined after the change (their join reply already said so).
     fn announce_presence(
         &mut self,
         room: &RoomId,
-        user: &UserRef,
-        online: bool,
+        p: &PendingPresence,
         limit: usize,
         out: Out<'_>,
     ) -> u64 {
-        let Some(to) = self.presence_audience(&user.id, limit) else {
+        let Some(to) = self.presence_audience(&p.user.id, limit) else {
             return 0;
         };
         let frame = Frame::from(protocol::encode(&ServerMsg::Presence {
             room,
-            user,
-            state: if online {
+            user: &p.user,
+            state: if p.online {
                 PresenceState::Online
             } else {
                 PresenceState::Offline
             },
         }));
-        self.fan_out_lazy(&frame, to, out)
+        let mut delivered = 0;
+        for m in self.sessions.values_mut() {
+            if to.includes(m) && m.presence_seen < p.at && deliver(m, &frame, None, true, out) {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
+    /// Records that `user` came (`online`) or went, to announce at the next presence round;
+    /// true if the room has something to announce now.
+    fn presence_change(&mut self, user: &UserRef, online: bool) -> bool {
+        self.presence_clock += 1;
+        let at = self.presence_clock;
+        match self.presence_pending.entry(user.id.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if e.get().announced == online {
+                    e.remove();
+                } else {
+                    let p = e.get_mut();
+                    p.online = online;
+                    p.user = user.clone();
+                    p.at = at;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(PendingPresence {
+                    user: user.clone(),
+                    announced: !online,
+                    online,
+                    at,
+                });
+            }
+        }
+        !self.presence_pending.is_empty()
     }
 
     /// Online users here and on other nodes (`remote`), counted once each.
@@ -370,32 +413,39 @@ impl RoomState {
                 Some(p) if !m.moderator => p,
                 _ => frame,
             };
-            match &mut m.gate {
-                Some(held) => {
-                    if held.len() >= out.gate_cap {
-                        if *m.handle.close.borrow() == 0 {
-                            out.metrics.slow_consumer_closes.fetch_add(1, Relaxed);
-                        }
-                        m.handle.close(close::SLOW_CONSUMER);
-                    } else {
-                        let frame = frame.clone();
-                        held.push((seq, Outgoing { frame, lazy }));
-                    }
-                }
-                None => {
-                    if let Some(s) = seq {
-                        if s <= m.last_seq {
-                            continue;
-                        }
-                        m.last_seq = s;
-                    }
-                    if m.handle.offer_as(frame, lazy, out.metrics) {
-                        delivered += 1;
-                    }
-                }
+            if deliver(m, frame, seq, lazy, out) {
+                delivered += 1;
             }
         }
         delivered
+    }
+}
+
+/// Queues one frame to one member: held while its gate is up, dropped if its seq was already
+/// queued; true if it went into the outbox.
+fn deliver(m: &mut Member, frame: &Frame, seq: Option<i64>, lazy: bool, out: Out<'_>) -> bool {
+    match &mut m.gate {
+        Some(held) => {
+            if held.len() >= out.gate_cap {
+                if *m.handle.close.borrow() == 0 {
+                    out.metrics.slow_consumer_closes.fetch_add(1, Relaxed);
+                }
+                m.handle.close(close::SLOW_CONSUMER);
+            } else {
+                let frame = frame.clone();
+                held.push((seq, Outgoing { frame, lazy }));
+            }
+            false
+        }
+        None => {
+            if let Some(s) = seq {
+                if s <= m.last_seq {
+                    return false;
+                }
+                m.last_seq = s;
+            }
+            m.handle.offer_as(frame, lazy, out.metrics)
+        }
     }
 }
 
@@ -456,6 +506,8 @@ pub struct Hub {
     pub presence_changed: Notify,
     /// Rooms whose online count changed since the last `online_count` round.
     counts_due: std::sync::Mutex<HashSet<RoomId>>,
+    /// Rooms with presence changes for the next presence round.
+    presence_due: std::sync::Mutex<HashSet<RoomId>>,
 }
 
 impl Hub {
@@ -479,6 +531,7 @@ impl Hub {
             remote_sessions: DashMap::new(),
             presence_changed: Notify::new(),
             counts_due: std::sync::Mutex::default(),
+            presence_due: std::sync::Mutex::default(),
         }
     }
 
@@ -563,6 +616,7 @@ impl Hub {
                     moderator,
                     gate: Some(Vec::new()),
                     last_seq: 0,
+                    presence_seen: state.presence_clock,
                 },
             );
             let first = match state.online.entry(user.id.clone()) {
@@ -578,10 +632,11 @@ impl Hub {
             if first {
                 self.presence_changed.notify_one();
                 if !self.online_elsewhere(room, &user.id) {
-                    let n = state.announce_presence(room, &user, true, self.presence_limit, self.out());
-                    self.metrics.deliveries.fetch_add(n, Relaxed);
+                    if state.presence_change(&user, true) {
+                        self.due(&self.presence_due, room);
+                    }
                     if state.counts_online(self.presence_limit) {
-                        self.count_due(room);
+                        self.due(&self.counts_due, room);
                     }
                 }
             }
@@ -687,18 +742,16 @@ impl Hub {
         if last {
             self.presence_changed.notify_one();
             if !self.online_elsewhere(room, &uid) {
-                // Measured as before the user left, as their join was.
-                let limit = self.presence_limit.saturating_sub(1);
-                let n = state.announce_presence(room, &member.user, false, limit, self.out());
-                self.metrics.deliveries.fetch_add(n, Relaxed);
-                if state.counts_online(limit) {
-                    self.count_due(room);
+                if state.presence_change(&member.user, false) {
+                    self.due(&self.presence_due, room);
+                }
+                if state.counts_online(self.presence_limit.saturating_sub(1)) {
+                    self.due(&self.counts_due, room);
                 }
             }
             // Hands and stage belong to people who are here (on any node).
             if !self.online_elsewhere(room, &uid) {
-                if let Some(who) = state.lower_hand(room, &uid, false, self.out())
-                {
+                if let Some(who) = state.lower_hand(room, &uid, false, self.out()) {
                     self.relay_with(Relayed::Hand {
                         room,
                         user: &who,
@@ -733,18 +786,43 @@ impl Hub {
         if let Some(mut state) = self.rooms.get_mut(&ev.room) {
             state.published = state.published.max(Some(ev.seq));
             let out = self.out();
-            let n = state.fan_out(&frame, public.as_ref(), Some(ev.seq), Audience::Everyone, out);
+            let n = state.fan_out(
+                &frame,
+                public.as_ref(),
+                Some(ev.seq),
+                Audience::Everyone,
+                out,
+            );
             self.metrics.deliveries.fetch_add(n, Relaxed);
         }
         self.metrics.events_published.fetch_add(1, Relaxed);
     }
 
-    /// Notes that the room's online count changed, for the next [`Hub::send_online_counts`].
-    fn count_due(&self, room: &RoomId) {
-        self.counts_due
-            .lock()
+    /// Notes that `room` has something for the next round of `set`'s kind (presence or
+    /// online counts).
+    fn due(&self, set: &std::sync::Mutex<HashSet<RoomId>>, room: &RoomId) {
+        set.lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(room.clone());
+    }
+
+    /// Announces the presence changes gathered since the last round (the net change per user:
+    /// see `RoomState::presence_change`). Called every `presence_interval_ms`.
+    pub fn send_presence(&self) {
+        let due = std::mem::take(&mut *self.presence_due.lock().unwrap_or_else(|p| p.into_inner()));
+        for room in due {
+            let Some(mut state) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            let pending = std::mem::take(&mut state.presence_pending);
+            for p in pending.into_values() {
+                if p.online != p.announced {
+                    let out = self.out();
+                    let n = state.announce_presence(&room, &p, self.presence_limit, out);
+                    self.metrics.deliveries.fetch_add(n, Relaxed);
+                }
+            }
+        }
     }
 
     /// Sends `online_count` to every room whose count changed since the last call (and since
@@ -1196,12 +1274,11 @@ impl Hub {
                 state.stage_changed(room, user, false, self.out());
             }
         }
-        // Measured as for a local join or leave (see `Hub::leave`).
-        let limit = self.presence_limit.saturating_sub(1);
-        let n = state.announce_presence(room, user, online, limit, self.out());
-        self.metrics.deliveries.fetch_add(n, Relaxed);
-        if state.counts_online(limit) {
-            self.count_due(room);
+        if state.presence_change(user, online) {
+            self.due(&self.presence_due, room);
+        }
+        if state.counts_online(self.presence_limit.saturating_sub(1)) {
+            self.due(&self.counts_due, room);
         }
     }
 
@@ -1300,6 +1377,12 @@ mod tests {
         }
     }
 
+    /// What a session has after the presence round.
+    fn flushed(hub: &Hub, rx: &mut crate::outbox::OutboxReader) -> Vec<String> {
+        hub.send_presence();
+        drain(rx)
+    }
+
     fn drain(rx: &mut crate::outbox::OutboxReader) -> Vec<String> {
         let mut out = vec![];
         while let Some(q) = rx.try_recv() {
@@ -1344,13 +1427,23 @@ mod tests {
         hub.open_gate(&"r".into(), &w.id, 0);
         let (a, _ar, _) = session("a", "a", 16);
         hub.join(&"r".into(), &a, user("a"), false, false).unwrap();
-        assert_eq!(drain(&mut wrx).len(), 1, "second user: presence still sent");
+        assert_eq!(
+            flushed(&hub, &mut wrx).len(),
+            1,
+            "second user: presence still sent"
+        );
         let (b, _br, _) = session("b", "b", 16);
         let joined = hub.join(&"r".into(), &b, user("b"), false, false).unwrap();
-        assert!(drain(&mut wrx).is_empty(), "third user: over the limit");
+        assert!(
+            flushed(&hub, &mut wrx).is_empty(),
+            "third user: over the limit"
+        );
         assert_eq!((joined.online.len(), joined.online_count), (2, 3));
         hub.notify_others(&"r".into(), &"a".into(), &Frame::from("typing"));
-        assert!(drain(&mut wrx).is_empty(), "no typing in a big room");
+        assert!(
+            flushed(&hub, &mut wrx).is_empty(),
+            "no typing in a big room"
+        );
     }
 
     #[test]
@@ -1370,13 +1463,18 @@ mod tests {
             hub.open_gate(&r, &s.id, 0);
             assert_eq!(joined.online_count, i + 2);
             assert_eq!(
-                joined.online.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+                joined
+                    .online
+                    .iter()
+                    .map(|u| u.id.as_str())
+                    .collect::<Vec<_>>(),
                 vec!["h"],
                 "the audience sees who runs the room, not each other"
             );
             audience.push((s, rx));
         }
         // The host heard every arrival, lazily (presence may wait for the next write).
+        hub.send_presence();
         let mut presence = 0;
         while let Some(q) = hrx.try_recv() {
             assert!(q.lazy && q.frame.as_str().contains("\"presence\""));
@@ -1390,7 +1488,10 @@ mod tests {
         // One count for everyone, and none again while it stays the same.
         hub.send_online_counts();
         for (_, rx) in &mut audience {
-            assert_eq!(drain(rx), vec![r#"{"type":"online_count","room":"lecture","count":51}"#]);
+            assert_eq!(
+                drain(rx),
+                vec![r#"{"type":"online_count","room":"lecture","count":51}"#]
+            );
         }
         assert_eq!(drain(&mut hrx).len(), 1);
         hub.send_online_counts();
@@ -1399,6 +1500,52 @@ mod tests {
         hub.leave(&r, &gone.id);
         hub.send_online_counts();
         assert!(drain(&mut audience[0].1)[0].contains("\"count\":50"));
+    }
+
+    #[test]
+    fn a_drop_and_resume_within_a_presence_round_is_never_announced() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let r = RoomId::from("r");
+        let (w, mut wrx, _) = session("w", "w", 16);
+        hub.join(&r, &w, user("w"), false, false).unwrap();
+        hub.open_gate(&r, &w.id, 0);
+        let (a1, _a1rx, _) = session("a1", "a", 16);
+        hub.join(&r, &a1, user("a"), false, false).unwrap();
+        assert_eq!(flushed(&hub, &mut wrx).len(), 1, "a came");
+        hub.leave(&r, &a1.id);
+        let (a2, _a2rx, _) = session("a2", "a", 16);
+        hub.join(&r, &a2, user("a"), false, false).unwrap();
+        assert!(
+            flushed(&hub, &mut wrx).is_empty(),
+            "gone and back: nothing to say"
+        );
+        hub.leave(&r, &a2.id);
+        let frames = flushed(&hub, &mut wrx);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("offline"));
+    }
+
+    #[test]
+    fn a_newcomer_is_not_told_what_its_join_reply_said() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let r = RoomId::from("r");
+        let (w, mut wrx, _) = session("w", "w", 16);
+        hub.join(&r, &w, user("w"), false, false).unwrap();
+        hub.open_gate(&r, &w.id, 0);
+        let (a, _arx, _) = session("a", "a", 16);
+        hub.join(&r, &a, user("a"), false, false).unwrap();
+        // "n" joins in the same presence round: its reply lists a and w already.
+        let (n, mut nrx, _) = session("n", "n", 16);
+        let joined = hub.join(&r, &n, user("n"), false, false).unwrap();
+        hub.open_gate(&r, &n.id, 0);
+        assert_eq!(joined.online.len(), 3);
+        assert_eq!(flushed(&hub, &mut nrx).len(), 0, "nothing it did not know");
+        assert_eq!(drain(&mut wrx).len(), 2, "w hears of a and n");
+        // A change after n joined is news to n.
+        hub.leave(&r, &a.id);
+        let frames = flushed(&hub, &mut nrx);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("offline"));
     }
 
     #[test]
@@ -1430,21 +1577,21 @@ mod tests {
         // Another node has "a" online: this node's sessions hear it once.
         hub.remote_presence(&r, &user("a"), true);
         hub.remote_presence(&r, &user("a"), true);
-        let frames = drain(&mut wrx);
+        let frames = flushed(&hub, &mut wrx);
         assert_eq!(frames.len(), 1);
         assert!(frames[0].contains("online"));
         // "a" also joins here: already online in the union, so no second announcement; the
         // join reply lists everyone once.
         let (a, _arx, _) = session("a1", "a", 16);
         let joined = hub.join(&r, &a, user("a"), false, false).unwrap();
-        assert!(drain(&mut wrx).is_empty());
+        assert!(flushed(&hub, &mut wrx).is_empty());
         assert_eq!(joined.online_count, 2);
         // Leaving here while still online elsewhere: no offline.
         hub.leave(&r, &a.id);
-        assert!(drain(&mut wrx).is_empty());
+        assert!(flushed(&hub, &mut wrx).is_empty());
         // The other node drops "a": now it is offline everywhere.
         hub.remote_presence(&r, &user("a"), false);
-        let frames = drain(&mut wrx);
+        let frames = flushed(&hub, &mut wrx);
         assert_eq!(frames.len(), 1);
         assert!(frames[0].contains("offline"));
     }
@@ -1493,7 +1640,8 @@ mod tests {
     fn presence_once_per_user_and_session_limit() {
         let hub = Hub::new(Arc::default(), 2, 100, 100);
         let (watcher, mut wrx, _) = session("w", "w", 16);
-        hub.join(&"r".into(), &watcher, user("w"), false, false).unwrap();
+        hub.join(&"r".into(), &watcher, user("w"), false, false)
+            .unwrap();
         hub.open_gate(&"r".into(), &watcher.id, 0);
         let (p1, _r1, _) = session("p1", "a", 16);
         let (p2, _r2, _) = session("p2", "a", 16);
@@ -1504,11 +1652,15 @@ mod tests {
         let joined = hub.join(&"r".into(), &p1, user("a"), false, false).unwrap();
         assert_eq!(joined.online.len(), 2);
         hub.join(&"r".into(), &p2, user("a"), false, false).unwrap();
-        assert_eq!(drain(&mut wrx).len(), 1, "one online for two sessions");
+        assert_eq!(
+            flushed(&hub, &mut wrx).len(),
+            1,
+            "one online for two sessions"
+        );
         hub.leave(&"r".into(), &p1.id);
-        assert!(drain(&mut wrx).is_empty(), "still online on p2");
+        assert!(flushed(&hub, &mut wrx).is_empty(), "still online on p2");
         hub.leave(&"r".into(), &p2.id);
-        let frames = drain(&mut wrx);
+        let frames = flushed(&hub, &mut wrx);
         assert_eq!(frames.len(), 1);
         assert!(frames[0].contains("offline"));
     }

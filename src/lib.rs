@@ -298,6 +298,7 @@ pub async fn serve(
     let call_timers = tokio::spawn(rtc::run_timers(app.clone()));
     let counts = tokio::spawn(send_online_counts(app.clone()));
     let heartbeats = tokio::spawn(heartbeats(app.clone()));
+    let presence = tokio::spawn(send_presence(app.clone()));
     let bus_tasks = match &app.bus {
         Some(bus) => {
             let mut tasks = bus.start(app.clone()).await;
@@ -330,6 +331,7 @@ pub async fn serve(
     call_timers.abort();
     counts.abort();
     heartbeats.abort();
+    presence.abort();
     app.store.close().await;
     if let Some(bus) = &app.bus {
         bus.leave().await;
@@ -351,6 +353,17 @@ async fn heartbeats(app: Arc<App>) {
     loop {
         tick.tick().await;
         app.hub.heartbeat(store::now_ms(), idle_ms);
+    }
+}
+
+/// Announces the presence changes gathered every `presence_interval_ms` (see
+/// [`hub::Hub::send_presence`]).
+async fn send_presence(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(app.config.presence_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        app.hub.send_presence();
     }
 }
 

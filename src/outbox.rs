@@ -207,7 +207,10 @@ mod tests {
         tx.try_send(Frame::from("c")).unwrap();
         tx.ping();
         tx.ping();
-        assert!(matches!(rx.recv().await, Some(Next::Ping)), "one ping, first");
+        assert!(
+            matches!(rx.recv().await, Some(Next::Ping)),
+            "one ping, first"
+        );
         drop(tx);
         drop(tx2);
         assert_eq!(text(frame(rx.recv().await)).as_deref(), Some("b"));

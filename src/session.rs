@@ -62,10 +62,7 @@ impl Ctx {
         match self.outbox.try_send(frame) {
             Ok(()) => true,
             Err(Refused::Full) => {
-                self.app
-                    .metrics
-                    .slow_consumer_closes
-                    .fetch_add(1, Relaxed);
+                self.app.metrics.slow_consumer_closes.fetch_add(1, Relaxed);
                 self.handle.close(close::SLOW_CONSUMER);
                 false
             }

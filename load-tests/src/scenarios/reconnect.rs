@@ -31,6 +31,10 @@ pub struct Args {
     /// Time away, ms (min,max).
     #[arg(long, value_delimiter = ',', default_value = "200,1000")]
     pub down_ms: Vec<u64>,
+    /// Kind of the room: `group` (everyone hears each arrival and departure) or `live` (the
+    /// audience follows presence by count).
+    #[arg(long, default_value = "group")]
+    pub kind: String,
 }
 
 pub struct Params {
@@ -40,6 +44,8 @@ pub struct Params {
     pub up_ms: (u64, u64),
     pub down_ms: (u64, u64),
     pub room: String,
+    /// The room's kind (`group`, `live`, ...).
+    pub kind: String,
     pub workers: usize,
 }
 
@@ -84,7 +90,7 @@ fn pair(v: &[u64], default: (u64, u64)) -> (u64, u64) {
 
 /// Runs one resume phase against a running server.
 pub async fn phase(common: &Common, server: &Server, p: &Params) -> Result<Outcome> {
-    server.create_room(&p.room, "group").await?;
+    server.create_room(&p.room, &p.kind).await?;
     let conns: Vec<ConnSpec> = (0..p.clients as u32)
         .map(|i| ConnSpec {
             id: i,
@@ -220,13 +226,14 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         up_ms: pair(&args.up_ms, (500, 2000)),
         down_ms: pair(&args.down_ms, (200, 1000)),
         room: "resume".into(),
+        kind: args.kind.clone(),
         workers: crate::coord::worker_count(args.clients, common.workers, common.per_worker),
     };
     let mut report = Report::new(
         "reconnect",
         json!({
             "clients": p.clients, "rate": p.rate, "duration_s": args.duration_s,
-            "up_ms": p.up_ms, "down_ms": p.down_ms,
+            "up_ms": p.up_ms, "down_ms": p.down_ms, "kind": p.kind,
         }),
     );
     let server = common.server("reconnect", false).await?;

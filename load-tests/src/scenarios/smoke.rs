@@ -142,6 +142,7 @@ pub async fn run(common: Common) -> Result<bool> {
         up_ms: (300, 800),
         down_ms: (100, 400),
         room: "smoke-resume".into(),
+        kind: "group".into(),
         workers: 2,
     };
     let out = super::reconnect::phase(&common, &server, &rp).await?;

@@ -111,6 +111,9 @@ impl Workers {
                 .kill_on_drop(true)
                 .spawn()
                 .context("spawn worker")?;
+            if let Some(pid) = child.id() {
+                crate::procs::pin_load(pid)?;
+            }
             let mut stdin = child.stdin.take().context("worker stdin")?;
             let stdout = child.stdout.take().context("worker stdout")?;
             let mut line = serde_json::to_string(&job)?;
@@ -259,6 +262,9 @@ impl Total {
         a.alive += f.alive;
         for (k, v) in &f.unique_by_room {
             *a.unique_by_room.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &f.other_frames {
+            *a.other_frames.entry(k.clone()).or_default() += v;
         }
         for (k, v) in &f.closes {
             *a.closes.entry(k.clone()).or_default() += v;

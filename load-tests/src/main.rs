@@ -96,6 +96,21 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let common = match &cli.cmd {
+        Cmd::Smoke { common }
+        | Cmd::Idle { common, .. }
+        | Cmd::Fanout { common, .. }
+        | Cmd::Classroom { common, .. }
+        | Cmd::Durable { common, .. }
+        | Cmd::Reconnect { common, .. } => Some(common.clone()),
+        _ => None,
+    };
+    if let Some(c) = common {
+        procs::set_pins(procs::Pins {
+            server: c.server_cpus,
+            load: c.load_cpus,
+        })?;
+    }
     let ok = rt.block_on(async move {
         match cli.cmd {
             Cmd::Smoke { common } => scenarios::smoke::run(common).await,

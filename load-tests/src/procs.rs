@@ -134,6 +134,7 @@ impl Server {
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
         let pid = child.id().context("server pid")?;
+        pin_server(pid)?;
         let addr = wait_line(&mut child, "studyhall listening on http://", "studyhall").await?;
         let addr: SocketAddr = addr
             .parse()
@@ -367,6 +368,66 @@ pub async fn http(
     .context("HTTP request timed out")?
 }
 
+/// CPU sets of a pinned run: the system under test and the load generator.
+#[derive(Clone, Debug, Default)]
+pub struct Pins {
+    pub server: String,
+    pub load: String,
+}
+
+static PINS: std::sync::OnceLock<Pins> = std::sync::OnceLock::new();
+
+/// Sets the run's CPU sets (once, from the command line) and pins this process to the load
+/// set.
+pub fn set_pins(pins: Pins) -> Result<()> {
+    let load = pins.load.clone();
+    let _ = PINS.set(pins);
+    pin(std::process::id(), &load)
+}
+
+/// Pins a process of the system under test (server, peer, or their database).
+pub fn pin_server(pid: u32) -> Result<()> {
+    pin(
+        pid,
+        &PINS.get().map(|p| p.server.clone()).unwrap_or_default(),
+    )
+}
+
+/// Pins a process of the load generator.
+pub fn pin_load(pid: u32) -> Result<()> {
+    pin(pid, &PINS.get().map(|p| p.load.clone()).unwrap_or_default())
+}
+
+/// A one-line description of the pinning, for reports.
+pub fn pins_line() -> Option<String> {
+    let p = PINS.get()?;
+    (!p.server.is_empty() || !p.load.is_empty()).then(|| {
+        format!(
+            "pinned: server (and peers, database) on CPUs `{}`, load generator on CPUs `{}` (taskset)",
+            if p.server.is_empty() { "any" } else { &p.server },
+            if p.load.is_empty() { "any" } else { &p.load },
+        )
+    })
+}
+
+/// `taskset -a -p -c CPUS PID`: every thread of the process, and those it starts later.
+fn pin(pid: u32, cpus: &str) -> Result<()> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .context("run taskset")?;
+    if !out.status.success() {
+        bail!(
+            "taskset -c {cpus} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// A fresh database on the local PostgreSQL (trust auth), made and dropped with `psql`.
 pub struct PgDb {
     pub url: String,
@@ -450,6 +511,7 @@ impl Peer {
             .spawn()
             .with_context(|| format!("spawn {bin}"))?;
         let pid = child.id().context("nats pid")?;
+        pin_server(pid)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], ws_port));
         wait_port(addr).await?;
         Ok(Self {
@@ -485,6 +547,7 @@ impl Peer {
             .spawn()
             .context("spawn node")?;
         let pid = child.id().context("node pid")?;
+        pin_server(pid)?;
         let port = wait_line(&mut child, "socketio listening on ", "socket.io server").await?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port.parse::<u16>()?));
         Ok(Self {

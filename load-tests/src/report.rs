@@ -91,7 +91,7 @@ impl Report {
             params,
             tables: Vec::new(),
             results: serde_json::Value::Null,
-            notes: Vec::new(),
+            notes: crate::procs::pins_line().into_iter().collect(),
             passed: None,
             plots: Vec::new(),
             svgs: Vec::new(),
@@ -174,6 +174,16 @@ pub fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 }
 
 /// Human number: 1234567 -> "1.23M", 12345 -> "12.3k", 12.5 -> "12.5".
+/// A rate per busy core of the server: `rate` / (`cpu_pct` / 100), "-" when no CPU was
+/// measured.
+pub fn per_core(rate: f64, cpu_pct: f64) -> String {
+    if cpu_pct < 1.0 {
+        "-".into()
+    } else {
+        human(rate / (cpu_pct / 100.0))
+    }
+}
+
 pub fn human(v: f64) -> String {
     let a = v.abs();
     if a >= 1e6 {

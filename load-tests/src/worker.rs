@@ -154,6 +154,9 @@ pub struct Final {
     pub rejoin: Sparse,
     /// Clients still connected at stop.
     pub alive: u64,
+    /// Other frames received (presence, online counts, ...), by type.
+    #[serde(default)]
+    pub other_frames: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -468,7 +471,9 @@ async fn studyhall_client(
                             }
                             eprintln!("worker {}: client {} got {}", job.worker, spec.id, text.as_str());
                         }
-                        _ => {}
+                        other => {
+                            *sh.stats().fin.other_frames.entry(other.to_owned()).or_default() += 1;
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(next_send.unwrap_or_else(tokio::time::Instant::now)), if next_send.is_some() => {

@@ -206,6 +206,12 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         format!("{:.1}", rss2 as f64 / 1024.0),
     ]);
     report.tables.push(srv);
+    let per_s = (group.count() + live.count()) as f64 / dur;
+    report.note(format!(
+        "deliveries/s per server core: {} ({} deliveries/s at {cpu_pct:.0} % CPU)",
+        crate::report::per_core(per_s, cpu_pct),
+        crate::report::human(per_s)
+    ));
     if f.seq_dups + f.seq_gaps > 0 || !f.closes.is_empty() {
         report.note(format!(
             "correctness: {} duplicate seqs, {} seq gaps, clients lost {:?}",

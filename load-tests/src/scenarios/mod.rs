@@ -58,6 +58,13 @@ pub struct Common {
     /// The NATS the nodes share (loopback only).
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     pub bus_url: String,
+    /// Pin the server (and each peer in its turn, and its database) to these CPUs, e.g. `0`
+    /// (taskset list syntax). Unset: not pinned.
+    #[arg(long, default_value = "")]
+    pub server_cpus: String,
+    /// Pin the load generator (this process and its workers) to these CPUs, e.g. `1`.
+    #[arg(long, default_value = "")]
+    pub load_cpus: String,
 }
 
 impl Common {

@@ -65,6 +65,10 @@ pub struct Common {
     /// Pin the load generator (this process and its workers) to these CPUs, e.g. `1`.
     #[arg(long, default_value = "")]
     pub load_cpus: String,
+    /// Store of a single studyhall node (fanout, classroom, idle, reconnect): `sqlite` or
+    /// `postgres` (a throw-away database under --pg-url).
+    #[arg(long, default_value = "sqlite")]
+    pub store: String,
 }
 
 impl Common {
@@ -133,7 +137,7 @@ impl Sut {
         Ok(match proto {
             Proto::Studyhall => match common.nodes {
                 Some(n) => Sut::Cluster(common.cluster(tag, n).await?),
-                None => Sut::Studyhall(common.server(tag, false).await?),
+                None => Sut::Studyhall(common.server(tag, common.store == "postgres").await?),
             },
             Proto::Nats => Sut::Peer(Peer::nats(&common.nats_bin, &work).await?),
             Proto::Socketio => Sut::Peer(Peer::socketio(&work).await?),

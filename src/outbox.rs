@@ -2,9 +2,10 @@
 //! directed frames, the session's own replies) and the session's write loop. It allocates
 //! nothing until a frame is queued, grows with a burst and gives the memory back once the
 //! write loop has drained it, so an idle connection pays a few dozen bytes for it instead of
-//! a channel's preallocated block. Producers never wait: a full outbox is refused and the
-//! caller decides (the hub closes the session as a slow consumer). Knows nothing of sockets,
-//! rooms or the wire.
+//! a channel's preallocated block. Fan-out never waits: a full outbox is refused and the hub
+//! closes the session as a slow consumer. The session's own replies may wait for room
+//! ([`Outbox::send`]): a join replaying hundreds of events keeps pace with the socket instead
+//! of overflowing it. Knows nothing of sockets, rooms or the wire.
 
 use crate::hub::Outgoing;
 use std::collections::VecDeque;
@@ -22,12 +23,16 @@ struct Queue {
     reader_gone: bool,
     /// A heartbeat ping is due (asked for once however often it is asked).
     ping: bool,
+    /// Senders waiting in [`Outbox::send`] for room.
+    waiting: usize,
 }
 
 struct Shared {
     queue: Mutex<Queue>,
     /// Woken when a frame is queued or the last sender goes.
     ready: Notify,
+    /// Woken when a frame leaves a queue that a sender is waiting on, or the reader goes.
+    space: Notify,
     cap: usize,
 }
 
@@ -65,8 +70,10 @@ pub fn outbox(cap: usize) -> (Outbox, OutboxReader) {
             senders: 1,
             reader_gone: false,
             ping: false,
+            waiting: 0,
         }),
         ready: Notify::new(),
+        space: Notify::new(),
         cap,
     });
     (
@@ -95,7 +102,30 @@ impl Outbox {
 }
 
 impl Outbox {
-    /// Asks the write loop to send a WebSocket ping (before any frame queued after this).
+    /// Queues a frame, waiting while the outbox is full; refused only once the reader is gone.
+    pub async fn send(&self, frame: impl Into<Outgoing>) -> Result<(), Refused> {
+        let frame = frame.into();
+        loop {
+            let space = self.shared.space.notified();
+            {
+                let mut q = self.shared.lock();
+                if q.reader_gone {
+                    return Err(Refused::Closed);
+                }
+                if q.frames.len() < self.shared.cap {
+                    q.frames.push_back(frame);
+                    drop(q);
+                    self.shared.ready.notify_one();
+                    return Ok(());
+                }
+                q.waiting += 1;
+            }
+            space.await;
+            self.shared.lock().waiting -= 1;
+        }
+    }
+
+    /// Asks the write loop to send a WebSocket ping ahead of the frames already queued.
     pub fn ping(&self) {
         self.shared.lock().ping = true;
         self.shared.ready.notify_one();
@@ -146,7 +176,7 @@ impl OutboxReader {
                 if std::mem::take(&mut q.ping) {
                     return Some(Next::Ping);
                 }
-                if let Some(frame) = pop(&mut q) {
+                if let Some(frame) = self.pop(&mut q) {
                     return Some(Next::Frame(frame));
                 }
                 if q.senders == 0 {
@@ -159,25 +189,34 @@ impl OutboxReader {
 
     /// The next frame if one is waiting.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        pop(&mut self.shared.lock())
+        let mut q = self.shared.lock();
+        self.pop(&mut q)
     }
 }
 
 impl Drop for OutboxReader {
     fn drop(&mut self) {
-        let mut q = self.shared.lock();
-        q.reader_gone = true;
-        q.frames = VecDeque::new();
+        {
+            let mut q = self.shared.lock();
+            q.reader_gone = true;
+            q.frames = VecDeque::new();
+        }
+        self.shared.space.notify_waiters();
     }
 }
 
-fn pop(q: &mut Queue) -> Option<Outgoing> {
-    let frame = q.frames.pop_front()?;
-    if q.frames.is_empty() && q.frames.capacity() > KEEP {
-        // A burst is over: give its memory back.
-        q.frames = VecDeque::new();
+impl OutboxReader {
+    fn pop(&self, q: &mut Queue) -> Option<Outgoing> {
+        let frame = q.frames.pop_front()?;
+        if q.frames.is_empty() && q.frames.capacity() > KEEP {
+            // A burst is over: give its memory back.
+            q.frames = VecDeque::new();
+        }
+        if q.waiting > 0 {
+            self.shared.space.notify_one();
+        }
+        Some(frame)
     }
-    Some(frame)
 }
 
 #[cfg(test)]
@@ -233,6 +272,26 @@ mod tests {
         assert_eq!(text(frame(first)).as_deref(), Some("0"));
         while rx.try_recv().is_some() {}
         assert!(rx.shared.lock().frames.capacity() <= KEEP);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_sender_goes_on_when_room_is_made() {
+        let (tx, mut rx) = outbox(1);
+        tx.try_send(Frame::from("a")).unwrap();
+        let tx2 = tx.clone();
+        let waiting = tokio::spawn(async move { tx2.send(Frame::from("b")).await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "full: the sender waits");
+        assert_eq!(text(frame(rx.recv().await)).as_deref(), Some("a"));
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert_eq!(text(frame(rx.recv().await)).as_deref(), Some("b"));
+        // A sender waiting when the reader goes is let go.
+        tx.try_send(Frame::from("c")).unwrap();
+        let tx3 = tx.clone();
+        let waiting = tokio::spawn(async move { tx3.send(Frame::from("d")).await });
+        tokio::task::yield_now().await;
+        drop(rx);
+        assert_eq!(waiting.await.unwrap(), Err(Refused::Closed));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::App;
 use crate::auth::Identity;
 use crate::error::Error;
 use crate::hub::{Outgoing, SessionHandle};
-use crate::outbox::{Next, Outbox, OutboxReader, Refused};
+use crate::outbox::{Next, Outbox, OutboxReader};
 use crate::protocol::{
     self, ClientFrame, ClientMsg, CommandKind, RoomId, RoomRole, ServerMsg, close,
 };
@@ -52,21 +52,12 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    /// Queues a frame on this session's own outbox. False if the session is closing, or if
-    /// the client has let `outbox_frames` frames pile up unread: then, as for any frame the
-    /// hub could not queue, the session closes as a slow consumer (4008).
+    /// Queues a frame on this session's own outbox, waiting for room if needed (the write loop
+    /// drains it as fast as the client reads). False once the session is closing.
     pub async fn push(&mut self, frame: impl Into<Outgoing>) -> bool {
-        if *self.close.borrow() != 0 {
-            return false;
-        }
-        match self.outbox.try_send(frame) {
-            Ok(()) => true,
-            Err(Refused::Full) => {
-                self.app.metrics.slow_consumer_closes.fetch_add(1, Relaxed);
-                self.handle.close(close::SLOW_CONSUMER);
-                false
-            }
-            Err(Refused::Closed) => false,
+        tokio::select! {
+            r = self.outbox.send(frame) => r.is_ok(),
+            _ = closing(&mut self.close, |c| c != 0) => false,
         }
     }
 
@@ -437,15 +428,20 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
                     }
                     continue;
                 }
-                let frame = match serde_json::from_str::<ClientFrame>(text.as_str()) {
+                let parsed = if protocol::has_nul_escape(text.as_str()) {
+                    Err(Error::bad_request("text must not contain NUL (U+0000)"))
+                } else {
+                    serde_json::from_str::<ClientFrame>(text.as_str())
+                        .map_err(|e| Error::bad_request(format!("malformed command: {e}")))
+                };
+                let frame = match parsed {
                     Ok(f) => f,
-                    Err(e) => {
+                    Err(err) => {
                         ctx.app.metrics.command(CommandKind::Invalid);
                         if strikes.hit() {
                             ctx.handle.close(close::RATE_LIMITED);
                             break;
                         }
-                        let err = Error::bad_request(format!("malformed command: {e}"));
                         if !ctx.push(error_frame(protocol::salvage_rid(text.as_str()), &err)).await {
                             break;
                         }

@@ -149,6 +149,9 @@ struct PendingPresence {
     /// What the room last heard: online or not.
     announced: bool,
     online: bool,
+    /// The room's presence clock at the first change of this round: a session that joined
+    /// after it may have been told the other state in its join reply.
+    since: u64,
     /// The room's presence clock at the last change.
     at: u64,
 }
@@ -311,8 +314,10 @@ impl RoomState {
         self.live || self.online.len() > limit
     }
 
-    /// Tells the room's presence audience that `p.user` came or went, except sessions that
-    /// joined after the change (their join reply already said so).
+    /// Tells the room's presence audience where `p.user` now stands: sessions that joined
+    /// before the last change, except, when the user is back where the room last heard them,
+    /// those that joined before the first change (for them nothing changed). Sessions that
+    /// joined after the last change already know from their join reply.
     fn announce_presence(
         &mut self,
         room: &RoomId,
@@ -332,9 +337,11 @@ impl RoomState {
                 PresenceState::Offline
             },
         }));
+        let from = if p.online == p.announced { p.since } else { 0 };
         let mut delivered = 0;
         for m in self.sessions.values_mut() {
-            if to.includes(m) && m.presence_seen < p.at && deliver(m, &frame, None, true, out) {
+            let news = (from..p.at).contains(&m.presence_seen);
+            if news && to.includes(m) && deliver(m, &frame, None, true, out) {
                 delivered += 1;
             }
         }
@@ -348,25 +355,24 @@ impl RoomState {
         let at = self.presence_clock;
         match self.presence_pending.entry(user.id.clone()) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
-                if e.get().announced == online {
-                    e.remove();
-                } else {
-                    let p = e.get_mut();
-                    p.online = online;
-                    p.user = user.clone();
-                    p.at = at;
-                }
+                // Kept even when back to what the room last heard: sessions that joined in
+                // between were told otherwise.
+                let p = e.get_mut();
+                p.online = online;
+                p.user = user.clone();
+                p.at = at;
             }
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(PendingPresence {
                     user: user.clone(),
                     announced: !online,
                     online,
+                    since: at,
                     at,
                 });
             }
         }
-        !self.presence_pending.is_empty()
+        true
     }
 
     /// Online users here and on other nodes (`remote`), counted once each.
@@ -816,11 +822,9 @@ impl Hub {
             };
             let pending = std::mem::take(&mut state.presence_pending);
             for p in pending.into_values() {
-                if p.online != p.announced {
-                    let out = self.out();
-                    let n = state.announce_presence(&room, &p, self.presence_limit, out);
-                    self.metrics.deliveries.fetch_add(n, Relaxed);
-                }
+                let out = self.out();
+                let n = state.announce_presence(&room, &p, self.presence_limit, out);
+                self.metrics.deliveries.fetch_add(n, Relaxed);
             }
         }
     }
@@ -1546,6 +1550,32 @@ mod tests {
         let frames = flushed(&hub, &mut nrx);
         assert_eq!(frames.len(), 1);
         assert!(frames[0].contains("offline"));
+    }
+
+    #[test]
+    fn a_newcomer_hears_that_someone_it_was_told_had_gone_is_back() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let r = RoomId::from("r");
+        let (w, mut wrx, _) = session("w", "w", 16);
+        hub.join(&r, &w, user("w"), false, false).unwrap();
+        hub.open_gate(&r, &w.id, 0);
+        let (a1, _a1rx, _) = session("a1", "a", 16);
+        hub.join(&r, &a1, user("a"), false, false).unwrap();
+        flushed(&hub, &mut wrx);
+        // a drops; n joins and is told a is not here; a resumes, all within one round.
+        hub.leave(&r, &a1.id);
+        let (n, mut nrx, _) = session("n", "n", 16);
+        let joined = hub.join(&r, &n, user("n"), false, false).unwrap();
+        hub.open_gate(&r, &n.id, 0);
+        assert!(joined.online.iter().all(|u| u.id.as_str() != "a"));
+        let (a2, _a2rx, _) = session("a2", "a", 16);
+        hub.join(&r, &a2, user("a"), false, false).unwrap();
+        let told = flushed(&hub, &mut nrx);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(told[0].contains("\"a\"") && told[0].contains("online"));
+        let w_told = drain(&mut wrx);
+        assert_eq!(w_told.len(), 1, "w hears only of n: for w, a never left");
+        assert!(w_told[0].contains("\"n\""));
     }
 
     #[test]

@@ -583,6 +583,12 @@ impl Bus {
                 Some(&TAG_KICK) => {
                     let mut r = Reader(&msg.payload[1..]);
                     if let (Some(user), Some(reason)) = (r.str16(), r.rest_str()) {
+                        // A ban or removal comes with a kick: drop the cached access now, so a
+                        // join racing it here rechecks against the store (the invalidation on
+                        // the control subject may come later than the kick).
+                        if let Some(app) = self.app.get().and_then(Weak::upgrade) {
+                            app.policies.invalidate(&room);
+                        }
                         // A removal over the HTTP API ("removed") is the platform's word and takes
                         // host/ta too; a kick or ban from a session's command spares them.
                         self.hub.kick_local(

@@ -185,7 +185,7 @@ impl App {
         if config.dev {
             ensure_dev_lobby(&store).await?;
         }
-        let policies = rooms::policy::Policies::default();
+        let policies = rooms::policy::Policies::new(bus.is_some());
         if let Some(bus) = &bus {
             bus.set_store(store.clone());
             hub.set_relay(bus::hub_relay(bus));

@@ -202,13 +202,14 @@ async fn join(
     let role = role.ok_or_else(|| Error::Forbidden("this room is invite-only".into()))?;
     if open_only {
         // Joining an open room makes it one of the user's rooms (as a plain member).
+        let seen = ctx.app.policies.version(&room_id);
         ctx.app
             .store
             .ensure_member(&room_id, &ctx.me.user, role)
             .await?;
         ctx.app
             .policies
-            .member_recorded(&room_id, &ctx.me.user, role);
+            .member_recorded(&room_id, &ctx.me.user, role, seen);
     }
     let room = policy.room.clone();
 
@@ -244,13 +245,18 @@ async fn join(
     ctx.joined.insert(room_id.clone(), role);
     // A ban or a removal that landed while this join was on its way missed the session (kick
     // only sees sessions already in the room): look again now that it is in.
-    let recheck = match ctx
-        .app
-        .policies
-        .get(&ctx.app.store, &room_id)
+    let policies = &ctx.app.policies;
+    let recheck = match policies
+        .refresh_user(&ctx.app.store, &room_id, &ctx.me.user)
         .await
-        .and_then(|p| resolve_role(ctx, &p))
     {
+        Ok(()) => policies
+            .get(&ctx.app.store, &room_id)
+            .await
+            .and_then(|p| resolve_role(ctx, &p)),
+        Err(e) => Err(e),
+    };
+    let recheck = match recheck {
         Ok((Some(_), _)) => Ok(()),
         Ok((None, _)) => Err(Error::Forbidden("this room is invite-only".into())),
         Err(e) => Err(e),

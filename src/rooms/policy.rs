@@ -218,22 +218,64 @@ pub struct Policies {
     /// Cluster mode: tells the other nodes that a room's settings or mutes changed, so they
     /// drop their cached copy (set by `bus.rs`; unset on a single node).
     on_change: OnceLock<ChangeHook>,
+    /// Other nodes change rooms too (cluster mode): the cached access may lag one bus hop, so
+    /// a join's second look reads the joiner's own rows from the store.
+    shared_store: bool,
     /// Slow-mode clocks of policies dropped by [`Policies::invalidate`], taken over by the
     /// reload (a remote settings change must not reset who sent when).
     carried: DashMap<RoomId, HashMap<UserId, (i64, String)>>,
-    /// Bumped by every invalidation: a load that saw another value when it started may hold
-    /// what the invalidation was about, and is used once but not cached.
-    generation: std::sync::atomic::AtomicU64,
+    /// Per room, bumped by every change and invalidation: a load that saw another value when
+    /// it started may hold what the change was about, and is used once but not cached.
+    versions: DashMap<RoomId, u64>,
+    /// Bumped when every cached policy is dropped at once.
+    epoch: std::sync::atomic::AtomicU64,
+    /// One load at a time per room: a reconnect storm into a cold room reads it once.
+    loading: DashMap<RoomId, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Policies {
+    /// A cache for a node that is the only writer of its store (`shared_store` false) or one
+    /// of several (cluster mode).
+    pub fn new(shared_store: bool) -> Self {
+        Self {
+            shared_store,
+            ..Self::default()
+        }
+    }
+
+    /// The room's change count (see [`Policies::member_recorded`]).
+    pub fn version(&self, room: &RoomId) -> u64 {
+        self.versions.get(room).map_or(0, |v| *v)
+    }
+
+    fn stamp(&self, room: &RoomId) -> (u64, u64) {
+        (
+            self.epoch.load(std::sync::atomic::Ordering::Acquire),
+            self.version(room),
+        )
+    }
+
+    fn bump(&self, room: &RoomId) {
+        *self.versions.entry(room.clone()).or_default() += 1;
+    }
+
     /// The room's policy, loaded from the store on first use.
     pub async fn get(&self, store: &Store, room: &RoomId) -> Result<Arc<Policy>> {
-        use std::sync::atomic::Ordering::Acquire;
         if let Some(p) = self.map.get(room) {
             return Ok(p.clone());
         }
-        let generation = self.generation.load(Acquire);
+        let gate = self.loading.entry(room.clone()).or_default().clone();
+        let _loading = gate.lock().await;
+        if let Some(p) = self.map.get(room) {
+            return Ok(p.clone());
+        }
+        let result = self.load(store, room).await;
+        self.loading.remove(room);
+        result
+    }
+
+    async fn load(&self, store: &Store, room: &RoomId) -> Result<Arc<Policy>> {
+        let stamp = self.stamp(room);
         let stored = store
             .room(room)
             .await?
@@ -257,12 +299,37 @@ impl Policies {
             ),
             access: Arc::new(RwLock::new(access)),
         });
-        if self.generation.load(Acquire) != generation {
-            // A change (here or on another node) or a bus outage came while this was
-            // loading: what was read may predate it.
+        // Checked under the map's lock for the room: a change either came before (and this
+        // copy is not kept) or finds the copy in the map and applies itself to it.
+        let entry = self.map.entry(room.clone());
+        if self.stamp(room) != stamp {
             return Ok(policy);
         }
-        Ok(self.map.entry(room.clone()).or_insert(policy).clone())
+        Ok(entry.or_insert(policy).clone())
+    }
+
+    /// A join's second look, after entering the room: on a node that shares its store with
+    /// others, the user's own membership and ban are read again from the store into the
+    /// cached copy (a ban on another node may be one bus hop away from here).
+    pub async fn refresh_user(&self, store: &Store, room: &RoomId, user: &UserId) -> Result<()> {
+        if !self.shared_store {
+            return Ok(());
+        }
+        let banned = store.is_banned(room, user).await?;
+        let role = store.member_role(room, user).await?;
+        if let Some(p) = self.map.get(room) {
+            let mut access = write(&p.access);
+            if banned {
+                access.banned.insert(user.clone());
+            } else {
+                access.banned.remove(user);
+            }
+            match role {
+                Some(r) => access.members.insert(user.clone(), r),
+                None => access.members.remove(user),
+            };
+        }
+        Ok(())
     }
 
     /// Installs the cluster's change announcer (once).
@@ -272,8 +339,7 @@ impl Policies {
 
     /// Drops a room's cached policy (another node changed it); the next use reloads it.
     pub fn invalidate(&self, room: &RoomId) {
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.bump(room);
         if let Some((_, old)) = self.map.remove(room) {
             let clocks = lock(&old.last_sent).clone();
             if !clocks.is_empty() && self.carried.len() < MAX_CACHED_ROOMS {
@@ -285,19 +351,17 @@ impl Policies {
     /// Drops every cached policy (cluster mode, after the bus was disrupted: invalidations
     /// may have been lost with it); slow-mode clocks are carried over as by `invalidate`.
     pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let rooms: Vec<RoomId> = self.map.iter().map(|e| e.key().clone()).collect();
         for room in rooms {
             self.invalidate(&room);
         }
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// A change made through this node: loads in progress must not cache what they read
     /// before it, and the other nodes drop their copies.
     fn changed(&self, room: &RoomId) {
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.bump(room);
         if let Some(f) = self.on_change.get() {
             f(room);
         }
@@ -316,11 +380,20 @@ impl Policies {
     }
 
     /// A join recorded the user as a plain member of an open room (keeping any role they
-    /// already had). Not announced to other nodes: a node that does not know it sees an open
-    /// room and records the same membership again, which changes nothing.
-    pub fn member_recorded(&self, room: &RoomId, user: &UserId, role: RoomRole) {
-        if let Some(p) = self.map.get(room) {
+    /// already had). `seen` is the room's [`Policies::version`] from before the record was
+    /// written: if anything changed the room since (a removal of this very membership, say),
+    /// the cached copy is dropped rather than guessed at. Not announced to other nodes: a
+    /// node that does not know it sees an open room and records the same membership again,
+    /// which changes nothing.
+    pub fn member_recorded(&self, room: &RoomId, user: &UserId, role: RoomRole, seen: u64) {
+        let Some(p) = self.map.get(room) else {
+            return;
+        };
+        if self.version(room) == seen {
             write(&p.access).members.entry(user.clone()).or_insert(role);
+        } else {
+            drop(p);
+            self.invalidate(room);
         }
     }
 

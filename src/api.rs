@@ -84,6 +84,9 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+    if std::str::from_utf8(body).is_ok_and(crate::protocol::has_nul_escape) {
+        return Err(Error::bad_request("text must not contain NUL (U+0000)"));
+    }
     serde_json::from_slice(body).map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))
 }
 

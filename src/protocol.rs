@@ -899,6 +899,26 @@ pub struct CallParty<'a> {
     pub name: Option<&'a str>,
 }
 
+/// Whether a client frame's JSON holds a `\u0000` escape (a NUL character in some string).
+/// No text the server keeps may hold one: PostgreSQL refuses it, and a refused row would
+/// fail every write batched with it.
+pub fn has_nul_escape(json: &str) -> bool {
+    let b = json.as_bytes();
+    let mut i = 0;
+    while let Some(off) = b[i..].iter().position(|&c| c == b'\\') {
+        let at = i + off;
+        if b.get(at + 1) == Some(&b'u') && b.get(at + 2..at + 6) == Some(b"0000") {
+            return true;
+        }
+        // Skip the escaped character (which may itself be a backslash).
+        i = at + 2;
+        if i >= b.len() {
+            break;
+        }
+    }
+    false
+}
+
 /// Encodes `{"type":"ok","rid":N, ...fields of result}`. `result` is a JSON object (any other
 /// value gives an empty ok); it is consumed, not copied.
 pub fn encode_ok(rid: Option<i64>, result: serde_json::Value) -> String {
@@ -1053,6 +1073,18 @@ pub mod close {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nul_escapes_are_found_and_escaped_backslashes_are_not() {
+        assert!(has_nul_escape(r#"{"text":"a\u0000b"}"#));
+        assert!(
+            !has_nul_escape(r#"{"text":"a\\u0000b"}"#),
+            "an escaped backslash then text"
+        );
+        assert!(has_nul_escape(r#"{"text":"\\\u0000"}"#));
+        assert!(!has_nul_escape(r#"{"text":"\u0001 \n"}"#));
+        assert!(!has_nul_escape(r#"{"text":"ends with \\"}"#));
+    }
 
     #[test]
     fn room_ids() {

@@ -337,7 +337,7 @@ async fn room_settings(
 ) -> Result<HashMap<String, EngagementSettings>> {
     let ids: Vec<&str> = rooms.iter().map(|r| r.as_str()).collect();
     let rows = sqlx::query(ROOM_SETTINGS.get(backend_of(tx)))
-        .bind(rows::json(&ids))
+        .bind(rows::json(&ids)?)
         .fetch_all(&mut **tx)
         .await?;
     let mut out = HashMap::with_capacity(rows.len());
@@ -353,7 +353,7 @@ async fn room_settings(
 async fn user_zones(tx: &mut Tx<'_>, users: &[&UserId]) -> Result<HashMap<String, String>> {
     let ids: Vec<&str> = users.iter().map(|u| u.as_str()).collect();
     let rows = sqlx::query(USER_ZONES.get(backend_of(tx)))
-        .bind(rows::json(&ids))
+        .bind(rows::json(&ids)?)
         .fetch_all(&mut **tx)
         .await?;
     let mut out = HashMap::with_capacity(rows.len());
@@ -379,7 +379,7 @@ async fn count_attempts(
         .map(|((r, u, a, d), n)| (r, u, a, d, n))
         .collect();
     let returned = sqlx::query(COUNT_ATTEMPTS.get(backend_of(tx)))
-        .bind(rows::json(&rows))
+        .bind(rows::json(&rows)?)
         .fetch_all(&mut **tx)
         .await?;
     for row in returned {
@@ -538,7 +538,7 @@ pub(super) async fn contribute(
         .collect();
     if !awards.is_empty() {
         sqlx::query(INSERT_AWARDS.get(backend))
-            .bind(rows::json(&awards))
+            .bind(rows::json(&awards)?)
             .execute(&mut **tx)
             .await?;
     }
@@ -573,7 +573,7 @@ pub(super) async fn contribute(
         })
         .collect();
     sqlx::query(ADD_DAILY.get(backend))
-        .bind(rows::json(&rows))
+        .bind(rows::json(&rows)?)
         .execute(&mut **tx)
         .await?;
 
@@ -607,7 +607,7 @@ pub(super) async fn contribute(
             })
             .collect();
         let returned = sqlx::query(ADD_TOTALS.get(backend))
-            .bind(rows::json(&rows))
+            .bind(rows::json(&rows)?)
             .fetch_all(&mut **tx)
             .await?;
         let deltas: HashMap<(&str, &str), &Total> = totals

@@ -381,17 +381,7 @@ impl Store {
         }
         let (tx, rx) = mpsc::channel(opts.queue);
         let badge_hook = engagement::BadgeHookSlot::default();
-        let run = writer::run(
-            pool.clone(),
-            backend,
-            rx,
-            hook,
-            metrics,
-            opts.batch_max,
-            std::time::Duration::from_micros(opts.batch_linger_us),
-            opts.engagement.clone(),
-            badge_hook.clone(),
-        );
+        let run = writer::run(opts.clone(), backend, rx, hook, metrics, badge_hook.clone());
         // The writer runs on a thread of its own: a batch takes a dozen or so round trips to
         // the database, and on the shared runtime each one would wait behind every task the
         // fan-out has just woken.

@@ -7,7 +7,7 @@
 //! This file owns the encoding and the statement pairs' type; the statements live beside the
 //! code that runs them.
 
-use super::Backend;
+use super::{Backend, StoreError};
 use serde::Serialize;
 
 /// One statement in the two dialects.
@@ -26,10 +26,11 @@ impl Sql {
     }
 }
 
-/// The rows as one JSON parameter: each row a JSON array (tuples serialise as arrays).
-pub(super) fn json<T: Serialize>(rows: &[T]) -> String {
-    // Only strings, integers and nulls go in: serialising them cannot fail.
-    serde_json::to_string(rows).unwrap_or_else(|_| "[]".into())
+/// The rows as one JSON parameter: each row a JSON array (tuples serialise as arrays). Only
+/// strings, integers and nulls go in, so this does not fail; if it ever did, the batch is
+/// refused rather than written short.
+pub(super) fn json<T: Serialize>(rows: &[T]) -> Result<String, StoreError> {
+    serde_json::to_string(rows).map_err(|e| StoreError::Corrupt(format!("row encoding: {e}")))
 }
 
 #[cfg(test)]
@@ -37,6 +38,9 @@ mod tests {
     #[test]
     fn tuples_become_arrays() {
         let rows = [("a\"b", 1i64, None::<&str>), ("c", 2, Some("d"))];
-        assert_eq!(super::json(&rows), r#"[["a\"b",1,null],["c",2,"d"]]"#);
+        assert_eq!(
+            super::json(&rows).unwrap(),
+            r#"[["a\"b",1,null],["c",2,"d"]]"#
+        );
     }
 }

@@ -10,7 +10,7 @@ use super::writer::{Applied, CommittedEvent, Tx, WriteOp, WriteOutcome, new_mess
 use super::{Backend, Result, StoreError, now_ms};
 use crate::protocol::{MessageId, RoomEvent, RoomId, SequencedEvent, UserRef};
 use sqlx::Row;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 type Key = (String, String, String);
 
@@ -99,7 +99,7 @@ async fn prior_sends(
         return Ok(prior);
     }
     let rows = sqlx::query(PRIOR.get(backend))
-        .bind(rows::json(keys))
+        .bind(rows::json(keys)?)
         .fetch_all(&mut **tx)
         .await?;
     for row in rows {
@@ -124,13 +124,16 @@ async fn reserve(
         return Ok((first, refused));
     }
     let rows = sqlx::query(RESERVE.get(backend))
-        .bind(rows::json(wanted))
+        .bind(rows::json(wanted)?)
         .fetch_all(&mut **tx)
         .await?;
     let want: HashMap<&str, i64> = wanted.iter().copied().collect();
     for row in rows {
         let (id, last): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
-        let n = want.get(id.as_str()).copied().unwrap_or(0);
+        let n = want
+            .get(id.as_str())
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt(format!("seqs reserved in {id}, not asked")))?;
         first.insert(id, last - n + 1);
     }
     if first.len() < wanted.len() {
@@ -140,7 +143,7 @@ async fn reserve(
             .filter(|r| !first.contains_key(*r))
             .collect();
         let rows = sqlx::query(ROOM_STATE.get(backend))
-            .bind(rows::json(&missed))
+            .bind(rows::json(&missed)?)
             .fetch_all(&mut **tx)
             .await?;
         let existing: Vec<String> = rows
@@ -181,7 +184,7 @@ pub(super) struct Planned {
     pub staged: Vec<Staged>,
 }
 
-/// Plans plain sends (grouped by room, each room's in queue order): duplicates get the first
+/// Plans plain sends (each room's in queue order): duplicates get the first
 /// send's outcome, new ones consecutive seqs of their room. Reads and reserves with a fixed
 /// number of statements; nothing is inserted yet (see [`insert_staged`]).
 pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) -> Result<Planned> {
@@ -204,9 +207,9 @@ pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) ->
             .map(|c| (room.0.clone(), from.id.0.clone(), c.clone()))
     };
     // Which sends are new: not stored before and not repeated earlier in this batch. A new
-    // send's slot is its index among its room's new sends.
+    // send's slot is its index among its room's new sends (in queue order).
     let mut seen: HashMap<Key, ()> = HashMap::new();
-    let mut fresh: Vec<(&str, i64)> = Vec::new();
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
     let mut slot: Vec<Option<i64>> = Vec::with_capacity(sends.len());
     for (room, from, _, cid) in &sends {
         let new = match key_of(room, from, cid) {
@@ -217,31 +220,21 @@ pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) ->
             }
             None => true,
         };
-        if !new {
+        if new {
+            let n = counts.entry(room.as_str()).or_default();
+            slot.push(Some(*n));
+            *n += 1;
+        } else {
             slot.push(None);
-            continue;
-        }
-        match fresh.last_mut() {
-            Some((r, n)) if *r == room.as_str() => {
-                slot.push(Some(*n));
-                *n += 1;
-            }
-            _ => {
-                slot.push(Some(0));
-                fresh.push((room.as_str(), 1));
-            }
         }
     }
+    let fresh: Vec<(&str, i64)> = counts.into_iter().collect();
     let (first, refused) = reserve(tx, backend, &fresh).await?;
     let ts = now_ms();
     let mut made: HashMap<Key, (MessageId, i64)> = HashMap::new();
     let mut results = Vec::with_capacity(sends.len());
     let mut staged = Vec::with_capacity(sends.len());
     for ((room, from, text, cid), slot) in sends.iter().zip(slot) {
-        if let Some(why) = refused.get(room.as_str()) {
-            results.push(Err(why.duplicate()));
-            continue;
-        }
         let key = key_of(room, from, cid);
         let Some(n) = slot else {
             let k = key.ok_or_else(|| StoreError::Corrupt("a duplicate without a key".into()))?;
@@ -266,6 +259,12 @@ pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) ->
             }));
             continue;
         };
+        // A resend of a stored message gets its first outcome even from an archived room, as
+        // on the one-by-one path; only new messages are refused.
+        if let Some(why) = refused.get(room.as_str()) {
+            results.push(Err(why.duplicate()));
+            continue;
+        }
         let seq = first
             .get(room.as_str())
             .ok_or_else(|| StoreError::Corrupt(format!("no seqs reserved in {room}")))?
@@ -341,7 +340,7 @@ pub(super) async fn insert_staged(
         })
         .collect();
     sqlx::query(INSERT_MESSAGES.get(backend))
-        .bind(rows::json(&messages))
+        .bind(rows::json(&messages)?)
         .execute(&mut **tx)
         .await?;
     let events: Vec<_> = staged
@@ -349,7 +348,7 @@ pub(super) async fn insert_staged(
         .map(|m| (m.room.as_str(), m.seq, m.ts, m.id.as_str(), m.json.as_str()))
         .collect();
     sqlx::query(INSERT_EVENTS.get(backend))
-        .bind(rows::json(&events))
+        .bind(rows::json(&events)?)
         .execute(&mut **tx)
         .await?;
     let docs: Vec<_> = staged
@@ -357,7 +356,7 @@ pub(super) async fn insert_staged(
         .map(|m| (m.room.as_str(), m.id.as_str(), m.seq, m.ts, m.text.as_str()))
         .collect();
     sqlx::query(INSERT_SEARCH.get(backend))
-        .bind(rows::json(&docs))
+        .bind(rows::json(&docs)?)
         .execute(&mut **tx)
         .await?;
     Ok(())

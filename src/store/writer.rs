@@ -15,8 +15,8 @@ use crate::protocol::{
     UserId, UserRef,
 };
 use sqlx::AnyConnection;
+use sqlx::Connection;
 use sqlx::any::Any;
-use sqlx::{AnyPool, Connection};
 use sqlx::{Row, Transaction};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -187,22 +187,22 @@ type Pending = (WriteOp, oneshot::Sender<Result<WriteOutcome>>);
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
-    pool: AnyPool,
+    opts: super::StoreOptions,
     backend: Backend,
     mut rx: mpsc::Receiver<Request>,
     hook: Option<CommitHook>,
     metrics: Arc<Metrics>,
-    batch_max: usize,
-    linger: Duration,
-    engagement: Arc<EngagementConfig>,
     badge_hook: BadgeHookSlot,
 ) {
+    let batch_max = opts.batch_max;
+    let linger = Duration::from_micros(opts.batch_linger_us);
+    let engagement = opts.engagement.clone();
     let begin = match backend {
         Backend::Sqlite => sqlite::BEGIN_WRITE,
         Backend::Postgres => postgres::BEGIN_WRITE,
     };
     let mut w = Writer {
-        pool,
+        opts,
         conn: None,
         backend,
         begin,
@@ -258,9 +258,10 @@ pub(super) async fn run(
 }
 
 struct Writer {
-    pool: AnyPool,
-    /// The writer's own connection, taken out of the pool: no pool hand-over or liveness
-    /// ping per batch. Dropped after a failed transaction and taken anew for the next.
+    opts: super::StoreOptions,
+    /// The writer's own connection, opened on the writer's own runtime (its socket is polled
+    /// there, not through the shared runtime's I/O driver): no pool hand-over or liveness
+    /// ping per batch. Dropped after a failed transaction and opened anew for the next.
     conn: Option<AnyConnection>,
     backend: Backend,
     begin: &'static str,
@@ -376,11 +377,17 @@ impl Writer {
     async fn try_transaction(&mut self, ops: &[&WriteOp]) -> Result<Results, sqlx::Error> {
         let conn = match &mut self.conn {
             Some(c) => c,
-            slot => slot.insert(self.pool.acquire().await?.detach()),
+            slot => {
+                let opened = match self.backend {
+                    Backend::Sqlite => sqlite::connect_one(&self.opts).await,
+                    Backend::Postgres => postgres::connect_one(&self.opts).await,
+                };
+                slot.insert(opened.map_err(abort_batch)?)
+            }
         };
         let mut tx = conn.begin_with(self.begin).await?;
         if self.backend == Backend::Postgres {
-            lock_rooms(&mut tx, ops).await?;
+            lock_rooms(&mut tx, ops).await.map_err(abort_batch)?;
         }
         let paths = paths(ops);
         let bulk_ops: Vec<&WriteOp> = ops
@@ -401,7 +408,9 @@ impl Writer {
                 _ => None,
             })
             .collect();
-        record_members(&mut tx, self.backend, &members).await?;
+        record_members(&mut tx, self.backend, &members)
+            .await
+            .map_err(abort_batch)?;
         let mut planned_results = planned.results.into_iter();
         let mut out: Vec<Result<(Applied, Effects)>> = Vec::with_capacity(ops.len());
         for (op, path) in ops.iter().zip(paths) {
@@ -492,7 +501,7 @@ async fn record_members(
     tx: &mut Tx<'_>,
     backend: Backend,
     rows: &[(&str, &str, &str)],
-) -> Result<(), sqlx::Error> {
+) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -505,7 +514,7 @@ async fn record_members(
                    ON CONFLICT (room_id, user_id) DO NOTHING",
     };
     sqlx::query(SQL.get(backend))
-        .bind(super::rows::json(rows))
+        .bind(super::rows::json(rows)?)
         .bind(now_ms())
         .execute(&mut **tx)
         .await?;
@@ -516,14 +525,14 @@ async fn record_members(
 /// else (PostgreSQL). Every writer, on every node, takes its rooms in that one order, so two
 /// batches touching the same rooms wait for each other instead of deadlocking; the seq
 /// reservations and counter upserts that follow find their room already held.
-async fn lock_rooms(tx: &mut Tx<'_>, ops: &[&WriteOp]) -> Result<(), sqlx::Error> {
+async fn lock_rooms(tx: &mut Tx<'_>, ops: &[&WriteOp]) -> Result<()> {
     let mut rooms: Vec<&str> = ops.iter().map(|op| op.room().as_str()).collect();
     rooms.dedup();
     sqlx::query(
         "SELECT id FROM rooms WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb))) \
-         ORDER BY id COLLATE \"C\" FOR UPDATE",
+         ORDER BY id COLLATE \"C\" FOR NO KEY UPDATE",
     )
-    .bind(super::rows::json(&rooms))
+    .bind(super::rows::json(&rooms)?)
     .fetch_all(&mut **tx)
     .await?;
     Ok(())
@@ -559,7 +568,7 @@ pub(super) fn new_id(prefix: char) -> String {
 }
 
 /// `prefix`, the time in ms as 12 hex digits, then 40 random bits. Ids made later sort later,
-/// so the indexes keyed by them (messages, the event log's message index, search rows, the
+/// so the indexes keyed by them (messages, edit events, search rows, the
 /// points ledger) take new rows at their right edge instead of dirtying a random page per row;
 /// the random part keeps ids made in the same millisecond (on any node) apart.
 fn time_ordered_id(prefix: char, ts: i64) -> String {

@@ -113,7 +113,7 @@ impl SessionHandle {
         };
         match self.outbox.try_send(out) {
             Ok(()) => true,
-            Err(Refused::Full) => {
+            Err(Refused::Full(_)) => {
                 if *self.close.borrow() == 0 {
                     metrics.slow_consumer_closes.fetch_add(1, Relaxed);
                     tracing::info!(session = %self.id, user = %self.user, "slow consumer, closing 4008");

@@ -44,10 +44,10 @@ impl Shared {
 }
 
 /// Why a frame was not queued.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Refused {
-    /// `cap` frames are already waiting.
-    Full,
+    /// `cap` frames are already waiting; the frame is handed back.
+    Full(Outgoing),
     /// The reader is gone.
     Closed,
 }
@@ -91,10 +91,11 @@ impl Outbox {
         if q.reader_gone {
             return Err(Refused::Closed);
         }
+        let frame = frame.into();
         if q.frames.len() >= self.shared.cap {
-            return Err(Refused::Full);
+            return Err(Refused::Full(frame));
         }
-        q.frames.push_back(frame.into());
+        q.frames.push_back(frame);
         drop(q);
         self.shared.ready.notify_one();
         Ok(())
@@ -241,7 +242,7 @@ mod tests {
         let tx2 = tx.clone();
         tx.try_send(Frame::from("a")).unwrap();
         tx2.try_send(Frame::from("b")).unwrap();
-        assert_eq!(tx.try_send(Frame::from("c")), Err(Refused::Full));
+        assert!(matches!(tx.try_send(Frame::from("c")), Err(Refused::Full(_))));
         assert_eq!(text(frame(rx.recv().await)).as_deref(), Some("a"));
         tx.try_send(Frame::from("c")).unwrap();
         tx.ping();
@@ -283,7 +284,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "full: the sender waits");
         assert_eq!(text(frame(rx.recv().await)).as_deref(), Some("a"));
-        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert!(waiting.await.unwrap().is_ok());
         assert_eq!(text(frame(rx.recv().await)).as_deref(), Some("b"));
         // A sender waiting when the reader goes is let go.
         tx.try_send(Frame::from("c")).unwrap();
@@ -291,13 +292,13 @@ mod tests {
         let waiting = tokio::spawn(async move { tx3.send(Frame::from("d")).await });
         tokio::task::yield_now().await;
         drop(rx);
-        assert_eq!(waiting.await.unwrap(), Err(Refused::Closed));
+        assert!(matches!(waiting.await.unwrap(), Err(Refused::Closed)));
     }
 
     #[test]
     fn refuses_once_the_reader_is_gone() {
         let (tx, rx) = outbox(4);
         drop(rx);
-        assert_eq!(tx.try_send(Frame::from("x")), Err(Refused::Closed));
+        assert!(matches!(tx.try_send(Frame::from("x")), Err(Refused::Closed)));
     }
 }

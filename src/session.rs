@@ -8,7 +8,7 @@ use crate::App;
 use crate::auth::Identity;
 use crate::error::Error;
 use crate::hub::{Outgoing, SessionHandle};
-use crate::outbox::{Next, Outbox, OutboxReader};
+use crate::outbox::{Next, Outbox, OutboxReader, Refused};
 use crate::protocol::{
     self, ClientFrame, ClientMsg, CommandKind, RoomId, RoomRole, ServerMsg, close,
 };
@@ -55,6 +55,16 @@ impl Ctx {
     /// Queues a frame on this session's own outbox, waiting for room if needed (the write loop
     /// drains it as fast as the client reads). False once the session is closing.
     pub async fn push(&mut self, frame: impl Into<Outgoing>) -> bool {
+        match self.outbox.try_send(frame) {
+            Ok(()) => true,
+            Err(Refused::Closed) => false,
+            // Boxed: the waiting is rare, and its state would otherwise sit in every session's
+            // read loop.
+            Err(Refused::Full(frame)) => Box::pin(self.push_when_room(frame)).await,
+        }
+    }
+
+    async fn push_when_room(&mut self, frame: Outgoing) -> bool {
         tokio::select! {
             r = self.outbox.send(frame) => r.is_ok(),
             _ = closing(&mut self.close, |c| c != 0) => false,

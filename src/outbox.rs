@@ -242,7 +242,10 @@ mod tests {
         let tx2 = tx.clone();
         tx.try_send(Frame::from("a")).unwrap();
         tx2.try_send(Frame::from("b")).unwrap();
-        assert!(matches!(tx.try_send(Frame::from("c")), Err(Refused::Full(_))));
+        assert!(matches!(
+            tx.try_send(Frame::from("c")),
+            Err(Refused::Full(_))
+        ));
         assert_eq!(text(frame(rx.recv().await)).as_deref(), Some("a"));
         tx.try_send(Frame::from("c")).unwrap();
         tx.ping();
@@ -299,6 +302,9 @@ mod tests {
     fn refuses_once_the_reader_is_gone() {
         let (tx, rx) = outbox(4);
         drop(rx);
-        assert!(matches!(tx.try_send(Frame::from("x")), Err(Refused::Closed)));
+        assert!(matches!(
+            tx.try_send(Frame::from("x")),
+            Err(Refused::Closed)
+        ));
     }
 }

@@ -728,6 +728,56 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// The README's configuration table as [`SETTINGS`] has it.
+    fn readme_table() -> String {
+        let defaults = Config::default();
+        let code = |v: &str| format!("`{v}`");
+        let mut table = String::from(
+            "| setting | env var | flag | default | meaning |\n|---|---|---|---|---|\n",
+        );
+        for s in SETTINGS {
+            let env = match (s.env, s.flag) {
+                (Some(env), _) => code(env),
+                (None, Some(_)) => "(none)".into(),
+                (None, None) => "(file only)".into(),
+            };
+            let flag = s.flag.map_or_else(|| "(file only)".into(), code);
+            let default = (s.shown)(&defaults);
+            table += &format!(
+                "| `{}` | {env} | {flag} | {default} | {} |\n",
+                s.name, s.doc
+            );
+        }
+        table
+    }
+
+    #[test]
+    fn the_readme_configuration_table_is_the_settings_list() {
+        for s in SETTINGS {
+            assert!(
+                !s.doc.is_empty() && !s.doc.contains(['|', '\n']),
+                "{}: the doc must be one table cell",
+                s.name
+            );
+        }
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let start = readme
+            .find("| setting | env var |")
+            .expect("README.md has the configuration table");
+        let table: String = readme[start..]
+            .lines()
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let expected = readme_table();
+        assert!(
+            table == expected,
+            "README.md's configuration table is not what the settings in src/config.rs say; \
+             replace it with:\n\n{expected}"
+        );
+    }
+
     #[test]
     fn every_serve_flag_has_help_and_the_documented_names() {
         let cmd = ServeArgs::augment_args(clap::Command::new("serve"));

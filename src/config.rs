@@ -2,6 +2,10 @@
 //! from an optional TOML file, then `STUDYHALL_*` environment variables, then `serve` flags
 //! (flags beat env, env beats file). Tests build a [`Config`] directly. This module knows
 //! nothing of sockets or SQL; it only validates values.
+//!
+//! Each setting is written once, in the `settings!` list below: the [`Config`] field, its
+//! default, its `serve` flag and variable, the help text, and the row of [`SETTINGS`] (from
+//! which the README's configuration table is checked) all come from that one entry.
 
 use clap::Args;
 use serde::Deserialize;
@@ -9,218 +13,477 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-/// Everything `serve` needs. Field docs say why each limit exists; the README's configuration
-/// table lists the same names.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
+/// The variable naming the TOML file (`--config`); not a setting itself.
+pub const CONFIG_ENV: &str = "STUDYHALL_CONFIG";
+
+/// One setting as documented: what `serve --help` and the README's configuration table say.
+#[derive(Clone, Copy, Debug)]
+pub struct SettingDoc {
+    /// The file key and the [`Config`] field.
+    pub name: &'static str,
+    /// `STUDYHALL_` and the name in upper case; `None` for a flag-only or file-only setting.
+    pub env: Option<&'static str>,
+    /// `--` and the name in kebab case; `None` for a file-only setting.
+    pub flag: Option<&'static str>,
+    /// The setting's value in a config, as the README table shows it (`unset`, `empty`, or
+    /// the value in backticks).
+    pub shown: fn(&Config) -> String,
+    /// What it is for: the field's doc comment on one line (also the flag's help).
+    pub doc: &'static str,
+}
+
+/// The documented setting called `name`. Panics on a name that is not a setting: clap
+/// attributes outside this module use it, so a misspelt name fails when the CLI is built.
+pub fn setting(name: &str) -> &'static SettingDoc {
+    SETTINGS
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no setting {name:?}"))
+}
+
+/// `prefix` then `name`, upper-cased (env) or with `_` as `-` (flags); `N` is the length of
+/// the result. Used in constants, so a setting's variable and flag are known at compile time.
+const fn spell<const N: usize>(prefix: &str, name: &str, upper: bool) -> [u8; N] {
+    let (prefix, name) = (prefix.as_bytes(), name.as_bytes());
+    assert!(prefix.len() + name.len() == N);
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < prefix.len() {
+        out[i] = prefix[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < name.len() {
+        out[i + j] = match (upper, name[j]) {
+            (true, c) => c.to_ascii_uppercase(),
+            (false, b'_') => b'-',
+            (false, c) => c,
+        };
+        j += 1;
+    }
+    out
+}
+
+const fn utf8(bytes: &'static [u8]) -> &'static str {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(_) => panic!("a setting's name is not UTF-8"),
+    }
+}
+
+/// `spelled!(env name)` is `"STUDYHALL_NAME"`, `spelled!(flag name)` is `"--name"`.
+macro_rules! spelled {
+    (env $name:ident) => {
+        spelled!(@ "STUDYHALL_", $name, true)
+    };
+    (flag $name:ident) => {
+        spelled!(@ "--", $name, false)
+    };
+    (@ $prefix:literal, $name:ident, $upper:literal) => {{
+        const NAME: &str = stringify!($name);
+        const BYTES: [u8; $prefix.len() + NAME.len()] = spell($prefix, NAME, $upper);
+        const TEXT: &str = utf8(&BYTES);
+        TEXT
+    }};
+}
+
+/// A doc comment's lines as one line of text.
+macro_rules! doc_line {
+    ($($doc:literal)*) => {
+        concat!($($doc),*).trim_ascii_start()
+    };
+}
+
+/// The one list of settings. Each entry is
+///
+/// ```text
+/// /// What it is for: the `Config` field's doc, the flag's help and the README table's
+/// /// meaning (one or more lines; no blank line, no `|`).
+/// name: Type = default,
+/// ```
+///
+/// and it gives the [`Config`] field with its default, the [`ServeArgs`] flag
+/// `--name-with-dashes` reading `STUDYHALL_NAME_IN_CAPITALS`, the step of [`Config::load`]
+/// that lays a given flag or variable over the file, and the row of [`SETTINGS`]. Shapes:
+///
+/// - `name: Type = default`: file key, variable and flag; the flag takes a `Type`.
+/// - `name: Option<T> = None`: unset unless given; the flag takes a `T`.
+/// - `name: Vec<String> = Vec::new()`: a TOML array in the file, comma-separated in the
+///   variable and the flag; blank entries are dropped.
+/// - `#[secret] name: Option<T> = None`: as `Option`, and `--help` hides the variable's value.
+/// - `#[flag_only] name: bool = false`: only `--name` sets it (no file key, no variable).
+/// - `#[file_only] name: Type = default`: only the file sets it (nested tables have no sensible
+///   flag form).
+macro_rules! settings {
+    // Each shape becomes one record:
+    // { kind name [docs] [Config type] [default] [Config field attributes] [ServeArgs field] }
+    (@munch [$($done:tt)*]
+        $(#[doc = $doc:literal])+ #[secret] $name:ident : Option<$t:ty> = None, $($rest:tt)*
+    ) => {
+        settings!(@munch [$($done)* {
+            optional $name [$($doc)*] [Option<$t>] [None] [] [
+                #[arg(long, env = spelled!(env $name), hide_env_values = true,
+                      help = doc_line!($($doc)*))]
+                pub $name: Option<$t>,
+            ]
+        }] $($rest)*);
+    };
+    (@munch [$($done:tt)*]
+        $(#[doc = $doc:literal])+ #[flag_only] $name:ident : bool = false, $($rest:tt)*
+    ) => {
+        settings!(@munch [$($done)* {
+            flag_only $name [$($doc)*] [bool] [false] [#[serde(skip)]] [
+                #[arg(long, help = doc_line!($($doc)*))]
+                pub $name: bool,
+            ]
+        }] $($rest)*);
+    };
+    (@munch [$($done:tt)*]
+        $(#[doc = $doc:literal])+ #[file_only] $name:ident : $t:ty = $default:expr, $($rest:tt)*
+    ) => {
+        settings!(@munch [$($done)* {
+            file_only $name [$($doc)*] [$t] [$default] [] []
+        }] $($rest)*);
+    };
+    (@munch [$($done:tt)*]
+        $(#[doc = $doc:literal])+ $name:ident : Option<$t:ty> = None, $($rest:tt)*
+    ) => {
+        settings!(@munch [$($done)* {
+            optional $name [$($doc)*] [Option<$t>] [None] [] [
+                #[arg(long, env = spelled!(env $name), help = doc_line!($($doc)*))]
+                pub $name: Option<$t>,
+            ]
+        }] $($rest)*);
+    };
+    (@munch [$($done:tt)*]
+        $(#[doc = $doc:literal])+ $name:ident : Vec<String> = Vec::new(), $($rest:tt)*
+    ) => {
+        settings!(@munch [$($done)* {
+            list $name [$($doc)*] [Vec<String>] [Vec::new()] [] [
+                #[arg(long, env = spelled!(env $name), value_delimiter = ',',
+                      help = doc_line!($($doc)*))]
+                pub $name: Option<Vec<String>>,
+            ]
+        }] $($rest)*);
+    };
+    (@munch [$($done:tt)*]
+        $(#[doc = $doc:literal])+ $name:ident : $t:ty = $default:expr, $($rest:tt)*
+    ) => {
+        settings!(@munch [$($done)* {
+            plain $name [$($doc)*] [$t] [$default] [] [
+                #[arg(long, env = spelled!(env $name), help = doc_line!($($doc)*))]
+                pub $name: Option<$t>,
+            ]
+        }] $($rest)*);
+    };
+    // All entries read: write everything out.
+    (@munch [$({
+        $kind:ident $name:ident [$($doc:literal)*] [$ty:ty] [$default:expr]
+        [$(#[$cfg_attr:meta])*] [$($arg:tt)*]
+    })*]) => {
+        /// Everything `serve` needs. Field docs say why each limit exists; they are also the
+        /// flags' help and the meanings in the README's configuration table.
+        #[derive(Clone, Debug, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Config {
+            $(
+                $(#[doc = $doc])*
+                $(#[$cfg_attr])*
+                pub $name: $ty,
+            )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Self { $($name: $default,)* }
+            }
+        }
+
+        /// `serve` flags. Each also reads its `STUDYHALL_*` variable (clap's `env`), so one
+        /// struct carries "env, then flags"; the file is layered underneath in
+        /// [`Config::load`].
+        #[derive(Args, Debug, Default, Clone)]
+        pub struct ServeArgs {
+            /// TOML file with any of the settings below (snake_case keys).
+            #[arg(long, env = CONFIG_ENV)]
+            pub config: Option<std::path::PathBuf>,
+            $($($arg)*)*
+        }
+
+        /// Lays every setting given in env or flags over `cfg`.
+        fn overlay(cfg: &mut Config, args: &ServeArgs) {
+            $(settings!(@overlay $kind cfg args $name);)*
+        }
+
+        /// Every setting, in the order of the README's configuration table.
+        pub static SETTINGS: &[SettingDoc] = &[$(
+            SettingDoc {
+                name: stringify!($name),
+                env: settings!(@env $kind $name),
+                flag: settings!(@flag $kind $name),
+                shown: |cfg| Shown::shown(&cfg.$name),
+                doc: doc_line!($($doc)*),
+            },
+        )*];
+    };
+
+    (@munch [$($done:tt)*] $($bad:tt)*) => {
+        compile_error!(concat!("settings!: not a setting entry: ", stringify!($($bad)*)));
+    };
+
+    (@overlay plain $cfg:ident $args:ident $name:ident) => {
+        if let Some(v) = $args.$name.clone() {
+            $cfg.$name = v;
+        }
+    };
+    (@overlay optional $cfg:ident $args:ident $name:ident) => {
+        if $args.$name.is_some() {
+            $cfg.$name = $args.$name.clone();
+        }
+    };
+    (@overlay list $cfg:ident $args:ident $name:ident) => {
+        if let Some(v) = $args.$name.clone() {
+            $cfg.$name = v;
+        }
+        $cfg.$name.retain(|s| !s.trim().is_empty());
+    };
+    (@overlay flag_only $cfg:ident $args:ident $name:ident) => {
+        $cfg.$name |= $args.$name;
+    };
+    (@overlay file_only $cfg:ident $args:ident $name:ident) => {};
+
+    (@env flag_only $name:ident) => { None };
+    (@env file_only $name:ident) => { None };
+    (@env $kind:ident $name:ident) => { Some(spelled!(env $name)) };
+    (@flag file_only $name:ident) => { None };
+    (@flag $kind:ident $name:ident) => { Some(spelled!(flag $name)) };
+
+    ($($entries:tt)*) => {
+        settings!(@munch [] $($entries)*);
+    };
+}
+
+settings! {
     /// Listen address.
-    pub addr: SocketAddr,
-    /// `sqlite://PATH` (embedded default) or `postgres://...`.
-    pub database_url: String,
-    /// HS256 secret for client tokens. Unset: a random one is generated on first start and
-    /// kept in the database, so `studyhall token` on the same database signs valid tokens.
-    pub jwt_secret: Option<String>,
-    /// Bearer key of the server-to-server HTTP API. Unset: the API answers 503.
-    pub api_key: Option<String>,
-    /// Enables `POST /dev/token`. Never on without the `--dev` flag (not a file key).
-    #[serde(skip)]
-    pub dev: bool,
-    /// Comma-separated Origin allowlist checked before the WebSocket upgrade; empty = any.
-    pub allowed_origins: Vec<String>,
-    /// NATS URL for multi-node fan-out (cluster mode; needs PostgreSQL). Unset: one node.
-    pub nats_url: Option<String>,
-    /// Largest WebSocket frame/message a client may send, in bytes (close 1009 beyond it).
-    pub max_frame_bytes: usize,
-    /// Frames queued for one session before it counts as a slow consumer (close 4008).
-    pub outbox_frames: usize,
+    addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
+    /// `sqlite://PATH` (file created on first start) or `postgres://...` /
+    /// `postgresql://...`.
+    database_url: String = "sqlite://studyhall.db".into(),
+    /// HS256 secret for client tokens, at least 16 bytes. Unset: a random secret is generated
+    /// on first start and kept in the database, so `studyhall token` on the same database
+    /// signs valid tokens. Set it explicitly in production.
+    #[secret]
+    jwt_secret: Option<String> = None,
+    /// Bearer key of the `/api` HTTP API. Unset: `/api` answers 503. Only
+    /// `/api/openapi.json` is served without the key.
+    #[secret]
+    api_key: Option<String> = None,
+    /// Flag only, not a file key. Enables `POST /dev/token`, which the web client's sign-in
+    /// form uses (body `{user, name?, role?, rooms?, ttl?}` → `{token}`; `sub`, `id` and
+    /// `user_id` are aliases of `user`). Also creates, at start and if missing, the open
+    /// `group` room `lobby` ("Lobby", Q&A enabled, peer answers allowed). For development
+    /// only.
+    #[flag_only]
+    dev: bool = false,
+    /// Exact `Origin` values allowed to open `/ws`, checked before the WebSocket upgrade:
+    /// comma-separated (env/flag) or a TOML array (file). Empty: any origin. Requests without
+    /// an `Origin` header are not checked.
+    allowed_origins: Vec<String> = Vec::new(),
+    /// Cluster mode: `nats://host:port` (or `tls://...`) of the NATS every node shares (see
+    /// "Running a cluster"). Refused at start with an SQLite `database_url`: cluster mode needs
+    /// PostgreSQL. Unset: one node.
+    nats_url: Option<String> = None,
+    /// Largest WebSocket frame/message a client may send, in bytes; beyond it, close 1009.
+    max_frame_bytes: usize = 64 * 1024,
+    /// Frames queued for one session before it counts as a slow consumer (close 4008); also
+    /// the size of the join gate buffer.
+    outbox_frames: usize = 1024,
     /// Frames the write loop coalesces into one flush.
-    pub write_batch_frames: usize,
-    /// Seconds between server pings; a client silent for twice this is closed.
-    pub heartbeat_s: u64,
-    /// Milliseconds a new connection has to send `hello` (close 4001 after).
-    pub hello_timeout_ms: u64,
-    /// Sustained commands per second one connection may send (token bucket refill rate).
-    pub rate_per_s: f64,
-    /// Burst size of the per-connection token bucket.
-    pub rate_burst: f64,
-    /// Refused (rate-limited or malformed) frames within 10 s after which the connection is
-    /// closed 4029.
-    pub abuse_strikes: u32,
+    write_batch_frames: usize = 64,
+    /// Seconds between server pings; a client silent for twice this is closed (1000). Each
+    /// completed write of the session also restarts that clock. Also the time limit of each
+    /// socket write (frame, flush, ping): a client that stops reading is dropped after it, even
+    /// before its outbox is full.
+    heartbeat_s: u64 = 25,
+    /// Milliseconds a new connection has to send `hello` (else close 4001).
+    hello_timeout_ms: u64 = 10_000,
+    /// Sustained commands per second per connection (token-bucket refill rate; must be > 0).
+    rate_per_s: f64 = 50.0,
+    /// Burst size of the per-connection token bucket (must be ≥ 1).
+    rate_burst: f64 = 100.0,
+    /// Refused frames (rate-limited, malformed, binary) within 10 s after which the connection
+    /// is closed 4029.
+    abuse_strikes: u32 = 50,
     /// Rooms one session may have joined at once.
-    pub max_rooms_per_session: usize,
-    /// Concurrent WebSocket sessions one user may hold.
-    pub max_sessions_per_user: usize,
+    max_rooms_per_session: usize = 100,
+    /// Concurrent WebSocket sessions one user may hold (more: close 4029).
+    max_sessions_per_user: usize = 10,
     /// Sessions one room may have joined at once.
-    pub max_room_sessions: usize,
-    /// Online users above which a room sends no per-user presence or typing events (the join
-    /// reply still has `online_count` and the first this-many users).
-    pub presence_limit: usize,
-    /// Milliseconds a presence, typing or online-count frame may wait to leave in the same
-    /// write as the frames after it.
-    pub presence_flush_ms: u64,
+    max_room_sessions: usize = 50_000,
+    /// Online users above which a room sends no per-user presence or typing events; its
+    /// sessions get `online_count` instead (the join reply still has `online_count` and the
+    /// first this-many users).
+    presence_limit: usize = 1000,
+    /// Milliseconds a presence, typing or `online_count` frame may wait to leave in one write
+    /// with what follows (0 = at once).
+    presence_flush_ms: u64 = 50,
     /// Milliseconds over which presence changes are gathered: each room announces the net
     /// change once per period, so someone who drops and resumes within it is never announced
     /// gone, and a reconnect storm costs each session one frame per changed user per period.
-    pub presence_interval_ms: u64,
-    /// Milliseconds between `online_count` events to rooms whose count changed (a live room's
-    /// audience, and rooms past `presence_limit`, follow presence by count).
-    pub online_count_ms: u64,
+    presence_interval_ms: u64 = 1000,
+    /// Milliseconds between `online_count` events to rooms whose count changed (a `live`
+    /// room's audience and rooms past `presence_limit` follow presence by count).
+    online_count_ms: u64 = 1000,
     /// Writes one session may have waiting for commit; it stops reading beyond this.
-    pub max_inflight_per_session: usize,
-    /// Most events `join {after_seq}` replays; beyond it the reply says `gap: true`.
-    pub replay_limit: u32,
-    /// Longest message text (and answer) in characters.
-    pub max_text_chars: usize,
-    /// Longest question in characters.
-    pub max_question_chars: usize,
+    max_inflight_per_session: usize = 256,
+    /// Most events `join {after_seq}` replays; beyond it the reply says `gap: true` and
+    /// replays nothing. Must be below `outbox_frames`.
+    replay_limit: u32 = 1000,
+    /// Longest message or answer text, in characters (also for announcements: 413 beyond it).
+    max_text_chars: usize = 4000,
+    /// Longest question, in characters.
+    max_question_chars: usize = 1000,
     /// People on stage at once in one room.
-    pub max_on_stage: usize,
-    /// Milliseconds between scans for questions past their room's answer SLA.
-    pub sla_check_interval_ms: u64,
-    /// Seconds a call rings before it is missed.
-    pub ring_timeout_s: u64,
-    /// Seconds a call party whose connection dropped has to resume the call.
-    pub call_grace_s: u64,
-    /// Most participants in one room's A/V mesh.
-    pub av_mesh_max: usize,
-    /// STUN URLs handed to clients (comma-separated in env), e.g. `stun:stun.example.org:3478`.
-    pub stun_urls: Vec<String>,
-    /// TURN URLs handed to clients with time-limited credentials, e.g. `turn:turn.example.org:3478`.
-    pub turn_urls: Vec<String>,
-    /// The TURN server's shared secret (coturn `static-auth-secret`); TURN is offered only with it.
-    pub turn_secret: Option<String>,
-    /// Lifetime of TURN credentials in seconds.
-    pub turn_ttl_s: u64,
-    /// Milliseconds between call timer checks (ring timeout, grace period).
-    pub call_tick_ms: u64,
-    /// Longest reaction emoji in characters.
-    pub max_emoji_chars: usize,
-    /// Longest `client_msg_id` in characters.
-    pub max_client_msg_id_chars: usize,
+    max_on_stage: usize = 10,
+    /// Milliseconds between looks for questions past their room's answer SLA (to send
+    /// `question_overdue` to host/ta).
+    sla_check_interval_ms: u64 = 10_000,
+    /// Seconds a call rings before it ends as `missed`.
+    ring_timeout_s: u64 = 30,
+    /// Seconds a call party whose connection dropped has to send `call_resume` before the call
+    /// ends as `failed` (may be 0).
+    call_grace_s: u64 = 15,
+    /// Milliseconds between checks of the call timers (ring timeout, grace period).
+    call_tick_ms: u64 = 250,
+    /// Sessions one room's A/V mesh may hold (`class` and `live` rooms); one more `av_join`
+    /// gets `conflict`.
+    av_mesh_max: usize = 6,
+    /// STUN URLs (`stun:host:3478`) handed to clients in `ice_servers`: comma-separated
+    /// (env/flag) or a TOML array (file).
+    stun_urls: Vec<String> = Vec::new(),
+    /// TURN URLs (`turn:host:3478`, `turns:host:5349`) handed to clients with time-limited
+    /// credentials: comma-separated (env/flag) or a TOML array (file). Refused at start without
+    /// `turn_secret`.
+    turn_urls: Vec<String> = Vec::new(),
+    /// The TURN server's shared secret (coturn `static-auth-secret`) that signs TURN
+    /// credentials. Unset: no TURN entry is handed out.
+    #[secret]
+    turn_secret: Option<String> = None,
+    /// Lifetime of a TURN credential, in seconds.
+    turn_ttl_s: u64 = 3600,
+    /// Longest reaction emoji, in characters.
+    max_emoji_chars: usize = 16,
+    /// Longest `client_msg_id` (of `send` and of announcements), in characters.
+    max_client_msg_id_chars: usize = 64,
     /// Distinct emoji reactions one message may carry.
-    pub max_reactions_per_message: u32,
+    max_reactions_per_message: u32 = 64,
     /// Most writes one group commit carries.
-    pub store_batch_max: usize,
-    /// Microseconds the writer lingers for more writes when the queue runs dry before a
-    /// commit; 0 = commit as soon as the queue is empty (batches still form while the previous
-    /// commit is in flight).
-    pub store_batch_linger_us: u64,
-    /// Writes queued for the group-commit writer before senders wait.
-    pub store_queue: usize,
-    /// Database connections in the pool.
-    pub db_pool_size: u32,
-    /// SQLite `synchronous` pragma: `full` (default: an ack survives power loss) or `normal`
-    /// (survives a process crash, not power loss).
-    pub sqlite_synchronous: String,
-    /// Milliseconds shutdown waits for sessions to say goodbye before flushing the store.
-    pub shutdown_grace_ms: u64,
-    // -- engagement and room health (issue 7) --
-    /// Point table, daily caps, levels and badge rules: the `[engagement]` table of the file
-    /// (file only: nested tables have no sensible flag form).
-    pub engagement: crate::engagement::EngagementConfig,
-    /// Weekly active ratio below this is flagged `low`.
-    pub health_band_low: f64,
-    /// Weekly active ratio above this is flagged `high`.
-    pub health_band_high: f64,
+    store_batch_max: usize = 512,
+    /// Microseconds the writer waits for more writes when its queue runs dry; 0 = commit at
+    /// once (batches still form while the previous commit is in flight).
+    store_batch_linger_us: u64 = 0,
+    /// Writes queued for the group-commit writer before submitters wait.
+    store_queue: usize = 8192,
+    /// Database connections in the pool (at least 2 are used).
+    db_pool_size: u32 = 8,
+    /// SQLite `synchronous` pragma: `full` (an ack survives power loss), `normal` (survives a
+    /// process crash, not power loss) or `extra`.
+    sqlite_synchronous: String = "full".into(),
+    /// Milliseconds a session waits, at shutdown, for its accepted writes to be answered. The
+    /// wait for all sessions to go is bounded by this plus 2 s; then the store is flushed.
+    shutdown_grace_ms: u64 = 5_000,
+
+    // Engagement and room health.
+    /// The `[engagement]` table: point table, daily caps, levels, badge rules.
+    #[file_only]
+    engagement: crate::engagement::EngagementConfig = Default::default(),
+    /// Weekly active ratio below this is flagged `low` in room statistics (0..=1).
+    health_band_low: f64 = 0.15,
+    /// Weekly active ratio above this is flagged `high` (0..=1, at least `health_band_low`).
+    health_band_high: f64 = 0.30,
     /// Members with no contribution for this many days before `to` are a churn risk.
-    pub churn_inactive_days: u32,
-    /// Most churn-risk users a stats answer lists (the count is always exact).
-    pub churn_list_max: usize,
-    /// Most buckets one stats query may span (bad_request beyond).
-    pub stats_max_buckets: usize,
-    // -- cluster mode (issue 8: several nodes on NATS); used only with `nats_url` --
-    /// This node's name in the cluster: 1..=32 of `[A-Za-z0-9_-]`, unique per node. Unset: a
-    /// random `n` + 8 hex digits at each start. Session and call ids carry it.
-    pub node_id: Option<String>,
-    /// Milliseconds a node holds back a room event whose predecessor has not arrived over
-    /// NATS before it refills the missing seqs from the store.
-    pub bus_gap_ms: u64,
-    /// Milliseconds between checks of every subscribed room's `last_seq` in the store, which
-    /// catch an event lost at the end of a burst (no later event shows the gap).
-    pub bus_sweep_ms: u64,
-    /// Milliseconds between a node's presence heartbeats (its online users and sessions).
-    pub presence_heartbeat_ms: u64,
-    /// Milliseconds after a node's last heartbeat that its users stop counting as online.
-    pub presence_ttl_ms: u64,
-    /// Sessions a draining node (SIGTERM in cluster mode) closes with 1001 per batch.
-    pub drain_batch: usize,
-    /// Milliseconds between two drain batches.
-    pub drain_interval_ms: u64,
-    /// Milliseconds a node waits for another node to answer a forwarded call command.
-    pub bus_request_timeout_ms: u64,
-    /// Messages waiting for the NATS publisher at most; past it a publish is dropped (the
-    /// receivers refill room events from the store).
-    pub bus_queue_max: usize,
-    /// Payload bytes waiting for the NATS publisher at most (same as above, in bytes).
-    pub bus_queue_bytes: usize,
+    churn_inactive_days: u32 = 14,
+    /// Most churn-risk users one statistics answer lists (the count stays exact); may be 0.
+    churn_list_max: usize = 50,
+    /// Most buckets one statistics query may span (`bad_request` beyond).
+    stats_max_buckets: usize = 366,
+
+    // Cluster mode (several nodes on NATS); used only with `nats_url`.
+    /// Cluster mode: this node's name, 1..=32 of `[A-Za-z0-9_-]`, unique in the cluster.
+    /// Session and call ids end in `.NODE_ID`. Unset: a random `n` + 8 hex digits at each
+    /// start.
+    node_id: Option<String> = None,
+    /// Cluster mode: milliseconds a node holds back a room event whose predecessor has not
+    /// arrived over NATS before it refills the missing seqs from PostgreSQL.
+    bus_gap_ms: u64 = 100,
+    /// Cluster mode: milliseconds between a node's comparisons of each subscribed room's
+    /// `last_seq` in PostgreSQL with what it delivered (finds an event lost at the end of a
+    /// burst); also run at once after a NATS reconnect or slow-consumer event. One query per
+    /// 500 subscribed rooms; after a reconnect or slow-consumer event it also drops every
+    /// cached room policy. The A/V sweep runs at the same interval: for the rooms whose A/V
+    /// has members on this node, one read per 500 rooms, and a write only where it finds
+    /// something to repair (see "Running a cluster").
+    bus_sweep_ms: u64 = 1_000,
+    /// Cluster mode: milliseconds between a node's announcements of its online users and
+    /// sessions (and a quarter of this, at least 50 ms, after a local change). A heartbeat of
+    /// any size is sent in parts of at most half the NATS server's `max_payload` each (see
+    /// "Running a cluster"), so node size is not limited by it.
+    presence_heartbeat_ms: u64 = 1_000,
+    /// Cluster mode: milliseconds after which a silent node is dropped: its users go offline
+    /// elsewhere. Must be above `presence_heartbeat_ms`.
+    presence_ttl_ms: u64 = 3_500,
+    /// Cluster mode: sessions closed with 1001 per batch when the node drains (SIGTERM).
+    drain_batch: usize = 100,
+    /// Cluster mode: milliseconds between two drain batches.
+    drain_interval_ms: u64 = 100,
+    /// Cluster mode: milliseconds a node waits for the node that owns a call to answer a
+    /// forwarded call command (else `unavailable`); also bounds NATS flushes.
+    bus_request_timeout_ms: u64 = 2_000,
+    /// Cluster mode: messages waiting for the NATS publisher at most; past it a publish is
+    /// dropped (room events are then refilled from PostgreSQL by the receivers, like any NATS
+    /// loss).
+    bus_queue_max: usize = 65_536,
+    /// Cluster mode: the same bound in payload bytes, so a NATS stall cannot pile up
+    /// gigabytes of large events.
+    bus_queue_bytes: usize = 64 << 20,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            database_url: "sqlite://studyhall.db".into(),
-            jwt_secret: None,
-            api_key: None,
-            dev: false,
-            allowed_origins: Vec::new(),
-            nats_url: None,
-            max_frame_bytes: 64 * 1024,
-            outbox_frames: 1024,
-            write_batch_frames: 64,
-            heartbeat_s: 25,
-            hello_timeout_ms: 10_000,
-            rate_per_s: 50.0,
-            rate_burst: 100.0,
-            abuse_strikes: 50,
-            max_rooms_per_session: 100,
-            max_sessions_per_user: 10,
-            max_room_sessions: 50_000,
-            presence_limit: 1000,
-            presence_flush_ms: 50,
-            presence_interval_ms: 1000,
-            online_count_ms: 1000,
-            max_inflight_per_session: 256,
-            replay_limit: 1000,
-            max_text_chars: 4000,
-            max_question_chars: 1000,
-            max_on_stage: 10,
-            sla_check_interval_ms: 10_000,
-            ring_timeout_s: 30,
-            call_grace_s: 15,
-            av_mesh_max: 6,
-            stun_urls: Vec::new(),
-            turn_urls: Vec::new(),
-            turn_secret: None,
-            turn_ttl_s: 3600,
-            call_tick_ms: 250,
-            max_emoji_chars: 16,
-            max_client_msg_id_chars: 64,
-            max_reactions_per_message: 64,
-            store_batch_max: 512,
-            store_batch_linger_us: 0,
-            store_queue: 8192,
-            db_pool_size: 8,
-            sqlite_synchronous: "full".into(),
-            shutdown_grace_ms: 5_000,
-            engagement: crate::engagement::EngagementConfig::default(),
-            health_band_low: 0.15,
-            health_band_high: 0.30,
-            churn_inactive_days: 14,
-            churn_list_max: 50,
-            stats_max_buckets: 366,
-            node_id: None,
-            bus_gap_ms: 100,
-            bus_sweep_ms: 1_000,
-            presence_heartbeat_ms: 1_000,
-            presence_ttl_ms: 3_500,
-            drain_batch: 100,
-            drain_interval_ms: 100,
-            bus_request_timeout_ms: 2_000,
-            bus_queue_max: 65_536,
-            bus_queue_bytes: 64 << 20,
+/// How a value looks in the README's configuration table.
+trait Shown {
+    fn shown(&self) -> String;
+}
+
+macro_rules! shown_in_backticks {
+    ($($t:ty),*) => {
+        $(impl Shown for $t {
+            fn shown(&self) -> String {
+                format!("`{self}`")
+            }
+        })*
+    };
+}
+
+shown_in_backticks!(bool, u32, u64, usize, f64, String, SocketAddr);
+
+impl Shown for Option<String> {
+    fn shown(&self) -> String {
+        self.as_ref().map_or_else(|| "unset".into(), Shown::shown)
+    }
+}
+
+impl Shown for Vec<String> {
+    fn shown(&self) -> String {
+        if self.is_empty() {
+            "empty".into()
+        } else {
+            format!("`{}`", self.join(","))
         }
+    }
+}
+
+impl Shown for crate::engagement::EngagementConfig {
+    fn shown(&self) -> String {
+        "see [Engagement and statistics](#engagement-and-statistics)".into()
     }
 }
 
@@ -240,144 +503,6 @@ pub enum ConfigError {
     Invalid { name: &'static str, why: String },
 }
 
-/// `serve` flags. Each also reads its `STUDYHALL_*` variable (clap's `env`), so one struct
-/// carries "env, then flags"; the file is layered underneath in [`Config::load`].
-#[derive(Args, Debug, Default, Clone)]
-pub struct ServeArgs {
-    /// TOML file with any of the settings below (snake_case keys).
-    #[arg(long, env = "STUDYHALL_CONFIG")]
-    pub config: Option<std::path::PathBuf>,
-    #[arg(long, env = "STUDYHALL_ADDR")]
-    pub addr: Option<SocketAddr>,
-    #[arg(long, env = "STUDYHALL_DATABASE_URL")]
-    pub database_url: Option<String>,
-    #[arg(long, env = "STUDYHALL_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-    #[arg(long, env = "STUDYHALL_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    /// Enable the dev-only token endpoint used by the web client's sign-in form.
-    #[arg(long)]
-    pub dev: bool,
-    #[arg(long, env = "STUDYHALL_ALLOWED_ORIGINS", value_delimiter = ',')]
-    pub allowed_origins: Option<Vec<String>>,
-    #[arg(long, env = "STUDYHALL_NATS_URL")]
-    pub nats_url: Option<String>,
-    #[arg(long, env = "STUDYHALL_MAX_FRAME_BYTES")]
-    pub max_frame_bytes: Option<usize>,
-    #[arg(long, env = "STUDYHALL_OUTBOX_FRAMES")]
-    pub outbox_frames: Option<usize>,
-    #[arg(long, env = "STUDYHALL_WRITE_BATCH_FRAMES")]
-    pub write_batch_frames: Option<usize>,
-    #[arg(long, env = "STUDYHALL_HEARTBEAT_S")]
-    pub heartbeat_s: Option<u64>,
-    #[arg(long, env = "STUDYHALL_HELLO_TIMEOUT_MS")]
-    pub hello_timeout_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_RATE_PER_S")]
-    pub rate_per_s: Option<f64>,
-    #[arg(long, env = "STUDYHALL_RATE_BURST")]
-    pub rate_burst: Option<f64>,
-    #[arg(long, env = "STUDYHALL_ABUSE_STRIKES")]
-    pub abuse_strikes: Option<u32>,
-    #[arg(long, env = "STUDYHALL_MAX_ROOMS_PER_SESSION")]
-    pub max_rooms_per_session: Option<usize>,
-    #[arg(long, env = "STUDYHALL_MAX_SESSIONS_PER_USER")]
-    pub max_sessions_per_user: Option<usize>,
-    #[arg(long, env = "STUDYHALL_MAX_ROOM_SESSIONS")]
-    pub max_room_sessions: Option<usize>,
-    #[arg(long, env = "STUDYHALL_PRESENCE_LIMIT")]
-    pub presence_limit: Option<usize>,
-    #[arg(long, env = "STUDYHALL_PRESENCE_FLUSH_MS")]
-    pub presence_flush_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_PRESENCE_INTERVAL_MS")]
-    pub presence_interval_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_ONLINE_COUNT_MS")]
-    pub online_count_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_MAX_INFLIGHT_PER_SESSION")]
-    pub max_inflight_per_session: Option<usize>,
-    #[arg(long, env = "STUDYHALL_REPLAY_LIMIT")]
-    pub replay_limit: Option<u32>,
-    #[arg(long, env = "STUDYHALL_MAX_TEXT_CHARS")]
-    pub max_text_chars: Option<usize>,
-    #[arg(long, env = "STUDYHALL_MAX_EMOJI_CHARS")]
-    pub max_emoji_chars: Option<usize>,
-    #[arg(long, env = "STUDYHALL_MAX_CLIENT_MSG_ID_CHARS")]
-    pub max_client_msg_id_chars: Option<usize>,
-    #[arg(long, env = "STUDYHALL_MAX_REACTIONS_PER_MESSAGE")]
-    pub max_reactions_per_message: Option<u32>,
-    #[arg(long, env = "STUDYHALL_MAX_QUESTION_CHARS")]
-    pub max_question_chars: Option<usize>,
-    #[arg(long, env = "STUDYHALL_MAX_ON_STAGE")]
-    pub max_on_stage: Option<usize>,
-    #[arg(long, env = "STUDYHALL_SLA_CHECK_INTERVAL_MS")]
-    pub sla_check_interval_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_RING_TIMEOUT_S")]
-    pub ring_timeout_s: Option<u64>,
-    #[arg(long, env = "STUDYHALL_CALL_GRACE_S")]
-    pub call_grace_s: Option<u64>,
-    #[arg(long, env = "STUDYHALL_AV_MESH_MAX")]
-    pub av_mesh_max: Option<usize>,
-    #[arg(long, env = "STUDYHALL_STUN_URLS", value_delimiter = ',')]
-    pub stun_urls: Option<Vec<String>>,
-    #[arg(long, env = "STUDYHALL_TURN_URLS", value_delimiter = ',')]
-    pub turn_urls: Option<Vec<String>>,
-    #[arg(long, env = "STUDYHALL_TURN_SECRET", hide_env_values = true)]
-    pub turn_secret: Option<String>,
-    #[arg(long, env = "STUDYHALL_TURN_TTL_S")]
-    pub turn_ttl_s: Option<u64>,
-    #[arg(long, env = "STUDYHALL_CALL_TICK_MS")]
-    pub call_tick_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_STORE_BATCH_MAX")]
-    pub store_batch_max: Option<usize>,
-    #[arg(long, env = "STUDYHALL_STORE_BATCH_LINGER_US")]
-    pub store_batch_linger_us: Option<u64>,
-    #[arg(long, env = "STUDYHALL_STORE_QUEUE")]
-    pub store_queue: Option<usize>,
-    #[arg(long, env = "STUDYHALL_DB_POOL_SIZE")]
-    pub db_pool_size: Option<u32>,
-    #[arg(long, env = "STUDYHALL_SQLITE_SYNCHRONOUS")]
-    pub sqlite_synchronous: Option<String>,
-    #[arg(long, env = "STUDYHALL_SHUTDOWN_GRACE_MS")]
-    pub shutdown_grace_ms: Option<u64>,
-    // -- engagement and room health (issue 7) --
-    #[arg(long, env = "STUDYHALL_HEALTH_BAND_LOW")]
-    pub health_band_low: Option<f64>,
-    #[arg(long, env = "STUDYHALL_HEALTH_BAND_HIGH")]
-    pub health_band_high: Option<f64>,
-    #[arg(long, env = "STUDYHALL_CHURN_INACTIVE_DAYS")]
-    pub churn_inactive_days: Option<u32>,
-    #[arg(long, env = "STUDYHALL_CHURN_LIST_MAX")]
-    pub churn_list_max: Option<usize>,
-    #[arg(long, env = "STUDYHALL_STATS_MAX_BUCKETS")]
-    pub stats_max_buckets: Option<usize>,
-    // -- cluster mode --
-    #[arg(long, env = "STUDYHALL_NODE_ID")]
-    pub node_id: Option<String>,
-    #[arg(long, env = "STUDYHALL_BUS_GAP_MS")]
-    pub bus_gap_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_BUS_SWEEP_MS")]
-    pub bus_sweep_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_PRESENCE_HEARTBEAT_MS")]
-    pub presence_heartbeat_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_PRESENCE_TTL_MS")]
-    pub presence_ttl_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_DRAIN_BATCH")]
-    pub drain_batch: Option<usize>,
-    #[arg(long, env = "STUDYHALL_DRAIN_INTERVAL_MS")]
-    pub drain_interval_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_BUS_REQUEST_TIMEOUT_MS")]
-    pub bus_request_timeout_ms: Option<u64>,
-    #[arg(long, env = "STUDYHALL_BUS_QUEUE_MAX")]
-    pub bus_queue_max: Option<usize>,
-    #[arg(long, env = "STUDYHALL_BUS_QUEUE_BYTES")]
-    pub bus_queue_bytes: Option<usize>,
-}
-
-macro_rules! overlay {
-    ($cfg:ident, $args:ident, $($field:ident),* $(,)?) => {
-        $( if let Some(v) = $args.$field.clone() { $cfg.$field = v; } )*
-    };
-}
-
 impl Config {
     /// File (if any) < env < flags, then validation.
     pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
@@ -385,84 +510,7 @@ impl Config {
             Some(path) => Self::from_file(path)?,
             None => Self::default(),
         };
-        overlay!(
-            cfg,
-            args,
-            addr,
-            database_url,
-            allowed_origins,
-            max_frame_bytes,
-            outbox_frames,
-            write_batch_frames,
-            heartbeat_s,
-            hello_timeout_ms,
-            rate_per_s,
-            rate_burst,
-            abuse_strikes,
-            max_rooms_per_session,
-            max_sessions_per_user,
-            max_room_sessions,
-            presence_limit,
-            presence_flush_ms,
-            presence_interval_ms,
-            online_count_ms,
-            max_inflight_per_session,
-            replay_limit,
-            max_text_chars,
-            max_emoji_chars,
-            max_client_msg_id_chars,
-            max_reactions_per_message,
-            max_question_chars,
-            max_on_stage,
-            sla_check_interval_ms,
-            ring_timeout_s,
-            call_grace_s,
-            av_mesh_max,
-            stun_urls,
-            turn_urls,
-            turn_ttl_s,
-            call_tick_ms,
-            store_batch_max,
-            store_batch_linger_us,
-            store_queue,
-            db_pool_size,
-            sqlite_synchronous,
-            shutdown_grace_ms,
-            // engagement (issue 7)
-            health_band_low,
-            health_band_high,
-            churn_inactive_days,
-            churn_list_max,
-            stats_max_buckets,
-            bus_gap_ms,
-            bus_sweep_ms,
-            presence_heartbeat_ms,
-            presence_ttl_ms,
-            drain_batch,
-            drain_interval_ms,
-            bus_request_timeout_ms,
-            bus_queue_max,
-            bus_queue_bytes,
-        );
-        if args.node_id.is_some() {
-            cfg.node_id = args.node_id.clone();
-        }
-        if args.jwt_secret.is_some() {
-            cfg.jwt_secret = args.jwt_secret.clone();
-        }
-        if args.api_key.is_some() {
-            cfg.api_key = args.api_key.clone();
-        }
-        if args.turn_secret.is_some() {
-            cfg.turn_secret = args.turn_secret.clone();
-        }
-        cfg.stun_urls.retain(|u| !u.trim().is_empty());
-        cfg.turn_urls.retain(|u| !u.trim().is_empty());
-        if args.nats_url.is_some() {
-            cfg.nats_url = args.nats_url.clone();
-        }
-        cfg.dev |= args.dev;
-        cfg.allowed_origins.retain(|o| !o.trim().is_empty());
+        overlay(&mut cfg, args);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -679,6 +727,157 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// The README's configuration table as [`SETTINGS`] has it.
+    fn readme_table() -> String {
+        let defaults = Config::default();
+        let code = |v: &str| format!("`{v}`");
+        let mut table = String::from(
+            "| setting | env var | flag | default | meaning |\n|---|---|---|---|---|\n",
+        );
+        for s in SETTINGS {
+            let env = match (s.env, s.flag) {
+                (Some(env), _) => code(env),
+                (None, Some(_)) => "(none)".into(),
+                (None, None) => "(file only)".into(),
+            };
+            let flag = s.flag.map_or_else(|| "(file only)".into(), code);
+            let default = (s.shown)(&defaults);
+            table += &format!(
+                "| `{}` | {env} | {flag} | {default} | {} |\n",
+                s.name, s.doc
+            );
+        }
+        table
+    }
+
+    #[test]
+    fn the_readme_configuration_table_is_the_settings_list() {
+        for s in SETTINGS {
+            assert!(
+                !s.doc.is_empty() && !s.doc.contains(['|', '\n']),
+                "{}: the doc must be one table cell",
+                s.name
+            );
+        }
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let start = readme
+            .find("| setting | env var |")
+            .expect("README.md has the configuration table");
+        let table: String = readme[start..]
+            .lines()
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let expected = readme_table();
+        assert!(
+            table == expected,
+            "README.md's configuration table is not what the settings in src/config.rs say; \
+             replace it with:\n\n{expected}"
+        );
+    }
+
+    #[test]
+    fn every_serve_flag_has_help_and_the_documented_names() {
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
+        for arg in cmd.get_arguments() {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(!help.trim().is_empty(), "--{} has no help", arg.get_id());
+        }
+        let flags = cmd.get_arguments().filter(|a| a.get_id() != "config");
+        assert_eq!(
+            flags.count(),
+            SETTINGS.iter().filter(|s| s.flag.is_some()).count()
+        );
+        for s in SETTINGS {
+            let arg = cmd.get_arguments().find(|a| a.get_id() == s.name);
+            let Some(flag) = s.flag else {
+                assert!(arg.is_none(), "{} is file only", s.name);
+                continue;
+            };
+            let arg = arg.unwrap_or_else(|| panic!("{} has no flag", s.name));
+            assert_eq!(
+                arg.get_long().map(|l| format!("--{l}")).as_deref(),
+                Some(flag)
+            );
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), s.env);
+            assert_eq!(arg.get_help().unwrap().to_string(), s.doc);
+        }
+        let hidden: Vec<_> = cmd
+            .get_arguments()
+            .filter(|a| a.is_hide_env_values_set())
+            .map(|a| a.get_id().as_str())
+            .collect();
+        assert_eq!(hidden, ["jwt_secret", "api_key", "turn_secret"]);
+        assert_eq!(
+            setting("presence_limit").env,
+            Some("STUDYHALL_PRESENCE_LIMIT")
+        );
+        assert_eq!(setting("dev").env, None);
+        let help = cmd.clone().render_long_help().to_string();
+        for s in SETTINGS.iter().filter_map(|s| s.flag) {
+            assert!(help.contains(s), "{s} is missing from --help");
+        }
+    }
+
+    #[test]
+    fn comma_separated_lists_split_and_drop_blank_entries() {
+        use clap::FromArgMatches;
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve").no_binary_name(true));
+        let m = cmd
+            .try_get_matches_from([
+                "--allowed-origins",
+                "https://a.example,,https://b.example",
+                "--stun-urls",
+                "stun:a.example:3478, ,stun:b.example:3478",
+                "--turn-urls=turn:t.example:3478",
+                "--turn-secret=s",
+            ])
+            .unwrap();
+        let parsed = ServeArgs::from_arg_matches(&m).unwrap();
+        // Only these flags: the test's own environment may hold other STUDYHALL_* variables.
+        let args = ServeArgs {
+            allowed_origins: parsed.allowed_origins,
+            stun_urls: parsed.stun_urls,
+            turn_urls: parsed.turn_urls,
+            turn_secret: parsed.turn_secret,
+            ..Default::default()
+        };
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!(
+            cfg.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(
+            cfg.stun_urls,
+            ["stun:a.example:3478", "stun:b.example:3478"]
+        );
+        assert_eq!(cfg.turn_urls, ["turn:t.example:3478"]);
+        assert_eq!(cfg.turn_secret.as_deref(), Some("s"));
+    }
+
+    #[test]
+    fn dev_is_a_flag_and_engagement_a_file_table_only() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "dev = true").unwrap();
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::load(&args),
+            Err(ConfigError::Parse { .. })
+        ));
+        let args = ServeArgs {
+            dev: true,
+            ..Default::default()
+        };
+        assert!(Config::load(&args).unwrap().dev);
+        assert!(!Config::load(&ServeArgs::default()).unwrap().dev);
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
+        assert!(cmd.get_arguments().all(|a| a.get_id() != "engagement"));
+    }
 
     #[test]
     fn flags_beat_file_and_file_beats_defaults() {

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use studyhall::config::{Config, ServeArgs};
+use studyhall::config::{CONFIG_ENV, Config, ServeArgs, setting};
 use studyhall::protocol::PlatformRole;
 use studyhall::store::{Store, StoreOptions};
 use studyhall::{App, auth};
@@ -37,11 +37,13 @@ enum Cmd {
     Token(TokenArgs),
 }
 
+/// The settings `migrate` and `token` read: the file, and the database URL from env or flag.
 #[derive(Args)]
 struct DbArgs {
-    #[arg(long, env = "STUDYHALL_CONFIG")]
+    /// TOML settings file, as for `serve`.
+    #[arg(long, env = CONFIG_ENV)]
     config: Option<std::path::PathBuf>,
-    #[arg(long, env = "STUDYHALL_DATABASE_URL")]
+    #[arg(long, env = setting("database_url").env, help = setting("database_url").doc)]
     database_url: Option<String>,
 }
 
@@ -49,7 +51,8 @@ struct DbArgs {
 struct TokenArgs {
     #[command(flatten)]
     db: DbArgs,
-    #[arg(long, env = "STUDYHALL_JWT_SECRET", hide_env_values = true)]
+    #[arg(long, env = setting("jwt_secret").env, hide_env_values = true,
+          help = setting("jwt_secret").doc)]
     jwt_secret: Option<String>,
     /// User id (the token's `sub`).
     #[arg(long)]
@@ -57,6 +60,7 @@ struct TokenArgs {
     /// Display name (defaults to the user id).
     #[arg(long)]
     name: Option<String>,
+    /// Platform role (the token's `role`).
     #[arg(long, value_enum, default_value = "student")]
     role: RoleArg,
     /// Room grants: `room=role,room2=role` (role defaults to member).
@@ -165,6 +169,29 @@ async fn main() -> anyhow::Result<()> {
                 auth::Tokens::new(secret.as_bytes()).sign(&t.user, &name, role, rooms, ttl)?;
             println!("{token}");
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed_and_every_flag_has_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for cmd in cli.get_subcommands() {
+            for arg in cmd.get_arguments() {
+                assert!(
+                    arg.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "{} --{} has no help",
+                    cmd.get_name(),
+                    arg.get_id()
+                );
+            }
         }
     }
 }

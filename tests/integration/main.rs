@@ -6,6 +6,7 @@ mod calls;
 mod chat;
 mod cluster;
 mod common;
+mod config;
 mod durability;
 mod engagement;
 mod limits;

@@ -1018,7 +1018,7 @@ pub fn encode<T: Serialize>(msg: &T) -> String {
 // Errors and close codes
 
 /// Protocol error codes (section 4 of the contract).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,
@@ -1161,5 +1161,49 @@ mod tests {
         assert_eq!(v["type"], "ok");
         assert_eq!(v["rid"], 3);
         assert_eq!(v["seq"], 9);
+    }
+
+    /// Every error code; `every_code_is_listed` stops compiling when a variant is added, as a
+    /// reminder to list it here too.
+    const ALL_CODES: [ErrorCode; 11] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::NotMember,
+        ErrorCode::Muted,
+        ErrorCode::RateLimited,
+        ErrorCode::TooLarge,
+        ErrorCode::Conflict,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    fn every_code_is_listed(code: ErrorCode) -> bool {
+        match code {
+            ErrorCode::BadRequest
+            | ErrorCode::Unauthorized
+            | ErrorCode::Forbidden
+            | ErrorCode::NotFound
+            | ErrorCode::NotMember
+            | ErrorCode::Muted
+            | ErrorCode::RateLimited
+            | ErrorCode::TooLarge
+            | ErrorCode::Conflict
+            | ErrorCode::Unavailable
+            | ErrorCode::Internal => ALL_CODES.contains(&code),
+        }
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for code in ALL_CODES {
+            assert!(every_code_is_listed(code));
+            let quoted = format!("\"{}\"", code.as_str());
+            assert_eq!(serde_json::to_string(&code).unwrap(), quoted);
+            let back: ErrorCode = serde_json::from_str(&quoted).unwrap();
+            assert_eq!(back, code);
+        }
+        assert!(serde_json::from_str::<ErrorCode>(r#""no_such_code""#).is_err());
     }
 }

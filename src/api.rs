@@ -404,7 +404,11 @@ async fn list_messages(
         .store
         .events_after(&id, after, limit as u32, crate::store::View::Moderator)
         .await?;
-    let body = format!("{{{}}}", page.json_fields());
+    let body = crate::protocol::HistoryOk {
+        events: &page.events,
+        has_more: page.has_more,
+    }
+    .encode();
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
@@ -699,12 +703,12 @@ async fn leaderboard(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<crate::protocol::LeaderboardOk>> {
     let room = existing_room(&app, id).await?;
     let limit = query_i64(&q, "limit")?
         .map(|l| u32::try_from(l).map_err(|_| Error::bad_request("limit must be 1..=100")))
         .transpose()?;
-    let v = crate::rooms::engagement::leaderboard_json(
+    let v = crate::rooms::engagement::leaderboard_of(
         &app,
         &room,
         q.get("period").map(String::as_str),
@@ -718,9 +722,9 @@ async fn room_stats(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<crate::protocol::StatsOk>> {
     let room = existing_room(&app, id).await?;
-    let v = crate::rooms::engagement::stats_json(
+    let v = crate::rooms::engagement::stats_of(
         &app,
         &room,
         query_i64(&q, "from")?,

@@ -6,6 +6,7 @@ use crate::protocol::ErrorCode;
 use crate::store::StoreError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -98,6 +99,13 @@ impl Error {
     }
 }
 
+/// The JSON body of an HTTP error: `{"code","message"}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         match e {
@@ -117,10 +125,10 @@ impl From<StoreError> for Error {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "code": self.code().as_str(),
-            "message": self.public_message(),
-        });
+        let body = ErrorBody {
+            code: self.code(),
+            message: self.public_message(),
+        };
         (self.status(), axum::Json(body)).into_response()
     }
 }

@@ -9,6 +9,9 @@ use std::fmt;
 mod replies;
 pub use replies::*;
 
+#[cfg(test)]
+mod doc_check;
+
 /// The WebSocket subprotocol a client may offer; the server selects it when offered.
 pub const SUBPROTOCOL: &str = "studyhall.v1";
 
@@ -886,7 +889,7 @@ pub enum ServerMsg<'a> {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PresenceState {
     Online,

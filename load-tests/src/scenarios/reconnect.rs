@@ -236,7 +236,9 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             "up_ms": p.up_ms, "down_ms": p.down_ms, "kind": p.kind,
         }),
     );
-    let server = common.server("reconnect", common.store == "postgres").await?;
+    let server = common
+        .server("reconnect", common.store == "postgres")
+        .await?;
     let out = phase(&common, &server, &p).await?;
     server.stop().await?;
     report.tables.push(out.table());

@@ -5,11 +5,11 @@
 
 use crate::App;
 use crate::error::{Error, Result};
-use crate::protocol::QuestionStatus;
 use crate::protocol::{
     PlatformRole, RoomId, RoomKind, RoomRole, SUBPROTOCOL, UserId, UserRef, Visibility,
     valid_room_id,
 };
+use crate::protocol::{QuestionStatus, QuestionView};
 use crate::store::{
     DEFAULT_ANSWER_SLA_S, QaSettings, QuestionFilter, QuestionSort, Room, RoomPatch, RoomRules,
     View, WriteOp, WriteOutcome, now_ms,
@@ -22,9 +22,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -74,10 +73,10 @@ pub fn router(app: Arc<App>) -> Router {
     router
         .fallback(|| async { Error::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
-            (
-                StatusCode::METHOD_NOT_ALLOWED,
-                Json(json!({"code":"bad_request","message":"method not allowed"})),
-            )
+            // The one error whose status is not its code's.
+            let mut res = Error::bad_request("method not allowed").into_response();
+            *res.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            res
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
@@ -171,11 +170,7 @@ async fn ws_upgrade(
             .to_str()
             .is_ok_and(|o| app.config.allowed_origins.iter().any(|a| a == o));
         if !allowed {
-            return (
-                StatusCode::FORBIDDEN,
-                Json(json!({"code":"forbidden","message":"origin not allowed"})),
-            )
-                .into_response();
+            return Error::Forbidden("origin not allowed".into()).into_response();
         }
     }
     if app.shutting_down.load(Relaxed) {
@@ -195,9 +190,15 @@ async fn ws_upgrade(
         .on_upgrade(move |socket| crate::session::run(app, socket))
 }
 
+/// The body of a healthy `/healthz`: `{"status":"ok"}`.
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     match tokio::time::timeout(std::time::Duration::from_secs(2), app.store.ping()).await {
-        Ok(Ok(())) => Json(json!({"status": "ok"})).into_response(),
+        Ok(Ok(())) => Json(Health { status: "ok" }).into_response(),
         _ => Error::Unavailable("store unreachable".into()).into_response(),
     }
 }
@@ -342,17 +343,29 @@ struct MemberBody {
     role: RoomRole,
 }
 
+/// A stored membership, as `PUT /api/rooms/{id}/members/{user}` answers it.
+#[derive(Serialize)]
+struct Membership {
+    room: RoomId,
+    user: UserId,
+    role: RoomRole,
+}
+
 async fn put_member(
     State(app): State<Arc<App>>,
     Path((id, user)): Path<(String, String)>,
     body: Bytes,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<Membership>> {
     let id = room_id(id)?;
     let user = user_id(user)?;
     let MemberBody { role } = parse_body(&body)?;
     app.store.set_member(&id, &user, role).await?;
     app.policies.member_changed(&id, &user, Some(role));
-    Ok(Json(json!({"room": id, "user": user, "role": role})))
+    Ok(Json(Membership {
+        room: id,
+        user,
+        role,
+    }))
 }
 
 async fn delete_member(
@@ -404,8 +417,20 @@ async fn list_messages(
         .store
         .events_after(&id, after, limit as u32, crate::store::View::Moderator)
         .await?;
-    let body = format!("{{{}}}", page.json_fields());
+    let body = crate::protocol::HistoryOk {
+        events: &page.events,
+        has_more: page.has_more,
+    }
+    .encode();
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// A stored announcement, as `POST /api/rooms/{id}/messages` answers it.
+#[derive(Serialize)]
+struct Announced {
+    id: crate::protocol::MessageId,
+    seq: i64,
+    ts: i64,
 }
 
 #[derive(Deserialize)]
@@ -461,11 +486,9 @@ async fn post_announcement(
         reply_to: None,
     };
     match app.store.write(op).await? {
-        WriteOutcome::Sent { id, seq, ts, .. } => Ok((
-            StatusCode::CREATED,
-            Json(json!({"id": id, "seq": seq, "ts": ts})),
-        )
-            .into_response()),
+        WriteOutcome::Sent { id, seq, ts, .. } => {
+            Ok((StatusCode::CREATED, Json(Announced { id, seq, ts })).into_response())
+        }
         other => Err(Error::Internal(format!("unexpected outcome {other:?}"))),
     }
 }
@@ -485,7 +508,12 @@ struct DevTokenRequest {
     ttl: Option<String>,
 }
 
-async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<serde_json::Value>> {
+#[derive(Serialize)]
+struct DevToken {
+    token: String,
+}
+
+async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<DevToken>> {
     let req: DevTokenRequest = parse_body(&body)?;
     let user = user_id(req.user)?;
     let name = req.name.unwrap_or_else(|| user.to_string());
@@ -507,7 +535,7 @@ async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<serd
             ttl,
         )
         .map_err(|e| Error::Internal(e.to_string()))?;
-    Ok(Json(json!({"token": token})))
+    Ok(Json(DevToken { token }))
 }
 
 // -- Q&A, reports, audit ----------------------------------------------------------------------
@@ -520,11 +548,16 @@ async fn existing_room(app: &App, id: String) -> Result<Room> {
         .ok_or_else(|| Error::NotFound(format!("room {id} not found")))
 }
 
+#[derive(Serialize)]
+struct Questions {
+    questions: Vec<QuestionView>,
+}
+
 async fn list_questions(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<Questions>> {
     let room = existing_room(&app, id).await?;
     let sort = match q.get("sort").map(String::as_str) {
         None | Some("top") => QuestionSort::Top,
@@ -551,7 +584,14 @@ async fn list_questions(
             now_ms(),
         )
         .await?;
-    Ok(Json(json!({ "questions": questions })))
+    Ok(Json(Questions { questions }))
+}
+
+#[derive(Serialize)]
+struct Faq {
+    room: RoomId,
+    title: String,
+    questions: Vec<QuestionView>,
 }
 
 /// Answered questions with their answers, most voted first: JSON, or Markdown when the client
@@ -582,10 +622,12 @@ async fn faq(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/markdown"));
     if !markdown {
-        return Ok(
-            Json(json!({"room": room.id, "title": room.title, "questions": questions}))
-                .into_response(),
-        );
+        return Ok(Json(Faq {
+            room: room.id,
+            title: room.title,
+            questions,
+        })
+        .into_response());
     }
     let mut md = format!("# {} — FAQ\n\n", room.title);
     for q in &questions {
@@ -598,16 +640,20 @@ async fn faq(
     Ok(([(header::CONTENT_TYPE, "text/markdown; charset=utf-8")], md).into_response())
 }
 
+#[derive(Serialize)]
+struct Reports {
+    reports: Vec<crate::store::Report>,
+}
+
 async fn list_reports(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<Reports>> {
     let room = existing_room(&app, id).await?;
     let all = q.get("all").is_some_and(|v| v == "true" || v == "1");
-    Ok(Json(
-        json!({ "reports": app.store.reports(&room.id, all).await? }),
-    ))
+    let reports = app.store.reports(&room.id, all).await?;
+    Ok(Json(Reports { reports }))
 }
 
 #[derive(Deserialize, Default)]
@@ -653,11 +699,16 @@ async fn resolve_report(
     Ok(Json(done))
 }
 
+#[derive(Serialize)]
+struct AuditPage {
+    entries: Vec<crate::store::AuditEntry>,
+}
+
 async fn audit_log(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<AuditPage>> {
     let room = existing_room(&app, id).await?;
     let after = match q.get("after_id") {
         Some(v) => v
@@ -665,23 +716,28 @@ async fn audit_log(
             .map_err(|_| Error::bad_request("after_id must be an integer"))?,
         None => 0,
     };
-    Ok(Json(
-        json!({ "entries": app.store.audit_log(&room.id, after).await? }),
-    ))
+    let entries = app.store.audit_log(&room.id, after).await?;
+    Ok(Json(AuditPage { entries }))
 }
 
 // -- calls -------------------------------------------------------------------------------------
 
+#[derive(Serialize)]
+struct Calls {
+    calls: Vec<crate::store::CallLogEntry>,
+}
+
 async fn list_calls(
     State(app): State<Arc<App>>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<Calls>> {
     let user = q
         .get("user")
         .cloned()
         .ok_or_else(|| Error::bad_request("user is required"))?;
     let user = user_id(user)?;
-    Ok(Json(json!({ "calls": app.store.calls_of(&user).await? })))
+    let calls = app.store.calls_of(&user).await?;
+    Ok(Json(Calls { calls }))
 }
 
 // -- engagement and room health (issue 7) -------------------------------------------------------
@@ -699,12 +755,12 @@ async fn leaderboard(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<crate::protocol::LeaderboardOk>> {
     let room = existing_room(&app, id).await?;
     let limit = query_i64(&q, "limit")?
         .map(|l| u32::try_from(l).map_err(|_| Error::bad_request("limit must be 1..=100")))
         .transpose()?;
-    let v = crate::rooms::engagement::leaderboard_json(
+    let v = crate::rooms::engagement::leaderboard_of(
         &app,
         &room,
         q.get("period").map(String::as_str),
@@ -718,9 +774,9 @@ async fn room_stats(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<crate::protocol::StatsOk>> {
     let room = existing_room(&app, id).await?;
-    let v = crate::rooms::engagement::stats_json(
+    let v = crate::rooms::engagement::stats_of(
         &app,
         &room,
         query_i64(&q, "from")?,

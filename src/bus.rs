@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::hub::{Frame, Hub, NoticeTo, Relayed};
 use crate::metrics::Metrics;
 use crate::presence_parts::{Assembled, Assembler, Part, Snapshot};
-use crate::protocol::{RoomId, UserId, UserRef};
+use crate::protocol::{ErrorCode, RoomId, UserId, UserRef};
 use crate::sequencer::{Offered, RoomSequencer};
 use crate::store::{CommittedEvent, Store, StoreError};
 use async_nats::{Client, ConnectOptions, Event, Message, Subscriber};
@@ -240,20 +240,8 @@ pub struct CallCommand {
 /// The owning node's answer: `code` is `None` for success.
 #[derive(Debug, Serialize, Deserialize)]
 struct CallAnswer {
-    code: Option<String>,
+    code: Option<ErrorCode>,
     message: String,
-}
-
-fn error_from(code: &str, message: String) -> Error {
-    match code {
-        "bad_request" => Error::BadRequest(message),
-        "forbidden" => Error::Forbidden(message),
-        "not_found" => Error::NotFound(message),
-        "conflict" => Error::Conflict(message),
-        "not_member" => Error::NotMember(message),
-        "unavailable" => Error::Unavailable(message),
-        _ => Error::Internal(message),
-    }
 }
 
 struct NodeView {
@@ -793,7 +781,7 @@ impl Bus {
             .map_err(|e| Error::Internal(format!("bad call answer: {e}")))?;
         match answer.code {
             None => Ok(()),
-            Some(code) => Err(error_from(&code, answer.message)),
+            Some(code) => Err(Error::from_code(code, answer.message)),
         }
     }
 
@@ -822,12 +810,12 @@ impl Bus {
                     message: String::new(),
                 },
                 Err(e) => CallAnswer {
-                    code: Some(e.code().as_str().to_owned()),
+                    code: Some(e.code()),
                     message: e.public_message(),
                 },
             },
             Err(e) => CallAnswer {
-                code: Some("bad_request".into()),
+                code: Some(ErrorCode::BadRequest),
                 message: format!("bad call command: {e}"),
             },
         };
@@ -1335,6 +1323,24 @@ mod tests {
         let (f, t) = decode_notice(&encode_notice(&frame, &to)).unwrap();
         assert_eq!((f.as_str(), t), (frame.as_str(), to));
         assert!(decode_event(&"r".into(), b"E\x00").is_none(), "short input");
+    }
+
+    #[test]
+    fn call_answers_carry_every_error_code() {
+        let muted = Error::Muted("you are muted".into());
+        let body = serde_json::to_string(&CallAnswer {
+            code: Some(muted.code()),
+            message: muted.public_message(),
+        })
+        .unwrap();
+        assert_eq!(body, r#"{"code":"muted","message":"you are muted"}"#);
+        let back: CallAnswer = serde_json::from_str(&body).unwrap();
+        let err = Error::from_code(back.code.unwrap(), back.message);
+        assert_eq!(err.code(), ErrorCode::Muted);
+        assert_eq!(err.public_message(), "you are muted");
+        let ok: CallAnswer = serde_json::from_str(r#"{"code":null,"message":""}"#).unwrap();
+        assert!(ok.code.is_none());
+        assert!(serde_json::from_str::<CallAnswer>(r#"{"code":"nope","message":""}"#).is_err());
     }
 
     #[test]

@@ -421,7 +421,7 @@ pub fn buckets_end(starts: &[i64], bucket: Bucket, tz: &TimeZone) -> i64 {
 // -- streaks ---------------------------------------------------------------------------------
 
 /// A user's check-in streak in one room.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Streak {
     pub current: i64,
     pub longest: i64,
@@ -496,13 +496,22 @@ pub fn median_p90(mut v: Vec<i64>) -> (Option<i64>, Option<i64>) {
 }
 
 /// Where a weekly active ratio stands against the healthy band.
-pub fn health(ratio: f64, low: f64, high: f64) -> &'static str {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Low,
+    Healthy,
+    High,
+}
+
+/// Where a weekly active ratio stands against the healthy band (bounds inclusive).
+pub fn health(ratio: f64, low: f64, high: f64) -> Health {
     if ratio < low {
-        "low"
+        Health::Low
     } else if ratio > high {
-        "high"
+        Health::High
     } else {
-        "healthy"
+        Health::Healthy
     }
 }
 
@@ -774,8 +783,8 @@ mod tests {
             median_p90(vec![10, 1, 9, 2, 8, 3, 7, 4, 6, 5]),
             (Some(5), Some(9))
         );
-        assert_eq!(health(0.1, 0.15, 0.3), "low");
-        assert_eq!(health(0.15, 0.15, 0.3), "healthy");
-        assert_eq!(health(0.31, 0.15, 0.3), "high");
+        assert_eq!(health(0.1, 0.15, 0.3), Health::Low);
+        assert_eq!(health(0.15, 0.15, 0.3), Health::Healthy);
+        assert_eq!(health(0.31, 0.15, 0.3), Health::High);
     }
 }

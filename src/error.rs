@@ -6,6 +6,7 @@ use crate::protocol::ErrorCode;
 use crate::store::StoreError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,6 +79,31 @@ impl Error {
     pub fn bad_request(msg: impl Into<String>) -> Self {
         Self::BadRequest(msg.into())
     }
+
+    /// The error a code names, carrying `message` (an error answered by another node, whose
+    /// message is already the public one).
+    pub fn from_code(code: ErrorCode, message: String) -> Self {
+        match code {
+            ErrorCode::BadRequest => Self::BadRequest(message),
+            ErrorCode::Unauthorized => Self::Unauthorized(message),
+            ErrorCode::Forbidden => Self::Forbidden(message),
+            ErrorCode::NotFound => Self::NotFound(message),
+            ErrorCode::NotMember => Self::NotMember(message),
+            ErrorCode::Muted => Self::Muted(message),
+            ErrorCode::RateLimited => Self::RateLimited(message),
+            ErrorCode::TooLarge => Self::TooLarge(message),
+            ErrorCode::Conflict => Self::Conflict(message),
+            ErrorCode::Unavailable => Self::Unavailable(message),
+            ErrorCode::Internal => Self::Internal(message),
+        }
+    }
+}
+
+/// The JSON body of an HTTP error: `{"code","message"}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
 }
 
 impl From<StoreError> for Error {
@@ -99,10 +125,37 @@ impl From<StoreError> for Error {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "code": self.code().as_str(),
-            "message": self.public_message(),
-        });
+        let body = ErrorBody {
+            code: self.code(),
+            message: self.public_message(),
+        };
         (self.status(), axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_rebuilt_from_its_code_keeps_code_and_message() {
+        let errors = [
+            Error::BadRequest("a".into()),
+            Error::Unauthorized("b".into()),
+            Error::Forbidden("c".into()),
+            Error::NotFound("d".into()),
+            Error::NotMember("e".into()),
+            Error::Muted("f".into()),
+            Error::RateLimited("g".into()),
+            Error::TooLarge("h".into()),
+            Error::Conflict("i".into()),
+            Error::Unavailable("j".into()),
+            Error::Internal("k".into()),
+        ];
+        for e in errors {
+            let back = Error::from_code(e.code(), e.public_message());
+            assert_eq!(back.code(), e.code());
+            assert_eq!(back.public_message(), e.public_message());
+        }
     }
 }

@@ -6,6 +6,12 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+mod replies;
+pub use replies::*;
+
+#[cfg(test)]
+mod doc_check;
+
 /// The WebSocket subprotocol a client may offer; the server selects it when offered.
 pub const SUBPROTOCOL: &str = "studyhall.v1";
 
@@ -824,7 +830,7 @@ pub enum ServerMsg<'a> {
     /// To host/ta: a new report in the room's moderation queue.
     Report {
         room: &'a RoomId,
-        report: &'a serde_json::Value,
+        report: &'a crate::store::Report,
     },
     /// To each session of the callee: a call is ringing.
     CallIncoming {
@@ -883,7 +889,7 @@ pub enum ServerMsg<'a> {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PresenceState {
     Online,
@@ -919,22 +925,9 @@ pub fn has_nul_escape(json: &str) -> bool {
     false
 }
 
-/// Encodes `{"type":"ok","rid":N, ...fields of result}`. `result` is a JSON object (any other
-/// value gives an empty ok); it is consumed, not copied.
-pub fn encode_ok(rid: Option<i64>, result: serde_json::Value) -> String {
-    let mut obj = match result {
-        serde_json::Value::Object(map) => map,
-        _ => serde_json::Map::new(),
-    };
-    obj.insert("type".into(), "ok".into());
-    if let Some(rid) = rid {
-        obj.insert("rid".into(), rid.into());
-    }
-    serde_json::Value::Object(obj).to_string()
-}
-
 /// Encodes `{"type":"ok","rid":N, ...fields of result}` from a typed result (a struct that
-/// serialises as a JSON object), without building a `serde_json::Value` first.
+/// serialises as a JSON object, one of [`replies`]), without building a `serde_json::Value`
+/// first.
 pub fn encode_ok_as<T: Serialize>(rid: i64, result: &T) -> String {
     #[derive(Serialize)]
     struct Ok<'a, T> {
@@ -959,13 +952,6 @@ pub struct RoomBrief<'a> {
     pub title: &'a str,
 }
 
-/// A raised hand in a join reply (host/ta only).
-#[derive(Debug, Serialize)]
-pub struct HandView<'a> {
-    pub user: &'a UserRef,
-    pub ts: i64,
-}
-
 /// The `ok` of `join`.
 #[derive(Debug, Serialize)]
 pub struct JoinOk<'a> {
@@ -978,23 +964,13 @@ pub struct JoinOk<'a> {
     pub stage: &'a [UserRef],
     /// Raised hands in raise order, for host/ta.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub hands: Option<Vec<HandView<'a>>>,
+    pub hands: Option<Vec<RaisedHand>>,
     /// With `after_seq`: whether more was missed than the replay limit (page with `history`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gap: Option<bool>,
     /// With `after_seq`: how many events follow this reply.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replayed: Option<usize>,
-}
-
-/// `{"type":"ok","rid":N,<fields>}` from pre-encoded fields (`"a":1,"b":2`, no braces), so a
-/// page of stored events is spliced in without re-encoding.
-pub fn encode_ok_raw(rid: i64, fields: &str) -> String {
-    if fields.is_empty() {
-        format!("{{\"type\":\"ok\",\"rid\":{rid}}}")
-    } else {
-        format!("{{\"type\":\"ok\",\"rid\":{rid},{fields}}}")
-    }
 }
 
 /// `pong`, carrying the ping's `rid` when it had one.
@@ -1018,7 +994,7 @@ pub fn encode<T: Serialize>(msg: &T) -> String {
 // Errors and close codes
 
 /// Protocol error codes (section 4 of the contract).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,
@@ -1149,17 +1125,75 @@ mod tests {
 
     #[test]
     fn ok_reply_merges_result_fields() {
-        #[derive(Serialize)]
-        struct R {
-            seq: i64,
-        }
-        let v: serde_json::Value = serde_json::from_str(&encode_ok(
-            Some(3),
-            serde_json::to_value(R { seq: 9 }).unwrap(),
-        ))
-        .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&encode_ok_as(3, &ReadOk { seq: 9 })).unwrap();
+        assert_eq!(v, serde_json::json!({"type": "ok", "rid": 3, "seq": 9}));
+        let empty = encode_ok_as(4, &EmptyOk {});
+        assert_eq!(empty, r#"{"type":"ok","rid":4}"#);
+        let unchanged = encode_ok_as(5, &WriteOk::Seq(SeqOk { seq: None }));
+        assert_eq!(unchanged, r#"{"type":"ok","rid":5,"seq":null}"#);
+    }
+
+    #[test]
+    fn history_splices_stored_events() {
+        let events = vec![r#"{"type":"hidden","room":"r","seq":1}"#.to_owned(); 2];
+        let page = HistoryOk {
+            events: &events,
+            has_more: true,
+        };
+        let v: serde_json::Value = serde_json::from_str(&page.encode_ok(7)).unwrap();
         assert_eq!(v["type"], "ok");
-        assert_eq!(v["rid"], 3);
-        assert_eq!(v["seq"], 9);
+        assert_eq!(v["rid"], 7);
+        assert_eq!(v["events"][1]["seq"], 1);
+        assert_eq!(v["has_more"], true);
+        let empty = HistoryOk {
+            events: &[],
+            has_more: false,
+        };
+        assert_eq!(empty.encode(), r#"{"events":[],"has_more":false}"#);
+    }
+
+    /// Every error code; `every_code_is_listed` stops compiling when a variant is added, as a
+    /// reminder to list it here too.
+    const ALL_CODES: [ErrorCode; 11] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::NotMember,
+        ErrorCode::Muted,
+        ErrorCode::RateLimited,
+        ErrorCode::TooLarge,
+        ErrorCode::Conflict,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    fn every_code_is_listed(code: ErrorCode) -> bool {
+        match code {
+            ErrorCode::BadRequest
+            | ErrorCode::Unauthorized
+            | ErrorCode::Forbidden
+            | ErrorCode::NotFound
+            | ErrorCode::NotMember
+            | ErrorCode::Muted
+            | ErrorCode::RateLimited
+            | ErrorCode::TooLarge
+            | ErrorCode::Conflict
+            | ErrorCode::Unavailable
+            | ErrorCode::Internal => ALL_CODES.contains(&code),
+        }
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for code in ALL_CODES {
+            assert!(every_code_is_listed(code));
+            let quoted = format!("\"{}\"", code.as_str());
+            assert_eq!(serde_json::to_string(&code).unwrap(), quoted);
+            let back: ErrorCode = serde_json::from_str(&quoted).unwrap();
+            assert_eq!(back, code);
+        }
+        assert!(serde_json::from_str::<ErrorCode>(r#""no_such_code""#).is_err());
     }
 }

@@ -7,10 +7,14 @@
 use crate::App;
 use crate::error::{Error, Result};
 use crate::hub::Frame;
-use crate::protocol::{self, CallParty, Media, RoomId, RoomKind, RoomRole, ServerMsg, UserId};
+use crate::protocol::{
+    self, AvJoinOk, AvMode, AvPeerRef, CallOk, CallParty, EmptyOk, IceServer, Media, RoomId,
+    RoomKind, RoomRole, ServerMsg, UserId,
+};
 use crate::session::{Ctx, Outcome};
 use crate::store::{AvJoin, CallLogEntry, now_ms};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use studyhall_signaling::av::{AvKind, AvRooms, Membership};
@@ -72,8 +76,8 @@ impl Rtc {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn ice_servers(&self, user: &UserId) -> Value {
-        json!(self.ice.servers_for(user.as_str(), crate::auth::now_s()))
+    fn ice_servers(&self, user: &UserId) -> Vec<IceServer> {
+        self.ice.servers_for(user.as_str(), crate::auth::now_s())
     }
 
     /// Live calls on this node (for metrics and the leak test).
@@ -233,9 +237,10 @@ pub(crate) async fn call(
         (call_id, outs)
     };
     deliver(&app, outs, Some(&ctx.me.name), room.as_ref());
-    Ok(Outcome::Ok(
-        json!({ "call_id": call_id, "ice_servers": app.rtc.ice_servers(&ctx.me.user) }),
-    ))
+    Ok(Outcome::ok(CallOk {
+        call_id,
+        ice_servers: Some(app.rtc.ice_servers(&ctx.me.user)),
+    }))
 }
 
 /// `call_accept`, `call_reject`, `call_hangup`, `call_resume`.
@@ -295,10 +300,11 @@ pub(crate) fn call_action(
     }
     let app = ctx.app.clone();
     let me = peer(ctx);
-    let mut reply = json!({ "call_id": call_id });
-    if matches!(action, CallAction::Accept | CallAction::Resume) {
-        reply["ice_servers"] = app.rtc.ice_servers(&ctx.me.user);
-    }
+    let reply = CallOk {
+        call_id: call_id.clone(),
+        ice_servers: matches!(action, CallAction::Accept | CallAction::Resume)
+            .then(|| app.rtc.ice_servers(&ctx.me.user)),
+    };
     if let Some(bus) = &app.bus
         && let Some(node) = bus.remote_owner(&call_id)
     {
@@ -313,20 +319,20 @@ pub(crate) fn call_action(
         return Ok(forwarded(bus.clone(), node.to_owned(), cmd, rid, reply));
     }
     apply_call_action(&app, &me, &action, &call_id)?;
-    Ok(Outcome::Ok(reply))
+    Ok(Outcome::ok(reply))
 }
 
 /// The reply to a call command forwarded to the node that owns the call.
-fn forwarded(
+fn forwarded<R: Serialize + Send + 'static>(
     bus: Arc<crate::bus::Bus>,
     node: String,
     cmd: crate::bus::CallCommand,
     rid: Option<i64>,
-    reply: Value,
+    reply: R,
 ) -> Outcome {
     Outcome::Deferred(Box::pin(async move {
         match bus.forward_call(&node, &cmd).await {
-            Ok(()) => rid.map(|rid| protocol::encode_ok(Some(rid), reply)),
+            Ok(()) => rid.map(|rid| protocol::encode_ok_as(rid, &reply)),
             Err(e) => Some(crate::session::error_frame(rid, &e)),
         }
     }))
@@ -384,16 +390,19 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
         Some(bus) => cluster_av_join(&app, bus, &room, kind, me, can_publish).await?,
     };
     deliver(&app, outs, None, None);
-    let peers: Vec<Value> = peers
-        .iter()
-        .map(|p| json!({"session": p.session, "user": p.user}))
+    let peers = peers
+        .into_iter()
+        .map(|p| AvPeerRef {
+            session: p.session,
+            user: p.user,
+        })
         .collect();
-    Ok(Outcome::Ok(json!({
-        "peers": peers,
-        "ice_servers": app.rtc.ice_servers(&ctx.me.user),
-        "mode": "mesh",
-        "publish": can_publish,
-    })))
+    Ok(Outcome::ok(AvJoinOk {
+        peers,
+        ice_servers: app.rtc.ice_servers(&ctx.me.user),
+        mode: AvMode::Mesh,
+        publish: can_publish,
+    }))
 }
 
 /// Cluster mode's `av_join`: the store admits the join cluster-wide (mesh limit, one join
@@ -490,7 +499,7 @@ pub(crate) async fn av_leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
         // Awaited: a re-join right after must find the store without this membership.
         left.await;
     }
-    Ok(Outcome::Ok(json!({})))
+    Ok(Outcome::ok(EmptyOk {}))
 }
 
 /// A local session leaves a room's A/V (if it was in it): its local peers hear it here. In
@@ -651,7 +660,13 @@ pub(crate) async fn signal(
             session: me.session.clone(),
             data: Some(data),
         };
-        return Ok(forwarded(bus.clone(), node.to_owned(), cmd, rid, json!({})));
+        return Ok(forwarded(
+            bus.clone(),
+            node.to_owned(),
+            cmd,
+            rid,
+            EmptyOk {},
+        ));
     }
     if let (Some(bus), None, Some(room), Some(to)) = (&app.bus, &call_id, &room, &to)
         && crate::bus::node_of(to).is_some_and(|n| n != bus.node)
@@ -667,7 +682,7 @@ pub(crate) async fn signal(
         }
     };
     deliver(&app, vec![out], None, None);
-    Ok(Outcome::Ok(json!({})))
+    Ok(Outcome::ok(EmptyOk {}))
 }
 
 /// Cluster mode: before a signal to `to`, a session on another node, that this node has not

@@ -15,6 +15,7 @@ use crate::protocol::{
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -26,16 +27,25 @@ use tokio::sync::watch;
 /// A command's answer once its write has committed: the encoded reply frame, if any.
 pub(crate) type Deferred = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
 
+/// A command's `ok`, not yet encoded: given the command's `rid`, it encodes the whole frame.
+/// It runs only for a command that has a `rid` (one without gets no `ok`).
+pub(crate) type Reply = Box<dyn FnOnce(i64) -> String + Send>;
+
 /// What a command handler produced.
 pub(crate) enum Outcome {
-    /// Reply `ok` with these fields (a JSON object).
-    Ok(serde_json::Value),
-    /// Reply `ok` with pre-encoded fields (`"a":1,"b":2`, no braces).
-    OkRaw(String),
+    /// Reply `ok` now.
+    Ok(Reply),
     /// The reply comes later, after a commit.
     Deferred(Deferred),
     /// The handler queued its own frames (join, ping).
     Done,
+}
+
+impl Outcome {
+    /// Reply `ok` with the fields of `result` (one of the `protocol` reply types).
+    pub fn ok<T: Serialize + Send + 'static>(result: T) -> Self {
+        Self::Ok(Box::new(move |rid| protocol::encode_ok_as(rid, &result)))
+    }
 }
 
 /// Per-connection state shared by the command handlers.
@@ -463,8 +473,7 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
                 // Boxed: the largest command's state would otherwise sit inside every idle
                 // session's read loop (a few KB per connection).
                 let reply = match Box::pin(crate::rooms::dispatch(ctx, rid, frame.msg)).await {
-                    Ok(Outcome::Ok(v)) => rid.map(|rid| protocol::encode_ok(Some(rid), v)),
-                    Ok(Outcome::OkRaw(fields)) => rid.map(|rid| protocol::encode_ok_raw(rid, &fields)),
+                    Ok(Outcome::Ok(reply)) => rid.map(reply),
                     Ok(Outcome::Deferred(fut)) => {
                         inflight.push(fut);
                         None
@@ -498,16 +507,17 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     }
 }
 
-/// Builds the deferred reply of a write: `ok` with `fields(outcome)` or an `error`, both
-/// carrying `rid`; without `rid` only errors are sent.
-pub(crate) fn deferred<T, F>(
+/// Builds the deferred reply of a write: `ok` with the fields of `reply(outcome)` or an
+/// `error`, both carrying `rid`; without `rid` only errors are sent.
+pub(crate) fn deferred<T, R, F>(
     rid: Option<i64>,
     rx: tokio::sync::oneshot::Receiver<crate::store::Result<T>>,
-    fields: F,
+    reply: F,
 ) -> Deferred
 where
     T: Send + 'static,
-    F: FnOnce(T) -> serde_json::Value + Send + 'static,
+    R: Serialize,
+    F: FnOnce(T) -> R + Send + 'static,
 {
     Box::pin(async move {
         let result = match rx.await {
@@ -515,7 +525,7 @@ where
             Err(_) => Err(Error::Unavailable("server is shutting down".into())),
         };
         match result {
-            Ok(v) => rid.map(|rid| protocol::encode_ok(Some(rid), fields(v))),
+            Ok(v) => rid.map(|rid| protocol::encode_ok_as(rid, &reply(v))),
             Err(e) => Some(error_frame(rid, &e)),
         }
     })

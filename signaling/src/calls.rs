@@ -8,7 +8,7 @@
 
 use crate::sdp::{self, Payload};
 use crate::{Media, Msg, Out, Peer, SignalError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 
@@ -30,7 +30,7 @@ impl Default for CallConfig {
 }
 
 /// States reported to clients in `call_state`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CallState {
     Accepted,
@@ -49,7 +49,7 @@ pub enum CallState {
 }
 
 /// Why a call ended (the `call_ended` reason and the stored record).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
     Ended,

@@ -9,7 +9,6 @@ use crate::protocol::{self, HISTORY_MAX_LIMIT, MessageId, RoomId, ServerMsg};
 use crate::session::{Ctx, Outcome, deferred};
 use crate::store::View;
 use crate::store::{WriteOp, WriteOutcome};
-use serde_json::json;
 
 fn writable(ctx: &Ctx, room: &RoomId) -> Result<protocol::RoomRole> {
     check_room_id(room)?;
@@ -42,25 +41,39 @@ fn check_message_id(id: &MessageId) -> Result<()> {
     Ok(())
 }
 
-/// The `ok` fields of a committed write.
-pub(super) fn outcome_fields(o: WriteOutcome) -> serde_json::Value {
+/// The `ok` of a committed write.
+pub(super) fn write_ok(o: WriteOutcome) -> protocol::WriteOk {
+    use protocol::WriteOk;
     match o {
-        WriteOutcome::Sent { id, seq, ts, .. } => json!({"id": id, "seq": seq, "ts": ts}),
-        WriteOutcome::Changed { seq } => json!({"seq": seq}),
+        WriteOutcome::Sent { id, seq, ts, .. } => WriteOk::Sent(protocol::SentOk { id, seq, ts }),
+        WriteOutcome::Changed { seq } => WriteOk::Seq(protocol::SeqOk { seq: Some(seq) }),
         WriteOutcome::Asked {
             id,
             seq,
             ts,
             status,
-        } => json!({"id": id, "seq": seq, "ts": ts, "status": status}),
-        WriteOutcome::Unchanged => json!({"seq": null}),
+        } => WriteOk::Asked(protocol::AskOk {
+            id,
+            seq,
+            ts,
+            status,
+        }),
+        WriteOutcome::Unchanged => WriteOk::Seq(protocol::SeqOk { seq: None }),
         WriteOutcome::CheckedIn {
+            room,
             day,
             tz,
             already,
             streak,
             points,
-        } => json!({"day": day, "tz": tz, "already": already, "streak": streak, "points": points}),
+        } => WriteOk::CheckedIn(protocol::CheckinOk {
+            room,
+            day,
+            tz,
+            already,
+            streak,
+            points,
+        }),
     }
 }
 
@@ -95,7 +108,7 @@ pub(super) async fn send(
         reply_to,
     };
     let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
 }
 
 pub(super) async fn edit(
@@ -118,7 +131,7 @@ pub(super) async fn edit(
         text,
     };
     let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
 }
 
 pub(super) async fn delete(
@@ -136,7 +149,7 @@ pub(super) async fn delete(
         as_moderator: role.can_moderate(),
     };
     let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
 }
 
 pub(super) async fn react(
@@ -165,7 +178,7 @@ pub(super) async fn react(
         max_distinct: ctx.app.config.max_reactions_per_message,
     };
     let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
 }
 
 pub(super) async fn history(
@@ -189,7 +202,13 @@ pub(super) async fn history(
         .store
         .events_before(&room, before_seq, limit, crate::store::View::of(role))
         .await?;
-    Ok(Outcome::OkRaw(page.json_fields()))
+    Ok(Outcome::Ok(Box::new(move |rid| {
+        protocol::HistoryOk {
+            events: &page.events,
+            has_more: page.has_more,
+        }
+        .encode_ok(rid)
+    })))
 }
 
 /// Shortest interval between two `typing` broadcasts of one session in one room.
@@ -208,11 +227,11 @@ pub(super) fn typing(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
         .get(&room)
         .is_some_and(|t| now.duration_since(*t) < TYPING_EVERY)
     {
-        return Ok(Outcome::Ok(json!({})));
+        return Ok(Outcome::ok(protocol::EmptyOk {}));
     }
     ctx.last_typing.insert(room.clone(), now);
     ctx.app.hub.notify_others(&room, &ctx.me.user, &frame);
-    Ok(Outcome::Ok(json!({})))
+    Ok(Outcome::ok(protocol::EmptyOk {}))
 }
 
 pub(super) async fn read(ctx: &mut Ctx, room: RoomId, seq: i64) -> Result<Outcome> {
@@ -226,7 +245,7 @@ pub(super) async fn read(ctx: &mut Ctx, room: RoomId, seq: i64) -> Result<Outcom
         .store
         .set_read_marker(&room, &ctx.me.user, seq)
         .await?;
-    Ok(Outcome::Ok(json!({ "seq": seq })))
+    Ok(Outcome::ok(protocol::ReadOk { seq }))
 }
 
 pub(super) async fn rooms(ctx: &mut Ctx) -> Result<Outcome> {
@@ -237,7 +256,7 @@ pub(super) async fn rooms(ctx: &mut Ctx) -> Result<Outcome> {
         .map(|(r, role)| (r.clone(), *role))
         .collect();
     let rooms = ctx.app.store.user_rooms(&ctx.me.user, &grants).await?;
-    Ok(Outcome::Ok(json!({ "rooms": rooms })))
+    Ok(Outcome::ok(protocol::RoomsOk { rooms }))
 }
 
 /// Most search results one page returns.
@@ -266,7 +285,5 @@ pub(super) async fn search(
         .store
         .search(&room, &q, View::of(role) == View::Moderator, limit, offset)
         .await?;
-    Ok(Outcome::Ok(
-        json!({ "results": results, "has_more": has_more }),
-    ))
+    Ok(Outcome::ok(protocol::SearchOk { results, has_more }))
 }

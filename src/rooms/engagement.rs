@@ -6,10 +6,12 @@ use super::{check_room_id, readable_role};
 use crate::App;
 use crate::engagement::{self as eng, Bucket};
 use crate::error::{Error, Result};
-use crate::protocol::{QuestionId, RoomId, UserId};
+use crate::protocol::{
+    LeaderboardEntry, LeaderboardOk, ProfileBadge, ProfileOk, ProfileRoom, ProfileStreak,
+    QuestionId, RoomId, StatsOk, UserId,
+};
 use crate::session::{Ctx, Outcome, deferred};
-use crate::store::{BadgeView, Room, StatsQuery, WriteOp, now_ms};
-use serde_json::{Value, json};
+use crate::store::{BadgeView, Room, StatsQuery, UserBrief, WriteOp, now_ms};
 
 /// Most entries one leaderboard answer carries.
 pub const MAX_LEADERBOARD: u32 = 100;
@@ -30,25 +32,21 @@ pub(super) async fn checkin(ctx: &mut Ctx, rid: Option<i64>, room: RoomId) -> Re
         return Err(Error::Forbidden("viewers do not check in".into()));
     }
     let op = WriteOp::Checkin {
-        room: room.clone(),
+        room,
         user: ctx.me.room_ref(role),
         tz: ctx.me.tz.clone(),
     };
     let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, move |o| {
-        let mut v = super::chat::outcome_fields(o);
-        v["room"] = json!(room);
-        v
-    })))
+    Ok(Outcome::Deferred(deferred(rid, rx, super::chat::write_ok)))
 }
 
 /// The leaderboard answer (WebSocket `leaderboard` and `GET /api/rooms/{id}/leaderboard`).
-pub(crate) async fn leaderboard_json(
+pub(crate) async fn leaderboard_of(
     app: &App,
     room: &Room,
     period: Option<&str>,
     limit: Option<u32>,
-) -> Result<Value> {
+) -> Result<LeaderboardOk> {
     let limit = limit.unwrap_or(10);
     if !(1..=MAX_LEADERBOARD).contains(&limit) {
         return Err(Error::bad_request(format!(
@@ -67,14 +65,22 @@ pub(crate) async fn leaderboard_json(
     let points: Vec<i64> = rows.iter().map(|r| r.points).collect();
     let ranks = eng::competition_ranks(&points);
     let cfg = &app.config.engagement;
-    let entries: Vec<Value> = rows
-        .iter()
+    let entries = rows
+        .into_iter()
         .zip(ranks)
-        .map(|(r, rank)| {
-            json!({"rank": rank, "user": r.user, "points": r.points, "level": cfg.level(r.total)})
+        .map(|(r, rank)| LeaderboardEntry {
+            rank,
+            level: cfg.level(r.total),
+            user: r.user,
+            points: r.points,
         })
         .collect();
-    Ok(json!({"room": room.id, "period": period, "since": since, "entries": entries}))
+    Ok(LeaderboardOk {
+        room: room.id.clone(),
+        period: period.to_owned(),
+        since,
+        entries,
+    })
 }
 
 pub(super) async fn leaderboard(
@@ -85,8 +91,8 @@ pub(super) async fn leaderboard(
 ) -> Result<Outcome> {
     readable_role(ctx, &room).await?;
     let stored = room_of(&ctx.app, &room).await?;
-    let v = leaderboard_json(&ctx.app, &stored, period.as_deref(), limit).await?;
-    Ok(Outcome::Ok(v))
+    let reply = leaderboard_of(&ctx.app, &stored, period.as_deref(), limit).await?;
+    Ok(Outcome::ok(reply))
 }
 
 pub(super) async fn profile(
@@ -144,7 +150,7 @@ pub(super) async fn profile(
             .as_deref()
             .and_then(|d| d.parse::<jiff::civil::Date>().ok());
         let streak = eng::streak_on(last, row.streak, today);
-        let badges: Vec<Value> = row
+        let badges = row
             .badges
             .iter()
             .map(|(id, ts)| {
@@ -153,36 +159,41 @@ pub(super) async fn profile(
                     name: id.clone(),
                     description: String::new(),
                 });
-                json!({"id": view.id, "name": view.name, "description": view.description, "earned_ts": ts})
+                ProfileBadge::new(view, *ts)
             })
             .collect();
-        rooms.push(json!({
-            "room": row.room,
-            "points": row.points,
-            "level": cfg.level(row.points),
-            "next_level_points": cfg.next_level_points(row.points),
-            "badges": badges,
-            "streak": {"current": streak.current, "longest": streak.longest, "last_day": row.last_checkin_day},
-        }));
+        rooms.push(ProfileRoom {
+            room: row.room,
+            points: row.points,
+            level: cfg.level(row.points),
+            next_level_points: cfg.next_level_points(row.points),
+            badges,
+            streak: ProfileStreak {
+                current: streak.current,
+                longest: streak.longest,
+                last_day: row.last_checkin_day,
+            },
+        });
     }
     let name = if user == ctx.me.user {
         ctx.me.name.clone()
     } else {
         name.unwrap_or_else(|| user.to_string())
     };
-    Ok(Outcome::Ok(
-        json!({"user": {"id": user, "name": name}, "rooms": rooms}),
-    ))
+    Ok(Outcome::ok(ProfileOk {
+        user: UserBrief { id: user, name },
+        rooms,
+    }))
 }
 
 /// The stats answer (WebSocket `stats` and `GET /api/rooms/{id}/stats`).
-pub(crate) async fn stats_json(
+pub(crate) async fn stats_of(
     app: &App,
     room: &Room,
     from: Option<i64>,
     to: Option<i64>,
     bucket: Option<&str>,
-) -> Result<Value> {
+) -> Result<StatsOk> {
     let now = now_ms();
     let to = to.unwrap_or(now);
     let from = from.unwrap_or(to.saturating_sub(30 * DAY_MS));
@@ -227,10 +238,11 @@ pub(crate) async fn stats_json(
         now,
     };
     let stats = app.store.room_stats(room, &q).await?;
-    let mut v = serde_json::to_value(stats).map_err(|e| Error::Internal(e.to_string()))?;
-    // The zone the buckets are aligned to, so a client labels them with the room's dates.
-    v["tz"] = Value::from(tz.iana_name().unwrap_or("UTC"));
-    Ok(v)
+    Ok(StatsOk {
+        stats,
+        // The zone the buckets are aligned to, so a client labels them with the room's dates.
+        tz: tz.iana_name().unwrap_or("UTC").to_owned(),
+    })
 }
 
 pub(super) async fn stats(
@@ -245,8 +257,8 @@ pub(super) async fn stats(
         return Err(Error::Forbidden("only host/ta see room statistics".into()));
     }
     let stored = room_of(&ctx.app, &room).await?;
-    let v = stats_json(&ctx.app, &stored, from, to, bucket.as_deref()).await?;
-    Ok(Outcome::Ok(v))
+    let reply = stats_of(&ctx.app, &stored, from, to, bucket.as_deref()).await?;
+    Ok(Outcome::ok(reply))
 }
 
 pub(super) async fn helpful(
@@ -282,9 +294,5 @@ pub(super) async fn helpful(
         on,
     };
     let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(
-        rid,
-        rx,
-        super::chat::outcome_fields,
-    )))
+    Ok(Outcome::Deferred(deferred(rid, rx, super::chat::write_ok)))
 }

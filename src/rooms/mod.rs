@@ -15,7 +15,6 @@ use crate::protocol::{self, ClientMsg, PlatformRole, RoomId, RoomRole, Visibilit
 use crate::session::{Ctx, Outcome};
 use crate::store::Room;
 use policy::Policy;
-use serde_json::json;
 
 use crate::rtc::{self, CallAction};
 
@@ -324,8 +323,8 @@ async fn replay_and_reply(
             hands: role.can_moderate().then(|| {
                 joined
                     .hands
-                    .iter()
-                    .map(|(user, ts)| protocol::HandView { user, ts: *ts })
+                    .into_iter()
+                    .map(|(user, ts)| protocol::RaisedHand { user, ts })
                     .collect()
             }),
             gap: after_seq.map(|_| gap),
@@ -374,5 +373,5 @@ fn leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
         ctx.handle.id.as_str(),
         was_on_stage,
     );
-    Ok(Outcome::Ok(json!({})))
+    Ok(Outcome::ok(protocol::EmptyOk {}))
 }

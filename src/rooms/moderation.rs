@@ -8,7 +8,6 @@ use crate::hub::Frame;
 use crate::protocol::{self, RoomId, RoomRole, ServerMsg, UserId};
 use crate::session::{Ctx, Outcome};
 use crate::store::{RoomPatch, now_ms};
-use serde_json::json;
 
 /// Longest mute: 30 days.
 const MAX_MUTE_S: u64 = 30 * 86_400;
@@ -102,7 +101,7 @@ pub(super) async fn mute(
         .hub
         .notify_moderators(&room, Some(&user), &muted_frame(&room, &user, until));
     audit(ctx, &room, "mute", &user, Some(format!("{seconds}s"))).await?;
-    Ok(Outcome::Ok(json!({ "until": until })))
+    Ok(Outcome::ok(protocol::MuteOk { until }))
 }
 
 pub(super) async fn unmute(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Outcome> {
@@ -114,7 +113,7 @@ pub(super) async fn unmute(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<
         .hub
         .notify_moderators(&room, Some(&user), &muted_frame(&room, &user, 0));
     audit(ctx, &room, "unmute", &user, None).await?;
-    Ok(Outcome::Ok(json!({ "was_muted": was })))
+    Ok(Outcome::ok(protocol::UnmuteOk { was_muted: was }))
 }
 
 pub(super) async fn kick(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Outcome> {
@@ -122,7 +121,7 @@ pub(super) async fn kick(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Ou
     check_target(ctx, &room, &user).await?;
     let sessions = ctx.app.hub.kick(&room, &user, "kicked");
     audit(ctx, &room, "kick", &user, None).await?;
-    Ok(Outcome::Ok(json!({ "sessions": sessions })))
+    Ok(Outcome::ok(protocol::KickOk { sessions }))
 }
 
 pub(super) async fn ban(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Outcome> {
@@ -132,7 +131,7 @@ pub(super) async fn ban(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Out
     ctx.app.policies.ban_changed(&room, &user, true);
     let sessions = ctx.app.hub.kick(&room, &user, "banned");
     audit(ctx, &room, "ban", &user, None).await?;
-    Ok(Outcome::Ok(json!({ "sessions": sessions })))
+    Ok(Outcome::ok(protocol::KickOk { sessions }))
 }
 
 pub(super) async fn unban(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Outcome> {
@@ -142,7 +141,7 @@ pub(super) async fn unban(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<O
     }
     ctx.app.policies.ban_changed(&room, &user, false);
     audit(ctx, &room, "unban", &user, None).await?;
-    Ok(Outcome::Ok(json!({})))
+    Ok(Outcome::ok(protocol::EmptyOk {}))
 }
 
 pub(super) async fn slow_mode(ctx: &mut Ctx, room: RoomId, seconds: u64) -> Result<Outcome> {
@@ -176,7 +175,7 @@ pub(super) async fn slow_mode(ctx: &mut Ctx, room: RoomId, seconds: u64) -> Resu
             Some(&format!("{seconds}s")),
         )
         .await?;
-    Ok(Outcome::Ok(json!({ "seconds": seconds })))
+    Ok(Outcome::ok(protocol::SlowModeOk { seconds }))
 }
 
 pub(super) async fn report(
@@ -201,14 +200,13 @@ pub(super) async fn report(
         .store
         .add_report(&room, &id, &ctx.me.user, &reason)
         .await?;
-    let value = serde_json::to_value(&report).map_err(|e| Error::Internal(e.to_string()))?;
     ctx.app.hub.notify_moderators(
         &room,
         None,
         &Frame::from(protocol::encode(&ServerMsg::Report {
             room: &room,
-            report: &value,
+            report: &report,
         })),
     );
-    Ok(Outcome::Ok(json!({ "id": report.id })))
+    Ok(Outcome::ok(protocol::ReportOk { id: report.id }))
 }

@@ -2,13 +2,12 @@
 //! question_status and the questions listing. Rights: members ask and vote; host/ta answer
 //! (members too when the room allows peer answers) and change status; viewers only read.
 
-use super::chat::outcome_fields;
+use super::chat::write_ok;
 use super::{check_room_id, readable_role};
 use crate::error::{Error, Result};
-use crate::protocol::{QuestionId, QuestionStatus, RoomId};
+use crate::protocol::{QuestionId, QuestionStatus, QuestionsOk, RoomId};
 use crate::session::{Ctx, Outcome, deferred};
 use crate::store::{QuestionFilter, QuestionSort, View, WriteOp, now_ms};
-use serde_json::json;
 
 fn check_question_id(id: &QuestionId) -> Result<()> {
     if id.as_str().is_empty() || id.as_str().len() > 64 {
@@ -59,7 +58,7 @@ pub(super) async fn ask(
         pending,
     };
     let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
 }
 
 pub(super) async fn vote(
@@ -84,7 +83,7 @@ pub(super) async fn vote(
         up,
     };
     let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
 }
 
 pub(super) async fn answer(
@@ -113,7 +112,7 @@ pub(super) async fn answer(
         text,
     };
     let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
 }
 
 /// `approved`/`approve`/`open`/`reopen` -> open; `pinned`/`pin`; `answered`; `dismissed`/`dismiss`.
@@ -154,7 +153,7 @@ pub(super) async fn set_status(
             status,
         })
         .await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, outcome_fields)))
+    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
 }
 
 pub(super) async fn list(
@@ -193,5 +192,5 @@ pub(super) async fn list(
             now_ms(),
         )
         .await?;
-    Ok(Outcome::Ok(json!({ "questions": questions })))
+    Ok(Outcome::ok(QuestionsOk { questions }))
 }

@@ -5,10 +5,9 @@
 use super::check_room_id;
 use crate::error::{Error, Result};
 use crate::hub::StageError;
-use crate::protocol::{RoomId, UserId};
+use crate::protocol::{HandsOk, LowerHandOk, RaiseHandOk, RaisedHand, RoomId, StageOk, UserId};
 use crate::session::{Ctx, Outcome};
 use crate::store::now_ms;
-use serde_json::json;
 
 pub(super) fn raise(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     check_room_id(&room)?;
@@ -22,7 +21,7 @@ pub(super) fn raise(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
         .app
         .hub
         .raise_hand(&room, &ctx.me.room_ref(role), now_ms());
-    Ok(Outcome::Ok(json!({ "position": position })))
+    Ok(Outcome::ok(RaiseHandOk { position }))
 }
 
 pub(super) fn lower(ctx: &mut Ctx, room: RoomId, user: Option<UserId>) -> Result<Outcome> {
@@ -35,7 +34,7 @@ pub(super) fn lower(ctx: &mut Ctx, room: RoomId, user: Option<UserId>) -> Result
         ));
     }
     let lowered = ctx.app.hub.lower_hand(&room, &target);
-    Ok(Outcome::Ok(json!({ "lowered": lowered })))
+    Ok(Outcome::ok(LowerHandOk { lowered }))
 }
 
 pub(super) fn hands(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
@@ -43,14 +42,14 @@ pub(super) fn hands(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     if !ctx.joined_role(&room)?.can_moderate() {
         return Err(Error::Forbidden("only host/ta see the hand queue".into()));
     }
-    let hands: Vec<_> = ctx
+    let hands = ctx
         .app
         .hub
         .hands(&room)
         .into_iter()
-        .map(|(user, ts)| json!({"user": user, "ts": ts}))
+        .map(|(user, ts)| RaisedHand { user, ts })
         .collect();
-    Ok(Outcome::Ok(json!({ "hands": hands })))
+    Ok(Outcome::ok(HandsOk { hands }))
 }
 
 pub(super) fn stage(ctx: &mut Ctx, room: RoomId, user: UserId, on: bool) -> Result<Outcome> {
@@ -62,7 +61,7 @@ pub(super) fn stage(ctx: &mut Ctx, room: RoomId, user: UserId, on: bool) -> Resu
     match ctx.app.hub.set_stage(&room, &user, on, max) {
         Ok(stage) => {
             crate::rtc::stage_changed(&ctx.app, &room, &user, on);
-            Ok(Outcome::Ok(json!({ "stage": stage })))
+            Ok(Outcome::ok(StageOk { stage }))
         }
         Err(StageError::NotInRoom) => Err(Error::NotFound(format!("{user} is not in the room"))),
         Err(e @ StageError::Full(_)) => Err(Error::Conflict(e.to_string())),

@@ -3,13 +3,13 @@
 
 use super::{Result, Store};
 use crate::protocol::{RoomId, UserId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 /// Most calls one listing returns.
 const MAX_LISTED: i64 = 200;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallLogEntry {
     pub id: String,
     pub caller: UserId,

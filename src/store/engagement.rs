@@ -50,13 +50,13 @@ impl EngagementSettings {
 }
 
 /// A user as leaderboards and badges show them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserBrief {
     pub id: UserId,
     pub name: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BadgeView {
     pub id: String,
     pub name: String,
@@ -984,6 +984,7 @@ pub(super) async fn checkin(
     }
     Ok(Applied {
         outcome: WriteOutcome::CheckedIn {
+            room: room.clone(),
             day: today.to_string(),
             tz: tz_name,
             already,

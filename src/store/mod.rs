@@ -233,7 +233,7 @@ mod double_option {
 }
 
 /// One row of the `rooms` command.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoomSummary {
     pub id: RoomId,
     pub kind: RoomKind,
@@ -270,24 +270,6 @@ impl View {
 pub struct EventPage {
     pub events: Vec<String>,
     pub has_more: bool,
-}
-
-impl EventPage {
-    /// `"events":[...],"has_more":B` spliced from the stored bytes without re-encoding.
-    pub fn json_fields(&self) -> String {
-        let len: usize = self.events.iter().map(|e| e.len() + 1).sum();
-        let mut out = String::with_capacity(len + 32);
-        out.push_str("\"events\":[");
-        for (i, e) in self.events.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(e);
-        }
-        out.push_str("],\"has_more\":");
-        out.push_str(if self.has_more { "true" } else { "false" });
-        out
-    }
 }
 
 /// Handle to the store; cheap to clone.

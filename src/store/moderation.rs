@@ -4,7 +4,7 @@
 
 use super::{Result, Store, StoreError, now_ms, writer::new_id};
 use crate::protocol::{RoomId, UserId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use std::collections::HashMap;
 
@@ -13,7 +13,7 @@ pub const MAX_REASON_CHARS: usize = 500;
 /// Most audit entries one page returns.
 const MAX_AUDIT_PAGE: i64 = 500;
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub id: String,
     pub room: RoomId,
@@ -28,7 +28,7 @@ pub struct Report {
     pub resolution: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub id: i64,
     pub room: RoomId,

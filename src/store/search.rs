@@ -5,11 +5,11 @@
 use super::writer::Tx;
 use super::{Backend, Result, Store, StoreError};
 use crate::protocol::RoomId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 /// One search result.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SearchHit {
     /// `message` or `question`.
     pub kind: String,

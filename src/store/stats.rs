@@ -8,7 +8,7 @@
 use super::{Result, Room, Store};
 use crate::engagement::{self as eng, Bucket};
 use crate::protocol::UserId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use std::collections::HashMap;
 
@@ -32,13 +32,13 @@ pub struct StatsQuery {
     pub now: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Band {
     pub low: f64,
     pub high: f64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeriesPoint {
     pub start: i64,
     pub messages: i64,
@@ -48,13 +48,13 @@ pub struct SeriesPoint {
     pub new_members: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FirstAnswer {
     pub median: Option<i64>,
     pub p90: Option<i64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QuestionStats {
     pub asked: i64,
     pub answered: i64,
@@ -63,21 +63,21 @@ pub struct QuestionStats {
     pub overdue: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChurnUser {
     pub id: UserId,
     pub name: String,
     pub last_active_ts: Option<i64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Churn {
     pub inactive_days: u32,
     pub count: i64,
     pub users: Vec<ChurnUser>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contributor {
     pub user: super::UserBrief,
     pub points: i64,
@@ -87,7 +87,7 @@ pub struct Contributor {
 }
 
 /// The `stats` object (see docs/protocol.md).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoomStats {
     pub room: crate::protocol::RoomId,
     pub from: i64,
@@ -98,7 +98,7 @@ pub struct RoomStats {
     pub weekly_active_members: i64,
     pub weekly_active_ratio: f64,
     pub healthy_band: Band,
-    pub health: &'static str,
+    pub health: eng::Health,
     pub series: Vec<SeriesPoint>,
     pub questions: QuestionStats,
     pub churn_risk: Churn,

@@ -161,6 +161,7 @@ pub enum WriteOutcome {
     Unchanged,
     /// A check-in (`already` when the user had checked in on this local day).
     CheckedIn {
+        room: RoomId,
         day: String,
         tz: String,
         already: bool,

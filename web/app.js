@@ -199,7 +199,7 @@ function wireClient() {
     renderRoomHead();
     renderPeople();
   });
-  for (const t of ['presence', 'stage', 'hand']) {
+  for (const t of ['presence', 'online_count', 'stage', 'hand']) {
     client.on(t, (m) => {
       if (t === 'hand' && m.user.id === client.me.user.id) {
         myHandUp = m.raised;
@@ -577,7 +577,7 @@ function renderPeople() {
   if (!room) return;
   const me = client.me.user.id;
   const mod = isMod(room.role);
-  $('online-count').textContent = room.online.size + ' online';
+  $('online-count').textContent = Math.max(room.onlineCount || 0, room.online.size) + ' online';
   const ul = $('people-list');
   ul.replaceChildren();
   for (const u of [...room.online.values()].sort((a, b) => a.name.localeCompare(b.name))) {

@@ -30,6 +30,7 @@ export class Room {
     this.messages = new Map(); // id -> message, with stateSeq and reactions Map
     this.questions = new Map(); // id -> question, with stateSeq
     this.online = new Map(); // user id -> user
+    this.onlineCount = 0; // everyone online (a live room's audience sees only some of them)
     this.stage = [];
     this.hands = [];
     this.joined = false;
@@ -265,6 +266,10 @@ export class Client {
       if (msg.type === 'presence') {
         if (msg.state === 'online') room.online.set(msg.user.id, msg.user);
         else room.online.delete(msg.user.id);
+        room.onlineCount = room.online.size;
+      } else if (msg.type === 'online_count') {
+        // A live room's audience (or a room past the presence limit) follows the count.
+        room.onlineCount = msg.count;
       } else if (msg.type === 'stage') {
         room.stage = room.stage.filter((u) => u.id !== msg.user.id);
         if (msg.on) room.stage.push(msg.user);
@@ -299,6 +304,7 @@ export class Client {
     room.role = ok.role;
     room.joined = true;
     room.online = new Map(ok.online.map((u) => [u.id, u]));
+    room.onlineCount = ok.online_count ?? room.online.size;
     room.stage = ok.stage || [];
     room.hands = ok.hands || [];
     const before = room.high;

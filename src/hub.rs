@@ -12,38 +12,15 @@ use crate::protocol::{
     self, PresenceState, RoomId, RoomRole, ServerMsg, SessionId, UserId, UserRef, close,
 };
 use crate::store::CommittedEvent;
-use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use std::collections::HashMap;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock};
 use tokio::sync::{Notify, watch};
 
-/// One encoded text frame, shared by every outbox it is queued in.
-pub type Frame = Utf8Bytes;
-
-/// A frame queued for one session. A `lazy` frame (presence, typing, an online count) may
-/// wait a little (`presence_flush_ms`) to leave in the same write as what follows it, so a
-/// join storm costs each session one write per flush instead of one per joiner.
-#[derive(Clone, Debug)]
-pub struct Outgoing {
-    pub frame: Frame,
-    pub lazy: bool,
-}
-
-impl From<Frame> for Outgoing {
-    fn from(frame: Frame) -> Self {
-        Self { frame, lazy: false }
-    }
-}
-
-impl From<String> for Outgoing {
-    fn from(frame: String) -> Self {
-        Frame::from(frame).into()
-    }
-}
+pub use crate::outbox::{Frame, Outgoing};
 
 /// What the hub holds of a session: where to queue frames and how to close it.
 #[derive(Debug)]
@@ -214,36 +191,39 @@ impl NoticeTo {
 }
 
 /// What the hub did locally that other nodes must repeat for their sessions (cluster mode).
-pub enum Relayed<'a> {
+#[derive(Clone, Debug)]
+pub enum Relayed {
     /// An unsequenced room frame (typing, muted, slow_mode, report, question_overdue).
     Notice {
-        room: &'a RoomId,
-        frame: &'a Frame,
+        room: RoomId,
+        frame: Frame,
         to: NoticeTo,
     },
     /// `kicked` then close 4003 for the user's sessions in the room.
     Kick {
-        room: &'a RoomId,
-        user: &'a UserId,
-        reason: &'a str,
+        room: RoomId,
+        user: UserId,
+        reason: String,
     },
     /// A hand went up (with when) or down.
     Hand {
-        room: &'a RoomId,
-        user: &'a UserRef,
+        room: RoomId,
+        user: UserRef,
         raised: bool,
         ts: i64,
     },
     /// A user went on or off stage.
     Stage {
-        room: &'a RoomId,
-        user: &'a UserRef,
+        room: RoomId,
+        user: UserRef,
         on: bool,
     },
 }
 
-/// The function that carries [`Relayed`] actions to the other nodes.
-pub type Relay = Box<dyn Fn(Relayed<'_>) + Send + Sync>;
+/// Where the hub sends what other nodes must repeat: a bounded channel that the cluster
+/// broker drains (none on a single node). Lossy like the bus behind it: a relay that finds
+/// the channel full is dropped.
+pub type RelaySender = tokio::sync::mpsc::Sender<Relayed>;
 
 impl Audience<'_> {
     fn includes(&self, m: &Member) -> bool {
@@ -501,9 +481,9 @@ pub struct Hub {
     presence_limit: usize,
     /// Most frames held for a gated session before it counts as a slow consumer.
     gate_cap: usize,
-    // -- cluster mode: set and fed by `bus.rs`; empty on a single node --
-    /// Carries notices and kicks to the other nodes.
-    relay: OnceLock<Relay>,
+    // -- cluster mode: fed by the cluster broker; empty on a single node --
+    /// Carries notices, kicks, hands and stage changes to the other nodes.
+    relay: Option<RelaySender>,
     /// Users online in a room on other nodes (the union over the other nodes' heartbeats).
     remote_online: DashMap<RoomId, HashMap<UserId, UserRef>>,
     /// Sessions of a user on other nodes, with their call-waiting flag.
@@ -532,7 +512,7 @@ impl Hub {
             max_room_sessions,
             presence_limit: usize::MAX,
             gate_cap,
-            relay: OnceLock::new(),
+            relay: None,
             remote_online: DashMap::new(),
             remote_sessions: DashMap::new(),
             presence_changed: Notify::new(),
@@ -546,6 +526,12 @@ impl Hub {
             gate_cap: self.gate_cap,
             metrics: &self.metrics,
         }
+    }
+
+    /// Sends what other nodes must repeat to `relay` (cluster mode).
+    pub fn with_relay(mut self, relay: RelaySender) -> Self {
+        self.relay = Some(relay);
+        self
     }
 
     /// Sets the room size above which presence and typing are not broadcast.
@@ -758,18 +744,18 @@ impl Hub {
             // Hands and stage belong to people who are here (on any node).
             if !self.online_elsewhere(room, &uid) {
                 if let Some(who) = state.lower_hand(room, &uid, false, self.out()) {
-                    self.relay_with(Relayed::Hand {
-                        room,
-                        user: &who,
+                    self.relay_with(|| Relayed::Hand {
+                        room: room.clone(),
+                        user: who,
                         raised: false,
                         ts: 0,
                     });
                 }
                 if let Some(pos) = state.stage.iter().position(|u| u.id == uid) {
                     state.stage.remove(pos);
-                    self.relay_with(Relayed::Stage {
-                        room,
-                        user: &member.user,
+                    self.relay_with(|| Relayed::Stage {
+                        room: room.clone(),
+                        user: member.user.clone(),
                         on: false,
                     });
                     state.stage_changed(room, &member.user, false, self.out());
@@ -906,13 +892,11 @@ impl Hub {
     }
 
     fn relay_notice(&self, room: &RoomId, frame: &Frame, to: impl FnOnce() -> NoticeTo) {
-        if let Some(relay) = self.relay.get() {
-            relay(Relayed::Notice {
-                room,
-                frame,
-                to: to(),
-            });
-        }
+        self.relay_with(|| Relayed::Notice {
+            room: room.clone(),
+            frame: frame.clone(),
+            to: to(),
+        });
     }
 
     /// The room role a user holds in the room right now, if online there: on this node, else
@@ -935,9 +919,11 @@ impl Hub {
     /// Sends `kicked` to every session of `user` in the room and closes them 4003 (on every
     /// node in cluster mode; the count is this node's).
     pub fn kick(&self, room: &RoomId, user: &UserId, reason: &str) -> usize {
-        if let Some(relay) = self.relay.get() {
-            relay(Relayed::Kick { room, user, reason });
-        }
+        self.relay_with(|| Relayed::Kick {
+            room: room.clone(),
+            user: user.clone(),
+            reason: reason.to_owned(),
+        });
         self.kick_local(room, user, reason, false)
     }
 
@@ -982,9 +968,9 @@ impl Hub {
         state.hand_raised(room, user, self.out());
         let position = state.hands.len();
         drop(state);
-        self.relay_with(Relayed::Hand {
-            room,
-            user,
+        self.relay_with(|| Relayed::Hand {
+            room: room.clone(),
+            user: user.clone(),
             raised: true,
             ts: now_ms,
         });
@@ -1000,9 +986,9 @@ impl Hub {
         drop(state);
         match lowered {
             Some(who) => {
-                self.relay_with(Relayed::Hand {
-                    room,
-                    user: &who,
+                self.relay_with(|| Relayed::Hand {
+                    room: room.clone(),
+                    user: who,
                     raised: false,
                     ts: 0,
                 });
@@ -1056,9 +1042,9 @@ impl Hub {
         }
         state.stage_changed(room, &who, on, self.out());
         // Never touches the hub: safe under the room's guard.
-        self.relay_with(Relayed::Stage {
-            room,
-            user: &who,
+        self.relay_with(|| Relayed::Stage {
+            room: room.clone(),
+            user: who.clone(),
             on,
         });
         Ok(state.stage.clone())
@@ -1169,16 +1155,13 @@ impl Hub {
     }
 }
 
-/// Cluster mode: what `bus.rs` feeds in and reads out. Plain map updates, no I/O.
+/// Cluster mode: what the cluster broker (`cluster/`) feeds in and reads out. Plain map updates, no I/O.
 impl Hub {
-    /// Installs the function that carries notices and kicks to the other nodes (once).
-    pub fn set_relay(&self, relay: Relay) {
-        let _ = self.relay.set(relay);
-    }
-
-    fn relay_with(&self, what: Relayed<'_>) {
-        if let Some(relay) = self.relay.get() {
-            relay(what);
+    fn relay_with(&self, what: impl FnOnce() -> Relayed) {
+        if let Some(relay) = &self.relay
+            && relay.try_send(what()).is_err()
+        {
+            tracing::warn!("a notice for the other nodes was dropped: the bus queue is full");
         }
     }
 

@@ -8,30 +8,33 @@
 //! - `hub`      room map, presence, fan-out of pre-encoded frames into bounded outboxes
 //! - `outbox`   a session's bounded queue of frames, allocated only while frames wait
 //! - `session`  one WebSocket: handshake, read loop, write loop, close codes
+//! - `command`  what every command handler gets (`Ctx`) and gives back (`Outcome`)
 //! - `rooms/`   room commands (join/replay, chat) with rights checks
+//! - `rtc`      calls and audio/video over the `studyhall-signaling` machines
+//! - `node`     the `Broker` a node reaches the others through; `LocalBroker` on one node
 //! - `api`      HTTP router: `/ws`, `/healthz`, `/metrics`, `/api/...`, `/dev/token`
 //! - `metrics`  counters and histograms in Prometheus text
 //! - `error`    the one error type -> protocol code / HTTP status
-//! - `bus`      cluster mode: NATS between nodes (room events, notices, directed frames,
-//!   presence heartbeats), with `sequencer` keeping each room's events in seq order
+//! - `cluster/` the NATS broker (cluster mode): room events, notices, directed frames,
+//!   presence heartbeats, with `sequencer` keeping each room's events in seq order
 //!
 //! [`App::start`] opens the store and wires the hub to it; [`serve`] runs the listener until
 //! the shutdown future resolves, then says goodbye to every session and flushes the store.
 
 pub mod api;
 pub mod auth;
-pub mod bus;
+pub mod cluster;
+pub mod command;
 pub mod config;
 pub mod engagement;
 pub mod error;
 pub mod hub;
 pub mod metrics;
+pub mod node;
 pub mod outbox;
-pub mod presence_parts;
 pub mod protocol;
 pub mod rooms;
 pub mod rtc;
-pub mod sequencer;
 pub mod session;
 pub mod store;
 pub mod web;
@@ -39,13 +42,14 @@ pub mod web;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::node::{Broker, Inbound, LocalBroker};
 use crate::store::{Store, StoreError, StoreOptions};
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 /// The settings key under which a generated token secret is kept.
 pub const JWT_SECRET_KEY: &str = "jwt_secret";
@@ -57,7 +61,7 @@ pub enum StartError {
     #[error("server I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Bus(#[from] bus::BusError),
+    Bus(#[from] cluster::BusError),
 }
 
 /// Everything a request or session needs, shared.
@@ -74,8 +78,12 @@ pub struct App {
     pub(crate) shutting_down: AtomicBool,
     live_sessions: AtomicUsize,
     sessions_gone: Notify,
-    /// Cluster mode (`nats_url` set): the NATS bus to the other nodes. `None` on one node.
-    pub bus: Option<Arc<bus::Bus>>,
+    /// How this node reaches the others ([`LocalBroker`] on a single node).
+    pub broker: Arc<dyn Broker>,
+    /// Cluster mode (`nats_url` set): the NATS broker itself, for starting and leaving.
+    cluster: Option<Arc<cluster::Bus>>,
+    /// What other nodes said, until `serve` starts applying it.
+    inbound: Mutex<Option<mpsc::Receiver<Inbound>>>,
 }
 
 /// Counts a running connection task; dropping it lets shutdown know the task has finished.
@@ -137,31 +145,35 @@ impl App {
     /// Opens and migrates the store, resolves the token secret and wires fan-out.
     pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::default());
-        let hub = Arc::new(
-            Hub::new(
-                metrics.clone(),
-                config.max_sessions_per_user,
-                config.max_room_sessions,
-                config.outbox_frames,
-            )
-            .with_presence_limit(config.presence_limit),
-        );
-        let bus = match &config.nats_url {
-            Some(url) => Some(bus::Bus::connect(&config, url, hub.clone(), metrics.clone()).await?),
-            None => None,
-        };
-        let hook: store::CommitHook = match &bus {
-            // Cluster mode: publish on the bus, and reach this node's hub through the room's
-            // sequencer (remote events must interleave in seq order).
-            Some(bus) => {
-                let bus = bus.clone();
-                Arc::new(move |ev| bus.committed(ev))
+        let hub = Hub::new(
+            metrics.clone(),
+            config.max_sessions_per_user,
+            config.max_room_sessions,
+            config.outbox_frames,
+        )
+        .with_presence_limit(config.presence_limit);
+        let policy_changes = mpsc::channel(config.bus_queue_max.max(1));
+        let (inbound_tx, inbound_rx) = mpsc::channel(config.bus_queue_max.max(1));
+        let (hub, broker, cluster): (Arc<Hub>, Arc<dyn Broker>, _) = match &config.nats_url {
+            Some(url) => {
+                let (relay_tx, relays) = mpsc::channel(config.bus_queue_max.max(1));
+                let hub = Arc::new(hub.with_relay(relay_tx));
+                let links = cluster::Links {
+                    inbound: inbound_tx,
+                    relays,
+                    policy_changes: policy_changes.1,
+                };
+                let bus = cluster::Bus::connect(&config, url, hub.clone(), metrics.clone(), links)
+                    .await?;
+                (hub, bus.clone(), Some(bus))
             }
             None => {
-                let publish_to = hub.clone();
-                Arc::new(move |ev| publish_to.publish(ev))
+                let hub = Arc::new(hub);
+                (hub.clone(), Arc::new(LocalBroker::new(hub)), None)
             }
         };
+        let committed = broker.clone();
+        let hook: store::CommitHook = Arc::new(move |ev| committed.committed(ev));
         let store = Store::open(
             &StoreOptions::from_config(&config),
             metrics.clone(),
@@ -171,13 +183,11 @@ impl App {
         // A badge goes to every session of the user: this node's, and in cluster mode those on
         // other nodes too (the earner is not always the one whose write committed it here:
         // reactions received, helpful marks).
-        let (badges_to, badges_bus) = (hub.clone(), bus.clone());
+        let (badges_to, badges_out) = (hub.clone(), broker.clone());
         store.on_badge(Arc::new(move |b| {
             let frame = badges_to.badge_earned(&b);
-            if let Some(bus) = &badges_bus {
-                for sid in badges_to.remote_session_ids(&b.user.id) {
-                    bus.send_to_session(&sid, &frame);
-                }
+            for sid in badges_to.remote_session_ids(&b.user.id) {
+                badges_out.send_to_session(&sid, &frame);
             }
         }));
         let secret = token_secret(&config, &store).await?;
@@ -185,12 +195,7 @@ impl App {
         if config.dev {
             ensure_dev_lobby(&store).await?;
         }
-        let policies = rooms::policy::Policies::new(bus.is_some());
-        if let Some(bus) = &bus {
-            bus.set_store(store.clone());
-            hub.set_relay(bus::hub_relay(bus));
-            policies.set_on_change(bus::policy_announcer(bus));
-        }
+        let policies = rooms::policy::Policies::new(cluster.is_some().then_some(policy_changes.0));
         Ok(Arc::new(Self {
             tokens: auth::Tokens::new(secret.as_bytes()),
             config,
@@ -202,7 +207,9 @@ impl App {
             shutting_down: AtomicBool::new(false),
             live_sessions: AtomicUsize::new(0),
             sessions_gone: Notify::new(),
-            bus,
+            broker,
+            cluster,
+            inbound: Mutex::new(Some(inbound_rx)),
         }))
     }
 
@@ -218,17 +225,32 @@ impl App {
 
     fn node_scoped(&self, kind: char) -> String {
         let r = rand::random::<u64>();
-        match &self.bus {
-            Some(bus) => format!("{kind}{r:016x}.{}", bus.node),
+        match self.broker.node_id() {
+            Some(node) => format!("{kind}{r:016x}.{node}"),
             None => format!("{kind}{r:016x}"),
         }
     }
 
     /// Queues a directed frame to a session wherever it is connected.
     pub fn send_to_session(&self, session: &str, frame: &hub::Frame) -> bool {
-        match &self.bus {
-            Some(bus) => bus.send_to_session(session, frame),
-            None => self.hub.send_to_session(session, frame),
+        self.broker.send_to_session(session, frame)
+    }
+
+    /// Applies what another node said (see [`Inbound`]), in arrival order.
+    fn apply(self: &Arc<Self>, what: Inbound) {
+        match what {
+            Inbound::PolicyChanged(room) => self.policies.invalidate(&room),
+            Inbound::PoliciesStale => self.policies.invalidate_all(),
+            Inbound::RemoteEvent { room, json } => self.policies.remote_event(&room, &json),
+            Inbound::SessionClosed { user, session } => {
+                rtc::remote_session_closed(self, &user, &session)
+            }
+            Inbound::Call { command, answer } => {
+                let _ = answer.send(rtc::remote_call(self, command));
+            }
+            Inbound::Av { room, change } => rtc::remote_av(self, &room, change),
+            Inbound::Stage { room, user, on } => rtc::stage_changed(self, &room, &user, on),
+            Inbound::NodeGone { node, run } => rtc::remote_node_gone(self, &node, run),
         }
     }
 
@@ -240,7 +262,7 @@ impl App {
     /// Tells every session to say `bye` and close 1001, and waits (bounded) for them to go.
     async fn drain_sessions(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        if self.bus.is_some() {
+        if self.cluster.is_some() {
             self.drain_in_batches().await;
         }
         self.hub.close_all(protocol::close::GOING_AWAY);
@@ -299,14 +321,23 @@ pub async fn serve(
     let counts = tokio::spawn(send_online_counts(app.clone()));
     let heartbeats = tokio::spawn(heartbeats(app.clone()));
     let presence = tokio::spawn(send_presence(app.clone()));
-    let bus_tasks = match &app.bus {
+    let mut bus_tasks = match &app.cluster {
         Some(bus) => {
-            let mut tasks = bus.start(app.clone()).await;
-            tasks.push(tokio::spawn(rtc::run_av_sweep(app.clone(), bus.clone())));
+            let mut tasks = bus.start(app.store.clone()).await;
+            tasks.push(tokio::spawn(rtc::run_av_sweep(app.clone())));
             tasks
         }
         None => Vec::new(),
     };
+    let inbound = app.inbound.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(mut inbound) = inbound {
+        let to = app.clone();
+        bus_tasks.push(tokio::spawn(async move {
+            while let Some(what) = inbound.recv().await {
+                to.apply(what);
+            }
+        }));
+    }
     let draining = app.clone();
     // Frames go out as soon as the write loop flushes them: with Nagle's algorithm on, a flush
     // behind an unacknowledged one waits for the client's delayed ACK (up to 40 ms).
@@ -321,7 +352,7 @@ pub async fn serve(
             // Resolving here stops the listener at once; sessions are told to go meanwhile.
             tracing::info!("shutting down: closing sessions");
             draining.shutting_down.store(true, Ordering::Release);
-            if draining.bus.is_none() {
+            if draining.cluster.is_none() {
                 draining.hub.close_all(protocol::close::GOING_AWAY);
             }
         })
@@ -333,11 +364,11 @@ pub async fn serve(
     heartbeats.abort();
     presence.abort();
     app.store.close().await;
-    if let Some(bus) = &app.bus {
+    if let Some(bus) = &app.cluster {
         bus.leave().await;
-        for t in bus_tasks {
-            t.abort();
-        }
+    }
+    for t in bus_tasks {
+        t.abort();
     }
     tracing::info!("store flushed, bye");
     Ok(())

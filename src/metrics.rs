@@ -73,7 +73,7 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     commit_latency: Histogram<10>,
     batch_size: Histogram<8>,
-    // -- cluster mode (bus.rs) --
+    // -- cluster mode (cluster/) --
     /// Room events this node published on the bus (once each, after commit).
     pub bus_published: AtomicU64,
     /// Room events received from other nodes.

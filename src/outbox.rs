@@ -7,10 +7,34 @@
 //! ([`Outbox::send`]): a join replaying hundreds of events keeps pace with the socket instead
 //! of overflowing it. Knows nothing of sockets, rooms or the wire.
 
-use crate::hub::Outgoing;
+use axum::extract::ws::Utf8Bytes;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
+
+/// One encoded text frame, shared by every outbox it is queued in.
+pub type Frame = Utf8Bytes;
+
+/// A frame queued for one session. A `lazy` frame (presence, typing, an online count) may
+/// wait a little (`presence_flush_ms`) to leave in the same write as what follows it, so a
+/// join storm costs each session one write per flush instead of one per joiner.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub frame: Frame,
+    pub lazy: bool,
+}
+
+impl From<Frame> for Outgoing {
+    fn from(frame: Frame) -> Self {
+        Self { frame, lazy: false }
+    }
+}
+
+impl From<String> for Outgoing {
+    fn from(frame: String) -> Self {
+        Frame::from(frame).into()
+    }
+}
 
 /// Capacity kept when the queue drains empty; a larger one is released.
 const KEEP: usize = 4;
@@ -223,7 +247,6 @@ impl OutboxReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::Frame;
 
     fn text(q: Option<Outgoing>) -> Option<String> {
         q.map(|o| o.frame.as_str().to_owned())

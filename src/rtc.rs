@@ -5,13 +5,14 @@
 //! outboxes. A ticker ends missed and abandoned calls; finished calls go to the call log.
 
 use crate::App;
+use crate::command::{Ctx, Outcome, check_room_id};
 use crate::error::{Error, Result};
 use crate::hub::Frame;
+use crate::node::{AvChange, CallAction, CallCommand};
 use crate::protocol::{
     self, AvJoinOk, AvMode, AvPeerRef, CallOk, CallParty, EmptyOk, IceServer, Media, RoomId,
     RoomKind, RoomRole, ServerMsg, UserId,
 };
-use crate::session::{Ctx, Outcome};
 use crate::store::{AvJoin, CallLogEntry, now_ms};
 use serde::Serialize;
 use serde_json::Value;
@@ -197,7 +198,7 @@ pub(crate) async fn call(
         ));
     }
     if let Some(room) = &room {
-        crate::rooms::check_room_id(room)?;
+        check_room_id(room)?;
         if !ctx.joined_role(room)?.can_write() {
             return Err(Error::Forbidden(
                 "viewers cannot place calls from this room".into(),
@@ -243,37 +244,8 @@ pub(crate) async fn call(
     }))
 }
 
-/// `call_accept`, `call_reject`, `call_hangup`, `call_resume`.
-pub(crate) enum CallAction {
-    Accept,
-    Reject,
-    Hangup,
-    Resume,
-}
-
-impl CallAction {
-    fn as_str(&self) -> &'static str {
-        match self {
-            Self::Accept => "accept",
-            Self::Reject => "reject",
-            Self::Hangup => "hangup",
-            Self::Resume => "resume",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "accept" => Self::Accept,
-            "reject" => Self::Reject,
-            "hangup" => Self::Hangup,
-            "resume" => Self::Resume,
-            _ => return None,
-        })
-    }
-}
-
 /// Runs a call command on this node's machine and delivers what it asks to send.
-fn apply_call_action(app: &Arc<App>, me: &Peer, action: &CallAction, call_id: &str) -> Result<()> {
+fn apply_call_action(app: &Arc<App>, me: &Peer, action: CallAction, call_id: &str) -> Result<()> {
     let outs = {
         let mut st = app.rtc.lock();
         let outs = match action {
@@ -281,6 +253,9 @@ fn apply_call_action(app: &Arc<App>, me: &Peer, action: &CallAction, call_id: &s
             CallAction::Reject => st.calls.reject(now(), me, call_id)?,
             CallAction::Hangup => st.calls.hangup(now(), me, call_id)?,
             CallAction::Resume => st.calls.resume(me, call_id)?,
+            CallAction::Signal => {
+                return Err(Error::bad_request("a signal is not a call action"));
+            }
         };
         log_finished(app, &mut st);
         outs
@@ -305,51 +280,48 @@ pub(crate) fn call_action(
         ice_servers: matches!(action, CallAction::Accept | CallAction::Resume)
             .then(|| app.rtc.ice_servers(&ctx.me.user)),
     };
-    if let Some(bus) = &app.bus
-        && let Some(node) = bus.remote_owner(&call_id)
-    {
+    if let Some(node) = app.broker.call_owner(&call_id) {
         // Another node owns this call: its machine decides, and we relay the answer.
-        let cmd = crate::bus::CallCommand {
-            action: action.as_str().to_owned(),
+        let cmd = CallCommand {
+            action,
             call_id: call_id.clone(),
             user: ctx.me.user.0.clone(),
             session: ctx.handle.id.0.clone(),
             data: None,
         };
-        return Ok(forwarded(bus.clone(), node.to_owned(), cmd, rid, reply));
+        return Ok(forwarded(&app, node, cmd, rid, reply));
     }
-    apply_call_action(&app, &me, &action, &call_id)?;
+    apply_call_action(&app, &me, action, &call_id)?;
     Ok(Outcome::ok(reply))
 }
 
 /// The reply to a call command forwarded to the node that owns the call.
 fn forwarded<R: Serialize + Send + 'static>(
-    bus: Arc<crate::bus::Bus>,
+    app: &App,
     node: String,
-    cmd: crate::bus::CallCommand,
+    cmd: CallCommand,
     rid: Option<i64>,
     reply: R,
 ) -> Outcome {
+    let answer = app.broker.forward_call(node, cmd);
     Outcome::Deferred(Box::pin(async move {
-        match bus.forward_call(&node, &cmd).await {
+        match answer.await {
             Ok(()) => rid.map(|rid| protocol::encode_ok_as(rid, &reply)),
-            Err(e) => Some(crate::session::error_frame(rid, &e)),
+            Err(e) => Some(crate::command::error_frame(rid, &e)),
         }
     }))
 }
 
 /// A call command forwarded by another node for a call this node owns.
-pub(crate) fn remote_call(app: &Arc<App>, cmd: crate::bus::CallCommand) -> Result<()> {
+pub(crate) fn remote_call(app: &Arc<App>, cmd: CallCommand) -> Result<()> {
     let me = Peer::new(&cmd.user, &cmd.session);
-    if cmd.action == "signal" {
+    if cmd.action == CallAction::Signal {
         let data = cmd.data.unwrap_or(Value::Null);
         let out = app.rtc.lock().calls.relay(&me, &cmd.call_id, &data)?;
         deliver(app, vec![out], None, None);
         return Ok(());
     }
-    let action = CallAction::parse(&cmd.action)
-        .ok_or_else(|| Error::bad_request("unknown forwarded call action"))?;
-    apply_call_action(app, &me, &action, &cmd.call_id)
+    apply_call_action(app, &me, cmd.action, &cmd.call_id)
 }
 
 /// A session on another node ended: calls here give it the grace period.
@@ -363,7 +335,7 @@ pub(crate) fn remote_session_closed(app: &Arc<App>, user: &UserId, session: &str
 }
 
 pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
-    crate::rooms::check_room_id(&room)?;
+    check_room_id(&room)?;
     let role = ctx.joined_role(&room)?;
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
     let kind = match policy.room.kind {
@@ -381,13 +353,13 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     };
     let app = ctx.app.clone();
     let me = peer(ctx);
-    let (peers, outs) = match &app.bus {
+    let (peers, outs) = match app.broker.node_id() {
         None => app
             .rtc
             .lock()
             .av
             .join(room.as_str(), kind, me, can_publish)?,
-        Some(bus) => cluster_av_join(&app, bus, &room, kind, me, can_publish).await?,
+        Some(node) => cluster_av_join(&app, node, &room, kind, me, can_publish).await?,
     };
     deliver(&app, outs, None, None);
     let peers = peers
@@ -409,7 +381,7 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
 /// order); meanwhile peers joining on other nodes are remembered here, so none is missed.
 async fn cluster_av_join(
     app: &Arc<App>,
-    bus: &Arc<crate::bus::Bus>,
+    node: &str,
     room: &RoomId,
     kind: AvKind,
     me: Peer,
@@ -419,8 +391,8 @@ async fn cluster_av_join(
         .lock()
         .av
         .begin_join(room.as_str(), kind, &me.session);
-    let live = bus.knows_every_node().then(|| bus.live_nodes());
-    let admitted = admit(app, bus, room, &me, app.config.av_mesh_max, live.as_deref()).await;
+    let live = app.broker.live_nodes();
+    let admitted = admit(app, room, &me, app.config.av_mesh_max, live.as_deref()).await;
     let admitted = match admitted {
         Ok(a) => a,
         Err(e) => {
@@ -431,7 +403,7 @@ async fn cluster_av_join(
     let generation = admitted.generation.max(0) as u64;
     let joined = {
         let mut st = app.rtc.lock();
-        let before = own_rows_held(&st.av, &bus.node, room, admitted.before);
+        let before = own_rows_held(&st.av, node, room, admitted.before);
         st.av.finish_join(
             room.as_str(),
             kind,
@@ -441,14 +413,13 @@ async fn cluster_av_join(
             before,
         )
     };
-    announce(bus, room, &me, generation, true);
+    announce(app, room, &me, generation, true);
     Ok(joined)
 }
 
 /// Asks the store to admit this node's session `peer` to the room's A/V.
 async fn admit(
     app: &App,
-    bus: &crate::bus::Bus,
     room: &RoomId,
     peer: &Peer,
     mesh_max: usize,
@@ -460,8 +431,8 @@ async fn admit(
             room,
             session: &peer.session,
             user: &user,
-            node: &bus.node,
-            epoch: bus.epoch() as i64,
+            node: app.broker.node_id().unwrap_or_default(),
+            epoch: app.broker.run() as i64,
             mesh_max,
             live_nodes,
             now_ms: now_ms(),
@@ -470,14 +441,14 @@ async fn admit(
 }
 
 /// Tells the other nodes that this node's session `peer` joined or left the room's A/V.
-fn announce(bus: &crate::bus::Bus, room: &RoomId, peer: &Peer, generation: u64, joined: bool) {
-    bus.av_changed(
+fn announce(app: &App, room: &RoomId, peer: &Peer, generation: u64, joined: bool) {
+    app.broker.av_changed(
         room,
         AvChange {
-            session: &peer.session,
-            user: &peer.user,
+            session: peer.session.clone(),
+            user: peer.user.clone(),
             generation,
-            run: bus.epoch(),
+            run: app.broker.run(),
             joined,
         },
     );
@@ -493,7 +464,7 @@ fn membership(m: crate::store::AvMember) -> Membership {
 }
 
 pub(crate) async fn av_leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
-    crate::rooms::check_room_id(&room)?;
+    check_room_id(&room)?;
     let app = ctx.app.clone();
     if let Some(left) = av_left(&app, &room, &ctx.me.user, ctx.handle.id.as_str(), false) {
         // Awaited: a re-join right after must find the store without this membership.
@@ -539,14 +510,24 @@ fn cluster_av_left(
     session: String,
     generation: u64,
 ) -> Option<impl Future<Output = ()> + Send + 'static> {
-    let (store, bus) = (app.store.clone(), app.bus.clone()?);
+    app.broker.node_id()?;
+    let (store, broker) = (app.store.clone(), app.broker.clone());
     let unforgotten = app.rtc.unforgotten.clone();
     Some(async move {
         if let Err(e) = store.av_leave(&room, &session, generation as i64).await {
             tracing::warn!(error = %e, room = %room, "could not forget an A/V member: will retry");
             lock_list(&unforgotten).push((room.clone(), session.clone(), generation));
         }
-        announce(&bus, &room, &Peer::new(user.0, session), generation, false);
+        broker.av_changed(
+            &room,
+            AvChange {
+                session,
+                user: user.0,
+                generation,
+                run: broker.run(),
+                joined: false,
+            },
+        );
     })
 }
 
@@ -554,33 +535,22 @@ fn lock_list<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A membership change of a room's A/V, as it crosses the bus.
-pub(crate) struct AvChange<'a> {
-    pub session: &'a str,
-    pub user: &'a str,
-    /// The membership's generation (its place in the room's join order).
-    pub generation: u64,
-    /// The run (epoch) of the node holding the session.
-    pub run: u64,
-    pub joined: bool,
-}
-
 /// Cluster mode: a session on another node joined or left a room's A/V.
-pub(crate) fn remote_av(app: &App, room: &RoomId, change: AvChange<'_>) {
+pub(crate) fn remote_av(app: &App, room: &RoomId, change: AvChange) {
     let outs = {
         let mut st = app.rtc.lock();
         if change.joined {
             st.av.remote_joined(
                 room.as_str(),
                 &Membership {
-                    peer: Peer::new(change.user, change.session),
+                    peer: Peer::new(change.user, change.session.clone()),
                     generation: change.generation,
                     run: change.run,
                 },
             )
         } else {
             st.av
-                .remote_left(room.as_str(), change.session, change.generation)
+                .remote_left(room.as_str(), &change.session, change.generation)
         }
     };
     deliver(app, outs, None, None);
@@ -590,11 +560,10 @@ pub(crate) fn remote_av(app: &App, room: &RoomId, change: AvChange<'_>) {
 /// and the store forgets them (every surviving node tries; the delete is idempotent, and
 /// spares a later run of the same node).
 pub(crate) fn remote_node_gone(app: &App, node: &str, epoch: u64) {
-    let outs = app
-        .rtc
-        .lock()
-        .av
-        .remote_gone(|session, run| run == epoch && crate::bus::node_of(session) == Some(node));
+    let outs =
+        app.rtc.lock().av.remote_gone(|session, run| {
+            run == epoch && crate::node::node_of(session) == Some(node)
+        });
     deliver(app, outs, None, None);
     let (store, node) = (app.store.clone(), node.to_owned());
     tokio::spawn(async move {
@@ -642,34 +611,28 @@ pub(crate) async fn signal(
 ) -> Result<Outcome> {
     if let Some(room) = &room {
         // A/V signals need the sender to still be in the room (not only in its A/V).
-        crate::rooms::check_room_id(room)?;
+        check_room_id(room)?;
         ctx.joined_role(room)?;
     }
     let me = peer(ctx);
     let app = ctx.app.clone();
-    if let (Some(bus), Some(id), None) = (&app.bus, &call_id, &room)
-        && let Some(node) = bus.remote_owner(id)
+    if let (Some(id), None) = (&call_id, &room)
+        && let Some(node) = app.broker.call_owner(id)
     {
         if id.len() > 64 {
             return Err(Error::bad_request("call_id must be 1..=64 characters"));
         }
-        let cmd = crate::bus::CallCommand {
-            action: "signal".into(),
+        let cmd = CallCommand {
+            action: CallAction::Signal,
             call_id: id.clone(),
             user: me.user.clone(),
             session: me.session.clone(),
             data: Some(data),
         };
-        return Ok(forwarded(
-            bus.clone(),
-            node.to_owned(),
-            cmd,
-            rid,
-            EmptyOk {},
-        ));
+        return Ok(forwarded(&app, node, cmd, rid, EmptyOk {}));
     }
-    if let (Some(bus), None, Some(room), Some(to)) = (&app.bus, &call_id, &room, &to)
-        && crate::bus::node_of(to).is_some_and(|n| n != bus.node)
+    if let (Some(node), None, Some(room), Some(to)) = (app.broker.node_id(), &call_id, &room, &to)
+        && crate::node::node_of(to).is_some_and(|n| n != node)
     {
         learn_remote_peer(&app, room, &me, to).await?;
     }
@@ -743,18 +706,21 @@ pub(crate) fn session_closed(app: &Arc<App>, user: &UserId, session: &str) {
 /// which repairs what the bus lost (a join or leave notice), drops members of node runs that
 /// died unseen, and admits again a local member whose row was deleted while this node was
 /// taken for dead.
-pub(crate) async fn run_av_sweep(app: Arc<App>, bus: Arc<crate::bus::Bus>) {
+pub(crate) async fn run_av_sweep(app: Arc<App>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(app.config.bus_sweep_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = av_sweep(&app, &bus).await {
+        if let Err(e) = av_sweep(&app).await {
             tracing::warn!(error = %e, "A/V sweep failed");
         }
     }
 }
 
-async fn av_sweep(app: &Arc<App>, bus: &Arc<crate::bus::Bus>) -> Result<()> {
+async fn av_sweep(app: &Arc<App>) -> Result<()> {
+    let Some(node) = app.broker.node_id() else {
+        return Ok(());
+    };
     // Ended memberships whose delete failed.
     let retry = std::mem::take(&mut *lock_list(&app.rtc.unforgotten));
     for (i, (room, session, generation)) in retry.iter().enumerate() {
@@ -775,24 +741,20 @@ async fn av_sweep(app: &Arc<App>, bus: &Arc<crate::bus::Bus>) -> Result<()> {
         return Ok(());
     }
     // Only a node that hears the cluster may judge others dead, or itself lost.
-    let live = bus.knows_every_node().then(|| bus.live_nodes());
+    let live = app.broker.live_nodes();
     for (room, version, mut members) in app.store.av_snapshot(&rooms).await? {
         if let Some(live) = &live {
             // Rows of nodes not heard (they died unseen) go from the store and from here.
-            let unheard =
-                |m: &crate::store::AvMember| m.node != bus.node && !live.contains(&m.node);
+            let unheard = |m: &crate::store::AvMember| m.node != node && !live.contains(&m.node);
             if members.iter().any(unheard) {
-                let n = app
-                    .store
-                    .av_forget_other_nodes(&room, &bus.node, live)
-                    .await?;
+                let n = app.store.av_forget_other_nodes(&room, node, live).await?;
                 tracing::info!(room = %room, members = n, "forgot A/V members of nodes that are gone");
                 members.retain(|m| !unheard(m));
             }
         }
         let (outs, lost) = {
             let mut st = app.rtc.lock();
-            let stored = own_rows_held(&st.av, &bus.node, &room, members);
+            let stored = own_rows_held(&st.av, node, &room, members);
             st.av
                 .reconcile(room.as_str(), version.max(0) as u64, &stored)
         };
@@ -801,7 +763,7 @@ async fn av_sweep(app: &Arc<App>, bus: &Arc<crate::bus::Bus>) -> Result<()> {
             continue;
         }
         for peer in lost {
-            if let Err(e) = readmit(app, bus, &room, peer).await {
+            if let Err(e) = readmit(app, &room, peer).await {
                 tracing::warn!(error = %e, room = %room, "could not admit an A/V member again");
             }
         }
@@ -830,13 +792,8 @@ fn own_rows_held(
 
 /// Admits a local member again whose stored membership was deleted (by nodes that took this
 /// one for dead), as the newest member, and tells the other nodes.
-async fn readmit(
-    app: &Arc<App>,
-    bus: &Arc<crate::bus::Bus>,
-    room: &RoomId,
-    peer: Peer,
-) -> Result<()> {
-    let admitted = admit(app, bus, room, &peer, usize::MAX, None).await?;
+async fn readmit(app: &Arc<App>, room: &RoomId, peer: Peer) -> Result<()> {
+    let admitted = admit(app, room, &peer, usize::MAX, None).await?;
     let generation = admitted.generation.max(0) as u64;
     let still = {
         let mut st = app.rtc.lock();
@@ -853,7 +810,7 @@ async fn readmit(
         return Ok(());
     }
     tracing::info!(room = %room, "A/V member admitted again after the store lost it");
-    announce(bus, room, &peer, generation, true);
+    announce(app, room, &peer, generation, true);
     Ok(())
 }
 

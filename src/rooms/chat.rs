@@ -3,10 +3,10 @@
 //! sequenced writes to the store's group-commit writer; the reply follows the commit.
 
 use super::{check_room_id, readable_role};
+use crate::command::{Ctx, Outcome, deferred};
 use crate::error::{Error, Result};
 use crate::hub::Frame;
 use crate::protocol::{self, HISTORY_MAX_LIMIT, MessageId, RoomId, ServerMsg};
-use crate::session::{Ctx, Outcome, deferred};
 use crate::store::View;
 use crate::store::{WriteOp, WriteOutcome};
 

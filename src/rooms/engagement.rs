@@ -4,13 +4,13 @@
 
 use super::{check_room_id, readable_role};
 use crate::App;
+use crate::command::{Ctx, Outcome, deferred};
 use crate::engagement::{self as eng, Bucket};
 use crate::error::{Error, Result};
 use crate::protocol::{
     LeaderboardEntry, LeaderboardOk, ProfileBadge, ProfileOk, ProfileRoom, ProfileStreak,
     QuestionId, RoomId, StatsOk, UserId,
 };
-use crate::session::{Ctx, Outcome, deferred};
 use crate::store::{BadgeView, Room, StatsQuery, UserBrief, WriteOp, now_ms};
 
 /// Most entries one leaderboard answer carries.

@@ -10,13 +10,15 @@ pub mod policy;
 mod qa;
 mod stage;
 
+pub(crate) use crate::command::check_room_id;
+use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
-use crate::protocol::{self, ClientMsg, PlatformRole, RoomId, RoomRole, Visibility, valid_room_id};
-use crate::session::{Ctx, Outcome};
+use crate::protocol::{self, ClientMsg, PlatformRole, RoomId, RoomRole, Visibility};
 use crate::store::Room;
 use policy::Policy;
 
-use crate::rtc::{self, CallAction};
+use crate::node::CallAction;
+use crate::rtc;
 
 pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
     match msg {
@@ -130,16 +132,6 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
     }
 }
 
-pub(crate) fn check_room_id(room: &RoomId) -> Result<()> {
-    if valid_room_id(room.as_str()) {
-        Ok(())
-    } else {
-        Err(Error::bad_request(
-            "room ids are 1..=64 characters of A-Z a-z 0-9 _ . -",
-        ))
-    }
-}
-
 /// The user's role in a room: a platform admin is host everywhere; otherwise the higher of
 /// the token's grant and the stored membership; otherwise `member` of an open room.
 /// `Ok(None)` means the room is invite-only and the user was not invited. The flag says the
@@ -215,12 +207,15 @@ async fn join(
     // Cluster mode: subscribed to the room and its sequencer started before the gate is set,
     // so every event after this join's replay reaches the hub, in order.
     let first_join = !ctx.joined.contains_key(&room_id);
-    if first_join && let Some(bus) = &ctx.app.bus {
-        bus.enter_room(&room_id).await?;
-        // Cached while members are here, so events from other nodes keep its slow-mode
-        // clocks current.
-        if let Err(e) = ctx.app.policies.get(&ctx.app.store, &room_id).await {
-            bus.leave_room(&room_id);
+    let broker = ctx.app.broker.clone();
+    if first_join {
+        broker.enter_room(&room_id, &ctx.app.store).await?;
+        // Cluster mode: cached while members are here, so events from other nodes keep its
+        // slow-mode clocks current.
+        if broker.node_id().is_some()
+            && let Err(e) = ctx.app.policies.get(&ctx.app.store, &room_id).await
+        {
+            broker.leave_room(&room_id);
             return Err(e);
         }
     }
@@ -235,8 +230,8 @@ async fn join(
     ) {
         Ok(j) => j,
         Err(e) => {
-            if first_join && let Some(bus) = &ctx.app.bus {
-                bus.leave_room(&room_id);
+            if first_join {
+                broker.leave_room(&room_id);
             }
             return Err(Error::Forbidden(e.to_string()));
         }
@@ -267,9 +262,7 @@ async fn join(
     if result.is_err() {
         ctx.app.hub.leave(&room_id, &ctx.handle.id);
         ctx.joined.remove(&room_id);
-        if let Some(bus) = &ctx.app.bus {
-            bus.leave_room(&room_id);
-        }
+        broker.leave_room(&room_id);
     }
     result
 }
@@ -361,9 +354,7 @@ fn leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     }
     let was_on_stage = ctx.app.hub.on_stage(&room, &ctx.me.user);
     ctx.app.hub.leave(&room, &ctx.handle.id);
-    if let Some(bus) = &ctx.app.bus {
-        bus.leave_room(&room);
-    }
+    ctx.app.broker.leave_room(&room);
     // Leaving the room leaves its A/V too, and a stage spot given up here ends the right to
     // publish for the user's other sessions as well.
     rtc::left_room(

@@ -3,10 +3,10 @@
 //! the room's audit log. Host and TA cannot be moderated by these commands.
 
 use super::check_room_id;
+use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::hub::Frame;
 use crate::protocol::{self, RoomId, RoomRole, ServerMsg, UserId};
-use crate::session::{Ctx, Outcome};
 use crate::store::{RoomPatch, now_ms};
 
 /// Longest mute: 30 days.

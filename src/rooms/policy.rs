@@ -10,7 +10,7 @@ use crate::protocol::{RoomId, RoomRole, UserId};
 use crate::store::{LinkPolicy, Room, RoomRules, Store, now_ms};
 use dashmap::DashMap;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Rooms whose policy is cached before the cache is emptied and refilled on demand.
 const MAX_CACHED_ROOMS: usize = 100_000;
@@ -208,16 +208,13 @@ fn links(text: &str) -> impl Iterator<Item = String> + '_ {
         })
 }
 
-/// Announces a room's policy change to the other nodes (cluster mode).
-pub type ChangeHook = Box<dyn Fn(&RoomId) + Send + Sync>;
-
 /// The cache of room policies.
 #[derive(Default)]
 pub struct Policies {
     map: DashMap<RoomId, Arc<Policy>>,
-    /// Cluster mode: tells the other nodes that a room's settings or mutes changed, so they
-    /// drop their cached copy (set by `bus.rs`; unset on a single node).
-    on_change: OnceLock<ChangeHook>,
+    /// Cluster mode: rooms whose settings, memberships, bans or mutes changed here, for the
+    /// broker to announce (the other nodes drop their cached copy). `None` on a single node.
+    changes: Option<tokio::sync::mpsc::Sender<RoomId>>,
     /// Other nodes change rooms too (cluster mode): the cached access may lag one bus hop, so
     /// a join's second look reads the joiner's own rows from the store.
     shared_store: bool,
@@ -234,11 +231,12 @@ pub struct Policies {
 }
 
 impl Policies {
-    /// A cache for a node that is the only writer of its store (`shared_store` false) or one
-    /// of several (cluster mode).
-    pub fn new(shared_store: bool) -> Self {
+    /// A cache for a node that is the only writer of its store (`changes` is `None`) or one
+    /// of several (cluster mode: its changes go to `changes` for the other nodes).
+    pub fn new(changes: Option<tokio::sync::mpsc::Sender<RoomId>>) -> Self {
         Self {
-            shared_store,
+            shared_store: changes.is_some(),
+            changes,
             ..Self::default()
         }
     }
@@ -332,11 +330,6 @@ impl Policies {
         Ok(())
     }
 
-    /// Installs the cluster's change announcer (once).
-    pub fn set_on_change(&self, f: ChangeHook) {
-        let _ = self.on_change.set(f);
-    }
-
     /// Drops a room's cached policy (another node changed it); the next use reloads it.
     pub fn invalidate(&self, room: &RoomId) {
         self.bump(room);
@@ -362,8 +355,12 @@ impl Policies {
     /// before it, and the other nodes drop their copies.
     fn changed(&self, room: &RoomId) {
         self.bump(room);
-        if let Some(f) = self.on_change.get() {
-            f(room);
+        if let Some(tx) = &self.changes
+            && tx.try_send(room.clone()).is_err()
+        {
+            // As lossy as any publish on the bus (the queue is `bus_queue_max` long and drained
+            // at once): the other nodes keep their copy until its next invalidation.
+            tracing::warn!(room = %room, "policy change not announced: the bus queue is full");
         }
     }
 

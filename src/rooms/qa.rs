@@ -4,9 +4,9 @@
 
 use super::chat::write_ok;
 use super::{check_room_id, readable_role};
+use crate::command::{Ctx, Outcome, deferred};
 use crate::error::{Error, Result};
 use crate::protocol::{QuestionId, QuestionStatus, QuestionsOk, RoomId};
-use crate::session::{Ctx, Outcome, deferred};
 use crate::store::{QuestionFilter, QuestionSort, View, WriteOp, now_ms};
 
 fn check_question_id(id: &QuestionId) -> Result<()> {

@@ -3,10 +3,10 @@
 //! cleared for a user whose last session leaves the room.
 
 use super::check_room_id;
+use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::hub::StageError;
 use crate::protocol::{HandsOk, LowerHandOk, RaiseHandOk, RaisedHand, RoomId, StageOk, UserId};
-use crate::session::{Ctx, Outcome};
 use crate::store::now_ms;
 
 pub(super) fn raise(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {

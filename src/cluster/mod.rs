@@ -19,25 +19,30 @@
 //!
 //! It knows nothing of sockets or SQL: it calls the hub, the store API and `rtc`.
 
-use crate::App;
+pub mod presence_parts;
+pub mod sequencer;
+
 use crate::config::Config;
 use crate::error::Error;
 use crate::hub::{Frame, Hub, NoticeTo, Relayed};
 use crate::metrics::Metrics;
-use crate::presence_parts::{Assembled, Assembler, Part, Snapshot};
+use crate::node::{AvChange, Broker, CallCommand, Inbound, node_of};
 use crate::protocol::{ErrorCode, RoomId, UserId, UserRef};
-use crate::sequencer::{Offered, RoomSequencer};
 use crate::store::{CommittedEvent, Store, StoreError};
 use async_nats::{Client, ConnectOptions, Event, Message, Subscriber};
 use bytes::{BufMut, Bytes, BytesMut};
 use dashmap::DashMap;
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use presence_parts::{Assembled, Assembler, Part, Snapshot};
+use sequencer::{Offered, RoomSequencer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -52,6 +57,16 @@ const REFILL_PAGE: u32 = 1000;
 /// Bytes per heartbeat part when the server did not say its `max_payload` (half NATS's
 /// default).
 const DEFAULT_PART_BUDGET: usize = 512 * 1024;
+
+/// The channels between the bus and the rest of the node, made before either exists.
+pub struct Links {
+    /// What other nodes said that the app applies (see [`Inbound`]).
+    pub inbound: mpsc::Sender<Inbound>,
+    /// The hub's notices, kicks, hands and stage changes for the other nodes.
+    pub relays: mpsc::Receiver<Relayed>,
+    /// Rooms whose cached policy changed here.
+    pub policy_changes: mpsc::Receiver<RoomId>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -90,11 +105,6 @@ pub fn room_subject(room: &RoomId) -> String {
 
 pub fn node_subject(node: &str) -> String {
     format!("{PREFIX}.node.{node}")
-}
-
-/// The node named at the end of a cluster session or call id (`s….NODE`, `c….NODE`).
-pub fn node_of(id: &str) -> Option<&str> {
-    id.rsplit_once('.').map(|(_, n)| n)
 }
 
 // -- the bus's own message encoding (between nodes only; never seen by clients) --------------
@@ -225,18 +235,6 @@ fn decode_notice(payload: &[u8]) -> Option<(Frame, NoticeTo)> {
     Some((Frame::from(r.rest_str()?.to_owned()), to))
 }
 
-/// A call command forwarded to the node that owns the call.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CallCommand {
-    /// `accept`, `reject`, `hangup`, `resume` or `signal`.
-    pub action: String,
-    pub call_id: String,
-    pub user: String,
-    pub session: String,
-    #[serde(default)]
-    pub data: Option<serde_json::Value>,
-}
-
 /// The owning node's answer: `code` is `None` for success.
 #[derive(Debug, Serialize, Deserialize)]
 struct CallAnswer {
@@ -282,10 +280,11 @@ struct RoomSlot {
 /// The node's side of the cluster.
 pub struct Bus {
     pub node: String,
+    /// This bus, for the tasks that `enter_room` spawns.
+    me: std::sync::Weak<Bus>,
     client: Client,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
-    store: OnceLock<Store>,
     rooms: DashMap<RoomId, RoomSlot>,
     out: mpsc::Sender<(String, Bytes)>,
     out_rx: Mutex<Option<mpsc::Receiver<(String, Bytes)>>>,
@@ -306,8 +305,11 @@ pub struct Bus {
     nodes: Mutex<HashMap<String, NodeView>>,
     /// Other nodes' heartbeats whose parts have not all arrived (locked after `nodes`).
     assembly: Mutex<Assembler>,
-    /// The app, for what remote events change outside the hub (slow-mode clocks).
-    app: OnceLock<Weak<App>>,
+    /// Where what concerns more than the hub goes (see [`Inbound`]).
+    inbound: mpsc::Sender<Inbound>,
+    /// The hub's relays and the policy cache's changes, until `start` drains them.
+    relays: Mutex<Option<mpsc::Receiver<Relayed>>>,
+    policy_changes: Mutex<Option<mpsc::Receiver<RoomId>>>,
     epoch: u64,
     version: AtomicU64,
     leaving: AtomicBool,
@@ -326,6 +328,7 @@ impl Bus {
         url: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
+        links: Links,
     ) -> Result<Arc<Self>, BusError> {
         let node = cfg
             .node_id
@@ -377,12 +380,12 @@ impl Bus {
             })?;
         let (out, out_rx) = mpsc::channel(cfg.bus_queue_max);
         tracing::info!(node = %node, "joined the cluster bus");
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|me| Self {
             node,
+            me: me.clone(),
             client,
             hub,
             metrics,
-            store: OnceLock::new(),
             rooms: DashMap::new(),
             out,
             out_rx: Mutex::new(Some(out_rx)),
@@ -397,21 +400,15 @@ impl Bus {
             request_timeout: Duration::from_millis(cfg.bus_request_timeout_ms),
             nodes: Mutex::new(HashMap::new()),
             assembly: Mutex::new(Assembler::default()),
-            app: OnceLock::new(),
+            inbound: links.inbound,
+            relays: Mutex::new(Some(links.relays)),
+            policy_changes: Mutex::new(Some(links.policy_changes)),
             epoch: rand::random(),
             version: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
             healthy_since,
             silent_unsure: Mutex::new(Vec::new()),
         }))
-    }
-
-    pub fn set_store(&self, store: Store) {
-        let _ = self.store.set(store);
-    }
-
-    fn store(&self) -> Result<&Store, StoreError> {
-        self.store.get().ok_or(StoreError::Closed)
     }
 
     /// Queues a message for the publisher task without waiting; false if the queue is full.
@@ -432,7 +429,7 @@ impl Bus {
 
     /// The commit hook in cluster mode (runs in commit order on the committing node): publish
     /// once on the room's subject, and hand the event to this node's sequencer.
-    pub fn committed(&self, ev: CommittedEvent) {
+    fn publish_committed(&self, ev: CommittedEvent) {
         if self.enqueue(room_subject(&ev.room), encode_event(&ev)) {
             self.metrics.bus_published.fetch_add(1, Relaxed);
         }
@@ -465,7 +462,7 @@ impl Bus {
     /// where its sequence stands, BEFORE the session's gate is set and its replay read, so
     /// every event after the replay reaches the hub in order. Balanced by [`Bus::leave_room`]
     /// (also when this fails).
-    pub async fn enter_room(self: &Arc<Self>, room: &RoomId) -> Result<(), StoreError> {
+    async fn subscribe_room(&self, room: &RoomId, store: &Store) -> Result<(), StoreError> {
         let (entry, fresh) = {
             let mut slot = self.rooms.entry(room.clone()).or_insert_with(|| RoomSlot {
                 refs: 0,
@@ -484,8 +481,10 @@ impl Bus {
         if fresh {
             match self.client.subscribe(room_subject(room)).await {
                 Ok(sub) => {
-                    let task =
-                        tokio::spawn(self.clone().room_task(room.clone(), entry.clone(), sub));
+                    let Some(me) = self.me.upgrade() else {
+                        return Ok(());
+                    };
+                    let task = tokio::spawn(me.room_task(room.clone(), entry.clone(), sub));
                     *lock(&entry.task) = Some(task);
                     if entry.dead.load(Relaxed) {
                         // The last member left while this was subscribing.
@@ -506,11 +505,7 @@ impl Bus {
             let _ = rx.wait_for(|s| *s == Sub::Subscribed).await;
         }
         if lock(&entry.seq).next().is_none() {
-            let last = match self.store() {
-                Ok(store) => store.last_seq(room).await,
-                Err(e) => Err(e),
-            };
-            match last {
+            match store.last_seq(room).await {
                 Ok(last) => {
                     let mut seq = lock(&entry.seq);
                     let hub = &self.hub;
@@ -519,7 +514,7 @@ impl Bus {
                     }
                 }
                 Err(e) => {
-                    self.leave_room(room);
+                    self.unsubscribe_room(room);
                     return Err(e);
                 }
             }
@@ -528,7 +523,7 @@ impl Bus {
     }
 
     /// A local session left `room` (or failed to join it): after the last one, unsubscribe.
-    pub fn leave_room(&self, room: &RoomId) {
+    fn unsubscribe_room(&self, room: &RoomId) {
         let removed = self.rooms.remove_if_mut(room, |_, slot| {
             slot.refs = slot.refs.saturating_sub(1);
             slot.refs == 0
@@ -556,9 +551,11 @@ impl Bus {
                         continue;
                     };
                     self.metrics.bus_received.fetch_add(1, Relaxed);
-                    if let Some(app) = self.app.get().and_then(Weak::upgrade) {
-                        app.policies.remote_event(&room, &ev.json);
-                    }
+                    let remote = Inbound::RemoteEvent {
+                        room: room.clone(),
+                        json: ev.json.clone(),
+                    };
+                    let _ = self.inbound.send(remote).await;
                     self.metrics
                         .bus_latency(Duration::from_micros(now_us().saturating_sub(ts)));
                     self.offer(&entry, ev, false);
@@ -574,9 +571,10 @@ impl Bus {
                         // A ban or removal comes with a kick: drop the cached access now, so a
                         // join racing it here rechecks against the store (the invalidation on
                         // the control subject may come later than the kick).
-                        if let Some(app) = self.app.get().and_then(Weak::upgrade) {
-                            app.policies.invalidate(&room);
-                        }
+                        let _ = self
+                            .inbound
+                            .send(Inbound::PolicyChanged(room.clone()))
+                            .await;
                         // A removal over the HTTP API ("removed") is the platform's word and takes
                         // host/ta too; a kick or ban from a session's command spares them.
                         self.hub.kick_local(
@@ -604,17 +602,19 @@ impl Bus {
                         continue;
                     };
                     // Our own relays come back on the room subject too.
-                    if node_of(session) != Some(self.node.as_str())
-                        && let Some(app) = self.app.get().and_then(Weak::upgrade)
-                    {
-                        let change = crate::rtc::AvChange {
-                            session,
-                            user,
+                    if node_of(session) != Some(self.node.as_str()) {
+                        let change = AvChange {
+                            session: session.to_owned(),
+                            user: user.to_owned(),
                             generation,
                             run,
                             joined: joined == 1,
                         };
-                        crate::rtc::remote_av(&app, &room, change);
+                        let av = Inbound::Av {
+                            room: room.clone(),
+                            change,
+                        };
+                        let _ = self.inbound.send(av).await;
                     }
                 }
                 Some(&TAG_STAGE) => {
@@ -623,10 +623,13 @@ impl Bus {
                     let Ok(user) = serde_json::from_slice::<UserRef>(r.0) else {
                         continue;
                     };
-                    if self.hub.apply_stage(&room, &user, on == 1)
-                        && let Some(app) = self.app.get().and_then(Weak::upgrade)
-                    {
-                        crate::rtc::stage_changed(&app, &room, &user.id, on == 1);
+                    if self.hub.apply_stage(&room, &user, on == 1) {
+                        let stage = Inbound::Stage {
+                            room: room.clone(),
+                            user: user.id.clone(),
+                            on: on == 1,
+                        };
+                        let _ = self.inbound.send(stage).await;
                     }
                 }
                 _ => {}
@@ -635,7 +638,7 @@ impl Bus {
     }
 
     /// Reads the seqs after the last one handed on from the store and offers them.
-    async fn refill(self: Arc<Self>, room: RoomId, entry: Arc<RoomEntry>) {
+    async fn refill(self: Arc<Self>, room: RoomId, entry: Arc<RoomEntry>, store: Store) {
         if entry.refilling.swap(true, AcqRel) {
             return;
         }
@@ -644,11 +647,7 @@ impl Bus {
             let Some(after) = lock(&entry.seq).next().map(|n| n - 1) else {
                 break;
             };
-            let page = match self.store() {
-                Ok(store) => store.committed_after(&room, after, REFILL_PAGE).await,
-                Err(e) => Err(e),
-            };
-            match page {
+            match store.committed_after(&room, after, REFILL_PAGE).await {
                 Ok(events) => {
                     let n = events.len();
                     for ev in events {
@@ -668,7 +667,7 @@ impl Bus {
     }
 
     /// Refills rooms whose gap has been open past the bound.
-    async fn gap_task(self: Arc<Self>) {
+    async fn gap_task(self: Arc<Self>, store: Store) {
         let mut tick = tokio::time::interval((self.gap / 2).max(Duration::from_millis(5)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -681,30 +680,27 @@ impl Bus {
                 .map(|s| (s.key().clone(), s.entry.clone()))
                 .collect();
             for (room, entry) in due {
-                tokio::spawn(self.clone().refill(room, entry));
+                tokio::spawn(self.clone().refill(room, entry, store.clone()));
             }
         }
     }
 
     /// Compares every subscribed room's `last_seq` in the store with what was handed on: an
     /// event lost at the end of a burst shows no gap until this looks.
-    async fn sweep_task(self: Arc<Self>) {
+    async fn sweep_task(self: Arc<Self>, store: Store) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.sweep) => {}
                 _ = self.sweep_now.notified() => {}
             }
-            if self.disrupted.swap(false, AcqRel)
-                && let Some(app) = self.app.get().and_then(Weak::upgrade)
-            {
-                app.policies.invalidate_all();
+            if self.disrupted.swap(false, AcqRel) {
+                let _ = self.inbound.send(Inbound::PoliciesStale).await;
             }
             let rooms: Vec<(RoomId, Arc<RoomEntry>)> = self
                 .rooms
                 .iter()
                 .map(|s| (s.key().clone(), s.entry.clone()))
                 .collect();
-            let Ok(store) = self.store() else { continue };
             // One query per few hundred rooms, not one per room.
             let ids: Vec<RoomId> = rooms.iter().map(|(r, _)| r.clone()).collect();
             let lasts = match store.last_seqs(&ids).await {
@@ -719,7 +715,7 @@ impl Bus {
                     continue;
                 };
                 if lasts.get(&room).is_some_and(|last| *last >= next) {
-                    tokio::spawn(self.clone().refill(room, entry));
+                    tokio::spawn(self.clone().refill(room, entry, store.clone()));
                 }
             }
         }
@@ -742,7 +738,7 @@ impl Bus {
 
     /// Queues a frame to a session on whichever node holds it. False if it is a local session
     /// that is gone (a remote one is sent and assumed there).
-    pub fn send_to_session(&self, session: &str, frame: &Frame) -> bool {
+    fn send_directed(&self, session: &str, frame: &Frame) -> bool {
         match node_of(session) {
             Some(node) if node != self.node => {
                 let payload = Writer::new(TAG_SESSION_FRAME, session.len() + frame.len() + 2)
@@ -755,20 +751,17 @@ impl Bus {
         }
     }
 
-    /// The node that owns a call id, when it is not this one.
-    pub fn remote_owner<'a>(&self, call_id: &'a str) -> Option<&'a str> {
-        node_of(call_id).filter(|n| *n != self.node)
-    }
-
     /// Forwards a call command to the node that owns the call and waits for its answer.
-    pub async fn forward_call(&self, node: &str, cmd: &CallCommand) -> Result<(), Error> {
-        let body = serde_json::to_vec(cmd).map_err(|e| Error::Internal(e.to_string()))?;
+    async fn forward(
+        client: Client,
+        timeout: Duration,
+        node: String,
+        cmd: CallCommand,
+    ) -> Result<(), Error> {
+        let body = serde_json::to_vec(&cmd).map_err(|e| Error::Internal(e.to_string()))?;
         let payload = Writer::new(TAG_CALL, body.len()).rest(&body);
-        let answer = tokio::time::timeout(
-            self.request_timeout,
-            self.client.request(node_subject(node), payload),
-        )
-        .await;
+        let answer =
+            tokio::time::timeout(timeout, client.request(node_subject(&node), payload)).await;
         let msg = match answer {
             Ok(Ok(msg)) => msg,
             _ => {
@@ -785,7 +778,7 @@ impl Bus {
         }
     }
 
-    async fn node_task(self: Arc<Self>, app: Arc<App>, mut sub: Subscriber) {
+    async fn node_task(self: Arc<Self>, mut sub: Subscriber) {
         while let Some(msg) = sub.next().await {
             match msg.payload.first() {
                 Some(&TAG_SESSION_FRAME) => {
@@ -795,16 +788,16 @@ impl Bus {
                             .send_to_session(sid, &Frame::from(frame.to_owned()));
                     }
                 }
-                Some(&TAG_CALL) => self.answer_call(&app, msg).await,
+                Some(&TAG_CALL) => self.answer_call(msg).await,
                 _ => {}
             }
         }
     }
 
-    async fn answer_call(&self, app: &Arc<App>, msg: Message) {
+    async fn answer_call(&self, msg: Message) {
         let Some(reply) = msg.reply else { return };
         let answer = match serde_json::from_slice::<CallCommand>(&msg.payload[1..]) {
-            Ok(cmd) => match crate::rtc::remote_call(app, cmd) {
+            Ok(command) => match self.ask_app(command).await {
                 Ok(()) => CallAnswer {
                     code: None,
                     message: String::new(),
@@ -829,7 +822,7 @@ impl Bus {
     // -- control --------------------------------------------------------------------------------
 
     /// A room's settings or mutes changed here: other nodes drop their cached policy.
-    pub fn policy_changed(&self, room: &RoomId) {
+    fn policy_changed(&self, room: &RoomId) {
         self.enqueue(
             CTL_SUBJECT.into(),
             Writer::new(TAG_INVALIDATE, room.as_str().len()).rest(room.as_str().as_bytes()),
@@ -837,7 +830,7 @@ impl Bus {
     }
 
     /// A local session ended: calls on other nodes give it the grace period.
-    pub fn session_closed(&self, user: &UserId, session: &str) {
+    fn announce_closed(&self, user: &UserId, session: &str) {
         self.enqueue(
             CTL_SUBJECT.into(),
             Writer::new(TAG_SESSION_CLOSED, user.as_str().len() + session.len() + 2)
@@ -847,16 +840,16 @@ impl Bus {
     }
 
     /// Carries the hub's notices and kicks to the nodes subscribed to the room.
-    pub fn relay(&self, what: Relayed<'_>) {
+    fn relay(&self, what: Relayed) {
         match what {
             Relayed::Notice { room, frame, to } => {
-                self.enqueue(room_subject(room), encode_notice(frame, &to));
+                self.enqueue(room_subject(&room), encode_notice(&frame, &to));
             }
             Relayed::Kick { room, user, reason } => {
                 let payload = Writer::new(TAG_KICK, user.as_str().len() + reason.len() + 2)
                     .str16(user.as_str())
                     .rest(reason.as_bytes());
-                self.enqueue(room_subject(room), payload);
+                self.enqueue(room_subject(&room), payload);
             }
             Relayed::Hand {
                 room,
@@ -864,31 +857,45 @@ impl Bus {
                 raised,
                 ts,
             } => {
-                if let Ok(json) = serde_json::to_vec(user) {
+                if let Ok(json) = serde_json::to_vec(&user) {
                     let mut w = Writer::new(TAG_HAND, json.len() + 9);
                     w.0.put_u8(u8::from(raised));
                     w.0.put_u64(ts.max(0) as u64);
-                    self.enqueue(room_subject(room), w.rest(&json));
+                    self.enqueue(room_subject(&room), w.rest(&json));
                 }
             }
             Relayed::Stage { room, user, on } => {
-                if let Ok(json) = serde_json::to_vec(user) {
+                if let Ok(json) = serde_json::to_vec(&user) {
                     let mut w = Writer::new(TAG_STAGE, json.len() + 1);
                     w.0.put_u8(u8::from(on));
-                    self.enqueue(room_subject(room), w.rest(&json));
+                    self.enqueue(room_subject(&room), w.rest(&json));
                 }
             }
         }
     }
 
+    /// Publishes what the hub relays (see [`crate::hub::RelaySender`]).
+    async fn relay_task(self: Arc<Self>, mut rx: mpsc::Receiver<Relayed>) {
+        while let Some(what) = rx.recv().await {
+            self.relay(what);
+        }
+    }
+
+    /// Announces the policy cache's local changes.
+    async fn policy_task(self: Arc<Self>, mut rx: mpsc::Receiver<RoomId>) {
+        while let Some(room) = rx.recv().await {
+            self.policy_changed(&room);
+        }
+    }
+
     /// A local session joined or left a room's A/V: the other nodes with members of the room
     /// tell their A/V members (`av_peer`) and can relay signals to it.
-    pub(crate) fn av_changed(&self, room: &RoomId, change: crate::rtc::AvChange<'_>) {
+    fn relay_av(&self, room: &RoomId, change: &AvChange) {
         let mut w = Writer::new(TAG_AV, change.session.len() + change.user.len() + 19);
         w.0.put_u8(u8::from(change.joined));
         w.0.put_u64(change.generation);
         w.0.put_u64(change.run);
-        let payload = w.str16(change.session).rest(change.user.as_bytes());
+        let payload = w.str16(&change.session).rest(change.user.as_bytes());
         self.enqueue(room_subject(room), payload);
     }
 
@@ -897,18 +904,37 @@ impl Bus {
         self.epoch
     }
 
-    async fn ctl_task(self: Arc<Self>, app: Arc<App>, mut sub: Subscriber) {
+    /// Hands a forwarded call command to the app and waits for its answer.
+    async fn ask_app(&self, command: CallCommand) -> Result<(), Error> {
+        let (answer, answered) = oneshot::channel();
+        let call = Inbound::Call { command, answer };
+        if self.inbound.send(call).await.is_err() {
+            return Err(Error::Unavailable("the server is shutting down".into()));
+        }
+        answered
+            .await
+            .unwrap_or_else(|_| Err(Error::Unavailable("the server is shutting down".into())))
+    }
+
+    async fn ctl_task(self: Arc<Self>, mut sub: Subscriber) {
         while let Some(msg) = sub.next().await {
             let mut r = Reader(&msg.payload[..]);
             match r.u8() {
                 Some(TAG_INVALIDATE) => {
                     if let Some(room) = r.rest_str() {
-                        app.policies.invalidate(&RoomId::from(room));
+                        let _ = self
+                            .inbound
+                            .send(Inbound::PolicyChanged(RoomId::from(room)))
+                            .await;
                     }
                 }
                 Some(TAG_SESSION_CLOSED) => {
                     if let (Some(user), Some(sid)) = (r.str16(), r.rest_str()) {
-                        crate::rtc::remote_session_closed(&app, &UserId::from(user), sid);
+                        let closed = Inbound::SessionClosed {
+                            user: UserId::from(user),
+                            session: sid.to_owned(),
+                        };
+                        let _ = self.inbound.send(closed).await;
                     }
                 }
                 _ => {}
@@ -947,7 +973,7 @@ impl Bus {
         } else {
             max_payload / 2
         };
-        let parts = match crate::presence_parts::split(&hb, budget) {
+        let parts = match crate::cluster::presence_parts::split(&hb, budget) {
             Ok(parts) => parts,
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat not encoded");
@@ -1172,8 +1198,12 @@ impl Bus {
     /// A run of a node left or died: its sessions leave the A/V rooms known here, and its
     /// stored memberships go.
     fn node_gone(&self, node: &str, epoch: u64) {
-        if let Some(app) = self.app.get().and_then(Weak::upgrade) {
-            crate::rtc::remote_node_gone(&app, node, epoch);
+        let gone = Inbound::NodeGone {
+            node: node.to_owned(),
+            run: epoch,
+        };
+        if self.inbound.try_send(gone).is_err() {
+            tracing::warn!(node, "could not tell the app that a node is gone");
         }
     }
 
@@ -1185,25 +1215,28 @@ impl Bus {
     }
 
     /// Nodes this node currently hears from (itself excluded).
-    pub fn live_nodes(&self) -> Vec<String> {
+    fn heard_nodes(&self) -> Vec<String> {
         lock(&self.nodes).keys().cloned().collect()
     }
 
     // -- life cycle -----------------------------------------------------------------------------
 
     /// Starts the bus tasks; returns them so `serve` can stop them at the end.
-    pub async fn start(self: &Arc<Self>, app: Arc<App>) -> Vec<JoinHandle<()>> {
-        let _ = self.app.set(Arc::downgrade(&app));
+    pub async fn start(self: &Arc<Self>, store: Store) -> Vec<JoinHandle<()>> {
         *lock(&self.healthy_since) = Some(Instant::now());
         // A/V memberships left by an earlier run under this node's name are stale.
-        if let Ok(store) = self.store()
-            && let Err(e) = store.av_forget_node(&self.node, None).await
-        {
+        if let Err(e) = store.av_forget_node(&self.node, None).await {
             tracing::warn!(error = %e, "could not forget this node's earlier A/V members");
         }
         let mut tasks = Vec::new();
         if let Some(rx) = lock(&self.out_rx).take() {
             tasks.push(tokio::spawn(self.clone().publisher_task(rx)));
+        }
+        if let Some(rx) = lock(&self.relays).take() {
+            tasks.push(tokio::spawn(self.clone().relay_task(rx)));
+        }
+        if let Some(rx) = lock(&self.policy_changes).take() {
+            tasks.push(tokio::spawn(self.clone().policy_task(rx)));
         }
         for (subject, kind) in [
             (node_subject(&self.node), 0),
@@ -1212,15 +1245,15 @@ impl Bus {
         ] {
             match self.client.subscribe(subject.clone()).await {
                 Ok(sub) => tasks.push(match kind {
-                    0 => tokio::spawn(self.clone().node_task(app.clone(), sub)),
-                    1 => tokio::spawn(self.clone().ctl_task(app.clone(), sub)),
+                    0 => tokio::spawn(self.clone().node_task(sub)),
+                    1 => tokio::spawn(self.clone().ctl_task(sub)),
                     _ => tokio::spawn(self.clone().presence_task(sub)),
                 }),
                 Err(e) => tracing::error!(subject, error = %e, "NATS subscribe failed"),
             }
         }
-        tasks.push(tokio::spawn(self.clone().gap_task()));
-        tasks.push(tokio::spawn(self.clone().sweep_task()));
+        tasks.push(tokio::spawn(self.clone().gap_task(store.clone())));
+        tasks.push(tokio::spawn(self.clone().sweep_task(store)));
         tasks.push(tokio::spawn(self.clone().heartbeat_task()));
         let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
         self.publish_heartbeat(false).await;
@@ -1239,6 +1272,67 @@ impl Bus {
         }
         let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
         tracing::info!(node = %self.node, "left the cluster bus");
+    }
+}
+
+impl Broker for Bus {
+    fn node_id(&self) -> Option<&str> {
+        Some(&self.node)
+    }
+
+    fn run(&self) -> u64 {
+        self.epoch
+    }
+
+    fn committed(&self, ev: CommittedEvent) {
+        self.publish_committed(ev);
+    }
+
+    fn enter_room<'a>(
+        &'a self,
+        room: &'a RoomId,
+        store: &'a Store,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.subscribe_room(room, store))
+    }
+
+    fn leave_room(&self, room: &RoomId) {
+        self.unsubscribe_room(room);
+    }
+
+    fn send_to_session(&self, session: &str, frame: &Frame) -> bool {
+        self.send_directed(session, frame)
+    }
+
+    fn session_closed(&self, user: &UserId, session: &str) {
+        self.announce_closed(user, session);
+    }
+
+    fn call_owner(&self, call_id: &str) -> Option<String> {
+        node_of(call_id)
+            .filter(|n| *n != self.node)
+            .map(str::to_owned)
+    }
+
+    fn forward_call(
+        &self,
+        node: String,
+        cmd: CallCommand,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(Bus::forward(
+            self.client.clone(),
+            self.request_timeout,
+            node,
+            cmd,
+        ))
+    }
+
+    fn av_changed(&self, room: &RoomId, change: AvChange) {
+        self.relay_av(room, &change);
+    }
+
+    fn live_nodes(&self) -> Option<Vec<String>> {
+        self.knows_every_node().then(|| self.heard_nodes())
     }
 }
 
@@ -1263,26 +1357,6 @@ fn same_rooms(
                 m.len() == users.len() && users.iter().all(|u| m.get(&u.id) == Some(u))
             })
         })
-}
-
-/// The hub's relay in cluster mode, holding the bus weakly (the bus holds the hub).
-pub fn hub_relay(bus: &Arc<Bus>) -> crate::hub::Relay {
-    let weak: Weak<Bus> = Arc::downgrade(bus);
-    Box::new(move |what| {
-        if let Some(bus) = weak.upgrade() {
-            bus.relay(what);
-        }
-    })
-}
-
-/// The policy cache's change announcer in cluster mode.
-pub fn policy_announcer(bus: &Arc<Bus>) -> crate::rooms::policy::ChangeHook {
-    let weak: Weak<Bus> = Arc::downgrade(bus);
-    Box::new(move |room| {
-        if let Some(bus) = weak.upgrade() {
-            bus.policy_changed(room);
-        }
-    })
 }
 
 #[cfg(test)]

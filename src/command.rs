@@ -1,0 +1,135 @@
+//! What a command handler works with and hands back: the session's context (`Ctx`: the app,
+//! who is signed in, the rooms joined, the session's own outbox), the `Outcome` of a command
+//! (an `ok` now, a reply after a commit, or nothing more), and the checks every handler
+//! shares. Used by `session` (which runs the handlers), `rooms/` and `rtc` (which are the
+//! handlers); it knows nothing of sockets.
+
+use crate::App;
+use crate::auth::Identity;
+use crate::error::{Error, Result};
+use crate::hub::SessionHandle;
+use crate::outbox::{Outbox, Outgoing, Refused};
+use crate::protocol::{self, RoomId, RoomRole, ServerMsg, valid_room_id};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// A command's answer once its write has committed: the encoded reply frame, if any.
+pub(crate) type Deferred = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
+/// A command's `ok`, not yet encoded: given the command's `rid`, it encodes the whole frame.
+/// It runs only for a command that has a `rid` (one without gets no `ok`).
+pub(crate) type Reply = Box<dyn FnOnce(i64) -> String + Send>;
+
+/// What a command handler produced.
+pub(crate) enum Outcome {
+    /// Reply `ok` now.
+    Ok(Reply),
+    /// The reply comes later, after a commit.
+    Deferred(Deferred),
+    /// The handler queued its own frames (join, ping).
+    Done,
+}
+
+impl Outcome {
+    /// Reply `ok` with the fields of `result` (one of the `protocol` reply types).
+    pub fn ok<T: Serialize + Send + 'static>(result: T) -> Self {
+        Self::Ok(Box::new(move |rid| protocol::encode_ok_as(rid, &result)))
+    }
+}
+
+/// Per-connection state shared by the command handlers.
+pub(crate) struct Ctx {
+    pub app: Arc<App>,
+    pub me: Identity,
+    pub handle: Arc<SessionHandle>,
+    pub outbox: Outbox,
+    pub close: watch::Receiver<u16>,
+    /// Rooms this session has joined, with the user's role in each.
+    pub joined: HashMap<RoomId, RoomRole>,
+    /// When this session last broadcast `typing`, per room (throttled).
+    pub last_typing: HashMap<RoomId, Instant>,
+}
+
+impl Ctx {
+    /// Queues a frame on this session's own outbox, waiting for room if needed (the write loop
+    /// drains it as fast as the client reads). False once the session is closing.
+    pub async fn push(&mut self, frame: impl Into<Outgoing>) -> bool {
+        match self.outbox.try_send(frame) {
+            Ok(()) => true,
+            Err(Refused::Closed) => false,
+            // Boxed: the waiting is rare, and its state would otherwise sit in every session's
+            // read loop.
+            Err(Refused::Full(frame)) => Box::pin(self.push_when_room(frame)).await,
+        }
+    }
+
+    async fn push_when_room(&mut self, frame: Outgoing) -> bool {
+        tokio::select! {
+            r = self.outbox.send(frame) => r.is_ok(),
+            _ = closing(&mut self.close, |c| c != 0) => false,
+        }
+    }
+
+    /// The role this session joined `room` with, or `not_member`.
+    pub fn joined_role(&self, room: &RoomId) -> Result<RoomRole, Error> {
+        self.joined
+            .get(room)
+            .copied()
+            .ok_or_else(|| Error::NotMember(format!("join room {room} first")))
+    }
+}
+
+/// Resolves once the session's close code satisfies `pred` (or its sender is gone).
+pub(crate) async fn closing(rx: &mut watch::Receiver<u16>, pred: impl Fn(u16) -> bool) {
+    let _ = rx.wait_for(|c| pred(*c)).await;
+}
+
+/// An `error` frame for `err`, carrying `rid` when the command had one.
+pub(crate) fn error_frame(rid: Option<i64>, err: &Error) -> String {
+    let message = err.public_message();
+    protocol::encode(&ServerMsg::Error {
+        rid,
+        code: err.code(),
+        message: &message,
+    })
+}
+
+/// Builds the deferred reply of a write: `ok` with the fields of `reply(outcome)` or an
+/// `error`, both carrying `rid`; without `rid` only errors are sent.
+pub(crate) fn deferred<T, R, F>(
+    rid: Option<i64>,
+    rx: tokio::sync::oneshot::Receiver<crate::store::Result<T>>,
+    reply: F,
+) -> Deferred
+where
+    T: Send + 'static,
+    R: Serialize,
+    F: FnOnce(T) -> R + Send + 'static,
+{
+    Box::pin(async move {
+        let result = match rx.await {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::Unavailable("server is shutting down".into())),
+        };
+        match result {
+            Ok(v) => rid.map(|rid| protocol::encode_ok_as(rid, &reply(v))),
+            Err(e) => Some(error_frame(rid, &e)),
+        }
+    })
+}
+
+/// Refuses a room id that is not 1..=64 characters of `A-Z a-z 0-9 _ . -`.
+pub(crate) fn check_room_id(room: &RoomId) -> Result<()> {
+    if valid_room_id(room.as_str()) {
+        Ok(())
+    } else {
+        Err(Error::bad_request(
+            "room ids are 1..=64 characters of A-Z a-z 0-9 _ . -",
+        ))
+    }
+}

@@ -1,0 +1,189 @@
+//! The broker: how this node's sessions reach what other nodes hold, and how the other nodes'
+//! news gets here. A single node uses [`LocalBroker`] (everything is local, nothing crosses);
+//! cluster mode uses the NATS broker in `cluster/`. Rooms, sessions and the call code talk to
+//! a `dyn Broker` and never know which one it is. What other nodes send that concerns more than
+//! the hub (policy invalidations, forwarded call commands, A/V changes) arrives as
+//! [`Inbound`] events on a channel that the app applies. This file knows nothing of NATS.
+
+use crate::error::Error;
+use crate::hub::{Frame, Hub};
+use crate::protocol::{RoomId, UserId};
+use crate::store::{CommittedEvent, Store, StoreError};
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// A call command forwarded to the node that owns the call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CallCommand {
+    pub action: CallAction,
+    pub call_id: String,
+    pub user: String,
+    pub session: String,
+    #[serde(default)]
+    pub data: Option<serde_json::Value>,
+}
+
+/// What a call command asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallAction {
+    Accept,
+    Reject,
+    Hangup,
+    Resume,
+    Signal,
+}
+
+/// A membership change of a room's A/V on some node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AvChange {
+    pub session: String,
+    pub user: String,
+    /// The membership's generation (the room's join count when it was admitted).
+    pub generation: u64,
+    /// The run (epoch) of the node that holds the session.
+    pub run: u64,
+    pub joined: bool,
+}
+
+/// What another node said that concerns more than the hub; applied by the app in arrival
+/// order.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A room's settings, memberships, bans or mutes changed: drop the cached policy.
+    PolicyChanged(RoomId),
+    /// Invalidations may have been lost (a reconnect, a slow consumer): drop every policy.
+    PoliciesStale,
+    /// A room event committed on another node (slow-mode clocks follow its sender).
+    RemoteEvent { room: RoomId, json: String },
+    /// A session on another node ended: calls here give it the grace period.
+    SessionClosed { user: UserId, session: String },
+    /// A command for a call this node owns; the answer goes back to the asking node.
+    Call {
+        command: CallCommand,
+        answer: oneshot::Sender<Result<(), Error>>,
+    },
+    /// A session on another node joined or left a room's A/V.
+    Av { room: RoomId, change: AvChange },
+    /// A user on another node went on or off a room's stage.
+    Stage {
+        room: RoomId,
+        user: UserId,
+        on: bool,
+    },
+    /// A node's run went silent or left: its A/V members are gone.
+    NodeGone { node: String, run: u64 },
+}
+
+/// How this node reaches the others. Every method has the single-node meaning in
+/// [`LocalBroker`].
+pub trait Broker: Send + Sync {
+    /// This node's id when other nodes exist (session and call ids then end in `.NODE`).
+    fn node_id(&self) -> Option<&str>;
+
+    /// This node's run (random at each start; 0 on a single node).
+    fn run(&self) -> u64;
+
+    /// The commit hook: each committed room event, in commit order. Reaches this node's
+    /// sessions (through the hub, in seq order) and the other nodes'.
+    fn committed(&self, ev: CommittedEvent);
+
+    /// A local session is about to join `room`: from now on the room's events reach this
+    /// node's hub in seq order. Balanced by [`Broker::leave_room`], also when this fails.
+    fn enter_room<'a>(
+        &'a self,
+        room: &'a RoomId,
+        store: &'a Store,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// A local session left `room` (or failed to join it).
+    fn leave_room(&self, room: &RoomId);
+
+    /// Queues a frame to a session wherever it is connected. False if it is a local session
+    /// that is gone (a session on another node is assumed there).
+    fn send_to_session(&self, session: &str, frame: &Frame) -> bool;
+
+    /// A local session ended.
+    fn session_closed(&self, user: &UserId, session: &str);
+
+    /// The node that owns a call, when it is not this one.
+    fn call_owner(&self, call_id: &str) -> Option<String>;
+
+    /// Forwards a call command to the node that owns the call and waits for its answer.
+    fn forward_call(&self, node: String, cmd: CallCommand)
+    -> BoxFuture<'static, Result<(), Error>>;
+
+    /// A local session joined or left a room's A/V (the other nodes with members tell theirs).
+    fn av_changed(&self, room: &RoomId, change: AvChange);
+
+    /// The live nodes, once this node has heard from all of them (cluster A/V admission).
+    fn live_nodes(&self) -> Option<Vec<String>>;
+}
+
+/// The node of a session or call id (`s...`/`c...` then `.NODE`), if it names one.
+pub fn node_of(id: &str) -> Option<&str> {
+    id.rsplit_once('.')
+        .map(|(_, n)| n)
+        .filter(|n| !n.is_empty())
+}
+
+/// A single node: everything is here.
+pub struct LocalBroker {
+    hub: Arc<Hub>,
+}
+
+impl LocalBroker {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+}
+
+impl Broker for LocalBroker {
+    fn node_id(&self) -> Option<&str> {
+        None
+    }
+
+    fn run(&self) -> u64 {
+        0
+    }
+
+    fn committed(&self, ev: CommittedEvent) {
+        self.hub.publish(ev);
+    }
+
+    fn enter_room<'a>(
+        &'a self,
+        _room: &'a RoomId,
+        _store: &'a Store,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn leave_room(&self, _room: &RoomId) {}
+
+    fn send_to_session(&self, session: &str, frame: &Frame) -> bool {
+        self.hub.send_to_session(session, frame)
+    }
+
+    fn session_closed(&self, _user: &UserId, _session: &str) {}
+
+    fn call_owner(&self, _call_id: &str) -> Option<String> {
+        None
+    }
+
+    fn forward_call(
+        &self,
+        _node: String,
+        _cmd: CallCommand,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(async { Err(Error::NotFound("no such call".into())) })
+    }
+
+    fn av_changed(&self, _room: &RoomId, _change: AvChange) {}
+
+    fn live_nodes(&self) -> Option<Vec<String>> {
+        None
+    }
+}

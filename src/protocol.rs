@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 mod replies;
+pub mod views;
 pub use replies::*;
 
 #[cfg(test)]
@@ -830,7 +831,7 @@ pub enum ServerMsg<'a> {
     /// To host/ta: a new report in the room's moderation queue.
     Report {
         room: &'a RoomId,
-        report: &'a crate::store::Report,
+        report: &'a views::Report,
     },
     /// To each session of the callee: a call is ringing.
     CallIncoming {
@@ -883,8 +884,8 @@ pub enum ServerMsg<'a> {
     /// To every session of the user who earned it.
     Badge {
         room: &'a RoomId,
-        badge: &'a crate::store::BadgeView,
-        user: &'a crate::store::UserBrief,
+        badge: &'a views::BadgeView,
+        user: &'a views::UserBrief,
         ts: i64,
     },
 }

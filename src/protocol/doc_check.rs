@@ -10,8 +10,11 @@
 //! - otherwise the block is an object whose `type` names a sequenced room event, another
 //!   server frame, or (when no server frame has that type) a client command.
 
+#![cfg(test)]
+
+use super::views::{BadgeView, Report, UserBrief};
 use super::*;
-use crate::store::{BadgeView, CallLogEntry, Report, Room, UserBrief};
+use crate::store::{CallLogEntry, Room};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use studyhall_signaling::calls::{CallState, EndReason};

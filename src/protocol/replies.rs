@@ -3,9 +3,9 @@
 //! one reply spliced by hand, as its events are stored wire JSON already. Nested views built by
 //! the store (rooms, search hits, statistics) keep their own types there.
 
+use super::views::{BadgeView, RoomStats, RoomSummary, SearchHit, UserBrief};
 use super::{MessageId, QuestionId, QuestionStatus, QuestionView, RoomId, UserRef};
 use crate::engagement::Streak;
-use crate::store::{BadgeView, RoomStats, RoomSummary, SearchHit, UserBrief};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 pub use studyhall_signaling::turn::IceServer;

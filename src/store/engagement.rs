@@ -13,6 +13,7 @@ use super::writer::{
 };
 use super::{Result, Store, StoreError, now_ms};
 use crate::engagement::{self as eng, Action, BadgeRule, EngagementConfig, Metric, Streak};
+pub use crate::protocol::views::{BadgeView, UserBrief};
 use crate::protocol::{QuestionId, RoomEvent, RoomId, UserId, UserRef};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -46,30 +47,6 @@ impl EngagementSettings {
 
     pub(super) fn json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
-    }
-}
-
-/// A user as leaderboards and badges show them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserBrief {
-    pub id: UserId,
-    pub name: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BadgeView {
-    pub id: String,
-    pub name: String,
-    pub description: String,
-}
-
-impl BadgeView {
-    pub fn of(rule: &BadgeRule) -> Self {
-        Self {
-            id: rule.id.clone(),
-            name: rule.name.clone(),
-            description: rule.description.clone(),
-        }
     }
 }
 

@@ -19,6 +19,7 @@ mod sqlite;
 mod stats;
 mod writer;
 
+pub use crate::protocol::views::RoomSummary;
 pub use av::{AvAdmitted, AvJoin, AvMember};
 pub use calls::CallLogEntry;
 pub use engagement::{
@@ -230,17 +231,6 @@ mod double_option {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
         Option::<i64>::deserialize(d).map(Some)
     }
-}
-
-/// One row of the `rooms` command.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RoomSummary {
-    pub id: RoomId,
-    pub kind: RoomKind,
-    pub title: String,
-    pub role: RoomRole,
-    pub last_seq: i64,
-    pub unread: i64,
 }
 
 /// Which rendering of the event log a reader gets: host/ta (and the HTTP API) see everything;

@@ -3,6 +3,7 @@
 //! writes; rights are checked by the callers.
 
 use super::{Result, Store, StoreError, now_ms, writer::new_id};
+pub use crate::protocol::views::Report;
 use crate::protocol::{RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -12,21 +13,6 @@ use std::collections::HashMap;
 pub const MAX_REASON_CHARS: usize = 500;
 /// Most audit entries one page returns.
 const MAX_AUDIT_PAGE: i64 = 500;
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Report {
-    pub id: String,
-    pub room: RoomId,
-    /// `message` or `question`.
-    pub target_kind: String,
-    pub target_id: String,
-    pub reporter: UserId,
-    pub reason: String,
-    pub ts: i64,
-    pub resolved_at: Option<i64>,
-    pub resolved_by: Option<String>,
-    pub resolution: Option<String>,
-}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {

@@ -5,19 +5,8 @@
 use super::writer::Tx;
 use super::{Backend, Result, Store, StoreError};
 use crate::protocol::RoomId;
-use serde::{Deserialize, Serialize};
+pub use crate::protocol::views::SearchHit;
 use sqlx::Row;
-
-/// One search result.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SearchHit {
-    /// `message` or `question`.
-    pub kind: String,
-    pub id: String,
-    pub seq: i64,
-    pub ts: i64,
-    pub text: String,
-}
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn index(

@@ -8,7 +8,9 @@
 use super::{Result, Room, Store};
 use crate::engagement::{self as eng, Bucket};
 use crate::protocol::UserId;
-use serde::{Deserialize, Serialize};
+pub use crate::protocol::views::{
+    Band, Churn, ChurnUser, Contributor, FirstAnswer, QuestionStats, RoomStats, SeriesPoint,
+};
 use sqlx::Row;
 use std::collections::HashMap;
 
@@ -30,79 +32,6 @@ pub struct StatsQuery {
     pub top_n: usize,
     /// The clock for `overdue`.
     pub now: i64,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Band {
-    pub low: f64,
-    pub high: f64,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SeriesPoint {
-    pub start: i64,
-    pub messages: i64,
-    pub questions: i64,
-    pub answers: i64,
-    pub active_members: i64,
-    pub new_members: i64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FirstAnswer {
-    pub median: Option<i64>,
-    pub p90: Option<i64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct QuestionStats {
-    pub asked: i64,
-    pub answered: i64,
-    pub answered_share: f64,
-    pub first_answer_ms: FirstAnswer,
-    pub overdue: i64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChurnUser {
-    pub id: UserId,
-    pub name: String,
-    pub last_active_ts: Option<i64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Churn {
-    pub inactive_days: u32,
-    pub count: i64,
-    pub users: Vec<ChurnUser>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Contributor {
-    pub user: super::UserBrief,
-    pub points: i64,
-    pub messages: i64,
-    pub questions: i64,
-    pub answers: i64,
-}
-
-/// The `stats` object (see docs/protocol.md).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RoomStats {
-    pub room: crate::protocol::RoomId,
-    pub from: i64,
-    pub to: i64,
-    pub bucket: Bucket,
-    pub members: i64,
-    pub new_members: i64,
-    pub weekly_active_members: i64,
-    pub weekly_active_ratio: f64,
-    pub healthy_band: Band,
-    pub health: eng::Health,
-    pub series: Vec<SeriesPoint>,
-    pub questions: QuestionStats,
-    pub churn_risk: Churn,
-    pub top_contributors: Vec<Contributor>,
 }
 
 /// `sql` with the buckets as a `(VALUES ($2, $3), ...) b` table (columns `column1`, `column2`

@@ -56,7 +56,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/rooms/{id}/reports", get(list_reports))
         .route("/rooms/{id}/reports/{report}/resolve", post(resolve_report))
         .route("/rooms/{id}/audit", get(audit_log))
-        // engagement and room health (issue 7)
+        // engagement and room health
         .route("/rooms/{id}/leaderboard", get(leaderboard))
         .route("/rooms/{id}/stats", get(room_stats))
         .route("/openapi.json", get(openapi))
@@ -740,7 +740,7 @@ async fn list_calls(
     Ok(Json(Calls { calls }))
 }
 
-// -- engagement and room health (issue 7) -------------------------------------------------------
+// -- engagement and room health ---------------------------------------------------------------
 
 fn query_i64(q: &HashMap<String, String>, k: &str) -> Result<Option<i64>> {
     q.get(k)

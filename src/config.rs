@@ -307,6 +307,21 @@ settings! {
     heartbeat_s: u64 = 25,
     /// Milliseconds a new connection has to send `hello` (else close 4001).
     hello_timeout_ms: u64 = 10_000,
+    /// Most connections open at once, WebSockets included. At the cap a new connection takes
+    /// the place of the oldest one that has not sent a complete request yet, or is answered
+    /// 503 and closed. 0: a tenth of the process's open-file limit plus 32 below it (kept for
+    /// the database, the bus and files).
+    max_connections: usize = 0,
+    /// Most connections open at once from one client address, with the same eviction as
+    /// `max_connections`. 0: no per-address cap (behind a reverse proxy every client shares
+    /// its address).
+    max_connections_per_ip: usize = 0,
+    /// Milliseconds for an HTTP request head to arrive, from the connection's first read or
+    /// the end of its previous response; slower connections (idle or slowloris) are closed.
+    http_header_timeout_ms: u64 = 10_000,
+    /// Milliseconds an HTTP request may take, its body read included; slower ones are
+    /// answered 408 and closed. WebSocket upgrades answer at once and are not affected.
+    http_request_timeout_ms: u64 = 30_000,
     /// Sustained commands per second per connection (token-bucket refill rate; must be > 0).
     rate_per_s: f64 = 50.0,
     /// Burst size of the per-connection token bucket (must be ≥ 1).
@@ -542,6 +557,8 @@ impl Config {
         positive("write_batch_frames", self.write_batch_frames as u64)?;
         positive("heartbeat_s", self.heartbeat_s)?;
         positive("hello_timeout_ms", self.hello_timeout_ms)?;
+        positive("http_header_timeout_ms", self.http_header_timeout_ms)?;
+        positive("http_request_timeout_ms", self.http_request_timeout_ms)?;
         positive("abuse_strikes", u64::from(self.abuse_strikes))?;
         positive("max_rooms_per_session", self.max_rooms_per_session as u64)?;
         positive("max_sessions_per_user", self.max_sessions_per_user as u64)?;

@@ -29,6 +29,7 @@ pub mod config;
 pub mod engagement;
 pub mod error;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
@@ -339,24 +340,33 @@ pub async fn serve(
         }));
     }
     let draining = app.clone();
-    // Frames go out as soon as the write loop flushes them: with Nagle's algorithm on, a flush
-    // behind an unacknowledged one waits for the client's delayed ACK (up to 40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    let cfg = &app.config;
+    let limits = listener::Limits {
+        max_connections: match cfg.max_connections {
+            0 => listener::default_max_connections(),
+            n => n,
+        },
+        max_per_ip: cfg.max_connections_per_ip,
+        header_timeout: Duration::from_millis(cfg.http_header_timeout_ms),
+    };
+    let request_limit = Duration::from_millis(cfg.http_request_timeout_ms);
+    let router = router.layer(axum::middleware::from_fn(move |req, next| {
+        listener::request_timeout(request_limit, req, next)
+    }));
+    tracing::info!(
+        max_connections = limits.max_connections,
+        "accepting connections"
+    );
+    listener::serve(listener, router, limits, async move {
+        shutdown.await;
+        // Resolving here stops the listener at once; sessions are told to go meanwhile.
+        tracing::info!("shutting down: closing sessions");
+        draining.shutting_down.store(true, Ordering::Release);
+        if draining.cluster.is_none() {
+            draining.hub.close_all(protocol::close::GOING_AWAY);
         }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // Resolving here stops the listener at once; sessions are told to go meanwhile.
-            tracing::info!("shutting down: closing sessions");
-            draining.shutting_down.store(true, Ordering::Release);
-            if draining.cluster.is_none() {
-                draining.hub.close_all(protocol::close::GOING_AWAY);
-            }
-        })
-        .await?;
+    })
+    .await?;
     app.drain_sessions().await;
     sla.abort();
     call_timers.abort();

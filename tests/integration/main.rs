@@ -9,6 +9,7 @@ mod common;
 mod config;
 mod durability;
 mod engagement;
+mod hardening;
 mod limits;
 mod moderation;
 mod qa;

@@ -1,0 +1,390 @@
+//! The HTTP front door: the accept loop, the connection caps and the time limits that keep
+//! idle, slow or hostile TCP clients from holding the server's file descriptors. Every
+//! accepted socket holds a [`Slot`] for as long as it is open (through a WebSocket upgrade
+//! too); at the cap (total, or per client address when that cap is on) a new connection first
+//! evicts the oldest connection that has not sent a complete request head yet, and is
+//! otherwise answered 503 and closed. Request heads must arrive within the header timeout
+//! (hyper's own timer, which also bounds idle keep-alive connections), and a request's
+//! handler, its body read included, within the request timeout. This file knows nothing of
+//! routes, sessions or the store: it serves any axum `Router`.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+
+/// The limits of [`serve`], from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Open connections at once (WebSockets included).
+    pub max_connections: usize,
+    /// Open connections from one client address; 0: no such cap.
+    pub max_per_ip: usize,
+    /// Time for a request head to arrive, from the first read of the connection or the end of
+    /// the previous response.
+    pub header_timeout: Duration,
+}
+
+/// Descriptors kept free for the store, the bus and files when the connection cap is derived
+/// from the process's open-file limit: a tenth of it plus this many.
+const FD_RESERVE: usize = 32;
+/// The cap when the open-file limit cannot be read.
+const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
+
+/// The connection cap derived from the process's soft open-file limit (Linux
+/// `/proc/self/limits`), leaving a tenth of it and [`FD_RESERVE`] descriptors free.
+pub fn default_max_connections() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<usize>().ok())
+        });
+    match soft {
+        Some(n) => n.saturating_sub(n / 10 + FD_RESERVE).max(1),
+        None => FALLBACK_MAX_CONNECTIONS,
+    }
+}
+
+/// Open connections, and which of them have not sent a complete request head yet.
+#[derive(Default)]
+struct Table {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+    /// Connections without a request yet, oldest first: (id → address, eviction signal).
+    unproven: BTreeMap<u64, (IpAddr, Arc<Notify>)>,
+    next_id: u64,
+}
+
+struct Conns {
+    limits: Limits,
+    table: Mutex<Table>,
+}
+
+impl Conns {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a connection from `ip`, evicting an unproven connection if a cap is reached;
+    /// `None` when the connection must be refused.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Arc<Slot>> {
+        let mut t = self.lock();
+        let per_ip_full = self.limits.max_per_ip > 0
+            && t.per_ip.get(&ip).copied().unwrap_or(0) >= self.limits.max_per_ip;
+        if per_ip_full {
+            let victim = t
+                .unproven
+                .iter()
+                .find(|(_, (from, _))| *from == ip)
+                .map(|(id, _)| *id);
+            evict(&mut t, victim?);
+        } else if t.total >= self.limits.max_connections {
+            let victim = t.unproven.keys().next().copied();
+            evict(&mut t, victim?);
+        }
+        t.next_id += 1;
+        let id = t.next_id;
+        t.total += 1;
+        *t.per_ip.entry(ip).or_insert(0) += 1;
+        let evicted = Arc::new(Notify::new());
+        t.unproven.insert(id, (ip, evicted.clone()));
+        Some(Arc::new(Slot {
+            id,
+            ip,
+            conns: self.clone(),
+            evicted,
+            proven: AtomicBool::new(false),
+        }))
+    }
+}
+
+/// Takes connection `id` off the unproven list and tells its task to close it. Its counts go
+/// when its [`Slot`] drops, a moment later; the newcomer is counted meanwhile, so the cap may
+/// be passed by the connections being closed.
+fn evict(t: &mut Table, id: u64) {
+    if let Some((_, signal)) = t.unproven.remove(&id) {
+        signal.notify_one();
+    }
+}
+
+/// One open connection's place in the table; dropped when the socket closes.
+struct Slot {
+    id: u64,
+    ip: IpAddr,
+    conns: Arc<Conns>,
+    evicted: Arc<Notify>,
+    proven: AtomicBool,
+}
+
+impl Slot {
+    /// The connection sent a complete request head: it may no longer be evicted.
+    fn prove(&self) {
+        if !self.proven.swap(true, Ordering::Relaxed) {
+            self.conns.lock().unproven.remove(&self.id);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut t = self.conns.lock();
+        t.total = t.total.saturating_sub(1);
+        if let Some(n) = t.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.per_ip.remove(&self.ip);
+            }
+        }
+        t.unproven.remove(&self.id);
+    }
+}
+
+/// A TCP stream that holds its [`Slot`] for as long as it lives, upgrades included.
+pub struct Counted {
+    tcp: TcpStream,
+    _slot: Arc<Slot>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+}
+
+/// What a refused connection reads before it is closed (written without waiting: a client
+/// that does not read it just sees the close).
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+connection: close\r\nretry-after: 1\r\ncontent-length: 58\r\n\r\n\
+{\"code\":\"unavailable\",\"message\":\"too many connections\"}\n";
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets the
+/// requests in flight finish and returns once every HTTP connection is closed (upgraded
+/// WebSockets are the caller's to close).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let conns = Arc::new(Conns {
+        limits,
+        table: Mutex::new(Table::default()),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors (or a connection reset before accept): back off a
+                    // little rather than spin; the caps keep this rare.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = conns.admit(peer.ip()) else {
+            tracing::debug!(peer = %peer.ip(), "connection refused: at the connection cap");
+            let _ = tcp.try_write(REFUSED);
+            continue;
+        };
+        // Frames go out as soon as the write loop flushes them: with Nagle's algorithm on, a
+        // flush behind an unacknowledged one waits for the client's delayed ACK (up to 40 ms).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        tokio::spawn(connection(
+            tcp,
+            peer,
+            slot,
+            router.clone(),
+            limits,
+            stop_rx.clone(),
+        ));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Every connection task holds a receiver: closed() resolves when the last one ends.
+    drop(stop_rx);
+    stop_tx.closed().await;
+    Ok(())
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: Arc<Slot>,
+    router: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let evicted = slot.evicted.clone();
+    let io = TokioIo::new(Counted {
+        tcp,
+        _slot: slot.clone(),
+    });
+    let inner = TowerToHyperService::new(router);
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        slot.prove();
+        hyper::service::Service::call(&inner, req)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let mut conn = pin!(builder.serve_connection(io, service).with_upgrades());
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %peer.ip(), error = %e, "connection ended");
+                }
+                break;
+            }
+            () = evicted.notified() => {
+                tracing::debug!(peer = %peer.ip(), "idle connection evicted at the cap");
+                break;
+            }
+            changed = stop.changed(), if !stopping => {
+                stopping = true;
+                if changed.is_ok() {
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Middleware: a request's handler (its body read included) must finish within `limit`, else
+/// 408 with a JSON error. WebSocket upgrades answer at once, so they are not affected.
+pub async fn request_timeout(limit: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            let mut resp = (
+                StatusCode::REQUEST_TIMEOUT,
+                Body::from(
+                    "{\"code\":\"bad_request\",\"message\":\"request not received in time\"}",
+                ),
+            )
+                .into_response();
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conns(max: usize, per_ip: usize) -> Arc<Conns> {
+        Arc::new(Conns {
+            limits: Limits {
+                max_connections: max,
+                max_per_ip: per_ip,
+                header_timeout: Duration::from_secs(1),
+            },
+            table: Mutex::new(Table::default()),
+        })
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
+    #[test]
+    fn at_the_cap_the_oldest_unproven_connection_makes_room() {
+        let c = conns(2, 0);
+        let first = c.admit(A).expect("room");
+        let second = c.admit(A).expect("room");
+        second.prove();
+        let third = c.admit(B).expect("the unproven first one is evicted");
+        assert!(!c.lock().unproven.contains_key(&first.id));
+        drop(first);
+        assert_eq!(c.lock().total, 2);
+        third.prove();
+        // Everything proven and the cap reached: refused.
+        assert!(c.admit(B).is_none());
+        drop(second);
+        assert!(c.admit(B).is_some());
+    }
+
+    #[test]
+    fn the_per_address_cap_evicts_only_that_address() {
+        let c = conns(100, 1);
+        let a = c.admit(A).expect("room");
+        let b = c.admit(B).expect("room");
+        b.prove();
+        assert!(c.admit(B).is_none(), "B's only connection is proven");
+        let a2 = c.admit(A).expect("A's unproven one is evicted");
+        drop(a);
+        assert_eq!(c.lock().per_ip.get(&A).copied(), Some(1));
+        drop((a2, b));
+        assert_eq!(c.lock().total, 0);
+        assert!(c.lock().per_ip.is_empty());
+    }
+
+    #[test]
+    fn the_derived_cap_leaves_descriptors_free() {
+        let n = default_max_connections();
+        assert!(n >= 1);
+    }
+}

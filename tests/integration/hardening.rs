@@ -1,0 +1,119 @@
+//! The front door under hostile clients: idle and slowloris connections closed at the header
+//! timeout, slow request bodies answered 408, and the connection cap, where a newcomer takes
+//! the place of a connection that never sent a request and is otherwise refused with a JSON
+//! 503.
+
+use crate::common::*;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Everything the server sends until it closes the connection (a reset counts as closed).
+async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_and_slowloris_connections_are_closed_at_the_header_timeout() {
+    let s = Server::sqlite(|c| c.http_header_timeout_ms = 300).await;
+
+    let mut idle = TcpStream::connect(s.addr).await.unwrap();
+    within("idle connection closed", until_closed(&mut idle)).await;
+
+    // One header byte every 50 ms: the head would take 5 s; the server closes it long before.
+    let slow = TcpStream::connect(s.addr).await.unwrap();
+    let (mut rd, mut wr) = slow.into_split();
+    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let writer = tokio::spawn(async move {
+        for b in head {
+            if wr.write_all(&[*b]).await.is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    });
+    let mut got = Vec::new();
+    within("slowloris connection closed", rd.read_to_end(&mut got))
+        .await
+        .ok();
+    assert!(
+        !String::from_utf8_lossy(&got).contains(" 200 "),
+        "the slow head must not be served"
+    );
+    writer.abort();
+
+    // A normal request on a fresh connection is still served.
+    let (status, _) = http(s.addr, "GET", "/healthz", None, None).await;
+    assert_eq!(status, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_body_slower_than_the_request_timeout_gets_a_json_408() {
+    let s = Server::sqlite(|c| c.http_request_timeout_ms = 300).await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /api/rooms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"id\":"
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let got = within("408", until_closed(&mut c)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(body).expect("a JSON error");
+    assert_eq!(v["code"], "bad_request");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_a_newcomer_evicts_the_oldest_idle_connection() {
+    let s = Server::sqlite(|c| c.max_connections = 3).await;
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(s.addr).await.unwrap());
+    }
+    // The accept queue is first in, first out: this request finds the three idle ones open
+    // and takes the place of the oldest.
+    let (status, _) = http(s.addr, "GET", "/healthz", None, None).await;
+    assert_eq!(status, 200);
+    let got = within("oldest idle connection evicted", until_closed(&mut idle[0])).await;
+    assert!(
+        got.is_empty(),
+        "an evicted connection is closed without an answer"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_with_no_idle_connection_a_newcomer_gets_a_json_503() {
+    let s = Server::sqlite(|c| c.max_connections = 2).await;
+    let _a = s.client("ana").await;
+    let _b = s.client("ben").await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    let got = within("refused", until_closed(&mut c)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(body.trim()).expect("a JSON error");
+    assert_eq!(v["code"], "unavailable");
+    drop(_a);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_per_address_cap_refuses_a_second_connection_from_a_busy_address() {
+    let s = Server::sqlite(|c| c.max_connections_per_ip = 1).await;
+    let _a = s.client("ana").await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    let got = within("refused", until_closed(&mut c)).await;
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 503"));
+    s.stop().await;
+}

@@ -12,7 +12,10 @@
 //! - `rooms/`   room commands (join/replay, chat) with rights checks
 //! - `rtc`      calls and audio/video over the `studyhall-signaling` machines
 //! - `node`     the `Broker` a node reaches the others through; `LocalBroker` on one node
+//! - `listener` the accept loop: connection caps, header and request timeouts
 //! - `api`      HTTP router: `/ws`, `/healthz`, `/metrics`, `/api/...`, `/dev/token`
+//! - `web`      the browser client's files, embedded
+//! - `engagement` points, levels, badges, streaks and the calendar, as pure functions
 //! - `metrics`  counters and histograms in Prometheus text
 //! - `error`    the one error type -> protocol code / HTTP status
 //! - `cluster/` the NATS broker (cluster mode): room events, notices, directed frames,

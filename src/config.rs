@@ -629,7 +629,7 @@ impl Config {
                 why: "must be at least 16 bytes".into(),
             });
         }
-        // -- engagement (issue 7) --
+        // -- engagement --
         self.engagement
             .check()
             .map_err(|why| ConfigError::Invalid {

@@ -405,7 +405,7 @@ pub enum ClientMsg {
         to: Option<String>,
         data: serde_json::Value,
     },
-    // -- engagement and room health (issue 7) --
+    // -- engagement and room health --
     /// Once per local day: the current and longest streak.
     Checkin {
         room: RoomId,
@@ -879,7 +879,7 @@ pub enum ServerMsg<'a> {
         code: ErrorCode,
         message: &'a str,
     },
-    // -- engagement (issue 7) --
+    // -- engagement --
     /// To every session of the user who earned it.
     Badge {
         room: &'a RoomId,

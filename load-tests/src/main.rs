@@ -1,4 +1,4 @@
-//! `studyhall-load`: the load generator for the studyhall server (issue 6). This file owns
+//! `studyhall-load`: the load generator for the studyhall server. This file owns
 //! the command line: one subcommand per scenario (`smoke`, `idle`, `fanout`, `classroom`,
 //! `durable`, `reconnect`, `stats-bench`), the shared flags, and the hidden `worker` subcommand through which
 //! the binary re-executes itself to hold client sockets in several processes.

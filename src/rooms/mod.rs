@@ -109,7 +109,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             to,
             data,
         } => rtc::signal(ctx, rid, call_id, room, to, data).await,
-        // -- engagement and room health (issue 7) --
+        // -- engagement and room health --
         ClientMsg::Checkin { room } => engagement::checkin(ctx, rid, room).await,
         ClientMsg::Leaderboard {
             room,

@@ -99,7 +99,7 @@ pub enum WriteOp {
         user: UserId,
         role: crate::protocol::RoomRole,
     },
-    // -- engagement (issue 7) --
+    // -- engagement --
     /// Once per user, room and local day (in `tz`, the token's zone, else the room's).
     /// Not sequenced.
     Checkin {

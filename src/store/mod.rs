@@ -43,6 +43,11 @@ use tokio::sync::{mpsc, oneshot};
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// The database did not answer the first connection at start. `target` is host and port
+    /// only (never credentials); `cause` is why (connection refused, no such host, bad
+    /// password, ...).
+    #[error("cannot connect to PostgreSQL at {target}: {cause}")]
+    Connect { target: String, cause: String },
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
@@ -72,7 +77,7 @@ impl StoreError {
             Self::BadRequest(m) => Self::BadRequest(m.clone()),
             Self::TooLarge(m) => Self::TooLarge(m.clone()),
             Self::Corrupt(m) => Self::Corrupt(m.clone()),
-            Self::Db(_) | Self::Migrate(_) | Self::Closed => Self::Closed,
+            Self::Db(_) | Self::Connect { .. } | Self::Migrate(_) | Self::Closed => Self::Closed,
         }
     }
 }

@@ -5,6 +5,7 @@
 mod api;
 mod calls;
 mod chat;
+mod cli;
 mod cluster;
 mod common;
 mod config;

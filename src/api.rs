@@ -34,10 +34,14 @@ const MAX_BODY_BYTES: usize = 256 * 1024;
 const MAX_TITLE_CHARS: usize = 200;
 /// Most events one `GET /api/rooms/{id}/messages` returns.
 const MAX_API_PAGE: u32 = 1000;
+/// Rooms in one `GET /api/rooms` page when `limit` is not given.
+pub const ROOMS_PAGE_DEFAULT: u32 = 50;
+/// Most rooms one `GET /api/rooms` page may hold (`limit` above it is 400).
+pub const ROOMS_PAGE_MAX: u32 = 200;
 
 pub fn router(app: Arc<App>) -> Router {
     let api = Router::new()
-        .route("/rooms", post(create_room))
+        .route("/rooms", get(list_rooms).post(create_room))
         .route(
             "/rooms/{id}",
             get(get_room).patch(patch_room).delete(archive_room),
@@ -79,7 +83,59 @@ pub fn router(app: Arc<App>) -> Router {
             res
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(json_errors))
         .with_state(app)
+}
+
+/// Every error answer as `{"code","message"}`. The handlers' own errors already are; the
+/// framework's rejections (a body over [`MAX_BODY_BYTES`], a path or query string it cannot
+/// decode, a WebSocket request that is no upgrade) come as plain text and are rewritten here,
+/// keeping their status and headers such as `Allow`.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let text = match axum::body::to_bytes(body, 16 * 1024).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let text = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(format!(
+            "the request body is larger than {MAX_BODY_BYTES} bytes"
+        )),
+        StatusCode::UNAUTHORIZED => Error::Unauthorized(text),
+        StatusCode::FORBIDDEN => Error::Forbidden(text),
+        StatusCode::NOT_FOUND => Error::NotFound(text),
+        StatusCode::CONFLICT => Error::Conflict(text),
+        StatusCode::TOO_MANY_REQUESTS => Error::RateLimited(text),
+        StatusCode::SERVICE_UNAVAILABLE => Error::Unavailable(text),
+        s if s.is_server_error() => {
+            tracing::warn!(%status, body = %text, "framework error");
+            Error::Internal(text)
+        }
+        _ => Error::BadRequest(text),
+    };
+    let mut out = error.into_response();
+    *out.status_mut() = status;
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name, value.clone());
+        }
+    }
+    out
 }
 
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
@@ -289,6 +345,71 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
     let created = app.store.create_room(&room).await?;
     tracing::info!(room = %created.id, kind = created.kind.as_str(), "room created");
     Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// The answer of `GET /api/rooms`: one page, and the cursor of the next (`None` on the last).
+#[derive(Serialize)]
+struct RoomList {
+    rooms: Vec<Room>,
+    next_cursor: Option<String>,
+}
+
+async fn list_rooms(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<RoomList>> {
+    if let Some(k) = q
+        .keys()
+        .find(|k| !matches!(k.as_str(), "kind" | "member" | "limit" | "cursor"))
+    {
+        return Err(Error::bad_request(format!(
+            "unknown parameter {k:?}: kind, member, limit and cursor are known"
+        )));
+    }
+    let kind = match q.get("kind") {
+        Some(k) => Some(
+            RoomKind::parse(k)
+                .ok_or_else(|| Error::bad_request("kind must be group, live, tutoring or class"))?,
+        ),
+        None => None,
+    };
+    let member = q.get("member").cloned().map(user_id).transpose()?;
+    let limit = match q.get("limit") {
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=ROOMS_PAGE_MAX).contains(l))
+            .ok_or_else(|| {
+                Error::bad_request(format!("limit must be an integer in 1..={ROOMS_PAGE_MAX}"))
+            })?,
+        None => ROOMS_PAGE_DEFAULT,
+    };
+    let after = match q.get("cursor") {
+        Some(c) if valid_room_id(c) => Some(RoomId(c.clone())),
+        Some(_) => {
+            return Err(Error::bad_request(
+                "cursor must be a next_cursor this endpoint returned",
+            ));
+        }
+        None => None,
+    };
+    let page = app
+        .store
+        .rooms_page(&crate::store::RoomQuery {
+            kind,
+            member,
+            after,
+            limit,
+        })
+        .await?;
+    let next_cursor = page
+        .has_more
+        .then(|| page.rooms.last().map(|r| r.id.to_string()))
+        .flatten();
+    Ok(Json(RoomList {
+        rooms: page.rooms,
+        next_cursor,
+    }))
 }
 
 async fn get_room(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Room>> {

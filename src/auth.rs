@@ -218,16 +218,27 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
-/// Parses `room=role,room2=role2` (role defaults to `member`).
+/// The syntax [`parse_room_grants`] takes, as its errors name it.
+pub const ROOM_GRANTS_SYNTAX: &str = "room:role or room=role, comma-separated, role one of host, \
+     ta, member or viewer (member when left out), e.g. lobby:host,algebra=ta,physics";
+
+/// Parses room grants, `room:role,room2=role2`: each entry is a room id, optionally followed by
+/// `:` or `=` and a room role (`member` when left out). Blank entries are skipped. An error
+/// names the entry and the expected syntax.
 pub fn parse_room_grants(s: &str) -> Result<HashMap<String, RoomRole>, String> {
     let mut out = HashMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (room, role) = part.split_once('=').unwrap_or((part, "member"));
+        let bad = |why: &str| {
+            format!("invalid room grant {part:?}: {why}; expected {ROOM_GRANTS_SYNTAX}")
+        };
+        let (room, role) = match part.split_once([':', '=']) {
+            Some((room, role)) => (room.trim(), role.trim()),
+            None => (part, "member"),
+        };
         if !crate::protocol::valid_room_id(room) {
-            return Err(format!("invalid room id {room:?}"));
+            return Err(bad("room ids are 1..=64 characters of A-Z a-z 0-9 _ . -"));
         }
-        let role = RoomRole::parse(role)
-            .ok_or_else(|| format!("invalid room role {role:?}: host, ta, member or viewer"))?;
+        let role = RoomRole::parse(role).ok_or_else(|| bad(&format!("unknown role {role:?}")))?;
         out.insert(room.to_owned(), role);
     }
     Ok(out)
@@ -326,5 +337,30 @@ mod tests {
         assert!(parse_ttl("366d").is_err());
         assert!(parse_room_grants("a=boss").is_err());
         assert!(parse_room_grants("bad id=host").is_err());
+    }
+
+    #[test]
+    fn room_grants_take_either_separator_and_name_the_syntax_when_malformed() {
+        let grants = parse_room_grants("lobby:host, algebra=ta ,physics,, chem : viewer").unwrap();
+        assert_eq!(grants.len(), 4);
+        assert_eq!(grants["lobby"], RoomRole::Host);
+        assert_eq!(grants["algebra"], RoomRole::Ta);
+        assert_eq!(grants["physics"], RoomRole::Member);
+        assert_eq!(grants["chem"], RoomRole::Viewer);
+        assert!(parse_room_grants("").unwrap().is_empty());
+        for bad in [
+            "lobby:host:ta",
+            "lobby=host=ta",
+            "lobby:",
+            ":host",
+            "lobby:boss",
+            "a b:host",
+        ] {
+            let err = parse_room_grants(bad).unwrap_err();
+            assert!(
+                err.contains(&format!("{bad:?}")) && err.contains("room:role or room=role"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

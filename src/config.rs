@@ -731,6 +731,15 @@ impl Config {
     }
 }
 
+/// The file an `sqlite:` database URL names (`sqlite://PATH` or `sqlite:PATH`, query
+/// dropped); `None` for other URLs and in-memory databases.
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then(|| path.into())
+}
+
 /// A URL without its credentials (`scheme://***@host...`), for logs and messages: database
 /// and NATS URLs may carry a user and password.
 pub fn redact_url(url: &str) -> String {
@@ -995,6 +1004,21 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(&args).is_err(), "levels must start at 0");
+    }
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        assert_eq!(
+            sqlite_path("sqlite://studyhall.db"),
+            Some("studyhall.db".into())
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///tmp/a.db?mode=rwc"),
+            Some("/tmp/a.db".into())
+        );
+        assert_eq!(sqlite_path("sqlite:b.db"), Some("b.db".into()));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://h/db"), None);
     }
 
     #[test]

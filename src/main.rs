@@ -63,12 +63,18 @@ struct TokenArgs {
     /// Platform role (the token's `role`).
     #[arg(long, value_enum, default_value = "student")]
     role: RoleArg,
-    /// Room grants: `room=role,room2=role` (role defaults to member).
+    /// Room grants: `room:role` or `room=role`, comma-separated (role defaults to member),
+    /// e.g. `lobby:host,algebra=ta,physics`.
     #[arg(long, default_value = "")]
     rooms: String,
     /// Lifetime: e.g. 30m, 1h, 7d.
     #[arg(long, default_value = "1h")]
     ttl: String,
+    /// Create the SQLite database (and with it a new token secret) if its file does not
+    /// exist yet. Without it, a missing file is an error: a token signed with a new secret
+    /// would be refused by a server that keeps its secret in another file.
+    #[arg(long)]
+    create: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -93,6 +99,38 @@ async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     Store::open(&StoreOptions::from_config(cfg), metrics, None)
         .await
         .with_context(|| "cannot open the database (is STUDYHALL_DATABASE_URL right?)")
+}
+
+/// `token` signs with the secret kept in the database: minting against an SQLite file that
+/// does not exist would create a new database with a new secret, whose tokens the running
+/// server refuses. Refused unless `--create` asks for exactly that.
+fn refuse_a_new_database(database_url: &str, create: bool) -> anyhow::Result<()> {
+    let Some(path) = studyhall::config::sqlite_path(database_url) else {
+        return Ok(());
+    };
+    if path.exists() {
+        return Ok(());
+    }
+    let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+    if create {
+        eprintln!(
+            "studyhall token: created {} with a new token secret; only a server on this \
+             database accepts the token",
+            shown.display()
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "no database at {}: the token secret is kept in the server's database, so run this \
+         where the server runs, or point --database-url (STUDYHALL_DATABASE_URL) at its \
+         database, or give --jwt-secret; --create makes a new database with a new secret",
+        shown.display()
+    )
+}
+
+/// Colour in logs only for a terminal, and never with `NO_COLOR` set to anything non-empty.
+fn log_colours(is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 async fn shutdown_signal() {
@@ -124,6 +162,10 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(log_colours(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR"),
+        ))
         .init();
     match Cli::parse().cmd {
         Cmd::Serve(args) => {
@@ -151,10 +193,18 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Token(t) => {
             let cfg = load(&t.db, t.jwt_secret.clone())?;
-            let store = open_store(&cfg).await?;
-            let secret = studyhall::token_secret(&cfg, &store).await?;
-            store.close().await;
-            let rooms = auth::parse_room_grants(&t.rooms).map_err(anyhow::Error::msg)?;
+            let rooms =
+                auth::parse_room_grants(&t.rooms).map_err(|e| anyhow::anyhow!("--rooms: {e}"))?;
+            let secret = match &cfg.jwt_secret {
+                Some(secret) => secret.clone(),
+                None => {
+                    refuse_a_new_database(&cfg.database_url, t.create)?;
+                    let store = open_store(&cfg).await?;
+                    let secret = studyhall::token_secret(&cfg, &store).await?;
+                    store.close().await;
+                    secret
+                }
+            };
             let ttl = auth::parse_ttl(&t.ttl).map_err(anyhow::Error::msg)?;
             if t.user.is_empty() || t.user.chars().count() > 64 {
                 anyhow::bail!("--user must be 1..=64 characters");
@@ -177,6 +227,14 @@ async fn main() -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(log_colours(true, None));
+        assert!(log_colours(true, Some("".into())));
+        assert!(!log_colours(true, Some("1".into())));
+        assert!(!log_colours(false, None));
+    }
 
     #[test]
     fn the_cli_is_well_formed_and_every_flag_has_help() {

@@ -6,7 +6,7 @@
 // (textContent / value), never as HTML. Protocol state lives in studyhall.js, WebRTC in
 // calls.js.
 
-import { Client } from './studyhall.js';
+import { Client, parseRoomGrants } from './studyhall.js';
 import { Calls } from './calls.js';
 import { setupEngagement } from './engagement.js';
 
@@ -90,15 +90,9 @@ $('dev-form').addEventListener('submit', async (e) => {
   e.preventDefault();
   const user = $('dev-user').value.trim();
   const body = { user, name: $('dev-name').value.trim() || user, role: $('dev-role').value };
-  const grants = $('dev-rooms').value.trim();
-  if (grants) {
-    body.rooms = {};
-    for (const part of grants.split(/[,\s]+/).filter(Boolean)) {
-      const [room, role] = part.split(':');
-      body.rooms[room] = role || 'member';
-    }
-  }
   try {
+    const grants = $('dev-rooms').value.trim();
+    if (grants) body.rooms = parseRoomGrants(grants);
     const r = await fetch('/dev/token', {
       method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body),
     });

@@ -13,6 +13,28 @@ export class RequestError extends Error {
   }
 }
 
+const ROOM_ROLES = new Set(['host', 'ta', 'member', 'viewer']);
+export const ROOM_GRANTS_SYNTAX =
+  'room:role or room=role, separated by commas or spaces, role one of host, ta, member or viewer ' +
+  '(member when left out), e.g. lobby:host, algebra=ta';
+
+/// Parses room grants as the dev sign-in form takes them (and as `studyhall token --rooms`
+/// does): `room:role` or `room=role` entries, the role `member` when left out. Returns
+/// `{room: role}`; throws an Error naming the bad entry and the expected syntax.
+export function parseRoomGrants(text) {
+  const rooms = {};
+  for (const part of text.split(/[,\s]+/).filter(Boolean)) {
+    const m = /^([^:=]+)(?:[:=](.*))?$/.exec(part);
+    const room = m ? m[1] : '';
+    const role = m && m[2] !== undefined ? m[2] : 'member';
+    if (!m || !/^[A-Za-z0-9_.-]{1,64}$/.test(room) || !ROOM_ROLES.has(role)) {
+      throw new Error(`invalid room grant "${part}": expected ${ROOM_GRANTS_SYNTAX}`);
+    }
+    rooms[room] = role;
+  }
+  return rooms;
+}
+
 const SEQUENCED = new Set([
   'message', 'message_edited', 'message_deleted', 'reaction', 'question', 'question_updated', 'hidden',
 ]);

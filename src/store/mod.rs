@@ -44,6 +44,11 @@ use tokio::sync::{mpsc, oneshot};
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// The database did not answer the first connection at start. `target` is host and port
+    /// only (never credentials); `cause` is why (connection refused, no such host, bad
+    /// password, ...).
+    #[error("cannot connect to PostgreSQL at {target}: {cause}")]
+    Connect { target: String, cause: String },
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
@@ -73,7 +78,7 @@ impl StoreError {
             Self::BadRequest(m) => Self::BadRequest(m.clone()),
             Self::TooLarge(m) => Self::TooLarge(m.clone()),
             Self::Corrupt(m) => Self::Corrupt(m.clone()),
-            Self::Db(_) | Self::Migrate(_) | Self::Closed => Self::Closed,
+            Self::Db(_) | Self::Connect { .. } | Self::Migrate(_) | Self::Closed => Self::Closed,
         }
     }
 }
@@ -233,6 +238,25 @@ mod double_option {
     }
 }
 
+/// Which rooms one page of [`Store::rooms_page`] holds: rooms in id order after `after`,
+/// optionally only of one kind, or only those where `member` has a stored membership.
+#[derive(Clone, Debug, Default)]
+pub struct RoomQuery {
+    pub kind: Option<RoomKind>,
+    pub member: Option<UserId>,
+    /// Keyset cursor: only rooms whose id sorts after this one.
+    pub after: Option<RoomId>,
+    /// Most rooms in the page (at least 1 is used).
+    pub limit: u32,
+}
+
+/// One page of rooms, in id order; `has_more` when rooms past the last one match too.
+#[derive(Clone, Debug, Default)]
+pub struct RoomPage {
+    pub rooms: Vec<Room>,
+    pub has_more: bool,
+}
+
 /// Which rendering of the event log a reader gets: host/ta (and the HTTP API) see everything;
 /// members see anonymous authors removed and pending questions as `hidden`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,9 +307,14 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-const SELECT_ROOM: &str = "SELECT id, kind, title, visibility, qa_enabled, qa_moderated, \
-     qa_peer_answers, starts_at, archived, last_seq, created_at, answer_sla_s, slow_mode_s, rules, \
-     engagement FROM rooms WHERE id = $1";
+/// The columns [`room_from_row`] reads.
+macro_rules! room_columns {
+    () => {
+        "id, kind, title, visibility, qa_enabled, qa_moderated, qa_peer_answers, starts_at, \
+         archived, last_seq, created_at, answer_sla_s, slow_mode_s, rules, engagement"
+    };
+}
+const SELECT_ROOM: &str = concat!("SELECT ", room_columns!(), " FROM rooms WHERE id = $1");
 
 fn room_from_row(row: &AnyRow) -> Result<Room> {
     let kind: String = row.try_get("kind")?;
@@ -462,6 +491,54 @@ impl Store {
             .fetch_optional(self.pool())
             .await?;
         row.as_ref().map(room_from_row).transpose()
+    }
+
+    /// One page of rooms in id order (archived ones included), filtered as `q` says. Keyset
+    /// paging: the next page starts after the last id of this one, so rooms created meanwhile
+    /// never shift a page.
+    pub async fn rooms_page(&self, q: &RoomQuery) -> Result<RoomPage> {
+        let mut sql = concat!("SELECT ", room_columns!(), " FROM rooms WHERE 1 = 1").to_owned();
+        let mut n = 0;
+        let mut param = || {
+            n += 1;
+            format!("${n}")
+        };
+        if q.after.is_some() {
+            sql += &format!(" AND id > {}", param());
+        }
+        if q.kind.is_some() {
+            sql += &format!(" AND kind = {}", param());
+        }
+        if q.member.is_some() {
+            sql += &format!(
+                " AND EXISTS (SELECT 1 FROM room_members m WHERE m.room_id = rooms.id \
+                 AND m.user_id = {})",
+                param()
+            );
+        }
+        let limit = q.limit.max(1);
+        sql += &format!(" ORDER BY id LIMIT {}", param());
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some(after) = &q.after {
+            query = query.bind(after.as_str());
+        }
+        if let Some(kind) = q.kind {
+            query = query.bind(kind.as_str());
+        }
+        if let Some(member) = &q.member {
+            query = query.bind(member.as_str());
+        }
+        let rows = query
+            .bind(i64::from(limit) + 1)
+            .fetch_all(self.pool())
+            .await?;
+        let has_more = rows.len() > limit as usize;
+        let rooms = rows
+            .iter()
+            .take(limit as usize)
+            .map(room_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RoomPage { rooms, has_more })
     }
 
     pub async fn update_room(&self, id: &RoomId, patch: &RoomPatch) -> Result<Room> {

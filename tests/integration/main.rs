@@ -2,8 +2,10 @@
 //! spawned as a child for crash tests, and the store conformance suite on SQLite and
 //! PostgreSQL. One test binary so the suite links once.
 
+mod api;
 mod calls;
 mod chat;
+mod cli;
 mod cluster;
 mod common;
 mod config;

@@ -52,6 +52,9 @@ pub struct Identity {
     pub grants: HashMap<RoomId, RoomRole>,
     /// The token's `tz` claim when it names a known IANA zone (an unknown one is ignored).
     pub tz: Option<String>,
+    /// When the token expires (Unix seconds); the session ends [`LEEWAY_S`] later unless a
+    /// `refresh` brings a new token.
+    pub exp: u64,
 }
 
 impl Identity {
@@ -136,6 +139,11 @@ impl Tokens {
         if c.iat > now_s() + LEEWAY_S {
             return Err(AuthError::FromTheFuture);
         }
+        if c.exp > now_s().saturating_add(MAX_TTL_S + LEEWAY_S) {
+            return Err(AuthError::BadClaim(
+                "exp is further away than the longest token lifetime",
+            ));
+        }
         if c.sub.is_empty() || c.sub.chars().count() > 64 {
             return Err(AuthError::BadClaim("sub must be 1..=64 characters"));
         }
@@ -165,6 +173,7 @@ impl Tokens {
             role: c.role,
             grants,
             tz,
+            exp: c.exp,
         })
     }
 

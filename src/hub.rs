@@ -711,6 +711,17 @@ impl Hub {
         }
     }
 
+    /// A session's role in a room changed while it is joined (a grant refreshed, a membership
+    /// changed through the API): what it is shown and which rendering it gets follow at once.
+    pub fn set_session_role(&self, room: &RoomId, session: &SessionId, role: RoomRole) {
+        if let Some(mut state) = self.rooms.get_mut(room)
+            && let Some(m) = state.sessions.get_mut(session)
+        {
+            m.moderator = role.can_moderate();
+            m.user.role = role.as_str().to_owned();
+        }
+    }
+
     /// Removes a session from a room; the user's last session leaving announces `offline`.
     pub fn leave(&self, room: &RoomId, session: &SessionId) -> bool {
         let Some(mut state) = self.rooms.get_mut(room) else {

@@ -237,6 +237,10 @@ pub enum ClientMsg {
         call_waiting: bool,
     },
     Ping,
+    /// A new token for this session, before the current one expires (same `sub`).
+    Refresh {
+        token: String,
+    },
     Join {
         room: RoomId,
         #[serde(default)]
@@ -462,10 +466,54 @@ fn default_media() -> Media {
 
 impl ClientMsg {
     /// The command's `type`, for metrics and logs (never its body).
+    /// The room a command acts on, if it names one.
+    pub fn room(&self) -> Option<&RoomId> {
+        match self {
+            Self::Join { room, .. }
+            | Self::Leave { room, .. }
+            | Self::Send { room, .. }
+            | Self::Edit { room, .. }
+            | Self::Delete { room, .. }
+            | Self::React { room, .. }
+            | Self::Unreact { room, .. }
+            | Self::History { room, .. }
+            | Self::Typing { room, .. }
+            | Self::Read { room, .. }
+            | Self::Ask { room, .. }
+            | Self::Vote { room, .. }
+            | Self::Answer { room, .. }
+            | Self::QuestionStatus { room, .. }
+            | Self::Questions { room, .. }
+            | Self::RaiseHand { room, .. }
+            | Self::LowerHand { room, .. }
+            | Self::Hands { room, .. }
+            | Self::Stage { room, .. }
+            | Self::Mute { room, .. }
+            | Self::Unmute { room, .. }
+            | Self::Kick { room, .. }
+            | Self::Ban { room, .. }
+            | Self::Unban { room, .. }
+            | Self::SlowMode { room, .. }
+            | Self::Report { room, .. }
+            | Self::Search { room, .. }
+            | Self::AvJoin { room, .. }
+            | Self::AvLeave { room, .. }
+            | Self::Checkin { room, .. }
+            | Self::Leaderboard { room, .. }
+            | Self::Stats { room, .. }
+            | Self::Helpful { room, .. } => Some(room),
+            Self::Call { room, .. } | Self::Signal { room, .. } | Self::Profile { room, .. } => {
+                room.as_ref()
+            }
+            _ => None,
+        }
+    }
+
     pub fn kind(&self) -> CommandKind {
         match self {
             Self::Hello { .. } => CommandKind::Hello,
             Self::Ping => CommandKind::Ping,
+            Self::Refresh { .. } => CommandKind::Refresh,
             Self::Join { .. } => CommandKind::Join,
             Self::Leave { .. } => CommandKind::Leave,
             Self::Send { .. } => CommandKind::Send,
@@ -515,6 +563,7 @@ impl ClientMsg {
 pub enum CommandKind {
     Hello,
     Ping,
+    Refresh,
     Join,
     Leave,
     Send,
@@ -544,9 +593,10 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 28] = [
+    pub const ALL: [CommandKind; 29] = [
         Self::Hello,
         Self::Ping,
+        Self::Refresh,
         Self::Join,
         Self::Leave,
         Self::Send,
@@ -579,6 +629,7 @@ impl CommandKind {
         match self {
             Self::Hello => "hello",
             Self::Ping => "ping",
+            Self::Refresh => "refresh",
             Self::Join => "join",
             Self::Leave => "leave",
             Self::Send => "send",

@@ -309,11 +309,27 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     let mut close = ctx.close.clone();
     let closed = closing(&mut close, |c| c != 0);
     tokio::pin!(closed);
+    // The token's end (plus the verification leeway); `refresh` moves it, and the timer is
+    // re-armed when it finds the token renewed.
+    let expiry = tokio::time::sleep_until(token_end(ctx.me.exp));
+    tokio::pin!(expiry);
 
     loop {
         tokio::select! {
             biased;
             _ = &mut closed => break,
+            () = &mut expiry => {
+                let end = token_end(ctx.me.exp);
+                if end > tokio::time::Instant::now() {
+                    expiry.as_mut().reset(end);
+                    continue;
+                }
+                tracing::info!(session = %ctx.handle.id, user = %ctx.me.user, "token expired");
+                let err = Error::Unauthorized("token expired: refresh it before exp".into());
+                let _ = ctx.outbox.try_send(error_frame(None, &err));
+                ctx.handle.close(close::UNAUTHORIZED);
+                break;
+            }
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
                 // While writes are in flight the socket may go unread (the in-flight limit):
                 // a slow store must not make a live client look idle.
@@ -421,6 +437,17 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     }
 }
 
+/// When a session whose token expires at `exp` (Unix seconds) must end: `exp` plus the
+/// verification leeway.
+fn token_end(exp: u64) -> tokio::time::Instant {
+    let left = exp
+        .saturating_add(crate::auth::LEEWAY_S)
+        .saturating_sub(crate::auth::now_s());
+    let now = tokio::time::Instant::now();
+    now.checked_add(Duration::from_secs(left))
+        .unwrap_or(now + Duration::from_secs(86_400 * 365))
+}
+
 /// Runs a socket write with a time limit; false if it failed or took too long.
 async fn within<E>(limit: Duration, write: impl Future<Output = Result<(), E>>) -> bool {
     matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
@@ -459,7 +486,12 @@ async fn write_loop(
     // every write gets a heartbeat to finish.
     let limit = timing.heartbeat;
     // Shutdown, idle and kick closes let queued frames (the `bye`, the `kicked`) go out first.
-    let immediate = |c: u16| !matches!(c, 0 | close::GOING_AWAY | close::NORMAL | close::KICKED);
+    let immediate = |c: u16| {
+        !matches!(
+            c,
+            0 | close::GOING_AWAY | close::NORMAL | close::KICKED | close::UNAUTHORIZED
+        )
+    };
     // Once the session's handle is gone the watch resolves at once: stop watching then, and
     // let the drained outbox end the loop.
     let mut watching = true;

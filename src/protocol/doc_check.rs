@@ -489,6 +489,7 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
         "mute" => ok::<MuteOk>(rid, &fields),
         "unmute" => ok::<UnmuteOk>(rid, &fields),
         "kick" | "ban" => ok::<KickOk>(rid, &fields),
+        "refresh" => ok::<RefreshOk>(rid, &fields),
         "slow_mode" => ok::<SlowModeOk>(rid, &fields),
         "report" => ok::<ReportOk>(rid, &fields),
         "call" | "call_accept" | "call_reject" | "call_hangup" | "call_resume" => {

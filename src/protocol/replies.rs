@@ -14,6 +14,12 @@ pub use studyhall_signaling::turn::IceServer;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EmptyOk {}
 
+/// `refresh`: when the new token expires (Unix seconds).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefreshOk {
+    pub exp: u64,
+}
+
 /// A message stored (`send`; a resend answers the first send's values).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SentOk {

@@ -3,6 +3,7 @@
 //! its handler. Rights are checked here on every command; the store and hub do the work.
 //! Nothing here touches the socket or SQL directly.
 
+mod access;
 mod chat;
 pub(crate) mod engagement;
 mod moderation;
@@ -21,6 +22,15 @@ use crate::node::CallAction;
 use crate::rtc;
 
 pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
+    // Rights follow the session: a joined room's role is checked again before each command on
+    // it (a cached policy lookup), so changes made elsewhere apply at once.
+    if let Some(room) = msg.room()
+        && ctx.joined.contains_key(room)
+        && !matches!(msg, ClientMsg::Leave { .. })
+    {
+        let room = room.clone();
+        access::recheck(ctx, &room).await?;
+    }
     match msg {
         ClientMsg::Hello { .. } => Err(Error::bad_request("already signed in")),
         ClientMsg::Ping => {
@@ -28,6 +38,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             ctx.push(pong).await;
             Ok(Outcome::Done)
         }
+        ClientMsg::Refresh { token } => access::refresh(ctx, token).await,
         ClientMsg::Join { room, after_seq } => join(ctx, rid, room, after_seq).await,
         ClientMsg::Leave { room } => leave(ctx, room),
         ClientMsg::Send {
@@ -349,20 +360,10 @@ fn seq_of(body: &str) -> Option<i64> {
 
 fn leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     check_room_id(&room)?;
-    if ctx.joined.remove(&room).is_none() {
-        return Err(Error::NotMember(format!("not in room {room}")));
-    }
-    let was_on_stage = ctx.app.hub.on_stage(&room, &ctx.me.user);
-    ctx.app.hub.leave(&room, &ctx.handle.id);
-    ctx.app.broker.leave_room(&room);
     // Leaving the room leaves its A/V too, and a stage spot given up here ends the right to
     // publish for the user's other sessions as well.
-    rtc::left_room(
-        &ctx.app,
-        &room,
-        &ctx.me.user,
-        ctx.handle.id.as_str(),
-        was_on_stage,
-    );
+    if !access::leave_lost(ctx, &room) {
+        return Err(Error::NotMember(format!("not in room {room}")));
+    }
     Ok(Outcome::ok(protocol::EmptyOk {}))
 }

@@ -15,4 +15,5 @@ mod hardening;
 mod limits;
 mod moderation;
 mod qa;
+mod rights;
 mod store_conformance;

@@ -14,7 +14,7 @@ pub(crate) use crate::command::check_room_id;
 use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::protocol::{self, ClientMsg, PlatformRole, RoomId, RoomRole, Visibility};
-use crate::store::Room;
+use crate::store::{EventType, Room};
 use policy::Policy;
 
 use crate::node::CallAction;
@@ -219,6 +219,7 @@ async fn join(
             return Err(e);
         }
     }
+    let entering = ctx.app.hub.online_role(&room_id, &ctx.me.user).is_none();
     // Gate first, read the store second: anything committed after the gate is either in the
     // read or held by the gate (or both, and then dropped by seq), never lost.
     let joined = match ctx.app.hub.join(
@@ -263,6 +264,13 @@ async fn join(
         ctx.app.hub.leave(&room_id, &ctx.handle.id);
         ctx.joined.remove(&room_id);
         broker.leave_room(&room_id);
+    } else if entering {
+        ctx.app.store.member_event(
+            EventType::MemberJoined,
+            &room_id,
+            ctx.me.room_ref(role),
+            None,
+        );
     }
     result
 }
@@ -349,11 +357,17 @@ fn seq_of(body: &str) -> Option<i64> {
 
 fn leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     check_room_id(&room)?;
-    if ctx.joined.remove(&room).is_none() {
+    let Some(role) = ctx.joined.remove(&room) else {
         return Err(Error::NotMember(format!("not in room {room}")));
-    }
+    };
     let was_on_stage = ctx.app.hub.on_stage(&room, &ctx.me.user);
     ctx.app.hub.leave(&room, &ctx.handle.id);
+    if ctx.app.hub.online_role(&room, &ctx.me.user).is_none() {
+        let me = ctx.me.room_ref(role);
+        ctx.app
+            .store
+            .member_event(EventType::MemberLeft, &room, me, Some("leave"));
+    }
     ctx.app.broker.leave_room(&room);
     // Leaving the room leaves its A/V too, and a stage spot given up here ends the right to
     // publish for the user's other sessions as well.

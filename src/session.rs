@@ -283,12 +283,15 @@ async fn live(open: Open) {
         app.hub.leave(&room, &sid);
         app.broker.leave_room(&room);
         if app.hub.online_role(&room, &ctx.me.user).is_none() {
-            app.store.member_event(
-                crate::store::EventType::MemberLeft,
-                &room,
-                ctx.me.room_ref(role),
-                Some("disconnect"),
-            );
+            let left = crate::store::EventType::MemberLeft;
+            let me = ctx.me.room_ref(role);
+            if let Err(e) = app
+                .store
+                .member_event(left, &room, me, Some("disconnect"))
+                .await
+            {
+                tracing::warn!(error = %e, %room, "webhooks: member.left not recorded");
+            }
         }
     }
     app.hub.unregister(&ctx.handle);

@@ -265,12 +265,16 @@ async fn join(
         ctx.joined.remove(&room_id);
         broker.leave_room(&room_id);
     } else if entering {
-        ctx.app.store.member_event(
-            EventType::MemberJoined,
-            &room_id,
-            ctx.me.room_ref(role),
-            None,
-        );
+        // Before the reply: the user's next write in the room comes after it in the outbox.
+        let me = ctx.me.room_ref(role);
+        if let Err(e) = ctx
+            .app
+            .store
+            .member_event(EventType::MemberJoined, &room_id, me, None)
+            .await
+        {
+            tracing::warn!(error = %e, room = %room_id, "webhooks: member.joined not recorded");
+        }
     }
     result
 }
@@ -363,10 +367,15 @@ fn leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     let was_on_stage = ctx.app.hub.on_stage(&room, &ctx.me.user);
     ctx.app.hub.leave(&room, &ctx.handle.id);
     if ctx.app.hub.online_role(&room, &ctx.me.user).is_none() {
-        let me = ctx.me.room_ref(role);
-        ctx.app
-            .store
-            .member_event(EventType::MemberLeft, &room, me, Some("leave"));
+        let (store, me, room) = (ctx.app.store.clone(), ctx.me.room_ref(role), room.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store
+                .member_event(EventType::MemberLeft, &room, me, Some("leave"))
+                .await
+            {
+                tracing::warn!(error = %e, %room, "webhooks: member.left not recorded");
+            }
+        });
     }
     ctx.app.broker.leave_room(&room);
     // Leaving the room leaves its A/V too, and a stage spot given up here ends the right to

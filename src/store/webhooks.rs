@@ -309,16 +309,16 @@ impl Store {
 
     /// `member.joined` / `member.left`: a user's first session entered the room, or their
     /// last one left it (`reason` `leave`, or `disconnect` when the session ended or timed
-    /// out while in the room). Spawned, so the session never waits on it.
-    pub fn member_event(
+    /// out while in the room). Nothing is written when no endpoint subscribes.
+    pub async fn member_event(
         &self,
         kind: EventType,
         room: &RoomId,
         user: crate::protocol::UserRef,
         reason: Option<&'static str>,
-    ) {
+    ) -> Result<()> {
         if !self.webhooks_want(kind) {
-            return;
+            return Ok(());
         }
         #[derive(Serialize)]
         struct Member {
@@ -326,13 +326,9 @@ impl Store {
             #[serde(skip_serializing_if = "Option::is_none")]
             reason: Option<&'static str>,
         }
-        let data = serde_json::to_value(Member { user, reason }).unwrap_or_default();
-        let (store, room) = (self.clone(), room.clone());
-        tokio::spawn(async move {
-            if let Err(e) = store.webhook_event(kind, Some(&room), data).await {
-                tracing::warn!(error = %e, %room, "webhooks: cannot record a member event");
-            }
-        });
+        let data = serde_json::to_value(Member { user, reason })
+            .map_err(|e| StoreError::Corrupt(format!("member event: {e}")))?;
+        self.webhook_event(kind, Some(room), data).await
     }
 
     pub async fn webhook_count(&self) -> Result<i64> {

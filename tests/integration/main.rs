@@ -13,3 +13,4 @@ mod limits;
 mod moderation;
 mod qa;
 mod store_conformance;
+mod webhooks;

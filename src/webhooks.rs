@@ -243,7 +243,16 @@ pub async fn run(store: Store, cfg: SenderConfig) {
                             (store.clone(), cfg.clone(), in_flight.clone(), wake.clone());
                         tasks.spawn(async move {
                             let id = d.id;
-                            deliver(&store, &cfg, d).await;
+                            // Several nodes may run a sender on one database: one claims it.
+                            let lease = now_ms().saturating_add(
+                                i64::try_from(cfg.timeout.as_millis().saturating_mul(2))
+                                    .unwrap_or(i64::MAX),
+                            );
+                            match store.claim_delivery(&d, lease).await {
+                                Ok(true) => deliver(&store, &cfg, d).await,
+                                Ok(false) => {}
+                                Err(e) => tracing::warn!(error = %e, "webhooks: cannot claim"),
+                            }
                             busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                             drop(slot);
                             // The lane's next delivery may be due now.

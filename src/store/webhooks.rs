@@ -128,6 +128,8 @@ pub struct DueDelivery {
     pub webhook_id: String,
     pub event_id: String,
     pub attempts: i64,
+    /// When it was due, as read (see [`Store::claim_delivery`]).
+    pub next_at: i64,
     pub url: String,
     pub keys: WebhookKeys,
     pub body: String,
@@ -503,7 +505,7 @@ impl Store {
     /// time has come and its endpoint is enabled, oldest first, at most `limit`.
     pub async fn due_deliveries(&self, now: i64, limit: usize) -> Result<Vec<DueDelivery>> {
         let rows = sqlx::query(
-            "SELECT d.id, d.webhook_id, d.event_id, d.attempts, w.url, w.secret, w.old_secret, \
+            "SELECT d.id, d.webhook_id, d.event_id, d.attempts, d.next_at, w.url, w.secret, w.old_secret, \
              w.old_secret_until, e.body FROM webhook_deliveries d \
              JOIN webhooks w ON w.id = d.webhook_id JOIN webhook_events e ON e.id = d.event_id \
              WHERE d.state = 'pending' AND d.next_at <= $1 AND w.disabled = 0 \
@@ -521,6 +523,7 @@ impl Store {
                     webhook_id: r.try_get("webhook_id")?,
                     event_id: r.try_get("event_id")?,
                     attempts: r.try_get("attempts")?,
+                    next_at: r.try_get("next_at")?,
                     url: r.try_get("url")?,
                     keys: WebhookKeys {
                         secret: r.try_get("secret")?,
@@ -531,6 +534,23 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Takes a due delivery for one attempt: moves its time to `lease_until`, only if no one
+    /// (another node's sender) took it since it was read. A sender that dies mid-attempt
+    /// leaves it to be tried again at `lease_until`.
+    pub async fn claim_delivery(&self, d: &DueDelivery, lease_until: i64) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE webhook_deliveries SET next_at = $3 \
+             WHERE id = $1 AND state = 'pending' AND next_at = $2",
+        )
+        .bind(d.id)
+        .bind(d.next_at)
+        .bind(lease_until)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok(n > 0)
     }
 
     /// Logs one attempt of a delivery and moves the delivery on as `result` says.

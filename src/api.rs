@@ -63,6 +63,14 @@ pub fn router(app: Arc<App>) -> Router {
         // engagement and room health
         .route("/rooms/{id}/leaderboard", get(leaderboard))
         .route("/rooms/{id}/stats", get(room_stats))
+        .route("/webhooks", post(create_webhook).get(list_webhooks))
+        .route("/webhooks/{id}", get(get_webhook).delete(delete_webhook))
+        .route("/webhooks/{id}/rotate", post(rotate_webhook))
+        .route("/webhooks/{id}/deliveries", get(list_deliveries))
+        .route(
+            "/webhooks/{id}/deliveries/{delivery}/replay",
+            post(replay_delivery),
+        )
         .route("/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     let mut router = Router::new()
@@ -906,4 +914,183 @@ async fn room_stats(
     )
     .await?;
     Ok(Json(v))
+}
+
+// -- webhooks --------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewWebhook {
+    url: String,
+    events: Vec<String>,
+}
+
+/// An endpoint with its secret, as creation answers it.
+#[derive(Serialize)]
+struct CreatedWebhook {
+    #[serde(flatten)]
+    webhook: crate::store::Webhook,
+    secret: String,
+}
+
+/// A new secret, as rotation answers it.
+#[derive(Serialize)]
+struct RotatedSecret {
+    id: String,
+    secret: String,
+    /// Until when (ms) the previous secret still signs, beside the new one.
+    previous_secret_expires_at: i64,
+}
+
+#[derive(Serialize)]
+struct WebhookList {
+    webhooks: Vec<crate::store::Webhook>,
+}
+
+#[derive(Serialize)]
+struct DeliveryList {
+    deliveries: Vec<crate::store::Delivery>,
+}
+
+/// Webhook ids: `wh_` and hex, as this server makes them.
+fn webhook_id(id: &str) -> Result<&str> {
+    let ok = id.len() <= 64
+        && id
+            .strip_prefix("wh_")
+            .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if ok {
+        Ok(id)
+    } else {
+        Err(Error::NotFound(format!("webhook {id} not found")))
+    }
+}
+
+async fn create_webhook(State(app): State<Arc<App>>, body: Bytes) -> Result<Response> {
+    let new: NewWebhook = parse_body(&body)?;
+    if new.events.is_empty() {
+        return Err(Error::bad_request(
+            "events must name at least one event type",
+        ));
+    }
+    let mut events = Vec::with_capacity(new.events.len());
+    for name in &new.events {
+        let t = crate::store::EventType::parse(name).ok_or_else(|| {
+            let known: Vec<&str> = crate::store::EventType::ALL
+                .iter()
+                .map(|t| t.as_str())
+                .collect();
+            Error::bad_request(format!(
+                "unknown event type {name:?}; the types are {}",
+                known.join(", ")
+            ))
+        })?;
+        if !events.contains(&t) {
+            events.push(t);
+        }
+    }
+    crate::webhooks::resolve(&new.url, app.config.webhook_allow_private)
+        .await
+        .map_err(|e| Error::bad_request(e.to_string()))?;
+    let max = app.config.webhook_max_endpoints;
+    if usize::try_from(app.store.webhook_count().await?).unwrap_or(usize::MAX) >= max {
+        return Err(Error::Conflict(format!(
+            "at most {max} webhook endpoints (webhook_max_endpoints)"
+        )));
+    }
+    let id = format!("wh_{:016x}", rand::random::<u64>());
+    let secret = crate::webhooks::new_secret();
+    let webhook = app
+        .store
+        .create_webhook(&id, &new.url, &events, &secret)
+        .await?;
+    tracing::info!(webhook = %id, url = %new.url, "webhook endpoint created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedWebhook { webhook, secret }),
+    )
+        .into_response())
+}
+
+async fn list_webhooks(State(app): State<Arc<App>>) -> Result<Json<WebhookList>> {
+    Ok(Json(WebhookList {
+        webhooks: app.store.webhooks().await?,
+    }))
+}
+
+async fn get_webhook(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::store::Webhook>> {
+    let id = webhook_id(&id)?;
+    app.store
+        .webhook(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Error::NotFound(format!("webhook {id} not found")))
+}
+
+async fn delete_webhook(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<StatusCode> {
+    let id = webhook_id(&id)?;
+    if app.store.delete_webhook(id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Error::NotFound(format!("webhook {id} not found")))
+    }
+}
+
+async fn rotate_webhook(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<RotatedSecret>> {
+    let id = webhook_id(&id)?;
+    let secret = crate::webhooks::new_secret();
+    let grace_ms =
+        i64::try_from(app.config.webhook_secret_grace_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let until = now_ms().saturating_add(grace_ms);
+    if !app.store.rotate_webhook_secret(id, &secret, until).await? {
+        return Err(Error::NotFound(format!("webhook {id} not found")));
+    }
+    Ok(Json(RotatedSecret {
+        id: id.to_owned(),
+        secret,
+        previous_secret_expires_at: until,
+    }))
+}
+
+async fn list_deliveries(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<DeliveryList>> {
+    let id = webhook_id(&id)?;
+    if app.store.webhook(id).await?.is_none() {
+        return Err(Error::NotFound(format!("webhook {id} not found")));
+    }
+    Ok(Json(DeliveryList {
+        deliveries: app
+            .store
+            .webhook_deliveries(id, app.config.webhook_log_page)
+            .await?,
+    }))
+}
+
+async fn replay_delivery(
+    State(app): State<Arc<App>>,
+    Path((id, delivery)): Path<(String, String)>,
+) -> Result<Response> {
+    let id = webhook_id(&id)?;
+    let missing = || Error::NotFound(format!("delivery {delivery} of webhook {id} not found"));
+    let n: i64 = delivery.parse().map_err(|_| missing())?;
+    let new = app
+        .store
+        .replay_delivery(id, n)
+        .await?
+        .ok_or_else(missing)?;
+    let listed = app
+        .store
+        .webhook_deliveries(id, app.config.webhook_log_page)
+        .await?
+        .into_iter()
+        .find(|d| d.id == new)
+        .ok_or_else(missing)?;
+    Ok((StatusCode::ACCEPTED, Json(listed)).into_response())
 }

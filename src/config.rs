@@ -423,6 +423,31 @@ settings! {
     /// Most buckets one statistics query may span (`bad_request` beyond).
     stats_max_buckets: usize = 366,
 
+    // Webhooks (`/api/webhooks`).
+    /// Allow webhook endpoints on loopback, private, link-local and other non-public
+    /// addresses (checked at creation and again, after DNS resolution, before each delivery).
+    /// For tests and same-host receivers only.
+    webhook_allow_private: bool = false,
+    /// Milliseconds one webhook delivery may take (connect, send, response head); past it the
+    /// attempt counts as failed and is retried.
+    webhook_timeout_ms: u64 = 10_000,
+    /// Waits between webhook delivery attempts after a failure, comma-separated, each a number
+    /// with `ms`, `s`, `m` or `h` (jittered by up to 10 %; a longer `Retry-After` wins). The
+    /// first attempt is immediate; after the last wait's attempt fails the delivery is given up.
+    webhook_retry_schedule: String = "5s,5m,30m,2h,5h,10h".into(),
+    /// Seconds a rotated-out webhook secret keeps signing beside the new one (a second
+    /// `v1,` entry in `webhook-signature`), so receivers can switch without losing events.
+    webhook_secret_grace_s: u64 = 86_400,
+    /// Milliseconds between the webhook sender's looks for due deliveries (new events wake it
+    /// at once; retries are found by this look).
+    webhook_poll_ms: u64 = 1_000,
+    /// Webhook deliveries in flight at once (each to a different endpoint and room).
+    webhook_concurrency: usize = 16,
+    /// Webhook endpoints that may be registered.
+    webhook_max_endpoints: usize = 100,
+    /// Most deliveries `GET /api/webhooks/{id}/deliveries` lists (newest first).
+    webhook_log_page: usize = 100,
+
     // Cluster mode (several nodes on NATS); used only with `nats_url`.
     /// Cluster mode: this node's name, 1..=32 of `[A-Za-z0-9_-]`, unique in the cluster.
     /// Session and call ids end in `.NODE_ID`. Unset: a random `n` + 8 hex digits at each
@@ -663,8 +688,47 @@ impl Config {
             });
         }
         positive("churn_inactive_days", u64::from(self.churn_inactive_days))?;
+        positive("webhook_timeout_ms", self.webhook_timeout_ms)?;
+        positive("webhook_poll_ms", self.webhook_poll_ms)?;
+        positive("webhook_concurrency", self.webhook_concurrency as u64)?;
+        positive("webhook_max_endpoints", self.webhook_max_endpoints as u64)?;
+        positive("webhook_log_page", self.webhook_log_page as u64)?;
+        self.webhook_schedule()
+            .map_err(|why| ConfigError::Invalid {
+                name: "webhook_retry_schedule",
+                why,
+            })?;
         positive("stats_max_buckets", self.stats_max_buckets as u64)?;
         self.validate_cluster()
+    }
+
+    /// `webhook_retry_schedule` as durations: the waits before the second, third, ...
+    /// attempt. Empty means a single attempt.
+    pub fn webhook_schedule(&self) -> Result<Vec<Duration>, String> {
+        self.webhook_retry_schedule
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|step| {
+                let split = step
+                    .find(|c: char| !c.is_ascii_digit())
+                    .ok_or_else(|| format!("{step:?} has no unit (ms, s, m or h)"))?;
+                let (n, unit) = step.split_at(split);
+                let n: u64 = n
+                    .parse()
+                    .map_err(|_| format!("{step:?} does not start with a number"))?;
+                let ms = match unit {
+                    "ms" => Some(n),
+                    "s" => n.checked_mul(1_000),
+                    "m" => n.checked_mul(60_000),
+                    "h" => n.checked_mul(3_600_000),
+                    _ => return Err(format!("{step:?}: the unit must be ms, s, m or h")),
+                };
+                ms.filter(|ms| *ms <= 7 * 86_400_000)
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| format!("{step:?} is longer than 7 days"))
+            })
+            .collect()
     }
 
     /// Cluster settings: PostgreSQL is the one source of truth the nodes share, so a NATS URL

@@ -16,6 +16,7 @@
 //! - `api`      HTTP router: `/ws`, `/healthz`, `/metrics`, `/api/...`, `/dev/token`
 //! - `web`      the browser client's files, embedded
 //! - `engagement` points, levels, badges, streaks and the calendar, as pure functions
+//! - `webhooks` the webhook sender (signed, retried, in order per room) and endpoint checks
 //! - `metrics`  counters and histograms in Prometheus text
 //! - `error`    the one error type -> protocol code / HTTP status
 //! - `cluster/` the NATS broker (cluster mode): room events, notices, directed frames,
@@ -42,6 +43,7 @@ pub mod rtc;
 pub mod session;
 pub mod store;
 pub mod web;
+pub mod webhooks;
 
 use crate::config::Config;
 use crate::hub::Hub;
@@ -325,6 +327,10 @@ pub async fn serve(
     let counts = tokio::spawn(send_online_counts(app.clone()));
     let heartbeats = tokio::spawn(heartbeats(app.clone()));
     let presence = tokio::spawn(send_presence(app.clone()));
+    let webhooks = tokio::spawn(webhooks::run(
+        app.store.clone(),
+        webhooks::SenderConfig::from_config(&app.config),
+    ));
     let mut bus_tasks = match &app.cluster {
         Some(bus) => {
             let mut tasks = bus.start(app.store.clone()).await;
@@ -376,6 +382,9 @@ pub async fn serve(
     counts.abort();
     heartbeats.abort();
     presence.abort();
+    // Deliveries cut short stay pending in the outbox and go out after the next start.
+    webhooks.abort();
+    let _ = webhooks.await;
     app.store.close().await;
     if let Some(bus) = &app.cluster {
         bus.leave().await;

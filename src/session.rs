@@ -279,9 +279,20 @@ async fn live(open: Open) {
     let app = ctx.app.clone();
     let sid = ctx.handle.id.clone();
     // Leave every room (announcing offline where this was the user's last session).
-    for room in std::mem::take(&mut ctx.joined).into_keys() {
+    for (room, role) in std::mem::take(&mut ctx.joined) {
         app.hub.leave(&room, &sid);
         app.broker.leave_room(&room);
+        if app.hub.online_role(&room, &ctx.me.user).is_none() {
+            let left = crate::store::EventType::MemberLeft;
+            let me = ctx.me.room_ref(role);
+            if let Err(e) = app
+                .store
+                .member_event(left, &room, me, Some("disconnect"))
+                .await
+            {
+                tracing::warn!(error = %e, %room, "webhooks: member.left not recorded");
+            }
+        }
     }
     app.hub.unregister(&ctx.handle);
     crate::rtc::session_closed(&app, &ctx.me.user, sid.as_str());

@@ -8,6 +8,7 @@ use super::{resolve_role, rtc};
 use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::protocol::{self, RoomId};
+use crate::store::EventType;
 
 /// `refresh {token}`: the token must be valid and name the same user; the session's identity
 /// (name, platform role, grants, expiry) becomes the new token's, and every joined room is
@@ -67,11 +68,22 @@ pub(super) async fn recheck(ctx: &mut Ctx, room: &RoomId) -> Result<()> {
 
 /// Leaves a joined room (the `leave` command, or access lost); false if it was not joined.
 pub(super) fn leave_lost(ctx: &mut Ctx, room: &RoomId) -> bool {
-    if ctx.joined.remove(room).is_none() {
+    let Some(role) = ctx.joined.remove(room) else {
         return false;
-    }
+    };
     let was_on_stage = ctx.app.hub.on_stage(room, &ctx.me.user);
     ctx.app.hub.leave(room, &ctx.handle.id);
+    if ctx.app.hub.online_role(room, &ctx.me.user).is_none() {
+        let (store, me, room) = (ctx.app.store.clone(), ctx.me.room_ref(role), room.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store
+                .member_event(EventType::MemberLeft, &room, me, Some("leave"))
+                .await
+            {
+                tracing::warn!(error = %e, %room, "webhooks: member.left not recorded");
+            }
+        });
+    }
     ctx.app.broker.leave_room(room);
     rtc::left_room(
         &ctx.app,

@@ -15,7 +15,7 @@ pub(crate) use crate::command::check_room_id;
 use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::protocol::{self, ClientMsg, PlatformRole, RoomId, RoomRole, Visibility};
-use crate::store::Room;
+use crate::store::{EventType, Room};
 use policy::Policy;
 
 use crate::node::CallAction;
@@ -230,6 +230,7 @@ async fn join(
             return Err(e);
         }
     }
+    let entering = ctx.app.hub.online_role(&room_id, &ctx.me.user).is_none();
     // Gate first, read the store second: anything committed after the gate is either in the
     // read or held by the gate (or both, and then dropped by seq), never lost.
     let joined = match ctx.app.hub.join(
@@ -274,6 +275,17 @@ async fn join(
         ctx.app.hub.leave(&room_id, &ctx.handle.id);
         ctx.joined.remove(&room_id);
         broker.leave_room(&room_id);
+    } else if entering {
+        // Before the reply: the user's next write in the room comes after it in the outbox.
+        let me = ctx.me.room_ref(role);
+        if let Err(e) = ctx
+            .app
+            .store
+            .member_event(EventType::MemberJoined, &room_id, me, None)
+            .await
+        {
+            tracing::warn!(error = %e, room = %room_id, "webhooks: member.joined not recorded");
+        }
     }
     result
 }

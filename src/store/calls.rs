@@ -25,7 +25,8 @@ pub struct CallLogEntry {
 
 impl Store {
     pub async fn insert_call(&self, c: &CallLogEntry) -> Result<()> {
-        sqlx::query(
+        let mut tx = self.begin_write().await?;
+        let inserted = sqlx::query(
             "INSERT INTO calls (id, caller_id, callee_id, room_id, audio, video, created_at, answered_at, \
              ended_at, end_reason, duration_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (id) DO NOTHING",
@@ -41,8 +42,28 @@ impl Store {
         .bind(c.ended_at)
         .bind(c.end_reason.as_str())
         .bind(c.duration_ms)
-        .execute(self.pool())
-        .await?;
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let kind = super::EventType::CallEnded;
+        let queued = if inserted > 0 && self.webhooks_want(kind) {
+            let data = serde_json::to_value(c)
+                .map_err(|e| super::StoreError::Corrupt(format!("call {}: {e}", c.id)))?;
+            let ev = super::webhooks::Outgoing {
+                kind,
+                room: c.room.as_ref(),
+                seq: None,
+                ts: c.ended_at,
+                data,
+            };
+            super::webhooks::enqueue(&mut tx, ev).await?
+        } else {
+            false
+        };
+        tx.commit().await?;
+        if queued {
+            self.outbox_notify().notify_one();
+        }
         Ok(())
     }
 

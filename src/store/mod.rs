@@ -17,6 +17,7 @@ mod search;
 mod sends;
 mod sqlite;
 mod stats;
+mod webhooks;
 mod writer;
 
 pub use crate::protocol::views::RoomSummary;
@@ -29,6 +30,9 @@ pub use moderation::{AuditEntry, MAX_REASON_CHARS, Report};
 pub use qa::{QuestionFilter, QuestionRecord, QuestionSort};
 pub use search::SearchHit;
 pub use stats::{RoomStats, StatsQuery};
+pub use webhooks::{
+    Attempt, AttemptResult, Delivery, DueDelivery, EventType, Webhook, WebhookKeys,
+};
 pub use writer::{CommitHook, CommittedEvent, WriteOp, WriteOutcome};
 
 use crate::metrics::Metrics;
@@ -298,6 +302,10 @@ struct Inner {
     writer: mpsc::Sender<writer::Request>,
     writer_done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
     badge_hook: engagement::BadgeHookSlot,
+    /// Which webhook event types some enabled endpoint subscribes to (shared with the writer).
+    subscribed: Arc<webhooks::Subscribed>,
+    /// Notified when a commit queued webhook deliveries.
+    outbox: Arc<tokio::sync::Notify>,
 }
 
 pub fn now_ms() -> i64 {
@@ -382,7 +390,15 @@ impl Store {
         }
         let (tx, rx) = mpsc::channel(opts.queue);
         let badge_hook = engagement::BadgeHookSlot::default();
-        let run = writer::run(opts.clone(), backend, rx, hook, metrics, badge_hook.clone());
+        let subscribed = Arc::new(webhooks::Subscribed::default());
+        let outbox = Arc::new(tokio::sync::Notify::new());
+        let hooks = writer::Hooks {
+            commit: hook,
+            badge: badge_hook.clone(),
+            subscribed: subscribed.clone(),
+            outbox: outbox.clone(),
+        };
+        let run = writer::run(opts.clone(), backend, rx, hooks, metrics);
         // The writer runs on a thread of its own: a batch takes a dozen or so round trips to
         // the database, and on the shared runtime each one would wait behind every task the
         // fan-out has just woken.
@@ -398,15 +414,28 @@ impl Store {
                 let _ = done_tx.send(());
             })
             .map_err(|e| StoreError::Corrupt(format!("store writer thread: {e}")))?;
-        Ok(Self {
+        let store = Self {
             inner: Arc::new(Inner {
                 pool,
                 backend,
                 writer: tx,
                 writer_done: tokio::sync::Mutex::new(Some(handle)),
                 badge_hook,
+                subscribed,
+                outbox,
             }),
-        })
+        };
+        store.refresh_webhook_subscriptions().await?;
+        Ok(store)
+    }
+
+    /// Begins a write transaction on the pool the way the writer does (IMMEDIATE on SQLite).
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        let begin = match self.inner.backend {
+            Backend::Sqlite => sqlite::BEGIN_WRITE,
+            Backend::Postgres => postgres::BEGIN_WRITE,
+        };
+        Ok(self.pool().begin_with(begin).await?)
     }
 
     pub fn backend(&self) -> Backend {
@@ -453,6 +482,7 @@ impl Store {
     // -- rooms ---------------------------------------------------------------------------------
 
     pub async fn create_room(&self, room: &Room) -> Result<Room> {
+        let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "INSERT INTO rooms (id, kind, title, visibility, qa_enabled, qa_moderated, starts_at, \
              archived, last_seq, created_at, qa_peer_answers, answer_sla_s, slow_mode_s, rules, \
@@ -472,7 +502,7 @@ impl Store {
         .bind(room.slow_mode_s)
         .bind(rules_json(&room.rules))
         .bind(room.engagement.json())
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
         if res.rows_affected() == 0 {
             return Err(StoreError::Conflict(format!(
@@ -480,9 +510,49 @@ impl Store {
                 room.id
             )));
         }
-        self.room(&room.id)
-            .await?
-            .ok_or(StoreError::NotFound("room"))
+        let row = sqlx::query(SELECT_ROOM)
+            .bind(room.id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let created = row
+            .as_ref()
+            .map(room_from_row)
+            .transpose()?
+            .ok_or(StoreError::NotFound("room"))?;
+        let queued = self
+            .webhook_in(&mut tx, EventType::RoomCreated, &created)
+            .await?;
+        tx.commit().await?;
+        if queued {
+            self.inner.outbox.notify_one();
+        }
+        Ok(created)
+    }
+
+    /// Queues a room event (`room.created`, `room.archived`) with the room as its data, when
+    /// some endpoint subscribes.
+    async fn webhook_in(
+        &self,
+        tx: &mut writer::Tx<'_>,
+        kind: EventType,
+        room: &Room,
+    ) -> Result<bool> {
+        if !self.webhooks_want(kind) {
+            return Ok(false);
+        }
+        let data = serde_json::to_value(room)
+            .map_err(|e| StoreError::Corrupt(format!("room {}: {e}", room.id)))?;
+        webhooks::enqueue(
+            tx,
+            webhooks::Outgoing {
+                kind,
+                room: Some(&room.id),
+                seq: None,
+                ts: now_ms(),
+                data,
+            },
+        )
+        .await
     }
 
     pub async fn room(&self, id: &RoomId) -> Result<Option<Room>> {
@@ -543,6 +613,7 @@ impl Store {
 
     pub async fn update_room(&self, id: &RoomId, patch: &RoomPatch) -> Result<Room> {
         let mut room = self.room(id).await?.ok_or(StoreError::NotFound("room"))?;
+        let was_archived = room.archived;
         if let Some(k) = patch.kind {
             room.kind = k;
         }
@@ -573,6 +644,7 @@ impl Store {
         if let Some(e) = &patch.engagement {
             room.engagement = e.clone();
         }
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "UPDATE rooms SET kind = $1, title = $2, visibility = $3, qa_enabled = $4, \
              qa_moderated = $5, starts_at = $6, archived = $7, qa_peer_answers = $8, \
@@ -591,8 +663,18 @@ impl Store {
         .bind(rules_json(&room.rules))
         .bind(id.as_str())
         .bind(room.engagement.json())
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        let queued = if room.archived && !was_archived {
+            self.webhook_in(&mut tx, EventType::RoomArchived, &room)
+                .await?
+        } else {
+            false
+        };
+        tx.commit().await?;
+        if queued {
+            self.inner.outbox.notify_one();
+        }
         self.room(id).await?.ok_or(StoreError::NotFound("room"))
     }
 

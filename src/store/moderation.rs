@@ -160,6 +160,7 @@ impl Store {
             resolved_by: None,
             resolution: None,
         };
+        let mut tx = self.begin_write().await?;
         let inserted = sqlx::query(
             "INSERT INTO reports (id, room_id, target_kind, target_id, reporter_id, reason, ts) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (room_id, target_id, reporter_id) DO NOTHING",
@@ -171,10 +172,29 @@ impl Store {
         .bind(reporter.as_str())
         .bind(reason)
         .bind(report.ts)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
             return Err(StoreError::Conflict("you already reported this".into()));
+        }
+        let kind = super::EventType::ReportCreated;
+        let queued = if self.webhooks_want(kind) {
+            let data = serde_json::to_value(&report)
+                .map_err(|e| StoreError::Corrupt(format!("report: {e}")))?;
+            let ev = super::webhooks::Outgoing {
+                kind,
+                room: Some(room),
+                seq: None,
+                ts: report.ts,
+                data,
+            };
+            super::webhooks::enqueue(&mut tx, ev).await?
+        } else {
+            false
+        };
+        tx.commit().await?;
+        if queued {
+            self.outbox_notify().notify_one();
         }
         Ok(report)
     }

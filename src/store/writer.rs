@@ -186,14 +186,22 @@ pub(super) struct Applied {
 
 type Pending = (WriteOp, oneshot::Sender<Result<WriteOutcome>>);
 
-#[allow(clippy::too_many_arguments)]
+/// Who hears of a commit: the commit hook (fan-out), the badge hook, and the webhook sender
+/// (through the outbox and its notifier, with the set of subscribed types that says whether
+/// to write outbox rows at all).
+pub(super) struct Hooks {
+    pub commit: Option<CommitHook>,
+    pub badge: BadgeHookSlot,
+    pub subscribed: Arc<super::webhooks::Subscribed>,
+    pub outbox: Arc<tokio::sync::Notify>,
+}
+
 pub(super) async fn run(
     opts: super::StoreOptions,
     backend: Backend,
     mut rx: mpsc::Receiver<Request>,
-    hook: Option<CommitHook>,
+    hooks: Hooks,
     metrics: Arc<Metrics>,
-    badge_hook: BadgeHookSlot,
 ) {
     let batch_max = opts.batch_max;
     let linger = Duration::from_micros(opts.batch_linger_us);
@@ -207,10 +215,12 @@ pub(super) async fn run(
         conn: None,
         backend,
         begin,
-        hook,
+        hook: hooks.commit,
         metrics,
         engagement,
-        badge_hook,
+        badge_hook: hooks.badge,
+        subscribed: hooks.subscribed,
+        outbox: hooks.outbox,
     };
     let mut batch: Vec<Pending> = Vec::with_capacity(batch_max);
     let mut stopping = false;
@@ -270,6 +280,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     engagement: Arc<EngagementConfig>,
     badge_hook: BadgeHookSlot,
+    subscribed: Arc<super::webhooks::Subscribed>,
+    outbox: Arc<tokio::sync::Notify>,
 }
 
 type Results = (Vec<Result<(Applied, Effects)>>, Effects);
@@ -453,9 +465,64 @@ impl Writer {
         engagement::contribute(&mut tx, &self.engagement, &sends, &mut batch_fx)
             .await
             .map_err(abort_batch)?;
+        let queued = webhook_events(&mut tx, &self.subscribed, ops, &out)
+            .await
+            .map_err(abort_batch)?;
         tx.commit().await?;
+        if queued {
+            self.outbox.notify_one();
+        }
         Ok((out, batch_fx))
     }
+}
+
+/// Writes the webhook events of the batch's committed-to-be writes into the outbox, in
+/// the batch's own transaction (each room's in seq order); nothing when no endpoint
+/// subscribes to their types.
+async fn webhook_events(
+    tx: &mut Tx<'_>,
+    subscribed: &super::webhooks::Subscribed,
+    ops: &[&WriteOp],
+    out: &[Result<(Applied, Effects)>],
+) -> Result<bool> {
+    use super::webhooks::{EventType, Outgoing, data_of_event, enqueue};
+    let wanted = |t| subscribed.has(t);
+    if !(wanted(EventType::MessageCreated)
+        || wanted(EventType::QuestionAsked)
+        || wanted(EventType::QuestionAnswered))
+    {
+        return Ok(false);
+    }
+    let mut queued = false;
+    for (op, result) in ops.iter().zip(out) {
+        let Ok((applied, _)) = result else { continue };
+        let Some(ev) = &applied.event else { continue };
+        let (kind, ts) = match (op, &applied.outcome) {
+            (WriteOp::Send { .. }, WriteOutcome::Sent { ts, .. }) => {
+                (EventType::MessageCreated, *ts)
+            }
+            (WriteOp::Ask { .. }, WriteOutcome::Asked { ts, .. }) => {
+                (EventType::QuestionAsked, *ts)
+            }
+            (WriteOp::Answer { .. }, _) => (EventType::QuestionAnswered, now_ms()),
+            _ => continue,
+        };
+        if !wanted(kind) {
+            continue;
+        }
+        queued |= enqueue(
+            tx,
+            Outgoing {
+                kind,
+                room: Some(&ev.room),
+                seq: Some(ev.seq),
+                ts,
+                data: data_of_event(&ev.json),
+            },
+        )
+        .await?;
+    }
+    Ok(queued)
 }
 
 /// How a write of a batch is applied.

@@ -17,3 +17,4 @@ mod moderation;
 mod qa;
 mod rights;
 mod store_conformance;
+mod webhooks;

@@ -1,0 +1,718 @@
+//! Webhooks end to end: a receiver on 127.0.0.1:0 that checks the Standard Webhooks signature
+//! on its own (HMAC-SHA256 here, not the server's code), scripted answers (500s, 410), order
+//! per room, retries without loss, delivery after a restart, the SSRF refusal at creation and
+//! at delivery, secret rotation, replay and the API's errors. The main paths run on SQLite and
+//! on PostgreSQL.
+
+use crate::common::*;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use studyhall::config::Config;
+use tokio::sync::mpsc;
+
+/// One request the receiver got.
+#[derive(Debug)]
+struct Received {
+    id: String,
+    body: Value,
+    /// Each trusted secret (in the order given) that one of the signatures verifies with.
+    verified_by: Vec<usize>,
+    signatures: usize,
+    timestamp: i64,
+    /// What the receiver answered.
+    status: u16,
+}
+
+#[derive(Clone, Default)]
+struct Script {
+    /// Answers to give first, in order; then `default`.
+    next: Arc<Mutex<VecDeque<u16>>>,
+    default: Arc<AtomicU16>,
+    secrets: Arc<Mutex<Vec<String>>>,
+    seen: Option<mpsc::UnboundedSender<Received>>,
+}
+
+struct Receiver {
+    url: String,
+    script: Script,
+    rx: mpsc::UnboundedReceiver<Received>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The Standard Webhooks check, written independently of the server: `v1,` + base64
+/// HMAC-SHA256(secret bytes after `whsec_`, "{id}.{timestamp}.{body}").
+fn verifies(secret: &str, id: &str, ts: &str, body: &str, header: &str) -> bool {
+    let Some(key) = secret
+        .strip_prefix("whsec_")
+        .and_then(|k| STANDARD.decode(k).ok())
+    else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("any key length");
+    mac.update(format!("{id}.{ts}.{body}").as_bytes());
+    let expected = STANDARD.encode(mac.finalize().into_bytes());
+    header
+        .split(' ')
+        .any(|s| s.strip_prefix("v1,") == Some(expected.as_str()))
+}
+
+async fn receive(State(script): State<Script>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let h = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (id, ts, sig) = (
+        h("webhook-id"),
+        h("webhook-timestamp"),
+        h("webhook-signature"),
+    );
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let verified_by = script
+        .secrets
+        .lock()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| verifies(s, &id, &ts, &text, &sig))
+        .map(|(i, _)| i)
+        .collect();
+    let status = script
+        .next
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or_else(|| script.default.load(Ordering::SeqCst));
+    if let Some(seen) = &script.seen {
+        let _ = seen.send(Received {
+            id,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+            verified_by,
+            signatures: sig.split(' ').filter(|s| !s.is_empty()).count(),
+            timestamp: ts.parse().unwrap_or(0),
+            status,
+        });
+    }
+    StatusCode::from_u16(status).unwrap()
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let script = Script {
+            seen: Some(tx),
+            ..Script::default()
+        };
+        script.default.store(200, Ordering::SeqCst);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(script.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            url: format!("http://{addr}/hook"),
+            script,
+            rx,
+            task,
+        }
+    }
+
+    fn trust(&self, secret: &str) {
+        self.script.secrets.lock().unwrap().push(secret.to_owned());
+    }
+
+    fn answer_first(&self, statuses: &[u16]) {
+        self.script.next.lock().unwrap().extend(statuses);
+    }
+
+    fn answer(&self, status: u16) {
+        self.script.default.store(status, Ordering::SeqCst);
+    }
+
+    async fn next(&mut self) -> Received {
+        within("a webhook request", self.rx.recv())
+            .await
+            .expect("receiver open")
+    }
+
+    /// Requests until `n` were answered 2xx; returns those, in arrival order.
+    async fn delivered(&mut self, n: usize) -> Vec<Received> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let r = self.next().await;
+            assert_eq!(r.verified_by, vec![0], "signature must verify: {r:?}");
+            if (200..300).contains(&r.status) {
+                out.push(r);
+            }
+        }
+        out
+    }
+}
+
+/// Short retry steps and a fast poll, receivers on loopback allowed.
+fn fast(c: &mut Config) {
+    c.webhook_allow_private = true;
+    c.webhook_retry_schedule = "50ms,50ms,50ms,50ms,50ms".into();
+    c.webhook_poll_ms = 20;
+    c.webhook_timeout_ms = 5_000;
+}
+
+/// The two stores the main paths run on.
+#[derive(Clone, Copy, Debug)]
+enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// A database URL for `db`, with what keeps it alive (a temp dir) or drops it (PostgreSQL).
+struct TestDb {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<PgDb>,
+}
+
+impl TestDb {
+    async fn new(db: Db) -> Self {
+        match db {
+            Db::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                Self {
+                    url: format!("sqlite://{}", dir.path().join("t.db").display()),
+                    _dir: Some(dir),
+                    pg: None,
+                }
+            }
+            Db::Postgres => {
+                let pg = PgDb::create().await;
+                Self {
+                    url: pg.url.clone(),
+                    _dir: None,
+                    pg: Some(pg),
+                }
+            }
+        }
+    }
+
+    async fn server(&self, tweak: impl FnOnce(&mut Config)) -> Server {
+        let mut cfg = base_config(self.url.clone());
+        tweak(&mut cfg);
+        Server::start(cfg).await
+    }
+
+    async fn drop_db(mut self) {
+        if let Some(pg) = self.pg.take() {
+            pg.drop_db().await;
+        }
+    }
+}
+
+async fn api(s: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    http(s.addr, method, path, Some(API_KEY), body).await
+}
+
+/// Registers `url` for `events`; returns the id and the secret.
+async fn subscribe(s: &Server, url: &str, events: &[&str]) -> (String, String) {
+    let (status, body) = api(
+        s,
+        "POST",
+        "/api/webhooks",
+        Some(json!({"url": url, "events": events})),
+    )
+    .await;
+    assert_eq!(status, 201, "create webhook: {body}");
+    let secret = body["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"));
+    let key = STANDARD.decode(&secret["whsec_".len()..]).unwrap();
+    assert!(key.len() >= 24);
+    assert_eq!(body["url"], url);
+    (body["id"].as_str().unwrap().to_owned(), secret)
+}
+
+async fn send(c: &mut Client, room: &str, text: &str) -> Value {
+    let cid = format!("c-{text}");
+    c.ok(json!({"type": "send", "room": room, "text": text, "client_msg_id": cid}))
+        .await
+}
+
+fn now_s() -> i64 {
+    studyhall::store::now_ms() / 1000
+}
+
+// -- order and signatures -------------------------------------------------------------------
+
+async fn signed_and_in_order_per_room(db: Db) {
+    let db = TestDb::new(db).await;
+    let mut rcv = Receiver::start().await;
+    let s = db.server(fast).await;
+    let events = [
+        "room.created",
+        "member.joined",
+        "member.left",
+        "message.created",
+    ];
+    let (hook, secret) = subscribe(&s, &rcv.url, &events).await;
+    rcv.trust(&secret);
+    s.room("r1", "open").await;
+    s.room("r2", "open").await;
+    let mut a = s.client("alice").await;
+    a.join("r1").await;
+    a.join("r2").await;
+    for i in 0..5 {
+        send(&mut a, "r1", &format!("m{i}")).await;
+        send(&mut a, "r2", &format!("n{i}")).await;
+    }
+    drop(a); // the session ends: a synthetic member.left per room
+
+    let got = rcv.delivered(16).await;
+    for r in &got {
+        assert_eq!(r.body["id"], r.id.as_str(), "webhook-id is the event id");
+        assert_eq!(r.signatures, 1);
+        assert!(
+            (r.timestamp - now_s()).abs() < 60,
+            "webhook-timestamp in Unix seconds"
+        );
+        assert!(r.body["ts"].is_i64());
+    }
+    for (room, prefix) in [("r1", "m"), ("r2", "n")] {
+        let lane: Vec<&Received> = got.iter().filter(|r| r.body["room"] == room).collect();
+        let types: Vec<&str> = lane
+            .iter()
+            .map(|r| r.body["type"].as_str().unwrap())
+            .collect();
+        let mut expected = vec!["room.created", "member.joined"];
+        expected.extend(["message.created"; 5]);
+        expected.push("member.left");
+        assert_eq!(types, expected, "room {room} in order");
+        assert_eq!(lane[0].body["data"]["id"], room);
+        assert_eq!(lane[1].body["data"]["user"]["id"], "alice");
+        let texts: Vec<String> = lane[2..7]
+            .iter()
+            .map(|r| r.body["data"]["text"].as_str().unwrap().to_owned())
+            .collect();
+        let want: Vec<String> = (0..5).map(|i| format!("{prefix}{i}")).collect();
+        assert_eq!(texts, want);
+        let seqs: Vec<i64> = lane[2..7]
+            .iter()
+            .map(|r| r.body["seq"].as_i64().unwrap())
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "seqs ascend: {seqs:?}"
+        );
+        assert_eq!(lane[7].body["data"]["reason"], "disconnect");
+    }
+
+    // The delivery log, and a replay that sends the same event (same id) again.
+    let (status, log) = api(&s, "GET", &format!("/api/webhooks/{hook}/deliveries"), None).await;
+    assert_eq!(status, 200, "{log}");
+    let deliveries = log["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 16);
+    let first = deliveries.last().unwrap();
+    assert_eq!(first["state"], "delivered");
+    assert_eq!(first["type"], "room.created");
+    assert_eq!(first["attempts"][0]["status"], 200);
+    let path = format!(
+        "/api/webhooks/{hook}/deliveries/{}/replay",
+        first["id"].as_i64().unwrap()
+    );
+    let (status, replay) = api(&s, "POST", &path, None).await;
+    assert_eq!(status, 202, "{replay}");
+    assert_eq!(replay["event_id"], first["event_id"]);
+    let again = rcv.delivered(1).await;
+    assert_eq!(again[0].id, first["event_id"].as_str().unwrap());
+    s.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn signed_and_in_order_per_room_sqlite() {
+    signed_and_in_order_per_room(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn signed_and_in_order_per_room_postgres() {
+    signed_and_in_order_per_room(Db::Postgres).await;
+}
+
+// -- outage, restart --------------------------------------------------------------------------
+
+async fn outage_is_retried_without_loss(db: Db) {
+    let db = TestDb::new(db).await;
+    let mut rcv = Receiver::start().await;
+    let s = db.server(fast).await;
+    s.room("r", "open").await;
+    let (hook, secret) = subscribe(&s, &rcv.url, &["message.created"]).await;
+    rcv.trust(&secret);
+    rcv.answer_first(&[500, 500, 503]);
+    let mut a = s.client("alice").await;
+    a.join("r").await;
+    for i in 0..3 {
+        send(&mut a, "r", &format!("m{i}")).await;
+    }
+    let mut all = Vec::new();
+    let mut ok = Vec::new();
+    while ok.len() < 3 {
+        let r = rcv.next().await;
+        assert_eq!(r.verified_by, vec![0]);
+        if r.status == 200 {
+            ok.push(r.body["data"]["text"].as_str().unwrap().to_owned());
+        }
+        all.push(r);
+    }
+    assert_eq!(ok, ["m0", "m1", "m2"], "none lost, in order");
+    // The room's later events waited: the first four requests are the same event.
+    assert!(all[..4].iter().all(|r| r.id == all[0].id));
+    assert_eq!(all.len(), 6);
+    let (_, log) = api(&s, "GET", &format!("/api/webhooks/{hook}/deliveries"), None).await;
+    let first = log["deliveries"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    let statuses: Vec<i64> = first["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].as_i64().unwrap())
+        .collect();
+    assert_eq!(statuses, [500, 500, 503, 200]);
+    s.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn outage_is_retried_without_loss_sqlite() {
+    outage_is_retried_without_loss(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn outage_is_retried_without_loss_postgres() {
+    outage_is_retried_without_loss(Db::Postgres).await;
+}
+
+async fn pending_events_survive_a_restart(db: Db) {
+    let db = TestDb::new(db).await;
+    let mut rcv = Receiver::start().await;
+    let slow = |c: &mut Config| {
+        fast(c);
+        c.webhook_retry_schedule = "300ms,".repeat(50);
+    };
+    let s = db.server(slow).await;
+    s.room("r", "open").await;
+    let (_, secret) = subscribe(&s, &rcv.url, &["message.created"]).await;
+    rcv.trust(&secret);
+    rcv.answer(503);
+    let mut a = s.client("alice").await;
+    a.join("r").await;
+    for i in 0..3 {
+        send(&mut a, "r", &format!("m{i}")).await;
+    }
+    let failed = rcv.next().await;
+    assert_eq!(failed.status, 503);
+    drop(a);
+    s.stop().await;
+
+    rcv.answer(200);
+    let s = db.server(slow).await;
+    let got = rcv.delivered(3).await;
+    let texts: Vec<&str> = got
+        .iter()
+        .map(|r| r.body["data"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["m0", "m1", "m2"]);
+    assert_eq!(
+        got[0].id, failed.id,
+        "the event keeps its id across retries"
+    );
+    s.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn pending_events_survive_a_restart_sqlite() {
+    pending_events_survive_a_restart(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn pending_events_survive_a_restart_postgres() {
+    pending_events_survive_a_restart(Db::Postgres).await;
+}
+
+// -- 410, SSRF, rotation, the other events, the API -------------------------------------------
+
+/// Polls the API until `done` holds for the answer (bounded by the test timeout).
+async fn until_api(s: &Server, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    within(path, async {
+        loop {
+            let (_, body) = api(s, "GET", path, None).await;
+            if done(&body) {
+                return body;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn gone_disables_the_endpoint() {
+    let db = TestDb::new(Db::Sqlite).await;
+    let mut rcv = Receiver::start().await;
+    let s = db.server(fast).await;
+    s.room("r", "open").await;
+    let (hook, secret) = subscribe(&s, &rcv.url, &["message.created"]).await;
+    rcv.trust(&secret);
+    rcv.answer(410);
+    let mut a = s.client("alice").await;
+    a.join("r").await;
+    send(&mut a, "r", "m0").await;
+    assert_eq!(rcv.next().await.status, 410);
+    let w = until_api(&s, &format!("/api/webhooks/{hook}"), |w| {
+        w["disabled"] == true
+    })
+    .await;
+    assert!(w["disabled_reason"].as_str().unwrap().contains("410"));
+    let log = until_api(&s, &format!("/api/webhooks/{hook}/deliveries"), |l| {
+        l["deliveries"][0]["state"] == "failed"
+    })
+    .await;
+    assert_eq!(log["deliveries"].as_array().unwrap().len(), 1);
+    // A disabled endpoint gets nothing more: the commit (the ok) queued no delivery.
+    send(&mut a, "r", "m1").await;
+    let (_, log) = api(&s, "GET", &format!("/api/webhooks/{hook}/deliveries"), None).await;
+    assert_eq!(log["deliveries"].as_array().unwrap().len(), 1);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn private_addresses_are_refused_without_the_flag() {
+    let db = TestDb::new(Db::Sqlite).await;
+    let mut rcv = Receiver::start().await;
+    // With the flag: created, and delivered.
+    let s = db.server(fast).await;
+    s.room("r", "open").await;
+    let (hook, secret) = subscribe(&s, &rcv.url, &["message.created"]).await;
+    rcv.trust(&secret);
+    s.stop().await;
+
+    let strict = |c: &mut Config| {
+        fast(c);
+        c.webhook_allow_private = false;
+    };
+    let s = db.server(strict).await;
+    for url in [
+        rcv.url.as_str(),
+        "http://localhost/hook",
+        "http://[::1]:8080/",
+        "http://10.1.2.3/",
+        "http://192.168.0.1/",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::ffff:127.0.0.1]/",
+        "http://0.0.0.0/",
+    ] {
+        let (status, body) = api(
+            &s,
+            "POST",
+            "/api/webhooks",
+            Some(json!({"url": url, "events": ["message.created"]})),
+        )
+        .await;
+        assert_eq!(status, 400, "{url}: {body}");
+        assert_eq!(body["code"], "bad_request");
+        assert!(
+            body["message"].as_str().unwrap().contains("non-public"),
+            "{body}"
+        );
+    }
+    // A public address is accepted (nothing is sent to it: it subscribes to an event that
+    // never happens here).
+    let (status, body) = api(
+        &s,
+        "POST",
+        "/api/webhooks",
+        Some(json!({"url": "http://93.184.216.34/hook", "events": ["poll.closed"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // The endpoint registered earlier is checked again at delivery: refused, logged, retried.
+    let mut a = s.client("alice").await;
+    a.join("r").await;
+    send(&mut a, "r", "m0").await;
+    let log = until_api(&s, &format!("/api/webhooks/{hook}/deliveries"), |l| {
+        l["deliveries"][0]["attempts"][0]["error"].is_string()
+    })
+    .await;
+    let error = log["deliveries"][0]["attempts"][0]["error"]
+        .as_str()
+        .unwrap();
+    assert!(error.contains("non-public"), "{error}");
+    assert!(
+        rcv.rx.try_recv().is_err(),
+        "nothing reached the private receiver"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn rotation_signs_with_both_secrets_for_the_grace_period() {
+    let db = TestDb::new(Db::Sqlite).await;
+    let mut rcv = Receiver::start().await;
+    let s = db.server(fast).await;
+    let (hook, old) = subscribe(&s, &rcv.url, &["room.created"]).await;
+    let (status, rotated) = api(&s, "POST", &format!("/api/webhooks/{hook}/rotate"), None).await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert!(rotated["previous_secret_expires_at"].as_i64().unwrap() > studyhall::store::now_ms());
+    rcv.trust(&new); // 0
+    rcv.trust(&old); // 1
+    s.room("r1", "open").await;
+    let r = rcv.next().await;
+    assert_eq!(r.signatures, 2);
+    assert_eq!(
+        r.verified_by,
+        vec![0, 1],
+        "signed with the new and the old secret"
+    );
+    s.stop().await;
+
+    // Without a grace period the old secret stops signing at once.
+    let s = db
+        .server(|c| {
+            fast(c);
+            c.webhook_secret_grace_s = 0;
+        })
+        .await;
+    let (status, rotated) = api(&s, "POST", &format!("/api/webhooks/{hook}/rotate"), None).await;
+    assert_eq!(status, 200);
+    let newest = rotated["secret"].as_str().unwrap().to_owned();
+    rcv.script.secrets.lock().unwrap().insert(0, newest);
+    s.room("r2", "open").await;
+    let r = rcv.next().await;
+    assert_eq!(r.signatures, 1);
+    assert_eq!(r.verified_by, vec![0]);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn questions_reports_and_archiving_are_reported() {
+    let db = TestDb::new(Db::Sqlite).await;
+    let mut rcv = Receiver::start().await;
+    let s = db.server(fast).await;
+    let events = [
+        "question.asked",
+        "question.answered",
+        "report.created",
+        "room.archived",
+    ];
+    let (_, secret) = subscribe(&s, &rcv.url, &events).await;
+    rcv.trust(&secret);
+    let (status, body) = api(
+        &s,
+        "POST",
+        "/api/rooms",
+        Some(json!({"id": "g", "kind": "group", "title": "G",
+                    "qa": {"enabled": true, "moderated": false, "peer_answers": true}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let mut a = s.client("alice").await;
+    let mut b = s.client("bob").await;
+    a.join("g").await;
+    b.join("g").await;
+    let q = a
+        .ok(json!({"type": "ask", "room": "g", "text": "why?"}))
+        .await["id"]
+        .clone();
+    b.ok(json!({"type": "answer", "room": "g", "question": q, "text": "because"}))
+        .await;
+    let m = send(&mut a, "g", "hello").await;
+    b.ok(json!({"type": "report", "room": "g", "id": m["id"], "reason": "rude"}))
+        .await;
+    let (status, _) = api(&s, "DELETE", "/api/rooms/g", None).await;
+    assert_eq!(status, 200);
+    let got = rcv.delivered(4).await;
+    let types: Vec<&str> = got
+        .iter()
+        .map(|r| r.body["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, events);
+    assert_eq!(got[0].body["data"]["text"], "why?");
+    assert!(got[0].body["seq"].is_i64());
+    assert_eq!(got[1].body["data"]["id"], q);
+    assert_eq!(got[2].body["data"]["reason"], "rude");
+    assert_eq!(got[3].body["data"]["archived"], true);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_webhook_api_validates_and_lists() {
+    let db = TestDb::new(Db::Sqlite).await;
+    let s = db.server(fast).await;
+    let bad = [
+        json!({"url": "ftp://example.com/", "events": ["room.created"]}),
+        json!({"url": "https://example.com/", "events": ["room.created"]}),
+        json!({"url": "not a url", "events": ["room.created"]}),
+        json!({"url": "http://93.184.216.34/", "events": []}),
+        json!({"url": "http://93.184.216.34/", "events": ["room.exploded"]}),
+        json!({"url": "http://93.184.216.34/"}),
+    ];
+    for b in bad {
+        let (status, body) = api(&s, "POST", "/api/webhooks", Some(b.clone())).await;
+        assert_eq!(status, 400, "{b}: {body}");
+        assert_eq!(body["code"], "bad_request");
+        assert!(body["message"].is_string());
+    }
+    let (status, _) = http(s.addr, "GET", "/api/webhooks", None, None).await;
+    assert_eq!(status, 401);
+    let (id, _) = subscribe(
+        &s,
+        "http://93.184.216.34/in",
+        &["poll.closed", "class.started"],
+    )
+    .await;
+    let (status, list) = api(&s, "GET", "/api/webhooks", None).await;
+    assert_eq!(status, 200);
+    let listed = &list["webhooks"][0];
+    assert_eq!(listed["id"], id.as_str());
+    assert_eq!(listed["events"], json!(["poll.closed", "class.started"]));
+    assert!(
+        listed.get("secret").is_none(),
+        "the secret is shown only once"
+    );
+    let (status, log) = api(&s, "GET", &format!("/api/webhooks/{id}/deliveries"), None).await;
+    assert_eq!((status, log), (200, json!({"deliveries": []})));
+    let path = format!("/api/webhooks/{id}/deliveries/12345/replay");
+    assert_eq!(api(&s, "POST", &path, None).await.0, 404);
+    let path = format!("/api/webhooks/{id}");
+    assert_eq!(api(&s, "DELETE", &path, None).await.0, 204);
+    assert_eq!(api(&s, "DELETE", &path, None).await.0, 404);
+    assert_eq!(
+        api(&s, "GET", "/api/webhooks/nope/deliveries", None)
+            .await
+            .0,
+        404
+    );
+    s.stop().await;
+}

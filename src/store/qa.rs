@@ -341,26 +341,36 @@ pub(super) async fn answer(
     emit_update(tx, &q, "answer", seq, ts).await
 }
 
+/// Sets a question's status; also says who now earns the question's contribution (a pending
+/// question that this approves, asked under its author's name: it counted nothing while it was
+/// hidden, or the leaderboard would have shown it).
 pub(super) async fn set_status(
     tx: &mut Tx<'_>,
     room: &RoomId,
     id: &QuestionId,
     status: QuestionStatus,
-) -> Result<Applied> {
+) -> Result<(Applied, Option<UserRef>)> {
     let mut q = load(tx, room, id).await?;
     if q.status == status {
-        return Ok(Applied {
-            outcome: WriteOutcome::Unchanged,
-            event: None,
-        });
+        return Ok((
+            Applied {
+                outcome: WriteOutcome::Unchanged,
+                event: None,
+            },
+            None,
+        ));
     }
     let seq = bump_seq(tx, room).await?;
     let ts = super::now_ms();
     // Leaving `pending` for anything but `dismissed` approves the question; dismissing it
     // unapproved keeps it hidden from members (and out of their search).
+    let mut earner = None;
     if !q.approved && status != QuestionStatus::Dismissed {
         q.approved = true;
         search::set_pending(tx, "question", id.as_str(), false).await?;
+        if !q.anonymous {
+            earner = Some(q.author.clone());
+        }
     }
     q.status = status;
     sqlx::query("UPDATE questions SET status = $1, approved = $2 WHERE id = $3")
@@ -369,7 +379,7 @@ pub(super) async fn set_status(
         .bind(id.as_str())
         .execute(&mut **tx)
         .await?;
-    emit_update(tx, &q, "status", seq, ts).await
+    Ok((emit_update(tx, &q, "status", seq, ts).await?, earner))
 }
 
 impl Store {

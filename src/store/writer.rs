@@ -875,12 +875,15 @@ async fn apply(
             pending,
         } => {
             let applied = super::qa::ask(tx, room, author, text, *anonymous, *pending).await?;
-            if let WriteOutcome::Asked { id, ts, .. } = &applied.outcome {
-                let mut c = Contribution::new(room, author, Kind::Question, id.as_str(), *ts);
-                // The room saw this question without its author: announcing the badge it
-                // earns (at the next seq) would name them. Approving it later announces
-                // nothing either.
-                c.quiet = *anonymous || *pending;
+            // The room saw this question without its author (anonymous) or not at all
+            // (pending): points, counters or a badge for it would show who asked, on the
+            // leaderboard and in profiles. An anonymous question counts nothing; a pending one
+            // counts when it is approved (`SetQuestionStatus`).
+            if let WriteOutcome::Asked { id, ts, .. } = &applied.outcome
+                && !*anonymous
+                && !*pending
+            {
+                let c = Contribution::new(room, author, Kind::Question, id.as_str(), *ts);
                 engagement::contribute(tx, cfg, &[c], fx)
                     .await
                     .map_err(engagement::abort)?;
@@ -910,7 +913,17 @@ async fn apply(
             room,
             question,
             status,
-        } => super::qa::set_status(tx, room, question, *status).await,
+        } => {
+            let (applied, earner) = super::qa::set_status(tx, room, question, *status).await?;
+            if let Some(author) = earner {
+                let ts = super::now_ms();
+                let c = Contribution::new(room, &author, Kind::Question, question.as_str(), ts);
+                engagement::contribute(tx, cfg, &[c], fx)
+                    .await
+                    .map_err(engagement::abort)?;
+            }
+            Ok(applied)
+        }
         WriteOp::Send {
             room,
             from,

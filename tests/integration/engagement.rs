@@ -1155,18 +1155,17 @@ async fn badges_of_anonymous_or_pending_questions_are_not_announced() {
         c.join("mod").await;
     }
 
-    // Anonymous: the asker is told privately, the room sees no announcement naming them.
+    // Anonymous: it earns nothing (a badge or points would name the asker), and the room
+    // sees no announcement.
     ann.ok(json!({"type": "ask", "room": "g", "text": "q", "anonymous": true}))
         .await;
-    assert_eq!(badge(&mut ann).await["badge"]["id"], "first_question");
     send(&mut ann, "g", "after the anonymous question", "a1").await;
     let m = ben.until("message").await;
     assert_eq!(m["text"], "after the anonymous question", "{m}");
 
-    // Pending in a moderated room: the same.
+    // Pending in a moderated room: the same until it is approved.
     carl.ok(json!({"type": "ask", "room": "mod", "text": "q"}))
         .await;
-    assert_eq!(badge(&mut carl).await["badge"]["id"], "first_question");
     send(&mut carl, "mod", "after the pending question", "c1").await;
     let m = ben.until("message").await;
     assert_eq!(m["text"], "after the pending question", "{m}");
@@ -1284,5 +1283,62 @@ async fn a_checkins_cap_day_is_its_own_day() {
     let r = k.ok(json!({"type": "checkin", "room": "g"})).await;
     assert_eq!(r["already"], false, "{r}");
     assert_eq!(r["points"], 3, "{r}");
+    s.stop().await;
+}
+
+/// Points (all time) the leaderboard shows for `user` in room `g`, as `viewer` sees it.
+async fn points_of(viewer: &mut Client, user: &str) -> i64 {
+    let lb = viewer
+        .ok(json!({"type": "leaderboard", "room": "g", "period": "all"}))
+        .await;
+    lb["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["user"]["id"] == user)
+        .map_or(0, |e| e["points"].as_i64().unwrap())
+}
+
+#[tokio::test]
+async fn anonymous_and_pending_questions_do_not_show_their_asker_in_points_or_badges() {
+    let s = Server::sqlite(|_| {}).await;
+    make_room(
+        &s,
+        json!({"id": "g", "kind": "group", "qa": {"enabled": true, "moderated": true}}),
+    )
+    .await;
+    put_member(&s, "g", "tia", "host").await;
+    let mut tia = s.client("tia").await;
+    let mut ann = s.client("ann").await;
+    let mut ben = s.client("ben").await;
+    for c in [&mut tia, &mut ann, &mut ben] {
+        c.join("g").await;
+    }
+
+    // Anonymous, then approved: the asker never earns anything visible for it.
+    let anon = ann
+        .ok(json!({"type": "ask", "room": "g", "text": "is this on the exam?", "anonymous": true}))
+        .await["id"]
+        .clone();
+    tia.ok(json!({"type": "question_status", "room": "g", "question": anon, "status": "open"}))
+        .await;
+    assert_eq!(points_of(&mut ben, "ann").await, 0);
+    let p = ben
+        .ok(json!({"type": "profile", "room": "g", "user": "ann"}))
+        .await;
+    assert!(
+        !p.to_string().contains("first_question"),
+        "the anonymous question earned a visible badge: {p}"
+    );
+
+    // Named but pending: nothing while hidden, the points once approved.
+    let named = ann
+        .ok(json!({"type": "ask", "room": "g", "text": "can we get the slides?"}))
+        .await["id"]
+        .clone();
+    assert_eq!(points_of(&mut ben, "ann").await, 0);
+    tia.ok(json!({"type": "question_status", "room": "g", "question": named, "status": "open"}))
+        .await;
+    assert!(points_of(&mut ben, "ann").await > 0);
     s.stop().await;
 }

@@ -491,6 +491,8 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
         "kick" | "ban" => ok::<KickOk>(rid, &fields),
         "slow_mode" => ok::<SlowModeOk>(rid, &fields),
         "report" => ok::<ReportOk>(rid, &fields),
+        "reports" => ok::<ReportsOk>(rid, &fields),
+        "report_resolve" => ok::<ReportResolveOk>(rid, &fields),
         "call" | "call_accept" | "call_reject" | "call_hangup" | "call_resume" => {
             ok::<CallOk>(rid, &fields)
         }

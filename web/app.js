@@ -305,6 +305,7 @@ function renderRoomHead() {
   const room = client.rooms.get(active);
   if (!room) return;
   $('room-title').textContent = (room.info && room.info.title) || room.id;
+  $('qa-title').textContent = 'Questions · ' + ((room.info && room.info.title) || room.id);
   $('room-role').textContent = room.role || '';
   $('mod-tab').hidden = !isMod(room.role);
   $('hands-box').hidden = !isMod(room.role);

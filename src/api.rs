@@ -76,6 +76,7 @@ pub fn router(app: Arc<App>) -> Router {
     let mut router = Router::new()
         .route("/ws", get(ws_upgrade))
         .route("/healthz", get(healthz))
+        .route("/client.json", get(client_config))
         .route("/metrics", get(metrics))
         .nest("/api", api)
         .merge(crate::web::routes());
@@ -258,6 +259,19 @@ async fn ws_upgrade(
 #[derive(Serialize)]
 struct Health {
     status: &'static str,
+}
+
+/// What the web client needs to know before sign-in: whether the dev sign-in form
+/// (`POST /dev/token`) is available. Always routed, so the page probes it without an error.
+#[derive(Serialize)]
+struct ClientConfig {
+    dev_sign_in: bool,
+}
+
+async fn client_config(State(app): State<Arc<App>>) -> Json<ClientConfig> {
+    Json(ClientConfig {
+        dev_sign_in: app.config.dev,
+    })
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {

@@ -225,6 +225,17 @@ pub struct ClientFrame {
     pub msg: ClientMsg,
 }
 
+/// Which reports the `reports` command lists.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportsState {
+    /// Not resolved yet (the default).
+    #[default]
+    Open,
+    Resolved,
+    All,
+}
+
 /// Every client command. Unknown fields are ignored (forward compatibility); unknown types and
 /// wrong field types are `bad_request`.
 #[derive(Debug, Deserialize)]
@@ -364,6 +375,18 @@ pub enum ClientMsg {
         room: RoomId,
         id: String,
         reason: String,
+    },
+    /// Host/ta: the room's report queue, with what each report points at.
+    Reports {
+        room: RoomId,
+        #[serde(default)]
+        state: ReportsState,
+    },
+    /// Host/ta: closes an open report with what was done about it.
+    ReportResolve {
+        room: RoomId,
+        report: String,
+        resolution: String,
     },
     Search {
         room: RoomId,
@@ -539,7 +562,9 @@ impl ClientMsg {
             | Self::Kick { .. }
             | Self::Ban { .. }
             | Self::Unban { .. }
-            | Self::SlowMode { .. } => CommandKind::Moderate,
+            | Self::SlowMode { .. }
+            | Self::Reports { .. }
+            | Self::ReportResolve { .. } => CommandKind::Moderate,
             Self::Report { .. } => CommandKind::Report,
             Self::Search { .. } => CommandKind::Search,
             Self::Call { .. }

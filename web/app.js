@@ -56,9 +56,10 @@ const isMod = (role) => role === 'host' || role === 'ta';
 // -- sign-in ---------------------------------------------------------------------------------
 
 async function devMode() {
+  // `GET /client.json` always answers (so the page logs no error probing for the dev form).
   try {
-    const r = await fetch('/dev/token', { method: 'GET' });
-    return r.status === 405; // the route exists (POST only) only with `serve --dev`
+    const r = await fetch('/client.json');
+    return r.ok && (await r.json()).dev_sign_in === true;
   } catch {
     return false;
   }
@@ -120,9 +121,8 @@ let roomsList = []; // the `rooms` reply
 let replyTo = null;
 let loadingOlder = false;
 const typingUntil = new Map(); // user id -> {name, until}
-let myHandUp = false;
 const myVotes = new Set();
-const reports = [];
+let reports = []; // the `reports` reply for the room on screen (host/ta)
 
 function wsUrl() {
   return (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
@@ -150,11 +150,17 @@ async function start(token) {
   $('app').hidden = false;
   $('mobile-nav').hidden = false;
   $('signout').hidden = false;
-  $('me').textContent = client.me.user.name + ' (' + client.me.user.role + ')';
+  const who = client.me.user.name + ' (' + client.me.user.role + ')';
+  $('me').textContent = who;
+  $('me').title = who;
   await refreshRooms();
   const first = fragmentRoom || sessionStorage.getItem('studyhall.room') ||
     (roomsList[0] && roomsList[0].id) || 'lobby';
-  await openRoom(first);
+  if (!(await openRoom(first))) {
+    // The room asked for is gone or refused: fall back to one we can open.
+    const other = roomsList.map((r) => r.id).find((r) => r !== first) || (first !== 'lobby' ? 'lobby' : null);
+    if (other) await openRoom(other);
+  }
 }
 
 function renderConn({ state, detail }) {
@@ -195,11 +201,9 @@ function wireClient() {
   });
   for (const t of ['presence', 'online_count', 'stage', 'hand']) {
     client.on(t, (m) => {
-      if (t === 'hand' && m.user.id === client.me.user.id) {
-        myHandUp = m.raised;
-        renderHandBtn();
-      }
-      if (m.room === active) renderPeople();
+      if (m.room !== active) return;
+      renderPeople();
+      if (t === 'hand') renderHandBtn();
     });
   }
   client.on('typing', (m) => {
@@ -207,10 +211,8 @@ function wireClient() {
     typingUntil.set(m.user.id, { name: m.user.name, until: Date.now() + 4000 });
     renderTyping();
   });
-  client.on('report', (m) => {
-    reports.unshift(m);
-    renderReports();
-  });
+  // A report filed or resolved (by any host/ta): the queue is read again, with its targets.
+  client.on('report', (m) => m.room === active && loadReports());
   client.on('muted', (m) => {
     if (m.user === client.me.user.id) toast(m.until ? 'You are muted in ' + m.room + ' until ' + time(m.until) : 'You are no longer muted in ' + m.room);
     else toast(m.user + (m.until ? ' muted until ' + time(m.until) : ' unmuted'));
@@ -259,28 +261,34 @@ function renderRooms() {
 $('join-form').addEventListener('submit', (e) => {
   e.preventDefault();
   const id = $('join-room').value.trim();
-  if (id) openRoom(id).then(() => ($('join-room').value = ''));
+  if (id) openRoom(id).then((ok) => ok && ($('join-room').value = ''));
 });
 
+/// Shows room `id`, joining it first if needed. The view changes only once the join's `ok`
+/// came: a refused join leaves the page on the room before. Resolves whether it opened.
 async function openRoom(id) {
-  const prev = active;
+  const known = client.rooms.get(id);
+  if (!known || !known.joined) {
+    try {
+      await client.join(id);
+    } catch (e) {
+      fail(e);
+      return false;
+    }
+  }
   active = id;
   sessionStorage.setItem('studyhall.room', id);
   replyTo = null;
   renderReply();
   typingUntil.clear();
+  reports = [];
+  renderReports();
   $('msg-list').replaceChildren();
   $('question-list').replaceChildren();
-  $('room-title').textContent = id;
-  document.body.dataset.view = 'chat';
-  const room = client.room(id);
-  try {
-    if (!room.joined) await client.join(id);
-  } catch (e) {
-    active = prev;
-    fail(e);
-    return;
-  }
+  const room = client.rooms.get(id);
+  const live = !!(room && room.info && room.info.kind === 'live');
+  setLiveLayout(live);
+  setView(live ? 'qa' : 'chat');
   renderRoomHead();
   renderAllMessages();
   renderPeople();
@@ -289,12 +297,15 @@ async function openRoom(id) {
   markRead();
   loadQuestions();
   refreshRooms();
+  if (isMod(room && room.role)) loadReports();
+  return true;
 }
 
 function renderRoomHead() {
   const room = client.rooms.get(active);
   if (!room) return;
   $('room-title').textContent = (room.info && room.info.title) || room.id;
+  $('qa-title').textContent = 'Questions · ' + ((room.info && room.info.title) || room.id);
   $('room-role').textContent = room.role || '';
   $('mod-tab').hidden = !isMod(room.role);
   $('hands-box').hidden = !isMod(room.role);
@@ -304,6 +315,7 @@ function renderRoomHead() {
   $('av-join').disabled = !av;
   $('av-hint').textContent = av ? 'Small-class video grid (mesh, up to 6).' : 'Class A/V is for class and live rooms.';
   $('composer-text').disabled = room.role === 'viewer';
+  renderHandBtn();
 }
 
 let readTimer = null;
@@ -452,11 +464,11 @@ async function toggleReaction(room, m, emoji) {
   }
 }
 
-function inlineForm(node, value, placeholder, onSubmit) {
+function inlineForm(node, value, placeholder, onSubmit, label = 'Save') {
   const input = el('input', { class: 'inline-input', maxlength: 4000, placeholder });
   input.value = value;
   const form = el('form', { class: 'inline-form' }, input,
-    el('button', { type: 'submit' }, 'Save'),
+    el('button', { type: 'submit' }, label),
     el('button', { type: 'button', onclick: () => form.remove() }, 'Cancel'));
   form.addEventListener('submit', async (e) => {
     e.preventDefault();
@@ -479,7 +491,7 @@ function startReport(node, room, m) {
   inlineForm(node, '', 'why report this?', async (reason) => {
     await client.request({ type: 'report', room: room.id, id: m.id, reason });
     toast('Reported. Thank you.');
-  });
+  }, 'Report');
 }
 
 function setReply(m) {
@@ -609,23 +621,48 @@ function stageCmd(u, on) {
   }).catch(fail);
 }
 
+/// Whether my hand is up in the room on screen, as the server last said: the room's hands
+/// follow the `hand` events (which reach the user too) and the join's list.
+function myHandUp() {
+  const room = client && client.rooms.get(active);
+  return !!room && room.hands.some((h) => h.user.id === client.me.user.id);
+}
+
+/// Records what a raise/lower `ok` says (the server's state, not a local toggle), for when no
+/// `hand` event comes (a hand already up, or already down).
+function setMyHand(roomId, raised) {
+  const room = client.rooms.get(roomId);
+  if (!room) return;
+  const me = client.me.user;
+  const had = room.hands.some((h) => h.user.id === me.id);
+  if (raised && !had) room.hands.push({ user: { id: me.id, name: me.name }, ts: Date.now() });
+  if (!raised && had) room.hands = room.hands.filter((h) => h.user.id !== me.id);
+}
+
 function renderHandBtn() {
-  $('hand-btn').textContent = myHandUp ? '✋ Lower hand' : '✋ Raise hand';
-  $('hand-btn').setAttribute('aria-pressed', String(myHandUp));
+  const up = myHandUp();
+  $('hand-btn').textContent = up ? '✋ Lower hand' : '✋ Raise hand';
+  $('hand-btn').setAttribute('aria-pressed', String(up));
 }
 
 $('hand-btn').addEventListener('click', async () => {
-  if (!active) return;
+  const room = active;
+  if (!room) return;
   try {
-    if (myHandUp) await client.request({ type: 'lower_hand', room: active });
-    else {
-      const ok = await client.request({ type: 'raise_hand', room: active });
+    if (myHandUp()) {
+      await client.request({ type: 'lower_hand', room });
+      setMyHand(room, false);
+    } else {
+      const ok = await client.request({ type: 'raise_hand', room });
+      setMyHand(room, true);
       toast('Hand raised: #' + ok.position + ' in the queue');
     }
-    myHandUp = !myHandUp;
-    renderHandBtn();
   } catch (e) {
     fail(e);
+  }
+  if (room === active) {
+    renderHandBtn();
+    renderPeople();
   }
 });
 
@@ -694,7 +731,7 @@ function renderQuestions() {
     }
     const controls = el('div', { class: 'row q-controls' });
     if (room.role !== 'viewer') {
-      controls.append(el('button', { type: 'button', class: 'answer-btn', onclick: () => inlineForm(li, '', 'your answer', (text) => client.request({ type: 'answer', room: room.id, question: q.id, text })) }, 'Answer'));
+      controls.append(el('button', { type: 'button', class: 'answer-btn', onclick: () => inlineForm(li, '', 'your answer', (text) => client.request({ type: 'answer', room: room.id, question: q.id, text }), 'Answer') }, 'Answer'));
     }
     if (mod) {
       const set = (status) => client.request({ type: 'question_status', room: room.id, question: q.id, status }).catch(fail);
@@ -726,16 +763,55 @@ async function vote(q) {
 
 // -- moderation ------------------------------------------------------------------------------
 
+/// The room's open reports (host/ta), with the message or question each points at.
+async function loadReports() {
+  const room = client.rooms.get(active);
+  if (!room || !isMod(room.role)) return;
+  const id = room.id;
+  try {
+    const ok = await client.request({ type: 'reports', room: id });
+    if (id !== active) return;
+    reports = ok.reports;
+  } catch (e) {
+    if (id === active) $('report-state').textContent = 'Reports unavailable: ' + (e.detail || e.message);
+    return;
+  }
+  renderReports();
+}
+
+async function resolveReport(r, resolution, deleteFirst) {
+  try {
+    if (deleteFirst) await client.request({ type: 'delete', room: r.room, id: r.target_id });
+    await client.request({ type: 'report_resolve', room: r.room, report: r.id, resolution });
+    reports = reports.filter((x) => x.id !== r.id);
+    renderReports();
+  } catch (e) {
+    fail(e);
+    loadReports();
+  }
+}
+
 function renderReports() {
   const ul = $('report-list');
   ul.replaceChildren();
-  for (const { room, report } of reports) {
-    ul.append(el('li', {},
-      el('div', { text: report.reporter + ' reported a ' + report.target_kind + ' in ' + room }),
-      el('div', { class: 'muted', text: report.reason }),
-      report.target_kind === 'message' ? el('button', {
-        type: 'button', onclick: () => client.request({ type: 'delete', room, id: report.target_id }).catch(fail),
-      }, 'Delete message') : null));
+  $('report-state').textContent = reports.length ? '' : 'No open reports.';
+  $('mod-tab').textContent = 'Moderation' + (reports.length ? ' (' + reports.length + ')' : '');
+  for (const r of reports) {
+    const target = r.target
+      ? el('blockquote', { class: 'report-target' },
+        el('span', { class: 'author', text: r.target.author.name }), ': ',
+        el('span', { class: 'text', text: r.target.text }))
+      : el('blockquote', { class: 'report-target muted', text: 'The ' + r.target_kind + ' is gone (deleted).' });
+    ul.append(el('li', { dataset: { report: r.id } },
+      el('div', { class: 'report-head muted', text: r.reporter + ' reported a ' + r.target_kind + ' · ' + time(r.ts) }),
+      target,
+      el('div', { class: 'report-reason' }, el('b', { text: 'Reason: ' }), el('span', { text: r.reason })),
+      el('div', { class: 'row' },
+        r.target && r.target_kind === 'message'
+          ? el('button', { type: 'button', class: 'danger', onclick: () => resolveReport(r, 'removed', true) }, 'Delete message')
+          : null,
+        el('button', { type: 'button', class: 'ok', onclick: () => resolveReport(r, 'resolved') }, 'Resolve'),
+        el('button', { type: 'button', onclick: () => resolveReport(r, 'dismissed') }, 'Dismiss'))));
   }
 }
 
@@ -831,20 +907,53 @@ $('av-leave').addEventListener('click', () => calls.avLeave().catch(fail));
 
 // -- layout: side tabs and the phone's bottom nav --------------------------------------------
 
+function showTab(name) {
+  for (const o of document.querySelectorAll('.tabs button')) o.classList.toggle('active', o.dataset.tab === name);
+  // The side pane's tabs; a live room's Q&A board lives outside them, always shown.
+  for (const t of $('side-pane').querySelectorAll('.tab')) t.hidden = t.id !== 'tab-' + name;
+  if (name === 'qa') loadQuestions();
+  if (name === 'mod') loadReports();
+  if (name === 'progress' && engagement) engagement.showProgress();
+}
 for (const b of document.querySelectorAll('.tabs button')) {
-  b.addEventListener('click', () => {
-    for (const o of document.querySelectorAll('.tabs button')) o.classList.toggle('active', o === b);
-    for (const t of document.querySelectorAll('.tab')) t.hidden = t.id !== 'tab-' + b.dataset.tab;
-    if (b.dataset.tab === 'qa') loadQuestions();
-    if (b.dataset.tab === 'progress' && engagement) engagement.showProgress();
-  });
+  b.addEventListener('click', () => showTab(b.dataset.tab));
+}
+
+/// The phone's one visible pane (`rooms`, `qa`, `chat` or `side`), marked in the bottom bar.
+function setView(view) {
+  document.body.dataset.view = view;
+  for (const b of document.querySelectorAll('#mobile-nav button')) {
+    b.classList.toggle('active', b.dataset.view === view);
+    if (b.dataset.view === view) b.setAttribute('aria-current', 'page');
+    else b.removeAttribute('aria-current');
+  }
 }
 for (const b of document.querySelectorAll('#mobile-nav button')) {
-  b.addEventListener('click', () => (document.body.dataset.view = b.dataset.view));
+  b.addEventListener('click', () => setView(b.dataset.view));
+}
+
+/// Live rooms: the Q&A board moves to the middle (the phone's first view), the chat to the
+/// side. Other rooms: Q&A is a tab of the side pane again.
+function setLiveLayout(live) {
+  const qa = $('tab-qa');
+  $('app').classList.toggle('live', live);
+  $('qa-pane').hidden = !live;
+  $('qa-tab').hidden = live;
+  $('nav-qa').hidden = !live;
+  $('nav-side').textContent = live ? 'People' : 'People · Q&A';
+  if (live && qa.parentElement !== $('qa-pane')) {
+    $('qa-pane').append(qa);
+    qa.hidden = false;
+    if ($('qa-tab').classList.contains('active')) showTab('people');
+  } else if (!live && qa.parentElement !== $('side-pane')) {
+    $('side-pane').insertBefore(qa, $('tab-av'));
+    qa.hidden = !$('qa-tab').classList.contains('active');
+  }
 }
 
 // -- boot ------------------------------------------------------------------------------------
 
+setView(document.body.dataset.view || 'chat');
 const token = tokenFromFragment() || sessionStorage.getItem(TOKEN_KEY);
 if (token) {
   sessionStorage.setItem(TOKEN_KEY, token);

@@ -10,6 +10,11 @@ import { seriesChart, bandChart } from './charts.js';
 
 const DAY = 86400000;
 
+/// "1 pt", "2 pts".
+export function pts(n) {
+  return n + (Math.abs(n) === 1 ? ' pt' : ' pts');
+}
+
 /// `ctx`: {client, el, $, toast, fail, active: () => room id, role: () => room role}.
 export function setupEngagement(ctx) {
   const { el, $, toast, fail } = ctx;
@@ -18,9 +23,11 @@ export function setupEngagement(ctx) {
   // -- Progress tab ----------------------------------------------------------------------------
 
   function renderStreak(streak) {
-    $('streak').textContent = streak
-      ? `🔥 ${streak.current}-day streak · best ${streak.longest}`
-      : '';
+    let text;
+    if (streak && streak.current > 0) text = `🔥 ${streak.current}-day streak · best ${streak.longest}`;
+    else if (streak && streak.longest > 0) text = `No streak right now (best ${streak.longest} days) — check in`;
+    else text = 'No streak yet — check in';
+    $('streak').textContent = text;
   }
 
   async function loadProfile() {
@@ -69,7 +76,7 @@ export function setupEngagement(ctx) {
           el('span', { class: 'rank', text: '#' + e.rank }),
           el('span', { class: 'name', text: e.user.name }),
           el('span', { class: 'badge', text: 'L' + e.level }),
-          el('span', { class: 'pts', text: e.points + ' pts' })));
+          el('span', { class: 'pts', text: pts(e.points) })));
       }
       if (!ok.entries.length) ol.append(el('li', { class: 'muted', text: 'Nobody has points in this period yet.' }));
     } catch (e) {
@@ -85,7 +92,7 @@ export function setupEngagement(ctx) {
       renderStreak(ok.streak);
       toast(ok.already
         ? 'Already checked in today (' + ok.day + ')'
-        : 'Checked in for ' + ok.day + (ok.points ? ' · +' + ok.points + ' pts' : ''));
+        : 'Checked in for ' + ok.day + (ok.points ? ' · +' + pts(ok.points) : ''));
       loadProfile();
       loadLeaderboard();
     } catch (e) {
@@ -177,7 +184,7 @@ export function setupEngagement(ctx) {
     top.replaceChildren();
     for (const c of s.top_contributors || []) {
       top.append(el('li', {}, el('span', { class: 'name', text: c.user.name }),
-        el('span', { class: 'muted', text: `${c.points} pts · ${c.messages} msg · ${c.questions} q · ${c.answers} a` })));
+        el('span', { class: 'muted', text: `${pts(c.points)} · ${c.messages} msg · ${c.questions} q · ${c.answers} a` })));
     }
     if (!top.children.length) top.append(el('li', { class: 'muted', text: 'No contributions in this range.' }));
     const churn = $('dash-churn');

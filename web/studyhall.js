@@ -321,7 +321,18 @@ export class Client {
     const resume = room.high > 0 || room.initialLoaded;
     const cmd = { type: 'join', room: id };
     if (resume) cmd.after_seq = room.high;
-    const ok = await this.request(cmd);
+    let ok;
+    try {
+      ok = await this.request(cmd);
+    } catch (e) {
+      // A refused first join (no such room, banned, ...) leaves no trace: not rejoined on
+      // reconnect, not listed. A refused rejoin keeps what the room already holds.
+      if (!room.joined && !room.initialLoaded) {
+        room.wanted = false;
+        if (this.rooms.get(id) === room) this.rooms.delete(id);
+      }
+      throw e;
+    }
     room.info = ok.room;
     room.role = ok.role;
     room.joined = true;

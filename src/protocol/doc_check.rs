@@ -492,6 +492,8 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
         "refresh" => ok::<RefreshOk>(rid, &fields),
         "slow_mode" => ok::<SlowModeOk>(rid, &fields),
         "report" => ok::<ReportOk>(rid, &fields),
+        "reports" => ok::<ReportsOk>(rid, &fields),
+        "report_resolve" => ok::<ReportResolveOk>(rid, &fields),
         "call" | "call_accept" | "call_reject" | "call_hangup" | "call_resume" => {
             ok::<CallOk>(rid, &fields)
         }

@@ -3,7 +3,7 @@
 //! one reply spliced by hand, as its events are stored wire JSON already. Nested views built by
 //! the store (rooms, search hits, statistics) keep their own types there.
 
-use super::views::{BadgeView, RoomStats, RoomSummary, SearchHit, UserBrief};
+use super::views::{BadgeView, Report, ReportEntry, RoomStats, RoomSummary, SearchHit, UserBrief};
 use super::{MessageId, QuestionId, QuestionStatus, QuestionView, RoomId, UserRef};
 use crate::engagement::Streak;
 use serde::{Deserialize, Serialize};
@@ -200,6 +200,18 @@ pub struct SlowModeOk {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReportOk {
     pub id: String,
+}
+
+/// `reports`: the room's reports, oldest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReportsOk {
+    pub reports: Vec<ReportEntry>,
+}
+
+/// `report_resolve`: the report as resolved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReportResolveOk {
+    pub report: Report,
 }
 
 /// `call`, `call_accept`, `call_reject`, `call_hangup`, `call_resume`. `ice_servers` only for

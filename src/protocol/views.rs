@@ -57,6 +57,24 @@ pub struct Report {
     pub resolution: Option<String>,
 }
 
+/// What a report points at, as the `reports` command shows it to host/ta: the message's
+/// current text and author, or the question's text and asker (even when anonymous).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReportTarget {
+    pub text: String,
+    pub author: UserBrief,
+    pub ts: i64,
+}
+
+/// One row of the `reports` command: the report and its target, `null` when the target is
+/// gone (a deleted message).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReportEntry {
+    #[serde(flatten)]
+    pub report: Report,
+    pub target: Option<ReportTarget>,
+}
+
 /// One search result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SearchHit {

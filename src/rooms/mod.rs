@@ -93,6 +93,12 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         ClientMsg::Unban { room, user } => moderation::unban(ctx, room, user).await,
         ClientMsg::SlowMode { room, seconds } => moderation::slow_mode(ctx, room, seconds).await,
         ClientMsg::Report { room, id, reason } => moderation::report(ctx, room, id, reason).await,
+        ClientMsg::Reports { room, state } => moderation::reports(ctx, room, state).await,
+        ClientMsg::ReportResolve {
+            room,
+            report,
+            resolution,
+        } => moderation::report_resolve(ctx, room, report, resolution).await,
         ClientMsg::Search {
             room,
             q,

@@ -1,5 +1,5 @@
 //! Moderation commands for host/ta: mute/unmute, kick, ban/unban, slow mode; and `report`
-//! for members. Mutes and bans are persisted (they survive restarts); every action lands in
+//! for members, with `reports` and `report_resolve` for host/ta to work the queue. Mutes and bans are persisted (they survive restarts); every action lands in
 //! the room's audit log. Host and TA cannot be moderated by these commands.
 
 use super::check_room_id;
@@ -209,4 +209,69 @@ pub(super) async fn report(
         })),
     );
     Ok(Outcome::ok(protocol::ReportOk { id: report.id }))
+}
+
+/// Host/ta: the room's reports (the store's queue, as `GET /api/rooms/{id}/reports` lists it),
+/// each with the message or question it points at.
+pub(super) async fn reports(
+    ctx: &mut Ctx,
+    room: RoomId,
+    state: protocol::ReportsState,
+) -> Result<Outcome> {
+    moderator(ctx, &room)?;
+    let all = state != protocol::ReportsState::Open;
+    let store = &ctx.app.store;
+    let mut reports = Vec::new();
+    for report in store.reports(&room, all).await? {
+        if state == protocol::ReportsState::Resolved && report.resolved_at.is_none() {
+            continue;
+        }
+        let target = store
+            .report_target(&room, &report.target_kind, &report.target_id)
+            .await?;
+        reports.push(protocol::views::ReportEntry { report, target });
+    }
+    Ok(Outcome::ok(protocol::ReportsOk { reports }))
+}
+
+/// Host/ta: resolves an open report (as `POST /api/rooms/{id}/reports/{report}/resolve`
+/// does), records it in the audit log and tells the room's host/ta sessions with a `report`
+/// event carrying the resolved report.
+pub(super) async fn report_resolve(
+    ctx: &mut Ctx,
+    room: RoomId,
+    report: String,
+    resolution: String,
+) -> Result<Outcome> {
+    moderator(ctx, &room)?;
+    if report.is_empty() || report.len() > 64 {
+        return Err(Error::bad_request("report must name a report"));
+    }
+    if resolution.trim().is_empty() || resolution.chars().count() > 200 {
+        return Err(Error::bad_request("resolution must be 1..=200 characters"));
+    }
+    let done = ctx
+        .app
+        .store
+        .resolve_report(&room, &report, ctx.me.user.as_str(), &resolution)
+        .await?;
+    ctx.app
+        .store
+        .audit(
+            &room,
+            ctx.me.user.as_str(),
+            "resolve_report",
+            Some(&report),
+            Some(&resolution),
+        )
+        .await?;
+    ctx.app.hub.notify_moderators(
+        &room,
+        None,
+        &Frame::from(protocol::encode(&ServerMsg::Report {
+            room: &room,
+            report: &done,
+        })),
+    );
+    Ok(Outcome::ok(protocol::ReportResolveOk { report: done }))
 }

@@ -4,7 +4,8 @@
 
 use super::{Result, Store, StoreError, now_ms, writer::new_id};
 pub use crate::protocol::views::Report;
-use crate::protocol::{RoomId, UserId};
+use crate::protocol::views::{ReportTarget, UserBrief};
+use crate::protocol::{RoomEvent, RoomId, SequencedEvent, UserId};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use std::collections::HashMap;
@@ -210,6 +211,65 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         rows.iter().map(report_from_row).collect()
+    }
+
+    /// What a report points at: a message's current text and sender (`None` once deleted or
+    /// gone), or a question's text and asker.
+    pub async fn report_target(
+        &self,
+        room: &RoomId,
+        kind: &str,
+        id: &str,
+    ) -> Result<Option<ReportTarget>> {
+        if kind == "question" {
+            let row = sqlx::query(
+                "SELECT text, author_id, author_name, ts FROM questions WHERE id = $1 AND room_id = $2",
+            )
+            .bind(id)
+            .bind(room.as_str())
+            .fetch_optional(self.pool())
+            .await?;
+            return row
+                .map(|r| {
+                    Ok(ReportTarget {
+                        text: r.try_get("text")?,
+                        author: UserBrief {
+                            id: UserId(r.try_get("author_id")?),
+                            name: r.try_get("author_name")?,
+                        },
+                        ts: r.try_get("ts")?,
+                    })
+                })
+                .transpose();
+        }
+        let body: Option<String> = sqlx::query_scalar(
+            "SELECT e.body FROM messages m JOIN events e ON e.room_id = m.room_id AND e.seq = m.seq \
+             WHERE m.id = $1 AND m.room_id = $2 AND m.deleted = 0",
+        )
+        .bind(id)
+        .bind(room.as_str())
+        .fetch_optional(self.pool())
+        .await?;
+        let Some(body) = body else { return Ok(None) };
+        let ev: SequencedEvent = serde_json::from_str(&body)
+            .map_err(|e| StoreError::Corrupt(format!("message {room}/{id}: {e}")))?;
+        Ok(match ev.event {
+            RoomEvent::Message {
+                from,
+                text,
+                ts,
+                deleted: false,
+                ..
+            } => Some(ReportTarget {
+                text,
+                author: UserBrief {
+                    id: from.id,
+                    name: from.name,
+                },
+                ts,
+            }),
+            _ => None,
+        })
     }
 
     pub async fn resolve_report(

@@ -688,8 +688,13 @@ async fn dev_token_endpoint_exists_only_in_dev_mode() {
         .0,
         404
     );
+    // The web client asks `/client.json` whether to show the dev form (no 404/405 to probe).
+    let (st, cfg) = http(s.addr, "GET", "/client.json", None, None).await;
+    assert_eq!((st, cfg), (200, json!({"dev_sign_in": false})));
     s.stop().await;
     let s = Server::sqlite(|c| c.dev = true).await;
+    let (st, cfg) = http(s.addr, "GET", "/client.json", None, None).await;
+    assert_eq!((st, cfg), (200, json!({"dev_sign_in": true})));
     let (st, body) = http(
         s.addr,
         "POST",

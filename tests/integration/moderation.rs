@@ -419,3 +419,106 @@ async fn a_ban_does_not_lock_out_a_host_the_token_grants() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn host_and_ta_list_and_resolve_reports_over_the_websocket() {
+    let s = Server::sqlite(|_| {}).await;
+    let (mut host, mut a, mut b) = setup(&s, "r").await;
+    let mut ta = Client::connect(
+        s.addr,
+        &token("tara", PlatformRole::Student, &[("r", RoomRole::Ta)]),
+    )
+    .await;
+    ta.join("r").await;
+    let m1 = a.ok(send("r", "rude words", "1")).await;
+    let m2 = a.ok(send("r", "more rude words", "2")).await;
+    let r1 = b
+        .ok(json!({"type":"report","room":"r","id":m1["id"],"reason":"rude"}))
+        .await;
+    let r2 = b
+        .ok(json!({"type":"report","room":"r","id":m2["id"],"reason":"also rude"}))
+        .await;
+    // Members and viewers may not see or resolve the queue.
+    assert_eq!(
+        b.err(json!({"type":"reports","room":"r"})).await,
+        "forbidden"
+    );
+    assert_eq!(
+        b.err(
+            json!({"type":"report_resolve","room":"r","report":r1["id"],"resolution":"dismissed"})
+        )
+        .await,
+        "forbidden"
+    );
+    assert_eq!(
+        host.err(json!({"type":"reports","room":"r","state":"nope"}))
+            .await,
+        "bad_request"
+    );
+    // The open reports, oldest first, with the reported message's text and author.
+    let list = host.ok(json!({"type":"reports","room":"r"})).await;
+    let reports = list["reports"].as_array().unwrap();
+    assert_eq!(reports.len(), 2, "{list}");
+    assert_eq!(reports[0]["id"], r1["id"]);
+    assert_eq!(reports[0]["target"]["text"], "rude words");
+    assert_eq!(reports[0]["target"]["author"]["id"], "ann");
+    assert_eq!(reports[1]["target"]["text"], "more rude words");
+    // A deleted message's report shows no target.
+    host.ok(json!({"type":"delete","room":"r","id":m2["id"]}))
+        .await;
+    let list = ta.ok(json!({"type":"reports","room":"r"})).await;
+    assert_eq!(list["reports"][1]["target"], serde_json::Value::Null);
+    // The ta resolves one: the ok has it resolved, host sessions get it again as `report`.
+    let done = ta
+        .ok(json!({"type":"report_resolve","room":"r","report":r2["id"],"resolution":"removed"}))
+        .await;
+    assert_eq!(done["report"]["resolution"], "removed");
+    assert_eq!(done["report"]["resolved_by"], "tara");
+    // Host sessions got both reports as they were filed, then r2 again, resolved.
+    let ev = loop {
+        let ev = host.until("report").await;
+        if ev["report"]["id"] == r2["id"] && !ev["report"]["resolved_at"].is_null() {
+            break ev;
+        }
+    };
+    assert!(ev["report"]["resolved_at"].is_i64(), "{ev}");
+    assert_eq!(
+        ta.err(
+            json!({"type":"report_resolve","room":"r","report":r2["id"],"resolution":"removed"})
+        )
+        .await,
+        "conflict"
+    );
+    assert_eq!(
+        ta.err(json!({"type":"report_resolve","room":"r","report":"nope","resolution":"x"}))
+            .await,
+        "not_found"
+    );
+    assert_eq!(
+        ta.err(json!({"type":"report_resolve","room":"r","report":r1["id"],"resolution":" "}))
+            .await,
+        "bad_request"
+    );
+    let open = host.ok(json!({"type":"reports","room":"r"})).await;
+    assert_eq!(open["reports"].as_array().unwrap().len(), 1);
+    let resolved = host
+        .ok(json!({"type":"reports","room":"r","state":"resolved"}))
+        .await;
+    assert_eq!(resolved["reports"][0]["id"], r2["id"]);
+    let all = host
+        .ok(json!({"type":"reports","room":"r","state":"all"}))
+        .await;
+    assert_eq!(all["reports"].as_array().unwrap().len(), 2);
+    // The same queue as the HTTP API's, and the audit log names the ta.
+    let (_, http_open) = http(s.addr, "GET", "/api/rooms/r/reports", Some(API_KEY), None).await;
+    assert_eq!(http_open["reports"][0]["id"], r1["id"]);
+    let (_, audit) = http(s.addr, "GET", "/api/rooms/r/audit", Some(API_KEY), None).await;
+    let entries = audit["entries"].as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "resolve_report" && e["actor"] == "tara"),
+        "{audit}"
+    );
+    s.stop().await;
+}

@@ -401,6 +401,14 @@ settings! {
     store_queue: usize = 8192,
     /// Database connections in the pool (at least 2 are used).
     db_pool_size: u32 = 8,
+    /// Searches (`search` command, search API) run at once on this node; each holds a pool
+    /// connection, so the others stay free for history, joins and the API.
+    search_concurrency: usize = 2,
+    /// Milliseconds a search waits for a free slot before it is answered `unavailable`.
+    search_wait_ms: u64 = 2_000,
+    /// Milliseconds after which a running search's caller is answered `unavailable` (the
+    /// query keeps its slot until it ends).
+    search_timeout_ms: u64 = 5_000,
     /// SQLite `synchronous` pragma: `full` (an ack survives power loss), `normal` (survives a
     /// process crash, not power loss) or `extra`.
     sqlite_synchronous: String = "full".into(),
@@ -634,6 +642,8 @@ impl Config {
         positive("store_batch_max", self.store_batch_max as u64)?;
         positive("store_queue", self.store_queue as u64)?;
         positive("db_pool_size", u64::from(self.db_pool_size))?;
+        positive("search_concurrency", self.search_concurrency as u64)?;
+        positive("search_timeout_ms", self.search_timeout_ms)?;
         if self.replay_limit as usize >= self.outbox_frames {
             // A replay shares the session's outbox with live traffic: it must fit with room.
             return Err(ConfigError::Invalid {

@@ -115,6 +115,7 @@ impl From<StoreError> for Error {
             StoreError::BadRequest(what) => Self::BadRequest(what),
             StoreError::TooLarge(what) => Self::TooLarge(what),
             StoreError::Closed => Self::Unavailable("server is shutting down".into()),
+            StoreError::Busy(why) => Self::Unavailable(why),
             other => {
                 tracing::error!(error = %other, "store failure");
                 Self::Internal(other.to_string())

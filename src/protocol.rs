@@ -524,7 +524,9 @@ impl ClientMsg {
             | Self::Checkin { room, .. }
             | Self::Leaderboard { room, .. }
             | Self::Stats { room, .. }
-            | Self::Helpful { room, .. } => Some(room),
+            | Self::Helpful { room, .. }
+            | Self::Reports { room, .. }
+            | Self::ReportResolve { room, .. } => Some(room),
             Self::Call { room, .. } | Self::Signal { room, .. } | Self::Profile { room, .. } => {
                 room.as_ref()
             }

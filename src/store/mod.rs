@@ -69,6 +69,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store writer has shut down")]
     Closed,
+    /// A bounded resource (the search slots) stayed busy: try again later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl StoreError {
@@ -82,6 +85,7 @@ impl StoreError {
             Self::BadRequest(m) => Self::BadRequest(m.clone()),
             Self::TooLarge(m) => Self::TooLarge(m.clone()),
             Self::Corrupt(m) => Self::Corrupt(m.clone()),
+            Self::Busy(m) => Self::Busy(m.clone()),
             Self::Db(_) | Self::Connect { .. } | Self::Migrate(_) | Self::Closed => Self::Closed,
         }
     }
@@ -104,6 +108,11 @@ pub struct StoreOptions {
     pub batch_linger_us: u64,
     pub queue: usize,
     pub sqlite_synchronous: String,
+    /// Searches run at once; more wait up to `search_wait_ms`, then are refused.
+    pub search_concurrency: usize,
+    pub search_wait_ms: u64,
+    /// Longest a search may run before its caller is answered `unavailable`.
+    pub search_timeout_ms: u64,
     /// Points, caps and badge rules the writer applies to contributions.
     pub engagement: Arc<crate::engagement::EngagementConfig>,
 }
@@ -118,6 +127,9 @@ impl StoreOptions {
             batch_linger_us: d.store_batch_linger_us,
             queue: d.store_queue,
             sqlite_synchronous: d.sqlite_synchronous,
+            search_concurrency: d.search_concurrency,
+            search_wait_ms: d.search_wait_ms,
+            search_timeout_ms: d.search_timeout_ms,
             engagement: Arc::new(d.engagement),
         }
     }
@@ -130,6 +142,9 @@ impl StoreOptions {
             batch_linger_us: c.store_batch_linger_us,
             queue: c.store_queue,
             sqlite_synchronous: c.sqlite_synchronous.clone(),
+            search_concurrency: c.search_concurrency,
+            search_wait_ms: c.search_wait_ms,
+            search_timeout_ms: c.search_timeout_ms,
             engagement: Arc::new(c.engagement.clone()),
         }
     }
@@ -306,6 +321,8 @@ struct Inner {
     subscribed: Arc<webhooks::Subscribed>,
     /// Notified when a commit queued webhook deliveries.
     outbox: Arc<tokio::sync::Notify>,
+    /// Searches in flight hold a slot: they never take more than this many pool connections.
+    search: search::Limits,
 }
 
 pub fn now_ms() -> i64 {
@@ -423,6 +440,7 @@ impl Store {
                 badge_hook,
                 subscribed,
                 outbox,
+                search: search::Limits::new(opts),
             }),
         };
         store.refresh_webhook_subscriptions().await?;

@@ -3,10 +3,13 @@
 //! backends need different SQL (SQLite FTS5 with bm25, PostgreSQL tsvector with ts_rank).
 
 use super::writer::Tx;
-use super::{Backend, Result, Store, StoreError};
+use super::{Backend, Result, Store, StoreError, StoreOptions};
 use crate::protocol::RoomId;
 pub use crate::protocol::views::SearchHit;
 use sqlx::Row;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn index(
@@ -77,9 +80,29 @@ fn terms(q: &str) -> Vec<String> {
         .collect()
 }
 
+/// How much of the database searches may hold: a search takes a slot for as long as its
+/// query runs (even past the time its caller waited), so a burst of expensive searches uses at
+/// most `search_concurrency` pool connections and never starves history, joins or the API.
+pub(super) struct Limits {
+    slots: Arc<Semaphore>,
+    wait: Duration,
+    budget: Duration,
+}
+
+impl Limits {
+    pub(super) fn new(opts: &StoreOptions) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(opts.search_concurrency.max(1))),
+            wait: Duration::from_millis(opts.search_wait_ms),
+            budget: Duration::from_millis(opts.search_timeout_ms),
+        }
+    }
+}
+
 impl Store {
     /// Ranked search of a room's messages and questions: every word must match. Pending
     /// questions only when `include_pending` (host/ta). Returns one page and whether more follow.
+    /// `Busy` when no search slot frees up in time or the query runs past its budget.
     pub async fn search(
         &self,
         room: &RoomId,
@@ -94,6 +117,39 @@ impl Store {
                 "search needs at least one word".into(),
             ));
         }
+        let limits = &self.inner.search;
+        let slot = tokio::time::timeout(limits.wait, limits.slots.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(|s| s.ok())
+            .ok_or_else(|| StoreError::Busy("search is busy: try again shortly".into()))?;
+        let store = self.clone();
+        let room = room.clone();
+        // The query runs in a task that holds the slot until it is done, whether or not the
+        // caller is still waiting for it.
+        let query = tokio::spawn(async move {
+            let _slot = slot;
+            store
+                .search_rows(&room, &words, include_pending, limit, offset)
+                .await
+        });
+        match tokio::time::timeout(limits.budget, query).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(StoreError::Corrupt(format!("search task failed: {e}"))),
+            Err(_) => Err(StoreError::Busy(
+                "search took too long: try fewer or rarer words".into(),
+            )),
+        }
+    }
+
+    async fn search_rows(
+        &self,
+        room: &RoomId,
+        words: &[String],
+        include_pending: bool,
+        limit: u32,
+        offset: u32,
+    ) -> Result<(Vec<SearchHit>, bool)> {
         let rows = match self.backend() {
             Backend::Sqlite => {
                 // Each word quoted: FTS5 syntax in user input is matched literally.

@@ -1,7 +1,7 @@
 //! The front door under hostile clients: idle and slowloris connections closed at the header
 //! timeout, slow request bodies answered 408, and the connection cap, where a newcomer takes
 //! the place of a connection that never sent a request and is otherwise refused with a JSON
-//! 503.
+//! 503; and searches, which may hold only their own slots of the database pool.
 
 use crate::common::*;
 use std::time::Duration;
@@ -115,5 +115,49 @@ async fn the_per_address_cap_refuses_a_second_connection_from_a_busy_address() {
     let mut c = TcpStream::connect(s.addr).await.unwrap();
     let got = within("refused", until_closed(&mut c)).await;
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 503"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn searches_hold_at_most_their_slots_and_never_stall_other_reads() {
+    let s = Server::sqlite(|c| {
+        c.search_concurrency = 1;
+        c.search_wait_ms = 0;
+    })
+    .await;
+    s.room("big", "open").await;
+    s.room("other", "open").await;
+    let mut w = s.client("writer").await;
+    w.join("big").await;
+    w.join("other").await;
+    for i in 0..40 {
+        w.ok(serde_json::json!({"type": "send", "room": "big", "text": format!("the a of and {i}"), "client_msg_id": format!("m{i}")}))
+            .await;
+    }
+    let mut searchers = Vec::new();
+    for i in 0..8 {
+        let mut c = s.client(&format!("s{i}")).await;
+        c.join("big").await;
+        searchers.push(c);
+    }
+    let mut rids = Vec::new();
+    for c in &mut searchers {
+        rids.push(
+            c.fire(serde_json::json!({"type": "search", "room": "big", "q": "the a of and"}))
+                .await,
+        );
+    }
+    // Another room's history is answered meanwhile.
+    w.ok(serde_json::json!({"type": "history", "room": "other"}))
+        .await;
+    let mut answered = 0;
+    for (c, rid) in searchers.iter_mut().zip(rids) {
+        let r = c.reply(rid).await;
+        match r["type"].as_str() {
+            Some("ok") => answered += 1,
+            _ => assert_eq!(r["code"], "unavailable", "{r}"),
+        }
+    }
+    assert!(answered >= 1, "at least the first search is answered");
     s.stop().await;
 }

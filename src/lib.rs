@@ -88,6 +88,8 @@ pub struct App {
     cluster: Option<Arc<cluster::Bus>>,
     /// What other nodes said, until `serve` starts applying it.
     inbound: Mutex<Option<mpsc::Receiver<Inbound>>>,
+    /// Polls answered since their last results update (see `rooms::polls::run_clock`).
+    pub poll_results: rooms::polls::ResultsQueue,
 }
 
 /// Counts a running connection task; dropping it lets shutdown know the task has finished.
@@ -116,6 +118,10 @@ async fn ensure_dev_lobby(store: &Store) -> Result<(), StoreError> {
             peer_answers: true,
         },
         starts_at: None,
+        ends_at: None,
+        state: protocol::ClassState::Live,
+        started_at: None,
+        ended_at: None,
         archived: false,
         last_seq: 0,
         created_at: store::now_ms(),
@@ -214,6 +220,7 @@ impl App {
             broker,
             cluster,
             inbound: Mutex::new(Some(inbound_rx)),
+            poll_results: Default::default(),
         }))
     }
 
@@ -325,6 +332,8 @@ pub async fn serve(
     let counts = tokio::spawn(send_online_counts(app.clone()));
     let heartbeats = tokio::spawn(heartbeats(app.clone()));
     let presence = tokio::spawn(send_presence(app.clone()));
+    let poll_clock = tokio::spawn(rooms::polls::run_clock(app.clone()));
+    let class_clock = tokio::spawn(rooms::class::run_clock(app.clone()));
     let mut bus_tasks = match &app.cluster {
         Some(bus) => {
             let mut tasks = bus.start(app.store.clone()).await;
@@ -376,6 +385,8 @@ pub async fn serve(
     counts.abort();
     heartbeats.abort();
     presence.abort();
+    poll_clock.abort();
+    class_clock.abort();
     app.store.close().await;
     if let Some(bus) = &app.cluster {
         bus.leave().await;

@@ -279,9 +279,12 @@ async fn live(open: Open) {
     let app = ctx.app.clone();
     let sid = ctx.handle.id.clone();
     // Leave every room (announcing offline where this was the user's last session).
+    let me = ctx.me.room_ref(crate::protocol::RoomRole::Member);
     for room in std::mem::take(&mut ctx.joined).into_keys() {
+        let was_on_stage = app.hub.on_stage(&room, &me.id);
         app.hub.leave(&room, &sid);
         app.broker.leave_room(&room);
+        crate::rooms::class::left(&app, &room, &me, sid.as_str(), was_on_stage);
     }
     app.hub.unregister(&ctx.handle);
     crate::rtc::session_closed(&app, &ctx.me.user, sid.as_str());

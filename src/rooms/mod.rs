@@ -4,9 +4,11 @@
 //! Nothing here touches the socket or SQL directly.
 
 mod chat;
+pub mod class;
 pub(crate) mod engagement;
 mod moderation;
 pub mod policy;
+pub mod polls;
 mod qa;
 mod stage;
 
@@ -129,6 +131,46 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             answer,
             on,
         } => engagement::helpful(ctx, rid, room, question, answer, on).await,
+        ClientMsg::PollCreate {
+            room,
+            kind,
+            question,
+            options,
+            multiple,
+            correct,
+            duration_s,
+            show_results,
+        } => {
+            let new = polls::NewPoll {
+                kind,
+                question,
+                options,
+                multiple,
+                correct,
+                duration_s,
+                show_results,
+            };
+            polls::create(ctx, rid, room, new).await
+        }
+        ClientMsg::PollOpen { room, poll } => {
+            polls::set_state(ctx, rid, room, poll, protocol::PollState::Open).await
+        }
+        ClientMsg::PollClose { room, poll } => {
+            polls::set_state(ctx, rid, room, poll, protocol::PollState::Closed).await
+        }
+        ClientMsg::PollAnswer {
+            room,
+            poll,
+            choices,
+            text,
+        } => polls::answer(ctx, rid, room, poll, choices, text).await,
+        ClientMsg::Polls { room } => polls::list(ctx, room).await,
+        ClientMsg::ClassStart { room } => {
+            class::set(ctx, rid, room, protocol::ClassState::Live).await
+        }
+        ClientMsg::ClassEnd { room } => {
+            class::set(ctx, rid, room, protocol::ClassState::Ended).await
+        }
     }
 }
 
@@ -263,6 +305,9 @@ async fn join(
         ctx.app.hub.leave(&room_id, &ctx.handle.id);
         ctx.joined.remove(&room_id);
         broker.leave_room(&room_id);
+    } else if first_join {
+        let me = ctx.me.room_ref(role);
+        class::attended(&ctx.app, &room_id, &me, ctx.handle.id.as_str(), true);
     }
     result
 }
@@ -355,6 +400,13 @@ fn leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     let was_on_stage = ctx.app.hub.on_stage(&room, &ctx.me.user);
     ctx.app.hub.leave(&room, &ctx.handle.id);
     ctx.app.broker.leave_room(&room);
+    class::left(
+        &ctx.app,
+        &room,
+        &ctx.me.room_ref(RoomRole::Member),
+        ctx.handle.id.as_str(),
+        was_on_stage,
+    );
     // Leaving the room leaves its A/V too, and a stage spot given up here ends the right to
     // publish for the user's other sessions as well.
     rtc::left_room(

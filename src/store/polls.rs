@@ -206,6 +206,8 @@ async fn emit(
         .ok_or_else(|| corrupt("view"))?;
     let public = match p.view(&results, View::Member) {
         Some(v) if v == full => None,
+        // A results update members may not see yet is nothing to them.
+        Some(v) if change == "results" && v.results.is_none() => Some(RoomEvent::Hidden {}),
         Some(v) => Some(RoomEvent::Poll {
             poll: v,
             change: change.to_owned(),

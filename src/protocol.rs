@@ -737,9 +737,15 @@ pub enum RoomEvent {
     /// A poll was created, opened or closed, or its results changed (`change`: `created`,
     /// `opened`, `closed`, `results`). Members see drafts as `hidden`, and results and
     /// `correct` only once they may.
-    Poll { poll: PollView, change: String },
+    Poll {
+        poll: PollView,
+        change: String,
+    },
     /// The class started or ended (by the host or the clock).
-    ClassState { state: ClassState, ts: i64 },
+    ClassState {
+        state: ClassState,
+        ts: i64,
+    },
     /// What members see of an event meant only for host/ta (a pending question's events): the
     /// seq is used, so the order stays gap-free, but there is nothing to show.
     Hidden {},

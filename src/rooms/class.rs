@@ -22,7 +22,9 @@ pub(super) async fn set(
 ) -> Result<Outcome> {
     check_room_id(&room)?;
     if ctx.joined_role(&room)? != RoomRole::Host {
-        return Err(Error::Forbidden("only the host starts and ends the class".into()));
+        return Err(Error::Forbidden(
+            "only the host starts and ends the class".into(),
+        ));
     }
     let op = WriteOp::ClassState {
         room,

@@ -95,7 +95,9 @@ fn spec(cfg: &Config, new: NewPoll) -> Result<PollSpec> {
             let mut seen = c.clone();
             seen.sort_unstable();
             seen.dedup();
-            if c.is_empty() || seen.len() != c.len() || c.iter().any(|&i| i as usize >= options.len())
+            if c.is_empty()
+                || seen.len() != c.len()
+                || c.iter().any(|&i| i as usize >= options.len())
             {
                 return Err(Error::bad_request(
                     "`correct` must list distinct option indexes",
@@ -242,9 +244,8 @@ pub(super) async fn list(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
 /// the writer, which re-checks the poll's state, so a poll closed meanwhile (or by another
 /// node) is left alone.
 pub async fn run_clock(app: Arc<App>) {
-    let mut results = tokio::time::interval(Duration::from_millis(
-        app.config.poll_results_interval_ms,
-    ));
+    let mut results =
+        tokio::time::interval(Duration::from_millis(app.config.poll_results_interval_ms));
     let mut closes = tokio::time::interval(Duration::from_millis(app.config.class_clock_ms));
     results.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     closes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -37,13 +37,12 @@ pub(super) async fn change(
     room: &RoomId,
     target: Option<ClassState>,
 ) -> Result<Applied> {
-    let row = sqlx::query(
-        "SELECT class_state, starts_at, ends_at, started_at FROM rooms WHERE id = $1",
-    )
-    .bind(room.as_str())
-    .fetch_optional(&mut **tx)
-    .await?
-    .ok_or(StoreError::NotFound("room"))?;
+    let row =
+        sqlx::query("SELECT class_state, starts_at, ends_at, started_at FROM rooms WHERE id = $1")
+            .bind(room.as_str())
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or(StoreError::NotFound("room"))?;
     let stored: String = row.try_get("class_state")?;
     let stored = ClassState::parse(&stored)
         .ok_or_else(|| StoreError::Corrupt(format!("class state {stored}")))?;
@@ -166,9 +165,7 @@ impl Store {
         .bind(now)
         .fetch_all(self.pool())
         .await?;
-        rows.iter()
-            .map(|r| Ok(RoomId(r.try_get("id")?)))
-            .collect()
+        rows.iter().map(|r| Ok(RoomId(r.try_get("id")?))).collect()
     }
 
     /// The class summary of `room` at `now`: attendance, questions, polls (with results, as
@@ -292,7 +289,10 @@ mod tests {
             20,
         );
         assert_eq!(a.len(), 2);
-        assert_eq!((a[0].present_ms, a[0].last_leave, a[0].sessions), (20, None, 2));
+        assert_eq!(
+            (a[0].present_ms, a[0].last_leave, a[0].sessions),
+            (20, None, 2)
+        );
         assert_eq!((a[1].present_ms, a[1].last_leave), (2, Some(4)));
         assert_eq!(s[0].on_stage_ms, 3);
     }

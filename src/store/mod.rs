@@ -25,11 +25,11 @@ pub use crate::protocol::views::RoomSummary;
 pub use av::{AvAdmitted, AvJoin, AvMember};
 pub use calls::CallLogEntry;
 pub use class::PresenceKind;
-pub use polls::PollSpec;
 pub use engagement::{
     BadgeHook, BadgeView, EarnedBadge, EngagementSettings, LeaderRow, MemberEngagement, UserBrief,
 };
 pub use moderation::{AuditEntry, MAX_REASON_CHARS, Report};
+pub use polls::PollSpec;
 pub use qa::{QuestionFilter, QuestionRecord, QuestionSort};
 pub use search::SearchHit;
 pub use stats::{RoomStats, StatsQuery};

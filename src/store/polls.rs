@@ -61,11 +61,7 @@ impl PollRecord {
             state: self.state,
             duration_s: self.spec.duration_s,
             closes_at: self.closes_at,
-            correct: self
-                .spec
-                .correct
-                .clone()
-                .filter(|_| moderator || closed),
+            correct: self.spec.correct.clone().filter(|_| moderator || closed),
             results: show.then(|| results.clone()),
             created_at: self.created_at,
         })
@@ -161,7 +157,11 @@ pub(crate) fn tally(
     let total = i64::try_from(answers.len()).unwrap_or(i64::MAX);
     if kind == PollKind::WordCloud {
         let mut counts: HashMap<String, i64> = HashMap::new();
-        for w in answers.iter().filter_map(|(_, t)| t.as_deref()).flat_map(words) {
+        for w in answers
+            .iter()
+            .filter_map(|(_, t)| t.as_deref())
+            .flat_map(words)
+        {
             *counts.entry(w).or_default() += 1;
         }
         let mut list: Vec<WordCount> = counts

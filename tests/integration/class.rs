@@ -21,7 +21,14 @@ async fn class_room(s: &Server, id: &str, extra: Value) -> Value {
 }
 
 async fn get_room(s: &Server, id: &str) -> Value {
-    let (st, room) = http(s.addr, "GET", &format!("/api/rooms/{id}"), Some(API_KEY), None).await;
+    let (st, room) = http(
+        s.addr,
+        "GET",
+        &format!("/api/rooms/{id}"),
+        Some(API_KEY),
+        None,
+    )
+    .await;
     assert_eq!(st, 200, "{room}");
     room
 }
@@ -38,7 +45,12 @@ async fn host(s: &Server, room: &str) -> Client {
 
 async fn start_and_end(s: &Server) {
     let later = now_ms() + 3_600_000;
-    let made = class_room(s, "c", json!({"starts_at": later, "ends_at": later + 3_600_000})).await;
+    let made = class_room(
+        s,
+        "c",
+        json!({"starts_at": later, "ends_at": later + 3_600_000}),
+    )
+    .await;
     assert_eq!(made["state"], "scheduled");
     assert_eq!(made["ends_at"], later + 3_600_000);
     let mut h = host(s, "c").await;
@@ -50,23 +62,41 @@ async fn start_and_end(s: &Server) {
     )
     .await;
     t.join("c").await;
-    assert_eq!(a.err(json!({"type":"class_start","room":"c"})).await, "forbidden");
-    assert_eq!(t.err(json!({"type":"class_start","room":"c"})).await, "forbidden");
+    assert_eq!(
+        a.err(json!({"type":"class_start","room":"c"})).await,
+        "forbidden"
+    );
+    assert_eq!(
+        t.err(json!({"type":"class_start","room":"c"})).await,
+        "forbidden"
+    );
     let ok = h.ok(json!({"type":"class_start","room":"c"})).await;
     assert_eq!(ok["state"], "live");
     let ev = a.until("class_state").await;
-    assert_eq!((ev["state"].as_str(), ev["seq"].clone()), (Some("live"), ok["seq"].clone()));
+    assert_eq!(
+        (ev["state"].as_str(), ev["seq"].clone()),
+        (Some("live"), ok["seq"].clone())
+    );
     let room = get_room(s, "c").await;
     assert_eq!(room["state"], "live");
     assert!(room["started_at"].is_i64());
-    assert_eq!(h.err(json!({"type":"class_start","room":"c"})).await, "conflict");
+    assert_eq!(
+        h.err(json!({"type":"class_start","room":"c"})).await,
+        "conflict"
+    );
     h.ok(json!({"type":"class_end","room":"c"})).await;
     assert_eq!(a.until("class_state").await["state"], "ended");
     let room = get_room(s, "c").await;
     assert_eq!(room["state"], "ended");
     assert!(room["ended_at"].is_i64());
-    assert_eq!(h.err(json!({"type":"class_end","room":"c"})).await, "conflict");
-    assert_eq!(h.err(json!({"type":"class_start","room":"c"})).await, "conflict");
+    assert_eq!(
+        h.err(json!({"type":"class_end","room":"c"})).await,
+        "conflict"
+    );
+    assert_eq!(
+        h.err(json!({"type":"class_start","room":"c"})).await,
+        "conflict"
+    );
 }
 
 #[tokio::test]
@@ -131,16 +161,15 @@ async fn the_summary_tells_how_the_class_went() {
     a.join("sum").await;
     let mut b = s.client("bob").await;
     b.join("sum").await;
-    let q = a
-        .ok(json!({"type":"ask","room":"sum","text":"Why?"}))
-        .await["id"]
-        .clone();
+    let q = a.ok(json!({"type":"ask","room":"sum","text":"Why?"})).await["id"].clone();
     b.ok(json!({"type":"ask","room":"sum","text":"How?"})).await;
     h.ok(json!({"type":"answer","room":"sum","question":q,"text":"Because."}))
         .await;
     let poll = h
-        .ok(json!({"type":"poll_create","room":"sum","kind":"poll","question":"Clear?",
-            "options":["yes","no"]}))
+        .ok(
+            json!({"type":"poll_create","room":"sum","kind":"poll","question":"Clear?",
+            "options":["yes","no"]}),
+        )
         .await["poll"]["id"]
         .clone();
     h.ok(json!({"type":"poll_open","room":"sum","poll":poll}))
@@ -174,7 +203,14 @@ async fn the_summary_tells_how_the_class_went() {
     assert_eq!(sum["polls"][0]["results"]["counts"], json!([1, 0]));
     assert_eq!(sum["stage"][0]["user"], "ann");
     assert!(sum["stage"][0]["on_stage_ms"].as_i64().unwrap() >= 0);
-    let (st, _) = http(s.addr, "GET", "/api/rooms/nope/summary", Some(API_KEY), None).await;
+    let (st, _) = http(
+        s.addr,
+        "GET",
+        "/api/rooms/nope/summary",
+        Some(API_KEY),
+        None,
+    )
+    .await;
     assert_eq!(st, 404);
     let (st, _) = http(s.addr, "GET", "/api/rooms/sum/summary", None, None).await;
     assert_eq!(st, 401);

@@ -42,8 +42,10 @@ async fn life_cycle(s: &Server) {
     let mut h = host(s, "p").await;
     let mut a = member(s, "ann", "p").await;
     let made = h
-        .ok(json!({"type":"poll_create","room":"p","kind":"poll","question":"Best day?",
-            "options":["Mon","Tue","Wed"]}))
+        .ok(
+            json!({"type":"poll_create","room":"p","kind":"poll","question":"Best day?",
+            "options":["Mon","Tue","Wed"]}),
+        )
         .await;
     let poll = made["poll"].clone();
     assert_eq!(poll["state"], "draft");
@@ -222,11 +224,17 @@ async fn results_reach_members_live_or_after_close_and_host_always() {
     assert_eq!(by_id(&listed, &live)["results"]["answers"], 1);
     assert!(by_id(&listed, &later).get("results").is_none());
     let hosted = h.ok(json!({"type":"polls","room":"r"})).await;
-    assert_eq!(by_id(&hosted, &later)["results"]["counts"], json!([0, 1, 0]));
+    assert_eq!(
+        by_id(&hosted, &later)["results"]["counts"],
+        json!([0, 1, 0])
+    );
     h.ok(json!({"type":"poll_close","room":"r","poll":later}))
         .await;
     let listed = a.ok(json!({"type":"polls","room":"r"})).await;
-    assert_eq!(by_id(&listed, &later)["results"]["counts"], json!([0, 1, 0]));
+    assert_eq!(
+        by_id(&listed, &later)["results"]["counts"],
+        json!([0, 1, 0])
+    );
     s.stop().await;
 }
 
@@ -248,7 +256,8 @@ async fn a_quiz_reveals_correct_only_when_closed() {
     assert!(listed["polls"][0].get("correct").is_none());
     let hosted = h.ok(json!({"type":"polls","room":"q"})).await;
     assert_eq!(hosted["polls"][0]["correct"], json!([2]));
-    h.ok(json!({"type":"poll_close","room":"q","poll":id})).await;
+    h.ok(json!({"type":"poll_close","room":"q","poll":id}))
+        .await;
     let closed = loop {
         let ev = next_poll(&mut a).await;
         if ev["poll"]["state"] == "closed" {
@@ -309,9 +318,7 @@ async fn duration_closes_a_poll_even_across_a_restart() {
     s.room("d", "open").await;
     let mut h = host(&s, "d").await;
     let id = create(&mut h, "d", json!({"duration_s":1})).await["id"].clone();
-    let opened = h
-        .ok(json!({"type":"poll_open","room":"d","poll":id}))
-        .await;
+    let opened = h.ok(json!({"type":"poll_open","room":"d","poll":id})).await;
     assert!(opened["poll"]["closes_at"].is_i64());
     let mut a = member(&s, "ann", "d").await;
     let closed = loop {
@@ -336,7 +343,10 @@ async fn duration_closes_a_poll_even_across_a_restart() {
     a.ok(json!({"type":"join","room":"d","after_seq":seq}))
         .await;
     let ev = next_poll(&mut a).await;
-    assert_eq!((ev["poll"]["id"].clone(), ev["poll"]["state"].as_str()), (id2, Some("closed")));
+    assert_eq!(
+        (ev["poll"]["id"].clone(), ev["poll"]["state"].as_str()),
+        (id2, Some("closed"))
+    );
     s.stop().await;
 }
 
@@ -347,11 +357,10 @@ async fn poll_events_are_replayed_on_join() {
     let mut h = host(&s, "j").await;
     let id = create(&mut h, "j", json!({})).await["id"].clone();
     h.ok(json!({"type":"poll_open","room":"j","poll":id})).await;
-    h.ok(json!({"type":"poll_close","room":"j","poll":id})).await;
-    let mut a = s.client("ann").await;
-    let joined = a
-        .ok(json!({"type":"join","room":"j","after_seq":0}))
+    h.ok(json!({"type":"poll_close","room":"j","poll":id}))
         .await;
+    let mut a = s.client("ann").await;
+    let joined = a.ok(json!({"type":"join","room":"j","after_seq":0})).await;
     assert_eq!(joined["replayed"], 3);
     assert_eq!(a.next_of("hidden").await["seq"], 1);
     let states: Vec<Value> = [a.next_of("poll").await, a.next_of("poll").await]
@@ -365,8 +374,7 @@ async fn poll_events_are_replayed_on_join() {
         &token("ta", PlatformRole::Student, &[("j", RoomRole::Ta)]),
     )
     .await;
-    t.ok(json!({"type":"join","room":"j","after_seq":0}))
-        .await;
+    t.ok(json!({"type":"join","room":"j","after_seq":0})).await;
     assert_eq!(t.next_of("poll").await["poll"]["state"], "draft");
     s.stop().await;
 }

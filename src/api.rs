@@ -6,7 +6,7 @@
 use crate::App;
 use crate::error::{Error, Result};
 use crate::protocol::{
-    PlatformRole, RoomId, RoomKind, RoomRole, SUBPROTOCOL, UserId, UserRef, Visibility,
+    ClassState, PlatformRole, RoomId, RoomKind, RoomRole, SUBPROTOCOL, UserId, UserRef, Visibility,
     valid_room_id,
 };
 use crate::protocol::{QuestionStatus, QuestionView};
@@ -71,6 +71,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/webhooks/{id}/deliveries/{delivery}/replay",
             post(replay_delivery),
         )
+        .route("/rooms/{id}/summary", get(class_summary))
         .route("/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     let mut router = Router::new()
@@ -333,6 +334,7 @@ struct NewRoom {
     visibility: Option<Visibility>,
     qa: Option<QaSettings>,
     starts_at: Option<i64>,
+    ends_at: Option<i64>,
     answer_sla_s: Option<i64>,
     rules: Option<RoomRules>,
     engagement: Option<crate::store::EngagementSettings>,
@@ -343,6 +345,11 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
     let id = room_id(new.id)?;
     let title = new.title.unwrap_or_else(|| id.to_string());
     check_title(&title)?;
+    if let (Some(s), Some(e)) = (new.starts_at, new.ends_at)
+        && e <= s
+    {
+        return Err(Error::bad_request("ends_at must be after starts_at"));
+    }
     check_settings(new.answer_sla_s, None, new.rules.as_ref())?;
     check_engagement(new.engagement.as_ref())?;
     let room = Room {
@@ -360,6 +367,11 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
         title,
         visibility: new.visibility.unwrap_or(Visibility::Open),
         starts_at: new.starts_at,
+        ends_at: new.ends_at,
+        // The store sets the state from `starts_at`; nothing has started or ended yet.
+        state: ClassState::Live,
+        started_at: None,
+        ended_at: None,
         archived: false,
         last_seq: 0,
         created_at: now_ms(),
@@ -1107,4 +1119,17 @@ async fn replay_delivery(
         .find(|d| d.id == new)
         .ok_or_else(missing)?;
     Ok((StatusCode::ACCEPTED, Json(listed)).into_response())
+}
+
+/// `GET /api/rooms/{id}/summary`: attendance, questions, polls and time on stage.
+async fn class_summary(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::protocol::ClassSummary>> {
+    let room = existing_room(&app, id).await?;
+    let summary = app
+        .store
+        .class_summary(&room.id, now_ms(), app.config.poll_word_cloud_top)
+        .await?;
+    Ok(Json(summary))
 }

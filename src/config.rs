@@ -455,6 +455,23 @@ settings! {
     webhook_max_endpoints: usize = 100,
     /// Most deliveries `GET /api/webhooks/{id}/deliveries` lists (newest first).
     webhook_log_page: usize = 100,
+    // Polls, quizzes and the class lifecycle.
+    /// Most options one poll or quiz may have (at least 2 are needed).
+    poll_max_options: usize = 10,
+    /// Longest poll option, in characters.
+    poll_max_option_chars: usize = 200,
+    /// Longest word-cloud answer, in characters.
+    poll_max_text_chars: usize = 100,
+    /// Longest `duration_s` a poll may run before it closes by itself.
+    poll_max_duration_s: u32 = 86_400,
+    /// Most words a word cloud's results list (the most frequent ones).
+    poll_word_cloud_top: usize = 50,
+    /// Milliseconds between results updates of one open poll: answers arriving meanwhile are
+    /// coalesced into one `poll` event, so a burst of 500 answers costs a handful of events.
+    poll_results_interval_ms: u64 = 1_000,
+    /// Milliseconds between looks for polls past `closes_at` and classes past `starts_at` or
+    /// `ends_at` (the clock that closes and starts/ends them).
+    class_clock_ms: u64 = 1_000,
 
     // Cluster mode (several nodes on NATS); used only with `nats_url`.
     /// Cluster mode: this node's name, 1..=32 of `[A-Za-z0-9_-]`, unique in the cluster.
@@ -709,6 +726,18 @@ impl Config {
                 why,
             })?;
         positive("stats_max_buckets", self.stats_max_buckets as u64)?;
+        if self.poll_max_options < 2 {
+            return Err(ConfigError::Invalid {
+                name: "poll_max_options",
+                why: "must be at least 2".into(),
+            });
+        }
+        positive("poll_max_option_chars", self.poll_max_option_chars as u64)?;
+        positive("poll_max_text_chars", self.poll_max_text_chars as u64)?;
+        positive("poll_max_duration_s", u64::from(self.poll_max_duration_s))?;
+        positive("poll_word_cloud_top", self.poll_word_cloud_top as u64)?;
+        positive("poll_results_interval_ms", self.poll_results_interval_ms)?;
+        positive("class_clock_ms", self.class_clock_ms)?;
         self.validate_cluster()
     }
 

@@ -90,6 +90,8 @@ pub struct App {
     cluster: Option<Arc<cluster::Bus>>,
     /// What other nodes said, until `serve` starts applying it.
     inbound: Mutex<Option<mpsc::Receiver<Inbound>>>,
+    /// Polls answered since their last results update (see `rooms::polls::run_clock`).
+    pub poll_results: rooms::polls::ResultsQueue,
 }
 
 /// Counts a running connection task; dropping it lets shutdown know the task has finished.
@@ -118,6 +120,10 @@ async fn ensure_dev_lobby(store: &Store) -> Result<(), StoreError> {
             peer_answers: true,
         },
         starts_at: None,
+        ends_at: None,
+        state: protocol::ClassState::Live,
+        started_at: None,
+        ended_at: None,
         archived: false,
         last_seq: 0,
         created_at: store::now_ms(),
@@ -216,6 +222,7 @@ impl App {
             broker,
             cluster,
             inbound: Mutex::new(Some(inbound_rx)),
+            poll_results: Default::default(),
         }))
     }
 
@@ -331,6 +338,8 @@ pub async fn serve(
         app.store.clone(),
         webhooks::SenderConfig::from_config(&app.config),
     ));
+    let poll_clock = tokio::spawn(rooms::polls::run_clock(app.clone()));
+    let class_clock = tokio::spawn(rooms::class::run_clock(app.clone()));
     let mut bus_tasks = match &app.cluster {
         Some(bus) => {
             let mut tasks = bus.start(app.store.clone()).await;
@@ -385,6 +394,8 @@ pub async fn serve(
     // Deliveries cut short stay pending in the outbox and go out after the next start.
     webhooks.abort();
     let _ = webhooks.await;
+    poll_clock.abort();
+    class_clock.abort();
     app.store.close().await;
     if let Some(bus) = &app.cluster {
         bus.leave().await;

@@ -6,8 +6,10 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+mod polls;
 mod replies;
 pub mod views;
+pub use polls::*;
 pub use replies::*;
 
 #[cfg(test)]
@@ -472,6 +474,49 @@ pub enum ClientMsg {
         #[serde(default = "default_true")]
         on: bool,
     },
+    // -- polls and the class lifecycle --
+    /// host/ta: a new poll, in `draft`.
+    PollCreate {
+        room: RoomId,
+        kind: PollKind,
+        question: String,
+        #[serde(default)]
+        options: Option<Vec<String>>,
+        #[serde(default)]
+        multiple: bool,
+        #[serde(default)]
+        correct: Option<Vec<u32>>,
+        #[serde(default)]
+        duration_s: Option<u32>,
+        #[serde(default)]
+        show_results: Option<ShowResults>,
+    },
+    PollOpen {
+        room: RoomId,
+        poll: String,
+    },
+    PollClose {
+        room: RoomId,
+        poll: String,
+    },
+    /// A member's answer (one per user, replaced while the poll is open).
+    PollAnswer {
+        room: RoomId,
+        poll: String,
+        #[serde(default)]
+        choices: Option<Vec<u32>>,
+        #[serde(default)]
+        text: Option<String>,
+    },
+    Polls {
+        room: RoomId,
+    },
+    ClassStart {
+        room: RoomId,
+    },
+    ClassEnd {
+        room: RoomId,
+    },
 }
 
 fn default_true() -> bool {
@@ -526,7 +571,14 @@ impl ClientMsg {
             | Self::Stats { room, .. }
             | Self::Helpful { room, .. }
             | Self::Reports { room, .. }
-            | Self::ReportResolve { room, .. } => Some(room),
+            | Self::ReportResolve { room, .. }
+            | Self::PollCreate { room, .. }
+            | Self::PollOpen { room, .. }
+            | Self::PollClose { room, .. }
+            | Self::PollAnswer { room, .. }
+            | Self::Polls { room, .. }
+            | Self::ClassStart { room, .. }
+            | Self::ClassEnd { room, .. } => Some(room),
             Self::Call { room, .. } | Self::Signal { room, .. } | Self::Profile { room, .. } => {
                 room.as_ref()
             }
@@ -581,6 +633,12 @@ impl ClientMsg {
             | Self::Profile { .. }
             | Self::Stats { .. }
             | Self::Helpful { .. } => CommandKind::Engagement,
+            Self::PollCreate { .. }
+            | Self::PollOpen { .. }
+            | Self::PollClose { .. }
+            | Self::PollAnswer { .. }
+            | Self::Polls { .. } => CommandKind::Poll,
+            Self::ClassStart { .. } | Self::ClassEnd { .. } => CommandKind::Class,
         }
     }
 }
@@ -617,10 +675,12 @@ pub enum CommandKind {
     Signal,
     Invalid,
     Engagement,
+    Poll,
+    Class,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 29] = [
+    pub const ALL: [CommandKind; 31] = [
         Self::Hello,
         Self::Ping,
         Self::Refresh,
@@ -650,6 +710,8 @@ impl CommandKind {
         Self::Signal,
         Self::Invalid,
         Self::Engagement,
+        Self::Poll,
+        Self::Class,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -683,6 +745,8 @@ impl CommandKind {
             Self::Signal => "signal",
             Self::Invalid => "invalid",
             Self::Engagement => "engagement",
+            Self::Poll => "poll",
+            Self::Class => "class",
         }
     }
 }
@@ -755,6 +819,18 @@ pub enum RoomEvent {
     Question(QuestionView),
     /// A question changed: the whole question as it is now, and what changed.
     QuestionUpdated(QuestionUpdate),
+    /// A poll was created, opened or closed, or its results changed (`change`: `created`,
+    /// `opened`, `closed`, `results`). Members see drafts as `hidden`, and results and
+    /// `correct` only once they may.
+    Poll {
+        poll: PollView,
+        change: String,
+    },
+    /// The class started or ended (by the host or the clock).
+    ClassState {
+        state: ClassState,
+        ts: i64,
+    },
     /// What members see of an event meant only for host/ta (a pending question's events): the
     /// seq is used, so the order stays gap-free, but there is nothing to show.
     Hidden {},

@@ -280,11 +280,13 @@ async fn live(open: Open) {
     let sid = ctx.handle.id.clone();
     // Leave every room (announcing offline where this was the user's last session).
     for (room, role) in std::mem::take(&mut ctx.joined) {
+        let was_on_stage = app.hub.on_stage(&room, &ctx.me.user);
         app.hub.leave(&room, &sid);
         app.broker.leave_room(&room);
+        let me = ctx.me.room_ref(role);
+        crate::rooms::class::left(&app, &room, &me, sid.as_str(), was_on_stage);
         if app.hub.online_role(&room, &ctx.me.user).is_none() {
             let left = crate::store::EventType::MemberLeft;
-            let me = ctx.me.room_ref(role);
             if let Err(e) = app
                 .store
                 .member_event(left, &room, me, Some("disconnect"))

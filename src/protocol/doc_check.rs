@@ -501,6 +501,10 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
         "leaderboard" => ok::<LeaderboardOk>(rid, &fields),
         "profile" => ok::<ProfileOk>(rid, &fields),
         "stats" => ok::<StatsOk>(rid, &fields),
+        "poll_create" | "poll_open" | "poll_close" => ok::<PollOk>(rid, &fields),
+        "poll_answer" => ok::<PollAnswerOk>(rid, &fields),
+        "polls" => ok::<PollsOk>(rid, &fields),
+        "class_start" | "class_end" => ok::<ClassOk>(rid, &fields),
         other => Err(format!("no reply type is known for `{other}`")),
     }
 }
@@ -514,6 +518,8 @@ fn encode_shape(shape: &str, doc: &Value) -> Result<String, String> {
         "stats" => again::<StatsOk>(doc),
         "room" => again::<Room>(doc),
         "call record" => again::<CallLogEntry>(doc),
+        "poll" => again::<PollView>(doc),
+        "summary" => again::<ClassSummary>(doc),
         other => Err(format!("unknown shape `{other}`")),
     }
 }

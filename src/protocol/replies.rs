@@ -4,7 +4,9 @@
 //! the store (rooms, search hits, statistics) keep their own types there.
 
 use super::views::{BadgeView, Report, ReportEntry, RoomStats, RoomSummary, SearchHit, UserBrief};
-use super::{MessageId, QuestionId, QuestionStatus, QuestionView, RoomId, UserRef};
+use super::{
+    ClassState, MessageId, PollView, QuestionId, QuestionStatus, QuestionView, RoomId, UserRef,
+};
 use crate::engagement::Streak;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
@@ -60,6 +62,37 @@ pub struct CheckinOk {
     pub points: i64,
 }
 
+/// `poll_create`, `poll_open`, `poll_close`: the poll as host/ta see it, and the seq of its
+/// event (`null` when nothing changed: closing a closed poll).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PollOk {
+    pub poll: PollView,
+    pub seq: Option<i64>,
+}
+
+/// `poll_answer`: the answer as stored (it replaces the user's earlier one).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PollAnswerOk {
+    pub poll: String,
+    pub choices: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub ts: i64,
+}
+
+/// `polls`: the room's polls, oldest first, as the caller may see them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PollsOk {
+    pub polls: Vec<PollView>,
+}
+
+/// `class_start`, `class_end`: the new state and the seq of its `class_state` event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassOk {
+    pub state: ClassState,
+    pub seq: i64,
+}
+
 /// The `ok` of a sequenced write, by what the write did (one of the shapes above).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -68,6 +101,9 @@ pub enum WriteOk {
     Seq(SeqOk),
     Asked(AskOk),
     CheckedIn(CheckinOk),
+    Poll(PollOk),
+    PollAnswered(PollAnswerOk),
+    Class(ClassOk),
 }
 
 /// `read`: the seq as applied (lowered to the room's last seq).

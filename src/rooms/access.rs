@@ -85,6 +85,13 @@ pub(super) fn leave_lost(ctx: &mut Ctx, room: &RoomId) -> bool {
         });
     }
     ctx.app.broker.leave_room(room);
+    super::class::left(
+        &ctx.app,
+        room,
+        &ctx.me.room_ref(role),
+        ctx.handle.id.as_str(),
+        was_on_stage,
+    );
     rtc::left_room(
         &ctx.app,
         room,

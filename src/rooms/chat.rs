@@ -59,6 +59,19 @@ pub(super) fn write_ok(o: WriteOutcome) -> protocol::WriteOk {
             status,
         }),
         WriteOutcome::Unchanged => WriteOk::Seq(protocol::SeqOk { seq: None }),
+        WriteOutcome::Poll { poll, seq } => WriteOk::Poll(protocol::PollOk { poll, seq }),
+        WriteOutcome::PollAnswered {
+            poll,
+            choices,
+            text,
+            ts,
+        } => WriteOk::PollAnswered(protocol::PollAnswerOk {
+            poll,
+            choices,
+            text,
+            ts,
+        }),
+        WriteOutcome::Class { state, seq } => WriteOk::Class(protocol::ClassOk { state, seq }),
         WriteOutcome::CheckedIn {
             room,
             day,

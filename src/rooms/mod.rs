@@ -5,9 +5,11 @@
 
 mod access;
 mod chat;
+pub mod class;
 pub(crate) mod engagement;
 mod moderation;
 pub mod policy;
+pub mod polls;
 mod qa;
 mod stage;
 
@@ -146,6 +148,46 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             answer,
             on,
         } => engagement::helpful(ctx, rid, room, question, answer, on).await,
+        ClientMsg::PollCreate {
+            room,
+            kind,
+            question,
+            options,
+            multiple,
+            correct,
+            duration_s,
+            show_results,
+        } => {
+            let new = polls::NewPoll {
+                kind,
+                question,
+                options,
+                multiple,
+                correct,
+                duration_s,
+                show_results,
+            };
+            polls::create(ctx, rid, room, new).await
+        }
+        ClientMsg::PollOpen { room, poll } => {
+            polls::set_state(ctx, rid, room, poll, protocol::PollState::Open).await
+        }
+        ClientMsg::PollClose { room, poll } => {
+            polls::set_state(ctx, rid, room, poll, protocol::PollState::Closed).await
+        }
+        ClientMsg::PollAnswer {
+            room,
+            poll,
+            choices,
+            text,
+        } => polls::answer(ctx, rid, room, poll, choices, text).await,
+        ClientMsg::Polls { room } => polls::list(ctx, room).await,
+        ClientMsg::ClassStart { room } => {
+            class::set(ctx, rid, room, protocol::ClassState::Live).await
+        }
+        ClientMsg::ClassEnd { room } => {
+            class::set(ctx, rid, room, protocol::ClassState::Ended).await
+        }
     }
 }
 
@@ -281,16 +323,22 @@ async fn join(
         ctx.app.hub.leave(&room_id, &ctx.handle.id);
         ctx.joined.remove(&room_id);
         broker.leave_room(&room_id);
-    } else if entering {
-        // Before the reply: the user's next write in the room comes after it in the outbox.
-        let me = ctx.me.room_ref(role);
-        if let Err(e) = ctx
-            .app
-            .store
-            .member_event(EventType::MemberJoined, &room_id, me, None)
-            .await
-        {
-            tracing::warn!(error = %e, room = %room_id, "webhooks: member.joined not recorded");
+    } else {
+        if entering {
+            // Before the reply: the user's next write in the room comes after it in the outbox.
+            let me = ctx.me.room_ref(role);
+            if let Err(e) = ctx
+                .app
+                .store
+                .member_event(EventType::MemberJoined, &room_id, me, None)
+                .await
+            {
+                tracing::warn!(error = %e, room = %room_id, "webhooks: member.joined not recorded");
+            }
+        }
+        if first_join {
+            let me = ctx.me.room_ref(role);
+            class::attended(&ctx.app, &room_id, &me, ctx.handle.id.as_str(), true);
         }
     }
     result

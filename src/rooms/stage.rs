@@ -61,6 +61,16 @@ pub(super) fn stage(ctx: &mut Ctx, room: RoomId, user: UserId, on: bool) -> Resu
     match ctx.app.hub.set_stage(&room, &user, on, max) {
         Ok(stage) => {
             crate::rtc::stage_changed(&ctx.app, &room, &user, on);
+            let who = stage
+                .iter()
+                .find(|u| u.id == user)
+                .cloned()
+                .unwrap_or_else(|| crate::protocol::UserRef {
+                    id: user.clone(),
+                    name: user.to_string(),
+                    role: String::new(),
+                });
+            super::class::staged(&ctx.app, &room, &who, on);
             Ok(Outcome::ok(StageOk { stage }))
         }
         Err(StageError::NotInRoom) => Err(Error::NotFound(format!("{user} is not in the room"))),

@@ -8,8 +8,10 @@
 
 mod av;
 mod calls;
+mod class;
 mod engagement;
 mod moderation;
+mod polls;
 mod postgres;
 mod qa;
 mod rows;
@@ -23,10 +25,12 @@ mod writer;
 pub use crate::protocol::views::RoomSummary;
 pub use av::{AvAdmitted, AvJoin, AvMember};
 pub use calls::CallLogEntry;
+pub use class::PresenceKind;
 pub use engagement::{
     BadgeHook, BadgeView, EarnedBadge, EngagementSettings, LeaderRow, MemberEngagement, UserBrief,
 };
 pub use moderation::{AuditEntry, MAX_REASON_CHARS, Report};
+pub use polls::PollSpec;
 pub use qa::{QuestionFilter, QuestionRecord, QuestionSort};
 pub use search::SearchHit;
 pub use stats::{RoomStats, StatsQuery};
@@ -159,6 +163,19 @@ pub struct Room {
     pub visibility: Visibility,
     pub qa: QaSettings,
     pub starts_at: Option<i64>,
+    /// When the class ends by the clock.
+    #[serde(default)]
+    pub ends_at: Option<i64>,
+    /// The class state now (`scheduled`, `live`, `ended`): what was recorded, moved on by the
+    /// clock where `starts_at`/`ends_at` have passed.
+    #[serde(default)]
+    pub state: crate::protocol::ClassState,
+    /// When the class started (`class_start`, or the clock at `starts_at`).
+    #[serde(default)]
+    pub started_at: Option<i64>,
+    /// When the class ended (`class_end`, or the clock at `ends_at`).
+    #[serde(default)]
+    pub ended_at: Option<i64>,
     pub archived: bool,
     pub last_seq: i64,
     pub created_at: i64,
@@ -243,6 +260,9 @@ pub struct RoomPatch {
     /// `Some(None)` clears it.
     #[serde(default, with = "double_option")]
     pub starts_at: Option<Option<i64>>,
+    /// `Some(None)` clears it.
+    #[serde(default, with = "double_option")]
+    pub ends_at: Option<Option<i64>>,
     pub archived: Option<bool>,
     pub answer_sla_s: Option<i64>,
     pub slow_mode_s: Option<i64>,
@@ -336,7 +356,8 @@ pub fn now_ms() -> i64 {
 macro_rules! room_columns {
     () => {
         "id, kind, title, visibility, qa_enabled, qa_moderated, qa_peer_answers, starts_at, \
-         archived, last_seq, created_at, answer_sla_s, slow_mode_s, rules, engagement"
+         archived, last_seq, created_at, answer_sla_s, slow_mode_s, rules, engagement, ends_at, \
+         class_state, started_at, ended_at"
     };
 }
 const SELECT_ROOM: &str = concat!("SELECT ", room_columns!(), " FROM rooms WHERE id = $1");
@@ -344,6 +365,12 @@ const SELECT_ROOM: &str = concat!("SELECT ", room_columns!(), " FROM rooms WHERE
 fn room_from_row(row: &AnyRow) -> Result<Room> {
     let kind: String = row.try_get("kind")?;
     let visibility: String = row.try_get("visibility")?;
+    let state: String = row.try_get("class_state")?;
+    let starts_at: Option<i64> = row.try_get("starts_at")?;
+    let ends_at: Option<i64> = row.try_get("ends_at")?;
+    let state = crate::protocol::ClassState::parse(&state)
+        .ok_or_else(|| StoreError::Corrupt(format!("class state {state}")))?
+        .at(starts_at, ends_at, now_ms());
     Ok(Room {
         id: RoomId(row.try_get("id")?),
         kind: RoomKind::parse(&kind)
@@ -356,7 +383,11 @@ fn room_from_row(row: &AnyRow) -> Result<Room> {
             moderated: row.try_get::<i64, _>("qa_moderated")? != 0,
             peer_answers: row.try_get::<i64, _>("qa_peer_answers")? != 0,
         },
-        starts_at: row.try_get("starts_at")?,
+        starts_at,
+        ends_at,
+        state,
+        started_at: row.try_get("started_at")?,
+        ended_at: row.try_get("ended_at")?,
         archived: row.try_get::<i64, _>("archived")? != 0,
         last_seq: row.try_get("last_seq")?,
         created_at: row.try_get("created_at")?,
@@ -366,6 +397,16 @@ fn room_from_row(row: &AnyRow) -> Result<Room> {
             .map_err(|e| StoreError::Corrupt(format!("room rules: {e}")))?,
         engagement: EngagementSettings::parse(&row.try_get::<String, _>("engagement")?),
     })
+}
+
+/// The class state of a room not started yet: `scheduled` while `starts_at` is ahead, else
+/// `live` (a room without a schedule is live from the start).
+fn initial_state(starts_at: Option<i64>, now: i64) -> crate::protocol::ClassState {
+    if starts_at.is_some_and(|s| s > now) {
+        crate::protocol::ClassState::Scheduled
+    } else {
+        crate::protocol::ClassState::Live
+    }
 }
 
 fn rules_json(r: &RoomRules) -> String {
@@ -477,6 +518,19 @@ impl Store {
         Ok(rx)
     }
 
+    /// Queues a write nobody waits for (the attendance log): never waits, and drops the write
+    /// (with a warning) when the writer's queue is full, rather than hold up its caller.
+    pub fn submit_detached(&self, op: WriteOp) {
+        let (tx, _rx) = oneshot::channel();
+        if let Err(e) = self
+            .inner
+            .writer
+            .try_send(writer::Request::Op { op, reply: tx })
+        {
+            tracing::warn!(error = %e, "store queue full: a log write was dropped");
+        }
+    }
+
     /// Submits a write and waits for its commit.
     pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome> {
         self.submit(op)
@@ -504,7 +558,8 @@ impl Store {
         let res = sqlx::query(
             "INSERT INTO rooms (id, kind, title, visibility, qa_enabled, qa_moderated, starts_at, \
              archived, last_seq, created_at, qa_peer_answers, answer_sla_s, slow_mode_s, rules, \
-             engagement) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11, $12, $13) \
+             engagement, ends_at, class_state) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11, $12, $13, $14, $15) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(room.id.as_str())
@@ -520,6 +575,8 @@ impl Store {
         .bind(room.slow_mode_s)
         .bind(rules_json(&room.rules))
         .bind(room.engagement.json())
+        .bind(room.ends_at)
+        .bind(initial_state(room.starts_at, now_ms()).as_str())
         .execute(&mut *tx)
         .await?;
         if res.rows_affected() == 0 {
@@ -647,6 +704,9 @@ impl Store {
         if let Some(s) = patch.starts_at {
             room.starts_at = s;
         }
+        if let Some(e) = patch.ends_at {
+            room.ends_at = e;
+        }
         if let Some(a) = patch.archived {
             room.archived = a;
         }
@@ -666,7 +726,9 @@ impl Store {
         sqlx::query(
             "UPDATE rooms SET kind = $1, title = $2, visibility = $3, qa_enabled = $4, \
              qa_moderated = $5, starts_at = $6, archived = $7, qa_peer_answers = $8, \
-             answer_sla_s = $9, slow_mode_s = $10, rules = $11, engagement = $13 WHERE id = $12",
+             answer_sla_s = $9, slow_mode_s = $10, rules = $11, engagement = $13, ends_at = $14, \
+             class_state = CASE WHEN class_state <> 'ended' AND started_at IS NULL THEN $15 \
+             ELSE class_state END WHERE id = $12",
         )
         .bind(room.kind.as_str())
         .bind(room.title.as_str())
@@ -681,6 +743,8 @@ impl Store {
         .bind(rules_json(&room.rules))
         .bind(id.as_str())
         .bind(room.engagement.json())
+        .bind(room.ends_at)
+        .bind(initial_state(room.starts_at, now_ms()).as_str())
         .execute(&mut *tx)
         .await?;
         let queued = if room.archived && !was_archived {

@@ -117,6 +117,51 @@ pub enum WriteOp {
         as_moderator: bool,
         on: bool,
     },
+    // -- polls and the class lifecycle --
+    /// A new poll, in `draft`.
+    PollCreate {
+        room: RoomId,
+        by: UserId,
+        spec: super::PollSpec,
+    },
+    /// Opens a draft or closes an open poll (`target`: `Open` or `Closed`). `words`: how many
+    /// words a word cloud's results list.
+    PollState {
+        room: RoomId,
+        poll: String,
+        target: crate::protocol::PollState,
+        words: usize,
+    },
+    /// Publishes an open poll's results as they are now (the coalesced update).
+    PollResults {
+        room: RoomId,
+        poll: String,
+        words: usize,
+    },
+    /// A user's answer to an open poll, replacing any earlier one. Not sequenced.
+    PollAnswer {
+        room: RoomId,
+        poll: String,
+        user: UserId,
+        choices: Vec<u32>,
+        text: Option<String>,
+    },
+    /// Moves the class to `target` (host), or where the clock says (`None`).
+    ClassState {
+        room: RoomId,
+        target: Option<crate::protocol::ClassState>,
+    },
+    /// Attendance and stage log: a session entering/leaving, a user going on/off stage.
+    /// Not sequenced.
+    Presence {
+        room: RoomId,
+        user: UserId,
+        name: String,
+        session: String,
+        kind: super::PresenceKind,
+        on: bool,
+        ts: i64,
+    },
 }
 
 impl WriteOp {
@@ -132,7 +177,13 @@ impl WriteOp {
             | Self::SetQuestionStatus { room, .. }
             | Self::EnsureMember { room, .. }
             | Self::Checkin { room, .. }
-            | Self::Helpful { room, .. } => room,
+            | Self::Helpful { room, .. }
+            | Self::PollCreate { room, .. }
+            | Self::PollState { room, .. }
+            | Self::PollResults { room, .. }
+            | Self::PollAnswer { room, .. }
+            | Self::ClassState { room, .. }
+            | Self::Presence { room, .. } => room,
         }
     }
 }
@@ -159,6 +210,24 @@ pub enum WriteOutcome {
     /// The write changed nothing (reacting twice, unreacting what was not there, deleting a
     /// deleted message).
     Unchanged,
+    /// A poll was created, opened or closed: the poll as host/ta see it, and the seq of its
+    /// event (`None` when nothing changed).
+    Poll {
+        poll: crate::protocol::PollView,
+        seq: Option<i64>,
+    },
+    /// A poll answer was stored.
+    PollAnswered {
+        poll: String,
+        choices: Vec<u32>,
+        text: Option<String>,
+        ts: i64,
+    },
+    /// The class moved to `state`.
+    Class {
+        state: crate::protocol::ClassState,
+        seq: i64,
+    },
     /// A check-in (`already` when the user had checked in on this local day).
     CheckedIn {
         room: RoomId,
@@ -445,7 +514,7 @@ impl Writer {
                     )));
                     continue;
                 }
-                Path::One => {}
+                Path::One | Path::Unsequenced => {}
             }
             let mut fx = Effects::default();
             match apply(&mut tx, &self.engagement, op, &mut fx).await {
@@ -532,6 +601,9 @@ enum Path {
     Send,
     /// With every membership record of the batch, in one statement.
     Member,
+    /// On its own, in queue order, but taking no seq (so it never moves a room's sends off
+    /// the bulk path).
+    Unsequenced,
     /// On its own, in queue order.
     One,
 }
@@ -544,6 +616,7 @@ fn paths(ops: &[&WriteOp]) -> Vec<Path> {
         .iter()
         .map(|op| match op {
             WriteOp::EnsureMember { .. } => Path::Member,
+            WriteOp::Presence { .. } | WriteOp::PollAnswer { .. } => Path::Unsequenced,
             op if super::sends::plain_send(op).is_some() => Path::Send,
             _ => Path::One,
         })
@@ -705,6 +778,8 @@ pub(super) async fn insert_event(
         RoomEvent::Question(_) => "question",
         RoomEvent::QuestionUpdated(_) => "question_updated",
         RoomEvent::Hidden {} => "hidden",
+        RoomEvent::Poll { .. } => "poll",
+        RoomEvent::ClassState { .. } => "class_state",
     };
     let json = crate::protocol::encode(&SequencedEvent {
         room: room.clone(),
@@ -861,6 +936,39 @@ async fn apply(
                 fx,
             )
             .await
+        }
+        WriteOp::PollCreate { room, by, spec } => super::polls::create(tx, room, by, spec).await,
+        WriteOp::PollState {
+            room,
+            poll,
+            target,
+            words,
+        } => super::polls::set_state(tx, room, poll, *target, *words).await,
+        WriteOp::PollResults { room, poll, words } => {
+            super::polls::publish_results(tx, room, poll, *words).await
+        }
+        WriteOp::PollAnswer {
+            room,
+            poll,
+            user,
+            choices,
+            text,
+        } => super::polls::answer(tx, room, poll, user, choices, text.as_deref()).await,
+        WriteOp::ClassState { room, target } => super::class::change(tx, room, *target).await,
+        WriteOp::Presence {
+            room,
+            user,
+            name,
+            session,
+            kind,
+            on,
+            ts,
+        } => {
+            super::class::presence(tx, room, user, name, session, *kind, *on, *ts).await?;
+            Ok(Applied {
+                outcome: WriteOutcome::Unchanged,
+                event: None,
+            })
         }
         // Recorded in bulk by the batch (see `record_members`).
         WriteOp::EnsureMember { .. } => Ok(Applied {

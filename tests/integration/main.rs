@@ -5,6 +5,7 @@
 mod api;
 mod calls;
 mod chat;
+mod class;
 mod cli;
 mod cluster;
 mod common;
@@ -14,6 +15,7 @@ mod engagement;
 mod hardening;
 mod limits;
 mod moderation;
+mod polls;
 mod qa;
 mod rights;
 mod store_conformance;

@@ -784,15 +784,38 @@ async fn faq(
         })
         .into_response());
     }
-    let mut md = format!("# {} — FAQ\n\n", room.title);
+    let mut md = format!("# {} — FAQ\n\n", md_escape(&one_line(&room.title)));
     for q in &questions {
-        md.push_str(&format!("## {}\n\n", q.text.replace('\n', " ")));
+        md.push_str(&format!("## {}\n\n", md_escape(&one_line(&q.text))));
         md.push_str(&format!("_{} votes_\n\n", q.votes));
         for a in &q.answers {
-            md.push_str(&format!("{}\n\n— {}\n\n", a.text, a.author.name));
+            md.push_str(&format!(
+                "{}\n\n— {}\n\n",
+                md_escape(&a.text),
+                md_escape(&one_line(&a.author.name))
+            ));
         }
     }
     Ok(([(header::CONTENT_TYPE, "text/markdown; charset=utf-8")], md).into_response())
+}
+
+/// Text as literal Markdown: every character Markdown or HTML could read as markup is
+/// backslash-escaped (CommonMark allows it before any ASCII punctuation), so user text can
+/// neither start a heading, a link or an image nor carry raw HTML.
+fn md_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if "\\`*_{}[]()#+-=!|<>~&".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Text on one line (headings and bylines).
+fn one_line(text: &str) -> String {
+    text.split(['\n', '\r']).collect::<Vec<_>>().join(" ")
 }
 
 #[derive(Serialize)]

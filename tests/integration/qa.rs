@@ -515,6 +515,12 @@ async fn faq_export_in_json_and_markdown() {
         .clone();
     a.ok(json!({"type":"ask","room":"faq","text":"Never answered"}))
         .await;
+    let q3 = a
+        .ok(json!({"type":"ask","room":"faq","text":"<img src=x onerror=alert(1)>\n# Injected"}))
+        .await["id"]
+        .clone();
+    t.ok(json!({"type":"answer","room":"faq","question":q3,"text":"line\n# heading\n[link](http://evil)"}))
+        .await;
     a.ok(json!({"type":"vote","room":"faq","question":q2,"up":true}))
         .await;
     t.ok(json!({"type":"answer","room":"faq","question":q1,"text":"Answer one"}))
@@ -529,7 +535,7 @@ async fn faq_export_in_json_and_markdown() {
         .iter()
         .map(|q| q["text"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(texts, ["Most popular?", "Less popular?"]);
+    assert_eq!(texts[..2], ["Most popular?", "Less popular?"]);
     assert_eq!(body["questions"][0]["answers"][0]["text"], "Answer two");
     let md = within("markdown", async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -549,6 +555,22 @@ async fn faq_export_in_json_and_markdown() {
     let first = md.find("## Most popular?").expect("markdown heading");
     let second = md.find("## Less popular?").expect("markdown heading");
     assert!(first < second && md.contains("Answer two") && !md.contains("Never answered"));
+    // User text is literal: no raw HTML, no heading or link of its own.
+    let body = md.split_once("\r\n\r\n").map_or("", |x| x.1);
+    assert!(
+        body.match_indices('<')
+            .all(|(i, _)| body[..i].ends_with('\\')),
+        "raw HTML in {body}"
+    );
+    assert!(
+        body.contains("## \\<img src\\=x onerror\\=alert\\(1\\)\\> \\# Injected"),
+        "{body}"
+    );
+    assert!(
+        !md.contains("\n# heading") && md.contains("\\# heading"),
+        "{md}"
+    );
+    assert!(md.contains("\\[link\\]\\(http://evil\\)"), "{md}");
     s.stop().await;
 }
 

@@ -515,6 +515,8 @@ async fn put_member(
     let user = user_id(user)?;
     let MemberBody { role } = parse_body(&body)?;
     app.store.set_member(&id, &user, role).await?;
+    // The platform's word on the user's role replaces a rank remembered from a join.
+    app.store.forget_rank(&id, &user).await?;
     app.policies.member_changed(&id, &user, Some(role));
     Ok(Json(Membership {
         room: id,
@@ -530,6 +532,7 @@ async fn delete_member(
     let id = room_id(id)?;
     let user = user_id(user)?;
     if app.store.remove_member(&id, &user).await? {
+        app.store.forget_rank(&id, &user).await?;
         app.policies.member_changed(&id, &user, None);
         // In an invite-only room membership is what lets them in: end their live sessions.
         if app

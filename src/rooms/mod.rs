@@ -340,6 +340,18 @@ async fn join(
             let me = ctx.me.room_ref(role);
             class::attended(&ctx.app, &room_id, &me, ctx.handle.id.as_str(), true);
         }
+        // Moderation must know a host or ta while they are offline too (their token's grant
+        // or admin role is known only while they are here).
+        if first_join
+            && role.can_moderate()
+            && let Err(e) = ctx
+                .app
+                .store
+                .remember_rank(&room_id, &ctx.me.user, role)
+                .await
+        {
+            tracing::warn!(error = %e, room = %room_id, "rank not remembered");
+        }
     }
     result
 }

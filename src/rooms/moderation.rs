@@ -24,10 +24,15 @@ fn moderator(ctx: &Ctx, room: &RoomId) -> Result<RoomRole> {
 }
 
 /// Refuses actions against host/ta (as they are online in the room, or stored members).
-async fn check_target(ctx: &Ctx, room: &RoomId, user: &UserId) -> Result<()> {
+fn check_user_id(user: &UserId) -> Result<()> {
     if user.as_str().is_empty() || user.as_str().chars().count() > 64 {
         return Err(Error::bad_request("user ids are 1..=64 characters"));
     }
+    Ok(())
+}
+
+async fn check_target(ctx: &Ctx, room: &RoomId, user: &UserId) -> Result<()> {
+    check_user_id(user)?;
     if user == &ctx.me.user {
         return Err(Error::bad_request("you cannot moderate yourself"));
     }
@@ -46,9 +51,12 @@ async fn check_target(ctx: &Ctx, room: &RoomId, user: &UserId) -> Result<()> {
         .get(&ctx.app.store, room)
         .await?
         .stored_role(user);
+    // Offline, a host or ta by grant or admin role is known from their last join.
+    let remembered = ctx.app.store.remembered_rank(room, user).await?;
     if local
         .max(remote)
         .max(stored)
+        .max(remembered)
         .is_some_and(RoomRole::can_moderate)
     {
         return Err(Error::Forbidden("host and ta cannot be moderated".into()));
@@ -106,7 +114,9 @@ pub(super) async fn mute(
 
 pub(super) async fn unmute(ctx: &mut Ctx, room: RoomId, user: UserId) -> Result<Outcome> {
     moderator(ctx, &room)?;
-    check_target(ctx, &room, &user).await?;
+    // Undoing a mute needs no rank over its target: a host or ta muted while they were not
+    // known as such (or oneself) can be unmuted by any host or ta.
+    check_user_id(&user)?;
     let was = ctx.app.store.clear_mute(&room, &user).await?;
     ctx.app.policies.set_mute(&room, &user, None);
     ctx.app

@@ -47,7 +47,7 @@ pub(super) async fn ask(
     if !policy.qa_enabled() {
         return Err(Error::Forbidden("Q&A is not enabled in this room".into()));
     }
-    policy.check_muted(&ctx.me.user)?;
+    policy.check_muted(&ctx.me.user, role)?;
     policy.check_text(&text, role)?;
     let pending = policy.room.qa.moderated && !role.can_moderate();
     let op = WriteOp::Ask {
@@ -103,7 +103,7 @@ pub(super) async fn answer(
             "only host/ta answer questions in this room".into(),
         ));
     }
-    policy.check_muted(&ctx.me.user)?;
+    policy.check_muted(&ctx.me.user, role)?;
     policy.check_text(&text, role)?;
     let op = WriteOp::Answer {
         room,

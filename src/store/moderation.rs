@@ -5,7 +5,7 @@
 use super::{Result, Store, StoreError, now_ms, writer::new_id};
 pub use crate::protocol::views::Report;
 use crate::protocol::views::{ReportTarget, UserBrief};
-use crate::protocol::{RoomEvent, RoomId, SequencedEvent, UserId};
+use crate::protocol::{RoomEvent, RoomId, RoomRole, SequencedEvent, UserId};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use std::collections::HashMap;
@@ -75,6 +75,43 @@ impl Store {
         rows.iter()
             .map(|r| Ok((UserId(r.try_get("user_id")?), r.try_get("until")?)))
             .collect()
+    }
+
+    /// Remembers that `user` joined `room` as host or ta (see migration `0011_room_ranks`).
+    pub async fn remember_rank(&self, room: &RoomId, user: &UserId, role: RoomRole) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO room_ranks (room_id, user_id, role, seen_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room_id, user_id) DO UPDATE SET role = excluded.role, seen_at = excluded.seen_at",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(role.as_str())
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets a remembered rank (the platform set the user's role in the room through the API,
+    /// which is the authority from then on).
+    pub async fn forget_rank(&self, room: &RoomId, user: &UserId) -> Result<()> {
+        sqlx::query("DELETE FROM room_ranks WHERE room_id = $1 AND user_id = $2")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// The role `user` was last seen joining `room` with, when it was host or ta.
+    pub async fn remembered_rank(&self, room: &RoomId, user: &UserId) -> Result<Option<RoomRole>> {
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM room_ranks WHERE room_id = $1 AND user_id = $2")
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(role.as_deref().and_then(RoomRole::parse))
     }
 
     pub async fn ban(&self, room: &RoomId, user: &UserId, by: &UserId) -> Result<()> {

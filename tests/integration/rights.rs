@@ -192,3 +192,85 @@ async fn a_token_whose_exp_is_beyond_the_longest_lifetime_is_refused() {
     assert_eq!(close_code(&mut ws).await, Some(4001));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_host_or_ta_stays_out_of_reach_of_moderation_while_offline() {
+    let s = Server::sqlite(|_| {}).await;
+    s.room("hall", "open").await;
+    let (status, _) = http(
+        s.addr,
+        "PUT",
+        "/api/rooms/hall/members/tess",
+        Some(API_KEY),
+        Some(json!({"role": "ta"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Host by the token's grant only, then gone.
+    let mut hana = Client::connect(
+        s.addr,
+        &token_expiring("hana", 3600, json!({"hall": "host"})),
+    )
+    .await;
+    hana.join("hall").await;
+    drop(hana);
+    let (room, user) = (
+        studyhall::protocol::RoomId("hall".into()),
+        studyhall::protocol::UserId("hana".into()),
+    );
+    within("hana offline", async {
+        while s.app.hub.online_role(&room, &user).is_some() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let mut tess = s.client("tess").await;
+    tess.join("hall").await;
+    for cmd in [
+        json!({"type": "mute", "room": "hall", "user": "hana", "seconds": 60}),
+        json!({"type": "kick", "room": "hall", "user": "hana"}),
+        json!({"type": "ban", "room": "hall", "user": "hana"}),
+    ] {
+        assert_eq!(tess.err(cmd).await, "forbidden");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_mute_does_not_bind_a_user_once_they_are_host_or_ta_and_any_moderator_can_lift_it() {
+    let s = Server::sqlite(|_| {}).await;
+    s.room("hall", "open").await;
+    let put = |user: &'static str, role: &'static str| {
+        let addr = s.addr;
+        async move {
+            let (status, _) = http(
+                addr,
+                "PUT",
+                &format!("/api/rooms/hall/members/{user}"),
+                Some(API_KEY),
+                Some(json!({"role": role})),
+            )
+            .await;
+            assert_eq!(status, 200);
+        }
+    };
+    put("tess", "ta").await;
+    let mut tess = s.client("tess").await;
+    tess.join("hall").await;
+    let mut sam = s.client("sam").await;
+    sam.join("hall").await;
+    tess.ok(json!({"type": "mute", "room": "hall", "user": "sam", "seconds": 600}))
+        .await;
+    assert_eq!(
+        sam.err(json!({"type": "send", "room": "hall", "text": "hi", "client_msg_id": "a"}))
+            .await,
+        "muted"
+    );
+    put("sam", "ta").await;
+    sam.ok(json!({"type": "send", "room": "hall", "text": "hi", "client_msg_id": "b"}))
+        .await;
+    // Lifting it needs no rank over its target.
+    sam.ok(json!({"type": "unmute", "room": "hall", "user": "sam"}))
+        .await;
+    s.stop().await;
+}

@@ -22,8 +22,11 @@ enum F {
     Media,
 }
 
-/// Every command with its fields: (name, kind, required).
-const COMMANDS: &[(&str, &[(&str, F, bool)])] = &[
+/// A command's fields: (name, kind, required).
+type Fields = &'static [(&'static str, F, bool)];
+
+/// Every command with its fields.
+const COMMANDS: &[(&str, Fields)] = &[
     (
         "hello",
         &[("token", F::Str, true), ("call_waiting", F::Bool, false)],

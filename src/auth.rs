@@ -373,3 +373,186 @@ mod tests {
         }
     }
 }
+
+/// Property tests of token verification: arbitrary strings and tampered tokens are refused
+/// without a panic, valid ones keep their claims. Budget and longer runs: see `crate::fuzz`.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::fuzz::{check, junk, pick};
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use rand::Rng;
+    use rand::rngs::StdRng;
+    use serde_json::{Value, json};
+
+    const SECRET: &[u8] = b"props-secret-0123456789";
+
+    fn b64(v: &Value) -> String {
+        B64.encode(v.to_string())
+    }
+
+    fn room_id(rng: &mut StdRng) -> String {
+        (0..rng.random_range(1..=20))
+            .map(|_| *pick(rng, b"abz09_.-") as char)
+            .collect()
+    }
+
+    fn valid_claims(rng: &mut StdRng) -> Claims {
+        let now = now_s();
+        let mut sub = format!("u{}", junk(rng, 40));
+        sub = sub.chars().take(64).collect();
+        if sub == SYSTEM_USER {
+            sub.push('x');
+        }
+        let rooms = (0..rng.random_range(0..4))
+            .map(|_| {
+                let role = *pick(
+                    rng,
+                    &[
+                        RoomRole::Viewer,
+                        RoomRole::Member,
+                        RoomRole::Ta,
+                        RoomRole::Host,
+                    ],
+                );
+                (room_id(rng), role)
+            })
+            .collect();
+        Claims {
+            sub,
+            name: rng
+                .random_bool(0.7)
+                .then(|| format!("N{}", junk(rng, 60)).chars().take(100).collect()),
+            role: *pick(
+                rng,
+                &[
+                    PlatformRole::Student,
+                    PlatformRole::Tutor,
+                    PlatformRole::Admin,
+                ],
+            ),
+            exp: now + rng.random_range(1..MAX_TTL_S),
+            iat: now - rng.random_range(0..100_000),
+            nbf: None,
+            rooms,
+            tz: None,
+        }
+    }
+
+    #[test]
+    fn arbitrary_strings_are_refused_without_panicking() {
+        let tokens = Tokens::new(SECRET);
+        check("jwt arbitrary", 3_000, |rng| {
+            let t = match rng.random_range(0..4) {
+                0 => junk(rng, 200),
+                1 => (0..rng.random_range(0..5))
+                    .map(|_| {
+                        let bytes: Vec<u8> =
+                            (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
+                        B64.encode(bytes)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("."),
+                _ => {
+                    let alg = *pick(rng, &["HS256", "none", "RS256", "HS512", "", "hs256"]);
+                    let header = json!({"alg": alg, "typ": "JWT"});
+                    let payload =
+                        json!({"sub": junk(rng, 10), "exp": rng.random::<u32>(), "iat": 0});
+                    let sig: Vec<u8> = (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
+                    format!("{}.{}.{}", b64(&header), b64(&payload), B64.encode(sig))
+                }
+            };
+            assert!(tokens.verify(&t).is_err(), "accepted {t:?}");
+        });
+    }
+
+    #[test]
+    fn valid_tokens_verify_with_their_claims() {
+        let tokens = Tokens::new(SECRET);
+        check("jwt valid", 1_000, |rng| {
+            let c = valid_claims(rng);
+            let t = tokens.sign_claims(&c).unwrap();
+            let id = tokens.verify(&t).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+            assert_eq!(id.user.as_str(), c.sub);
+            assert_eq!(id.name, c.name.clone().unwrap_or(c.sub.clone()));
+            assert_eq!(id.role, c.role);
+            assert_eq!(id.exp, c.exp);
+            assert_eq!(id.grants.len(), c.rooms.len());
+            for (room, role) in &c.rooms {
+                assert_eq!(id.grants.get(room.as_str()), Some(role));
+            }
+        });
+    }
+
+    #[test]
+    fn tampered_tokens_are_never_accepted() {
+        let tokens = Tokens::new(SECRET);
+        check("jwt tampered", 2_000, |rng| {
+            let c = valid_claims(rng);
+            let good = tokens.sign_claims(&c).unwrap();
+            let parts: Vec<&str> = good.split('.').collect();
+            let (header, payload, sig) = (parts[0], parts[1], parts[2]);
+            let bad = match rng.random_range(0..6) {
+                // One character changed anywhere.
+                0 => {
+                    let mut chars: Vec<char> = good.chars().collect();
+                    let at = rng.random_range(0..chars.len());
+                    let new = *pick(rng, &['A', 'B', 'z', '0', '-', '_', '.', '=', '+', ' ']);
+                    if chars[at] == new {
+                        return;
+                    }
+                    chars[at] = new;
+                    let bad: String = chars.into_iter().collect();
+                    if let Ok(id) = tokens.verify(&bad) {
+                        // Only a different spelling of the same signature bytes may pass.
+                        let b: Vec<&str> = bad.split('.').collect();
+                        assert_eq!((b[0], b[1]), (header, payload), "claims changed: {bad}");
+                        assert_eq!(B64.decode(b[2]).ok(), B64.decode(sig).ok(), "{bad}");
+                        assert_eq!(id.user.as_str(), c.sub);
+                    }
+                    return;
+                }
+                // A claim changed, the old signature kept.
+                1 => {
+                    let mut v: Value =
+                        serde_json::from_slice(&B64.decode(payload).unwrap()).unwrap();
+                    match rng.random_range(0..5) {
+                        0 => v["sub"] = json!(format!("{}x", c.sub)),
+                        1 => v["role"] = json!("admin"),
+                        2 => v["rooms"] = json!({"any-room": "host"}),
+                        3 => v["exp"] = json!(c.exp + 1),
+                        _ => v["name"] = json!("Mallory"),
+                    }
+                    if B64.encode(v.to_string()) == payload {
+                        return;
+                    }
+                    format!("{header}.{}.{sig}", b64(&v))
+                }
+                // Another algorithm named in the header, with the old signature or none.
+                2 => {
+                    let alg = *pick(rng, &["none", "None", "HS384", "HS512", "RS256", "ES256"]);
+                    let h = json!({"alg": alg, "typ": "JWT"});
+                    let s = if rng.random_bool(0.5) { sig } else { "" };
+                    format!("{}.{payload}.{s}", b64(&h))
+                }
+                // Properly signed with the same secret but another HMAC algorithm.
+                3 => {
+                    let alg = *pick(rng, &[Algorithm::HS384, Algorithm::HS512]);
+                    jsonwebtoken::encode(&Header::new(alg), &c, &EncodingKey::from_secret(SECRET))
+                        .unwrap()
+                }
+                // Signed with another secret.
+                4 => Tokens::new(b"another-secret-0123456789")
+                    .sign_claims(&c)
+                    .unwrap(),
+                // Signature dropped or truncated.
+                _ => format!(
+                    "{header}.{payload}.{}",
+                    &sig[..rng.random_range(0..sig.len())]
+                ),
+            };
+            assert!(tokens.verify(&bad).is_err(), "accepted tampered {bad}");
+        });
+    }
+}

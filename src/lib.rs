@@ -45,6 +45,8 @@ pub mod store;
 pub mod web;
 pub mod webhooks;
 
+mod fuzz;
+
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;

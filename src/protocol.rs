@@ -14,6 +14,8 @@ pub use replies::*;
 
 #[cfg(test)]
 mod doc_check;
+#[cfg(test)]
+mod props;
 
 /// The WebSocket subprotocol a client may offer; the server selects it when offered.
 pub const SUBPROTOCOL: &str = "studyhall.v1";
@@ -218,8 +220,10 @@ pub struct UserRef {
 // ---------------------------------------------------------------------------------------------
 // Client -> server
 
-/// One client frame: an optional `rid` plus the command.
+/// One client frame: an optional `rid` plus the command. (Serialize only in tests: the
+/// property tests round-trip frames.)
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 pub struct ClientFrame {
     #[serde(default)]
     pub rid: Option<i64>,
@@ -241,6 +245,7 @@ pub enum ReportsState {
 /// Every client command. Unknown fields are ignored (forward compatibility); unknown types and
 /// wrong field types are `bad_request`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMsg {
     Hello {

@@ -16,6 +16,9 @@ pub mod calls;
 pub mod sdp;
 pub mod turn;
 
+#[cfg(test)]
+mod props;
+
 use serde::{Deserialize, Serialize};
 
 /// One connected endpoint: a user and one of their sessions (devices).

@@ -382,10 +382,13 @@ pub fn pg_base_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/test".into())
 }
 
-/// A fresh database on the test PostgreSQL server, dropped by [`PgDb::drop_db`].
+/// A fresh database on the test PostgreSQL server. [`PgDb::drop_db`] drops it at the end of a
+/// test; a test that fails (panics) before that still drops it, from `Drop`, so failed runs
+/// leave no `studyhall_t_*` databases behind.
 pub struct PgDb {
     pub url: String,
     name: String,
+    dropped: bool,
 }
 
 impl PgDb {
@@ -405,18 +408,51 @@ impl PgDb {
             Some(i) => format!("{}/{name}", &base[..i]),
             None => panic!("bad STUDYHALL_TEST_DATABASE_URL"),
         };
-        Self { url, name }
+        Self {
+            url,
+            name,
+            dropped: false,
+        }
     }
 
-    pub async fn drop_db(self) {
-        let admin = sqlx::AnyPool::connect(&pg_base_url()).await.unwrap();
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&admin)
-        .await;
-        admin.close().await;
+    pub async fn drop_db(mut self) {
+        self.dropped = true;
+        drop_database(&self.name).await;
+    }
+}
+
+async fn drop_database(name: &str) {
+    let Ok(admin) = sqlx::AnyPool::connect(&pg_base_url()).await else {
+        return;
+    };
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await;
+    admin.close().await;
+}
+
+impl Drop for PgDb {
+    /// The guard for a test that ended without [`PgDb::drop_db`] (a failed assertion, a
+    /// timeout): drops the database on a thread of its own with its own runtime, since this
+    /// may run inside (or while unwinding out of) the test's runtime.
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        let name = self.name.clone();
+        let dropper = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(T, drop_database(&name)).await;
+                });
+            }
+        });
+        let _ = dropper.join();
     }
 }
 

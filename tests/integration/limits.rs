@@ -337,6 +337,7 @@ async fn a_slow_consumer_is_closed_4008_while_200_members_keep_receiving() {
 #[tokio::test]
 async fn shutdown_says_bye_and_closes_1001_after_committing_accepted_writes() {
     let s = Server::sqlite(|_| {}).await;
+    let dir = s.dir.clone().expect("sqlite dir");
     s.room("r", "open").await;
     let mut c = s.client("alice").await;
     c.join("r").await;
@@ -348,7 +349,7 @@ async fn shutdown_says_bye_and_closes_1001_after_committing_accepted_writes() {
         );
     }
     let stopping = tokio::spawn(s.stop());
-    let mut acked = 0;
+    let mut acked: Vec<(String, i64)> = Vec::new();
     let mut bye = false;
     let code = within("bye and close", async {
         while let Some(m) = c.ws.next().await {
@@ -356,7 +357,13 @@ async fn shutdown_says_bye_and_closes_1001_after_committing_accepted_writes() {
                 Ok(Message::Text(t)) => {
                     let v: Value = serde_json::from_str(&t).unwrap();
                     if v["type"] == "ok" && rids.contains(&v["rid"].as_i64().unwrap_or(-1)) {
-                        acked += 1;
+                        acked.push((
+                            v["id"]
+                                .as_str()
+                                .expect("ok carries the message id")
+                                .to_owned(),
+                            v["seq"].as_i64().expect("ok carries the seq"),
+                        ));
                     }
                     if v["type"] == "bye" {
                         assert_eq!(v["reason"], "shutdown");
@@ -374,8 +381,35 @@ async fn shutdown_says_bye_and_closes_1001_after_committing_accepted_writes() {
     within("stop", stopping).await.unwrap();
     assert!(bye, "bye before close");
     assert_eq!(code, Some(1001));
-    // Whatever was acked is stored (the rest may have been refused as the server stopped).
-    assert!(acked <= 20);
+    // Whatever was acked is stored (the rest may have been refused as the server stopped):
+    // reopen the same database and find every acknowledged message at its acknowledged seq.
+    assert!(acked.len() <= 20);
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let again = Server::start(base_config(url)).await;
+    let mut reader = again.client("alice").await;
+    let page = reader
+        .ok(json!({"type":"history","room":"r","limit":100}))
+        .await;
+    let stored: Vec<(String, i64)> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_owned(),
+                e["seq"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    for write in &acked {
+        assert!(
+            stored.contains(write),
+            "acked write {write:?} missing after reopening; stored {stored:?}"
+        );
+    }
+    again.stop().await;
+    drop(dir);
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! PostgreSQL. One test binary so the suite links once.
 
 mod api;
+mod authz;
 mod calls;
 mod chat;
 mod class;

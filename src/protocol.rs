@@ -232,7 +232,7 @@ pub struct ClientFrame {
 }
 
 /// Which reports the `reports` command lists.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReportsState {
     /// Not resolved yet (the default).

@@ -329,6 +329,23 @@ settings! {
     /// Refused frames (rate-limited, malformed, binary) within 10 s after which the connection
     /// is closed 4029.
     abuse_strikes: u32 = 50,
+    /// Per user, across their sessions on this node: messages, edits, reactions, questions,
+    /// answers and reports per second (sustained); beyond it `rate_limited`.
+    user_write_per_s: f64 = 5.0,
+    /// Per user: burst of the write limit.
+    user_write_burst: f64 = 30.0,
+    /// Per user: room joins and leaves per second (sustained).
+    user_join_per_s: f64 = 2.0,
+    /// Per user: burst of the join limit.
+    user_join_burst: f64 = 30.0,
+    /// Per user: raised and lowered hands per second (sustained).
+    user_hand_per_s: f64 = 0.5,
+    /// Per user: burst of the hand limit.
+    user_hand_burst: f64 = 6.0,
+    /// Per user: calls placed per second (sustained).
+    user_call_per_s: f64 = 0.2,
+    /// Per user: burst of the call limit.
+    user_call_burst: f64 = 5.0,
     /// Rooms one session may have joined at once.
     max_rooms_per_session: usize = 100,
     /// Concurrent WebSocket sessions one user may hold (more: close 4029).
@@ -667,6 +684,35 @@ impl Config {
                 name: "replay_limit",
                 why: format!("must be below outbox_frames ({})", self.outbox_frames),
             });
+        }
+        for (name, rate, burst) in [
+            (
+                "user_write_per_s/user_write_burst",
+                self.user_write_per_s,
+                self.user_write_burst,
+            ),
+            (
+                "user_join_per_s/user_join_burst",
+                self.user_join_per_s,
+                self.user_join_burst,
+            ),
+            (
+                "user_hand_per_s/user_hand_burst",
+                self.user_hand_per_s,
+                self.user_hand_burst,
+            ),
+            (
+                "user_call_per_s/user_call_burst",
+                self.user_call_per_s,
+                self.user_call_burst,
+            ),
+        ] {
+            if !(rate > 0.0 && burst >= 1.0) {
+                return Err(ConfigError::Invalid {
+                    name,
+                    why: "the rate must be > 0 and the burst >= 1".into(),
+                });
+            }
         }
         if !(self.rate_per_s > 0.0 && self.rate_burst >= 1.0) {
             return Err(ConfigError::Invalid {

@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbox;
 pub mod protocol;
+pub mod ratelimit;
 pub mod rooms;
 pub mod rtc;
 pub mod session;
@@ -83,6 +84,8 @@ pub struct App {
     pub policies: rooms::policy::Policies,
     /// Calls and A/V rooms on this node.
     pub rtc: rtc::Rtc,
+    /// Per-user rate limits, shared by the user's sessions on this node.
+    pub user_limits: ratelimit::UserLimits,
     pub(crate) shutting_down: AtomicBool,
     live_sessions: AtomicUsize,
     sessions_gone: Notify,
@@ -210,7 +213,14 @@ impl App {
             ensure_dev_lobby(&store).await?;
         }
         let policies = rooms::policy::Policies::new(cluster.is_some().then_some(policy_changes.0));
+        let user_limits = ratelimit::UserLimits::new([
+            (config.user_write_per_s, config.user_write_burst),
+            (config.user_join_per_s, config.user_join_burst),
+            (config.user_hand_per_s, config.user_hand_burst),
+            (config.user_call_per_s, config.user_call_burst),
+        ]);
         Ok(Arc::new(Self {
+            user_limits,
             tokens: auth::Tokens::new(secret.as_bytes()),
             config,
             store,
@@ -419,6 +429,7 @@ async fn heartbeats(app: Arc<App>) {
     loop {
         tick.tick().await;
         app.hub.heartbeat(store::now_ms(), idle_ms);
+        app.user_limits.sweep();
     }
 }
 

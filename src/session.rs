@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::hub::SessionHandle;
 use crate::outbox::{Next, OutboxReader};
 use crate::protocol::{self, ClientFrame, ClientMsg, CommandKind, ServerMsg, close};
+use crate::ratelimit::TokenBucket;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -21,38 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-
-/// Token bucket: `rate` commands per second sustained, `burst` at once.
-struct TokenBucket {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: f64, burst: f64) -> Self {
-        Self {
-            tokens: burst,
-            rate,
-            burst,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// Refused frames (rate-limited or malformed) counted over a 10 s window.
 struct Strikes {

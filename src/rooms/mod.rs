@@ -21,6 +21,7 @@ use crate::store::{EventType, Room};
 use policy::Policy;
 
 use crate::node::CallAction;
+use crate::ratelimit::Action;
 use crate::rtc;
 
 pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
@@ -32,6 +33,18 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
     {
         let room = room.clone();
         access::recheck(ctx, &room).await?;
+    }
+    if let Some(action) = user_action(&msg)
+        && !ctx.app.user_limits.take(&ctx.me.user, action)
+    {
+        ctx.app
+            .metrics
+            .rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(Error::RateLimited(format!(
+            "too many {} actions from this user: slow down",
+            action.as_str()
+        )));
     }
     match msg {
         ClientMsg::Hello { .. } => Err(Error::bad_request("already signed in")),
@@ -188,6 +201,23 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         ClientMsg::ClassEnd { room } => {
             class::set(ctx, rid, room, protocol::ClassState::Ended).await
         }
+    }
+}
+
+/// The per-user limit a command counts against, if any.
+fn user_action(msg: &ClientMsg) -> Option<Action> {
+    match msg {
+        ClientMsg::Send { .. }
+        | ClientMsg::Edit { .. }
+        | ClientMsg::React { .. }
+        | ClientMsg::Unreact { .. }
+        | ClientMsg::Ask { .. }
+        | ClientMsg::Answer { .. }
+        | ClientMsg::Report { .. } => Some(Action::Write),
+        ClientMsg::Join { .. } | ClientMsg::Leave { .. } => Some(Action::Join),
+        ClientMsg::RaiseHand { .. } | ClientMsg::LowerHand { .. } => Some(Action::Hand),
+        ClientMsg::Call { .. } => Some(Action::Call),
+        _ => None,
     }
 }
 

@@ -40,6 +40,14 @@ pub fn base_config(database_url: String) -> Config {
         api_key: Some(API_KEY.into()),
         rate_per_s: 10_000.0,
         rate_burst: 10_000.0,
+        user_write_per_s: 10_000.0,
+        user_write_burst: 10_000.0,
+        user_join_per_s: 10_000.0,
+        user_join_burst: 10_000.0,
+        user_hand_per_s: 10_000.0,
+        user_hand_burst: 10_000.0,
+        user_call_per_s: 10_000.0,
+        user_call_burst: 10_000.0,
         shutdown_grace_ms: 2_000,
         ..Config::default()
     }
@@ -467,6 +475,10 @@ pub fn studyhall_serve(db_url: &str) -> tokio::process::Command {
         .env("STUDYHALL_API_KEY", API_KEY)
         .env("STUDYHALL_RATE_PER_S", "100000")
         .env("STUDYHALL_RATE_BURST", "100000")
+        .env("STUDYHALL_USER_WRITE_PER_S", "100000")
+        .env("STUDYHALL_USER_WRITE_BURST", "100000")
+        .env("STUDYHALL_USER_JOIN_PER_S", "100000")
+        .env("STUDYHALL_USER_JOIN_BURST", "100000")
         .env("STUDYHALL_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())

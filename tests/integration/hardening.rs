@@ -161,3 +161,70 @@ async fn searches_hold_at_most_their_slots_and_never_stall_other_reads() {
     assert!(answered >= 1, "at least the first search is answered");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn per_user_limits_hold_across_the_users_sessions() {
+    let s = Server::sqlite(|c| {
+        c.user_write_per_s = 0.001;
+        c.user_write_burst = 5.0;
+        c.user_join_per_s = 0.001;
+        c.user_join_burst = 4.0;
+        c.user_hand_per_s = 0.001;
+        c.user_hand_burst = 2.0;
+    })
+    .await;
+    s.room("r", "open").await;
+    let mut tabs = Vec::new();
+    for _ in 0..3 {
+        let mut c = s.client("ana").await;
+        c.join("r").await;
+        tabs.push(c);
+    }
+    // Five writes in all, whichever tab sends them.
+    let mut ok = 0;
+    let mut limited = 0;
+    for i in 0..9 {
+        let c = &mut tabs[i % 3];
+        let r = c
+            .request(serde_json::json!({"type": "send", "room": "r", "text": "spam", "client_msg_id": format!("m{i}")}))
+            .await;
+        match r["type"].as_str() {
+            Some("ok") => ok += 1,
+            _ => {
+                assert_eq!(r["code"], "rate_limited", "{r}");
+                limited += 1;
+            }
+        }
+    }
+    assert_eq!((ok, limited), (5, 4));
+    // Joins: three used above, one more, then refused.
+    tabs[0]
+        .ok(serde_json::json!({"type": "leave", "room": "r"}))
+        .await;
+    assert_eq!(
+        tabs[1]
+            .err(serde_json::json!({"type": "leave", "room": "r"}))
+            .await,
+        "rate_limited"
+    );
+    // Hands: up, down, then refused.
+    tabs[1]
+        .ok(serde_json::json!({"type": "raise_hand", "room": "r"}))
+        .await;
+    tabs[2]
+        .ok(serde_json::json!({"type": "lower_hand", "room": "r"}))
+        .await;
+    assert_eq!(
+        tabs[2]
+            .err(serde_json::json!({"type": "raise_hand", "room": "r"}))
+            .await,
+        "rate_limited"
+    );
+    // Another user is not affected, and the limited sessions stay open.
+    let mut ben = s.client("ben").await;
+    ben.join("r").await;
+    ben.ok(serde_json::json!({"type": "send", "room": "r", "text": "hi", "client_msg_id": "b"}))
+        .await;
+    tabs[1].ok(serde_json::json!({"type": "rooms"})).await;
+    s.stop().await;
+}

@@ -425,6 +425,12 @@ pub enum ClientMsg {
     AvLeave {
         room: RoomId,
     },
+    /// host/ta, SFU mode: stop forwarding `user`'s `kind` track in the room.
+    AvMute {
+        room: RoomId,
+        user: UserId,
+        kind: AvTrackKind,
+    },
     Signal {
         #[serde(default)]
         call_id: Option<String>,
@@ -566,6 +572,7 @@ impl ClientMsg {
             | Self::Search { room, .. }
             | Self::AvJoin { room, .. }
             | Self::AvLeave { room, .. }
+            | Self::AvMute { room, .. }
             | Self::Checkin { room, .. }
             | Self::Leaderboard { room, .. }
             | Self::Stats { room, .. }
@@ -626,7 +633,7 @@ impl ClientMsg {
             | Self::CallReject { .. }
             | Self::CallHangup { .. }
             | Self::CallResume { .. } => CommandKind::Call,
-            Self::AvJoin { .. } | Self::AvLeave { .. } => CommandKind::Av,
+            Self::AvJoin { .. } | Self::AvLeave { .. } | Self::AvMute { .. } => CommandKind::Av,
             Self::Signal { .. } => CommandKind::Signal,
             Self::Checkin { .. }
             | Self::Leaderboard { .. }
@@ -1021,6 +1028,18 @@ pub enum ServerMsg<'a> {
         session: &'a str,
         user: &'a str,
         joined: bool,
+    },
+    /// SFU mode, to each session of the owner: host/ta stopped forwarding its `kind` track.
+    AvMuted {
+        room: &'a RoomId,
+        kind: AvTrackKind,
+        by: &'a UserId,
+    },
+    /// SFU mode, to the room's SFU sessions, at most every `sfu_speakers_ms` (500 ms or more),
+    /// when the set changes: the users speaking now.
+    ActiveSpeakers {
+        room: &'a str,
+        users: &'a [String],
     },
     /// To host/ta, once per question: it passed the room's answer SLA unanswered.
     QuestionOverdue {

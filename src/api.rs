@@ -338,6 +338,19 @@ struct NewRoom {
     answer_sla_s: Option<i64>,
     rules: Option<RoomRules>,
     engagement: Option<crate::store::EngagementSettings>,
+    av: Option<crate::protocol::AvSettings>,
+}
+
+/// The SFU runs on one node only: cluster mode refuses `av.mode` `sfu`.
+fn check_av(app: &App, av: Option<&crate::protocol::AvSettings>) -> Result<()> {
+    if av.is_some_and(|a| a.mode == crate::protocol::AvRoomMode::Sfu)
+        && app.broker.node_id().is_some()
+    {
+        return Err(Error::bad_request(
+            "av.mode sfu is not available in cluster mode: the SFU runs on a single node",
+        ));
+    }
+    Ok(())
 }
 
 async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Response> {
@@ -352,7 +365,9 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
     }
     check_settings(new.answer_sla_s, None, new.rules.as_ref())?;
     check_engagement(new.engagement.as_ref())?;
+    check_av(&app, new.av.as_ref())?;
     let room = Room {
+        av: new.av.unwrap_or_default(),
         engagement: new.engagement.unwrap_or_default(),
         answer_sla_s: new.answer_sla_s.unwrap_or(DEFAULT_ANSWER_SLA_S),
         slow_mode_s: 0,
@@ -468,6 +483,7 @@ async fn patch_room(
     }
     check_settings(patch.answer_sla_s, patch.slow_mode_s, patch.rules.as_ref())?;
     check_engagement(patch.engagement.as_ref())?;
+    check_av(&app, patch.av.as_ref())?;
     let room = app.store.update_room(&id, &patch).await?;
     app.policies.room_changed(room.clone());
     if let Some(seconds) = patch.slow_mode_s {

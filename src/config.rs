@@ -390,6 +390,18 @@ settings! {
     /// Sessions one room's A/V mesh may hold (`class` and `live` rooms); one more `av_join`
     /// gets `conflict`.
     av_mesh_max: usize = 6,
+    /// The SFU's one UDP socket (every SFU session's media, demultiplexed by ICE): a concrete
+    /// address clients can reach, port 0 for any free port. Single node only.
+    sfu_udp_addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0)),
+    /// Sessions one room's SFU may hold; one more `av_join` gets `conflict`.
+    sfu_room_max: usize = 50,
+    /// SFU sessions this node may hold across rooms; one more `av_join` gets `unavailable`.
+    sfu_sessions_max: usize = 500,
+    /// Least time between two `active_speakers` events of a room, in milliseconds (500 or more).
+    sfu_speakers_ms: u64 = 500,
+    /// Least time between two keyframe requests (PLI) the SFU sends for one track, in
+    /// milliseconds.
+    sfu_keyframe_ms: u64 = 500,
     /// STUN URLs (`stun:host:3478`) handed to clients in `ice_servers`: comma-separated
     /// (env/flag) or a TOML array (file).
     stun_urls: Vec<String> = Vec::new(),
@@ -653,6 +665,21 @@ impl Config {
         positive("sla_check_interval_ms", self.sla_check_interval_ms)?;
         positive("ring_timeout_s", self.ring_timeout_s)?;
         positive("av_mesh_max", self.av_mesh_max as u64)?;
+        positive("sfu_room_max", self.sfu_room_max as u64)?;
+        positive("sfu_sessions_max", self.sfu_sessions_max as u64)?;
+        positive("sfu_keyframe_ms", self.sfu_keyframe_ms)?;
+        if self.sfu_speakers_ms < 500 {
+            return Err(ConfigError::Invalid {
+                name: "sfu_speakers_ms",
+                why: "must be at least 500 (the protocol's bound)".into(),
+            });
+        }
+        if self.sfu_udp_addr.ip().is_unspecified() {
+            return Err(ConfigError::Invalid {
+                name: "sfu_udp_addr",
+                why: "must be a concrete address: it is the SFU's ICE candidate".into(),
+            });
+        }
         positive("turn_ttl_s", self.turn_ttl_s)?;
         positive("call_tick_ms", self.call_tick_ms)?;
         for url in self.stun_urls.iter().chain(&self.turn_urls) {

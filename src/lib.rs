@@ -42,6 +42,7 @@ pub mod ratelimit;
 pub mod rooms;
 pub mod rtc;
 pub mod session;
+pub mod sfu;
 pub mod store;
 pub mod web;
 pub mod webhooks;
@@ -86,6 +87,8 @@ pub struct App {
     pub rtc: rtc::Rtc,
     /// Per-user rate limits, shared by the user's sessions on this node.
     pub user_limits: ratelimit::UserLimits,
+    /// The SFU (single node only; `None` in cluster mode).
+    pub sfu: Option<sfu::Sfu>,
     pub(crate) shutting_down: AtomicBool,
     live_sessions: AtomicUsize,
     sessions_gone: Notify,
@@ -136,6 +139,7 @@ async fn ensure_dev_lobby(store: &Store) -> Result<(), StoreError> {
         slow_mode_s: 0,
         rules: store::RoomRules::default(),
         engagement: store::EngagementSettings::default(),
+        av: Default::default(),
     };
     match store.create_room(&lobby).await {
         Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
@@ -209,6 +213,12 @@ impl App {
         }));
         let secret = token_secret(&config, &store).await?;
         let rtc = rtc::Rtc::new(&config);
+        let sfu = match cluster {
+            Some(_) => None,
+            None => {
+                Some(sfu::Sfu::start(rtc::sfu_config(&config), rtc::sfu_notify(hub.clone())).await?)
+            }
+        };
         if config.dev {
             ensure_dev_lobby(&store).await?;
         }
@@ -228,6 +238,7 @@ impl App {
             metrics,
             policies,
             rtc,
+            sfu,
             shutting_down: AtomicBool::new(false),
             live_sessions: AtomicUsize::new(0),
             sessions_gone: Notify::new(),
@@ -398,6 +409,9 @@ pub async fn serve(
     })
     .await?;
     app.drain_sessions().await;
+    if let Some(sfu) = &app.sfu {
+        sfu.stop();
+    }
     sla.abort();
     call_timers.abort();
     counts.abort();

@@ -430,6 +430,12 @@ pub enum ClientMsg {
     AvLeave {
         room: RoomId,
     },
+    /// host/ta, SFU mode: stop forwarding `user`'s `kind` track in the room.
+    AvMute {
+        room: RoomId,
+        user: UserId,
+        kind: AvTrackKind,
+    },
     Signal {
         #[serde(default)]
         call_id: Option<String>,
@@ -571,6 +577,7 @@ impl ClientMsg {
             | Self::Search { room, .. }
             | Self::AvJoin { room, .. }
             | Self::AvLeave { room, .. }
+            | Self::AvMute { room, .. }
             | Self::Checkin { room, .. }
             | Self::Leaderboard { room, .. }
             | Self::Stats { room, .. }
@@ -583,7 +590,8 @@ impl ClientMsg {
             | Self::PollAnswer { room, .. }
             | Self::Polls { room, .. }
             | Self::ClassStart { room, .. }
-            | Self::ClassEnd { room, .. } => Some(room),
+            | Self::ClassEnd { room, .. }
+            | Self::AvMute { room, .. } => Some(room),
             Self::Call { room, .. } | Self::Signal { room, .. } | Self::Profile { room, .. } => {
                 room.as_ref()
             }
@@ -631,7 +639,7 @@ impl ClientMsg {
             | Self::CallReject { .. }
             | Self::CallHangup { .. }
             | Self::CallResume { .. } => CommandKind::Call,
-            Self::AvJoin { .. } | Self::AvLeave { .. } => CommandKind::Av,
+            Self::AvJoin { .. } | Self::AvLeave { .. } | Self::AvMute { .. } => CommandKind::Av,
             Self::Signal { .. } => CommandKind::Signal,
             Self::Checkin { .. }
             | Self::Leaderboard { .. }
@@ -1026,6 +1034,18 @@ pub enum ServerMsg<'a> {
         session: &'a str,
         user: &'a str,
         joined: bool,
+    },
+    /// SFU mode, to each session of the owner: host/ta stopped forwarding its `kind` track.
+    AvMuted {
+        room: &'a RoomId,
+        kind: AvTrackKind,
+        by: &'a UserId,
+    },
+    /// SFU mode, to the room's SFU sessions, at most every `sfu_speakers_ms` (500 ms or more),
+    /// when the set changes: the users speaking now.
+    ActiveSpeakers {
+        room: &'a str,
+        users: &'a [String],
     },
     /// To host/ta, once per question: it passed the room's answer SLA unanswered.
     QuestionOverdue {

@@ -10,9 +10,10 @@ use crate::error::{Error, Result};
 use crate::hub::Frame;
 use crate::node::{AvChange, CallAction, CallCommand};
 use crate::protocol::{
-    self, AvJoinOk, AvMode, AvPeerRef, CallOk, CallParty, EmptyOk, IceServer, Media, RoomId,
-    RoomKind, RoomRole, ServerMsg, UserId,
+    self, AvJoinOk, AvMode, AvPeerRef, AvRoomMode, AvTrackKind, CallOk, CallParty, EmptyOk,
+    IceServer, Media, RoomId, RoomKind, RoomRole, ServerMsg, UserId,
 };
+use crate::sfu::{Member, Notice, Notify, SfuConfig, SfuError, TrackKind};
 use crate::store::{AvJoin, CallLogEntry, now_ms};
 use serde::Serialize;
 use serde_json::Value;
@@ -49,6 +50,84 @@ impl From<SignalError> for Error {
             SignalError::Unavailable(m) => Error::Unavailable(m),
         }
     }
+}
+
+impl From<SfuError> for Error {
+    fn from(e: SfuError) -> Self {
+        match e {
+            SfuError::BadRequest(m) => Error::BadRequest(m),
+            SfuError::Forbidden(m) => Error::Forbidden(m),
+            SfuError::Full(m) => Error::Conflict(m),
+            SfuError::Unavailable(m) => Error::Unavailable(m),
+        }
+    }
+}
+
+/// The SFU's peer name in `signal`: `to:"sfu"`, and `from {user:"studyhall", session:"sfu"}`.
+pub const SFU_PEER: &str = "sfu";
+/// The user the SFU signs its signals with (a reserved `sub`: no token can claim it).
+pub const SFU_USER: &str = "studyhall";
+
+/// The SFU's settings from the config.
+pub(crate) fn sfu_config(cfg: &crate::config::Config) -> SfuConfig {
+    SfuConfig {
+        udp_addr: cfg.sfu_udp_addr,
+        room_max: cfg.sfu_room_max,
+        sessions_max: cfg.sfu_sessions_max,
+        speakers_ms: cfg.sfu_speakers_ms,
+        keyframe_ms: cfg.sfu_keyframe_ms,
+    }
+}
+
+/// Turns what the SFU says into frames for this node's sessions.
+pub(crate) fn sfu_notify(hub: Arc<crate::hub::Hub>) -> Notify {
+    Arc::new(move |n: Notice| match n {
+        Notice::Signal {
+            session,
+            room,
+            data,
+        } => {
+            let frame = protocol::encode(&ServerMsg::Signal {
+                call_id: None,
+                room: Some(&room),
+                from: CallParty {
+                    user: SFU_USER,
+                    session: SFU_PEER,
+                    name: None,
+                },
+                data: &data,
+            });
+            hub.send_to_session(&session, &Frame::from(frame));
+        }
+        Notice::Speakers {
+            sessions,
+            room,
+            users,
+        } => {
+            let frame = Frame::from(protocol::encode(&ServerMsg::ActiveSpeakers {
+                room: &room,
+                users: &users,
+            }));
+            for s in sessions {
+                hub.send_to_session(&s, &frame);
+            }
+        }
+        Notice::Peer {
+            to,
+            room,
+            session,
+            user,
+            joined,
+        } => {
+            let frame = protocol::encode(&ServerMsg::AvPeer {
+                room: &room,
+                session: &session,
+                user: &user,
+                joined,
+            });
+            hub.send_to_session(&to, &Frame::from(frame));
+        }
+    })
 }
 
 impl Rtc {
@@ -353,6 +432,9 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     };
     let app = ctx.app.clone();
     let me = peer(ctx);
+    if uses_sfu(&app, &room, &me.session, policy.room.av.mode).await? {
+        return sfu_join(&app, &room, me, can_publish).await;
+    }
     let (peers, outs) = match app.broker.node_id() {
         None => app
             .rtc
@@ -375,6 +457,97 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
         mode: AvMode::Mesh,
         publish: can_publish,
     }))
+}
+
+/// Whether this `av_join` goes to the SFU. `sfu`: always (refused in cluster mode); `mesh`:
+/// never; `auto`: when the room's SFU already holds sessions, or the mesh is full (a session
+/// already in the mesh stays there). In cluster mode `auto` is always the mesh.
+async fn uses_sfu(app: &App, room: &RoomId, session: &str, mode: AvRoomMode) -> Result<bool> {
+    let Some(sfu) = &app.sfu else {
+        return match mode {
+            AvRoomMode::Sfu => Err(Error::Unavailable(
+                "av.mode sfu is not available in cluster mode: the SFU runs on a single node"
+                    .into(),
+            )),
+            _ => Ok(false),
+        };
+    };
+    match mode {
+        AvRoomMode::Mesh => Ok(false),
+        AvRoomMode::Sfu => Ok(true),
+        AvRoomMode::Auto => {
+            let (in_mesh, mesh) = {
+                let st = app.rtc.lock();
+                (
+                    st.av.local_generation(room.as_str(), session).is_some(),
+                    st.av.peers(room.as_str()),
+                )
+            };
+            if in_mesh {
+                return Ok(false);
+            }
+            Ok(mesh >= app.config.av_mesh_max || sfu.room_size(room.as_str()).await > 0)
+        }
+    }
+}
+
+/// `av_join` in SFU mode: the session's one peer is the server.
+async fn sfu_join(app: &App, room: &RoomId, me: Peer, can_publish: bool) -> Result<Outcome> {
+    let sfu = app
+        .sfu
+        .as_ref()
+        .ok_or_else(|| Error::Unavailable("no SFU".into()))?;
+    let user = UserId(me.user.clone());
+    let who = Member {
+        user: me.user,
+        session: me.session,
+    };
+    let others = sfu.join(room.as_str(), who, can_publish).await?;
+    Ok(Outcome::ok(AvJoinOk {
+        peers: others
+            .into_iter()
+            .map(|m| AvPeerRef {
+                session: m.session,
+                user: m.user,
+            })
+            .collect(),
+        ice_servers: app.rtc.ice_servers(&user),
+        mode: AvMode::Sfu,
+        publish: can_publish,
+    }))
+}
+
+/// `av_mute {room, user, kind}` (host/ta, SFU mode): the SFU stops forwarding that track, and
+/// the owner's sessions get `av_muted`.
+pub(crate) async fn av_mute(
+    ctx: &mut Ctx,
+    room: RoomId,
+    user: UserId,
+    kind: AvTrackKind,
+) -> Result<Outcome> {
+    check_room_id(&room)?;
+    if !matches!(ctx.joined_role(&room)?, RoomRole::Host | RoomRole::Ta) {
+        return Err(Error::Forbidden("only host and ta may mute A/V".into()));
+    }
+    let sfu = ctx.app.sfu.as_ref().ok_or_else(|| {
+        Error::Unavailable("av_mute needs the SFU, which cluster mode does not run".into())
+    })?;
+    let track = match kind {
+        AvTrackKind::Audio => TrackKind::Audio,
+        AvTrackKind::Video => TrackKind::Video,
+    };
+    if !sfu.mute(room.as_str(), user.as_str(), track).await? {
+        return Err(Error::NotFound(format!("{user} is not in the room's SFU")));
+    }
+    let frame = Frame::from(protocol::encode(&ServerMsg::AvMuted {
+        room: &room,
+        kind,
+        by: &ctx.me.user,
+    }));
+    for sid in ctx.app.hub.session_ids(&user) {
+        ctx.app.send_to_session(&sid, &frame);
+    }
+    Ok(Outcome::ok(EmptyOk {}))
 }
 
 /// Cluster mode's `av_join`: the store admits the join cluster-wide (mesh limit, one join
@@ -466,6 +639,10 @@ fn membership(m: crate::store::AvMember) -> Membership {
 pub(crate) async fn av_leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     check_room_id(&room)?;
     let app = ctx.app.clone();
+    if let Some(sfu) = &app.sfu {
+        // Awaited: the peer connection is gone when `ok` arrives.
+        sfu.leave_now(room.as_str(), ctx.handle.id.as_str()).await?;
+    }
     if let Some(left) = av_left(&app, &room, &ctx.me.user, ctx.handle.id.as_str(), false) {
         // Awaited: a re-join right after must find the store without this membership.
         left.await;
@@ -483,6 +660,12 @@ fn av_left(
     session: &str,
     was_on_stage: bool,
 ) -> Option<impl Future<Output = ()> + Send + 'static> {
+    if let Some(sfu) = &app.sfu {
+        if was_on_stage && !app.hub.on_stage(room, user) {
+            sfu.set_publisher(room.as_str(), user.as_str(), false);
+        }
+        sfu.leave(room.as_str(), session);
+    }
     let (generation, outs) = {
         let mut st = app.rtc.lock();
         if was_on_stage && !app.hub.on_stage(room, user) {
@@ -595,6 +778,9 @@ pub(crate) fn left_room(
 
 /// Stage changes grant or withdraw publishing in the room's A/V.
 pub(crate) fn stage_changed(app: &App, room: &RoomId, user: &UserId, on: bool) {
+    if let Some(sfu) = &app.sfu {
+        sfu.set_publisher(room.as_str(), user.as_str(), on);
+    }
     app.rtc
         .lock()
         .av
@@ -616,6 +802,14 @@ pub(crate) async fn signal(
     }
     let me = peer(ctx);
     let app = ctx.app.clone();
+    if let (None, Some(room), Some(SFU_PEER)) = (&call_id, &room, to.as_deref()) {
+        let sfu = app
+            .sfu
+            .as_ref()
+            .ok_or_else(|| Error::Unavailable("the SFU is not available in cluster mode".into()))?;
+        sfu.signal(room.as_str(), &me.session, data).await?;
+        return Ok(Outcome::ok(EmptyOk {}));
+    }
     if let (Some(id), None) = (&call_id, &room)
         && let Some(node) = app.broker.call_owner(id)
     {
@@ -679,6 +873,9 @@ async fn learn_remote_peer(app: &App, room: &RoomId, me: &Peer, to: &str) -> Res
 
 /// A session ended: its calls get the grace period, its A/V rooms hear it left.
 pub(crate) fn session_closed(app: &Arc<App>, user: &UserId, session: &str) {
+    if let Some(sfu) = &app.sfu {
+        sfu.session_closed(session);
+    }
     let (ended, outs) = {
         let mut st = app.rtc.lock();
         let mut outs = st

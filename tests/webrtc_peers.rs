@@ -1,7 +1,9 @@
 //! Two real WebRTC stacks (webrtc-rs 0.21) call each other through the running server: the
 //! tutor `call`s, the student `call_accept`s, the offer, answer and trickled ICE candidates go
 //! only through `signal` relays, both peers reach `connected`, a data-channel message goes each
-//! way and RTP packets of an Opus track flow in both directions.
+//! way and RTP packets of an Opus track flow in both directions. Then the SFU: three peers
+//! whose only peer is the server (`signal {room, to:"sfu"}`) publish Opus and receive each
+//! other's tracks through it; `av_mute` stops one track, and leaving tears the peers down.
 
 #[path = "integration/common.rs"]
 mod common;
@@ -16,6 +18,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use studyhall::protocol::{PlatformRole, RoomRole};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio_tungstenite::tungstenite::Message;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
@@ -30,7 +33,8 @@ type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 #[derive(Debug)]
 enum Ev {
     Connected,
-    Rtp,
+    /// An RTP packet; the byte after the first of its payload (the tests' sender mark).
+    Rtp(u8),
     Msg(String),
 }
 
@@ -88,8 +92,8 @@ impl PeerConnectionEventHandler for Handler {
         let ev = self.ev.clone();
         tokio::spawn(async move {
             while let Some(e) = t.poll().await {
-                if let TrackRemoteEvent::OnRtpPacket(_) = e {
-                    let _ = ev.send(Ev::Rtp);
+                if let TrackRemoteEvent::OnRtpPacket(p) = e {
+                    let _ = ev.send(Ev::Rtp(p.payload.get(1).copied().unwrap_or(0)));
                 }
             }
         });
@@ -320,11 +324,11 @@ async fn two_webrtc_peers_connect_through_the_server_with_data_and_audio_both_wa
 
     send_samples(&a_track, &a).await.unwrap();
     for _ in 0..3 {
-        next(&mut b_ev, |e| matches!(e, Ev::Rtp).then_some(())).await;
+        next(&mut b_ev, |e| matches!(e, Ev::Rtp(_)).then_some(())).await;
     }
     send_samples(&b_track, &b).await.unwrap();
     for _ in 0..3 {
-        next(&mut a_ev, |e| matches!(e, Ev::Rtp).then_some(())).await;
+        next(&mut a_ev, |e| matches!(e, Ev::Rtp(_)).then_some(())).await;
     }
 
     a.close().await.unwrap();
@@ -336,5 +340,270 @@ async fn two_webrtc_peers_connect_through_the_server_with_data_and_audio_both_wa
     for t in appliers {
         t.abort();
     }
+    s.stop().await;
+}
+
+// -- the SFU ----------------------------------------------------------------------------------
+
+/// One participant of an SFU room: its WebSocket runs in `bridge`, its peer connection is
+/// driven by `applier`, and `sender` keeps publishing samples marked with `mark`.
+struct SfuPeer {
+    pc: Arc<dyn PeerConnection>,
+    ev: UnboundedReceiver<Ev>,
+    /// Frames from the server other than the SFU's `signal`s.
+    frames: UnboundedReceiver<Value>,
+    /// Frames to send on the WebSocket as they are.
+    raw: UnboundedSender<Value>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Like `bridge`, for the SFU: outgoing `data` becomes `signal {room, to:"sfu", data}`,
+/// `raw` frames go out unchanged, and incoming frames are split into the SFU's signals and the
+/// rest.
+fn sfu_bridge(
+    ws: Ws,
+    room: &'static str,
+    mut out_rx: UnboundedReceiver<Value>,
+    mut raw_rx: UnboundedReceiver<Value>,
+    in_tx: UnboundedSender<Value>,
+    frames: UnboundedSender<Value>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (mut sink, mut stream) = ws.split();
+        loop {
+            let frame = tokio::select! {
+                data = out_rx.recv() => match data {
+                    Some(data) => json!({"type": "signal", "room": room, "to": "sfu", "data": data}),
+                    None => break,
+                },
+                raw = raw_rx.recv() => match raw {
+                    Some(raw) => raw,
+                    None => break,
+                },
+                msg = stream.next() => {
+                    let Some(Ok(msg)) = msg else { break };
+                    if let Message::Text(t) = msg {
+                        let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                        if v["type"] == "signal" && v["from"]["session"] == "sfu" {
+                            let _ = in_tx.send(v["data"].clone());
+                        } else {
+                            let _ = frames.send(v);
+                        }
+                    }
+                    continue;
+                }
+            };
+            if sink.send(Message::text(frame.to_string())).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Publishes an Opus sample marked `mark` every 20 ms until aborted (media pacing, not a wait).
+fn keep_sending(
+    track: Arc<TrackLocalStaticSample>,
+    pc: Arc<dyn PeerConnection>,
+    mark: u8,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let senders = pc.get_senders().await;
+        let Some(sender) = senders.first() else {
+            return;
+        };
+        let Ok(params) = sender.get_parameters().await else {
+            return;
+        };
+        let pt = params.rtp_parameters.codecs[0].payload_type;
+        let ssrc = track.ssrcs().await[0];
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            let s = Sample {
+                data: bytes::Bytes::from(vec![0xf8, mark, 0xfe]),
+                duration: Duration::from_millis(20),
+                ..Sample::new(Instant::now())
+            };
+            let _ = track.sample_writer(ssrc, pt).write_sample(&s).await;
+        }
+    })
+}
+
+/// Joins the room's A/V (which must answer `mode:"sfu"`), offers one Opus track and starts
+/// publishing it once connected.
+async fn sfu_peer(mut c: Client, room: &'static str, mark: u8) -> SfuPeer {
+    let joined = c.ok(json!({"type": "av_join", "room": room})).await;
+    assert_eq!(joined["mode"], "sfu", "{joined}");
+    let (out, out_rx) = unbounded_channel();
+    let (raw, raw_rx) = unbounded_channel();
+    let (in_tx, in_rx) = unbounded_channel();
+    let (frames_tx, frames) = unbounded_channel();
+    let (ev_tx, mut ev) = unbounded_channel();
+    let pc = peer(Handler {
+        out: out.clone(),
+        ev: ev_tx,
+        echo: None,
+    })
+    .await
+    .unwrap();
+    let track = opus_track(&pc, 1000 + u32::from(mark)).await.unwrap();
+    let mut tasks = vec![
+        sfu_bridge(c.ws, room, out_rx, raw_rx, in_tx, frames_tx),
+        tokio::spawn({
+            let (pc, out) = (pc.clone(), out.clone());
+            async move {
+                apply_signals(pc, in_rx, out).await.expect("signals apply");
+            }
+        }),
+    ];
+    let offer = pc.create_offer(None).await.unwrap();
+    pc.set_local_description(offer.clone()).await.unwrap();
+    out.send(json!({ "sdp": offer })).unwrap();
+    next(&mut ev, |e| matches!(e, Ev::Connected).then_some(())).await;
+    tasks.push(keep_sending(track, pc.clone(), mark));
+    SfuPeer {
+        pc,
+        ev,
+        frames,
+        raw,
+        tasks,
+    }
+}
+
+impl SfuPeer {
+    /// Waits until RTP marked with each of `marks` has arrived.
+    async fn hears(&mut self, marks: &[u8]) {
+        let mut missing: std::collections::BTreeSet<u8> = marks.iter().copied().collect();
+        within("RTP from every other publisher", async {
+            while !missing.is_empty() {
+                if let Some(Ev::Rtp(m)) = self.ev.recv().await {
+                    missing.remove(&m);
+                }
+            }
+        })
+        .await;
+    }
+
+    /// The next frame `f` picks.
+    async fn frame(&mut self, f: impl Fn(&Value) -> bool) -> Value {
+        within("a frame", async {
+            loop {
+                let v = self.frames.recv().await.expect("bridge running");
+                if f(&v) {
+                    return v;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Sends a command and waits for its `ok`.
+    async fn ok(&mut self, rid: i64, mut v: Value) -> Value {
+        v["rid"] = json!(rid);
+        self.raw.send(v).unwrap();
+        let reply = self.frame(|f| f["rid"] == rid).await;
+        assert_eq!(reply["type"], "ok", "{reply}");
+        reply
+    }
+
+    async fn close(self) {
+        self.pc.close().await.unwrap();
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_peers_hear_each_other_through_the_sfu_and_mute_and_leave_tear_down() {
+    let s = Server::sqlite(|_| {}).await;
+    let (st, room) = http(
+        s.addr,
+        "POST",
+        "/api/rooms",
+        Some(API_KEY),
+        Some(json!({"id": "sfu", "kind": "class", "av": {"mode": "sfu"}})),
+    )
+    .await;
+    assert_eq!((st, &room["av"]["mode"]), (201, &json!("sfu")), "{room}");
+    let mut host = Client::connect(
+        s.addr,
+        &token("host", PlatformRole::Tutor, &[("sfu", RoomRole::Host)]),
+    )
+    .await;
+    let mut a = s.client("a").await;
+    let mut b = s.client("b").await;
+    for c in [&mut host, &mut a, &mut b] {
+        c.join("sfu").await;
+    }
+    let (a_session, b_session) = (a.session.clone(), b.session.clone());
+    let mut host = sfu_peer(host, "sfu", 1).await;
+    let mut a = sfu_peer(a, "sfu", 2).await;
+    let mut b = sfu_peer(b, "sfu", 3).await;
+    assert_eq!(s.app.sfu.as_ref().unwrap().sessions(), 3);
+    host.hears(&[2, 3]).await;
+    a.hears(&[1, 3]).await;
+    b.hears(&[1, 2]).await;
+    let speakers = a
+        .frame(|f| {
+            f["type"] == "active_speakers"
+                && f["users"]
+                    .as_array()
+                    .is_some_and(|u| u.contains(&json!("host")))
+        })
+        .await;
+    assert_eq!(speakers["room"], "sfu");
+
+    // host mutes a's audio: a is told, and b stops hearing a while host still comes through.
+    host.ok(
+        100,
+        json!({"type": "av_mute", "room": "sfu", "user": "a", "kind": "audio"}),
+    )
+    .await;
+    let muted = a.frame(|f| f["type"] == "av_muted").await;
+    assert_eq!(
+        (&muted["room"], &muted["kind"], &muted["by"]),
+        (&json!("sfu"), &json!("audio"), &json!("host"))
+    );
+    while b.ev.try_recv().is_ok() {}
+    let (mut from_host, mut from_a) = (0, 0);
+    within("host's audio after the mute", async {
+        while from_host < 25 {
+            match b.ev.recv().await {
+                Some(Ev::Rtp(1)) => from_host += 1,
+                Some(Ev::Rtp(2)) => from_a += 1,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        from_a <= 5,
+        "{from_a} packets of a's muted audio still reached b"
+    );
+
+    // a leaves the A/V: its peer connection is gone when the ok arrives, the others hear it.
+    a.ok(101, json!({"type": "av_leave", "room": "sfu"})).await;
+    assert_eq!(s.app.sfu.as_ref().unwrap().sessions(), 2);
+    let left = host
+        .frame(|f| {
+            f["type"] == "av_peer" && f["session"] == a_session.as_str() && f["joined"] == false
+        })
+        .await;
+    assert_eq!(left["joined"], false);
+    // b's connection ends (its socket closes): the SFU drops its peer too.
+    b.close().await;
+    let left = host
+        .frame(|f| {
+            f["type"] == "av_peer" && f["session"] == b_session.as_str() && f["joined"] == false
+        })
+        .await;
+    assert_eq!(left["joined"], false);
+    assert_eq!(s.app.sfu.as_ref().unwrap().sessions(), 1);
+    host.ok(102, json!({"type": "av_leave", "room": "sfu"}))
+        .await;
+    assert_eq!(s.app.sfu.as_ref().unwrap().sessions(), 0);
+    a.close().await;
+    host.close().await;
     s.stop().await;
 }

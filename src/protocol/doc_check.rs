@@ -227,6 +227,15 @@ enum ServerFrame {
         user: String,
         joined: bool,
     },
+    AvMuted {
+        room: RoomId,
+        kind: AvTrackKind,
+        by: UserId,
+    },
+    ActiveSpeakers {
+        room: String,
+        users: Vec<String>,
+    },
     QuestionOverdue {
         room: RoomId,
         id: QuestionId,
@@ -337,6 +346,12 @@ impl ServerFrame {
                 user,
                 joined: *joined,
             },
+            Self::AvMuted { room, kind, by } => ServerMsg::AvMuted {
+                room,
+                kind: *kind,
+                by,
+            },
+            Self::ActiveSpeakers { room, users } => ServerMsg::ActiveSpeakers { room, users },
             Self::QuestionOverdue { room, id, ts } => {
                 ServerMsg::QuestionOverdue { room, id, ts: *ts }
             }
@@ -383,6 +398,8 @@ fn every_frame_has_a_twin(msg: &ServerMsg<'_>) {
         | ServerMsg::CallEnded { .. }
         | ServerMsg::Signal { .. }
         | ServerMsg::AvPeer { .. }
+        | ServerMsg::AvMuted { .. }
+        | ServerMsg::ActiveSpeakers { .. }
         | ServerMsg::QuestionOverdue { .. }
         | ServerMsg::Error { .. }
         | ServerMsg::Badge { .. } => {}
@@ -472,7 +489,9 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
             }
             .encode_ok(rid))
         }
-        "leave" | "typing" | "unban" | "av_leave" | "signal" => ok::<EmptyOk>(rid, &fields),
+        "leave" | "typing" | "unban" | "av_leave" | "av_mute" | "signal" => {
+            ok::<EmptyOk>(rid, &fields)
+        }
         "send" => ok::<SentOk>(rid, &fields),
         "edit" | "delete" | "react" | "unreact" | "vote" | "answer" | "question_status"
         | "helpful" => ok::<SeqOk>(rid, &fields),

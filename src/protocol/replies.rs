@@ -266,11 +266,59 @@ pub struct AvPeerRef {
     pub user: String,
 }
 
-/// How a room's A/V carries media: always a mesh (no SFU).
+/// How a session's A/V carries media, in the `av_join` reply: peer to peer (`mesh`), or
+/// through the server (`sfu`: the session's only peer is the server, `to:"sfu"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AvMode {
     Mesh,
+    Sfu,
+}
+
+/// A room's A/V setting (`"av": {"mode"}` in the room object): `auto` (the default) is a
+/// mesh up to `av_mesh_max` sessions and the SFU for joins past it; `mesh` and `sfu` fix it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AvRoomMode {
+    #[default]
+    Auto,
+    Mesh,
+    Sfu,
+}
+
+impl AvRoomMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Mesh => "mesh",
+            Self::Sfu => "sfu",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "mesh" => Some(Self::Mesh),
+            "sfu" => Some(Self::Sfu),
+            _ => None,
+        }
+    }
+}
+
+/// A track kind `av_mute` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AvTrackKind {
+    Audio,
+    Video,
+}
+
+/// A room's A/V settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AvSettings {
+    #[serde(default)]
+    pub mode: AvRoomMode,
 }
 
 /// `av_join`.

@@ -135,6 +135,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         }
         ClientMsg::AvJoin { room } => rtc::av_join(ctx, room).await,
         ClientMsg::AvLeave { room } => rtc::av_leave(ctx, room).await,
+        ClientMsg::AvMute { room, user, kind } => rtc::av_mute(ctx, room, user, kind).await,
         ClientMsg::Signal {
             call_id,
             room,

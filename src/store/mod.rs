@@ -187,6 +187,9 @@ pub struct Room {
     /// Badge announcements and the room's time zone.
     #[serde(default)]
     pub engagement: EngagementSettings,
+    /// How the room's audio/video is carried (mesh, SFU, or auto).
+    #[serde(default)]
+    pub av: crate::protocol::AvSettings,
 }
 
 /// Default answer SLA: 4 hours.
@@ -268,6 +271,7 @@ pub struct RoomPatch {
     pub slow_mode_s: Option<i64>,
     pub rules: Option<RoomRules>,
     pub engagement: Option<EngagementSettings>,
+    pub av: Option<crate::protocol::AvSettings>,
 }
 
 mod double_option {
@@ -357,7 +361,7 @@ macro_rules! room_columns {
     () => {
         "id, kind, title, visibility, qa_enabled, qa_moderated, qa_peer_answers, starts_at, \
          archived, last_seq, created_at, answer_sla_s, slow_mode_s, rules, engagement, ends_at, \
-         class_state, started_at, ended_at"
+         class_state, started_at, ended_at, av_mode"
     };
 }
 const SELECT_ROOM: &str = concat!("SELECT ", room_columns!(), " FROM rooms WHERE id = $1");
@@ -366,6 +370,7 @@ fn room_from_row(row: &AnyRow) -> Result<Room> {
     let kind: String = row.try_get("kind")?;
     let visibility: String = row.try_get("visibility")?;
     let state: String = row.try_get("class_state")?;
+    let av_mode: String = row.try_get("av_mode")?;
     let starts_at: Option<i64> = row.try_get("starts_at")?;
     let ends_at: Option<i64> = row.try_get("ends_at")?;
     let state = crate::protocol::ClassState::parse(&state)
@@ -396,6 +401,10 @@ fn room_from_row(row: &AnyRow) -> Result<Room> {
         rules: serde_json::from_str(&row.try_get::<String, _>("rules")?)
             .map_err(|e| StoreError::Corrupt(format!("room rules: {e}")))?,
         engagement: EngagementSettings::parse(&row.try_get::<String, _>("engagement")?),
+        av: crate::protocol::AvSettings {
+            mode: crate::protocol::AvRoomMode::parse(&av_mode)
+                .ok_or_else(|| StoreError::Corrupt(format!("room av mode {av_mode}")))?,
+        },
     })
 }
 
@@ -558,8 +567,8 @@ impl Store {
         let res = sqlx::query(
             "INSERT INTO rooms (id, kind, title, visibility, qa_enabled, qa_moderated, starts_at, \
              archived, last_seq, created_at, qa_peer_answers, answer_sla_s, slow_mode_s, rules, \
-             engagement, ends_at, class_state) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11, $12, $13, $14, $15) \
+             engagement, ends_at, class_state, av_mode) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(room.id.as_str())
@@ -577,6 +586,7 @@ impl Store {
         .bind(room.engagement.json())
         .bind(room.ends_at)
         .bind(initial_state(room.starts_at, now_ms()).as_str())
+        .bind(room.av.mode.as_str())
         .execute(&mut *tx)
         .await?;
         if res.rows_affected() == 0 {
@@ -722,13 +732,16 @@ impl Store {
         if let Some(e) = &patch.engagement {
             room.engagement = e.clone();
         }
+        if let Some(av) = patch.av {
+            room.av = av;
+        }
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "UPDATE rooms SET kind = $1, title = $2, visibility = $3, qa_enabled = $4, \
              qa_moderated = $5, starts_at = $6, archived = $7, qa_peer_answers = $8, \
              answer_sla_s = $9, slow_mode_s = $10, rules = $11, engagement = $13, ends_at = $14, \
              class_state = CASE WHEN class_state <> 'ended' AND started_at IS NULL THEN $15 \
-             ELSE class_state END WHERE id = $12",
+             ELSE class_state END, av_mode = $16 WHERE id = $12",
         )
         .bind(room.kind.as_str())
         .bind(room.title.as_str())
@@ -745,6 +758,7 @@ impl Store {
         .bind(room.engagement.json())
         .bind(room.ends_at)
         .bind(initial_state(room.starts_at, now_ms()).as_str())
+        .bind(room.av.mode.as_str())
         .execute(&mut *tx)
         .await?;
         let queued = if room.archived && !was_archived {

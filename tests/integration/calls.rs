@@ -231,7 +231,7 @@ async fn av_rooms_relay_between_peers_and_enforce_live_publishing() {
         "POST",
         "/api/rooms",
         Some(API_KEY),
-        Some(json!({"id":"cls","kind":"class"})),
+        Some(json!({"id":"cls","kind":"class","av":{"mode":"mesh"}})),
     )
     .await;
     assert_eq!(st, 201);
@@ -432,5 +432,109 @@ async fn two_hundred_call_setups_leave_fds_and_tasks_at_baseline() {
         "baseline {baseline:?}, after {after:?}"
     );
     assert_eq!(s.app.rtc.live_calls(), 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn av_modes_pick_mesh_or_sfu_and_only_sfu_members_signal_the_sfu() {
+    let s = Server::sqlite(|c| c.av_mesh_max = 2).await;
+    for (id, av) in [("auto", json!(null)), ("fixed", json!({"mode": "mesh"}))] {
+        let mut body = json!({"id": id, "kind": "class"});
+        if !av.is_null() {
+            body["av"] = av;
+        }
+        let (st, room) = http(s.addr, "POST", "/api/rooms", Some(API_KEY), Some(body)).await;
+        assert_eq!(st, 201, "{room}");
+    }
+    let (_, room) = http(s.addr, "GET", "/api/rooms/auto", Some(API_KEY), None).await;
+    assert_eq!(room["av"]["mode"], "auto");
+    let (st, _) = http(
+        s.addr,
+        "PATCH",
+        "/api/rooms/fixed",
+        Some(API_KEY),
+        Some(json!({"av": {"mode": "nope"}})),
+    )
+    .await;
+    assert_eq!(st, 400);
+    let mut c: Vec<Client> = Vec::new();
+    for u in ["a", "b", "c"] {
+        let mut x = s.client(u).await;
+        x.join("auto").await;
+        x.join("fixed").await;
+        c.push(x);
+    }
+    // auto: a mesh up to av_mesh_max, the SFU past it; a mesh peer stays in the mesh.
+    let modes = [
+        c[0].ok(json!({"type":"av_join","room":"auto"})).await["mode"].clone(),
+        c[1].ok(json!({"type":"av_join","room":"auto"})).await["mode"].clone(),
+        c[2].ok(json!({"type":"av_join","room":"auto"})).await["mode"].clone(),
+        c[0].ok(json!({"type":"av_join","room":"auto"})).await["mode"].clone(),
+    ];
+    assert_eq!(
+        modes,
+        [json!("mesh"), json!("mesh"), json!("sfu"), json!("mesh")]
+    );
+    assert_eq!(s.app.sfu.as_ref().unwrap().sessions(), 1);
+    // mesh: the limit holds.
+    c[0].ok(json!({"type":"av_join","room":"fixed"})).await;
+    c[1].ok(json!({"type":"av_join","room":"fixed"})).await;
+    assert_eq!(
+        c[2].err(json!({"type":"av_join","room":"fixed"})).await,
+        "conflict"
+    );
+    // Switched to sfu by PATCH: the next join goes to the SFU.
+    let (st, _) = http(
+        s.addr,
+        "PATCH",
+        "/api/rooms/fixed",
+        Some(API_KEY),
+        Some(json!({"av": {"mode": "sfu"}})),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        c[2].ok(json!({"type":"av_join","room":"fixed"})).await["mode"],
+        "sfu"
+    );
+    let cand = json!({"candidate": null});
+    // A non-member cannot signal the SFU; a member outside its SFU is refused too.
+    let mut outsider = s.client("outsider").await;
+    assert_eq!(
+        outsider
+            .err(json!({"type":"signal","room":"fixed","to":"sfu","data":cand}))
+            .await,
+        "not_member"
+    );
+    outsider.join("fixed").await;
+    assert_eq!(
+        outsider
+            .err(json!({"type":"signal","room":"fixed","to":"sfu","data":cand}))
+            .await,
+        "forbidden"
+    );
+    c[2].ok(json!({"type":"signal","room":"fixed","to":"sfu","data":cand}))
+        .await;
+    assert_eq!(
+        c[2].err(json!({"type":"signal","room":"fixed","to":"sfu","data":{"sdp":{"type":"answer","sdp":"v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"}}}))
+            .await,
+        "bad_request",
+        "no offer of the SFU is waiting"
+    );
+    // Only host/ta mute.
+    assert_eq!(
+        c[0].err(json!({"type":"av_mute","room":"fixed","user":"c","kind":"audio"}))
+            .await,
+        "forbidden"
+    );
+    // Leaving the room closes the SFU peer.
+    c[2].ok(json!({"type":"leave","room":"fixed"})).await;
+    c[2].ok(json!({"type":"leave","room":"auto"})).await;
+    within("the SFU forgets the leavers", async {
+        while s.app.sfu.as_ref().unwrap().sessions() != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
     s.stop().await;
 }

@@ -61,6 +61,7 @@ fn room(id: &str, visibility: Visibility) -> Room {
         slow_mode_s: 0,
         rules: Default::default(),
         engagement: Default::default(),
+        av: Default::default(),
     }
 }
 

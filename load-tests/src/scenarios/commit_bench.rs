@@ -58,6 +58,7 @@ fn room(id: &str) -> Room {
         slow_mode_s: 0,
         rules: Default::default(),
         engagement: Default::default(),
+        av: Default::default(),
     }
 }
 

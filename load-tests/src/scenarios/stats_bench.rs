@@ -346,6 +346,7 @@ async fn bench_one(backend: &str, url: &str, a: &Args) -> Result<serde_json::Val
         slow_mode_s: 0,
         rules: Default::default(),
         engagement: Default::default(),
+        av: Default::default(),
     };
     store.create_room(&room).await?;
     store.close().await;

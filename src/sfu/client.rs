@@ -1,0 +1,367 @@
+//! One SFU session: its str0m `Rtc`, the tracks it publishes (`tracks_in`), the tracks of
+//! others it receives (`tracks_out`) and their negotiation (the server offers sendonly m-lines
+//! for other publishers' tracks, and stops them when those go). It knows nothing of other
+//! sessions beyond the keys of their tracks; the driver moves media between clients.
+
+use super::{SfuError, TrackKind};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid};
+use str0m::net::Protocol;
+use str0m::{Candidate, Event, IceConnectionState, Output, Rtc};
+
+/// A published track, named across the SFU by its publisher's session and its mid there.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct TrackKey {
+    pub session: String,
+    pub mid: Mid,
+}
+
+#[derive(Debug)]
+pub(super) struct TrackIn {
+    pub mid: Mid,
+    pub kind: MediaKind,
+    /// Muted by host/ta (`av_mute`): not forwarded.
+    pub muted: bool,
+    last_keyframe_request: Option<Instant>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutState {
+    ToOpen,
+    Negotiating(Mid),
+    Open(Mid),
+    ToStop(Mid),
+    NegotiatingStop(Mid),
+}
+
+#[derive(Debug)]
+pub(super) struct TrackOut {
+    pub source: TrackKey,
+    /// The publisher's user (the stream id the viewer sees).
+    pub user: String,
+    pub kind: MediaKind,
+    state: OutState,
+}
+
+impl TrackOut {
+    fn mid(&self) -> Option<Mid> {
+        match self.state {
+            OutState::ToOpen => None,
+            OutState::Negotiating(m)
+            | OutState::Open(m)
+            | OutState::ToStop(m)
+            | OutState::NegotiatingStop(m) => Some(m),
+        }
+    }
+}
+
+/// What a client's output asks the driver to do with other clients.
+#[derive(Debug)]
+pub(super) enum Propagate {
+    /// A new published track.
+    TrackOpen(TrackKey, MediaKind),
+    Media(TrackKey, Box<MediaData>),
+    /// A viewer asked for a keyframe of this source track.
+    Keyframe(TrackKey),
+}
+
+pub(super) struct Client {
+    pub user: String,
+    pub session: String,
+    pub room: String,
+    pub rtc: Rtc,
+    pub can_publish: bool,
+    /// The session's first offer was accepted: the server may offer from now on.
+    negotiated: bool,
+    pending: Option<SdpPendingOffer>,
+    pub tracks_in: Vec<TrackIn>,
+    pub tracks_out: Vec<TrackOut>,
+}
+
+fn bad(m: impl Into<String>) -> SfuError {
+    SfuError::BadRequest(m.into())
+}
+
+pub(super) fn media_kind(k: TrackKind) -> MediaKind {
+    match k {
+        TrackKind::Audio => MediaKind::Audio,
+        TrackKind::Video => MediaKind::Video,
+    }
+}
+
+impl Client {
+    pub fn new(room: String, user: String, session: String, can_publish: bool, rtc: Rtc) -> Self {
+        Self {
+            user,
+            session,
+            room,
+            rtc,
+            can_publish,
+            negotiated: false,
+            pending: None,
+            tracks_in: Vec::new(),
+            tracks_out: Vec::new(),
+        }
+    }
+
+    /// Applies a validated `signal` payload; returns the `data` to send back (an answer).
+    pub fn signal(&mut self, data: &Value, sends_media: bool) -> Result<Option<Value>, SfuError> {
+        if let Some(sdp) = data.get("sdp") {
+            let body = sdp.get("sdp").and_then(Value::as_str).unwrap_or_default();
+            return match sdp.get("type").and_then(Value::as_str) {
+                Some("offer") => self.offer(body, sends_media).map(Some),
+                Some("answer") => self.answer(body).map(|()| None),
+                _ => Err(bad("sdp.type must be offer or answer")),
+            };
+        }
+        let line = data
+            .get("candidate")
+            .and_then(|c| c.get("candidate"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !line.is_empty() {
+            let c = Candidate::from_sdp_string(line).map_err(|e| bad(format!("candidate: {e}")))?;
+            self.rtc.add_remote_candidate(c);
+        }
+        Ok(None)
+    }
+
+    fn offer(&mut self, body: &str, sends_media: bool) -> Result<Value, SfuError> {
+        if sends_media && !self.can_publish {
+            return Err(SfuError::Forbidden(
+                "only the host and people on stage may publish in a live room: send recvonly"
+                    .into(),
+            ));
+        }
+        let offer = SdpOffer::from_sdp_string(body).map_err(|e| bad(format!("offer: {e}")))?;
+        let answer = self
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| bad(format!("offer refused: {e}")))?;
+        // An offer of ours in flight is void now: negotiate those tracks again.
+        self.pending = None;
+        for t in &mut self.tracks_out {
+            match t.state {
+                OutState::Negotiating(_) => t.state = OutState::ToOpen,
+                OutState::NegotiatingStop(m) => t.state = OutState::ToStop(m),
+                _ => {}
+            }
+        }
+        self.negotiated = true;
+        Ok(json!({"sdp": {"type": "answer", "sdp": answer.to_sdp_string()}}))
+    }
+
+    fn answer(&mut self, body: &str) -> Result<(), SfuError> {
+        let pending = self
+            .pending
+            .take()
+            .ok_or_else(|| bad("no offer from the SFU is waiting for an answer"))?;
+        let answer = SdpAnswer::from_sdp_string(body).map_err(|e| bad(format!("answer: {e}")))?;
+        self.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| bad(format!("answer refused: {e}")))?;
+        for t in &mut self.tracks_out {
+            if let OutState::Negotiating(m) = t.state {
+                t.state = OutState::Open(m);
+            }
+        }
+        self.tracks_out
+            .retain(|t| !matches!(t.state, OutState::NegotiatingStop(_)));
+        Ok(())
+    }
+
+    /// Sources of tracks that opened since `answer` and want a first keyframe.
+    pub fn opened_video(&self) -> Vec<TrackKey> {
+        self.tracks_out
+            .iter()
+            .filter(|t| t.kind == MediaKind::Video && matches!(t.state, OutState::Open(_)))
+            .map(|t| t.source.clone())
+            .collect()
+    }
+
+    /// Starts receiving another publisher's track (negotiated on the next drive).
+    pub fn add_out(&mut self, source: TrackKey, user: String, kind: MediaKind) {
+        if !self.tracks_out.iter().any(|t| t.source == source) {
+            self.tracks_out.push(TrackOut {
+                source,
+                user,
+                kind,
+                state: OutState::ToOpen,
+            });
+        }
+    }
+
+    /// Stops receiving the tracks that `gone` picks (their publisher left).
+    pub fn drop_out(&mut self, gone: impl Fn(&TrackKey) -> bool) {
+        self.tracks_out.retain_mut(|t| {
+            if !gone(&t.source) {
+                return true;
+            }
+            match t.state {
+                OutState::ToOpen => false,
+                OutState::Negotiating(m) | OutState::Open(m) => {
+                    t.state = OutState::ToStop(m);
+                    true
+                }
+                _ => true,
+            }
+        });
+    }
+
+    /// When nothing else is in flight, offers the m-lines to add and to stop; returns the
+    /// offer's `data`.
+    fn negotiate(&mut self) -> Option<Value> {
+        if !self.negotiated || self.pending.is_some() {
+            return None;
+        }
+        let mut change = self.rtc.sdp_api();
+        for t in &mut self.tracks_out {
+            match t.state {
+                OutState::ToOpen => {
+                    let mid = change.add_media(
+                        t.kind,
+                        Direction::SendOnly,
+                        Some(t.user.clone()),
+                        None,
+                        None,
+                    );
+                    t.state = OutState::Negotiating(mid);
+                }
+                OutState::ToStop(mid) => {
+                    change.stop_media(mid);
+                    t.state = OutState::NegotiatingStop(mid);
+                }
+                _ => {}
+            }
+        }
+        if !change.has_changes() {
+            return None;
+        }
+        let (offer, pending) = change.apply()?;
+        self.pending = Some(pending);
+        Some(json!({"sdp": {"type": "offer", "sdp": offer.to_sdp_string()}}))
+    }
+
+    /// Runs the client's output until it asks for time: sends datagrams, collects what other
+    /// clients must hear, and returns an offer to send if one was made and the next deadline.
+    pub fn drive(
+        &mut self,
+        socket: &tokio::net::UdpSocket,
+        out: &mut Vec<Propagate>,
+        offers: &mut Vec<Value>,
+    ) -> Instant {
+        loop {
+            if !self.rtc.is_alive() {
+                return Instant::now();
+            }
+            if let Some(offer) = self.negotiate() {
+                offers.push(offer);
+            }
+            match self.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => return t,
+                Ok(Output::Transmit(t)) => {
+                    // UDP: a datagram the kernel cannot take now is lost, as on the wire.
+                    let _ = socket.try_send_to(&t.contents, t.destination);
+                }
+                Ok(Output::Event(e)) => self.event(e, out),
+                Err(e) => {
+                    tracing::debug!(error = %e, "SFU peer failed");
+                    self.rtc.disconnect();
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, e: Event, out: &mut Vec<Propagate>) {
+        match e {
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                self.rtc.disconnect();
+            }
+            Event::MediaAdded(m)
+                if matches!(m.direction, Direction::RecvOnly | Direction::SendRecv) =>
+            {
+                self.tracks_in.push(TrackIn {
+                    mid: m.mid,
+                    kind: m.kind,
+                    muted: false,
+                    last_keyframe_request: None,
+                });
+                out.push(Propagate::TrackOpen(self.key(m.mid), m.kind));
+            }
+            Event::MediaData(d) => {
+                if !d.contiguous {
+                    self.request_keyframe(d.mid, Duration::ZERO);
+                }
+                out.push(Propagate::Media(self.key(d.mid), Box::new(d)));
+            }
+            Event::KeyframeRequest(req) => {
+                if let Some(t) = self.tracks_out.iter().find(|t| t.mid() == Some(req.mid)) {
+                    out.push(Propagate::Keyframe(t.source.clone()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn key(&self, mid: Mid) -> TrackKey {
+        TrackKey {
+            session: self.session.clone(),
+            mid,
+        }
+    }
+
+    /// Asks this publisher for a keyframe of `mid`, at most once per `every`.
+    pub fn request_keyframe(&mut self, mid: Mid, every: Duration) {
+        let Some(t) = self.tracks_in.iter_mut().find(|t| t.mid == mid) else {
+            return;
+        };
+        if t.kind != MediaKind::Video
+            || t.last_keyframe_request
+                .is_some_and(|at| at.elapsed() < every)
+        {
+            return;
+        }
+        if let Some(mut w) = self.rtc.writer(mid)
+            && w.request_keyframe(None, KeyframeRequestKind::Pli).is_ok()
+        {
+            t.last_keyframe_request = Some(Instant::now());
+        }
+    }
+
+    /// Whether this publisher's track `mid` may be forwarded now.
+    pub fn forwards(&self, mid: Mid) -> bool {
+        self.can_publish && self.tracks_in.iter().any(|t| t.mid == mid && !t.muted)
+    }
+
+    /// Writes another publisher's media on the matching open track.
+    pub fn write(&mut self, source: &TrackKey, d: &MediaData) {
+        let Some(mid) = self
+            .tracks_out
+            .iter()
+            .find(|t| &t.source == source && matches!(t.state, OutState::Open(_)))
+            .and_then(TrackOut::mid)
+        else {
+            return;
+        };
+        let Some(w) = self.rtc.writer(mid) else {
+            return;
+        };
+        let Some(pt) = w.match_params(d.params) else {
+            return;
+        };
+        if let Err(e) = w.write(pt, d.network_time, d.time, d.data.clone()) {
+            tracing::debug!(error = %e, "SFU write failed");
+            self.rtc.disconnect();
+        }
+    }
+}
+
+/// The SFU's own host candidate.
+pub(super) fn host_candidate(addr: SocketAddr) -> Option<Candidate> {
+    Candidate::host(addr, Protocol::Udp).ok()
+}

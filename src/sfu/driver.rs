@@ -1,0 +1,487 @@
+//! The SFU's driver task: one loop over one UDP socket for every SFU session of the node. It
+//! routes each datagram to the `Rtc` that accepts it (ICE ufrag / remote address), moves time
+//! forward, drains each client's output, forwards media between the clients of a room, and
+//! applies the commands of `Sfu`. It owns every `Client`; nothing else touches them.
+
+use super::client::{Client, Propagate, TrackKey, host_candidate, media_kind};
+use super::{Cmd, Member, Notice, Notify, SfuConfig, SfuError, TrackKind};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use str0m::media::MediaKind;
+use str0m::net::{Protocol, Receive};
+use str0m::{Input, Rtc};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+/// Largest datagram read.
+const DATAGRAM_MAX: usize = 2000;
+/// Longest the loop sleeps without a deadline.
+const IDLE: Duration = Duration::from_millis(100);
+/// Datagrams read in one turn before the clients' output is drained again.
+const READ_BURST: usize = 64;
+/// An audio packet at least this loud (RFC 6464 level, -dBov) counts as speech.
+const SPEECH_DBOV: i8 = -50;
+
+/// A room's SFU: its sessions and who spoke lately.
+#[derive(Default)]
+struct Room {
+    sessions: BTreeSet<String>,
+    /// user -> last speech (audio level, or an audio packet when no level is sent).
+    spoke: HashMap<String, Instant>,
+    /// The users last announced in `active_speakers`.
+    announced: Vec<String>,
+    last_announce: Option<Instant>,
+}
+
+pub(super) struct Driver {
+    socket: UdpSocket,
+    addr: SocketAddr,
+    cfg: SfuConfig,
+    notify: Notify,
+    sessions: Arc<AtomicUsize>,
+    /// (room, session) -> client
+    clients: HashMap<(String, String), Client>,
+    rooms: BTreeMap<String, Room>,
+    crypto: Arc<str0m::crypto::CryptoProvider>,
+}
+
+impl Driver {
+    pub fn new(
+        socket: UdpSocket,
+        addr: SocketAddr,
+        cfg: SfuConfig,
+        notify: Notify,
+        sessions: Arc<AtomicUsize>,
+    ) -> Self {
+        Self {
+            socket,
+            addr,
+            cfg,
+            notify,
+            sessions,
+            clients: HashMap::new(),
+            rooms: BTreeMap::new(),
+            crypto: Arc::new(str0m::crypto::from_feature_flags()),
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut buf = vec![0u8; DATAGRAM_MAX];
+        loop {
+            let deadline = self.drain();
+            self.reap();
+            self.announce_speakers();
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                got = self.socket.recv_from(&mut buf) => {
+                    if let Ok((n, from)) = got {
+                        self.input(&buf[..n], from);
+                        for _ in 0..READ_BURST {
+                            match self.socket.try_recv_from(&mut buf) {
+                                Ok((n, from)) => self.input(&buf[..n], from),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+                _ = sleep => {}
+            }
+            let now = Instant::now();
+            for c in self.clients.values_mut() {
+                if c.rtc.is_alive() && c.rtc.handle_input(Input::Timeout(now)).is_err() {
+                    c.rtc.disconnect();
+                }
+            }
+        }
+        let left: Vec<_> = self.clients.keys().cloned().collect();
+        for (room, session) in left {
+            self.remove(&room, &session);
+        }
+    }
+
+    /// Hands a datagram to the client whose `Rtc` accepts it.
+    fn input(&mut self, data: &[u8], source: SocketAddr) {
+        let Ok(contents) = data.try_into() else {
+            return;
+        };
+        let input = Input::Receive(
+            Instant::now(),
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.addr,
+                contents,
+            },
+        );
+        if let Some(c) = self.clients.values_mut().find(|c| c.rtc.accepts(&input))
+            && c.rtc.handle_input(input).is_err()
+        {
+            c.rtc.disconnect();
+        }
+    }
+
+    /// Drains every client's output and forwards what it asks, until all wait for time;
+    /// returns the earliest deadline.
+    fn drain(&mut self) -> Instant {
+        loop {
+            let mut deadline = Instant::now() + IDLE;
+            let mut props = Vec::new();
+            let mut signals = Vec::new();
+            for c in self.clients.values_mut() {
+                let mut offers = Vec::new();
+                deadline = deadline.min(c.drive(&self.socket, &mut props, &mut offers));
+                for data in offers {
+                    signals.push((c.session.clone(), c.room.clone(), data));
+                }
+            }
+            for (session, room, data) in signals {
+                (self.notify)(Notice::Signal {
+                    session,
+                    room,
+                    data,
+                });
+            }
+            if props.is_empty() {
+                return deadline;
+            }
+            for p in props {
+                self.propagate(p);
+            }
+        }
+    }
+
+    fn room_of(&self, key: &TrackKey) -> Option<String> {
+        self.clients
+            .iter()
+            .find(|((_, s), _)| *s == key.session)
+            .map(|((r, _), _)| r.clone())
+    }
+
+    fn propagate(&mut self, p: Propagate) {
+        match p {
+            Propagate::TrackOpen(key, kind) => {
+                let Some((room, user)) = self
+                    .clients
+                    .values()
+                    .find(|c| {
+                        c.session == key.session && c.tracks_in.iter().any(|t| t.mid == key.mid)
+                    })
+                    .map(|c| (c.room.clone(), c.user.clone()))
+                else {
+                    return;
+                };
+                for c in self.clients.values_mut() {
+                    if c.room == room && c.session != key.session {
+                        c.add_out(key.clone(), user.clone(), kind);
+                    }
+                }
+            }
+            Propagate::Media(key, data) => self.forward(&key, &data),
+            Propagate::Keyframe(key) => self.keyframe(&key),
+        }
+    }
+
+    fn forward(&mut self, key: &TrackKey, data: &str0m::media::MediaData) {
+        // Simulcast: only an unlayered stream or the high layer (no layer selection yet).
+        if data.rid.is_some() && data.rid != Some("h".into()) {
+            return;
+        }
+        let Some(room) = self.room_of(key) else {
+            return;
+        };
+        let Some(src) = self.clients.get(&(room.clone(), key.session.clone())) else {
+            return;
+        };
+        if !src.forwards(key.mid) {
+            return;
+        }
+        let is_audio = src
+            .tracks_in
+            .iter()
+            .any(|t| t.mid == key.mid && t.kind == MediaKind::Audio);
+        let user = src.user.clone();
+        if is_audio
+            && data.ext_vals.audio_level.is_none_or(|l| l >= SPEECH_DBOV)
+            && let Some(r) = self.rooms.get_mut(&room)
+        {
+            r.spoke.insert(user, Instant::now());
+        }
+        for c in self.clients.values_mut() {
+            if c.room == room && c.session != key.session {
+                c.write(key, data);
+            }
+        }
+    }
+
+    fn keyframe(&mut self, key: &TrackKey) {
+        let every = Duration::from_millis(self.cfg.keyframe_ms);
+        if let Some(c) = self.clients.values_mut().find(|c| c.session == key.session) {
+            c.request_keyframe(key.mid, every);
+        }
+    }
+
+    /// Removes the clients whose peer connection died (ICE gone, a fatal error).
+    fn reap(&mut self) {
+        let dead: Vec<_> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.rtc.is_alive())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (room, session) in dead {
+            tracing::info!(room = %room, "an SFU peer connection ended");
+            self.remove(&room, &session);
+        }
+    }
+
+    /// Sends `active_speakers` to a room whose speakers changed, at most every `speakers_ms`.
+    fn announce_speakers(&mut self) {
+        let every = Duration::from_millis(self.cfg.speakers_ms);
+        let now = Instant::now();
+        for (id, room) in &mut self.rooms {
+            if room
+                .last_announce
+                .is_some_and(|t| now.duration_since(t) < every)
+            {
+                continue;
+            }
+            room.spoke.retain(|_, at| now.duration_since(*at) < every);
+            let users: Vec<String> = room
+                .spoke
+                .keys()
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if users == room.announced {
+                continue;
+            }
+            room.announced = users.clone();
+            room.last_announce = Some(now);
+            (self.notify)(Notice::Speakers {
+                sessions: room.sessions.iter().cloned().collect(),
+                room: id.clone(),
+                users,
+            });
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Join {
+                room,
+                who,
+                can_publish,
+                reply,
+            } => {
+                let _ = reply.send(self.join(room, who, can_publish));
+            }
+            Cmd::Signal {
+                room,
+                session,
+                data,
+                reply,
+            } => {
+                let _ = reply.send(self.signal(&room, &session, &data));
+            }
+            Cmd::Leave {
+                room,
+                session,
+                done,
+            } => {
+                self.remove(&room, &session);
+                if let Some(done) = done {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Cmd::SessionClosed { session } => {
+                let rooms: Vec<String> = self
+                    .clients
+                    .keys()
+                    .filter(|(_, s)| *s == session)
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                for room in rooms {
+                    self.remove(&room, &session);
+                }
+            }
+            Cmd::Mute {
+                room,
+                user,
+                kind,
+                reply,
+            } => {
+                let _ = reply.send(Ok(self.mute(&room, &user, kind)));
+            }
+            Cmd::SetPublisher { room, user, on } => {
+                for c in self.clients.values_mut() {
+                    if c.room == room && c.user == user {
+                        c.can_publish = on;
+                    }
+                }
+            }
+            Cmd::RoomSize { room, reply } => {
+                let n = self.rooms.get(&room).map_or(0, |r| r.sessions.len());
+                let _ = reply.send(Ok(n));
+            }
+        }
+    }
+
+    fn join(
+        &mut self,
+        room: String,
+        who: Member,
+        can_publish: bool,
+    ) -> Result<Vec<Member>, SfuError> {
+        let others = |d: &Self| -> Vec<Member> {
+            d.clients
+                .values()
+                .filter(|c| c.room == room && c.session != who.session)
+                .map(|c| Member {
+                    user: c.user.clone(),
+                    session: c.session.clone(),
+                })
+                .collect()
+        };
+        let key = (room.clone(), who.session.clone());
+        if let Some(c) = self.clients.get_mut(&key) {
+            c.can_publish = can_publish;
+            return Ok(others(self));
+        }
+        if self.clients.len() >= self.cfg.sessions_max {
+            return Err(SfuError::Unavailable(format!(
+                "the SFU holds {} sessions, its most",
+                self.cfg.sessions_max
+            )));
+        }
+        let size = self.rooms.get(&room).map_or(0, |r| r.sessions.len());
+        if size >= self.cfg.room_max {
+            return Err(SfuError::Full(format!(
+                "A/V is full: the room's SFU holds {} sessions",
+                self.cfg.room_max
+            )));
+        }
+        let mut rtc = Rtc::builder()
+            .set_crypto_provider(self.crypto.clone())
+            .build(Instant::now());
+        let cand = host_candidate(self.addr)
+            .ok_or_else(|| SfuError::Unavailable("the SFU has no usable address".into()))?;
+        rtc.add_local_candidate(cand);
+        let mut client = Client::new(
+            room.clone(),
+            who.user.clone(),
+            who.session.clone(),
+            can_publish,
+            rtc,
+        );
+        // Tracks already published in the room reach the newcomer once it has offered.
+        for c in self.clients.values().filter(|c| c.room == room) {
+            for t in &c.tracks_in {
+                let key = TrackKey {
+                    session: c.session.clone(),
+                    mid: t.mid,
+                };
+                client.add_out(key, c.user.clone(), t.kind);
+            }
+        }
+        let before = others(self);
+        for m in &before {
+            (self.notify)(Notice::Peer {
+                to: m.session.clone(),
+                room: room.clone(),
+                session: who.session.clone(),
+                user: who.user.clone(),
+                joined: true,
+            });
+        }
+        self.rooms
+            .entry(room)
+            .or_default()
+            .sessions
+            .insert(who.session);
+        self.clients.insert(key, client);
+        self.sessions.store(self.clients.len(), Ordering::Release);
+        Ok(before)
+    }
+
+    fn signal(
+        &mut self,
+        room: &str,
+        session: &str,
+        data: &serde_json::Value,
+    ) -> Result<(), SfuError> {
+        let sends_media = match studyhall_signaling::sdp::parse_payload(data) {
+            Ok(studyhall_signaling::sdp::Payload::Offer(info)) => info.sends_media,
+            Ok(_) => false,
+            Err(e) => return Err(SfuError::BadRequest(e.to_string())),
+        };
+        let key = (room.to_owned(), session.to_owned());
+        let every = Duration::from_millis(self.cfg.keyframe_ms);
+        let c = self
+            .clients
+            .get_mut(&key)
+            .ok_or_else(|| SfuError::Forbidden("join the room's A/V first (av_join)".into()))?;
+        let reply = c.signal(data, sends_media)?;
+        let opened = c.opened_video();
+        if let Some(data) = reply {
+            (self.notify)(Notice::Signal {
+                session: session.to_owned(),
+                room: room.to_owned(),
+                data,
+            });
+        }
+        for src in opened {
+            if let Some(p) = self.clients.values_mut().find(|c| c.session == src.session) {
+                p.request_keyframe(src.mid, every);
+            }
+        }
+        Ok(())
+    }
+
+    fn mute(&mut self, room: &str, user: &str, kind: TrackKind) -> bool {
+        let kind = media_kind(kind);
+        let mut found = false;
+        for c in self.clients.values_mut() {
+            if c.room == room && c.user == user {
+                found = true;
+                for t in c.tracks_in.iter_mut().filter(|t| t.kind == kind) {
+                    t.muted = true;
+                }
+            }
+        }
+        found
+    }
+
+    /// Closes a session's peer connection in a room: the others stop receiving its tracks
+    /// (renegotiated) and hear it left.
+    fn remove(&mut self, room: &str, session: &str) {
+        let Some(mut gone) = self.clients.remove(&(room.to_owned(), session.to_owned())) else {
+            return;
+        };
+        gone.rtc.disconnect();
+        self.sessions.store(self.clients.len(), Ordering::Release);
+        for c in self.clients.values_mut().filter(|c| c.room == room) {
+            c.drop_out(|k| k.session == session);
+            (self.notify)(Notice::Peer {
+                to: c.session.clone(),
+                room: room.to_owned(),
+                session: session.to_owned(),
+                user: gone.user.clone(),
+                joined: false,
+            });
+        }
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.sessions.remove(session);
+            if r.sessions.is_empty() {
+                self.rooms.remove(room);
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The SFU: the server as the WebRTC peer of every session in a room's SFU-mode A/V. It owns
+//! one UDP socket (`sfu_udp_addr`) shared by every session, a str0m `Rtc` per session, and the
+//! driver task that runs them all (socket input, timeouts, output, forwarding). Commands come
+//! from `rtc.rs` over a bounded channel; what the SFU has to tell sessions (SDP, speakers,
+//! peers) leaves as [`Notice`]s through the callback it was started with. It must not know the
+//! hub, the store, the wire encoding, room rights or roles: callers decide who may join and
+//! publish, and say so.
+
+mod client;
+mod driver;
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::{mpsc, oneshot};
+
+/// Why the SFU refused a command.
+#[derive(Debug, thiserror::Error)]
+pub enum SfuError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Full(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The kind of a published track, as `av_mute` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackKind {
+    Audio,
+    Video,
+}
+
+/// Something the SFU says to sessions.
+#[derive(Debug)]
+pub enum Notice {
+    /// `signal {room, from: the SFU, data}` to one session (an answer, or an offer to
+    /// renegotiate).
+    Signal {
+        session: String,
+        room: String,
+        data: Value,
+    },
+    /// `active_speakers {room, users}` to each of `sessions`.
+    Speakers {
+        sessions: Vec<String>,
+        room: String,
+        users: Vec<String>,
+    },
+    /// `av_peer` to `to`: `session` of `user` joined or left the room's SFU.
+    Peer {
+        to: String,
+        room: String,
+        session: String,
+        user: String,
+        joined: bool,
+    },
+}
+
+/// Where notices go.
+pub type Notify = Arc<dyn Fn(Notice) + Send + Sync>;
+
+/// The limits and the socket address (from the config).
+#[derive(Clone, Debug)]
+pub struct SfuConfig {
+    pub udp_addr: SocketAddr,
+    pub room_max: usize,
+    pub sessions_max: usize,
+    pub speakers_ms: u64,
+    pub keyframe_ms: u64,
+}
+
+/// A session in a room's SFU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub user: String,
+    pub session: String,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, SfuError>>;
+
+/// A command for the driver task.
+enum Cmd {
+    Join {
+        room: String,
+        who: Member,
+        can_publish: bool,
+        reply: Reply<Vec<Member>>,
+    },
+    Signal {
+        room: String,
+        session: String,
+        data: Value,
+        reply: Reply<()>,
+    },
+    Leave {
+        room: String,
+        session: String,
+        /// Answered once the peer connection is gone (`av_leave` waits for it).
+        done: Option<Reply<()>>,
+    },
+    SessionClosed {
+        session: String,
+    },
+    Mute {
+        room: String,
+        user: String,
+        kind: TrackKind,
+        reply: Reply<bool>,
+    },
+    SetPublisher {
+        room: String,
+        user: String,
+        on: bool,
+    },
+    RoomSize {
+        room: String,
+        reply: Reply<usize>,
+    },
+}
+
+/// Most commands waiting for the driver.
+const QUEUE: usize = 1024;
+
+/// The SFU of this node: a handle on its driver task, which ends when this is dropped.
+pub struct Sfu {
+    tx: mpsc::Sender<Cmd>,
+    addr: SocketAddr,
+    sessions: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Sfu {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn gone() -> SfuError {
+    SfuError::Unavailable("the SFU is not running".into())
+}
+
+impl Sfu {
+    /// Binds the UDP socket and starts the driver task.
+    pub async fn start(cfg: SfuConfig, notify: Notify) -> std::io::Result<Self> {
+        let socket = tokio::net::UdpSocket::bind(cfg.udp_addr).await?;
+        let addr = socket.local_addr()?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let d = driver::Driver::new(socket, addr, cfg, notify, sessions.clone());
+        let task = tokio::spawn(d.run(rx));
+        Ok(Self {
+            tx,
+            addr,
+            sessions,
+            task,
+        })
+    }
+
+    /// The UDP address every SFU session's media uses.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// SFU sessions (peer connections) held now, every room together.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Acquire)
+    }
+
+    /// Stops the driver: every peer connection is dropped.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, SfuError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// A fire-and-forget command; waits for room in the queue in the background if full.
+    fn tell(&self, cmd: Cmd) {
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(cmd).await;
+            });
+        }
+    }
+
+    /// Admits `who` to the room's SFU (joining again is harmless); returns the others there.
+    pub async fn join(
+        &self,
+        room: &str,
+        who: Member,
+        can_publish: bool,
+    ) -> Result<Vec<Member>, SfuError> {
+        let room = room.to_owned();
+        self.ask(|reply| Cmd::Join {
+            room,
+            who,
+            can_publish,
+            reply,
+        })
+        .await
+    }
+
+    /// A `signal {room, to:"sfu", data}` from `session` (data already validated).
+    pub async fn signal(&self, room: &str, session: &str, data: Value) -> Result<(), SfuError> {
+        let (room, session) = (room.to_owned(), session.to_owned());
+        self.ask(|reply| Cmd::Signal {
+            room,
+            session,
+            data,
+            reply,
+        })
+        .await
+    }
+
+    /// `session` leaves the room's SFU (if it was in it): its peer connection is closed.
+    pub fn leave(&self, room: &str, session: &str) {
+        self.tell(Cmd::Leave {
+            room: room.to_owned(),
+            session: session.to_owned(),
+            done: None,
+        });
+    }
+
+    /// [`Sfu::leave`], returning once the peer connection is closed.
+    pub async fn leave_now(&self, room: &str, session: &str) -> Result<(), SfuError> {
+        let (room, session) = (room.to_owned(), session.to_owned());
+        self.ask(|reply| Cmd::Leave {
+            room,
+            session,
+            done: Some(reply),
+        })
+        .await
+    }
+
+    /// `session` ended: it leaves every room's SFU.
+    pub fn session_closed(&self, session: &str) {
+        self.tell(Cmd::SessionClosed {
+            session: session.to_owned(),
+        });
+    }
+
+    /// Stops forwarding `user`'s tracks of `kind` in the room; whether the user is there.
+    pub async fn mute(&self, room: &str, user: &str, kind: TrackKind) -> Result<bool, SfuError> {
+        let (room, user) = (room.to_owned(), user.to_owned());
+        self.ask(|reply| Cmd::Mute {
+            room,
+            user,
+            kind,
+            reply,
+        })
+        .await
+    }
+
+    /// Grants or withdraws publishing for `user` in the room (stage changes).
+    pub fn set_publisher(&self, room: &str, user: &str, on: bool) {
+        self.tell(Cmd::SetPublisher {
+            room: room.to_owned(),
+            user: user.to_owned(),
+            on,
+        });
+    }
+
+    /// Sessions in the room's SFU now.
+    pub async fn room_size(&self, room: &str) -> usize {
+        let room = room.to_owned();
+        self.ask(|reply| Cmd::RoomSize { room, reply })
+            .await
+            .unwrap_or(0)
+    }
+}

@@ -590,8 +590,7 @@ impl ClientMsg {
             | Self::PollAnswer { room, .. }
             | Self::Polls { room, .. }
             | Self::ClassStart { room, .. }
-            | Self::ClassEnd { room, .. }
-            | Self::AvMute { room, .. } => Some(room),
+            | Self::ClassEnd { room, .. } => Some(room),
             Self::Call { room, .. } | Self::Signal { room, .. } | Self::Profile { room, .. } => {
                 room.as_ref()
             }

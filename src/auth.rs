@@ -105,6 +105,31 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
+/// Whether `sub` names the system user, however it is spelled in case or padded.
+pub fn is_reserved(sub: &str) -> bool {
+    sub.trim().eq_ignore_ascii_case(SYSTEM_USER)
+}
+
+/// A user id is shown and logged as it is: no control characters (a newline would forge a log
+/// line), nothing invisible or reordering, no padding, and not the system user's id.
+fn check_sub(sub: &str) -> Result<(), AuthError> {
+    if sub
+        .chars()
+        .any(|c| c.is_control() || crate::protocol::is_invisible(c))
+    {
+        return Err(AuthError::BadClaim(
+            "sub must not contain control, invisible or bidi characters",
+        ));
+    }
+    if sub.trim() != sub {
+        return Err(AuthError::BadClaim("sub must not start or end with spaces"));
+    }
+    if is_reserved(sub) {
+        return Err(AuthError::BadClaim("sub is reserved"));
+    }
+    Ok(())
+}
+
 pub fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -147,12 +172,18 @@ impl Tokens {
         if c.sub.is_empty() || c.sub.chars().count() > 64 {
             return Err(AuthError::BadClaim("sub must be 1..=64 characters"));
         }
-        if c.sub == SYSTEM_USER {
-            return Err(AuthError::BadClaim("sub is reserved"));
-        }
+        check_sub(&c.sub)?;
         let name = c.name.unwrap_or_else(|| c.sub.clone());
-        if name.chars().count() > MAX_NAME_CHARS || name.trim().is_empty() {
+        if name.chars().count() > MAX_NAME_CHARS || crate::protocol::is_blank(&name) {
             return Err(AuthError::BadClaim("name must be 1..=100 characters"));
+        }
+        if name
+            .chars()
+            .any(|ch| ch.is_control() || crate::protocol::is_bidi_control(ch))
+        {
+            return Err(AuthError::BadClaim(
+                "name must not contain control or bidi override characters",
+            ));
         }
         if c.rooms.len() > MAX_ROOM_GRANTS {
             return Err(AuthError::BadClaim("too many room grants"));
@@ -400,9 +431,17 @@ mod props {
 
     fn valid_claims(rng: &mut StdRng) -> Claims {
         let now = now_s();
-        let mut sub = format!("u{}", junk(rng, 40));
-        sub = sub.chars().take(64).collect();
-        if sub == SYSTEM_USER {
+        // Shown text only: no control or invisible characters (those are refused), no padding.
+        let shown = |t: String| -> String {
+            t.chars()
+                .filter(|c| !c.is_control() && !crate::protocol::is_invisible(*c))
+                .collect::<String>()
+                .trim()
+                .to_owned()
+        };
+        let mut sub = shown(format!("u{}", junk(rng, 40)));
+        sub = sub.chars().take(64).collect::<String>().trim().to_owned();
+        if is_reserved(&sub) {
             sub.push('x');
         }
         let rooms = (0..rng.random_range(0..4))
@@ -423,7 +462,7 @@ mod props {
             sub,
             name: rng
                 .random_bool(0.7)
-                .then(|| format!("N{}", junk(rng, 60)).chars().take(100).collect()),
+                .then(|| shown(format!("N{}", junk(rng, 60))).chars().take(100).collect()),
             role: *pick(
                 rng,
                 &[

@@ -77,6 +77,32 @@ string_id!(
     QuestionId
 );
 
+/// Characters that show nothing or reorder the text around them: zero-width spaces and
+/// joiners, the soft hyphen, the word joiner family, the byte-order mark and the bidi controls.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
+/// Bidi overrides and isolates: text after them is shown in another order than stored.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text that shows nothing: only whitespace and invisible characters.
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || is_invisible(c))
+}
+
 /// Room ids are 1..=64 of `[A-Za-z0-9_.-]`.
 pub fn valid_room_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
@@ -1213,6 +1239,10 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// Server shutdown or drain.
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol (bad framing, unmasked frame, bad opcode).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     /// Frame larger than the configured limit.
     pub const TOO_BIG: u16 = 1009;
     /// No valid `hello` in time, bad or expired token.

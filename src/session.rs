@@ -49,6 +49,8 @@ fn close_reason(code: u16) -> &'static str {
     match code {
         close::GOING_AWAY => "server shutting down",
         close::TOO_BIG => "frame too large",
+        close::PROTOCOL_ERROR => "websocket protocol error",
+        close::INVALID_DATA => "text frame is not utf-8",
         close::UNAUTHORIZED => "unauthorized",
         close::KICKED => "removed from the room",
         close::SLOW_CONSUMER => "slow consumer: resume with join after_seq",
@@ -106,6 +108,16 @@ async fn handshake(
             .map(|id| (id, call_waiting))
             .map_err(|e| unauthorized(&e.to_string())),
         _ => Err(unauthorized("first frame must be hello")),
+    }
+}
+
+/// The close code for a read that failed because the client broke the WebSocket protocol:
+/// 1007 for a text frame that is not UTF-8, 1002 for anything else the protocol forbids.
+fn violation(e: &axum::Error) -> Option<u16> {
+    match std::error::Error::source(e)?.downcast_ref::<tungstenite::Error>()? {
+        tungstenite::Error::Utf8(_) => Some(close::INVALID_DATA),
+        tungstenite::Error::Protocol(_) => Some(close::PROTOCOL_ERROR),
+        _ => None,
     }
 }
 
@@ -330,6 +342,9 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
                         if is_too_big(&e) {
                             ctx.app.metrics.frames_too_large.fetch_add(1, Relaxed);
                             ctx.handle.close(close::TOO_BIG);
+                        } else if let Some(code) = violation(&e) {
+                            tracing::debug!(session = %ctx.handle.id, code, "websocket protocol violation");
+                            ctx.handle.close(code);
                         }
                         break;
                     }

@@ -24,6 +24,12 @@ const FILES: &[(&str, &str, &str)] = &[
     ("style.css", CSS, include_str!("../web/style.css")),
 ];
 
+/// The page loads only its own scripts, styles and connections (the WebSocket included),
+/// shows media from the camera and peers, and may not be framed by another site.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+img-src 'self' data: blob:; media-src 'self' blob: mediastream:; connect-src 'self'; \
+object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
 fn asset(name: &str) -> Response {
     match FILES.iter().find(|(n, _, _)| *n == name) {
         Some((_, ctype, body)) => (
@@ -31,6 +37,9 @@ fn asset(name: &str) -> Response {
                 (header::CONTENT_TYPE, *ctype),
                 (header::CACHE_CONTROL, "no-cache"),
                 (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                (header::CONTENT_SECURITY_POLICY, CSP),
+                (header::X_FRAME_OPTIONS, "DENY"),
+                (header::REFERRER_POLICY, "no-referrer"),
             ],
             *body,
         )
@@ -66,6 +75,10 @@ mod tests {
             assert_eq!(r.status(), StatusCode::OK, "{name}");
             assert_eq!(r.headers()[header::CONTENT_TYPE], *ctype);
             assert_eq!(r.headers()[header::CACHE_CONTROL], "no-cache");
+            let csp = r.headers()[header::CONTENT_SECURITY_POLICY]
+                .to_str()
+                .unwrap();
+            assert!(csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"));
             assert!(!body.is_empty());
         }
         assert_eq!(asset("../Cargo.toml").status(), StatusCode::NOT_FOUND);

@@ -22,7 +22,7 @@ fn writable(ctx: &Ctx, room: &RoomId) -> Result<protocol::RoomRole> {
 }
 
 fn check_text(ctx: &Ctx, text: &str) -> Result<()> {
-    if text.trim().is_empty() {
+    if crate::protocol::is_blank(text) {
         return Err(Error::bad_request("text must not be empty"));
     }
     let max = ctx.app.config.max_text_chars;

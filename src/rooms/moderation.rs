@@ -197,7 +197,7 @@ pub(super) async fn report(
     check_room_id(&room)?;
     ctx.joined_role(&room)?;
     let max = crate::store::MAX_REASON_CHARS;
-    if reason.trim().is_empty() || reason.chars().count() > max {
+    if crate::protocol::is_blank(&reason) || reason.chars().count() > max {
         return Err(Error::bad_request(format!(
             "reason must be 1..={max} characters"
         )));

@@ -46,7 +46,7 @@ fn poll_id(id: &str) -> Result<()> {
 }
 
 fn text_within(text: &str, max: usize, what: &str) -> Result<()> {
-    if text.trim().is_empty() {
+    if crate::protocol::is_blank(text) {
         return Err(Error::bad_request(format!("{what} must not be empty")));
     }
     if text.chars().count() > max {

@@ -17,7 +17,7 @@ fn check_question_id(id: &QuestionId) -> Result<()> {
 }
 
 fn check_len(text: &str, max: usize, what: &str) -> Result<()> {
-    if text.trim().is_empty() {
+    if crate::protocol::is_blank(text) {
         return Err(Error::bad_request(format!("{what} must not be empty")));
     }
     if text.chars().count() > max {

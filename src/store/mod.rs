@@ -890,6 +890,12 @@ impl Store {
                 });
             }
         }
+        // A banned user's rooms say nothing about them (a host/ta grant outranks a ban).
+        let banned: Vec<String> = sqlx::query_scalar("SELECT room_id FROM bans WHERE user_id = $1")
+            .bind(user.as_str())
+            .fetch_all(self.pool())
+            .await?;
+        out.retain(|s| s.role.can_moderate() || !banned.iter().any(|b| b == s.id.as_str()));
         for s in &mut out {
             s.unread = self.unread(&s.id, user).await?;
         }

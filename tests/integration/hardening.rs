@@ -228,3 +228,148 @@ async fn per_user_limits_hold_across_the_users_sessions() {
     tabs[1].ok(serde_json::json!({"type": "rooms"})).await;
     s.stop().await;
 }
+
+fn signed(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The close code a `hello` with this token gets (None: it was welcomed).
+async fn hello_close(s: &Server, claims: serde_json::Value) -> Option<u16> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = raw_ws(s.addr).await;
+    let hello = serde_json::json!({"type": "hello", "token": signed(claims)});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .unwrap();
+    let first = within("first frame", ws.next()).await;
+    if let Some(Ok(Message::Text(t))) = &first
+        && t.as_str().contains("\"welcome\"")
+    {
+        return None;
+    }
+    close_code(&mut ws).await
+}
+
+#[tokio::test]
+async fn ids_and_names_that_hide_or_forge_text_are_refused() {
+    let s = Server::sqlite(|_| {}).await;
+    let now = studyhall::auth::now_s();
+    let claims = |sub: &str, name: Option<&str>| {
+        let mut c = serde_json::json!({"sub": sub, "exp": now + 600, "iat": now});
+        if let Some(n) = name {
+            c["name"] = n.into();
+        }
+        c
+    };
+    for sub in [
+        "eve\nINFO forged log line",
+        "eve\u{0}",
+        "eve\u{1b}[31m",
+        "\u{202e}eve",
+        "e\u{200b}ve",
+        "StudyHall",
+        "studyhall ",
+        " ana",
+    ] {
+        assert_eq!(
+            hello_close(&s, claims(sub, None)).await,
+            Some(4001),
+            "sub {sub:?} must be refused"
+        );
+    }
+    assert_eq!(
+        hello_close(&s, claims("eve", Some("\u{202e}nimda"))).await,
+        Some(4001)
+    );
+    assert_eq!(
+        hello_close(&s, claims("eve", Some("\u{200b}\u{200b}"))).await,
+        Some(4001)
+    );
+    // Names in scripts that need joiners, and emoji sequences, are fine.
+    assert_eq!(
+        hello_close(&s, claims("eve", Some("می‌خواهم 👩‍💻"))).await,
+        None
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn text_of_only_invisible_characters_is_blank() {
+    let s = Server::sqlite(|_| {}).await;
+    s.room("r", "open").await;
+    let mut c = s.client("ana").await;
+    c.join("r").await;
+    assert_eq!(
+        c.err(serde_json::json!({"type": "send", "room": "r", "text": "\u{200b}\u{feff} \u{2060}", "client_msg_id": "z"}))
+            .await,
+        "bad_request"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_protocol_violations_close_1002_and_bad_utf8_1007() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::MaybeTlsStream;
+    let s = Server::sqlite(|_| {}).await;
+    for (bytes, code) in [
+        // A masked frame with the reserved opcode 0x3.
+        (vec![0x83u8, 0x80, 0, 0, 0, 0], 1002u16),
+        // A masked text frame whose payload is the byte 0xFF.
+        (vec![0x81u8, 0x81, 0, 0, 0, 0, 0xFF], 1007u16),
+    ] {
+        let mut c = s.client("ana").await;
+        let MaybeTlsStream::Plain(tcp) = c.ws.get_mut() else {
+            panic!("plain TCP expected");
+        };
+        tcp.write_all(&bytes).await.unwrap();
+        assert_eq!(close_code(&mut c.ws).await, Some(code));
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_banned_users_room_list_leaves_out_the_room() {
+    let s = Server::sqlite(|_| {}).await;
+    s.room("r", "open").await;
+    let (status, _) = http(
+        s.addr,
+        "PUT",
+        "/api/rooms/r/members/tia",
+        Some(API_KEY),
+        Some(serde_json::json!({"role": "host"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut ana = s.client("ana").await;
+    ana.join("r").await;
+    let mut tia = s.client("tia").await;
+    tia.join("r").await;
+    tia.ok(serde_json::json!({"type": "ban", "room": "r", "user": "ana"}))
+        .await;
+    let mut again = s.client("ana").await;
+    let rooms = again.ok(serde_json::json!({"type": "rooms"})).await;
+    assert_eq!(rooms["rooms"], serde_json::json!([]), "{rooms}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_page_forbids_framing_and_foreign_scripts() {
+    let s = Server::sqlite(|_| {}).await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let got = within("page", until_closed(&mut c)).await;
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-security-policy:") && head.contains("frame-ancestors 'none'"));
+    assert!(head.contains("x-frame-options: deny"));
+    s.stop().await;
+}

@@ -3,6 +3,8 @@
 //! PostgreSQL. One test binary so the suite links once.
 
 mod api;
+mod boards;
+mod breakouts;
 mod calls;
 mod chat;
 mod class;

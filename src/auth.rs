@@ -460,9 +460,12 @@ mod props {
             .collect();
         Claims {
             sub,
-            name: rng
-                .random_bool(0.7)
-                .then(|| shown(format!("N{}", junk(rng, 60))).chars().take(100).collect()),
+            name: rng.random_bool(0.7).then(|| {
+                shown(format!("N{}", junk(rng, 60)))
+                    .chars()
+                    .take(100)
+                    .collect()
+            }),
             role: *pick(
                 rng,
                 &[

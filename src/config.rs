@@ -501,6 +501,24 @@ settings! {
     /// Milliseconds between looks for polls past `closes_at` and classes past `starts_at` or
     /// `ends_at` (the clock that closes and starts/ends them).
     class_clock_ms: u64 = 1_000,
+    // Breakout groups and whiteboards.
+    /// Most groups one `breakout_open` may create.
+    breakout_max_groups: usize = 50,
+    /// Longest breakout group title, in characters.
+    breakout_max_title_chars: usize = 100,
+    /// Longest `duration_s` breakout groups may run before they close by themselves.
+    breakout_max_duration_s: u32 = 86_400,
+    /// Largest y-protocols message one `board` frame may carry, in bytes after base64
+    /// decoding.
+    board_max_message_bytes: usize = 32_768,
+    /// Most boards one room may hold.
+    board_max_per_room: usize = 20,
+    /// Largest a board's document may grow, in bytes of its encoded state; updates past it are
+    /// refused.
+    board_max_doc_bytes: usize = 1_048_576,
+    /// Milliseconds between saves of a changed board: updates meanwhile are coalesced into one
+    /// write of its whole state (also saved at shutdown).
+    board_save_ms: u64 = 2_000,
 
     // Cluster mode (several nodes on NATS); used only with `nats_url`.
     /// Cluster mode: this node's name, 1..=32 of `[A-Za-z0-9_-]`, unique in the cluster.
@@ -811,6 +829,22 @@ impl Config {
         positive("poll_word_cloud_top", self.poll_word_cloud_top as u64)?;
         positive("poll_results_interval_ms", self.poll_results_interval_ms)?;
         positive("class_clock_ms", self.class_clock_ms)?;
+        positive("breakout_max_groups", self.breakout_max_groups as u64)?;
+        positive(
+            "breakout_max_title_chars",
+            self.breakout_max_title_chars as u64,
+        )?;
+        positive(
+            "breakout_max_duration_s",
+            u64::from(self.breakout_max_duration_s),
+        )?;
+        positive(
+            "board_max_message_bytes",
+            self.board_max_message_bytes as u64,
+        )?;
+        positive("board_max_per_room", self.board_max_per_room as u64)?;
+        positive("board_max_doc_bytes", self.board_max_doc_bytes as u64)?;
+        positive("board_save_ms", self.board_save_ms)?;
         self.validate_cluster()
     }
 

@@ -168,6 +168,8 @@ enum Audience<'a> {
     /// Host/TA sessions, plus every session of this user if given.
     Moderators(Option<&'a UserId>),
     User(&'a UserId),
+    /// Every session but this one (a board message goes to the room's other sessions).
+    OtherSessions(&'a SessionId),
 }
 
 /// Who a room notice is for, owned: how notices travel to other nodes (cluster mode).
@@ -233,6 +235,7 @@ impl Audience<'_> {
             Self::OtherModerators(u) => m.moderator && &m.user.id != *u,
             Self::Moderators(u) => m.moderator || u.is_some_and(|u| &m.user.id == u),
             Self::User(u) => &m.user.id == *u,
+            Self::OtherSessions(s) => &m.handle.id != *s,
         }
     }
 }
@@ -908,6 +911,59 @@ impl Hub {
             frame: frame.clone(),
             to: to(),
         });
+    }
+
+    /// Sends an unsequenced frame to every session in the room but `session` (on other nodes:
+    /// to every session, since the sender is not there).
+    pub fn notify_other_sessions(&self, room: &RoomId, session: &SessionId, frame: &Frame) {
+        self.send(room, frame, Audience::OtherSessions(session));
+        self.relay_notice(room, frame, || NoticeTo::Everyone);
+    }
+
+    /// Sends a frame once to each session in any of `rooms` (only `user`'s sessions, if given),
+    /// however many of the rooms it has joined. Other nodes get it per room.
+    pub fn notify_once(&self, rooms: &[RoomId], user: Option<&UserId>, frame: &Frame) {
+        let mut seen = HashSet::new();
+        let mut n = 0;
+        for room in rooms {
+            if let Some(mut state) = self.rooms.get_mut(room) {
+                for m in state.sessions.values_mut() {
+                    if user.is_some_and(|u| &m.user.id != u) || !seen.insert(m.handle.id.clone()) {
+                        continue;
+                    }
+                    if deliver(m, frame, None, false, self.out()) {
+                        n += 1;
+                    }
+                }
+            }
+            self.relay_notice(room, frame, || match user {
+                Some(u) => NoticeTo::User(u.clone()),
+                None => NoticeTo::Everyone,
+            });
+        }
+        self.metrics.deliveries.fetch_add(n, Relaxed);
+    }
+
+    /// The users online in the room, on this node and (cluster mode) the others, with their
+    /// room role, in user id order.
+    pub fn online_users(&self, room: &RoomId) -> Vec<UserRef> {
+        let mut users: BTreeMap<UserId, UserRef> = self
+            .rooms
+            .get(room)
+            .map(|state| {
+                state
+                    .online
+                    .iter()
+                    .map(|(id, (u, _))| (id.clone(), u.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(remote) = self.remote_online.get(room) {
+            for (id, u) in remote.iter() {
+                users.entry(id.clone()).or_insert_with(|| u.clone());
+            }
+        }
+        users.into_values().collect()
     }
 
     /// The room role a user holds in the room right now, if online there: on this node, else

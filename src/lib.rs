@@ -100,6 +100,8 @@ pub struct App {
     inbound: Mutex<Option<mpsc::Receiver<Inbound>>>,
     /// Polls answered since their last results update (see `rooms::polls::run_clock`).
     pub poll_results: rooms::polls::ResultsQueue,
+    /// Whiteboards held on this node (see `rooms::boards`).
+    pub boards: rooms::boards::Boards,
 }
 
 /// Counts a running connection task; dropping it lets shutdown know the task has finished.
@@ -246,6 +248,7 @@ impl App {
             cluster,
             inbound: Mutex::new(Some(inbound_rx)),
             poll_results: Default::default(),
+            boards: Default::default(),
         }))
     }
 
@@ -363,6 +366,8 @@ pub async fn serve(
     ));
     let poll_clock = tokio::spawn(rooms::polls::run_clock(app.clone()));
     let class_clock = tokio::spawn(rooms::class::run_clock(app.clone()));
+    let breakout_clock = tokio::spawn(rooms::breakouts::run_clock(app.clone()));
+    let board_saver = tokio::spawn(rooms::boards::run_saver(app.clone()));
     let mut bus_tasks = match &app.cluster {
         Some(bus) => {
             let mut tasks = bus.start(app.store.clone()).await;
@@ -422,6 +427,11 @@ pub async fn serve(
     let _ = webhooks.await;
     poll_clock.abort();
     class_clock.abort();
+    breakout_clock.abort();
+    board_saver.abort();
+    let _ = board_saver.await;
+    // Boards changed since the saver's last look.
+    rooms::boards::save_all(&app).await;
     app.store.close().await;
     if let Some(bus) = &app.cluster {
         bus.leave().await;

@@ -6,9 +6,11 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+mod classroom;
 mod polls;
 mod replies;
 pub mod views;
+pub use classroom::*;
 pub use polls::*;
 pub use replies::*;
 
@@ -554,6 +556,51 @@ pub enum ClientMsg {
     ClassEnd {
         room: RoomId,
     },
+    // -- breakout groups and whiteboards --
+    /// host/ta: splits the room into group rooms, by `groups`, by `count`, or both.
+    BreakoutOpen {
+        room: RoomId,
+        #[serde(default)]
+        groups: Option<Vec<GroupSpec>>,
+        #[serde(default)]
+        count: Option<u32>,
+        #[serde(default)]
+        assign: Option<BreakoutAssign>,
+        #[serde(default)]
+        duration_s: Option<u32>,
+    },
+    /// host/ta: moves a user into another group of the room's open breakout.
+    BreakoutMove {
+        room: RoomId,
+        user: UserId,
+        group_room: RoomId,
+    },
+    /// host/ta: a message into every group room of the open breakout.
+    BreakoutBroadcast {
+        room: RoomId,
+        text: String,
+    },
+    /// host/ta: closes the open breakout; its group rooms are archived.
+    BreakoutClose {
+        room: RoomId,
+    },
+    /// A group member asks host/ta for help (`room`: the group room, or the parent).
+    Help {
+        room: RoomId,
+    },
+    /// One y-protocols message (base64) for a board of the room.
+    Board {
+        room: RoomId,
+        board: String,
+        data: String,
+    },
+    /// host/ta: lets a user draw on a board (`draw: false` takes it back).
+    BoardGrant {
+        room: RoomId,
+        board: String,
+        user: UserId,
+        draw: bool,
+    },
 }
 
 fn default_true() -> bool {
@@ -616,7 +663,14 @@ impl ClientMsg {
             | Self::PollAnswer { room, .. }
             | Self::Polls { room, .. }
             | Self::ClassStart { room, .. }
-            | Self::ClassEnd { room, .. } => Some(room),
+            | Self::ClassEnd { room, .. }
+            | Self::BreakoutOpen { room, .. }
+            | Self::BreakoutMove { room, .. }
+            | Self::BreakoutBroadcast { room, .. }
+            | Self::BreakoutClose { room, .. }
+            | Self::Help { room, .. }
+            | Self::Board { room, .. }
+            | Self::BoardGrant { room, .. } => Some(room),
             Self::Call { room, .. } | Self::Signal { room, .. } | Self::Profile { room, .. } => {
                 room.as_ref()
             }
@@ -677,6 +731,12 @@ impl ClientMsg {
             | Self::PollAnswer { .. }
             | Self::Polls { .. } => CommandKind::Poll,
             Self::ClassStart { .. } | Self::ClassEnd { .. } => CommandKind::Class,
+            Self::BreakoutOpen { .. }
+            | Self::BreakoutMove { .. }
+            | Self::BreakoutBroadcast { .. }
+            | Self::BreakoutClose { .. }
+            | Self::Help { .. } => CommandKind::Breakout,
+            Self::Board { .. } | Self::BoardGrant { .. } => CommandKind::Board,
         }
     }
 }
@@ -715,10 +775,12 @@ pub enum CommandKind {
     Engagement,
     Poll,
     Class,
+    Breakout,
+    Board,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 31] = [
+    pub const ALL: [CommandKind; 33] = [
         Self::Hello,
         Self::Ping,
         Self::Refresh,
@@ -750,6 +812,8 @@ impl CommandKind {
         Self::Engagement,
         Self::Poll,
         Self::Class,
+        Self::Breakout,
+        Self::Board,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -785,6 +849,8 @@ impl CommandKind {
             Self::Engagement => "engagement",
             Self::Poll => "poll",
             Self::Class => "class",
+            Self::Breakout => "breakout",
+            Self::Board => "board",
         }
     }
 }
@@ -1091,6 +1157,28 @@ pub enum ServerMsg<'a> {
         badge: &'a views::BadgeView,
         user: &'a views::UserBrief,
         ts: i64,
+    }, // -- breakout groups and whiteboards --
+    /// To the user's sessions in the parent room: the group room they are in now.
+    BreakoutAssigned {
+        room: &'a RoomId,
+        group_room: &'a RoomId,
+    },
+    /// To every session in the parent room and its group rooms: the groups are closed.
+    BreakoutClosed {
+        room: &'a RoomId,
+    },
+    /// To host/ta in the parent room: a group member asks for help.
+    HelpRequested {
+        room: &'a RoomId,
+        group_room: &'a RoomId,
+        user: &'a UserRef,
+    },
+    /// One y-protocols message (base64) of a board: relayed from another session, or the
+    /// server's answer to a sync step 1.
+    Board {
+        room: &'a RoomId,
+        board: &'a str,
+        data: &'a str,
     },
 }
 

@@ -53,7 +53,7 @@ pub enum Action {
     Write,
     /// Joining and leaving rooms (each may announce presence).
     Join,
-    /// Raising and lowering one's hand.
+    /// Raising and lowering one's hand, and asking for help from a breakout group.
     Hand,
     /// Placing calls.
     Call,

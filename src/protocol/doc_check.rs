@@ -253,6 +253,23 @@ enum ServerFrame {
         user: UserBrief,
         ts: i64,
     },
+    BreakoutAssigned {
+        room: RoomId,
+        group_room: RoomId,
+    },
+    BreakoutClosed {
+        room: RoomId,
+    },
+    HelpRequested {
+        room: RoomId,
+        group_room: RoomId,
+        user: UserRef,
+    },
+    Board {
+        room: RoomId,
+        board: String,
+        data: String,
+    },
 }
 
 impl ServerFrame {
@@ -371,6 +388,20 @@ impl ServerFrame {
                 user,
                 ts: *ts,
             },
+            Self::BreakoutAssigned { room, group_room } => {
+                ServerMsg::BreakoutAssigned { room, group_room }
+            }
+            Self::BreakoutClosed { room } => ServerMsg::BreakoutClosed { room },
+            Self::HelpRequested {
+                room,
+                group_room,
+                user,
+            } => ServerMsg::HelpRequested {
+                room,
+                group_room,
+                user,
+            },
+            Self::Board { room, board, data } => ServerMsg::Board { room, board, data },
         };
         encode(&msg)
     }
@@ -402,7 +433,11 @@ fn every_frame_has_a_twin(msg: &ServerMsg<'_>) {
         | ServerMsg::ActiveSpeakers { .. }
         | ServerMsg::QuestionOverdue { .. }
         | ServerMsg::Error { .. }
-        | ServerMsg::Badge { .. } => {}
+        | ServerMsg::Badge { .. }
+        | ServerMsg::BreakoutAssigned { .. }
+        | ServerMsg::BreakoutClosed { .. }
+        | ServerMsg::HelpRequested { .. }
+        | ServerMsg::Board { .. } => {}
     }
 }
 
@@ -524,6 +559,9 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
         "poll_answer" => ok::<PollAnswerOk>(rid, &fields),
         "polls" => ok::<PollsOk>(rid, &fields),
         "class_start" | "class_end" => ok::<ClassOk>(rid, &fields),
+        "breakout_open" => ok::<BreakoutOpenOk>(rid, &fields),
+        "breakout_move" | "breakout_broadcast" | "breakout_close" | "help" | "board"
+        | "board_grant" => ok::<EmptyOk>(rid, &fields),
         other => Err(format!("no reply type is known for `{other}`")),
     }
 }

@@ -4,6 +4,8 @@
 //! Nothing here touches the socket or SQL directly.
 
 mod access;
+pub mod boards;
+pub mod breakouts;
 mod chat;
 pub mod class;
 pub(crate) mod engagement;
@@ -202,6 +204,38 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         ClientMsg::ClassEnd { room } => {
             class::set(ctx, rid, room, protocol::ClassState::Ended).await
         }
+        ClientMsg::BreakoutOpen {
+            room,
+            groups,
+            count,
+            assign,
+            duration_s,
+        } => {
+            let spec = breakouts::OpenSpec {
+                groups,
+                count,
+                assign,
+                duration_s,
+            };
+            breakouts::open(ctx, room, spec).await
+        }
+        ClientMsg::BreakoutMove {
+            room,
+            user,
+            group_room,
+        } => breakouts::move_user(ctx, room, user, group_room).await,
+        ClientMsg::BreakoutBroadcast { room, text } => {
+            breakouts::broadcast(ctx, rid, room, text).await
+        }
+        ClientMsg::BreakoutClose { room } => breakouts::close(ctx, room).await,
+        ClientMsg::Help { room } => breakouts::help(ctx, room).await,
+        ClientMsg::Board { room, board, data } => boards::message(ctx, room, board, data).await,
+        ClientMsg::BoardGrant {
+            room,
+            board,
+            user,
+            draw,
+        } => boards::grant(ctx, room, board, user, draw).await,
     }
 }
 
@@ -216,7 +250,9 @@ fn user_action(msg: &ClientMsg) -> Option<Action> {
         | ClientMsg::Answer { .. }
         | ClientMsg::Report { .. } => Some(Action::Write),
         ClientMsg::Join { .. } | ClientMsg::Leave { .. } => Some(Action::Join),
-        ClientMsg::RaiseHand { .. } | ClientMsg::LowerHand { .. } => Some(Action::Hand),
+        ClientMsg::RaiseHand { .. } | ClientMsg::LowerHand { .. } | ClientMsg::Help { .. } => {
+            Some(Action::Hand)
+        }
         ClientMsg::Call { .. } => Some(Action::Call),
         _ => None,
     }

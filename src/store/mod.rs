@@ -7,6 +7,8 @@
 //! hook given to [`Store::open`].
 
 mod av;
+mod boards;
+mod breakouts;
 mod calls;
 mod class;
 mod engagement;
@@ -24,6 +26,7 @@ mod writer;
 
 pub use crate::protocol::views::RoomSummary;
 pub use av::{AvAdmitted, AvJoin, AvMember};
+pub use breakouts::{Breakout, BreakoutGroupRow, NewBreakout, NewGroup};
 pub use calls::CallLogEntry;
 pub use class::PresenceKind;
 pub use engagement::{
@@ -564,6 +567,21 @@ impl Store {
 
     pub async fn create_room(&self, room: &Room) -> Result<Room> {
         let mut tx = self.begin_write().await?;
+        let (created, queued) = self.create_room_in(&mut tx, room).await?;
+        tx.commit().await?;
+        if queued {
+            self.inner.outbox.notify_one();
+        }
+        Ok(created)
+    }
+
+    /// Inserts a room inside the caller's transaction (`conflict` if the id exists) and queues
+    /// its `room.created` webhook; true if one was queued (notify the sender after commit).
+    pub(crate) async fn create_room_in(
+        &self,
+        tx: &mut writer::Tx<'_>,
+        room: &Room,
+    ) -> Result<(Room, bool)> {
         let res = sqlx::query(
             "INSERT INTO rooms (id, kind, title, visibility, qa_enabled, qa_moderated, starts_at, \
              archived, last_seq, created_at, qa_peer_answers, answer_sla_s, slow_mode_s, rules, \
@@ -587,7 +605,7 @@ impl Store {
         .bind(room.ends_at)
         .bind(initial_state(room.starts_at, now_ms()).as_str())
         .bind(room.av.mode.as_str())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         if res.rows_affected() == 0 {
             return Err(StoreError::Conflict(format!(
@@ -597,7 +615,7 @@ impl Store {
         }
         let row = sqlx::query(SELECT_ROOM)
             .bind(room.id.as_str())
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?;
         let created = row
             .as_ref()
@@ -605,13 +623,9 @@ impl Store {
             .transpose()?
             .ok_or(StoreError::NotFound("room"))?;
         let queued = self
-            .webhook_in(&mut tx, EventType::RoomCreated, &created)
+            .webhook_in(tx, EventType::RoomCreated, &created)
             .await?;
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
-        Ok(created)
+        Ok((created, queued))
     }
 
     /// Queues a room event (`room.created`, `room.archived`) with the room as its data, when

@@ -4,6 +4,8 @@
 
 mod api;
 mod authz;
+mod boards;
+mod breakouts;
 mod calls;
 mod chat;
 mod class;

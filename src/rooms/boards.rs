@@ -1,0 +1,322 @@
+//! Whiteboards: each board of a room is a Yjs document held here (yrs), loaded from the store
+//! on first use. `board {room, board, data}` carries one y-protocols message: a sync step 1 is
+//! answered with a sync step 2 holding exactly what the sender lacks (then, for a session that
+//! may draw, the server's own step 1, as y-websocket servers do); a step 2 or an update from
+//! someone who may draw is merged and relayed to the room's other sessions; awareness is
+//! relayed as it came. `board_grant` (host/ta) lets others draw. Changed boards are saved
+//! coalesced (`run_saver`, every `board_save_ms`, and at shutdown). Nothing here touches a
+//! socket or SQL; the document lock is never held across an `.await`.
+
+use super::check_room_id;
+use crate::App;
+use crate::command::{Ctx, Outcome};
+use crate::error::{Error, Result};
+use crate::hub::Frame;
+use crate::protocol::{self, EmptyOk, RoomId, ServerMsg, UserId};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use dashmap::DashMap;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use yrs::sync::{Message, SyncMessage};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
+
+/// One board in memory.
+struct Board {
+    doc: Doc,
+    /// Users other than host/ta who may draw.
+    grants: HashSet<UserId>,
+    /// Changed since the last save.
+    dirty: bool,
+    /// The encoded state's size at the last save or load, plus every update merged since (an
+    /// upper bound: merged updates never take more room than their sum).
+    size: usize,
+}
+
+type Shared = Arc<Mutex<Board>>;
+
+/// The boards held on this node, by (room, board).
+#[derive(Default)]
+pub struct Boards(DashMap<(RoomId, String), Shared>);
+
+fn lock(b: &Shared) -> MutexGuard<'_, Board> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Board ids follow the room id rules: 1..=64 of `[A-Za-z0-9_.-]`.
+fn check_board(board: &str) -> Result<()> {
+    if protocol::valid_room_id(board) {
+        Ok(())
+    } else {
+        Err(Error::bad_request(
+            "board ids are 1..=64 characters of A-Z a-z 0-9 _ . -",
+        ))
+    }
+}
+
+impl Boards {
+    /// The board, loaded from the store if need be. A board that does not exist yet is
+    /// created when `create` (within `board_max_per_room`), else `None`.
+    async fn get(
+        &self,
+        app: &App,
+        room: &RoomId,
+        board: &str,
+        create: bool,
+    ) -> Result<Option<Shared>> {
+        let key = (room.clone(), board.to_owned());
+        if let Some(b) = self.0.get(&key) {
+            return Ok(Some(b.clone()));
+        }
+        let stored = app.store.board_state(room, board).await?;
+        if stored.is_none() {
+            if !create {
+                return Ok(None);
+            }
+            let mut ids: HashSet<String> = app.store.board_ids(room).await?.into_iter().collect();
+            ids.extend(
+                self.0
+                    .iter()
+                    .filter(|e| &e.key().0 == room)
+                    .map(|e| e.key().1.clone()),
+            );
+            if ids.len() >= app.config.board_max_per_room {
+                return Err(Error::TooLarge(format!(
+                    "a room holds at most {} boards",
+                    app.config.board_max_per_room
+                )));
+            }
+        }
+        let doc = Doc::new();
+        let size = stored.as_ref().map_or(0, Vec::len);
+        if let Some(state) = stored {
+            let update = Update::decode_v1(&state)
+                .map_err(|e| Error::Internal(format!("stored board {room}/{board}: {e}")))?;
+            doc.transact_mut()
+                .apply_update(update)
+                .map_err(|e| Error::Internal(format!("stored board {room}/{board}: {e}")))?;
+        }
+        let grants = app
+            .store
+            .board_grants(room, board)
+            .await?
+            .into_iter()
+            .collect();
+        let loaded = Arc::new(Mutex::new(Board {
+            doc,
+            grants,
+            dirty: false,
+            size,
+        }));
+        Ok(Some(self.0.entry(key).or_insert(loaded).clone()))
+    }
+}
+
+fn board_frame(room: &RoomId, board: &str, msg: &Message) -> Frame {
+    let data = B64.encode(msg.encode_v1());
+    Frame::from(protocol::encode(&ServerMsg::Board {
+        room,
+        board,
+        data: &data,
+    }))
+}
+
+/// Decodes a `board` frame's `data` into one y-protocols message, within the size limit.
+fn decode(app: &App, data: &str) -> Result<Message> {
+    let max = app.config.board_max_message_bytes;
+    if data.len() > max.div_ceil(3) * 4 {
+        return Err(Error::TooLarge(format!(
+            "a board message is at most {max} bytes"
+        )));
+    }
+    let bytes = B64
+        .decode(data)
+        .map_err(|_| Error::bad_request("data must be base64"))?;
+    if bytes.len() > max {
+        return Err(Error::TooLarge(format!(
+            "a board message is at most {max} bytes"
+        )));
+    }
+    Message::decode_v1(&bytes)
+        .map_err(|e| Error::bad_request(format!("data is not a y-protocols message: {e}")))
+}
+
+pub(super) async fn message(
+    ctx: &mut Ctx,
+    room: RoomId,
+    board: String,
+    data: String,
+) -> Result<Outcome> {
+    check_room_id(&room)?;
+    check_board(&board)?;
+    let role = ctx.joined_role(&room)?;
+    let msg = decode(&ctx.app, &data)?;
+    let app = ctx.app.clone();
+    match msg {
+        Message::Sync(SyncMessage::SyncStep1(sv)) => {
+            let found = app.boards.get(&app, &room, &board, false).await?;
+            let (diff, ours) = match &found {
+                Some(b) => {
+                    let b = lock(b);
+                    let txn = b.doc.transact();
+                    let may_draw = role.can_moderate() || b.grants.contains(&ctx.me.user);
+                    (
+                        txn.encode_diff_v1(&sv),
+                        may_draw.then(|| txn.state_vector()),
+                    )
+                }
+                None => (Doc::new().transact().encode_diff_v1(&sv), None),
+            };
+            let step2 = Message::Sync(SyncMessage::SyncStep2(diff));
+            ctx.push(board_frame(&room, &board, &step2)).await;
+            if let Some(sv) = ours {
+                let step1 = Message::Sync(SyncMessage::SyncStep1(sv));
+                ctx.push(board_frame(&room, &board, &step1)).await;
+            }
+        }
+        Message::Sync(SyncMessage::SyncStep2(update) | SyncMessage::Update(update)) => {
+            let b = app
+                .boards
+                .get(&app, &room, &board, true)
+                .await?
+                .ok_or_else(|| Error::Internal("board not created".into()))?;
+            merge(ctx, &room, &board, &b, role.can_moderate(), update)?;
+        }
+        Message::Awareness(_) | Message::AwarenessQuery => {
+            let frame = Frame::from(protocol::encode(&ServerMsg::Board {
+                room: &room,
+                board: &board,
+                data: &data,
+            }));
+            app.hub.notify_other_sessions(&room, &ctx.handle.id, &frame);
+        }
+        Message::Auth(_) | Message::Custom(..) => {
+            return Err(Error::bad_request(
+                "a board carries sync and awareness messages only",
+            ));
+        }
+    }
+    Ok(Outcome::ok(EmptyOk {}))
+}
+
+/// Merges an update into the board (if the session may draw and it fits) and relays it to the
+/// room's other sessions as an update message.
+fn merge(
+    ctx: &Ctx,
+    room: &RoomId,
+    board: &str,
+    shared: &Shared,
+    moderator: bool,
+    update: Vec<u8>,
+) -> Result<()> {
+    let max = ctx.app.config.board_max_doc_bytes;
+    {
+        let mut b = lock(shared);
+        if !moderator && !b.grants.contains(&ctx.me.user) {
+            return Err(Error::Forbidden(
+                "only host/ta and users granted drawing may change this board".into(),
+            ));
+        }
+        if b.size + update.len() > max {
+            return Err(Error::TooLarge(format!(
+                "a board's document is at most {max} bytes"
+            )));
+        }
+        let decoded = Update::decode_v1(&update)
+            .map_err(|e| Error::bad_request(format!("not a Yjs update: {e}")))?;
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            b.doc.transact_mut().apply_update(decoded)
+        }));
+        match applied {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::bad_request(format!("update refused: {e}"))),
+            Err(_) => {
+                // The document may be half-changed: forget it, the next use reloads the saved one.
+                drop(b);
+                ctx.app.boards.0.remove(&(room.clone(), board.to_owned()));
+                return Err(Error::bad_request("update refused"));
+            }
+        }
+        b.size += update.len();
+        b.dirty = true;
+    }
+    let relay = Message::Sync(SyncMessage::Update(update));
+    ctx.app
+        .hub
+        .notify_other_sessions(room, &ctx.handle.id, &board_frame(room, board, &relay));
+    Ok(())
+}
+
+pub(super) async fn grant(
+    ctx: &mut Ctx,
+    room: RoomId,
+    board: String,
+    user: UserId,
+    draw: bool,
+) -> Result<Outcome> {
+    check_room_id(&room)?;
+    check_board(&board)?;
+    if user.as_str().is_empty() || user.as_str().chars().count() > 64 {
+        return Err(Error::bad_request("user ids are 1..=64 characters"));
+    }
+    if !ctx.joined_role(&room)?.can_moderate() {
+        return Err(Error::Forbidden("only host/ta grant drawing".into()));
+    }
+    ctx.app
+        .store
+        .set_board_grant(&room, &board, &user, draw)
+        .await?;
+    if let Some(b) = ctx.app.boards.0.get(&(room, board)) {
+        let mut b = lock(&b);
+        if draw {
+            b.grants.insert(user);
+        } else {
+            b.grants.remove(&user);
+        }
+    }
+    Ok(Outcome::ok(EmptyOk {}))
+}
+
+/// Saves every changed board (its whole state, once), then forgets the saved boards of rooms
+/// no session on this node has joined.
+pub async fn save_all(app: &App) {
+    let dirty: Vec<((RoomId, String), Shared)> = app
+        .boards
+        .0
+        .iter()
+        .filter(|e| lock(e.value()).dirty)
+        .map(|e| (e.key().clone(), e.value().clone()))
+        .collect();
+    for ((room, board), shared) in dirty {
+        let state = {
+            let mut b = lock(&shared);
+            b.dirty = false;
+            let state = b
+                .doc
+                .transact()
+                .encode_state_as_update_v1(&StateVector::default());
+            b.size = state.len();
+            state
+        };
+        if let Err(e) = app.store.save_board(&room, &board, &state).await {
+            tracing::warn!(error = %e, room = %room, board = %board, "saving a board failed");
+            lock(&shared).dirty = true;
+        }
+    }
+    app.boards
+        .0
+        .retain(|(room, _), b| lock(b).dirty || app.hub.has_room(room));
+}
+
+/// Every `board_save_ms`: saves the boards changed since the last look.
+pub async fn run_saver(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(app.config.board_save_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        save_all(&app).await;
+    }
+}

@@ -13,6 +13,7 @@ mod common;
 mod config;
 mod durability;
 mod engagement;
+mod faults;
 mod hardening;
 mod limits;
 mod moderation;

@@ -1367,6 +1367,14 @@ impl Hub {
     }
 
     /// This node's sessions per user with their call-waiting flag, for its heartbeat.
+    /// One user's sessions on this node: (session id, call waiting).
+    pub fn local_sessions(&self, user: &UserId) -> Vec<(String, bool)> {
+        self.users
+            .get(user)
+            .map(|s| s.iter().map(|h| (h.id.0.clone(), h.call_waiting)).collect())
+            .unwrap_or_default()
+    }
+
     pub fn sessions_snapshot(&self) -> Vec<(UserId, Vec<(String, bool)>)> {
         self.users
             .iter()

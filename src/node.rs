@@ -120,6 +120,11 @@ pub trait Broker: Send + Sync {
 
     /// The live nodes, once this node has heard from all of them (cluster A/V admission).
     fn live_nodes(&self) -> Option<Vec<String>>;
+
+    /// Asks the other nodes, now, which sessions `user` has there: (session id, call
+    /// waiting). For a user the heartbeat directory does not list yet (they connected
+    /// elsewhere a moment ago). Bounded by a short timeout; empty on a single node.
+    fn ask_sessions(&self, user: &UserId) -> BoxFuture<'static, Vec<(String, bool)>>;
 }
 
 /// The node of a session or call id (`s...`/`c...` then `.NODE`), if it names one.
@@ -185,5 +190,9 @@ impl Broker for LocalBroker {
 
     fn live_nodes(&self) -> Option<Vec<String>> {
         None
+    }
+
+    fn ask_sessions(&self, _user: &UserId) -> BoxFuture<'static, Vec<(String, bool)>> {
+        Box::pin(async { Vec::new() })
     }
 }

@@ -293,8 +293,17 @@ pub(crate) async fn call(
             return Err(Error::Forbidden(format!("{to} is not a member of {room}")));
         }
     }
-    let callee_sessions = ctx.app.hub.session_ids(&to);
-    let waiting = ctx.app.hub.call_waiting(&to);
+    let mut callee_sessions = ctx.app.hub.session_ids(&to);
+    let mut waiting = ctx.app.hub.call_waiting(&to);
+    if callee_sessions.is_empty() {
+        // Not here and not in the heartbeat directory: the callee may have connected to
+        // another node a moment ago, before its next heartbeat. Ask the other nodes now
+        // rather than refuse a user who is online.
+        for (session, w) in ctx.app.broker.ask_sessions(&to).await {
+            waiting |= w;
+            callee_sessions.push(session);
+        }
+    }
     let app = ctx.app.clone();
     let id = app.new_call_id();
     let (call_id, outs) = {

@@ -172,6 +172,7 @@ const TAG_CALL: u8 = b'R';
 const TAG_INVALIDATE: u8 = b'I';
 const TAG_SESSION_CLOSED: u8 = b'X';
 const TAG_AV: u8 = b'A';
+const TAG_WHO: u8 = b'W';
 
 fn encode_event(ev: &CommittedEvent) -> Bytes {
     let public = ev.public_json.as_deref().unwrap_or("");
@@ -928,6 +929,16 @@ impl Bus {
                             .await;
                     }
                 }
+                Some(TAG_WHO) => {
+                    if let (Some(reply), Some(user)) = (msg.reply.clone(), r.rest_str()) {
+                        let mine = self.hub.local_sessions(&UserId::from(user));
+                        if let Ok(body) = serde_json::to_vec(&mine)
+                            && let Err(e) = self.client.publish(reply, Bytes::from(body)).await
+                        {
+                            tracing::debug!(error = %e, "could not answer a sessions question");
+                        }
+                    }
+                }
                 Some(TAG_SESSION_CLOSED) => {
                     if let (Some(user), Some(sid)) = (r.str16(), r.rest_str()) {
                         let closed = Inbound::SessionClosed {
@@ -940,6 +951,46 @@ impl Bus {
                 _ => {}
             }
         }
+    }
+
+    /// Asks every other node for `user`'s sessions there (one question on the control
+    /// subject, every node answers on one inbox). Returns once every node this one hears has
+    /// answered, or after a short timeout with what came.
+    async fn ask_sessions_now(
+        client: Client,
+        timeout: Duration,
+        expected: usize,
+        user: UserId,
+    ) -> Vec<(String, bool)> {
+        let inbox = client.new_inbox();
+        let Ok(mut answers) = client.subscribe(inbox.clone()).await else {
+            return Vec::new();
+        };
+        let question = Writer::new(TAG_WHO, user.as_str().len()).rest(user.as_str().as_bytes());
+        if client
+            .publish_with_reply(CTL_SUBJECT, inbox, question)
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        let mut found = Vec::new();
+        let mut answered = 0;
+        let _ = tokio::time::timeout(timeout, async {
+            while let Some(msg) = answers.next().await {
+                if let Ok(sessions) = serde_json::from_slice::<Vec<(String, bool)>>(&msg.payload) {
+                    found.extend(sessions);
+                }
+                answered += 1;
+                // Every node this one hears has answered; one it does not hear yet may still,
+                // within the timeout, unless the others already named sessions.
+                if answered >= expected.max(1) {
+                    break;
+                }
+            }
+        })
+        .await;
+        found
     }
 
     // -- presence -------------------------------------------------------------------------------
@@ -1333,6 +1384,17 @@ impl Broker for Bus {
 
     fn live_nodes(&self) -> Option<Vec<String>> {
         self.knows_every_node().then(|| self.heard_nodes())
+    }
+
+    fn ask_sessions(&self, user: &UserId) -> BoxFuture<'static, Vec<(String, bool)>> {
+        // Short: a caller waits on this, and an unknown user is the common case.
+        let timeout = self.request_timeout.min(Duration::from_millis(500));
+        Box::pin(Bus::ask_sessions_now(
+            self.client.clone(),
+            timeout,
+            self.heard_nodes().len(),
+            user.clone(),
+        ))
     }
 }
 

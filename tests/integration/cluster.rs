@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// a busy two-core machine, so every wait here polls a condition (a frame, a state, a metric)
 /// under this one generous bound instead of racing a short clock; it only decides when a
 /// stuck test gives up. `STUDYHALL_CLUSTER_BUDGET_S` changes it (default 120 s).
-fn budget() -> Duration {
+pub(crate) fn budget() -> Duration {
     let secs = std::env::var("STUDYHALL_CLUSTER_BUDGET_S")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -30,20 +30,20 @@ fn budget() -> Duration {
     Duration::from_secs(secs)
 }
 
-async fn eventually<F: std::future::Future>(what: &str, f: F) -> F::Output {
+pub(crate) async fn eventually<F: std::future::Future>(what: &str, f: F) -> F::Output {
     tokio::time::timeout(budget(), f)
         .await
         .unwrap_or_else(|_| panic!("timed out after {:?}: {what}", budget()))
 }
 
 /// A nats-server of the test's own on a free loopback port.
-struct Nats {
+pub(crate) struct Nats {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Nats {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -91,7 +91,7 @@ impl Nats {
         Self { child, port }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
@@ -107,13 +107,18 @@ impl Nats {
     }
 }
 
-struct Node {
-    child: Child,
-    addr: SocketAddr,
+pub(crate) struct Node {
+    pub(crate) child: Child,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Node {
-    async fn spawn(db_url: &str, nats_url: &str, id: &str, extra: &[(&str, &str)]) -> Self {
+    pub(crate) async fn spawn(
+        db_url: &str,
+        nats_url: &str,
+        id: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let mut cmd = studyhall_serve(db_url);
         cmd.envs(extra.iter().copied())
             .env("STUDYHALL_JWT_SECRET", SECRET)
@@ -130,7 +135,7 @@ impl Node {
         Self { child, addr }
     }
 
-    async fn signal(&mut self, sig: &str) {
+    pub(crate) async fn signal(&mut self, sig: &str) {
         let pid = self.child.id().unwrap().to_string();
         let ok = Command::new("kill")
             .args([sig, &pid])
@@ -201,12 +206,12 @@ impl Cluster {
     }
 }
 
-fn student(user: &str) -> String {
+pub(crate) fn student(user: &str) -> String {
     token(user, PlatformRole::Student, &[])
 }
 
 /// The next text frame, or `None` once the socket closed (with its close code noted).
-async fn next_frame(c: &mut Client, closed: &mut Option<u16>) -> Option<Value> {
+pub(crate) async fn next_frame(c: &mut Client, closed: &mut Option<u16>) -> Option<Value> {
     if let Some(f) = c.pending.pop_front() {
         return Some(f);
     }
@@ -225,20 +230,20 @@ async fn next_frame(c: &mut Client, closed: &mut Option<u16>) -> Option<Value> {
 
 /// A room member that records every sequenced event it gets, and on a lost connection
 /// reconnects to another node and resumes with `join {after_seq}`.
-struct Member {
-    user: String,
+pub(crate) struct Member {
+    pub(crate) user: String,
     room: String,
-    client: Client,
+    pub(crate) client: Client,
     /// (seq, message id) of every `message` event, in arrival order.
-    seen: Vec<(i64, String)>,
-    last_seq: i64,
-    closes: Vec<Option<u16>>,
+    pub(crate) seen: Vec<(i64, String)>,
+    pub(crate) last_seq: i64,
+    pub(crate) closes: Vec<Option<u16>>,
     /// Replies read while collecting events.
     oks: Vec<Value>,
 }
 
 impl Member {
-    async fn join(addr: SocketAddr, user: &str, room: &str) -> Self {
+    pub(crate) async fn join(addr: SocketAddr, user: &str, room: &str) -> Self {
         let mut client = Client::connect(addr, &student(user)).await;
         let ok = client.join(room).await;
         Self {
@@ -252,7 +257,7 @@ impl Member {
         }
     }
 
-    fn record(&mut self, f: Value) {
+    pub(crate) fn record(&mut self, f: Value) {
         if f.get("rid").is_some() {
             self.oks.push(f);
             return;
@@ -279,7 +284,7 @@ impl Member {
     }
 
     /// Reads until `n` messages have been seen; on a closed socket, resumes on `fallback`.
-    async fn collect(&mut self, n: usize, fallback: &[SocketAddr]) {
+    pub(crate) async fn collect(&mut self, n: usize, fallback: &[SocketAddr]) {
         let mut next_node = 0;
         while self.seen.len() < n {
             let mut closed = None;
@@ -307,7 +312,7 @@ impl Member {
 }
 
 /// Sends `n` messages on `c`, waits for every ok, returns the acked seqs.
-async fn send_all(c: &mut Client, room: &str, tag: &str, n: usize) -> Vec<i64> {
+pub(crate) async fn send_all(c: &mut Client, room: &str, tag: &str, n: usize) -> Vec<i64> {
     let mut rids = Vec::with_capacity(n);
     for i in 0..n {
         let rid = c
@@ -652,6 +657,44 @@ async fn a_call_between_nodes_rings_connects_relays_signals_and_ends() {
         for c in [&mut tutor, &mut kid_a] {
             of_call(c, "call_ended", &call_id).await;
         }
+        c.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_call_to_a_user_who_just_connected_elsewhere_rings_at_once() {
+    eventually("call before any heartbeat", async {
+        // Heartbeats so rare (and a TTL so long) that node 0's directory cannot learn of
+        // bob's session during the test: only asking the other nodes can find it.
+        let slow = [
+            ("STUDYHALL_PRESENCE_HEARTBEAT_MS", "120000"),
+            ("STUDYHALL_PRESENCE_TTL_MS", "600000"),
+        ];
+        let c = Cluster::start_with(2, &slow).await;
+        let mut alice = Client::connect(c.addr(0), &student("alice")).await;
+        let mut bob = Client::connect(c.addr(1), &student("bob")).await;
+        // No wait: bob's welcome is in, alice calls.
+        let r = alice
+            .request(json!({"type":"call","to":"bob","media":{"audio":true,"video":false}}))
+            .await;
+        assert_eq!(r["type"], "ok", "the call was refused: {r}");
+        let id = r["call_id"].as_str().unwrap().to_owned();
+        let rang = ring(&mut bob, &id).await;
+        assert_eq!(rang["from"]["session"], alice.session.as_str());
+        // It connects like any call: the accept goes to the owning node.
+        bob.ok(json!({"type":"call_accept","call_id":id})).await;
+        let st = of_call(&mut alice, "call_state", &id).await;
+        assert_eq!(st["state"], "accepted");
+        alice.ok(json!({"type":"call_hangup","call_id":id})).await;
+        of_call(&mut bob, "call_ended", &id).await;
+        // A user online nowhere is still refused, and soon: every node answered "none".
+        let asked = std::time::Instant::now();
+        let code = alice
+            .err(json!({"type":"call","to":"nobody","media":{"audio":true,"video":false}}))
+            .await;
+        assert_eq!(code, "unavailable");
+        assert!(asked.elapsed() < budget(), "bounded");
         c.stop().await;
     })
     .await;

@@ -15,6 +15,7 @@ mod common;
 mod config;
 mod durability;
 mod engagement;
+mod faults;
 mod hardening;
 mod limits;
 mod moderation;

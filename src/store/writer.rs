@@ -558,7 +558,10 @@ async fn webhook_events(
     let wanted = |t| subscribed.has(t);
     if !(wanted(EventType::MessageCreated)
         || wanted(EventType::QuestionAsked)
-        || wanted(EventType::QuestionAnswered))
+        || wanted(EventType::QuestionAnswered)
+        || wanted(EventType::PollClosed)
+        || wanted(EventType::ClassStarted)
+        || wanted(EventType::ClassEnded))
     {
         return Ok(false);
     }
@@ -574,6 +577,18 @@ async fn webhook_events(
                 (EventType::QuestionAsked, *ts)
             }
             (WriteOp::Answer { .. }, _) => (EventType::QuestionAnswered, now_ms()),
+            (
+                WriteOp::PollState {
+                    target: crate::protocol::PollState::Closed,
+                    ..
+                },
+                WriteOutcome::Poll { seq: Some(_), .. },
+            ) => (EventType::PollClosed, now_ms()),
+            (WriteOp::ClassState { .. }, WriteOutcome::Class { state, .. }) => match state {
+                crate::protocol::ClassState::Live => (EventType::ClassStarted, now_ms()),
+                crate::protocol::ClassState::Ended => (EventType::ClassEnded, now_ms()),
+                crate::protocol::ClassState::Scheduled => continue,
+            },
             _ => continue,
         };
         if !wanted(kind) {

@@ -716,3 +716,49 @@ async fn the_webhook_api_validates_and_lists() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn class_start_poll_close_and_class_end_are_reported() {
+    use studyhall::protocol::{PlatformRole, RoomRole};
+    let db = TestDb::new(Db::Sqlite).await;
+    let mut rcv = Receiver::start().await;
+    let s = db.server(fast).await;
+    let events = ["class.started", "poll.closed", "class.ended"];
+    let (_, secret) = subscribe(&s, &rcv.url, &events).await;
+    rcv.trust(&secret);
+    let later = (now_s() + 3600) * 1000;
+    let (status, body) = api(
+        &s,
+        "POST",
+        "/api/rooms",
+        Some(json!({"id": "c", "kind": "class", "title": "C", "starts_at": later})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let mut h = Client::connect(
+        s.addr,
+        &token("teacher", PlatformRole::Tutor, &[("c", RoomRole::Host)]),
+    )
+    .await;
+    h.join("c").await;
+    h.ok(json!({"type": "class_start", "room": "c"})).await;
+    let poll = h
+        .ok(json!({"type": "poll_create", "room": "c", "kind": "poll", "question": "Ready?",
+                   "options": ["yes", "no"]}))
+        .await["poll"]["id"]
+        .clone();
+    h.ok(json!({"type": "poll_open", "room": "c", "poll": poll}))
+        .await;
+    h.ok(json!({"type": "poll_close", "room": "c", "poll": poll}))
+        .await;
+    h.ok(json!({"type": "class_end", "room": "c"})).await;
+    let got = rcv.delivered(3).await;
+    let types: Vec<&str> = got
+        .iter()
+        .map(|r| r.body["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, events);
+    assert!(got.iter().all(|r| r.body["room"] == "c" && r.body["seq"].is_i64()));
+    s.stop().await;
+    db.drop_db().await;
+}

@@ -16,6 +16,8 @@ pub mod calls;
 pub mod sdp;
 pub mod turn;
 
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 #[cfg(test)]
 mod props;
 

@@ -10,61 +10,21 @@
 
 use crate::av::{AvKind, AvRooms};
 use crate::calls::{CallConfig, CallRequest, Calls, EndReason};
+use crate::fuzz::{check, junk_with, pick};
 use crate::sdp::{self, MAX_CANDIDATE_BYTES, MAX_SDP_BYTES, Payload};
 use crate::{Media, Msg, Out, Peer, SignalError};
+use rand::Rng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::time::{Duration, Instant};
 
-/// Runs `prop` on `cases` seeded generators (or for `STUDYHALL_FUZZ_SECS` seconds), naming
-/// the seed and case of a failure.
-pub(crate) fn check(name: &str, cases: u64, mut prop: impl FnMut(&mut StdRng)) {
-    let secs: Option<f64> = std::env::var("STUDYHALL_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok());
-    let seed: u64 = std::env::var("STUDYHALL_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            if secs.is_some() {
-                rand::random()
-            } else {
-                0x5717_d4a1
-            }
-        });
-    let deadline = secs.map(|s| Instant::now() + Duration::from_secs_f64(s));
-    let mut case = 0u64;
-    while match deadline {
-        Some(d) => case == 0 || Instant::now() < d,
-        None => case < cases,
-    } {
-        let mut rng = StdRng::seed_from_u64(seed ^ case.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prop(&mut rng)));
-        if let Err(panic) = run {
-            eprintln!("property {name} failed at case {case}; replay: STUDYHALL_FUZZ_SEED={seed}");
-            std::panic::resume_unwind(panic);
-        }
-        case += 1;
-    }
-}
-
-fn pick<'a, T>(rng: &mut StdRng, items: &'a [T]) -> &'a T {
-    &items[rng.random_range(0..items.len())]
-}
-
-/// A string of random characters, biased towards the troublesome ones.
+/// A string of random characters, biased towards the ones SDP and candidates trip on.
 fn junk(rng: &mut StdRng, max: usize) -> String {
-    let n = rng.random_range(0..=max);
-    (0..n)
-        .map(|_| match rng.random_range(0..10) {
-            0 => *pick(rng, &['\0', '\r', '\n', ' ', '\t', '=', ':', '"', '\\']),
-            1 => *pick(rng, &['é', 'ß', '€', '𝄞', '\u{200b}', '\u{feff}', '\u{7f}']),
-            2 => char::from_u32(rng.random_range(0..0x11_0000)).unwrap_or('?'),
-            _ => rng.random_range(b' '..=b'~') as char,
-        })
-        .collect()
+    junk_with(
+        rng,
+        max,
+        &['\0', '\r', '\n', ' ', '\t', '=', ':', '"', '\\'],
+    )
 }
 
 const SDP_LINES: &[&str] = &[

@@ -743,8 +743,10 @@ async fn class_start_poll_close_and_class_end_are_reported() {
     h.join("c").await;
     h.ok(json!({"type": "class_start", "room": "c"})).await;
     let poll = h
-        .ok(json!({"type": "poll_create", "room": "c", "kind": "poll", "question": "Ready?",
-                   "options": ["yes", "no"]}))
+        .ok(
+            json!({"type": "poll_create", "room": "c", "kind": "poll", "question": "Ready?",
+                   "options": ["yes", "no"]}),
+        )
         .await["poll"]["id"]
         .clone();
     h.ok(json!({"type": "poll_open", "room": "c", "poll": poll}))
@@ -758,7 +760,10 @@ async fn class_start_poll_close_and_class_end_are_reported() {
         .map(|r| r.body["type"].as_str().unwrap())
         .collect();
     assert_eq!(types, events);
-    assert!(got.iter().all(|r| r.body["room"] == "c" && r.body["seq"].is_i64()));
+    assert!(
+        got.iter()
+            .all(|r| r.body["room"] == "c" && r.body["seq"].is_i64())
+    );
     s.stop().await;
     db.drop_db().await;
 }

@@ -209,3 +209,41 @@ fn the_reader_finds_paths_and_groups() {
     g.insert("c".to_owned(), BTreeSet::from(["a".to_owned()]));
     assert_eq!(cycles(&g), vec![vec!["a".to_owned(), "b".to_owned()]]);
 }
+
+/// Only `src/store/` talks SQL: no other file of the server names `sqlx`.
+#[test]
+fn only_the_store_runs_sql() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    assert!(!files.is_empty(), "no sources under {}", src.display());
+    let store = src.join("store");
+    let outside: Vec<_> = files
+        .iter()
+        .filter(|f| !f.starts_with(&store))
+        .filter(|f| {
+            std::fs::read_to_string(f)
+                .map(|t| without_comments(&t).contains("sqlx"))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(outside.is_empty(), "sqlx outside src/store/: {outside:?}");
+}
+
+/// The two migration trees hold the same versions under the same names.
+#[test]
+fn both_backends_have_the_same_migrations() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let names = |dir: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(root.join(dir))
+            .unwrap_or_else(|e| panic!("migrations/{dir}: {e}"))
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let (sqlite, postgres) = (names("sqlite"), names("postgres"));
+    assert!(!sqlite.is_empty());
+    assert_eq!(sqlite, postgres);
+}

@@ -839,6 +839,16 @@ function playVideo(v, stream) {
   });
 }
 
+// What a call's end reason means to the person it happened to.
+const CALL_END_TEXT = {
+  ended: 'Call ended',
+  rejected: 'Call declined',
+  missed: 'No answer',
+  busy: 'Busy: they are in another call',
+  cancelled: 'Call cancelled',
+  failed: 'Call failed',
+};
+
 function renderCall(call, endReason) {
   const ringing = call && call.state === 'ringing' && !call.outgoing;
   $('incoming').hidden = !ringing;
@@ -846,7 +856,7 @@ function renderCall(call, endReason) {
   $('call-card').hidden = !call || ringing;
   clearInterval(callTimer);
   if (!call) {
-    if (endReason) toast('Call ended: ' + endReason);
+    if (endReason) toast(CALL_END_TEXT[endReason] || 'Call ended (' + endReason + ')');
     $('remote-video').srcObject = null;
     $('local-video').srcObject = null;
     return;

@@ -27,27 +27,10 @@ pub(super) async fn send(
     reply_to: &Option<MessageId>,
     fx: &mut Effects,
 ) -> Result<Applied> {
-    if let Some(cid) = client_msg_id {
-        let prior = sqlx::query(
-            "SELECT id, seq, ts FROM messages \
-             WHERE room_id = $1 AND sender_id = $2 AND client_msg_id = $3",
-        )
-        .bind(room.as_str())
-        .bind(from.id.as_str())
-        .bind(cid.as_str())
-        .fetch_optional(&mut **tx)
-        .await?;
-        if let Some(row) = prior {
-            return Ok(Applied {
-                outcome: WriteOutcome::Sent {
-                    id: MessageId(row.try_get("id")?),
-                    seq: row.try_get("seq")?,
-                    ts: row.try_get("ts")?,
-                    duplicate: true,
-                },
-                event: None,
-            });
-        }
+    if let Some(cid) = client_msg_id
+        && let Some(earlier) = earlier_send(tx, room, from, cid).await?
+    {
+        return Ok(earlier);
     }
     if let Some(target) = reply_to {
         let found = load_message(tx, room, target).await;
@@ -99,6 +82,37 @@ pub(super) async fn send(
         },
         event: Some(committed),
     })
+}
+
+/// The send `from` already made with `client_msg_id` `cid` in this room, answered again as a
+/// duplicate; `None` when there is none.
+async fn earlier_send(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    from: &UserRef,
+    cid: &str,
+) -> Result<Option<Applied>> {
+    let prior = sqlx::query(
+        "SELECT id, seq, ts FROM messages \
+         WHERE room_id = $1 AND sender_id = $2 AND client_msg_id = $3",
+    )
+    .bind(room.as_str())
+    .bind(from.id.as_str())
+    .bind(cid)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(row) = prior {
+        return Ok(Some(Applied {
+            outcome: WriteOutcome::Sent {
+                id: MessageId(row.try_get("id")?),
+                seq: row.try_get("seq")?,
+                ts: row.try_get("ts")?,
+                duplicate: true,
+            },
+            event: None,
+        }));
+    }
+    Ok(None)
 }
 
 /// Applies an `edit` by the author: rewrites the stored message and its search row.
@@ -248,28 +262,71 @@ pub(super) async fn react(
         });
     }
     if add {
-        let others: i64 = sqlx::query_scalar(
-            "SELECT COUNT(DISTINCT emoji) FROM reactions WHERE message_id = $1 AND emoji <> $2",
-        )
-        .bind(id.as_str())
-        .bind(emoji)
-        .fetch_one(&mut **tx)
-        .await?;
-        let used: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM reactions WHERE message_id = $1 AND emoji = $2 LIMIT 1",
-        )
-        .bind(id.as_str())
-        .bind(emoji)
-        .fetch_optional(&mut **tx)
-        .await?;
-        if used.is_none() && others >= i64::from(max_distinct) {
-            return Err(StoreError::TooLarge(format!(
-                "a message carries at most {max_distinct} different reactions"
-            )));
-        }
+        check_distinct(tx, id, emoji, max_distinct).await?;
     }
     let seq = bump_seq(tx, room).await?;
     let ts = now_ms();
+    store_reaction(tx, id, user, emoji, add, ts).await?;
+    let counts = reaction_counts(tx, id).await?;
+    let count = counts
+        .iter()
+        .find(|c| c.emoji == emoji)
+        .map_or(0, |c| c.count);
+    rewrite_message(tx, room, msg.seq, |ev| {
+        if let RoomEvent::Message { reactions, .. } = ev {
+            *reactions = counts;
+        }
+    })
+    .await?;
+    count_reaction(tx, cfg, room, id, user, &msg.sender, emoji, add, ts, fx).await?;
+    let event = RoomEvent::Reaction {
+        id: id.clone(),
+        emoji: emoji.to_owned(),
+        user: user.clone(),
+        count,
+        added: add,
+        ts,
+    };
+    record_change(tx, room, seq, ts, id.as_str(), event, None).await
+}
+
+/// Refuses a new emoji on a message that already carries `max_distinct` different ones.
+async fn check_distinct(
+    tx: &mut Tx<'_>,
+    id: &MessageId,
+    emoji: &str,
+    max_distinct: u32,
+) -> Result<()> {
+    let others: i64 = sqlx::query_scalar(
+        "SELECT COUNT(DISTINCT emoji) FROM reactions WHERE message_id = $1 AND emoji <> $2",
+    )
+    .bind(id.as_str())
+    .bind(emoji)
+    .fetch_one(&mut **tx)
+    .await?;
+    let used: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM reactions WHERE message_id = $1 AND emoji = $2 LIMIT 1")
+            .bind(id.as_str())
+            .bind(emoji)
+            .fetch_optional(&mut **tx)
+            .await?;
+    if used.is_none() && others >= i64::from(max_distinct) {
+        return Err(StoreError::TooLarge(format!(
+            "a message carries at most {max_distinct} different reactions"
+        )));
+    }
+    Ok(())
+}
+
+/// Adds or removes the user's reaction row.
+async fn store_reaction(
+    tx: &mut Tx<'_>,
+    id: &MessageId,
+    user: &UserRef,
+    emoji: &str,
+    add: bool,
+    ts: i64,
+) -> Result<()> {
     if add {
         sqlx::query(
             "INSERT INTO reactions (message_id, user_id, emoji, ts) VALUES ($1, $2, $3, $4)",
@@ -288,19 +345,26 @@ pub(super) async fn react(
             .execute(&mut **tx)
             .await?;
     }
-    let counts = reaction_counts(tx, id).await?;
-    let count = counts
-        .iter()
-        .find(|c| &c.emoji == emoji)
-        .map_or(0, |c| c.count);
-    rewrite_message(tx, room, msg.seq, |ev| {
-        if let RoomEvent::Message { reactions, .. } = ev {
-            *reactions = counts;
-        }
-    })
-    .await?;
+    Ok(())
+}
+
+/// Counts a reaction for engagement: an added one for its giver and the message's `author`, a
+/// removed one reverses what it earned the author.
+#[allow(clippy::too_many_arguments)]
+async fn count_reaction(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    room: &RoomId,
+    id: &MessageId,
+    user: &UserRef,
+    author: &str,
+    emoji: &str,
+    add: bool,
+    ts: i64,
+    fx: &mut Effects,
+) -> Result<()> {
     let detail = format!("{} {emoji}", user.id);
-    let for_author = msg.sender != user.id.as_str();
+    let for_author = author != user.id.as_str();
     if add {
         let mut items = vec![Contribution::new(
             room,
@@ -312,7 +376,7 @@ pub(super) async fn react(
         if for_author {
             // Points to the message's author, whose name this write does not know.
             let mut c = Contribution::new(room, user, Kind::ReactionReceived, id.as_str(), ts);
-            c.user = UserId(msg.sender.clone());
+            c.user = UserId(author.to_owned());
             c.name = String::new();
             c.detail = detail;
             items.push(c);
@@ -332,19 +396,11 @@ pub(super) async fn react(
         engagement::refund(tx, room, &reversed)
             .await
             .map_err(engagement::abort)?;
-        engagement::uncount(tx, room, &msg.sender, Kind::ReactionReceived)
+        engagement::uncount(tx, room, author, Kind::ReactionReceived)
             .await
             .map_err(engagement::abort)?;
     }
-    let event = RoomEvent::Reaction {
-        id: id.clone(),
-        emoji: emoji.to_owned(),
-        user: user.clone(),
-        count,
-        added: add,
-        ts,
-    };
-    record_change(tx, room, seq, ts, id.as_str(), event, None).await
+    Ok(())
 }
 
 struct MessageRow {

@@ -9,7 +9,7 @@ use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::hub::SessionHandle;
 use crate::outbox::{Outbox, Outgoing, Refused};
-use crate::protocol::{self, RoomId, RoomRole, ServerMsg, valid_room_id};
+use crate::protocol::{self, ClientMsg, RoomId, RoomRole, ServerMsg, valid_room_id};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::future::Future;
@@ -121,6 +121,12 @@ where
             Err(e) => Some(error_frame(rid, &e)),
         }
     })
+}
+
+/// The error for a command handed to a feature that does not handle it: a bug in
+/// `rooms::dispatch`'s routing, answered as an internal error rather than a panic.
+pub(crate) fn misrouted(msg: &ClientMsg) -> Error {
+    Error::Internal(format!("{:?} routed to the wrong feature", msg.kind()))
 }
 
 /// Refuses a room id that is not 1..=64 characters of `A-Z a-z 0-9 _ . -`.

@@ -640,15 +640,18 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn positive(name: &'static str, v: u64) -> Result<(), ConfigError> {
-            if v == 0 {
-                return Err(ConfigError::Invalid {
-                    name,
-                    why: "must be at least 1".into(),
-                });
-            }
-            Ok(())
-        }
+        self.validate_sessions()?;
+        self.validate_calls()?;
+        self.validate_store()?;
+        self.validate_rates()?;
+        self.validate_backend()?;
+        self.validate_engagement()?;
+        self.validate_classroom()?;
+        self.validate_cluster()
+    }
+
+    /// Session, room and message limits.
+    fn validate_sessions(&self) -> Result<(), ConfigError> {
         positive("max_frame_bytes", self.max_frame_bytes as u64)?;
         positive("outbox_frames", self.outbox_frames as u64)?;
         positive("write_batch_frames", self.write_batch_frames as u64)?;
@@ -681,6 +684,11 @@ impl Config {
         )?;
         positive("max_on_stage", self.max_on_stage as u64)?;
         positive("sla_check_interval_ms", self.sla_check_interval_ms)?;
+        Ok(())
+    }
+
+    /// Calls, A/V, the SFU and ICE servers.
+    fn validate_calls(&self) -> Result<(), ConfigError> {
         positive("ring_timeout_s", self.ring_timeout_s)?;
         positive("av_mesh_max", self.av_mesh_max as u64)?;
         positive("sfu_room_max", self.sfu_room_max as u64)?;
@@ -718,11 +726,21 @@ impl Config {
                 why: "turn_urls need turn_secret".into(),
             });
         }
+        Ok(())
+    }
+
+    /// The store writer, its pool and search.
+    fn validate_store(&self) -> Result<(), ConfigError> {
         positive("store_batch_max", self.store_batch_max as u64)?;
         positive("store_queue", self.store_queue as u64)?;
         positive("db_pool_size", u64::from(self.db_pool_size))?;
         positive("search_concurrency", self.search_concurrency as u64)?;
         positive("search_timeout_ms", self.search_timeout_ms)?;
+        Ok(())
+    }
+
+    /// The replay bound and the rate limits.
+    fn validate_rates(&self) -> Result<(), ConfigError> {
         if self.replay_limit as usize >= self.outbox_frames {
             // A replay shares the session's outbox with live traffic: it must fit with room.
             return Err(ConfigError::Invalid {
@@ -765,6 +783,11 @@ impl Config {
                 why: "rate must be > 0 and burst >= 1".into(),
             });
         }
+        Ok(())
+    }
+
+    /// The database backend and the token secret.
+    fn validate_backend(&self) -> Result<(), ConfigError> {
         if !matches!(
             self.sqlite_synchronous.as_str(),
             "full" | "normal" | "extra"
@@ -789,6 +812,11 @@ impl Config {
                 why: "must be at least 16 bytes".into(),
             });
         }
+        Ok(())
+    }
+
+    /// Engagement, room health, webhooks and statistics.
+    fn validate_engagement(&self) -> Result<(), ConfigError> {
         // -- engagement --
         self.engagement
             .check()
@@ -817,6 +845,11 @@ impl Config {
                 why,
             })?;
         positive("stats_max_buckets", self.stats_max_buckets as u64)?;
+        Ok(())
+    }
+
+    /// Polls, the class clock, breakouts and whiteboards.
+    fn validate_classroom(&self) -> Result<(), ConfigError> {
         if self.poll_max_options < 2 {
             return Err(ConfigError::Invalid {
                 name: "poll_max_options",
@@ -845,7 +878,7 @@ impl Config {
         positive("board_max_per_room", self.board_max_per_room as u64)?;
         positive("board_max_doc_bytes", self.board_max_doc_bytes as u64)?;
         positive("board_save_ms", self.board_save_ms)?;
-        self.validate_cluster()
+        Ok(())
     }
 
     /// `webhook_retry_schedule` as durations: the waits before the second, third, ...
@@ -939,6 +972,17 @@ impl Config {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_s)
     }
+}
+
+/// Refuses a zero for the setting `name`.
+fn positive(name: &'static str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::Invalid {
+            name,
+            why: "must be at least 1".into(),
+        });
+    }
+    Ok(())
 }
 
 /// The file an `sqlite:` database URL names (`sqlite://PATH` or `sqlite:PATH`, query

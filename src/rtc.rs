@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::hub::Frame;
 use crate::node::{AvChange, CallAction, CallCommand};
 use crate::protocol::{
-    self, AvJoinOk, AvMode, AvPeerRef, AvRoomMode, AvTrackKind, CallOk, CallParty, EmptyOk,
-    IceServer, Media, RoomId, RoomKind, RoomRole, ServerMsg, UserId,
+    self, AvJoinOk, AvMode, AvPeerRef, AvRoomMode, AvTrackKind, CallOk, CallParty, ClientMsg,
+    EmptyOk, IceServer, Media, RoomId, RoomKind, RoomRole, ServerMsg, UserId,
 };
 use crate::sfu::{Member, Notice, Notify, SfuConfig, SfuError, TrackKind};
 use crate::store::{AvJoin, CallLogEntry, now_ms};
@@ -1033,5 +1033,26 @@ pub(crate) async fn run_timers(app: Arc<App>) {
             outs
         };
         deliver(&app, outs, None, None);
+    }
+}
+
+/// Routes a call or room A/V command, and signaling.
+pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
+    match msg {
+        ClientMsg::Call { to, media, room } => call(ctx, to, media, room).await,
+        ClientMsg::CallAccept { call_id } => call_action(ctx, rid, CallAction::Accept, call_id),
+        ClientMsg::CallReject { call_id } => call_action(ctx, rid, CallAction::Reject, call_id),
+        ClientMsg::CallHangup { call_id } => call_action(ctx, rid, CallAction::Hangup, call_id),
+        ClientMsg::CallResume { call_id } => call_action(ctx, rid, CallAction::Resume, call_id),
+        ClientMsg::AvJoin { room } => av_join(ctx, room).await,
+        ClientMsg::AvLeave { room } => av_leave(ctx, room).await,
+        ClientMsg::AvMute { room, user, kind } => av_mute(ctx, room, user, kind).await,
+        ClientMsg::Signal {
+            call_id,
+            room,
+            to,
+            data,
+        } => signal(ctx, rid, call_id, room, to, data).await,
+        other => Err(crate::command::misrouted(&other)),
     }
 }

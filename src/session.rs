@@ -17,6 +17,7 @@ use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -336,81 +337,14 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
             }
             msg = stream.next(), if inflight.len() < max_inflight => {
                 ctx.handle.heard(crate::store::now_ms());
-                let text = match msg {
-                    None => break,
-                    Some(Err(e)) => {
-                        if is_too_big(&e) {
-                            ctx.app.metrics.frames_too_large.fetch_add(1, Relaxed);
-                            ctx.handle.close(close::TOO_BIG);
-                        } else if let Some(code) = violation(&e) {
-                            tracing::debug!(session = %ctx.handle.id, code, "websocket protocol violation");
-                            ctx.handle.close(code);
-                        }
-                        break;
-                    }
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Binary(_))) => {
-                        if strikes.hit() {
-                            ctx.handle.close(close::RATE_LIMITED);
-                            break;
-                        }
-                        let err = Error::bad_request("binary frames are not supported: send JSON text");
-                        if !ctx.push(error_frame(None, &err)).await {
-                            break;
-                        }
-                        continue;
-                    }
-                    Some(Ok(Message::Close(_))) => break,
-                    Some(Ok(_)) => continue, // pings are answered by the socket; pongs only count as life
+                let text = match text_of(ctx, &mut strikes, msg).await {
+                    ControlFlow::Break(()) => break,
+                    ControlFlow::Continue(None) => continue,
+                    ControlFlow::Continue(Some(t)) => t,
                 };
-                if !bucket.take() {
-                    ctx.app.metrics.rate_limited.fetch_add(1, Relaxed);
-                    if strikes.hit() {
-                        ctx.handle.close(close::RATE_LIMITED);
-                        break;
-                    }
-                    let err = Error::RateLimited("too many commands: slow down".into());
-                    if !ctx.push(error_frame(protocol::salvage_rid(text.as_str()), &err)).await {
-                        break;
-                    }
-                    continue;
-                }
-                let parsed = if protocol::has_nul_escape(text.as_str()) {
-                    Err(Error::bad_request("text must not contain NUL (U+0000)"))
-                } else {
-                    serde_json::from_str::<ClientFrame>(text.as_str())
-                        .map_err(|e| Error::bad_request(format!("malformed command: {e}")))
-                };
-                let frame = match parsed {
-                    Ok(f) => f,
-                    Err(err) => {
-                        ctx.app.metrics.command(CommandKind::Invalid);
-                        if strikes.hit() {
-                            ctx.handle.close(close::RATE_LIMITED);
-                            break;
-                        }
-                        if !ctx.push(error_frame(protocol::salvage_rid(text.as_str()), &err)).await {
-                            break;
-                        }
-                        continue;
-                    }
-                };
-                let rid = frame.rid;
-                ctx.app.metrics.command(frame.msg.kind());
-                // Boxed: the largest command's state would otherwise sit inside every idle
-                // session's read loop (a few KB per connection).
-                let reply = match Box::pin(crate::rooms::dispatch(ctx, rid, frame.msg)).await {
-                    Ok(Outcome::Ok(reply)) => rid.map(reply),
-                    Ok(Outcome::Deferred(fut)) => {
-                        inflight.push(fut);
-                        None
-                    }
-                    Ok(Outcome::Done) => None,
-                    Err(e) => Some(error_frame(rid, &e)),
-                };
-                if let Some(frame) = reply
-                    && !ctx.push(frame).await
-                {
+                let flow =
+                    handle_text(ctx, &mut bucket, &mut strikes, &mut inflight, text.as_str()).await;
+                if flow.is_break() {
                     break;
                 }
             }
@@ -432,6 +366,111 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
             .outbox
             .try_send(protocol::encode(&ServerMsg::Bye { reason: "shutdown" }));
     }
+}
+
+/// The text of what the socket gave; `Continue(None)` for a frame the loop skips (a refused
+/// binary frame, a ping or a pong), `Break` when the session must end.
+async fn text_of(
+    ctx: &mut Ctx,
+    strikes: &mut Strikes,
+    msg: Option<Result<Message, axum::Error>>,
+) -> ControlFlow<(), Option<Utf8Bytes>> {
+    match msg {
+        None => ControlFlow::Break(()),
+        Some(Err(e)) => {
+            if is_too_big(&e) {
+                ctx.app.metrics.frames_too_large.fetch_add(1, Relaxed);
+                ctx.handle.close(close::TOO_BIG);
+            } else if let Some(code) = violation(&e) {
+                tracing::debug!(session = %ctx.handle.id, code, "websocket protocol violation");
+                ctx.handle.close(code);
+            }
+            ControlFlow::Break(())
+        }
+        Some(Ok(Message::Text(t))) => ControlFlow::Continue(Some(t)),
+        Some(Ok(Message::Binary(_))) => {
+            if strikes.hit() {
+                ctx.handle.close(close::RATE_LIMITED);
+                return ControlFlow::Break(());
+            }
+            let err = Error::bad_request("binary frames are not supported: send JSON text");
+            if !ctx.push(error_frame(None, &err)).await {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(None)
+        }
+        Some(Ok(Message::Close(_))) => ControlFlow::Break(()),
+        // Pings are answered by the socket; pongs only count as life.
+        Some(Ok(_)) => ControlFlow::Continue(None),
+    }
+}
+
+/// Handles one text frame: the rate limit, parsing and the command, whose deferred reply
+/// joins `inflight`. `Break` when the session must end.
+async fn handle_text(
+    ctx: &mut Ctx,
+    bucket: &mut TokenBucket,
+    strikes: &mut Strikes,
+    inflight: &mut FuturesUnordered<Deferred>,
+    text: &str,
+) -> ControlFlow<()> {
+    if !bucket.take() {
+        ctx.app.metrics.rate_limited.fetch_add(1, Relaxed);
+        if strikes.hit() {
+            ctx.handle.close(close::RATE_LIMITED);
+            return ControlFlow::Break(());
+        }
+        let err = Error::RateLimited("too many commands: slow down".into());
+        if !ctx
+            .push(error_frame(protocol::salvage_rid(text), &err))
+            .await
+        {
+            return ControlFlow::Break(());
+        }
+        return ControlFlow::Continue(());
+    }
+    let parsed = if protocol::has_nul_escape(text) {
+        Err(Error::bad_request("text must not contain NUL (U+0000)"))
+    } else {
+        serde_json::from_str::<ClientFrame>(text)
+            .map_err(|e| Error::bad_request(format!("malformed command: {e}")))
+    };
+    let frame = match parsed {
+        Ok(f) => f,
+        Err(err) => {
+            ctx.app.metrics.command(CommandKind::Invalid);
+            if strikes.hit() {
+                ctx.handle.close(close::RATE_LIMITED);
+                return ControlFlow::Break(());
+            }
+            if !ctx
+                .push(error_frame(protocol::salvage_rid(text), &err))
+                .await
+            {
+                return ControlFlow::Break(());
+            }
+            return ControlFlow::Continue(());
+        }
+    };
+    let rid = frame.rid;
+    ctx.app.metrics.command(frame.msg.kind());
+    // Boxed: the largest command's state would otherwise sit inside every idle
+    // session's read loop (a few KB per connection).
+    let reply = match Box::pin(crate::rooms::dispatch(ctx, rid, frame.msg)).await {
+        Ok(Outcome::Ok(reply)) => rid.map(reply),
+        Ok(Outcome::Deferred(fut)) => {
+            inflight.push(fut);
+            None
+        }
+        Ok(Outcome::Done) => None,
+        Err(e) => Some(error_frame(rid, &e)),
+    };
+    if let Some(frame) = reply
+        && !ctx.push(frame).await
+    {
+        return ControlFlow::Break(());
+    }
+    ControlFlow::Continue(())
 }
 
 /// When a session whose token expires at `exp` (Unix seconds) must end: `exp` plus the

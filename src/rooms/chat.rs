@@ -6,7 +6,7 @@ use super::{check_room_id, readable_role};
 use crate::command::{Ctx, Outcome, deferred};
 use crate::error::{Error, Result};
 use crate::hub::Frame;
-use crate::protocol::{self, HISTORY_MAX_LIMIT, MessageId, RoomId, ServerMsg};
+use crate::protocol::{self, ClientMsg, HISTORY_MAX_LIMIT, MessageId, RoomId, ServerMsg};
 use crate::store::View;
 use crate::store::{WriteOp, WriteOutcome};
 
@@ -299,4 +299,35 @@ pub(super) async fn search(
         .search(&room, &q, View::of(role) == View::Moderator, limit, offset)
         .await?;
     Ok(Outcome::ok(protocol::SearchOk { results, has_more }))
+}
+
+/// Routes a chat command: messages, reactions, history, typing, read markers, rooms, search.
+pub(super) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
+    match msg {
+        ClientMsg::Send {
+            room,
+            text,
+            client_msg_id,
+            reply_to,
+        } => send(ctx, rid, room, text, client_msg_id, reply_to).await,
+        ClientMsg::Edit { room, id, text } => edit(ctx, rid, room, id, text).await,
+        ClientMsg::Delete { room, id } => delete(ctx, rid, room, id).await,
+        ClientMsg::React { room, id, emoji } => react(ctx, rid, room, id, emoji, true).await,
+        ClientMsg::Unreact { room, id, emoji } => react(ctx, rid, room, id, emoji, false).await,
+        ClientMsg::History {
+            room,
+            before_seq,
+            limit,
+        } => history(ctx, room, before_seq, limit).await,
+        ClientMsg::Typing { room } => typing(ctx, room),
+        ClientMsg::Read { room, seq } => read(ctx, room, seq).await,
+        ClientMsg::Rooms => rooms(ctx).await,
+        ClientMsg::Search {
+            room,
+            q,
+            limit,
+            offset,
+        } => search(ctx, room, q, limit, offset).await,
+        other => Err(crate::command::misrouted(&other)),
+    }
 }

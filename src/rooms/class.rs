@@ -8,7 +8,7 @@ use super::check_room_id;
 use crate::App;
 use crate::command::{Ctx, Outcome, deferred};
 use crate::error::{Error, Result};
-use crate::protocol::{ClassState, RoomId, RoomRole, UserRef};
+use crate::protocol::{ClassState, ClientMsg, RoomId, RoomRole, UserRef};
 use crate::store::{PresenceKind, WriteOp, now_ms};
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,5 +92,82 @@ pub async fn run_clock(app: Arc<App>) {
                 tracing::warn!(error = %e, "moving a class on by the clock failed");
             }
         }
+    }
+}
+
+/// Routes a classroom command: polls, the class lifecycle, breakouts and whiteboards.
+pub(super) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
+    match msg {
+        ClientMsg::PollCreate {
+            room,
+            kind,
+            question,
+            options,
+            multiple,
+            correct,
+            duration_s,
+            show_results,
+        } => {
+            let new = super::polls::NewPoll {
+                kind,
+                question,
+                options,
+                multiple,
+                correct,
+                duration_s,
+                show_results,
+            };
+            super::polls::create(ctx, rid, room, new).await
+        }
+        ClientMsg::PollOpen { room, poll } => {
+            super::polls::set_state(ctx, rid, room, poll, crate::protocol::PollState::Open).await
+        }
+        ClientMsg::PollClose { room, poll } => {
+            super::polls::set_state(ctx, rid, room, poll, crate::protocol::PollState::Closed).await
+        }
+        ClientMsg::PollAnswer {
+            room,
+            poll,
+            choices,
+            text,
+        } => super::polls::answer(ctx, rid, room, poll, choices, text).await,
+        ClientMsg::Polls { room } => super::polls::list(ctx, room).await,
+        ClientMsg::ClassStart { room } => set(ctx, rid, room, ClassState::Live).await,
+        ClientMsg::ClassEnd { room } => set(ctx, rid, room, ClassState::Ended).await,
+        ClientMsg::BreakoutOpen {
+            room,
+            groups,
+            count,
+            assign,
+            duration_s,
+        } => {
+            let spec = super::breakouts::OpenSpec {
+                groups,
+                count,
+                assign,
+                duration_s,
+            };
+            super::breakouts::open(ctx, room, spec).await
+        }
+        ClientMsg::BreakoutMove {
+            room,
+            user,
+            group_room,
+        } => super::breakouts::move_user(ctx, room, user, group_room).await,
+        ClientMsg::BreakoutBroadcast { room, text } => {
+            super::breakouts::broadcast(ctx, rid, room, text).await
+        }
+        ClientMsg::BreakoutClose { room } => super::breakouts::close(ctx, room).await,
+        ClientMsg::Help { room } => super::breakouts::help(ctx, room).await,
+        ClientMsg::Board { room, board, data } => {
+            super::boards::message(ctx, room, board, data).await
+        }
+        ClientMsg::BoardGrant {
+            room,
+            board,
+            user,
+            draw,
+        } => super::boards::grant(ctx, room, board, user, draw).await,
+        other => Err(crate::command::misrouted(&other)),
     }
 }

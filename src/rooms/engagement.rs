@@ -8,8 +8,8 @@ use crate::command::{Ctx, Outcome, deferred};
 use crate::engagement::{self as eng, Bucket};
 use crate::error::{Error, Result};
 use crate::protocol::{
-    LeaderboardEntry, LeaderboardOk, ProfileBadge, ProfileOk, ProfileRoom, ProfileStreak,
-    QuestionId, RoomId, StatsOk, UserId,
+    ClientMsg, LeaderboardEntry, LeaderboardOk, ProfileBadge, ProfileOk, ProfileRoom,
+    ProfileStreak, QuestionId, RoomId, StatsOk, UserId,
 };
 use crate::store::{BadgeView, Room, StatsQuery, UserBrief, WriteOp, now_ms};
 
@@ -295,4 +295,30 @@ pub(super) async fn helpful(
     };
     let rx = ctx.app.store.submit(op).await?;
     Ok(Outcome::Deferred(deferred(rid, rx, super::chat::write_ok)))
+}
+
+/// Routes an engagement command: check-ins, leaderboards, profiles, stats, helpful marks.
+pub(super) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
+    match msg {
+        ClientMsg::Checkin { room } => checkin(ctx, rid, room).await,
+        ClientMsg::Leaderboard {
+            room,
+            period,
+            limit,
+        } => leaderboard(ctx, room, period, limit).await,
+        ClientMsg::Profile { user, room } => profile(ctx, user, room).await,
+        ClientMsg::Stats {
+            room,
+            from,
+            to,
+            bucket,
+        } => stats(ctx, room, from, to, bucket).await,
+        ClientMsg::Helpful {
+            room,
+            question,
+            answer,
+            on,
+        } => helpful(ctx, rid, room, question, answer, on).await,
+        other => Err(crate::command::misrouted(&other)),
+    }
 }

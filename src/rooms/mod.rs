@@ -22,13 +22,86 @@ use crate::protocol::{self, ClientMsg, PlatformRole, RoomId, RoomRole, Visibilit
 use crate::store::{EventType, Room};
 use policy::Policy;
 
-use crate::node::CallAction;
 use crate::ratelimit::Action;
 use crate::rtc;
 
+/// Runs one command: checks the session may still act in its room and the per-user limits,
+/// then hands the command to its feature.
 pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
-    // Rights follow the session: a joined room's role is checked again before each command on
-    // it (a cached policy lookup), so changes made elsewhere apply at once.
+    admit(ctx, &msg).await?;
+    match msg {
+        ClientMsg::Hello { .. } => Err(Error::bad_request("already signed in")),
+        ClientMsg::Ping => {
+            let pong = protocol::encode_pong(rid);
+            ctx.push(pong).await;
+            Ok(Outcome::Done)
+        }
+        ClientMsg::Refresh { token } => access::refresh(ctx, token).await,
+        ClientMsg::Join { room, after_seq } => join(ctx, rid, room, after_seq).await,
+        ClientMsg::Leave { room } => leave(ctx, room),
+        msg @ (ClientMsg::Send { .. }
+        | ClientMsg::Edit { .. }
+        | ClientMsg::Delete { .. }
+        | ClientMsg::React { .. }
+        | ClientMsg::Unreact { .. }
+        | ClientMsg::History { .. }
+        | ClientMsg::Typing { .. }
+        | ClientMsg::Read { .. }
+        | ClientMsg::Rooms
+        | ClientMsg::Search { .. }) => chat::dispatch(ctx, rid, msg).await,
+        msg @ (ClientMsg::Ask { .. }
+        | ClientMsg::Vote { .. }
+        | ClientMsg::Answer { .. }
+        | ClientMsg::QuestionStatus { .. }
+        | ClientMsg::Questions { .. }) => qa::dispatch(ctx, rid, msg).await,
+        msg @ (ClientMsg::RaiseHand { .. }
+        | ClientMsg::LowerHand { .. }
+        | ClientMsg::Hands { .. }
+        | ClientMsg::Stage { .. }) => stage::dispatch(ctx, msg),
+        msg @ (ClientMsg::Mute { .. }
+        | ClientMsg::Unmute { .. }
+        | ClientMsg::Kick { .. }
+        | ClientMsg::Ban { .. }
+        | ClientMsg::Unban { .. }
+        | ClientMsg::SlowMode { .. }
+        | ClientMsg::Report { .. }
+        | ClientMsg::Reports { .. }
+        | ClientMsg::ReportResolve { .. }) => moderation::dispatch(ctx, msg).await,
+        msg @ (ClientMsg::Call { .. }
+        | ClientMsg::CallAccept { .. }
+        | ClientMsg::CallReject { .. }
+        | ClientMsg::CallHangup { .. }
+        | ClientMsg::CallResume { .. }
+        | ClientMsg::AvJoin { .. }
+        | ClientMsg::AvLeave { .. }
+        | ClientMsg::AvMute { .. }
+        | ClientMsg::Signal { .. }) => rtc::dispatch(ctx, rid, msg).await,
+        msg @ (ClientMsg::Checkin { .. }
+        | ClientMsg::Leaderboard { .. }
+        | ClientMsg::Profile { .. }
+        | ClientMsg::Stats { .. }
+        | ClientMsg::Helpful { .. }) => engagement::dispatch(ctx, rid, msg).await,
+        msg @ (ClientMsg::PollCreate { .. }
+        | ClientMsg::PollOpen { .. }
+        | ClientMsg::PollClose { .. }
+        | ClientMsg::PollAnswer { .. }
+        | ClientMsg::Polls { .. }
+        | ClientMsg::ClassStart { .. }
+        | ClientMsg::ClassEnd { .. }
+        | ClientMsg::BreakoutOpen { .. }
+        | ClientMsg::BreakoutMove { .. }
+        | ClientMsg::BreakoutBroadcast { .. }
+        | ClientMsg::BreakoutClose { .. }
+        | ClientMsg::Help { .. }
+        | ClientMsg::Board { .. }
+        | ClientMsg::BoardGrant { .. }) => class::dispatch(ctx, rid, msg).await,
+    }
+}
+
+/// Rights follow the session: a joined room's role is checked again before each command on
+/// it (a cached policy lookup), so changes made elsewhere apply at once; then the command
+/// counts against its per-user limit.
+async fn admit(ctx: &mut Ctx, msg: &ClientMsg) -> Result<()> {
     if let Some(room) = msg.room()
         && ctx.joined.contains_key(room)
         && !matches!(msg, ClientMsg::Leave { .. })
@@ -36,7 +109,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         let room = room.clone();
         access::recheck(ctx, &room).await?;
     }
-    if let Some(action) = user_action(&msg)
+    if let Some(action) = user_action(msg)
         && !ctx.app.user_limits.take(&ctx.me.user, action)
     {
         ctx.app
@@ -48,195 +121,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             action.as_str()
         )));
     }
-    match msg {
-        ClientMsg::Hello { .. } => Err(Error::bad_request("already signed in")),
-        ClientMsg::Ping => {
-            let pong = protocol::encode_pong(rid);
-            ctx.push(pong).await;
-            Ok(Outcome::Done)
-        }
-        ClientMsg::Refresh { token } => access::refresh(ctx, token).await,
-        ClientMsg::Join { room, after_seq } => join(ctx, rid, room, after_seq).await,
-        ClientMsg::Leave { room } => leave(ctx, room),
-        ClientMsg::Send {
-            room,
-            text,
-            client_msg_id,
-            reply_to,
-        } => chat::send(ctx, rid, room, text, client_msg_id, reply_to).await,
-        ClientMsg::Edit { room, id, text } => chat::edit(ctx, rid, room, id, text).await,
-        ClientMsg::Delete { room, id } => chat::delete(ctx, rid, room, id).await,
-        ClientMsg::React { room, id, emoji } => chat::react(ctx, rid, room, id, emoji, true).await,
-        ClientMsg::Unreact { room, id, emoji } => {
-            chat::react(ctx, rid, room, id, emoji, false).await
-        }
-        ClientMsg::History {
-            room,
-            before_seq,
-            limit,
-        } => chat::history(ctx, room, before_seq, limit).await,
-        ClientMsg::Typing { room } => chat::typing(ctx, room),
-        ClientMsg::Read { room, seq } => chat::read(ctx, room, seq).await,
-        ClientMsg::Rooms => chat::rooms(ctx).await,
-        ClientMsg::Ask {
-            room,
-            text,
-            anonymous,
-        } => qa::ask(ctx, rid, room, text, anonymous).await,
-        ClientMsg::Vote { room, question, up } => qa::vote(ctx, rid, room, question, up).await,
-        ClientMsg::Answer {
-            room,
-            question,
-            text,
-        } => qa::answer(ctx, rid, room, question, text).await,
-        ClientMsg::QuestionStatus {
-            room,
-            question,
-            status,
-        } => qa::set_status(ctx, rid, room, question, status).await,
-        ClientMsg::Questions { room, sort, status } => qa::list(ctx, room, sort, status).await,
-        ClientMsg::RaiseHand { room } => stage::raise(ctx, room),
-        ClientMsg::LowerHand { room, user } => stage::lower(ctx, room, user),
-        ClientMsg::Hands { room } => stage::hands(ctx, room),
-        ClientMsg::Stage { room, user, on } => stage::stage(ctx, room, user, on),
-        ClientMsg::Mute {
-            room,
-            user,
-            seconds,
-        } => moderation::mute(ctx, room, user, seconds).await,
-        ClientMsg::Unmute { room, user } => moderation::unmute(ctx, room, user).await,
-        ClientMsg::Kick { room, user } => moderation::kick(ctx, room, user).await,
-        ClientMsg::Ban { room, user } => moderation::ban(ctx, room, user).await,
-        ClientMsg::Unban { room, user } => moderation::unban(ctx, room, user).await,
-        ClientMsg::SlowMode { room, seconds } => moderation::slow_mode(ctx, room, seconds).await,
-        ClientMsg::Report { room, id, reason } => moderation::report(ctx, room, id, reason).await,
-        ClientMsg::Reports { room, state } => moderation::reports(ctx, room, state).await,
-        ClientMsg::ReportResolve {
-            room,
-            report,
-            resolution,
-        } => moderation::report_resolve(ctx, room, report, resolution).await,
-        ClientMsg::Search {
-            room,
-            q,
-            limit,
-            offset,
-        } => chat::search(ctx, room, q, limit, offset).await,
-        ClientMsg::Call { to, media, room } => rtc::call(ctx, to, media, room).await,
-        ClientMsg::CallAccept { call_id } => {
-            rtc::call_action(ctx, rid, CallAction::Accept, call_id)
-        }
-        ClientMsg::CallReject { call_id } => {
-            rtc::call_action(ctx, rid, CallAction::Reject, call_id)
-        }
-        ClientMsg::CallHangup { call_id } => {
-            rtc::call_action(ctx, rid, CallAction::Hangup, call_id)
-        }
-        ClientMsg::CallResume { call_id } => {
-            rtc::call_action(ctx, rid, CallAction::Resume, call_id)
-        }
-        ClientMsg::AvJoin { room } => rtc::av_join(ctx, room).await,
-        ClientMsg::AvLeave { room } => rtc::av_leave(ctx, room).await,
-        ClientMsg::AvMute { room, user, kind } => rtc::av_mute(ctx, room, user, kind).await,
-        ClientMsg::Signal {
-            call_id,
-            room,
-            to,
-            data,
-        } => rtc::signal(ctx, rid, call_id, room, to, data).await,
-        // -- engagement and room health --
-        ClientMsg::Checkin { room } => engagement::checkin(ctx, rid, room).await,
-        ClientMsg::Leaderboard {
-            room,
-            period,
-            limit,
-        } => engagement::leaderboard(ctx, room, period, limit).await,
-        ClientMsg::Profile { user, room } => engagement::profile(ctx, user, room).await,
-        ClientMsg::Stats {
-            room,
-            from,
-            to,
-            bucket,
-        } => engagement::stats(ctx, room, from, to, bucket).await,
-        ClientMsg::Helpful {
-            room,
-            question,
-            answer,
-            on,
-        } => engagement::helpful(ctx, rid, room, question, answer, on).await,
-        ClientMsg::PollCreate {
-            room,
-            kind,
-            question,
-            options,
-            multiple,
-            correct,
-            duration_s,
-            show_results,
-        } => {
-            let new = polls::NewPoll {
-                kind,
-                question,
-                options,
-                multiple,
-                correct,
-                duration_s,
-                show_results,
-            };
-            polls::create(ctx, rid, room, new).await
-        }
-        ClientMsg::PollOpen { room, poll } => {
-            polls::set_state(ctx, rid, room, poll, protocol::PollState::Open).await
-        }
-        ClientMsg::PollClose { room, poll } => {
-            polls::set_state(ctx, rid, room, poll, protocol::PollState::Closed).await
-        }
-        ClientMsg::PollAnswer {
-            room,
-            poll,
-            choices,
-            text,
-        } => polls::answer(ctx, rid, room, poll, choices, text).await,
-        ClientMsg::Polls { room } => polls::list(ctx, room).await,
-        ClientMsg::ClassStart { room } => {
-            class::set(ctx, rid, room, protocol::ClassState::Live).await
-        }
-        ClientMsg::ClassEnd { room } => {
-            class::set(ctx, rid, room, protocol::ClassState::Ended).await
-        }
-        ClientMsg::BreakoutOpen {
-            room,
-            groups,
-            count,
-            assign,
-            duration_s,
-        } => {
-            let spec = breakouts::OpenSpec {
-                groups,
-                count,
-                assign,
-                duration_s,
-            };
-            breakouts::open(ctx, room, spec).await
-        }
-        ClientMsg::BreakoutMove {
-            room,
-            user,
-            group_room,
-        } => breakouts::move_user(ctx, room, user, group_room).await,
-        ClientMsg::BreakoutBroadcast { room, text } => {
-            breakouts::broadcast(ctx, rid, room, text).await
-        }
-        ClientMsg::BreakoutClose { room } => breakouts::close(ctx, room).await,
-        ClientMsg::Help { room } => breakouts::help(ctx, room).await,
-        ClientMsg::Board { room, board, data } => boards::message(ctx, room, board, data).await,
-        ClientMsg::BoardGrant {
-            room,
-            board,
-            user,
-            draw,
-        } => boards::grant(ctx, room, board, user, draw).await,
-    }
+    Ok(())
 }
 
 /// The per-user limit a command counts against, if any.

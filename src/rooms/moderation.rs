@@ -6,7 +6,7 @@ use super::check_room_id;
 use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::hub::Frame;
-use crate::protocol::{self, RoomId, RoomRole, ServerMsg, UserId};
+use crate::protocol::{self, ClientMsg, RoomId, RoomRole, ServerMsg, UserId};
 use crate::store::{RoomPatch, now_ms};
 
 /// Longest mute: 30 days.
@@ -284,4 +284,28 @@ pub(super) async fn report_resolve(
         })),
     );
     Ok(Outcome::ok(protocol::ReportResolveOk { report: done }))
+}
+
+/// Routes a moderation command: mutes, kicks, bans, slow mode, reports.
+pub(super) async fn dispatch(ctx: &mut Ctx, msg: ClientMsg) -> Result<Outcome> {
+    match msg {
+        ClientMsg::Mute {
+            room,
+            user,
+            seconds,
+        } => mute(ctx, room, user, seconds).await,
+        ClientMsg::Unmute { room, user } => unmute(ctx, room, user).await,
+        ClientMsg::Kick { room, user } => kick(ctx, room, user).await,
+        ClientMsg::Ban { room, user } => ban(ctx, room, user).await,
+        ClientMsg::Unban { room, user } => unban(ctx, room, user).await,
+        ClientMsg::SlowMode { room, seconds } => slow_mode(ctx, room, seconds).await,
+        ClientMsg::Report { room, id, reason } => report(ctx, room, id, reason).await,
+        ClientMsg::Reports { room, state } => reports(ctx, room, state).await,
+        ClientMsg::ReportResolve {
+            room,
+            report,
+            resolution,
+        } => report_resolve(ctx, room, report, resolution).await,
+        other => Err(crate::command::misrouted(&other)),
+    }
 }

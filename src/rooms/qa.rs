@@ -6,7 +6,7 @@ use super::chat::write_ok;
 use super::{check_room_id, readable_role};
 use crate::command::{Ctx, Outcome, deferred};
 use crate::error::{Error, Result};
-use crate::protocol::{QuestionId, QuestionStatus, QuestionsOk, RoomId};
+use crate::protocol::{ClientMsg, QuestionId, QuestionStatus, QuestionsOk, RoomId};
 use crate::store::{QuestionFilter, QuestionSort, View, WriteOp, now_ms};
 
 fn check_question_id(id: &QuestionId) -> Result<()> {
@@ -193,4 +193,28 @@ pub(super) async fn list(
         )
         .await?;
     Ok(Outcome::ok(QuestionsOk { questions }))
+}
+
+/// Routes a Q&A command: questions, votes, answers, statuses, listings.
+pub(super) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
+    match msg {
+        ClientMsg::Ask {
+            room,
+            text,
+            anonymous,
+        } => ask(ctx, rid, room, text, anonymous).await,
+        ClientMsg::Vote { room, question, up } => vote(ctx, rid, room, question, up).await,
+        ClientMsg::Answer {
+            room,
+            question,
+            text,
+        } => answer(ctx, rid, room, question, text).await,
+        ClientMsg::QuestionStatus {
+            room,
+            question,
+            status,
+        } => set_status(ctx, rid, room, question, status).await,
+        ClientMsg::Questions { room, sort, status } => list(ctx, room, sort, status).await,
+        other => Err(crate::command::misrouted(&other)),
+    }
 }

@@ -6,7 +6,9 @@ use super::check_room_id;
 use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::hub::StageError;
-use crate::protocol::{HandsOk, LowerHandOk, RaiseHandOk, RaisedHand, RoomId, StageOk, UserId};
+use crate::protocol::{
+    ClientMsg, HandsOk, LowerHandOk, RaiseHandOk, RaisedHand, RoomId, StageOk, UserId,
+};
 use crate::store::now_ms;
 
 pub(super) fn raise(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
@@ -75,5 +77,16 @@ pub(super) fn stage(ctx: &mut Ctx, room: RoomId, user: UserId, on: bool) -> Resu
         }
         Err(StageError::NotInRoom) => Err(Error::NotFound(format!("{user} is not in the room"))),
         Err(e @ StageError::Full(_)) => Err(Error::Conflict(e.to_string())),
+    }
+}
+
+/// Routes a stage command: raised hands and who is on stage.
+pub(super) fn dispatch(ctx: &mut Ctx, msg: ClientMsg) -> Result<Outcome> {
+    match msg {
+        ClientMsg::RaiseHand { room } => raise(ctx, room),
+        ClientMsg::LowerHand { room, user } => lower(ctx, room, user),
+        ClientMsg::Hands { room } => hands(ctx, room),
+        ClientMsg::Stage { room, user, on } => stage(ctx, room, user, on),
+        other => Err(crate::command::misrouted(&other)),
     }
 }

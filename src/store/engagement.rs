@@ -409,25 +409,44 @@ pub(super) async fn contribute(
     rooms.sort();
     rooms.dedup();
     let settings = room_settings(tx, &rooms).await?;
+    let placed = place(tx, cfg, &items, &rooms, &settings).await?;
+    let points = points_within_caps(tx, cfg, &items, &placed).await?;
+    insert_awards(tx, &items, &placed, &points).await?;
+    add_daily(tx, &items, &placed, &points).await?;
+    add_totals(tx, cfg, &items, &points, &settings, fx).await?;
+    Ok(points)
+}
+
+/// Where one contribution counts: its room-local day, and the earner's local day for caps.
+struct Placed {
+    bucket: i64,
+    day: String,
+    /// The cap key of an item that can earn points; `None` when it earns nothing.
+    cap: Option<CapKey>,
+}
+
+/// Places each item on its days; an answer after an earlier award for the same question is
+/// no attempt at all.
+async fn place(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    items: &[&Contribution],
+    rooms: &[&RoomId],
+    settings: &HashMap<String, EngagementSettings>,
+) -> Result<Vec<Placed>> {
     let mut users: Vec<&UserId> = items.iter().map(|c| &c.user).collect();
     users.sort();
     users.dedup();
     let zones = user_zones(tx, &users).await?;
     let default_settings = EngagementSettings::default();
     let mut room_tz = HashMap::new();
-    for r in &rooms {
+    for r in rooms {
         let s = settings.get(r.as_str()).unwrap_or(&default_settings);
         room_tz.insert(r.as_str(), eng::zone_or_utc(&s.timezone));
     }
 
-    // Where each item counts: its room-local day, and the earner's local day for caps.
-    struct Placed {
-        bucket: i64,
-        day: String,
-        cap: Option<CapKey>,
-    }
     let mut placed: Vec<Placed> = Vec::with_capacity(items.len());
-    for c in &items {
+    for c in items {
         let rtz = &room_tz[c.room.as_str()];
         let bucket = eng::day_start_of(c.ts, rtz);
         let day = match c.zone.as_ref().or_else(|| zones.get(c.user.as_str())) {
@@ -467,10 +486,21 @@ pub(super) async fn contribute(
             }
         }
     }
+    Ok(placed)
+}
+
+/// The points each placed item earns: its attempt's points while the day's attempts stay
+/// within the cap.
+async fn points_within_caps(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    items: &[&Contribution],
+    placed: &[Placed],
+) -> Result<Vec<i64>> {
     // Attempts per (room, user, action, local day), counted in `points_caps`: the i-th attempt
     // of a day earns its points if i <= the cap, so awards = min(attempts, cap).
     let mut attempts: BTreeMap<CapKey, i64> = BTreeMap::new();
-    for p in &placed {
+    for p in placed {
         if let Some(k) = &p.cap {
             *attempts.entry(k.clone()).or_default() += 1;
         }
@@ -478,7 +508,7 @@ pub(super) async fn contribute(
     let totals = count_attempts(tx, &attempts).await?;
     let mut seen: HashMap<CapKey, i64> = HashMap::new();
     let mut points = Vec::with_capacity(items.len());
-    for (c, p) in items.iter().zip(&placed) {
+    for (c, p) in items.iter().zip(placed) {
         let (Some(key), Some(action)) = (&p.cap, c.kind.action()) else {
             points.push(0);
             continue;
@@ -493,9 +523,16 @@ pub(super) async fn contribute(
             0
         });
     }
+    Ok(points)
+}
 
-    // The ledger.
-    let backend = backend_of(tx);
+/// Writes the ledger rows of the items that earned points.
+async fn insert_awards(
+    tx: &mut Tx<'_>,
+    items: &[&Contribution],
+    placed: &[Placed],
+    points: &[i64],
+) -> Result<()> {
     let awards: Vec<_> = (0..items.len())
         .filter(|i| points[*i] > 0)
         .map(|i| {
@@ -514,22 +551,32 @@ pub(super) async fn contribute(
         })
         .collect();
     if !awards.is_empty() {
-        sqlx::query(INSERT_AWARDS.get(backend))
+        sqlx::query(INSERT_AWARDS.get(backend_of(tx)))
             .bind(rows::json(&awards)?)
             .execute(&mut **tx)
             .await?;
     }
+    Ok(())
+}
 
-    // Day counters, one row per (room, day, user).
-    #[derive(Default)]
-    struct Daily {
-        counts: [i64; 5],
-        points: i64,
-        first: Option<i64>,
-        last: Option<i64>,
-    }
+/// What a batch adds to one (room, day, user) row of the day counters.
+#[derive(Default)]
+struct Daily {
+    counts: [i64; 5],
+    points: i64,
+    first: Option<i64>,
+    last: Option<i64>,
+}
+
+/// Adds the items to the day counters, one row per (room, day, user).
+async fn add_daily(
+    tx: &mut Tx<'_>,
+    items: &[&Contribution],
+    placed: &[Placed],
+    points: &[i64],
+) -> Result<()> {
     let mut daily: BTreeMap<(String, i64, String), Daily> = BTreeMap::new();
-    for (i, (c, p)) in items.iter().zip(&placed).enumerate() {
+    for (i, (c, p)) in items.iter().zip(placed).enumerate() {
         let d = daily
             .entry((c.room.0.clone(), p.bucket, c.user.0.clone()))
             .or_default();
@@ -549,18 +596,31 @@ pub(super) async fn contribute(
             (room, bucket, user, m, q, a, r, c, d.points, d.first, d.last)
         })
         .collect();
-    sqlx::query(ADD_DAILY.get(backend))
+    sqlx::query(ADD_DAILY.get(backend_of(tx)))
         .bind(rows::json(&rows)?)
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
 
-    // Running totals, one row per (room, user); the new totals come back for the badges.
-    #[derive(Default)]
-    struct Total {
-        name: String,
-        counts: [i64; 6],
-        points: i64,
-    }
+/// What a batch adds to one (room, user) row of the running totals.
+#[derive(Default)]
+struct Total {
+    name: String,
+    counts: [i64; 6],
+    points: i64,
+}
+
+/// Adds the items to the running totals, one row per (room, user), and earns the badges whose
+/// thresholds the new totals cross.
+async fn add_totals(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    items: &[&Contribution],
+    points: &[i64],
+    settings: &HashMap<String, EngagementSettings>,
+    fx: &mut Effects,
+) -> Result<()> {
     let mut totals: BTreeMap<(String, String), Total> = BTreeMap::new();
     for (i, c) in items.iter().enumerate() {
         let t = totals
@@ -575,70 +635,84 @@ pub(super) async fn contribute(
         }
         t.points += points[i];
     }
-    {
-        let rows: Vec<_> = totals
-            .iter()
-            .map(|((room, user), t)| {
-                let [m, q, a, rr, h, c] = t.counts;
-                (room, user, &t.name, m, q, a, rr, h, c, t.points)
-            })
-            .collect();
-        let returned = sqlx::query(ADD_TOTALS.get(backend))
-            .bind(rows::json(&rows)?)
-            .fetch_all(&mut **tx)
-            .await?;
-        let deltas: HashMap<(&str, &str), &Total> = totals
-            .iter()
-            .map(|((r, u), t)| ((r.as_str(), u.as_str()), t))
-            .collect();
-        for row in returned {
-            let room: String = row.try_get("room_id")?;
-            let user: String = row.try_get("user_id")?;
-            let Some(delta) = deltas.get(&(room.as_str(), user.as_str())) else {
-                continue;
-            };
-            let mut earned: Vec<BadgeRule> = Vec::new();
-            for (col, (name, metric)) in MEMBER_METRICS.iter().enumerate() {
-                if delta.counts[col] != 0 {
-                    let new: i64 = row.try_get(*name)?;
-                    earned.extend(cfg.crossed(*metric, new - delta.counts[col], new).cloned());
-                }
-            }
-            if delta.points != 0 {
-                let new: i64 = row.try_get("points")?;
-                earned.extend(
-                    cfg.crossed(Metric::Points, new - delta.points, new)
-                        .cloned(),
-                );
-            }
-            if earned.is_empty() {
-                continue;
-            }
-            let name: String = row.try_get("name")?;
-            let room = RoomId(room);
-            let ts = items
-                .iter()
-                .filter(|c| c.room == room && c.user.as_str() == user)
-                .map(|c| c.ts)
-                .max()
-                .unwrap_or_else(now_ms);
-            // Never announce what an anonymous or pending contribution crossed: the
-            // announcement, next to it in the log, would name its author.
-            let quiet = items
-                .iter()
-                .any(|c| c.quiet && c.room == room && c.user.as_str() == user);
-            let announce = !quiet
-                && settings
-                    .get(room.as_str())
-                    .is_some_and(|s| s.announce_badges);
-            let user = UserBrief {
-                name: if name.is_empty() { user.clone() } else { name },
-                id: UserId(user),
-            };
-            earn(tx, &room, &user, &earned, ts, announce, fx).await?;
+    let rows: Vec<_> = totals
+        .iter()
+        .map(|((room, user), t)| {
+            let [m, q, a, rr, h, c] = t.counts;
+            (room, user, &t.name, m, q, a, rr, h, c, t.points)
+        })
+        .collect();
+    let returned = sqlx::query(ADD_TOTALS.get(backend_of(tx)))
+        .bind(rows::json(&rows)?)
+        .fetch_all(&mut **tx)
+        .await?;
+    let deltas: HashMap<(&str, &str), &Total> = totals
+        .iter()
+        .map(|((r, u), t)| ((r.as_str(), u.as_str()), t))
+        .collect();
+    for row in returned {
+        let room: String = row.try_get("room_id")?;
+        let user: String = row.try_get("user_id")?;
+        let Some(delta) = deltas.get(&(room.as_str(), user.as_str())) else {
+            continue;
+        };
+        earn_crossed(tx, cfg, items, settings, &row, delta, fx).await?;
+    }
+    Ok(())
+}
+
+/// Earns the badges one user's new totals (`row`) crossed by adding `delta`, announcing them
+/// unless a quiet contribution is among the user's items or the room does not announce.
+async fn earn_crossed(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    items: &[&Contribution],
+    settings: &HashMap<String, EngagementSettings>,
+    row: &sqlx::any::AnyRow,
+    delta: &Total,
+    fx: &mut Effects,
+) -> Result<()> {
+    let room: String = row.try_get("room_id")?;
+    let user: String = row.try_get("user_id")?;
+    let mut earned: Vec<BadgeRule> = Vec::new();
+    for (col, (name, metric)) in MEMBER_METRICS.iter().enumerate() {
+        if delta.counts[col] != 0 {
+            let new: i64 = row.try_get(*name)?;
+            earned.extend(cfg.crossed(*metric, new - delta.counts[col], new).cloned());
         }
     }
-    Ok(points)
+    if delta.points != 0 {
+        let new: i64 = row.try_get("points")?;
+        earned.extend(
+            cfg.crossed(Metric::Points, new - delta.points, new)
+                .cloned(),
+        );
+    }
+    if earned.is_empty() {
+        return Ok(());
+    }
+    let name: String = row.try_get("name")?;
+    let room = RoomId(room);
+    let ts = items
+        .iter()
+        .filter(|c| c.room == room && c.user.as_str() == user)
+        .map(|c| c.ts)
+        .max()
+        .unwrap_or_else(now_ms);
+    // Never announce what an anonymous or pending contribution crossed: the
+    // announcement, next to it in the log, would name its author.
+    let quiet = items
+        .iter()
+        .any(|c| c.quiet && c.room == room && c.user.as_str() == user);
+    let announce = !quiet
+        && settings
+            .get(room.as_str())
+            .is_some_and(|s| s.announce_badges);
+    let user = UserBrief {
+        name: if name.is_empty() { user.clone() } else { name },
+        id: UserId(user),
+    };
+    earn(tx, &room, &user, &earned, ts, announce, fx).await
 }
 
 /// Records badges (each once per user and room), and announces the new ones if asked.

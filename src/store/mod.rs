@@ -12,6 +12,7 @@ mod breakouts;
 mod calls;
 mod class;
 mod engagement;
+mod messages;
 mod moderation;
 mod polls;
 mod postgres;

@@ -4,8 +4,10 @@
 //! host/ta see everything, members see anonymous authors removed and pending questions as
 //! `hidden`.
 
+use super::engagement::{self, Contribution, Effects, Kind};
 use super::writer::{Applied, Tx, WriteOutcome, bump_seq, insert_event, new_id, record_change};
-use super::{Result, Store, StoreError, View, search};
+use super::{Result, Store, StoreError, View, now_ms, search};
+use crate::engagement::EngagementConfig;
 use crate::protocol::{
     AnswerView, QuestionId, QuestionStatus, QuestionUpdate, QuestionView, RoomEvent, RoomId,
     UserId, UserRef,
@@ -380,6 +382,73 @@ pub(super) async fn set_status(
         .execute(&mut **tx)
         .await?;
     Ok((emit_update(tx, &q, "status", seq, ts).await?, earner))
+}
+
+/// Applies an `ask`: the question, and its engagement when the room sees who asked it.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn apply_ask(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    room: &RoomId,
+    author: &UserRef,
+    text: &str,
+    anonymous: bool,
+    pending: bool,
+    fx: &mut Effects,
+) -> Result<Applied> {
+    let applied = ask(tx, room, author, text, anonymous, pending).await?;
+    // The room saw this question without its author (anonymous) or not at all
+    // (pending): points, counters or a badge for it would show who asked, on the
+    // leaderboard and in profiles. An anonymous question counts nothing; a pending one
+    // counts when it is approved (`SetQuestionStatus`).
+    if let WriteOutcome::Asked { id, ts, .. } = &applied.outcome
+        && !anonymous
+        && !pending
+    {
+        let c = Contribution::new(room, author, Kind::Question, id.as_str(), *ts);
+        engagement::contribute(tx, cfg, &[c], fx)
+            .await
+            .map_err(engagement::abort)?;
+    }
+    Ok(applied)
+}
+
+/// Applies an `answer`: the answer, and its author's engagement.
+pub(super) async fn apply_answer(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    room: &RoomId,
+    question: &QuestionId,
+    author: &UserRef,
+    text: &str,
+    fx: &mut Effects,
+) -> Result<Applied> {
+    let applied = answer(tx, room, question, author, text).await?;
+    let c = Contribution::new(room, author, Kind::Answer, question.as_str(), now_ms());
+    engagement::contribute(tx, cfg, &[c], fx)
+        .await
+        .map_err(engagement::abort)?;
+    Ok(applied)
+}
+
+/// Applies a status change, counting the question for its author when this approves it.
+pub(super) async fn apply_status(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    room: &RoomId,
+    question: &QuestionId,
+    status: QuestionStatus,
+    fx: &mut Effects,
+) -> Result<Applied> {
+    let (applied, earner) = set_status(tx, room, question, status).await?;
+    if let Some(author) = earner {
+        let ts = super::now_ms();
+        let c = Contribution::new(room, &author, Kind::Question, question.as_str(), ts);
+        engagement::contribute(tx, cfg, &[c], fx)
+            .await
+            .map_err(engagement::abort)?;
+    }
+    Ok(applied)
 }
 
 impl Store {

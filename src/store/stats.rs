@@ -61,138 +61,16 @@ const ACTIVE_IN: &str =
 impl Store {
     pub async fn room_stats(&self, room: &Room, q: &StatsQuery) -> Result<RoomStats> {
         let id = room.id.as_str();
-        let pool = self.pool();
-        let bounds: Vec<(i64, i64)> = q
-            .starts
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (*s, q.starts.get(i + 1).copied().unwrap_or(q.end)))
-            .collect();
-
-        // The series: day rows and memberships grouped by bucket, in SQL.
-        let mut series: Vec<SeriesPoint> = q
-            .starts
-            .iter()
-            .map(|s| SeriesPoint {
-                start: *s,
-                ..Default::default()
-            })
-            .collect();
-        let index: HashMap<i64, usize> =
-            q.starts.iter().enumerate().map(|(i, s)| (*s, i)).collect();
-        for chunk in bounds.chunks(400) {
-            let query = per_bucket(
-                "SELECT b.column1 AS start, CAST(SUM(d.messages) AS BIGINT) AS messages, \
-                 CAST(SUM(d.questions) AS BIGINT) AS questions, \
-                 CAST(SUM(d.answers) AS BIGINT) AS answers, \
-                 COUNT(DISTINCT CASE WHEN d.first_ts IS NOT NULL THEN d.user_id END) AS active \
-                 FROM {buckets} JOIN engagement_daily d ON d.room_id = $1 \
-                 AND d.day_start >= b.column1 AND d.day_start < b.column2 GROUP BY b.column1",
-                id,
-                chunk,
-            );
-            for r in query.fetch_all(pool).await? {
-                if let Some(&i) = index.get(&r.try_get::<i64, _>("start")?) {
-                    series[i].messages = r.try_get("messages")?;
-                    series[i].questions = r.try_get("questions")?;
-                    series[i].answers = r.try_get("answers")?;
-                    series[i].active_members = r.try_get("active")?;
-                }
-            }
-            let query = per_bucket(
-                "SELECT b.column1 AS start, COUNT(*) AS n FROM {buckets} JOIN room_members m \
-                 ON m.room_id = $1 AND m.added_at >= b.column1 AND m.added_at < b.column2 \
-                 GROUP BY b.column1",
-                id,
-                chunk,
-            );
-            for r in query.fetch_all(pool).await? {
-                if let Some(&i) = index.get(&r.try_get::<i64, _>("start")?) {
-                    series[i].new_members = r.try_get("n")?;
-                }
-            }
-        }
-
-        let members: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM room_members WHERE room_id = $1")
-                .bind(id)
-                .fetch_one(pool)
-                .await?;
-        let new_members: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM room_members WHERE room_id = $1 AND added_at >= $2 AND added_at < $3",
-        )
-        .bind(id)
-        .bind(q.from)
-        .bind(q.to)
-        .fetch_one(pool)
-        .await?;
-
-        // Weekly active stored members: day rows of the last 7 days (and the day before, which
-        // may still hold a contribution inside the window).
-        let week_from = q.to - 7 * DAY_MS;
-        let sql = format!(
-            "SELECT COUNT(DISTINCT d.user_id) FROM engagement_daily d JOIN room_members m \
-             ON m.room_id = d.room_id AND m.user_id = d.user_id \
-             WHERE d.room_id = $1 AND d.day_start >= $4 AND d.day_start < $3 AND {ACTIVE_IN}"
-        );
-        let weekly: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .bind(week_from)
-            .bind(q.to)
-            .bind(week_from - DAY_MS)
-            .fetch_one(pool)
-            .await?;
-
-        // Churn risk: members from before the inactivity window with no contribution in it.
-        let inactive_ms = i64::from(q.inactive_days) * DAY_MS;
-        let churn_from = q.to - inactive_ms;
-        let sql = format!(
-            "SELECT m.user_id FROM room_members m WHERE m.room_id = $1 AND m.added_at < $2 \
-             AND NOT EXISTS (SELECT 1 FROM engagement_daily d WHERE d.room_id = m.room_id \
-             AND d.user_id = m.user_id AND d.day_start >= $4 AND d.day_start < $3 AND {ACTIVE_IN}) \
-             ORDER BY m.user_id"
-        );
-        let at_risk: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .bind(churn_from)
-            .bind(q.to)
-            .bind(churn_from - DAY_MS)
-            .fetch_all(pool)
-            .await?;
+        let series = self.stats_series(id, q).await?;
+        let (members, new_members) = self.member_counts(id, q).await?;
+        let weekly = self.weekly_active(id, q).await?;
+        let at_risk = self.churn_risk(id, q).await?;
         let listed: Vec<&str> = at_risk
             .iter()
             .take(q.churn_list_max)
             .map(String::as_str)
             .collect();
-
-        // Top contributors by points in the window's days.
-        let first_day = eng::day_start_of(q.from, &eng::zone_or_utc(&room.engagement.timezone));
-        let rows = sqlx::query(
-            "SELECT user_id, CAST(SUM(points) AS BIGINT) AS points, \
-             CAST(SUM(messages) AS BIGINT) AS messages, CAST(SUM(questions) AS BIGINT) AS questions, \
-             CAST(SUM(answers) AS BIGINT) AS answers FROM engagement_daily \
-             WHERE room_id = $1 AND day_start >= $2 AND day_start < $3 GROUP BY user_id \
-             HAVING SUM(points) > 0 OR SUM(messages) + SUM(questions) + SUM(answers) > 0 \
-             ORDER BY 2 DESC, user_id LIMIT $4",
-        )
-        .bind(id)
-        .bind(first_day)
-        .bind(q.to)
-        .bind(q.top_n as i64)
-        .fetch_all(pool)
-        .await?;
-        let mut top: Vec<(String, [i64; 4])> = Vec::with_capacity(rows.len());
-        for r in &rows {
-            top.push((
-                r.try_get("user_id")?,
-                [
-                    r.try_get("points")?,
-                    r.try_get("messages")?,
-                    r.try_get("questions")?,
-                    r.try_get("answers")?,
-                ],
-            ));
-        }
+        let top = self.top_contributors(room, q).await?;
 
         let mut wanted: Vec<&str> = listed
             .iter()
@@ -254,6 +132,155 @@ impl Store {
                 })
                 .collect(),
         })
+    }
+
+    /// The series: day rows and memberships grouped by bucket, in SQL.
+    async fn stats_series(&self, id: &str, q: &StatsQuery) -> Result<Vec<SeriesPoint>> {
+        let pool = self.pool();
+        let bounds: Vec<(i64, i64)> = q
+            .starts
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, q.starts.get(i + 1).copied().unwrap_or(q.end)))
+            .collect();
+        let mut series: Vec<SeriesPoint> = q
+            .starts
+            .iter()
+            .map(|s| SeriesPoint {
+                start: *s,
+                ..Default::default()
+            })
+            .collect();
+        let index: HashMap<i64, usize> =
+            q.starts.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+        for chunk in bounds.chunks(400) {
+            let query = per_bucket(
+                "SELECT b.column1 AS start, CAST(SUM(d.messages) AS BIGINT) AS messages, \
+                 CAST(SUM(d.questions) AS BIGINT) AS questions, \
+                 CAST(SUM(d.answers) AS BIGINT) AS answers, \
+                 COUNT(DISTINCT CASE WHEN d.first_ts IS NOT NULL THEN d.user_id END) AS active \
+                 FROM {buckets} JOIN engagement_daily d ON d.room_id = $1 \
+                 AND d.day_start >= b.column1 AND d.day_start < b.column2 GROUP BY b.column1",
+                id,
+                chunk,
+            );
+            for r in query.fetch_all(pool).await? {
+                if let Some(&i) = index.get(&r.try_get::<i64, _>("start")?) {
+                    series[i].messages = r.try_get("messages")?;
+                    series[i].questions = r.try_get("questions")?;
+                    series[i].answers = r.try_get("answers")?;
+                    series[i].active_members = r.try_get("active")?;
+                }
+            }
+            let query = per_bucket(
+                "SELECT b.column1 AS start, COUNT(*) AS n FROM {buckets} JOIN room_members m \
+                 ON m.room_id = $1 AND m.added_at >= b.column1 AND m.added_at < b.column2 \
+                 GROUP BY b.column1",
+                id,
+                chunk,
+            );
+            for r in query.fetch_all(pool).await? {
+                if let Some(&i) = index.get(&r.try_get::<i64, _>("start")?) {
+                    series[i].new_members = r.try_get("n")?;
+                }
+            }
+        }
+        Ok(series)
+    }
+
+    /// The room's members, and how many of them joined in the window.
+    async fn member_counts(&self, id: &str, q: &StatsQuery) -> Result<(i64, i64)> {
+        let pool = self.pool();
+        let members: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM room_members WHERE room_id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await?;
+        let new_members: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM room_members WHERE room_id = $1 AND added_at >= $2 AND added_at < $3",
+        )
+        .bind(id)
+        .bind(q.from)
+        .bind(q.to)
+        .fetch_one(pool)
+        .await?;
+        Ok((members, new_members))
+    }
+
+    /// Weekly active stored members: day rows of the last 7 days (and the day before, which
+    /// may still hold a contribution inside the window).
+    async fn weekly_active(&self, id: &str, q: &StatsQuery) -> Result<i64> {
+        let week_from = q.to - 7 * DAY_MS;
+        let sql = format!(
+            "SELECT COUNT(DISTINCT d.user_id) FROM engagement_daily d JOIN room_members m \
+             ON m.room_id = d.room_id AND m.user_id = d.user_id \
+             WHERE d.room_id = $1 AND d.day_start >= $4 AND d.day_start < $3 AND {ACTIVE_IN}"
+        );
+        let weekly: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(week_from)
+            .bind(q.to)
+            .bind(week_from - DAY_MS)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(weekly)
+    }
+
+    /// Churn risk: members from before the inactivity window with no contribution in it.
+    async fn churn_risk(&self, id: &str, q: &StatsQuery) -> Result<Vec<String>> {
+        let inactive_ms = i64::from(q.inactive_days) * DAY_MS;
+        let churn_from = q.to - inactive_ms;
+        let sql = format!(
+            "SELECT m.user_id FROM room_members m WHERE m.room_id = $1 AND m.added_at < $2 \
+             AND NOT EXISTS (SELECT 1 FROM engagement_daily d WHERE d.room_id = m.room_id \
+             AND d.user_id = m.user_id AND d.day_start >= $4 AND d.day_start < $3 AND {ACTIVE_IN}) \
+             ORDER BY m.user_id"
+        );
+        let at_risk: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(churn_from)
+            .bind(q.to)
+            .bind(churn_from - DAY_MS)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(at_risk)
+    }
+
+    /// Top contributors by points in the window's days: each user with their points,
+    /// messages, questions and answers.
+    async fn top_contributors(
+        &self,
+        room: &Room,
+        q: &StatsQuery,
+    ) -> Result<Vec<(String, [i64; 4])>> {
+        let first_day = eng::day_start_of(q.from, &eng::zone_or_utc(&room.engagement.timezone));
+        let rows = sqlx::query(
+            "SELECT user_id, CAST(SUM(points) AS BIGINT) AS points, \
+             CAST(SUM(messages) AS BIGINT) AS messages, CAST(SUM(questions) AS BIGINT) AS questions, \
+             CAST(SUM(answers) AS BIGINT) AS answers FROM engagement_daily \
+             WHERE room_id = $1 AND day_start >= $2 AND day_start < $3 GROUP BY user_id \
+             HAVING SUM(points) > 0 OR SUM(messages) + SUM(questions) + SUM(answers) > 0 \
+             ORDER BY 2 DESC, user_id LIMIT $4",
+        )
+        .bind(room.id.as_str())
+        .bind(first_day)
+        .bind(q.to)
+        .bind(q.top_n as i64)
+        .fetch_all(self.pool())
+        .await?;
+        let mut top: Vec<(String, [i64; 4])> = Vec::with_capacity(rows.len());
+        for r in &rows {
+            top.push((
+                r.try_get("user_id")?,
+                [
+                    r.try_get("points")?,
+                    r.try_get("messages")?,
+                    r.try_get("questions")?,
+                    r.try_get("answers")?,
+                ],
+            ));
+        }
+        Ok(top)
     }
 
     /// Display names of `users`, and when each of `churned` last contributed before `to`.

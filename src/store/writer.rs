@@ -6,18 +6,17 @@
 //! so one bad write cannot fail its neighbours. Knows the schema and the event encoding; knows
 //! nothing of sessions or the hub.
 
-use super::engagement::{self, BadgeHookSlot, Contribution, Effects, Kind};
+use super::engagement::{self, BadgeHookSlot, Effects};
 use super::{Backend, Result, StoreError, now_ms, postgres, sqlite};
 use crate::engagement::EngagementConfig;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    MessageId, QuestionId, QuestionStatus, ReactionCount, RoomEvent, RoomId, SequencedEvent,
-    UserId, UserRef,
+    MessageId, QuestionId, QuestionStatus, RoomEvent, RoomId, SequencedEvent, UserId, UserRef,
 };
 use sqlx::AnyConnection;
 use sqlx::Connection;
+use sqlx::Transaction;
 use sqlx::any::Any;
-use sqlx::{Row, Transaction};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -829,98 +828,6 @@ pub(super) async fn insert_event(
     })
 }
 
-struct MessageRow {
-    sender: String,
-    seq: i64,
-    deleted: bool,
-}
-
-async fn load_message(tx: &mut Tx<'_>, room: &RoomId, id: &MessageId) -> Result<MessageRow> {
-    let row =
-        sqlx::query("SELECT sender_id, seq, deleted FROM messages WHERE id = $1 AND room_id = $2")
-            .bind(id.as_str())
-            .bind(room.as_str())
-            .fetch_optional(&mut **tx)
-            .await?
-            .ok_or(StoreError::NotFound("message"))?;
-    Ok(MessageRow {
-        sender: row.try_get("sender_id")?,
-        seq: row.try_get("seq")?,
-        deleted: row.try_get::<i64, _>("deleted")? != 0,
-    })
-}
-
-/// Rewrites the stored `message` event so history shows the message as it is now.
-async fn rewrite_message(
-    tx: &mut Tx<'_>,
-    room: &RoomId,
-    seq: i64,
-    change: impl FnOnce(&mut RoomEvent),
-) -> Result<()> {
-    let body: String =
-        sqlx::query_scalar("SELECT body FROM events WHERE room_id = $1 AND seq = $2")
-            .bind(room.as_str())
-            .bind(seq)
-            .fetch_optional(&mut **tx)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("message event {room}/{seq} missing")))?;
-    let mut ev: SequencedEvent = serde_json::from_str(&body)
-        .map_err(|e| StoreError::Corrupt(format!("event {room}/{seq}: {e}")))?;
-    change(&mut ev.event);
-    sqlx::query("UPDATE events SET body = $1 WHERE room_id = $2 AND seq = $3")
-        .bind(crate::protocol::encode(&ev))
-        .bind(room.as_str())
-        .bind(seq)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-/// Erases the text of a deleted message's earlier edit events too.
-async fn scrub_edits(tx: &mut Tx<'_>, room: &RoomId, id: &MessageId) -> Result<()> {
-    let rows = sqlx::query(
-        "SELECT seq, body FROM events WHERE room_id = $1 AND message_id = $2 AND kind = 'message_edited'",
-    )
-    .bind(room.as_str())
-    .bind(id.as_str())
-    .fetch_all(&mut **tx)
-    .await?;
-    for row in rows {
-        let seq: i64 = row.try_get("seq")?;
-        let body: String = row.try_get("body")?;
-        let mut ev: SequencedEvent = serde_json::from_str(&body)
-            .map_err(|e| StoreError::Corrupt(format!("event {room}/{seq}: {e}")))?;
-        if let RoomEvent::MessageEdited { text, .. } = &mut ev.event {
-            text.clear();
-        }
-        sqlx::query("UPDATE events SET body = $1 WHERE room_id = $2 AND seq = $3")
-            .bind(crate::protocol::encode(&ev))
-            .bind(room.as_str())
-            .bind(seq)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
-}
-
-async fn reaction_counts(tx: &mut Tx<'_>, id: &MessageId) -> Result<Vec<ReactionCount>> {
-    let rows = sqlx::query(
-        "SELECT emoji, COUNT(*) AS n FROM reactions WHERE message_id = $1 \
-         GROUP BY emoji ORDER BY MIN(ts), emoji",
-    )
-    .bind(id.as_str())
-    .fetch_all(&mut **tx)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(ReactionCount {
-                emoji: r.try_get("emoji")?,
-                count: r.try_get("n")?,
-            })
-        })
-        .collect()
-}
-
 async fn apply(
     tx: &mut Tx<'_>,
     cfg: &EngagementConfig,
@@ -996,23 +903,7 @@ async fn apply(
             text,
             anonymous,
             pending,
-        } => {
-            let applied = super::qa::ask(tx, room, author, text, *anonymous, *pending).await?;
-            // The room saw this question without its author (anonymous) or not at all
-            // (pending): points, counters or a badge for it would show who asked, on the
-            // leaderboard and in profiles. An anonymous question counts nothing; a pending one
-            // counts when it is approved (`SetQuestionStatus`).
-            if let WriteOutcome::Asked { id, ts, .. } = &applied.outcome
-                && !*anonymous
-                && !*pending
-            {
-                let c = Contribution::new(room, author, Kind::Question, id.as_str(), *ts);
-                engagement::contribute(tx, cfg, &[c], fx)
-                    .await
-                    .map_err(engagement::abort)?;
-            }
-            Ok(applied)
-        }
+        } => super::qa::apply_ask(tx, cfg, room, author, text, *anonymous, *pending, fx).await,
         WriteOp::Vote {
             room,
             question,
@@ -1024,211 +915,26 @@ async fn apply(
             question,
             author,
             text,
-        } => {
-            let applied = super::qa::answer(tx, room, question, author, text).await?;
-            let c = Contribution::new(room, author, Kind::Answer, question.as_str(), now_ms());
-            engagement::contribute(tx, cfg, &[c], fx)
-                .await
-                .map_err(engagement::abort)?;
-            Ok(applied)
-        }
+        } => super::qa::apply_answer(tx, cfg, room, question, author, text, fx).await,
         WriteOp::SetQuestionStatus {
             room,
             question,
             status,
-        } => {
-            let (applied, earner) = super::qa::set_status(tx, room, question, *status).await?;
-            if let Some(author) = earner {
-                let ts = super::now_ms();
-                let c = Contribution::new(room, &author, Kind::Question, question.as_str(), ts);
-                engagement::contribute(tx, cfg, &[c], fx)
-                    .await
-                    .map_err(engagement::abort)?;
-            }
-            Ok(applied)
-        }
+        } => super::qa::apply_status(tx, cfg, room, question, *status, fx).await,
         WriteOp::Send {
             room,
             from,
             text,
             client_msg_id,
             reply_to,
-        } => {
-            if let Some(cid) = client_msg_id {
-                let prior = sqlx::query(
-                    "SELECT id, seq, ts FROM messages \
-                     WHERE room_id = $1 AND sender_id = $2 AND client_msg_id = $3",
-                )
-                .bind(room.as_str())
-                .bind(from.id.as_str())
-                .bind(cid.as_str())
-                .fetch_optional(&mut **tx)
-                .await?;
-                if let Some(row) = prior {
-                    return Ok(Applied {
-                        outcome: WriteOutcome::Sent {
-                            id: MessageId(row.try_get("id")?),
-                            seq: row.try_get("seq")?,
-                            ts: row.try_get("ts")?,
-                            duplicate: true,
-                        },
-                        event: None,
-                    });
-                }
-            }
-            if let Some(target) = reply_to {
-                let found = load_message(tx, room, target).await;
-                if matches!(found, Err(StoreError::NotFound(_))) {
-                    return Err(StoreError::BadRequest(
-                        "reply_to does not name a message in this room".into(),
-                    ));
-                }
-                found?;
-            }
-            let seq = bump_seq(tx, room).await?;
-            let ts = now_ms();
-            let id = new_message_id(ts);
-            sqlx::query(
-                "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 0)",
-            )
-            .bind(id.as_str())
-            .bind(room.as_str())
-            .bind(seq)
-            .bind(from.id.as_str())
-            .bind(client_msg_id.as_deref())
-            .bind(ts)
-            .execute(&mut **tx)
-            .await?;
-            super::search::index(tx, room, "message", id.as_str(), seq, ts, text, false).await?;
-            let event = RoomEvent::Message {
-                id: id.clone(),
-                from: from.clone(),
-                text: text.clone(),
-                reply_to: reply_to.clone(),
-                ts,
-                client_msg_id: client_msg_id.clone(),
-                edited_ts: None,
-                deleted: false,
-                reactions: Vec::new(),
-            };
-            let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
-            let c = Contribution::new(room, from, Kind::Message, id.as_str(), ts);
-            engagement::contribute(tx, cfg, &[c], fx)
-                .await
-                .map_err(engagement::abort)?;
-            Ok(Applied {
-                outcome: WriteOutcome::Sent {
-                    id,
-                    seq,
-                    ts,
-                    duplicate: false,
-                },
-                event: Some(committed),
-            })
-        }
-        WriteOp::Edit { room, id, by, text } => {
-            let msg = load_message(tx, room, id).await?;
-            if msg.deleted {
-                return Err(StoreError::NotFound("message"));
-            }
-            if msg.sender != by.id.as_str() {
-                return Err(StoreError::Forbidden(
-                    "only the author may edit a message".into(),
-                ));
-            }
-            let seq = bump_seq(tx, room).await?;
-            let ts = now_ms();
-            rewrite_message(tx, room, msg.seq, |ev| {
-                if let RoomEvent::Message {
-                    text: t, edited_ts, ..
-                } = ev
-                {
-                    t.clone_from(text);
-                    *edited_ts = Some(ts);
-                }
-            })
-            .await?;
-            super::search::reindex(tx, "message", id.as_str(), text).await?;
-            let event = RoomEvent::MessageEdited {
-                id: id.clone(),
-                text: text.clone(),
-                by: by.clone(),
-                ts,
-            };
-            record_change(tx, room, seq, ts, id.as_str(), event, None).await
-        }
+        } => super::messages::send(tx, cfg, room, from, text, client_msg_id, reply_to, fx).await,
+        WriteOp::Edit { room, id, by, text } => super::messages::edit(tx, room, id, by, text).await,
         WriteOp::Delete {
             room,
             id,
             by,
             as_moderator,
-        } => {
-            let msg = load_message(tx, room, id).await?;
-            if msg.sender != by.id.as_str() && !as_moderator {
-                return Err(StoreError::Forbidden(
-                    "only the author or a host/ta may delete a message".into(),
-                ));
-            }
-            if msg.deleted {
-                return Ok(Applied {
-                    outcome: WriteOutcome::Unchanged,
-                    event: None,
-                });
-            }
-            let seq = bump_seq(tx, room).await?;
-            let ts = now_ms();
-            sqlx::query("UPDATE messages SET deleted = 1 WHERE id = $1")
-                .bind(id.as_str())
-                .execute(&mut **tx)
-                .await?;
-            // Reactions by others standing on it, counted in the author's `reactions_received`.
-            let standing: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM reactions WHERE message_id = $1 AND user_id <> $2",
-            )
-            .bind(id.as_str())
-            .bind(msg.sender.as_str())
-            .fetch_one(&mut **tx)
-            .await?;
-            sqlx::query("DELETE FROM reactions WHERE message_id = $1")
-                .bind(id.as_str())
-                .execute(&mut **tx)
-                .await?;
-            // The text is erased from the log, not only hidden.
-            rewrite_message(tx, room, msg.seq, |ev| {
-                if let RoomEvent::Message {
-                    text,
-                    deleted,
-                    reactions,
-                    edited_ts,
-                    ..
-                } = ev
-                {
-                    text.clear();
-                    *deleted = true;
-                    reactions.clear();
-                    *edited_ts = None;
-                }
-            })
-            .await?;
-            scrub_edits(tx, room, id).await?;
-            super::search::unindex(tx, "message", id.as_str()).await?;
-            if msg.sender != by.id.as_str() {
-                // Deleted by moderation: the message earns nothing, nor its reactions.
-                engagement::reverse(tx, room, id.as_str(), None)
-                    .await
-                    .map_err(engagement::abort)?;
-                engagement::uncount_reactions(tx, room, &msg.sender, standing)
-                    .await
-                    .map_err(engagement::abort)?;
-            }
-            let event = RoomEvent::MessageDeleted {
-                id: id.clone(),
-                by: by.clone(),
-                ts,
-            };
-            record_change(tx, room, seq, ts, id.as_str(), event, None).await
-        }
+        } => super::messages::delete(tx, room, id, by, *as_moderator).await,
         WriteOp::React {
             room,
             id,
@@ -1236,126 +942,6 @@ async fn apply(
             emoji,
             add,
             max_distinct,
-        } => {
-            let msg = load_message(tx, room, id).await?;
-            if msg.deleted {
-                return Err(StoreError::NotFound("message"));
-            }
-            let mine: Option<i64> = sqlx::query_scalar(
-                "SELECT 1 FROM reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3",
-            )
-            .bind(id.as_str())
-            .bind(user.id.as_str())
-            .bind(emoji.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
-            if mine.is_some() == *add {
-                return Ok(Applied {
-                    outcome: WriteOutcome::Unchanged,
-                    event: None,
-                });
-            }
-            if *add {
-                let others: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(DISTINCT emoji) FROM reactions WHERE message_id = $1 AND emoji <> $2",
-                )
-                .bind(id.as_str())
-                .bind(emoji.as_str())
-                .fetch_one(&mut **tx)
-                .await?;
-                let used: Option<i64> = sqlx::query_scalar(
-                    "SELECT 1 FROM reactions WHERE message_id = $1 AND emoji = $2 LIMIT 1",
-                )
-                .bind(id.as_str())
-                .bind(emoji.as_str())
-                .fetch_optional(&mut **tx)
-                .await?;
-                if used.is_none() && others >= i64::from(*max_distinct) {
-                    return Err(StoreError::TooLarge(format!(
-                        "a message carries at most {max_distinct} different reactions"
-                    )));
-                }
-            }
-            let seq = bump_seq(tx, room).await?;
-            let ts = now_ms();
-            if *add {
-                sqlx::query(
-                    "INSERT INTO reactions (message_id, user_id, emoji, ts) VALUES ($1, $2, $3, $4)",
-                )
-                .bind(id.as_str())
-                .bind(user.id.as_str())
-                .bind(emoji.as_str())
-                .bind(ts)
-                .execute(&mut **tx)
-                .await?;
-            } else {
-                sqlx::query(
-                    "DELETE FROM reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3",
-                )
-                .bind(id.as_str())
-                .bind(user.id.as_str())
-                .bind(emoji.as_str())
-                .execute(&mut **tx)
-                .await?;
-            }
-            let counts = reaction_counts(tx, id).await?;
-            let count = counts
-                .iter()
-                .find(|c| &c.emoji == emoji)
-                .map_or(0, |c| c.count);
-            rewrite_message(tx, room, msg.seq, |ev| {
-                if let RoomEvent::Message { reactions, .. } = ev {
-                    *reactions = counts;
-                }
-            })
-            .await?;
-            let detail = format!("{} {emoji}", user.id);
-            let for_author = msg.sender != user.id.as_str();
-            if *add {
-                let mut items = vec![Contribution::new(
-                    room,
-                    user,
-                    Kind::ReactionGiven,
-                    id.as_str(),
-                    ts,
-                )];
-                if for_author {
-                    // Points to the message's author, whose name this write does not know.
-                    let mut c =
-                        Contribution::new(room, user, Kind::ReactionReceived, id.as_str(), ts);
-                    c.user = UserId(msg.sender.clone());
-                    c.name = String::new();
-                    c.detail = detail;
-                    items.push(c);
-                }
-                engagement::contribute(tx, cfg, &items, fx)
-                    .await
-                    .map_err(engagement::abort)?;
-            } else if for_author {
-                let reversed = engagement::reverse(
-                    tx,
-                    room,
-                    id.as_str(),
-                    Some((crate::engagement::Action::ReactionReceived, &detail)),
-                )
-                .await
-                .map_err(engagement::abort)?;
-                engagement::refund(tx, room, &reversed)
-                    .await
-                    .map_err(engagement::abort)?;
-                engagement::uncount(tx, room, &msg.sender, Kind::ReactionReceived)
-                    .await
-                    .map_err(engagement::abort)?;
-            }
-            let event = RoomEvent::Reaction {
-                id: id.clone(),
-                emoji: emoji.clone(),
-                user: user.clone(),
-                count,
-                added: *add,
-                ts,
-            };
-            record_change(tx, room, seq, ts, id.as_str(), event, None).await
-        }
+        } => super::messages::react(tx, cfg, room, id, user, emoji, *add, *max_distinct, fx).await,
     }
 }

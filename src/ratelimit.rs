@@ -70,10 +70,11 @@ impl Action {
     }
 }
 
-/// Per-user buckets for each [`Action`], with the rate and burst of each.
+/// Per-user buckets for each [`Action`], with the rate and burst of each. One map entry per
+/// active user, looked up by `&str` (no allocation for a user already in it).
 pub struct UserLimits {
     rates: [(f64, f64); 4],
-    buckets: DashMap<(UserId, Action), TokenBucket>,
+    buckets: DashMap<UserId, [TokenBucket; 4]>,
 }
 
 impl UserLimits {
@@ -85,29 +86,33 @@ impl UserLimits {
         }
     }
 
-    fn rate(&self, action: Action) -> (f64, f64) {
-        self.rates[match action {
+    fn index(action: Action) -> usize {
+        match action {
             Action::Write => 0,
             Action::Join => 1,
             Action::Hand => 2,
             Action::Call => 3,
-        }]
+        }
     }
 
     /// Takes one token of `user`'s `action` bucket; false when the user is over the limit.
     pub fn take(&self, user: &UserId, action: Action) -> bool {
-        let (rate, burst) = self.rate(action);
-        self.buckets
-            .entry((user.clone(), action))
-            .or_insert_with(|| TokenBucket::new(rate, burst))
-            .take()
+        let i = Self::index(action);
+        if let Some(mut buckets) = self.buckets.get_mut(user.as_str()) {
+            return buckets[i].take();
+        }
+        let fresh = self
+            .rates
+            .map(|(rate, burst)| TokenBucket::new(rate, burst));
+        self.buckets.entry(user.clone()).or_insert(fresh)[i].take()
     }
 
-    /// Forgets the buckets that have refilled (their users could spend a full burst anyway):
-    /// the map holds only users active in the last burst's worth of time.
+    /// Forgets the users whose buckets have all refilled (they could spend a full burst
+    /// anyway): the map holds only users active in the last burst's worth of time.
     pub fn sweep(&self) {
         let now = Instant::now();
-        self.buckets.retain(|_, b| !b.refilled(now));
+        self.buckets
+            .retain(|_, buckets| !buckets.iter().all(|b| b.refilled(now)));
     }
 
     pub fn len(&self) -> usize {
@@ -141,8 +146,8 @@ mod tests {
             limits.take(&ben, Action::Write),
             "another user, another bucket"
         );
-        assert_eq!(limits.len(), 3);
+        assert_eq!(limits.len(), 2, "one entry per user");
         limits.sweep();
-        assert_eq!(limits.len(), 3, "nothing refilled yet");
+        assert_eq!(limits.len(), 2, "nothing refilled yet");
     }
 }

@@ -106,8 +106,7 @@ async fn admit(ctx: &mut Ctx, msg: &ClientMsg) -> Result<()> {
         && ctx.joined.contains_key(room)
         && !matches!(msg, ClientMsg::Leave { .. })
     {
-        let room = room.clone();
-        access::recheck(ctx, &room).await?;
+        access::recheck(ctx, room).await?;
     }
     if let Some(action) = user_action(msg)
         && !ctx.app.user_limits.take(&ctx.me.user, action)

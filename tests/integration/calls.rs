@@ -426,10 +426,15 @@ async fn two_hundred_call_setups_leave_fds_and_tasks_at_baseline() {
         a.pending.clear();
         b.pending.clear();
     }
-    let after = settle(baseline).await;
+    // The call log's inserts may have opened more of the pool's connections than the warm-up
+    // did (they run concurrently when the machine is busy), and an idle pool connection stays
+    // open: up to three descriptors (database, WAL, shared memory) each. A leak per call would
+    // be hundreds.
+    let pool_slack = 3 * s.app.config.db_pool_size as usize;
+    let after = settle((baseline.0 + pool_slack, baseline.1)).await;
     assert!(
-        after.0 <= baseline.0 && after.1 <= baseline.1,
-        "baseline {baseline:?}, after {after:?}"
+        after.0 <= baseline.0 + pool_slack && after.1 <= baseline.1,
+        "baseline {baseline:?}, after {after:?}, pool slack {pool_slack}"
     );
     assert_eq!(s.app.rtc.live_calls(), 0);
     s.stop().await;

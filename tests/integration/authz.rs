@@ -1,4 +1,5 @@
-//! The authorisation matrix: every room command × room role (none, viewer, member, ta, host,
+//! The authorisation matrix: every room command (the engagement commands included; `helpful`,
+//! whose right depends on who asked, is covered in engagement.rs) × room role (none, viewer, member, ta, host,
 //! platform admin) × visibility (open, invite-only) × source of the role (token grant, stored
 //! membership), generated, each cell checked against docs/protocol.md (4.2, 5-10, 17): the
 //! command is allowed (`ok`) or refused with exactly the documented code. One server per
@@ -367,6 +368,32 @@ async fn run_cell(s: &Server, p: Principal, open: bool) -> Vec<String> {
         "unban",
         json!({"type": "unban", "room": r, "user": victim}),
         m,
+    )
+    .await;
+    // Engagement (18.2, 18.7-18.9): check-in for members and up, leaderboard and profile for
+    // whoever can read the room, statistics for host/ta; none needs a join.
+    c.expect(
+        "checkin",
+        json!({"type": "checkin", "room": r}),
+        want(writer, "forbidden"),
+    )
+    .await;
+    c.expect(
+        "leaderboard",
+        json!({"type": "leaderboard", "room": r}),
+        read,
+    )
+    .await;
+    c.expect(
+        "profile",
+        json!({"type": "profile", "room": r, "user": victim}),
+        read,
+    )
+    .await;
+    c.expect(
+        "stats",
+        json!({"type": "stats", "room": r}),
+        want(moderator, "forbidden"),
     )
     .await;
     c.expect(

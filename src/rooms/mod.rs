@@ -123,6 +123,20 @@ async fn admit(ctx: &mut Ctx, msg: &ClientMsg) -> Result<()> {
     Ok(())
 }
 
+/// Text a command carries: not blank (`bad_request`) and at most `max` characters
+/// (`too_large`); `what` names it in the error.
+pub(crate) fn check_len(text: &str, max: usize, what: &str) -> Result<()> {
+    if protocol::is_blank(text) {
+        return Err(Error::bad_request(format!("{what} must not be empty")));
+    }
+    if text.chars().count() > max {
+        return Err(Error::TooLarge(format!(
+            "{what} is longer than {max} characters"
+        )));
+    }
+    Ok(())
+}
+
 /// The per-user limit a command counts against, if any.
 fn user_action(msg: &ClientMsg) -> Option<Action> {
     match msg {

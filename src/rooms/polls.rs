@@ -45,18 +45,6 @@ fn poll_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-fn text_within(text: &str, max: usize, what: &str) -> Result<()> {
-    if crate::protocol::is_blank(text) {
-        return Err(Error::bad_request(format!("{what} must not be empty")));
-    }
-    if text.chars().count() > max {
-        return Err(Error::TooLarge(format!(
-            "{what} is longer than {max} characters"
-        )));
-    }
-    Ok(())
-}
-
 /// What `poll_create` asked for, as a client sent it.
 pub(super) struct NewPoll {
     pub kind: PollKind,
@@ -71,7 +59,7 @@ pub(super) struct NewPoll {
 /// Checks a new poll against the limits and its kind's rules, and fills in defaults
 /// (`show_results`: `after_close` for quizzes, `live` otherwise).
 fn spec(cfg: &Config, new: NewPoll) -> Result<PollSpec> {
-    text_within(&new.question, cfg.max_question_chars, "question")?;
+    super::check_len(&new.question, cfg.max_question_chars, "question")?;
     let options = new.options.unwrap_or_default();
     let cloud = new.kind == PollKind::WordCloud;
     if cloud && (!options.is_empty() || new.multiple || new.correct.is_some()) {
@@ -87,7 +75,7 @@ fn spec(cfg: &Config, new: NewPoll) -> Result<PollSpec> {
         )));
     }
     for o in &options {
-        text_within(o, cfg.poll_max_option_chars, "an option")?;
+        super::check_len(o, cfg.poll_max_option_chars, "an option")?;
     }
     match (new.kind, &new.correct) {
         (PollKind::Quiz, None) => return Err(Error::bad_request("a quiz needs `correct`")),
@@ -198,7 +186,7 @@ pub(super) async fn answer(
         ));
     }
     if let Some(t) = &text {
-        text_within(t, ctx.app.config.poll_max_text_chars, "the answer")?;
+        super::check_len(t, ctx.app.config.poll_max_text_chars, "the answer")?;
     }
     let choices = choices.unwrap_or_default();
     if choices.len() > ctx.app.config.poll_max_options {

@@ -16,18 +16,6 @@ fn check_question_id(id: &QuestionId) -> Result<()> {
     Ok(())
 }
 
-fn check_len(text: &str, max: usize, what: &str) -> Result<()> {
-    if crate::protocol::is_blank(text) {
-        return Err(Error::bad_request(format!("{what} must not be empty")));
-    }
-    if text.chars().count() > max {
-        return Err(Error::TooLarge(format!(
-            "{what} is longer than {max} characters"
-        )));
-    }
-    Ok(())
-}
-
 pub(super) async fn ask(
     ctx: &mut Ctx,
     rid: Option<i64>,
@@ -42,7 +30,7 @@ pub(super) async fn ask(
             "viewers are read-only in this room".into(),
         ));
     }
-    check_len(&text, ctx.app.config.max_question_chars, "question")?;
+    super::check_len(&text, ctx.app.config.max_question_chars, "question")?;
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
     if !policy.qa_enabled() {
         return Err(Error::Forbidden("Q&A is not enabled in this room".into()));
@@ -96,7 +84,7 @@ pub(super) async fn answer(
     check_room_id(&room)?;
     check_question_id(&question)?;
     let role = ctx.joined_role(&room)?;
-    check_len(&text, ctx.app.config.max_text_chars, "answer")?;
+    super::check_len(&text, ctx.app.config.max_text_chars, "answer")?;
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
     if !(role.can_moderate() || (policy.room.qa.peer_answers && role.can_write())) {
         return Err(Error::Forbidden(

@@ -72,6 +72,8 @@ pub fn router(app: Arc<App>) -> Router {
             post(replay_delivery),
         )
         .route("/rooms/{id}/summary", get(class_summary))
+        .route("/rooms/{id}/quiz-leaderboard", get(quiz_leaderboard))
+        .route("/rooms/{id}/polls/{poll}/results", get(poll_results))
         .route("/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(app.clone(), require_api_key));
     let mut router = Router::new()
@@ -1174,4 +1176,128 @@ async fn class_summary(
         .class_summary(&room.id, now_ms(), app.config.poll_word_cloud_top)
         .await?;
     Ok(Json(summary))
+}
+
+/// `GET /api/rooms/{id}/quiz-leaderboard?limit=`: the room's ranking over its closed quizzes.
+async fn quiz_leaderboard(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<crate::protocol::QuizLeaderboardOk>> {
+    let room = existing_room(&app, id).await?;
+    let limit = query_i64(&q, "limit")?
+        .map(|l| u32::try_from(l).map_err(|_| Error::bad_request("limit must be 1..=100")))
+        .transpose()?;
+    let v = crate::rooms::polls::quiz_leaderboard_of(&app, &room.id, limit).await?;
+    Ok(Json(v))
+}
+
+/// `GET /api/rooms/{id}/polls/{poll}/results`: the poll as host/ta see it with every answer,
+/// as JSON, or as CSV (`?format=csv` or `Accept: text/csv`), one row per answer.
+async fn poll_results(
+    State(app): State<Arc<App>>,
+    Path((id, poll)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let room = existing_room(&app, id).await?;
+    let csv = match q.get("format").map(String::as_str) {
+        Some("csv") => true,
+        Some("json") => false,
+        Some(_) => return Err(Error::bad_request("format must be json or csv")),
+        None => headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/csv")),
+    };
+    if poll.is_empty() || poll.len() > 64 {
+        return Err(Error::NotFound(format!("poll {poll} not found")));
+    }
+    let (view, answers) = app
+        .store
+        .poll_export(&room.id, &poll, app.config.poll_word_cloud_top)
+        .await?;
+    if !csv {
+        return Ok(Json(crate::protocol::PollExport {
+            poll: view,
+            answers,
+        })
+        .into_response());
+    }
+    let mut out = String::from("user_id,name,choices,text,ts,correct,response_ms\r\n");
+    for a in &answers {
+        let choices: Vec<&str> = a
+            .choices
+            .iter()
+            .filter_map(|&c| view.options.get(c as usize).map(String::as_str))
+            .collect();
+        let cells = [
+            csv_text(a.user.id.as_str()),
+            csv_text(&a.user.name),
+            csv_text(&choices.join("; ")),
+            csv_text(a.text.as_deref().unwrap_or("")),
+            a.ts.to_string(),
+            a.correct.map(|c| c.to_string()).unwrap_or_default(),
+            a.response_ms.map(|r| r.to_string()).unwrap_or_default(),
+        ];
+        out.push_str(&cells.join(","));
+        out.push_str("\r\n");
+    }
+    let disposition = format!("attachment; filename=\"poll-{}.csv\"", csv_filename(&poll));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        out,
+    )
+        .into_response())
+}
+
+/// A CSV cell of user text (RFC 4180): quoted when it holds a comma, quote or line break,
+/// quotes doubled; a cell a spreadsheet would read as a formula (starting with `=`, `+`, `-`,
+/// `@`, a tab or a carriage return) gets a leading `'` so it stays text.
+fn csv_text(text: &str) -> String {
+    let mut cell = String::with_capacity(text.len() + 3);
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        cell.push('\'');
+    }
+    cell.push_str(text);
+    if cell.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", cell.replace('"', "\"\""))
+    } else {
+        cell
+    }
+}
+
+/// A poll id as a file name: anything but `[A-Za-z0-9_-]` becomes `_`.
+fn csv_filename(poll: &str) -> String {
+    poll.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod csv_tests {
+    use super::csv_text;
+
+    #[test]
+    fn cells_are_quoted_and_formulas_defused() {
+        assert_eq!(csv_text("plain"), "plain");
+        assert_eq!(csv_text("a,b"), "\"a,b\"");
+        assert_eq!(csv_text("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_text("two\nlines"), "\"two\nlines\"");
+        assert_eq!(csv_text("=1+2"), "'=1+2");
+        assert_eq!(csv_text("+1"), "'+1");
+        assert_eq!(csv_text("-1"), "'-1");
+        assert_eq!(csv_text("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_text("=HYPERLINK(\"x\",\"y\")"), "\"'=HYPERLINK(\"\"x\"\",\"\"y\"\")\"");
+        assert_eq!(csv_text(""), "");
+    }
 }

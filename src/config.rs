@@ -498,6 +498,8 @@ settings! {
     /// Milliseconds between results updates of one open poll: answers arriving meanwhile are
     /// coalesced into one `poll` event, so a burst of 500 answers costs a handful of events.
     poll_results_interval_ms: u64 = 1_000,
+    /// Most answers one `poll_answers` page carries (also the default `limit`).
+    poll_answers_page: usize = 200,
     /// Milliseconds between looks for polls past `closes_at` and classes past `starts_at` or
     /// `ends_at` (the clock that closes and starts/ends them).
     class_clock_ms: u64 = 1_000,
@@ -861,6 +863,7 @@ impl Config {
         positive("poll_max_duration_s", u64::from(self.poll_max_duration_s))?;
         positive("poll_word_cloud_top", self.poll_word_cloud_top as u64)?;
         positive("poll_results_interval_ms", self.poll_results_interval_ms)?;
+        positive("poll_answers_page", self.poll_answers_page as u64)?;
         positive("class_clock_ms", self.class_clock_ms)?;
         positive("breakout_max_groups", self.breakout_max_groups as u64)?;
         positive(

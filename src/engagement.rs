@@ -22,6 +22,8 @@ pub enum Action {
     /// A reaction from someone else to one's message (points to the message's author).
     ReactionReceived,
     Checkin,
+    /// A correct answer to a quiz, awarded when the quiz closes (once per user and quiz).
+    QuizCorrect,
 }
 
 impl Action {
@@ -33,6 +35,7 @@ impl Action {
             Self::Helpful => "helpful",
             Self::ReactionReceived => "reaction_received",
             Self::Checkin => "checkin",
+            Self::QuizCorrect => "quiz_correct",
         }
     }
 }
@@ -47,6 +50,7 @@ pub struct PointTable {
     pub helpful: i64,
     pub reaction_received: i64,
     pub checkin: i64,
+    pub quiz_correct: i64,
 }
 
 impl PointTable {
@@ -58,6 +62,7 @@ impl PointTable {
             Action::Helpful => self.helpful,
             Action::ReactionReceived => self.reaction_received,
             Action::Checkin => self.checkin,
+            Action::QuizCorrect => self.quiz_correct,
         }
     }
 
@@ -69,10 +74,11 @@ impl PointTable {
             helpful: 15,
             reaction_received: 2,
             checkin: 3,
+            quiz_correct: 10,
         }
     }
 
-    fn values(&self) -> [i64; 6] {
+    fn values(&self) -> [i64; 7] {
         [
             self.message,
             self.question,
@@ -80,6 +86,7 @@ impl PointTable {
             self.helpful,
             self.reaction_received,
             self.checkin,
+            self.quiz_correct,
         ]
     }
 }
@@ -101,6 +108,7 @@ pub struct DailyCaps {
     pub helpful: i64,
     pub reaction_received: i64,
     pub checkin: i64,
+    pub quiz_correct: i64,
 }
 
 impl Default for DailyCaps {
@@ -112,6 +120,7 @@ impl Default for DailyCaps {
             helpful: 20,
             reaction_received: 50,
             checkin: 1,
+            quiz_correct: 20,
         }
     }
 }
@@ -129,6 +138,7 @@ impl DailyCaps {
             helpful: self.helpful,
             reaction_received: self.reaction_received,
             checkin: self.checkin,
+            quiz_correct: self.quiz_correct,
         }
     }
 }

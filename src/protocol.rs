@@ -550,6 +550,22 @@ pub enum ClientMsg {
     Polls {
         room: RoomId,
     },
+    /// host/ta: who answered a poll and when, one page at a time (`cursor`: the previous
+    /// page's `next_cursor`).
+    PollAnswers {
+        room: RoomId,
+        poll: String,
+        #[serde(default)]
+        cursor: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// The room's ranking over its closed quizzes.
+    QuizLeaderboard {
+        room: RoomId,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     ClassStart {
         room: RoomId,
     },
@@ -662,6 +678,8 @@ impl ClientMsg {
             | Self::PollClose { room, .. }
             | Self::PollAnswer { room, .. }
             | Self::Polls { room, .. }
+            | Self::PollAnswers { room, .. }
+            | Self::QuizLeaderboard { room, .. }
             | Self::ClassStart { room, .. }
             | Self::ClassEnd { room, .. }
             | Self::BreakoutOpen { room, .. }
@@ -729,7 +747,9 @@ impl ClientMsg {
             | Self::PollOpen { .. }
             | Self::PollClose { .. }
             | Self::PollAnswer { .. }
-            | Self::Polls { .. } => CommandKind::Poll,
+            | Self::Polls { .. }
+            | Self::PollAnswers { .. }
+            | Self::QuizLeaderboard { .. } => CommandKind::Poll,
             Self::ClassStart { .. } | Self::ClassEnd { .. } => CommandKind::Class,
             Self::BreakoutOpen { .. }
             | Self::BreakoutMove { .. }

@@ -558,6 +558,8 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
         "poll_create" | "poll_open" | "poll_close" => ok::<PollOk>(rid, &fields),
         "poll_answer" => ok::<PollAnswerOk>(rid, &fields),
         "polls" => ok::<PollsOk>(rid, &fields),
+        "poll_answers" => ok::<PollAnswersOk>(rid, &fields),
+        "quiz_leaderboard" => ok::<QuizLeaderboardOk>(rid, &fields),
         "class_start" | "class_end" => ok::<ClassOk>(rid, &fields),
         "breakout_open" => ok::<BreakoutOpenOk>(rid, &fields),
         "breakout_move" | "breakout_broadcast" | "breakout_close" | "help" | "board"
@@ -577,6 +579,7 @@ fn encode_shape(shape: &str, doc: &Value) -> Result<String, String> {
         "call record" => again::<CallLogEntry>(doc),
         "poll" => again::<PollView>(doc),
         "summary" => again::<ClassSummary>(doc),
+        "poll export" => again::<PollExport>(doc),
         other => Err(format!("unknown shape `{other}`")),
     }
 }

@@ -1,9 +1,11 @@
 //! Wire shapes of polls, quizzes and word clouds, and of the class lifecycle: the poll object
 //! as one audience sees it (`PollView`), its results, the class state, and the body of
-//! `GET /api/rooms/{id}/summary`. Who sees which fields (results, `correct`) is decided by the
+//! `GET /api/rooms/{id}/summary`; the answers host/ta list (`poll_answers`, the results export)
+//! and the quiz leaderboard. Who sees which fields (results, `correct`) is decided by the
 //! store when it renders an event; these types only carry what was decided. Knows nothing of
 //! sockets, the hub or SQL.
 
+use super::views::UserBrief;
 use super::{RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -100,6 +102,9 @@ pub struct WordCount {
 
 /// A poll's results: `answers` is how many users answered; `counts` (polls and quizzes) is how
 /// many chose each option, in option order; `words` (word clouds) the most frequent words.
+/// Quizzes, for host/ta (and for everyone once closed): `correct_answers`, how many answers
+/// are exactly the correct set, and `avg_response_ms`, the mean time from the open to an
+/// answer (absent with no answers).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PollResults {
     pub answers: i64,
@@ -107,6 +112,10 @@ pub struct PollResults {
     pub counts: Option<Vec<i64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub words: Option<Vec<WordCount>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correct_answers: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avg_response_ms: Option<i64>,
 }
 
 /// A poll as one audience sees it. `results` and `correct` are left out where that audience
@@ -129,6 +138,63 @@ pub struct PollView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results: Option<PollResults>,
     pub created_at: i64,
+}
+
+/// One user's answer as host/ta list it (`poll_answers`, the results export): `choices`
+/// sorted (empty for a word cloud), `text` for word clouds, `ts` when it was last given;
+/// quizzes add `correct` (the choice set is exactly the correct one) and `response_ms` (from
+/// the quiz's open to `ts`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollAnswerEntry {
+    pub user: UserBrief,
+    pub choices: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub ts: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correct: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_ms: Option<i64>,
+}
+
+/// `poll_answers` (host/ta): one page of a poll's answers, oldest first; `next_cursor` asks
+/// for the next page (`null` on the last).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollAnswersOk {
+    pub poll: String,
+    pub answers: Vec<PollAnswerEntry>,
+    pub next_cursor: Option<String>,
+}
+
+/// The body of `GET /api/rooms/{id}/polls/{poll}/results` (JSON): the poll as host/ta see it
+/// and every answer, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollExport {
+    pub poll: PollView,
+    pub answers: Vec<PollAnswerEntry>,
+}
+
+/// One row of the quiz leaderboard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizLeaderEntry {
+    /// Competition rank over (`correct`, `total_response_ms`): ties in both share it.
+    pub rank: i64,
+    pub user: UserBrief,
+    /// Correct answers over the room's closed quizzes.
+    pub correct: i64,
+    /// Closed quizzes answered.
+    pub answered: i64,
+    /// Sum of the response times of the correct answers (the tie-break: less is better).
+    pub total_response_ms: i64,
+}
+
+/// `quiz_leaderboard`, and the body of `GET /api/rooms/{id}/quiz-leaderboard`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuizLeaderboardOk {
+    pub room: RoomId,
+    /// Closed quizzes in the room.
+    pub quizzes: i64,
+    pub entries: Vec<QuizLeaderEntry>,
 }
 
 /// A room's class state: `scheduled` before it starts, `live`, then `ended` for good.

@@ -81,6 +81,9 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         | ClientMsg::Profile { .. }
         | ClientMsg::Stats { .. }
         | ClientMsg::Helpful { .. }) => engagement::dispatch(ctx, rid, msg).await,
+        msg @ (ClientMsg::PollAnswers { .. } | ClientMsg::QuizLeaderboard { .. }) => {
+            polls::dispatch(ctx, msg).await
+        }
         msg @ (ClientMsg::PollCreate { .. }
         | ClientMsg::PollOpen { .. }
         | ClientMsg::PollClose { .. }

@@ -1,5 +1,6 @@
-//! Poll, quiz and word-cloud commands: `poll_create`, `poll_open`, `poll_close` (host/ta),
-//! `poll_answer` (anyone who may write in the room), `polls` (anyone who may read it); the
+//! Poll, quiz and word-cloud commands: `poll_create`, `poll_open`, `poll_close` and
+//! `poll_answers` (host/ta), `poll_answer` (anyone who may write in the room), `polls` and
+//! `quiz_leaderboard` (anyone who may read it), plus the quiz leaderboard the HTTP API shares; the
 //! validation of what a client sends against the configured limits; and the two clocks of a
 //! poll: coalesced results updates (`ResultsQueue`, at most one per poll per
 //! `poll_results_interval_ms`) and the close at `closes_at` (found in the store, so it
@@ -12,7 +13,10 @@ use crate::App;
 use crate::command::{Ctx, Outcome, deferred};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::protocol::{PollKind, PollState, PollsOk, RoomId, ShowResults};
+use crate::protocol::{
+    ClientMsg, PollAnswersOk, PollKind, PollState, PollsOk, QuizLeaderboardOk, RoomId,
+    ShowResults,
+};
 use crate::store::{PollSpec, View, WriteOp, now_ms};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -80,6 +84,7 @@ fn spec(cfg: &Config, new: NewPoll) -> Result<PollSpec> {
     match (new.kind, &new.correct) {
         (PollKind::Quiz, None) => return Err(Error::bad_request("a quiz needs `correct`")),
         (PollKind::Quiz, Some(c)) => {
+            // A set: kept sorted, as answers' choices are.
             let mut seen = c.clone();
             seen.sort_unstable();
             seen.dedup();
@@ -114,12 +119,16 @@ fn spec(cfg: &Config, new: NewPoll) -> Result<PollSpec> {
     } else {
         ShowResults::Live
     });
+    let correct = new.correct.map(|mut c| {
+        c.sort_unstable();
+        c
+    });
     Ok(PollSpec {
         kind: new.kind,
         question: new.question,
         options,
         multiple: new.multiple,
-        correct: new.correct,
+        correct,
         duration_s: new.duration_s,
         show_results,
     })
@@ -196,6 +205,7 @@ pub(super) async fn answer(
         room: room.clone(),
         poll: poll.clone(),
         user: ctx.me.user.clone(),
+        name: ctx.me.name.clone(),
         choices,
         text,
     };
@@ -225,6 +235,94 @@ pub(super) async fn list(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
         .polls(&room, View::of(role), ctx.app.config.poll_word_cloud_top)
         .await?;
     Ok(Outcome::ok(PollsOk { polls }))
+}
+
+/// `poll_answers` (host/ta): who answered and when, a page at a time. The cursor is the last
+/// answer's `ts` and user id (`<ts>:<user>`), so pages hold still while answers change.
+async fn answers_page(
+    ctx: &mut Ctx,
+    room: RoomId,
+    poll: String,
+    cursor: Option<String>,
+    limit: Option<u32>,
+) -> Result<Outcome> {
+    let role = readable_role(ctx, &room).await?;
+    if !role.can_moderate() {
+        return Err(Error::Forbidden("only host/ta see who answered".into()));
+    }
+    poll_id(&poll)?;
+    let max = ctx.app.config.poll_answers_page;
+    let limit = match limit {
+        None => max,
+        Some(l) if (1..=max).contains(&(l as usize)) => l as usize,
+        Some(_) => return Err(Error::bad_request(format!("limit must be 1..={max}"))),
+    };
+    let after = cursor.as_deref().map(parse_cursor).transpose()?;
+    let (answers, more) = ctx
+        .app
+        .store
+        .poll_answer_page(&room, &poll, after, limit)
+        .await?;
+    let next_cursor = more
+        .then(|| answers.last().map(|a| format!("{}:{}", a.ts, a.user.id)))
+        .flatten();
+    Ok(Outcome::ok(PollAnswersOk {
+        poll,
+        answers,
+        next_cursor,
+    }))
+}
+
+fn parse_cursor(c: &str) -> Result<(i64, &str)> {
+    let bad = || Error::bad_request("cursor is not one this server gave");
+    let (ts, user) = c.split_once(':').ok_or_else(bad)?;
+    let ts = ts.parse().map_err(|_| bad())?;
+    if user.is_empty() || user.chars().count() > 64 {
+        return Err(bad());
+    }
+    Ok((ts, user))
+}
+
+/// The quiz leaderboard answer (WebSocket `quiz_leaderboard` and
+/// `GET /api/rooms/{id}/quiz-leaderboard`); `limit` 1..=100, default 10, like `leaderboard`.
+pub(crate) async fn quiz_leaderboard_of(
+    app: &App,
+    room: &RoomId,
+    limit: Option<u32>,
+) -> Result<QuizLeaderboardOk> {
+    let max = super::engagement::MAX_LEADERBOARD;
+    let limit = limit.unwrap_or(10);
+    if !(1..=max).contains(&limit) {
+        return Err(Error::bad_request(format!("limit must be 1..={max}")));
+    }
+    let (quizzes, entries) = app.store.quiz_leaderboard(room, limit).await?;
+    Ok(QuizLeaderboardOk {
+        room: room.clone(),
+        quizzes,
+        entries,
+    })
+}
+
+async fn quiz_leaderboard(ctx: &mut Ctx, room: RoomId, limit: Option<u32>) -> Result<Outcome> {
+    readable_role(ctx, &room).await?;
+    Ok(Outcome::ok(
+        quiz_leaderboard_of(&ctx.app, &room, limit).await?,
+    ))
+}
+
+/// Routes `poll_answers` and `quiz_leaderboard` (the other poll commands go through
+/// [`super::class`]).
+pub(super) async fn dispatch(ctx: &mut Ctx, msg: ClientMsg) -> Result<Outcome> {
+    match msg {
+        ClientMsg::PollAnswers {
+            room,
+            poll,
+            cursor,
+            limit,
+        } => answers_page(ctx, room, poll, cursor, limit).await,
+        ClientMsg::QuizLeaderboard { room, limit } => quiz_leaderboard(ctx, room, limit).await,
+        other => Err(crate::command::misrouted(&other)),
+    }
 }
 
 /// The polls' clocks: every `poll_results_interval_ms`, one results update per poll answered

@@ -85,6 +85,9 @@ pub(super) enum Kind {
     /// Points to an answer's author; not the author's activity.
     Helpful,
     Checkin,
+    /// A correct quiz answer, awarded at the quiz's close (`ref_id` is the quiz); earns once
+    /// per quiz and user. Not activity: the answer was counted (or not) when given.
+    QuizCorrect,
 }
 
 impl Kind {
@@ -97,11 +100,21 @@ impl Kind {
             Self::ReactionReceived => Some(Action::ReactionReceived),
             Self::Helpful => Some(Action::Helpful),
             Self::Checkin => Some(Action::Checkin),
+            Self::QuizCorrect => Some(Action::QuizCorrect),
         }
     }
 
     fn active(self) -> bool {
-        !matches!(self, Self::ReactionReceived | Self::Helpful)
+        !matches!(
+            self,
+            Self::ReactionReceived | Self::Helpful | Self::QuizCorrect
+        )
+    }
+
+    /// Earns at most once per `ref_id` and user: an item after an earlier standing award for
+    /// the same reference is no attempt at all (so a retried or repeated award adds nothing).
+    fn once_per_ref(self) -> bool {
+        matches!(self, Self::Answer | Self::QuizCorrect)
     }
 
     /// Index into [`Daily::counts`].
@@ -112,7 +125,7 @@ impl Kind {
             Self::Answer => Some(2),
             Self::ReactionGiven => Some(3),
             Self::Checkin => Some(4),
-            Self::ReactionReceived | Self::Helpful => None,
+            Self::ReactionReceived | Self::Helpful | Self::QuizCorrect => None,
         }
     }
 
@@ -125,7 +138,7 @@ impl Kind {
             Self::ReactionReceived => Some(3),
             Self::Helpful => Some(4),
             Self::Checkin => Some(5),
-            Self::ReactionGiven => None,
+            Self::ReactionGiven | Self::QuizCorrect => None,
         }
     }
 }
@@ -377,13 +390,14 @@ async fn count_attempts(
     Ok(out)
 }
 
-const ACTIONS: [&str; 6] = [
+const ACTIONS: [&str; 7] = [
     "message",
     "question",
     "answer",
     "helpful",
     "reaction_received",
     "checkin",
+    "quiz_correct",
 ];
 
 fn action_str(a: Action) -> &'static str {
@@ -468,16 +482,18 @@ async fn place(
             });
         placed.push(Placed { bucket, day, cap });
     }
-    // Answers earn once per question and answerer: an answer after an earlier award is no
-    // attempt at all.
+    // Answers earn once per question and answerer, correct quiz answers once per quiz and
+    // user: an item after an earlier award is no attempt at all.
     for (c, p) in items.iter().zip(placed.iter_mut()) {
-        if c.kind == Kind::Answer && p.cap.is_some() {
+        if let (true, Some(action)) = (c.kind.once_per_ref() && p.cap.is_some(), c.kind.action())
+        {
             let before: Option<i64> = sqlx::query_scalar(
                 "SELECT 1 FROM points_ledger WHERE room_id = $1 AND user_id = $2 \
-                 AND action = 'answer' AND ref_id = $3 AND kind = 'award' LIMIT 1",
+                 AND action = $3 AND ref_id = $4 AND kind = 'award' LIMIT 1",
             )
             .bind(c.room.as_str())
             .bind(c.user.as_str())
+            .bind(action.as_str())
             .bind(c.ref_id.as_str())
             .fetch_optional(&mut **tx)
             .await?;

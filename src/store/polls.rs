@@ -3,13 +3,20 @@
 //! transaction), answers (one row per user, replaced while the poll is open; no seq), the tally,
 //! and the reads behind `polls`, the auto-close scan and the class summary. Each poll event is
 //! rendered twice when the audiences differ: host/ta see everything, members see a draft as
-//! `hidden`, results only when `show_results` allows, and a quiz's `correct` only once closed.
-//! Knows nothing of sessions, the hub or who may call what: the caller checked rights.
+//! `hidden`, results only when `show_results` allows, and a quiz's `correct` (and its accuracy
+//! and response times) only once closed. Closing a quiz judges its answers and awards the
+//! engagement points of the correct ones in the same transaction. Also the reads behind
+//! `poll_answers`, the results export and the quiz leaderboard. Knows nothing of sessions, the
+//! hub or who may call what: the caller checked rights.
 
+use super::engagement::{self, Contribution, Effects, Kind};
 use super::writer::{Applied, Tx, WriteOutcome, bump_seq, new_id, record_change};
 use super::{Result, Store, StoreError, View, now_ms};
+use crate::engagement::EngagementConfig;
+use crate::protocol::views::UserBrief;
 use crate::protocol::{
-    PollKind, PollResults, PollState, PollView, RoomEvent, RoomId, ShowResults, UserId, WordCount,
+    PollAnswerEntry, PollKind, PollResults, PollState, PollView, QuizLeaderEntry, RoomEvent,
+    RoomId, ShowResults, UserId, WordCount,
 };
 use sqlx::Row;
 use std::collections::HashMap;
@@ -37,10 +44,74 @@ pub(super) struct PollRecord {
     spec: PollSpec,
     state: PollState,
     closes_at: Option<i64>,
+    /// When it was opened (`None` while a draft): response times count from here.
+    opened_at: Option<i64>,
     created_at: i64,
 }
 
 impl PollRecord {
+    fn is_quiz(&self) -> bool {
+        self.spec.kind == PollKind::Quiz
+    }
+
+    /// Whether `choices` (sorted) is exactly the quiz's correct set; `None` for other kinds.
+    fn judge(&self, choices: &[u32]) -> Option<bool> {
+        let correct = self.spec.correct.as_ref().filter(|_| self.is_quiz())?;
+        let mut want = correct.clone();
+        want.sort_unstable();
+        Some(want == choices)
+    }
+
+    /// Milliseconds from the open to an answer at `ts` (quizzes only).
+    fn response_ms(&self, ts: i64) -> Option<i64> {
+        self.opened_at
+            .filter(|_| self.is_quiz())
+            .map(|o| ts.saturating_sub(o).max(0))
+    }
+
+    /// The results of `given`: the tally, and for a quiz how many answers are correct and the
+    /// mean response time.
+    fn results(&self, given: &[Given], top: usize) -> PollResults {
+        let pairs: Vec<(Vec<u32>, Option<String>)> = given
+            .iter()
+            .map(|g| (g.choices.clone(), g.text.clone()))
+            .collect();
+        let mut r = tally(self.spec.kind, self.spec.options.len(), &pairs, top);
+        if self.is_quiz() {
+            let right = given
+                .iter()
+                .filter(|g| self.judge(&g.choices) == Some(true))
+                .count();
+            r.correct_answers = Some(i64::try_from(right).unwrap_or(i64::MAX));
+            let times: Vec<i64> = given
+                .iter()
+                .filter_map(|g| self.response_ms(g.ts))
+                .collect();
+            r.avg_response_ms = (!times.is_empty())
+                .then(|| times.iter().sum::<i64>() / i64::try_from(times.len()).unwrap_or(1));
+        }
+        r
+    }
+
+    /// One answer as `poll_answers` and the export list it.
+    fn entry(&self, g: Given) -> PollAnswerEntry {
+        PollAnswerEntry {
+            correct: self.judge(&g.choices),
+            response_ms: self.response_ms(g.ts),
+            user: UserBrief {
+                name: if g.name.is_empty() {
+                    g.user.clone()
+                } else {
+                    g.name
+                },
+                id: UserId(g.user),
+            },
+            choices: g.choices,
+            text: g.text,
+            ts: g.ts,
+        }
+    }
+
     /// The poll as host/ta (`View::Moderator`) or members see it; `None`: members do not see
     /// drafts at all.
     fn view(&self, results: &PollResults, view: View) -> Option<PollView> {
@@ -62,7 +133,15 @@ impl PollRecord {
             duration_s: self.spec.duration_s,
             closes_at: self.closes_at,
             correct: self.spec.correct.clone().filter(|_| moderator || closed),
-            results: show.then(|| results.clone()),
+            results: show.then(|| {
+                let mut r = results.clone();
+                // Accuracy and response times would tell members which option is right.
+                if !(moderator || closed) {
+                    r.correct_answers = None;
+                    r.avg_response_ms = None;
+                }
+                r
+            }),
             created_at: self.created_at,
         })
     }
@@ -96,12 +175,13 @@ fn from_row(row: &sqlx::any::AnyRow) -> Result<PollRecord> {
         },
         state: PollState::parse(&state).ok_or_else(|| corrupt("state"))?,
         closes_at: row.try_get("closes_at")?,
+        opened_at: row.try_get("opened_at")?,
         created_at: row.try_get("created_at")?,
     })
 }
 
 const COLUMNS: &str = "id, room_id, kind, question, options, multiple, correct, duration_s, \
-                       show_results, state, closes_at, created_at";
+                       show_results, state, closes_at, opened_at, created_at";
 
 async fn load(tx: &mut Tx<'_>, room: &RoomId, id: &str) -> Result<PollRecord> {
     let sql = format!("SELECT {COLUMNS} FROM polls WHERE id = $1 AND room_id = $2");
@@ -114,24 +194,42 @@ async fn load(tx: &mut Tx<'_>, room: &RoomId, id: &str) -> Result<PollRecord> {
     from_row(&row)
 }
 
-/// Every answer of a poll: (choices, text).
-async fn answers<'e, E>(exec: E, poll: &str) -> Result<Vec<(Vec<u32>, Option<String>)>>
+/// One stored answer.
+#[derive(Clone, Debug)]
+struct Given {
+    user: String,
+    /// '' for answers stored before names were kept.
+    name: String,
+    /// Sorted.
+    choices: Vec<u32>,
+    text: Option<String>,
+    ts: i64,
+}
+
+fn given_of(r: &sqlx::any::AnyRow) -> Result<Given> {
+    let choices: String = r.try_get("choices")?;
+    Ok(Given {
+        user: r.try_get("user_id")?,
+        name: r.try_get("user_name")?,
+        choices: serde_json::from_str(&choices).map_err(|_| corrupt("answer"))?,
+        text: r.try_get("text")?,
+        ts: r.try_get("ts")?,
+    })
+}
+
+/// Every answer of a poll, oldest first (ties by user id).
+async fn answers<'e, E>(exec: E, poll: &str) -> Result<Vec<Given>>
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
-    let rows = sqlx::query("SELECT choices, text FROM poll_answers WHERE poll_id = $1")
-        .bind(poll)
-        .fetch_all(exec)
-        .await?;
-    rows.iter()
-        .map(|r| {
-            let choices: String = r.try_get("choices")?;
-            Ok((
-                serde_json::from_str(&choices).map_err(|_| corrupt("answer"))?,
-                r.try_get("text")?,
-            ))
-        })
-        .collect()
+    let rows = sqlx::query(
+        "SELECT user_id, user_name, choices, text, ts FROM poll_answers WHERE poll_id = $1 \
+         ORDER BY ts, user_id",
+    )
+    .bind(poll)
+    .fetch_all(exec)
+    .await?;
+    rows.iter().map(given_of).collect()
 }
 
 /// The lowercase words of a word-cloud answer, each once.
@@ -172,8 +270,8 @@ pub(crate) fn tally(
         list.truncate(top);
         return PollResults {
             answers: total,
-            counts: None,
             words: Some(list),
+            ..PollResults::default()
         };
     }
     let mut counts = vec![0i64; options];
@@ -187,7 +285,7 @@ pub(crate) fn tally(
     PollResults {
         answers: total,
         counts: Some(counts),
-        words: None,
+        ..PollResults::default()
     }
 }
 
@@ -200,7 +298,7 @@ async fn emit(
     top: usize,
 ) -> Result<Applied> {
     let given = answers(&mut **tx, &p.id).await?;
-    let results = tally(p.spec.kind, p.spec.options.len(), &given, top);
+    let results = p.results(&given, top);
     let full = p
         .view(&results, View::Moderator)
         .ok_or_else(|| corrupt("view"))?;
@@ -240,6 +338,7 @@ pub(super) async fn create(
         spec: spec.clone(),
         state: PollState::Draft,
         closes_at: None,
+        opened_at: None,
         created_at: ts,
     };
     let json = |v: &dyn erased::Json| v.json();
@@ -279,21 +378,24 @@ mod erased {
 }
 
 /// Opens a draft (`Open`) or closes an open poll (`Closed`). Opening sets `closes_at` from
-/// `duration_s`. Closing a closed poll changes nothing; anything else out of order is a
+/// `duration_s`. Closing a quiz judges its answers and awards the correct ones their points
+/// (see [`award`]). Closing a closed poll changes nothing; anything else out of order is a
 /// `conflict`.
 pub(super) async fn set_state(
     tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
     room: &RoomId,
     id: &str,
     target: PollState,
     top: usize,
+    fx: &mut Effects,
 ) -> Result<Applied> {
     let mut p = load(tx, room, id).await?;
     match (p.state, target) {
         (PollState::Draft, PollState::Open) | (PollState::Open, PollState::Closed) => {}
         (PollState::Closed, PollState::Closed) => {
             let given = answers(&mut **tx, &p.id).await?;
-            let results = tally(p.spec.kind, p.spec.options.len(), &given, top);
+            let results = p.results(&given, top);
             let poll = p
                 .view(&results, View::Moderator)
                 .ok_or_else(|| corrupt("view"))?;
@@ -315,6 +417,7 @@ pub(super) async fn set_state(
     p.state = target;
     if target == PollState::Open {
         p.closes_at = p.spec.duration_s.map(|d| ts + i64::from(d) * 1000);
+        p.opened_at = Some(ts);
     }
     sqlx::query(
         "UPDATE polls SET state = $1, closes_at = $2, \
@@ -332,7 +435,56 @@ pub(super) async fn set_state(
     } else {
         "closed"
     };
-    emit(tx, &p, change, seq, top).await
+    let applied = emit(tx, &p, change, seq, top).await?;
+    if target == PollState::Closed && p.is_quiz() {
+        award(tx, cfg, &p, ts, fx).await?;
+    }
+    Ok(applied)
+}
+
+/// Judges a closing quiz's answers (`poll_answers.correct`, which the leaderboard sums) and
+/// gives each correct one `quiz_correct` points within the earner's daily cap, in the close's
+/// transaction: the close happens once, and the ledger takes one award per user and quiz
+/// however often this runs (a retried batch, a second node), so it is idempotent.
+async fn award(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    p: &PollRecord,
+    ts: i64,
+    fx: &mut Effects,
+) -> Result<()> {
+    let mut correct = p.spec.correct.clone().unwrap_or_default();
+    correct.sort_unstable();
+    // Stored choices are the JSON of a sorted list, as this is.
+    sqlx::query(
+        "UPDATE poll_answers SET correct = CASE WHEN choices = $1 THEN 1 ELSE 0 END \
+         WHERE poll_id = $2",
+    )
+    .bind(erased::Json::json(&correct))
+    .bind(p.id.as_str())
+    .execute(&mut **tx)
+    .await?;
+    let items: Vec<Contribution> = answers(&mut **tx, &p.id)
+        .await?
+        .into_iter()
+        .filter(|g| p.judge(&g.choices) == Some(true))
+        .map(|g| Contribution {
+            room: p.room.clone(),
+            user: UserId(g.user),
+            name: g.name,
+            kind: Kind::QuizCorrect,
+            ref_id: p.id.clone(),
+            detail: String::new(),
+            ts,
+            no_points: false,
+            quiet: false,
+            zone: None,
+        })
+        .collect();
+    engagement::contribute(tx, cfg, &items, fx)
+        .await
+        .map_err(engagement::abort)?;
+    Ok(())
 }
 
 /// Publishes the results of an open poll as they are now (the coalesced `results` update);
@@ -360,6 +512,7 @@ pub(super) async fn answer(
     room: &RoomId,
     id: &str,
     user: &UserId,
+    name: &str,
     choices: &[u32],
     text: Option<&str>,
 ) -> Result<Applied> {
@@ -375,12 +528,14 @@ pub(super) async fn answer(
     let mut sorted = choices.to_vec();
     sorted.sort_unstable();
     sqlx::query(
-        "INSERT INTO poll_answers (poll_id, user_id, choices, text, ts) VALUES ($1, $2, $3, $4, $5) \
+        "INSERT INTO poll_answers (poll_id, user_id, user_name, choices, text, ts) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (poll_id, user_id) DO UPDATE SET choices = excluded.choices, \
-         text = excluded.text, ts = excluded.ts",
+         text = excluded.text, ts = excluded.ts, user_name = excluded.user_name",
     )
     .bind(id)
     .bind(user.as_str())
+    .bind(name)
     .bind(erased::Json::json(&sorted))
     .bind(text)
     .bind(ts)
@@ -450,10 +605,118 @@ impl Store {
                 continue;
             }
             let given = answers(self.pool(), &p.id).await?;
-            let results = tally(p.spec.kind, p.spec.options.len(), &given, top);
+            let results = p.results(&given, top);
             out.extend(p.view(&results, view));
         }
         Ok(out)
+    }
+
+    async fn poll_record(&self, room: &RoomId, id: &str) -> Result<PollRecord> {
+        let sql = format!("SELECT {COLUMNS} FROM polls WHERE id = $1 AND room_id = $2");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(room.as_str())
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(StoreError::NotFound("poll"))?;
+        from_row(&row)
+    }
+
+    /// One page of a poll's answers, oldest first (by time, ties by user id), after `after`
+    /// (the time and user of the previous page's last answer): at most `limit` answers, and
+    /// whether more follow. `not_found` for a poll not of `room`.
+    pub async fn poll_answer_page(
+        &self,
+        room: &RoomId,
+        poll: &str,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<(Vec<PollAnswerEntry>, bool)> {
+        let p = self.poll_record(room, poll).await?;
+        let (ts, user) = after.unwrap_or((i64::MIN, ""));
+        let rows = sqlx::query(
+            "SELECT user_id, user_name, choices, text, ts FROM poll_answers WHERE poll_id = $1 \
+             AND (ts > $2 OR (ts = $2 AND user_id > $3)) ORDER BY ts, user_id LIMIT $4",
+        )
+        .bind(poll)
+        .bind(ts)
+        .bind(user)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1)
+        .fetch_all(self.pool())
+        .await?;
+        let mut given = rows.iter().map(given_of).collect::<Result<Vec<_>>>()?;
+        let more = given.len() > limit;
+        given.truncate(limit);
+        Ok((given.into_iter().map(|g| p.entry(g)).collect(), more))
+    }
+
+    /// A poll as host/ta see it, with every answer oldest first: the results export.
+    pub async fn poll_export(
+        &self,
+        room: &RoomId,
+        poll: &str,
+        top: usize,
+    ) -> Result<(PollView, Vec<PollAnswerEntry>)> {
+        let p = self.poll_record(room, poll).await?;
+        let given = answers(self.pool(), &p.id).await?;
+        let view = p
+            .view(&p.results(&given, top), View::Moderator)
+            .ok_or_else(|| corrupt("view"))?;
+        Ok((view, given.into_iter().map(|g| p.entry(g)).collect()))
+    }
+
+    /// The room's quiz leaderboard over its closed quizzes: how many there are, and the first
+    /// `limit` users who answered any, by correct answers (most first), then by the total
+    /// response time of their correct answers (fastest first), then by user id; ties in both
+    /// share a rank (1, 2, 2, 4).
+    pub async fn quiz_leaderboard(
+        &self,
+        room: &RoomId,
+        limit: u32,
+    ) -> Result<(i64, Vec<QuizLeaderEntry>)> {
+        let quizzes: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM polls WHERE room_id = $1 AND kind = 'quiz' AND state = 'closed'",
+        )
+        .bind(room.as_str())
+        .fetch_one(self.pool())
+        .await?;
+        let rows = sqlx::query(
+            "SELECT a.user_id, MAX(a.user_name) AS name, COUNT(*) AS n_answered, \
+             CAST(COALESCE(SUM(COALESCE(a.correct, 0)), 0) AS BIGINT) AS n_correct, \
+             CAST(COALESCE(SUM(CASE WHEN a.correct = 1 \
+               THEN a.ts - COALESCE(p.opened_at, a.ts) ELSE 0 END), 0) AS BIGINT) AS total_ms \
+             FROM poll_answers a JOIN polls p ON p.id = a.poll_id \
+             WHERE p.room_id = $1 AND p.kind = 'quiz' AND p.state = 'closed' \
+             GROUP BY a.user_id ORDER BY n_correct DESC, total_ms, a.user_id LIMIT $2",
+        )
+        .bind(room.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        let mut out: Vec<QuizLeaderEntry> = Vec::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            let id: String = r.try_get("user_id")?;
+            let name: Option<String> = r.try_get("name")?;
+            let correct: i64 = r.try_get("n_correct")?;
+            let total = r.try_get::<i64, _>("total_ms")?.max(0);
+            let rank = match out.last() {
+                Some(prev) if prev.correct == correct && prev.total_response_ms == total => {
+                    prev.rank
+                }
+                _ => i64::try_from(i).unwrap_or(i64::MAX) + 1,
+            };
+            out.push(QuizLeaderEntry {
+                rank,
+                user: UserBrief {
+                    name: name.filter(|n| !n.is_empty()).unwrap_or_else(|| id.clone()),
+                    id: UserId(id),
+                },
+                correct,
+                answered: r.try_get("n_answered")?,
+                total_response_ms: total,
+            });
+        }
+        Ok((quizzes, out))
     }
 
     /// Open polls whose `closes_at` has passed: (room, poll).

@@ -142,6 +142,8 @@ pub enum WriteOp {
         room: RoomId,
         poll: String,
         user: UserId,
+        /// The answerer's display name, kept with the answer.
+        name: String,
         choices: Vec<u32>,
         text: Option<String>,
     },
@@ -865,7 +867,7 @@ async fn apply(
             poll,
             target,
             words,
-        } => super::polls::set_state(tx, room, poll, *target, *words).await,
+        } => super::polls::set_state(tx, cfg, room, poll, *target, *words, fx).await,
         WriteOp::PollResults { room, poll, words } => {
             super::polls::publish_results(tx, room, poll, *words).await
         }
@@ -873,9 +875,10 @@ async fn apply(
             room,
             poll,
             user,
+            name,
             choices,
             text,
-        } => super::polls::answer(tx, room, poll, user, choices, text.as_deref()).await,
+        } => super::polls::answer(tx, room, poll, user, name, choices, text.as_deref()).await,
         WriteOp::ClassState { room, target } => super::class::change(tx, room, *target).await,
         WriteOp::Presence {
             room,

@@ -1,8 +1,9 @@
-//! The authorisation matrix: every room command (the engagement commands included; `helpful`,
-//! whose right depends on who asked, is covered in engagement.rs) × room role (none, viewer, member, ta, host,
-//! platform admin) × visibility (open, invite-only) × source of the role (token grant, stored
-//! membership), generated, each cell checked against docs/protocol.md (4.2, 5-10, 17): the
-//! command is allowed (`ok`) or refused with exactly the documented code. One server per
+//! The authorisation matrix: every room command (the engagement commands and the quiz reads
+//! included; `helpful`, whose right depends on who asked, is covered in engagement.rs) × room
+//! role (none, viewer, member, ta, host, platform admin) × visibility (open, invite-only) ×
+//! source of the role (token grant, stored membership), generated, each cell checked against
+//! docs/protocol.md (4.2, 5-10, 17, 19): the command is allowed (`ok`) or refused with exactly
+//! the documented code. One server per
 //! visibility; each principal gets a `class` room of its own (so A/V applies) with a victim
 //! member who is online and has written, so every command has a target; the principals of a
 //! visibility run concurrently.
@@ -195,6 +196,21 @@ async fn run_cell(s: &Server, p: Principal, open: bool) -> Vec<String> {
         "search",
         json!({"type": "search", "room": r, "q": "hello"}),
         read,
+    )
+    .await;
+    // Polls: the quiz leaderboard is a read (19.8); who answered is host/ta only, checked
+    // before the poll is looked up, so host/ta get `not_found` for a poll that is not there
+    // (19.6).
+    c.expect(
+        "quiz_leaderboard",
+        json!({"type": "quiz_leaderboard", "room": r}),
+        read,
+    )
+    .await;
+    c.expect(
+        "poll_answers",
+        json!({"type": "poll_answers", "room": r, "poll": "p-none"}),
+        if moderator { "not_found" } else { "forbidden" },
     )
     .await;
     // Writes: member and up; viewers `forbidden` (4.2, 5.5-5.10, 6.1-6.2, 7, 17.3).

@@ -20,6 +20,7 @@ mod hardening;
 mod limits;
 mod moderation;
 mod polls;
+mod quiz;
 mod qa;
 mod rights;
 mod store_conformance;

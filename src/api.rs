@@ -1297,7 +1297,10 @@ mod csv_tests {
         assert_eq!(csv_text("+1"), "'+1");
         assert_eq!(csv_text("-1"), "'-1");
         assert_eq!(csv_text("@SUM(A1)"), "'@SUM(A1)");
-        assert_eq!(csv_text("=HYPERLINK(\"x\",\"y\")"), "\"'=HYPERLINK(\"\"x\"\",\"\"y\"\")\"");
+        assert_eq!(
+            csv_text("=HYPERLINK(\"x\",\"y\")"),
+            "\"'=HYPERLINK(\"\"x\"\",\"\"y\"\")\""
+        );
         assert_eq!(csv_text(""), "");
     }
 }

@@ -14,8 +14,7 @@ use crate::command::{Ctx, Outcome, deferred};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::protocol::{
-    ClientMsg, PollAnswersOk, PollKind, PollState, PollsOk, QuizLeaderboardOk, RoomId,
-    ShowResults,
+    ClientMsg, PollAnswersOk, PollKind, PollState, PollsOk, QuizLeaderboardOk, RoomId, ShowResults,
 };
 use crate::store::{PollSpec, View, WriteOp, now_ms};
 use std::collections::HashSet;

@@ -485,8 +485,7 @@ async fn place(
     // Answers earn once per question and answerer, correct quiz answers once per quiz and
     // user: an item after an earlier award is no attempt at all.
     for (c, p) in items.iter().zip(placed.iter_mut()) {
-        if let (true, Some(action)) = (c.kind.once_per_ref() && p.cap.is_some(), c.kind.action())
-        {
+        if let (true, Some(action)) = (c.kind.once_per_ref() && p.cap.is_some(), c.kind.action()) {
             let before: Option<i64> = sqlx::query_scalar(
                 "SELECT 1 FROM points_ledger WHERE room_id = $1 AND user_id = $2 \
                  AND action = $3 AND ref_id = $4 AND kind = 'award' LIMIT 1",

@@ -74,12 +74,15 @@ async fn quiz_flow(s: &Server) {
     let mut bob = member(s, "bob", "qz").await;
     let mut cy = member(s, "cy", "qz").await;
     let made = h
-        .ok(json!({"type":"poll_create","room":"qz","kind":"quiz","question":"Which?",
-            "options":["=1+2","b, c","@x"],"multiple":true,"correct":[2,0]}))
+        .ok(
+            json!({"type":"poll_create","room":"qz","kind":"quiz","question":"Which?",
+            "options":["=1+2","b, c","@x"],"multiple":true,"correct":[2,0]}),
+        )
         .await;
     assert_eq!(made["poll"]["correct"], json!([0, 2]), "kept sorted");
     let id = made["poll"]["id"].clone();
-    h.ok(json!({"type":"poll_open","room":"qz","poll":id})).await;
+    h.ok(json!({"type":"poll_open","room":"qz","poll":id}))
+        .await;
     // Exactly the correct set is correct: a subset or a superset is not.
     for (c, choices) in [
         (&mut ann, json!([2, 0])),
@@ -100,7 +103,11 @@ async fn quiz_flow(s: &Server) {
             .await,
         "not_found"
     );
-    for bad in [json!({"limit":0}), json!({"limit":201}), json!({"cursor":"x"})] {
+    for bad in [
+        json!({"limit":0}),
+        json!({"limit":201}),
+        json!({"cursor":"x"}),
+    ] {
         let mut cmd = json!({"type":"poll_answers","room":"qz","poll":id});
         cmd.as_object_mut()
             .unwrap()
@@ -157,8 +164,10 @@ async fn quiz_flow(s: &Server) {
     );
     // A live quiz shows members the counts but not which answers are right.
     let live = h
-        .ok(json!({"type":"poll_create","room":"qz","kind":"quiz","question":"Live?",
-            "options":["a","b"],"correct":[1],"show_results":"live"}))
+        .ok(
+            json!({"type":"poll_create","room":"qz","kind":"quiz","question":"Live?",
+            "options":["a","b"],"correct":[1],"show_results":"live"}),
+        )
         .await["poll"]["id"]
         .clone();
     h.ok(json!({"type":"poll_open","room":"qz","poll":live}))
@@ -193,7 +202,11 @@ async fn quiz_flow(s: &Server) {
             .await["seq"],
         Value::Null
     );
-    assert_eq!(points_in(&mut ann, "qz").await, 10, "closing again awards nothing");
+    assert_eq!(
+        points_in(&mut ann, "qz").await,
+        10,
+        "closing again awards nothing"
+    );
     let board = ann
         .ok(json!({"type":"leaderboard","room":"qz","period":"all"}))
         .await;
@@ -201,9 +214,7 @@ async fn quiz_flow(s: &Server) {
     assert_eq!(board["entries"][0]["points"], 10);
 
     // The quiz leaderboard: closed quizzes only (the live one is still open).
-    let lb = bob
-        .ok(json!({"type":"quiz_leaderboard","room":"qz"}))
-        .await;
+    let lb = bob.ok(json!({"type":"quiz_leaderboard","room":"qz"})).await;
     assert_eq!(lb["quizzes"], 1);
     let rows: Vec<Value> = lb["entries"]
         .as_array()
@@ -344,11 +355,14 @@ async fn clock_and_cap(s: &Server) {
     let mut ids = Vec::new();
     for _ in 0..2 {
         let id = h
-            .ok(json!({"type":"poll_create","room":"qc","kind":"quiz","question":"1 + 1?",
-                "options":["1","2"],"correct":[1],"duration_s":1}))
+            .ok(
+                json!({"type":"poll_create","room":"qc","kind":"quiz","question":"1 + 1?",
+                "options":["1","2"],"correct":[1],"duration_s":1}),
+            )
             .await["poll"]["id"]
             .clone();
-        h.ok(json!({"type":"poll_open","room":"qc","poll":id})).await;
+        h.ok(json!({"type":"poll_open","room":"qc","poll":id}))
+            .await;
         // Bob answers first: his total is never larger than Ann's.
         for c in [&mut bob, &mut ann] {
             c.ok(json!({"type":"poll_answer","room":"qc","poll":id,"choices":[1]}))
@@ -374,11 +388,11 @@ async fn clock_and_cap(s: &Server) {
     assert_eq!(lb["quizzes"], 2);
     let e = &lb["entries"];
     assert_eq!(e.as_array().unwrap().len(), 1, "limit");
-    assert_eq!((e[0]["correct"].as_i64(), e[0]["answered"].as_i64()), (Some(2), Some(2)));
-    let full = ann
-        .ok(json!({"type":"quiz_leaderboard","room":"qc"}))
-        .await["entries"]
-        .clone();
+    assert_eq!(
+        (e[0]["correct"].as_i64(), e[0]["answered"].as_i64()),
+        (Some(2), Some(2))
+    );
+    let full = ann.ok(json!({"type":"quiz_leaderboard","room":"qc"})).await["entries"].clone();
     let (b, a) = (&full[0], &full[1]);
     assert!(
         b["total_response_ms"].as_i64() <= a["total_response_ms"].as_i64(),

@@ -20,6 +20,7 @@ const FILES: &[(&str, &str, &str)] = &[
     ("studyhall.js", JS, include_str!("../web/studyhall.js")),
     ("calls.js", JS, include_str!("../web/calls.js")),
     ("engagement.js", JS, include_str!("../web/engagement.js")),
+    ("classroom.js", JS, include_str!("../web/classroom.js")),
     ("charts.js", JS, include_str!("../web/charts.js")),
     ("style.css", CSS, include_str!("../web/style.css")),
 ];

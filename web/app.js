@@ -2,13 +2,14 @@
 // unread counts, the chat (infinite scroll back through history, replies, reactions, edit and
 // delete, typing, presence), the Q&A board, hands and stage, the call card and the class grid,
 // and the host/ta moderation controls. The Progress tab and the teacher dashboard are in
-// engagement.js. Every piece of user content goes into the page as text
-// (textContent / value), never as HTML. Protocol state lives in studyhall.js, WebRTC in
-// calls.js.
+// engagement.js; polls, quizzes, the class lifecycle and breakout groups in classroom.js.
+// Every piece of user content goes into the page as text (textContent / value), never as
+// HTML. Protocol state lives in studyhall.js, WebRTC in calls.js.
 
 import { Client, parseRoomGrants } from './studyhall.js';
 import { Calls } from './calls.js';
 import { setupEngagement } from './engagement.js';
+import { setupClassroom } from './classroom.js';
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'studyhall.token';
@@ -116,6 +117,7 @@ $('signout').addEventListener('click', () => {
 let client = null;
 let calls = null;
 let engagement = null;
+let classroom = null;
 let active = null; // the room id on screen
 let roomsList = []; // the `rooms` reply
 let replyTo = null;
@@ -137,6 +139,12 @@ async function start(token) {
     client, el, $, toast, fail,
     active: () => active,
     role: () => (client.rooms.get(active) || {}).role,
+  });
+  classroom = setupClassroom({
+    client, el, $, toast, fail,
+    active: () => active,
+    role: () => (client.rooms.get(active) || {}).role,
+    openRoom, renderRoomHead, showTab,
   });
   wireClient();
   try {
@@ -194,7 +202,8 @@ function wireClient() {
     if (error) fail(error);
     if (room === active) renderOutbox();
   });
-  client.on('joined', ({ room }) => {
+  client.on('joined', ({ room, ok }) => {
+    classroom.joined(room, ok);
     if (room.id !== active) return;
     renderRoomHead();
     renderPeople();
@@ -290,6 +299,7 @@ async function openRoom(id) {
   setLiveLayout(live);
   setView(live ? 'qa' : 'chat');
   renderRoomHead();
+  classroom.roomChanged();
   renderAllMessages();
   renderPeople();
   renderRooms();
@@ -314,7 +324,9 @@ function renderRoomHead() {
   const av = room.info && (room.info.kind === 'class' || room.info.kind === 'live');
   $('av-join').disabled = !av;
   $('av-hint').textContent = av ? 'Small-class video grid (mesh, up to 6).' : 'Class A/V is for class and live rooms.';
-  $('composer-text').disabled = room.role === 'viewer';
+  $('composer-text').disabled = room.role === 'viewer' || classroom.readOnly(room.id);
+  $('composer-text').placeholder = classroom.readOnly(room.id) ? 'The class has ended' : 'Message';
+  $('class-badge-slot').replaceChildren(...[classroom.stateBadge(room.id)].filter(Boolean));
   renderHandBtn();
 }
 
@@ -924,6 +936,7 @@ function showTab(name) {
   if (name === 'qa') loadQuestions();
   if (name === 'mod') loadReports();
   if (name === 'progress' && engagement) engagement.showProgress();
+  if (classroom) classroom.showTab(name);
 }
 for (const b of document.querySelectorAll('.tabs button')) {
   b.addEventListener('click', () => showTab(b.dataset.tab));

@@ -37,6 +37,7 @@ export function parseRoomGrants(text) {
 
 const SEQUENCED = new Set([
   'message', 'message_edited', 'message_deleted', 'reaction', 'question', 'question_updated', 'hidden',
+  'poll', 'class_state',
 ]);
 
 /// One joined room: what was seen, the messages and the questions.

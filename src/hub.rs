@@ -913,6 +913,15 @@ impl Hub {
         });
     }
 
+    /// Sends a frame to this node's sessions in the room but `session` (if given), and not to
+    /// other nodes: for what travels between nodes in a form of its own (whiteboard updates).
+    pub fn notify_local(&self, room: &RoomId, except: Option<&SessionId>, frame: &Frame) {
+        match except {
+            Some(session) => self.send(room, frame, Audience::OtherSessions(session)),
+            None => self.send(room, frame, Audience::Everyone),
+        };
+    }
+
     /// Sends an unsequenced frame to every session in the room but `session` (on other nodes:
     /// to every session, since the sender is not there).
     pub fn notify_other_sessions(&self, room: &RoomId, session: &SessionId, frame: &Frame) {

@@ -290,6 +290,9 @@ impl App {
             Inbound::Av { room, change } => rtc::remote_av(self, &room, change),
             Inbound::Stage { room, user, on } => rtc::stage_changed(self, &room, &user, on),
             Inbound::NodeGone { node, run } => rtc::remote_node_gone(self, &node, run),
+            Inbound::Board { room, board, relay } => {
+                rooms::boards::remote(self, &room, &board, relay)
+            }
         }
     }
 

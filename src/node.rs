@@ -75,6 +75,23 @@ pub enum Inbound {
     },
     /// A node's run went silent or left: its A/V members are gone.
     NodeGone { node: String, run: u64 },
+    /// Another node merged a whiteboard update, or asks for what its copy lacks.
+    Board {
+        room: RoomId,
+        board: String,
+        relay: BoardRelay,
+    },
+}
+
+/// What nodes tell each other about a whiteboard (a Yjs document each node holding it keeps a
+/// copy of).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BoardRelay {
+    /// An update merged on the sending node (v1 encoding): merge it, pass it to local sessions.
+    Update(Vec<u8>),
+    /// The sending node just loaded the board with this state vector (v1): answer with an
+    /// `Update` holding what it lacks.
+    Sync(Vec<u8>),
 }
 
 /// How this node reaches the others. Every method has the single-node meaning in
@@ -125,6 +142,10 @@ pub trait Broker: Send + Sync {
     /// waiting). For a user the heartbeat directory does not list yet (they connected
     /// elsewhere a moment ago). Bounded by a short timeout; empty on a single node.
     fn ask_sessions(&self, user: &UserId) -> BoxFuture<'static, Vec<(String, bool)>>;
+
+    /// Tells the other nodes with sessions in `room` about a whiteboard (nothing on a single
+    /// node).
+    fn board(&self, room: &RoomId, board: &str, relay: BoardRelay);
 }
 
 /// The node of a session or call id (`s...`/`c...` then `.NODE`), if it names one.
@@ -195,4 +216,6 @@ impl Broker for LocalBroker {
     fn ask_sessions(&self, _user: &UserId) -> BoxFuture<'static, Vec<(String, bool)>> {
         Box::pin(async { Vec::new() })
     }
+
+    fn board(&self, _room: &RoomId, _board: &str, _relay: BoardRelay) {}
 }

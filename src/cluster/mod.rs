@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::hub::{Frame, Hub, NoticeTo, Relayed};
 use crate::metrics::Metrics;
-use crate::node::{AvChange, Broker, CallCommand, Inbound, node_of};
+use crate::node::{AvChange, BoardRelay, Broker, CallCommand, Inbound, node_of};
 use crate::protocol::{ErrorCode, RoomId, UserId, UserRef};
 use crate::store::{CommittedEvent, Store, StoreError};
 use async_nats::{Client, ConnectOptions, Event, Message, Subscriber};
@@ -173,6 +173,7 @@ const TAG_INVALIDATE: u8 = b'I';
 const TAG_SESSION_CLOSED: u8 = b'X';
 const TAG_AV: u8 = b'A';
 const TAG_WHO: u8 = b'W';
+const TAG_BOARD: u8 = b'B';
 
 fn encode_event(ev: &CommittedEvent) -> Bytes {
     let public = ev.public_json.as_deref().unwrap_or("");
@@ -617,6 +618,24 @@ impl Bus {
                         };
                         let _ = self.inbound.send(av).await;
                     }
+                }
+                Some(&TAG_BOARD) => {
+                    let mut r = Reader(&msg.payload[1..]);
+                    let (Some(kind), Some(board)) = (r.u8(), r.str16()) else {
+                        continue;
+                    };
+                    let bytes = r.0.to_vec();
+                    let relay = match kind {
+                        0 => BoardRelay::Update(bytes),
+                        1 => BoardRelay::Sync(bytes),
+                        _ => continue,
+                    };
+                    let board = Inbound::Board {
+                        room: room.clone(),
+                        board: board.to_owned(),
+                        relay,
+                    };
+                    let _ = self.inbound.send(board).await;
                 }
                 Some(&TAG_STAGE) => {
                     let mut r = Reader(&msg.payload[1..]);
@@ -1395,6 +1414,16 @@ impl Broker for Bus {
             self.heard_nodes().len(),
             user.clone(),
         ))
+    }
+
+    fn board(&self, room: &RoomId, board: &str, relay: BoardRelay) {
+        let (kind, bytes) = match &relay {
+            BoardRelay::Update(b) => (0u8, b),
+            BoardRelay::Sync(b) => (1, b),
+        };
+        let mut w = Writer::new(TAG_BOARD, board.len() + bytes.len() + 3);
+        w.0.put_u8(kind);
+        self.enqueue(room_subject(room), w.str16(board).rest(bytes));
     }
 }
 

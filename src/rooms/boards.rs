@@ -4,14 +4,19 @@
 //! may draw, the server's own step 1, as y-websocket servers do); a step 2 or an update from
 //! someone who may draw is merged and relayed to the room's other sessions; awareness is
 //! relayed as it came. `board_grant` (host/ta) lets others draw. Changed boards are saved
-//! coalesced (`run_saver`, every `board_save_ms`, and at shutdown). Nothing here touches a
-//! socket or SQL; the document lock is never held across an `.await`.
+//! coalesced (`run_saver`, every `board_save_ms`, and at shutdown). In cluster mode each node
+//! holding a board keeps a full copy: updates merged here go to the other nodes through the
+//! broker ([`BoardRelay::Update`]) and are merged there too, and a node that loads a board asks
+//! the others for what the store lacks ([`BoardRelay::Sync`]); Yjs merges are idempotent and
+//! commutative, so the copies converge whatever the order. Nothing here touches a socket or
+//! SQL; the document lock is never held across an `.await`.
 
 use super::check_room_id;
 use crate::App;
 use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::hub::Frame;
+use crate::node::BoardRelay;
 use crate::protocol::{self, EmptyOk, RoomId, ServerMsg, UserId};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -105,13 +110,27 @@ impl Boards {
             .await?
             .into_iter()
             .collect();
+        let sv = doc.transact().state_vector().encode_v1();
         let loaded = Arc::new(Mutex::new(Board {
             doc,
             grants,
             dirty: false,
             size,
         }));
-        Ok(Some(self.0.entry(key).or_insert(loaded).clone()))
+        let mut fresh = false;
+        let shared = self
+            .0
+            .entry(key)
+            .or_insert_with(|| {
+                fresh = true;
+                loaded
+            })
+            .clone();
+        if fresh {
+            // Other nodes may hold strokes not saved yet: they answer with what we lack.
+            app.broker.board(room, board, BoardRelay::Sync(sv));
+        }
+        Ok(Some(shared))
     }
 }
 
@@ -243,11 +262,72 @@ fn merge(
         b.size += update.len();
         b.dirty = true;
     }
-    let relay = Message::Sync(SyncMessage::Update(update));
+    let frame = board_frame(
+        room,
+        board,
+        &Message::Sync(SyncMessage::Update(update.clone())),
+    );
+    ctx.app.hub.notify_local(room, Some(&ctx.handle.id), &frame);
     ctx.app
-        .hub
-        .notify_other_sessions(room, &ctx.handle.id, &board_frame(room, board, &relay));
+        .broker
+        .board(room, board, BoardRelay::Update(update));
     Ok(())
+}
+
+/// What another node said about a board. An update is merged into this node's copy (when it
+/// holds one: a node that loads the board later asks for what the store lacks) and passed to
+/// this node's sessions in the room; a sync request is answered with what the asker lacks.
+pub(crate) fn remote(app: &App, room: &RoomId, board: &str, relay: BoardRelay) {
+    let shared = app
+        .boards
+        .0
+        .get(&(room.clone(), board.to_owned()))
+        .map(|b| b.clone());
+    match relay {
+        BoardRelay::Update(update) => {
+            if let Some(shared) = &shared {
+                let Ok(decoded) = Update::decode_v1(&update) else {
+                    tracing::warn!(room = %room, board = %board, "undecodable board update from another node");
+                    return;
+                };
+                let mut b = lock(shared);
+                let before = b.doc.transact().state_vector();
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    b.doc.transact_mut().apply_update(decoded)
+                }));
+                match applied {
+                    Ok(Ok(())) => {
+                        // Only what was new here counts (an answer to another node's sync
+                        // request reaches every node, most of which had it already).
+                        if b.doc.transact().state_vector() == before {
+                            return;
+                        }
+                        b.size += update.len();
+                        b.dirty = true;
+                    }
+                    _ => {
+                        tracing::warn!(room = %room, board = %board, "a board update from another node was refused");
+                        drop(b);
+                        app.boards.0.remove(&(room.clone(), board.to_owned()));
+                        return;
+                    }
+                }
+            }
+            let frame = board_frame(room, board, &Message::Sync(SyncMessage::Update(update)));
+            app.hub.notify_local(room, None, &frame);
+        }
+        BoardRelay::Sync(sv) => {
+            let (Some(shared), Ok(sv)) = (shared, StateVector::decode_v1(&sv)) else {
+                return;
+            };
+            let diff = lock(&shared).doc.transact().encode_diff_v1(&sv);
+            // An empty update (no structs, no deletions) encodes as two zero bytes: the asker
+            // has all we have.
+            if diff.len() > 2 {
+                app.broker.board(room, board, BoardRelay::Update(diff));
+            }
+        }
+    }
 }
 
 pub(super) async fn grant(

@@ -12,27 +12,27 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, GetString, Map, ReadTxn, StateVector, Text, Transact, Update};
 
-fn b64(m: &Message) -> String {
+pub(crate) fn b64(m: &Message) -> String {
     B64.encode(m.encode_v1())
 }
 
-fn read(frame: &Value) -> Message {
+pub(crate) fn read(frame: &Value) -> Message {
     let bytes = B64.decode(frame["data"].as_str().unwrap()).unwrap();
     Message::decode_v1(&bytes).unwrap()
 }
 
-fn text(doc: &Doc) -> String {
+pub(crate) fn text(doc: &Doc) -> String {
     let t = doc.get_or_insert_text("t");
     t.get_string(&doc.transact())
 }
 
 /// The document's text "t" (taken before a transaction is open: taking it opens one).
-fn text_of(doc: &Doc) -> yrs::TextRef {
+pub(crate) fn text_of(doc: &Doc) -> yrs::TextRef {
     doc.get_or_insert_text("t")
 }
 
 /// Edits `doc` with `f` and returns the update message of the edit.
-fn edit(doc: &Doc, f: impl FnOnce(&mut yrs::TransactionMut)) -> Message {
+pub(crate) fn edit(doc: &Doc, f: impl FnOnce(&mut yrs::TransactionMut)) -> Message {
     let before = doc.transact().state_vector();
     f(&mut doc.transact_mut());
     let update = doc.transact().encode_diff_v1(&before);
@@ -40,12 +40,12 @@ fn edit(doc: &Doc, f: impl FnOnce(&mut yrs::TransactionMut)) -> Message {
 }
 
 /// Inserts `s` at `at` into the text "t" and returns the update message.
-fn insert(doc: &Doc, at: u32, s: &str) -> Message {
+pub(crate) fn insert(doc: &Doc, at: u32, s: &str) -> Message {
     let t = text_of(doc);
     edit(doc, |txn| t.insert(txn, at, s))
 }
 
-fn apply(doc: &Doc, m: Message) {
+pub(crate) fn apply(doc: &Doc, m: Message) {
     let update = match m {
         Message::Sync(SyncMessage::Update(u) | SyncMessage::SyncStep2(u)) => u,
         other => panic!("expected an update, got {other:?}"),
@@ -55,7 +55,7 @@ fn apply(doc: &Doc, m: Message) {
         .unwrap();
 }
 
-fn board(room: &str, m: &Message) -> Value {
+pub(crate) fn board(room: &str, m: &Message) -> Value {
     json!({"type":"board","room":room,"board":"main","data":b64(m)})
 }
 

@@ -1165,3 +1165,63 @@ async fn a_class_mesh_spans_nodes_in_one_join_order() {
     })
     .await;
 }
+
+/// Whiteboards across nodes: each node holding a board keeps a full copy. Strokes drawn on
+/// one node reach the board's users on the other and are merged there, so a late joiner on
+/// either node gets everything from its own node's copy; a node that loads the board after
+/// strokes it never saw (not saved yet: saving is every minute here) gets them from the node
+/// that has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_with_users_on_two_nodes_converges_on_both() {
+    use crate::boards::{apply, board, insert, read, text};
+    use yrs::sync::{Message, SyncMessage};
+    use yrs::{Doc, ReadTxn, StateVector, Transact};
+    eventually("cross-node board", async {
+        let c = Cluster::start_with(2, &[("STUDYHALL_BOARD_SAVE_MS", "60000")]).await;
+        let room = "board.room";
+        c.room(room, "group").await;
+        let who = |user: &str, role: RoomRole| token(user, PlatformRole::Student, &[(room, role)]);
+        let mut host = Client::connect(c.addr(0), &who("hal", RoomRole::Host)).await;
+        host.join(room).await;
+        let mut ta = Client::connect(c.addr(1), &who("tia", RoomRole::Ta)).await;
+        ta.join(room).await;
+        let (hd, td) = (Doc::new(), Doc::new());
+        // Node 0 has the board loaded first; node 1 loads it when the ta draws.
+        let hello = insert(&hd, 0, "hello");
+        host.ok(board(room, &hello)).await;
+        // The ta draws on node 1, which loads the board (nothing saved yet), asks node 0 for
+        // what it lacks, and passes node 0's answer on to the ta.
+        let world = insert(&td, 0, "world ");
+        ta.ok(board(room, &world)).await;
+        while !text(&td).contains("hello") {
+            apply(&td, read(&ta.until("board").await));
+        }
+        while !text(&hd).contains("world") {
+            apply(&hd, read(&host.until("board").await));
+        }
+        assert_eq!(text(&hd), text(&td));
+        // A newcomer on each node gets the whole board from that node's copy.
+        let step1 = Message::Sync(SyncMessage::SyncStep1(StateVector::default()));
+        for (i, user) in [(0, "ann"), (1, "ben")] {
+            let mut late = Client::connect(c.addr(i), &who(user, RoomRole::Member)).await;
+            late.join(room).await;
+            late.ok(board(room, &step1)).await;
+            let ld = Doc::new();
+            loop {
+                let m = read(&late.until("board").await);
+                if let Message::Sync(SyncMessage::SyncStep2(_)) = m {
+                    apply(&ld, m);
+                    break;
+                }
+            }
+            assert_eq!(text(&ld), text(&hd), "node {i}'s copy");
+            assert_eq!(
+                ld.transact().state_vector(),
+                hd.transact().state_vector(),
+                "node {i}'s copy has every stroke"
+            );
+        }
+        c.stop().await;
+    })
+    .await;
+}

@@ -1,8 +1,9 @@
-//! The authorisation matrix: every room command (the engagement commands and the quiz reads
-//! included; `helpful`, whose right depends on who asked, is covered in engagement.rs) × room
+//! The authorisation matrix: every room command (the engagement commands, polls, boards,
+//! breakouts and the class lifecycle included; `helpful`, whose right depends on who asked, is
+//! covered in engagement.rs, and `help`, which needs a breakout group, in breakouts.rs) × room
 //! role (none, viewer, member, ta, host, platform admin) × visibility (open, invite-only) ×
 //! source of the role (token grant, stored membership), generated, each cell checked against
-//! docs/protocol.md (4.2, 5-10, 17, 19): the command is allowed (`ok`) or refused with exactly
+//! docs/protocol.md (4.2, 5-10, 17-22): the command is allowed (`ok`) or refused with exactly
 //! the documented code. One server per
 //! visibility; each principal gets a `class` room of its own (so A/V applies) with a victim
 //! member who is online and has written, so every command has a target; the principals of a
@@ -146,6 +147,20 @@ async fn run_cell(s: &Server, p: Principal, open: bool) -> Vec<String> {
         .as_str()
         .unwrap()
         .to_owned();
+
+    // A host of the room (stored), online, with an open poll everyone may answer.
+    let host = format!("h-{room}");
+    put(host.clone(), RoomRole::Host).await;
+    let mut h = s.client(&host).await;
+    h.join(&room).await;
+    let hp = h
+        .ok(json!({"type": "poll_create", "room": room, "kind": "poll", "question": "which?", "options": ["a", "b"]}))
+        .await["poll"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    h.ok(json!({"type": "poll_open", "room": room, "poll": hp}))
+        .await;
 
     let token = match (p.source, p.role) {
         (Source::Admin, _) => token(&user, PlatformRole::Admin, &[]),
@@ -412,6 +427,81 @@ async fn run_cell(s: &Server, p: Principal, open: bool) -> Vec<String> {
         want(moderator, "forbidden"),
     )
     .await;
+    // Classroom tools (19-22): polls are a read; answering is a write; creating, opening and
+    // closing, boards' drawing grants and breakouts are host/ta; a board's sync step 1 is for
+    // anyone joined, an update only for those who may draw (host/ta here: no grants).
+    c.expect("polls", json!({"type": "polls", "room": r}), read)
+        .await;
+    c.expect(
+        "poll_answer",
+        json!({"type": "poll_answer", "room": r, "poll": hp, "choices": [0]}),
+        w,
+    )
+    .await;
+    let created = c
+        .expect(
+            "poll_create",
+            json!({"type": "poll_create", "room": r, "kind": "poll", "question": "q?", "options": ["x", "y"]}),
+            m,
+        )
+        .await;
+    let target = created["poll"]["id"].as_str().unwrap_or(&hp).to_owned();
+    c.expect(
+        "poll_open",
+        json!({"type": "poll_open", "room": r, "poll": target}),
+        m,
+    )
+    .await;
+    c.expect(
+        "poll_close",
+        json!({"type": "poll_close", "room": r, "poll": target}),
+        m,
+    )
+    .await;
+    c.expect(
+        "board (sync step 1)",
+        json!({"type": "board", "room": r, "board": "main", "data": "AAABAA=="}),
+        joined(true, "forbidden"),
+    )
+    .await;
+    c.expect(
+        "board (update)",
+        json!({"type": "board", "room": r, "board": "main", "data": "AAICAAA="}),
+        m,
+    )
+    .await;
+    c.expect(
+        "board_grant",
+        json!({"type": "board_grant", "room": r, "board": "main", "user": victim, "draw": true}),
+        m,
+    )
+    .await;
+    c.expect(
+        "breakout_open",
+        json!({"type": "breakout_open", "room": r, "count": 1}),
+        m,
+    )
+    .await;
+    c.expect(
+        "breakout_close",
+        json!({"type": "breakout_close", "room": r}),
+        m,
+    )
+    .await;
+    // The class lifecycle: the host only, not ta (20.2); it ends the class, so it comes last.
+    let is_host = joined(eff == Some(RoomRole::Host), "forbidden");
+    c.expect(
+        "class_start",
+        json!({"type": "class_start", "room": r}),
+        is_host,
+    )
+    .await;
+    c.expect(
+        "class_end",
+        json!({"type": "class_end", "room": r}),
+        is_host,
+    )
+    .await;
     c.expect(
         "leave",
         json!({"type": "leave", "room": r}),
@@ -419,6 +509,7 @@ async fn run_cell(s: &Server, p: Principal, open: bool) -> Vec<String> {
     )
     .await;
     drop(v);
+    drop(h);
     c.mismatches
 }
 

@@ -281,7 +281,12 @@ impl App {
         match what {
             Inbound::PolicyChanged(room) => self.policies.invalidate(&room),
             Inbound::PoliciesStale => self.policies.invalidate_all(),
-            Inbound::RemoteEvent { room, json } => self.policies.remote_event(&room, &json),
+            Inbound::RemoteEvent { room, json } => {
+                if rooms::class::is_end_event(&json) {
+                    rooms::class::ended_elsewhere(self, &room);
+                }
+                self.policies.remote_event(&room, &json)
+            }
             Inbound::SessionClosed { user, session } => {
                 rtc::remote_session_closed(self, &user, &session)
             }

@@ -74,10 +74,7 @@ pub(crate) async fn moved(app: &App, room: &RoomId, state: ClassState) {
 /// `stage` events; publishing stops), and the room's open polls close as `poll_close` closes
 /// them (the same `poll` event).
 async fn ended(app: &App, room: &RoomId) {
-    for who in app.hub.clear_hands_and_stage(room) {
-        crate::rtc::stage_changed(app, room, &who.id, false);
-        staged(app, room, &who, false);
-    }
+    clear_stage(app, room);
     let words = app.config.poll_word_cloud_top;
     let open = match app.store.polls(room, View::Moderator, words).await {
         Ok(polls) => polls,
@@ -96,6 +93,31 @@ async fn ended(app: &App, room: &RoomId) {
         if let Err(e) = app.store.write(op).await {
             tracing::warn!(error = %e, room = %room, "class end: closing a poll failed");
         }
+    }
+}
+
+/// Lowers this node's raised hands and clears its stage in `room` (events to its sessions,
+/// relays to the other nodes), withdrawing publishing and logging the stage spells' end.
+fn clear_stage(app: &App, room: &RoomId) {
+    for who in app.hub.clear_hands_and_stage(room) {
+        crate::rtc::stage_changed(app, room, &who.id, false);
+        staged(app, room, &who, false);
+    }
+}
+
+/// Whether a committed event (its stored JSON) ends a class: a `class_state` event to `ended`.
+/// A substring search, no parse (it runs on every event another node commits); text inside a
+/// string value has its quotes escaped, so it cannot fake either key.
+pub(crate) fn is_end_event(json: &str) -> bool {
+    json.contains(r#""type":"class_state""#) && json.contains(r#""state":"ended""#)
+}
+
+/// Cluster mode: a class ended by another node (its clock may have no session of the room,
+/// so nothing of this node's hands and stage): this node clears its own. The polls were closed
+/// by the node that ended it.
+pub(crate) fn ended_elsewhere(app: &App, room: &RoomId) {
+    if app.hub.has_room(room) {
+        clear_stage(app, room);
     }
 }
 
@@ -264,5 +286,27 @@ pub(super) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             draw,
         } => super::boards::grant(ctx, room, board, user, draw).await,
         other => Err(crate::command::misrouted(&other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{RoomEvent, SequencedEvent};
+
+    #[test]
+    fn only_a_class_state_to_ended_is_an_end_event() {
+        let ev = |state| {
+            crate::protocol::encode(&SequencedEvent {
+                room: RoomId::from("r"),
+                seq: 3,
+                event: RoomEvent::ClassState { state, ts: 1 },
+            })
+        };
+        assert!(is_end_event(&ev(ClassState::Ended)));
+        assert!(!is_end_event(&ev(ClassState::Live)));
+        assert!(!is_end_event(
+            r#"{"type":"message","text":"\"state\":\"ended\""}"#
+        ));
     }
 }

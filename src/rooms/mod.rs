@@ -491,37 +491,15 @@ async fn snapshot(ctx: &Ctx, room: &Room, role: RoomRole) -> Result<Snapshot> {
     } else {
         None
     };
-    let breakout = match has.breakout {
-        true => match app.store.open_breakout_of(&room.id).await? {
-            Some(b) => {
-                let students = app.store.breakout_students(&b).await?;
-                let groups: Vec<protocol::BreakoutGroup> = b
-                    .groups
-                    .into_iter()
-                    .zip(students)
-                    .map(|(g, members)| protocol::BreakoutGroup {
-                        room: g.room,
-                        title: g.title,
-                        members,
-                    })
-                    .collect();
-                let group_room = groups
-                    .iter()
-                    .find(|g| g.members.contains(&ctx.me.user))
-                    .map(|g| g.room.clone());
-                Some(protocol::BreakoutSnapshot {
-                    groups,
-                    closes_at: b.closes_at,
-                    group_room,
-                })
-            }
-            None => None,
-        },
-        false => None,
+    let breakout = if has.breakout {
+        breakout_snapshot(ctx, &room.id).await?
+    } else {
+        None
     };
-    let boards = match has.boards {
-        true => Some(app.store.board_ids(&room.id).await?),
-        false => None,
+    let boards = if has.boards {
+        Some(app.store.board_ids(&room.id).await?)
+    } else {
+        None
     };
     Ok(Snapshot {
         class,
@@ -530,6 +508,34 @@ async fn snapshot(ctx: &Ctx, room: &Room, role: RoomRole) -> Result<Snapshot> {
         breakout,
         boards,
     })
+}
+
+/// The room's open breakout as the joiner sees it: every group with its students, and the
+/// joiner's own group if they are a student in one.
+async fn breakout_snapshot(ctx: &Ctx, room: &RoomId) -> Result<Option<protocol::BreakoutSnapshot>> {
+    let Some(b) = ctx.app.store.open_breakout_of(room).await? else {
+        return Ok(None);
+    };
+    let students = ctx.app.store.breakout_students(&b).await?;
+    let groups: Vec<protocol::BreakoutGroup> = b
+        .groups
+        .into_iter()
+        .zip(students)
+        .map(|(g, members)| protocol::BreakoutGroup {
+            room: g.room,
+            title: g.title,
+            members,
+        })
+        .collect();
+    let group_room = groups
+        .iter()
+        .find(|g| g.members.contains(&ctx.me.user))
+        .map(|g| g.room.clone());
+    Ok(Some(protocol::BreakoutSnapshot {
+        groups,
+        closes_at: b.closes_at,
+        group_room,
+    }))
 }
 
 /// The `seq` of a stored event body (written by us, so it is there).

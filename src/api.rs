@@ -341,6 +341,21 @@ struct NewRoom {
     rules: Option<RoomRules>,
     engagement: Option<crate::store::EngagementSettings>,
     av: Option<crate::protocol::AvSettings>,
+    stage: Option<crate::protocol::StageSettings>,
+}
+
+/// A talk-time cap is 1..=`stage_talk_cap_max_s` seconds (or `null`: none).
+fn check_stage(app: &App, stage: Option<&crate::protocol::StageSettings>) -> Result<()> {
+    let max = app.config.stage_talk_cap_max_s;
+    if stage
+        .and_then(|s| s.talk_cap_s)
+        .is_some_and(|c| c == 0 || c > max)
+    {
+        return Err(Error::bad_request(format!(
+            "stage.talk_cap_s must be 1..={max} or null"
+        )));
+    }
+    Ok(())
 }
 
 /// The SFU runs on one node only: cluster mode refuses `av.mode` `sfu`.
@@ -368,8 +383,10 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
     check_settings(new.answer_sla_s, None, new.rules.as_ref())?;
     check_engagement(new.engagement.as_ref())?;
     check_av(&app, new.av.as_ref())?;
+    check_stage(&app, new.stage.as_ref())?;
     let room = Room {
         av: new.av.unwrap_or_default(),
+        stage: new.stage.unwrap_or_default(),
         engagement: new.engagement.unwrap_or_default(),
         answer_sla_s: new.answer_sla_s.unwrap_or(DEFAULT_ANSWER_SLA_S),
         slow_mode_s: 0,
@@ -486,6 +503,7 @@ async fn patch_room(
     check_settings(patch.answer_sla_s, patch.slow_mode_s, patch.rules.as_ref())?;
     check_engagement(patch.engagement.as_ref())?;
     check_av(&app, patch.av.as_ref())?;
+    check_stage(&app, patch.stage.as_ref())?;
     let room = app.store.update_room(&id, &patch).await?;
     app.policies.room_changed(room.clone());
     if let Some(seconds) = patch.slow_mode_s {

@@ -510,6 +510,14 @@ settings! {
     breakout_max_title_chars: usize = 100,
     /// Longest `duration_s` breakout groups may run before they close by themselves.
     breakout_max_duration_s: u32 = 86_400,
+    /// Seconds before a breakout's `closes_at` that its parent and group rooms hear
+    /// `breakout_warning` (once per breakout).
+    breakout_warning_s: u32 = 60,
+    /// Largest `stage.talk_cap_s` a room may set: the longest continuous time on stage the
+    /// server may be asked to enforce.
+    stage_talk_cap_max_s: u32 = 86_400,
+    /// Milliseconds between looks for speakers past their room's `stage.talk_cap_s`.
+    stage_clock_ms: u64 = 1_000,
     /// Largest y-protocols message one `board` frame may carry, in bytes after base64
     /// decoding.
     board_max_message_bytes: usize = 32_768,
@@ -874,6 +882,9 @@ impl Config {
             "breakout_max_duration_s",
             u64::from(self.breakout_max_duration_s),
         )?;
+        positive("breakout_warning_s", u64::from(self.breakout_warning_s))?;
+        positive("stage_talk_cap_max_s", u64::from(self.stage_talk_cap_max_s))?;
+        positive("stage_clock_ms", self.stage_clock_ms)?;
         positive(
             "board_max_message_bytes",
             self.board_max_message_bytes as u64,

@@ -11,7 +11,7 @@ use crate::outbox::{Outbox, Refused};
 use crate::protocol::{
     self, PresenceState, RoomId, RoomRole, ServerMsg, SessionId, UserId, UserRef, close,
 };
-use crate::store::CommittedEvent;
+use crate::store::{CommittedEvent, now_ms};
 use dashmap::DashMap;
 use std::collections::HashMap;
 use std::collections::btree_map::Entry;
@@ -153,6 +153,9 @@ struct RoomState {
     hands: Vec<(UserRef, i64)>,
     /// Users allowed to publish audio/video, in the order they went on stage.
     stage: Vec<UserRef>,
+    /// When each user on stage went on (ms): their continuous time there, for the talk-time
+    /// cap. Entries of users no longer on stage are stale and replaced when they go on again.
+    stage_since: HashMap<UserId, i64>,
     /// The highest seq fanned out to the room, once known: from the store at the room's first
     /// join here, then from every event published (in seq order).
     published: Option<i64>,
@@ -1109,6 +1112,7 @@ impl Hub {
                     return Err(StageError::Full(max));
                 }
                 state.stage.push(who.clone());
+                state.stage_since.insert(user.clone(), now_ms());
                 state.lower_hand(room, user, true, self.out());
             }
             (false, Some(pos)) => {
@@ -1124,6 +1128,66 @@ impl Hub {
             on,
         });
         Ok(state.stage.clone())
+    }
+
+    /// Who is on stage in the room, in the order they went on, with since when (ms).
+    pub fn stage_spells(&self, room: &RoomId) -> Vec<(UserRef, i64)> {
+        self.rooms
+            .get(room)
+            .map(|s| {
+                s.stage
+                    .iter()
+                    .map(|u| (u.clone(), s.stage_since.get(&u.id).copied().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The rooms of this node with someone on stage: (room, [(user, on stage since)]).
+    pub fn stages(&self) -> Vec<(RoomId, Vec<(UserRef, i64)>)> {
+        self.rooms
+            .iter()
+            .filter(|e| !e.stage.is_empty())
+            .map(|e| {
+                let spells = e
+                    .stage
+                    .iter()
+                    .map(|u| (u.clone(), e.stage_since.get(&u.id).copied().unwrap_or(0)))
+                    .collect();
+                (e.key().clone(), spells)
+            })
+            .collect()
+    }
+
+    /// The class ended: every raised hand goes down and everyone on stage comes off, with the
+    /// usual `hand` and `stage` events (and relays, so other nodes follow). Returns who came
+    /// off stage.
+    pub fn clear_hands_and_stage(&self, room: &RoomId) -> Vec<UserRef> {
+        let Some(mut state) = self.rooms.get_mut(room) else {
+            return Vec::new();
+        };
+        let state = &mut *state;
+        let raised: Vec<UserId> = state.hands.iter().map(|(u, _)| u.id.clone()).collect();
+        for user in raised {
+            if let Some(who) = state.lower_hand(room, &user, true, self.out()) {
+                self.relay_with(|| Relayed::Hand {
+                    room: room.clone(),
+                    user: who,
+                    raised: false,
+                    ts: 0,
+                });
+            }
+        }
+        let off = std::mem::take(&mut state.stage);
+        for who in &off {
+            state.stage_changed(room, who, false, self.out());
+            self.relay_with(|| Relayed::Stage {
+                room: room.clone(),
+                user: who.clone(),
+                on: false,
+            });
+        }
+        off
     }
 
     /// Whether the user is on stage (may publish audio/video in a live room).
@@ -1269,6 +1333,7 @@ impl Hub {
         match (on, present) {
             (true, None) => {
                 state.stage.push(user.clone());
+                state.stage_since.insert(user.id.clone(), now_ms());
                 state.lower_hand(room, &user.id, true, self.out());
             }
             (false, Some(pos)) => {

@@ -142,6 +142,7 @@ async fn ensure_dev_lobby(store: &Store) -> Result<(), StoreError> {
         rules: store::RoomRules::default(),
         engagement: store::EngagementSettings::default(),
         av: Default::default(),
+        stage: Default::default(),
     };
     match store.create_room(&lobby).await {
         Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
@@ -280,7 +281,12 @@ impl App {
         match what {
             Inbound::PolicyChanged(room) => self.policies.invalidate(&room),
             Inbound::PoliciesStale => self.policies.invalidate_all(),
-            Inbound::RemoteEvent { room, json } => self.policies.remote_event(&room, &json),
+            Inbound::RemoteEvent { room, json } => {
+                if rooms::class::is_end_event(&json) {
+                    rooms::class::ended_elsewhere(self, &room);
+                }
+                self.policies.remote_event(&room, &json)
+            }
             Inbound::SessionClosed { user, session } => {
                 rtc::remote_session_closed(self, &user, &session)
             }
@@ -370,6 +376,7 @@ pub async fn serve(
     let poll_clock = tokio::spawn(rooms::polls::run_clock(app.clone()));
     let class_clock = tokio::spawn(rooms::class::run_clock(app.clone()));
     let breakout_clock = tokio::spawn(rooms::breakouts::run_clock(app.clone()));
+    let stage_clock = tokio::spawn(rooms::stage::run_clock(app.clone()));
     let board_saver = tokio::spawn(rooms::boards::run_saver(app.clone()));
     let mut bus_tasks = match &app.cluster {
         Some(bus) => {
@@ -431,6 +438,7 @@ pub async fn serve(
     poll_clock.abort();
     class_clock.abort();
     breakout_clock.abort();
+    stage_clock.abort();
     board_saver.abort();
     let _ = board_saver.await;
     // Boards changed since the saver's last look.

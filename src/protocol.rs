@@ -572,6 +572,10 @@ pub enum ClientMsg {
     ClassEnd {
         room: RoomId,
     },
+    /// Host: moves an ended class back to `live`.
+    ClassReopen {
+        room: RoomId,
+    },
     // -- breakout groups and whiteboards --
     /// host/ta: splits the room into group rooms, by `groups`, by `count`, or both.
     BreakoutOpen {
@@ -682,6 +686,7 @@ impl ClientMsg {
             | Self::QuizLeaderboard { room, .. }
             | Self::ClassStart { room, .. }
             | Self::ClassEnd { room, .. }
+            | Self::ClassReopen { room, .. }
             | Self::BreakoutOpen { room, .. }
             | Self::BreakoutMove { room, .. }
             | Self::BreakoutBroadcast { room, .. }
@@ -750,7 +755,9 @@ impl ClientMsg {
             | Self::Polls { .. }
             | Self::PollAnswers { .. }
             | Self::QuizLeaderboard { .. } => CommandKind::Poll,
-            Self::ClassStart { .. } | Self::ClassEnd { .. } => CommandKind::Class,
+            Self::ClassStart { .. } | Self::ClassEnd { .. } | Self::ClassReopen { .. } => {
+                CommandKind::Class
+            }
             Self::BreakoutOpen { .. }
             | Self::BreakoutMove { .. }
             | Self::BreakoutBroadcast { .. }
@@ -1187,6 +1194,12 @@ pub enum ServerMsg<'a> {
     BreakoutClosed {
         room: &'a RoomId,
     },
+    /// To every session in the parent and the group rooms, once, `breakout_warning_s` before
+    /// the groups close by themselves.
+    BreakoutWarning {
+        room: &'a RoomId,
+        closes_at: i64,
+    },
     /// To host/ta in the parent room: a group member asks for help.
     HelpRequested {
         room: &'a RoomId,
@@ -1284,6 +1297,20 @@ pub struct JoinOk<'a> {
     /// With `after_seq`: how many events follow this reply.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replayed: Option<usize>,
+    /// The class state and times.
+    pub class: ClassBrief,
+    /// The pinned question, as the joiner's role sees it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<QuestionView>,
+    /// The room's open polls, as the joiner's role sees them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub polls: Option<Vec<PollView>>,
+    /// The room's open breakout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breakout: Option<BreakoutSnapshot>,
+    /// The ids of the room's boards.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boards: Option<Vec<String>>,
 }
 
 /// `pong`, carrying the ping's `rid` when it had one.

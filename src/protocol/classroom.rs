@@ -42,3 +42,14 @@ pub struct BreakoutOpenOk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closes_at: Option<i64>,
 }
+
+/// The open breakout of a room as a late joiner sees it in the `join` reply: the groups, when
+/// they close, and (for a student placed in one) their own group room.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakoutSnapshot {
+    pub groups: Vec<BreakoutGroup>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closes_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_room: Option<RoomId>,
+}

@@ -260,6 +260,10 @@ enum ServerFrame {
     BreakoutClosed {
         room: RoomId,
     },
+    BreakoutWarning {
+        room: RoomId,
+        closes_at: i64,
+    },
     HelpRequested {
         room: RoomId,
         group_room: RoomId,
@@ -392,6 +396,10 @@ impl ServerFrame {
                 ServerMsg::BreakoutAssigned { room, group_room }
             }
             Self::BreakoutClosed { room } => ServerMsg::BreakoutClosed { room },
+            Self::BreakoutWarning { room, closes_at } => ServerMsg::BreakoutWarning {
+                room,
+                closes_at: *closes_at,
+            },
             Self::HelpRequested {
                 room,
                 group_room,
@@ -436,6 +444,7 @@ fn every_frame_has_a_twin(msg: &ServerMsg<'_>) {
         | ServerMsg::Badge { .. }
         | ServerMsg::BreakoutAssigned { .. }
         | ServerMsg::BreakoutClosed { .. }
+        | ServerMsg::BreakoutWarning { .. }
         | ServerMsg::HelpRequested { .. }
         | ServerMsg::Board { .. } => {}
     }
@@ -464,6 +473,15 @@ struct JoinReply {
     gap: Option<bool>,
     #[serde(default)]
     replayed: Option<usize>,
+    class: ClassBrief,
+    #[serde(default)]
+    pinned: Option<QuestionView>,
+    #[serde(default)]
+    polls: Option<Vec<PollView>>,
+    #[serde(default)]
+    breakout: Option<BreakoutSnapshot>,
+    #[serde(default)]
+    boards: Option<Vec<String>>,
 }
 
 /// The `history` reply as it reads back: events parsed rather than spliced.
@@ -512,6 +530,11 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
                     hands: r.hands,
                     gap: r.gap,
                     replayed: r.replayed,
+                    class: r.class,
+                    pinned: r.pinned,
+                    polls: r.polls,
+                    breakout: r.breakout,
+                    boards: r.boards,
                 },
             ))
         }
@@ -560,7 +583,7 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
         "polls" => ok::<PollsOk>(rid, &fields),
         "poll_answers" => ok::<PollAnswersOk>(rid, &fields),
         "quiz_leaderboard" => ok::<QuizLeaderboardOk>(rid, &fields),
-        "class_start" | "class_end" => ok::<ClassOk>(rid, &fields),
+        "class_start" | "class_end" | "class_reopen" => ok::<ClassOk>(rid, &fields),
         "breakout_open" => ok::<BreakoutOpenOk>(rid, &fields),
         "breakout_move" | "breakout_broadcast" | "breakout_close" | "help" | "board"
         | "board_grant" => ok::<EmptyOk>(rid, &fields),

@@ -197,7 +197,8 @@ pub struct QuizLeaderboardOk {
     pub entries: Vec<QuizLeaderEntry>,
 }
 
-/// A room's class state: `scheduled` before it starts, `live`, then `ended` for good.
+/// A room's class state: `scheduled` before it starts, `live`, then `ended` (until the host
+/// reopens it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClassState {
@@ -235,6 +236,18 @@ impl ClassState {
             other => other,
         }
     }
+}
+
+/// The class part of the `join` reply: the state now and the class's times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassBrief {
+    pub state: ClassState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starts_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
 }
 
 /// One user's attendance: first join, last leave (`null` while still present), time present

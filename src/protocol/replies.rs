@@ -196,10 +196,20 @@ pub struct RaisedHand {
     pub ts: i64,
 }
 
-/// `hands`: the raised hands in raise order.
+/// Someone on stage and since when (ms): their continuous time on stage so far, for host/ta.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageSpell {
+    pub user: UserRef,
+    pub since: i64,
+}
+
+/// `hands`: the raised hands in raise order, and who is on stage since when (left out while
+/// nobody is).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HandsOk {
     pub hands: Vec<RaisedHand>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage: Vec<StageSpell>,
 }
 
 /// `stage`: the stage after the change.
@@ -319,6 +329,27 @@ pub enum AvTrackKind {
 pub struct AvSettings {
     #[serde(default)]
     pub mode: AvRoomMode,
+}
+
+/// A room's stage settings: the longest continuous time one speaker stays on stage
+/// (`talk_cap_s`, `None` for no cap) and whether the server brings them down past it
+/// (`auto_down`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSettings {
+    #[serde(default)]
+    pub talk_cap_s: Option<u32>,
+    #[serde(default)]
+    pub auto_down: bool,
+}
+
+impl StageSettings {
+    /// The cap the server enforces, in ms: only with `auto_down`.
+    pub fn enforced_ms(&self) -> Option<i64> {
+        self.talk_cap_s
+            .filter(|_| self.auto_down)
+            .map(|s| i64::from(s) * 1000)
+    }
 }
 
 /// `av_join`.

@@ -3,7 +3,8 @@
 //! are dealt into groups; the group rooms' derived ids; and the clock that closes groups at
 //! `closes_at` (found in the store, so it survives a restart). Each group is an ordinary
 //! invite-only room whose members are its students plus the parent's host/ta; rights inside it
-//! are the usual ones. Nothing here touches a socket or SQL.
+//! are the usual ones. The same clock warns every session in the parent and the groups
+//! `breakout_warning_s` before `closes_at`. Nothing here touches a socket or SQL.
 
 use super::check_room_id;
 use crate::App;
@@ -175,6 +176,7 @@ fn group_room(id: RoomId, title: String) -> Room {
         rules: Default::default(),
         engagement: Default::default(),
         av: Default::default(),
+        stage: Default::default(),
     }
 }
 
@@ -405,13 +407,46 @@ pub(super) async fn help(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     Ok(Outcome::ok(EmptyOk {}))
 }
 
-/// Every `class_clock_ms`: closes the breakouts past `closes_at` (the store says which, so
-/// groups opened before a restart close after it too).
+/// Sends `breakout_warning` for the breakouts closing within `breakout_warning_s`: once per
+/// breakout (the store hands each warning to one node, whose hub relays it to the others), to
+/// every session in the parent or a group room, once per session.
+async fn warn_closing(app: &App) {
+    let within = i64::from(app.config.breakout_warning_s) * 1000;
+    let due = match app.store.claim_breakout_warnings(now_ms(), within).await {
+        Ok(due) => due,
+        Err(e) => {
+            tracing::warn!(error = %e, "breakout warning scan failed");
+            return;
+        }
+    };
+    for (id, parent, closes_at) in due {
+        let b = match app.store.open_breakout_of(&parent).await {
+            Ok(Some(b)) if b.id == id => b,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, room = %parent, "breakout warning: groups not read");
+                continue;
+            }
+        };
+        let mut rooms = vec![b.parent.clone()];
+        rooms.extend(b.groups.iter().map(|g| g.room.clone()));
+        let frame = Frame::from(protocol::encode(&ServerMsg::BreakoutWarning {
+            room: &b.parent,
+            closes_at,
+        }));
+        app.hub.notify_once(&rooms, None, &frame);
+        tracing::info!(room = %b.parent, "breakout groups warned of their close");
+    }
+}
+
+/// Every `class_clock_ms`: warns the breakouts about to close and closes those past
+/// `closes_at` (the store says which, so groups opened before a restart close after it too).
 pub async fn run_clock(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_millis(app.config.class_clock_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        warn_closing(&app).await;
         let due = match app.store.due_breakouts(now_ms()).await {
             Ok(due) => due,
             Err(e) => {

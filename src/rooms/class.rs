@@ -1,37 +1,150 @@
-//! The class lifecycle commands (`class_start`, `class_end`: host only), the class clock (a
-//! scheduled class goes live at `starts_at`, any class ends at `ends_at`), and the attendance
-//! log a session leaves behind (join/leave per session, stage on/off per user), written through
-//! the store without waiting and without a seq. Nothing here touches a socket or SQL.
+//! The class lifecycle commands (`class_start`, `class_end`, `class_reopen`: host only), the
+//! class clock (a scheduled class goes live at `starts_at`, any class ends at `ends_at`), what
+//! the end of a class does (hands down, stage cleared, open polls closed; the room read-only
+//! for members until reopened), and the attendance log a session leaves behind (join/leave per
+//! session, stage on/off per user), written through the store without waiting and without a
+//! seq. Nothing here touches a socket or SQL.
 
-use super::chat::write_ok;
 use super::check_room_id;
 use crate::App;
-use crate::command::{Ctx, Outcome, deferred};
+use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
-use crate::protocol::{ClassState, ClientMsg, RoomId, RoomRole, UserRef};
-use crate::store::{PresenceKind, WriteOp, now_ms};
+use crate::protocol::{ClassOk, ClassState, ClientMsg, PollState, RoomId, RoomRole, UserRef};
+use crate::store::{PresenceKind, View, WriteOp, WriteOutcome, now_ms};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `class_start` (`Live`) and `class_end` (`Ended`).
+/// `class_start` (`Live`), `class_end` (`Ended`) and `class_reopen` (`reopen`: `Ended` ->
+/// `Live`). Waits for the commit, then applies what the move means here (see [`moved`]).
 pub(super) async fn set(
     ctx: &mut Ctx,
-    rid: Option<i64>,
     room: RoomId,
     target: ClassState,
+    reopen: bool,
 ) -> Result<Outcome> {
     check_room_id(&room)?;
     if ctx.joined_role(&room)? != RoomRole::Host {
         return Err(Error::Forbidden(
-            "only the host starts and ends the class".into(),
+            "only the host starts, ends and reopens the class".into(),
         ));
     }
     let op = WriteOp::ClassState {
-        room,
+        room: room.clone(),
         target: Some(target),
+        reopen,
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    match ctx.app.store.write(op).await? {
+        WriteOutcome::Class { state, seq } => {
+            moved(&ctx.app, &room, state).await;
+            Ok(Outcome::ok(ClassOk { state, seq }))
+        }
+        other => Err(Error::Internal(format!(
+            "a class change answered {other:?}"
+        ))),
+    }
+}
+
+/// The class state of `room` now, from the cached policy (no store read): the recorded state
+/// moved on by the clock where `starts_at`/`ends_at` have passed.
+pub(crate) async fn state_now(app: &App, room: &RoomId) -> Result<ClassState> {
+    let policy = app.policies.get(&app.store, room).await?;
+    let r = &policy.room;
+    Ok(r.state.at(r.starts_at, r.ends_at, now_ms()))
+}
+
+/// The class of `room` moved to `state` (committed; by the host or the clock): the policy
+/// cache follows (other nodes drop theirs), and an ended class clears its hands and stage and
+/// closes its open polls.
+pub(crate) async fn moved(app: &App, room: &RoomId, state: ClassState) {
+    match app.store.room(room).await {
+        Ok(Some(r)) => app.policies.room_changed(r),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, room = %room, "class moved: room not re-read");
+            app.policies.invalidate(room);
+        }
+    }
+    tracing::info!(room = %room, state = state.as_str(), "class state changed");
+    if state == ClassState::Ended {
+        ended(app, room).await;
+    }
+}
+
+/// The end of a class: raised hands go down and the stage clears (the usual `hand` and
+/// `stage` events; publishing stops), and the room's open polls close as `poll_close` closes
+/// them (the same `poll` event).
+async fn ended(app: &App, room: &RoomId) {
+    clear_stage(app, room);
+    let words = app.config.poll_word_cloud_top;
+    let open = match app.store.polls(room, View::Moderator, words).await {
+        Ok(polls) => polls,
+        Err(e) => {
+            tracing::warn!(error = %e, room = %room, "class end: open polls not read");
+            return;
+        }
+    };
+    for p in open.into_iter().filter(|p| p.state == PollState::Open) {
+        let op = WriteOp::PollState {
+            room: room.clone(),
+            poll: p.id,
+            target: PollState::Closed,
+            words,
+        };
+        if let Err(e) = app.store.write(op).await {
+            tracing::warn!(error = %e, room = %room, "class end: closing a poll failed");
+        }
+    }
+}
+
+/// Lowers this node's raised hands and clears its stage in `room` (events to its sessions,
+/// relays to the other nodes), withdrawing publishing and logging the stage spells' end.
+fn clear_stage(app: &App, room: &RoomId) {
+    for who in app.hub.clear_hands_and_stage(room) {
+        crate::rtc::stage_changed(app, room, &who.id, false);
+        staged(app, room, &who, false);
+    }
+}
+
+/// Whether a committed event (its stored JSON) ends a class: a `class_state` event to `ended`.
+/// A substring search, no parse (it runs on every event another node commits); text inside a
+/// string value has its quotes escaped, so it cannot fake either key.
+pub(crate) fn is_end_event(json: &str) -> bool {
+    json.contains(r#""type":"class_state""#) && json.contains(r#""state":"ended""#)
+}
+
+/// Cluster mode: a class ended by another node (its clock may have no session of the room,
+/// so nothing of this node's hands and stage): this node clears its own. The polls were closed
+/// by the node that ended it.
+pub(crate) fn ended_elsewhere(app: &App, room: &RoomId) {
+    if app.hub.has_room(room) {
+        clear_stage(app, room);
+    }
+}
+
+/// Members' writes to an ended class are refused (host/ta keep writing; reads, `leave`,
+/// `delete` of one's own message and `report` still work). `role` is the session's role in
+/// `room`.
+pub(crate) async fn check_open_for(app: &App, room: &RoomId, role: RoomRole) -> Result<()> {
+    if role.can_moderate() {
+        return Ok(());
+    }
+    if state_now(app, room).await? == ClassState::Ended {
+        return Err(Error::Forbidden("the class has ended".into()));
+    }
+    Ok(())
+}
+
+/// The stage and A/V open only while the class is live: `conflict` (saying why) otherwise.
+pub(crate) async fn check_live(app: &App, room: &RoomId, what: &str) -> Result<()> {
+    match state_now(app, room).await? {
+        ClassState::Live => Ok(()),
+        ClassState::Scheduled => Err(Error::Conflict(format!(
+            "the class has not started: {what} opens when it is live"
+        ))),
+        ClassState::Ended => Err(Error::Conflict(format!(
+            "the class has ended: {what} is closed until the host reopens it"
+        ))),
+    }
 }
 
 /// Logs a session entering (`on`) or leaving a room, for the class summary.
@@ -84,12 +197,15 @@ pub async fn run_clock(app: Arc<App>) {
             }
         };
         for room in due {
-            if let Err(e) = app
-                .store
-                .write(WriteOp::ClassState { room, target: None })
-                .await
-            {
-                tracing::warn!(error = %e, "moving a class on by the clock failed");
+            let op = WriteOp::ClassState {
+                room: room.clone(),
+                target: None,
+                reopen: false,
+            };
+            match app.store.write(op).await {
+                Ok(WriteOutcome::Class { state, .. }) => moved(&app, &room, state).await,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "moving a class on by the clock failed"),
             }
         }
     }
@@ -132,8 +248,9 @@ pub(super) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             text,
         } => super::polls::answer(ctx, rid, room, poll, choices, text).await,
         ClientMsg::Polls { room } => super::polls::list(ctx, room).await,
-        ClientMsg::ClassStart { room } => set(ctx, rid, room, ClassState::Live).await,
-        ClientMsg::ClassEnd { room } => set(ctx, rid, room, ClassState::Ended).await,
+        ClientMsg::ClassStart { room } => set(ctx, room, ClassState::Live, false).await,
+        ClientMsg::ClassEnd { room } => set(ctx, room, ClassState::Ended, false).await,
+        ClientMsg::ClassReopen { room } => set(ctx, room, ClassState::Live, true).await,
         ClientMsg::BreakoutOpen {
             room,
             groups,
@@ -169,5 +286,27 @@ pub(super) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
             draw,
         } => super::boards::grant(ctx, room, board, user, draw).await,
         other => Err(crate::command::misrouted(&other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{RoomEvent, SequencedEvent};
+
+    #[test]
+    fn only_a_class_state_to_ended_is_an_end_event() {
+        let ev = |state| {
+            crate::protocol::encode(&SequencedEvent {
+                room: RoomId::from("r"),
+                seq: 3,
+                event: RoomEvent::ClassState { state, ts: 1 },
+            })
+        };
+        assert!(is_end_event(&ev(ClassState::Ended)));
+        assert!(!is_end_event(&ev(ClassState::Live)));
+        assert!(!is_end_event(
+            r#"{"type":"message","text":"\"state\":\"ended\""}"#
+        ));
     }
 }

@@ -13,7 +13,7 @@ mod moderation;
 pub mod policy;
 pub mod polls;
 mod qa;
-mod stage;
+pub mod stage;
 
 pub(crate) use crate::command::check_room_id;
 use crate::command::{Ctx, Outcome};
@@ -57,7 +57,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         msg @ (ClientMsg::RaiseHand { .. }
         | ClientMsg::LowerHand { .. }
         | ClientMsg::Hands { .. }
-        | ClientMsg::Stage { .. }) => stage::dispatch(ctx, msg),
+        | ClientMsg::Stage { .. }) => stage::dispatch(ctx, msg).await,
         msg @ (ClientMsg::Mute { .. }
         | ClientMsg::Unmute { .. }
         | ClientMsg::Kick { .. }
@@ -75,7 +75,15 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         | ClientMsg::AvJoin { .. }
         | ClientMsg::AvLeave { .. }
         | ClientMsg::AvMute { .. }
-        | ClientMsg::Signal { .. }) => rtc::dispatch(ctx, rid, msg).await,
+        | ClientMsg::Signal { .. }) => {
+            // A/V opens only while the class is live (rtc checks the rest of `av_join`).
+            if let ClientMsg::AvJoin { room } = &msg
+                && ctx.joined.contains_key(room)
+            {
+                class::check_live(&ctx.app, room, "audio/video").await?;
+            }
+            rtc::dispatch(ctx, rid, msg).await
+        }
         msg @ (ClientMsg::Checkin { .. }
         | ClientMsg::Leaderboard { .. }
         | ClientMsg::Profile { .. }
@@ -91,6 +99,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         | ClientMsg::Polls { .. }
         | ClientMsg::ClassStart { .. }
         | ClientMsg::ClassEnd { .. }
+        | ClientMsg::ClassReopen { .. }
         | ClientMsg::BreakoutOpen { .. }
         | ClientMsg::BreakoutMove { .. }
         | ClientMsg::BreakoutBroadcast { .. }
@@ -110,6 +119,11 @@ async fn admit(ctx: &mut Ctx, msg: &ClientMsg) -> Result<()> {
         && !matches!(msg, ClientMsg::Leave { .. })
     {
         access::recheck(ctx, room).await?;
+        if member_write(msg)
+            && let Some(&role) = ctx.joined.get(room)
+        {
+            class::check_open_for(&ctx.app, room, role).await?;
+        }
     }
     if let Some(action) = user_action(msg)
         && !ctx.app.user_limits.take(&ctx.me.user, action)
@@ -138,6 +152,25 @@ pub(crate) fn check_len(text: &str, max: usize, what: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The commands an ended class refuses from members and viewers: what adds to or changes the
+/// room's content (deleting one's own message, reporting, reads and `leave` stay open).
+fn member_write(msg: &ClientMsg) -> bool {
+    matches!(
+        msg,
+        ClientMsg::Send { .. }
+            | ClientMsg::Edit { .. }
+            | ClientMsg::React { .. }
+            | ClientMsg::Unreact { .. }
+            | ClientMsg::Ask { .. }
+            | ClientMsg::Vote { .. }
+            | ClientMsg::Answer { .. }
+            | ClientMsg::Helpful { .. }
+            | ClientMsg::PollAnswer { .. }
+            | ClientMsg::RaiseHand { .. }
+            | ClientMsg::Help { .. }
+    )
 }
 
 /// The per-user limit a command counts against, if any.
@@ -359,6 +392,7 @@ async fn replay_and_reply(
         None => (None, false),
     };
     if let Some(rid) = rid {
+        let snap = snapshot(ctx, room, role).await?;
         let reply = protocol::JoinOk {
             room: protocol::RoomBrief {
                 id: &room.id,
@@ -379,6 +413,11 @@ async fn replay_and_reply(
             }),
             gap: after_seq.map(|_| gap),
             replayed: after_seq.map(|_| page.as_ref().map_or(0, |p| p.events.len())),
+            class: snap.class,
+            pinned: snap.pinned,
+            polls: snap.polls,
+            breakout: snap.breakout,
+            boards: snap.boards,
         };
         ctx.push(protocol::encode_ok_as(rid, &reply)).await;
     }
@@ -393,6 +432,113 @@ async fn replay_and_reply(
     }
     ctx.app.hub.open_gate(&room.id, &ctx.handle.id, delivered);
     Ok(Outcome::Done)
+}
+
+/// What a late joiner needs at once, besides stage and hands: the class state and times, the
+/// pinned question, the open polls, the open breakout and the boards, each as `role` may see
+/// it.
+struct Snapshot {
+    class: protocol::ClassBrief,
+    pinned: Option<protocol::QuestionView>,
+    polls: Option<Vec<protocol::PollView>>,
+    breakout: Option<protocol::BreakoutSnapshot>,
+    boards: Option<Vec<String>>,
+}
+
+/// Reads the join snapshot: the class from the cached policy, then one store probe saying
+/// which of the rest the room has, and the details only of those (a plain room pays the probe
+/// alone).
+async fn snapshot(ctx: &Ctx, room: &Room, role: RoomRole) -> Result<Snapshot> {
+    let app = &ctx.app;
+    let policy = app.policies.get(&app.store, &room.id).await?;
+    let r = &policy.room;
+    let now = crate::store::now_ms();
+    let class = protocol::ClassBrief {
+        state: r.state.at(r.starts_at, r.ends_at, now),
+        starts_at: r.starts_at,
+        ends_at: r.ends_at,
+        started_at: r.started_at,
+    };
+    let view = crate::store::View::of(role);
+    let has = app.store.room_extras(&room.id).await?;
+    let pinned = if has.pinned {
+        let filter = crate::store::QuestionFilter {
+            status: Some(protocol::QuestionStatus::Pinned),
+            ..Default::default()
+        };
+        app.store
+            .questions(
+                &room.id,
+                &filter,
+                crate::store::QuestionSort::Recent,
+                view,
+                r.answer_sla_s,
+                now,
+            )
+            .await?
+            .into_iter()
+            .next()
+    } else {
+        None
+    };
+    let polls = if has.open_polls {
+        let all = app
+            .store
+            .polls(&room.id, view, app.config.poll_word_cloud_top)
+            .await?;
+        let open: Vec<_> = all
+            .into_iter()
+            .filter(|p| p.state == protocol::PollState::Open)
+            .collect();
+        (!open.is_empty()).then_some(open)
+    } else {
+        None
+    };
+    let breakout = if has.breakout {
+        breakout_snapshot(ctx, &room.id).await?
+    } else {
+        None
+    };
+    let boards = if has.boards {
+        Some(app.store.board_ids(&room.id).await?)
+    } else {
+        None
+    };
+    Ok(Snapshot {
+        class,
+        pinned,
+        polls,
+        breakout,
+        boards,
+    })
+}
+
+/// The room's open breakout as the joiner sees it: every group with its students, and the
+/// joiner's own group if they are a student in one.
+async fn breakout_snapshot(ctx: &Ctx, room: &RoomId) -> Result<Option<protocol::BreakoutSnapshot>> {
+    let Some(b) = ctx.app.store.open_breakout_of(room).await? else {
+        return Ok(None);
+    };
+    let students = ctx.app.store.breakout_students(&b).await?;
+    let groups: Vec<protocol::BreakoutGroup> = b
+        .groups
+        .into_iter()
+        .zip(students)
+        .map(|(g, members)| protocol::BreakoutGroup {
+            room: g.room,
+            title: g.title,
+            members,
+        })
+        .collect();
+    let group_room = groups
+        .iter()
+        .find(|g| g.members.contains(&ctx.me.user))
+        .map(|g| g.room.clone());
+    Ok(Some(protocol::BreakoutSnapshot {
+        groups,
+        closes_at: b.closes_at,
+        group_room,
+    }))
 }
 
 /// The `seq` of a stored event body (written by us, so it is there).

@@ -242,4 +242,60 @@ impl Store {
         tx.commit().await?;
         Ok(left)
     }
+
+    /// The students of each group of `b` (stored members other than host/ta), in the groups'
+    /// order, each list by user id: one query.
+    pub async fn breakout_students(&self, b: &Breakout) -> Result<Vec<Vec<UserId>>> {
+        let rows = sqlx::query(
+            "SELECT g.room_id, m.user_id FROM breakout_groups g \
+             JOIN room_members m ON m.room_id = g.room_id \
+             WHERE g.breakout_id = $1 AND m.role NOT IN ('host', 'ta') \
+             ORDER BY g.position, m.user_id",
+        )
+        .bind(b.id.as_str())
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = vec![Vec::new(); b.groups.len()];
+        for r in &rows {
+            let room: String = r.try_get("room_id")?;
+            if let Some(i) = b.groups.iter().position(|g| g.room.as_str() == room) {
+                out[i].push(UserId(r.try_get("user_id")?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Claims the warnings due: open breakouts closing within `within_ms` of `now` whose
+    /// warning has not gone out, each marked as sent here (a breakout another node claimed
+    /// first is left out). (breakout id, parent, `closes_at`).
+    pub async fn claim_breakout_warnings(
+        &self,
+        now: i64,
+        within_ms: i64,
+    ) -> Result<Vec<(String, RoomId, i64)>> {
+        let rows = sqlx::query(
+            "SELECT id, parent_id, closes_at FROM breakouts WHERE state = 'open' \
+             AND closes_at IS NOT NULL AND closes_at > $1 AND closes_at <= $2 \
+             AND warned_at IS NULL",
+        )
+        .bind(now)
+        .bind(now.saturating_add(within_ms))
+        .fetch_all(self.pool())
+        .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id: String = r.try_get("id")?;
+            let res = sqlx::query(
+                "UPDATE breakouts SET warned_at = $1 WHERE id = $2 AND warned_at IS NULL",
+            )
+            .bind(now)
+            .bind(id.as_str())
+            .execute(self.pool())
+            .await?;
+            if res.rows_affected() == 1 {
+                claimed.push((id, RoomId(r.try_get("parent_id")?), r.try_get("closes_at")?));
+            }
+        }
+        Ok(claimed)
+    }
 }

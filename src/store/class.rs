@@ -30,12 +30,15 @@ impl PresenceKind {
 }
 
 /// Moves the class on: to `target` (host), or wherever the clock says (`None`). A manual start
-/// of a class already started, or any change to an ended class, is a `conflict`; the clock
-/// changing nothing is `Unchanged`.
+/// of a class already started, or a start or end of an ended class, is a `conflict`; the clock
+/// changing nothing is `Unchanged`. `reopen` moves an ended class back to `live` (a `conflict`
+/// unless it has ended): `ended_at` is cleared, and so is an `ends_at` that has passed (else
+/// the clock would end it again at once).
 pub(super) async fn change(
     tx: &mut Tx<'_>,
     room: &RoomId,
     target: Option<ClassState>,
+    reopen: bool,
 ) -> Result<Applied> {
     let row =
         sqlx::query("SELECT class_state, starts_at, ends_at, started_at FROM rooms WHERE id = $1")
@@ -57,8 +60,14 @@ pub(super) async fn change(
             });
         }
         None => clock,
+        Some(_) if reopen && clock != ClassState::Ended => {
+            return Err(StoreError::Conflict("the class has not ended".into()));
+        }
+        Some(_) if reopen => ClassState::Live,
         Some(_) if clock == ClassState::Ended => {
-            return Err(StoreError::Conflict("the class has ended".into()));
+            return Err(StoreError::Conflict(
+                "the class has ended (class_reopen opens it again)".into(),
+            ));
         }
         Some(ClassState::Live) if started_at.is_some() => {
             return Err(StoreError::Conflict("the class has started already".into()));
@@ -69,11 +78,13 @@ pub(super) async fn change(
     sqlx::query(
         "UPDATE rooms SET class_state = $1, \
          started_at = CASE WHEN $1 = 'live' AND started_at IS NULL THEN $2 ELSE started_at END, \
-         ended_at = CASE WHEN $1 = 'ended' THEN $2 ELSE ended_at END WHERE id = $3",
+         ended_at = CASE WHEN $1 = 'ended' THEN $2 WHEN $4 = 1 THEN NULL ELSE ended_at END, \
+         ends_at = CASE WHEN $4 = 1 AND ends_at <= $2 THEN NULL ELSE ends_at END WHERE id = $3",
     )
     .bind(next.as_str())
     .bind(now)
     .bind(room.as_str())
+    .bind(i64::from(reopen))
     .execute(&mut **tx)
     .await?;
     let event = RoomEvent::ClassState {
@@ -152,7 +163,38 @@ struct Spell {
     end: Option<i64>,
 }
 
+/// What a room holds that a late joiner's `join` reply shows, as one probe tells it: the
+/// details are read only for what is there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoomExtras {
+    pub open_polls: bool,
+    pub pinned: bool,
+    pub breakout: bool,
+    pub boards: bool,
+}
+
 impl Store {
+    /// Whether the room has open polls, a pinned question, an open breakout, saved boards: one
+    /// query, so a join into a plain room pays one round trip for all four.
+    pub async fn room_extras(&self, room: &RoomId) -> Result<RoomExtras> {
+        let row = sqlx::query(
+            "SELECT \
+             (SELECT COUNT(*) FROM polls WHERE room_id = $1 AND state = 'open') AS polls, \
+             (SELECT COUNT(*) FROM questions WHERE room_id = $1 AND status = 'pinned') AS pinned, \
+             (SELECT COUNT(*) FROM breakouts WHERE parent_id = $1 AND state = 'open') AS breakouts, \
+             (SELECT COUNT(*) FROM boards WHERE room_id = $1) AS boards",
+        )
+        .bind(room.as_str())
+        .fetch_one(self.pool())
+        .await?;
+        Ok(RoomExtras {
+            open_polls: row.try_get::<i64, _>("polls")? > 0,
+            pinned: row.try_get::<i64, _>("pinned")? > 0,
+            breakout: row.try_get::<i64, _>("breakouts")? > 0,
+            boards: row.try_get::<i64, _>("boards")? > 0,
+        })
+    }
+
     /// Rooms whose class the clock should move on now (a scheduled class past `starts_at`, a
     /// class not ended past `ends_at`).
     pub async fn due_classes(&self, now: i64) -> Result<Vec<RoomId>> {

@@ -29,7 +29,7 @@ pub use crate::protocol::views::RoomSummary;
 pub use av::{AvAdmitted, AvJoin, AvMember};
 pub use breakouts::{Breakout, BreakoutGroupRow, NewBreakout, NewGroup};
 pub use calls::CallLogEntry;
-pub use class::PresenceKind;
+pub use class::{PresenceKind, RoomExtras};
 pub use engagement::{
     BadgeHook, BadgeView, EarnedBadge, EngagementSettings, LeaderRow, MemberEngagement, UserBrief,
 };
@@ -194,6 +194,9 @@ pub struct Room {
     /// How the room's audio/video is carried (mesh, SFU, or auto).
     #[serde(default)]
     pub av: crate::protocol::AvSettings,
+    /// The stage's talk-time cap and whether the server enforces it.
+    #[serde(default)]
+    pub stage: crate::protocol::StageSettings,
 }
 
 /// Default answer SLA: 4 hours.
@@ -276,6 +279,7 @@ pub struct RoomPatch {
     pub rules: Option<RoomRules>,
     pub engagement: Option<EngagementSettings>,
     pub av: Option<crate::protocol::AvSettings>,
+    pub stage: Option<crate::protocol::StageSettings>,
 }
 
 mod double_option {
@@ -365,7 +369,7 @@ macro_rules! room_columns {
     () => {
         "id, kind, title, visibility, qa_enabled, qa_moderated, qa_peer_answers, starts_at, \
          archived, last_seq, created_at, answer_sla_s, slow_mode_s, rules, engagement, ends_at, \
-         class_state, started_at, ended_at, av_mode"
+         class_state, started_at, ended_at, av_mode, stage_talk_cap_s, stage_auto_down"
     };
 }
 const SELECT_ROOM: &str = concat!("SELECT ", room_columns!(), " FROM rooms WHERE id = $1");
@@ -408,6 +412,12 @@ fn room_from_row(row: &AnyRow) -> Result<Room> {
         av: crate::protocol::AvSettings {
             mode: crate::protocol::AvRoomMode::parse(&av_mode)
                 .ok_or_else(|| StoreError::Corrupt(format!("room av mode {av_mode}")))?,
+        },
+        stage: crate::protocol::StageSettings {
+            talk_cap_s: row
+                .try_get::<Option<i64>, _>("stage_talk_cap_s")?
+                .and_then(|s| u32::try_from(s).ok()),
+            auto_down: row.try_get::<i64, _>("stage_auto_down")? != 0,
         },
     })
 }
@@ -586,8 +596,9 @@ impl Store {
         let res = sqlx::query(
             "INSERT INTO rooms (id, kind, title, visibility, qa_enabled, qa_moderated, starts_at, \
              archived, last_seq, created_at, qa_peer_answers, answer_sla_s, slow_mode_s, rules, \
-             engagement, ends_at, class_state, av_mode) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+             engagement, ends_at, class_state, av_mode, stage_talk_cap_s, stage_auto_down) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+             $17, $18) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(room.id.as_str())
@@ -606,6 +617,8 @@ impl Store {
         .bind(room.ends_at)
         .bind(initial_state(room.starts_at, now_ms()).as_str())
         .bind(room.av.mode.as_str())
+        .bind(room.stage.talk_cap_s.map(i64::from))
+        .bind(i64::from(room.stage.auto_down))
         .execute(&mut **tx)
         .await?;
         if res.rows_affected() == 0 {
@@ -750,13 +763,17 @@ impl Store {
         if let Some(av) = patch.av {
             room.av = av;
         }
+        if let Some(stage) = patch.stage {
+            room.stage = stage;
+        }
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "UPDATE rooms SET kind = $1, title = $2, visibility = $3, qa_enabled = $4, \
              qa_moderated = $5, starts_at = $6, archived = $7, qa_peer_answers = $8, \
              answer_sla_s = $9, slow_mode_s = $10, rules = $11, engagement = $13, ends_at = $14, \
              class_state = CASE WHEN class_state <> 'ended' AND started_at IS NULL THEN $15 \
-             ELSE class_state END, av_mode = $16 WHERE id = $12",
+             ELSE class_state END, av_mode = $16, stage_talk_cap_s = $17, stage_auto_down = $18 \
+             WHERE id = $12",
         )
         .bind(room.kind.as_str())
         .bind(room.title.as_str())
@@ -774,6 +791,8 @@ impl Store {
         .bind(room.ends_at)
         .bind(initial_state(room.starts_at, now_ms()).as_str())
         .bind(room.av.mode.as_str())
+        .bind(room.stage.talk_cap_s.map(i64::from))
+        .bind(i64::from(room.stage.auto_down))
         .execute(&mut *tx)
         .await?;
         let queued = if room.archived && !was_archived {

@@ -147,10 +147,12 @@ pub enum WriteOp {
         choices: Vec<u32>,
         text: Option<String>,
     },
-    /// Moves the class to `target` (host), or where the clock says (`None`).
+    /// Moves the class to `target` (host), or where the clock says (`None`); `reopen` moves an
+    /// ended class back to `live` (`target` is then `Live`).
     ClassState {
         room: RoomId,
         target: Option<crate::protocol::ClassState>,
+        reopen: bool,
     },
     /// Attendance and stage log: a session entering/leaving, a user going on/off stage.
     /// Not sequenced.
@@ -879,7 +881,11 @@ async fn apply(
             choices,
             text,
         } => super::polls::answer(tx, room, poll, user, name, choices, text.as_deref()).await,
-        WriteOp::ClassState { room, target } => super::class::change(tx, room, *target).await,
+        WriteOp::ClassState {
+            room,
+            target,
+            reopen,
+        } => super::class::change(tx, room, *target, *reopen).await,
         WriteOp::Presence {
             room,
             user,

@@ -1,6 +1,7 @@
-//! The class lifecycle: `class_start`/`class_end` by the host (rights, conflicts), the
-//! `class_state` events and the room object's `state`, the clock at `starts_at`/`ends_at`, and
-//! the summary (attendance, questions, polls, time on stage), on SQLite and PostgreSQL.
+//! The class lifecycle: `class_start`/`class_end` by the host (rights, conflicts; an ended
+//! class refuses members' writes), the `class_state` events and the room object's `state`, the
+//! clock at `starts_at`/`ends_at`, and the summary (attendance, questions, polls, time on
+//! stage), on SQLite and PostgreSQL.
 
 use crate::common::*;
 use serde_json::{Value, json};
@@ -97,6 +98,14 @@ async fn start_and_end(s: &Server) {
         h.err(json!({"type":"class_start","room":"c"})).await,
         "conflict"
     );
+    // An ended class is read-only for members until the host reopens it (more in classlife.rs).
+    assert_eq!(
+        a.err(json!({"type":"send","room":"c","text":"still here?","client_msg_id":"m1"}))
+            .await,
+        "forbidden"
+    );
+    t.ok(json!({"type":"send","room":"c","text":"notes are up","client_msg_id":"m2"}))
+        .await;
 }
 
 #[tokio::test]

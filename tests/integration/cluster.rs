@@ -1225,3 +1225,82 @@ async fn a_board_with_users_on_two_nodes_converges_on_both() {
     })
     .await;
 }
+
+/// Counts `breakout_warning` frames until `breakout_closed`.
+async fn warnings_until_closed(c: &mut Client) -> usize {
+    let mut n = 0;
+    loop {
+        match c.next().await["type"].as_str() {
+            Some("breakout_warning") => n += 1,
+            Some("breakout_closed") => return n,
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_breakout_warning_and_the_class_end_cross_nodes() {
+    eventually("cross-node class end", async {
+        let c = Cluster::start_with(2, &[("STUDYHALL_CLASS_CLOCK_MS", "50")]).await;
+        let room = "cls.end";
+        c.room(room, "class").await;
+        let mut host = Client::connect(
+            c.addr(0),
+            &token("host", PlatformRole::Student, &[(room, RoomRole::Host)]),
+        )
+        .await;
+        host.join(room).await;
+        let mut ann = Client::connect(c.addr(1), &student("ann")).await;
+        ann.join(room).await;
+        let mut bob = Client::connect(c.addr(1), &student("bob")).await;
+        bob.join(room).await;
+        // Both nodes' clocks see the warning due; the store gives it to one, and every session
+        // hears it once.
+        host.ok(json!({"type":"breakout_open","room":room,"duration_s":2,
+            "groups":[{"members":["ann"]}]}))
+            .await;
+        assert_eq!(warnings_until_closed(&mut ann).await, 1);
+        assert_eq!(warnings_until_closed(&mut host).await, 1);
+        // The end of the class clears hands and stage held on both nodes.
+        bob.ok(json!({"type":"raise_hand","room":room})).await;
+        let hand = host.until("hand").await;
+        assert_eq!(hand["user"]["id"], "bob");
+        eventually("ann online on node 0", async {
+            loop {
+                let r = host
+                    .request(json!({"type":"stage","room":room,"user":"ann","on":true}))
+                    .await;
+                if r["type"] == "ok" {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        while ann.until("stage").await["on"] != true {}
+        host.ok(json!({"type":"class_end","room":room})).await;
+        loop {
+            let ev = ann.until("stage").await;
+            if ev["user"]["id"] == "ann" && ev["on"] == false {
+                break;
+            }
+        }
+        // (bob's own copy of the raise comes first.)
+        while bob.until("hand").await["raised"] != false {}
+        // Node 1 drops its cached room (a bus hop away) and refuses members' writes too.
+        eventually("read-only on node 1", async {
+            for k in 0.. {
+                let r = bob
+                    .request(json!({"type":"send","room":room,"text":"hi","client_msg_id":format!("b{k}")}))
+                    .await;
+                if r["code"] == "forbidden" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        c.stop().await;
+    })
+    .await;
+}

@@ -9,6 +9,7 @@ mod breakouts;
 mod calls;
 mod chat;
 mod class;
+mod classlife;
 mod cli;
 mod cluster;
 mod common;

@@ -62,6 +62,7 @@ fn room(id: &str, visibility: Visibility) -> Room {
         rules: Default::default(),
         engagement: Default::default(),
         av: Default::default(),
+        stage: Default::default(),
     }
 }
 

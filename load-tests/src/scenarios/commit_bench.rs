@@ -59,6 +59,7 @@ fn room(id: &str) -> Room {
         rules: Default::default(),
         engagement: Default::default(),
         av: Default::default(),
+        stage: Default::default(),
     }
 }
 

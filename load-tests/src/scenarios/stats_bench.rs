@@ -347,6 +347,7 @@ async fn bench_one(backend: &str, url: &str, a: &Args) -> Result<serde_json::Val
         rules: Default::default(),
         engagement: Default::default(),
         av: Default::default(),
+        stage: Default::default(),
     };
     store.create_room(&room).await?;
     store.close().await;

@@ -171,6 +171,20 @@ pub(super) async fn message(
                 }
                 None => (Doc::new().transact().encode_diff_v1(&sv), None),
             };
+            // A board not created yet: those who may draw still get the server's step 1 (an
+            // empty state vector), which is how a client learns that it may draw.
+            let ours = match (&found, ours) {
+                (None, _) => {
+                    let may_draw = role.can_moderate()
+                        || app
+                            .store
+                            .board_grants(&room, &board)
+                            .await?
+                            .contains(&ctx.me.user);
+                    may_draw.then(StateVector::default)
+                }
+                (Some(_), ours) => ours,
+            };
             let step2 = Message::Sync(SyncMessage::SyncStep2(diff));
             ctx.push(board_frame(&room, &board, &step2)).await;
             if let Some(sv) = ours {

@@ -9,6 +9,7 @@
 import { Client, parseRoomGrants } from './studyhall.js';
 import { Calls } from './calls.js';
 import { setupEngagement } from './engagement.js';
+import { setupBoard } from './board.js';
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'studyhall.token';
@@ -116,6 +117,7 @@ $('signout').addEventListener('click', () => {
 let client = null;
 let calls = null;
 let engagement = null;
+let board = null; // board.js: the whiteboard panel
 let active = null; // the room id on screen
 let roomsList = []; // the `rooms` reply
 let replyTo = null;
@@ -134,6 +136,12 @@ async function start(token) {
   client.on('state', renderConn);
   calls = new Calls(client, { onCall: renderCall, onAv: renderAv });
   engagement = setupEngagement({
+    client, el, $, toast, fail,
+    active: () => active,
+    role: () => (client.rooms.get(active) || {}).role,
+  });
+  // The shared whiteboard (board.js): its panel, and the room header's Board button.
+  board = setupBoard({
     client, el, $, toast, fail,
     active: () => active,
     role: () => (client.rooms.get(active) || {}).role,
@@ -310,6 +318,7 @@ function renderRoomHead() {
   $('mod-tab').hidden = !isMod(room.role);
   $('hands-box').hidden = !isMod(room.role);
   engagement.roomChanged();
+  board.roomChanged();
   if (!$('tab-progress').hidden) engagement.showProgress();
   const av = room.info && (room.info.kind === 'class' || room.info.kind === 'live');
   $('av-join').disabled = !av;

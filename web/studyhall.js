@@ -3,7 +3,9 @@
 // jitter) and the connection state the page shows, and per room the sequenced state: which
 // seqs were seen (so a reconnect, replay or history page never shows an event twice), resume
 // with `join {after_seq}` (paging `history` on `gap:true`), and the room model (messages,
-// reactions, questions) built from the events. No DOM here: app.js renders what this emits.
+// reactions, questions) built from the events; and BoardLink, which keeps a whiteboard's
+// Y.Doc in sync over the same connection. No DOM here: app.js and board.js render what this
+// emits.
 
 export class RequestError extends Error {
   constructor(code, message) {
@@ -606,9 +608,11 @@ export class BoardLink {
         if (err.code === 'forbidden') {
           this.setAccess(false);
           this.emit('refused', err);
-        } else if (err.code !== 'disconnected' && err.code !== 'timeout') {
+        } else if (err.code === 'too_large' || err.code === 'bad_request') {
           this.emit('refused', err);
         }
+        // Anything else (disconnected, timeout, not joined yet, rate limits): the change stays
+        // in the doc, and the step 2 answering the server's step 1 at the next join carries it.
         return false;
       });
   }

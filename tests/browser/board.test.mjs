@@ -5,7 +5,8 @@
 // rectangle and A sees it; A's undo removes A's own stroke for everyone and leaves B's; the
 // student without a grant sees the read-only note, has its tools disabled, and a drag on its
 // canvas adds nothing; the host's ellipse and text reach the students and its eraser takes the
-// ellipse away for everyone. A screenshot of the board goes to the artifacts folder.
+// ellipse away for everyone; a stroke B draws while offline reaches A once B is back. A
+// screenshot of the board goes to the artifacts folder.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -175,6 +176,17 @@ test('granted students draw and see each other, undo is per user, an ungranted s
       });
     }
     assert.deepEqual((await strokes(bob)).map((s) => s.kind).sort(), ['pen', 'rect', 'text']);
+
+    // Offline: bob's connection goes down, bob draws on, and the stroke reaches ann once bob
+    // is back (the rejoin's sync: bob's step 1, the server's step 1, bob's step 2).
+    await bob.evaluate(() => window.studyhall.client.pause());
+    await bob.locator('#conn:not([data-state="open"])').waitFor({ timeout: T });
+    await bob.click('.board-tools .tool[data-tool="pen"]');
+    await drag(bob, 0.3, 0.8, 0.45, 0.95);
+    assert.equal((await strokes(bob)).filter((s) => s.by === 'bob').length, 2, 'drawn offline, held locally');
+    await bob.evaluate(() => window.studyhall.client.resume());
+    await waitBoard(ann, () => window.__board.strokes().filter((s) => s.by === 'bob').length === 2);
+    assert.deepEqual(await strokes(ann), await strokes(bob));
     await ann.screenshot({ path: path.join(artifactDir(), 'board.png') });
   } catch (e) {
     dumpLogs([host, ann, bob, cid].filter(Boolean).map((p) => ({ name: p.name, lines: p.lines })));

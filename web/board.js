@@ -317,6 +317,7 @@ export function setupBoard(ctx) {
         detach();
         if (!panel.hidden) open();
       } else if (state) {
+        if (isMod()) state.link.setAccess(true); // host/ta always draw
         renderAccess();
       }
     },

@@ -122,17 +122,21 @@ test('a student without a grant syncs but cannot draw; a grant and its revocatio
   assert.deepEqual(kid.errors, ['forbidden']);
   assert.ok(!ids(h).includes('k1'), 'nothing of the refused update reached the host');
   // Awareness (a cursor) is relayed for everyone joined, also without a grant.
+  // (Awareness objects run a timer: destroyed whatever happens.)
   const aw = new awarenessProtocol.Awareness(kid.doc);
-  aw.setLocalState({ user: 'kid', cursor: [40, 50] });
-  const update = awarenessProtocol.encodeAwarenessUpdate(aw, [kid.doc.clientID]);
-  await kid.sendAwareness(update);
-  await poll('the host gets the awareness update', () => h.awareness.length === 1);
-  assert.deepEqual([...h.awareness[0]], [...update]);
   const seen = new awarenessProtocol.Awareness(new Y.Doc());
-  awarenessProtocol.applyAwarenessUpdate(seen, h.awareness[0], 'test');
-  assert.deepEqual(seen.getStates().get(kid.doc.clientID), { user: 'kid', cursor: [40, 50] });
-  aw.destroy();
-  seen.destroy();
+  try {
+    aw.setLocalState({ user: 'kid', cursor: [40, 50] });
+    const update = awarenessProtocol.encodeAwarenessUpdate(aw, [kid.doc.clientID]);
+    await kid.sendAwareness(update);
+    await poll('the host gets the awareness update', () => h.awareness.length === 1);
+    assert.deepEqual([...h.awareness[0]], [...update]);
+    awarenessProtocol.applyAwarenessUpdate(seen, h.awareness[0], 'test');
+    assert.deepEqual(seen.getStates().get(kid.doc.clientID), { user: 'kid', cursor: [40, 50] });
+  } finally {
+    aw.destroy();
+    seen.destroy();
+  }
 
   // The grant reaches the student's open session as the server's step 1, answered with the
   // stroke the server refused before.

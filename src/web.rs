@@ -1,7 +1,9 @@
 //! The web client's assets (`web/`), embedded in the binary with `include_str!` and served at
-//! `/` (the page) and `/web/{file}` (its scripts and style sheet), each with its Content-Type
-//! and `Cache-Control: no-cache`. There is no build step: the files are plain ES modules and
-//! CSS, so what is in `web/` is exactly what the browser runs.
+//! `/` (the page) and `/web/{file}` (its scripts and style sheet; vendored modules at
+//! `/web/vendor/{file}`), each with its Content-Type and `Cache-Control: no-cache`. There is no
+//! build step at runtime: the files are plain ES modules and CSS, so what is in `web/` is
+//! exactly what the browser runs (web/vendor/yjs.mjs is bundled ahead of time from npm by
+//! scripts/vendor-yjs and committed).
 
 use axum::Router;
 use axum::extract::Path;
@@ -22,6 +24,9 @@ const FILES: &[(&str, &str, &str)] = &[
     ("engagement.js", JS, include_str!("../web/engagement.js")),
     ("classroom.js", JS, include_str!("../web/classroom.js")),
     ("charts.js", JS, include_str!("../web/charts.js")),
+    ("board.js", JS, include_str!("../web/board.js")),
+    // Yjs and the y-protocols encoders as one module, built by scripts/vendor-yjs.
+    ("vendor/yjs.mjs", JS, include_str!("../web/vendor/yjs.mjs")),
     ("style.css", CSS, include_str!("../web/style.css")),
 ];
 
@@ -54,7 +59,8 @@ fn asset(name: &str) -> Response {
     }
 }
 
-/// The web client's routes: `/` and `/index.html` serve the page, `/web/{file}` the assets.
+/// The web client's routes: `/` and `/index.html` serve the page, `/web/{file}` and
+/// `/web/vendor/{file}` the assets.
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|| async { asset("index.html") }))
@@ -62,6 +68,10 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route(
             "/web/{file}",
             get(|Path(file): Path<String>| async move { asset(&file) }),
+        )
+        .route(
+            "/web/vendor/{file}",
+            get(|Path(file): Path<String>| async move { asset(&format!("vendor/{file}")) }),
         )
 }
 
@@ -84,5 +94,7 @@ mod tests {
         }
         assert_eq!(asset("../Cargo.toml").status(), StatusCode::NOT_FOUND);
         assert_eq!(asset("nope.js").status(), StatusCode::NOT_FOUND);
+        assert_eq!(asset("yjs.mjs").status(), StatusCode::NOT_FOUND);
+        assert_eq!(asset("vendor/../app.js").status(), StatusCode::NOT_FOUND);
     }
 }

@@ -10,6 +10,7 @@ import { Client, parseRoomGrants } from './studyhall.js';
 import { Calls } from './calls.js';
 import { setupEngagement } from './engagement.js';
 import { setupClassroom } from './classroom.js';
+import { setupBoard } from './board.js';
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'studyhall.token';
@@ -118,6 +119,7 @@ let client = null;
 let calls = null;
 let engagement = null;
 let classroom = null;
+let board = null; // board.js: the whiteboard panel
 let active = null; // the room id on screen
 let roomsList = []; // the `rooms` reply
 let replyTo = null;
@@ -145,6 +147,12 @@ async function start(token) {
     active: () => active,
     role: () => (client.rooms.get(active) || {}).role,
     openRoom, renderRoomHead, showTab,
+  });
+  // The shared whiteboard (board.js): its panel, and the room header's Board button.
+  board = setupBoard({
+    client, el, $, toast, fail,
+    active: () => active,
+    role: () => (client.rooms.get(active) || {}).role,
   });
   wireClient();
   try {
@@ -320,6 +328,7 @@ function renderRoomHead() {
   $('mod-tab').hidden = !isMod(room.role);
   $('hands-box').hidden = !isMod(room.role);
   engagement.roomChanged();
+  board.roomChanged();
   if (!$('tab-progress').hidden) engagement.showProgress();
   const av = room.info && (room.info.kind === 'class' || room.info.kind === 'live');
   $('av-join').disabled = !av;

@@ -3,7 +3,9 @@
 // jitter) and the connection state the page shows, and per room the sequenced state: which
 // seqs were seen (so a reconnect, replay or history page never shows an event twice), resume
 // with `join {after_seq}` (paging `history` on `gap:true`), and the room model (messages,
-// reactions, questions) built from the events. No DOM here: app.js renders what this emits.
+// reactions, questions) built from the events; and BoardLink, which keeps a whiteboard's
+// Y.Doc in sync over the same connection. No DOM here: app.js and board.js render what this
+// emits.
 
 export class RequestError extends Error {
   constructor(code, message) {
@@ -499,5 +501,151 @@ export class Client {
 
   pendingFor(roomId) {
     return [...this.outbox.values()].filter((m) => m.room === roomId);
+  }
+}
+
+// -- whiteboards ---------------------------------------------------------------------------------
+
+/// base64 of bytes (board frames carry y-protocols messages as base64).
+export function toBase64(bytes) {
+  let s = '';
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+
+export function fromBase64(text) {
+  const s = atob(text);
+  const out = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+  return out;
+}
+
+const BOARD_SYNC = 0;
+const BOARD_AWARENESS = 1;
+
+/// Keeps a Y.Doc in sync with one board of a joined room through `client`, in y-websocket's
+/// framing (protocol.md §22): a sync step 1 whenever the room is (re)joined, incoming step 2s
+/// and updates applied, the server's step 1 answered with a step 2 (the server sends it only to
+/// sessions that may draw, also at once when a host/ta grants drawing, so it is how this side
+/// learns it may draw), and local updates sent as they happen. `Y` is web/vendor/yjs.mjs,
+/// passed in so that this module loads without it. Events through `on`: `access` ({draw}),
+/// `refused` (an update the server refused: the local copy holds changes the board has not),
+/// `synced`, `awareness` (a remote awareness update, as bytes).
+export class BoardLink {
+  constructor(client, room, board, Y, doc, mayDraw = false) {
+    this.client = client;
+    this.room = room;
+    this.board = board;
+    this.Y = Y;
+    this.doc = doc;
+    this.mayDraw = mayDraw;
+    this.synced = false;
+    this.listeners = new Map();
+    this.offs = [];
+    this.onUpdate = (update, origin) => {
+      if (origin === this) return;
+      const e = Y.encoding.createEncoder();
+      Y.encoding.writeVarUint(e, BOARD_SYNC);
+      Y.syncProtocol.writeUpdate(e, update);
+      // Sent only when connected: what is missed meanwhile goes in the step 2 that answers the
+      // server's step 1 after the next join.
+      if (this.client.state === 'open') this.send(Y.encoding.toUint8Array(e));
+    };
+  }
+
+  on(type, fn) {
+    if (!this.listeners.has(type)) this.listeners.set(type, new Set());
+    this.listeners.get(type).add(fn);
+  }
+
+  emit(type, data) {
+    for (const fn of this.listeners.get(type) || []) fn(data);
+  }
+
+  start() {
+    this.doc.on('update', this.onUpdate);
+    this.offs.push(this.client.on('board', (m) => {
+      if (m.room === this.room && m.board === this.board) this.receive(fromBase64(m.data));
+    }));
+    this.offs.push(this.client.on('joined', ({ room }) => room.id === this.room && this.sync()));
+    const room = this.client.rooms.get(this.room);
+    if (room && room.joined) this.sync();
+  }
+
+  stop() {
+    this.doc.off('update', this.onUpdate);
+    for (const off of this.offs.splice(0)) off();
+  }
+
+  /// Our sync step 1: the server answers with what we lack (and, if we may draw, its own step 1).
+  sync() {
+    const { encoding, syncProtocol } = this.Y;
+    const e = encoding.createEncoder();
+    encoding.writeVarUint(e, BOARD_SYNC);
+    syncProtocol.writeSyncStep1(e, this.doc);
+    return this.send(encoding.toUint8Array(e)).then((ok) => {
+      if (ok && !this.synced) {
+        this.synced = true;
+        this.emit('synced', {});
+      }
+    });
+  }
+
+  /// One awareness update (y-protocols awareness encoding) to the room's other sessions.
+  sendAwareness(update) {
+    const { encoding } = this.Y;
+    const e = encoding.createEncoder();
+    encoding.writeVarUint(e, BOARD_AWARENESS);
+    encoding.writeVarUint8Array(e, update);
+    this.client.cast({ type: 'board', room: this.room, board: this.board, data: toBase64(encoding.toUint8Array(e)) });
+  }
+
+  /// Resolves true on the server's ok, false when refused or not delivered.
+  send(bytes) {
+    return this.client
+      .request({ type: 'board', room: this.room, board: this.board, data: toBase64(bytes) })
+      .then(() => true)
+      .catch((err) => {
+        if (err.code === 'forbidden') {
+          this.setAccess(false);
+          this.emit('refused', err);
+        } else if (err.code === 'too_large' || err.code === 'bad_request') {
+          this.emit('refused', err);
+        }
+        // Anything else (disconnected, timeout, not joined yet, rate limits): the change stays
+        // in the doc, and the step 2 answering the server's step 1 at the next join carries it.
+        return false;
+      });
+  }
+
+  setAccess(draw) {
+    if (this.mayDraw === draw) return;
+    this.mayDraw = draw;
+    this.emit('access', { draw });
+  }
+
+  receive(bytes) {
+    const { encoding, decoding, syncProtocol } = this.Y;
+    let d;
+    let type;
+    try {
+      d = decoding.createDecoder(bytes);
+      type = decoding.readVarUint(d);
+    } catch {
+      return;
+    }
+    if (type === BOARD_AWARENESS) {
+      this.emit('awareness', decoding.readVarUint8Array(d));
+      return;
+    }
+    if (type !== BOARD_SYNC) return;
+    const e = encoding.createEncoder();
+    encoding.writeVarUint(e, BOARD_SYNC);
+    const kind = syncProtocol.readSyncMessage(d, e, this.doc, this);
+    if (kind === syncProtocol.messageYjsSyncStep1) {
+      // Only sessions that may draw get the server's step 1.
+      this.setAccess(true);
+      this.send(encoding.toUint8Array(e));
+    }
   }
 }

@@ -3,13 +3,14 @@
 //! answered with a sync step 2 holding exactly what the sender lacks (then, for a session that
 //! may draw, the server's own step 1, as y-websocket servers do); a step 2 or an update from
 //! someone who may draw is merged and relayed to the room's other sessions; awareness is
-//! relayed as it came. `board_grant` (host/ta) lets others draw. Changed boards are saved
-//! coalesced (`run_saver`, every `board_save_ms`, and at shutdown). In cluster mode each node
-//! holding a board keeps a full copy: updates merged here go to the other nodes through the
-//! broker ([`BoardRelay::Update`]) and are merged there too, and a node that loads a board asks
-//! the others for what the store lacks ([`BoardRelay::Sync`]); Yjs merges are idempotent and
-//! commutative, so the copies converge whatever the order. Nothing here touches a socket or
-//! SQL; the document lock is never held across an `.await`.
+//! relayed as it came. `board_grant` (host/ta) lets others draw, and sends the grantee's
+//! sessions in the room the server's step 1, so that their clients learn it at once. Changed
+//! boards are saved coalesced (`run_saver`, every `board_save_ms`, and at shutdown). In cluster
+//! mode each node holding a board keeps a full copy: updates merged here go to the other nodes
+//! through the broker ([`BoardRelay::Update`]) and are merged there too, and a node that loads
+//! a board asks the others for what the store lacks ([`BoardRelay::Sync`]); Yjs merges are
+//! idempotent and commutative, so the copies converge whatever the order. Nothing here touches
+//! a socket or SQL; the document lock is never held across an `.await`.
 
 use super::check_room_id;
 use crate::App;
@@ -189,6 +190,20 @@ pub(super) async fn message(
                 }
                 None => (Doc::new().transact().encode_diff_v1(&sv), None),
             };
+            // A board not created yet: those who may draw still get the server's step 1 (an
+            // empty state vector), which is how a client learns that it may draw.
+            let ours = match (&found, ours) {
+                (None, _) => {
+                    let may_draw = role.can_moderate()
+                        || app
+                            .store
+                            .board_grants(&room, &board)
+                            .await?
+                            .contains(&ctx.me.user);
+                    may_draw.then(StateVector::default)
+                }
+                (Some(_), ours) => ours,
+            };
             let step2 = Message::Sync(SyncMessage::SyncStep2(diff));
             ctx.push(board_frame(&room, &board, &step2)).await;
             if let Some(sv) = ours {
@@ -349,13 +364,26 @@ pub(super) async fn grant(
         .store
         .set_board_grant(&room, &board, &user, draw)
         .await?;
-    if let Some(b) = ctx.app.boards.0.get(&(room, board)) {
+    if let Some(b) = ctx.app.boards.0.get(&(room.clone(), board.clone())) {
         let mut b = lock(&b);
         if draw {
-            b.grants.insert(user);
+            b.grants.insert(user.clone());
         } else {
             b.grants.remove(&user);
         }
+    }
+    if draw {
+        // The grantee's open sessions learn at once that they may draw: the server's own sync
+        // step 1 (what it sends only to sessions that may draw), which they answer with a
+        // step 2 of anything the server lacks.
+        let app = ctx.app.clone();
+        let sv = match app.boards.get(&app, &room, &board, false).await? {
+            Some(b) => lock(&b).doc.transact().state_vector(),
+            None => StateVector::default(),
+        };
+        let step1 = Message::Sync(SyncMessage::SyncStep1(sv));
+        app.hub
+            .notify_user(&room, &user, &board_frame(&room, &board, &step1));
     }
     Ok(Outcome::ok(EmptyOk {}))
 }

@@ -127,6 +127,8 @@ test('phone: the own leaderboard row is not styled as the header, the header nam
   await p.fill('#dev-name', 'Carlotta Montgomery');
   await p.click('#dev-submit');
   await p.locator('#conn[data-state="open"]').waitFor({ timeout: T });
+  // The first room on screen before the Rooms view is chosen (opening it shows its chat).
+  await p.locator('#room-title', { hasText: 'Lobby' }).waitFor({ timeout: T });
   // The header: the full name in its title, never cut below what the bar leaves room for.
   const me = p.locator('#me');
   assert.equal(await me.getAttribute('title'), 'Carlotta Montgomery (student)');

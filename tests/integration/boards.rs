@@ -1,6 +1,7 @@
 //! Whiteboards with yrs as the client: two editors converge on a shared text and map, a late
 //! joiner's sync step 1 is answered with exactly what it lacks, a student draws only once
-//! granted, viewers still sync and relay awareness, and a board survives a restart.
+//! granted (and the grant reaches its open session as the server's sync step 1), viewers still
+//! sync and relay awareness, and a board survives a restart.
 
 use crate::common::*;
 use base64::Engine;
@@ -86,6 +87,13 @@ async fn editors_converge_late_joiners_get_what_they_lack_and_drawing_needs_a_gr
     );
     host.ok(json!({"type":"board_grant","room":"w","board":"main","user":"sam","draw":true}))
         .await;
+    // The grant reaches sam's open session as the server's sync step 1: its state vector, so
+    // that sam's answer can carry what the server lacks.
+    let pushed = read(&sam.until("board").await);
+    let Message::Sync(SyncMessage::SyncStep1(sv)) = pushed else {
+        panic!("expected the server's sync step 1 after the grant, got {pushed:?}");
+    };
+    assert_eq!(sv, hd.transact().state_vector());
     sam.ok(board("w", &early)).await;
     let world = insert(&sd, 6, " world");
     sam.ok(board("w", &world)).await;

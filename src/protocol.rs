@@ -576,6 +576,10 @@ pub enum ClientMsg {
     ClassReopen {
         room: RoomId,
     },
+    /// host/ta: the class summary (as `GET /api/rooms/{id}/summary` answers it).
+    ClassSummary {
+        room: RoomId,
+    },
     // -- breakout groups and whiteboards --
     /// host/ta: splits the room into group rooms, by `groups`, by `count`, or both.
     BreakoutOpen {
@@ -687,6 +691,7 @@ impl ClientMsg {
             | Self::ClassStart { room, .. }
             | Self::ClassEnd { room, .. }
             | Self::ClassReopen { room, .. }
+            | Self::ClassSummary { room, .. }
             | Self::BreakoutOpen { room, .. }
             | Self::BreakoutMove { room, .. }
             | Self::BreakoutBroadcast { room, .. }
@@ -755,9 +760,10 @@ impl ClientMsg {
             | Self::Polls { .. }
             | Self::PollAnswers { .. }
             | Self::QuizLeaderboard { .. } => CommandKind::Poll,
-            Self::ClassStart { .. } | Self::ClassEnd { .. } | Self::ClassReopen { .. } => {
-                CommandKind::Class
-            }
+            Self::ClassStart { .. }
+            | Self::ClassEnd { .. }
+            | Self::ClassReopen { .. }
+            | Self::ClassSummary { .. } => CommandKind::Class,
             Self::BreakoutOpen { .. }
             | Self::BreakoutMove { .. }
             | Self::BreakoutBroadcast { .. }

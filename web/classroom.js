@@ -24,6 +24,9 @@ export function setupClassroom(ctx) {
   const isMod = (role) => role === 'host' || role === 'ta';
   const polls = new Map(); // room -> Map(poll id -> poll, as this user may see it)
   const myAnswers = new Map(); // poll id -> {choices, text}
+  // What a student has typed or ticked but not sent yet, so that a re-render (results come in
+  // every second) does not wipe it: poll id -> {choices, text}.
+  const drafts = new Map();
   const classes = new Map(); // room -> {state, starts_at, ends_at, started_at, ended_at}
   const breakouts = new Map(); // parent room -> {groups, closes_at, mine}
   const parentOf = new Map(); // group room -> parent room
@@ -347,6 +350,7 @@ export function setupClassroom(ctx) {
     try {
       const ok = await client.request(cmd);
       myAnswers.set(poll.id, { choices: ok.choices || [], text: ok.text });
+      drafts.delete(poll.id);
       renderPolls();
     } catch (e) {
       fail(e);
@@ -404,16 +408,22 @@ export function setupClassroom(ctx) {
 
   function answerNode(p) {
     const mine = myAnswers.get(p.id);
+    const draft = drafts.get(p.id);
     if (p.kind === 'word_cloud') {
-      const input = el('input', { class: 'cloud-input', maxlength: 100, placeholder: 'A word or two', 'aria-label': 'your answer', value: mine && mine.text ? mine.text : '' });
+      const value = draft ? draft.text : (mine && mine.text) || '';
+      const input = el('input', { class: 'cloud-input', maxlength: 100, placeholder: 'A word or two', 'aria-label': 'your answer', value,
+        oninput: () => drafts.set(p.id, { text: input.value }) });
       return el('form', { class: 'row poll-answer', onsubmit: (e) => { e.preventDefault(); const t = input.value.trim(); if (t) answer(p, null, t); } },
         input, el('button', { type: 'submit' }, mine ? 'Change' : 'Send'),
         mine ? el('span', { class: 'muted answered', text: 'Answered' }) : null);
     }
     const name = 'poll-' + p.id;
+    const picked = draft ? draft.choices : (mine ? mine.choices : []);
     const inputs = p.options.map((o, i) => el('label', { class: 'option' },
-      el('input', { type: p.multiple ? 'checkbox' : 'radio', name, value: String(i), checked: !!(mine && mine.choices.includes(i)) }), ' ', o));
-    const form = el('form', { class: 'poll-answer', onsubmit: (e) => {
+      el('input', { type: p.multiple ? 'checkbox' : 'radio', name, value: String(i), checked: picked.includes(i) }), ' ', o));
+    const form = el('form', { class: 'poll-answer', onchange: () => {
+      drafts.set(p.id, { choices: [...form.querySelectorAll('input:checked')].map((x) => Number(x.value)) });
+    }, onsubmit: (e) => {
       e.preventDefault();
       const choices = [...form.querySelectorAll('input:checked')].map((x) => Number(x.value));
       if (!choices.length) return toast('Pick an option first');
@@ -448,7 +458,18 @@ export function setupClassroom(ctx) {
     const mod = isMod(ctx.role());
     $('poll-create').hidden = !mod;
     const list = [...roomPolls(room).values()].sort((a, b) => b.created_at - a.created_at);
+    // Keep the focus (and the caret) of a word-cloud answer being typed across the re-render.
+    const focused = document.activeElement;
+    const typing = focused && focused.classList && focused.classList.contains('cloud-input')
+      ? { poll: focused.closest('.poll').dataset.poll, at: focused.selectionStart } : null;
     $('poll-list').replaceChildren(...list.map(pollNode));
+    if (typing) {
+      const again = $('poll-list').querySelector(`.poll[data-poll="${typing.poll}"] .cloud-input`);
+      if (again) {
+        again.focus();
+        again.setSelectionRange(typing.at, typing.at);
+      }
+    }
     $('poll-empty').hidden = list.length > 0;
   }
 

@@ -584,6 +584,7 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
         "poll_answers" => ok::<PollAnswersOk>(rid, &fields),
         "quiz_leaderboard" => ok::<QuizLeaderboardOk>(rid, &fields),
         "class_start" | "class_end" | "class_reopen" => ok::<ClassOk>(rid, &fields),
+        "class_summary" => ok::<ClassSummaryOk>(rid, &fields),
         "breakout_open" => ok::<BreakoutOpenOk>(rid, &fields),
         "breakout_move" | "breakout_broadcast" | "breakout_close" | "help" | "board"
         | "board_grant" => ok::<EmptyOk>(rid, &fields),

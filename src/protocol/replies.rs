@@ -93,6 +93,12 @@ pub struct ClassOk {
     pub seq: i64,
 }
 
+/// The `ok` of `class_summary` (host/ta).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassSummaryOk {
+    pub summary: crate::protocol::ClassSummary,
+}
+
 /// The `ok` of a sequenced write, by what the write did (one of the shapes above).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]

@@ -147,6 +147,22 @@ pub(crate) async fn check_live(app: &App, room: &RoomId, what: &str) -> Result<(
     }
 }
 
+/// `class_summary` (host/ta, no join needed): the summary `GET /api/rooms/{id}/summary` gives.
+async fn summary(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
+    check_room_id(&room)?;
+    if !super::readable_role(ctx, &room).await?.can_moderate() {
+        return Err(Error::Forbidden(
+            "only host/ta read the class summary".into(),
+        ));
+    }
+    let summary = ctx
+        .app
+        .store
+        .class_summary(&room, now_ms(), ctx.app.config.poll_word_cloud_top)
+        .await?;
+    Ok(Outcome::ok(crate::protocol::ClassSummaryOk { summary }))
+}
+
 /// Logs a session entering (`on`) or leaving a room, for the class summary.
 pub(crate) fn attended(app: &App, room: &RoomId, user: &UserRef, session: &str, on: bool) {
     app.store.submit_detached(WriteOp::Presence {
@@ -251,6 +267,7 @@ pub(super) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         ClientMsg::ClassStart { room } => set(ctx, room, ClassState::Live, false).await,
         ClientMsg::ClassEnd { room } => set(ctx, room, ClassState::Ended, false).await,
         ClientMsg::ClassReopen { room } => set(ctx, room, ClassState::Live, true).await,
+        ClientMsg::ClassSummary { room } => summary(ctx, room).await,
         ClientMsg::BreakoutOpen {
             room,
             groups,

@@ -100,6 +100,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         | ClientMsg::ClassStart { .. }
         | ClientMsg::ClassEnd { .. }
         | ClientMsg::ClassReopen { .. }
+        | ClientMsg::ClassSummary { .. }
         | ClientMsg::BreakoutOpen { .. }
         | ClientMsg::BreakoutMove { .. }
         | ClientMsg::BreakoutBroadcast { .. }

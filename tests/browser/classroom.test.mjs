@@ -63,7 +63,7 @@ async function createScheduledRoom(id) {
   const r = await fetch(server.base + '/api/rooms', {
     method: 'POST',
     headers: { authorization: 'Bearer ' + API_KEY, 'content-type': 'application/json' },
-    body: JSON.stringify({ id, kind: 'class', title: 'Algebra', visibility: 'open', starts_at: Date.now() + 3600000 }),
+    body: JSON.stringify({ id, kind: 'class', title: 'Algebra', visibility: 'open', starts_at: Date.now() + 3600000, qa: { enabled: true } }),
   });
   assert.equal(r.status, 201, await r.text());
 }

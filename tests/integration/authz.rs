@@ -488,6 +488,12 @@ async fn run_cell(s: &Server, p: Principal, open: bool) -> Vec<String> {
         m,
     )
     .await;
+    c.expect(
+        "class_summary",
+        json!({"type": "class_summary", "room": r}),
+        want(moderator, "forbidden"),
+    )
+    .await;
     // The class lifecycle: the host only, not ta (20.2); it ends the class, so it comes last.
     let is_host = joined(eff == Some(RoomRole::Host), "forbidden");
     c.expect(

@@ -484,6 +484,9 @@ settings! {
     webhook_max_endpoints: usize = 100,
     /// Most deliveries `GET /api/webhooks/{id}/deliveries` lists (newest first).
     webhook_log_page: usize = 100,
+    /// A PEM file of extra root certificates that `https://` webhook endpoints may chain to,
+    /// besides the system's (for a private CA). Unset: the system's roots only.
+    webhook_ca_file: Option<String> = None,
     // Polls, quizzes and the class lifecycle.
     /// Most options one poll or quiz may have (at least 2 are needed).
     poll_max_options: usize = 10,

@@ -72,6 +72,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Bus(#[from] cluster::BusError),
+    #[error(transparent)]
+    Tls(#[from] webhooks::TlsError),
 }
 
 /// Everything a request or session needs, shared.
@@ -363,16 +365,15 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    // Before anything starts: a bad `webhook_ca_file` stops the server with its reason.
+    let webhook_cfg = webhooks::SenderConfig::from_config(&app.config)?;
     let router = api::router(app.clone());
     let sla = tokio::spawn(announce_overdue(app.clone()));
     let call_timers = tokio::spawn(rtc::run_timers(app.clone()));
     let counts = tokio::spawn(send_online_counts(app.clone()));
     let heartbeats = tokio::spawn(heartbeats(app.clone()));
     let presence = tokio::spawn(send_presence(app.clone()));
-    let webhooks = tokio::spawn(webhooks::run(
-        app.store.clone(),
-        webhooks::SenderConfig::from_config(&app.config),
-    ));
+    let webhooks = tokio::spawn(webhooks::run(app.store.clone(), webhook_cfg));
     let poll_clock = tokio::spawn(rooms::polls::run_clock(app.clone()));
     let class_clock = tokio::spawn(rooms::class::run_clock(app.clone()));
     let breakout_clock = tokio::spawn(rooms::breakouts::run_clock(app.clone()));

@@ -5,6 +5,8 @@
 //! delivery in flight at a time and the store hands out only a lane's first pending delivery,
 //! so each endpoint sees a room's events in order. Also the endpoint checks shared with the
 //! API: URL shape, and the refusal of non-public addresses after DNS resolution (SSRF).
+//! `https://` endpoints are reached over TLS (rustls, the system's roots plus
+//! `webhook_ca_file`), the certificate checked against the URL's host.
 //! It knows nothing of rooms, sessions or SQL: events arrive as stored JSON bodies.
 
 use crate::config::Config;
@@ -16,6 +18,8 @@ use hmac::{Hmac, Mac};
 use http_body_util::Full;
 use hyper::header;
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
 use sha2::Sha256;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -31,10 +35,10 @@ pub const MAX_URL_CHARS: usize = 2048;
 /// Why an endpoint URL is refused (at creation, or before a delivery).
 #[derive(Debug, thiserror::Error)]
 pub enum UrlError {
-    #[error("url must be an absolute http:// URL of at most {MAX_URL_CHARS} characters")]
+    #[error(
+        "url must be an absolute http:// or https:// URL of at most {MAX_URL_CHARS} characters"
+    )]
     Shape,
-    #[error("https:// endpoints are not supported yet; use http://")]
-    Https,
     #[error("url must not carry credentials")]
     Credentials,
     #[error("cannot resolve {0}")]
@@ -52,6 +56,8 @@ pub struct Target {
     pub addrs: Vec<SocketAddr>,
     pub authority: String,
     pub path: String,
+    /// For `https://`: the name the server's certificate must carry (the URL's host).
+    pub tls: Option<ServerName<'static>>,
 }
 
 /// Parses and resolves an endpoint URL; unless `allow_private`, refuses it when any address
@@ -61,11 +67,11 @@ pub async fn resolve(url: &str, allow_private: bool) -> Result<Target, UrlError>
         return Err(UrlError::Shape);
     }
     let uri: hyper::Uri = url.parse().map_err(|_| UrlError::Shape)?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(UrlError::Https),
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
         _ => return Err(UrlError::Shape),
-    }
+    };
     let authority = uri.authority().ok_or(UrlError::Shape)?;
     if authority.as_str().contains('@') {
         return Err(UrlError::Credentials);
@@ -75,7 +81,23 @@ pub async fn resolve(url: &str, allow_private: bool) -> Result<Target, UrlError>
         return Err(UrlError::Shape);
     }
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let port = authority.port_u16().unwrap_or(80);
+    // A port that is there but not a u16 (`:99999`) is a bad URL, not the default port.
+    let port = match (authority.as_str().strip_prefix(host), authority.port_u16()) {
+        (_, Some(port)) => port,
+        (Some(""), None) => {
+            if https {
+                443
+            } else {
+                80
+            }
+        }
+        _ => return Err(UrlError::Shape),
+    };
+    let tls = if https {
+        Some(ServerName::try_from(bare.to_owned()).map_err(|_| UrlError::Shape)?)
+    } else {
+        None
+    };
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
         .await
         .map_err(|_| UrlError::Unresolved(bare.to_owned()))?
@@ -95,7 +117,50 @@ pub async fn resolve(url: &str, allow_private: bool) -> Result<Target, UrlError>
         path: uri
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+        tls,
     })
+}
+
+/// Why the TLS set-up for `https://` endpoints failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("webhook_ca_file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The TLS client for `https://` endpoints: the system's root certificates, plus those in
+/// `ca_file` (PEM) when given. A system store that cannot be read leaves only `ca_file`'s.
+pub fn tls_client(ca_file: &str) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::warn!(error = %e, "webhooks: reading the system's root certificates");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if !ca_file.is_empty() {
+        let bad = |reason: String| TlsError::CaFile {
+            path: ca_file.to_owned(),
+            reason,
+        };
+        let certs = CertificateDer::pem_file_iter(ca_file)
+            .map_err(|e| bad(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("no certificate in it".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// Whether an address is on the public internet: not loopback, private, link-local,
@@ -173,6 +238,8 @@ pub fn signature_header(keys: &WebhookKeys, now_ms: i64, id: &str, ts: i64, body
 /// What the sender needs from the configuration.
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
+    /// The TLS client for `https://` endpoints.
+    pub tls: Arc<rustls::ClientConfig>,
     pub timeout: Duration,
     pub schedule: Vec<Duration>,
     pub allow_private: bool,
@@ -181,15 +248,16 @@ pub struct SenderConfig {
 }
 
 impl SenderConfig {
-    pub fn from_config(c: &Config) -> Self {
-        Self {
+    pub fn from_config(c: &Config) -> Result<Self, TlsError> {
+        Ok(Self {
+            tls: tls_client(c.webhook_ca_file.as_deref().unwrap_or(""))?,
             timeout: Duration::from_millis(c.webhook_timeout_ms),
             // `Config::validate` has checked it; an unchecked config gets one attempt.
             schedule: c.webhook_schedule().unwrap_or_default(),
             allow_private: c.webhook_allow_private,
             poll: Duration::from_millis(c.webhook_poll_ms),
             concurrency: c.webhook_concurrency.max(1),
-        }
+        })
     }
 
     /// When to try again after `attempts` failed attempts; `None` when that was the last.
@@ -345,6 +413,30 @@ async fn post(
         }
     }
     let stream = stream.ok_or(last)?;
+    match target.tls.clone() {
+        Some(name) => {
+            let tls = tokio_rustls::TlsConnector::from(cfg.tls.clone())
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            exchange(tls, cfg, d, &target, ts, signature).await
+        }
+        None => exchange(stream, cfg, d, &target, ts, signature).await,
+    }
+}
+
+/// One request and its answer's head over an open connection (plain or TLS).
+async fn exchange<S>(
+    stream: S,
+    cfg: &SenderConfig,
+    d: &DueDelivery,
+    target: &Target,
+    ts: i64,
+    signature: &str,
+) -> Result<(u16, Option<Duration>), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
@@ -395,6 +487,21 @@ mod tests {
     }
 
     #[test]
+    fn a_ca_file_without_certificates_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("empty.pem");
+        std::fs::write(&bad, "not a certificate").unwrap();
+        for path in [bad.display().to_string(), "/no/such/ca.pem".to_owned()] {
+            let err = tls_client(&path).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(&path)),
+                "{path}: {err:?}"
+            );
+        }
+        assert!(tls_client("").is_ok(), "the system's roots alone");
+    }
+
+    #[test]
     fn non_public_addresses() {
         for ip in [
             "127.0.0.1",
@@ -425,6 +532,7 @@ mod tests {
     #[test]
     fn schedule_steps_then_gives_up() {
         let cfg = SenderConfig {
+            tls: tls_client("").unwrap(),
             timeout: Duration::from_secs(1),
             schedule: vec![Duration::from_secs(5), Duration::from_secs(300)],
             allow_private: false,

@@ -1,8 +1,9 @@
 //! Webhooks end to end: a receiver on 127.0.0.1:0 that checks the Standard Webhooks signature
 //! on its own (HMAC-SHA256 here, not the server's code), scripted answers (500s, 410), order
 //! per room, retries without loss, delivery after a restart, the SSRF refusal at creation and
-//! at delivery, secret rotation, replay and the API's errors. The main paths run on SQLite and
-//! on PostgreSQL.
+//! at delivery, secret rotation, replay, the API's errors, and `https://` endpoints (a TLS
+//! receiver with a certificate of the test's own CA: trusted through `webhook_ca_file`,
+//! refused without it). The main paths run on SQLite and on PostgreSQL.
 
 use crate::common::*;
 use axum::body::Bytes;
@@ -135,6 +136,70 @@ impl Receiver {
             rx,
             task,
         }
+    }
+
+    /// A receiver behind TLS on 127.0.0.1:0, its certificate (for `localhost`) issued by a
+    /// fresh CA; returns it and the CA's certificate in PEM.
+    async fn start_tls() -> (Self, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let script = Script {
+            seen: Some(tx),
+            ..Script::default()
+        };
+        script.default.store(200, Ordering::SeqCst);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(script.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    // A client that does not trust the certificate ends the handshake here.
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let receiver = Self {
+            url: format!("https://localhost:{port}/hook"),
+            script,
+            rx,
+            task,
+        };
+        (receiver, ca_cert.pem())
     }
 
     fn trust(&self, secret: &str) {
@@ -672,7 +737,7 @@ async fn the_webhook_api_validates_and_lists() {
     let s = db.server(fast).await;
     let bad = [
         json!({"url": "ftp://example.com/", "events": ["room.created"]}),
-        json!({"url": "https://example.com/", "events": ["room.created"]}),
+        json!({"url": "https://93.184.216.34:99999/", "events": ["room.created"]}),
         json!({"url": "not a url", "events": ["room.created"]}),
         json!({"url": "http://93.184.216.34/", "events": []}),
         json!({"url": "http://93.184.216.34/", "events": ["room.exploded"]}),
@@ -765,5 +830,64 @@ async fn class_start_poll_close_and_class_end_are_reported() {
             .all(|r| r.body["room"] == "c" && r.body["seq"].is_i64())
     );
     s.stop().await;
+    db.drop_db().await;
+}
+
+// -- https:// endpoints ---------------------------------------------------------------------
+
+/// An `https://` endpoint gets its deliveries over TLS when its certificate chains to a root
+/// the server trusts (here the test's CA, given as `webhook_ca_file`); a server that does not
+/// trust it records the TLS failure in the delivery log and sends nothing in the clear.
+#[tokio::test]
+async fn https_endpoints_are_delivered_over_verified_tls() {
+    let db = TestDb::new(Db::Sqlite).await;
+    let (mut rcv, ca_pem) = Receiver::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+
+    // Without the CA: the handshake fails on the certificate, logged as the attempt's error.
+    let untrusting = db.server(fast).await;
+    untrusting.room("r", "open").await;
+    let (hook, secret) = subscribe(&untrusting, &rcv.url, &["message.created"]).await;
+    rcv.trust(&secret);
+    let mut a = untrusting.client("alice").await;
+    a.join("r").await;
+    send(&mut a, "r", "m0").await;
+    let log = until_api(
+        &untrusting,
+        &format!("/api/webhooks/{hook}/deliveries"),
+        |l| l["deliveries"][0]["attempts"][0]["error"].is_string(),
+    )
+    .await;
+    let error = log["deliveries"][0]["attempts"][0]["error"]
+        .as_str()
+        .unwrap();
+    assert!(
+        error.contains("TLS") && error.contains("certificate"),
+        "{error}"
+    );
+    assert!(rcv.rx.try_recv().is_err(), "nothing was delivered");
+    untrusting.stop().await;
+
+    // With the CA: the pending delivery and a new one arrive, signed, over TLS.
+    let path = ca_file.display().to_string();
+    let s = db
+        .server(|c| {
+            fast(c);
+            c.webhook_ca_file = Some(path);
+        })
+        .await;
+    let mut a = s.client("alice").await;
+    a.join("r").await;
+    send(&mut a, "r", "m1").await;
+    let got = rcv.delivered(2).await;
+    let texts: Vec<&str> = got
+        .iter()
+        .map(|r| r.body["data"]["text"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(texts, ["m0", "m1"], "{got:?}");
+    s.stop().await;
+
     db.drop_db().await;
 }

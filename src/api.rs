@@ -670,7 +670,7 @@ async fn post_announcement(
     let from = UserRef {
         id: UserId(crate::auth::SYSTEM_USER.into()),
         name,
-        role: "system".into(),
+        role: crate::protocol::ShownRole::System,
     };
     let op = WriteOp::Send {
         room: id,

@@ -63,7 +63,7 @@ impl Identity {
         UserRef {
             id: self.user.clone(),
             name: self.name.clone(),
-            role: self.role.as_str().to_owned(),
+            role: self.role.into(),
         }
     }
 
@@ -72,7 +72,7 @@ impl Identity {
         UserRef {
             id: self.user.clone(),
             name: self.name.clone(),
-            role: role.as_str().to_owned(),
+            role: role.into(),
         }
     }
 }

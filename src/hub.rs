@@ -9,7 +9,7 @@
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Refused};
 use crate::protocol::{
-    self, PresenceState, RoomId, RoomRole, ServerMsg, SessionId, UserId, UserRef, close,
+    self, PresenceState, RoomId, RoomRole, ServerMsg, SessionId, ShownRole, UserId, UserRef, close,
 };
 use crate::store::{CommittedEvent, now_ms};
 use dashmap::DashMap;
@@ -645,7 +645,7 @@ impl Hub {
             // The audience of a live room sees who runs it and who is on stage; the rest
             // is a count.
             let visible = |u: &UserRef| {
-                RoomRole::parse(&u.role).is_some_and(RoomRole::can_moderate)
+                u.role.room().is_some_and(RoomRole::can_moderate)
                     || state.stage.iter().any(|s| s.id == u.id)
             };
             let mut list: Vec<UserRef> = state
@@ -724,7 +724,7 @@ impl Hub {
             && let Some(m) = state.sessions.get_mut(session)
         {
             m.moderator = role.can_moderate();
-            m.user.role = role.as_str().to_owned();
+            m.user.role = role.into();
         }
     }
 
@@ -980,19 +980,19 @@ impl Hub {
 
     /// The room role a user holds in the room right now, if online there: on this node, else
     /// on another node (cluster mode, as its last heartbeat said).
-    pub fn online_role(&self, room: &RoomId, user: &UserId) -> Option<String> {
+    pub fn online_role(&self, room: &RoomId, user: &UserId) -> Option<ShownRole> {
         let local = self
             .rooms
             .get(room)
-            .and_then(|state| state.online.get(user).map(|(u, _)| u.role.clone()));
+            .and_then(|state| state.online.get(user).map(|(u, _)| u.role));
         local.or_else(|| self.remote_role(room, user))
     }
 
     /// The room role another node says the user is online with (cluster mode).
-    pub fn remote_role(&self, room: &RoomId, user: &UserId) -> Option<String> {
+    pub fn remote_role(&self, room: &RoomId, user: &UserId) -> Option<ShownRole> {
         self.remote_online
             .get(room)
-            .and_then(|m| m.get(user).map(|u| u.role.clone()))
+            .and_then(|m| m.get(user).map(|u| u.role))
     }
 
     /// Sends `kicked` to every session of `user` in the room and closes them 4003 (on every
@@ -1486,7 +1486,7 @@ mod tests {
         UserRef {
             id: id.into(),
             name: id.to_uppercase(),
-            role: "member".into(),
+            role: ShownRole::Member,
         }
     }
 
@@ -1587,7 +1587,7 @@ mod tests {
         let hub = Hub::new(Arc::default(), 10, 10_000, 100);
         let r = RoomId::from("lecture");
         let mut host = user("h");
-        host.role = "host".into();
+        host.role = ShownRole::Host;
         let (h, mut hrx, _) = session("h1", "h", 4096);
         hub.join(&r, &h, host, true, true).unwrap();
         hub.open_gate(&r, &h.id, 0);
@@ -1902,7 +1902,7 @@ mod props {
                 let user = UserRef {
                     id: j.handle.user.clone(),
                     name: "U".into(),
-                    role: "member".into(),
+                    role: ShownRole::Member,
                 };
                 hub.join(room, &j.handle, user, false, false).expect("join");
                 Step::Gated

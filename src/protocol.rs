@@ -242,7 +242,85 @@ impl Visibility {
 pub struct UserRef {
     pub id: UserId,
     pub name: String,
-    pub role: String,
+    pub role: ShownRole,
+}
+
+/// The role shown beside a user: their room role in a room's frames, their platform role in
+/// `welcome`, `system` for the server's own announcements.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShownRole {
+    Viewer,
+    #[default]
+    Member,
+    Ta,
+    Host,
+    System,
+    Student,
+    Tutor,
+    Admin,
+}
+
+impl ShownRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Member => "member",
+            Self::Ta => "ta",
+            Self::Host => "host",
+            Self::System => "system",
+            Self::Student => "student",
+            Self::Tutor => "tutor",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// A stored or relayed role; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "viewer" => Self::Viewer,
+            "member" => Self::Member,
+            "ta" => Self::Ta,
+            "host" => Self::Host,
+            "system" => Self::System,
+            "student" => Self::Student,
+            "tutor" => Self::Tutor,
+            "admin" => Self::Admin,
+            _ => return None,
+        })
+    }
+
+    /// The room role it shows, if it is one.
+    pub fn room(self) -> Option<RoomRole> {
+        match self {
+            Self::Viewer => Some(RoomRole::Viewer),
+            Self::Member => Some(RoomRole::Member),
+            Self::Ta => Some(RoomRole::Ta),
+            Self::Host => Some(RoomRole::Host),
+            _ => None,
+        }
+    }
+}
+
+impl From<RoomRole> for ShownRole {
+    fn from(r: RoomRole) -> Self {
+        match r {
+            RoomRole::Viewer => Self::Viewer,
+            RoomRole::Member => Self::Member,
+            RoomRole::Ta => Self::Ta,
+            RoomRole::Host => Self::Host,
+        }
+    }
+}
+
+impl From<PlatformRole> for ShownRole {
+    fn from(r: PlatformRole) -> Self {
+        match r {
+            PlatformRole::Student => Self::Student,
+            PlatformRole::Tutor => Self::Tutor,
+            PlatformRole::Admin => Self::Admin,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1452,7 +1530,7 @@ mod tests {
                 from: UserRef {
                     id: "u".into(),
                     name: "U".into(),
-                    role: "member".into(),
+                    role: ShownRole::Member,
                 },
                 text: "hi".into(),
                 reply_to: None,

@@ -1535,7 +1535,7 @@ mod tests {
         let u = UserRef {
             id: "a".into(),
             name: "A".into(),
-            role: "member".into(),
+            role: crate::protocol::ShownRole::Member,
         };
         let mut old = HashMap::new();
         old.insert(

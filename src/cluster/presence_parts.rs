@@ -345,7 +345,7 @@ mod tests {
         UserRef {
             id: UserId::from(format!("user-{i}").as_str()),
             name: format!("User number {i}"),
-            role: "member".into(),
+            role: crate::protocol::ShownRole::Member,
         }
     }
 

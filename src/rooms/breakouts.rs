@@ -122,7 +122,7 @@ fn plan(ctx: &Ctx, room: &RoomId, spec: OpenSpec) -> Result<Vec<(String, Vec<Use
             .hub
             .online_users(room)
             .into_iter()
-            .filter(|u| u.role == RoomRole::Member.as_str() && !named.contains(&u.id))
+            .filter(|u| u.role == RoomRole::Member.into() && !named.contains(&u.id))
             .map(|u| u.id)
             .collect();
         let mut students: Vec<Vec<UserId>> = groups
@@ -148,7 +148,7 @@ async fn moderators(ctx: &Ctx, room: &RoomId, me: RoomRole) -> Result<BTreeMap<U
         .filter(|(_, r)| r.can_moderate())
         .collect();
     for u in ctx.app.hub.online_users(room) {
-        if let Some(r) = RoomRole::parse(&u.role).filter(|r| r.can_moderate()) {
+        if let Some(r) = u.role.room().filter(|r| r.can_moderate()) {
             mods.entry(u.id).or_insert(r);
         }
     }
@@ -308,7 +308,7 @@ pub(super) async fn broadcast(
     let from = UserRef {
         id: UserId(crate::auth::SYSTEM_USER.into()),
         name: ctx.me.name.clone(),
-        role: "system".into(),
+        role: crate::protocol::ShownRole::System,
     };
     let mut pending = Vec::with_capacity(b.groups.len());
     for g in b.groups {

@@ -6,7 +6,7 @@ use super::check_room_id;
 use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::hub::Frame;
-use crate::protocol::{self, ClientMsg, RoomId, RoomRole, ServerMsg, UserId};
+use crate::protocol::{self, ClientMsg, RoomId, RoomRole, ServerMsg, ShownRole, UserId};
 use crate::store::{RoomPatch, now_ms};
 
 /// Longest mute: 30 days.
@@ -39,12 +39,8 @@ async fn check_target(ctx: &Ctx, room: &RoomId, user: &UserId) -> Result<()> {
     // Online here or, in cluster mode, on another node (a token-granted host connected
     // elsewhere is known here only from that node's heartbeat).
     let hub = &ctx.app.hub;
-    let local = hub
-        .online_role(room, user)
-        .and_then(|r| RoomRole::parse(&r));
-    let remote = hub
-        .remote_role(room, user)
-        .and_then(|r| RoomRole::parse(&r));
+    let local = hub.online_role(room, user).and_then(ShownRole::room);
+    let remote = hub.remote_role(room, user).and_then(ShownRole::room);
     let stored = ctx
         .app
         .policies

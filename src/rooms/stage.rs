@@ -84,7 +84,7 @@ pub(super) async fn stage(ctx: &mut Ctx, room: RoomId, user: UserId, on: bool) -
                 .unwrap_or_else(|| crate::protocol::UserRef {
                     id: user.clone(),
                     name: user.to_string(),
-                    role: String::new(),
+                    role: crate::protocol::ShownRole::Member,
                 });
             changed(&ctx.app, &room, &who, on);
             Ok(Outcome::ok(StageOk { stage }))

@@ -196,7 +196,7 @@ fn badge_sender() -> UserRef {
     UserRef {
         id: UserId(crate::auth::SYSTEM_USER.into()),
         name: "Badges".into(),
-        role: "system".into(),
+        role: crate::protocol::ShownRole::System,
     }
 }
 

@@ -10,7 +10,7 @@ use super::{Result, Store, StoreError, View, now_ms, search};
 use crate::engagement::EngagementConfig;
 use crate::protocol::{
     AnswerView, QuestionId, QuestionStatus, QuestionUpdate, QuestionView, RoomEvent, RoomId,
-    UserId, UserRef,
+    ShownRole, UserId, UserRef,
 };
 use sqlx::AnyConnection;
 use sqlx::Row;
@@ -93,7 +93,7 @@ fn author_of(row: &sqlx::any::AnyRow, prefix: &str) -> Result<UserRef> {
     Ok(UserRef {
         id: UserId(row.try_get(format!("{prefix}_id").as_str())?),
         name: row.try_get(format!("{prefix}_name").as_str())?,
-        role: row.try_get(format!("{prefix}_role").as_str())?,
+        role: ShownRole::parse(row.try_get(format!("{prefix}_role").as_str())?).unwrap_or_default(),
     })
 }
 

@@ -70,7 +70,7 @@ fn user(id: &str) -> UserRef {
     UserRef {
         id: UserId::from(id),
         name: id.to_uppercase(),
-        role: "member".into(),
+        role: studyhall::protocol::ShownRole::Member,
     }
 }
 

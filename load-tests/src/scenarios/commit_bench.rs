@@ -90,7 +90,7 @@ async fn bench_one(url: &str, a: &Args) -> Result<Run> {
             let user = UserRef {
                 id: UserId(format!("u{i}")),
                 name: format!("User {i}"),
-                role: "member".into(),
+                role: studyhall::protocol::ShownRole::Member,
             };
             let room = RoomId(format!("r{i}"));
             let mut inflight = futures_util::stream::FuturesUnordered::new();

@@ -547,113 +547,118 @@ impl Bus {
 
     async fn room_task(self: Arc<Self>, room: RoomId, entry: Arc<RoomEntry>, mut sub: Subscriber) {
         while let Some(msg) = sub.next().await {
-            match msg.payload.first() {
-                Some(&TAG_EVENT) => {
-                    let Some((ev, ts)) = decode_event(&room, &msg.payload) else {
-                        continue;
-                    };
-                    self.metrics.bus_received.fetch_add(1, Relaxed);
-                    let remote = Inbound::RemoteEvent {
-                        room: room.clone(),
-                        json: ev.json.clone(),
-                    };
-                    let _ = self.inbound.send(remote).await;
-                    self.metrics
-                        .bus_latency(Duration::from_micros(now_us().saturating_sub(ts)));
-                    self.offer(&entry, ev, false);
-                }
+            let payload = &msg.payload;
+            match payload.first() {
+                Some(&TAG_EVENT) => self.room_event(&room, &entry, payload).await,
                 Some(&TAG_NOTICE) => {
-                    if let Some((frame, to)) = decode_notice(&msg.payload) {
+                    if let Some((frame, to)) = decode_notice(payload) {
                         self.hub.apply_notice(&room, &frame, &to);
                     }
                 }
-                Some(&TAG_KICK) => {
-                    let mut r = Reader(&msg.payload[1..]);
-                    if let (Some(user), Some(reason)) = (r.str16(), r.rest_str()) {
-                        // A ban or removal comes with a kick: drop the cached access now, so a
-                        // join racing it here rechecks against the store (the invalidation on
-                        // the control subject may come later than the kick).
-                        let _ = self
-                            .inbound
-                            .send(Inbound::PolicyChanged(room.clone()))
-                            .await;
-                        // A removal over the HTTP API ("removed") is the platform's word and takes
-                        // host/ta too; a kick or ban from a session's command spares them.
-                        self.hub.kick_local(
-                            &room,
-                            &UserId::from(user),
-                            reason,
-                            reason != "removed",
-                        );
-                    }
-                }
+                Some(&TAG_KICK) => self.room_kick(&room, payload).await,
                 Some(&TAG_HAND) => {
-                    let mut r = Reader(&msg.payload[1..]);
-                    let (Some(raised), Some(ts)) = (r.u8(), r.u64()) else {
-                        continue;
-                    };
-                    if let Ok(user) = serde_json::from_slice::<UserRef>(r.0) {
+                    let mut r = Reader(&payload[1..]);
+                    if let (Some(raised), Some(ts)) = (r.u8(), r.u64())
+                        && let Ok(user) = serde_json::from_slice::<UserRef>(r.0)
+                    {
                         self.hub.apply_hand(&room, &user, raised == 1, ts as i64);
                     }
                 }
-                Some(&TAG_AV) => {
-                    let mut r = Reader(&msg.payload[1..]);
-                    let (Some(joined), Some(generation), Some(run), Some(session), Some(user)) =
-                        (r.u8(), r.u64(), r.u64(), r.str16(), r.rest_str())
-                    else {
-                        continue;
-                    };
-                    // Our own relays come back on the room subject too.
-                    if node_of(session) != Some(self.node.as_str()) {
-                        let change = AvChange {
-                            session: session.to_owned(),
-                            user: user.to_owned(),
-                            generation,
-                            run,
-                            joined: joined == 1,
-                        };
-                        let av = Inbound::Av {
-                            room: room.clone(),
-                            change,
-                        };
-                        let _ = self.inbound.send(av).await;
+                Some(_) => {
+                    if let Some(inbound) = self.room_inbound(&room, payload) {
+                        let _ = self.inbound.send(inbound).await;
                     }
                 }
-                Some(&TAG_BOARD) => {
-                    let mut r = Reader(&msg.payload[1..]);
-                    let (Some(kind), Some(board)) = (r.u8(), r.str16()) else {
-                        continue;
-                    };
-                    let bytes = r.0.to_vec();
-                    let relay = match kind {
-                        0 => BoardRelay::Update(bytes),
-                        1 => BoardRelay::Sync(bytes),
-                        _ => continue,
-                    };
-                    let board = Inbound::Board {
-                        room: room.clone(),
-                        board: board.to_owned(),
-                        relay,
-                    };
-                    let _ = self.inbound.send(board).await;
-                }
-                Some(&TAG_STAGE) => {
-                    let mut r = Reader(&msg.payload[1..]);
-                    let Some(on) = r.u8() else { continue };
-                    let Ok(user) = serde_json::from_slice::<UserRef>(r.0) else {
-                        continue;
-                    };
-                    if self.hub.apply_stage(&room, &user, on == 1) {
-                        let stage = Inbound::Stage {
-                            room: room.clone(),
-                            user: user.id.clone(),
-                            on: on == 1,
-                        };
-                        let _ = self.inbound.send(stage).await;
-                    }
-                }
-                _ => {}
+                None => {}
             }
+        }
+    }
+
+    /// A room event committed on another node: to the app (slow-mode clocks), then in seq
+    /// order to this node's sessions.
+    async fn room_event(&self, room: &RoomId, entry: &Arc<RoomEntry>, payload: &[u8]) {
+        let Some((ev, ts)) = decode_event(room, payload) else {
+            return;
+        };
+        self.metrics.bus_received.fetch_add(1, Relaxed);
+        let remote = Inbound::RemoteEvent {
+            room: room.clone(),
+            json: ev.json.clone(),
+        };
+        let _ = self.inbound.send(remote).await;
+        self.metrics
+            .bus_latency(Duration::from_micros(now_us().saturating_sub(ts)));
+        self.offer(entry, ev, false);
+    }
+
+    /// A kick (or ban, or removal) made on another node, for this node's sessions.
+    async fn room_kick(&self, room: &RoomId, payload: &[u8]) {
+        let mut r = Reader(&payload[1..]);
+        if let (Some(user), Some(reason)) = (r.str16(), r.rest_str()) {
+            // A ban or removal comes with a kick: drop the cached access now, so a join racing
+            // it here rechecks against the store (the invalidation on the control subject may
+            // come later than the kick).
+            let _ = self
+                .inbound
+                .send(Inbound::PolicyChanged(room.clone()))
+                .await;
+            // A removal over the HTTP API ("removed") is the platform's word and takes host/ta
+            // too; a kick or ban from a session's command spares them.
+            self.hub
+                .kick_local(room, &UserId::from(user), reason, reason != "removed");
+        }
+    }
+
+    /// What a room message of another node asks of the app (A/V membership, whiteboards,
+    /// stage changes), decoded; `None` for an unknown or malformed one, or one of our own.
+    fn room_inbound(&self, room: &RoomId, payload: &[u8]) -> Option<Inbound> {
+        let mut r = Reader(payload.get(1..)?);
+        match *payload.first()? {
+            TAG_AV => {
+                let (joined, generation, run, session, user) =
+                    (r.u8()?, r.u64()?, r.u64()?, r.str16()?, r.rest_str()?);
+                // Our own relays come back on the room subject too.
+                if node_of(session) == Some(self.node.as_str()) {
+                    return None;
+                }
+                let change = AvChange {
+                    session: session.to_owned(),
+                    user: user.to_owned(),
+                    generation,
+                    run,
+                    joined: joined == 1,
+                };
+                Some(Inbound::Av {
+                    room: room.clone(),
+                    change,
+                })
+            }
+            TAG_BOARD => {
+                let (kind, board) = (r.u8()?, r.str16()?);
+                let bytes = r.0.to_vec();
+                let relay = match kind {
+                    0 => BoardRelay::Update(bytes),
+                    1 => BoardRelay::Sync(bytes),
+                    _ => return None,
+                };
+                Some(Inbound::Board {
+                    room: room.clone(),
+                    board: board.to_owned(),
+                    relay,
+                })
+            }
+            TAG_STAGE => {
+                let on = r.u8()? == 1;
+                let user = serde_json::from_slice::<UserRef>(r.0).ok()?;
+                self.hub
+                    .apply_stage(room, &user, on)
+                    .then(|| Inbound::Stage {
+                        room: room.clone(),
+                        user: user.id.clone(),
+                        on,
+                    })
+            }
+            _ => None,
         }
     }
 

@@ -249,21 +249,7 @@ async fn join(
             ctx.app.config.max_rooms_per_session
         )));
     }
-    let policy = ctx.app.policies.get(&ctx.app.store, &room_id).await?;
-    let (role, open_only) = resolve_role(ctx, &policy)?;
-    let role = role.ok_or_else(|| Error::Forbidden("this room is invite-only".into()))?;
-    if open_only {
-        // Joining an open room makes it one of the user's rooms (as a plain member).
-        let seen = ctx.app.policies.version(&room_id);
-        ctx.app
-            .store
-            .ensure_member(&room_id, &ctx.me.user, role)
-            .await?;
-        ctx.app
-            .policies
-            .member_recorded(&room_id, &ctx.me.user, role, seen);
-    }
-    let room = policy.room.clone();
+    let (room, role) = join_role(ctx, &room_id).await?;
 
     // Cluster mode: subscribed to the room and its sequencer started before the gate is set,
     // so every event after this join's replay reaches the hub, in order.
@@ -299,25 +285,7 @@ async fn join(
         }
     };
     ctx.joined.insert(room_id.clone(), role);
-    // A ban or a removal that landed while this join was on its way missed the session (kick
-    // only sees sessions already in the room): look again now that it is in.
-    let policies = &ctx.app.policies;
-    let recheck = match policies
-        .refresh_user(&ctx.app.store, &room_id, &ctx.me.user)
-        .await
-    {
-        Ok(()) => policies
-            .get(&ctx.app.store, &room_id)
-            .await
-            .and_then(|p| resolve_role(ctx, &p)),
-        Err(e) => Err(e),
-    };
-    let recheck = match recheck {
-        Ok((Some(_), _)) => Ok(()),
-        Ok((None, _)) => Err(Error::Forbidden("this room is invite-only".into())),
-        Err(e) => Err(e),
-    };
-    let result = match recheck {
+    let result = match recheck(ctx, &room_id).await {
         Ok(()) => replay_and_reply(ctx, rid, &room, role, joined, after_seq).await,
         Err(e) => Err(e),
     };
@@ -326,36 +294,82 @@ async fn join(
         ctx.joined.remove(&room_id);
         broker.leave_room(&room_id);
     } else {
-        if entering {
-            // Before the reply: the user's next write in the room comes after it in the outbox.
-            let me = ctx.me.room_ref(role);
-            if let Err(e) = ctx
-                .app
-                .store
-                .member_event(EventType::MemberJoined, &room_id, me, None)
-                .await
-            {
-                tracing::warn!(error = %e, room = %room_id, "webhooks: member.joined not recorded");
-            }
-        }
-        if first_join {
-            let me = ctx.me.room_ref(role);
-            class::attended(&ctx.app, &room_id, &me, ctx.handle.id.as_str(), true);
-        }
-        // Moderation must know a host or ta while they are offline too (their token's grant
-        // or admin role is known only while they are here).
-        if first_join
-            && role.can_moderate()
-            && let Err(e) = ctx
-                .app
-                .store
-                .remember_rank(&room_id, &ctx.me.user, role)
-                .await
-        {
-            tracing::warn!(error = %e, room = %room_id, "rank not remembered");
-        }
+        joined_effects(ctx, &room_id, role, entering, first_join).await;
     }
     result
+}
+
+/// The join's access check: the room's policy gives the role (an open room's newcomer is
+/// stored as a member). The room and the role, or why not.
+async fn join_role(ctx: &mut Ctx, room_id: &RoomId) -> Result<(Room, RoomRole)> {
+    let policy = ctx.app.policies.get(&ctx.app.store, room_id).await?;
+    let (role, open_only) = resolve_role(ctx, &policy)?;
+    let role = role.ok_or_else(|| Error::Forbidden("this room is invite-only".into()))?;
+    if open_only {
+        // Joining an open room makes it one of the user's rooms (as a plain member).
+        let seen = ctx.app.policies.version(room_id);
+        ctx.app
+            .store
+            .ensure_member(room_id, &ctx.me.user, role)
+            .await?;
+        ctx.app
+            .policies
+            .member_recorded(room_id, &ctx.me.user, role, seen);
+    }
+    Ok((policy.room.clone(), role))
+}
+
+/// A ban or a removal that landed while this join was on its way missed the session (kick
+/// only sees sessions already in the room): look again now that it is in.
+async fn recheck(ctx: &Ctx, room_id: &RoomId) -> Result<()> {
+    let policies = &ctx.app.policies;
+    policies
+        .refresh_user(&ctx.app.store, room_id, &ctx.me.user)
+        .await?;
+    let policy = policies.get(&ctx.app.store, room_id).await?;
+    match resolve_role(ctx, &policy)? {
+        (Some(_), _) => Ok(()),
+        (None, _) => Err(Error::Forbidden("this room is invite-only".into())),
+    }
+}
+
+/// What a successful join leaves behind: `member.joined` for a user entering the room, the
+/// session's attendance, and a host or ta's rank for moderation while they are offline.
+async fn joined_effects(
+    ctx: &Ctx,
+    room_id: &RoomId,
+    role: RoomRole,
+    entering: bool,
+    first_join: bool,
+) {
+    if entering {
+        // Before the reply: the user's next write in the room comes after it in the outbox.
+        let me = ctx.me.room_ref(role);
+        if let Err(e) = ctx
+            .app
+            .store
+            .member_event(EventType::MemberJoined, room_id, me, None)
+            .await
+        {
+            tracing::warn!(error = %e, room = %room_id, "webhooks: member.joined not recorded");
+        }
+    }
+    if first_join {
+        let me = ctx.me.room_ref(role);
+        class::attended(&ctx.app, room_id, &me, ctx.handle.id.as_str(), true);
+    }
+    // Moderation must know a host or ta while they are offline too (their token's grant
+    // or admin role is known only while they are here).
+    if first_join
+        && role.can_moderate()
+        && let Err(e) = ctx
+            .app
+            .store
+            .remember_rank(room_id, &ctx.me.user, role)
+            .await
+    {
+        tracing::warn!(error = %e, room = %room_id, "rank not remembered");
+    }
 }
 
 async fn replay_and_reply(

@@ -441,6 +441,10 @@ settings! {
     /// SQLite `synchronous` pragma: `full` (an ack survives power loss), `normal` (survives a
     /// process crash, not power loss) or `extra`.
     sqlite_synchronous: String = "full".into(),
+    /// SQLite page cache per connection, in KiB (`cache_size`): it fills up to this as the
+    /// database grows, so the process's memory grows by up to this times the connections
+    /// (`db_pool_size` plus the writer's) before it levels off.
+    sqlite_cache_kib: u32 = 32_768,
     /// Milliseconds a session waits, at shutdown, for its accepted writes to be answered. The
     /// wait for all sessions to go is bounded by this plus 2 s; then the store is flushed.
     shutdown_grace_ms: u64 = 5_000,

@@ -116,6 +116,8 @@ pub struct StoreOptions {
     pub batch_linger_us: u64,
     pub queue: usize,
     pub sqlite_synchronous: String,
+    /// SQLite's page cache per connection, in KiB.
+    pub sqlite_cache_kib: u32,
     /// Searches run at once; more wait up to `search_wait_ms`, then are refused.
     pub search_concurrency: usize,
     pub search_wait_ms: u64,
@@ -135,6 +137,7 @@ impl StoreOptions {
             batch_linger_us: d.store_batch_linger_us,
             queue: d.store_queue,
             sqlite_synchronous: d.sqlite_synchronous,
+            sqlite_cache_kib: d.sqlite_cache_kib,
             search_concurrency: d.search_concurrency,
             search_wait_ms: d.search_wait_ms,
             search_timeout_ms: d.search_timeout_ms,
@@ -150,6 +153,7 @@ impl StoreOptions {
             batch_linger_us: c.store_batch_linger_us,
             queue: c.store_queue,
             sqlite_synchronous: c.sqlite_synchronous.clone(),
+            sqlite_cache_kib: c.sqlite_cache_kib,
             search_concurrency: c.search_concurrency,
             search_wait_ms: c.search_wait_ms,
             search_timeout_ms: c.search_timeout_ms,

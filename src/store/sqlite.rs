@@ -32,7 +32,11 @@ fn synchronous(opts: &StoreOptions) -> Result<&'static str> {
 }
 
 /// Sets up a new connection: WAL, the durability level, and the settings below.
-async fn prepare(conn: &mut AnyConnection, synchronous: &'static str) -> sqlx::Result<()> {
+async fn prepare(
+    conn: &mut AnyConnection,
+    synchronous: &'static str,
+    cache_kib: u32,
+) -> sqlx::Result<()> {
     conn.execute("PRAGMA journal_mode = WAL").await?;
     conn.execute(synchronous).await?;
     conn.execute("PRAGMA busy_timeout = 10000").await?;
@@ -41,8 +45,12 @@ async fn prepare(conn: &mut AnyConnection, synchronous: &'static str) -> sqlx::R
     // one) in memory, not in a temporary file per statement.
     conn.execute("PRAGMA temp_store = MEMORY").await?;
     // A batch touches a few hundred pages of several indexes: a cache that holds them does
-    // not spill dirty pages mid-transaction or re-read them.
-    conn.execute("PRAGMA cache_size = -32768").await?;
+    // not spill dirty pages mid-transaction or re-read them (`sqlite_cache_kib`).
+    // (A number from the configuration, not user input.)
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        "PRAGMA cache_size = -{cache_kib}"
+    )))
+    .await?;
     // Reads through the page map instead of one pread per page.
     conn.execute("PRAGMA mmap_size = 268435456").await?;
     // Checkpoint every ~40 MB of log instead of every ~4 MB: the pages a busy writer keeps
@@ -57,9 +65,10 @@ async fn prepare(conn: &mut AnyConnection, synchronous: &'static str) -> sqlx::R
 pub(super) async fn connect(opts: &StoreOptions) -> Result<AnyPool> {
     let connect = connect_options(opts)?;
     let synchronous = synchronous(opts)?;
+    let cache_kib = opts.sqlite_cache_kib;
     let pool = AnyPoolOptions::new()
         .max_connections(opts.pool_size.max(2))
-        .after_connect(move |conn, _meta| Box::pin(prepare(conn, synchronous)))
+        .after_connect(move |conn, _meta| Box::pin(prepare(conn, synchronous, cache_kib)))
         .connect_with(connect)
         .await?;
     Ok(pool)
@@ -68,7 +77,7 @@ pub(super) async fn connect(opts: &StoreOptions) -> Result<AnyPool> {
 /// The group-commit writer's own connection, set up like the pool's.
 pub(super) async fn connect_one(opts: &StoreOptions) -> Result<AnyConnection> {
     let mut conn = AnyConnection::connect_with(&connect_options(opts)?).await?;
-    prepare(&mut conn, synchronous(opts)?).await?;
+    prepare(&mut conn, synchronous(opts)?, opts.sqlite_cache_kib).await?;
     Ok(conn)
 }
 

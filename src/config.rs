@@ -491,6 +491,15 @@ settings! {
     /// A PEM file of extra root certificates that `https://` webhook endpoints may chain to,
     /// besides the system's (for a private CA). Unset: the system's roots only.
     webhook_ca_file: Option<String> = None,
+    /// Seconds finished webhook deliveries (delivered, given up, or of a disabled or deleted
+    /// endpoint), their attempts, and outbox events no delivery refers to any more are kept
+    /// before the sender prunes them; 0 keeps them forever. Pending deliveries are never pruned.
+    webhook_retention_s: u64 = 604_800,
+    /// Seconds between the webhook sender's pruning passes (each deletes in batches of
+    /// `webhook_prune_batch` rows, one short transaction per batch).
+    webhook_prune_every_s: u64 = 60,
+    /// Most rows one pruning transaction deletes.
+    webhook_prune_batch: usize = 500,
     // Polls, quizzes and the class lifecycle.
     /// Most options one poll or quiz may have (at least 2 are needed).
     poll_max_options: usize = 10,
@@ -856,6 +865,8 @@ impl Config {
         positive("webhook_concurrency", self.webhook_concurrency as u64)?;
         positive("webhook_max_endpoints", self.webhook_max_endpoints as u64)?;
         positive("webhook_log_page", self.webhook_log_page as u64)?;
+        positive("webhook_prune_every_s", self.webhook_prune_every_s)?;
+        positive("webhook_prune_batch", self.webhook_prune_batch as u64)?;
         self.webhook_schedule()
             .map_err(|why| ConfigError::Invalid {
                 name: "webhook_retry_schedule",

@@ -978,6 +978,13 @@ impl Hub {
         users.into_values().collect()
     }
 
+    /// The room role a user holds in the room on this node right now, if online here.
+    pub fn local_role(&self, room: &RoomId, user: &UserId) -> Option<ShownRole> {
+        self.rooms
+            .get(room)
+            .and_then(|state| state.online.get(user).map(|(u, _)| u.role))
+    }
+
     /// The room role a user holds in the room right now, if online there: on this node, else
     /// on another node (cluster mode, as its last heartbeat said).
     pub fn online_role(&self, room: &RoomId, user: &UserId) -> Option<ShownRole> {

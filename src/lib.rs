@@ -53,7 +53,7 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::node::{Broker, Inbound, LocalBroker};
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{MemberRuns, Store, StoreError, StoreOptions};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -297,10 +297,22 @@ impl App {
             }
             Inbound::Av { room, change } => rtc::remote_av(self, &room, change),
             Inbound::Stage { room, user, on } => rtc::stage_changed(self, &room, &user, on),
-            Inbound::NodeGone { node, run } => rtc::remote_node_gone(self, &node, run),
+            Inbound::NodeGone { node, run } => {
+                rtc::remote_node_gone(self, &node, run);
+                forget_members(&self.store, node, MemberRuns::One(run as i64));
+            }
             Inbound::Board { room, board, relay } => {
                 rooms::boards::remote(self, &room, &board, relay)
             }
+        }
+    }
+
+    /// Where this node's `member.*` rows are kept: its name ('' on a single node) and its
+    /// run (the bus epoch in a cluster, the store's run on a single node).
+    pub(crate) fn member_node(&self) -> (String, i64) {
+        match self.broker.node_id() {
+            Some(node) => (node.to_owned(), self.broker.run() as i64),
+            None => (String::new(), self.store.member_run()),
         }
     }
 
@@ -358,6 +370,19 @@ impl App {
     }
 }
 
+/// Forgets a node's `member.*` rows of `runs` in the background, queuing the `member.left`
+/// of users that no node has in the room any more (see [`Store::members_forget_node`]).
+fn forget_members(store: &Store, node: String, runs: MemberRuns) {
+    let store = store.clone();
+    tokio::spawn(async move {
+        match store.members_forget_node(&node, runs).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(node = %node, left = n, "member.left for a gone node's users"),
+            Err(e) => tracing::warn!(error = %e, node = %node, "could not forget a node's members"),
+        }
+    });
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, says goodbye to
 /// every session (`bye`, close 1001), commits every accepted write and returns.
 pub async fn serve(
@@ -374,6 +399,9 @@ pub async fn serve(
     let heartbeats = tokio::spawn(heartbeats(app.clone()));
     let presence = tokio::spawn(send_presence(app.clone()));
     let webhooks = tokio::spawn(webhooks::run(app.store.clone(), webhook_cfg));
+    // Users an earlier run of this node had in rooms are gone with it.
+    let (node, run) = app.member_node();
+    forget_members(&app.store, node, MemberRuns::AllBut(run));
     let poll_clock = tokio::spawn(rooms::polls::run_clock(app.clone()));
     let class_clock = tokio::spawn(rooms::class::run_clock(app.clone()));
     let breakout_clock = tokio::spawn(rooms::breakouts::run_clock(app.clone()));

@@ -267,11 +267,11 @@ async fn live(open: Open) {
         app.broker.leave_room(&room);
         let me = ctx.me.room_ref(role);
         crate::rooms::class::left(&app, &room, &me, sid.as_str(), was_on_stage);
-        if app.hub.online_role(&room, &ctx.me.user).is_none() {
-            let left = crate::store::EventType::MemberLeft;
+        if app.hub.local_role(&room, &ctx.me.user).is_none() {
+            let (node, run) = app.member_node();
             if let Err(e) = app
                 .store
-                .member_event(left, &room, me, Some("disconnect"))
+                .member_exited(&room, me, &node, run, "disconnect")
                 .await
             {
                 tracing::warn!(error = %e, %room, "webhooks: member.left not recorded");

@@ -6,7 +6,9 @@
 //! so each endpoint sees a room's events in order. Also the endpoint checks shared with the
 //! API: URL shape, and the refusal of non-public addresses after DNS resolution (SSRF).
 //! `https://` endpoints are reached over TLS (rustls, the system's roots plus
-//! `webhook_ca_file`), the certificate checked against the URL's host.
+//! `webhook_ca_file`), the certificate checked against the URL's host. Every
+//! `webhook_prune_every_s` the sender also prunes the delivery log and the outbox of what
+//! finished more than `webhook_retention_s` ago.
 //! It knows nothing of rooms, sessions or SQL: events arrive as stored JSON bodies.
 
 use crate::config::Config;
@@ -245,6 +247,11 @@ pub struct SenderConfig {
     pub allow_private: bool,
     pub poll: Duration,
     pub concurrency: usize,
+    /// How long finished deliveries and unreferenced events are kept; `None`: forever.
+    pub retention: Option<Duration>,
+    /// Time between pruning passes, and the rows one pruning transaction deletes.
+    pub prune_every: Duration,
+    pub prune_batch: usize,
 }
 
 impl SenderConfig {
@@ -257,6 +264,10 @@ impl SenderConfig {
             allow_private: c.webhook_allow_private,
             poll: Duration::from_millis(c.webhook_poll_ms),
             concurrency: c.webhook_concurrency.max(1),
+            retention: (c.webhook_retention_s > 0)
+                .then(|| Duration::from_secs(c.webhook_retention_s)),
+            prune_every: Duration::from_secs(c.webhook_prune_every_s.max(1)),
+            prune_batch: c.webhook_prune_batch.max(1),
         })
     }
 
@@ -276,6 +287,31 @@ impl SenderConfig {
 /// Runs until aborted: delivers due webhook events. A crash or abort mid-delivery leaves the
 /// delivery pending, so it is sent again (at least once).
 pub async fn run(store: Store, cfg: SenderConfig) {
+    // Pruning beside sending, so a long pass never holds deliveries back.
+    let pruning = prune_loop(
+        store.clone(),
+        cfg.retention,
+        cfg.prune_every,
+        cfg.prune_batch,
+    );
+    tokio::join!(send(store, cfg), pruning);
+}
+
+/// Prunes every `every` (the first pass at once) while `retention` is set.
+async fn prune_loop(store: Store, retention: Option<Duration>, every: Duration, batch: usize) {
+    let Some(keep) = retention else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        prune(&store, keep, batch).await;
+    }
+}
+
+/// Delivers due events until aborted.
+async fn send(store: Store, cfg: SenderConfig) {
     let wake = store.outbox_notify();
     let slots = Arc::new(Semaphore::new(cfg.concurrency));
     let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
@@ -335,6 +371,22 @@ pub async fn run(store: Store, cfg: SenderConfig) {
             () = wake.notified() => {}
             () = tokio::time::sleep(cfg.poll) => {}
         }
+    }
+}
+
+/// One pruning pass: what finished more than `keep` ago goes (see
+/// [`Store::prune_webhooks`]). Every node's sender runs it; the deletes are idempotent.
+async fn prune(store: &Store, keep: Duration, batch: usize) {
+    let cutoff = now_ms().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+    match store.prune_webhooks(cutoff, batch).await {
+        Ok(p) if p != crate::store::Pruned::default() => tracing::info!(
+            deliveries = p.deliveries,
+            attempts = p.attempts,
+            events = p.events,
+            "webhooks: pruned the delivery log"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "webhooks: cannot prune the delivery log"),
     }
 }
 
@@ -538,6 +590,9 @@ mod tests {
             allow_private: false,
             poll: Duration::from_secs(1),
             concurrency: 1,
+            retention: None,
+            prune_every: Duration::from_secs(60),
+            prune_batch: 1,
         };
         let first = cfg.next_try(1, None).unwrap();
         assert!(first >= Duration::from_secs(5) && first <= Duration::from_millis(5500));

@@ -8,7 +8,6 @@ use super::{resolve_role, rtc};
 use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::protocol::{self, RoomId};
-use crate::store::EventType;
 
 /// `refresh {token}`: the token must be valid and name the same user; the session's identity
 /// (name, platform role, grants, expiry) becomes the new token's, and every joined room is
@@ -73,13 +72,11 @@ pub(super) fn leave_lost(ctx: &mut Ctx, room: &RoomId) -> bool {
     };
     let was_on_stage = ctx.app.hub.on_stage(room, &ctx.me.user);
     ctx.app.hub.leave(room, &ctx.handle.id);
-    if ctx.app.hub.online_role(room, &ctx.me.user).is_none() {
+    if ctx.app.hub.local_role(room, &ctx.me.user).is_none() {
         let (store, me, room) = (ctx.app.store.clone(), ctx.me.room_ref(role), room.clone());
+        let (node, run) = ctx.app.member_node();
         tokio::spawn(async move {
-            if let Err(e) = store
-                .member_event(EventType::MemberLeft, &room, me, Some("leave"))
-                .await
-            {
+            if let Err(e) = store.member_exited(&room, me, &node, run, "leave").await {
                 tracing::warn!(error = %e, %room, "webhooks: member.left not recorded");
             }
         });

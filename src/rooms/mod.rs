@@ -19,7 +19,7 @@ pub(crate) use crate::command::check_room_id;
 use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::protocol::{self, ClientMsg, PlatformRole, RoomId, RoomRole, Visibility};
-use crate::store::{EventType, Room};
+use crate::store::Room;
 use policy::Policy;
 
 use crate::ratelimit::Action;
@@ -266,7 +266,9 @@ async fn join(
             return Err(e);
         }
     }
-    let entering = ctx.app.hub.online_role(&room_id, &ctx.me.user).is_none();
+    // The user's first session on this node (the store decides whether it is the first on
+    // any node).
+    let entering = ctx.app.hub.local_role(&room_id, &ctx.me.user).is_none();
     // Gate first, read the store second: anything committed after the gate is either in the
     // read or held by the gate (or both, and then dropped by seq), never lost.
     let joined = match ctx.app.hub.join(
@@ -345,12 +347,8 @@ async fn joined_effects(
     if entering {
         // Before the reply: the user's next write in the room comes after it in the outbox.
         let me = ctx.me.room_ref(role);
-        if let Err(e) = ctx
-            .app
-            .store
-            .member_event(EventType::MemberJoined, room_id, me, None)
-            .await
-        {
+        let (node, run) = ctx.app.member_node();
+        if let Err(e) = ctx.app.store.member_entered(room_id, me, &node, run).await {
             tracing::warn!(error = %e, room = %room_id, "webhooks: member.joined not recorded");
         }
     }

@@ -39,7 +39,8 @@ pub use qa::{QuestionFilter, QuestionRecord, QuestionSort};
 pub use search::SearchHit;
 pub use stats::{RoomStats, StatsQuery};
 pub use webhooks::{
-    Attempt, AttemptResult, Delivery, DueDelivery, EventType, Webhook, WebhookKeys,
+    Attempt, AttemptResult, Delivery, DueDelivery, EventType, MemberRuns, Pruned, Webhook,
+    WebhookKeys,
 };
 pub use writer::{CommitHook, CommittedEvent, WriteOp, WriteOutcome};
 

@@ -9,9 +9,9 @@ use super::writer::Tx;
 use super::{Result, Store, StoreError, now_ms};
 use crate::protocol::RoomId;
 use serde::Serialize;
-use sqlx::Row;
 use sqlx::any::AnyRow;
-use std::sync::atomic::{AtomicU32, Ordering};
+use sqlx::{AssertSqlSafe, Row};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// The event types an endpoint may subscribe to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -148,6 +148,14 @@ pub enum AttemptResult {
     Gone,
 }
 
+/// What one pruning pass removed (see [`Store::prune_webhooks`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub deliveries: u64,
+    pub attempts: u64,
+    pub events: u64,
+}
+
 /// The body POSTed to endpoints: `{"id","type","ts","room"?,"seq"?,"data"}`.
 #[derive(Serialize)]
 struct Payload<'a> {
@@ -171,13 +179,31 @@ pub(crate) struct Outgoing<'a> {
     pub data: serde_json::Value,
 }
 
-/// The subscribed types of every enabled endpoint, one bit per [`EventType`].
-#[derive(Default)]
-pub(super) struct Subscribed(AtomicU32);
+/// The subscribed types of every enabled endpoint, one bit per [`EventType`]; and what the
+/// member events of this store's run need (see [`Store::member_entered`]).
+pub(super) struct Subscribed {
+    mask: AtomicU32,
+    /// This run has written `webhook_member_nodes` rows (so leaving deletes them even after
+    /// the last member subscription went).
+    members_tracked: AtomicBool,
+    /// This run of a single node (random per store opened), its `epoch` in member rows.
+    run: i64,
+}
+
+impl Default for Subscribed {
+    fn default() -> Self {
+        Self {
+            mask: AtomicU32::new(0),
+            members_tracked: AtomicBool::new(false),
+            // Positive, so it never meets a cluster node's epoch cast from u64 by chance.
+            run: rand::random::<i64>().saturating_abs(),
+        }
+    }
+}
 
 impl Subscribed {
     pub(super) fn has(&self, t: EventType) -> bool {
-        self.0.load(Ordering::Relaxed) & t.bit() != 0
+        self.mask.load(Ordering::Relaxed) & t.bit() != 0
     }
 }
 
@@ -235,6 +261,128 @@ pub(crate) fn data_of_event(json: &str) -> serde_json::Value {
     v
 }
 
+/// Which runs of a node [`Store::members_forget_node`] forgets.
+#[derive(Clone, Copy, Debug)]
+pub enum MemberRuns {
+    /// One run (a node that died or left).
+    One(i64),
+    /// Every run but this one (the node itself, starting again under its name).
+    AllBut(i64),
+}
+
+/// Tries of [`lock_member`] when the row it locks keeps going away under it.
+const MEMBER_LOCK_TRIES: usize = 8;
+
+/// Takes the lock of the user's `webhook_members` row in the room (held to commit), making
+/// the row when there is none. A row deleted between the insert and the lock (its last node
+/// left meanwhile) is made again.
+async fn lock_member(tx: &mut Tx<'_>, room: &RoomId, user: &crate::protocol::UserId) -> Result<()> {
+    for _ in 0..MEMBER_LOCK_TRIES {
+        sqlx::query(
+            "INSERT INTO webhook_members (room_id, user_id) VALUES ($1, $2) \
+             ON CONFLICT (room_id, user_id) DO NOTHING",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .execute(&mut **tx)
+        .await?;
+        let locked = sqlx::query(
+            "UPDATE webhook_members SET user_id = user_id WHERE room_id = $1 AND user_id = $2",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if locked > 0 {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Conflict(
+        "webhook member row kept going away".into(),
+    ))
+}
+
+/// How many node runs have the user in the room (under the user's member lock).
+async fn member_nodes(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    user: &crate::protocol::UserId,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM webhook_member_nodes WHERE room_id = $1 AND user_id = $2",
+    )
+    .bind(room.as_str())
+    .bind(user.as_str())
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
+/// Deletes a node run's row of the user in the room, under the user's member lock; when it
+/// deleted one and no other node has the user there, drops the member row and queues
+/// `member.left` with `reason`. Returns whether a delivery was queued.
+async fn forget_member(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    user: crate::protocol::UserRef,
+    node: &str,
+    epoch: i64,
+    reason: &'static str,
+) -> Result<bool> {
+    lock_member(tx, room, &user.id).await?;
+    let deleted = sqlx::query(
+        "DELETE FROM webhook_member_nodes WHERE room_id = $1 AND user_id = $2 AND node = $3 \
+         AND epoch = $4",
+    )
+    .bind(room.as_str())
+    .bind(user.id.as_str())
+    .bind(node)
+    .bind(epoch)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if member_nodes(tx, room, &user.id).await? > 0 {
+        return Ok(false);
+    }
+    sqlx::query("DELETE FROM webhook_members WHERE room_id = $1 AND user_id = $2")
+        .bind(room.as_str())
+        .bind(user.id.as_str())
+        .execute(&mut **tx)
+        .await?;
+    if deleted == 0 {
+        return Ok(false);
+    }
+    enqueue(
+        tx,
+        member_outgoing(EventType::MemberLeft, room, user, Some(reason))?,
+    )
+    .await
+}
+
+/// A `member.*` event for the outbox: data `{"user", "reason"?}`.
+fn member_outgoing<'a>(
+    kind: EventType,
+    room: &'a RoomId,
+    user: crate::protocol::UserRef,
+    reason: Option<&'static str>,
+) -> Result<Outgoing<'a>> {
+    #[derive(Serialize)]
+    struct Member {
+        user: crate::protocol::UserRef,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'static str>,
+    }
+    let data = serde_json::to_value(Member { user, reason })
+        .map_err(|e| StoreError::Corrupt(format!("member event: {e}")))?;
+    Ok(Outgoing {
+        kind,
+        room: Some(room),
+        seq: None,
+        ts: now_ms(),
+        data,
+    })
+}
+
 fn webhook_from_row(row: &AnyRow) -> Result<Webhook> {
     let events: String = row.try_get("events")?;
     Ok(Webhook {
@@ -275,33 +423,66 @@ impl Store {
                 mask |= t.bit();
             }
         }
-        self.inner.subscribed.0.store(mask, Ordering::Relaxed);
+        self.inner.subscribed.mask.store(mask, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Records an event that is not part of another change (a user entering or leaving a
-    /// room), in a transaction of its own; nothing is written when no endpoint subscribes.
-    pub async fn webhook_event(
+    /// The epoch of a single node's member rows: random per store opened (per run).
+    pub fn member_run(&self) -> i64 {
+        self.inner.subscribed.run
+    }
+
+    /// Whether member rows are kept: some endpoint subscribes to `member.*`.
+    fn members_wanted(&self) -> bool {
+        self.webhooks_want(EventType::MemberJoined) || self.webhooks_want(EventType::MemberLeft)
+    }
+
+    /// The user's first session on this node (`node`, '' for a single node, in its run
+    /// `epoch`) entered the room: records that the node has the user there and, when no
+    /// other node has, queues `member.joined`. Decided under the lock of the user's
+    /// `webhook_members` row, so across the nodes of a cluster one transition makes one
+    /// event. Nothing is written while no endpoint subscribes to `member.*`.
+    pub async fn member_entered(
         &self,
-        kind: EventType,
-        room: Option<&RoomId>,
-        data: serde_json::Value,
+        room: &RoomId,
+        user: crate::protocol::UserRef,
+        node: &str,
+        epoch: i64,
     ) -> Result<()> {
-        if !self.webhooks_want(kind) {
+        if !self.members_wanted() {
             return Ok(());
         }
-        let mut tx = self.pool().begin().await?;
-        let queued = enqueue(
-            &mut tx,
-            Outgoing {
-                kind,
-                room,
-                seq: None,
-                ts: now_ms(),
-                data,
-            },
+        self.inner
+            .subscribed
+            .members_tracked
+            .store(true, Ordering::Relaxed);
+        let mut tx = self.begin_write().await?;
+        lock_member(&mut tx, room, &user.id).await?;
+        let inserted = sqlx::query(
+            "INSERT INTO webhook_member_nodes (room_id, user_id, node, epoch, user_name, role, \
+             since) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (room_id, user_id, node, epoch) DO NOTHING",
         )
-        .await?;
+        .bind(room.as_str())
+        .bind(user.id.as_str())
+        .bind(node)
+        .bind(epoch)
+        .bind(user.name.as_str())
+        .bind(user.role.as_str())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let present = member_nodes(&mut tx, room, &user.id).await?;
+        let queued = if inserted > 0 && present == 1 {
+            enqueue(
+                &mut tx,
+                member_outgoing(EventType::MemberJoined, room, user, None)?,
+            )
+            .await?
+        } else {
+            false
+        };
         tx.commit().await?;
         if queued {
             self.inner.outbox.notify_one();
@@ -309,28 +490,74 @@ impl Store {
         Ok(())
     }
 
-    /// `member.joined` / `member.left`: a user's first session entered the room, or their
-    /// last one left it (`reason` `leave`, or `disconnect` when the session ended or timed
-    /// out while in the room). Nothing is written when no endpoint subscribes.
-    pub async fn member_event(
+    /// The user's last session on this node left the room (`reason` `leave`, or `disconnect`
+    /// when the session ended or timed out while in the room): forgets this node's row and,
+    /// when it was the last node that had the user there, queues `member.left`. A user who
+    /// entered before any endpoint subscribed to `member.*` has no row, and gets no
+    /// `member.left` for that stay (nor had a `member.joined`).
+    pub async fn member_exited(
         &self,
-        kind: EventType,
         room: &RoomId,
         user: crate::protocol::UserRef,
-        reason: Option<&'static str>,
+        node: &str,
+        epoch: i64,
+        reason: &'static str,
     ) -> Result<()> {
-        if !self.webhooks_want(kind) {
+        if !self.members_wanted()
+            && !self
+                .inner
+                .subscribed
+                .members_tracked
+                .load(Ordering::Relaxed)
+        {
             return Ok(());
         }
-        #[derive(Serialize)]
-        struct Member {
-            user: crate::protocol::UserRef,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            reason: Option<&'static str>,
+        let mut tx = self.begin_write().await?;
+        let queued = forget_member(&mut tx, room, user, node, epoch, reason).await?;
+        tx.commit().await?;
+        if queued {
+            self.inner.outbox.notify_one();
         }
-        let data = serde_json::to_value(Member { user, reason })
-            .map_err(|e| StoreError::Corrupt(format!("member event: {e}")))?;
-        self.webhook_event(kind, Some(room), data).await
+        Ok(())
+    }
+
+    /// A run of a node is gone (it died, or starts again): its member rows go, each with a
+    /// `member.left` (`disconnect`) where it was the last node that had the user in the room.
+    /// `runs` picks one run, or every run but the current one. Every node that sees a node go
+    /// may call it: a row goes once, and only the call that deleted it queues the event.
+    /// Returns how many `member.left` were queued.
+    pub async fn members_forget_node(&self, node: &str, runs: MemberRuns) -> Result<u64> {
+        let (sql, epoch) = match runs {
+            MemberRuns::One(e) => ("epoch = $2", e),
+            MemberRuns::AllBut(e) => ("epoch <> $2", e),
+        };
+        // Only a fixed condition is formatted in; every value is bound.
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT room_id, user_id, user_name, role, epoch FROM webhook_member_nodes \
+             WHERE node = $1 AND {sql}"
+        )))
+        .bind(node)
+        .bind(epoch)
+        .fetch_all(self.pool())
+        .await?;
+        let mut left = 0;
+        for r in &rows {
+            let room = RoomId(r.try_get("room_id")?);
+            let user = crate::protocol::UserRef {
+                id: crate::protocol::UserId(r.try_get("user_id")?),
+                name: r.try_get("user_name")?,
+                role: crate::protocol::ShownRole::parse(r.try_get("role")?).unwrap_or_default(),
+            };
+            let run: i64 = r.try_get("epoch")?;
+            let mut tx = self.begin_write().await?;
+            let queued = forget_member(&mut tx, &room, user, node, run, "disconnect").await?;
+            tx.commit().await?;
+            if queued {
+                left += 1;
+                self.inner.outbox.notify_one();
+            }
+        }
+        Ok(left)
     }
 
     pub async fn webhook_count(&self) -> Result<i64> {
@@ -482,19 +709,30 @@ impl Store {
     }
 
     /// Queues the event of a delivery again for the same endpoint, behind what its lane
-    /// already has; the event keeps its id. `None` when there is no such delivery.
+    /// already has; the event keeps its id. `None` when there is no such delivery (or it was
+    /// pruned, see [`Store::prune_webhooks`]).
     pub async fn replay_delivery(&self, webhook: &str, delivery: i64) -> Result<Option<i64>> {
         let now = now_ms();
-        let id: Option<i64> = sqlx::query_scalar(
+        // The event must still be there, and stay: on PostgreSQL its row is share-locked, so
+        // a pruning pass that took it first makes this find nothing, and one that comes after
+        // sees the new delivery (see `prune_events`). SQLite runs one writer at a time.
+        let lock = match self.backend() {
+            super::Backend::Postgres => " FOR SHARE OF e",
+            super::Backend::Sqlite => "",
+        };
+        let sql = format!(
             "INSERT INTO webhook_deliveries (webhook_id, event_id, lane, state, attempts, \
-             next_at, created_at) SELECT webhook_id, event_id, lane, 'pending', 0, $3, $3 \
-             FROM webhook_deliveries WHERE id = $1 AND webhook_id = $2 RETURNING id",
-        )
-        .bind(delivery)
-        .bind(webhook)
-        .bind(now)
-        .fetch_optional(self.pool())
-        .await?;
+             next_at, created_at) SELECT d.webhook_id, d.event_id, d.lane, 'pending', 0, $3, $3 \
+             FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
+             WHERE d.id = $1 AND d.webhook_id = $2{lock} RETURNING id"
+        );
+        // Only a fixed locking clause is formatted in; every value is bound.
+        let id: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(delivery)
+            .bind(webhook)
+            .bind(now)
+            .fetch_optional(self.pool())
+            .await?;
         if id.is_some() {
             self.inner.outbox.notify_one();
         }
@@ -609,5 +847,106 @@ impl Store {
             self.refresh_webhook_subscriptions().await?;
         }
         Ok(())
+    }
+
+    /// Removes what the delivery log no longer needs to keep, in transactions of at most
+    /// `batch` rows each (so a large backlog never holds a long transaction): deliveries
+    /// finished (delivered or given up) before `cutoff` (ms) with their attempts; deliveries
+    /// of an endpoint that is disabled or gone, created before `cutoff`, whatever their state
+    /// (they can never be sent); then outbox events older than `cutoff` that no delivery
+    /// refers to any more. A pending delivery of an enabled endpoint, and the event it needs,
+    /// are never removed.
+    pub async fn prune_webhooks(&self, cutoff: i64, batch: usize) -> Result<Pruned> {
+        let batch = batch.max(1);
+        let mut pruned = Pruned::default();
+        loop {
+            let (deliveries, attempts) = self.prune_deliveries(cutoff, batch).await?;
+            pruned.deliveries += deliveries;
+            pruned.attempts += attempts;
+            if deliveries < batch as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        loop {
+            let events = self.prune_events(cutoff, batch).await?;
+            pruned.events += events;
+            if events < batch as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(pruned)
+    }
+
+    /// One batch of [`Store::prune_webhooks`]'s deliveries: how many went, and their attempts.
+    async fn prune_deliveries(&self, cutoff: i64, batch: usize) -> Result<(u64, u64)> {
+        let mut tx = self.begin_write().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT d.id FROM webhook_deliveries d \
+             WHERE (d.state <> 'pending' AND d.done_at < $1) \
+             OR (d.created_at < $1 AND NOT EXISTS \
+             (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id AND w.disabled = 0)) \
+             ORDER BY d.id LIMIT $2",
+        )
+        .bind(cutoff)
+        .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            return Ok((0, 0));
+        }
+        let list = super::placeholders(ids.len(), 1);
+        // Only numbered placeholders are formatted in; every value is bound.
+        let mut attempts = sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM webhook_attempts WHERE delivery_id IN ({list})"
+        )));
+        let mut deliveries = sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM webhook_deliveries WHERE id IN ({list})"
+        )));
+        for id in &ids {
+            attempts = attempts.bind(*id);
+            deliveries = deliveries.bind(*id);
+        }
+        let a = attempts.execute(&mut *tx).await?.rows_affected();
+        let d = deliveries.execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
+        Ok((d, a))
+    }
+
+    /// One batch of [`Store::prune_webhooks`]'s events: how many went. On PostgreSQL the
+    /// candidates are locked first (skipping any a replay holds) and checked again after, so
+    /// a replay that queued a delivery of one meanwhile keeps it.
+    async fn prune_events(&self, cutoff: i64, batch: usize) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let lock = match self.backend() {
+            super::Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            super::Backend::Sqlite => "",
+        };
+        // Only a fixed locking clause is formatted in; every value is bound.
+        let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT e.id FROM webhook_events e WHERE e.ts < $1 AND NOT EXISTS \
+             (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id) \
+             ORDER BY e.ts LIMIT $2{lock}"
+        )))
+        .bind(cutoff)
+        .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let list = super::placeholders(ids.len(), 1);
+        // Only numbered placeholders are formatted in; every value is bound.
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM webhook_events WHERE id IN ({list}) AND NOT EXISTS \
+             (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = webhook_events.id)"
+        )));
+        for id in &ids {
+            q = q.bind(id.as_str());
+        }
+        let n = q.execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
+        Ok(n)
     }
 }

@@ -891,3 +891,285 @@ async fn https_endpoints_are_delivered_over_verified_tls() {
 
     db.drop_db().await;
 }
+
+// -- retention --------------------------------------------------------------------------------
+
+/// Retry once after 50 ms, then not for an hour: a delivery that fails twice stays pending.
+fn stuck(c: &mut Config) {
+    fast(c);
+    c.webhook_retry_schedule = "50ms,1h".into();
+}
+
+async fn pruning_keeps_what_is_pending(db: Db) {
+    use studyhall::store::Pruned;
+    let db = TestDb::new(db).await;
+    let mut up = Receiver::start().await;
+    let mut down = Receiver::start().await;
+    let s = db.server(stuck).await;
+    s.room("r", "open").await;
+    let (up_hook, up_secret) = subscribe(&s, &up.url, &["message.created"]).await;
+    up.trust(&up_secret);
+    let (down_hook, down_secret) = subscribe(&s, &down.url, &["message.created"]).await;
+    down.trust(&down_secret);
+    down.answer(503);
+    let before = studyhall::store::now_ms();
+    let mut a = s.client("alice").await;
+    a.join("r").await;
+    for i in 0..3 {
+        send(&mut a, "r", &format!("m{i}")).await;
+    }
+    up.delivered(3).await;
+    for _ in 0..2 {
+        assert_eq!(down.next().await.status, 503);
+    }
+    let up_path = format!("/api/webhooks/{up_hook}/deliveries");
+    let down_path = format!("/api/webhooks/{down_hook}/deliveries");
+    let up_log = until_api(&s, &up_path, |l| {
+        let d = l["deliveries"].as_array().unwrap();
+        d.len() == 3 && d.iter().all(|d| d["state"] == "delivered")
+    })
+    .await;
+    // The first delivery of the endpoint that is down has failed twice and waits an hour.
+    until_api(&s, &down_path, |l| {
+        l["deliveries"].as_array().unwrap().last().is_some_and(|d| {
+            d["attempts"].as_array().unwrap().len() == 2 && d["state"] == "pending"
+        })
+    })
+    .await;
+    let store = &s.app.store;
+    // Retention not reached: nothing goes.
+    assert_eq!(
+        store.prune_webhooks(before, 2).await.unwrap(),
+        Pruned::default()
+    );
+    // Past it, in batches of two: the delivered go with their attempts; the pending stay, and
+    // so do the events they need.
+    let cutoff = studyhall::store::now_ms() + 1;
+    let p = store.prune_webhooks(cutoff, 2).await.unwrap();
+    assert_eq!(
+        p,
+        Pruned {
+            deliveries: 3,
+            attempts: 3,
+            events: 0
+        }
+    );
+    let (_, log) = api(&s, "GET", &up_path, None).await;
+    assert_eq!(log["deliveries"], json!([]), "{log}");
+    let (_, log) = api(&s, "GET", &down_path, None).await;
+    let left = log["deliveries"].as_array().unwrap();
+    assert_eq!(left.len(), 3, "{log}");
+    assert!(left.iter().all(|d| d["state"] == "pending"), "{log}");
+    assert_eq!(left[2]["attempts"].as_array().unwrap().len(), 2);
+    // A pruned delivery cannot be replayed.
+    let pruned_id = up_log["deliveries"][2]["id"].as_i64().unwrap();
+    let (status, body) = api(&s, "POST", &format!("{up_path}/{pruned_id}/replay"), None).await;
+    assert_eq!(status, 404, "{body}");
+    // The pending ones still can, and their events are still there to send.
+    let pending_id = left[0]["id"].as_i64().unwrap();
+    let (status, body) = api(
+        &s,
+        "POST",
+        &format!("{down_path}/{pending_id}/replay"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    // Once no delivery refers to them (the endpoint is deleted), the events go too.
+    let (status, _) = api(&s, "DELETE", &format!("/api/webhooks/{down_hook}"), None).await;
+    assert_eq!(status, 204);
+    let p = store
+        .prune_webhooks(studyhall::store::now_ms() + 1, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        p,
+        Pruned {
+            deliveries: 0,
+            attempts: 0,
+            events: 3
+        }
+    );
+    assert_eq!(
+        store
+            .prune_webhooks(studyhall::store::now_ms() + 1, 2)
+            .await
+            .unwrap(),
+        Pruned::default()
+    );
+    drop(a);
+    s.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn pruning_keeps_what_is_pending_sqlite() {
+    pruning_keeps_what_is_pending(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn pruning_keeps_what_is_pending_postgres() {
+    pruning_keeps_what_is_pending(Db::Postgres).await;
+}
+
+/// The sender prunes by itself every `webhook_prune_every_s`, what finished more than
+/// `webhook_retention_s` ago (one second here: the wait is on the log emptying).
+#[tokio::test]
+async fn the_sender_prunes_past_the_retention() {
+    let db = TestDb::new(Db::Sqlite).await;
+    let mut rcv = Receiver::start().await;
+    let s = db
+        .server(|c| {
+            fast(c);
+            c.webhook_retention_s = 1;
+            c.webhook_prune_every_s = 1;
+        })
+        .await;
+    s.room("r", "open").await;
+    let (hook, secret) = subscribe(&s, &rcv.url, &["message.created"]).await;
+    rcv.trust(&secret);
+    let mut a = s.client("alice").await;
+    a.join("r").await;
+    send(&mut a, "r", "m0").await;
+    rcv.delivered(1).await;
+    let path = format!("/api/webhooks/{hook}/deliveries");
+    until_api(&s, &path, |l| l["deliveries"][0]["state"] == "delivered").await;
+    until_api(&s, &path, |l| l["deliveries"] == json!([])).await;
+    drop(a);
+    s.stop().await;
+    db.drop_db().await;
+}
+
+// -- member events across nodes ---------------------------------------------------------------
+
+/// Two nodes of one cluster as the store sees them: two stores on one database, each
+/// deciding `member.*` under the same per-user lock.
+async fn member_events_once_across_nodes(db: Db) {
+    use studyhall::protocol::{RoomId, UserId, UserRef};
+    use studyhall::store::{EventType, MemberRuns, Store, StoreOptions};
+    let db = TestDb::new(db).await;
+    let open = || async {
+        let metrics = Arc::new(studyhall::metrics::Metrics::default());
+        within(
+            "open",
+            Store::open(&StoreOptions::new(db.url.as_str()), metrics, None),
+        )
+        .await
+        .unwrap()
+    };
+    let n1 = open().await;
+    let n2 = open().await;
+    let events = [EventType::MemberJoined, EventType::MemberLeft];
+    let secret = studyhall::webhooks::new_secret();
+    n1.create_webhook("wh_members", "http://127.0.0.1:9/hook", &events, &secret)
+        .await
+        .unwrap();
+    n2.refresh_webhook_subscriptions().await.unwrap();
+    let types = |store: Store| async move {
+        let mut d = store.webhook_deliveries("wh_members", 100).await.unwrap();
+        d.reverse();
+        d.into_iter()
+            .map(|d| format!("{} {}", d.kind, d.room.unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    let user = |id: &str| UserRef {
+        id: UserId(id.into()),
+        name: id.to_uppercase(),
+        role: studyhall::protocol::ShownRole::Member,
+    };
+    let r = RoomId("r".into());
+
+    // Alice enters on both nodes at once, and leaves both at once: one of each.
+    let (x, y) = tokio::join!(
+        n1.member_entered(&r, user("alice"), "n1", 1),
+        n2.member_entered(&r, user("alice"), "n2", 2)
+    );
+    x.unwrap();
+    y.unwrap();
+    // Leaving one node and coming back while on the other is no transition.
+    n1.member_exited(&r, user("alice"), "n1", 1, "leave")
+        .await
+        .unwrap();
+    n1.member_entered(&r, user("alice"), "n1", 1).await.unwrap();
+    assert_eq!(types(n1.clone()).await, ["member.joined r"]);
+    let (x, y) = tokio::join!(
+        n1.member_exited(&r, user("alice"), "n1", 1, "leave"),
+        n2.member_exited(&r, user("alice"), "n2", 2, "disconnect")
+    );
+    x.unwrap();
+    y.unwrap();
+    assert_eq!(
+        types(n1.clone()).await,
+        ["member.joined r", "member.left r"]
+    );
+    // A second leave of the same stay (two sessions of one node racing) adds nothing.
+    n1.member_exited(&r, user("alice"), "n1", 1, "leave")
+        .await
+        .unwrap();
+    assert_eq!(types(n2.clone()).await.len(), 2);
+
+    // Node n2 dies while Bob is on both: every survivor forgets it, no member.left; his
+    // leaving n1 is the one.
+    let r2 = RoomId("r2".into());
+    n1.member_entered(&r2, user("bob"), "n1", 1).await.unwrap();
+    n2.member_entered(&r2, user("bob"), "n2", 2).await.unwrap();
+    let (x, y) = tokio::join!(
+        n1.members_forget_node("n2", MemberRuns::One(2)),
+        n2.members_forget_node("n2", MemberRuns::One(2))
+    );
+    assert_eq!(x.unwrap() + y.unwrap(), 0);
+    n1.member_exited(&r2, user("bob"), "n1", 1, "leave")
+        .await
+        .unwrap();
+    // Carol only on n2 (a later run), which dies: one member.left however many forget it.
+    let r3 = RoomId("r3".into());
+    n2.member_entered(&r3, user("carol"), "n2", 3)
+        .await
+        .unwrap();
+    let (x, y) = tokio::join!(
+        n1.members_forget_node("n2", MemberRuns::One(3)),
+        n1.members_forget_node("n2", MemberRuns::One(3))
+    );
+    assert_eq!(x.unwrap() + y.unwrap(), 1);
+    // A node starting again forgets its earlier runs, never its current one.
+    let r4 = RoomId("r4".into());
+    n1.member_entered(&r4, user("dave"), "n1", 4).await.unwrap();
+    assert_eq!(
+        n1.members_forget_node("n1", MemberRuns::AllBut(4))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        n1.members_forget_node("n1", MemberRuns::AllBut(5))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        types(n1.clone()).await,
+        [
+            "member.joined r",
+            "member.left r",
+            "member.joined r2",
+            "member.left r2",
+            "member.joined r3",
+            "member.left r3",
+            "member.joined r4",
+            "member.left r4",
+        ]
+    );
+    n1.close().await;
+    n2.close().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn member_events_once_across_nodes_sqlite() {
+    member_events_once_across_nodes(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn member_events_once_across_nodes_postgres() {
+    member_events_once_across_nodes(Db::Postgres).await;
+}

@@ -519,6 +519,28 @@ export function setupClassroom(ctx) {
 
   // -- the Class tab -----------------------------------------------------------------------
 
+  /// A student in an open group, with a menu that moves them to another group
+  /// (`breakout_move`).
+  function moveChip(parent, b, group, user) {
+    const select = el('select', { class: 'move', 'aria-label': 'move ' + user, dataset: { user },
+      onchange: async () => {
+        const to = select.value;
+        if (!to) return;
+        try {
+          await client.request({ type: 'breakout_move', room: parent, user, group_room: to });
+          for (const g of b.groups) g.members = g.members.filter((m) => m !== user);
+          const target = b.groups.find((g) => g.room === to);
+          if (target) target.members.push(user);
+        } catch (e) {
+          fail(e);
+        }
+        renderClass();
+      } },
+    el('option', { value: '', text: 'move…' }),
+    b.groups.filter((g) => g.room !== group.room).map((g) => el('option', { value: g.room, text: g.title })));
+    return el('span', { class: 'member-chip', dataset: { user } }, el('span', { text: user }), select);
+  }
+
   function renderClass() {
     const room = ctx.active();
     if (!room) return;
@@ -543,7 +565,8 @@ export function setupClassroom(ctx) {
       open.replaceChildren(
         el('p', {}, `${b.groups.length} groups open`, left !== null ? el('span', { id: 'bo-host-left', class: 'timer', text: ' · ' + clock(left) + ' left' }) : null),
         el('ul', { class: 'groups' }, b.groups.map((g) => el('li', { dataset: { group: g.room } },
-          el('b', { text: g.title }), ' ', el('span', { class: 'muted', text: g.members.join(', ') || 'no one yet' }), ' ',
+          el('b', { text: g.title }), ' ',
+          g.members.length ? g.members.map((u) => moveChip(room, b, g, u)) : el('span', { class: 'muted', text: 'no one yet' }), ' ',
           el('button', { type: 'button', class: 'listen', onclick: () => ctx.openRoom(g.room) }, 'Listen in')))),
       );
       open.hidden = false;

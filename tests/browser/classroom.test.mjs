@@ -2,9 +2,9 @@
 // a teacher runs a whole live class. The class is scheduled, students ask a question before it
 // starts, the teacher starts it, runs a quiz the students answer (results with the right option
 // marked, and the quiz leaderboard), a word cloud, opens breakout groups on a short timer
-// (students are taken to their group, chat there, call for help, the teacher listens in, and
-// everyone is back in the main room when the timer runs out), ends the class (the room turns
-// read-only for students) and reads the summary.
+// (students are taken to their group, one is moved to another group, they chat there, call for
+// help, the teacher listens in, and everyone is back in the main room when the timer runs
+// out), ends the class (the room turns read-only for students) and reads the summary.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -143,12 +143,16 @@ test('a teacher runs a whole live class in the web client', { timeout: 240000 },
   await tab(teacher, 'class');
   await teacher.fill('#bo-count', '2');
   await teacher.selectOption('#bo-assign', 'balanced');
-  await teacher.fill('#bo-minutes', '0.25');
+  await teacher.fill('#bo-minutes', '0.5');
   await teacher.click('#bo-start');
   await teacher.locator('#bo-open .groups li').nth(1).waitFor({ timeout: T });
   // Students are taken to their group, with the time left and a help button.
   await title(ann, 'Group 1');
   await title(ben, 'Group 2');
+  // The teacher moves Ben to Ann's group while the groups are open; Ben follows.
+  await teacher.selectOption('#bo-open .groups li[data-group="algebra.g2"] select[data-user="ben"]', 'algebra.g1');
+  await teacher.locator('#bo-open .groups li[data-group="algebra.g1"] .member-chip[data-user="ben"]').waitFor({ timeout: T });
+  await until(ben, () => document.getElementById('room-title').textContent === 'Group 1');
   await ann.locator('#breakout-bar #bo-left').waitFor({ timeout: T });
   await say(ann, 'hello group one');
   await ann.click('#bo-help');
@@ -159,7 +163,7 @@ test('a teacher runs a whole live class in the web client', { timeout: 240000 },
   await teacher.locator('#msg-list .msg .text', { hasText: 'hello group one' }).waitFor({ timeout: T });
   // The timer runs out: everyone is back in the main room.
   for (const p of [ann, ben, teacher]) {
-    await title(p, 'Algebra');
+    await p.locator('#room-title', { hasText: 'Algebra' }).waitFor({ timeout: 60000 });
     await until(p, () => document.getElementById('breakout-bar').hidden);
   }
   await say(ben, 'back in class');

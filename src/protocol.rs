@@ -264,29 +264,22 @@ pub enum ShownRole {
 impl ShownRole {
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Viewer => "viewer",
-            Self::Member => "member",
-            Self::Ta => "ta",
-            Self::Host => "host",
             Self::System => "system",
-            Self::Student => "student",
-            Self::Tutor => "tutor",
-            Self::Admin => "admin",
+            Self::Student => PlatformRole::Student.as_str(),
+            Self::Tutor => PlatformRole::Tutor.as_str(),
+            Self::Admin => PlatformRole::Admin.as_str(),
+            room => room.room().map_or("member", RoomRole::as_str),
         }
     }
 
     /// A stored or relayed role; `None` for anything else.
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "viewer" => Self::Viewer,
-            "member" => Self::Member,
-            "ta" => Self::Ta,
-            "host" => Self::Host,
-            "system" => Self::System,
-            "student" => Self::Student,
-            "tutor" => Self::Tutor,
-            "admin" => Self::Admin,
-            _ => return None,
+        RoomRole::parse(s).map(Self::from).or(match s {
+            "system" => Some(Self::System),
+            "student" => Some(Self::Student),
+            "tutor" => Some(Self::Tutor),
+            "admin" => Some(Self::Admin),
+            _ => None,
         })
     }
 
@@ -1477,6 +1470,20 @@ pub mod close {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_roles_keep_their_wire_names() {
+        use ShownRole::*;
+        for r in [Viewer, Member, Ta, Host, System, Student, Tutor, Admin] {
+            let wire = serde_json::to_string(&r).unwrap();
+            assert_eq!(wire, format!("\"{}\"", r.as_str()));
+            assert_eq!(ShownRole::parse(r.as_str()), Some(r));
+            assert_eq!(serde_json::from_str::<ShownRole>(&wire).unwrap(), r);
+        }
+        assert_eq!(ShownRole::parse("owner"), None);
+        assert_eq!(ShownRole::from(RoomRole::Ta).room(), Some(RoomRole::Ta));
+        assert_eq!(ShownRole::from(PlatformRole::Tutor).room(), None);
+    }
 
     #[test]
     fn nul_escapes_are_found_and_escaped_backslashes_are_not() {

@@ -417,3 +417,70 @@ async fn a_burst_of_answers_makes_few_results_updates() {
     assert!(updates <= 5, "{updates} results updates for {n} answers");
     s.stop().await;
 }
+
+/// A restart in the middle of an open poll and a live board loses nothing: the answers given
+/// before it count after it (and can still be changed), and the board's strokes are all there
+/// for a client syncing afresh (the shutdown saves boards changed since the last save).
+#[tokio::test]
+async fn a_restart_mid_poll_and_mid_board_loses_nothing() {
+    use crate::boards::{board, insert, read, text};
+    use yrs::sync::{Message, SyncMessage};
+    use yrs::{Doc, StateVector};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    // Boards are saved every minute here: only the shutdown's save can keep the strokes.
+    let tweak = |url: &str| {
+        let mut c = base_config(url.to_owned());
+        c.board_save_ms = 60_000;
+        c
+    };
+    let s = Server::start(tweak(&url)).await;
+    s.room("r", "open").await;
+    let mut h = host(&s, "r").await;
+    let id = create(&mut h, "r", json!({})).await["id"].clone();
+    h.ok(json!({"type":"poll_open","room":"r","poll":id})).await;
+    let mut ann = member(&s, "ann", "r").await;
+    let mut bob = member(&s, "bob", "r").await;
+    ann.ok(json!({"type":"poll_answer","room":"r","poll":id,"choices":[0]}))
+        .await;
+    bob.ok(json!({"type":"poll_answer","room":"r","poll":id,"choices":[2]}))
+        .await;
+    let doc = Doc::new();
+    for (at, word) in [(0, "strokes "), (8, "survive")] {
+        h.ok(board("r", &insert(&doc, at, word))).await;
+    }
+    drop((h, ann, bob));
+    s.stop().await;
+
+    let s = Server::start(tweak(&url)).await;
+    let mut h = host(&s, "r").await;
+    let polls = h.ok(json!({"type":"polls","room":"r"})).await;
+    let poll = &polls["polls"][0];
+    assert_eq!(poll["state"], "open", "{polls}");
+    assert_eq!(poll["results"]["answers"], 2, "{polls}");
+    assert_eq!(poll["results"]["counts"], json!([1, 0, 1]), "{polls}");
+    // Still open: Ann changes her answer, and the count follows.
+    let mut ann = member(&s, "ann", "r").await;
+    ann.ok(json!({"type":"poll_answer","room":"r","poll":id,"choices":[1]}))
+        .await;
+    let closed = h
+        .ok(json!({"type":"poll_close","room":"r","poll":id}))
+        .await;
+    assert_eq!(
+        closed["poll"]["results"]["counts"],
+        json!([0, 1, 1]),
+        "{closed}"
+    );
+    // The board: a fresh client's step 1 gets every stroke.
+    let step1 = Message::Sync(SyncMessage::SyncStep1(StateVector::default()));
+    ann.ok(board("r", &step1)).await;
+    let fresh = Doc::new();
+    loop {
+        if let m @ Message::Sync(SyncMessage::SyncStep2(_)) = read(&ann.until("board").await) {
+            crate::boards::apply(&fresh, m);
+            break;
+        }
+    }
+    assert_eq!(text(&fresh), "strokes survive");
+    s.stop().await;
+}

@@ -394,7 +394,15 @@ export class Calls {
     if (data.sdp) {
       if (data.sdp.type === 'offer') {
         if (s.makingOffer || pc.signalingState !== 'stable') return;
-        await pc.setRemoteDescription(data.sdp);
+        try {
+          await pc.setRemoteDescription(data.sdp);
+        } catch (e) {
+          // An offer we cannot take (the protocol has no way to refuse one): offering
+          // ourselves voids it, and the server offers its changes again after answering.
+          console.warn('sfu offer refused here, offering instead', e);
+          await this.sfuOffer(av);
+          return;
+        }
         await this.sfuFlushCandidates(s);
         await pc.setLocalDescription(await pc.createAnswer());
         const d = pc.localDescription;

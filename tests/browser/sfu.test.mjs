@@ -87,6 +87,17 @@ test(`class room on the SFU: ${BROWSERS} web clients, one peer connection each, 
     }, null, { timeout: T });
     // The others still see each other.
     await waitFlowing([host], () => users.filter((u) => u !== 'teach' && u !== 'kid1'), { audio: false });
+
+    // Back in (camera on again: a mute lasts until the session leaves the room's SFU), then
+    // out and in again at once, before the others have negotiated the stop: seen every time.
+    await kid.click('#av-join');
+    await waitFlowing(list.filter((p) => p !== kid), () => ['kid1']);
+    await kid.evaluate(async () => {
+      await window.studyhall.calls.avLeave();
+      await window.studyhall.calls.avJoin('sfu-class');
+    });
+    await waitFlowing(list.filter((p) => p !== kid), () => ['kid1']);
+    await waitFlowing([kid], () => users.filter((u) => u !== 'kid1'));
   } catch (e) {
     dumpLogs(list);
     throw e;

@@ -504,6 +504,9 @@ export class Calls {
   onStage(m) {
     const av = this.av;
     if (!av || av.mode !== 'sfu' || av.room !== m.room) return;
+    // Only a live room ties publishing to the stage (a class room's members always publish).
+    const room = this.client.rooms.get(m.room);
+    if (!room || !room.info || room.info.kind !== 'live') return;
     const user = m.user && m.user.id;
     const me = this.client.me && this.client.me.user.id;
     if (user !== me) {
@@ -512,7 +515,8 @@ export class Calls {
       this.sfuShow(av);
       return;
     }
-    if (m.on === av.publish) return;
+    // The host publishes on stage or not.
+    if (m.on === av.publish || room.role === 'host') return;
     av.publish = m.on;
     this.sfuQueue(() => (m.on ? this.sfuStartPublishing(av) : this.sfuStopPublishing(av)));
   }

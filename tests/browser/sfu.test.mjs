@@ -1,7 +1,7 @@
 // The web client (web/calls.js) on the SFU, in headless Chromium with fake media: a `class`
 // room whose `av.mode` is `sfu` (set with PATCH /api/rooms/{id}), SFU_BROWSERS browsers (4 by
-// default; 8 pass on 2 idle cores in about 80 s, too close to the suite's 150 s per file on a
-// busy machine; at 160x120 and 10 fps) sign in through the dev form, join the room and its A/V from
+// default; with 8, everyone decodes everyone in 80-115 s on 2 shared cores, but the whole test
+// runs past its 140 s there; at 160x120 and 10 fps) sign in through the dev form, join the room and its A/V from
 // the A/V tab; each gets `mode:"sfu"`, holds exactly ONE RTCPeerConnection (counted by a
 // wrapper installed before the page's scripts) and decodes growing video and receives audio
 // from every other user through the server, told apart by the stream id of each section (the

@@ -136,7 +136,10 @@ async function start(token) {
   client = new Client(wsUrl(), token);
   window.studyhall = { get client() { return client; }, get calls() { return calls; } };
   client.on('state', renderConn);
-  calls = new Calls(client, { onCall: renderCall, onAv: renderAv });
+  calls = new Calls(client, {
+    onCall: renderCall, onAv: renderAv, onSpeakers: renderSpeakers,
+    onAvMuted: (m) => toast('Your ' + (m.kind === 'audio' ? 'microphone' : 'camera') + ' was turned off by ' + m.by),
+  });
   engagement = setupEngagement({
     client, el, $, toast, fail,
     active: () => active,
@@ -920,6 +923,7 @@ function renderAv(av) {
   const grid = $('av-grid');
   grid.replaceChildren();
   if (!av) return;
+  grid.dataset.mode = av.mode || 'mesh';
   if (calls.local) {
     const v = el('video', { autoplay: true, playsinline: true, muted: true });
     v.muted = true;
@@ -928,9 +932,17 @@ function renderAv(av) {
   }
   for (const [session, p] of av.peers) {
     const v = el('video', { autoplay: true, playsinline: true, dataset: { session } });
-    grid.append(el('figure', {}, v, el('figcaption', { text: p.user + ' · ' + p.state })));
+    const f = el('figure', { dataset: { user: p.user } }, v, el('figcaption', { text: p.user + ' · ' + p.state }));
+    grid.append(f);
     if (p.stream) playVideo(v, p.stream);
   }
+  renderSpeakers(av);
+}
+
+/// SFU `active_speakers`: the speaking users' tiles are highlighted.
+function renderSpeakers(av) {
+  const speaking = (av && av.speakers) || new Set();
+  for (const f of $('av-grid').querySelectorAll('figure[data-user]')) f.classList.toggle('speaking', speaking.has(f.dataset.user));
 }
 
 $('av-join').addEventListener('click', () => calls.avJoin(active).catch(fail));

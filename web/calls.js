@@ -1,8 +1,12 @@
 // calls.js owns the web client's WebRTC: the 1v1 call (call / call_incoming / accept /
-// reject / hangup, mute, camera off, the call timer's start) and the small-class mesh
-// (av_join, av_peer): one RTCPeerConnection per call or per A/V peer, trickle ICE through
-// `signal`, remote candidates held until the remote description is set (the approach of
-// tests/browser/page/studyhall-rtc.js). No DOM beyond the <video> elements it is handed.
+// reject / hangup, mute, camera off, the call timer's start), the small-class mesh (av_join,
+// av_peer: one RTCPeerConnection per call or per A/V peer, trickle ICE through `signal`,
+// remote candidates held until the remote description is set, the approach of
+// tests/browser/page/studyhall-rtc.js) and the SFU (av_join answering `mode:"sfu"`: ONE
+// RTCPeerConnection to the server, `signal {room, to:"sfu"}`, the server's renegotiation
+// offers answered with the client as the impolite side, remote tracks grouped per publisher
+// by their stream id, `active_speakers`, `av_muted`, stage changes in live rooms). No DOM
+// beyond the <video> elements it is handed.
 
 export class Peer {
   constructor(key, iceServers, send, onTrack, onState) {
@@ -59,6 +63,9 @@ export class Peer {
   }
 }
 
+/// The `to` of a signal for the server itself, and the `from.session` of its signals.
+const SFU_PEER = 'sfu';
+
 /// Calls and A/V for one signed-in client. `ui` gets callbacks: onCall(state), onAv(state).
 export class Calls {
   constructor(client, ui) {
@@ -67,17 +74,27 @@ export class Calls {
     this.local = null;
     this.call = null; // {id, peerUser, peerName, state, startedAt, incoming, peer, media}
     this.early = new Map(); // key -> [signal data] before the peer existed
-    this.av = null; // {room, peers: Map(session -> {peer, user, stream})}
+    // Mesh: {room, mode:'mesh', peers: Map(session -> {peer, user, stream, state})}.
+    // SFU: {room, mode:'sfu', peers: Map(user -> {user, stream, state}) (the tiles shown),
+    // users: Map(user -> {user, stream, state}) (every publisher heard), sessions:
+    // Map(session -> user), offStage: Set(user), speakers: Set(user), sfu: {pc, ...}}.
+    this.av = null;
+    // The camera asked for; a page (or a test) may lower it before joining.
+    this.videoConstraints = { width: 640, height: 480 };
     client.on('call_incoming', (m) => this.onIncoming(m));
     client.on('call_state', (m) => this.onCallState(m));
     client.on('call_ended', (m) => this.onEnded(m));
     client.on('signal', (m) => this.onSignal(m));
     client.on('av_peer', (m) => this.onAvPeer(m));
+    client.on('active_speakers', (m) => this.onSpeakers(m));
+    client.on('av_muted', (m) => this.onAvMuted(m));
+    client.on('stage', (m) => this.onStage(m));
+    client.on('kicked', (m) => this.onKicked(m));
   }
 
   async media(kinds = { audio: true, video: true }) {
     if (this.local) return this.local;
-    const video = kinds.video ? { width: 640, height: 480 } : false;
+    const video = kinds.video ? this.videoConstraints : false;
     this.local = await navigator.mediaDevices.getUserMedia({ audio: !!kinds.audio, video });
     return this.local;
   }
@@ -220,6 +237,10 @@ export class Calls {
       return;
     }
     if (!this.av || this.av.room !== m.room) return;
+    if (this.av.mode === 'sfu') {
+      if (m.from.session === SFU_PEER) this.sfuQueue(() => this.sfuApply(m.data));
+      return;
+    }
     let p = this.av.peers.get(m.from.session);
     if (!p) p = this.addAvPeer(m.from.session, m.from.user);
     p.peer.handle(m.data, this.av.publish ? this.local : null);
@@ -229,9 +250,18 @@ export class Calls {
 
   async avJoin(room) {
     if (this.av) return;
-    await this.media();
+    // The SFU can do without a camera (recvonly); the mesh cannot, as before.
+    let mediaError = null;
+    await this.media().catch((e) => {
+      mediaError = e;
+    });
     const ok = await this.client.request({ type: 'av_join', room });
-    this.av = { room, peers: new Map(), ice: ok.ice_servers, publish: ok.publish };
+    if (ok.mode === 'sfu') return this.sfuJoin(room, ok);
+    if (mediaError) {
+      await this.client.request({ type: 'av_leave', room }).catch(() => {});
+      throw mediaError;
+    }
+    this.av = { room, mode: 'mesh', peers: new Map(), ice: ok.ice_servers, publish: ok.publish };
     for (const peer of ok.peers) {
       const p = this.addAvPeer(peer.session, peer.user);
       if (ok.publish) p.peer.addTracks(this.local);
@@ -264,6 +294,7 @@ export class Calls {
 
   onAvPeer(m) {
     if (!this.av || this.av.room !== m.room) return;
+    if (this.av.mode === 'sfu') return this.sfuPeer(m);
     if (!m.joined) {
       const p = this.av.peers.get(m.session);
       if (p) p.peer.close();
@@ -276,10 +307,249 @@ export class Calls {
   async avLeave() {
     if (!this.av) return;
     const room = this.av.room;
-    for (const p of this.av.peers.values()) p.peer.close();
+    if (this.av.mode === 'sfu') this.av.sfu.pc.close();
+    else for (const p of this.av.peers.values()) p.peer.close();
     this.av = null;
     this.stopMedia();
     this.ui.onAv(null);
     await this.client.request({ type: 'av_leave', room }).catch(() => {});
+  }
+
+  // -- SFU: the server is the one peer ---------------------------------------------------------
+
+  async sfuJoin(room, ok) {
+    const pc = new RTCPeerConnection({ iceServers: ok.ice_servers || [] });
+    const av = {
+      room, mode: 'sfu', ice: ok.ice_servers, publish: ok.publish, peers: new Map(), users: new Map(),
+      sessions: new Map(ok.peers.map((p) => [p.session, p.user])), offStage: new Set(), speakers: new Set(),
+      // `watch`: our own recvonly sections (the server sends nothing on them).
+      sfu: { pc, chain: Promise.resolve(), held: [], makingOffer: false, senders: [], watch: new Set(), state: 'new' },
+    };
+    this.av = av;
+    const send = this.signalSender({ type: 'signal', room, to: SFU_PEER });
+    av.sfu.send = send;
+    pc.onicecandidate = (e) => send({ candidate: e.candidate ? e.candidate.toJSON() : null });
+    pc.ontrack = (e) => this.sfuTrack(av, e);
+    pc.onconnectionstatechange = () => {
+      av.sfu.state = pc.connectionState;
+      for (const u of av.users.values()) u.state = pc.connectionState;
+      if (this.av === av) this.ui.onAv(av);
+    };
+    if (ok.publish && this.local) this.sfuPublishTracks(av);
+    else {
+      // Watch only: recvonly sections, so that the first offer has media sections at all.
+      // The camera is not needed until this session may publish (a stage change).
+      this.releaseLocal();
+      for (const kind of ['audio', 'video']) av.sfu.watch.add(pc.addTransceiver(kind, { direction: 'recvonly' }));
+    }
+    this.ui.onAv(av);
+    await this.sfuQueue(() => this.sfuOffer(av));
+    return ok;
+  }
+
+  /// Stops the camera and microphone while A/V does not use them.
+  releaseLocal() {
+    if (!this.local || this.call) return;
+    for (const t of this.local.getTracks()) t.stop();
+    this.local = null;
+  }
+
+  /// Our own tracks as new sendonly sections (never reusing a receiving transceiver).
+  sfuPublishTracks(av) {
+    for (const t of this.local.getTracks()) {
+      const tr = av.sfu.pc.addTransceiver(t, { direction: 'sendonly', streams: [this.local] });
+      av.sfu.senders.push({ sender: tr.sender, kind: t.kind });
+    }
+  }
+
+  /// Runs `step` after everything queued on the SFU peer connection before it.
+  sfuQueue(step) {
+    const s = this.av.sfu;
+    s.chain = s.chain.then(step).catch((e) => console.warn('sfu signal', e));
+    return s.chain;
+  }
+
+  async sfuOffer(av) {
+    const s = av.sfu;
+    if (this.av !== av || s.pc.signalingState === 'closed') return;
+    s.makingOffer = true;
+    try {
+      await s.pc.setLocalDescription(await s.pc.createOffer());
+    } finally {
+      s.makingOffer = false;
+    }
+    const d = s.pc.localDescription;
+    s.send({ sdp: { type: d.type, sdp: d.sdp } });
+  }
+
+  /// The server's side. The client is the impolite peer: an offer of the server that meets
+  /// one of ours is ignored (the server voids it on receiving ours and offers again after
+  /// answering).
+  async sfuApply(data) {
+    const av = this.av;
+    if (!av || av.mode !== 'sfu') return;
+    const s = av.sfu;
+    const pc = s.pc;
+    if (pc.signalingState === 'closed') return;
+    if (data.sdp) {
+      if (data.sdp.type === 'offer') {
+        if (s.makingOffer || pc.signalingState !== 'stable') return;
+        try {
+          await pc.setRemoteDescription(data.sdp);
+        } catch (e) {
+          // An offer we cannot take (the protocol has no way to refuse one): offering
+          // ourselves voids it, and the server offers its changes again after answering.
+          console.warn('sfu offer refused here, offering instead', e);
+          await this.sfuOffer(av);
+          return;
+        }
+        await this.sfuFlushCandidates(s);
+        await pc.setLocalDescription(await pc.createAnswer());
+        const d = pc.localDescription;
+        s.send({ sdp: { type: d.type, sdp: d.sdp } });
+      } else {
+        if (pc.signalingState !== 'have-local-offer') return;
+        await pc.setRemoteDescription(data.sdp);
+        await this.sfuFlushCandidates(s);
+      }
+      this.sfuPrune(av);
+    } else if ('candidate' in data) {
+      if (!pc.remoteDescription) s.held.push(data.candidate);
+      else await this.sfuCandidate(pc, data.candidate);
+    }
+  }
+
+  async sfuFlushCandidates(s) {
+    for (const c of s.held.splice(0)) await this.sfuCandidate(s.pc, c);
+  }
+
+  async sfuCandidate(pc, c) {
+    if (c && c.candidate) await pc.addIceCandidate(c);
+    else await pc.addIceCandidate();
+  }
+
+  /// A remote track: its stream id is the publisher's user id (one tile per user).
+  sfuTrack(av, e) {
+    const user = e.streams[0] ? e.streams[0].id : null;
+    if (!user || this.av !== av || av.sfu.watch.has(e.transceiver)) return;
+    let u = av.users.get(user);
+    if (!u) {
+      u = { user, stream: new MediaStream(), state: av.sfu.state };
+      av.users.set(user, u);
+    }
+    for (const old of u.stream.getTracks()) if (old.kind === e.track.kind && old.readyState === 'ended') u.stream.removeTrack(old);
+    u.stream.addTrack(e.track);
+    e.track.addEventListener('ended', () => this.sfuPrune(av));
+    this.sfuShow(av);
+  }
+
+  /// Drops the tracks the server stopped (their sections came back with port 0) and the users
+  /// left with none.
+  sfuPrune(av) {
+    if (this.av !== av) return;
+    const live = new Set();
+    for (const t of av.sfu.pc.getTransceivers()) {
+      const d = t.currentDirection;
+      if ((d === 'recvonly' || d === 'sendrecv') && t.receiver.track.readyState === 'live') live.add(t.receiver.track.id);
+    }
+    for (const [user, u] of av.users) {
+      for (const t of u.stream.getTracks()) if (!live.has(t.id)) u.stream.removeTrack(t);
+      if (!u.stream.getTracks().length) av.users.delete(user);
+    }
+    this.sfuShow(av);
+  }
+
+  /// The tiles: every publisher heard, less those taken off stage.
+  sfuShow(av) {
+    if (this.av !== av) return;
+    av.peers = new Map([...av.users].filter(([user]) => !av.offStage.has(user)));
+    this.ui.onAv(av);
+  }
+
+  sfuPeer(m) {
+    const av = this.av;
+    if (m.joined) {
+      av.sessions.set(m.session, m.user);
+      return;
+    }
+    av.sessions.delete(m.session);
+    // The user's tracks go with the server's next offer; without another session of that
+    // user in the room's SFU, the tile goes now.
+    if (![...av.sessions.values()].includes(m.user)) {
+      av.users.delete(m.user);
+      this.sfuShow(av);
+    }
+  }
+
+  onSpeakers(m) {
+    const av = this.av;
+    if (!av || av.room !== m.room) return;
+    av.speakers = new Set(m.users);
+    if (this.ui.onSpeakers) this.ui.onSpeakers(av);
+    else this.ui.onAv(av);
+  }
+
+  /// A host or ta stopped our audio or video in the SFU: the track is disabled here too.
+  onAvMuted(m) {
+    const av = this.av;
+    if (!av || av.room !== m.room) return;
+    const tracks = this.local ? (m.kind === 'audio' ? this.local.getAudioTracks() : this.local.getVideoTracks()) : [];
+    for (const t of tracks) t.enabled = false;
+    if (this.ui.onAvMuted) this.ui.onAvMuted(m);
+  }
+
+  /// Live rooms on the SFU: going on stage starts publishing (new sendonly sections, one
+  /// offer; or the paused senders get their tracks back), going off stops sending. Others
+  /// taken off stage lose their tile (the server stops forwarding them).
+  onStage(m) {
+    const av = this.av;
+    if (!av || av.mode !== 'sfu' || av.room !== m.room) return;
+    // Only a live room ties publishing to the stage (a class room's members always publish).
+    const room = this.client.rooms.get(m.room);
+    if (!room || !room.info || room.info.kind !== 'live') return;
+    const user = m.user && m.user.id;
+    const me = this.client.me && this.client.me.user.id;
+    if (user !== me) {
+      if (m.on) av.offStage.delete(user);
+      else av.offStage.add(user);
+      this.sfuShow(av);
+      return;
+    }
+    // The host publishes on stage or not.
+    if (m.on === av.publish || room.role === 'host') return;
+    av.publish = m.on;
+    this.sfuQueue(() => (m.on ? this.sfuStartPublishing(av) : this.sfuStopPublishing(av)));
+  }
+
+  async sfuStartPublishing(av) {
+    if (this.av !== av || !av.publish) return;
+    await this.media();
+    if (av.sfu.senders.length) {
+      // Published before: the sections are there, only the tracks come back.
+      for (const s of av.sfu.senders) {
+        await s.sender.replaceTrack(this.local.getTracks().find((t) => t.kind === s.kind) || null);
+      }
+    } else {
+      this.sfuPublishTracks(av);
+      await this.sfuOffer(av);
+    }
+    this.ui.onAv(av);
+  }
+
+  async sfuStopPublishing(av) {
+    if (this.av !== av) return;
+    for (const s of av.sfu.senders) await s.sender.replaceTrack(null);
+    this.releaseLocal();
+    this.ui.onAv(av);
+  }
+
+  /// Removed from the room: the server closed our SFU peer connection.
+  onKicked(m) {
+    const av = this.av;
+    if (!av || av.mode !== 'sfu' || av.room !== m.room) return;
+    av.sfu.pc.close();
+    this.av = null;
+    this.stopMedia();
+    this.ui.onAv(null);
   }
 }

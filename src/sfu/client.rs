@@ -184,9 +184,18 @@ impl Client {
             .collect()
     }
 
-    /// Starts receiving another publisher's track (negotiated on the next drive).
+    /// Starts receiving another publisher's track (negotiated on the next drive). A section
+    /// of the same key that is still being stopped does not count: a publisher that leaves and
+    /// comes back at once (a new peer connection of the same session) reuses its mids, so its
+    /// new track has the key of the old one.
     pub fn add_out(&mut self, source: TrackKey, user: String, kind: MediaKind) {
-        if !self.tracks_out.iter().any(|t| t.source == source) {
+        let stopping =
+            |t: &TrackOut| matches!(t.state, OutState::ToStop(_) | OutState::NegotiatingStop(_));
+        if !self
+            .tracks_out
+            .iter()
+            .any(|t| t.source == source && !stopping(t))
+        {
             self.tracks_out.push(TrackOut {
                 source,
                 user,
@@ -364,4 +373,43 @@ impl Client {
 /// The SFU's own host candidate.
 pub(super) fn host_candidate(addr: SocketAddr) -> Option<Candidate> {
     Candidate::host(addr, Protocol::Udp).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> TrackKey {
+        TrackKey {
+            session: "s1".into(),
+            mid: Mid::from("0"),
+        }
+    }
+
+    #[test]
+    fn a_track_back_under_the_key_of_one_being_stopped_is_opened_again() {
+        let mut c = Client::new(
+            "r".into(),
+            "u".into(),
+            "s2".into(),
+            true,
+            Rtc::new(Instant::now()),
+        );
+        c.add_out(key(), "pub".into(), MediaKind::Video);
+        c.add_out(key(), "pub".into(), MediaKind::Video);
+        assert_eq!(c.tracks_out.len(), 1, "the same track is added once");
+        // Its publisher left: the section is to be stopped...
+        c.tracks_out[0].state = OutState::Open(Mid::from("a1"));
+        c.drop_out(|k| k == &key());
+        assert_eq!(c.tracks_out[0].state, OutState::ToStop(Mid::from("a1")));
+        // ...and came back with the same session and mid before that was negotiated.
+        c.add_out(key(), "pub".into(), MediaKind::Video);
+        assert_eq!(c.tracks_out.len(), 2);
+        assert_eq!(c.tracks_out[1].state, OutState::ToOpen);
+        // The same while the stop is in flight.
+        c.tracks_out.truncate(1);
+        c.tracks_out[0].state = OutState::NegotiatingStop(Mid::from("a1"));
+        c.add_out(key(), "pub".into(), MediaKind::Video);
+        assert_eq!(c.tracks_out.len(), 2);
+    }
 }

@@ -1,0 +1,105 @@
+// The web client (web/calls.js) on the SFU, in headless Chromium with fake media: a `class`
+// room whose `av.mode` is `sfu` (set with PATCH /api/rooms/{id}), SFU_BROWSERS browsers (4 by
+// default; with 8, everyone decodes everyone in 80-115 s on 2 shared cores, but the whole test
+// runs past its 140 s there; at 160x120 and 10 fps) sign in through the dev form, join the room and its A/V from
+// the A/V tab; each gets `mode:"sfu"`, holds exactly ONE RTCPeerConnection (counted by a
+// wrapper installed before the page's scripts) and decodes growing video and receives audio
+// from every other user through the server, told apart by the stream id of each section (the
+// publisher's user id); the speaking users' tiles light up, `av_mute` shows a toast and
+// disables the local track, and `av_leave` removes the tile at the others. The live room on
+// the SFU is sfu-live.test.mjs (a file of its own: each file has 150 s in the suite).
+// Relay-only (TURN) on the SFU is not covered.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { within } from './lib/harness.mjs';
+import { sfuRig, T } from './lib/sfuweb.mjs';
+
+const BROWSERS = Number(process.env.SFU_BROWSERS || 4);
+let rig;
+
+before(async () => {
+  rig = await sfuRig();
+});
+
+after(async () => {
+  if (rig) await rig.stop();
+});
+
+test(`class room on the SFU: ${BROWSERS} web clients, one peer connection each, everyone decodes everyone`, { timeout: 140000 }, async () => {
+  const { sfuRoom, openUser, enterRoom, joinAv, received, waitFlowing, waitStopped, dumpLogs } = rig;
+  await sfuRoom('sfu-class', 'class');
+  const users = Array.from({ length: BROWSERS }, (_, i) => (i === 0 ? 'teach' : 'kid' + i));
+  const list = [];
+  try {
+    list.push(...await Promise.all(users.map((u) =>
+      openUser(u, u === 'teach' ? 'tutor' : 'student', u === 'teach' ? 'sfu-class:host' : ''))));
+    await Promise.all(list.map((p) => enterRoom(p, 'sfu-class')));
+    for (const p of list) {
+      const r = await joinAv(p);
+      assert.deepEqual(r, { mode: 'sfu', publish: true }, p.user);
+    }
+    // A tile per other user, named, on the one connected peer connection.
+    await within(60000, 'every tile connected', Promise.all(list.flatMap((p) => users.filter((u) => u !== p.user).map((u) =>
+      p.locator(`#av-grid figure[data-user="${u}"] figcaption`, { hasText: u + ' · connected' }).waitFor({ timeout: 60000 })))));
+    const flowing = await waitFlowing(list, (p) => users.filter((u) => u !== p.user), { ms: 90000 });
+    for (const [i, p] of list.entries()) {
+      assert.equal(flowing[i].pcs, 1, p.user + ' holds exactly one RTCPeerConnection (the SFU, not a mesh)');
+      assert.deepEqual(Object.keys(flowing[i].byUser).sort(), users.filter((u) => u !== p.user).sort(), p.user + ' receives exactly the others');
+      // Every signal came from the server, none from another session.
+      assert.deepEqual(await p.evaluate(() => [...window.__signalsFrom]), ['sfu'], p.user);
+    }
+    const least = Math.min(...flowing.flatMap((f) => Object.values(f.byUser).map((x) => x.frames)));
+    console.log(`${BROWSERS} browsers: every browser decodes every other user's video through the SFU (least frames decoded from one user: ${least})`);
+    // The tiles play: each remote <video> has decoded a picture.
+    for (const p of list) {
+      await p.waitForFunction((n) => [...document.querySelectorAll('#av-grid figure[data-user] video')]
+        .filter((v) => v.videoWidth > 0).length >= n, BROWSERS - 1, { timeout: T });
+    }
+
+    // Speakers: the fake microphone beeps; some tile is highlighted at some point.
+    await list[1].waitForFunction(() => document.querySelector('#av-grid figure.speaking'), null, { timeout: T });
+
+    // av_mute: the host stops kid1's camera; kid1 is told and its track is disabled.
+    const [host, kid] = list;
+    const muted = await host.evaluate(() => window.studyhall.client.request({ type: 'av_mute', room: 'sfu-class', user: 'kid1', kind: 'video' }));
+    assert.equal(muted.type, 'ok', JSON.stringify(muted));
+    await kid.locator('#toast', { hasText: 'camera was turned off by teach' }).waitFor({ timeout: T });
+    assert.equal(await kid.evaluate(() => window.studyhall.calls.local.getVideoTracks()[0].enabled), false);
+    await waitStopped(list[2], 'kid1');
+
+    // av_leave: the tile goes at the others, the page's peer connection is closed.
+    await kid.click('#av-leave');
+    await kid.locator('#av-join').waitFor({ timeout: T });
+    assert.equal(await kid.evaluate(() => window.__pcs[0].connectionState), 'closed');
+    for (const p of list.filter((x) => x !== kid)) {
+      await p.locator('#av-grid figure[data-user="kid1"]').waitFor({ state: 'detached', timeout: T });
+    }
+    // The server's next offer stopped kid1's two sections (port 0), and that was answered.
+    // Chromium drops stopped transceivers from getTransceivers().
+    await list[2].waitForFunction(() => {
+      const pc = window.__pcs[0];
+      const secs = pc.currentRemoteDescription.sdp.split(/\r?\nm=/).slice(1);
+      const stopped = secs.filter((x) => /^\S+ 0 /.test(x)).map((x) => (x.match(/\na=mid:(\S+)/) || [])[1]);
+      const mids = new Set(pc.getTransceivers().map((t) => t.mid));
+      return pc.signalingState === 'stable' && stopped.length >= 2 && !stopped.some((m) => mids.has(m)) &&
+        !secs.some((x) => /\na=msid:kid1 /.test(x));
+    }, null, { timeout: T });
+    // The others still see each other.
+    await waitFlowing([host], () => users.filter((u) => u !== 'teach' && u !== 'kid1'), { audio: false });
+
+    // Back in (camera on again: a mute lasts until the session leaves the room's SFU), then
+    // out and in again at once, before the others have negotiated the stop: seen every time.
+    await kid.click('#av-join');
+    await waitFlowing(list.filter((p) => p !== kid), () => ['kid1']);
+    await kid.evaluate(async () => {
+      await window.studyhall.calls.avLeave();
+      await window.studyhall.calls.avJoin('sfu-class');
+    });
+    await waitFlowing(list.filter((p) => p !== kid), () => ['kid1']);
+    await waitFlowing([kid], () => users.filter((u) => u !== 'kid1'));
+  } catch (e) {
+    dumpLogs(list);
+    throw e;
+  }
+});

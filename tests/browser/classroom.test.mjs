@@ -1,10 +1,11 @@
 // The classroom tools in the web client (web/classroom.js), end to end in headless Chromium:
 // a teacher runs a whole live class. The class is scheduled, students ask a question before it
 // starts, the teacher starts it, runs a quiz the students answer (results with the right option
-// marked, and the quiz leaderboard), a word cloud, opens breakout groups on a short timer
-// (students are taken to their group, one is moved to another group, they chat there, call for
-// help, the teacher listens in, and everyone is back in the main room when the timer runs
-// out), ends the class (the room turns read-only for students) and reads the summary.
+// marked, and the quiz leaderboard), a word cloud, draws on the board (a student sees the
+// stroke), opens breakout groups on a short timer (students are taken to their group, one is
+// moved to another group, they chat there, call for help, the teacher listens in, and everyone
+// is back in the main room when the timer runs out), ends the class (the room turns read-only
+// for students) and reads the summary.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -138,6 +139,19 @@ test('a teacher runs a whole live class in the web client', { timeout: 240000 },
     await cloud(p).locator('.answered').waitFor({ timeout: T });
   }
   await cloud(teacher).locator('.word[data-count="2"]', { hasText: 'fractions' }).waitFor({ timeout: T });
+
+  // The board: the teacher draws a stroke with the pen; Ann opens the board and has it in her
+  // copy of the document (board.test.mjs checks the ink on the canvas).
+  await teacher.click('#board-open');
+  await until(teacher, () => window.__board && window.__board.synced);
+  const box = await teacher.locator('#board-canvas').boundingBox();
+  await teacher.mouse.move(box.x + 0.2 * box.width, box.y + 0.3 * box.height);
+  await teacher.mouse.down();
+  for (let i = 1; i <= 8; i++) await teacher.mouse.move(box.x + (0.2 + 0.05 * i) * box.width, box.y + (0.3 + 0.04 * i) * box.height);
+  await teacher.mouse.up();
+  await ann.click('#board-open');
+  await until(ann, () => window.__board && window.__board.strokes().some((s) => s.by === 'teach' && s.kind === 'pen'));
+  for (const p of [teacher, ann]) await p.click('#board-close');
 
   // Breakouts on a short timer: two groups, balanced (Ann and Ben apart).
   await tab(teacher, 'class');

@@ -1304,3 +1304,52 @@ async fn the_breakout_warning_and_the_class_end_cross_nodes() {
     })
     .await;
 }
+
+/// A poll with members on two nodes: the student on node 1 sees it open, answers there, the
+/// host on node 0 gets the coalesced results, closes it, and the student sees the close with
+/// the final results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_with_members_on_two_nodes() {
+    eventually("cross-node poll", async {
+        let c = Cluster::start(2).await;
+        let room = "poll.room";
+        c.room(room, "group").await;
+        let mut host = Client::connect(
+            c.addr(0),
+            &token("hal", PlatformRole::Student, &[(room, RoomRole::Host)]),
+        )
+        .await;
+        host.join(room).await;
+        let mut kid = Client::connect(c.addr(1), &student("kid")).await;
+        kid.join(room).await;
+        let create = json!({"type":"poll_create","room":room,"kind":"poll","question":"q?",
+            "options":["a","b"],"show_results":"live"});
+        let poll = host.ok(create).await["poll"]["id"].clone();
+        host.ok(json!({"type":"poll_open","room":room,"poll":poll}))
+            .await;
+        while kid.until("poll").await["poll"]["state"] != "open" {}
+        kid.ok(json!({"type":"poll_answer","room":room,"poll":poll,"choices":[1]}))
+            .await;
+        loop {
+            let ev = host.until("poll").await;
+            if ev["change"] == "results" && ev["poll"]["results"]["counts"] == json!([0, 1]) {
+                break;
+            }
+        }
+        host.ok(json!({"type":"poll_close","room":room,"poll":poll}))
+            .await;
+        let closed = loop {
+            let ev = kid.until("poll").await;
+            if ev["poll"]["state"] == "closed" {
+                break ev;
+            }
+        };
+        assert_eq!(
+            closed["poll"]["results"]["counts"],
+            json!([0, 1]),
+            "{closed}"
+        );
+        c.stop().await;
+    })
+    .await;
+}

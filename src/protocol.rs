@@ -1390,6 +1390,34 @@ pub struct JoinOk<'a> {
     pub boards: Option<Vec<String>>,
 }
 
+/// Which session description a `signal`'s `data` carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SdpKind {
+    Offer,
+    Answer,
+}
+
+/// The `data` of a `signal` that carries a session description (docs/protocol.md 10.7):
+/// `{"sdp":{"type":"offer"|"answer","sdp":"v=0..."}}`.
+pub fn sdp_signal(kind: SdpKind, sdp: &str) -> serde_json::Value {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        #[serde(rename = "type")]
+        kind: SdpKind,
+        sdp: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Data<'a> {
+        sdp: Body<'a>,
+    }
+    // Two strings and an enum: serialising cannot fail.
+    serde_json::to_value(Data {
+        sdp: Body { kind, sdp },
+    })
+    .unwrap_or(serde_json::Value::Null)
+}
+
 /// `pong`, carrying the ping's `rid` when it had one.
 pub fn encode_pong(rid: Option<i64>) -> String {
     match rid {
@@ -1470,6 +1498,15 @@ pub mod close {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sdp_signal_data_has_the_documented_shape() {
+        assert_eq!(
+            sdp_signal(SdpKind::Offer, "v=0"),
+            serde_json::json!({"sdp": {"type": "offer", "sdp": "v=0"}})
+        );
+        assert_eq!(sdp_signal(SdpKind::Answer, "v=0")["sdp"]["type"], "answer");
+    }
 
     #[test]
     fn shown_roles_keep_their_wire_names() {

@@ -4,7 +4,8 @@
 //! sessions beyond the keys of their tracks; the driver moves media between clients.
 
 use super::{SfuError, TrackKind};
-use serde_json::{Value, json};
+use crate::protocol::{SdpKind, sdp_signal};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
@@ -152,7 +153,7 @@ impl Client {
             }
         }
         self.negotiated = true;
-        Ok(json!({"sdp": {"type": "answer", "sdp": answer.to_sdp_string()}}))
+        Ok(sdp_signal(SdpKind::Answer, &answer.to_sdp_string()))
     }
 
     fn answer(&mut self, body: &str) -> Result<(), SfuError> {
@@ -253,7 +254,7 @@ impl Client {
         }
         let (offer, pending) = change.apply()?;
         self.pending = Some(pending);
-        Some(json!({"sdp": {"type": "offer", "sdp": offer.to_sdp_string()}}))
+        Some(sdp_signal(SdpKind::Offer, &offer.to_sdp_string()))
     }
 
     /// Runs the client's output until it asks for time: sends datagrams, collects what other

@@ -185,11 +185,7 @@ async fn count_with_balanced_assignment_deals_the_online_students() {
 
 #[tokio::test]
 async fn count_with_balanced_assignment_on_postgres() {
-    let db = PgDb::create().await;
-    let s = Server::start(base_config(db.url.clone())).await;
-    count_balanced(&s).await;
-    s.stop().await;
-    db.drop_db().await;
+    on_postgres(|_| {}, count_balanced).await;
 }
 
 #[tokio::test]

@@ -110,18 +110,12 @@ async fn start_and_end(s: &Server) {
 
 #[tokio::test]
 async fn the_host_starts_and_ends_a_class() {
-    let s = Server::sqlite(|_| {}).await;
-    start_and_end(&s).await;
-    s.stop().await;
+    on_sqlite(|_| {}, start_and_end).await;
 }
 
 #[tokio::test]
 async fn the_host_starts_and_ends_a_class_on_postgres() {
-    let db = PgDb::create().await;
-    let s = Server::start(base_config(db.url.clone())).await;
-    start_and_end(&s).await;
-    s.stop().await;
-    db.drop_db().await;
+    on_postgres(|_| {}, start_and_end).await;
 }
 
 #[tokio::test]

@@ -390,6 +390,26 @@ pub fn pg_base_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/test".into())
 }
 
+/// Runs `flow` against a fresh server on SQLite (with `tweak` applied to its settings), then
+/// stops it.
+pub async fn on_sqlite(tweak: impl FnOnce(&mut Config), flow: impl AsyncFnOnce(&Server)) {
+    let s = Server::sqlite(tweak).await;
+    flow(&s).await;
+    s.stop().await;
+}
+
+/// Runs `flow` against a fresh server on a throw-away PostgreSQL database (with `tweak`
+/// applied to its settings), then stops it and drops the database.
+pub async fn on_postgres(tweak: impl FnOnce(&mut Config), flow: impl AsyncFnOnce(&Server)) {
+    let db = PgDb::create().await;
+    let mut cfg = base_config(db.url.clone());
+    tweak(&mut cfg);
+    let s = Server::start(cfg).await;
+    flow(&s).await;
+    s.stop().await;
+    db.drop_db().await;
+}
+
 /// A fresh database on the test PostgreSQL server. [`PgDb::drop_db`] drops it at the end of a
 /// test; a test that fails (panics) before that still drops it, from `Drop`, so failed runs
 /// leave no `studyhall_t_*` databases behind.

@@ -135,18 +135,12 @@ async fn life_cycle(s: &Server) {
 
 #[tokio::test]
 async fn rights_answers_and_the_life_of_a_poll() {
-    let s = Server::sqlite(|_| {}).await;
-    life_cycle(&s).await;
-    s.stop().await;
+    on_sqlite(|_| {}, life_cycle).await;
 }
 
 #[tokio::test]
 async fn rights_answers_and_the_life_of_a_poll_on_postgres() {
-    let db = PgDb::create().await;
-    let s = Server::start(base_config(db.url.clone())).await;
-    life_cycle(&s).await;
-    s.stop().await;
-    db.drop_db().await;
+    on_postgres(|_| {}, life_cycle).await;
 }
 
 #[tokio::test]

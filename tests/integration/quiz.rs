@@ -331,18 +331,12 @@ async fn quiz_flow(s: &Server) {
 
 #[tokio::test]
 async fn quizzes_answers_points_leaderboard_and_export() {
-    let s = Server::sqlite(|_| {}).await;
-    quiz_flow(&s).await;
-    s.stop().await;
+    on_sqlite(|_| {}, quiz_flow).await;
 }
 
 #[tokio::test]
 async fn quizzes_answers_points_leaderboard_and_export_on_postgres() {
-    let db = PgDb::create().await;
-    let s = Server::start(base_config(db.url.clone())).await;
-    quiz_flow(&s).await;
-    s.stop().await;
-    db.drop_db().await;
+    on_postgres(|_| {}, quiz_flow).await;
 }
 
 /// A quiz closed by the clock awards like one closed by hand; the daily cap and the
@@ -406,27 +400,19 @@ async fn clock_and_cap(s: &Server) {
     }
 }
 
+/// A fast clock, 7 points a correct answer and a daily cap of 1.
+fn fast_capped(c: &mut studyhall::config::Config) {
+    c.class_clock_ms = 50;
+    c.engagement.points.quiz_correct = 7;
+    c.engagement.daily_caps.quiz_correct = 1;
+}
+
 #[tokio::test]
 async fn the_clock_awards_quiz_points_within_the_cap() {
-    let s = Server::sqlite(|c| {
-        c.class_clock_ms = 50;
-        c.engagement.points.quiz_correct = 7;
-        c.engagement.daily_caps.quiz_correct = 1;
-    })
-    .await;
-    clock_and_cap(&s).await;
-    s.stop().await;
+    on_sqlite(fast_capped, clock_and_cap).await;
 }
 
 #[tokio::test]
 async fn the_clock_awards_quiz_points_within_the_cap_on_postgres() {
-    let db = PgDb::create().await;
-    let mut cfg = base_config(db.url.clone());
-    cfg.class_clock_ms = 50;
-    cfg.engagement.points.quiz_correct = 7;
-    cfg.engagement.daily_caps.quiz_correct = 1;
-    let s = Server::start(cfg).await;
-    clock_and_cap(&s).await;
-    s.stop().await;
-    db.drop_db().await;
+    on_postgres(fast_capped, clock_and_cap).await;
 }

@@ -542,9 +542,14 @@ settings! {
     /// Largest a board's document may grow, in bytes of its encoded state; updates past it are
     /// refused.
     board_max_doc_bytes: usize = 1_048_576,
-    /// Milliseconds between saves of a changed board: updates meanwhile are coalesced into one
-    /// write of its whole state (also saved at shutdown).
+    /// Milliseconds between the board saver's looks: it compacts the boards whose logs are
+    /// long enough (`board_compact_every`) and saves whole the state of a board whose update
+    /// could not be logged (also at shutdown, when it compacts every board with a log).
     board_save_ms: u64 = 2_000,
+    /// Updates logged for a board before the saver folds them into its snapshot.
+    board_compact_every: usize = 200,
+    /// Most logged updates one compaction folds (the rest wait for the next look).
+    board_compact_batch: usize = 5_000,
 
     // Cluster mode (several nodes on NATS); used only with `nats_url`.
     /// Cluster mode: this node's name, 1..=32 of `[A-Za-z0-9_-]`, unique in the cluster.
@@ -910,6 +915,8 @@ impl Config {
         positive("board_max_per_room", self.board_max_per_room as u64)?;
         positive("board_max_doc_bytes", self.board_max_doc_bytes as u64)?;
         positive("board_save_ms", self.board_save_ms)?;
+        positive("board_compact_every", self.board_compact_every as u64)?;
+        positive("board_compact_batch", self.board_compact_batch as u64)?;
         Ok(())
     }
 

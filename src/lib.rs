@@ -470,8 +470,8 @@ pub async fn serve(
     stage_clock.abort();
     board_saver.abort();
     let _ = board_saver.await;
-    // Boards changed since the saver's last look.
-    rooms::boards::save_all(&app).await;
+    // Boards whose logs the saver has not compacted yet.
+    rooms::boards::save_all(&app, true).await;
     app.store.close().await;
     if let Some(bus) = &app.cluster {
         bus.leave().await;

@@ -4,8 +4,11 @@
 //! may draw, the server's own step 1, as y-websocket servers do); a step 2 or an update from
 //! someone who may draw is merged and relayed to the room's other sessions; awareness is
 //! relayed as it came. `board_grant` (host/ta) lets others draw, and sends the grantee's
-//! sessions in the room the server's step 1, so that their clients learn it at once. Changed
-//! boards are saved coalesced (`run_saver`, every `board_save_ms`, and at shutdown). In cluster
+//! sessions in the room the server's step 1, so that their clients learn it at once. Every
+//! update merged is appended to the board's log in the store before the sender's `ok`; the
+//! saver (`run_saver`, every `board_save_ms`, and at shutdown) folds a board's log into its
+//! snapshot once `board_compact_every` updates have piled up ([`fold`] merges them; the store
+//! makes sure no update is lost on the way). In cluster
 //! mode each node holding a board keeps a full copy: updates merged here go to the other nodes
 //! through the broker ([`BoardRelay::Update`]) and are merged there too, and a node that loads
 //! a board asks the others for what the store lacks ([`BoardRelay::Sync`]); Yjs merges are
@@ -35,10 +38,14 @@ struct Board {
     doc: Doc,
     /// Users other than host/ta who may draw.
     grants: HashSet<UserId>,
-    /// Changed since the last save.
-    dirty: bool,
-    /// The encoded state's size at the last save or load, plus every update merged since (an
-    /// upper bound: merged updates never take more room than their sum).
+    /// Updates in the store's log of this board that no compaction has folded yet, as far as
+    /// this node knows (those it loaded plus those it appended).
+    logged: usize,
+    /// An update merged here may be missing from the log (its append failed): the saver
+    /// appends the whole state.
+    unlogged: bool,
+    /// The encoded state's size at the last load or compaction, plus every update merged since
+    /// (an upper bound: merged updates never take more room than their sum).
     size: usize,
 }
 
@@ -77,7 +84,7 @@ impl Boards {
         if let Some(b) = self.0.get(&key) {
             return Ok(Some(b.clone()));
         }
-        let stored = app.store.board_state(room, board).await?;
+        let mut stored = app.store.board_state(room, board).await?;
         if stored.is_none() {
             if !create {
                 return Ok(None);
@@ -95,14 +102,16 @@ impl Boards {
                     app.config.board_max_per_room
                 )));
             }
+            app.store.create_board(room, board).await?;
+            // Another node may have created it (and logged updates) meanwhile.
+            stored = app.store.board_state(room, board).await?;
         }
+        let stored = stored.unwrap_or_default();
         let doc = Doc::new();
-        let size = stored.as_ref().map_or(0, Vec::len);
-        if let Some(state) = stored {
-            let update = Update::decode_v1(&state)
-                .map_err(|e| Error::Internal(format!("stored board {room}/{board}: {e}")))?;
-            doc.transact_mut()
-                .apply_update(update)
+        let size = stored.len();
+        let logged = stored.updates.len();
+        for bytes in std::iter::once(&stored.snapshot).chain(&stored.updates) {
+            apply(&doc, bytes)
                 .map_err(|e| Error::Internal(format!("stored board {room}/{board}: {e}")))?;
         }
         let grants = app
@@ -115,7 +124,8 @@ impl Boards {
         let loaded = Arc::new(Mutex::new(Board {
             doc,
             grants,
-            dirty: false,
+            logged,
+            unlogged: false,
             size,
         }));
         let mut fresh = false;
@@ -133,6 +143,32 @@ impl Boards {
         }
         Ok(Some(shared))
     }
+}
+
+/// Merges one encoded update (v1) into a document.
+fn apply(doc: &Doc, bytes: &[u8]) -> std::result::Result<(), String> {
+    let update = Update::decode_v1(bytes).map_err(|e| e.to_string())?;
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        doc.transact_mut().apply_update(update)
+    })) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the update could not be merged".into()),
+    }
+}
+
+/// A compaction's merge: the snapshot with the updates folded in, as one encoded update (v1)
+/// of the whole document. Updates whose dependencies are missing stay in it (yrs encodes
+/// pending updates with the state), so nothing given is dropped.
+pub fn fold(snapshot: &[u8], updates: &[Vec<u8>]) -> std::result::Result<Vec<u8>, String> {
+    let doc = Doc::new();
+    for bytes in std::iter::once(snapshot).chain(updates.iter().map(Vec::as_slice)) {
+        apply(&doc, bytes)?;
+    }
+    let state = doc
+        .transact()
+        .encode_state_as_update_v1(&StateVector::default());
+    Ok(state)
 }
 
 fn board_frame(room: &RoomId, board: &str, msg: &Message) -> Frame {
@@ -217,7 +253,14 @@ pub(super) async fn message(
                 .get(&app, &room, &board, true)
                 .await?
                 .ok_or_else(|| Error::Internal("board not created".into()))?;
-            merge(ctx, &room, &board, &b, role.can_moderate(), update)?;
+            merge(ctx, &room, &board, &b, role.can_moderate(), &update)?;
+            // Durable before the sender's ok. If the append fails the document still holds the
+            // update: the saver appends the whole state at its next look.
+            if let Err(e) = app.store.append_board_update(&room, &board, &update).await {
+                lock(&b).unlogged = true;
+                return Err(e.into());
+            }
+            lock(&b).logged += 1;
         }
         Message::Awareness(_) | Message::AwarenessQuery => {
             let frame = Frame::from(protocol::encode(&ServerMsg::Board {
@@ -244,7 +287,7 @@ fn merge(
     board: &str,
     shared: &Shared,
     moderator: bool,
-    update: Vec<u8>,
+    update: &[u8],
 ) -> Result<()> {
     let max = ctx.app.config.board_max_doc_bytes;
     {
@@ -259,7 +302,7 @@ fn merge(
                 "a board's document is at most {max} bytes"
             )));
         }
-        let decoded = Update::decode_v1(&update)
+        let decoded = Update::decode_v1(update)
             .map_err(|e| Error::bad_request(format!("not a Yjs update: {e}")))?;
         let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             b.doc.transact_mut().apply_update(decoded)
@@ -275,17 +318,16 @@ fn merge(
             }
         }
         b.size += update.len();
-        b.dirty = true;
     }
     let frame = board_frame(
         room,
         board,
-        &Message::Sync(SyncMessage::Update(update.clone())),
+        &Message::Sync(SyncMessage::Update(update.to_vec())),
     );
     ctx.app.hub.notify_local(room, Some(&ctx.handle.id), &frame);
     ctx.app
         .broker
-        .board(room, board, BoardRelay::Update(update));
+        .board(room, board, BoardRelay::Update(update.to_vec()));
     Ok(())
 }
 
@@ -317,8 +359,8 @@ pub(crate) fn remote(app: &App, room: &RoomId, board: &str, relay: BoardRelay) {
                         if b.doc.transact().state_vector() == before {
                             return;
                         }
+                        // The node that merged it first logged it.
                         b.size += update.len();
-                        b.dirty = true;
                     }
                     _ => {
                         tracing::warn!(room = %room, board = %board, "a board update from another node was refused");
@@ -388,43 +430,72 @@ pub(super) async fn grant(
     Ok(Outcome::ok(EmptyOk {}))
 }
 
-/// Saves every changed board (its whole state, once), then forgets the saved boards of rooms
-/// no session on this node has joined.
-pub async fn save_all(app: &App) {
-    let dirty: Vec<((RoomId, String), Shared)> = app
+/// Looks at every board held here: appends the whole state of a board whose last append
+/// failed, and compacts a board with `board_compact_every` updates logged (any logged at all
+/// when `all`, as at shutdown); then forgets the boards of rooms no session on this node has
+/// joined.
+pub async fn save_all(app: &App, all: bool) {
+    let held: Vec<((RoomId, String), Shared)> = app
         .boards
         .0
         .iter()
-        .filter(|e| lock(e.value()).dirty)
         .map(|e| (e.key().clone(), e.value().clone()))
         .collect();
-    for ((room, board), shared) in dirty {
-        let state = {
+    for ((room, board), shared) in held {
+        let unlogged = {
             let mut b = lock(&shared);
-            b.dirty = false;
-            let state = b
-                .doc
-                .transact()
-                .encode_state_as_update_v1(&StateVector::default());
-            b.size = state.len();
-            state
+            std::mem::take(&mut b.unlogged).then(|| {
+                b.doc
+                    .transact()
+                    .encode_state_as_update_v1(&StateVector::default())
+            })
         };
-        if let Err(e) = app.store.save_board(&room, &board, &state).await {
-            tracing::warn!(error = %e, room = %room, board = %board, "saving a board failed");
-            lock(&shared).dirty = true;
+        if let Some(state) = unlogged {
+            if let Err(e) = app.store.append_board_update(&room, &board, &state).await {
+                tracing::warn!(error = %e, room = %room, board = %board, "saving a board failed");
+                lock(&shared).unlogged = true;
+                continue;
+            }
+            lock(&shared).logged += 1;
+        }
+        let logged = lock(&shared).logged;
+        // A board about to be forgotten here is compacted now, whatever its log's length.
+        let leaving = !app.hub.has_room(&room);
+        if logged == 0 || !(all || leaving || logged >= app.config.board_compact_every) {
+            continue;
+        }
+        let batch = app.config.board_compact_batch;
+        match app.store.compact_board(&room, &board, batch, fold).await {
+            Ok(done) => {
+                let mut b = lock(&shared);
+                b.logged = b.logged.saturating_sub(done.folded);
+                if done.lost_race {
+                    // Another node compacted it: what is left is re-counted at the next load.
+                    b.logged = 0;
+                }
+                let now = b
+                    .doc
+                    .transact()
+                    .encode_state_as_update_v1(&StateVector::default())
+                    .len();
+                b.size = now;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, room = %room, board = %board, "compacting a board failed");
+            }
         }
     }
     app.boards
         .0
-        .retain(|(room, _), b| lock(b).dirty || app.hub.has_room(room));
+        .retain(|(room, _), b| lock(b).unlogged || app.hub.has_room(room));
 }
 
-/// Every `board_save_ms`: saves the boards changed since the last look.
+/// Every `board_save_ms`: saves and compacts the boards that need it ([`save_all`]).
 pub async fn run_saver(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_millis(app.config.board_save_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        save_all(&app).await;
+        save_all(&app, false).await;
     }
 }

@@ -27,6 +27,7 @@ mod writer;
 
 pub use crate::protocol::views::RoomSummary;
 pub use av::{AvAdmitted, AvJoin, AvMember};
+pub use boards::{Compacted, StoredBoard};
 pub use breakouts::{Breakout, BreakoutGroupRow, NewBreakout, NewGroup};
 pub use calls::CallLogEntry;
 pub use class::{PresenceKind, RoomExtras};

@@ -283,7 +283,7 @@ async fn snapshot(pg: bool) {
         .await;
     s.app
         .store
-        .save_board(&RoomId::from("j"), "main", &[0, 0])
+        .create_board(&RoomId::from("j"), "main")
         .await
         .unwrap();
 

@@ -414,7 +414,7 @@ async fn a_burst_of_answers_makes_few_results_updates() {
 
 /// A restart in the middle of an open poll and a live board loses nothing: the answers given
 /// before it count after it (and can still be changed), and the board's strokes are all there
-/// for a client syncing afresh (the shutdown saves boards changed since the last save).
+/// for a client syncing afresh (each was logged before its ok).
 #[tokio::test]
 async fn a_restart_mid_poll_and_mid_board_loses_nothing() {
     use crate::boards::{board, insert, read, text};
@@ -422,7 +422,7 @@ async fn a_restart_mid_poll_and_mid_board_loses_nothing() {
     use yrs::{Doc, StateVector};
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    // Boards are saved every minute here: only the shutdown's save can keep the strokes.
+    // The saver looks only every minute here: the update log keeps the strokes.
     let tweak = |url: &str| {
         let mut c = base_config(url.to_owned());
         c.board_save_ms = 60_000;

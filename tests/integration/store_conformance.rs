@@ -1076,6 +1076,97 @@ async fn av_members_in_one_join_order(f: Fixture) {
     other.store.close().await;
 }
 
+/// Whiteboard compaction never loses an update: four writers on two stores (two nodes) append
+/// Yjs updates to one board while a compactor on each store folds the log in small batches;
+/// one writer appends its updates in swapped pairs, so batches end with updates whose
+/// predecessors are not folded yet (pending in yrs terms). After the writers stop and the log
+/// is folded away, the snapshot alone holds every update written.
+async fn board_compaction_never_loses_an_update(f: Fixture) {
+    use studyhall::rooms::boards::fold;
+    use yrs::updates::decoder::Decode;
+    use yrs::{Doc, Map, ReadTxn, Transact, Update};
+    const WRITERS: usize = 4;
+    const EACH: usize = 40;
+    f.store
+        .create_room(&room("r", Visibility::Open))
+        .await
+        .unwrap();
+    let other = open(&f.url).await;
+    let stores = [f.store.clone(), other.store.clone()];
+    let r = RoomId::from("r");
+    stores[0].create_board(&r, "main").await.unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let store = stores[w % 2].clone();
+        let (r, done) = (r.clone(), done.clone());
+        writers.push(tokio::spawn(async move {
+            let doc = Doc::new();
+            let map = doc.get_or_insert_map("m");
+            let mut updates = Vec::new();
+            for i in 0..EACH {
+                let before = doc.transact().state_vector();
+                map.insert(&mut doc.transact_mut(), format!("w{w}-{i}"), i as i64);
+                updates.push(doc.transact().encode_diff_v1(&before));
+            }
+            if w == 3 {
+                for pair in updates.chunks_mut(2) {
+                    pair.reverse();
+                }
+            }
+            for u in updates {
+                store.append_board_update(&r, "main", &u).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+    }
+    let mut compactors = Vec::new();
+    for store in stores.clone() {
+        let (r, done) = (r.clone(), done.clone());
+        compactors.push(tokio::spawn(async move {
+            let (mut folded, mut races) = (0, 0);
+            loop {
+                let writing = done.load(std::sync::atomic::Ordering::SeqCst) < WRITERS;
+                let c = store.compact_board(&r, "main", 7, fold).await.unwrap();
+                folded += c.folded;
+                races += usize::from(c.lost_race);
+                if !writing && c.folded == 0 && !c.lost_race {
+                    return (folded, races);
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    for w in writers {
+        within("writer", w).await.unwrap();
+    }
+    let mut folded = 0;
+    for c in compactors {
+        folded += within("compactor", c).await.unwrap().0;
+    }
+    assert_eq!(folded, WRITERS * EACH, "every update folded exactly once");
+    let stored = f.store.board_state(&r, "main").await.unwrap().unwrap();
+    assert!(stored.updates.is_empty(), "the log is folded away");
+    let doc = Doc::new();
+    let map = doc.get_or_insert_map("m");
+    doc.transact_mut()
+        .apply_update(Update::decode_v1(&stored.snapshot).unwrap())
+        .unwrap();
+    let txn = doc.transact();
+    for w in 0..WRITERS {
+        for i in 0..EACH {
+            assert_eq!(
+                map.get(&txn, &format!("w{w}-{i}")),
+                Some(yrs::Out::Any((i as i64).into())),
+                "w{w}-{i} is in the snapshot"
+            );
+        }
+    }
+    assert_eq!(map.len(&txn), (WRITERS * EACH) as u32);
+    other.store.close().await;
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -1123,6 +1214,7 @@ conformance!(
     batched_sends_match_single_sends,
     simultaneous_checkins_count_once,
     av_members_in_one_join_order,
+    board_compaction_never_loses_an_update,
 );
 
 /// A batch that fails is retried write by write; what a retried send earned (a badge

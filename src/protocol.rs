@@ -1230,6 +1230,13 @@ pub enum ServerMsg<'a> {
         user: &'a str,
         joined: bool,
     },
+    /// To each session in a room's A/V when the server ends it for them (`reason`:
+    /// `class_ended`): the session is out of the A/V, as after `av_leave`, and its peers got
+    /// `av_peer {joined:false}`.
+    AvClosed {
+        room: &'a RoomId,
+        reason: &'a str,
+    },
     /// SFU mode, to each session of the owner: host/ta stopped forwarding its `kind` track.
     AvMuted {
         room: &'a RoomId,

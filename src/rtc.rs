@@ -785,6 +785,28 @@ pub(crate) fn left_room(
     }
 }
 
+/// The class of `room` ended: every session of this node in the room's A/V leaves it (its
+/// peers hear `av_peer {joined:false}`, the SFU drops its peer connection) and is told
+/// `av_closed {reason:"class_ended"}`, since A/V opens only while a class is live.
+pub(crate) fn class_ended(app: &App, room: &RoomId) {
+    let members = app.rtc.lock().av.local_members(room.as_str());
+    if members.is_empty() {
+        return;
+    }
+    let frame = Frame::from(protocol::encode(&ServerMsg::AvClosed {
+        room,
+        reason: "class_ended",
+    }));
+    for m in &members {
+        let user = UserId::from(m.user.as_str());
+        if let Some(left) = av_left(app, room, &user, &m.session, false) {
+            tokio::spawn(left);
+        }
+        app.hub.send_to_session(&m.session, &frame);
+    }
+    tracing::info!(room = %room, sessions = members.len(), "class ended: A/V closed");
+}
+
 /// Stage changes grant or withdraw publishing in the room's A/V.
 pub(crate) fn stage_changed(app: &App, room: &RoomId, user: &UserId, on: bool) {
     if let Some(sfu) = &app.sfu {

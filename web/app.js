@@ -139,6 +139,7 @@ async function start(token) {
   calls = new Calls(client, {
     onCall: renderCall, onAv: renderAv, onSpeakers: renderSpeakers,
     onAvMuted: (m) => toast('Your ' + (m.kind === 'audio' ? 'microphone' : 'camera') + ' was turned off by ' + m.by),
+    onAvClosed: (m) => toast(m.reason === 'class_ended' ? 'The class has ended: audio/video closed' : 'Audio/video closed'),
   });
   engagement = setupEngagement({
     client, el, $, toast, fail,
@@ -215,12 +216,18 @@ function wireClient() {
   });
   client.on('joined', ({ room, ok }) => {
     classroom.joined(room, ok);
+    room.stageSince = null;
     if (room.id !== active) return;
     renderRoomHead();
     renderPeople();
   });
   for (const t of ['presence', 'online_count', 'stage', 'hand']) {
     client.on(t, (m) => {
+      const r = client.rooms.get(m.room);
+      if (t === 'stage' && r && r.stageSince) {
+        if (m.on) r.stageSince.set(m.user.id, Date.now());
+        else r.stageSince.delete(m.user.id);
+      }
       if (m.room !== active) return;
       renderPeople();
       if (t === 'hand') renderHandBtn();
@@ -624,10 +631,13 @@ function renderPeople() {
   }
   const stage = $('stage-list');
   stage.replaceChildren();
+  if (mod && !room.stageSince) loadStageTimes(room);
   for (const u of room.stage) {
-    stage.append(el('li', {}, el('span', { class: 'name', text: u.name }),
+    stage.append(el('li', { dataset: { user: u.id } }, el('span', { class: 'name', text: u.name }),
+      mod ? el('span', { class: 'stage-time muted' }) : null,
       mod ? el('button', { type: 'button', onclick: () => stageCmd(u, false) }, 'Off stage') : null));
   }
+  renderStageTimes();
   const hands = $('hands-list');
   hands.replaceChildren();
   for (const h of room.hands) {
@@ -636,6 +646,33 @@ function renderPeople() {
       el('button', { type: 'button', onclick: () => client.request({ type: 'lower_hand', room: active, user: h.user.id }).catch(fail) }, 'Lower')));
   }
 }
+
+/// host/ta see each speaker's time on stage (the current spell, from `hands`' `since`, then
+/// from the stage events) against the room's talk-time cap, if it has one.
+function loadStageTimes(room) {
+  room.stageSince = new Map();
+  client.request({ type: 'hands', room: room.id }).then((ok) => {
+    room.talkCap = ok.talk_cap_s || null;
+    for (const s of ok.stage || []) room.stageSince.set(s.user.id, s.since);
+    renderStageTimes();
+  }).catch(() => { room.stageSince = null; });
+}
+
+function renderStageTimes() {
+  const room = client.rooms.get(active);
+  if (!room || !room.stageSince) return;
+  const cap = room.talkCap;
+  const clock = (s) => Math.floor(s / 60) + ':' + String(s % 60).padStart(2, '0');
+  for (const li of $('stage-list').querySelectorAll('li[data-user]')) {
+    const since = room.stageSince.get(li.dataset.user);
+    const span = li.querySelector('.stage-time');
+    if (!span || since === undefined) continue;
+    const s = Math.max(0, Math.floor((Date.now() - since) / 1000));
+    span.textContent = clock(s) + (cap ? ' / ' + clock(cap) : '');
+    span.classList.toggle('over', !!cap && s >= cap);
+  }
+}
+setInterval(renderStageTimes, 1000);
 
 function stageCmd(u, on) {
   client.request({ type: 'stage', room: active, user: u.id, on }).then((ok) => {

@@ -90,6 +90,7 @@ export class Calls {
     client.on('av_muted', (m) => this.onAvMuted(m));
     client.on('stage', (m) => this.onStage(m));
     client.on('kicked', (m) => this.onKicked(m));
+    client.on('av_closed', (m) => this.onAvClosed(m));
   }
 
   async media(kinds = { audio: true, video: true }) {
@@ -335,6 +336,11 @@ export class Calls {
       for (const u of av.users.values()) u.state = pc.connectionState;
       if (this.av === av) this.ui.onAv(av);
     };
+    // Connectivity lost for good on our side: restart ICE (a new offer with new credentials),
+    // which the server takes within its grace period.
+    pc.oniceconnectionstatechange = () => {
+      if (pc.iceConnectionState === 'failed' && this.av === av) this.sfuQueue(() => this.sfuRestartIce(av));
+    };
     if (ok.publish && this.local) this.sfuPublishTracks(av);
     else {
       // Watch only: recvonly sections, so that the first offer has media sections at all.
@@ -367,6 +373,12 @@ export class Calls {
     const s = this.av.sfu;
     s.chain = s.chain.then(step).catch((e) => console.warn('sfu signal', e));
     return s.chain;
+  }
+
+  async sfuRestartIce(av) {
+    if (this.av !== av || av.sfu.pc.signalingState === 'closed') return;
+    av.sfu.pc.restartIce();
+    await this.sfuOffer(av);
   }
 
   async sfuOffer(av) {
@@ -544,6 +556,33 @@ export class Calls {
   }
 
   /// Removed from the room: the server closed our SFU peer connection.
+  // The server closed the room's A/V for us (the class ended): we are out of it already, so
+  // only our side is torn down (no av_leave).
+  // `connection_lost` (the SFU gave up on our peer connection): we are still in the room's
+  // A/V, so we join again with a new peer connection (at most once in 30 s, so that a
+  // connection that keeps failing ends).
+  onAvClosed(m) {
+    const av = this.av;
+    if (!av || av.room !== m.room) return;
+    if (av.mode === 'sfu') av.sfu.pc.close();
+    else for (const p of av.peers.values()) p.peer.close();
+    this.av = null;
+    const now = Date.now();
+    if (m.reason === 'connection_lost' && !(this.lastRejoin > now - 30000)) {
+      this.lastRejoin = now;
+      this.ui.onAv(null);
+      this.avJoin(m.room).catch((e) => {
+        this.stopMedia();
+        if (this.ui.onAvClosed) this.ui.onAvClosed(m);
+        console.warn('A/V re-join failed', e);
+      });
+      return;
+    }
+    this.stopMedia();
+    this.ui.onAv(null);
+    if (this.ui.onAvClosed) this.ui.onAvClosed(m);
+  }
+
   onKicked(m) {
     const av = this.av;
     if (!av || av.mode !== 'sfu' || av.room !== m.room) return;

@@ -473,6 +473,17 @@ impl AvRooms {
             .collect()
     }
 
+    /// The local members of a room's A/V (those this node's sessions are), in session order.
+    pub fn local_members(&self, room: &str) -> Vec<Peer> {
+        self.rooms.get(room).map_or_else(Vec::new, |r| {
+            r.peers
+                .values()
+                .filter(|m| m.local)
+                .map(|m| m.peer.clone())
+                .collect()
+        })
+    }
+
     /// Rooms with local members (cluster mode's sweep checks them against the store).
     pub fn local_rooms(&self) -> Vec<String> {
         self.rooms

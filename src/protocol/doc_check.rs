@@ -232,6 +232,10 @@ enum ServerFrame {
         kind: AvTrackKind,
         by: UserId,
     },
+    AvClosed {
+        room: RoomId,
+        reason: String,
+    },
     ActiveSpeakers {
         room: String,
         users: Vec<String>,
@@ -372,6 +376,7 @@ impl ServerFrame {
                 kind: *kind,
                 by,
             },
+            Self::AvClosed { room, reason } => ServerMsg::AvClosed { room, reason },
             Self::ActiveSpeakers { room, users } => ServerMsg::ActiveSpeakers { room, users },
             Self::QuestionOverdue { room, id, ts } => {
                 ServerMsg::QuestionOverdue { room, id, ts: *ts }
@@ -438,6 +443,7 @@ fn every_frame_has_a_twin(msg: &ServerMsg<'_>) {
         | ServerMsg::Signal { .. }
         | ServerMsg::AvPeer { .. }
         | ServerMsg::AvMuted { .. }
+        | ServerMsg::AvClosed { .. }
         | ServerMsg::ActiveSpeakers { .. }
         | ServerMsg::QuestionOverdue { .. }
         | ServerMsg::Error { .. }

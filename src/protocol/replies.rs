@@ -216,6 +216,9 @@ pub struct HandsOk {
     pub hands: Vec<RaisedHand>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stage: Vec<StageSpell>,
+    /// The room's talk-time cap in seconds (its `stage.talk_cap_s`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub talk_cap_s: Option<u32>,
 }
 
 /// `stage`: the stage after the change.

@@ -71,7 +71,7 @@ pub(crate) async fn moved(app: &App, room: &RoomId, state: ClassState) {
 }
 
 /// The end of a class: raised hands go down and the stage clears (the usual `hand` and
-/// `stage` events; publishing stops), and the room's open polls close as `poll_close` closes
+/// `stage` events; publishing stops), A/V closes (`av_closed`), and the room's open polls close as `poll_close` closes
 /// them (the same `poll` event).
 async fn ended(app: &App, room: &RoomId) {
     clear_stage(app, room);
@@ -97,12 +97,14 @@ async fn ended(app: &App, room: &RoomId) {
 }
 
 /// Lowers this node's raised hands and clears its stage in `room` (events to its sessions,
-/// relays to the other nodes), withdrawing publishing and logging the stage spells' end.
+/// relays to the other nodes), withdrawing publishing and logging the stage spells' end, and
+/// closes the A/V of this node's sessions in the room.
 fn clear_stage(app: &App, room: &RoomId) {
     for who in app.hub.clear_hands_and_stage(room) {
         crate::rtc::stage_changed(app, room, &who.id, false);
         staged(app, room, &who, false);
     }
+    crate::rtc::class_ended(app, room);
 }
 
 /// Whether a committed event (its stored JSON) ends a class: a `class_state` event to `ended`.

@@ -44,7 +44,7 @@ pub(super) fn lower(ctx: &mut Ctx, room: RoomId, user: Option<UserId>) -> Result
     Ok(Outcome::ok(LowerHandOk { lowered }))
 }
 
-pub(super) fn hands(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
+pub(super) async fn hands(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     check_room_id(&room)?;
     if !ctx.joined_role(&room)?.can_moderate() {
         return Err(Error::Forbidden("only host/ta see the hand queue".into()));
@@ -63,7 +63,12 @@ pub(super) fn hands(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
         .into_iter()
         .map(|(user, since)| StageSpell { user, since })
         .collect();
-    Ok(Outcome::ok(HandsOk { hands, stage }))
+    let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
+    Ok(Outcome::ok(HandsOk {
+        hands,
+        stage,
+        talk_cap_s: policy.room.stage.talk_cap_s,
+    }))
 }
 
 pub(super) async fn stage(ctx: &mut Ctx, room: RoomId, user: UserId, on: bool) -> Result<Outcome> {
@@ -105,7 +110,7 @@ pub(super) async fn dispatch(ctx: &mut Ctx, msg: ClientMsg) -> Result<Outcome> {
     match msg {
         ClientMsg::RaiseHand { room } => raise(ctx, room),
         ClientMsg::LowerHand { room, user } => lower(ctx, room, user),
-        ClientMsg::Hands { room } => hands(ctx, room),
+        ClientMsg::Hands { room } => hands(ctx, room).await,
         ClientMsg::Stage { room, user, on } => stage(ctx, room, user, on).await,
         other => Err(crate::command::misrouted(&other)),
     }

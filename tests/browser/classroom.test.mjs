@@ -5,7 +5,7 @@
 // stroke), opens breakout groups on a short timer (students are taken to their group, one is
 // moved to another group, they chat there, call for help, the teacher listens in, and everyone
 // is back in the main room when the timer runs out), ends the class (the room turns read-only
-// for students) and reads the summary.
+// for students, and the A/V that teacher and a student are in closes) and reads the summary.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -64,7 +64,7 @@ async function createScheduledRoom(id) {
   const r = await fetch(server.base + '/api/rooms', {
     method: 'POST',
     headers: { authorization: 'Bearer ' + API_KEY, 'content-type': 'application/json' },
-    body: JSON.stringify({ id, kind: 'class', title: 'Algebra', visibility: 'open', starts_at: Date.now() + 3600000, qa: { enabled: true } }),
+    body: JSON.stringify({ id, kind: 'class', title: 'Algebra', visibility: 'open', starts_at: Date.now() + 3600000, qa: { enabled: true }, stage: { talk_cap_s: 600, auto_down: false } }),
   });
   assert.equal(r.status, 201, await r.text());
 }
@@ -90,6 +90,11 @@ test('a teacher runs a whole live class in the web client', { timeout: 240000 },
   await tab(teacher, 'class');
   await teacher.click('#class-start');
   for (const p of [teacher, ann, ben]) await p.locator('#class-badge[data-state="live"]').waitFor({ timeout: T });
+
+  // Ann on stage: the teacher sees her time on stage against the room's 10-minute cap.
+  await tab(teacher, 'people');
+  await teacher.locator('#people-list li[data-user="ann"] button', { hasText: 'Stage' }).click();
+  await until(teacher, () => /^\d+:\d\d \/ 10:00$/.test((document.querySelector('#stage-list li[data-user="ann"] .stage-time') || {}).textContent || ''));
 
   // A quiz: results stay hidden from students until it closes.
   await tab(teacher, 'polls');
@@ -182,11 +187,26 @@ test('a teacher runs a whole live class in the web client', { timeout: 240000 },
   }
   await say(ben, 'back in class');
 
-  // The host ends the class: students can no longer write; the summary lists who came.
+  // Teacher and Ann are on A/V when the class ends.
+  for (const p of [teacher, ann]) {
+    await tab(p, 'av');
+    await p.click('#av-join');
+    await p.locator('#av-leave').waitFor({ state: 'visible', timeout: T });
+  }
+  await teacher.locator('#av-grid figure[data-user="ann"]').waitFor({ timeout: T });
+
+  // The host ends the class: students can no longer write, A/V closes for everyone in it; the
+  // summary lists who came.
   await tab(teacher, 'class');
   await teacher.click('#class-end');
   for (const p of [teacher, ann, ben]) await p.locator('#class-badge[data-state="ended"]').waitFor({ timeout: T });
+  for (const p of [teacher, ann]) {
+    await tab(p, 'av');
+    await p.locator('#av-join').waitFor({ state: 'visible', timeout: T });
+    await until(p, () => window.studyhall.calls.av === null && !document.querySelector('#av-grid figure'));
+  }
   await until(ann, () => document.getElementById('composer-text').disabled);
+  await tab(teacher, 'class');
   await teacher.click('#class-summary-btn');
   for (const who of ['ann', 'ben']) {
     await teacher.locator(`#summary-attendance li[data-user="${who}"]`).waitFor({ timeout: T });

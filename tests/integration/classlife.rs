@@ -108,12 +108,27 @@ async fn lifecycle(pg: bool) {
     h.ok(json!({"type":"stage","room":"c","user":"ann","on":true}))
         .await;
     let poll = open_poll(&mut h, "c").await;
+    h.ok(json!({"type":"av_join","room":"c"})).await;
+    let joined = ann.ok(json!({"type":"av_join","room":"c"})).await;
+    assert_eq!(
+        joined["peers"].as_array().map(Vec::len),
+        Some(1),
+        "{joined}"
+    );
 
-    // The end: hands down, stage cleared, the open poll closed, each with its usual event.
+    // The end: hands down, stage cleared, the open poll closed, each with its usual event;
+    // then the A/V closes for everyone in it.
     let ok = h.ok(json!({"type":"class_end","room":"c"})).await;
     assert_eq!(ok["state"], "ended");
     assert_eq!(ann.until("class_state").await["state"], "ended");
     stage_event(&mut ann, "ann", false).await;
+    for c in [&mut h, &mut ann] {
+        let closed = c.until("av_closed").await;
+        assert_eq!(
+            (closed["room"].as_str(), closed["reason"].as_str()),
+            (Some("c"), Some("class_ended"))
+        );
+    }
     let hand = t.until("hand").await;
     assert_eq!(
         (hand["user"]["id"].as_str(), &hand["raised"]),
@@ -185,6 +200,9 @@ async fn lifecycle(pg: bool) {
         .await;
     h.ok(json!({"type":"stage","room":"c","user":"ann","on":true}))
         .await;
+    // Nobody was left behind in the A/V the end closed.
+    let rejoined = h.ok(json!({"type":"av_join","room":"c"})).await;
+    assert_eq!(rejoined["peers"], json!([]), "{rejoined}");
     let (st, room) = http(s.addr, "GET", "/api/rooms/c", Some(API_KEY), None).await;
     assert_eq!(st, 200);
     assert_eq!(

@@ -402,6 +402,10 @@ settings! {
     /// Least time between two keyframe requests (PLI) the SFU sends for one track, in
     /// milliseconds.
     sfu_keyframe_ms: u64 = 500,
+    /// How long the SFU keeps a peer connection whose ICE connectivity was lost, in
+    /// milliseconds, for the client to come back or restart ICE; then it closes it and tells
+    /// the session `av_closed {reason:"connection_lost"}`.
+    sfu_ice_grace_ms: u64 = 5_000,
     /// STUN URLs (`stun:host:3478`) handed to clients in `ice_servers`: comma-separated
     /// (env/flag) or a TOML array (file).
     stun_urls: Vec<String> = Vec::new(),
@@ -725,6 +729,7 @@ impl Config {
         positive("sfu_room_max", self.sfu_room_max as u64)?;
         positive("sfu_sessions_max", self.sfu_sessions_max as u64)?;
         positive("sfu_keyframe_ms", self.sfu_keyframe_ms)?;
+        positive("sfu_ice_grace_ms", self.sfu_ice_grace_ms)?;
         if self.sfu_speakers_ms < 500 {
             return Err(ConfigError::Invalid {
                 name: "sfu_speakers_ms",

@@ -76,6 +76,7 @@ pub(crate) fn sfu_config(cfg: &crate::config::Config) -> SfuConfig {
         sessions_max: cfg.sfu_sessions_max,
         speakers_ms: cfg.sfu_speakers_ms,
         keyframe_ms: cfg.sfu_keyframe_ms,
+        ice_grace_ms: cfg.sfu_ice_grace_ms,
     }
 }
 
@@ -111,6 +112,14 @@ pub(crate) fn sfu_notify(hub: Arc<crate::hub::Hub>) -> Notify {
             for s in sessions {
                 hub.send_to_session(&s, &frame);
             }
+        }
+        Notice::Closed { session, room } => {
+            let room = RoomId::from(room.as_str());
+            let frame = protocol::encode(&ServerMsg::AvClosed {
+                room: &room,
+                reason: "connection_lost",
+            });
+            hub.send_to_session(&session, &Frame::from(frame));
         }
         Notice::Peer {
             to,

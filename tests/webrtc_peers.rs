@@ -607,3 +607,56 @@ async fn three_peers_hear_each_other_through_the_sfu_and_mute_and_leave_tear_dow
     host.close().await;
     s.stop().await;
 }
+
+/// A session whose peer connection goes away while its socket stays (a browser whose network
+/// changed) is told `av_closed {reason:"connection_lost"}` once the SFU's ICE grace is over; the
+/// others hear it left; it is still in the room's A/V and joins again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sfu_peer_whose_connectivity_is_lost_is_told_and_joins_again() {
+    let s = Server::sqlite(|c| c.sfu_ice_grace_ms = 300).await;
+    let (st, _) = http(
+        s.addr,
+        "POST",
+        "/api/rooms",
+        Some(API_KEY),
+        Some(json!({"id": "lost", "kind": "class", "av": {"mode": "sfu"}})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let mut host = Client::connect(
+        s.addr,
+        &token("host", PlatformRole::Tutor, &[("lost", RoomRole::Host)]),
+    )
+    .await;
+    let mut a = s.client("a").await;
+    for c in [&mut host, &mut a] {
+        c.join("lost").await;
+    }
+    let a_session = a.session.clone();
+    let mut host = sfu_peer(host, "lost", 1).await;
+    let mut a = sfu_peer(a, "lost", 2).await;
+    host.hears(&[2]).await;
+
+    // a's peer connection ends; its socket and the signalling bridge stay.
+    a.pc.close().await.unwrap();
+    let closed = within(
+        "av_closed after the ICE grace",
+        a.frame(|f| f["type"] == "av_closed"),
+    )
+    .await;
+    assert_eq!(
+        (&closed["room"], &closed["reason"]),
+        (&json!("lost"), &json!("connection_lost"))
+    );
+    host.frame(|f| {
+        f["type"] == "av_peer" && f["session"] == a_session.as_str() && f["joined"] == false
+    })
+    .await;
+    assert_eq!(s.app.sfu.as_ref().unwrap().sessions(), 1);
+    // Still in the room's A/V: a join again is a fresh SFU session.
+    let again = a.ok(300, json!({"type": "av_join", "room": "lost"})).await;
+    assert_eq!(again["mode"], "sfu", "{again}");
+    host.close().await;
+    a.close().await;
+    s.stop().await;
+}

@@ -80,6 +80,8 @@ pub(super) struct Client {
     pending: Option<SdpPendingOffer>,
     pub tracks_in: Vec<TrackIn>,
     pub tracks_out: Vec<TrackOut>,
+    /// When ICE connectivity was lost (ICE `Disconnected`), until it comes back.
+    ice_lost_since: Option<Instant>,
 }
 
 fn bad(m: impl Into<String>) -> SfuError {
@@ -105,7 +107,15 @@ impl Client {
             pending: None,
             tracks_in: Vec::new(),
             tracks_out: Vec::new(),
+            ice_lost_since: None,
         }
+    }
+
+    /// Whether ICE connectivity has been lost for `grace` or longer by `now` (the client did
+    /// not come back, nor restart ICE, in time).
+    pub fn ice_lost_past(&self, now: Instant, grace: Duration) -> bool {
+        self.ice_lost_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= grace)
     }
 
     /// Applies a validated `signal` payload; returns the `data` to send back (an answer).
@@ -289,8 +299,13 @@ impl Client {
 
     fn event(&mut self, e: Event, out: &mut Vec<Propagate>) {
         match e {
+            // Lost: kept for the grace (the driver closes it after), so that a client whose
+            // network blipped, or that restarts ICE, keeps its session and tracks.
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                self.rtc.disconnect();
+                self.ice_lost_since.get_or_insert_with(Instant::now);
+            }
+            Event::IceConnectionStateChange(_) => {
+                self.ice_lost_since = None;
             }
             Event::MediaAdded(m)
                 if matches!(m.direction, Direction::RecvOnly | Direction::SendRecv) =>
@@ -412,5 +427,40 @@ mod tests {
         c.tracks_out[0].state = OutState::NegotiatingStop(Mid::from("a1"));
         c.add_out(key(), "pub".into(), MediaKind::Video);
         assert_eq!(c.tracks_out.len(), 2);
+    }
+
+    #[test]
+    fn lost_ice_is_kept_for_the_grace_and_forgotten_when_it_comes_back() {
+        let mut c = Client::new(
+            "r".into(),
+            "u".into(),
+            "s1".into(),
+            true,
+            Rtc::new(Instant::now()),
+        );
+        let grace = Duration::from_millis(300);
+        let mut out = Vec::new();
+        assert!(!c.ice_lost_past(Instant::now() + grace, grace));
+        c.event(
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected),
+            &mut out,
+        );
+        let lost = Instant::now();
+        assert!(c.rtc.is_alive(), "not closed at once");
+        assert!(!c.ice_lost_past(lost, grace), "within the grace");
+        assert!(c.ice_lost_past(lost + grace * 2, grace), "past the grace");
+        // A second `Disconnected` does not restart the clock.
+        c.event(
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected),
+            &mut out,
+        );
+        assert!(c.ice_lost_past(lost + grace * 2, grace));
+        // Back (or restarted): the loss is forgotten.
+        c.event(
+            Event::IceConnectionStateChange(IceConnectionState::Checking),
+            &mut out,
+        );
+        assert!(!c.ice_lost_past(lost + grace * 2, grace));
+        assert!(out.is_empty());
     }
 }

@@ -94,8 +94,13 @@ impl Driver {
                 _ = sleep => {}
             }
             let now = Instant::now();
+            let grace = Duration::from_millis(self.cfg.ice_grace_ms);
             for c in self.clients.values_mut() {
                 if c.rtc.is_alive() && c.rtc.handle_input(Input::Timeout(now)).is_err() {
+                    c.rtc.disconnect();
+                }
+                if c.rtc.is_alive() && c.ice_lost_past(now, grace) {
+                    tracing::info!(room = %c.room, "an SFU peer's ICE stayed lost past the grace");
                     c.rtc.disconnect();
                 }
             }
@@ -238,6 +243,7 @@ impl Driver {
         for (room, session) in dead {
             tracing::info!(room = %room, "an SFU peer connection ended");
             self.remove(&room, &session);
+            (self.notify)(Notice::Closed { session, room });
         }
     }
 

@@ -51,6 +51,9 @@ pub enum Notice {
         room: String,
         users: Vec<String>,
     },
+    /// `av_closed {room, reason:"connection_lost"}` to `session`: its peer connection died
+    /// (ICE lost past the grace, or a fatal error) and the SFU dropped it.
+    Closed { session: String, room: String },
     /// `av_peer` to `to`: `session` of `user` joined or left the room's SFU.
     Peer {
         to: String,
@@ -72,6 +75,8 @@ pub struct SfuConfig {
     pub sessions_max: usize,
     pub speakers_ms: u64,
     pub keyframe_ms: u64,
+    /// How long a peer connection whose ICE was lost is kept before it is closed.
+    pub ice_grace_ms: u64,
 }
 
 /// A session in a room's SFU.

@@ -329,8 +329,9 @@ settings! {
     /// Refused frames (rate-limited, malformed, binary) within 10 s after which the connection
     /// is closed 4029.
     abuse_strikes: u32 = 50,
-    /// Per user, across their sessions on this node: messages, edits, reactions, questions,
-    /// answers and reports per second (sustained); beyond it `rate_limited`.
+    /// Per user, across their sessions (in a cluster a user on `n` nodes gets `1/n` of each
+    /// per-user rate and burst on each): messages, edits, reactions, questions, answers and
+    /// reports per second (sustained); beyond it `rate_limited`.
     user_write_per_s: f64 = 5.0,
     /// Per user: burst of the write limit.
     user_write_burst: f64 = 30.0,

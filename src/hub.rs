@@ -1227,6 +1227,21 @@ impl Hub {
                 .is_some_and(|s| s.iter().any(|(_, w)| *w))
     }
 
+    /// How many nodes hold signed-in sessions of the user: this one (counted always: the
+    /// caller is one of them) and, in cluster mode, each other node the directory lists one on.
+    pub fn nodes_with_sessions_of(&self, user: &UserId) -> usize {
+        let Some(remote) = self.remote_sessions.get(user) else {
+            return 1;
+        };
+        let mut nodes: Vec<&str> = remote
+            .iter()
+            .filter_map(|(session, _)| crate::node::node_of(session))
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        1 + nodes.len()
+    }
+
     /// The ids of a user's signed-in sessions (on every node in cluster mode).
     pub fn session_ids(&self, user: &UserId) -> Vec<String> {
         let mut ids: Vec<String> = self

@@ -127,7 +127,11 @@ async fn admit(ctx: &mut Ctx, msg: &ClientMsg) -> Result<()> {
         }
     }
     if let Some(action) = user_action(msg)
-        && !ctx.app.user_limits.take(&ctx.me.user, action)
+        && !ctx.app.user_limits.take_share(
+            &ctx.me.user,
+            action,
+            ctx.app.hub.nodes_with_sessions_of(&ctx.me.user),
+        )
     {
         ctx.app
             .metrics

@@ -1353,3 +1353,72 @@ async fn a_poll_with_members_on_two_nodes() {
     })
     .await;
 }
+
+/// Whether `addr`'s node refuses another session of `user` (4029: it counts the user's
+/// sessions on the other nodes too, with `max_sessions_per_user` 2 and two open). A session it
+/// accepts is closed at once.
+async fn refuses_a_third_session(addr: SocketAddr, user: &str) -> bool {
+    let mut ws = raw_ws(addr).await;
+    futures_util::SinkExt::send(
+        &mut ws,
+        Message::text(json!({"type":"hello","token":student(user)}).to_string()),
+    )
+    .await
+    .unwrap();
+    within("welcome or close", async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Close(f)) => return f.is_some_and(|f| u16::from(f.code) == 4029),
+                Ok(Message::Text(t)) if t.contains(r#""type":"welcome""#) => return false,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+        false
+    })
+    .await
+}
+
+/// Per-user limits hold across nodes: a user with sessions on two nodes gets half of each limit
+/// on each node, so all the user's sessions together get no more than the limit.
+#[tokio::test]
+async fn per_user_limits_hold_across_nodes() {
+    eventually("per-user limits across nodes", async {
+        let c = Cluster::start_with(
+            2,
+            &[
+                ("STUDYHALL_USER_WRITE_PER_S", "0.001"),
+                ("STUDYHALL_USER_WRITE_BURST", "6"),
+                ("STUDYHALL_MAX_SESSIONS_PER_USER", "2"),
+            ],
+        )
+        .await;
+        let room = "limits.room";
+        c.room(room, "group").await;
+        let mut tabs = Vec::new();
+        for i in 0..2 {
+            let mut t = Client::connect(c.addr(i), &student("pal")).await;
+            t.join(room).await;
+            tabs.push(t);
+        }
+        // Each node has heard of the session on the other once it refuses a third.
+        for i in 0..2 {
+            while !refuses_a_third_session(c.addr(i), "pal").await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let mut ok = 0;
+        for i in 0..12 {
+            let r = tabs[i % 2]
+                .request(json!({"type":"send","room":room,"text":"spam","client_msg_id":format!("m{i}")}))
+                .await;
+            match r["type"].as_str() {
+                Some("ok") => ok += 1,
+                _ => assert_eq!(r["code"], "rate_limited", "{r}"),
+            }
+        }
+        assert_eq!(ok, 6, "three writes on each node, six in all");
+        c.stop().await;
+    })
+    .await;
+}

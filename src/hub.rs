@@ -603,81 +603,14 @@ impl Hub {
                 entry.0 = user.clone();
             }
         } else {
-            if state.sessions.len() >= self.max_room_sessions {
-                return Err(HubError::RoomFull(self.max_room_sessions));
-            }
-            state.sessions.insert(
-                handle.id.clone(),
-                Member {
-                    handle: handle.clone(),
-                    user: user.clone(),
-                    moderator,
-                    gate: Some(Vec::new()),
-                    last_seq: 0,
-                    presence_seen: state.presence_clock,
-                },
-            );
-            let first = match state.online.entry(user.id.clone()) {
-                Entry::Occupied(mut e) => {
-                    e.get_mut().1 += 1;
-                    false
-                }
-                Entry::Vacant(e) => {
-                    e.insert((user.clone(), 1));
-                    true
-                }
-            };
-            if first {
-                self.presence_changed.notify_one();
-                if !self.online_elsewhere(room, &user.id) {
-                    if state.presence_change(&user, true) {
-                        self.due(&self.presence_due, room);
-                    }
-                    if state.counts_online(self.presence_limit) {
-                        self.due(&self.counts_due, room);
-                    }
-                }
-            }
+            self.add_member(room, state, handle, &user, moderator)?;
         }
         let remote = self.remote_online.get(room);
         let online_count = state.online_count(remote.as_deref());
         let online = if live && !moderator {
-            // The audience of a live room sees who runs it and who is on stage; the rest
-            // is a count.
-            let visible = |u: &UserRef| {
-                u.role.room().is_some_and(RoomRole::can_moderate)
-                    || state.stage.iter().any(|s| s.id == u.id)
-            };
-            let mut list: Vec<UserRef> = state
-                .online
-                .values()
-                .map(|(u, _)| u)
-                .chain(remote.iter().flat_map(|r| r.values()))
-                .filter(|u| visible(u))
-                .cloned()
-                .collect();
-            list.sort_by(|a, b| a.id.cmp(&b.id));
-            list.dedup_by(|a, b| a.id == b.id);
-            list.truncate(self.presence_limit);
-            list
+            self.audience_view(state, remote.as_deref())
         } else {
-            // The first `presence_limit` users by id, here and on other nodes.
-            let mut list: Vec<UserRef> = state
-                .online
-                .values()
-                .take(self.presence_limit)
-                .map(|(u, _)| u.clone())
-                .collect();
-            if let Some(r) = &remote {
-                list.extend(
-                    r.values()
-                        .filter(|u| !state.online.contains_key(&u.id))
-                        .cloned(),
-                );
-                list.sort_by(|a, b| a.id.cmp(&b.id));
-                list.truncate(self.presence_limit);
-            }
-            list
+            self.online_view(state, remote.as_deref())
         };
         drop(remote);
         let hands = if moderator {
@@ -691,6 +624,103 @@ impl Hub {
             stage: state.stage.clone(),
             hands,
         })
+    }
+
+    /// A new session in the room (within `max_room_sessions`), gated; the user's first
+    /// session here makes them online (presence and counts become due).
+    fn add_member(
+        &self,
+        room: &RoomId,
+        state: &mut RoomState,
+        handle: &Arc<SessionHandle>,
+        user: &UserRef,
+        moderator: bool,
+    ) -> Result<(), HubError> {
+        if state.sessions.len() >= self.max_room_sessions {
+            return Err(HubError::RoomFull(self.max_room_sessions));
+        }
+        state.sessions.insert(
+            handle.id.clone(),
+            Member {
+                handle: handle.clone(),
+                user: user.clone(),
+                moderator,
+                gate: Some(Vec::new()),
+                last_seq: 0,
+                presence_seen: state.presence_clock,
+            },
+        );
+        let first = match state.online.entry(user.id.clone()) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().1 += 1;
+                false
+            }
+            Entry::Vacant(e) => {
+                e.insert((user.clone(), 1));
+                true
+            }
+        };
+        if first {
+            self.presence_changed.notify_one();
+            if !self.online_elsewhere(room, &user.id) {
+                if state.presence_change(user, true) {
+                    self.due(&self.presence_due, room);
+                }
+                if state.counts_online(self.presence_limit) {
+                    self.due(&self.counts_due, room);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Who the audience of a live room sees online: who runs it and who is on stage (here and
+    /// on other nodes), by id, at most `presence_limit`; the rest is a count.
+    fn audience_view(
+        &self,
+        state: &RoomState,
+        remote: Option<&HashMap<UserId, UserRef>>,
+    ) -> Vec<UserRef> {
+        let visible = |u: &UserRef| {
+            u.role.room().is_some_and(RoomRole::can_moderate)
+                || state.stage.iter().any(|s| s.id == u.id)
+        };
+        let mut list: Vec<UserRef> = state
+            .online
+            .values()
+            .map(|(u, _)| u)
+            .chain(remote.iter().flat_map(|r| r.values()))
+            .filter(|u| visible(u))
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list.dedup_by(|a, b| a.id == b.id);
+        list.truncate(self.presence_limit);
+        list
+    }
+
+    /// The first `presence_limit` users online by id, here and on other nodes.
+    fn online_view(
+        &self,
+        state: &RoomState,
+        remote: Option<&HashMap<UserId, UserRef>>,
+    ) -> Vec<UserRef> {
+        let mut list: Vec<UserRef> = state
+            .online
+            .values()
+            .take(self.presence_limit)
+            .map(|(u, _)| u.clone())
+            .collect();
+        if let Some(r) = remote {
+            list.extend(
+                r.values()
+                    .filter(|u| !state.online.contains_key(&u.id))
+                    .cloned(),
+            );
+            list.sort_by(|a, b| a.id.cmp(&b.id));
+            list.truncate(self.presence_limit);
+        }
+        list
     }
 
     /// Releases the frames held for a gated session: those with seq <= `delivered_seq` were

@@ -988,25 +988,7 @@ pub(super) async fn checkin(
     let zone = eng::zone_or_utc(&tz_name);
     let now = now_ms();
     let today = eng::local_day(now, &zone);
-    let stored = sqlx::query(
-        "SELECT streak_current, streak_longest, last_checkin_day FROM engagement_members \
-         WHERE room_id = $1 AND user_id = $2",
-    )
-    .bind(room.as_str())
-    .bind(user.id.as_str())
-    .fetch_optional(&mut **tx)
-    .await?;
-    let (before, last) = match &stored {
-        Some(r) => (
-            Streak {
-                current: r.try_get("streak_current")?,
-                longest: r.try_get("streak_longest")?,
-            },
-            r.try_get::<Option<String>, _>("last_checkin_day")?
-                .and_then(|d| d.parse::<jiff::civil::Date>().ok()),
-        ),
-        None => (Streak::default(), None),
-    };
+    let (before, last) = stored_streak(tx, room, user).await?;
     let (streak, already) = eng::check_in(last, before, today);
     let mut points = 0;
     if !already {
@@ -1058,6 +1040,33 @@ pub(super) async fn checkin(
             points,
         },
         event: None,
+    })
+}
+
+/// A member's stored streak and the day of their last check-in (none before the first).
+async fn stored_streak(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    user: &UserRef,
+) -> Result<(Streak, Option<jiff::civil::Date>)> {
+    let stored = sqlx::query(
+        "SELECT streak_current, streak_longest, last_checkin_day FROM engagement_members \
+         WHERE room_id = $1 AND user_id = $2",
+    )
+    .bind(room.as_str())
+    .bind(user.id.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(match &stored {
+        Some(r) => (
+            Streak {
+                current: r.try_get("streak_current")?,
+                longest: r.try_get("streak_longest")?,
+            },
+            r.try_get::<Option<String>, _>("last_checkin_day")?
+                .and_then(|d| d.parse::<jiff::civil::Date>().ok()),
+        ),
+        None => (Streak::default(), None),
     })
 }
 

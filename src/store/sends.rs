@@ -184,6 +184,120 @@ pub(super) struct Planned {
     pub staged: Vec<Staged>,
 }
 
+/// One plain send: room, sender, text, client message id.
+type PlainSend<'a> = (&'a RoomId, &'a UserRef, &'a String, &'a Option<String>);
+
+fn key_of(room: &RoomId, from: &UserRef, cid: &Option<String>) -> Option<Key> {
+    cid.as_ref()
+        .map(|c| (room.0.clone(), from.id.0.clone(), c.clone()))
+}
+
+/// Which sends are new (not stored before, not repeated earlier in the batch): a new send's
+/// slot is its index among its room's new sends, in queue order; a duplicate's is `None`.
+/// Also returns how many new sends each room has.
+fn slots<'a>(
+    sends: &[PlainSend<'a>],
+    prior: &HashMap<Key, (MessageId, i64, i64)>,
+) -> (Vec<Option<i64>>, BTreeMap<&'a str, i64>) {
+    let mut seen: HashMap<Key, ()> = HashMap::new();
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut slot = Vec::with_capacity(sends.len());
+    for (room, from, _, cid) in sends {
+        let new = match key_of(room, from, cid) {
+            Some(k) if prior.contains_key(&k) || seen.contains_key(&k) => false,
+            Some(k) => {
+                seen.insert(k, ());
+                true
+            }
+            None => true,
+        };
+        if new {
+            let n = counts.entry(room.as_str()).or_default();
+            slot.push(Some(*n));
+            *n += 1;
+        } else {
+            slot.push(None);
+        }
+    }
+    (slot, counts)
+}
+
+/// A duplicate's outcome: that of the stored message, or of its first copy in this batch.
+fn duplicate(
+    key: Option<Key>,
+    prior: &HashMap<Key, (MessageId, i64, i64)>,
+    made: &HashMap<Key, (MessageId, i64)>,
+    ts: i64,
+) -> Result<Applied> {
+    let k = key.ok_or_else(|| StoreError::Corrupt("a duplicate without a key".into()))?;
+    let (id, seq, at) = match prior.get(&k) {
+        Some((id, seq, at)) => (id.clone(), *seq, *at),
+        None => {
+            let (id, seq) = made
+                .get(&k)
+                .cloned()
+                .ok_or_else(|| StoreError::Corrupt("duplicate without original".into()))?;
+            (id, seq, ts)
+        }
+    };
+    Ok(Applied {
+        outcome: WriteOutcome::Sent {
+            id,
+            seq,
+            ts: at,
+            duplicate: true,
+        },
+        event: None,
+    })
+}
+
+/// A new send at `seq`: its outcome and event, and the row to insert.
+fn fresh(send: &PlainSend<'_>, seq: i64, ts: i64) -> (Applied, Staged) {
+    let (room, from, text, cid) = *send;
+    let id = new_message_id(ts);
+    let json = crate::protocol::encode(&SequencedEvent {
+        room: room.clone(),
+        seq,
+        event: RoomEvent::Message {
+            id: id.clone(),
+            from: from.clone(),
+            text: text.clone(),
+            reply_to: None,
+            ts,
+            client_msg_id: cid.clone(),
+            edited_ts: None,
+            deleted: false,
+            reactions: Vec::new(),
+        },
+    });
+    let applied = Applied {
+        outcome: WriteOutcome::Sent {
+            id: id.clone(),
+            seq,
+            ts,
+            duplicate: false,
+        },
+        event: Some(CommittedEvent {
+            room: room.clone(),
+            seq,
+            json: json.clone(),
+            public_json: None,
+        }),
+    };
+    let staged = Staged {
+        room: room.clone(),
+        id,
+        seq,
+        sender: from.id.0.clone(),
+        name: from.name.clone(),
+        client_msg_id: cid.clone(),
+        text: text.clone(),
+        ts,
+        json,
+    };
+    (applied, staged)
+}
+
 /// Plans plain sends (each room's in queue order): duplicates get the first
 /// send's outcome, new ones consecutive seqs of their room. Reads and reserves with a fixed
 /// number of statements; nothing is inserted yet (see [`insert_staged`]).
@@ -202,61 +316,18 @@ pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) ->
         })
         .collect();
     let prior = prior_sends(tx, backend, &keys).await?;
-    let key_of = |room: &RoomId, from: &UserRef, cid: &Option<String>| {
-        cid.as_ref()
-            .map(|c| (room.0.clone(), from.id.0.clone(), c.clone()))
-    };
-    // Which sends are new: not stored before and not repeated earlier in this batch. A new
-    // send's slot is its index among its room's new sends (in queue order).
-    let mut seen: HashMap<Key, ()> = HashMap::new();
-    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut slot: Vec<Option<i64>> = Vec::with_capacity(sends.len());
-    for (room, from, _, cid) in &sends {
-        let new = match key_of(room, from, cid) {
-            Some(k) if prior.contains_key(&k) || seen.contains_key(&k) => false,
-            Some(k) => {
-                seen.insert(k, ());
-                true
-            }
-            None => true,
-        };
-        if new {
-            let n = counts.entry(room.as_str()).or_default();
-            slot.push(Some(*n));
-            *n += 1;
-        } else {
-            slot.push(None);
-        }
-    }
-    let fresh: Vec<(&str, i64)> = counts.into_iter().collect();
-    let (first, refused) = reserve(tx, backend, &fresh).await?;
+    let (slot, counts) = slots(&sends, &prior);
+    let fresh_counts: Vec<(&str, i64)> = counts.into_iter().collect();
+    let (first, refused) = reserve(tx, backend, &fresh_counts).await?;
     let ts = now_ms();
     let mut made: HashMap<Key, (MessageId, i64)> = HashMap::new();
     let mut results = Vec::with_capacity(sends.len());
     let mut staged = Vec::with_capacity(sends.len());
-    for ((room, from, text, cid), slot) in sends.iter().zip(slot) {
+    for (send, slot) in sends.iter().zip(slot) {
+        let (room, from, _, cid) = *send;
         let key = key_of(room, from, cid);
         let Some(n) = slot else {
-            let k = key.ok_or_else(|| StoreError::Corrupt("a duplicate without a key".into()))?;
-            let (id, seq, at) = match prior.get(&k) {
-                Some((id, seq, at)) => (id.clone(), *seq, *at),
-                None => {
-                    let (id, seq) = made
-                        .get(&k)
-                        .cloned()
-                        .ok_or_else(|| StoreError::Corrupt("duplicate without original".into()))?;
-                    (id, seq, ts)
-                }
-            };
-            results.push(Ok(Applied {
-                outcome: WriteOutcome::Sent {
-                    id,
-                    seq,
-                    ts: at,
-                    duplicate: true,
-                },
-                event: None,
-            }));
+            results.push(duplicate(key, &prior, &made, ts));
             continue;
         };
         // A resend of a stored message gets its first outcome even from an archived room, as
@@ -269,50 +340,12 @@ pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) ->
             .get(room.as_str())
             .ok_or_else(|| StoreError::Corrupt(format!("no seqs reserved in {room}")))?
             + n;
-        let id = new_message_id(ts);
-        let json = crate::protocol::encode(&SequencedEvent {
-            room: (*room).clone(),
-            seq,
-            event: RoomEvent::Message {
-                id: id.clone(),
-                from: (*from).clone(),
-                text: (*text).clone(),
-                reply_to: None,
-                ts,
-                client_msg_id: (*cid).clone(),
-                edited_ts: None,
-                deleted: false,
-                reactions: Vec::new(),
-            },
-        });
+        let (applied, row) = fresh(send, seq, ts);
         if let Some(k) = key {
-            made.insert(k, (id.clone(), seq));
+            made.insert(k, (row.id.clone(), seq));
         }
-        results.push(Ok(Applied {
-            outcome: WriteOutcome::Sent {
-                id: id.clone(),
-                seq,
-                ts,
-                duplicate: false,
-            },
-            event: Some(CommittedEvent {
-                room: (*room).clone(),
-                seq,
-                json: json.clone(),
-                public_json: None,
-            }),
-        }));
-        staged.push(Staged {
-            room: (*room).clone(),
-            id,
-            seq,
-            sender: from.id.0.clone(),
-            name: from.name.clone(),
-            client_msg_id: (*cid).clone(),
-            text: (*text).clone(),
-            ts,
-            json,
-        });
+        results.push(Ok(applied));
+        staged.push(row);
     }
     Ok(Planned { results, staged })
 }

@@ -832,7 +832,139 @@ pub(super) async fn insert_event(
     })
 }
 
+/// Applies one write in the batch's transaction, by kind.
 async fn apply(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    op: &WriteOp,
+    fx: &mut Effects,
+) -> Result<Applied> {
+    match op {
+        WriteOp::Send { .. }
+        | WriteOp::Edit { .. }
+        | WriteOp::Delete { .. }
+        | WriteOp::React { .. } => apply_message(tx, cfg, op, fx).await,
+        WriteOp::Ask { .. }
+        | WriteOp::Vote { .. }
+        | WriteOp::Answer { .. }
+        | WriteOp::SetQuestionStatus { .. } => apply_qa(tx, cfg, op, fx).await,
+        WriteOp::PollCreate { .. }
+        | WriteOp::PollState { .. }
+        | WriteOp::PollResults { .. }
+        | WriteOp::PollAnswer { .. } => apply_poll(tx, cfg, op, fx).await,
+        _ => apply_room(tx, cfg, op, fx).await,
+    }
+}
+
+/// Messages: send, edit, delete, react.
+async fn apply_message(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    op: &WriteOp,
+    fx: &mut Effects,
+) -> Result<Applied> {
+    match op {
+        WriteOp::Send {
+            room,
+            from,
+            text,
+            client_msg_id,
+            reply_to,
+        } => super::messages::send(tx, cfg, room, from, text, client_msg_id, reply_to, fx).await,
+        WriteOp::Edit { room, id, by, text } => super::messages::edit(tx, room, id, by, text).await,
+        WriteOp::Delete {
+            room,
+            id,
+            by,
+            as_moderator,
+        } => super::messages::delete(tx, room, id, by, *as_moderator).await,
+        WriteOp::React {
+            room,
+            id,
+            user,
+            emoji,
+            add,
+            max_distinct,
+        } => super::messages::react(tx, cfg, room, id, user, emoji, *add, *max_distinct, fx).await,
+
+        _ => Err(StoreError::Corrupt(
+            "apply_message was given another kind of write".into(),
+        )),
+    }
+}
+
+/// Questions: ask, vote, answer, status.
+async fn apply_qa(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    op: &WriteOp,
+    fx: &mut Effects,
+) -> Result<Applied> {
+    match op {
+        WriteOp::Ask {
+            room,
+            author,
+            text,
+            anonymous,
+            pending,
+        } => super::qa::apply_ask(tx, cfg, room, author, text, *anonymous, *pending, fx).await,
+        WriteOp::Vote {
+            room,
+            question,
+            user,
+            up,
+        } => super::qa::vote(tx, room, question, user, *up).await,
+        WriteOp::Answer {
+            room,
+            question,
+            author,
+            text,
+        } => super::qa::apply_answer(tx, cfg, room, question, author, text, fx).await,
+        WriteOp::SetQuestionStatus {
+            room,
+            question,
+            status,
+        } => super::qa::apply_status(tx, cfg, room, question, *status, fx).await,
+        _ => Err(StoreError::Corrupt(
+            "apply_qa was given another kind of write".into(),
+        )),
+    }
+}
+
+/// Polls: create, open/close, results, answers.
+async fn apply_poll(
+    tx: &mut Tx<'_>,
+    cfg: &EngagementConfig,
+    op: &WriteOp,
+    fx: &mut Effects,
+) -> Result<Applied> {
+    match op {
+        WriteOp::PollCreate { room, by, spec } => super::polls::create(tx, room, by, spec).await,
+        WriteOp::PollState {
+            room,
+            poll,
+            target,
+            words,
+        } => super::polls::set_state(tx, cfg, room, poll, *target, *words, fx).await,
+        WriteOp::PollResults { room, poll, words } => {
+            super::polls::publish_results(tx, room, poll, *words).await
+        }
+        WriteOp::PollAnswer {
+            room,
+            poll,
+            user,
+            name,
+            choices,
+            text,
+        } => super::polls::answer(tx, room, poll, user, name, choices, text.as_deref()).await,
+        _ => Err(StoreError::Corrupt(
+            "apply_poll was given another kind of write".into(),
+        )),
+    }
+}
+
+/// Check-ins, helpful marks, the class state, presence and members.
+async fn apply_room(
     tx: &mut Tx<'_>,
     cfg: &EngagementConfig,
     op: &WriteOp,
@@ -863,24 +995,6 @@ async fn apply(
             )
             .await
         }
-        WriteOp::PollCreate { room, by, spec } => super::polls::create(tx, room, by, spec).await,
-        WriteOp::PollState {
-            room,
-            poll,
-            target,
-            words,
-        } => super::polls::set_state(tx, cfg, room, poll, *target, *words, fx).await,
-        WriteOp::PollResults { room, poll, words } => {
-            super::polls::publish_results(tx, room, poll, *words).await
-        }
-        WriteOp::PollAnswer {
-            room,
-            poll,
-            user,
-            name,
-            choices,
-            text,
-        } => super::polls::answer(tx, room, poll, user, name, choices, text.as_deref()).await,
         WriteOp::ClassState {
             room,
             target,
@@ -906,51 +1020,8 @@ async fn apply(
             outcome: WriteOutcome::Unchanged,
             event: None,
         }),
-        WriteOp::Ask {
-            room,
-            author,
-            text,
-            anonymous,
-            pending,
-        } => super::qa::apply_ask(tx, cfg, room, author, text, *anonymous, *pending, fx).await,
-        WriteOp::Vote {
-            room,
-            question,
-            user,
-            up,
-        } => super::qa::vote(tx, room, question, user, *up).await,
-        WriteOp::Answer {
-            room,
-            question,
-            author,
-            text,
-        } => super::qa::apply_answer(tx, cfg, room, question, author, text, fx).await,
-        WriteOp::SetQuestionStatus {
-            room,
-            question,
-            status,
-        } => super::qa::apply_status(tx, cfg, room, question, *status, fx).await,
-        WriteOp::Send {
-            room,
-            from,
-            text,
-            client_msg_id,
-            reply_to,
-        } => super::messages::send(tx, cfg, room, from, text, client_msg_id, reply_to, fx).await,
-        WriteOp::Edit { room, id, by, text } => super::messages::edit(tx, room, id, by, text).await,
-        WriteOp::Delete {
-            room,
-            id,
-            by,
-            as_moderator,
-        } => super::messages::delete(tx, room, id, by, *as_moderator).await,
-        WriteOp::React {
-            room,
-            id,
-            user,
-            emoji,
-            add,
-            max_distinct,
-        } => super::messages::react(tx, cfg, room, id, user, emoji, *add, *max_distinct, fx).await,
+        _ => Err(StoreError::Corrupt(
+            "apply_room was given another kind of write".into(),
+        )),
     }
 }

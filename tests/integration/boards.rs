@@ -68,10 +68,18 @@ async fn person(s: &Server, user: &str, room: &str, role: RoomRole) -> Client {
 
 #[tokio::test]
 async fn editors_converge_late_joiners_get_what_they_lack_and_drawing_needs_a_grant() {
-    let s = Server::sqlite(|_| {}).await;
+    on_sqlite(|_| {}, converge).await;
+}
+
+#[tokio::test]
+async fn editors_converge_and_drawing_needs_a_grant_on_postgres() {
+    on_postgres(|_| {}, converge).await;
+}
+
+async fn converge(s: &Server) {
     s.room("w", "invite").await;
-    let mut host = person(&s, "hal", "w", RoomRole::Host).await;
-    let mut sam = person(&s, "sam", "w", RoomRole::Member).await;
+    let mut host = person(s, "hal", "w", RoomRole::Host).await;
+    let mut sam = person(s, "sam", "w", RoomRole::Member).await;
     let (hd, sd) = (Doc::new(), Doc::new());
     let hello = insert(&hd, 0, "hello");
     host.ok(board("w", &hello)).await;
@@ -116,7 +124,7 @@ async fn editors_converge_late_joiners_get_what_they_lack_and_drawing_needs_a_gr
 
     // A late joiner who has only "hello" asks with its state vector: the step 2 holds exactly
     // the rest (it cannot be applied on its own: it builds on what the joiner has).
-    let mut late = person(&s, "lia", "w", RoomRole::Viewer).await;
+    let mut late = person(s, "lia", "w", RoomRole::Viewer).await;
     let ld = Doc::new();
     apply(&ld, hello.clone());
     let step1 = Message::Sync(SyncMessage::SyncStep1(ld.transact().state_vector()));
@@ -162,7 +170,6 @@ async fn editors_converge_late_joiners_get_what_they_lack_and_drawing_needs_a_gr
             .await,
         "bad_request"
     );
-    s.stop().await;
 }
 
 #[tokio::test]
@@ -211,6 +218,17 @@ async fn a_board_survives_a_restart_and_its_limits_hold() {
 async fn acknowledged_updates_are_logged_and_compaction_keeps_them() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    logged_and_compacted(&url).await;
+}
+
+#[tokio::test]
+async fn acknowledged_updates_are_logged_and_compacted_on_postgres() {
+    let db = PgDb::create().await;
+    logged_and_compacted(&db.url).await;
+    db.drop_db().await;
+}
+
+async fn logged_and_compacted(url: &str) {
     let cfg = |url: &str| {
         let mut c = base_config(url.to_owned());
         c.board_compact_every = 4;
@@ -218,7 +236,7 @@ async fn acknowledged_updates_are_logged_and_compaction_keeps_them() {
         c.board_save_ms = 3_600_000;
         c
     };
-    let s = Server::start(cfg(&url)).await;
+    let s = Server::start(cfg(url)).await;
     s.room("w", "open").await;
     let mut host = person(&s, "hal", "w", RoomRole::Host).await;
     let hd = Doc::new();
@@ -267,7 +285,7 @@ async fn acknowledged_updates_are_logged_and_compaction_keeps_them() {
     drop(host);
     s.stop().await;
 
-    let s = Server::start(cfg(&url)).await;
+    let s = Server::start(cfg(url)).await;
     let mut ann = person(&s, "ann", "w", RoomRole::Member).await;
     let fresh = Doc::new();
     let step1 = Message::Sync(SyncMessage::SyncStep1(StateVector::default()));

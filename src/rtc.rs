@@ -169,6 +169,12 @@ impl Rtc {
         self.ice.servers_for(user.as_str(), crate::auth::now_s())
     }
 
+    /// Rooms whose A/V this node keeps state for (a leak test's measure: none once everyone
+    /// left).
+    pub fn av_rooms(&self) -> usize {
+        self.lock().av.rooms()
+    }
+
     /// Live calls on this node (for metrics and the leak test).
     pub fn live_calls(&self) -> usize {
         self.lock().calls.live_calls()

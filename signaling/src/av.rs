@@ -504,6 +504,11 @@ impl AvRooms {
         }
     }
 
+    /// Rooms this node keeps A/V state for (with local members or a join in flight).
+    pub fn rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
     pub fn peers(&self, room: &str) -> usize {
         self.rooms.get(room).map_or(0, |r| r.peers.len())
     }

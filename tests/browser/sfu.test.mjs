@@ -8,7 +8,7 @@
 // publisher's user id); the speaking users' tiles light up, `av_mute` shows a toast and
 // disables the local track, and `av_leave` removes the tile at the others. The live room on
 // the SFU is sfu-live.test.mjs (a file of its own: each file has 150 s in the suite).
-// Relay-only (TURN) on the SFU is not covered.
+// Relay-only (TURN) on the SFU is sfu-relay.test.mjs.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';

@@ -11,7 +11,9 @@ export const T = 20000;
 export const SMALL = { width: 160, height: 120, frameRate: 10 };
 
 /// Starts the server and the browser; `stop()` closes the pages, the browser and the server.
-export async function sfuRig() {
+/// `env`: extra server settings; `relay`: every peer connection the pages make is relay-only
+/// (iceTransportPolicy 'relay', forced by the same wrapper that counts them).
+export async function sfuRig({ env = {}, relay = false } = {}) {
   const pages = [];
   let server = null;
   let browser = null;
@@ -21,7 +23,7 @@ export async function sfuRig() {
     if (server) await server.stop();
   };
   try {
-    server = await startServer();
+    server = await startServer(env);
     browser = await launchBrowser();
   } catch (e) {
     await stop();
@@ -43,16 +45,16 @@ export async function sfuRig() {
   /// A signed-in web client in its own context; every RTCPeerConnection it makes is counted.
   async function openUser(user, role, grants = '') {
     const context = await browser.newContext({ viewport: { width: 1100, height: 760 }, permissions: ['camera', 'microphone'] });
-    await context.addInitScript(() => {
+    await context.addInitScript((relayOnly) => {
       const Base = window.RTCPeerConnection;
       window.__pcs = [];
       window.RTCPeerConnection = class extends Base {
-        constructor(...args) {
-          super(...args);
+        constructor(config, ...rest) {
+          super(relayOnly ? { ...(config || {}), iceTransportPolicy: 'relay' } : config, ...rest);
           window.__pcs.push(this);
         }
       };
-    });
+    }, relay);
     const page = await context.newPage();
     page.user = user;
     page.lines = [];
@@ -86,6 +88,22 @@ export async function sfuRig() {
   }
 
   /// Clicks "Join A/V" and waits for the SFU grid; returns {mode, publish}.
+  /// The local and remote candidate types of the page's live peer connection's selected pair.
+  function selectedPair(page) {
+    return page.evaluate(async () => {
+      const pc = window.__pcs.find((p) => p.connectionState !== 'closed');
+      if (!pc) return null;
+      const stats = await pc.getStats();
+      let pair = null;
+      stats.forEach((s) => {
+        if (s.type === 'transport' && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
+      });
+      if (!pair) stats.forEach((s) => { if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s; });
+      if (!pair) return null;
+      return { local: stats.get(pair.localCandidateId).candidateType, remote: stats.get(pair.remoteCandidateId).candidateType };
+    });
+  }
+
   async function joinAv(page) {
     await page.click('#av-join');
     await page.locator('#av-grid[data-mode="sfu"]').waitFor({ state: 'attached', timeout: T });
@@ -160,5 +178,5 @@ export async function sfuRig() {
     console.log('--- server log ---\n' + server.stderr().split('\n').slice(-60).join('\n'));
   }
 
-  return { server, stop, sfuRoom, openUser, enterRoom, joinAv, received, waitFlowing, waitStopped, dumpLogs };
+  return { server, stop, sfuRoom, openUser, enterRoom, joinAv, received, waitFlowing, waitStopped, selectedPair, dumpLogs };
 }

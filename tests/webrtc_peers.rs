@@ -429,6 +429,19 @@ fn keep_sending(
     })
 }
 
+/// Creates a `class` room whose A/V is the SFU.
+async fn sfu_room(s: &Server, id: &str) {
+    let (st, room) = http(
+        s.addr,
+        "POST",
+        "/api/rooms",
+        Some(API_KEY),
+        Some(json!({"id": id, "kind": "class", "av": {"mode": "sfu"}})),
+    )
+    .await;
+    assert_eq!((st, &room["av"]["mode"]), (201, &json!("sfu")), "{room}");
+}
+
 /// Joins the room's A/V (which must answer `mode:"sfu"`), offers one Opus track and starts
 /// publishing it once connected.
 async fn sfu_peer(mut c: Client, room: &'static str, mark: u8) -> SfuPeer {
@@ -519,15 +532,7 @@ impl SfuPeer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_peers_hear_each_other_through_the_sfu_and_mute_and_leave_tear_down() {
     let s = Server::sqlite(|_| {}).await;
-    let (st, room) = http(
-        s.addr,
-        "POST",
-        "/api/rooms",
-        Some(API_KEY),
-        Some(json!({"id": "sfu", "kind": "class", "av": {"mode": "sfu"}})),
-    )
-    .await;
-    assert_eq!((st, &room["av"]["mode"]), (201, &json!("sfu")), "{room}");
+    sfu_room(&s, "sfu").await;
     let mut host = Client::connect(
         s.addr,
         &token("host", PlatformRole::Tutor, &[("sfu", RoomRole::Host)]),
@@ -616,15 +621,7 @@ async fn three_peers_hear_each_other_through_the_sfu_and_mute_and_leave_tear_dow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sfu_peer_whose_connectivity_is_lost_is_told_and_joins_again() {
     let s = Server::sqlite(|c| c.sfu_ice_grace_ms = 300).await;
-    let (st, _) = http(
-        s.addr,
-        "POST",
-        "/api/rooms",
-        Some(API_KEY),
-        Some(json!({"id": "lost", "kind": "class", "av": {"mode": "sfu"}})),
-    )
-    .await;
-    assert_eq!(st, 201);
+    sfu_room(&s, "lost").await;
     let mut host = Client::connect(
         s.addr,
         &token("host", PlatformRole::Tutor, &[("lost", RoomRole::Host)]),
@@ -663,15 +660,6 @@ async fn an_sfu_peer_whose_connectivity_is_lost_is_told_and_joins_again() {
     s.stop().await;
 }
 
-/// The process's open file descriptors (panics without /proc: a count that cannot be taken
-/// must not let the leak check pass).
-fn open_fds() -> usize {
-    match std::fs::read_dir("/proc/self/fd") {
-        Ok(d) => d.count(),
-        Err(e) => panic!("cannot count open fds: /proc/self/fd unreadable ({e}); mount /proc"),
-    }
-}
-
 /// Many rounds of two peers joining a room's SFU, hearing each other and leaving (one with
 /// `av_leave`, one by closing its socket) leave nothing behind: no SFU session, no A/V room
 /// state, and the process's file descriptors back near where they were. 200 rounds by default
@@ -683,15 +671,7 @@ async fn sfu_join_leave_rounds_leave_nothing_behind() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let s = Server::sqlite(|_| {}).await;
-    let (st, _) = http(
-        s.addr,
-        "POST",
-        "/api/rooms",
-        Some(API_KEY),
-        Some(json!({"id": "leak", "kind": "class", "av": {"mode": "sfu"}})),
-    )
-    .await;
-    assert_eq!(st, 201);
+    sfu_room(&s, "leak").await;
     let sfu = s.app.sfu.as_ref().unwrap();
     let mut baseline = None;
     for round in 0..rounds {

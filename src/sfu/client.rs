@@ -395,6 +395,16 @@ pub(super) fn host_candidate(addr: SocketAddr) -> Option<Candidate> {
 mod tests {
     use super::*;
 
+    fn client(session: &str) -> Client {
+        Client::new(
+            "r".into(),
+            "u".into(),
+            session.into(),
+            true,
+            Rtc::new(Instant::now()),
+        )
+    }
+
     fn key() -> TrackKey {
         TrackKey {
             session: "s1".into(),
@@ -404,13 +414,7 @@ mod tests {
 
     #[test]
     fn a_track_back_under_the_key_of_one_being_stopped_is_opened_again() {
-        let mut c = Client::new(
-            "r".into(),
-            "u".into(),
-            "s2".into(),
-            true,
-            Rtc::new(Instant::now()),
-        );
+        let mut c = client("s2");
         c.add_out(key(), "pub".into(), MediaKind::Video);
         c.add_out(key(), "pub".into(), MediaKind::Video);
         assert_eq!(c.tracks_out.len(), 1, "the same track is added once");
@@ -431,13 +435,7 @@ mod tests {
 
     #[test]
     fn lost_ice_is_kept_for_the_grace_and_forgotten_when_it_comes_back() {
-        let mut c = Client::new(
-            "r".into(),
-            "u".into(),
-            "s1".into(),
-            true,
-            Rtc::new(Instant::now()),
-        );
+        let mut c = client("s1");
         let grace = Duration::from_millis(300);
         let mut out = Vec::new();
         assert!(!c.ice_lost_past(Instant::now() + grace, grace));

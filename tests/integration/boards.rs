@@ -216,16 +216,12 @@ async fn a_board_survives_a_restart_and_its_limits_hold() {
 /// loaded from snapshot plus log, after a restart, holds every stroke.
 #[tokio::test]
 async fn acknowledged_updates_are_logged_and_compaction_keeps_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    logged_and_compacted(&url).await;
+    with_sqlite_url(logged_and_compacted).await;
 }
 
 #[tokio::test]
 async fn acknowledged_updates_are_logged_and_compacted_on_postgres() {
-    let db = PgDb::create().await;
-    logged_and_compacted(&db.url).await;
-    db.drop_db().await;
+    with_postgres_url(logged_and_compacted).await;
 }
 
 async fn logged_and_compacted(url: &str) {

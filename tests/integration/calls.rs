@@ -375,15 +375,6 @@ async fn av_rooms_relay_between_peers_and_enforce_live_publishing() {
     s.stop().await;
 }
 
-/// The process's open file descriptors. Fails (never reads 0) without /proc: a count that
-/// cannot be taken must not let the leak check pass.
-fn open_fds() -> usize {
-    match std::fs::read_dir("/proc/self/fd") {
-        Ok(d) => d.count(),
-        Err(e) => panic!("cannot count open fds: /proc/self/fd unreadable ({e}); mount /proc"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_call_setups_leave_fds_and_tasks_at_baseline() {
     let s = Server::sqlite(|_| {}).await;

@@ -26,6 +26,15 @@ pub const T: Duration = Duration::from_secs(15);
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 pub const API_KEY: &str = "test-api-key";
 
+/// The process's open file descriptors. Fails (never reads 0) without /proc: a count that
+/// cannot be taken must not let a leak check pass.
+pub fn open_fds() -> usize {
+    match std::fs::read_dir("/proc/self/fd") {
+        Ok(d) => d.count(),
+        Err(e) => panic!("cannot count open fds: /proc/self/fd unreadable ({e}); mount /proc"),
+    }
+}
+
 pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
     tokio::time::timeout(T, f)
         .await
@@ -396,6 +405,21 @@ pub async fn on_sqlite(tweak: impl FnOnce(&mut Config), flow: impl AsyncFnOnce(&
     let s = Server::sqlite(tweak).await;
     flow(&s).await;
     s.stop().await;
+}
+
+/// Runs `flow` with the URL of a throw-away SQLite database (for flows that start and
+/// restart servers themselves).
+pub async fn with_sqlite_url(flow: impl AsyncFnOnce(&str)) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    flow(&url).await;
+}
+
+/// Runs `flow` with the URL of a throw-away PostgreSQL database, dropped after.
+pub async fn with_postgres_url(flow: impl AsyncFnOnce(&str)) {
+    let db = PgDb::create().await;
+    flow(&db.url).await;
+    db.drop_db().await;
 }
 
 /// Runs `flow` against a fresh server on a throw-away PostgreSQL database (with `tweak`

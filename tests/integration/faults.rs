@@ -257,16 +257,12 @@ async fn sigkill_with_sends_in_flight(db_url: &str) {
 
 #[tokio::test]
 async fn sigkill_with_sends_in_flight_sqlite_loses_and_doubles_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("kill.db").display());
-    sigkill_with_sends_in_flight(&url).await;
+    with_sqlite_url(sigkill_with_sends_in_flight).await;
 }
 
 #[tokio::test]
 async fn sigkill_with_sends_in_flight_postgres_loses_and_doubles_nothing() {
-    let db = PgDb::create().await;
-    sigkill_with_sends_in_flight(&db.url).await;
-    db.drop_db().await;
+    with_postgres_url(sigkill_with_sends_in_flight).await;
 }
 
 // -- PostgreSQL restarted under a serving process ---------------------------------------------

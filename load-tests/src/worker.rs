@@ -184,6 +184,16 @@ impl Shared {
         self.stats().steps.entry(s.step).or_default().record(lat);
     }
 
+    /// The worker's final report: the counters, with the histograms in sparse form.
+    fn take_final(&self) -> Final {
+        let mut st = self.stats();
+        let mut fin = std::mem::take(&mut st.fin);
+        fin.classes = st.steps.iter().map(|(k, h)| (*k, h.to_sparse())).collect();
+        fin.ack = st.ack.to_sparse();
+        fin.rejoin = st.rejoin.to_sparse();
+        fin
+    }
+
     fn closed(&self, why: String) {
         *self.stats().fin.closes.entry(why).or_default() += 1;
     }
@@ -220,21 +230,7 @@ async fn run() -> Result<()> {
     let job: Job = serde_json::from_str(&line).context("worker: bad job")?;
     let (go_tx, go) = watch::channel(false);
     let (stop_tx, stop) = watch::channel(false);
-    let tokens = studyhall::auth::Tokens::new(job.secret.as_bytes());
-    let mut minted = Vec::with_capacity(job.conns.len());
-    for c in &job.conns {
-        minted.push(if job.proto == Proto::Studyhall {
-            tokens.sign(
-                &format!("u{}", c.user),
-                &format!("U{}", c.user),
-                studyhall::protocol::PlatformRole::Student,
-                HashMap::new(),
-                Duration::from_secs(3600),
-            )?
-        } else {
-            String::new()
-        });
-    }
+    let minted = mint_tokens(&job)?;
     let n = job.conns.len();
     let concurrency = job.concurrency.max(1);
     let sh = Arc::new(Shared {
@@ -251,30 +247,7 @@ async fn run() -> Result<()> {
         tasks.spawn(client(sh.clone(), i, token, ready_tx.clone(), sem.clone()));
     }
     drop(ready_tx);
-    let (mut ok, mut failed) = (0, 0);
-    let mut errors = BTreeMap::new();
-    let mut connect = Histogram::new();
-    for _ in 0..n {
-        match ready_rx.recv().await {
-            Some(Ok(us)) => {
-                ok += 1;
-                connect.record(us);
-            }
-            Some(Err(e)) => {
-                failed += 1;
-                *errors.entry(e).or_insert(0) += 1;
-            }
-            None => break,
-        }
-    }
-    emit(&Up::Ready {
-        ok,
-        failed,
-        errors,
-        connect: connect.to_sparse(),
-        start_us,
-        end_us: now_us(),
-    });
+    emit(&await_ready(&mut ready_rx, n, start_us).await);
     while let Some(line) = stdin.next_line().await? {
         match serde_json::from_str::<Down>(&line).context("worker: bad command")? {
             Down::Go => {
@@ -297,17 +270,65 @@ async fn run() -> Result<()> {
                     while tasks.join_next().await.is_some() {}
                 })
                 .await;
-                let mut st = sh.stats();
-                let mut fin = std::mem::take(&mut st.fin);
-                fin.classes = st.steps.iter().map(|(k, h)| (*k, h.to_sparse())).collect();
-                fin.ack = st.ack.to_sparse();
-                fin.rejoin = st.rejoin.to_sparse();
-                emit(&Up::Final(Box::new(fin)));
+                emit(&Up::Final(Box::new(sh.take_final())));
                 return Ok(());
             }
         }
     }
     Ok(())
+}
+
+/// One sign-in token per client (studyhall only; the peers need none, so theirs are empty).
+fn mint_tokens(job: &Job) -> Result<Vec<String>> {
+    let tokens = studyhall::auth::Tokens::new(job.secret.as_bytes());
+    let mut minted = Vec::with_capacity(job.conns.len());
+    for c in &job.conns {
+        minted.push(if job.proto == Proto::Studyhall {
+            tokens.sign(
+                &format!("u{}", c.user),
+                &format!("U{}", c.user),
+                studyhall::protocol::PlatformRole::Student,
+                HashMap::new(),
+                Duration::from_secs(3600),
+            )?
+        } else {
+            String::new()
+        });
+    }
+    Ok(minted)
+}
+
+/// Waits for all `n` clients to report joined or failed and sums that into the `ready`
+/// report (failures counted by error, handshake times as a histogram).
+async fn await_ready(
+    rx: &mut mpsc::UnboundedReceiver<Result<u64, String>>,
+    n: usize,
+    start_us: u64,
+) -> Up {
+    let (mut ok, mut failed) = (0, 0);
+    let mut errors = BTreeMap::new();
+    let mut connect = Histogram::new();
+    for _ in 0..n {
+        match rx.recv().await {
+            Some(Ok(us)) => {
+                ok += 1;
+                connect.record(us);
+            }
+            Some(Err(e)) => {
+                failed += 1;
+                *errors.entry(e).or_insert(0) += 1;
+            }
+            None => break,
+        }
+    }
+    Up::Ready {
+        ok,
+        failed,
+        errors,
+        connect: connect.to_sparse(),
+        start_us,
+        end_us: now_us(),
+    }
 }
 
 /// A client's handshake slot: holds one of the worker's concurrency permits until the client

@@ -219,6 +219,7 @@ struct EventLog<'a> {
 }
 
 impl<'a> EventLog<'a> {
+    /// An empty log for `member_ids`, drawing from `rng` (already used for the memberships).
     fn new(rng: StdRng, member_ids: &'a [String]) -> Self {
         Self {
             rng,

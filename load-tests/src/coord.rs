@@ -314,100 +314,19 @@ impl Publisher {
         user: u32,
         room: &str,
     ) -> Result<Self> {
-        let ws = match proto {
-            Proto::Studyhall => {
-                let token = studyhall::auth::Tokens::new(crate::procs::JWT_SECRET.as_bytes())
-                    .sign(
-                        &format!("u{user}"),
-                        &format!("U{user}"),
-                        studyhall::protocol::PlatformRole::Student,
-                        HashMap::new(),
-                        Duration::from_secs(3600),
-                    )?;
-                crate::client::studyhall_session(target, src, &token, room, None, |_| {})
-                    .await?
-                    .0
-            }
-            Proto::Nats => {
-                let mut ws = ws_connect(target, src, "/", None).await?;
-                let _info = crate::client::next_text(&mut ws).await?;
-                ws.send(Message::binary(nats_connect().into_bytes()))
-                    .await?;
-                ws
-            }
-            Proto::Socketio => socketio_connect(target, src).await?,
-        };
-        let (sink, mut stream) = ws.split();
+        let ws = publisher_ws(proto, target, src, user, room).await?;
+        let (sink, stream) = ws.split();
         let sink: Sink = Arc::new(tokio::sync::Mutex::new(sink));
-        let pending: Arc<Mutex<HashMap<i64, u64>>> = Arc::default();
-        let ack: Arc<Mutex<Histogram>> = Arc::default();
-        let acked: Arc<AtomicU64> = Arc::default();
-        let errors: Arc<AtomicU64> = Arc::default();
-        let last_seq: Arc<AtomicU64> = Arc::default();
-        let replied: Arc<tokio::sync::Notify> = Arc::default();
-        let reader = {
-            let (sink, pending, ack, acked, errors, last_seq, replied) = (
-                sink.clone(),
-                pending.clone(),
-                ack.clone(),
-                acked.clone(),
-                errors.clone(),
-                last_seq.clone(),
-                replied.clone(),
-            );
-            tokio::spawn(async move {
-                while let Some(Ok(msg)) = stream.next().await {
-                    let data: Vec<u8> = match msg {
-                        Message::Text(t) => t.as_bytes().to_vec(),
-                        Message::Binary(b) => b.to_vec(),
-                        _ => continue,
-                    };
-                    match proto {
-                        Proto::Studyhall => {
-                            let Ok(text) = std::str::from_utf8(&data) else {
-                                continue;
-                            };
-                            let Some(f) = parse_sh(text) else { continue };
-                            if f.ty != "ok" && f.ty != "error" {
-                                continue;
-                            }
-                            let Some(rid) = f.rid else { continue };
-                            let sent = pending
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .remove(&rid);
-                            replied.notify_one();
-                            if f.ty == "error" {
-                                errors.fetch_add(1, Relaxed);
-                                eprintln!("publisher: {text}");
-                            } else if let Some(t0) = sent {
-                                ack.lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .record(now_us().saturating_sub(t0));
-                                acked.fetch_add(1, Relaxed);
-                                if let Some(s) = f.seq {
-                                    last_seq.fetch_max(s as u64, Relaxed);
-                                }
-                            }
-                        }
-                        Proto::Nats => {
-                            if data.windows(6).any(|w| w == b"PING\r\n") {
-                                let _ = sink
-                                    .lock()
-                                    .await
-                                    .send(Message::binary(b"PONG\r\n".to_vec()))
-                                    .await;
-                            }
-                        }
-                        Proto::Socketio => {
-                            if data == b"2" {
-                                let _ = sink.lock().await.send(Message::text("3")).await;
-                            }
-                        }
-                    }
-                }
-            })
-        };
+        let replies = Replies::default();
+        let reader = tokio::spawn(read_replies(proto, stream, sink.clone(), replies.clone()));
+        let Replies {
+            pending,
+            ack,
+            acked,
+            errors,
+            last_seq,
+            replied,
+        } = replies;
         Ok(Self {
             proto,
             sink,
@@ -469,6 +388,121 @@ impl Publisher {
         let t = Instant::now();
         while self.unacked() > 0 && t.elapsed() < max {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A publisher's connection, ready to send: studyhall signed in and joined to `room`, NATS
+/// past its INFO/CONNECT exchange, Socket.IO past its handshake.
+async fn publisher_ws(
+    proto: Proto,
+    target: SocketAddr,
+    src: Ipv4Addr,
+    user: u32,
+    room: &str,
+) -> Result<Ws> {
+    Ok(match proto {
+        Proto::Studyhall => {
+            let token = studyhall::auth::Tokens::new(crate::procs::JWT_SECRET.as_bytes()).sign(
+                &format!("u{user}"),
+                &format!("U{user}"),
+                studyhall::protocol::PlatformRole::Student,
+                HashMap::new(),
+                Duration::from_secs(3600),
+            )?;
+            crate::client::studyhall_session(target, src, &token, room, None, |_| {})
+                .await?
+                .0
+        }
+        Proto::Nats => {
+            let mut ws = ws_connect(target, src, "/", None).await?;
+            let _info = crate::client::next_text(&mut ws).await?;
+            ws.send(Message::binary(nats_connect().into_bytes()))
+                .await?;
+            ws
+        }
+        Proto::Socketio => socketio_connect(target, src).await?,
+    })
+}
+
+/// What a publisher's reply reader shares with it: sends awaiting their reply, the ack
+/// latencies and counters, and the wake-up for a sender waiting at its window.
+#[derive(Clone, Default)]
+struct Replies {
+    pending: Arc<Mutex<HashMap<i64, u64>>>,
+    ack: Arc<Mutex<Histogram>>,
+    acked: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    last_seq: Arc<AtomicU64>,
+    replied: Arc<tokio::sync::Notify>,
+}
+
+impl Replies {
+    /// A studyhall frame: an `ok` or `error` for a pending send settles it (recording the
+    /// ack latency, or counting the error); everything else is ignored.
+    fn on_studyhall(&self, text: &str) {
+        let Some(f) = parse_sh(text) else { return };
+        if f.ty != "ok" && f.ty != "error" {
+            return;
+        }
+        let Some(rid) = f.rid else { return };
+        let sent = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&rid);
+        self.replied.notify_one();
+        if f.ty == "error" {
+            self.errors.fetch_add(1, Relaxed);
+            eprintln!("publisher: {text}");
+        } else if let Some(t0) = sent {
+            self.ack
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(now_us().saturating_sub(t0));
+            self.acked.fetch_add(1, Relaxed);
+            if let Some(s) = f.seq {
+                self.last_seq.fetch_max(s as u64, Relaxed);
+            }
+        }
+    }
+}
+
+/// The publisher's reader task: settles studyhall replies and answers the peers' keepalive
+/// pings (NATS `PING`, Engine.IO `2`) until the socket ends.
+async fn read_replies(
+    proto: Proto,
+    mut stream: futures_util::stream::SplitStream<Ws>,
+    sink: Sink,
+    replies: Replies,
+) {
+    while let Some(Ok(msg)) = stream.next().await {
+        let data: Vec<u8> = match msg {
+            Message::Text(t) => t.as_bytes().to_vec(),
+            Message::Binary(b) => b.to_vec(),
+            _ => continue,
+        };
+        match proto {
+            Proto::Studyhall => {
+                let Ok(text) = std::str::from_utf8(&data) else {
+                    continue;
+                };
+                replies.on_studyhall(text);
+            }
+            Proto::Nats => {
+                if data.windows(6).any(|w| w == b"PING\r\n") {
+                    let _ = sink
+                        .lock()
+                        .await
+                        .send(Message::binary(b"PONG\r\n".to_vec()))
+                        .await;
+                }
+            }
+            Proto::Socketio => {
+                if data == b"2" {
+                    let _ = sink.lock().await.send(Message::text("3")).await;
+                }
+            }
         }
     }
 }

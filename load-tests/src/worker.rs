@@ -184,6 +184,16 @@ impl Shared {
         self.stats().steps.entry(s.step).or_default().record(lat);
     }
 
+    /// The worker's final report: the counters, with the histograms in sparse form.
+    fn take_final(&self) -> Final {
+        let mut st = self.stats();
+        let mut fin = std::mem::take(&mut st.fin);
+        fin.classes = st.steps.iter().map(|(k, h)| (*k, h.to_sparse())).collect();
+        fin.ack = st.ack.to_sparse();
+        fin.rejoin = st.rejoin.to_sparse();
+        fin
+    }
+
     fn closed(&self, why: String) {
         *self.stats().fin.closes.entry(why).or_default() += 1;
     }
@@ -220,21 +230,7 @@ async fn run() -> Result<()> {
     let job: Job = serde_json::from_str(&line).context("worker: bad job")?;
     let (go_tx, go) = watch::channel(false);
     let (stop_tx, stop) = watch::channel(false);
-    let tokens = studyhall::auth::Tokens::new(job.secret.as_bytes());
-    let mut minted = Vec::with_capacity(job.conns.len());
-    for c in &job.conns {
-        minted.push(if job.proto == Proto::Studyhall {
-            tokens.sign(
-                &format!("u{}", c.user),
-                &format!("U{}", c.user),
-                studyhall::protocol::PlatformRole::Student,
-                HashMap::new(),
-                Duration::from_secs(3600),
-            )?
-        } else {
-            String::new()
-        });
-    }
+    let minted = mint_tokens(&job)?;
     let n = job.conns.len();
     let concurrency = job.concurrency.max(1);
     let sh = Arc::new(Shared {
@@ -251,30 +247,7 @@ async fn run() -> Result<()> {
         tasks.spawn(client(sh.clone(), i, token, ready_tx.clone(), sem.clone()));
     }
     drop(ready_tx);
-    let (mut ok, mut failed) = (0, 0);
-    let mut errors = BTreeMap::new();
-    let mut connect = Histogram::new();
-    for _ in 0..n {
-        match ready_rx.recv().await {
-            Some(Ok(us)) => {
-                ok += 1;
-                connect.record(us);
-            }
-            Some(Err(e)) => {
-                failed += 1;
-                *errors.entry(e).or_insert(0) += 1;
-            }
-            None => break,
-        }
-    }
-    emit(&Up::Ready {
-        ok,
-        failed,
-        errors,
-        connect: connect.to_sparse(),
-        start_us,
-        end_us: now_us(),
-    });
+    emit(&await_ready(&mut ready_rx, n, start_us).await);
     while let Some(line) = stdin.next_line().await? {
         match serde_json::from_str::<Down>(&line).context("worker: bad command")? {
             Down::Go => {
@@ -297,17 +270,65 @@ async fn run() -> Result<()> {
                     while tasks.join_next().await.is_some() {}
                 })
                 .await;
-                let mut st = sh.stats();
-                let mut fin = std::mem::take(&mut st.fin);
-                fin.classes = st.steps.iter().map(|(k, h)| (*k, h.to_sparse())).collect();
-                fin.ack = st.ack.to_sparse();
-                fin.rejoin = st.rejoin.to_sparse();
-                emit(&Up::Final(Box::new(fin)));
+                emit(&Up::Final(Box::new(sh.take_final())));
                 return Ok(());
             }
         }
     }
     Ok(())
+}
+
+/// One sign-in token per client (studyhall only; the peers need none, so theirs are empty).
+fn mint_tokens(job: &Job) -> Result<Vec<String>> {
+    let tokens = studyhall::auth::Tokens::new(job.secret.as_bytes());
+    let mut minted = Vec::with_capacity(job.conns.len());
+    for c in &job.conns {
+        minted.push(if job.proto == Proto::Studyhall {
+            tokens.sign(
+                &format!("u{}", c.user),
+                &format!("U{}", c.user),
+                studyhall::protocol::PlatformRole::Student,
+                HashMap::new(),
+                Duration::from_secs(3600),
+            )?
+        } else {
+            String::new()
+        });
+    }
+    Ok(minted)
+}
+
+/// Waits for all `n` clients to report joined or failed and sums that into the `ready`
+/// report (failures counted by error, handshake times as a histogram).
+async fn await_ready(
+    rx: &mut mpsc::UnboundedReceiver<Result<u64, String>>,
+    n: usize,
+    start_us: u64,
+) -> Up {
+    let (mut ok, mut failed) = (0, 0);
+    let mut errors = BTreeMap::new();
+    let mut connect = Histogram::new();
+    for _ in 0..n {
+        match rx.recv().await {
+            Some(Ok(us)) => {
+                ok += 1;
+                connect.record(us);
+            }
+            Some(Err(e)) => {
+                failed += 1;
+                *errors.entry(e).or_insert(0) += 1;
+            }
+            None => break,
+        }
+    }
+    Up::Ready {
+        ok,
+        failed,
+        errors,
+        connect: connect.to_sparse(),
+        start_us,
+        end_us: now_us(),
+    }
 }
 
 /// A client's handshake slot: holds one of the worker's concurrency permits until the client
@@ -398,6 +419,8 @@ enum Exit {
     Cycle,
 }
 
+/// One studyhall client: join, then alternate connected stretches (receiving, and sending
+/// on its schedule) with drop-and-resume cycles when the job asks for them, until stop.
 async fn studyhall_client(
     sh: &Shared,
     spec: &ConnSpec,
@@ -417,32 +440,74 @@ async fn studyhall_client(
             return Ok(());
         }
     };
-    let mut tr = Tracker {
-        expect: joined.last_seq + 1,
-        seen: HashSet::new(),
-        track: job.track_ids,
+    let mut conn = ShConn {
+        tr: Tracker {
+            expect: joined.last_seq + 1,
+            seen: HashSet::new(),
+            track: job.track_ids,
+        },
+        sent_n: 0,
+        pending: HashMap::new(),
+        next_send: None,
     };
     let mut go = sh.go.clone();
     let mut stop = sh.stop.clone();
-    let mut sent_n: u32 = 0;
-    let mut pending: HashMap<i64, u64> = HashMap::new();
-    let mut next_send: Option<tokio::time::Instant> = None;
-    let sender = spec.every_ms > 0;
     loop {
         let up_for = job.reconnect.map(|r| {
             Duration::from_millis(rand::rng().random_range(r.up_ms.0..=r.up_ms.1.max(r.up_ms.0)))
         });
         let cycle_at = up_for.map(|d| tokio::time::Instant::now() + d);
-        let exit = loop {
+        match conn
+            .connected(sh, spec, &mut ws, &mut go, &mut stop, cycle_at)
+            .await?
+        {
+            Exit::Stop => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+                conn.on_stop(sh, spec);
+                return Ok(());
+            }
+            Exit::Cycle => {
+                // A network drop: no close handshake, the socket just goes away.
+                drop(ws);
+                ws = conn.resume(sh, spec, src, token, &mut stop).await?;
+            }
+        }
+    }
+}
+
+/// A studyhall client's state that outlives one connection: delivery tracking, the send
+/// counter, the sends awaiting their ack and the next scheduled send.
+struct ShConn {
+    tr: Tracker,
+    sent_n: u32,
+    /// rid -> send time in µs.
+    pending: HashMap<i64, u64>,
+    next_send: Option<tokio::time::Instant>,
+}
+
+impl ShConn {
+    /// One connected stretch: receives frames and sends on schedule (once `go` is set) until
+    /// stop or, with a reconnect spec, until `cycle_at`.
+    async fn connected(
+        &mut self,
+        sh: &Shared,
+        spec: &ConnSpec,
+        ws: &mut Ws,
+        go: &mut watch::Receiver<bool>,
+        stop: &mut watch::Receiver<bool>,
+        cycle_at: Option<tokio::time::Instant>,
+    ) -> Result<Exit> {
+        let job = &sh.job;
+        let sender = spec.every_ms > 0;
+        loop {
             let started = *go.borrow();
-            if sender && started && next_send.is_none() && (spec.count == 0 || sent_n < spec.count)
-            {
+            if sender && started && self.next_send.is_none() && self.may_send(spec) {
                 let off = rand::rng().random_range(0..spec.every_ms.max(1));
-                next_send = Some(tokio::time::Instant::now() + Duration::from_millis(off));
+                self.next_send = Some(tokio::time::Instant::now() + Duration::from_millis(off));
             }
             tokio::select! {
                 biased;
-                _ = stopped(&mut stop) => break Exit::Stop,
+                _ = stopped(stop) => return Ok(Exit::Stop),
                 _ = go.changed(), if !started => {}
                 msg = ws.next() => {
                     let text = match msg {
@@ -455,115 +520,161 @@ async fn studyhall_client(
                         Some(Err(e)) => bail!("read: {e}"),
                         None => bail!("socket ended"),
                     };
-                    let Some(f) = parse_sh(text.as_str()) else { continue };
-                    match f.ty.as_ref() {
-                        "message" => tr.on_message(sh, f.seq, f.text.as_deref()),
-                        "ok" => {
-                            if let Some(t) = f.rid.and_then(|r| pending.remove(&r)) {
-                                let mut st = sh.stats();
-                                st.ack.record(now_us().saturating_sub(t));
-                                st.fin.acked += 1;
-                            }
-                        }
-                        "error" => {
-                            if f.rid.and_then(|r| pending.remove(&r)).is_some() {
-                                sh.stats().fin.send_errors += 1;
-                            }
-                            eprintln!("worker {}: client {} got {}", job.worker, spec.id, text.as_str());
-                        }
-                        other => {
-                            *sh.stats().fin.other_frames.entry(other.to_owned()).or_default() += 1;
-                        }
-                    }
+                    self.on_text(sh, spec, text.as_str());
                 }
-                _ = tokio::time::sleep_until(next_send.unwrap_or_else(tokio::time::Instant::now)), if next_send.is_some() => {
-                    sent_n += 1;
+                _ = tokio::time::sleep_until(self.next_send.unwrap_or_else(tokio::time::Instant::now)), if self.next_send.is_some() => {
+                    self.sent_n += 1;
                     let t_us = now_us();
-                    let text = stamp_text(Stamp { step: spec.class, t_us, sender: spec.id, n: sent_n }, job.pad);
-                    let rid = i64::from(sent_n);
-                    let frame = serde_json::json!({"type": "send", "room": spec.room, "text": text,
-                        "client_msg_id": format!("c{}-{}", spec.id, sent_n), "rid": rid});
-                    ws.send(Message::text(frame.to_string())).await.context("send")?;
-                    pending.insert(rid, t_us);
-                    sh.stats().fin.sent += 1;
-                    next_send = if spec.count == 0 || sent_n < spec.count {
-                        next_send.map(|t| t + Duration::from_millis(spec.every_ms))
-                    } else {
-                        None
-                    };
+                    let rid = i64::from(self.sent_n);
+                    ws.send(send_frame(spec, job.pad, self.sent_n, t_us)).await.context("send")?;
+                    self.sent(sh, spec, rid, t_us);
                 }
-                _ = tokio::time::sleep_until(cycle_at.unwrap_or_else(tokio::time::Instant::now)), if cycle_at.is_some() => break Exit::Cycle,
-            }
-        };
-        match exit {
-            Exit::Stop => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
-                let mut st = sh.stats();
-                st.fin.alive += 1;
-                *st.fin.unique_by_room.entry(spec.room.clone()).or_default() +=
-                    tr.seen.len() as u64;
-                let last = tr.expect - 1;
-                let e = st
-                    .fin
-                    .final_seq_by_room
-                    .entry(spec.room.clone())
-                    .or_insert((last, last));
-                e.0 = e.0.min(last);
-                e.1 = e.1.max(last);
-                return Ok(());
-            }
-            Exit::Cycle => {
-                // A network drop: no close handshake, the socket just goes away.
-                drop(ws);
-                let r = job.reconnect.context("cycle without reconnect spec")?;
-                let down = rand::rng().random_range(r.down_ms.0..=r.down_ms.1.max(r.down_ms.0));
-                tokio::select! {
-                    _ = stopped(&mut stop) => {
-                        // Come back once more so the final check sees a caught-up client.
-                    }
-                    _ = tokio::time::sleep(Duration::from_millis(down)) => {}
-                }
-                let t = Instant::now();
-                let after = tr.expect - 1;
-                let (w, j) =
-                    studyhall_session(job.target, src, token, &spec.room, Some(after), |_| {})
-                        .await
-                        .context("resume")?;
-                ws = w;
-                {
-                    let mut st = sh.stats();
-                    st.fin.rejoins += 1;
-                    st.fin.replayed += j.replayed;
-                    if j.gap {
-                        st.fin.gap_flags += 1;
-                    }
-                }
-                if j.gap {
-                    // More than the replay limit was missed: the client would page with
-                    // history; here it is counted and the continuity check restarts.
-                    tr.expect = j.last_seq + 1;
-                }
-                // Wait for the replay itself (it follows the ok) before timing the resume.
-                let target = j.last_seq;
-                while tr.expect - 1 < target {
-                    let text = next_text(&mut ws).await.context("replay")?;
-                    if let Some(f) = parse_sh(&text) {
-                        if f.ty == "message" {
-                            tr.on_message(sh, f.seq, f.text.as_deref());
-                        } else if let Some(t) = f
-                            .rid
-                            .filter(|_| f.ty == "ok")
-                            .and_then(|r| pending.remove(&r))
-                        {
-                            sh.stats().ack.record(now_us().saturating_sub(t));
-                        }
-                    }
-                }
-                sh.stats().rejoin.record(t.elapsed().as_micros() as u64);
-                pending.clear();
+                _ = tokio::time::sleep_until(cycle_at.unwrap_or_else(tokio::time::Instant::now)), if cycle_at.is_some() => return Ok(Exit::Cycle),
             }
         }
     }
+
+    /// Whether the client's send quota (`count`, 0 = unlimited) leaves room for another send.
+    fn may_send(&self, spec: &ConnSpec) -> bool {
+        spec.count == 0 || self.sent_n < spec.count
+    }
+
+    /// Handles one received text frame: deliveries go to the tracker, `ok` and `error`
+    /// settle a pending send, anything else is counted by type.
+    fn on_text(&mut self, sh: &Shared, spec: &ConnSpec, text: &str) {
+        let Some(f) = parse_sh(text) else { return };
+        match f.ty.as_ref() {
+            "message" => self.tr.on_message(sh, f.seq, f.text.as_deref()),
+            "ok" => {
+                if let Some(t) = f.rid.and_then(|r| self.pending.remove(&r)) {
+                    let mut st = sh.stats();
+                    st.ack.record(now_us().saturating_sub(t));
+                    st.fin.acked += 1;
+                }
+            }
+            "error" => {
+                if f.rid.and_then(|r| self.pending.remove(&r)).is_some() {
+                    sh.stats().fin.send_errors += 1;
+                }
+                eprintln!("worker {}: client {} got {}", sh.job.worker, spec.id, text);
+            }
+            other => {
+                *sh.stats()
+                    .fin
+                    .other_frames
+                    .entry(other.to_owned())
+                    .or_default() += 1;
+            }
+        }
+    }
+
+    /// Books a send that went out at `t_us` and schedules the next one, if any is left.
+    fn sent(&mut self, sh: &Shared, spec: &ConnSpec, rid: i64, t_us: u64) {
+        self.pending.insert(rid, t_us);
+        sh.stats().fin.sent += 1;
+        self.next_send = if self.may_send(spec) {
+            self.next_send
+                .map(|t| t + Duration::from_millis(spec.every_ms))
+        } else {
+            None
+        };
+    }
+
+    /// Final bookkeeping of a client still connected at stop: alive, distinct stamps seen,
+    /// and the last seq it had reached in its room.
+    fn on_stop(&self, sh: &Shared, spec: &ConnSpec) {
+        let mut st = sh.stats();
+        st.fin.alive += 1;
+        *st.fin.unique_by_room.entry(spec.room.clone()).or_default() += self.tr.seen.len() as u64;
+        let last = self.tr.expect - 1;
+        let e = st
+            .fin
+            .final_seq_by_room
+            .entry(spec.room.clone())
+            .or_insert((last, last));
+        e.0 = e.0.min(last);
+        e.1 = e.1.max(last);
+    }
+
+    /// After a drop: stays away for a random down time (cut short by stop), rejoins with
+    /// `after_seq`, consumes the replay and records reconnect-to-caught-up time.
+    async fn resume(
+        &mut self,
+        sh: &Shared,
+        spec: &ConnSpec,
+        src: std::net::Ipv4Addr,
+        token: &str,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Ws> {
+        let job = &sh.job;
+        let r = job.reconnect.context("cycle without reconnect spec")?;
+        let down = rand::rng().random_range(r.down_ms.0..=r.down_ms.1.max(r.down_ms.0));
+        tokio::select! {
+            _ = stopped(stop) => {
+                // Come back once more so the final check sees a caught-up client.
+            }
+            _ = tokio::time::sleep(Duration::from_millis(down)) => {}
+        }
+        let t = Instant::now();
+        let after = self.tr.expect - 1;
+        let (mut ws, j) =
+            studyhall_session(job.target, src, token, &spec.room, Some(after), |_| {})
+                .await
+                .context("resume")?;
+        {
+            let mut st = sh.stats();
+            st.fin.rejoins += 1;
+            st.fin.replayed += j.replayed;
+            if j.gap {
+                st.fin.gap_flags += 1;
+            }
+        }
+        if j.gap {
+            // More than the replay limit was missed: the client would page with
+            // history; here it is counted and the continuity check restarts.
+            self.tr.expect = j.last_seq + 1;
+        }
+        // Wait for the replay itself (it follows the ok) before timing the resume.
+        self.replay(sh, &mut ws, j.last_seq).await?;
+        sh.stats().rejoin.record(t.elapsed().as_micros() as u64);
+        self.pending.clear();
+        Ok(ws)
+    }
+
+    /// Reads until the tracker has caught up to `target`, still settling acks that arrive.
+    async fn replay(&mut self, sh: &Shared, ws: &mut Ws, target: i64) -> Result<()> {
+        while self.tr.expect - 1 < target {
+            let text = next_text(ws).await.context("replay")?;
+            if let Some(f) = parse_sh(&text) {
+                if f.ty == "message" {
+                    self.tr.on_message(sh, f.seq, f.text.as_deref());
+                } else if let Some(t) = f
+                    .rid
+                    .filter(|_| f.ty == "ok")
+                    .and_then(|r| self.pending.remove(&r))
+                {
+                    sh.stats().ack.record(now_us().saturating_sub(t));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `send` frame for a client's `n`-th message, stamped with its send time.
+fn send_frame(spec: &ConnSpec, pad: usize, n: u32, t_us: u64) -> Message {
+    let text = stamp_text(
+        Stamp {
+            step: spec.class,
+            t_us,
+            sender: spec.id,
+            n,
+        },
+        pad,
+    );
+    let frame = serde_json::json!({"type": "send", "room": spec.room, "text": text,
+        "client_msg_id": format!("c{}-{}", spec.id, n), "rid": i64::from(n)});
+    Message::text(frame.to_string())
 }
 
 async fn nats_client(

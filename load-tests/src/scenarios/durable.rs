@@ -7,6 +7,7 @@ use super::{Common, pub_src};
 use crate::coord::Publisher;
 use crate::frames::{Stamp, now_us};
 use crate::hist::Histogram;
+use crate::procs::Server;
 use crate::report::{Report, Table, histogram_svg, human, ms, ratio};
 use crate::sys::CpuMeter;
 use crate::worker::Proto;
@@ -64,60 +65,13 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
                 continue;
             }
         };
-        let mut pubs = Vec::new();
-        for i in 0..args.conns {
-            let room = format!("durable-{i}");
-            server.create_room(&room, "group").await?;
-            pubs.push((
-                room.clone(),
-                Publisher::connect(
-                    Proto::Studyhall,
-                    server.addr,
-                    pub_src(i),
-                    500_000 + i as u32,
-                    &room,
-                )
-                .await?,
-            ));
-        }
-        let cpu = CpuMeter::start(server.pid);
-        let t0 = Instant::now();
-        let dur = Duration::from_secs(args.duration_s);
-        let mut tasks = Vec::new();
-        for (i, (room, mut p)) in pubs.into_iter().enumerate() {
-            let window = args.window.max(1);
-            tasks.push(tokio::spawn(async move {
-                let mut n = 0;
-                while t0.elapsed() < dur {
-                    if p.unacked() >= window {
-                        p.below(window, dur.saturating_sub(t0.elapsed())).await;
-                        continue;
-                    }
-                    n += 1;
-                    let stamp = Stamp {
-                        step: 0,
-                        t_us: now_us(),
-                        sender: i as u32,
-                        n,
-                    };
-                    if p.publish(&room, stamp, 64).await.is_err() {
-                        break;
-                    }
-                }
-                p.wait_acks(Duration::from_secs(10)).await;
-                p
-            }));
-        }
-        let mut hist = Histogram::new();
-        let (mut acked, mut errors) = (0, 0);
-        for t in tasks {
-            let p = t.await?;
-            hist.merge(&p.ack.lock().unwrap_or_else(|e| e.into_inner()));
-            acked += p.acked.load(Relaxed);
-            errors += p.errors.load(Relaxed);
-        }
-        let cpu_pct = cpu.percent();
-        let wall = t0.elapsed().as_secs_f64();
+        let Measured {
+            hist,
+            acked,
+            errors,
+            cpu_pct,
+            wall,
+        } = measure(&server, &args).await?;
         let rate = acked as f64 / wall;
         let s = hist.summary();
         table.row(vec![
@@ -157,4 +111,101 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
     report.results = json!(results);
     report.write(&common.out)?;
     Ok(true)
+}
+
+/// What one store's run measured.
+struct Measured {
+    /// Send-to-ok latency over all connections.
+    hist: Histogram,
+    acked: u64,
+    errors: u64,
+    /// Server CPU over the run (100 = one core).
+    cpu_pct: f64,
+    /// Seconds from the first send until every connection had its last ack (or gave up).
+    wall: f64,
+}
+
+/// Opens `--conns` publishers, each in its own new room, keeps `--window` sends in flight
+/// on each for `--duration-s`, and collects their acks, errors and latencies.
+async fn measure(server: &Server, args: &Args) -> Result<Measured> {
+    let pubs = room_publishers(server, args.conns).await?;
+    let cpu = CpuMeter::start(server.pid);
+    let t0 = Instant::now();
+    let dur = Duration::from_secs(args.duration_s);
+    let window = args.window.max(1);
+    let mut tasks = Vec::new();
+    for (i, (room, p)) in pubs.into_iter().enumerate() {
+        tasks.push(tokio::spawn(send_windowed(
+            i as u32, room, p, window, t0, dur,
+        )));
+    }
+    let mut hist = Histogram::new();
+    let (mut acked, mut errors) = (0, 0);
+    for t in tasks {
+        let p = t.await?;
+        hist.merge(&p.ack.lock().unwrap_or_else(|e| e.into_inner()));
+        acked += p.acked.load(Relaxed);
+        errors += p.errors.load(Relaxed);
+    }
+    let cpu_pct = cpu.percent();
+    let wall = t0.elapsed().as_secs_f64();
+    Ok(Measured {
+        hist,
+        acked,
+        errors,
+        cpu_pct,
+        wall,
+    })
+}
+
+/// One room per connection (`durable-<i>`) with a publisher joined to it.
+async fn room_publishers(server: &Server, conns: usize) -> Result<Vec<(String, Publisher)>> {
+    let mut pubs = Vec::new();
+    for i in 0..conns {
+        let room = format!("durable-{i}");
+        server.create_room(&room, "group").await?;
+        pubs.push((
+            room.clone(),
+            Publisher::connect(
+                Proto::Studyhall,
+                server.addr,
+                pub_src(i),
+                500_000 + i as u32,
+                &room,
+            )
+            .await?,
+        ));
+    }
+    Ok(pubs)
+}
+
+/// One connection's sender: publishes whenever fewer than `window` sends are unacked, until
+/// `dur` after `t0` (or the first failed write), then waits for the remaining acks.
+async fn send_windowed(
+    sender: u32,
+    room: String,
+    mut p: Publisher,
+    window: usize,
+    t0: Instant,
+    dur: Duration,
+) -> Publisher {
+    let mut n = 0;
+    while t0.elapsed() < dur {
+        if p.unacked() >= window {
+            p.below(window, dur.saturating_sub(t0.elapsed())).await;
+            continue;
+        }
+        n += 1;
+        let stamp = Stamp {
+            step: 0,
+            t_us: now_us(),
+            sender,
+            n,
+        };
+        if p.publish(&room, stamp, 64).await.is_err() {
+            break;
+        }
+    }
+    p.wait_acks(Duration::from_secs(10)).await;
+    p
 }

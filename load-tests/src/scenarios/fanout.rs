@@ -77,6 +77,43 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             }
         }
     }
+    let steps = steps_table(&rows);
+    let mut best = Table::new(
+        &format!("max sustained fan-out with p99 <= {} ms", args.p99_limit_ms),
+        &[
+            "members",
+            "target",
+            "deliveries/s",
+            "msgs/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "studyhall/peer",
+        ],
+    );
+    let targets = common.targets();
+    for &m in &args.members {
+        best_rows(&mut best, &rows, &targets, m, args.p99_limit_ms);
+        size_charts(&mut report, &rows, &targets, m, args.p99_limit_ms);
+    }
+    report.tables.push(best);
+    report.tables.push(steps);
+    for n in notes {
+        report.note(n);
+    }
+    report.results =
+        json!(rows.iter().map(|r| json!({
+        "target": r.target, "members": r.members, "rate": r.rate, "achieved": r.achieved,
+        "delivered": r.delivered, "expected": r.expected, "deliveries_per_s": r.del_per_s,
+        "server_cpu_pct": r.cpu, "latency": r.hist.summary(),
+        "cross_node_latency": r.cross.as_ref().map(|h| h.summary()),
+    })).collect::<Vec<_>>());
+    report.write(&common.out)?;
+    Ok(true)
+}
+
+/// The table of every step run, in the order they ran.
+fn steps_table(rows: &[StepRow]) -> Table {
     let mut steps = Table::new(
         "every step",
         &[
@@ -96,7 +133,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             "deliveries/s per server core",
         ],
     );
-    for r in &rows {
+    for r in rows {
         let s = r.hist.summary();
         let cross = r.cross.as_ref().map(|h| h.summary());
         steps.row(vec![
@@ -116,113 +153,94 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             crate::report::per_core(r.del_per_s, r.cpu),
         ]);
     }
-    // Best step within the limit, per target and size.
-    let ok = |r: &&StepRow| {
-        r.hist.summary().p99_ms <= args.p99_limit_ms && r.delivered >= r.expected * 99 / 100
-    };
-    let mut best = Table::new(
-        &format!("max sustained fan-out with p99 <= {} ms", args.p99_limit_ms),
-        &[
-            "members",
-            "target",
-            "deliveries/s",
-            "msgs/s",
-            "p50 ms",
-            "p99 ms",
-            "p99.9 ms",
-            "studyhall/peer",
-        ],
-    );
-    for &m in &args.members {
-        let pick = |t: &str| {
-            rows.iter()
-                .filter(|r| r.members == m && r.target == t)
-                .filter(ok)
-                .max_by(|a, b| a.del_per_s.total_cmp(&b.del_per_s))
-        };
-        let sh = pick("studyhall").map(|r| r.del_per_s);
-        for proto in common.targets() {
-            let Some(r) = pick(proto.name()) else {
-                best.row(vec![
-                    m.to_string(),
-                    proto.name().into(),
-                    "none within limit".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                ]);
-                continue;
-            };
-            let s = r.hist.summary();
+    steps
+}
+
+/// The step of `target` at room size `m` with the most deliveries/s among those within the
+/// p99 limit that lost under 1 % of deliveries.
+fn best_step<'a>(
+    rows: &'a [StepRow],
+    m: usize,
+    target: &str,
+    p99_limit_ms: f64,
+) -> Option<&'a StepRow> {
+    rows.iter()
+        .filter(|r| r.members == m && r.target == target)
+        .filter(|r| r.hist.summary().p99_ms <= p99_limit_ms && r.delivered >= r.expected * 99 / 100)
+        .max_by(|a, b| a.del_per_s.total_cmp(&b.del_per_s))
+}
+
+/// The best-step table's rows for room size `m`: one per target, with its ratio to studyhall.
+fn best_rows(best: &mut Table, rows: &[StepRow], targets: &[Proto], m: usize, limit: f64) {
+    let sh = best_step(rows, m, "studyhall", limit).map(|r| r.del_per_s);
+    for proto in targets {
+        let Some(r) = best_step(rows, m, proto.name(), limit) else {
             best.row(vec![
                 m.to_string(),
-                r.target.into(),
-                human(r.del_per_s),
-                human(r.achieved),
-                ms(s.p50_ms),
-                ms(s.p99_ms),
-                ms(s.p999_ms),
-                if r.target == "studyhall" {
-                    "-".into()
-                } else {
-                    ratio(sh, Some(r.del_per_s))
-                },
+                proto.name().into(),
+                "none within limit".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
             ]);
-        }
-        // Plots per size: p99 against publish rate, and the best steps' histograms.
-        let series: Vec<(String, Vec<(f64, f64)>)> = common
-            .targets()
-            .iter()
-            .map(|p| {
-                (
-                    format!("{} p99", p.name()),
-                    rows.iter()
-                        .filter(|r| r.members == m && r.target == p.name())
-                        .map(|r| (r.achieved.max(0.1), r.hist.summary().p99_ms.max(0.001)))
-                        .collect(),
-                )
-            })
-            .collect();
-        report.svg(
-            &format!("p99-m{m}"),
-            line_svg(
-                &format!("fan-out to {m} members: p99 latency per publish-rate step"),
-                "messages/s published (log)",
-                "p99 ms (log)",
-                true,
-                true,
-                &series,
-            ),
-        );
-        let bests: Vec<(&str, &Histogram)> = common
-            .targets()
-            .iter()
-            .filter_map(|p| pick(p.name()).map(|r| (p.name(), &r.hist)))
-            .collect();
-        report.svg(
-            &format!("hist-m{m}"),
-            histogram_svg(
-                &format!("fan-out to {m} members: latency at the best step within limit"),
-                &bests,
-            ),
-        );
+            continue;
+        };
+        let s = r.hist.summary();
+        best.row(vec![
+            m.to_string(),
+            r.target.into(),
+            human(r.del_per_s),
+            human(r.achieved),
+            ms(s.p50_ms),
+            ms(s.p99_ms),
+            ms(s.p999_ms),
+            if r.target == "studyhall" {
+                "-".into()
+            } else {
+                ratio(sh, Some(r.del_per_s))
+            },
+        ]);
     }
-    report.tables.push(best);
-    report.tables.push(steps);
-    for n in notes {
-        report.note(n);
-    }
-    report.results =
-        json!(rows.iter().map(|r| json!({
-        "target": r.target, "members": r.members, "rate": r.rate, "achieved": r.achieved,
-        "delivered": r.delivered, "expected": r.expected, "deliveries_per_s": r.del_per_s,
-        "server_cpu_pct": r.cpu, "latency": r.hist.summary(),
-        "cross_node_latency": r.cross.as_ref().map(|h| h.summary()),
-    })).collect::<Vec<_>>());
-    report.write(&common.out)?;
-    Ok(true)
+}
+
+/// Plots per size: p99 against publish rate, and the best steps' histograms.
+fn size_charts(report: &mut Report, rows: &[StepRow], targets: &[Proto], m: usize, limit: f64) {
+    let series: Vec<(String, Vec<(f64, f64)>)> = targets
+        .iter()
+        .map(|p| {
+            (
+                format!("{} p99", p.name()),
+                rows.iter()
+                    .filter(|r| r.members == m && r.target == p.name())
+                    .map(|r| (r.achieved.max(0.1), r.hist.summary().p99_ms.max(0.001)))
+                    .collect(),
+            )
+        })
+        .collect();
+    report.svg(
+        &format!("p99-m{m}"),
+        line_svg(
+            &format!("fan-out to {m} members: p99 latency per publish-rate step"),
+            "messages/s published (log)",
+            "p99 ms (log)",
+            true,
+            true,
+            &series,
+        ),
+    );
+    let bests: Vec<(&str, &Histogram)> = targets
+        .iter()
+        .filter_map(|p| best_step(rows, m, p.name(), limit).map(|r| (p.name(), &r.hist)))
+        .collect();
+    report.svg(
+        &format!("hist-m{m}"),
+        histogram_svg(
+            &format!("fan-out to {m} members: latency at the best step within limit"),
+            &bests,
+        ),
+    );
 }
 
 /// One target at one room size: returns notes.
@@ -243,23 +261,13 @@ async fn one(
     } else {
         1
     };
-    let conns = (0..m as u32)
-        .map(|i| ConnSpec {
-            id: i,
-            user: i / spu,
-            room: room.clone(),
-            every_ms: 0,
-            count: 0,
-            class: 0,
-        })
-        .collect();
     let targets = sut.addrs();
     let nodes = targets.len().max(1);
     let plan = Plan {
         proto,
         target: sut.addr(),
         targets,
-        conns,
+        conns: member_specs(m, spu, &room),
         workers: worker_count(m, common.workers, common.per_worker).max(nodes),
         concurrency: common.concurrency,
         pad: args.pad,
@@ -279,63 +287,25 @@ async fn one(
             String::new()
         }
     ));
-    let mut pubs = Vec::new();
-    for i in 0..args.publishers.max(1) {
-        pubs.push(
-            Publisher::connect(proto, sut.addr(), pub_src(i), 900_000 + i as u32, &room).await?,
-        );
-    }
+    let mut pubs = publishers(proto, &sut, args.publishers, &room).await?;
     // Let join-time traffic (presence) drain before measuring.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let members = ready.ok;
-    let mut counter = 0;
+    let mut run = StepRun {
+        sut: &sut,
+        workers: &mut workers,
+        pubs: &mut pubs,
+        room: &room,
+        name,
+        m,
+        nodes,
+        members: ready.ok,
+        counter: 0,
+    };
     for (k, &rate) in args.rates.iter().enumerate() {
-        let step = k as u32 + 1;
-        let cpus: Vec<CpuMeter> = sut.pids().into_iter().map(CpuMeter::start).collect();
-        let dur = Duration::from_secs(args.step_s);
-        let (sent, achieved) =
-            pace(&mut pubs, &room, rate, dur, step, args.pad, &mut counter).await?;
-        let cpu_pct: f64 = cpus.iter().map(CpuMeter::percent).sum();
-        let expected = sent * members;
-        let delivered = workers
-            .drain(step, expected, Duration::from_secs(3))
-            .await?;
-        // Publishers are on node 0; worker w's members on node w % nodes.
-        let each = workers.collect_each(step).await?;
-        let mut hist = Histogram::new();
-        let mut cross = Histogram::new();
-        for (w, h) in each.iter().enumerate() {
-            hist.merge(h);
-            if w % nodes != 0 {
-                cross.merge(h);
-            }
-        }
-        let cross = (nodes > 1).then_some(cross);
-        let s = hist.summary();
-        if let Some(c) = &cross {
-            let c = c.summary();
-            eprintln!(
-                "{name} M={m} rate {rate}: cross-node p50 {:.2} p99 {:.2} ms",
-                c.p50_ms, c.p99_ms
-            );
-        }
-        eprintln!(
-            "{name} M={m} rate {rate}: sent {sent} ({achieved:.0}/s) delivered {delivered}/{expected} p50 {:.2} p99 {:.2} p99.9 {:.2} ms cpu {cpu_pct:.0}%",
-            s.p50_ms, s.p99_ms, s.p999_ms
-        );
-        let over = s.p99_ms > args.p99_limit_ms || delivered < expected * 99 / 100;
-        rows.push(StepRow {
-            target: name,
-            members: m,
-            rate,
-            achieved,
-            delivered,
-            expected,
-            del_per_s: delivered as f64 / dur.as_secs_f64(),
-            cpu: cpu_pct,
-            hist,
-            cross,
-        });
+        let row = run.step(args, k as u32 + 1, rate).await?;
+        let over = row.hist.summary().p99_ms > args.p99_limit_ms
+            || row.delivered < row.expected * 99 / 100;
+        rows.push(row);
         if over {
             break;
         }
@@ -353,4 +323,110 @@ async fn one(
     }
     sut.stop().await?;
     Ok(notes)
+}
+
+/// The coordinator's publishing connections (at least one), each from its own source address.
+async fn publishers(proto: Proto, sut: &Sut, n: usize, room: &str) -> Result<Vec<Publisher>> {
+    let mut pubs = Vec::new();
+    for i in 0..n.max(1) {
+        pubs.push(
+            Publisher::connect(proto, sut.addr(), pub_src(i), 900_000 + i as u32, room).await?,
+        );
+    }
+    Ok(pubs)
+}
+
+/// The room's members: `m` clients, `spu` consecutive sessions sharing each user.
+fn member_specs(m: usize, spu: u32, room: &str) -> Vec<ConnSpec> {
+    (0..m as u32)
+        .map(|i| ConnSpec {
+            id: i,
+            user: i / spu,
+            room: room.to_owned(),
+            every_ms: 0,
+            count: 0,
+            class: 0,
+        })
+        .collect()
+}
+
+/// What the rate steps of one target and room size share.
+struct StepRun<'a> {
+    sut: &'a Sut,
+    workers: &'a mut Workers,
+    pubs: &'a mut [Publisher],
+    room: &'a str,
+    name: &'static str,
+    m: usize,
+    nodes: usize,
+    /// Members that joined: the expected deliveries per message.
+    members: u64,
+    /// Messages published so far, over all steps.
+    counter: u32,
+}
+
+impl StepRun<'_> {
+    /// One rate step: publish at `rate` for `--step-s` while metering server CPU, wait for
+    /// the deliveries, and collect the step's latency (all members, and cross-node ones).
+    async fn step(&mut self, args: &Args, step: u32, rate: f64) -> Result<StepRow> {
+        let (name, m) = (self.name, self.m);
+        let cpus: Vec<CpuMeter> = self.sut.pids().into_iter().map(CpuMeter::start).collect();
+        let dur = Duration::from_secs(args.step_s);
+        let (sent, achieved) = pace(
+            self.pubs,
+            self.room,
+            rate,
+            dur,
+            step,
+            args.pad,
+            &mut self.counter,
+        )
+        .await?;
+        let cpu_pct: f64 = cpus.iter().map(CpuMeter::percent).sum();
+        let expected = sent * self.members;
+        let delivered = self
+            .workers
+            .drain(step, expected, Duration::from_secs(3))
+            .await?;
+        let (hist, cross) = by_node(&self.workers.collect_each(step).await?, self.nodes);
+        let s = hist.summary();
+        if let Some(c) = &cross {
+            let c = c.summary();
+            eprintln!(
+                "{name} M={m} rate {rate}: cross-node p50 {:.2} p99 {:.2} ms",
+                c.p50_ms, c.p99_ms
+            );
+        }
+        eprintln!(
+            "{name} M={m} rate {rate}: sent {sent} ({achieved:.0}/s) delivered {delivered}/{expected} p50 {:.2} p99 {:.2} p99.9 {:.2} ms cpu {cpu_pct:.0}%",
+            s.p50_ms, s.p99_ms, s.p999_ms
+        );
+        Ok(StepRow {
+            target: name,
+            members: m,
+            rate,
+            achieved,
+            delivered,
+            expected,
+            del_per_s: delivered as f64 / dur.as_secs_f64(),
+            cpu: cpu_pct,
+            hist,
+            cross,
+        })
+    }
+}
+
+/// Merges the workers' step histograms: all of them, and (cluster runs) those of members on
+/// another node than the publishers, who are on node 0 while worker w's members are on node
+/// w % nodes.
+fn by_node(each: &[Histogram], nodes: usize) -> (Histogram, Option<Histogram>) {
+    let mut hist = Histogram::new();
+    let mut cross = Histogram::new();
+    for (w, h) in each.iter().enumerate() {
+        hist.merge(h);
+        if w % nodes != 0 {
+            cross.merge(h);
+        }
+    }
+    (hist, (nodes > 1).then_some(cross))
 }

@@ -8,7 +8,7 @@ use super::{Common, Sut};
 use crate::coord::{Plan, Workers, worker_count};
 use crate::report::{Report, Table, human, ms, ratio};
 use crate::sys::rss_kib;
-use crate::worker::ConnSpec;
+use crate::worker::{ConnSpec, Proto};
 use anyhow::Result;
 use serde_json::json;
 use std::time::Duration;
@@ -62,68 +62,104 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
                 continue;
             }
         };
-        let rooms: Vec<String> = (0..args.rooms).map(|r| format!("idle-{r}")).collect();
-        sut.rooms(&rooms, "group").await?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let before = rss_kib(sut.pid()).unwrap_or(0);
-        let conns = (0..args.conns as u32)
-            .map(|i| ConnSpec {
-                id: i,
-                user: i,
-                room: rooms[i as usize % rooms.len()].clone(),
-                every_ms: 0,
-                count: 0,
-                class: 0,
-            })
-            .collect();
-        let plan = Plan {
-            proto,
-            target: sut.addr(),
-            targets: Vec::new(),
-            conns,
-            workers: worker_count(args.conns, common.workers, common.per_worker),
-            concurrency: common.concurrency,
-            pad: 0,
-            track_ids: false,
-            reconnect: None,
-        };
-        let (workers, ready) = Workers::start(plan, Duration::from_secs(120)).await?;
-        tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
-        let after = rss_kib(sut.pid()).unwrap_or(0);
-        let bytes = (after.saturating_sub(before) as f64 * 1024.0) / ready.ok.max(1) as f64;
-        let rate = ready.ok as f64 / ready.window_s.max(1e-6);
-        let c = ready.connect.summary();
-        table.row(vec![
-            name.into(),
-            ready.ok.to_string(),
-            ready.failed.to_string(),
-            format!("{:.1}", before as f64 / 1024.0),
-            format!("{:.1}", after as f64 / 1024.0),
-            format!("{bytes:.0}"),
-            human(rate),
-            ms(c.p50_ms),
-            ms(c.p99_ms),
-        ]);
-        if !ready.errors.is_empty() {
-            report.note(format!("{name}: connect errors {:?}", ready.errors));
-        }
+        let (bytes, rate, result) =
+            idle_target(&common, &args, proto, &sut, &mut report, &mut table).await?;
         per_conn.push((name, bytes));
         hs.push((name, rate));
-        results.push(
-            json!({"target": name, "ok": ready.ok, "failed": ready.failed,
-            "rss_before_kib": before, "rss_after_kib": after, "bytes_per_conn": bytes,
-            "handshakes_per_s": rate, "window_s": ready.window_s, "handshake": c}),
-        );
-        let total = workers.stop().await?;
-        if !total.f.closes.is_empty() {
-            report.note(format!(
-                "{name}: clients lost while idle: {:?}",
-                total.f.closes
-            ));
-        }
+        results.push(result);
         sut.stop().await?;
     }
     report.tables.push(table);
+    let sh_b = per_conn.iter().find(|p| p.0 == "studyhall").map(|p| p.1);
+    report.tables.push(comparison_table(&per_conn, &hs));
+    let pass = sh_b.is_some_and(|b| b <= GOAL_BYTES);
+    report.note(format!(
+        "goal <= {GOAL_BYTES:.0} bytes user-space RSS per connection: studyhall {} ({})",
+        sh_b.map_or("n/a".into(), |b| format!("{b:.0} bytes")),
+        if pass { "met" } else { "NOT met" }
+    ));
+    let storm = if args.storm > 0 {
+        Some(join_storm(&common, &args, &mut report).await?)
+    } else {
+        None
+    };
+    report.results = json!({"idle": results, "storm": storm});
+    report.write(&common.out)?;
+    Ok(true)
+}
+
+/// One target's idle run on its started server: RSS before, `--conns` clients over
+/// `--rooms` rooms, RSS after settling. Adds its table row and notes; returns bytes per
+/// connection, handshakes/s and its results entry.
+async fn idle_target(
+    common: &Common,
+    args: &Args,
+    proto: Proto,
+    sut: &Sut,
+    report: &mut Report,
+    table: &mut Table,
+) -> Result<(f64, f64, serde_json::Value)> {
+    let name = proto.name();
+    let rooms: Vec<String> = (0..args.rooms).map(|r| format!("idle-{r}")).collect();
+    sut.rooms(&rooms, "group").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_kib(sut.pid()).unwrap_or(0);
+    let conns = (0..args.conns as u32)
+        .map(|i| ConnSpec {
+            id: i,
+            user: i,
+            room: rooms[i as usize % rooms.len()].clone(),
+            every_ms: 0,
+            count: 0,
+            class: 0,
+        })
+        .collect();
+    let plan = Plan {
+        proto,
+        target: sut.addr(),
+        targets: Vec::new(),
+        conns,
+        workers: worker_count(args.conns, common.workers, common.per_worker),
+        concurrency: common.concurrency,
+        pad: 0,
+        track_ids: false,
+        reconnect: None,
+    };
+    let (workers, ready) = Workers::start(plan, Duration::from_secs(120)).await?;
+    tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
+    let after = rss_kib(sut.pid()).unwrap_or(0);
+    let bytes = (after.saturating_sub(before) as f64 * 1024.0) / ready.ok.max(1) as f64;
+    let rate = ready.ok as f64 / ready.window_s.max(1e-6);
+    let c = ready.connect.summary();
+    table.row(vec![
+        name.into(),
+        ready.ok.to_string(),
+        ready.failed.to_string(),
+        format!("{:.1}", before as f64 / 1024.0),
+        format!("{:.1}", after as f64 / 1024.0),
+        format!("{bytes:.0}"),
+        human(rate),
+        ms(c.p50_ms),
+        ms(c.p99_ms),
+    ]);
+    if !ready.errors.is_empty() {
+        report.note(format!("{name}: connect errors {:?}", ready.errors));
+    }
+    let result = json!({"target": name, "ok": ready.ok, "failed": ready.failed,
+        "rss_before_kib": before, "rss_after_kib": after, "bytes_per_conn": bytes,
+        "handshakes_per_s": rate, "window_s": ready.window_s, "handshake": c});
+    let total = workers.stop().await?;
+    if !total.f.closes.is_empty() {
+        report.note(format!(
+            "{name}: clients lost while idle: {:?}",
+            total.f.closes
+        ));
+    }
+    Ok((bytes, rate, result))
+}
+
+/// studyhall against each peer: bytes per connection and handshakes/s, with the ratios.
+fn comparison_table(per_conn: &[(&str, f64)], hs: &[(&str, f64)]) -> Table {
     let mut cmp = Table::new(
         "studyhall vs peers",
         &[
@@ -136,7 +172,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
     );
     let sh_b = per_conn.iter().find(|p| p.0 == "studyhall").map(|p| p.1);
     let sh_h = hs.iter().find(|p| p.0 == "studyhall").map(|p| p.1);
-    for ((peer, b), (_, h)) in per_conn.iter().zip(&hs).filter(|p| p.0.0 != "studyhall") {
+    for ((peer, b), (_, h)) in per_conn.iter().zip(hs).filter(|p| p.0.0 != "studyhall") {
         cmp.row(vec![
             "bytes/conn".into(),
             (*peer).into(),
@@ -152,21 +188,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
             ratio(sh_h, Some(*h)),
         ]);
     }
-    report.tables.push(cmp);
-    let pass = sh_b.is_some_and(|b| b <= GOAL_BYTES);
-    report.note(format!(
-        "goal <= {GOAL_BYTES:.0} bytes user-space RSS per connection: studyhall {} ({})",
-        sh_b.map_or("n/a".into(), |b| format!("{b:.0} bytes")),
-        if pass { "met" } else { "NOT met" }
-    ));
-    let storm = if args.storm > 0 {
-        Some(join_storm(&common, &args, &mut report).await?)
-    } else {
-        None
-    };
-    report.results = json!({"idle": results, "storm": storm});
-    report.write(&common.out)?;
-    Ok(true)
+    cmp
 }
 
 /// The big-live-room join storm: `args.storm` clients join one live room at once.

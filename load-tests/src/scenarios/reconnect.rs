@@ -8,7 +8,7 @@ use super::{Common, pub_src};
 use crate::coord::{Plan, Publisher, Workers, pace};
 use crate::procs::Server;
 use crate::report::{Report, Table, human, ms};
-use crate::worker::{ConnSpec, Down, Proto, Reconnect};
+use crate::worker::{ConnSpec, Down, Final, Proto, Reconnect};
 use anyhow::Result;
 use serde_json::json;
 use std::sync::atomic::Ordering::Relaxed;
@@ -91,30 +91,7 @@ fn pair(v: &[u64], default: (u64, u64)) -> (u64, u64) {
 /// Runs one resume phase against a running server.
 pub async fn phase(common: &Common, server: &Server, p: &Params) -> Result<Outcome> {
     server.create_room(&p.room, &p.kind).await?;
-    let conns: Vec<ConnSpec> = (0..p.clients as u32)
-        .map(|i| ConnSpec {
-            id: i,
-            user: 100_000 + i,
-            room: p.room.clone(),
-            every_ms: 0,
-            count: 0,
-            class: 0,
-        })
-        .collect();
-    let plan = Plan {
-        proto: Proto::Studyhall,
-        target: server.addr,
-        targets: Vec::new(),
-        conns,
-        workers: p.workers,
-        concurrency: common.concurrency,
-        pad: 48,
-        track_ids: true,
-        reconnect: Some(Reconnect {
-            up_ms: p.up_ms,
-            down_ms: p.down_ms,
-        }),
-    };
+    let plan = resume_plan(common, server, p);
     let mut failures = Vec::new();
     let mut publisher =
         [Publisher::connect(Proto::Studyhall, server.addr, pub_src(0), 999_999, &p.room).await?];
@@ -146,6 +123,84 @@ pub async fn phase(common: &Common, server: &Server, p: &Params) -> Result<Outco
     let total = workers.stop().await?;
     let f = &total.f;
     let acked = publisher[0].acked.load(Relaxed);
+    let published = Published { sent, acked, last };
+    let (seqs, unique) = check_resumes(&mut failures, f, p, &published);
+    let s = total.rejoin.summary();
+    let rows = vec![
+        p.clients.to_string(),
+        sent.to_string(),
+        f.rejoins.to_string(),
+        human(f.rejoins as f64 / wall),
+        f.replayed.to_string(),
+        human(f.replayed as f64 / wall),
+        ms(s.p50_ms),
+        ms(s.p99_ms),
+        f.seq_gaps.to_string(),
+        (f.seq_dups + f.stamp_dups).to_string(),
+        f.gap_flags.to_string(),
+        if failures.is_empty() { "PASS" } else { "FAIL" }.into(),
+    ];
+    Ok(Outcome {
+        failures,
+        rows,
+        results: json!({
+            "published": sent, "acked": acked, "room_last_seq": last, "final_seq_range": seqs,
+            "resumes": f.rejoins, "replayed": f.replayed, "wall_s": wall,
+            "resume_latency": s, "seq_gaps": f.seq_gaps, "seq_dups": f.seq_dups,
+            "stamp_dups": f.stamp_dups, "gap_flags": f.gap_flags, "closes": f.closes,
+            "distinct_deliveries": unique,
+        }),
+        rejoin: total.rejoin,
+    })
+}
+
+/// The phase's clients: `p.clients` listeners in the room that drop and resume on the
+/// `p.up_ms` / `p.down_ms` schedule, tracking every stamp they see.
+fn resume_plan(common: &Common, server: &Server, p: &Params) -> Plan {
+    let conns: Vec<ConnSpec> = (0..p.clients as u32)
+        .map(|i| ConnSpec {
+            id: i,
+            user: 100_000 + i,
+            room: p.room.clone(),
+            every_ms: 0,
+            count: 0,
+            class: 0,
+        })
+        .collect();
+    Plan {
+        proto: Proto::Studyhall,
+        target: server.addr,
+        targets: Vec::new(),
+        conns,
+        workers: p.workers,
+        concurrency: common.concurrency,
+        pad: 48,
+        track_ids: true,
+        reconnect: Some(Reconnect {
+            up_ms: p.up_ms,
+            down_ms: p.down_ms,
+        }),
+    }
+}
+
+/// What the publisher did: messages sent, acks received, and the room's last seq.
+struct Published {
+    sent: u64,
+    acked: u64,
+    last: i64,
+}
+
+/// The phase's verdict: every send acked, every client ended at the room's last seq having
+/// seen every message exactly once, no `gap: true`, nobody lost, and resumes did happen.
+/// Appends one line per failed check; returns the clients' final seq range and their
+/// distinct deliveries for the results.
+fn check_resumes(
+    failures: &mut Vec<String>,
+    f: &Final,
+    p: &Params,
+    published: &Published,
+) -> ((i64, i64), u64) {
+    let Published { sent, acked, last } = *published;
     if acked != sent {
         failures.push(format!("publisher: {acked} of {sent} acked"));
     }
@@ -189,33 +244,7 @@ pub async fn phase(common: &Common, server: &Server, p: &Params) -> Result<Outco
     if f.rejoins == 0 {
         failures.push("no client resumed".into());
     }
-    let s = total.rejoin.summary();
-    let rows = vec![
-        p.clients.to_string(),
-        sent.to_string(),
-        f.rejoins.to_string(),
-        human(f.rejoins as f64 / wall),
-        f.replayed.to_string(),
-        human(f.replayed as f64 / wall),
-        ms(s.p50_ms),
-        ms(s.p99_ms),
-        f.seq_gaps.to_string(),
-        (f.seq_dups + f.stamp_dups).to_string(),
-        f.gap_flags.to_string(),
-        if failures.is_empty() { "PASS" } else { "FAIL" }.into(),
-    ];
-    Ok(Outcome {
-        failures,
-        rows,
-        results: json!({
-            "published": sent, "acked": acked, "room_last_seq": last, "final_seq_range": seqs,
-            "resumes": f.rejoins, "replayed": f.replayed, "wall_s": wall,
-            "resume_latency": s, "seq_gaps": f.seq_gaps, "seq_dups": f.seq_dups,
-            "stamp_dups": f.stamp_dups, "gap_flags": f.gap_flags, "closes": f.closes,
-            "distinct_deliveries": unique,
-        }),
-        rejoin: total.rejoin,
-    })
+    (seqs, unique)
 }
 
 pub async fn run(common: Common, args: Args) -> Result<bool> {

@@ -5,9 +5,9 @@
 //! any failure.
 
 use super::Common;
-use crate::coord::{Plan, Workers};
+use crate::coord::{Plan, Total, Workers};
 use crate::report::{Report, Table};
-use crate::worker::{ConnSpec, Proto};
+use crate::worker::{ConnSpec, Final, Proto};
 use anyhow::Result;
 use serde_json::json;
 use std::time::Duration;
@@ -27,26 +27,12 @@ pub async fn run(common: Common) -> Result<bool> {
     for r in &rooms {
         server.create_room(r, "group").await?;
     }
-    let mut conns = Vec::new();
-    for r in 0..ROOMS {
-        for m in 0..MEMBERS {
-            let id = r * MEMBERS + m;
-            conns.push(ConnSpec {
-                id,
-                user: id,
-                room: rooms[r as usize].clone(),
-                every_ms: 100,
-                count: MSGS,
-                class: 0,
-            });
-        }
-    }
     let total = u64::from(ROOMS * MEMBERS);
     let plan = Plan {
         proto: Proto::Studyhall,
         target: server.addr,
         targets: Vec::new(),
-        conns,
+        conns: conn_specs(&rooms),
         workers: 2,
         concurrency: common.concurrency,
         pad: 48,
@@ -66,7 +52,52 @@ pub async fn run(common: Common) -> Result<bool> {
     let expected = total * per_room;
     let got = workers.drain(0, expected, Duration::from_secs(5)).await?;
     let t = workers.stop().await?;
-    let f = &t.f;
+    check_fanout(&mut failures, &t.f, &rooms, got, expected);
+    report
+        .tables
+        .push(correctness_table(&t, total, got, expected));
+
+    // Resume phase on the same server.
+    let out = super::reconnect::phase(&common, &server, &resume_params()).await?;
+    failures.extend(out.failures.iter().cloned());
+    report.tables.push(out.table());
+    server.stop().await?;
+
+    report.passed = Some(failures.is_empty());
+    for f in &failures {
+        report.note(format!("FAIL: {f}"));
+    }
+    report.note(format!("took {:.1} s", t0.elapsed().as_secs_f64()));
+    report.results = json!({"failures": failures});
+    report.write(&common.out)?;
+    Ok(failures.is_empty())
+}
+
+/// Every member of every room, each sending `MSGS` messages 100 ms apart.
+fn conn_specs(rooms: &[String]) -> Vec<ConnSpec> {
+    let mut conns = Vec::new();
+    for r in 0..ROOMS {
+        for m in 0..MEMBERS {
+            let id = r * MEMBERS + m;
+            conns.push(ConnSpec {
+                id,
+                user: id,
+                room: rooms[r as usize].clone(),
+                every_ms: 100,
+                count: MSGS,
+                class: 0,
+            });
+        }
+    }
+    conns
+}
+
+/// The fan-out phase's correctness checks: every send acked, every message delivered
+/// exactly once and in seq order to every member, every client still there. Appends one
+/// line per failed check.
+fn check_fanout(failures: &mut Vec<String>, f: &Final, rooms: &[String], got: u64, expected: u64) {
+    let total = u64::from(ROOMS * MEMBERS);
+    let per_room = u64::from(MEMBERS * MSGS);
     let mut check = |ok: bool, what: String| {
         if !ok {
             failures.push(what);
@@ -93,7 +124,7 @@ pub async fn run(common: Common) -> Result<bool> {
         format!("{} of {total} clients alive", f.alive),
     );
     check(f.closes.is_empty(), format!("clients lost: {:?}", f.closes));
-    for r in &rooms {
+    for r in rooms {
         let unique = f.unique_by_room.get(r).copied().unwrap_or(0);
         check(
             unique == u64::from(MEMBERS) * per_room,
@@ -108,6 +139,11 @@ pub async fn run(common: Common) -> Result<bool> {
             format!("room {r}: members ended at seq {seqs:?}, want {per_room}"),
         );
     }
+}
+
+/// The fan-out phase's summary table.
+fn correctness_table(t: &Total, total: u64, got: u64, expected: u64) -> Table {
+    let f = &t.f;
     let lat = t.classes.get(&0).cloned().unwrap_or_default().summary();
     let mut table = Table::new(
         "fan-out correctness",
@@ -132,10 +168,12 @@ pub async fn run(common: Common) -> Result<bool> {
         format!("{:.2}", lat.p50_ms),
         format!("{:.2}", lat.p99_ms),
     ]);
-    report.tables.push(table);
+    table
+}
 
-    // Resume phase on the same server.
-    let rp = super::reconnect::Params {
+/// The resume phase: 40 clients dropping and rejoining for 3 s while messages flow.
+fn resume_params() -> super::reconnect::Params {
+    super::reconnect::Params {
         clients: 40,
         rate: 100.0,
         duration: Duration::from_secs(3),
@@ -144,18 +182,5 @@ pub async fn run(common: Common) -> Result<bool> {
         room: "smoke-resume".into(),
         kind: "group".into(),
         workers: 2,
-    };
-    let out = super::reconnect::phase(&common, &server, &rp).await?;
-    failures.extend(out.failures.iter().cloned());
-    report.tables.push(out.table());
-    server.stop().await?;
-
-    report.passed = Some(failures.is_empty());
-    for f in &failures {
-        report.note(format!("FAIL: {f}"));
     }
-    report.note(format!("took {:.1} s", t0.elapsed().as_secs_f64()));
-    report.results = json!({"failures": failures});
-    report.write(&common.out)?;
-    Ok(failures.is_empty())
 }

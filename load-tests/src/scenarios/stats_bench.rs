@@ -107,17 +107,7 @@ async fn fill(url: &str, a: &Args, now: i64) -> Result<serde_json::Value> {
     let mut rng = StdRng::seed_from_u64(7);
     let first_day = eng::day_start_of(now, &eng::zone_or_utc("UTC")) - (a.days as i64 - 1) * DAY;
     let member_ids: Vec<String> = (0..a.members).map(|i| format!("u{i:05}")).collect();
-    let members: Vec<Vec<V>> = member_ids
-        .iter()
-        .map(|u| {
-            vec![
-                V::S("big".into()),
-                V::S(u.clone()),
-                V::S("member".into()),
-                V::I(first_day - rng.random_range(0..60) * DAY),
-            ]
-        })
-        .collect();
+    let members = membership_rows(&mut rng, &member_ids, first_day);
     bulk(
         &pool,
         "room_members (room_id, user_id, role, added_at)",
@@ -127,122 +117,13 @@ async fn fill(url: &str, a: &Args, now: i64) -> Result<serde_json::Value> {
     .await?;
 
     let per_day = a.events / a.days;
-    let mut seq = 0i64;
-    let mut daily: BTreeMap<(i64, usize), [i64; 6]> = BTreeMap::new();
-    let mut first_last: HashMap<(i64, usize), (i64, i64)> = HashMap::new();
-    let mut totals: HashMap<usize, [i64; 4]> = HashMap::new();
-    let (mut questions_n, mut messages_n) = (0usize, 0usize);
+    let mut log = EventLog::new(rng, &member_ids);
     for d in 0..a.days {
         let start = first_day + d as i64 * DAY;
-        let active: Vec<usize> = (0..a.active_per_day)
-            .map(|_| rng.random_range(0..a.members))
-            .collect();
-        let mut events = Vec::with_capacity(per_day);
-        let mut messages = Vec::new();
-        let mut questions = Vec::new();
-        for _ in 0..per_day {
-            seq += 1;
-            let user = active[rng.random_range(0..active.len())];
-            let ts = start + rng.random_range(0..DAY - 1).min(now - start - 1).max(0);
-            let roll = rng.random_range(0..100);
-            let (kind, col, points) = match roll {
-                0..=3 => ("question", 1, 5),
-                4..=7 => ("question_updated", 2, 10),
-                _ => ("message", 0, 1),
-            };
-            let id = format!("{}{seq:010}", &kind[..1]);
-            events.push(vec![
-                V::S("big".into()),
-                V::I(seq),
-                V::I(ts),
-                V::S(kind.into()),
-                V::S(id.clone()),
-                V::S(format!(
-                    r#"{{"type":"{kind}","room":"big","seq":{seq},"id":"{id}","ts":{ts}}}"#
-                )),
-            ]);
-            match kind {
-                "message" => {
-                    messages_n += 1;
-                    messages.push(vec![
-                        V::S(id),
-                        V::S("big".into()),
-                        V::I(seq),
-                        V::S(member_ids[user].clone()),
-                        V::S(format!("c{seq}")),
-                        V::I(ts),
-                    ]);
-                }
-                "question" => {
-                    questions_n += 1;
-                    let answered = rng.random_range(0..10) < 8;
-                    let first = answered.then(|| ts + rng.random_range(10_000..3_600_000));
-                    questions.push(vec![
-                        V::S(id),
-                        V::S("big".into()),
-                        V::I(seq),
-                        V::S(member_ids[user].clone()),
-                        V::S("Q".into()),
-                        V::S("member".into()),
-                        V::I(0),
-                        V::S("q".into()),
-                        V::S(if answered { "answered" } else { "open" }.into()),
-                        V::I(ts),
-                        V::N(first),
-                    ]);
-                }
-                _ => {}
-            }
-            let row = daily.entry((start, user)).or_default();
-            row[col] += 1;
-            row[5] += points;
-            let fl = first_last.entry((start, user)).or_insert((ts, ts));
-            fl.0 = fl.0.min(ts);
-            fl.1 = fl.1.max(ts);
-            let t = totals.entry(user).or_default();
-            t[col] += 1;
-            t[3] += points;
-        }
-        bulk(
-            &pool,
-            "events (room_id, seq, ts, kind, message_id, body)",
-            6,
-            &events,
-        )
-        .await?;
-        bulk(
-            &pool,
-            "messages (id, room_id, seq, sender_id, client_msg_id, ts)",
-            6,
-            &messages,
-        )
-        .await?;
-        bulk(
-            &pool,
-            "questions (id, room_id, seq, author_id, author_name, author_role, anonymous, text, \
-             status, ts, first_answer_at)",
-            11,
-            &questions,
-        )
-        .await?;
+        let day = log.day(a, start, now, per_day);
+        insert_day(&pool, &day).await?;
     }
-    let day_rows: Vec<Vec<V>> = daily
-        .iter()
-        .map(|((start, user), c)| {
-            let (f, l) = first_last[&(*start, *user)];
-            vec![
-                V::S("big".into()),
-                V::I(*start),
-                V::S(member_ids[*user].clone()),
-                V::I(c[0]),
-                V::I(c[1]),
-                V::I(c[2]),
-                V::I(c[5]),
-                V::N(Some(f)),
-                V::N(Some(l)),
-            ]
-        })
-        .collect();
+    let day_rows = log.day_rows();
     bulk(
         &pool,
         "engagement_daily (room_id, day_start, user_id, messages, questions, answers, points, \
@@ -251,38 +132,234 @@ async fn fill(url: &str, a: &Args, now: i64) -> Result<serde_json::Value> {
         &day_rows,
     )
     .await?;
-    let member_rows: Vec<Vec<V>> = totals
-        .iter()
-        .map(|(user, t)| {
-            vec![
-                V::S("big".into()),
-                V::S(member_ids[*user].clone()),
-                V::S(member_ids[*user].to_uppercase()),
-                V::I(t[0]),
-                V::I(t[1]),
-                V::I(t[2]),
-                V::I(t[3]),
-            ]
-        })
-        .collect();
     bulk(
         &pool,
         "engagement_members (room_id, user_id, name, messages, questions, answers, points)",
         7,
-        &member_rows,
+        &log.member_rows(),
     )
     .await?;
     sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = 'big'")
-        .bind(seq)
+        .bind(log.seq)
         .execute(&pool)
         .await?;
     // Fresh statistics for both planners, as a long-running database would have.
     sqlx::query("ANALYZE").execute(&pool).await?;
     pool.close().await;
     Ok(json!({
-        "events": seq, "messages": messages_n, "questions": questions_n,
+        "events": log.seq, "messages": log.messages_n, "questions": log.questions_n,
         "day_rows": day_rows.len(), "members": a.members, "days": a.days,
     }))
+}
+
+/// The `room_members` rows: every member joined up to 60 days before the first day.
+fn membership_rows(rng: &mut StdRng, member_ids: &[String], first_day: i64) -> Vec<Vec<V>> {
+    member_ids
+        .iter()
+        .map(|u| {
+            vec![
+                V::S("big".into()),
+                V::S(u.clone()),
+                V::S("member".into()),
+                V::I(first_day - rng.random_range(0..60) * DAY),
+            ]
+        })
+        .collect()
+}
+
+/// One day's generated rows, inserted together.
+#[derive(Default)]
+struct Day {
+    events: Vec<Vec<V>>,
+    messages: Vec<Vec<V>>,
+    questions: Vec<Vec<V>>,
+}
+
+/// Inserts one day's events, messages and questions.
+async fn insert_day(pool: &AnyPool, day: &Day) -> Result<()> {
+    bulk(
+        pool,
+        "events (room_id, seq, ts, kind, message_id, body)",
+        6,
+        &day.events,
+    )
+    .await?;
+    bulk(
+        pool,
+        "messages (id, room_id, seq, sender_id, client_msg_id, ts)",
+        6,
+        &day.messages,
+    )
+    .await?;
+    bulk(
+        pool,
+        "questions (id, room_id, seq, author_id, author_name, author_role, anonymous, text, \
+         status, ts, first_answer_at)",
+        11,
+        &day.questions,
+    )
+    .await
+}
+
+/// The generator of the event log, with the counters the writer would have kept for it. One
+/// seeded random stream drives everything, so the same arguments give the same room.
+struct EventLog<'a> {
+    rng: StdRng,
+    member_ids: &'a [String],
+    /// Last sequence number handed out.
+    seq: i64,
+    /// (day start, member) -> messages, questions, answers, -, -, points.
+    daily: BTreeMap<(i64, usize), [i64; 6]>,
+    /// (day start, member) -> first and last event time that day.
+    first_last: HashMap<(i64, usize), (i64, i64)>,
+    /// member -> messages, questions, answers, points over the whole log.
+    totals: HashMap<usize, [i64; 4]>,
+    questions_n: usize,
+    messages_n: usize,
+}
+
+impl<'a> EventLog<'a> {
+    /// An empty log for `member_ids`, drawing from `rng` (already used for the memberships).
+    fn new(rng: StdRng, member_ids: &'a [String]) -> Self {
+        Self {
+            rng,
+            member_ids,
+            seq: 0,
+            daily: BTreeMap::new(),
+            first_last: HashMap::new(),
+            totals: HashMap::new(),
+            questions_n: 0,
+            messages_n: 0,
+        }
+    }
+
+    /// Generates the `per_day` events of the day starting at `start`, spread over that day's
+    /// `--active-per-day` randomly drawn members.
+    fn day(&mut self, a: &Args, start: i64, now: i64, per_day: usize) -> Day {
+        let active: Vec<usize> = (0..a.active_per_day)
+            .map(|_| self.rng.random_range(0..a.members))
+            .collect();
+        let mut day = Day {
+            events: Vec::with_capacity(per_day),
+            ..Day::default()
+        };
+        for _ in 0..per_day {
+            self.event(&mut day, &active, start, now);
+        }
+        day
+    }
+
+    /// One event (mostly messages, some questions and question updates) with its message or
+    /// question row, counted into the engagement counters.
+    fn event(&mut self, day: &mut Day, active: &[usize], start: i64, now: i64) {
+        self.seq += 1;
+        let seq = self.seq;
+        let rng = &mut self.rng;
+        let user = active[rng.random_range(0..active.len())];
+        let ts = start + rng.random_range(0..DAY - 1).min(now - start - 1).max(0);
+        let roll = rng.random_range(0..100);
+        let (kind, col, points) = match roll {
+            0..=3 => ("question", 1, 5),
+            4..=7 => ("question_updated", 2, 10),
+            _ => ("message", 0, 1),
+        };
+        let id = format!("{}{seq:010}", &kind[..1]);
+        day.events.push(vec![
+            V::S("big".into()),
+            V::I(seq),
+            V::I(ts),
+            V::S(kind.into()),
+            V::S(id.clone()),
+            V::S(format!(
+                r#"{{"type":"{kind}","room":"big","seq":{seq},"id":"{id}","ts":{ts}}}"#
+            )),
+        ]);
+        match kind {
+            "message" => {
+                self.messages_n += 1;
+                day.messages.push(vec![
+                    V::S(id),
+                    V::S("big".into()),
+                    V::I(seq),
+                    V::S(self.member_ids[user].clone()),
+                    V::S(format!("c{seq}")),
+                    V::I(ts),
+                ]);
+            }
+            "question" => {
+                self.questions_n += 1;
+                let answered = rng.random_range(0..10) < 8;
+                let first = answered.then(|| ts + rng.random_range(10_000..3_600_000));
+                day.questions.push(vec![
+                    V::S(id),
+                    V::S("big".into()),
+                    V::I(seq),
+                    V::S(self.member_ids[user].clone()),
+                    V::S("Q".into()),
+                    V::S("member".into()),
+                    V::I(0),
+                    V::S("q".into()),
+                    V::S(if answered { "answered" } else { "open" }.into()),
+                    V::I(ts),
+                    V::N(first),
+                ]);
+            }
+            _ => {}
+        }
+        self.count(start, user, ts, col, points);
+    }
+
+    /// Adds one event to the day row and the member total, as the writer's counters would.
+    fn count(&mut self, start: i64, user: usize, ts: i64, col: usize, points: i64) {
+        let row = self.daily.entry((start, user)).or_default();
+        row[col] += 1;
+        row[5] += points;
+        let fl = self.first_last.entry((start, user)).or_insert((ts, ts));
+        fl.0 = fl.0.min(ts);
+        fl.1 = fl.1.max(ts);
+        let t = self.totals.entry(user).or_default();
+        t[col] += 1;
+        t[3] += points;
+    }
+
+    /// The `engagement_daily` rows, one per member and day with any activity.
+    fn day_rows(&self) -> Vec<Vec<V>> {
+        self.daily
+            .iter()
+            .map(|((start, user), c)| {
+                let (f, l) = self.first_last[&(*start, *user)];
+                vec![
+                    V::S("big".into()),
+                    V::I(*start),
+                    V::S(self.member_ids[*user].clone()),
+                    V::I(c[0]),
+                    V::I(c[1]),
+                    V::I(c[2]),
+                    V::I(c[5]),
+                    V::N(Some(f)),
+                    V::N(Some(l)),
+                ]
+            })
+            .collect()
+    }
+
+    /// The `engagement_members` rows, one per member with any activity.
+    fn member_rows(&self) -> Vec<Vec<V>> {
+        self.totals
+            .iter()
+            .map(|(user, t)| {
+                vec![
+                    V::S("big".into()),
+                    V::S(self.member_ids[*user].clone()),
+                    V::S(self.member_ids[*user].to_uppercase()),
+                    V::I(t[0]),
+                    V::I(t[1]),
+                    V::I(t[2]),
+                    V::I(t[3]),
+                ]
+            })
+            .collect()
+    }
 }
 
 fn median_ms(mut v: Vec<f64>) -> f64 {

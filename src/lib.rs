@@ -60,6 +60,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
 
 /// The settings key under which a generated token secret is kept.
 pub const JWT_SECRET_KEY: &str = "jwt_secret";
@@ -167,37 +168,73 @@ pub async fn token_secret(config: &Config, store: &Store) -> Result<String, Stor
     }
 }
 
+/// The hub, sized by the config's session, room and presence limits.
+fn new_hub(config: &Config, metrics: &Arc<Metrics>) -> Hub {
+    Hub::new(
+        metrics.clone(),
+        config.max_sessions_per_user,
+        config.max_room_sessions,
+        config.outbox_frames,
+    )
+    .with_presence_limit(config.presence_limit)
+}
+
+/// The hub, wired to its broker: the NATS bus in cluster mode (the hub then relays its
+/// notices through it), this node's broker otherwise.
+async fn connect_broker(
+    config: &Config,
+    hub: Hub,
+    metrics: &Arc<Metrics>,
+    inbound: mpsc::Sender<Inbound>,
+    policy_changes: mpsc::Receiver<protocol::RoomId>,
+) -> Result<(Arc<Hub>, Arc<dyn Broker>, Option<Arc<cluster::Bus>>), StartError> {
+    let Some(url) = &config.nats_url else {
+        let hub = Arc::new(hub);
+        return Ok((hub.clone(), Arc::new(LocalBroker::new(hub)), None));
+    };
+    let (relay_tx, relays) = mpsc::channel(config.bus_queue_max.max(1));
+    let hub = Arc::new(hub.with_relay(relay_tx));
+    let links = cluster::Links {
+        inbound,
+        relays,
+        policy_changes,
+    };
+    let bus = cluster::Bus::connect(config, url, hub.clone(), metrics.clone(), links).await?;
+    Ok((hub, bus.clone(), Some(bus)))
+}
+
+/// Sends each badge the store awards to every session of the user: this node's, and in
+/// cluster mode those on other nodes too (the earner is not always the one whose write
+/// committed it here: reactions received, helpful marks).
+fn send_badges(store: &Store, hub: &Arc<Hub>, broker: &Arc<dyn Broker>) {
+    let (badges_to, badges_out) = (hub.clone(), broker.clone());
+    store.on_badge(Arc::new(move |b| {
+        let frame = badges_to.badge_earned(&b);
+        for sid in badges_to.remote_session_ids(&b.user.id) {
+            badges_out.send_to_session(&sid, &frame);
+        }
+    }));
+}
+
+/// The per-user rate limits: writes, joins, hands and calls.
+fn user_limits(config: &Config) -> ratelimit::UserLimits {
+    ratelimit::UserLimits::new([
+        (config.user_write_per_s, config.user_write_burst),
+        (config.user_join_per_s, config.user_join_burst),
+        (config.user_hand_per_s, config.user_hand_burst),
+        (config.user_call_per_s, config.user_call_burst),
+    ])
+}
+
 impl App {
     /// Opens and migrates the store, resolves the token secret and wires fan-out.
     pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::default());
-        let hub = Hub::new(
-            metrics.clone(),
-            config.max_sessions_per_user,
-            config.max_room_sessions,
-            config.outbox_frames,
-        )
-        .with_presence_limit(config.presence_limit);
+        let hub = new_hub(&config, &metrics);
         let policy_changes = mpsc::channel(config.bus_queue_max.max(1));
         let (inbound_tx, inbound_rx) = mpsc::channel(config.bus_queue_max.max(1));
-        let (hub, broker, cluster): (Arc<Hub>, Arc<dyn Broker>, _) = match &config.nats_url {
-            Some(url) => {
-                let (relay_tx, relays) = mpsc::channel(config.bus_queue_max.max(1));
-                let hub = Arc::new(hub.with_relay(relay_tx));
-                let links = cluster::Links {
-                    inbound: inbound_tx,
-                    relays,
-                    policy_changes: policy_changes.1,
-                };
-                let bus = cluster::Bus::connect(&config, url, hub.clone(), metrics.clone(), links)
-                    .await?;
-                (hub, bus.clone(), Some(bus))
-            }
-            None => {
-                let hub = Arc::new(hub);
-                (hub.clone(), Arc::new(LocalBroker::new(hub)), None)
-            }
-        };
+        let (hub, broker, cluster) =
+            connect_broker(&config, hub, &metrics, inbound_tx, policy_changes.1).await?;
         let committed = broker.clone();
         let hook: store::CommitHook = Arc::new(move |ev| committed.committed(ev));
         let store = Store::open(
@@ -206,16 +243,7 @@ impl App {
             Some(hook),
         )
         .await?;
-        // A badge goes to every session of the user: this node's, and in cluster mode those on
-        // other nodes too (the earner is not always the one whose write committed it here:
-        // reactions received, helpful marks).
-        let (badges_to, badges_out) = (hub.clone(), broker.clone());
-        store.on_badge(Arc::new(move |b| {
-            let frame = badges_to.badge_earned(&b);
-            for sid in badges_to.remote_session_ids(&b.user.id) {
-                badges_out.send_to_session(&sid, &frame);
-            }
-        }));
+        send_badges(&store, &hub, &broker);
         let secret = token_secret(&config, &store).await?;
         let rtc = rtc::Rtc::new(&config);
         let sfu = match cluster {
@@ -228,14 +256,8 @@ impl App {
             ensure_dev_lobby(&store).await?;
         }
         let policies = rooms::policy::Policies::new(cluster.is_some().then_some(policy_changes.0));
-        let user_limits = ratelimit::UserLimits::new([
-            (config.user_write_per_s, config.user_write_burst),
-            (config.user_join_per_s, config.user_join_burst),
-            (config.user_hand_per_s, config.user_hand_burst),
-            (config.user_call_per_s, config.user_call_burst),
-        ]);
         Ok(Arc::new(Self {
-            user_limits,
+            user_limits: user_limits(&config),
             tokens: auth::Tokens::new(secret.as_bytes()),
             config,
             store,
@@ -393,48 +415,11 @@ pub async fn serve(
     // Before anything starts: a bad `webhook_ca_file` stops the server with its reason.
     let webhook_cfg = webhooks::SenderConfig::from_config(&app.config)?;
     let router = api::router(app.clone());
-    let sla = tokio::spawn(announce_overdue(app.clone()));
-    let call_timers = tokio::spawn(rtc::run_timers(app.clone()));
-    let counts = tokio::spawn(send_online_counts(app.clone()));
-    let heartbeats = tokio::spawn(heartbeats(app.clone()));
-    let presence = tokio::spawn(send_presence(app.clone()));
-    let webhooks = tokio::spawn(webhooks::run(app.store.clone(), webhook_cfg));
-    // Users an earlier run of this node had in rooms are gone with it.
-    let (node, run) = app.member_node();
-    forget_members(&app.store, node, MemberRuns::AllBut(run));
-    let poll_clock = tokio::spawn(rooms::polls::run_clock(app.clone()));
-    let class_clock = tokio::spawn(rooms::class::run_clock(app.clone()));
-    let breakout_clock = tokio::spawn(rooms::breakouts::run_clock(app.clone()));
-    let stage_clock = tokio::spawn(rooms::stage::run_clock(app.clone()));
-    let board_saver = tokio::spawn(rooms::boards::run_saver(app.clone()));
-    let mut bus_tasks = match &app.cluster {
-        Some(bus) => {
-            let mut tasks = bus.start(app.store.clone()).await;
-            tasks.push(tokio::spawn(rtc::run_av_sweep(app.clone())));
-            tasks
-        }
-        None => Vec::new(),
-    };
-    let inbound = app.inbound.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(mut inbound) = inbound {
-        let to = app.clone();
-        bus_tasks.push(tokio::spawn(async move {
-            while let Some(what) = inbound.recv().await {
-                to.apply(what);
-            }
-        }));
-    }
+    let background = Background::spawn(&app, webhook_cfg);
+    let bus_tasks = start_bus_tasks(&app).await;
     let draining = app.clone();
-    let cfg = &app.config;
-    let limits = listener::Limits {
-        max_connections: match cfg.max_connections {
-            0 => listener::default_max_connections(),
-            n => n,
-        },
-        max_per_ip: cfg.max_connections_per_ip,
-        header_timeout: Duration::from_millis(cfg.http_header_timeout_ms),
-    };
-    let request_limit = Duration::from_millis(cfg.http_request_timeout_ms);
+    let limits = listener_limits(&app.config);
+    let request_limit = Duration::from_millis(app.config.http_request_timeout_ms);
     let router = router.layer(axum::middleware::from_fn(move |req, next| {
         listener::request_timeout(request_limit, req, next)
     }));
@@ -456,20 +441,7 @@ pub async fn serve(
     if let Some(sfu) = &app.sfu {
         sfu.stop();
     }
-    sla.abort();
-    call_timers.abort();
-    counts.abort();
-    heartbeats.abort();
-    presence.abort();
-    // Deliveries cut short stay pending in the outbox and go out after the next start.
-    webhooks.abort();
-    let _ = webhooks.await;
-    poll_clock.abort();
-    class_clock.abort();
-    breakout_clock.abort();
-    stage_clock.abort();
-    board_saver.abort();
-    let _ = board_saver.await;
+    background.stop().await;
     // Boards whose logs the saver has not compacted yet.
     rooms::boards::save_all(&app, true).await;
     app.store.close().await;
@@ -481,6 +453,105 @@ pub async fn serve(
     }
     tracing::info!("store flushed, bye");
     Ok(())
+}
+
+/// The node's own background tasks: timers, clocks, periodic sends, webhook delivery and the
+/// board saver. They run for the server's life and are stopped at shutdown.
+struct Background {
+    sla: JoinHandle<()>,
+    call_timers: JoinHandle<()>,
+    counts: JoinHandle<()>,
+    heartbeats: JoinHandle<()>,
+    presence: JoinHandle<()>,
+    webhooks: JoinHandle<()>,
+    poll_clock: JoinHandle<()>,
+    class_clock: JoinHandle<()>,
+    breakout_clock: JoinHandle<()>,
+    stage_clock: JoinHandle<()>,
+    board_saver: JoinHandle<()>,
+}
+
+impl Background {
+    /// Starts the tasks, and forgets the room members an earlier run of this node left behind
+    /// before the room clocks start.
+    fn spawn(app: &Arc<App>, webhook_cfg: webhooks::SenderConfig) -> Self {
+        let sla = tokio::spawn(announce_overdue(app.clone()));
+        let call_timers = tokio::spawn(rtc::run_timers(app.clone()));
+        let counts = tokio::spawn(send_online_counts(app.clone()));
+        let heartbeats = tokio::spawn(heartbeats(app.clone()));
+        let presence = tokio::spawn(send_presence(app.clone()));
+        let webhooks = tokio::spawn(webhooks::run(app.store.clone(), webhook_cfg));
+        // Users an earlier run of this node had in rooms are gone with it.
+        let (node, run) = app.member_node();
+        forget_members(&app.store, node, MemberRuns::AllBut(run));
+        Self {
+            sla,
+            call_timers,
+            counts,
+            heartbeats,
+            presence,
+            webhooks,
+            poll_clock: tokio::spawn(rooms::polls::run_clock(app.clone())),
+            class_clock: tokio::spawn(rooms::class::run_clock(app.clone())),
+            breakout_clock: tokio::spawn(rooms::breakouts::run_clock(app.clone())),
+            stage_clock: tokio::spawn(rooms::stage::run_clock(app.clone())),
+            board_saver: tokio::spawn(rooms::boards::run_saver(app.clone())),
+        }
+    }
+
+    /// Stops every task, waiting for the two that must not be cut mid-write: webhook delivery
+    /// and the board saver.
+    async fn stop(self) {
+        self.sla.abort();
+        self.call_timers.abort();
+        self.counts.abort();
+        self.heartbeats.abort();
+        self.presence.abort();
+        // Deliveries cut short stay pending in the outbox and go out after the next start.
+        self.webhooks.abort();
+        let _ = self.webhooks.await;
+        self.poll_clock.abort();
+        self.class_clock.abort();
+        self.breakout_clock.abort();
+        self.stage_clock.abort();
+        self.board_saver.abort();
+        let _ = self.board_saver.await;
+    }
+}
+
+/// In cluster mode, the bus's tasks, the AV sweep and the task that applies what other nodes
+/// said; none on a single node.
+async fn start_bus_tasks(app: &Arc<App>) -> Vec<JoinHandle<()>> {
+    let mut tasks = match &app.cluster {
+        Some(bus) => {
+            let mut tasks = bus.start(app.store.clone()).await;
+            tasks.push(tokio::spawn(rtc::run_av_sweep(app.clone())));
+            tasks
+        }
+        None => Vec::new(),
+    };
+    let inbound = app.inbound.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(mut inbound) = inbound {
+        let to = app.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(what) = inbound.recv().await {
+                to.apply(what);
+            }
+        }));
+    }
+    tasks
+}
+
+/// The listener's connection limits from the config (`max_connections` 0: the default).
+fn listener_limits(cfg: &Config) -> listener::Limits {
+    listener::Limits {
+        max_connections: match cfg.max_connections {
+            0 => listener::default_max_connections(),
+            n => n,
+        },
+        max_per_ip: cfg.max_connections_per_ip,
+        header_timeout: Duration::from_millis(cfg.http_header_timeout_ms),
+    }
 }
 
 /// The heartbeat round (see [`hub::Hub::heartbeat`]): a client silent for two heartbeats is

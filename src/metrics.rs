@@ -140,6 +140,25 @@ impl Metrics {
     /// Prometheus text exposition; `rooms` and `sessions` are gauges read from the hub.
     pub fn render(&self, rooms: usize, sessions: usize) -> String {
         let mut out = String::with_capacity(4096);
+        self.render_gauges(&mut out, rooms, sessions);
+        self.render_counters(&mut out);
+        self.render_commands(&mut out);
+        self.batch_size.render(
+            &mut out,
+            "studyhall_store_batch_rows",
+            "Writes per group commit.",
+        );
+        self.commit_latency.render(
+            &mut out,
+            "studyhall_store_commit_seconds",
+            "Time to apply and commit one group commit.",
+        );
+        self.render_bus(&mut out);
+        out
+    }
+
+    /// The gauges: open connections, signed-in sessions and active rooms.
+    fn render_gauges(&self, out: &mut String, rooms: usize, sessions: usize) {
         let mut gauge = |name: &str, help: &str, v: i64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
@@ -154,6 +173,10 @@ impl Metrics {
             "Rooms with at least one joined session.",
             rooms as i64,
         );
+    }
+
+    /// The node's connection and fan-out counters.
+    fn render_counters(&self, out: &mut String) {
         let counters: [(&str, &str, u64); 7] = [
             (
                 "studyhall_connections_total",
@@ -191,12 +214,11 @@ impl Metrics {
                 self.auth_failures.load(Relaxed),
             ),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        }
+        write_counters(out, &counters);
+    }
+
+    /// Client commands, one series per command type.
+    fn render_commands(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "# HELP studyhall_commands_total Client commands by type.\n# TYPE studyhall_commands_total counter"
@@ -209,20 +231,9 @@ impl Metrics {
                 self.commands[i].load(Relaxed)
             );
         }
-        self.batch_size.render(
-            &mut out,
-            "studyhall_store_batch_rows",
-            "Writes per group commit.",
-        );
-        self.commit_latency.render(
-            &mut out,
-            "studyhall_store_commit_seconds",
-            "Time to apply and commit one group commit.",
-        );
-        self.render_bus(&mut out);
-        out
     }
 
+    /// The cluster bus's counters and its cross-node latency.
     fn render_bus(&self, out: &mut String) {
         let counters: [(&str, &str, u64); 8] = [
             (
@@ -266,16 +277,21 @@ impl Metrics {
                 self.bus_heartbeat_parts.load(Relaxed),
             ),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        }
+        write_counters(out, &counters);
         self.bus_latency.render(
             out,
             "studyhall_bus_latency_seconds",
             "Cross-node latency: commit-side publish to receipt on this node.",
+        );
+    }
+}
+
+/// Writes each (name, help, value) as a Prometheus counter.
+fn write_counters(out: &mut String, counters: &[(&str, &str, u64)]) {
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
         );
     }
 }

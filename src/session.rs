@@ -34,6 +34,15 @@ struct Strikes {
 impl Strikes {
     const WINDOW: Duration = Duration::from_secs(10);
 
+    /// No strikes yet; the connection may collect `limit` per window.
+    fn new(limit: u32) -> Self {
+        Self {
+            window_start: Instant::now(),
+            count: 0,
+            limit,
+        }
+    }
+
     /// Records a strike; true when the connection has passed the limit.
     fn hit(&mut self) -> bool {
         let now = Instant::now();
@@ -170,32 +179,11 @@ async fn open(
     let (me, call_waiting) = match handshake(app, &mut stream).await {
         Ok(ok) => ok,
         Err((code, why)) => {
-            if code == close::UNAUTHORIZED {
-                app.metrics.auth_failures.fetch_add(1, Relaxed);
-                let err = Error::Unauthorized(why.clone());
-                let _ = sink
-                    .send(Message::Text(error_frame(None, &err).into()))
-                    .await;
-            } else {
-                app.metrics.frames_too_large.fetch_add(1, Relaxed);
-            }
-            tracing::debug!(code, reason = %why, "connection refused at hello");
-            close_with(&mut sink, code, close_reason(code)).await;
+            refuse_hello(app, &mut sink, code, &why).await;
             return None;
         }
     };
-
-    // The token's zone is kept for the user's local day in engagement caps (their sends are
-    // committed by the writer, which has no session to ask).
-    // Read first: most hellos name the zone already kept, and need no write.
-    if let Some(tz) = &me.tz {
-        let kept = app.store.user_zone(&me.user).await.ok().flatten();
-        if kept.as_deref() != Some(tz.as_str())
-            && let Err(e) = app.store.remember_zone(&me.user, tz).await
-        {
-            tracing::warn!(error = %e, "could not keep the user's time zone");
-        }
-    }
+    keep_zone(app, &me).await;
 
     let sid = app.new_session_id();
     let (outbox, outbox_rx) = crate::outbox::outbox(app.config.outbox_frames);
@@ -207,11 +195,9 @@ async fn open(
     );
     if let Err(e) = app.hub.register(handle.clone()) {
         let err = Error::RateLimited(e.to_string());
-        let _ = sink
-            .send(Message::Text(error_frame(None, &err).into()))
-            .await;
-        close_with(
+        refuse(
             &mut sink,
+            &err,
             close::RATE_LIMITED,
             "too many sessions for this user",
         )
@@ -249,6 +235,41 @@ async fn open(
         stream,
         writer,
     }))
+}
+
+/// Refuses a connection whose `hello` failed: an unauthorized client is told why before the
+/// close, an oversized frame only closes.
+async fn refuse_hello(app: &App, sink: &mut SplitSink<WebSocket, Message>, code: u16, why: &str) {
+    tracing::debug!(code, reason = %why, "connection refused at hello");
+    if code == close::UNAUTHORIZED {
+        app.metrics.auth_failures.fetch_add(1, Relaxed);
+        let err = Error::Unauthorized(why.to_owned());
+        refuse(sink, &err, code, close_reason(code)).await;
+    } else {
+        app.metrics.frames_too_large.fetch_add(1, Relaxed);
+        close_with(sink, code, close_reason(code)).await;
+    }
+}
+
+/// Sends `err` as an error frame, then closes with `code` and `reason`.
+async fn refuse(sink: &mut SplitSink<WebSocket, Message>, err: &Error, code: u16, reason: &str) {
+    let _ = sink
+        .send(Message::Text(error_frame(None, err).into()))
+        .await;
+    close_with(sink, code, reason).await;
+}
+
+/// Keeps the token's time zone for the user's local day in engagement caps (their sends are
+/// committed by the writer, which has no session to ask). Read first: most hellos name the
+/// zone already kept, and need no write.
+async fn keep_zone(app: &App, me: &Identity) {
+    let Some(tz) = &me.tz else { return };
+    let kept = app.store.user_zone(&me.user).await.ok().flatten();
+    if kept.as_deref() != Some(tz.as_str())
+        && let Err(e) = app.store.remember_zone(&me.user, tz).await
+    {
+        tracing::warn!(error = %e, "could not keep the user's time zone");
+    }
 }
 
 /// Reads commands until the session ends, then leaves its rooms and lets the write loop drain
@@ -301,15 +322,14 @@ async fn leave_all(
     let _ = writer.await;
 }
 
+/// Reads frames and runs their commands until the session ends: the close watch fires, the
+/// token expires, the socket ends, or the client breaks the rules. Commands whose writes are
+/// deferred are answered as they finish, at most `max_inflight_per_session` at a time.
 async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     let cfg = &ctx.app.config;
     let max_inflight = cfg.max_inflight_per_session;
     let mut bucket = TokenBucket::new(cfg.rate_per_s, cfg.rate_burst);
-    let mut strikes = Strikes {
-        window_start: Instant::now(),
-        count: 0,
-        limit: cfg.abuse_strikes,
-    };
+    let mut strikes = Strikes::new(cfg.abuse_strikes);
     let mut inflight: FuturesUnordered<Deferred> = FuturesUnordered::new();
     // One close watcher for the whole loop, polled by reference: building one per frame
     // registered a new waiter for every command. Idleness is the hub's heartbeat round's to
@@ -327,16 +347,9 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
             biased;
             _ = &mut closed => break,
             () = &mut expiry => {
-                let end = token_end(ctx.me.exp);
-                if end > tokio::time::Instant::now() {
-                    expiry.as_mut().reset(end);
-                    continue;
+                if token_timer(ctx, expiry.as_mut()).is_break() {
+                    break;
                 }
-                tracing::info!(session = %ctx.handle.id, user = %ctx.me.user, "token expired");
-                let err = Error::Unauthorized("token expired: refresh it before exp".into());
-                let _ = ctx.outbox.try_send(error_frame(None, &err));
-                ctx.handle.close(close::UNAUTHORIZED);
-                break;
             }
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
                 // While writes are in flight the socket may go unread (the in-flight limit):
@@ -352,16 +365,9 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
                 ctx.handle.heard(crate::store::now_ms());
                 // In a block: the step (and its borrow of the session) ends before the push.
                 let reply = {
-                    let step = match text_of(ctx, &mut strikes, msg) {
+                    let step = match step_of(ctx, &mut bucket, &mut strikes, msg) {
                         ControlFlow::Break(()) => break,
-                        ControlFlow::Continue(Read::Skip) => continue,
-                        ControlFlow::Continue(Read::Refused(frame)) => Step::Reply(Some(frame)),
-                        ControlFlow::Continue(Read::Text(text)) => {
-                            match admit(ctx, &mut bucket, &mut strikes, text.as_str()) {
-                                ControlFlow::Break(()) => break,
-                                ControlFlow::Continue(step) => step,
-                            }
-                        }
+                        ControlFlow::Continue(step) => step,
                     };
                     match step {
                         Step::Reply(frame) => frame,
@@ -387,15 +393,58 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
 
     // Writes already accepted are answered before the session goes (bounded by the grace).
     let grace = Duration::from_millis(ctx.app.config.shutdown_grace_ms);
-    let outbox = &ctx.outbox;
-    let _ = Box::pin(tokio::time::timeout(grace, async {
+    let _ = answer_accepted(&mut inflight, &ctx.outbox, grace).await;
+    say_bye_on_shutdown(ctx);
+}
+
+/// The token timer fired: re-arms it if the token was renewed meanwhile (`Continue`), or
+/// tells the client and asks for the close (`Break`) when the token has really expired.
+fn token_timer(ctx: &Ctx, expiry: Pin<&mut tokio::time::Sleep>) -> ControlFlow<()> {
+    let end = token_end(ctx.me.exp);
+    if end > tokio::time::Instant::now() {
+        expiry.reset(end);
+        return ControlFlow::Continue(());
+    }
+    tracing::info!(session = %ctx.handle.id, user = %ctx.me.user, "token expired");
+    let err = Error::Unauthorized("token expired: refresh it before exp".into());
+    let _ = ctx.outbox.try_send(error_frame(None, &err));
+    ctx.handle.close(close::UNAUTHORIZED);
+    ControlFlow::Break(())
+}
+
+/// What to do about what the socket gave: a frame to answer with (or nothing, for a ping or
+/// a pong), a command to run, or `Break` when the session must end.
+fn step_of<'a>(
+    ctx: &'a mut Ctx,
+    bucket: &mut TokenBucket,
+    strikes: &mut Strikes,
+    msg: Option<Result<Message, axum::Error>>,
+) -> ControlFlow<(), Step<'a>> {
+    match text_of(ctx, strikes, msg)? {
+        Read::Skip => ControlFlow::Continue(Step::Reply(None)),
+        Read::Refused(frame) => ControlFlow::Continue(Step::Reply(Some(frame))),
+        Read::Text(text) => admit(ctx, bucket, strikes, text.as_str()),
+    }
+}
+
+/// Answers the deferred writes still in flight as they finish, within `grace`. Boxed: this
+/// wait happens once, at the session's end, and must not add to the read loop's size.
+fn answer_accepted<'a>(
+    inflight: &'a mut FuturesUnordered<Deferred>,
+    outbox: &'a crate::outbox::Outbox,
+    grace: Duration,
+) -> Pin<Box<impl Future<Output = Result<(), tokio::time::error::Elapsed>> + 'a>> {
+    Box::pin(tokio::time::timeout(grace, async move {
         while let Some(reply) = inflight.next().await {
             if let Some(frame) = reply {
                 let _ = outbox.try_send(frame);
             }
         }
     }))
-    .await;
+}
+
+/// Queues the `bye` when the session ends because the server is shutting down.
+fn say_bye_on_shutdown(ctx: &Ctx) {
     if *ctx.close.borrow() == close::GOING_AWAY {
         let _ = ctx
             .outbox
@@ -558,20 +607,13 @@ async fn write_loop(
     // A client that stops reading (a zero TCP window) must not pin this task or its socket:
     // every write gets a heartbeat to finish.
     let limit = timing.heartbeat;
-    // Shutdown, idle and kick closes let queued frames (the `bye`, the `kicked`) go out first.
-    let immediate = |c: u16| {
-        !matches!(
-            c,
-            0 | close::GOING_AWAY | close::NORMAL | close::KICKED | close::UNAUTHORIZED
-        )
-    };
     // Once the session's handle is gone the watch resolves at once: stop watching then, and
     // let the drained outbox end the loop.
     let mut watching = true;
     // One long-lived close watcher, polled by reference: re-creating it on every wake-up
     // registered a fresh watch waiter per delivered frame.
     let mut watcher = close.clone();
-    let closed = closing(&mut watcher, immediate);
+    let closed = closing(&mut watcher, closes_at_once);
     tokio::pin!(closed);
     // When buffered lazy frames must be flushed at the latest.
     let mut lazy_due: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -579,7 +621,7 @@ async fn write_loop(
         tokio::select! {
             biased;
             _ = &mut closed, if watching => {
-                if immediate(*close.borrow()) {
+                if closes_at_once(*close.borrow()) {
                     break;
                 }
                 watching = false;
@@ -628,11 +670,25 @@ async fn write_loop(
             }
         }
     }
-    let code = match *close.borrow() {
+    let code = final_code(*close.borrow());
+    Box::pin(close_with(&mut sink, code, close_reason(code))).await;
+}
+
+/// Whether a close code ends the write loop at once. Shutdown, idle and kick closes (and no
+/// close yet) let queued frames (the `bye`, the `kicked`) go out first.
+fn closes_at_once(code: u16) -> bool {
+    !matches!(
+        code,
+        0 | close::GOING_AWAY | close::NORMAL | close::KICKED | close::UNAUTHORIZED
+    )
+}
+
+/// The code the socket is closed with: the one asked for, or a normal close when none was.
+fn final_code(asked: u16) -> u16 {
+    match asked {
         0 => close::NORMAL,
         c => c,
-    };
-    Box::pin(close_with(&mut sink, code, close_reason(code))).await;
+    }
 }
 
 #[cfg(test)]

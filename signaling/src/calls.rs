@@ -160,6 +160,19 @@ pub struct CallRequest<'a> {
     pub callee_accepts_waiting: bool,
 }
 
+/// Refuses a call to oneself and a call with neither audio nor video.
+fn check_request(from: &Peer, to: &str, media: Media) -> Result<(), SignalError> {
+    if to == from.user {
+        return Err(SignalError::BadRequest("you cannot call yourself".into()));
+    }
+    if !media.audio && !media.video {
+        return Err(SignalError::BadRequest(
+            "a call needs audio or video".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// All live calls of a node.
 #[derive(Debug, Default)]
 pub struct Calls {
@@ -214,14 +227,7 @@ impl Calls {
             callee_sessions,
             callee_accepts_waiting,
         } = req;
-        if to == from.user {
-            return Err(SignalError::BadRequest("you cannot call yourself".into()));
-        }
-        if !media.audio && !media.video {
-            return Err(SignalError::BadRequest(
-                "a call needs audio or video".into(),
-            ));
-        }
+        check_request(&from, to, media)?;
         if let Some(existing) = self.by_user.get(&from.user).cloned() {
             let glare = self.calls.get(&existing).is_some_and(|c| {
                 c.answered.is_none() && c.caller.user == to && c.callee == from.user
@@ -236,57 +242,77 @@ impl Calls {
             return Err(SignalError::Unavailable(format!("{to} is not online")));
         }
         if self.by_user.contains_key(to) && !callee_accepts_waiting {
-            let record = CallRecord {
-                id: id.clone(),
-                caller: from.user.clone(),
-                callee: to.to_owned(),
-                media,
-                created_ms: now,
-                answered_ms: None,
-                ended_ms: now,
-                reason: EndReason::Busy,
-                duration_ms: 0,
-            };
-            self.finished.push(record);
-            let outs = vec![
-                out(
-                    &from.session,
-                    Msg::CallState {
-                        call_id: id.clone(),
-                        state: CallState::Busy,
-                    },
-                ),
-                out(
-                    &from.session,
-                    Msg::CallEnded {
-                        call_id: id.clone(),
-                        reason: EndReason::Busy,
-                        duration_ms: 0,
-                    },
-                ),
-            ];
+            let outs = self.busy(now, &id, &from, to, media);
             return Ok((id, outs));
         }
         if self.calls.contains_key(&id) {
             return Err(SignalError::Conflict("call id in use".into()));
         }
+        let outs = self.ring(now, &id, from, to, media, callee_sessions);
+        Ok((id, outs))
+    }
+
+    /// The callee is in another call and takes no second one: the attempt goes to the call
+    /// log as busy, and the caller is told so.
+    fn busy(&mut self, now: u64, id: &str, from: &Peer, to: &str, media: Media) -> Vec<Out> {
+        self.finished.push(CallRecord {
+            id: id.to_owned(),
+            caller: from.user.clone(),
+            callee: to.to_owned(),
+            media,
+            created_ms: now,
+            answered_ms: None,
+            ended_ms: now,
+            reason: EndReason::Busy,
+            duration_ms: 0,
+        });
+        vec![
+            out(
+                &from.session,
+                Msg::CallState {
+                    call_id: id.to_owned(),
+                    state: CallState::Busy,
+                },
+            ),
+            out(
+                &from.session,
+                Msg::CallEnded {
+                    call_id: id.to_owned(),
+                    reason: EndReason::Busy,
+                    duration_ms: 0,
+                },
+            ),
+        ]
+    }
+
+    /// Records a new ringing call between `from` and `to`; the incoming-call notices for
+    /// every session of the callee.
+    fn ring(
+        &mut self,
+        now: u64,
+        id: &str,
+        from: Peer,
+        to: &str,
+        media: Media,
+        callee_sessions: &[String],
+    ) -> Vec<Out> {
         let outs = callee_sessions
             .iter()
             .map(|s| {
                 out(
                     s,
                     Msg::CallIncoming {
-                        call_id: id.clone(),
+                        call_id: id.to_owned(),
                         from: from.clone(),
                         media,
                     },
                 )
             })
             .collect();
-        self.by_user.insert(from.user.clone(), id.clone());
-        self.by_user.insert(to.to_owned(), id.clone());
+        self.by_user.insert(from.user.clone(), id.to_owned());
+        self.by_user.insert(to.to_owned(), id.to_owned());
         self.calls.insert(
-            id.clone(),
+            id.to_owned(),
             Call {
                 caller: from,
                 callee: to.to_owned(),
@@ -298,7 +324,7 @@ impl Calls {
                 dropped: HashMap::new(),
             },
         );
-        Ok((id, outs))
+        outs
     }
 
     fn get(&self, id: &str, by: &Peer) -> Result<&Call, SignalError> {

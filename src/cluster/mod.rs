@@ -74,6 +74,44 @@ pub enum BusError {
     Connect { url: String, why: String },
 }
 
+/// This node's name on the bus: the configured one, or a random one.
+fn node_name(cfg: &Config) -> String {
+    cfg.node_id
+        .clone()
+        .unwrap_or_else(|| format!("n{:08x}", rand::random::<u32>()))
+}
+
+/// What the bus does about a NATS connection event. After a (re)connect or a slow-consumer
+/// drop, messages may have been missed: the node counts as disrupted and the sweep checks
+/// its rooms for gaps at once. A disconnect ends the healthy stretch.
+fn on_nats_event(
+    ev: Event,
+    node: &str,
+    sweep_now: &Notify,
+    disrupted: &AtomicBool,
+    healthy: &Mutex<Option<Instant>>,
+) {
+    match ev {
+        Event::Connected => {
+            tracing::info!(node = %node, "NATS connected: checking rooms for gaps");
+            *lock(healthy) = Some(Instant::now());
+            disrupted.store(true, Relaxed);
+            sweep_now.notify_one();
+        }
+        Event::SlowConsumer(sid) => {
+            tracing::warn!(node = %node, sid, "NATS slow consumer: refilling from the store");
+            *lock(healthy) = Some(Instant::now());
+            disrupted.store(true, Relaxed);
+            sweep_now.notify_one();
+        }
+        Event::Disconnected => {
+            *lock(healthy) = None;
+            tracing::warn!(node = %node, "NATS disconnected")
+        }
+        other => tracing::info!(node = %node, event = %other, "NATS event"),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain maps updated without awaiting: usable after a panic elsewhere.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -332,10 +370,7 @@ impl Bus {
         metrics: Arc<Metrics>,
         links: Links,
     ) -> Result<Arc<Self>, BusError> {
-        let node = cfg
-            .node_id
-            .clone()
-            .unwrap_or_else(|| format!("n{:08x}", rand::random::<u32>()));
+        let node = node_name(cfg);
         let sweep_now = Arc::new(Notify::new());
         let events = sweep_now.clone();
         let disrupted = Arc::new(AtomicBool::new(false));
@@ -352,27 +387,7 @@ impl Bus {
                 let node = event_node.clone();
                 let disrupted = disrupted_ev.clone();
                 let healthy = healthy_ev.clone();
-                async move {
-                    match ev {
-                        Event::Connected => {
-                            tracing::info!(node = %node, "NATS connected: checking rooms for gaps");
-                            *lock(&healthy) = Some(Instant::now());
-                            disrupted.store(true, Relaxed);
-                            events.notify_one();
-                        }
-                        Event::SlowConsumer(sid) => {
-                            tracing::warn!(node = %node, sid, "NATS slow consumer: refilling from the store");
-                            *lock(&healthy) = Some(Instant::now());
-                            disrupted.store(true, Relaxed);
-                            events.notify_one();
-                        }
-                        Event::Disconnected => {
-                            *lock(&healthy) = None;
-                            tracing::warn!(node = %node, "NATS disconnected")
-                        }
-                        other => tracing::info!(node = %node, event = %other, "NATS event"),
-                    }
-                }
+                async move { on_nats_event(ev, &node, &events, &disrupted, &healthy) }
             })
             .connect(url)
             .await

@@ -119,14 +119,9 @@ pub(super) async fn profile(
     loop {
         let row = match rows.next() {
             Some(r) => r,
-            None if !seen_only && only.is_some() => crate::store::MemberEngagement {
-                room: only.clone().unwrap_or_else(|| RoomId::from("")),
-                name: String::new(),
-                points: 0,
-                streak: eng::Streak::default(),
-                last_checkin_day: None,
-                badges: Vec::new(),
-            },
+            None if !seen_only && only.is_some() => {
+                no_engagement(only.clone().unwrap_or_else(|| RoomId::from("")))
+            }
             None => break,
         };
         seen_only = true;
@@ -139,41 +134,10 @@ pub(super) async fn profile(
         if !row.name.is_empty() {
             name = Some(row.name.clone());
         }
-        let zone = eng::zone_or_utc(
-            owner_tz
-                .as_deref()
-                .unwrap_or(stored.engagement.timezone.as_str()),
-        );
-        let today = eng::local_day(now_ms(), &zone);
-        let last = row
-            .last_checkin_day
+        let zone = owner_tz
             .as_deref()
-            .and_then(|d| d.parse::<jiff::civil::Date>().ok());
-        let streak = eng::streak_on(last, row.streak, today);
-        let badges = row
-            .badges
-            .iter()
-            .map(|(id, ts)| {
-                let view = cfg.badge(id).map(BadgeView::of).unwrap_or(BadgeView {
-                    id: id.clone(),
-                    name: id.clone(),
-                    description: String::new(),
-                });
-                ProfileBadge::new(view, *ts)
-            })
-            .collect();
-        rooms.push(ProfileRoom {
-            room: row.room,
-            points: row.points,
-            level: cfg.level(row.points),
-            next_level_points: cfg.next_level_points(row.points),
-            badges,
-            streak: ProfileStreak {
-                current: streak.current,
-                longest: streak.longest,
-                last_day: row.last_checkin_day,
-            },
-        });
+            .unwrap_or(stored.engagement.timezone.as_str());
+        rooms.push(profile_room(&cfg, row, zone));
     }
     let name = if user == ctx.me.user {
         ctx.me.name.clone()
@@ -184,6 +148,57 @@ pub(super) async fn profile(
         user: UserBrief { id: user, name },
         rooms,
     }))
+}
+
+/// The engagement row of a room where the user has none yet: nothing earned.
+fn no_engagement(room: RoomId) -> crate::store::MemberEngagement {
+    crate::store::MemberEngagement {
+        room,
+        name: String::new(),
+        points: 0,
+        streak: eng::Streak::default(),
+        last_checkin_day: None,
+        badges: Vec::new(),
+    }
+}
+
+/// One room of a profile: points, level, badges, and the streak as of today in `zone` (the
+/// user's own zone, or else the room's).
+fn profile_room(
+    cfg: &eng::EngagementConfig,
+    row: crate::store::MemberEngagement,
+    zone: &str,
+) -> ProfileRoom {
+    let today = eng::local_day(now_ms(), &eng::zone_or_utc(zone));
+    let last = row
+        .last_checkin_day
+        .as_deref()
+        .and_then(|d| d.parse::<jiff::civil::Date>().ok());
+    let streak = eng::streak_on(last, row.streak, today);
+    let badges = row
+        .badges
+        .iter()
+        .map(|(id, ts)| {
+            let view = cfg.badge(id).map(BadgeView::of).unwrap_or(BadgeView {
+                id: id.clone(),
+                name: id.clone(),
+                description: String::new(),
+            });
+            ProfileBadge::new(view, *ts)
+        })
+        .collect();
+    ProfileRoom {
+        room: row.room,
+        points: row.points,
+        level: cfg.level(row.points),
+        next_level_points: cfg.next_level_points(row.points),
+        badges,
+        streak: ProfileStreak {
+            current: streak.current,
+            longest: streak.longest,
+            last_day: row.last_checkin_day,
+        },
+    }
 }
 
 /// The stats answer (WebSocket `stats` and `GET /api/rooms/{id}/stats`).

@@ -75,15 +75,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         | ClientMsg::AvJoin { .. }
         | ClientMsg::AvLeave { .. }
         | ClientMsg::AvMute { .. }
-        | ClientMsg::Signal { .. }) => {
-            // A/V opens only while the class is live (rtc checks the rest of `av_join`).
-            if let ClientMsg::AvJoin { room } = &msg
-                && ctx.joined.contains_key(room)
-            {
-                class::check_live(&ctx.app, room, "audio/video").await?;
-            }
-            rtc::dispatch(ctx, rid, msg).await
-        }
+        | ClientMsg::Signal { .. }) => calls_and_av(ctx, rid, msg).await,
         msg @ (ClientMsg::Checkin { .. }
         | ClientMsg::Leaderboard { .. }
         | ClientMsg::Profile { .. }
@@ -109,6 +101,17 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         | ClientMsg::Board { .. }
         | ClientMsg::BoardGrant { .. }) => class::dispatch(ctx, rid, msg).await,
     }
+}
+
+/// Calls, A/V and signalling, run by `rtc`. A/V opens only while the class is live (rtc
+/// checks the rest of `av_join`).
+async fn calls_and_av(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
+    if let ClientMsg::AvJoin { room } = &msg
+        && ctx.joined.contains_key(room)
+    {
+        class::check_live(&ctx.app, room, "audio/video").await?;
+    }
+    rtc::dispatch(ctx, rid, msg).await
 }
 
 /// Rights follow the session: a joined room's role is checked again before each command on

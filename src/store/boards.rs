@@ -124,37 +124,13 @@ impl Store {
         F: FnOnce(&[u8], &[Vec<u8>]) -> std::result::Result<Vec<u8>, String>,
     {
         let limit = i64::try_from(max_rows.max(1)).unwrap_or(i64::MAX);
-        let (snapshot, version): (Vec<u8>, i64) = {
-            let row = sqlx::query(
-                "SELECT state, version FROM boards WHERE room_id = $1 AND board_id = $2",
-            )
-            .bind(room.as_str())
-            .bind(board)
-            .fetch_optional(self.pool())
-            .await?
-            .ok_or(StoreError::NotFound("no such board"))?;
-            (row.try_get("state")?, row.try_get("version")?)
-        };
-        let rows = sqlx::query(
-            "SELECT id, data FROM board_updates WHERE room_id = $1 AND board_id = $2 \
-             ORDER BY id LIMIT $3",
-        )
-        .bind(room.as_str())
-        .bind(board)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        if rows.is_empty() {
+        let (snapshot, version) = self.versioned_snapshot(room, board).await?;
+        let (ids, updates) = self.oldest_updates(room, board, limit).await?;
+        if ids.is_empty() {
             return Ok(Compacted {
                 snapshot_bytes: snapshot.len(),
                 ..Compacted::default()
             });
-        }
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut updates = Vec::with_capacity(rows.len());
-        for row in rows {
-            ids.push(row.try_get::<i64, _>("id")?);
-            updates.push(row.try_get::<Vec<u8>, _>("data")?);
         }
         let merged = merge(&snapshot, &updates)
             .map_err(|e| StoreError::Corrupt(format!("board {room}/{board}: {e}")))?;
@@ -177,27 +153,50 @@ impl Store {
                 ..Compacted::default()
             });
         }
-        let mut folded = 0;
-        for chunk in ids.chunks(500) {
-            let sql = format!(
-                "DELETE FROM board_updates WHERE room_id = $1 AND board_id = $2 AND id IN ({})",
-                placeholders(chunk.len(), 3)
-            );
-            // Only numbered placeholders are formatted in; every value is bound.
-            let mut q = sqlx::query(AssertSqlSafe(sql))
-                .bind(room.as_str())
-                .bind(board);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            folded += q.execute(&mut *tx).await?.rows_affected();
-        }
+        let folded = delete_updates(&mut tx, room, board, &ids).await?;
         tx.commit().await?;
         Ok(Compacted {
             folded: usize::try_from(folded).unwrap_or(usize::MAX),
             snapshot_bytes: merged.len(),
             lost_race: false,
         })
+    }
+
+    /// A board's snapshot and its version (which a compaction's write must still find).
+    async fn versioned_snapshot(&self, room: &RoomId, board: &str) -> Result<(Vec<u8>, i64)> {
+        let row =
+            sqlx::query("SELECT state, version FROM boards WHERE room_id = $1 AND board_id = $2")
+                .bind(room.as_str())
+                .bind(board)
+                .fetch_optional(self.pool())
+                .await?
+                .ok_or(StoreError::NotFound("no such board"))?;
+        Ok((row.try_get("state")?, row.try_get("version")?))
+    }
+
+    /// The board's oldest `limit` logged updates: their ids and their bytes, in log order.
+    async fn oldest_updates(
+        &self,
+        room: &RoomId,
+        board: &str,
+        limit: i64,
+    ) -> Result<(Vec<i64>, Vec<Vec<u8>>)> {
+        let rows = sqlx::query(
+            "SELECT id, data FROM board_updates WHERE room_id = $1 AND board_id = $2 \
+             ORDER BY id LIMIT $3",
+        )
+        .bind(room.as_str())
+        .bind(board)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut updates = Vec::with_capacity(rows.len());
+        for row in rows {
+            ids.push(row.try_get::<i64, _>("id")?);
+            updates.push(row.try_get::<Vec<u8>, _>("data")?);
+        }
+        Ok((ids, updates))
     }
 
     /// The ids of the room's boards.
@@ -244,4 +243,29 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+/// Deletes the folded log rows, in chunks of 500 ids; how many went.
+async fn delete_updates(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    room: &RoomId,
+    board: &str,
+    ids: &[i64],
+) -> Result<u64> {
+    let mut folded = 0;
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "DELETE FROM board_updates WHERE room_id = $1 AND board_id = $2 AND id IN ({})",
+            placeholders(chunk.len(), 3)
+        );
+        // Only numbered placeholders are formatted in; every value is bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(room.as_str())
+            .bind(board);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        folded += q.execute(&mut **tx).await?.rows_affected();
+    }
+    Ok(folded)
 }

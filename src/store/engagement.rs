@@ -966,21 +966,7 @@ pub(super) async fn checkin(
     tz: Option<&str>,
     fx: &mut Effects,
 ) -> Result<Applied> {
-    // Lock the room row first, as every write does (bump_seq): the room-ordered lock order
-    // holds, and two check-ins of one user on two nodes (PostgreSQL) run one after the other,
-    // the second reading the member row the first committed. A no-op write locks on both
-    // backends.
-    let row = sqlx::query(
-        "UPDATE rooms SET last_seq = last_seq WHERE id = $1 RETURNING archived, engagement",
-    )
-    .bind(room.as_str())
-    .fetch_optional(&mut **tx)
-    .await?
-    .ok_or(StoreError::NotFound("room"))?;
-    if row.try_get::<i64, _>("archived")? != 0 {
-        return Err(StoreError::Forbidden("the room is archived".into()));
-    }
-    let settings = EngagementSettings::parse(&row.try_get::<String, _>("engagement")?);
+    let settings = lock_for_checkin(tx, room).await?;
     let tz_name = tz
         .filter(|z| eng::zone(z).is_some())
         .unwrap_or(settings.timezone.as_str())
@@ -1003,17 +989,7 @@ pub(super) async fn checkin(
             .first()
             .copied()
             .unwrap_or(0);
-        sqlx::query(
-            "UPDATE engagement_members SET streak_current = $1, streak_longest = $2, \
-             last_checkin_day = $3 WHERE room_id = $4 AND user_id = $5",
-        )
-        .bind(streak.current)
-        .bind(streak.longest)
-        .bind(day.as_str())
-        .bind(room.as_str())
-        .bind(user.id.as_str())
-        .execute(&mut **tx)
-        .await?;
+        save_streak(tx, room, user, &streak, &day).await?;
         let earned: Vec<BadgeRule> = cfg
             .crossed(
                 Metric::Streak,
@@ -1041,6 +1017,49 @@ pub(super) async fn checkin(
         },
         event: None,
     })
+}
+
+/// Locks the room row for a check-in and reads the room's engagement settings; an archived
+/// room takes no check-ins. The lock comes first, as for every write (bump_seq): the
+/// room-ordered lock order holds, and two check-ins of one user on two nodes (PostgreSQL)
+/// run one after the other, the second reading the member row the first committed. A no-op
+/// write locks on both backends.
+async fn lock_for_checkin(tx: &mut Tx<'_>, room: &RoomId) -> Result<EngagementSettings> {
+    let row = sqlx::query(
+        "UPDATE rooms SET last_seq = last_seq WHERE id = $1 RETURNING archived, engagement",
+    )
+    .bind(room.as_str())
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or(StoreError::NotFound("room"))?;
+    if row.try_get::<i64, _>("archived")? != 0 {
+        return Err(StoreError::Forbidden("the room is archived".into()));
+    }
+    Ok(EngagementSettings::parse(
+        &row.try_get::<String, _>("engagement")?,
+    ))
+}
+
+/// Stores a member's streak after a check-in on `day`.
+async fn save_streak(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    user: &UserRef,
+    streak: &Streak,
+    day: &str,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE engagement_members SET streak_current = $1, streak_longest = $2, \
+         last_checkin_day = $3 WHERE room_id = $4 AND user_id = $5",
+    )
+    .bind(streak.current)
+    .bind(streak.longest)
+    .bind(day)
+    .bind(room.as_str())
+    .bind(user.id.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// A member's stored streak and the day of their last check-in (none before the first).

@@ -288,11 +288,90 @@ pub struct RoomPatch {
     pub stage: Option<crate::protocol::StageSettings>,
 }
 
+impl RoomPatch {
+    /// Sets the fields the patch names on `room`.
+    fn apply_to(&self, room: &mut Room) {
+        if let Some(k) = self.kind {
+            room.kind = k;
+        }
+        if let Some(t) = &self.title {
+            room.title = t.clone();
+        }
+        if let Some(v) = self.visibility {
+            room.visibility = v;
+        }
+        if let Some(q) = self.qa {
+            room.qa = q;
+        }
+        if let Some(s) = self.starts_at {
+            room.starts_at = s;
+        }
+        if let Some(e) = self.ends_at {
+            room.ends_at = e;
+        }
+        if let Some(a) = self.archived {
+            room.archived = a;
+        }
+        if let Some(v) = self.answer_sla_s {
+            room.answer_sla_s = v;
+        }
+        if let Some(v) = self.slow_mode_s {
+            room.slow_mode_s = v;
+        }
+        if let Some(r) = &self.rules {
+            room.rules = r.clone();
+        }
+        if let Some(e) = &self.engagement {
+            room.engagement = e.clone();
+        }
+        if let Some(av) = self.av {
+            room.av = av;
+        }
+        if let Some(stage) = self.stage {
+            room.stage = stage;
+        }
+    }
+}
+
 mod double_option {
     use serde::{Deserialize, Deserializer};
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
         Option::<i64>::deserialize(d).map(Some)
     }
+}
+
+/// Writes a room's settings (all but its id) to its row. A class not yet started takes the
+/// state its (new) start time implies.
+async fn write_room(tx: &mut writer::Tx<'_>, id: &RoomId, room: &Room) -> Result<()> {
+    sqlx::query(
+        "UPDATE rooms SET kind = $1, title = $2, visibility = $3, qa_enabled = $4, \
+         qa_moderated = $5, starts_at = $6, archived = $7, qa_peer_answers = $8, \
+         answer_sla_s = $9, slow_mode_s = $10, rules = $11, engagement = $13, ends_at = $14, \
+         class_state = CASE WHEN class_state <> 'ended' AND started_at IS NULL THEN $15 \
+         ELSE class_state END, av_mode = $16, stage_talk_cap_s = $17, stage_auto_down = $18 \
+         WHERE id = $12",
+    )
+    .bind(room.kind.as_str())
+    .bind(room.title.as_str())
+    .bind(room.visibility.as_str())
+    .bind(i64::from(room.qa.enabled))
+    .bind(i64::from(room.qa.moderated))
+    .bind(room.starts_at)
+    .bind(i64::from(room.archived))
+    .bind(i64::from(room.qa.peer_answers))
+    .bind(room.answer_sla_s)
+    .bind(room.slow_mode_s)
+    .bind(rules_json(&room.rules))
+    .bind(id.as_str())
+    .bind(room.engagement.json())
+    .bind(room.ends_at)
+    .bind(initial_state(room.starts_at, now_ms()).as_str())
+    .bind(room.av.mode.as_str())
+    .bind(room.stage.talk_cap_s.map(i64::from))
+    .bind(i64::from(room.stage.auto_down))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Which rooms one page of [`Store::rooms_page`] holds: rooms in id order after `after`,
@@ -733,74 +812,9 @@ impl Store {
     pub async fn update_room(&self, id: &RoomId, patch: &RoomPatch) -> Result<Room> {
         let mut room = self.room(id).await?.ok_or(StoreError::NotFound("room"))?;
         let was_archived = room.archived;
-        if let Some(k) = patch.kind {
-            room.kind = k;
-        }
-        if let Some(t) = &patch.title {
-            room.title = t.clone();
-        }
-        if let Some(v) = patch.visibility {
-            room.visibility = v;
-        }
-        if let Some(q) = patch.qa {
-            room.qa = q;
-        }
-        if let Some(s) = patch.starts_at {
-            room.starts_at = s;
-        }
-        if let Some(e) = patch.ends_at {
-            room.ends_at = e;
-        }
-        if let Some(a) = patch.archived {
-            room.archived = a;
-        }
-        if let Some(v) = patch.answer_sla_s {
-            room.answer_sla_s = v;
-        }
-        if let Some(v) = patch.slow_mode_s {
-            room.slow_mode_s = v;
-        }
-        if let Some(r) = &patch.rules {
-            room.rules = r.clone();
-        }
-        if let Some(e) = &patch.engagement {
-            room.engagement = e.clone();
-        }
-        if let Some(av) = patch.av {
-            room.av = av;
-        }
-        if let Some(stage) = patch.stage {
-            room.stage = stage;
-        }
+        patch.apply_to(&mut room);
         let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE rooms SET kind = $1, title = $2, visibility = $3, qa_enabled = $4, \
-             qa_moderated = $5, starts_at = $6, archived = $7, qa_peer_answers = $8, \
-             answer_sla_s = $9, slow_mode_s = $10, rules = $11, engagement = $13, ends_at = $14, \
-             class_state = CASE WHEN class_state <> 'ended' AND started_at IS NULL THEN $15 \
-             ELSE class_state END, av_mode = $16, stage_talk_cap_s = $17, stage_auto_down = $18 \
-             WHERE id = $12",
-        )
-        .bind(room.kind.as_str())
-        .bind(room.title.as_str())
-        .bind(room.visibility.as_str())
-        .bind(i64::from(room.qa.enabled))
-        .bind(i64::from(room.qa.moderated))
-        .bind(room.starts_at)
-        .bind(i64::from(room.archived))
-        .bind(i64::from(room.qa.peer_answers))
-        .bind(room.answer_sla_s)
-        .bind(room.slow_mode_s)
-        .bind(rules_json(&room.rules))
-        .bind(id.as_str())
-        .bind(room.engagement.json())
-        .bind(room.ends_at)
-        .bind(initial_state(room.starts_at, now_ms()).as_str())
-        .bind(room.av.mode.as_str())
-        .bind(room.stage.talk_cap_s.map(i64::from))
-        .bind(i64::from(room.stage.auto_down))
-        .execute(&mut *tx)
-        .await?;
+        write_room(&mut tx, id, &room).await?;
         let queued = if room.archived && !was_archived {
             self.webhook_in(&mut tx, EventType::RoomArchived, &room)
                 .await?

@@ -358,6 +358,9 @@ struct Writer {
 
 type Results = (Vec<Result<(Applied, Effects)>>, Effects);
 
+/// One write's result, and the effects to publish right after it.
+type Answered = (Result<(Applied, Effects)>, Effects);
+
 impl Writer {
     async fn commit(&mut self, batch: &mut Vec<Pending>) {
         let started = Instant::now();
@@ -367,10 +370,19 @@ impl Writer {
         let mut order: Vec<usize> = (0..batch.len()).collect();
         order.sort_by(|&a, &b| batch[a].0.room().cmp(batch[b].0.room()));
         let ops: Vec<&WriteOp> = order.iter().map(|&i| &batch[i].0).collect();
-        // Each result comes with effects to publish right after it: on the retry path, what
-        // the op's own transaction added at its end (announcements of a retried send), so a
-        // room's seqs still reach the hook in increasing order.
-        let (results, batch_fx) = match self.transaction(&ops).await {
+        let (results, batch_fx) = self.run_batch(&ops).await;
+        self.metrics.store_batch(ops.len(), started.elapsed());
+        drop(ops);
+        self.publish_and_reply(batch, order, results, batch_fx);
+    }
+
+    /// Runs the batch in one transaction; if that fails, each write in a transaction of its
+    /// own, so one bad write cannot sink the others. Each result comes with effects to
+    /// publish right after it: on the retry path, what the op's own transaction added at its
+    /// end (announcements of a retried send), so a room's seqs still reach the hook in
+    /// increasing order. Then the effects of the whole batch.
+    async fn run_batch(&mut self, ops: &[&WriteOp]) -> (Vec<Answered>, Effects) {
+        match self.transaction(ops).await {
             Ok((results, fx)) => (
                 results
                     .into_iter()
@@ -381,7 +393,7 @@ impl Writer {
             Err(e) => {
                 tracing::warn!(error = %e, size = ops.len(), "batch failed, retrying writes one by one");
                 let mut results = Vec::with_capacity(ops.len());
-                for op in &ops {
+                for op in ops {
                     results.push(match self.transaction(std::slice::from_ref(op)).await {
                         Ok((mut one, fx)) => (one.pop().unwrap_or(Err(StoreError::Closed)), fx),
                         Err(e) => (Err(StoreError::Db(e)), Effects::default()),
@@ -389,11 +401,19 @@ impl Writer {
                 }
                 (results, Effects::default())
             }
-        };
-        self.metrics.store_batch(ops.len(), started.elapsed());
-        drop(ops);
-        // Publish first, in commit order, then acknowledge: a writer's own session sees its
-        // event before its `ok`, and nobody can see an `ok` for an event not yet fanned out.
+        }
+    }
+
+    /// Publishes what the batch committed, in commit order, then acknowledges each write: a
+    /// writer's own session sees its event before its `ok`, and nobody can see an `ok` for an
+    /// event not yet fanned out. `order[i]` is the queue position of the `i`th result.
+    fn publish_and_reply(
+        &self,
+        batch: &mut Vec<Pending>,
+        order: Vec<usize>,
+        results: Vec<Answered>,
+        batch_fx: Effects,
+    ) {
         let mut replies: Vec<Option<oneshot::Sender<Result<WriteOutcome>>>> =
             batch.drain(..).map(|(_, reply)| Some(reply)).collect();
         let badge_hook = self.badge_hook.get();
@@ -460,40 +480,16 @@ impl Writer {
     }
 
     async fn try_transaction(&mut self, ops: &[&WriteOp]) -> Result<Results, sqlx::Error> {
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            slot => {
-                let opened = match self.backend {
-                    Backend::Sqlite => sqlite::connect_one(&self.opts).await,
-                    Backend::Postgres => postgres::connect_one(&self.opts).await,
-                };
-                slot.insert(opened.map_err(abort_batch)?)
-            }
-        };
+        let conn = connection(&mut self.conn, self.backend, &self.opts).await?;
         let mut tx = conn.begin_with(self.begin).await?;
         if self.backend == Backend::Postgres {
             lock_rooms(&mut tx, ops).await.map_err(abort_batch)?;
         }
         let paths = paths(ops);
-        let bulk_ops: Vec<&WriteOp> = ops
-            .iter()
-            .zip(&paths)
-            .filter(|(_, p)| **p == Path::Send)
-            .map(|(op, _)| *op)
-            .collect();
-        let planned = super::sends::plan(&mut tx, self.backend, &bulk_ops)
+        let planned = super::sends::plan(&mut tx, self.backend, &plain_sends(ops, &paths))
             .await
             .map_err(abort_batch)?;
-        let members: Vec<_> = ops
-            .iter()
-            .filter_map(|op| match op {
-                WriteOp::EnsureMember { room, user, role } => {
-                    Some((room.as_str(), user.as_str(), role.as_str()))
-                }
-                _ => None,
-            })
-            .collect();
-        record_members(&mut tx, self.backend, &members)
+        record_members(&mut tx, self.backend, &new_members(ops))
             .await
             .map_err(abort_batch)?;
         let mut planned_results = planned.results.into_iter();
@@ -546,6 +542,43 @@ impl Writer {
         }
         Ok((out, batch_fx))
     }
+}
+
+/// The writer's connection, opened first if the last one was dropped (or there was none).
+async fn connection<'a>(
+    slot: &'a mut Option<AnyConnection>,
+    backend: Backend,
+    opts: &super::StoreOptions,
+) -> Result<&'a mut AnyConnection, sqlx::Error> {
+    if let Some(c) = slot {
+        return Ok(c);
+    }
+    let opened = match backend {
+        Backend::Sqlite => sqlite::connect_one(opts).await,
+        Backend::Postgres => postgres::connect_one(opts).await,
+    };
+    Ok(slot.insert(opened.map_err(abort_batch)?))
+}
+
+/// The batch's writes that take the bulk send path, in batch order.
+fn plain_sends<'a>(ops: &[&'a WriteOp], paths: &[Path]) -> Vec<&'a WriteOp> {
+    ops.iter()
+        .zip(paths)
+        .filter(|(_, p)| **p == Path::Send)
+        .map(|(op, _)| *op)
+        .collect()
+}
+
+/// The memberships the batch ensures: (room, user, role).
+fn new_members<'a>(ops: &[&'a WriteOp]) -> Vec<(&'a str, &'a str, &'a str)> {
+    ops.iter()
+        .filter_map(|op| match op {
+            WriteOp::EnsureMember { room, user, role } => {
+                Some((room.as_str(), user.as_str(), role.as_str()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Writes the webhook events of the batch's committed-to-be writes into the outbox, in

@@ -1263,13 +1263,11 @@ impl Hub {
         let Some(remote) = self.remote_sessions.get(user) else {
             return 1;
         };
-        let mut nodes: Vec<&str> = remote
-            .iter()
-            .filter_map(|(session, _)| crate::node::node_of(session))
-            .collect();
-        nodes.sort_unstable();
-        nodes.dedup();
-        1 + nodes.len()
+        // Distinct nodes without allocating (a user has a handful of sessions at most).
+        let node = |i: usize| protocol::node_of(&remote[i].0);
+        1 + (0..remote.len())
+            .filter(|&i| node(i).is_some() && !(0..i).any(|j| node(j) == node(i)))
+            .count()
     }
 
     /// The ids of a user's signed-in sessions (on every node in cluster mode).
@@ -1829,6 +1827,11 @@ mod tests {
         assert!(!hub.call_waiting(&"a".into()));
         hub.update_remote_sessions(vec![(UserId::from("a"), Vec::new())]);
         assert_eq!(hub.session_ids(&"a".into()), vec!["p1"]);
+        assert_eq!(hub.nodes_with_sessions_of(&"a".into()), 1);
+        // The per-user limits' share: this node and each other node with a session, once.
+        let on = |ids: &[&str]| ids.iter().map(|s| (s.to_string(), false)).collect();
+        hub.update_remote_sessions(vec![(UserId::from("a"), on(&["s1.n3", "s2.n4", "s3.n3"]))]);
+        assert_eq!(hub.nodes_with_sessions_of(&"a".into()), 3);
     }
 
     #[test]

@@ -148,12 +148,7 @@ pub trait Broker: Send + Sync {
     fn board(&self, room: &RoomId, board: &str, relay: BoardRelay);
 }
 
-/// The node of a session or call id (`s...`/`c...` then `.NODE`), if it names one.
-pub fn node_of(id: &str) -> Option<&str> {
-    id.rsplit_once('.')
-        .map(|(_, n)| n)
-        .filter(|n| !n.is_empty())
-}
+pub use crate::protocol::node_of;
 
 /// A single node: everything is here.
 pub struct LocalBroker {

@@ -14,6 +14,14 @@ pub use classroom::*;
 pub use polls::*;
 pub use replies::*;
 
+/// The node of a session or call id (`s...`/`c...` then `.NODE`), if it names one: in cluster
+/// mode session and call ids end in `.NODE_ID`.
+pub fn node_of(id: &str) -> Option<&str> {
+    id.rsplit_once('.')
+        .map(|(_, n)| n)
+        .filter(|n| !n.is_empty())
+}
+
 #[cfg(test)]
 mod doc_check;
 #[cfg(test)]

@@ -291,45 +291,28 @@ pub struct RoomPatch {
 impl RoomPatch {
     /// Sets the fields the patch names on `room`.
     fn apply_to(&self, room: &mut Room) {
-        if let Some(k) = self.kind {
-            room.kind = k;
+        macro_rules! set {
+            ($($field:ident),*) => {
+                $(if let Some(v) = &self.$field {
+                    room.$field = v.clone();
+                })*
+            };
         }
-        if let Some(t) = &self.title {
-            room.title = t.clone();
-        }
-        if let Some(v) = self.visibility {
-            room.visibility = v;
-        }
-        if let Some(q) = self.qa {
-            room.qa = q;
-        }
-        if let Some(s) = self.starts_at {
-            room.starts_at = s;
-        }
-        if let Some(e) = self.ends_at {
-            room.ends_at = e;
-        }
-        if let Some(a) = self.archived {
-            room.archived = a;
-        }
-        if let Some(v) = self.answer_sla_s {
-            room.answer_sla_s = v;
-        }
-        if let Some(v) = self.slow_mode_s {
-            room.slow_mode_s = v;
-        }
-        if let Some(r) = &self.rules {
-            room.rules = r.clone();
-        }
-        if let Some(e) = &self.engagement {
-            room.engagement = e.clone();
-        }
-        if let Some(av) = self.av {
-            room.av = av;
-        }
-        if let Some(stage) = self.stage {
-            room.stage = stage;
-        }
+        set!(
+            kind,
+            title,
+            visibility,
+            qa,
+            starts_at,
+            ends_at,
+            archived,
+            answer_sla_s,
+            slow_mode_s,
+            rules,
+            engagement,
+            av,
+            stage
+        );
     }
 }
 

@@ -206,14 +206,7 @@ pub(super) async fn report(
         .store
         .add_report(&room, &id, &ctx.me.user, &reason)
         .await?;
-    ctx.app.hub.notify_moderators(
-        &room,
-        None,
-        &Frame::from(protocol::encode(&ServerMsg::Report {
-            room: &room,
-            report: &report,
-        })),
-    );
+    report_changed(ctx, &room, &report);
     Ok(Outcome::ok(protocol::ReportOk { id: report.id }))
 }
 
@@ -271,14 +264,7 @@ pub(super) async fn report_resolve(
             Some(&resolution),
         )
         .await?;
-    ctx.app.hub.notify_moderators(
-        &room,
-        None,
-        &Frame::from(protocol::encode(&ServerMsg::Report {
-            room: &room,
-            report: &done,
-        })),
-    );
+    report_changed(ctx, &room, &done);
     Ok(Outcome::ok(protocol::ReportResolveOk { report: done }))
 }
 
@@ -304,4 +290,10 @@ pub(super) async fn dispatch(ctx: &mut Ctx, msg: ClientMsg) -> Result<Outcome> {
         } => report_resolve(ctx, room, report, resolution).await,
         other => Err(crate::command::misrouted(&other)),
     }
+}
+
+/// Tells the room's host/ta (the `report` event) that a report was filed or resolved.
+fn report_changed(ctx: &Ctx, room: &RoomId, report: &protocol::views::Report) {
+    let frame = Frame::from(protocol::encode(&ServerMsg::Report { room, report }));
+    ctx.app.hub.notify_moderators(room, None, &frame);
 }

@@ -150,39 +150,34 @@ impl Store {
         limit: u32,
         offset: u32,
     ) -> Result<(Vec<SearchHit>, bool)> {
-        let rows = match self.backend() {
-            Backend::Sqlite => {
-                // Each word quoted: FTS5 syntax in user input is matched literally.
-                let fts = words.iter().map(|w| format!("\"{w}\"")).collect::<Vec<_>>().join(" ");
-                sqlx::query(
-                    "SELECT d.kind, d.ref_id, d.seq, d.ts, d.text FROM search_fts f \
-                     JOIN search_docs d ON d.rowid = f.rowid \
-                     WHERE search_fts MATCH $1 AND d.room_id = $2 AND (d.pending = 0 OR $3 = 1) \
-                     ORDER BY bm25(search_fts), d.seq DESC LIMIT $4 OFFSET $5",
-                )
-                .bind(fts)
-                .bind(room.as_str())
-                .bind(i64::from(include_pending))
-                .bind(i64::from(limit) + 1)
-                .bind(i64::from(offset))
-                .fetch_all(self.pool())
-                .await?
-            }
-            Backend::Postgres => {
-                sqlx::query(
-                    "SELECT kind, ref_id, seq, ts, text FROM search_docs \
-                     WHERE tsv @@ plainto_tsquery('simple', $1) AND room_id = $2 AND (pending = 0 OR $3 = 1) \
-                     ORDER BY ts_rank(tsv, plainto_tsquery('simple', $1)) DESC, seq DESC LIMIT $4 OFFSET $5",
-                )
-                .bind(words.join(" "))
-                .bind(room.as_str())
-                .bind(i64::from(include_pending))
-                .bind(i64::from(limit) + 1)
-                .bind(i64::from(offset))
-                .fetch_all(self.pool())
-                .await?
-            }
+        let (sql, terms) = match self.backend() {
+            // Each word quoted: FTS5 syntax in user input is matched literally.
+            Backend::Sqlite => (
+                "SELECT d.kind, d.ref_id, d.seq, d.ts, d.text FROM search_fts f \
+                 JOIN search_docs d ON d.rowid = f.rowid \
+                 WHERE search_fts MATCH $1 AND d.room_id = $2 AND (d.pending = 0 OR $3 = 1) \
+                 ORDER BY bm25(search_fts), d.seq DESC LIMIT $4 OFFSET $5",
+                words
+                    .iter()
+                    .map(|w| format!("\"{w}\""))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            Backend::Postgres => (
+                "SELECT kind, ref_id, seq, ts, text FROM search_docs \
+                 WHERE tsv @@ plainto_tsquery('simple', $1) AND room_id = $2 AND (pending = 0 OR $3 = 1) \
+                 ORDER BY ts_rank(tsv, plainto_tsquery('simple', $1)) DESC, seq DESC LIMIT $4 OFFSET $5",
+                words.join(" "),
+            ),
         };
+        let rows = sqlx::query(sql)
+            .bind(terms)
+            .bind(room.as_str())
+            .bind(i64::from(include_pending))
+            .bind(i64::from(limit) + 1)
+            .bind(i64::from(offset))
+            .fetch_all(self.pool())
+            .await?;
         let mut hits = rows
             .iter()
             .map(|r| {

@@ -244,44 +244,44 @@ const INSERT_AWARDS: Sql = Sql {
                FROM jsonb_array_elements($1::jsonb) AS v",
 };
 
+/// How a day row takes new counts: summed, with the first and last activity kept. One text
+/// for both backends' `ADD_DAILY`.
+macro_rules! add_daily_on_conflict {
+    () => {
+        " ON CONFLICT (room_id, day_start, user_id) DO UPDATE SET \
+         messages = engagement_daily.messages + excluded.messages, \
+         questions = engagement_daily.questions + excluded.questions, \
+         answers = engagement_daily.answers + excluded.answers, \
+         reactions = engagement_daily.reactions + excluded.reactions, \
+         checkins = engagement_daily.checkins + excluded.checkins, \
+         points = engagement_daily.points + excluded.points, \
+         first_ts = CASE WHEN excluded.first_ts IS NULL THEN engagement_daily.first_ts \
+           WHEN engagement_daily.first_ts IS NULL OR excluded.first_ts < engagement_daily.first_ts \
+           THEN excluded.first_ts ELSE engagement_daily.first_ts END, \
+         last_ts = CASE WHEN excluded.last_ts IS NULL THEN engagement_daily.last_ts \
+           WHEN engagement_daily.last_ts IS NULL OR excluded.last_ts > engagement_daily.last_ts \
+           THEN excluded.last_ts ELSE engagement_daily.last_ts END"
+    };
+}
+
 /// Adds to the day rows (one per room, room-local day and user).
 const ADD_DAILY: Sql = Sql {
-    sqlite: "INSERT INTO engagement_daily (room_id, day_start, user_id, messages, questions, \
-             answers, reactions, checkins, points, first_ts, last_ts) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
-             value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
-             FROM jsonb_each($1) WHERE true \
-             ON CONFLICT (room_id, day_start, user_id) DO UPDATE SET \
-             messages = engagement_daily.messages + excluded.messages, \
-             questions = engagement_daily.questions + excluded.questions, \
-             answers = engagement_daily.answers + excluded.answers, \
-             reactions = engagement_daily.reactions + excluded.reactions, \
-             checkins = engagement_daily.checkins + excluded.checkins, \
-             points = engagement_daily.points + excluded.points, \
-             first_ts = CASE WHEN excluded.first_ts IS NULL THEN engagement_daily.first_ts \
-               WHEN engagement_daily.first_ts IS NULL OR excluded.first_ts < engagement_daily.first_ts \
-               THEN excluded.first_ts ELSE engagement_daily.first_ts END, \
-             last_ts = CASE WHEN excluded.last_ts IS NULL THEN engagement_daily.last_ts \
-               WHEN engagement_daily.last_ts IS NULL OR excluded.last_ts > engagement_daily.last_ts \
-               THEN excluded.last_ts ELSE engagement_daily.last_ts END",
-    postgres: "INSERT INTO engagement_daily (room_id, day_start, user_id, messages, questions, \
-               answers, reactions, checkins, points, first_ts, last_ts) \
-               SELECT v ->> 0, (v ->> 1)::bigint, v ->> 2, (v ->> 3)::bigint, (v ->> 4)::bigint, \
-               (v ->> 5)::bigint, (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint, \
-               (v ->> 9)::bigint, (v ->> 10)::bigint FROM jsonb_array_elements($1::jsonb) AS v \
-               ON CONFLICT (room_id, day_start, user_id) DO UPDATE SET \
-               messages = engagement_daily.messages + excluded.messages, \
-               questions = engagement_daily.questions + excluded.questions, \
-               answers = engagement_daily.answers + excluded.answers, \
-               reactions = engagement_daily.reactions + excluded.reactions, \
-               checkins = engagement_daily.checkins + excluded.checkins, \
-               points = engagement_daily.points + excluded.points, \
-               first_ts = CASE WHEN excluded.first_ts IS NULL THEN engagement_daily.first_ts \
-                 WHEN engagement_daily.first_ts IS NULL OR excluded.first_ts < engagement_daily.first_ts \
-                 THEN excluded.first_ts ELSE engagement_daily.first_ts END, \
-               last_ts = CASE WHEN excluded.last_ts IS NULL THEN engagement_daily.last_ts \
-                 WHEN engagement_daily.last_ts IS NULL OR excluded.last_ts > engagement_daily.last_ts \
-                 THEN excluded.last_ts ELSE engagement_daily.last_ts END",
+    sqlite: concat!(
+        "INSERT INTO engagement_daily (room_id, day_start, user_id, messages, questions, \
+         answers, reactions, checkins, points, first_ts, last_ts) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+         value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
+         FROM jsonb_each($1) WHERE true",
+        add_daily_on_conflict!()
+    ),
+    postgres: concat!(
+        "INSERT INTO engagement_daily (room_id, day_start, user_id, messages, questions, \
+         answers, reactions, checkins, points, first_ts, last_ts) \
+         SELECT v ->> 0, (v ->> 1)::bigint, v ->> 2, (v ->> 3)::bigint, (v ->> 4)::bigint, \
+         (v ->> 5)::bigint, (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint, \
+         (v ->> 9)::bigint, (v ->> 10)::bigint FROM jsonb_array_elements($1::jsonb) AS v",
+        add_daily_on_conflict!()
+    ),
 };
 
 /// Adds to the running totals (one row per room and user) and returns the new totals.

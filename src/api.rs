@@ -6,7 +6,7 @@
 use crate::App;
 use crate::error::{Error, Result};
 use crate::protocol::{
-    ClassState, PlatformRole, RoomId, RoomKind, RoomRole, SUBPROTOCOL, UserId, UserRef, Visibility,
+    PlatformRole, RoomId, RoomKind, RoomRole, SUBPROTOCOL, UserId, UserRef, Visibility,
     valid_room_id,
 };
 use crate::protocol::{QuestionStatus, QuestionView};
@@ -384,31 +384,26 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
     check_engagement(new.engagement.as_ref())?;
     check_av(&app, new.av.as_ref())?;
     check_stage(&app, new.stage.as_ref())?;
+    // The store sets the class state from `starts_at`; nothing has started or ended yet.
     let room = Room {
         av: new.av.unwrap_or_default(),
         stage: new.stage.unwrap_or_default(),
         engagement: new.engagement.unwrap_or_default(),
         answer_sla_s: new.answer_sla_s.unwrap_or(DEFAULT_ANSWER_SLA_S),
-        slow_mode_s: 0,
         rules: new.rules.unwrap_or_default(),
         qa: new.qa.unwrap_or(QaSettings {
             enabled: new.kind == RoomKind::Live,
             moderated: false,
             peer_answers: false,
         }),
-        id,
-        kind: new.kind,
-        title,
-        visibility: new.visibility.unwrap_or(Visibility::Open),
         starts_at: new.starts_at,
         ends_at: new.ends_at,
-        // The store sets the state from `starts_at`; nothing has started or ended yet.
-        state: ClassState::Live,
-        started_at: None,
-        ended_at: None,
-        archived: false,
-        last_seq: 0,
-        created_at: now_ms(),
+        ..Room::new(
+            id,
+            new.kind,
+            title,
+            new.visibility.unwrap_or(Visibility::Open),
+        )
     };
     let created = app.store.create_room(&room).await?;
     tracing::info!(room = %created.id, kind = created.kind.as_str(), "room created");

@@ -123,29 +123,17 @@ pub const DEV_LOBBY: &str = "lobby";
 
 async fn ensure_dev_lobby(store: &Store) -> Result<(), StoreError> {
     let lobby = store::Room {
-        id: protocol::RoomId::from(DEV_LOBBY),
-        kind: protocol::RoomKind::Group,
-        title: "Lobby".into(),
-        visibility: protocol::Visibility::Open,
         qa: store::QaSettings {
             enabled: true,
             moderated: false,
             peer_answers: true,
         },
-        starts_at: None,
-        ends_at: None,
-        state: protocol::ClassState::Live,
-        started_at: None,
-        ended_at: None,
-        archived: false,
-        last_seq: 0,
-        created_at: store::now_ms(),
-        answer_sla_s: store::DEFAULT_ANSWER_SLA_S,
-        slow_mode_s: 0,
-        rules: store::RoomRules::default(),
-        engagement: store::EngagementSettings::default(),
-        av: Default::default(),
-        stage: Default::default(),
+        ..store::Room::new(
+            protocol::RoomId::from(DEV_LOBBY),
+            protocol::RoomKind::Group,
+            "Lobby".into(),
+            protocol::Visibility::Open,
+        )
     };
     match store.create_room(&lobby).await {
         Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),

@@ -157,27 +157,7 @@ async fn moderators(ctx: &Ctx, room: &RoomId, me: RoomRole) -> Result<BTreeMap<U
 }
 
 fn group_room(id: RoomId, title: String) -> Room {
-    Room {
-        id,
-        kind: RoomKind::Group,
-        title,
-        visibility: Visibility::Invite,
-        qa: Default::default(),
-        starts_at: None,
-        ends_at: None,
-        state: protocol::ClassState::Live,
-        started_at: None,
-        ended_at: None,
-        archived: false,
-        last_seq: 0,
-        created_at: now_ms(),
-        answer_sla_s: crate::store::DEFAULT_ANSWER_SLA_S,
-        slow_mode_s: 0,
-        rules: Default::default(),
-        engagement: Default::default(),
-        av: Default::default(),
-        stage: Default::default(),
-    }
+    Room::new(id, RoomKind::Group, title, Visibility::Invite)
 }
 
 fn assigned(room: &RoomId, group_room: &RoomId) -> Frame {

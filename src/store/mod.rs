@@ -208,6 +208,34 @@ pub struct Room {
 /// Default answer SLA: 4 hours.
 pub const DEFAULT_ANSWER_SLA_S: i64 = 4 * 3600;
 
+impl Room {
+    /// A new room with every setting at its default (Q&A off, no schedule, nothing logged),
+    /// created now; callers set what differs with struct update syntax.
+    pub fn new(id: RoomId, kind: RoomKind, title: String, visibility: Visibility) -> Self {
+        Self {
+            id,
+            kind,
+            title,
+            visibility,
+            qa: QaSettings::default(),
+            starts_at: None,
+            ends_at: None,
+            state: crate::protocol::ClassState::Live,
+            started_at: None,
+            ended_at: None,
+            archived: false,
+            last_seq: 0,
+            created_at: now_ms(),
+            answer_sla_s: DEFAULT_ANSWER_SLA_S,
+            slow_mode_s: 0,
+            rules: RoomRules::default(),
+            engagement: EngagementSettings::default(),
+            av: Default::default(),
+            stage: Default::default(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QaSettings {
     #[serde(default)]

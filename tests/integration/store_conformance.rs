@@ -44,25 +44,13 @@ async fn open(url: &str) -> Fixture {
 
 fn room(id: &str, visibility: Visibility) -> Room {
     Room {
-        id: RoomId::from(id),
-        kind: RoomKind::Group,
-        title: format!("Room {id}"),
-        visibility,
-        qa: QaSettings::default(),
-        starts_at: None,
-        ends_at: None,
-        state: Default::default(),
-        started_at: None,
-        ended_at: None,
-        archived: false,
-        last_seq: 0,
         created_at: 1,
-        answer_sla_s: studyhall::store::DEFAULT_ANSWER_SLA_S,
-        slow_mode_s: 0,
-        rules: Default::default(),
-        engagement: Default::default(),
-        av: Default::default(),
-        stage: Default::default(),
+        ..Room::new(
+            RoomId::from(id),
+            RoomKind::Group,
+            format!("Room {id}"),
+            visibility,
+        )
     }
 }
 

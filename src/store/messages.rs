@@ -438,7 +438,18 @@ async fn rewrite_message(
             .fetch_optional(&mut **tx)
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("message event {room}/{seq} missing")))?;
-    let mut ev: SequencedEvent = serde_json::from_str(&body)
+    change_event(tx, room, seq, &body, change).await
+}
+
+/// Parses a stored event body, applies `change` to it and stores it back.
+async fn change_event(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    seq: i64,
+    body: &str,
+    change: impl FnOnce(&mut RoomEvent),
+) -> Result<()> {
+    let mut ev: SequencedEvent = serde_json::from_str(body)
         .map_err(|e| StoreError::Corrupt(format!("event {room}/{seq}: {e}")))?;
     change(&mut ev.event);
     sqlx::query("UPDATE events SET body = $1 WHERE room_id = $2 AND seq = $3")
@@ -462,17 +473,12 @@ async fn scrub_edits(tx: &mut Tx<'_>, room: &RoomId, id: &MessageId) -> Result<(
     for row in rows {
         let seq: i64 = row.try_get("seq")?;
         let body: String = row.try_get("body")?;
-        let mut ev: SequencedEvent = serde_json::from_str(&body)
-            .map_err(|e| StoreError::Corrupt(format!("event {room}/{seq}: {e}")))?;
-        if let RoomEvent::MessageEdited { text, .. } = &mut ev.event {
-            text.clear();
-        }
-        sqlx::query("UPDATE events SET body = $1 WHERE room_id = $2 AND seq = $3")
-            .bind(crate::protocol::encode(&ev))
-            .bind(room.as_str())
-            .bind(seq)
-            .execute(&mut **tx)
-            .await?;
+        change_event(tx, room, seq, &body, |ev| {
+            if let RoomEvent::MessageEdited { text, .. } = ev {
+                text.clear();
+            }
+        })
+        .await?;
     }
     Ok(())
 }

@@ -8,13 +8,11 @@
 //! come from [`crate::engagement`]; this file knows nothing of sessions or the hub.
 
 use super::rows::{self, Sql};
-use super::writer::{
-    Applied, CommittedEvent, Tx, WriteOutcome, backend_of, bump_seq, insert_event,
-};
+use super::writer::{Applied, CommittedEvent, Tx, WriteOutcome, backend_of, bump_seq};
 use super::{Result, Store, StoreError, now_ms};
 use crate::engagement::{self as eng, Action, BadgeRule, EngagementConfig, Metric, Streak};
 pub use crate::protocol::views::{BadgeView, UserBrief};
-use crate::protocol::{QuestionId, RoomEvent, RoomId, UserId, UserRef};
+use crate::protocol::{QuestionId, RoomId, UserId, UserRef};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
@@ -775,33 +773,14 @@ async fn announcement(
     text: &str,
     ts: i64,
 ) -> Result<CommittedEvent> {
-    let seq = bump_seq(tx, room).await?;
-    let id = super::writer::new_message_id(ts);
     let from = badge_sender();
-    sqlx::query(
-        "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
-         VALUES ($1, $2, $3, $4, NULL, $5, 0)",
-    )
-    .bind(id.as_str())
-    .bind(room.as_str())
-    .bind(seq)
-    .bind(from.id.as_str())
-    .bind(ts)
-    .execute(&mut **tx)
-    .await?;
-    super::search::index(tx, room, "message", id.as_str(), seq, ts, text, false).await?;
-    let event = RoomEvent::Message {
-        id: id.clone(),
-        from,
-        text: text.to_owned(),
+    let new = super::messages::NewMessage {
+        from: &from,
+        text,
         reply_to: None,
-        ts,
         client_msg_id: None,
-        edited_ts: None,
-        deleted: false,
-        reactions: Vec::new(),
     };
-    insert_event(tx, room, seq, ts, id.as_str(), event, None).await
+    Ok(super::messages::insert_message(tx, room, ts, new).await?.1)
 }
 
 /// An award just reversed: whose, for what and on which of the earner's cap days.

@@ -41,34 +41,15 @@ pub(super) async fn send(
         }
         found?;
     }
-    let seq = bump_seq(tx, room).await?;
     let ts = now_ms();
-    let id = new_message_id(ts);
-    sqlx::query(
-        "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
-         VALUES ($1, $2, $3, $4, $5, $6, 0)",
-    )
-    .bind(id.as_str())
-    .bind(room.as_str())
-    .bind(seq)
-    .bind(from.id.as_str())
-    .bind(client_msg_id.as_deref())
-    .bind(ts)
-    .execute(&mut **tx)
-    .await?;
-    super::search::index(tx, room, "message", id.as_str(), seq, ts, text, false).await?;
-    let event = RoomEvent::Message {
-        id: id.clone(),
-        from: from.clone(),
-        text: text.to_owned(),
+    let new = NewMessage {
+        from,
+        text,
         reply_to: reply_to.clone(),
-        ts,
         client_msg_id: client_msg_id.clone(),
-        edited_ts: None,
-        deleted: false,
-        reactions: Vec::new(),
     };
-    let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
+    let (id, committed) = insert_message(tx, room, ts, new).await?;
+    let seq = committed.seq;
     let c = Contribution::new(room, from, Kind::Message, id.as_str(), ts);
     engagement::contribute(tx, cfg, &[c], fx)
         .await
@@ -82,6 +63,53 @@ pub(super) async fn send(
         },
         event: Some(committed),
     })
+}
+
+/// A message to store (see [`insert_message`]).
+pub(super) struct NewMessage<'a> {
+    pub from: &'a UserRef,
+    pub text: &'a str,
+    pub reply_to: Option<MessageId>,
+    pub client_msg_id: Option<String>,
+}
+
+/// Stores one message at the room's next seq: its row, its search entry and its `message`
+/// event (the one-by-one path; the batched path for plain sends is `sends.rs`). Returns its id
+/// and the committed event.
+pub(super) async fn insert_message(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    ts: i64,
+    new: NewMessage<'_>,
+) -> Result<(MessageId, super::CommittedEvent)> {
+    let seq = bump_seq(tx, room).await?;
+    let id = new_message_id(ts);
+    sqlx::query(
+        "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
+         VALUES ($1, $2, $3, $4, $5, $6, 0)",
+    )
+    .bind(id.as_str())
+    .bind(room.as_str())
+    .bind(seq)
+    .bind(new.from.id.as_str())
+    .bind(new.client_msg_id.as_deref())
+    .bind(ts)
+    .execute(&mut **tx)
+    .await?;
+    super::search::index(tx, room, "message", id.as_str(), seq, ts, new.text, false).await?;
+    let event = RoomEvent::Message {
+        id: id.clone(),
+        from: new.from.clone(),
+        text: new.text.to_owned(),
+        reply_to: new.reply_to,
+        ts,
+        client_msg_id: new.client_msg_id,
+        edited_ts: None,
+        deleted: false,
+        reactions: Vec::new(),
+    };
+    let committed = insert_event(tx, room, seq, ts, id.as_str(), event, None).await?;
+    Ok((id, committed))
 }
 
 /// The send `from` already made with `client_msg_id` `cid` in this room, answered again as a

@@ -282,40 +282,42 @@ const ADD_DAILY: Sql = Sql {
     ),
 };
 
+/// How a member's totals take new counts: summed, the name kept unless a new one is given, the
+/// row returned. One text for both backends' `ADD_TOTALS`.
+macro_rules! add_totals_on_conflict {
+    () => {
+        " ON CONFLICT (room_id, user_id) DO UPDATE SET \
+         name = CASE WHEN excluded.name = '' THEN engagement_members.name ELSE excluded.name END, \
+         messages = engagement_members.messages + excluded.messages, \
+         questions = engagement_members.questions + excluded.questions, \
+         answers = engagement_members.answers + excluded.answers, \
+         reactions_received = engagement_members.reactions_received + excluded.reactions_received, \
+         helpful = engagement_members.helpful + excluded.helpful, \
+         checkins = engagement_members.checkins + excluded.checkins, \
+         points = engagement_members.points + excluded.points \
+         RETURNING room_id, user_id, name, messages, questions, answers, reactions_received, \
+         helpful, checkins, points"
+    };
+}
+
 /// Adds to the running totals (one row per room and user) and returns the new totals.
 const ADD_TOTALS: Sql = Sql {
-    sqlite: "INSERT INTO engagement_members (room_id, user_id, name, messages, questions, \
-             answers, reactions_received, helpful, checkins, points) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
-             value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9 \
-             FROM jsonb_each($1) WHERE true \
-             ON CONFLICT (room_id, user_id) DO UPDATE SET \
-             name = CASE WHEN excluded.name = '' THEN engagement_members.name ELSE excluded.name END, \
-             messages = engagement_members.messages + excluded.messages, \
-             questions = engagement_members.questions + excluded.questions, \
-             answers = engagement_members.answers + excluded.answers, \
-             reactions_received = engagement_members.reactions_received + excluded.reactions_received, \
-             helpful = engagement_members.helpful + excluded.helpful, \
-             checkins = engagement_members.checkins + excluded.checkins, \
-             points = engagement_members.points + excluded.points \
-             RETURNING room_id, user_id, name, messages, questions, answers, reactions_received, \
-             helpful, checkins, points",
-    postgres: "INSERT INTO engagement_members (room_id, user_id, name, messages, questions, \
-               answers, reactions_received, helpful, checkins, points) \
-               SELECT v ->> 0, v ->> 1, v ->> 2, (v ->> 3)::bigint, (v ->> 4)::bigint, \
-               (v ->> 5)::bigint, (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint, \
-               (v ->> 9)::bigint FROM jsonb_array_elements($1::jsonb) AS v \
-               ON CONFLICT (room_id, user_id) DO UPDATE SET \
-               name = CASE WHEN excluded.name = '' THEN engagement_members.name ELSE excluded.name END, \
-               messages = engagement_members.messages + excluded.messages, \
-               questions = engagement_members.questions + excluded.questions, \
-               answers = engagement_members.answers + excluded.answers, \
-               reactions_received = engagement_members.reactions_received + excluded.reactions_received, \
-               helpful = engagement_members.helpful + excluded.helpful, \
-               checkins = engagement_members.checkins + excluded.checkins, \
-               points = engagement_members.points + excluded.points \
-               RETURNING room_id, user_id, name, messages, questions, answers, reactions_received, \
-               helpful, checkins, points",
+    sqlite: concat!(
+        "INSERT INTO engagement_members (room_id, user_id, name, messages, questions, \
+         answers, reactions_received, helpful, checkins, points) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+         value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9 \
+         FROM jsonb_each($1) WHERE true",
+        add_totals_on_conflict!()
+    ),
+    postgres: concat!(
+        "INSERT INTO engagement_members (room_id, user_id, name, messages, questions, \
+         answers, reactions_received, helpful, checkins, points) \
+         SELECT v ->> 0, v ->> 1, v ->> 2, (v ->> 3)::bigint, (v ->> 4)::bigint, \
+         (v ->> 5)::bigint, (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint, \
+         (v ->> 9)::bigint FROM jsonb_array_elements($1::jsonb) AS v",
+        add_totals_on_conflict!()
+    ),
 };
 
 /// Zones and badge-announcement flags of rooms, by id.

@@ -1422,3 +1422,49 @@ async fn per_user_limits_hold_across_nodes() {
     })
     .await;
 }
+
+/// The end of a class closes its A/V on every node: a student in the mesh on another node than
+/// the host's is told `av_closed`, and after a reopen nobody is left in the A/V from before.
+#[tokio::test]
+async fn a_class_end_closes_the_av_on_every_node() {
+    eventually("A/V closed across nodes", async {
+        let c = Cluster::start(2).await;
+        let room = "class.end";
+        c.room(room, "class").await;
+        let mut host = Client::connect(
+            c.addr(0),
+            &token("teach", PlatformRole::Tutor, &[(room, RoomRole::Host)]),
+        )
+        .await;
+        host.join(room).await;
+        let mut kid = Client::connect(c.addr(1), &student("kid")).await;
+        kid.join(room).await;
+        host.ok(json!({"type":"av_join","room":room})).await;
+        // The kid joins once the host's membership is known on node 1 (the join lists it).
+        loop {
+            let ok = kid.ok(json!({"type":"av_join","room":room})).await;
+            if ok["peers"].as_array().is_some_and(|p| p.len() == 1) {
+                break;
+            }
+            kid.ok(json!({"type":"av_leave","room":room})).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        host.ok(json!({"type":"class_end","room":room})).await;
+        for c in [&mut host, &mut kid] {
+            let closed = c.until("av_closed").await;
+            assert_eq!(closed["reason"], "class_ended", "{closed}");
+        }
+        assert_eq!(
+            kid.err(json!({"type":"av_join","room":room})).await,
+            "conflict"
+        );
+        host.ok(json!({"type":"class_reopen","room":room})).await;
+        // (The `ended` event came before `av_closed`; this one is the reopen.)
+        let state = kid.until("class_state").await;
+        assert_eq!(state["state"], "live", "{state}");
+        let again = kid.ok(json!({"type":"av_join","room":room})).await;
+        assert_eq!(again["peers"], json!([]), "{again}");
+        c.stop().await;
+    })
+    .await;
+}

@@ -287,15 +287,8 @@ pub struct Publisher {
     proto: Proto,
     sink: Sink,
     rid: i64,
-    /// rid -> send time (studyhall only).
-    pending: Arc<Mutex<HashMap<i64, u64>>>,
-    pub ack: Arc<Mutex<Histogram>>,
-    pub acked: Arc<AtomicU64>,
-    pub errors: Arc<AtomicU64>,
-    /// Highest seq acknowledged (studyhall only).
-    pub last_seq: Arc<AtomicU64>,
-    /// Signalled on every reply, so a sender at its window waits without polling a timer.
-    replied: Arc<tokio::sync::Notify>,
+    /// What the replies said, shared with the reader task.
+    pub replies: Replies,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -319,24 +312,11 @@ impl Publisher {
         let sink: Sink = Arc::new(tokio::sync::Mutex::new(sink));
         let replies = Replies::default();
         let reader = tokio::spawn(read_replies(proto, stream, sink.clone(), replies.clone()));
-        let Replies {
-            pending,
-            ack,
-            acked,
-            errors,
-            last_seq,
-            replied,
-        } = replies;
         Ok(Self {
             proto,
             sink,
             rid: 0,
-            pending,
-            ack,
-            acked,
-            errors,
-            last_seq,
-            replied,
+            replies,
             reader,
         })
     }
@@ -346,7 +326,8 @@ impl Publisher {
         let msg = match self.proto {
             Proto::Studyhall => {
                 self.rid += 1;
-                self.pending
+                self.replies
+                    .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(self.rid, stamp.t_us);
@@ -367,14 +348,18 @@ impl Publisher {
 
     /// Sends not yet acknowledged (always 0 for the fire-and-forget peers).
     pub fn unacked(&self) -> usize {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.replies
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Waits until fewer than `window` sends are unacknowledged (or `max` passes).
     pub async fn below(&self, window: usize, max: Duration) {
         let deadline = tokio::time::Instant::now() + max;
         loop {
-            let replied = self.replied.notified();
+            let replied = self.replies.replied.notified();
             if self.unacked() < window {
                 return;
             }
@@ -428,12 +413,15 @@ async fn publisher_ws(
 /// What a publisher's reply reader shares with it: sends awaiting their reply, the ack
 /// latencies and counters, and the wake-up for a sender waiting at its window.
 #[derive(Clone, Default)]
-struct Replies {
+pub struct Replies {
+    /// rid -> send time (studyhall only).
     pending: Arc<Mutex<HashMap<i64, u64>>>,
-    ack: Arc<Mutex<Histogram>>,
-    acked: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    last_seq: Arc<AtomicU64>,
+    pub ack: Arc<Mutex<Histogram>>,
+    pub acked: Arc<AtomicU64>,
+    pub errors: Arc<AtomicU64>,
+    /// Highest seq acknowledged (studyhall only).
+    pub last_seq: Arc<AtomicU64>,
+    /// Signalled on every reply, so a sender at its window waits without polling a timer.
     replied: Arc<tokio::sync::Notify>,
 }
 

@@ -143,9 +143,9 @@ async fn measure(server: &Server, args: &Args) -> Result<Measured> {
     let (mut acked, mut errors) = (0, 0);
     for t in tasks {
         let p = t.await?;
-        hist.merge(&p.ack.lock().unwrap_or_else(|e| e.into_inner()));
-        acked += p.acked.load(Relaxed);
-        errors += p.errors.load(Relaxed);
+        hist.merge(&p.replies.ack.lock().unwrap_or_else(|e| e.into_inner()));
+        acked += p.replies.acked.load(Relaxed);
+        errors += p.replies.errors.load(Relaxed);
     }
     let cpu_pct = cpu.percent();
     let wall = t0.elapsed().as_secs_f64();

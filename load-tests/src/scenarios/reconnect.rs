@@ -117,12 +117,12 @@ pub async fn phase(common: &Common, server: &Server, p: &Params) -> Result<Outco
     .await?;
     publisher[0].wait_acks(Duration::from_secs(10)).await;
     let wall = t.elapsed().as_secs_f64();
-    let last = publisher[0].last_seq.load(Relaxed) as i64;
+    let last = publisher[0].replies.last_seq.load(Relaxed) as i64;
     // Let the clients that are away come back and catch up, then stop.
     tokio::time::sleep(Duration::from_millis(p.down_ms.1 + 500)).await;
     let total = workers.stop().await?;
     let f = &total.f;
-    let acked = publisher[0].acked.load(Relaxed);
+    let acked = publisher[0].replies.acked.load(Relaxed);
     let published = Published { sent, acked, last };
     let (seqs, unique) = check_resumes(&mut failures, f, p, &published);
     let s = total.rejoin.summary();

@@ -351,37 +351,44 @@ mod double_option {
     }
 }
 
+/// Binds a room's settings, in the order of the placeholders `$3` to `$18` that
+/// [`write_room`] and `create_room` share (`$1` is the id, `$2` what differs).
+fn bind_settings<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    room: &'q Room,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    q.bind(room.kind.as_str())
+        .bind(room.title.as_str())
+        .bind(room.visibility.as_str())
+        .bind(i64::from(room.qa.enabled))
+        .bind(i64::from(room.qa.moderated))
+        .bind(room.starts_at)
+        .bind(i64::from(room.qa.peer_answers))
+        .bind(room.answer_sla_s)
+        .bind(room.slow_mode_s)
+        .bind(rules_json(&room.rules))
+        .bind(room.engagement.json())
+        .bind(room.ends_at)
+        .bind(initial_state(room.starts_at, now_ms()).as_str())
+        .bind(room.av.mode.as_str())
+        .bind(room.stage.talk_cap_s.map(i64::from))
+        .bind(i64::from(room.stage.auto_down))
+}
+
 /// Writes a room's settings (all but its id) to its row. A class not yet started takes the
 /// state its (new) start time implies.
 async fn write_room(tx: &mut writer::Tx<'_>, id: &RoomId, room: &Room) -> Result<()> {
-    sqlx::query(
-        "UPDATE rooms SET kind = $1, title = $2, visibility = $3, qa_enabled = $4, \
-         qa_moderated = $5, starts_at = $6, archived = $7, qa_peer_answers = $8, \
-         answer_sla_s = $9, slow_mode_s = $10, rules = $11, engagement = $13, ends_at = $14, \
+    let q = sqlx::query(
+        "UPDATE rooms SET archived = $2, kind = $3, title = $4, visibility = $5, \
+         qa_enabled = $6, qa_moderated = $7, starts_at = $8, qa_peer_answers = $9, \
+         answer_sla_s = $10, slow_mode_s = $11, rules = $12, engagement = $13, ends_at = $14, \
          class_state = CASE WHEN class_state <> 'ended' AND started_at IS NULL THEN $15 \
          ELSE class_state END, av_mode = $16, stage_talk_cap_s = $17, stage_auto_down = $18 \
-         WHERE id = $12",
+         WHERE id = $1",
     )
-    .bind(room.kind.as_str())
-    .bind(room.title.as_str())
-    .bind(room.visibility.as_str())
-    .bind(i64::from(room.qa.enabled))
-    .bind(i64::from(room.qa.moderated))
-    .bind(room.starts_at)
-    .bind(i64::from(room.archived))
-    .bind(i64::from(room.qa.peer_answers))
-    .bind(room.answer_sla_s)
-    .bind(room.slow_mode_s)
-    .bind(rules_json(&room.rules))
     .bind(id.as_str())
-    .bind(room.engagement.json())
-    .bind(room.ends_at)
-    .bind(initial_state(room.starts_at, now_ms()).as_str())
-    .bind(room.av.mode.as_str())
-    .bind(room.stage.talk_cap_s.map(i64::from))
-    .bind(i64::from(room.stage.auto_down))
-    .execute(&mut **tx)
-    .await?;
+    .bind(i64::from(room.archived));
+    bind_settings(q, room).execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -689,34 +696,18 @@ impl Store {
         tx: &mut writer::Tx<'_>,
         room: &Room,
     ) -> Result<(Room, bool)> {
-        let res = sqlx::query(
-            "INSERT INTO rooms (id, kind, title, visibility, qa_enabled, qa_moderated, starts_at, \
-             archived, last_seq, created_at, qa_peer_answers, answer_sla_s, slow_mode_s, rules, \
-             engagement, ends_at, class_state, av_mode, stage_talk_cap_s, stage_auto_down) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-             $17, $18) \
+        let q = sqlx::query(
+            "INSERT INTO rooms (id, created_at, kind, title, visibility, qa_enabled, \
+             qa_moderated, starts_at, qa_peer_answers, answer_sla_s, slow_mode_s, rules, \
+             engagement, ends_at, class_state, av_mode, stage_talk_cap_s, stage_auto_down, \
+             archived, last_seq) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+             $17, $18, 0, 0) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(room.id.as_str())
-        .bind(room.kind.as_str())
-        .bind(room.title.as_str())
-        .bind(room.visibility.as_str())
-        .bind(i64::from(room.qa.enabled))
-        .bind(i64::from(room.qa.moderated))
-        .bind(room.starts_at)
-        .bind(room.created_at)
-        .bind(i64::from(room.qa.peer_answers))
-        .bind(room.answer_sla_s)
-        .bind(room.slow_mode_s)
-        .bind(rules_json(&room.rules))
-        .bind(room.engagement.json())
-        .bind(room.ends_at)
-        .bind(initial_state(room.starts_at, now_ms()).as_str())
-        .bind(room.av.mode.as_str())
-        .bind(room.stage.talk_cap_s.map(i64::from))
-        .bind(i64::from(room.stage.auto_down))
-        .execute(&mut **tx)
-        .await?;
+        .bind(room.created_at);
+        let res = bind_settings(q, room).execute(&mut **tx).await?;
         if res.rows_affected() == 0 {
             return Err(StoreError::Conflict(format!(
                 "room {} already exists",

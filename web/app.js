@@ -659,6 +659,7 @@ function loadStageTimes(room) {
 }
 
 function renderStageTimes() {
+  if (!client) return; // before sign-in
   const room = client.rooms.get(active);
   if (!room || !room.stageSince) return;
   const cap = room.talkCap;

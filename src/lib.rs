@@ -299,6 +299,9 @@ impl App {
                 }
                 self.policies.remote_event(&room, &json)
             }
+            Inbound::Barrier(done) => {
+                let _ = done.send(());
+            }
             Inbound::SessionClosed { user, session } => {
                 rtc::remote_session_closed(self, &user, &session)
             }

@@ -58,6 +58,8 @@ pub enum Inbound {
     PoliciesStale,
     /// A room event committed on another node (slow-mode clocks follow its sender).
     RemoteEvent { room: RoomId, json: String },
+    /// Answered once everything sent before it has been applied.
+    Barrier(oneshot::Sender<()>),
     /// A session on another node ended: calls here give it the grace period.
     SessionClosed { user: UserId, session: String },
     /// A command for a call this node owns; the answer goes back to the asking node.

@@ -590,7 +590,10 @@ impl Bus {
     }
 
     /// A room event committed on another node: to the app (slow-mode clocks), then in seq
-    /// order to this node's sessions.
+    /// order to this node's sessions. A class that moved goes in another order: the app drops
+    /// the room's cached state before the sessions hear of it (so what they send next is
+    /// checked against the new state), and what the move does here (an end closes the A/V)
+    /// comes after they heard.
     async fn room_event(&self, room: &RoomId, entry: &Arc<RoomEntry>, payload: &[u8]) {
         let Some((ev, ts)) = decode_event(room, payload) else {
             return;
@@ -600,10 +603,23 @@ impl Bus {
             room: room.clone(),
             json: ev.json.clone(),
         };
-        let _ = self.inbound.send(remote).await;
         self.metrics
             .bus_latency(Duration::from_micros(now_us().saturating_sub(ts)));
+        if !crate::protocol::ClassState::in_event(&ev.json) {
+            let _ = self.inbound.send(remote).await;
+            self.offer(entry, ev, false);
+            return;
+        }
+        let (done, applied) = tokio::sync::oneshot::channel();
+        let _ = self
+            .inbound
+            .send(Inbound::PolicyChanged(room.clone()))
+            .await;
+        if self.inbound.send(Inbound::Barrier(done)).await.is_ok() {
+            let _ = applied.await;
+        }
         self.offer(entry, ev, false);
+        let _ = self.inbound.send(remote).await;
     }
 
     /// A kick (or ban, or removal) made on another node, for this node's sessions.

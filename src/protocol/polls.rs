@@ -209,6 +209,13 @@ pub enum ClassState {
 }
 
 impl ClassState {
+    /// Whether an event as stored (its JSON) is a `class_state` event. A substring search, no
+    /// parse (it runs on every event another node commits); text inside a string value has its
+    /// quotes escaped, so it cannot fake the key.
+    pub fn in_event(json: &str) -> bool {
+        json.contains(r#""type":"class_state""#)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Scheduled => "scheduled",

@@ -111,7 +111,7 @@ fn clear_stage(app: &App, room: &RoomId) {
 /// A substring search, no parse (it runs on every event another node commits); text inside a
 /// string value has its quotes escaped, so it cannot fake either key.
 pub(crate) fn is_end_event(json: &str) -> bool {
-    json.contains(r#""type":"class_state""#) && json.contains(r#""state":"ended""#)
+    ClassState::in_event(json) && json.contains(r#""state":"ended""#)
 }
 
 /// Cluster mode: a class ended by another node (its clock may have no session of the room,

@@ -65,6 +65,12 @@ export class Peer {
 
 /// The `to` of a signal for the server itself, and the `from.session` of its signals.
 const SFU_PEER = 'sfu';
+// The camera's simulcast layers on the SFU: a quarter, half and full size, slowest first.
+const SIMULCAST_LAYERS = [
+  { rid: 'l', scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: 'm', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: 'h', scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
+];
 
 /// Calls and A/V for one signed-in client. `ui` gets callbacks: onCall(state), onAv(state).
 export class Calls {
@@ -360,10 +366,14 @@ export class Calls {
     this.local = null;
   }
 
-  /// Our own tracks as new sendonly sections (never reusing a receiving transceiver).
+  /// Our own tracks as new sendonly sections (never reusing a receiving transceiver); the
+  /// camera as three simulcast layers, of which the SFU forwards to each viewer the one its
+  /// bandwidth carries.
   sfuPublishTracks(av) {
     for (const t of this.local.getTracks()) {
-      const tr = av.sfu.pc.addTransceiver(t, { direction: 'sendonly', streams: [this.local] });
+      const init = { direction: 'sendonly', streams: [this.local] };
+      if (t.kind === 'video') init.sendEncodings = SIMULCAST_LAYERS.map((e) => ({ ...e }));
+      const tr = av.sfu.pc.addTransceiver(t, init);
       av.sfu.senders.push({ sender: tr.sender, kind: t.kind });
     }
   }

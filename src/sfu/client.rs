@@ -1,17 +1,25 @@
 //! One SFU session: its str0m `Rtc`, the tracks it publishes (`tracks_in`), the tracks of
 //! others it receives (`tracks_out`) and their negotiation (the server offers sendonly m-lines
 //! for other publishers' tracks, and stops them when those go). It knows nothing of other
-//! sessions beyond the keys of their tracks; the driver moves media between clients.
+//! sessions beyond the keys of their tracks; the driver moves media between clients. Which
+//! simulcast layer a viewer gets follows its egress bandwidth estimate (`layers.rs`).
 
+use super::layers::{Meter, Switch, choose};
 use super::{SfuError, TrackKind};
 use crate::protocol::{SdpKind, sdp_signal};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid};
+use str0m::format::CodecExtra;
+use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
 use str0m::net::Protocol;
-use str0m::{Candidate, Event, IceConnectionState, Output, Rtc};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+
+/// The rate set aside for each audio track a viewer receives when its estimate is shared out
+/// among its video tracks, bit/s.
+const AUDIO_BPS: u64 = 64_000;
 
 /// A published track, named across the SFU by its publisher's session and its mid there.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -26,7 +34,10 @@ pub(super) struct TrackIn {
     pub kind: MediaKind,
     /// Muted by host/ta (`av_mute`): not forwarded.
     pub muted: bool,
-    last_keyframe_request: Option<Instant>,
+    /// When a keyframe was last asked for, per layer (`None`: an unlayered track).
+    keyframe_asked: Vec<(Option<Rid>, Instant)>,
+    /// The rates of its simulcast layers (empty for an unlayered track).
+    pub meter: Meter,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +56,8 @@ pub(super) struct TrackOut {
     pub user: String,
     pub kind: MediaKind,
     state: OutState,
+    /// Video: the layer forwarded to this viewer and the one it moves to.
+    switch: Switch,
 }
 
 impl TrackOut {
@@ -65,8 +78,8 @@ pub(super) enum Propagate {
     /// A new published track.
     TrackOpen(TrackKey, MediaKind),
     Media(TrackKey, Box<MediaData>),
-    /// A viewer asked for a keyframe of this source track.
-    Keyframe(TrackKey),
+    /// A viewer asked for a keyframe of this source track (of the layer it gets).
+    Keyframe(TrackKey, Option<Rid>),
 }
 
 pub(super) struct Client {
@@ -82,6 +95,12 @@ pub(super) struct Client {
     pub tracks_out: Vec<TrackOut>,
     /// When ICE connectivity was lost (ICE `Disconnected`), until it comes back.
     ice_lost_since: Option<Instant>,
+    /// The egress bandwidth estimate (TWCC, else the viewer's REMB), bit/s.
+    estimate: Option<u64>,
+    /// The `Rtc` was touched since its output was last drained: drive it.
+    pub dirty: bool,
+    /// When the `Rtc` next wants time (`Input::Timeout`).
+    pub due: Instant,
 }
 
 fn bad(m: impl Into<String>) -> SfuError {
@@ -108,7 +127,24 @@ impl Client {
             tracks_in: Vec::new(),
             tracks_out: Vec::new(),
             ice_lost_since: None,
+            estimate: None,
+            dirty: true,
+            due: Instant::now(),
         }
+    }
+
+    /// Hands the `Rtc` a datagram or the time; a fatal error ends the peer connection.
+    pub fn input(&mut self, input: Input) {
+        self.dirty = true;
+        if self.rtc.handle_input(input).is_err() {
+            self.rtc.disconnect();
+        }
+    }
+
+    /// Ends the peer connection (the driver reaps it).
+    pub fn close(&mut self) {
+        self.dirty = true;
+        self.rtc.disconnect();
     }
 
     /// Whether ICE connectivity has been lost for `grace` or longer by `now` (the client did
@@ -120,6 +156,7 @@ impl Client {
 
     /// Applies a validated `signal` payload; returns the `data` to send back (an answer).
     pub fn signal(&mut self, data: &Value, sends_media: bool) -> Result<Option<Value>, SfuError> {
+        self.dirty = true;
         if let Some(sdp) = data.get("sdp") {
             let body = sdp.get("sdp").and_then(Value::as_str).unwrap_or_default();
             return match sdp.get("type").and_then(Value::as_str) {
@@ -186,15 +223,6 @@ impl Client {
         Ok(())
     }
 
-    /// Sources of tracks that opened since `answer` and want a first keyframe.
-    pub fn opened_video(&self) -> Vec<TrackKey> {
-        self.tracks_out
-            .iter()
-            .filter(|t| t.kind == MediaKind::Video && matches!(t.state, OutState::Open(_)))
-            .map(|t| t.source.clone())
-            .collect()
-    }
-
     /// Starts receiving another publisher's track (negotiated on the next drive). A section
     /// of the same key that is still being stopped does not count: a publisher that leaves and
     /// comes back at once (a new peer connection of the same session) reuses its mids, so its
@@ -212,12 +240,15 @@ impl Client {
                 user,
                 kind,
                 state: OutState::ToOpen,
+                switch: Switch::default(),
             });
+            self.dirty = true;
         }
     }
 
     /// Stops receiving the tracks that `gone` picks (their publisher left).
     pub fn drop_out(&mut self, gone: impl Fn(&TrackKey) -> bool) {
+        self.dirty = true;
         self.tracks_out.retain_mut(|t| {
             if !gone(&t.source) {
                 return true;
@@ -283,7 +314,11 @@ impl Client {
                 offers.push(offer);
             }
             match self.rtc.poll_output() {
-                Ok(Output::Timeout(t)) => return t,
+                Ok(Output::Timeout(t)) => {
+                    self.dirty = false;
+                    self.due = t;
+                    return t;
+                }
                 Ok(Output::Transmit(t)) => {
                     // UDP: a datagram the kernel cannot take now is lost, as on the wire.
                     let _ = socket.try_send_to(&t.contents, t.destination);
@@ -314,19 +349,25 @@ impl Client {
                     mid: m.mid,
                     kind: m.kind,
                     muted: false,
-                    last_keyframe_request: None,
+                    keyframe_asked: Vec::new(),
+                    meter: Meter::new(Instant::now()),
                 });
                 out.push(Propagate::TrackOpen(self.key(m.mid), m.kind));
             }
+            Event::EgressBitrateEstimate(
+                BweKind::Twcc { estimate, .. } | BweKind::Remb { estimate, .. },
+            ) => {
+                self.estimate = Some(estimate.as_u64());
+            }
             Event::MediaData(d) => {
                 if !d.contiguous {
-                    self.request_keyframe(d.mid, Duration::ZERO);
+                    self.request_keyframe(d.mid, d.rid, Duration::ZERO);
                 }
                 out.push(Propagate::Media(self.key(d.mid), Box::new(d)));
             }
             Event::KeyframeRequest(req) => {
                 if let Some(t) = self.tracks_out.iter().find(|t| t.mid() == Some(req.mid)) {
-                    out.push(Propagate::Keyframe(t.source.clone()));
+                    out.push(Propagate::Keyframe(t.source.clone(), t.switch.layer()));
                 }
             }
             _ => {}
@@ -340,21 +381,26 @@ impl Client {
         }
     }
 
-    /// Asks this publisher for a keyframe of `mid`, at most once per `every`.
-    pub fn request_keyframe(&mut self, mid: Mid, every: Duration) {
+    /// Asks this publisher for a keyframe of `mid` (of its layer `rid`, if layered), at most
+    /// once per `every` for each layer.
+    pub fn request_keyframe(&mut self, mid: Mid, rid: Option<Rid>, every: Duration) {
         let Some(t) = self.tracks_in.iter_mut().find(|t| t.mid == mid) else {
             return;
         };
+        let asked = t.keyframe_asked.iter().position(|(r, _)| *r == rid);
         if t.kind != MediaKind::Video
-            || t.last_keyframe_request
-                .is_some_and(|at| at.elapsed() < every)
+            || asked.is_some_and(|i| t.keyframe_asked[i].1.elapsed() < every)
         {
             return;
         }
+        self.dirty = true;
         if let Some(mut w) = self.rtc.writer(mid)
-            && w.request_keyframe(None, KeyframeRequestKind::Pli).is_ok()
+            && w.request_keyframe(rid, KeyframeRequestKind::Pli).is_ok()
         {
-            t.last_keyframe_request = Some(Instant::now());
+            match asked {
+                Some(i) => t.keyframe_asked[i].1 = Instant::now(),
+                None => t.keyframe_asked.push((rid, Instant::now())),
+            }
         }
     }
 
@@ -363,26 +409,86 @@ impl Client {
         self.can_publish && self.tracks_in.iter().any(|t| t.mid == mid && !t.muted)
     }
 
-    /// Writes another publisher's media on the matching open track.
+    /// Writes another publisher's media on the matching open track: audio as it comes, video
+    /// from a keyframe on and only the layer this viewer gets (`layers.rs`).
     pub fn write(&mut self, source: &TrackKey, d: &MediaData) {
-        let Some(mid) = self
+        let Some(t) = self
             .tracks_out
-            .iter()
+            .iter_mut()
             .find(|t| &t.source == source && matches!(t.state, OutState::Open(_)))
-            .and_then(TrackOut::mid)
         else {
             return;
         };
+        let Some(mid) = t.mid() else {
+            return;
+        };
+        let time = if t.kind == MediaKind::Video {
+            let keyframe = (!matches!(d.codec_extra, CodecExtra::None)).then(|| d.is_keyframe());
+            match t.switch.admit(d.rid, keyframe, d.time, d.network_time) {
+                Some(time) => time,
+                None => return,
+            }
+        } else {
+            d.time
+        };
+        self.dirty = true;
         let Some(w) = self.rtc.writer(mid) else {
             return;
         };
         let Some(pt) = w.match_params(d.params) else {
             return;
         };
-        if let Err(e) = w.write(pt, d.network_time, d.time, d.data.clone()) {
+        if let Err(e) = w.write(pt, d.network_time, time, d.data.clone()) {
             tracing::debug!(error = %e, "SFU write failed");
             self.rtc.disconnect();
         }
+    }
+
+    /// Chooses the layer of each video track this viewer receives from its bandwidth estimate
+    /// capped at `cap` bit/s (shared out evenly, after the audio), given the active layers of each source (`layers`;
+    /// empty for an unlayered one), and tells the estimator what would carry the fastest of
+    /// all. Returns the keyframes the viewer waits for: (source, layer).
+    pub fn select(
+        &mut self,
+        cap: Option<u64>,
+        layers: impl Fn(&TrackKey) -> Vec<(Rid, u64)>,
+    ) -> Vec<(TrackKey, Option<Rid>)> {
+        let open = |t: &&mut TrackOut| matches!(t.state, OutState::Open(_));
+        let audio = self
+            .tracks_out
+            .iter_mut()
+            .filter(open)
+            .filter(|t| t.kind == MediaKind::Audio)
+            .count() as u64;
+        let video: Vec<&mut TrackOut> = self
+            .tracks_out
+            .iter_mut()
+            .filter(open)
+            .filter(|t| t.kind == MediaKind::Video)
+            .collect();
+        let budget = match (self.estimate, cap) {
+            (Some(e), Some(c)) => Some(e.min(c)),
+            (e, c) => e.or(c),
+        };
+        let budget =
+            budget.map(|e| e.saturating_sub(audio * AUDIO_BPS) / (video.len().max(1) as u64));
+        let mut desired = audio * AUDIO_BPS;
+        let mut wants = Vec::new();
+        for t in video {
+            let l = layers(&t.source);
+            desired += l.last().map_or(0, |&(_, bps)| bps);
+            if !l.is_empty() {
+                t.switch.retarget(choose(&l, budget, t.switch.current()));
+            }
+            if let Some(rid) = t.switch.waits_for(!l.is_empty()) {
+                wants.push((t.source.clone(), rid));
+            }
+        }
+        if desired > 0 {
+            self.dirty = true;
+            self.rtc.bwe().set_desired_bitrate(Bitrate::bps(desired));
+        }
+        wants
     }
 }
 

@@ -1,7 +1,9 @@
 //! The SFU's driver task: one loop over one UDP socket for every SFU session of the node. It
 //! routes each datagram to the `Rtc` that accepts it (ICE ufrag / remote address), moves time
 //! forward, drains each client's output, forwards media between the clients of a room, and
-//! applies the commands of `Sfu`. It owns every `Client`; nothing else touches them.
+//! applies the commands of `Sfu`. It owns every `Client`; nothing else touches them. Only the
+//! clients that got input, media or time are driven in a turn, and a datagram finds its client
+//! by source address before any scan, so a turn's cost follows the traffic, not the sessions.
 
 use super::client::{Client, Propagate, TrackKey, host_candidate, media_kind};
 use super::{Cmd, Member, Notice, Notify, SfuConfig, SfuError, TrackKind};
@@ -10,7 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use str0m::media::MediaKind;
+use str0m::bwe::Bitrate;
+use str0m::media::{MediaKind, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Input, Rtc};
 use tokio::net::UdpSocket;
@@ -24,6 +27,8 @@ const IDLE: Duration = Duration::from_millis(100);
 const READ_BURST: usize = 64;
 /// An audio packet at least this loud (RFC 6464 level, -dBov) counts as speech.
 const SPEECH_DBOV: i8 = -50;
+/// How often layer rates are measured and each viewer's simulcast layers chosen.
+const SELECT_EVERY: Duration = Duration::from_millis(250);
 
 /// A room's SFU: its sessions and who spoke lately.
 #[derive(Default)]
@@ -45,6 +50,9 @@ pub(super) struct Driver {
     /// (room, session) -> client
     clients: HashMap<(String, String), Client>,
     rooms: BTreeMap<String, Room>,
+    /// Remote address -> the client that last accepted a datagram from it.
+    by_addr: HashMap<SocketAddr, (String, String)>,
+    last_select: Instant,
     crypto: Arc<str0m::crypto::CryptoProvider>,
 }
 
@@ -64,6 +72,8 @@ impl Driver {
             sessions,
             clients: HashMap::new(),
             rooms: BTreeMap::new(),
+            by_addr: HashMap::new(),
+            last_select: Instant::now(),
             crypto: Arc::new(str0m::crypto::from_feature_flags()),
         }
     }
@@ -71,7 +81,7 @@ impl Driver {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut buf = vec![0u8; DATAGRAM_MAX];
         loop {
-            let deadline = self.drain();
+            let deadline = self.drain().min(self.last_select + SELECT_EVERY);
             self.reap();
             self.announce_speakers();
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
@@ -96,13 +106,17 @@ impl Driver {
             let now = Instant::now();
             let grace = Duration::from_millis(self.cfg.ice_grace_ms);
             for c in self.clients.values_mut() {
-                if c.rtc.is_alive() && c.rtc.handle_input(Input::Timeout(now)).is_err() {
-                    c.rtc.disconnect();
+                if c.rtc.is_alive() && c.due <= now {
+                    c.input(Input::Timeout(now));
                 }
                 if c.rtc.is_alive() && c.ice_lost_past(now, grace) {
                     tracing::info!(room = %c.room, "an SFU peer's ICE stayed lost past the grace");
-                    c.rtc.disconnect();
+                    c.close();
                 }
+            }
+            if now >= self.last_select + SELECT_EVERY {
+                self.last_select = now;
+                self.select_layers(now);
             }
         }
         let left: Vec<_> = self.clients.keys().cloned().collect();
@@ -125,23 +139,39 @@ impl Driver {
                 contents,
             },
         );
-        if let Some(c) = self.clients.values_mut().find(|c| c.rtc.accepts(&input))
-            && c.rtc.handle_input(input).is_err()
-        {
-            c.rtc.disconnect();
+        let known = self
+            .by_addr
+            .get(&source)
+            .filter(|k| self.clients.get(*k).is_some_and(|c| c.rtc.accepts(&input)))
+            .cloned();
+        let key = known.or_else(|| {
+            let (k, _) = self.clients.iter().find(|(_, c)| c.rtc.accepts(&input))?;
+            let k = k.clone();
+            self.by_addr.insert(source, k.clone());
+            Some(k)
+        });
+        if let Some(c) = key.and_then(|k| self.clients.get_mut(&k)) {
+            c.input(input);
         }
     }
 
-    /// Drains every client's output and forwards what it asks, until all wait for time;
-    /// returns the earliest deadline.
+    /// Drains the output of every client that was touched or wants time, and forwards what
+    /// it asks, until all wait for time; returns the earliest deadline.
     fn drain(&mut self) -> Instant {
         loop {
-            let mut deadline = Instant::now() + IDLE;
+            let now = Instant::now();
+            let mut deadline = now + IDLE;
             let mut props = Vec::new();
             let mut signals = Vec::new();
             for c in self.clients.values_mut() {
+                if !c.dirty && c.due > now {
+                    deadline = deadline.min(c.due);
+                    continue;
+                }
                 let mut offers = Vec::new();
-                deadline = deadline.min(c.drive(&self.socket, &mut props, &mut offers));
+                let mut out = Vec::new();
+                deadline = deadline.min(c.drive(&self.socket, &mut out, &mut offers));
+                props.extend(out.into_iter().map(|p| (c.room.clone(), p)));
                 for data in offers {
                     signals.push((c.session.clone(), c.room.clone(), data));
                 }
@@ -156,29 +186,20 @@ impl Driver {
             if props.is_empty() {
                 return deadline;
             }
-            for p in props {
-                self.propagate(p);
+            for (room, p) in props {
+                self.propagate(&room, p);
             }
         }
     }
 
-    fn room_of(&self, key: &TrackKey) -> Option<String> {
-        self.clients
-            .iter()
-            .find(|((_, s), _)| *s == key.session)
-            .map(|((r, _), _)| r.clone())
-    }
-
-    fn propagate(&mut self, p: Propagate) {
+    /// What a client's output asks of the others in its `room`.
+    fn propagate(&mut self, room: &str, p: Propagate) {
         match p {
             Propagate::TrackOpen(key, kind) => {
-                let Some((room, user)) = self
+                let Some(user) = self
                     .clients
-                    .values()
-                    .find(|c| {
-                        c.session == key.session && c.tracks_in.iter().any(|t| t.mid == key.mid)
-                    })
-                    .map(|c| (c.room.clone(), c.user.clone()))
+                    .get(&(room.to_owned(), key.session.clone()))
+                    .map(|c| c.user.clone())
                 else {
                     return;
                 };
@@ -188,33 +209,32 @@ impl Driver {
                     }
                 }
             }
-            Propagate::Media(key, data) => self.forward(&key, &data),
-            Propagate::Keyframe(key) => self.keyframe(&key),
+            Propagate::Media(key, data) => self.forward(room, &key, &data),
+            Propagate::Keyframe(key, rid) => self.keyframe(room, &key, rid),
         }
     }
 
-    fn forward(&mut self, key: &TrackKey, data: &str0m::media::MediaData) {
-        // Simulcast: only an unlayered stream or the high layer (no layer selection yet).
-        if data.rid.is_some() && data.rid != Some("h".into()) {
-            return;
-        }
-        let Some(room) = self.room_of(key) else {
-            return;
-        };
-        let Some(src) = self.clients.get(&(room.clone(), key.session.clone())) else {
+    fn forward(&mut self, room: &str, key: &TrackKey, data: &str0m::media::MediaData) {
+        let Some(src) = self
+            .clients
+            .get_mut(&(room.to_owned(), key.session.clone()))
+        else {
             return;
         };
         if !src.forwards(key.mid) {
             return;
         }
-        let is_audio = src
-            .tracks_in
-            .iter()
-            .any(|t| t.mid == key.mid && t.kind == MediaKind::Audio);
+        let Some(track) = src.tracks_in.iter_mut().find(|t| t.mid == key.mid) else {
+            return;
+        };
+        if let Some(rid) = data.rid {
+            track.meter.add(rid, data.data.len(), data.network_time);
+        }
+        let is_audio = track.kind == MediaKind::Audio;
         let user = src.user.clone();
         if is_audio
             && data.ext_vals.audio_level.is_none_or(|l| l >= SPEECH_DBOV)
-            && let Some(r) = self.rooms.get_mut(&room)
+            && let Some(r) = self.rooms.get_mut(room)
         {
             r.spoke.insert(user, Instant::now());
         }
@@ -225,10 +245,55 @@ impl Driver {
         }
     }
 
-    fn keyframe(&mut self, key: &TrackKey) {
+    fn keyframe(&mut self, room: &str, key: &TrackKey, rid: Option<Rid>) {
         let every = Duration::from_millis(self.cfg.keyframe_ms);
-        if let Some(c) = self.clients.values_mut().find(|c| c.session == key.session) {
-            c.request_keyframe(key.mid, every);
+        if let Some(c) = self
+            .clients
+            .get_mut(&(room.to_owned(), key.session.clone()))
+        {
+            c.request_keyframe(key.mid, rid, every);
+        }
+    }
+
+    /// Measures each published layer's rate, then chooses every viewer's layers.
+    fn select_layers(&mut self, now: Instant) {
+        for c in self.clients.values_mut() {
+            for t in &mut c.tracks_in {
+                t.meter.roll(now);
+            }
+        }
+        self.select_where(|_| true);
+    }
+
+    /// Chooses the layers of the viewers `pick` takes, from the rates measured last, and asks
+    /// the publishers for the keyframes those viewers wait for.
+    fn select_where(&mut self, pick: impl Fn(&(String, String)) -> bool) {
+        let mut rates: HashMap<(String, TrackKey), Vec<(Rid, u64)>> = HashMap::new();
+        for c in self.clients.values() {
+            for t in c.tracks_in.iter().filter(|t| t.kind == MediaKind::Video) {
+                let key = TrackKey {
+                    session: c.session.clone(),
+                    mid: t.mid,
+                };
+                rates.insert((c.room.clone(), key), t.meter.active());
+            }
+        }
+        let cap = (self.cfg.viewer_max_kbps > 0).then(|| self.cfg.viewer_max_kbps * 1000);
+        let mut wants = Vec::new();
+        for (k, c) in self.clients.iter_mut().filter(|(k, _)| pick(k)) {
+            let room = &k.0;
+            let layers = |src: &TrackKey| {
+                rates
+                    .get(&(room.clone(), src.clone()))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            for (src, rid) in c.select(cap, layers) {
+                wants.push((room.clone(), src, rid));
+            }
+        }
+        for (room, src, rid) in wants {
+            self.keyframe(&room, &src, rid);
         }
     }
 
@@ -376,6 +441,7 @@ impl Driver {
         }
         let mut rtc = Rtc::builder()
             .set_crypto_provider(self.crypto.clone())
+            .enable_bwe(Some(Bitrate::kbps(self.cfg.bwe_start_kbps)))
             .build(Instant::now());
         let cand = host_candidate(self.addr)
             .ok_or_else(|| SfuError::Unavailable("the SFU has no usable address".into()))?;
@@ -429,13 +495,11 @@ impl Driver {
             Err(e) => return Err(SfuError::BadRequest(e.to_string())),
         };
         let key = (room.to_owned(), session.to_owned());
-        let every = Duration::from_millis(self.cfg.keyframe_ms);
         let c = self
             .clients
             .get_mut(&key)
             .ok_or_else(|| SfuError::Forbidden("join the room's A/V first (av_join)".into()))?;
         let reply = c.signal(data, sends_media)?;
-        let opened = c.opened_video();
         if let Some(data) = reply {
             (self.notify)(Notice::Signal {
                 session: session.to_owned(),
@@ -443,11 +507,9 @@ impl Driver {
                 data,
             });
         }
-        for src in opened {
-            if let Some(p) = self.clients.values_mut().find(|c| c.session == src.session) {
-                p.request_keyframe(src.mid, every);
-            }
-        }
+        // Tracks that opened for this viewer want their first keyframe now, not at the next
+        // round of layer selection.
+        self.select_where(|k| *k == key);
         Ok(())
     }
 
@@ -472,6 +534,7 @@ impl Driver {
             return;
         };
         gone.rtc.disconnect();
+        self.by_addr.retain(|_, k| k.0 != room || k.1 != session);
         self.sessions.store(self.clients.len(), Ordering::Release);
         for c in self.clients.values_mut().filter(|c| c.room == room) {
             c.drop_out(|k| k.session == session);

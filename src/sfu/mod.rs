@@ -8,6 +8,7 @@
 
 mod client;
 mod driver;
+mod layers;
 
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -77,6 +78,10 @@ pub struct SfuConfig {
     pub keyframe_ms: u64,
     /// How long a peer connection whose ICE was lost is kept before it is closed.
     pub ice_grace_ms: u64,
+    /// Each viewer's egress bandwidth estimate before TWCC has measured it, kbit/s.
+    pub bwe_start_kbps: u64,
+    /// The most media one viewer is sent, kbit/s (0: no cap beyond its estimate).
+    pub viewer_max_kbps: u64,
 }
 
 /// A session in a room's SFU.

@@ -12,8 +12,9 @@ export const SMALL = { width: 160, height: 120, frameRate: 10 };
 
 /// Starts the server and the browser; `stop()` closes the pages, the browser and the server.
 /// `env`: extra server settings; `relay`: every peer connection the pages make is relay-only
-/// (iceTransportPolicy 'relay', forced by the same wrapper that counts them).
-export async function sfuRig({ env = {}, relay = false } = {}) {
+/// (iceTransportPolicy 'relay', forced by the same wrapper that counts them); `browserArgs`:
+/// extra Chromium flags (e.g. a fake camera file).
+export async function sfuRig({ env = {}, relay = false, browserArgs = [] } = {}) {
   const pages = [];
   let server = null;
   let browser = null;
@@ -24,7 +25,7 @@ export async function sfuRig({ env = {}, relay = false } = {}) {
   };
   try {
     server = await startServer(env);
-    browser = await launchBrowser();
+    browser = await launchBrowser(browserArgs);
   } catch (e) {
     await stop();
     throw e;

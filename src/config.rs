@@ -410,6 +410,8 @@ settings! {
     /// Where the SFU's estimate of each viewer's downlink starts, in kbit/s, before bandwidth
     /// estimation (TWCC, else the viewer's REMB) has measured it. Each viewer gets, per video
     /// track, the fastest simulcast layer its estimate (shared out among its tracks) carries.
+    /// 0 turns estimation off (no probing, no pacing): each viewer then gets the fastest layer
+    /// within `sfu_viewer_max_kbps`.
     sfu_bwe_start_kbps: u64 = 2_500,
     /// The most media the SFU sends one viewer, in kbit/s, whatever its estimate says (0: no
     /// cap): bounds each viewer's egress, and with it the simulcast layers it gets.
@@ -738,7 +740,6 @@ impl Config {
         positive("sfu_sessions_max", self.sfu_sessions_max as u64)?;
         positive("sfu_keyframe_ms", self.sfu_keyframe_ms)?;
         positive("sfu_ice_grace_ms", self.sfu_ice_grace_ms)?;
-        positive("sfu_bwe_start_kbps", self.sfu_bwe_start_kbps)?;
         if self.sfu_speakers_ms < 500 {
             return Err(ConfigError::Invalid {
                 name: "sfu_speakers_ms",

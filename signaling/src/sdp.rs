@@ -6,8 +6,10 @@
 use crate::SignalError;
 use serde_json::Value;
 
-/// Largest SDP accepted, in bytes.
-pub const MAX_SDP_BYTES: usize = 32 * 1024;
+/// Largest SDP accepted, in bytes. Above the default frame limit (`max_frame_bytes`), which
+/// is what bounds it in practice: an SFU viewer's SDP grows by two sections per remote
+/// publisher.
+pub const MAX_SDP_BYTES: usize = 256 * 1024;
 /// Largest ICE candidate line accepted, in bytes.
 pub const MAX_CANDIDATE_BYTES: usize = 1024;
 

@@ -4,7 +4,7 @@
 //! sessions beyond the keys of their tracks; the driver moves media between clients. Which
 //! simulcast layer a viewer gets follows its egress bandwidth estimate (`layers.rs`).
 
-use super::layers::{Meter, Switch, choose};
+use super::layers::{DOWN_HOLD, Meter, Switch, UP_HOLD, choose};
 use super::{SfuError, TrackKind};
 use crate::protocol::{SdpKind, sdp_signal};
 use serde_json::Value;
@@ -18,8 +18,8 @@ use str0m::net::Protocol;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 /// The rate set aside for each audio track a viewer receives when its estimate is shared out
-/// among its video tracks, bit/s.
-const AUDIO_BPS: u64 = 64_000;
+/// among its video tracks, bit/s (Opus voice as browsers send it, with packet overhead).
+const AUDIO_BPS: u64 = 40_000;
 
 /// A published track, named across the SFU by its publisher's session and its mid there.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -474,11 +474,23 @@ impl Client {
             budget.map(|e| e.saturating_sub(audio * AUDIO_BPS) / (video.len().max(1) as u64));
         let mut desired = audio * AUDIO_BPS;
         let mut wants = Vec::new();
+        let now = Instant::now();
         for t in video {
             let l = layers(&t.source);
             desired += l.last().map_or(0, |&(_, bps)| bps);
             if !l.is_empty() {
-                t.switch.retarget(choose(&l, budget, t.switch.current()));
+                let want = choose(&l, budget, t.switch.current());
+                let rank = |r: Option<Rid>| r.and_then(|r| l.iter().position(|x| x.0 == r));
+                let hold = if rank(want) > rank(t.switch.layer()) {
+                    UP_HOLD
+                } else {
+                    DOWN_HOLD
+                };
+                let before = t.switch.layer();
+                t.switch.propose(want, now, hold);
+                if t.switch.layer() != before {
+                    tracing::debug!(estimate = ?self.estimate, layers = ?l, from = ?before, to = ?t.switch.layer(), "SFU layer switch");
+                }
             }
             if let Some(rid) = t.switch.waits_for(!l.is_empty()) {
                 wants.push((t.source.clone(), rid));

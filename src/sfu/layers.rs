@@ -13,6 +13,11 @@ const LAYER_STALE: Duration = Duration::from_secs(1);
 const UP_HEADROOM_PCT: u64 = 115;
 /// Below this share of the slowest layer's rate (percent) a viewer's video is paused.
 const PAUSE_BELOW_PCT: u64 = 50;
+/// How long a slower layer (or a pause) must be called for without a break before a viewer
+/// is moved to it: estimates swing, and each switch costs a keyframe.
+pub(super) const DOWN_HOLD: Duration = Duration::from_secs(2);
+/// The same for a faster layer (or a resume).
+pub(super) const UP_HOLD: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct LayerRate {
@@ -132,6 +137,10 @@ pub(super) struct Switch {
     offset: u64,
     /// The last forwarded frame: its rewritten time and when it arrived.
     last: Option<(u64, Instant)>,
+    /// A target called for, and since when without a break (not yet held long enough).
+    proposed: Option<(Option<Rid>, Instant)>,
+    /// Paused by the estimate (as opposed to not started yet).
+    paused: bool,
 }
 
 impl Switch {
@@ -145,11 +154,34 @@ impl Switch {
         self.current.or(self.target)
     }
 
-    /// Sets the wanted layer; `None` pauses at once.
+    /// Sets the wanted layer at once; `None` pauses.
     pub fn retarget(&mut self, target: Option<Rid>) {
         self.target = target;
+        self.proposed = None;
+        self.paused = target.is_none();
         if target.is_none() {
             self.current = None;
+        }
+    }
+
+    /// Calls for `want`: taken at once for a track not started yet, else once it has been
+    /// called for without a break for `hold` (by `now`).
+    pub fn propose(&mut self, want: Option<Rid>, now: Instant, hold: Duration) {
+        if want == self.target {
+            self.proposed = None;
+            return;
+        }
+        if self.target.is_none() && !self.paused {
+            self.retarget(want);
+            return;
+        }
+        match self.proposed {
+            Some((p, since)) if p == want => {
+                if now.saturating_duration_since(since) >= hold {
+                    self.retarget(want);
+                }
+            }
+            _ => self.proposed = Some((want, now)),
         }
     }
 
@@ -338,6 +370,40 @@ mod tests {
             None
         );
         assert_eq!(s.waits_for(true), None);
+    }
+
+    #[test]
+    fn a_new_target_is_taken_only_once_it_has_been_called_for_without_a_break() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let hold = Duration::from_secs(2);
+        let mut s = Switch::default();
+        s.propose(Some(rid("h")), at(0), hold);
+        assert_eq!(
+            s.layer(),
+            Some(rid("h")),
+            "a track not started takes its first target at once"
+        );
+        s.propose(Some(rid("l")), at(100), hold);
+        s.propose(Some(rid("l")), at(1_000), hold);
+        s.propose(Some(rid("h")), at(1_500), hold);
+        s.propose(Some(rid("l")), at(2_200), hold);
+        assert_eq!(
+            s.layer(),
+            Some(rid("h")),
+            "the call for l was broken at 1.5 s"
+        );
+        s.propose(Some(rid("l")), at(4_199), hold);
+        assert_eq!(s.layer(), Some(rid("h")));
+        s.propose(Some(rid("l")), at(4_200), hold);
+        assert_eq!(s.waits_for(true), Some(Some(rid("l"))));
+        s.propose(None, at(5_000), hold);
+        s.propose(None, at(7_000), hold);
+        assert_eq!((s.layer(), s.waits_for(true)), (None, None), "paused");
+        s.propose(Some(rid("l")), at(7_100), hold);
+        assert_eq!(s.layer(), None, "a paused track resumes after the hold too");
+        s.propose(Some(rid("l")), at(9_100), hold);
+        assert_eq!(s.layer(), Some(rid("l")));
     }
 
     #[test]

@@ -176,7 +176,8 @@ export async function sfuRig({ env = {}, relay = false, browserArgs = [] } = {})
 
   function dumpLogs(list) {
     for (const p of list) console.log('--- page log of ' + p.user + ' ---\n' + p.lines.slice(-40).join('\n'));
-    console.log('--- server log ---\n' + server.stderr().split('\n').slice(-60).join('\n'));
+    // SERVER_LOG_LINES: how much of the server's log to show (the last 60 lines by default).
+    console.log('--- server log ---\n' + server.stderr().split('\n').slice(-(Number(process.env.SERVER_LOG_LINES) || 60)).join('\n'));
   }
 
   return { server, stop, sfuRoom, openUser, enterRoom, joinAv, received, waitFlowing, waitStopped, selectedPair, dumpLogs };

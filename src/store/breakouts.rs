@@ -166,8 +166,10 @@ impl Store {
         .await
     }
 
-    /// Closes an open breakout and archives its group rooms, in one transaction; false if it
-    /// was not open (closed meanwhile, by a command, the clock or another node).
+    /// Closes an open breakout and archives its group rooms, in one transaction that also
+    /// queues a `room.archived` webhook per group room it archived (one archived before, through
+    /// the API, is not reported again); false if it was not open (closed meanwhile, by a
+    /// command, the clock or another node).
     pub async fn close_breakout(&self, id: &str) -> Result<bool> {
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
@@ -180,14 +182,20 @@ impl Store {
         if res.rows_affected() == 0 {
             return Ok(false);
         }
-        sqlx::query(
-            "UPDATE rooms SET archived = 1 WHERE id IN \
-             (SELECT room_id FROM breakout_groups WHERE breakout_id = $1)",
+        let groups: Vec<String> = sqlx::query_scalar(
+            "SELECT room_id FROM breakout_groups WHERE breakout_id = $1 ORDER BY position",
         )
         .bind(id)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        let mut queued = false;
+        for room in groups {
+            queued |= self.archive_room_in(&mut tx, &RoomId(room)).await?;
+        }
         tx.commit().await?;
+        if queued {
+            self.inner.outbox.notify_one();
+        }
         Ok(true)
     }
 

@@ -729,6 +729,33 @@ impl Store {
         Ok((created, queued))
     }
 
+    /// Archives a room inside the caller's transaction unless it is archived already, and then
+    /// queues its `room.archived` webhook; true if one was queued (notify the sender after
+    /// commit). A room archived before (by the API, say) is left alone and not reported twice.
+    pub(crate) async fn archive_room_in(
+        &self,
+        tx: &mut writer::Tx<'_>,
+        id: &RoomId,
+    ) -> Result<bool> {
+        let res = sqlx::query("UPDATE rooms SET archived = 1 WHERE id = $1 AND archived = 0")
+            .bind(id.as_str())
+            .execute(&mut **tx)
+            .await?;
+        if res.rows_affected() == 0 || !self.webhooks_want(EventType::RoomArchived) {
+            return Ok(false);
+        }
+        let row = sqlx::query(SELECT_ROOM)
+            .bind(id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+        let room = row
+            .as_ref()
+            .map(room_from_row)
+            .transpose()?
+            .ok_or(StoreError::NotFound("room"))?;
+        self.webhook_in(tx, EventType::RoomArchived, &room).await
+    }
+
     /// Queues a room event (`room.created`, `room.archived`) with the room as its data, when
     /// some endpoint subscribes.
     async fn webhook_in(

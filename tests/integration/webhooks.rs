@@ -3,7 +3,8 @@
 //! per room, retries without loss, delivery after a restart, the SSRF refusal at creation and
 //! at delivery, secret rotation, replay, the API's errors, and `https://` endpoints (a TLS
 //! receiver with a certificate of the test's own CA: trusted through `webhook_ca_file`,
-//! refused without it). The main paths run on SQLite and on PostgreSQL.
+//! refused without it), and breakout group rooms reported as rooms. The main paths run on SQLite
+//! and on PostgreSQL.
 
 use crate::common::*;
 use axum::body::Bytes;
@@ -831,6 +832,114 @@ async fn class_start_poll_close_and_class_end_are_reported() {
     );
     s.stop().await;
     db.drop_db().await;
+}
+
+// -- breakout groups ------------------------------------------------------------------------
+
+/// The types delivered for `room`, in arrival order.
+fn lane<'a>(got: &'a [Received], room: &str) -> Vec<&'a str> {
+    got.iter()
+        .filter(|r| r.body["room"] == room)
+        .map(|r| r.body["type"].as_str().unwrap())
+        .collect()
+}
+
+/// Breakout group rooms are reported as rooms: `room.created` at open, `room.archived` at the
+/// close by command and by the clock (a group archived through the API before the close is
+/// reported once). Placing and moving students changes stored memberships, not presence, so it
+/// makes no `member.*` event: the only ones are the three sessions entering the parent.
+async fn breakout_groups_are_reported(db: Db) {
+    use studyhall::protocol::{PlatformRole, RoomRole};
+    let db = TestDb::new(db).await;
+    let mut rcv = Receiver::start().await;
+    let s = db
+        .server(|c| {
+            fast(c);
+            c.class_clock_ms = 50;
+        })
+        .await;
+    let events = [
+        "room.created",
+        "room.archived",
+        "member.joined",
+        "member.left",
+    ];
+    let (hook, secret) = subscribe(&s, &rcv.url, &events).await;
+    rcv.trust(&secret);
+    s.room("p", "open").await;
+    let mut h = Client::connect(
+        s.addr,
+        &token("teacher", PlatformRole::Tutor, &[("p", RoomRole::Host)]),
+    )
+    .await;
+    h.join("p").await;
+    let mut ann = s.client("ann").await;
+    ann.join("p").await;
+    let mut bob = s.client("bob").await;
+    bob.join("p").await;
+
+    h.ok(json!({"type":"breakout_open","room":"p",
+        "groups":[{"title":"Red","members":["ann"]},{"members":["bob"]}]}))
+        .await;
+    h.ok(json!({"type":"breakout_move","room":"p","user":"bob","group_room":"p.g1"}))
+        .await;
+    let (status, body) = api(&s, "DELETE", "/api/rooms/p.g2", None).await;
+    assert_eq!(status, 200, "{body}");
+    h.ok(json!({"type":"breakout_close","room":"p"})).await;
+    ann.until("breakout_closed").await;
+    let ok = h
+        .ok(json!({"type":"breakout_open","room":"p","count":1,"duration_s":1}))
+        .await;
+    assert_eq!(ok["groups"][0]["room"], "p.b2.g1");
+    assert_eq!(ann.until("breakout_closed").await["room"], "p");
+
+    let got = rcv.delivered(10).await;
+    assert_eq!(
+        lane(&got, "p"),
+        [
+            "room.created",
+            "member.joined",
+            "member.joined",
+            "member.joined"
+        ]
+    );
+    let mut joined: Vec<&str> = got
+        .iter()
+        .filter(|r| r.body["room"] == "p" && r.body["type"] == "member.joined")
+        .map(|r| r.body["data"]["user"]["id"].as_str().unwrap())
+        .collect();
+    joined.sort_unstable();
+    assert_eq!(joined, ["ann", "bob", "teacher"]);
+    for room in ["p.g1", "p.g2", "p.b2.g1"] {
+        assert_eq!(
+            lane(&got, room),
+            ["room.created", "room.archived"],
+            "{room}"
+        );
+        let archived = got
+            .iter()
+            .find(|r| r.body["room"] == room && r.body["type"] == "room.archived")
+            .unwrap();
+        assert_eq!(archived.body["data"]["id"], room);
+        assert_eq!(archived.body["data"]["archived"], true);
+    }
+    // Every event the store queued was delivered above: nothing more is queued.
+    let (status, log) = api(&s, "GET", &format!("/api/webhooks/{hook}/deliveries"), None).await;
+    assert_eq!(status, 200, "{log}");
+    assert_eq!(log["deliveries"].as_array().unwrap().len(), 10, "{log}");
+    drop((h, ann, bob));
+    s.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn breakout_groups_are_reported_sqlite() {
+    breakout_groups_are_reported(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn breakout_groups_are_reported_postgres() {
+    breakout_groups_are_reported(Db::Postgres).await;
 }
 
 // -- https:// endpoints ---------------------------------------------------------------------

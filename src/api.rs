@@ -285,9 +285,12 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let body = app
-        .metrics
-        .render(app.hub.active_rooms(), app.hub.sessions());
+    let sfu = app.sfu.as_ref().map(|s| s.stats().counters());
+    let body = app.metrics.render(
+        app.hub.active_rooms(),
+        app.hub.sessions(),
+        sfu.as_ref().map_or(&[][..], |c| &c[..]),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

@@ -407,6 +407,10 @@ settings! {
     /// milliseconds, for the client to come back or restart ICE; then it closes it and tells
     /// the session `av_closed {reason:"connection_lost"}`.
     sfu_ice_grace_ms: u64 = 5_000,
+    /// How long the SFU's connectivity checks to a peer go unanswered before its ICE counts as
+    /// lost (and the grace starts), in milliseconds (about; 1000 or more). Never less than 15 s
+    /// after the peer's own last check: the ICE agent keeps a pair the peer checked lately.
+    sfu_ice_lost_ms: u64 = 10_000,
     /// Where the SFU's estimate of each viewer's downlink starts, in kbit/s, before bandwidth
     /// estimation (TWCC, else the viewer's REMB) has measured it. Each viewer gets, per video
     /// track, the fastest simulcast layer its estimate (shared out among its tracks) carries.
@@ -740,6 +744,12 @@ impl Config {
         positive("sfu_sessions_max", self.sfu_sessions_max as u64)?;
         positive("sfu_keyframe_ms", self.sfu_keyframe_ms)?;
         positive("sfu_ice_grace_ms", self.sfu_ice_grace_ms)?;
+        if self.sfu_ice_lost_ms < 1_000 {
+            return Err(ConfigError::Invalid {
+                name: "sfu_ice_lost_ms",
+                why: "must be at least 1000".into(),
+            });
+        }
         if self.sfu_speakers_ms < 500 {
             return Err(ConfigError::Invalid {
                 name: "sfu_speakers_ms",

@@ -137,11 +137,13 @@ impl Metrics {
         self.bus_latency.observe(took.as_secs_f64());
     }
 
-    /// Prometheus text exposition; `rooms` and `sessions` are gauges read from the hub.
-    pub fn render(&self, rooms: usize, sessions: usize) -> String {
+    /// Prometheus text exposition; `rooms` and `sessions` are gauges read from the hub, and
+    /// `more` are counters kept elsewhere (the SFU's).
+    pub fn render(&self, rooms: usize, sessions: usize, more: &[(&str, &str, u64)]) -> String {
         let mut out = String::with_capacity(4096);
         self.render_gauges(&mut out, rooms, sessions);
         self.render_counters(&mut out);
+        write_counters(&mut out, more);
         self.render_commands(&mut out);
         self.batch_size.render(
             &mut out,
@@ -305,7 +307,8 @@ mod tests {
         let m = Metrics::default();
         m.command(CommandKind::Send);
         m.store_batch(3, Duration::from_millis(2));
-        let text = m.render(1, 2);
+        let text = m.render(1, 2, &[("studyhall_x_total", "X.", 7)]);
+        assert!(text.contains("# TYPE studyhall_x_total counter\nstudyhall_x_total 7"));
         assert!(text.contains("studyhall_commands_total{type=\"send\"} 1"));
         assert!(text.contains("studyhall_store_batch_rows_bucket{le=\"4\"} 1"));
         assert!(text.contains("studyhall_store_commit_seconds_count 1"));

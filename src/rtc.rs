@@ -77,6 +77,7 @@ pub(crate) fn sfu_config(cfg: &crate::config::Config) -> SfuConfig {
         speakers_ms: cfg.sfu_speakers_ms,
         keyframe_ms: cfg.sfu_keyframe_ms,
         ice_grace_ms: cfg.sfu_ice_grace_ms,
+        ice_lost_ms: cfg.sfu_ice_lost_ms,
         bwe_start_kbps: cfg.sfu_bwe_start_kbps,
         viewer_max_kbps: cfg.sfu_viewer_max_kbps,
     }

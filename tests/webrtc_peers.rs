@@ -360,19 +360,24 @@ struct SfuPeer {
 /// Like `bridge`, for the SFU: outgoing `data` becomes `signal {room, to:"sfu", data}`,
 /// `raw` frames go out unchanged, and incoming frames are split into the SFU's signals and the
 /// rest.
+/// `rewrite` (from, to) replaces text in the SDP the SFU sends (its candidate's address, to
+/// route the media through a [`Relay`]); with it, the peer's own candidates are not sent.
 fn sfu_bridge(
     ws: Ws,
     room: &'static str,
-    mut out_rx: UnboundedReceiver<Value>,
-    mut raw_rx: UnboundedReceiver<Value>,
+    (mut out_rx, mut raw_rx): (UnboundedReceiver<Value>, UnboundedReceiver<Value>),
     in_tx: UnboundedSender<Value>,
     frames: UnboundedSender<Value>,
+    rewrite: Option<(String, String)>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let (mut sink, mut stream) = ws.split();
         loop {
             let frame = tokio::select! {
                 data = out_rx.recv() => match data {
+                    // Relayed: the SFU must know the peer only at the relay, not at the
+                    // candidates it gathered (a path around the relay).
+                    Some(data) if rewrite.is_some() && data.get("candidate").is_some() => continue,
                     Some(data) => json!({"type": "signal", "room": room, "to": "sfu", "data": data}),
                     None => break,
                 },
@@ -385,7 +390,13 @@ fn sfu_bridge(
                     if let Message::Text(t) = msg {
                         let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
                         if v["type"] == "signal" && v["from"]["session"] == "sfu" {
-                            let _ = in_tx.send(v["data"].clone());
+                            let mut data = v["data"].clone();
+                            if let (Some((from, to)), Some(sdp)) =
+                                (&rewrite, data["sdp"]["sdp"].as_str())
+                            {
+                                data["sdp"]["sdp"] = json!(sdp.replace(from.as_str(), to));
+                            }
+                            let _ = in_tx.send(data);
                         } else {
                             let _ = frames.send(v);
                         }
@@ -442,9 +453,73 @@ async fn sfu_room(s: &Server, id: &str) {
     assert_eq!((st, &room["av"]["mode"]), (201, &json!("sfu")), "{room}");
 }
 
+/// A UDP relay between a peer and the SFU that can drop everything for a while (a network
+/// blip): the peer is told the relay's port in place of the SFU's, and the SFU sees the peer
+/// at the relay's other socket.
+struct Relay {
+    /// The port the peer sends to.
+    port: u16,
+    blocked: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(sfu: std::net::SocketAddr) -> Relay {
+        let near = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let far = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = near.local_addr().unwrap().port();
+        let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let drop_all = blocked.clone();
+        let task = tokio::spawn(async move {
+            let (mut a, mut b) = (vec![0u8; 2048], vec![0u8; 2048]);
+            let mut peer = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = near.recv_from(&mut a) => {
+                        peer = Some(from);
+                        if !drop_all.load(std::sync::atomic::Ordering::Relaxed) {
+                            let _ = far.send_to(&a[..n], sfu).await;
+                        }
+                    }
+                    Ok((n, _)) = far.recv_from(&mut b) => {
+                        if let Some(p) = peer && !drop_all.load(std::sync::atomic::Ordering::Relaxed) {
+                            let _ = near.send_to(&b[..n], p).await;
+                        }
+                    }
+                }
+            }
+        });
+        Relay {
+            port,
+            blocked,
+            task,
+        }
+    }
+
+    fn block(&self, on: bool) {
+        self.blocked.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Joins the room's A/V (which must answer `mode:"sfu"`), offers one Opus track and starts
 /// publishing it once connected.
-async fn sfu_peer(mut c: Client, room: &'static str, mark: u8) -> SfuPeer {
+async fn sfu_peer(c: Client, room: &'static str, mark: u8) -> SfuPeer {
+    sfu_peer_via(c, room, mark, None).await
+}
+
+/// [`sfu_peer`], with the media through `relay` (for the SFU at `sfu`) if given.
+async fn sfu_peer_via(
+    mut c: Client,
+    room: &'static str,
+    mark: u8,
+    relay: Option<(&Relay, std::net::SocketAddr)>,
+) -> SfuPeer {
     let joined = c.ok(json!({"type": "av_join", "room": room})).await;
     assert_eq!(joined["mode"], "sfu", "{joined}");
     let (out, out_rx) = unbounded_channel();
@@ -461,7 +536,19 @@ async fn sfu_peer(mut c: Client, room: &'static str, mark: u8) -> SfuPeer {
     .unwrap();
     let track = opus_track(&pc, 1000 + u32::from(mark)).await.unwrap();
     let mut tasks = vec![
-        sfu_bridge(c.ws, room, out_rx, raw_rx, in_tx, frames_tx),
+        sfu_bridge(
+            c.ws,
+            room,
+            (out_rx, raw_rx),
+            in_tx,
+            frames_tx,
+            relay.map(|(r, sfu)| {
+                (
+                    format!(" {} typ host", sfu.port()),
+                    format!(" {} typ host", r.port),
+                )
+            }),
+        ),
         tokio::spawn({
             let (pc, out) = (pc.clone(), out.clone());
             async move {
@@ -657,6 +744,74 @@ async fn an_sfu_peer_whose_connectivity_is_lost_is_told_and_joins_again() {
     assert_eq!(again["mode"], "sfu", "{again}");
     host.close().await;
     a.close().await;
+    s.stop().await;
+}
+
+/// A peer whose packets are all lost for a while, shorter than the SFU's ICE grace, keeps its
+/// SFU session: the SFU sees its ICE lost and back (the counters `/metrics` shows), never says
+/// `av_closed`, holds both sessions throughout, and media flows both ways again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sfu_peer_cut_off_for_less_than_the_grace_keeps_its_session() {
+    let s = Server::sqlite(|c| {
+        c.sfu_ice_grace_ms = 60_000;
+        c.sfu_ice_lost_ms = 2_000;
+    })
+    .await;
+    sfu_room(&s, "blip").await;
+    let sfu = s.app.sfu.as_ref().unwrap();
+    let sfu_addr = sfu.local_addr();
+    let mut host = Client::connect(
+        s.addr,
+        &token("host", PlatformRole::Tutor, &[("blip", RoomRole::Host)]),
+    )
+    .await;
+    let mut a = s.client("a").await;
+    for c in [&mut host, &mut a] {
+        c.join("blip").await;
+    }
+    let relay = Relay::start(sfu_addr).await;
+    let mut host = sfu_peer(host, "blip", 1).await;
+    let mut a = sfu_peer_via(a, "blip", 2, Some((&relay, sfu_addr))).await;
+    host.hears(&[2]).await;
+    a.hears(&[1]).await;
+
+    let counter = |name: &str| {
+        let c = sfu.stats().counters();
+        c.iter().find(|x| x.0 == name).map_or(0, |x| x.2)
+    };
+    // The SFU's ICE keeps a pair the peer checked within the last 15 s, so loss shows after
+    // that at the earliest: a longer bound than `within`'s.
+    let until = |name: &'static str| async move {
+        let counted = async {
+            while counter(name) == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(45), counted)
+            .await
+            .unwrap_or_else(|_| panic!("timed out: {name}"));
+    };
+    relay.block(true);
+    until("studyhall_sfu_ice_lost_total").await;
+    relay.block(false);
+    until("studyhall_sfu_ice_recovered_total").await;
+    assert_eq!(sfu.sessions(), 2, "both kept through the blip");
+    // Media again, both ways: what arrives from now on.
+    while host.ev.try_recv().is_ok() {}
+    while a.ev.try_recv().is_ok() {}
+    host.hears(&[2]).await;
+    a.hears(&[1]).await;
+    let mut told = Vec::new();
+    while let Ok(f) = a.frames.try_recv() {
+        told.push(f);
+    }
+    assert!(
+        !told.iter().any(|f| f["type"] == "av_closed"),
+        "no av_closed within the grace: {told:?}"
+    );
+    host.close().await;
+    a.close().await;
+    drop(relay);
     s.stop().await;
 }
 

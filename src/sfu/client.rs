@@ -5,10 +5,12 @@
 //! simulcast layer a viewer gets follows its egress bandwidth estimate (`layers.rs`).
 
 use super::layers::{DOWN_HOLD, Meter, Switch, UP_HOLD, choose};
-use super::{SfuError, TrackKind};
+use super::{SfuError, SfuStats, TrackKind};
 use crate::protocol::{SdpKind, sdp_signal};
 use serde_json::Value;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
@@ -101,6 +103,8 @@ pub(super) struct Client {
     pub dirty: bool,
     /// When the `Rtc` next wants time (`Input::Timeout`).
     pub due: Instant,
+    /// The SFU's counters (its own until the driver hands it the shared ones).
+    pub stats: Arc<SfuStats>,
 }
 
 fn bad(m: impl Into<String>) -> SfuError {
@@ -130,6 +134,7 @@ impl Client {
             estimate: None,
             dirty: true,
             due: Instant::now(),
+            stats: Arc::default(),
         }
     }
 
@@ -336,10 +341,15 @@ impl Client {
         match e {
             // Lost: kept for the grace (the driver closes it after), so that a client whose
             // network blipped, or that restarts ICE, keeps its session and tracks.
-            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                self.ice_lost_since.get_or_insert_with(Instant::now);
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected)
+                if self.ice_lost_since.is_none() =>
+            {
+                self.stats.ice_lost.fetch_add(1, Relaxed);
+                self.ice_lost_since = Some(Instant::now());
             }
-            Event::IceConnectionStateChange(_) => {
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {}
+            Event::IceConnectionStateChange(_) if self.ice_lost_since.is_some() => {
+                self.stats.ice_recovered.fetch_add(1, Relaxed);
                 self.ice_lost_since = None;
             }
             Event::MediaAdded(m)
@@ -397,6 +407,7 @@ impl Client {
         if let Some(mut w) = self.rtc.writer(mid)
             && w.request_keyframe(rid, KeyframeRequestKind::Pli).is_ok()
         {
+            self.stats.keyframe_requests.fetch_add(1, Relaxed);
             match asked {
                 Some(i) => t.keyframe_asked[i].1 = Instant::now(),
                 None => t.keyframe_asked.push((rid, Instant::now())),
@@ -424,7 +435,12 @@ impl Client {
         };
         let time = if t.kind == MediaKind::Video {
             let keyframe = (!matches!(d.codec_extra, CodecExtra::None)).then(|| d.is_keyframe());
-            match t.switch.admit(d.rid, keyframe, d.time, d.network_time) {
+            let before = t.switch.current();
+            let admitted = t.switch.admit(d.rid, keyframe, d.time, d.network_time);
+            if t.switch.current() != before && t.switch.current().is_some() {
+                self.stats.layer_switches.fetch_add(1, Relaxed);
+            }
+            match admitted {
                 Some(time) => time,
                 None => return,
             }
@@ -438,9 +454,14 @@ impl Client {
         let Some(pt) = w.match_params(d.params) else {
             return;
         };
-        if let Err(e) = w.write(pt, d.network_time, time, d.data.clone()) {
-            tracing::debug!(error = %e, "SFU write failed");
-            self.rtc.disconnect();
+        match w.write(pt, d.network_time, time, d.data.clone()) {
+            Ok(()) => {
+                self.stats.frames_forwarded.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "SFU write failed");
+                self.rtc.disconnect();
+            }
         }
     }
 
@@ -578,5 +599,8 @@ mod tests {
         );
         assert!(!c.ice_lost_past(lost + grace * 2, grace));
         assert!(out.is_empty());
+        let counted = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+        assert_eq!(counted(&c.stats.ice_lost), 1);
+        assert_eq!(counted(&c.stats.ice_recovered), 1);
     }
 }

@@ -6,7 +6,7 @@
 //! by source address before any scan, so a turn's cost follows the traffic, not the sessions.
 
 use super::client::{Client, Propagate, TrackKey, host_candidate, media_kind};
-use super::{Cmd, Member, Notice, Notify, SfuConfig, SfuError, TrackKind};
+use super::{Cmd, Member, Notice, Notify, SfuConfig, SfuError, SfuStats, TrackKind};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +30,22 @@ const SPEECH_DBOV: i8 = -50;
 /// How often layer rates are measured and each viewer's simulcast layers chosen.
 const SELECT_EVERY: Duration = Duration::from_millis(250);
 
+/// The first wait between connectivity checks (str0m's, as browsers).
+const STUN_RTO: Duration = Duration::from_millis(250);
+
+/// The STUN timing (the longest wait between checks, the checks) under which unanswered checks
+/// count as ICE lost after about `lost_after`: the waits double from 250 ms up to an eighth of
+/// it (250 ms..3 s), and the agent gives up after its last wait, as str0m's ICE agent counts.
+fn stun_timing(lost_after: Duration) -> (Duration, usize) {
+    let max_rto = (lost_after / 8).clamp(STUN_RTO, Duration::from_secs(3));
+    let delay = |n: usize| (STUN_RTO * (1u32 << (n - 1).min(16))).min(max_rto);
+    let gives_up_after = |m: usize| (2..=m).map(delay).sum::<Duration>() + delay(m);
+    let checks = (2..64)
+        .find(|&m| gives_up_after(m) >= lost_after)
+        .unwrap_or(64);
+    (max_rto, checks)
+}
+
 /// A room's SFU: its sessions and who spoke lately.
 #[derive(Default)]
 struct Room {
@@ -47,6 +63,7 @@ pub(super) struct Driver {
     cfg: SfuConfig,
     notify: Notify,
     sessions: Arc<AtomicUsize>,
+    stats: Arc<SfuStats>,
     /// (room, session) -> client
     clients: HashMap<(String, String), Client>,
     rooms: BTreeMap<String, Room>,
@@ -62,7 +79,7 @@ impl Driver {
         addr: SocketAddr,
         cfg: SfuConfig,
         notify: Notify,
-        sessions: Arc<AtomicUsize>,
+        (sessions, stats): (Arc<AtomicUsize>, Arc<SfuStats>),
     ) -> Self {
         Self {
             socket,
@@ -70,6 +87,7 @@ impl Driver {
             cfg,
             notify,
             sessions,
+            stats,
             clients: HashMap::new(),
             rooms: BTreeMap::new(),
             by_addr: HashMap::new(),
@@ -449,6 +467,9 @@ impl Driver {
         config
             .codec_config()
             .add_h264(108.into(), Some(109.into()), true, 0x42e01f);
+        let (max_rto, retransmits) = stun_timing(Duration::from_millis(self.cfg.ice_lost_ms));
+        config.set_max_stun_rto(max_rto);
+        config.set_max_stun_retransmits(retransmits);
         let mut rtc = config
             .set_crypto_provider(self.crypto.clone())
             .enable_bwe(
@@ -465,6 +486,7 @@ impl Driver {
             can_publish,
             rtc,
         );
+        client.stats = self.stats.clone();
         // Tracks already published in the room reach the newcomer once it has offered.
         for c in self.clients.values().filter(|c| c.room == room) {
             for t in &c.tracks_in {
@@ -564,5 +586,27 @@ impl Driver {
                 self.rooms.remove(room);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ice_counts_as_lost_after_about_the_time_asked() {
+        assert_eq!(
+            stun_timing(Duration::from_secs(2)),
+            (Duration::from_millis(250), 8)
+        );
+        assert_eq!(
+            stun_timing(Duration::from_secs(10)),
+            (Duration::from_millis(1250), 9)
+        );
+        // (str0m's own default, 3 s and 9 checks, gives up after 21.5 s.)
+        assert_eq!(
+            stun_timing(Duration::from_secs(30)),
+            (Duration::from_millis(3000), 12)
+        );
     }
 }

@@ -13,7 +13,7 @@ mod layers;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 /// Why the SFU refused a command.
@@ -65,6 +65,55 @@ pub enum Notice {
     },
 }
 
+/// What the SFU has done since it started, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SfuStats {
+    /// Peer connections whose ICE connectivity was lost (each time).
+    pub ice_lost: AtomicU64,
+    /// ... and came back within the grace (the client's network returned, or an ICE restart).
+    pub ice_recovered: AtomicU64,
+    /// Viewers moved from one simulcast layer to another (or started on one).
+    pub layer_switches: AtomicU64,
+    /// Keyframe requests (PLI) sent to publishers.
+    pub keyframe_requests: AtomicU64,
+    /// Media frames written to viewers.
+    pub frames_forwarded: AtomicU64,
+}
+
+impl SfuStats {
+    /// The counters as (Prometheus name, help, value).
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 5] {
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            (
+                "studyhall_sfu_ice_lost_total",
+                "SFU peer connections whose ICE connectivity was lost.",
+                v(&self.ice_lost),
+            ),
+            (
+                "studyhall_sfu_ice_recovered_total",
+                "SFU peer connections whose lost ICE connectivity came back within the grace.",
+                v(&self.ice_recovered),
+            ),
+            (
+                "studyhall_sfu_layer_switches_total",
+                "SFU viewers moved onto a simulcast layer.",
+                v(&self.layer_switches),
+            ),
+            (
+                "studyhall_sfu_keyframe_requests_total",
+                "Keyframe requests (PLI) the SFU sent to publishers.",
+                v(&self.keyframe_requests),
+            ),
+            (
+                "studyhall_sfu_frames_forwarded_total",
+                "Media frames the SFU wrote to viewers.",
+                v(&self.frames_forwarded),
+            ),
+        ]
+    }
+}
+
 /// Where notices go.
 pub type Notify = Arc<dyn Fn(Notice) + Send + Sync>;
 
@@ -78,6 +127,8 @@ pub struct SfuConfig {
     pub keyframe_ms: u64,
     /// How long a peer connection whose ICE was lost is kept before it is closed.
     pub ice_grace_ms: u64,
+    /// How long unanswered connectivity checks take to count as ICE lost (about).
+    pub ice_lost_ms: u64,
     /// Each viewer's egress bandwidth estimate before TWCC has measured it, kbit/s.
     pub bwe_start_kbps: u64,
     /// The most media one viewer is sent, kbit/s (0: no cap beyond its estimate).
@@ -141,6 +192,7 @@ pub struct Sfu {
     tx: mpsc::Sender<Cmd>,
     addr: SocketAddr,
     sessions: Arc<AtomicUsize>,
+    stats: Arc<SfuStats>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -161,12 +213,14 @@ impl Sfu {
         let addr = socket.local_addr()?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let sessions = Arc::new(AtomicUsize::new(0));
-        let d = driver::Driver::new(socket, addr, cfg, notify, sessions.clone());
+        let stats = Arc::new(SfuStats::default());
+        let d = driver::Driver::new(socket, addr, cfg, notify, (sessions.clone(), stats.clone()));
         let task = tokio::spawn(d.run(rx));
         Ok(Self {
             tx,
             addr,
             sessions,
+            stats,
             task,
         })
     }
@@ -179,6 +233,11 @@ impl Sfu {
     /// SFU sessions (peer connections) held now, every room together.
     pub fn sessions(&self) -> usize {
         self.sessions.load(Ordering::Acquire)
+    }
+
+    /// What the SFU has done since it started.
+    pub fn stats(&self) -> &SfuStats {
+        &self.stats
     }
 
     /// Stops the driver: every peer connection is dropped.

@@ -979,10 +979,43 @@ impl Store {
             .fetch_all(self.pool())
             .await?;
         out.retain(|s| s.role.can_moderate() || !banned.iter().any(|b| b == s.id.as_str()));
+        let ids: Vec<&str> = out.iter().map(|s| s.id.as_str()).collect();
+        let counts = self.unread_in(&ids, user).await?;
         for s in &mut out {
-            s.unread = self.unread(&s.id, user).await?;
+            s.unread = counts.get(s.id.as_str()).copied().unwrap_or(0);
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// [`Store::unread`] for many rooms at once: one query per `UNREAD_ROOMS_PER_QUERY` rooms;
+    /// rooms with nothing unread are left out.
+    async fn unread_in(
+        &self,
+        rooms: &[&str],
+        user: &UserId,
+    ) -> Result<std::collections::HashMap<String, i64>> {
+        /// Rooms (bound parameters) in one unread-count query.
+        const UNREAD_ROOMS_PER_QUERY: usize = 500;
+        let mut out = std::collections::HashMap::new();
+        for chunk in rooms.chunks(UNREAD_ROOMS_PER_QUERY) {
+            let list: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT m.room_id, COUNT(*) FROM messages m \
+                 LEFT JOIN read_markers r ON r.room_id = m.room_id AND r.user_id = $1 \
+                 WHERE m.room_id IN ({}) AND m.sender_id <> $1 AND m.deleted = 0 \
+                 AND m.seq > COALESCE(r.seq, 0) GROUP BY m.room_id",
+                list.join(", ")
+            );
+            // Only numbered placeholders are spliced in; every value is bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user.as_str());
+            for room in chunk {
+                q = q.bind(*room);
+            }
+            for row in q.fetch_all(self.pool()).await? {
+                out.insert(row.try_get(0)?, row.try_get(1)?);
+            }
+        }
         Ok(out)
     }
 

@@ -477,6 +477,18 @@ macro_rules! room_columns {
 }
 const SELECT_ROOM: &str = concat!("SELECT ", room_columns!(), " FROM rooms WHERE id = $1");
 
+/// The room as the caller's transaction sees it (`not found` when there is none).
+async fn room_in(tx: &mut writer::Tx<'_>, id: &RoomId) -> Result<Room> {
+    let row = sqlx::query(SELECT_ROOM)
+        .bind(id.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.as_ref()
+        .map(room_from_row)
+        .transpose()?
+        .ok_or(StoreError::NotFound("room"))
+}
+
 fn room_from_row(row: &AnyRow) -> Result<Room> {
     let kind: String = row.try_get("kind")?;
     let visibility: String = row.try_get("visibility")?;
@@ -714,15 +726,7 @@ impl Store {
                 room.id
             )));
         }
-        let row = sqlx::query(SELECT_ROOM)
-            .bind(room.id.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
-        let created = row
-            .as_ref()
-            .map(room_from_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound("room"))?;
+        let created = room_in(tx, &room.id).await?;
         let queued = self
             .webhook_in(tx, EventType::RoomCreated, &created)
             .await?;
@@ -744,15 +748,7 @@ impl Store {
         if res.rows_affected() == 0 || !self.webhooks_want(EventType::RoomArchived) {
             return Ok(false);
         }
-        let row = sqlx::query(SELECT_ROOM)
-            .bind(id.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
-        let room = row
-            .as_ref()
-            .map(room_from_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound("room"))?;
+        let room = room_in(tx, id).await?;
         self.webhook_in(tx, EventType::RoomArchived, &room).await
     }
 

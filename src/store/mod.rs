@@ -760,22 +760,9 @@ impl Store {
         kind: EventType,
         room: &Room,
     ) -> Result<bool> {
-        if !self.webhooks_want(kind) {
-            return Ok(false);
-        }
-        let data = serde_json::to_value(room)
-            .map_err(|e| StoreError::Corrupt(format!("room {}: {e}", room.id)))?;
-        webhooks::enqueue(
-            tx,
-            webhooks::Outgoing {
-                kind,
-                room: Some(&room.id),
-                seq: None,
-                ts: now_ms(),
-                data,
-            },
-        )
-        .await
+        let what = || format!("room {}", room.id);
+        self.enqueue_value(tx, kind, Some(&room.id), now_ms(), room, what)
+            .await
     }
 
     pub async fn room(&self, id: &RoomId) -> Result<Option<Room>> {

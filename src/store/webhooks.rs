@@ -405,6 +405,33 @@ impl Store {
         self.inner.subscribed.has(t)
     }
 
+    /// Queues a `kind` event whose data is `value`, inside `tx`, when some endpoint subscribes
+    /// to `kind`; returns whether a delivery was queued (notify the sender after commit).
+    /// `what` names the value in the error should it not serialise.
+    pub(super) async fn enqueue_value<T: Serialize>(
+        &self,
+        tx: &mut Tx<'_>,
+        kind: EventType,
+        room: Option<&RoomId>,
+        ts: i64,
+        value: &T,
+        what: impl FnOnce() -> String,
+    ) -> Result<bool> {
+        if !self.webhooks_want(kind) {
+            return Ok(false);
+        }
+        let data = serde_json::to_value(value)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))?;
+        let ev = Outgoing {
+            kind,
+            room,
+            seq: None,
+            ts,
+            data,
+        };
+        enqueue(tx, ev).await
+    }
+
     /// Wakes the sender when a commit queued deliveries.
     pub fn outbox_notify(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.inner.outbox.clone()

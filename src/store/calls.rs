@@ -53,10 +53,7 @@ impl Store {
         } else {
             false
         };
-        tx.commit().await?;
-        if queued {
-            self.outbox_notify().notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(())
     }
 

@@ -694,10 +694,7 @@ impl Store {
     pub async fn create_room(&self, room: &Room) -> Result<Room> {
         let mut tx = self.begin_write().await?;
         let (created, queued) = self.create_room_in(&mut tx, room).await?;
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(created)
     }
 
@@ -833,10 +830,7 @@ impl Store {
         } else {
             false
         };
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         self.room(id).await?.ok_or(StoreError::NotFound("room"))
     }
 

@@ -220,10 +220,7 @@ impl Store {
         let queued = self
             .enqueue_value(&mut tx, kind, Some(room), report.ts, &report, what)
             .await?;
-        tx.commit().await?;
-        if queued {
-            self.outbox_notify().notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(report)
     }
 

@@ -432,6 +432,15 @@ impl Store {
         enqueue(tx, ev).await
     }
 
+    /// Commits `tx` and then, when it `queued` deliveries, wakes the sender.
+    pub(super) async fn commit_and_wake(&self, tx: Tx<'_>, queued: bool) -> Result<()> {
+        tx.commit().await?;
+        if queued {
+            self.inner.outbox.notify_one();
+        }
+        Ok(())
+    }
+
     /// Wakes the sender when a commit queued deliveries.
     pub fn outbox_notify(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.inner.outbox.clone()
@@ -510,10 +519,7 @@ impl Store {
         } else {
             false
         };
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(())
     }
 
@@ -541,10 +547,7 @@ impl Store {
         }
         let mut tx = self.begin_write().await?;
         let queued = forget_member(&mut tx, room, user, node, epoch, reason).await?;
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(())
     }
 
@@ -578,11 +581,8 @@ impl Store {
             let run: i64 = r.try_get("epoch")?;
             let mut tx = self.begin_write().await?;
             let queued = forget_member(&mut tx, &room, user, node, run, "disconnect").await?;
-            tx.commit().await?;
-            if queued {
-                left += 1;
-                self.inner.outbox.notify_one();
-            }
+            self.commit_and_wake(tx, queued).await?;
+            left += u64::from(queued);
         }
         Ok(left)
     }

@@ -503,21 +503,17 @@ mod tests {
     #[test]
     fn link_policies() {
         let deny = rules(&[], LinkPolicy::Deny);
-        for text in [
-            "see https://ads.example.com/x",
-            "www.casino.io",
-            "visit cheap.biz/now",
-            "(http://a.b)",
+        for (text, refused) in [
+            ("see https://ads.example.com/x", true),
+            ("www.casino.io", true),
+            ("visit cheap.biz/now", true),
+            ("(http://a.b)", true),
+            ("version 1.2 is out", false),
+            ("e.g. this", false),
+            ("3.14159", false),
+            ("end of sentence.Next", false),
         ] {
-            assert!(check_rules(&deny, text, false).is_err(), "{text}");
-        }
-        for text in [
-            "version 1.2 is out",
-            "e.g. this",
-            "3.14159",
-            "end of sentence.Next",
-        ] {
-            assert!(check_rules(&deny, text, false).is_ok(), "{text}");
+            assert_eq!(check_rules(&deny, text, false).is_err(), refused, "{text}");
         }
         assert!(
             check_rules(&deny, "https://x.com", true).is_ok(),

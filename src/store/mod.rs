@@ -1035,16 +1035,29 @@ impl Store {
         limit: u32,
         view: View,
     ) -> Result<EventPage> {
-        let mut events: Vec<String> = sqlx::query_scalar(
-            "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END FROM events \
-             WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $4",
-        )
-        .bind(room.as_str())
-        .bind(after_seq)
-        .bind(view.flag())
-        .bind(i64::from(limit) + 1)
-        .fetch_all(self.pool())
-        .await?;
+        let sql = "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END \
+                   FROM events WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $4";
+        self.event_page(sql, room, after_seq, view, limit).await
+    }
+
+    /// A page of event bodies from `sql`, which binds the room, a seq bound, the view's flag
+    /// and how many rows to read: at most `limit` of them, in `sql`'s order, and whether more
+    /// matched.
+    async fn event_page(
+        &self,
+        sql: &'static str,
+        room: &RoomId,
+        seq: i64,
+        view: View,
+        limit: u32,
+    ) -> Result<EventPage> {
+        let mut events: Vec<String> = sqlx::query_scalar(sql)
+            .bind(room.as_str())
+            .bind(seq)
+            .bind(view.flag())
+            .bind(i64::from(limit) + 1)
+            .fetch_all(self.pool())
+            .await?;
         let has_more = events.len() > limit as usize;
         events.truncate(limit as usize);
         Ok(EventPage { events, has_more })
@@ -1087,20 +1100,12 @@ impl Store {
         limit: u32,
         view: View,
     ) -> Result<EventPage> {
-        let mut events: Vec<String> = sqlx::query_scalar(
-            "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END FROM events \
-             WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $4",
-        )
-        .bind(room.as_str())
-        .bind(before_seq.unwrap_or(i64::MAX))
-        .bind(view.flag())
-        .bind(i64::from(limit) + 1)
-        .fetch_all(self.pool())
-        .await?;
-        let has_more = events.len() > limit as usize;
-        events.truncate(limit as usize);
-        events.reverse();
-        Ok(EventPage { events, has_more })
+        let sql = "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END \
+                   FROM events WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $4";
+        let before = before_seq.unwrap_or(i64::MAX);
+        let mut page = self.event_page(sql, room, before, view, limit).await?;
+        page.events.reverse();
+        Ok(page)
     }
 
     // -- settings ------------------------------------------------------------------------------

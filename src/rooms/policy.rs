@@ -34,6 +34,16 @@ struct Access {
     banned: HashSet<UserId>,
 }
 
+impl Access {
+    fn set_banned(&mut self, user: &UserId, banned: bool) {
+        if banned {
+            self.banned.insert(user.clone());
+        } else {
+            self.banned.remove(user);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked mid-update of plain maps; the data
     // is still usable.
@@ -321,11 +331,7 @@ impl Policies {
         let role = store.member_role(room, user).await?;
         if let Some(p) = self.map.get(room) {
             let mut access = write(&p.access);
-            if banned {
-                access.banned.insert(user.clone());
-            } else {
-                access.banned.remove(user);
-            }
+            access.set_banned(user, banned);
             match role {
                 Some(r) => access.members.insert(user.clone(), r),
                 None => access.members.remove(user),
@@ -402,12 +408,7 @@ impl Policies {
     pub fn ban_changed(&self, room: &RoomId, user: &UserId, banned: bool) {
         self.changed(room);
         if let Some(p) = self.map.get(room) {
-            let mut access = write(&p.access);
-            if banned {
-                access.banned.insert(user.clone());
-            } else {
-                access.banned.remove(user);
-            }
+            write(&p.access).set_banned(user, banned);
         }
     }
 

@@ -9,6 +9,7 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
 use serde::{Deserialize, Serialize};
+use std::marker::PhantomData;
 
 /// A contribution that can earn points. The names are the keys of the point table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -40,10 +41,11 @@ impl Action {
     }
 }
 
-/// Points per action (also the shape of the daily cap table).
+/// One number per [`Action`], keyed by the action's name in the configuration file: the
+/// point table and the daily caps. `D` gives the number a key left out of the file takes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PointTable {
+#[serde(default, deny_unknown_fields, bound = "")]
+pub struct ActionTable<D: TableDefaults> {
     pub message: i64,
     pub question: i64,
     pub answer: i64,
@@ -51,9 +53,67 @@ pub struct PointTable {
     pub reaction_received: i64,
     pub checkin: i64,
     pub quiz_correct: i64,
+    #[serde(skip)]
+    defaults: PhantomData<D>,
 }
 
-impl PointTable {
+/// The numbers an [`ActionTable`] of this kind starts from.
+pub trait TableDefaults: Sized {
+    fn defaults() -> ActionTable<Self>;
+}
+
+/// Points per action.
+pub type PointTable = ActionTable<Points>;
+
+/// Awards per user, room, action and local day (a key left out of the file keeps its default
+/// cap, not its default points).
+pub type DailyCaps = ActionTable<Caps>;
+
+/// The defaults of [`PointTable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Points {}
+
+/// The defaults of [`DailyCaps`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caps {}
+
+impl TableDefaults for Points {
+    fn defaults() -> PointTable {
+        ActionTable {
+            message: 1,
+            question: 5,
+            answer: 10,
+            helpful: 15,
+            reaction_received: 2,
+            checkin: 3,
+            quiz_correct: 10,
+            defaults: PhantomData,
+        }
+    }
+}
+
+impl TableDefaults for Caps {
+    fn defaults() -> DailyCaps {
+        ActionTable {
+            message: 50,
+            question: 10,
+            answer: 20,
+            helpful: 20,
+            reaction_received: 50,
+            checkin: 1,
+            quiz_correct: 20,
+            defaults: PhantomData,
+        }
+    }
+}
+
+impl<D: TableDefaults> Default for ActionTable<D> {
+    fn default() -> Self {
+        D::defaults()
+    }
+}
+
+impl<D: TableDefaults> ActionTable<D> {
     pub fn get(&self, a: Action) -> i64 {
         match a {
             Action::Message => self.message,
@@ -63,18 +123,6 @@ impl PointTable {
             Action::ReactionReceived => self.reaction_received,
             Action::Checkin => self.checkin,
             Action::QuizCorrect => self.quiz_correct,
-        }
-    }
-
-    fn default_points() -> Self {
-        Self {
-            message: 1,
-            question: 5,
-            answer: 10,
-            helpful: 15,
-            reaction_received: 2,
-            checkin: 3,
-            quiz_correct: 10,
         }
     }
 
@@ -88,58 +136,6 @@ impl PointTable {
             self.checkin,
             self.quiz_correct,
         ]
-    }
-}
-
-impl Default for PointTable {
-    fn default() -> Self {
-        Self::default_points()
-    }
-}
-
-/// Awards per user, room, action and local day (same keys as the point table; a key left out
-/// of the file keeps its default cap, not its default points).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DailyCaps {
-    pub message: i64,
-    pub question: i64,
-    pub answer: i64,
-    pub helpful: i64,
-    pub reaction_received: i64,
-    pub checkin: i64,
-    pub quiz_correct: i64,
-}
-
-impl Default for DailyCaps {
-    fn default() -> Self {
-        Self {
-            message: 50,
-            question: 10,
-            answer: 20,
-            helpful: 20,
-            reaction_received: 50,
-            checkin: 1,
-            quiz_correct: 20,
-        }
-    }
-}
-
-impl DailyCaps {
-    pub fn get(&self, a: Action) -> i64 {
-        self.as_table().get(a)
-    }
-
-    fn as_table(&self) -> PointTable {
-        PointTable {
-            message: self.message,
-            question: self.question,
-            answer: self.answer,
-            helpful: self.helpful,
-            reaction_received: self.reaction_received,
-            checkin: self.checkin,
-            quiz_correct: self.quiz_correct,
-        }
     }
 }
 
@@ -247,7 +243,7 @@ pub struct EngagementConfig {
 impl Default for EngagementConfig {
     fn default() -> Self {
         Self {
-            points: PointTable::default_points(),
+            points: PointTable::default(),
             daily_caps: DailyCaps::default(),
             levels: vec![0, 50, 150, 400, 1000, 2500, 5000, 10_000],
             badges: default_badges(),
@@ -264,8 +260,8 @@ impl EngagementConfig {
         if self.levels.windows(2).any(|w| w[0] >= w[1]) {
             return Err("levels must be strictly ascending".into());
         }
-        let caps = self.daily_caps.as_table();
-        if self.points.values().iter().any(|p| *p < 0) || caps.values().iter().any(|c| *c < 0) {
+        let caps = self.daily_caps.values();
+        if self.points.values().iter().any(|p| *p < 0) || caps.iter().any(|c| *c < 0) {
             return Err("points and daily caps must be >= 0".into());
         }
         let mut ids = std::collections::HashSet::new();

@@ -1563,6 +1563,31 @@ mod tests {
         }
     }
 
+    /// Joins session `sid` of user `uid` (an outbox of 16) to `room` as a member who sees
+    /// presence; its handle and outbox.
+    fn enter(
+        hub: &Hub,
+        room: &RoomId,
+        sid: &str,
+        uid: &str,
+    ) -> (Arc<SessionHandle>, crate::outbox::OutboxReader) {
+        let (h, rx, _) = session(sid, uid, 16);
+        hub.join(room, &h, user(uid), false, false).unwrap();
+        (h, rx)
+    }
+
+    /// [`enter`], with the gate opened at once: the session hears the room from now on.
+    fn watch(
+        hub: &Hub,
+        room: &RoomId,
+        sid: &str,
+        uid: &str,
+    ) -> (Arc<SessionHandle>, crate::outbox::OutboxReader) {
+        let (h, rx) = enter(hub, room, sid, uid);
+        hub.open_gate(room, &h.id, 0);
+        (h, rx)
+    }
+
     /// What a session has after the presence round.
     fn flushed(hub: &Hub, rx: &mut crate::outbox::OutboxReader) -> Vec<String> {
         hub.send_presence();
@@ -1580,8 +1605,7 @@ mod tests {
     #[test]
     fn gate_holds_live_events_and_drops_replayed_ones() {
         let hub = Hub::new(Arc::default(), 10, 100, 100);
-        let (a, mut arx, _) = session("s1", "a", 16);
-        hub.join(&"r".into(), &a, user("a"), false, false).unwrap();
+        let (a, mut arx) = enter(&hub, &"r".into(), "s1", "a");
         hub.publish(ev("r", 5));
         hub.publish(ev("r", 6));
         assert!(drain(&mut arx).is_empty(), "gated");
@@ -1594,8 +1618,7 @@ mod tests {
     #[test]
     fn an_event_replayed_before_it_is_published_is_not_sent_twice() {
         let hub = Hub::new(Arc::default(), 10, 100, 100);
-        let (a, mut arx, _) = session("s1", "a", 16);
-        hub.join(&"r".into(), &a, user("a"), false, false).unwrap();
+        let (a, mut arx) = enter(&hub, &"r".into(), "s1", "a");
         // Seq 6 is committed and the joiner's replay read it (delivered 6) before the writer
         // got to publish it.
         hub.open_gate(&"r".into(), &a.id, 6);
@@ -1608,11 +1631,8 @@ mod tests {
     #[test]
     fn big_rooms_stop_broadcasting_presence_and_typing_but_count_everyone() {
         let hub = Hub::new(Arc::default(), 10, 100, 100).with_presence_limit(2);
-        let (w, mut wrx, _) = session("w", "w", 16);
-        hub.join(&"r".into(), &w, user("w"), false, false).unwrap();
-        hub.open_gate(&"r".into(), &w.id, 0);
-        let (a, _ar, _) = session("a", "a", 16);
-        hub.join(&"r".into(), &a, user("a"), false, false).unwrap();
+        let (_w, mut wrx) = watch(&hub, &"r".into(), "w", "w");
+        let (_a, _ar) = enter(&hub, &"r".into(), "a", "a");
         assert_eq!(
             flushed(&hub, &mut wrx).len(),
             1,
@@ -1692,15 +1712,11 @@ mod tests {
     fn a_drop_and_resume_within_a_presence_round_is_never_announced() {
         let hub = Hub::new(Arc::default(), 10, 100, 100);
         let r = RoomId::from("r");
-        let (w, mut wrx, _) = session("w", "w", 16);
-        hub.join(&r, &w, user("w"), false, false).unwrap();
-        hub.open_gate(&r, &w.id, 0);
-        let (a1, _a1rx, _) = session("a1", "a", 16);
-        hub.join(&r, &a1, user("a"), false, false).unwrap();
+        let (_w, mut wrx) = watch(&hub, &r, "w", "w");
+        let (a1, _a1rx) = enter(&hub, &r, "a1", "a");
         assert_eq!(flushed(&hub, &mut wrx).len(), 1, "a came");
         hub.leave(&r, &a1.id);
-        let (a2, _a2rx, _) = session("a2", "a", 16);
-        hub.join(&r, &a2, user("a"), false, false).unwrap();
+        let (a2, _a2rx) = enter(&hub, &r, "a2", "a");
         assert!(
             flushed(&hub, &mut wrx).is_empty(),
             "gone and back: nothing to say"
@@ -1715,11 +1731,8 @@ mod tests {
     fn a_newcomer_is_not_told_what_its_join_reply_said() {
         let hub = Hub::new(Arc::default(), 10, 100, 100);
         let r = RoomId::from("r");
-        let (w, mut wrx, _) = session("w", "w", 16);
-        hub.join(&r, &w, user("w"), false, false).unwrap();
-        hub.open_gate(&r, &w.id, 0);
-        let (a, _arx, _) = session("a", "a", 16);
-        hub.join(&r, &a, user("a"), false, false).unwrap();
+        let (_w, mut wrx) = watch(&hub, &r, "w", "w");
+        let (a, _arx) = enter(&hub, &r, "a", "a");
         // "n" joins in the same presence round: its reply lists a and w already.
         let (n, mut nrx, _) = session("n", "n", 16);
         let joined = hub.join(&r, &n, user("n"), false, false).unwrap();
@@ -1738,11 +1751,8 @@ mod tests {
     fn a_newcomer_hears_that_someone_it_was_told_had_gone_is_back() {
         let hub = Hub::new(Arc::default(), 10, 100, 100);
         let r = RoomId::from("r");
-        let (w, mut wrx, _) = session("w", "w", 16);
-        hub.join(&r, &w, user("w"), false, false).unwrap();
-        hub.open_gate(&r, &w.id, 0);
-        let (a1, _a1rx, _) = session("a1", "a", 16);
-        hub.join(&r, &a1, user("a"), false, false).unwrap();
+        let (_w, mut wrx) = watch(&hub, &r, "w", "w");
+        let (a1, _a1rx) = enter(&hub, &r, "a1", "a");
         flushed(&hub, &mut wrx);
         // a drops; n joins and is told a is not here; a resumes, all within one round.
         hub.leave(&r, &a1.id);
@@ -1750,8 +1760,7 @@ mod tests {
         let joined = hub.join(&r, &n, user("n"), false, false).unwrap();
         hub.open_gate(&r, &n.id, 0);
         assert!(joined.online.iter().all(|u| u.id.as_str() != "a"));
-        let (a2, _a2rx, _) = session("a2", "a", 16);
-        hub.join(&r, &a2, user("a"), false, false).unwrap();
+        let (_a2, _a2rx) = enter(&hub, &r, "a2", "a");
         let told = flushed(&hub, &mut nrx);
         assert_eq!(told.len(), 1, "{told:?}");
         assert!(told[0].contains("\"a\"") && told[0].contains("online"));
@@ -1783,9 +1792,7 @@ mod tests {
     fn presence_is_the_union_with_other_nodes() {
         let hub = Hub::new(Arc::default(), 10, 100, 100);
         let r = RoomId::from("r");
-        let (w, mut wrx, _) = session("w", "w", 16);
-        hub.join(&r, &w, user("w"), false, false).unwrap();
-        hub.open_gate(&r, &w.id, 0);
+        let (_w, mut wrx) = watch(&hub, &r, "w", "w");
         // Another node has "a" online: this node's sessions hear it once.
         hub.remote_presence(&r, &user("a"), true);
         hub.remote_presence(&r, &user("a"), true);

@@ -644,14 +644,16 @@ mod tests {
         ));
     }
 
-    /// Finishes the admission of a class-room member who may publish.
+    /// Finishes the admission of `joiner`, a class-room member who may publish, at its
+    /// generation, with the memberships listed `before` it.
     fn admitted(
         av: &mut AvRooms,
         room: &str,
-        peer: Peer,
-        generation: u64,
-        before: Vec<Membership>,
+        joiner: &Membership,
+        before: &[&Membership],
     ) -> (Vec<Peer>, Vec<Out>) {
+        let before = before.iter().map(|m| (*m).clone()).collect();
+        let (peer, generation) = (joiner.peer.clone(), joiner.generation);
         av.finish_join(room, AvKind::Class, peer, true, generation, before)
     }
 
@@ -675,7 +677,7 @@ mod tests {
             av.remote_joined("r", &mb("c", "c1.n2", 3)).is_empty(),
             "no local member yet"
         );
-        let (reply, outs) = admitted(&mut av, "r", p("a", "a1.n0"), 2, vec![mb("b", "b1.n1", 1)]);
+        let (reply, outs) = admitted(&mut av, "r", &mb("a", "a1.n0", 2), &[&mb("b", "b1.n1", 1)]);
         // a offers to b (listed), and hears of c, which joined after it (c offers to a).
         assert_eq!(reply, vec![p("b", "b1.n1")]);
         assert_eq!(outs.len(), 1);
@@ -697,17 +699,12 @@ mod tests {
             Err(SignalError::Forbidden(_))
         ));
         // A second local member: the local one and the remote join notices go to locals only.
-        let (reply, outs) = admitted(
-            &mut av,
-            "r",
-            p("d", "d1.n0"),
-            4,
-            vec![
-                mb("b", "b1.n1", 1),
-                mb("a", "a1.n0", 2),
-                mb("c", "c1.n2", 3),
-            ],
+        let (a, b, c) = (
+            mb("a", "a1.n0", 2),
+            mb("b", "b1.n1", 1),
+            mb("c", "c1.n2", 3),
         );
+        let (reply, outs) = admitted(&mut av, "r", &mb("d", "d1.n0", 4), &[&b, &a, &c]);
         assert_eq!(reply.len(), 3);
         assert_eq!(
             outs.iter().map(|o| o.to.as_str()).collect::<Vec<_>>(),
@@ -740,7 +737,8 @@ mod tests {
     fn cluster_generations_keep_old_news_from_undoing_newer() {
         let mut av = AvRooms::new(6);
         av.begin_join("s", AvKind::Class, "a1.n0");
-        admitted(&mut av, "s", p("a", "a1.n0"), 1, vec![]);
+        let a = mb("a", "a1.n0", 1);
+        admitted(&mut av, "s", &a, &[]);
         // b joins (2); its leave (2) is overtaken by its re-join (3): b stays.
         av.remote_joined("s", &mb("b", "b1.n1", 2));
         av.remote_joined("s", &mb("b", "b1.n1", 3));
@@ -753,33 +751,19 @@ mod tests {
         // A store listing read before b left (3) does not bring b back.
         assert_eq!(av.remote_left("s", "b1.n1", 3).len(), 1, "a hears b left");
         av.begin_join("s", AvKind::Class, "d1.n0");
-        let (reply, _) = admitted(
-            &mut av,
-            "s",
-            p("d", "d1.n0"),
-            5,
-            vec![
-                mb("a", "a1.n0", 1),
-                mb("b", "b1.n1", 3),
-                mb("c", "c1.n2", 4),
-            ],
+        let (b, c, d) = (
+            mb("b", "b1.n1", 3),
+            mb("c", "c1.n2", 4),
+            mb("d", "d1.n0", 5),
         );
+        let (reply, _) = admitted(&mut av, "s", &d, &[&a, &b, &c]);
         assert_eq!(reply, vec![p("a", "a1.n0")]);
         assert!(!av.knows("s", "b1.n1") && !av.knows("s", "c1.n2"));
         // Two local joins admitted in one order (e 6, f 7), finished in the other.
         av.begin_join("s", AvKind::Class, "e1.n0");
         av.begin_join("s", AvKind::Class, "f1.n0");
-        let (reply_f, outs_f) = admitted(
-            &mut av,
-            "s",
-            p("f", "f1.n0"),
-            7,
-            vec![
-                mb("a", "a1.n0", 1),
-                mb("d", "d1.n0", 5),
-                mb("e", "e1.n0", 6),
-            ],
-        );
+        let (e, f) = (mb("e", "e1.n0", 6), mb("f", "f1.n0", 7));
+        let (reply_f, outs_f) = admitted(&mut av, "s", &f, &[&a, &d, &e]);
         assert_eq!(reply_f.len(), 3, "f lists e and offers to it");
         assert!(
             outs_f.iter().all(|o| o.to != "e1.n0"),
@@ -791,13 +775,7 @@ mod tests {
             av.relay("s", &p("f", "f1.n0"), "e1.n0", &cand).unwrap().to,
             "e1.n0"
         );
-        let (reply_e, outs_e) = admitted(
-            &mut av,
-            "s",
-            p("e", "e1.n0"),
-            6,
-            vec![mb("a", "a1.n0", 1), mb("d", "d1.n0", 5)],
-        );
+        let (reply_e, outs_e) = admitted(&mut av, "s", &e, &[&a, &d]);
         assert_eq!(reply_e.len(), 2, "e does not list f");
         assert!(
             outs_e.iter().any(|o| o.to == "e1.n0"
@@ -812,18 +790,8 @@ mod tests {
         // A remote member admitted before a join but missing from its list has left.
         av.remote_joined("s", &mb("g", "g1.n1", 8));
         av.begin_join("s", AvKind::Class, "h1.n0");
-        let (reply_h, outs_h) = admitted(
-            &mut av,
-            "s",
-            p("h", "h1.n0"),
-            9,
-            vec![
-                mb("a", "a1.n0", 1),
-                mb("d", "d1.n0", 5),
-                mb("e", "e1.n0", 6),
-                mb("f", "f1.n0", 7),
-            ],
-        );
+        let h = mb("h", "h1.n0", 9);
+        let (reply_h, outs_h) = admitted(&mut av, "s", &h, &[&a, &d, &e, &f]);
         assert_eq!(reply_h.len(), 4);
         assert!(!av.knows("s", "g1.n1"));
         assert!(
@@ -839,7 +807,7 @@ mod tests {
     fn cluster_reconcile_with_the_store() {
         let mut av = AvRooms::new(6);
         av.begin_join("r", AvKind::Class, "a1.n0");
-        admitted(&mut av, "r", p("a", "a1.n0"), 2, vec![mb("b", "b1.n1", 1)]);
+        admitted(&mut av, "r", &mb("a", "a1.n0", 2), &[&mb("b", "b1.n1", 1)]);
         av.remote_joined("r", &mb("c", "c1.n2", 3));
         av.remote_joined("r", &mb("late", "l1.n2", 9));
         // The store (read at version 8) lists a and c and d: b's leave notice was lost, d's

@@ -599,6 +599,18 @@ mod tests {
             .collect()
     }
 
+    /// An audio and video call from `from` to `to`, ringing `sessions`, without call waiting.
+    fn request<'a>(id: &str, from: Peer, to: &'a str, sessions: &'a [String]) -> CallRequest<'a> {
+        CallRequest {
+            id: id.into(),
+            from,
+            to,
+            media: AV,
+            callee_sessions: sessions,
+            callee_accepts_waiting: false,
+        }
+    }
+
     fn calls() -> Calls {
         Calls::new(CallConfig {
             ring_timeout_ms: 30_000,
@@ -612,14 +624,7 @@ mod tests {
         let (id, outs) = c
             .call(
                 0,
-                CallRequest {
-                    id: "c1".into(),
-                    from: p("tutor", "t1"),
-                    to: "kid",
-                    media: AV,
-                    callee_sessions: &["k1".into(), "k2".into()],
-                    callee_accepts_waiting: false,
-                },
+                request("c1", p("tutor", "t1"), "kid", &["k1".into(), "k2".into()]),
             )
             .unwrap();
         assert_eq!(outs.len(), 2);
@@ -671,17 +676,7 @@ mod tests {
     fn missed_after_the_ring_timeout() {
         let mut c = calls();
         let (id, _) = c
-            .call(
-                0,
-                CallRequest {
-                    id: "c1".into(),
-                    from: p("a", "a1"),
-                    to: "b",
-                    media: AV,
-                    callee_sessions: &["b1".into()],
-                    callee_accepts_waiting: false,
-                },
-            )
+            .call(0, request("c1", p("a", "a1"), "b", &["b1".into()]))
             .unwrap();
         assert!(c.tick(29_999).is_empty());
         let outs = c.tick(30_000);
@@ -710,30 +705,10 @@ mod tests {
     #[test]
     fn busy_unless_the_callee_accepts_call_waiting() {
         let mut c = calls();
-        c.call(
-            0,
-            CallRequest {
-                id: "c1".into(),
-                from: p("a", "a1"),
-                to: "b",
-                media: AV,
-                callee_sessions: &["b1".into()],
-                callee_accepts_waiting: false,
-            },
-        )
-        .unwrap();
+        c.call(0, request("c1", p("a", "a1"), "b", &["b1".into()]))
+            .unwrap();
         let (id, outs) = c
-            .call(
-                5,
-                CallRequest {
-                    id: "c2".into(),
-                    from: p("x", "x1"),
-                    to: "b",
-                    media: AV,
-                    callee_sessions: &["b1".into()],
-                    callee_accepts_waiting: false,
-                },
-            )
+            .call(5, request("c2", p("x", "x1"), "b", &["b1".into()]))
             .unwrap();
         assert_eq!(id, "c2");
         assert_eq!(states(&outs), vec![("x1".into(), "busy".into())]);
@@ -743,12 +718,8 @@ mod tests {
             .call(
                 6,
                 CallRequest {
-                    id: "c3".into(),
-                    from: p("x", "x1"),
-                    to: "b",
-                    media: AV,
-                    callee_sessions: &["b1".into()],
                     callee_accepts_waiting: true,
+                    ..request("c3", p("x", "x1"), "b", &["b1".into()])
                 },
             )
             .unwrap();
@@ -762,30 +733,10 @@ mod tests {
     fn glare_resolves_to_one_call() {
         let mut c = calls();
         let (first, _) = c
-            .call(
-                0,
-                CallRequest {
-                    id: "c1".into(),
-                    from: p("a", "a1"),
-                    to: "b",
-                    media: AV,
-                    callee_sessions: &["b1".into()],
-                    callee_accepts_waiting: false,
-                },
-            )
+            .call(0, request("c1", p("a", "a1"), "b", &["b1".into()]))
             .unwrap();
         let (second, outs) = c
-            .call(
-                10,
-                CallRequest {
-                    id: "c2".into(),
-                    from: p("b", "b1"),
-                    to: "a",
-                    media: AV,
-                    callee_sessions: &["a1".into()],
-                    callee_accepts_waiting: false,
-                },
-            )
+            .call(10, request("c2", p("b", "b1"), "a", &["a1".into()]))
             .unwrap();
         assert_eq!(second, first);
         assert_eq!(states(&outs)[0], ("a1".into(), "accepted".into()));
@@ -798,14 +749,7 @@ mod tests {
         let (id, _) = c
             .call(
                 0,
-                CallRequest {
-                    id: "c1".into(),
-                    from: p("a", "a1"),
-                    to: "b",
-                    media: AV,
-                    callee_sessions: &["b1".into(), "b2".into()],
-                    callee_accepts_waiting: false,
-                },
+                request("c1", p("a", "a1"), "b", &["b1".into(), "b2".into()]),
             )
             .unwrap();
         assert!(matches!(
@@ -819,58 +763,24 @@ mod tests {
         let outs = c.reject(2, &p("b", "b2"), &id).unwrap();
         assert_eq!(states(&outs).len(), 3, "caller and both ringing devices");
         let (id, _) = c
-            .call(
-                3,
-                CallRequest {
-                    id: "c2".into(),
-                    from: p("a", "a1"),
-                    to: "b",
-                    media: AV,
-                    callee_sessions: &["b1".into()],
-                    callee_accepts_waiting: false,
-                },
-            )
+            .call(3, request("c2", p("a", "a1"), "b", &["b1".into()]))
             .unwrap();
         let outs = c.hangup(4, &p("a", "a1"), &id).unwrap();
         assert!(states(&outs).contains(&("b1".into(), "cancelled".into())));
         assert!(matches!(
-            c.call(
-                5,
-                CallRequest {
-                    id: "c3".into(),
-                    from: p("a", "a1"),
-                    to: "a",
-                    media: AV,
-                    callee_sessions: &["a1".into()],
-                    callee_accepts_waiting: false
-                }
-            ),
+            c.call(5, request("c3", p("a", "a1"), "a", &["a1".into()])),
             Err(SignalError::BadRequest(_))
         ));
         assert!(matches!(
-            c.call(
-                5,
-                CallRequest {
-                    id: "c3".into(),
-                    from: p("a", "a1"),
-                    to: "z",
-                    media: AV,
-                    callee_sessions: &[],
-                    callee_accepts_waiting: false
-                }
-            ),
+            c.call(5, request("c3", p("a", "a1"), "z", &[])),
             Err(SignalError::Unavailable(_))
         ));
         assert!(matches!(
             c.call(
                 5,
                 CallRequest {
-                    id: "c3".into(),
-                    from: p("a", "a1"),
-                    to: "b",
                     media: Media::default(),
-                    callee_sessions: &["b1".into()],
-                    callee_accepts_waiting: false
+                    ..request("c3", p("a", "a1"), "b", &["b1".into()])
                 }
             ),
             Err(SignalError::BadRequest(_))
@@ -883,14 +793,7 @@ mod tests {
         let (id, _) = c
             .call(
                 0,
-                CallRequest {
-                    id: "c1".into(),
-                    from: p("a", "a1"),
-                    to: "b",
-                    media: AV,
-                    callee_sessions: &["b1".into(), "b2".into()],
-                    callee_accepts_waiting: false,
-                },
+                request("c1", p("a", "a1"), "b", &["b1".into(), "b2".into()]),
             )
             .unwrap();
         let cand = json!({"candidate": null});
@@ -934,17 +837,7 @@ mod tests {
     fn a_dropped_party_may_resume_within_the_grace_period() {
         let mut c = calls();
         let (id, _) = c
-            .call(
-                0,
-                CallRequest {
-                    id: "c1".into(),
-                    from: p("a", "a1"),
-                    to: "b",
-                    media: AV,
-                    callee_sessions: &["b1".into()],
-                    callee_accepts_waiting: false,
-                },
-            )
+            .call(0, request("c1", p("a", "a1"), "b", &["b1".into()]))
             .unwrap();
         c.accept(1, &p("b", "b1"), &id).unwrap();
         let outs = c.session_closed(100, &p("a", "a1"));
@@ -975,17 +868,7 @@ mod tests {
     fn a_dropped_party_that_stays_away_fails_the_call() {
         let mut c = calls();
         let (id, _) = c
-            .call(
-                0,
-                CallRequest {
-                    id: "c1".into(),
-                    from: p("a", "a1"),
-                    to: "b",
-                    media: AV,
-                    callee_sessions: &["b1".into()],
-                    callee_accepts_waiting: false,
-                },
-            )
+            .call(0, request("c1", p("a", "a1"), "b", &["b1".into()]))
             .unwrap();
         c.accept(1, &p("b", "b1"), &id).unwrap();
         c.session_closed(100, &p("b", "b1"));
@@ -1004,14 +887,7 @@ mod tests {
         let (id, _) = c
             .call(
                 200,
-                CallRequest {
-                    id: "c2".into(),
-                    from: p("a", "a1"),
-                    to: "b",
-                    media: AV,
-                    callee_sessions: &["b1".into(), "b2".into()],
-                    callee_accepts_waiting: false,
-                },
+                request("c2", p("a", "a1"), "b", &["b1".into(), "b2".into()]),
             )
             .unwrap();
         assert!(c.session_closed(201, &p("b", "b1")).is_empty());

@@ -2,24 +2,13 @@
 //! rooms list. Each validates its input, checks the session's role in the room, and hands
 //! sequenced writes to the store's group-commit writer; the reply follows the commit.
 
-use super::{check_room_id, readable_role};
-use crate::command::{Ctx, Outcome, deferred};
+use super::{readable_role, writable};
+use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::hub::Frame;
 use crate::protocol::{self, ClientMsg, HISTORY_MAX_LIMIT, MessageId, RoomId, ServerMsg};
 use crate::store::View;
 use crate::store::{WriteOp, WriteOutcome};
-
-fn writable(ctx: &Ctx, room: &RoomId) -> Result<protocol::RoomRole> {
-    check_room_id(room)?;
-    let role = ctx.joined_role(room)?;
-    if !role.can_write() {
-        return Err(Error::Forbidden(
-            "viewers are read-only in this room".into(),
-        ));
-    }
-    Ok(role)
-}
 
 fn check_text(ctx: &Ctx, text: &str) -> Result<()> {
     if crate::protocol::is_blank(text) {
@@ -120,8 +109,7 @@ pub(super) async fn send(
         client_msg_id: Some(client_msg_id),
         reply_to,
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 pub(super) async fn edit(
@@ -143,8 +131,7 @@ pub(super) async fn edit(
         by: ctx.me.room_ref(role),
         text,
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 pub(super) async fn delete(
@@ -161,8 +148,7 @@ pub(super) async fn delete(
         by: ctx.me.room_ref(role),
         as_moderator: role.can_moderate(),
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 pub(super) async fn react(
@@ -190,8 +176,7 @@ pub(super) async fn react(
         add,
         max_distinct: ctx.app.config.max_reactions_per_message,
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 pub(super) async fn history(

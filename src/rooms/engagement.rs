@@ -4,7 +4,7 @@
 
 use super::{check_room_id, readable_role};
 use crate::App;
-use crate::command::{Ctx, Outcome, deferred};
+use crate::command::{Ctx, Outcome};
 use crate::engagement::{self as eng, Bucket};
 use crate::error::{Error, Result};
 use crate::protocol::{
@@ -36,8 +36,7 @@ pub(super) async fn checkin(ctx: &mut Ctx, rid: Option<i64>, room: RoomId) -> Re
         user: ctx.me.room_ref(role),
         tz: ctx.me.tz.clone(),
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, super::chat::write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 /// The leaderboard answer (WebSocket `leaderboard` and `GET /api/rooms/{id}/leaderboard`).
@@ -294,12 +293,7 @@ pub(super) async fn helpful(
     {
         return Err(Error::bad_request("answer id must be 1..=64 characters"));
     }
-    let role = readable_role(ctx, &room).await?;
-    if !role.can_write() {
-        return Err(Error::Forbidden(
-            "viewers are read-only in this room".into(),
-        ));
-    }
+    let role = super::writer(readable_role(ctx, &room).await?)?;
     let op = WriteOp::Helpful {
         room,
         question,
@@ -308,8 +302,7 @@ pub(super) async fn helpful(
         as_moderator: role.can_moderate(),
         on,
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, super::chat::write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 /// Routes an engagement command: check-ins, leaderboards, profiles, stats, helpful marks.

@@ -225,6 +225,33 @@ pub(crate) fn resolve_role(ctx: &Ctx, policy: &Policy) -> Result<(Option<RoomRol
     }
 }
 
+/// `role`, unless it may only read the room.
+fn writer(role: RoomRole) -> Result<RoomRole> {
+    if !role.can_write() {
+        return Err(Error::Forbidden(
+            "viewers are read-only in this room".into(),
+        ));
+    }
+    Ok(role)
+}
+
+/// The session's role in a room it joined, unless that role may only read it.
+fn writable(ctx: &Ctx, room: &RoomId) -> Result<RoomRole> {
+    check_room_id(room)?;
+    writer(ctx.joined_role(room)?)
+}
+
+/// Hands a sequenced write to the store's group-commit writer; the reply (`ok` with the
+/// committed write's fields, or the error) follows the commit.
+async fn submit(ctx: &Ctx, rid: Option<i64>, op: crate::store::WriteOp) -> Result<Outcome> {
+    let rx = ctx.app.store.submit(op).await?;
+    Ok(Outcome::Deferred(crate::command::deferred(
+        rid,
+        rx,
+        chat::write_ok,
+    )))
+}
+
 /// The role for a read-only command on a room the session may not have joined.
 pub(crate) async fn readable_role(ctx: &Ctx, room: &RoomId) -> Result<RoomRole> {
     check_room_id(room)?;

@@ -34,6 +34,16 @@ struct Access {
     banned: HashSet<UserId>,
 }
 
+impl Access {
+    fn set_banned(&mut self, user: &UserId, banned: bool) {
+        if banned {
+            self.banned.insert(user.clone());
+        } else {
+            self.banned.remove(user);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked mid-update of plain maps; the data
     // is still usable.
@@ -321,11 +331,7 @@ impl Policies {
         let role = store.member_role(room, user).await?;
         if let Some(p) = self.map.get(room) {
             let mut access = write(&p.access);
-            if banned {
-                access.banned.insert(user.clone());
-            } else {
-                access.banned.remove(user);
-            }
+            access.set_banned(user, banned);
             match role {
                 Some(r) => access.members.insert(user.clone(), r),
                 None => access.members.remove(user),
@@ -402,12 +408,7 @@ impl Policies {
     pub fn ban_changed(&self, room: &RoomId, user: &UserId, banned: bool) {
         self.changed(room);
         if let Some(p) = self.map.get(room) {
-            let mut access = write(&p.access);
-            if banned {
-                access.banned.insert(user.clone());
-            } else {
-                access.banned.remove(user);
-            }
+            write(&p.access).set_banned(user, banned);
         }
     }
 
@@ -503,21 +504,17 @@ mod tests {
     #[test]
     fn link_policies() {
         let deny = rules(&[], LinkPolicy::Deny);
-        for text in [
-            "see https://ads.example.com/x",
-            "www.casino.io",
-            "visit cheap.biz/now",
-            "(http://a.b)",
+        for (text, refused) in [
+            ("see https://ads.example.com/x", true),
+            ("www.casino.io", true),
+            ("visit cheap.biz/now", true),
+            ("(http://a.b)", true),
+            ("version 1.2 is out", false),
+            ("e.g. this", false),
+            ("3.14159", false),
+            ("end of sentence.Next", false),
         ] {
-            assert!(check_rules(&deny, text, false).is_err(), "{text}");
-        }
-        for text in [
-            "version 1.2 is out",
-            "e.g. this",
-            "3.14159",
-            "end of sentence.Next",
-        ] {
-            assert!(check_rules(&deny, text, false).is_ok(), "{text}");
+            assert_eq!(check_rules(&deny, text, false).is_err(), refused, "{text}");
         }
         assert!(
             check_rules(&deny, "https://x.com", true).is_ok(),

@@ -10,7 +10,7 @@
 use super::chat::write_ok;
 use super::{check_room_id, readable_role};
 use crate::App;
-use crate::command::{Ctx, Outcome, deferred};
+use crate::command::{Ctx, Outcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::protocol::{
@@ -154,8 +154,7 @@ pub(super) async fn create(
         by: ctx.me.user.clone(),
         spec,
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 /// `poll_open` (`target` Open) and `poll_close` (`target` Closed).
@@ -174,8 +173,7 @@ pub(super) async fn set_state(
         target,
         words: ctx.app.config.poll_word_cloud_top,
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 pub(super) async fn answer(
@@ -188,11 +186,7 @@ pub(super) async fn answer(
 ) -> Result<Outcome> {
     check_room_id(&room)?;
     poll_id(&poll)?;
-    if !ctx.joined_role(&room)?.can_write() {
-        return Err(Error::Forbidden(
-            "viewers are read-only in this room".into(),
-        ));
-    }
+    super::writer(ctx.joined_role(&room)?)?;
     if let Some(t) = &text {
         super::check_len(t, ctx.app.config.poll_max_text_chars, "the answer")?;
     }

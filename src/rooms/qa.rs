@@ -2,9 +2,8 @@
 //! question_status and the questions listing. Rights: members ask and vote; host/ta answer
 //! (members too when the room allows peer answers) and change status; viewers only read.
 
-use super::chat::write_ok;
 use super::{check_room_id, readable_role};
-use crate::command::{Ctx, Outcome, deferred};
+use crate::command::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::protocol::{ClientMsg, QuestionId, QuestionStatus, QuestionsOk, RoomId};
 use crate::store::{QuestionFilter, QuestionSort, View, WriteOp, now_ms};
@@ -23,13 +22,7 @@ pub(super) async fn ask(
     text: String,
     anonymous: bool,
 ) -> Result<Outcome> {
-    check_room_id(&room)?;
-    let role = ctx.joined_role(&room)?;
-    if !role.can_write() {
-        return Err(Error::Forbidden(
-            "viewers are read-only in this room".into(),
-        ));
-    }
+    let role = super::writable(ctx, &room)?;
     super::check_len(&text, ctx.app.config.max_question_chars, "question")?;
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
     if !policy.qa_enabled() {
@@ -45,8 +38,7 @@ pub(super) async fn ask(
         anonymous,
         pending,
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 pub(super) async fn vote(
@@ -58,20 +50,14 @@ pub(super) async fn vote(
 ) -> Result<Outcome> {
     check_room_id(&room)?;
     check_question_id(&question)?;
-    let role = ctx.joined_role(&room)?;
-    if !role.can_write() {
-        return Err(Error::Forbidden(
-            "viewers are read-only in this room".into(),
-        ));
-    }
+    super::writer(ctx.joined_role(&room)?)?;
     let op = WriteOp::Vote {
         room,
         question,
         user: ctx.me.user.clone(),
         up,
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 pub(super) async fn answer(
@@ -99,8 +85,7 @@ pub(super) async fn answer(
         author: ctx.me.room_ref(role),
         text,
     };
-    let rx = ctx.app.store.submit(op).await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    super::submit(ctx, rid, op).await
 }
 
 /// `approved`/`approve`/`open`/`reopen` -> open; `pinned`/`pin`; `answered`; `dismissed`/`dismiss`.
@@ -132,16 +117,12 @@ pub(super) async fn set_status(
         ));
     }
     let status = parse_target_status(&status)?;
-    let rx = ctx
-        .app
-        .store
-        .submit(WriteOp::SetQuestionStatus {
-            room,
-            question,
-            status,
-        })
-        .await?;
-    Ok(Outcome::Deferred(deferred(rid, rx, write_ok)))
+    let op = WriteOp::SetQuestionStatus {
+        room,
+        question,
+        status,
+    };
+    super::submit(ctx, rid, op).await
 }
 
 pub(super) async fn list(

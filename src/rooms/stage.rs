@@ -17,13 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub(super) fn raise(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
-    check_room_id(&room)?;
-    let role = ctx.joined_role(&room)?;
-    if !role.can_write() {
-        return Err(Error::Forbidden(
-            "viewers are read-only in this room".into(),
-        ));
-    }
+    let role = super::writable(ctx, &room)?;
     let position = ctx
         .app
         .hub

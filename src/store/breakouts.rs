@@ -106,10 +106,7 @@ impl Store {
                 .await?;
             }
         }
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(())
     }
 
@@ -192,10 +189,7 @@ impl Store {
         for room in groups {
             queued |= self.archive_room_in(&mut tx, &RoomId(room)).await?;
         }
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(true)
     }
 

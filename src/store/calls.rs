@@ -45,25 +45,15 @@ impl Store {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let kind = super::EventType::CallEnded;
-        let queued = if inserted > 0 && self.webhooks_want(kind) {
-            let data = serde_json::to_value(c)
-                .map_err(|e| super::StoreError::Corrupt(format!("call {}: {e}", c.id)))?;
-            let ev = super::webhooks::Outgoing {
-                kind,
-                room: c.room.as_ref(),
-                seq: None,
-                ts: c.ended_at,
-                data,
-            };
-            super::webhooks::enqueue(&mut tx, ev).await?
+        let queued = if inserted > 0 {
+            let kind = super::EventType::CallEnded;
+            let what = || format!("call {}", c.id);
+            self.enqueue_value(&mut tx, kind, c.room.as_ref(), c.ended_at, c, what)
+                .await?
         } else {
             false
         };
-        tx.commit().await?;
-        if queued {
-            self.outbox_notify().notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(())
     }
 

@@ -477,6 +477,18 @@ macro_rules! room_columns {
 }
 const SELECT_ROOM: &str = concat!("SELECT ", room_columns!(), " FROM rooms WHERE id = $1");
 
+/// The room as the caller's transaction sees it (`not found` when there is none).
+async fn room_in(tx: &mut writer::Tx<'_>, id: &RoomId) -> Result<Room> {
+    let row = sqlx::query(SELECT_ROOM)
+        .bind(id.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.as_ref()
+        .map(room_from_row)
+        .transpose()?
+        .ok_or(StoreError::NotFound("room"))
+}
+
 fn room_from_row(row: &AnyRow) -> Result<Room> {
     let kind: String = row.try_get("kind")?;
     let visibility: String = row.try_get("visibility")?;
@@ -682,10 +694,7 @@ impl Store {
     pub async fn create_room(&self, room: &Room) -> Result<Room> {
         let mut tx = self.begin_write().await?;
         let (created, queued) = self.create_room_in(&mut tx, room).await?;
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(created)
     }
 
@@ -714,15 +723,7 @@ impl Store {
                 room.id
             )));
         }
-        let row = sqlx::query(SELECT_ROOM)
-            .bind(room.id.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
-        let created = row
-            .as_ref()
-            .map(room_from_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound("room"))?;
+        let created = room_in(tx, &room.id).await?;
         let queued = self
             .webhook_in(tx, EventType::RoomCreated, &created)
             .await?;
@@ -744,15 +745,7 @@ impl Store {
         if res.rows_affected() == 0 || !self.webhooks_want(EventType::RoomArchived) {
             return Ok(false);
         }
-        let row = sqlx::query(SELECT_ROOM)
-            .bind(id.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
-        let room = row
-            .as_ref()
-            .map(room_from_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound("room"))?;
+        let room = room_in(tx, id).await?;
         self.webhook_in(tx, EventType::RoomArchived, &room).await
     }
 
@@ -764,22 +757,9 @@ impl Store {
         kind: EventType,
         room: &Room,
     ) -> Result<bool> {
-        if !self.webhooks_want(kind) {
-            return Ok(false);
-        }
-        let data = serde_json::to_value(room)
-            .map_err(|e| StoreError::Corrupt(format!("room {}: {e}", room.id)))?;
-        webhooks::enqueue(
-            tx,
-            webhooks::Outgoing {
-                kind,
-                room: Some(&room.id),
-                seq: None,
-                ts: now_ms(),
-                data,
-            },
-        )
-        .await
+        let what = || format!("room {}", room.id);
+        self.enqueue_value(tx, kind, Some(&room.id), now_ms(), room, what)
+            .await
     }
 
     pub async fn room(&self, id: &RoomId) -> Result<Option<Room>> {
@@ -850,10 +830,7 @@ impl Store {
         } else {
             false
         };
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         self.room(id).await?.ok_or(StoreError::NotFound("room"))
     }
 
@@ -1091,16 +1068,29 @@ impl Store {
         limit: u32,
         view: View,
     ) -> Result<EventPage> {
-        let mut events: Vec<String> = sqlx::query_scalar(
-            "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END FROM events \
-             WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $4",
-        )
-        .bind(room.as_str())
-        .bind(after_seq)
-        .bind(view.flag())
-        .bind(i64::from(limit) + 1)
-        .fetch_all(self.pool())
-        .await?;
+        let sql = "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END \
+                   FROM events WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $4";
+        self.event_page(sql, room, after_seq, view, limit).await
+    }
+
+    /// A page of event bodies from `sql`, which binds the room, a seq bound, the view's flag
+    /// and how many rows to read: at most `limit` of them, in `sql`'s order, and whether more
+    /// matched.
+    async fn event_page(
+        &self,
+        sql: &'static str,
+        room: &RoomId,
+        seq: i64,
+        view: View,
+        limit: u32,
+    ) -> Result<EventPage> {
+        let mut events: Vec<String> = sqlx::query_scalar(sql)
+            .bind(room.as_str())
+            .bind(seq)
+            .bind(view.flag())
+            .bind(i64::from(limit) + 1)
+            .fetch_all(self.pool())
+            .await?;
         let has_more = events.len() > limit as usize;
         events.truncate(limit as usize);
         Ok(EventPage { events, has_more })
@@ -1143,20 +1133,12 @@ impl Store {
         limit: u32,
         view: View,
     ) -> Result<EventPage> {
-        let mut events: Vec<String> = sqlx::query_scalar(
-            "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END FROM events \
-             WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $4",
-        )
-        .bind(room.as_str())
-        .bind(before_seq.unwrap_or(i64::MAX))
-        .bind(view.flag())
-        .bind(i64::from(limit) + 1)
-        .fetch_all(self.pool())
-        .await?;
-        let has_more = events.len() > limit as usize;
-        events.truncate(limit as usize);
-        events.reverse();
-        Ok(EventPage { events, has_more })
+        let sql = "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END \
+                   FROM events WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $4";
+        let before = before_seq.unwrap_or(i64::MAX);
+        let mut page = self.event_page(sql, room, before, view, limit).await?;
+        page.events.reverse();
+        Ok(page)
     }
 
     // -- settings ------------------------------------------------------------------------------

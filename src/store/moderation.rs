@@ -216,24 +216,11 @@ impl Store {
             return Err(StoreError::Conflict("you already reported this".into()));
         }
         let kind = super::EventType::ReportCreated;
-        let queued = if self.webhooks_want(kind) {
-            let data = serde_json::to_value(&report)
-                .map_err(|e| StoreError::Corrupt(format!("report: {e}")))?;
-            let ev = super::webhooks::Outgoing {
-                kind,
-                room: Some(room),
-                seq: None,
-                ts: report.ts,
-                data,
-            };
-            super::webhooks::enqueue(&mut tx, ev).await?
-        } else {
-            false
-        };
-        tx.commit().await?;
-        if queued {
-            self.outbox_notify().notify_one();
-        }
+        let what = || "report".to_owned();
+        let queued = self
+            .enqueue_value(&mut tx, kind, Some(room), report.ts, &report, what)
+            .await?;
+        self.commit_and_wake(tx, queued).await?;
         Ok(report)
     }
 

@@ -405,6 +405,42 @@ impl Store {
         self.inner.subscribed.has(t)
     }
 
+    /// Queues a `kind` event whose data is `value`, inside `tx`, when some endpoint subscribes
+    /// to `kind`; returns whether a delivery was queued (notify the sender after commit).
+    /// `what` names the value in the error should it not serialise.
+    pub(super) async fn enqueue_value<T: Serialize>(
+        &self,
+        tx: &mut Tx<'_>,
+        kind: EventType,
+        room: Option<&RoomId>,
+        ts: i64,
+        value: &T,
+        what: impl FnOnce() -> String,
+    ) -> Result<bool> {
+        if !self.webhooks_want(kind) {
+            return Ok(false);
+        }
+        let data = serde_json::to_value(value)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))?;
+        let ev = Outgoing {
+            kind,
+            room,
+            seq: None,
+            ts,
+            data,
+        };
+        enqueue(tx, ev).await
+    }
+
+    /// Commits `tx` and then, when it `queued` deliveries, wakes the sender.
+    pub(super) async fn commit_and_wake(&self, tx: Tx<'_>, queued: bool) -> Result<()> {
+        tx.commit().await?;
+        if queued {
+            self.inner.outbox.notify_one();
+        }
+        Ok(())
+    }
+
     /// Wakes the sender when a commit queued deliveries.
     pub fn outbox_notify(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.inner.outbox.clone()
@@ -483,10 +519,7 @@ impl Store {
         } else {
             false
         };
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(())
     }
 
@@ -514,10 +547,7 @@ impl Store {
         }
         let mut tx = self.begin_write().await?;
         let queued = forget_member(&mut tx, room, user, node, epoch, reason).await?;
-        tx.commit().await?;
-        if queued {
-            self.inner.outbox.notify_one();
-        }
+        self.commit_and_wake(tx, queued).await?;
         Ok(())
     }
 
@@ -551,11 +581,8 @@ impl Store {
             let run: i64 = r.try_get("epoch")?;
             let mut tx = self.begin_write().await?;
             let queued = forget_member(&mut tx, &room, user, node, run, "disconnect").await?;
-            tx.commit().await?;
-            if queued {
-                left += 1;
-                self.inner.outbox.notify_one();
-            }
+            self.commit_and_wake(tx, queued).await?;
+            left += u64::from(queued);
         }
         Ok(left)
     }

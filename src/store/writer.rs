@@ -865,6 +865,14 @@ pub(super) async fn insert_event(
     })
 }
 
+/// What one write is applied with: the batch's transaction, the engagement rules and the
+/// effects the batch collects.
+struct Apply<'a, 'c> {
+    tx: &'a mut Tx<'c>,
+    cfg: &'a EngagementConfig,
+    fx: &'a mut Effects,
+}
+
 /// Applies one write in the batch's transaction, by kind.
 async fn apply(
     tx: &mut Tx<'_>,
@@ -872,30 +880,26 @@ async fn apply(
     op: &WriteOp,
     fx: &mut Effects,
 ) -> Result<Applied> {
+    let a = Apply { tx, cfg, fx };
     match op {
         WriteOp::Send { .. }
         | WriteOp::Edit { .. }
         | WriteOp::Delete { .. }
-        | WriteOp::React { .. } => apply_message(tx, cfg, op, fx).await,
+        | WriteOp::React { .. } => apply_message(a, op).await,
         WriteOp::Ask { .. }
         | WriteOp::Vote { .. }
         | WriteOp::Answer { .. }
-        | WriteOp::SetQuestionStatus { .. } => apply_qa(tx, cfg, op, fx).await,
+        | WriteOp::SetQuestionStatus { .. } => apply_qa(a, op).await,
         WriteOp::PollCreate { .. }
         | WriteOp::PollState { .. }
         | WriteOp::PollResults { .. }
-        | WriteOp::PollAnswer { .. } => apply_poll(tx, cfg, op, fx).await,
-        _ => apply_room(tx, cfg, op, fx).await,
+        | WriteOp::PollAnswer { .. } => apply_poll(a, op).await,
+        _ => apply_room(a, op).await,
     }
 }
 
 /// Messages: send, edit, delete, react.
-async fn apply_message(
-    tx: &mut Tx<'_>,
-    cfg: &EngagementConfig,
-    op: &WriteOp,
-    fx: &mut Effects,
-) -> Result<Applied> {
+async fn apply_message(Apply { tx, cfg, fx }: Apply<'_, '_>, op: &WriteOp) -> Result<Applied> {
     match op {
         WriteOp::Send {
             room,
@@ -927,12 +931,7 @@ async fn apply_message(
 }
 
 /// Questions: ask, vote, answer, status.
-async fn apply_qa(
-    tx: &mut Tx<'_>,
-    cfg: &EngagementConfig,
-    op: &WriteOp,
-    fx: &mut Effects,
-) -> Result<Applied> {
+async fn apply_qa(Apply { tx, cfg, fx }: Apply<'_, '_>, op: &WriteOp) -> Result<Applied> {
     match op {
         WriteOp::Ask {
             room,
@@ -965,12 +964,7 @@ async fn apply_qa(
 }
 
 /// Polls: create, open/close, results, answers.
-async fn apply_poll(
-    tx: &mut Tx<'_>,
-    cfg: &EngagementConfig,
-    op: &WriteOp,
-    fx: &mut Effects,
-) -> Result<Applied> {
+async fn apply_poll(Apply { tx, cfg, fx }: Apply<'_, '_>, op: &WriteOp) -> Result<Applied> {
     match op {
         WriteOp::PollCreate { room, by, spec } => super::polls::create(tx, room, by, spec).await,
         WriteOp::PollState {
@@ -997,12 +991,7 @@ async fn apply_poll(
 }
 
 /// Check-ins, helpful marks, the class state, presence and members.
-async fn apply_room(
-    tx: &mut Tx<'_>,
-    cfg: &EngagementConfig,
-    op: &WriteOp,
-    fx: &mut Effects,
-) -> Result<Applied> {
+async fn apply_room(Apply { tx, cfg, fx }: Apply<'_, '_>, op: &WriteOp) -> Result<Applied> {
     match op {
         WriteOp::Checkin { room, user, tz } => {
             engagement::checkin(tx, cfg, room, user, tz.as_deref(), fx).await

@@ -130,7 +130,8 @@ async fn bench_one(url: &str, a: &Args) -> Result<Run> {
     let wall = t0.elapsed().as_secs_f64();
     store.close().await;
     let hist = hist.lock().await.clone();
-    let (commits, mean_batch, mean_commit_ms) = crate::procs::commit_summary(&metrics.render(0, 0));
+    let (commits, mean_batch, mean_commit_ms) =
+        crate::procs::commit_summary(&metrics.render(0, 0, &[]));
     Ok(Run {
         rate: acked as f64 / wall,
         hist,

@@ -107,6 +107,9 @@ async fn peer(h: Handler) -> Res<Arc<dyn PeerConnection>> {
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
         .with_ice_connection_attempts(Some(Duration::from_millis(20)), None)
         .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
+        // Keeps checking through a long blip (the SFU counts ICE lost only after 15 s or
+        // more of silence), instead of failing after 25 s on a loaded machine.
+        .with_ice_timeouts(None, Some(Duration::from_secs(120)), None)
         .build();
     Ok(Arc::new(
         PeerConnectionBuilder::new()
@@ -361,7 +364,8 @@ struct SfuPeer {
 /// `raw` frames go out unchanged, and incoming frames are split into the SFU's signals and the
 /// rest.
 /// `rewrite` (from, to) replaces text in the SDP the SFU sends (its candidate's address, to
-/// route the media through a [`Relay`]); with it, the peer's own candidates are not sent.
+/// route the media through a [`Relay`]); with it, the peer's own candidates are not sent,
+/// trickled or in its SDP.
 fn sfu_bridge(
     ws: Ws,
     room: &'static str,
@@ -378,7 +382,16 @@ fn sfu_bridge(
                     // Relayed: the SFU must know the peer only at the relay, not at the
                     // candidates it gathered (a path around the relay).
                     Some(data) if rewrite.is_some() && data.get("candidate").is_some() => continue,
-                    Some(data) => json!({"type": "signal", "room": room, "to": "sfu", "data": data}),
+                    Some(mut data) => {
+                        if rewrite.is_some()
+                            && let Some(sdp) = data["sdp"]["sdp"].as_str()
+                        {
+                            let kept: Vec<&str> =
+                                sdp.split("\r\n").filter(|l| !l.starts_with("a=candidate")).collect();
+                            data["sdp"]["sdp"] = json!(kept.join("\r\n"));
+                        }
+                        json!({"type": "signal", "room": room, "to": "sfu", "data": data})
+                    }
                     None => break,
                 },
                 raw = raw_rx.recv() => match raw {

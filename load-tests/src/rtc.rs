@@ -68,6 +68,11 @@ pub struct Counters {
     pub keyed_tracks: AtomicU64,
     /// Audio tracks received.
     pub audio_tracks: AtomicU64,
+    /// Packets this peer sent as a publisher on its audio and its widest video layer: what
+    /// a viewer that gets the full stream of this publisher receives.
+    pub full_out: AtomicU64,
+    /// Media frames a publisher skipped because it fell behind its clock (a busy generator).
+    pub skipped: AtomicU64,
     /// Keyframe requests this peer got as a publisher, and keyframes it sent.
     pub requests_in: AtomicU64,
     pub keyframes_out: AtomicU64,
@@ -237,6 +242,7 @@ pub async fn start(
         tracks: HashMap::new(),
         sending: Vec::new(),
         stats: HashMap::new(),
+        egress: HashMap::new(),
         c: Arc::new(Counters::default()),
         media: None,
     };
@@ -308,6 +314,8 @@ struct Peer {
     /// Our own sending mids (audio, video), once negotiated.
     sending: Vec<Mid>,
     stats: HashMap<StatsKey, (u64, u64)>,
+    /// Per-(mid, rid) packets sent, as str0m last reported them.
+    egress: HashMap<StatsKey, u64>,
     c: Arc<Counters>,
     media: Option<Clock>,
 }
@@ -476,6 +484,14 @@ impl Peer {
                     }
                 }
             }
+            Event::MediaEgressStats(s) => {
+                let widest = s.rid.is_none() || s.rid == Some(Rid::from(LAYERS[0].0));
+                if widest && self.sending.contains(&s.mid) {
+                    let last = self.egress.entry((s.mid, s.rid)).or_default();
+                    Counters::add(&self.c.full_out, s.packets.saturating_sub(*last));
+                    *last = s.packets.max(*last);
+                }
+            }
             Event::MediaIngressStats(s) => {
                 let last = self.stats.entry((s.mid, s.rid)).or_default();
                 Counters::add(&self.c.nacks, s.nacks.saturating_sub(last.0));
@@ -560,8 +576,14 @@ impl Peer {
             return Ok(());
         };
         if now.duration_since(m.start + AUDIO_FRAME * m.audio_n as u32) > MAX_LAG {
-            m.audio_n = (now.duration_since(m.start).as_nanos() / AUDIO_FRAME.as_nanos()) as u64;
-            m.video_n = (now.duration_since(m.start).as_nanos() / VIDEO_FRAME.as_nanos()) as u64;
+            let since = now.duration_since(m.start).as_nanos();
+            let (audio_n, video_n) = (
+                (since / AUDIO_FRAME.as_nanos()) as u64,
+                (since / VIDEO_FRAME.as_nanos()) as u64,
+            );
+            let skipped = audio_n.saturating_sub(m.audio_n) + video_n.saturating_sub(m.video_n);
+            Counters::add(&self.c.skipped, skipped);
+            (m.audio_n, m.video_n) = (audio_n, video_n);
         }
         while m.start + AUDIO_FRAME * m.audio_n as u32 <= now {
             let frame = plan.audio[(m.audio_n % plan.audio.len() as u64) as usize].clone();

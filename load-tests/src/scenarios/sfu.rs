@@ -333,9 +333,15 @@ struct Row {
     cpu_pct: f64,
     mbps: f64,
     loss_pct: f64,
+    /// Packets received, as a share of what every viewer would get at the publishers' full
+    /// rate (audio and the widest layer): below 100 % the server sent less (a narrower layer,
+    /// paused video, or its pacer held packets back).
+    full_pct: f64,
     key_p50: f64,
     key_p99: f64,
     rss_per_viewer_kib: f64,
+    /// Frames the publishers skipped (the generator fell behind).
+    skipped: u64,
     nacks: u64,
     plis: u64,
 }
@@ -395,8 +401,10 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         json!(rows.iter().map(|r| json!({
         "target": r.target, "viewers": r.viewers, "ready": r.ready, "packets_per_s": r.pps,
         "server_cpu_pct": r.cpu_pct, "mbit_per_s": r.mbps, "loss_pct": r.loss_pct,
+        "full_rate_pct": r.full_pct,
         "first_keyframe_ms_p50": r.key_p50, "first_keyframe_ms_p99": r.key_p99,
         "server_rss_kib_per_viewer": r.rss_per_viewer_kib, "nacks": r.nacks, "plis": r.plis,
+        "publisher_frames_skipped": r.skipped,
     })).collect::<Vec<_>>());
     report.write(&common.out)?;
     Ok(true)
@@ -446,6 +454,15 @@ fn best_table(rows: &[Row], args: &Args, cores: usize) -> Table {
     t
 }
 
+/// Milliseconds, or `-` where no sample was taken (no new viewer got a keyframe).
+fn ms_or_dash(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.0}")
+    } else {
+        "-".into()
+    }
+}
+
 fn steps_table(rows: &[Row]) -> Table {
     let mut t = Table::new(
         "every step",
@@ -458,11 +475,13 @@ fn steps_table(rows: &[Row]) -> Table {
             "packets/s per server core",
             "Mbit/s",
             "loss %",
+            "% of full rate",
             "first keyframe p50 ms",
             "first keyframe p99 ms",
             "server RSS KiB/viewer",
             "NACKs",
             "PLIs",
+            "frames skipped by publishers",
         ],
     );
     for r in rows {
@@ -475,11 +494,13 @@ fn steps_table(rows: &[Row]) -> Table {
             per_core(r.pps, r.cpu_pct),
             format!("{:.1}", r.mbps),
             format!("{:.2}", r.loss_pct),
-            format!("{:.0}", r.key_p50),
-            format!("{:.0}", r.key_p99),
+            ms_or_dash(r.full_pct),
+            ms_or_dash(r.key_p50),
+            ms_or_dash(r.key_p99),
             format!("{:.0}", r.rss_per_viewer_kib),
             r.nacks.to_string(),
             r.plis.to_string(),
+            r.skipped.to_string(),
         ]);
     }
     t
@@ -554,10 +575,17 @@ async fn one(common: &Common, args: &Args, name: &str, rows: &mut Vec<Row>) -> R
         viewers.extend(joined);
         let limit = Duration::from_secs(args.join_timeout_s);
         wait_for(&viewers[from..], limit, |m| ready(m, args.publishers)).await;
-        let row = measure(&t, args, &viewers, from, rss0).await;
+        let row = measure(&t, args, &pubs, &viewers, from, rss0).await;
         eprintln!(
-            "{name}: {} viewers ({} ready): {:.0} packets/s, cpu {:.0}%, {:.1} Mbit/s, loss {:.2}%, first keyframe p50 {:.0} ms",
-            row.viewers, row.ready, row.pps, row.cpu_pct, row.mbps, row.loss_pct, row.key_p50
+            "{name}: {} viewers ({} ready): {:.0} packets/s, cpu {:.0}%, {:.1} Mbit/s, loss {:.2}%, {:.0}% of full rate, first keyframe p50 {:.0} ms",
+            row.viewers,
+            row.ready,
+            row.pps,
+            row.cpu_pct,
+            row.mbps,
+            row.loss_pct,
+            row.full_pct,
+            row.key_p50
         );
         let stop = row.loss_pct > args.loss_limit_pct
             || row.cpu_pct > args.cpu_limit_pct * cores as f64
@@ -592,11 +620,24 @@ async fn one(common: &Common, args: &Args, name: &str, rows: &mut Vec<Row>) -> R
 }
 
 /// Measures one step over `--step-s`: the viewers' counters and the server's CPU and RSS.
-async fn measure(t: &Target, args: &Args, viewers: &[Member], new_from: usize, rss0: u64) -> Row {
+async fn measure(
+    t: &Target,
+    args: &Args,
+    pubs: &[Member],
+    viewers: &[Member],
+    new_from: usize,
+    rss0: u64,
+) -> Row {
+    let sum = |f: fn(&Counters) -> &std::sync::atomic::AtomicU64| -> u64 {
+        pubs.iter().map(|p| Counters::get(f(p.c()))).sum()
+    };
     let cpu = CpuMeter::start(t.pid());
     let a = snap(viewers);
+    let (out0, skipped0) = (sum(|c| &c.full_out), sum(|c| &c.skipped));
     tokio::time::sleep(Duration::from_secs(args.step_s)).await;
     let b = snap(viewers);
+    let full = (sum(|c| &c.full_out) - out0) * viewers.len() as u64;
+    let skipped = sum(|c| &c.skipped) - skipped0;
     let cpu_pct = cpu.percent();
     let secs = match (a.at, b.at) {
         (Some(x), Some(y)) => y.duration_since(x).as_secs_f64().max(1e-3),
@@ -628,9 +669,15 @@ async fn measure(t: &Target, args: &Args, viewers: &[Member], new_from: usize, r
         } else {
             100.0 * (expected - packets) as f64 / expected as f64
         },
+        full_pct: if full == 0 {
+            f64::NAN
+        } else {
+            100.0 * packets as f64 / full as f64
+        },
         key_p50: percentile(&keys, 0.5),
         key_p99: percentile(&keys, 0.99),
         rss_per_viewer_kib: rss.saturating_sub(rss0) as f64 / viewers.len().max(1) as f64,
+        skipped,
         nacks: b.nacks - a.nacks,
         plis: b.plis - a.plis,
     }

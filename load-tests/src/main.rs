@@ -1,14 +1,18 @@
 //! `studyhall-load`: the load generator for the studyhall server. This file owns
 //! the command line: one subcommand per scenario (`smoke`, `idle`, `fanout`, `classroom`,
-//! `durable`, `reconnect`, `stats-bench`), the shared flags, and the hidden `worker` subcommand through which
-//! the binary re-executes itself to hold client sockets in several processes.
+//! `durable`, `reconnect`, `sfu`, `stats-bench`, `commit-bench`), the shared flags, and the
+//! hidden `worker` subcommand through which the binary re-executes itself to hold client
+//! sockets in several processes. `sfu` holds its WebRTC peers (`rtc`) in this process, and
+//! compares with Janus (`janus`).
 
 mod client;
 mod coord;
 mod frames;
 mod hist;
+mod janus;
 mod procs;
 mod report;
+mod rtc;
 mod scenarios;
 mod sys;
 mod worker;
@@ -70,6 +74,15 @@ enum Cmd {
         #[command(flatten)]
         args: scenarios::reconnect::Args,
     },
+    /// The SFU: publishers of Opus and VP8 (simulcast) and viewers stepped up until loss or
+    /// server CPU passes its limit; packets/s forwarded per server core (`--peers janus`:
+    /// also Janus 1.1's VideoRoom).
+    Sfu {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenarios::sfu::Args,
+    },
     /// Room statistics and leaderboards on a room with a 1,000,000-event log (SQLite and
     /// PostgreSQL), timed through the store; fails if a median passes 1 s.
     StatsBench {
@@ -102,7 +115,8 @@ fn main() -> anyhow::Result<()> {
         | Cmd::Fanout { common, .. }
         | Cmd::Classroom { common, .. }
         | Cmd::Durable { common, .. }
-        | Cmd::Reconnect { common, .. } => Some(common.clone()),
+        | Cmd::Reconnect { common, .. }
+        | Cmd::Sfu { common, .. } => Some(common.clone()),
         _ => None,
     };
     if let Some(c) = common {
@@ -119,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Classroom { common, args } => scenarios::classroom::run(common, args).await,
             Cmd::Durable { common, args } => scenarios::durable::run(common, args).await,
             Cmd::Reconnect { common, args } => scenarios::reconnect::run(common, args).await,
+            Cmd::Sfu { common, args } => scenarios::sfu::run(common, args).await,
             Cmd::StatsBench { args } => scenarios::stats_bench::run(args).await,
             Cmd::CommitBench { args } => scenarios::commit_bench::run(args).await,
             Cmd::Worker => unreachable!(),

@@ -349,8 +349,20 @@ pub async fn http(
     key: Option<&str>,
     body: Option<Value>,
 ) -> Result<(u16, Value)> {
+    http_within(addr, method, path, key, body, Duration::from_secs(15)).await
+}
+
+/// [`http`] bounded by `limit` instead (long polls).
+pub async fn http_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+    limit: Duration,
+) -> Result<(u16, Value)> {
     ensure_loopback(addr)?;
-    tokio::time::timeout(Duration::from_secs(15), async {
+    tokio::time::timeout(limit, async {
         let mut s = TcpStream::connect(addr).await?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let auth = key
@@ -369,11 +381,36 @@ pub async fn http(
             .nth(1)
             .and_then(|s| s.parse().ok())
             .context("bad HTTP status line")?;
-        let rest = text.split_once("\r\n\r\n").map(|(_, r)| r).unwrap_or("");
-        Ok((status, serde_json::from_str(rest).unwrap_or(Value::Null)))
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        let body = if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_owned()
+        };
+        Ok((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
     })
     .await
     .context("HTTP request timed out")?
+}
+
+/// The body of a chunked HTTP/1.1 response (hex size line, data, CRLF; a 0 size ends it).
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = size.split(';').next().unwrap_or("").trim();
+        let Ok(n) = usize::from_str_radix(size, 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+    }
+    out
 }
 
 /// CPU sets of a pinned run: the system under test and the load generator.
@@ -486,7 +523,7 @@ pub struct Peer {
     _dir: Option<PathBuf>,
 }
 
-async fn wait_port(addr: SocketAddr) -> Result<()> {
+pub async fn wait_port(addr: SocketAddr) -> Result<()> {
     for _ in 0..100 {
         if TcpStream::connect(addr).await.is_ok() {
             return Ok(());
@@ -564,5 +601,16 @@ impl Peer {
             _child: child,
             _dir: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(dechunk("4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n"), "{\"a\":1}");
+        assert_eq!(dechunk("zz\r\nbody"), "");
     }
 }

@@ -8,6 +8,7 @@ pub mod durable;
 pub mod fanout;
 pub mod idle;
 pub mod reconnect;
+pub mod sfu;
 pub mod smoke;
 pub mod stats_bench;
 

@@ -1,8 +1,10 @@
 //! `smoke`: the CI correctness run. Small sizes, no peers, about 10 s: rooms of members
 //! that each send a few messages (every member must receive every message of its room exactly
 //! once, in seq order, and every send must be acked), then a short resume phase (clients drop
-//! and rejoin with after_seq while messages flow: 0 lost, 0 duplicated). Exits non-zero on
-//! any failure.
+//! and rejoin with after_seq while messages flow: 0 lost, 0 duplicated), then the SFU's
+//! correctness run (`sfu::check`: one publisher, two viewers that must each decode a keyframe
+//! and get packets of both tracks; a viewer whose DTLS never comes up is replaced once, and
+//! counted). Exits non-zero on any failure.
 
 use super::Common;
 use crate::coord::{Plan, Total, Workers};
@@ -62,6 +64,20 @@ pub async fn run(common: Common) -> Result<bool> {
     failures.extend(out.failures.iter().cloned());
     report.tables.push(out.table());
     server.stop().await?;
+
+    // The SFU, on a server of its own.
+    let (sfu, replaced) = super::sfu::check(&common).await?;
+    let mut t = Table::new(
+        "SFU: 1 publisher, 2 viewers",
+        &["check", "failures", "viewers replaced (DTLS never up)"],
+    );
+    t.row(vec![
+        "keyframe and both tracks at every viewer".into(),
+        sfu.len().to_string(),
+        replaced.to_string(),
+    ]);
+    report.tables.push(t);
+    failures.extend(sfu);
 
     report.passed = Some(failures.is_empty());
     for f in &failures {

@@ -7,7 +7,7 @@
 //! one long poll reads its events and hands each to its handle. It knows nothing of the
 //! media itself (`crate::rtc`) nor of the scenario's steps.
 
-use crate::procs::{free_port, http_within, pin_server, wait_port};
+use crate::procs::{free_port, http_within, spawn_listening};
 use crate::rtc::{self, Counters, MediaPlan, Sdp, Start};
 use crate::scenarios::sfu::Member;
 use anyhow::{Context, Result, bail, ensure};
@@ -15,7 +15,6 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::process::{Child, Command};
@@ -89,23 +88,15 @@ impl Janus {
         write_config(&dir, port)?;
         let shim = loopback_shim(&dir)?;
         let log = std::fs::File::create(dir.join("janus.log"))?;
-        let child = Command::new(bin)
-            .env("LD_PRELOAD", &shim)
+        let mut cmd = Command::new(bin);
+        cmd.env("LD_PRELOAD", &shim)
             .arg("-C")
             .arg(dir.join("janus.jcfg"))
             .arg("-F")
             .arg(&dir)
-            .arg("-o")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawn {bin}"))?;
-        let pid = child.id().context("janus pid")?;
-        pin_server(pid)?;
+            .arg("-o");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_port(addr).await?;
+        let (child, pid) = spawn_listening(cmd, log, bin, addr).await?;
         let created = post(addr, "/janus", json!({"janus": "create"})).await?;
         let session = created["data"]["id"].as_u64().context("no session id")?;
         let api = Api {

@@ -523,6 +523,28 @@ pub struct Peer {
     _dir: Option<PathBuf>,
 }
 
+/// Starts a peer server (`what`, for errors) with stdin closed and its output into `log`,
+/// killed when the handle drops, pinned like the server under test; waits until it listens at
+/// `addr`. Returns the child and its pid.
+pub async fn spawn_listening(
+    mut cmd: Command,
+    log: std::fs::File,
+    what: &str,
+    addr: SocketAddr,
+) -> Result<(Child, u32)> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawn {what}"))?;
+    let pid = child.id().with_context(|| format!("{what} pid"))?;
+    pin_server(pid)?;
+    wait_port(addr).await?;
+    Ok((child, pid))
+}
+
 pub async fn wait_port(addr: SocketAddr) -> Result<()> {
     for _ in 0..100 {
         if TcpStream::connect(addr).await.is_ok() {
@@ -546,19 +568,10 @@ impl Peer {
             ),
         )?;
         let log = std::fs::File::create(work.join("nats.log"))?;
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawn {bin}"))?;
-        let pid = child.id().context("nats pid")?;
-        pin_server(pid)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c").arg(&conf);
         let addr = SocketAddr::from(([127, 0, 0, 1], ws_port));
-        wait_port(addr).await?;
+        let (child, pid) = spawn_listening(cmd, log, bin, addr).await?;
         Ok(Self {
             addr,
             pid,

@@ -361,18 +361,6 @@ fn check_stage(app: &App, stage: Option<&crate::protocol::StageSettings>) -> Res
     Ok(())
 }
 
-/// The SFU runs on one node only: cluster mode refuses `av.mode` `sfu`.
-fn check_av(app: &App, av: Option<&crate::protocol::AvSettings>) -> Result<()> {
-    if av.is_some_and(|a| a.mode == crate::protocol::AvRoomMode::Sfu)
-        && app.broker.node_id().is_some()
-    {
-        return Err(Error::bad_request(
-            "av.mode sfu is not available in cluster mode: the SFU runs on a single node",
-        ));
-    }
-    Ok(())
-}
-
 async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Response> {
     let new: NewRoom = parse_body(&body)?;
     let id = room_id(new.id)?;
@@ -385,7 +373,6 @@ async fn create_room(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
     }
     check_settings(new.answer_sla_s, None, new.rules.as_ref())?;
     check_engagement(new.engagement.as_ref())?;
-    check_av(&app, new.av.as_ref())?;
     check_stage(&app, new.stage.as_ref())?;
     // The store sets the class state from `starts_at`; nothing has started or ended yet.
     let room = Room {
@@ -500,7 +487,6 @@ async fn patch_room(
     }
     check_settings(patch.answer_sla_s, patch.slow_mode_s, patch.rules.as_ref())?;
     check_engagement(patch.engagement.as_ref())?;
-    check_av(&app, patch.av.as_ref())?;
     check_stage(&app, patch.stage.as_ref())?;
     let room = app.store.update_room(&id, &patch).await?;
     app.policies.room_changed(room.clone());

@@ -392,7 +392,8 @@ settings! {
     /// gets `conflict`.
     av_mesh_max: usize = 6,
     /// The SFU's one UDP socket (every SFU session's media, demultiplexed by ICE): a concrete
-    /// address clients can reach, port 0 for any free port. Single node only.
+    /// address clients can reach, port 0 for any free port. It is also the address the SFU
+    /// advertises (its one host candidate), so in cluster mode each node needs its own.
     sfu_udp_addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0)),
     /// Sessions one room's SFU may hold; one more `av_join` gets `conflict`.
     sfu_room_max: usize = 50,

@@ -90,7 +90,8 @@ pub struct App {
     pub rtc: rtc::Rtc,
     /// Per-user rate limits, shared by the user's sessions on this node.
     pub user_limits: ratelimit::UserLimits,
-    /// The SFU (single node only; `None` in cluster mode).
+    /// The node's SFU (every node runs one; in cluster mode a room's SFU runs on one node, see
+    /// `rtc`). `None` only in tests that build an app without one.
     pub sfu: Option<sfu::Sfu>,
     pub(crate) shutting_down: AtomicBool,
     live_sessions: AtomicUsize,
@@ -101,6 +102,9 @@ pub struct App {
     cluster: Option<Arc<cluster::Bus>>,
     /// What other nodes said, until `serve` starts applying it.
     inbound: Mutex<Option<mpsc::Receiver<Inbound>>>,
+    /// Cluster mode: rooms this node's SFU no longer holds (their claim is released), until
+    /// `serve` starts the task that releases them.
+    sfu_emptied: Mutex<Option<mpsc::UnboundedReceiver<protocol::RoomId>>>,
     /// Polls answered since their last results update (see `rooms::polls::run_clock`).
     pub poll_results: rooms::polls::ResultsQueue,
     /// Whiteboards held on this node (see `rooms::boards`).
@@ -234,12 +238,15 @@ impl App {
         send_badges(&store, &hub, &broker);
         let secret = token_secret(&config, &store).await?;
         let rtc = rtc::Rtc::new(&config);
-        let sfu = match cluster {
-            Some(_) => None,
-            None => {
-                Some(sfu::Sfu::start(rtc::sfu_config(&config), rtc::sfu_notify(hub.clone())).await?)
+        let (emptied, sfu_emptied) = match cluster {
+            Some(_) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Some(tx), Some(rx))
             }
+            None => (None, None),
         };
+        let notify = rtc::sfu_notify(broker.clone(), emptied);
+        let sfu = Some(sfu::Sfu::start(rtc::sfu_config(&config), notify).await?);
         if config.dev {
             ensure_dev_lobby(&store).await?;
         }
@@ -260,6 +267,7 @@ impl App {
             broker,
             cluster,
             inbound: Mutex::new(Some(inbound_rx)),
+            sfu_emptied: Mutex::new(sfu_emptied),
             poll_results: Default::default(),
             boards: Default::default(),
         }))
@@ -307,6 +315,14 @@ impl App {
             }
             Inbound::Call { command, answer } => {
                 let _ = answer.send(rtc::remote_call(self, command));
+            }
+            Inbound::Sfu { command, answer } => {
+                // Not in arrival order: an SFU join reads the store (a session's own commands
+                // come one at a time, each after the answer to the last).
+                let app = self.clone();
+                tokio::spawn(async move {
+                    let _ = answer.send(rtc::remote_sfu(&app, command).await);
+                });
             }
             Inbound::Av { room, change } => rtc::remote_av(self, &room, change),
             Inbound::Stage { room, user, on } => rtc::stage_changed(self, &room, &user, on),
@@ -517,6 +533,14 @@ async fn start_bus_tasks(app: &Arc<App>) -> Vec<JoinHandle<()>> {
         Some(bus) => {
             let mut tasks = bus.start(app.store.clone()).await;
             tasks.push(tokio::spawn(rtc::run_av_sweep(app.clone())));
+            let emptied = app
+                .sfu_emptied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(emptied) = emptied {
+                tasks.push(tokio::spawn(rtc::run_sfu_releases(app.clone(), emptied)));
+            }
             tasks
         }
         None => Vec::new(),

@@ -2,7 +2,7 @@
 //! news gets here. A single node uses [`LocalBroker`] (everything is local, nothing crosses);
 //! cluster mode uses the NATS broker in `cluster/`. Rooms, sessions and the call code talk to
 //! a `dyn Broker` and never know which one it is. What other nodes send that concerns more than
-//! the hub (policy invalidations, forwarded call commands, A/V changes) arrives as
+//! the hub (policy invalidations, forwarded call and SFU commands, A/V changes) arrives as
 //! [`Inbound`] events on a channel that the app applies. This file knows nothing of NATS.
 
 use crate::error::Error;
@@ -36,6 +36,44 @@ pub enum CallAction {
     Signal,
 }
 
+/// A command for a room's SFU that runs on another node, on behalf of a session of the
+/// sending node (which checked the session's rights in the room: the owner runs it as asked).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SfuCommand {
+    pub room: String,
+    /// The session's user and id (the muting host's, for `Mute`).
+    pub user: String,
+    pub session: String,
+    pub action: SfuAction,
+}
+
+/// What an [`SfuCommand`] asks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum SfuAction {
+    /// `av_join`: admit the session (as a publisher or not).
+    Join { can_publish: bool },
+    /// `signal {room, to:"sfu", data}` (data validated by the sending node).
+    Signal { data: serde_json::Value },
+    /// `av_leave`, or the session left the room: close its peer connection.
+    Leave,
+    /// `av_mute`: stop forwarding `user`'s tracks of one kind.
+    Mute { user: String, video: bool },
+    /// A stage change: `user` may publish or not.
+    SetPublisher { user: String, on: bool },
+}
+
+/// The owner's answer to an [`SfuCommand`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SfuReply {
+    /// `Join`: the others in the room's SFU, (session, user).
+    #[serde(default)]
+    pub peers: Vec<(String, String)>,
+    /// `Mute`: whether the user is in the room's SFU.
+    #[serde(default)]
+    pub found: bool,
+}
+
 /// A membership change of a room's A/V on some node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AvChange {
@@ -66,6 +104,12 @@ pub enum Inbound {
     Call {
         command: CallCommand,
         answer: oneshot::Sender<Result<(), Error>>,
+    },
+    /// A command for a room's SFU that runs on this node; the answer goes back to the asking
+    /// node.
+    Sfu {
+        command: SfuCommand,
+        answer: oneshot::Sender<Result<SfuReply, Error>>,
     },
     /// A session on another node joined or left a room's A/V.
     Av { room: RoomId, change: AvChange },
@@ -133,6 +177,14 @@ pub trait Broker: Send + Sync {
     /// Forwards a call command to the node that owns the call and waits for its answer.
     fn forward_call(&self, node: String, cmd: CallCommand)
     -> BoxFuture<'static, Result<(), Error>>;
+
+    /// Sends a command to the room's SFU on `node` and waits (bounded by
+    /// `bus_request_timeout_ms`) for its answer; `unavailable` if the node does not answer.
+    fn forward_sfu(
+        &self,
+        node: String,
+        cmd: SfuCommand,
+    ) -> BoxFuture<'static, Result<SfuReply, Error>>;
 
     /// A local session joined or left a room's A/V (the other nodes with members tell theirs).
     fn av_changed(&self, room: &RoomId, change: AvChange);
@@ -202,6 +254,14 @@ impl Broker for LocalBroker {
         _cmd: CallCommand,
     ) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(async { Err(Error::NotFound("no such call".into())) })
+    }
+
+    fn forward_sfu(
+        &self,
+        _node: String,
+        _cmd: SfuCommand,
+    ) -> BoxFuture<'static, Result<SfuReply, Error>> {
+        Box::pin(async { Err(Error::Unavailable("no other node runs an SFU".into())) })
     }
 
     fn av_changed(&self, _room: &RoomId, _change: AvChange) {}

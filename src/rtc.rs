@@ -3,12 +3,14 @@
 //! sans-I/O machines of `studyhall-signaling` under one short mutex (never held across an
 //! await), and what they ask to send goes out as directed frames through the hub's bounded
 //! outboxes. A ticker ends missed and abandoned calls; finished calls go to the call log.
+//! In cluster mode a room's SFU runs on one node (claimed in the store, see
+//! `Store::sfu_claim`); the SFU commands of sessions on other nodes are forwarded there.
 
 use crate::App;
 use crate::command::{Ctx, Outcome, check_room_id};
 use crate::error::{Error, Result};
 use crate::hub::Frame;
-use crate::node::{AvChange, CallAction, CallCommand};
+use crate::node::{AvChange, CallAction, CallCommand, SfuAction, SfuCommand, SfuReply};
 use crate::protocol::{
     self, AvJoinOk, AvMode, AvPeerRef, AvRoomMode, AvTrackKind, CallOk, CallParty, ClientMsg,
     EmptyOk, IceServer, Media, RoomId, RoomKind, RoomRole, ServerMsg, UserId,
@@ -29,6 +31,9 @@ struct State {
     av: AvRooms,
     /// call id -> the room it was placed in, for the call log.
     call_rooms: HashMap<String, RoomId>,
+    /// Cluster mode: (room, session) -> the node whose SFU holds this node's session's peer
+    /// connection, when it is another node.
+    sfu_remote: HashMap<(String, String), String>,
 }
 
 /// The node's call and A/V state.
@@ -38,6 +43,9 @@ pub struct Rtc {
     /// Cluster mode: ended A/V memberships (room, session, generation) whose store delete
     /// failed; the A/V sweep tries them again.
     unforgotten: Arc<Mutex<Vec<(RoomId, String, u64)>>>,
+    /// Cluster mode: held while this node claims a room's SFU and joins it, or releases the
+    /// claim of a room its SFU no longer holds, so a release never drops a room a join filled.
+    sfu_claims: tokio::sync::Mutex<()>,
 }
 
 impl From<SignalError> for Error {
@@ -83,8 +91,13 @@ pub(crate) fn sfu_config(cfg: &crate::config::Config) -> SfuConfig {
     }
 }
 
-/// Turns what the SFU says into frames for this node's sessions.
-pub(crate) fn sfu_notify(hub: Arc<crate::hub::Hub>) -> Notify {
+/// Turns what the SFU says into frames for its sessions, wherever they are connected (in
+/// cluster mode a room's SFU serves the sessions of every node). Rooms the SFU no longer holds
+/// go to `emptied` (cluster mode: their claim is released).
+pub(crate) fn sfu_notify(
+    out: Arc<dyn crate::node::Broker>,
+    emptied: Option<tokio::sync::mpsc::UnboundedSender<RoomId>>,
+) -> Notify {
     Arc::new(move |n: Notice| match n {
         Notice::Signal {
             session,
@@ -101,7 +114,7 @@ pub(crate) fn sfu_notify(hub: Arc<crate::hub::Hub>) -> Notify {
                 },
                 data: &data,
             });
-            hub.send_to_session(&session, &Frame::from(frame));
+            out.send_to_session(&session, &Frame::from(frame));
         }
         Notice::Speakers {
             sessions,
@@ -113,7 +126,7 @@ pub(crate) fn sfu_notify(hub: Arc<crate::hub::Hub>) -> Notify {
                 users: &users,
             }));
             for s in sessions {
-                hub.send_to_session(&s, &frame);
+                out.send_to_session(&s, &frame);
             }
         }
         Notice::Closed { session, room } => {
@@ -122,7 +135,7 @@ pub(crate) fn sfu_notify(hub: Arc<crate::hub::Hub>) -> Notify {
                 room: &room,
                 reason: "connection_lost",
             });
-            hub.send_to_session(&session, &Frame::from(frame));
+            out.send_to_session(&session, &Frame::from(frame));
         }
         Notice::Peer {
             to,
@@ -137,9 +150,40 @@ pub(crate) fn sfu_notify(hub: Arc<crate::hub::Hub>) -> Notify {
                 user: &user,
                 joined,
             });
-            hub.send_to_session(&to, &Frame::from(frame));
+            out.send_to_session(&to, &Frame::from(frame));
+        }
+        Notice::Emptied { room } => {
+            if let Some(tx) = &emptied {
+                let _ = tx.send(RoomId(room));
+            }
         }
     })
+}
+
+/// Cluster mode: releases the claim of each room this node's SFU no longer holds (unless a
+/// join filled it again meanwhile).
+pub(crate) async fn run_sfu_releases(
+    app: Arc<App>,
+    mut emptied: tokio::sync::mpsc::UnboundedReceiver<RoomId>,
+) {
+    while let Some(room) = emptied.recv().await {
+        release_if_empty(&app, &room).await;
+    }
+}
+
+async fn release_if_empty(app: &App, room: &RoomId) {
+    let (Some(node), Some(sfu)) = (app.broker.node_id(), &app.sfu) else {
+        return;
+    };
+    let _claims = app.rtc.sfu_claims.lock().await;
+    if sfu.room_size(room.as_str()).await > 0 {
+        return;
+    }
+    if let Err(e) = app.store.sfu_release(room, node).await {
+        // Left claimed: the next join on another node finds this node live and forwards here,
+        // where the join claims it again. Only a node's restart clears it otherwise.
+        tracing::warn!(error = %e, room = %room, "could not release a room's SFU");
+    }
 }
 
 impl Rtc {
@@ -152,8 +196,10 @@ impl Rtc {
                 }),
                 av: AvRooms::new(cfg.av_mesh_max),
                 call_rooms: HashMap::new(),
+                sfu_remote: HashMap::new(),
             }),
             unforgotten: Arc::default(),
+            sfu_claims: tokio::sync::Mutex::new(()),
             ice: IceConfig {
                 stun_urls: cfg.stun_urls.clone(),
                 turn_urls: cfg.turn_urls.clone(),
@@ -430,8 +476,13 @@ pub(crate) fn remote_call(app: &Arc<App>, cmd: CallCommand) -> Result<()> {
     apply_call_action(app, &me, cmd.action, &cmd.call_id)
 }
 
-/// A session on another node ended: calls here give it the grace period.
+/// A session on another node ended: calls here give it the grace period, and this node's SFU
+/// drops its peer connections.
 pub(crate) fn remote_session_closed(app: &Arc<App>, user: &UserId, session: &str) {
+    if let Some(sfu) = &app.sfu {
+        // Its peer connections in the rooms whose SFU runs here.
+        sfu.session_closed(session);
+    }
     let outs = app
         .rtc
         .lock()
@@ -486,19 +537,15 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     }))
 }
 
-/// Whether this `av_join` goes to the SFU. `sfu`: always (refused in cluster mode); `mesh`:
-/// never; `auto`: when the room's SFU already holds sessions, or the mesh is full (a session
-/// already in the mesh stays there). In cluster mode `auto` is always the mesh.
+/// Whether this `av_join` goes to the SFU. `sfu`: always; `mesh`: never; `auto`: when the
+/// room's SFU already holds sessions, or the mesh is full (a session already in the mesh stays
+/// there). In cluster mode "the room's SFU holds sessions" is read from the store: the room
+/// has an SFU claim (some node's SFU holds, or is about to hold, sessions of the room).
 async fn uses_sfu(app: &App, room: &RoomId, session: &str, mode: AvRoomMode) -> Result<bool> {
-    let Some(sfu) = &app.sfu else {
-        return match mode {
-            AvRoomMode::Sfu => Err(Error::Unavailable(
-                "av.mode sfu is not available in cluster mode: the SFU runs on a single node"
-                    .into(),
-            )),
-            _ => Ok(false),
-        };
-    };
+    let sfu = app
+        .sfu
+        .as_ref()
+        .ok_or_else(|| Error::Unavailable("the SFU is not running".into()))?;
     match mode {
         AvRoomMode::Mesh => Ok(false),
         AvRoomMode::Sfu => Ok(true),
@@ -513,23 +560,47 @@ async fn uses_sfu(app: &App, room: &RoomId, session: &str, mode: AvRoomMode) -> 
             if in_mesh {
                 return Ok(false);
             }
-            Ok(mesh >= app.config.av_mesh_max || sfu.room_size(room.as_str()).await > 0)
+            if mesh >= app.config.av_mesh_max {
+                return Ok(true);
+            }
+            Ok(match app.broker.node_id() {
+                None => sfu.room_size(room.as_str()).await > 0,
+                Some(_) => app.store.sfu_owner(room).await?.is_some(),
+            })
         }
     }
 }
 
-/// `av_join` in SFU mode: the session's one peer is the server.
+/// `av_join` in SFU mode: the session's one peer is the server (in cluster mode, the SFU of
+/// the node that runs the room's SFU).
 async fn sfu_join(app: &App, room: &RoomId, me: Peer, can_publish: bool) -> Result<Outcome> {
-    let sfu = app
-        .sfu
-        .as_ref()
-        .ok_or_else(|| Error::Unavailable("no SFU".into()))?;
     let user = UserId(me.user.clone());
+    let key = (room.0.clone(), me.session.clone());
     let who = Member {
         user: me.user,
         session: me.session,
     };
-    let others = sfu.join(room.as_str(), who, can_publish).await?;
+    let others = match join_here(app, room, who.clone(), can_publish).await? {
+        Ok(others) => {
+            app.rtc.lock().sfu_remote.remove(&key);
+            others
+        }
+        Err(node) => {
+            let cmd = SfuCommand {
+                room: room.0.clone(),
+                user: who.user,
+                session: who.session,
+                action: SfuAction::Join { can_publish },
+            };
+            let reply = app.broker.forward_sfu(node.clone(), cmd).await?;
+            app.rtc.lock().sfu_remote.insert(key, node);
+            reply
+                .peers
+                .into_iter()
+                .map(|(session, user)| Member { user, session })
+                .collect()
+        }
+    };
     Ok(Outcome::ok(AvJoinOk {
         peers: others
             .into_iter()
@@ -544,8 +615,106 @@ async fn sfu_join(app: &App, room: &RoomId, me: Peer, can_publish: bool) -> Resu
     }))
 }
 
-/// `av_mute {room, user, kind}` (host/ta, SFU mode): the SFU stops forwarding that track, and
-/// the owner's sessions get `av_muted`.
+/// Joins `who` to the room's SFU on this node; `Ok(Err(node))` when the room's SFU runs on
+/// another node. In cluster mode a room this node's SFU holds is this node's (its claim stays
+/// until the room empties); otherwise this node claims the room in the store first.
+async fn join_here(
+    app: &App,
+    room: &RoomId,
+    who: Member,
+    can_publish: bool,
+) -> Result<std::result::Result<Vec<Member>, String>> {
+    let sfu = app
+        .sfu
+        .as_ref()
+        .ok_or_else(|| Error::Unavailable("the SFU is not running".into()))?;
+    let Some(node) = app.broker.node_id() else {
+        return Ok(Ok(sfu.join(room.as_str(), who, can_publish).await?));
+    };
+    let _claims = app.rtc.sfu_claims.lock().await;
+    if sfu.room_size(room.as_str()).await == 0 {
+        let live = app.broker.live_nodes();
+        let owner = app
+            .store
+            .sfu_claim(room, node, live.as_deref(), now_ms())
+            .await?;
+        if owner != node {
+            return Ok(Err(owner));
+        }
+    }
+    let joined = sfu.join(room.as_str(), who, can_publish).await;
+    if joined.is_err() && sfu.room_size(room.as_str()).await == 0 {
+        // Refused, and the room is empty: no claim without a session.
+        if let Err(e) = app.store.sfu_release(room, node).await {
+            tracing::warn!(error = %e, room = %room, "could not release a room's SFU");
+        }
+    }
+    Ok(Ok(joined?))
+}
+
+/// Cluster mode: the node whose SFU holds this node's `session` in the room, when another.
+fn sfu_remote(app: &App, room: &RoomId, session: &str) -> Option<String> {
+    app.rtc
+        .lock()
+        .sfu_remote
+        .get(&(room.0.clone(), session.to_owned()))
+        .cloned()
+}
+
+/// An SFU command of a session on another node, for a room whose SFU runs on this node. The
+/// sending node checked the session's rights in the room, as for its own SFU.
+pub(crate) async fn remote_sfu(app: &App, cmd: SfuCommand) -> Result<SfuReply> {
+    let sfu = app
+        .sfu
+        .as_ref()
+        .ok_or_else(|| Error::Unavailable("the SFU is not running".into()))?;
+    let room = RoomId(cmd.room);
+    match cmd.action {
+        SfuAction::Join { can_publish } => {
+            let who = Member {
+                user: cmd.user,
+                session: cmd.session,
+            };
+            match join_here(app, &room, who, can_publish).await? {
+                Ok(others) => Ok(SfuReply {
+                    peers: others.into_iter().map(|m| (m.session, m.user)).collect(),
+                    found: false,
+                }),
+                Err(node) => Err(Error::Unavailable(format!(
+                    "the room's SFU moved to node {node}: join the A/V again"
+                ))),
+            }
+        }
+        SfuAction::Signal { data } => {
+            sfu.signal(room.as_str(), &cmd.session, data).await?;
+            Ok(SfuReply::default())
+        }
+        SfuAction::Leave => {
+            sfu.leave_now(room.as_str(), &cmd.session).await?;
+            Ok(SfuReply::default())
+        }
+        SfuAction::Mute { user, video } => {
+            let kind = if video {
+                TrackKind::Video
+            } else {
+                TrackKind::Audio
+            };
+            let found = sfu.mute(room.as_str(), &user, kind).await?;
+            Ok(SfuReply {
+                found,
+                ..SfuReply::default()
+            })
+        }
+        SfuAction::SetPublisher { user, on } => {
+            sfu.set_publisher(room.as_str(), &user, on);
+            Ok(SfuReply::default())
+        }
+    }
+}
+
+/// `av_mute {room, user, kind}` (host/ta, SFU mode): the SFU stops forwarding that track (in
+/// cluster mode the SFU of the node that runs the room's), and the owner's sessions get
+/// `av_muted`.
 pub(crate) async fn av_mute(
     ctx: &mut Ctx,
     room: RoomId,
@@ -556,14 +725,35 @@ pub(crate) async fn av_mute(
     if !matches!(ctx.joined_role(&room)?, RoomRole::Host | RoomRole::Ta) {
         return Err(Error::Forbidden("only host and ta may mute A/V".into()));
     }
-    let sfu = ctx.app.sfu.as_ref().ok_or_else(|| {
-        Error::Unavailable("av_mute needs the SFU, which cluster mode does not run".into())
-    })?;
+    let app = ctx.app.clone();
+    let sfu = app
+        .sfu
+        .as_ref()
+        .ok_or_else(|| Error::Unavailable("the SFU is not running".into()))?;
     let track = match kind {
         AvTrackKind::Audio => TrackKind::Audio,
         AvTrackKind::Video => TrackKind::Video,
     };
-    if !sfu.mute(room.as_str(), user.as_str(), track).await? {
+    let found = match app.broker.node_id() {
+        None => sfu.mute(room.as_str(), user.as_str(), track).await?,
+        Some(node) => match app.store.sfu_owner(&room).await? {
+            None => false,
+            Some(owner) if owner == node => sfu.mute(room.as_str(), user.as_str(), track).await?,
+            Some(owner) => {
+                let cmd = SfuCommand {
+                    room: room.0.clone(),
+                    user: ctx.me.user.0.clone(),
+                    session: ctx.handle.id.0.clone(),
+                    action: SfuAction::Mute {
+                        user: user.0.clone(),
+                        video: track == TrackKind::Video,
+                    },
+                };
+                app.broker.forward_sfu(owner, cmd).await?.found
+            }
+        },
+    };
+    if !found {
         return Err(Error::NotFound(format!("{user} is not in the room's SFU")));
     }
     let frame = Frame::from(protocol::encode(&ServerMsg::AvMuted {
@@ -571,8 +761,8 @@ pub(crate) async fn av_mute(
         kind,
         by: &ctx.me.user,
     }));
-    for sid in ctx.app.hub.session_ids(&user) {
-        ctx.app.send_to_session(&sid, &frame);
+    for sid in app.hub.session_ids(&user) {
+        app.send_to_session(&sid, &frame);
     }
     Ok(Outcome::ok(EmptyOk {}))
 }
@@ -666,9 +856,22 @@ fn membership(m: crate::store::AvMember) -> Membership {
 pub(crate) async fn av_leave(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
     check_room_id(&room)?;
     let app = ctx.app.clone();
-    if let Some(sfu) = &app.sfu {
+    let session = ctx.handle.id.as_str();
+    if let Some(node) = take_sfu_remote(&app, &room, session) {
+        // Awaited: the peer connection is gone when `ok` arrives. An owner that does not
+        // answer is gone, and its peer connection with it.
+        let cmd = SfuCommand {
+            room: room.0.clone(),
+            user: ctx.me.user.0.clone(),
+            session: session.to_owned(),
+            action: SfuAction::Leave,
+        };
+        if let Err(e) = app.broker.forward_sfu(node, cmd).await {
+            tracing::info!(error = %e, room = %room, "an SFU leave went unanswered");
+        }
+    } else if let Some(sfu) = &app.sfu {
         // Awaited: the peer connection is gone when `ok` arrives.
-        sfu.leave_now(room.as_str(), ctx.handle.id.as_str()).await?;
+        sfu.leave_now(room.as_str(), session).await?;
     }
     if let Some(left) = av_left(&app, &room, &ctx.me.user, ctx.handle.id.as_str(), false) {
         // Awaited: a re-join right after must find the store without this membership.
@@ -687,11 +890,25 @@ fn av_left(
     session: &str,
     was_on_stage: bool,
 ) -> Option<impl Future<Output = ()> + Send + 'static> {
+    if was_on_stage && !app.hub.on_stage(room, user) {
+        sfu_set_publisher(app, room, user, false);
+    }
     if let Some(sfu) = &app.sfu {
-        if was_on_stage && !app.hub.on_stage(room, user) {
-            sfu.set_publisher(room.as_str(), user.as_str(), false);
-        }
         sfu.leave(room.as_str(), session);
+    }
+    if let Some(node) = take_sfu_remote(app, room, session) {
+        let cmd = SfuCommand {
+            room: room.0.clone(),
+            user: user.0.clone(),
+            session: session.to_owned(),
+            action: SfuAction::Leave,
+        };
+        let answer = app.broker.forward_sfu(node, cmd);
+        tokio::spawn(async move {
+            if let Err(e) = answer.await {
+                tracing::info!(error = %e, "an SFU leave went unanswered");
+            }
+        });
     }
     let (generation, outs) = {
         let mut st = app.rtc.lock();
@@ -741,6 +958,49 @@ fn cluster_av_left(
     })
 }
 
+/// Cluster mode: forgets (and returns) the node whose SFU holds this node's `session` in the
+/// room, when another.
+fn take_sfu_remote(app: &App, room: &RoomId, session: &str) -> Option<String> {
+    app.rtc
+        .lock()
+        .sfu_remote
+        .remove(&(room.0.clone(), session.to_owned()))
+}
+
+/// Grants or withdraws publishing for `user` in the room's SFU: this node's, and in cluster
+/// mode the SFUs of other nodes that hold this node's sessions in the room (in the
+/// background: a stage change does not wait on them).
+fn sfu_set_publisher(app: &App, room: &RoomId, user: &UserId, on: bool) {
+    if let Some(sfu) = &app.sfu {
+        sfu.set_publisher(room.as_str(), user.as_str(), on);
+    }
+    let owners: std::collections::BTreeSet<String> = app
+        .rtc
+        .lock()
+        .sfu_remote
+        .iter()
+        .filter(|((r, _), _)| r == room.as_str())
+        .map(|(_, node)| node.clone())
+        .collect();
+    for node in owners {
+        let cmd = SfuCommand {
+            room: room.0.clone(),
+            user: user.0.clone(),
+            session: String::new(),
+            action: SfuAction::SetPublisher {
+                user: user.0.clone(),
+                on,
+            },
+        };
+        let answer = app.broker.forward_sfu(node, cmd);
+        tokio::spawn(async move {
+            if let Err(e) = answer.await {
+                tracing::info!(error = %e, "an SFU stage change went unanswered");
+            }
+        });
+    }
+}
+
 fn lock_list<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -770,6 +1030,7 @@ pub(crate) fn remote_av(app: &App, room: &RoomId, change: AvChange) {
 /// and the store forgets them (every surviving node tries; the delete is idempotent, and
 /// spares a later run of the same node).
 pub(crate) fn remote_node_gone(app: &App, node: &str, epoch: u64) {
+    sfu_node_gone(app, node);
     let outs =
         app.rtc.lock().av.remote_gone(|session, run| {
             run == epoch && crate::node::node_of(session) == Some(node)
@@ -787,6 +1048,42 @@ pub(crate) fn remote_node_gone(app: &App, node: &str, epoch: u64) {
             }
         }
     });
+}
+
+/// Cluster mode: a node is gone. This node's sessions whose SFU peer connection was on it are
+/// told `av_closed {reason:"connection_lost"}` (they may join again: the room's SFU is then
+/// claimed anew); this node's SFU drops the gone node's sessions, unless the node is live again
+/// (it started again under its name: its new sessions stay).
+fn sfu_node_gone(app: &App, node: &str) {
+    let lost: Vec<(String, String)> = {
+        let mut st = app.rtc.lock();
+        let lost = st
+            .sfu_remote
+            .iter()
+            .filter(|(_, n)| n.as_str() == node)
+            .map(|(k, _)| k.clone())
+            .collect();
+        st.sfu_remote.retain(|_, n| n.as_str() != node);
+        lost
+    };
+    for (room, session) in lost {
+        let room = RoomId(room);
+        let frame = protocol::encode(&ServerMsg::AvClosed {
+            room: &room,
+            reason: "connection_lost",
+        });
+        app.hub.send_to_session(&session, &Frame::from(frame));
+    }
+    let back = app
+        .broker
+        .live_nodes()
+        .is_some_and(|live| live.iter().any(|n| n == node));
+    if let Some(sfu) = &app.sfu
+        && !back
+    {
+        let node = node.to_owned();
+        sfu.sessions_closed_where(move |s| crate::node::node_of(s) == Some(node.as_str()));
+    }
 }
 
 /// A session left a room: it leaves the room's A/V, and if that took the user off stage,
@@ -827,9 +1124,7 @@ pub(crate) fn class_ended(app: &App, room: &RoomId) {
 
 /// Stage changes grant or withdraw publishing in the room's A/V.
 pub(crate) fn stage_changed(app: &App, room: &RoomId, user: &UserId, on: bool) {
-    if let Some(sfu) = &app.sfu {
-        sfu.set_publisher(room.as_str(), user.as_str(), on);
-    }
+    sfu_set_publisher(app, room, user, on);
     app.rtc
         .lock()
         .av
@@ -852,10 +1147,21 @@ pub(crate) async fn signal(
     let me = peer(ctx);
     let app = ctx.app.clone();
     if let (None, Some(room), Some(SFU_PEER)) = (&call_id, &room, to.as_deref()) {
+        if let Some(node) = sfu_remote(&app, room, &me.session) {
+            // Awaited in the command's turn, so the session's signals keep their order.
+            let cmd = SfuCommand {
+                room: room.0.clone(),
+                user: me.user.clone(),
+                session: me.session.clone(),
+                action: SfuAction::Signal { data },
+            };
+            app.broker.forward_sfu(node, cmd).await?;
+            return Ok(Outcome::ok(EmptyOk {}));
+        }
         let sfu = app
             .sfu
             .as_ref()
-            .ok_or_else(|| Error::Unavailable("the SFU is not available in cluster mode".into()))?;
+            .ok_or_else(|| Error::Unavailable("the SFU is not running".into()))?;
         sfu.signal(room.as_str(), &me.session, data).await?;
         return Ok(Outcome::ok(EmptyOk {}));
     }
@@ -925,6 +1231,11 @@ pub(crate) fn session_closed(app: &Arc<App>, user: &UserId, session: &str) {
     if let Some(sfu) = &app.sfu {
         sfu.session_closed(session);
     }
+    // Other nodes' SFUs drop it when they hear it closed (`remote_session_closed`).
+    app.rtc
+        .lock()
+        .sfu_remote
+        .retain(|(_, s), _| s.as_str() != session);
     let (ended, outs) = {
         let mut st = app.rtc.lock();
         let mut outs = st

@@ -872,3 +872,195 @@ async fn sfu_join_leave_rounds_leave_nothing_behind() {
     );
     s.stop().await;
 }
+
+/// A nats-server and two `studyhall` nodes on one fresh PostgreSQL database (cluster mode, as
+/// in `tests/integration/cluster.rs`), each node with its own SFU on its own UDP port.
+struct TwoNodes {
+    nats: tokio::process::Child,
+    db: Option<PgDb>,
+    nodes: Vec<(tokio::process::Child, std::net::SocketAddr)>,
+}
+
+impl TwoNodes {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let nats = tokio::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server must be installed (Debian package nats-server)");
+        within("nats-server listening", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let db = PgDb::create().await;
+        let mut nodes = Vec::new();
+        // One after the other: the first migrates the database.
+        for id in ["n0", "n1"] {
+            let mut cmd = studyhall_serve(&db.url);
+            cmd.env("STUDYHALL_JWT_SECRET", SECRET)
+                .env("STUDYHALL_NATS_URL", format!("nats://127.0.0.1:{port}"))
+                .env("STUDYHALL_NODE_ID", id)
+                .env("STUDYHALL_BUS_GAP_MS", "50")
+                .env("STUDYHALL_BUS_SWEEP_MS", "250")
+                .env("STUDYHALL_PRESENCE_HEARTBEAT_MS", "200")
+                .env("STUDYHALL_PRESENCE_TTL_MS", "1000")
+                .env("STUDYHALL_SHUTDOWN_GRACE_MS", "2000");
+            nodes.push(spawn_listening(cmd, &format!("node {id} listening")).await);
+        }
+        Self {
+            nats,
+            db: Some(db),
+            nodes,
+        }
+    }
+
+    fn addr(&self, i: usize) -> std::net::SocketAddr {
+        self.nodes[i].1
+    }
+
+    /// A counter from node `i`'s `/metrics`.
+    async fn counter(&self, i: usize, name: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.addr(i);
+        within("metrics", async {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut body = Vec::new();
+            s.read_to_end(&mut body).await.unwrap();
+            String::from_utf8_lossy(&body)
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or(0.0)
+        })
+        .await
+    }
+
+    async fn stop(mut self) {
+        for (child, _) in &mut self.nodes {
+            let _ = child.kill().await;
+        }
+        let _ = self.nats.kill().await;
+        if let Some(db) = self.db.take() {
+            db.drop_db().await;
+        }
+    }
+}
+
+/// Cluster mode: a room's SFU runs on the node where it was first needed. A publisher on node 0
+/// and a host and a student on node 1 all end up on node 0's SFU (node 1's forwards nothing)
+/// and hear each other; the host on node 1 mutes the publisher on node 0; a session closing on
+/// node 1 leaves node 0's SFU. When node 0 dies, a signal to the SFU gets `unavailable` at
+/// once, node 1's sessions are told `av_closed {reason:"connection_lost"}`, and joining again
+/// takes the room's SFU over on node 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rooms_sfu_runs_on_one_node_for_sessions_of_every_node() {
+    let test = async {
+        let mut c = TwoNodes::start().await;
+        let room = "cluster.sfu";
+        let (st, made) = http(
+            c.addr(0),
+            "POST",
+            "/api/rooms",
+            Some(API_KEY),
+            Some(json!({"id": room, "kind": "class", "av": {"mode": "sfu"}})),
+        )
+        .await;
+        assert_eq!((st, &made["av"]["mode"]), (201, &json!("sfu")), "{made}");
+        let student = |u: &str| token(u, PlatformRole::Student, &[]);
+        let mut publisher = Client::connect(c.addr(0), &student("pub")).await;
+        let mut host = Client::connect(
+            c.addr(1),
+            &token("host", PlatformRole::Tutor, &[(room, RoomRole::Host)]),
+        )
+        .await;
+        let mut kid = Client::connect(c.addr(1), &student("kid")).await;
+        for cl in [&mut publisher, &mut host, &mut kid] {
+            cl.join(room).await;
+        }
+        let kid_session = kid.session.clone();
+        // The publisher's node needs the room's SFU first: it runs it.
+        let mut publisher = sfu_peer(publisher, room, 1).await;
+        let mut host = sfu_peer(host, room, 2).await;
+        let mut kid = sfu_peer(kid, room, 3).await;
+        publisher.hears(&[2, 3]).await;
+        host.hears(&[1, 3]).await;
+        kid.hears(&[1, 2]).await;
+        let forwarded = "studyhall_sfu_frames_forwarded_total";
+        assert!(c.counter(0, forwarded).await > 0.0, "node 0's SFU forwards");
+        assert_eq!(c.counter(1, forwarded).await, 0.0, "node 1's SFU is idle");
+
+        // The host on node 1 mutes the publisher on node 0's SFU.
+        host.ok(
+            100,
+            json!({"type": "av_mute", "room": room, "user": "pub", "kind": "audio"}),
+        )
+        .await;
+        let muted = publisher.frame(|f| f["type"] == "av_muted").await;
+        assert_eq!(
+            (&muted["kind"], &muted["by"]),
+            (&json!("audio"), &json!("host"))
+        );
+        while host.ev.try_recv().is_ok() {}
+        let (mut from_kid, mut from_pub) = (0, 0);
+        within("the kid's audio after the mute", async {
+            while from_kid < 25 {
+                match host.ev.recv().await {
+                    Some(Ev::Rtp(3)) => from_kid += 1,
+                    Some(Ev::Rtp(1)) => from_pub += 1,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            from_pub <= 5,
+            "{from_pub} packets of muted audio still came"
+        );
+
+        // The kid's connection to node 1 ends: node 0's SFU drops its peer.
+        kid.close().await;
+        publisher
+            .frame(|f| {
+                f["type"] == "av_peer"
+                    && f["session"] == kid_session.as_str()
+                    && f["joined"] == false
+            })
+            .await;
+
+        // Node 0 dies: its SFU with it.
+        let _ = c.nodes[0].0.kill().await;
+        let candidate = json!({"candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host", "sdpMid": "0"}});
+        host.raw
+            .send(
+                json!({"type": "signal", "room": room, "to": "sfu", "data": candidate, "rid": 101}),
+            )
+            .unwrap();
+        let refused = host.frame(|f| f["rid"] == 101).await;
+        assert_eq!(refused["code"], "unavailable", "{refused}");
+        let closed = host.frame(|f| f["type"] == "av_closed").await;
+        assert_eq!(closed["reason"], "connection_lost", "{closed}");
+        // Joining again claims the room's SFU on node 1 (node 0 is no longer live).
+        let again = host.ok(102, json!({"type": "av_join", "room": room})).await;
+        assert_eq!(again["mode"], "sfu", "{again}");
+        assert_eq!(again["peers"], json!([]), "{again}");
+        host.close().await;
+        publisher.close().await;
+        c.stop().await;
+    };
+    tokio::time::timeout(Duration::from_secs(240), test)
+        .await
+        .expect("the cluster SFU test finished in time");
+}

@@ -9,8 +9,8 @@
 //!   is the truth.
 //! - **Room notices and kicks** (typing, muted, slow_mode, report, overdue) on the same subject.
 //! - **Directed frames** (calls, signals) on the owning node's subject: session and call ids
-//!   end in `.NODE`. Call commands for a call another node owns are forwarded there as a
-//!   request and answered.
+//!   end in `.NODE`. Call commands for a call another node owns, and SFU commands for a room
+//!   whose SFU runs on another node, are forwarded there as a request and answered.
 //! - **Presence**: each node's heartbeat lists its online users per room and its sessions,
 //!   in parts that fit NATS's `max_payload` (split and reassembled by `presence_parts`); the
 //!   union over live nodes is who is online, and a node silent past `presence_ttl_ms` drops
@@ -26,7 +26,9 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::hub::{Frame, Hub, NoticeTo, Relayed};
 use crate::metrics::Metrics;
-use crate::node::{AvChange, BoardRelay, Broker, CallCommand, Inbound, node_of};
+use crate::node::{
+    AvChange, BoardRelay, Broker, CallCommand, Inbound, SfuCommand, SfuReply, node_of,
+};
 use crate::protocol::{ErrorCode, RoomId, UserId, UserRef};
 use crate::store::{CommittedEvent, Store, StoreError};
 use async_nats::{Client, ConnectOptions, Event, Message, Subscriber};
@@ -212,6 +214,7 @@ const TAG_SESSION_CLOSED: u8 = b'X';
 const TAG_AV: u8 = b'A';
 const TAG_WHO: u8 = b'W';
 const TAG_BOARD: u8 = b'B';
+const TAG_SFU: u8 = b'F';
 
 fn encode_event(ev: &CommittedEvent) -> Bytes {
     let public = ev.public_json.as_deref().unwrap_or("");
@@ -280,6 +283,15 @@ fn decode_notice(payload: &[u8]) -> Option<(Frame, NoticeTo)> {
 struct CallAnswer {
     code: Option<ErrorCode>,
     message: String,
+}
+
+/// The SFU owner's answer: `code` is `None` for success, with `reply`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SfuAnswer {
+    code: Option<ErrorCode>,
+    message: String,
+    #[serde(default)]
+    reply: SfuReply,
 }
 
 struct NodeView {
@@ -845,6 +857,11 @@ impl Bus {
                     }
                 }
                 Some(&TAG_CALL) => self.answer_call(msg).await,
+                // Not awaited here: an SFU join reads the store. A session's SFU commands keep
+                // their order, since its node waits for each answer before sending the next.
+                Some(&TAG_SFU) => {
+                    tokio::spawn(self.clone().answer_sfu(msg));
+                }
                 _ => {}
             }
         }
@@ -872,6 +889,72 @@ impl Bus {
             && let Err(e) = self.client.publish(reply, Bytes::from(body)).await
         {
             tracing::warn!(error = %e, "could not answer a forwarded call command");
+        }
+    }
+
+    /// Sends an SFU command to the node that runs the room's SFU and waits for its answer.
+    async fn forward_sfu_now(
+        client: Client,
+        timeout: Duration,
+        node: String,
+        cmd: SfuCommand,
+    ) -> Result<SfuReply, Error> {
+        let body = serde_json::to_vec(&cmd).map_err(|e| Error::Internal(e.to_string()))?;
+        let payload = Writer::new(TAG_SFU, body.len()).rest(&body);
+        let answer =
+            tokio::time::timeout(timeout, client.request(node_subject(&node), payload)).await;
+        let msg = match answer {
+            Ok(Ok(msg)) => msg,
+            _ => {
+                return Err(Error::Unavailable(format!(
+                    "node {node}, which runs this room's SFU, did not answer"
+                )));
+            }
+        };
+        let answer: SfuAnswer = serde_json::from_slice(&msg.payload)
+            .map_err(|e| Error::Internal(format!("bad SFU answer: {e}")))?;
+        match answer.code {
+            None => Ok(answer.reply),
+            Some(code) => Err(Error::from_code(code, answer.message)),
+        }
+    }
+
+    async fn answer_sfu(self: Arc<Self>, msg: Message) {
+        let Some(reply) = msg.reply else { return };
+        let answer = match serde_json::from_slice::<SfuCommand>(&msg.payload[1..]) {
+            Ok(command) => {
+                let (answer, answered) = oneshot::channel();
+                let asked = Inbound::Sfu { command, answer };
+                let result = if self.inbound.send(asked).await.is_err() {
+                    Err(Error::Unavailable("the server is shutting down".into()))
+                } else {
+                    answered.await.unwrap_or_else(|_| {
+                        Err(Error::Unavailable("the server is shutting down".into()))
+                    })
+                };
+                match result {
+                    Ok(reply) => SfuAnswer {
+                        code: None,
+                        message: String::new(),
+                        reply,
+                    },
+                    Err(e) => SfuAnswer {
+                        code: Some(e.code()),
+                        message: e.public_message(),
+                        reply: SfuReply::default(),
+                    },
+                }
+            }
+            Err(e) => SfuAnswer {
+                code: Some(ErrorCode::BadRequest),
+                message: format!("bad SFU command: {e}"),
+                reply: SfuReply::default(),
+            },
+        };
+        if let Ok(body) = serde_json::to_vec(&answer)
+            && let Err(e) = self.client.publish(reply, Bytes::from(body)).await
+        {
+            tracing::warn!(error = %e, "could not answer a forwarded SFU command");
         }
     }
 
@@ -1334,6 +1417,10 @@ impl Bus {
         if let Err(e) = store.av_forget_node(&self.node, None).await {
             tracing::warn!(error = %e, "could not forget this node's earlier A/V members");
         }
+        // So are its SFU rooms: this run's SFU starts empty.
+        if let Err(e) = store.sfu_release_node(&self.node).await {
+            tracing::warn!(error = %e, "could not forget this node's earlier SFU rooms");
+        }
         let mut tasks = Vec::new();
         if let Some(rx) = lock(&self.out_rx).take() {
             tasks.push(tokio::spawn(self.clone().publisher_task(rx)));
@@ -1426,6 +1513,19 @@ impl Broker for Bus {
         cmd: CallCommand,
     ) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(Bus::forward(
+            self.client.clone(),
+            self.request_timeout,
+            node,
+            cmd,
+        ))
+    }
+
+    fn forward_sfu(
+        &self,
+        node: String,
+        cmd: SfuCommand,
+    ) -> BoxFuture<'static, Result<SfuReply, Error>> {
+        Box::pin(Bus::forward_sfu_now(
             self.client.clone(),
             self.request_timeout,
             node,

@@ -391,13 +391,24 @@ impl Driver {
                 }
             }
             Cmd::SessionClosed { session } => {
-                let rooms: Vec<String> = self
+                let keys: Vec<(String, String)> = self
                     .clients
                     .keys()
                     .filter(|(_, s)| *s == session)
-                    .map(|(r, _)| r.clone())
+                    .cloned()
                     .collect();
-                for room in rooms {
+                for (room, session) in keys {
+                    self.remove(&room, &session);
+                }
+            }
+            Cmd::SessionsClosed { which } => {
+                let keys: Vec<(String, String)> = self
+                    .clients
+                    .keys()
+                    .filter(|(_, s)| which(s))
+                    .cloned()
+                    .collect();
+                for (room, session) in keys {
                     self.remove(&room, &session);
                 }
             }
@@ -584,6 +595,9 @@ impl Driver {
             r.sessions.remove(session);
             if r.sessions.is_empty() {
                 self.rooms.remove(room);
+                (self.notify)(Notice::Emptied {
+                    room: room.to_owned(),
+                });
             }
         }
     }

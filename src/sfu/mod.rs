@@ -55,6 +55,8 @@ pub enum Notice {
     /// `av_closed {room, reason:"connection_lost"}` to `session`: its peer connection died
     /// (ICE lost past the grace, or a fatal error) and the SFU dropped it.
     Closed { session: String, room: String },
+    /// The room's SFU holds no session any more (its last one left or was dropped).
+    Emptied { room: String },
     /// `av_peer` to `to`: `session` of `user` joined or left the room's SFU.
     Peer {
         to: String,
@@ -166,6 +168,10 @@ enum Cmd {
     },
     SessionClosed {
         session: String,
+    },
+    /// Every session `which` picks ended (their node is gone).
+    SessionsClosed {
+        which: Box<dyn Fn(&str) -> bool + Send>,
     },
     Mute {
         room: String,
@@ -314,6 +320,13 @@ impl Sfu {
     pub fn session_closed(&self, session: &str) {
         self.tell(Cmd::SessionClosed {
             session: session.to_owned(),
+        });
+    }
+
+    /// Every session that `which` picks ended: each leaves every room's SFU.
+    pub fn sessions_closed_where(&self, which: impl Fn(&str) -> bool + Send + 'static) {
+        self.tell(Cmd::SessionsClosed {
+            which: Box::new(which),
         });
     }
 

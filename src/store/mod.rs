@@ -20,6 +20,7 @@ mod qa;
 mod rows;
 mod search;
 mod sends;
+mod sfu;
 mod sqlite;
 mod stats;
 mod webhooks;

@@ -1064,6 +1064,62 @@ async fn av_members_in_one_join_order(f: Fixture) {
     other.store.close().await;
 }
 
+/// Cluster SFU ownership: two stores (two nodes) claim one room's SFU at once and agree on one
+/// owner; a claim of a live owner stands, one of a node not live is taken over (once, by one
+/// claimant); only the owner's release or its restart frees the room.
+async fn one_node_runs_a_rooms_sfu(f: Fixture) {
+    let r = RoomId::from("big.class");
+    let other = open(&f.url).await;
+    assert_eq!(f.store.sfu_owner(&r).await.unwrap(), None);
+    let (a, b) = futures_util::future::join(
+        f.store.sfu_claim(&r, "n0", None, 1),
+        other.store.sfu_claim(&r, "n1", None, 1),
+    )
+    .await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a, b, "one owner");
+    let (owner, loser) = if a == "n0" {
+        ("n0", "n1")
+    } else {
+        ("n1", "n0")
+    };
+    assert_eq!(f.store.sfu_owner(&r).await.unwrap().as_deref(), Some(owner));
+    // The owner is live (or nobody can tell): its claim stands.
+    let live = vec![owner.to_owned()];
+    assert_eq!(
+        f.store.sfu_claim(&r, loser, Some(&live), 2).await.unwrap(),
+        owner
+    );
+    assert_eq!(f.store.sfu_claim(&r, loser, None, 2).await.unwrap(), owner);
+    // Another node's release leaves it; the owner's frees it.
+    f.store.sfu_release(&r, loser).await.unwrap();
+    assert_eq!(f.store.sfu_owner(&r).await.unwrap().as_deref(), Some(owner));
+    f.store.sfu_release(&r, owner).await.unwrap();
+    assert_eq!(f.store.sfu_owner(&r).await.unwrap(), None);
+    // A dead owner's claim: two claimants that both see it dead agree on one successor.
+    assert_eq!(
+        f.store.sfu_claim(&r, "gone", None, 3).await.unwrap(),
+        "gone"
+    );
+    let live = vec!["n0".to_owned(), "n1".to_owned()];
+    let (a, b) = futures_util::future::join(
+        f.store.sfu_claim(&r, "n0", Some(&live), 4),
+        other.store.sfu_claim(&r, "n1", Some(&live), 4),
+    )
+    .await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a, b, "one successor");
+    assert!(a == "n0" || a == "n1", "{a}");
+    // A node that starts again under its name forgets its rooms.
+    f.store
+        .sfu_claim(&RoomId::from("r2"), &a, None, 5)
+        .await
+        .unwrap();
+    assert_eq!(f.store.sfu_release_node(&a).await.unwrap(), 2);
+    assert_eq!(f.store.sfu_owner(&r).await.unwrap(), None);
+    other.store.close().await;
+}
+
 /// Whiteboard compaction never loses an update: four writers on two stores (two nodes) append
 /// Yjs updates to one board while a compactor on each store folds the log in small batches;
 /// one writer appends its updates in swapped pairs, so batches end with updates whose
@@ -1202,6 +1258,7 @@ conformance!(
     batched_sends_match_single_sends,
     simultaneous_checkins_count_once,
     av_members_in_one_join_order,
+    one_node_runs_a_rooms_sfu,
     board_compaction_never_loses_an_update,
 );
 

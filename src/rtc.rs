@@ -519,7 +519,16 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
             .lock()
             .av
             .join(room.as_str(), kind, me, can_publish)?,
-        Some(node) => cluster_av_join(&app, node, &room, kind, me, can_publish).await?,
+        Some(node) => {
+            match cluster_av_join(&app, node, &room, kind, me.clone(), can_publish).await {
+                // `auto`: the store found the mesh full (this node had not heard of every
+                // member yet): the SFU, as if this node had known.
+                Err(Error::Conflict(_)) if policy.room.av.mode == AvRoomMode::Auto => {
+                    return sfu_join(&app, &room, me, can_publish).await;
+                }
+                joined => joined?,
+            }
+        }
     };
     deliver(&app, outs, None, None);
     let peers = peers

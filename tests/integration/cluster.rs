@@ -196,6 +196,19 @@ impl Cluster {
         assert_eq!(status, 201, "{body}");
     }
 
+    /// Sets the room's `av.mode`.
+    async fn av_mode(&self, id: &str, mode: &str) {
+        let (status, body) = http(
+            self.addr(0),
+            "PATCH",
+            &format!("/api/rooms/{id}"),
+            Some(API_KEY),
+            Some(json!({"av": {"mode": mode}})),
+        )
+        .await;
+        assert_eq!((status, &body["av"]["mode"]), (200, &json!(mode)), "{body}");
+    }
+
     async fn stop(mut self) {
         for n in &mut self.nodes {
             let _ = n.child.kill().await;
@@ -1018,6 +1031,8 @@ async fn a_class_mesh_spans_nodes_in_one_join_order() {
         let mut c = Cluster::start_with(3, &[("STUDYHALL_AV_MESH_MAX", "4")]).await;
         let room = "class.av";
         c.room(room, "class").await;
+        // The mesh only (`auto` goes to the SFU past the mesh: below).
+        c.av_mode(room, "mesh").await;
         let mut peers = Vec::new();
         for i in 0..4 {
             let mut p = Client::connect(c.addr(i % 3), &student(&format!("p{i}"))).await;
@@ -1464,6 +1479,65 @@ async fn a_class_end_closes_the_av_on_every_node() {
         assert_eq!(state["state"], "live", "{state}");
         let again = kid.ok(json!({"type":"av_join","room":room})).await;
         assert_eq!(again["peers"], json!([]), "{again}");
+        c.stop().await;
+    })
+    .await;
+}
+
+/// `auto` across nodes: a join past the mesh goes to the SFU whichever node it is on (the
+/// store's admission says the mesh is full when the node has not heard of every member yet),
+/// and every later join goes there too while the room has an SFU owner, even with the mesh
+/// empty again: one SFU, on the node that claimed it, with the sessions of both nodes in it.
+#[tokio::test]
+async fn auto_goes_to_one_sfu_for_the_whole_cluster_past_the_mesh() {
+    eventually("auto across nodes", async {
+        let c = Cluster::start_with(2, &[("STUDYHALL_AV_MESH_MAX", "1")]).await;
+        let room = "class.auto";
+        c.room(room, "class").await;
+        let mut p = Vec::new();
+        for (i, node) in [0, 1, 0, 0].into_iter().enumerate() {
+            let mut x = Client::connect(c.addr(node), &student(&format!("a{i}"))).await;
+            x.join(room).await;
+            p.push(x);
+        }
+        let mode = |ok: &Value| ok["mode"].as_str().unwrap().to_owned();
+        let listed = |ok: &Value| -> HashSet<String> {
+            ok["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["session"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let first = p[0].ok(json!({"type":"av_join","room":room})).await;
+        assert_eq!(mode(&first), "mesh");
+        // Node 1 claims the room's SFU.
+        let second = p[1].ok(json!({"type":"av_join","room":room})).await;
+        assert_eq!(mode(&second), "sfu", "{second}");
+        assert_eq!(second["peers"], json!([]));
+        // Node 0's next joiner goes to node 1's SFU, and is listed with the one there.
+        let third = p[2].ok(json!({"type":"av_join","room":room})).await;
+        assert_eq!(mode(&third), "sfu", "{third}");
+        assert_eq!(listed(&third), HashSet::from([p[1].session.clone()]));
+        // The mesh empties; the room still has its SFU, so a join goes there.
+        p[0].ok(json!({"type":"av_leave","room":room})).await;
+        let fourth = p[3].ok(json!({"type":"av_join","room":room})).await;
+        assert_eq!(mode(&fourth), "sfu", "{fourth}");
+        assert_eq!(
+            listed(&fourth),
+            HashSet::from([p[1].session.clone(), p[2].session.clone()])
+        );
+        // Leaving through node 0 leaves node 1's SFU: the others hear it there.
+        let gone = p[2].session.clone();
+        p[2].ok(json!({"type":"av_leave","room":room})).await;
+        for x in p.iter_mut().skip(1).step_by(2) {
+            loop {
+                let (s, joined) = av_peer(x).await;
+                if s == gone && !joined {
+                    break;
+                }
+            }
+        }
         c.stop().await;
     })
     .await;

@@ -915,7 +915,9 @@ impl TwoNodes {
                 .env("STUDYHALL_BUS_GAP_MS", "50")
                 .env("STUDYHALL_BUS_SWEEP_MS", "250")
                 .env("STUDYHALL_PRESENCE_HEARTBEAT_MS", "200")
-                .env("STUDYHALL_PRESENCE_TTL_MS", "1000")
+                // Long enough that a command right after a node is killed still finds the
+                // node named as its room's SFU (and gets `unavailable`) on a busy machine.
+                .env("STUDYHALL_PRESENCE_TTL_MS", "4000")
                 .env("STUDYHALL_SHUTDOWN_GRACE_MS", "2000");
             nodes.push(spawn_listening(cmd, &format!("node {id} listening")).await);
         }

@@ -598,8 +598,9 @@ settings! {
     drain_batch: usize = 100,
     /// Cluster mode: milliseconds between two drain batches.
     drain_interval_ms: u64 = 100,
-    /// Cluster mode: milliseconds a node waits for the node that owns a call to answer a
-    /// forwarded call command (else `unavailable`); also bounds NATS flushes.
+    /// Cluster mode: milliseconds a node waits for the node that owns a call, or runs a room's
+    /// SFU, to answer a forwarded call or SFU command (else `unavailable`); also bounds NATS
+    /// flushes.
     bus_request_timeout_ms: u64 = 2_000,
     /// Cluster mode: messages waiting for the NATS publisher at most; past it a publish is
     /// dropped (room events are then refilled from PostgreSQL by the receivers, like any NATS

@@ -448,6 +448,13 @@ pub async fn serve(
     if let Some(sfu) = &app.sfu {
         sfu.stop();
     }
+    if let Some(node) = app.broker.node_id() {
+        // Its SFU rooms are free for the next node that needs them (its sessions on other
+        // nodes are told `av_closed` once they hear this node left).
+        if let Err(e) = app.store.sfu_release_node(node).await {
+            tracing::warn!(error = %e, "could not release this node's SFU rooms");
+        }
+    }
     background.stop().await;
     // Boards whose logs the saver has not compacted yet.
     rooms::boards::save_all(&app, true).await;

@@ -1488,10 +1488,11 @@ async fn a_class_end_closes_the_av_on_every_node() {
 /// store's admission says the mesh is full when the node has not heard of every member yet),
 /// and every later join goes there too while the room has an SFU owner, even with the mesh
 /// empty again: one SFU, on the node that claimed it, with the sessions of both nodes in it.
+/// Sessions of a node that dies leave it.
 #[tokio::test]
 async fn auto_goes_to_one_sfu_for_the_whole_cluster_past_the_mesh() {
     eventually("auto across nodes", async {
-        let c = Cluster::start_with(2, &[("STUDYHALL_AV_MESH_MAX", "1")]).await;
+        let mut c = Cluster::start_with(2, &[("STUDYHALL_AV_MESH_MAX", "1")]).await;
         let room = "class.auto";
         c.room(room, "class").await;
         let mut p = Vec::new();
@@ -1536,6 +1537,15 @@ async fn auto_goes_to_one_sfu_for_the_whole_cluster_past_the_mesh() {
                 if s == gone && !joined {
                     break;
                 }
+            }
+        }
+        // Node 0 dies: node 1's SFU drops its session there once node 0 is past the TTL.
+        let gone = p[3].session.clone();
+        c.nodes[0].signal("-KILL").await;
+        loop {
+            let (s, joined) = av_peer(&mut p[1]).await;
+            if s == gone && !joined {
+                break;
             }
         }
         c.stop().await;

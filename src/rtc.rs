@@ -551,10 +551,12 @@ pub(crate) async fn av_join(ctx: &mut Ctx, room: RoomId) -> Result<Outcome> {
 /// there). In cluster mode "the room's SFU holds sessions" is read from the store: the room
 /// has an SFU claim (some node's SFU holds, or is about to hold, sessions of the room).
 async fn uses_sfu(app: &App, room: &RoomId, session: &str, mode: AvRoomMode) -> Result<bool> {
-    let sfu = app
-        .sfu
-        .as_ref()
-        .ok_or_else(|| Error::Unavailable("the SFU is not running".into()))?;
+    let Some(sfu) = &app.sfu else {
+        return match mode {
+            AvRoomMode::Sfu => Err(Error::Unavailable("the SFU is not running".into())),
+            _ => Ok(false),
+        };
+    };
     match mode {
         AvRoomMode::Mesh => Ok(false),
         AvRoomMode::Sfu => Ok(true),

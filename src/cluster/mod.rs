@@ -1647,6 +1647,42 @@ mod tests {
     }
 
     #[test]
+    fn sfu_commands_and_answers_round_trip() {
+        use crate::node::SfuAction;
+        let cmd = SfuCommand {
+            room: "r.1".into(),
+            user: "u".into(),
+            session: "s1.n1".into(),
+            action: SfuAction::Signal {
+                data: serde_json::json!({"candidate": null}),
+            },
+        };
+        let body = serde_json::to_vec(&cmd).unwrap();
+        assert_eq!(serde_json::from_slice::<SfuCommand>(&body).unwrap(), cmd);
+        let join: SfuCommand = serde_json::from_str(
+            r#"{"room":"r","user":"u","session":"s","action":{"kind":"join","can_publish":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(join.action, SfuAction::Join { can_publish: true });
+        let answer = SfuAnswer {
+            code: None,
+            message: String::new(),
+            reply: SfuReply {
+                peers: vec![("s2.n0".into(), "v".into())],
+                found: false,
+            },
+        };
+        let back: SfuAnswer =
+            serde_json::from_slice(&serde_json::to_vec(&answer).unwrap()).unwrap();
+        assert_eq!(back.reply, answer.reply);
+        // An error answer may leave the reply out.
+        let err: SfuAnswer =
+            serde_json::from_str(r#"{"code":"unavailable","message":"gone"}"#).unwrap();
+        assert_eq!(err.code, Some(ErrorCode::Unavailable));
+        assert_eq!(err.reply, SfuReply::default());
+    }
+
+    #[test]
     fn changed_users_are_the_added_removed_and_altered_ones() {
         let s = |id: &str, waiting: bool| vec![(id.to_owned(), waiting)];
         let old: SessionMap = HashMap::from([

@@ -10,6 +10,9 @@ use super::{Result, Store, StoreError};
 use crate::protocol::RoomId;
 use sqlx::Row;
 
+/// Inserts tried before a claim gives up on a room released as fast as it is claimed.
+const CLAIM_TRIES: usize = 3;
+
 impl Store {
     /// Claims the room's SFU for `node` unless another node holds it; a holder that is not in
     /// `live` (known dead) is replaced. `live` is `None` while this node cannot tell who is
@@ -21,10 +24,10 @@ impl Store {
         live: Option<&[String]>,
         now_ms: i64,
     ) -> Result<String> {
-        // A release between the insert and the read leaves no row: insert again (twice at most;
-        // a room that empties and fills that fast is contended, and `conflict` says so).
+        // A release between the insert and the read leaves no row: insert again (a room that
+        // empties and fills that fast is contended, and `conflict` says so).
         let mut owner = None;
-        for _ in 0..3 {
+        for _ in 0..CLAIM_TRIES {
             sqlx::query(
                 "INSERT INTO sfu_owners (room_id, node, claimed_at) VALUES ($1, $2, $3) \
                  ON CONFLICT (room_id) DO NOTHING",

@@ -584,7 +584,8 @@ settings! {
     /// 500 subscribed rooms; after a reconnect or slow-consumer event it also drops every
     /// cached room policy. The A/V sweep runs at the same interval: for the rooms whose A/V
     /// has members on this node, one read per 500 rooms, and a write only where it finds
-    /// something to repair (see "Running a cluster").
+    /// something to repair; and for each room this node's SFU runs, one read of its claim
+    /// (see "Running a cluster").
     bus_sweep_ms: u64 = 1_000,
     /// Cluster mode: milliseconds between a node's announcements of its online users and
     /// sessions (and a quarter of this, at least 50 ms, after a local change). A heartbeat of

@@ -1289,6 +1289,9 @@ async fn av_sweep(app: &Arc<App>) -> Result<()> {
     let Some(node) = app.broker.node_id() else {
         return Ok(());
     };
+    if let Err(e) = sfu_sweep(app, node).await {
+        tracing::warn!(error = %e, "SFU sweep failed");
+    }
     // Ended memberships whose delete failed.
     let retry = std::mem::take(&mut *lock_list(&app.rtc.unforgotten));
     for (i, (room, session, generation)) in retry.iter().enumerate() {
@@ -1334,6 +1337,44 @@ async fn av_sweep(app: &Arc<App>) -> Result<()> {
             if let Err(e) = readmit(app, &room, peer).await {
                 tracing::warn!(error = %e, room = %room, "could not admit an A/V member again");
             }
+        }
+    }
+    Ok(())
+}
+
+/// Cluster mode, with the A/V sweep: each room this node's SFU holds must be claimed by this
+/// node. A room with no claim (a release raced, or failed), or a dead node's, is claimed
+/// again; a room another live node has claimed (this node was taken for dead and the room was taken over) is split
+/// in two: this node's SFU drops its sessions there and tells them `av_closed
+/// {reason:"connection_lost"}`, so that they join the owner's. Only a node that hears the
+/// cluster judges.
+async fn sfu_sweep(app: &App, node: &str) -> Result<()> {
+    let (Some(sfu), Some(live)) = (&app.sfu, app.broker.live_nodes()) else {
+        return Ok(());
+    };
+    for (room, sessions) in sfu.rooms().await {
+        let room = RoomId(room);
+        let _claims = app.rtc.sfu_claims.lock().await;
+        if app.store.sfu_owner(&room).await?.as_deref() == Some(node) {
+            continue;
+        }
+        // No claim, or a dead node's: this node's again.
+        let owner = app
+            .store
+            .sfu_claim(&room, node, Some(&live), now_ms())
+            .await?;
+        if owner == node {
+            tracing::info!(room = %room, "an SFU room held here is claimed again");
+            continue;
+        }
+        tracing::warn!(room = %room, owner = %owner, sessions = sessions.len(), "another node runs this room's SFU: closing it here");
+        let frame = Frame::from(protocol::encode(&ServerMsg::AvClosed {
+            room: &room,
+            reason: "connection_lost",
+        }));
+        for session in sessions {
+            sfu.leave(room.as_str(), &session);
+            app.send_to_session(&session, &frame);
         }
     }
     Ok(())

@@ -427,6 +427,14 @@ impl Driver {
                     }
                 }
             }
+            Cmd::Rooms { reply } => {
+                let rooms = self
+                    .rooms
+                    .iter()
+                    .map(|(id, r)| (id.clone(), r.sessions.iter().cloned().collect()))
+                    .collect();
+                let _ = reply.send(Ok(rooms));
+            }
             Cmd::RoomSize { room, reply } => {
                 let n = self.rooms.get(&room).map_or(0, |r| r.sessions.len());
                 let _ = reply.send(Ok(n));

@@ -188,6 +188,9 @@ enum Cmd {
         room: String,
         reply: Reply<usize>,
     },
+    Rooms {
+        reply: Reply<Vec<(String, Vec<String>)>>,
+    },
 }
 
 /// Most commands waiting for the driver.
@@ -349,6 +352,13 @@ impl Sfu {
             user: user.to_owned(),
             on,
         });
+    }
+
+    /// Every room the SFU holds now, with its sessions.
+    pub async fn rooms(&self) -> Vec<(String, Vec<String>)> {
+        self.ask(|reply| Cmd::Rooms { reply })
+            .await
+            .unwrap_or_default()
     }
 
     /// Sessions in the room's SFU now.

@@ -1488,11 +1488,13 @@ async fn a_class_end_closes_the_av_on_every_node() {
 /// store's admission says the mesh is full when the node has not heard of every member yet),
 /// and every later join goes there too while the room has an SFU owner, even with the mesh
 /// empty again: one SFU, on the node that claimed it, with the sessions of both nodes in it.
-/// Sessions of a node that dies leave it.
+/// Sessions of a node that dies leave it. The A/V sweep claims again a room whose claim was
+/// lost, and closes one another live node has taken over.
 #[tokio::test]
 async fn auto_goes_to_one_sfu_for_the_whole_cluster_past_the_mesh() {
     eventually("auto across nodes", async {
-        let mut c = Cluster::start_with(2, &[("STUDYHALL_AV_MESH_MAX", "1")]).await;
+        // (Node 2 only lives, for the end.)
+        let mut c = Cluster::start_with(3, &[("STUDYHALL_AV_MESH_MAX", "1")]).await;
         let room = "class.auto";
         c.room(room, "class").await;
         let mut p = Vec::new();
@@ -1539,6 +1541,26 @@ async fn auto_goes_to_one_sfu_for_the_whole_cluster_past_the_mesh() {
                 }
             }
         }
+        // A lost claim is made again by the node whose SFU holds the room (its A/V sweep).
+        let db = sqlx::AnyPool::connect(&c.db.as_ref().unwrap().url)
+            .await
+            .unwrap();
+        let owner = async |db: &sqlx::AnyPool| -> Option<String> {
+            sqlx::query_scalar("SELECT node FROM sfu_owners WHERE room_id = $1")
+                .bind(room)
+                .fetch_optional(db)
+                .await
+                .unwrap()
+        };
+        assert_eq!(owner(&db).await.as_deref(), Some("n1"));
+        sqlx::query("DELETE FROM sfu_owners")
+            .execute(&db)
+            .await
+            .unwrap();
+        while owner(&db).await.is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(owner(&db).await.as_deref(), Some("n1"));
         // Node 0 dies: node 1's SFU drops its session there once node 0 is past the TTL.
         let gone = p[3].session.clone();
         c.nodes[0].signal("-KILL").await;
@@ -1548,6 +1570,15 @@ async fn auto_goes_to_one_sfu_for_the_whole_cluster_past_the_mesh() {
                 break;
             }
         }
+        // The room taken over by another live node (as when node 1 was taken for dead): node
+        // 1 closes it, and its session there is told to join the owner's.
+        sqlx::query("UPDATE sfu_owners SET node = 'n2'")
+            .execute(&db)
+            .await
+            .unwrap();
+        let closed = p[1].until("av_closed").await;
+        assert_eq!(closed["reason"], "connection_lost", "{closed}");
+        db.close().await;
         c.stop().await;
     })
     .await;

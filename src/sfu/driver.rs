@@ -229,6 +229,9 @@ impl Driver {
             }
             Propagate::Media(key, data) => self.forward(room, &key, &data),
             Propagate::Keyframe(key, rid) => self.keyframe(room, &key, rid),
+            Propagate::Connected(session) => {
+                self.select_where(|k| k.0 == room && k.1 == session);
+            }
         }
     }
 

@@ -545,12 +545,14 @@ async fn sfu_join(app: &App, room: &RoomId, me: Peer, can_publish: bool) -> Resu
 }
 
 /// `av_mute {room, user, kind}` (host/ta, SFU mode): the SFU stops forwarding that track, and
-/// the owner's sessions get `av_muted`.
+/// the owner's sessions get `av_muted`; `av_unmute` (`muted` false) undoes it, and they get
+/// `av_unmuted`.
 pub(crate) async fn av_mute(
     ctx: &mut Ctx,
     room: RoomId,
     user: UserId,
     kind: AvTrackKind,
+    muted: bool,
 ) -> Result<Outcome> {
     check_room_id(&room)?;
     if !matches!(ctx.joined_role(&room)?, RoomRole::Host | RoomRole::Ta) {
@@ -563,13 +565,27 @@ pub(crate) async fn av_mute(
         AvTrackKind::Audio => TrackKind::Audio,
         AvTrackKind::Video => TrackKind::Video,
     };
-    if !sfu.mute(room.as_str(), user.as_str(), track).await? {
+    let found = if muted {
+        sfu.mute(room.as_str(), user.as_str(), track).await?
+    } else {
+        sfu.unmute(room.as_str(), user.as_str(), track).await?
+    };
+    if !found {
         return Err(Error::NotFound(format!("{user} is not in the room's SFU")));
     }
-    let frame = Frame::from(protocol::encode(&ServerMsg::AvMuted {
-        room: &room,
-        kind,
-        by: &ctx.me.user,
+    let by = &ctx.me.user;
+    let frame = Frame::from(protocol::encode(&if muted {
+        ServerMsg::AvMuted {
+            room: &room,
+            kind,
+            by,
+        }
+    } else {
+        ServerMsg::AvUnmuted {
+            room: &room,
+            kind,
+            by,
+        }
     }));
     for sid in ctx.app.hub.session_ids(&user) {
         ctx.app.send_to_session(&sid, &frame);
@@ -1086,7 +1102,8 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         ClientMsg::CallResume { call_id } => call_action(ctx, rid, CallAction::Resume, call_id),
         ClientMsg::AvJoin { room } => av_join(ctx, room).await,
         ClientMsg::AvLeave { room } => av_leave(ctx, room).await,
-        ClientMsg::AvMute { room, user, kind } => av_mute(ctx, room, user, kind).await,
+        ClientMsg::AvMute { room, user, kind } => av_mute(ctx, room, user, kind, true).await,
+        ClientMsg::AvUnmute { room, user, kind } => av_mute(ctx, room, user, kind, false).await,
         ClientMsg::Signal {
             call_id,
             room,

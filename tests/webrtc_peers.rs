@@ -3,7 +3,8 @@
 //! only through `signal` relays, both peers reach `connected`, a data-channel message goes each
 //! way and RTP packets of an Opus track flow in both directions. Then the SFU: three peers
 //! whose only peer is the server (`signal {room, to:"sfu"}`) publish Opus and receive each
-//! other's tracks through it; `av_mute` stops one track, and leaving tears the peers down.
+//! other's tracks through it; `av_mute` stops one track and `av_unmute` brings it back, and
+//! leaving tears the peers down.
 
 #[path = "integration/common.rs"]
 mod common;
@@ -688,6 +689,27 @@ async fn three_peers_hear_each_other_through_the_sfu_and_mute_and_leave_tear_dow
         from_a <= 5,
         "{from_a} packets of a's muted audio still reached b"
     );
+
+    // host unmutes it: a is told, and b hears a again.
+    host.ok(
+        103,
+        json!({"type": "av_unmute", "room": "sfu", "user": "a", "kind": "audio"}),
+    )
+    .await;
+    let unmuted = a.frame(|f| f["type"] == "av_unmuted").await;
+    assert_eq!(
+        (&unmuted["room"], &unmuted["kind"], &unmuted["by"]),
+        (&json!("sfu"), &json!("audio"), &json!("host"))
+    );
+    within("a's audio after the unmute", async {
+        let mut from_a = 0;
+        while from_a < 25 {
+            if let Some(Ev::Rtp(2)) = b.ev.recv().await {
+                from_a += 1;
+            }
+        }
+    })
+    .await;
 
     // a leaves the A/V: its peer connection is gone when the ok arrives, the others hear it.
     a.ok(101, json!({"type": "av_leave", "room": "sfu"})).await;

@@ -425,6 +425,14 @@ impl Client {
         }
     }
 
+    /// This viewer's copy of `source` starts again from a keyframe (its forwarding stopped
+    /// meanwhile: what comes next cannot be decoded without one).
+    pub fn restart_from(&mut self, source: &TrackKey) {
+        for t in self.tracks_out.iter_mut().filter(|t| &t.source == source) {
+            t.switch.restart();
+        }
+    }
+
     /// Whether this publisher's track `mid` may be forwarded now.
     pub fn forwards(&self, mid: Mid) -> bool {
         self.can_publish && self.tracks_in.iter().any(|t| t.mid == mid && !t.muted)

@@ -59,6 +59,8 @@ pub enum SfuAction {
     Leave,
     /// `av_mute`: stop forwarding `user`'s tracks of one kind.
     Mute { user: String, video: bool },
+    /// `av_unmute`: forward them again.
+    Unmute { user: String, video: bool },
     /// A stage change: `user` may publish or not.
     SetPublisher { user: String, on: bool },
 }
@@ -69,7 +71,7 @@ pub struct SfuReply {
     /// `Join`: the others in the room's SFU, (session, user).
     #[serde(default)]
     pub peers: Vec<(String, String)>,
-    /// `Mute`: whether the user is in the room's SFU.
+    /// `Mute`, `Unmute`: whether the user is in the room's SFU.
     #[serde(default)]
     pub found: bool,
 }

@@ -543,6 +543,12 @@ pub enum ClientMsg {
         user: UserId,
         kind: AvTrackKind,
     },
+    /// host/ta, SFU mode: forward `user`'s `kind` track in the room again.
+    AvUnmute {
+        room: RoomId,
+        user: UserId,
+        kind: AvTrackKind,
+    },
     Signal {
         #[serde(default)]
         call_id: Option<String>,
@@ -754,6 +760,7 @@ impl ClientMsg {
             | Self::AvJoin { room, .. }
             | Self::AvLeave { room, .. }
             | Self::AvMute { room, .. }
+            | Self::AvUnmute { room, .. }
             | Self::Checkin { room, .. }
             | Self::Leaderboard { room, .. }
             | Self::Stats { room, .. }
@@ -825,7 +832,10 @@ impl ClientMsg {
             | Self::CallReject { .. }
             | Self::CallHangup { .. }
             | Self::CallResume { .. } => CommandKind::Call,
-            Self::AvJoin { .. } | Self::AvLeave { .. } | Self::AvMute { .. } => CommandKind::Av,
+            Self::AvJoin { .. }
+            | Self::AvLeave { .. }
+            | Self::AvMute { .. }
+            | Self::AvUnmute { .. } => CommandKind::Av,
             Self::Signal { .. } => CommandKind::Signal,
             Self::Checkin { .. }
             | Self::Leaderboard { .. }
@@ -1247,6 +1257,12 @@ pub enum ServerMsg<'a> {
     },
     /// SFU mode, to each session of the owner: host/ta stopped forwarding its `kind` track.
     AvMuted {
+        room: &'a RoomId,
+        kind: AvTrackKind,
+        by: &'a UserId,
+    },
+    /// SFU mode, to each session of the owner: host/ta forward its `kind` track again.
+    AvUnmuted {
         room: &'a RoomId,
         kind: AvTrackKind,
         by: &'a UserId,

@@ -704,18 +704,14 @@ pub(crate) async fn remote_sfu(app: &App, cmd: SfuCommand) -> Result<SfuReply> {
             sfu.leave_now(room.as_str(), &cmd.session).await?;
             Ok(SfuReply::default())
         }
-        SfuAction::Mute { user, video } => {
-            let kind = if video {
-                TrackKind::Video
-            } else {
-                TrackKind::Audio
-            };
-            let found = sfu.mute(room.as_str(), &user, kind).await?;
-            Ok(SfuReply {
-                found,
-                ..SfuReply::default()
-            })
-        }
+        SfuAction::Mute { user, video } => Ok(SfuReply {
+            found: mute_here(sfu, &room, &user, video, true).await?,
+            ..SfuReply::default()
+        }),
+        SfuAction::Unmute { user, video } => Ok(SfuReply {
+            found: mute_here(sfu, &room, &user, video, false).await?,
+            ..SfuReply::default()
+        }),
         SfuAction::SetPublisher { user, on } => {
             sfu.set_publisher(room.as_str(), &user, on);
             Ok(SfuReply::default())
@@ -723,14 +719,35 @@ pub(crate) async fn remote_sfu(app: &App, cmd: SfuCommand) -> Result<SfuReply> {
     }
 }
 
+/// Mutes or unmutes `user`'s tracks of one kind in this node's SFU; whether the user is there.
+async fn mute_here(
+    sfu: &crate::sfu::Sfu,
+    room: &RoomId,
+    user: &str,
+    video: bool,
+    muted: bool,
+) -> Result<bool> {
+    let kind = if video {
+        TrackKind::Video
+    } else {
+        TrackKind::Audio
+    };
+    Ok(if muted {
+        sfu.mute(room.as_str(), user, kind).await?
+    } else {
+        sfu.unmute(room.as_str(), user, kind).await?
+    })
+}
+
 /// `av_mute {room, user, kind}` (host/ta, SFU mode): the SFU stops forwarding that track (in
 /// cluster mode the SFU of the node that runs the room's), and the owner's sessions get
-/// `av_muted`.
+/// `av_muted`; `av_unmute` (`muted` false) undoes it, and they get `av_unmuted`.
 pub(crate) async fn av_mute(
     ctx: &mut Ctx,
     room: RoomId,
     user: UserId,
     kind: AvTrackKind,
+    muted: bool,
 ) -> Result<Outcome> {
     check_room_id(&room)?;
     if !matches!(ctx.joined_role(&room)?, RoomRole::Host | RoomRole::Ta) {
@@ -745,19 +762,22 @@ pub(crate) async fn av_mute(
         AvTrackKind::Audio => TrackKind::Audio,
         AvTrackKind::Video => TrackKind::Video,
     };
+    let here = mute_here(sfu, &room, user.as_str(), track == TrackKind::Video, muted);
     let found = match app.broker.node_id() {
-        None => sfu.mute(room.as_str(), user.as_str(), track).await?,
+        None => here.await?,
         Some(node) => match app.store.sfu_owner(&room).await? {
             None => false,
-            Some(owner) if owner == node => sfu.mute(room.as_str(), user.as_str(), track).await?,
+            Some(owner) if owner == node => here.await?,
             Some(owner) => {
+                let (user, video) = (user.0.clone(), track == TrackKind::Video);
                 let cmd = SfuCommand {
                     room: room.0.clone(),
                     user: ctx.me.user.0.clone(),
                     session: ctx.handle.id.0.clone(),
-                    action: SfuAction::Mute {
-                        user: user.0.clone(),
-                        video: track == TrackKind::Video,
+                    action: if muted {
+                        SfuAction::Mute { user, video }
+                    } else {
+                        SfuAction::Unmute { user, video }
                     },
                 };
                 app.broker.forward_sfu(owner, cmd).await?.found
@@ -767,10 +787,19 @@ pub(crate) async fn av_mute(
     if !found {
         return Err(Error::NotFound(format!("{user} is not in the room's SFU")));
     }
-    let frame = Frame::from(protocol::encode(&ServerMsg::AvMuted {
-        room: &room,
-        kind,
-        by: &ctx.me.user,
+    let by = &ctx.me.user;
+    let frame = Frame::from(protocol::encode(&if muted {
+        ServerMsg::AvMuted {
+            room: &room,
+            kind,
+            by,
+        }
+    } else {
+        ServerMsg::AvUnmuted {
+            room: &room,
+            kind,
+            by,
+        }
     }));
     for sid in app.hub.session_ids(&user) {
         app.send_to_session(&sid, &frame);
@@ -1449,7 +1478,8 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         ClientMsg::CallResume { call_id } => call_action(ctx, rid, CallAction::Resume, call_id),
         ClientMsg::AvJoin { room } => av_join(ctx, room).await,
         ClientMsg::AvLeave { room } => av_leave(ctx, room).await,
-        ClientMsg::AvMute { room, user, kind } => av_mute(ctx, room, user, kind).await,
+        ClientMsg::AvMute { room, user, kind } => av_mute(ctx, room, user, kind, true).await,
+        ClientMsg::AvUnmute { room, user, kind } => av_mute(ctx, room, user, kind, false).await,
         ClientMsg::Signal {
             call_id,
             room,

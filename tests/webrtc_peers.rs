@@ -3,7 +3,8 @@
 //! only through `signal` relays, both peers reach `connected`, a data-channel message goes each
 //! way and RTP packets of an Opus track flow in both directions. Then the SFU: three peers
 //! whose only peer is the server (`signal {room, to:"sfu"}`) publish Opus and receive each
-//! other's tracks through it; `av_mute` stops one track, and leaving tears the peers down.
+//! other's tracks through it; `av_mute` stops one track and `av_unmute` brings it back, and
+//! leaving tears the peers down.
 
 #[path = "integration/common.rs"]
 mod common;
@@ -689,6 +690,27 @@ async fn three_peers_hear_each_other_through_the_sfu_and_mute_and_leave_tear_dow
         "{from_a} packets of a's muted audio still reached b"
     );
 
+    // host unmutes it: a is told, and b hears a again.
+    host.ok(
+        103,
+        json!({"type": "av_unmute", "room": "sfu", "user": "a", "kind": "audio"}),
+    )
+    .await;
+    let unmuted = a.frame(|f| f["type"] == "av_unmuted").await;
+    assert_eq!(
+        (&unmuted["room"], &unmuted["kind"], &unmuted["by"]),
+        (&json!("sfu"), &json!("audio"), &json!("host"))
+    );
+    within("a's audio after the unmute", async {
+        let mut from_a = 0;
+        while from_a < 25 {
+            if let Some(Ev::Rtp(2)) = b.ev.recv().await {
+                from_a += 1;
+            }
+        }
+    })
+    .await;
+
     // a leaves the A/V: its peer connection is gone when the ok arrives, the others hear it.
     a.ok(101, json!({"type": "av_leave", "room": "sfu"})).await;
     assert_eq!(s.app.sfu.as_ref().unwrap().sessions(), 2);
@@ -963,8 +985,8 @@ impl TwoNodes {
 
 /// Cluster mode: a room's SFU runs on the node where it was first needed. A publisher on node 0
 /// and a host and a student on node 1 all end up on node 0's SFU (node 1's forwards nothing)
-/// and hear each other; the host on node 1 mutes the publisher on node 0; a session closing on
-/// node 1 leaves node 0's SFU. When node 0 dies, a signal to the SFU gets `unavailable` at
+/// and hear each other; the host on node 1 mutes and unmutes the publisher on node 0; a session
+/// closing on node 1 leaves node 0's SFU. When node 0 dies, a signal to the SFU gets `unavailable` at
 /// once, node 1's sessions are told `av_closed {reason:"connection_lost"}`, and joining again
 /// takes the room's SFU over on node 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1031,6 +1053,16 @@ async fn a_rooms_sfu_runs_on_one_node_for_sessions_of_every_node() {
             from_pub <= 5,
             "{from_pub} packets of muted audio still came"
         );
+        // ... and unmutes it: the publisher is told, and the host hears it again.
+        host.ok(
+            103,
+            json!({"type": "av_unmute", "room": room, "user": "pub", "kind": "audio"}),
+        )
+        .await;
+        let unmuted = publisher.frame(|f| f["type"] == "av_unmuted").await;
+        assert_eq!(unmuted["by"], "host", "{unmuted}");
+        while host.ev.try_recv().is_ok() {}
+        host.hears(&[1]).await;
 
         // The kid's connection to node 1 ends: node 0's SFU drops its peer.
         kid.close().await;

@@ -139,6 +139,7 @@ async function start(token) {
   calls = new Calls(client, {
     onCall: renderCall, onAv: renderAv, onSpeakers: renderSpeakers,
     onAvMuted: (m) => toast('Your ' + (m.kind === 'audio' ? 'microphone' : 'camera') + ' was turned off by ' + m.by),
+    onAvUnmuted: (m) => toast('Your ' + (m.kind === 'audio' ? 'microphone' : 'camera') + ' was turned back on by ' + m.by),
     onAvClosed: (m) => toast(m.reason === 'class_ended' ? 'The class has ended: audio/video closed' : 'Audio/video closed'),
   });
   engagement = setupEngagement({

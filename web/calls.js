@@ -5,7 +5,7 @@
 // tests/browser/page/studyhall-rtc.js) and the SFU (av_join answering `mode:"sfu"`: ONE
 // RTCPeerConnection to the server, `signal {room, to:"sfu"}`, the server's renegotiation
 // offers answered with the client as the impolite side, remote tracks grouped per publisher
-// by their stream id, `active_speakers`, `av_muted`, stage changes in live rooms). No DOM
+// by their stream id, `active_speakers`, `av_muted`, `av_unmuted`, stage changes in live rooms). No DOM
 // beyond the <video> elements it is handed.
 
 export class Peer {
@@ -94,6 +94,7 @@ export class Calls {
     client.on('av_peer', (m) => this.onAvPeer(m));
     client.on('active_speakers', (m) => this.onSpeakers(m));
     client.on('av_muted', (m) => this.onAvMuted(m));
+    client.on('av_unmuted', (m) => this.onAvUnmuted(m));
     client.on('stage', (m) => this.onStage(m));
     client.on('kicked', (m) => this.onKicked(m));
     client.on('av_closed', (m) => this.onAvClosed(m));
@@ -516,8 +517,23 @@ export class Calls {
     const av = this.av;
     if (!av || av.room !== m.room) return;
     const tracks = this.local ? (m.kind === 'audio' ? this.local.getAudioTracks() : this.local.getVideoTracks()) : [];
-    for (const t of tracks) t.enabled = false;
+    // Remember which tracks the server's mute turned off, so that av_unmuted turns back on
+    // only those (not one the user had turned off).
+    av.mutedTracks = av.mutedTracks || { audio: [], video: [] };
+    for (const t of tracks) {
+      if (t.enabled) av.mutedTracks[m.kind].push(t);
+      t.enabled = false;
+    }
     if (this.ui.onAvMuted) this.ui.onAvMuted(m);
+  }
+
+  onAvUnmuted(m) {
+    const av = this.av;
+    if (!av || av.room !== m.room) return;
+    const tracks = (av.mutedTracks && av.mutedTracks[m.kind]) || [];
+    for (const t of tracks) if (t.readyState === 'live') t.enabled = true;
+    if (av.mutedTracks) av.mutedTracks[m.kind] = [];
+    if (this.ui.onAvUnmuted) this.ui.onAvUnmuted(m);
   }
 
   /// Live rooms on the SFU: going on stage starts publishing (new sendonly sections, one

@@ -232,6 +232,11 @@ enum ServerFrame {
         kind: AvTrackKind,
         by: UserId,
     },
+    AvUnmuted {
+        room: RoomId,
+        kind: AvTrackKind,
+        by: UserId,
+    },
     AvClosed {
         room: RoomId,
         reason: String,
@@ -376,6 +381,11 @@ impl ServerFrame {
                 kind: *kind,
                 by,
             },
+            Self::AvUnmuted { room, kind, by } => ServerMsg::AvUnmuted {
+                room,
+                kind: *kind,
+                by,
+            },
             Self::AvClosed { room, reason } => ServerMsg::AvClosed { room, reason },
             Self::ActiveSpeakers { room, users } => ServerMsg::ActiveSpeakers { room, users },
             Self::QuestionOverdue { room, id, ts } => {
@@ -443,6 +453,7 @@ fn every_frame_has_a_twin(msg: &ServerMsg<'_>) {
         | ServerMsg::Signal { .. }
         | ServerMsg::AvPeer { .. }
         | ServerMsg::AvMuted { .. }
+        | ServerMsg::AvUnmuted { .. }
         | ServerMsg::AvClosed { .. }
         | ServerMsg::ActiveSpeakers { .. }
         | ServerMsg::QuestionOverdue { .. }
@@ -553,7 +564,7 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
             }
             .encode_ok(rid))
         }
-        "leave" | "typing" | "unban" | "av_leave" | "av_mute" | "signal" => {
+        "leave" | "typing" | "unban" | "av_leave" | "av_mute" | "av_unmute" | "signal" => {
             ok::<EmptyOk>(rid, &fields)
         }
         "send" => ok::<SentOk>(rid, &fields),

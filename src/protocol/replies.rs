@@ -324,7 +324,7 @@ impl AvRoomMode {
     }
 }
 
-/// A track kind `av_mute` names.
+/// A track kind `av_mute` and `av_unmute` name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AvTrackKind {

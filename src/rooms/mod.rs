@@ -75,6 +75,7 @@ pub(crate) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) ->
         | ClientMsg::AvJoin { .. }
         | ClientMsg::AvLeave { .. }
         | ClientMsg::AvMute { .. }
+        | ClientMsg::AvUnmute { .. }
         | ClientMsg::Signal { .. }) => calls_and_av(ctx, rid, msg).await,
         msg @ (ClientMsg::Checkin { .. }
         | ClientMsg::Leaderboard { .. }

@@ -82,6 +82,8 @@ pub(super) enum Propagate {
     Media(TrackKey, Box<MediaData>),
     /// A viewer asked for a keyframe of this source track (of the layer it gets).
     Keyframe(TrackKey, Option<Rid>),
+    /// This client's media path is up (DTLS done): the keyframes it waits for can reach it.
+    Connected(String),
 }
 
 pub(super) struct Client {
@@ -92,6 +94,9 @@ pub(super) struct Client {
     pub can_publish: bool,
     /// The session's first offer was accepted: the server may offer from now on.
     negotiated: bool,
+    /// Media can reach the peer (str0m's `Connected`): until then a keyframe asked for it
+    /// would be lost, and would hold back (by the request limit) the one that reaches it.
+    connected: bool,
     pending: Option<SdpPendingOffer>,
     pub tracks_in: Vec<TrackIn>,
     pub tracks_out: Vec<TrackOut>,
@@ -127,6 +132,7 @@ impl Client {
             rtc,
             can_publish,
             negotiated: false,
+            connected: false,
             pending: None,
             tracks_in: Vec::new(),
             tracks_out: Vec::new(),
@@ -352,6 +358,10 @@ impl Client {
                 self.stats.ice_recovered.fetch_add(1, Relaxed);
                 self.ice_lost_since = None;
             }
+            Event::Connected => {
+                self.connected = true;
+                out.push(Propagate::Connected(self.session.clone()));
+            }
             Event::MediaAdded(m)
                 if matches!(m.direction, Direction::RecvOnly | Direction::SendRecv) =>
             {
@@ -415,6 +425,14 @@ impl Client {
         }
     }
 
+    /// This viewer's copy of `source` starts again from a keyframe (its forwarding stopped
+    /// meanwhile: what comes next cannot be decoded without one).
+    pub fn restart_from(&mut self, source: &TrackKey) {
+        for t in self.tracks_out.iter_mut().filter(|t| &t.source == source) {
+            t.switch.restart();
+        }
+    }
+
     /// Whether this publisher's track `mid` may be forwarded now.
     pub fn forwards(&self, mid: Mid) -> bool {
         self.can_publish && self.tracks_in.iter().any(|t| t.mid == mid && !t.muted)
@@ -423,6 +441,12 @@ impl Client {
     /// Writes another publisher's media on the matching open track: audio as it comes, video
     /// from a keyframe on and only the layer this viewer gets (`layers.rs`).
     pub fn write(&mut self, source: &TrackKey, d: &MediaData) {
+        // Before the media path is up a frame would only queue and reach the peer late; above
+        // all a keyframe must not start the stream there (the peer would get what follows it,
+        // undecodable, and wait on the keyframe request limit for another).
+        if !self.connected {
+            return;
+        }
         let Some(t) = self
             .tracks_out
             .iter_mut()
@@ -468,7 +492,8 @@ impl Client {
     /// Chooses the layer of each video track this viewer receives from its bandwidth estimate
     /// capped at `cap` bit/s (shared out evenly, after the audio), given the active layers of each source (`layers`;
     /// empty for an unlayered one), and tells the estimator what would carry the fastest of
-    /// all. Returns the keyframes the viewer waits for: (source, layer).
+    /// all. Returns the keyframes the viewer waits for: (source, layer), none before its media
+    /// path is up.
     pub fn select(
         &mut self,
         cap: Option<u64>,
@@ -512,6 +537,9 @@ impl Client {
                 if t.switch.layer() != before {
                     tracing::debug!(estimate = ?self.estimate, layers = ?l, from = ?before, to = ?t.switch.layer(), "SFU layer switch");
                 }
+            }
+            if !self.connected {
+                continue;
             }
             if let Some(rid) = t.switch.waits_for(!l.is_empty()) {
                 wants.push((t.source.clone(), rid));
@@ -570,6 +598,21 @@ mod tests {
         c.tracks_out[0].state = OutState::NegotiatingStop(Mid::from("a1"));
         c.add_out(key(), "pub".into(), MediaKind::Video);
         assert_eq!(c.tracks_out.len(), 2);
+    }
+
+    #[test]
+    fn a_viewer_waits_for_no_keyframe_before_its_media_path_is_up() {
+        let mut c = client("s2");
+        c.add_out(key(), "pub".into(), MediaKind::Video);
+        c.tracks_out[0].state = OutState::Open(Mid::from("a1"));
+        assert!(
+            c.select(None, |_| Vec::new()).is_empty(),
+            "a keyframe asked before DTLS is up would be lost"
+        );
+        let mut out = Vec::new();
+        c.event(Event::Connected, &mut out);
+        assert!(matches!(&out[..], [Propagate::Connected(s)] if s == "s2"));
+        assert_eq!(c.select(None, |_| Vec::new()), vec![(key(), None)]);
     }
 
     #[test]

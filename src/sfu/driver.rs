@@ -229,6 +229,9 @@ impl Driver {
             }
             Propagate::Media(key, data) => self.forward(room, &key, &data),
             Propagate::Keyframe(key, rid) => self.keyframe(room, &key, rid),
+            Propagate::Connected(session) => {
+                self.select_where(|k| k.0 == room && k.1 == session);
+            }
         }
     }
 
@@ -416,9 +419,10 @@ impl Driver {
                 room,
                 user,
                 kind,
+                muted,
                 reply,
             } => {
-                let _ = reply.send(Ok(self.mute(&room, &user, kind)));
+                let _ = reply.send(Ok(self.mute(&room, &user, kind, muted)));
             }
             Cmd::SetPublisher { room, user, on } => {
                 for c in self.clients.values_mut() {
@@ -566,16 +570,33 @@ impl Driver {
         Ok(())
     }
 
-    fn mute(&mut self, room: &str, user: &str, kind: TrackKind) -> bool {
+    /// Mutes (or unmutes) `user`'s tracks of `kind` in the room; whether the user is there.
+    /// Unmuted video restarts at each viewer from a keyframe, asked for at once.
+    fn mute(&mut self, room: &str, user: &str, kind: TrackKind, muted: bool) -> bool {
         let kind = media_kind(kind);
         let mut found = false;
+        let mut resumed = Vec::new();
         for c in self.clients.values_mut() {
             if c.room == room && c.user == user {
                 found = true;
                 for t in c.tracks_in.iter_mut().filter(|t| t.kind == kind) {
-                    t.muted = true;
+                    if t.muted && !muted && kind == MediaKind::Video {
+                        resumed.push(TrackKey {
+                            session: c.session.clone(),
+                            mid: t.mid,
+                        });
+                    }
+                    t.muted = muted;
                 }
             }
+        }
+        if !resumed.is_empty() {
+            for c in self.clients.values_mut().filter(|c| c.room == room) {
+                for key in &resumed {
+                    c.restart_from(key);
+                }
+            }
+            self.select_where(|k| k.0 == room);
         }
         found
     }

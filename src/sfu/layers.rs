@@ -164,6 +164,13 @@ impl Switch {
         }
     }
 
+    /// Waits for a keyframe again before forwarding (of the wanted layer, if layered), with
+    /// RTP time kept continuous as at a switch.
+    pub fn restart(&mut self) {
+        self.current = None;
+        self.started = false;
+    }
+
     /// Calls for `want`: taken at once for a track not started yet, else once it has been
     /// called for without a break for `hold` (by `now`).
     pub fn propose(&mut self, want: Option<Rid>, now: Instant, hold: Duration) {

@@ -177,6 +177,8 @@ enum Cmd {
         room: String,
         user: String,
         kind: TrackKind,
+        /// `false`: unmute.
+        muted: bool,
         reply: Reply<bool>,
     },
     SetPublisher {
@@ -335,11 +337,28 @@ impl Sfu {
 
     /// Stops forwarding `user`'s tracks of `kind` in the room; whether the user is there.
     pub async fn mute(&self, room: &str, user: &str, kind: TrackKind) -> Result<bool, SfuError> {
+        self.set_muted(room, user, kind, true).await
+    }
+
+    /// Forwards `user`'s tracks of `kind` in the room again (video from its next keyframe,
+    /// which is asked for); whether the user is there.
+    pub async fn unmute(&self, room: &str, user: &str, kind: TrackKind) -> Result<bool, SfuError> {
+        self.set_muted(room, user, kind, false).await
+    }
+
+    async fn set_muted(
+        &self,
+        room: &str,
+        user: &str,
+        kind: TrackKind,
+        muted: bool,
+    ) -> Result<bool, SfuError> {
         let (room, user) = (room.to_owned(), user.to_owned());
         self.ask(|reply| Cmd::Mute {
             room,
             user,
             kind,
+            muted,
             reply,
         })
         .await

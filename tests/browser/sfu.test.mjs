@@ -6,7 +6,7 @@
 // wrapper installed before the page's scripts) and decodes growing video and receives audio
 // from every other user through the server, told apart by the stream id of each section (the
 // publisher's user id); the speaking users' tiles light up, `av_mute` shows a toast and
-// disables the local track, and `av_leave` removes the tile at the others. The live room on
+// disables the local track (`av_unmute` turns it back on and the others decode it again), and `av_leave` removes the tile at the others. The live room on
 // the SFU is sfu-live.test.mjs (a file of its own: each file has 150 s in the suite).
 // Relay-only (TURN) on the SFU is sfu-relay.test.mjs.
 
@@ -71,6 +71,14 @@ test(`class room on the SFU: ${BROWSERS} web clients, one peer connection each, 
     await kid.locator('#toast', { hasText: 'camera was turned off by teach' }).waitFor({ timeout: T });
     assert.equal(await kid.evaluate(() => window.studyhall.calls.local.getVideoTracks()[0].enabled), false);
     await waitStopped(list[2], 'kid1');
+
+    // av_unmute: kid1 is told, its camera track is on again, and the others decode it again
+    // (from a keyframe the server asks for).
+    const unmuted = await host.evaluate(() => window.studyhall.client.request({ type: 'av_unmute', room: 'sfu-class', user: 'kid1', kind: 'video' }));
+    assert.equal(unmuted.type, 'ok', JSON.stringify(unmuted));
+    await kid.locator('#toast', { hasText: 'camera was turned back on by teach' }).waitFor({ timeout: T });
+    assert.equal(await kid.evaluate(() => window.studyhall.calls.local.getVideoTracks()[0].enabled), true);
+    await waitFlowing([list[2]], () => ['kid1'], { audio: false, ms: T });
 
     // av_leave: the tile goes at the others, the page's peer connection is closed.
     await kid.click('#av-leave');

@@ -402,16 +402,22 @@ impl Client {
     }
 
     /// Asks this publisher for a keyframe of `mid` (of its layer `rid`, if layered), at most
-    /// once per `every` for each layer.
-    pub fn request_keyframe(&mut self, mid: Mid, rid: Option<Rid>, every: Duration) {
-        let Some(t) = self.tracks_in.iter_mut().find(|t| t.mid == mid) else {
-            return;
-        };
+    /// once per `every` for each layer. Held back by that limit, returns when it may ask.
+    pub fn request_keyframe(
+        &mut self,
+        mid: Mid,
+        rid: Option<Rid>,
+        every: Duration,
+    ) -> Option<Instant> {
+        let t = self.tracks_in.iter_mut().find(|t| t.mid == mid)?;
+        if t.kind != MediaKind::Video {
+            return None;
+        }
         let asked = t.keyframe_asked.iter().position(|(r, _)| *r == rid);
-        if t.kind != MediaKind::Video
-            || asked.is_some_and(|i| t.keyframe_asked[i].1.elapsed() < every)
+        if let Some(i) = asked
+            && t.keyframe_asked[i].1.elapsed() < every
         {
-            return;
+            return Some(t.keyframe_asked[i].1 + every);
         }
         self.dirty = true;
         if let Some(mut w) = self.rtc.writer(mid)
@@ -423,6 +429,7 @@ impl Client {
                 None => t.keyframe_asked.push((rid, Instant::now())),
             }
         }
+        None
     }
 
     /// This viewer's copy of `source` starts again from a keyframe (its forwarding stopped
@@ -613,6 +620,29 @@ mod tests {
         c.event(Event::Connected, &mut out);
         assert!(matches!(&out[..], [Propagate::Connected(s)] if s == "s2"));
         assert_eq!(c.select(None, |_| Vec::new()), vec![(key(), None)]);
+    }
+
+    #[test]
+    fn a_keyframe_request_held_back_by_the_limit_says_when_it_may_go() {
+        let mut c = client("s1");
+        let asked = Instant::now();
+        c.tracks_in.push(TrackIn {
+            mid: Mid::from("0"),
+            kind: MediaKind::Video,
+            muted: false,
+            keyframe_asked: vec![(None, asked)],
+            meter: Meter::new(asked),
+        });
+        let every = Duration::from_secs(60);
+        assert_eq!(
+            c.request_keyframe(Mid::from("0"), None, every),
+            Some(asked + every)
+        );
+        // Another layer has not been asked for: nothing holds it back.
+        assert_eq!(
+            c.request_keyframe(Mid::from("0"), Some(Rid::from("h")), every),
+            None
+        );
     }
 
     #[test]

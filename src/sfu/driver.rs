@@ -70,6 +70,8 @@ pub(super) struct Driver {
     /// Remote address -> the client that last accepted a datagram from it.
     by_addr: HashMap<SocketAddr, (String, String)>,
     last_select: Instant,
+    /// When a keyframe request held back by `sfu_keyframe_ms` may go (viewers wait for it).
+    keyframe_due: Option<Instant>,
     crypto: Arc<str0m::crypto::CryptoProvider>,
 }
 
@@ -92,6 +94,7 @@ impl Driver {
             rooms: BTreeMap::new(),
             by_addr: HashMap::new(),
             last_select: Instant::now(),
+            keyframe_due: None,
             crypto: Arc::new(str0m::crypto::from_feature_flags()),
         }
     }
@@ -99,7 +102,10 @@ impl Driver {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut buf = vec![0u8; DATAGRAM_MAX];
         loop {
-            let deadline = self.drain().min(self.last_select + SELECT_EVERY);
+            let mut deadline = self.drain().min(self.last_select + SELECT_EVERY);
+            if let Some(due) = self.keyframe_due {
+                deadline = deadline.min(due);
+            }
             self.reap();
             self.announce_speakers();
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
@@ -134,7 +140,11 @@ impl Driver {
             }
             if now >= self.last_select + SELECT_EVERY {
                 self.last_select = now;
+                self.keyframe_due = None;
                 self.select_layers(now);
+            } else if self.keyframe_due.is_some_and(|due| now >= due) {
+                self.keyframe_due = None;
+                self.select_where(|_| true);
             }
         }
         let left: Vec<_> = self.clients.keys().cloned().collect();
@@ -266,13 +276,18 @@ impl Driver {
         }
     }
 
+    /// Asks a publisher for a keyframe; one held back by the request limit is asked again (for
+    /// the viewers still waiting) as soon as the limit allows, not at the next selection.
     fn keyframe(&mut self, room: &str, key: &TrackKey, rid: Option<Rid>) {
         let every = Duration::from_millis(self.cfg.keyframe_ms);
-        if let Some(c) = self
+        let Some(c) = self
             .clients
             .get_mut(&(room.to_owned(), key.session.clone()))
-        {
-            c.request_keyframe(key.mid, rid, every);
+        else {
+            return;
+        };
+        if let Some(at) = c.request_keyframe(key.mid, rid, every) {
+            self.keyframe_due = Some(self.keyframe_due.map_or(at, |d| d.min(at)));
         }
     }
 

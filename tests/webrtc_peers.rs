@@ -1098,3 +1098,73 @@ async fn a_rooms_sfu_runs_on_one_node_for_sessions_of_every_node() {
         .await
         .expect("the cluster SFU test finished in time");
 }
+
+/// Cluster mode, a `live` room: a stage change made on a node that is not the room's SFU owner
+/// reaches the owner's SFU even when no session of the owner's node is in the room any more
+/// (so the owner hears no stage relay of its own): the host on node 1 takes a student off
+/// the stage and the owner (node 0) stops forwarding the student's media.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_change_on_another_node_reaches_the_rooms_sfu() {
+    let test = async {
+        let c = TwoNodes::start().await;
+        let room = "cluster.live";
+        let (st, made) = http(
+            c.addr(0),
+            "POST",
+            "/api/rooms",
+            Some(API_KEY),
+            Some(json!({"id": room, "kind": "live", "av": {"mode": "sfu"}})),
+        )
+        .await;
+        assert_eq!(st, 201, "{made}");
+        let host = |u: &str| token(u, PlatformRole::Tutor, &[(room, RoomRole::Host)]);
+        let mut first = Client::connect(c.addr(0), &host("first")).await;
+        let mut teacher = Client::connect(c.addr(1), &host("teacher")).await;
+        let mut other = Client::connect(c.addr(1), &host("other")).await;
+        let mut kid = Client::connect(c.addr(1), &token("kid", PlatformRole::Student, &[])).await;
+        for cl in [&mut first, &mut teacher, &mut other, &mut kid] {
+            cl.join(room).await;
+        }
+        teacher
+            .ok(json!({"type": "stage", "room": room, "user": "kid", "on": true}))
+            .await;
+        // Node 0 runs the room's SFU; then its only session leaves the room.
+        let mut first = sfu_peer(first, room, 1).await;
+        let mut teacher = sfu_peer(teacher, room, 2).await;
+        let other = sfu_peer(other, room, 3).await;
+        let kid = sfu_peer(kid, room, 4).await;
+        teacher.hears(&[1, 3, 4]).await;
+        first.ok(100, json!({"type": "leave", "room": room})).await;
+        // Off stage: node 0's SFU stops forwarding the kid's media to the teacher, while the
+        // other host's goes on.
+        teacher
+            .ok(
+                101,
+                json!({"type": "stage", "room": room, "user": "kid", "on": false}),
+            )
+            .await;
+        // (What was on its way when the stage changed may still come.)
+        let (mut from_other, mut from_kid) = (0, 0);
+        within("the other host's audio after the stage change", async {
+            while from_other < 50 {
+                match teacher.ev.recv().await {
+                    Some(Ev::Rtp(3)) => from_other += 1,
+                    Some(Ev::Rtp(4)) if from_other >= 25 => from_kid += 1,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            from_kid <= 5,
+            "{from_kid} packets of the kid's media came off stage"
+        );
+        for p in [first, teacher, other, kid] {
+            p.close().await;
+        }
+        c.stop().await;
+    };
+    tokio::time::timeout(Duration::from_secs(240), test)
+        .await
+        .expect("the cluster stage test finished in time");
+}

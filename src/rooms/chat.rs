@@ -99,8 +99,7 @@ pub(super) async fn send(
         check_message_id(r)?;
     }
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
-    policy.check_muted(&ctx.me.user, role)?;
-    policy.check_text(&text, role)?;
+    policy.check_post(&ctx.me.user, role, &text)?;
     policy.check_slow_mode(&ctx.me.user, role, &client_msg_id)?;
     let op = WriteOp::Send {
         room,
@@ -123,8 +122,7 @@ pub(super) async fn edit(
     check_message_id(&id)?;
     check_text(ctx, &text)?;
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
-    policy.check_muted(&ctx.me.user, role)?;
-    policy.check_text(&text, role)?;
+    policy.check_post(&ctx.me.user, role, &text)?;
     let op = WriteOp::Edit {
         room,
         id,

@@ -61,21 +61,7 @@ pub(super) fn write_ok(o: WriteOutcome) -> protocol::WriteOk {
             ts,
         }),
         WriteOutcome::Class { state, seq } => WriteOk::Class(protocol::ClassOk { state, seq }),
-        WriteOutcome::CheckedIn {
-            room,
-            day,
-            tz,
-            already,
-            streak,
-            points,
-        } => WriteOk::CheckedIn(protocol::CheckinOk {
-            room,
-            day,
-            tz,
-            already,
-            streak,
-            points,
-        }),
+        WriteOutcome::CheckedIn(ok) => WriteOk::CheckedIn(ok),
     }
 }
 

@@ -12,7 +12,7 @@ use super::writer::{Applied, CommittedEvent, Tx, WriteOutcome, backend_of, bump_
 use super::{Result, Store, StoreError, now_ms};
 use crate::engagement::{self as eng, Action, BadgeRule, EngagementConfig, Metric, Streak};
 pub use crate::protocol::views::{BadgeView, UserBrief};
-use crate::protocol::{QuestionId, RoomId, UserId, UserRef};
+use crate::protocol::{CheckinOk, QuestionId, RoomId, UserId, UserRef};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
@@ -988,14 +988,14 @@ pub(super) async fn checkin(
         }
     }
     Ok(Applied {
-        outcome: WriteOutcome::CheckedIn {
+        outcome: WriteOutcome::CheckedIn(CheckinOk {
             room: room.clone(),
             day: today.to_string(),
             tz: tz_name,
             already,
             streak: if already { before } else { streak },
             points,
-        },
+        }),
         event: None,
     })
 }

@@ -231,15 +231,9 @@ pub enum WriteOutcome {
         state: crate::protocol::ClassState,
         seq: i64,
     },
-    /// A check-in (`already` when the user had checked in on this local day).
-    CheckedIn {
-        room: RoomId,
-        day: String,
-        tz: String,
-        already: bool,
-        streak: crate::engagement::Streak,
-        points: i64,
-    },
+    /// A check-in (`already` when the user had checked in on this local day), as its `ok`
+    /// reports it.
+    CheckedIn(crate::protocol::CheckinOk),
 }
 
 pub(super) enum Request {

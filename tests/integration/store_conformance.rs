@@ -936,7 +936,7 @@ async fn simultaneous_checkins_count_once(f: Fixture) {
     let mut new_days = vec![0; 30];
     for (i, p) in pending {
         match within("checkin", p).await.unwrap().unwrap() {
-            WriteOutcome::CheckedIn { already, .. } => new_days[i] += usize::from(!already),
+            WriteOutcome::CheckedIn(ok) => new_days[i] += usize::from(!ok.already),
             o => panic!("{o:?}"),
         }
     }

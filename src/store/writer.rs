@@ -250,6 +250,16 @@ pub(super) struct Applied {
     pub event: Option<CommittedEvent>,
 }
 
+impl Applied {
+    /// A write that changed something: its stored event, reported as `Changed`.
+    pub fn changed(event: CommittedEvent) -> Self {
+        Self {
+            outcome: WriteOutcome::Changed { seq: event.seq },
+            event: Some(event),
+        }
+    }
+}
+
 type Pending = (WriteOp, oneshot::Sender<Result<WriteOutcome>>);
 
 /// Who hears of a commit: the commit hook (fan-out), the badge hook, and the webhook sender
@@ -785,23 +795,6 @@ pub(super) async fn bump_seq(tx: &mut Tx<'_>, room: &RoomId) -> Result<i64> {
         Some(_) => Err(StoreError::Forbidden("the room is archived".into())),
         None => Err(StoreError::NotFound("room")),
     }
-}
-
-/// Stores the event of a write that changed something and reports it as `Changed`.
-pub(super) async fn record_change(
-    tx: &mut Tx<'_>,
-    room: &RoomId,
-    seq: i64,
-    ts: i64,
-    ref_id: &str,
-    event: RoomEvent,
-    public: Option<RoomEvent>,
-) -> Result<Applied> {
-    let committed = insert_event(tx, room, seq, ts, ref_id, event, public).await?;
-    Ok(Applied {
-        outcome: WriteOutcome::Changed { seq },
-        event: Some(committed),
-    })
 }
 
 /// Stores a sequenced event. `ref_id` is the message or question it is about; `public` is

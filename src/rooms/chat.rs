@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::hub::Frame;
 use crate::protocol::{self, ClientMsg, HISTORY_MAX_LIMIT, MessageId, RoomId, ServerMsg};
 use crate::store::View;
-use crate::store::{WriteOp, WriteOutcome};
+use crate::store::{SendOp, WriteOp, WriteOutcome};
 
 fn check_text(ctx: &Ctx, text: &str) -> Result<()> {
     if crate::protocol::is_blank(text) {
@@ -87,13 +87,13 @@ pub(super) async fn send(
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
     policy.check_post(&ctx.me.user, role, &text)?;
     policy.check_slow_mode(&ctx.me.user, role, &client_msg_id)?;
-    let op = WriteOp::Send {
+    let op = WriteOp::Send(SendOp {
         room,
         from: ctx.me.room_ref(role),
         text,
         client_msg_id: Some(client_msg_id),
         reply_to,
-    };
+    });
     super::submit(ctx, rid, op).await
 }
 

@@ -4,7 +4,7 @@
 //! sends is `sends.rs`.
 
 use super::engagement::{self, Contribution, Effects, Kind};
-use super::writer::{Applied, Tx, WriteOutcome, bump_seq, insert_event, new_message_id};
+use super::writer::{Applied, SendOp, Tx, WriteOutcome, bump_seq, insert_event, new_message_id};
 use super::{Result, StoreError, now_ms};
 use crate::engagement::EngagementConfig;
 use crate::protocol::{
@@ -14,17 +14,19 @@ use sqlx::Row;
 
 /// Applies a `send`: idempotent on `client_msg_id`, checks `reply_to`, stores and indexes the
 /// message and counts it for engagement.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn send(
     tx: &mut Tx<'_>,
     cfg: &EngagementConfig,
-    room: &RoomId,
-    from: &UserRef,
-    text: &str,
-    client_msg_id: &Option<String>,
-    reply_to: &Option<MessageId>,
+    send: &SendOp,
     fx: &mut Effects,
 ) -> Result<Applied> {
+    let SendOp {
+        room,
+        from,
+        text,
+        client_msg_id,
+        reply_to,
+    } = send;
     if let Some(cid) = client_msg_id
         && let Some(earlier) = earlier_send(tx, room, from, cid).await?
     {

@@ -12,7 +12,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use studyhall::protocol::{RoomId, RoomKind, UserId, UserRef, Visibility};
-use studyhall::store::{Room, Store, StoreOptions, WriteOp};
+use studyhall::store::{Room, SendOp, Store, StoreOptions, WriteOp};
 use tokio::sync::Mutex;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -63,13 +63,13 @@ async fn bench_one(url: &str, a: &Args) -> Result<Run> {
             loop {
                 while inflight.len() < window && t0.elapsed() < dur {
                     n += 1;
-                    let op = WriteOp::Send {
+                    let op = WriteOp::Send(SendOp {
                         room: room.clone(),
                         from: user.clone(),
                         text: format!("message {n} from {i}: some ordinary chat text"),
                         client_msg_id: Some(format!("c{n}")),
                         reply_to: None,
-                    };
+                    });
                     let sent = Instant::now();
                     let rx = store.submit(op).await?;
                     inflight.push(async move { (rx.await, sent) });

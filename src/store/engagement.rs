@@ -1043,6 +1043,14 @@ async fn save_streak(
     Ok(())
 }
 
+/// The streak of an `engagement_members` row (its `streak_current` and `streak_longest`).
+fn stored_streak_of(r: &sqlx::any::AnyRow) -> Result<Streak> {
+    Ok(Streak {
+        current: r.try_get("streak_current")?,
+        longest: r.try_get("streak_longest")?,
+    })
+}
+
 /// A member's stored streak and the day of their last check-in (none before the first).
 async fn stored_streak(
     tx: &mut Tx<'_>,
@@ -1059,10 +1067,7 @@ async fn stored_streak(
     .await?;
     Ok(match &stored {
         Some(r) => (
-            Streak {
-                current: r.try_get("streak_current")?,
-                longest: r.try_get("streak_longest")?,
-            },
+            stored_streak_of(r)?,
             r.try_get::<Option<String>, _>("last_checkin_day")?
                 .and_then(|d| d.parse::<jiff::civil::Date>().ok()),
         ),
@@ -1272,10 +1277,7 @@ impl Store {
                     room: RoomId(r.try_get("room_id")?),
                     name: r.try_get("name")?,
                     points: r.try_get("points")?,
-                    streak: Streak {
-                        current: r.try_get("streak_current")?,
-                        longest: r.try_get("streak_longest")?,
-                    },
+                    streak: stored_streak_of(r)?,
                     last_checkin_day: r.try_get("last_checkin_day")?,
                     badges: Vec::new(),
                 })

@@ -656,13 +656,13 @@ async fn post_announcement(
         name,
         role: crate::protocol::ShownRole::System,
     };
-    let op = WriteOp::Send {
+    let op = WriteOp::Send(crate::store::SendOp {
         room: id,
         from,
         text: a.text,
         client_msg_id: a.client_msg_id,
         reply_to: None,
-    };
+    });
     match app.store.write(op).await? {
         WriteOutcome::Sent { id, seq, ts, .. } => {
             Ok((StatusCode::CREATED, Json(Announced { id, seq, ts })).into_response())

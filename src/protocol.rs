@@ -602,18 +602,8 @@ pub enum ClientMsg {
     /// host/ta: a new poll, in `draft`.
     PollCreate {
         room: RoomId,
-        kind: PollKind,
-        question: String,
-        #[serde(default)]
-        options: Option<Vec<String>>,
-        #[serde(default)]
-        multiple: bool,
-        #[serde(default)]
-        correct: Option<Vec<u32>>,
-        #[serde(default)]
-        duration_s: Option<u32>,
-        #[serde(default)]
-        show_results: Option<ShowResults>,
+        #[serde(flatten)]
+        poll: NewPoll,
     },
     PollOpen {
         room: RoomId,
@@ -1593,6 +1583,55 @@ mod tests {
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"join","room":5}"#).is_err());
         assert_eq!(salvage_rid(r#"{"type":"nope","rid":9}"#), Some(9));
+    }
+
+    /// `poll_create` carries its poll's fields flat beside `room`: all of them, only the
+    /// required ones (the rest take their defaults), unknown ones ignored, wrong types refused.
+    #[test]
+    fn poll_create_reads_its_poll_fields_flat() {
+        let parse = |json: &str| match serde_json::from_str::<ClientFrame>(json) {
+            Ok(ClientFrame {
+                rid,
+                msg: ClientMsg::PollCreate { room, poll },
+            }) => Ok((rid, room, poll)),
+            Ok(other) => panic!("not a poll_create: {other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        let full = parse(
+            r#"{"type":"poll_create","rid":2,"room":"r","kind":"quiz","question":"2 + 2?",
+            "options":["3","4"],"multiple":true,"correct":[1],"duration_s":30,
+            "show_results":"live","later":{"x":1}}"#,
+        );
+        let want = NewPoll {
+            kind: PollKind::Quiz,
+            question: "2 + 2?".into(),
+            options: Some(vec!["3".into(), "4".into()]),
+            multiple: true,
+            correct: Some(vec![1]),
+            duration_s: Some(30),
+            show_results: Some(ShowResults::Live),
+        };
+        assert_eq!(full, Ok((Some(2), RoomId::from("r"), want)));
+        let least =
+            parse(r#"{"type":"poll_create","room":"r","kind":"word_cloud","question":"?"}"#);
+        let want = NewPoll {
+            kind: PollKind::WordCloud,
+            question: "?".into(),
+            options: None,
+            multiple: false,
+            correct: None,
+            duration_s: None,
+            show_results: None,
+        };
+        assert_eq!(least, Ok((None, RoomId::from("r"), want)));
+        for bad in [
+            r#"{"type":"poll_create","room":"r","question":"?"}"#,
+            r#"{"type":"poll_create","room":"r","kind":"poll","question":"?","duration_s":-1}"#,
+            r#"{"type":"poll_create","room":"r","kind":"poll","question":"?","multiple":"yes"}"#,
+            r#"{"type":"poll_create","kind":"poll","question":"?"}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad} parsed");
+        }
     }
 
     #[test]

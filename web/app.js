@@ -969,13 +969,40 @@ function renderAv(av) {
     grid.append(el('figure', {}, v, el('figcaption', { text: 'You' })));
     playVideo(v, calls.local);
   }
+  const shown = new Set();
   for (const [session, p] of av.peers) {
     const v = el('video', { autoplay: true, playsinline: true, dataset: { session } });
-    const f = el('figure', { dataset: { user: p.user } }, v, el('figcaption', { text: p.user + ' · ' + p.state }));
+    // One set of mute buttons per user (a user's sessions are muted together).
+    const buttons = shown.has(p.user) ? [] : muteButtons(av, p.user);
+    shown.add(p.user);
+    const f = el('figure', { dataset: { user: p.user } }, v, el('figcaption', { text: p.user + ' · ' + p.state }), ...buttons);
     grid.append(f);
     if (p.stream) playVideo(v, p.stream);
   }
   renderSpeakers(av);
+}
+
+/// SFU, host/ta: buttons that stop and restart forwarding a user's microphone or camera
+/// (`av_mute` / `av_unmute`). The server tells only the user, so what this page muted is
+/// remembered on `av.mutedByMe`.
+function muteButtons(av, user) {
+  const room = client.rooms.get(av.room);
+  if (av.mode !== 'sfu' || !room || !isMod(room.role) || user === client.me.user.id) return [];
+  av.mutedByMe = av.mutedByMe || new Map();
+  const state = av.mutedByMe.get(user) || { audio: false, video: false };
+  return ['audio', 'video'].map((kind) => {
+    const noun = kind === 'audio' ? 'mic' : 'camera';
+    return el('button', {
+      type: 'button', class: 'av-mute', dataset: { kind }, 'aria-pressed': String(state[kind]),
+      onclick: () => {
+        const muted = !state[kind];
+        client.request({ type: muted ? 'av_mute' : 'av_unmute', room: av.room, user, kind }).then(() => {
+          av.mutedByMe.set(user, { ...state, [kind]: muted });
+          if (calls.av === av) renderAv(av);
+        }).catch(fail);
+      },
+    }, (state[kind] ? 'Unmute ' : 'Mute ') + noun);
+  });
 }
 
 /// SFU `active_speakers`: the speaking users' tiles are highlighted.

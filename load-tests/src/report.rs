@@ -29,6 +29,14 @@ impl Table {
         self.rows.push(cells);
     }
 
+    /// A table of one row, written as (column, cell) pairs so each value stands by its name.
+    pub fn one_row(title: &str, cells: Vec<(&str, String)>) -> Self {
+        let (columns, row): (Vec<&str>, Vec<String>) = cells.into_iter().unzip();
+        let mut t = Self::new(title, &columns);
+        t.row(row);
+        t
+    }
+
     pub fn markdown(&self) -> String {
         let mut out = String::new();
         if !self.title.is_empty() {
@@ -173,7 +181,6 @@ pub fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-/// Human number: 1234567 -> "1.23M", 12345 -> "12.3k", 12.5 -> "12.5".
 /// A rate per busy core of the server: `rate` / (`cpu_pct` / 100), "-" when no CPU was
 /// measured.
 pub fn per_core(rate: f64, cpu_pct: f64) -> String {
@@ -184,6 +191,7 @@ pub fn per_core(rate: f64, cpu_pct: f64) -> String {
     }
 }
 
+/// Human number: 1234567 -> "1.23M", 12345 -> "12.3k", 12.5 -> "12.5".
 pub fn human(v: f64) -> String {
     let a = v.abs();
     if a >= 1e6 {
@@ -195,6 +203,11 @@ pub fn human(v: f64) -> String {
     } else {
         format!("{v:.1}")
     }
+}
+
+/// KiB (as /proc reports memory) in MiB with one decimal.
+pub fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
 }
 
 pub fn ms(v: f64) -> String {

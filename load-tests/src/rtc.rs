@@ -375,18 +375,10 @@ impl Peer {
 
     fn input(&mut self, data: &[u8], source: SocketAddr) -> Result<()> {
         Counters::add(&self.c.bytes, data.len() as u64);
-        let Ok(contents) = data.try_into() else {
+        let Ok(datagram) = Receive::new(Protocol::Udp, source, self.addr, data) else {
             return Ok(());
         };
-        let input = Input::Receive(
-            Instant::now(),
-            Receive {
-                proto: Protocol::Udp,
-                source,
-                destination: self.addr,
-                contents,
-            },
-        );
+        let input = Input::Receive(Instant::now(), datagram);
         if self.rtc.accepts(&input) {
             self.rtc.handle_input(input)?;
         }

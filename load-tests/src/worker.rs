@@ -349,6 +349,21 @@ impl Gate {
         let _ = self.tx.send(Err(short(e)));
         self.permit = None;
     }
+
+    /// Reports a client's handshake: joined with its result, or failed (then `None`: the
+    /// client is done).
+    fn settle<T>(&mut self, handshake: Result<T>) -> Option<T> {
+        match handshake {
+            Ok(x) => {
+                self.joined();
+                Some(x)
+            }
+            Err(e) => {
+                self.failed(&e);
+                None
+            }
+        }
+    }
 }
 
 /// One client: connect (bounded concurrency), report ready, then run until stop.
@@ -381,6 +396,31 @@ async fn client(
 /// Waits for the stop signal.
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// A peer client's next text or binary frame, or `None` once stop is signalled (checked
+/// first). The server closing, a read error or the end of the socket is an error.
+async fn next_data(ws: &mut Ws, stop: &mut watch::Receiver<bool>) -> Result<Option<Message>> {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopped(stop) => return Ok(None),
+            msg = ws.next() => match msg {
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => return Ok(Some(m)),
+                Some(Ok(Message::Close(f))) => bail!("closed by server: {f:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("read: {e}"),
+                None => bail!("socket ended"),
+            },
+        }
+    }
+}
+
+/// A peer client's end at stop: closes the socket (bounded) and counts the client alive.
+async fn close_alive(sh: &Shared, mut ws: Ws) -> Result<()> {
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+    sh.stats().fin.alive += 1;
+    Ok(())
 }
 
 /// Per-client delivery bookkeeping for studyhall rooms.
@@ -430,15 +470,8 @@ async fn studyhall_client(
 ) -> Result<()> {
     let job = &sh.job;
     let first = studyhall_session(job.target, src, token, &spec.room, None, |_| {}).await;
-    let (mut ws, joined) = match first {
-        Ok(x) => {
-            gate.joined();
-            x
-        }
-        Err(e) => {
-            gate.failed(&e);
-            return Ok(());
-        }
+    let Some((mut ws, joined)) = gate.settle(first) else {
+        return Ok(());
     };
     let mut conn = ShConn {
         tr: Tracker {
@@ -707,49 +740,26 @@ async fn nats_client(
             }
         }
     };
-    let mut ws = match setup.await {
-        Ok(ws) => {
-            gate.joined();
-            ws
-        }
-        Err(e) => {
-            gate.failed(&e);
-            return Ok(());
-        }
+    let Some(mut ws) = gate.settle(setup.await) else {
+        return Ok(());
     };
     let mut stop = sh.stop.clone();
-    loop {
-        tokio::select! {
-            biased;
-            _ = stopped(&mut stop) => break,
-            msg = ws.next() => {
-                let data = match msg {
-                    Some(Ok(Message::Binary(b))) => b.to_vec(),
-                    Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
-                    Some(Ok(Message::Close(f))) => bail!("closed by server: {f:?}"),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => bail!("read: {e}"),
-                    None => bail!("socket ended"),
-                };
-                let now = now_us();
-                for op in parser.feed(&data).map_err(anyhow::Error::msg)? {
-                    match op {
-                        NatsOp::Msg { payload, .. } => {
-                            if let Some(s) = std::str::from_utf8(&payload).ok().and_then(parse_stamp) {
-                                sh.delivered(s, now);
-                            }
-                        }
-                        NatsOp::Ping => ws.send(Message::binary(b"PONG\r\n".to_vec())).await?,
-                        NatsOp::Err(e) => eprintln!("worker {}: nats -ERR {e}", sh.job.worker),
-                        _ => {}
+    while let Some(msg) = next_data(&mut ws, &mut stop).await? {
+        let now = now_us();
+        for op in parser.feed(&msg.into_data()).map_err(anyhow::Error::msg)? {
+            match op {
+                NatsOp::Msg { payload, .. } => {
+                    if let Some(s) = std::str::from_utf8(&payload).ok().and_then(parse_stamp) {
+                        sh.delivered(s, now);
                     }
                 }
+                NatsOp::Ping => ws.send(Message::binary(b"PONG\r\n".to_vec())).await?,
+                NatsOp::Err(e) => eprintln!("worker {}: nats -ERR {e}", sh.job.worker),
+                _ => {}
             }
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
-    sh.stats().fin.alive += 1;
-    Ok(())
+    close_alive(sh, ws).await
 }
 
 async fn socketio_client(
@@ -774,46 +784,27 @@ async fn socketio_client(
             }
         }
     };
-    let mut ws = match setup.await {
-        Ok(ws) => {
-            gate.joined();
-            ws
-        }
-        Err(e) => {
-            gate.failed(&e);
-            return Ok(());
-        }
+    let Some(mut ws) = gate.settle(setup.await) else {
+        return Ok(());
     };
     let mut stop = sh.stop.clone();
-    loop {
-        tokio::select! {
-            biased;
-            _ = stopped(&mut stop) => break,
-            msg = ws.next() => {
-                let text = match msg {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(f))) => bail!("closed by server: {f:?}"),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => bail!("read: {e}"),
-                    None => bail!("socket ended"),
-                };
-                let now = now_us();
-                match parse_eio(text.as_str()) {
-                    Ok(Eio::Ping) => ws.send(Message::text("3")).await?,
-                    Ok(Eio::Message(Sio::Event { data, .. })) => {
-                        if let Some(s) = data.get(1).and_then(|v| v.as_str()).and_then(parse_stamp) {
-                            sh.delivered(s, now);
-                        }
-                    }
-                    Ok(Eio::Close) => bail!("engine.io close"),
-                    _ => {}
+    while let Some(msg) = next_data(&mut ws, &mut stop).await? {
+        let Message::Text(text) = msg else {
+            continue;
+        };
+        let now = now_us();
+        match parse_eio(text.as_str()) {
+            Ok(Eio::Ping) => ws.send(Message::text("3")).await?,
+            Ok(Eio::Message(Sio::Event { data, .. })) => {
+                if let Some(s) = data.get(1).and_then(|v| v.as_str()).and_then(parse_stamp) {
+                    sh.delivered(s, now);
                 }
             }
+            Ok(Eio::Close) => bail!("engine.io close"),
+            _ => {}
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
-    sh.stats().fin.alive += 1;
-    Ok(())
+    close_alive(sh, ws).await
 }
 
 /// Engine.IO open + Socket.IO connect to the default namespace.

@@ -44,6 +44,19 @@ struct Member {
     run: u64,
 }
 
+impl Member {
+    /// A session of this node, admitted as membership `generation`.
+    fn local(peer: Peer, can_publish: bool, generation: u64) -> Self {
+        Self {
+            peer,
+            can_publish,
+            local: true,
+            generation,
+            run: 0,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct AvRoom {
     kind: AvKind,
@@ -181,19 +194,13 @@ impl AvRooms {
             self.tidy(room);
             return Err(err);
         }
-        Ok(self.insert_local(room, kind, peer, can_publish, 0))
+        Ok(self.insert_local(room, kind, Member::local(peer, can_publish, 0)))
     }
 
     /// Adds a local member; the local members that joined before it (every one on a single
     /// node, where all generations are 0) hear of it.
-    fn insert_local(
-        &mut self,
-        room: &str,
-        kind: AvKind,
-        peer: Peer,
-        can_publish: bool,
-        generation: u64,
-    ) -> (Vec<Peer>, Vec<Out>) {
+    fn insert_local(&mut self, room: &str, kind: AvKind, new: Member) -> (Vec<Peer>, Vec<Out>) {
+        let (peer, generation) = (&new.peer, new.generation);
         let state = self.room_mut(room, kind);
         let others: Vec<Peer> = state
             .peers
@@ -207,19 +214,10 @@ impl AvRooms {
             m.generation = m.generation.max(generation);
             return (others, Vec::new());
         }
-        let outs = state.notices(room, &peer, true, |m| {
+        let outs = state.notices(room, peer, true, |m| {
             generation == 0 || m.generation < generation
         });
-        state.peers.insert(
-            peer.session.clone(),
-            Member {
-                peer,
-                can_publish,
-                local: true,
-                generation,
-                run: 0,
-            },
-        );
+        state.peers.insert(peer.session.clone(), new);
         (others, outs)
     }
 
@@ -293,7 +291,8 @@ impl AvRooms {
                 })
                 .collect()
         };
-        let (known, joined) = self.insert_local(room, kind, peer, can_publish, generation);
+        let joiner = Member::local(peer, can_publish, generation);
+        let (known, joined) = self.insert_local(room, kind, joiner);
         outs.extend(joined);
         outs.extend(later);
         let listed = if rejoin {

@@ -21,6 +21,25 @@ pub enum PollKind {
     WordCloud,
 }
 
+/// What `poll_create` asks for, beside its room: the fields as a client sends them (checked
+/// against the limits and the kind's rules when the poll is made).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+pub struct NewPoll {
+    pub kind: PollKind,
+    pub question: String,
+    #[serde(default)]
+    pub options: Option<Vec<String>>,
+    #[serde(default)]
+    pub multiple: bool,
+    #[serde(default)]
+    pub correct: Option<Vec<u32>>,
+    #[serde(default)]
+    pub duration_s: Option<u32>,
+    #[serde(default)]
+    pub show_results: Option<ShowResults>,
+}
+
 impl PollKind {
     pub fn as_str(self) -> &'static str {
         match self {

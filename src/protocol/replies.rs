@@ -48,7 +48,7 @@ pub struct AskOk {
 }
 
 /// `checkin`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckinOk {
     pub room: RoomId,
     /// The local day of the check-in, `YYYY-MM-DD`.

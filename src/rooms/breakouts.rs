@@ -15,7 +15,7 @@ use crate::protocol::{
     self, BreakoutAssign, BreakoutGroup, BreakoutOpenOk, EmptyOk, GroupSpec, RoomId, RoomKind,
     RoomRole, ServerMsg, UserId, UserRef, Visibility,
 };
-use crate::store::{Breakout, NewBreakout, NewGroup, Room, WriteOp, now_ms};
+use crate::store::{Breakout, NewBreakout, NewGroup, Room, SendOp, WriteOp, now_ms};
 use rand::seq::SliceRandom;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -292,13 +292,13 @@ pub(super) async fn broadcast(
     };
     let mut pending = Vec::with_capacity(b.groups.len());
     for g in b.groups {
-        let op = WriteOp::Send {
+        let op = WriteOp::Send(SendOp {
             room: g.room,
             from: from.clone(),
             text: text.clone(),
             client_msg_id: None,
             reply_to: None,
-        };
+        });
         pending.push(ctx.app.store.submit(op).await?);
     }
     Ok(Outcome::Deferred(Box::pin(async move {

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::hub::Frame;
 use crate::protocol::{self, ClientMsg, HISTORY_MAX_LIMIT, MessageId, RoomId, ServerMsg};
 use crate::store::View;
-use crate::store::{WriteOp, WriteOutcome};
+use crate::store::{SendOp, WriteOp, WriteOutcome};
 
 fn check_text(ctx: &Ctx, text: &str) -> Result<()> {
     if crate::protocol::is_blank(text) {
@@ -61,21 +61,7 @@ pub(super) fn write_ok(o: WriteOutcome) -> protocol::WriteOk {
             ts,
         }),
         WriteOutcome::Class { state, seq } => WriteOk::Class(protocol::ClassOk { state, seq }),
-        WriteOutcome::CheckedIn {
-            room,
-            day,
-            tz,
-            already,
-            streak,
-            points,
-        } => WriteOk::CheckedIn(protocol::CheckinOk {
-            room,
-            day,
-            tz,
-            already,
-            streak,
-            points,
-        }),
+        WriteOutcome::CheckedIn(ok) => WriteOk::CheckedIn(ok),
     }
 }
 
@@ -99,16 +85,15 @@ pub(super) async fn send(
         check_message_id(r)?;
     }
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
-    policy.check_muted(&ctx.me.user, role)?;
-    policy.check_text(&text, role)?;
+    policy.check_post(&ctx.me.user, role, &text)?;
     policy.check_slow_mode(&ctx.me.user, role, &client_msg_id)?;
-    let op = WriteOp::Send {
+    let op = WriteOp::Send(SendOp {
         room,
         from: ctx.me.room_ref(role),
         text,
         client_msg_id: Some(client_msg_id),
         reply_to,
-    };
+    });
     super::submit(ctx, rid, op).await
 }
 
@@ -123,8 +108,7 @@ pub(super) async fn edit(
     check_message_id(&id)?;
     check_text(ctx, &text)?;
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
-    policy.check_muted(&ctx.me.user, role)?;
-    policy.check_text(&text, role)?;
+    policy.check_post(&ctx.me.user, role, &text)?;
     let op = WriteOp::Edit {
         room,
         id,

@@ -232,27 +232,7 @@ pub async fn run_clock(app: Arc<App>) {
 /// Routes a classroom command: polls, the class lifecycle, breakouts and whiteboards.
 pub(super) async fn dispatch(ctx: &mut Ctx, rid: Option<i64>, msg: ClientMsg) -> Result<Outcome> {
     match msg {
-        ClientMsg::PollCreate {
-            room,
-            kind,
-            question,
-            options,
-            multiple,
-            correct,
-            duration_s,
-            show_results,
-        } => {
-            let new = super::polls::NewPoll {
-                kind,
-                question,
-                options,
-                multiple,
-                correct,
-                duration_s,
-                show_results,
-            };
-            super::polls::create(ctx, rid, room, new).await
-        }
+        ClientMsg::PollCreate { room, poll } => super::polls::create(ctx, rid, room, poll).await,
         ClientMsg::PollOpen { room, poll } => {
             super::polls::set_state(ctx, rid, room, poll, crate::protocol::PollState::Open).await
         }

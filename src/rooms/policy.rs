@@ -95,6 +95,13 @@ impl Policy {
         check_rules(&self.room.rules, text, role.can_moderate())
     }
 
+    /// What every posted text (message, edit, question, answer) must pass: the author is not
+    /// muted and the text keeps the room's content rules.
+    pub fn check_post(&self, user: &UserId, role: RoomRole, text: &str) -> Result<()> {
+        self.check_muted(user, role)?;
+        self.check_text(text, role)
+    }
+
     /// Slow mode for members (host/ta are exempt); records the accepted message time. A
     /// resend of the last accepted `client_msg_id` passes, so its idempotent `ok` comes back.
     pub fn check_slow_mode(

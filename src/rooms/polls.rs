@@ -14,7 +14,8 @@ use crate::command::{Ctx, Outcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::protocol::{
-    ClientMsg, PollAnswersOk, PollKind, PollState, PollsOk, QuizLeaderboardOk, RoomId, ShowResults,
+    ClientMsg, NewPoll, PollAnswersOk, PollKind, PollState, PollsOk, QuizLeaderboardOk, RoomId,
+    ShowResults,
 };
 use crate::store::{PollSpec, View, WriteOp, now_ms};
 use std::collections::HashSet;
@@ -46,17 +47,6 @@ fn poll_id(id: &str) -> Result<()> {
         return Err(Error::bad_request("poll id must be 1..=64 characters"));
     }
     Ok(())
-}
-
-/// What `poll_create` asked for, as a client sent it.
-pub(super) struct NewPoll {
-    pub kind: PollKind,
-    pub question: String,
-    pub options: Option<Vec<String>>,
-    pub multiple: bool,
-    pub correct: Option<Vec<u32>>,
-    pub duration_s: Option<u32>,
-    pub show_results: Option<ShowResults>,
 }
 
 /// Checks a new poll against the limits and its kind's rules, and fills in defaults

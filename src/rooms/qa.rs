@@ -28,8 +28,7 @@ pub(super) async fn ask(
     if !policy.qa_enabled() {
         return Err(Error::Forbidden("Q&A is not enabled in this room".into()));
     }
-    policy.check_muted(&ctx.me.user, role)?;
-    policy.check_text(&text, role)?;
+    policy.check_post(&ctx.me.user, role, &text)?;
     let pending = policy.room.qa.moderated && !role.can_moderate();
     let op = WriteOp::Ask {
         room,
@@ -77,8 +76,7 @@ pub(super) async fn answer(
             "only host/ta answer questions in this room".into(),
         ));
     }
-    policy.check_muted(&ctx.me.user, role)?;
-    policy.check_text(&text, role)?;
+    policy.check_post(&ctx.me.user, role, &text)?;
     let op = WriteOp::Answer {
         room,
         question,

@@ -3,7 +3,7 @@
 //! (`room_presence`, one row per session in a room or per stage spell; no seq), the clock scan,
 //! and the class summary read. Knows nothing of sessions, the hub or who may call what.
 
-use super::writer::{Applied, Tx, WriteOutcome, bump_seq, record_change};
+use super::writer::{Applied, Tx, WriteOutcome, bump_seq, insert_event};
 use super::{Result, Store, StoreError, View, now_ms};
 use crate::protocol::{
     Attendance, ClassState, ClassSummary, QuestionCounts, RoomEvent, RoomId, StageTime, UserId,
@@ -91,9 +91,11 @@ pub(super) async fn change(
         state: next,
         ts: now,
     };
-    let mut applied = record_change(tx, room, seq, now, "", event, None).await?;
-    applied.outcome = WriteOutcome::Class { state: next, seq };
-    Ok(applied)
+    let committed = insert_event(tx, room, seq, now, "", event, None).await?;
+    Ok(Applied {
+        outcome: WriteOutcome::Class { state: next, seq },
+        event: Some(committed),
+    })
 }
 
 /// Records a session entering (`on`) or leaving a room, or a user going on or off stage.

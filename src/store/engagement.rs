@@ -12,7 +12,7 @@ use super::writer::{Applied, CommittedEvent, Tx, WriteOutcome, backend_of, bump_
 use super::{Result, Store, StoreError, now_ms};
 use crate::engagement::{self as eng, Action, BadgeRule, EngagementConfig, Metric, Streak};
 pub use crate::protocol::views::{BadgeView, UserBrief};
-use crate::protocol::{QuestionId, RoomId, UserId, UserRef};
+use crate::protocol::{CheckinOk, QuestionId, RoomId, UserId, UserRef};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
@@ -988,14 +988,14 @@ pub(super) async fn checkin(
         }
     }
     Ok(Applied {
-        outcome: WriteOutcome::CheckedIn {
+        outcome: WriteOutcome::CheckedIn(CheckinOk {
             room: room.clone(),
             day: today.to_string(),
             tz: tz_name,
             already,
             streak: if already { before } else { streak },
             points,
-        },
+        }),
         event: None,
     })
 }
@@ -1043,6 +1043,14 @@ async fn save_streak(
     Ok(())
 }
 
+/// The streak of an `engagement_members` row (its `streak_current` and `streak_longest`).
+fn stored_streak_of(r: &sqlx::any::AnyRow) -> Result<Streak> {
+    Ok(Streak {
+        current: r.try_get("streak_current")?,
+        longest: r.try_get("streak_longest")?,
+    })
+}
+
 /// A member's stored streak and the day of their last check-in (none before the first).
 async fn stored_streak(
     tx: &mut Tx<'_>,
@@ -1059,10 +1067,7 @@ async fn stored_streak(
     .await?;
     Ok(match &stored {
         Some(r) => (
-            Streak {
-                current: r.try_get("streak_current")?,
-                longest: r.try_get("streak_longest")?,
-            },
+            stored_streak_of(r)?,
             r.try_get::<Option<String>, _>("last_checkin_day")?
                 .and_then(|d| d.parse::<jiff::civil::Date>().ok()),
         ),
@@ -1272,10 +1277,7 @@ impl Store {
                     room: RoomId(r.try_get("room_id")?),
                     name: r.try_get("name")?,
                     points: r.try_get("points")?,
-                    streak: Streak {
-                        current: r.try_get("streak_current")?,
-                        longest: r.try_get("streak_longest")?,
-                    },
+                    streak: stored_streak_of(r)?,
                     last_checkin_day: r.try_get("last_checkin_day")?,
                     badges: Vec::new(),
                 })

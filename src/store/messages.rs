@@ -4,9 +4,7 @@
 //! sends is `sends.rs`.
 
 use super::engagement::{self, Contribution, Effects, Kind};
-use super::writer::{
-    Applied, Tx, WriteOutcome, bump_seq, insert_event, new_message_id, record_change,
-};
+use super::writer::{Applied, SendOp, Tx, WriteOutcome, bump_seq, insert_event, new_message_id};
 use super::{Result, StoreError, now_ms};
 use crate::engagement::EngagementConfig;
 use crate::protocol::{
@@ -16,17 +14,19 @@ use sqlx::Row;
 
 /// Applies a `send`: idempotent on `client_msg_id`, checks `reply_to`, stores and indexes the
 /// message and counts it for engagement.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn send(
     tx: &mut Tx<'_>,
     cfg: &EngagementConfig,
-    room: &RoomId,
-    from: &UserRef,
-    text: &str,
-    client_msg_id: &Option<String>,
-    reply_to: &Option<MessageId>,
+    send: &SendOp,
     fx: &mut Effects,
 ) -> Result<Applied> {
+    let SendOp {
+        room,
+        from,
+        text,
+        client_msg_id,
+        reply_to,
+    } = send;
     if let Some(cid) = client_msg_id
         && let Some(earlier) = earlier_send(tx, room, from, cid).await?
     {
@@ -179,7 +179,9 @@ pub(super) async fn edit(
         by: by.clone(),
         ts,
     };
-    record_change(tx, room, seq, ts, id.as_str(), event, None).await
+    insert_event(tx, room, seq, ts, id.as_str(), event, None)
+        .await
+        .map(Applied::changed)
 }
 
 /// Applies a `delete` by the author or a host/ta: erases the text and reactions from the log
@@ -254,7 +256,9 @@ pub(super) async fn delete(
         by: by.clone(),
         ts,
     };
-    record_change(tx, room, seq, ts, id.as_str(), event, None).await
+    insert_event(tx, room, seq, ts, id.as_str(), event, None)
+        .await
+        .map(Applied::changed)
 }
 
 /// Applies a reaction added or removed: enforces `max_distinct`, updates the stored counts and
@@ -315,7 +319,9 @@ pub(super) async fn react(
         added: add,
         ts,
     };
-    record_change(tx, room, seq, ts, id.as_str(), event, None).await
+    insert_event(tx, room, seq, ts, id.as_str(), event, None)
+        .await
+        .map(Applied::changed)
 }
 
 /// Refuses a new emoji on a message that already carries `max_distinct` different ones.

@@ -44,7 +44,7 @@ pub use webhooks::{
     Attempt, AttemptResult, Delivery, DueDelivery, EventType, MemberRuns, Pruned, Webhook,
     WebhookKeys,
 };
-pub use writer::{CommitHook, CommittedEvent, WriteOp, WriteOutcome};
+pub use writer::{CommitHook, CommittedEvent, SendOp, WriteOp, WriteOutcome};
 
 use crate::metrics::Metrics;
 use crate::protocol::{RoomId, RoomKind, RoomRole, UserId, Visibility};

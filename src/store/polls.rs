@@ -10,7 +10,7 @@
 //! hub or who may call what: the caller checked rights.
 
 use super::engagement::{self, Contribution, Effects, Kind};
-use super::writer::{Applied, Tx, WriteOutcome, bump_seq, new_id, record_change};
+use super::writer::{Applied, Tx, WriteOutcome, bump_seq, insert_event, new_id};
 use super::{Result, Store, StoreError, View, now_ms};
 use crate::engagement::EngagementConfig;
 use crate::protocol::views::UserBrief;
@@ -316,12 +316,14 @@ async fn emit(
         poll: full.clone(),
         change: change.to_owned(),
     };
-    let mut applied = record_change(tx, &p.room, seq, now_ms(), &p.id, event, public).await?;
-    applied.outcome = WriteOutcome::Poll {
-        poll: full,
-        seq: Some(seq),
-    };
-    Ok(applied)
+    let committed = insert_event(tx, &p.room, seq, now_ms(), &p.id, event, public).await?;
+    Ok(Applied {
+        outcome: WriteOutcome::Poll {
+            poll: full,
+            seq: Some(seq),
+        },
+        event: Some(committed),
+    })
 }
 
 pub(super) async fn create(

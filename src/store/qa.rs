@@ -5,7 +5,7 @@
 //! `hidden`.
 
 use super::engagement::{self, Contribution, Effects, Kind};
-use super::writer::{Applied, Tx, WriteOutcome, bump_seq, insert_event, new_id, record_change};
+use super::writer::{Applied, Tx, WriteOutcome, bump_seq, insert_event, new_id};
 use super::{Result, Store, StoreError, View, now_ms, search};
 use crate::engagement::EngagementConfig;
 use crate::protocol::{
@@ -165,7 +165,9 @@ pub(super) async fn emit_update(
         })
     };
     let (full, public) = (make(q.full()), q.public(make));
-    record_change(tx, &q.room, seq, ts, q.id.as_str(), full, public).await
+    insert_event(tx, &q.room, seq, ts, q.id.as_str(), full, public)
+        .await
+        .map(Applied::changed)
 }
 
 pub(super) async fn ask(

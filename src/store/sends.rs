@@ -6,7 +6,7 @@
 //! conformance suite runs it on both backends.
 
 use super::rows::{self, Sql};
-use super::writer::{Applied, CommittedEvent, Tx, WriteOp, WriteOutcome, new_message_id};
+use super::writer::{Applied, CommittedEvent, SendOp, Tx, WriteOp, WriteOutcome, new_message_id};
 use super::{Backend, Result, StoreError, now_ms};
 use crate::protocol::{MessageId, RoomEvent, RoomId, SequencedEvent, UserRef};
 use sqlx::Row;
@@ -14,16 +14,10 @@ use std::collections::{BTreeMap, HashMap};
 
 type Key = (String, String, String);
 
-/// A plain send's parts, or `None` for any other write.
-pub(super) fn plain_send(op: &WriteOp) -> Option<(&RoomId, &UserRef, &String, &Option<String>)> {
+/// A plain send (one without `reply_to`), or `None` for any other write.
+pub(super) fn plain_send(op: &WriteOp) -> Option<&SendOp> {
     match op {
-        WriteOp::Send {
-            room,
-            from,
-            text,
-            client_msg_id,
-            reply_to: None,
-        } => Some((room, from, text, client_msg_id)),
+        WriteOp::Send(send) if send.reply_to.is_none() => Some(send),
         _ => None,
     }
 }
@@ -184,9 +178,6 @@ pub(super) struct Planned {
     pub staged: Vec<Staged>,
 }
 
-/// One plain send: room, sender, text, client message id.
-type PlainSend<'a> = (&'a RoomId, &'a UserRef, &'a String, &'a Option<String>);
-
 fn key_of(room: &RoomId, from: &UserRef, cid: &Option<String>) -> Option<Key> {
     cid.as_ref()
         .map(|c| (room.0.clone(), from.id.0.clone(), c.clone()))
@@ -196,13 +187,19 @@ fn key_of(room: &RoomId, from: &UserRef, cid: &Option<String>) -> Option<Key> {
 /// slot is its index among its room's new sends, in queue order; a duplicate's is `None`.
 /// Also returns how many new sends each room has.
 fn slots<'a>(
-    sends: &[PlainSend<'a>],
+    sends: &[&'a SendOp],
     prior: &HashMap<Key, (MessageId, i64, i64)>,
 ) -> (Vec<Option<i64>>, BTreeMap<&'a str, i64>) {
     let mut seen: HashMap<Key, ()> = HashMap::new();
     let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
     let mut slot = Vec::with_capacity(sends.len());
-    for (room, from, _, cid) in sends {
+    for &SendOp {
+        room,
+        from,
+        client_msg_id: cid,
+        ..
+    } in sends
+    {
         let new = match key_of(room, from, cid) {
             Some(k) if prior.contains_key(&k) || seen.contains_key(&k) => false,
             Some(k) => {
@@ -252,8 +249,14 @@ fn duplicate(
 }
 
 /// A new send at `seq`: its outcome and event, and the row to insert.
-fn fresh(send: &PlainSend<'_>, seq: i64, ts: i64) -> (Applied, Staged) {
-    let (room, from, text, cid) = *send;
+fn fresh(send: &SendOp, seq: i64, ts: i64) -> (Applied, Staged) {
+    let SendOp {
+        room,
+        from,
+        text,
+        client_msg_id: cid,
+        ..
+    } = send;
     let id = new_message_id(ts);
     let json = crate::protocol::encode(&SequencedEvent {
         room: room.clone(),
@@ -311,8 +314,10 @@ pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) ->
     }
     let keys: Vec<(&str, &str, &str)> = sends
         .iter()
-        .filter_map(|(room, from, _, cid)| {
-            cid.as_deref().map(|c| (room.as_str(), from.id.as_str(), c))
+        .filter_map(|s| {
+            s.client_msg_id
+                .as_deref()
+                .map(|c| (s.room.as_str(), s.from.id.as_str(), c))
         })
         .collect();
     let prior = prior_sends(tx, backend, &keys).await?;
@@ -323,9 +328,9 @@ pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) ->
     let mut made: HashMap<Key, (MessageId, i64)> = HashMap::new();
     let mut results = Vec::with_capacity(sends.len());
     let mut staged = Vec::with_capacity(sends.len());
-    for (send, slot) in sends.iter().zip(slot) {
-        let (room, from, _, cid) = *send;
-        let key = key_of(room, from, cid);
+    for (&send, slot) in sends.iter().zip(slot) {
+        let key = key_of(&send.room, &send.from, &send.client_msg_id);
+        let room = &send.room;
         let Some(n) = slot else {
             results.push(duplicate(key, &prior, &made, ts));
             continue;

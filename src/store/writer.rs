@@ -34,17 +34,23 @@ pub struct CommittedEvent {
     pub public_json: Option<String>,
 }
 
+/// A chat message to store: what a `send` write carries.
+#[derive(Clone, Debug)]
+pub struct SendOp {
+    pub room: RoomId,
+    pub from: UserRef,
+    pub text: String,
+    /// The sender's id for this message; a resend under the same id is answered with the first
+    /// send's outcome.
+    pub client_msg_id: Option<String>,
+    pub reply_to: Option<MessageId>,
+}
+
 /// A sequenced write. The writer checks what only the database can know (the message exists,
 /// its author, the room is not archived); the caller has already checked the user's rights.
 #[derive(Clone, Debug)]
 pub enum WriteOp {
-    Send {
-        room: RoomId,
-        from: UserRef,
-        text: String,
-        client_msg_id: Option<String>,
-        reply_to: Option<MessageId>,
-    },
+    Send(SendOp),
     Edit {
         room: RoomId,
         id: MessageId,
@@ -170,7 +176,7 @@ pub enum WriteOp {
 impl WriteOp {
     pub(super) fn room(&self) -> &RoomId {
         match self {
-            Self::Send { room, .. }
+            Self::Send(SendOp { room, .. })
             | Self::Edit { room, .. }
             | Self::Delete { room, .. }
             | Self::React { room, .. }
@@ -231,15 +237,9 @@ pub enum WriteOutcome {
         state: crate::protocol::ClassState,
         seq: i64,
     },
-    /// A check-in (`already` when the user had checked in on this local day).
-    CheckedIn {
-        room: RoomId,
-        day: String,
-        tz: String,
-        already: bool,
-        streak: crate::engagement::Streak,
-        points: i64,
-    },
+    /// A check-in (`already` when the user had checked in on this local day), as its `ok`
+    /// reports it.
+    CheckedIn(crate::protocol::CheckinOk),
 }
 
 pub(super) enum Request {
@@ -254,6 +254,16 @@ pub(super) enum Request {
 pub(super) struct Applied {
     pub outcome: WriteOutcome,
     pub event: Option<CommittedEvent>,
+}
+
+impl Applied {
+    /// A write that changed something: its stored event, reported as `Changed`.
+    pub fn changed(event: CommittedEvent) -> Self {
+        Self {
+            outcome: WriteOutcome::Changed { seq: event.seq },
+            event: Some(event),
+        }
+    }
 }
 
 type Pending = (WriteOp, oneshot::Sender<Result<WriteOutcome>>);
@@ -606,9 +616,7 @@ async fn webhook_events(
         let Ok((applied, _)) = result else { continue };
         let Some(ev) = &applied.event else { continue };
         let (kind, ts) = match (op, &applied.outcome) {
-            (WriteOp::Send { .. }, WriteOutcome::Sent { ts, .. }) => {
-                (EventType::MessageCreated, *ts)
-            }
+            (WriteOp::Send(_), WriteOutcome::Sent { ts, .. }) => (EventType::MessageCreated, *ts),
             (WriteOp::Ask { .. }, WriteOutcome::Asked { ts, .. }) => {
                 (EventType::QuestionAsked, *ts)
             }
@@ -793,23 +801,6 @@ pub(super) async fn bump_seq(tx: &mut Tx<'_>, room: &RoomId) -> Result<i64> {
     }
 }
 
-/// Stores the event of a write that changed something and reports it as `Changed`.
-pub(super) async fn record_change(
-    tx: &mut Tx<'_>,
-    room: &RoomId,
-    seq: i64,
-    ts: i64,
-    ref_id: &str,
-    event: RoomEvent,
-    public: Option<RoomEvent>,
-) -> Result<Applied> {
-    let committed = insert_event(tx, room, seq, ts, ref_id, event, public).await?;
-    Ok(Applied {
-        outcome: WriteOutcome::Changed { seq },
-        event: Some(committed),
-    })
-}
-
 /// Stores a sequenced event. `ref_id` is the message or question it is about; `public` is
 /// what members see when it differs from what host/ta see.
 pub(super) async fn insert_event(
@@ -882,7 +873,7 @@ async fn apply(
 ) -> Result<Applied> {
     let a = Apply { tx, cfg, fx };
     match op {
-        WriteOp::Send { .. }
+        WriteOp::Send(_)
         | WriteOp::Edit { .. }
         | WriteOp::Delete { .. }
         | WriteOp::React { .. } => apply_message(a, op).await,
@@ -901,13 +892,7 @@ async fn apply(
 /// Messages: send, edit, delete, react.
 async fn apply_message(Apply { tx, cfg, fx }: Apply<'_, '_>, op: &WriteOp) -> Result<Applied> {
     match op {
-        WriteOp::Send {
-            room,
-            from,
-            text,
-            client_msg_id,
-            reply_to,
-        } => super::messages::send(tx, cfg, room, from, text, client_msg_id, reply_to, fx).await,
+        WriteOp::Send(send) => super::messages::send(tx, cfg, send, fx).await,
         WriteOp::Edit { room, id, by, text } => super::messages::edit(tx, room, id, by, text).await,
         WriteOp::Delete {
             room,

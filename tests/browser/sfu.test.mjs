@@ -5,8 +5,9 @@
 // the A/V tab; each gets `mode:"sfu"`, holds exactly ONE RTCPeerConnection (counted by a
 // wrapper installed before the page's scripts) and decodes growing video and receives audio
 // from every other user through the server, told apart by the stream id of each section (the
-// publisher's user id); the speaking users' tiles light up, `av_mute` shows a toast and
-// disables the local track (`av_unmute` turns it back on and the others decode it again), and `av_leave` removes the tile at the others. The live room on
+// publisher's user id); the speaking users' tiles light up, the host's mute button on a tile
+// (`av_mute`) shows a toast and disables the local track at its owner (unmute, `av_unmute`,
+// turns it back on and the others decode it again), and `av_leave` removes the tile at the others. The live room on
 // the SFU is sfu-live.test.mjs (a file of its own: each file has 150 s in the suite).
 // Relay-only (TURN) on the SFU is sfu-relay.test.mjs.
 
@@ -64,18 +65,22 @@ test(`class room on the SFU: ${BROWSERS} web clients, one peer connection each, 
     // Speakers: the fake microphone beeps; some tile is highlighted at some point.
     await list[1].waitForFunction(() => document.querySelector('#av-grid figure.speaking'), null, { timeout: T });
 
-    // av_mute: the host stops kid1's camera; kid1 is told and its track is disabled.
+    // av_mute: the host stops kid1's camera with the button on kid1's tile; kid1 is told and
+    // its track is disabled.
     const [host, kid] = list;
-    const muted = await host.evaluate(() => window.studyhall.client.request({ type: 'av_mute', room: 'sfu-class', user: 'kid1', kind: 'video' }));
-    assert.equal(muted.type, 'ok', JSON.stringify(muted));
+    const camButton = host.locator('#av-grid figure[data-user="kid1"] button.av-mute[data-kind="video"]');
+    assert.equal(await camButton.textContent(), 'Mute camera');
+    assert.equal(await list[2].locator('#av-grid button.av-mute').count(), 0, 'only host/ta get mute buttons');
+    await camButton.click();
+    await host.locator('#av-grid figure[data-user="kid1"] button.av-mute[data-kind="video"][aria-pressed="true"]', { hasText: 'Unmute camera' }).waitFor({ timeout: T });
     await kid.locator('#toast', { hasText: 'camera was turned off by teach' }).waitFor({ timeout: T });
     assert.equal(await kid.evaluate(() => window.studyhall.calls.local.getVideoTracks()[0].enabled), false);
     await waitStopped(list[2], 'kid1');
 
     // av_unmute: kid1 is told, its camera track is on again, and the others decode it again
     // (from a keyframe the server asks for).
-    const unmuted = await host.evaluate(() => window.studyhall.client.request({ type: 'av_unmute', room: 'sfu-class', user: 'kid1', kind: 'video' }));
-    assert.equal(unmuted.type, 'ok', JSON.stringify(unmuted));
+    await camButton.click();
+    await host.locator('#av-grid figure[data-user="kid1"] button.av-mute[data-kind="video"][aria-pressed="false"]', { hasText: 'Mute camera' }).waitFor({ timeout: T });
     await kid.locator('#toast', { hasText: 'camera was turned back on by teach' }).waitFor({ timeout: T });
     assert.equal(await kid.evaluate(() => window.studyhall.calls.local.getVideoTracks()[0].enabled), true);
     await waitFlowing([list[2]], () => ['kid1'], { audio: false, ms: T });

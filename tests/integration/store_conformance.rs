@@ -63,13 +63,13 @@ fn user(id: &str) -> UserRef {
 }
 
 fn send(room: &str, from: &str, text: &str, cid: &str) -> WriteOp {
-    WriteOp::Send {
+    WriteOp::Send(studyhall::store::SendOp {
         room: RoomId::from(room),
         from: user(from),
         text: text.into(),
         client_msg_id: Some(cid.into()),
         reply_to: None,
-    }
+    })
 }
 
 fn sent(o: WriteOutcome) -> (MessageId, i64) {
@@ -272,13 +272,13 @@ async fn idempotent_send_and_refusals(f: Fixture) {
         s.write(send("nope", "a", "x", "z")).await,
         Err(StoreError::NotFound(_))
     ));
-    let bad_reply = WriteOp::Send {
+    let bad_reply = WriteOp::Send(studyhall::store::SendOp {
         room: "r".into(),
         from: user("a"),
         text: "x".into(),
         client_msg_id: Some("z".into()),
         reply_to: Some(MessageId::from("missing")),
-    };
+    });
     assert!(matches!(
         s.write(bad_reply).await,
         Err(StoreError::BadRequest(_))
@@ -816,13 +816,13 @@ async fn batched_sends_match_single_sends(f: Fixture) {
                 .unwrap(),
         );
     }
-    let reply = WriteOp::Send {
+    let reply = WriteOp::Send(studyhall::store::SendOp {
         room: r.clone(),
         from: user("b"),
         text: "a reply".into(),
         client_msg_id: Some("reply".into()),
         reply_to: Some(first_id.clone()),
-    };
+    });
     pending.push(s.submit(reply).await.unwrap());
     let mut outcomes = Vec::new();
     for p in pending {
@@ -936,7 +936,7 @@ async fn simultaneous_checkins_count_once(f: Fixture) {
     let mut new_days = vec![0; 30];
     for (i, p) in pending {
         match within("checkin", p).await.unwrap().unwrap() {
-            WriteOutcome::CheckedIn { already, .. } => new_days[i] += usize::from(!already),
+            WriteOutcome::CheckedIn(ok) => new_days[i] += usize::from(!ok.already),
             o => panic!("{o:?}"),
         }
     }

@@ -7,7 +7,7 @@
 use super::Common;
 use crate::coord::{Plan, Ready, Total, Workers, worker_count};
 use crate::hist::Histogram;
-use crate::report::{Report, Table, histogram_svg, human, ms};
+use crate::report::{Report, Table, histogram_svg, human, mib, ms};
 use crate::sys::{CpuMeter, rss_kib};
 use crate::worker::{ConnSpec, Down, Final, Proto};
 use anyhow::Result;
@@ -289,28 +289,17 @@ fn latency_table(args: &Args, group: &Histogram, live: &Histogram, ack: &Histogr
 
 /// The server table: clients, send counters, CPU and RSS idle / joined / at the end.
 fn server_table(ready: &Ready, f: &Final, cpu_pct: f64, rss: [u64; 3]) -> Table {
-    let mut srv = Table::new(
+    Table::one_row(
         "server",
-        &[
-            "clients",
-            "msgs sent",
-            "acked",
-            "errors",
-            "CPU % (100 = 1 core)",
-            "RSS idle MiB",
-            "RSS joined MiB",
-            "RSS end MiB",
+        vec![
+            ("clients", ready.ok.to_string()),
+            ("msgs sent", f.sent.to_string()),
+            ("acked", f.acked.to_string()),
+            ("errors", f.send_errors.to_string()),
+            ("CPU % (100 = 1 core)", format!("{cpu_pct:.0}")),
+            ("RSS idle MiB", mib(rss[0])),
+            ("RSS joined MiB", mib(rss[1])),
+            ("RSS end MiB", mib(rss[2])),
         ],
-    );
-    srv.row(vec![
-        ready.ok.to_string(),
-        f.sent.to_string(),
-        f.acked.to_string(),
-        f.send_errors.to_string(),
-        format!("{cpu_pct:.0}"),
-        format!("{:.1}", rss[0] as f64 / 1024.0),
-        format!("{:.1}", rss[1] as f64 / 1024.0),
-        format!("{:.1}", rss[2] as f64 / 1024.0),
-    ]);
-    srv
+    )
 }

@@ -4,6 +4,7 @@
 //! on SQLite and PostgreSQL. It separates what the store costs from what `durable` measures
 //! end to end through WebSockets.
 
+use super::{BenchDb, StoreLoad};
 use crate::hist::Histogram;
 use crate::report::{Report, Table, histogram_svg, human, ms};
 use anyhow::Result;
@@ -11,7 +12,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use studyhall::protocol::{RoomId, RoomKind, UserId, UserRef, Visibility};
-use studyhall::store::{Room, Store, StoreOptions, WriteOp};
+use studyhall::store::{Room, SendOp, Store, StoreOptions, WriteOp};
 use tokio::sync::Mutex;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -19,48 +20,10 @@ pub struct Args {
     /// Rooms written to (one sender per room).
     #[arg(long, default_value_t = 32)]
     pub rooms: usize,
-    /// Writes in flight per sender.
-    #[arg(long, default_value_t = 8)]
-    pub window: usize,
-    /// Seconds per store.
-    #[arg(long, default_value_t = 8)]
-    pub duration_s: u64,
-    /// Stores to run: sqlite, postgres.
-    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
-    pub stores: Vec<String>,
-    #[arg(
-        long,
-        env = "STUDYHALL_LOAD_PG",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    pub pg_url: String,
-    /// Report directory.
-    #[arg(long, default_value = "load-report")]
-    pub out: std::path::PathBuf,
-}
-
-fn room(id: &str) -> Room {
-    Room {
-        id: RoomId::from(id),
-        kind: RoomKind::Group,
-        title: id.to_owned(),
-        visibility: Visibility::Open,
-        qa: Default::default(),
-        starts_at: None,
-        ends_at: None,
-        state: Default::default(),
-        started_at: None,
-        ended_at: None,
-        archived: false,
-        last_seq: 0,
-        created_at: studyhall::store::now_ms(),
-        answer_sla_s: studyhall::store::DEFAULT_ANSWER_SLA_S,
-        slow_mode_s: 0,
-        rules: Default::default(),
-        engagement: Default::default(),
-        av: Default::default(),
-        stage: Default::default(),
-    }
+    #[command(flatten)]
+    pub load: StoreLoad,
+    #[command(flatten)]
+    pub db: BenchDb,
 }
 
 /// What one store did: acked writes/s, the latency histogram, acked writes, and the writer's
@@ -78,14 +41,16 @@ async fn bench_one(url: &str, a: &Args) -> Result<Run> {
     let metrics = Arc::new(studyhall::metrics::Metrics::default());
     let store = Store::open(&StoreOptions::new(url), metrics.clone(), None).await?;
     for i in 0..a.rooms {
-        store.create_room(&room(&format!("r{i}"))).await?;
+        let id = format!("r{i}");
+        let room = Room::new(RoomId(id.clone()), RoomKind::Group, id, Visibility::Open);
+        store.create_room(&room).await?;
     }
     let t0 = Instant::now();
-    let dur = Duration::from_secs(a.duration_s);
+    let dur = Duration::from_secs(a.load.duration_s);
     let hist = Arc::new(Mutex::new(Histogram::new()));
     let mut tasks = Vec::new();
     for i in 0..a.rooms {
-        let (store, hist, window) = (store.clone(), hist.clone(), a.window.max(1));
+        let (store, hist, window) = (store.clone(), hist.clone(), a.load.window.max(1));
         tasks.push(tokio::spawn(async move {
             let user = UserRef {
                 id: UserId(format!("u{i}")),
@@ -98,13 +63,13 @@ async fn bench_one(url: &str, a: &Args) -> Result<Run> {
             loop {
                 while inflight.len() < window && t0.elapsed() < dur {
                     n += 1;
-                    let op = WriteOp::Send {
+                    let op = WriteOp::Send(SendOp {
                         room: room.clone(),
                         from: user.clone(),
                         text: format!("message {n} from {i}: some ordinary chat text"),
                         client_msg_id: Some(format!("c{n}")),
                         reply_to: None,
-                    };
+                    });
                     let sent = Instant::now();
                     let rx = store.submit(op).await?;
                     inflight.push(async move { (rx.await, sent) });
@@ -145,7 +110,7 @@ async fn bench_one(url: &str, a: &Args) -> Result<Run> {
 pub async fn run(a: Args) -> Result<bool> {
     let mut report = Report::new(
         "commit-bench",
-        json!({"rooms": a.rooms, "window": a.window, "duration_s": a.duration_s}),
+        json!({"rooms": a.rooms, "window": a.load.window, "duration_s": a.load.duration_s}),
     );
     let mut table = Table::new(
         "store writer alone: plain sends, submit -> committed",
@@ -162,14 +127,12 @@ pub async fn run(a: Args) -> Result<bool> {
     );
     let mut results = Vec::new();
     let mut hists = Vec::new();
-    for store in &a.stores {
-        let dir = tempfile_dir(&a.out, store)?;
+    for store in &a.load.stores {
+        let dir = super::fresh_dir(&a.db.out.join("run").join(format!("commit-{store}")))?;
         let run = match store.as_str() {
             "postgres" => {
-                let db = crate::procs::PgDb::create(&a.pg_url).await?;
-                let r = bench_one(&db.url, &a).await;
-                db.drop_db().await;
-                r?
+                a.db.on_postgres(async |url| bench_one(url, &a).await)
+                    .await?
             }
             _ => bench_one(&format!("sqlite://{}", dir.join("bench.db").display()), &a).await?,
         };
@@ -195,13 +158,6 @@ pub async fn run(a: Args) -> Result<bool> {
     let series: Vec<(&str, &Histogram)> = hists.iter().map(|(n, h)| (n.as_str(), h)).collect();
     report.svg("ack-latency", histogram_svg("submit -> committed", &series));
     report.results = json!(results);
-    report.write(&a.out)?;
+    report.write(&a.db.out)?;
     Ok(true)
-}
-
-fn tempfile_dir(out: &std::path::Path, tag: &str) -> Result<std::path::PathBuf> {
-    let dir = out.join("run").join(format!("commit-{tag}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(std::fs::canonicalize(dir)?)
 }

@@ -21,23 +21,16 @@ pub struct Args {
     /// Sending connections (each in its own room).
     #[arg(long, default_value_t = 32)]
     pub conns: usize,
-    /// Sends in flight per connection.
-    #[arg(long, default_value_t = 8)]
-    pub window: usize,
-    /// Seconds per store.
-    #[arg(long, default_value_t = 8)]
-    pub duration_s: u64,
-    /// Stores to run: sqlite, postgres.
-    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
-    pub stores: Vec<String>,
+    #[command(flatten)]
+    pub load: super::StoreLoad,
 }
 
 pub async fn run(common: Common, args: Args) -> Result<bool> {
     let mut report = Report::new(
         "durable",
         json!({
-            "conns": args.conns, "window": args.window, "duration_s": args.duration_s,
-            "stores": args.stores,
+            "conns": args.conns, "window": args.load.window, "duration_s": args.load.duration_s,
+            "stores": args.load.stores,
         }),
     );
     let mut table = Table::new(
@@ -56,7 +49,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
     let mut hists = Vec::new();
     let mut results = Vec::new();
     let mut rates = Vec::new();
-    for store in &args.stores {
+    for store in &args.load.stores {
         let pg = store == "postgres";
         let server = match common.server(&format!("durable-{store}"), pg).await {
             Ok(s) => s,
@@ -131,8 +124,8 @@ async fn measure(server: &Server, args: &Args) -> Result<Measured> {
     let pubs = room_publishers(server, args.conns).await?;
     let cpu = CpuMeter::start(server.pid);
     let t0 = Instant::now();
-    let dur = Duration::from_secs(args.duration_s);
-    let window = args.window.max(1);
+    let dur = Duration::from_secs(args.load.duration_s);
+    let window = args.load.window.max(1);
     let mut tasks = Vec::new();
     for (i, (room, p)) in pubs.into_iter().enumerate() {
         tasks.push(tokio::spawn(send_windowed(

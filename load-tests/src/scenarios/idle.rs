@@ -6,7 +6,7 @@
 
 use super::{Common, Sut};
 use crate::coord::{Plan, Workers, worker_count};
-use crate::report::{Report, Table, human, ms, ratio};
+use crate::report::{Report, Table, human, mib, ms, ratio};
 use crate::sys::rss_kib;
 use crate::worker::{ConnSpec, Proto};
 use anyhow::Result;
@@ -135,8 +135,8 @@ async fn idle_target(
         name.into(),
         ready.ok.to_string(),
         ready.failed.to_string(),
-        format!("{:.1}", before as f64 / 1024.0),
-        format!("{:.1}", after as f64 / 1024.0),
+        mib(before),
+        mib(after),
         format!("{bytes:.0}"),
         human(rate),
         ms(c.p50_ms),
@@ -231,29 +231,25 @@ async fn join_storm(
     let n = ready.ok.max(1) as f64;
     let bytes = (after.saturating_sub(before) as f64 * 1024.0) / n;
     let per_member = |ty: &str| total.f.other_frames.get(ty).copied().unwrap_or(0) as f64 / n;
-    let mut t = Table::new(
+    let t = Table::one_row(
         "join storm: one live room",
-        &[
-            "clients ok",
-            "failed",
-            "joined in s",
-            "RSS before MiB",
-            "RSS after MiB",
-            "bytes/conn",
-            "presence frames per member",
-            "online_count frames per member",
+        vec![
+            ("clients ok", ready.ok.to_string()),
+            ("failed", ready.failed.to_string()),
+            ("joined in s", format!("{:.1}", ready.window_s)),
+            ("RSS before MiB", mib(before)),
+            ("RSS after MiB", mib(after)),
+            ("bytes/conn", format!("{bytes:.0}")),
+            (
+                "presence frames per member",
+                format!("{:.1}", per_member("presence")),
+            ),
+            (
+                "online_count frames per member",
+                format!("{:.1}", per_member("online_count")),
+            ),
         ],
     );
-    t.row(vec![
-        ready.ok.to_string(),
-        ready.failed.to_string(),
-        format!("{:.1}", ready.window_s),
-        format!("{:.1}", before as f64 / 1024.0),
-        format!("{:.1}", after as f64 / 1024.0),
-        format!("{bytes:.0}"),
-        format!("{:.1}", per_member("presence")),
-        format!("{:.1}", per_member("online_count")),
-    ]);
     report.tables.push(t);
     if !total.f.closes.is_empty() {
         report.note(format!("storm: clients lost: {:?}", total.f.closes));

@@ -12,11 +12,11 @@ pub mod sfu;
 pub mod smoke;
 pub mod stats_bench;
 
-use crate::procs::{Cluster, Db, Peer, Server};
+use crate::procs::{Cluster, Db, Peer, PgDb, Server};
 use crate::worker::Proto;
 use anyhow::Result;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Common {
@@ -123,6 +123,55 @@ impl Common {
         }
         t
     }
+}
+
+/// How hard a store scenario writes, and on which stores (`durable` through the server,
+/// `commit-bench` straight to the store's writer): one run per store, in order.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StoreLoad {
+    /// Writes in flight per sender (a connection, or a store-side sender).
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
+    /// Seconds per store.
+    #[arg(long, default_value_t = 8)]
+    pub duration_s: u64,
+    /// Stores to run: sqlite, postgres.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    pub stores: Vec<String>,
+}
+
+/// Where the server-less store benchmarks (`commit-bench`, `stats-bench`) get their
+/// PostgreSQL databases and write their reports.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchDb {
+    /// An existing PostgreSQL database to create throw-away databases from (trust auth).
+    #[arg(
+        long,
+        env = "STUDYHALL_LOAD_PG",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub pg_url: String,
+    /// Report directory.
+    #[arg(long, default_value = "load-report")]
+    pub out: PathBuf,
+}
+
+impl BenchDb {
+    /// Runs `bench` on a throw-away PostgreSQL database (its URL is the argument), dropped
+    /// afterwards whatever `bench` returned.
+    pub async fn on_postgres<T>(&self, bench: impl AsyncFnOnce(&str) -> Result<T>) -> Result<T> {
+        let db = PgDb::create(&self.pg_url).await?;
+        let r = bench(&db.url).await;
+        db.drop_db().await;
+        r
+    }
+}
+
+/// Empties (or makes) `dir` and returns its absolute path.
+pub fn fresh_dir(dir: &Path) -> Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    Ok(std::fs::canonicalize(dir)?)
 }
 
 /// The system under test for one target: a studyhall server or a peer process.

@@ -11,7 +11,6 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use sqlx::AnyPool;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use studyhall::engagement::{self as eng, Bucket};
@@ -42,15 +41,9 @@ pub struct Args {
     /// Backends: sqlite, postgres.
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
     pub backends: Vec<String>,
-    #[arg(
-        long,
-        env = "STUDYHALL_LOAD_PG",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    pub pg_url: String,
-    /// Report directory (stats-bench.json, stats-bench.md).
-    #[arg(long, default_value = "load-report")]
-    pub out: PathBuf,
+    // The report: stats-bench.json and stats-bench.md in `--out`.
+    #[command(flatten)]
+    pub db: super::BenchDb,
 }
 
 fn insert_sql(table_cols: &str, cols: usize, rows: usize) -> String {
@@ -406,25 +399,13 @@ async fn bench_one(backend: &str, url: &str, a: &Args) -> Result<serde_json::Val
     let metrics = Arc::new(studyhall::metrics::Metrics::default());
     let store = Store::open(&StoreOptions::new(url), metrics.clone(), None).await?;
     let room = Room {
-        id: RoomId::from("big"),
-        kind: RoomKind::Group,
-        title: "Big".into(),
-        visibility: Visibility::Open,
-        qa: Default::default(),
-        starts_at: None,
-        ends_at: None,
-        state: Default::default(),
-        started_at: None,
-        ended_at: None,
-        archived: false,
-        last_seq: 0,
         created_at: now,
-        answer_sla_s: studyhall::store::DEFAULT_ANSWER_SLA_S,
-        slow_mode_s: 0,
-        rules: Default::default(),
-        engagement: Default::default(),
-        av: Default::default(),
-        stage: Default::default(),
+        ..Room::new(
+            RoomId::from("big"),
+            RoomKind::Group,
+            "Big".into(),
+            Visibility::Open,
+        )
     };
     store.create_room(&room).await?;
     store.close().await;
@@ -460,23 +441,20 @@ async fn bench_one(backend: &str, url: &str, a: &Args) -> Result<serde_json::Val
 }
 
 pub async fn run(a: Args) -> Result<bool> {
-    std::fs::create_dir_all(&a.out)?;
+    std::fs::create_dir_all(&a.db.out)?;
     let mut results = Vec::new();
     for backend in &a.backends {
         match backend.as_str() {
             "sqlite" => {
-                let dir = a.out.join("stats-bench-sqlite");
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir_all(&dir)?;
+                let dir = super::fresh_dir(&a.db.out.join("stats-bench-sqlite"))?;
                 let url = format!("sqlite://{}", dir.join("big.db").display());
                 results.push(bench_one("sqlite", &url, &a).await?);
                 let _ = std::fs::remove_dir_all(&dir);
             }
             "postgres" => {
-                let db = crate::procs::PgDb::create(&a.pg_url).await?;
-                let r = bench_one("postgres", &db.url, &a).await;
-                db.drop_db().await;
-                results.push(r?);
+                let r =
+                    a.db.on_postgres(async |url| bench_one("postgres", url, &a).await);
+                results.push(r.await?);
             }
             other => anyhow::bail!("unknown backend {other}: sqlite or postgres"),
         }
@@ -497,10 +475,10 @@ pub async fn run(a: Args) -> Result<bool> {
         }
     }
     std::fs::write(
-        a.out.join("stats-bench.json"),
+        a.db.out.join("stats-bench.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    std::fs::write(a.out.join("stats-bench.md"), &md)?;
+    std::fs::write(a.db.out.join("stats-bench.md"), &md)?;
     println!("{md}");
     Ok(ok)
 }

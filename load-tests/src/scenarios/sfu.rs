@@ -29,8 +29,8 @@ const ROOM: &str = "sfu-bench";
 const JOIN_CONCURRENCY: usize = 16;
 /// How often readiness is looked at while viewers join.
 const POLL: Duration = Duration::from_millis(100);
-/// How long the correctness run gives a viewer's ICE and DTLS to come up before it replaces
-/// that viewer.
+/// How long a publisher's, or the correctness run's viewer's, ICE and DTLS may take to come up
+/// before that peer is replaced.
 const DTLS_UP: Duration = Duration::from_secs(5);
 /// Upper bounds of the stepping flags.
 const SUBS_MAX_LIMIT: usize = 2000;
@@ -520,17 +520,29 @@ async fn start_target(common: &Common, args: &Args, name: &str) -> Result<Target
     })
 }
 
-/// Starts the publishers and waits (bounded) until each is connected and sending.
+/// Starts the publishers and waits (bounded) until each is connected and sending. A publisher
+/// whose DTLS is not up within `DTLS_UP` is replaced once by a fresh session (users `u500`
+/// on), as a stuck viewer is in `check`: a str0m peer does not resend an unanswered first
+/// DTLS flight.
 async fn publishers(t: &Target, args: &Args) -> Result<Vec<Member>> {
     let plan = args.plan();
     let mut pubs = Vec::new();
     for i in 0..args.publishers {
         pubs.push(t.publisher(i as u32, plan.clone()).await?);
     }
-    let up = wait_for(&pubs, Duration::from_secs(args.join_timeout_s), |m| {
-        m.c().connected.load(std::sync::atomic::Ordering::Acquire)
-    })
-    .await;
+    let is_up = |m: &Member| m.c().connected.load(std::sync::atomic::Ordering::Acquire);
+    wait_for(&pubs, DTLS_UP, is_up).await;
+    let stuck: Vec<usize> = (0..pubs.len()).filter(|&i| !is_up(&pubs[i])).collect();
+    if !stuck.is_empty() {
+        eprintln!(
+            "sfu: {} publisher(s) never got DTLS up and were replaced",
+            stuck.len()
+        );
+        for i in stuck {
+            pubs[i] = t.publisher(500 + i as u32, plan.clone()).await?;
+        }
+    }
+    let up = wait_for(&pubs, Duration::from_secs(args.join_timeout_s), is_up).await;
     if up < pubs.len() {
         let why: Vec<String> = pubs.iter().filter_map(|m| m.c().why()).collect();
         bail!("{up} of {} publishers connected {why:?}", pubs.len());

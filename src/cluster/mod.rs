@@ -152,9 +152,9 @@ pub fn node_subject(node: &str) -> String {
 struct Writer(BytesMut);
 
 impl Writer {
-    fn new(tag: u8, cap: usize) -> Self {
+    fn new(tag: Tag, cap: usize) -> Self {
         let mut b = BytesMut::with_capacity(cap + 1);
-        b.put_u8(tag);
+        b.put_u8(tag as u8);
         Self(b)
     }
     fn str16(mut self, s: &str) -> Self {
@@ -202,24 +202,66 @@ impl<'a> Reader<'a> {
     }
 }
 
-const TAG_EVENT: u8 = b'E';
-const TAG_NOTICE: u8 = b'N';
-const TAG_KICK: u8 = b'K';
-const TAG_HAND: u8 = b'H';
-const TAG_STAGE: u8 = b'T';
-const TAG_SESSION_FRAME: u8 = b'S';
-const TAG_CALL: u8 = b'R';
-const TAG_INVALIDATE: u8 = b'I';
-const TAG_SESSION_CLOSED: u8 = b'X';
-const TAG_AV: u8 = b'A';
-const TAG_WHO: u8 = b'W';
-const TAG_BOARD: u8 = b'B';
-const TAG_SFU: u8 = b'F';
+/// The first byte of every bus message: what the rest of it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Tag {
+    /// Room subject: a committed event.
+    Event = b'E',
+    /// Room subject: a notice (typing, muted, ...) for some of the room's sessions.
+    Notice = b'N',
+    /// Room subject: a user removed from the room.
+    Kick = b'K',
+    /// Room subject: a hand raised or lowered.
+    Hand = b'H',
+    /// Room subject: a stage change.
+    Stage = b'T',
+    /// Node subject: a frame for one of the node's sessions.
+    SessionFrame = b'S',
+    /// Node subject: a call command, answered.
+    Call = b'R',
+    /// Control subject: a room's cached policy is stale.
+    Invalidate = b'I',
+    /// Control subject: a session closed.
+    SessionClosed = b'X',
+    /// Room subject: an A/V membership change.
+    Av = b'A',
+    /// Control subject: which sessions a user has on each node (a question, answered).
+    Who = b'W',
+    /// Room subject: a whiteboard update or sync.
+    Board = b'B',
+    /// Node subject: an SFU command for the room's owner node, answered.
+    Sfu = b'F',
+}
+
+impl Tag {
+    const ALL: [Tag; 13] = [
+        Tag::Event,
+        Tag::Notice,
+        Tag::Kick,
+        Tag::Hand,
+        Tag::Stage,
+        Tag::SessionFrame,
+        Tag::Call,
+        Tag::Invalidate,
+        Tag::SessionClosed,
+        Tag::Av,
+        Tag::Who,
+        Tag::Board,
+        Tag::Sfu,
+    ];
+
+    /// The tag a message starts with, if it is one of ours.
+    fn of(payload: &[u8]) -> Option<Tag> {
+        let b = *payload.first()?;
+        Tag::ALL.into_iter().find(|t| *t as u8 == b)
+    }
+}
 
 fn encode_event(ev: &CommittedEvent) -> Bytes {
     let public = ev.public_json.as_deref().unwrap_or("");
     let mut b = BytesMut::with_capacity(ev.json.len() + public.len() + 26);
-    b.put_u8(TAG_EVENT);
+    b.put_u8(Tag::Event as u8);
     b.put_i64(ev.seq);
     b.put_u64(now_us());
     b.put_u32(ev.json.len() as u32);
@@ -258,7 +300,7 @@ fn encode_notice(frame: &Frame, to: &NoticeTo) -> Bytes {
         NoticeTo::Moderators(Some(u)) => (3, u.as_str()),
         NoticeTo::User(u) => (4, u.as_str()),
     };
-    let mut w = Writer::new(TAG_NOTICE, frame.len() + user.len() + 3);
+    let mut w = Writer::new(Tag::Notice, frame.len() + user.len() + 3);
     w.0.put_u8(tag);
     w.str16(user).rest(frame.as_str().as_bytes())
 }
@@ -575,15 +617,15 @@ impl Bus {
     async fn room_task(self: Arc<Self>, room: RoomId, entry: Arc<RoomEntry>, mut sub: Subscriber) {
         while let Some(msg) = sub.next().await {
             let payload = &msg.payload;
-            match payload.first() {
-                Some(&TAG_EVENT) => self.room_event(&room, &entry, payload).await,
-                Some(&TAG_NOTICE) => {
+            match Tag::of(payload) {
+                Some(Tag::Event) => self.room_event(&room, &entry, payload).await,
+                Some(Tag::Notice) => {
                     if let Some((frame, to)) = decode_notice(payload) {
                         self.hub.apply_notice(&room, &frame, &to);
                     }
                 }
-                Some(&TAG_KICK) => self.room_kick(&room, payload).await,
-                Some(&TAG_HAND) => {
+                Some(Tag::Kick) => self.room_kick(&room, payload).await,
+                Some(Tag::Hand) => {
                     let mut r = Reader(&payload[1..]);
                     if let (Some(raised), Some(ts)) = (r.u8(), r.u64())
                         && let Ok(user) = serde_json::from_slice::<UserRef>(r.0)
@@ -656,8 +698,8 @@ impl Bus {
     /// stage changes), decoded; `None` for an unknown or malformed one, or one of our own.
     fn room_inbound(&self, room: &RoomId, payload: &[u8]) -> Option<Inbound> {
         let mut r = Reader(payload.get(1..)?);
-        match *payload.first()? {
-            TAG_AV => {
+        match Tag::of(payload)? {
+            Tag::Av => {
                 let (joined, generation, run, session, user) =
                     (r.u8()?, r.u64()?, r.u64()?, r.str16()?, r.rest_str()?);
                 // Our own relays come back on the room subject too.
@@ -676,7 +718,7 @@ impl Bus {
                     change,
                 })
             }
-            TAG_BOARD => {
+            Tag::Board => {
                 let (kind, board) = (r.u8()?, r.str16()?);
                 let bytes = r.0.to_vec();
                 let relay = match kind {
@@ -690,7 +732,7 @@ impl Bus {
                     relay,
                 })
             }
-            TAG_STAGE => {
+            Tag::Stage => {
                 let on = r.u8()? == 1;
                 let user = serde_json::from_slice::<UserRef>(r.0).ok()?;
                 self.hub
@@ -809,7 +851,7 @@ impl Bus {
     fn send_directed(&self, session: &str, frame: &Frame) -> bool {
         match node_of(session) {
             Some(node) if node != self.node => {
-                let payload = Writer::new(TAG_SESSION_FRAME, session.len() + frame.len() + 2)
+                let payload = Writer::new(Tag::SessionFrame, session.len() + frame.len() + 2)
                     .str16(session)
                     .rest(frame.as_str().as_bytes());
                 self.metrics.bus_directed.fetch_add(1, Relaxed);
@@ -827,7 +869,7 @@ impl Bus {
         cmd: CallCommand,
     ) -> Result<(), Error> {
         let body = serde_json::to_vec(&cmd).map_err(|e| Error::Internal(e.to_string()))?;
-        let payload = Writer::new(TAG_CALL, body.len()).rest(&body);
+        let payload = Writer::new(Tag::Call, body.len()).rest(&body);
         let answer =
             tokio::time::timeout(timeout, client.request(node_subject(&node), payload)).await;
         let msg = match answer {
@@ -848,18 +890,18 @@ impl Bus {
 
     async fn node_task(self: Arc<Self>, mut sub: Subscriber) {
         while let Some(msg) = sub.next().await {
-            match msg.payload.first() {
-                Some(&TAG_SESSION_FRAME) => {
+            match Tag::of(&msg.payload) {
+                Some(Tag::SessionFrame) => {
                     let mut r = Reader(&msg.payload[1..]);
                     if let (Some(sid), Some(frame)) = (r.str16(), r.rest_str()) {
                         self.hub
                             .send_to_session(sid, &Frame::from(frame.to_owned()));
                     }
                 }
-                Some(&TAG_CALL) => self.answer_call(msg).await,
+                Some(Tag::Call) => self.answer_call(msg).await,
                 // Not awaited here: an SFU join reads the store. A session's SFU commands keep
                 // their order, since its node waits for each answer before sending the next.
-                Some(&TAG_SFU) => {
+                Some(Tag::Sfu) => {
                     tokio::spawn(self.clone().answer_sfu(msg));
                 }
                 _ => {}
@@ -900,7 +942,7 @@ impl Bus {
         cmd: SfuCommand,
     ) -> Result<SfuReply, Error> {
         let body = serde_json::to_vec(&cmd).map_err(|e| Error::Internal(e.to_string()))?;
-        let payload = Writer::new(TAG_SFU, body.len()).rest(&body);
+        let payload = Writer::new(Tag::Sfu, body.len()).rest(&body);
         let answer =
             tokio::time::timeout(timeout, client.request(node_subject(&node), payload)).await;
         let msg = match answer {
@@ -964,7 +1006,7 @@ impl Bus {
     fn policy_changed(&self, room: &RoomId) {
         self.enqueue(
             CTL_SUBJECT.into(),
-            Writer::new(TAG_INVALIDATE, room.as_str().len()).rest(room.as_str().as_bytes()),
+            Writer::new(Tag::Invalidate, room.as_str().len()).rest(room.as_str().as_bytes()),
         );
     }
 
@@ -972,7 +1014,7 @@ impl Bus {
     fn announce_closed(&self, user: &UserId, session: &str) {
         self.enqueue(
             CTL_SUBJECT.into(),
-            Writer::new(TAG_SESSION_CLOSED, user.as_str().len() + session.len() + 2)
+            Writer::new(Tag::SessionClosed, user.as_str().len() + session.len() + 2)
                 .str16(user.as_str())
                 .rest(session.as_bytes()),
         );
@@ -985,7 +1027,7 @@ impl Bus {
                 self.enqueue(room_subject(&room), encode_notice(&frame, &to));
             }
             Relayed::Kick { room, user, reason } => {
-                let payload = Writer::new(TAG_KICK, user.as_str().len() + reason.len() + 2)
+                let payload = Writer::new(Tag::Kick, user.as_str().len() + reason.len() + 2)
                     .str16(user.as_str())
                     .rest(reason.as_bytes());
                 self.enqueue(room_subject(&room), payload);
@@ -997,7 +1039,7 @@ impl Bus {
                 ts,
             } => {
                 if let Ok(json) = serde_json::to_vec(&user) {
-                    let mut w = Writer::new(TAG_HAND, json.len() + 9);
+                    let mut w = Writer::new(Tag::Hand, json.len() + 9);
                     w.0.put_u8(u8::from(raised));
                     w.0.put_u64(ts.max(0) as u64);
                     self.enqueue(room_subject(&room), w.rest(&json));
@@ -1005,7 +1047,7 @@ impl Bus {
             }
             Relayed::Stage { room, user, on } => {
                 if let Ok(json) = serde_json::to_vec(&user) {
-                    let mut w = Writer::new(TAG_STAGE, json.len() + 1);
+                    let mut w = Writer::new(Tag::Stage, json.len() + 1);
                     w.0.put_u8(u8::from(on));
                     self.enqueue(room_subject(&room), w.rest(&json));
                 }
@@ -1030,7 +1072,7 @@ impl Bus {
     /// A local session joined or left a room's A/V: the other nodes with members of the room
     /// tell their A/V members (`av_peer`) and can relay signals to it.
     fn relay_av(&self, room: &RoomId, change: &AvChange) {
-        let mut w = Writer::new(TAG_AV, change.session.len() + change.user.len() + 19);
+        let mut w = Writer::new(Tag::Av, change.session.len() + change.user.len() + 19);
         w.0.put_u8(u8::from(change.joined));
         w.0.put_u64(change.generation);
         w.0.put_u64(change.run);
@@ -1057,9 +1099,9 @@ impl Bus {
 
     async fn ctl_task(self: Arc<Self>, mut sub: Subscriber) {
         while let Some(msg) = sub.next().await {
-            let mut r = Reader(&msg.payload[..]);
-            match r.u8() {
-                Some(TAG_INVALIDATE) => {
+            let mut r = Reader(msg.payload.get(1..).unwrap_or_default());
+            match Tag::of(&msg.payload) {
+                Some(Tag::Invalidate) => {
                     if let Some(room) = r.rest_str() {
                         let _ = self
                             .inbound
@@ -1067,7 +1109,7 @@ impl Bus {
                             .await;
                     }
                 }
-                Some(TAG_WHO) => {
+                Some(Tag::Who) => {
                     if let (Some(reply), Some(user)) = (msg.reply.clone(), r.rest_str()) {
                         let mine = self.hub.local_sessions(&UserId::from(user));
                         if let Ok(body) = serde_json::to_vec(&mine)
@@ -1077,7 +1119,7 @@ impl Bus {
                         }
                     }
                 }
-                Some(TAG_SESSION_CLOSED) => {
+                Some(Tag::SessionClosed) => {
                     if let (Some(user), Some(sid)) = (r.str16(), r.rest_str()) {
                         let closed = Inbound::SessionClosed {
                             user: UserId::from(user),
@@ -1104,7 +1146,7 @@ impl Bus {
         let Ok(mut answers) = client.subscribe(inbox.clone()).await else {
             return Vec::new();
         };
-        let question = Writer::new(TAG_WHO, user.as_str().len()).rest(user.as_str().as_bytes());
+        let question = Writer::new(Tag::Who, user.as_str().len()).rest(user.as_str().as_bytes());
         if client
             .publish_with_reply(CTL_SUBJECT, inbox, question)
             .await
@@ -1559,7 +1601,7 @@ impl Broker for Bus {
             BoardRelay::Update(b) => (0u8, b),
             BoardRelay::Sync(b) => (1, b),
         };
-        let mut w = Writer::new(TAG_BOARD, board.len() + bytes.len() + 3);
+        let mut w = Writer::new(Tag::Board, board.len() + bytes.len() + 3);
         w.0.put_u8(kind);
         self.enqueue(room_subject(room), w.str16(board).rest(bytes));
     }
@@ -1591,6 +1633,17 @@ fn same_rooms(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_tag_has_its_own_byte_and_is_read_back() {
+        let bytes: std::collections::HashSet<u8> = Tag::ALL.iter().map(|t| *t as u8).collect();
+        assert_eq!(bytes.len(), Tag::ALL.len());
+        for t in Tag::ALL {
+            assert_eq!(Tag::of(&Writer::new(t, 0).rest(b"x")), Some(t));
+        }
+        assert_eq!(Tag::of(b"?"), None);
+        assert_eq!(Tag::of(b""), None);
+    }
 
     #[test]
     fn subject_tokens_are_one_token_and_one_to_one() {

@@ -24,9 +24,10 @@ impl Store {
         live: Option<&[String]>,
         now_ms: i64,
     ) -> Result<String> {
-        // A release between the insert and the read leaves no row: insert again (a room that
-        // empties and fills that fast is contended, and `conflict` says so).
-        let mut owner = None;
+        // Each try: insert if absent, then read who holds it. A release between the two
+        // leaves no row (try again); a dead holder's claim is moved to this node by a
+        // compare-and-set, and the next try reads who won it (this node, another claimant,
+        // or nobody if the row went meanwhile: then it is inserted again).
         for _ in 0..CLAIM_TRIES {
             sqlx::query(
                 "INSERT INTO sfu_owners (room_id, node, claimed_at) VALUES ($1, $2, $3) \
@@ -37,35 +38,30 @@ impl Store {
             .bind(now_ms)
             .execute(self.pool())
             .await?;
-            owner = self.sfu_owner(room).await?;
-            if owner.is_some() {
-                break;
+            let Some(owner) = self.sfu_owner(room).await? else {
+                continue;
+            };
+            let dead = owner != node && live.is_some_and(|l| !l.contains(&owner));
+            if !dead {
+                return Ok(owner);
+            }
+            let moved = sqlx::query(
+                "UPDATE sfu_owners SET node = $2, claimed_at = $3 WHERE room_id = $1 AND node = $4",
+            )
+            .bind(room.as_str())
+            .bind(node)
+            .bind(now_ms)
+            .bind(&owner)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+            if moved == 1 {
+                tracing::info!(room = %room, dead = %owner, "took over the SFU of a node that is gone");
             }
         }
-        let Some(owner) = owner else {
-            return Err(StoreError::Conflict(
-                "the room's SFU is being claimed and released: try again".into(),
-            ));
-        };
-        let dead = owner != node && live.is_some_and(|l| !l.contains(&owner));
-        if !dead {
-            return Ok(owner);
-        }
-        sqlx::query(
-            "UPDATE sfu_owners SET node = $2, claimed_at = $3 WHERE room_id = $1 AND node = $4",
-        )
-        .bind(room.as_str())
-        .bind(node)
-        .bind(now_ms)
-        .bind(&owner)
-        .execute(self.pool())
-        .await?;
-        tracing::info!(room = %room, dead = %owner, "took over the SFU of a node that is gone");
-        // Whoever won the compare-and-set (this node or another claimant).
-        Ok(self
-            .sfu_owner(room)
-            .await?
-            .unwrap_or_else(|| node.to_owned()))
+        Err(StoreError::Conflict(
+            "the room's SFU is being claimed and released: try again".into(),
+        ))
     }
 
     /// The node that runs the room's SFU, if any does.

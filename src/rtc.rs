@@ -85,6 +85,7 @@ pub(crate) fn sfu_config(cfg: &crate::config::Config) -> SfuConfig {
         speakers_ms: cfg.sfu_speakers_ms,
         keyframe_ms: cfg.sfu_keyframe_ms,
         ice_grace_ms: cfg.sfu_ice_grace_ms,
+        connect_wait_ms: cfg.sfu_connect_wait_ms,
         ice_lost_ms: cfg.sfu_ice_lost_ms,
         bwe_start_kbps: cfg.sfu_bwe_start_kbps,
         viewer_max_kbps: cfg.sfu_viewer_max_kbps,
@@ -1384,7 +1385,10 @@ async fn sfu_sweep(app: &App, node: &str) -> Result<()> {
     for (room, sessions) in sfu.rooms().await {
         let room = RoomId(room);
         let _claims = app.rtc.sfu_claims.lock().await;
-        if app.store.sfu_owner(&room).await?.as_deref() == Some(node) {
+        // Emptied since the list was read (and its claim released): nothing to claim.
+        if sfu.room_size(room.as_str()).await == 0
+            || app.store.sfu_owner(&room).await?.as_deref() == Some(node)
+        {
             continue;
         }
         // No claim, or a dead node's: this node's again.

@@ -408,6 +408,11 @@ settings! {
     /// milliseconds, for the client to come back or restart ICE; then it closes it and tells
     /// the session `av_closed {reason:"connection_lost"}`.
     sfu_ice_grace_ms: u64 = 5_000,
+    /// How long a session that joined the SFU (`av_join`) may take to bring its media path up
+    /// (its offer, ICE and DTLS), in milliseconds; past it the SFU closes it and tells the
+    /// session `av_closed {reason:"connection_lost"}`, so a peer that never connects holds no
+    /// SFU place.
+    sfu_connect_wait_ms: u64 = 30_000,
     /// How long the SFU's connectivity checks to a peer go unanswered before its ICE counts as
     /// lost (and the grace starts), in milliseconds (about; 1000 or more). Never less than 15 s
     /// after the peer's own last check: the ICE agent keeps a pair the peer checked lately.
@@ -747,6 +752,7 @@ impl Config {
         positive("sfu_sessions_max", self.sfu_sessions_max as u64)?;
         positive("sfu_keyframe_ms", self.sfu_keyframe_ms)?;
         positive("sfu_ice_grace_ms", self.sfu_ice_grace_ms)?;
+        positive("sfu_connect_wait_ms", self.sfu_connect_wait_ms)?;
         if self.sfu_ice_lost_ms < 1_000 {
             return Err(ConfigError::Invalid {
                 name: "sfu_ice_lost_ms",

@@ -97,6 +97,8 @@ pub(super) struct Client {
     /// Media can reach the peer (str0m's `Connected`): until then a keyframe asked for it
     /// would be lost, and would hold back (by the request limit) the one that reaches it.
     connected: bool,
+    /// When the session joined the room's SFU.
+    joined: Instant,
     pending: Option<SdpPendingOffer>,
     pub tracks_in: Vec<TrackIn>,
     pub tracks_out: Vec<TrackOut>,
@@ -133,6 +135,7 @@ impl Client {
             can_publish,
             negotiated: false,
             connected: false,
+            joined: Instant::now(),
             pending: None,
             tracks_in: Vec::new(),
             tracks_out: Vec::new(),
@@ -156,6 +159,12 @@ impl Client {
     pub fn close(&mut self) {
         self.dirty = true;
         self.rtc.disconnect();
+    }
+
+    /// Whether the media path has still not come up (no offer, or ICE or DTLS never
+    /// completing) `wait` or longer after the session joined, by `now`.
+    pub fn connect_overdue(&self, now: Instant, wait: Duration) -> bool {
+        !self.connected && now.saturating_duration_since(self.joined) >= wait
     }
 
     /// Whether ICE connectivity has been lost for `grace` or longer by `now` (the client did
@@ -642,6 +651,20 @@ mod tests {
         assert_eq!(
             c.request_keyframe(Mid::from("0"), Some(Rid::from("h")), every),
             None
+        );
+    }
+
+    #[test]
+    fn a_session_whose_media_path_never_comes_up_is_overdue_after_the_wait() {
+        let mut c = client("s1");
+        let wait = Duration::from_secs(30);
+        let joined = c.joined;
+        assert!(!c.connect_overdue(joined + wait / 2, wait));
+        assert!(c.connect_overdue(joined + wait, wait));
+        c.event(Event::Connected, &mut Vec::new());
+        assert!(
+            !c.connect_overdue(joined + wait * 2, wait),
+            "connected: never overdue"
         );
     }
 

@@ -129,12 +129,17 @@ impl Driver {
             }
             let now = Instant::now();
             let grace = Duration::from_millis(self.cfg.ice_grace_ms);
+            let wait = Duration::from_millis(self.cfg.connect_wait_ms);
             for c in self.clients.values_mut() {
                 if c.rtc.is_alive() && c.due <= now {
                     c.input(Input::Timeout(now));
                 }
                 if c.rtc.is_alive() && c.ice_lost_past(now, grace) {
                     tracing::info!(room = %c.room, "an SFU peer's ICE stayed lost past the grace");
+                    c.close();
+                }
+                if c.rtc.is_alive() && c.connect_overdue(now, wait) {
+                    tracing::info!(room = %c.room, "an SFU peer's media path never came up");
                     c.close();
                 }
             }

@@ -129,6 +129,8 @@ pub struct SfuConfig {
     pub keyframe_ms: u64,
     /// How long a peer connection whose ICE was lost is kept before it is closed.
     pub ice_grace_ms: u64,
+    /// How long a joined session's media path may take to come up before it is closed.
+    pub connect_wait_ms: u64,
     /// How long unanswered connectivity checks take to count as ICE lost (about).
     pub ice_lost_ms: u64,
     /// Each viewer's egress bandwidth estimate before TWCC has measured it, kbit/s.

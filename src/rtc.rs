@@ -130,11 +130,15 @@ pub(crate) fn sfu_notify(
                 out.send_to_session(&s, &frame);
             }
         }
-        Notice::Closed { session, room } => {
+        Notice::Closed {
+            session,
+            room,
+            reason,
+        } => {
             let room = RoomId::from(room.as_str());
             let frame = protocol::encode(&ServerMsg::AvClosed {
                 room: &room,
-                reason: "connection_lost",
+                reason,
             });
             out.send_to_session(&session, &Frame::from(frame));
         }
@@ -1145,6 +1149,11 @@ pub(crate) fn left_room(
 /// peers hear `av_peer {joined:false}`, the SFU drops its peer connection) and is told
 /// `av_closed {reason:"class_ended"}`, since A/V opens only while a class is live.
 pub(crate) fn class_ended(app: &App, room: &RoomId) {
+    // The room's SFU (on this node if it runs it; a no-op elsewhere) drops every session of
+    // any node and tells each.
+    if let Some(sfu) = &app.sfu {
+        sfu.class_ended(room.as_str());
+    }
     let members = app.rtc.lock().av.local_members(room.as_str());
     if members.is_empty() {
         return;

@@ -349,7 +349,11 @@ impl Driver {
         for (room, session) in dead {
             tracing::info!(room = %room, "an SFU peer connection ended");
             self.remove(&room, &session);
-            (self.notify)(Notice::Closed { session, room });
+            (self.notify)(Notice::Closed {
+                session,
+                room,
+                reason: "connection_lost",
+            });
         }
     }
 
@@ -458,6 +462,22 @@ impl Driver {
                     .map(|(id, r)| (id.clone(), r.sessions.iter().cloned().collect()))
                     .collect();
                 let _ = reply.send(Ok(rooms));
+            }
+            Cmd::ClassEnded { room } => {
+                let sessions: Vec<String> = self
+                    .clients
+                    .keys()
+                    .filter(|(r, _)| *r == room)
+                    .map(|(_, s)| s.clone())
+                    .collect();
+                for session in sessions {
+                    self.remove(&room, &session);
+                    (self.notify)(Notice::Closed {
+                        session,
+                        room: room.clone(),
+                        reason: "class_ended",
+                    });
+                }
             }
             Cmd::RoomSize { room, reply } => {
                 let n = self.rooms.get(&room).map_or(0, |r| r.sessions.len());

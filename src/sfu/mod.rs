@@ -52,9 +52,14 @@ pub enum Notice {
         room: String,
         users: Vec<String>,
     },
-    /// `av_closed {room, reason:"connection_lost"}` to `session`: its peer connection died
-    /// (ICE lost past the grace, or a fatal error) and the SFU dropped it.
-    Closed { session: String, room: String },
+    /// `av_closed {room, reason}` to `session`: the SFU dropped its peer connection, because
+    /// it died (ICE lost past the grace, a fatal error, never connected: `connection_lost`)
+    /// or the room's class ended (`class_ended`).
+    Closed {
+        session: String,
+        room: String,
+        reason: &'static str,
+    },
     /// The room's SFU holds no session any more (its last one left or was dropped).
     Emptied { room: String },
     /// `av_peer` to `to`: `session` of `user` joined or left the room's SFU.
@@ -174,6 +179,10 @@ enum Cmd {
     /// Every session `which` picks ended (their node is gone).
     SessionsClosed {
         which: Box<dyn Fn(&str) -> bool + Send>,
+    },
+    /// The room's class ended: every session in the room's SFU is dropped and told so.
+    ClassEnded {
+        room: String,
     },
     Mute {
         room: String,
@@ -380,6 +389,14 @@ impl Sfu {
         self.ask(|reply| Cmd::Rooms { reply })
             .await
             .unwrap_or_default()
+    }
+
+    /// The room's class ended: closes every peer connection in the room's SFU (sessions of
+    /// any node) and tells each session `av_closed {reason:"class_ended"}`.
+    pub fn class_ended(&self, room: &str) {
+        self.tell(Cmd::ClassEnded {
+            room: room.to_owned(),
+        });
     }
 
     /// Sessions in the room's SFU now.

@@ -212,6 +212,33 @@ async fn lifecycle(pg: bool) {
     done(s, db).await;
 }
 
+/// The class end closes the room's SFU too: every session in it hears `av_closed
+/// {reason:"class_ended"}` and the SFU holds none of them after.
+#[tokio::test]
+async fn the_class_end_closes_the_rooms_sfu() {
+    let (s, db) = server(false, |_| {}).await;
+    class_room(&s, "c", json!({"av": {"mode": "sfu"}})).await;
+    let mut h = with_role(&s, "teacher", "c", RoomRole::Host).await;
+    let mut ann = student(&s, "ann", "c").await;
+    h.ok(json!({"type":"class_start","room":"c"})).await;
+    for c in [&mut h, &mut ann] {
+        let joined = c.ok(json!({"type":"av_join","room":"c"})).await;
+        assert_eq!(joined["mode"], "sfu", "{joined}");
+    }
+    let sfu = s.app.sfu.as_ref().expect("a single node runs an SFU");
+    assert_eq!(sfu.room_size("c").await, 2);
+    h.ok(json!({"type":"class_end","room":"c"})).await;
+    for c in [&mut h, &mut ann] {
+        let closed = c.until("av_closed").await;
+        assert_eq!(
+            (closed["room"].as_str(), closed["reason"].as_str()),
+            (Some("c"), Some("class_ended"))
+        );
+    }
+    assert_eq!(sfu.room_size("c").await, 0);
+    done(s, db).await;
+}
+
 #[tokio::test]
 async fn an_ended_class_is_read_only_until_reopened() {
     lifecycle(false).await;

@@ -1097,8 +1097,8 @@ pub(crate) fn remote_node_gone(app: &App, node: &str, epoch: u64) {
 
 /// Cluster mode: a node is gone. This node's sessions whose SFU peer connection was on it are
 /// told `av_closed {reason:"connection_lost"}` (they may join again: the room's SFU is then
-/// claimed anew); this node's SFU drops the gone node's sessions, unless the node is live again
-/// (it started again under its name: its new sessions stay).
+/// claimed anew); this node's SFU drops the gone node's sessions and the store its SFU claims,
+/// unless the node is live again (it started again under its name: its new sessions stay).
 fn sfu_node_gone(app: &App, node: &str) {
     let lost: Vec<(String, String)> = {
         let mut st = app.rtc.lock();
@@ -1126,8 +1126,24 @@ fn sfu_node_gone(app: &App, node: &str) {
     if let Some(sfu) = &app.sfu
         && !back
     {
+        let gone = node.to_owned();
+        sfu.sessions_closed_where(move |s| crate::node::node_of(s) == Some(gone.as_str()));
+        // Its SFU claims go too: a node that never comes back would otherwise hold its rooms
+        // (every `auto` join there would go to an SFU nobody runs) until a join takes one over.
+        // Every node does this; the delete is the same from each.
+        let store = app.store.clone();
         let node = node.to_owned();
-        sfu.sessions_closed_where(move |s| crate::node::node_of(s) == Some(node.as_str()));
+        tokio::spawn(async move {
+            match store.sfu_release_node(&node).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(node = %node, rooms = n, "released a gone node's SFU claims")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, node = %node, "could not release a gone node's SFU claims")
+                }
+            }
+        });
     }
 }
 

@@ -1561,7 +1561,14 @@ async fn auto_goes_to_one_sfu_for_the_whole_cluster_past_the_mesh() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(owner(&db).await.as_deref(), Some("n1"));
-        // Node 0 dies: node 1's SFU drops its session there once node 0 is past the TTL.
+        // Node 0 dies: node 1's SFU drops its session there once node 0 is past the TTL, and
+        // node 0's claims (here one of another room) are released.
+        sqlx::query(
+            "INSERT INTO sfu_owners (room_id, node, claimed_at) VALUES ('elsewhere', 'n0', 0)",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
         let gone = p[3].session.clone();
         c.nodes[0].signal("-KILL").await;
         loop {
@@ -1569,6 +1576,15 @@ async fn auto_goes_to_one_sfu_for_the_whole_cluster_past_the_mesh() {
             if s == gone && !joined {
                 break;
             }
+        }
+        let claims_of_n0 = async |db: &sqlx::AnyPool| -> i64 {
+            sqlx::query_scalar("SELECT COUNT(*) FROM sfu_owners WHERE node = 'n0'")
+                .fetch_one(db)
+                .await
+                .unwrap()
+        };
+        while claims_of_n0(&db).await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // The room taken over by another live node (as when node 1 was taken for dead): node
         // 1 closes it, and its session there is told to join the owner's.

@@ -1,6 +1,6 @@
 // The web client (web/calls.js) on the SFU, in headless Chromium with fake media: a `class`
 // room whose `av.mode` is `sfu` (set with PATCH /api/rooms/{id}), SFU_BROWSERS browsers (8 by
-// default, above the mesh's 6: about 45 s on 2 cores; at 160x120 and 10 fps, simulcast as
+// default, above the mesh's 6: 75-100 s on 2 cores in CI, within the suite's 150 s per file; at 160x120 and 10 fps, simulcast as
 // the web client sends it) sign in through the dev form, join the room and its A/V from
 // the A/V tab; each gets `mode:"sfu"`, holds exactly ONE RTCPeerConnection (counted by a
 // wrapper installed before the page's scripts) and decodes growing video and receives audio

@@ -73,7 +73,9 @@ test(`class room on the SFU: ${BROWSERS} web clients, one peer connection each, 
     assert.equal(await list[2].locator('#av-grid button.av-mute').count(), 0, 'only host/ta get mute buttons');
     await camButton.click();
     await host.locator('#av-grid figure[data-user="kid1"] button.av-mute[data-kind="video"][aria-pressed="true"]', { hasText: 'Unmute camera' }).waitFor({ timeout: T });
-    await kid.locator('#toast', { hasText: 'camera was turned off by teach' }).waitFor({ timeout: T });
+    // The toast hides itself after a few seconds: its text stays, so wait on that.
+    const toastSays = (text) => kid.waitForFunction((t) => (document.querySelector('#toast').textContent || '').includes(t), text, { timeout: T });
+    await toastSays('camera was turned off by teach');
     assert.equal(await kid.evaluate(() => window.studyhall.calls.local.getVideoTracks()[0].enabled), false);
     await waitStopped(list[2], 'kid1');
 
@@ -81,7 +83,7 @@ test(`class room on the SFU: ${BROWSERS} web clients, one peer connection each, 
     // (from a keyframe the server asks for).
     await camButton.click();
     await host.locator('#av-grid figure[data-user="kid1"] button.av-mute[data-kind="video"][aria-pressed="false"]', { hasText: 'Mute camera' }).waitFor({ timeout: T });
-    await kid.locator('#toast', { hasText: 'camera was turned back on by teach' }).waitFor({ timeout: T });
+    await toastSays('camera was turned back on by teach');
     assert.equal(await kid.evaluate(() => window.studyhall.calls.local.getVideoTracks()[0].enabled), true);
     await waitFlowing([list[2]], () => ['kid1'], { audio: false, ms: T });
 

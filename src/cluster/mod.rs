@@ -320,20 +320,46 @@ fn decode_notice(payload: &[u8]) -> Option<(Frame, NoticeTo)> {
     Some((Frame::from(r.rest_str()?.to_owned()), to))
 }
 
-/// The owning node's answer: `code` is `None` for success.
+/// A forwarded command's answer from the node that ran it: `code` is `None` for success,
+/// with `reply` (left out when it is the default).
 #[derive(Debug, Serialize, Deserialize)]
-struct CallAnswer {
+#[serde(bound(
+    serialize = "R: Serialize + Default + PartialEq",
+    deserialize = "R: Deserialize<'de> + Default"
+))]
+struct Answer<R> {
     code: Option<ErrorCode>,
     message: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    reply: R,
 }
 
-/// The SFU owner's answer: `code` is `None` for success, with `reply`.
-#[derive(Debug, Serialize, Deserialize)]
-struct SfuAnswer {
-    code: Option<ErrorCode>,
-    message: String,
-    #[serde(default)]
-    reply: SfuReply,
+fn is_default<R: Default + PartialEq>(r: &R) -> bool {
+    *r == R::default()
+}
+
+impl<R: Default> Answer<R> {
+    fn of(result: Result<R, Error>) -> Self {
+        match result {
+            Ok(reply) => Self {
+                code: None,
+                message: String::new(),
+                reply,
+            },
+            Err(e) => Self {
+                code: Some(e.code()),
+                message: e.public_message(),
+                reply: R::default(),
+            },
+        }
+    }
+
+    fn into_result(self) -> Result<R, Error> {
+        match self.code {
+            None => Ok(self.reply),
+            Some(code) => Err(Error::from_code(code, self.message)),
+        }
+    }
 }
 
 struct NodeView {
@@ -862,30 +888,59 @@ impl Bus {
     }
 
     /// Forwards a call command to the node that owns the call and waits for its answer.
-    async fn forward(
+    /// Sends a command (`tag`, JSON body) to `node` and waits, at most `timeout`, for its
+    /// answer; `unavailable` (saying `unanswered`) if none comes.
+    async fn request<C: Serialize, R: serde::de::DeserializeOwned + Default>(
         client: Client,
         timeout: Duration,
         node: String,
-        cmd: CallCommand,
-    ) -> Result<(), Error> {
+        tag: Tag,
+        cmd: C,
+        unanswered: String,
+    ) -> Result<R, Error> {
         let body = serde_json::to_vec(&cmd).map_err(|e| Error::Internal(e.to_string()))?;
-        let payload = Writer::new(Tag::Call, body.len()).rest(&body);
+        let payload = Writer::new(tag, body.len()).rest(&body);
         let answer =
             tokio::time::timeout(timeout, client.request(node_subject(&node), payload)).await;
-        let msg = match answer {
-            Ok(Ok(msg)) => msg,
-            _ => {
-                return Err(Error::Unavailable(
-                    "the node holding this call did not answer".into(),
-                ));
-            }
+        let Ok(Ok(msg)) = answer else {
+            return Err(Error::Unavailable(unanswered));
         };
-        let answer: CallAnswer = serde_json::from_slice(&msg.payload)
-            .map_err(|e| Error::Internal(format!("bad call answer: {e}")))?;
-        match answer.code {
-            None => Ok(()),
-            Some(code) => Err(Error::from_code(code, answer.message)),
+        serde_json::from_slice::<Answer<R>>(&msg.payload)
+            .map_err(|e| Error::Internal(format!("bad answer from node {node}: {e}")))?
+            .into_result()
+    }
+
+    /// Answers a command another node sent with [`Bus::request`]: `run` does it here.
+    async fn answer<C, R, F>(&self, msg: Message, what: &str, run: impl FnOnce(C) -> F)
+    where
+        C: serde::de::DeserializeOwned,
+        R: Serialize + Default + PartialEq,
+        F: std::future::Future<Output = Result<R, Error>>,
+    {
+        let Some(reply) = msg.reply else { return };
+        let answer = match serde_json::from_slice::<C>(msg.payload.get(1..).unwrap_or_default()) {
+            Ok(command) => Answer::of(run(command).await),
+            Err(e) => Answer::of(Err(Error::bad_request(format!("bad {what}: {e}")))),
+        };
+        if let Ok(body) = serde_json::to_vec(&answer)
+            && let Err(e) = self.client.publish(reply, Bytes::from(body)).await
+        {
+            tracing::warn!(error = %e, "could not answer a forwarded {what}");
         }
+    }
+
+    /// Hands a forwarded command to the app (`make` wraps it with the answer's sender) and
+    /// waits for its answer.
+    async fn ask_app<R>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<R, Error>>) -> Inbound,
+    ) -> Result<R, Error> {
+        let gone = || Error::Unavailable("the server is shutting down".into());
+        let (answer, answered) = oneshot::channel();
+        if self.inbound.send(make(answer)).await.is_err() {
+            return Err(gone());
+        }
+        answered.await.unwrap_or_else(|_| Err(gone()))
     }
 
     async fn node_task(self: Arc<Self>, mut sub: Subscriber) {
@@ -910,94 +965,19 @@ impl Bus {
     }
 
     async fn answer_call(&self, msg: Message) {
-        let Some(reply) = msg.reply else { return };
-        let answer = match serde_json::from_slice::<CallCommand>(&msg.payload[1..]) {
-            Ok(command) => match self.ask_app(command).await {
-                Ok(()) => CallAnswer {
-                    code: None,
-                    message: String::new(),
-                },
-                Err(e) => CallAnswer {
-                    code: Some(e.code()),
-                    message: e.public_message(),
-                },
-            },
-            Err(e) => CallAnswer {
-                code: Some(ErrorCode::BadRequest),
-                message: format!("bad call command: {e}"),
-            },
-        };
-        if let Ok(body) = serde_json::to_vec(&answer)
-            && let Err(e) = self.client.publish(reply, Bytes::from(body)).await
-        {
-            tracing::warn!(error = %e, "could not answer a forwarded call command");
-        }
-    }
-
-    /// Sends an SFU command to the node that runs the room's SFU and waits for its answer.
-    async fn forward_sfu_now(
-        client: Client,
-        timeout: Duration,
-        node: String,
-        cmd: SfuCommand,
-    ) -> Result<SfuReply, Error> {
-        let body = serde_json::to_vec(&cmd).map_err(|e| Error::Internal(e.to_string()))?;
-        let payload = Writer::new(Tag::Sfu, body.len()).rest(&body);
-        let answer =
-            tokio::time::timeout(timeout, client.request(node_subject(&node), payload)).await;
-        let msg = match answer {
-            Ok(Ok(msg)) => msg,
-            _ => {
-                return Err(Error::Unavailable(format!(
-                    "node {node}, which runs this room's SFU, did not answer"
-                )));
-            }
-        };
-        let answer: SfuAnswer = serde_json::from_slice(&msg.payload)
-            .map_err(|e| Error::Internal(format!("bad SFU answer: {e}")))?;
-        match answer.code {
-            None => Ok(answer.reply),
-            Some(code) => Err(Error::from_code(code, answer.message)),
-        }
+        self.answer(msg, "call command", async |command| {
+            self.ask_app(|answer| Inbound::Call { command, answer })
+                .await
+        })
+        .await;
     }
 
     async fn answer_sfu(self: Arc<Self>, msg: Message) {
-        let Some(reply) = msg.reply else { return };
-        let answer = match serde_json::from_slice::<SfuCommand>(&msg.payload[1..]) {
-            Ok(command) => {
-                let (answer, answered) = oneshot::channel();
-                let asked = Inbound::Sfu { command, answer };
-                let result = if self.inbound.send(asked).await.is_err() {
-                    Err(Error::Unavailable("the server is shutting down".into()))
-                } else {
-                    answered.await.unwrap_or_else(|_| {
-                        Err(Error::Unavailable("the server is shutting down".into()))
-                    })
-                };
-                match result {
-                    Ok(reply) => SfuAnswer {
-                        code: None,
-                        message: String::new(),
-                        reply,
-                    },
-                    Err(e) => SfuAnswer {
-                        code: Some(e.code()),
-                        message: e.public_message(),
-                        reply: SfuReply::default(),
-                    },
-                }
-            }
-            Err(e) => SfuAnswer {
-                code: Some(ErrorCode::BadRequest),
-                message: format!("bad SFU command: {e}"),
-                reply: SfuReply::default(),
-            },
-        };
-        if let Ok(body) = serde_json::to_vec(&answer)
-            && let Err(e) = self.client.publish(reply, Bytes::from(body)).await
-        {
-            tracing::warn!(error = %e, "could not answer a forwarded SFU command");
-        }
+        self.answer(msg, "SFU command", async |command| {
+            self.ask_app(|answer| Inbound::Sfu { command, answer })
+                .await
+        })
+        .await;
     }
 
     // -- control --------------------------------------------------------------------------------
@@ -1083,18 +1063,6 @@ impl Bus {
     /// This run's epoch (random at each start).
     pub fn epoch(&self) -> u64 {
         self.epoch
-    }
-
-    /// Hands a forwarded call command to the app and waits for its answer.
-    async fn ask_app(&self, command: CallCommand) -> Result<(), Error> {
-        let (answer, answered) = oneshot::channel();
-        let call = Inbound::Call { command, answer };
-        if self.inbound.send(call).await.is_err() {
-            return Err(Error::Unavailable("the server is shutting down".into()));
-        }
-        answered
-            .await
-            .unwrap_or_else(|_| Err(Error::Unavailable("the server is shutting down".into())))
     }
 
     async fn ctl_task(self: Arc<Self>, mut sub: Subscriber) {
@@ -1554,11 +1522,13 @@ impl Broker for Bus {
         node: String,
         cmd: CallCommand,
     ) -> BoxFuture<'static, Result<(), Error>> {
-        Box::pin(Bus::forward(
+        Box::pin(Bus::request(
             self.client.clone(),
             self.request_timeout,
             node,
+            Tag::Call,
             cmd,
+            "the node holding this call did not answer".into(),
         ))
     }
 
@@ -1567,11 +1537,14 @@ impl Broker for Bus {
         node: String,
         cmd: SfuCommand,
     ) -> BoxFuture<'static, Result<SfuReply, Error>> {
-        Box::pin(Bus::forward_sfu_now(
+        let unanswered = format!("node {node}, which runs this room's SFU, did not answer");
+        Box::pin(Bus::request(
             self.client.clone(),
             self.request_timeout,
             node,
+            Tag::Sfu,
             cmd,
+            unanswered,
         ))
     }
 
@@ -1634,6 +1607,11 @@ fn same_rooms(
 mod tests {
     use super::*;
 
+    /// A call command's answer (no reply beyond success).
+    type CallAnswer = Answer<()>;
+    /// An SFU command's answer.
+    type SfuAnswer = Answer<SfuReply>;
+
     #[test]
     fn every_tag_has_its_own_byte_and_is_read_back() {
         let bytes: std::collections::HashSet<u8> = Tag::ALL.iter().map(|t| *t as u8).collect();
@@ -1684,11 +1662,7 @@ mod tests {
     #[test]
     fn call_answers_carry_every_error_code() {
         let muted = Error::Muted("you are muted".into());
-        let body = serde_json::to_string(&CallAnswer {
-            code: Some(muted.code()),
-            message: muted.public_message(),
-        })
-        .unwrap();
+        let body = serde_json::to_string(&CallAnswer::of(Err(muted))).unwrap();
         assert_eq!(body, r#"{"code":"muted","message":"you are muted"}"#);
         let back: CallAnswer = serde_json::from_str(&body).unwrap();
         let err = Error::from_code(back.code.unwrap(), back.message);

@@ -9,6 +9,7 @@ mod client;
 mod coord;
 mod frames;
 mod hist;
+mod http1;
 mod janus;
 mod procs;
 mod report;

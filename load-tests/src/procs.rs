@@ -1,16 +1,17 @@
 //! The processes a run starts and talks to: the studyhall server binary (its address from
 //! the `studyhall listening on` line, its pid for /proc), a throw-away PostgreSQL database,
-//! the nats-server and Socket.IO peers, and a minimal HTTP/1.1 client for the server's API
-//! (room creation). Every child is killed when its handle drops; every wait is bounded.
+//! the nats-server and Socket.IO peers, and requests to the server's API (room
+//! creation, over `http1`). Every child is killed when its handle drops; every wait is bounded.
 //! Nothing here ever targets a non-loopback address.
 
+use crate::http1;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -252,14 +253,11 @@ impl Cluster {
 /// `GET /metrics` of a node, as text.
 pub async fn metrics_text(addr: SocketAddr) -> Result<String> {
     ensure_loopback(addr)?;
-    let mut s = TcpStream::connect(addr).await?;
-    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await?;
-    let mut resp = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
+    let get = http1::request(addr, "GET", "/metrics", "", "");
+    let (_, _, body) = tokio::time::timeout(Duration::from_secs(10), get)
         .await
         .context("metrics timed out")??;
-    Ok(String::from_utf8_lossy(&resp).into_owned())
+    Ok(body)
 }
 
 /// `GET /metrics` of a node: the cross-node latency histogram's (upper bound s, cumulative
@@ -362,55 +360,16 @@ pub async fn http_within(
     limit: Duration,
 ) -> Result<(u16, Value)> {
     ensure_loopback(addr)?;
-    tokio::time::timeout(limit, async {
-        let mut s = TcpStream::connect(addr).await?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let auth = key
-            .map(|k| format!("Authorization: Bearer {k}\r\n"))
-            .unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).await?;
-        let text = String::from_utf8_lossy(&resp);
-        let status: u16 = text
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("bad HTTP status line")?;
-        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let chunked = head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked");
-        let body = if chunked {
-            dechunk(rest)
-        } else {
-            rest.to_owned()
-        };
-        Ok((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
-    })
-    .await
-    .context("HTTP request timed out")?
-}
-
-/// The body of a chunked HTTP/1.1 response (hex size line, data, CRLF; a 0 size ends it).
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let size = size.split(';').next().unwrap_or("").trim();
-        let Ok(n) = usize::from_str_radix(size, 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+    let mut headers = String::from("Content-Type: application/json\r\n");
+    if let Some(k) = key {
+        headers.push_str(&format!("Authorization: Bearer {k}\r\n"));
     }
-    out
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (status, _, body) =
+        tokio::time::timeout(limit, http1::request(addr, method, path, &headers, &body))
+            .await
+            .context("HTTP request timed out")??;
+    Ok((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
 }
 
 /// CPU sets of a pinned run: the system under test and the load generator.
@@ -614,16 +573,5 @@ impl Peer {
             _child: child,
             _dir: None,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(dechunk("4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n"), "{\"a\":1}");
-        assert_eq!(dechunk("zz\r\nbody"), "");
     }
 }

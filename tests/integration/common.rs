@@ -1,8 +1,13 @@
 //! Test harness: a real server on 127.0.0.1:0 (in-process, or the binary as a child process),
-//! real WebSocket clients speaking the protocol, a minimal HTTP client for the API, and
-//! PostgreSQL test databases. Every wait is bounded by a timeout.
+//! real WebSocket clients speaking the protocol, requests to the HTTP API (over the load
+//! generator's minimal HTTP client, `http1`), and PostgreSQL test databases. Every wait is
+//! bounded by a timeout.
 
 #![allow(dead_code)]
+
+// The load generator's HTTP/1.1 client, shared as source.
+#[path = "../../load-tests/src/http1.rs"]
+pub mod http1;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -14,7 +19,6 @@ use studyhall::App;
 use studyhall::auth::Tokens;
 use studyhall::config::Config;
 use studyhall::protocol::{PlatformRole, RoomRole};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
@@ -355,41 +359,17 @@ pub async fn http(
     key: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Value) {
-    within("http request", async {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).await.unwrap();
-        let text = String::from_utf8_lossy(&resp);
-        let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
-        let (head, rest) = text.split_once("\r\n\r\n").unwrap();
-        let rest = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            dechunk(rest)
-        } else {
-            rest.to_owned()
-        };
-        (status, serde_json::from_str(&rest).unwrap_or(Value::Null))
-    })
-    .await
-}
-
-pub fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
+    let mut headers = String::from("Content-Type: application/json\r\n");
+    if let Some(k) = key {
+        headers.push_str(&format!("Authorization: Bearer {k}\r\n"));
     }
-    out
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let answer = within(
+        "http request",
+        http1::request(addr, method, path, &headers, &body),
+    );
+    let (status, _, body) = answer.await.expect("http request");
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 /// PostgreSQL for tests: `STUDYHALL_TEST_DATABASE_URL` (default the local `test` database).

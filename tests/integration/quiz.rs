@@ -8,8 +8,6 @@ use crate::common::*;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use studyhall::protocol::{PlatformRole, RoomRole};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 async fn host(s: &Server, room: &str) -> Client {
     let mut h = Client::connect(
@@ -44,27 +42,12 @@ async fn poll_event(c: &mut Client, id: &Value, state: &str) -> Value {
 
 /// A GET with an `Accept` header, answering the status, the headers and the body as text.
 async fn get_text(addr: SocketAddr, path: &str, accept: &str) -> (u16, String, String) {
-    within("http request", async {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {API_KEY}\r\n\
-             Accept: {accept}\r\nConnection: close\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).await.unwrap();
-        let text = String::from_utf8_lossy(&resp).into_owned();
-        let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
-        let (head, rest) = text.split_once("\r\n\r\n").unwrap();
-        let head = head.to_ascii_lowercase();
-        let body = if head.contains("transfer-encoding: chunked") {
-            dechunk(rest)
-        } else {
-            rest.to_owned()
-        };
-        (status, head, body)
-    })
-    .await
+    let headers = format!("Authorization: Bearer {API_KEY}\r\nAccept: {accept}\r\n");
+    let answer = within(
+        "http request",
+        http1::request(addr, "GET", path, &headers, ""),
+    );
+    answer.await.expect("http request")
 }
 
 async fn quiz_flow(s: &Server) {

@@ -103,6 +103,7 @@ impl Boards {
                 )));
             }
             app.store.create_board(room, board).await?;
+            app.policies.extras_changed(room);
             // Another node may have created it (and logged updates) meanwhile.
             stored = app.store.board_state(room, board).await?;
         }

@@ -209,6 +209,7 @@ pub(super) async fn open(ctx: &mut Ctx, room: RoomId, spec: OpenSpec) -> Result<
         groups,
     };
     ctx.app.store.open_breakout(&new).await?;
+    ctx.app.policies.extras_changed(&room);
     tracing::info!(room = %room, groups = reply.len(), "breakout groups opened");
     for g in &reply {
         let frame = assigned(&room, &g.room);

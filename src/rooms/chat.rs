@@ -108,14 +108,13 @@ pub(super) async fn edit(
     check_message_id(&id)?;
     check_text(ctx, &text)?;
     let policy = ctx.app.policies.get(&ctx.app.store, &room).await?;
-    policy.check_post(&ctx.me.user, role, &text)?;
-    let op = WriteOp::Edit {
+    super::submit_post(ctx, rid, &policy, role, text, |by, text| WriteOp::Edit {
         room,
         id,
-        by: ctx.me.room_ref(role),
+        by,
         text,
-    };
-    super::submit(ctx, rid, op).await
+    })
+    .await
 }
 
 pub(super) async fn delete(

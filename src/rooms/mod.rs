@@ -245,12 +245,49 @@ fn writable(ctx: &Ctx, room: &RoomId) -> Result<RoomRole> {
 /// Hands a sequenced write to the store's group-commit writer; the reply (`ok` with the
 /// committed write's fields, or the error) follows the commit.
 async fn submit(ctx: &Ctx, rid: Option<i64>, op: crate::store::WriteOp) -> Result<Outcome> {
-    let rx = ctx.app.store.submit(op).await?;
+    let shown = op.shown_on_join().cloned();
+    let mut rx = ctx.app.store.submit(op).await?;
+    if let Some(room) = shown {
+        rx = after_commit(&ctx.app, rx, move |app| app.policies.extras_changed(&room));
+    }
     Ok(Outcome::Deferred(crate::command::deferred(
         rid,
         rx,
         chat::write_ok,
     )))
+}
+
+/// Runs `then` once the write behind `rx` has committed (and not if it failed), whether or not
+/// the session that asked is still there to read the answer; the answer is passed on.
+fn after_commit<T: Send + 'static>(
+    app: &std::sync::Arc<crate::App>,
+    rx: tokio::sync::oneshot::Receiver<crate::store::Result<T>>,
+    then: impl FnOnce(&crate::App) + Send + 'static,
+) -> tokio::sync::oneshot::Receiver<crate::store::Result<T>> {
+    let (tx, passed) = tokio::sync::oneshot::channel();
+    let app = app.clone();
+    tokio::spawn(async move {
+        let Ok(result) = rx.await else { return };
+        if result.is_ok() {
+            then(&app);
+        }
+        let _ = tx.send(result);
+    });
+    passed
+}
+
+/// Submits a posted text (a message, an edit, a question, an answer) once it keeps the room's
+/// posting rules ([`Policy::check_post`]); `write` builds the write from its author and text.
+async fn submit_post(
+    ctx: &Ctx,
+    rid: Option<i64>,
+    policy: &Policy,
+    role: RoomRole,
+    text: String,
+    write: impl FnOnce(protocol::UserRef, String) -> crate::store::WriteOp,
+) -> Result<Outcome> {
+    policy.check_post(&ctx.me.user, role, &text)?;
+    submit(ctx, rid, write(ctx.me.room_ref(role), text)).await
 }
 
 /// The role for a read-only command on a room the session may not have joined.
@@ -493,9 +530,9 @@ struct Snapshot {
     boards: Option<Vec<String>>,
 }
 
-/// Reads the join snapshot: the class from the cached policy, then one store probe saying
-/// which of the rest the room has, and the details only of those (a plain room pays the probe
-/// alone).
+/// Reads the join snapshot: the class from the cached policy, then which of the rest the room
+/// has (cached with the policy: a plain room in use costs no read), and the details only of
+/// those.
 async fn snapshot(ctx: &Ctx, room: &Room, role: RoomRole) -> Result<Snapshot> {
     let app = &ctx.app;
     let policy = app.policies.get(&app.store, &room.id).await?;
@@ -508,7 +545,7 @@ async fn snapshot(ctx: &Ctx, room: &Room, role: RoomRole) -> Result<Snapshot> {
         started_at: r.started_at,
     };
     let view = crate::store::View::of(role);
-    let has = app.store.room_extras(&room.id).await?;
+    let has = app.policies.extras(&app.store, &policy).await?;
     let pinned = if has.pinned {
         let filter = crate::store::QuestionFilter {
             status: Some(protocol::QuestionStatus::Pinned),

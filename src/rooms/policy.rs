@@ -1,13 +1,14 @@
 //! Per-room policy as sessions check it on every join and write: the room's settings (Q&A,
 //! slow mode, content rules), its stored memberships and bans, active mutes and each user's
-//! last message time, cached in memory and loaded from the store on first use, so a join or
-//! a send to a room in use costs no database read. Local changes (commands and the HTTP API)
+//! last message time, and which of the things a join snapshot shows the room has (open polls,
+//! a pinned question, an open breakout, boards), cached in memory and loaded from the store on
+//! first use, so a join or a send to a room in use costs no database read. Local changes (commands and the HTTP API)
 //! update the cache in place; other nodes' changes drop the cached copy. Also the content
 //! rules themselves: blocked words and the link policy.
 
 use crate::error::{Error, Result};
 use crate::protocol::{RoomId, RoomRole, UserId};
-use crate::store::{LinkPolicy, Room, RoomRules, Store, now_ms};
+use crate::store::{LinkPolicy, Room, RoomExtras, RoomRules, Store, now_ms};
 use dashmap::DashMap;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,6 +25,9 @@ pub struct Policy {
     /// The stored memberships and bans, complete as loaded and kept in step with every change
     /// made through this node (shared with the copy a settings change replaces this with).
     access: Arc<RwLock<Access>>,
+    /// What a join snapshot must read beyond this policy (see [`Policies::extras`]): read once
+    /// per cached copy, cleared by [`Policies::extras_changed`].
+    extras: Mutex<Option<RoomExtras>>,
 }
 
 /// Who the store lets into a room beyond its visibility.
@@ -317,6 +321,7 @@ impl Policies {
                     .unwrap_or_default(),
             ),
             access: Arc::new(RwLock::new(access)),
+            extras: Mutex::new(None),
         });
         // Checked under the map's lock for the room: a change either came before (and this
         // copy is not kept) or finds the copy in the map and applies itself to it.
@@ -345,6 +350,44 @@ impl Policies {
             };
         }
         Ok(())
+    }
+
+    /// Whether the room has open polls, a pinned question, an open breakout or boards: what a
+    /// join snapshot reads details of. Read from the store once per cached policy, so joins
+    /// into a warm room make no round trip for it. Only a change that can turn one of these
+    /// on must clear it ([`Policies::extras_changed`]): one that turns one off leaves a stale
+    /// `true`, which costs the next join a read that finds nothing. On a node that shares its
+    /// store with others (cluster mode) every join reads it: a change made on another node
+    /// would reach this cache one bus hop after its event was committed, and a join in between
+    /// would miss it.
+    pub async fn extras(&self, store: &Store, policy: &Policy) -> Result<RoomExtras> {
+        let room = &policy.room.id;
+        if self.shared_store {
+            return Ok(store.room_extras(room).await?);
+        }
+        if let Some(known) = *lock(&policy.extras) {
+            return Ok(known);
+        }
+        let stamp = self.stamp(room);
+        let read = store.room_extras(room).await?;
+        // Kept only if no change came in meanwhile. Checked under the lock that
+        // `extras_changed` clears through (after its bump), so a read from before a change is
+        // either refused here or cleared there.
+        let mut known = lock(&policy.extras);
+        if self.stamp(room) == stamp {
+            *known = Some(read);
+        }
+        Ok(read)
+    }
+
+    /// A poll was opened, a question pinned, a breakout opened or a board created in `room`
+    /// through this node, and has committed: the cached [`Policies::extras`] are read again at
+    /// the next join.
+    pub fn extras_changed(&self, room: &RoomId) {
+        self.bump(room);
+        if let Some(p) = self.map.get(room) {
+            *lock(&p.extras) = None;
+        }
     }
 
     /// Drops a room's cached policy (another node changed it); the next use reloads it.
@@ -429,6 +472,7 @@ impl Policies {
                 mutes: Mutex::new(lock(&old.mutes).clone()),
                 last_sent: Mutex::new(lock(&old.last_sent).clone()),
                 access: old.access.clone(),
+                extras: Mutex::new(*lock(&old.extras)),
             });
         }
     }

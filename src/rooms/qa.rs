@@ -28,16 +28,15 @@ pub(super) async fn ask(
     if !policy.qa_enabled() {
         return Err(Error::Forbidden("Q&A is not enabled in this room".into()));
     }
-    policy.check_post(&ctx.me.user, role, &text)?;
     let pending = policy.room.qa.moderated && !role.can_moderate();
-    let op = WriteOp::Ask {
+    super::submit_post(ctx, rid, &policy, role, text, |author, text| WriteOp::Ask {
         room,
-        author: ctx.me.room_ref(role),
+        author,
         text,
         anonymous,
         pending,
-    };
-    super::submit(ctx, rid, op).await
+    })
+    .await
 }
 
 pub(super) async fn vote(
@@ -76,14 +75,15 @@ pub(super) async fn answer(
             "only host/ta answer questions in this room".into(),
         ));
     }
-    policy.check_post(&ctx.me.user, role, &text)?;
-    let op = WriteOp::Answer {
-        room,
-        question,
-        author: ctx.me.room_ref(role),
-        text,
-    };
-    super::submit(ctx, rid, op).await
+    super::submit_post(ctx, rid, &policy, role, text, |author, text| {
+        WriteOp::Answer {
+            room,
+            question,
+            author,
+            text,
+        }
+    })
+    .await
 }
 
 /// `approved`/`approve`/`open`/`reopen` -> open; `pinned`/`pin`; `answered`; `dismissed`/`dismiss`.

@@ -377,6 +377,69 @@ async fn a_late_joiner_gets_the_class_snapshot_on_postgres() {
     snapshot(true).await;
 }
 
+/// What a room holds for the join snapshot is cached with the room's policy once a join has
+/// read it; each change that adds to it (a pinned question, an opened poll, a breakout, a
+/// board) shows in the very next join, in a room that stays in use throughout.
+async fn snapshot_in_use(pg: bool) {
+    let (s, db) = server(pg, |_| {}).await;
+    class_room(&s, "u", json!({"starts_at": now_ms() - 1_000})).await;
+    let mut h = with_role(&s, "teacher", "u", RoomRole::Host).await;
+    let mut ann = student(&s, "ann", "u").await;
+    let plain = s.client("bob").await.join("u").await;
+    for absent in ["pinned", "polls", "breakout", "boards"] {
+        assert!(plain.get(absent).is_none(), "{absent} in {plain}");
+    }
+
+    let q = ann
+        .ok(json!({"type":"ask","room":"u","text":"Pin me?"}))
+        .await["id"]
+        .clone();
+    assert!(
+        s.client("bob")
+            .await
+            .join("u")
+            .await
+            .get("pinned")
+            .is_none()
+    );
+    h.ok(json!({"type":"question_status","room":"u","question":q,"status":"pinned"}))
+        .await;
+    let r = s.client("bob").await.join("u").await;
+    assert_eq!(r["pinned"]["id"], q, "{r}");
+    assert!(r.get("polls").is_none(), "{r}");
+
+    let poll = open_poll(&mut h, "u").await;
+    let r = s.client("bob").await.join("u").await;
+    assert_eq!(r["polls"][0]["id"], poll, "{r}");
+    assert!(r.get("breakout").is_none(), "{r}");
+
+    h.ok(json!({"type":"breakout_open","room":"u","groups":[{"members":["ann"]}]}))
+        .await;
+    let r = s.client("ann").await.join("u").await;
+    assert_eq!(r["breakout"]["group_room"], "u.g1", "{r}");
+    assert!(r.get("boards").is_none(), "{r}");
+
+    h.ok(crate::boards::board(
+        "u",
+        &crate::boards::insert(&yrs::Doc::new(), 0, "hi"),
+    ))
+    .await;
+    let r = s.client("bob").await.join("u").await;
+    assert_eq!(r["boards"], json!(["main"]), "{r}");
+    assert_eq!(r["pinned"]["id"], q, "{r}");
+    done(s, db).await;
+}
+
+#[tokio::test]
+async fn a_join_into_a_room_in_use_sees_each_change_to_its_snapshot() {
+    snapshot_in_use(false).await;
+}
+
+#[tokio::test]
+async fn a_join_into_a_room_in_use_sees_each_change_to_its_snapshot_on_postgres() {
+    snapshot_in_use(true).await;
+}
+
 async fn talk_cap(pg: bool) {
     let (s, db) = server(pg, |c| c.stage_clock_ms = 50).await;
     for bad in [json!({"talk_cap_s": 0}), json!({"talk_cap_s": 90_000})] {

@@ -248,10 +248,10 @@ async fn ws_upgrade(
     ws.protocols([SUBPROTOCOL])
         // tungstenite preallocates its read buffer per connection (128 KiB by default) and reads
         // at most that much per call: most commands are a few hundred bytes, and a larger
-        // frame grows the buffer to its own size. Coalesced writes are flushed explicitly, so
-        // a modest write target suffices.
+        // frame grows the buffer to its own size. Coalesced writes are flushed explicitly; the
+        // write buffer never shrinks, so its target bounds what an idle connection keeps.
         .read_buffer_size(1024)
-        .write_buffer_size(16 * 1024)
+        .write_buffer_size(app.config.ws_write_buffer_bytes)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(max)
         .max_frame_size(max)

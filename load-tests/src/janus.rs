@@ -138,12 +138,7 @@ impl Janus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(feed);
-        let (out_tx, out_rx) = unbounded_channel();
-        let (in_tx, in_rx) = unbounded_channel();
-        let peer = rtc::start(Start::Publish, Some(plan), out_tx, in_rx).await?;
-        let c = peer.counters.clone();
-        let bridge = tokio::spawn(bridge(self.api.clone(), h, c, events, out_rx, in_tx));
-        Ok(Member::new(peer, bridge))
+        self.peer_on(h, events, Start::Publish, Some(plan)).await
     }
 
     /// A viewer: subscribes to every publisher's feed and answers Janus's offer.
@@ -158,14 +153,37 @@ impl Janus {
             .collect();
         let body = json!({"request": "join", "ptype": "subscriber", "room": ROOM,
             "streams": streams});
-        let (out_tx, out_rx) = unbounded_channel();
-        let (in_tx, in_rx) = unbounded_channel();
-        let peer = rtc::start(Start::Answer, None, out_tx, in_rx).await?;
-        let c = peer.counters.clone();
-        let bridge = tokio::spawn(bridge(self.api.clone(), h, c, events, out_rx, in_tx));
+        let member = self.peer_on(h, events, Start::Answer, None).await?;
         self.api.message(h, body, None).await?;
+        Ok(member)
+    }
+
+    /// Starts a peer whose SDP goes through Janus handle `h` (see [`bridge`]).
+    async fn peer_on(
+        &self,
+        h: u64,
+        events: UnboundedReceiver<Value>,
+        start: Start,
+        plan: Option<Arc<MediaPlan>>,
+    ) -> Result<Member> {
+        let (out_tx, out) = unbounded_channel();
+        let (into, in_rx) = unbounded_channel();
+        let peer = rtc::start(start, plan, out_tx, in_rx).await?;
+        let handle = Handle {
+            api: self.api.clone(),
+            id: h,
+            counters: peer.counters.clone(),
+        };
+        let bridge = tokio::spawn(bridge(handle, events, out, into));
         Ok(Member::new(peer, bridge))
     }
+}
+
+/// A Janus plugin handle one peer talks through, and where that peer counts failures.
+struct Handle {
+    api: Api,
+    id: u64,
+    counters: Arc<Counters>,
 }
 
 /// Builds `peers/janus/loopback.c` (with `cc`) into `dir`; returns the library's path.
@@ -278,9 +296,7 @@ async fn next_event(
 /// Carries a peer's SDP through a handle: an offer is published, an answer starts the
 /// subscription; JSEPs in the handle's events go to the peer.
 async fn bridge(
-    api: Api,
-    h: u64,
-    counters: Arc<Counters>,
+    handle: Handle,
     mut events: UnboundedReceiver<Value>,
     mut out: UnboundedReceiver<Sdp>,
     into: UnboundedSender<Sdp>,
@@ -295,6 +311,7 @@ async fn bridge(
                     Sdp::Answer(s) => (json!({"request": "start", "room": ROOM}),
                         json!({"type": "answer", "sdp": s})),
                 };
+                let (api, h) = (&handle.api, handle.id);
                 if api.message(h, body, Some(jsep)).await.is_err() || api.trickle_done(h).await.is_err() {
                     return;
                 }
@@ -304,7 +321,7 @@ async fn bridge(
                 let jsep = &e["jsep"];
                 let (body, dropped) = loopback_only(jsep["sdp"].as_str().unwrap_or_default());
                 if !dropped.is_empty() && !body.contains("a=candidate:") {
-                    counters.fail(format!(
+                    handle.counters.fail(format!(
                         "janus offered no loopback ICE candidate, only {dropped:?} (its \
                          loopback shim did not take; this benchmark only talks to loopback \
                          addresses)"

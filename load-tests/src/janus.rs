@@ -7,7 +7,7 @@
 //! one long poll reads its events and hands each to its handle. It knows nothing of the
 //! media itself (`crate::rtc`) nor of the scenario's steps.
 
-use crate::procs::{free_port, http_within, spawn_listening};
+use crate::procs::{free_port, http, spawn_listening};
 use crate::rtc::{self, Counters, MediaPlan, Sdp, Start};
 use crate::scenarios::sfu::Member;
 use anyhow::{Context, Result, bail, ensure};
@@ -209,7 +209,7 @@ fn loopback_shim(dir: &Path) -> Result<std::path::PathBuf> {
 
 async fn post(addr: SocketAddr, path: &str, mut body: Value) -> Result<Value> {
     body["transaction"] = json!(format!("t{:x}", rand::random::<u64>()));
-    let (st, v) = http_within(addr, "POST", path, None, Some(body), REQUEST).await?;
+    let (st, v) = http(addr, REQUEST, "POST", path, None, Some(body)).await?;
     ensure!(st == 200, "janus {path}: HTTP {st} {v}");
     if v["janus"] == "error" {
         bail!("janus {path}: {}", v["error"]);
@@ -257,7 +257,7 @@ impl Api {
 async fn long_poll(api: Api) {
     let path = format!("/janus/{}?maxev=50", api.session);
     loop {
-        let Ok((200, v)) = http_within(api.addr, "GET", &path, None, None, LONG_POLL).await else {
+        let Ok((200, v)) = http(api.addr, LONG_POLL, "GET", &path, None, None).await else {
             return;
         };
         let events = match v {

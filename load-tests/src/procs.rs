@@ -160,6 +160,7 @@ impl Server {
     pub async fn create_room(&self, id: &str, kind: &str) -> Result<()> {
         let (status, body) = http(
             self.addr,
+            API_WAIT,
             "POST",
             "/api/rooms",
             Some(API_KEY),
@@ -339,25 +340,18 @@ pub fn bucket_quantile_ms(nodes: &[Vec<(f64, u64)>], q: f64) -> Option<f64> {
         .map(|(le, _)| le * 1000.0)
 }
 
-/// One HTTP/1.1 request with `Connection: close`; returns status and JSON body (or Null).
+/// How long an API request of a run may take.
+pub const API_WAIT: Duration = Duration::from_secs(15);
+
+/// One HTTP/1.1 request to a loopback server within `limit`, with a JSON body and the bearer
+/// `key` if given; the status and the JSON answer (`Null` when the answer is not JSON).
 pub async fn http(
     addr: SocketAddr,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    body: Option<Value>,
-) -> Result<(u16, Value)> {
-    http_within(addr, method, path, key, body, Duration::from_secs(15)).await
-}
-
-/// [`http`] bounded by `limit` instead (long polls).
-pub async fn http_within(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    body: Option<Value>,
     limit: Duration,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
 ) -> Result<(u16, Value)> {
     ensure_loopback(addr)?;
     let mut headers = String::from("Content-Type: application/json\r\n");

@@ -10,7 +10,7 @@
 
 use super::Common;
 use crate::janus::Janus;
-use crate::procs::{API_KEY, Server, http};
+use crate::procs::{API_KEY, API_WAIT, Server, http};
 use crate::report::{Report, Table, human, per_core};
 use crate::rtc::{self, Counters, MediaPlan, PeerHandle, Sdp, Start};
 use crate::sys::CpuMeter;
@@ -182,6 +182,7 @@ async fn studyhall(common: &Common, tag: &str, sessions: usize) -> Result<Server
     let s = c.server(tag, false).await?;
     let (st, body) = http(
         s.addr,
+        API_WAIT,
         "POST",
         "/api/rooms",
         Some(API_KEY),

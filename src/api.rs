@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -229,6 +229,7 @@ fn check_title(t: &str) -> Result<()> {
 async fn ws_upgrade(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
+    coalesce: Option<Extension<crate::listener::Coalesce>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     if let Some(origin) = headers.get(header::ORIGIN)
@@ -245,17 +246,33 @@ async fn ws_upgrade(
         return Error::Unavailable("server is shutting down".into()).into_response();
     }
     let max = app.config.max_frame_bytes;
+    let coalesce = coalesce.map(|Extension(c)| c);
+    // tungstenite keeps its write buffer at the largest size it ever reached: where the
+    // socket can coalesce the frames of a write batch itself (the server's own listener),
+    // each frame goes through tungstenite's buffer at once, and the socket holds them back
+    // until the batch's flush and gives its buffer back after a burst.
+    let target = match coalesce {
+        Some(_) => 0,
+        None => app.config.ws_write_buffer_bytes,
+    };
+    let coalesce_bytes = app.config.ws_write_buffer_bytes;
     ws.protocols([SUBPROTOCOL])
         // tungstenite preallocates its read buffer per connection (128 KiB by default) and reads
         // at most that much per call: most commands are a few hundred bytes, and a larger
-        // frame grows the buffer to its own size. Coalesced writes are flushed explicitly; the
-        // write buffer never shrinks, so its target bounds what an idle connection keeps.
+        // frame grows the buffer to its own size.
         .read_buffer_size(1024)
-        .write_buffer_size(app.config.ws_write_buffer_bytes)
+        .write_buffer_size(target)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| crate::session::run(app, socket))
+        .on_upgrade(move |socket| {
+            if let Some(c) = coalesce
+                && coalesce_bytes > 0
+            {
+                c.start(coalesce_bytes);
+            }
+            crate::session::run(app, socket)
+        })
 }
 
 /// The body of a healthy `/healthz`: `{"status":"ok"}`.

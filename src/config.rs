@@ -300,11 +300,10 @@ settings! {
     outbox_frames: usize = 1024,
     /// Frames the write loop coalesces into one flush.
     write_batch_frames: usize = 64,
-    /// Bytes of a session's coalesced frames buffered before they are written to the socket
-    /// (also at the end of each batch). Each connection keeps its write buffer at the largest
-    /// size it ever reached, so this bounds an idle connection's buffer after a burst, at the
-    /// cost of one more write per this many bytes of a burst. 0: every frame is written at
-    /// once.
+    /// Bytes of a session's coalesced frames held back before they are written to the socket
+    /// (also at the end of each write batch); the buffer is given back once written, so an
+    /// idle connection keeps none. A smaller value means more writes per burst. 0: every frame
+    /// is written at once.
     ws_write_buffer_bytes: usize = 16 * 1024,
     /// Seconds between server pings; a client silent for twice this is closed (1000). Each
     /// completed write of the session also restarts that clock. Also the time limit of each

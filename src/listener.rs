@@ -5,8 +5,10 @@
 //! evicts the oldest connection that has not sent a complete request head yet, and is
 //! otherwise answered 503 and closed. Request heads must arrive within the header timeout
 //! (hyper's own timer, which also bounds idle keep-alive connections), and a request's
-//! handler, its body read included, within the request timeout. This file knows nothing of
-//! routes, sessions or the store: it serves any axum `Router`.
+//! handler, its body read included, within the request timeout. A handler may switch its
+//! connection to coalesced writes ([`Coalesce`], in the request's extensions): the socket then
+//! holds back what is written until a flush, and gives its buffer back once it is sent. This
+//! file knows nothing of routes, sessions or the store: it serves any axum `Router`.
 
 use axum::Router;
 use axum::body::Body;
@@ -21,7 +23,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -113,6 +115,7 @@ impl Conns {
             conns: self.clone(),
             evicted,
             proven: AtomicBool::new(false),
+            coalesce: AtomicUsize::new(0),
         }))
     }
 }
@@ -133,6 +136,9 @@ struct Slot {
     conns: Arc<Conns>,
     evicted: Arc<Notify>,
     proven: AtomicBool,
+    /// Bytes of writes the socket holds back until a flush (0: every write goes straight
+    /// out). Set once the connection is a WebSocket (see [`Coalesce`]).
+    coalesce: AtomicUsize,
 }
 
 impl Slot {
@@ -158,10 +164,88 @@ impl Drop for Slot {
     }
 }
 
-/// A TCP stream that holds its [`Slot`] for as long as it lives, upgrades included.
+/// A connection's switch to coalesced writes, handed to the request handlers in the request's
+/// extensions. A WebSocket session flips it once upgraded: from then on the socket gathers
+/// what is written into one buffer and sends it at the flush that ends each write batch, and
+/// gives the buffer back once it is sent (a WebSocket library's own buffer keeps the largest
+/// size it ever reached, for the life of the connection).
+#[derive(Clone)]
+pub struct Coalesce(Arc<Slot>);
+
+impl Coalesce {
+    /// Writes are held back, up to `bytes` at a time, until the next flush.
+    pub fn start(&self, bytes: usize) {
+        self.0.coalesce.store(bytes, Ordering::Relaxed);
+    }
+}
+
+/// What a held-back buffer starts with (it grows if a batch needs more); it is given back
+/// once sent, so an idle connection keeps none.
+const FIRST_BYTES: usize = 2048;
+
+/// A TCP stream that holds its [`Slot`] for as long as it lives, upgrades included, and, once
+/// its [`Coalesce`] is started, holds back writes until a flush.
 pub struct Counted {
     tcp: TcpStream,
-    _slot: Arc<Slot>,
+    slot: Arc<Slot>,
+    /// Written, not yet sent.
+    held: Vec<u8>,
+    /// How much of `held` is sent.
+    sent: usize,
+}
+
+impl Counted {
+    fn new(tcp: TcpStream, slot: Arc<Slot>) -> Self {
+        Self {
+            tcp,
+            slot,
+            held: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// Sends what is held back, and gives the buffer back.
+    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.held.len() {
+            let n =
+                std::task::ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.held[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.sent = 0;
+        self.held = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Holds `bufs` back (sending what is held first if they would pass `limit`); `None` when
+    /// they are larger than `limit` on their own and must go straight out.
+    fn poll_hold(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+        limit: usize,
+    ) -> Poll<io::Result<Option<usize>>> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if self.held.len() + len > limit {
+            std::task::ready!(self.poll_send_held(cx))?;
+            if len > limit {
+                return Poll::Ready(Ok(None));
+            }
+        }
+        if self.held.capacity() == 0 {
+            self.held.reserve(len.max(FIRST_BYTES).min(limit));
+        }
+        for b in bufs {
+            self.held.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(Some(len)))
+    }
+
+    fn limit(&self) -> usize {
+        self.slot.coalesce.load(Ordering::Relaxed)
+    }
 }
 
 impl AsyncRead for Counted {
@@ -180,12 +264,20 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        let limit = self.limit();
+        if limit > 0
+            && let Some(n) = std::task::ready!(self.poll_hold(cx, &[io::IoSlice::new(buf)], limit))?
+        {
+            return Poll::Ready(Ok(n));
+        }
         Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_send_held(cx))?;
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_send_held(cx))?;
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
     fn poll_write_vectored(
@@ -193,6 +285,12 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let limit = self.limit();
+        if limit > 0
+            && let Some(n) = std::task::ready!(self.poll_hold(cx, bufs, limit))?
+        {
+            return Poll::Ready(Ok(n));
+        }
         Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -271,15 +369,14 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let evicted = slot.evicted.clone();
-    let io = TokioIo::new(Counted {
-        tcp,
-        _slot: slot.clone(),
-    });
+    let io = TokioIo::new(Counted::new(tcp, slot.clone()));
     let inner = TowerToHyperService::new(router);
-    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        slot.prove();
-        hyper::service::Service::call(&inner, req)
-    });
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            slot.prove();
+            req.extensions_mut().insert(Coalesce(slot.clone()));
+            hyper::service::Service::call(&inner, req)
+        });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -380,6 +477,66 @@ mod tests {
         drop((a2, b));
         assert_eq!(c.lock().total, 0);
         assert!(c.lock().per_ip.is_empty());
+    }
+
+    /// A connected pair on loopback: the server's end counted in `c`, and the client's end.
+    async fn pair(c: &Arc<Conns>) -> (Counted, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = l.accept().await.expect("accept");
+        (Counted::new(server, c.admit(A).expect("room")), client)
+    }
+
+    /// What `client` has received so far, without waiting for more.
+    fn received(client: &TcpStream) -> Vec<u8> {
+        let mut out = vec![0u8; 1 << 16];
+        let n = client.try_read(&mut out).unwrap_or(0);
+        out.truncate(n);
+        out
+    }
+
+    #[tokio::test]
+    async fn coalesced_writes_wait_for_the_flush_and_give_their_buffer_back() {
+        use tokio::io::AsyncWriteExt;
+        let c = conns(10, 0);
+        let (mut server, client) = pair(&c).await;
+        // Not started: every write goes out at once.
+        server.write_all(b"one").await.unwrap();
+        client.readable().await.unwrap();
+        assert_eq!(received(&client), b"one");
+
+        Coalesce(server.slot.clone()).start(64);
+        server.write_all(b"two").await.unwrap();
+        server.write_all(b"three").await.unwrap();
+        assert_eq!(server.held, b"twothree", "held back until the flush");
+        server.flush().await.unwrap();
+        client.readable().await.unwrap();
+        let mut got = received(&client);
+        while got.len() < 8 {
+            client.readable().await.unwrap();
+            got.extend(received(&client));
+        }
+        assert_eq!(got, b"twothree");
+
+        // Past the limit: what is held goes first, a write larger than the limit goes straight
+        // out, and a buffer a burst grew is given back once sent.
+        server.write_all(b"x").await.unwrap();
+        server.write_all(&[b'y'; 100]).await.unwrap();
+        assert!(server.held.is_empty());
+        Coalesce(server.slot.clone()).start(1 << 20);
+        server.write_all(&[b'z'; 10_000]).await.unwrap();
+        assert!(server.held.capacity() >= 10_000);
+        server.flush().await.unwrap();
+        assert_eq!(server.held.capacity(), 0, "a burst's buffer is given back");
+        let mut got = Vec::new();
+        while got.len() < 10_101 {
+            client.readable().await.unwrap();
+            got.extend(received(&client));
+        }
+        assert_eq!(&got[..101], [&b"x"[..], &[b'y'; 100]].concat());
+        assert!(got[101..].iter().all(|b| *b == b'z'));
     }
 
     #[test]

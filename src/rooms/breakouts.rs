@@ -322,6 +322,7 @@ pub async fn close_breakout(app: &App, b: &Breakout) -> Result<bool> {
     if !app.store.close_breakout(&b.id).await? {
         return Ok(false);
     }
+    app.policies.extras_changed(&b.parent);
     let mut rooms = vec![b.parent.clone()];
     for g in &b.groups {
         if let Some(r) = app.store.room(&g.room).await? {

@@ -2,9 +2,9 @@
 //! slow mode, content rules), its stored memberships and bans, active mutes and each user's
 //! last message time, and which of the things a join snapshot shows the room has (open polls,
 //! a pinned question, an open breakout, boards), cached in memory and loaded from the store on
-//! first use, so a join or a send to a room in use costs no database read. Local changes (commands and the HTTP API)
-//! update the cache in place; other nodes' changes drop the cached copy. Also the content
-//! rules themselves: blocked words and the link policy.
+//! first use, so a join or a send to a room in use costs no database read. Local changes
+//! (commands and the HTTP API) update the cache in place; other nodes' changes drop the cached
+//! copy. Also the content rules themselves: blocked words and the link policy.
 
 use crate::error::{Error, Result};
 use crate::protocol::{RoomId, RoomRole, UserId};
@@ -354,12 +354,12 @@ impl Policies {
 
     /// Whether the room has open polls, a pinned question, an open breakout or boards: what a
     /// join snapshot reads details of. Read from the store once per cached policy, so joins
-    /// into a warm room make no round trip for it. Only a change that can turn one of these
-    /// on must clear it ([`Policies::extras_changed`]): one that turns one off leaves a stale
-    /// `true`, which costs the next join a read that finds nothing. On a node that shares its
-    /// store with others (cluster mode) every join reads it: a change made on another node
-    /// would reach this cache one bus hop after its event was committed, and a join in between
-    /// would miss it.
+    /// into a warm room make no round trip for it. Every change that can turn one of these on
+    /// must clear it ([`Policies::extras_changed`]); the changes that turn one off clear it too
+    /// (a stale `true` would cost each join a details read that finds nothing). On a node that
+    /// shares its store with others (cluster mode) every join reads it: a change made on
+    /// another node would reach this cache one bus hop after its event was committed, and a
+    /// join in between would miss it.
     pub async fn extras(&self, store: &Store, policy: &Policy) -> Result<RoomExtras> {
         let room = &policy.room.id;
         if self.shared_store {
@@ -380,9 +380,9 @@ impl Policies {
         Ok(read)
     }
 
-    /// A poll was opened, a question pinned, a breakout opened or a board created in `room`
-    /// through this node, and has committed: the cached [`Policies::extras`] are read again at
-    /// the next join.
+    /// A poll was created, opened or closed, a question's status changed, a breakout opened or
+    /// closed, or a board created in `room` through this node, and has committed: the cached
+    /// [`Policies::extras`] are read again at the next join.
     pub fn extras_changed(&self, room: &RoomId) {
         self.bump(room);
         if let Some(p) = self.map.get(room) {

@@ -196,22 +196,14 @@ impl WriteOp {
         }
     }
 
-    /// The room whose join snapshot this write can add to once committed (a poll created or
-    /// opened, a question pinned), so what the room is known to hold is read again; `None`
-    /// for every other write.
+    /// The room whose join snapshot this write can change once committed (a poll created,
+    /// opened or closed, a question's status changed), so what the room is known to hold is
+    /// read again; `None` for every other write.
     pub fn shown_on_join(&self) -> Option<&RoomId> {
         match self {
             Self::PollCreate { room, .. }
-            | Self::PollState {
-                room,
-                target: crate::protocol::PollState::Open,
-                ..
-            }
-            | Self::SetQuestionStatus {
-                room,
-                status: crate::protocol::QuestionStatus::Pinned,
-                ..
-            } => Some(room),
+            | Self::PollState { room, .. }
+            | Self::SetQuestionStatus { room, .. } => Some(room),
             _ => None,
         }
     }

@@ -427,6 +427,18 @@ async fn snapshot_in_use(pg: bool) {
     let r = s.client("bob").await.join("u").await;
     assert_eq!(r["boards"], json!(["main"]), "{r}");
     assert_eq!(r["pinned"]["id"], q, "{r}");
+
+    // And back: what is closed or unpinned is gone from the next join.
+    h.ok(json!({"type":"poll_close","room":"u","poll":poll}))
+        .await;
+    h.ok(json!({"type":"question_status","room":"u","question":q,"status":"answered"}))
+        .await;
+    h.ok(json!({"type":"breakout_close","room":"u"})).await;
+    let r = s.client("bob").await.join("u").await;
+    for absent in ["pinned", "polls", "breakout"] {
+        assert!(r.get(absent).is_none(), "{absent} in {r}");
+    }
+    assert_eq!(r["boards"], json!(["main"]), "{r}");
     done(s, db).await;
 }
 

@@ -374,7 +374,10 @@ async fn connection(
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             slot.prove();
-            req.extensions_mut().insert(Coalesce(slot.clone()));
+            // Only an upgrade can use it: a plain API request pays no extension map for it.
+            if req.headers().contains_key(header::UPGRADE) {
+                req.extensions_mut().insert(Coalesce(slot.clone()));
+            }
             hyper::service::Service::call(&inner, req)
         });
     let mut builder = hyper::server::conn::http1::Builder::new();

@@ -6,8 +6,7 @@
 use crate::App;
 use crate::error::{Error, Result};
 use crate::protocol::{
-    PlatformRole, RoomId, RoomKind, RoomRole, SUBPROTOCOL, UserId, UserRef, Visibility,
-    valid_room_id,
+    PlatformRole, RoomId, RoomKind, RoomRole, UserId, UserRef, Visibility, valid_room_id,
 };
 use crate::protocol::{QuestionStatus, QuestionView};
 use crate::store::{
@@ -15,7 +14,6 @@ use crate::store::{
     View, WriteOp, WriteOutcome, now_ms,
 };
 use axum::body::Bytes;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -27,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Largest HTTP request body the API accepts.
 const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -230,7 +229,7 @@ async fn ws_upgrade(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     coalesce: Option<Extension<crate::listener::Coalesce>>,
-    ws: WebSocketUpgrade,
+    ws: crate::ws::Upgrade,
 ) -> Response {
     if let Some(origin) = headers.get(header::ORIGIN)
         && !app.config.allowed_origins.is_empty()
@@ -256,23 +255,23 @@ async fn ws_upgrade(
         None => app.config.ws_write_buffer_bytes,
     };
     let coalesce_bytes = app.config.ws_write_buffer_bytes;
-    ws.protocols([SUBPROTOCOL])
-        // tungstenite preallocates its read buffer per connection (128 KiB by default) and reads
-        // at most that much per call: most commands are a few hundred bytes, and a larger
-        // frame grows the buffer to its own size.
+    // tungstenite preallocates its read buffer per connection (128 KiB by default) and reads
+    // at most that much per call: most commands are a few hundred bytes, and a larger frame
+    // grows the buffer to its own size.
+    let config = WebSocketConfig::default()
         .read_buffer_size(1024)
         .write_buffer_size(target)
         .max_write_buffer_size(1024 * 1024)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            if let Some(c) = coalesce
-                && coalesce_bytes > 0
-            {
-                c.start(coalesce_bytes);
-            }
-            crate::session::run(app, socket)
-        })
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    ws.on_upgrade(config, move |socket| {
+        if let Some(c) = coalesce
+            && coalesce_bytes > 0
+        {
+            c.start(coalesce_bytes);
+        }
+        crate::session::run(app, socket)
+    })
 }
 
 /// The body of a healthy `/healthz`: `{"status":"ok"}`.

@@ -16,7 +16,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::watch;
 
 /// A command's answer once its write has committed: the encoded reply frame, if any.
 pub(crate) type Deferred = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
@@ -48,7 +47,6 @@ pub(crate) struct Ctx {
     pub me: Identity,
     pub handle: Arc<SessionHandle>,
     pub outbox: Outbox,
-    pub close: watch::Receiver<u16>,
     /// Rooms this session has joined, with the user's role in each.
     pub joined: HashMap<RoomId, RoomRole>,
     /// When this session last broadcast `typing`, per room (throttled).
@@ -71,7 +69,7 @@ impl Ctx {
     async fn push_when_room(&mut self, frame: Outgoing) -> bool {
         tokio::select! {
             r = self.outbox.send(frame) => r.is_ok(),
-            _ = closing(&mut self.close, |c| c != 0) => false,
+            () = self.handle.closed() => false,
         }
     }
 
@@ -82,11 +80,6 @@ impl Ctx {
             .copied()
             .ok_or_else(|| Error::NotMember(format!("join room {room} first")))
     }
-}
-
-/// Resolves once the session's close code satisfies `pred` (or its sender is gone).
-pub(crate) async fn closing(rx: &mut watch::Receiver<u16>, pred: impl Fn(u16) -> bool) {
-    let _ = rx.wait_for(|c| pred(*c)).await;
 }
 
 /// An `error` frame for `err`, carrying `rid` when the command had one.

@@ -305,6 +305,11 @@ settings! {
     /// idle connection keeps none. A smaller value means more writes per burst. 0: every frame
     /// is written at once.
     ws_write_buffer_bytes: usize = 16 * 1024,
+    /// Longest WebSocket frame the server sends, in bytes of payload: a longer text message
+    /// goes as fragments of at most this size (RFC 6455 §5.4; clients reassemble them). The
+    /// WebSocket library keeps a buffer as large as the largest frame it ever sent for the
+    /// connection's life, so this bounds what an idle connection keeps. 0: never fragment.
+    ws_fragment_bytes: usize = 1024,
     /// Seconds between server pings; a client silent for twice this is closed (1000). Each
     /// completed write of the session also restarts that clock. Also the time limit of each
     /// socket write (frame, flush, ping): a client that stops reading is dropped after it, even

@@ -18,9 +18,54 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 pub use crate::outbox::{Frame, Outgoing};
+
+/// A session's close code: 0 while it may go on, then the first code asked for. Its tasks wait
+/// on it (a watch channel did the same with a dozen wait lists, ~400 bytes per connection).
+#[derive(Debug, Default)]
+pub struct CloseSignal {
+    code: std::sync::atomic::AtomicU16,
+    changed: Notify,
+}
+
+impl CloseSignal {
+    /// The code asked for; 0 while none was.
+    pub fn code(&self) -> u16 {
+        self.code.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Asks for `code` unless a code was asked for already; wakes the waiters if it was set.
+    fn set(&self, code: u16) {
+        let first = self
+            .code
+            .compare_exchange(
+                0,
+                code,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .is_ok();
+        if first {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Resolves once the code satisfies `pred`.
+    pub async fn wait_for(&self, pred: impl Fn(u16) -> bool) {
+        loop {
+            // Registered before the check, so a code set in between still wakes this wait.
+            let notified = self.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if pred(self.code()) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
 
 /// What the hub holds of a session: where to queue frames and how to close it.
 #[derive(Debug)]
@@ -31,13 +76,13 @@ pub struct SessionHandle {
     pub call_waiting: bool,
     outbox: Outbox,
     /// 0 while open; the close code once the session must end. Watched by its tasks.
-    close: watch::Sender<u16>,
+    close: Arc<CloseSignal>,
     /// When the client was last heard from (ms), for the heartbeat round's idle check.
     last_heard: std::sync::atomic::AtomicI64,
 }
 
 impl SessionHandle {
-    pub fn new(id: SessionId, user: UserId, outbox: Outbox) -> (Arc<Self>, watch::Receiver<u16>) {
+    pub fn new(id: SessionId, user: UserId, outbox: Outbox) -> (Arc<Self>, Arc<CloseSignal>) {
         Self::with_call_waiting(id, user, outbox, false)
     }
 
@@ -46,8 +91,9 @@ impl SessionHandle {
         user: UserId,
         outbox: Outbox,
         call_waiting: bool,
-    ) -> (Arc<Self>, watch::Receiver<u16>) {
-        let (close, rx) = watch::channel(0);
+    ) -> (Arc<Self>, Arc<CloseSignal>) {
+        let close = Arc::new(CloseSignal::default());
+        let rx = close.clone();
         (
             Arc::new(Self {
                 id,
@@ -68,14 +114,22 @@ impl SessionHandle {
 
     /// Asks the session to close with `code`; the first code asked for wins.
     pub fn close(&self, code: u16) {
-        self.close.send_if_modified(|c| {
-            if *c == 0 {
-                *c = code;
-                true
-            } else {
-                false
-            }
-        });
+        self.close.set(code);
+    }
+
+    /// The close code asked for; 0 while the session may go on.
+    pub fn close_code(&self) -> u16 {
+        self.close.code()
+    }
+
+    /// The session's close signal, for a task that waits on it.
+    pub fn close_signal(&self) -> Arc<CloseSignal> {
+        self.close.clone()
+    }
+
+    /// Resolves once a close is asked for.
+    pub async fn closed(&self) {
+        self.close.wait_for(|c| c != 0).await;
     }
 
     /// Queues a frame without waiting. A full outbox closes the session as a slow consumer.
@@ -91,7 +145,7 @@ impl SessionHandle {
         match self.outbox.try_send(out) {
             Ok(()) => true,
             Err(Refused::Full(_)) => {
-                if *self.close.borrow() == 0 {
+                if self.close.code() == 0 {
                     metrics.slow_consumer_closes.fetch_add(1, Relaxed);
                     tracing::info!(session = %self.id, user = %self.user, "slow consumer, closing 4008");
                 }
@@ -419,7 +473,7 @@ fn deliver(m: &mut Member, frame: &Frame, seq: Option<i64>, lazy: bool, out: Out
     match &mut m.gate {
         Some(held) => {
             if held.len() >= out.gate_cap {
-                if *m.handle.close.borrow() == 0 {
+                if m.handle.close_code() == 0 {
                     out.metrics.slow_consumer_closes.fetch_add(1, Relaxed);
                 }
                 m.handle.close(close::SLOW_CONSUMER);
@@ -1518,7 +1572,7 @@ impl Hub {
                 if asked >= n {
                     return asked;
                 }
-                if *s.close.borrow() == 0 {
+                if s.close_code() == 0 {
                     s.close(code);
                     asked += 1;
                 }
@@ -1547,7 +1601,7 @@ mod tests {
     ) -> (
         Arc<SessionHandle>,
         crate::outbox::OutboxReader,
-        watch::Receiver<u16>,
+        Arc<CloseSignal>,
     ) {
         let (tx, rx) = crate::outbox::outbox(cap);
         let (h, close) = SessionHandle::new(id.into(), uid.into(), tx);
@@ -1783,8 +1837,8 @@ mod tests {
         for seq in 1..=10 {
             hub.publish(ev("r", seq));
         }
-        assert_eq!(*slow_close.borrow(), close::SLOW_CONSUMER);
-        assert_eq!(*fast_close.borrow(), 0);
+        assert_eq!(slow_close.code(), close::SLOW_CONSUMER);
+        assert_eq!(fast_close.code(), 0);
         assert_eq!(drain(&mut frx).len(), 10);
     }
 
@@ -1853,11 +1907,11 @@ mod tests {
             keep.push(rx);
         }
         assert_eq!(hub.close_some(close::GOING_AWAY, 2), 2);
-        assert_eq!(closes.iter().filter(|c| *c.borrow() != 0).count(), 2);
+        assert_eq!(closes.iter().filter(|c| c.code() != 0).count(), 2);
         assert_eq!(hub.close_some(close::GOING_AWAY, 2), 2);
         assert_eq!(hub.close_some(close::GOING_AWAY, 2), 1);
         assert_eq!(hub.close_some(close::GOING_AWAY, 2), 0);
-        assert!(closes.iter().all(|c| *c.borrow() == close::GOING_AWAY));
+        assert!(closes.iter().all(|c| c.code() == close::GOING_AWAY));
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub mod sfu;
 pub mod store;
 pub mod web;
 pub mod webhooks;
+pub mod ws;
 
 mod fuzz;
 

@@ -7,10 +7,10 @@
 //! ([`Outbox::send`]): a join replaying hundreds of events keeps pace with the socket instead
 //! of overflowing it. Knows nothing of sockets, rooms or the wire.
 
-use axum::extract::ws::Utf8Bytes;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// One encoded text frame, shared by every outbox it is queued in.
 pub type Frame = Utf8Bytes;

@@ -6,13 +6,13 @@
 
 use crate::App;
 use crate::auth::Identity;
-use crate::command::{Ctx, Deferred, Outcome, closing, error_frame};
+use crate::command::{Ctx, Deferred, Outcome, error_frame};
 use crate::error::Error;
-use crate::hub::SessionHandle;
+use crate::hub::{CloseSignal, SessionHandle};
 use crate::outbox::{Next, OutboxReader};
 use crate::protocol::{self, ClientFrame, ClientMsg, CommandKind, ServerMsg, close};
 use crate::ratelimit::TokenBucket;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use crate::ws::{Socket as WebSocket, feed_text, is_too_big, violation};
 use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -22,7 +22,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 /// Refused frames (rate-limited or malformed) counted over a 10 s window.
 struct Strikes {
@@ -71,7 +72,7 @@ fn close_reason(code: u16) -> &'static str {
 
 async fn close_with(sink: &mut SplitSink<WebSocket, Message>, code: u16, reason: &str) {
     let frame = CloseFrame {
-        code,
+        code: code.into(),
         reason: Utf8Bytes::from(reason),
     };
     let _ = tokio::time::timeout(
@@ -119,23 +120,6 @@ async fn handshake(
             .map_err(|e| unauthorized(&e.to_string())),
         _ => Err(unauthorized("first frame must be hello")),
     }
-}
-
-/// The close code for a read that failed because the client broke the WebSocket protocol:
-/// 1007 for a text frame that is not UTF-8, 1002 for anything else the protocol forbids.
-fn violation(e: &axum::Error) -> Option<u16> {
-    match std::error::Error::source(e)?.downcast_ref::<tungstenite::Error>()? {
-        tungstenite::Error::Utf8(_) => Some(close::INVALID_DATA),
-        tungstenite::Error::Protocol(_) => Some(close::PROTOCOL_ERROR),
-        _ => None,
-    }
-}
-
-/// Whether a read failed because the client's frame or message passed the size limit.
-fn is_too_big(e: &axum::Error) -> bool {
-    std::error::Error::source(e)
-        .and_then(|src| src.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|te| matches!(te, tungstenite::Error::Capacity(_)))
 }
 
 /// Runs one connection to its end.
@@ -213,11 +197,12 @@ async fn open(
     let writer = tokio::spawn(write_loop(
         sink,
         outbox_rx,
-        close_rx.clone(),
+        close_rx,
         WriteTiming {
             heartbeat: app.config.heartbeat(),
             batch: app.config.write_batch_frames,
             lazy: Duration::from_millis(app.config.presence_flush_ms),
+            fragment: app.config.ws_fragment_bytes,
         },
     ));
     let mut ctx = Ctx {
@@ -225,7 +210,6 @@ async fn open(
         me,
         handle,
         outbox,
-        close: close_rx,
         joined: HashMap::new(),
         last_typing: HashMap::new(),
     };
@@ -315,14 +299,14 @@ async fn leave_all(
     app.hub.unregister(&ctx.handle);
     crate::rtc::session_closed(&app, &ctx.me.user, sid.as_str());
     app.broker.session_closed(&ctx.me.user, sid.as_str());
-    let code = *ctx.close.borrow();
+    let code = ctx.handle.close_code();
     tracing::info!(session = %sid, user = %ctx.me.user, code, "session ended");
     drop(ctx);
     drop(stream);
     let _ = writer.await;
 }
 
-/// Reads frames and runs their commands until the session ends: the close watch fires, the
+/// Reads frames and runs their commands until the session ends: a close is asked for, the
 /// token expires, the socket ends, or the client breaks the rules. Commands whose writes are
 /// deferred are answered as they finish, at most `max_inflight_per_session` at a time.
 async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
@@ -331,11 +315,11 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     let mut bucket = TokenBucket::new(cfg.rate_per_s, cfg.rate_burst);
     let mut strikes = Strikes::new(cfg.abuse_strikes);
     let mut inflight: FuturesUnordered<Deferred> = FuturesUnordered::new();
-    // One close watcher for the whole loop, polled by reference: building one per frame
+    // One close waiter for the whole loop, polled by reference: building one per frame
     // registered a new waiter for every command. Idleness is the hub's heartbeat round's to
     // judge (see `Hub::heartbeat`), from when the client was last heard.
-    let mut close = ctx.close.clone();
-    let closed = closing(&mut close, |c| c != 0);
+    let signal = ctx.handle.close_signal();
+    let closed = signal.wait_for(|c| c != 0);
     tokio::pin!(closed);
     // The token's end (plus the verification leeway); `refresh` moves it, and the timer is
     // re-armed when it finds the token renewed.
@@ -418,7 +402,7 @@ fn step_of<'a>(
     ctx: &'a mut Ctx,
     bucket: &mut TokenBucket,
     strikes: &mut Strikes,
-    msg: Option<Result<Message, axum::Error>>,
+    msg: Option<Result<Message, tungstenite::Error>>,
 ) -> ControlFlow<(), Step<'a>> {
     match text_of(ctx, strikes, msg)? {
         Read::Skip => ControlFlow::Continue(Step::Reply(None)),
@@ -445,7 +429,7 @@ fn answer_accepted<'a>(
 
 /// Queues the `bye` when the session ends because the server is shutting down.
 fn say_bye_on_shutdown(ctx: &Ctx) {
-    if *ctx.close.borrow() == close::GOING_AWAY {
+    if ctx.handle.close_code() == close::GOING_AWAY {
         let _ = ctx
             .outbox
             .try_send(protocol::encode(&ServerMsg::Bye { reason: "shutdown" }));
@@ -457,7 +441,7 @@ fn say_bye_on_shutdown(ctx: &Ctx) {
 fn text_of(
     ctx: &mut Ctx,
     strikes: &mut Strikes,
-    msg: Option<Result<Message, axum::Error>>,
+    msg: Option<Result<Message, tungstenite::Error>>,
 ) -> ControlFlow<(), Read> {
     match msg {
         None => ControlFlow::Break(()),
@@ -583,6 +567,8 @@ struct WriteTiming {
     batch: usize,
     /// How long lazy frames (presence, typing, counts) may wait for the next flush.
     lazy: Duration,
+    /// Longest frame sent whole; longer ones go as fragments (0: none do).
+    fragment: usize,
 }
 
 /// Resolves when the armed deadline passes; never when none is armed.
@@ -601,31 +587,22 @@ async fn deadline(due: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut outbox: OutboxReader,
-    close: watch::Receiver<u16>,
+    close: Arc<CloseSignal>,
     timing: WriteTiming,
 ) {
     // A client that stops reading (a zero TCP window) must not pin this task or its socket:
     // every write gets a heartbeat to finish.
     let limit = timing.heartbeat;
-    // Once the session's handle is gone the watch resolves at once: stop watching then, and
-    // let the drained outbox end the loop.
-    let mut watching = true;
-    // One long-lived close watcher, polled by reference: re-creating it on every wake-up
-    // registered a fresh watch waiter per delivered frame.
-    let mut watcher = close.clone();
-    let closed = closing(&mut watcher, closes_at_once);
+    // One long-lived close waiter, polled by reference: re-creating it on every wake-up
+    // registered a fresh waiter per delivered frame.
+    let closed = close.wait_for(closes_at_once);
     tokio::pin!(closed);
     // When buffered lazy frames must be flushed at the latest.
     let mut lazy_due: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
             biased;
-            _ = &mut closed, if watching => {
-                if closes_at_once(*close.borrow()) {
-                    break;
-                }
-                watching = false;
-            }
+            () = &mut closed => break,
             next = outbox.recv() => {
                 let queued = match next {
                     None => break,
@@ -641,16 +618,16 @@ async fn write_loop(
                 // One time limit for the whole batch (a timer per frame showed in profiles).
                 let batch = async {
                     let mut urgent = !queued.lazy;
-                    sink.feed(Message::Text(queued.frame)).await?;
+                    feed_text(&mut sink, queued.frame, timing.fragment).await?;
                     for _ in 1..timing.batch {
                         let Some(q) = outbox.try_recv() else { break };
                         urgent |= !q.lazy;
-                        sink.feed(Message::Text(q.frame)).await?;
+                        feed_text(&mut sink, q.frame, timing.fragment).await?;
                     }
                     if urgent {
                         sink.flush().await?;
                     }
-                    Ok::<bool, axum::Error>(urgent)
+                    Ok::<bool, tungstenite::Error>(urgent)
                 };
                 match tokio::time::timeout(limit, batch).await {
                     Ok(Ok(true)) => lazy_due = None,
@@ -670,7 +647,7 @@ async fn write_loop(
             }
         }
     }
-    let code = final_code(*close.borrow());
+    let code = final_code(close.code());
     Box::pin(close_with(&mut sink, code, close_reason(code))).await;
 }
 
@@ -717,7 +694,7 @@ mod tests {
             |(k, o, c, t): (
                 SplitSink<WebSocket, Message>,
                 OutboxReader,
-                watch::Receiver<u16>,
+                Arc<CloseSignal>,
                 WriteTiming,
             )| write_loop(k, o, c, t),
         );

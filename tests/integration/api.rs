@@ -300,3 +300,29 @@ async fn the_openapi_document_lists_the_room_list() {
     assert_eq!(params, ["kind", "member", "limit", "cursor"]);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_to_ws_that_is_no_upgrade_is_told_what_is_missing() {
+    let s = Server::sqlite(|_| {}).await;
+    let cases = [
+        ("no Upgrade", "Connection: Upgrade\r\n", "'websocket'"),
+        (
+            "old version",
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            "version 13",
+        ),
+        (
+            "no key",
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+            "Sec-WebSocket-Key",
+        ),
+    ];
+    for (what, headers, says) in cases {
+        let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n");
+        let answer = raw(s.addr, req.into_bytes()).await;
+        assert_json_error(what, &answer, (400, "bad_request"));
+        assert!(answer.2.contains(says), "{what}: {}", answer.2);
+    }
+    s.stop().await;
+}

@@ -448,3 +448,131 @@ async fn a_session_joins_at_most_max_rooms_per_session() {
     c.join("c").await;
     s.stop().await;
 }
+
+/// Reads one (unmasked) server frame from a raw socket, topping `buf` up as needed:
+/// `(fin, opcode, payload)`.
+async fn raw_frame(raw: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (bool, u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if buf.len() >= 2 {
+            let (len, hdr) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                127 if buf.len() >= 10 => {
+                    let mut n = [0u8; 8];
+                    n.copy_from_slice(&buf[2..10]);
+                    (u64::from_be_bytes(n) as usize, 10)
+                }
+                126 | 127 => (usize::MAX, 0),
+                l => (l as usize, 2),
+            };
+            if len != usize::MAX && buf.len() >= hdr + len {
+                let (fin, op) = (buf[0] & 0x80 != 0, buf[0] & 0x0f);
+                let payload = buf[hdr..hdr + len].to_vec();
+                buf.drain(..hdr + len);
+                return (fin, op, payload);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = raw.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the socket ended");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A client text frame (masked with a zero key, so the payload reads as is).
+fn client_text(text: &str) -> Vec<u8> {
+    let mut frame = vec![0x81u8];
+    match text.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(text.as_bytes());
+    frame
+}
+
+#[tokio::test]
+async fn a_long_message_is_sent_as_fragments_no_longer_than_ws_fragment_bytes() {
+    use tokio::io::AsyncWriteExt;
+    const FRAGMENT: usize = 256;
+    let s = Server::sqlite(|c| c.ws_fragment_bytes = FRAGMENT).await;
+    s.room("frag", "open").await;
+    let mut raw = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: chat, studyhall.v1\r\n\r\n",
+        s.addr
+    );
+    raw.write_all(req.as_bytes()).await.unwrap();
+    // The handshake answer (RFC 6455's own example key), then whatever frames follow it.
+    let mut buf = Vec::new();
+    let head = within("101", async {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                buf.drain(..end + 4);
+                return head;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = raw.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "no answer to the upgrade");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    assert!(
+        head.contains("sec-websocket-protocol: studyhall.v1"),
+        "{head}"
+    );
+
+    // Multi-byte characters straddle the fragment boundaries.
+    let text = format!("{}{}", "é€".repeat(150), "x".repeat(300));
+    for cmd in [
+        json!({"type":"hello","token":s.token("frag")}),
+        json!({"type":"join","room":"frag","rid":1}),
+        json!({"type":"send","room":"frag","text":text,"client_msg_id":"f1","rid":2}),
+    ] {
+        raw.write_all(&client_text(&cmd.to_string())).await.unwrap();
+    }
+    // Reassemble messages until the long one comes back, checking every frame on the way.
+    let (message, fragments) = within("the long message", async {
+        let mut parts: Vec<u8> = Vec::new();
+        let mut count = 0;
+        loop {
+            let (fin, op, payload) = raw_frame(&mut raw, &mut buf).await;
+            if op == 9 {
+                continue; // the server's ping
+            }
+            assert!(payload.len() <= FRAGMENT, "a {}-byte frame", payload.len());
+            assert_eq!(
+                op,
+                if parts.is_empty() && count == 0 { 1 } else { 0 },
+                "opcode"
+            );
+            parts.extend_from_slice(&payload);
+            count += 1;
+            if fin {
+                let msg: Value = serde_json::from_slice(&parts).expect("one JSON object");
+                if msg["type"] == "message" {
+                    return (msg, count);
+                }
+                parts.clear();
+                count = 0;
+            }
+        }
+    })
+    .await;
+    assert_eq!(message["text"], text.as_str());
+    assert!(fragments >= text.len() / FRAGMENT, "{fragments} fragments");
+    s.stop().await;
+}

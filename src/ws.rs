@@ -1,0 +1,293 @@
+//! The WebSocket transport of `/ws`: the opening handshake (RFC 6455 §4.2: the upgrade
+//! request checked, `101 Switching Protocols` with the accept key and the `studyhall.v1`
+//! subprotocol when the client offers it), the upgraded connection handed to tungstenite with
+//! the server's limits, and the sending of a text frame, split into fragments when it is long.
+//!
+//! It owns the socket type rather than taking axum's: sending fragments needs tungstenite's
+//! raw frames, and tungstenite keeps a write buffer as large as the largest frame it ever
+//! formatted for the rest of the connection's life, so a connection that once got a long
+//! frame (a `joined` reply listing a hundred members) would keep that much memory while idle.
+//! Sent as fragments of at most `ws_fragment_bytes`, no frame is larger than that. Clients
+//! reassemble fragments as every WebSocket implementation must (RFC 6455 §5.4).
+//!
+//! Knows nothing of sessions, commands or the wire's JSON.
+
+use crate::error::Error;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::{Sink, SinkExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+
+/// An upgraded `/ws` connection.
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// The GUID every server appends to the client's key (RFC 6455 §1.3).
+const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// A checked WebSocket upgrade request: the extractor of the `/ws` handler.
+pub struct Upgrade {
+    on_upgrade: OnUpgrade,
+    accept: HeaderValue,
+    /// The subprotocol to confirm, when the client offered one the server speaks.
+    protocol: Option<HeaderValue>,
+}
+
+/// Whether the comma-separated header `name` lists `token` (case-insensitively).
+fn lists(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The `Sec-WebSocket-Accept` value for a client's `Sec-WebSocket-Key`.
+fn accept_key(key: &[u8]) -> HeaderValue {
+    use base64::Engine;
+    use sha1::{Digest, Sha1};
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(ACCEPT_GUID);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+    // Base64 is always a valid header value.
+    HeaderValue::from_str(&encoded).unwrap_or(HeaderValue::from_static(""))
+}
+
+impl Upgrade {
+    /// Checks the request's upgrade headers; the refusal says what is missing.
+    fn check(parts: &mut Parts, subprotocol: &'static str) -> Result<Self, Refusal> {
+        let bad = |why| Refusal(StatusCode::BAD_REQUEST, why);
+        let h = &parts.headers;
+        if !lists(h, header::CONNECTION, "upgrade") {
+            return Err(bad("Connection header did not include 'upgrade'"));
+        }
+        if !lists(h, header::UPGRADE, "websocket") {
+            return Err(bad("`Upgrade` header did not include 'websocket'"));
+        }
+        if h.get(header::SEC_WEBSOCKET_VERSION)
+            .is_none_or(|v| v.as_bytes() != b"13")
+        {
+            return Err(bad("WebSocket version 13 required"));
+        }
+        let Some(key) = h.get(header::SEC_WEBSOCKET_KEY) else {
+            return Err(bad("`Sec-WebSocket-Key` header missing"));
+        };
+        let accept = accept_key(key.as_bytes());
+        let protocol = lists(h, header::SEC_WEBSOCKET_PROTOCOL, subprotocol)
+            .then(|| HeaderValue::from_static(subprotocol));
+        let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
+            return Err(Refusal(
+                StatusCode::UPGRADE_REQUIRED,
+                "this connection cannot be upgraded",
+            ));
+        };
+        Ok(Self {
+            on_upgrade,
+            accept,
+            protocol,
+        })
+    }
+
+    /// Answers `101 Switching Protocols` and, once the connection has switched, runs `serve`
+    /// on it in a task of its own.
+    pub fn on_upgrade<F, Fut>(self, config: WebSocketConfig, serve: F) -> Response
+    where
+        F: FnOnce(Socket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Self {
+            on_upgrade,
+            accept,
+            protocol,
+        } = self;
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                tracing::debug!("the connection ended before switching to WebSocket");
+                return;
+            };
+            let socket = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            )
+            .await;
+            serve(socket).await;
+        });
+        let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
+        let h = res.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        if let Some(p) = protocol {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+        }
+        res
+    }
+}
+
+/// Why a request to `/ws` is not upgraded: its status and what is missing, answered as a
+/// `bad_request` JSON error.
+#[derive(Debug)]
+pub struct Refusal(StatusCode, &'static str);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut res = Error::BadRequest(self.1.to_owned()).into_response();
+        *res.status_mut() = self.0;
+        res
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Self::check(parts, crate::protocol::SUBPROTOCOL)
+    }
+}
+
+/// Feeds one text frame to `sink` (without flushing): whole when it is at most `fragment`
+/// bytes long (or `fragment` is 0), else as a run of fragments of at most `fragment` bytes,
+/// each cut on a character boundary.
+pub async fn feed_text<S>(sink: &mut S, text: Utf8Bytes, fragment: usize) -> Result<(), S::Error>
+where
+    S: Sink<Message> + Unpin,
+{
+    if fragment == 0 || text.len() <= fragment {
+        return sink.feed(Message::Text(text)).await;
+    }
+    let cuts = cuts(text.as_str(), fragment);
+    let bytes = Bytes::from(text);
+    let mut start = 0;
+    let mut first = true;
+    for end in cuts {
+        let opcode = if first {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let last = end == bytes.len();
+        let frame = Frame::message(bytes.slice(start..end), opcode, last);
+        sink.feed(Message::Frame(frame)).await?;
+        start = end;
+        first = false;
+    }
+    Ok(())
+}
+
+/// Where the fragments of `text` end: each at most `fragment` bytes long (but never empty,
+/// even for a character longer than `fragment`), the last at `text.len()`.
+fn cuts(text: &str, fragment: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(text.len() / fragment.max(1) + 1);
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + fragment).min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end == start {
+            // One character longer than a fragment: it goes whole.
+            end = start + 1;
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+        }
+        out.push(end);
+        start = end;
+    }
+    out
+}
+
+/// Whether a read failed because the client broke the WebSocket protocol (1007 for a text
+/// frame that is not UTF-8, 1002 for anything else it forbids), with that close code.
+pub fn violation(e: &tungstenite::Error) -> Option<u16> {
+    match e {
+        tungstenite::Error::Utf8(_) => Some(crate::protocol::close::INVALID_DATA),
+        tungstenite::Error::Protocol(_) => Some(crate::protocol::close::PROTOCOL_ERROR),
+        _ => None,
+    }
+}
+
+/// Whether a read failed because the client's frame or message passed the size limit.
+pub fn is_too_big(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Capacity(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accept_key_is_the_rfc_example() {
+        // RFC 6455 §1.3.
+        let got = accept_key(b"dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(got, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn fragments_are_cut_on_character_boundaries_and_cover_the_text() {
+        let text = "aé€😀".repeat(50);
+        for fragment in [1, 2, 3, 5, 16, 100, 1000] {
+            let cuts = cuts(&text, fragment);
+            let mut start = 0;
+            for &end in &cuts {
+                assert!(end > start, "an empty fragment at {start} ({fragment})");
+                assert!(text.is_char_boundary(end));
+                // Longer than a fragment only when one character is.
+                assert!(
+                    end - start <= fragment.max(4),
+                    "{start}..{end} ({fragment})"
+                );
+                start = end;
+            }
+            assert_eq!(start, text.len());
+        }
+    }
+
+    /// Collects what `feed_text` feeds into a sink.
+    async fn fed(text: &str, fragment: usize) -> Vec<Message> {
+        let mut out: Vec<Message> = Vec::new();
+        feed_text(&mut out, Utf8Bytes::from(text.to_owned()), fragment)
+            .await
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_long_text_goes_as_one_text_fragment_then_continuations_ending_in_fin() {
+        let whole = fed("short", 16).await;
+        assert!(matches!(&whole[..], [Message::Text(t)] if t.as_str() == "short"));
+        let text = "x".repeat(40);
+        let parts = fed(&text, 16).await;
+        assert_eq!(parts.len(), 3);
+        let mut joined = Vec::new();
+        for (i, m) in parts.iter().enumerate() {
+            let Message::Frame(f) = m else {
+                panic!("fragment {i} is not a raw frame")
+            };
+            let want = if i == 0 {
+                OpCode::Data(Data::Text)
+            } else {
+                OpCode::Data(Data::Continue)
+            };
+            assert_eq!(f.header().opcode, want);
+            assert_eq!(f.header().is_final, i == 2);
+            assert!(f.payload().len() <= 16);
+            joined.extend_from_slice(f.payload());
+        }
+        assert_eq!(joined, text.as_bytes());
+        // 0: never fragmented.
+        assert_eq!(fed(&text, 0).await.len(), 1);
+    }
+}

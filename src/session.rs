@@ -314,7 +314,9 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
     let max_inflight = cfg.max_inflight_per_session;
     let mut bucket = TokenBucket::new(cfg.rate_per_s, cfg.rate_burst);
     let mut strikes = Strikes::new(cfg.abuse_strikes);
-    let mut inflight: FuturesUnordered<Deferred> = FuturesUnordered::new();
+    // Made at the first deferred write: a session that only reads (most of a room) never
+    // allocates one (its queue and stub task are ~200 bytes).
+    let mut inflight: Option<FuturesUnordered<Deferred>> = None;
     // One close waiter for the whole loop, polled by reference: building one per frame
     // registered a new waiter for every command. Idleness is the hub's heartbeat round's to
     // judge (see `Hub::heartbeat`), from when the client was last heard.
@@ -335,7 +337,7 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
                     break;
                 }
             }
-            Some(reply) = inflight.next(), if !inflight.is_empty() => {
+            Some(reply) = next_reply(&mut inflight), if in_flight(&inflight) > 0 => {
                 // While writes are in flight the socket may go unread (the in-flight limit):
                 // a slow store must not make a live client look idle.
                 ctx.handle.heard(crate::store::now_ms());
@@ -345,7 +347,7 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
                     break;
                 }
             }
-            msg = stream.next(), if inflight.len() < max_inflight => {
+            msg = stream.next(), if in_flight(&inflight) < max_inflight => {
                 ctx.handle.heard(crate::store::now_ms());
                 // In a block: the step (and its borrow of the session) ends before the push.
                 let reply = {
@@ -358,7 +360,7 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
                         Step::Run(rid, command) => match command.await {
                             Ok(Outcome::Ok(reply)) => rid.map(reply),
                             Ok(Outcome::Deferred(fut)) => {
-                                inflight.push(fut);
+                                inflight.get_or_insert_with(FuturesUnordered::new).push(fut);
                                 None
                             }
                             Ok(Outcome::Done) => None,
@@ -377,8 +379,23 @@ async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
 
     // Writes already accepted are answered before the session goes (bounded by the grace).
     let grace = Duration::from_millis(ctx.app.config.shutdown_grace_ms);
-    let _ = answer_accepted(&mut inflight, &ctx.outbox, grace).await;
+    if let Some(inflight) = inflight.as_mut() {
+        let _ = answer_accepted(inflight, &ctx.outbox, grace).await;
+    }
     say_bye_on_shutdown(ctx);
+}
+
+/// Writes in flight (deferred until their commit).
+fn in_flight(inflight: &Option<FuturesUnordered<Deferred>>) -> usize {
+    inflight.as_ref().map_or(0, FuturesUnordered::len)
+}
+
+/// The next deferred write's reply; `None` when none is in flight.
+async fn next_reply(inflight: &mut Option<FuturesUnordered<Deferred>>) -> Option<Option<String>> {
+    match inflight {
+        Some(f) => f.next().await,
+        None => None,
+    }
 }
 
 /// The token timer fired: re-arms it if the token was renewed meanwhile (`Continue`), or

@@ -259,7 +259,7 @@ async fn ws_upgrade(
     // at most that much per call: most commands are a few hundred bytes, and a larger frame
     // grows the buffer to its own size.
     let config = WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(app.config.ws_read_buffer_bytes)
         .write_buffer_size(target)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(Some(max))

@@ -310,6 +310,10 @@ settings! {
     /// WebSocket library keeps a buffer as large as the largest frame it ever sent for the
     /// connection's life, so this bounds what an idle connection keeps. 0: never fragment.
     ws_fragment_bytes: usize = 1024,
+    /// Bytes of a WebSocket's read buffer, allocated when it opens; also the most read from
+    /// the socket at once. A frame larger than this grows the buffer to its size, and the
+    /// buffer keeps that size for the connection's life.
+    ws_read_buffer_bytes: usize = 1024,
     /// Seconds between server pings; a client silent for twice this is closed (1000). Each
     /// completed write of the session also restarts that clock. Also the time limit of each
     /// socket write (frame, flush, ping): a client that stops reading is dropped after it, even
@@ -722,6 +726,7 @@ impl Config {
         positive("max_frame_bytes", self.max_frame_bytes as u64)?;
         positive("outbox_frames", self.outbox_frames as u64)?;
         positive("write_batch_frames", self.write_batch_frames as u64)?;
+        positive("ws_read_buffer_bytes", self.ws_read_buffer_bytes as u64)?;
         positive("heartbeat_s", self.heartbeat_s)?;
         positive("hello_timeout_ms", self.hello_timeout_ms)?;
         positive("http_header_timeout_ms", self.http_header_timeout_ms)?;

@@ -167,46 +167,40 @@ where
     if fragment == 0 || text.len() <= fragment {
         return sink.feed(Message::Text(text)).await;
     }
-    let cuts = cuts(text.as_str(), fragment);
     let bytes = Bytes::from(text);
     let mut start = 0;
-    let mut first = true;
-    for end in cuts {
-        let opcode = if first {
+    while start < bytes.len() {
+        let end = next_cut(&bytes, start, fragment);
+        let opcode = if start == 0 {
             OpCode::Data(Data::Text)
         } else {
             OpCode::Data(Data::Continue)
         };
-        let last = end == bytes.len();
-        let frame = Frame::message(bytes.slice(start..end), opcode, last);
+        let frame = Frame::message(bytes.slice(start..end), opcode, end == bytes.len());
         sink.feed(Message::Frame(frame)).await?;
         start = end;
-        first = false;
     }
     Ok(())
 }
 
-/// Where the fragments of `text` end: each at most `fragment` bytes long (but never empty,
-/// even for a character longer than `fragment`), the last at `text.len()`.
-fn cuts(text: &str, fragment: usize) -> Vec<usize> {
-    let mut out = Vec::with_capacity(text.len() / fragment.max(1) + 1);
-    let mut start = 0;
-    while start < text.len() {
-        let mut end = (start + fragment).min(text.len());
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        if end == start {
-            // One character longer than a fragment: it goes whole.
-            end = start + 1;
-            while !text.is_char_boundary(end) {
-                end += 1;
-            }
-        }
-        out.push(end);
-        start = end;
+/// Where the fragment of the UTF-8 text `text` that begins at `start` ends: at most `fragment`
+/// bytes on, on a character boundary, never empty (a character longer than `fragment` goes
+/// whole), and at most at `text.len()`. Computed as the fragments go, so sending a long
+/// message allocates nothing.
+fn next_cut(text: &[u8], start: usize, fragment: usize) -> usize {
+    // In UTF-8 only continuation bytes look like 0b10xx_xxxx.
+    let boundary = |i: usize| i == text.len() || text[i] & 0xC0 != 0x80;
+    let mut end = (start + fragment).min(text.len());
+    while end > start && !boundary(end) {
+        end -= 1;
     }
-    out
+    if end == start {
+        end = start + 1;
+        while !boundary(end) {
+            end += 1;
+        }
+    }
+    end
 }
 
 /// Whether a read failed because the client broke the WebSocket protocol (1007 for a text
@@ -239,9 +233,9 @@ mod tests {
     fn fragments_are_cut_on_character_boundaries_and_cover_the_text() {
         let text = "aé€😀".repeat(50);
         for fragment in [1, 2, 3, 5, 16, 100, 1000] {
-            let cuts = cuts(&text, fragment);
             let mut start = 0;
-            for &end in &cuts {
+            while start < text.len() {
+                let end = next_cut(text.as_bytes(), start, fragment);
                 assert!(end > start, "an empty fragment at {start} ({fragment})");
                 assert!(text.is_char_boundary(end));
                 // Longer than a fragment only when one character is.

@@ -619,7 +619,8 @@ settings! {
     /// Cluster mode: milliseconds between two drain batches.
     drain_interval_ms: u64 = 100,
     /// Cluster mode: milliseconds a node waits for the node that owns a call, or runs a room's
-    /// SFU, to answer a forwarded call or SFU command (else `unavailable`); also bounds NATS
+    /// SFU, to answer a forwarded call or SFU command (else `unavailable`), and for the nodes
+    /// not heard from yet to say whether a called user is online there; also bounds NATS
     /// flushes.
     bus_request_timeout_ms: u64 = 2_000,
     /// Cluster mode: messages waiting for the NATS publisher at most; past it a publish is

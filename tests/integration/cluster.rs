@@ -680,9 +680,13 @@ async fn a_call_to_a_user_who_just_connected_elsewhere_rings_at_once() {
     eventually("call before any heartbeat", async {
         // Heartbeats so rare (and a TTL so long) that node 0's directory cannot learn of
         // bob's session during the test: only asking the other nodes can find it.
+        // The question to the other nodes is answered well within its bound (every node
+        // heard from answers at once); a generous bound keeps a starved CI machine from
+        // turning a slow answer into a refusal.
         let slow = [
             ("STUDYHALL_PRESENCE_HEARTBEAT_MS", "120000"),
             ("STUDYHALL_PRESENCE_TTL_MS", "600000"),
+            ("STUDYHALL_BUS_REQUEST_TIMEOUT_MS", "15000"),
         ];
         let c = Cluster::start_with(2, &slow).await;
         let mut alice = Client::connect(c.addr(0), &student("alice")).await;

@@ -87,6 +87,9 @@ export class Calls {
     this.av = null;
     // The camera asked for; a page (or a test) may lower it before joining.
     this.videoConstraints = { width: 640, height: 480 };
+    // The microphone asked for (the browser's echo cancellation, noise suppression and gain
+    // control by default); a page (or a test) may change it before joining.
+    this.audioConstraints = true;
     client.on('call_incoming', (m) => this.onIncoming(m));
     client.on('call_state', (m) => this.onCallState(m));
     client.on('call_ended', (m) => this.onEnded(m));
@@ -103,7 +106,8 @@ export class Calls {
   async media(kinds = { audio: true, video: true }) {
     if (this.local) return this.local;
     const video = kinds.video ? this.videoConstraints : false;
-    this.local = await navigator.mediaDevices.getUserMedia({ audio: !!kinds.audio, video });
+    const audio = kinds.audio ? this.audioConstraints : false;
+    this.local = await navigator.mediaDevices.getUserMedia({ audio, video });
     return this.local;
   }
 

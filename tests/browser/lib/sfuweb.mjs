@@ -8,7 +8,14 @@ import assert from 'node:assert/strict';
 import { startServer, launchBrowser, sleep, API_KEY } from './harness.mjs';
 
 export const T = 20000;
+/// How often an in-page wait checks its condition (Playwright's default is every animation
+/// frame, which keeps every page of a busy runner rendering at full rate).
+export const POLL = 250;
 export const SMALL = { width: 160, height: 120, frameRate: 10 };
+/// The fake microphone without the browser's audio processing: echo cancellation, noise
+/// suppression and gain control of eight microphones cost a 2-core runner half a core in
+/// Chromium's audio service, and the fake beep needs none of them.
+export const RAW_AUDIO = { echoCancellation: false, noiseSuppression: false, autoGainControl: false };
 
 /// Starts the server and the browser; `stop()` closes the pages, the browser and the server.
 /// `env`: extra server settings; `relay`: every peer connection the pages make is relay-only
@@ -85,7 +92,10 @@ export async function sfuRig({ env = {}, relay = false, browserArgs = [] } = {})
     await page.click('#join-form button[type="submit"]');
     await page.locator('#room-title', { hasText: room }).waitFor({ timeout: T });
     await page.click('.tabs button[data-tab="av"]');
-    await page.evaluate((c) => (window.studyhall.calls.videoConstraints = c), SMALL);
+    await page.evaluate(([v, a]) => {
+      window.studyhall.calls.videoConstraints = v;
+      window.studyhall.calls.audioConstraints = a;
+    }, [SMALL, RAW_AUDIO]);
   }
 
   /// Clicks "Join A/V" and waits for the SFU grid; returns {mode, publish}.
@@ -106,7 +116,9 @@ export async function sfuRig({ env = {}, relay = false, browserArgs = [] } = {})
   }
 
   async function joinAv(page) {
-    await page.click('#av-join');
+    // A page joining a class whose media already fills the runner's CPU can take a while to
+    // render the click target as stable.
+    await page.click('#av-join', { timeout: 60000 });
     await page.locator('#av-grid[data-mode="sfu"]').waitFor({ state: 'attached', timeout: T });
     return page.evaluate(() => ({ mode: window.studyhall.calls.av.mode, publish: window.studyhall.calls.av.publish }));
   }

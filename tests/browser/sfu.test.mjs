@@ -9,7 +9,7 @@
 // their tiles go at the others, who still decode each other; then the host's mute button on a tile
 // (`av_mute`) shows a toast and disables the local track at its owner (unmute, `av_unmute`,
 // turns it back on and the others decode it again), and `av_leave` removes the tile at the others. The live room on
-// the SFU is sfu-live.test.mjs (a file of its own: each file has 150 s in the suite).
+// the SFU is sfu-live.test.mjs (a file of its own: each file has 300 s in the suite).
 // Relay-only (TURN) on the SFU is sfu-relay.test.mjs.
 
 import { test, before, after } from 'node:test';

@@ -183,10 +183,7 @@ export async function servePage() {
   };
 }
 
-/// Chromium (`$CHROMIUM`, else /usr/bin/chromium) started through lib/chromium-niced at nice
-/// 10 (`$BROWSER_NICE`): the browsers play users on machines of their own, so on a shared
-/// 2-core runner their hundreds of threads must not starve the server under test, whose
-/// replies they wait on.
+/// Chromium, started through lib/chromium-niced (which says why and how).
 const NICED_CHROMIUM = fileURLToPath(new URL('./chromium-niced', import.meta.url));
 
 /// Headless Chromium with fake camera and microphone. `extraArgs`, e.g. a smaller fake

@@ -4,8 +4,11 @@
 use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use studyhall::auth::now_s;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn hello_then_close(s: &Server, first: Message) -> (Option<Value>, Option<u16>) {
@@ -303,9 +306,23 @@ async fn a_slow_consumer_is_closed_4008_while_200_members_keep_receiving() {
         c.join("big").await;
         members.push(c);
     }
+    // Every message any member has read, so the sender can keep the members within a window
+    // of itself: the test is about one reader that never reads, not about how far 200 tasks
+    // on a shared CI machine fall behind a sender that never waits for them.
+    let read = Arc::new((AtomicUsize::new(0), Notify::new()));
     let readers: Vec<_> = members
         .into_iter()
-        .map(|mut c| tokio::spawn(async move { c.messages(MESSAGES).await.len() }))
+        .map(|mut c| {
+            let read = read.clone();
+            tokio::spawn(async move {
+                for _ in 0..MESSAGES {
+                    c.next_of("message").await;
+                    read.0.fetch_add(1, Ordering::Relaxed);
+                    read.1.notify_one();
+                }
+                MESSAGES
+            })
+        })
         .collect();
     let mut sender = s.client("teacher").await;
     sender.join("big").await;
@@ -320,16 +337,19 @@ async fn a_slow_consumer_is_closed_4008_while_200_members_keep_receiving() {
             assert_eq!(sender.reply(rid).await["type"], "ok");
         }
         sender.pending.clear();
+        let sent = (window + 1) * 50;
+        within("members read the window", async {
+            while read.0.load(Ordering::Relaxed) < MEMBERS * sent {
+                read.1.notified().await;
+            }
+        })
+        .await;
     }
     for r in readers {
         assert_eq!(within("member reads all", r).await.unwrap(), MESSAGES);
     }
     assert_eq!(close_code(&mut slow).await, Some(4008));
-    let closes = s
-        .app
-        .metrics
-        .slow_consumer_closes
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let closes = s.app.metrics.slow_consumer_closes.load(Ordering::Relaxed);
     assert_eq!(closes, 1, "only the slow one was closed");
     s.stop().await;
 }

@@ -1078,7 +1078,11 @@ impl Bus {
                     }
                 }
                 Some(Tag::Who) => {
-                    if let (Some(reply), Some(user)) = (msg.reply.clone(), r.rest_str()) {
+                    // Not its own question: the asker counts the other nodes' answers.
+                    if let (Some(reply), Some(asker), Some(user)) =
+                        (msg.reply.clone(), r.str16(), r.rest_str())
+                        && asker != self.node
+                    {
                         let mine = self.hub.local_sessions(&UserId::from(user));
                         if let Ok(body) = serde_json::to_vec(&mine)
                             && let Err(e) = self.client.publish(reply, Bytes::from(body)).await
@@ -1102,19 +1106,23 @@ impl Bus {
     }
 
     /// Asks every other node for `user`'s sessions there (one question on the control
-    /// subject, every node answers on one inbox). Returns once every node this one hears has
-    /// answered, or after a short timeout with what came.
+    /// subject, naming the asker so that it does not answer itself; every other node answers
+    /// on one inbox). Returns once every node this one hears has answered, or after the
+    /// timeout with what came.
     async fn ask_sessions_now(
         client: Client,
         timeout: Duration,
         expected: usize,
+        asker: String,
         user: UserId,
     ) -> Vec<(String, bool)> {
         let inbox = client.new_inbox();
         let Ok(mut answers) = client.subscribe(inbox.clone()).await else {
             return Vec::new();
         };
-        let question = Writer::new(Tag::Who, user.as_str().len()).rest(user.as_str().as_bytes());
+        let question = Writer::new(Tag::Who, asker.len() + user.as_str().len() + 2)
+            .str16(&asker)
+            .rest(user.as_str().as_bytes());
         if client
             .publish_with_reply(CTL_SUBJECT, inbox, question)
             .await
@@ -1564,6 +1572,7 @@ impl Broker for Bus {
             self.client.clone(),
             self.request_timeout,
             self.heard_nodes().len(),
+            self.node.clone(),
             user.clone(),
         ))
     }

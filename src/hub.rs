@@ -214,6 +214,12 @@ struct RoomState {
     /// The highest seq fanned out to the room, once known: from the store at the room's first
     /// join here, then from every event published (in seq order).
     published: Option<i64>,
+    /// Which life of the room on this node this is: the room's state is dropped when its last
+    /// session leaves, and what was published meanwhile was not seen here.
+    era: u64,
+    /// The seq of the last event published here that changes what a join snapshot shows (see
+    /// [`crate::protocol::changes_join_snapshot`]); 0 if none in this era.
+    snapshot_changed: i64,
 }
 
 /// Which sessions of a room a frame is for.
@@ -555,6 +561,29 @@ pub struct Hub {
     counts_due: std::sync::Mutex<HashSet<RoomId>>,
     /// Rooms with presence changes for the next presence round.
     presence_due: std::sync::Mutex<HashSet<RoomId>>,
+    /// The last era given to a room's state (see [`SnapshotMark`]).
+    eras: std::sync::atomic::AtomicU64,
+}
+
+/// Where a room's events stand on this node, for caches of what a join snapshot shows: a copy
+/// read from the store when the mark was `m` is still good at mark `now` if
+/// [`SnapshotMark::still_good`] says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotMark {
+    era: u64,
+    /// The highest seq published here.
+    published: i64,
+    /// The seq of the last published event that changes a join snapshot.
+    changed: i64,
+}
+
+impl SnapshotMark {
+    /// Whether what was read from the store after `self` was taken still holds at `now`: the
+    /// room has lived on this node since, and no event published after `self` changed it
+    /// (every event up to `self.published` had committed before the read).
+    pub fn still_good(&self, now: &SnapshotMark) -> bool {
+        self.era == now.era && now.changed <= self.published
+    }
 }
 
 impl Hub {
@@ -579,6 +608,7 @@ impl Hub {
             presence_changed: Notify::new(),
             counts_due: std::sync::Mutex::default(),
             presence_due: std::sync::Mutex::default(),
+            eras: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -646,7 +676,10 @@ impl Hub {
         moderator: bool,
         live: bool,
     ) -> Result<Joined, HubError> {
-        let mut state = self.rooms.entry(room.clone()).or_default();
+        let mut state = self.rooms.entry(room.clone()).or_insert_with(|| RoomState {
+            era: self.eras.fetch_add(1, Relaxed) + 1,
+            ..RoomState::default()
+        });
         let state = &mut *state;
         state.live = live;
         if let Some(m) = state.sessions.get_mut(&handle.id) {
@@ -879,6 +912,9 @@ impl Hub {
         let public = ev.public_json.map(Frame::from);
         if let Some(mut state) = self.rooms.get_mut(&ev.room) {
             state.published = state.published.max(Some(ev.seq));
+            if crate::protocol::changes_join_snapshot(frame.as_str()) {
+                state.snapshot_changed = ev.seq;
+            }
             let out = self.out();
             let n = state.fan_out(
                 &frame,
@@ -944,6 +980,17 @@ impl Hub {
     /// [`Hub::note_published_seq`]).
     pub fn published_seq(&self, room: &RoomId) -> Option<i64> {
         self.rooms.get(room).and_then(|s| s.published)
+    }
+
+    /// Where the room's events stand here (see [`SnapshotMark`]); `None` while the room has no
+    /// session here or its published seq is not known yet.
+    pub fn snapshot_mark(&self, room: &RoomId) -> Option<SnapshotMark> {
+        let state = self.rooms.get(room)?;
+        Some(SnapshotMark {
+            era: state.era,
+            published: state.published?,
+            changed: state.snapshot_changed,
+        })
     }
 
     /// Records the room's last seq as read from the store by a join (while the room has
@@ -1681,6 +1728,39 @@ mod tests {
         hub.publish(ev("r", 7));
         hub.publish(ev("r", 7));
         assert_eq!(drain(&mut arx), vec!["{\"seq\":7}"]);
+    }
+
+    #[test]
+    fn a_snapshot_mark_moves_with_the_events_that_change_a_join_snapshot() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100);
+        let room: RoomId = "r".into();
+        let (a, _arx) = watch(&hub, &room, "s1", "a");
+        assert_eq!(
+            hub.snapshot_mark(&room),
+            None,
+            "published seq not known yet"
+        );
+        hub.note_published_seq(&room, 4);
+        let read = hub.snapshot_mark(&room).unwrap();
+        hub.publish(ev("r", 5));
+        assert!(
+            read.still_good(&hub.snapshot_mark(&room).unwrap()),
+            "a plain event"
+        );
+        let created = r#"{"room":"r","seq":6,"type":"poll","poll":{},"change":"created"}"#;
+        hub.publish(CommittedEvent {
+            json: created.into(),
+            ..ev("r", 6)
+        });
+        let now = hub.snapshot_mark(&room).unwrap();
+        assert!(!read.still_good(&now), "a poll created after the read");
+        assert!(now.still_good(&now), "a read after it");
+        // The room's last session leaves: what is published while it has none is not seen
+        // here, so nothing read before holds in its next life.
+        hub.leave(&room, &a.id);
+        let (_b, _brx) = watch(&hub, &room, "s2", "b");
+        hub.note_published_seq(&room, 9);
+        assert!(!now.still_good(&hub.snapshot_mark(&room).unwrap()));
     }
 
     #[test]

@@ -1052,6 +1052,18 @@ pub enum RoomEvent {
     Hidden {},
 }
 
+/// Whether a committed event (its JSON as the server sends it) changes what a join snapshot
+/// shows beyond the room's settings: a poll created, opened or closed (not a results update),
+/// or a question's status changed (a pin among them; not a vote or an answer). Read from the
+/// JSON, so it holds for events committed here, on another node or refilled from the store:
+/// the tag and `change` are the encoder's, and a quote inside a string value is escaped.
+pub fn changes_join_snapshot(json: &str) -> bool {
+    if json.contains(r#""type":"poll","#) {
+        return !json.ends_with(r#""change":"results"}"#);
+    }
+    json.contains(r#""type":"question_updated","#) && json.ends_with(r#""change":"status"}"#)
+}
+
 /// A question as shown to one audience: `author` is `null` for an anonymous question except
 /// to host/ta.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1737,5 +1749,74 @@ mod tests {
             assert_eq!(back, code);
         }
         assert!(serde_json::from_str::<ErrorCode>(r#""no_such_code""#).is_err());
+    }
+
+    #[test]
+    fn the_events_that_change_a_join_snapshot_are_told_from_their_json() {
+        let event = |event: RoomEvent| {
+            encode(&SequencedEvent {
+                room: RoomId::from("r"),
+                seq: 7,
+                event,
+            })
+        };
+        let poll: PollView = serde_json::from_str(
+            r#"{"id":"p1","kind":"poll","question":"\"type\":\"poll\",","options":["a","b"],
+                "multiple":false,"show_results":"live","state":"open","closes_at":null,
+                "duration_s":null,"results":{"answers":0,"counts":[0,0]},"created_at":1}"#,
+        )
+        .unwrap();
+        for (change, shown) in [
+            ("created", true),
+            ("opened", true),
+            ("closed", true),
+            ("results", false),
+        ] {
+            let change = change.to_owned();
+            let json = event(RoomEvent::Poll {
+                poll: poll.clone(),
+                change,
+            });
+            assert_eq!(changes_join_snapshot(&json), shown, "{json}");
+        }
+        let question = QuestionView {
+            id: QuestionId::from("q1"),
+            text: r#"{"type":"poll","change":"status"}"#.into(),
+            author: None,
+            anonymous: true,
+            votes: 2,
+            status: QuestionStatus::Pinned,
+            ts: 1,
+            answers: vec![],
+            answered_at: None,
+            overdue: false,
+        };
+        for (change, shown) in [("status", true), ("vote", false), ("answer", false)] {
+            let json = event(RoomEvent::QuestionUpdated(QuestionUpdate {
+                question: question.clone(),
+                change: change.to_owned(),
+            }));
+            assert_eq!(changes_join_snapshot(&json), shown, "{json}");
+        }
+        // A message or a new question that quotes the tags is neither.
+        let json = event(RoomEvent::Question(question));
+        assert!(!changes_join_snapshot(&json), "{json}");
+        let text = r#"{"type":"poll","x":1,"change":"created"}"#;
+        let json = event(RoomEvent::Message {
+            id: MessageId::from("m1"),
+            from: UserRef {
+                id: UserId::from("u"),
+                name: "U".into(),
+                role: ShownRole::Student,
+            },
+            text: text.into(),
+            reply_to: None,
+            ts: 1,
+            client_msg_id: None,
+            edited_ts: None,
+            deleted: false,
+            reactions: vec![],
+        });
+        assert!(!changes_join_snapshot(&json), "{json}");
     }
 }

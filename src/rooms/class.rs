@@ -90,9 +90,8 @@ async fn ended(app: &App, room: &RoomId) {
             target: PollState::Closed,
             words,
         };
-        match app.store.write(op).await {
-            Ok(_) => app.policies.extras_changed(room),
-            Err(e) => tracing::warn!(error = %e, room = %room, "class end: closing a poll failed"),
+        if let Err(e) = app.store.write(op).await {
+            tracing::warn!(error = %e, room = %room, "class end: closing a poll failed");
         }
     }
 }

@@ -245,35 +245,12 @@ fn writable(ctx: &Ctx, room: &RoomId) -> Result<RoomRole> {
 /// Hands a sequenced write to the store's group-commit writer; the reply (`ok` with the
 /// committed write's fields, or the error) follows the commit.
 async fn submit(ctx: &Ctx, rid: Option<i64>, op: crate::store::WriteOp) -> Result<Outcome> {
-    let shown = op.shown_on_join().cloned();
-    let mut rx = ctx.app.store.submit(op).await?;
-    if let Some(room) = shown {
-        rx = after_commit(&ctx.app, rx, move |app| app.policies.extras_changed(&room));
-    }
+    let rx = ctx.app.store.submit(op).await?;
     Ok(Outcome::Deferred(crate::command::deferred(
         rid,
         rx,
         chat::write_ok,
     )))
-}
-
-/// Runs `then` once the write behind `rx` has committed (and not if it failed), whether or not
-/// the session that asked is still there to read the answer; the answer is passed on.
-fn after_commit<T: Send + 'static>(
-    app: &std::sync::Arc<crate::App>,
-    rx: tokio::sync::oneshot::Receiver<crate::store::Result<T>>,
-    then: impl FnOnce(&crate::App) + Send + 'static,
-) -> tokio::sync::oneshot::Receiver<crate::store::Result<T>> {
-    let (tx, passed) = tokio::sync::oneshot::channel();
-    let app = app.clone();
-    tokio::spawn(async move {
-        let Ok(result) = rx.await else { return };
-        if result.is_ok() {
-            then(&app);
-        }
-        let _ = tx.send(result);
-    });
-    passed
 }
 
 /// Submits a posted text (a message, an edit, a question, an answer) once it keeps the room's
@@ -545,7 +522,8 @@ async fn snapshot(ctx: &Ctx, room: &Room, role: RoomRole) -> Result<Snapshot> {
         started_at: r.started_at,
     };
     let view = crate::store::View::of(role);
-    let has = app.policies.extras(&app.store, &policy).await?;
+    let mark = app.hub.snapshot_mark(&room.id);
+    let has = app.policies.extras(&app.store, &policy, mark).await?;
     let pinned = if has.pinned {
         let filter = crate::store::QuestionFilter {
             status: Some(protocol::QuestionStatus::Pinned),

@@ -7,6 +7,7 @@
 //! copy. Also the content rules themselves: blocked words and the link policy.
 
 use crate::error::{Error, Result};
+use crate::hub::SnapshotMark;
 use crate::protocol::{RoomId, RoomRole, UserId};
 use crate::store::{LinkPolicy, Room, RoomExtras, RoomRules, Store, now_ms};
 use dashmap::DashMap;
@@ -25,9 +26,10 @@ pub struct Policy {
     /// The stored memberships and bans, complete as loaded and kept in step with every change
     /// made through this node (shared with the copy a settings change replaces this with).
     access: Arc<RwLock<Access>>,
-    /// What a join snapshot must read beyond this policy (see [`Policies::extras`]): read once
-    /// per cached copy, cleared by [`Policies::extras_changed`].
-    extras: Mutex<Option<RoomExtras>>,
+    /// What a join snapshot must read beyond this policy (see [`Policies::extras`]), with the
+    /// hub's mark of the room when it was read: good until an event changes it (the mark
+    /// tells) or a change that is not an event clears it ([`Policies::extras_changed`]).
+    extras: Mutex<Option<(RoomExtras, SnapshotMark)>>,
 }
 
 /// Who the store lets into a room beyond its visibility.
@@ -353,19 +355,29 @@ impl Policies {
     }
 
     /// Whether the room has open polls, a pinned question, an open breakout or boards: what a
-    /// join snapshot reads details of. Read from the store once per cached policy, so joins
-    /// into a warm room make no round trip for it. Every change that can turn one of these on
-    /// must clear it ([`Policies::extras_changed`]); the changes that turn one off clear it too
-    /// (a stale `true` would cost each join a details read that finds nothing). On a node that
-    /// shares its store with others (cluster mode) every join reads it: a change made on
-    /// another node would reach this cache one bus hop after its event was committed, and a
-    /// join in between would miss it.
-    pub async fn extras(&self, store: &Store, policy: &Policy) -> Result<RoomExtras> {
+    /// join snapshot reads details of. Read from the store once and kept with the policy, so
+    /// joins into a warm room make no round trip for it. `mark` is the hub's mark of the room
+    /// now ([`crate::hub::Hub::snapshot_mark`]): the events that change these (polls, question
+    /// statuses) are seen by the hub in seq order, before any join can see their seq, so a
+    /// kept copy is used only while the mark says no such event came after its read. The
+    /// changes that are not events (a breakout opened or closed, a board created) clear it
+    /// through [`Policies::extras_changed`]. Without a mark nothing is kept. On a node that
+    /// shares its store with others (cluster mode) every join reads it: a breakout or board
+    /// made on another node reaches this node one bus hop after it was stored, and a join in
+    /// between would miss it.
+    pub async fn extras(
+        &self,
+        store: &Store,
+        policy: &Policy,
+        mark: Option<SnapshotMark>,
+    ) -> Result<RoomExtras> {
         let room = &policy.room.id;
         if self.shared_store {
             return Ok(store.room_extras(room).await?);
         }
-        if let Some(known) = *lock(&policy.extras) {
+        if let (Some(now), Some((known, read_at))) = (mark, *lock(&policy.extras))
+            && read_at.still_good(&now)
+        {
             return Ok(known);
         }
         let stamp = self.stamp(room);
@@ -374,15 +386,16 @@ impl Policies {
         // `extras_changed` clears through (after its bump), so a read from before a change is
         // either refused here or cleared there.
         let mut known = lock(&policy.extras);
-        if self.stamp(room) == stamp {
-            *known = Some(read);
+        if let Some(mark) = mark
+            && self.stamp(room) == stamp
+        {
+            *known = Some((read, mark));
         }
         Ok(read)
     }
 
-    /// A poll was created, opened or closed, a question's status changed, a breakout opened or
-    /// closed, or a board created in `room` through this node, and has committed: the cached
-    /// [`Policies::extras`] are read again at the next join.
+    /// A breakout opened or closed, or a board was created, in `room` through this node, and
+    /// is stored: the cached [`Policies::extras`] are read again at the next join.
     pub fn extras_changed(&self, room: &RoomId) {
         self.bump(room);
         if let Some(p) = self.map.get(room) {

@@ -330,11 +330,10 @@ pub async fn run_clock(app: Arc<App>) {
                 Ok(due) => {
                     for (room, poll) in due {
                         let target = PollState::Closed;
-                        let op = WriteOp::PollState { room: room.clone(), poll, target, words };
+                        let op = WriteOp::PollState { room, poll, target, words };
                         // Waits for the commit, so the next look does not find it again.
-                        match app.store.write(op).await {
-                            Ok(_) => app.policies.extras_changed(&room),
-                            Err(e) => tracing::warn!(error = %e, "closing a poll by the clock failed"),
+                        if let Err(e) = app.store.write(op).await {
+                            tracing::warn!(error = %e, "closing a poll by the clock failed");
                         }
                     }
                 }

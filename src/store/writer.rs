@@ -195,18 +195,6 @@ impl WriteOp {
             | Self::Presence { room, .. } => room,
         }
     }
-
-    /// The room whose join snapshot this write can change once committed (a poll created,
-    /// opened or closed, a question's status changed), so what the room is known to hold is
-    /// read again; `None` for every other write.
-    pub fn shown_on_join(&self) -> Option<&RoomId> {
-        match self {
-            Self::PollCreate { room, .. }
-            | Self::PollState { room, .. }
-            | Self::SetQuestionStatus { room, .. } => Some(room),
-            _ => None,
-        }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

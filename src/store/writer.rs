@@ -767,16 +767,27 @@ pub(super) fn new_id(prefix: char) -> String {
     time_ordered_id(prefix, now_ms())
 }
 
-/// `prefix`, the time in ms as 12 hex digits, then 40 random bits. Ids made later sort later,
-/// so the indexes keyed by them (messages, edit events, search rows, the
-/// points ledger) take new rows at their right edge instead of dirtying a random page per row;
-/// the random part keeps ids made in the same millisecond (on any node) apart.
+/// `prefix`, the time in ms as 12 hex digits, then 40 bits that keep ids made in the same
+/// millisecond apart: random (so other nodes' ids differ), and one more than the last id made
+/// here when that one had the same or a later millisecond. Ids made later on one node thus
+/// sort later (reports list oldest first by id), and the indexes keyed by them (messages, edit
+/// events, search rows, the points ledger) take new rows at their right edge instead of
+/// dirtying a random page per row.
 fn time_ordered_id(prefix: char, ts: i64) -> String {
-    format!(
-        "{prefix}{:012x}{:010x}",
-        ts.clamp(0, 0xffff_ffff_ffff),
-        rand::random::<u64>() >> 24
-    )
+    static LAST: std::sync::Mutex<(i64, u64)> = std::sync::Mutex::new((0, 0));
+    let ts = ts.clamp(0, 0xffff_ffff_ffff);
+    let (ts, low) = {
+        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        let next = if ts <= last.0 && last.1 < (1 << 40) - 1 {
+            (last.0, last.1 + 1)
+        } else {
+            // A new millisecond: random in the lower half, so that increments stay in 40 bits.
+            (ts.max(last.0 + 1), rand::random::<u64>() >> 25)
+        };
+        *last = next;
+        next
+    };
+    format!("{prefix}{ts:012x}{low:010x}")
 }
 
 /// Gives the room its next seq. Must be the first write of each op: everything before it only
@@ -1030,5 +1041,25 @@ async fn apply_room(Apply { tx, cfg, fx }: Apply<'_, '_>, op: &WriteOp) -> Resul
         _ => Err(StoreError::Corrupt(
             "apply_room was given another kind of write".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_made_later_here_sort_later_even_within_one_millisecond() {
+        let mut last = time_ordered_id('r', 1_000);
+        for i in 0..2_000 {
+            // The same millisecond, and a clock that went back: still after the last one.
+            let id = time_ordered_id('r', if i % 2 == 0 { 1_000 } else { 999 });
+            assert!(id > last, "{id} after {last}");
+            assert_eq!(id.len(), 23);
+            last = id;
+        }
+        // (Other tests make ids meanwhile: they only move the last one on.)
+        let later = time_ordered_id('r', now_ms());
+        assert!(later > last);
     }
 }

@@ -133,25 +133,27 @@ fn log_colours(is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool 
     is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Resolves at the first SIGTERM or Ctrl-C. The handlers are installed here, at once, not
+/// when the future is first polled: a signal sent as soon as the server says it is listening
+/// must already be caught (else it kills the process without a goodbye).
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 #[tokio::main]
@@ -176,10 +178,11 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let local = listener.local_addr()?;
+            let shutdown = shutdown_signal()?;
             // A stable line on stdout for scripts and tests that start us on port 0.
             println!("studyhall listening on http://{local}");
             tracing::info!(%local, dev = app.config.dev, "listening");
-            studyhall::serve(app, listener, shutdown_signal()).await?;
+            studyhall::serve(app, listener, shutdown).await?;
             Ok(())
         }
         Cmd::Migrate(db) => {

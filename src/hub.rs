@@ -116,6 +116,8 @@ impl SessionHandle {
     /// Asks the session to close with `code`; the first code asked for wins.
     pub fn close(&self, code: u16) {
         self.close.set(code);
+        // A parked write loop must see it too.
+        self.outbox.wake();
     }
 
     /// The close code asked for; 0 while the session may go on.

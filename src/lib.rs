@@ -7,6 +7,7 @@
 //! - `store/`   the Store API over SQLite and PostgreSQL, group-commit writer; the only SQL
 //! - `hub`      room map, presence, fan-out of pre-encoded frames into bounded outboxes
 //! - `outbox`   a session's bounded queue of frames, allocated only while frames wait
+//! - `heap`     giving freed heap pages back to the system after idle write loops parked
 //! - `session`  one WebSocket: handshake, read loop, write loop, close codes
 //! - `command`  what every command handler gets (`Ctx`) and gives back (`Outcome`)
 //! - `rooms/`   room commands (join/replay, chat) with rights checks
@@ -25,6 +26,10 @@
 //! [`App::start`] opens the store and wires the hub to it; [`serve`] runs the listener until
 //! the shutdown future resolves, then says goodbye to every session and flushes the store.
 
+// The `settings!` list in `config.rs` is read one setting at a time by a recursive macro,
+// and it has more settings than the default limit of 128 recursions.
+#![recursion_limit = "256"]
+
 pub mod api;
 pub mod auth;
 pub mod cluster;
@@ -32,6 +37,7 @@ pub mod command;
 pub mod config;
 pub mod engagement;
 pub mod error;
+pub mod heap;
 pub mod hub;
 pub mod listener;
 pub mod metrics;
@@ -477,6 +483,7 @@ struct Background {
     call_timers: JoinHandle<()>,
     counts: JoinHandle<()>,
     heartbeats: JoinHandle<()>,
+    heap_trim: JoinHandle<()>,
     presence: JoinHandle<()>,
     webhooks: JoinHandle<()>,
     poll_clock: JoinHandle<()>,
@@ -494,6 +501,7 @@ impl Background {
         let call_timers = tokio::spawn(rtc::run_timers(app.clone()));
         let counts = tokio::spawn(send_online_counts(app.clone()));
         let heartbeats = tokio::spawn(heartbeats(app.clone()));
+        let heap_trim = tokio::spawn(trim_heap(app.clone()));
         let presence = tokio::spawn(send_presence(app.clone()));
         let webhooks = tokio::spawn(webhooks::run(app.store.clone(), webhook_cfg));
         // Users an earlier run of this node had in rooms are gone with it.
@@ -504,6 +512,7 @@ impl Background {
             call_timers,
             counts,
             heartbeats,
+            heap_trim,
             presence,
             webhooks,
             poll_clock: tokio::spawn(rooms::polls::run_clock(app.clone())),
@@ -521,6 +530,7 @@ impl Background {
         self.call_timers.abort();
         self.counts.abort();
         self.heartbeats.abort();
+        self.heap_trim.abort();
         self.presence.abort();
         // Deliveries cut short stay pending in the outbox and go out after the next start.
         self.webhooks.abort();
@@ -588,6 +598,31 @@ async fn heartbeats(app: Arc<App>) {
         tick.tick().await;
         app.hub.heartbeat(store::now_ms(), idle_ms);
         app.user_limits.sweep();
+    }
+}
+
+/// Gives freed heap pages back to the system (see [`heap::trim`]) once `heap_trim_parks`
+/// write loops have parked since the last time: a wave of connections going idle leaves their
+/// write tasks' memory freed between live blocks. Looks every `write_idle_ms` (parks happen no
+/// faster); nothing to do when either setting is 0.
+async fn trim_heap(app: Arc<App>) {
+    let (every, after) = (app.config.write_idle_ms, app.config.heap_trim_parks);
+    if every == 0 || after == 0 {
+        return;
+    }
+    let every = Duration::from_millis(every);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmed_at = 0;
+    loop {
+        tick.tick().await;
+        let parked = app.metrics.writers_parked.load(Ordering::Relaxed);
+        if parked.saturating_sub(trimmed_at) >= after {
+            trimmed_at = parked;
+            // It walks every arena under its lock: off the runtime's worker threads.
+            let _ = tokio::task::spawn_blocking(heap::trim).await;
+            app.metrics.heap_trims.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -68,6 +68,10 @@ pub struct Metrics {
     pub events_published: AtomicU64,
     pub deliveries: AtomicU64,
     pub slow_consumer_closes: AtomicU64,
+    /// Write loops parked with nothing to write (each started again by its next frame).
+    pub writers_parked: AtomicU64,
+    /// Times freed heap pages were given back to the system.
+    pub heap_trims: AtomicU64,
     pub rate_limited: AtomicU64,
     pub frames_too_large: AtomicU64,
     pub auth_failures: AtomicU64,
@@ -102,6 +106,8 @@ impl Default for Metrics {
             events_published: AtomicU64::new(0),
             deliveries: AtomicU64::new(0),
             slow_consumer_closes: AtomicU64::new(0),
+            writers_parked: AtomicU64::new(0),
+            heap_trims: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             frames_too_large: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
@@ -179,7 +185,7 @@ impl Metrics {
 
     /// The node's connection and fan-out counters.
     fn render_counters(&self, out: &mut String) {
-        let counters: [(&str, &str, u64); 7] = [
+        let counters: [(&str, &str, u64); 9] = [
             (
                 "studyhall_connections_total",
                 "WebSocket connections accepted.",
@@ -199,6 +205,16 @@ impl Metrics {
                 "studyhall_slow_consumer_closes_total",
                 "Sessions closed 4008 for a full outbox.",
                 self.slow_consumer_closes.load(Relaxed),
+            ),
+            (
+                "studyhall_writers_parked_total",
+                "Session write loops parked after write_idle_ms with nothing to write.",
+                self.writers_parked.load(Relaxed),
+            ),
+            (
+                "studyhall_heap_trims_total",
+                "Times freed heap pages were given back to the system (heap_trim_parks).",
+                self.heap_trims.load(Relaxed),
             ),
             (
                 "studyhall_rate_limited_total",

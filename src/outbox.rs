@@ -5,7 +5,10 @@
 //! a channel's preallocated block. Fan-out never waits: a full outbox is refused and the hub
 //! closes the session as a slow consumer. The session's own replies may wait for room
 //! ([`Outbox::send`]): a join replaying hundreds of events keeps pace with the socket instead
-//! of overflowing it. Knows nothing of sockets, rooms or the wire.
+//! of overflowing it. An idle reader may park ([`OutboxReader::park`]): the write loop ends,
+//! and the next frame, ping, wake or the last sender's going hands the reader to the resume
+//! it left, which starts a new one; so an idle connection holds no write task at all. Knows
+//! nothing of sockets, rooms or the wire.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,6 +52,31 @@ struct Queue {
     ping: bool,
     /// Senders waiting in [`Outbox::send`] for room.
     waiting: usize,
+    /// The parked reader and what resumes it.
+    parked: Option<Parked>,
+}
+
+/// What starts the reading again, given the parked reader: called once, by whoever queues the
+/// next frame or ping, wakes the outbox, or drops the last sender (on that thread, after the
+/// queue's lock is released).
+pub type Resume = Box<dyn FnOnce(OutboxReader) + Send>;
+
+struct Parked {
+    resume: Resume,
+    reader: OutboxReader,
+}
+
+impl Queue {
+    /// Takes the parked reader out, to be resumed once the lock is released.
+    fn unpark(&mut self) -> Option<Parked> {
+        self.parked.take()
+    }
+}
+
+impl Parked {
+    fn resume(self) {
+        (self.resume)(self.reader);
+    }
 }
 
 struct Shared {
@@ -95,6 +123,7 @@ pub fn outbox(cap: usize) -> (Outbox, OutboxReader) {
             reader_gone: false,
             ping: false,
             waiting: 0,
+            parked: None,
         }),
         ready: Notify::new(),
         space: Notify::new(),
@@ -120,9 +149,22 @@ impl Outbox {
             return Err(Refused::Full(frame));
         }
         q.frames.push_back(frame);
+        let parked = q.unpark();
         drop(q);
         self.shared.ready.notify_one();
+        if let Some(p) = parked {
+            p.resume();
+        }
         Ok(())
+    }
+
+    /// Resumes a parked reader even though nothing was queued (it has something else to look
+    /// at: a close was asked for).
+    pub fn wake(&self) {
+        let parked = self.shared.lock().unpark();
+        if let Some(p) = parked {
+            p.resume();
+        }
     }
 }
 
@@ -139,8 +181,12 @@ impl Outbox {
                 }
                 if q.frames.len() < self.shared.cap {
                     q.frames.push_back(frame);
+                    let parked = q.unpark();
                     drop(q);
                     self.shared.ready.notify_one();
+                    if let Some(p) = parked {
+                        p.resume();
+                    }
                     return Ok(());
                 }
                 q.waiting += 1;
@@ -152,8 +198,15 @@ impl Outbox {
 
     /// Asks the write loop to send a WebSocket ping ahead of the frames already queued.
     pub fn ping(&self) {
-        self.shared.lock().ping = true;
+        let parked = {
+            let mut q = self.shared.lock();
+            q.ping = true;
+            q.unpark()
+        };
         self.shared.ready.notify_one();
+        if let Some(p) = parked {
+            p.resume();
+        }
     }
 }
 
@@ -168,13 +221,17 @@ impl Clone for Outbox {
 
 impl Drop for Outbox {
     fn drop(&mut self) {
-        let last = {
+        let (last, parked) = {
             let mut q = self.shared.lock();
             q.senders -= 1;
-            q.senders == 0
+            let last = q.senders == 0;
+            (last, if last { q.unpark() } else { None })
         };
         if last {
             self.shared.ready.notify_one();
+        }
+        if let Some(p) = parked {
+            p.resume();
         }
     }
 }
@@ -216,6 +273,23 @@ impl OutboxReader {
     pub fn try_recv(&mut self) -> Option<Outgoing> {
         let mut q = self.shared.lock();
         self.pop(&mut q)
+    }
+
+    /// Parks this reader with nothing to read: `resume` gets it back at the next frame, ping,
+    /// [`Outbox::wake`] or when the last sender goes. Refused, handing both back, when one of
+    /// these is already there to read.
+    pub fn park(self, resume: Resume) -> Result<(), (OutboxReader, Resume)> {
+        let shared = self.shared.clone();
+        let mut q = shared.lock();
+        if q.ping || !q.frames.is_empty() || q.senders == 0 {
+            drop(q);
+            return Err((self, resume));
+        }
+        q.parked = Some(Parked {
+            resume,
+            reader: self,
+        });
+        Ok(())
     }
 }
 
@@ -319,6 +393,68 @@ mod tests {
         tokio::task::yield_now().await;
         drop(rx);
         assert!(matches!(waiting.await.unwrap(), Err(Refused::Closed)));
+    }
+
+    /// A resume that hands the reader back over a channel, as a new write loop would get it.
+    fn resumer() -> (Resume, std::sync::mpsc::Receiver<OutboxReader>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let resume: Resume = Box::new(move |reader| {
+            let _ = tx.send(reader);
+        });
+        (resume, rx)
+    }
+
+    #[test]
+    fn a_parked_reader_is_resumed_by_the_next_frame_ping_wake_or_last_sender() {
+        let (tx, rx) = outbox(4);
+        // Refused while something waits: the reader and its resume come back.
+        tx.try_send(Frame::from("a")).unwrap();
+        let (resume, _) = resumer();
+        let Err((mut rx, _)) = rx.park(resume) else {
+            panic!("parked with a frame waiting")
+        };
+        assert_eq!(text(rx.try_recv()).as_deref(), Some("a"));
+        // Parked: a frame resumes it, once, with the frame there to read.
+        let (resume, resumed) = resumer();
+        assert!(rx.park(resume).is_ok());
+        assert!(resumed.try_recv().is_err(), "nothing yet");
+        tx.try_send(Frame::from("b")).unwrap();
+        let mut rx = resumed.try_recv().expect("resumed by a frame");
+        tx.try_send(Frame::from("c")).unwrap();
+        assert!(resumed.try_recv().is_err(), "resumed once");
+        assert_eq!(text(rx.try_recv()).as_deref(), Some("b"));
+        assert_eq!(text(rx.try_recv()).as_deref(), Some("c"));
+        // A ping, a wake (a close was asked for) and the last sender's going resume it too.
+        let (resume, resumed) = resumer();
+        assert!(rx.park(resume).is_ok());
+        tx.ping();
+        let rx = resumed.try_recv().expect("resumed by a ping");
+        let (resume, resumed) = resumer();
+        let Err((rx, _)) = rx.park(resume) else {
+            panic!("parked with a ping waiting")
+        };
+        assert!(rx.shared.lock().ping);
+        rx.shared.lock().ping = false;
+        let (resume, resumed2) = resumer();
+        assert!(rx.park(resume).is_ok());
+        drop(resumed);
+        tx.wake();
+        let rx = resumed2.try_recv().expect("resumed by a wake");
+        let (resume, resumed) = resumer();
+        assert!(rx.park(resume).is_ok());
+        let tx2 = tx.clone();
+        drop(tx);
+        assert!(resumed.try_recv().is_err(), "a sender is left");
+        drop(tx2);
+        let mut rx = resumed
+            .try_recv()
+            .expect("resumed by the last sender going");
+        assert!(rx.try_recv().is_none());
+        let (resume, _) = resumer();
+        assert!(
+            rx.park(resume).is_err(),
+            "no sender left: nothing to park for"
+        );
     }
 
     #[test]

@@ -136,7 +136,8 @@ pub fn run(app: Arc<App>, socket: WebSocket) -> impl Future<Output = ()> + Send 
 struct Open {
     ctx: Ctx,
     stream: SplitStream<WebSocket>,
-    writer: tokio::task::JoinHandle<()>,
+    /// Resolves once the write side is done with the socket (closed it, or failed).
+    written: tokio::sync::oneshot::Receiver<()>,
 }
 
 async fn serve(app: Arc<App>, sink: SplitSink<WebSocket, Message>, stream: SplitStream<WebSocket>) {
@@ -194,17 +195,22 @@ async fn open(
         user: &me.platform_ref(),
         heartbeat_s: app.config.heartbeat_s,
     });
-    let writer = tokio::spawn(write_loop(
+    let (done, written) = tokio::sync::oneshot::channel();
+    let writer = Writer {
         sink,
-        outbox_rx,
-        close_rx,
-        WriteTiming {
+        close: close_rx,
+        timing: WriteTiming {
             heartbeat: app.config.heartbeat(),
             batch: app.config.write_batch_frames,
             lazy: Duration::from_millis(app.config.presence_flush_ms),
             fragment: app.config.ws_fragment_bytes,
+            idle: Duration::from_millis(app.config.write_idle_ms),
         },
-    ));
+        runtime: tokio::runtime::Handle::current(),
+        metrics: app.metrics.clone(),
+        _done: done,
+    };
+    start_writer(writer, outbox_rx);
     let mut ctx = Ctx {
         app: app.clone(),
         me,
@@ -217,7 +223,7 @@ async fn open(
     Some(Box::new(Open {
         ctx,
         stream,
-        writer,
+        written,
     }))
 }
 
@@ -262,11 +268,11 @@ async fn live(open: Box<Open>) {
     let Open {
         mut ctx,
         mut stream,
-        writer,
+        written,
     } = *open;
     read_loop(&mut ctx, &mut stream).await;
     // Boxed: the leaving's state is needed once, at the end, not for the session's life.
-    Box::pin(leave_all(ctx, stream, writer)).await;
+    Box::pin(leave_all(ctx, stream, written)).await;
 }
 
 /// The end of a session: it leaves every room (announcing offline where it was the user's last
@@ -274,7 +280,7 @@ async fn live(open: Box<Open>) {
 async fn leave_all(
     mut ctx: Ctx,
     stream: SplitStream<WebSocket>,
-    writer: tokio::task::JoinHandle<()>,
+    written: tokio::sync::oneshot::Receiver<()>,
 ) {
     let app = ctx.app.clone();
     let sid = ctx.handle.id.clone();
@@ -303,7 +309,7 @@ async fn leave_all(
     tracing::info!(session = %sid, user = %ctx.me.user, code, "session ended");
     drop(ctx);
     drop(stream);
-    let _ = writer.await;
+    let _ = written.await;
 }
 
 /// Reads frames and runs their commands until the session ends: a close is asked for, the
@@ -586,6 +592,38 @@ struct WriteTiming {
     lazy: Duration,
     /// Longest frame sent whole; longer ones go as fragments (0: none do).
     fragment: usize,
+    /// How long the loop waits with nothing to write before it parks (zero: never).
+    idle: Duration,
+}
+
+/// The write side of a session: what its write loop needs, kept while the loop is parked.
+struct Writer {
+    sink: SplitSink<WebSocket, Message>,
+    close: Arc<CloseSignal>,
+    timing: WriteTiming,
+    /// Where a parked loop is started again (the thread that resumes it may be outside the
+    /// runtime: the store's commit hook publishes from its own).
+    runtime: tokio::runtime::Handle,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Dropped with the writer: tells the session that the write side is done with the socket.
+    _done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// How a run of the write loop ended.
+enum WriteEnd {
+    /// Nothing to write for `idle`: park.
+    Idle,
+    /// Close the socket with the code asked for (the outbox drained, or a close that cannot
+    /// wait).
+    Close,
+    /// A write failed or took too long: the socket is given up.
+    Failed,
+}
+
+/// Starts (or starts again) a session's write loop on its runtime.
+fn start_writer(writer: Writer, outbox: OutboxReader) {
+    let runtime = writer.runtime.clone();
+    runtime.spawn(write_loop(writer, outbox));
 }
 
 /// Resolves when the armed deadline passes; never when none is armed.
@@ -596,17 +634,43 @@ async fn deadline(due: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     }
 }
 
+/// Runs the write side: [`write_frames`] until it ends; then it closes the socket, gives it
+/// up, or parks the writer in the outbox, to be started again by the next frame, ping or
+/// close (an idle connection then holds no task for its writes).
+async fn write_loop(mut writer: Writer, mut outbox: OutboxReader) {
+    match write_frames(&mut writer, &mut outbox).await {
+        WriteEnd::Idle => {
+            let metrics = writer.metrics.clone();
+            let resume: crate::outbox::Resume =
+                Box::new(move |outbox| start_writer(writer, outbox));
+            match outbox.park(resume) {
+                Ok(()) => {
+                    metrics.writers_parked.fetch_add(1, Relaxed);
+                }
+                // Something came in meanwhile.
+                Err((outbox, resume)) => resume(outbox),
+            }
+        }
+        WriteEnd::Close => {
+            let code = final_code(writer.close.code());
+            Box::pin(close_with(&mut writer.sink, code, close_reason(code))).await;
+        }
+        WriteEnd::Failed => {}
+    }
+}
+
 /// Drains the outbox to the socket, coalescing up to `batch` frames per flush, and sends the
 /// pings the heartbeat round asks for. A flush happens as soon as a frame that is not lazy is
 /// queued; lazy frames wait up to `lazy` to leave with whatever follows (the timer exists only
-/// while some wait). Ends when every sender is gone (draining first) or at once for a close
-/// code that means the client must go now.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut outbox: OutboxReader,
-    close: Arc<CloseSignal>,
-    timing: WriteTiming,
-) {
+/// while some wait). Ends when every sender is gone (draining first), at once for a close
+/// code that means the client must go now, or after `idle` with nothing to write.
+async fn write_frames(writer: &mut Writer, outbox: &mut OutboxReader) -> WriteEnd {
+    let Writer {
+        sink,
+        close,
+        timing,
+        ..
+    } = writer;
     // A client that stops reading (a zero TCP window) must not pin this task or its socket:
     // every write gets a heartbeat to finish.
     let limit = timing.heartbeat;
@@ -616,16 +680,22 @@ async fn write_loop(
     tokio::pin!(closed);
     // When buffered lazy frames must be flushed at the latest.
     let mut lazy_due: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // When the loop may park: moved on lazily (the timer is reset only when it fires early).
+    let parks = !timing.idle.is_zero();
+    let mut last_write = tokio::time::Instant::now();
+    let idle = tokio::time::sleep(timing.idle);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             biased;
-            () = &mut closed => break,
+            () = &mut closed => return WriteEnd::Close,
             next = outbox.recv() => {
+                last_write = tokio::time::Instant::now();
                 let queued = match next {
-                    None => break,
+                    None => return WriteEnd::Close,
                     Some(Next::Ping) => {
                         if !within(limit, sink.send(Message::Ping(Default::default()))).await {
-                            return;
+                            return WriteEnd::Failed;
                         }
                         lazy_due = None;
                         continue;
@@ -635,11 +705,11 @@ async fn write_loop(
                 // One time limit for the whole batch (a timer per frame showed in profiles).
                 let batch = async {
                     let mut urgent = !queued.lazy;
-                    feed_text(&mut sink, queued.frame, timing.fragment).await?;
+                    feed_text(sink, queued.frame, timing.fragment).await?;
                     for _ in 1..timing.batch {
                         let Some(q) = outbox.try_recv() else { break };
                         urgent |= !q.lazy;
-                        feed_text(&mut sink, q.frame, timing.fragment).await?;
+                        feed_text(sink, q.frame, timing.fragment).await?;
                     }
                     if urgent {
                         sink.flush().await?;
@@ -653,19 +723,34 @@ async fn write_loop(
                             lazy_due = Some(Box::pin(tokio::time::sleep(timing.lazy)));
                         }
                     }
-                    _ => return,
+                    _ => return WriteEnd::Failed,
                 }
             }
             _ = deadline(&mut lazy_due), if lazy_due.is_some() => {
                 lazy_due = None;
                 if !within(limit, sink.flush()).await {
-                    return;
+                    return WriteEnd::Failed;
+                }
+            }
+            () = &mut idle, if parks && lazy_due.is_none() => {
+                let now = tokio::time::Instant::now();
+                let due = last_write + timing.idle;
+                if due > now {
+                    idle.as_mut().reset(due);
+                    continue;
+                }
+                // The socket keeps the waker of the last task that wrote to it, and a waker
+                // keeps its finished task's memory: leave a no-op one in its place (a flush
+                // with nothing held is all it takes). Parks only if that went through.
+                let mut forget = std::task::Context::from_waker(std::task::Waker::noop());
+                match futures_util::Sink::poll_flush(Pin::new(&mut *sink), &mut forget) {
+                    std::task::Poll::Ready(Ok(())) => return WriteEnd::Idle,
+                    std::task::Poll::Ready(Err(_)) => return WriteEnd::Failed,
+                    std::task::Poll::Pending => idle.as_mut().reset(now + timing.idle),
                 }
             }
         }
     }
-    let code = final_code(close.code());
-    Box::pin(close_with(&mut sink, code, close_reason(code))).await;
 }
 
 /// Whether a close code ends the write loop at once. Shutdown, idle and kick closes (and no
@@ -694,10 +779,11 @@ mod tests {
         std::mem::size_of::<R>()
     }
 
-    /// Each connection holds its two tasks' futures for its whole life: the session (`serve`)
-    /// and its write loop. Their size is memory per idle connection, and it grows silently as
-    /// commands are awaited inline (`serve` was 2.4 KB before the command, the parsed frame
-    /// and the leaving were moved out of it). Bounds with some room for compiler changes.
+    /// Each connection holds its session future (`serve`) for its whole life, and its write
+    /// loop's while it has something to write (an idle one parks). Their size is memory per
+    /// connection, and it grows silently as commands are awaited inline (`serve` was 2.4 KB
+    /// before the command, the parsed frame and the leaving were moved out of it). Bounds with
+    /// some room for compiler changes.
     #[test]
     fn a_connections_resting_futures_stay_small() {
         let serve = future_size(
@@ -707,15 +793,8 @@ mod tests {
                 SplitStream<WebSocket>,
             )| { serve(a, k, s) },
         );
-        let write = future_size(
-            |(k, o, c, t): (
-                SplitSink<WebSocket, Message>,
-                OutboxReader,
-                Arc<CloseSignal>,
-                WriteTiming,
-            )| write_loop(k, o, c, t),
-        );
+        let write = future_size(|(w, o): (Writer, OutboxReader)| write_loop(w, o));
         assert!(serve <= 1_400, "the session future takes {serve} bytes");
-        assert!(write <= 1_100, "the write loop future takes {write} bytes");
+        assert!(write <= 1_300, "the write loop future takes {write} bytes");
     }
 }

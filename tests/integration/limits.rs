@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use studyhall::auth::now_s;
+use studyhall::protocol::{PlatformRole, RoomRole};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -351,6 +352,50 @@ async fn a_slow_consumer_is_closed_4008_while_200_members_keep_receiving() {
     assert_eq!(close_code(&mut slow).await, Some(4008));
     let closes = s.app.metrics.slow_consumer_closes.load(Ordering::Relaxed);
     assert_eq!(closes, 1, "only the slow one was closed");
+    s.stop().await;
+}
+
+/// Waits until the server has parked at least `n` write loops in all.
+async fn parked_at_least(s: &Server, n: u64) -> u64 {
+    within("write loops parked", async {
+        loop {
+            let parked = s.app.metrics.writers_parked.load(Ordering::Relaxed);
+            if parked >= n {
+                return parked;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+}
+
+/// With `write_idle_ms` at 1 ms a session's write loop parks between frames: replies,
+/// fan-out and a kick's close still reach the clients, each through a loop started again.
+#[tokio::test]
+async fn parked_write_loops_start_again_for_frames_and_a_close() {
+    let s = Server::sqlite(|c| c.write_idle_ms = 1).await;
+    s.room("r", "open").await;
+    let mut host = Client::connect(
+        s.addr,
+        &token("teacher", PlatformRole::Tutor, &[("r", RoomRole::Host)]),
+    )
+    .await;
+    host.join("r").await;
+    let mut ann = s.client("ann").await;
+    ann.join("r").await;
+    let mut parked = parked_at_least(&s, 2).await;
+    for i in 0..5 {
+        let text = format!("m{i}");
+        host.ok(json!({"type":"send","room":"r","text":text,"client_msg_id":format!("c{i}")}))
+            .await;
+        assert_eq!(ann.next_of("message").await["text"], text.as_str());
+        // Both loops wrote, and both park again.
+        parked = parked_at_least(&s, parked + 2).await;
+    }
+    host.ok(json!({"type":"kick","room":"r","user":"ann"}))
+        .await;
+    assert_eq!(ann.next_of("kicked").await["reason"], "kicked");
+    assert_eq!(close_code(&mut ann.ws).await, Some(4003));
     s.stop().await;
 }
 

@@ -309,6 +309,9 @@ settings! {
     /// loops' memory lies between live blocks, and stays in the resident size until then.
     /// 0: never.
     heap_trim_parks: u64 = 1_000,
+    /// Seconds between two such trims at least: where connections keep waking and parking
+    /// (a big room with a message every few seconds) the pages would only be taken again.
+    heap_trim_interval_s: u64 = 60,
     /// Bytes of a session's coalesced frames held back before they are written to the socket
     /// (also at the end of each write batch); the buffer is given back once written, so an
     /// idle connection keeps none. A smaller value means more writes per burst. 0: every frame

@@ -602,23 +602,27 @@ async fn heartbeats(app: Arc<App>) {
 }
 
 /// Gives freed heap pages back to the system (see [`heap::trim`]) once `heap_trim_parks`
-/// write loops have parked since the last time: a wave of connections going idle leaves their
-/// write tasks' memory freed between live blocks. Looks every `write_idle_ms` (parks happen no
-/// faster); nothing to do when either setting is 0.
+/// write loops have parked since the last time, and at most once per `heap_trim_interval_s`:
+/// a wave of connections going idle leaves their write tasks' memory freed between live
+/// blocks. Looks every `write_idle_ms` (parks happen no faster); nothing to do when it or
+/// `heap_trim_parks` is 0.
 async fn trim_heap(app: Arc<App>) {
     let (every, after) = (app.config.write_idle_ms, app.config.heap_trim_parks);
     if every == 0 || after == 0 {
         return;
     }
     let every = Duration::from_millis(every);
+    let gap = Duration::from_secs(app.config.heap_trim_interval_s);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trimmed_at = 0;
+    let mut last: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
         let parked = app.metrics.writers_parked.load(Ordering::Relaxed);
-        if parked.saturating_sub(trimmed_at) >= after {
+        if parked.saturating_sub(trimmed_at) >= after && last.is_none_or(|t| t.elapsed() >= gap) {
             trimmed_at = parked;
+            last = Some(tokio::time::Instant::now());
             // It walks every arena under its lock: off the runtime's worker threads.
             let _ = tokio::task::spawn_blocking(heap::trim).await;
             app.metrics.heap_trims.fetch_add(1, Ordering::Relaxed);

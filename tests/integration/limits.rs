@@ -373,7 +373,12 @@ async fn parked_at_least(s: &Server, n: u64) -> u64 {
 /// fan-out and a kick's close still reach the clients, each through a loop started again.
 #[tokio::test]
 async fn parked_write_loops_start_again_for_frames_and_a_close() {
-    let s = Server::sqlite(|c| c.write_idle_ms = 1).await;
+    let s = Server::sqlite(|c| {
+        c.write_idle_ms = 1;
+        c.heap_trim_parks = 2;
+        c.heap_trim_interval_s = 0;
+    })
+    .await;
     s.room("r", "open").await;
     let mut host = Client::connect(
         s.addr,
@@ -396,6 +401,13 @@ async fn parked_write_loops_start_again_for_frames_and_a_close() {
         .await;
     assert_eq!(ann.next_of("kicked").await["reason"], "kicked");
     assert_eq!(close_code(&mut ann.ws).await, Some(4003));
+    // The parked loops' memory was handed back (a trim per two parks here).
+    within("a heap trim", async {
+        while s.app.metrics.heap_trims.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
     s.stop().await;
 }
 

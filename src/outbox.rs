@@ -54,6 +54,9 @@ struct Queue {
     waiting: usize,
     /// The parked reader and what resumes it.
     parked: Option<Parked>,
+    /// [`Outbox::wake`] was called with no reader parked: the next park is refused, so that
+    /// what the wake was for (a close) is looked at first.
+    woken: bool,
 }
 
 /// What starts the reading again, given the parked reader: called once, by whoever queues the
@@ -124,6 +127,7 @@ pub fn outbox(cap: usize) -> (Outbox, OutboxReader) {
             ping: false,
             waiting: 0,
             parked: None,
+            woken: false,
         }),
         ready: Notify::new(),
         space: Notify::new(),
@@ -161,7 +165,13 @@ impl Outbox {
     /// Resumes a parked reader even though nothing was queued (it has something else to look
     /// at: a close was asked for).
     pub fn wake(&self) {
-        let parked = self.shared.lock().unpark();
+        let parked = {
+            let mut q = self.shared.lock();
+            let parked = q.unpark();
+            // A reader about to park must not miss it.
+            q.woken |= parked.is_none();
+            parked
+        };
         if let Some(p) = parked {
             p.resume();
         }
@@ -277,11 +287,12 @@ impl OutboxReader {
 
     /// Parks this reader with nothing to read: `resume` gets it back at the next frame, ping,
     /// [`Outbox::wake`] or when the last sender goes. Refused, handing both back, when one of
-    /// these is already there to read.
+    /// these is already there (a wake since the last refused park included).
     pub fn park(self, resume: Resume) -> Result<(), (OutboxReader, Resume)> {
         let shared = self.shared.clone();
         let mut q = shared.lock();
-        if q.ping || !q.frames.is_empty() || q.senders == 0 {
+        if q.ping || q.woken || !q.frames.is_empty() || q.senders == 0 {
+            q.woken = false;
             drop(q);
             return Err((self, resume));
         }
@@ -440,6 +451,13 @@ mod tests {
         drop(resumed);
         tx.wake();
         let rx = resumed2.try_recv().expect("resumed by a wake");
+        // A wake with nothing parked (a close asked for while the reader was on its way to
+        // park) refuses the next park, once.
+        tx.wake();
+        let (resume, _) = resumer();
+        let Err((rx, _)) = rx.park(resume) else {
+            panic!("parked past a wake")
+        };
         let (resume, resumed) = resumer();
         assert!(rx.park(resume).is_ok());
         let tx2 = tx.clone();

@@ -1,7 +1,7 @@
 //! One WebSocket connection: the `hello` handshake and token check, the read loop that turns
 //! frames into commands (rate-limited, malformed input answered with `bad_request`), the write
-//! loop that drains the bounded outbox to the socket coalescing frames per flush, heartbeats,
-//! and the close codes. Room commands themselves live in `rooms/`. A session touches other
+//! loop that drains the bounded outbox to the socket coalescing frames per flush (and parks,
+//! its task ended, while there is nothing to write), heartbeats, and the close codes. Room commands themselves live in `rooms/`. A session touches other
 //! sessions only through the hub.
 
 use crate::App;

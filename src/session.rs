@@ -781,9 +781,9 @@ mod tests {
 
     /// Each connection holds its session future (`serve`) for its whole life, and its write
     /// loop's while it has something to write (an idle one parks). Their size is memory per
-    /// connection, and it grows silently as commands are awaited inline (`serve` was 2.4 KB
-    /// before the command, the parsed frame and the leaving were moved out of it). Bounds with
-    /// some room for compiler changes.
+    /// connection, and it grows silently as commands are awaited inline (hence the boxed
+    /// command, parsed frame and leaving in `serve`). Bounds with some room for compiler
+    /// changes.
     #[test]
     fn a_connections_resting_futures_stay_small() {
         let serve = future_size(

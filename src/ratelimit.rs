@@ -9,22 +9,85 @@ use crate::protocol::UserId;
 use dashmap::DashMap;
 use std::time::{Duration, Instant};
 
-/// `rate` per second sustained, `burst` at once.
-#[derive(Clone, Debug)]
-pub struct TokenBucket {
-    tokens: f64,
+/// `rate` tokens per second sustained, `burst` at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
     rate: f64,
     burst: f64,
-    last: Instant,
+}
+
+impl Limit {
+    pub fn new(rate: f64, burst: f64) -> Self {
+        Self { rate, burst }
+    }
+
+    /// The burst of a `1/parts` share, never below one token (every holder can act at all).
+    fn share(self, parts: f64) -> f64 {
+        (self.burst / parts).max(1.0_f64.min(self.burst))
+    }
+}
+
+/// Milliseconds on this module's clock (from its first use; wraps after 49 days, and bucket
+/// levels compare readings with wrapping arithmetic).
+fn clock_ms() -> u32 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let ms = EPOCH.get_or_init(Instant::now).elapsed().as_millis();
+    (ms & u128::from(u32::MAX)) as u32
+}
+
+/// A bucket's fill and when it was last taken from: 8 bytes, its limit kept elsewhere (a
+/// user's entry holds one per action, and there is an entry per active user).
+#[derive(Clone, Copy, Debug)]
+struct Level {
+    tokens: f32,
+    at: u32,
+}
+
+impl Level {
+    fn full(limit: Limit) -> Self {
+        Self {
+            tokens: limit.burst as f32,
+            at: clock_ms(),
+        }
+    }
+
+    /// The tokens there would be by `now` (whole milliseconds of both readings: what a
+    /// truncation loses on one call, the next gains, so refills add up exactly).
+    fn refill(self, limit: Limit, parts: f64, now: u32) -> f64 {
+        let elapsed = f64::from(now.wrapping_sub(self.at)) / 1000.0;
+        (f64::from(self.tokens) + elapsed * limit.rate / parts).min(limit.share(parts))
+    }
+
+    /// Takes one token of a `1/parts` share of `limit`; tokens above the share are dropped.
+    fn take_share(&mut self, limit: Limit, parts: usize) -> bool {
+        let parts = parts.max(1) as f64;
+        let now = clock_ms();
+        let tokens = self.refill(limit, parts, now);
+        self.at = now;
+        let taken = tokens >= 1.0;
+        self.tokens = (if taken { tokens - 1.0 } else { tokens }) as f32;
+        taken
+    }
+
+    /// Whether the bucket would be full again by now (so forgetting it changes nothing).
+    fn refilled(self, limit: Limit, now: u32) -> bool {
+        self.refill(limit, 1.0, now) >= limit.burst
+    }
+}
+
+/// One token bucket with its own limit (a session's bucket for all its commands).
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    limit: Limit,
+    level: Level,
 }
 
 impl TokenBucket {
     pub fn new(rate: f64, burst: f64) -> Self {
+        let limit = Limit::new(rate, burst);
         Self {
-            tokens: burst,
-            rate,
-            burst,
-            last: Instant::now(),
+            limit,
+            level: Level::full(limit),
         }
     }
 
@@ -37,24 +100,7 @@ impl TokenBucket {
     /// between `parts` holders; tokens above the share are dropped). A share's burst is never
     /// below one token, so that every holder can act at all.
     pub fn take_share(&mut self, parts: usize) -> bool {
-        let parts = parts.max(1) as f64;
-        let now = Instant::now();
-        let burst = (self.burst / parts).max(1.0_f64.min(self.burst));
-        self.tokens = (self.tokens
-            + now.duration_since(self.last).as_secs_f64() * self.rate / parts)
-            .min(burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Whether the bucket would be full again by now (so forgetting it changes nothing).
-    fn refilled(&self, now: Instant) -> bool {
-        self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate >= self.burst
+        self.level.take_share(self.limit, parts)
     }
 }
 
@@ -83,17 +129,18 @@ impl Action {
 }
 
 /// Per-user buckets for each [`Action`], with the rate and burst of each. One map entry per
-/// active user, looked up by `&str` (no allocation for a user already in it).
+/// active user (its four levels take 32 bytes), looked up by `&str` (no allocation for a user
+/// already in it).
 pub struct UserLimits {
-    rates: [(f64, f64); 4],
-    buckets: DashMap<UserId, [TokenBucket; 4]>,
+    limits: [Limit; 4],
+    buckets: DashMap<UserId, [Level; 4]>,
 }
 
 impl UserLimits {
     /// `rates`: (per second, burst) for write, join, hand and call, in that order.
     pub fn new(rates: [(f64, f64); 4]) -> Self {
         Self {
-            rates,
+            limits: rates.map(|(rate, burst)| Limit::new(rate, burst)),
             buckets: DashMap::new(),
         }
     }
@@ -116,21 +163,28 @@ impl UserLimits {
     /// included): this node grants `1/nodes` of the rate and burst.
     pub fn take_share(&self, user: &UserId, action: Action, nodes: usize) -> bool {
         let i = Self::index(action);
-        if let Some(mut buckets) = self.buckets.get_mut(user.as_str()) {
-            return buckets[i].take_share(nodes);
+        let limit = self.limits[i];
+        if let Some(mut levels) = self.buckets.get_mut(user.as_str()) {
+            return levels[i].take_share(limit, nodes);
         }
-        let fresh = self
-            .rates
-            .map(|(rate, burst)| TokenBucket::new(rate, burst));
-        self.buckets.entry(user.clone()).or_insert(fresh)[i].take_share(nodes)
+        let fresh = self.limits.map(Level::full);
+        self.buckets.entry(user.clone()).or_insert(fresh)[i].take_share(limit, nodes)
     }
 
     /// Forgets the users whose buckets have all refilled (they could spend a full burst
-    /// anyway): the map holds only users active in the last burst's worth of time.
+    /// anyway): the map holds only users active in the last burst's worth of time. A map left
+    /// at under a quarter of its room after a wave of users gives the rest back.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        self.buckets
-            .retain(|_, buckets| !buckets.iter().all(|b| b.refilled(now)));
+        let now = clock_ms();
+        self.buckets.retain(|_, levels| {
+            !levels
+                .iter()
+                .zip(self.limits)
+                .all(|(level, limit)| level.refilled(limit, now))
+        });
+        if self.buckets.len() * 4 < self.buckets.capacity() {
+            self.buckets.shrink_to_fit();
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -182,5 +236,46 @@ mod tests {
         let mut b = TokenBucket::new(0.0001, 4.0);
         assert!((0..2).all(|_| b.take_share(2)));
         assert!(!b.take_share(2), "half of four");
+    }
+
+    #[test]
+    fn levels_refill_by_the_clock_and_full_users_are_forgotten() {
+        let limit = Limit::new(2.0, 4.0);
+        let now = clock_ms();
+        let empty = Level {
+            tokens: 0.0,
+            at: now.wrapping_sub(1_500),
+        };
+        assert!(
+            (empty.refill(limit, 1.0, now) - 3.0).abs() < 1e-9,
+            "1.5 s at 2/s"
+        );
+        assert!(
+            (empty.refill(limit, 2.0, now) - 1.5).abs() < 1e-9,
+            "half the rate"
+        );
+        assert_eq!(
+            empty.refill(limit, 1.0, now.wrapping_add(60_000)),
+            4.0,
+            "capped"
+        );
+        assert!(!empty.refilled(limit, now));
+        assert!(empty.refilled(limit, now.wrapping_add(500)));
+        // Across the clock's wrap.
+        let wrapped = Level {
+            tokens: 0.0,
+            at: u32::MAX - 499,
+        };
+        assert!((wrapped.refill(limit, 1.0, 500) - 2.0).abs() < 1e-9);
+
+        let limits = UserLimits::new([(1.0, 1.0); 4]);
+        let ana = UserId::from("ana");
+        assert!(limits.take(&ana, Action::Write));
+        limits.buckets.get_mut("ana").unwrap()[0].at = clock_ms().wrapping_sub(2_000);
+        limits.sweep();
+        assert!(
+            limits.is_empty(),
+            "a user whose buckets refilled is forgotten"
+        );
     }
 }

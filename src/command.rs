@@ -48,9 +48,62 @@ pub(crate) struct Ctx {
     pub handle: Arc<SessionHandle>,
     pub outbox: Outbox,
     /// Rooms this session has joined, with the user's role in each.
-    pub joined: HashMap<RoomId, RoomRole>,
+    pub joined: JoinedRooms,
     /// When this session last broadcast `typing`, per room (throttled).
     pub last_typing: HashMap<RoomId, Instant>,
+}
+
+/// The rooms a session joined, with its role in each: a few per session (at most
+/// `max_rooms_per_session`), in a vector sized to them. Every session keeps one for its life,
+/// and a hash map took about 150 bytes for a single room; a lookup compares a few ids.
+#[derive(Debug, Default)]
+pub(crate) struct JoinedRooms(Vec<(RoomId, RoomRole)>);
+
+impl JoinedRooms {
+    pub fn get(&self, room: &RoomId) -> Option<&RoomRole> {
+        self.0.iter().find(|(r, _)| r == room).map(|(_, role)| role)
+    }
+
+    pub fn contains_key(&self, room: &RoomId) -> bool {
+        self.get(room).is_some()
+    }
+
+    /// Adds the room, or sets the role of a room already joined; the role it had, if any.
+    pub fn insert(&mut self, room: RoomId, role: RoomRole) -> Option<RoomRole> {
+        if let Some((_, had)) = self.0.iter_mut().find(|(r, _)| *r == room) {
+            return Some(std::mem::replace(had, role));
+        }
+        self.0.reserve_exact(1);
+        self.0.push((room, role));
+        None
+    }
+
+    /// Leaves the room; the role it had, if it was joined. The vector shrinks with the rooms.
+    pub fn remove(&mut self, room: &RoomId) -> Option<RoomRole> {
+        let i = self.0.iter().position(|(r, _)| r == room)?;
+        let (_, role) = self.0.swap_remove(i);
+        if self.0.capacity() > 2 * self.0.len() + 1 {
+            self.0.shrink_to_fit();
+        }
+        Some(role)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &RoomId> {
+        self.0.iter().map(|(r, _)| r)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl IntoIterator for JoinedRooms {
+    type Item = (RoomId, RoomRole);
+    type IntoIter = std::vec::IntoIter<(RoomId, RoomRole)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
 }
 
 impl Ctx {
@@ -130,5 +183,36 @@ pub(crate) fn check_room_id(room: &RoomId) -> Result<()> {
         Err(Error::bad_request(
             "room ids are 1..=64 characters of A-Z a-z 0-9 _ . -",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joined_rooms_behave_as_a_map_and_shrink_with_their_rooms() {
+        let mut joined = JoinedRooms::default();
+        let (a, b, c) = (RoomId::from("a"), RoomId::from("b"), RoomId::from("c"));
+        assert_eq!(joined.insert(a.clone(), RoomRole::Member), None);
+        assert_eq!(joined.insert(b.clone(), RoomRole::Viewer), None);
+        assert_eq!(joined.insert(c.clone(), RoomRole::Host), None);
+        assert_eq!(joined.0.capacity(), 3, "sized to the rooms joined");
+        assert_eq!(
+            joined.insert(a.clone(), RoomRole::Ta),
+            Some(RoomRole::Member),
+            "a role changes in place"
+        );
+        assert_eq!((joined.len(), joined.get(&a)), (3, Some(&RoomRole::Ta)));
+        assert_eq!(joined.remove(&b), Some(RoomRole::Viewer));
+        assert_eq!(joined.remove(&b), None);
+        assert!(!joined.contains_key(&b) && joined.contains_key(&c));
+        assert_eq!(joined.remove(&c), Some(RoomRole::Host));
+        assert!(joined.0.capacity() <= 3);
+        let mut keys: Vec<_> = joined.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, vec![a.clone()]);
+        let all: Vec<_> = joined.into_iter().collect();
+        assert_eq!(all, vec![(a, RoomRole::Ta)]);
     }
 }

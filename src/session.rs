@@ -216,7 +216,7 @@ async fn open(
         me,
         handle,
         outbox,
-        joined: HashMap::new(),
+        joined: crate::command::JoinedRooms::default(),
         last_typing: HashMap::new(),
     };
     ctx.push(welcome).await;

@@ -70,13 +70,23 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         sut.stop().await?;
     }
     report.tables.push(table);
-    let sh_b = per_conn.iter().find(|p| p.0 == "studyhall").map(|p| p.1);
+    // No growth at all means the RSS read was not the server's (a `--server-bin` wrapper that
+    // forks it, as heaptrack does): no verdict then, rather than a goal "met" at 0 bytes.
+    let sh_b = per_conn
+        .iter()
+        .find(|p| p.0 == "studyhall")
+        .map(|p| p.1)
+        .filter(|b| *b > 0.0);
     report.tables.push(comparison_table(&per_conn, &hs));
     let pass = sh_b.is_some_and(|b| b <= GOAL_BYTES);
     report.note(format!(
         "goal <= {GOAL_BYTES:.0} bytes user-space RSS per connection: studyhall {} ({})",
         sh_b.map_or("n/a".into(), |b| format!("{b:.0} bytes")),
-        if pass { "met" } else { "NOT met" }
+        match sh_b {
+            None => "not measured: the server's RSS did not grow; --server-bin must exec the server, not fork it",
+            Some(_) if pass => "met",
+            Some(_) => "NOT met",
+        }
     ));
     let storm = if args.storm > 0 {
         Some(join_storm(&common, &args, &mut report).await?)

@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Largest HTTP request body the API accepts.
 const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -244,33 +243,23 @@ async fn ws_upgrade(
     if app.shutting_down.load(Relaxed) {
         return Error::Unavailable("server is shutting down".into()).into_response();
     }
-    let max = app.config.max_frame_bytes;
     let coalesce = coalesce.map(|Extension(c)| c);
-    // tungstenite keeps its write buffer at the largest size it ever reached: where the
-    // socket can coalesce the frames of a write batch itself (the server's own listener),
-    // each frame goes through tungstenite's buffer at once, and the socket holds them back
-    // until the batch's flush and gives its buffer back after a burst.
-    let target = match coalesce {
-        Some(_) => 0,
-        None => app.config.ws_write_buffer_bytes,
-    };
     let coalesce_bytes = app.config.ws_write_buffer_bytes;
-    // tungstenite preallocates its read buffer per connection (128 KiB by default) and reads
-    // at most that much per call: most commands are a few hundred bytes, and a larger frame
-    // grows the buffer to its own size.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(app.config.ws_read_buffer_bytes)
-        .write_buffer_size(target)
-        .max_write_buffer_size(1024 * 1024)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
-    ws.on_upgrade(config, move |socket| {
+    // A connection keeps no read buffer between messages: it reads into a per-thread buffer
+    // and keeps only what it could not hand out yet.
+    let limits = crate::ws::ReadLimits {
+        max_message: app.config.max_frame_bytes,
+        chunk: app.config.ws_read_buffer_bytes,
+    };
+    ws.on_upgrade(limits, move |sink, stream| {
+        // The socket gathers the frames of a write batch and sends them at the batch's flush,
+        // giving its buffer back once they are out.
         if let Some(c) = coalesce
             && coalesce_bytes > 0
         {
             c.start(coalesce_bytes);
         }
-        crate::session::run(app, socket)
+        crate::session::run(app, sink, stream)
     })
 }
 

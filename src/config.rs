@@ -318,14 +318,14 @@ settings! {
     /// is written at once.
     ws_write_buffer_bytes: usize = 16 * 1024,
     /// Longest WebSocket frame the server sends, in bytes of payload: a longer text message
-    /// goes as fragments of at most this size (RFC 6455 §5.4; clients reassemble them). The
-    /// WebSocket library keeps a buffer as large as the largest frame it ever sent for the
-    /// connection's life, so this bounds what an idle connection keeps. 0: never fragment.
-    ws_fragment_bytes: usize = 1024,
-    /// Bytes of a WebSocket's read buffer, allocated when it opens; also the most read from
-    /// the socket at once. A frame larger than this grows the buffer to its size, and the
-    /// buffer keeps that size for the connection's life.
-    ws_read_buffer_bytes: usize = 1024,
+    /// goes as fragments of at most this size (RFC 6455 §5.4; clients reassemble them). No
+    /// buffer is kept per connection either way (a frame's payload is written from the shared
+    /// message); fragments only cut a long message into several writes. 0: never fragment.
+    ws_fragment_bytes: usize = 0,
+    /// The most bytes read from a WebSocket at once, into a buffer shared by the connections
+    /// of a worker thread; a connection keeps only what it could not hand out yet (an
+    /// unfinished frame), nothing between messages.
+    ws_read_buffer_bytes: usize = 4096,
     /// Seconds between server pings; a client silent for twice this is closed (1000). Each
     /// completed write of the session also restarts that clock. Also the time limit of each
     /// socket write (frame, flush, ping): a client that stops reading is dropped after it, even

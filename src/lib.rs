@@ -53,6 +53,7 @@ pub mod store;
 pub mod web;
 pub mod webhooks;
 pub mod ws;
+pub mod wsio;
 
 mod fuzz;
 

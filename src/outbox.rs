@@ -10,6 +10,7 @@
 //! it left, which starts a new one; so an idle connection holds no write task at all. Knows
 //! nothing of sockets, rooms or the wire.
 
+use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
@@ -50,6 +51,9 @@ struct Queue {
     reader_gone: bool,
     /// A heartbeat ping is due (asked for once however often it is asked).
     ping: bool,
+    /// The payload of the client's latest ping, to answer with a pong (RFC 6455 §5.5.3: an
+    /// endpoint may answer only the most recent one).
+    pong: Option<Bytes>,
     /// Senders waiting in [`Outbox::send`] for room.
     waiting: usize,
     /// The parked reader and what resumes it.
@@ -125,6 +129,7 @@ pub fn outbox(cap: usize) -> (Outbox, OutboxReader) {
             senders: 1,
             reader_gone: false,
             ping: false,
+            pong: None,
             waiting: 0,
             parked: None,
             woken: false,
@@ -220,6 +225,21 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    /// Asks the write loop to answer the client's ping (ahead of the frames already queued).
+    pub fn pong(&self, payload: Bytes) {
+        let parked = {
+            let mut q = self.shared.lock();
+            q.pong = Some(payload);
+            q.unpark()
+        };
+        self.shared.ready.notify_one();
+        if let Some(p) = parked {
+            p.resume();
+        }
+    }
+}
+
 impl Clone for Outbox {
     fn clone(&self) -> Self {
         self.shared.lock().senders += 1;
@@ -256,6 +276,8 @@ impl std::fmt::Debug for Outbox {
 pub enum Next {
     Frame(Outgoing),
     Ping,
+    /// Answer the client's ping with this payload.
+    Pong(Bytes),
 }
 
 impl OutboxReader {
@@ -265,6 +287,9 @@ impl OutboxReader {
             let ready = self.shared.ready.notified();
             {
                 let mut q = self.shared.lock();
+                if let Some(payload) = q.pong.take() {
+                    return Some(Next::Pong(payload));
+                }
                 if std::mem::take(&mut q.ping) {
                     return Some(Next::Ping);
                 }
@@ -291,7 +316,7 @@ impl OutboxReader {
     pub fn park(self, resume: Resume) -> Result<(), (OutboxReader, Resume)> {
         let shared = self.shared.clone();
         let mut q = shared.lock();
-        if q.ping || q.woken || !q.frames.is_empty() || q.senders == 0 {
+        if q.ping || q.pong.is_some() || q.woken || !q.frames.is_empty() || q.senders == 0 {
             q.woken = false;
             drop(q);
             return Err((self, resume));
@@ -340,7 +365,7 @@ mod tests {
     fn frame(n: Option<Next>) -> Option<Outgoing> {
         match n? {
             Next::Frame(f) => Some(f),
-            Next::Ping => panic!("a ping where a frame was expected"),
+            Next::Ping | Next::Pong(_) => panic!("a ping or pong where a frame was expected"),
         }
     }
 

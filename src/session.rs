@@ -12,8 +12,10 @@ use crate::hub::{CloseSignal, SessionHandle};
 use crate::outbox::{Next, OutboxReader};
 use crate::protocol::{self, ClientFrame, ClientMsg, CommandKind, ServerMsg, close};
 use crate::ratelimit::TokenBucket;
-use crate::ws::{Socket as WebSocket, feed_text, is_too_big, violation};
-use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
+use crate::ws::{FrameSink, FrameStream, feed_text, is_too_big, violation};
+use crate::wsio::{Message, OutFrame, WsError};
+use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,8 +24,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 /// Refused frames (rate-limited or malformed) counted over a 10 s window.
 struct Strikes {
@@ -70,24 +70,14 @@ fn close_reason(code: u16) -> &'static str {
     }
 }
 
-async fn close_with(sink: &mut SplitSink<WebSocket, Message>, code: u16, reason: &str) {
-    let frame = CloseFrame {
-        code: code.into(),
-        reason: Utf8Bytes::from(reason),
-    };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(2),
-        sink.send(Message::Close(Some(frame))),
-    )
-    .await;
+async fn close_with(sink: &mut FrameSink, code: u16, reason: &str) {
+    let frame = OutFrame::close(code, reason);
+    let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(frame)).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
 }
 
 /// Reads the `hello`; on any failure the connection is closed with the returned code.
-async fn handshake(
-    app: &App,
-    stream: &mut SplitStream<WebSocket>,
-) -> Result<(Identity, bool), (u16, String)> {
+async fn handshake(app: &App, stream: &mut FrameStream) -> Result<(Identity, bool), (u16, String)> {
     let deadline = Duration::from_millis(app.config.hello_timeout_ms);
     let unauthorized = |why: &str| (close::UNAUTHORIZED, why.to_owned());
     let msg = match tokio::time::timeout(deadline, stream.next()).await {
@@ -105,7 +95,7 @@ async fn handshake(
     let Message::Text(text) = msg else {
         return Err(unauthorized("first frame must be a hello text frame"));
     };
-    match serde_json::from_str::<ClientFrame>(text.as_str()) {
+    match serde_json::from_str::<ClientFrame>(&text) {
         Ok(ClientFrame {
             msg:
                 ClientMsg::Hello {
@@ -124,23 +114,20 @@ async fn handshake(
 
 /// Runs one connection to its end.
 ///
-/// Not an `async fn`: the socket is split before the connection's future is built, so the
-/// future holds the two small halves rather than keeping the whole socket value (an async
-/// fn's arguments live as long as it does).
-pub fn run(app: Arc<App>, socket: WebSocket) -> impl Future<Output = ()> + Send {
-    let (sink, stream) = socket.split();
+/// Takes the socket as its two halves (see [`crate::wsio::split`]).
+pub fn run(app: Arc<App>, sink: FrameSink, stream: FrameStream) -> impl Future<Output = ()> + Send {
     serve(app, sink, stream)
 }
 
 /// A signed-in session, ready to read commands.
 struct Open {
     ctx: Ctx,
-    stream: SplitStream<WebSocket>,
+    stream: FrameStream,
     /// Resolves once the write side is done with the socket (closed it, or failed).
     written: tokio::sync::oneshot::Receiver<()>,
 }
 
-async fn serve(app: Arc<App>, sink: SplitSink<WebSocket, Message>, stream: SplitStream<WebSocket>) {
+async fn serve(app: Arc<App>, sink: FrameSink, stream: FrameStream) {
     app.metrics.connections_open.fetch_add(1, Relaxed);
     app.metrics.connections_total.fetch_add(1, Relaxed);
     let _guard = app.track_session();
@@ -156,11 +143,7 @@ async fn serve(app: Arc<App>, sink: SplitSink<WebSocket, Message>, stream: Split
 
 /// The `hello` handshake, registration with the hub and the write loop; `None` when the
 /// connection was refused (and closed).
-async fn open(
-    app: &Arc<App>,
-    mut sink: SplitSink<WebSocket, Message>,
-    mut stream: SplitStream<WebSocket>,
-) -> Option<Box<Open>> {
+async fn open(app: &Arc<App>, mut sink: FrameSink, mut stream: FrameStream) -> Option<Box<Open>> {
     let (me, call_waiting) = match handshake(app, &mut stream).await {
         Ok(ok) => ok,
         Err((code, why)) => {
@@ -229,7 +212,7 @@ async fn open(
 
 /// Refuses a connection whose `hello` failed: an unauthorized client is told why before the
 /// close, an oversized frame only closes.
-async fn refuse_hello(app: &App, sink: &mut SplitSink<WebSocket, Message>, code: u16, why: &str) {
+async fn refuse_hello(app: &App, sink: &mut FrameSink, code: u16, why: &str) {
     tracing::debug!(code, reason = %why, "connection refused at hello");
     if code == close::UNAUTHORIZED {
         app.metrics.auth_failures.fetch_add(1, Relaxed);
@@ -242,10 +225,9 @@ async fn refuse_hello(app: &App, sink: &mut SplitSink<WebSocket, Message>, code:
 }
 
 /// Sends `err` as an error frame, then closes with `code` and `reason`.
-async fn refuse(sink: &mut SplitSink<WebSocket, Message>, err: &Error, code: u16, reason: &str) {
-    let _ = sink
-        .send(Message::Text(error_frame(None, err).into()))
-        .await;
+async fn refuse(sink: &mut FrameSink, err: &Error, code: u16, reason: &str) {
+    let frame = OutFrame::text(Bytes::from(error_frame(None, err)));
+    let _ = sink.send(frame).await;
     close_with(sink, code, reason).await;
 }
 
@@ -282,11 +264,7 @@ async fn live(mut open: Box<Open>) {
 
 /// The end of a session: it leaves every room (announcing offline where it was the user's last
 /// session), unregisters, and lets the write loop drain and close.
-async fn leave_all(
-    mut ctx: Ctx,
-    stream: SplitStream<WebSocket>,
-    written: tokio::sync::oneshot::Receiver<()>,
-) {
+async fn leave_all(mut ctx: Ctx, stream: FrameStream, written: tokio::sync::oneshot::Receiver<()>) {
     let app = ctx.app.clone();
     let sid = ctx.handle.id.clone();
     // Leave every room (announcing offline where this was the user's last session).
@@ -320,7 +298,7 @@ async fn leave_all(
 /// Reads frames and runs their commands until the session ends: a close is asked for, the
 /// token expires, the socket ends, or the client breaks the rules. Commands whose writes are
 /// deferred are answered as they finish, at most `max_inflight_per_session` at a time.
-async fn read_loop(ctx: &mut Ctx, stream: &mut SplitStream<WebSocket>) {
+async fn read_loop(ctx: &mut Ctx, stream: &mut FrameStream) {
     let cfg = &ctx.app.config;
     let max_inflight = cfg.max_inflight_per_session;
     let mut bucket = TokenBucket::new(cfg.rate_per_s, cfg.rate_burst);
@@ -430,7 +408,7 @@ fn step_of<'a>(
     ctx: &'a mut Ctx,
     bucket: &mut TokenBucket,
     strikes: &mut Strikes,
-    msg: Option<Result<Message, tungstenite::Error>>,
+    msg: Option<Result<Message, WsError>>,
 ) -> ControlFlow<(), Step<'a>> {
     match text_of(ctx, strikes, msg)? {
         Read::Skip => ControlFlow::Continue(Step::Reply(None)),
@@ -469,7 +447,7 @@ fn say_bye_on_shutdown(ctx: &Ctx) {
 fn text_of(
     ctx: &mut Ctx,
     strikes: &mut Strikes,
-    msg: Option<Result<Message, tungstenite::Error>>,
+    msg: Option<Result<Message, WsError>>,
 ) -> ControlFlow<(), Read> {
     match msg {
         None => ControlFlow::Break(()),
@@ -493,15 +471,20 @@ fn text_of(
             ControlFlow::Continue(Read::Refused(error_frame(None, &err)))
         }
         Some(Ok(Message::Close(_))) => ControlFlow::Break(()),
-        // Pings are answered by the socket; pongs only count as life.
-        Some(Ok(_)) => ControlFlow::Continue(Read::Skip),
+        // A ping is answered by the write loop, in its turn among the frames; pongs only count
+        // as life.
+        Some(Ok(Message::Ping(payload))) => {
+            ctx.outbox.pong(payload);
+            ControlFlow::Continue(Read::Skip)
+        }
+        Some(Ok(Message::Pong)) => ControlFlow::Continue(Read::Skip),
     }
 }
 
 /// What the socket gave, for the read loop.
 enum Read {
     /// A text frame to run.
-    Text(Utf8Bytes),
+    Text(String),
     /// Nothing to do (a ping or a pong).
     Skip,
     /// Refused: this error frame is the answer.
@@ -603,7 +586,7 @@ struct WriteTiming {
 
 /// The write side of a session: what its write loop needs, kept while the loop is parked.
 struct Writer {
-    sink: SplitSink<WebSocket, Message>,
+    sink: FrameSink,
     close: Arc<CloseSignal>,
     timing: WriteTiming,
     /// Where a parked loop is started again (the thread that resumes it may be outside the
@@ -657,8 +640,10 @@ async fn write_loop(mut writer: Writer, mut outbox: OutboxReader) {
             }
         }
         WriteEnd::Close => {
-            let code = final_code(writer.close.code());
-            Box::pin(close_with(&mut writer.sink, code, close_reason(code))).await;
+            let asked = writer.close.code();
+            // No code asked for: the client closed or went, and gets a plain normal closure.
+            let reason = if asked == 0 { "" } else { close_reason(asked) };
+            Box::pin(close_with(&mut writer.sink, final_code(asked), reason)).await;
         }
         WriteEnd::Failed => {}
     }
@@ -699,7 +684,14 @@ async fn write_frames(writer: &mut Writer, outbox: &mut OutboxReader) -> WriteEn
                 let queued = match next {
                     None => return WriteEnd::Close,
                     Some(Next::Ping) => {
-                        if !within(limit, sink.send(Message::Ping(Default::default()))).await {
+                        if !within(limit, sink.send(OutFrame::ping())).await {
+                            return WriteEnd::Failed;
+                        }
+                        lazy_due = None;
+                        continue;
+                    }
+                    Some(Next::Pong(payload)) => {
+                        if !within(limit, sink.send(OutFrame::pong(payload))).await {
                             return WriteEnd::Failed;
                         }
                         lazy_due = None;
@@ -719,7 +711,7 @@ async fn write_frames(writer: &mut Writer, outbox: &mut OutboxReader) -> WriteEn
                     if urgent {
                         sink.flush().await?;
                     }
-                    Ok::<bool, tungstenite::Error>(urgent)
+                    Ok::<bool, std::io::Error>(urgent)
                 };
                 match tokio::time::timeout(limit, batch).await {
                     Ok(Ok(true)) => lazy_due = None,
@@ -792,13 +784,7 @@ mod tests {
     /// build).
     #[test]
     fn a_connections_resting_futures_stay_small() {
-        let serve = future_size(
-            |(a, k, s): (
-                Arc<App>,
-                SplitSink<WebSocket, Message>,
-                SplitStream<WebSocket>,
-            )| { serve(a, k, s) },
-        );
+        let serve = future_size(|(a, k, s): (Arc<App>, FrameSink, FrameStream)| serve(a, k, s));
         let write = future_size(|(w, o): (Writer, OutboxReader)| write_loop(w, o));
         assert!(serve <= 900, "the session future takes {serve} bytes");
         assert!(write <= 1_300, "the write loop future takes {write} bytes");

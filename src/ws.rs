@@ -1,18 +1,19 @@
 //! The WebSocket transport of `/ws`: the opening handshake (RFC 6455 §4.2: the upgrade
 //! request checked, `101 Switching Protocols` with the accept key and the `studyhall.v1`
-//! subprotocol when the client offers it), the upgraded connection handed to tungstenite with
-//! the server's limits, and the sending of a text frame, split into fragments when it is long.
+//! subprotocol when the client offers it), the upgraded connection split into the frame reader
+//! and writer of [`crate::wsio`] with the server's limits, and the sending of a text frame,
+//! split into fragments when it is long.
 //!
-//! It owns the socket type rather than taking axum's: sending fragments needs tungstenite's
-//! raw frames, and tungstenite keeps a write buffer as large as the largest frame it ever
-//! formatted for the rest of the connection's life, so a connection that once got a long
-//! frame (a `joined` reply listing a hundred members) would keep that much memory while idle.
-//! Sent as fragments of at most `ws_fragment_bytes`, no frame is larger than that. Clients
-//! reassemble fragments as every WebSocket implementation must (RFC 6455 §5.4).
+//! It owns the socket type rather than taking axum's, whose WebSocket (tungstenite) keeps a
+//! read buffer and a write buffer as large as the largest frame, per connection, for the
+//! connection's life. Long text goes as fragments of at most `ws_fragment_bytes` so that the
+//! socket's coalescing buffer is filled a fragment at a time; clients reassemble fragments as
+//! every WebSocket implementation must (RFC 6455 §5.4).
 //!
 //! Knows nothing of sessions, commands or the wire's JSON.
 
 use crate::error::Error;
+use crate::wsio::{OutFrame, WsError};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -22,14 +23,23 @@ use futures_util::{Sink, SinkExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use std::future::Future;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// An upgraded `/ws` connection.
-pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+pub type Io = TokioIo<Upgraded>;
+/// Its writing half.
+pub type FrameSink = crate::wsio::Writer<Io>;
+/// Its reading half.
+pub type FrameStream = crate::wsio::Reader<Io>;
+
+/// The limits of an upgraded connection's reading.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadLimits {
+    /// The largest frame or message a client may send.
+    pub max_message: usize,
+    /// The most bytes read from the socket at once.
+    pub chunk: usize,
+}
 
 /// The GUID every server appends to the client's key (RFC 6455 §1.3).
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -101,9 +111,9 @@ impl Upgrade {
 
     /// Answers `101 Switching Protocols` and, once the connection has switched, runs `serve`
     /// on it in a task of its own.
-    pub fn on_upgrade<F, Fut>(self, config: WebSocketConfig, serve: F) -> Response
+    pub fn on_upgrade<F, Fut>(self, limits: ReadLimits, serve: F) -> Response
     where
-        F: FnOnce(Socket) -> Fut + Send + 'static,
+        F: FnOnce(FrameSink, FrameStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Self {
@@ -116,13 +126,9 @@ impl Upgrade {
                 tracing::debug!("the connection ended before switching to WebSocket");
                 return;
             };
-            let socket = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
-            serve(socket).await;
+            let (sink, stream) =
+                crate::wsio::split(TokioIo::new(upgraded), limits.max_message, limits.chunk);
+            serve(sink, stream).await;
         });
         let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
         let h = res.headers_mut();
@@ -162,22 +168,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 /// each cut on a character boundary.
 pub async fn feed_text<S>(sink: &mut S, text: Utf8Bytes, fragment: usize) -> Result<(), S::Error>
 where
-    S: Sink<Message> + Unpin,
+    S: Sink<OutFrame> + Unpin,
 {
-    if fragment == 0 || text.len() <= fragment {
-        return sink.feed(Message::Text(text)).await;
-    }
     let bytes = Bytes::from(text);
+    if fragment == 0 || bytes.len() <= fragment {
+        return sink.feed(OutFrame::text(bytes)).await;
+    }
     let mut start = 0;
     while start < bytes.len() {
         let end = next_cut(&bytes, start, fragment);
-        let opcode = if start == 0 {
-            OpCode::Data(Data::Text)
-        } else {
-            OpCode::Data(Data::Continue)
-        };
-        let frame = Frame::message(bytes.slice(start..end), opcode, end == bytes.len());
-        sink.feed(Message::Frame(frame)).await?;
+        let frame = OutFrame::fragment(start == 0, end == bytes.len(), bytes.slice(start..end));
+        sink.feed(frame).await?;
         start = end;
     }
     Ok(())
@@ -205,17 +206,17 @@ fn next_cut(text: &[u8], start: usize, fragment: usize) -> usize {
 
 /// Whether a read failed because the client broke the WebSocket protocol (1007 for a text
 /// frame that is not UTF-8, 1002 for anything else it forbids), with that close code.
-pub fn violation(e: &tungstenite::Error) -> Option<u16> {
+pub fn violation(e: &WsError) -> Option<u16> {
     match e {
-        tungstenite::Error::Utf8(_) => Some(crate::protocol::close::INVALID_DATA),
-        tungstenite::Error::Protocol(_) => Some(crate::protocol::close::PROTOCOL_ERROR),
+        WsError::Utf8 => Some(crate::protocol::close::INVALID_DATA),
+        WsError::Protocol(_) => Some(crate::protocol::close::PROTOCOL_ERROR),
         _ => None,
     }
 }
 
 /// Whether a read failed because the client's frame or message passed the size limit.
-pub fn is_too_big(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Capacity(_))
+pub fn is_too_big(e: &WsError) -> bool {
+    matches!(e, WsError::TooBig(_))
 }
 
 #[cfg(test)]
@@ -250,8 +251,8 @@ mod tests {
     }
 
     /// Collects what `feed_text` feeds into a sink.
-    async fn fed(text: &str, fragment: usize) -> Vec<Message> {
-        let mut out: Vec<Message> = Vec::new();
+    async fn fed(text: &str, fragment: usize) -> Vec<OutFrame> {
+        let mut out: Vec<OutFrame> = Vec::new();
         feed_text(&mut out, Utf8Bytes::from(text.to_owned()), fragment)
             .await
             .unwrap();
@@ -261,24 +262,21 @@ mod tests {
     #[tokio::test]
     async fn a_long_text_goes_as_one_text_fragment_then_continuations_ending_in_fin() {
         let whole = fed("short", 16).await;
-        assert!(matches!(&whole[..], [Message::Text(t)] if t.as_str() == "short"));
+        assert!(matches!(&whole[..], [f] if f.parts() == (1, true, &b"short"[..])));
         let text = "x".repeat(40);
         let parts = fed(&text, 16).await;
         assert_eq!(parts.len(), 3);
         let mut joined = Vec::new();
-        for (i, m) in parts.iter().enumerate() {
-            let Message::Frame(f) = m else {
-                panic!("fragment {i} is not a raw frame")
-            };
-            let want = if i == 0 {
-                OpCode::Data(Data::Text)
-            } else {
-                OpCode::Data(Data::Continue)
-            };
-            assert_eq!(f.header().opcode, want);
-            assert_eq!(f.header().is_final, i == 2);
-            assert!(f.payload().len() <= 16);
-            joined.extend_from_slice(f.payload());
+        for (i, f) in parts.iter().enumerate() {
+            let (opcode, fin, payload) = f.parts();
+            assert_eq!(
+                opcode,
+                if i == 0 { 1 } else { 0 },
+                "text, then continuations"
+            );
+            assert_eq!(fin, i == 2);
+            assert!(payload.len() <= 16);
+            joined.extend_from_slice(payload);
         }
         assert_eq!(joined, text.as_bytes());
         // 0: never fragmented.

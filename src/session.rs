@@ -56,6 +56,10 @@ impl Strikes {
     }
 }
 
+/// The close asked for when the client sent its own close: never sent as such, it ends the
+/// write loop at once and is answered with a plain 1000.
+const PEER_CLOSED: u16 = 1;
+
 fn close_reason(code: u16) -> &'static str {
     match code {
         close::GOING_AWAY => "server shutting down",
@@ -288,7 +292,7 @@ async fn leave_all(mut ctx: Ctx, stream: FrameStream, written: tokio::sync::ones
     app.hub.unregister(&ctx.handle);
     crate::rtc::session_closed(&app, &ctx.me.user, sid.as_str());
     app.broker.session_closed(&ctx.me.user, sid.as_str());
-    let code = ctx.handle.close_code();
+    let code = final_code(ctx.handle.close_code());
     tracing::info!(session = %sid, user = %ctx.me.user, code, "session ended");
     drop(ctx);
     drop(stream);
@@ -470,7 +474,11 @@ fn text_of(
             let err = Error::bad_request("binary frames are not supported: send JSON text");
             ControlFlow::Continue(Read::Refused(error_frame(None, &err)))
         }
-        Some(Ok(Message::Close(_))) => ControlFlow::Break(()),
+        Some(Ok(Message::Close(_))) => {
+            // Answered at once (RFC 6455 §5.5.1), not after the frames still queued.
+            ctx.handle.close(PEER_CLOSED);
+            ControlFlow::Break(())
+        }
         // A ping is answered by the write loop, in its turn among the frames; pongs only count
         // as life.
         Some(Ok(Message::Ping(payload))) => {
@@ -641,8 +649,11 @@ async fn write_loop(mut writer: Writer, mut outbox: OutboxReader) {
         }
         WriteEnd::Close => {
             let asked = writer.close.code();
-            // No code asked for: the client closed or went, and gets a plain normal closure.
-            let reason = if asked == 0 { "" } else { close_reason(asked) };
+            // The client closed or went: a plain normal closure.
+            let reason = match asked {
+                0 | PEER_CLOSED => "",
+                code => close_reason(code),
+            };
             Box::pin(close_with(&mut writer.sink, final_code(asked), reason)).await;
         }
         WriteEnd::Failed => {}
@@ -762,7 +773,7 @@ fn closes_at_once(code: u16) -> bool {
 /// The code the socket is closed with: the one asked for, or a normal close when none was.
 fn final_code(asked: u16) -> u16 {
     match asked {
-        0 => close::NORMAL,
+        0 | PEER_CLOSED => close::NORMAL,
         c => c,
     }
 }

@@ -164,6 +164,7 @@ where
         Reader {
             io: read,
             buf: Vec::new(),
+            pos: 0,
             message: None,
             max,
             chunk: chunk.max(16),
@@ -182,8 +183,12 @@ thread_local! {
 /// or the end of the connection.
 pub struct Reader<S> {
     io: ReadHalf<S>,
-    /// Read and not handed out yet; empty, with no allocation, between messages.
+    /// Read and not handed out yet, from `pos` on; empty, with no allocation, between
+    /// messages.
     buf: Vec<u8>,
+    /// Where the unparsed bytes of `buf` begin (the parsed ones are dropped before the next
+    /// read, not after each frame).
+    pos: usize,
     /// A fragmented message so far: whether it is text, and its bytes.
     message: Option<(bool, Vec<u8>)>,
     max: usize,
@@ -202,13 +207,25 @@ struct Head {
     payload: usize,
 }
 
-/// The header at the start of `buf`, once it is all there; `max` bounds a data frame's payload.
-fn head(buf: &[u8], max: usize) -> Result<Option<Head>, WsError> {
+/// The header at the start of `buf`, once it is all there. `room` is what a data frame may
+/// carry: the limit, less what a fragmented message in progress (`in_message`) already holds.
+/// Everything a header alone can break is refused before the payload is read.
+fn head(buf: &[u8], max: usize, in_message: Option<usize>) -> Result<Option<Head>, WsError> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
     if b0 & 0x70 != 0 {
         return Err(WsError::Protocol("reserved bits set"));
     }
     let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0F);
+    match (opcode, in_message) {
+        (CONTINUATION, None) => {
+            return Err(WsError::Protocol("continuation frame outside a message"));
+        }
+        (TEXT | BINARY, Some(_)) => {
+            return Err(WsError::Protocol("new message inside a fragmented one"));
+        }
+        (CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG, _) => {}
+        _ => return Err(WsError::Protocol("unknown opcode")),
+    }
     if b1 & 0x80 == 0 {
         return Err(WsError::Protocol("client frame not masked"));
     }
@@ -240,7 +257,7 @@ fn head(buf: &[u8], max: usize) -> Result<Option<Head>, WsError> {
         if payload > CONTROL_MAX as u64 {
             return Err(WsError::Protocol("control frame longer than 125 bytes"));
         }
-    } else if payload > max as u64 {
+    } else if payload > max.saturating_sub(in_message.unwrap_or(0)) as u64 {
         return Err(WsError::TooBig(max));
     }
     let Some(m) = buf.get(at..at + 4) else {
@@ -256,57 +273,54 @@ fn head(buf: &[u8], max: usize) -> Result<Option<Head>, WsError> {
     }))
 }
 
-/// Whether a close frame's status code may be sent by an endpoint (RFC 6455 §7.4).
+/// Whether a close frame's status code may be sent by an endpoint (RFC 6455 §7.4, and the
+/// codes registered since: 1012-1014).
 fn valid_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 impl<S: AsyncRead> Reader<S> {
     /// The next message in what is buffered, if it is all there.
     fn parse(&mut self) -> Result<Option<Message>, WsError> {
         loop {
-            let Some(h) = head(&self.buf, self.max)? else {
+            let in_message = self.message.as_ref().map(|(_, data)| data.len());
+            let Some(h) = head(&self.buf[self.pos..], self.max, in_message)? else {
                 return Ok(None);
             };
-            let end = h.len + h.payload;
+            let (start, end) = (self.pos + h.len, self.pos + h.len + h.payload);
             if self.buf.len() < end {
-                // Room for the rest of the frame at once.
-                self.buf.reserve_exact(end - self.buf.len());
                 return Ok(None);
             }
-            let mut payload = self.buf[h.len..end].to_vec();
+            let mut payload = self.buf[start..end].to_vec();
             for (i, b) in payload.iter_mut().enumerate() {
                 *b ^= h.mask[i & 3];
             }
-            if end == self.buf.len() {
+            self.pos = end;
+            if self.pos == self.buf.len() {
                 // Nothing left over: the buffer is given back.
                 self.buf = Vec::new();
-            } else {
-                self.buf.drain(..end);
+                self.pos = 0;
             }
             match h.opcode {
-                CONTINUATION => {
-                    let Some((_, data)) = self.message.as_mut() else {
-                        return Err(WsError::Protocol("continuation frame outside a message"));
+                CONTINUATION | TEXT | BINARY => {
+                    let data = match self.message.as_mut() {
+                        Some((_, data)) => {
+                            data.reserve_exact(payload.len());
+                            data.extend_from_slice(&payload);
+                            None
+                        }
+                        None => Some(payload),
                     };
-                    if data.len() + payload.len() > self.max {
-                        return Err(WsError::TooBig(self.max));
-                    }
-                    data.extend_from_slice(&payload);
-                    if h.fin
-                        && let Some((text, data)) = self.message.take()
-                    {
-                        return finish(text, data).map(Some);
-                    }
-                }
-                TEXT | BINARY => {
-                    if self.message.is_some() {
-                        return Err(WsError::Protocol("new message inside a fragmented one"));
-                    }
                     if h.fin {
-                        return finish(h.opcode == TEXT, payload).map(Some);
+                        return match (data, self.message.take()) {
+                            (Some(whole), _) => finish(h.opcode == TEXT, whole).map(Some),
+                            (None, Some((text, whole))) => finish(text, whole).map(Some),
+                            (None, None) => Ok(None),
+                        };
                     }
-                    self.message = Some((h.opcode == TEXT, payload));
+                    if let Some(first) = data {
+                        self.message = Some((h.opcode == TEXT, first));
+                    }
                 }
                 CLOSE => {
                     let code = match payload.as_slice() {
@@ -326,10 +340,25 @@ impl<S: AsyncRead> Reader<S> {
                     return Ok(Some(Message::Close(code)));
                 }
                 PING => return Ok(Some(Message::Ping(Bytes::from(payload)))),
-                PONG => return Ok(Some(Message::Pong)),
-                _ => return Err(WsError::Protocol("unknown opcode")),
+                // `head` lets no other opcode through.
+                _ => return Ok(Some(Message::Pong)),
             }
         }
+    }
+
+    /// Drops the parsed bytes before a read, keeping the buffer no larger than what is left
+    /// needs (a large frame's room is not kept for the small ones after it).
+    fn compact(&mut self) {
+        if self.pos == 0 {
+            return;
+        }
+        let left = self.buf.len() - self.pos;
+        if self.buf.capacity() > 2 * left + self.chunk {
+            self.buf = self.buf[self.pos..].to_vec();
+        } else {
+            self.buf.drain(..self.pos);
+        }
+        self.pos = 0;
     }
 
     /// Reads once into the thread's scratch buffer and keeps what came; `false` at the end of
@@ -392,6 +421,7 @@ impl<S: AsyncRead> Stream for Reader<S> {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
+            this.compact();
             match ready!(this.poll_fill(cx)) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -461,7 +491,13 @@ impl<S: AsyncWrite> Sink<OutFrame> for Writer<S> {
 
     fn start_send(self: Pin<&mut Self>, frame: OutFrame) -> io::Result<()> {
         let this = self.get_mut();
-        debug_assert!(this.pending.is_none(), "start_send before poll_ready");
+        if this.pending.is_some() {
+            // Sink's contract: poll_ready first. Replacing a frame half written would corrupt
+            // the stream.
+            return Err(io::Error::other(
+                "a frame started before the last one was written",
+            ));
+        }
         let (head, n) = frame.header();
         this.pending = Some(Pending {
             head,
@@ -720,5 +756,67 @@ mod tests {
         client.read_exact(&mut raw).await.unwrap();
         assert_eq!(raw[0], 0x80 | CLOSE);
         assert_eq!(usize::from(raw[1]), want, "one length byte, unmasked");
+    }
+
+    /// A reader at rest after what it was sent: one poll, with nothing more to read.
+    fn settle(r: &mut Reader<DuplexStream>) {
+        use futures_util::FutureExt;
+        assert!(r.next().now_or_never().is_none(), "nothing to hand out");
+    }
+
+    #[tokio::test]
+    async fn a_slow_or_large_frame_leaves_no_large_buffer_behind() {
+        let (_w, mut r, mut client) = pair(1 << 20, 4096);
+        // A header announcing a large frame, then a trickle: the buffer holds what came, not
+        // what was announced.
+        let big = client_frame(true, TEXT, &[b'a'; 500_000], true);
+        client.write_all(&big[..100]).await.unwrap();
+        settle(&mut r);
+        assert!(r.buf.capacity() < 4096, "{} bytes kept", r.buf.capacity());
+        // The rest of it, and the first byte of the next frame: what is kept afterwards is sized
+        // to that byte, not to the large frame.
+        client.write_all(&big[100..]).await.unwrap();
+        client.write_all(&[0x81]).await.unwrap();
+        let Some(Ok(Message::Text(t))) = next(&mut r).await else {
+            panic!("the large message")
+        };
+        assert_eq!(t.len(), 500_000);
+        settle(&mut r);
+        assert_eq!(r.buf.len(), 1);
+        assert!(
+            r.buf.capacity() <= 2 * 4096,
+            "{} bytes kept",
+            r.buf.capacity()
+        );
+        // Many small frames in one read are parsed in place, then dropped together.
+        let mut pings = Vec::new();
+        pings.extend(client_frame(true, TEXT, b"", true)[1..].iter());
+        for _ in 0..500 {
+            pings.extend(client_frame(true, PONG, b"", true));
+        }
+        client.write_all(&pings).await.unwrap();
+        assert_eq!(
+            next(&mut r).await.unwrap().unwrap(),
+            Message::Text(String::new())
+        );
+        for _ in 0..500 {
+            assert_eq!(next(&mut r).await.unwrap().unwrap(), Message::Pong);
+        }
+        settle(&mut r);
+        assert_eq!(r.buf.capacity(), 0, "all handed out, nothing kept");
+    }
+
+    #[tokio::test]
+    async fn starting_a_frame_before_the_last_is_written_is_an_error_not_corruption() {
+        let (mut w, _r, _client) = pair(10, 16);
+        let mut w = Pin::new(&mut w);
+        w.as_mut()
+            .start_send(OutFrame::text(Bytes::from_static(b"one")))
+            .unwrap();
+        assert!(
+            w.as_mut()
+                .start_send(OutFrame::text(Bytes::from_static(b"two")))
+                .is_err()
+        );
     }
 }

@@ -653,3 +653,45 @@ async fn a_long_message_is_sent_as_fragments_no_longer_than_ws_fragment_bytes() 
     assert!(fragments >= text.len() / FRAGMENT, "{fragments} fragments");
     s.stop().await;
 }
+
+/// The server's own WebSocket framing answers a ping with its payload, and a client's close
+/// with a close of its own: 1000, no reason text.
+#[tokio::test]
+async fn a_ping_is_answered_and_a_clients_close_is_answered_with_1000() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let s = Server::sqlite(|_| {}).await;
+    let tok = token("pinger", PlatformRole::Student, &[]);
+    let mut c = Client::connect(s.addr, &tok).await;
+    let payload = bytes::Bytes::from_static(b"are you there");
+    c.ws.send(Message::Ping(payload.clone())).await.unwrap();
+    let pong = within("the pong", async {
+        loop {
+            match c.ws.next().await {
+                Some(Ok(Message::Pong(p))) => return p,
+                Some(Ok(_)) => continue,
+                other => panic!("socket ended: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(pong, payload);
+    let bye = CloseFrame {
+        code: CloseCode::Away,
+        reason: "leaving".into(),
+    };
+    c.ws.send(Message::Close(Some(bye))).await.unwrap();
+    let answer = within("the close", async {
+        loop {
+            match c.ws.next().await {
+                Some(Ok(Message::Close(f))) => return f,
+                Some(Ok(_)) => continue,
+                other => panic!("socket ended without a close: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame with a code");
+    assert_eq!(u16::from(answer.code), 1000);
+    assert_eq!(answer.reason.as_str(), "");
+}

@@ -654,6 +654,23 @@ async fn a_long_message_is_sent_as_fragments_no_longer_than_ws_fragment_bytes() 
     s.stop().await;
 }
 
+/// The first message `pick` takes, skipping the others; the socket must not end first.
+async fn first_of<T>(ws: &mut Ws, what: &str, pick: impl Fn(Message) -> Option<T>) -> T {
+    within(what, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(m)) => {
+                    if let Some(t) = pick(m) {
+                        return t;
+                    }
+                }
+                other => panic!("socket ended before {what}: {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
 /// The server's own WebSocket framing answers a ping with its payload, and a client's close
 /// with a close of its own: 1000, no reason text.
 #[tokio::test]
@@ -665,14 +682,9 @@ async fn a_ping_is_answered_and_a_clients_close_is_answered_with_1000() {
     let mut c = Client::connect(s.addr, &tok).await;
     let payload = bytes::Bytes::from_static(b"are you there");
     c.ws.send(Message::Ping(payload.clone())).await.unwrap();
-    let pong = within("the pong", async {
-        loop {
-            match c.ws.next().await {
-                Some(Ok(Message::Pong(p))) => return p,
-                Some(Ok(_)) => continue,
-                other => panic!("socket ended: {other:?}"),
-            }
-        }
+    let pong = first_of(&mut c.ws, "the pong", |m| match m {
+        Message::Pong(p) => Some(p),
+        _ => None,
     })
     .await;
     assert_eq!(pong, payload);
@@ -681,14 +693,9 @@ async fn a_ping_is_answered_and_a_clients_close_is_answered_with_1000() {
         reason: "leaving".into(),
     };
     c.ws.send(Message::Close(Some(bye))).await.unwrap();
-    let answer = within("the close", async {
-        loop {
-            match c.ws.next().await {
-                Some(Ok(Message::Close(f))) => return f,
-                Some(Ok(_)) => continue,
-                other => panic!("socket ended without a close: {other:?}"),
-            }
-        }
+    let answer = first_of(&mut c.ws, "the close", |m| match m {
+        Message::Close(f) => Some(f),
+        _ => None,
     })
     .await
     .expect("a close frame with a code");

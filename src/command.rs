@@ -55,7 +55,7 @@ pub(crate) struct Ctx {
 
 /// The rooms a session joined, with its role in each: a few per session (at most
 /// `max_rooms_per_session`), in a vector sized to them. Every session keeps one for its life,
-/// and a hash map took about 150 bytes for a single room; a lookup compares a few ids.
+/// where a hash map would take about 150 bytes for a single room; a lookup compares a few ids.
 #[derive(Debug, Default)]
 pub(crate) struct JoinedRooms(Vec<(RoomId, RoomRole)>);
 

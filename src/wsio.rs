@@ -6,9 +6,8 @@
 //! Neither keeps a buffer while the connection rests, which is most of a connection's life:
 //! the reader reads into a per-thread scratch buffer and keeps only what it could not hand out
 //! yet (an unfinished frame, or the frames after the one returned), the writer keeps only the
-//! frame it is in the middle of writing. (tungstenite kept a read buffer and a write buffer as
-//! large as the largest frame, per connection, for the connection's life.) The listener's
-//! socket gathers the frames of a write batch and sends them at the flush.
+//! frame it is in the middle of writing. The listener's socket gathers the frames of a write
+//! batch and sends them at the flush.
 //!
 //! Knows nothing of sessions, commands or the wire's JSON; answering a ping is the caller's
 //! (its pong must take its place among the frames the writer is sending).

@@ -213,24 +213,20 @@ impl Outbox {
 
     /// Asks the write loop to send a WebSocket ping ahead of the frames already queued.
     pub fn ping(&self) {
-        let parked = {
-            let mut q = self.shared.lock();
-            q.ping = true;
-            q.unpark()
-        };
-        self.shared.ready.notify_one();
-        if let Some(p) = parked {
-            p.resume();
-        }
+        self.ask(|q| q.ping = true);
     }
-}
 
-impl Outbox {
     /// Asks the write loop to answer the client's ping (ahead of the frames already queued).
     pub fn pong(&self, payload: Bytes) {
+        self.ask(|q| q.pong = Some(payload));
+    }
+
+    /// Sets what the write loop is asked for under the queue's lock, then wakes it (starting it
+    /// again if it parked).
+    fn ask(&self, set: impl FnOnce(&mut Queue)) {
         let parked = {
             let mut q = self.shared.lock();
-            q.pong = Some(payload);
+            set(&mut q);
             q.unpark()
         };
         self.shared.ready.notify_one();

@@ -301,25 +301,21 @@ impl<S: AsyncRead> Reader<S> {
                 self.pos = 0;
             }
             match h.opcode {
+                // `head` lets a continuation through only inside a message, and a text or binary
+                // frame only outside one.
                 CONTINUATION | TEXT | BINARY => {
-                    let data = match self.message.as_mut() {
-                        Some((_, data)) => {
+                    let (text, data) = match self.message.take() {
+                        Some((text, mut data)) => {
                             data.reserve_exact(payload.len());
                             data.extend_from_slice(&payload);
-                            None
+                            (text, data)
                         }
-                        None => Some(payload),
+                        None => (h.opcode == TEXT, payload),
                     };
                     if h.fin {
-                        return match (data, self.message.take()) {
-                            (Some(whole), _) => finish(h.opcode == TEXT, whole).map(Some),
-                            (None, Some((text, whole))) => finish(text, whole).map(Some),
-                            (None, None) => Ok(None),
-                        };
+                        return finish(text, data).map(Some);
                     }
-                    if let Some(first) = data {
-                        self.message = Some((h.opcode == TEXT, first));
-                    }
+                    self.message = Some((text, data));
                 }
                 CLOSE => {
                     let code = match payload.as_slice() {

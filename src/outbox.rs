@@ -100,6 +100,17 @@ impl Shared {
         // A panic while holding this lock cannot leave the queue half-updated.
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Queues `frame` under the held lock, then, with the lock released, wakes the reader.
+    fn push(&self, mut q: MutexGuard<'_, Queue>, frame: Outgoing) {
+        q.frames.push_back(frame);
+        let parked = q.unpark();
+        drop(q);
+        self.ready.notify_one();
+        if let Some(p) = parked {
+            p.resume();
+        }
+    }
 }
 
 /// Why a frame was not queued.
@@ -149,7 +160,7 @@ pub fn outbox(cap: usize) -> (Outbox, OutboxReader) {
 impl Outbox {
     /// Queues a frame without waiting.
     pub fn try_send(&self, frame: impl Into<Outgoing>) -> Result<(), Refused> {
-        let mut q = self.shared.lock();
+        let q = self.shared.lock();
         if q.reader_gone {
             return Err(Refused::Closed);
         }
@@ -157,13 +168,7 @@ impl Outbox {
         if q.frames.len() >= self.shared.cap {
             return Err(Refused::Full(frame));
         }
-        q.frames.push_back(frame);
-        let parked = q.unpark();
-        drop(q);
-        self.shared.ready.notify_one();
-        if let Some(p) = parked {
-            p.resume();
-        }
+        self.shared.push(q, frame);
         Ok(())
     }
 
@@ -195,13 +200,7 @@ impl Outbox {
                     return Err(Refused::Closed);
                 }
                 if q.frames.len() < self.shared.cap {
-                    q.frames.push_back(frame);
-                    let parked = q.unpark();
-                    drop(q);
-                    self.shared.ready.notify_one();
-                    if let Some(p) = parked {
-                        p.resume();
-                    }
+                    self.shared.push(q, frame);
                     return Ok(());
                 }
                 q.waiting += 1;

@@ -56,12 +56,16 @@ pub struct OutFrame {
     payload: Bytes,
 }
 
-const CONTINUATION: u8 = 0x0;
-const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xA;
+/// Frame opcodes (RFC 6455 §5.2).
+mod opcode {
+    pub const CONTINUATION: u8 = 0x0;
+    pub const TEXT: u8 = 0x1;
+    pub const BINARY: u8 = 0x2;
+    pub const CLOSE: u8 = 0x8;
+    pub const PING: u8 = 0x9;
+    pub const PONG: u8 = 0xA;
+}
+use opcode::{BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT};
 
 /// The most a control frame may carry (RFC 6455 §5.5).
 const CONTROL_MAX: usize = 125;

@@ -9,7 +9,7 @@ use crate::auth::Identity;
 use crate::command::{Ctx, Deferred, Outcome, error_frame};
 use crate::error::Error;
 use crate::hub::{CloseSignal, SessionHandle};
-use crate::outbox::{Next, OutboxReader};
+use crate::outbox::{Next, OutboxReader, Outgoing};
 use crate::protocol::{self, ClientFrame, ClientMsg, CommandKind, ServerMsg, close};
 use crate::ratelimit::TokenBucket;
 use crate::ws::{FrameSink, FrameStream, feed_text, is_too_big, violation};
@@ -692,47 +692,31 @@ async fn write_frames(writer: &mut Writer, outbox: &mut OutboxReader) -> WriteEn
             () = &mut closed => return WriteEnd::Close,
             next = outbox.recv() => {
                 last_write = tokio::time::Instant::now();
-                let queued = match next {
+                let control = match next {
                     None => return WriteEnd::Close,
-                    Some(Next::Ping) => {
-                        if !within(limit, sink.send(OutFrame::ping())).await {
-                            return WriteEnd::Failed;
+                    Some(Next::Ping) => OutFrame::ping(),
+                    Some(Next::Pong(payload)) => OutFrame::pong(payload),
+                    Some(Next::Frame(queued)) => {
+                        // One time limit for the whole batch (a timer per frame showed in
+                        // profiles).
+                        let batch = write_batch(sink, outbox, queued, timing);
+                        match tokio::time::timeout(limit, batch).await {
+                            Ok(Ok(true)) => lazy_due = None,
+                            Ok(Ok(false)) => {
+                                if lazy_due.is_none() {
+                                    lazy_due = Some(Box::pin(tokio::time::sleep(timing.lazy)));
+                                }
+                            }
+                            _ => return WriteEnd::Failed,
                         }
-                        lazy_due = None;
                         continue;
                     }
-                    Some(Next::Pong(payload)) => {
-                        if !within(limit, sink.send(OutFrame::pong(payload))).await {
-                            return WriteEnd::Failed;
-                        }
-                        lazy_due = None;
-                        continue;
-                    }
-                    Some(Next::Frame(queued)) => queued,
                 };
-                // One time limit for the whole batch (a timer per frame showed in profiles).
-                let batch = async {
-                    let mut urgent = !queued.lazy;
-                    feed_text(sink, queued.frame, timing.fragment).await?;
-                    for _ in 1..timing.batch {
-                        let Some(q) = outbox.try_recv() else { break };
-                        urgent |= !q.lazy;
-                        feed_text(sink, q.frame, timing.fragment).await?;
-                    }
-                    if urgent {
-                        sink.flush().await?;
-                    }
-                    Ok::<bool, std::io::Error>(urgent)
-                };
-                match tokio::time::timeout(limit, batch).await {
-                    Ok(Ok(true)) => lazy_due = None,
-                    Ok(Ok(false)) => {
-                        if lazy_due.is_none() {
-                            lazy_due = Some(Box::pin(tokio::time::sleep(timing.lazy)));
-                        }
-                    }
-                    _ => return WriteEnd::Failed,
+                // A ping or pong goes out at once, and takes the buffered lazy frames with it.
+                if !within(limit, sink.send(control)).await {
+                    return WriteEnd::Failed;
                 }
+                lazy_due = None;
             }
             _ = deadline(&mut lazy_due), if lazy_due.is_some() => {
                 lazy_due = None;
@@ -759,6 +743,27 @@ async fn write_frames(writer: &mut Writer, outbox: &mut OutboxReader) -> WriteEn
             }
         }
     }
+}
+
+/// Writes `first` and up to `timing.batch - 1` more queued frames, flushing if any of them is
+/// not lazy. Whether it flushed.
+async fn write_batch(
+    sink: &mut FrameSink,
+    outbox: &mut OutboxReader,
+    first: Outgoing,
+    timing: &WriteTiming,
+) -> std::io::Result<bool> {
+    let mut urgent = !first.lazy;
+    feed_text(sink, first.frame, timing.fragment).await?;
+    for _ in 1..timing.batch {
+        let Some(q) = outbox.try_recv() else { break };
+        urgent |= !q.lazy;
+        feed_text(sink, q.frame, timing.fragment).await?;
+    }
+    if urgent {
+        sink.flush().await?;
+    }
+    Ok(urgent)
 }
 
 /// Whether a close code ends the write loop at once. Shutdown, idle and kick closes (and no

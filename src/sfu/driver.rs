@@ -418,26 +418,10 @@ impl Driver {
                 }
             }
             Cmd::SessionClosed { session } => {
-                let keys: Vec<(String, String)> = self
-                    .clients
-                    .keys()
-                    .filter(|(_, s)| *s == session)
-                    .cloned()
-                    .collect();
-                for (room, session) in keys {
-                    self.remove(&room, &session);
-                }
+                self.remove_where(|_, s| *s == session);
             }
             Cmd::SessionsClosed { which } => {
-                let keys: Vec<(String, String)> = self
-                    .clients
-                    .keys()
-                    .filter(|(_, s)| which(s))
-                    .cloned()
-                    .collect();
-                for (room, session) in keys {
-                    self.remove(&room, &session);
-                }
+                self.remove_where(|_, s| which(s));
             }
             Cmd::Mute {
                 room,
@@ -464,14 +448,7 @@ impl Driver {
                 let _ = reply.send(Ok(rooms));
             }
             Cmd::ClassEnded { room } => {
-                let sessions: Vec<String> = self
-                    .clients
-                    .keys()
-                    .filter(|(r, _)| *r == room)
-                    .map(|(_, s)| s.clone())
-                    .collect();
-                for session in sessions {
-                    self.remove(&room, &session);
+                for (_, session) in self.remove_where(|r, _| *r == room) {
                     (self.notify)(Notice::Closed {
                         session,
                         room: room.clone(),
@@ -484,6 +461,48 @@ impl Driver {
                 let _ = reply.send(Ok(n));
             }
         }
+    }
+
+    /// Removes every client whose room and session match; the keys it removed.
+    fn remove_where(&mut self, matches: impl Fn(&str, &str) -> bool) -> Vec<(String, String)> {
+        let keys: Vec<(String, String)> = self
+            .clients
+            .keys()
+            .filter(|(r, s)| matches(r, s))
+            .cloned()
+            .collect();
+        for (room, session) in &keys {
+            self.remove(room, session);
+        }
+        keys
+    }
+
+    /// A new peer connection with the codecs browsers publish, the ICE timing asked for and
+    /// the SFU's host candidate.
+    fn new_rtc(&self) -> Result<Rtc, SfuError> {
+        // Opus, VP8 and H.264 constrained baseline (what browsers publish): every codec
+        // offered costs about 400 bytes in each section of each viewer's SDP, and a viewer's
+        // SDP has two sections per remote publisher.
+        let mut config = Rtc::builder()
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true);
+        config
+            .codec_config()
+            .add_h264(108.into(), Some(109.into()), true, 0x42e01f);
+        let (max_rto, retransmits) = stun_timing(Duration::from_millis(self.cfg.ice_lost_ms));
+        config.set_max_stun_rto(max_rto);
+        config.set_max_stun_retransmits(retransmits);
+        let mut rtc = config
+            .set_crypto_provider(self.crypto.clone())
+            .enable_bwe(
+                (self.cfg.bwe_start_kbps > 0).then(|| Bitrate::kbps(self.cfg.bwe_start_kbps)),
+            )
+            .build(Instant::now());
+        let cand = host_candidate(self.addr)
+            .ok_or_else(|| SfuError::Unavailable("the SFU has no usable address".into()))?;
+        rtc.add_local_candidate(cand);
+        Ok(rtc)
     }
 
     fn join(
@@ -520,28 +539,7 @@ impl Driver {
                 self.cfg.room_max
             )));
         }
-        // Opus, VP8 and H.264 constrained baseline (what browsers publish): every codec
-        // offered costs about 400 bytes in each section of each viewer's SDP, and a viewer's
-        // SDP has two sections per remote publisher.
-        let mut config = Rtc::builder()
-            .clear_codecs()
-            .enable_opus(true, false)
-            .enable_vp8(true);
-        config
-            .codec_config()
-            .add_h264(108.into(), Some(109.into()), true, 0x42e01f);
-        let (max_rto, retransmits) = stun_timing(Duration::from_millis(self.cfg.ice_lost_ms));
-        config.set_max_stun_rto(max_rto);
-        config.set_max_stun_retransmits(retransmits);
-        let mut rtc = config
-            .set_crypto_provider(self.crypto.clone())
-            .enable_bwe(
-                (self.cfg.bwe_start_kbps > 0).then(|| Bitrate::kbps(self.cfg.bwe_start_kbps)),
-            )
-            .build(Instant::now());
-        let cand = host_candidate(self.addr)
-            .ok_or_else(|| SfuError::Unavailable("the SFU has no usable address".into()))?;
-        rtc.add_local_candidate(cand);
+        let rtc = self.new_rtc()?;
         let mut client = Client::new(
             room.clone(),
             who.user.clone(),

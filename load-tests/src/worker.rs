@@ -9,8 +9,8 @@
 
 use crate::client::{Ws, next_text, src_ip, studyhall_session, ws_connect};
 use crate::frames::{
-    Eio, NatsOp, NatsParser, Sio, Stamp, nats_connect_and_sub, now_us, parse_eio, parse_sh,
-    parse_stamp, sio_event, stamp_text,
+    Eio, NatsOp, NatsParser, Sio, Stamp, fast_message, nats_connect_and_sub, now_us, parse_eio,
+    parse_sh, parse_stamp, sio_event, stamp_text,
 };
 use crate::hist::{Histogram, Sparse};
 use anyhow::{Context, Result, bail};
@@ -575,6 +575,10 @@ impl ShConn {
     /// Handles one received text frame: deliveries go to the tracker, `ok` and `error`
     /// settle a pending send, anything else is counted by type.
     fn on_text(&mut self, sh: &Shared, spec: &ConnSpec, text: &str) {
+        if let Some((seq, stamp)) = fast_message(text) {
+            self.tr.on_message(sh, Some(seq), Some(stamp));
+            return;
+        }
         let Some(f) = parse_sh(text) else { return };
         match f.ty.as_ref() {
             "message" => self.tr.on_message(sh, f.seq, f.text.as_deref()),

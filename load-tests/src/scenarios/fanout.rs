@@ -57,6 +57,9 @@ struct StepRow {
     hist: Histogram,
     /// Cluster runs: deliveries to members on other nodes than the publisher's.
     cross: Option<Histogram>,
+    /// studyhall: the publishers' send-to-`ok` latency in this step (the commit's share of
+    /// the delivery latency, and the publisher's own read and write).
+    ack: Option<Histogram>,
 }
 
 pub async fn run(common: Common, args: Args) -> Result<bool> {
@@ -107,6 +110,7 @@ pub async fn run(common: Common, args: Args) -> Result<bool> {
         "delivered": r.delivered, "expected": r.expected, "deliveries_per_s": r.del_per_s,
         "server_cpu_pct": r.cpu, "latency": r.hist.summary(),
         "cross_node_latency": r.cross.as_ref().map(|h| h.summary()),
+        "ack_latency": r.ack.as_ref().map(|h| h.summary()),
     })).collect::<Vec<_>>());
     report.write(&common.out)?;
     Ok(true)
@@ -127,6 +131,8 @@ fn steps_table(rows: &[StepRow]) -> Table {
             "p50 ms",
             "p99 ms",
             "p99.9 ms",
+            "ack p50 ms",
+            "ack p99 ms",
             "cross-node p50 ms",
             "cross-node p99 ms",
             "server CPU %",
@@ -136,6 +142,7 @@ fn steps_table(rows: &[StepRow]) -> Table {
     for r in rows {
         let s = r.hist.summary();
         let cross = r.cross.as_ref().map(|h| h.summary());
+        let ack = r.ack.as_ref().map(|h| h.summary());
         steps.row(vec![
             r.target.into(),
             r.members.to_string(),
@@ -147,6 +154,8 @@ fn steps_table(rows: &[StepRow]) -> Table {
             ms(s.p50_ms),
             ms(s.p99_ms),
             ms(s.p999_ms),
+            ack.as_ref().map_or("-".into(), |a| ms(a.p50_ms)),
+            ack.as_ref().map_or("-".into(), |a| ms(a.p99_ms)),
             cross.as_ref().map_or("-".into(), |c| ms(c.p50_ms)),
             cross.as_ref().map_or("-".into(), |c| ms(c.p99_ms)),
             format!("{:.0}", r.cpu),
@@ -371,6 +380,8 @@ impl StepRun<'_> {
     async fn step(&mut self, args: &Args, step: u32, rate: f64) -> Result<StepRow> {
         let (name, m) = (self.name, self.m);
         let cpus: Vec<CpuMeter> = self.sut.pids().into_iter().map(CpuMeter::start).collect();
+        // Acks of earlier steps (and of the warm-up) are not this step's.
+        take_acks(self.pubs);
         let dur = Duration::from_secs(args.step_s);
         let (sent, achieved) = pace(
             self.pubs,
@@ -389,6 +400,7 @@ impl StepRun<'_> {
             .drain(step, expected, Duration::from_secs(3))
             .await?;
         let (hist, cross) = by_node(&self.workers.collect_each(step).await?, self.nodes);
+        let ack = take_acks(self.pubs);
         let s = hist.summary();
         if let Some(c) = &cross {
             let c = c.summary();
@@ -412,8 +424,20 @@ impl StepRun<'_> {
             cpu: cpu_pct,
             hist,
             cross,
+            ack: (ack.count() > 0).then_some(ack),
         })
     }
+}
+
+/// The publishers' ack latencies since the last call, merged (and theirs emptied).
+fn take_acks(pubs: &[Publisher]) -> Histogram {
+    let mut all = Histogram::new();
+    for p in pubs {
+        let mut h = p.replies.ack.lock().unwrap_or_else(|e| e.into_inner());
+        all.merge(&h);
+        *h = Histogram::new();
+    }
+    all
 }
 
 /// Merges the workers' step histograms: all of them, and (cluster runs) those of members on

@@ -248,10 +248,14 @@ impl AvRooms {
         state.joining.remove(&peer.session);
         let mut before = before;
         before.retain(|m| !state.has_left(&m.peer.session, m.generation));
+        let mut learned = Vec::new();
         for m in &before {
             // A local session still being admitted is added by its own `finish_join`; a local
-            // member is already here.
-            let _ = state.learn(room, m, |_| false);
+            // member is already here. A remote member this node first hears of through this
+            // list is news to the local members admitted before it: its notice on the bus
+            // will find it known, and tell nobody.
+            let g = m.generation;
+            learned.extend(state.learn(room, m, |local| local.generation < g));
         }
         let rejoin = state.peers.get(&peer.session).is_some_and(|m| m.local);
         // A remote member admitted before this join but missing from its list has left (the
@@ -266,7 +270,7 @@ impl AvRooms {
             })
             .map(|m| (m.peer.session.clone(), m.generation))
             .collect();
-        let mut outs = Vec::new();
+        let mut outs = learned;
         for (session, g) in departed {
             outs.extend(self.remote_left(room, &session, g));
         }
@@ -800,6 +804,38 @@ mod tests {
             "h is not told of g"
         );
         assert!(av.relay("s", &p("e", "e1.n0"), "f1.n0", &cand).is_ok());
+    }
+
+    #[test]
+    fn a_remote_member_first_known_from_a_join_list_is_news_to_earlier_locals() {
+        let mut av = AvRooms::new(6);
+        // o (n1, 1) and a (here, 2) are in; b (n2, 3) is admitted, but its notice is still on
+        // the bus when c (here, 4) is admitted with [o, a, b] before it.
+        let (o, a, b, c) = (
+            mb("o", "o1.n1", 1),
+            mb("a", "a1.n0", 2),
+            mb("b", "b1.n2", 3),
+            mb("c", "c1.n0", 4),
+        );
+        av.begin_join("r", AvKind::Class, "a1.n0");
+        admitted(&mut av, "r", &a, &[&o]);
+        av.begin_join("r", AvKind::Class, "c1.n0");
+        let (reply, outs) = admitted(&mut av, "r", &c, &[&o, &a, &b]);
+        assert_eq!(reply.len(), 3, "c lists o, a and b");
+        // a hears of b (admitted after it) and of c; nobody hears of o (admitted before both).
+        let mut news: Vec<(&str, &str)> = outs
+            .iter()
+            .map(|m| match &m.msg {
+                Msg::AvPeer {
+                    peer, joined: true, ..
+                } => (m.to.as_str(), peer.session.as_str()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        news.sort();
+        assert_eq!(news, vec![("a1.n0", "b1.n2"), ("a1.n0", "c1.n0")]);
+        // b's own notice arrives: nobody hears of it twice.
+        assert!(av.remote_joined("r", &b).is_empty());
     }
 
     #[test]

@@ -110,10 +110,12 @@ impl AvRoom {
         *g = (*g).max(generation);
     }
 
-    /// Learns of a remote membership (unless it already left, or is a local session); the
-    /// local members that `tell` picks hear of it. A newer generation of a known member
-    /// replaces the older one quietly.
-    fn learn(&mut self, room: &str, m: &Membership, tell: impl Fn(&Member) -> bool) -> Vec<Out> {
+    /// Learns of a remote membership (unless it already left, or is a local session); every
+    /// local member hears of it, whichever way this node first learned it (a bus notice, a
+    /// join's list, the store), and only then: a later notice of the same membership finds it
+    /// known. (A local member admitted after it listed it, so already knows it.) A newer
+    /// generation of a known member replaces the older one quietly.
+    fn learn(&mut self, room: &str, m: &Membership) -> Vec<Out> {
         if self.has_left(&m.peer.session, m.generation) || self.joining.contains(&m.peer.session) {
             return Vec::new();
         }
@@ -124,7 +126,7 @@ impl AvRoom {
             }
             return Vec::new();
         }
-        let outs = self.notices(room, &m.peer, true, tell);
+        let outs = self.notices(room, &m.peer, true, |_| true);
         self.peers.insert(
             m.peer.session.clone(),
             Member {
@@ -251,11 +253,8 @@ impl AvRooms {
         let mut learned = Vec::new();
         for m in &before {
             // A local session still being admitted is added by its own `finish_join`; a local
-            // member is already here. A remote member this node first hears of through this
-            // list is news to the local members admitted before it: its notice on the bus
-            // will find it known, and tell nobody.
-            let g = m.generation;
-            learned.extend(state.learn(room, m, |local| local.generation < g));
+            // member is already here; a remote one new to this node is news to its members.
+            learned.extend(state.learn(room, m));
         }
         let rejoin = state.peers.get(&peer.session).is_some_and(|m| m.local);
         // A remote member admitted before this join but missing from its list has left (the
@@ -320,7 +319,7 @@ impl AvRooms {
     /// news of a membership that has left, change nothing.
     pub fn remote_joined(&mut self, room: &str, m: &Membership) -> Vec<Out> {
         match self.rooms.get_mut(room) {
-            Some(state) => state.learn(room, m, |_| true),
+            Some(state) => state.learn(room, m),
             None => Vec::new(),
         }
     }
@@ -353,7 +352,7 @@ impl AvRooms {
         };
         let mut outs = Vec::new();
         for m in stored {
-            outs.extend(state.learn(room, m, |_| true));
+            outs.extend(state.learn(room, m));
         }
         let mut gone = Vec::new();
         let mut lost = Vec::new();

@@ -75,11 +75,11 @@ pub fn parse_sh(text: &str) -> Option<ShFrame<'_>> {
 
 /// The seq and stamp text of a studyhall `message` frame that carries a load stamp, read
 /// without a JSON parse (parsing each delivery would cost the generator a fifth of its CPU at
-/// the top fan-out steps, and make it, not the server, the one adding latency). It reads the layout the
-/// server sends a room event in (`{"room":...,"seq":N,"type":"message",...,"text":...}`, the
-/// room and seq in front of the event's own fields) and relies on what the generator itself
-/// sends (stamps and user names with no quote or backslash); anything else is `None`, and
-/// goes through [`parse_sh`].
+/// the top fan-out steps, and make it, not the server, the one adding latency). It reads the
+/// layout the server sends a room event in (`{"room":...,"seq":N,"type":"message",...,
+/// "text":...}`, the room and seq in front of the event's own fields) and relies on what the
+/// generator itself sends (stamps and user names with no quote or backslash); anything else
+/// is `None`, and goes through [`parse_sh`].
 pub fn fast_message(text: &str) -> Option<(i64, &str)> {
     let after_room = text.strip_prefix(r#"{"room":""#)?;
     let room_end = after_room.find('"')?;

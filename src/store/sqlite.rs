@@ -51,8 +51,9 @@ async fn prepare(
         "PRAGMA cache_size = -{cache_kib}"
     )))
     .await?;
-    // Reads through the page map instead of one pread per page.
-    conn.execute("PRAGMA mmap_size = 268435456").await?;
+    // No memory map (`mmap_size` stays 0): in WAL mode a connection that starts a read after
+    // another one committed drops its whole map (and its page cache), so with the writer
+    // committing all the time every pooled read paid an munmap of the pages it had touched.
     // Checkpoint every ~40 MB of log instead of every ~4 MB: the pages a busy writer keeps
     // dirtying (each room's index leaves, the counters) are copied back to the database once
     // per checkpoint, not once per commit or two.
@@ -68,6 +69,9 @@ pub(super) async fn connect(opts: &StoreOptions) -> Result<AnyPool> {
     let cache_kib = opts.sqlite_cache_kib;
     let pool = AnyPoolOptions::new()
         .max_connections(opts.pool_size.max(2))
+        // A connection to a local file does not go stale: the liveness ping before each
+        // acquire would be one more hand-over to the connection's thread and back per query.
+        .test_before_acquire(false)
         .after_connect(move |conn, _meta| Box::pin(prepare(conn, synchronous, cache_kib)))
         .connect_with(connect)
         .await?;

@@ -302,19 +302,19 @@ impl Policies {
     async fn load(&self, store: &Store, room: &RoomId) -> Result<Arc<Policy>> {
         let stamp = self.stamp(room);
         let stored = store
-            .room(room)
+            .room_access(room, now_ms())
             .await?
             .ok_or_else(|| Error::NotFound(format!("room {room} not found")))?;
-        let mutes = store.active_mutes(room, now_ms()).await?;
+        let mutes = stored.mutes;
         let access = Access {
-            members: store.members(room).await?.into_iter().collect(),
-            banned: store.banned_users(room).await?.into_iter().collect(),
+            members: stored.members.into_iter().collect(),
+            banned: stored.banned.into_iter().collect(),
         };
         if self.map.len() >= MAX_CACHED_ROOMS {
             self.map.clear();
         }
         let policy = Arc::new(Policy {
-            room: stored,
+            room: stored.room,
             mutes: Mutex::new(mutes),
             last_sent: Mutex::new(
                 self.carried

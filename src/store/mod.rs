@@ -478,6 +478,40 @@ macro_rules! room_columns {
 }
 const SELECT_ROOM: &str = concat!("SELECT ", room_columns!(), " FROM rooms WHERE id = $1");
 
+/// [`Store::room_access`]: the lists as JSON arrays beside the room's columns.
+const SELECT_ROOM_ACCESS: rows::Sql = rows::Sql {
+    sqlite: concat!(
+        "SELECT ",
+        room_columns!(),
+        ", (SELECT json_group_array(json_array(user_id, role)) FROM room_members \
+         WHERE room_id = $1) AS access_members, \
+         (SELECT json_group_array(user_id) FROM bans WHERE room_id = $1) AS access_bans, \
+         (SELECT json_group_array(json_array(user_id, until)) FROM mutes \
+         WHERE room_id = $1 AND until > $2) AS access_mutes \
+         FROM rooms WHERE id = $1"
+    ),
+    postgres: concat!(
+        "SELECT ",
+        room_columns!(),
+        ", (SELECT json_agg(json_build_array(user_id, role))::text FROM room_members \
+         WHERE room_id = $1) AS access_members, \
+         (SELECT json_agg(user_id)::text FROM bans WHERE room_id = $1) AS access_bans, \
+         (SELECT json_agg(json_build_array(user_id, until))::text FROM mutes \
+         WHERE room_id = $1 AND until > $2) AS access_mutes \
+         FROM rooms WHERE id = $1"
+    ),
+};
+
+/// A room and who may do what in it ([`Store::room_access`]).
+#[derive(Clone, Debug)]
+pub struct RoomAccess {
+    pub room: Room,
+    pub members: Vec<(UserId, RoomRole)>,
+    pub banned: Vec<UserId>,
+    /// User -> muted until (ms).
+    pub mutes: std::collections::HashMap<UserId, i64>,
+}
+
 /// The room as the caller's transaction sees it (`not found` when there is none).
 async fn room_in(tx: &mut writer::Tx<'_>, id: &RoomId) -> Result<Room> {
     let row = sqlx::query(SELECT_ROOM)
@@ -763,6 +797,41 @@ impl Store {
             .await
     }
 
+    /// The room with what its access policy is built from: its members, its bans and the
+    /// mutes in force at `now` (ms), in one statement (a cold room's first join pays one read
+    /// for all four, not four).
+    pub async fn room_access(&self, id: &RoomId, now: i64) -> Result<Option<RoomAccess>> {
+        let Some(row) = sqlx::query(SELECT_ROOM_ACCESS.get(self.backend()))
+            .bind(id.as_str())
+            .bind(now)
+            .fetch_optional(self.pool())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let list = |column: &str| -> Result<String> {
+            // NULL where the backend aggregates no rows to NULL.
+            Ok(row
+                .try_get::<Option<String>, _>(column)?
+                .unwrap_or_else(|| "[]".into()))
+        };
+        let decode = |e: serde_json::Error| StoreError::Corrupt(format!("room access: {e}"));
+        let members: Vec<(String, String)> =
+            serde_json::from_str(&list("access_members")?).map_err(decode)?;
+        let banned: Vec<String> = serde_json::from_str(&list("access_bans")?).map_err(decode)?;
+        let mutes: Vec<(String, i64)> =
+            serde_json::from_str(&list("access_mutes")?).map_err(decode)?;
+        Ok(Some(RoomAccess {
+            room: room_from_row(&row)?,
+            members: members
+                .into_iter()
+                .map(|(u, role)| Ok((UserId(u), parse_role(&role)?)))
+                .collect::<Result<_>>()?,
+            banned: banned.into_iter().map(UserId).collect(),
+            mutes: mutes.into_iter().map(|(u, t)| (UserId(u), t)).collect(),
+        }))
+    }
+
     pub async fn room(&self, id: &RoomId) -> Result<Option<Room>> {
         let row = sqlx::query(SELECT_ROOM)
             .bind(id.as_str())
@@ -878,16 +947,6 @@ impl Store {
         Ok(res.rows_affected() > 0)
     }
 
-    pub async fn member_role(&self, room: &RoomId, user: &UserId) -> Result<Option<RoomRole>> {
-        let role: Option<String> =
-            sqlx::query_scalar("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")
-                .bind(room.as_str())
-                .bind(user.as_str())
-                .fetch_optional(self.pool())
-                .await?;
-        role.as_deref().map(parse_role).transpose()
-    }
-
     pub async fn members(&self, room: &RoomId) -> Result<Vec<(UserId, RoomRole)>> {
         let rows = sqlx::query(
             "SELECT user_id, role FROM room_members WHERE room_id = $1 ORDER BY user_id",
@@ -903,6 +962,16 @@ impl Store {
                 ))
             })
             .collect()
+    }
+
+    pub async fn member_role(&self, room: &RoomId, user: &UserId) -> Result<Option<RoomRole>> {
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .fetch_optional(self.pool())
+                .await?;
+        role.as_deref().map(parse_role).transpose()
     }
 
     /// The rooms a user belongs to (stored memberships plus `granted` rooms from the token),

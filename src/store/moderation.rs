@@ -8,7 +8,6 @@ use crate::protocol::views::{ReportTarget, UserBrief};
 use crate::protocol::{RoomEvent, RoomId, RoomRole, SequencedEvent, UserId};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use std::collections::HashMap;
 
 /// Longest report reason, in characters.
 pub const MAX_REASON_CHARS: usize = 500;
@@ -62,19 +61,6 @@ impl Store {
             .execute(self.pool())
             .await?;
         Ok(res.rows_affected() > 0)
-    }
-
-    /// Mutes of a room still in force at `now` (ms): user -> until.
-    pub async fn active_mutes(&self, room: &RoomId, now: i64) -> Result<HashMap<UserId, i64>> {
-        let rows =
-            sqlx::query("SELECT user_id, until FROM mutes WHERE room_id = $1 AND until > $2")
-                .bind(room.as_str())
-                .bind(now)
-                .fetch_all(self.pool())
-                .await?;
-        rows.iter()
-            .map(|r| Ok((UserId(r.try_get("user_id")?), r.try_get("until")?)))
-            .collect()
     }
 
     /// Remembers that `user` joined `room` as host or ta (see migration `0011_room_ranks`).
@@ -135,15 +121,6 @@ impl Store {
             .execute(self.pool())
             .await?;
         Ok(res.rows_affected() > 0)
-    }
-
-    /// Everyone banned from the room.
-    pub async fn banned_users(&self, room: &RoomId) -> Result<Vec<UserId>> {
-        let ids: Vec<String> = sqlx::query_scalar("SELECT user_id FROM bans WHERE room_id = $1")
-            .bind(room.as_str())
-            .fetch_all(self.pool())
-            .await?;
-        Ok(ids.into_iter().map(UserId).collect())
     }
 
     pub async fn is_banned(&self, room: &RoomId, user: &UserId) -> Result<bool> {

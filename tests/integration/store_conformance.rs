@@ -141,10 +141,11 @@ async fn members_and_roles(f: Fixture) {
         "ensure keeps the role"
     );
     s.set_member(&r, &u, RoomRole::Viewer).await.unwrap();
-    assert_eq!(
-        s.members(&r).await.unwrap(),
-        vec![(u.clone(), RoomRole::Viewer)]
-    );
+    let access = s.room_access(&r, now_ms()).await.unwrap().unwrap();
+    assert_eq!(access.members, vec![(u.clone(), RoomRole::Viewer)]);
+    assert_eq!(access.room.id, r);
+    assert!(access.banned.is_empty() && access.mutes.is_empty());
+    assert!(s.room_access(&"zz".into(), 0).await.unwrap().is_none());
     assert!(s.remove_member(&r, &u).await.unwrap());
     assert!(!s.remove_member(&r, &u).await.unwrap());
     assert!(matches!(
@@ -756,13 +757,16 @@ async fn mutes_bans_reports_and_audit(f: Fixture) {
     let now = now_ms();
     s.set_mute(&r, &u, now + 60_000).await.unwrap();
     s.set_mute(&r, &UserId::from("old"), now - 1).await.unwrap();
-    let mutes = s.active_mutes(&r, now).await.unwrap();
+    let mutes = s.room_access(&r, now).await.unwrap().unwrap().mutes;
     assert_eq!(mutes.len(), 1);
+    assert_eq!(mutes.get(&u), Some(&(now + 60_000)));
     assert!(s.clear_mute(&r, &u).await.unwrap());
     assert!(!s.is_banned(&r, &u).await.unwrap());
     s.ban(&r, &u, &UserId::from("t")).await.unwrap();
     s.ban(&r, &u, &UserId::from("t")).await.unwrap();
     assert!(s.is_banned(&r, &u).await.unwrap());
+    let access = s.room_access(&r, now).await.unwrap().unwrap();
+    assert_eq!(access.banned, vec![u.clone()]);
     assert!(s.unban(&r, &u).await.unwrap());
     assert!(!s.unban(&r, &u).await.unwrap());
     let (m, _) = sent(s.write(send("r", "a", "bad", "1")).await.unwrap());

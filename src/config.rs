@@ -342,6 +342,11 @@ settings! {
     /// `max_connections`. 0: no per-address cap (behind a reverse proxy every client shares
     /// its address).
     max_connections_per_ip: usize = 0,
+    /// Connections the kernel queues for the server to accept (the `listen` backlog, capped by
+    /// the kernel's `net.core.somaxconn`). A connection that finds the queue full is dropped
+    /// and its client's TCP tries again a second later, so a storm of joins or reconnects
+    /// wants room here.
+    listen_backlog: u32 = 4096,
     /// Milliseconds for an HTTP request head to arrive, from the connection's first read or
     /// the end of its previous response; slower connections (idle or slowloris) are closed.
     http_header_timeout_ms: u64 = 10_000,

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, watch};
 
 /// The limits of [`serve`], from the configuration.
@@ -304,6 +304,21 @@ const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: appli
 connection: close\r\nretry-after: 1\r\ncontent-length: 58\r\n\r\n\
 {\"code\":\"unavailable\",\"message\":\"too many connections\"}\n";
 
+/// A listening socket on `addr` with room for `backlog` connections waiting to be accepted.
+/// The runtime's own `TcpListener::bind` asks the kernel for 128, which a burst of a few
+/// hundred connects outruns while the workers are busy: each one dropped waits a second for
+/// its SYN to be sent again.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets the
 /// requests in flight finish and returns once every HTTP connection is closed (upgraded
 /// WebSockets are the caller's to close).
@@ -480,6 +495,29 @@ mod tests {
         drop((a2, b));
         assert_eq!(c.lock().total, 0);
         assert!(c.lock().per_ip.is_empty());
+    }
+
+    /// Connects that arrive while nothing is accepted wait in the queue `bind` asked for: with
+    /// the runtime's default (128) the ones past it would get no answer at all here.
+    #[tokio::test]
+    async fn the_accept_queue_holds_a_burst_of_connects() {
+        let l = bind("127.0.0.1:0".parse().expect("addr"), 1024).expect("bind");
+        let addr = l.local_addr().expect("addr");
+        // Past the kernel's own cap no backlog helps.
+        let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(4096);
+        let n = cap.min(300);
+        let connects = (0..n).map(|_| TcpStream::connect(addr));
+        let all = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures_util::future::try_join_all(connects),
+        )
+        .await
+        .expect("every connect completes without an accept");
+        assert_eq!(all.expect("connect").len(), n);
+        drop(l);
     }
 
     /// A connected pair on loopback: the server's end counted in `c`, and the client's end.

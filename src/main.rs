@@ -172,10 +172,9 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Serve(args) => {
             let config = Config::load(&args)?;
-            let addr = config.addr;
+            let (addr, backlog) = (config.addr, config.listen_backlog);
             let app = App::start(config).await.context("cannot start")?;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
+            let listener = studyhall::listener::bind(addr, backlog)
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let local = listener.local_addr()?;
             let shutdown = shutdown_signal()?;

@@ -947,6 +947,16 @@ impl Store {
         Ok(res.rows_affected() > 0)
     }
 
+    pub async fn member_role(&self, room: &RoomId, user: &UserId) -> Result<Option<RoomRole>> {
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .fetch_optional(self.pool())
+                .await?;
+        role.as_deref().map(parse_role).transpose()
+    }
+
     pub async fn members(&self, room: &RoomId) -> Result<Vec<(UserId, RoomRole)>> {
         let rows = sqlx::query(
             "SELECT user_id, role FROM room_members WHERE room_id = $1 ORDER BY user_id",
@@ -962,16 +972,6 @@ impl Store {
                 ))
             })
             .collect()
-    }
-
-    pub async fn member_role(&self, room: &RoomId, user: &UserId) -> Result<Option<RoomRole>> {
-        let role: Option<String> =
-            sqlx::query_scalar("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")
-                .bind(room.as_str())
-                .bind(user.as_str())
-                .fetch_optional(self.pool())
-                .await?;
-        role.as_deref().map(parse_role).transpose()
     }
 
     /// The rooms a user belongs to (stored memberships plus `granted` rooms from the token),

@@ -342,10 +342,10 @@ settings! {
     /// `max_connections`. 0: no per-address cap (behind a reverse proxy every client shares
     /// its address).
     max_connections_per_ip: usize = 0,
-    /// Connections the kernel queues for the server to accept (the `listen` backlog, capped by
-    /// the kernel's `net.core.somaxconn`). A connection that finds the queue full is dropped
-    /// and its client's TCP tries again a second later, so a storm of joins or reconnects
-    /// wants room here.
+    /// Connections (at least 1) the kernel queues for the server to accept (the `listen`
+    /// backlog, capped by the kernel's `net.core.somaxconn`). A connection that finds the
+    /// queue full is dropped and its client's TCP tries again a second later, so a storm of
+    /// joins or reconnects wants room here.
     listen_backlog: u32 = 4096,
     /// Milliseconds for an HTTP request head to arrive, from the connection's first read or
     /// the end of its previous response; slower connections (idle or slowloris) are closed.
@@ -747,6 +747,7 @@ impl Config {
         positive("ws_read_buffer_bytes", self.ws_read_buffer_bytes as u64)?;
         positive("heartbeat_s", self.heartbeat_s)?;
         positive("hello_timeout_ms", self.hello_timeout_ms)?;
+        positive("listen_backlog", u64::from(self.listen_backlog))?;
         positive("http_header_timeout_ms", self.http_header_timeout_ms)?;
         positive("http_request_timeout_ms", self.http_request_timeout_ms)?;
         positive("abuse_strikes", u64::from(self.abuse_strikes))?;
@@ -1305,6 +1306,17 @@ mod tests {
         assert!(matches!(
             Config::load(&args),
             Err(ConfigError::Invalid { .. })
+        ));
+        let args = ServeArgs {
+            listen_backlog: Some(0),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::load(&args),
+            Err(ConfigError::Invalid {
+                name: "listen_backlog",
+                ..
+            })
         ));
         let args = ServeArgs {
             database_url: Some("mysql://x".into()),

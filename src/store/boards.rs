@@ -183,7 +183,7 @@ impl Store {
     ) -> Result<(Vec<i64>, Vec<Vec<u8>>)> {
         let rows = sqlx::query(
             "SELECT id, data FROM board_updates WHERE room_id = $1 AND board_id = $2 \
-             ORDER BY id LIMIT $3",
+             ORDER BY id LIMIT CAST($3 AS BIGINT)",
         )
         .bind(room.as_str())
         .bind(board)

@@ -62,7 +62,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT id, caller_id, callee_id, room_id, audio, video, created_at, answered_at, ended_at, \
              end_reason, duration_ms FROM calls WHERE caller_id = $1 OR callee_id = $1 \
-             ORDER BY created_at DESC, id LIMIT $2",
+             ORDER BY created_at DESC, id LIMIT CAST($2 AS BIGINT)",
         )
         .bind(user.as_str())
         .bind(MAX_LISTED)

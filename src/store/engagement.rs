@@ -1209,7 +1209,8 @@ impl Store {
             None => {
                 sqlx::query(
                     "SELECT user_id, name, points, points AS total FROM engagement_members \
-                     WHERE room_id = $1 AND points > 0 ORDER BY points DESC, user_id LIMIT $2",
+                     WHERE room_id = $1 AND points > 0 ORDER BY points DESC, user_id \
+                     LIMIT CAST($2 AS BIGINT)",
                 )
                 .bind(room.as_str())
                 .bind(i64::from(limit))
@@ -1222,7 +1223,7 @@ impl Store {
                      (SELECT user_id, CAST(SUM(points) AS BIGINT) AS points FROM engagement_daily \
                       WHERE room_id = $1 AND day_start >= $2 GROUP BY user_id) d \
                      JOIN engagement_members m ON m.room_id = $1 AND m.user_id = d.user_id \
-                     WHERE d.points > 0 ORDER BY d.points DESC, d.user_id LIMIT $3",
+                     WHERE d.points > 0 ORDER BY d.points DESC, d.user_id LIMIT CAST($3 AS BIGINT)",
                 )
                 .bind(room.as_str())
                 .bind(since)

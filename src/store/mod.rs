@@ -5,6 +5,11 @@
 //! migrations, how a write transaction begins) live in `sqlite.rs` and `postgres.rs`.
 //! The store knows nothing of WebSockets or the hub: committed events leave it through the
 //! hook given to [`Store::open`].
+//!
+//! Every `LIMIT` takes its parameter as `CAST($n AS BIGINT)`: SQLite plans a bare `LIMIT $n`
+//! with the bound value, so each new binding expires the prepared statement and every run
+//! parsed and planned it again (14 % of the SQLite threads when clients resume with
+//! `after_seq`).
 
 mod av;
 mod boards;
@@ -864,7 +869,7 @@ impl Store {
             );
         }
         let limit = q.limit.max(1);
-        sql += &format!(" ORDER BY id LIMIT {}", param());
+        sql += &format!(" ORDER BY id LIMIT CAST({} AS BIGINT)", param());
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         if let Some(after) = &q.after {
             query = query.bind(after.as_str());
@@ -1139,7 +1144,8 @@ impl Store {
         view: View,
     ) -> Result<EventPage> {
         let sql = "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END \
-                   FROM events WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $4";
+                   FROM events WHERE room_id = $1 AND seq > $2 ORDER BY seq \
+                   LIMIT CAST($4 AS BIGINT)";
         self.event_page(sql, room, after_seq, view, limit).await
     }
 
@@ -1176,7 +1182,7 @@ impl Store {
     ) -> Result<Vec<CommittedEvent>> {
         let rows: Vec<(i64, String, Option<String>)> = sqlx::query_as(
             "SELECT seq, body, public_body FROM events WHERE room_id = $1 AND seq > $2 \
-             ORDER BY seq LIMIT $3",
+             ORDER BY seq LIMIT CAST($3 AS BIGINT)",
         )
         .bind(room.as_str())
         .bind(after_seq)
@@ -1204,7 +1210,8 @@ impl Store {
         view: View,
     ) -> Result<EventPage> {
         let sql = "SELECT CASE WHEN $3 = 1 THEN body ELSE COALESCE(public_body, body) END \
-                   FROM events WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $4";
+                   FROM events WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC \
+                   LIMIT CAST($4 AS BIGINT)";
         let before = before_seq.unwrap_or(i64::MAX);
         let mut page = self.event_page(sql, room, before, view, limit).await?;
         page.events.reverse();

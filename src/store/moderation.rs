@@ -333,7 +333,7 @@ impl Store {
     pub async fn audit_log(&self, room: &RoomId, after_id: i64) -> Result<Vec<AuditEntry>> {
         let rows = sqlx::query(
             "SELECT id, room_id, actor_id, action, target, detail, ts FROM audit \
-             WHERE room_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+             WHERE room_id = $1 AND id > $2 ORDER BY id LIMIT CAST($3 AS BIGINT)",
         )
         .bind(room.as_str())
         .bind(after_id)

@@ -638,7 +638,8 @@ impl Store {
         let (ts, user) = after.unwrap_or((i64::MIN, ""));
         let rows = sqlx::query(
             "SELECT user_id, user_name, choices, text, ts FROM poll_answers WHERE poll_id = $1 \
-             AND (ts > $2 OR (ts = $2 AND user_id > $3)) ORDER BY ts, user_id LIMIT $4",
+             AND (ts > $2 OR (ts = $2 AND user_id > $3)) ORDER BY ts, user_id \
+             LIMIT CAST($4 AS BIGINT)",
         )
         .bind(poll)
         .bind(ts)
@@ -689,7 +690,8 @@ impl Store {
                THEN a.ts - COALESCE(p.opened_at, a.ts) ELSE 0 END), 0) AS BIGINT) AS total_ms \
              FROM poll_answers a JOIN polls p ON p.id = a.poll_id \
              WHERE p.room_id = $1 AND p.kind = 'quiz' AND p.state = 'closed' \
-             GROUP BY a.user_id ORDER BY n_correct DESC, total_ms, a.user_id LIMIT $2",
+             GROUP BY a.user_id ORDER BY n_correct DESC, total_ms, a.user_id \
+             LIMIT CAST($2 AS BIGINT)",
         )
         .bind(room.as_str())
         .bind(i64::from(limit))

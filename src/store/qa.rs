@@ -469,13 +469,13 @@ impl Store {
                 "SELECT id, room_id, seq, author_id, author_name, author_role, anonymous, text, status, \
                  votes, ts, first_answer_at, approved FROM questions WHERE room_id = $1 \
                  AND ($2 = '' OR status = $2) AND ($3 = 1 OR (status <> 'pending' AND approved = 1)) \
-                 ORDER BY votes DESC, ts ASC, id LIMIT $4"
+                 ORDER BY votes DESC, ts ASC, id LIMIT CAST($4 AS BIGINT)"
             }
             QuestionSort::Recent => {
                 "SELECT id, room_id, seq, author_id, author_name, author_role, anonymous, text, status, \
                  votes, ts, first_answer_at, approved FROM questions WHERE room_id = $1 \
                  AND ($2 = '' OR status = $2) AND ($3 = 1 OR (status <> 'pending' AND approved = 1)) \
-                 ORDER BY ts DESC, id DESC LIMIT $4"
+                 ORDER BY ts DESC, id DESC LIMIT CAST($4 AS BIGINT)"
             }
         };
         let rows = sqlx::query(sql)

@@ -156,7 +156,7 @@ impl Store {
                 "SELECT d.kind, d.ref_id, d.seq, d.ts, d.text FROM search_fts f \
                  JOIN search_docs d ON d.rowid = f.rowid \
                  WHERE search_fts MATCH $1 AND d.room_id = $2 AND (d.pending = 0 OR $3 = 1) \
-                 ORDER BY bm25(search_fts), d.seq DESC LIMIT $4 OFFSET $5",
+                 ORDER BY bm25(search_fts), d.seq DESC LIMIT CAST($4 AS BIGINT) OFFSET $5",
                 words
                     .iter()
                     .map(|w| format!("\"{w}\""))

@@ -260,7 +260,7 @@ impl Store {
              CAST(SUM(answers) AS BIGINT) AS answers FROM engagement_daily \
              WHERE room_id = $1 AND day_start >= $2 AND day_start < $3 GROUP BY user_id \
              HAVING SUM(points) > 0 OR SUM(messages) + SUM(questions) + SUM(answers) > 0 \
-             ORDER BY 2 DESC, user_id LIMIT $4",
+             ORDER BY 2 DESC, user_id LIMIT CAST($4 AS BIGINT)",
         )
         .bind(room.id.as_str())
         .bind(first_day)

@@ -692,7 +692,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT d.id, d.event_id, e.type, e.room_id, d.state, d.next_at, d.created_at \
              FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
-             WHERE d.webhook_id = $1 ORDER BY d.id DESC LIMIT $2",
+             WHERE d.webhook_id = $1 ORDER BY d.id DESC LIMIT CAST($2 AS BIGINT)",
         )
         .bind(id)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -775,7 +775,8 @@ impl Store {
              JOIN webhooks w ON w.id = d.webhook_id JOIN webhook_events e ON e.id = d.event_id \
              WHERE d.state = 'pending' AND d.next_at <= $1 AND w.disabled = 0 \
              AND d.id = (SELECT MIN(d2.id) FROM webhook_deliveries d2 WHERE d2.state = 'pending' \
-             AND d2.webhook_id = d.webhook_id AND d2.lane = d.lane) ORDER BY d.id LIMIT $2",
+             AND d2.webhook_id = d.webhook_id AND d2.lane = d.lane) ORDER BY d.id \
+             LIMIT CAST($2 AS BIGINT)",
         )
         .bind(now)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -914,7 +915,7 @@ impl Store {
              WHERE (d.state <> 'pending' AND d.done_at < $1) \
              OR (d.created_at < $1 AND NOT EXISTS \
              (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id AND w.disabled = 0)) \
-             ORDER BY d.id LIMIT $2",
+             ORDER BY d.id LIMIT CAST($2 AS BIGINT)",
         )
         .bind(cutoff)
         .bind(i64::try_from(batch).unwrap_or(i64::MAX))
@@ -954,7 +955,7 @@ impl Store {
         let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT e.id FROM webhook_events e WHERE e.ts < $1 AND NOT EXISTS \
              (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id) \
-             ORDER BY e.ts LIMIT $2{lock}"
+             ORDER BY e.ts LIMIT CAST($2 AS BIGINT){lock}"
         )))
         .bind(cutoff)
         .bind(i64::try_from(batch).unwrap_or(i64::MAX))

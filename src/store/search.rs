@@ -166,7 +166,8 @@ impl Store {
             Backend::Postgres => (
                 "SELECT kind, ref_id, seq, ts, text FROM search_docs \
                  WHERE tsv @@ plainto_tsquery('simple', $1) AND room_id = $2 AND (pending = 0 OR $3 = 1) \
-                 ORDER BY ts_rank(tsv, plainto_tsquery('simple', $1)) DESC, seq DESC LIMIT $4 OFFSET $5",
+                 ORDER BY ts_rank(tsv, plainto_tsquery('simple', $1)) DESC, seq DESC \
+                 LIMIT CAST($4 AS BIGINT) OFFSET $5",
                 words.join(" "),
             ),
         };

@@ -89,3 +89,27 @@ pub(super) async fn migrate(pool: &AnyPool) -> Result<()> {
     sqlx::migrate!("migrations/sqlite").run(pool).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// SQLite plans a bare `LIMIT $n` with its bound value and re-prepares the statement each
+    /// time that parameter is bound again; the store writes `LIMIT CAST($n AS BIGINT)`.
+    #[test]
+    fn no_statement_binds_a_bare_limit() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store");
+        // Built here so that this file's own text does not match.
+        let (bare, formatted) = (["LIMIT ", "$"].concat(), ["LIMIT ", "{}"].concat());
+        let mut offenders = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("src/store") {
+            let path = entry.expect("entry").path();
+            let text = std::fs::read_to_string(&path).expect("source");
+            for (n, line) in text.lines().enumerate() {
+                let code = !line.trim_start().starts_with("//");
+                if code && (line.contains(&bare) || line.contains(&formatted)) {
+                    offenders.push(format!("{}:{}", path.display(), n + 1));
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "bare LIMIT parameters: {offenders:?}");
+    }
+}

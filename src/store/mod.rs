@@ -7,9 +7,8 @@
 //! hook given to [`Store::open`].
 //!
 //! Every `LIMIT` takes its parameter as `CAST($n AS BIGINT)`: SQLite plans a bare `LIMIT $n`
-//! with the bound value, so each new binding expires the prepared statement and every run
-//! parsed and planned it again (14 % of the SQLite threads when clients resume with
-//! `after_seq`).
+//! with the bound value, so each new binding would expire the prepared statement and every
+//! run would parse and plan it again.
 
 mod av;
 mod boards;

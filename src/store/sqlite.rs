@@ -53,7 +53,7 @@ async fn prepare(
     .await?;
     // No memory map (`mmap_size` stays 0): in WAL mode a connection that starts a read after
     // another one committed drops its whole map (and its page cache), so with the writer
-    // committing all the time every pooled read paid an munmap of the pages it had touched.
+    // committing all the time every pooled read would pay an munmap of the pages it touched.
     // Checkpoint every ~40 MB of log instead of every ~4 MB: the pages a busy writer keeps
     // dirtying (each room's index leaves, the counters) are copied back to the database once
     // per checkpoint, not once per commit or two.

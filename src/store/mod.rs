@@ -802,8 +802,8 @@ impl Store {
     }
 
     /// The room with what its access policy is built from: its members, its bans and the
-    /// mutes in force at `now` (ms), in one statement (a cold room's first join pays one read
-    /// for all four, not four).
+    /// mutes in force at `now` (ms), in one statement, so a cold room's first join reads all
+    /// four with one round trip.
     pub async fn room_access(&self, id: &RoomId, now: i64) -> Result<Option<RoomAccess>> {
         let Some(row) = sqlx::query(SELECT_ROOM_ACCESS.get(self.backend()))
             .bind(id.as_str())

@@ -492,7 +492,14 @@ async fn replay_and_reply(
             }
         }
     }
-    ctx.app.hub.open_gate(&room.id, &ctx.handle.id, delivered);
+    // The held frames go at the pace the client reads, like the replay before them.
+    let mut waiting = ctx.app.hub.open_gate(&room.id, &ctx.handle.id, delivered);
+    while let Some(frame) = waiting {
+        if !ctx.push(frame).await {
+            break;
+        }
+        waiting = ctx.app.hub.open_gate(&room.id, &ctx.handle.id, delivered);
+    }
     Ok(Outcome::Done)
 }
 

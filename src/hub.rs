@@ -10,7 +10,8 @@
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Refused};
 use crate::protocol::{
-    self, PresenceState, RoomId, RoomRole, ServerMsg, SessionId, ShownRole, UserId, UserRef, close,
+    self, Listed, PresenceState, RoomId, RoomRole, ServerMsg, SessionId, ShownRole, UserId,
+    UserRef, close,
 };
 use crate::store::{CommittedEvent, now_ms};
 use dashmap::DashMap;
@@ -186,7 +187,7 @@ struct Gate {
     /// The join reply's `online` list, while the session hears per-user presence: presence
     /// rounds pass the session by, and the gate's opening tells it the net difference instead
     /// (one frame per user whose being online changed, however often the room churned).
-    shown: Option<Arc<[UserRef]>>,
+    shown: Option<Arc<[Arc<Listed>]>>,
     /// How many of that difference's frames are still at the front of `held`: they do not
     /// count against the gate's cap.
     extra: usize,
@@ -210,7 +211,7 @@ struct RoomState {
     sessions: HashMap<SessionId, Member>,
     /// Users online in the room (by id, so a join reply lists the first ones cheaply) and how
     /// many of their sessions have joined it.
-    online: BTreeMap<UserId, (UserRef, usize)>,
+    online: BTreeMap<UserId, (Arc<Listed>, usize)>,
     /// A `live` room: its audience hears who is online as a count, not user by user.
     live: bool,
     /// The last `online_count` sent to the room.
@@ -503,7 +504,12 @@ impl RoomState {
 
 /// The `presence` frames that bring a session from `shown` (who its join reply listed online)
 /// to `now`, both sorted by user id; nothing about `me`.
-fn presence_diff(room: &RoomId, shown: &[UserRef], now: &[UserRef], me: &UserId) -> Vec<Frame> {
+fn presence_diff(
+    room: &RoomId,
+    shown: &[Arc<Listed>],
+    now: &[Arc<Listed>],
+    me: &UserId,
+) -> Vec<Frame> {
     let frame = |user: &UserRef, online: bool| {
         let state = if online {
             PresenceState::Online
@@ -517,19 +523,19 @@ fn presence_diff(room: &RoomId, shown: &[UserRef], now: &[UserRef], me: &UserId)
     loop {
         let (user, online) = match (was.peek(), is.peek()) {
             (None, None) => break,
-            (Some(a), Some(b)) if a.id == b.id => {
+            (Some(a), Some(b)) if a.user.id == b.user.id => {
                 was.next();
                 is.next();
                 continue;
             }
-            (Some(a), Some(b)) if a.id < b.id => (was.next(), false),
+            (Some(a), Some(b)) if a.user.id < b.user.id => (was.next(), false),
             (Some(_), None) => (was.next(), false),
             _ => (is.next(), true),
         };
         if let Some(u) = user
-            && &u.id != me
+            && &u.user.id != me
         {
-            frames.push(frame(u, online));
+            frames.push(frame(&u.user, online));
         }
     }
     frames
@@ -589,7 +595,7 @@ pub enum HubError {
 /// host/ta) the raised hands.
 pub struct Joined {
     /// Online users, sorted by id, at most the presence limit.
-    pub online: Arc<[UserRef]>,
+    pub online: Arc<[Arc<Listed>]>,
     pub online_count: usize,
     pub stage: Vec<UserRef>,
     pub hands: Vec<(UserRef, i64)>,
@@ -756,14 +762,14 @@ impl Hub {
             m.moderator = moderator;
             m.user = user.clone();
             if let Some(entry) = state.online.get_mut(&user.id) {
-                entry.0 = user.clone();
+                entry.0 = Listed::new(user.clone());
             }
         } else {
             self.add_member(room, state, handle, &user, moderator)?;
         }
         let remote = self.remote_online.get(room);
         let online_count = state.online_count(remote.as_deref());
-        let online: Arc<[UserRef]> = if live && !moderator {
+        let online: Arc<[Arc<Listed>]> = if live && !moderator {
             self.audience_view(state, remote.as_deref()).into()
         } else {
             self.online_view(state, remote.as_deref()).into()
@@ -820,7 +826,7 @@ impl Hub {
                 false
             }
             Entry::Vacant(e) => {
-                e.insert((user.clone(), 1));
+                e.insert((Listed::new(user.clone()), 1));
                 true
             }
         };
@@ -844,21 +850,27 @@ impl Hub {
         &self,
         state: &RoomState,
         remote: Option<&HashMap<UserId, UserRef>>,
-    ) -> Vec<UserRef> {
+    ) -> Vec<Arc<Listed>> {
         let visible = |u: &UserRef| {
             u.role.room().is_some_and(RoomRole::can_moderate)
                 || state.stage.iter().any(|s| s.id == u.id)
         };
-        let mut list: Vec<UserRef> = state
+        let mut list: Vec<Arc<Listed>> = state
             .online
             .values()
             .map(|(u, _)| u)
-            .chain(remote.iter().flat_map(|r| r.values()))
-            .filter(|u| visible(u))
+            .filter(|u| visible(&u.user))
             .cloned()
+            .chain(
+                remote
+                    .iter()
+                    .flat_map(|r| r.values())
+                    .filter(|u| visible(u))
+                    .map(|u| Listed::new(u.clone())),
+            )
             .collect();
-        list.sort_by(|a, b| a.id.cmp(&b.id));
-        list.dedup_by(|a, b| a.id == b.id);
+        list.sort_by(|a, b| a.user.id.cmp(&b.user.id));
+        list.dedup_by(|a, b| a.user.id == b.user.id);
         list.truncate(self.presence_limit);
         list
     }
@@ -868,8 +880,8 @@ impl Hub {
         &self,
         state: &RoomState,
         remote: Option<&HashMap<UserId, UserRef>>,
-    ) -> Vec<UserRef> {
-        let mut list: Vec<UserRef> = state
+    ) -> Vec<Arc<Listed>> {
+        let mut list: Vec<Arc<Listed>> = state
             .online
             .values()
             .take(self.presence_limit)
@@ -879,9 +891,9 @@ impl Hub {
             list.extend(
                 r.values()
                     .filter(|u| !state.online.contains_key(&u.id))
-                    .cloned(),
+                    .map(|u| Listed::new(u.clone())),
             );
-            list.sort_by(|a, b| a.id.cmp(&b.id));
+            list.sort_by(|a, b| a.user.id.cmp(&b.user.id));
             list.truncate(self.presence_limit);
         }
         list
@@ -1209,7 +1221,7 @@ impl Hub {
                 state
                     .online
                     .iter()
-                    .map(|(id, (u, _))| (id.clone(), u.clone()))
+                    .map(|(id, (u, _))| (id.clone(), u.user.clone()))
                     .collect()
             })
             .unwrap_or_default();
@@ -1225,7 +1237,7 @@ impl Hub {
     pub fn local_role(&self, room: &RoomId, user: &UserId) -> Option<ShownRole> {
         self.rooms
             .get(room)
-            .and_then(|state| state.online.get(user).map(|(u, _)| u.role))
+            .and_then(|state| state.online.get(user).map(|(u, _)| u.user.role))
     }
 
     /// The room role a user holds in the room right now, if online there: on this node, else
@@ -1234,7 +1246,7 @@ impl Hub {
         let local = self
             .rooms
             .get(room)
-            .and_then(|state| state.online.get(user).map(|(u, _)| u.role));
+            .and_then(|state| state.online.get(user).map(|(u, _)| u.user.role));
         local.or_else(|| self.remote_role(room, user))
     }
 
@@ -1348,7 +1360,7 @@ impl Hub {
         let who = state
             .online
             .get(user)
-            .map(|(u, _)| u.clone())
+            .map(|(u, _)| u.user.clone())
             .or_else(|| {
                 self.remote_online
                     .get(room)
@@ -1697,7 +1709,7 @@ impl Hub {
         self.rooms
             .iter()
             .map(|r| {
-                let users = r.online.values().map(|(u, _)| u.clone()).collect();
+                let users = r.online.values().map(|(u, _)| u.user.clone()).collect();
                 (r.key().clone(), users)
             })
             .collect()
@@ -1918,7 +1930,7 @@ mod tests {
                 joined
                     .online
                     .iter()
-                    .map(|u| u.id.as_str())
+                    .map(|u| u.user.id.as_str())
                     .collect::<Vec<_>>(),
                 vec!["h"],
                 "the audience sees who runs the room, not each other"
@@ -2005,7 +2017,7 @@ mod tests {
         let (n, mut nrx, _) = session("n", "n", 16);
         let joined = hub.join(&r, &n, user("n"), false, false).unwrap();
         hub.open_gate(&r, &n.id, 0);
-        assert!(joined.online.iter().all(|u| u.id.as_str() != "a"));
+        assert!(joined.online.iter().all(|u| u.user.id.as_str() != "a"));
         let (_a2, _a2rx) = enter(&hub, &r, "a2", "a");
         let told = flushed(&hub, &mut nrx);
         assert_eq!(told.len(), 1, "{told:?}");
@@ -2519,7 +2531,7 @@ mod props {
                     role: ShownRole::Member,
                 };
                 let joined = hub.join(&room, handle, user, false, false).expect("join");
-                joined.online.iter().map(|u| u.id.clone()).collect()
+                joined.online.iter().map(|u| u.user.id.clone()).collect()
             };
             for _ in 0..rng.random_range(5..150) {
                 match rng.random_range(0..10) {

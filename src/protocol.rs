@@ -253,6 +253,29 @@ pub struct UserRef {
     pub role: ShownRole,
 }
 
+/// A user as a room's `online` list shows them: the user object and its JSON, encoded once
+/// when they came online, so that a join reply listing a thousand users copies bytes instead
+/// of encoding each one (and a room's list is shared, not copied, between replies).
+#[derive(Debug)]
+pub struct Listed {
+    pub user: UserRef,
+    json: Box<serde_json::value::RawValue>,
+}
+
+impl Listed {
+    pub fn new(user: UserRef) -> std::sync::Arc<Self> {
+        // Infallible: a struct of strings and a unit enum always encodes.
+        let json = serde_json::value::to_raw_value(&user).expect("a user object encodes");
+        std::sync::Arc::new(Self { user, json })
+    }
+}
+
+impl Serialize for Listed {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(s)
+    }
+}
+
 /// The role shown beside a user: their room role in a room's frames, their platform role in
 /// `welcome`, `system` for the server's own announcements.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -1395,7 +1418,8 @@ pub struct JoinOk<'a> {
     pub role: RoomRole,
     pub last_seq: i64,
     /// Who is online (capped; `online_count` counts everyone).
-    pub online: &'a [UserRef],
+    #[serde(serialize_with = "listed")]
+    pub online: &'a [std::sync::Arc<Listed>],
     pub online_count: usize,
     pub stage: &'a [UserRef],
     /// Raised hands in raise order, for host/ta.
@@ -1421,6 +1445,10 @@ pub struct JoinOk<'a> {
     /// The ids of the room's boards.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boards: Option<Vec<String>>,
+}
+
+fn listed<S: serde::Serializer>(users: &[std::sync::Arc<Listed>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(users.iter().map(|u| &**u))
 }
 
 /// Which session description a `signal`'s `data` carries.

@@ -541,7 +541,11 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
                     },
                     role: r.role,
                     last_seq: r.last_seq,
-                    online: &r.online,
+                    online: &r
+                        .online
+                        .into_iter()
+                        .map(crate::protocol::Listed::new)
+                        .collect::<Vec<_>>(),
                     online_count: r.online_count,
                     stage: &r.stage,
                     hands: r.hands,

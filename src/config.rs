@@ -395,6 +395,10 @@ settings! {
     /// change once per period, so someone who drops and resumes within it is never announced
     /// gone, and a reconnect storm costs each session one frame per changed user per period.
     presence_interval_ms: u64 = 1000,
+    /// Most users whose presence change a room announces in one presence round, oldest change
+    /// first; the others wait for the next round, so a round never sends one session more than
+    /// this many `presence` frames. At most half of `outbox_frames`.
+    presence_round_max: usize = 256,
     /// Milliseconds between `online_count` events to rooms whose count changed (a `live`
     /// room's audience and rooms past `presence_limit` follow presence by count).
     online_count_ms: u64 = 1000,
@@ -757,6 +761,7 @@ impl Config {
         positive("presence_limit", self.presence_limit as u64)?;
         positive("online_count_ms", self.online_count_ms)?;
         positive("presence_interval_ms", self.presence_interval_ms)?;
+        positive("presence_round_max", self.presence_round_max as u64)?;
         positive(
             "max_inflight_per_session",
             self.max_inflight_per_session as u64,
@@ -845,6 +850,16 @@ impl Config {
             return Err(ConfigError::Invalid {
                 name: "replay_limit",
                 why: format!("must be below outbox_frames ({})", self.outbox_frames),
+            });
+        }
+        if self.presence_round_max.saturating_mul(2) > self.outbox_frames {
+            // A presence round shares the outbox with live traffic too.
+            return Err(ConfigError::Invalid {
+                name: "presence_round_max",
+                why: format!(
+                    "must be at most half of outbox_frames ({})",
+                    self.outbox_frames
+                ),
             });
         }
         for (name, rate, burst) in [
@@ -1328,6 +1343,20 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(&args).is_err(), "a replay must fit the outbox");
+        let args = ServeArgs {
+            presence_round_max: Some(513),
+            ..Default::default()
+        };
+        assert!(
+            matches!(
+                Config::load(&args),
+                Err(ConfigError::Invalid {
+                    name: "presence_round_max",
+                    ..
+                })
+            ),
+            "a presence round must fit half the outbox"
+        );
         let args = ServeArgs {
             jwt_secret: Some("short".into()),
             ..Default::default()

@@ -450,6 +450,26 @@ impl RoomState {
         true
     }
 
+    /// The pending presence changes this round announces: all of them, or the `max` oldest.
+    fn take_presence_round(&mut self, max: usize) -> Vec<PendingPresence> {
+        if self.presence_pending.len() <= max {
+            return std::mem::take(&mut self.presence_pending)
+                .into_values()
+                .collect();
+        }
+        let mut oldest: Vec<(u64, UserId)> = self
+            .presence_pending
+            .iter()
+            .map(|(u, p)| (p.since, u.clone()))
+            .collect();
+        oldest.select_nth_unstable(max - 1);
+        oldest.truncate(max);
+        oldest
+            .into_iter()
+            .filter_map(|(_, u)| self.presence_pending.remove(&u))
+            .collect()
+    }
+
     /// Online users here and on other nodes (`remote`), counted once each.
     fn online_count(&self, remote: Option<&HashMap<UserId, UserRef>>) -> usize {
         let elsewhere = remote.map_or(0, |r| {
@@ -620,6 +640,8 @@ pub struct Hub {
     /// Above this many online users a room stops sending per-user presence and typing (the
     /// join reply still counts them): otherwise a big live room costs O(n^2) frames to fill.
     presence_limit: usize,
+    /// Most users whose presence change a room announces in one round (the rest wait).
+    presence_round_max: usize,
     /// Most frames held for a gated session before it counts as a slow consumer.
     gate_cap: usize,
     // -- cluster mode: fed by the cluster broker; empty on a single node --
@@ -675,6 +697,7 @@ impl Hub {
             max_sessions_per_user,
             max_room_sessions,
             presence_limit: usize::MAX,
+            presence_round_max: usize::MAX,
             gate_cap,
             relay: None,
             remote_online: DashMap::new(),
@@ -702,6 +725,12 @@ impl Hub {
     /// Sets the room size above which presence and typing are not broadcast.
     pub fn with_presence_limit(mut self, limit: usize) -> Self {
         self.presence_limit = limit;
+        self
+    }
+
+    /// Sets how many users' presence changes one round may announce per room.
+    pub fn with_presence_round_max(mut self, max: usize) -> Self {
+        self.presence_round_max = max.max(1);
         self
     }
 
@@ -1060,18 +1089,22 @@ impl Hub {
     }
 
     /// Announces the presence changes gathered since the last round (the net change per user:
-    /// see `RoomState::presence_change`). Called every `presence_interval_ms`.
+    /// see `RoomState::presence_change`), at most `presence_round_max` users per room, oldest
+    /// change first; the rest stay pending for the next round (where they may cancel out).
+    /// Called every `presence_interval_ms`.
     pub fn send_presence(&self) {
         let due = std::mem::take(&mut *self.presence_due.lock().unwrap_or_else(|p| p.into_inner()));
         for room in due {
             let Some(mut state) = self.rooms.get_mut(&room) else {
                 continue;
             };
-            let pending = std::mem::take(&mut state.presence_pending);
-            for p in pending.into_values() {
+            for p in state.take_presence_round(self.presence_round_max) {
                 let out = self.out();
                 let n = state.announce_presence(&room, &p, self.presence_limit, out);
                 self.metrics.deliveries.fetch_add(n, Relaxed);
+            }
+            if !state.presence_pending.is_empty() {
+                self.due(&self.presence_due, &room);
             }
         }
     }
@@ -2061,10 +2094,36 @@ mod tests {
         let want = [("a", "online"), ("w", "offline")].map(|(u, s)| (u.into(), s.into()));
         assert_eq!(told, want);
         // From now on the rounds tell it what changes, once.
-        assert!(flushed(&hub, &mut nrx).is_empty(), "nothing it was not told");
+        assert!(
+            flushed(&hub, &mut nrx).is_empty(),
+            "nothing it was not told"
+        );
         hub.leave(&r, &a.id);
         let told = presence_of(&flushed(&hub, &mut nrx));
         assert_eq!(told, [("a".into(), "offline".into())]);
+    }
+
+    #[test]
+    fn a_round_announces_at_most_presence_round_max_users_oldest_first() {
+        let hub = Hub::new(Arc::default(), 10, 100, 100).with_presence_round_max(2);
+        let r = RoomId::from("r");
+        let (_w, mut wrx) = watch(&hub, &r, "w", "w");
+        flushed(&hub, &mut wrx);
+        let mut came = Vec::new();
+        for u in ["e", "d", "c", "b", "a"] {
+            came.push(enter(&hub, &r, u, u));
+        }
+        let rounds: Vec<Vec<(String, String)>> = (0..4)
+            .map(|_| presence_of(&flushed(&hub, &mut wrx)))
+            .collect();
+        let online = |u: &str| (u.to_owned(), "online".to_owned());
+        assert_eq!(rounds[0].len(), 2, "{rounds:?}");
+        let mut first = rounds[0].clone();
+        first.sort();
+        assert_eq!(first, [online("d"), online("e")], "the oldest two first");
+        assert_eq!(rounds[1].len(), 2);
+        assert_eq!(rounds[2], [online("a")]);
+        assert!(rounds[3].is_empty());
     }
 
     #[test]
@@ -2519,7 +2578,8 @@ mod props {
     #[test]
     fn every_session_ends_up_knowing_who_is_online_whatever_the_interleaving() {
         check("hub presence", 1_500, |rng| {
-            let hub = Hub::new(Arc::default(), 10, 100, 100_000);
+            let round_max = *pick(rng, &[1, 2, 3, usize::MAX]);
+            let hub = Hub::new(Arc::default(), 10, 100, 100_000).with_presence_round_max(round_max);
             let room = RoomId::from("r");
             let mut sessions: Vec<Believer> = Vec::new();
             let mut trace: Vec<String> = Vec::new();
@@ -2578,7 +2638,10 @@ mod props {
             for s in &sessions {
                 open(&hub, &room, &s.handle.id);
             }
-            hub.send_presence();
+            // Enough rounds for four users' changes at one per round.
+            for _ in 0..4 {
+                hub.send_presence();
+            }
             let online: std::collections::BTreeSet<UserId> =
                 sessions.iter().map(|s| s.handle.user.clone()).collect();
             for s in &mut sessions {

@@ -177,6 +177,7 @@ fn new_hub(config: &Config, metrics: &Arc<Metrics>) -> Hub {
         config.outbox_frames,
     )
     .with_presence_limit(config.presence_limit)
+    .with_presence_round_max(config.presence_round_max)
 }
 
 /// The hub, wired to its broker: the NATS bus in cluster mode (the hub then relays its

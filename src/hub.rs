@@ -184,9 +184,10 @@ struct Member {
 struct Gate {
     /// Live frames with their seq (unsequenced frames such as typing carry `None`).
     held: VecDeque<(Option<i64>, Outgoing)>,
-    /// The join reply's `online` list, while the session hears per-user presence: presence
-    /// rounds pass the session by, and the gate's opening tells it the net difference instead
-    /// (one frame per user whose being online changed, however often the room churned).
+    /// Who was online when the session joined (all of them, sorted by id; its reply listed
+    /// the first `presence_limit`), while it hears per-user presence: presence rounds pass the
+    /// session by, and the gate's opening tells it the net difference instead (one frame per
+    /// user whose being online changed, however often the room churned).
     shown: Option<Arc<[Arc<Listed>]>>,
     /// How many of that difference's frames are still at the front of `held`: they do not
     /// count against the gate's cap.
@@ -522,7 +523,31 @@ impl RoomState {
     }
 }
 
-/// The `presence` frames that bring a session from `shown` (who its join reply listed online)
+/// The first `limit` users online in the room by id, here and on other nodes (`remote`).
+fn online_list(
+    state: &RoomState,
+    remote: Option<&HashMap<UserId, UserRef>>,
+    limit: usize,
+) -> Vec<Arc<Listed>> {
+    let mut list: Vec<Arc<Listed>> = state
+        .online
+        .values()
+        .take(limit)
+        .map(|(u, _)| u.clone())
+        .collect();
+    if let Some(r) = remote {
+        list.extend(
+            r.values()
+                .filter(|u| !state.online.contains_key(&u.id))
+                .map(|u| Listed::new(u.clone())),
+        );
+        list.sort_by(|a, b| a.user.id.cmp(&b.user.id));
+        list.truncate(limit);
+    }
+    list
+}
+
+/// The `presence` frames that bring a session from `shown` (who was online at its join)
 /// to `now`, both sorted by user id; nothing about `me`.
 fn presence_diff(
     room: &RoomId,
@@ -803,14 +828,24 @@ impl Hub {
         } else {
             self.online_view(state, remote.as_deref()).into()
         };
+        // What the gate's opening compares with: everyone online now, not only the reply's
+        // first `presence_limit` (a user past that cut is not gone).
+        let shown = state
+            .hears_presence(moderator, self.presence_limit)
+            .then(|| {
+                if online.len() == online_count {
+                    online.clone()
+                } else {
+                    online_list(state, remote.as_deref(), usize::MAX).into()
+                }
+            });
         drop(remote);
-        let hears_presence = state.hears_presence(moderator, self.presence_limit);
         if let Some(gate) = state
             .sessions
             .get_mut(&handle.id)
             .and_then(|m| m.gate.as_mut())
         {
-            gate.shown = hears_presence.then(|| online.clone());
+            gate.shown = shown;
         }
         let hands = if moderator {
             state.hands.clone()
@@ -910,22 +945,7 @@ impl Hub {
         state: &RoomState,
         remote: Option<&HashMap<UserId, UserRef>>,
     ) -> Vec<Arc<Listed>> {
-        let mut list: Vec<Arc<Listed>> = state
-            .online
-            .values()
-            .take(self.presence_limit)
-            .map(|(u, _)| u.clone())
-            .collect();
-        if let Some(r) = remote {
-            list.extend(
-                r.values()
-                    .filter(|u| !state.online.contains_key(&u.id))
-                    .map(|u| Listed::new(u.clone())),
-            );
-            list.sort_by(|a, b| a.user.id.cmp(&b.user.id));
-            list.truncate(self.presence_limit);
-        }
-        list
+        online_list(state, remote, self.presence_limit)
     }
 
     /// Opens a gated session's gate: frames held with seq <= `delivered_seq` were already sent
@@ -946,7 +966,7 @@ impl Hub {
         let diff = match m.gate.as_ref()?.shown.as_ref() {
             Some(shown) if state.hears_presence(m.moderator, self.presence_limit) => {
                 let remote = self.remote_online.get(room);
-                let now = self.online_view(state, remote.as_deref());
+                let now = online_list(state, remote.as_deref(), usize::MAX);
                 presence_diff(room, shown, &now, &m.user.id)
             }
             _ => Vec::new(),
@@ -1679,6 +1699,10 @@ impl Hub {
     /// Another node's users went online (`Some`) or offline in a room: record it, and tell
     /// this node's sessions when the union over nodes changed (the user is not online here).
     pub fn remote_presence(&self, room: &RoomId, user: &UserRef, online: bool) {
+        // The room's guard is taken first and held across the update, so a join or a gate
+        // opening here sees the other nodes' users and the room's presence clock change
+        // together (the order everywhere: a room, then `remote_online`).
+        let state = self.rooms.get_mut(room);
         let changed = if online {
             self.remote_online
                 .entry(room.clone())
@@ -1696,7 +1720,7 @@ impl Hub {
         if !changed {
             return;
         }
-        let Some(mut state) = self.rooms.get_mut(room) else {
+        let Some(mut state) = state else {
             return;
         };
         if state.online.contains_key(&user.id) {
@@ -2556,14 +2580,23 @@ mod props {
     }
 
     impl Believer {
-        /// Applies the presence frames queued for it (others are not modelled here).
-        fn read(&mut self) {
+        /// Applies the presence frames queued for it (others are not modelled here); each must
+        /// say where its user stands `now` (frames are read in the step that made them).
+        fn read(&mut self, now: &std::collections::BTreeSet<UserId>) {
             while let Some(q) = self.rx.try_recv() {
                 let v: serde_json::Value = serde_json::from_str(q.frame.as_str()).unwrap();
                 let user = UserId::from(v["user"]["id"].as_str().unwrap());
-                match v["state"].as_str() {
-                    Some("online") => self.believes.insert(user),
-                    _ => self.believes.remove(&user),
+                let online = v["state"] == "online";
+                assert_eq!(
+                    online,
+                    now.contains(&user),
+                    "{} was told {} about {user}",
+                    self.handle.id,
+                    q.frame
+                );
+                match online {
+                    true => self.believes.insert(user),
+                    false => self.believes.remove(&user),
                 };
             }
         }
@@ -2575,14 +2608,23 @@ mod props {
         assert!(back.is_none(), "an outbox of 100,000 handed back {back:?}");
     }
 
+    /// Random joins, leaves, resyncs, gate openings, other nodes' users coming and going, and
+    /// capped presence rounds, in a group room (everyone listed) or a live room whose sessions
+    /// all moderate and whose join replies list only the first two users. Every presence
+    /// frame must be true when read, and once the rounds are done every session must believe
+    /// exactly who is online (in the live room: believe no one online who is not).
     #[test]
     fn every_session_ends_up_knowing_who_is_online_whatever_the_interleaving() {
         check("hub presence", 1_500, |rng| {
             let round_max = *pick(rng, &[1, 2, 3, usize::MAX]);
-            let hub = Hub::new(Arc::default(), 10, 100, 100_000).with_presence_round_max(round_max);
+            let live = rng.random_bool(0.3);
+            let hub = Hub::new(Arc::default(), 10, 100, 100_000)
+                .with_presence_round_max(round_max)
+                .with_presence_limit(if live { 2 } else { usize::MAX });
             let room = RoomId::from("r");
             let mut sessions: Vec<Believer> = Vec::new();
-            let mut trace: Vec<String> = Vec::new();
+            let mut elsewhere = std::collections::BTreeSet::new();
+            let mut trace: Vec<String> = vec![format!("live {live}, round max {round_max}")];
             let mut made = 0;
             let join = |hub: &Hub, handle: &Arc<SessionHandle>| {
                 let user = UserRef {
@@ -2590,11 +2632,17 @@ mod props {
                     name: "U".into(),
                     role: ShownRole::Member,
                 };
-                let joined = hub.join(&room, handle, user, false, false).expect("join");
+                let joined = hub.join(&room, handle, user, live, live).expect("join");
                 joined.online.iter().map(|u| u.user.id.clone()).collect()
             };
+            let online_now = |sessions: &[Believer], elsewhere: &std::collections::BTreeSet<_>| {
+                let mut all: std::collections::BTreeSet<UserId> =
+                    sessions.iter().map(|s| s.handle.user.clone()).collect();
+                all.extend(elsewhere.iter().cloned());
+                all
+            };
             for _ in 0..rng.random_range(5..150) {
-                match rng.random_range(0..10) {
+                match rng.random_range(0..12) {
                     0..=2 if sessions.len() < 12 => {
                         made += 1;
                         let user = *pick(rng, &["ana", "ben", "cai", "dan"]);
@@ -2622,35 +2670,61 @@ mod props {
                     6 if !sessions.is_empty() => {
                         // A resync: what was queued before is read first, then the new reply.
                         let i = rng.random_range(0..sessions.len());
-                        sessions[i].read();
+                        let now = online_now(&sessions, &elsewhere);
+                        sessions[i].read(&now);
                         sessions[i].believes = join(&hub, &sessions[i].handle);
                         trace.push(format!("{} joins again", sessions[i].handle.id));
+                    }
+                    7 => {
+                        // A user of another node (cluster mode) comes or goes.
+                        let user = *pick(rng, &["ben", "eve", "fay"]);
+                        let online = !elsewhere.contains(&UserId::from(user));
+                        let u = UserRef {
+                            id: user.into(),
+                            name: "U".into(),
+                            role: ShownRole::Member,
+                        };
+                        hub.remote_presence(&room, &u, online);
+                        match online {
+                            true => elsewhere.insert(u.id),
+                            false => elsewhere.remove(&u.id),
+                        };
+                        trace.push(format!("{user} online elsewhere: {online}"));
                     }
                     _ => {
                         hub.send_presence();
                         trace.push("round".into());
                     }
                 }
+                let now = online_now(&sessions, &elsewhere);
                 for s in &mut sessions {
-                    s.read();
+                    s.read(&now);
                 }
             }
             for s in &sessions {
                 open(&hub, &room, &s.handle.id);
             }
-            // Enough rounds for four users' changes at one per round.
-            for _ in 0..4 {
+            // Enough rounds for six users' changes at one per round.
+            for _ in 0..6 {
                 hub.send_presence();
             }
-            let online: std::collections::BTreeSet<UserId> =
-                sessions.iter().map(|s| s.handle.user.clone()).collect();
+            let online = online_now(&sessions, &elsewhere);
             for s in &mut sessions {
-                s.read();
-                assert_eq!(
-                    s.believes, online,
-                    "{} believes the wrong users are online; steps: {trace:?}",
-                    s.handle.id
-                );
+                s.read(&online);
+                if live {
+                    assert!(
+                        s.believes.is_subset(&online),
+                        "{} believes {:?} online, only {online:?} are; steps: {trace:?}",
+                        s.handle.id,
+                        s.believes
+                    );
+                } else {
+                    assert_eq!(
+                        s.believes, online,
+                        "{} believes the wrong users are online; steps: {trace:?}",
+                        s.handle.id
+                    );
+                }
             }
         });
     }

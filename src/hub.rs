@@ -179,7 +179,7 @@ struct Member {
 }
 
 /// What waits for a gated session: the live frames held for it and, while it hears per-user
-/// presence, who its join reply showed online.
+/// presence, who was online when it joined.
 #[derive(Default)]
 struct Gate {
     /// Live frames with their seq (unsequenced frames such as typing carry `None`).
@@ -587,7 +587,7 @@ fn presence_diff(
 }
 
 impl Member {
-    /// Gated with a join reply whose `online` list the gate's opening will bring up to date.
+    /// Gated, and told who is online only when the gate opens (as a difference from its join).
     fn awaits_presence_diff(&self) -> bool {
         self.gate.as_ref().is_some_and(|g| g.shown.is_some())
     }
@@ -950,8 +950,8 @@ impl Hub {
 
     /// Opens a gated session's gate: frames held with seq <= `delivered_seq` were already sent
     /// by the replay and are dropped; the rest go to its outbox in order, after a `presence`
-    /// frame for each user whose being online changed since the join reply (when the session
-    /// hears per-user presence). A frame the outbox has no room for is handed back, the gate
+    /// frame for each user whose being online changed since the session joined (when it hears
+    /// per-user presence). A frame the outbox has no room for is handed back, the gate
     /// still up (what arrives meanwhile queues behind it): the caller waits for room, queues
     /// it, and calls again, until `None` says the gate is open.
     pub fn open_gate(

@@ -407,6 +407,11 @@ settings! {
     /// Most events `join {after_seq}` replays; beyond it the reply says `gap: true` and
     /// replays nothing. Must be below `outbox_frames`.
     replay_limit: u32 = 1000,
+    /// Bytes of its latest events each room with sessions on this node keeps in memory, so
+    /// that a resume replays from there instead of reading the store (a resume from further
+    /// back reads the store). 0 keeps none; in cluster mode (`nats_url`) none is kept. At most
+    /// 16 MiB.
+    replay_cache_bytes: usize = 65536,
     /// Longest message or answer text, in characters (also for announcements: 413 beyond it).
     max_text_chars: usize = 4000,
     /// Longest question, in characters.
@@ -653,6 +658,9 @@ settings! {
     bus_queue_bytes: usize = 64 << 20,
 }
 
+/// The most `replay_cache_bytes` may be: every room with a session here may hold that much.
+const MAX_REPLAY_CACHE_BYTES: usize = 16 << 20;
+
 /// How a value looks in the README's configuration table.
 trait Shown {
     fn shown(&self) -> String;
@@ -850,6 +858,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 name: "replay_limit",
                 why: format!("must be below outbox_frames ({})", self.outbox_frames),
+            });
+        }
+        if self.replay_cache_bytes > MAX_REPLAY_CACHE_BYTES {
+            return Err(ConfigError::Invalid {
+                name: "replay_cache_bytes",
+                why: format!("must be at most {MAX_REPLAY_CACHE_BYTES} (16 MiB)"),
             });
         }
         if self.presence_round_max.saturating_mul(2) > self.outbox_frames {

@@ -239,6 +239,90 @@ struct RoomState {
     /// The seq of the last event published here that changes what a join snapshot shows (see
     /// [`crate::protocol::changes_join_snapshot`]); 0 if none in this era.
     snapshot_changed: i64,
+    /// The latest events published here, for resumes (see [`Recent`]).
+    recent: Recent,
+}
+
+/// A room's latest events as published here, in both renderings, so that a resume replays
+/// them from memory instead of reading the store: seqs without a gap, up to `cap` bytes, the
+/// oldest dropped first. An event that changes the stored copy of an earlier one (an edit, a
+/// delete, a reaction: see [`crate::protocol::rewrites_history`]) empties it first, since a
+/// replay shows messages as they are stored now; it then starts again from that event.
+#[derive(Debug, Default)]
+struct Recent {
+    events: VecDeque<RecentEvent>,
+    /// The bytes of the frames held, plus [`RECENT_OVERHEAD`] per event.
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct RecentEvent {
+    seq: i64,
+    frame: Frame,
+    /// What members who are not host/ta see, when that differs.
+    public: Option<Frame>,
+}
+
+/// What an event costs [`Recent`] besides its frames' bytes (the entry and the frames' heads).
+const RECENT_OVERHEAD: usize = 96;
+
+impl RecentEvent {
+    fn size(&self) -> usize {
+        self.frame.len() + self.public.as_ref().map_or(0, |p| p.len()) + RECENT_OVERHEAD
+    }
+}
+
+impl Recent {
+    /// Keeps event `seq`, published after the ones held; at most `cap` bytes stay held.
+    fn record(&mut self, seq: i64, frame: &Frame, public: Option<&Frame>, cap: usize) {
+        let next = self.events.back().map(|e| e.seq + 1);
+        let rewrites = crate::protocol::rewrites_history(frame.as_str());
+        if next.is_some_and(|n| seq < n) {
+            // Published before (fan-out drops it as a duplicate); what it rewrote, if anything,
+            // is not known to be rewritten in what is held.
+            if rewrites {
+                self.clear();
+            }
+            return;
+        }
+        if rewrites || next.is_some_and(|n| seq != n) {
+            self.clear();
+        }
+        let event = RecentEvent {
+            seq,
+            frame: frame.clone(),
+            public: public.cloned(),
+        };
+        let size = event.size();
+        if size > cap {
+            self.clear();
+            return;
+        }
+        self.events.push_back(event);
+        self.bytes += size;
+        while self.bytes > cap {
+            let Some(old) = self.events.pop_front() else {
+                break;
+            };
+            self.bytes -= old.size();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.events.clear();
+        self.bytes = 0;
+    }
+}
+
+/// A resume's replay served from memory (see [`Hub::replay`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Replay {
+    /// The events after the resume's seq, oldest first, as the session's role sees them.
+    pub frames: Vec<Frame>,
+    /// The seq of the last of them (the resume's seq when there are none).
+    pub last: i64,
+    /// More events than the limit asked for: the client must page the history instead.
+    pub gap: bool,
 }
 
 /// Which sessions of a room a frame is for.
@@ -684,6 +768,8 @@ pub struct Hub {
     presence_due: std::sync::Mutex<HashSet<RoomId>>,
     /// The last era given to a room's state (see [`SnapshotMark`]).
     eras: std::sync::atomic::AtomicU64,
+    /// Most bytes of recent events each room keeps for resumes (see [`Recent`]); 0: none.
+    replay_cache_bytes: usize,
 }
 
 /// Where a room's events stand on this node, for caches of what a join snapshot shows: a copy
@@ -731,6 +817,7 @@ impl Hub {
             counts_due: std::sync::Mutex::default(),
             presence_due: std::sync::Mutex::default(),
             eras: std::sync::atomic::AtomicU64::new(0),
+            replay_cache_bytes: 0,
         }
     }
 
@@ -756,6 +843,12 @@ impl Hub {
     /// Sets how many users' presence changes one round may announce per room.
     pub fn with_presence_round_max(mut self, max: usize) -> Self {
         self.presence_round_max = max.max(1);
+        self
+    }
+
+    /// Sets how many bytes of its latest events each room keeps to replay resumes from.
+    pub fn with_replay_cache(mut self, bytes: usize) -> Self {
+        self.replay_cache_bytes = bytes;
         self
     }
 
@@ -1087,6 +1180,10 @@ impl Hub {
             if crate::protocol::changes_join_snapshot(frame.as_str()) {
                 state.snapshot_changed = ev.seq;
             }
+            if self.replay_cache_bytes > 0 {
+                let cap = self.replay_cache_bytes;
+                state.recent.record(ev.seq, &frame, public.as_ref(), cap);
+            }
             let out = self.out();
             let n = state.fan_out(
                 &frame,
@@ -1156,6 +1253,51 @@ impl Hub {
     /// [`Hub::note_published_seq`]).
     pub fn published_seq(&self, room: &RoomId) -> Option<i64> {
         self.rooms.get(room).and_then(|s| s.published)
+    }
+
+    /// A resume's replay from memory: the events after `after` (at most `limit`), as host/ta
+    /// (`moderator`) or others see them, when this node holds every one of them up to the
+    /// last published here; `None` when it does not, and the store must be read. Called after
+    /// the session joined (gated): what is published later reaches the gate, and the gate
+    /// drops what the replay already holds.
+    pub fn replay(
+        &self,
+        room: &RoomId,
+        after: i64,
+        limit: usize,
+        moderator: bool,
+    ) -> Option<Replay> {
+        let state = self.rooms.get(room)?;
+        let published = state.published?;
+        let none = Replay {
+            last: after,
+            ..Replay::default()
+        };
+        if after >= published {
+            return Some(none);
+        }
+        let events = &state.recent.events;
+        let (first, last) = (events.front()?.seq, events.back()?.seq);
+        if first > after + 1 || last < published {
+            return None;
+        }
+        let skip = usize::try_from(after + 1 - first).ok()?;
+        let n = events.len() - skip.min(events.len());
+        if n > limit {
+            return Some(Replay { gap: true, ..none });
+        }
+        let frames = events
+            .range(events.len() - n..)
+            .map(|e| match (&e.public, moderator) {
+                (Some(p), false) => p.clone(),
+                _ => e.frame.clone(),
+            })
+            .collect();
+        Some(Replay {
+            frames,
+            last,
+            gap: false,
+        })
     }
 
     /// Where the room's events stand here (see [`SnapshotMark`]); `None` while the room has no
@@ -1895,6 +2037,157 @@ mod tests {
         assert_eq!(drain(&mut arx), vec!["{\"seq\":6}"]);
         hub.publish(ev("r", 7));
         assert_eq!(drain(&mut arx), vec!["{\"seq\":7}"]);
+    }
+
+    /// A hub whose rooms keep `cap` bytes of recent events, with one session watching `r`.
+    fn recent_hub(cap: usize) -> (Hub, RoomId, crate::outbox::OutboxReader) {
+        let hub = Hub::new(Arc::default(), 10, 100, 100).with_replay_cache(cap);
+        let room: RoomId = "r".into();
+        let (_, rx) = watch(&hub, &room, "s0", "z");
+        (hub, room, rx)
+    }
+
+    fn texts(replay: &Replay) -> Vec<&str> {
+        replay.frames.iter().map(|f| f.as_str()).collect()
+    }
+
+    #[test]
+    fn a_resume_replays_the_latest_events_from_memory_as_its_role_sees_them() {
+        let (hub, room, _rx) = recent_hub(1 << 16);
+        assert_eq!(hub.replay(&room, 0, 10, false), None, "seq not known yet");
+        hub.note_published_seq(&room, 4);
+        assert_eq!(
+            hub.replay(&room, 4, 10, false),
+            Some(Replay {
+                last: 4,
+                ..Replay::default()
+            }),
+            "caught up: nothing to replay"
+        );
+        assert_eq!(hub.replay(&room, 3, 10, false), None, "not held");
+        hub.publish(ev("r", 5));
+        hub.publish(CommittedEvent {
+            public_json: Some(r#"{"seq":6,"type":"hidden"}"#.into()),
+            ..ev("r", 6)
+        });
+        hub.publish(ev("r", 7));
+        let member = hub.replay(&room, 5, 10, false).unwrap();
+        assert_eq!(
+            texts(&member),
+            [r#"{"seq":6,"type":"hidden"}"#, r#"{"seq":7}"#]
+        );
+        assert_eq!((member.last, member.gap), (7, false));
+        let host = hub.replay(&room, 4, 10, true).unwrap();
+        assert_eq!(
+            texts(&host),
+            [r#"{"seq":5}"#, r#"{"seq":6}"#, r#"{"seq":7}"#]
+        );
+        assert_eq!(hub.replay(&room, 3, 10, true), None, "seq 4 is not held");
+        let over = hub.replay(&room, 4, 2, true).unwrap();
+        assert!(over.gap && over.frames.is_empty(), "more than the limit");
+        assert_eq!(hub.replay(&room, 9, 10, true).unwrap().last, 9, "ahead");
+    }
+
+    #[test]
+    fn recent_events_stay_gap_free_and_within_their_bytes() {
+        let one = ev("r", 1).json.len() + RECENT_OVERHEAD;
+        let (hub, room, _rx) = recent_hub(3 * one);
+        for seq in 1..=5 {
+            hub.publish(ev("r", seq));
+        }
+        assert_eq!(hub.replay(&room, 1, 10, false), None, "seq 2 was dropped");
+        assert_eq!(texts(&hub.replay(&room, 2, 10, false).unwrap()).len(), 3);
+        // A gap (seq 6 never published here): what is held no longer reaches the last seq
+        // without one, so it starts again.
+        hub.publish(ev("r", 7));
+        assert_eq!(hub.replay(&room, 4, 10, false), None);
+        assert_eq!(
+            texts(&hub.replay(&room, 6, 10, false).unwrap()),
+            [r#"{"seq":7}"#]
+        );
+        // A late copy of an earlier seq changes nothing.
+        hub.publish(ev("r", 5));
+        assert_eq!(
+            texts(&hub.replay(&room, 6, 10, false).unwrap()),
+            [r#"{"seq":7}"#]
+        );
+        // An event bigger than the whole budget empties it.
+        hub.publish(CommittedEvent {
+            json: format!(r#"{{"seq":8,"x":"{}"}}"#, "x".repeat(4 * one)),
+            ..ev("r", 8)
+        });
+        assert_eq!(hub.replay(&room, 7, 10, false), None);
+        // Kept nothing at all: the store is read.
+        let (hub, room, _rx) = recent_hub(0);
+        hub.note_published_seq(&room, 1);
+        hub.publish(ev("r", 2));
+        assert_eq!(hub.replay(&room, 1, 10, false), None);
+    }
+
+    #[test]
+    fn an_event_that_rewrites_a_stored_one_empties_the_recent_events() {
+        for kind in ["message_edited", "message_deleted", "reaction"] {
+            let (hub, room, _rx) = recent_hub(1 << 16);
+            hub.publish(ev("r", 1));
+            hub.publish(ev("r", 2));
+            let rewrite = format!(r#"{{"room":"r","seq":3,"type":"{kind}","id":"m1"}}"#);
+            hub.publish(CommittedEvent {
+                json: rewrite.clone(),
+                ..ev("r", 3)
+            });
+            assert_eq!(hub.replay(&room, 0, 10, false), None, "{kind}");
+            assert_eq!(
+                texts(&hub.replay(&room, 2, 10, false).unwrap()),
+                [rewrite.as_str()],
+                "{kind}"
+            );
+        }
+        // The encoder's own output is what is recognised.
+        let by = user("a");
+        let id = protocol::MessageId::from("m1");
+        let encode = |event| {
+            protocol::encode(&protocol::SequencedEvent {
+                room: "r".into(),
+                seq: 1,
+                event,
+            })
+        };
+        let rewrites = [
+            protocol::RoomEvent::MessageEdited {
+                id: id.clone(),
+                text: r#"x","type":"message","#.into(),
+                by: by.clone(),
+                ts: 1,
+            },
+            protocol::RoomEvent::MessageDeleted {
+                id: id.clone(),
+                by: by.clone(),
+                ts: 1,
+            },
+            protocol::RoomEvent::Reaction {
+                id: id.clone(),
+                emoji: "+".into(),
+                user: by.clone(),
+                count: 1,
+                added: true,
+                ts: 1,
+            },
+        ];
+        for event in rewrites {
+            assert!(protocol::rewrites_history(&encode(event)));
+        }
+        let message = protocol::RoomEvent::Message {
+            id,
+            from: by,
+            text: r#"","type":"reaction","#.into(),
+            reply_to: None,
+            ts: 1,
+            client_msg_id: None,
+            edited_ts: None,
+            deleted: false,
+            reactions: vec![],
+        };
+        assert!(!protocol::rewrites_history(&encode(message)));
     }
 
     #[test]

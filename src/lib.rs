@@ -178,6 +178,12 @@ fn new_hub(config: &Config, metrics: &Arc<Metrics>) -> Hub {
     )
     .with_presence_limit(config.presence_limit)
     .with_presence_round_max(config.presence_round_max)
+    // In cluster mode an edit on another node changes the stored copy of a message before this
+    // node hears of it: every resume reads the store there.
+    .with_replay_cache(match config.nats_url {
+        Some(_) => 0,
+        None => config.replay_cache_bytes,
+    })
 }
 
 /// The hub, wired to its broker: the NATS bus in cluster mode (the hub then relays its

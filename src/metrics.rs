@@ -68,6 +68,9 @@ pub struct Metrics {
     pub events_published: AtomicU64,
     pub deliveries: AtomicU64,
     pub slow_consumer_closes: AtomicU64,
+    /// Resumes replayed from the hub's copy of the room's latest events, and from the store.
+    pub replays_from_memory: AtomicU64,
+    pub replays_from_store: AtomicU64,
     /// Write loops parked with nothing to write (each started again by its next frame).
     pub writers_parked: AtomicU64,
     /// Times freed heap pages were given back to the system.
@@ -106,6 +109,8 @@ impl Default for Metrics {
             events_published: AtomicU64::new(0),
             deliveries: AtomicU64::new(0),
             slow_consumer_closes: AtomicU64::new(0),
+            replays_from_memory: AtomicU64::new(0),
+            replays_from_store: AtomicU64::new(0),
             writers_parked: AtomicU64::new(0),
             heap_trims: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
@@ -185,7 +190,7 @@ impl Metrics {
 
     /// The node's connection and fan-out counters.
     fn render_counters(&self, out: &mut String) {
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 11] = [
             (
                 "studyhall_connections_total",
                 "WebSocket connections accepted.",
@@ -205,6 +210,16 @@ impl Metrics {
                 "studyhall_slow_consumer_closes_total",
                 "Sessions closed 4008 for a full outbox.",
                 self.slow_consumer_closes.load(Relaxed),
+            ),
+            (
+                "studyhall_replays_memory_total",
+                "Resumes (join with after_seq) replayed from the room's latest events in memory.",
+                self.replays_from_memory.load(Relaxed),
+            ),
+            (
+                "studyhall_replays_store_total",
+                "Resumes (join with after_seq) replayed from the store.",
+                self.replays_from_store.load(Relaxed),
             ),
             (
                 "studyhall_writers_parked_total",

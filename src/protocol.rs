@@ -1087,6 +1087,16 @@ pub fn changes_join_snapshot(json: &str) -> bool {
     json.contains(r#""type":"question_updated","#) && json.ends_with(r#""change":"status"}"#)
 }
 
+/// Whether committing the event `json` changed the stored copy of an earlier event: an edit, a
+/// delete or a reaction rewrites its message's `message` event (and a delete its edits').
+/// Read from the encoder's own output, where a quote inside a string value is escaped, so
+/// only the `type` tag can match (a false match would only cost a store read).
+pub fn rewrites_history(json: &str) -> bool {
+    json.contains(r#""type":"message_edited","#)
+        || json.contains(r#""type":"message_deleted","#)
+        || json.contains(r#""type":"reaction","#)
+}
+
 /// A question as shown to one audience: `author` is `null` for an anonymous question except
 /// to host/ta.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

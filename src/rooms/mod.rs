@@ -439,18 +439,7 @@ async fn replay_and_reply(
         }
     };
     let (page, gap) = match after_seq {
-        Some(after) => {
-            let page = ctx
-                .app
-                .store
-                .events_after(&room.id, after, ctx.app.config.replay_limit, view)
-                .await?;
-            if page.has_more {
-                (None, true)
-            } else {
-                (Some(page), false)
-            }
-        }
+        Some(after) => replay(ctx, &room.id, after, view).await?,
         None => (None, false),
     };
     if let Some(rid) = rid {
@@ -474,7 +463,7 @@ async fn replay_and_reply(
                     .collect()
             }),
             gap: after_seq.map(|_| gap),
-            replayed: after_seq.map(|_| page.as_ref().map_or(0, |p| p.events.len())),
+            replayed: after_seq.map(|_| page.as_ref().map_or(0, |p| p.frames.len())),
             class: snap.class,
             pinned: snap.pinned,
             polls: snap.polls,
@@ -485,9 +474,9 @@ async fn replay_and_reply(
     }
     let mut delivered = last_seq;
     if let Some(page) = page {
-        for body in page.events {
-            delivered = delivered.max(seq_of(&body).unwrap_or(0));
-            if !ctx.push(body).await {
+        delivered = delivered.max(page.last);
+        for frame in page.frames {
+            if !ctx.push(frame).await {
                 break;
             }
         }
@@ -501,6 +490,52 @@ async fn replay_and_reply(
         waiting = ctx.app.hub.open_gate(&room.id, &ctx.handle.id, delivered);
     }
     Ok(Outcome::Done)
+}
+
+/// A resume's replay: the events after `after` as `view` sees them, from the hub's copy of
+/// the room's latest events when it holds them all, else from the store; `None` and a gap
+/// when there are more than `replay_limit`.
+async fn replay(
+    ctx: &Ctx,
+    room: &RoomId,
+    after: i64,
+    view: crate::store::View,
+) -> Result<(Option<crate::hub::Replay>, bool)> {
+    let app = &ctx.app;
+    let limit = app.config.replay_limit;
+    let moderator = view == crate::store::View::Moderator;
+    let metrics = &app.metrics;
+    // The copy is read first: an edit committed but not yet published when it was read
+    // shows in the store's note of rewrites, read after it.
+    let page = match app.hub.replay(room, after, limit as usize, moderator) {
+        Some(page) if page.frames.is_empty() || !app.store.rewritten_after(room, page.last) => {
+            metrics
+                .replays_from_memory
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            page
+        }
+        _ => {
+            metrics
+                .replays_from_store
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let page = app.store.events_after(room, after, limit, view).await?;
+            let last = page.events.iter().filter_map(|e| seq_of(e)).max();
+            crate::hub::Replay {
+                last: last.unwrap_or(after),
+                frames: page
+                    .events
+                    .into_iter()
+                    .map(crate::hub::Frame::from)
+                    .collect(),
+                gap: page.has_more,
+            }
+        }
+    };
+    Ok(if page.gap {
+        (None, true)
+    } else {
+        (Some(page), false)
+    })
 }
 
 /// What a late joiner needs at once, besides stage and hands: the class state and times, the

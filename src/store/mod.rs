@@ -463,6 +463,8 @@ struct Inner {
     outbox: Arc<tokio::sync::Notify>,
     /// Searches in flight hold a slot: they never take more than this many pool connections.
     search: search::Limits,
+    /// The writer's latest edit, delete or reaction per room (shared with the writer).
+    rewrites: Arc<writer::Rewrites>,
 }
 
 pub fn now_ms() -> i64 {
@@ -627,8 +629,10 @@ impl Store {
         let badge_hook = engagement::BadgeHookSlot::default();
         let subscribed = Arc::new(webhooks::Subscribed::default());
         let outbox = Arc::new(tokio::sync::Notify::new());
+        let rewrites = Arc::new(writer::Rewrites::default());
         let hooks = writer::Hooks {
             commit: hook,
+            rewrites: rewrites.clone(),
             badge: badge_hook.clone(),
             subscribed: subscribed.clone(),
             outbox: outbox.clone(),
@@ -659,6 +663,7 @@ impl Store {
                 subscribed,
                 outbox,
                 search: search::Limits::new(opts),
+                rewrites,
             }),
         };
         store.refresh_webhook_subscriptions().await?;
@@ -680,6 +685,14 @@ impl Store {
 
     fn pool(&self) -> &AnyPool {
         &self.inner.pool
+    }
+
+    /// Whether this process's writer has committed, or is committing, an edit, a delete or a
+    /// reaction in `room` with a seq above `seq`: one that changed the stored copy of an
+    /// earlier event. A copy of the room's latest events read before this answers `false`
+    /// holds no event older than its rewrite (see `hub::Recent`).
+    pub fn rewritten_after(&self, room: &RoomId, seq: i64) -> bool {
+        self.inner.rewrites.after(room, seq)
     }
 
     /// Queues a sequenced write behind those already queued (so one session's writes commit in

@@ -268,11 +268,47 @@ impl Applied {
 
 type Pending = (WriteOp, oneshot::Sender<Result<WriteOutcome>>);
 
+/// Per room, the highest seq of an edit, delete or reaction this writer committed or is about
+/// to commit: each changes the stored copy of an earlier event, and a copy of the room's events
+/// read before it was published may hold the old one (see [`super::Store::rewritten_after`]).
+/// Set before the commit, so a reader that sees no rewrite after seq S here, after it read
+/// its copy, knows no rewrite after S had committed when it read. One `i64` per room that
+/// ever had one in this process.
+#[derive(Debug, Default)]
+pub(super) struct Rewrites(dashmap::DashMap<RoomId, i64>);
+
+impl Rewrites {
+    /// Notes the rewrites among `out`, the results of `ops` about to be committed.
+    fn note(&self, ops: &[&WriteOp], out: &[Result<(Applied, Effects)>]) {
+        for (op, result) in ops.iter().zip(out) {
+            let rewrites = matches!(
+                op,
+                WriteOp::Edit { .. } | WriteOp::Delete { .. } | WriteOp::React { .. }
+            );
+            match result {
+                Ok((applied, _)) if rewrites => {
+                    if let Some(ev) = &applied.event {
+                        let mut seq = self.0.entry(ev.room.clone()).or_insert(ev.seq);
+                        *seq = (*seq).max(ev.seq);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether a rewrite with a seq above `seq` in `room` has committed (or is committing).
+    pub(super) fn after(&self, room: &RoomId, seq: i64) -> bool {
+        self.0.get(room).is_some_and(|s| *s > seq)
+    }
+}
+
 /// Who hears of a commit: the commit hook (fan-out), the badge hook, and the webhook sender
 /// (through the outbox and its notifier, with the set of subscribed types that says whether
 /// to write outbox rows at all).
 pub(super) struct Hooks {
     pub commit: Option<CommitHook>,
+    pub rewrites: Arc<Rewrites>,
     pub badge: BadgeHookSlot,
     pub subscribed: Arc<super::webhooks::Subscribed>,
     pub outbox: Arc<tokio::sync::Notify>,
@@ -298,6 +334,7 @@ pub(super) async fn run(
         backend,
         begin,
         hook: hooks.commit,
+        rewrites: hooks.rewrites,
         metrics,
         engagement,
         badge_hook: hooks.badge,
@@ -359,6 +396,7 @@ struct Writer {
     backend: Backend,
     begin: &'static str,
     hook: Option<CommitHook>,
+    rewrites: Arc<Rewrites>,
     metrics: Arc<Metrics>,
     engagement: Arc<EngagementConfig>,
     badge_hook: BadgeHookSlot,
@@ -546,6 +584,7 @@ impl Writer {
         let queued = webhook_events(&mut tx, &self.subscribed, ops, &out)
             .await
             .map_err(abort_batch)?;
+        self.rewrites.note(ops, &out);
         tx.commit().await?;
         if queued {
             self.outbox.notify_one();

@@ -249,6 +249,68 @@ async fn resume_beyond_the_replay_limit_says_gap_and_replays_nothing() {
     s.stop().await;
 }
 
+/// Resumes from a recent seq are replayed from the hub's copy of the room's latest events,
+/// resumes from before an edit or a reaction from the store, and both replay what `history`
+/// reads from the store: each message as it is stored now.
+#[tokio::test]
+async fn resumes_replay_recent_events_from_memory_as_the_store_holds_them() {
+    let s = Server::sqlite(|_| {}).await;
+    s.room("r", "open").await;
+    let mut a = s.client("alice").await;
+    a.join("r").await;
+    let send = |i: i64| json!({"type":"send","room":"r","text":format!("t{i}"),"client_msg_id":format!("{i}")});
+    let mut ids = vec![];
+    for i in 1..=3 {
+        ids.push(a.ok(send(i)).await["id"].clone());
+    }
+    a.ok(json!({"type":"edit","room":"r","id":ids[1],"text":"t2 edited"}))
+        .await; // seq 4
+    a.ok(json!({"type":"react","room":"r","id":ids[2],"emoji":"👍"}))
+        .await; // seq 5
+    for i in 6..=7 {
+        ids.push(a.ok(send(i)).await["id"].clone());
+    }
+    // What a resume after each seq replays, and what the store's history holds after it.
+    let stored = a.ok(json!({"type":"history","room":"r","limit":100})).await;
+    let stored = stored["events"].as_array().unwrap().clone();
+    assert_eq!(stored.len(), 7);
+    let mut b = s.client("bob").await;
+    for after in (0..=7).rev() {
+        let ok = b
+            .ok(json!({"type":"join","room":"r","after_seq":after}))
+            .await;
+        let n = ok["replayed"].as_u64().unwrap() as usize;
+        let mut got = vec![];
+        while got.len() < n {
+            let f = b.next().await;
+            if f["seq"].is_i64() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, stored[after as usize..], "resume after {after}");
+    }
+    let replays =
+        |text: &str, from: &str| metric(text, &format!("studyhall_replays_{from}_total")) as u64;
+    let text = metrics_text(s.addr).await;
+    // After 4 to 7 the room's memory holds every event (the reaction at 5 started it again);
+    // from further back, the store.
+    assert_eq!((replays(&text, "memory"), replays(&text, "store")), (4, 4));
+    // An edit of a message held in memory: a resume from before it replays it edited.
+    a.ok(json!({"type":"edit","room":"r","id":ids[3],"text":"t6 edited"}))
+        .await;
+    let ok = b.ok(json!({"type":"join","room":"r","after_seq":5})).await;
+    assert_eq!(ok["replayed"], 3);
+    // (The edit's live copy came before the reply.)
+    let m = b.until("message").await;
+    assert_eq!(
+        (m["seq"].as_i64(), m["text"].as_str()),
+        (Some(6), Some("t6 edited"))
+    );
+    let text = metrics_text(s.addr).await;
+    assert_eq!((replays(&text, "memory"), replays(&text, "store")), (4, 5));
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn history_pages_backwards_oldest_first() {
     let s = Server::sqlite(|_| {}).await;
@@ -719,17 +781,7 @@ async fn metrics_report_commands_deliveries_and_batches() {
     a.join("r").await;
     a.ok(json!({"type":"send","room":"r","text":"x","client_msg_id":"1"}))
         .await;
-    let text = within("metrics", async {
-        let mut st = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        st.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        st.read_to_string(&mut out).await.unwrap();
-        out
-    })
-    .await;
+    let text = metrics_text(s.addr).await;
     for needle in [
         "studyhall_connections 1",
         "studyhall_commands_total{type=\"send\"} 1",

@@ -1014,12 +1014,6 @@ async fn http_text(addr: SocketAddr, path: &str) -> (u16, String) {
     .await
 }
 
-fn metric(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The next `av_peer` notice: (session, joined).
 async fn av_peer(c: &mut Client) -> (String, bool) {
     let f = c.until("av_peer").await;

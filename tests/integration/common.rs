@@ -530,3 +530,25 @@ pub async fn spawn_listening(
     .await;
     (child, addr)
 }
+
+/// The server's `/metrics` text.
+pub async fn metrics_text(addr: SocketAddr) -> String {
+    within("metrics", async {
+        let mut st = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        st.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        st.read_to_string(&mut out).await.unwrap();
+        out
+    })
+    .await
+}
+
+/// The value of the unlabelled metric `name` in `/metrics` text (0 when it is not there).
+pub fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

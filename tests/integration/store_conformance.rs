@@ -309,6 +309,7 @@ async fn edit_delete_react(f: Fixture) {
     let r = RoomId::from("r");
     s.create_room(&room("r", Visibility::Open)).await.unwrap();
     let (id, _) = sent(s.write(send("r", "a", "hello", "1")).await.unwrap());
+    assert!(!s.rewritten_after(&r, 0), "a send rewrites nothing");
     let edit = |by: &str, text: &str| WriteOp::Edit {
         room: r.clone(),
         id: id.clone(),
@@ -319,9 +320,15 @@ async fn edit_delete_react(f: Fixture) {
         s.write(edit("b", "x")).await,
         Err(StoreError::Forbidden(_))
     ));
+    assert!(!s.rewritten_after(&r, 1), "a refused edit rewrites nothing");
     assert_eq!(
         s.write(edit("a", "hello!")).await.unwrap(),
         WriteOutcome::Changed { seq: 2 }
+    );
+    assert_eq!(
+        (s.rewritten_after(&r, 1), s.rewritten_after(&r, 2)),
+        (true, false),
+        "the edit at seq 2 changed the stored copy of seq 1"
     );
     let react = |who: &str, emoji: &str, add: bool| WriteOp::React {
         room: r.clone(),
@@ -335,6 +342,7 @@ async fn edit_delete_react(f: Fixture) {
         s.write(react("b", "👍", true)).await.unwrap(),
         WriteOutcome::Changed { seq: 3 }
     );
+    assert!(s.rewritten_after(&r, 2), "a reaction");
     assert_eq!(
         s.write(react("b", "👍", true)).await.unwrap(),
         WriteOutcome::Unchanged
@@ -393,6 +401,7 @@ async fn edit_delete_react(f: Fixture) {
         s.write(del("b", true)).await.unwrap(),
         WriteOutcome::Changed { seq: 7 }
     );
+    assert!(s.rewritten_after(&r, 6), "a delete");
     assert_eq!(
         s.write(del("a", false)).await.unwrap(),
         WriteOutcome::Unchanged

@@ -490,6 +490,10 @@ settings! {
     /// Microseconds the writer waits for more writes when its queue runs dry; 0 = commit at
     /// once (batches still form while the previous commit is in flight).
     store_batch_linger_us: u64 = 0,
+    /// Milliseconds the writer waits for more writes while every write it holds is one nobody
+    /// waits for (the attendance and stage log), so that a reconnect storm's log rows share
+    /// a commit; a write someone waits for ends the wait at once. 0 = commit at once.
+    store_detached_linger_ms: u64 = 20,
     /// Writes queued for the group-commit writer before submitters wait.
     store_queue: usize = 8192,
     /// Database connections in the pool (at least 2 are used).

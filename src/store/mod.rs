@@ -121,6 +121,8 @@ pub struct StoreOptions {
     pub pool_size: u32,
     pub batch_max: usize,
     pub batch_linger_us: u64,
+    /// How long a batch of writes nobody waits for lingers for more (see the writer).
+    pub detached_linger_ms: u64,
     pub queue: usize,
     pub sqlite_synchronous: String,
     /// SQLite's page cache per connection, in KiB.
@@ -142,6 +144,7 @@ impl StoreOptions {
             pool_size: d.db_pool_size,
             batch_max: d.store_batch_max,
             batch_linger_us: d.store_batch_linger_us,
+            detached_linger_ms: d.store_detached_linger_ms,
             queue: d.store_queue,
             sqlite_synchronous: d.sqlite_synchronous,
             sqlite_cache_kib: d.sqlite_cache_kib,
@@ -158,6 +161,7 @@ impl StoreOptions {
             pool_size: c.db_pool_size,
             batch_max: c.store_batch_max,
             batch_linger_us: c.store_batch_linger_us,
+            detached_linger_ms: c.store_detached_linger_ms,
             queue: c.store_queue,
             sqlite_synchronous: c.sqlite_synchronous.clone(),
             sqlite_cache_kib: c.sqlite_cache_kib,
@@ -711,7 +715,10 @@ impl Store {
     /// Queues a write nobody waits for (the attendance log): never waits, and drops the write
     /// (with a warning) when the writer's queue is full, rather than hold up its caller.
     pub fn submit_detached(&self, op: WriteOp) {
-        let (tx, _rx) = oneshot::channel();
+        // Dropped before the write is queued: the writer knows a write nobody waits for by
+        // its closed reply (see `store_detached_linger_ms`).
+        let (tx, rx) = oneshot::channel();
+        drop(rx);
         if let Err(e) = self
             .inner
             .writer

@@ -323,6 +323,7 @@ pub(super) async fn run(
 ) {
     let batch_max = opts.batch_max;
     let linger = Duration::from_micros(opts.batch_linger_us);
+    let detached_linger = Duration::from_millis(opts.detached_linger_ms);
     let engagement = opts.engagement.clone();
     let begin = match backend {
         Backend::Sqlite => sqlite::BEGIN_WRITE,
@@ -349,6 +350,10 @@ pub(super) async fn run(
             Request::Shutdown => stopping = true,
         }
         let mut lingered = linger.is_zero();
+        // A batch of log writes nobody waits for (their receivers are gone) waits a little
+        // for more, until a write someone waits for arrives: see `store_detached_linger_ms`.
+        let mut awaited = batch.iter().any(|(_, reply)| !reply.is_closed());
+        let mut detached_until = None;
         while batch.len() < batch_max {
             let next = match rx.try_recv() {
                 Ok(r) => Some(r),
@@ -356,10 +361,21 @@ pub(super) async fn run(
                     lingered = true;
                     tokio::time::timeout(linger, rx.recv()).await.ok().flatten()
                 }
+                Err(_) if !awaited && !stopping && !detached_linger.is_zero() => {
+                    let until = *detached_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + detached_linger);
+                    tokio::time::timeout_at(until, rx.recv())
+                        .await
+                        .ok()
+                        .flatten()
+                }
                 Err(_) => None,
             };
             match next {
-                Some(Request::Op { op, reply }) => batch.push((op, reply)),
+                Some(Request::Op { op, reply }) => {
+                    awaited |= !reply.is_closed();
+                    batch.push((op, reply));
+                }
                 Some(Request::Shutdown) => stopping = true,
                 None => break,
             }

@@ -22,23 +22,24 @@ struct Fixture {
 }
 
 async fn open(url: &str) -> Fixture {
+    open_with(StoreOptions::new(url)).await
+}
+
+async fn open_with(opts: StoreOptions) -> Fixture {
+    let url = opts.url.clone();
     let published = Arc::new(Mutex::new(Vec::new()));
     let sink = published.clone();
     let hook: CommitHook = Arc::new(move |ev| sink.lock().unwrap().push(ev));
     let store = within(
         "open store",
-        Store::open(
-            &StoreOptions::new(url),
-            Arc::new(Metrics::default()),
-            Some(hook),
-        ),
+        Store::open(&opts, Arc::new(Metrics::default()), Some(hook)),
     )
     .await
     .expect("open store");
     Fixture {
         store,
         published,
-        url: url.to_owned(),
+        url,
     }
 }
 
@@ -499,6 +500,123 @@ async fn two_writers_share_one_gap_free_sequence(f: Fixture) {
         .unwrap();
     assert_eq!(page.events.len(), 60);
     other.store.close().await;
+}
+
+/// The attendance log's writes (nobody waits for them) linger for company, but a write someone
+/// waits for ends the wait at once and commits with them; alone, they commit within the linger.
+async fn log_writes_wait_for_company_but_never_hold_up_a_waited_write(f: Fixture) {
+    f.store
+        .create_room(&room("r", Visibility::Open))
+        .await
+        .unwrap();
+    let r = RoomId::from("r");
+    let attend = |who: &str| WriteOp::Presence {
+        room: r.clone(),
+        user: UserId::from(who),
+        name: who.to_uppercase(),
+        session: format!("{who}-1"),
+        kind: studyhall::store::PresenceKind::Attend,
+        on: true,
+        ts: now_ms(),
+    };
+    let attending = |store: Store| async move {
+        let summary = store.class_summary(&"r".into(), now_ms(), 5).await.unwrap();
+        summary
+            .attendance
+            .into_iter()
+            .map(|a| a.user.as_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    // Ten minutes of linger: only the waited-for write can end it within the test's bound.
+    let slow = open_with(StoreOptions {
+        detached_linger_ms: 600_000,
+        ..StoreOptions::new(&f.url)
+    })
+    .await;
+    slow.store.submit_detached(attend("ann"));
+    slow.store.write(send("r", "a", "x", "1")).await.unwrap();
+    assert_eq!(attending(f.store.clone()).await, ["ann"]);
+    // Alone, with the default linger (20 ms), a log write still commits on its own.
+    f.store.submit_detached(attend("bob"));
+    loop {
+        if attending(f.store.clone()).await.len() == 2 {
+            break;
+        }
+        // Polled: the condition is a commit in another thread, bounded by the case's timeout.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    slow.store.close().await;
+}
+
+/// A batch's attendance and stage log writes go in at most two statements, and leave what
+/// one by one would: a session that leaves and comes back within the batch, a session that
+/// leaves in the batch after joining before it, a stage spell, a join that is still open.
+async fn log_writes_in_one_batch_leave_what_one_by_one_would(f: Fixture) {
+    f.store
+        .create_room(&room("r", Visibility::Open))
+        .await
+        .unwrap();
+    let log = |who: &str, session: &str, kind, on, ts| WriteOp::Presence {
+        room: RoomId::from("r"),
+        user: UserId::from(who),
+        name: who.to_uppercase(),
+        session: session.into(),
+        kind,
+        on,
+        ts,
+    };
+    use studyhall::store::PresenceKind::{Attend, Stage};
+    // Before the batch: carl is in (committed by the write after it).
+    f.store
+        .submit_detached(log("carl", "c1", Attend, true, 500));
+    f.store.write(send("r", "a", "x", "1")).await.unwrap();
+    // One batch: the long linger holds the log writes until the send arrives.
+    let slow = open_with(StoreOptions {
+        detached_linger_ms: 600_000,
+        ..StoreOptions::new(&f.url)
+    })
+    .await;
+    for op in [
+        log("ann", "a1", Attend, true, 1_000),
+        log("bob", "b1", Attend, true, 1_500),
+        log("ann", "a1", Attend, false, 2_000),
+        log("carl", "c1", Attend, false, 2_500),
+        log("ann", "a1", Attend, true, 3_000),
+        log("bob", "", Stage, true, 4_000),
+        log("bob", "", Stage, false, 4_600),
+    ] {
+        slow.store.submit_detached(op);
+    }
+    slow.store.write(send("r", "a", "x", "2")).await.unwrap();
+    let summary = f.store.class_summary(&"r".into(), 10_000, 5).await.unwrap();
+    let attended: Vec<_> = summary
+        .attendance
+        .iter()
+        .map(|a| {
+            (
+                a.user.as_str(),
+                a.first_join,
+                a.last_leave,
+                a.present_ms,
+                a.sessions,
+            )
+        })
+        .collect();
+    assert_eq!(
+        attended,
+        [
+            ("ann", 1_000, None, 1_000 + 7_000, 2),
+            ("bob", 1_500, None, 8_500, 1),
+            ("carl", 500, Some(2_500), 2_000, 1),
+        ]
+    );
+    let stage: Vec<_> = summary
+        .stage
+        .iter()
+        .map(|s| (s.user.as_str(), s.on_stage_ms))
+        .collect();
+    assert_eq!(stage, [("bob", 600)]);
+    slow.store.close().await;
 }
 
 async fn close_commits_everything_queued(f: Fixture) {
@@ -1265,6 +1383,8 @@ conformance!(
     settings_keep_the_first_value,
     two_writers_share_one_gap_free_sequence,
     close_commits_everything_queued,
+    log_writes_wait_for_company_but_never_hold_up_a_waited_write,
+    log_writes_in_one_batch_leave_what_one_by_one_would,
     questions_votes_answers_and_renderings,
     search_ranks_and_respects_pending,
     mutes_bans_reports_and_audit,

@@ -98,43 +98,87 @@ pub(super) async fn change(
     })
 }
 
-/// Records a session entering (`on`) or leaving a room, or a user going on or off stage.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn presence(
+/// One attendance or stage log write of a batch (see [`record_presence`]).
+pub(super) struct LogWrite<'a> {
+    pub room: &'a str,
+    pub user: &'a str,
+    pub name: &'a str,
+    pub session: &'a str,
+    pub kind: PresenceKind,
+    pub on: bool,
+    pub ts: i64,
+}
+
+/// Applies a batch's attendance and stage log writes, given in batch order, in at most two
+/// statements, leaving what [`presence`] one by one would: each start becomes a row, ended by
+/// the first end of the same session (or spell) after it in the batch; the first end of each
+/// in the batch also ends the rows left open before the batch (the update runs before the
+/// insert, so it sees only those).
+pub(super) async fn record_presence(
     tx: &mut Tx<'_>,
-    room: &RoomId,
-    user: &UserId,
-    name: &str,
-    session: &str,
-    kind: PresenceKind,
-    on: bool,
-    ts: i64,
+    backend: super::Backend,
+    writes: &[LogWrite<'_>],
 ) -> Result<()> {
-    if on {
-        sqlx::query(
-            "INSERT INTO room_presence (room_id, user_id, user_name, session_id, kind, \
-             started_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(room.as_str())
-        .bind(user.as_str())
-        .bind(name)
-        .bind(session)
-        .bind(kind.as_str())
-        .bind(ts)
-        .execute(&mut **tx)
-        .await?;
-    } else {
-        sqlx::query(
-            "UPDATE room_presence SET ended_at = $1 WHERE room_id = $2 AND session_id = $3 \
-             AND kind = $4 AND user_id = $5 AND ended_at IS NULL",
-        )
-        .bind(ts)
-        .bind(room.as_str())
-        .bind(session)
-        .bind(kind.as_str())
-        .bind(user.as_str())
-        .execute(&mut **tx)
-        .await?;
+    use std::collections::{HashMap, HashSet};
+    // (room, session, kind, user): what an end matches, as `presence` does.
+    type Key<'a> = (&'a str, &'a str, &'static str, &'a str);
+    type Row<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        &'static str,
+        i64,
+        Option<i64>,
+    );
+    let mut rows: Vec<Row<'_>> = Vec::new();
+    let mut ends: Vec<(i64, &str, &str, &'static str, &str)> = Vec::new();
+    let mut open: HashMap<Key<'_>, Vec<usize>> = HashMap::new();
+    let mut ended: HashSet<Key<'_>> = HashSet::new();
+    for w in writes {
+        let key = (w.room, w.session, w.kind.as_str(), w.user);
+        if w.on {
+            open.entry(key).or_default().push(rows.len());
+            rows.push((w.room, w.user, w.name, w.session, key.2, w.ts, None));
+        } else {
+            for i in open.remove(&key).unwrap_or_default() {
+                rows[i].6 = Some(w.ts);
+            }
+            if ended.insert(key) {
+                ends.push((w.ts, w.room, w.session, key.2, w.user));
+            }
+        }
+    }
+    if !ends.is_empty() {
+        const END: super::rows::Sql = super::rows::Sql {
+            sqlite: "UPDATE room_presence SET ended_at = e.value ->> 0 FROM jsonb_each($1) AS e \
+                     WHERE room_presence.room_id = e.value ->> 1 \
+                     AND room_presence.session_id = e.value ->> 2 \
+                     AND room_presence.kind = e.value ->> 3 \
+                     AND room_presence.user_id = e.value ->> 4 AND room_presence.ended_at IS NULL",
+            postgres: "UPDATE room_presence AS p SET ended_at = (e ->> 0)::bigint \
+                       FROM jsonb_array_elements($1::jsonb) AS e \
+                       WHERE p.room_id = e ->> 1 AND p.session_id = e ->> 2 AND p.kind = e ->> 3 \
+                       AND p.user_id = e ->> 4 AND p.ended_at IS NULL",
+        };
+        sqlx::query(END.get(backend))
+            .bind(super::rows::json(&ends)?)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !rows.is_empty() {
+        const START: super::rows::Sql = super::rows::Sql {
+            sqlite: "INSERT INTO room_presence (room_id, user_id, user_name, session_id, kind, \
+                     started_at, ended_at) SELECT value ->> 0, value ->> 1, value ->> 2, \
+                     value ->> 3, value ->> 4, value ->> 5, value ->> 6 FROM jsonb_each($1)",
+            postgres: "INSERT INTO room_presence (room_id, user_id, user_name, session_id, kind, \
+                       started_at, ended_at) SELECT v ->> 0, v ->> 1, v ->> 2, v ->> 3, v ->> 4, \
+                       (v ->> 5)::bigint, (v ->> 6)::bigint FROM jsonb_array_elements($1::jsonb) AS v",
+        };
+        sqlx::query(START.get(backend))
+            .bind(super::rows::json(&rows)?)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(())
 }

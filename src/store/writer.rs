@@ -556,6 +556,9 @@ impl Writer {
         record_members(&mut tx, self.backend, &new_members(ops))
             .await
             .map_err(abort_batch)?;
+        super::class::record_presence(&mut tx, self.backend, &log_writes(ops))
+            .await
+            .map_err(abort_batch)?;
         let mut planned_results = planned.results.into_iter();
         let mut out: Vec<Result<(Applied, Effects)>> = Vec::with_capacity(ops.len());
         for (op, path) in ops.iter().zip(paths) {
@@ -567,7 +570,7 @@ impl Writer {
                     out.push(r.map(|a| (a, Effects::default())));
                     continue;
                 }
-                Path::Member => {
+                Path::Member | Path::Log => {
                     out.push(Ok((
                         Applied {
                             outcome: WriteOutcome::Unchanged,
@@ -646,6 +649,32 @@ fn new_members<'a>(ops: &[&'a WriteOp]) -> Vec<(&'a str, &'a str, &'a str)> {
         .collect()
 }
 
+/// The batch's attendance and stage log writes, in batch order.
+fn log_writes<'a>(ops: &[&'a WriteOp]) -> Vec<super::class::LogWrite<'a>> {
+    ops.iter()
+        .filter_map(|op| match op {
+            WriteOp::Presence {
+                room,
+                user,
+                name,
+                session,
+                kind,
+                on,
+                ts,
+            } => Some(super::class::LogWrite {
+                room: room.as_str(),
+                user: user.as_str(),
+                name,
+                session,
+                kind: *kind,
+                on: *on,
+                ts: *ts,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Writes the webhook events of the batch's committed-to-be writes into the outbox, in
 /// the batch's own transaction (each room's in seq order); nothing when no endpoint
 /// subscribes to their types.
@@ -715,6 +744,8 @@ enum Path {
     Send,
     /// With every membership record of the batch, in one statement.
     Member,
+    /// With every attendance and stage log write of the batch, in two statements.
+    Log,
     /// On its own, in queue order, but taking no seq (so it never moves a room's sends off
     /// the bulk path).
     Unsequenced,
@@ -730,7 +761,8 @@ fn paths(ops: &[&WriteOp]) -> Vec<Path> {
         .iter()
         .map(|op| match op {
             WriteOp::EnsureMember { .. } => Path::Member,
-            WriteOp::Presence { .. } | WriteOp::PollAnswer { .. } => Path::Unsequenced,
+            WriteOp::Presence { .. } => Path::Log,
+            WriteOp::PollAnswer { .. } => Path::Unsequenced,
             op if super::sends::plain_send(op).is_some() => Path::Send,
             _ => Path::One,
         })
@@ -1073,23 +1105,8 @@ async fn apply_room(Apply { tx, cfg, fx }: Apply<'_, '_>, op: &WriteOp) -> Resul
             target,
             reopen,
         } => super::class::change(tx, room, *target, *reopen).await,
-        WriteOp::Presence {
-            room,
-            user,
-            name,
-            session,
-            kind,
-            on,
-            ts,
-        } => {
-            super::class::presence(tx, room, user, name, session, *kind, *on, *ts).await?;
-            Ok(Applied {
-                outcome: WriteOutcome::Unchanged,
-                event: None,
-            })
-        }
-        // Recorded in bulk by the batch (see `record_members`).
-        WriteOp::EnsureMember { .. } => Ok(Applied {
+        // Recorded in bulk by the batch (see `record_members` and `class::record_presence`).
+        WriteOp::Presence { .. } | WriteOp::EnsureMember { .. } => Ok(Applied {
             outcome: WriteOutcome::Unchanged,
             event: None,
         }),

@@ -1089,12 +1089,16 @@ pub fn changes_join_snapshot(json: &str) -> bool {
 
 /// Whether committing the event `json` changed the stored copy of an earlier event: an edit, a
 /// delete or a reaction rewrites its message's `message` event (and a delete its edits').
-/// Read from the encoder's own output, where a quote inside a string value is escaped, so
-/// only the `type` tag can match (a false match would only cost a store read).
+/// Read from the encoder's own output, where a quote inside a string value is escaped, so the
+/// first `"type":"` is the event's tag (it follows `room` and `seq`); one scan per event.
 pub fn rewrites_history(json: &str) -> bool {
-    json.contains(r#""type":"message_edited","#)
-        || json.contains(r#""type":"message_deleted","#)
-        || json.contains(r#""type":"reaction","#)
+    const TAG: &str = r#""type":""#;
+    json.find(TAG).is_some_and(|at| {
+        let kind = &json[at + TAG.len()..];
+        ["message_edited\"", "message_deleted\"", "reaction\""]
+            .iter()
+            .any(|k| kind.starts_with(k))
+    })
 }
 
 /// A question as shown to one audience: `author` is `null` for an anonymous question except

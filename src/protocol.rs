@@ -1794,7 +1794,7 @@ mod tests {
     }
 
     #[test]
-    fn the_events_that_change_a_join_snapshot_are_told_from_their_json() {
+    fn the_events_that_change_a_join_snapshot_or_history_are_told_from_their_json() {
         let event = |event: RoomEvent| {
             encode(&SequencedEvent {
                 room: RoomId::from("r"),
@@ -1839,18 +1839,22 @@ mod tests {
                 change: change.to_owned(),
             }));
             assert_eq!(changes_join_snapshot(&json), shown, "{json}");
+            assert!(!rewrites_history(&json), "{json}");
         }
         // A message or a new question that quotes the tags is neither.
         let json = event(RoomEvent::Question(question));
         assert!(!changes_join_snapshot(&json), "{json}");
-        let text = r#"{"type":"poll","x":1,"change":"created"}"#;
+        assert!(!rewrites_history(&json), "{json}");
+        let text = r#"{"type":"poll","x":1,"change":"created"}","type":"reaction","#;
+        let user = UserRef {
+            id: UserId::from("u"),
+            name: "U".into(),
+            role: ShownRole::Student,
+        };
+        let id = MessageId::from("m1");
         let json = event(RoomEvent::Message {
-            id: MessageId::from("m1"),
-            from: UserRef {
-                id: UserId::from("u"),
-                name: "U".into(),
-                role: ShownRole::Student,
-            },
+            id: id.clone(),
+            from: user.clone(),
             text: text.into(),
             reply_to: None,
             ts: 1,
@@ -1860,5 +1864,32 @@ mod tests {
             reactions: vec![],
         });
         assert!(!changes_join_snapshot(&json), "{json}");
+        assert!(!rewrites_history(&json), "{json}");
+        // An edit, a delete and a reaction rewrite the stored message.
+        for rewrite in [
+            RoomEvent::MessageEdited {
+                id: id.clone(),
+                text: r#"x","type":"message","#.into(),
+                by: user.clone(),
+                ts: 1,
+            },
+            RoomEvent::MessageDeleted {
+                id: id.clone(),
+                by: user.clone(),
+                ts: 1,
+            },
+            RoomEvent::Reaction {
+                id: id.clone(),
+                emoji: "+".into(),
+                user: user.clone(),
+                count: 1,
+                added: true,
+                ts: 1,
+            },
+        ] {
+            let json = event(rewrite);
+            assert!(rewrites_history(&json), "{json}");
+            assert!(!changes_join_snapshot(&json), "{json}");
+        }
     }
 }

@@ -8,6 +8,7 @@ use studyhall::metrics::Metrics;
 use studyhall::protocol::{
     MessageId, QuestionId, QuestionStatus, RoomId, RoomKind, RoomRole, UserId, UserRef, Visibility,
 };
+use studyhall::store::PresenceKind::{self, Attend, Stage};
 use studyhall::store::{AvJoin, QuestionFilter, QuestionSort, now_ms};
 use studyhall::store::{
     CommitHook, CommittedEvent, QaSettings, Room, RoomPatch, Store, StoreError, StoreOptions, View,
@@ -502,6 +503,28 @@ async fn two_writers_share_one_gap_free_sequence(f: Fixture) {
     other.store.close().await;
 }
 
+/// An attendance (`Attend`) or stage (`Stage`) log write in room `r`.
+fn log_write(who: &str, session: &str, kind: PresenceKind, on: bool, ts: i64) -> WriteOp {
+    WriteOp::Presence {
+        room: RoomId::from("r"),
+        user: UserId::from(who),
+        name: who.to_uppercase(),
+        session: session.into(),
+        kind,
+        on,
+        ts,
+    }
+}
+
+/// A second store on `url` whose log writes linger ten minutes for company.
+async fn lingering(url: &str) -> Fixture {
+    open_with(StoreOptions {
+        detached_linger_ms: 600_000,
+        ..StoreOptions::new(url)
+    })
+    .await
+}
+
 /// The attendance log's writes (nobody waits for them) linger for company, but a write someone
 /// waits for ends the wait at once and commits with them; alone, they commit within the linger.
 async fn log_writes_wait_for_company_but_never_hold_up_a_waited_write(f: Fixture) {
@@ -509,16 +532,6 @@ async fn log_writes_wait_for_company_but_never_hold_up_a_waited_write(f: Fixture
         .create_room(&room("r", Visibility::Open))
         .await
         .unwrap();
-    let r = RoomId::from("r");
-    let attend = |who: &str| WriteOp::Presence {
-        room: r.clone(),
-        user: UserId::from(who),
-        name: who.to_uppercase(),
-        session: format!("{who}-1"),
-        kind: studyhall::store::PresenceKind::Attend,
-        on: true,
-        ts: now_ms(),
-    };
     let attending = |store: Store| async move {
         let summary = store.class_summary(&"r".into(), now_ms(), 5).await.unwrap();
         summary
@@ -528,11 +541,8 @@ async fn log_writes_wait_for_company_but_never_hold_up_a_waited_write(f: Fixture
             .collect::<Vec<_>>()
     };
     // Ten minutes of linger: only the waited-for write can end it within the test's bound.
-    let slow = open_with(StoreOptions {
-        detached_linger_ms: 600_000,
-        ..StoreOptions::new(&f.url)
-    })
-    .await;
+    let slow = lingering(&f.url).await;
+    let attend = |who: &str| log_write(who, &format!("{who}-1"), Attend, true, now_ms());
     slow.store.submit_detached(attend("ann"));
     slow.store.write(send("r", "a", "x", "1")).await.unwrap();
     assert_eq!(attending(f.store.clone()).await, ["ann"]);
@@ -556,34 +566,20 @@ async fn log_writes_in_one_batch_leave_what_one_by_one_would(f: Fixture) {
         .create_room(&room("r", Visibility::Open))
         .await
         .unwrap();
-    let log = |who: &str, session: &str, kind, on, ts| WriteOp::Presence {
-        room: RoomId::from("r"),
-        user: UserId::from(who),
-        name: who.to_uppercase(),
-        session: session.into(),
-        kind,
-        on,
-        ts,
-    };
-    use studyhall::store::PresenceKind::{Attend, Stage};
     // Before the batch: carl is in (committed by the write after it).
     f.store
-        .submit_detached(log("carl", "c1", Attend, true, 500));
+        .submit_detached(log_write("carl", "c1", Attend, true, 500));
     f.store.write(send("r", "a", "x", "1")).await.unwrap();
     // One batch: the long linger holds the log writes until the send arrives.
-    let slow = open_with(StoreOptions {
-        detached_linger_ms: 600_000,
-        ..StoreOptions::new(&f.url)
-    })
-    .await;
+    let slow = lingering(&f.url).await;
     for op in [
-        log("ann", "a1", Attend, true, 1_000),
-        log("bob", "b1", Attend, true, 1_500),
-        log("ann", "a1", Attend, false, 2_000),
-        log("carl", "c1", Attend, false, 2_500),
-        log("ann", "a1", Attend, true, 3_000),
-        log("bob", "", Stage, true, 4_000),
-        log("bob", "", Stage, false, 4_600),
+        log_write("ann", "a1", Attend, true, 1_000),
+        log_write("bob", "b1", Attend, true, 1_500),
+        log_write("ann", "a1", Attend, false, 2_000),
+        log_write("carl", "c1", Attend, false, 2_500),
+        log_write("ann", "a1", Attend, true, 3_000),
+        log_write("bob", "", Stage, true, 4_000),
+        log_write("bob", "", Stage, false, 4_600),
     ] {
         slow.store.submit_detached(op);
     }

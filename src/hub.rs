@@ -319,8 +319,8 @@ impl Recent {
 pub struct Replay {
     /// The events after the resume's seq, oldest first, as the session's role sees them.
     pub frames: Vec<Frame>,
-    /// The seq of the last of them (the resume's seq when there are none).
-    pub last: i64,
+    /// The seq of the last of them; `None` when there are none.
+    pub last: Option<i64>,
     /// More events than the limit asked for: the client must page the history instead.
     pub gap: bool,
 }
@@ -1269,12 +1269,8 @@ impl Hub {
     ) -> Option<Replay> {
         let state = self.rooms.get(room)?;
         let published = state.published?;
-        let none = Replay {
-            last: after,
-            ..Replay::default()
-        };
         if after >= published {
-            return Some(none);
+            return Some(Replay::default());
         }
         let events = &state.recent.events;
         let (first, last) = (events.front()?.seq, events.back()?.seq);
@@ -1284,7 +1280,10 @@ impl Hub {
         let skip = usize::try_from(after + 1 - first).ok()?;
         let n = events.len() - skip.min(events.len());
         if n > limit {
-            return Some(Replay { gap: true, ..none });
+            return Some(Replay {
+                gap: true,
+                ..Replay::default()
+            });
         }
         let frames = events
             .range(events.len() - n..)
@@ -1295,7 +1294,7 @@ impl Hub {
             .collect();
         Some(Replay {
             frames,
-            last,
+            last: Some(last),
             gap: false,
         })
     }
@@ -2058,10 +2057,7 @@ mod tests {
         hub.note_published_seq(&room, 4);
         assert_eq!(
             hub.replay(&room, 4, 10, false),
-            Some(Replay {
-                last: 4,
-                ..Replay::default()
-            }),
+            Some(Replay::default()),
             "caught up: nothing to replay"
         );
         assert_eq!(hub.replay(&room, 3, 10, false), None, "not held");
@@ -2076,7 +2072,7 @@ mod tests {
             texts(&member),
             [r#"{"seq":6,"type":"hidden"}"#, r#"{"seq":7}"#]
         );
-        assert_eq!((member.last, member.gap), (7, false));
+        assert_eq!((member.last, member.gap), (Some(7), false));
         let host = hub.replay(&room, 4, 10, true).unwrap();
         assert_eq!(
             texts(&host),
@@ -2085,7 +2081,11 @@ mod tests {
         assert_eq!(hub.replay(&room, 3, 10, true), None, "seq 4 is not held");
         let over = hub.replay(&room, 4, 2, true).unwrap();
         assert!(over.gap && over.frames.is_empty(), "more than the limit");
-        assert_eq!(hub.replay(&room, 9, 10, true).unwrap().last, 9, "ahead");
+        assert_eq!(
+            hub.replay(&room, 9, 10, true),
+            Some(Replay::default()),
+            "ahead"
+        );
     }
 
     #[test]

@@ -474,7 +474,7 @@ async fn replay_and_reply(
     }
     let mut delivered = last_seq;
     if let Some(page) = page {
-        delivered = delivered.max(page.last);
+        delivered = delivered.max(page.last.unwrap_or(0));
         for frame in page.frames {
             if !ctx.push(frame).await {
                 break;
@@ -508,7 +508,11 @@ async fn replay(
     // The copy is read first: an edit committed but not yet published when it was read
     // shows in the store's note of rewrites, read after it.
     let page = match app.hub.replay(room, after, limit as usize, moderator) {
-        Some(page) if page.frames.is_empty() || !app.store.rewritten_after(room, page.last) => {
+        Some(page)
+            if page
+                .last
+                .is_none_or(|last| !app.store.rewritten_after(room, last)) =>
+        {
             metrics
                 .replays_from_memory
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -519,9 +523,8 @@ async fn replay(
                 .replays_from_store
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let page = app.store.events_after(room, after, limit, view).await?;
-            let last = page.events.iter().filter_map(|e| seq_of(e)).max();
             crate::hub::Replay {
-                last: last.unwrap_or(after),
+                last: page.events.iter().filter_map(|e| seq_of(e)).max(),
                 frames: page
                     .events
                     .into_iter()

@@ -306,8 +306,25 @@ async fn resumes_replay_recent_events_from_memory_as_the_store_holds_them() {
         (m["seq"].as_i64(), m["text"].as_str()),
         (Some(6), Some("t6 edited"))
     );
+    assert_eq!(b.next_of("message").await["seq"], 7);
+    assert_eq!(b.next_of("message_edited").await["seq"], 8);
     let text = metrics_text(s.addr).await;
     assert_eq!((replays(&text, "memory"), replays(&text, "store")), (4, 5));
+    // A resume from ahead of the room replays nothing, and live delivery goes on after the
+    // room's last seq.
+    let ok = b
+        .ok(json!({"type":"join","room":"r","after_seq":100}))
+        .await;
+    assert_eq!(
+        (ok["last_seq"].as_i64(), ok["replayed"].as_i64()),
+        (Some(8), Some(0))
+    );
+    a.ok(send(9)).await;
+    let m = b.until("message").await;
+    assert_eq!(
+        (m["seq"].as_i64(), m["text"].as_str()),
+        (Some(9), Some("t9"))
+    );
     s.stop().await;
 }
 

@@ -492,7 +492,8 @@ settings! {
     store_batch_linger_us: u64 = 0,
     /// Milliseconds the writer waits for more writes while every write it holds is one nobody
     /// waits for (the attendance and stage log), so that a reconnect storm's log rows share
-    /// a commit; a write someone waits for ends the wait at once. 0 = commit at once.
+    /// a commit; a write someone waits for ends the wait at once. 0 = commit at once. At most
+    /// 1000.
     store_detached_linger_ms: u64 = 20,
     /// Writes queued for the group-commit writer before submitters wait.
     store_queue: usize = 8192,
@@ -664,6 +665,9 @@ settings! {
 
 /// The most `replay_cache_bytes` may be: every room with a session here may hold that much.
 const MAX_REPLAY_CACHE_BYTES: usize = 16 << 20;
+
+/// The most `store_detached_linger_ms` may be: a class summary may lag by that much.
+const MAX_DETACHED_LINGER_MS: u64 = 1000;
 
 /// How a value looks in the README's configuration table.
 trait Shown {
@@ -862,6 +866,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 name: "replay_limit",
                 why: format!("must be below outbox_frames ({})", self.outbox_frames),
+            });
+        }
+        if self.store_detached_linger_ms > MAX_DETACHED_LINGER_MS {
+            return Err(ConfigError::Invalid {
+                name: "store_detached_linger_ms",
+                why: format!("must be at most {MAX_DETACHED_LINGER_MS}"),
             });
         }
         if self.replay_cache_bytes > MAX_REPLAY_CACHE_BYTES {
@@ -1375,6 +1385,33 @@ mod tests {
             ),
             "a presence round must fit half the outbox"
         );
+        for (args, name) in [
+            (
+                ServeArgs {
+                    replay_cache_bytes: Some(MAX_REPLAY_CACHE_BYTES + 1),
+                    ..Default::default()
+                },
+                "replay_cache_bytes",
+            ),
+            (
+                ServeArgs {
+                    store_detached_linger_ms: Some(MAX_DETACHED_LINGER_MS + 1),
+                    ..Default::default()
+                },
+                "store_detached_linger_ms",
+            ),
+        ] {
+            assert!(
+                matches!(Config::load(&args), Err(ConfigError::Invalid { name: n, .. }) if n == name),
+                "{name} is bounded"
+            );
+        }
+        let args = ServeArgs {
+            replay_cache_bytes: Some(0),
+            store_detached_linger_ms: Some(0),
+            ..Default::default()
+        };
+        assert!(Config::load(&args).is_ok(), "0 turns either off");
         let args = ServeArgs {
             jwt_secret: Some("short".into()),
             ..Default::default()

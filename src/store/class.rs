@@ -110,17 +110,18 @@ pub(super) struct LogWrite<'a> {
 }
 
 /// Applies a batch's attendance and stage log writes, given in batch order, in at most two
-/// statements, leaving what [`presence`] one by one would: each start becomes a row, ended by
-/// the first end of the same session (or spell) after it in the batch; the first end of each
-/// in the batch also ends the rows left open before the batch (the update runs before the
-/// insert, so it sees only those).
+/// statements, leaving what applying them one by one would (a start inserts an open row, an
+/// end closes every open row of its session or spell): each start becomes a row, ended by the
+/// first end of the same session (or spell) after it in the batch; the first end of each in
+/// the batch also ends the rows left open before the batch (the update runs before the insert,
+/// so it sees only those).
 pub(super) async fn record_presence(
     tx: &mut Tx<'_>,
     backend: super::Backend,
     writes: &[LogWrite<'_>],
 ) -> Result<()> {
     use std::collections::{HashMap, HashSet};
-    // (room, session, kind, user): what an end matches, as `presence` does.
+    // (room, session, kind, user): the columns an end matches an open row on.
     type Key<'a> = (&'a str, &'a str, &'static str, &'a str);
     type Row<'a> = (
         &'a str,

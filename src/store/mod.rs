@@ -693,8 +693,8 @@ impl Store {
 
     /// Whether this process's writer has committed, or is committing, an edit, a delete or a
     /// reaction in `room` with a seq above `seq`: one that changed the stored copy of an
-    /// earlier event. A copy of the room's latest events read before this answers `false`
-    /// holds no event older than its rewrite (see `hub::Recent`).
+    /// earlier event. Asked after taking a copy of the room's latest events that ends at
+    /// `seq` (see `hub::Recent`): `false` means every message in the copy is as stored.
     pub fn rewritten_after(&self, room: &RoomId, seq: i64) -> bool {
         self.inner.rewrites.after(room, seq)
     }

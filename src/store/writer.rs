@@ -285,14 +285,12 @@ impl Rewrites {
                 op,
                 WriteOp::Edit { .. } | WriteOp::Delete { .. } | WriteOp::React { .. }
             );
-            match result {
-                Ok((applied, _)) if rewrites => {
-                    if let Some(ev) = &applied.event {
-                        let mut seq = self.0.entry(ev.room.clone()).or_insert(ev.seq);
-                        *seq = (*seq).max(ev.seq);
-                    }
-                }
-                _ => {}
+            if rewrites
+                && let Ok((applied, _)) = result
+                && let Some(ev) = &applied.event
+            {
+                let mut seq = self.0.entry(ev.room.clone()).or_insert(ev.seq);
+                *seq = (*seq).max(ev.seq);
             }
         }
     }

@@ -10,8 +10,8 @@
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Refused};
 use crate::protocol::{
-    self, Listed, PresenceState, RoomId, RoomRole, ServerMsg, SessionId, ShownRole, UserId,
-    UserRef, close,
+    self, Listed, OnlineList, PresenceState, RoomId, RoomRole, ServerMsg, SessionId, ShownRole,
+    UserId, UserRef, close,
 };
 use crate::store::{CommittedEvent, now_ms};
 use dashmap::DashMap;
@@ -723,8 +723,8 @@ pub enum HubError {
 /// The result of a join: who is online (the joiner included), who is on stage, and (for
 /// host/ta) the raised hands.
 pub struct Joined {
-    /// Online users, sorted by id, at most the presence limit.
-    pub online: Arc<[Arc<Listed>]>,
+    /// Online users, sorted by id, at most the presence limit, encoded for the reply.
+    pub online: OnlineList,
     pub online_count: usize,
     pub stage: Vec<UserRef>,
     pub hands: Vec<(UserRef, i64)>,
@@ -914,25 +914,28 @@ impl Hub {
         } else {
             self.add_member(room, state, handle, &user, moderator)?;
         }
-        let remote = self.remote_online.get(room);
-        let online_count = state.online_count(remote.as_deref());
-        let online: Arc<[Arc<Listed>]> = if live && !moderator {
-            self.audience_view(state, remote.as_deref()).into()
-        } else {
-            self.online_view(state, remote.as_deref()).into()
-        };
+        let remote_guard = self.remote_online.get(room);
+        let remote = remote_guard.as_deref();
+        let online_count = state.online_count(remote);
         // What the gate's opening compares with: everyone online now, not only the reply's
         // first `presence_limit` (a user past that cut is not gone).
-        let shown = state
+        let shown: Option<Arc<[Arc<Listed>]>> = state
             .hears_presence(moderator, self.presence_limit)
-            .then(|| {
-                if online.len() == online_count {
-                    online.clone()
-                } else {
-                    online_list(state, remote.as_deref(), usize::MAX).into()
-                }
-            });
-        drop(remote);
+            .then(|| online_list(state, remote, usize::MAX).into());
+        let limit = self.presence_limit;
+        let online = if live && !moderator {
+            let view = self.audience_view(state, remote);
+            OnlineList::new(view.iter().map(|u| &**u))
+        } else if let Some(all) = &shown {
+            OnlineList::new(all.iter().take(limit).map(|u| &**u))
+        } else if remote.is_none() {
+            // The common big room: copied straight from the room's map, in one pass.
+            OnlineList::new(state.online.values().take(limit).map(|(u, _)| &**u))
+        } else {
+            let view = online_list(state, remote, limit);
+            OnlineList::new(view.iter().map(|u| &**u))
+        };
+        drop(remote_guard);
         if let Some(gate) = state
             .sessions
             .get_mut(&handle.id)
@@ -1030,15 +1033,6 @@ impl Hub {
         list.dedup_by(|a, b| a.user.id == b.user.id);
         list.truncate(self.presence_limit);
         list
-    }
-
-    /// The first `presence_limit` users online by id, here and on other nodes.
-    fn online_view(
-        &self,
-        state: &RoomState,
-        remote: Option<&HashMap<UserId, UserRef>>,
-    ) -> Vec<Arc<Listed>> {
-        online_list(state, remote, self.presence_limit)
     }
 
     /// Opens a gated session's gate: frames held with seq <= `delivered_seq` were already sent
@@ -2233,8 +2227,9 @@ mod tests {
             assert_eq!(
                 joined
                     .online
-                    .iter()
-                    .map(|u| u.user.id.as_str())
+                    .users()
+                    .into_iter()
+                    .map(|u| u.id.0)
                     .collect::<Vec<_>>(),
                 vec!["h"],
                 "the audience sees who runs the room, not each other"
@@ -2321,7 +2316,7 @@ mod tests {
         let (n, mut nrx, _) = session("n", "n", 16);
         let joined = hub.join(&r, &n, user("n"), false, false).unwrap();
         hub.open_gate(&r, &n.id, 0);
-        assert!(joined.online.iter().all(|u| u.user.id.as_str() != "a"));
+        assert!(joined.online.users().iter().all(|u| u.id.as_str() != "a"));
         let (_a2, _a2rx) = enter(&hub, &r, "a2", "a");
         let told = flushed(&hub, &mut nrx);
         assert_eq!(told.len(), 1, "{told:?}");
@@ -2880,7 +2875,7 @@ mod props {
                     role: ShownRole::Member,
                 };
                 let joined = hub.join(&room, handle, user, live, live).expect("join");
-                joined.online.iter().map(|u| u.user.id.clone()).collect()
+                joined.online.users().into_iter().map(|u| u.id).collect()
             };
             let online_now = |sessions: &[Believer], elsewhere: &std::collections::BTreeSet<_>| {
                 let mut all: std::collections::BTreeSet<UserId> =

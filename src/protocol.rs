@@ -276,6 +276,54 @@ impl Serialize for Listed {
     }
 }
 
+/// The `online` array of a join reply, encoded when the reply is made by copying each listed
+/// user's stored JSON: one pass over the users, with no per-user serialisation and no
+/// reference kept to them (a room of a thousand users makes this ~50 KB per join).
+#[derive(Clone, Debug)]
+pub struct OnlineList {
+    json: String,
+    len: usize,
+}
+
+impl OnlineList {
+    /// The users in the order given (the hub gives them sorted by id).
+    pub fn new<'a>(users: impl ExactSizeIterator<Item = &'a Listed>) -> Self {
+        // Most user objects are 40-70 bytes: reserve once for the usual case.
+        let mut json = String::with_capacity(2 + users.len() * 64);
+        json.push('[');
+        let mut len = 0;
+        for u in users {
+            if len > 0 {
+                json.push(',');
+            }
+            json.push_str(u.json.get());
+            len += 1;
+        }
+        json.push(']');
+        Self { json, len }
+    }
+
+    /// How many users it lists.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The JSON array.
+    pub fn as_json(&self) -> &str {
+        &self.json
+    }
+
+    /// The users it lists, decoded again (for tests and tools, not the hot path).
+    pub fn users(&self) -> Vec<UserRef> {
+        // Infallible: made only from encoded user objects.
+        serde_json::from_str(&self.json).expect("an online list decodes")
+    }
+}
+
 /// The role shown beside a user: their room role in a room's frames, their platform role in
 /// `welcome`, `system` for the server's own announcements.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -1431,9 +1479,10 @@ pub struct JoinOk<'a> {
     pub room: RoomBrief<'a>,
     pub role: RoomRole,
     pub last_seq: i64,
-    /// Who is online (capped; `online_count` counts everyone).
-    #[serde(serialize_with = "listed")]
-    pub online: &'a [std::sync::Arc<Listed>],
+    /// Who is online (capped; `online_count` counts everyone): spliced in by
+    /// [`JoinOk::encode`], already encoded.
+    #[serde(skip)]
+    pub online: &'a OnlineList,
     pub online_count: usize,
     pub stage: &'a [UserRef],
     /// Raised hands in raise order, for host/ta.
@@ -1461,8 +1510,20 @@ pub struct JoinOk<'a> {
     pub boards: Option<Vec<String>>,
 }
 
-fn listed<S: serde::Serializer>(users: &[std::sync::Arc<Listed>], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(users.iter().map(|u| &**u))
+impl JoinOk<'_> {
+    /// The reply frame: `{"type":"ok","rid":N, ...the fields, "online":[...]}`, the online
+    /// array copied in as it was encoded.
+    pub fn encode(&self, rid: i64) -> String {
+        let mut out = encode_ok_as(rid, self);
+        // The struct encodes as an object, so the last byte is its `}`.
+        debug_assert!(out.ends_with('}'));
+        out.pop();
+        out.reserve(12 + self.online.as_json().len());
+        out.push_str(",\"online\":");
+        out.push_str(self.online.as_json());
+        out.push('}');
+        out
+    }
 }
 
 /// Which session description a `signal`'s `data` carries.
@@ -1890,6 +1951,66 @@ mod tests {
             let json = event(rewrite);
             assert!(rewrites_history(&json), "{json}");
             assert!(!changes_join_snapshot(&json), "{json}");
+        }
+    }
+
+    #[test]
+    fn a_join_reply_carries_its_online_list_as_encoded() {
+        let user = |id: &str, name: &str| UserRef {
+            id: UserId(id.into()),
+            name: name.into(),
+            role: ShownRole::Member,
+        };
+        let listed = [
+            Listed::new(user("a", "Ann \"A\"")),
+            Listed::new(user("b", "Bo")),
+        ];
+        let online = OnlineList::new(listed.iter().map(|u| &**u));
+        assert_eq!(online.len(), 2);
+        assert_eq!(
+            online.users(),
+            vec![user("a", "Ann \"A\""), user("b", "Bo")]
+        );
+        let empty = OnlineList::new(std::iter::empty());
+        assert!(empty.is_empty());
+        assert_eq!(empty.as_json(), "[]");
+        for list in [&online, &empty] {
+            let reply = JoinOk {
+                room: RoomBrief {
+                    id: &RoomId("r".into()),
+                    kind: RoomKind::Group,
+                    title: "R",
+                },
+                role: RoomRole::Member,
+                last_seq: 7,
+                online: list,
+                online_count: list.len(),
+                stage: &[],
+                hands: None,
+                gap: Some(false),
+                replayed: Some(0),
+                class: ClassBrief {
+                    state: ClassState::Live,
+                    starts_at: None,
+                    ends_at: None,
+                    started_at: None,
+                },
+                pinned: None,
+                polls: None,
+                breakout: None,
+                boards: None,
+            };
+            let v: serde_json::Value = serde_json::from_str(&reply.encode(3)).unwrap();
+            assert_eq!(
+                (v["type"].as_str(), v["rid"].as_i64()),
+                (Some("ok"), Some(3))
+            );
+            assert_eq!(v["last_seq"], 7);
+            assert_eq!(
+                v["online"],
+                serde_json::from_str::<serde_json::Value>(list.as_json()).unwrap()
+            );
+            assert_eq!(v["online_count"], list.len());
         }
     }
 }

@@ -531,33 +531,29 @@ fn encode_reply(command: &str, doc: &Value) -> Result<String, String> {
     match command {
         "join" => {
             let r: JoinReply = read(&fields)?;
-            Ok(encode_ok_as(
-                rid,
-                &JoinOk {
-                    room: RoomBrief {
-                        id: &r.room.id,
-                        kind: r.room.kind,
-                        title: &r.room.title,
-                    },
-                    role: r.role,
-                    last_seq: r.last_seq,
-                    online: &r
-                        .online
-                        .into_iter()
-                        .map(crate::protocol::Listed::new)
-                        .collect::<Vec<_>>(),
-                    online_count: r.online_count,
-                    stage: &r.stage,
-                    hands: r.hands,
-                    gap: r.gap,
-                    replayed: r.replayed,
-                    class: r.class,
-                    pinned: r.pinned,
-                    polls: r.polls,
-                    breakout: r.breakout,
-                    boards: r.boards,
+            let listed: Vec<_> = r.online.into_iter().map(Listed::new).collect();
+            let online = OnlineList::new(listed.iter().map(|u| &**u));
+            Ok(JoinOk {
+                room: RoomBrief {
+                    id: &r.room.id,
+                    kind: r.room.kind,
+                    title: &r.room.title,
                 },
-            ))
+                role: r.role,
+                last_seq: r.last_seq,
+                online: &online,
+                online_count: r.online_count,
+                stage: &r.stage,
+                hands: r.hands,
+                gap: r.gap,
+                replayed: r.replayed,
+                class: r.class,
+                pinned: r.pinned,
+                polls: r.polls,
+                breakout: r.breakout,
+                boards: r.boards,
+            }
+            .encode(rid))
         }
         "history" => {
             let r: HistoryReply = read(&fields)?;

@@ -470,7 +470,7 @@ async fn replay_and_reply(
             breakout: snap.breakout,
             boards: snap.boards,
         };
-        ctx.push(protocol::encode_ok_as(rid, &reply)).await;
+        ctx.push(reply.encode(rid)).await;
     }
     let mut delivered = last_seq;
     if let Some(page) = page {

@@ -1473,7 +1473,8 @@ pub struct RoomBrief<'a> {
     pub title: &'a str,
 }
 
-/// The `ok` of `join`.
+/// The `ok` of `join`. Encode it with [`JoinOk::encode`]: its `Serialize` leaves `online` out
+/// (that array is already encoded, and `encode` copies it in).
 #[derive(Debug, Serialize)]
 pub struct JoinOk<'a> {
     pub room: RoomBrief<'a>,

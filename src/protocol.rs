@@ -317,7 +317,8 @@ impl OnlineList {
         &self.json
     }
 
-    /// The users it lists, decoded again (for tests and tools, not the hot path).
+    /// The users it lists, decoded again (tests read the list back through it).
+    #[cfg(test)]
     pub fn users(&self) -> Vec<UserRef> {
         // Infallible: made only from encoded user objects.
         serde_json::from_str(&self.json).expect("an online list decodes")

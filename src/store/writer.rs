@@ -2,9 +2,10 @@
 //! a batch of them (up to `batch_max`, or whatever is queued, optionally lingering a little)
 //! in ONE transaction, assigns each room event the room's next `seq` inside that transaction,
 //! commits once, then hands the committed events to the hook in commit order and only then
-//! acknowledges each write. A batch that fails at the database level is retried write by write
-//! so one bad write cannot fail its neighbours. Knows the schema and the event encoding; knows
-//! nothing of sessions or the hub.
+//! acknowledges each write (a publisher task does that while the next batch runs). A batch
+//! that fails at the database level is retried write by write so one bad write cannot fail
+//! its neighbours. Knows the schema and the event encoding; knows nothing of sessions or the
+//! hub.
 
 use super::engagement::{self, BadgeHookSlot, Effects};
 use super::{Backend, Result, StoreError, now_ms, postgres, sqlite};
@@ -327,16 +328,28 @@ pub(super) async fn run(
         Backend::Sqlite => sqlite::BEGIN_WRITE,
         Backend::Postgres => postgres::BEGIN_WRITE,
     };
+    // Batch N is published and acknowledged by a task of its own while batch N+1's
+    // statements run: the writer's thread would otherwise sit idle while the database works.
+    // One task, fed in commit order, keeps the order the hub relies on.
+    let publisher = Publisher {
+        hook: hooks.commit,
+        badge_hook: hooks.badge,
+    };
+    let (published, mut to_publish) = mpsc::channel::<Committed>(PUBLISH_AHEAD);
+    let publishing = tokio::spawn(async move {
+        while let Some(batch) = to_publish.recv().await {
+            publisher.publish_and_reply(batch);
+        }
+    });
     let mut w = Writer {
         opts,
         conn: None,
         backend,
         begin,
-        hook: hooks.commit,
+        published,
         rewrites: hooks.rewrites,
         metrics,
         engagement,
-        badge_hook: hooks.badge,
         subscribed: hooks.subscribed,
         outbox: hooks.outbox,
     };
@@ -378,8 +391,8 @@ pub(super) async fn run(
                 None => break,
             }
         }
-        if !batch.is_empty() {
-            w.commit(&mut batch).await;
+        if !batch.is_empty() && !w.commit(&mut batch).await {
+            break;
         }
         if stopping {
             // Refuse new writes, but commit every write that was already accepted.
@@ -387,8 +400,8 @@ pub(super) async fn run(
             while let Some(req) = rx.recv().await {
                 if let Request::Op { op, reply } = req {
                     batch.push((op, reply));
-                    if batch.len() >= batch_max {
-                        w.commit(&mut batch).await;
+                    if batch.len() >= batch_max && !w.commit(&mut batch).await {
+                        break;
                     }
                 }
             }
@@ -398,86 +411,45 @@ pub(super) async fn run(
             break;
         }
     }
+    // Every committed batch is published and acknowledged before the writer counts as stopped.
+    drop(w);
+    if let Err(e) = publishing.await {
+        tracing::error!(error = %e, "store publisher failed");
+    }
     tracing::debug!("store writer stopped");
 }
 
-struct Writer {
-    opts: super::StoreOptions,
-    /// The writer's own connection, opened on the writer's own runtime (its socket is polled
-    /// there, not through the shared runtime's I/O driver): no pool hand-over or liveness
-    /// ping per batch. Dropped after a failed transaction and opened anew for the next.
-    conn: Option<AnyConnection>,
-    backend: Backend,
-    begin: &'static str,
-    hook: Option<CommitHook>,
-    rewrites: Arc<Rewrites>,
-    metrics: Arc<Metrics>,
-    engagement: Arc<EngagementConfig>,
-    badge_hook: BadgeHookSlot,
-    subscribed: Arc<super::webhooks::Subscribed>,
-    outbox: Arc<tokio::sync::Notify>,
+/// Committed batches that may wait for the publisher before the writer waits for it.
+const PUBLISH_AHEAD: usize = 2;
+
+/// One committed batch, on its way to be published and acknowledged: each write's reply
+/// (queue order), `order[i]` the queue position of the `i`th result, and the effects of
+/// the whole batch.
+struct Committed {
+    replies: Vec<oneshot::Sender<Result<WriteOutcome>>>,
+    order: Vec<usize>,
+    results: Vec<Answered>,
+    batch_fx: Effects,
 }
 
-type Results = (Vec<Result<(Applied, Effects)>>, Effects);
+/// Tells the hooks what committed, then the submitters.
+struct Publisher {
+    hook: Option<CommitHook>,
+    badge_hook: BadgeHookSlot,
+}
 
-/// One write's result, and the effects to publish right after it.
-type Answered = (Result<(Applied, Effects)>, Effects);
-
-impl Writer {
-    async fn commit(&mut self, batch: &mut Vec<Pending>) {
-        let started = Instant::now();
-        // Every writer (in this process or another) takes room-row locks in room-id order, so
-        // two batches touching the same rooms cannot deadlock. The sort is stable: writes to
-        // one room keep their queue order.
-        let mut order: Vec<usize> = (0..batch.len()).collect();
-        order.sort_by(|&a, &b| batch[a].0.room().cmp(batch[b].0.room()));
-        let ops: Vec<&WriteOp> = order.iter().map(|&i| &batch[i].0).collect();
-        let (results, batch_fx) = self.run_batch(&ops).await;
-        self.metrics.store_batch(ops.len(), started.elapsed());
-        drop(ops);
-        self.publish_and_reply(batch, order, results, batch_fx);
-    }
-
-    /// Runs the batch in one transaction; if that fails, each write in a transaction of its
-    /// own, so one bad write cannot sink the others. Each result comes with effects to
-    /// publish right after it: on the retry path, what the op's own transaction added at its
-    /// end (announcements of a retried send), so a room's seqs still reach the hook in
-    /// increasing order. Then the effects of the whole batch.
-    async fn run_batch(&mut self, ops: &[&WriteOp]) -> (Vec<Answered>, Effects) {
-        match self.transaction(ops).await {
-            Ok((results, fx)) => (
-                results
-                    .into_iter()
-                    .map(|r| (r, Effects::default()))
-                    .collect::<Vec<_>>(),
-                fx,
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, size = ops.len(), "batch failed, retrying writes one by one");
-                let mut results = Vec::with_capacity(ops.len());
-                for op in ops {
-                    results.push(match self.transaction(std::slice::from_ref(op)).await {
-                        Ok((mut one, fx)) => (one.pop().unwrap_or(Err(StoreError::Closed)), fx),
-                        Err(e) => (Err(StoreError::Db(e)), Effects::default()),
-                    });
-                }
-                (results, Effects::default())
-            }
-        }
-    }
-
+impl Publisher {
     /// Publishes what the batch committed, in commit order, then acknowledges each write: a
     /// writer's own session sees its event before its `ok`, and nobody can see an `ok` for an
-    /// event not yet fanned out. `order[i]` is the queue position of the `i`th result.
-    fn publish_and_reply(
-        &self,
-        batch: &mut Vec<Pending>,
-        order: Vec<usize>,
-        results: Vec<Answered>,
-        batch_fx: Effects,
-    ) {
-        let mut replies: Vec<Option<oneshot::Sender<Result<WriteOutcome>>>> =
-            batch.drain(..).map(|(_, reply)| Some(reply)).collect();
+    /// event not yet fanned out.
+    fn publish_and_reply(&self, batch: Committed) {
+        let Committed {
+            replies,
+            order,
+            results,
+            batch_fx,
+        } = batch;
+        let mut replies: Vec<Option<_>> = replies.into_iter().map(Some).collect();
         let badge_hook = self.badge_hook.get();
         // Debug builds check the order the hub relies on: within one commit, each room's
         // seqs reach the hook strictly increasing (its per-member high-water mark would drop
@@ -526,6 +498,90 @@ impl Writer {
         }
         // What the batched sends earned (announcements come after their room's messages).
         tell(batch_fx);
+    }
+}
+
+struct Writer {
+    opts: super::StoreOptions,
+    /// The writer's own connection, opened on the writer's own runtime (its socket is polled
+    /// there, not through the shared runtime's I/O driver): no pool hand-over or liveness
+    /// ping per batch. Dropped after a failed transaction and opened anew for the next.
+    conn: Option<AnyConnection>,
+    backend: Backend,
+    begin: &'static str,
+    /// To the publisher (see [`Publisher`]).
+    published: mpsc::Sender<Committed>,
+    rewrites: Arc<Rewrites>,
+    metrics: Arc<Metrics>,
+    engagement: Arc<EngagementConfig>,
+    subscribed: Arc<super::webhooks::Subscribed>,
+    outbox: Arc<tokio::sync::Notify>,
+}
+
+type Results = (Vec<Result<(Applied, Effects)>>, Effects);
+
+/// One write's result, and the effects to publish right after it.
+type Answered = (Result<(Applied, Effects)>, Effects);
+
+impl Writer {
+    /// Commits the batch and hands it to the publisher. Returns false, committing nothing, once
+    /// the publisher is gone (a hook panicked): what committed from then on would be neither
+    /// announced nor acknowledged, so the writer stops, as it would have with the hook on its
+    /// own thread; the batch's submitters hear that the store closed.
+    async fn commit(&mut self, batch: &mut Vec<Pending>) -> bool {
+        if self.published.is_closed() {
+            tracing::error!("store publisher gone; the writer stops");
+            batch.clear();
+            return false;
+        }
+        let started = Instant::now();
+        // Every writer (in this process or another) takes room-row locks in room-id order, so
+        // two batches touching the same rooms cannot deadlock. The sort is stable: writes to
+        // one room keep their queue order.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by(|&a, &b| batch[a].0.room().cmp(batch[b].0.room()));
+        let ops: Vec<&WriteOp> = order.iter().map(|&i| &batch[i].0).collect();
+        let (results, batch_fx) = self.run_batch(&ops).await;
+        self.metrics.store_batch(ops.len(), started.elapsed());
+        drop(ops);
+        let committed = Committed {
+            replies: batch.drain(..).map(|(_, reply)| reply).collect(),
+            order,
+            results,
+            batch_fx,
+        };
+        // Fails only if the publisher is gone: the replies are dropped with the batch and each
+        // submitter hears that the store closed (the writes stand, like any whose reply is
+        // lost).
+        self.published.send(committed).await.is_ok()
+    }
+
+    /// Runs the batch in one transaction; if that fails, each write in a transaction of its
+    /// own, so one bad write cannot sink the others. Each result comes with effects to
+    /// publish right after it: on the retry path, what the op's own transaction added at its
+    /// end (announcements of a retried send), so a room's seqs still reach the hook in
+    /// increasing order. Then the effects of the whole batch.
+    async fn run_batch(&mut self, ops: &[&WriteOp]) -> (Vec<Answered>, Effects) {
+        match self.transaction(ops).await {
+            Ok((results, fx)) => (
+                results
+                    .into_iter()
+                    .map(|r| (r, Effects::default()))
+                    .collect::<Vec<_>>(),
+                fx,
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, size = ops.len(), "batch failed, retrying writes one by one");
+                let mut results = Vec::with_capacity(ops.len());
+                for op in ops {
+                    results.push(match self.transaction(std::slice::from_ref(op)).await {
+                        Ok((mut one, fx)) => (one.pop().unwrap_or(Err(StoreError::Closed)), fx),
+                        Err(e) => (Err(StoreError::Db(e)), Effects::default()),
+                    });
+                }
+                (results, Effects::default())
+            }
+        }
     }
 
     /// Applies `ops` (sorted by room) in one transaction. A database error aborts (and rolls

@@ -1791,3 +1791,45 @@ async fn random_operation_sequences_leave_the_same_event_log_on_sqlite_and_postg
         db.drop_db().await;
     }
 }
+
+/// Commits are announced by a publisher task beside the writer. If the commit hook panics
+/// there, the writer stops: no later write commits unannounced, and each submitter hears the
+/// store closed rather than waiting forever.
+#[tokio::test(flavor = "current_thread")]
+async fn a_panicking_commit_hook_stops_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("p.db").display());
+    let hook: CommitHook = Arc::new(|ev: CommittedEvent| {
+        assert_ne!(ev.room.as_str(), "boom", "the hook refuses room boom");
+    });
+    let opts = StoreOptions::new(url.as_str());
+    let s = within(
+        "open store",
+        Store::open(&opts, Arc::new(Metrics::default()), Some(hook)),
+    )
+    .await
+    .unwrap();
+    s.create_room(&room("a", Visibility::Open)).await.unwrap();
+    s.create_room(&room("boom", Visibility::Open))
+        .await
+        .unwrap();
+    within("a write before", s.write(send("a", "u", "one", "1")))
+        .await
+        .unwrap();
+    let failed = within(
+        "the write whose event panics",
+        s.write(send("boom", "u", "x", "2")),
+    )
+    .await;
+    assert!(matches!(failed, Err(StoreError::Closed)), "{failed:?}");
+    let after = within("a write after", s.write(send("a", "u", "two", "3"))).await;
+    assert!(matches!(after, Err(StoreError::Closed)), "{after:?}");
+    // Nothing committed after the panic: room a holds the one message sent before it.
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE room_id = 'a'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    pool.close().await;
+}

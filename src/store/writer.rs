@@ -330,15 +330,18 @@ pub(super) async fn run(
     };
     // Batch N is published and acknowledged by a task of its own while batch N+1's
     // statements run: the writer's thread would otherwise sit idle while the database works.
-    // One task, fed in commit order, keeps the order the hub relies on.
+    // One task, fed in commit order, keeps the order the hub relies on; batch N+1 commits
+    // only once batch N is published (see `Writer::unpublished`), so at most one batch is
+    // ever in the channel.
     let publisher = Publisher {
         hook: hooks.commit,
         badge_hook: hooks.badge,
     };
-    let (published, mut to_publish) = mpsc::channel::<Committed>(PUBLISH_AHEAD);
+    let (published, mut to_publish) = mpsc::channel::<Committed>(1);
     let publishing = tokio::spawn(async move {
         while let Some(batch) = to_publish.recv().await {
-            publisher.publish_and_reply(batch);
+            let done = publisher.publish_and_reply(batch);
+            let _ = done.send(());
         }
     });
     let mut w = Writer {
@@ -347,6 +350,7 @@ pub(super) async fn run(
         backend,
         begin,
         published,
+        unpublished: None,
         rewrites: hooks.rewrites,
         metrics,
         engagement,
@@ -419,17 +423,15 @@ pub(super) async fn run(
     tracing::debug!("store writer stopped");
 }
 
-/// Committed batches that may wait for the publisher before the writer waits for it.
-const PUBLISH_AHEAD: usize = 2;
-
 /// One committed batch, on its way to be published and acknowledged: each write's reply
-/// (queue order), `order[i]` the queue position of the `i`th result, and the effects of
-/// the whole batch.
+/// (queue order), `order[i]` the queue position of the `i`th result, the effects of the
+/// whole batch, and what tells the writer it is done.
 struct Committed {
     replies: Vec<oneshot::Sender<Result<WriteOutcome>>>,
     order: Vec<usize>,
     results: Vec<Answered>,
     batch_fx: Effects,
+    done: oneshot::Sender<()>,
 }
 
 /// Tells the hooks what committed, then the submitters.
@@ -441,13 +443,15 @@ struct Publisher {
 impl Publisher {
     /// Publishes what the batch committed, in commit order, then acknowledges each write: a
     /// writer's own session sees its event before its `ok`, and nobody can see an `ok` for an
-    /// event not yet fanned out.
-    fn publish_and_reply(&self, batch: Committed) {
+    /// event not yet fanned out. Returns the batch's done signal, to send once all of it is
+    /// told.
+    fn publish_and_reply(&self, batch: Committed) -> oneshot::Sender<()> {
         let Committed {
             replies,
             order,
             results,
             batch_fx,
+            done,
         } = batch;
         let mut replies: Vec<Option<_>> = replies.into_iter().map(Some).collect();
         let badge_hook = self.badge_hook.get();
@@ -498,6 +502,7 @@ impl Publisher {
         }
         // What the batched sends earned (announcements come after their room's messages).
         tell(batch_fx);
+        done
     }
 }
 
@@ -511,6 +516,9 @@ struct Writer {
     begin: &'static str,
     /// To the publisher (see [`Publisher`]).
     published: mpsc::Sender<Committed>,
+    /// Fires when the publisher has told everything of the last batch handed to it. The next
+    /// batch commits only after that: if a hook panics, no later batch commits unannounced.
+    unpublished: Option<oneshot::Receiver<()>>,
     rewrites: Arc<Rewrites>,
     metrics: Arc<Metrics>,
     engagement: Arc<EngagementConfig>,
@@ -544,11 +552,14 @@ impl Writer {
         let (results, batch_fx) = self.run_batch(&ops).await;
         self.metrics.store_batch(ops.len(), started.elapsed());
         drop(ops);
+        let (done, unpublished) = oneshot::channel();
+        self.unpublished = Some(unpublished);
         let committed = Committed {
             replies: batch.drain(..).map(|(_, reply)| reply).collect(),
             order,
             results,
             batch_fx,
+            done,
         };
         // Fails only if the publisher is gone: the replies are dropped with the batch and each
         // submitter hears that the store closed (the writes stand, like any whose reply is
@@ -569,6 +580,13 @@ impl Writer {
                     .map(|r| (r, Effects::default()))
                     .collect::<Vec<_>>(),
                 fx,
+            ),
+            // The publisher is gone (see `try_transaction`): no write may commit any more.
+            Err(_) if self.published.is_closed() => (
+                ops.iter()
+                    .map(|_| (Err(StoreError::Closed), Effects::default()))
+                    .collect(),
+                Effects::default(),
             ),
             Err(e) => {
                 tracing::warn!(error = %e, size = ops.len(), "batch failed, retrying writes one by one");
@@ -658,6 +676,12 @@ impl Writer {
             .await
             .map_err(abort_batch)?;
         self.rewrites.note(ops, &out);
+        if let Some(previous) = self.unpublished.take()
+            && previous.await.is_err()
+        {
+            // The publisher died telling the previous batch (a hook panicked): roll back.
+            return Err(abort_batch(StoreError::Closed));
+        }
         tx.commit().await?;
         if queued {
             self.outbox.notify_one();

@@ -1792,17 +1792,23 @@ async fn random_operation_sequences_leave_the_same_event_log_on_sqlite_and_postg
     }
 }
 
-/// Commits are announced by a publisher task beside the writer. If the commit hook panics
-/// there, the writer stops: no later write commits unannounced, and each submitter hears the
+/// Commits are announced by a publisher task beside the writer, one batch behind. If the
+/// commit hook panics there, the writer stops: no later batch commits unannounced (even one
+/// already formed while the panicking batch was being told), and each submitter hears the
 /// store closed rather than waiting forever.
 #[tokio::test(flavor = "current_thread")]
 async fn a_panicking_commit_hook_stops_the_writer() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("p.db").display());
-    let hook: CommitHook = Arc::new(|ev: CommittedEvent| {
+    let announced = Arc::new(Mutex::new(0_i64));
+    let count = announced.clone();
+    let hook: CommitHook = Arc::new(move |ev: CommittedEvent| {
         assert_ne!(ev.room.as_str(), "boom", "the hook refuses room boom");
+        *count.lock().unwrap() += 1;
     });
-    let opts = StoreOptions::new(url.as_str());
+    let mut opts = StoreOptions::new(url.as_str());
+    // Small batches: the writes queued behind the panicking one form later batches.
+    opts.batch_max = 4;
     let s = within(
         "open store",
         Store::open(&opts, Arc::new(Metrics::default()), Some(hook)),
@@ -1816,20 +1822,36 @@ async fn a_panicking_commit_hook_stops_the_writer() {
     within("a write before", s.write(send("a", "u", "one", "1")))
         .await
         .unwrap();
-    let failed = within(
-        "the write whose event panics",
-        s.write(send("boom", "u", "x", "2")),
-    )
+    let mut replies = vec![s.submit(send("boom", "u", "x", "b")).await.unwrap()];
+    for i in 0..40 {
+        let cid = format!("q{i}");
+        replies.push(s.submit(send("a", "u", "queued", &cid)).await.unwrap());
+    }
+    let outcomes = within("the queued writes", async {
+        let mut all = Vec::new();
+        for r in replies {
+            all.push(r.await);
+        }
+        all
+    })
     .await;
-    assert!(matches!(failed, Err(StoreError::Closed)), "{failed:?}");
-    let after = within("a write after", s.write(send("a", "u", "two", "3"))).await;
+    assert!(
+        matches!(outcomes[0], Err(_) | Ok(Err(StoreError::Closed))),
+        "the write whose event panicked: {:?}",
+        outcomes[0]
+    );
+    let after = within("a write after", s.write(send("a", "u", "two", "2"))).await;
     assert!(matches!(after, Err(StoreError::Closed)), "{after:?}");
-    // Nothing committed after the panic: room a holds the one message sent before it.
+    // Every message room a holds was announced: none committed behind the panic.
     let pool = sqlx::AnyPool::connect(&url).await.unwrap();
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE room_id = 'a'")
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE room_id = 'a'")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(n, 1);
     pool.close().await;
+    assert_eq!(stored, *announced.lock().unwrap());
+    assert!(
+        stored < 41,
+        "the writes behind the panic were refused: {stored}"
+    );
 }

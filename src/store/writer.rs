@@ -340,8 +340,7 @@ pub(super) async fn run(
     let (published, mut to_publish) = mpsc::channel::<Committed>(1);
     let publishing = tokio::spawn(async move {
         while let Some(batch) = to_publish.recv().await {
-            let done = publisher.publish_and_reply(batch);
-            let _ = done.send(());
+            publisher.publish_and_reply(batch);
         }
     });
     let mut w = Writer {
@@ -443,9 +442,8 @@ struct Publisher {
 impl Publisher {
     /// Publishes what the batch committed, in commit order, then acknowledges each write: a
     /// writer's own session sees its event before its `ok`, and nobody can see an `ok` for an
-    /// event not yet fanned out. Returns the batch's done signal, to send once all of it is
-    /// told.
-    fn publish_and_reply(&self, batch: Committed) -> oneshot::Sender<()> {
+    /// event not yet fanned out. Then signals the batch done.
+    fn publish_and_reply(&self, batch: Committed) {
         let Committed {
             replies,
             order,
@@ -502,7 +500,7 @@ impl Publisher {
         }
         // What the batched sends earned (announcements come after their room's messages).
         tell(batch_fx);
-        done
+        let _ = done.send(());
     }
 }
 
@@ -532,16 +530,11 @@ type Results = (Vec<Result<(Applied, Effects)>>, Effects);
 type Answered = (Result<(Applied, Effects)>, Effects);
 
 impl Writer {
-    /// Commits the batch and hands it to the publisher. Returns false, committing nothing, once
-    /// the publisher is gone (a hook panicked): what committed from then on would be neither
-    /// announced nor acknowledged, so the writer stops, as it would have with the hook on its
-    /// own thread; the batch's submitters hear that the store closed.
+    /// Commits the batch and hands it to the publisher. Returns false once the publisher is
+    /// gone (a hook panicked): the batch was rolled back (see `try_transaction`), its
+    /// submitters hear that the store closed, and the writer stops, as it would have with the
+    /// hook on its own thread.
     async fn commit(&mut self, batch: &mut Vec<Pending>) -> bool {
-        if self.published.is_closed() {
-            tracing::error!("store publisher gone; the writer stops");
-            batch.clear();
-            return false;
-        }
         let started = Instant::now();
         // Every writer (in this process or another) takes room-row locks in room-id order, so
         // two batches touching the same rooms cannot deadlock. The sort is stable: writes to
@@ -561,10 +554,12 @@ impl Writer {
             batch_fx,
             done,
         };
-        // Fails only if the publisher is gone: the replies are dropped with the batch and each
-        // submitter hears that the store closed (the writes stand, like any whose reply is
-        // lost).
-        self.published.send(committed).await.is_ok()
+        // Fails only if the publisher is gone: the replies are dropped with the batch.
+        let handed = self.published.send(committed).await.is_ok();
+        if !handed {
+            tracing::error!("store publisher gone; the writer stops");
+        }
+        handed
     }
 
     /// Runs the batch in one transaction; if that fails, each write in a transaction of its

@@ -2,17 +2,20 @@
 //! at a fixed number of statements for any number of sends over any number of rooms. One
 //! statement finds earlier copies (idempotency), one reserves every room's run of seqs, and
 //! three store the messages, events and search rows (rows travel as one JSON parameter, see
-//! `rows.rs`). Same results, in the same order, as applying the sends one by one; the
-//! conformance suite runs it on both backends.
+//! `rows.rs`). While a statement runs, the writer's thread encodes the next one's rows. Same
+//! results, in the same order, as applying the sends one by one; the conformance suite runs it
+//! on both backends.
 
 use super::rows::{self, Sql};
 use super::writer::{Applied, CommittedEvent, SendOp, Tx, WriteOp, WriteOutcome, new_message_id};
 use super::{Backend, Result, StoreError, now_ms};
 use crate::protocol::{MessageId, RoomEvent, RoomId, SequencedEvent, UserRef};
 use sqlx::Row;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::task::Poll;
 
-type Key = (String, String, String);
+/// A send's idempotency key (room, sender, client_msg_id), borrowed from the send.
+type Key<'a> = (&'a str, &'a str, &'a str);
 
 /// A plain send (one without `reply_to`), or `None` for any other write.
 pub(super) fn plain_send(op: &WriteOp) -> Option<&SendOp> {
@@ -83,11 +86,11 @@ const INSERT_SEARCH: Sql = Sql {
 };
 
 /// Messages already stored under these (room, sender, client_msg_id) keys: key -> (id, seq, ts).
-async fn prior_sends(
+async fn prior_sends<'a>(
     tx: &mut Tx<'_>,
     backend: Backend,
-    keys: &[(&str, &str, &str)],
-) -> Result<HashMap<Key, (MessageId, i64, i64)>> {
+    keys: &[Key<'a>],
+) -> Result<HashMap<Key<'a>, (MessageId, i64, i64)>> {
     let mut prior = HashMap::new();
     if keys.is_empty() {
         return Ok(prior);
@@ -96,9 +99,23 @@ async fn prior_sends(
         .bind(rows::json(keys)?)
         .fetch_all(&mut **tx)
         .await?;
+    if rows.is_empty() {
+        return Ok(prior);
+    }
+    // Each row is one of the keys asked: found by its text, kept as the send's own borrow.
+    let asked: HashMap<Key<'a>, usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
     for row in rows {
+        let (room, sender, cid): (String, String, String) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        let found = {
+            let asked: &HashMap<Key<'_>, usize> = &asked;
+            asked
+                .get(&(room.as_str(), sender.as_str(), cid.as_str()))
+                .copied()
+        };
+        let i = found.ok_or_else(|| StoreError::Corrupt("a stored send not asked for".into()))?;
         prior.insert(
-            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?),
+            keys[i],
             (MessageId(row.try_get(3)?), row.try_get(4)?, row.try_get(5)?),
         );
     }
@@ -165,7 +182,6 @@ pub(super) struct Staged {
     sender: String,
     /// The sender's display name (kept for leaderboards).
     name: String,
-    client_msg_id: Option<String>,
     text: String,
     ts: i64,
     json: String,
@@ -178,9 +194,8 @@ pub(super) struct Planned {
     pub staged: Vec<Staged>,
 }
 
-fn key_of(room: &RoomId, from: &UserRef, cid: &Option<String>) -> Option<Key> {
-    cid.as_ref()
-        .map(|c| (room.0.clone(), from.id.0.clone(), c.clone()))
+fn key_of<'a>(room: &'a RoomId, from: &'a UserRef, cid: &'a Option<String>) -> Option<Key<'a>> {
+    cid.as_deref().map(|c| (room.as_str(), from.id.as_str(), c))
 }
 
 /// Which sends are new (not stored before, not repeated earlier in the batch): a new send's
@@ -188,9 +203,9 @@ fn key_of(room: &RoomId, from: &UserRef, cid: &Option<String>) -> Option<Key> {
 /// Also returns how many new sends each room has.
 fn slots<'a>(
     sends: &[&'a SendOp],
-    prior: &HashMap<Key, (MessageId, i64, i64)>,
+    prior: &HashMap<Key<'a>, (MessageId, i64, i64)>,
 ) -> (Vec<Option<i64>>, BTreeMap<&'a str, i64>) {
-    let mut seen: HashMap<Key, ()> = HashMap::new();
+    let mut seen: HashSet<Key<'a>> = HashSet::with_capacity(sends.len());
     let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
     let mut slot = Vec::with_capacity(sends.len());
     for &SendOp {
@@ -201,9 +216,9 @@ fn slots<'a>(
     } in sends
     {
         let new = match key_of(room, from, cid) {
-            Some(k) if prior.contains_key(&k) || seen.contains_key(&k) => false,
+            Some(k) if prior.contains_key(&k) || seen.contains(&k) => false,
             Some(k) => {
-                seen.insert(k, ());
+                seen.insert(k);
                 true
             }
             None => true,
@@ -221,9 +236,9 @@ fn slots<'a>(
 
 /// A duplicate's outcome: that of the stored message, or of its first copy in this batch.
 fn duplicate(
-    key: Option<Key>,
-    prior: &HashMap<Key, (MessageId, i64, i64)>,
-    made: &HashMap<Key, (MessageId, i64)>,
+    key: Option<Key<'_>>,
+    prior: &HashMap<Key<'_>, (MessageId, i64, i64)>,
+    made: &HashMap<Key<'_>, (MessageId, i64)>,
     ts: i64,
 ) -> Result<Applied> {
     let k = key.ok_or_else(|| StoreError::Corrupt("a duplicate without a key".into()))?;
@@ -248,8 +263,8 @@ fn duplicate(
     })
 }
 
-/// A new send at `seq`: its outcome and event, and the row to insert.
-fn fresh(send: &SendOp, seq: i64, ts: i64) -> (Applied, Staged) {
+/// A new send stored as `id` at `seq`: its outcome and event, and the rows still to insert.
+fn fresh(send: &SendOp, id: MessageId, seq: i64, ts: i64) -> (Applied, Staged) {
     let SendOp {
         room,
         from,
@@ -257,7 +272,6 @@ fn fresh(send: &SendOp, seq: i64, ts: i64) -> (Applied, Staged) {
         client_msg_id: cid,
         ..
     } = send;
-    let id = new_message_id(ts);
     let json = crate::protocol::encode(&SequencedEvent {
         room: room.clone(),
         seq,
@@ -293,7 +307,6 @@ fn fresh(send: &SendOp, seq: i64, ts: i64) -> (Applied, Staged) {
         seq,
         sender: from.id.0.clone(),
         name: from.name.clone(),
-        client_msg_id: cid.clone(),
         text: text.clone(),
         ts,
         json,
@@ -301,9 +314,21 @@ fn fresh(send: &SendOp, seq: i64, ts: i64) -> (Applied, Staged) {
     (applied, staged)
 }
 
-/// Plans plain sends (each room's in queue order): duplicates get the first
-/// send's outcome, new ones consecutive seqs of their room. Reads and reserves with a fixed
-/// number of statements; nothing is inserted yet (see [`insert_staged`]).
+/// What the first pass over a batch's sends decided for one: its outcome already (a
+/// duplicate or a refusal), or a new message's id and seq.
+enum Decided {
+    /// Boxed: rare, and an outcome is large.
+    Done(Box<Result<Applied>>),
+    New {
+        id: MessageId,
+        seq: i64,
+    },
+}
+
+/// Plans plain sends (each room's in queue order): duplicates get the first send's outcome,
+/// new ones consecutive seqs of their room. Reads, reserves and inserts the `messages` rows
+/// with a fixed number of statements; encoding the events runs while the insert does, and
+/// their rows are inserted later (see [`insert_staged`]).
 pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) -> Result<Planned> {
     let mut sends = Vec::with_capacity(ops.len());
     for op in ops {
@@ -312,50 +337,101 @@ pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) ->
                 .ok_or_else(|| StoreError::Corrupt("plan takes plain sends only".into()))?,
         );
     }
-    let keys: Vec<(&str, &str, &str)> = sends
+    let keys: Vec<Key<'_>> = sends
         .iter()
-        .filter_map(|s| {
-            s.client_msg_id
-                .as_deref()
-                .map(|c| (s.room.as_str(), s.from.id.as_str(), c))
-        })
+        .filter_map(|s| key_of(&s.room, &s.from, &s.client_msg_id))
         .collect();
     let prior = prior_sends(tx, backend, &keys).await?;
     let (slot, counts) = slots(&sends, &prior);
     let fresh_counts: Vec<(&str, i64)> = counts.into_iter().collect();
     let (first, refused) = reserve(tx, backend, &fresh_counts).await?;
     let ts = now_ms();
-    let mut made: HashMap<Key, (MessageId, i64)> = HashMap::new();
-    let mut results = Vec::with_capacity(sends.len());
-    let mut staged = Vec::with_capacity(sends.len());
+    let mut made: HashMap<Key<'_>, (MessageId, i64)> = HashMap::with_capacity(sends.len());
+    let mut decided = Vec::with_capacity(sends.len());
     for (&send, slot) in sends.iter().zip(slot) {
         let key = key_of(&send.room, &send.from, &send.client_msg_id);
         let room = &send.room;
         let Some(n) = slot else {
-            results.push(duplicate(key, &prior, &made, ts));
+            decided.push(Decided::Done(Box::new(duplicate(key, &prior, &made, ts))));
             continue;
         };
         // A resend of a stored message gets its first outcome even from an archived room, as
         // on the one-by-one path; only new messages are refused.
         if let Some(why) = refused.get(room.as_str()) {
-            results.push(Err(why.duplicate()));
+            decided.push(Decided::Done(Box::new(Err(why.duplicate()))));
             continue;
         }
         let seq = first
             .get(room.as_str())
             .ok_or_else(|| StoreError::Corrupt(format!("no seqs reserved in {room}")))?
             + n;
-        let (applied, row) = fresh(send, seq, ts);
+        let id = new_message_id(ts);
         if let Some(k) = key {
-            made.insert(k, (row.id.clone(), seq));
+            made.insert(k, (id.clone(), seq));
         }
-        results.push(Ok(applied));
-        staged.push(row);
+        decided.push(Decided::New { id, seq });
     }
-    Ok(Planned { results, staged })
+    let messages = {
+        let rows: Vec<_> = sends
+            .iter()
+            .zip(&decided)
+            .filter_map(|(s, d)| match d {
+                Decided::New { id, seq } => Some((
+                    id.as_str(),
+                    s.room.as_str(),
+                    *seq,
+                    s.from.id.as_str(),
+                    s.client_msg_id.as_deref(),
+                    ts,
+                )),
+                Decided::Done(_) => None,
+            })
+            .collect();
+        (!rows.is_empty()).then(|| rows::json(&rows)).transpose()?
+    };
+    let build = || {
+        let mut results = Vec::with_capacity(sends.len());
+        let mut staged = Vec::with_capacity(sends.len());
+        for (&send, d) in sends.iter().zip(decided) {
+            match d {
+                Decided::Done(r) => results.push(*r),
+                Decided::New { id, seq } => {
+                    let (applied, row) = fresh(send, id, seq, ts);
+                    results.push(Ok(applied));
+                    staged.push(row);
+                }
+            }
+        }
+        Planned { results, staged }
+    };
+    let Some(messages) = messages else {
+        return Ok(build());
+    };
+    let insert = sqlx::query(INSERT_MESSAGES.get(backend))
+        .bind(messages)
+        .execute(&mut **tx);
+    let (inserted, planned) = overlapped(insert, build).await;
+    inserted?;
+    Ok(planned)
 }
 
-/// Inserts every staged message: messages, events and search rows, three statements in all.
+/// Runs `work` on this thread while the database runs `statement`: the statement's first
+/// poll hands it to the connection (sqlx's SQLite worker thread, or the PostgreSQL socket),
+/// `work` runs meanwhile, then the statement is awaited. Between two statements of a batch
+/// the database would otherwise wait for this thread's encoding.
+async fn overlapped<F: Future, T>(statement: F, work: impl FnOnce() -> T) -> (F::Output, T) {
+    let mut statement = std::pin::pin!(statement);
+    let early = std::future::poll_fn(|cx| Poll::Ready(statement.as_mut().poll(cx))).await;
+    let done = work();
+    let out = match early {
+        Poll::Ready(out) => out,
+        Poll::Pending => statement.await,
+    };
+    (out, done)
+}
+
+/// Inserts the staged messages' events and search rows, two statements in all (their
+/// `messages` rows went in with [`plan`]); the search rows are encoded while the events go in.
 pub(super) async fn insert_staged(
     tx: &mut Tx<'_>,
     backend: Backend,
@@ -364,52 +440,40 @@ pub(super) async fn insert_staged(
     if staged.is_empty() {
         return Ok(());
     }
-    let messages: Vec<_> = staged
-        .iter()
-        .map(|m| {
-            (
-                m.id.as_str(),
-                m.room.as_str(),
-                m.seq,
-                m.sender.as_str(),
-                m.client_msg_id.as_deref(),
-                m.ts,
-            )
-        })
-        .collect();
-    sqlx::query(INSERT_MESSAGES.get(backend))
-        .bind(rows::json(&messages)?)
-        .execute(&mut **tx)
-        .await?;
     let events: Vec<_> = staged
         .iter()
         .map(|m| (m.room.as_str(), m.seq, m.ts, m.id.as_str(), m.json.as_str()))
         .collect();
-    sqlx::query(INSERT_EVENTS.get(backend))
+    let insert = sqlx::query(INSERT_EVENTS.get(backend))
         .bind(rows::json(&events)?)
-        .execute(&mut **tx)
-        .await?;
-    let docs: Vec<_> = staged
-        .iter()
-        .map(|m| (m.room.as_str(), m.id.as_str(), m.seq, m.ts, m.text.as_str()))
-        .collect();
+        .execute(&mut **tx);
+    let docs = || {
+        let docs: Vec<_> = staged
+            .iter()
+            .map(|m| (m.room.as_str(), m.id.as_str(), m.seq, m.ts, m.text.as_str()))
+            .collect();
+        rows::json(&docs)
+    };
+    let (inserted, docs) = overlapped(insert, docs).await;
+    inserted?;
     sqlx::query(INSERT_SEARCH.get(backend))
-        .bind(rows::json(&docs)?)
+        .bind(docs?)
         .execute(&mut **tx)
         .await?;
     Ok(())
 }
 
-/// The staged sends as contributions (points and counters for their senders).
-pub(super) fn contributions(staged: &[Staged]) -> Vec<super::engagement::Contribution> {
+/// The staged sends as contributions (points and counters for their senders), taking their
+/// strings: called once they are inserted.
+pub(super) fn contributions(staged: Vec<Staged>) -> Vec<super::engagement::Contribution> {
     staged
-        .iter()
+        .into_iter()
         .map(|m| super::engagement::Contribution {
-            room: m.room.clone(),
-            user: crate::protocol::UserId(m.sender.clone()),
-            name: m.name.clone(),
+            room: m.room,
+            user: crate::protocol::UserId(m.sender),
+            name: m.name,
             kind: super::engagement::Kind::Message,
-            ref_id: m.id.0.clone(),
+            ref_id: m.id.0,
             detail: String::new(),
             ts: m.ts,
             no_points: false,

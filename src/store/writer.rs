@@ -663,7 +663,7 @@ impl Writer {
             .map_err(abort_batch)?;
         // Points and counters of the batched sends: a fixed number of statements for all.
         let mut batch_fx = Effects::default();
-        let sends = super::sends::contributions(&planned.staged);
+        let sends = super::sends::contributions(planned.staged);
         engagement::contribute(&mut tx, &self.engagement, &sends, &mut batch_fx)
             .await
             .map_err(abort_batch)?;

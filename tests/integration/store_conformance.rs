@@ -930,6 +930,68 @@ async fn mutes_bans_reports_and_audit(f: Fixture) {
 
 /// Many sends queued at once take the batched path: the same outcomes as one by one,
 /// including duplicates of stored messages and of messages earlier in the same batch.
+/// Plain sends only (so every room of the batch takes the batched path), in two rooms, with
+/// a key stored before, keys repeated in the batch and a key repeated in the other room (a
+/// different key there): each repeat gets its first copy's outcome, each new send the next
+/// seq of its room, and every new message is stored once.
+async fn plain_sends_in_a_batch_find_their_copies(f: Fixture) {
+    let s = &f.store;
+    for r in ["p", "q"] {
+        s.create_room(&room(r, Visibility::Open)).await.unwrap();
+    }
+    let (stored_id, stored_seq) = sent(s.write(send("p", "a", "stored", "k0")).await.unwrap());
+    let mut pending = Vec::new();
+    for i in 0..60 {
+        let r = if i % 2 == 0 { "p" } else { "q" };
+        let key = format!("k{}", i % 20);
+        pending.push(
+            s.submit(send(r, "a", &format!("m{i}"), &key))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut outcomes = Vec::new();
+    for p in pending {
+        outcomes.push(p.await.unwrap().unwrap());
+    }
+    let mut first: std::collections::HashMap<(&str, String), (MessageId, i64)> = Default::default();
+    let mut next = [stored_seq + 1, 1];
+    for (i, o) in outcomes.iter().enumerate() {
+        let WriteOutcome::Sent {
+            id, seq, duplicate, ..
+        } = o
+        else {
+            panic!("{o:?}")
+        };
+        let (r, ri) = if i % 2 == 0 { ("p", 0) } else { ("q", 1) };
+        let key = (r, format!("k{}", i % 20));
+        if r == "p" && key.1 == "k0" {
+            assert!(*duplicate, "send {i} repeats the stored k0");
+            assert_eq!((id, *seq), (&stored_id, stored_seq));
+        } else if let Some((fid, fseq)) = first.get(&key) {
+            assert!(*duplicate, "send {i} repeats {key:?}");
+            assert_eq!((id, seq), (fid, fseq), "the first copy's outcome");
+        } else {
+            assert!(!duplicate, "send {i} is new");
+            assert_eq!(*seq, next[ri], "consecutive seqs in queue order in {r}");
+            next[ri] += 1;
+            first.insert(key, (id.clone(), *seq));
+        }
+    }
+    // p: the stored k0 and k2..k18 (even); q: k1..k19 (odd): ten keys each.
+    assert_eq!(next, [stored_seq + 10, 11]);
+    for (r, n) in [("p", 10), ("q", 10)] {
+        let r = RoomId::from(r);
+        assert_eq!(s.last_seq(&r).await.unwrap(), n);
+        let page = s.events_after(&r, 0, 100, View::Moderator).await.unwrap();
+        assert_eq!(
+            page.events.len(),
+            n as usize,
+            "one event per new message in {r}"
+        );
+    }
+}
+
 async fn batched_sends_match_single_sends(f: Fixture) {
     let s = &f.store;
     let r = RoomId::from("r");
@@ -1385,6 +1447,7 @@ conformance!(
     search_ranks_and_respects_pending,
     mutes_bans_reports_and_audit,
     batched_sends_match_single_sends,
+    plain_sends_in_a_batch_find_their_copies,
     simultaneous_checkins_count_once,
     av_members_in_one_join_order,
     one_node_runs_a_rooms_sfu,

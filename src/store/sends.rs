@@ -1,8 +1,9 @@
 //! The batched path for the hot write: plain `send`s (no `reply_to`) inside a group commit,
 //! at a fixed number of statements for any number of sends over any number of rooms. One
 //! statement finds earlier copies (idempotency), one reserves every room's run of seqs, and
-//! three store the messages, events and search rows (rows travel as one JSON parameter, see
-//! `rows.rs`). While a statement runs, the writer's thread encodes the next one's rows. Same
+//! the messages, events and search rows go in with three statements on SQLite, one on
+//! PostgreSQL (where each is a round trip); rows travel as one JSON parameter, see `rows.rs`.
+//! On SQLite the writer's thread encodes the next statement's rows while one runs. Same
 //! results, in the same order, as applying the sends one by one; the conformance suite runs it
 //! on both backends.
 
@@ -58,32 +59,32 @@ const ROOM_STATE: Sql = Sql {
                WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))",
 };
 
-const INSERT_MESSAGES: Sql = Sql {
-    sqlite: "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
-             value ->> 5, 0 FROM jsonb_each($1)",
-    postgres: "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
-               SELECT v ->> 0, v ->> 1, (v ->> 2)::bigint, v ->> 3, v ->> 4, \
-               (v ->> 5)::bigint, 0 FROM jsonb_array_elements($1::jsonb) AS v",
-};
+/// SQLite: a batch's `messages`, `events` and search rows, one statement each (PostgreSQL
+/// inserts all three in one, `INSERT_ALL_POSTGRES`; keep them in step).
+const INSERT_MESSAGES_SQLITE: &str = "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+     value ->> 5, 0 FROM jsonb_each($1)";
 
-const INSERT_EVENTS: Sql = Sql {
-    sqlite: "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, 'message', value ->> 3, \
-             value ->> 4, NULL FROM jsonb_each($1)",
-    postgres: "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) \
-               SELECT v ->> 0, (v ->> 1)::bigint, (v ->> 2)::bigint, 'message', v ->> 3, \
-               v ->> 4, NULL FROM jsonb_array_elements($1::jsonb) AS v",
-};
+const INSERT_EVENTS_SQLITE: &str = "INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, 'message', value ->> 3, \
+     value ->> 4, NULL FROM jsonb_each($1)";
 
-const INSERT_SEARCH: Sql = Sql {
-    sqlite: "INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) \
-             SELECT value ->> 0, 'message', value ->> 1, value ->> 2, value ->> 3, 0, \
-             value ->> 4 FROM jsonb_each($1)",
-    postgres: "INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) \
-               SELECT v ->> 0, 'message', v ->> 1, (v ->> 2)::bigint, (v ->> 3)::bigint, 0, \
-               v ->> 4 FROM jsonb_array_elements($1::jsonb) AS v",
-};
+const INSERT_SEARCH_SQLITE: &str = "INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) \
+     SELECT value ->> 0, 'message', value ->> 1, value ->> 2, value ->> 3, 0, \
+     value ->> 4 FROM jsonb_each($1)";
+
+/// PostgreSQL: the messages, events and search rows of a batch in one statement (one round
+/// trip instead of three), each part the SQLite statement above in PostgreSQL's words.
+const INSERT_ALL_POSTGRES: &str = "WITH m AS (\
+    INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, ts, deleted) \
+    SELECT v ->> 0, v ->> 1, (v ->> 2)::bigint, v ->> 3, v ->> 4, (v ->> 5)::bigint, 0 \
+    FROM jsonb_array_elements($1::jsonb) AS v), \
+    e AS (INSERT INTO events (room_id, seq, ts, kind, message_id, body, public_body) \
+    SELECT v ->> 0, (v ->> 1)::bigint, (v ->> 2)::bigint, 'message', v ->> 3, v ->> 4, NULL \
+    FROM jsonb_array_elements($2::jsonb) AS v) \
+    INSERT INTO search_docs (room_id, kind, ref_id, seq, ts, pending, text) \
+    SELECT v ->> 0, 'message', v ->> 1, (v ->> 2)::bigint, (v ->> 3)::bigint, 0, v ->> 4 \
+    FROM jsonb_array_elements($3::jsonb) AS v";
 
 /// Messages already stored under these (room, sender, client_msg_id) keys: key -> (id, seq, ts).
 async fn prior_sends<'a>(
@@ -192,6 +193,9 @@ pub(super) struct Staged {
 pub(super) struct Planned {
     pub results: Vec<Result<Applied>>,
     pub staged: Vec<Staged>,
+    /// The `messages` rows when they are not inserted yet (PostgreSQL: they go in with the
+    /// events and search rows, see [`insert_staged`]).
+    pub messages: Option<String>,
 }
 
 fn key_of<'a>(room: &'a RoomId, from: &'a UserRef, cid: &'a Option<String>) -> Option<Key<'a>> {
@@ -402,12 +406,23 @@ pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) ->
                 }
             }
         }
-        Planned { results, staged }
+        Planned {
+            results,
+            staged,
+            messages: None,
+        }
     };
     let Some(messages) = messages else {
         return Ok(build());
     };
-    let insert = sqlx::query(INSERT_MESSAGES.get(backend))
+    if backend == Backend::Postgres {
+        // Each statement is a round trip there: the rows wait for the one insert of all three.
+        return Ok(Planned {
+            messages: Some(messages),
+            ..build()
+        });
+    }
+    let insert = sqlx::query(INSERT_MESSAGES_SQLITE)
         .bind(messages)
         .execute(&mut **tx);
     let (inserted, planned) = overlapped(insert, build).await;
@@ -430,11 +445,14 @@ async fn overlapped<F: Future, T>(statement: F, work: impl FnOnce() -> T) -> (F:
     (out, done)
 }
 
-/// Inserts the staged messages' events and search rows, two statements in all (their
-/// `messages` rows went in with [`plan`]); the search rows are encoded while the events go in.
+/// Inserts the staged messages' events and search rows, and their `messages` rows when
+/// [`plan`] left them (`messages`). On SQLite two statements (the messages went in with
+/// `plan`), the search rows encoded while the events go in; on PostgreSQL, where each
+/// statement is a round trip, one statement of three inserts.
 pub(super) async fn insert_staged(
     tx: &mut Tx<'_>,
     backend: Backend,
+    messages: Option<String>,
     staged: &[Staged],
 ) -> Result<()> {
     if staged.is_empty() {
@@ -444,9 +462,7 @@ pub(super) async fn insert_staged(
         .iter()
         .map(|m| (m.room.as_str(), m.seq, m.ts, m.id.as_str(), m.json.as_str()))
         .collect();
-    let insert = sqlx::query(INSERT_EVENTS.get(backend))
-        .bind(rows::json(&events)?)
-        .execute(&mut **tx);
+    let events = rows::json(&events)?;
     let docs = || {
         let docs: Vec<_> = staged
             .iter()
@@ -454,9 +470,27 @@ pub(super) async fn insert_staged(
             .collect();
         rows::json(&docs)
     };
+    if backend == Backend::Postgres {
+        sqlx::query(INSERT_ALL_POSTGRES)
+            .bind(messages.unwrap_or_else(|| "[]".to_owned()))
+            .bind(events)
+            .bind(docs()?)
+            .execute(&mut **tx)
+            .await?;
+        return Ok(());
+    }
+    if let Some(messages) = messages {
+        sqlx::query(INSERT_MESSAGES_SQLITE)
+            .bind(messages)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let insert = sqlx::query(INSERT_EVENTS_SQLITE)
+        .bind(events)
+        .execute(&mut **tx);
     let (inserted, docs) = overlapped(insert, docs).await;
     inserted?;
-    sqlx::query(INSERT_SEARCH.get(backend))
+    sqlx::query(INSERT_SEARCH_SQLITE)
         .bind(docs?)
         .execute(&mut **tx)
         .await?;

@@ -658,7 +658,7 @@ impl Writer {
                 other => out.push(other.map(|a| (a, fx))),
             }
         }
-        super::sends::insert_staged(&mut tx, self.backend, &planned.staged)
+        super::sends::insert_staged(&mut tx, self.backend, planned.messages, &planned.staged)
             .await
             .map_err(abort_batch)?;
         // Points and counters of the batched sends: a fixed number of statements for all.

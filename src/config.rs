@@ -510,6 +510,12 @@ settings! {
     /// SQLite `synchronous` pragma: `full` (an ack survives power loss), `normal` (survives a
     /// process crash, not power loss) or `extra`.
     sqlite_synchronous: String = "full".into(),
+    /// With `sqlite_synchronous = "full"`: `true` makes each group commit wait for the disk
+    /// inside its `COMMIT` (SQLite's own way); `false` (the default) lets the writer go on to
+    /// the next batch while another thread syncs the log, and answers and publishes the batch
+    /// only once that sync is done: the same guarantee (an `ok` survives power loss), with
+    /// the wait for the disk no longer between one batch and the next.
+    sqlite_commit_syncs: bool = false,
     /// SQLite page cache per connection, in KiB (`cache_size`): it fills up to this as the
     /// database grows, so the process's memory grows by up to this times the connections
     /// (`db_pool_size` plus the writer's) before it levels off.

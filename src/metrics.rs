@@ -79,6 +79,8 @@ pub struct Metrics {
     pub frames_too_large: AtomicU64,
     pub auth_failures: AtomicU64,
     commit_latency: Histogram<10>,
+    /// The SQLite log syncs the writer's publisher made (see `store/writer.rs`).
+    log_sync_latency: Histogram<10>,
     batch_size: Histogram<8>,
     // -- cluster mode (cluster/) --
     /// Room events this node published on the bus (once each, after commit).
@@ -117,6 +119,7 @@ impl Default for Metrics {
             frames_too_large: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             commit_latency: Histogram::new(COMMIT_BUCKETS_S),
+            log_sync_latency: Histogram::new(COMMIT_BUCKETS_S),
             batch_size: Histogram::new(BATCH_BUCKETS),
             bus_published: AtomicU64::new(0),
             bus_received: AtomicU64::new(0),
@@ -143,6 +146,11 @@ impl Metrics {
         self.commit_latency.observe(took.as_secs_f64());
     }
 
+    /// One sync of the SQLite log before a group commit is answered.
+    pub fn store_log_sync(&self, took: Duration) {
+        self.log_sync_latency.observe(took.as_secs_f64());
+    }
+
     /// One room event's trip from the publishing node to this one.
     pub fn bus_latency(&self, took: Duration) {
         self.bus_latency.observe(took.as_secs_f64());
@@ -165,6 +173,12 @@ impl Metrics {
             &mut out,
             "studyhall_store_commit_seconds",
             "Time to apply and commit one group commit.",
+        );
+        self.log_sync_latency.render(
+            &mut out,
+            "studyhall_store_log_sync_seconds",
+            "Time to sync the SQLite log before a group commit is answered (SQLite at `full` \
+             without `sqlite_commit_syncs`).",
         );
         self.render_bus(&mut out);
         out

@@ -125,6 +125,9 @@ pub struct StoreOptions {
     pub detached_linger_ms: u64,
     pub queue: usize,
     pub sqlite_synchronous: String,
+    /// Whether each `COMMIT` syncs the SQLite log itself (else the writer's publisher does,
+    /// before answering: see `writer.rs`).
+    pub sqlite_commit_syncs: bool,
     /// SQLite's page cache per connection, in KiB.
     pub sqlite_cache_kib: u32,
     /// Searches run at once; more wait up to `search_wait_ms`, then are refused.
@@ -147,6 +150,7 @@ impl StoreOptions {
             detached_linger_ms: d.store_detached_linger_ms,
             queue: d.store_queue,
             sqlite_synchronous: d.sqlite_synchronous,
+            sqlite_commit_syncs: d.sqlite_commit_syncs,
             sqlite_cache_kib: d.sqlite_cache_kib,
             search_concurrency: d.search_concurrency,
             search_wait_ms: d.search_wait_ms,
@@ -164,6 +168,7 @@ impl StoreOptions {
             detached_linger_ms: c.store_detached_linger_ms,
             queue: c.store_queue,
             sqlite_synchronous: c.sqlite_synchronous.clone(),
+            sqlite_commit_syncs: c.sqlite_commit_syncs,
             sqlite_cache_kib: c.sqlite_cache_kib,
             search_concurrency: c.search_concurrency,
             search_wait_ms: c.search_wait_ms,

@@ -78,11 +78,34 @@ pub(super) async fn connect(opts: &StoreOptions) -> Result<AnyPool> {
     Ok(pool)
 }
 
-/// The group-commit writer's own connection, set up like the pool's.
+/// The group-commit writer's own connection, set up like the pool's; when the writer syncs
+/// the log itself ([`deferred_log`]), its `COMMIT`s do not wait for the disk.
 pub(super) async fn connect_one(opts: &StoreOptions) -> Result<AnyConnection> {
     let mut conn = AnyConnection::connect_with(&connect_options(opts)?).await?;
     prepare(&mut conn, synchronous(opts)?, opts.sqlite_cache_kib).await?;
+    if deferred_log(opts)?.is_some() {
+        conn.execute("PRAGMA synchronous = NORMAL").await?;
+    }
     Ok(conn)
+}
+
+/// The log file the writer syncs after each group commit, before answering it, when the
+/// configured level is `full` and `sqlite_commit_syncs` is off: its commits then run at
+/// `NORMAL` (written to the log, not synced), which with that sync before any `ok` gives
+/// `full`'s guarantee. `None` for other levels and for in-memory databases.
+pub(super) fn deferred_log(opts: &StoreOptions) -> Result<Option<std::path::PathBuf>> {
+    synchronous(opts)?;
+    let memory = opts.url.contains(":memory:") || opts.url.contains("mode=memory");
+    if opts.sqlite_synchronous != "full" || opts.sqlite_commit_syncs || memory {
+        return Ok(None);
+    }
+    let file = sqlx::sqlite::SqliteConnectOptions::from_str(&opts.url)?;
+    let mut wal = file.get_filename().as_os_str().to_owned();
+    if wal.is_empty() {
+        return Ok(None);
+    }
+    wal.push("-wal");
+    Ok(Some(wal.into()))
 }
 
 pub(super) async fn migrate(pool: &AnyPool) -> Result<()> {

@@ -337,12 +337,12 @@ pub(super) async fn run(
         hook: hooks.commit,
         badge_hook: hooks.badge,
     };
-    let (published, mut to_publish) = mpsc::channel::<Committed>(1);
-    let publishing = tokio::spawn(async move {
-        while let Some(batch) = to_publish.recv().await {
-            publisher.publish_and_reply(batch);
-        }
-    });
+    let (published, to_publish) = mpsc::channel::<Committed>(1);
+    let log = match backend {
+        Backend::Sqlite => sqlite::deferred_log(&opts).ok().flatten(),
+        Backend::Postgres => None,
+    };
+    let publishing = tokio::spawn(publish_all(to_publish, publisher, log, metrics.clone()));
     let mut w = Writer {
         opts,
         conn: None,
@@ -420,6 +420,50 @@ pub(super) async fn run(
         tracing::error!(error = %e, "store publisher failed");
     }
     tracing::debug!("store writer stopped");
+}
+
+/// The publisher's loop: each committed batch in commit order, published and answered. With
+/// `log` (SQLite at `full` whose commits do not sync, see `sqlite::deferred_log`), the log is
+/// synced first, on a blocking thread while the writer runs the next batch's statements: one
+/// sync covers every commit written before it, so nothing of the batch is told before it
+/// would survive power loss. A failed sync stops the publisher: the batch's submitters and
+/// every later one hear that the store closed (their writes may be on disk or not; a resend
+/// with the same `client_msg_id` finds out), as after a panicking hook.
+async fn publish_all(
+    mut batches: mpsc::Receiver<Committed>,
+    publisher: Publisher,
+    log: Option<std::path::PathBuf>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(batch) = batches.recv().await {
+        if let Some(path) = &log {
+            let path = path.clone();
+            let started = Instant::now();
+            let synced = tokio::task::spawn_blocking(move || sync_log(&path)).await;
+            match synced {
+                Ok(Ok(())) => metrics.store_log_sync(started.elapsed()),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "syncing the SQLite log failed; the writer stops");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the SQLite log sync did not finish; the writer stops");
+                    return;
+                }
+            }
+        }
+        publisher.publish_and_reply(batch);
+    }
+}
+
+/// Syncs the log file's data to the disk. A log that is not there holds nothing unsynced:
+/// SQLite removes it only after a checkpoint that synced the database.
+fn sync_log(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::File::open(path) {
+        Ok(file) => file.sync_data(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// One committed batch, on its way to be published and acknowledged: each write's reply
@@ -1192,6 +1236,71 @@ async fn apply_room(Apply { tx, cfg, fx }: Apply<'_, '_>, op: &WriteOp) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_is_synced_a_missing_one_is_nothing_to_sync_a_bad_path_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("t.db-wal");
+        std::fs::write(&log, b"frames").unwrap();
+        sync_log(&log).expect("an existing log syncs");
+        sync_log(&dir.path().join("gone-wal")).expect("no log: nothing to sync");
+        // A path through a regular file cannot be opened: not "missing", an error.
+        sync_log(&log.join("x")).expect_err("a log that cannot be opened fails");
+    }
+
+    /// A batch that ran `Unchanged`, with its submitter's receiver and the done signal's.
+    fn one_batch() -> (
+        Committed,
+        oneshot::Receiver<Result<WriteOutcome>>,
+        oneshot::Receiver<()>,
+    ) {
+        let (reply, answer) = oneshot::channel();
+        let (done, finished) = oneshot::channel();
+        let applied = Applied {
+            outcome: WriteOutcome::Unchanged,
+            event: None,
+        };
+        let batch = Committed {
+            replies: vec![reply],
+            order: vec![0],
+            results: vec![(Ok((applied, Effects::default())), Effects::default())],
+            batch_fx: Effects::default(),
+            done,
+        };
+        (batch, answer, finished)
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_answered_after_its_log_sync_and_never_when_the_sync_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("t.db-wal");
+        std::fs::write(&log, b"frames").unwrap();
+        for (path, syncs) in [(log.clone(), true), (log.join("x"), false)] {
+            let metrics = Arc::new(Metrics::default());
+            let publisher = Publisher {
+                hook: None,
+                badge_hook: Arc::default(),
+            };
+            let (tx, rx) = mpsc::channel(1);
+            let publishing = tokio::spawn(publish_all(rx, publisher, Some(path), metrics.clone()));
+            let (batch, answer, finished) = one_batch();
+            assert!(tx.send(batch).await.is_ok());
+            let answered = answer.await;
+            let done = finished.await;
+            drop(tx);
+            publishing.await.unwrap();
+            let text = metrics.render(0, 0, &[]);
+            let counted = text.contains("studyhall_store_log_sync_seconds_count 1");
+            if syncs {
+                assert!(matches!(answered, Ok(Ok(WriteOutcome::Unchanged))));
+                assert!(done.is_ok() && counted, "synced, then answered and done");
+            } else {
+                assert!(answered.is_err(), "no answer without a sync");
+                assert!(done.is_err(), "the writer hears the publisher is gone");
+                assert!(!counted);
+            }
+        }
+    }
 
     #[test]
     fn ids_made_later_here_sort_later_even_within_one_millisecond() {

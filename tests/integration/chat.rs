@@ -790,6 +790,33 @@ async fn dev_token_endpoint_exists_only_in_dev_mode() {
     s.stop().await;
 }
 
+/// At SQLite's `full` the writer's commits do not sync; the log is synced before a batch is
+/// answered (counted in `studyhall_store_log_sync_seconds`), unless `sqlite_commit_syncs`
+/// makes each `COMMIT` sync instead.
+#[tokio::test]
+async fn an_ok_waits_for_the_log_sync_unless_each_commit_syncs() {
+    for commit_syncs in [false, true] {
+        let s = Server::sqlite(|c| c.sqlite_commit_syncs = commit_syncs).await;
+        s.room("r", "open").await;
+        let mut a = s.client("alice").await;
+        a.join("r").await;
+        a.ok(json!({"type":"send","room":"r","text":"x","client_msg_id":"1"}))
+            .await;
+        let text = metrics_text(s.addr).await;
+        let syncs: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("studyhall_store_log_sync_seconds_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no log sync count in\n{text}"));
+        if commit_syncs {
+            assert_eq!(syncs, 0, "each COMMIT syncs: the publisher does not");
+        } else {
+            assert!(syncs >= 1, "the send's batch was synced before its ok");
+        }
+        s.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn metrics_report_commands_deliveries_and_batches() {
     let s = Server::sqlite(|_| {}).await;

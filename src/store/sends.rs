@@ -330,9 +330,9 @@ enum Decided {
 }
 
 /// Plans plain sends (each room's in queue order): duplicates get the first send's outcome,
-/// new ones consecutive seqs of their room. Reads, reserves and inserts the `messages` rows
-/// with a fixed number of statements; encoding the events runs while the insert does, and
-/// their rows are inserted later (see [`insert_staged`]).
+/// new ones consecutive seqs of their room. Reads and reserves with a fixed number of
+/// statements; on SQLite it also inserts the `messages` rows, encoding the events while that
+/// runs. The rest is inserted later (see [`insert_staged`]).
 pub(super) async fn plan(tx: &mut Tx<'_>, backend: Backend, ops: &[&WriteOp]) -> Result<Planned> {
     let mut sends = Vec::with_capacity(ops.len());
     for op in ops {

@@ -790,19 +790,28 @@ async fn dev_token_endpoint_exists_only_in_dev_mode() {
     s.stop().await;
 }
 
+/// An SQLite server (`tweak`ed) where alice joined room r and sent one message, and its
+/// `/metrics` text after the `ok`.
+async fn metrics_after_one_send(
+    tweak: impl FnOnce(&mut studyhall::config::Config),
+) -> (Server, String) {
+    let s = Server::sqlite(tweak).await;
+    s.room("r", "open").await;
+    let mut a = s.client("alice").await;
+    a.join("r").await;
+    a.ok(json!({"type":"send","room":"r","text":"x","client_msg_id":"1"}))
+        .await;
+    let text = metrics_text(s.addr).await;
+    (s, text)
+}
+
 /// At SQLite's `full` the writer's commits do not sync; the log is synced before a batch is
 /// answered (counted in `studyhall_store_log_sync_seconds`), unless `sqlite_commit_syncs`
 /// makes each `COMMIT` sync instead.
 #[tokio::test]
 async fn an_ok_waits_for_the_log_sync_unless_each_commit_syncs() {
     for commit_syncs in [false, true] {
-        let s = Server::sqlite(|c| c.sqlite_commit_syncs = commit_syncs).await;
-        s.room("r", "open").await;
-        let mut a = s.client("alice").await;
-        a.join("r").await;
-        a.ok(json!({"type":"send","room":"r","text":"x","client_msg_id":"1"}))
-            .await;
-        let text = metrics_text(s.addr).await;
+        let (s, text) = metrics_after_one_send(|c| c.sqlite_commit_syncs = commit_syncs).await;
         let syncs: u64 = text
             .lines()
             .find_map(|l| l.strip_prefix("studyhall_store_log_sync_seconds_count "))
@@ -819,13 +828,7 @@ async fn an_ok_waits_for_the_log_sync_unless_each_commit_syncs() {
 
 #[tokio::test]
 async fn metrics_report_commands_deliveries_and_batches() {
-    let s = Server::sqlite(|_| {}).await;
-    s.room("r", "open").await;
-    let mut a = s.client("alice").await;
-    a.join("r").await;
-    a.ok(json!({"type":"send","room":"r","text":"x","client_msg_id":"1"}))
-        .await;
-    let text = metrics_text(s.addr).await;
+    let (s, text) = metrics_after_one_send(|_| {}).await;
     for needle in [
         "studyhall_connections 1",
         "studyhall_commands_total{type=\"send\"} 1",

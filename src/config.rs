@@ -510,12 +510,13 @@ settings! {
     /// SQLite `synchronous` pragma: `full` (an ack survives power loss), `normal` (survives a
     /// process crash, not power loss) or `extra`.
     sqlite_synchronous: String = "full".into(),
-    /// With `sqlite_synchronous = "full"`: `true` makes each group commit wait for the disk
-    /// inside its `COMMIT` (SQLite's own way); `false` (the default) lets the writer go on to
+    /// With `sqlite_synchronous = "full"`: `true` (the default) makes each group commit wait
+    /// for the disk inside its `COMMIT` (SQLite's own way). `false` lets the writer go on to
     /// the next batch while another thread syncs the log, and answers and publishes the batch
-    /// only once that sync is done: the same guarantee (an `ok` survives power loss), with
-    /// the wait for the disk no longer between one batch and the next.
-    sqlite_commit_syncs: bool = false,
+    /// only once that sync is done: an `ok` still survives power loss, but a store read on
+    /// another connection (a resume's replay) may see up to one batch before it is synced,
+    /// and the database must be a plain file path (no symlinked file, no `file:` URI).
+    sqlite_commit_syncs: bool = true,
     /// SQLite page cache per connection, in KiB (`cache_size`): it fills up to this as the
     /// database grows, so the process's memory grows by up to this times the connections
     /// (`db_pool_size` plus the writer's) before it levels off.

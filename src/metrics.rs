@@ -178,7 +178,7 @@ impl Metrics {
             &mut out,
             "studyhall_store_log_sync_seconds",
             "Time to sync the SQLite log before a group commit is answered (SQLite at `full` \
-             without `sqlite_commit_syncs`).",
+             with `sqlite_commit_syncs = false`).",
         );
         self.render_bus(&mut out);
         out

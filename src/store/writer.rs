@@ -456,14 +456,11 @@ async fn publish_all(
     }
 }
 
-/// Syncs the log file's data to the disk. A log that is not there holds nothing unsynced:
-/// SQLite removes it only after a checkpoint that synced the database.
+/// Syncs the log file's data to the disk. The log exists from the first commit on while the
+/// store is open, so a missing one means the path is not SQLite's log: an error, never a
+/// sync skipped in silence.
 fn sync_log(path: &std::path::Path) -> std::io::Result<()> {
-    match std::fs::File::open(path) {
-        Ok(file) => file.sync_data(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
+    std::fs::File::open(path)?.sync_data()
 }
 
 /// One committed batch, on its way to be published and acknowledged: each write's reply
@@ -1238,13 +1235,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_log_is_synced_a_missing_one_is_nothing_to_sync_a_bad_path_fails() {
+    fn a_log_is_synced_a_missing_or_bad_one_fails() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("t.db-wal");
         std::fs::write(&log, b"frames").unwrap();
         sync_log(&log).expect("an existing log syncs");
-        sync_log(&dir.path().join("gone-wal")).expect("no log: nothing to sync");
-        // A path through a regular file cannot be opened: not "missing", an error.
+        sync_log(&dir.path().join("gone-wal")).expect_err("a log that is not there fails");
         sync_log(&log.join("x")).expect_err("a log that cannot be opened fails");
     }
 

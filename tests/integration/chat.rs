@@ -805,9 +805,9 @@ async fn metrics_after_one_send(
     (s, text)
 }
 
-/// At SQLite's `full` the writer's commits do not sync; the log is synced before a batch is
-/// answered (counted in `studyhall_store_log_sync_seconds`), unless `sqlite_commit_syncs`
-/// makes each `COMMIT` sync instead.
+/// At SQLite's `full` with `sqlite_commit_syncs = false` the writer's commits do not sync;
+/// the log is synced before a batch is answered (counted in
+/// `studyhall_store_log_sync_seconds`). By default each `COMMIT` syncs instead.
 #[tokio::test]
 async fn an_ok_waits_for_the_log_sync_unless_each_commit_syncs() {
     for commit_syncs in [false, true] {

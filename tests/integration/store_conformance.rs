@@ -928,8 +928,6 @@ async fn mutes_bans_reports_and_audit(f: Fixture) {
     assert_eq!(s.audit_log(&r, log[0].id).await.unwrap().len(), 1);
 }
 
-/// Many sends queued at once take the batched path: the same outcomes as one by one,
-/// including duplicates of stored messages and of messages earlier in the same batch.
 /// Plain sends only (so every room of the batch takes the batched path), in two rooms, with
 /// a key stored before, keys repeated in the batch and a key repeated in the other room (a
 /// different key there): each repeat gets its first copy's outcome, each new send the next
@@ -992,6 +990,8 @@ async fn plain_sends_in_a_batch_find_their_copies(f: Fixture) {
     }
 }
 
+/// Many sends queued at once take the batched path: the same outcomes as one by one,
+/// including duplicates of stored messages and of messages earlier in the same batch.
 async fn batched_sends_match_single_sends(f: Fixture) {
     let s = &f.store;
     let r = RoomId::from("r");

@@ -30,8 +30,8 @@ impl Sql {
 /// strings, integers and nulls go in, so this does not fail; if it ever did, the batch is
 /// refused rather than written short.
 pub(super) fn json<T: Serialize>(rows: &[T]) -> Result<String, StoreError> {
-    // Sized for a typical row up front: growing a batch's parameter from empty copied it
-    // over about ten times.
+    // Sized for a typical row up front, so that a batch's parameter is not grown (and
+    // copied) step by step from empty.
     let mut out = Vec::with_capacity(ROW_BYTES_HINT * rows.len() + 2);
     serde_json::to_writer(&mut out, rows)
         .map_err(|e| StoreError::Corrupt(format!("row encoding: {e}")))?;

@@ -91,8 +91,11 @@ pub(super) async fn connect_one(opts: &StoreOptions) -> Result<AnyConnection> {
 
 /// The log file the writer syncs after each group commit, before answering it, when the
 /// configured level is `full` and `sqlite_commit_syncs` is off: its commits then run at
-/// `NORMAL` (written to the log, not synced), which with that sync before any `ok` gives
-/// `full`'s guarantee. `None` for other levels and for in-memory databases.
+/// `NORMAL` (written to the log, not synced), and that sync before any `ok` makes every
+/// acknowledged write survive power loss (other connections may read a batch before its
+/// sync). The path is the configured file's; SQLite's own may differ for a symlinked file or
+/// a `file:` URI, and then the sync fails and stops the writer. `None` for other levels and
+/// for in-memory databases.
 pub(super) fn deferred_log(opts: &StoreOptions) -> Result<Option<std::path::PathBuf>> {
     synchronous(opts)?;
     let memory = opts.url.contains(":memory:") || opts.url.contains("mode=memory");
